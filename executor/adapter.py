@@ -1,0 +1,189 @@
+"""A thin view of a Hugging Face decoder-only causal LM: the pieces the decoders call, on the model's own weights.
+
+Supported: the Llama family (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`; SmolLM2
+is a Llama). They share one layer layout (pre-norm attention with rotary embeddings and grouped-query attention,
+then a pre-norm gated MLP), differing only in attention bias (Qwen2), per-head q/k norms (Qwen3) and sliding windows
+(Mistral, some Qwen2 layers). Another architecture with the same layout can be added to `SUPPORTED_ARCHITECTURES`.
+
+The adapter never copies a weight: it calls the model's own modules (`embed_tokens`, each layer's projections,
+norms and MLP, `norm`, `lm_head`) and only replaces the attention kernel, so that keys and values go into our
+preallocated `KVCache` by absolute position.
+
+Shapes: B batch, q tokens in the pass, S cache slots, H heads, Hkv key/value heads, D head dim, d hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from executor.kv_cache import KVCache
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the q tokens of one forward pass sit: absolute positions, on the device and on the host.
+
+    `positions` is [B, q] on the model's device; `starts` holds each row's first position on the host, so that cache
+    bookkeeping never reads the device.
+    """
+
+    positions: torch.Tensor
+    starts: tuple[int, ...]
+
+    @property
+    def q(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def kv_len(self) -> int:
+        """Cache slots the pass can see: up to the furthest position it writes."""
+        return max(self.starts) + self.q
+
+    @classmethod
+    def at(cls, start: int, q: int, device: torch.device) -> Step:
+        """Batch-1 step over positions start .. start + q - 1."""
+        positions = torch.arange(start, start + q, device=device).unsqueeze(0)
+        return cls(positions=positions, starts=(start,))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _layer_windows(config, num_layers: int) -> list[int | None]:
+    """Sliding-window size per layer (None: full attention), read as transformers reads it."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    return [window] * num_layers
+
+
+class ModelAdapter:
+    """The decoders' view of a supported HF causal LM (see module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        name = type(model).__name__
+        if name not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported model class {name}: expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        config = model.config
+        self.model = model
+        self.config = config
+        base = model.model
+        self.embed_tokens: nn.Module = base.embed_tokens
+        self.layers: list[nn.Module] = list(base.layers)
+        self.norm: nn.Module = base.norm
+        self.lm_head: nn.Module = model.lm_head
+        self.rotary_emb: nn.Module = base.rotary_emb
+        self.num_layers = len(self.layers)
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        self.max_positions: int = config.max_position_embeddings
+        self.windows = _layer_windows(config, self.num_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int, extra_layers: int = 0) -> KVCache:
+        """A cache for every decoder layer (+ `extra_layers`, e.g. a trained exit head's own layer)."""
+        return KVCache(
+            num_layers=self.num_layers + extra_layers,
+            batch=batch,
+            num_kv_heads=self.num_kv_heads,
+            max_len=max_len,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, q] token ids -> [B, q, d] hidden states."""
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own output head: final norm + LM head. [B, q, d] -> [B, q, V]."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward_layers(
+        self, hidden: torch.Tensor, step: Step, cache: KVCache, start: int, stop: int
+    ) -> torch.Tensor:
+        """Run decoder layers [start, stop) over hidden [B, q, d] at `step`, writing their KV into `cache`."""
+        rotary = self.rotary_emb(hidden, step.positions)
+        masks: dict[int | None, torch.Tensor] = {}
+        for index in range(start, stop):
+            window = self.windows[index]
+            if window not in masks:
+                masks[window] = attention_mask(step, window)
+            hidden = decoder_layer(self.layers[index], index, hidden, step, cache, rotary, masks[window])
+        return hidden
+
+
+def attention_mask(step: Step, window: int | None) -> torch.Tensor:
+    """[B, 1, q, kv_len] bool: a query at position p sees the cache slots 0..p (the last `window` of them)."""
+    slots = torch.arange(step.kv_len, device=step.positions.device)
+    query = step.positions.unsqueeze(-1)  # [B, q, 1]
+    visible = slots <= query
+    if window is not None:
+        visible &= slots > query - window
+    return visible.unsqueeze(1)
+
+
+def decoder_layer(
+    layer: nn.Module,
+    index: int,
+    hidden: torch.Tensor,
+    step: Step,
+    cache: KVCache,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """One pre-norm decoder layer, as the HF Llama layer computes it, with our cache and attention kernel."""
+    residual = hidden
+    hidden = residual + self_attention(
+        layer.self_attn, index, layer.input_layernorm(hidden), step, cache, rotary, mask
+    )
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def self_attention(
+    attn: nn.Module,
+    index: int,
+    hidden: torch.Tensor,
+    step: Step,
+    cache: KVCache,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    batch, q, _ = hidden.shape
+    head_dim = attn.head_dim
+    query = attn.q_proj(hidden).view(batch, q, -1, head_dim)  # [B, q, H, D]
+    key = attn.k_proj(hidden).view(batch, q, -1, head_dim)  # [B, q, Hkv, D]
+    value = attn.v_proj(hidden).view(batch, q, -1, head_dim).transpose(1, 2)  # [B, Hkv, q, D]
+    if hasattr(attn, "q_norm"):  # Qwen3: RMS norm per head before the rotation
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    cos, sin = (t.unsqueeze(1) for t in rotary)  # [B, 1, q, D]
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
+    query = query * cos + _rotate_half(query) * sin
+    key = key * cos + _rotate_half(key) * sin
+    cache.write(index, step, key, value)
+    keys, values = cache.view(index, step.kv_len)  # [B, Hkv, kv_len, D]
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=keys.shape[1] != query.shape[1]
+    )
+    return attn.o_proj(out.transpose(1, 2).reshape(batch, q, -1))

@@ -1,0 +1,77 @@
+"""A preallocated key/value cache written by absolute position (gpt-fast style).
+
+Every layer owns two buffers `[B, Hkv, max_len, D]` allocated once. A pass writes its keys and values at its
+positions with one `index_put_` (static shapes, no host sync, so a decode or verify step can be captured in a CUDA
+graph); rolling back is only lowering a host-side length: rejected positions are overwritten by the next write, and
+the attention mask (a query at position p sees slots <= p) never lets a query see a stale slot beyond itself.
+
+Layers may be valid to different lengths: while drafting, layers [0, exit_layer) run ahead of the later ones. The
+host-side `lengths[layer][row]` records how far each layer holds valid entries; a write may overwrite or extend
+that prefix but never leave a gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from executor.adapter import Step
+
+
+class KVCache:
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.batch = batch
+        self.lengths = [[0] * batch for _ in range(num_layers)]
+        self._rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def write(self, layer: int, step: Step, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store key/value [B, Hkv, q, D] of `layer` at the step's positions; extend the valid prefix."""
+        q = step.q
+        for row, start in enumerate(step.starts):
+            if start > self.lengths[layer][row]:
+                raise ValueError(
+                    f"KV cache layer {layer} row {row}: write at position {start} would leave a gap "
+                    f"(valid length {self.lengths[layer][row]})"
+                )
+            if start + q > self.max_len:
+                raise ValueError(
+                    f"KV cache overflow: positions up to {start + q - 1}, capacity {self.max_len}"
+                )
+        # advanced indices around a slice select [B, q, Hkv, D]; this is one index_put_, no host sync
+        self.keys[layer][self._rows, :, step.positions] = key.transpose(1, 2)
+        self.values[layer][self._rows, :, step.positions] = value.transpose(1, 2)
+        for row, start in enumerate(step.starts):
+            self.lengths[layer][row] = start + q
+
+    def view(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first `kv_len` slots, [B, Hkv, kv_len, D] (views, no copy)."""
+        return self.keys[layer][:, :, :kv_len], self.values[layer][:, :, :kv_len]
+
+    def rollback(self, length: int | list[int], layers: Iterable[int] | None = None) -> None:
+        """Forget everything at positions >= length (per row if a list) in `layers` (default: all)."""
+        per_row = [length] * self.batch if isinstance(length, int) else list(length)
+        if any(n < 0 for n in per_row):
+            raise ValueError(f"rollback length must be >= 0, got {per_row}")
+        for layer in range(self.num_layers) if layers is None else layers:
+            self.lengths[layer] = [min(old, new) for old, new in zip(self.lengths[layer], per_row)]
