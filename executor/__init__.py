@@ -20,7 +20,16 @@ _EXPORTS = {
     "load_tokenizer": "executor.models",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "EarlyExitGenerator",
+    "GenerationResult",
+    "GenerationStats",
+    "KVCache",
+    "ModelAdapter",
+    "generate",
+    "load_model",
+    "load_tokenizer",
+]
 
 if TYPE_CHECKING:
     from executor.adapter import ModelAdapter

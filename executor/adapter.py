@@ -72,9 +72,7 @@ class ModelAdapter:
     def __init__(self, model: nn.Module) -> None:
         name = type(model).__name__
         if name not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported model class {name}: expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"unsupported model class {name}: expected one of {', '.join(SUPPORTED_ARCHITECTURES)}")
         config = model.config
         self.model = model
         self.config = config
@@ -86,9 +84,7 @@ class ModelAdapter:
         self.rotary_emb: nn.Module = base.rotary_emb
         self.num_layers = len(self.layers)
         self.num_kv_heads: int = config.num_key_value_heads
-        self.head_dim: int = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.max_positions: int = config.max_position_embeddings
         self.windows = _layer_windows(config, self.num_layers)
 
@@ -120,9 +116,7 @@ class ModelAdapter:
         """The model's own output head: final norm + LM head. [B, q, d] -> [B, q, V]."""
         return self.lm_head(self.norm(hidden))
 
-    def forward_layers(
-        self, hidden: torch.Tensor, step: Step, cache: KVCache, start: int, stop: int
-    ) -> torch.Tensor:
+    def forward_layers(self, hidden: torch.Tensor, step: Step, cache: KVCache, start: int, stop: int) -> torch.Tensor:
         """Run decoder layers [start, stop) over hidden [B, q, d] at `step`, writing their KV into `cache`."""
         rotary = self.rotary_emb(hidden, step.positions)
         masks: dict[int | None, torch.Tensor] = {}
@@ -155,9 +149,7 @@ def decoder_layer(
 ) -> torch.Tensor:
     """One pre-norm decoder layer, as the HF Llama layer computes it, with our cache and attention kernel."""
     residual = hidden
-    hidden = residual + self_attention(
-        layer.self_attn, index, layer.input_layernorm(hidden), step, cache, rotary, mask
-    )
+    hidden = residual + self_attention(layer.self_attn, index, layer.input_layernorm(hidden), step, cache, rotary, mask)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 

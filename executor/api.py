@@ -150,13 +150,9 @@ class EarlyExitGenerator:
     ) -> torch.Tensor:
         config = self.model.generation_config
         if do_sample:
-            raise ValueError(
-                "do_sample=True is not supported by this generator yet: use do_sample=False (greedy)"
-            )
+            raise ValueError("do_sample=True is not supported by this generator yet: use do_sample=False (greedy)")
         if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
-            raise ValueError(
-                "attention_mask with padding needs batched decoding, which this generator lacks yet"
-            )
+            raise ValueError("attention_mask with padding needs batched decoding, which this generator lacks yet")
         if max_new_tokens is None:
             max_new_tokens = config.max_new_tokens
         if max_new_tokens is None:

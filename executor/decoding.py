@@ -126,9 +126,7 @@ def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([tokens], dtype=torch.long, device=device)
 
 
-def prefill(
-    adapter: ModelAdapter, cache: KVCache, prompt: list[int], exit_layer: int | None = None, head=None
-):
+def prefill(adapter: ModelAdapter, cache: KVCache, prompt: list[int], exit_layer: int | None = None, head=None):
     """Run the prompt through all layers; return the full model's first new token.
 
     With an exit layer and a head that has layers of its own, the head's KV is filled from the layer-E states.
@@ -186,9 +184,7 @@ def draft_tokens(
     draft = Draft(tokens=[], exit_states=[])
     while len(draft.tokens) < budget:
         step = Step.at(position + len(draft.tokens), 1, adapter.device)
-        hidden = adapter.forward_layers(
-            adapter.embed(_ids([token], adapter.device)), step, cache, 0, exit_layer
-        )
+        hidden = adapter.forward_layers(adapter.embed(_ids([token], adapter.device)), step, cache, 0, exit_layer)
         logits = head(hidden, step, cache)
         token = _greedy(logits)[0]
         draft.exit_states.append(hidden)

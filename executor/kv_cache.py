@@ -55,9 +55,7 @@ class KVCache:
                     f"(valid length {self.lengths[layer][row]})"
                 )
             if start + q > self.max_len:
-                raise ValueError(
-                    f"KV cache overflow: positions up to {start + q - 1}, capacity {self.max_len}"
-                )
+                raise ValueError(f"KV cache overflow: positions up to {start + q - 1}, capacity {self.max_len}")
         # advanced indices around a slice select [B, q, Hkv, D]; this is one index_put_, no host sync
         self.keys[layer][self._rows, :, step.positions] = key.transpose(1, 2)
         self.values[layer][self._rows, :, step.positions] = value.transpose(1, 2)
@@ -74,4 +72,4 @@ class KVCache:
         if any(n < 0 for n in per_row):
             raise ValueError(f"rollback length must be >= 0, got {per_row}")
         for layer in range(self.num_layers) if layers is None else layers:
-            self.lengths[layer] = [min(old, new) for old, new in zip(self.lengths[layer], per_row)]
+            self.lengths[layer] = [min(old, new) for old, new in zip(self.lengths[layer], per_row, strict=True)]

@@ -11,13 +11,27 @@ Torch-free, so that the executor and the simulator drive the same objects. The i
 drafted). `confidence` is the exit head's top-1 probability of the latest draft token (policies that do not look at
 it set `needs_confidence = False`, so the executor need not compute it). Randomness, where a policy has any, comes
 only from the `random.Random` passed in.
+
+Spec strings (`make_policy`): `NAME` or `NAME:ARGS`, ARGS a comma-separated list of `key=value` pairs, where the
+first item may also be a bare value for the policy's main parameter:
+
+    fixed:K                      fixed:4, fixed:k=4
+    heuristic[:K][,max=M]        HF's schedule starting at K (default 4), capped at M (default 16)
+    confidence[:TAU][,max=M]     stop once the draft's top-1 probability < TAU (default 0.5), M default 8
+    beta-ts[:cost=C][,max=M][,a=A][,b=B]
+    calibration-ts[:cost=C][,max=M][,buckets=N][,a=A][,b=B]
+
+`cost` is c = (one draft step's time) / (one verify pass's time); when the spec omits it, the caller's measured
+ratio (`make_policy(..., cost_ratio=...)`) is used, else `DEFAULT_COST_RATIO`. `a`, `b` are the Beta prior.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+DEFAULT_COST_RATIO = 0.25  # draft step / verify pass with KV reuse is about E / L; a quarter-depth exit
 
 
 @runtime_checkable
@@ -57,14 +71,260 @@ class FixedPolicy:
         pass
 
 
-def make_policy(spec: str | DraftPolicy, *, rng: random.Random | None = None) -> DraftPolicy:
-    """Build a policy from a spec such as `"fixed:4"`; a policy object is returned unchanged."""
+@dataclass
+class HeuristicPolicy:
+    """HF's `num_assistant_tokens_schedule="heuristic"`: k += 2 after a fully accepted round, else k -= 1.
+
+    k stays within [1, max_draft_len]; it starts at `draft_len`.
+    """
+
+    draft_len: int = 4
+    max_draft_len: int = 16
+    needs_confidence: bool = False
+
+    def __post_init__(self) -> None:
+        _check_max(self.max_draft_len)
+        if not 1 <= self.draft_len <= self.max_draft_len:
+            raise ValueError(f"initial draft_len must be in [1, max={self.max_draft_len}], got {self.draft_len}")
+
+    def begin_round(self) -> int:
+        return self.draft_len
+
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        return drafted < self.draft_len
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        step = 2 if accepted == drafted else -1
+        self.draft_len = min(self.max_draft_len, max(1, self.draft_len + step))
+
+
+@dataclass
+class ConfidencePolicy:
+    """Draft&Verify / Kangaroo: stop drafting once the latest draft's top-1 probability is below `tau`.
+
+    The low-confidence draft itself is still verified; at most `max_draft_len` drafts per round.
+    """
+
+    tau: float = 0.5
+    max_draft_len: int = 8
+    needs_confidence: bool = True
+
+    def __post_init__(self) -> None:
+        _check_max(self.max_draft_len)
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"confidence threshold tau must be in [0, 1], got {self.tau}")
+
+    def begin_round(self) -> int:
+        return self.max_draft_len
+
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        return drafted < self.max_draft_len and confidence >= self.tau
+
+    def update(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+def expected_tokens_per_cost(theta: float, draft_len: int, cost_ratio: float) -> float:
+    """Tokens per round over the round's cost in verify passes: (1 − θ^(k+1)) / ((1 − θ)(k·c + 1)).
+
+    Leviathan et al.'s expected tokens per round, (1 − θ^(k+1)) / (1 − θ), is k + 1 at θ = 1.
+    """
+    tokens = draft_len + 1.0 if theta >= 1.0 else (1.0 - theta ** (draft_len + 1)) / (1.0 - theta)
+    return tokens / (draft_len * cost_ratio + 1.0)
+
+
+def best_draft_len(theta: float, cost_ratio: float, max_draft_len: int) -> int:
+    """k*(θ) = argmax over k in [0, max_draft_len] of `expected_tokens_per_cost` (smallest k on ties)."""
+    values = [expected_tokens_per_cost(theta, k, cost_ratio) for k in range(max_draft_len + 1)]
+    return max(range(len(values)), key=lambda k: (values[k], -k))
+
+
+@dataclass
+class BetaTSPolicy:
+    """Beta-TS (Thompson sampling over a Beta posterior of the per-token acceptance probability θ).
+
+    Each round: θ ~ Beta(a, b), draft k*(θ) = argmax_k (1 − θ^(k+1)) / ((1 − θ)(k·c + 1)), k in [0, max].
+    After verification the accepted run is a geometric observation: a += accepted, b += 1 if a draft was rejected.
+    `cost_ratio` is c = draft step time / verify pass time.
+    """
+
+    cost_ratio: float = DEFAULT_COST_RATIO
+    max_draft_len: int = 8
+    prior_a: float = 1.0
+    prior_b: float = 1.0
+    rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
+    needs_confidence: bool = False
+
+    def __post_init__(self) -> None:
+        _check_max(self.max_draft_len)
+        _check_cost(self.cost_ratio)
+        _check_prior(self.prior_a, self.prior_b)
+        self.a, self.b = float(self.prior_a), float(self.prior_b)
+        self._draft_len = 0
+
+    def begin_round(self) -> int:
+        theta = self.rng.betavariate(self.a, self.b)
+        self._draft_len = best_draft_len(theta, self.cost_ratio, self.max_draft_len)
+        return self._draft_len
+
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        return drafted < self._draft_len
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.a += accepted
+        if accepted < drafted:
+            self.b += 1.0
+
+
+@dataclass
+class CalibrationTSPolicy:
+    """Calibration-TS: Beta-TS with one Beta(a, b) posterior per bucket of the exit head's confidence.
+
+    Confidence in [0, 1] falls into one of `buckets` equal-width buckets. After each draft token, θ is sampled from
+    that token's bucket and drafting stops when θ < θ* = c, the break-even acceptance probability: one more draft
+    costs c verify passes, and k*(θ) >= 1 exactly when θ >= c. Feedback is per token: the accepted drafts count as
+    successes of their buckets, the first rejected draft as a failure of its bucket; later drafts are unobserved.
+    """
+
+    cost_ratio: float = DEFAULT_COST_RATIO
+    max_draft_len: int = 8
+    buckets: int = 10
+    prior_a: float = 1.0
+    prior_b: float = 1.0
+    rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
+    needs_confidence: bool = True
+
+    def __post_init__(self) -> None:
+        _check_max(self.max_draft_len)
+        _check_cost(self.cost_ratio)
+        _check_prior(self.prior_a, self.prior_b)
+        if self.buckets < 1:
+            raise ValueError(f"buckets must be >= 1, got {self.buckets}")
+        self.a = [float(self.prior_a)] * self.buckets
+        self.b = [float(self.prior_b)] * self.buckets
+        self._round_buckets: list[int] = []
+
+    def bucket(self, confidence: float) -> int:
+        return min(self.buckets - 1, max(0, int(confidence * self.buckets)))
+
+    def begin_round(self) -> int:
+        self._round_buckets = []
+        return self.max_draft_len
+
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        index = self.bucket(confidence)
+        self._round_buckets.append(index)
+        theta = self.rng.betavariate(self.a[index], self.b[index])
+        return drafted < self.max_draft_len and theta >= self.cost_ratio
+
+    def update(self, drafted: int, accepted: int) -> None:
+        seen = self._round_buckets
+        for index in seen[: min(accepted, len(seen))]:
+            self.a[index] += 1.0
+        if accepted < drafted and accepted < len(seen):
+            self.b[seen[accepted]] += 1.0
+        self._round_buckets = []
+
+
+def _check_max(max_draft_len: int) -> None:
+    if max_draft_len < 1:
+        raise ValueError(f"max draft length must be >= 1, got {max_draft_len}")
+
+
+def _check_cost(cost_ratio: float) -> None:
+    if not cost_ratio > 0.0:
+        raise ValueError(f"cost ratio c (draft step / verify pass) must be > 0, got {cost_ratio}")
+
+
+def _check_prior(a: float, b: float) -> None:
+    if not (a > 0.0 and b > 0.0):
+        raise ValueError(f"Beta prior needs a > 0 and b > 0, got a={a}, b={b}")
+
+
+# name -> (main positional key or None, allowed keys, usage)
+_SPECS: dict[str, tuple[str | None, tuple[str, ...], str]] = {
+    "fixed": ("k", ("k",), "fixed:K"),
+    "heuristic": ("k", ("k", "max"), "heuristic[:K][,max=M]"),
+    "confidence": ("tau", ("tau", "max"), "confidence[:TAU][,max=M]"),
+    "beta-ts": (None, ("cost", "max", "a", "b"), "beta-ts[:cost=C][,max=M][,a=A][,b=B]"),
+    "calibration-ts": (
+        None,
+        ("cost", "max", "buckets", "a", "b"),
+        "calibration-ts[:cost=C][,max=M][,buckets=N][,a=A][,b=B]",
+    ),
+}
+
+
+def policy_usage() -> str:
+    """One line listing every policy's spec syntax."""
+    return "; ".join(usage for _, _, usage in _SPECS.values())
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split `"beta-ts:cost=0.1,max=8"` into `("beta-ts", {"cost": "0.1", "max": "8"})`, checking the keys."""
+    name, _, arg_text = spec.strip().partition(":")
+    if name not in _SPECS:
+        raise ValueError(f"unknown draft policy {spec!r}; allowed: {policy_usage()}")
+    main_key, allowed, usage = _SPECS[name]
+    args: dict[str, str] = {}
+    items = [item.strip() for item in arg_text.split(",")] if arg_text.strip() else []
+    for position, item in enumerate(items):
+        key, sep, value = item.partition("=")
+        if not sep:
+            if position != 0 or main_key is None:
+                raise ValueError(f"policy {spec!r}: bare value {item!r} not allowed here; expected {usage}")
+            key, value = main_key, item
+        key = key.strip()
+        if key not in allowed or key in args:
+            raise ValueError(f"policy {spec!r}: unknown or repeated key {key!r}; expected {usage}")
+        args[key] = value.strip()
+    if name == "fixed" and "k" not in args:
+        raise ValueError(f"policy {spec!r}: expected {usage} with an integer K >= 1")
+    return name, args
+
+
+def make_policy(
+    spec: str | DraftPolicy,
+    *,
+    rng: random.Random | None = None,
+    cost_ratio: float | None = None,
+) -> DraftPolicy:
+    """Build a policy from a spec such as `"fixed:4"` or `"beta-ts:cost=0.1,max=8"`.
+
+    A policy object is returned unchanged. `rng` feeds the Thompson-sampling policies (default `Random(0)`);
+    `cost_ratio` is the caller's measured draft/verify cost ratio, used when the spec has no `cost=`.
+    """
     if not isinstance(spec, str):
         return spec
-    name, _, arg = spec.partition(":")
-    if name == "fixed":
+    name, args = parse_policy_spec(spec)
+    usage = _SPECS[name][2]
+    try:
+        return _build(name, args, rng or random.Random(0), cost_ratio)
+    except ValueError as err:
+        raise ValueError(f"policy {spec!r}: {err}; expected {usage}") from None
+
+
+def _build(name: str, args: dict[str, str], rng: random.Random, cost_ratio: float | None) -> DraftPolicy:
+    def num(key: str, kind: type, default: float | int) -> float | int:
+        if key not in args:
+            return default
         try:
-            return FixedPolicy(int(arg))
+            return kind(args[key])
         except ValueError:
-            raise ValueError(f"policy {spec!r}: expected 'fixed:K' with an integer K >= 1") from None
-    raise ValueError(f"unknown draft policy {spec!r}; known: fixed:K")
+            raise ValueError(f"{key}={args[key]!r} is not a valid {kind.__name__}") from None
+
+    cost = num("cost", float, cost_ratio if cost_ratio is not None else DEFAULT_COST_RATIO)
+    if name == "fixed":
+        return FixedPolicy(int(num("k", int, 0)))
+    if name == "heuristic":
+        return HeuristicPolicy(int(num("k", int, 4)), int(num("max", int, 16)))
+    if name == "confidence":
+        return ConfidencePolicy(float(num("tau", float, 0.5)), int(num("max", int, 8)))
+    prior = {"prior_a": float(num("a", float, 1.0)), "prior_b": float(num("b", float, 1.0))}
+    if name == "beta-ts":
+        return BetaTSPolicy(float(cost), int(num("max", int, 8)), rng=rng, **prior)
+    return CalibrationTSPolicy(
+        float(cost), int(num("max", int, 8)), int(num("buckets", int, 10)), rng=rng, **prior
+    )
