@@ -182,10 +182,15 @@ class BetaTSPolicy:
 class CalibrationTSPolicy:
     """Calibration-TS: Beta-TS with one Beta(a, b) posterior per bucket of the exit head's confidence.
 
-    Confidence in [0, 1] falls into one of `buckets` equal-width buckets. After each draft token, θ is sampled from
-    that token's bucket and drafting stops when θ < θ* = c, the break-even acceptance probability: one more draft
-    costs c verify passes, and k*(θ) >= 1 exactly when θ >= c. Feedback is per token: the accepted drafts count as
-    successes of their buckets, the first rejected draft as a failure of its bucket; later drafts are unobserved.
+    Confidence in [0, 1] falls into one of `buckets` equal-width buckets. After draft j, θ_j is sampled from that
+    draft's bucket and drafting stops when θ_j falls below the break-even value
+
+        θ*_j = c · T_(j−1) / (C_(j−1) · P_(j−1)),   P_j = θ_1···θ_j,  T_j = 1 + P_1 + … + P_j,  C_j = 1 + j·c,
+
+    i.e. when draft j's expected extra tokens P_j no longer pay its cost c at the round's current rate T/C (tokens per
+    verify pass). For j = 1 this is θ* = c, the same point where Beta-TS's k*(θ) becomes >= 1. Feedback is per
+    token: the accepted drafts count as successes of their buckets, the first rejected draft as a failure of its
+    bucket; later drafts are unobserved (they were conditioned on a wrong prefix).
     """
 
     cost_ratio: float = DEFAULT_COST_RATIO
@@ -205,19 +210,27 @@ class CalibrationTSPolicy:
         self.a = [float(self.prior_a)] * self.buckets
         self.b = [float(self.prior_b)] * self.buckets
         self._round_buckets: list[int] = []
+        self._prefix_prob, self._tokens, self._cost = 1.0, 1.0, 1.0
 
     def bucket(self, confidence: float) -> int:
         return min(self.buckets - 1, max(0, int(confidence * self.buckets)))
 
     def begin_round(self) -> int:
         self._round_buckets = []
+        self._prefix_prob, self._tokens, self._cost = 1.0, 1.0, 1.0
         return self.max_draft_len
 
     def keep_drafting(self, drafted: int, confidence: float) -> bool:
         index = self.bucket(confidence)
         self._round_buckets.append(index)
         theta = self.rng.betavariate(self.a[index], self.b[index])
-        return drafted < self.max_draft_len and theta >= self.cost_ratio
+        if self._prefix_prob <= 0.0:
+            return False
+        break_even = self.cost_ratio * self._tokens / (self._cost * self._prefix_prob)
+        self._prefix_prob *= theta
+        self._tokens += self._prefix_prob
+        self._cost += self.cost_ratio
+        return drafted < self.max_draft_len and theta >= break_even
 
     def update(self, drafted: int, accepted: int) -> None:
         seen = self._round_buckets
@@ -325,6 +338,4 @@ def _build(name: str, args: dict[str, str], rng: random.Random, cost_ratio: floa
     prior = {"prior_a": float(num("a", float, 1.0)), "prior_b": float(num("b", float, 1.0))}
     if name == "beta-ts":
         return BetaTSPolicy(float(cost), int(num("max", int, 8)), rng=rng, **prior)
-    return CalibrationTSPolicy(
-        float(cost), int(num("max", int, 8)), int(num("buckets", int, 10)), rng=rng, **prior
-    )
+    return CalibrationTSPolicy(float(cost), int(num("max", int, 8)), int(num("buckets", int, 10)), rng=rng, **prior)
