@@ -1,0 +1,337 @@
+"""Versioned calibration files: latency profiles, acceptance traces and link profiles (docs/formats.md).
+
+The contract between `calibrate/` (writes) and `sim/` (reads); torch-free. Every file is a CSV whose first line is a
+`#` followed by one JSON object, `{"format": "eesd.<kind>", "schema_version": N, "metadata": {...}}`, then a CSV
+header and one row per record. Times are in microseconds (`*_us`), sizes in bytes (`nbytes`), probabilities in [0, 1].
+
+Writers are atomic (temporary file in the same folder + `os.replace`). Readers raise `ValueError` naming the file and
+the line for: a missing or malformed header, another format, an unknown schema version, missing or unknown columns,
+missing metadata keys, unparsable cells, impossible values (negative times, probabilities outside [0, 1], p10 > median
+or median > p90) and duplicate keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+COMPONENTS = ("embed", "layer", "exit_head", "lm_head", "overhead")
+PHASES = ("draft", "verify", "prefill")
+
+
+@dataclass(frozen=True)
+class LatencyRecord:
+    """Device time of one component (one decoder layer for `layer`) in one phase, µs."""
+
+    component: str  # embed | layer | exit_head | lm_head | overhead
+    phase: str  # draft | verify | prefill
+    q: int  # tokens in the pass, per sequence
+    context_len: int  # tokens already in the KV cache
+    batch: int
+    cuda_graphs: bool
+    median_us: float
+    p10_us: float
+    p90_us: float
+
+
+@dataclass(frozen=True)
+class AcceptanceRecord:
+    """One generated token of the full model and, for one exit layer, whether the exit head's top token matched."""
+
+    prompt_id: str
+    position: int  # index of the token among the prompt's generated tokens, from 0
+    token: int
+    exit_layer: int
+    match: bool
+    confidence: float  # the exit head's top-1 probability
+
+
+@dataclass(frozen=True)
+class LinkRecord:
+    """Time to move `nbytes` from one pipeline stage to the next, µs."""
+
+    nbytes: int
+    median_us: float
+    p10_us: float
+    p90_us: float
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: type
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    kind: str
+    record_type: type
+    columns: tuple[Column, ...]
+    key: tuple[str, ...]  # columns that identify a record; duplicates are rejected
+    required_metadata: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A whole file: its format kind, metadata and records in file order."""
+
+    kind: str
+    metadata: Mapping[str, Any]
+    records: tuple[Any, ...]
+
+
+_TIME = {"kind": float, "minimum": 0.0}
+LATENCY_PROFILE = FileFormat(
+    kind="latency_profile",
+    record_type=LatencyRecord,
+    columns=(
+        Column("component", str, choices=COMPONENTS),
+        Column("phase", str, choices=PHASES),
+        Column("q", int, minimum=1),
+        Column("context_len", int, minimum=0),
+        Column("batch", int, minimum=1),
+        Column("cuda_graphs", bool),
+        Column("median_us", **_TIME),
+        Column("p10_us", **_TIME),
+        Column("p90_us", **_TIME),
+    ),
+    key=("component", "phase", "q", "context_len", "batch", "cuda_graphs"),
+    required_metadata=("device", "dtype", "model"),
+)
+ACCEPTANCE_TRACE = FileFormat(
+    kind="acceptance_trace",
+    record_type=AcceptanceRecord,
+    columns=(
+        Column("prompt_id", str),
+        Column("position", int, minimum=0),
+        Column("token", int, minimum=0),
+        Column("exit_layer", int, minimum=1),
+        Column("match", bool),
+        Column("confidence", float, minimum=0.0, maximum=1.0),
+    ),
+    key=("prompt_id", "position", "exit_layer"),
+    required_metadata=("model", "head"),
+)
+LINK_PROFILE = FileFormat(
+    kind="link_profile",
+    record_type=LinkRecord,
+    columns=(
+        Column("nbytes", int, minimum=0),
+        Column("median_us", **_TIME),
+        Column("p10_us", **_TIME),
+        Column("p90_us", **_TIME),
+    ),
+    key=("nbytes",),
+    required_metadata=("backend",),
+)
+FORMATS = {f.kind: f for f in (LATENCY_PROFILE, ACCEPTANCE_TRACE, LINK_PROFILE)}
+
+
+def write_file(path: str | Path, fmt: FileFormat, metadata: Mapping[str, Any], records: Iterable[Any]) -> Path:
+    """Validate and write `records` atomically; returns the path."""
+    path = Path(path)
+    records = tuple(records)
+    _check_metadata(path, fmt, metadata)
+    buffer = io.StringIO()
+    header = {"format": f"eesd.{fmt.kind}", "schema_version": SCHEMA_VERSION, "metadata": dict(metadata)}
+    buffer.write("# " + json.dumps(header, sort_keys=True) + "\n")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([c.name for c in fmt.columns])
+    seen: set[tuple] = set()
+    for line, record in enumerate(records, start=3):
+        if not isinstance(record, fmt.record_type):
+            raise ValueError(f"{path}: record {line - 2} is a {type(record).__name__}, not {fmt.record_type.__name__}")
+        _check_record(path, line, fmt, record, seen)
+        writer.writerow([_format_cell(v) for v in astuple(record)])
+    _atomic_write(path, buffer.getvalue())
+    return path
+
+
+def read_file(path: str | Path, fmt: FileFormat) -> DataFile:
+    """Read and validate a file of format `fmt`."""
+    path = Path(path)
+    with open(path, encoding="utf-8", newline="") as handle:
+        metadata = _read_header(path, fmt, handle.readline())
+        reader = csv.reader(handle)
+        names = next(reader, None)
+        _check_columns(path, fmt, names or [])
+        order = [names.index(c.name) for c in fmt.columns]
+        records, seen = [], set()
+        for line, row in enumerate(reader, start=3):
+            if len(row) != len(names):
+                raise ValueError(f"{path}:{line}: expected {len(names)} cells, got {len(row)}")
+            values = [_parse_cell(path, line, column, row[i]) for column, i in zip(fmt.columns, order, strict=True)]
+            record = fmt.record_type(*values)
+            _check_record(path, line, fmt, record, seen)
+            records.append(record)
+    return DataFile(fmt.kind, metadata, tuple(records))
+
+
+def write_latency_profile(path: str | Path, metadata: Mapping[str, Any], records: Iterable[LatencyRecord]) -> Path:
+    return write_file(path, LATENCY_PROFILE, metadata, records)
+
+
+def read_latency_profile(path: str | Path) -> DataFile:
+    return read_file(path, LATENCY_PROFILE)
+
+
+def write_acceptance_trace(path: str | Path, metadata: Mapping[str, Any], records: Iterable[AcceptanceRecord]) -> Path:
+    return write_file(path, ACCEPTANCE_TRACE, metadata, records)
+
+
+def read_acceptance_trace(path: str | Path) -> DataFile:
+    return read_file(path, ACCEPTANCE_TRACE)
+
+
+def write_link_profile(path: str | Path, metadata: Mapping[str, Any], records: Iterable[LinkRecord]) -> Path:
+    return write_file(path, LINK_PROFILE, metadata, records)
+
+
+def read_link_profile(path: str | Path) -> DataFile:
+    return read_file(path, LINK_PROFILE)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _read_header(path: Path, fmt: FileFormat, first_line: str) -> dict[str, Any]:
+    expected = f"eesd.{fmt.kind}"
+    if not first_line.startswith("#"):
+        raise ValueError(f'{path}:1: expected a \'# {{"format": "{expected}", ...}}\' header line')
+    try:
+        header = json.loads(first_line[1:])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:1: header is not valid JSON ({err.msg})") from None
+    if not isinstance(header, dict) or header.get("format") != expected:
+        found = header.get("format") if isinstance(header, dict) else header
+        raise ValueError(f"{path}:1: expected format {expected!r}, found {found!r}")
+    version = header.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path}:1: unknown schema_version {version!r}; this reader knows {SCHEMA_VERSION}")
+    metadata = header.get("metadata")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}:1: header field 'metadata' must be a JSON object")
+    _check_metadata(path, fmt, metadata)
+    return metadata
+
+
+def _check_metadata(path: Path, fmt: FileFormat, metadata: Mapping[str, Any]) -> None:
+    missing = [key for key in fmt.required_metadata if key not in metadata]
+    if missing:
+        raise ValueError(f"{path}: metadata is missing {missing}; required: {list(fmt.required_metadata)}")
+    try:
+        json.dumps(dict(metadata))
+    except TypeError as err:
+        raise ValueError(f"{path}: metadata must be JSON-serialisable ({err})") from None
+
+
+def _check_columns(path: Path, fmt: FileFormat, names: Sequence[str]) -> None:
+    expected = [c.name for c in fmt.columns]
+    missing = [n for n in expected if n not in names]
+    unknown = [n for n in names if n not in expected]
+    if missing or unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"{path}:2: columns {list(names)} do not match {fmt.kind} v{SCHEMA_VERSION}: "
+            f"missing {missing}, unknown {unknown}; expected {expected}"
+        )
+
+
+def _format_cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _parse_cell(path: Path, line: int, column: Column, text: str) -> Any:
+    try:
+        if column.kind is bool:
+            if text not in ("0", "1"):
+                raise ValueError
+            return text == "1"
+        return column.kind(text)
+    except ValueError:
+        expected = "0 or 1" if column.kind is bool else f"a {column.kind.__name__}"
+        raise ValueError(f"{path}:{line}: column {column.name!r}: expected {expected}, got {text!r}") from None
+
+
+def _check_record(path: Path, line: int, fmt: FileFormat, record: Any, seen: set[tuple]) -> None:
+    where = f"{path}:{line}"
+    for column in fmt.columns:
+        value = getattr(record, column.name)
+        _check_value(where, column, value)
+    if hasattr(record, "median_us") and not record.p10_us <= record.median_us <= record.p90_us:
+        raise ValueError(
+            f"{where}: need p10_us <= median_us <= p90_us, got {record.p10_us}, {record.median_us}, {record.p90_us}"
+        )
+    key = tuple(getattr(record, name) for name in fmt.key)
+    if key in seen:
+        raise ValueError(f"{where}: duplicate record for {dict(zip(fmt.key, key, strict=True))}")
+    seen.add(key)
+
+
+def _check_value(where: str, column: Column, value: Any) -> None:
+    name = column.name
+    if column.kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: column {name!r} must be a bool, got {value!r}")
+    if column.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}: column {name!r} must be an int, got {value!r}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if column.kind is float and not (is_number and math.isfinite(value)):
+        raise ValueError(f"{where}: column {name!r} must be a finite number, got {value!r}")
+    if column.kind is str and (not isinstance(value, str) or value == "" or "\n" in value or "\r" in value):
+        raise ValueError(f"{where}: column {name!r} must be a non-empty one-line string, got {value!r}")
+    if column.choices and value not in column.choices:
+        raise ValueError(f"{where}: column {name!r} must be one of {list(column.choices)}, got {value!r}")
+    if column.minimum is not None and value < column.minimum:
+        raise ValueError(f"{where}: column {name!r} must be >= {column.minimum}, got {value!r}")
+    if column.maximum is not None and value > column.maximum:
+        raise ValueError(f"{where}: column {name!r} must be <= {column.maximum}, got {value!r}")
+
+
+__all__ = [
+    "ACCEPTANCE_TRACE",
+    "COMPONENTS",
+    "FORMATS",
+    "LATENCY_PROFILE",
+    "LINK_PROFILE",
+    "PHASES",
+    "SCHEMA_VERSION",
+    "AcceptanceRecord",
+    "DataFile",
+    "LatencyRecord",
+    "LinkRecord",
+    "read_acceptance_trace",
+    "read_file",
+    "read_latency_profile",
+    "read_link_profile",
+    "write_acceptance_trace",
+    "write_file",
+    "write_latency_profile",
+    "write_link_profile",
+]

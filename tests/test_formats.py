@@ -1,0 +1,182 @@
+"""Calibration file formats: write -> read round trips (hypothesis) and bad files rejected with file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim.formats import (
+    COMPONENTS,
+    PHASES,
+    AcceptanceRecord,
+    LatencyRecord,
+    LinkRecord,
+    read_acceptance_trace,
+    read_latency_profile,
+    read_link_profile,
+    write_acceptance_trace,
+    write_latency_profile,
+    write_link_profile,
+)
+
+times = st.floats(0.0, 1e9, allow_nan=False, allow_infinity=False)
+text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), min_size=1, max_size=12)
+metadata_values = st.one_of(st.integers(-(10**6), 10**6), text, st.booleans(), st.lists(st.integers(0, 99), max_size=4))
+
+
+@st.composite
+def latency_records(draw: st.DrawFn) -> list[LatencyRecord]:
+    keys = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(COMPONENTS),
+                st.sampled_from(PHASES),
+                st.integers(1, 16),
+                st.integers(0, 8192),
+                st.integers(1, 8),
+                st.booleans(),
+            ),
+            unique=True,
+            max_size=20,
+        )
+    )
+    records = []
+    for key in keys:
+        p10, median, p90 = sorted(draw(st.lists(times, min_size=3, max_size=3)))
+        records.append(LatencyRecord(*key, median_us=median, p10_us=p10, p90_us=p90))
+    return records
+
+
+@st.composite
+def acceptance_records(draw: st.DrawFn) -> list[AcceptanceRecord]:
+    keys = draw(st.lists(st.tuples(text, st.integers(0, 4096), st.integers(1, 80)), unique=True, max_size=20))
+    return [
+        AcceptanceRecord(prompt, pos, draw(st.integers(0, 10**6)), layer, draw(st.booleans()), draw(st.floats(0, 1)))
+        for prompt, pos, layer in keys
+    ]
+
+
+@st.composite
+def link_records(draw: st.DrawFn) -> list[LinkRecord]:
+    sizes = draw(st.lists(st.integers(0, 10**10), unique=True, max_size=20))
+    records = []
+    for nbytes in sizes:
+        p10, median, p90 = sorted(draw(st.lists(times, min_size=3, max_size=3)))
+        records.append(LinkRecord(nbytes, median_us=median, p10_us=p10, p90_us=p90))
+    return records
+
+
+def metadata(required: tuple[str, ...]) -> st.SearchStrategy[dict]:
+    return st.dictionaries(text, metadata_values, max_size=4).flatmap(
+        lambda extra: st.fixed_dictionaries({key: text for key in required}).map(lambda req: {**extra, **req})
+    )
+
+
+@given(records=latency_records(), meta=metadata(("device", "dtype", "model")))
+def test_latency_profile_round_trip(tmp_path_factory: pytest.TempPathFactory, records: list, meta: dict) -> None:
+    path = tmp_path_factory.mktemp("f") / "profile.csv"
+    write_latency_profile(path, meta, records)
+    loaded = read_latency_profile(path)
+    assert loaded.kind == "latency_profile" and loaded.metadata == meta and list(loaded.records) == records
+
+
+@given(records=acceptance_records(), meta=metadata(("model", "head")))
+def test_acceptance_trace_round_trip(tmp_path_factory: pytest.TempPathFactory, records: list, meta: dict) -> None:
+    path = tmp_path_factory.mktemp("f") / "trace.csv"
+    write_acceptance_trace(path, meta, records)
+    loaded = read_acceptance_trace(path)
+    assert loaded.metadata == meta and list(loaded.records) == records
+
+
+@given(records=link_records(), meta=metadata(("backend",)))
+def test_link_profile_round_trip(tmp_path_factory: pytest.TempPathFactory, records: list, meta: dict) -> None:
+    path = tmp_path_factory.mktemp("f") / "link.csv"
+    write_link_profile(path, meta, records)
+    assert list(read_link_profile(path).records) == records
+
+
+def test_writer_is_atomic_and_leaves_no_temp_file_on_error(tmp_path: Path) -> None:
+    path = tmp_path / "link.csv"
+    write_link_profile(path, {"backend": "gloo"}, [LinkRecord(8, 1.0, 0.5, 2.0)])
+    before = path.read_text()
+    with pytest.raises(ValueError, match="median_us' must be >= 0"):
+        write_link_profile(path, {"backend": "gloo"}, [LinkRecord(8, -1.0, -2.0, 2.0)])
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["link.csv"]
+
+
+GOOD_HEADER = '# {"format": "eesd.link_profile", "schema_version": 1, "metadata": {"backend": "gloo"}}'
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("nbytes,median_us,p10_us,p90_us\n", ':1: expected a \'# {"format": "eesd.link_profile"'),
+        ("# {nope\n", ":1: header is not valid JSON"),
+        ('# {"format": "eesd.acceptance_trace", "schema_version": 1, "metadata": {}}\n', "expected format"),
+        (GOOD_HEADER.replace('"schema_version": 1', '"schema_version": 2') + "\n", "unknown schema_version 2"),
+        (GOOD_HEADER.replace('"backend": "gloo"', "") + "\n", "metadata is missing ['backend']"),
+        (GOOD_HEADER + "\nnbytes,median_us,p10_us\n", ":2: columns ['nbytes', 'median_us', 'p10_us'] do not match"),
+        (GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us,extra\n", "unknown ['extra']"),
+        (
+            GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,1.0,0.5,2.0\n16,-1.0,-2.0,1.0\n",
+            ":4: column 'median_us' must be >= 0",
+        ),
+        (
+            GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,fast,0.5,2.0\n",
+            ":3: column 'median_us': expected a float",
+        ),
+        (GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,1.0,0.5\n", ":3: expected 4 cells, got 3"),
+        (GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,1.0,1.5,2.0\n", ":3: need p10_us <= median_us <= p90_us"),
+        (
+            GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,1,1,1\n8,1,1,1\n",
+            ":4: duplicate record for {'nbytes': 8}",
+        ),
+        (
+            GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,nan,1,1\n",
+            ":3: column 'median_us' must be a finite number",
+        ),
+    ],
+)
+def test_bad_link_files_are_rejected(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError) as info:
+        read_link_profile(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def trace_file(tmp_path: Path, row: str) -> Path:
+    header = {"format": "eesd.acceptance_trace", "schema_version": 1, "metadata": {"model": "m", "head": "shared"}}
+    path = tmp_path / "trace.csv"
+    path.write_text("# " + json.dumps(header) + "\nprompt_id,position,token,exit_layer,match,confidence\n" + row)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("p0,0,5,8,1,1.5\n", ":3: column 'confidence' must be <= 1.0, got 1.5"),
+        ("p0,0,5,8,1,-0.1\n", ":3: column 'confidence' must be >= 0.0"),
+        ("p0,-1,5,8,1,0.5\n", ":3: column 'position' must be >= 0"),
+        ("p0,0,5,8,yes,0.5\n", ":3: column 'match': expected 0 or 1, got 'yes'"),
+        ("p0,0,5,0,1,0.5\n", ":3: column 'exit_layer' must be >= 1"),
+    ],
+)
+def test_bad_acceptance_rows_are_rejected(tmp_path: Path, row: str, message: str) -> None:
+    with pytest.raises(ValueError, match="trace.csv") as info:
+        read_acceptance_trace(trace_file(tmp_path, row))
+    assert message in str(info.value)
+
+
+def test_bad_latency_component_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    with pytest.raises(ValueError, match="column 'component' must be one of"):
+        write_latency_profile(
+            path,
+            {"device": "H100", "dtype": "bf16", "model": "m"},
+            [LatencyRecord("attention", "draft", 1, 0, 1, True, 1.0, 1.0, 1.0)],
+        )
