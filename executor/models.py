@@ -67,6 +67,7 @@ _PACKAGED_MODELS = (
         version="0.1.2",
         file_suffix=".gguf",
         description="SmolLM2-135M-Instruct, GGUF Q4_1, llama arch, 30 layers, Apache-2.0",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     PackagedModel(
         name="qwen2.5-coder-0.5b",
@@ -74,6 +75,7 @@ _PACKAGED_MODELS = (
         version="0.9.0",
         file_suffix=".bin",
         description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, qwen2 arch, 24 layers (third-party repack, ~490 MB)",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 )
 
@@ -153,7 +155,10 @@ def prepare_model(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     digest = sha256_files(sources)
     if expected_sha is not None and digest != expected_sha:
-        raise ValueError(f"model {name!r}: source sha256 is {digest}, expected {expected_sha}; reinstall it")
+        raise ValueError(
+            f"model {name!r}: the installed files' sha256 is {digest}, expected {expected_sha}; "
+            f"reinstall with: {known_models()[name].pip_command} --force-reinstall"
+        )
     cached = find_cached(root, digest)
     if cached is not None:
         return PreparedModel(hf_dir=cached, sources=sources, sha256=digest, converted=False)
