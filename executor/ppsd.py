@@ -1,0 +1,437 @@
+"""PPSD: the verify-while-draft pipeline (Li et al. 2025, arXiv 2509.19368), greedy, batch 1.
+
+The L decoder layers are cut into n stages at boundaries 0 = b_0 < b_1 < .. < b_n = L. The exit head (the model's
+own final norm + LM head, LayerSkip's shared exit) sits at layer E inside stage 1 (default E = b_1). One *tick*:
+
+    1. Every stage runs the token it holds through its layers, so n tokens are in flight, one per stage. Stage 1
+       also applies the exit head at E and drafts the next token, which enters stage 1 on the next tick.
+    2. The token x_p leaving stage n yields the full model's prediction f for position p + 1, which is emitted.
+       If f equals the draft already in flight for p + 1, the draft is *confirmed* and nothing was wasted.
+    3. Otherwise the younger tokens in flight (positions p + 1 ..) are *flushed*: every stage drops its output and
+       rolls the KV of its own layers back to p + 1, and f enters stage 1 on the next tick.
+    4. The other tokens move one stage down.
+
+Every emitted token is the full model's greedy prediction from the committed prefix, so the output equals AR greedy.
+With balanced stages, a free head and free links, a confirmed token costs 1 tick and a flushed one n ticks, so at
+acceptance alpha the speedup over AR on the same hardware is n / (alpha + (1 - alpha) n) (never below 1).
+
+Backends (one semantics, same ticks, confirms and flushes): `sequential` runs the stages of a tick one after the
+other (the reference, any device); `streams` launches each stage on its own CUDA stream so that the stages of a tick
+overlap on one GPU; `distributed` runs one process per stage (executor/ppsd_dist.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from executor.adapter import ModelAdapter, Step
+from executor.decoding import GenerationStats, TokenSink, prefill
+from executor.kv_cache import KVCache
+
+BACKENDS = ("sequential", "streams", "distributed")
+
+
+# ---------------------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class StagePlan:
+    """Where the stages cut the layers and where the exit head sits. Stage s owns layers [bounds[s], bounds[s+1])."""
+
+    bounds: tuple[int, ...]  # b_0 = 0 < b_1 < .. < b_n = L
+    exit_layer: int  # E, 1 <= E <= b_1
+
+    @property
+    def stages(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def num_layers(self) -> int:
+        return self.bounds[-1]
+
+    def layers(self, stage: int) -> range:
+        return range(self.bounds[stage], self.bounds[stage + 1])
+
+
+def balanced_bounds(num_layers: int, stages: int) -> tuple[int, ...]:
+    """Stage sizes differ by at most one layer; the later stages take the extra layers (stage 1 also runs the head)."""
+    base, extra = divmod(num_layers, stages)
+    sizes = [base + (1 if s >= stages - extra else 0) for s in range(stages)]
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    return tuple(bounds)
+
+
+def plan_stages(
+    num_layers: int, stages: int, stage_boundaries: Sequence[int] | None = None, exit_layer: int | None = None
+) -> StagePlan:
+    """Check the arguments and lay the stages out; every mistake is a ValueError saying what is allowed.
+
+    `stage_boundaries` lists the n - 1 cut points (e.g. [3, 6] for 9 layers in 3 stages), or all n + 1 bounds
+    including 0 and L.
+    """
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
+        raise ValueError(f"stages must be an integer >= 2 (PPSD needs a pipeline), got {stages!r}")
+    if stages > num_layers:
+        raise ValueError(f"stages ({stages}) must not exceed the model's {num_layers} layers (one layer per stage)")
+    bounds = (
+        balanced_bounds(num_layers, stages)
+        if stage_boundaries is None
+        else _check_bounds(num_layers, stages, stage_boundaries)
+    )
+    if exit_layer is None:
+        exit_layer = bounds[1]
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= bounds[1]:
+        raise ValueError(
+            f"exit_layer must lie inside stage 1, i.e. be an integer in [1, {bounds[1]}] for stages {_describe(bounds)}"
+            f", got {exit_layer!r}"
+        )
+    return StagePlan(bounds=bounds, exit_layer=exit_layer)
+
+
+def _check_bounds(num_layers: int, stages: int, stage_boundaries: Sequence[int]) -> tuple[int, ...]:
+    cuts = list(stage_boundaries)
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in cuts):
+        raise ValueError(f"stage_boundaries must be integers, got {cuts!r}")
+    if len(cuts) == stages + 1:
+        if cuts[0] != 0 or cuts[-1] != num_layers:
+            raise ValueError(
+                f"stage_boundaries with {stages + 1} entries must start at 0 and end at {num_layers}, got {cuts}"
+            )
+        cuts = cuts[1:-1]
+    elif len(cuts) != stages - 1:
+        raise ValueError(
+            f"stage_boundaries must hold the {stages - 1} cut points between {stages} stages "
+            f"(or {stages + 1} bounds including 0 and {num_layers}), got {len(cuts)}: {cuts}"
+        )
+    bounds = [0, *cuts, num_layers]
+    if any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(
+            f"stage_boundaries must be strictly increasing inside (0, {num_layers}) so that every stage has a layer, "
+            f"got {list(stage_boundaries)}"
+        )
+    return tuple(bounds)
+
+
+def _describe(bounds: Sequence[int]) -> str:
+    return " ".join(f"[{a},{b})" for a, b in zip(bounds, bounds[1:], strict=False))
+
+
+# ------------------------------------------------------------------------------------------------------ statistics
+@dataclass
+class StageStats:
+    """One stage's time. `idle_s` is its bubble: time in the run's ticks it spent not computing."""
+
+    first_layer: int
+    stop_layer: int
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    work_ticks: int = 0  # ticks in which it held a token
+    bubble_ticks: int = 0  # ticks in which it held none (after a flush, or draining at the end)
+
+
+@dataclass
+class PPSDStats(GenerationStats):
+    """GenerationStats plus the pipeline's view. `drafted`/`accepted` hold one entry per checked draft (1, 0 or 1)."""
+
+    backend: str = "sequential"
+    stages: int = 0
+    stage_boundaries: tuple[int, ...] = ()
+    exit_layer: int = 0
+    ticks: int = 0
+    confirms: int = 0
+    flushes: int = 0
+    stage_stats: list[StageStats] = field(default_factory=list)
+
+    @property
+    def alpha(self) -> float:
+        """Measured acceptance: confirmed drafts / checked drafts (nan if none was checked)."""
+        checked = self.confirms + self.flushes
+        return self.confirms / checked if checked else float("nan")
+
+    @property
+    def ideal_speedup(self) -> float:
+        """n / (alpha + (1 - alpha) n) at the measured alpha: balanced stages, free head and links."""
+        n, alpha = self.stages, self.alpha
+        return n / (alpha + (1 - alpha) * n)
+
+    @property
+    def tick_speedup(self) -> float:
+        """Achieved, in ticks: AR needs n ticks (one pass through all stages) per decoded token, PPSD took `ticks`."""
+        decoded = self.new_tokens - 1  # the first new token comes from prefill
+        return self.stages * decoded / self.ticks if self.ticks else float("nan")
+
+    def speedup_over(self, ar_tokens_per_s: float) -> float:
+        """Achieved, in wall-clock time: this run's tokens/s over an AR run's tokens/s."""
+        return self.tokens_per_s / ar_tokens_per_s
+
+    def summary(self) -> str:
+        lines = [
+            super().summary(),
+            f"ppsd {self.backend}: {self.stages} stages {_describe(self.stage_boundaries)}, exit layer "
+            f"{self.exit_layer}; {self.ticks} ticks, {self.confirms} confirms, {self.flushes} flushes, "
+            f"alpha {self.alpha:.3f}, speedup in ticks {self.tick_speedup:.2f}x (ideal {self.ideal_speedup:.2f}x)",
+        ]
+        for index, stage in enumerate(self.stage_stats):
+            lines.append(
+                f"  stage {index + 1} layers [{stage.first_layer},{stage.stop_layer}): busy {stage.busy_s:.3f} s, "
+                f"idle {stage.idle_s:.3f} s, {stage.work_ticks} work / {stage.bubble_ticks} bubble ticks"
+            )
+        return "\n".join(lines)
+
+    def record(self, verdict: Verdict) -> None:
+        """Count one verdict of the last stage."""
+        if verdict.kind in (Verdict.CONFIRM, Verdict.FLUSH):
+            confirmed = verdict.kind == Verdict.CONFIRM
+            self.confirms += confirmed
+            self.flushes += not confirmed
+            self.drafted.append(1)
+            self.accepted.append(int(confirmed))
+
+
+def new_stats(plan: StagePlan, backend: str, prompt_tokens: int) -> PPSDStats:
+    return PPSDStats(
+        method="ppsd",
+        prompt_tokens=prompt_tokens,
+        backend=backend,
+        stages=plan.stages,
+        stage_boundaries=plan.bounds,
+        exit_layer=plan.exit_layer,
+        stage_stats=[StageStats(r.start, r.stop) for r in map(plan.layers, range(plan.stages))],
+    )
+
+
+# ------------------------------------------------------------------------------------------------- one stage's work
+@dataclass
+class Item:
+    """A token in flight: its position, its id (stage 1's input) or hidden state [1, 1, d] (later stages' input),
+    and the draft stage 1 proposed after it (-1 if none enters the pipe: max_new_tokens reached)."""
+
+    position: int
+    token: int = -1
+    hidden: torch.Tensor | None = None
+    draft: int = -1
+
+
+@dataclass
+class StageOutput:
+    """What a stage hands on. Token ids stay on the device until the tick is over (no host sync mid-tick)."""
+
+    position: int
+    hidden: torch.Tensor  # [1, 1, d]: the input of the next stage
+    draft_id: torch.Tensor | None = None  # stage 1: the exit head's argmax, [1]
+    predicted_id: torch.Tensor | None = None  # last stage: the full model's argmax for position + 1, [1]
+    draft: int = -1  # carried from stage 1 down the pipe (set once resolved on the host)
+
+
+class Verdict(IntEnum):
+    """What the last stage decided this tick (sent as an int to every stage by the distributed backend)."""
+
+    NONE = 0  # nothing left the pipe
+    CONFIRM = 1  # the prediction equals the draft in flight
+    FLUSH = 2  # it does not: flush the younger tokens, the prediction re-enters stage 1
+    EMIT = 3  # no draft was in flight (max_new_tokens reached): emit only
+    START = 4  # the prefill's token: enters stage 1
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The last stage's verdict this tick: the token it emitted at `position`, and whether generation is done."""
+
+    kind: Verdict
+    token: int = -1
+    position: int = -1
+    done: bool = False
+
+
+class StageRunner:
+    """Runs one stage's layers on one token; stage 1 also drafts at the exit layer, the last stage predicts."""
+
+    def __init__(self, adapter: ModelAdapter, cache: KVCache, plan: StagePlan, stage: int) -> None:
+        self.adapter, self.cache, self.plan, self.stage = adapter, cache, plan, stage
+        self.layers = plan.layers(stage)
+        self.is_first, self.is_last = stage == 0, stage == plan.stages - 1
+
+    def run(self, item: Item) -> StageOutput:
+        step = Step.at(item.position, 1, self.adapter.device)
+        if self.is_first:
+            ids = torch.tensor([[item.token]], dtype=torch.long, device=self.adapter.device)
+            hidden = self.adapter.forward_layers(self.adapter.embed(ids), step, self.cache, 0, self.plan.exit_layer)
+            draft_id = self.adapter.logits(hidden)[0, -1].argmax(-1, keepdim=True)
+            hidden = self.adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
+        else:
+            draft_id = None
+            hidden = self.adapter.forward_layers(item.hidden, step, self.cache, self.layers.start, self.layers.stop)
+        predicted_id = self.adapter.logits(hidden)[0, -1].argmax(-1, keepdim=True) if self.is_last else None
+        return StageOutput(item.position, hidden, draft_id, predicted_id, item.draft)
+
+    def prefill(self, hidden: torch.Tensor | None, prompt: list[int]) -> torch.Tensor:
+        """The prompt through this stage's layers: ids (stage 1) or hidden [1, P, d] in, hidden [1, P, d] out."""
+        step = Step.at(0, len(prompt), self.adapter.device)
+        if self.is_first:
+            hidden = self.adapter.embed(torch.tensor([prompt], dtype=torch.long, device=self.adapter.device))
+        return self.adapter.forward_layers(hidden, step, self.cache, self.layers.start, self.layers.stop)
+
+    def flush(self, position: int) -> None:
+        """Forget this stage's KV at positions >= `position` (the flushed tokens')."""
+        self.cache.rollback(position, layers=self.layers)
+
+
+def feed_limit(prompt_len: int, max_new_tokens: int) -> int:
+    """The last position whose token must enter the pipe: its prediction is the last token generated."""
+    return prompt_len + max_new_tokens - 2
+
+
+def resolve_first(out: StageOutput, limit: int) -> None:
+    """Stage 1's draft, on the host: it enters the pipe after `out` unless the generation ends before."""
+    out.draft = int(out.draft_id.item()) if out.position + 1 <= limit else -1
+
+
+def judge(out: StageOutput | None, sink: TokenSink) -> Decision:
+    """Step 2-3: emit the full model's prediction and compare it with the draft in flight."""
+    if out is None:
+        return Decision(Verdict.NONE)
+    token = int(out.predicted_id.item())
+    sink.emit([token])
+    kind = Verdict.EMIT if out.draft < 0 else Verdict.CONFIRM if token == out.draft else Verdict.FLUSH
+    return Decision(kind, token, out.position + 1, sink.done)
+
+
+# ------------------------------------------------------------------------------------ single-process pipeline
+class LocalPipeline:
+    """All stages in one process: `sequential` (one after the other) or `streams` (one CUDA stream each)."""
+
+    def __init__(self, adapter: ModelAdapter, cache: KVCache, plan: StagePlan, stats: PPSDStats, streams: bool):
+        self.runners = [StageRunner(adapter, cache, plan, s) for s in range(plan.stages)]
+        self.stats = stats
+        self.inputs: list[Item | None] = [None] * plan.stages
+        self.streams = [torch.cuda.Stream(device=adapter.device) for _ in self.runners] if streams else None
+
+    def tick(self, sink: TokenSink, limit: int) -> Decision:
+        outs, busy = self._run_stages()
+        if outs[0] is not None:
+            resolve_first(outs[0], limit)
+        decision = judge(outs[-1], sink)
+        self._account(busy)
+        if decision.kind == Verdict.FLUSH:
+            for runner in self.runners:
+                runner.flush(decision.position)
+            self.inputs = [Item(decision.position, token=decision.token)] + [None] * (len(self.runners) - 1)
+        else:
+            self.inputs = [_next_first_input(outs[0])] + [_as_item(out) for out in outs[:-1]]
+        return decision
+
+    def _run_stages(self) -> tuple[list[StageOutput | None], list[float]]:
+        if self.streams is None:
+            outs, busy = [], []
+            for runner, item in zip(self.runners, self.inputs, strict=True):
+                begin = time.perf_counter()
+                outs.append(runner.run(item) if item is not None else None)
+                busy.append(time.perf_counter() - begin)
+            return outs, busy
+        return self._run_on_streams()
+
+    def _run_on_streams(self) -> tuple[list[StageOutput | None], list[float]]:
+        """Launch every stage on its own stream, then wait for all: the stages of a tick overlap on the GPU."""
+        current = torch.cuda.current_stream()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in self.runners]
+        outs: list[StageOutput | None] = []
+        for runner, item, stream, (start, stop) in zip(self.runners, self.inputs, self.streams, events, strict=True):
+            stream.wait_stream(current)  # inputs were produced last tick on other streams, all synchronised since
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                outs.append(runner.run(item) if item is not None else None)
+                stop.record(stream)
+        torch.cuda.synchronize()
+        return outs, [start.elapsed_time(stop) / 1e3 for start, stop in events]
+
+    def _account(self, busy: list[float]) -> None:
+        """Idle: what each stage would wait in a lockstep tick as long as the slowest stage of this tick."""
+        tick = max(busy)
+        for stage, item, seconds in zip(self.stats.stage_stats, self.inputs, busy, strict=True):
+            stage.busy_s += seconds
+            stage.idle_s += tick - seconds
+            stage.work_ticks += item is not None
+            stage.bubble_ticks += item is None
+
+
+def _next_first_input(out: StageOutput | None) -> Item | None:
+    return Item(out.position + 1, token=out.draft) if out is not None and out.draft >= 0 else None
+
+
+def _as_item(out: StageOutput | None) -> Item | None:
+    return Item(out.position, hidden=out.hidden, draft=out.draft) if out is not None else None
+
+
+@torch.inference_mode()
+def _decode_local(
+    adapter: ModelAdapter, prompt: list[int], sink: TokenSink, cache: KVCache, plan: StagePlan, backend: str
+) -> PPSDStats:
+    stats = new_stats(plan, backend, len(prompt))
+    begin = time.perf_counter()
+    token = prefill(adapter, cache, prompt)
+    stats.prefill_time_s = time.perf_counter() - begin
+    sink.emit([token])
+    pipeline = LocalPipeline(adapter, cache, plan, stats, streams=backend == "streams")
+    pipeline.inputs[0] = Item(len(prompt), token=token)
+    limit = feed_limit(len(prompt), sink.max_new_tokens)
+    while not sink.done:
+        stats.record(pipeline.tick(sink, limit))
+        stats.ticks += 1
+    stats.rounds = stats.ticks
+    stats.new_tokens = len(sink.tokens)
+    stats.wall_time_s = time.perf_counter() - begin
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------------ entry point
+def check_backend(adapter: ModelAdapter, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "streams" and (adapter.device.type != "cuda" or not torch.cuda.is_available()):
+        raise ValueError(
+            f"backend 'streams' needs a GPU: it runs one CUDA stream per stage, but the model is on "
+            f"{adapter.device} (CUDA available: {torch.cuda.is_available()}); use backend 'sequential' or "
+            "'distributed' on this machine"
+        )
+
+
+def decode_ppsd(
+    adapter: ModelAdapter,
+    prompt: list[int],
+    sink: TokenSink,
+    cache: KVCache,
+    *,
+    stages: int,
+    stage_boundaries: Sequence[int] | None = None,
+    exit_layer: int | None = None,
+    backend: str = "sequential",
+    threads_per_stage: int | None = None,
+    timeout_s: float = 600.0,
+) -> PPSDStats:
+    """PPSD greedy decoding (see the module docstring); the emitted tokens equal AR greedy's.
+
+    `cache` must hold len(prompt) + sink.max_new_tokens positions; the `distributed` backend ignores it (each stage
+    process allocates its own layers' KV) and takes `threads_per_stage` (torch threads per process, default
+    cores // stages) and `timeout_s` (the whole run, after which the processes are stopped and an error raised).
+    """
+    plan = plan_stages(adapter.num_layers, stages, stage_boundaries, exit_layer)
+    check_backend(adapter, backend)
+    if not prompt:
+        raise ValueError("empty prompt: PPSD needs at least one prompt token")
+    if sink.done:
+        return new_stats(plan, backend, len(prompt))
+    if backend == "distributed":
+        from executor.ppsd_dist import decode_distributed
+
+        return decode_distributed(adapter, prompt, sink, plan, threads_per_stage=threads_per_stage, timeout_s=timeout_s)
+    if cache.max_len < len(prompt) + sink.max_new_tokens - 1:
+        raise ValueError(
+            f"cache holds {cache.max_len} positions, PPSD needs len(prompt) + max_new_tokens - 1 = "
+            f"{len(prompt) + sink.max_new_tokens - 1}"
+        )
+    return _decode_local(adapter, prompt, sink, cache, plan, backend)
