@@ -1,0 +1,76 @@
+"""`eesd generate`: decode a prompt with AR or EESD, print the text and the acceptance stats."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
+    source.add_argument("--prompt-ids", help="prompt as comma-separated token ids (no tokenizer needed)")
+    parser.add_argument("--method", default="eesd", help="ar | eesd (default: eesd)")
+    parser.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: L // 2)")
+    parser.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default: 4)")
+    parser.add_argument("--policy", default=None, help="draft policy, e.g. fixed:4 (overrides --draft-len)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--compare-ar", action="store_true", help="also run AR and check the outputs are equal")
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            return [int(part) for part in args.prompt_ids.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    if tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer: pass --prompt-ids instead of --prompt")
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"model {args.model!r} has no chat template: drop --chat")
+        messages = [{"role": "user", "content": args.prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(args.prompt)["input_ids"]
+
+
+def _optional_tokenizer(model: str, load_tokenizer):
+    """With --prompt-ids a tokenizer only decodes the output: a model without one prints token ids."""
+    try:
+        return load_tokenizer(model)
+    except (OSError, ValueError):
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    import torch
+
+    from executor.api import generate
+    from executor.models import load_model, load_tokenizer
+
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    tokenizer = _optional_tokenizer(args.model, load_tokenizer) if args.prompt_ids else load_tokenizer(args.model)
+    prompt = _prompt_ids(args, tokenizer)
+    eos = model.generation_config.eos_token_id
+    common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    result = generate(
+        model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,
+        policy=args.policy, **common,
+    )  # fmt: skip
+    new_tokens = result.sequences[0, len(prompt) :].tolist()
+    print(tokenizer.decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else new_tokens)
+    print(result.stats.summary())
+    if args.compare_ar:
+        reference = generate(model, prompt, method="ar", **common)
+        same = torch.equal(reference.sequences, result.sequences)
+        print(f"identical to AR: {same} (AR {reference.stats.tokens_per_s:.1f} tok/s)")
+        return 0 if same else 1
+    return 0

@@ -1,0 +1,119 @@
+"""Bad input: a ValueError that says what was wrong and what is allowed; the CLI exits non-zero, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_models import TinySpec, tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import executor
+from executor.adapter import ModelAdapter
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(TinySpec(num_layers=4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(method="eesd", exit_layer=0), r"exit_layer must be an integer in \[1, 3\]"),
+        (dict(method="eesd", exit_layer=4), r"exit_layer must be an integer in \[1, 3\]"),
+        (dict(method="eesd", exit_layer=-2), r"exit_layer must be an integer in \[1, 3\]"),
+        (dict(method="eesd", exit_layer=2, draft_len=0), r"draft_len must be an integer >= 1"),
+        (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0"),
+        (dict(method="beam"), r"method must be one of ar, eesd"),
+        (dict(max_new_tokens=300), r"exceeds the model's context of 256 positions"),
+        (dict(policy="fixed:x"), r"policy 'fixed:x'"),
+    ],
+)
+def test_bad_arguments(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        executor.generate(model, [1, 2, 3], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ([], "empty prompt"),
+        (torch.zeros(2, 3, dtype=torch.long), "batch size 1"),
+        ([1, 2, 500], r"input_ids must lie in \[0, 96\]"),
+        (torch.ones(1, 3), "integer token ids"),
+        (list(range(1, 90)) * 3, "exceeds the model's context"),
+    ],
+)
+def test_bad_prompts(model, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        executor.generate(model, prompt, max_new_tokens=4)
+
+
+def test_zero_new_tokens_returns_the_prompt(model):
+    result = executor.generate(model, [5, 6], method="eesd", exit_layer=1, max_new_tokens=0)
+    assert result.sequences.tolist() == [[5, 6]]
+
+
+def test_unsupported_architecture_names_the_class():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported model class GPT2LMHeadModel"):
+        ModelAdapter(gpt2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_adapter_reuses_the_model_weights(arch, tied):
+    model = tiny_model(TinySpec(arch=arch, tied=tied))
+    adapter = ModelAdapter(model)
+    assert adapter.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    assert (adapter.lm_head.weight.data_ptr() == adapter.embed_tokens.weight.data_ptr()) == tied
+    assert all(a is b for a, b in zip(adapter.layers, model.model.layers, strict=True))
+    assert adapter.norm is model.model.norm
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model(TinySpec(num_layers=4), torch.float32).save_pretrained(path)
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "executor.cli", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--exit-layer", "9"], r"exit_layer must be an integer in \[1, 3\]"),
+        (["--draft-len", "0"], "draft_len must be an integer >= 1"),
+        (["--max-new-tokens", "-3"], "max_new_tokens must be an integer >= 0"),
+        (["--dtype", "int8"], "--dtype must be one of"),
+    ],
+)
+def test_cli_reports_user_errors_without_traceback(saved_model, args, message):
+    done = run_cli("generate", "--model", str(saved_model), "--prompt-ids", "1,2,3", *args)
+    assert done.returncode == 2
+    assert message.replace("\\", "") in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_missing_model_is_a_clear_error(tmp_path):
+    done = run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1")
+    assert done.returncode == 2
+    assert "nope" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_generates_and_matches_ar(saved_model):
+    done = run_cli(
+        "generate", "--model", str(saved_model), "--prompt-ids", "4,5,6", "--method", "eesd",
+        "--exit-layer", "2", "--draft-len", "3", "--max-new-tokens", "12", "--compare-ar",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "identical to AR: True" in done.stdout
+    assert "method eesd: 12 new tokens" in done.stdout
