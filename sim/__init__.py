@@ -1,1 +1,1 @@
-"""Torch-free pieces: the discrete-event simulator and what it shares with the executor (draft policies, file formats)."""
+"""Torch-free pieces: the discrete-event simulator and what it shares with the executor (policies, file formats)."""

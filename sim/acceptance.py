@@ -1,0 +1,131 @@
+"""Acceptance models: whether the exit head's draft for a position equals the full model's token.
+
+A model hands out one `AcceptanceStream` per request; `stream.draft(position, index_in_round)` returns
+(match, confidence) for the draft of generated token `position` (0-based; token 0 comes from prefill), where
+`index_in_round` counts the drafts since the round (EESD) or the last flush (PPSD) began, from 0. Confidence is the
+exit head's top-1 probability in [0, 1]; models without one set `has_confidence = False` and return their α.
+Randomness only from the `random.Random` passed to `stream`.
+
+- `BernoulliAcceptance(alpha)`: i.i.d. matches. With `confidence_sharpness=s` the confidence is drawn
+  calibrated: conf ~ Beta(α·s, (1 − α)·s) and match ~ Bernoulli(conf), so the mean acceptance is still α.
+- `PositionalAcceptance(alphas)`: match ~ Bernoulli(α_i) for the i-th draft of a round (the last α repeats);
+  acceptance is front-loaded in real traces (DESIGN.md §6).
+- `TraceAcceptance(trace, exit_layer)`: replays a calibration trace; request r starts at prompt r mod P and
+  continues into the next prompts (cyclically) when it needs more tokens than one prompt has.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sim.formats import DataFile
+
+
+class AcceptanceStream(Protocol):
+    def draft(self, position: int, index_in_round: int) -> tuple[bool, float]: ...
+
+
+class AcceptanceModel(Protocol):
+    has_confidence: bool
+
+    def stream(self, rng: random.Random, request: int) -> AcceptanceStream: ...
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class BernoulliAcceptance:
+    alpha: float
+    confidence_sharpness: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_probability("alpha", self.alpha)
+        if self.confidence_sharpness is not None and self.confidence_sharpness <= 0:
+            raise ValueError(f"confidence_sharpness must be > 0, got {self.confidence_sharpness}")
+
+    @property
+    def has_confidence(self) -> bool:
+        return self.confidence_sharpness is not None
+
+    def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
+        return _BernoulliStream(self.alpha, self.confidence_sharpness, rng)
+
+
+@dataclass
+class _BernoulliStream:
+    alpha: float
+    sharpness: float | None
+    rng: random.Random
+
+    def draft(self, position: int, index_in_round: int) -> tuple[bool, float]:
+        if self.sharpness is None or self.alpha in (0.0, 1.0):
+            return self.rng.random() < self.alpha, self.alpha
+        confidence = self.rng.betavariate(self.alpha * self.sharpness, (1.0 - self.alpha) * self.sharpness)
+        return self.rng.random() < confidence, confidence
+
+
+@dataclass(frozen=True)
+class PositionalAcceptance:
+    alphas: tuple[float, ...]
+    has_confidence: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.alphas:
+            raise ValueError("alphas must list at least one probability")
+        for i, value in enumerate(self.alphas):
+            _check_probability(f"alphas[{i}]", value)
+
+    def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
+        return _PositionalStream(self.alphas, rng)
+
+
+@dataclass
+class _PositionalStream:
+    alphas: Sequence[float]
+    rng: random.Random
+
+    def draft(self, position: int, index_in_round: int) -> tuple[bool, float]:
+        alpha = self.alphas[min(index_in_round, len(self.alphas) - 1)]
+        return self.rng.random() < alpha, alpha
+
+
+class TraceAcceptance:
+    """Replay of an acceptance trace at one exit layer (see module docstring)."""
+
+    has_confidence = True
+
+    def __init__(self, trace: DataFile, exit_layer: int) -> None:
+        by_prompt: dict[str, list[tuple[int, bool, float]]] = {}
+        layers = set()
+        for record in trace.records:
+            layers.add(record.exit_layer)
+            if record.exit_layer == exit_layer:
+                by_prompt.setdefault(record.prompt_id, []).append((record.position, record.match, record.confidence))
+        if not by_prompt:
+            raise ValueError(f"acceptance trace has no records for exit_layer {exit_layer}; it has {sorted(layers)}")
+        self.exit_layer = exit_layer
+        self.starts: list[int] = []
+        flat: list[tuple[bool, float]] = []
+        for prompt in sorted(by_prompt):
+            self.starts.append(len(flat))
+            flat.extend((match, conf) for _, match, conf in sorted(by_prompt[prompt]))
+        self.flat = flat
+        self.mean_match = sum(m for m, _ in flat) / len(flat)
+
+    def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
+        return _TraceStream(self.flat, self.starts[request % len(self.starts)])
+
+
+@dataclass
+class _TraceStream:
+    flat: Sequence[tuple[bool, float]]
+    start: int
+
+    def draft(self, position: int, index_in_round: int) -> tuple[bool, float]:
+        return self.flat[(self.start + position) % len(self.flat)]

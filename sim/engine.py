@@ -1,0 +1,534 @@
+"""SimPy engine: pipeline stages, links, and the AR / EESD / PPSD decoding schedules.
+
+What is modelled (times in µs of simulated time, sizes in bytes):
+- A *stage* is a SimPy process owning a layer range on one device (or a tensor-parallel group): it takes jobs from
+  its inbox (a FIFO store) one at a time and holds the device for the job's duration (from the latency model, plus two
+  all-reduces per layer when tp > 1).
+- A *link* between consecutive stages is a store + delay, as in SimPy's Cable example: a message of nbytes
+  (the hidden states, q·batch·hidden·dtype_bytes) reaches the next stage's inbox after `link.time_us(nbytes)`.
+  Token ids going back from the last stage to the first cross the link too (8 bytes per sequence).
+- AR: every token is one pass through all layers. EESD (draft-then-verify, DESIGN.md §1): a round drafts with
+  layers [0, E) + exit head, one pass per draft, then verifies with one pass of layers [0, E) for the last draft
+  and [E, L) for all k + 1 tokens (KV reuse); the round emits accepted + 1 tokens. PPSD (verify-while-draft): a
+  new token enters stage 1 as soon as stage 1 finished the previous one and its exit head drafted it; when a token
+  leaves the last stage the next token is final: a correct draft already in flight goes on, a wrong one flushes
+  every younger token in flight (an epoch counter; flushed work is counted as wasted) and the correct token
+  re-enters stage 1. At most `max_in_flight` tokens (default: the number of stages) are in the pipe.
+- Batches are static: the requests run in batches of `batch_size`; in PPSD a batch moves in lockstep, so it is
+  flushed when any of its rows mispredicted. Prefill (q = prompt_len) precedes each batch's decode and is
+  reported separately. Randomness only from the seeded `random.Random` of the plan.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+
+from sim.acceptance import AcceptanceModel, AcceptanceStream
+from sim.hardware import allreduce_us
+from sim.latency import LatencyModel, LinkModel
+from sim.models import ModelConfig
+from sim.policy import DraftPolicy, make_policy
+
+TOKEN_ID_BYTES = 8
+METHODS = ("ar", "eesd", "ppsd")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    layer_start: int
+    layer_end: int
+    latency: LatencyModel
+    device: str = "device"
+    tp: int = 1
+    tp_link: LinkModel | None = None  # all-reduce link inside the stage (tp > 1)
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int = 1
+    batch_size: int = 1
+    prompt_len: int = 128
+    output_len: int = 128
+
+
+@dataclass(frozen=True)
+class SimPlan:
+    model: ModelConfig
+    stages: tuple[StagePlan, ...]
+    link: LinkModel
+    method: str
+    acceptance: AcceptanceModel
+    workload: Workload = Workload()
+    exit_layer: int = 1
+    exit_head: str = "shared"  # shared: final norm + LM head at layer E; trained: one extra layer + LM head
+    policy: str = "fixed:4"
+    dtype_bytes: int = 2
+    max_in_flight: int | None = None
+    seed: int = 0
+    cost_ratio: float | None = None  # draft step / verify pass, for the Thompson-sampling policies
+    context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Work of one forward pass: layer segments (start, end, q), optional exit head after layer `exit_at`."""
+
+    name: str
+    phase: str
+    segments: tuple[tuple[int, int, int], ...]
+    exit_at: int = 0
+    lm_head_q: int = 0
+
+
+@dataclass(frozen=True)
+class StageStats:
+    busy_us: float
+    useful_us: float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    method: str
+    tokens: int
+    decode_time_us: float
+    prefill_time_us: float
+    rounds: int
+    drafted: int
+    accepted: int
+    flushes: int
+    stages: tuple[StageStats, ...]
+    extrapolated: bool
+
+    @property
+    def total_time_us(self) -> float:
+        return self.decode_time_us + self.prefill_time_us
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.decode_time_us * 1e6 if self.decode_time_us > 0 else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    epoch: int
+    position: int
+    durations: tuple[float, ...]
+    link_bytes: tuple[int, ...]
+    first_stage: int
+    last_stage: int
+    on_done: Callable[[Job, int], None]
+    batch: int = 1
+    label: str = ""
+    done: simpy.Event | None = None
+    next_ok: bool = True
+    run_index: int = 0
+
+
+@dataclass
+class Row:
+    """One request in a batch: its acceptance stream, policy and progress."""
+
+    stream: AcceptanceStream
+    policy: DraftPolicy
+    remaining: int
+    generated: int = 0
+    limit: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    all_match: bool = True
+
+
+class Inbox:
+    """A FIFO store of unlimited capacity, like `simpy.Store` but with plain events (3x fewer per hand-off).
+
+    `put(item)` never blocks; `get()` returns an event that fires with the oldest item.
+    """
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.env = env
+        self.items: deque[Any] = deque()
+        self._waiter: simpy.Event | None = None
+
+    def put(self, item: Any) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.succeed(item)
+        else:
+            self.items.append(item)
+
+    def get(self) -> simpy.Event:
+        event = simpy.Event(self.env)
+        if self.items:
+            event.succeed(self.items.popleft())
+        else:
+            self._waiter = event
+        return event
+
+
+class Link:
+    """Store + delay (SimPy's Cable): `put` delivers to `target` after the link's transfer time."""
+
+    def __init__(self, env: simpy.Environment, model: LinkModel, target: Inbox) -> None:
+        self.env, self.model, self.target = env, model, target
+
+    def put(self, item: Any, nbytes: int) -> None:
+        delay_us = self.model.time_us(nbytes)
+        if delay_us <= 0.0:
+            self.target.put(item)
+            return
+        self.env.timeout(delay_us, item).callbacks.append(self._deliver)
+
+    def _deliver(self, event: simpy.Event) -> None:
+        self.target.put(event.value)
+
+
+class Stage:
+    """A device (or tp group) running one layer range; serves its inbox one job at a time."""
+
+    def __init__(self, sim: Simulation, index: int) -> None:
+        self.sim, self.index = sim, index
+        self.inbox = Inbox(sim.env)
+        self.busy_us = 0.0
+        self.useful_us = 0.0
+        self.current: Job | None = None
+        self.process = sim.env.process(self._serve())
+
+    def _serve(self) -> Generator[simpy.Event, Any, None]:
+        env, inbox, sim = self.sim.env, self.inbox, self.sim
+        while True:
+            job = inbox.items.popleft() if inbox.items else (yield inbox.get())
+            if job.epoch != sim.epoch:  # flushed while queued
+                continue
+            duration = job.durations[self.index - job.first_stage]
+            start = env.now
+            self.current = job
+            try:
+                yield env.timeout(duration)
+            except simpy.Interrupt:  # flushed while running: the device stops at once
+                duration = env.now - start
+            self.current = None
+            self.busy_us += duration
+            if sim.trace is not None:
+                sim.record(self.index, start, duration, job)
+            if job.epoch == sim.epoch:
+                job.on_done(job, self.index)
+
+    def abort_stale(self) -> None:
+        if self.current is not None and self.current.epoch != self.sim.epoch:
+            self.process.interrupt()
+
+
+class Simulation:
+    """One run of a plan; `run()` returns a `RunResult`. Create a new object per run."""
+
+    def __init__(self, plan: SimPlan, trace_limit: int = 0) -> None:
+        _check_plan(plan)
+        self.plan = plan
+        self.env = simpy.Environment()
+        self.rng = random.Random(plan.seed)
+        self.epoch = 0
+        self.stages = [Stage(self, i) for i in range(len(plan.stages))]
+        self.links = [Link(self.env, plan.link, s.inbox) for s in self.stages[1:]]
+        self.return_link = Link(self.env, plan.link, self.stages[0].inbox)
+        self.trace: list[dict[str, Any]] | None = [] if trace_limit > 0 else None
+        self.trace_limit = trace_limit
+        self._costs: dict[tuple[str, int, int], tuple[int, int, tuple[float, ...], tuple[int, ...]]] = {}
+        self.counts = {"tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0}
+        self.prefill_us = 0.0
+        self.decode_us = 0.0
+
+    # ---- public -------------------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self.env.process(self._main())
+        self.env.run()
+        plan = self.plan
+        return RunResult(
+            method=plan.method,
+            tokens=self.counts["tokens"],
+            decode_time_us=self.decode_us,
+            prefill_time_us=self.prefill_us,
+            rounds=self.counts["rounds"],
+            drafted=self.counts["drafted"],
+            accepted=self.counts["accepted"],
+            flushes=self.counts["flushes"],
+            stages=tuple(StageStats(s.busy_us, s.useful_us) for s in self.stages),
+            extrapolated=any(getattr(s.latency, "extrapolated", False) for s in plan.stages)
+            or bool(getattr(plan.link, "extrapolated", False)),
+        )
+
+    def record(self, stage: int, start_us: float, duration_us: float, job: Job) -> None:
+        if self.trace is not None and len(self.trace) < self.trace_limit:
+            flushed = job.epoch != self.epoch
+            name = job.label + (" (flushed)" if flushed else "")
+            args = {"position": job.position, "batch": job.batch, "flushed": flushed}
+            self.trace.append(
+                {"name": name, "ph": "X", "ts": start_us, "dur": duration_us, "pid": 1, "tid": stage, "args": args}
+            )
+
+    # ---- schedules ----------------------------------------------------------------------------------------------
+    def _main(self) -> Generator[simpy.Event, Any, None]:
+        plan, w = self.plan, self.plan.workload
+        schedule = {"ar": self._ar, "eesd": self._eesd, "ppsd": self._ppsd}[plan.method]
+        for first in range(0, w.requests, w.batch_size):
+            rows = [self._row(r) for r in range(first, min(first + w.batch_size, w.requests))]
+            start = self.env.now
+            prefill = Pass("prefill", "prefill", ((0, plan.model.num_layers, w.prompt_len),), lm_head_q=1)
+            yield from self._pass(prefill, 0, len(rows))
+            for row in rows:
+                row.generated, row.remaining = 1, row.remaining - 1
+            self.counts["tokens"] += len(rows)
+            decode_start = self.env.now
+            self.prefill_us += decode_start - start
+            yield from schedule(rows)
+            self.decode_us += self.env.now - decode_start
+
+    def _row(self, request: int) -> Row:
+        stream = self.plan.acceptance.stream(random.Random(self.rng.getrandbits(64)), request)
+        policy_rng = random.Random(self.rng.getrandbits(64))
+        policy = make_policy(self.plan.policy, rng=policy_rng, cost_ratio=self.plan.cost_ratio)
+        return Row(stream, policy, self.plan.workload.output_len)
+
+    def _ar(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
+        step = Pass("decode", "verify", ((0, self.plan.model.num_layers, 1),), lm_head_q=1)
+        active = [r for r in rows if r.remaining > 0]
+        while active:
+            yield from self._pass(step, self._context(active), len(active))
+            for row in active:
+                row.generated += 1
+                row.remaining -= 1
+            self._count(rounds=len(active), tokens=len(active))
+            active = [r for r in active if r.remaining > 0]
+
+    def _eesd(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
+        exit_layer, layers = self.plan.exit_layer, self.plan.model.num_layers
+        draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer)
+        active = [r for r in rows if r.remaining > 0]
+        while active:
+            # 1. Draft: every row drafts until its policy stops; the batch runs while any row drafts.
+            for row in active:
+                row.limit = min(row.policy.begin_round(), row.remaining - 1)
+                row.drafted, row.accepted, row.all_match = 0, 0, True
+            drafting = [r for r in active if r.limit > 0]
+            context = self._context(active)
+            while drafting:
+                yield from self._pass(draft, context, len(active))
+                context += 1
+                drafting = [r for r in drafting if self._draft_one(r)]
+            # 2. Verify the k drafts (layers [0, E) for the last one, [E, L) for all k + 1) and emit.
+            k = max(r.drafted for r in active)
+            segments = ((0, exit_layer, 1), (exit_layer, layers, k + 1)) if k else ((0, layers, 1),)
+            verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1)
+            yield from self._pass(verify, context, len(active))
+            for row in active:
+                row.policy.update(row.drafted, row.accepted)
+                emitted = min(row.accepted + 1, row.remaining)
+                row.generated += emitted
+                row.remaining -= emitted
+                self._count(rounds=1, tokens=emitted, drafted=row.drafted, accepted=row.accepted)
+            active = [r for r in active if r.remaining > 0]
+
+    def _draft_one(self, row: Row) -> bool:
+        """Draw the row's next draft; returns whether the row drafts again this round."""
+        match, confidence = row.stream.draft(row.generated - 1 + row.drafted + 1, row.drafted)
+        row.drafted += 1
+        row.all_match = row.all_match and match
+        row.accepted += row.all_match
+        return row.drafted < row.limit and row.policy.keep_drafting(row.drafted, confidence)
+
+    def _ppsd(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
+        plan = self.plan
+        n = len(plan.stages)
+        self._pipe = _Pipe(
+            rows=rows,
+            output_len=plan.workload.output_len,
+            window=plan.max_in_flight or n,
+            finished=self.env.event(),
+            token_pass=Pass("token", "draft", ((0, plan.model.num_layers, 1),), exit_at=plan.exit_layer, lm_head_q=1),
+        )
+        self._count(rounds=1)
+        if plan.workload.output_len > 1:
+            self._ppsd_enter(self._ppsd_job(0, 0))
+            yield self._pipe.finished
+        self.epoch += 1  # whatever is still in flight is discarded
+
+    def _ppsd_job(self, position: int, run_index: int) -> Job:
+        pipe = self._pipe
+        costs = self._cost(pipe.token_pass, self.plan.workload.prompt_len + position, len(pipe.rows))
+        first, last, durations, link_bytes = costs
+        job = Job(self.epoch, position, durations, link_bytes, first, last, self._ppsd_stage_done, len(pipe.rows))
+        job.run_index, job.label = run_index, f"token {position}"
+        return job
+
+    def _ppsd_enter(self, job: Job) -> None:
+        self._pipe.in_flight += 1
+        self.stages[0].inbox.put(job)
+
+    def _ppsd_stage_done(self, job: Job, stage: int) -> None:
+        if stage == 0:
+            self._ppsd_draft(job)
+        if stage < job.last_stage:
+            self.links[stage].put(job, job.link_bytes[stage])
+        else:
+            self._ppsd_exit(job)
+
+    def _ppsd_draft(self, job: Job) -> None:
+        pipe, position = self._pipe, job.position + 1
+        if position > pipe.output_len - 2:  # the last token is produced by the full model, never processed
+            return
+        job.next_ok = all([row.stream.draft(position, job.run_index)[0] for row in pipe.rows])
+        child = self._ppsd_job(position, job.run_index + 1)
+        if pipe.in_flight < pipe.window:
+            self._ppsd_enter(child)
+        else:
+            pipe.pending = child
+
+    def _ppsd_exit(self, job: Job) -> None:
+        pipe = self._pipe
+        pipe.in_flight -= 1
+        self._useful(job)
+        self._count(tokens=len(pipe.rows))
+        if job.position + 2 >= pipe.output_len:
+            pipe.finished.succeed()
+            return
+        if job.next_ok:
+            self._count(accepted=len(pipe.rows), drafted=len(pipe.rows))
+            if pipe.pending is not None:
+                pending, pipe.pending = pipe.pending, None
+                self._ppsd_enter(pending)
+            return
+        # Misprediction: flush everything younger, send the correct token back to stage 1.
+        self.epoch += 1
+        for stage in self.stages:
+            stage.abort_stale()
+        self._count(flushes=1, rounds=1, drafted=len(pipe.rows))
+        pipe.pending = None
+        correction = self._ppsd_job(job.position + 1, 0)
+        pipe.in_flight = 1
+        if len(self.stages) == 1:
+            self.stages[0].inbox.put(correction)
+        else:
+            self.return_link.put(correction, TOKEN_ID_BYTES * len(pipe.rows))
+
+    # ---- passes and costs ---------------------------------------------------------------------------------------
+    def _pass(self, work: Pass, context_len: int, batch: int) -> Generator[simpy.Event, Any, None]:
+        first, last, durations, link_bytes = self._cost(work, context_len, batch)
+        job = Job(self.epoch, context_len, durations, link_bytes, first, last, self._forward, batch, work.name)
+        job.done = self.env.event()
+        self.stages[first].inbox.put(job)
+        yield job.done
+        if last > 0:  # the sampled token ids go back to stage 1
+            yield self.env.timeout(self.plan.link.time_us(TOKEN_ID_BYTES * batch))
+
+    def _forward(self, job: Job, stage: int) -> None:
+        if stage < job.last_stage:
+            self.links[stage].put(job, job.link_bytes[stage])
+        else:
+            self._useful(job)
+            job.done.succeed()
+
+    def _useful(self, job: Job) -> None:
+        for offset, duration in enumerate(job.durations):
+            self.stages[job.first_stage + offset].useful_us += duration
+
+    def _count(self, **increments: int) -> None:
+        for key, value in increments.items():
+            self.counts[key] += value
+
+    def _context(self, rows: list[Row]) -> int:
+        return self.plan.workload.prompt_len + max(r.generated for r in rows)
+
+    def _cost(self, work: Pass, context_len: int, batch: int) -> tuple[int, int, tuple[float, ...], tuple[int, ...]]:
+        step = self.plan.context_step
+        context_len = (context_len + step // 2) // step * step
+        key = (work.name, context_len, batch)  # names are unique per pass shape within a plan
+        cached = self._costs.get(key)
+        if cached is None:
+            cached = self._costs[key] = pass_costs(self.plan, work, context_len, batch)
+        return cached
+
+
+@dataclass
+class _Pipe:
+    rows: list[Row]
+    output_len: int
+    window: int
+    finished: simpy.Event
+    token_pass: Pass
+    in_flight: int = 0
+    pending: Job | None = field(default=None)
+
+
+def pass_costs(
+    plan: SimPlan, work: Pass, context_len: int, batch: int
+) -> tuple[int, int, tuple[float, ...], tuple[int, ...]]:
+    """(first stage, last stage, µs per visited stage, link bytes after each stage index) of one pass."""
+    visited = [i for i, s in enumerate(plan.stages) if _stage_touched(s, work)]
+    first, last = visited[0], visited[-1]
+    durations = tuple(stage_time_us(plan, plan.stages[i], work, context_len, batch) for i in range(first, last + 1))
+    hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
+    link_bytes = tuple(_q_at(work, s.layer_end) * hidden_bytes for s in plan.stages)
+    return first, last, durations, link_bytes
+
+
+def stage_time_us(plan: SimPlan, stage: StagePlan, work: Pass, context_len: int, batch: int) -> float:
+    """Device time of one stage's share of a pass: layers, TP all-reduces, embedding, heads, per-pass overhead."""
+    lat, phase = stage.latency, work.phase
+    total = 0.0
+    if stage.layer_start == 0 and work.segments[0][0] == 0:
+        total += lat.time_us("embed", phase, work.segments[0][2], context_len, batch)
+    for start, end, q in work.segments:
+        layers = min(end, stage.layer_end) - max(start, stage.layer_start)
+        if layers > 0:
+            per_layer = lat.time_us("layer", phase, q, context_len, batch)
+            if stage.tp > 1 and stage.tp_link is not None:
+                nbytes = q * batch * plan.model.hidden_size * plan.dtype_bytes
+                per_layer += 2 * allreduce_us(stage.tp_link, nbytes, stage.tp)
+            total += layers * per_layer
+    if work.exit_at and stage.layer_start < work.exit_at <= stage.layer_end:
+        head = "exit_head" if plan.exit_head == "trained" else "lm_head"
+        total += lat.time_us(head, "draft", 1, context_len, batch)
+    if work.lm_head_q and stage.layer_end == plan.model.num_layers:
+        total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
+    return total + lat.time_us("overhead", phase, 1, context_len, batch)
+
+
+def _stage_touched(stage: StagePlan, work: Pass) -> bool:
+    if any(min(end, stage.layer_end) > max(start, stage.layer_start) for start, end, _ in work.segments):
+        return True
+    return bool(work.exit_at) and stage.layer_start < work.exit_at <= stage.layer_end
+
+
+def _q_at(work: Pass, layer: int) -> int:
+    """Tokens whose hidden states cross the boundary before `layer`."""
+    return next((q for start, end, q in work.segments if start <= layer < end), 1)
+
+
+def _check_plan(plan: SimPlan) -> None:
+    if plan.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {plan.method!r}")
+    layers = plan.model.num_layers
+    expected = 0
+    for stage in plan.stages:
+        if stage.layer_start != expected or stage.layer_end <= stage.layer_start:
+            raise ValueError(f"stages must cover layers [0, {layers}) in order without gaps; got {plan.stages}")
+        expected = stage.layer_end
+    if expected != layers:
+        raise ValueError(f"stages cover {expected} layers, the model has {layers}")
+    if not 1 <= plan.exit_layer < layers and plan.method != "ar":
+        raise ValueError(f"exit_layer must be in [1, {layers - 1}], got {plan.exit_layer}")
+    if plan.method == "ppsd" and plan.stages[0].layer_end != plan.exit_layer:
+        raise ValueError(f"ppsd drafts at the end of stage 1: exit_layer must be {plan.stages[0].layer_end}")
+    w = plan.workload
+    if min(w.requests, w.batch_size, w.output_len) < 1 or w.prompt_len < 1:
+        raise ValueError(f"workload values must be >= 1, got {w}")

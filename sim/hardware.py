@@ -1,0 +1,86 @@
+"""Hardware tables: GPU specs, link presets and the alpha-beta all-reduce model.
+
+Units: bandwidth in GB/s (1e9 bytes per second, one direction), latency in µs, FLOP/s in TFLOP/s (dense bf16),
+memory in GiB. `bytes_per_us = GB/s * 1e3`. Every entry names its source; `kernel_floor_us` (the shortest time
+one decode kernel takes under CUDA graphs, launch gap included) was measured on an H100 (DESIGN.md §4: one
+SmolLM2 layer, 9 kernels, 62 µs) and is assumed for the other cards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+H100_KERNEL_FLOOR_US = 62.0 / 9  # measured: SmolLM2-135M decoder layer, q = 1, CUDA graph, 9 kernels
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    hbm_bandwidth_GBps: float
+    peak_tflops: float  # dense bf16 tensor-core peak
+    memory_GiB: float
+    kernel_floor_us: float
+    source: str
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A point-to-point link: time_us(nbytes) = latency_us + nbytes / bandwidth."""
+
+    name: str
+    latency_us: float
+    bandwidth_GBps: float | None  # None: infinite bandwidth
+    source: str = "custom"
+
+    def time_us(self, nbytes: int) -> float:
+        if self.bandwidth_GBps is None:
+            return self.latency_us
+        return self.latency_us + nbytes / (self.bandwidth_GBps * 1e3)
+
+
+GPUS: dict[str, GPUSpec] = {
+    "H100": GPUSpec(
+        "NVIDIA H100 SXM5 80GB", 3350.0, 989.0, 80.0, H100_KERNEL_FLOOR_US, "NVIDIA H100 Tensor Core GPU datasheet"
+    ),
+    "H100-PCIe": GPUSpec(
+        "NVIDIA H100 PCIe 80GB", 2000.0, 756.0, 80.0, H100_KERNEL_FLOOR_US, "NVIDIA H100 Tensor Core GPU datasheet"
+    ),
+    "H200": GPUSpec(
+        "NVIDIA H200 SXM 141GB", 4800.0, 989.0, 141.0, H100_KERNEL_FLOOR_US, "NVIDIA H200 Tensor Core GPU datasheet"
+    ),
+    "A100": GPUSpec(
+        "NVIDIA A100 SXM4 80GB", 2039.0, 312.0, 80.0, H100_KERNEL_FLOOR_US, "NVIDIA A100 Tensor Core GPU datasheet"
+    ),
+    "L40S": GPUSpec("NVIDIA L40S 48GB", 864.0, 362.0, 48.0, H100_KERNEL_FLOOR_US, "NVIDIA L40S datasheet"),
+}
+
+LINKS: dict[str, LinkSpec] = {
+    "ideal": LinkSpec("ideal", 0.0, None, "free link, for analytic checks"),
+    "nvlink": LinkSpec("nvlink", 5.0, 450.0, "H100 NVLink 4: 900 GB/s bidirectional; latency: NCCL p2p small message"),
+    "nvlink3": LinkSpec("nvlink3", 5.0, 300.0, "A100 NVLink 3: 600 GB/s bidirectional"),
+    "pcie5": LinkSpec("pcie5", 10.0, 64.0, "PCIe 5.0 x16: 64 GB/s per direction; latency assumed"),
+    "pcie4": LinkSpec("pcie4", 10.0, 32.0, "PCIe 4.0 x16: 32 GB/s per direction; latency assumed"),
+    "ib-ndr": LinkSpec("ib-ndr", 15.0, 50.0, "InfiniBand NDR 400 Gb/s; latency: NCCL over IB, assumed"),
+    "ib-hdr": LinkSpec("ib-hdr", 15.0, 25.0, "InfiniBand HDR 200 Gb/s; latency: NCCL over IB, assumed"),
+}
+
+
+def allreduce_us(link: LinkSpec, nbytes: int, ranks: int) -> float:
+    """Ring all-reduce, alpha-beta model: 2(p − 1)·α + 2(p − 1)/p · nbytes / bandwidth (0 for one rank)."""
+    if ranks <= 1:
+        return 0.0
+    steps = 2 * (ranks - 1)
+    per_byte_us = 0.0 if link.bandwidth_GBps is None else 1.0 / (link.bandwidth_GBps * 1e3)
+    return steps * link.latency_us + steps / ranks * nbytes * per_byte_us
+
+
+def gpu(name: str) -> GPUSpec:
+    if name not in GPUS:
+        raise ValueError(f"unknown GPU {name!r}; known: {sorted(GPUS)}")
+    return GPUS[name]
+
+
+def link(name: str) -> LinkSpec:
+    if name not in LINKS:
+        raise ValueError(f"unknown link preset {name!r}; known: {sorted(LINKS)}")
+    return LINKS[name]

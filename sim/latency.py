@@ -1,0 +1,221 @@
+"""Latency models: the device time of one component of a forward pass, in µs.
+
+Components (`sim.formats.COMPONENTS`): `embed`, `layer` (ONE decoder layer), `exit_head` (a trained head: one extra
+decoder layer + shared LM head), `lm_head` (final norm + LM head; also the shared exit head's cost) and `overhead`
+(per-pass host work: graph launch, sampling, sync). Phases: `draft`, `verify` (AR decode is verify with q = 1),
+`prefill`. A query gives q (tokens per sequence in the pass), context_len (tokens already cached) and batch.
+
+Three models: `ConstantLatency` (for tests), `RooflineLatency` (GPU spec + model shape, no measurements needed) and
+`ProfileLatency` (a calibration profile, interpolated; queries outside the grid are extrapolated and flagged).
+Tensor-parallel communication is not part of a component; `sim.engine` adds it per stage.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sim.formats import COMPONENTS, DataFile, LatencyRecord
+from sim.hardware import GPUSpec, LinkSpec
+from sim.models import ModelConfig
+
+KERNELS_PER_LAYER = 9  # norm, qkv, rope, attention, o_proj, norm, gate_up, act*mul, down
+
+
+class LatencyModel(Protocol):
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float: ...
+
+    @property
+    def extrapolated(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ConstantLatency:
+    """Fixed µs per component, independent of phase, q, context and batch."""
+
+    component_us: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        for name, value in self.component_us.items():
+            if name not in COMPONENTS or value < 0:
+                raise ValueError(f"constant latency {name}={value}: components {COMPONENTS}, values >= 0")
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        return float(self.component_us.get(component, 0.0))
+
+    @property
+    def extrapolated(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class RooflineLatency:
+    """max(bytes / (HBM bandwidth · efficiency), FLOPs / (peak · efficiency)), floored by the kernel minimum.
+
+    Per decoder layer: weights (layer_params · dtype_bytes / tp) plus the KV cache read for the context, and
+    2·params·q·batch + 4·q·context·hidden·batch FLOPs, all divided over `tp` ranks. Without CUDA graphs a layer costs
+    at least `eager_layer_us` of host time (measured: 0.56–0.58 ms for SmolLM2 and 7B layers in eager PyTorch).
+    The default bandwidth efficiency 0.61 is the measured 7B layer (DESIGN.md §4): 405 MB / 3.35 TB/s = 0.121 ms of
+    weight traffic took 0.198 ms under CUDA graphs.
+    """
+
+    gpu: GPUSpec
+    model: ModelConfig
+    dtype_bytes: int = 2
+    tp: int = 1
+    cuda_graphs: bool = True
+    bandwidth_efficiency: float = 0.61
+    flops_efficiency: float = 0.6
+    eager_layer_us: float = 560.0
+    overhead_us: float = 20.0  # per pass: graph launch + sampling + host sync (assumed)
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        if component == "layer":
+            return self._layer_us(q, context_len, batch)
+        if component == "lm_head":
+            return self._gemm_us(self.model.lm_head_params, q * batch, kernels=3)
+        if component == "exit_head":
+            return self._layer_us(q, context_len, batch) + self._gemm_us(self.model.lm_head_params, q * batch, 3)
+        if component == "embed":
+            return self.gpu.kernel_floor_us
+        if component == "overhead":
+            return self.overhead_us
+        raise ValueError(f"unknown component {component!r}; known: {COMPONENTS}")
+
+    @property
+    def extrapolated(self) -> bool:
+        return False
+
+    def _layer_us(self, q: int, context_len: int, batch: int) -> float:
+        m = self.model
+        kv_bytes = batch * (context_len + q) * m.kv_bytes_per_token(self.dtype_bytes)
+        attention_flops = 4 * batch * q * (context_len + q) * m.hidden_size
+        device_us = self._roofline_us(
+            m.layer_params * self.dtype_bytes + kv_bytes, 2 * m.layer_params * q * batch + attention_flops
+        )
+        device_us = max(device_us, KERNELS_PER_LAYER * self.gpu.kernel_floor_us)
+        return device_us if self.cuda_graphs else max(device_us, self.eager_layer_us)
+
+    def _gemm_us(self, params: int, tokens: int, kernels: int) -> float:
+        device_us = self._roofline_us(params * self.dtype_bytes, 2 * params * tokens)
+        return max(device_us, kernels * self.gpu.kernel_floor_us)
+
+    def _roofline_us(self, nbytes: float, flops: float) -> float:
+        memory_us = nbytes / self.tp / (self.gpu.hbm_bandwidth_GBps * 1e3 * self.bandwidth_efficiency)
+        compute_us = flops / self.tp / (self.gpu.peak_tflops * 1e6 * self.flops_efficiency)
+        return max(memory_us, compute_us)
+
+
+@dataclass
+class ProfileLatency:
+    """A latency profile (`sim.formats`), multilinear interpolation over (q, context_len, batch).
+
+    Outside the profiled grid the edge segment is extrapolated linearly (clamped at 0) and `extrapolated` becomes
+    True, so results can flag it. A component missing from a phase falls back to the `verify` then `draft` phase;
+    `embed`, `overhead` and `exit_head` may be absent (0 µs; a trained exit head then needs `exit_head`).
+    """
+
+    profile: DataFile
+    cuda_graphs: bool = True
+    extrapolated: bool = False
+    _grids: dict[tuple[str, str], _Grid] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple, float] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        groups: dict[tuple[str, str], list[LatencyRecord]] = {}
+        for record in self.profile.records:
+            if record.cuda_graphs == self.cuda_graphs:
+                groups.setdefault((record.component, record.phase), []).append(record)
+        self._grids = {key: _Grid.build(key, rows) for key, rows in groups.items()}
+        for required in ("layer", "lm_head"):
+            if not any(component == required for component, _ in self._grids):
+                raise ValueError(f"latency profile has no {required!r} rows with cuda_graphs={int(self.cuda_graphs)}")
+
+    def has(self, component: str) -> bool:
+        return any(c == component for c, _ in self._grids)
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        key = (component, phase, q, context_len, batch)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        grid = next(
+            (self._grids[(component, p)] for p in (phase, "verify", "draft") if (component, p) in self._grids), None
+        )
+        value = 0.0
+        if grid is not None:
+            value, outside = grid.at((q, context_len, batch))
+            self.extrapolated = self.extrapolated or outside
+        self._cache[key] = value
+        return value
+
+
+@dataclass(frozen=True)
+class _Grid:
+    axes: tuple[tuple[int, ...], ...]
+    values: Mapping[tuple[int, int, int], float]
+
+    @staticmethod
+    def build(key: tuple[str, str], rows: Sequence[LatencyRecord]) -> _Grid:
+        values = {(r.q, r.context_len, r.batch): r.median_us for r in rows}
+        axes = tuple(tuple(sorted({point[i] for point in values})) for i in range(3))
+        missing = [(q, c, b) for q in axes[0] for c in axes[1] for b in axes[2] if (q, c, b) not in values]
+        if missing:
+            raise ValueError(
+                f"latency profile {key}: grid over (q, context_len, batch) is incomplete, e.g. {missing[0]}"
+            )
+        return _Grid(axes, values)
+
+    def at(self, point: tuple[int, int, int]) -> tuple[float, bool]:
+        brackets = [_bracket(xs, x) for xs, x in zip(self.axes, point, strict=True)]
+        outside = any(b[3] for b in brackets)
+
+        def corner(dim: int, chosen: tuple[int, ...]) -> float:
+            if dim == 3:
+                return self.values[chosen]  # type: ignore[index]
+            lo, hi, weight, _ = brackets[dim]
+            low = corner(dim + 1, (*chosen, lo))
+            return low if hi == lo else low + (corner(dim + 1, (*chosen, hi)) - low) * weight
+
+        return max(0.0, corner(0, ())), outside
+
+
+def _bracket(xs: Sequence[int], x: float) -> tuple[int, int, float, bool]:
+    """Neighbours (lo, hi), the weight of hi, and whether x lies outside [xs[0], xs[-1]]."""
+    outside = x < xs[0] or x > xs[-1]
+    if len(xs) == 1:
+        return xs[0], xs[0], 0.0, outside
+    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    lo, hi = xs[i], xs[i + 1]
+    return lo, hi, (x - lo) / (hi - lo), outside
+
+
+@dataclass
+class ProfiledLink:
+    """A link from a link profile: linear in nbytes between points, edge slope outside (flagged)."""
+
+    profile: DataFile
+    name: str = "profiled"
+    extrapolated: bool = False
+
+    def __post_init__(self) -> None:
+        points = sorted((r.nbytes, r.median_us) for r in self.profile.records)
+        if not points:
+            raise ValueError("link profile has no rows")
+        self._sizes = [n for n, _ in points]
+        self._times = [t for _, t in points]
+
+    def time_us(self, nbytes: int) -> float:
+        xs, ys = self._sizes, self._times
+        if len(xs) == 1:
+            self.extrapolated = self.extrapolated or nbytes != xs[0]
+            return ys[0]
+        lo, hi, weight, outside = _bracket(xs, nbytes)
+        self.extrapolated = self.extrapolated or outside
+        y_lo, y_hi = ys[xs.index(lo)], ys[xs.index(hi)]
+        return max(0.0, y_lo + (y_hi - y_lo) * weight)
+
+
+LinkModel = LinkSpec | ProfiledLink

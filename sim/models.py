@@ -1,0 +1,57 @@
+"""Model shapes the simulator knows by name (decoder-only, Llama-style: GQA attention + gated MLP).
+
+Sizes are counts (layers, dims, tokens); `*_params` are parameter counts; bytes follow from `dtype_bytes`.
+Sources: each model's HF `config.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def layer_params(self) -> int:
+        """q, k, v, o projections + gate, up, down (norm weights are negligible)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.hidden_size * self.vocab_size
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of one token in one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+MODELS: dict[str, ModelConfig] = {
+    m.name: m
+    for m in (
+        ModelConfig("SmolLM2-135M", 30, 576, 9, 3, 1536, 49152),
+        ModelConfig("Llama-2-7B", 32, 4096, 32, 32, 11008, 32000),
+        ModelConfig("Llama-2-13B", 40, 5120, 40, 40, 13824, 32000),
+        ModelConfig("Llama-2-70B", 80, 8192, 64, 8, 28672, 32000),
+    )
+}
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def model(name: str) -> ModelConfig:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)} (or give the shape inline)")
+    return MODELS[name]
