@@ -146,6 +146,7 @@ class PPSDStats(GenerationStats):
     confirms: int = 0
     flushes: int = 0
     stage_stats: list[StageStats] = field(default_factory=list)
+    setup_time_s: float = 0.0  # distributed: starting the processes and handing out the model, not in wall_time_s
 
     @property
     def alpha(self) -> float:
@@ -322,7 +323,7 @@ class LocalPipeline:
                 runner.flush(decision.position)
             self.inputs = [Item(decision.position, token=decision.token)] + [None] * (len(self.runners) - 1)
         else:
-            self.inputs = [_next_first_input(outs[0])] + [_as_item(out) for out in outs[:-1]]
+            self.inputs = [next_first_input(outs[0])] + [_as_item(out) for out in outs[:-1]]
         return decision
 
     def _run_stages(self) -> tuple[list[StageOutput | None], list[float]]:
@@ -359,7 +360,7 @@ class LocalPipeline:
             stage.bubble_ticks += item is None
 
 
-def _next_first_input(out: StageOutput | None) -> Item | None:
+def next_first_input(out: StageOutput | None) -> Item | None:
     return Item(out.position + 1, token=out.draft) if out is not None and out.draft >= 0 else None
 
 
