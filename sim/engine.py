@@ -95,7 +95,8 @@ class StageStats:
 @dataclass(frozen=True)
 class RunResult:
     method: str
-    tokens: int
+    tokens: int  # generated tokens, the prefill's first token of each request included
+    decode_tokens: int  # tokens produced by decode steps (what tokens_per_s and tokens_per_round count)
     decode_time_us: float
     prefill_time_us: float
     rounds: int
@@ -111,11 +112,11 @@ class RunResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.decode_time_us * 1e6 if self.decode_time_us > 0 else 0.0
+        return self.decode_tokens / self.decode_time_us * 1e6 if self.decode_time_us > 0 else 0.0
 
     @property
     def tokens_per_round(self) -> float:
-        return self.tokens / self.rounds if self.rounds else 0.0
+        return self.decode_tokens / self.rounds if self.rounds else 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -244,7 +245,7 @@ class Simulation:
         self.trace: list[dict[str, Any]] | None = [] if trace_limit > 0 else None
         self.trace_limit = trace_limit
         self._costs: dict[tuple[str, int, int], tuple[int, int, tuple[float, ...], tuple[int, ...]]] = {}
-        self.counts = {"tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0}
+        self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0}
         self.prefill_us = 0.0
         self.decode_us = 0.0
 
@@ -255,7 +256,8 @@ class Simulation:
         plan = self.plan
         return RunResult(
             method=plan.method,
-            tokens=self.counts["tokens"],
+            tokens=self.counts["tokens"] + self.counts["prefill_tokens"],
+            decode_tokens=self.counts["tokens"],
             decode_time_us=self.decode_us,
             prefill_time_us=self.prefill_us,
             rounds=self.counts["rounds"],
@@ -287,7 +289,7 @@ class Simulation:
             yield from self._pass(prefill, 0, len(rows))
             for row in rows:
                 row.generated, row.remaining = 1, row.remaining - 1
-            self.counts["tokens"] += len(rows)
+            self.counts["prefill_tokens"] += len(rows)
             decode_start = self.env.now
             self.prefill_us += decode_start - start
             yield from schedule(rows)

@@ -1,0 +1,52 @@
+"""`eesd simulate SCENARIO.yaml [--out DIR] [--jobs N]`: validate, run, print a summary, write outputs.
+
+Torch-free. Scenario mistakes raise `ScenarioError` (a `ValueError`), which the dispatcher prints as one line with
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sim.runner import run_points, summary_table, write_outputs
+from sim.scenario import load_points
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scenario", type=Path, help="scenario YAML (see scenarios/)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<scenario name>)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel processes for sweeps (0: one per CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    points = load_points(args.scenario)
+    scenario = points[0].scenario
+    jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
+    out_dir = args.out or Path("runs") / scenario.name
+    print(f"{scenario.name}: {len(points)} run(s){' — ' + scenario.description if scenario.description else ''}")
+    results = run_points(points, jobs=jobs, progress=not args.no_progress and sys.stderr.isatty())
+    print(summary_table(results))
+    for path in write_outputs(results, out_dir):
+        print(f"wrote {path}")
+    if any(r.result.extrapolated for r in results):
+        print("note: some latencies were extrapolated beyond the profiled grid (column 'extrapolated')")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eesd simulate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"eesd simulate: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

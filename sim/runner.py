@@ -1,0 +1,218 @@
+"""Run a scenario's points (in parallel processes), compare each with AR on the same hardware, write the outputs.
+
+Outputs in the run folder: `results.csv` (one row per point, columns documented in `ROW_DOC`), `speedup_<field>.png`
+per swept field, and `trace.json` (Chrome trace of the first simulated µs, open in chrome://tracing or Perfetto) for
+a scenario without a sweep. Times in the table: tokens/s of decode (prefill excluded, reported as `ttft_ms`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sim.engine import RunResult, Simulation
+from sim.scenario import Point, build_plan
+
+TRACE_EVENTS = 20_000
+
+ROW_DOC = {
+    "point": "index of the sweep point",
+    "method": "ar | eesd | ppsd",
+    "stages": "pipeline stages",
+    "exit_layer": "layers the draft runs",
+    "policy": "draft policy spec (eesd)",
+    "tokens": "generated tokens, all requests",
+    "tokens_per_s": "decode throughput, simulated",
+    "ms_per_token": "decode time per token per request",
+    "ar_tokens_per_s": "AR on the same hardware",
+    "speedup": "tokens_per_s / ar_tokens_per_s",
+    "tokens_per_round": "EESD: accepted + 1 per round; PPSD: tokens per flush-free run",
+    "flushes": "PPSD pipeline flushes",
+    "ttft_ms": "mean prefill time per batch",
+    "busy_pct": "per stage, time the device worked (incl. flushed work), ';'-joined",
+    "flushed_pct": "per stage, time spent on work later flushed",
+    "bubble_pct": "per stage, idle time",
+    "extrapolated": "a latency or link query fell outside the profiled grid",
+    "wall_s": "wall time of the simulation",
+}
+
+
+@dataclass(frozen=True)
+class PointResult:
+    point: Point
+    result: RunResult
+    baseline: RunResult
+    wall_s: float
+    trace: list[dict[str, Any]] | None
+
+
+def simulate_point(point: Point, trace: bool = False) -> PointResult:
+    start = time.perf_counter()
+    simulation = Simulation(build_plan(point), trace_limit=TRACE_EVENTS if trace else 0)
+    result = simulation.run()
+    baseline = result if point.scenario.method == "ar" else Simulation(build_plan(point, method="ar")).run()
+    return PointResult(point, result, baseline, time.perf_counter() - start, simulation.trace)
+
+
+def run_points(points: Sequence[Point], jobs: int = 1, progress: bool = True) -> list[PointResult]:
+    """Simulate every point; `jobs` > 1 uses that many processes. Results come back in point order."""
+    trace = len(points) == 1
+    bar = _progress(len(points), progress)
+    if jobs <= 1 or len(points) == 1:
+        results = []
+        for point in points:
+            results.append(simulate_point(point, trace))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(points))) as pool:
+            futures = [pool.submit(simulate_point, point) for point in points]
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update(1))
+            results = [f.result() for f in futures]
+    bar.close()
+    return results
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="simulating", unit="run", disable=not enabled, leave=False)
+
+
+def result_row(item: PointResult) -> dict[str, Any]:
+    p, r, b = item.point, item.result, item.baseline
+    plan_stages = p.scenario.topology.stages
+    n_stages = plan_stages if isinstance(plan_stages, int) else len(plan_stages)
+    total_us = r.total_time_us or 1.0
+    row: dict[str, Any] = {"point": p.index, **{k: _cell(v) for k, v in p.values.items() if k != "method"}}
+    row.update(
+        method=r.method,
+        stages=n_stages,
+        exit_layer=build_plan(p).exit_layer if r.method != "ar" else "",
+        policy=p.scenario.policy if r.method == "eesd" else "",
+        tokens=r.tokens,
+        tokens_per_s=round(r.tokens_per_s, 3),
+        ms_per_token=round(_ms_per_token(p, r), 5),
+        ar_tokens_per_s=round(b.tokens_per_s, 3),
+        speedup=round(r.tokens_per_s / b.tokens_per_s, 5) if b.tokens_per_s else 0.0,
+        tokens_per_round=round(r.tokens_per_round, 4),
+        flushes=r.flushes,
+        ttft_ms=round(r.prefill_time_us / 1e3 / _batches(p), 5),
+        busy_pct=";".join(f"{100 * s.busy_us / total_us:.1f}" for s in r.stages),
+        flushed_pct=";".join(f"{100 * (s.busy_us - s.useful_us) / total_us:.1f}" for s in r.stages),
+        bubble_pct=";".join(f"{100 * (1 - s.busy_us / total_us):.1f}" for s in r.stages),
+        extrapolated=r.extrapolated,
+        wall_s=round(item.wall_s, 4),
+    )
+    return row
+
+
+def _batches(point: Point) -> int:
+    w = point.scenario.workload
+    return -(-w.requests // w.batch_size)
+
+
+def _ms_per_token(point: Point, r: RunResult) -> float:
+    w = point.scenario.workload
+    per_request = max(w.output_len - 1, 1)
+    return r.decode_time_us / _batches(point) / per_request / 1e3
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def write_outputs(results: Sequence[PointResult], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [result_row(item) for item in results]
+    written = [_write_csv(rows, out_dir / "results.csv")]
+    swept = list(results[0].point.values) if results else []
+    if swept:
+        written += _plots(rows, swept, out_dir)
+    elif results and results[0].trace is not None:
+        written.append(_write_trace(results[0], out_dir / "trace.json"))
+    return written
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_trace(item: PointResult, path: Path) -> Path:
+    names = [
+        {"name": "thread_name", "ph": "M", "pid": 1, "tid": i, "args": {"name": f"stage {i + 1} ({s.device})"}}
+        for i, s in enumerate(build_plan(item.point).stages)
+    ]
+    payload = {"traceEvents": names + (item.trace or []), "displayTimeUnit": "ms"}
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    return path
+
+
+def _plots(rows: list[dict[str, Any]], swept: list[str], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for field in swept:
+        others = [f for f in swept if f != field]
+        groups: dict[str, list[tuple[Any, float]]] = {}
+        for row in rows:
+            label = ", ".join(f"{f}={row[f]}" for f in others) or "speedup"
+            groups.setdefault(label, []).append((row[field], row["speedup"]))
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for label, pairs in groups.items():
+            xs = [str(x) if not isinstance(x, (int, float)) else x for x, _ in pairs]
+            ax.plot(xs, [y for _, y in pairs], marker="o", label=label)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel(field)
+        ax.set_ylabel("speedup vs AR (same hardware)")
+        if len(groups) > 1:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"speedup_{field.replace('.', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def summary_table(results: Sequence[PointResult]) -> str:
+    """A fixed-width table: one line per point."""
+    rows = [result_row(item) for item in results]
+    swept = list(results[0].point.values) if results else []
+    columns = [
+        *[f for f in swept if f != "method"],
+        "method",
+        "tokens_per_s",
+        "ms_per_token",
+        "speedup",
+        "tokens_per_round",
+        "busy_pct",
+        "bubble_pct",
+    ]
+    heads = {"tokens_per_s": "tok/s", "ms_per_token": "ms/tok", "tokens_per_round": "tok/round"}
+    table = [[heads.get(c, c) for c in columns]] + [[_short(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
