@@ -4,7 +4,9 @@ A model hands out one `AcceptanceStream` per request; `stream.draft(position, in
 (match, confidence) for the draft of generated token `position` (0-based; token 0 comes from prefill), where
 `index_in_round` counts the drafts since the round (EESD) or the last flush (PPSD) began, from 0. Confidence is the
 exit head's top-1 probability in [0, 1]; models without one set `has_confidence = False` and return their α.
-Randomness only from the `random.Random` passed to `stream`.
+Randomness only from the `random.Random` passed to `stream`. The random models draw one uniform per position (in
+position order), so a position's draft is the same whichever round drafts it, just as in a replayed trace, and a
+larger α accepts a superset of positions under the same seed (common random numbers make sweeps over α monotone).
 
 - `BernoulliAcceptance(alpha)`: i.i.d. matches. With `confidence_sharpness=s` the confidence is drawn
   calibrated: conf ~ Beta(α·s, (1 − α)·s) and match ~ Bernoulli(conf), so the mean acceptance is still α.
@@ -54,20 +56,33 @@ class BernoulliAcceptance:
         return self.confidence_sharpness is not None
 
     def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
-        return _BernoulliStream(self.alpha, self.confidence_sharpness, rng)
+        return _BernoulliStream(rng, self.alpha, self.confidence_sharpness)
 
 
-@dataclass
-class _BernoulliStream:
-    alpha: float
-    sharpness: float | None
-    rng: random.Random
+class _Uniforms:
+    """One uniform (and optionally one Beta draw) per position, drawn lazily in position order."""
 
+    def __init__(self, rng: random.Random, alpha: float = 0.0, sharpness: float | None = None) -> None:
+        self.rng, self.alpha, self.sharpness = rng, alpha, sharpness
+        self.u: list[float] = []
+        self.confidence: list[float] = []
+
+    def extend(self, position: int) -> None:
+        rng, a, s = self.rng, self.alpha, self.sharpness
+        while len(self.u) <= position:
+            self.u.append(rng.random())
+            if s is not None:
+                self.confidence.append(a if a in (0.0, 1.0) else rng.betavariate(a * s, (1.0 - a) * s))
+
+
+class _BernoulliStream(_Uniforms):
     def draft(self, position: int, index_in_round: int) -> tuple[bool, float]:
-        if self.sharpness is None or self.alpha in (0.0, 1.0):
-            return self.rng.random() < self.alpha, self.alpha
-        confidence = self.rng.betavariate(self.alpha * self.sharpness, (1.0 - self.alpha) * self.sharpness)
-        return self.rng.random() < confidence, confidence
+        if position >= len(self.u):
+            self.extend(position)
+        if self.sharpness is None:
+            return self.u[position] < self.alpha, self.alpha
+        confidence = self.confidence[position]
+        return self.u[position] < confidence, confidence
 
 
 @dataclass(frozen=True)
@@ -85,14 +100,16 @@ class PositionalAcceptance:
         return _PositionalStream(self.alphas, rng)
 
 
-@dataclass
-class _PositionalStream:
-    alphas: Sequence[float]
-    rng: random.Random
+class _PositionalStream(_Uniforms):
+    def __init__(self, alphas: Sequence[float], rng: random.Random) -> None:
+        super().__init__(rng)
+        self.alphas = alphas
 
     def draft(self, position: int, index_in_round: int) -> tuple[bool, float]:
+        if position >= len(self.u):
+            self.extend(position)
         alpha = self.alphas[min(index_in_round, len(self.alphas) - 1)]
-        return self.rng.random() < alpha, alpha
+        return self.u[position] < alpha, alpha
 
 
 class TraceAcceptance:

@@ -107,7 +107,7 @@ def result_row(item: PointResult) -> dict[str, Any]:
         ttft_ms=round(r.prefill_time_us / 1e3 / _batches(p), 5),
         busy_pct=";".join(f"{100 * s.busy_us / total_us:.1f}" for s in r.stages),
         flushed_pct=";".join(f"{100 * (s.busy_us - s.useful_us) / total_us:.1f}" for s in r.stages),
-        bubble_pct=";".join(f"{100 * (1 - s.busy_us / total_us):.1f}" for s in r.stages),
+        bubble_pct=";".join(f"{max(0.0, 100 * (1 - s.busy_us / total_us)):.1f}" for s in r.stages),
         extrapolated=r.extrapolated,
         wall_s=round(item.wall_s, 4),
     )

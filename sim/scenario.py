@@ -208,8 +208,10 @@ def load_points(path: str | Path) -> list[Point]:
     points = []
     for index, values in enumerate(grid):
         data = copy.deepcopy(raw)
-        for dotted, value in values.items():
-            _set_path(data, dotted, value)
+        for key, value in values.items():
+            for dotted, item in _assignments(key, value):
+                _set_path(data, dotted, item)
+        values = {k: _case_label(v) if _is_case(k) else v for k, v in values.items()}
         where = f"{path}: sweep point {values}" if values else f"{path}"
         scenario = validate(data, where)
         points.append(Point(index, values, scenario, path.parent, str(path)))
@@ -274,8 +276,26 @@ def _sweep_grid(path: Path, sweep: Any) -> list[dict[str, Any]]:
             raise ScenarioError(f"{path}: sweep.{key}: expected a non-empty list of values (got {values!r})")
         if key == "sweep" or key.startswith("sweep."):
             raise ScenarioError(f"{path}: sweep.{key}: sweeps cannot be nested")
+        if _is_case(key) and not all(isinstance(v, dict) and v and all(isinstance(k, str) for k in v) for v in values):
+            raise ScenarioError(
+                f"{path}: sweep.{key}: {key!r} is not a scenario field, so it must list cases, each a mapping of "
+                f"field paths to values (allowed top-level fields: {sorted(Scenario.model_fields)})"
+            )
     keys = list(sweep)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _is_case(key: str) -> bool:
+    """A sweep key that is not a scenario field labels zipped cases: each value sets several fields together."""
+    return key.split(".")[0] not in Scenario.model_fields
+
+
+def _assignments(key: str, value: Any) -> list[tuple[str, Any]]:
+    return list(value.items()) if _is_case(key) else [(key, value)]
+
+
+def _case_label(case: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in case.items())
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
