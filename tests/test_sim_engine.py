@@ -1,0 +1,162 @@
+"""Simulator engine: analytic agreement (EESD, PPSD, AR) and hypothesis properties."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim.acceptance import BernoulliAcceptance, PositionalAcceptance
+from sim.engine import Pass, RunResult, SimPlan, Simulation, StagePlan, Workload, stage_time_us
+from sim.hardware import LINKS, LinkSpec
+from sim.latency import ConstantLatency
+from sim.models import ModelConfig
+
+MODEL = ModelConfig("toy-24", 24, 64, 4, 4, 128, 100)
+FREE = LINKS["ideal"]
+
+
+def plan(
+    method: str,
+    alpha: float,
+    n_stages: int = 1,
+    *,
+    draft_len: int = 4,
+    exit_layer: int | None = None,
+    output_len: int = 2000,
+    layer_us: float | list[float] = 10.0,
+    head_us: float = 0.0,
+    link: LinkSpec = FREE,
+    seed: int = 0,
+    batch: int = 1,
+    policy: str | None = None,
+) -> SimPlan:
+    bounds = [round(i * MODEL.num_layers / n_stages) for i in range(n_stages + 1)]
+    layer = layer_us if isinstance(layer_us, list) else [layer_us] * n_stages
+    stages = tuple(
+        StagePlan(bounds[i], bounds[i + 1], ConstantLatency({"layer": layer[i], "lm_head": head_us}))
+        for i in range(n_stages)
+    )
+    return SimPlan(
+        MODEL,
+        stages,
+        link,
+        method,
+        BernoulliAcceptance(alpha),
+        Workload(batch, batch, 16, output_len),
+        exit_layer=exit_layer or bounds[1],
+        policy=policy or f"fixed:{draft_len}",
+        seed=seed,
+    )
+
+
+def per_token_us(result: RunResult) -> float:
+    return result.decode_time_us / result.decode_tokens
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize("draft_len", [1, 3, 6])
+def test_eesd_tokens_per_round_match_leviathan(alpha: float, draft_len: int) -> None:
+    expected = (1 - alpha ** (draft_len + 1)) / (1 - alpha)
+    rounds = 6000  # relative standard error of the mean <= 0.7% for every case here
+    result = Simulation(plan("eesd", alpha, draft_len=draft_len, exit_layer=6, output_len=int(rounds * expected))).run()
+    assert result.tokens_per_round == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.7, 0.9])
+@pytest.mark.parametrize("n_stages", [2, 3, 4, 8])
+def test_balanced_ppsd_speedup_matches_ideal(alpha: float, n_stages: int) -> None:
+    ideal = n_stages / (alpha + (1 - alpha) * n_stages)
+    ar = Simulation(plan("ar", alpha, n_stages, output_len=3000)).run()
+    ppsd = Simulation(plan("ppsd", alpha, n_stages, output_len=3000)).run()
+    assert per_token_us(ar) / per_token_us(ppsd) == pytest.approx(ideal, rel=0.03)
+
+
+@pytest.mark.parametrize("layer_us", [[10.0], [3.0, 7.0], [1.0, 2.0, 4.0, 8.0]])
+def test_ar_time_is_tokens_times_sum_of_stage_latencies(layer_us: list[float]) -> None:
+    p = plan("ar", 0.5, len(layer_us), layer_us=layer_us, head_us=5.0, output_len=50)
+    decode = Pass("decode", "verify", ((0, MODEL.num_layers, 1),), lm_head_q=1)
+    stage_sum = sum(stage_time_us(p, s, decode, 0, 1) for s in p.stages)
+    result = Simulation(p).run()
+    assert result.decode_tokens == 49
+    assert result.decode_time_us == pytest.approx(49 * stage_sum, rel=1e-12)
+    assert stage_sum == pytest.approx(sum(layer_us[i] * (24 // len(layer_us)) for i in range(len(layer_us))) + 5.0)
+
+
+def test_links_add_their_latency_to_ar() -> None:
+    link = LinkSpec("slow", 100.0, None)
+    free = Simulation(plan("ar", 0.5, 4, output_len=11)).run()
+    slow = Simulation(plan("ar", 0.5, 4, output_len=11, link=link)).run()
+    # 3 hops forward + the token id back to stage 1, per token
+    assert slow.decode_time_us - free.decode_time_us == pytest.approx(10 * 4 * 100.0)
+
+
+def test_ppsd_with_slow_stage_shows_bubbles_and_flushed_work() -> None:
+    result = Simulation(plan("ppsd", 0.95, 4, layer_us=[10.0, 10.0, 30.0, 10.0], output_len=400)).run()
+    busy = [s.busy_us / result.total_time_us for s in result.stages]
+    assert busy[2] > 0.85 and max(busy[0], busy[1], busy[3]) < 0.5
+    assert result.flushes > 0 and any(s.busy_us > s.useful_us for s in result.stages)
+
+
+def test_positional_alphas_front_loaded() -> None:
+    p = plan("eesd", 0.0, draft_len=3, exit_layer=6, output_len=6000)
+    positional = SimPlan(**{**p.__dict__, "acceptance": PositionalAcceptance((0.9, 0.5, 0.1))})
+    result = Simulation(positional).run()
+    # P(accept >= 1) = 0.9, >= 2: 0.45, 3: 0.045 -> 1 + 0.9 + 0.45 + 0.045 tokens per round
+    assert result.tokens_per_round == pytest.approx(2.395, rel=0.03)
+
+
+def test_batched_eesd_runs_rows_to_their_own_lengths() -> None:
+    result = Simulation(plan("eesd", 0.7, draft_len=3, exit_layer=6, output_len=64, batch=3)).run()
+    assert result.tokens == 3 * 64 and result.decode_tokens == 3 * 63
+
+
+def test_beta_ts_runs_in_the_simulator() -> None:
+    p = plan("eesd", 0.9, exit_layer=3, output_len=3000, policy="beta-ts:cost=0.125,max=8")
+    result = Simulation(p).run()
+    assert result.tokens_per_round > 3.5
+
+
+alphas = st.floats(0.0, 0.95)
+
+
+@given(alpha=alphas, delta=st.floats(0.01, 0.3), method=st.sampled_from(["eesd", "ppsd"]), seed=st.integers(0, 99))
+def test_speedup_non_decreasing_in_alpha(alpha: float, delta: float, method: str, seed: int) -> None:
+    n = 1 if method == "eesd" else 4
+    low = Simulation(plan(method, alpha, n, exit_layer=6 if n == 1 else None, output_len=300, seed=seed)).run()
+    high = Simulation(
+        plan(method, min(alpha + delta, 1.0), n, exit_layer=6 if n == 1 else None, output_len=300, seed=seed)
+    ).run()
+    assert high.decode_time_us <= low.decode_time_us + 1e-6
+
+
+@given(
+    alpha=st.floats(0.0, 1.0),
+    layer_us=st.lists(st.floats(0.5, 50.0), min_size=2, max_size=6),
+    window=st.one_of(st.none(), st.integers(1, 8)),
+    seed=st.integers(0, 99),
+)
+def test_ppsd_never_slower_than_ar_with_free_links(
+    alpha: float, layer_us: list[float], window: int | None, seed: int
+) -> None:
+    p = plan("ppsd", alpha, len(layer_us), layer_us=layer_us, output_len=200, seed=seed)
+    p = SimPlan(**{**p.__dict__, "max_in_flight": window})
+    ar = Simulation(SimPlan(**{**p.__dict__, "method": "ar"})).run()
+    ppsd = Simulation(p).run()
+    assert ppsd.decode_time_us <= ar.decode_time_us * (1 + 1e-9)
+
+
+@given(
+    method=st.sampled_from(["ar", "eesd", "ppsd"]),
+    alpha=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31),
+    batch=st.integers(1, 3),
+    policy=st.sampled_from(["fixed:2", "heuristic", "beta-ts", "calibration-ts"]),
+)
+def test_same_seed_same_result(method: str, alpha: float, seed: int, batch: int, policy: str) -> None:
+    n = 1 if method == "eesd" else 3
+    kwargs = dict(exit_layer=6 if n == 1 else None, output_len=60, seed=seed, batch=batch, policy=policy)
+    p = plan(method, alpha, n, **kwargs)
+    if policy == "calibration-ts":
+        p = SimPlan(**{**p.__dict__, "acceptance": BernoulliAcceptance(alpha, confidence_sharpness=4.0)})
+    assert Simulation(p).run() == Simulation(p).run()
