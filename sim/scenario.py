@@ -392,6 +392,8 @@ def _stages(point: Point, model: ModelConfig, dtype_bytes: int, exit_layer: int,
 
 def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_layer: int, where: str) -> list[int]:
     n = len(configs)
+    if s.method == "ppsd" and n < 2:
+        raise ScenarioError(f"{where}: topology.stages: ppsd needs at least 2 stages (got {n})")
     given = [c.layers for c in configs]
     if all(g is not None for g in given):
         if sum(given) != layers:  # type: ignore[arg-type]

@@ -1,0 +1,193 @@
+"""Scenarios: every shipped one validates and runs; broken ones fail with the expected messages; sweeps and CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sim.cli import main
+from sim.runner import result_row, run_points, summary_table, write_outputs
+from sim.scenario import ScenarioError, load_points
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "scenarios").glob("*.yaml"))
+
+
+def test_the_five_documented_scenarios_ship() -> None:
+    names = {p.stem for p in SHIPPED}
+    assert {"quickstart", "eesd_exit_sweep", "ppsd_stages_links", "llama70b_gpus", "beta_ts_vs_fixed"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_scenario_runs(path: Path, tmp_path: Path) -> None:
+    points = load_points(path)
+    results = run_points(points, jobs=1, progress=False)
+    written = write_outputs(results, tmp_path)
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(points) and all(float(r["speedup"]) > 0 for r in rows)
+    assert all(p.exists() and p.stat().st_size > 0 for p in written)
+    assert "speedup" in summary_table(results)
+
+
+def test_quickstart_cli_prints_summary_and_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(ROOT / "scenarios" / "quickstart.yaml"), "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "ppsd" in out and (tmp_path / "results.csv").exists()
+    assert list(tmp_path.glob("speedup_*.png"))
+
+
+def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+BASE = {
+    "name": "t",
+    "model": "SmolLM2-135M",
+    "method": "ppsd",
+    "acceptance": {"alpha": 0.5},
+    "topology": {"gpu": "H100", "stages": 2},
+    "workload": {"requests": 1, "output_len": 40},
+}
+
+
+def test_single_run_writes_a_chrome_trace(tmp_path: Path) -> None:
+    results = run_points(load_points(write(tmp_path, BASE)), progress=False)
+    write_outputs(results, tmp_path / "out")
+    trace = json.loads((tmp_path / "out" / "trace.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in spans} == {0, 1} and all(e["dur"] >= 0 for e in spans)
+    assert any(e["args"]["flushed"] for e in spans)
+
+
+def deep_update(data: dict, dotted: str, value: object) -> dict:
+    out = json.loads(json.dumps(data))
+    node = out
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return out
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("methd", "ar", "methd: unknown key; allowed here: ['acceptance', 'description'"),
+        ("method", "magic", "method: Input should be 'ar', 'eesd' or 'ppsd' (got 'magic')"),
+        ("model", "GPT-5", "model: unknown model 'GPT-5'; known: ['Llama-2-13B'"),
+        ("acceptance.alpha", 1.5, "acceptance.alpha: Input should be less than or equal to 1 (got 1.5)"),
+        ("acceptance", {"alpha": 0.5, "alphas": [0.5]}, "acceptance: give exactly one of alpha, alphas, trace"),
+        ("acceptance", DELETE, "acceptance: required field is missing"),
+        ("topology.gpu", "TPU", "topology.gpu: unknown GPU 'TPU'; known: ['A100'"),
+        ("topology.link", "carrier-pigeon", "topology.link: unknown link preset 'carrier-pigeon'"),
+        ("topology.link", {"latency_us": -1}, "topology.link.latency_us: Input should be greater than or equal to 0"),
+        ("topology.stages", 0, "topology.stages: stages must be an integer >= 1"),
+        ("topology.stages", [{"layers": 10}, {"layers": 10}], "layers add up to 20, the model has 30"),
+        (
+            "topology.stages",
+            [{"gpu": "H100", "speed": 2}],
+            "topology.stages.0.speed: unknown key; allowed here: ['gpu', 'layers', 'tp']",
+        ),
+        ("workload.output_len", "long", "workload.output_len: Input should be a valid integer"),
+        ("workload.batch_size", 0, "workload.batch_size: Input should be greater than or equal to 1"),
+        ("policy", "fixed:0", "policy: Value error, policy 'fixed:0'"),
+        ("exit_layer", 30, "exit_layer: expected 1 <= exit_layer < 30"),
+        ("latency", {"roofline": {}, "constant_us": {"layer": 1}}, "latency: give exactly one of roofline, profile"),
+        ("latency", {"profile": {"path": "missing.csv"}}, "latency.profile.path: file not found"),
+        ("acceptance", {"trace": "nope.csv"}, "acceptance.trace: file not found"),
+    ],
+)
+def test_broken_scenarios_name_file_field_and_expectation(
+    tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    path = write(tmp_path, deep_update(BASE, field, value))
+    with pytest.raises(ScenarioError) as info:
+        load_points(path)
+    text = str(info.value)
+    assert text.startswith(str(path)) and message.replace("Value error, ", "") in text.replace("Value error, ", "")
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"method": "eesd", "policy": "confidence:0.5"}, "policy: 'confidence:0.5' needs draft confidences"),
+        ({"model": "Llama-2-70B", "method": "eesd", "topology": {"stages": 1}}, "GiB of weights per GPU do not fit"),
+        ({"topology": {"stages": 1}}, "topology.stages: ppsd needs at least 2 stages (got 1)"),
+        ({"sweep": {"topology.stages": []}}, "sweep.topology.stages: expected a non-empty list"),
+        ({"sweep": {"cases": [1, 2]}}, "sweep.cases: 'cases' is not a scenario field, so it must list cases"),
+        ({"sweep": {"topology.stages": [2, 40]}}, "sweep point {'topology.stages': 40}: topology.stages: 40 stages"),
+    ],
+)
+def test_broken_cross_field_and_sweep_scenarios(tmp_path: Path, update: dict, message: str) -> None:
+    with pytest.raises(ScenarioError, match="s.yaml") as info:
+        load_points(write(tmp_path, {**BASE, **update}))
+    assert message in str(info.value)
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ScenarioError, match="bad.yaml: invalid YAML"):
+        load_points(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ScenarioError, match="expected a mapping"):
+        load_points(bad)
+
+
+def test_cli_reports_errors_in_one_line_with_status_2(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BASE, "method": "warp"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sim.cli", str(path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{path}: method: Input should be 'ar', 'eesd' or 'ppsd'" in proc.stderr
+
+
+def test_sweep_rows_equal_the_single_runs_they_stand_for(tmp_path: Path) -> None:
+    sweep = {
+        **BASE,
+        "method": "eesd",
+        "exit_layer": 8,
+        "sweep": {"acceptance.alpha": [0.2, 0.7], "policy": ["fixed:2", "beta-ts"], "topology.stages": [1, 2]},
+    }
+    swept = run_points(load_points(write(tmp_path, sweep)), jobs=2, progress=False)
+    assert len(swept) == 8
+    volatile = {"wall_s", "point", "acceptance.alpha", "policy", "topology.stages"}
+    for item in swept:
+        single = deep_update({k: v for k, v in sweep.items() if k != "sweep"}, "x", DELETE)
+        for key, value in item.point.values.items():
+            single = deep_update(single, key, value)
+        (alone,) = run_points(load_points(write(tmp_path, single, "single.yaml")), progress=False)
+        row, alone_row = result_row(item), result_row(alone)
+        assert {k: v for k, v in row.items() if k not in volatile} == {
+            k: v for k, v in alone_row.items() if k not in volatile
+        }
+
+
+def test_sim_never_imports_torch_or_transformers() -> None:
+    code = (
+        "import sys, sim.cli, sim.runner, sim.scenario, sim.engine, sim.policy, sim.formats;"
+        "from sim.scenario import load_points; from sim.runner import run_points;"
+        f"run_points(load_points({str(ROOT / 'scenarios' / 'quickstart.yaml')!r}), progress=False);"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
