@@ -5,14 +5,18 @@ Both check their arguments up front and raise `ValueError` saying what was wrong
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import copy
+import random
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from executor.adapter import ModelAdapter
-from executor.decoding import GenerationStats, TokenSink, decode_ar, decode_eesd
+from executor.decoding import GenerationStats, Rows, TokenSink, decode_ar, decode_eesd
+from executor.sampling import SamplingConfig, TokenSelector
 from sim.policy import DraftPolicy, make_policy
 
 METHODS = ("ar", "eesd")
@@ -20,7 +24,7 @@ METHODS = ("ar", "eesd")
 
 @dataclass
 class GenerationResult:
-    sequences: torch.Tensor  # [1, prompt + new tokens], like HF `generate`
+    sequences: torch.Tensor  # [B, prompt width + new tokens], exactly as HF `generate` lays it out
     stats: GenerationStats
 
 
@@ -28,27 +32,47 @@ def _adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
     return model if isinstance(model, ModelAdapter) else ModelAdapter(model)
 
 
-def _prompt_tokens(input_ids: torch.Tensor | list[int]) -> list[int]:
+def _as_2d(input_ids: torch.Tensor | list) -> torch.Tensor:
     ids = torch.as_tensor(input_ids)
-    if ids.dim() == 2:
-        if ids.shape[0] != 1:
-            raise ValueError(f"input_ids has {ids.shape[0]} rows; this decoder takes batch size 1")
-        ids = ids[0]
-    if ids.dim() != 1:
-        raise ValueError(f"input_ids must be [seq] or [1, seq], got shape {tuple(ids.shape)}")
     if ids.numel() == 0:
         raise ValueError("empty prompt: input_ids must hold at least one token")
-    if ids.dtype.is_floating_point:
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be [seq] or [batch, seq], got shape {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids, got {ids.dtype}")
-    return ids.tolist()
+    return ids
 
 
-def _eos_ids(eos_token_id: int | Iterable[int] | None) -> list[int]:
+def split_prompts(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    """The rows' real tokens; padding must be on the left (as HF expects for decoder-only generation)."""
+    if ids.shape[1] == 0:
+        raise ValueError("empty prompt: input_ids must hold at least one token")
+    if attention_mask is None:
+        return ids.tolist()
+    mask = torch.as_tensor(attention_mask).to(torch.long)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+    prompts = []
+    for row, (tokens, keep) in enumerate(zip(ids.tolist(), mask.tolist(), strict=True)):
+        count = sum(keep)
+        if count == 0:
+            raise ValueError(f"empty prompt: row {row} of attention_mask is all zeros")
+        if keep != [0] * (len(keep) - count) + [1] * count:
+            raise ValueError(f"attention_mask row {row} is not left padding (zeros, then ones): {keep}")
+        prompts.append(tokens[len(keep) - count :])
+    return prompts
+
+
+def _eos_ids(eos_token_id: int | Iterable[int] | torch.Tensor | None) -> list[int]:
     if eos_token_id is None:
         return []
+    if torch.is_tensor(eos_token_id):
+        return [int(t) for t in eos_token_id.flatten().tolist()]
     if isinstance(eos_token_id, int):
         return [eos_token_id]
-    return [int(t) for t in (eos_token_id.tolist() if torch.is_tensor(eos_token_id) else eos_token_id)]
+    return [int(t) for t in eos_token_id]
 
 
 def default_exit_layer(num_layers: int) -> int:
@@ -57,7 +81,7 @@ def default_exit_layer(num_layers: int) -> int:
 
 
 def check_arguments(
-    adapter: ModelAdapter, prompt: list[int], method: str, exit_layer: int | None, max_new_tokens: int
+    adapter: ModelAdapter, prompts: list[list[int]], method: str, exit_layer: int | None, max_new_tokens: int
 ) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -69,51 +93,117 @@ def check_arguments(
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     vocab = adapter.embed_tokens.num_embeddings
-    if min(prompt) < 0 or max(prompt) >= vocab:
+    if min(min(p) for p in prompts) < 0 or max(max(p) for p in prompts) >= vocab:
         raise ValueError(f"input_ids must lie in [0, {vocab - 1}] (the model's vocabulary)")
-    total = len(prompt) + max_new_tokens
-    if total > adapter.max_positions:
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > adapter.max_positions:
         raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
-            f"context of {adapter.max_positions} positions"
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} exceeds "
+            f"the model's context of {adapter.max_positions} positions"
         )
+
+
+def _policies(spec: str | DraftPolicy, rows: int, seed: int, cost_ratio: float) -> list[DraftPolicy]:
+    """One policy per row (its own posterior / schedule); a policy object is copied per row."""
+    if not isinstance(spec, str):
+        return [spec] if rows == 1 else [copy.deepcopy(spec) for _ in range(rows)]
+    return [make_policy(spec, rng=random.Random(seed * 7919 + row), cost_ratio=cost_ratio) for row in range(rows)]
+
+
+def _streamer_callback(streamer: Any, rows: int, first: torch.Tensor):
+    if streamer is None:
+        return None
+    if rows != 1:
+        raise ValueError("streamer needs batch size 1 (as in HF generate)")
+    streamer.put(first.cpu())
+    return lambda tokens: streamer.put(torch.tensor(tokens))
+
+
+def _layout(ids: torch.Tensor, new: list[list[int]], fill: int | None, device) -> torch.Tensor:
+    """HF's layout: the input as given, then each row's new tokens, finished rows filled with the pad id."""
+    width = max(len(tokens) for tokens in new)
+    if fill is None and any(len(tokens) < width for tokens in new):
+        raise ValueError("rows finished at different lengths: pad_token_id (or eos_token_id) is needed to fill them")
+    tail = [tokens + [fill] * (width - len(tokens)) for tokens in new]
+    return torch.cat([ids.to(device), torch.tensor(tail, dtype=torch.long, device=device)], dim=1)
 
 
 def generate(
     model: nn.Module | ModelAdapter,
-    input_ids: torch.Tensor | list[int],
+    input_ids: torch.Tensor | list,
     *,
     method: str = "ar",
     exit_layer: int | None = None,
     draft_len: int = 4,
     policy: str | DraftPolicy | None = None,
     max_new_tokens: int = 32,
+    min_new_tokens: int = 0,
     eos_token_id: int | Iterable[int] | None = None,
-    streamer_callback: Callable[[list[int]], None] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    do_sample: bool = False,
+    sampling: str = "exact",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    streamer: Any = None,
 ) -> GenerationResult:
-    """Greedy decoding with `method` "ar" (reference) or "eesd" (early-exit self-speculation); lossless.
+    """Decode with `method` "ar" (reference) or "eesd" (early-exit self-speculation), losslessly.
 
-    `exit_layer` defaults to the middle layer; `policy` (e.g. "fixed:4") overrides `draft_len`. The result's
-    `sequences` is the prompt followed by the new tokens, ending at the first EOS or after `max_new_tokens`.
+    Greedy unless `do_sample`; sampling is `"exact"` (Gumbel-max keyed by (seed, position): EESD reproduces AR's
+    sampled tokens exactly) or `"rejection"` (speculative sampling: same distribution). `exit_layer` defaults to the
+    middle layer; `policy` (e.g. "fixed:4", "beta-ts") overrides `draft_len`. Rows of a batch are left-padded with
+    `attention_mask`, as for HF `generate`, whose output layout `sequences` follows.
     """
     adapter = _adapter(model)
-    prompt = _prompt_tokens(input_ids)
+    ids = _as_2d(input_ids)
+    prompts = split_prompts(ids, attention_mask)
     if method == "eesd" and exit_layer is None:
         exit_layer = default_exit_layer(adapter.num_layers)
     if not isinstance(draft_len, int) or draft_len < 1:
         raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
-    check_arguments(adapter, prompt, method, exit_layer, max_new_tokens)
-    draft_policy = make_policy(policy if policy is not None else f"fixed:{draft_len}")
-    sink = TokenSink(max_new_tokens, _eos_ids(eos_token_id), streamer_callback)
-    cache = adapter.new_cache(1, len(prompt) + max_new_tokens + draft_policy.max_draft_len + 1)
-    if sink.done:
-        stats = GenerationStats(method=method, prompt_tokens=len(prompt))
-    elif method == "ar":
-        stats = decode_ar(adapter, prompt, sink, cache)
-    else:
-        stats = decode_eesd(adapter, prompt, sink, cache, exit_layer=exit_layer, policy=draft_policy)
-    sequences = torch.tensor([prompt + sink.tokens], dtype=torch.long, device=adapter.device)
+    check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
+    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed)
+    eos = _eos_ids(eos_token_id)
+    cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
+    policies = _policies(policy if policy is not None else f"fixed:{draft_len}", len(prompts), seed, cost_ratio)
+    callback = _streamer_callback(streamer, len(prompts), ids)
+    rows = Rows(prompts=prompts, sinks=[TokenSink(max_new_tokens, eos, callback) for _ in prompts])
+    stats = GenerationStats(method=method, prompt_tokens=sum(len(p) for p in prompts))
+    if max_new_tokens > 0:
+        selector = TokenSelector(config, [len(p) for p in prompts], min_new_tokens, eos, adapter.device)
+        slack = max(p.max_draft_len for p in policies) + 1
+        cache = adapter.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + slack)
+        if method == "ar":
+            decode_ar(adapter, rows, cache, selector, stats)
+        else:
+            decode_eesd(adapter, rows, cache, selector, stats, exit_layer=exit_layer, policies=policies)
+    if streamer is not None:
+        streamer.end()
+    stats.new_tokens = sum(len(s.tokens) for s in rows.sinks)
+    fill = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+    sequences = _layout(ids, [s.tokens for s in rows.sinks], fill, adapter.device)
     return GenerationResult(sequences=sequences, stats=stats)
+
+
+# model.generate arguments the drop-in understands; anything else raises instead of being ignored
+SUPPORTED_GENERATE_ARGS = (
+    "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
+    "do_sample", "temperature", "top_k", "top_p", "generation_config", "streamer", "max_length",
+)  # fmt: skip
+
+# generation_config fields that change the result if set away from these values, and that we do not implement
+_UNSUPPORTED_CONFIG = {
+    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "min_p": None, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0,
+    "length_penalty": 1.0, "sequence_bias": None, "guidance_scale": None, "stop_strings": None,
+    "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "min_length": 0,
+}  # fmt: skip
 
 
 class EarlyExitGenerator:
@@ -121,6 +211,10 @@ class EarlyExitGenerator:
 
     >>> generator = EarlyExitGenerator(model, method="eesd", exit_layer=8, draft_len=4)
     >>> generator.generate(input_ids, max_new_tokens=64)  # == model.generate(input_ids, max_new_tokens=64)
+
+    Greedy results equal `model.generate`'s token for token. With `do_sample=True` the tokens are drawn by the
+    `sampling` mode given here ("exact": equal to this generator's own AR sampling for the same `seed`), so they
+    follow the same distribution as HF's sampling but not HF's random stream.
     """
 
     def __init__(
@@ -130,6 +224,8 @@ class EarlyExitGenerator:
         exit_layer: int | None = None,
         draft_len: int = 4,
         policy: str | DraftPolicy | None = None,
+        sampling: str = "exact",
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.adapter = ModelAdapter(model)
@@ -137,35 +233,50 @@ class EarlyExitGenerator:
         self.exit_layer = exit_layer
         self.draft_len = draft_len
         self.policy = policy
+        self.sampling = sampling
+        self.seed = seed
         self.last_stats: GenerationStats | None = None
 
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-    ) -> torch.Tensor:
-        config = self.model.generation_config
-        if do_sample:
-            raise ValueError("do_sample=True is not supported by this generator yet: use do_sample=False (greedy)")
-        if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
-            raise ValueError("attention_mask with padding needs batched decoding, which this generator lacks yet")
-        if max_new_tokens is None:
-            max_new_tokens = config.max_new_tokens
-        if max_new_tokens is None:
-            max_new_tokens = max(config.max_length - torch.as_tensor(input_ids).shape[-1], 0)
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        unknown = sorted(set(kwargs) - set(SUPPORTED_GENERATE_ARGS))
+        if unknown:
+            raise ValueError(
+                f"unsupported generate argument(s): {', '.join(unknown)}; supported: "
+                f"{', '.join(SUPPORTED_GENERATE_ARGS)}"
+            )
+        config = self._generation_config(kwargs)
+        ids = _as_2d(input_ids)
+        mask = kwargs.get("attention_mask")
+        if mask is None and config.pad_token_id is not None and ids.shape[0] > 1:
+            # HF infers the mask from the pad token when the batch holds one that is not an EOS token
+            if bool((ids == config.pad_token_id).any()) and config.pad_token_id not in _eos_ids(config.eos_token_id):
+                mask = (ids != config.pad_token_id).long()
+        max_new = config.max_new_tokens
+        if max_new is None:
+            max_new = max(config.max_length - ids.shape[1], 0)
         result = generate(
-            self.adapter,
-            input_ids,
-            method=self.method,
-            exit_layer=self.exit_layer,
-            draft_len=self.draft_len,
-            policy=self.policy,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=config.eos_token_id if eos_token_id is None else eos_token_id,
-        )
+            self.adapter, ids, method=self.method, exit_layer=self.exit_layer, draft_len=self.draft_len,
+            policy=self.policy, max_new_tokens=max_new, min_new_tokens=config.min_new_tokens or 0,
+            eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
+            do_sample=bool(config.do_sample), sampling=self.sampling,
+            temperature=config.temperature if config.temperature is not None else 1.0,
+            top_k=config.top_k, top_p=config.top_p, seed=self.seed, streamer=kwargs.get("streamer"),
+        )  # fmt: skip
         self.last_stats = result.stats
         return result.sequences
+
+    def _generation_config(self, kwargs: dict[str, Any]):
+        """The model's generation config, overridden by `generation_config` and then by the keyword arguments."""
+        config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
+        for key, value in kwargs.items():
+            if key not in ("attention_mask", "streamer", "generation_config"):
+                setattr(config, key, value)
+        defaults = getattr(type(config), "_get_default_generation_params", None)  # transformers >= 5
+        for key, value in (defaults() if defaults else {}).items():
+            if getattr(config, key, None) is None:
+                setattr(config, key, value)
+        for key, neutral in _UNSUPPORTED_CONFIG.items():
+            value = getattr(config, key, neutral)
+            if value is not None and value != neutral:
+                raise ValueError(f"generation_config.{key}={value!r} is not supported (only {neutral!r})")
+        return config

@@ -1,15 +1,21 @@
-"""The decoders: vanilla autoregressive (AR) and early-exit self-speculative decoding (EESD), greedy, batch 1.
+"""The decoders: vanilla autoregressive (AR) and early-exit self-speculative decoding (EESD), on batches.
 
-EESD (Liu et al. 2024, arXiv 2406.03853) with LayerSkip's KV reuse (arXiv 2404.16710). Notation: L layers, exit
-layer E, the last committed token t at position p, k drafts d_1..d_k.
+EESD (Liu et al. 2024, arXiv 2406.03853) with LayerSkip's KV reuse (arXiv 2404.16710). Notation: L layers,
+exit layer E, a row's last committed token t at position p, drafts d_1..d_k.
 
     1. Draft: run t, d_1, .., d_{k-1} through layers [0, E) at positions p .. p+k-1; the exit head at layer E
        proposes d_1 .. d_k. The layer-E hidden states are kept (LayerSkip's exit-query cache).
-    2. Verify: run d_k through layers [0, E) at p+k, then all k+1 saved layer-E states through layers [E, L) in one
-       pass. Layers [0, E) are never recomputed: their KV was written while drafting.
-    3. Accept the longest prefix with d_i == argmax of the full model at p+i-1, then emit the full model's own
-       next token (the correction, or the bonus token when all k were accepted): accepted + 1 tokens per round.
+    2. Verify: run d_k through layers [0, E) at p+k, then all k+1 saved layer-E states through layers [E, L)
+       in one pass. Layers [0, E) are never recomputed: their KV was written while drafting.
+    3. Accept the longest prefix the full model agrees with (greedy / exact sampling: d_i equals the full model's
+       token at p+i; rejection sampling: min(1, p/q) tests), then emit the full model's own next token (the
+       correction, or the bonus token when all k were accepted): accepted + 1 tokens per round.
     4. Roll every layer back to p + accepted + 1: the rejected positions are overwritten next round.
+
+Batches: every row keeps its own positions (cache slot = the row's absolute position, so no padding enters the
+cache), its own draft policy and its own accepted lengths. A pass has one q for all rows: a row whose policy stopped
+drafting early keeps computing (its surplus drafts are never accepted), and a finished row is parked: it recomputes
+its last slot and is rolled back after each pass, so shapes stay static.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import torch
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
+from executor.sampling import SamplingConfig, TokenSelector, accept_rejection
 from sim.policy import DraftPolicy
 
 
 @dataclass
 class GenerationStats:
-    """What one generation did. `drafted[i]` / `accepted[i]` belong to round i (EESD); AR has no drafts."""
+    """What one generation did. `drafted[i]` / `accepted[i]` belong to one row's round i (EESD); AR drafts none."""
 
     method: str
     prompt_tokens: int = 0
@@ -46,7 +53,9 @@ class GenerationStats:
 
     @property
     def tokens_per_round(self) -> float:
-        return self.new_tokens / self.rounds if self.rounds else float("nan")
+        """New tokens per verify round (per row), the prefill's token excluded."""
+        rows_rounds = len(self.accepted) or self.rounds
+        return sum(a + 1 for a in self.accepted) / rows_rounds if self.accepted else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,10 +83,13 @@ class GenerationStats:
 
 
 class TokenSink:
-    """Collects emitted tokens and says when to stop: after an EOS token or `max_new_tokens` tokens."""
+    """Collects one row's emitted tokens and says when to stop: after an EOS token or `max_new_tokens` tokens."""
 
     def __init__(
-        self, max_new_tokens: int, eos_token_ids: Iterable[int], on_tokens: Callable[[list[int]], None] | None
+        self,
+        max_new_tokens: int,
+        eos_token_ids: Iterable[int],
+        on_tokens: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -114,141 +126,193 @@ class SharedExitHead:
         return self.adapter.logits(hidden)
 
     def prefill(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> None:
-        """A head with its own layers would fill their KV from the prompt's exit-layer states here."""
+        """A head with layers of its own fills their KV from the exit-layer states here; this one has none."""
 
 
-def _greedy(logits: torch.Tensor) -> list[int]:
-    """[1, q, V] -> the q argmax token ids (ties go to the lowest id, as in HF)."""
-    return logits[0].argmax(dim=-1).tolist()
+@dataclass
+class Rows:
+    """Per-row decoding state: prompt, sink, the last committed token and the position it goes to."""
+
+    prompts: list[list[int]]
+    sinks: list[TokenSink]
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+
+    @property
+    def active(self) -> list[int]:
+        return [row for row, sink in enumerate(self.sinks) if not sink.done]
+
+    def commit(self, row: int, tokens: list[int]) -> None:
+        """Emit a row's new tokens; a finished row stays parked at its position."""
+        if self.sinks[row].done:
+            return
+        self.sinks[row].emit(tokens)
+        self.tokens[row] = tokens[-1]
+        self.positions[row] += len(tokens)
+
+    def step(self, offset: int, q: int, device: torch.device) -> Step:
+        starts = tuple(p + offset for p in self.positions)
+        positions = torch.tensor([list(range(s, s + q)) for s in starts], device=device)
+        return Step(positions=positions, starts=starts)
 
 
-def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor([tokens], dtype=torch.long, device=device)
+def _column(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device).unsqueeze(1)
 
 
-def prefill(adapter: ModelAdapter, cache: KVCache, prompt: list[int], exit_layer: int | None = None, head=None):
-    """Run the prompt through all layers; return the full model's first new token.
-
-    With an exit layer and a head that has layers of its own, the head's KV is filled from the layer-E states.
-    """
-    step = Step.at(0, len(prompt), adapter.device)
-    hidden = adapter.embed(_ids(prompt, adapter.device))
+def prefill_rows(
+    adapter: ModelAdapter, cache: KVCache, rows: Rows, selector: TokenSelector, exit_layer=None, head=None
+) -> None:
+    """Run every prompt through all layers (right-padded in row space, pads rolled back); commit the first token."""
+    lengths = [len(p) for p in rows.prompts]
+    width = max(lengths)
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in rows.prompts], device=adapter.device)
+    positions = torch.arange(width, device=adapter.device).expand(len(lengths), width)
+    step = Step(positions=positions, starts=(0,) * len(lengths))
+    hidden = adapter.embed(ids)
     if exit_layer is None:
         hidden = adapter.forward_layers(hidden, step, cache, 0, adapter.num_layers)
     else:
         hidden = adapter.forward_layers(hidden, step, cache, 0, exit_layer)
         head.prefill(hidden, step, cache)
         hidden = adapter.forward_layers(hidden, step, cache, exit_layer, adapter.num_layers)
-    return _greedy(adapter.logits(hidden[:, -1:]))[0]
+    last = hidden[torch.arange(len(lengths)), torch.tensor(lengths) - 1].unsqueeze(1)  # [B, 1, d]
+    first = selector.select(adapter.logits(last), _column(lengths, adapter.device))[:, 0].tolist()
+    cache.rollback(lengths)
+    rows.tokens = list(first)
+    rows.positions = list(lengths)
+    for row, sink in enumerate(rows.sinks):
+        sink.emit([first[row]])
+
+
+def prefill(adapter: ModelAdapter, cache: KVCache, prompt: list[int], exit_layer=None, head=None) -> int:
+    """Batch-1 greedy prefill: the full model's first new token after `prompt` (KV of all layers written)."""
+    rows = Rows(prompts=[prompt], sinks=[TokenSink(1, ())])
+    selector = TokenSelector(SamplingConfig(), [len(prompt)], 0, [], adapter.device)
+    prefill_rows(adapter, cache, rows, selector, exit_layer, head)
+    return rows.tokens[0]
 
 
 @torch.inference_mode()
-def decode_ar(adapter: ModelAdapter, prompt: list[int], sink: TokenSink, cache: KVCache) -> GenerationStats:
+def decode_ar(
+    adapter: ModelAdapter, rows: Rows, cache: KVCache, selector: TokenSelector, stats: GenerationStats
+) -> None:
     """The reference: one token per full forward pass."""
-    stats = GenerationStats(method="ar", prompt_tokens=len(prompt))
     begin = time.perf_counter()
-    token = prefill(adapter, cache, prompt)
+    prefill_rows(adapter, cache, rows, selector)
     stats.prefill_time_s = time.perf_counter() - begin
-    sink.emit([token])
     stats.rounds = 1
-    while not sink.done:
-        step = Step.at(len(prompt) + len(sink.tokens) - 1, 1, adapter.device)
-        hidden = adapter.forward_layers(
-            adapter.embed(_ids([token], adapter.device)), step, cache, 0, adapter.num_layers
-        )
-        token = _greedy(adapter.logits(hidden))[0]
-        sink.emit([token])
+    while rows.active:
+        step = rows.step(0, 1, adapter.device)
+        hidden = adapter.embed(_column(rows.tokens, adapter.device))
+        hidden = adapter.forward_layers(hidden, step, cache, 0, adapter.num_layers)
+        new = selector.select(adapter.logits(hidden), step.positions + 1)[:, 0].tolist()
+        for row in range(len(new)):
+            rows.commit(row, [new[row]])
+        cache.rollback(rows.positions)  # parks finished rows
         stats.rounds += 1
-    stats.new_tokens = len(sink.tokens)
     stats.wall_time_s = time.perf_counter() - begin
-    return stats
 
 
 @dataclass
-class Draft:
-    tokens: list[int]
-    exit_states: list[torch.Tensor]  # layer-E hidden states [1, 1, d] of t, d_1, .., d_{k-1}
+class Drafts:
+    """One round's drafts: per row the tokens (and, for rejection sampling, the distributions they came from)."""
+
+    budgets: list[int]
+    tokens: list[list[int]]
+    probs: list[list[torch.Tensor]]
+    exit_states: list[torch.Tensor] = field(default_factory=list)  # layer-E states [B, 1, d] of t, d_1, ..
+    last: list[int] = field(default_factory=list)  # the newest draft of every row, the verify pass's input
+
+    def wants_more(self) -> bool:
+        return any(len(t) < b for t, b in zip(self.tokens, self.budgets, strict=True))
 
 
-def draft_tokens(
-    adapter: ModelAdapter,
-    cache: KVCache,
-    head,
-    exit_layer: int,
-    token: int,
-    position: int,
-    budget: int,
-    policy: DraftPolicy,
-) -> Draft:
-    """Step 1: up to `budget` drafts from layers [0, exit_layer) + the exit head, as long as the policy agrees."""
-    draft = Draft(tokens=[], exit_states=[])
-    while len(draft.tokens) < budget:
-        step = Step.at(position + len(draft.tokens), 1, adapter.device)
-        hidden = adapter.forward_layers(adapter.embed(_ids([token], adapter.device)), step, cache, 0, exit_layer)
-        logits = head(hidden, step, cache)
-        token = _greedy(logits)[0]
-        draft.exit_states.append(hidden)
-        draft.tokens.append(token)
-        confidence = float(logits[0, -1].softmax(-1).max()) if policy.needs_confidence else 1.0
-        if not policy.keep_drafting(len(draft.tokens), confidence):
-            break
-    return draft
+def draft_step(
+    adapter: ModelAdapter, cache: KVCache, head, exit_layer: int, rows: Rows, drafts: Drafts, selector, policies
+) -> None:
+    """Step 1, one token deep for every row: layers [0, E) + exit head at positions p + i."""
+    offset = len(drafts.exit_states)
+    inputs = drafts.last if offset else rows.tokens
+    step = rows.step(offset, 1, adapter.device)
+    hidden = adapter.forward_layers(adapter.embed(_column(inputs, adapter.device)), step, cache, 0, exit_layer)
+    logits = head(hidden, step, cache)
+    drafts.exit_states.append(hidden)
+    rejection = selector.config.kind == "rejection"
+    probs = selector.probs(logits, step.positions + 1)[:, 0] if rejection else None
+    new = (selector.sample(probs) if rejection else selector.select(logits, step.positions + 1)[:, 0]).tolist()
+    confidence = logits[:, -1].softmax(-1).amax(-1).tolist() if any(p.needs_confidence for p in policies) else None
+    drafts.last = new
+    for row, token in enumerate(new):
+        if len(drafts.tokens[row]) >= drafts.budgets[row]:
+            continue
+        drafts.tokens[row].append(token)
+        if rejection:
+            drafts.probs[row].append(probs[row])
+        drafted = len(drafts.tokens[row])
+        if not policies[row].keep_drafting(drafted, confidence[row] if confidence else 1.0):
+            drafts.budgets[row] = drafted
 
 
-def verify(
-    adapter: ModelAdapter, cache: KVCache, head, exit_layer: int, token: int, position: int, draft: Draft
-) -> list[int]:
-    """Step 2: the full model's greedy token after each of t, d_1, .., d_k (k + 1 predictions)."""
-    last = draft.tokens[-1] if draft.tokens else token
-    k = len(draft.tokens)
-    step = Step.at(position + k, 1, adapter.device)
-    hidden = adapter.forward_layers(adapter.embed(_ids([last], adapter.device)), step, cache, 0, exit_layer)
+def verify_pass(adapter: ModelAdapter, cache: KVCache, head, exit_layer: int, rows: Rows, drafts: Drafts):
+    """Step 2: full-model logits [B, k+1, V] after each of t, d_1, .., d_k; layers [0, E) only for d_k."""
+    k = len(drafts.exit_states)
+    inputs = drafts.last if k else rows.tokens
+    step = rows.step(k, 1, adapter.device)
+    hidden = adapter.forward_layers(adapter.embed(_column(inputs, adapter.device)), step, cache, 0, exit_layer)
     head.prefill(hidden, step, cache)  # keeps a layered head's KV in step with layers [0, E)
-    states = torch.cat([*draft.exit_states, hidden], dim=1)  # [1, k + 1, d]
-    step = Step.at(position, k + 1, adapter.device)
-    states = adapter.forward_layers(states, step, cache, exit_layer, adapter.num_layers)
-    return _greedy(adapter.logits(states))
+    states = torch.cat([*drafts.exit_states, hidden], dim=1)
+    step = rows.step(0, k + 1, adapter.device)
+    return adapter.logits(adapter.forward_layers(states, step, cache, exit_layer, adapter.num_layers)), step
 
 
-def accept_greedy(drafts: list[int], targets: list[int]) -> int:
-    """Step 3: length of the longest prefix of drafts that the full model agrees with."""
+def accept(selector: TokenSelector, drafts: Drafts, logits: torch.Tensor, step: Step, row: int) -> tuple[int, int]:
+    """Step 3 for one row: (accepted drafts, the full model's token after them)."""
+    own = drafts.tokens[row]
+    if selector.config.kind == "rejection":
+        target_probs = selector.probs(logits[row : row + 1], step.positions[row : row + 1])[0]
+        return accept_rejection(selector, own, drafts.probs[row], target_probs)
+    targets = selector.select(logits[row : row + 1, : len(own) + 1], step.positions[row : row + 1, : len(own) + 1])
+    targets = targets[0].tolist()
     accepted = 0
-    while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+    while accepted < len(own) and own[accepted] == targets[accepted]:
         accepted += 1
-    return accepted
+    return accepted, targets[accepted]
 
 
 @torch.inference_mode()
 def decode_eesd(
     adapter: ModelAdapter,
-    prompt: list[int],
-    sink: TokenSink,
+    rows: Rows,
     cache: KVCache,
+    selector: TokenSelector,
+    stats: GenerationStats,
     *,
     exit_layer: int,
-    policy: DraftPolicy,
+    policies: list[DraftPolicy],
     head=None,
-) -> GenerationStats:
+) -> None:
     """Draft with layers [0, exit_layer) + exit head, verify with layers [exit_layer, L) in one pass."""
     head = head if head is not None else SharedExitHead(adapter)
-    stats = GenerationStats(method="eesd", prompt_tokens=len(prompt))
     begin = time.perf_counter()
-    token = prefill(adapter, cache, prompt, exit_layer, head)
+    prefill_rows(adapter, cache, rows, selector, exit_layer, head)
     stats.prefill_time_s = time.perf_counter() - begin
-    sink.emit([token])
-    while not sink.done:
-        position = len(prompt) + len(sink.tokens) - 1  # where `token` goes
-        budget = min(policy.begin_round(), sink.remaining - 1)  # never draft past max_new_tokens
-        draft = draft_tokens(adapter, cache, head, exit_layer, token, position, budget, policy)
-        targets = verify(adapter, cache, head, exit_layer, token, position, draft)
-        accepted = accept_greedy(draft.tokens, targets)
-        cache.rollback(position + accepted + 1)  # step 4
-        policy.update(len(draft.tokens), accepted)
-        sink.emit(draft.tokens[:accepted] + [targets[accepted]])
-        token = targets[accepted]
+    while rows.active:
+        active = set(rows.active)
+        budgets = [
+            min(policies[row].begin_round(), rows.sinks[row].remaining - 1) if row in active else 0
+            for row in range(len(policies))
+        ]
+        drafts = Drafts(budgets=budgets, tokens=[[] for _ in budgets], probs=[[] for _ in budgets])
+        while drafts.wants_more():
+            draft_step(adapter, cache, head, exit_layer, rows, drafts, selector, policies)
+        logits, step = verify_pass(adapter, cache, head, exit_layer, rows, drafts)
+        for row in sorted(active):
+            accepted, token = accept(selector, drafts, logits, step, row)
+            policies[row].update(len(drafts.tokens[row]), accepted)
+            rows.commit(row, drafts.tokens[row][:accepted] + [token])
+            stats.drafted.append(len(drafts.tokens[row]))
+            stats.accepted.append(accepted)
+        cache.rollback(rows.positions)  # step 4; also parks finished rows
         stats.rounds += 1
-        stats.drafted.append(len(draft.tokens))
-        stats.accepted.append(accepted)
-    stats.new_tokens = len(sink.tokens)
     stats.wall_time_s = time.perf_counter() - begin
-    return stats

@@ -41,13 +41,17 @@ def test_bad_arguments(model, kwargs, message):
     ("prompt", "message"),
     [
         ([], "empty prompt"),
-        (torch.zeros(2, 3, dtype=torch.long), "batch size 1"),
+        (torch.zeros(2, 3, 1, dtype=torch.long), r"must be \[seq\] or \[batch, seq\]"),
+        (torch.tensor([[1, 2], [3, 4]]), None),
         ([1, 2, 500], r"input_ids must lie in \[0, 96\]"),
         (torch.ones(1, 3), "integer token ids"),
         (list(range(1, 90)) * 3, "exceeds the model's context"),
     ],
 )
 def test_bad_prompts(model, prompt, message):
+    if message is None:  # a well-formed batch, for contrast
+        assert executor.generate(model, prompt, max_new_tokens=2).sequences.shape == (2, 4)
+        return
     with pytest.raises(ValueError, match=message):
         executor.generate(model, prompt, max_new_tokens=4)
 
