@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<scenario name>)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes for sweeps (0: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--trace", action="store_true", help="write a Chrome trace per run (default: single runs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
     out_dir = args.out or Path("runs") / scenario.name
     print(f"{scenario.name}: {len(points)} run(s){' — ' + scenario.description if scenario.description else ''}")
-    results = run_points(points, jobs=jobs, progress=not args.no_progress and sys.stderr.isatty())
+    progress = not args.no_progress and sys.stderr.isatty()
+    results = run_points(points, jobs=jobs, progress=progress, trace=True if args.trace else None)
     print(summary_table(results))
     for path in write_outputs(results, out_dir):
         print(f"wrote {path}")

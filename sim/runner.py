@@ -1,8 +1,9 @@
 """Run a scenario's points (in parallel processes), compare each with AR on the same hardware, write the outputs.
 
 Outputs in the run folder: `results.csv` (one row per point, columns documented in `ROW_DOC`), `speedup_<field>.png`
-per swept field, and `trace.json` (Chrome trace of the first simulated µs, open in chrome://tracing or Perfetto) for
-a scenario without a sweep. Times in the table: tokens/s of decode (prefill excluded, reported as `ttft_ms`).
+per swept field, and `trace.json` (Chrome trace of the first 20,000 stage spans, open in chrome://tracing or
+Perfetto) for a scenario without a sweep (`trace_<point>.json` per point when traces are asked for a sweep).
+Times in the table: tokens/s of decode (prefill excluded, reported as `ttft_ms`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sim.engine import RunResult, Simulation
-from sim.scenario import Point, build_plan
+from sim.scenario import Point, build_plan, exit_layer_of
 
 TRACE_EVENTS = 20_000
 
@@ -61,9 +62,14 @@ def simulate_point(point: Point, trace: bool = False) -> PointResult:
     return PointResult(point, result, baseline, time.perf_counter() - start, simulation.trace)
 
 
-def run_points(points: Sequence[Point], jobs: int = 1, progress: bool = True) -> list[PointResult]:
-    """Simulate every point; `jobs` > 1 uses that many processes. Results come back in point order."""
-    trace = len(points) == 1
+def run_points(
+    points: Sequence[Point], jobs: int = 1, progress: bool = True, trace: bool | None = None
+) -> list[PointResult]:
+    """Simulate every point; `jobs` > 1 uses that many processes. Results come back in point order.
+
+    `trace` records Chrome-trace spans (default: only when there is a single point).
+    """
+    trace = len(points) == 1 if trace is None else trace
     bar = _progress(len(points), progress)
     if jobs <= 1 or len(points) == 1:
         results = []
@@ -72,7 +78,7 @@ def run_points(points: Sequence[Point], jobs: int = 1, progress: bool = True) ->
             bar.update(1)
     else:
         with ProcessPoolExecutor(max_workers=min(jobs, len(points))) as pool:
-            futures = [pool.submit(simulate_point, point) for point in points]
+            futures = [pool.submit(simulate_point, point, trace) for point in points]
             for future in futures:
                 future.add_done_callback(lambda _: bar.update(1))
             results = [f.result() for f in futures]
@@ -95,7 +101,7 @@ def result_row(item: PointResult) -> dict[str, Any]:
     row.update(
         method=r.method,
         stages=n_stages,
-        exit_layer=build_plan(p).exit_layer if r.method != "ar" else "",
+        exit_layer=exit_layer_of(p) if r.method != "ar" else "",
         policy=p.scenario.policy if r.method == "eesd" else "",
         tokens=r.tokens,
         tokens_per_s=round(r.tokens_per_s, 3),
@@ -136,8 +142,10 @@ def write_outputs(results: Sequence[PointResult], out_dir: Path) -> list[Path]:
     swept = list(results[0].point.values) if results else []
     if swept:
         written += _plots(rows, swept, out_dir)
-    elif results and results[0].trace is not None:
-        written.append(_write_trace(results[0], out_dir / "trace.json"))
+    for item in results:
+        if item.trace is not None:
+            name = "trace.json" if len(results) == 1 else f"trace_{item.point.index}.json"
+            written.append(_write_trace(item, out_dir / name))
     return written
 
 

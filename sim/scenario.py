@@ -354,6 +354,11 @@ def cost_ratio(plan: SimPlan) -> float:
     return max(draft_us / verify_us, 1e-6) if verify_us > 0 else 1.0
 
 
+def exit_layer_of(point: Point) -> int:
+    """The exit layer a point runs with (defaults resolved)."""
+    return _exit_layer(point.scenario, model_config(point.scenario), _where(point))
+
+
 def _where(point: Point) -> str:
     return f"{point.source}: sweep point {point.values}" if point.values else point.source
 
