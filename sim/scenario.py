@@ -93,6 +93,8 @@ class AcceptanceConfig(Strict):
             raise ValueError(f"give exactly one of alpha, alphas, trace (got {given or 'none'})")
         if self.alphas and not all(0 <= a <= 1 for a in self.alphas):
             raise ValueError("alphas must all be in [0, 1]")
+        if self.confidence_sharpness is not None and self.alpha is None:
+            raise ValueError("confidence_sharpness only applies with alpha (traces carry their own confidences)")
         return self
 
 

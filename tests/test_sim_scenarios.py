@@ -93,6 +93,7 @@ DELETE = object()
         ("acceptance.alpha", 1.5, "acceptance.alpha: Input should be less than or equal to 1 (got 1.5)"),
         ("acceptance", {"alpha": 0.5, "alphas": [0.5]}, "acceptance: give exactly one of alpha, alphas, trace"),
         ("acceptance", DELETE, "acceptance: required field is missing"),
+        ("acceptance", {"alphas": [0.5], "confidence_sharpness": 2}, "confidence_sharpness only applies with alpha"),
         ("topology.gpu", "TPU", "topology.gpu: unknown GPU 'TPU'; known: ['A100'"),
         ("topology.link", "carrier-pigeon", "topology.link: unknown link preset 'carrier-pigeon'"),
         ("topology.link", {"latency_us": -1}, "topology.link.latency_us: Input should be greater than or equal to 0"),
