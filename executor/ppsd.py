@@ -30,7 +30,7 @@ from enum import IntEnum
 import torch
 
 from executor.adapter import ModelAdapter, Step
-from executor.decoding import GenerationStats, TokenSink, prefill
+from executor.decoding import GenerationStats, TokenSink
 from executor.kv_cache import KVCache
 
 BACKENDS = ("sequential", "streams", "distributed")
@@ -282,6 +282,11 @@ class StageRunner:
         self.cache.rollback(position, layers=self.layers)
 
 
+def first_token(adapter: ModelAdapter, hidden: torch.Tensor) -> int:
+    """The full model's greedy token after the prompt, from the last stage's prompt states [1, P, d]."""
+    return int(adapter.logits(hidden[:, -1:])[0, -1].argmax())
+
+
 def feed_limit(prompt_len: int, max_new_tokens: int) -> int:
     """The last position whose token must enter the pipe: its prediction is the last token generated."""
     return prompt_len + max_new_tokens - 2
@@ -374,10 +379,13 @@ def _decode_local(
 ) -> PPSDStats:
     stats = new_stats(plan, backend, len(prompt))
     begin = time.perf_counter()
-    token = prefill(adapter, cache, prompt)
+    pipeline = LocalPipeline(adapter, cache, plan, stats, streams=backend == "streams")
+    hidden = None
+    for runner in pipeline.runners:
+        hidden = runner.prefill(hidden, prompt)
+    token = first_token(adapter, hidden)
     stats.prefill_time_s = time.perf_counter() - begin
     sink.emit([token])
-    pipeline = LocalPipeline(adapter, cache, plan, stats, streams=backend == "streams")
     pipeline.inputs[0] = Item(len(prompt), token=token)
     limit = feed_limit(len(prompt), sink.max_new_tokens)
     while not sink.done:

@@ -44,6 +44,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import skip_init
 
 from executor.adapter import ModelAdapter
 from executor.decoding import TokenSink
@@ -57,6 +58,7 @@ from executor.ppsd import (
     StageStats,
     Verdict,
     feed_limit,
+    first_token,
     judge,
     new_stats,
     next_first_input,
@@ -112,12 +114,12 @@ def stage_model(model: nn.Module, plan: StagePlan, stage: int) -> nn.Module:
     )
     weight = model.lm_head.weight
     if stage != 0:
-        base.embed_tokens = nn.Embedding(0, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        base.embed_tokens = skip_init(nn.Embedding, 0, weight.shape[1], device=weight.device, dtype=weight.dtype)
     clone = copy.copy(model)
     clone._modules = dict(model._modules)
     clone.model = base
     if stage not in (0, plan.stages - 1):
-        clone.lm_head = nn.Linear(weight.shape[1], 0, bias=False, device=weight.device, dtype=weight.dtype)
+        clone.lm_head = skip_init(nn.Linear, weight.shape[1], 0, bias=False, device=weight.device, dtype=weight.dtype)
     return clone
 
 
@@ -252,7 +254,7 @@ def _prefill(runner: StageRunner, link: Link, prompt: list[int], sink: TokenSink
     if not runner.is_last:
         link.send_prompt_states(hidden)
         return link.exchange_verdict(None)
-    token = int(runner.adapter.logits(hidden[:, -1:])[0, -1].argmax())
+    token = first_token(runner.adapter, hidden)
     sink.emit([token])
     if on_tokens is not None:
         on_tokens([token])
@@ -356,12 +358,15 @@ def _launch(jobs: list[WorkerJob], sink: TokenSink, timeout_s: float) -> dict[in
         context.Process(target=_worker, args=(rank, init_method, job, messages), daemon=True)
         for rank, job in enumerate(jobs)
     ]
+    finished = False
     try:
         for process in processes:
             process.start()
-        return _collect(processes, messages, sink, time.monotonic() + timeout_s)
+        reports = _collect(processes, messages, sink, time.monotonic() + timeout_s)
+        finished = True
+        return reports
     finally:
-        _stop(processes)
+        _stop(processes, grace_s=_KILL_GRACE_S if finished else 0.0)
         messages.close()
 
 
@@ -393,9 +398,9 @@ def _collect(processes, messages, sink: TokenSink, deadline: float) -> dict[int,
     return reports
 
 
-def _stop(processes) -> None:
-    """Join the workers; terminate, then kill, any that is still running."""
-    end = time.monotonic() + _KILL_GRACE_S
+def _stop(processes, grace_s: float) -> None:
+    """Join the workers (for up to `grace_s`); terminate, then kill, any that is still running."""
+    end = time.monotonic() + grace_s
     for process in processes:
         if process.pid is not None:
             process.join(timeout=max(0.0, end - time.monotonic()))

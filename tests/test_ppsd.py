@@ -1,0 +1,288 @@
+"""PPSD (executor/ppsd.py, executor/ppsd_dist.py): lossless against AR greedy, pipeline accounting, bad input.
+
+Models are tiny and random, in float64 so that equality with AR is exact. The epsilon trick (DESIGN.md §2): scaling
+o_proj and down_proj of the layers >= the exit layer by epsilon makes those layers nearly the identity, so the exit
+head's drafts are mostly right (epsilon small) or always right (epsilon = 0); epsilon = 1 leaves the model random.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import executor
+from executor.adapter import ModelAdapter
+from executor.decoding import TokenSink
+from executor.ppsd import balanced_bounds, decode_ppsd, plan_stages
+from executor.ppsd_dist import PPSDWorkerError, stage_model
+
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+VOCAB = 61
+
+
+def tiny_model(arch: str = "llama", num_layers: int = 4, seed: int = 0, tied: bool = False) -> nn.Module:
+    config_cls, model_cls = ARCHS[arch]
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float64).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@torch.no_grad()
+def scale_late_layers(model: nn.Module, first_layer: int, epsilon: float) -> nn.Module:
+    for layer in model.model.layers[first_layer:]:
+        layer.self_attn.o_proj.weight.mul_(epsilon)
+        layer.mlp.down_proj.weight.mul_(epsilon)
+    return model
+
+
+def ar_tokens(model: nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    return (
+        executor.generate(model, prompt, method="ar", max_new_tokens=max_new_tokens)
+        .sequences[0, len(prompt) :]
+        .tolist()
+    )
+
+
+def hf_tokens(model: nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])  # an explicit mask: HF would mask prompt tokens equal to pad_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def run_ppsd(model: nn.Module, prompt: list[int], max_new_tokens: int, **kwargs):
+    adapter = ModelAdapter(model)
+    sink = TokenSink(max_new_tokens, [], None)
+    cache = adapter.new_cache(1, len(prompt) + max_new_tokens)
+    stats = decode_ppsd(adapter, prompt, sink, cache, **kwargs)
+    return sink.tokens, stats
+
+
+def check_accounting(stats, max_new_tokens: int) -> None:
+    """Lockstep pipeline: filling takes n - 1 ticks, each flush n - 1 more, then one tick per decoded token."""
+    n = stats.stages
+    assert stats.new_tokens == max_new_tokens
+    expected_ticks = (n - 1) * (1 + stats.flushes) + (max_new_tokens - 1) if max_new_tokens > 1 else 0
+    assert stats.ticks == expected_ticks
+    # every decoded token but the last is checked against a draft (the last one's draft is never fed)
+    assert stats.confirms + stats.flushes == max(0, max_new_tokens - 2)
+    assert sum(stats.drafted) == stats.confirms + stats.flushes and sum(stats.accepted) == stats.confirms
+    assert all(s.work_ticks + s.bubble_ticks == stats.ticks for s in stats.stage_stats)
+    assert all(s.busy_s >= 0 and s.idle_s >= -1e-9 for s in stats.stage_stats)
+    if stats.confirms + stats.flushes:
+        assert 1.0 <= stats.ideal_speedup <= n
+
+
+@st.composite
+def ppsd_cases(draw):
+    num_layers = draw(st.integers(2, 6))
+    stages = draw(st.integers(2, min(4, num_layers)))
+    explicit = draw(st.booleans())
+    cuts = sorted(draw(st.sets(st.integers(1, num_layers - 1), min_size=stages - 1, max_size=stages - 1)))
+    bounds = [0, *cuts, num_layers] if explicit else list(balanced_bounds(num_layers, stages))
+    exit_layer = draw(st.one_of(st.none(), st.integers(1, bounds[1])))
+    return {
+        "arch": draw(st.sampled_from(sorted(ARCHS))),
+        "num_layers": num_layers,
+        "seed": draw(st.integers(0, 2**16)),
+        "epsilon": draw(st.sampled_from([0.0, 0.02, 0.1, 0.3, 1.0])),
+        "stages": stages,
+        "stage_boundaries": cuts if explicit else None,
+        "exit_layer": exit_layer,
+        "draft_layer": exit_layer if exit_layer is not None else bounds[1],
+        "prompt": draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6)),
+        "max_new_tokens": draw(st.integers(1, 20)),
+    }
+
+
+@given(ppsd_cases())
+def test_sequential_ppsd_equals_ar_greedy(case: dict) -> None:
+    model = tiny_model(case["arch"], case["num_layers"], case["seed"])
+    scale_late_layers(model, case["draft_layer"], case["epsilon"])
+    prompt, max_new = case["prompt"], case["max_new_tokens"]
+    tokens, stats = run_ppsd(
+        model,
+        prompt,
+        max_new,
+        stages=case["stages"],
+        stage_boundaries=case["stage_boundaries"],
+        exit_layer=case["exit_layer"],
+    )
+    reference = ar_tokens(model, prompt, max_new)
+    assert tokens == reference
+    assert tokens == hf_tokens(model, prompt, max_new)
+    assert stats.exit_layer == case["draft_layer"]
+    check_accounting(stats, max_new)
+
+
+@pytest.mark.parametrize(
+    ("arch", "num_layers", "stages", "boundaries", "exit_layer", "epsilon"),
+    [
+        ("llama", 4, 2, None, None, 0.1),
+        ("qwen2", 6, 3, [1, 4], 1, 0.1),
+        ("llama", 8, 4, None, 1, 0.5),
+    ],
+)
+def test_confirms_and_flushes_both_occur(arch, num_layers, stages, boundaries, exit_layer, epsilon) -> None:
+    model = tiny_model(arch, num_layers, seed=1)
+    plan = plan_stages(num_layers, stages, boundaries, exit_layer)
+    scale_late_layers(model, plan.exit_layer, epsilon)
+    prompt, max_new = [5, 17, 3], 40
+    tokens, stats = run_ppsd(model, prompt, max_new, stages=stages, stage_boundaries=boundaries, exit_layer=exit_layer)
+    assert tokens == ar_tokens(model, prompt, max_new)
+    assert stats.confirms > 0 and stats.flushes > 0, stats.summary()
+    assert 0 < stats.alpha < 1
+    check_accounting(stats, max_new)
+
+
+def test_full_acceptance_gives_one_token_per_tick() -> None:
+    model = scale_late_layers(tiny_model("llama", 6, seed=2), 2, 0.0)
+    tokens, stats = run_ppsd(model, [1, 2, 3], 30, stages=3)
+    assert tokens == ar_tokens(model, [1, 2, 3], 30)
+    assert stats.flushes == 0 and stats.alpha == 1.0 and stats.ideal_speedup == pytest.approx(3.0)
+    assert stats.ticks == 2 + 29
+
+
+def test_eos_stops_the_pipeline() -> None:
+    model = scale_late_layers(tiny_model("llama", 4, seed=3), 2, 0.1)
+    reference = ar_tokens(model, [4, 9], 25)
+    eos = reference[10]
+    adapter = ModelAdapter(model)
+    sink = TokenSink(25, [eos], None)
+    decode_ppsd(adapter, [4, 9], sink, adapter.new_cache(1, 40), stages=2)
+    assert sink.tokens == reference[: reference.index(eos) + 1]
+
+
+# ------------------------------------------------------------------------------------------ distributed backend
+def _descendants_of_children() -> list[int]:
+    """Processes whose parent is one of our children (the forkserver's workers), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    children = {pid for pid, parent in parents.items() if parent == os.getpid()}
+    return [pid for pid, parent in parents.items() if parent in children]
+
+
+@pytest.mark.parametrize(
+    ("stages", "arch", "tied", "must_flush"),
+    [(2, "llama", False, True), (3, "qwen2", False, True), (2, "llama", True, False)],
+)
+def test_distributed_equals_ar_and_sequential(stages: int, arch: str, tied: bool, must_flush: bool) -> None:
+    # a random tied-embedding model this small mostly repeats its input token: it rarely flushes, but checks that
+    # the last stage's head, tied to stage 1's embedding, is handed over right
+    model = scale_late_layers(tiny_model(arch, 6, seed=4, tied=tied), 6 // stages, 0.3)
+    prompt, max_new = [7, 1, 30, 2], 24
+    tokens, stats = run_ppsd(model, prompt, max_new, stages=stages, backend="distributed", timeout_s=120)
+    assert tokens == ar_tokens(model, prompt, max_new)
+    _, sequential = run_ppsd(model, prompt, max_new, stages=stages)
+    assert (stats.ticks, stats.confirms, stats.flushes) == (sequential.ticks, sequential.confirms, sequential.flushes)
+    assert stats.confirms > 0 and (stats.flushes > 0 or not must_flush)
+    check_accounting(stats, max_new)
+    assert _descendants_of_children() == []
+
+
+def test_distributed_worker_error_reaches_caller_and_nothing_hangs() -> None:
+    model = tiny_model("llama", 6, seed=5)
+    begin = time.monotonic()
+    with pytest.raises(PPSDWorkerError, match=r"(?s)stage 1 \(rank 0\).*IndexError"):
+        run_ppsd(model, [3, VOCAB + 10], 8, stages=3, backend="distributed", timeout_s=60)
+    assert time.monotonic() - begin < 30  # the blocked ranks were stopped, not waited for
+    assert _descendants_of_children() == []
+
+
+class FailingMLP(nn.Module):
+    """A layer's MLP that breaks after `calls` calls, as a device fault in one stage would."""
+
+    def __init__(self, mlp: nn.Module, calls: int) -> None:
+        super().__init__()
+        self.mlp, self.calls = mlp, calls
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls -= 1
+        if self.calls < 0:
+            raise RuntimeError("injected stage fault")
+        return self.mlp(hidden)
+
+
+def test_distributed_mid_run_failure_in_last_stage() -> None:
+    model = tiny_model("llama", 4, seed=6)
+    model.model.layers[3].mlp = FailingMLP(model.model.layers[3].mlp, calls=5)
+    with pytest.raises(PPSDWorkerError, match=r"(?s)stage 2 \(rank 1\).*injected stage fault"):
+        run_ppsd(model, [3, 4], 12, stages=2, backend="distributed", timeout_s=60)
+    assert _descendants_of_children() == []
+
+
+def test_stage_model_holds_only_its_layers() -> None:
+    model = tiny_model("llama", 6, seed=7)
+    plan = plan_stages(6, 3)
+    shares = [stage_model(model, plan, s) for s in range(3)]
+    ids = {s: {id(p) for p in part.parameters()} for s, part in enumerate(shares)}
+    for s in range(3):
+        for index, layer in enumerate(model.model.layers):
+            inside = index in plan.layers(s)
+            assert all((id(p) in ids[s]) == inside for p in layer.parameters())
+    assert id(model.model.embed_tokens.weight) in ids[0] and id(model.model.embed_tokens.weight) not in ids[1]
+    assert id(model.lm_head.weight) in ids[2] and id(model.lm_head.weight) not in ids[1]
+    assert len(model.model.layers) == 6 and all(not isinstance(x, nn.Identity) for x in model.model.layers)
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stages": 1}, "stages must be an integer >= 2"),
+        ({"stages": 5}, "must not exceed the model's 4 layers"),
+        ({"stages": 2, "stage_boundaries": [0]}, "strictly increasing"),
+        ({"stages": 2, "stage_boundaries": [4]}, "strictly increasing"),
+        ({"stages": 3, "stage_boundaries": [2, 2]}, "strictly increasing"),
+        ({"stages": 3, "stage_boundaries": [3, 1]}, "strictly increasing"),
+        ({"stages": 3, "stage_boundaries": [1]}, "cut points"),
+        ({"stages": 2, "stage_boundaries": [1, 2, 4]}, "must start at 0"),
+        ({"stages": 2, "exit_layer": 3}, r"exit_layer must lie inside stage 1.*\[1, 2\]"),
+        ({"stages": 2, "stage_boundaries": [1], "exit_layer": 2}, "inside stage 1"),
+        ({"stages": 2, "exit_layer": 0}, "inside stage 1"),
+        ({"stages": 2, "backend": "threads"}, "backend must be one of"),
+        ({"stages": 2, "backend": "streams"}, "needs a GPU"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs: dict, message: str) -> None:
+    model = tiny_model("llama", 4)
+    with pytest.raises(ValueError, match=message):
+        run_ppsd(model, [1, 2], 4, **kwargs)
+
+
+def test_explicit_full_bounds_and_balanced_default() -> None:
+    assert plan_stages(10, 4).bounds == (0, 2, 4, 7, 10)
+    assert plan_stages(10, 2, [0, 3, 10], 2).bounds == (0, 3, 10)
+    for layers in range(2, 13):
+        for stages in range(2, layers + 1):
+            bounds = balanced_bounds(layers, stages)
+            sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+            assert sum(sizes) == layers and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
