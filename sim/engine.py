@@ -182,9 +182,12 @@ class Link:
 
     def __init__(self, env: simpy.Environment, model: LinkModel, target: Inbox) -> None:
         self.env, self.model, self.target = env, model, target
+        self._delay_us: dict[int, float] = {}
 
     def put(self, item: Any, nbytes: int) -> None:
-        delay_us = self.model.time_us(nbytes)
+        delay_us = self._delay_us.get(nbytes)
+        if delay_us is None:
+            delay_us = self._delay_us[nbytes] = self.model.time_us(nbytes)
         if delay_us <= 0.0:
             self.target.put(item)
             return
@@ -396,15 +399,16 @@ class Simulation:
             pipe.pending = child
 
     def _ppsd_exit(self, job: Job) -> None:
-        pipe = self._pipe
+        pipe, counts, batch = self._pipe, self.counts, len(self._pipe.rows)
         pipe.in_flight -= 1
         self._useful(job)
-        self._count(tokens=len(pipe.rows))
+        counts["tokens"] += batch
         if job.position + 2 >= pipe.output_len:
             pipe.finished.succeed()
             return
         if job.next_ok:
-            self._count(accepted=len(pipe.rows), drafted=len(pipe.rows))
+            counts["accepted"] += batch
+            counts["drafted"] += batch
             if pipe.pending is not None:
                 pending, pipe.pending = pipe.pending, None
                 self._ppsd_enter(pending)
