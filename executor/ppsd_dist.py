@@ -38,13 +38,13 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.utils import skip_init
 
 from executor.adapter import ModelAdapter
 from executor.decoding import TokenSink
@@ -100,6 +100,13 @@ class StageKVCache(KVCache):
         super().rollback(length, None if layers is None else [layer - self.first for layer in layers])
 
 
+def _placeholder(module_cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """An empty (zero-row) stand-in for a part this stage does not hold; torch warns that its init is a no-op."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return module_cls(*args, **kwargs)
+
+
 def stage_model(model: nn.Module, plan: StagePlan, stage: int) -> nn.Module:
     """A structural copy of `model` sharing only stage `stage`'s weights; every other part is an empty placeholder.
 
@@ -114,12 +121,14 @@ def stage_model(model: nn.Module, plan: StagePlan, stage: int) -> nn.Module:
     )
     weight = model.lm_head.weight
     if stage != 0:
-        base.embed_tokens = skip_init(nn.Embedding, 0, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        base.embed_tokens = _placeholder(nn.Embedding, 0, weight.shape[1], device=weight.device, dtype=weight.dtype)
     clone = copy.copy(model)
     clone._modules = dict(model._modules)
     clone.model = base
     if stage not in (0, plan.stages - 1):
-        clone.lm_head = skip_init(nn.Linear, weight.shape[1], 0, bias=False, device=weight.device, dtype=weight.dtype)
+        clone.lm_head = _placeholder(
+            nn.Linear, weight.shape[1], 0, bias=False, device=weight.device, dtype=weight.dtype
+        )
     return clone
 
 
