@@ -189,6 +189,13 @@ def generate(
     return GenerationResult(sequences=sequences, stats=stats)
 
 
+def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.Tensor | None:
+    """HF infers the attention mask from the pad token when the input holds one that is not an EOS token."""
+    if pad is None or pad in eos or not bool((ids == pad).any()):
+        return None
+    return (ids != pad).long()
+
+
 # model.generate arguments the drop-in understands; anything else raises instead of being ignored
 SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
@@ -247,10 +254,8 @@ class EarlyExitGenerator:
         config = self._generation_config(kwargs)
         ids = _as_2d(input_ids)
         mask = kwargs.get("attention_mask")
-        if mask is None and config.pad_token_id is not None and ids.shape[0] > 1:
-            # HF infers the mask from the pad token when the batch holds one that is not an EOS token
-            if bool((ids == config.pad_token_id).any()) and config.pad_token_id not in _eos_ids(config.eos_token_id):
-                mask = (ids != config.pad_token_id).long()
+        if mask is None:
+            mask = _mask_from_pad(ids, config.pad_token_id, _eos_ids(config.eos_token_id))
         max_new = config.max_new_tokens
         if max_new is None:
             max_new = max(config.max_length - ids.shape[1], 0)

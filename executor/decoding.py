@@ -269,15 +269,16 @@ def verify_pass(adapter: ModelAdapter, cache: KVCache, head, exit_layer: int, ro
 def accept(selector: TokenSelector, drafts: Drafts, logits: torch.Tensor, step: Step, row: int) -> tuple[int, int]:
     """Step 3 for one row: (accepted drafts, the full model's token after them)."""
     own = drafts.tokens[row]
+    targets = step.positions + 1  # logits at position j choose the token at j + 1
     if selector.config.kind == "rejection":
-        target_probs = selector.probs(logits[row : row + 1], step.positions[row : row + 1])[0]
+        target_probs = selector.probs(logits[row : row + 1], targets[row : row + 1])[0]
         return accept_rejection(selector, own, drafts.probs[row], target_probs)
-    targets = selector.select(logits[row : row + 1, : len(own) + 1], step.positions[row : row + 1, : len(own) + 1])
-    targets = targets[0].tolist()
+    tokens = selector.select(logits[row : row + 1, : len(own) + 1], targets[row : row + 1, : len(own) + 1])
+    tokens = tokens[0].tolist()
     accepted = 0
-    while accepted < len(own) and own[accepted] == targets[accepted]:
+    while accepted < len(own) and own[accepted] == tokens[accepted]:
         accepted += 1
-    return accepted, targets[accepted]
+    return accepted, tokens[accepted]
 
 
 @torch.inference_mode()

@@ -1,0 +1,175 @@
+"""Batches (left padding + attention_mask) equal HF `generate` per row; the drop-in accepts what HF accepts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
+from transformers import GenerationConfig
+
+import executor
+
+PAD = 0
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@st.composite
+def batch_cases(draw):
+    spec = draw(tiny_specs(archs=("llama", "qwen2"), min_layers=2, max_layers=4))
+    exit_layer = draw(st.integers(1, spec.num_layers - 1))
+    model = scale_late_layers(tiny_model(spec), exit_layer, draw(st.sampled_from([0.0, 0.05, 1.0])))
+    prompts = draw(st.lists(st.lists(st.integers(1, spec.vocab - 1), min_size=1, max_size=12), min_size=1, max_size=5))
+    return model, spec, exit_layer, prompts
+
+
+@given(
+    case=batch_cases(),
+    draft_len=st.integers(1, 5),
+    max_new_tokens=st.integers(1, 24),
+    min_new_tokens=st.integers(0, 6),
+    eos_pick=st.integers(0, 200),
+)
+def test_batch_equals_hf_greedy_per_row(case, draft_len, max_new_tokens, min_new_tokens, eos_pick):
+    model, spec, exit_layer, prompts = case
+    ids, mask = left_pad(prompts)
+    eos = 1 + eos_pick % (spec.vocab - 1)  # a frequent-enough token so that some rows stop early
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
+        pad_token_id=PAD,
+    )  # fmt: skip
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    for method in ("ar", "eesd"):
+        generator = executor.EarlyExitGenerator(model, method=method, exit_layer=exit_layer, draft_len=draft_len)
+        assert generator.generate(ids, **kwargs).tolist() == expected.tolist(), method
+
+
+def test_rows_keep_their_own_accepted_lengths():
+    """Different prompts accept different lengths in the same round; outputs still equal one-row runs."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=64, seed=3)), 2, 0.3)
+    prompts = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3], [11]]
+    ids, mask = left_pad(prompts)
+    batched = executor.generate(
+        model, ids, attention_mask=mask, method="eesd", exit_layer=2, draft_len=4, max_new_tokens=30
+    )
+    width = ids.shape[1]
+    for row, prompt in enumerate(prompts):
+        single = executor.generate(model, prompt, method="eesd", exit_layer=2, draft_len=4, max_new_tokens=30)
+        assert batched.sequences[row, width:].tolist() == single.sequences[0, len(prompt) :].tolist()
+    assert len(set(batched.stats.accepted)) > 1
+
+
+def test_exact_sampling_batch_rows_equal_single_rows():
+    """Noise is keyed by each row's own positions: a row samples the same tokens alone or in a batch."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=3, vocab=40, seed=4)), 1, 0.05)
+    prompts = [[1, 2, 3, 4], [7]]
+    ids, mask = left_pad(prompts)
+    options = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=5, max_new_tokens=16)
+    batched = executor.generate(model, ids, attention_mask=mask, method="eesd", exit_layer=1, **options)
+    for row, prompt in enumerate(prompts):
+        single = executor.generate(model, prompt, method="ar", **options)
+        assert batched.sequences[row, ids.shape[1] :].tolist() == single.sequences[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=80, seed=8)), 2, 0.05)
+
+
+def test_generation_config_and_max_length(model):
+    ids = torch.tensor([[3, 4, 5]])
+    config = GenerationConfig(max_new_tokens=9, min_new_tokens=3, eos_token_id=[4, 7], pad_token_id=PAD)
+    expected = model.generate(ids, generation_config=config, do_sample=False)
+    got = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, generation_config=config)
+    assert got.tolist() == expected.tolist()
+    expected = model.generate(ids, max_length=11, do_sample=False, pad_token_id=PAD)
+    got = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, max_length=11)
+    assert got.tolist() == expected.tolist()
+
+
+def test_pad_token_infers_attention_mask_like_hf(model):
+    ids, _ = left_pad([[3, 4, 5, 6], [9, 9]])
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    got = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, max_new_tokens=6, pad_token_id=PAD)
+    assert got.tolist() == expected.tolist()
+
+
+def test_text_streamer_receives_the_tokens(model):
+    class Recorder:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(torch.as_tensor(value).flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    recorder = Recorder()
+    ids = torch.tensor([[3, 4, 5]])
+    out = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, max_new_tokens=12, streamer=recorder)
+    assert recorder.chunks[0] == [3, 4, 5] and recorder.ended
+    assert sum(recorder.chunks[1:], []) == out[0, 3:].tolist()
+
+
+def test_hf_text_streamer_works(model, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, TextStreamer
+
+    vocab = {f"w{i}": i for i in range(80)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ids = torch.tensor([[3, 4, 5]])
+    out = executor.EarlyExitGenerator(model, exit_layer=2).generate(
+        ids, max_new_tokens=8, streamer=TextStreamer(tokenizer)
+    )
+    printed = capsys.readouterr().out
+    assert tokenizer.decode(out[0, 3:].tolist()).split()[-1] in printed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_beams=4), "unsupported generate argument"),
+        (dict(output_scores=True), "unsupported generate argument"),
+        (dict(generation_config=GenerationConfig(num_beams=3)), "num_beams=3 is not supported"),
+        (dict(generation_config=GenerationConfig(repetition_penalty=1.2)), "repetition_penalty"),
+        (dict(attention_mask=torch.tensor([[1, 0, 1]])), "not left padding"),
+    ],
+)
+def test_unsupported_arguments_raise(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        executor.EarlyExitGenerator(model, exit_layer=2).generate(torch.tensor([[3, 4, 5]]), **kwargs)
+
+
+def test_model_generation_config_sampling_defaults_apply(model):
+    """A model whose generation_config samples makes the drop-in sample too (exact mode), as HF would."""
+    ids = torch.tensor([[3, 4, 5]])
+    greedy = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, max_new_tokens=10)
+    config = GenerationConfig(do_sample=True, temperature=1.3, top_p=0.95, max_new_tokens=10)
+    eesd = executor.EarlyExitGenerator(model, exit_layer=2, seed=1).generate(ids, generation_config=config)
+    ar = executor.EarlyExitGenerator(model, method="ar", seed=1).generate(ids, generation_config=config)
+    assert eesd.tolist() == ar.tolist() and eesd.tolist() != greedy.tolist()
+
+
+@pytest.mark.parametrize("method", ["ar", "eesd"])
+@pytest.mark.parametrize("shift", [-1, 0, 1])
+def test_min_new_tokens_boundary_matches_hf(model, method, shift):
+    """EOS first due at new token j: min_new_tokens = j allows it there, j + 1 forbids it (HF's rule)."""
+    prompt = [3, 4, 5]
+    free = executor.generate(model, prompt, max_new_tokens=30).sequences[0, 3:].tolist()
+    j = next(i for i in range(3, 30) if free[i] not in free[:i] and free[i] not in prompt)
+    ids = torch.tensor([prompt])
+    kwargs = dict(max_new_tokens=30, min_new_tokens=j + shift, eos_token_id=free[j], pad_token_id=PAD)
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    got = executor.EarlyExitGenerator(model, method=method, exit_layer=2).generate(ids, **kwargs)
+    assert got.tolist() == expected.tolist()
+    assert (got.shape[1] == 3 + j + 1) == (shift <= 0)
