@@ -1,4 +1,4 @@
-"""PPSD: the verify-while-draft pipeline (Li et al. 2025, arXiv 2509.19368), greedy, batch 1.
+"""PPSD: the verify-while-draft pipeline (Li et al. 2025, arXiv 2509.19368), greedy or exact sampling, batch 1.
 
 The L decoder layers are cut into n stages at boundaries 0 = b_0 < b_1 < .. < b_n = L. The exit head (the model's
 own final norm + LM head, LayerSkip's shared exit) sits at layer E inside stage 1 (default E = b_1). One *tick*:
@@ -11,7 +11,8 @@ own final norm + LM head, LayerSkip's shared exit) sits at layer E inside stage 
        rolls the KV of its own layers back to p + 1, and f enters stage 1 on the next tick.
     4. The other tokens move one stage down.
 
-Every emitted token is the full model's greedy prediction from the committed prefix, so the output equals AR greedy.
+Every emitted token is the full model's prediction from the committed prefix, so the output equals AR greedy (and,
+with exact sampling, where a position's token is a function of the logits, the seed and the position, seeded AR).
 With balanced stages, a free head and free links, a confirmed token costs 1 tick and a flushed one n ticks, so at
 acceptance alpha the speedup over AR on the same hardware is n / (alpha + (1 - alpha) n) (never below 1).
 
@@ -32,6 +33,7 @@ import torch
 from executor.adapter import ModelAdapter, Step
 from executor.decoding import GenerationStats, TokenSink
 from executor.kv_cache import KVCache
+from executor.sampling import SamplingConfig, TokenSelector
 
 BACKENDS = ("sequential", "streams", "distributed")
 
@@ -252,8 +254,10 @@ class Decision:
 class StageRunner:
     """Runs one stage's layers on one token; stage 1 also drafts at the exit layer, the last stage predicts."""
 
-    def __init__(self, adapter: ModelAdapter, cache: KVCache, plan: StagePlan, stage: int) -> None:
-        self.adapter, self.cache, self.plan, self.stage = adapter, cache, plan, stage
+    def __init__(
+        self, adapter: ModelAdapter, cache: KVCache, plan: StagePlan, stage: int, selector: TokenSelector
+    ) -> None:
+        self.adapter, self.cache, self.plan, self.stage, self.selector = adapter, cache, plan, stage, selector
         self.layers = plan.layers(stage)
         self.is_first, self.is_last = stage == 0, stage == plan.stages - 1
 
@@ -262,12 +266,14 @@ class StageRunner:
         if self.is_first:
             ids = torch.tensor([[item.token]], dtype=torch.long, device=self.adapter.device)
             hidden = self.adapter.forward_layers(self.adapter.embed(ids), step, self.cache, 0, self.plan.exit_layer)
-            draft_id = self.adapter.logits(hidden)[0, -1].argmax(-1, keepdim=True)
+            draft_id = self.selector.select(self.adapter.logits(hidden), step.positions + 1)[0]
             hidden = self.adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
         else:
             draft_id = None
             hidden = self.adapter.forward_layers(item.hidden, step, self.cache, self.layers.start, self.layers.stop)
-        predicted_id = self.adapter.logits(hidden)[0, -1].argmax(-1, keepdim=True) if self.is_last else None
+        predicted_id = (
+            self.selector.select(self.adapter.logits(hidden), step.positions + 1)[0] if self.is_last else None
+        )
         return StageOutput(item.position, hidden, draft_id, predicted_id, item.draft)
 
     def prefill(self, hidden: torch.Tensor | None, prompt: list[int]) -> torch.Tensor:
@@ -282,9 +288,24 @@ class StageRunner:
         self.cache.rollback(position, layers=self.layers)
 
 
-def first_token(adapter: ModelAdapter, hidden: torch.Tensor) -> int:
-    """The full model's greedy token after the prompt, from the last stage's prompt states [1, P, d]."""
-    return int(adapter.logits(hidden[:, -1:])[0, -1].argmax())
+def first_token(runner: StageRunner, hidden: torch.Tensor) -> int:
+    """The full model's token after the prompt, from the last stage's prompt states [1, P, d]."""
+    target = torch.tensor([[hidden.shape[1]]], device=hidden.device)
+    return int(runner.selector.select(runner.adapter.logits(hidden[:, -1:]), target)[0, 0])
+
+
+def make_selector(
+    adapter: ModelAdapter, prompt_len: int, sink: TokenSink, sampling: SamplingConfig | None, min_new_tokens: int
+) -> TokenSelector:
+    """Greedy by default; exact sampling picks a position's token by Gumbel-max keyed by (seed, position), so the
+    full model's token is a function of its logits and a draft is right iff it equals it (as in greedy)."""
+    config = sampling if sampling is not None else SamplingConfig()
+    if config.kind == "rejection":
+        raise ValueError(
+            "PPSD supports greedy and exact sampling (sampling mode 'exact'): its verdict is token equality, which "
+            "rejection sampling's accept test is not"
+        )
+    return TokenSelector(config, [prompt_len], min_new_tokens, sorted(sink.eos_token_ids), adapter.device)
 
 
 def feed_limit(prompt_len: int, max_new_tokens: int) -> int:
@@ -311,8 +332,16 @@ def judge(out: StageOutput | None, sink: TokenSink) -> Decision:
 class LocalPipeline:
     """All stages in one process: `sequential` (one after the other) or `streams` (one CUDA stream each)."""
 
-    def __init__(self, adapter: ModelAdapter, cache: KVCache, plan: StagePlan, stats: PPSDStats, streams: bool):
-        self.runners = [StageRunner(adapter, cache, plan, s) for s in range(plan.stages)]
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        cache: KVCache,
+        plan: StagePlan,
+        stats: PPSDStats,
+        selector: TokenSelector,
+        streams: bool,
+    ) -> None:
+        self.runners = [StageRunner(adapter, cache, plan, s, selector) for s in range(plan.stages)]
         self.stats = stats
         self.inputs: list[Item | None] = [None] * plan.stages
         self.streams = [torch.cuda.Stream(device=adapter.device) for _ in self.runners] if streams else None
@@ -375,15 +404,21 @@ def _as_item(out: StageOutput | None) -> Item | None:
 
 @torch.inference_mode()
 def _decode_local(
-    adapter: ModelAdapter, prompt: list[int], sink: TokenSink, cache: KVCache, plan: StagePlan, backend: str
+    adapter: ModelAdapter,
+    prompt: list[int],
+    sink: TokenSink,
+    cache: KVCache,
+    plan: StagePlan,
+    backend: str,
+    selector: TokenSelector,
 ) -> PPSDStats:
     stats = new_stats(plan, backend, len(prompt))
     begin = time.perf_counter()
-    pipeline = LocalPipeline(adapter, cache, plan, stats, streams=backend == "streams")
+    pipeline = LocalPipeline(adapter, cache, plan, stats, selector, streams=backend == "streams")
     hidden = None
     for runner in pipeline.runners:
         hidden = runner.prefill(hidden, prompt)
-    token = first_token(adapter, hidden)
+    token = first_token(pipeline.runners[-1], hidden)
     stats.prefill_time_s = time.perf_counter() - begin
     sink.emit([token])
     pipeline.inputs[0] = Item(len(prompt), token=token)
@@ -419,10 +454,13 @@ def decode_ppsd(
     stage_boundaries: Sequence[int] | None = None,
     exit_layer: int | None = None,
     backend: str = "sequential",
+    sampling: SamplingConfig | None = None,
+    min_new_tokens: int = 0,
     threads_per_stage: int | None = None,
     timeout_s: float = 600.0,
 ) -> PPSDStats:
-    """PPSD greedy decoding (see the module docstring); the emitted tokens equal AR greedy's.
+    """PPSD decoding (see the module docstring); the emitted tokens equal AR's: greedy, or with `sampling` in exact
+    mode (executor/sampling.py) seeded AR sampling's, token for token. `min_new_tokens` masks EOS as HF does.
 
     `cache` must hold len(prompt) + sink.max_new_tokens positions; the `distributed` backend ignores it (each stage
     process allocates its own layers' KV) and takes `threads_per_stage` (torch threads per process, default
@@ -432,15 +470,25 @@ def decode_ppsd(
     check_backend(adapter, backend)
     if not prompt:
         raise ValueError("empty prompt: PPSD needs at least one prompt token")
+    selector = make_selector(adapter, len(prompt), sink, sampling, min_new_tokens)
     if sink.done:
         return new_stats(plan, backend, len(prompt))
     if backend == "distributed":
         from executor.ppsd_dist import decode_distributed
 
-        return decode_distributed(adapter, prompt, sink, plan, threads_per_stage=threads_per_stage, timeout_s=timeout_s)
+        return decode_distributed(
+            adapter,
+            prompt,
+            sink,
+            plan,
+            sampling=selector.config,
+            min_new_tokens=min_new_tokens,
+            threads_per_stage=threads_per_stage,
+            timeout_s=timeout_s,
+        )
     if cache.max_len < len(prompt) + sink.max_new_tokens - 1:
         raise ValueError(
             f"cache holds {cache.max_len} positions, PPSD needs len(prompt) + max_new_tokens - 1 = "
             f"{len(prompt) + sink.max_new_tokens - 1}"
         )
-    return _decode_local(adapter, prompt, sink, cache, plan, backend)
+    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector)

@@ -60,11 +60,13 @@ from executor.ppsd import (
     feed_limit,
     first_token,
     judge,
+    make_selector,
     new_stats,
     next_first_input,
     plan_stages,
     resolve_first,
 )
+from executor.sampling import SamplingConfig, TokenSelector
 
 _POLL_S = 0.05
 _KILL_GRACE_S = 5.0
@@ -205,12 +207,18 @@ class StageReport:
 
 @torch.inference_mode()
 def run_stage(
-    adapter: ModelAdapter, plan: StagePlan, rank: int, prompt: list[int], sink: TokenSink, on_tokens=None
+    adapter: ModelAdapter,
+    plan: StagePlan,
+    rank: int,
+    prompt: list[int],
+    sink: TokenSink,
+    selector: TokenSelector,
+    on_tokens=None,
 ) -> StageReport:
     """Rank `rank`'s part of a PPSD generation (process group already initialised). The last rank fills `sink`."""
     layers = plan.layers(rank)
     cache = StageKVCache(adapter, layers.start, layers.stop, len(prompt) + sink.max_new_tokens)
-    runner = StageRunner(adapter, cache, plan, rank)
+    runner = StageRunner(adapter, cache, plan, rank, selector)
     link = Link(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype)
     stats = new_stats(plan, "distributed", len(prompt))
     dist.barrier()  # every process has its model: time from here
@@ -263,7 +271,7 @@ def _prefill(runner: StageRunner, link: Link, prompt: list[int], sink: TokenSink
     if not runner.is_last:
         link.send_prompt_states(hidden)
         return link.exchange_verdict(None)
-    token = first_token(runner.adapter, hidden)
+    token = first_token(runner, hidden)
     sink.emit([token])
     if on_tokens is not None:
         on_tokens([token])
@@ -281,6 +289,8 @@ class WorkerJob:
     max_new_tokens: int
     eos_token_ids: tuple[int, ...]
     device_type: str  # "cpu" (gloo) or "cuda" (NCCL, rank r on cuda:r)
+    sampling: SamplingConfig
+    min_new_tokens: int
     threads: int
     timeout_s: float
 
@@ -307,7 +317,10 @@ def _worker(rank: int, init_method: str, job: WorkerJob, messages) -> None:
         )
         adapter = ModelAdapter(job.model.to(device))
         sink = TokenSink(job.max_new_tokens, job.eos_token_ids, None)
-        report = run_stage(adapter, job.plan, rank, job.prompt, sink, lambda t: messages.put(("tokens", rank, t)))
+        selector = make_selector(adapter, len(job.prompt), sink, job.sampling, job.min_new_tokens)
+        report = run_stage(
+            adapter, job.plan, rank, job.prompt, sink, selector, lambda t: messages.put(("tokens", rank, t))
+        )
         messages.put(("report", rank, report))
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - every failure must reach the caller
@@ -321,6 +334,8 @@ def decode_distributed(
     sink: TokenSink,
     plan: StagePlan,
     *,
+    sampling: SamplingConfig | None = None,
+    min_new_tokens: int = 0,
     threads_per_stage: int | None = None,
     timeout_s: float = 600.0,
 ) -> PPSDStats:
@@ -342,6 +357,8 @@ def decode_distributed(
             sink.max_new_tokens,
             tuple(sink.eos_token_ids),
             device_type,
+            sampling if sampling is not None else SamplingConfig(),
+            min_new_tokens,
             threads,
             timeout_s,
         )
@@ -462,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             prompt = load_tokenizer(args.model)(args.prompt)["input_ids"]
         eos = adapter.config.eos_token_id
         sink = TokenSink(args.max_new_tokens, [] if eos is None else [eos] if isinstance(eos, int) else eos, None)
-        report = run_stage(adapter, plan, rank, prompt, sink)
+        sampling = SamplingConfig(args.do_sample, "exact", args.temperature, args.top_k, args.top_p, args.seed)
+        report = run_stage(adapter, plan, rank, prompt, sink, make_selector(adapter, len(prompt), sink, sampling, 0))
         if rank == world - 1:
             print(json.dumps({"tokens": sink.tokens, "report": asdict(report)}))
     finally:
@@ -480,6 +498,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage-boundaries", help="comma-separated cut points, n - 1 of them")
     parser.add_argument("--exit-layer", type=int)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--do-sample", action="store_true", help="exact sampling (Gumbel-max keyed by position)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads per process")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU even where GPUs are visible")
     parser.add_argument("--timeout-s", type=float, default=600.0)

@@ -23,6 +23,7 @@ from executor.adapter import ModelAdapter
 from executor.decoding import TokenSink
 from executor.ppsd import balanced_bounds, decode_ppsd, plan_stages
 from executor.ppsd_dist import PPSDWorkerError, stage_model
+from executor.sampling import SamplingConfig
 
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 VOCAB = 61
@@ -175,6 +176,44 @@ def test_eos_stops_the_pipeline() -> None:
     assert sink.tokens == reference[: reference.index(eos) + 1]
 
 
+@pytest.mark.parametrize(
+    ("seed", "temperature", "top_k", "top_p", "stages", "min_new"),
+    [(0, 1.0, None, None, 2, 0), (7, 0.7, 20, None, 3, 3), (123, 1.3, None, 0.9, 4, 0)],
+)
+def test_exact_sampling_equals_seeded_ar_sampling(seed, temperature, top_k, top_p, stages, min_new) -> None:
+    model = scale_late_layers(tiny_model("qwen2", 8, seed=seed), 2, 0.2)
+    prompt, max_new, eos = [9, 8, 7], 30, [3, 5]
+    sampling = SamplingConfig(True, "exact", temperature, top_k, top_p, seed)
+    adapter = ModelAdapter(model)
+    sink = TokenSink(max_new, eos, None)
+    stats = decode_ppsd(
+        adapter,
+        prompt,
+        sink,
+        adapter.new_cache(1, 40),
+        stages=stages,
+        exit_layer=2,
+        sampling=sampling,
+        min_new_tokens=min_new,
+    )
+    reference = executor.generate(
+        model,
+        prompt,
+        method="ar",
+        max_new_tokens=max_new,
+        min_new_tokens=min_new,
+        eos_token_id=eos,
+        do_sample=True,
+        sampling="exact",
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+    )
+    assert sink.tokens == reference.sequences[0, len(prompt) :].tolist()
+    assert stats.confirms > 0
+
+
 # ------------------------------------------------------------------------------------------ distributed backend
 def _descendants_of_children() -> list[int]:
     """Processes whose parent is one of our children (the forkserver's workers), from /proc."""
@@ -206,6 +245,14 @@ def test_distributed_equals_ar_and_sequential(stages: int, arch: str, tied: bool
     assert stats.confirms > 0 and (stats.flushes > 0 or not must_flush)
     check_accounting(stats, max_new)
     assert _descendants_of_children() == []
+
+
+def test_distributed_exact_sampling_equals_sequential() -> None:
+    model = scale_late_layers(tiny_model("llama", 6, seed=8), 2, 0.3)
+    sampling = SamplingConfig(True, "exact", 0.8, None, None, 11)
+    tokens, stats = run_ppsd(model, [4, 4, 2], 20, stages=3, sampling=sampling, backend="distributed", timeout_s=120)
+    expected, sequential = run_ppsd(model, [4, 4, 2], 20, stages=3, sampling=sampling)
+    assert tokens == expected and (stats.confirms, stats.flushes) == (sequential.confirms, sequential.flushes)
 
 
 def test_distributed_worker_error_reaches_caller_and_nothing_hangs() -> None:
@@ -270,6 +317,7 @@ def test_stage_model_holds_only_its_layers() -> None:
         ({"stages": 2, "exit_layer": 0}, "inside stage 1"),
         ({"stages": 2, "backend": "threads"}, "backend must be one of"),
         ({"stages": 2, "backend": "streams"}, "needs a GPU"),
+        ({"stages": 2, "sampling": SamplingConfig(True, "rejection")}, "greedy and exact sampling"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs: dict, message: str) -> None:

@@ -1,0 +1,220 @@
+"""CPU benchmark (not a test): AR vs EESD vs PPSD (sequential, distributed with 2 and 4 processes).
+
+The model is a random Llama config large enough that compute dominates (hidden 1024, 12 layers, float32). Acceptance
+is controlled with DESIGN.md §2's trick: o_proj and down_proj of layers >= the exit layer are scaled by epsilon, so the
+shared exit head agrees with the full model often (small epsilon) or always (epsilon 0). Every method drafts at the
+same exit layer (L / 4 = 3), so they see the same drafts and the same acceptance.
+
+Each distributed stage process runs with one torch thread. This box has 2 cores: 2 processes use both, 4 processes
+oversubscribe them (two stages per core), so the 4-stage pipeline cannot overlap its stages here; the numbers say so.
+AR and EESD are timed with 2 threads (the whole box) and AR also with 1 thread (one core, the per-stage budget).
+Decode time excludes process start-up and model hand-over (reported separately as setup_s).
+
+    python benchmarks/ppsd_cpu.py                   # writes benchmarks/results/ppsd_cpu.json
+    python benchmarks/ppsd_cpu.py --quick           # a smaller run to try the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import executor
+from executor.adapter import ModelAdapter
+from executor.decoding import TokenSink
+from executor.ppsd import decode_ppsd
+
+RESULTS = Path(__file__).parent / "results" / "ppsd_cpu.json"
+
+
+@dataclass
+class Row:
+    method: str
+    epsilon: float
+    threads: str
+    tokens_per_s: float
+    speedup_vs_ar: float
+    alpha: float | None = None
+    ideal_speedup: float | None = None
+    tick_speedup: float | None = None
+    setup_s: float | None = None
+    stage_busy_s: list[float] | None = None
+    stage_idle_s: list[float] | None = None
+
+
+def build_model(num_layers: int, hidden: int, epsilon: float, exit_layer: int, seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 256,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers[exit_layer:]:
+            layer.self_attn.o_proj.weight.mul_(epsilon)
+            layer.mlp.down_proj.weight.mul_(epsilon)
+    return model
+
+
+def timed_generate(model, prompt: list[int], max_new: int, threads: int, repeats: int, **kwargs):
+    torch.set_num_threads(threads)
+    executor.generate(model, prompt, max_new_tokens=4, **kwargs)  # warm-up
+    times, result = [], None
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        result = executor.generate(model, prompt, max_new_tokens=max_new, **kwargs)
+        times.append(time.perf_counter() - begin)
+    return result, max_new / statistics.median(times)
+
+
+def timed_ppsd(
+    model, prompt: list[int], max_new: int, stages: int, backend: str, args: argparse.Namespace, threads: int
+):
+    adapter = ModelAdapter(model)
+    torch.set_num_threads(threads)
+    runs = []
+    for _ in range(args.repeats):
+        sink = TokenSink(max_new, [], None)
+        stats = decode_ppsd(
+            adapter,
+            prompt,
+            sink,
+            adapter.new_cache(1, len(prompt) + max_new),
+            stages=stages,
+            exit_layer=args.exit_layer,
+            backend=backend,
+            threads_per_stage=1,
+        )
+        runs.append((sink.tokens, stats))
+    runs.sort(key=lambda run: run[1].wall_time_s)
+    return runs[len(runs) // 2]
+
+
+def bench_epsilon(epsilon: float, args: argparse.Namespace, prompt: list[int]) -> list[Row]:
+    model = build_model(args.layers, args.hidden, epsilon, args.exit_layer)
+    new = args.max_new_tokens
+    ar_result, ar2 = timed_generate(model, prompt, new, 2, args.repeats, method="ar")
+    _, ar1 = timed_generate(model, prompt, new, 1, args.repeats, method="ar")
+    reference = ar_result.sequences[0, len(prompt) :].tolist()
+    eesd, eesd_tps = timed_generate(
+        model, prompt, new, 2, args.repeats, method="eesd", exit_layer=args.exit_layer, draft_len=args.draft_len
+    )
+    assert eesd.sequences[0, len(prompt) :].tolist() == reference, "EESD output differs from AR"
+    rows = [
+        Row("ar", epsilon, "2", ar2, 1.0),
+        Row("ar", epsilon, "1", ar1, ar1 / ar2),
+        Row(f"eesd k={args.draft_len}", epsilon, "2", eesd_tps, eesd_tps / ar2, alpha=eesd.stats.acceptance_rate),
+    ]
+    for stages, backend, threads in [(2, "sequential", 2), (2, "distributed", 1), (4, "distributed", 1)]:
+        tokens, stats = timed_ppsd(model, prompt, new, stages, backend, args, threads)
+        assert tokens == reference, f"PPSD {backend} n={stages} output differs from AR"
+        rows.append(
+            Row(
+                f"ppsd n={stages} {backend}",
+                epsilon,
+                f"{stages}x1" if backend == "distributed" else "2",
+                stats.tokens_per_s,
+                stats.tokens_per_s / ar2,
+                alpha=stats.alpha,
+                ideal_speedup=stats.ideal_speedup,
+                tick_speedup=stats.tick_speedup,
+                setup_s=stats.setup_time_s or None,
+                stage_busy_s=[round(s.busy_s, 4) for s in stats.stage_stats],
+                stage_idle_s=[round(s.idle_s, 4) for s in stats.stage_stats],
+            )
+        )
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'method':<24}{'eps':>6}{'threads':>8}{'tok/s':>9}{'vs AR(2)':>9}{'alpha':>7}{'ideal':>7}{'ticks':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+
+        def fmt(x):
+            return f"{x:7.2f}" if x is not None else f"{'':>7}"
+
+        lines.append(
+            f"{r.method:<24}{r.epsilon:>6.2f}{r.threads:>8}{r.tokens_per_s:>9.1f}{r.speedup_vs_ar:>8.2f}x"
+            f"{fmt(r.alpha)}{fmt(r.ideal_speedup)}{fmt(r.tick_speedup)}"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epsilons", default="0,0.06")
+    parser.add_argument("--quick", action="store_true", help="8 layers, 24 tokens, 1 repeat, no JSON")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.max_new_tokens, args.repeats = 8, 24, 1
+    args.exit_layer = args.layers // 4  # inside stage 1 of the 4-stage pipeline, shared by every method
+    prompt = list(range(5, 37))
+    load_before = os.getloadavg()
+    rows = [row for eps in map(float, args.epsilons.split(",")) for row in bench_epsilon(eps, args, prompt)]
+    print(table(rows))
+    if args.quick:
+        return
+    result = {
+        "benchmark": "ppsd_cpu",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu",
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": machine(),
+        "model": {"arch": "llama (random)", "layers": args.layers, "hidden": args.hidden, "vocab": 8192},
+        "exit_layer": args.exit_layer,
+        "prompt_tokens": len(prompt),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "note": "tokens/s = new tokens / decode time (prefill included, process start-up excluded; median of "
+        "repeats). The box is shared: other sessions' jobs ran concurrently (see load_average), so absolute "
+        "tokens/s are noisy. 2 cores: distributed n=4 runs 4 single-thread processes on 2 cores (oversubscribed).",
+        "load_average_1_5_15_before_after": [load_before, os.getloadavg()],
+        "rows": [row.__dict__ for row in rows],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
