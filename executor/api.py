@@ -16,6 +16,7 @@ from torch import nn
 
 from executor.adapter import ModelAdapter
 from executor.decoding import GenerationStats, Rows, TokenSink, decode_ar, decode_eesd
+from executor.heads import resolve_head
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.policy import DraftPolicy, make_policy
 
@@ -148,13 +149,15 @@ def generate(
     top_p: float | None = None,
     seed: int = 0,
     streamer: Any = None,
+    head: Any = None,
 ) -> GenerationResult:
     """Decode with `method` "ar" (reference) or "eesd" (early-exit self-speculation), losslessly.
 
     Greedy unless `do_sample`; sampling is `"exact"` (Gumbel-max keyed by (seed, position): EESD reproduces AR's
     sampled tokens exactly) or `"rejection"` (speculative sampling: same distribution). `exit_layer` defaults to the
     middle layer; `policy` (e.g. "fixed:4", "beta-ts") overrides `draft_len`. Rows of a batch are left-padded with
-    `attention_mask`, as for HF `generate`, whose output layout `sequences` follows.
+    `attention_mask`, as for HF `generate`, whose output layout `sequences` follows. `head` is the EESD exit head:
+    "shared" (default: the model's own final norm + LM head at the exit layer) or a head (see `executor.heads`).
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
@@ -175,12 +178,14 @@ def generate(
     stats = GenerationStats(method=method, prompt_tokens=sum(len(p) for p in prompts))
     if max_new_tokens > 0:
         selector = TokenSelector(config, [len(p) for p in prompts], min_new_tokens, eos, adapter.device)
+        exit_head = resolve_head(head, adapter, exit_layer) if method == "eesd" else None
         slack = max(p.max_draft_len for p in policies) + 1
-        cache = adapter.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + slack)
+        capacity = max(len(p) for p in prompts) + max_new_tokens + slack
+        cache = adapter.new_cache(len(prompts), capacity, extra_layers=exit_head.extra_layers if exit_head else 0)
         if method == "ar":
             decode_ar(adapter, rows, cache, selector, stats)
         else:
-            decode_eesd(adapter, rows, cache, selector, stats, exit_layer=exit_layer, policies=policies)
+            decode_eesd(adapter, rows, cache, selector, stats, exit_layer=exit_layer, policies=policies, head=exit_head)
     if streamer is not None:
         streamer.end()
     stats.new_tokens = sum(len(s.tokens) for s in rows.sinks)
