@@ -17,10 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default: 4)")
     parser.add_argument("--policy", default=None, help="draft policy, e.g. fixed:4 (overrides --draft-len)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--sampling", default="exact", help="exact (EESD == AR for a seed) | rejection")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--compare-ar", action="store_true", help="also run AR and check the outputs are equal")
+    parser.add_argument(
+        "--compare-ar", action="store_true", help="also run AR and check the outputs are equal (greedy, exact sampling)"
+    )
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
@@ -60,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = _optional_tokenizer(args.model, load_tokenizer) if args.prompt_ids else load_tokenizer(args.model)
     prompt = _prompt_ids(args, tokenizer)
     eos = model.generation_config.eos_token_id
-    common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    common = dict(
+        max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, sampling=args.sampling,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
     result = generate(
         model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,
         policy=args.policy, **common,
