@@ -7,7 +7,7 @@ same exit layer (L / 4 = 3), so they see the same drafts and the same acceptance
 
 Each distributed stage process runs with one torch thread. This box has 2 cores: 2 processes use both, 4 processes
 oversubscribe them (two stages per core), so the 4-stage pipeline cannot overlap its stages here; the numbers say so.
-AR and EESD are timed with 2 threads (the whole box) and AR also with 1 thread (one core, the per-stage budget).
+AR, EESD and sequential PPSD are timed with 1 and 2 threads; speedups are over the faster AR.
 Decode time excludes process start-up and model hand-over (reported separately as setup_s).
 
     python benchmarks/ppsd_cpu.py                   # writes benchmarks/results/ppsd_cpu.json
@@ -22,7 +22,8 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import executor
 from executor.adapter import ModelAdapter
 from executor.decoding import TokenSink
-from executor.ppsd import decode_ppsd
+from executor.ppsd import PPSDStats, decode_ppsd
 
 RESULTS = Path(__file__).parent / "results" / "ppsd_cpu.json"
 
@@ -43,14 +44,15 @@ class Row:
     method: str
     epsilon: float
     threads: str
-    tokens_per_s: float
-    speedup_vs_ar: float
+    tokens_per_s: float  # best of the repeats
+    speedup_vs_ar: float  # best over AR's best (1 or 2 threads, whichever is faster here)
     alpha: float | None = None
     ideal_speedup: float | None = None
     tick_speedup: float | None = None
     setup_s: float | None = None
     stage_busy_s: list[float] | None = None
     stage_idle_s: list[float] | None = None
+    median_tokens_per_s: float | None = None
 
 
 def build_model(num_layers: int, hidden: int, epsilon: float, exit_layer: int, seed: int = 0) -> LlamaForCausalLM:
@@ -75,78 +77,93 @@ def build_model(num_layers: int, hidden: int, epsilon: float, exit_layer: int, s
     return model
 
 
-def timed_generate(model, prompt: list[int], max_new: int, threads: int, repeats: int, **kwargs):
-    torch.set_num_threads(threads)
-    executor.generate(model, prompt, max_new_tokens=4, **kwargs)  # warm-up
-    times, result = [], None
-    for _ in range(repeats):
+@dataclass
+class Method:
+    """One contender: `run()` decodes once and returns (new tokens, decode seconds, PPSD stats or None)."""
+
+    name: str
+    threads: str
+    run: Callable[[], tuple[list[int], float, PPSDStats | None]]
+    times: list[float] = field(default_factory=list)
+    stats: list[PPSDStats] = field(default_factory=list)
+
+
+def generate_method(model, prompt: list[int], max_new: int, name: str, threads: int, **kwargs) -> Method:
+    def run():
+        torch.set_num_threads(threads)
         begin = time.perf_counter()
         result = executor.generate(model, prompt, max_new_tokens=max_new, **kwargs)
-        times.append(time.perf_counter() - begin)
-    return result, max_new / statistics.median(times)
+        return result.sequences[0, len(prompt) :].tolist(), time.perf_counter() - begin, None
+
+    return Method(name, str(threads), run)
 
 
-def timed_ppsd(
-    model, prompt: list[int], max_new: int, stages: int, backend: str, args: argparse.Namespace, threads: int
-):
+def ppsd_method(
+    model, prompt: list[int], max_new: int, stages: int, backend: str, exit_layer: int, threads: int
+) -> Method:
+    """`threads`: torch threads of the one process (sequential) or of each stage process (distributed)."""
     adapter = ModelAdapter(model)
-    torch.set_num_threads(threads)
-    runs = []
-    for _ in range(args.repeats):
+
+    def run():
+        torch.set_num_threads(threads)
         sink = TokenSink(max_new, [], None)
+        cache = adapter.new_cache(1, len(prompt) + max_new)
         stats = decode_ppsd(
             adapter,
             prompt,
             sink,
-            adapter.new_cache(1, len(prompt) + max_new),
+            cache,
             stages=stages,
-            exit_layer=args.exit_layer,
+            exit_layer=exit_layer,
             backend=backend,
-            threads_per_stage=1,
+            threads_per_stage=threads,
         )
-        runs.append((sink.tokens, stats))
-    runs.sort(key=lambda run: run[1].wall_time_s)
-    return runs[len(runs) // 2]
+        return sink.tokens, stats.wall_time_s, stats
+
+    label = f"{stages}x{threads}" if backend == "distributed" else str(threads)
+    return Method(f"ppsd n={stages} {backend}", label, run)
 
 
 def bench_epsilon(epsilon: float, args: argparse.Namespace, prompt: list[int]) -> list[Row]:
+    """Every method once per repeat, round-robin, so that load from other jobs on the box hits them alike."""
     model = build_model(args.layers, args.hidden, epsilon, args.exit_layer)
     new = args.max_new_tokens
-    ar_result, ar2 = timed_generate(model, prompt, new, 2, args.repeats, method="ar")
-    _, ar1 = timed_generate(model, prompt, new, 1, args.repeats, method="ar")
-    reference = ar_result.sequences[0, len(prompt) :].tolist()
-    eesd, eesd_tps = timed_generate(
-        model, prompt, new, 2, args.repeats, method="eesd", exit_layer=args.exit_layer, draft_len=args.draft_len
-    )
-    assert eesd.sequences[0, len(prompt) :].tolist() == reference, "EESD output differs from AR"
-    rows = [
-        Row("ar", epsilon, "2", ar2, 1.0),
-        Row("ar", epsilon, "1", ar1, ar1 / ar2),
-        Row(f"eesd k={args.draft_len}", epsilon, "2", eesd_tps, eesd_tps / ar2, alpha=eesd.stats.acceptance_rate),
-    ]
-    for stages, backend, threads in [(2, "sequential", 2), (2, "distributed", 1), (4, "distributed", 1)]:
-        tokens, stats = timed_ppsd(model, prompt, new, stages, backend, args, threads)
-        assert tokens == reference, f"PPSD {backend} n={stages} output differs from AR"
-        rows.append(
-            Row(
-                f"ppsd n={stages} {backend}",
-                epsilon,
-                f"{stages}x1" if backend == "distributed" else "2",
-                stats.tokens_per_s,
-                stats.tokens_per_s / ar2,
-                alpha=stats.alpha,
-                ideal_speedup=stats.ideal_speedup,
-                tick_speedup=stats.tick_speedup,
-                setup_s=stats.setup_time_s or None,
-                stage_busy_s=[round(s.busy_s, 4) for s in stats.stage_stats],
-                stage_idle_s=[round(s.idle_s, 4) for s in stats.stage_stats],
-            )
-        )
-    return rows
+    eesd_name = f"eesd k={args.draft_len}"
+    eesd_args = {"method": "eesd", "exit_layer": args.exit_layer, "draft_len": args.draft_len}
+    methods = [generate_method(model, prompt, new, "ar", t, method="ar") for t in (1, 2)]
+    methods += [generate_method(model, prompt, new, eesd_name, t, **eesd_args) for t in (1, 2)]
+    methods += [ppsd_method(model, prompt, new, 2, "sequential", args.exit_layer, t) for t in (1, 2)]
+    methods += [ppsd_method(model, prompt, new, n, "distributed", args.exit_layer, 1) for n in (2, 4)]
+    reference = methods[0].run()[0]  # also the warm-up
+    alphas = {}
+    for _ in range(args.repeats):
+        for method in methods:
+            tokens, seconds, stats = method.run()
+            assert tokens == reference, f"{method.name} output differs from AR"
+            method.times.append(seconds)
+            if stats is not None:
+                method.stats.append(stats)
+    alphas[eesd_name] = executor.generate(model, prompt, max_new_tokens=new, **eesd_args).stats.acceptance_rate
+    ar_best = new / min(methods[0].times + methods[1].times)
+    return [_row(method, epsilon, new, ar_best, alphas.get(method.name)) for method in methods]
+
+
+def _row(method: Method, epsilon: float, new: int, ar_best: float, alpha: float | None) -> Row:
+    best = new / min(method.times)
+    row = Row(method.name, epsilon, method.threads, best, best / ar_best, alpha=alpha)
+    row.median_tokens_per_s = new / statistics.median(method.times)
+    if method.stats:
+        stats = min(method.stats, key=lambda s: s.wall_time_s)
+        row.alpha, row.ideal_speedup, row.tick_speedup = stats.alpha, stats.ideal_speedup, stats.tick_speedup
+        row.setup_s = stats.setup_time_s or None
+        row.stage_busy_s = [round(s.busy_s, 4) for s in stats.stage_stats]
+        row.stage_idle_s = [round(s.idle_s, 4) for s in stats.stage_stats]
+    return row
 
 
 def table(rows: list[Row]) -> str:
-    head = f"{'method':<24}{'eps':>6}{'threads':>8}{'tok/s':>9}{'vs AR(2)':>9}{'alpha':>7}{'ideal':>7}{'ticks':>7}"
+    head = f"{'method':<24}{'eps':>6}{'threads':>8}{'tok/s':>9}{'median':>8}{'vs AR':>9}"
+    head += f"{'alpha':>7}{'ideal':>7}{'ticks':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
 
@@ -154,7 +171,7 @@ def table(rows: list[Row]) -> str:
             return f"{x:7.2f}" if x is not None else f"{'':>7}"
 
         lines.append(
-            f"{r.method:<24}{r.epsilon:>6.2f}{r.threads:>8}{r.tokens_per_s:>9.1f}{r.speedup_vs_ar:>8.2f}x"
+            f"{r.method:<24}{r.epsilon:>6.2f}{r.threads:>8}{r.tokens_per_s:>9.1f}{r.median_tokens_per_s:>8.1f}{r.speedup_vs_ar:>8.2f}x"
             f"{fmt(r.alpha)}{fmt(r.ideal_speedup)}{fmt(r.tick_speedup)}"
         )
     return "\n".join(lines)
@@ -205,9 +222,12 @@ def main() -> None:
         "prompt_tokens": len(prompt),
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
-        "note": "tokens/s = new tokens / decode time (prefill included, process start-up excluded; median of "
-        "repeats). The box is shared: other sessions' jobs ran concurrently (see load_average), so absolute "
-        "tokens/s are noisy. 2 cores: distributed n=4 runs 4 single-thread processes on 2 cores (oversubscribed).",
+        "note": (
+            "tokens/s = new tokens / decode time (prefill included, process start-up excluded); best of the repeats, "
+            "methods interleaved round-robin; median also given. The box is shared: other sessions' jobs ran "
+            "concurrently (see load_average), so absolute tokens/s are noisy. 2 cores: distributed n=4 runs 4 "
+            "single-thread processes on 2 cores (oversubscribed). 'ticks' = speedup in ticks (n x decoded / ticks)."
+        ),
         "load_average_1_5_15_before_after": [load_before, os.getloadavg()],
         "rows": [row.__dict__ for row in rows],
     }
