@@ -17,6 +17,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("executor.generate_cli", "generate text with AR or EESD and print acceptance stats"),
     "simulate": ("sim.cli", "simulate AR / EESD / PPSD from a scenario YAML (torch-free)"),
+    "calibrate": ("calibrate.cli", "measure latency profiles, acceptance traces and link profiles for the simulator"),
 }
 
 

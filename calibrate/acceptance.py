@@ -1,0 +1,241 @@
+"""`eesd calibrate acceptance`: per generated token, does the exit head at layer E agree with the full model?
+
+For each prompt: (1) the full model's own greedy output `tokens` (`executor.generate(method="ar")`, stopping at EOS);
+(2) ONE teacher-forced pass over prompt + tokens through the executor's layers, applying the exit head at every
+profiled exit layer on the way: for generated token i, `match` says whether the head's top token at the position
+before it equals tokens[i], and `confidence` is the head's top-1 probability.
+
+With greedy verification and KV reuse (executor/decoding.py), the draft of position p + j in a round that starts at
+p sees exactly the full model's prefix as long as the j drafts before it matched, so a round accepts the run of
+consecutive matches from p, capped by the draft budget (`predicted_accepted`). `check_traces` re-runs real
+`executor.generate(method="eesd")` on some prompts and compares its per-round accepted lengths and tokens with that
+prediction; any difference raises `TraceCheckError`.
+
+A head with layers of its own (`extra_layers`) is called once over the whole sequence with a cache that has slots
+for them, as a decoder layer would be: it writes its KV at the pass's positions and attends causally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from executor.adapter import ModelAdapter, Step
+from executor.api import generate
+from executor.heads import resolve_head
+from sim.formats import AcceptanceRecord
+
+
+class TraceCheckError(RuntimeError):
+    """Real EESD runs did not accept the lengths the trace predicts."""
+
+
+@dataclass(frozen=True)
+class PromptTrace:
+    prompt_id: str
+    prompt: tuple[int, ...]
+    tokens: tuple[int, ...]  # the full model's greedy output (AR)
+    matches: dict[int, tuple[bool, ...]]  # exit layer -> per generated token
+    confidences: dict[int, tuple[float, ...]]
+    full_agreement: int  # tokens the teacher-forced full model also predicts (near-ties may flip a few)
+
+
+@dataclass(frozen=True)
+class CheckRun:
+    prompt_id: str
+    exit_layer: int
+    predicted: tuple[int, ...]
+    measured: tuple[int, ...]
+    same_tokens: bool
+    ok: bool
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    runs: tuple[CheckRun, ...]
+    draft_len: int
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.runs)
+
+    @property
+    def rounds(self) -> int:
+        return sum(len(r.measured) for r in self.runs)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "runs": len(self.runs),
+            "rounds": self.rounds,
+            "draft_len": self.draft_len,
+            "prompts": sorted({r.prompt_id for r in self.runs}),
+            "ok": self.ok,
+        }
+
+
+def check_exit_layers(exit_layers: Iterable[int], num_layers: int) -> tuple[int, ...]:
+    layers = tuple(sorted(set(exit_layers)))
+    if not layers or layers[0] < 1 or layers[-1] >= num_layers:
+        raise ValueError(
+            f"--exit-layers must lie in [1, {num_layers - 1}] for a {num_layers}-layer model, got {layers}"
+        )
+    return layers
+
+
+def greedy_tokens(
+    adapter: ModelAdapter, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: list[int]
+) -> list[list[int]]:
+    """The full model's greedy output for a batch of prompts (left-padded), each cut after its first EOS."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    result = generate(
+        adapter, ids, method="ar", max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0,
+        attention_mask=mask,
+    )  # fmt: skip
+    outputs = []
+    for row in result.sequences[:, width:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        outputs.append(row[:end])
+    return outputs
+
+
+@torch.inference_mode()
+def teacher_forced(
+    adapter: ModelAdapter, prompt_id: str, prompt: Sequence[int], tokens: Sequence[int], heads: dict[int, Any]
+) -> PromptTrace:
+    """One pass over prompt + tokens[:-1]; the exit heads read the hidden states at their layers on the way."""
+    sequence = list(prompt) + list(tokens[:-1])
+    length = len(sequence)
+    step = Step.at(0, length, adapter.device)
+    cache = adapter.new_cache(1, length, extra_layers=max(h.extra_layers for h in heads.values()))
+    hidden = adapter.embed(torch.tensor([sequence], device=adapter.device))
+    rows = slice(len(prompt) - 1, length)  # the position before each generated token
+    targets = torch.tensor(list(tokens), device=adapter.device)
+    matches, confidences, start = {}, {}, 0
+    for exit_layer in sorted(heads):
+        hidden = adapter.forward_layers(hidden, step, cache, start, exit_layer)
+        start = exit_layer
+        probs = heads[exit_layer](hidden, step, cache)[0, rows].float().softmax(-1)
+        confidence, top = probs.max(-1)
+        matches[exit_layer] = tuple((top == targets).tolist())
+        confidences[exit_layer] = tuple(min(1.0, max(0.0, c)) for c in confidence.tolist())
+    hidden = adapter.forward_layers(hidden, step, cache, start, adapter.num_layers)
+    full = adapter.logits(hidden)[0, rows].argmax(-1)
+    agreement = int((full == targets).sum())
+    return PromptTrace(prompt_id, tuple(prompt), tuple(tokens), matches, confidences, agreement)
+
+
+def trace_prompts(
+    adapter: ModelAdapter,
+    prompts: Sequence[tuple[str, Sequence[int]]],
+    exit_layers: Sequence[int],
+    head: Any,
+    max_new_tokens: int,
+    eos: list[int],
+) -> list[PromptTrace]:
+    """Greedy outputs of a batch of prompts, then one teacher-forced pass per prompt."""
+    outputs = greedy_tokens(adapter, [ids for _, ids in prompts], max_new_tokens, eos)
+    heads = {e: resolve_head(head, adapter, e) for e in exit_layers}
+    return [
+        teacher_forced(adapter, pid, ids, tokens, heads) for (pid, ids), tokens in zip(prompts, outputs, strict=True)
+    ]
+
+
+def predicted_accepted(matches: Sequence[bool], draft_len: int, max_new_tokens: int) -> list[int]:
+    """Accepted drafts per round of a greedy EESD run with a fixed draft length (token 0 comes from prefill).
+
+    A round starting at generated token p drafts min(draft_len, max_new_tokens - p - 1) tokens (as
+    `decode_eesd` does) and accepts the run of consecutive matches from p.
+    """
+    accepted, position, count = [], 1, len(matches)
+    while position < count:
+        budget = min(draft_len, max_new_tokens - position - 1)
+        run = 0
+        while run < budget and position + run < count and matches[position + run]:
+            run += 1
+        accepted.append(run)
+        position += run + 1
+    return accepted
+
+
+def check_run(
+    adapter: ModelAdapter,
+    trace: PromptTrace,
+    exit_layer: int,
+    head: Any,
+    draft_len: int,
+    max_new_tokens: int,
+    eos: list[int],
+) -> CheckRun:
+    """A real EESD run against the trace's prediction (tokens and every round's accepted length)."""
+    result = generate(
+        adapter, list(trace.prompt), method="eesd", exit_layer=exit_layer, draft_len=draft_len,
+        max_new_tokens=max_new_tokens, eos_token_id=eos, head=head,
+    )  # fmt: skip
+    tokens = tuple(result.sequences[0, len(trace.prompt) :].tolist())
+    measured = tuple(result.stats.accepted)
+    predicted = tuple(predicted_accepted(trace.matches[exit_layer], draft_len, max_new_tokens))
+    ok = tokens == trace.tokens and _same_rounds(predicted, measured, trace, eos)
+    return CheckRun(trace.prompt_id, exit_layer, predicted, measured, tokens == trace.tokens, ok)
+
+
+def _same_rounds(predicted: tuple[int, ...], measured: tuple[int, ...], trace: PromptTrace, eos: list[int]) -> bool:
+    """Equal, except that a last round running into EOS may accept drafts past it (the trace stops at EOS)."""
+    if predicted == measured:
+        return True
+    ends_in_eos = bool(trace.tokens) and trace.tokens[-1] in eos
+    return (
+        ends_in_eos
+        and len(predicted) == len(measured)
+        and predicted[:-1] == measured[:-1]
+        and measured[-1] > predicted[-1]
+        and sum(a + 1 for a in predicted) == len(trace.tokens) - 1
+    )
+
+
+def check_traces(
+    adapter: ModelAdapter,
+    traces: Sequence[PromptTrace],
+    head: Any,
+    draft_len: int,
+    max_new_tokens: int,
+    eos: list[int],
+) -> CheckReport:
+    runs = tuple(
+        check_run(adapter, trace, exit_layer, head, draft_len, max_new_tokens, eos)
+        for trace in traces
+        for exit_layer in sorted(trace.matches)
+    )
+    report = CheckReport(runs, draft_len)
+    if not report.ok:
+        bad = [r for r in runs if not r.ok]
+        details = "; ".join(
+            f"{r.prompt_id} E={r.exit_layer}: tokens {'equal' if r.same_tokens else 'DIFFER'}, "
+            f"predicted {list(r.predicted)}, measured {list(r.measured)}"
+            for r in bad[:3]
+        )
+        raise TraceCheckError(f"{len(bad)} of {len(runs)} EESD runs disagree with the trace: {details}")
+    return report
+
+
+def trace_records(traces: Sequence[PromptTrace]) -> list[AcceptanceRecord]:
+    return [
+        AcceptanceRecord(t.prompt_id, position, token, e, t.matches[e][position], t.confidences[e][position])
+        for t in traces
+        for position, token in enumerate(t.tokens)
+        for e in sorted(t.matches)
+    ]
+
+
+def agreement_by_layer(traces: Sequence[PromptTrace]) -> dict[str, float]:
+    """Mean match per exit layer over drafted positions (token 0 comes from prefill and is never drafted)."""
+    layers = sorted({e for t in traces for e in t.matches})
+    result = {}
+    for e in layers:
+        values = [m for t in traces for m in t.matches[e][1:]]
+        result[str(e)] = round(sum(values) / len(values), 4) if values else float("nan")
+    return result

@@ -1,0 +1,98 @@
+"""`eesd calibrate acceptance`: arguments -> prompts -> traces -> check -> `eesd.acceptance_trace` file."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from calibrate.acceptance import (
+    agreement_by_layer,
+    check_exit_layers,
+    check_traces,
+    trace_prompts,
+    trace_records,
+)
+from calibrate.common import base_metadata, check_device, check_dtype, load, parse_int_list
+from executor.adapter import ModelAdapter
+from sim.formats import write_acceptance_trace
+
+
+def encoded_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
+    from executor.models import load_tokenizer
+    from executor.prompts import encode_prompt, load_prompts
+
+    prompts = load_prompts(args.prompts)
+    if args.num_prompts is not None:
+        if args.num_prompts < 1:
+            raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+        prompts = prompts[: args.num_prompts]
+    if args.max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
+    tokenizer = load_tokenizer(args.model)
+    return [(p.id, encode_prompt(tokenizer, p.text)[-args.max_prompt_tokens :]) for p in prompts]
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 2:
+        raise ValueError(f"--max-new-tokens must be >= 2 (token 0 comes from prefill), got {args.max_new_tokens}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.check_prompts < 0 or args.check_draft_len < 1:
+        raise ValueError(
+            f"need --check-prompts >= 0 and --check-draft-len >= 1, got {args.check_prompts}, {args.check_draft_len}"
+        )
+
+
+def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
+    from tqdm import tqdm
+
+    check_numbers(args)
+    device, dtype = check_device(args.device), check_dtype(args.dtype)
+    exit_layers = parse_int_list(args.exit_layers, "--exit-layers", minimum=1)
+    loaded = load(args.model, dtype, device)
+    adapter = ModelAdapter(loaded.model)
+    exit_layers = check_exit_layers(exit_layers, adapter.num_layers)
+    prompts = encoded_prompts(args)
+    eos = _eos(loaded.model.generation_config.eos_token_id)
+    begin = time.perf_counter()
+    traces = []
+    with tqdm(total=len(prompts), disable=not progress, desc="acceptance", unit="prompt") as bar:
+        for first in range(0, len(prompts), args.batch):
+            chunk = prompts[first : first + args.batch]
+            traces += trace_prompts(adapter, chunk, exit_layers, args.head, args.max_new_tokens, eos)
+            bar.update(len(chunk))
+    trace_s = time.perf_counter() - begin
+    report = check_traces(
+        adapter, traces[: args.check_prompts], args.head, args.check_draft_len, args.max_new_tokens, eos
+    )
+    metadata = {
+        **base_metadata(args.model, device, dtype),
+        "head": args.head,
+        "prompts": args.prompts,
+        "num_prompts": len(traces),
+        "max_new_tokens": args.max_new_tokens,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "exit_layers": list(exit_layers),
+        "num_layers": adapter.num_layers,
+        "eos_token_ids": eos,
+        "agreement": agreement_by_layer(traces),
+        "teacher_forced_full_agreement": round(
+            sum(t.full_agreement for t in traces) / max(1, sum(len(t.tokens) for t in traces)), 4
+        ),
+        "eesd_check": report.summary(),
+        "trace_time_s": round(trace_s, 1),
+    }
+    path = write_acceptance_trace(args.out, metadata, trace_records(traces))
+    print(f"agreement by exit layer: {metadata['agreement']}")
+    print(
+        f"check: {len(report.runs)} real EESD runs ({report.rounds} rounds, draft_len {report.draft_len}) accepted "
+        "exactly the lengths the trace predicts"
+    )
+    print(f"wrote {path} ({sum(len(t.tokens) for t in traces)} tokens, {time.perf_counter() - begin:.1f} s)")
+    return 0
+
+
+def _eos(eos) -> list[int]:
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

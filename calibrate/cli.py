@@ -1,0 +1,89 @@
+"""`eesd calibrate latency|acceptance|link`: measure the files the simulator reads (docs/formats.md).
+
+torch is imported only inside `run`, so `eesd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+GRAPH_MODES = {"on": (True,), "off": (False,), "both": (False, True)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="calibration", required=True, metavar="CALIBRATION")
+    parsers = (
+        (_latency_arguments, "latency", "device time per component, phase, q, context and batch"),
+        (_acceptance_arguments, "acceptance", "per-token exit-head agreement with the full model"),
+        (_link_arguments, "link", "transfer time vs bytes between two pipeline stages"),
+    )
+    for add, name, help_text in parsers:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _latency_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="packaged name, HF directory, .gguf, CONFIG.json or a sim shape")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (file: latency_<model>_<device>_<dtype>.csv)")
+    p.add_argument("--q", default=None, help="verify q grid, e.g. 1,2,4,8 (default: by device)")
+    p.add_argument("--context", default=None, help="context-length grid (default: by device)")
+    p.add_argument("--batch", default=None, help="batch grid (default: by device)")
+    p.add_argument("--prefill", default=None, help="prompt-length grid for prefill (default: by device)")
+    p.add_argument("--graphs", default=None, choices=sorted(GRAPH_MODES), help="CUDA graphs (default: both on cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 cpu, 5 cuda)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 7 cpu, 20 cuda)")
+    p.add_argument("--layers", type=int, default=None, help="keep this many layers of a config/shape model")
+    p.add_argument("--max-new-points", type=int, default=None, help="stop after N measurements (rerun continues)")
+
+
+def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="packaged name, HF directory or .gguf (real weights)")
+    p.add_argument("--head", default="shared", help="exit head: shared | PATH (default: shared)")
+    p.add_argument("--exit-layers", required=True, help="comma-separated exit layers, e.g. 4,8,15,22")
+    p.add_argument("--prompts", default="builtin", help="builtin | humaneval | FILE.jsonl (default: builtin)")
+    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="keep the last N prompt tokens")
+    p.add_argument("--batch", type=int, default=8, help="prompts generated together (greedy; default: 8)")
+    p.add_argument("--check-prompts", type=int, default=3, help="prompts re-run with real EESD to check the trace")
+    p.add_argument("--check-draft-len", type=int, default=4, help="draft_len of the check runs")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", help="bf16 | fp16 | fp32 (default: fp32)")
+    p.add_argument("--out", type=Path, required=True, help="output CSV (eesd.acceptance_trace)")
+
+
+def _link_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="output CSV (eesd.link_profile)")
+    p.add_argument("--backend", default="gloo", help="gloo (2 CPU processes) | nccl | cuda-copy (2 GPUs)")
+    p.add_argument("--model", default=None, help="add this model's activation sizes (hidden × tokens × dtype)")
+    p.add_argument("--dtype", default="bf16", help="element size for --model's activation sizes (default: bf16)")
+    p.add_argument("--sizes", default=None, help="bytes to time, comma-separated (default: 256 B .. 16 MiB)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.calibration == "latency":
+        from calibrate.latency_cli import run_latency
+
+        return run_latency(args, progress)
+    if args.calibration == "acceptance":
+        from calibrate.acceptance_cli import run_acceptance
+
+        return run_acceptance(args, progress)
+    from calibrate.link import run_link_cli
+
+    return run_link_cli(args)

@@ -1,0 +1,316 @@
+"""`eesd calibrate latency`: device time per component × phase × q × context × batch, as a latency profile.
+
+Each record of the profile (docs/formats.md) is one measurement of one component on the model's own modules, through
+the executor's own code (`executor.adapter.decoder_layer`, `ModelAdapter.embed` / `.logits`, the KV cache):
+
+- `embed`: the token embedding of [B, q] ids.
+- `layer`: ONE decoder layer over [B, q, d] with `context_len` tokens already in its KV cache. All layers share a
+  shape, so layer 0 is timed at every grid point; other layers are spot-checked at one point (metadata
+  `layer_spot_check`).
+- `exit_head`: a trained exit head (one extra decoder layer + final norm + LM head), draft phase only; a shared exit
+  head costs `lm_head`.
+- `lm_head`: final norm + LM head over the q positions whose logits a pass needs (prefill: the last one, q = 1).
+- `overhead`: per-pass host work of the executor: building the step's positions, rotary tables and attention mask,
+  the argmax and its `.tolist()` (wall time between device synchronisations).
+
+Phases, as the simulator queries them (sim/engine.py): `draft` at q = 1 over context × batch; `verify` at every q of
+the grid (AR decode is verify with q = 1); `prefill` with q = prompt length at context 0 (`lm_head`/`overhead`: q = 1).
+
+Resumable: every finished measurement is appended to `<out>.partial.jsonl` (first line: the settings); a rerun with
+the same settings continues from it; the profile is written atomically at the end and the partial file removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calibrate.common import LoadedModel, config_summary
+from calibrate.timing import Summary, TimerSpec, time_call
+from executor.adapter import ModelAdapter, Step, attention_mask, decoder_layer
+from executor.kv_cache import KVCache
+from sim.formats import LatencyRecord, write_latency_profile
+
+
+@dataclass(frozen=True)
+class Grid:
+    q: tuple[int, ...]  # tokens per verify pass
+    context_len: tuple[int, ...]  # tokens already cached (draft, verify)
+    batch: tuple[int, ...]
+    prefill_q: tuple[int, ...]  # prompt lengths
+
+
+GPU_GRID = Grid((1, 2, 3, 4, 6, 8, 12, 16), (128, 512, 1024, 2048, 4096, 8192), (1, 2, 4, 8), (128, 512, 1024, 2048))
+CPU_GRID = Grid((1, 2, 4, 8), (128, 512, 1024), (1, 2, 4), (64, 256))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: one record of the profile."""
+
+    component: str
+    phase: str
+    q: int
+    context_len: int
+    batch: int
+    cuda_graphs: bool
+
+    @property
+    def shape_key(self) -> tuple[str, int, int, int]:
+        return (self.phase, self.q, self.context_len, self.batch)
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    grid: Grid
+    graph_modes: tuple[bool, ...]
+    timer: TimerSpec
+
+
+def plan_points(grid: Grid, graph_modes: tuple[bool, ...]) -> list[Point]:
+    """Every record of a profile, grouped so consecutive points share their inputs."""
+    points: list[Point] = []
+    for graphs in graph_modes:
+        for batch in grid.batch:
+            for context in grid.context_len:
+                for component in ("embed", "layer", "exit_head", "lm_head", "overhead"):
+                    points.append(Point(component, "draft", 1, context, batch, graphs))
+                for q in grid.q:
+                    points += [Point(c, "verify", q, context, batch, graphs) for c in ("embed", "layer", "lm_head")]
+                points.append(Point("overhead", "verify", 1, context, batch, graphs))
+            for q in grid.prefill_q:
+                points += [Point(c, "prefill", q, 0, batch, graphs) for c in ("embed", "layer")]
+            points += [Point(c, "prefill", 1, 0, batch, graphs) for c in ("lm_head", "overhead")]
+    return points
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Tensors of one (phase, q, context, batch) point: ids, hidden states, step, rotary, masks, a 1-layer cache."""
+
+    ids: torch.Tensor  # [B, q]
+    hidden: torch.Tensor  # [B, q, d]
+    step: Step
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[int | None, torch.Tensor]
+    cache: KVCache
+    logits_1: torch.Tensor  # [B, 1, V], what the overhead's argmax reads
+
+
+def make_inputs(adapter: ModelAdapter, q: int, context_len: int, batch: int) -> Inputs:
+    device, dtype = adapter.device, adapter.dtype
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    vocab = adapter.embed_tokens.num_embeddings
+    ids = torch.randint(0, vocab, (batch, q), generator=generator).to(device)
+    hidden = torch.randn(batch, q, adapter.config.hidden_size, generator=generator).to(device, dtype)
+    positions = torch.arange(context_len, context_len + q, device=device).expand(batch, q)
+    step = Step(positions=positions, starts=(context_len,) * batch)
+    cache = KVCache(
+        num_layers=1,
+        batch=batch,
+        num_kv_heads=adapter.num_kv_heads,
+        max_len=context_len + q,
+        head_dim=adapter.head_dim,
+        dtype=dtype,
+        device=device,
+    )
+    cache.lengths = [[context_len] * batch]  # the context is "already cached" (its values do not change the time)
+    rotary = adapter.rotary_emb(hidden, positions)
+    masks = {window: attention_mask(step, window) for window in set(adapter.windows)}
+    logits_1 = torch.randn(batch, 1, vocab, generator=generator).to(device, dtype)
+    return Inputs(ids, hidden, step, rotary, masks, cache, logits_1)
+
+
+def component_call(adapter: ModelAdapter, inputs: Inputs, component: str, layer: int = 0) -> Callable[[], object]:
+    """The zero-argument callable whose time is the component's (see module docstring)."""
+    x = inputs
+
+    def run_layer(index: int) -> torch.Tensor:
+        mask = x.masks[adapter.windows[index]]
+        return decoder_layer(adapter.layers[index], 0, x.hidden, x.step, x.cache, x.rotary, mask)
+
+    def overhead() -> list[list[int]]:
+        starts = x.step.starts
+        positions = torch.tensor([list(range(s, s + x.step.q)) for s in starts], device=adapter.device)
+        step = Step(positions=positions, starts=starts)
+        adapter.rotary_emb(x.hidden, positions)
+        for window in x.masks:
+            attention_mask(step, window)
+        return x.logits_1.argmax(-1).tolist()
+
+    calls: dict[str, Callable[[], object]] = {
+        "embed": lambda: adapter.embed(x.ids),
+        "layer": lambda: run_layer(layer),
+        "exit_head": lambda: adapter.logits(run_layer(adapter.num_layers - 1)),
+        "lm_head": lambda: adapter.logits(x.hidden),
+        "overhead": overhead,
+    }
+    return calls[component]
+
+
+class PartialResults:
+    """The append-only `<profile>.partial.jsonl`: a settings line, then one JSON line per finished measurement."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path = path
+        self.records: dict[Point, LatencyRecord] = {}
+        self.spot_check: list[dict[str, Any]] | None = None
+        if path.exists():
+            self._load(settings)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"settings": settings})
+
+    def _load(self, settings: dict[str, Any]) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        found = _parse_json_line(self.path, 1, lines[0] if lines else "", last=False).get("settings")
+        if found != settings:
+            differing = sorted(k for k in set(settings) | set(found or {}) if (found or {}).get(k) != settings.get(k))
+            raise ValueError(
+                f"{self.path}: partial results were measured with other settings ({', '.join(differing)} differ); "
+                "rerun with the same arguments to continue, or delete the file to start over"
+            )
+        for number, line in enumerate(lines[1:], start=2):
+            entry = _parse_json_line(self.path, number, line, last=number == len(lines))
+            if "record" in entry:
+                record = LatencyRecord(**entry["record"])
+                self.records[_point_of(record)] = record
+            elif "spot_check" in entry:
+                self.spot_check = entry["spot_check"]
+
+    def add(self, record: LatencyRecord) -> None:
+        self._append({"record": asdict(record)})
+        self.records[_point_of(record)] = record
+
+    def set_spot_check(self, spot_check: list[dict[str, Any]]) -> None:
+        self._append({"spot_check": spot_check})
+        self.spot_check = spot_check
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _parse_json_line(path: Path, number: int, line: str, last: bool) -> dict[str, Any]:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        if last:  # the write that was interrupted: measured again
+            return {}
+        raise ValueError(f"{path}:{number}: not a JSON line; delete the file to start over") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}:{number}: expected a JSON object; delete the file to start over")
+    return entry
+
+
+def _point_of(record: LatencyRecord) -> Point:
+    return Point(record.component, record.phase, record.q, record.context_len, record.batch, record.cuda_graphs)
+
+
+def measure(adapter: ModelAdapter, point: Point, inputs: Inputs, timer: TimerSpec, layer: int = 0) -> Summary:
+    fn = component_call(adapter, inputs, point.component, layer)
+    with torch.inference_mode():
+        return time_call(fn, timer, point.cuda_graphs, host=point.component == "overhead")
+
+
+def spot_check_layers(adapter: ModelAdapter, settings: LatencySettings) -> list[dict[str, Any]]:
+    """Layer 0, the middle and the last layer at one verify point: all layers should cost the same."""
+    grid = settings.grid
+    point = Point("layer", "verify", grid.q[-1], grid.context_len[0], grid.batch[0], settings.graph_modes[0])
+    inputs = make_inputs(adapter, point.q, point.context_len, point.batch)
+    layers = sorted({0, adapter.num_layers // 2, adapter.num_layers - 1})
+    return [
+        {"layer": index, **asdict(point), "median_us": measure(adapter, point, inputs, settings.timer, index).median_us}
+        for index in layers
+    ]
+
+
+def run_points(
+    adapter: ModelAdapter,
+    points: list[Point],
+    partial: PartialResults,
+    timer: TimerSpec,
+    max_new_points: int | None,
+    progress: bool,
+) -> bool:
+    """Measure the points not yet in `partial`; False when stopped early by `max_new_points`."""
+    from tqdm import tqdm
+
+    todo = [p for p in points if p not in partial.records]
+    bar = tqdm(total=len(points), initial=len(points) - len(todo), disable=not progress, unit="pt", desc="latency")
+    cached: tuple[tuple, Inputs] | None = None
+    for count, point in enumerate(todo):
+        if max_new_points is not None and count >= max_new_points:
+            bar.close()
+            return False
+        if cached is None or cached[0] != point.shape_key:
+            cached = None  # free the previous point's cache first
+            cached = (point.shape_key, make_inputs(adapter, point.q, point.context_len, point.batch))
+        summary = measure(adapter, point, cached[1], timer)
+        partial.add(LatencyRecord(**asdict(point), **asdict(summary)))
+        bar.update(1)
+    bar.close()
+    return True
+
+
+def _sorted_records(records: dict[Point, LatencyRecord], points: list[Point]) -> Iterator[LatencyRecord]:
+    return (records[p] for p in points)
+
+
+def profile_path(out_dir: Path, model: str, device: torch.device, dtype_name: str) -> Path:
+    from calibrate.common import slug
+
+    return out_dir / f"latency_{slug(model)}_{device.type}_{dtype_name}.csv"
+
+
+def calibrate_latency(
+    loaded: LoadedModel,
+    settings: LatencySettings,
+    out_path: Path,
+    metadata: dict[str, Any],
+    max_new_points: int | None = None,
+    progress: bool = True,
+) -> Path | None:
+    """Measure (or continue measuring) a profile; write it to `out_path`. None when stopped by `max_new_points`."""
+    adapter = ModelAdapter(loaded.model)
+    fingerprint = {
+        "model": loaded.name,
+        "device": metadata["device"],
+        "dtype": metadata["dtype"],
+        "grid": asdict(settings.grid),
+        "graph_modes": list(settings.graph_modes),
+        "warmup": settings.timer.warmup,
+        "repeats": settings.timer.repeats,
+        "layers": adapter.num_layers,
+    }
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back from the file
+    partial = PartialResults(out_path.with_name(out_path.name + ".partial.jsonl"), fingerprint)
+    if partial.spot_check is None:
+        partial.set_spot_check(spot_check_layers(adapter, settings))
+    points = plan_points(settings.grid, settings.graph_modes)
+    if not run_points(adapter, points, partial, settings.timer, max_new_points, progress):
+        return None
+    full = {
+        **metadata,
+        "model_config": config_summary(loaded.model.config),
+        "random_weights": loaded.random_weights,
+        "layers_profiled": adapter.num_layers,
+        "total_layers": loaded.total_layers,
+        "cuda_graphs": list(settings.graph_modes),
+        "grid": asdict(settings.grid),
+        "warmup": settings.timer.warmup,
+        "repeats": settings.timer.repeats,
+        "timer": "cuda events" if settings.timer.device.type == "cuda" else "time.perf_counter",
+        "layer_spot_check": partial.spot_check,
+    }
+    write_latency_profile(out_path, full, _sorted_records(partial.records, points))
+    partial.path.unlink()
+    return out_path

@@ -1,0 +1,92 @@
+"""`eesd calibrate latency`: arguments -> settings -> `calibrate.latency.calibrate_latency`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from calibrate.common import (
+    base_metadata,
+    check_device,
+    check_dtype,
+    device_memory_bytes,
+    estimated_weight_bytes,
+    load,
+    model_config,
+    parse_int_list,
+)
+from calibrate.latency import CPU_GRID, GPU_GRID, Grid, LatencySettings, calibrate_latency, profile_path
+from calibrate.timing import TimerSpec
+
+FEW_LAYERS = 4  # a model too large for the device is profiled from this many layers
+MEMORY_FRACTION = 0.6  # of the device's memory the weights may take (KV caches and activations need the rest)
+
+
+def grid_from_args(args: argparse.Namespace, device: torch.device) -> Grid:
+    default = GPU_GRID if device.type == "cuda" else CPU_GRID
+
+    def pick(text: str | None, flag: str, fallback: tuple[int, ...], minimum: int) -> tuple[int, ...]:
+        return fallback if text is None else parse_int_list(text, flag, minimum)
+
+    return Grid(
+        q=pick(args.q, "--q", default.q, 1),
+        context_len=pick(args.context, "--context", default.context_len, 0),
+        batch=pick(args.batch, "--batch", default.batch, 1),
+        prefill_q=pick(args.prefill, "--prefill", default.prefill_q, 1),
+    )
+
+
+def graph_modes(args: argparse.Namespace, device: torch.device) -> tuple[bool, ...]:
+    from calibrate.cli import GRAPH_MODES
+
+    if device.type != "cuda":
+        if args.graphs not in (None, "off"):
+            raise ValueError(f"--graphs {args.graphs}: CUDA graphs need --device cuda")
+        return (False,)
+    return GRAPH_MODES[args.graphs or "both"]
+
+
+def layers_to_keep(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int | None:
+    """--layers, or a few layers when the whole model would not fit the device."""
+    if args.layers is not None:
+        if args.layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {args.layers}")
+        return args.layers
+    config = model_config(args.model)
+    if config is None or estimated_weight_bytes(config, dtype) <= MEMORY_FRACTION * device_memory_bytes(device):
+        return None
+    print(f"{args.model}: too large for {device}; profiling {FEW_LAYERS} of its {config.num_hidden_layers} layers")
+    return FEW_LAYERS
+
+
+def check_context(grid: Grid, max_positions: int, model: str) -> None:
+    longest = max(max(grid.context_len) + max(grid.q), max(grid.prefill_q))
+    if longest > max_positions:
+        raise ValueError(f"--context/--q/--prefill reach position {longest}; {model} has {max_positions} positions")
+
+
+def run_latency(args: argparse.Namespace, progress: bool) -> int:
+    device = check_device(args.device)
+    dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    grid = grid_from_args(args, device)
+    cuda = device.type == "cuda"
+    timer = TimerSpec(device, args.warmup if args.warmup is not None else (5 if cuda else 3), args.repeats or 20)
+    if args.repeats is None and not cuda:
+        timer = TimerSpec(device, timer.warmup, 7)
+    if args.max_new_points is not None and args.max_new_points < 0:
+        raise ValueError(f"--max-new-points must be >= 0, got {args.max_new_points}")
+    settings = LatencySettings(grid, graph_modes(args, device), timer)
+    loaded = load(args.model, dtype, device, layers_to_keep(args, device, dtype))
+    check_context(grid, loaded.model.config.max_position_embeddings, args.model)
+    out_path = profile_path(args.out, args.model, device, args.dtype or ("bf16" if cuda else "fp32"))
+    begin = time.perf_counter()
+    metadata = base_metadata(args.model, device, dtype)
+    written = calibrate_latency(loaded, settings, out_path, metadata, args.max_new_points, progress)
+    elapsed = time.perf_counter() - begin
+    if written is None:
+        print(f"stopped after {args.max_new_points} new measurements ({elapsed:.1f} s); rerun to continue")
+        return 3
+    print(f"wrote {written} ({elapsed:.1f} s)")
+    return 0

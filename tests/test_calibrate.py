@@ -1,0 +1,166 @@
+"""`eesd calibrate`: latency profiles, acceptance traces and link profiles on tiny models, read back by `sim/`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from calibrate.acceptance import (
+    TraceCheckError,
+    check_traces,
+    predicted_accepted,
+    trace_prompts,
+    trace_records,
+)
+from calibrate.latency import Grid, plan_points
+from calibrate.link import measure_link
+from executor.adapter import ModelAdapter
+from executor.cli import main
+from sim.acceptance import TraceAcceptance
+from sim.formats import read_acceptance_trace, read_latency_profile, read_link_profile, write_acceptance_trace
+from sim.latency import ProfileLatency
+from tests.tiny_models import TinySpec, scale_late_layers, tiny_model
+
+TINY_GRID = ["--q", "1,3", "--context", "8,24", "--batch", "1,2", "--prefill", "16", "--warmup", "1", "--repeats", "3"]
+TINY_GRID += ["--threads", "1"]  # on a shared 2-core runner, 2 OpenMP threads wait on each other for ms per op
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.json"
+    tiny_model(TinySpec(num_layers=3), dtype=torch.float32).config.to_json_file(path)
+    return path
+
+
+def _latency(config: Path, out: Path, *extra: str) -> int:
+    return main(["calibrate", "latency", "--model", str(config), "--out", str(out), *TINY_GRID, *extra])
+
+
+def test_latency_cpu_tiny_model_gives_a_profile_the_simulator_reads(tiny_config: Path, tmp_path: Path) -> None:
+    assert _latency(tiny_config, tmp_path / "out") == 0
+    (path,) = (tmp_path / "out").glob("latency_*.csv")
+    profile = read_latency_profile(path)
+    grid = Grid(q=(1, 3), context_len=(8, 24), batch=(1, 2), prefill_q=(16,))
+    assert len(profile.records) == len(plan_points(grid, (False,)))
+    assert {r.component for r in profile.records} == {"embed", "layer", "exit_head", "lm_head", "overhead"}
+    assert all(r.median_us > 0 and not r.cuda_graphs for r in profile.records)
+    meta = profile.metadata
+    assert meta["random_weights"] and meta["model_config"]["num_hidden_layers"] == 3
+    assert meta["device"].startswith("CPU") and meta["torch_version"] == torch.__version__
+    assert [s["layer"] for s in meta["layer_spot_check"]] == [0, 1, 2]
+    latency = ProfileLatency(profile, cuda_graphs=False)
+    assert latency.time_us("layer", "verify", 2, 16, 1) > 0 and not latency.extrapolated
+    assert not list((tmp_path / "out").glob("*.partial.jsonl"))
+
+
+def test_latency_resumes_from_partial_results(tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _latency(tiny_config, out, "--max-new-points", "5") == 3
+    (partial,) = out.glob("*.partial.jsonl")
+    first = [json.loads(line)["record"] for line in partial.read_text().splitlines() if '"record"' in line]
+    assert len(first) == 5
+    with open(partial, "a") as handle:
+        handle.write('{"record": {"compo')  # a write cut short by the interruption
+    assert _latency(tiny_config, out) == 0
+    (path,) = out.glob("latency_*.csv")
+    records = read_latency_profile(path).records
+    assert [r.median_us for r in records[:5]] == [r["median_us"] for r in first]  # kept, not measured again
+    assert not partial.exists()
+
+
+def test_latency_partial_results_with_other_settings_are_refused(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert _latency(tiny_config, out, "--max-new-points", "2") == 3
+    assert _latency(tiny_config, out, "--repeats", "5") == 2
+    assert "repeats" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["latency", "--model", "{cfg}", "--dtype", "int8", "--out", "o"], "--dtype"),
+        (["latency", "--model", "{cfg}", "--graphs", "on", "--out", "o"], "--graphs"),
+        (["latency", "--model", "{cfg}", "--q", "0,1", "--out", "o"], "--q"),
+        (["latency", "--model", "{cfg}", "--context", "4000", "--out", "o"], "positions"),
+        (["latency", "--model", "missing/config.json", "--out", "o"], "config.json"),
+        (["latency", "--model", "{bad}", "--out", "o"], "model_type"),
+        (["acceptance", "--model", "{cfg}", "--exit-layers", "0,2", "--out", "o.csv"], "--exit-layers"),
+        (["acceptance", "--model", "{cfg}", "--exit-layers", "1,9", "--out", "o.csv"], "--exit-layers"),
+        (["acceptance", "--model", "{cfg}", "--exit-layers", "1", "--max-new-tokens", "1", "--out", "o"], "tokens"),
+        (["link", "--backend", "nccl", "--out", "o.csv"], "2 GPUs"),
+        (["link", "--sizes", "1,x", "--out", "o.csv"], "--sizes"),
+    ],
+)
+def test_bad_inputs_are_rejected_with_the_field_named(tiny_config, tmp_path, capsys, argv, message) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hidden_size": 8}')
+    argv = [a.format(cfg=tiny_config, bad=bad) for a in argv]
+    argv = [str(tmp_path / a) if a in ("o", "o.csv") else a for a in argv]
+    assert main(["calibrate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eesd calibrate: error:") and message in err
+
+
+def test_predicted_accepted_is_the_run_of_matches_capped_by_draft_len() -> None:
+    matches = [False, True, True, False, True, True, True, True, True, False]
+    # rounds start at 1: accept 2 (1, 2), 3 mismatches -> next at 4: 4 of 4 -> next at 9: budget min(4, 10-9-1) = 0
+    assert predicted_accepted(matches, draft_len=4, max_new_tokens=10) == [2, 4, 0]
+    # draft_len 1: rounds at 1 (accept), 3 (reject), 4, 6, 8 (accept): each accepted round emits 2 tokens
+    assert predicted_accepted(matches, draft_len=1, max_new_tokens=10) == [1, 0, 1, 1, 1]
+
+
+def _tiny_traces(epsilon: float, exit_layers=(1, 2, 3)):
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=61, seed=3)), 1, epsilon)
+    adapter = ModelAdapter(model)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [(f"p{i}", torch.randint(1, 61, (3 + 2 * i,), generator=generator).tolist()) for i in range(4)]
+    return adapter, trace_prompts(adapter, prompts, exit_layers, "shared", 24, eos=[])
+
+
+def test_acceptance_trace_predicts_real_eesd_runs_exactly() -> None:
+    adapter, traces = _tiny_traces(epsilon=0.5)
+    matches = [m for t in traces for e in t.matches for m in t.matches[e][1:]]
+    assert 0.2 < sum(matches) / len(matches) < 0.95  # a mix of accepted and rejected drafts
+    report = check_traces(adapter, traces, "shared", draft_len=3, max_new_tokens=24, eos=[])
+    assert report.ok and report.rounds > 0
+    assert len(report.runs) == len(traces) * 3
+    assert any(max(r.measured) > 0 for r in report.runs) and any(0 in r.measured for r in report.runs)
+
+
+def test_acceptance_check_fails_loudly_on_a_wrong_trace() -> None:
+    adapter, traces = _tiny_traces(epsilon=0.5, exit_layers=(2,))
+    trace = traces[0]
+    wrong = tuple(not m for m in trace.matches[2])
+    corrupted = type(trace)(**{**trace.__dict__, "matches": {2: wrong}})
+    with pytest.raises(TraceCheckError, match="disagree with the trace"):
+        check_traces(adapter, [corrupted], "shared", draft_len=3, max_new_tokens=24, eos=[])
+
+
+def test_acceptance_trace_file_replays_in_the_simulator(tmp_path: Path) -> None:
+    _, traces = _tiny_traces(epsilon=0.0)
+    path = write_acceptance_trace(tmp_path / "trace.csv", {"model": "tiny", "head": "shared"}, trace_records(traces))
+    trace = read_acceptance_trace(path)
+    assert len(trace.records) == sum(len(t.tokens) for t in traces) * 3
+    replay = TraceAcceptance(trace, exit_layer=2)
+    assert replay.mean_match == 1.0  # epsilon = 0: layers >= 1 are the identity, every exit agrees
+
+
+def test_link_profile_from_two_gloo_processes(tmp_path: Path) -> None:
+    records = measure_link("gloo", [256, 65536], warmup=1, repeats=5)
+    assert [r.nbytes for r in records] == [256, 65536]
+    assert all(0 < r.p10_us <= r.median_us <= r.p90_us for r in records)
+    out = tmp_path / "link.csv"
+    assert main(["calibrate", "link", "--sizes", "1024", "--repeats", "3", "--out", str(out)]) == 0
+    profile = read_link_profile(out)
+    assert profile.metadata["backend"] == "gloo" and [r.nbytes for r in profile.records] == [1024]
