@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="eesd", help="ar | eesd (default: eesd)")
     parser.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: L // 2)")
     parser.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default: 4)")
+    parser.add_argument("--head", default="shared", help="EESD exit head: shared | a head file (heads/*.safetensors)")
     parser.add_argument("--policy", default=None, help="draft policy, e.g. fixed:4 (overrides --draft-len)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     result = generate(
         model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,
-        policy=args.policy, **common,
+        policy=args.policy, head=args.head, **common,
     )  # fmt: skip
     new_tokens = result.sequences[0, len(prompt) :].tolist()
     print(tokenizer.decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else new_tokens)

@@ -1,23 +1,247 @@
 """Exit heads: what turns the exit layer's hidden states into draft logits.
 
-`shared` is the model's own final norm + LM head applied at the exit layer (LayerSkip's shared exit, no training).
+- `shared`: the model's own final norm + LM head applied at the exit layer (LayerSkip's shared exit, no training).
+- trained (`TrainedExitHead`): one decoder layer of the model's own class + an RMSNorm on top of layer E, sharing
+  the model's frozen LM head, trained by self-distillation (`executor.train_head`). Its layer starts as a copy of
+  layer E, the layer the full model itself applies next: its input norm and projections already expect layer-E
+  statistics, so before any training the head is the shared exit one layer deeper, and training only has to bend
+  it towards the last layer's output. (A copy of the last layer sees inputs far from its own distribution.)
+
 A head object has `extra_layers` (decoder layers of its own, which get KV-cache slots after the model's layers),
-`__call__(hidden, step, cache) -> logits` and `prefill(hidden, step, cache)` (fills its own KV from the exit-layer
-states of positions it has not seen).
+`__call__(hidden, step, cache) -> logits` and `prefill(hidden, step, cache)`. The decoder calls `prefill` with the
+layer-E states of the prompt and of each round's last draft, and `__call__` for every other draft step, each at
+its absolute positions; both run the head's layer there, so its KV (cache layer `adapter.num_layers`) holds, for
+every committed position, exactly what a teacher-forced pass over the committed text would hold. Rejected
+positions are overwritten next round, as in every other layer.
+
+Head files are safetensors: the layer's and the norm's tensors under `layer.` / `norm.`, and metadata (strings)
+recording the format, the model fingerprint (`model_fingerprint`), the exit layer, the architecture, a checksum of
+the tensor bytes, and how the head was trained. `load_head` refuses a file made for another model or exit layer,
+and a corrupt or truncated file, with a `ValueError` naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from executor.adapter import ModelAdapter
+import torch
+from torch import nn
+
+from executor.adapter import ModelAdapter, Step, attention_mask, decoder_layer
 from executor.decoding import SharedExitHead
+from executor.kv_cache import KVCache
+
+HEAD_FORMAT = "eesd-exit-head"
+HEAD_FORMAT_VERSION = "1"
+HEAD_ARCHITECTURE = "decoder-layer+rmsnorm"
+_CONFIG_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings",
+    "attention_bias", "sliding_window",
+)  # fmt: skip
+
+
+class TrainedExitHead(nn.Module):
+    """One decoder layer + final RMSNorm on top of layer `exit_layer`, sharing the model's (frozen) LM head."""
+
+    extra_layers = 1
+
+    def __init__(self, adapter: ModelAdapter, exit_layer: int, init_layer: int | None = None) -> None:
+        super().__init__()
+        if not 1 <= exit_layer < adapter.num_layers:
+            raise ValueError(f"exit_layer must be in [1, {adapter.num_layers - 1}], got {exit_layer}")
+        self.adapter = adapter  # not a module: the model's weights stay outside the head's parameters
+        self.exit_layer = exit_layer
+        self.init_layer = exit_layer if init_layer is None else init_layer
+        self.index = adapter.num_layers  # the head's KV lives in the first extra cache layer
+        self.window = adapter.windows[self.init_layer]
+        source = adapter.layers[self.init_layer]
+        self.layer = type(source)(adapter.config, layer_idx=self.index)
+        self.layer.load_state_dict(source.state_dict())
+        self.norm = type(adapter.norm)(adapter.config.hidden_size, eps=adapter.config.rms_norm_eps)
+        self.norm.load_state_dict(adapter.norm.state_dict())
+        self.metadata: dict[str, str] = {}
+        self.to(device=adapter.device, dtype=adapter.dtype)
+
+    def run_layer(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        """The head's decoder layer over exit-layer states [B, q, d] at `step`, writing its KV into `cache`."""
+        rotary = self.adapter.rotary_emb(hidden, step.positions)
+        return decoder_layer(self.layer, self.index, hidden, step, cache, rotary, attention_mask(step, self.window))
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Norm + the model's LM head over the head layer's output [B, q, d] -> [B, q, V]."""
+        return self.adapter.lm_head(self.norm(hidden))
+
+    def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        return self.head_logits(self.run_layer(hidden, step, cache))
+
+    def prefill(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> None:
+        self.run_layer(hidden, step, cache)
+
+    def layer_sequences(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head layer's output [B, T, d] over exit-layer states [B, T, d] at positions 0..T-1 (trainable)."""
+        batch, length, _ = hidden.shape
+        positions = torch.arange(length, device=hidden.device).expand(batch, length)
+        step = Step(positions=positions, starts=(0,) * batch)
+        cache = _HeadOnlyCache(self.index, batch, self.adapter.num_kv_heads, length, self.adapter.head_dim, hidden)
+        return self.run_layer(hidden, step, cache)
+
+    def forward_sequences(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced draft logits [B, T, V] from exit-layer states [B, T, d] at positions 0..T-1."""
+        return self.head_logits(self.layer_sequences(hidden))
+
+
+class _HeadOnlyCache(KVCache):
+    """A cache with buffers for the head's layer only (the model's layers are not run in training)."""
+
+    def __init__(self, index: int, batch: int, num_kv_heads: int, length: int, head_dim: int, like: torch.Tensor):
+        super().__init__(
+            num_layers=0, batch=batch, num_kv_heads=num_kv_heads, max_len=length, head_dim=head_dim,
+            dtype=like.dtype, device=like.device,
+        )  # fmt: skip
+        shape = (batch, num_kv_heads, length, head_dim)
+        self.keys = {index: torch.zeros(shape, dtype=like.dtype, device=like.device)}
+        self.values = {index: torch.zeros(shape, dtype=like.dtype, device=like.device)}
+        self.lengths = {index: [0] * batch}
+
+
+def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
+    return model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+
+
+def model_fingerprint(model: nn.Module | ModelAdapter) -> str:
+    """A short hash of the model's shape-defining config and a few weight slices, independent of dtype and device.
+
+    Weights are rounded to bfloat16 before hashing, so the same checkpoint loaded in float32 or bfloat16 gives the
+    same fingerprint, while another model (or another fine-tune of the same shape) does not.
+    """
+    adapter = as_adapter(model)
+    config = {key: getattr(adapter.config, key, None) for key in _CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(type(adapter.model).__name__.encode())
+    samples = (
+        adapter.embed_tokens.weight[:64],
+        adapter.layers[0].self_attn.q_proj.weight[:16],
+        adapter.layers[-1].mlp.down_proj.weight[:16],
+        adapter.norm.weight,
+        adapter.lm_head.weight[-64:],
+    )
+    for tensor in samples:
+        rounded = tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        digest.update(rounded.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def head_tensors(head: TrainedExitHead, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
+        name: value.detach().to(device="cpu", dtype=dtype).contiguous() for name, value in head.state_dict().items()
+    }
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through `write(temp_path)` into a temporary file next to `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def save_head(
+    head: TrainedExitHead, path: str | os.PathLike[str], dtype: torch.dtype = torch.bfloat16, **info: Any
+) -> Path:
+    """Write the head atomically as safetensors with its metadata (`info`: steps, date, prompts, ...)."""
+    from safetensors.torch import save_file
+
+    tensors = head_tensors(head, dtype)
+    metadata = {
+        "format": HEAD_FORMAT,
+        "format_version": HEAD_FORMAT_VERSION,
+        "head_architecture": HEAD_ARCHITECTURE,
+        "model_architecture": type(head.adapter.model).__name__,
+        "model_fingerprint": model_fingerprint(head.adapter),
+        "num_layers": str(head.adapter.num_layers),
+        "exit_layer": str(head.exit_layer),
+        "init_layer": str(head.init_layer),
+        "dtype": str(dtype).removeprefix("torch."),
+        "checksum": tensors_checksum(tensors),
+    } | {key: str(value) for key, value in info.items()}
+    out = Path(path)
+    atomic_write(out, lambda temp: save_file(tensors, temp, metadata=metadata))
+    return out
+
+
+def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a head file; a clear `ValueError` if it is not a complete, intact head file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"exit head file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (no __iter__)
+    except Exception as err:  # safetensors raises its own error types for truncated or malformed files
+        raise ValueError(f"exit head file {path} is corrupt or truncated: {err}") from None
+    if metadata.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{path} is not an EESD exit head file (metadata format {metadata.get('format')!r})")
+    if metadata.get("format_version") != HEAD_FORMAT_VERSION:
+        raise ValueError(f"exit head file {path}: unsupported format version {metadata.get('format_version')!r}")
+    if tensors_checksum(tensors) != metadata.get("checksum"):
+        raise ValueError(f"exit head file {path} is corrupt: its tensors do not match the checksum in its metadata")
+    return tensors, metadata
+
+
+def load_head(
+    path: str | os.PathLike[str], model: nn.Module | ModelAdapter, exit_layer: int | None = None
+) -> TrainedExitHead:
+    """A trained head from `path` for `model` (at `exit_layer`, if given: it must be the one the head was made for)."""
+    file = Path(path)
+    tensors, metadata = read_head_file(file)
+    adapter = as_adapter(model)
+    fingerprint = model_fingerprint(adapter)
+    if metadata.get("model_fingerprint") != fingerprint:
+        raise ValueError(
+            f"exit head file {file} was trained for another model ({metadata.get('model_architecture')}, "
+            f"{metadata.get('num_layers')} layers, fingerprint {metadata.get('model_fingerprint')}); this model is "
+            f"{type(adapter.model).__name__}, {adapter.num_layers} layers, fingerprint {fingerprint}"
+        )
+    trained_at = int(metadata["exit_layer"])
+    if exit_layer is not None and exit_layer != trained_at:
+        raise ValueError(f"exit head file {file} was trained for exit layer {trained_at}, not {exit_layer}")
+    head = TrainedExitHead(adapter, trained_at, int(metadata.get("init_layer", trained_at)))
+    try:
+        head.load_state_dict({name: value.to(adapter.dtype) for name, value in tensors.items()})
+    except RuntimeError as err:
+        raise ValueError(f"exit head file {file} does not fit this model: {err}") from None
+    head.metadata = metadata
+    return head.eval().requires_grad_(False)
 
 
 def resolve_head(head: Any, adapter: ModelAdapter, exit_layer: int):
-    """A head object from `None` / "shared" / a head object."""
+    """A head object from `None` / "shared" / a path to a head file / a head object."""
     if head is None or head == "shared":
         return SharedExitHead(adapter)
-    if isinstance(head, str):
-        raise ValueError(f"head must be 'shared' or a head object, got {head!r}")
+    if isinstance(head, (str, os.PathLike)):
+        if not str(head).endswith(".safetensors") and not Path(head).is_file():
+            raise ValueError(f"head must be 'shared', a .safetensors head file or a head object, got {head!r}")
+        return load_head(head, adapter, exit_layer)
     return head

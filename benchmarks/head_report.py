@@ -1,0 +1,189 @@
+"""Exit-head report: agreement with the full model per exit layer (shared head, trained heads) and EESD tokens/round.
+
+Prompts are split by id (`executor.prompts.split_prompts`): heads are trained on continuations of training prompts
+only and evaluated on the held-out prompts' continuations. Agreement = fraction of draft positions (from the last
+prompt token on, teacher-forced on the full model's own greedy text) where the head's top token equals the full
+model's. EESD tokens per round are measured by real EESD runs (greedy, fixed draft length) on held-out prompts.
+
+    python benchmarks/head_report.py --steps 120 --train-prompts 32 --eval-prompts 12 --tag cpu
+
+The trained heads are written to `heads/<model>-e<E>.safetensors` (bfloat16); `eesd train-head` with the same
+settings reproduces each one (same training prompts, corpus, batches and seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from executor.adapter import ModelAdapter
+from executor.api import generate
+from executor.heads import TrainedExitHead, load_head, save_head
+from executor.models import load_model, load_tokenizer
+from executor.prompts import encode_prompt, load_prompts, split_prompts
+from executor.train_head import (
+    TrainConfig,
+    TrainState,
+    agreement,
+    draft_logits,
+    generate_corpus,
+    make_optimizer,
+    shared_logits,
+    teacher_examples,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class EesdRun:
+    exit_layer: int
+    head: str
+    tokens_per_round: float
+    acceptance_rate: float
+    tokens_per_s: float
+    identical_to_ar: bool
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompts", default="builtin")
+    parser.add_argument("--exit-layers", default="8,15,22", help="trained heads at these exit layers")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--train-prompts", type=int, default=32)
+    parser.add_argument("--eval-prompts", type=int, default=12)
+    parser.add_argument("--eesd-prompts", type=int, default=6)
+    parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
+    parser.add_argument("--heads-dir", default=str(ROOT / "heads"))
+    parser.add_argument("--tag", default="cpu", help="results file suffix: benchmarks/results/head_report_<tag>")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def eesd_runs(model, prompts: list[list[int]], heads: dict[int, str], args, eos) -> list[EesdRun]:
+    """EESD with the shared and the trained head at each exit layer, one batch of held-out prompts each."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    common = dict(attention_mask=mask, max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=0)
+    reference = generate(model, ids, method="ar", **common).sequences
+    runs = []
+    for exit_layer, path in heads.items():
+        for name, head in (("shared", "shared"), ("trained", path)):
+            result = generate(model, ids, method="eesd", exit_layer=exit_layer, draft_len=args.draft_len, head=head,
+                              **common)  # fmt: skip
+            stats = result.stats
+            same = torch.equal(result.sequences, reference)
+            runs.append(
+                EesdRun(exit_layer, name, stats.tokens_per_round, stats.acceptance_rate, stats.tokens_per_s, same)
+            )
+            print(f"EESD E={exit_layer} {name}: {stats.tokens_per_round:.2f} tokens/round, identical to AR: {same}")
+    return runs
+
+
+def plot(path: Path, shared: dict[int, float], trained: dict[int, float], label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(list(shared), list(shared.values()), "o-", label="shared head (final norm + LM head)")
+    ax.plot(list(trained), list(trained.values()), "s", markersize=9, label="trained one-layer head")
+    ax.set_xlabel("exit layer E")
+    ax.set_ylabel("agreement with the full model (top-1)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(label)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    begin = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype="float32"), load_tokenizer(args.model)
+    adapter = ModelAdapter(model)
+    eos = model.generation_config.eos_token_id
+    split = split_prompts(load_prompts(args.prompts))
+    train_ids = [encode_prompt(tokenizer, p.text) for p in split.train[: args.train_prompts]]
+    eval_ids = [encode_prompt(tokenizer, p.text) for p in split.held_out[: args.eval_prompts]]
+    exit_layers = [int(e) for e in args.exit_layers.split(",")]
+
+    train_corpus = generate_corpus(model, train_ids, args.max_new_tokens, eos)
+    eval_corpus = generate_corpus(model, eval_ids, args.max_new_tokens, eos)
+    train_examples = teacher_examples(adapter, train_corpus, exit_layers)
+    eval_examples = teacher_examples(adapter, eval_corpus, list(range(1, adapter.num_layers)))
+    shared = {e: agreement(shared_logits(adapter, e), eval_examples) for e in range(1, adapter.num_layers)}
+
+    trained, losses, heads = {}, {}, {}
+    for exit_layer in exit_layers:
+        head = TrainedExitHead(adapter, exit_layer)
+        config = TrainConfig(exit_layer=exit_layer, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                             seed=args.seed)  # fmt: skip
+        state = train(head, train_examples, config, make_optimizer(head, config.lr), TrainState())
+        path = Path(args.heads_dir) / f"{args.model}-e{exit_layer}.safetensors"
+        info = {"model": args.model, "prompts": args.prompts, "split": "train", "dtype": "float32",
+                "max_new_tokens": args.max_new_tokens, "prompts_count": len(train_ids), "steps": args.steps,
+                "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        save_head(head, path, dtype=torch.bfloat16, **info)
+        shipped = load_head(path, model, exit_layer)  # evaluate what ships: the bfloat16 file
+        trained[exit_layer] = agreement(lambda ex, h=shipped: draft_logits(h, ex), eval_examples)
+        losses[exit_layer] = state.losses
+        heads[exit_layer] = str(path)
+        print(f"E={exit_layer}: shared {shared[exit_layer]:.3f}, trained {trained[exit_layer]:.3f}")
+
+    runs = eesd_runs(model, eval_ids[: args.eesd_prompts], heads, args, eos)
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    label = f"{args.model}, {args.tag.upper()}, float32: {args.steps} steps, {len(train_ids)} train prompts"
+    report = {
+        "label": label,
+        "device": "cpu" if args.tag == "cpu" else args.tag,
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads",
+        "dtype": "float32",
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {k: v for k, v in vars(args).items() if k != "heads_dir"},
+        "prompts": {
+            "set": args.prompts,
+            "train": [p.id for p in split.train[: args.train_prompts]],
+            "held_out": [p.id for p in split.held_out[: args.eval_prompts]],
+        },  # fmt: skip
+        "eval_positions": sum(len(e.teacher_tokens) for e in eval_examples),
+        "agreement_shared": shared,
+        "agreement_trained": trained,
+        "kl_first10_last10": {e: [sum(v[:10]) / 10, sum(v[-10:]) / 10] for e, v in losses.items()},
+        "eesd": [asdict(run) for run in runs],
+        "heads": heads,
+        "wall_time_s": time.perf_counter() - begin,
+    }
+    out = results / f"head_report_{args.tag}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(out.with_suffix(".png"), shared, trained, label)
+    print(f"wrote {out} and {out.with_suffix('.png')} in {report['wall_time_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

