@@ -139,11 +139,11 @@ def main() -> None:
                              seed=args.seed)  # fmt: skip
         state = train(head, train_examples, config, make_optimizer(head, config.lr), TrainState())
         path = Path(args.heads_dir) / f"{args.model}-e{exit_layer}.safetensors"
-        info = {"model": args.model, "prompts": args.prompts, "split": "train", "dtype": "float32",
+        info = {"model": args.model, "prompts": args.prompts, "split": "train", "model_dtype": "float32",
                 "max_new_tokens": args.max_new_tokens, "prompts_count": len(train_ids), "steps": args.steps,
                 "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-        save_head(head, path, dtype=torch.bfloat16, **info)
+        save_head(head, path, dtype=torch.bfloat16, info=info)
         shipped = load_head(path, model, exit_layer)  # evaluate what ships: the bfloat16 file
         trained[exit_layer] = agreement(lambda ex, h=shipped: draft_logits(h, ex), eval_examples)
         losses[exit_layer] = state.losses

@@ -166,7 +166,10 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def save_head(
-    head: TrainedExitHead, path: str | os.PathLike[str], dtype: torch.dtype = torch.bfloat16, **info: Any
+    head: TrainedExitHead,
+    path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.bfloat16,
+    info: dict[str, Any] | None = None,
 ) -> Path:
     """Write the head atomically as safetensors with its metadata (`info`: steps, date, prompts, ...)."""
     from safetensors.torch import save_file
@@ -183,7 +186,8 @@ def save_head(
         "init_layer": str(head.init_layer),
         "dtype": str(dtype).removeprefix("torch."),
         "checksum": tensors_checksum(tensors),
-    } | {key: str(value) for key, value in info.items()}
+    }
+    metadata = {key: str(value) for key, value in (info or {}).items() if key not in metadata} | metadata
     out = Path(path)
     atomic_write(out, lambda temp: save_file(tensors, temp, metadata=metadata))
     return out

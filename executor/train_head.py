@@ -278,5 +278,5 @@ def train_head_file(
     }  # fmt: skip
     from executor.heads import save_head
 
-    save_head(head, out, dtype=save_dtype, **metadata)
+    save_head(head, out, dtype=save_dtype, info=metadata)
     return head, state

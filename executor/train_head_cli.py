@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         exit_layer=args.exit_layer, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
-    info = {"model": str(args.model), "prompts": str(args.prompts), "split": "train", "dtype": args.dtype}
+    info = {"model": str(args.model), "prompts": str(args.prompts), "split": "train", "model_dtype": args.dtype}
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)

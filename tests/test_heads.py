@@ -82,11 +82,12 @@ def test_training_lowers_kl_and_raises_agreement(trained) -> None:
 
 def test_head_file_round_trip(trained, tiny, tmp_path: Path) -> None:
     head = trained[0]
-    path = save_head(head, tmp_path / "h.safetensors", dtype=torch.float64, steps=60)
+    path = save_head(head, tmp_path / "h.safetensors", dtype=torch.float64, info={"steps": 60, "dtype": "x"})
     loaded = load_head(path, tiny, EXIT_LAYER)
     for name, value in head.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     assert loaded.metadata["steps"] == "60" and loaded.metadata["exit_layer"] == str(EXIT_LAYER)
+    assert loaded.metadata["dtype"] == "float64"  # info never overrides the format's own fields
     assert loaded.metadata["model_fingerprint"] == model_fingerprint(tiny)
     assert load_head(path, tiny).exit_layer == EXIT_LAYER  # exit layer taken from the file
     assert isinstance(resolve_head(str(path), ModelAdapter(tiny), EXIT_LAYER), TrainedExitHead)
