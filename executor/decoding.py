@@ -266,15 +266,20 @@ def verify_pass(adapter: ModelAdapter, cache: KVCache, head, exit_layer: int, ro
     return adapter.logits(adapter.forward_layers(states, step, cache, exit_layer, adapter.num_layers)), step
 
 
-def accept(selector: TokenSelector, drafts: Drafts, logits: torch.Tensor, step: Step, row: int) -> tuple[int, int]:
+def full_model_choices(selector: TokenSelector, logits: torch.Tensor, step: Step):
+    """The full model's verdict material for all rows at once: its tokens [B][k+1] (greedy / exact sampling) or its
+    warped distributions [B, k+1, V] (rejection sampling). Logits at position j choose the token at j + 1."""
+    if selector.config.kind == "rejection":
+        return selector.probs(logits, step.positions + 1)
+    return selector.select(logits, step.positions + 1).tolist()
+
+
+def accept(selector: TokenSelector, drafts: Drafts, choices, row: int) -> tuple[int, int]:
     """Step 3 for one row: (accepted drafts, the full model's token after them)."""
     own = drafts.tokens[row]
-    targets = step.positions + 1  # logits at position j choose the token at j + 1
     if selector.config.kind == "rejection":
-        target_probs = selector.probs(logits[row : row + 1], targets[row : row + 1])[0]
-        return accept_rejection(selector, own, drafts.probs[row], target_probs)
-    tokens = selector.select(logits[row : row + 1, : len(own) + 1], targets[row : row + 1, : len(own) + 1])
-    tokens = tokens[0].tolist()
+        return accept_rejection(selector, own, drafts.probs[row], choices[row])
+    tokens = choices[row]
     accepted = 0
     while accepted < len(own) and own[accepted] == tokens[accepted]:
         accepted += 1
@@ -308,8 +313,9 @@ def decode_eesd(
         while drafts.wants_more():
             draft_step(adapter, cache, head, exit_layer, rows, drafts, selector, policies)
         logits, step = verify_pass(adapter, cache, head, exit_layer, rows, drafts)
+        choices = full_model_choices(selector, logits, step)
         for row in sorted(active):
-            accepted, token = accept(selector, drafts, logits, step, row)
+            accepted, token = accept(selector, drafts, choices, row)
             policies[row].update(len(drafts.tokens[row]), accepted)
             rows.commit(row, drafts.tokens[row][:accepted] + [token])
             stats.drafted.append(len(drafts.tokens[row]))

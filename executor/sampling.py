@@ -112,6 +112,8 @@ class TokenSelector:
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Processed and warped scores [B, q, V] for the tokens at absolute positions `targets` [B, q]."""
+        if targets.shape[0] != self.prompt_lens.shape[0]:
+            raise ValueError(f"selector built for {self.prompt_lens.shape[0]} rows, got {targets.shape[0]}")
         logits = mask_eos(logits, targets - self.prompt_lens, self.min_new_tokens, self.eos_ids)
         return warp(logits, self.config) if self.config.do_sample else logits
 
