@@ -20,7 +20,7 @@ from executor.heads import resolve_head
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.policy import DraftPolicy, make_policy
 
-METHODS = ("ar", "eesd")
+METHODS = ("ar", "eesd", "ppsd")
 
 
 @dataclass
@@ -129,6 +129,15 @@ def _layout(ids: torch.Tensor, new: list[list[int]], fill: int | None, device) -
     return torch.cat([ids.to(device), torch.tensor(tail, dtype=torch.long, device=device)], dim=1)
 
 
+def _decode_ppsd(adapter, rows: Rows, cache, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend):
+    from executor.ppsd import decode_ppsd  # the pipeline (and torch.distributed) only when asked for
+
+    return decode_ppsd(
+        adapter, rows.prompts[0], rows.sinks[0], cache, stages=stages, stage_boundaries=stage_boundaries,
+        exit_layer=exit_layer, backend=backend, sampling=config, min_new_tokens=min_new_tokens,
+    )  # fmt: skip
+
+
 def generate(
     model: nn.Module | ModelAdapter,
     input_ids: torch.Tensor | list,
@@ -150,6 +159,9 @@ def generate(
     seed: int = 0,
     streamer: Any = None,
     head: Any = None,
+    stages: int = 2,
+    stage_boundaries: list[int] | None = None,
+    backend: str = "sequential",
 ) -> GenerationResult:
     """Decode with `method` "ar" (reference) or "eesd" (early-exit self-speculation), losslessly.
 
@@ -158,12 +170,21 @@ def generate(
     middle layer; `policy` (e.g. "fixed:4", "beta-ts") overrides `draft_len`. Rows of a batch are left-padded with
     `attention_mask`, as for HF `generate`, whose output layout `sequences` follows. `head` is the EESD exit head:
     "shared" (default: the model's own final norm + LM head at the exit layer) or a head (see `executor.heads`).
+
+    "ppsd" (verify-while-draft pipeline, batch size 1, greedy or exact sampling) splits the layers into `stages`
+    (balanced, or cut at `stage_boundaries`), drafts with the shared head at `exit_layer` (default: the end of stage
+    1) and runs on `backend` "sequential" (reference), "streams" (one CUDA stream per stage) or "distributed" (one
+    process per stage, torch.distributed); its stats are `executor.ppsd.PPSDStats`.
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
     prompts = split_prompts(ids, attention_mask)
     if method == "eesd" and exit_layer is None:
         exit_layer = default_exit_layer(adapter.num_layers)
+    if method == "ppsd" and len(prompts) != 1:
+        raise ValueError(f"method 'ppsd' decodes batch size 1, got {len(prompts)} rows")
+    if method == "ppsd" and head not in (None, "shared"):
+        raise ValueError("method 'ppsd' drafts with the shared exit head only (head='shared')")
     if not isinstance(draft_len, int) or draft_len < 1:
         raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
@@ -184,6 +205,11 @@ def generate(
         cache = adapter.new_cache(len(prompts), capacity, extra_layers=exit_head.extra_layers if exit_head else 0)
         if method == "ar":
             decode_ar(adapter, rows, cache, selector, stats)
+        elif method == "ppsd":
+            stats = _decode_ppsd(
+                adapter, rows, cache, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend
+            )
+            stats.prompt_tokens = len(prompts[0])
         else:
             decode_eesd(adapter, rows, cache, selector, stats, exit_layer=exit_layer, policies=policies, head=exit_head)
     if streamer is not None:

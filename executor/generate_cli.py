@@ -12,7 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
     source.add_argument("--prompt-ids", help="prompt as comma-separated token ids (no tokenizer needed)")
-    parser.add_argument("--method", default="eesd", help="ar | eesd (default: eesd)")
+    parser.add_argument("--method", default="eesd", help="ar | eesd | ppsd (default: eesd)")
+    parser.add_argument("--stages", type=int, default=2, help="ppsd: pipeline stages (default: 2)")
+    parser.add_argument("--stage-boundaries", default=None, help="ppsd: layer cut points, e.g. 3,6")
+    parser.add_argument("--backend", default="sequential", help="ppsd: sequential | streams | distributed")
     parser.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: L // 2)")
     parser.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default: 4)")
     parser.add_argument("--head", default="shared", help="EESD exit head: shared | a head file (heads/*.safetensors)")
@@ -49,6 +52,15 @@ def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     return tokenizer(args.prompt)["input_ids"]
 
 
+def _ints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--stage-boundaries must be comma-separated integers, got {text!r}") from None
+
+
 def _optional_tokenizer(model: str, load_tokenizer):
     """With --prompt-ids a tokenizer only decodes the output: a model without one prints token ids."""
     try:
@@ -75,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     result = generate(
         model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,
-        policy=args.policy, head=args.head, **common,
+        policy=args.policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
+        backend=args.backend, **common,
     )  # fmt: skip
     new_tokens = result.sequences[0, len(prompt) :].tolist()
     print(tokenizer.decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else new_tokens)

@@ -121,3 +121,31 @@ def test_cli_generates_and_matches_ar(saved_model):
     assert done.returncode == 0, done.stderr
     assert "identical to AR: True" in done.stdout
     assert "method eesd: 12 new tokens" in done.stdout
+
+
+def test_generate_wires_ppsd(model):
+    ar = executor.generate(model, [1, 2, 3], max_new_tokens=12)
+    ppsd = executor.generate(model, [1, 2, 3], method="ppsd", stages=2, max_new_tokens=12)
+    assert ppsd.sequences.tolist() == ar.sequences.tolist()
+    assert ppsd.stats.ticks >= 12 and ppsd.stats.new_tokens == 12
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(stages=1), "stages"),
+        (dict(stages=9), "must not exceed"),
+        (dict(stage_boundaries=[3, 1]), "boundar"),
+        (dict(stages=2, exit_layer=3), "stage 1"),
+        (dict(head="heads/x.safetensors"), "shared exit head only"),
+        (dict(do_sample=True, sampling="rejection"), "rejection"),
+    ],
+)
+def test_ppsd_bad_arguments(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        executor.generate(model, [1, 2, 3], method="ppsd", max_new_tokens=4, **kwargs)
+
+
+def test_ppsd_refuses_batches(model):
+    with pytest.raises(ValueError, match="batch size 1"):
+        executor.generate(model, [[1, 2], [3, 4]], method="ppsd", max_new_tokens=4)
