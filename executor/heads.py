@@ -159,6 +159,7 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(handle)
     try:
         write(temp)
+        os.chmod(temp, 0o644)  # mkstemp creates the file private; a head or checkpoint is an ordinary file
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
