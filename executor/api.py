@@ -129,6 +129,14 @@ def _layout(ids: torch.Tensor, new: list[list[int]], fill: int | None, device) -
     return torch.cat([ids.to(device), torch.tensor(tail, dtype=torch.long, device=device)], dim=1)
 
 
+def _exit_from_head(adapter: ModelAdapter, head: Any) -> tuple[Any, int]:
+    """Without an explicit exit layer: a trained head's own (a head file records it), else the middle layer."""
+    if head in (None, "shared"):
+        return head, default_exit_layer(adapter.num_layers)
+    head = resolve_head(head, adapter, None)
+    return head, getattr(head, "exit_layer", None) or default_exit_layer(adapter.num_layers)
+
+
 def _decode_ppsd(adapter, rows: Rows, cache, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend):
     from executor.ppsd import decode_ppsd  # the pipeline (and torch.distributed) only when asked for
 
@@ -180,7 +188,7 @@ def generate(
     ids = _as_2d(input_ids)
     prompts = split_prompts(ids, attention_mask)
     if method == "eesd" and exit_layer is None:
-        exit_layer = default_exit_layer(adapter.num_layers)
+        head, exit_layer = _exit_from_head(adapter, head)
     if method == "ppsd" and len(prompts) != 1:
         raise ValueError(f"method 'ppsd' decodes batch size 1, got {len(prompts)} rows")
     if method == "ppsd" and head not in (None, "shared"):
@@ -264,8 +272,10 @@ class EarlyExitGenerator:
         policy: str | DraftPolicy | None = None,
         sampling: str = "exact",
         seed: int = 0,
+        head: Any = None,
     ) -> None:
         self.model = model
+        self.head = head
         self.adapter = ModelAdapter(model)
         self.method = method
         self.exit_layer = exit_layer
@@ -296,7 +306,7 @@ class EarlyExitGenerator:
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             do_sample=bool(config.do_sample), sampling=self.sampling,
             temperature=config.temperature if config.temperature is not None else 1.0,
-            top_k=config.top_k, top_p=config.top_p, seed=self.seed, streamer=kwargs.get("streamer"),
+            top_k=config.top_k, top_p=config.top_p, seed=self.seed, streamer=kwargs.get("streamer"), head=self.head,
         )  # fmt: skip
         self.last_stats = result.stats
         return result.sequences
