@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 settings.register_profile(
     "ci",
-    max_examples=25,
+    max_examples=60,
     deadline=None,
     derandomize=True,
     print_blob=True,
