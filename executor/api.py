@@ -6,8 +6,9 @@ Both check their arguments up front and raise `ValueError` saying what was wrong
 from __future__ import annotations
 
 import copy
+import itertools
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,36 @@ def _exit_from_head(adapter: ModelAdapter, head: Any) -> tuple[Any, int]:
     return head, getattr(head, "exit_layer", None) or default_exit_layer(adapter.num_layers)
 
 
+def forced_acceptance(accept_pattern: float | Sequence[int], seed: int) -> Callable[[int], int]:
+    """The accept decision for `generate(accept_pattern=...)` (benchmark only, NOT lossless).
+
+    A number alpha in [0, 1]: every draft position is accepted independently with probability alpha (draws from
+    `random.Random(seed)`), a round accepts the run of successes before the first failure, capped by its drafted
+    count. A sequence of integers >= 0: the accepted count of each round (one entry per row and round, in row order),
+    cycled, capped by the drafted count.
+    """
+    if isinstance(accept_pattern, bool):
+        raise ValueError(f"accept_pattern must be a number in [0, 1] or a sequence of counts, got {accept_pattern!r}")
+    if isinstance(accept_pattern, (int, float)):
+        alpha = float(accept_pattern)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"accept_pattern alpha must lie in [0, 1], got {accept_pattern!r}")
+        rng = random.Random(seed)
+
+        def bernoulli(drafted: int) -> int:
+            accepted = 0
+            while accepted < drafted and rng.random() < alpha:
+                accepted += 1
+            return accepted
+
+        return bernoulli
+    counts = list(accept_pattern)
+    if not counts or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise ValueError(f"accept_pattern counts must be a non-empty sequence of integers >= 0, got {counts!r}")
+    cycle = itertools.cycle(counts)
+    return lambda drafted: min(next(cycle), drafted)
+
+
 def _decode_ppsd(adapter, rows: Rows, cache, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend):
     from executor.ppsd import decode_ppsd  # the pipeline (and torch.distributed) only when asked for
 
@@ -170,6 +201,7 @@ def generate(
     stages: int = 2,
     stage_boundaries: list[int] | None = None,
     backend: str = "sequential",
+    accept_pattern: float | Sequence[int] | None = None,
 ) -> GenerationResult:
     """Decode with `method` "ar" (reference) or "eesd" (early-exit self-speculation), losslessly.
 
@@ -183,6 +215,13 @@ def generate(
     (balanced, or cut at `stage_boundaries`), drafts with the shared head at `exit_layer` (default: the end of stage
     1) and runs on `backend` "sequential" (reference), "streams" (one CUDA stream per stage) or "distributed" (one
     process per stage, torch.distributed); its stats are `executor.ppsd.PPSDStats`.
+
+    `accept_pattern` (EESD only; benchmark only, NOT lossless, never the default) forces the accepted length of
+    every round, to time EESD at a known acceptance on models whose drafts the full model would reject (e.g. random
+    weights): a number alpha in [0, 1] (each draft position accepted with probability alpha, seeded by `seed`) or a
+    sequence of accepted counts (cycled). Drafting and verifying do the same work as a real round with that accepted
+    length; the emitted tokens are the row's first `accepted` drafts and the full model's token after them, so the
+    output is NOT the model's greedy or sampled output. See `forced_acceptance`.
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
@@ -196,6 +235,9 @@ def generate(
     if not isinstance(draft_len, int) or draft_len < 1:
         raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
+    if accept_pattern is not None and method != "eesd":
+        raise ValueError(f"accept_pattern forces EESD's accept decision: it needs method 'eesd', got {method!r}")
+    forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed)
@@ -219,7 +261,10 @@ def generate(
             )
             stats.prompt_tokens = len(prompts[0])
         else:
-            decode_eesd(adapter, rows, cache, selector, stats, exit_layer=exit_layer, policies=policies, head=exit_head)
+            decode_eesd(
+                adapter, rows, cache, selector, stats, exit_layer=exit_layer, policies=policies, head=exit_head,
+                forced_accept=forced,
+            )  # fmt: skip
     if streamer is not None:
         streamer.end()
     stats.new_tokens = sum(len(s.tokens) for s in rows.sinks)

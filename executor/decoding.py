@@ -286,6 +286,14 @@ def accept(selector: TokenSelector, drafts: Drafts, choices, row: int) -> tuple[
     return accepted, tokens[accepted]
 
 
+def forced_verdict(selector: TokenSelector, choices, row: int, accepted: int) -> tuple[int, int]:
+    """Step 3 replaced (benchmark only, NOT lossless): `accepted` drafts kept whatever the full model said, then the
+    full model's own token at that position, as a real verdict with that accepted length would emit."""
+    if selector.config.kind == "rejection":
+        return accepted, int(selector.sample(choices[row, accepted].unsqueeze(0))[0])
+    return accepted, choices[row][accepted]
+
+
 @torch.inference_mode()
 def decode_eesd(
     adapter: ModelAdapter,
@@ -297,8 +305,15 @@ def decode_eesd(
     exit_layer: int,
     policies: list[DraftPolicy],
     head=None,
+    forced_accept: Callable[[int], int] | None = None,
 ) -> None:
-    """Draft with layers [0, exit_layer) + exit head, verify with layers [exit_layer, L) in one pass."""
+    """Draft with layers [0, exit_layer) + exit head, verify with layers [exit_layer, L) in one pass.
+
+    `forced_accept` (benchmark only, NOT lossless, never the default) replaces step 3's decision: it is called once
+    per active row and round, in row order, with the row's drafted count and returns how many drafts to accept
+    (capped to [0, drafted]). Drafting and the verify pass are unchanged, so the work per round is exactly a real
+    round's at that accepted length, but the emitted drafts need not be the full model's tokens.
+    """
     head = head if head is not None else SharedExitHead(adapter)
     begin = time.perf_counter()
     prefill_rows(adapter, cache, rows, selector, exit_layer, head)
@@ -315,7 +330,11 @@ def decode_eesd(
         logits, step = verify_pass(adapter, cache, head, exit_layer, rows, drafts)
         choices = full_model_choices(selector, logits, step)
         for row in sorted(active):
-            accepted, token = accept(selector, drafts, choices, row)
+            if forced_accept is None:
+                accepted, token = accept(selector, drafts, choices, row)
+            else:
+                drafted = len(drafts.tokens[row])
+                accepted, token = forced_verdict(selector, choices, row, min(max(forced_accept(drafted), 0), drafted))
             policies[row].update(len(drafts.tokens[row]), accepted)
             rows.commit(row, drafts.tokens[row][:accepted] + [token])
             stats.drafted.append(len(drafts.tokens[row]))
