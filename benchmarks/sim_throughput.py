@@ -3,7 +3,7 @@
 Cases: 4-stage PPSD and single-GPU EESD (fixed:4 and beta-ts), Llama-2-7B shape on H100 roofline latencies,
 batch 1 and 8. Prints a table and writes JSON with the date, versions and machine.
 
-    python benchmarks/sim_throughput.py [--tokens 20000] [--out runs/benchmarks/sim_throughput.json]
+    python benchmarks/sim_throughput.py [--tokens 20000] [--out benchmarks/results/sim_throughput_cpu.json]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20000, help="simulated tokens per case")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/sim_throughput.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sim_throughput_cpu.json"))
     args = parser.parse_args()
     rows = []
     print(f"{'case':40s} {'tokens':>8s} {'sim tok/s (wall)':>18s}")
