@@ -1,0 +1,380 @@
+"""GPU decode benchmark (issue 8): HF anchors vs our AR, EESD and PPSD, batch 1, greedy, on one device, one run.
+
+Models:
+- SmolLM2-135M-Instruct, real weights (`executor.load_model("smollm2-135m")`): HF `generate` AR and HF
+  `assistant_early_exit` (the anchors), our AR, EESD with the shared head and with the trained head
+  `heads/smollm2-135m-e15.safetensors` (policies fixed:k and beta-ts), PPSD `streams` with n = 2 and 4 stages (CUDA
+  only: skipped with a note elsewhere).
+- The Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000) with random weights: HF AR, our AR
+  and EESD at forced acceptance alpha in {0.5, 0.7, 0.9} (`generate(accept_pattern=alpha)`: the same drafting and
+  verify work as a real round with that accepted length, NOT lossless: random weights accept nothing on their own).
+  `--small` keeps the 7B layer shape but only 4 layers, so that it fits a CPU run.
+Plus the bf16 greedy match rate of EESD / PPSD vs our AR on real prompts (`executor.prompts`, builtin set): in bf16 a
+(k+1)-token verify pass and a 1-token step round differently, so near-ties can flip (DESIGN.md §2).
+
+Every speed is the median tokens/s of `--runs` (>= 5) timed runs after one warm-up run, end to end (prefill
+included, EOS ignored: every run makes exactly `--new-tokens` tokens), with the device synchronised around each run.
+
+Ideal speedups (what a perfect implementation would reach at the measured acceptance):
+- EESD: a memory-bound cost model in weight bytes read, with the layer sizes and LM head size of the model at hand.
+  An AR step reads L layers + the LM head (w L + h). A round with d drafts reads d (w (E + x) + h) for drafting
+  (x = the trained head's own layers), w (E + x) for the last draft's layers [0, E) and w (L - E) + h for verifying,
+  and yields tokens_per_round tokens. ideal = tokens_per_round (w L + h) / round bytes; efficiency = realised / ideal.
+- PPSD: n / (alpha + (1 - alpha) n) (balanced stages, free head and links; `PPSDStats.ideal_speedup`).
+
+    python benchmarks/gpu_decode.py                          # on the GPU: benchmarks/results/gpu_decode_<card>.json
+    python benchmarks/gpu_decode.py --models smollm2 --out X.json  # one model per call (a call is <= 10 min)
+    python benchmarks/gpu_decode.py --device cpu --quick --small   # CPU smoke test of the script, not a claim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import executor
+from executor.adapter import ModelAdapter
+from executor.heads import resolve_head
+from executor.models import resolve_dtype
+from executor.prompts import encode_prompt, load_prompts
+
+RESULTS = Path(__file__).parent / "results"
+HEAD_FILE = Path(__file__).resolve().parent.parent / "heads" / "smollm2-135m-e15.safetensors"
+ALPHAS = (0.5, 0.7, 0.9)
+PPSD_STAGES = (2, 4)
+
+
+@dataclass
+class Row:
+    """One table row. tokens_per_s is the median over runs; speedup is over our AR on the same model."""
+
+    model: str
+    method: str
+    tokens_per_s: float | None
+    runs_tokens_per_s: list[float] = field(default_factory=list)
+    speedup_vs_ar: float | None = None
+    speedup_vs_hf: float | None = None
+    alpha: float | None = None  # measured in the last run, per position: accepted / checked draft positions
+    tokens_per_round: float | None = None
+    ideal_speedup: float | None = None
+    efficiency: float | None = None  # realised speedup / ideal speedup
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Case:
+    """A method to time: `run()` decodes once and returns (new tokens, executor stats or None for HF)."""
+
+    method: str
+    run: Callable[[], tuple[int, Any]]
+    ideal: Callable[[Any], float | None] = lambda stats: None
+    skip: str = ""  # why it cannot run here (the row is kept, with this note)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_case(case: Case, runs: int, device: torch.device) -> tuple[list[float], Any]:
+    """tokens/s of `runs` timed runs after one warm-up run; the last run's stats."""
+    case.run()
+    speeds, stats = [], None
+    for _ in range(runs):
+        synchronize(device)
+        begin = time.perf_counter()
+        new_tokens, stats = case.run()
+        synchronize(device)
+        speeds.append(new_tokens / (time.perf_counter() - begin))
+    return speeds, stats
+
+
+def eesd_alpha(stats: Any) -> float | None:
+    """Per-position acceptance: a round checks accepted + 1 positions, or all d when all d were accepted."""
+    checked = sum(a + (a < d) for a, d in zip(stats.accepted, stats.drafted, strict=True))
+    return sum(stats.accepted) / checked if checked else None
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Weight elements read per decoder layer (w) and by the final norm + LM head (h); L layers."""
+
+    layer: int
+    head: int
+    num_layers: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Costs:
+        layer = sum(p.numel() for p in model.model.layers[0].parameters())
+        head = model.lm_head.weight.numel() + model.model.norm.weight.numel()
+        return cls(layer=layer, head=head, num_layers=model.config.num_hidden_layers)
+
+    def eesd_ideal(self, stats: Any, exit_layer: int, extra_layers: int) -> float | None:
+        if not stats.accepted:
+            return None
+        drafted = statistics.fmean(stats.drafted)
+        w, h, L, E = self.layer, self.head, self.num_layers, exit_layer
+        round_cost = drafted * (w * (E + extra_layers) + h) + w * (E + extra_layers) + w * (L - E) + h
+        return stats.tokens_per_round * (w * L + h) / round_cost
+
+
+# ------------------------------------------------------------------------------------------------------ cases
+def hf_case(model, prompt: list[int], new_tokens: int, method: str, **kwargs: Any) -> Case:
+    ids = torch.tensor([prompt], device=model.device)
+    mask = torch.ones_like(ids)
+
+    def run() -> tuple[int, Any]:
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=0, **kwargs,
+        )  # fmt: skip
+        return out.shape[1] - ids.shape[1], None
+
+    return Case(method, run)
+
+
+def ours_case(adapter: ModelAdapter, prompt: list[int], new_tokens: int, label: str, **kwargs: Any) -> Case:
+    def run() -> tuple[int, Any]:
+        result = executor.generate(adapter, [prompt], max_new_tokens=new_tokens, **kwargs)
+        return result.stats.new_tokens, result.stats
+
+    return Case(label, run)
+
+
+def eesd_case(adapter, costs: Costs, prompt, new_tokens: int, label: str, exit_layer: int, head, **kwargs) -> Case:
+    extra = getattr(head, "extra_layers", 0)
+    case = ours_case(adapter, prompt, new_tokens, label, method="eesd", exit_layer=exit_layer, head=head, **kwargs)
+    return Case(label, case.run, ideal=lambda stats: costs.eesd_ideal(stats, exit_layer, extra))
+
+
+def ppsd_case(adapter, prompt, new_tokens: int, stages: int, device: torch.device) -> Case:
+    label = f"ppsd streams n={stages}"
+    if device.type != "cuda":
+        return Case(label, lambda: (0, None), skip=f"skipped: backend 'streams' needs CUDA, device is {device.type}")
+    case = ours_case(adapter, prompt, new_tokens, label, method="ppsd", stages=stages, backend="streams")
+    return Case(label, case.run, ideal=lambda stats: stats.ideal_speedup)
+
+
+def smollm2_cases(model, prompt: list[int], args) -> list[Case]:
+    adapter, costs, n, E = ModelAdapter(model), Costs.of(model), args.new_tokens, args.exit_layer
+    trained = resolve_head(str(HEAD_FILE), adapter, E)
+    k = f"fixed:{args.draft_len}"
+    cases = [
+        hf_case(model, prompt, n, "hf generate (AR)"),
+        hf_case(model, prompt, n, f"hf assistant_early_exit={E}", assistant_early_exit=E),
+        ours_case(adapter, prompt, n, "ours ar", method="ar"),
+    ]
+    for head_name, head in (("shared", "shared"), ("trained", trained)):
+        for policy in (k, "beta-ts"):
+            label = f"eesd {head_name} E={E} {policy}"
+            cases.append(eesd_case(adapter, costs, prompt, n, label, E, head, policy=policy))
+    cases += [ppsd_case(adapter, prompt, n, stages, model.device) for stages in PPSD_STAGES]
+    return cases
+
+
+def llama7b_cases(model, prompt: list[int], args) -> list[Case]:
+    adapter, costs, n = ModelAdapter(model), Costs.of(model), args.new_tokens
+    E = max(1, model.config.num_hidden_layers // 2)
+    k = f"fixed:{args.draft_len}"
+    cases = [hf_case(model, prompt, n, "hf generate (AR)"), ours_case(adapter, prompt, n, "ours ar", method="ar")]
+    for alpha in ALPHAS:
+        label = f"eesd shared E={E} {k} forced alpha={alpha}"
+        cases.append(eesd_case(adapter, costs, prompt, n, label, E, "shared", policy=k, accept_pattern=alpha))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def llama2_7b_shape(num_layers: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """Llama-2-7B's shape with random weights (HF's default init), built directly on `device` in `dtype`."""
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def bench_model(name: str, cases: list[Case], runs: int, device: torch.device) -> list[Row]:
+    rows: list[Row] = []
+    for case in cases:
+        if case.skip:
+            rows.append(Row(model=name, method=case.method, tokens_per_s=None, note=case.skip))
+            print(f"  {case.method}: {case.skip}", flush=True)
+            continue
+        speeds, stats = time_case(case, runs, device)
+        row = Row(model=name, method=case.method, tokens_per_s=statistics.median(speeds), runs_tokens_per_s=speeds)
+        if stats is not None and stats.accepted:
+            row.alpha = getattr(stats, "alpha", None) if hasattr(stats, "confirms") else eesd_alpha(stats)
+            row.tokens_per_round = None if hasattr(stats, "confirms") else stats.tokens_per_round
+            row.ideal_speedup = case.ideal(stats)
+        rows.append(row)
+        print(f"  {case.method}: {row.tokens_per_s:.2f} tok/s", flush=True)
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: list[Row]) -> None:
+    ar = next((r.tokens_per_s for r in rows if r.method == "ours ar"), None)
+    hf = next((r.tokens_per_s for r in rows if r.method == "hf generate (AR)"), None)
+    for row in rows:
+        if row.tokens_per_s is None:
+            continue
+        row.speedup_vs_ar = row.tokens_per_s / ar if ar else None
+        row.speedup_vs_hf = row.tokens_per_s / hf if hf else None
+        if row.ideal_speedup and row.speedup_vs_ar:
+            row.efficiency = row.speedup_vs_ar / row.ideal_speedup
+
+
+# ------------------------------------------------------------------------------------------------------ match rate
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def match_rates(model, prompts: list[list[int]], args, device: torch.device) -> list[dict[str, Any]]:
+    """Greedy tokens of EESD / PPSD vs our AR in the benchmark dtype: identical prompts, mean matching prefix."""
+    adapter, E, n = ModelAdapter(model), args.exit_layer, args.new_tokens
+    backend = "streams" if device.type == "cuda" else "sequential"
+    trained = resolve_head(str(HEAD_FILE), adapter, E)
+    methods = {
+        f"eesd shared E={E} fixed:{args.draft_len}": {"method": "eesd", "exit_layer": E, "draft_len": args.draft_len},
+        f"eesd trained E={E} fixed:{args.draft_len}": {
+            "method": "eesd", "exit_layer": E, "draft_len": args.draft_len, "head": trained,
+        },
+        **{f"ppsd {backend} n={s}": {"method": "ppsd", "stages": s, "backend": backend} for s in PPSD_STAGES},
+    }  # fmt: skip
+    ar = [executor.generate(adapter, [p], method="ar", max_new_tokens=n).sequences[0].tolist() for p in prompts]
+    results = []
+    for label, kwargs in methods.items():
+        outs = [executor.generate(adapter, [p], max_new_tokens=n, **kwargs).sequences[0].tolist() for p in prompts]
+        prefixes = [(first_difference(o, a) - len(p)) / n for o, a, p in zip(outs, ar, prompts, strict=True)]
+        same = sum(o == a for o, a in zip(outs, ar, strict=True))
+        results.append(
+            {"method": label, "prompts": len(prompts), "identical": same, "identical_rate": same / len(prompts),
+             "mean_matching_prefix": statistics.fmean(prefixes)}
+        )  # fmt: skip
+        print(
+            f"  match {label}: {same}/{len(prompts)} identical, mean prefix {results[-1]['mean_matching_prefix']:.3f}"
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| model | method | tok/s (median) | vs our AR | vs HF AR | alpha | tok/round | ideal | efficiency | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.method} | {fmt(r.tokens_per_s, '.2f')} | {fmt(r.speedup_vs_ar, '.2f')} | "
+            f"{fmt(r.speedup_vs_hf, '.2f')} | {fmt(r.alpha, '.3f')} | {fmt(r.tokens_per_round, '.2f')} | "
+            f"{fmt(r.ideal_speedup, '.2f')} | {fmt(r.efficiency, '.2f')} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def default_output(device: torch.device) -> Path:
+    if device.type != "cuda":
+        return RESULTS / "gpu_decode_cpu_smoke.json"
+    card = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
+    return RESULTS / f"gpu_decode_{card}.json"  # with --models a subset, pass --out per call
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per method (median reported), >= 5")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--draft-len", type=int, default=3, help="k of the fixed:k policy")
+    parser.add_argument("--exit-layer", type=int, default=15, help="SmolLM2 exit layer (the trained head's)")
+    parser.add_argument("--match-prompts", type=int, default=20, help="real prompts for the match rate")
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, 3 match prompts: a smoke test")
+    parser.add_argument("--small", action="store_true", help="the 7B shape with 4 layers (fits a CPU run)")
+    parser.add_argument(
+        "--models", default="smollm2,llama7b", help="comma-separated subset of smollm2,llama7b (e.g. one per GPU call)"
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.runs < 5:
+        parser.error("--runs must be >= 5 (medians of at least 5 runs)")
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.models or set(args.models) - {"smollm2", "llama7b"}:
+        parser.error(f"--models must name smollm2 and/or llama7b, got {args.models}")
+    if args.quick:
+        args.new_tokens, args.match_prompts = 16, 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    smoke = device.type != "cuda"
+    print(f"device {device_name(device)}, {dtype}" + (" -- CPU SMOKE TEST, not a GPU result" if smoke else ""))
+    rows: list[Row] = []
+    matches: list[dict[str, Any]] = []
+    if "smollm2" in args.models:
+        tokenizer = executor.load_tokenizer("smollm2-135m")
+        texts = [p.text for p in load_prompts("builtin")[: args.match_prompts]]
+        prompts = [encode_prompt(tokenizer, text) for text in texts]
+        model = executor.load_model("smollm2-135m", dtype=dtype, device=device)
+        print("SmolLM2-135M (real weights)")
+        rows += bench_model("SmolLM2-135M", smollm2_cases(model, prompts[0], args), args.runs, device)
+        print("match rate vs our AR")
+        matches = match_rates(model, prompts, args, device)
+        del model
+    if "llama7b" in args.models:
+        layers = 4 if args.small else 32
+        big = llama2_7b_shape(layers, dtype, device)
+        name = f"Llama-2-7B shape, random, {layers} layers"
+        print(name)
+        prompt = torch.randint(0, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+        rows += bench_model(name, llama7b_cases(big, prompt, args), args.runs, device)
+        del big
+    print(table(rows))
+    report = {
+        "label": "CPU SMOKE TEST of the script (not a GPU result, not a claim)" if smoke else "GPU benchmark",
+        "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs_per_method": args.runs,
+        "new_tokens": args.new_tokens, "batch": 1, "decoding": "greedy", "quick": args.quick, "small": args.small,
+        "timing": "median tokens/s over runs after one warm-up, end to end (prefill included), EOS ignored",
+        "ideal": "EESD: weight-bytes model (see module docstring); PPSD: n / (alpha + (1 - alpha) n)",
+        "forced_acceptance": "7B-shape EESD rows use generate(accept_pattern=alpha): same work, NOT lossless",
+        "models": args.models, "rows": [asdict(r) for r in rows], "match_rate_vs_our_ar": matches,
+    }  # fmt: skip
+    out = args.out or default_output(device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
