@@ -124,6 +124,18 @@ def test_bernoulli_alpha_is_the_per_position_acceptance(alpha: float) -> None:
     assert abs(mean_length - expected_length) < 0.25, (mean_length, expected_length)
 
 
+@pytest.mark.parametrize("sampling", ["exact", "rejection"])
+def test_sampling_modes_follow_the_pattern(sampling: str) -> None:
+    """Sampled decoding: the forced rounds keep `accepted` drafts, then a token drawn from the full model there."""
+    adapter = CountingAdapter(model(1.0))
+    result = run(adapter, 25, draft_len=3, accept_pattern=[2, 0, 3], do_sample=True, sampling=sampling, seed=5)
+    stats = result.stats
+    assert stats.accepted == [min([2, 0, 3][i % 3], d) for i, d in enumerate(stats.drafted)]
+    assert stats.new_tokens == 25
+    assert adapter.work(EXIT_LAYER)[0] == stats.rounds
+    assert int(result.sequences.max()) < SPEC.vocab
+
+
 def test_bernoulli_is_seeded() -> None:
     first, second, other = (forced_acceptance(0.6, seed) for seed in (4, 4, 5))
     a, b, c = ([f(8) for _ in range(200)] for f in (first, second, other))
