@@ -203,7 +203,7 @@ def generate(
     backend: str = "sequential",
     accept_pattern: float | Sequence[int] | None = None,
 ) -> GenerationResult:
-    """Decode with `method` "ar" (reference) or "eesd" (early-exit self-speculation), losslessly.
+    """Decode with `method` "ar" (reference), "eesd" (early-exit self-speculation) or "ppsd", losslessly.
 
     Greedy unless `do_sample`; sampling is `"exact"` (Gumbel-max keyed by (seed, position): EESD reproduces AR's
     sampled tokens exactly) or `"rejection"` (speculative sampling: same distribution). `exit_layer` defaults to the
