@@ -184,8 +184,10 @@ def _plots(rows: list[dict[str, Any]], swept: list[str], out_dir: Path) -> list[
             groups.setdefault(label, []).append((row[field], row["speedup"]))
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for label, pairs in groups.items():
-            xs = [str(x) if not isinstance(x, (int, float)) else x for x, _ in pairs]
-            ax.plot(xs, [y for _, y in pairs], marker="o", label=label)
+            numeric = all(isinstance(x, (int, float)) for x, _ in pairs)
+            xs = [x if numeric else str(x) for x, _ in pairs]
+            # categories (methods, policies, links) get points, not a line that suggests an order between them
+            ax.plot(xs, [y for _, y in pairs], marker="o", linestyle="-" if numeric else "none", label=label)
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xlabel(field)
         ax.set_ylabel("speedup vs AR (same hardware)")
