@@ -4,9 +4,11 @@ Each record of the profile (docs/formats.md) is one measurement of one component
 the executor's own code (`executor.adapter.decoder_layer`, `ModelAdapter.embed` / `.logits`, the KV cache):
 
 - `embed`: the token embedding of [B, q] ids.
-- `layer`: ONE decoder layer over [B, q, d] with `context_len` tokens already in its KV cache. All layers share a
-  shape, so layer 0 is timed at every grid point; other layers are spot-checked at one point (metadata
-  `layer_spot_check`).
+- `layer`: ONE decoder layer over [B, q, d] with `context_len` tokens already in its KV cache: the time of a pass
+  over every loaded layer, divided by their number. Timing one layer over and over would keep its weights in the
+  CPU caches or the GPU's L2 (a SmolLM2 layer is 9 MB), which a real forward never does: on the 2-core CPU box
+  that under-stated the per-layer cost by about 15%. All layers share a shape; layers 0, L/2 and L-1 are also
+  timed alone at one point (metadata `layer_spot_check`).
 - `exit_head`: a trained exit head (one extra decoder layer + final norm + LM head), draft phase only; a shared exit
   head costs `lm_head`.
 - `lm_head`: final norm + LM head over the q positions whose logits a pass needs (prefill: the last one, q = 1).
@@ -127,8 +129,11 @@ def make_inputs(adapter: ModelAdapter, q: int, context_len: int, batch: int) -> 
     return Inputs(ids, hidden, step, rotary, masks, cache, logits_1)
 
 
-def component_call(adapter: ModelAdapter, inputs: Inputs, component: str, layer: int = 0) -> Callable[[], object]:
-    """The zero-argument callable whose time is the component's (see module docstring)."""
+def component_call(
+    adapter: ModelAdapter, inputs: Inputs, component: str, layer: int | None = None
+) -> Callable[[], object]:
+    """The zero-argument callable whose time is the component's (see module docstring); for `layer`, a pass over all
+    loaded layers unless one `layer` index is given."""
     x = inputs
 
     def run_layer(index: int) -> torch.Tensor:
@@ -146,7 +151,9 @@ def component_call(adapter: ModelAdapter, inputs: Inputs, component: str, layer:
 
     calls: dict[str, Callable[[], object]] = {
         "embed": lambda: adapter.embed(x.ids),
-        "layer": lambda: run_layer(layer),
+        "layer": (lambda: [run_layer(i) for i in range(adapter.num_layers)])
+        if layer is None
+        else (lambda: run_layer(layer)),
         "exit_head": lambda: adapter.logits(run_layer(adapter.num_layers - 1)),
         "lm_head": lambda: adapter.logits(x.hidden),
         "overhead": overhead,
@@ -215,10 +222,14 @@ def _point_of(record: LatencyRecord) -> Point:
     return Point(record.component, record.phase, record.q, record.context_len, record.batch, record.cuda_graphs)
 
 
-def measure(adapter: ModelAdapter, point: Point, inputs: Inputs, timer: TimerSpec, layer: int = 0) -> Summary:
+def measure(adapter: ModelAdapter, point: Point, inputs: Inputs, timer: TimerSpec, layer: int | None = None) -> Summary:
     fn = component_call(adapter, inputs, point.component, layer)
     with torch.inference_mode():
-        return time_call(fn, timer, point.cuda_graphs, host=point.component == "overhead")
+        summary = time_call(fn, timer, point.cuda_graphs, host=point.component == "overhead")
+    if point.component == "layer" and layer is None:  # a pass over all layers: per-layer figures
+        n = adapter.num_layers
+        summary = Summary(summary.median_us / n, summary.p10_us / n, summary.p90_us / n)
+    return summary
 
 
 def spot_check_layers(adapter: ModelAdapter, settings: LatencySettings) -> list[dict[str, Any]]:
