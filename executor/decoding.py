@@ -54,8 +54,7 @@ class GenerationStats:
     @property
     def tokens_per_round(self) -> float:
         """New tokens per verify round (per row), the prefill's token excluded."""
-        rows_rounds = len(self.accepted) or self.rounds
-        return sum(a + 1 for a in self.accepted) / rows_rounds if self.accepted else float("nan")
+        return sum(a + 1 for a in self.accepted) / len(self.accepted) if self.accepted else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
