@@ -30,11 +30,14 @@ class Step:
     """Where the q tokens of one forward pass sit: absolute positions, on the device and on the host.
 
     `positions` is [B, q] on the model's device; `starts` holds each row's first position on the host, so that cache
-    bookkeeping never reads the device.
+    bookkeeping never reads the device. A *static* step (`starts=None`, `span` = the cache capacity) is one whose
+    positions live only in a device buffer that is refilled between passes (a pass captured in a CUDA graph): its
+    attention spans every cache slot (masked by position) and the caller keeps the cache's books (`KVCache.claim`).
     """
 
     positions: torch.Tensor
-    starts: tuple[int, ...]
+    starts: tuple[int, ...] | None
+    span: int | None = None
 
     @property
     def q(self) -> int:
@@ -42,7 +45,9 @@ class Step:
 
     @property
     def kv_len(self) -> int:
-        """Cache slots the pass can see: up to the furthest position it writes."""
+        """Cache slots the pass can see: the static span, else up to the furthest position it writes."""
+        if self.span is not None:
+            return self.span
         return max(self.starts) + self.q
 
     @classmethod

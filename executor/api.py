@@ -6,6 +6,7 @@ Both check their arguments up front and raise `ValueError` saying what was wrong
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -16,12 +17,14 @@ import torch
 from torch import nn
 
 from executor.adapter import ModelAdapter
-from executor.decoding import GenerationStats, Rows, TokenSink, decode_ar, decode_eesd
+from executor.decoding import GenerationStats, Rows, SharedExitHead, TokenSink, decode_ar, decode_eesd
 from executor.heads import resolve_head
+from executor.passes import Passes, cached_passes, resolve_capture
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.policy import DraftPolicy, make_policy
 
 METHODS = ("ar", "eesd", "ppsd")
+CAPACITY_STEP = 256  # captured passes: cache capacities are rounded up to a multiple of this
 
 
 @dataclass
@@ -177,6 +180,55 @@ def _decode_ppsd(adapter, rows: Rows, cache, config, min_new_tokens, exit_layer,
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class PassSetup:
+    """What fixes a decoder's static buffers and captured passes (besides rows and cache capacity)."""
+
+    method: str
+    config: SamplingConfig
+    min_new_tokens: int
+    eos: list[int]
+    exit_layer: int | None
+    head: Any
+    policies: list[DraftPolicy]
+    capture: str
+
+    def passes(self, adapter: ModelAdapter, prompts: list[list[int]], max_new_tokens: int) -> Passes:
+        """Fresh buffers without capture; with capture, the model's cached ones for this setup (graphs kept)."""
+        mode = resolve_capture(self.capture, adapter.device, self.config.kind)
+        max_draft = max(p.max_draft_len for p in self.policies) if self.method == "eesd" else 0
+        capacity = max(len(p) for p in prompts) + max_new_tokens + max_draft + 1
+        lengths = [len(p) for p in prompts]
+        if mode == "none":
+            return self._build(adapter, lengths, capacity, max_draft, mode)
+        capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP  # a few capacities, so graphs get reused
+        key = (
+            self.method, len(prompts), capacity, self.exit_layer, _head_key(self.head), max_draft, mode,
+            dataclasses.replace(self.config, seed=0), self.min_new_tokens, tuple(self.eos), self._confidence,
+        )  # fmt: skip
+        passes = cached_passes(adapter.model, key, lambda: self._build(adapter, lengths, capacity, max_draft, mode))
+        passes.selector.restart(lengths, self.config.seed)
+        passes.cache.rollback(0)
+        return passes
+
+    @property
+    def _confidence(self) -> bool:
+        return any(p.needs_confidence for p in self.policies)
+
+    def _build(self, adapter: ModelAdapter, lengths: list[int], capacity: int, max_draft: int, mode: str) -> Passes:
+        selector = TokenSelector(self.config, lengths, self.min_new_tokens, self.eos, adapter.device)
+        cache = adapter.new_cache(len(lengths), capacity, extra_layers=getattr(self.head, "extra_layers", 0))
+        return Passes(
+            adapter, cache, selector, exit_layer=self.exit_layer, head=self.head, max_draft=max_draft, capture=mode,
+            confidence=self._confidence,
+        )  # fmt: skip
+
+
+def _head_key(head: Any) -> object:
+    """Heads that decode alike share captured passes: every shared head is one; a trained head is itself."""
+    return "shared" if isinstance(head, SharedExitHead) else id(head)
+
+
 def generate(
     model: nn.Module | ModelAdapter,
     input_ids: torch.Tensor | list,
@@ -202,6 +254,7 @@ def generate(
     stage_boundaries: list[int] | None = None,
     backend: str = "sequential",
     accept_pattern: float | Sequence[int] | None = None,
+    capture: str = "auto",
 ) -> GenerationResult:
     """Decode with `method` "ar" (reference), "eesd" (early-exit self-speculation) or "ppsd", losslessly.
 
@@ -222,6 +275,10 @@ def generate(
     sequence of accepted counts (cycled). Drafting and verifying do the same work as a real round with that accepted
     length; the emitted tokens are the row's first `accepted` drafts and the full model's token after them, so the
     output is NOT the model's greedy or sampled output. See `forced_acceptance`.
+
+    `capture` ("auto", "none", "graph", "compile") is how AR and EESD launch their passes (`executor.passes`):
+    "auto" captures each pass in a CUDA graph on a GPU (kept on the model for the next call with the same setup)
+    and runs them as they are elsewhere; "compile" uses `torch.compile(mode="reduce-overhead")` instead.
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
@@ -230,6 +287,8 @@ def generate(
         head, exit_layer = _exit_from_head(adapter, head)
     if method == "ppsd" and len(prompts) != 1:
         raise ValueError(f"method 'ppsd' decodes batch size 1, got {len(prompts)} rows")
+    if method == "ppsd" and capture not in ("auto", "none"):
+        raise ValueError(f"method 'ppsd' never captures its steps: capture must be 'auto' or 'none', got {capture!r}")
     if method == "ppsd" and head not in (None, "shared"):
         raise ValueError("method 'ppsd' drafts with the shared exit head only (head='shared')")
     if not isinstance(draft_len, int) or draft_len < 1:
@@ -247,24 +306,22 @@ def generate(
     callback = _streamer_callback(streamer, len(prompts), ids)
     rows = Rows(prompts=prompts, sinks=[TokenSink(max_new_tokens, eos, callback) for _ in prompts])
     stats = GenerationStats(method=method, prompt_tokens=sum(len(p) for p in prompts))
-    if max_new_tokens > 0:
-        selector = TokenSelector(config, [len(p) for p in prompts], min_new_tokens, eos, adapter.device)
+    if max_new_tokens > 0 and method == "ppsd":
+        capacity = len(prompts[0]) + max_new_tokens + 2
+        stats = _decode_ppsd(
+            adapter, rows, adapter.new_cache(1, capacity), config, min_new_tokens, exit_layer, stages,
+            stage_boundaries, backend,
+        )  # fmt: skip
+        stats.prompt_tokens = len(prompts[0])
+    elif max_new_tokens > 0:
         exit_head = resolve_head(head, adapter, exit_layer) if method == "eesd" else None
-        slack = max(p.max_draft_len for p in policies) + 1
-        capacity = max(len(p) for p in prompts) + max_new_tokens + slack
-        cache = adapter.new_cache(len(prompts), capacity, extra_layers=exit_head.extra_layers if exit_head else 0)
+        setup = PassSetup(method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture)
+        passes = setup.passes(adapter, prompts, max_new_tokens)
+        stats.capture = passes.capture
         if method == "ar":
-            decode_ar(adapter, rows, cache, selector, stats)
-        elif method == "ppsd":
-            stats = _decode_ppsd(
-                adapter, rows, cache, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend
-            )
-            stats.prompt_tokens = len(prompts[0])
+            decode_ar(adapter, rows, passes, stats)
         else:
-            decode_eesd(
-                adapter, rows, cache, selector, stats, exit_layer=exit_layer, policies=policies, head=exit_head,
-                forced_accept=forced,
-            )  # fmt: skip
+            decode_eesd(adapter, rows, passes, stats, policies=policies, forced_accept=forced)
     if streamer is not None:
         streamer.end()
     stats.new_tokens = sum(len(s.tokens) for s in rows.sinks)

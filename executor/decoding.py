@@ -28,6 +28,7 @@ import torch
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
+from executor.passes import Passes
 from executor.sampling import SamplingConfig, TokenSelector, accept_rejection
 from sim.policy import DraftPolicy
 
@@ -44,6 +45,8 @@ class GenerationStats:
     accepted: list[int] = field(default_factory=list)
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
+    capture: str = "none"  # how the passes ran: "none", "graph" (CUDA graphs) or "compile" (executor.passes)
+    host_reads: int = 0  # device -> host reads in the decode loop (each one a synchronisation on a GPU)
 
     @property
     def acceptance_rate(self) -> float:
@@ -149,11 +152,6 @@ class Rows:
         self.tokens[row] = tokens[-1]
         self.positions[row] += len(tokens)
 
-    def step(self, offset: int, q: int, device: torch.device) -> Step:
-        starts = tuple(p + offset for p in self.positions)
-        positions = torch.tensor([list(range(s, s + q)) for s in starts], device=device)
-        return Step(positions=positions, starts=starts)
-
 
 def _column(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device).unsqueeze(1)
@@ -192,20 +190,25 @@ def prefill(adapter: ModelAdapter, cache: KVCache, prompt: list[int], exit_layer
     return rows.tokens[0]
 
 
+def read_back(tensor: torch.Tensor, stats: GenerationStats) -> list:
+    """Device -> host: the decoders' only synchronising reads, counted in `stats.host_reads`."""
+    stats.host_reads += 1
+    return tensor.tolist()
+
+
 @torch.inference_mode()
-def decode_ar(
-    adapter: ModelAdapter, rows: Rows, cache: KVCache, selector: TokenSelector, stats: GenerationStats
-) -> None:
-    """The reference: one token per full forward pass."""
+def decode_ar(adapter: ModelAdapter, rows: Rows, passes: Passes, stats: GenerationStats) -> None:
+    """The reference: one token per full forward pass (one host read per token)."""
+    cache, layers = passes.cache, range(adapter.num_layers)
     begin = time.perf_counter()
-    prefill_rows(adapter, cache, rows, selector)
+    prefill_rows(adapter, cache, rows, passes.selector)
     stats.prefill_time_s = time.perf_counter() - begin
     stats.rounds = 1
     while rows.active:
-        step = rows.step(0, 1, adapter.device)
-        hidden = adapter.embed(_column(rows.tokens, adapter.device))
-        hidden = adapter.forward_layers(hidden, step, cache, 0, adapter.num_layers)
-        new = selector.select(adapter.logits(hidden), step.positions + 1)[:, 0].tolist()
+        passes.load(rows.tokens, rows.positions, 1)
+        cache.claim(layers, rows.positions, 1)
+        passes.ar()
+        new = read_back(passes.tokens[1][:, 0], stats)
         for row in range(len(new)):
             rows.commit(row, [new[row]])
         cache.rollback(rows.positions)  # parks finished rows
@@ -213,97 +216,87 @@ def decode_ar(
     stats.wall_time_s = time.perf_counter() - begin
 
 
+def draft_steps(passes: Passes, rows: Rows, policies: list[DraftPolicy], budgets: list[int], stats) -> list[int]:
+    """Step 1: draft steps (layers [0, E) + exit head) until every row's budget is spent or its policy stops.
+    Returns each row's drafted count; all rows run the same number of steps (static shapes), a row's surplus drafts
+    are never accepted. Reads the host only for a policy that stops on the draft's confidence."""
+    counts = [0] * len(budgets)
+    confidence = any(p.needs_confidence for p in policies)
+    passes.load(rows.tokens, rows.positions, 1)
+    step = 0
+    while any(c < b for c, b in zip(counts, budgets, strict=True)):
+        if step:
+            passes.positions[1].add_(1)  # the next draft position, on the device
+        passes.cache.claim(passes.layers_early(), [p + step for p in rows.positions], 1)
+        passes.draft()
+        passes.keep_draft(step)
+        step += 1
+        top = read_back(passes.confidence, stats) if confidence else None
+        for row, policy in enumerate(policies):
+            if counts[row] < budgets[row]:
+                counts[row] += 1
+                if not policy.keep_drafting(counts[row], top[row] if top else 1.0):
+                    budgets[row] = counts[row]
+    return counts
+
+
+def verify_pass(passes: Passes, rows: Rows, k: int) -> None:
+    """Step 2: layers [0, E) for d_k only, then layers [E, L) over the k + 1 saved layer-E states in one pass."""
+    adapter, cache = passes.adapter, passes.cache
+    passes.load(None, rows.positions, k + 1)
+    cache.claim(passes.layers_early(), [p + k for p in rows.positions], 1)
+    cache.claim(range(passes.exit_layer, adapter.num_layers), rows.positions, k + 1)
+    passes.verify(k)
+
+
 @dataclass
-class Drafts:
-    """One round's drafts: per row the tokens (and, for rejection sampling, the distributions they came from)."""
+class Verdicts:
+    """One round's material for step 3: per row its drafts and the full model's tokens after t, d_1, .., d_k
+    (greedy / exact sampling), or the distributions (rejection sampling)."""
 
-    budgets: list[int]
-    tokens: list[list[int]]
-    probs: list[list[torch.Tensor]]
-    exit_states: list[torch.Tensor] = field(default_factory=list)  # layer-E states [B, 1, d] of t, d_1, ..
-    last: list[int] = field(default_factory=list)  # the newest draft of every row, the verify pass's input
+    drafts: list[list[int]]
+    full: list[list[int]] | None = None
+    target_probs: torch.Tensor | None = None  # [B, k + 1, V]
+    draft_probs: torch.Tensor | None = None  # [B, K, V]
 
-    def wants_more(self) -> bool:
-        return any(len(t) < b for t, b in zip(self.tokens, self.budgets, strict=True))
+    @classmethod
+    def read(cls, passes: Passes, k: int, counts: list[int], stats: GenerationStats) -> Verdicts:
+        """The round's one synchronising read: drafts and the full model's tokens in one copy."""
+        if passes.rejection:
+            drafts = read_back(passes.drafts[:, :k], stats)
+            return cls([d[:c] for d, c in zip(drafts, counts, strict=True)], None, passes.probs[k + 1],
+                       passes.draft_probs)  # fmt: skip
+        both = read_back(torch.cat([passes.drafts[:, :k], passes.tokens[k + 1]], dim=1), stats)
+        return cls([b[:c] for b, c in zip(both, counts, strict=True)], [b[k:] for b in both])
 
+    def accept(self, selector: TokenSelector, row: int) -> tuple[int, int]:
+        """Step 3 for one row: (accepted drafts, the full model's token after them)."""
+        own = self.drafts[row]
+        if self.target_probs is not None:
+            draft_probs = [self.draft_probs[row, i] for i in range(len(own))]
+            return accept_rejection(selector, own, draft_probs, self.target_probs[row])
+        tokens = self.full[row]
+        accepted = 0
+        while accepted < len(own) and own[accepted] == tokens[accepted]:
+            accepted += 1
+        return accepted, tokens[accepted]
 
-def draft_step(
-    adapter: ModelAdapter, cache: KVCache, head, exit_layer: int, rows: Rows, drafts: Drafts, selector, policies
-) -> None:
-    """Step 1, one token deep for every row: layers [0, E) + exit head at positions p + i."""
-    offset = len(drafts.exit_states)
-    inputs = drafts.last if offset else rows.tokens
-    step = rows.step(offset, 1, adapter.device)
-    hidden = adapter.forward_layers(adapter.embed(_column(inputs, adapter.device)), step, cache, 0, exit_layer)
-    logits = head(hidden, step, cache)
-    drafts.exit_states.append(hidden)
-    rejection = selector.config.kind == "rejection"
-    probs = selector.probs(logits, step.positions + 1)[:, 0] if rejection else None
-    new = (selector.sample(probs) if rejection else selector.select(logits, step.positions + 1)[:, 0]).tolist()
-    confidence = logits[:, -1].softmax(-1).amax(-1).tolist() if any(p.needs_confidence for p in policies) else None
-    drafts.last = new
-    for row, token in enumerate(new):
-        if len(drafts.tokens[row]) >= drafts.budgets[row]:
-            continue
-        drafts.tokens[row].append(token)
-        if rejection:
-            drafts.probs[row].append(probs[row])
-        drafted = len(drafts.tokens[row])
-        if not policies[row].keep_drafting(drafted, confidence[row] if confidence else 1.0):
-            drafts.budgets[row] = drafted
-
-
-def verify_pass(adapter: ModelAdapter, cache: KVCache, head, exit_layer: int, rows: Rows, drafts: Drafts):
-    """Step 2: full-model logits [B, k+1, V] after each of t, d_1, .., d_k; layers [0, E) only for d_k."""
-    k = len(drafts.exit_states)
-    inputs = drafts.last if k else rows.tokens
-    step = rows.step(k, 1, adapter.device)
-    hidden = adapter.forward_layers(adapter.embed(_column(inputs, adapter.device)), step, cache, 0, exit_layer)
-    head.prefill(hidden, step, cache)  # keeps a layered head's KV in step with layers [0, E)
-    states = torch.cat([*drafts.exit_states, hidden], dim=1)
-    step = rows.step(0, k + 1, adapter.device)
-    return adapter.logits(adapter.forward_layers(states, step, cache, exit_layer, adapter.num_layers)), step
-
-
-def full_model_choices(selector: TokenSelector, logits: torch.Tensor, step: Step):
-    """The full model's verdict material for all rows at once: its tokens [B][k+1] (greedy / exact sampling) or its
-    warped distributions [B, k+1, V] (rejection sampling). Logits at position j choose the token at j + 1."""
-    if selector.config.kind == "rejection":
-        return selector.probs(logits, step.positions + 1)
-    return selector.select(logits, step.positions + 1).tolist()
-
-
-def accept(selector: TokenSelector, drafts: Drafts, choices, row: int) -> tuple[int, int]:
-    """Step 3 for one row: (accepted drafts, the full model's token after them)."""
-    own = drafts.tokens[row]
-    if selector.config.kind == "rejection":
-        return accept_rejection(selector, own, drafts.probs[row], choices[row])
-    tokens = choices[row]
-    accepted = 0
-    while accepted < len(own) and own[accepted] == tokens[accepted]:
-        accepted += 1
-    return accepted, tokens[accepted]
-
-
-def forced_verdict(selector: TokenSelector, choices, row: int, accepted: int) -> tuple[int, int]:
-    """Step 3 replaced (benchmark only, NOT lossless): `accepted` drafts kept whatever the full model said, then the
-    full model's own token at that position, as a real verdict with that accepted length would emit."""
-    if selector.config.kind == "rejection":
-        return accepted, int(selector.sample(choices[row, accepted].unsqueeze(0))[0])
-    return accepted, choices[row][accepted]
+    def forced(self, selector: TokenSelector, row: int, accepted: int) -> tuple[int, int]:
+        """Step 3 replaced (benchmark only, NOT lossless): `accepted` drafts kept whatever the full model said, then
+        the full model's own token at that position, as a real verdict with that accepted length would emit."""
+        if self.target_probs is not None:
+            return accepted, int(selector.sample(self.target_probs[row, accepted].unsqueeze(0))[0])
+        return accepted, self.full[row][accepted]
 
 
 @torch.inference_mode()
 def decode_eesd(
     adapter: ModelAdapter,
     rows: Rows,
-    cache: KVCache,
-    selector: TokenSelector,
+    passes: Passes,
     stats: GenerationStats,
     *,
-    exit_layer: int,
     policies: list[DraftPolicy],
-    head=None,
     forced_accept: Callable[[int], int] | None = None,
 ) -> None:
     """Draft with layers [0, exit_layer) + exit head, verify with layers [exit_layer, L) in one pass.
@@ -313,9 +306,9 @@ def decode_eesd(
     (capped to [0, drafted]). Drafting and the verify pass are unchanged, so the work per round is exactly a real
     round's at that accepted length, but the emitted drafts need not be the full model's tokens.
     """
-    head = head if head is not None else SharedExitHead(adapter)
+    cache, selector = passes.cache, passes.selector
     begin = time.perf_counter()
-    prefill_rows(adapter, cache, rows, selector, exit_layer, head)
+    prefill_rows(adapter, cache, rows, selector, passes.exit_layer, passes.head)
     stats.prefill_time_s = time.perf_counter() - begin
     while rows.active:
         active = set(rows.active)
@@ -323,20 +316,18 @@ def decode_eesd(
             min(policies[row].begin_round(), rows.sinks[row].remaining - 1) if row in active else 0
             for row in range(len(policies))
         ]
-        drafts = Drafts(budgets=budgets, tokens=[[] for _ in budgets], probs=[[] for _ in budgets])
-        while drafts.wants_more():
-            draft_step(adapter, cache, head, exit_layer, rows, drafts, selector, policies)
-        logits, step = verify_pass(adapter, cache, head, exit_layer, rows, drafts)
-        choices = full_model_choices(selector, logits, step)
+        counts = draft_steps(passes, rows, policies, budgets, stats)
+        k = max(counts)
+        verify_pass(passes, rows, k)
+        verdicts = Verdicts.read(passes, k, counts, stats)
         for row in sorted(active):
             if forced_accept is None:
-                accepted, token = accept(selector, drafts, choices, row)
+                accepted, token = verdicts.accept(selector, row)
             else:
-                drafted = len(drafts.tokens[row])
-                accepted, token = forced_verdict(selector, choices, row, min(max(forced_accept(drafted), 0), drafted))
-            policies[row].update(len(drafts.tokens[row]), accepted)
-            rows.commit(row, drafts.tokens[row][:accepted] + [token])
-            stats.drafted.append(len(drafts.tokens[row]))
+                accepted, token = verdicts.forced(selector, row, min(max(forced_accept(counts[row]), 0), counts[row]))
+            policies[row].update(counts[row], accepted)
+            rows.commit(row, verdicts.drafts[row][:accepted] + [token])
+            stats.drafted.append(counts[row])
             stats.accepted.append(accepted)
         cache.rollback(rows.positions)  # step 4; also parks finished rows
         stats.rounds += 1

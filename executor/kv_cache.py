@@ -12,7 +12,7 @@ that prefix but never leave a gap.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,22 +45,28 @@ class KVCache:
     def num_layers(self) -> int:
         return len(self.keys)
 
+    def claim(self, layers: Iterable[int], starts: Sequence[int], q: int) -> None:
+        """The books of a pass that writes positions start .. start + q - 1 of every row in `layers`: refuse a gap
+        or an overflow, then extend the valid prefixes. `write` does this itself for a step with host `starts`; a
+        static step's caller (whose pass may be a replayed CUDA graph) calls it before launching the pass."""
+        for layer in layers:
+            for row, start in enumerate(starts):
+                if start > self.lengths[layer][row]:
+                    raise ValueError(
+                        f"KV cache layer {layer} row {row}: write at position {start} would leave a gap "
+                        f"(valid length {self.lengths[layer][row]})"
+                    )
+                if start + q > self.max_len:
+                    raise ValueError(f"KV cache overflow: positions up to {start + q - 1}, capacity {self.max_len}")
+            self.lengths[layer] = [start + q for start in starts]
+
     def write(self, layer: int, step: Step, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store key/value [B, Hkv, q, D] of `layer` at the step's positions; extend the valid prefix."""
-        q = step.q
-        for row, start in enumerate(step.starts):
-            if start > self.lengths[layer][row]:
-                raise ValueError(
-                    f"KV cache layer {layer} row {row}: write at position {start} would leave a gap "
-                    f"(valid length {self.lengths[layer][row]})"
-                )
-            if start + q > self.max_len:
-                raise ValueError(f"KV cache overflow: positions up to {start + q - 1}, capacity {self.max_len}")
+        """Store key/value [B, Hkv, q, D] of `layer` at the step's positions (the books too, unless static)."""
+        if step.starts is not None:
+            self.claim((layer,), step.starts, step.q)
         # advanced indices around a slice select [B, q, Hkv, D]; this is one index_put_, no host sync
         self.keys[layer][self._rows, :, step.positions] = key.transpose(1, 2)
         self.values[layer][self._rows, :, step.positions] = value.transpose(1, 2)
-        for row, start in enumerate(step.starts):
-            self.lengths[layer][row] = start + q
 
     def view(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first `kv_len` slots, [B, Hkv, kv_len, D] (views, no copy)."""

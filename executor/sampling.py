@@ -62,10 +62,13 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed: int, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [*positions.shape, vocab], a pure function of (seed, position, token id)."""
+def gumbel_noise(seed: int | torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [*positions.shape, vocab], a pure function of (seed, position, token id).
+
+    `seed` may be a 0-d int64 tensor on the positions' device (a buffer a captured CUDA graph reads)."""
     tokens = torch.arange(vocab, device=positions.device, dtype=torch.int64)
-    key = _hash32(torch.full_like(positions, seed & _MASK32) ^ _hash32(positions.to(torch.int64) & _MASK32))
+    seeds = (seed & _MASK32) if torch.is_tensor(seed) else torch.tensor(seed & _MASK32, device=positions.device)
+    key = _hash32(seeds.expand(positions.shape) ^ _hash32(positions.to(torch.int64) & _MASK32))
     bits = _hash32(key.unsqueeze(-1) ^ _hash32(tokens ^ 0x9E3779B9))
     uniform = (bits.to(torch.float64) + 0.5) / 2.0**32  # in (0, 1)
     return -torch.log(-torch.log(uniform))
@@ -85,36 +88,52 @@ def warp(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     return scores
 
 
-def mask_eos(logits: torch.Tensor, new_index: torch.Tensor, min_new_tokens: int, eos_ids: list[int]) -> torch.Tensor:
-    """HF's min_new_tokens: EOS is impossible for the new tokens numbered < min_new_tokens (new_index: [B, q])."""
-    if min_new_tokens <= 0 or not eos_ids:
+def mask_eos(
+    logits: torch.Tensor, new_index: torch.Tensor, min_new_tokens: int, eos: torch.Tensor | None
+) -> torch.Tensor:
+    """HF's min_new_tokens: EOS is impossible for the new tokens numbered < min_new_tokens (new_index: [B, q];
+    `eos`: the EOS ids as a 1-d int64 tensor on the logits' device, None when there is none)."""
+    if min_new_tokens <= 0 or eos is None:
         return logits
     too_early = (new_index < min_new_tokens).unsqueeze(-1)
-    is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    is_eos[[e for e in eos_ids if e < logits.shape[-1]]] = True
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    is_eos = (vocab.unsqueeze(-1) == eos).any(-1)  # device ops only: no index list copied from the host
     return logits.masked_fill(too_early & is_eos, float("-inf"))
 
 
 class TokenSelector:
-    """Turns logits into tokens for the positions they predict, identically on every decoding path."""
+    """Turns logits into tokens for the positions they predict, identically on every decoding path.
+
+    Everything it reads per call lives in device tensors made once (prompt lengths, seed, EOS ids), so selection
+    can run inside a captured CUDA graph; `restart` refills them for the next generation with the same shapes.
+    """
 
     def __init__(
         self, config: SamplingConfig, prompt_lens: list[int], min_new_tokens: int, eos_ids: list[int], device
     ) -> None:
         self.config = config
         self.min_new_tokens = min_new_tokens
-        self.eos_ids = eos_ids
+        self.eos_ids = list(eos_ids)
         self.prompt_lens = torch.tensor(prompt_lens, device=device).unsqueeze(1)  # [B, 1]
+        self.seed = torch.tensor(config.seed, dtype=torch.int64, device=device)
+        self.eos = torch.tensor(self.eos_ids, dtype=torch.int64, device=device) if self.eos_ids else None
         self.generator: torch.Generator | None = None
         if config.do_sample and config.mode == "rejection":
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(config.seed)
+        self.restart(prompt_lens, config.seed)
+
+    def restart(self, prompt_lens: list[int], seed: int) -> None:
+        """A new generation with these prompt lengths and seed (same rows, sampling settings and EOS ids)."""
+        self.prompt_lens.copy_(torch.tensor(prompt_lens).unsqueeze(1))
+        self.seed.fill_(seed)
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Processed and warped scores [B, q, V] for the tokens at absolute positions `targets` [B, q]."""
         if targets.shape[0] != self.prompt_lens.shape[0]:
             raise ValueError(f"selector built for {self.prompt_lens.shape[0]} rows, got {targets.shape[0]}")
-        logits = mask_eos(logits, targets - self.prompt_lens, self.min_new_tokens, self.eos_ids)
+        logits = mask_eos(logits, targets - self.prompt_lens, self.min_new_tokens, self.eos)
         return warp(logits, self.config) if self.config.do_sample else logits
 
     def probs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -127,7 +146,7 @@ class TokenSelector:
             return self.scores(logits, targets).argmax(-1)
         scores = self.scores(logits.to(torch.float64), targets)
         if kind == "exact":
-            return (scores + gumbel_noise(self.config.seed, targets, scores.shape[-1])).argmax(-1)
+            return (scores + gumbel_noise(self.seed, targets, scores.shape[-1])).argmax(-1)
         return self.sample(scores.softmax(-1))
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,249 @@
+"""The decoders' forward passes as static-shape functions of long-lived buffers, captured in CUDA graphs on a GPU.
+
+Every pass the decode loop launches (the AR step, the EESD draft step, the verify pass over q = k + 1 tokens) is a
+function of no arguments that reads its inputs from device buffers the caller refills (`ids`, `positions[q]`) and
+writes its outputs into device buffers (`tokens[q]`, `hidden`, ...). Nothing inside a pass touches the host: the
+attention spans the whole cache (masked by position), token selection reads its prompt lengths, seed and EOS ids
+from device tensors, and the cache's books are kept by the caller (`KVCache.claim`). So a pass can be
+
+- run as it is (`capture="none"`, the only mode on a CPU, and the code path every property test checks),
+- captured once in a CUDA graph and replayed (`"graph"`, the default on a GPU: one graph per pass and q),
+- or compiled with `torch.compile(mode="reduce-overhead")` (`"compile"`: Inductor kernels in CUDA graphs).
+
+A pass is idempotent (it writes the same cache slots and buffers with the same values however often it runs), so
+warming it up before capture changes nothing. The caller's host work per EESD round is: refill the inputs (async
+copies from pinned memory), launch the passes, then read the drafts and the full model's tokens back in one copy,
+the round's single host synchronisation (plus one per draft step for a policy that stops on the draft's confidence,
+and the per-token draws of rejection sampling, which is never captured).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from executor.adapter import ModelAdapter, Step
+from executor.kv_cache import KVCache
+from executor.sampling import TokenSelector
+
+CAPTURE_MODES = ("auto", "none", "graph", "compile")
+WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
+
+
+def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> str:
+    """The capture mode actually used: "auto" is "graph" on a CUDA device (unless rejection sampling), else "none"."""
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"capture must be one of {', '.join(CAPTURE_MODES)}, got {capture!r}")
+    if capture == "auto":
+        return "graph" if device.type == "cuda" and sampling_kind != "rejection" else "none"
+    if capture == "graph" and device.type != "cuda":
+        raise ValueError(f"capture 'graph' needs the model on a CUDA device, it is on {device.type}")
+    if capture != "none" and sampling_kind == "rejection":
+        raise ValueError("rejection sampling draws from a torch generator and is never captured: use capture='none'")
+    return capture
+
+
+class StaticPass:
+    """One pass `fn()` run eagerly, replayed from a CUDA graph captured on first use, or torch.compile'd."""
+
+    def __init__(self, fn: Callable[[], None], mode: str, pool: Any = None) -> None:
+        self.mode = mode
+        self.fn = fn
+        self.pool = pool
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if mode == "compile":
+            self.fn = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def __call__(self) -> None:
+        if self.mode != "graph":
+            self.fn()
+            return
+        if self.graph is None:
+            self.graph = capture_graph(self.fn, self.pool)
+        self.graph.replay()
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+
+def capture_graph(fn: Callable[[], None], pool: Any = None) -> torch.cuda.CUDAGraph:
+    """Warm `fn` up on a side stream, then capture it (the capture itself runs nothing: the caller replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP_RUNS):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
+
+
+class Passes:
+    """The static buffers and passes of one decoder configuration (rows, cache capacity, exit layer, head, sampling).
+
+    Inputs: `ids` [B, 1] (the token a one-token pass runs) and `positions[q]` [B, q]. Outputs: `tokens[q]` [B, q]
+    (the chosen token after each position), `hidden` [B, 1, d] (a draft step's layer-E state), `confidence` [B]
+    (the draft's top probability, when a policy asks), `probs[q]` / `draft_probs` (rejection sampling). The EESD
+    round's own buffers: `drafts` [B, K] and `exit_states` [B, K + 1, d], K the largest draft length.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        cache: KVCache,
+        selector: TokenSelector,
+        *,
+        exit_layer: int | None = None,
+        head: Any = None,
+        max_draft: int = 0,
+        capture: str = "none",
+        confidence: bool = False,
+    ) -> None:
+        self.adapter, self.cache, self.selector = adapter, cache, selector
+        self.exit_layer, self.head, self.max_draft = exit_layer, head, max_draft
+        self.capture, self.want_confidence = capture, confidence
+        self.rejection = selector.config.kind == "rejection"
+        batch, device = cache.batch, adapter.device
+        long = {"dtype": torch.long, "device": device}
+        self.ids = torch.zeros(batch, 1, **long)
+        widths = {1} | {k + 1 for k in range(1, max_draft + 1)}
+        self.positions = {q: torch.zeros(batch, q, **long) for q in widths}
+        self.tokens = {q: torch.zeros(batch, q, **long) for q in widths}
+        self.steps = {q: Step(positions=self.positions[q], starts=None, span=cache.max_len) for q in widths}
+        hidden_size = adapter.config.hidden_size
+        self.hidden = torch.zeros(batch, 1, hidden_size, dtype=adapter.dtype, device=device)
+        self.confidence = torch.zeros(batch, dtype=torch.float32, device=device)
+        self.drafts = torch.zeros(batch, max(max_draft, 1), **long)
+        self.exit_states = torch.zeros(batch, max_draft + 1, hidden_size, dtype=adapter.dtype, device=device)
+        self.probs: dict[int, torch.Tensor] = {}  # rejection sampling only (never captured)
+        self.draft_probs: torch.Tensor | None = None
+        self.last_probs: torch.Tensor | None = None
+        self.pool = torch.cuda.graph_pool_handle() if capture == "graph" else None
+        self._passes: dict[tuple[str, int], StaticPass] = {}
+        if capture == "compile":
+            for tensor in self._static_tensors():
+                torch._dynamo.mark_static_address(tensor)
+
+    # ------------------------------------------------------------------------------------------------ host side
+    def load(self, tokens: Sequence[int] | None, starts: Sequence[int], q: int) -> None:
+        """Refill the inputs: `ids` from host tokens (None: keep) and `positions[q]` = start .. start + q - 1."""
+        if tokens is not None:
+            _upload(self.ids, [[t] for t in tokens])
+        _upload(self.positions[q], [list(range(s, s + q)) for s in starts])
+
+    def layers_early(self) -> list[int]:
+        """Cache layers a draft step writes: [0, E) and the head's own layers."""
+        extra = getattr(self.head, "extra_layers", 0)
+        return list(range(self.exit_layer)) + list(range(self.adapter.num_layers, self.adapter.num_layers + extra))
+
+    def run(self, name: str, q: int, fn: Callable[[], None]) -> None:
+        key = (name, q)
+        if key not in self._passes:
+            self._passes[key] = StaticPass(fn, self.capture, self.pool)
+        self._passes[key]()
+
+    @property
+    def captured(self) -> int:
+        """How many passes are held as CUDA graphs."""
+        return sum(p.captured for p in self._passes.values())
+
+    def _static_tensors(self) -> list[torch.Tensor]:
+        buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.exit_states]
+        buffers += [*self.positions.values(), *self.tokens.values(), self.selector.prompt_lens, self.selector.seed]
+        return buffers + self.cache.keys + self.cache.values
+
+    # ------------------------------------------------------------------------------------------------ the passes
+    def ar(self) -> None:
+        """tokens[1] <- the full model's token after `ids` at `positions[1]`."""
+        self.run("ar", 1, self._ar)
+
+    def draft(self) -> None:
+        """hidden <- layer-E state of `ids` at `positions[1]`; tokens[1] <- the exit head's draft (and its
+        confidence / distribution)."""
+        self.run("draft", 1, self._draft)
+
+    def verify(self, k: int) -> None:
+        """Layers [0, E) over `ids` (the last draft) at positions[k + 1][:, -1], into exit_states[:, k]; then layers
+        [E, L) over exit_states[:, :k + 1] at positions[k + 1]: tokens[k + 1] (or probs[k + 1]) <- the full model's."""
+        self.run("verify", k + 1, lambda: self._verify(k))
+
+    def _ar(self) -> None:
+        adapter, step = self.adapter, self.steps[1]
+        hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, adapter.num_layers)
+        self.tokens[1].copy_(self.selector.select(adapter.logits(hidden), step.positions + 1))
+
+    def _early(self, step: Step) -> torch.Tensor:
+        adapter = self.adapter
+        return adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, self.exit_layer)
+
+    def _draft(self) -> None:
+        step = self.steps[1]
+        hidden = self._early(step)
+        self.hidden.copy_(hidden)
+        logits = self.head(hidden, step, self.cache)
+        targets = step.positions + 1
+        if self.rejection:  # never captured: plain attributes are fine here
+            self.last_probs = self.selector.probs(logits, targets)[:, 0]
+            self.tokens[1].copy_(self.selector.sample(self.last_probs).unsqueeze(1))
+        else:
+            self.tokens[1].copy_(self.selector.select(logits, targets))
+        if self.want_confidence:
+            self.confidence.copy_(logits[:, -1].float().softmax(-1).amax(-1))
+
+    def _verify(self, k: int) -> None:
+        q = k + 1
+        step = self.steps[q]
+        early = Step(positions=step.positions[:, -1:], starts=None, span=step.span)
+        hidden = self._early(early)
+        self.head.prefill(hidden, early, self.cache)  # keeps a layered head's KV in step with layers [0, E)
+        self.exit_states[:, k : k + 1].copy_(hidden)
+        states = self.exit_states[:, :q]
+        adapter = self.adapter
+        logits = adapter.logits(adapter.forward_layers(states, step, self.cache, self.exit_layer, adapter.num_layers))
+        if self.rejection:
+            self.probs[q] = self.selector.probs(logits, step.positions + 1)
+        else:
+            self.tokens[q].copy_(self.selector.select(logits, step.positions + 1))
+
+    def keep_draft(self, index: int) -> None:
+        """After draft step `index`: keep its state and token for the verify pass; its token is the next input."""
+        self.exit_states[:, index : index + 1].copy_(self.hidden)
+        self.drafts[:, index : index + 1].copy_(self.tokens[1])
+        self.ids.copy_(self.tokens[1])
+        if self.rejection:
+            if self.draft_probs is None:
+                shape = (self.cache.batch, max(self.max_draft, 1), self.last_probs.shape[-1])
+                self.draft_probs = torch.zeros(shape, dtype=torch.float64, device=self.adapter.device)
+            self.draft_probs[:, index].copy_(self.last_probs)
+
+
+def _upload(buffer: torch.Tensor, values: list[list[int]]) -> None:
+    """Host values into a device buffer; on a GPU an async copy from pinned memory (no host synchronisation)."""
+    host = torch.tensor(values, dtype=buffer.dtype)
+    if buffer.device.type == "cuda":
+        buffer.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        buffer.copy_(host)
+
+
+# ---------------------------------------------------------------------------------------------------- reuse
+MAX_RUNNERS_PER_MODEL = 4
+
+
+def cached_passes(model: torch.nn.Module, key: tuple, build: Callable[[], Passes]) -> Passes:
+    """Captured passes outlive a call (capture costs milliseconds per graph): one set per model and configuration,
+    the `MAX_RUNNERS_PER_MODEL` most recent kept (each holds its own KV cache). They live in the model object's own
+    dict, so they go when the model goes (a weak-keyed table would be kept alive by the passes' own reference)."""
+    runners = model.__dict__.setdefault("_eesd_passes", {})
+    if key in runners:
+        runners[key] = runners.pop(key)  # most recent last
+        return runners[key]
+    while len(runners) >= MAX_RUNNERS_PER_MODEL:
+        runners.pop(next(iter(runners)))
+    runners[key] = build()
+    return runners[key]
