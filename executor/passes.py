@@ -48,10 +48,9 @@ def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> s
 class StaticPass:
     """One pass `fn()` run eagerly, replayed from a CUDA graph captured on first use, or torch.compile'd."""
 
-    def __init__(self, fn: Callable[[], None], mode: str, pool: Any = None) -> None:
+    def __init__(self, fn: Callable[[], None], mode: str) -> None:
         self.mode = mode
         self.fn = fn
-        self.pool = pool
         self.graph: torch.cuda.CUDAGraph | None = None
         if mode == "compile":
             self.fn = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -61,7 +60,7 @@ class StaticPass:
             self.fn()
             return
         if self.graph is None:
-            self.graph = capture_graph(self.fn, self.pool)
+            self.graph = capture_graph(self.fn)
         self.graph.replay()
 
     @property
@@ -69,8 +68,11 @@ class StaticPass:
         return self.graph is not None
 
 
-def capture_graph(fn: Callable[[], None], pool: Any = None) -> torch.cuda.CUDAGraph:
-    """Warm `fn` up on a side stream, then capture it (the capture itself runs nothing: the caller replays)."""
+def capture_graph(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """Warm `fn` up on a side stream, then capture it (the capture itself runs nothing: the caller replays).
+
+    Each graph keeps a private memory pool: a pass's outputs go to buffers made outside any graph, and only its
+    own temporaries live in the pool, so graphs can replay in any order."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -78,7 +80,7 @@ def capture_graph(fn: Callable[[], None], pool: Any = None) -> torch.cuda.CUDAGr
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph):
         fn()
     return graph
 
@@ -123,7 +125,6 @@ class Passes:
         self.probs: dict[int, torch.Tensor] = {}  # rejection sampling only (never captured)
         self.draft_probs: torch.Tensor | None = None
         self.last_probs: torch.Tensor | None = None
-        self.pool = torch.cuda.graph_pool_handle() if capture == "graph" else None
         self._passes: dict[tuple[str, int], StaticPass] = {}
         if capture == "compile":
             for tensor in self._static_tensors():
@@ -144,7 +145,7 @@ class Passes:
     def run(self, name: str, q: int, fn: Callable[[], None]) -> None:
         key = (name, q)
         if key not in self._passes:
-            self._passes[key] = StaticPass(fn, self.capture, self.pool)
+            self._passes[key] = StaticPass(fn, self.capture)
         self._passes[key]()
 
     @property

@@ -234,3 +234,17 @@ def test_passes_refill_inputs() -> None:
     assert passes.ids.tolist() == [[4], [9]]
     assert passes.positions[3].tolist() == [[3, 4, 5], [2, 3, 4]]
     assert sorted(passes.positions) == [1, 2, 3, 4]
+
+
+def test_compiled_passes_equal_ar_and_are_reused() -> None:
+    """capture="compile" (torch.compile, reduce-overhead; on a CPU without CUDA graphs): same tokens as AR, and a
+    second call reuses the compiled passes (one cached setup on the model)."""
+    net = model()
+    reference = executor.generate(net, [PROMPTS[0]], method="ar", max_new_tokens=10, capture="none")
+    for _ in range(2):
+        out = executor.generate(
+            net, [PROMPTS[0]], method="eesd", exit_layer=EXIT_LAYER, draft_len=2, max_new_tokens=10, capture="compile"
+        )
+        assert out.stats.capture == "compile"
+        assert out.sequences.tolist() == reference.sequences.tolist()
+    assert len(net.__dict__["_eesd_passes"]) == 1
