@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-head": ("executor.train_head_cli", "self-distil a one-layer exit head for a model (safetensors)"),
     "simulate": ("sim.cli", "simulate AR / EESD / PPSD from a scenario YAML (torch-free)"),
     "calibrate": ("calibrate.cli", "measure latency profiles, acceptance traces and link profiles for the simulator"),
+    "validate": ("calibrate.validate_cli", "check the simulator's predictions against the executor on this machine"),
 }
 
 

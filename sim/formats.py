@@ -156,7 +156,7 @@ def write_file(path: str | Path, fmt: FileFormat, metadata: Mapping[str, Any], r
             raise ValueError(f"{path}: record {line - 2} is a {type(record).__name__}, not {fmt.record_type.__name__}")
         _check_record(path, line, fmt, record, seen)
         writer.writerow([_format_cell(v) for v in astuple(record)])
-    _atomic_write(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
     return path
 
 
@@ -204,7 +204,8 @@ def read_link_profile(path: str | Path) -> DataFile:
     return read_file(path, LINK_PROFILE)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder + `os.replace` (readers never see half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -1,0 +1,64 @@
+"""`eesd validate SCENARIO.yaml`: does the simulator predict what the executor measures on this machine?
+
+Runs the executor and the simulator for every (method, exit layer, draft policy) of a calibrated scenario, plus AR,
+on the prompts the scenario's acceptance trace replays (calibrate/validate.py), prints a table, optionally writes
+JSON, and exits with status 1 when a point's tokens/s or tokens/round error exceeds `--tolerance` (0 otherwise).
+Scenario and argument mistakes exit with status 2 (a `ValueError` for the dispatcher). torch is imported only in
+`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from calibrate.validate import POINT_CHOICES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "scenario", type=Path, help="scenario YAML with latency.profile and acceptance.trace measured on this machine"
+    )
+    parser.add_argument("--prompts", type=int, default=None, help="requests (prompts) per point (default: scenario's)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="tokens per request (default: workload.output_len)"
+    )
+    parser.add_argument("--points", default="all", help=f"which points: {POINT_CHOICES} (default: all); AR always")
+    parser.add_argument(
+        "--tolerance", type=float, default=0.25, help="largest |relative error| that passes (default: 0.25 = 25%%)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, as in the profiles)")
+    parser.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here (atomically)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibrate import validate
+
+    validate.check_tolerance(args.tolerance)
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    plan = validate.plan(args.scenario, args.prompts, args.max_new_tokens, args.points)
+    print(
+        f"{plan.name}: {len(plan.targets)} point(s) × {len(plan.prompt_ids)} prompt(s) × {plan.max_new_tokens} "
+        f"tokens, model {plan.model} ({plan.dtype}, {plan.device_type}), head {plan.head}"
+    )
+    print(f"profile: {plan.profile_path} ({plan.profile_device})\ntrace:   {plan.trace_path}", flush=True)
+    measured, metadata = validate.measure(plan, args.threads, progress=_progress)
+    if metadata["device"] != plan.profile_device:
+        print(f"note: this machine is {metadata['device']}; the profile was measured on {plan.profile_device}")
+    comparisons = validate.compare(plan, measured)
+    print(validate.table(comparisons, args.tolerance))
+    if any(c.extrapolated for c in comparisons):
+        print("* a latency query fell outside the profiled grid (extrapolated)")
+    if args.json is not None:
+        path = validate.write_json(args.json, validate.report(plan, comparisons, args.tolerance, metadata))
+        print(f"wrote {path}")
+    failed = validate.failures(comparisons, args.tolerance)
+    within = len(comparisons) - len(failed)
+    print(f"{within}/{len(comparisons)} points within ±{100 * args.tolerance:g}% (tokens/s and tokens/round)")
+    return 1 if failed else 0
+
+
+def _progress(message: str) -> None:
+    print(f"  measured {message}", file=sys.stderr, flush=True)

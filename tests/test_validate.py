@@ -1,0 +1,169 @@
+"""`eesd validate`: scenario and argument mistakes exit 2 with one line, the error/tolerance arithmetic decides the
+exit status, and (with SmolLM2 installed) one small real run of the shipped CPU scenario."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packages import requires_smollm2
+from test_sim_scenarios import deep_update
+
+from calibrate import validate
+from calibrate.validate import Comparison, Measurement, failures, relative_error
+from executor.cli import main
+from sim.formats import read_acceptance_trace, read_latency_profile, write_acceptance_trace, write_latency_profile
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "scenarios" / "smollm2_cpu_calibrated.yaml"
+PROFILE = ROOT / "calibration" / "cpu" / "latency_smollm2-135m_cpu_fp32.csv"
+TRACE = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
+
+
+def scenario(tmp_path: Path, name: str = "s.yaml", **changes: Any) -> Path:
+    """The shipped CPU scenario without its sweep, with absolute calibration paths and `changes` (`a__b` is the field
+    path `a.b`)."""
+    data = yaml.safe_load(SHIPPED.read_text())
+    data.pop("sweep")
+    data["latency"]["profile"]["path"] = str(PROFILE)
+    data["acceptance"]["trace"] = str(TRACE)
+    for key, value in changes.items():
+        data = deep_update(data, key.replace("__", "."), value)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def fail_with(capsys, argv: list[str], *fragments: str) -> str:
+    assert main(["validate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eesd validate: error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        ({"latency": {"roofline": {}}}, ("latency:", "latency.profile", "got roofline")),
+        ({"acceptance": {"alpha": 0.3}}, ("acceptance:", "acceptance.trace", "got alpha")),
+        ({"sweep": {"workload.prompt_len": [64, 128]}}, ("sweep:", "changes workload", "method, exit_layer, policy")),
+        ({"method": "ppsd", "topology__stages": 2}, ("method:", "ppsd")),
+        ({"topology__stages": 2}, ("topology:", "stages: 1")),
+        ({"workload__batch_size": 2}, ("workload.batch_size:", "expected 1, got 2")),
+        ({"exit_head": "trained"}, ("exit_head:", "'shared'", "got trained")),
+        ({"dtype": "bf16"}, ("dtype:", "float32", "got bf16")),
+        ({"workload__output_len": 64}, ("workload.output_len:", "expected <= 48")),
+    ],
+)
+def test_scenarios_validate_cannot_follow_are_refused(tmp_path, capsys, changes, fragments) -> None:
+    path = scenario(tmp_path, **changes)
+    fail_with(capsys, [str(path)], str(path), *fragments)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--prompts", "0"], "--prompts must be an integer >= 1, got 0"),
+        (["--max-new-tokens", "1"], "--max-new-tokens must be an integer >= 2"),
+        (["--max-new-tokens", "49"], "--max-new-tokens: 49 tokens per request"),
+        (["--tolerance", "0"], "--tolerance must be a fraction > 0"),
+        (["--tolerance", "nan"], "--tolerance must be a fraction > 0"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--points", "9"], "has points 0..8, got '9'"),
+        (["--points", "some"], "--points: expected all | quick"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, fragment) -> None:
+    fail_with(capsys, [str(SHIPPED), *argv], fragment)
+
+
+def test_missing_scenario_and_calibration_files_are_named(tmp_path, capsys) -> None:
+    fail_with(capsys, [str(tmp_path / "none.yaml")], "none.yaml", "not found")
+    data = yaml.safe_load(SHIPPED.read_text())  # relative paths that do not resolve from tmp_path
+    (tmp_path / "rel.yaml").write_text(yaml.safe_dump(data))
+    fail_with(capsys, [str(tmp_path / "rel.yaml")], "latency.profile.path", "file not found")
+
+
+def test_a_model_the_executor_cannot_run_is_refused(tmp_path, capsys) -> None:
+    profile, trace = read_latency_profile(PROFILE), read_acceptance_trace(TRACE)
+    write_latency_profile(tmp_path / "p.csv", {**profile.metadata, "model": "Llama-2-7B"}, profile.records)
+    write_acceptance_trace(tmp_path / "t.csv", {**trace.metadata, "model": "Llama-2-7B"}, trace.records[:400])
+    path = scenario(tmp_path, latency={"profile": {"path": "p.csv", "cuda_graphs": False}}, acceptance__trace="t.csv")
+    fail_with(capsys, [str(path)], "t.csv: metadata.model: 'Llama-2-7B' is not a model the executor can load")
+    write_latency_profile(tmp_path / "p.csv", profile.metadata, profile.records)  # models disagree
+    fail_with(capsys, [str(path)], "p.csv: metadata.model: expected the trace's model 'Llama-2-7B'")
+
+
+def test_relative_error_and_tolerance_on_constructed_numbers() -> None:
+    assert relative_error(12.0, 10.0) == pytest.approx(0.2)
+    assert relative_error(8.0, 10.0) == pytest.approx(-0.2)
+    assert relative_error(0.0, 0.0) == 0.0 and math.isinf(relative_error(1.0, 0.0))
+    fast = Comparison("eesd", 22, "fixed:4", 4, 10.0, 12.0, 1.5, 1.5)  # tok/s +20%, tok/round exact
+    slow = Comparison("ar", None, None, None, 10.0, 7.0, 1.0, 1.0)  # tok/s -30%
+    rounds = Comparison("eesd", 8, "fixed:1", 1, 10.0, 10.0, 1.0, 1.2)  # tok/round +20%
+    assert fast.within(0.25) and not fast.within(0.19)
+    assert failures([fast, slow, rounds], 0.25) == [slow]
+    assert failures([fast, slow, rounds], 0.1) == [fast, slow, rounds]
+    assert failures([fast, slow, rounds], 0.31) == []
+    row = slow.row(0.25)
+    assert row["tokens_per_s_error"] == -0.3 and row["sim_over_executor"] == 0.7 and row["within_tolerance"] is False
+    assert Measurement(47, 5.0, 40).tokens_per_round == pytest.approx(1.175)
+    assert Measurement(47, 5.0, 40).tokens_per_s == pytest.approx(9.4)
+
+
+def test_points_and_targets_of_the_shipped_scenario() -> None:
+    every = validate.plan(SHIPPED)
+    assert [t.label for t in every.targets][:3] == ["ar", "eesd E=8 fixed:1", "eesd E=8 fixed:2"]
+    assert len(every.targets) == 10 and every.model == "smollm2-135m" and every.dtype == "float32"
+    quick = validate.plan(SHIPPED, prompts=3, max_new_tokens=8, points="quick")
+    assert [t.label for t in quick.targets] == ["ar", "eesd E=22 fixed:4"]  # the scenario's own, unswept point
+    assert quick.prompt_ids == ("builtin/chat-01", "builtin/chat-02", "builtin/chat-03")
+    assert {t.point.scenario.workload.output_len for t in quick.targets} == {8}
+    assert [t.label for t in validate.plan(SHIPPED, points="4,0,4").targets] == [
+        "ar",
+        "eesd E=15 fixed:2",
+        "eesd E=8 fixed:1",
+    ]
+
+
+@pytest.mark.parametrize(("factor", "tolerance", "status"), [(1.3, 0.25, 1), (1.3, 0.35, 0), (1.0, 0.01, 0)])
+def test_exit_status_follows_the_tolerance(tmp_path, capsys, monkeypatch, factor, tolerance, status) -> None:
+    """The executor is replaced by the simulator's own numbers divided by `factor` (prediction off by factor - 1)."""
+
+    def measure(plan, threads=None, progress=None):
+        predicted = [validate.predict(t)[0] for t in plan.targets]
+        slower = [Measurement(m.decode_tokens, m.decode_s * factor, m.rounds) for m in predicted]
+        return slower, {"device": "test device"}
+
+    monkeypatch.setattr(validate, "measure", measure)
+    out = tmp_path / "deep" / "v.json"
+    argv = ["validate", str(SHIPPED), "--points", "quick", "--tolerance", str(tolerance), "--json", str(out)]
+    assert main(argv) == status
+    printed = capsys.readouterr().out
+    assert f"{2 - status * 2}/2 points within" in printed and "eesd E=22 fixed:4" in printed
+    report = json.loads(out.read_text())
+    assert [row["within_tolerance"] for row in report["rows"]] == [status == 0] * 2
+    assert report["rows"][1]["tokens_per_s_error"] == pytest.approx(factor - 1, abs=1e-3)
+    assert report["metadata"]["latency_profile"].endswith("latency_smollm2-135m_cpu_fp32.csv")
+    assert not list(out.parent.glob("*.tmp"))
+
+
+@requires_smollm2
+def test_real_run_of_the_shipped_cpu_scenario(tmp_path, capsys) -> None:
+    out = tmp_path / "v.json"
+    argv = ["--points", "quick", "--prompts", "1", "--max-new-tokens", "8", "--tolerance", "1000", "--json", str(out)]
+    assert main(["validate", str(SHIPPED), *argv]) == 0
+    report = json.loads(out.read_text())
+    assert report["metadata"]["prompts"] == ["builtin/chat-01"] and report["metadata"]["dtype"] == "float32"
+    assert {"torch_version", "transformers_version", "date", "device", "scenario"} <= set(report["metadata"])
+    ar, eesd = report["rows"]
+    assert ar["method"] == "ar" and ar["executor_tokens_per_round"] == 1.0 and ar["executor_tokens_per_s"] > 0
+    assert (eesd["exit_layer"], eesd["draft_len"]) == (22, 4)
+    # the trace replays the prompt the executor ran: the accepted lengths agree (up to a float near-tie)
+    assert abs(eesd["tokens_per_round_error"]) <= 0.25
