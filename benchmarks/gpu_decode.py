@@ -12,19 +12,26 @@ Models:
 Plus the bf16 greedy match rate of EESD / PPSD vs our AR on real prompts (`executor.prompts`, builtin set): in bf16 a
 (k+1)-token verify pass and a 1-token step round differently, so near-ties can flip (DESIGN.md §2).
 
-Every speed is the median tokens/s of `--runs` (>= 5) timed runs after one warm-up run, end to end (prefill
-included, EOS ignored: every run makes exactly `--new-tokens` tokens), with the device synchronised around each run.
+Our passes run as `--captures` says (`generate(capture=...)`): "graph" (CUDA graphs, the default on a GPU) and
+"compile" (`torch.compile(mode="reduce-overhead")`) for AR and EESD fixed:k, so the faster can be kept; the other
+EESD rows use the first mode listed. PPSD's stage steps are not captured (eager, one CUDA stream per stage).
 
-Ideal speedups (what a perfect implementation would reach at the measured acceptance):
-- EESD: a memory-bound cost model in weight bytes read, with the layer sizes and LM head size of the model at hand.
-  An AR step reads L layers + the LM head (w L + h). A round with d drafts reads d (w (E + x) + h) for drafting
-  (x = the trained head's own layers), w (E + x) for the last draft's layers [0, E) and w (L - E) + h for verifying,
-  and yields tokens_per_round tokens. ideal = tokens_per_round (w L + h) / round bytes; efficiency = realised / ideal.
+Every speed is the median tokens/s of `--runs` (>= 5) timed runs after one warm-up run (which also captures or
+compiles), end to end (prefill included, EOS ignored: every run makes exactly `--new-tokens` tokens), with the device
+synchronised around each run; `decode tok/s` is the same runs without the prefill: (new tokens - 1) / (wall - prefill).
+
+Ideal speedups (what the implementation would reach at the measured acceptance if a round cost nothing but its passes):
+- EESD: the passes are profiled in isolation after the runs (median per-launch time of the captured AR step c_ar,
+  draft step c_d and verify pass c_v(q) for every q used, mid-sequence position). Over the last run's rounds r with
+  d_r drafts and a_r accepted: ideal = sum(a_r + 1) c_ar / sum(d_r c_d + c_v(d_r + 1)); realised = the decode
+  tokens/s ratio EESD / our AR (same capture mode); efficiency = realised / ideal (target >= 0.9).
 - PPSD: n / (alpha + (1 - alpha) n) (balanced stages, free head and links; `PPSDStats.ideal_speedup`).
+- AR on the 7B shape: the HBM floor, weight bytes / `--hbm-tbps` per token (DESIGN.md §4: 405 MB per layer in
+  0.135 ms, about 3.0 TB/s, so about 222 tok/s), reported as a fraction (target >= 0.75).
 
     python benchmarks/gpu_decode.py                          # on the GPU: benchmarks/results/gpu_decode_<card>.json
     python benchmarks/gpu_decode.py --models smollm2 --out X.json  # one model per call (a call is <= 10 min)
-    python benchmarks/gpu_decode.py --device cpu --quick --small   # CPU smoke test of the script, not a claim
+    python benchmarks/gpu_decode.py --device cpu --quick --small --captures none  # CPU smoke test, not a claim
 """
 
 from __future__ import annotations
@@ -48,9 +55,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import executor
 from executor.adapter import ModelAdapter
+from executor.api import PassSetup
 from executor.heads import resolve_head
 from executor.models import resolve_dtype
+from executor.passes import Passes
 from executor.prompts import encode_prompt, load_prompts
+from executor.sampling import SamplingConfig
+from sim.policy import make_policy
 
 RESULTS = Path(__file__).parent / "results"
 HEAD_FILE = Path(__file__).resolve().parent.parent / "heads" / "smollm2-135m-e15.safetensors"
@@ -60,11 +71,14 @@ PPSD_STAGES = (2, 4)
 
 @dataclass
 class Row:
-    """One table row. tokens_per_s is the median over runs; speedup is over our AR on the same model."""
+    """One table row. tokens_per_s is the median over runs; speedups are of decode tokens/s over our AR (same model,
+    same capture mode) and of end-to-end tokens/s over HF AR."""
 
     model: str
     method: str
+    capture: str | None
     tokens_per_s: float | None
+    decode_tokens_per_s: float | None = None
     runs_tokens_per_s: list[float] = field(default_factory=list)
     speedup_vs_ar: float | None = None
     speedup_vs_hf: float | None = None
@@ -72,6 +86,7 @@ class Row:
     tokens_per_round: float | None = None
     ideal_speedup: float | None = None
     efficiency: float | None = None  # realised speedup / ideal speedup
+    pass_costs_ms: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
 
@@ -81,7 +96,8 @@ class Case:
 
     method: str
     run: Callable[[], tuple[int, Any]]
-    ideal: Callable[[Any], float | None] = lambda stats: None
+    capture: str | None = None
+    ideal: Callable[[Any], tuple[float | None, dict[str, float]]] = lambda stats: (None, {})
     skip: str = ""  # why it cannot run here (the row is kept, with this note)
 
 
@@ -90,17 +106,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_case(case: Case, runs: int, device: torch.device) -> tuple[list[float], Any]:
-    """tokens/s of `runs` timed runs after one warm-up run; the last run's stats."""
+def time_case(case: Case, runs: int, device: torch.device) -> tuple[list[float], list[float], Any]:
+    """End-to-end and decode-only tokens/s of `runs` timed runs after one warm-up run; the last run's stats."""
     case.run()
-    speeds, stats = [], None
+    speeds, decode, stats = [], [], None
     for _ in range(runs):
         synchronize(device)
         begin = time.perf_counter()
         new_tokens, stats = case.run()
         synchronize(device)
-        speeds.append(new_tokens / (time.perf_counter() - begin))
-    return speeds, stats
+        wall = time.perf_counter() - begin
+        speeds.append(new_tokens / wall)
+        if stats is not None:
+            decode.append((new_tokens - 1) / (wall - stats.prefill_time_s))
+    return speeds, decode, stats
 
 
 def eesd_alpha(stats: Any) -> float | None:
@@ -109,27 +128,56 @@ def eesd_alpha(stats: Any) -> float | None:
     return sum(stats.accepted) / checked if checked else None
 
 
+# ------------------------------------------------------------------------------------------------------ profiling
+def launch_time_ms(launch: Callable[[], None], device: torch.device, repeats: int = 20, batches: int = 5) -> float:
+    """Median over `batches` of the mean time of `repeats` back-to-back launches (after 3 warm-up launches)."""
+    for _ in range(3):
+        launch()
+    times = []
+    for _ in range(batches):
+        synchronize(device)
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            launch()
+        synchronize(device)
+        times.append((time.perf_counter() - begin) / repeats * 1e3)
+    return statistics.median(times)
+
+
 @dataclass(frozen=True)
-class Costs:
-    """Weight elements read per decoder layer (w) and by the final norm + LM head (h); L layers."""
+class PassProfile:
+    """Profiles the passes `generate` used (the cached, captured ones when capturing) to give EESD's ideal."""
 
-    layer: int
-    head: int
-    num_layers: int
+    adapter: ModelAdapter
+    prompt: list[int]
+    new_tokens: int
+    capture: str
 
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> Costs:
-        layer = sum(p.numel() for p in model.model.layers[0].parameters())
-        head = model.lm_head.weight.numel() + model.model.norm.weight.numel()
-        return cls(layer=layer, head=head, num_layers=model.config.num_hidden_layers)
+    def setup(self, method: str, exit_layer: int | None, head: Any, policy: str) -> Passes:
+        setup = PassSetup(method, SamplingConfig(), 0, [], exit_layer, head, [make_policy(policy)], self.capture)
+        return setup.passes(self.adapter, [self.prompt], self.new_tokens)
 
-    def eesd_ideal(self, stats: Any, exit_layer: int, extra_layers: int) -> float | None:
+    def costs(self, exit_layer: int, head: Any, policy: str, qs: list[int]) -> dict[str, float]:
+        """Milliseconds per launch: c_ar, c_draft and c_verify(q) for q in `qs`, at a mid-sequence position."""
+        device, position = self.adapter.device, len(self.prompt) + self.new_tokens // 2
+        with torch.inference_mode():
+            ar = self.setup("ar", None, None, "fixed:1")
+            ar.load([1], [position], 1)
+            costs = {"ar": launch_time_ms(ar.ar, device)}
+            eesd = self.setup("eesd", exit_layer, head, policy)
+            eesd.load([1], [position], 1)
+            costs["draft"] = launch_time_ms(eesd.draft, device)
+            for q in sorted(set(qs)):
+                eesd.load(None, [position], q)
+                costs[f"verify q={q}"] = launch_time_ms(lambda q=q: eesd.verify(q - 1), device)
+        return costs
+
+    def eesd_ideal(self, stats: Any, exit_layer: int, head: Any, policy: str) -> tuple[float | None, dict]:
         if not stats.accepted:
-            return None
-        drafted = statistics.fmean(stats.drafted)
-        w, h, L, E = self.layer, self.head, self.num_layers, exit_layer
-        round_cost = drafted * (w * (E + extra_layers) + h) + w * (E + extra_layers) + w * (L - E) + h
-        return stats.tokens_per_round * (w * L + h) / round_cost
+            return None, {}
+        costs = self.costs(exit_layer, head, policy, [d + 1 for d in stats.drafted])
+        rounds = sum(d * costs["draft"] + costs[f"verify q={d + 1}"] for d in stats.drafted)
+        return sum(a + 1 for a in stats.accepted) * costs["ar"] / rounds, costs
 
 
 # ------------------------------------------------------------------------------------------------------ cases
@@ -152,13 +200,16 @@ def ours_case(adapter: ModelAdapter, prompt: list[int], new_tokens: int, label: 
         result = executor.generate(adapter, [prompt], max_new_tokens=new_tokens, **kwargs)
         return result.stats.new_tokens, result.stats
 
-    return Case(label, run)
+    return Case(label, run, capture=kwargs.get("capture"))
 
 
-def eesd_case(adapter, costs: Costs, prompt, new_tokens: int, label: str, exit_layer: int, head, **kwargs) -> Case:
-    extra = getattr(head, "extra_layers", 0)
-    case = ours_case(adapter, prompt, new_tokens, label, method="eesd", exit_layer=exit_layer, head=head, **kwargs)
-    return Case(label, case.run, ideal=lambda stats: costs.eesd_ideal(stats, exit_layer, extra))
+def eesd_case(adapter, prompt, new_tokens: int, label: str, exit_layer: int, head, policy: str, capture, **kw) -> Case:
+    case = ours_case(
+        adapter, prompt, new_tokens, label, method="eesd", exit_layer=exit_layer, head=head, policy=policy,
+        capture=capture, **kw,
+    )  # fmt: skip
+    profile = PassProfile(adapter, prompt, new_tokens, capture)
+    return Case(label, case.run, capture, ideal=lambda stats: profile.eesd_ideal(stats, exit_layer, head, policy))
 
 
 def ppsd_case(adapter, prompt, new_tokens: int, stages: int, device: torch.device) -> Case:
@@ -166,34 +217,42 @@ def ppsd_case(adapter, prompt, new_tokens: int, stages: int, device: torch.devic
     if device.type != "cuda":
         return Case(label, lambda: (0, None), skip=f"skipped: backend 'streams' needs CUDA, device is {device.type}")
     case = ours_case(adapter, prompt, new_tokens, label, method="ppsd", stages=stages, backend="streams")
-    return Case(label, case.run, ideal=lambda stats: stats.ideal_speedup)
+    return Case(label, case.run, "none", ideal=lambda stats: (stats.ideal_speedup, {}))
+
+
+def ar_cases(adapter: ModelAdapter, prompt: list[int], n: int, captures: list[str]) -> list[Case]:
+    return [ours_case(adapter, prompt, n, "ours ar", method="ar", capture=c) for c in captures]
 
 
 def smollm2_cases(model, prompt: list[int], args) -> list[Case]:
-    adapter, costs, n, E = ModelAdapter(model), Costs.of(model), args.new_tokens, args.exit_layer
+    adapter, n, E, main = ModelAdapter(model), args.new_tokens, args.exit_layer, args.captures[0]
     trained = resolve_head(str(HEAD_FILE), adapter, E)
+    shared = resolve_head("shared", adapter, E)
     k = f"fixed:{args.draft_len}"
     cases = [
         hf_case(model, prompt, n, "hf generate (AR)"),
         hf_case(model, prompt, n, f"hf assistant_early_exit={E}", assistant_early_exit=E),
-        ours_case(adapter, prompt, n, "ours ar", method="ar"),
+        *ar_cases(adapter, prompt, n, args.captures),
     ]
-    for head_name, head in (("shared", "shared"), ("trained", trained)):
+    for head_name, head in (("shared", shared), ("trained", trained)):
         for policy in (k, "beta-ts"):
             label = f"eesd {head_name} E={E} {policy}"
-            cases.append(eesd_case(adapter, costs, prompt, n, label, E, head, policy=policy))
+            cases.append(eesd_case(adapter, prompt, n, label, E, head, policy, main))
+    for capture in args.captures[1:]:
+        cases.append(eesd_case(adapter, prompt, n, f"eesd shared E={E} {k}", E, shared, k, capture))
     cases += [ppsd_case(adapter, prompt, n, stages, model.device) for stages in PPSD_STAGES]
     return cases
 
 
 def llama7b_cases(model, prompt: list[int], args) -> list[Case]:
-    adapter, costs, n = ModelAdapter(model), Costs.of(model), args.new_tokens
+    adapter, n, main = ModelAdapter(model), args.new_tokens, args.captures[0]
     E = max(1, model.config.num_hidden_layers // 2)
+    shared = resolve_head("shared", adapter, E)
     k = f"fixed:{args.draft_len}"
-    cases = [hf_case(model, prompt, n, "hf generate (AR)"), ours_case(adapter, prompt, n, "ours ar", method="ar")]
+    cases = [hf_case(model, prompt, n, "hf generate (AR)"), *ar_cases(adapter, prompt, n, args.captures)]
     for alpha in ALPHAS:
         label = f"eesd shared E={E} {k} forced alpha={alpha}"
-        cases.append(eesd_case(adapter, costs, prompt, n, label, E, "shared", policy=k, accept_pattern=alpha))
+        cases.append(eesd_case(adapter, prompt, n, label, E, shared, k, main, accept_pattern=alpha))
     return cases
 
 
@@ -215,31 +274,46 @@ def bench_model(name: str, cases: list[Case], runs: int, device: torch.device) -
     rows: list[Row] = []
     for case in cases:
         if case.skip:
-            rows.append(Row(model=name, method=case.method, tokens_per_s=None, note=case.skip))
+            rows.append(Row(model=name, method=case.method, capture=case.capture, tokens_per_s=None, note=case.skip))
             print(f"  {case.method}: {case.skip}", flush=True)
             continue
-        speeds, stats = time_case(case, runs, device)
-        row = Row(model=name, method=case.method, tokens_per_s=statistics.median(speeds), runs_tokens_per_s=speeds)
+        speeds, decode, stats = time_case(case, runs, device)
+        row = Row(
+            model=name, method=case.method, capture=case.capture, tokens_per_s=statistics.median(speeds),
+            decode_tokens_per_s=statistics.median(decode) if decode else None, runs_tokens_per_s=speeds,
+        )  # fmt: skip
         if stats is not None and stats.accepted:
             row.alpha = getattr(stats, "alpha", None) if hasattr(stats, "confirms") else eesd_alpha(stats)
             row.tokens_per_round = None if hasattr(stats, "confirms") else stats.tokens_per_round
-            row.ideal_speedup = case.ideal(stats)
+            row.ideal_speedup, row.pass_costs_ms = case.ideal(stats)
         rows.append(row)
-        print(f"  {case.method}: {row.tokens_per_s:.2f} tok/s", flush=True)
+        print(f"  {case.method} [{case.capture}]: {row.tokens_per_s:.2f} tok/s", flush=True)
     add_speedups(rows)
     return rows
 
 
 def add_speedups(rows: list[Row]) -> None:
-    ar = next((r.tokens_per_s for r in rows if r.method == "ours ar"), None)
+    """Decode speedups over our AR with the same capture mode (PPSD: over the fastest AR); end to end over HF."""
+    ars = {r.capture: r.decode_tokens_per_s for r in rows if r.method == "ours ar" and r.decode_tokens_per_s}
     hf = next((r.tokens_per_s for r in rows if r.method == "hf generate (AR)"), None)
     for row in rows:
         if row.tokens_per_s is None:
             continue
-        row.speedup_vs_ar = row.tokens_per_s / ar if ar else None
+        ar = ars.get(row.capture) or max(ars.values(), default=None)
+        if row.decode_tokens_per_s and ar:
+            row.speedup_vs_ar = row.decode_tokens_per_s / ar
         row.speedup_vs_hf = row.tokens_per_s / hf if hf else None
         if row.ideal_speedup and row.speedup_vs_ar:
             row.efficiency = row.speedup_vs_ar / row.ideal_speedup
+
+
+def hbm_floor(model: torch.nn.Module, tbps: float) -> float:
+    """Tokens/s if every decode step only read all weights once at `tbps` TB/s (the embedding row aside)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    if model.config.tie_word_embeddings:  # the tied matrix is read once, as the LM head
+        weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return tbps * 1e12 / weights
 
 
 # ------------------------------------------------------------------------------------------------------ match rate
@@ -288,12 +362,14 @@ def fmt(value: float | None, spec: str) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| model | method | tok/s (median) | vs our AR | vs HF AR | alpha | tok/round | ideal | efficiency | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | method | capture | tok/s (median) | decode tok/s | vs our AR | vs HF AR | alpha | tok/round | ideal "
+        "| efficiency | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.method} | {fmt(r.tokens_per_s, '.2f')} | {fmt(r.speedup_vs_ar, '.2f')} | "
+            f"| {r.model} | {r.method} | {r.capture or '-'} | {fmt(r.tokens_per_s, '.2f')} | "
+            f"{fmt(r.decode_tokens_per_s, '.2f')} | {fmt(r.speedup_vs_ar, '.2f')} | "
             f"{fmt(r.speedup_vs_hf, '.2f')} | {fmt(r.alpha, '.3f')} | {fmt(r.tokens_per_round, '.2f')} | "
             f"{fmt(r.ideal_speedup, '.2f')} | {fmt(r.efficiency, '.2f')} | {r.note} |"
         )
@@ -321,8 +397,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--models", default="smollm2,llama7b", help="comma-separated subset of smollm2,llama7b (e.g. one per GPU call)"
     )
+    parser.add_argument(
+        "--captures", default=None, help="comma-separated capture modes of our passes, the first for every EESD row "
+        "(default graph,compile on CUDA, none elsewhere)",
+    )  # fmt: skip
+    parser.add_argument("--hbm-tbps", type=float, default=3.0, help="HBM bandwidth for the 7B floor (DESIGN.md §4)")
+    parser.add_argument(
+        "--model-path", default="smollm2-135m", help="SmolLM2: a name or a local HF directory (carry_model.py)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    default_captures = "graph,compile" if args.device.startswith("cuda") else "none"
+    args.captures = [c.strip() for c in (args.captures or default_captures).split(",") if c.strip()]
+    if not args.captures or set(args.captures) - {"none", "graph", "compile"}:
+        parser.error(f"--captures must name none, graph and/or compile, got {args.captures}")
     if args.runs < 5:
         parser.error("--runs must be >= 5 (medians of at least 5 runs)")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -340,11 +428,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device_name(device)}, {dtype}" + (" -- CPU SMOKE TEST, not a GPU result" if smoke else ""))
     rows: list[Row] = []
     matches: list[dict[str, Any]] = []
+    floors: dict[str, float] = {}
     if "smollm2" in args.models:
-        tokenizer = executor.load_tokenizer("smollm2-135m")
+        tokenizer = executor.load_tokenizer(args.model_path)
         texts = [p.text for p in load_prompts("builtin")[: args.match_prompts]]
         prompts = [encode_prompt(tokenizer, text) for text in texts]
-        model = executor.load_model("smollm2-135m", dtype=dtype, device=device)
+        model = executor.load_model(args.model_path, dtype=dtype, device=device)
         print("SmolLM2-135M (real weights)")
         rows += bench_model("SmolLM2-135M", smollm2_cases(model, prompts[0], args), args.runs, device)
         print("match rate vs our AR")
@@ -357,6 +446,10 @@ def main(argv: list[str] | None = None) -> None:
         print(name)
         prompt = torch.randint(0, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
         rows += bench_model(name, llama7b_cases(big, prompt, args), args.runs, device)
+        floors[name] = hbm_floor(big, args.hbm_tbps)
+        for row in rows:
+            if row.model == name and row.method == "ours ar" and row.decode_tokens_per_s:
+                row.note = f"{row.decode_tokens_per_s / floors[name]:.2f} of the HBM floor {floors[name]:.0f} tok/s"
         del big
     print(table(rows))
     report = {
@@ -366,7 +459,9 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs_per_method": args.runs,
         "new_tokens": args.new_tokens, "batch": 1, "decoding": "greedy", "quick": args.quick, "small": args.small,
         "timing": "median tokens/s over runs after one warm-up, end to end (prefill included), EOS ignored",
-        "ideal": "EESD: weight-bytes model (see module docstring); PPSD: n / (alpha + (1 - alpha) n)",
+        "ideal": "EESD: profiled pass costs, sum(a+1) c_ar / sum(d c_draft + c_verify(d+1)); PPSD: n / (alpha + "
+        "(1 - alpha) n); 7B AR: HBM floor (see module docstring)",
+        "captures": args.captures, "hbm_tbps": args.hbm_tbps, "hbm_floor_tokens_per_s": floors,
         "forced_acceptance": "7B-shape EESD rows use generate(accept_pattern=alpha): same work, NOT lossless",
         "models": args.models, "rows": [asdict(r) for r in rows], "match_rate_vs_our_ar": matches,
     }  # fmt: skip

@@ -171,12 +171,12 @@ def forced_acceptance(accept_pattern: float | Sequence[int], seed: int) -> Calla
     return lambda drafted: min(next(cycle), drafted)
 
 
-def _decode_ppsd(adapter, rows: Rows, cache, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend):
+def _decode_ppsd(adapter, rows: Rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture):
     from executor.ppsd import decode_ppsd  # the pipeline (and torch.distributed) only when asked for
 
     return decode_ppsd(
-        adapter, rows.prompts[0], rows.sinks[0], cache, stages=stages, stage_boundaries=stage_boundaries,
-        exit_layer=exit_layer, backend=backend, sampling=config, min_new_tokens=min_new_tokens,
+        adapter, rows.prompts[0], rows.sinks[0], None, stages=stages, stage_boundaries=stage_boundaries,
+        exit_layer=exit_layer, backend=backend, sampling=config, min_new_tokens=min_new_tokens, capture=capture,
     )  # fmt: skip
 
 
@@ -276,9 +276,9 @@ def generate(
     length; the emitted tokens are the row's first `accepted` drafts and the full model's token after them, so the
     output is NOT the model's greedy or sampled output. See `forced_acceptance`.
 
-    `capture` ("auto", "none", "graph", "compile") is how AR and EESD launch their passes (`executor.passes`):
-    "auto" captures each pass in a CUDA graph on a GPU (kept on the model for the next call with the same setup)
-    and runs them as they are elsewhere; "compile" uses `torch.compile(mode="reduce-overhead")` instead.
+    `capture` ("auto", "none", "graph", "compile") is how AR, EESD and PPSD's local stages launch their passes
+    (`executor.passes`): "auto" captures each pass in a CUDA graph on a GPU (kept on the model for the next call
+    with the same setup) and runs them as they are elsewhere; "compile" uses `torch.compile(mode="reduce-overhead")`.
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
@@ -287,8 +287,6 @@ def generate(
         head, exit_layer = _exit_from_head(adapter, head)
     if method == "ppsd" and len(prompts) != 1:
         raise ValueError(f"method 'ppsd' decodes batch size 1, got {len(prompts)} rows")
-    if method == "ppsd" and capture not in ("auto", "none"):
-        raise ValueError(f"method 'ppsd' never captures its steps: capture must be 'auto' or 'none', got {capture!r}")
     if method == "ppsd" and head not in (None, "shared"):
         raise ValueError("method 'ppsd' drafts with the shared exit head only (head='shared')")
     if not isinstance(draft_len, int) or draft_len < 1:
@@ -307,11 +305,9 @@ def generate(
     rows = Rows(prompts=prompts, sinks=[TokenSink(max_new_tokens, eos, callback) for _ in prompts])
     stats = GenerationStats(method=method, prompt_tokens=sum(len(p) for p in prompts))
     if max_new_tokens > 0 and method == "ppsd":
-        capacity = len(prompts[0]) + max_new_tokens + 2
         stats = _decode_ppsd(
-            adapter, rows, adapter.new_cache(1, capacity), config, min_new_tokens, exit_layer, stages,
-            stage_boundaries, backend,
-        )  # fmt: skip
+            adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture
+        )
         stats.prompt_tokens = len(prompts[0])
     elif max_new_tokens > 0:
         exit_head = resolve_head(head, adapter, exit_layer) if method == "eesd" else None

@@ -32,6 +32,7 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        first_layer: int = 0,
     ) -> None:
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -40,6 +41,7 @@ class KVCache:
         self.batch = batch
         self.lengths = [[0] * batch for _ in range(num_layers)]
         self._rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]
+        self.first_layer = first_layer  # layers are addressed by model index; this cache holds [first, first + n)
 
     @property
     def num_layers(self) -> int:
@@ -50,32 +52,34 @@ class KVCache:
         or an overflow, then extend the valid prefixes. `write` does this itself for a step with host `starts`; a
         static step's caller (whose pass may be a replayed CUDA graph) calls it before launching the pass."""
         for layer in layers:
+            lengths = self.lengths[layer - self.first_layer]
             for row, start in enumerate(starts):
-                if start > self.lengths[layer][row]:
+                if start > lengths[row]:
                     raise ValueError(
                         f"KV cache layer {layer} row {row}: write at position {start} would leave a gap "
-                        f"(valid length {self.lengths[layer][row]})"
+                        f"(valid length {lengths[row]})"
                     )
                 if start + q > self.max_len:
                     raise ValueError(f"KV cache overflow: positions up to {start + q - 1}, capacity {self.max_len}")
-            self.lengths[layer] = [start + q for start in starts]
+            self.lengths[layer - self.first_layer] = [start + q for start in starts]
 
     def write(self, layer: int, step: Step, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store key/value [B, Hkv, q, D] of `layer` at the step's positions (the books too, unless static)."""
         if step.starts is not None:
             self.claim((layer,), step.starts, step.q)
         # advanced indices around a slice select [B, q, Hkv, D]; this is one index_put_, no host sync
-        self.keys[layer][self._rows, :, step.positions] = key.transpose(1, 2)
-        self.values[layer][self._rows, :, step.positions] = value.transpose(1, 2)
+        self.keys[layer - self.first_layer][self._rows, :, step.positions] = key.transpose(1, 2)
+        self.values[layer - self.first_layer][self._rows, :, step.positions] = value.transpose(1, 2)
 
     def view(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first `kv_len` slots, [B, Hkv, kv_len, D] (views, no copy)."""
-        return self.keys[layer][:, :, :kv_len], self.values[layer][:, :, :kv_len]
+        index = layer - self.first_layer
+        return self.keys[index][:, :, :kv_len], self.values[index][:, :, :kv_len]
 
     def rollback(self, length: int | list[int], layers: Iterable[int] | None = None) -> None:
         """Forget everything at positions >= length (per row if a list) in `layers` (default: all)."""
         per_row = [length] * self.batch if isinstance(length, int) else list(length)
         if any(n < 0 for n in per_row):
             raise ValueError(f"rollback length must be >= 0, got {per_row}")
-        for layer in range(self.num_layers) if layers is None else layers:
+        for layer in range(self.num_layers) if layers is None else (n - self.first_layer for n in layers):
             self.lengths[layer] = [min(old, new) for old, new in zip(self.lengths[layer], per_row, strict=True)]

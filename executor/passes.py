@@ -134,8 +134,8 @@ class Passes:
     def load(self, tokens: Sequence[int] | None, starts: Sequence[int], q: int) -> None:
         """Refill the inputs: `ids` from host tokens (None: keep) and `positions[q]` = start .. start + q - 1."""
         if tokens is not None:
-            _upload(self.ids, [[t] for t in tokens])
-        _upload(self.positions[q], [list(range(s, s + q)) for s in starts])
+            upload(self.ids, [[t] for t in tokens])
+        upload(self.positions[q], [list(range(s, s + q)) for s in starts])
 
     def layers_early(self) -> list[int]:
         """Cache layers a draft step writes: [0, E) and the head's own layers."""
@@ -223,7 +223,7 @@ class Passes:
             self.draft_probs[:, index].copy_(self.last_probs)
 
 
-def _upload(buffer: torch.Tensor, values: list[list[int]]) -> None:
+def upload(buffer: torch.Tensor, values: list[list[int]]) -> None:
     """Host values into a device buffer; on a GPU an async copy from pinned memory (no host synchronisation)."""
     host = torch.tensor(values, dtype=buffer.dtype)
     if buffer.device.type == "cuda":

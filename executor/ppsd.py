@@ -23,6 +23,7 @@ overlap on one GPU; `distributed` runs one process per stage (executor/ppsd_dist
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import torch
 from executor.adapter import ModelAdapter, Step
 from executor.decoding import GenerationStats, TokenSink
 from executor.kv_cache import KVCache
+from executor.passes import StaticPass, cached_passes, resolve_capture, upload
 from executor.sampling import SamplingConfig, TokenSelector
 
 BACKENDS = ("sequential", "streams", "distributed")
@@ -252,29 +254,67 @@ class Decision:
 
 
 class StageRunner:
-    """Runs one stage's layers on one token; stage 1 also drafts at the exit layer, the last stage predicts."""
+    """Runs one stage's layers on one token; stage 1 also drafts at the exit layer, the last stage predicts.
+
+    The per-token work is a static pass (executor/passes.py) over this stage's buffers: `prepare` fills them on the
+    current stream (position, and the token or the previous stage's hidden state) and keeps the cache's books,
+    `launch` runs the pass (replays its CUDA graph when captured) and returns outputs that live in this stage's
+    buffers until its next launch. Preparing every stage before launching any is what lets the streams backend
+    overlap the stages of a tick without a stage overwriting an output its successor has not read yet.
+    """
 
     def __init__(
-        self, adapter: ModelAdapter, cache: KVCache, plan: StagePlan, stage: int, selector: TokenSelector
+        self,
+        adapter: ModelAdapter,
+        cache: KVCache,
+        plan: StagePlan,
+        stage: int,
+        selector: TokenSelector,
+        capture: str = "none",
     ) -> None:
         self.adapter, self.cache, self.plan, self.stage, self.selector = adapter, cache, plan, stage, selector
         self.layers = plan.layers(stage)
         self.is_first, self.is_last = stage == 0, stage == plan.stages - 1
+        device, shape = adapter.device, (1, 1, adapter.config.hidden_size)
+        self.position = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.hidden_in = torch.zeros(shape, dtype=adapter.dtype, device=device)
+        self.hidden_out = torch.zeros(shape, dtype=adapter.dtype, device=device)
+        self.draft_id = torch.zeros(1, dtype=torch.long, device=device)
+        self.predicted_id = torch.zeros(1, dtype=torch.long, device=device)
+        self.step = Step(positions=self.position, starts=None, span=cache.max_len)
+        self.pass_ = StaticPass(self._compute, capture)
+
+    def prepare(self, item: Item) -> None:
+        """This stage's inputs for `item` (host values copied asynchronously) and the books of its KV write."""
+        upload(self.position, [[item.position]])
+        if self.is_first:
+            upload(self.ids, [[item.token]])
+        else:
+            self.hidden_in.copy_(item.hidden)
+        self.cache.claim(self.layers, [item.position], 1)
+
+    def launch(self, item: Item) -> StageOutput:
+        self.pass_()
+        draft_id = self.draft_id if self.is_first else None
+        return StageOutput(item.position, self.hidden_out, draft_id, self.predicted_id if self.is_last else None,
+                           item.draft)  # fmt: skip
 
     def run(self, item: Item) -> StageOutput:
-        step = Step.at(item.position, 1, self.adapter.device)
+        self.prepare(item)
+        return self.launch(item)
+
+    def _compute(self) -> None:
+        adapter, step = self.adapter, self.step
         if self.is_first:
-            ids = torch.tensor([[item.token]], dtype=torch.long, device=self.adapter.device)
-            hidden = self.adapter.forward_layers(self.adapter.embed(ids), step, self.cache, 0, self.plan.exit_layer)
-            draft_id = self.selector.select(self.adapter.logits(hidden), step.positions + 1)[0]
-            hidden = self.adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
+            hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, self.plan.exit_layer)
+            self.draft_id.copy_(self.selector.select(adapter.logits(hidden), step.positions + 1)[0])
+            hidden = adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
         else:
-            draft_id = None
-            hidden = self.adapter.forward_layers(item.hidden, step, self.cache, self.layers.start, self.layers.stop)
-        predicted_id = (
-            self.selector.select(self.adapter.logits(hidden), step.positions + 1)[0] if self.is_last else None
-        )
-        return StageOutput(item.position, hidden, draft_id, predicted_id, item.draft)
+            hidden = adapter.forward_layers(self.hidden_in, step, self.cache, self.layers.start, self.layers.stop)
+        self.hidden_out.copy_(hidden)
+        if self.is_last:
+            self.predicted_id.copy_(self.selector.select(adapter.logits(hidden), step.positions + 1)[0])
 
     def prefill(self, hidden: torch.Tensor | None, prompt: list[int]) -> torch.Tensor:
         """The prompt through this stage's layers: ids (stage 1) or hidden [1, P, d] in, hidden [1, P, d] out."""
@@ -337,14 +377,22 @@ class LocalPipeline:
         adapter: ModelAdapter,
         cache: KVCache,
         plan: StagePlan,
-        stats: PPSDStats,
         selector: TokenSelector,
         streams: bool,
+        capture: str = "none",
     ) -> None:
-        self.runners = [StageRunner(adapter, cache, plan, s, selector) for s in range(plan.stages)]
-        self.stats = stats
+        self.cache, self.selector = cache, selector
+        self.runners = [StageRunner(adapter, cache, plan, s, selector, capture) for s in range(plan.stages)]
+        self.stats: PPSDStats | None = None
         self.inputs: list[Item | None] = [None] * plan.stages
         self.streams = [torch.cuda.Stream(device=adapter.device) for _ in self.runners] if streams else None
+
+    def restart(self, stats: PPSDStats, prompt_len: int, seed: int) -> None:
+        """A new generation on these (possibly captured) stages: empty cache and pipe, the call's seed."""
+        self.stats = stats
+        self.selector.restart([prompt_len], seed)
+        self.cache.rollback(0)
+        self.inputs = [None] * len(self.runners)
 
     def tick(self, sink: TokenSink, limit: int) -> Decision:
         outs, busy = self._run_stages()
@@ -361,11 +409,14 @@ class LocalPipeline:
         return decision
 
     def _run_stages(self) -> tuple[list[StageOutput | None], list[float]]:
+        for runner, item in zip(self.runners, self.inputs, strict=True):
+            if item is not None:
+                runner.prepare(item)  # every stage reads last tick's outputs before any stage overwrites its own
         if self.streams is None:
             outs, busy = [], []
             for runner, item in zip(self.runners, self.inputs, strict=True):
                 begin = time.perf_counter()
-                outs.append(runner.run(item) if item is not None else None)
+                outs.append(runner.launch(item) if item is not None else None)
                 busy.append(time.perf_counter() - begin)
             return outs, busy
         return self._run_on_streams()
@@ -376,10 +427,10 @@ class LocalPipeline:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in self.runners]
         outs: list[StageOutput | None] = []
         for runner, item, stream, (start, stop) in zip(self.runners, self.inputs, self.streams, events, strict=True):
-            stream.wait_stream(current)  # inputs were produced last tick on other streams, all synchronised since
+            stream.wait_stream(current)  # the inputs prepare() copied on the current stream
             with torch.cuda.stream(stream):
                 start.record(stream)
-                outs.append(runner.run(item) if item is not None else None)
+                outs.append(runner.launch(item) if item is not None else None)
                 stop.record(stream)
         torch.cuda.synchronize()
         return outs, [start.elapsed_time(stop) / 1e3 for start, stop in events]
@@ -411,10 +462,13 @@ def _decode_local(
     plan: StagePlan,
     backend: str,
     selector: TokenSelector,
+    capture: str,
 ) -> PPSDStats:
     stats = new_stats(plan, backend, len(prompt))
+    stats.capture = capture
     begin = time.perf_counter()
-    pipeline = LocalPipeline(adapter, cache, plan, stats, selector, streams=backend == "streams")
+    pipeline = _pipeline(adapter, cache, plan, backend, selector, capture, len(prompt) + sink.max_new_tokens)
+    pipeline.restart(stats, len(prompt), selector.config.seed)
     hidden = None
     for runner in pipeline.runners:
         hidden = runner.prefill(hidden, prompt)
@@ -430,6 +484,27 @@ def _decode_local(
     stats.new_tokens = len(sink.tokens)
     stats.wall_time_s = time.perf_counter() - begin
     return stats
+
+
+CAPACITY_STEP = 256  # captured stages: cache capacities are rounded up to a multiple of this, so graphs get reused
+
+
+def _pipeline(adapter, cache, plan, backend, selector, capture, needed: int) -> LocalPipeline:
+    """A fresh pipeline without capture; with capture, the model's cached one for this setup (graphs kept)."""
+    streams = backend == "streams"
+    if capture == "none":
+        cache = cache if cache is not None else adapter.new_cache(1, needed)
+        return LocalPipeline(adapter, cache, plan, selector, streams)
+    capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
+    config = selector.config
+    key = ("ppsd", plan, backend, capacity, capture, dataclasses.replace(config, seed=0), selector.min_new_tokens,
+           tuple(selector.eos_ids))  # fmt: skip
+
+    def build() -> LocalPipeline:
+        own = TokenSelector(config, [1], selector.min_new_tokens, selector.eos_ids, adapter.device)
+        return LocalPipeline(adapter, adapter.new_cache(1, capacity), plan, own, streams, capture)
+
+    return cached_passes(adapter.model, key, build)
 
 
 # ------------------------------------------------------------------------------------------------------ entry point
@@ -448,7 +523,7 @@ def decode_ppsd(
     adapter: ModelAdapter,
     prompt: list[int],
     sink: TokenSink,
-    cache: KVCache,
+    cache: KVCache | None,
     *,
     stages: int,
     stage_boundaries: Sequence[int] | None = None,
@@ -458,13 +533,17 @@ def decode_ppsd(
     min_new_tokens: int = 0,
     threads_per_stage: int | None = None,
     timeout_s: float = 600.0,
+    capture: str = "none",
 ) -> PPSDStats:
     """PPSD decoding (see the module docstring); the emitted tokens equal AR's: greedy, or with `sampling` in exact
     mode (executor/sampling.py) seeded AR sampling's, token for token. `min_new_tokens` masks EOS as HF does.
 
-    `cache` must hold len(prompt) + sink.max_new_tokens positions; the `distributed` backend ignores it (each stage
-    process allocates its own layers' KV) and takes `threads_per_stage` (torch threads per process, default
-    cores // stages) and `timeout_s` (the whole run, after which the processes are stopped and an error raised).
+    `cache` must hold len(prompt) + sink.max_new_tokens positions (None: made here); `capture` ("none", "graph",
+    "compile", "auto") is how the local backends launch a stage's per-token pass (executor/passes.py), a captured
+    pipeline being kept on the model with its own cache for the next call. The `distributed` backend ignores both
+    (each stage process allocates its own layers' KV and runs its passes uncaptured) and takes `threads_per_stage`
+    (torch threads per process, default cores // stages) and `timeout_s` (the whole run, after which the processes
+    are stopped and an error raised).
     """
     plan = plan_stages(adapter.num_layers, stages, stage_boundaries, exit_layer)
     check_backend(adapter, backend)
@@ -486,9 +565,10 @@ def decode_ppsd(
             threads_per_stage=threads_per_stage,
             timeout_s=timeout_s,
         )
-    if cache.max_len < len(prompt) + sink.max_new_tokens - 1:
+    if cache is not None and cache.max_len < len(prompt) + sink.max_new_tokens - 1:
         raise ValueError(
             f"cache holds {cache.max_len} positions, PPSD needs len(prompt) + max_new_tokens - 1 = "
             f"{len(prompt) + sink.max_new_tokens - 1}"
         )
-    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector)
+    capture = resolve_capture(capture, adapter.device, selector.config.kind)
+    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector, capture)

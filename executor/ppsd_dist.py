@@ -89,17 +89,8 @@ class StageKVCache(KVCache):
             head_dim=adapter.head_dim,
             dtype=adapter.dtype,
             device=adapter.device,
+            first_layer=first,
         )
-        self.first = first
-
-    def write(self, layer, step, key, value) -> None:
-        super().write(layer - self.first, step, key, value)
-
-    def view(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().view(layer - self.first, kv_len)
-
-    def rollback(self, length, layers=None) -> None:
-        super().rollback(length, None if layers is None else [layer - self.first for layer in layers])
 
 
 def _placeholder(module_cls: type[nn.Module], *args, **kwargs) -> nn.Module:

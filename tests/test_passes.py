@@ -1,4 +1,5 @@
-"""The static passes (`executor.passes`) that a GPU captures in CUDA graphs, checked on the CPU:
+"""The static passes (`executor.passes`) that a GPU captures in CUDA graphs (AR, EESD draft and verify, PPSD stage
+steps), checked on the CPU:
 
 - a pass does no host work: run under a guard that raises on any device -> host read, any tensor built from host
   data and any data-dependent shape, the decoders still finish (a capture would fail on exactly these);
@@ -84,12 +85,14 @@ def model(epsilon: float = 0.3) -> torch.nn.Module:
         {"method": "eesd", "policy": "confidence:0.5"},
         {"method": "eesd", "draft_len": 2, "do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.7},
         {"method": "eesd", "draft_len": 4, "min_new_tokens": 6, "eos_token_id": [3, 7]},
+        {"method": "ppsd", "stages": 2},
+        {"method": "ppsd", "stages": 3, "do_sample": True, "top_k": 10, "min_new_tokens": 4, "eos_token_id": 3},
     ],
 )
 def test_passes_do_no_host_work_and_are_idempotent(strict_passes, kwargs) -> None:
     net = model()
     reference = executor.generate(net, [PROMPTS[0]], max_new_tokens=14, method="ar", capture="none", **{
-        k: v for k, v in kwargs.items() if k not in ("method", "draft_len", "policy")
+        k: v for k, v in kwargs.items() if k not in ("method", "draft_len", "policy", "stages")
     })  # fmt: skip
     out = executor.generate(net, [PROMPTS[0]], max_new_tokens=14, **kwargs)
     assert out.sequences.tolist() == reference.sequences.tolist()
