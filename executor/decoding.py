@@ -73,7 +73,8 @@ class GenerationStats:
     def summary(self) -> str:
         lines = [
             f"method {self.method}: {self.new_tokens} new tokens in {self.rounds} rounds, "
-            f"{self.wall_time_s:.3f} s ({self.tokens_per_s:.1f} tok/s, prefill {self.prefill_time_s:.3f} s)"
+            f"{self.wall_time_s:.3f} s ({self.tokens_per_s:.1f} tok/s, prefill {self.prefill_time_s:.3f} s); "
+            f"passes captured: {self.capture}, {self.host_reads} host reads"
         ]
         if self.drafted:
             lines.append(

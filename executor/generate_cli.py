@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--capture", default="auto", help="auto (graph on a GPU) | none | graph (CUDA graphs) | compile (torch.compile)"
+    )
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument(
         "--compare-ar", action="store_true", help="also run AR and check the outputs are equal (greedy, exact sampling)"
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     eos = model.generation_config.eos_token_id
     common = dict(
         max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, sampling=args.sampling,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, capture=args.capture,
     )  # fmt: skip
     result = generate(
         model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,

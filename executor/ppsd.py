@@ -399,6 +399,7 @@ class LocalPipeline:
         if outs[0] is not None:
             resolve_first(outs[0], limit)
         decision = judge(outs[-1], sink)
+        self.stats.host_reads += (outs[0] is not None) + (outs[-1] is not None)  # the draft and the prediction
         self._account(busy)
         if decision.kind == Verdict.FLUSH:
             for runner in self.runners:
