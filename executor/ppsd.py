@@ -353,16 +353,18 @@ def feed_limit(prompt_len: int, max_new_tokens: int) -> int:
     return prompt_len + max_new_tokens - 2
 
 
-def resolve_first(out: StageOutput, limit: int) -> None:
-    """Stage 1's draft, on the host: it enters the pipe after `out` unless the generation ends before."""
-    out.draft = int(out.draft_id.item()) if out.position + 1 <= limit else -1
+def resolve_first(out: StageOutput, limit: int, draft: int | None = None) -> None:
+    """Stage 1's draft (read here unless given), on the host: it enters the pipe after `out` unless the generation
+    ends before."""
+    draft = int(out.draft_id.item()) if draft is None else draft
+    out.draft = draft if out.position + 1 <= limit else -1
 
 
-def judge(out: StageOutput | None, sink: TokenSink) -> Decision:
-    """Step 2-3: emit the full model's prediction and compare it with the draft in flight."""
+def judge(out: StageOutput | None, sink: TokenSink, token: int | None = None) -> Decision:
+    """Step 2-3: emit the full model's prediction (read here unless given) and compare it with the draft in flight."""
     if out is None:
         return Decision(Verdict.NONE)
-    token = int(out.predicted_id.item())
+    token = int(out.predicted_id.item()) if token is None else token
     sink.emit([token])
     kind = Verdict.EMIT if out.draft < 0 else Verdict.CONFIRM if token == out.draft else Verdict.FLUSH
     return Decision(kind, token, out.position + 1, sink.done)
@@ -396,10 +398,10 @@ class LocalPipeline:
 
     def tick(self, sink: TokenSink, limit: int) -> Decision:
         outs, busy = self._run_stages()
+        draft, predicted = self._read(outs)
         if outs[0] is not None:
-            resolve_first(outs[0], limit)
-        decision = judge(outs[-1], sink)
-        self.stats.host_reads += (outs[0] is not None) + (outs[-1] is not None)  # the draft and the prediction
+            resolve_first(outs[0], limit, draft)
+        decision = judge(outs[-1], sink, predicted)
         self._account(busy)
         if decision.kind == Verdict.FLUSH:
             for runner in self.runners:
@@ -408,6 +410,16 @@ class LocalPipeline:
         else:
             self.inputs = [next_first_input(outs[0])] + [_as_item(out) for out in outs[:-1]]
         return decision
+
+    def _read(self, outs: list[StageOutput | None]) -> tuple[int | None, int | None]:
+        """The tick's one host read: stage 1's draft and the last stage's prediction, in one copy."""
+        ids = [t for t in (outs[0] and outs[0].draft_id, outs[-1] and outs[-1].predicted_id) if t is not None]
+        if not ids:
+            return None, None
+        values = torch.cat(ids).tolist()
+        self.stats.host_reads += 1
+        draft = values.pop(0) if outs[0] is not None else None
+        return draft, values[0] if outs[-1] is not None else None
 
     def _run_stages(self) -> tuple[list[StageOutput | None], list[float]]:
         for runner, item in zip(self.runners, self.inputs, strict=True):

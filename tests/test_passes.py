@@ -251,3 +251,10 @@ def test_compiled_passes_equal_ar_and_are_reused() -> None:
         assert out.stats.capture == "compile"
         assert out.sequences.tolist() == reference.sequences.tolist()
     assert len(net.__dict__["_eesd_passes"]) == 1
+
+
+def test_ppsd_reads_the_host_at_most_once_per_tick() -> None:
+    out = executor.generate(model(), [PROMPTS[0]], method="ppsd", stages=3, max_new_tokens=16)
+    stats = out.stats
+    assert stats.confirms + stats.flushes > 0
+    assert stats.new_tokens - 1 <= stats.host_reads <= stats.ticks
