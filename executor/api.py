@@ -279,6 +279,7 @@ def generate(
     `capture` ("auto", "none", "graph", "compile") is how AR, EESD and PPSD's local stages launch their passes
     (`executor.passes`): "auto" captures each pass in a CUDA graph on a GPU (kept on the model for the next call
     with the same setup) and runs them as they are elsewhere; "compile" uses `torch.compile(mode="reduce-overhead")`.
+    Captured passes are keyed by the head object: pass a loaded head (not a file path) to reuse them across calls.
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
@@ -371,10 +372,13 @@ class EarlyExitGenerator:
         sampling: str = "exact",
         seed: int = 0,
         head: Any = None,
+        capture: str = "auto",
     ) -> None:
         self.model = model
-        self.head = head
         self.adapter = ModelAdapter(model)
+        # a head file is loaded once, so that every call reuses the same captured passes (they are keyed by head)
+        self.head = head if head in (None, "shared") else resolve_head(head, self.adapter, exit_layer)
+        self.capture = capture
         self.method = method
         self.exit_layer = exit_layer
         self.draft_len = draft_len
@@ -405,6 +409,7 @@ class EarlyExitGenerator:
             do_sample=bool(config.do_sample), sampling=self.sampling,
             temperature=config.temperature if config.temperature is not None else 1.0,
             top_k=config.top_k, top_p=config.top_p, seed=self.seed, streamer=kwargs.get("streamer"), head=self.head,
+            capture=self.capture,
         )  # fmt: skip
         self.last_stats = result.stats
         return result.sequences
