@@ -28,8 +28,8 @@ import torch
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
-from executor.passes import Passes
-from executor.sampling import SamplingConfig, TokenSelector, accept_rejection
+from executor.passes import Passes, upload
+from executor.sampling import SamplingConfig, TokenSelector, rejection_verdicts
 from sim.policy import DraftPolicy
 
 
@@ -241,10 +241,13 @@ def draft_steps(passes: Passes, rows: Rows, policies: list[DraftPolicy], budgets
     return counts
 
 
-def verify_pass(passes: Passes, rows: Rows, k: int) -> None:
-    """Step 2: layers [0, E) for d_k only, then layers [E, L) over the k + 1 saved layer-E states in one pass."""
+def verify_pass(passes: Passes, rows: Rows, k: int, counts: list[int]) -> None:
+    """Step 2: layers [0, E) for d_k only, then layers [E, L) over the k + 1 saved layer-E states in one pass
+    (rejection sampling also takes the verdicts there, given each row's own draft count)."""
     adapter, cache = passes.adapter, passes.cache
     passes.load(None, rows.positions, k + 1)
+    if passes.rejection:
+        upload(passes.counts, counts)
     cache.claim(passes.layers_early(), [p + k for p in rows.positions], 1)
     cache.claim(range(passes.exit_layer, adapter.num_layers), rows.positions, k + 1)
     passes.verify(k)
@@ -252,42 +255,49 @@ def verify_pass(passes: Passes, rows: Rows, k: int) -> None:
 
 @dataclass
 class Verdicts:
-    """One round's material for step 3: per row its drafts and the full model's tokens after t, d_1, .., d_k
-    (greedy / exact sampling), or the distributions (rejection sampling)."""
+    """One round's step 3 material: per row its drafts and either the full model's tokens after t, d_1, .., d_k
+    (greedy / exact sampling: the verdict is token equality, taken here) or the verdict the verify pass already
+    took on the device (rejection sampling: accepted count and the token after them)."""
 
     drafts: list[list[int]]
     full: list[list[int]] | None = None
-    target_probs: torch.Tensor | None = None  # [B, k + 1, V]
-    draft_probs: torch.Tensor | None = None  # [B, K, V]
+    verdicts: list[list[int]] | None = None
+    passes: Passes | None = None  # rejection sampling: for a forced verdict's token
+    k: int = 0
 
     @classmethod
     def read(cls, passes: Passes, k: int, counts: list[int], stats: GenerationStats) -> Verdicts:
-        """The round's one synchronising read: drafts and the full model's tokens in one copy."""
+        """The round's one synchronising read: drafts and the full model's tokens (or verdicts) in one copy."""
+        outcome = passes.verdicts if passes.rejection else passes.tokens[k + 1]
+        both = read_back(torch.cat([passes.drafts[:, :k], outcome], dim=1), stats)
+        drafts = [b[:c] for b, c in zip(both, counts, strict=True)]
         if passes.rejection:
-            drafts = read_back(passes.drafts[:, :k], stats)
-            return cls([d[:c] for d, c in zip(drafts, counts, strict=True)], None, passes.probs[k + 1],
-                       passes.draft_probs)  # fmt: skip
-        both = read_back(torch.cat([passes.drafts[:, :k], passes.tokens[k + 1]], dim=1), stats)
-        return cls([b[:c] for b, c in zip(both, counts, strict=True)], [b[k:] for b in both])
+            return cls(drafts, verdicts=[b[k:] for b in both], passes=passes, k=k)
+        return cls(drafts, full=[b[k:] for b in both])
 
-    def accept(self, selector: TokenSelector, row: int) -> tuple[int, int]:
+    def accept(self, row: int) -> tuple[int, int]:
         """Step 3 for one row: (accepted drafts, the full model's token after them)."""
-        own = self.drafts[row]
-        if self.target_probs is not None:
-            draft_probs = [self.draft_probs[row, i] for i in range(len(own))]
-            return accept_rejection(selector, own, draft_probs, self.target_probs[row])
-        tokens = self.full[row]
+        if self.verdicts is not None:
+            accepted, token = self.verdicts[row]
+            return accepted, token
+        own, tokens = self.drafts[row], self.full[row]
         accepted = 0
         while accepted < len(own) and own[accepted] == tokens[accepted]:
             accepted += 1
         return accepted, tokens[accepted]
 
-    def forced(self, selector: TokenSelector, row: int, accepted: int) -> tuple[int, int]:
+    def forced(self, row: int, accepted: int) -> tuple[int, int]:
         """Step 3 replaced (benchmark only, NOT lossless): `accepted` drafts kept whatever the full model said, then
         the full model's own token at that position, as a real verdict with that accepted length would emit."""
-        if self.target_probs is not None:
-            return accepted, int(selector.sample(self.target_probs[row, accepted].unsqueeze(0))[0])
-        return accepted, self.full[row][accepted]
+        if self.verdicts is None:
+            return accepted, self.full[row][accepted]
+        p, k = self.passes, self.k
+        forced = torch.full((p.cache.batch,), accepted, dtype=torch.long, device=p.adapter.device)
+        targets = p.positions[k + 1] + 1
+        _, tokens = rejection_verdicts(
+            p.selector, p.drafts[:, :k], p.draft_probs[:, :k], p.probs[k + 1], p.counts, targets, forced
+        )
+        return accepted, int(tokens[row])
 
 
 @torch.inference_mode()
@@ -319,13 +329,13 @@ def decode_eesd(
         ]
         counts = draft_steps(passes, rows, policies, budgets, stats)
         k = max(counts)
-        verify_pass(passes, rows, k)
+        verify_pass(passes, rows, k, counts)
         verdicts = Verdicts.read(passes, k, counts, stats)
         for row in sorted(active):
             if forced_accept is None:
-                accepted, token = verdicts.accept(selector, row)
+                accepted, token = verdicts.accept(row)
             else:
-                accepted, token = verdicts.forced(selector, row, min(max(forced_accept(counts[row]), 0), counts[row]))
+                accepted, token = verdicts.forced(row, min(max(forced_accept(counts[row]), 0), counts[row]))
             policies[row].update(counts[row], accepted)
             rows.commit(row, verdicts.drafts[row][:accepted] + [token])
             stats.drafted.append(counts[row])

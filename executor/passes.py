@@ -13,8 +13,8 @@ from device tensors, and the cache's books are kept by the caller (`KVCache.clai
 A pass is idempotent (it writes the same cache slots and buffers with the same values however often it runs), so
 warming it up before capture changes nothing. The caller's host work per EESD round is: refill the inputs (async
 copies from pinned memory), launch the passes, then read the drafts and the full model's tokens back in one copy,
-the round's single host synchronisation (plus one per draft step for a policy that stops on the draft's confidence,
-and the per-token draws of rejection sampling, which is never captured).
+the round's single host synchronisation (plus one per draft step for a policy that stops on the draft's confidence).
+Rejection sampling's verdict (accept tests, residual or bonus draw) runs on the device too, with keyed noise.
 """
 
 from __future__ import annotations
@@ -26,22 +26,20 @@ import torch
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
-from executor.sampling import TokenSelector
+from executor.sampling import DRAFT_SALT, TokenSelector, rejection_verdicts
 
 CAPTURE_MODES = ("auto", "none", "graph", "compile")
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
 
 
 def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> str:
-    """The capture mode actually used: "auto" is "graph" on a CUDA device (unless rejection sampling), else "none"."""
+    """The capture mode actually used: "auto" is "graph" on a CUDA device, else "none"."""
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {', '.join(CAPTURE_MODES)}, got {capture!r}")
     if capture == "auto":
-        return "graph" if device.type == "cuda" and sampling_kind != "rejection" else "none"
+        return "graph" if device.type == "cuda" else "none"
     if capture == "graph" and device.type != "cuda":
         raise ValueError(f"capture 'graph' needs the model on a CUDA device, it is on {device.type}")
-    if capture != "none" and sampling_kind == "rejection":
-        raise ValueError("rejection sampling draws from a torch generator and is never captured: use capture='none'")
     return capture
 
 
@@ -90,8 +88,10 @@ class Passes:
 
     Inputs: `ids` [B, 1] (the token a one-token pass runs) and `positions[q]` [B, q]. Outputs: `tokens[q]` [B, q]
     (the chosen token after each position), `hidden` [B, 1, d] (a draft step's layer-E state), `confidence` [B]
-    (the draft's top probability, when a policy asks), `probs[q]` / `draft_probs` (rejection sampling). The EESD
-    round's own buffers: `drafts` [B, K] and `exit_states` [B, K + 1, d], K the largest draft length.
+    (the draft's top probability, when a policy asks). The EESD round's own buffers: `drafts` [B, K] and
+    `exit_states` [B, K + 1, d], K the largest draft length. Rejection sampling adds `draft_prob` [B, V] (a draft
+    step's q), `draft_probs` [B, K, V], `counts` [B] (each row's own drafts, an input of the verify pass),
+    `verdicts` [B, 2] (accepted, token) and `probs[q]` (the full model's p, a static output for forced verdicts).
     """
 
     def __init__(
@@ -122,9 +122,13 @@ class Passes:
         self.confidence = torch.zeros(batch, dtype=torch.float32, device=device)
         self.drafts = torch.zeros(batch, max(max_draft, 1), **long)
         self.exit_states = torch.zeros(batch, max_draft + 1, hidden_size, dtype=adapter.dtype, device=device)
-        self.probs: dict[int, torch.Tensor] = {}  # rejection sampling only (never captured)
-        self.draft_probs: torch.Tensor | None = None
-        self.last_probs: torch.Tensor | None = None
+        self.probs: dict[int, torch.Tensor] = {}
+        if self.rejection:
+            vocab, k = adapter.lm_head.weight.shape[0], max(max_draft, 1)
+            self.draft_prob = torch.zeros(batch, vocab, dtype=torch.float64, device=device)
+            self.draft_probs = torch.zeros(batch, k, vocab, dtype=torch.float64, device=device)
+            self.counts = torch.zeros(batch, **long)
+            self.verdicts = torch.zeros(batch, 2, **long)
         self._passes: dict[tuple[str, int], StaticPass] = {}
         if capture == "compile":
             for tensor in self._static_tensors():
@@ -156,6 +160,8 @@ class Passes:
     def _static_tensors(self) -> list[torch.Tensor]:
         buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.exit_states]
         buffers += [*self.positions.values(), *self.tokens.values(), self.selector.prompt_lens, self.selector.seed]
+        if self.rejection:
+            buffers += [self.draft_prob, self.draft_probs, self.counts, self.verdicts]
         return buffers + self.cache.keys + self.cache.values
 
     # ------------------------------------------------------------------------------------------------ the passes
@@ -188,9 +194,9 @@ class Passes:
         self.hidden.copy_(hidden)
         logits = self.head(hidden, step, self.cache)
         targets = step.positions + 1
-        if self.rejection:  # never captured: plain attributes are fine here
-            self.last_probs = self.selector.probs(logits, targets)[:, 0]
-            self.tokens[1].copy_(self.selector.sample(self.last_probs).unsqueeze(1))
+        if self.rejection:
+            self.draft_prob.copy_(self.selector.probs(logits, targets)[:, 0])
+            self.tokens[1].copy_(self.selector.sample(self.draft_prob.unsqueeze(1), targets, DRAFT_SALT))
         else:
             self.tokens[1].copy_(self.selector.select(logits, targets))
         if self.want_confidence:
@@ -207,7 +213,12 @@ class Passes:
         adapter = self.adapter
         logits = adapter.logits(adapter.forward_layers(states, step, self.cache, self.exit_layer, adapter.num_layers))
         if self.rejection:
-            self.probs[q] = self.selector.probs(logits, step.positions + 1)
+            targets = step.positions + 1
+            self.probs[q] = probs = self.selector.probs(logits, targets)  # a static output when captured
+            verdict = rejection_verdicts(
+                self.selector, self.drafts[:, :k], self.draft_probs[:, :k], probs, self.counts, targets
+            )
+            self.verdicts.copy_(torch.stack(verdict, dim=1))
         else:
             self.tokens[q].copy_(self.selector.select(logits, step.positions + 1))
 
@@ -217,13 +228,10 @@ class Passes:
         self.drafts[:, index : index + 1].copy_(self.tokens[1])
         self.ids.copy_(self.tokens[1])
         if self.rejection:
-            if self.draft_probs is None:
-                shape = (self.cache.batch, max(self.max_draft, 1), self.last_probs.shape[-1])
-                self.draft_probs = torch.zeros(shape, dtype=torch.float64, device=self.adapter.device)
-            self.draft_probs[:, index].copy_(self.last_probs)
+            self.draft_probs[:, index].copy_(self.draft_prob)
 
 
-def upload(buffer: torch.Tensor, values: list[list[int]]) -> None:
+def upload(buffer: torch.Tensor, values: list) -> None:
     """Host values into a device buffer; on a GPU an async copy from pinned memory (no host synchronisation)."""
     host = torch.tensor(values, dtype=buffer.dtype)
     if buffer.device.type == "cuda":

@@ -9,6 +9,11 @@
 - *rejection* (Leviathan et al. 2023; Chen et al. 2023): drafts are sampled from the exit head's warped distribution
   q, accepted with probability min(1, p/q), the first rejection resamples from norm(max(0, p - q)). Distribution-
   preserving; q is exactly the distribution each draft was drawn from (warped the same way as p, HF #47932).
+  Its randomness is keyed too: the draft at position j, the accept test at j and the token sampled at j (residual,
+  bonus or plain) use independent streams of the same hash, salted differently. A position's noise is consumed by
+  exactly one decision that survives (a draft rolled back with its round never influenced an earlier position's
+  test, causality), so every kept decision sees fresh uniform noise and the output distribution is exact, while the
+  whole verdict runs on the device (`rejection_verdicts`): no generator state, capturable in a CUDA graph.
 
 Warping follows HF's order: min-new-tokens (EOS masked), temperature, top-k, top-p.
 """
@@ -62,16 +67,33 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed: int | torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [*positions.shape, vocab], a pure function of (seed, position, token id).
+# independent noise streams of one seed (0: the exact mode's, unchanged); any distinct non-zero 32-bit constants
+DRAFT_SALT, ACCEPT_SALT, SAMPLE_SALT = 0x1B873593, 0xCC9E2D51, 0x85EBCA6B
+
+
+def _position_key(seed: int | torch.Tensor, positions: torch.Tensor, salt: int) -> torch.Tensor:
+    """A 32-bit key per position (int64 tensor of positions.shape) from (seed, position, salt).
 
     `seed` may be a 0-d int64 tensor on the positions' device (a buffer a captured CUDA graph reads)."""
-    tokens = torch.arange(vocab, device=positions.device, dtype=torch.int64)
     seeds = (seed & _MASK32) if torch.is_tensor(seed) else torch.tensor(seed & _MASK32, device=positions.device)
     key = _hash32(seeds.expand(positions.shape) ^ _hash32(positions.to(torch.int64) & _MASK32))
-    bits = _hash32(key.unsqueeze(-1) ^ _hash32(tokens ^ 0x9E3779B9))
-    uniform = (bits.to(torch.float64) + 0.5) / 2.0**32  # in (0, 1)
-    return -torch.log(-torch.log(uniform))
+    return key if salt == 0 else _hash32(key ^ salt)
+
+
+def _unit(bits: torch.Tensor) -> torch.Tensor:
+    return (bits.to(torch.float64) + 0.5) / 2.0**32  # in (0, 1)
+
+
+def gumbel_noise(seed: int | torch.Tensor, positions: torch.Tensor, vocab: int, salt: int = 0) -> torch.Tensor:
+    """Gumbel(0, 1) noise [*positions.shape, vocab], a pure function of (seed, position, token id, salt)."""
+    tokens = torch.arange(vocab, device=positions.device, dtype=torch.int64)
+    bits = _hash32(_position_key(seed, positions, salt).unsqueeze(-1) ^ _hash32(tokens ^ 0x9E3779B9))
+    return -torch.log(-torch.log(_unit(bits)))
+
+
+def uniform_noise(seed: int | torch.Tensor, positions: torch.Tensor, salt: int) -> torch.Tensor:
+    """Uniform(0, 1) noise of positions.shape, a pure function of (seed, position, salt)."""
+    return _unit(_hash32(_position_key(seed, positions, salt)))
 
 
 def warp(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
@@ -117,17 +139,12 @@ class TokenSelector:
         self.prompt_lens = torch.tensor(prompt_lens, device=device).unsqueeze(1)  # [B, 1]
         self.seed = torch.tensor(config.seed, dtype=torch.int64, device=device)
         self.eos = torch.tensor(self.eos_ids, dtype=torch.int64, device=device) if self.eos_ids else None
-        self.generator: torch.Generator | None = None
-        if config.do_sample and config.mode == "rejection":
-            self.generator = torch.Generator(device=device)
         self.restart(prompt_lens, config.seed)
 
     def restart(self, prompt_lens: list[int], seed: int) -> None:
         """A new generation with these prompt lengths and seed (same rows, sampling settings and EOS ids)."""
         self.prompt_lens.copy_(torch.tensor(prompt_lens).unsqueeze(1))
         self.seed.fill_(seed)
-        if self.generator is not None:
-            self.generator.manual_seed(seed)
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Processed and warped scores [B, q, V] for the tokens at absolute positions `targets` [B, q]."""
@@ -147,29 +164,46 @@ class TokenSelector:
         scores = self.scores(logits.to(torch.float64), targets)
         if kind == "exact":
             return (scores + gumbel_noise(self.seed, targets, scores.shape[-1])).argmax(-1)
-        return self.sample(scores.softmax(-1))
+        return self.sample(scores.softmax(-1), targets, SAMPLE_SALT)
 
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        flat = probs.reshape(-1, probs.shape[-1])
-        return torch.multinomial(flat, 1, generator=self.generator).view(probs.shape[:-1])
-
-    def uniform(self) -> float:
-        return float(torch.rand((), generator=self.generator, dtype=torch.float64, device=self.generator.device))
+    def sample(self, probs: torch.Tensor, targets: torch.Tensor, salt: int) -> torch.Tensor:
+        """A token [B, q] drawn from probs [B, q, V] for the positions `targets` [B, q] (Gumbel-max, keyed)."""
+        return (probs.log() + gumbel_noise(self.seed, targets, probs.shape[-1], salt)).argmax(-1)
 
 
-def accept_rejection(
-    selector: TokenSelector, drafts: list[int], draft_probs: list[torch.Tensor], target_probs: torch.Tensor
-) -> tuple[int, int]:
-    """Speculative sampling for one row: (accepted drafts, the token emitted after them).
+def rejection_verdicts(
+    selector: TokenSelector,
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    counts: torch.Tensor,
+    targets: torch.Tensor,
+    forced: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling for every row at once, on the device: (accepted drafts [B], the token after them [B]).
 
-    draft_probs[i] is q_i [V], the distribution d_i was sampled from; target_probs [k+1, V] holds p_0 .. p_k.
+    drafts [B, k] (row b's first counts[b] are its own), draft_probs [B, k, V] the q_i each was drawn from,
+    target_probs [B, k + 1, V] the full model's p_0 .. p_k, targets [B, k + 1] the positions they predict. Draft i is
+    accepted iff u_i q_i(d_i) < p_i(d_i) (u_i keyed by its position) and every earlier one was; the token after the
+    accepted run is drawn from norm(max(0, p_a - q_a)), or from p_a when every own draft was accepted (the bonus).
+    `forced` (benchmark only) replaces the accepted counts; the token is then drawn as for a real run that long.
     """
-    for i, token in enumerate(drafts):
-        p, q = target_probs[i], draft_probs[i]
-        if selector.uniform() * float(q[token]) < float(p[token]):  # u < p/q, without dividing by zero
-            continue
-        residual = (p - q).clamp_min(0)
-        total = residual.sum()
-        fallback = p if float(total) <= 0 else residual / total
-        return i, int(selector.sample(fallback.unsqueeze(0))[0])
-    return len(drafts), int(selector.sample(target_probs[len(drafts)].unsqueeze(0))[0])
+    k = drafts.shape[1]
+    rows = torch.arange(drafts.shape[0], device=drafts.device)
+    if forced is None:
+        p = target_probs[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+        q = draft_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+        own = torch.arange(k, device=drafts.device) < counts.unsqueeze(1)
+        passed = (uniform_noise(selector.seed, targets[:, :k], ACCEPT_SALT) * q < p) & own  # u < p/q, no division
+        accepted = passed.to(torch.int64).cumprod(-1).sum(-1)
+    else:
+        accepted = forced
+    p_a = target_probs[rows, accepted]  # [B, V]
+    padding = target_probs.new_zeros(target_probs.shape[0], 1, target_probs.shape[-1])
+    q_a = torch.cat([draft_probs, padding], dim=1)[rows, accepted]
+    q_a = q_a * (accepted < counts).unsqueeze(-1)  # all own drafts accepted: the bonus token, from p_a itself
+    residual = (p_a - q_a).clamp_min(0)
+    total = residual.sum(-1, keepdim=True)
+    dist = torch.where(total > 0, residual / total.clamp_min(1e-300), p_a)
+    token = selector.sample(dist.unsqueeze(1), targets[rows, accepted].unsqueeze(1), SAMPLE_SALT)[:, 0]
+    return accepted, token

@@ -15,6 +15,7 @@ import torch
 from packages import requires_smollm2
 from tiny_models import TinySpec, assert_same_or_tie, hf_greedy, tiny_model
 
+import executor
 from executor.adapter import ModelAdapter, Step
 from executor.api import generate
 from executor.heads import TrainedExitHead, load_head, model_fingerprint, resolve_head, save_head
@@ -84,6 +85,19 @@ def test_head_file_round_trip(trained, tiny, tmp_path: Path) -> None:
     assert load_head(path, tiny).exit_layer == EXIT_LAYER  # exit layer taken from the file
     assert isinstance(resolve_head(str(path), ModelAdapter(tiny), EXIT_LAYER), TrainedExitHead)
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_drop_in_generator_loads_a_head_file_once(trained, tiny, tmp_path: Path) -> None:
+    """The drop-in keeps one head object (captured passes are keyed by it) and decodes like AR with it."""
+    path = save_head(trained[0], tmp_path / "h.safetensors", dtype=torch.float64)
+    generator = executor.EarlyExitGenerator(tiny, method="eesd", head=str(path), draft_len=3)
+    assert isinstance(generator.head, TrainedExitHead) and generator.head.exit_layer == EXIT_LAYER
+    ids = torch.tensor([[3, 9, 27, 1]])
+    first = generator.generate(ids, max_new_tokens=10)
+    head = generator.head
+    assert generator.generate(ids, max_new_tokens=10).tolist() == first.tolist() and generator.head is head
+    reference = executor.generate(tiny, ids, method="ar", max_new_tokens=10).sequences
+    assert first.tolist() == reference.tolist()
 
 
 def test_fingerprint_ignores_dtype_but_not_weights(tiny) -> None:

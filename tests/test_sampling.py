@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
 
 import executor
-from executor.sampling import SamplingConfig, TokenSelector, accept_rejection, gumbel_noise, warp
+from executor.sampling import DRAFT_SALT, SamplingConfig, TokenSelector, gumbel_noise, rejection_verdicts, warp
 
 POLICIES = ["fixed:3", "heuristic", "confidence:0.3", "beta-ts", "calibration-ts"]
 
@@ -107,15 +107,18 @@ DRAFT = torch.tensor([0.05, 0.10, 0.15, 0.20, 0.20, 0.30], dtype=torch.float64)
 
 
 def first_token_counts(target: torch.Tensor, draft_used: torch.Tensor, draft_claimed: torch.Tensor, n: int):
-    """Draw a draft from `draft_used`, verify it as if it came from `draft_claimed`; count the first token."""
-    selector = TokenSelector(SamplingConfig(do_sample=True, mode="rejection", seed=11), [0], 0, [], "cpu")
-    counts = torch.zeros(VOCAB, dtype=torch.float64)
-    drafts = selector.sample(draft_used.expand(n, VOCAB)).tolist()
-    targets = torch.stack([target, target])  # p_0 (for the draft) and p_1 (bonus)
-    for token in drafts:
-        accepted, correction = accept_rejection(selector, [token], [draft_claimed], targets)
-        counts[token if accepted else correction] += 1
-    return counts
+    """Draw a draft from `draft_used`, verify it as if it came from `draft_claimed`; count the first token.
+
+    The n trials are n rows at n different positions: their keyed noise streams are independent."""
+    selector = TokenSelector(SamplingConfig(do_sample=True, mode="rejection", seed=11), [0] * n, 0, [], "cpu")
+    targets = torch.arange(0, 2 * n, 2).unsqueeze(1) + torch.arange(2)  # [n, 2]: the draft's position, the bonus's
+    drafts = selector.sample(draft_used.expand(n, 1, VOCAB), targets[:, :1], DRAFT_SALT)  # [n, 1]
+    counts = torch.ones(n, dtype=torch.long)
+    accepted, token = rejection_verdicts(
+        selector, drafts, draft_claimed.expand(n, 1, VOCAB), target.expand(n, 2, VOCAB), counts, targets
+    )
+    first = torch.where(accepted > 0, drafts[:, 0], token)
+    return torch.bincount(first, minlength=VOCAB).to(torch.float64)
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 0.0) -> float:
