@@ -199,8 +199,9 @@ class Passes:
             self.tokens[1].copy_(self.selector.sample(self.draft_prob.unsqueeze(1), targets, DRAFT_SALT))
         else:
             self.tokens[1].copy_(self.selector.select(logits, targets))
-        if self.want_confidence:
-            self.confidence.copy_(logits[:, -1].float().softmax(-1).amax(-1))
+        if self.want_confidence:  # the top probability of the distribution the draft came from (warped if sampling)
+            probs = self.draft_prob if self.rejection else self.selector.probs(logits.float(), targets)[:, 0]
+            self.confidence.copy_(probs.amax(-1))
 
     def _verify(self, k: int) -> None:
         q = k + 1
