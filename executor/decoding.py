@@ -16,6 +16,10 @@ Batches: every row keeps its own positions (cache slot = the row's absolute posi
 cache), its own draft policy and its own accepted lengths. A pass has one q for all rows: a row whose policy stopped
 drafting early keeps computing (its surplus drafts are never accepted), and a finished row is parked: it recomputes
 its last slot and is rolled back after each pass, so shapes stay static.
+
+The passes themselves (executor/passes.py) are static-shape functions of device buffers, captured in CUDA graphs on
+a GPU; this module is their host side: it refills their inputs, keeps the KV cache's books, runs the policies and
+reads the device once per round (`read_back`, counted in `GenerationStats.host_reads`).
 """
 
 from __future__ import annotations
