@@ -220,7 +220,7 @@ class PassSetup:
         cache = adapter.new_cache(len(lengths), capacity, extra_layers=getattr(self.head, "extra_layers", 0))
         return Passes(
             adapter, cache, selector, exit_layer=self.exit_layer, head=self.head, max_draft=max_draft, capture=mode,
-            confidence=self._confidence,
+            confidence=self._confidence, fallback=self.capture == "auto",
         )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ Rejection sampling's verdict (accept tests, residual or bonus draw) runs on the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,11 +45,16 @@ def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> s
 
 
 class StaticPass:
-    """One pass `fn()` run eagerly, replayed from a CUDA graph captured on first use, or torch.compile'd."""
+    """One pass `fn()` run eagerly, replayed from a CUDA graph captured on first use, or torch.compile'd.
 
-    def __init__(self, fn: Callable[[], None], mode: str) -> None:
+    With `fallback` (capture="auto"), a pass whose capture fails (e.g. a model whose rotary embedding reads the
+    positions on the host, as "dynamic" RoPE scaling does) warns once and runs uncaptured from then on; an explicit
+    capture="graph" raises instead."""
+
+    def __init__(self, fn: Callable[[], None], mode: str, fallback: bool = False) -> None:
         self.mode = mode
         self.fn = fn
+        self.fallback = fallback
         self.graph: torch.cuda.CUDAGraph | None = None
         if mode == "compile":
             self.fn = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -58,7 +64,15 @@ class StaticPass:
             self.fn()
             return
         if self.graph is None:
-            self.graph = capture_graph(self.fn)
+            try:
+                self.graph = capture_graph(self.fn)
+            except Exception as err:  # a real bug raises again below, from the uncaptured run
+                if not self.fallback:
+                    raise
+                warnings.warn(f"CUDA graph capture failed, pass runs uncaptured: {err}", RuntimeWarning, stacklevel=2)
+                self.mode = "none"
+                self.fn()
+                return
         self.graph.replay()
 
     @property
@@ -105,10 +119,11 @@ class Passes:
         max_draft: int = 0,
         capture: str = "none",
         confidence: bool = False,
+        fallback: bool = False,
     ) -> None:
         self.adapter, self.cache, self.selector = adapter, cache, selector
         self.exit_layer, self.head, self.max_draft = exit_layer, head, max_draft
-        self.capture, self.want_confidence = capture, confidence
+        self.capture, self.want_confidence, self.fallback = capture, confidence, fallback
         self.rejection = selector.config.kind == "rejection"
         batch, device = cache.batch, adapter.device
         long = {"dtype": torch.long, "device": device}
@@ -149,7 +164,7 @@ class Passes:
     def run(self, name: str, q: int, fn: Callable[[], None]) -> None:
         key = (name, q)
         if key not in self._passes:
-            self._passes[key] = StaticPass(fn, self.capture)
+            self._passes[key] = StaticPass(fn, self.capture, self.fallback)
         self._passes[key]()
 
     @property

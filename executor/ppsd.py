@@ -271,6 +271,7 @@ class StageRunner:
         stage: int,
         selector: TokenSelector,
         capture: str = "none",
+        fallback: bool = False,
     ) -> None:
         self.adapter, self.cache, self.plan, self.stage, self.selector = adapter, cache, plan, stage, selector
         self.layers = plan.layers(stage)
@@ -283,7 +284,7 @@ class StageRunner:
         self.draft_id = torch.zeros(1, dtype=torch.long, device=device)
         self.predicted_id = torch.zeros(1, dtype=torch.long, device=device)
         self.step = Step(positions=self.position, starts=None, span=cache.max_len)
-        self.pass_ = StaticPass(self._compute, capture)
+        self.pass_ = StaticPass(self._compute, capture, fallback)
 
     def prepare(self, item: Item) -> None:
         """This stage's inputs for `item` (host values copied asynchronously) and the books of its KV write."""
@@ -382,9 +383,10 @@ class LocalPipeline:
         selector: TokenSelector,
         streams: bool,
         capture: str = "none",
+        fallback: bool = False,
     ) -> None:
         self.cache, self.selector = cache, selector
-        self.runners = [StageRunner(adapter, cache, plan, s, selector, capture) for s in range(plan.stages)]
+        self.runners = [StageRunner(adapter, cache, plan, s, selector, capture, fallback) for s in range(plan.stages)]
         self.stats: PPSDStats | None = None
         self.inputs: list[Item | None] = [None] * plan.stages
         self.streams = [torch.cuda.Stream(device=adapter.device) for _ in self.runners] if streams else None
@@ -476,11 +478,12 @@ def _decode_local(
     backend: str,
     selector: TokenSelector,
     capture: str,
+    fallback: bool = False,
 ) -> PPSDStats:
     stats = new_stats(plan, backend, len(prompt))
     stats.capture = capture
     begin = time.perf_counter()
-    pipeline = _pipeline(adapter, cache, plan, backend, selector, capture, len(prompt) + sink.max_new_tokens)
+    pipeline = _pipeline(adapter, cache, plan, backend, selector, capture, len(prompt) + sink.max_new_tokens, fallback)
     pipeline.restart(stats, len(prompt), selector.config.seed)
     hidden = None
     for runner in pipeline.runners:
@@ -502,7 +505,7 @@ def _decode_local(
 CAPACITY_STEP = 256  # captured stages: cache capacities are rounded up to a multiple of this, so graphs get reused
 
 
-def _pipeline(adapter, cache, plan, backend, selector, capture, needed: int) -> LocalPipeline:
+def _pipeline(adapter, cache, plan, backend, selector, capture, needed: int, fallback: bool) -> LocalPipeline:
     """A fresh pipeline without capture; with capture, the model's cached one for this setup (graphs kept)."""
     streams = backend == "streams"
     if capture == "none":
@@ -515,7 +518,7 @@ def _pipeline(adapter, cache, plan, backend, selector, capture, needed: int) -> 
 
     def build() -> LocalPipeline:
         own = TokenSelector(config, [1], selector.min_new_tokens, selector.eos_ids, adapter.device)
-        return LocalPipeline(adapter, adapter.new_cache(1, capacity), plan, own, streams, capture)
+        return LocalPipeline(adapter, adapter.new_cache(1, capacity), plan, own, streams, capture, fallback)
 
     return cached_passes(adapter.model, key, build)
 
@@ -583,5 +586,5 @@ def decode_ppsd(
             f"cache holds {cache.max_len} positions, PPSD needs len(prompt) + max_new_tokens - 1 = "
             f"{len(prompt) + sink.max_new_tokens - 1}"
         )
-    capture = resolve_capture(capture, adapter.device, selector.config.kind)
-    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector, capture)
+    mode = resolve_capture(capture, adapter.device, selector.config.kind)
+    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector, mode, fallback=capture == "auto")

@@ -270,3 +270,22 @@ def test_ppsd_reads_the_host_at_most_once_per_tick() -> None:
     stats = out.stats
     assert stats.confirms + stats.flushes > 0
     assert stats.new_tokens - 1 <= stats.host_reads <= stats.ticks
+
+
+def test_a_failed_capture_falls_back_under_auto_and_raises_under_graph(monkeypatch) -> None:
+    """capture="auto" keeps working where a model cannot be captured (warns, runs the pass as it is); an explicit
+    "graph" surfaces the failure. (The capture itself is replaced: this box has no GPU.)"""
+
+    def failing_capture(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr("executor.passes.capture_graph", failing_capture)
+    calls = []
+    strict_pass = StaticPass(lambda: calls.append(1), "graph")
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        strict_pass()
+    lenient = StaticPass(lambda: calls.append(1), "graph", fallback=True)
+    with pytest.warns(RuntimeWarning, match="runs uncaptured"):
+        lenient()
+    lenient()
+    assert len(calls) == 2 and lenient.mode == "none" and not lenient.captured
