@@ -4,8 +4,9 @@
 - CUDA, eager: a pair of CUDA events around each call on the current stream. When the host cannot launch kernels as
   fast as the GPU runs them (small models, eager PyTorch), the events are recorded that much further apart, so the
   sample is the time the stream was busy *including* launch gaps: what a decoder running eagerly sees.
-- CUDA, graphs: the callable is captured once into a `torch.cuda.CUDAGraph` (after warm-up on a side stream, as
-  PyTorch requires) and each sample is one `replay()` between two events.
+- CUDA, graphs: the callable is captured once into a `torch.cuda.CUDAGraph` exactly as the executor captures its
+  passes (`executor.passes.capture_graph`: warm-up on a side stream, then capture) and each sample is one `replay()`
+  between two events.
 - Host work (`host=True`, e.g. sampling + `.tolist()`): wall time between two device synchronisations.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from calibrate.common import percentile
+from executor.passes import capture_graph
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,10 @@ def _event_samples(fn: Callable[[], object], spec: TimerSpec) -> list[float]:
 
 
 def _graph_samples(fn: Callable[[], object], spec: TimerSpec) -> list[float]:
-    side = torch.cuda.Stream(spec.device)
-    side.wait_stream(torch.cuda.current_stream(spec.device))
-    with torch.cuda.stream(side):
-        for _ in range(max(spec.warmup, 3)):  # capture needs a warmed-up allocator and kernels
-            fn()
-    torch.cuda.current_stream(spec.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """Captured as the executor captures its passes (`executor.passes.capture_graph`), then replayed."""
+    for _ in range(spec.warmup):
         fn()
+    graph = capture_graph(fn)
     try:
         return _event_samples(graph.replay, spec)
     finally:
