@@ -49,6 +49,7 @@ from torch import nn
 from executor.adapter import ModelAdapter
 from executor.decoding import TokenSink
 from executor.kv_cache import KVCache
+from executor.passes import resolve_capture
 from executor.ppsd import (
     Decision,
     Item,
@@ -209,7 +210,8 @@ def run_stage(
     """Rank `rank`'s part of a PPSD generation (process group already initialised). The last rank fills `sink`."""
     layers = plan.layers(rank)
     cache = StageKVCache(adapter, layers.start, layers.stop, len(prompt) + sink.max_new_tokens)
-    runner = StageRunner(adapter, cache, plan, rank, selector)
+    capture = resolve_capture("auto", adapter.device, selector.config.kind)  # CUDA graphs on a GPU rank
+    runner = StageRunner(adapter, cache, plan, rank, selector, capture, fallback=True)
     link = Link(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype)
     stats = new_stats(plan, "distributed", len(prompt))
     dist.barrier()  # every process has its model: time from here
