@@ -263,8 +263,13 @@ MAX_RUNNERS_PER_MODEL = 4
 def cached_passes(model: torch.nn.Module, key: tuple, build: Callable[[], Passes]) -> Passes:
     """Captured passes outlive a call (capture costs milliseconds per graph): one set per model and configuration,
     the `MAX_RUNNERS_PER_MODEL` most recent kept (each holds its own KV cache). They live in the model object's own
-    dict, so they go when the model goes (a weak-keyed table would be kept alive by the passes' own reference)."""
+    dict, so they go when the model goes (a weak-keyed table would be kept alive by the passes' own reference), and
+    they are dropped when any weight tensor moved (`model.to(...)`, a reassigned parameter): a graph reads addresses."""
     runners = model.__dict__.setdefault("_eesd_passes", {})
+    weights = tuple(p.data_ptr() for p in model.parameters())  # graphs read weights by address
+    if model.__dict__.get("_eesd_weights") != weights:  # moved, cast or reassigned since: nothing cached is valid
+        runners.clear()
+        model.__dict__["_eesd_weights"] = weights
     if key in runners:
         runners[key] = runners.pop(key)  # most recent last
         return runners[key]

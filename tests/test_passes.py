@@ -289,3 +289,12 @@ def test_a_failed_capture_falls_back_under_auto_and_raises_under_graph(monkeypat
         lenient()
     lenient()
     assert len(calls) == 2 and lenient.mode == "none" and not lenient.captured
+
+
+def test_cached_passes_are_dropped_when_the_weights_move() -> None:
+    net = model()
+    first = cached_passes(net, ("a",), object)
+    assert cached_passes(net, ("a",), object) is first
+    net.to(torch.float32)  # new tensors at new addresses: a captured graph would read freed memory
+    assert cached_passes(net, ("a",), object) is not first
+    assert len(net.__dict__["_eesd_passes"]) == 1
