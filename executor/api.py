@@ -19,12 +19,11 @@ from torch import nn
 from executor.adapter import ModelAdapter
 from executor.decoding import GenerationStats, Rows, SharedExitHead, TokenSink, decode_ar, decode_eesd
 from executor.heads import resolve_head
-from executor.passes import Passes, cached_passes, resolve_capture
+from executor.passes import Passes, cached_passes, captured_capacity, resolve_capture
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.policy import DraftPolicy, make_policy
 
 METHODS = ("ar", "eesd", "ppsd")
-CAPACITY_STEP = 256  # captured passes: cache capacities are rounded up to a multiple of this
 
 
 @dataclass
@@ -201,7 +200,7 @@ class PassSetup:
         lengths = [len(p) for p in prompts]
         if mode == "none":
             return self._build(adapter, lengths, capacity, max_draft, mode)
-        capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP  # a few capacities, so graphs get reused
+        capacity = captured_capacity(capacity)
         key = (
             self.method, len(prompts), capacity, self.exit_layer, _head_key(self.head), max_draft, mode,
             dataclasses.replace(self.config, seed=0), self.min_new_tokens, tuple(self.eos), self._confidence,

@@ -167,11 +167,6 @@ class Passes:
             self._passes[key] = StaticPass(fn, self.capture, self.fallback)
         self._passes[key]()
 
-    @property
-    def captured(self) -> int:
-        """How many passes are held as CUDA graphs."""
-        return sum(p.captured for p in self._passes.values())
-
     def _static_tensors(self) -> list[torch.Tensor]:
         buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.exit_states]
         buffers += [*self.positions.values(), *self.tokens.values(), self.selector.prompt_lens, self.selector.seed]
@@ -258,6 +253,12 @@ def upload(buffer: torch.Tensor, values: list) -> None:
 
 # ---------------------------------------------------------------------------------------------------- reuse
 MAX_RUNNERS_PER_MODEL = 4
+CAPACITY_STEP = 256  # captured setups round their cache capacity up to a multiple of this, so graphs get reused
+
+
+def captured_capacity(needed: int) -> int:
+    """The cache capacity of a captured setup that needs `needed` positions (a few sizes, reused across calls)."""
+    return -(-needed // CAPACITY_STEP) * CAPACITY_STEP
 
 
 def cached_passes(model: torch.nn.Module, key: tuple, build: Callable[[], Passes]) -> Passes:

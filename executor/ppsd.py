@@ -34,7 +34,7 @@ import torch
 from executor.adapter import ModelAdapter, Step
 from executor.decoding import GenerationStats, TokenSink
 from executor.kv_cache import KVCache
-from executor.passes import StaticPass, cached_passes, resolve_capture, upload
+from executor.passes import StaticPass, cached_passes, captured_capacity, resolve_capture, upload
 from executor.sampling import SamplingConfig, TokenSelector
 
 BACKENDS = ("sequential", "streams", "distributed")
@@ -502,16 +502,13 @@ def _decode_local(
     return stats
 
 
-CAPACITY_STEP = 256  # captured stages: cache capacities are rounded up to a multiple of this, so graphs get reused
-
-
 def _pipeline(adapter, cache, plan, backend, selector, capture, needed: int, fallback: bool) -> LocalPipeline:
     """A fresh pipeline without capture; with capture, the model's cached one for this setup (graphs kept)."""
     streams = backend == "streams"
     if capture == "none":
         cache = cache if cache is not None else adapter.new_cache(1, needed)
         return LocalPipeline(adapter, cache, plan, selector, streams)
-    capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
+    capacity = captured_capacity(needed)
     config = selector.config
     key = ("ppsd", plan, backend, capacity, capture, dataclasses.replace(config, seed=0), selector.min_new_tokens,
            tuple(selector.eos_ids))  # fmt: skip
