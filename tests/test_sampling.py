@@ -147,6 +147,21 @@ def test_rejection_sampling_with_top_k_on_both_sides():
     assert chi_square(counts[kept], target[kept]) < 13.82  # df = 2, 0.999 quantile
 
 
+def test_a_rows_surplus_drafts_are_never_used():
+    """A row that drafted fewer tokens than the pass holds (counts < k, in a batch or after its policy stopped): its
+    surplus drafts are never accepted, and its token after them is the bonus drawn from p itself, not a residual."""
+    n = 20000
+    selector = TokenSelector(SamplingConfig(do_sample=True, mode="rejection", seed=3), [0] * n, 0, [], "cpu")
+    targets = torch.arange(0, 2 * n, 2).unsqueeze(1) + torch.arange(2)
+    drafts = selector.sample(DRAFT.expand(n, 1, VOCAB), targets[:, :1], DRAFT_SALT)
+    counts = torch.zeros(n, dtype=torch.long)  # no own draft: the draft in the pass is surplus
+    accepted, token = rejection_verdicts(
+        selector, drafts, DRAFT.expand(n, 1, VOCAB), TARGET.expand(n, 2, VOCAB), counts, targets
+    )
+    assert int(accepted.max()) == 0
+    assert chi_square(torch.bincount(token, minlength=VOCAB).to(torch.float64), TARGET) < CHI2_DF5_999
+
+
 def test_the_chi_square_check_has_power():
     """A verifier told the wrong draft distribution (HF #47932's bug) fails the same check."""
     counts = first_token_counts(TARGET, DRAFT, TARGET, 20000)
