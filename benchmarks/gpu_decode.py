@@ -14,7 +14,7 @@ Plus the bf16 greedy match rate of EESD / PPSD vs our AR on real prompts (`execu
 
 Our passes run as `--captures` says (`generate(capture=...)`): "graph" (CUDA graphs, the default on a GPU) and
 "compile" (`torch.compile(mode="reduce-overhead")`) for AR and EESD fixed:k, so the faster can be kept; the other
-EESD rows use the first mode listed. PPSD's stage steps are not captured (eager, one CUDA stream per stage).
+EESD rows and PPSD (each stage's step captured, one CUDA stream per stage) use the first mode listed.
 
 Every speed is the median tokens/s of `--runs` (>= 5) timed runs after one warm-up run (which also captures or
 compiles), end to end (prefill included, EOS ignored: every run makes exactly `--new-tokens` tokens), with the device
@@ -134,18 +134,25 @@ def eesd_alpha(stats: Any) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------------ profiling
-def launch_time_ms(launch: Callable[[], None], device: torch.device, repeats: int = 20, batches: int = 5) -> float:
-    """Median over `batches` of the mean time of `repeats` back-to-back launches (after 3 warm-up launches)."""
-    for _ in range(3):
+REPEATS, WARMUPS, BATCHES = 20, 3, 5
+LAUNCHES = REPEATS + WARMUPS  # launches between two resets at most
+
+
+def launch_time_ms(launch: Callable[[], None], device: torch.device, reset: Callable[[], None]) -> float:
+    """Median over BATCHES of the mean time of REPEATS back-to-back launches (after WARMUPS warm-up launches).
+    `reset` refills the inputs before each batch: a chained pass moves its own position on at every launch."""
+    reset()
+    for _ in range(WARMUPS):
         launch()
     times = []
-    for _ in range(batches):
+    for _ in range(BATCHES):
+        reset()
         synchronize(device)
         begin = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(REPEATS):
             launch()
         synchronize(device)
-        times.append((time.perf_counter() - begin) / repeats * 1e3)
+        times.append((time.perf_counter() - begin) / REPEATS * 1e3)
     return statistics.median(times)
 
 
@@ -163,18 +170,19 @@ class PassProfile:
         return setup.passes(self.adapter, [self.prompt], self.new_tokens)
 
     def costs(self, exit_layer: int, head: Any, policy: str, qs: list[int]) -> dict[str, float]:
-        """Milliseconds per launch: c_ar, c_draft and c_verify(q) for q in `qs`, at a mid-sequence position."""
-        device, position = self.adapter.device, len(self.prompt) + self.new_tokens // 2
+        """Milliseconds per launch: c_ar, c_draft and c_verify(q) for q in `qs`, at a mid-sequence position (early
+        enough that a batch of chained launches, each one position on, stays inside the cache)."""
+        device, middle = self.adapter.device, len(self.prompt) + self.new_tokens // 2
         with torch.inference_mode():
             ar = self.setup("ar", None, None, "fixed:1")
-            ar.load([1], [position], 1)
-            costs = {"ar": launch_time_ms(ar.ar, device)}
+            at = min(middle, ar.cache.max_len - LAUNCHES - 1)
+            costs = {"ar": launch_time_ms(ar.ar, device, lambda: ar.load([1], [at], 1))}
             eesd = self.setup("eesd", exit_layer, head, policy)
-            eesd.load([1], [position], 1)
-            costs["draft"] = launch_time_ms(eesd.draft, device)
+            at = min(middle, eesd.cache.max_len - LAUNCHES - 1)
+            costs["draft"] = launch_time_ms(eesd.draft, device, lambda: eesd.load([1], [at], 1))
             for q in sorted(set(qs)):
-                eesd.load(None, [position], q)
-                costs[f"verify q={q}"] = launch_time_ms(lambda q=q: eesd.verify(q - 1), device)
+                reset = lambda q=q: eesd.load(None, [at], q)  # noqa: E731
+                costs[f"verify q={q}"] = launch_time_ms(lambda q=q: eesd.verify(q - 1), device, reset)
         return costs
 
     def eesd_ideal(self, stats: Any, exit_layer: int, head: Any, policy: str) -> tuple[float | None, dict]:
@@ -187,6 +195,8 @@ class PassProfile:
 
 # ------------------------------------------------------------------------------------------------------ cases
 def hf_case(model, prompt: list[int], new_tokens: int, method: str, **kwargs: Any) -> Case:
+    """HF `generate` (greedy, EOS ignored); `new_tokens` is `--hf-new-tokens`: HF's time per token is host-bound and
+    flat, so fewer tokens measure the same rate in a fraction of the device time."""
     ids = torch.tensor([prompt], device=model.device)
     mask = torch.ones_like(ids)
 
@@ -217,35 +227,44 @@ def eesd_case(adapter, prompt, new_tokens: int, label: str, exit_layer: int, hea
     return Case(label, case.run, capture, ideal=lambda stats: profile.eesd_ideal(stats, exit_layer, head, policy))
 
 
-def ppsd_case(adapter, prompt, new_tokens: int, stages: int, device: torch.device) -> Case:
+def ppsd_case(adapter, prompt, new_tokens: int, stages: int, device: torch.device, capture: str) -> Case:
     label = f"ppsd streams n={stages}"
     if device.type != "cuda":
         return Case(label, lambda: (0, None), skip=f"skipped: backend 'streams' needs CUDA, device is {device.type}")
-    case = ours_case(adapter, prompt, new_tokens, label, method="ppsd", stages=stages, backend="streams")
-    return Case(label, case.run, "none", ideal=lambda stats: (stats.ideal_speedup, {}))
+    kwargs = {"method": "ppsd", "stages": stages, "backend": "streams", "capture": capture}
+    case = ours_case(adapter, prompt, new_tokens, label, **kwargs)
+    return Case(label, case.run, capture, ideal=lambda stats: (stats.ideal_speedup, {}))
 
 
-def ar_cases(adapter: ModelAdapter, prompt: list[int], n: int, captures: list[str]) -> list[Case]:
-    return [ours_case(adapter, prompt, n, "ours ar", method="ar", capture=c) for c in captures]
+def ar_cases(adapter: ModelAdapter, prompt: list[int], n: int, captures: list[str], every_token: bool) -> list[Case]:
+    """Our AR per capture mode (default `sync_every`: 8 tokens per host read when captured); with `every_token`, the
+    first mode once more reading every token back (`sync_every=1`): what running ahead of the host is worth."""
+    cases = [ours_case(adapter, prompt, n, "ours ar", method="ar", capture=c) for c in captures]
+    if every_token and captures[0] != "none":
+        label = "ours ar sync_every=1"
+        cases.append(ours_case(adapter, prompt, n, label, method="ar", capture=captures[0], sync_every=1))
+    return cases
 
 
 def smollm2_cases(model, prompt: list[int], args) -> list[Case]:
+    """HF anchors, then our rows in the first capture mode, then the other modes' AR and EESD fixed:k rows last (a
+    compile costs minutes on a slow host: under a time budget they are the rows to lose)."""
     adapter, n, E, main = ModelAdapter(model), args.new_tokens, args.exit_layer, args.captures[0]
     trained = resolve_head(str(HEAD_FILE), adapter, E)
     shared = resolve_head("shared", adapter, E)
     k = f"fixed:{args.draft_len}"
-    cases = [
-        hf_case(model, prompt, n, "hf generate (AR)"),
-        hf_case(model, prompt, n, f"hf assistant_early_exit={E}", assistant_early_exit=E),
-        *ar_cases(adapter, prompt, n, args.captures),
-    ]
+    cases = [hf_case(model, prompt, args.hf_new_tokens, "hf generate (AR)")]
+    cases += ar_cases(adapter, prompt, n, [main], every_token=True)
     for head_name, head in (("shared", shared), ("trained", trained)):
         for policy in (k, "beta-ts"):
             label = f"eesd {head_name} E={E} {policy}"
             cases.append(eesd_case(adapter, prompt, n, label, E, head, policy, main))
+    cases += [ppsd_case(adapter, prompt, n, stages, model.device, main) for stages in PPSD_STAGES]
+    hf_ee = f"hf assistant_early_exit={E}"
+    cases.append(hf_case(model, prompt, args.hf_new_tokens, hf_ee, assistant_early_exit=E))
     for capture in args.captures[1:]:
+        cases += ar_cases(adapter, prompt, n, [capture], False)
         cases.append(eesd_case(adapter, prompt, n, f"eesd shared E={E} {k}", E, shared, k, capture))
-    cases += [ppsd_case(adapter, prompt, n, stages, model.device) for stages in PPSD_STAGES]
     return cases
 
 
@@ -254,11 +273,12 @@ def llama7b_cases(model, prompt: list[int], args) -> list[Case]:
     E = max(1, model.config.num_hidden_layers // 2)
     shared = resolve_head("shared", adapter, E)
     k = f"fixed:{args.draft_len}"
-    cases = [hf_case(model, prompt, n, "hf generate (AR)"), *ar_cases(adapter, prompt, n, args.captures)]
+    cases = [hf_case(model, prompt, args.hf_new_tokens, "hf generate (AR)")]
+    cases += ar_cases(adapter, prompt, n, [main], every_token=True)
     for alpha in ALPHAS:
         label = f"eesd shared E={E} {k} forced alpha={alpha}"
         cases.append(eesd_case(adapter, prompt, n, label, E, shared, k, main, accept_pattern=alpha))
-    return cases
+    return cases + ar_cases(adapter, prompt, n, args.captures[1:], False)
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -275,12 +295,25 @@ def llama2_7b_shape(num_layers: int, dtype: torch.dtype, device: torch.device) -
     return model.eval()
 
 
-def bench_model(name: str, cases: list[Case], runs: int, device: torch.device) -> list[Row]:
+@dataclass
+class Budget:
+    """Wall-clock budget of the whole script: a case that would start after it is kept as a skipped row."""
+
+    seconds: float | None
+    begin: float = field(default_factory=time.perf_counter)
+
+    def spent(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self.begin > self.seconds
+
+
+def bench_model(name: str, cases: list[Case], runs: int, device: torch.device, budget: Budget, save) -> list[Row]:
+    """Time every case; `save(rows)` after each row, so a run cut short by its time limit keeps what it measured."""
     rows: list[Row] = []
     for case in cases:
-        if case.skip:
-            rows.append(Row(model=name, method=case.method, capture=case.capture, tokens_per_s=None, note=case.skip))
-            print(f"  {case.method}: {case.skip}", flush=True)
+        skip = case.skip or ("skipped: time budget spent" if budget.spent() else "")
+        if skip:
+            rows.append(Row(model=name, method=case.method, capture=case.capture, tokens_per_s=None, note=skip))
+            print(f"  {case.method}: {skip}", flush=True)
             continue
         speeds, decode, stats = time_case(case, runs, device)
         row = Row(
@@ -292,8 +325,9 @@ def bench_model(name: str, cases: list[Case], runs: int, device: torch.device) -
             row.tokens_per_round = None if hasattr(stats, "confirms") else stats.tokens_per_round
             row.ideal_speedup, row.pass_costs_ms = case.ideal(stats)
         rows.append(row)
+        add_speedups(rows)
+        save(rows)
         print(f"  {case.method} [{case.capture}]: {row.tokens_per_s:.2f} tok/s", flush=True)
-    add_speedups(rows)
     return rows
 
 
@@ -326,8 +360,11 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def match_rates(model, prompts: list[list[int]], args, device: torch.device) -> list[dict[str, Any]]:
+def match_rates(model, prompts: list[list[int]], args, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
     """Greedy tokens of EESD / PPSD vs our AR in the benchmark dtype: identical prompts, mean matching prefix."""
+    if budget.spent():
+        print("  match rates: skipped, time budget spent")
+        return []
     adapter, E, n = ModelAdapter(model), args.exit_layer, args.new_tokens
     backend = "streams" if device.type == "cuda" else "sequential"
     trained = resolve_head(str(HEAD_FILE), adapter, E)
@@ -410,6 +447,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model-path", default="smollm2-135m", help="SmolLM2: a name or a local HF directory (carry_model.py)"
     )
+    parser.add_argument(
+        "--hf-new-tokens", type=int, default=32, help="new tokens of the HF anchor rows (host-bound, flat per token)"
+    )
+    parser.add_argument(
+        "--time-budget-s", type=float, default=None, help="skip (as noted rows) the cases that would start after this"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     default_captures = "graph,compile" if args.device.startswith("cuda") else "none"
@@ -422,57 +465,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.models or set(args.models) - {"smollm2", "llama7b"}:
         parser.error(f"--models must name smollm2 and/or llama7b, got {args.models}")
     if args.quick:
-        args.new_tokens, args.match_prompts = 16, 3
+        args.new_tokens, args.match_prompts, args.hf_new_tokens = 16, 3, 8
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def report(args, device: torch.device, dtype: torch.dtype, rows, matches, floors, done: bool) -> dict[str, Any]:
     smoke = device.type != "cuda"
-    print(f"device {device_name(device)}, {dtype}" + (" -- CPU SMOKE TEST, not a GPU result" if smoke else ""))
-    rows: list[Row] = []
-    matches: list[dict[str, Any]] = []
-    floors: dict[str, float] = {}
-    if "smollm2" in args.models:
-        tokenizer = executor.load_tokenizer(args.model_path)
-        texts = [p.text for p in load_prompts("builtin")[: args.match_prompts]]
-        prompts = [encode_prompt(tokenizer, text) for text in texts]
-        model = executor.load_model(args.model_path, dtype=dtype, device=device)
-        print("SmolLM2-135M (real weights)")
-        rows += bench_model("SmolLM2-135M", smollm2_cases(model, prompts[0], args), args.runs, device)
-        print("match rate vs our AR")
-        matches = match_rates(model, prompts, args, device)
-        del model
-    if "llama7b" in args.models:
-        layers = 4 if args.small else 32
-        big = llama2_7b_shape(layers, dtype, device)
-        name = f"Llama-2-7B shape, random, {layers} layers"
-        print(name)
-        prompt = torch.randint(0, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
-        rows += bench_model(name, llama7b_cases(big, prompt, args), args.runs, device)
-        floors[name] = hbm_floor(big, args.hbm_tbps)
-        for row in rows:
-            if row.model == name and row.method == "ours ar" and row.decode_tokens_per_s:
-                row.note = f"{row.decode_tokens_per_s / floors[name]:.2f} of the HBM floor {floors[name]:.0f} tok/s"
-        del big
-    print(table(rows))
-    report = {
+    return {
         "label": "CPU SMOKE TEST of the script (not a GPU result, not a claim)" if smoke else "GPU benchmark",
-        "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "complete": done, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs_per_method": args.runs,
-        "new_tokens": args.new_tokens, "batch": 1, "decoding": "greedy", "quick": args.quick, "small": args.small,
-        "timing": "median tokens/s over runs after one warm-up, end to end (prefill included), EOS ignored",
+        "new_tokens": args.new_tokens, "hf_new_tokens": args.hf_new_tokens, "batch": 1, "decoding": "greedy",
+        "quick": args.quick, "small": args.small, "time_budget_s": args.time_budget_s,
+        "timing": "median tokens/s over runs after one warm-up, end to end (prefill included), EOS ignored; HF rows "
+        "make --hf-new-tokens tokens (their per-token time is host-bound and flat)",
         "ideal": "EESD: profiled pass costs, sum(a+1) c_ar / sum(d c_draft + c_verify(d+1)); PPSD: n / (alpha + "
         "(1 - alpha) n); 7B AR: HBM floor (see module docstring)",
         "captures": args.captures, "hbm_tbps": args.hbm_tbps, "hbm_floor_tokens_per_s": floors,
         "forced_acceptance": "7B-shape EESD rows use generate(accept_pattern=alpha): same work, NOT lossless",
         "models": args.models, "rows": [asdict(r) for r in rows], "match_rate_vs_our_ar": matches,
     }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    budget = Budget(args.time_budget_s)
     out = args.out or default_output(device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    smoke = " -- CPU SMOKE TEST, not a GPU result" if device.type != "cuda" else ""
+    print(f"device {device_name(device)}, {dtype}{smoke}", flush=True)
+    rows: list[Row] = []
+    matches: list[dict[str, Any]] = []
+    floors: dict[str, float] = {}
+
+    def save(model_rows: list[Row] | None = None, done: bool = False) -> None:
+        text = json.dumps(report(args, device, dtype, rows + (model_rows or []), matches, floors, done), indent=2)
+        write_atomic(out, text + "\n")
+
+    if "smollm2" in args.models:
+        tokenizer = executor.load_tokenizer(args.model_path)
+        texts = [p.text for p in load_prompts("builtin")[: args.match_prompts]]
+        prompts = [encode_prompt(tokenizer, text) for text in texts]
+        model = executor.load_model(args.model_path, dtype=dtype, device=device)
+        print("SmolLM2-135M (real weights)", flush=True)
+        rows += bench_model("SmolLM2-135M", smollm2_cases(model, prompts[0], args), args.runs, device, budget, save)
+        print("match rate vs our AR", flush=True)
+        matches += match_rates(model, prompts, args, device, budget)
+        save()
+        del model
+    if "llama7b" in args.models:
+        layers = 4 if args.small else 32
+        big = llama2_7b_shape(layers, dtype, device)
+        name = f"Llama-2-7B shape, random, {layers} layers"
+        print(name, flush=True)
+        floors[name] = hbm_floor(big, args.hbm_tbps)
+        prompt = torch.randint(0, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+
+        def save_with_floor(model_rows: list[Row]) -> None:
+            for row in model_rows:
+                if row.method == "ours ar" and row.decode_tokens_per_s:
+                    row.note = f"{row.decode_tokens_per_s / floors[name]:.2f} of the HBM floor {floors[name]:.0f} tok/s"
+            save(model_rows)
+
+        rows += bench_model(name, llama7b_cases(big, prompt, args), args.runs, device, budget, save_with_floor)
+        del big
+    print(table(rows))
+    save(done=True)
     print(f"wrote {out}")
 
 

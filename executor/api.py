@@ -19,7 +19,7 @@ from torch import nn
 from executor.adapter import ModelAdapter
 from executor.decoding import GenerationStats, Rows, SharedExitHead, TokenSink, decode_ar, decode_eesd
 from executor.heads import resolve_head
-from executor.passes import Passes, cached_passes, captured_capacity, resolve_capture
+from executor.passes import AR_HISTORY, Passes, cached_passes, captured_capacity, resolve_capture
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.policy import DraftPolicy, make_policy
 
@@ -30,6 +30,9 @@ METHODS = ("ar", "eesd", "ppsd")
 class GenerationResult:
     sequences: torch.Tensor  # [B, prompt width + new tokens], exactly as HF `generate` lays it out
     stats: GenerationStats
+
+
+AR_SYNC_CAPTURED = 8  # default `sync_every` of captured AR passes
 
 
 def _adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
@@ -208,6 +211,7 @@ class PassSetup:
         passes = cached_passes(adapter.model, key, lambda: self._build(adapter, lengths, capacity, max_draft, mode))
         passes.selector.restart(lengths, self.config.seed)
         passes.cache.rollback(0)
+        passes.restart()
         return passes
 
     @property
@@ -254,6 +258,7 @@ def generate(
     backend: str = "sequential",
     accept_pattern: float | Sequence[int] | None = None,
     capture: str = "auto",
+    sync_every: int | None = None,
 ) -> GenerationResult:
     """Decode with `method` "ar" (reference), "eesd" (early-exit self-speculation) or "ppsd", losslessly.
 
@@ -279,6 +284,11 @@ def generate(
     (`executor.passes`): "auto" captures each pass in a CUDA graph on a GPU (kept on the model for the next call
     with the same setup) and runs them as they are elsewhere; "compile" uses `torch.compile(mode="reduce-overhead")`.
     Captured passes are keyed by the head object: pass a loaded head (not a file path) to reuse them across calls.
+
+    `sync_every` (AR only) is how many tokens the device makes between two host reads: the AR step feeds its own
+    token forward on the device, so the host can queue steps while the GPU runs. Default: 8 when the passes are
+    captured, 1 otherwise (a CPU gains nothing from running ahead). Output is the same for every value; after an EOS
+    the device may run up to `sync_every` - 1 steps whose tokens are dropped.
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
@@ -292,6 +302,8 @@ def generate(
     if not isinstance(draft_len, int) or draft_len < 1:
         raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
+    if sync_every is not None and (not isinstance(sync_every, int) or not 1 <= sync_every <= AR_HISTORY):
+        raise ValueError(f"sync_every must be an integer in 1..{AR_HISTORY}, got {sync_every!r}")
     if accept_pattern is not None and method != "eesd":
         raise ValueError(f"accept_pattern forces EESD's accept decision: it needs method 'eesd', got {method!r}")
     forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
@@ -315,7 +327,8 @@ def generate(
         passes = setup.passes(adapter, prompts, max_new_tokens)
         stats.capture = passes.capture
         if method == "ar":
-            decode_ar(adapter, rows, passes, stats)
+            every = sync_every if sync_every is not None else (1 if passes.capture == "none" else AR_SYNC_CAPTURED)
+            decode_ar(adapter, rows, passes, stats, sync_every=every)
         else:
             decode_eesd(adapter, rows, passes, stats, policies=policies, forced_accept=forced)
     if streamer is not None:

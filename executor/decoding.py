@@ -32,7 +32,7 @@ import torch
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
-from executor.passes import Passes, upload
+from executor.passes import AR_HISTORY, Passes, upload
 from executor.sampling import SamplingConfig, TokenSelector, rejection_verdicts
 from sim.policy import DraftPolicy
 
@@ -202,39 +202,47 @@ def read_back(tensor: torch.Tensor, stats: GenerationStats) -> list:
 
 
 @torch.inference_mode()
-def decode_ar(adapter: ModelAdapter, rows: Rows, passes: Passes, stats: GenerationStats) -> None:
-    """The reference: one token per full forward pass (one host read per token)."""
+def decode_ar(adapter: ModelAdapter, rows: Rows, passes: Passes, stats: GenerationStats, sync_every: int = 1) -> None:
+    """The reference: one token per full forward pass. The AR step chains on the device (its token is the next
+    step's input, see `Passes.ar`), so the host launches `sync_every` steps and reads their tokens in one copy: one
+    host read per `sync_every` tokens, and on a GPU the host queues the next steps while the device runs. Rows run
+    in lockstep; a row that ends (EOS) inside a block runs on to the block's end (at most `sync_every` - 1 steps, their
+    tokens dropped), and no step goes past the longest row's `max_new_tokens`."""
+    if not 1 <= sync_every <= AR_HISTORY:
+        raise ValueError(f"sync_every must be in 1..{AR_HISTORY}, got {sync_every}")
     cache, layers = passes.cache, range(adapter.num_layers)
     begin = time.perf_counter()
     prefill_rows(adapter, cache, rows, passes.selector)
     stats.prefill_time_s = time.perf_counter() - begin
     stats.rounds = 1
+    at = list(rows.positions)  # each row's next position on the device (an ended row's runs on, unread)
+    passes.load(rows.tokens, at, 1)
     while rows.active:
-        passes.load(rows.tokens, rows.positions, 1)
-        cache.claim(layers, rows.positions, 1)
-        passes.ar()
-        new = read_back(passes.tokens[1][:, 0], stats)
-        for row in range(len(new)):
-            rows.commit(row, [new[row]])
-        cache.rollback(rows.positions)  # parks finished rows
-        stats.rounds += 1
+        steps = min(sync_every, max(rows.sinks[row].remaining for row in rows.active))
+        cache.claim(layers, at, steps)
+        for _ in range(steps):
+            passes.ar()
+        at = [position + steps for position in at]
+        block = read_back(passes.history[:, :steps], stats)
+        passes.ar_cursor.zero_()
+        for row, tokens in enumerate(block):
+            rows.commit(row, tokens)
+        stats.rounds += steps
     stats.wall_time_s = time.perf_counter() - begin
 
 
 def draft_steps(passes: Passes, rows: Rows, policies: list[DraftPolicy], budgets: list[int], stats) -> list[int]:
     """Step 1: draft steps (layers [0, E) + exit head) until every row's budget is spent or its policy stops.
     Returns each row's drafted count; all rows run the same number of steps (static shapes), a row's surplus drafts
-    are never accepted. Reads the host only for a policy that stops on the draft's confidence."""
+    are never accepted. A draft step chains on the device (`Passes.draft`): one launch each, no host read except
+    for a policy that stops on the draft's confidence."""
     counts = [0] * len(budgets)
     confidence = any(p.needs_confidence for p in policies)
     passes.load(rows.tokens, rows.positions, 1)
     step = 0
     while any(c < b for c, b in zip(counts, budgets, strict=True)):
-        if step:
-            passes.positions[1].add_(1)  # the next draft position, on the device
         passes.cache.claim(passes.layers_early(), [p + step for p in rows.positions], 1)
         passes.draft()
-        passes.keep_draft(step)
         step += 1
         top = read_back(passes.confidence, stats) if confidence else None
         for row, policy in enumerate(policies):

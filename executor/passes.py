@@ -30,6 +30,7 @@ from executor.kv_cache import KVCache
 from executor.sampling import DRAFT_SALT, TokenSelector, rejection_verdicts
 
 CAPTURE_MODES = ("auto", "none", "graph", "compile")
+AR_HISTORY = 64  # tokens the chained AR step can make between two host reads
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
 
 
@@ -45,33 +46,51 @@ def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> s
 
 
 class StaticPass:
-    """One pass `fn()` run eagerly, replayed from a CUDA graph captured on first use, or torch.compile'd.
+    """One pass run eagerly, replayed from a CUDA graph captured on first use, or torch.compile'd.
+
+    A pass is `fn` then `advance`: `fn` is idempotent (it writes the same cache slots and output buffers with the same
+    values however often it runs), so warming it up before capture changes nothing; `advance` (optional) moves the
+    pass's own inputs on for its next launch on the device (the next position, the token just chosen as the next
+    input, a cursor into a history buffer), so that consecutive launches need nothing from the host. Warm-up runs
+    `fn` only; the graph (or compiled function) holds both, so every launch runs each exactly once.
 
     With `fallback` (capture="auto"), a pass whose capture fails (e.g. a model whose rotary embedding reads the
     positions on the host, as "dynamic" RoPE scaling does) warns once and runs uncaptured from then on; an explicit
     capture="graph" raises instead."""
 
-    def __init__(self, fn: Callable[[], None], mode: str, fallback: bool = False) -> None:
+    def __init__(
+        self, fn: Callable[[], None], mode: str, fallback: bool = False, advance: Callable[[], None] | None = None
+    ) -> None:
         self.mode = mode
         self.fn = fn
+        self.advance = advance
         self.fallback = fallback
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.compiled: Callable[[], None] | None = None
         if mode == "compile":
-            self.fn = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self.compiled = torch.compile(self._launch, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def _launch(self) -> None:
+        self.fn()
+        if self.advance is not None:
+            self.advance()
 
     def __call__(self) -> None:
+        if self.mode == "compile":
+            self.compiled()
+            return
         if self.mode != "graph":
-            self.fn()
+            self._launch()
             return
         if self.graph is None:
             try:
-                self.graph = capture_graph(self.fn)
+                self.graph = capture_graph(self.fn, self._launch)
             except Exception as err:  # a real bug raises again below, from the uncaptured run
                 if not self.fallback:
                     raise
                 warnings.warn(f"CUDA graph capture failed, pass runs uncaptured: {err}", RuntimeWarning, stacklevel=2)
                 self.mode = "none"
-                self.fn()
+                self._launch()
                 return
         self.graph.replay()
 
@@ -80,8 +99,9 @@ class StaticPass:
         return self.graph is not None
 
 
-def capture_graph(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    """Warm `fn` up on a side stream, then capture it (the capture itself runs nothing: the caller replays).
+def capture_graph(warmup: Callable[[], None], fn: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
+    """Warm `warmup` up on a side stream, then capture `fn` (default: `warmup`; the capture itself runs nothing: the
+    caller replays). `warmup` must be idempotent; `fn` may also move state on (see `StaticPass`).
 
     Each graph keeps a private memory pool: a pass's outputs go to buffers made outside any graph, and only its
     own temporaries live in the pool, so graphs can replay in any order."""
@@ -89,11 +109,11 @@ def capture_graph(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(WARMUP_RUNS):
-            fn()
+            warmup()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        (fn or warmup)()
     return graph
 
 
@@ -102,10 +122,14 @@ class Passes:
 
     Inputs: `ids` [B, 1] (the token a one-token pass runs) and `positions[q]` [B, q]. Outputs: `tokens[q]` [B, q]
     (the chosen token after each position), `hidden` [B, 1, d] (a draft step's layer-E state), `confidence` [B]
-    (the draft's top probability, when a policy asks). The EESD round's own buffers: `drafts` [B, K] and
-    `exit_states` [B, K + 1, d], K the largest draft length. Rejection sampling adds `draft_prob` [B, V] (a draft
-    step's q), `draft_probs` [B, K, V], `counts` [B] (each row's own drafts, an input of the verify pass),
-    `verdicts` [B, 2] (accepted, token) and `probs[q]` (the full model's p, a static output for forced verdicts).
+    (the draft's top probability, when a policy asks). The AR step chains: it also makes its token the next input,
+    moves `positions[1]` on and appends the token to `history` [B, AR_HISTORY] at `ar_cursor`, so the host can launch
+    many steps and read their tokens in one copy. A draft step chains too: it keeps its state and token for the
+    verify pass in `exit_states` [B, K + 1, d] and `drafts` [B, K] at `draft_cursor` (K the largest draft length),
+    feeds its token to the next draft step and moves `positions[1]` on; the verify pass resets the cursor.
+    Rejection sampling adds `draft_prob` [B, V] (a draft step's q), `draft_probs` [B, K, V], `counts` [B] (each
+    row's own drafts, an input of the verify pass), `verdicts` [B, 2] (accepted, token) and `probs[q]` (the full
+    model's p, a static output for forced verdicts).
     """
 
     def __init__(
@@ -136,6 +160,9 @@ class Passes:
         self.hidden = torch.zeros(batch, 1, hidden_size, dtype=adapter.dtype, device=device)
         self.confidence = torch.zeros(batch, dtype=torch.float32, device=device)
         self.drafts = torch.zeros(batch, max(max_draft, 1), **long)
+        self.draft_cursor = torch.zeros(1, **long)
+        self.history = torch.zeros(batch, AR_HISTORY, **long)
+        self.ar_cursor = torch.zeros(1, **long)
         self.exit_states = torch.zeros(batch, max_draft + 1, hidden_size, dtype=adapter.dtype, device=device)
         self.probs: dict[int, torch.Tensor] = {}
         if self.rejection:
@@ -161,14 +188,20 @@ class Passes:
         extra = getattr(self.head, "extra_layers", 0)
         return list(range(self.exit_layer)) + list(range(self.adapter.num_layers, self.adapter.num_layers + extra))
 
-    def run(self, name: str, q: int, fn: Callable[[], None]) -> None:
+    def run(self, name: str, q: int, fn: Callable[[], None], advance: Callable[[], None] | None = None) -> None:
         key = (name, q)
         if key not in self._passes:
-            self._passes[key] = StaticPass(fn, self.capture, self.fallback)
+            self._passes[key] = StaticPass(fn, self.capture, self.fallback, advance)
         self._passes[key]()
 
+    def restart(self) -> None:
+        """Cursors back to the start (a new call on cached passes, or after a call that stopped mid-round)."""
+        self.draft_cursor.zero_()
+        self.ar_cursor.zero_()
+
     def _static_tensors(self) -> list[torch.Tensor]:
-        buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.exit_states]
+        buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.exit_states, self.draft_cursor]
+        buffers += [self.history, self.ar_cursor]
         buffers += [*self.positions.values(), *self.tokens.values(), self.selector.prompt_lens, self.selector.seed]
         if self.rejection:
             buffers += [self.draft_prob, self.draft_probs, self.counts, self.verdicts]
@@ -176,23 +209,32 @@ class Passes:
 
     # ------------------------------------------------------------------------------------------------ the passes
     def ar(self) -> None:
-        """tokens[1] <- the full model's token after `ids` at `positions[1]`."""
-        self.run("ar", 1, self._ar)
+        """tokens[1] <- the full model's token after `ids` at `positions[1]`; then chain: ids <- that token,
+        positions[1] += 1, history[:, ar_cursor] <- that token, ar_cursor += 1 (mod AR_HISTORY)."""
+        self.run("ar", 1, self._ar, self._ar_advance)
 
     def draft(self) -> None:
         """hidden <- layer-E state of `ids` at `positions[1]`; tokens[1] <- the exit head's draft (and its
-        confidence / distribution)."""
-        self.run("draft", 1, self._draft)
+        confidence / distribution); then chain: the state and draft kept at `draft_cursor` for the verify pass,
+        ids <- the draft, positions[1] += 1, draft_cursor += 1."""
+        self.run("draft", 1, self._draft, self._draft_advance)
 
     def verify(self, k: int) -> None:
         """Layers [0, E) over `ids` (the last draft) at positions[k + 1][:, -1], into exit_states[:, k]; then layers
-        [E, L) over exit_states[:, :k + 1] at positions[k + 1]: tokens[k + 1] (or probs[k + 1]) <- the full model's."""
+        [E, L) over exit_states[:, :k + 1] at positions[k + 1]: tokens[k + 1] (or probs[k + 1]) <- the full model's;
+        draft_cursor <- 0 for the next round."""
         self.run("verify", k + 1, lambda: self._verify(k))
 
     def _ar(self) -> None:
         adapter, step = self.adapter, self.steps[1]
         hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, adapter.num_layers)
         self.tokens[1].copy_(self.selector.select(adapter.logits(hidden), step.positions + 1))
+
+    def _ar_advance(self) -> None:
+        self.ids.copy_(self.tokens[1])
+        self.positions[1].add_(1)
+        self.history.index_copy_(1, self.ar_cursor, self.tokens[1])
+        self.ar_cursor.add_(1).remainder_(AR_HISTORY)
 
     def _early(self, step: Step) -> torch.Tensor:
         adapter = self.adapter
@@ -213,6 +255,15 @@ class Passes:
             probs = self.draft_prob if self.rejection else self.selector.probs(logits.float(), targets)[:, 0]
             self.confidence.copy_(probs.amax(-1))
 
+    def _draft_advance(self) -> None:
+        self.exit_states.index_copy_(1, self.draft_cursor, self.hidden)
+        self.drafts.index_copy_(1, self.draft_cursor, self.tokens[1])
+        if self.rejection:
+            self.draft_probs.index_copy_(1, self.draft_cursor, self.draft_prob.unsqueeze(1))
+        self.ids.copy_(self.tokens[1])
+        self.positions[1].add_(1)
+        self.draft_cursor.add_(1).remainder_(self.drafts.shape[1])
+
     def _verify(self, k: int) -> None:
         q = k + 1
         step = self.steps[q]
@@ -232,14 +283,7 @@ class Passes:
             self.verdicts.copy_(torch.stack(verdict, dim=1))
         else:
             self.tokens[q].copy_(self.selector.select(logits, step.positions + 1))
-
-    def keep_draft(self, index: int) -> None:
-        """After draft step `index`: keep its state and token for the verify pass; its token is the next input."""
-        self.exit_states[:, index : index + 1].copy_(self.hidden)
-        self.drafts[:, index : index + 1].copy_(self.tokens[1])
-        self.ids.copy_(self.tokens[1])
-        if self.rejection:
-            self.draft_probs[:, index].copy_(self.draft_prob)
+        self.draft_cursor.zero_()
 
 
 def upload(buffer: torch.Tensor, values: list) -> None:
