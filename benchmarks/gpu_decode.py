@@ -246,9 +246,10 @@ def ar_cases(adapter: ModelAdapter, prompt: list[int], n: int, captures: list[st
     return cases
 
 
-def smollm2_cases(model, prompt: list[int], args) -> list[Case]:
-    """HF anchors, then our rows in the first capture mode, then the other modes' AR and EESD fixed:k rows last (a
-    compile costs minutes on a slow host: under a time budget they are the rows to lose)."""
+def smollm2_cases(model, prompt: list[int], args) -> tuple[list[Case], list[Case]]:
+    """(HF anchors and our rows in the first capture mode, the other modes' AR and EESD fixed:k rows). `main` times
+    the second list after the match rates: a compile costs minutes on a slow host, so under a time budget those are
+    the rows to lose."""
     adapter, n, E, main = ModelAdapter(model), args.new_tokens, args.exit_layer, args.captures[0]
     trained = resolve_head(str(HEAD_FILE), adapter, E)
     shared = resolve_head("shared", adapter, E)
@@ -262,10 +263,11 @@ def smollm2_cases(model, prompt: list[int], args) -> list[Case]:
     cases += [ppsd_case(adapter, prompt, n, stages, model.device, main) for stages in PPSD_STAGES]
     hf_ee = f"hf assistant_early_exit={E}"
     cases.append(hf_case(model, prompt, args.hf_new_tokens, hf_ee, assistant_early_exit=E))
+    others: list[Case] = []
     for capture in args.captures[1:]:
-        cases += ar_cases(adapter, prompt, n, [capture], False)
-        cases.append(eesd_case(adapter, prompt, n, f"eesd shared E={E} {k}", E, shared, k, capture))
-    return cases
+        others += ar_cases(adapter, prompt, n, [capture], False)
+        others.append(eesd_case(adapter, prompt, n, f"eesd shared E={E} {k}", E, shared, k, capture))
+    return cases, others
 
 
 def llama7b_cases(model, prompt: list[int], args) -> list[Case]:
@@ -306,9 +308,12 @@ class Budget:
         return self.seconds is not None and time.perf_counter() - self.begin > self.seconds
 
 
-def bench_model(name: str, cases: list[Case], runs: int, device: torch.device, budget: Budget, save) -> list[Row]:
-    """Time every case; `save(rows)` after each row, so a run cut short by its time limit keeps what it measured."""
-    rows: list[Row] = []
+def bench_model(
+    name: str, cases: list[Case], runs: int, device: torch.device, budget: Budget, save, earlier: list[Row] = ()
+) -> list[Row]:
+    """Time every case; `save(earlier + rows)` after each row, so a run cut short by its time limit keeps what it
+    measured (speedups count the same model's `earlier` rows: its HF and AR rows)."""
+    rows: list[Row] = list(earlier)
     for case in cases:
         skip = case.skip or ("skipped: time budget spent" if budget.spent() else "")
         if skip:
@@ -328,7 +333,7 @@ def bench_model(name: str, cases: list[Case], runs: int, device: torch.device, b
         add_speedups(rows)
         save(rows)
         print(f"  {case.method} [{case.capture}]: {row.tokens_per_s:.2f} tok/s", flush=True)
-    return rows
+    return rows[len(earlier) :]
 
 
 def add_speedups(rows: list[Row]) -> None:
@@ -516,9 +521,13 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [encode_prompt(tokenizer, text) for text in texts]
         model = executor.load_model(args.model_path, dtype=dtype, device=device)
         print("SmolLM2-135M (real weights)", flush=True)
-        rows += bench_model("SmolLM2-135M", smollm2_cases(model, prompts[0], args), args.runs, device, budget, save)
+        first, others = smollm2_cases(model, prompts[0], args)
+        smollm2 = bench_model("SmolLM2-135M", first, args.runs, device, budget, save)
         print("match rate vs our AR", flush=True)
         matches += match_rates(model, prompts, args, device, budget)
+        save(smollm2)
+        smollm2 += bench_model("SmolLM2-135M", others, args.runs, device, budget, save, earlier=smollm2)
+        rows += smollm2
         save()
         del model
     if "llama7b" in args.models:
