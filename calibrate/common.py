@@ -99,6 +99,7 @@ def _config_from_shape(name: str):
         num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads,
         num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
         max_position_embeddings=16384,
     )
 

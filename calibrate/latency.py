@@ -126,7 +126,7 @@ def make_inputs(adapter: ModelAdapter, q: int, context_len: int, batch: int) -> 
         device=device,
     )
     cache.lengths = [[context_len] * batch]  # the context is "already cached" (its values do not change the time)
-    rotary = adapter.rotary_emb(hidden, positions)
+    rotary = adapter.rotary(hidden, positions, adapter.rotary_kinds[0])
     masks = {window: attention_mask(step, window) for window in set(adapter.windows)}
     logits_1 = torch.randn(batch, 1, vocab, generator=generator).to(device, dtype)
     return Inputs(ids, hidden, step, rotary, masks, cache, logits_1)
@@ -147,7 +147,7 @@ def component_call(
         starts = x.step.starts
         positions = torch.tensor([list(range(s, s + x.step.q)) for s in starts], device=adapter.device)
         step = Step(positions=positions, starts=starts)
-        adapter.rotary_emb(x.hidden, positions)
+        adapter.rotary(x.hidden, positions, adapter.rotary_kinds[0])
         for window in x.masks:
             attention_mask(step, window)
         return x.logits_1.argmax(-1).tolist()

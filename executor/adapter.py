@@ -1,9 +1,13 @@
 """A thin view of a Hugging Face decoder-only causal LM: the pieces the decoders call, on the model's own weights.
 
 Supported: the Llama family (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`; SmolLM2
-is a Llama). They share one layer layout (pre-norm attention with rotary embeddings and grouped-query attention,
-then a pre-norm gated MLP), differing only in attention bias (Qwen2), per-head q/k norms (Qwen3) and sliding windows
-(Mistral, some Qwen2 layers). Another architecture with the same layout can be added to `SUPPORTED_ARCHITECTURES`.
+is a Llama) and text-only Gemma 3 (`Gemma3ForCausalLM`). They share one layer layout (pre-norm attention with rotary
+embeddings and grouped-query attention, then a pre-norm gated MLP), differing only in attention bias (Qwen2),
+per-head q/k norms (Qwen3, Gemma 3) and sliding windows (Mistral, some Qwen2 layers). Gemma 3 adds, all read from the
+model itself: a norm after attention and one after the MLP (`post_attention_layernorm` then `pre_feedforward_layernorm`
+/ `post_feedforward_layernorm`), a rotary embedding per layer type (local sliding layers and global layers have
+their own base), its attention scale (`query_pre_attn_scalar`), a scaled embedding (inside its module) and an
+optional final logit soft-cap. Another architecture with the same layout can be added to `SUPPORTED_ARCHITECTURES`.
 
 The adapter never copies a weight: it calls the model's own modules (`embed_tokens`, each layer's projections,
 norms and MLP, `norm`, `lm_head`) and only replaces the attention kernel, so that keys and values go into our
@@ -14,6 +18,7 @@ Shapes: B batch, q tokens in the pass, S cache slots, H heads, Hkv key/value hea
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +27,9 @@ from torch import nn
 
 from executor.kv_cache import KVCache
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,14 @@ def _layer_windows(config, num_layers: int) -> list[int | None]:
     return [window] * num_layers
 
 
+def _check_config(name: str, config) -> None:
+    """Refuse what the adapter would compute differently from the model (rather than decode something else)."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"unsupported {name}: attention logit soft-capping (attn_logit_softcapping) is not supported")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(f"unsupported {name}: bidirectional attention cannot decode autoregressively")
+
+
 class ModelAdapter:
     """The decoders' view of a supported HF causal LM (see module docstring)."""
 
@@ -79,6 +94,7 @@ class ModelAdapter:
         if name not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported model class {name}: expected one of {', '.join(SUPPORTED_ARCHITECTURES)}")
         config = model.config
+        _check_config(name, config)
         self.model = model
         self.config = config
         base = model.model
@@ -92,6 +108,11 @@ class ModelAdapter:
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.max_positions: int = config.max_position_embeddings
         self.windows = _layer_windows(config, self.num_layers)
+        # Gemma 3: one rotary table per layer type; the Llama family's rotary embedding takes no type.
+        self.typed_rotary = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
+        layer_types = getattr(config, "layer_types", None) if self.typed_rotary else None
+        self.rotary_kinds: list[str | None] = list(layer_types) if layer_types else [None] * self.num_layers
+        self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
 
     @property
     def device(self) -> torch.device:
@@ -119,17 +140,32 @@ class ModelAdapter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own output head: final norm + LM head. [B, q, d] -> [B, q, V]."""
-        return self.lm_head(self.norm(hidden))
+        return self.project(self.norm(hidden))
+
+    def project(self, normed: torch.Tensor) -> torch.Tensor:
+        """LM head over normed states, soft-capped as the model caps its logits (Gemma's final_logit_softcapping)."""
+        logits = self.lm_head(normed)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, ...]:
+        """(cos, sin) [B, q, D] at `positions` for layers of rotary `kind` (see `rotary_kinds`)."""
+        if self.typed_rotary:
+            return self.rotary_emb(hidden, positions, kind)
+        return self.rotary_emb(hidden, positions)
 
     def forward_layers(self, hidden: torch.Tensor, step: Step, cache: KVCache, start: int, stop: int) -> torch.Tensor:
         """Run decoder layers [start, stop) over hidden [B, q, d] at `step`, writing their KV into `cache`."""
-        rotary = self.rotary_emb(hidden, step.positions)
+        rotaries: dict[str | None, tuple[torch.Tensor, ...]] = {}
         masks: dict[int | None, torch.Tensor] = {}
         for index in range(start, stop):
-            window = self.windows[index]
+            window, kind = self.windows[index], self.rotary_kinds[index]
             if window not in masks:
                 masks[window] = attention_mask(step, window)
-            hidden = decoder_layer(self.layers[index], index, hidden, step, cache, rotary, masks[window])
+            if kind not in rotaries:
+                rotaries[kind] = self.rotary(hidden, step.positions, kind)
+            hidden = decoder_layer(self.layers[index], index, hidden, step, cache, rotaries[kind], masks[window])
         return hidden
 
 
@@ -152,9 +188,12 @@ def decoder_layer(
     rotary: tuple[torch.Tensor, torch.Tensor],
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """One pre-norm decoder layer, as the HF Llama layer computes it, with our cache and attention kernel."""
-    residual = hidden
-    hidden = residual + self_attention(layer.self_attn, index, layer.input_layernorm(hidden), step, cache, rotary, mask)
+    """One pre-norm decoder layer, as the HF layer computes it, with our cache and attention kernel."""
+    attended = self_attention(layer.self_attn, index, layer.input_layernorm(hidden), step, cache, rotary, mask)
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: the sublayers' outputs are normed too
+        hidden = hidden + layer.post_attention_layernorm(attended)
+        return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+    hidden = hidden + attended
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
@@ -172,7 +211,7 @@ def self_attention(
     query = attn.q_proj(hidden).view(batch, q, -1, head_dim)  # [B, q, H, D]
     key = attn.k_proj(hidden).view(batch, q, -1, head_dim)  # [B, q, Hkv, D]
     value = attn.v_proj(hidden).view(batch, q, -1, head_dim).transpose(1, 2)  # [B, Hkv, q, D]
-    if hasattr(attn, "q_norm"):  # Qwen3: RMS norm per head before the rotation
+    if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: RMS norm per head before the rotation
         query, key = attn.q_norm(query), attn.k_norm(key)
     cos, sin = (t.unsqueeze(1) for t in rotary)  # [B, 1, q, D]
     query, key = query.transpose(1, 2), key.transpose(1, 2)

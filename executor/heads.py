@@ -61,7 +61,8 @@ class TrainedExitHead(nn.Module):
         self.index = adapter.num_layers  # the head's KV lives in the first extra cache layer
         self.window = adapter.windows[self.init_layer]
         source = adapter.layers[self.init_layer]
-        self.layer = type(source)(adapter.config, layer_idx=self.index)
+        self.layer = type(source)(adapter.config, layer_idx=self.init_layer)  # its type and window (HF's own index
+        # is unused here: the head's KV goes to cache layer `self.index`)
         self.layer.load_state_dict(source.state_dict())
         self.norm = type(adapter.norm)(adapter.config.hidden_size, eps=adapter.config.rms_norm_eps)
         self.norm.load_state_dict(adapter.norm.state_dict())
@@ -70,12 +71,12 @@ class TrainedExitHead(nn.Module):
 
     def run_layer(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         """The head's decoder layer over exit-layer states [B, q, d] at `step`, writing its KV into `cache`."""
-        rotary = self.adapter.rotary_emb(hidden, step.positions)
+        rotary = self.adapter.rotary(hidden, step.positions, self.adapter.rotary_kinds[self.init_layer])
         return decoder_layer(self.layer, self.index, hidden, step, cache, rotary, attention_mask(step, self.window))
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Norm + the model's LM head over the head layer's output [B, q, d] -> [B, q, V]."""
-        return self.adapter.lm_head(self.norm(hidden))
+        return self.adapter.project(self.norm(hidden))
 
     def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         return self.head_logits(self.run_layer(hidden, step, cache))

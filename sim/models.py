@@ -18,16 +18,17 @@ class ModelConfig:
     num_kv_heads: int
     intermediate_size: int
     vocab_size: int
+    head_size: int | None = None  # per-head width where it is not hidden_size / num_heads (Gemma 3: 256)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
 
     @property
     def layer_params(self) -> int:
         """q, k, v, o projections + gate, up, down (norm weights are negligible)."""
-        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        return 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return 2 * h * q + 2 * h * kv + 3 * h * self.intermediate_size
 
     @property
     def lm_head_params(self) -> int:
@@ -42,6 +43,8 @@ MODELS: dict[str, ModelConfig] = {
     m.name: m
     for m in (
         ModelConfig("SmolLM2-135M", 30, 576, 9, 3, 1536, 49152),
+        ModelConfig("Qwen2.5-Coder-0.5B", 24, 896, 14, 2, 4864, 151936),
+        ModelConfig("Gemma-3-270M", 18, 640, 4, 1, 2048, 262144, head_size=256),
         ModelConfig("Llama-2-7B", 32, 4096, 32, 32, 11008, 32000),
         ModelConfig("Llama-2-13B", 40, 5120, 40, 40, 13824, 32000),
         ModelConfig("Llama-2-70B", 80, 8192, 64, 8, 28672, 32000),

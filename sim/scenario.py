@@ -46,6 +46,7 @@ class ModelShape(Strict):
     num_kv_heads: int = Field(gt=0)
     intermediate_size: int = Field(gt=0)
     vocab_size: int = Field(gt=0)
+    head_size: int | None = Field(None, gt=0)  # default hidden_size / num_heads
 
 
 class Roofline(Strict):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -27,6 +29,7 @@ ARCHITECTURES = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 
 
@@ -61,18 +64,33 @@ def tiny_model(spec: TinySpec, dtype: torch.dtype = torch.float64) -> torch.nn.M
         eos_token_id=None,
         pad_token_id=None,
     )
+    if spec.arch == "gemma3":  # sliding and global layers alternate (their own rotary bases), logits soft-capped
+        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.num_layers)]
+        config.sliding_window = spec.sliding_window or 4
+        config.final_logit_softcapping = 30.0
+        config.query_pre_attn_scalar = 2 * spec.head_dim
     torch.manual_seed(spec.seed)
     model = model_cls(config).to(dtype).eval()
+    if spec.arch == "gemma3":  # its norms scale by (1 + weight), zero at init: give them a random scale as well
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.normal_(0.0, 0.3)
     model.generation_config.pad_token_id = 0  # silences HF's "setting pad_token_id" warning
     return model
 
 
 @torch.no_grad()
 def scale_late_layers(model: torch.nn.Module, first_layer: int, epsilon: float) -> torch.nn.Module:
-    """Scale o_proj and down_proj of layers >= first_layer by epsilon (0: those layers become the identity)."""
+    """Scale the sublayer outputs of layers >= first_layer by epsilon (0: those layers become the identity): o_proj
+    and down_proj, or for Gemma, whose norms after them would undo that, the scale (1 + weight) of those norms."""
     for layer in model.model.layers[first_layer:]:
-        layer.self_attn.o_proj.weight.mul_(epsilon)
-        layer.mlp.down_proj.weight.mul_(epsilon)
+        if hasattr(layer, "post_feedforward_layernorm"):
+            for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+                norm.weight.copy_((1 + norm.weight) * epsilon - 1)
+        else:
+            layer.self_attn.o_proj.weight.mul_(epsilon)
+            layer.mlp.down_proj.weight.mul_(epsilon)
     return model
 
 
@@ -80,7 +98,7 @@ def scale_late_layers(model: torch.nn.Module, first_layer: int, epsilon: float) 
 def tiny_specs(draw, archs=tuple(ARCHITECTURES), min_layers: int = 1, max_layers: int = 6) -> TinySpec:
     num_kv_heads = draw(st.sampled_from([1, 2]))
     arch = draw(st.sampled_from(archs))
-    window = draw(st.sampled_from([None, 4, 16])) if arch == "mistral" else None
+    window = draw(st.sampled_from([None, 4, 16])) if arch in ("mistral", "gemma3") else None
     return TinySpec(
         arch=arch,
         num_layers=draw(st.integers(min_layers, max_layers)),
