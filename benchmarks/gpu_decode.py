@@ -3,8 +3,8 @@
 Models:
 - SmolLM2-135M-Instruct, real weights (`executor.load_model("smollm2-135m")`): HF `generate` AR and HF
   `assistant_early_exit` (the anchors), our AR, EESD with the shared head and with the trained head
-  `heads/smollm2-135m-e15.safetensors` (policies fixed:k and beta-ts), PPSD `streams` with n = 2 and 4 stages (CUDA
-  only: skipped with a note elsewhere).
+  `heads/smollm2-135m-e15.safetensors` (policies fixed:k and beta-ts), PPSD `streams` with n = 2 and 4 stages and
+  the shared head, and n = 2 with the trained head (CUDA only: skipped with a note elsewhere).
 - The Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000) with random weights: HF AR, our AR
   and EESD at forced acceptance alpha in {0.5, 0.7, 0.9} (`generate(accept_pattern=alpha)`: the same drafting and
   verify work as a real round with that accepted length, NOT lossless: random weights accept nothing on their own).
@@ -227,11 +227,14 @@ def eesd_case(adapter, prompt, new_tokens: int, label: str, exit_layer: int, hea
     return Case(label, case.run, capture, ideal=lambda stats: profile.eesd_ideal(stats, exit_layer, head, policy))
 
 
-def ppsd_case(adapter, prompt, new_tokens: int, stages: int, device: torch.device, capture: str) -> Case:
-    label = f"ppsd streams n={stages}"
+def ppsd_case(
+    adapter, prompt, new_tokens: int, stages: int, device: torch.device, capture: str, head=None, name: str = "shared"
+) -> Case:
+    """PPSD `streams` with the shared head at the end of stage 1, or a trained `head` at its own exit layer."""
+    label = f"ppsd streams n={stages}" + ("" if head is None else f" {name}")
     if device.type != "cuda":
         return Case(label, lambda: (0, None), skip=f"skipped: backend 'streams' needs CUDA, device is {device.type}")
-    kwargs = {"method": "ppsd", "stages": stages, "backend": "streams", "capture": capture}
+    kwargs = {"method": "ppsd", "stages": stages, "backend": "streams", "capture": capture, "head": head}
     case = ours_case(adapter, prompt, new_tokens, label, **kwargs)
     return Case(label, case.run, capture, ideal=lambda stats: (stats.ideal_speedup, {}))
 
@@ -261,6 +264,8 @@ def smollm2_cases(model, prompt: list[int], args) -> tuple[list[Case], list[Case
             label = f"eesd {head_name} E={E} {policy}"
             cases.append(eesd_case(adapter, prompt, n, label, E, head, policy, main))
     cases += [ppsd_case(adapter, prompt, n, stages, model.device, main) for stages in PPSD_STAGES]
+    if adapter.num_layers // 2 == E:  # the trained head's layer ends stage 1 of 2 balanced stages
+        cases.append(ppsd_case(adapter, prompt, n, 2, model.device, main, trained, f"trained E={E}"))
     hf_ee = f"hf assistant_early_exit={E}"
     cases.append(hf_case(model, prompt, args.hf_new_tokens, hf_ee, assistant_early_exit=E))
     others: list[Case] = []
@@ -379,6 +384,7 @@ def match_rates(model, prompts: list[list[int]], args, device: torch.device, bud
             "method": "eesd", "exit_layer": E, "draft_len": args.draft_len, "head": trained,
         },
         **{f"ppsd {backend} n={s}": {"method": "ppsd", "stages": s, "backend": backend} for s in PPSD_STAGES},
+        f"ppsd {backend} n=2 trained E={E}": {"method": "ppsd", "stages": 2, "backend": backend, "head": trained},
     }  # fmt: skip
     ar = [executor.generate(adapter, [p], method="ar", max_new_tokens=n).sequences[0].tolist() for p in prompts]
     results = []

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from executor.adapter import ModelAdapter
-from executor.decoding import GenerationStats, Rows, SharedExitHead, TokenSink, decode_ar, decode_eesd
+from executor.decoding import GenerationStats, Rows, TokenSink, decode_ar, decode_eesd, head_key
 from executor.heads import resolve_head
 from executor.passes import AR_HISTORY, Passes, cached_passes, captured_capacity, resolve_capture
 from executor.sampling import SamplingConfig, TokenSelector
@@ -173,12 +173,15 @@ def forced_acceptance(accept_pattern: float | Sequence[int], seed: int) -> Calla
     return lambda drafted: min(next(cycle), drafted)
 
 
-def _decode_ppsd(adapter, rows: Rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture):
+def _decode_ppsd(
+    adapter, rows: Rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head
+):
     from executor.ppsd import decode_ppsd  # the pipeline (and torch.distributed) only when asked for
 
     return decode_ppsd(
         adapter, rows.prompts[0], rows.sinks[0], None, stages=stages, stage_boundaries=stage_boundaries,
         exit_layer=exit_layer, backend=backend, sampling=config, min_new_tokens=min_new_tokens, capture=capture,
+        head=head,
     )  # fmt: skip
 
 
@@ -205,7 +208,7 @@ class PassSetup:
             return self._build(adapter, lengths, capacity, max_draft, mode)
         capacity = captured_capacity(capacity)
         key = (
-            self.method, len(prompts), capacity, self.exit_layer, _head_key(self.head), max_draft, mode,
+            self.method, len(prompts), capacity, self.exit_layer, head_key(self.head), max_draft, mode,
             dataclasses.replace(self.config, seed=0), self.min_new_tokens, tuple(self.eos), self._confidence,
         )  # fmt: skip
         passes = cached_passes(adapter.model, key, lambda: self._build(adapter, lengths, capacity, max_draft, mode))
@@ -225,11 +228,6 @@ class PassSetup:
             adapter, cache, selector, exit_layer=self.exit_layer, head=self.head, max_draft=max_draft, capture=mode,
             confidence=self._confidence, fallback=self.capture == "auto",
         )  # fmt: skip
-
-
-def _head_key(head: Any) -> object:
-    """Heads that decode alike share captured passes: every shared head is one; a trained head is itself."""
-    return "shared" if isinstance(head, SharedExitHead) else id(head)
 
 
 def generate(
@@ -265,13 +263,14 @@ def generate(
     Greedy unless `do_sample`; sampling is `"exact"` (Gumbel-max keyed by (seed, position): EESD reproduces AR's
     sampled tokens exactly) or `"rejection"` (speculative sampling: same distribution). `exit_layer` defaults to the
     middle layer; `policy` (e.g. "fixed:4", "beta-ts") overrides `draft_len`. Rows of a batch are left-padded with
-    `attention_mask`, as for HF `generate`, whose output layout `sequences` follows. `head` is the EESD exit head:
-    "shared" (default: the model's own final norm + LM head at the exit layer) or a head (see `executor.heads`).
+    `attention_mask`, as for HF `generate`, whose output layout `sequences` follows. `head` is the exit head (EESD
+    and PPSD): "shared" (default: the model's own final norm + LM head at the exit layer), a head file or a head
+    (see `executor.heads`).
 
     "ppsd" (verify-while-draft pipeline, batch size 1, greedy or exact sampling) splits the layers into `stages`
-    (balanced, or cut at `stage_boundaries`), drafts with the shared head at `exit_layer` (default: the end of stage
-    1) and runs on `backend` "sequential" (reference), "streams" (one CUDA stream per stage) or "distributed" (one
-    process per stage, torch.distributed); its stats are `executor.ppsd.PPSDStats`.
+    (balanced, or cut at `stage_boundaries`), drafts with `head` at `exit_layer` (default: a trained head's own
+    exit layer, else the end of stage 1) and runs on `backend` "sequential" (reference), "streams" (one CUDA stream
+    per stage) or "distributed" (one process per stage, torch.distributed); its stats are `executor.ppsd.PPSDStats`.
 
     `accept_pattern` (EESD only; benchmark only, NOT lossless, never the default) forces the accepted length of
     every round, to time EESD at a known acceptance on models whose drafts the full model would reject (e.g. random
@@ -295,10 +294,11 @@ def generate(
     prompts = split_prompts(ids, attention_mask)
     if method == "eesd" and exit_layer is None:
         head, exit_layer = _exit_from_head(adapter, head)
+    if method == "ppsd" and exit_layer is None and head not in (None, "shared"):
+        head = resolve_head(head, adapter, None)
+        exit_layer = getattr(head, "exit_layer", None)  # a trained head's own; the shared one sits at stage 1's end
     if method == "ppsd" and len(prompts) != 1:
         raise ValueError(f"method 'ppsd' decodes batch size 1, got {len(prompts)} rows")
-    if method == "ppsd" and head not in (None, "shared"):
-        raise ValueError("method 'ppsd' drafts with the shared exit head only (head='shared')")
     if not isinstance(draft_len, int) or draft_len < 1:
         raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
@@ -318,7 +318,7 @@ def generate(
     stats = GenerationStats(method=method, prompt_tokens=sum(len(p) for p in prompts))
     if max_new_tokens > 0 and method == "ppsd":
         stats = _decode_ppsd(
-            adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture
+            adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head
         )
         stats.prompt_tokens = len(prompts[0])
     elif max_new_tokens > 0:

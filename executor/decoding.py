@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -134,6 +135,11 @@ class SharedExitHead:
 
     def prefill(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> None:
         """A head with layers of its own fills their KV from the exit-layer states here; this one has none."""
+
+
+def head_key(head: Any) -> object:
+    """Heads that decode alike share captured passes: every shared head is one; a trained head is itself."""
+    return "shared" if head is None or isinstance(head, SharedExitHead) else id(head)
 
 
 @dataclass

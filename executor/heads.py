@@ -51,7 +51,16 @@ class TrainedExitHead(nn.Module):
 
     extra_layers = 1
 
-    def __init__(self, adapter: ModelAdapter, exit_layer: int, init_layer: int | None = None) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        exit_layer: int,
+        init_layer: int | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """A head at `exit_layer` whose layer starts as a copy of layer `init_layer` (default: E), or, with
+        `tensors` (a head's state dict), holds those: then no model layer is read but layer 0 for its class, as
+        in a pipeline stage process that holds only its own layers."""
         super().__init__()
         if not 1 <= exit_layer < adapter.num_layers:
             raise ValueError(f"exit_layer must be in [1, {adapter.num_layers - 1}], got {exit_layer}")
@@ -60,12 +69,16 @@ class TrainedExitHead(nn.Module):
         self.init_layer = exit_layer if init_layer is None else init_layer
         self.index = adapter.num_layers  # the head's KV lives in the first extra cache layer
         self.window = adapter.windows[self.init_layer]
-        source = adapter.layers[self.init_layer]
-        self.layer = type(source)(adapter.config, layer_idx=self.init_layer)  # its type and window (HF's own index
-        # is unused here: the head's KV goes to cache layer `self.index`)
-        self.layer.load_state_dict(source.state_dict())
+        source = adapter.layers[0 if tensors is not None else self.init_layer]
+        # its class and, through the config, its window and rotary kind (HF's own layer index is unused here: the
+        # head's KV goes to cache layer `self.index`)
+        self.layer = type(source)(adapter.config, layer_idx=self.init_layer)
         self.norm = type(adapter.norm)(adapter.config.hidden_size, eps=adapter.config.rms_norm_eps)
-        self.norm.load_state_dict(adapter.norm.state_dict())
+        if tensors is None:
+            self.layer.load_state_dict(source.state_dict())
+            self.norm.load_state_dict(adapter.norm.state_dict())
+        else:
+            self.load_state_dict(tensors)
         self.metadata: dict[str, str] = {}
         self.to(device=adapter.device, dtype=adapter.dtype)
 

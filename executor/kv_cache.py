@@ -33,6 +33,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         first_layer: int = 0,
+        layer_ids: Sequence[int] | None = None,
     ) -> None:
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -42,17 +43,29 @@ class KVCache:
         self.lengths = [[0] * batch for _ in range(num_layers)]
         self._rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]
         self.first_layer = first_layer  # layers are addressed by model index; this cache holds [first, first + n)
+        if layer_ids is not None and len(layer_ids) != num_layers:
+            raise ValueError(f"layer_ids names {len(layer_ids)} layers, the cache holds {num_layers}")
+        # or exactly `layer_ids` (a pipeline stage's layers and its exit head's), in that order
+        self._slots = {layer: slot for slot, layer in enumerate(layer_ids)} if layer_ids is not None else None
 
     @property
     def num_layers(self) -> int:
         return len(self.keys)
+
+    def slot(self, layer: int) -> int:
+        """Where model layer `layer` lives in this cache's lists."""
+        if self._slots is not None:
+            if layer not in self._slots:
+                raise KeyError(f"KV cache holds layers {sorted(self._slots)}, not layer {layer}")
+            return self._slots[layer]
+        return layer - self.first_layer
 
     def claim(self, layers: Iterable[int], starts: Sequence[int], q: int) -> None:
         """The books of a pass that writes positions start .. start + q - 1 of every row in `layers`: refuse a gap
         or an overflow, then extend the valid prefixes. `write` does this itself for a step with host `starts`; a
         static step's caller (whose pass may be a replayed CUDA graph) calls it before launching the pass."""
         for layer in layers:
-            lengths = self.lengths[layer - self.first_layer]
+            lengths = self.lengths[self.slot(layer)]
             for row, start in enumerate(starts):
                 if start > lengths[row]:
                     raise ValueError(
@@ -61,19 +74,20 @@ class KVCache:
                     )
                 if start + q > self.max_len:
                     raise ValueError(f"KV cache overflow: positions up to {start + q - 1}, capacity {self.max_len}")
-            self.lengths[layer - self.first_layer] = [start + q for start in starts]
+            self.lengths[self.slot(layer)] = [start + q for start in starts]
 
     def write(self, layer: int, step: Step, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store key/value [B, Hkv, q, D] of `layer` at the step's positions (the books too, unless static)."""
         if step.starts is not None:
             self.claim((layer,), step.starts, step.q)
         # advanced indices around a slice select [B, q, Hkv, D]; this is one index_put_, no host sync
-        self.keys[layer - self.first_layer][self._rows, :, step.positions] = key.transpose(1, 2)
-        self.values[layer - self.first_layer][self._rows, :, step.positions] = value.transpose(1, 2)
+        slot = self.slot(layer)
+        self.keys[slot][self._rows, :, step.positions] = key.transpose(1, 2)
+        self.values[slot][self._rows, :, step.positions] = value.transpose(1, 2)
 
     def view(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first `kv_len` slots, [B, Hkv, kv_len, D] (views, no copy)."""
-        index = layer - self.first_layer
+        index = self.slot(layer)
         return self.keys[index][:, :, :kv_len], self.values[index][:, :, :kv_len]
 
     def rollback(self, length: int | list[int], layers: Iterable[int] | None = None) -> None:
@@ -81,5 +95,5 @@ class KVCache:
         per_row = [length] * self.batch if isinstance(length, int) else list(length)
         if any(n < 0 for n in per_row):
             raise ValueError(f"rollback length must be >= 0, got {per_row}")
-        for layer in range(self.num_layers) if layers is None else (n - self.first_layer for n in layers):
+        for layer in range(self.num_layers) if layers is None else (self.slot(n) for n in layers):
             self.lengths[layer] = [min(old, new) for old, new in zip(self.lengths[layer], per_row, strict=True)]

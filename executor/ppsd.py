@@ -28,11 +28,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import torch
 
 from executor.adapter import ModelAdapter, Step
-from executor.decoding import GenerationStats, TokenSink
+from executor.decoding import GenerationStats, SharedExitHead, TokenSink, head_key
+from executor.heads import resolve_head
 from executor.kv_cache import KVCache
 from executor.passes import StaticPass, cached_passes, captured_capacity, resolve_capture, upload
 from executor.sampling import SamplingConfig, TokenSelector
@@ -272,10 +274,15 @@ class StageRunner:
         selector: TokenSelector,
         capture: str = "none",
         fallback: bool = False,
+        head: Any = None,
     ) -> None:
         self.adapter, self.cache, self.plan, self.stage, self.selector = adapter, cache, plan, stage, selector
         self.layers = plan.layers(stage)
         self.is_first, self.is_last = stage == 0, stage == plan.stages - 1
+        # stage 1's exit head (shared, or trained with a layer of its own whose KV is this stage's too)
+        self.head = (head if head is not None else SharedExitHead(adapter)) if self.is_first else None
+        extra = getattr(self.head, "extra_layers", 0)
+        self.cache_layers = [*self.layers, *range(adapter.num_layers, adapter.num_layers + extra)]
         device, shape = adapter.device, (1, 1, adapter.config.hidden_size)
         self.position = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -293,7 +300,7 @@ class StageRunner:
             upload(self.ids, [[item.token]])
         else:
             self.hidden_in.copy_(item.hidden)
-        self.cache.claim(self.layers, [item.position], 1)
+        self.cache.claim(self.cache_layers, [item.position], 1)
 
     def launch(self, item: Item) -> StageOutput:
         self.pass_()
@@ -309,7 +316,7 @@ class StageRunner:
         adapter, step = self.adapter, self.step
         if self.is_first:
             hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, self.plan.exit_layer)
-            self.draft_id.copy_(self.selector.select(adapter.logits(hidden), step.positions + 1)[0])
+            self.draft_id.copy_(self.selector.select(self.head(hidden, step, self.cache), step.positions + 1)[0])
             hidden = adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
         else:
             hidden = adapter.forward_layers(self.hidden_in, step, self.cache, self.layers.start, self.layers.stop)
@@ -319,14 +326,17 @@ class StageRunner:
 
     def prefill(self, hidden: torch.Tensor | None, prompt: list[int]) -> torch.Tensor:
         """The prompt through this stage's layers: ids (stage 1) or hidden [1, P, d] in, hidden [1, P, d] out."""
-        step = Step.at(0, len(prompt), self.adapter.device)
-        if self.is_first:
-            hidden = self.adapter.embed(torch.tensor([prompt], dtype=torch.long, device=self.adapter.device))
-        return self.adapter.forward_layers(hidden, step, self.cache, self.layers.start, self.layers.stop)
+        adapter, step = self.adapter, Step.at(0, len(prompt), self.adapter.device)
+        if not self.is_first:
+            return adapter.forward_layers(hidden, step, self.cache, self.layers.start, self.layers.stop)
+        hidden = adapter.embed(torch.tensor([prompt], dtype=torch.long, device=adapter.device))
+        hidden = adapter.forward_layers(hidden, step, self.cache, 0, self.plan.exit_layer)
+        self.head.prefill(hidden, step, self.cache)  # a trained head's own KV over the prompt
+        return adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
 
     def flush(self, position: int) -> None:
-        """Forget this stage's KV at positions >= `position` (the flushed tokens')."""
-        self.cache.rollback(position, layers=self.layers)
+        """Forget this stage's KV (its exit head's too) at positions >= `position` (the flushed tokens')."""
+        self.cache.rollback(position, layers=self.cache_layers)
 
 
 def first_token(runner: StageRunner, hidden: torch.Tensor) -> int:
@@ -384,9 +394,12 @@ class LocalPipeline:
         streams: bool,
         capture: str = "none",
         fallback: bool = False,
+        head: Any = None,
     ) -> None:
         self.cache, self.selector = cache, selector
-        self.runners = [StageRunner(adapter, cache, plan, s, selector, capture, fallback) for s in range(plan.stages)]
+        self.runners = [
+            StageRunner(adapter, cache, plan, s, selector, capture, fallback, head) for s in range(plan.stages)
+        ]
         self.stats: PPSDStats | None = None
         self.inputs: list[Item | None] = [None] * plan.stages
         self.streams = [torch.cuda.Stream(device=adapter.device) for _ in self.runners] if streams else None
@@ -479,11 +492,13 @@ def _decode_local(
     selector: TokenSelector,
     capture: str,
     fallback: bool = False,
+    head: Any = None,
 ) -> PPSDStats:
     stats = new_stats(plan, backend, len(prompt))
     stats.capture = capture
     begin = time.perf_counter()
-    pipeline = _pipeline(adapter, cache, plan, backend, selector, capture, len(prompt) + sink.max_new_tokens, fallback)
+    needed = len(prompt) + sink.max_new_tokens
+    pipeline = _pipeline(adapter, cache, plan, backend, selector, capture, needed, fallback, head)
     pipeline.restart(stats, len(prompt), selector.config.seed)
     hidden = None
     for runner in pipeline.runners:
@@ -502,20 +517,21 @@ def _decode_local(
     return stats
 
 
-def _pipeline(adapter, cache, plan, backend, selector, capture, needed: int, fallback: bool) -> LocalPipeline:
+def _pipeline(adapter, cache, plan, backend, selector, capture, needed: int, fallback: bool, head) -> LocalPipeline:
     """A fresh pipeline without capture; with capture, the model's cached one for this setup (graphs kept)."""
-    streams = backend == "streams"
+    streams, extra = backend == "streams", getattr(head, "extra_layers", 0)
     if capture == "none":
-        cache = cache if cache is not None else adapter.new_cache(1, needed)
-        return LocalPipeline(adapter, cache, plan, selector, streams)
+        cache = cache if cache is not None else adapter.new_cache(1, needed, extra_layers=extra)
+        return LocalPipeline(adapter, cache, plan, selector, streams, head=head)
     capacity = captured_capacity(needed)
     config = selector.config
     key = ("ppsd", plan, backend, capacity, capture, dataclasses.replace(config, seed=0), selector.min_new_tokens,
-           tuple(selector.eos_ids))  # fmt: skip
+           tuple(selector.eos_ids), head_key(head))  # fmt: skip
 
     def build() -> LocalPipeline:
         own = TokenSelector(config, [1], selector.min_new_tokens, selector.eos_ids, adapter.device)
-        return LocalPipeline(adapter, adapter.new_cache(1, capacity), plan, own, streams, capture, fallback)
+        cache = adapter.new_cache(1, capacity, extra_layers=extra)
+        return LocalPipeline(adapter, cache, plan, own, streams, capture, fallback, head)
 
     return cached_passes(adapter.model, key, build)
 
@@ -547,6 +563,7 @@ def decode_ppsd(
     threads_per_stage: int | None = None,
     timeout_s: float = 600.0,
     capture: str = "none",
+    head: Any = None,
 ) -> PPSDStats:
     """PPSD decoding (see the module docstring); the emitted tokens equal AR's: greedy, or with `sampling` in exact
     mode (executor/sampling.py) seeded AR sampling's, token for token. `min_new_tokens` masks EOS as HF does.
@@ -558,8 +575,12 @@ def decode_ppsd(
     (torch threads per process, default cores // stages) and `timeout_s` (the whole run, after which the processes
     are stopped and an error raised).
     """
+    if head not in (None, "shared") and exit_layer is None:  # a trained head's own exit layer
+        head = resolve_head(head, adapter, None)
+        exit_layer = getattr(head, "exit_layer", None)
     plan = plan_stages(adapter.num_layers, stages, stage_boundaries, exit_layer)
     check_backend(adapter, backend)
+    head = resolve_head(head, adapter, plan.exit_layer)
     if not prompt:
         raise ValueError("empty prompt: PPSD needs at least one prompt token")
     selector = make_selector(adapter, len(prompt), sink, sampling, min_new_tokens)
@@ -577,11 +598,14 @@ def decode_ppsd(
             min_new_tokens=min_new_tokens,
             threads_per_stage=threads_per_stage,
             timeout_s=timeout_s,
+            head=head,
         )
+    if cache is not None and cache.num_layers < adapter.num_layers + getattr(head, "extra_layers", 0):
+        raise ValueError(f"cache holds {cache.num_layers} layers, the model and its exit head need more")
     if cache is not None and cache.max_len < len(prompt) + sink.max_new_tokens - 1:
         raise ValueError(
             f"cache holds {cache.max_len} positions, PPSD needs len(prompt) + max_new_tokens - 1 = "
             f"{len(prompt) + sink.max_new_tokens - 1}"
         )
     mode = resolve_capture(capture, adapter.device, selector.config.kind)
-    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector, mode, fallback=capture == "auto")
+    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector, mode, capture == "auto", head)

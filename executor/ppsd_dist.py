@@ -23,8 +23,8 @@ Multi-host run, one process per stage, with torchrun (the model directory must e
     torchrun --nnodes 2 --nproc-per-node 2 --node-rank {0|1} --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \\
         -m executor.ppsd_dist --model /path/to/hf_dir --prompt "def fib(n):" --max-new-tokens 64 --dtype bfloat16
 
-World size = number of stages (here 4); `--stage-boundaries 6,12,18` and `--exit-layer` as in `decode_ppsd`. The
-last rank prints the generated token ids and the run's statistics as JSON.
+World size = number of stages (here 4); `--stage-boundaries 6,12,18`, `--exit-layer` and `--head FILE` (a trained exit
+head for stage 1) as in `decode_ppsd`. The last rank prints the generated token ids and the run's statistics as JSON.
 """
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from executor.adapter import ModelAdapter
-from executor.decoding import TokenSink
+from executor.decoding import SharedExitHead, TokenSink
+from executor.heads import TrainedExitHead, head_tensors, load_head
 from executor.kv_cache import KVCache
 from executor.passes import resolve_capture
 from executor.ppsd import (
@@ -79,18 +81,20 @@ class PPSDWorkerError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------- a stage's own share
 class StageKVCache(KVCache):
-    """A KV cache for layers [first, stop) only, addressed by global layer index as the adapter addresses it."""
+    """A KV cache for layers [first, stop) only (plus `extra` exit-head layers after the model's, on stage 1),
+    addressed by global layer index as the adapter addresses it."""
 
-    def __init__(self, adapter: ModelAdapter, first: int, stop: int, max_len: int) -> None:
+    def __init__(self, adapter: ModelAdapter, first: int, stop: int, max_len: int, extra: int = 0) -> None:
+        layer_ids = [*range(first, stop), *range(adapter.num_layers, adapter.num_layers + extra)]
         super().__init__(
-            num_layers=stop - first,
+            num_layers=len(layer_ids),
             batch=1,
             num_kv_heads=adapter.num_kv_heads,
             max_len=max_len,
             head_dim=adapter.head_dim,
             dtype=adapter.dtype,
             device=adapter.device,
-            first_layer=first,
+            layer_ids=layer_ids,
         )
 
 
@@ -206,12 +210,15 @@ def run_stage(
     sink: TokenSink,
     selector: TokenSelector,
     on_tokens=None,
+    head: Any = None,
 ) -> StageReport:
-    """Rank `rank`'s part of a PPSD generation (process group already initialised). The last rank fills `sink`."""
+    """Rank `rank`'s part of a PPSD generation (process group already initialised). The last rank fills `sink`;
+    rank 0 drafts with `head` (None: the shared exit head)."""
     layers = plan.layers(rank)
-    cache = StageKVCache(adapter, layers.start, layers.stop, len(prompt) + sink.max_new_tokens)
+    extra = getattr(head, "extra_layers", 0) if rank == 0 else 0
+    cache = StageKVCache(adapter, layers.start, layers.stop, len(prompt) + sink.max_new_tokens, extra)
     capture = resolve_capture("auto", adapter.device, selector.config.kind)  # CUDA graphs on a GPU rank
-    runner = StageRunner(adapter, cache, plan, rank, selector, capture, fallback=True)
+    runner = StageRunner(adapter, cache, plan, rank, selector, capture, fallback=True, head=head)
     link = Link(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype)
     stats = new_stats(plan, "distributed", len(prompt))
     dist.barrier()  # every process has its model: time from here
@@ -286,6 +293,30 @@ class WorkerJob:
     min_new_tokens: int
     threads: int
     timeout_s: float
+    head: HeadState | None = None  # stage 1 only: a trained exit head
+
+
+@dataclass
+class HeadState:
+    """A trained exit head as plain tensors: rebuilt in the stage process on its pruned model."""
+
+    exit_layer: int
+    init_layer: int
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, head: Any) -> HeadState | None:
+        if head is None or isinstance(head, SharedExitHead):
+            return None
+        if not isinstance(head, TrainedExitHead):
+            raise ValueError(
+                f"the distributed backend sends the exit head to a stage process: it must be 'shared', a head file "
+                f"or a TrainedExitHead, got {type(head).__name__}"
+            )
+        return cls(head.exit_layer, head.init_layer, head_tensors(head, head.adapter.dtype))
+
+    def build(self, adapter: ModelAdapter) -> TrainedExitHead:
+        return TrainedExitHead(adapter, self.exit_layer, self.init_layer, tensors=self.tensors).requires_grad_(False)
 
 
 def _free_port() -> int:
@@ -311,8 +342,9 @@ def _worker(rank: int, init_method: str, job: WorkerJob, messages) -> None:
         adapter = ModelAdapter(job.model.to(device))
         sink = TokenSink(job.max_new_tokens, job.eos_token_ids, None)
         selector = make_selector(adapter, len(job.prompt), sink, job.sampling, job.min_new_tokens)
+        head = job.head.build(adapter) if job.head is not None else None
         report = run_stage(
-            adapter, job.plan, rank, job.prompt, sink, selector, lambda t: messages.put(("tokens", rank, t))
+            adapter, job.plan, rank, job.prompt, sink, selector, lambda t: messages.put(("tokens", rank, t)), head
         )
         messages.put(("report", rank, report))
         dist.destroy_process_group()
@@ -331,8 +363,10 @@ def decode_distributed(
     min_new_tokens: int = 0,
     threads_per_stage: int | None = None,
     timeout_s: float = 600.0,
+    head: Any = None,
 ) -> PPSDStats:
-    """Spawn one process per stage on this host, run PPSD, stream the tokens into `sink`, stop every process."""
+    """Spawn one process per stage on this host, run PPSD, stream the tokens into `sink`, stop every process.
+    A trained `head` travels to stage 1's process as tensors."""
     device_type = adapter.device.type
     if device_type == "cuda" and torch.cuda.device_count() < plan.stages:
         raise ValueError(
@@ -342,6 +376,7 @@ def decode_distributed(
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"the distributed backend runs on cpu (gloo) or cuda (NCCL), not {adapter.device}")
     threads = threads_per_stage or max(1, (os.cpu_count() or 1) // plan.stages)
+    head_state = HeadState.of(head)
     jobs = [
         WorkerJob(
             stage_model(adapter.model, plan, s),
@@ -354,6 +389,7 @@ def decode_distributed(
             min_new_tokens,
             threads,
             timeout_s,
+            head_state if s == 0 else None,
         )
         for s in range(plan.stages)
     ]
@@ -463,17 +499,22 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=args.timeout_s))
     try:
         model = load_model(args.model, dtype=args.dtype, device="cpu")
+        trained = load_head(args.head, model, args.exit_layer) if args.head else None  # checked on the whole model
+        exit_layer = args.exit_layer if args.exit_layer is not None else getattr(trained, "exit_layer", None)
         cuts = [int(c) for c in args.stage_boundaries.split(",")] if args.stage_boundaries else None
-        plan = plan_stages(len(model.model.layers), world, cuts, args.exit_layer)
+        plan = plan_stages(len(model.model.layers), world, cuts, exit_layer)
+        state = HeadState.of(trained) if rank == 0 else None
         adapter = ModelAdapter(stage_model(model, plan, rank).to(device))
-        del model
+        head = state.build(adapter) if state is not None else None
+        del model, trained
         prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
         if prompt is None:
             prompt = load_tokenizer(args.model)(args.prompt)["input_ids"]
         eos = adapter.config.eos_token_id
         sink = TokenSink(args.max_new_tokens, [] if eos is None else [eos] if isinstance(eos, int) else eos, None)
         sampling = SamplingConfig(args.do_sample, "exact", args.temperature, args.top_k, args.top_p, args.seed)
-        report = run_stage(adapter, plan, rank, prompt, sink, make_selector(adapter, len(prompt), sink, sampling, 0))
+        selector = make_selector(adapter, len(prompt), sink, sampling, 0)
+        report = run_stage(adapter, plan, rank, prompt, sink, selector, head=head)
         if rank == world - 1:
             print(json.dumps({"tokens": sink.tokens, "report": asdict(report)}))
     finally:
@@ -490,6 +531,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--stage-boundaries", help="comma-separated cut points, n - 1 of them")
     parser.add_argument("--exit-layer", type=int)
+    parser.add_argument("--head", help="a trained exit head file (.safetensors) for stage 1 (default: the shared head)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--do-sample", action="store_true", help="exact sampling (Gumbel-max keyed by position)")
     parser.add_argument("--temperature", type=float, default=1.0)

@@ -18,6 +18,7 @@ from tiny_models import TinySpec, assert_same_or_tie, hf_greedy, tiny_model
 import executor
 from executor.adapter import ModelAdapter, Step
 from executor.api import generate
+from executor.decoding import TokenSink
 from executor.heads import TrainedExitHead, load_head, model_fingerprint, resolve_head, save_head
 from executor.train_head import (
     TrainConfig,
@@ -264,3 +265,57 @@ def test_smollm2_untrained_head_kv_and_losslessness(smollm2) -> None:
             torch.testing.assert_close(draft[0, 0], expected[position], atol=2e-3, rtol=1e-3)
             compared += 1
     assert compared >= sum(1 for drafted in eesd.stats.drafted if drafted)  # every round that drafted
+
+
+# ------------------------------------------------------------------------------------------------------ PPSD
+def _ppsd(model, prompt: list[int], head, **kwargs):
+    from executor.ppsd import decode_ppsd
+
+    sink = TokenSink(kwargs.pop("max_new_tokens", 25), ())
+    stats = decode_ppsd(ModelAdapter(model), prompt, sink, None, head=head, **kwargs)
+    return sink.tokens, stats
+
+
+@pytest.mark.parametrize(("stages", "boundaries"), [(2, None), (3, [2, 3])])
+def test_ppsd_with_trained_head_equals_ar_float64(trained, tiny, stages, boundaries) -> None:
+    """Stage 1 drafts with the trained head; its layer's KV is flushed with stage 1's own on a wrong draft."""
+    head = trained[0]
+    flushes = confirms = 0
+    for prompt in _prompts(5, SPEC.vocab, seed=4):
+        ar = generate(tiny, prompt, method="ar", max_new_tokens=25).sequences[0, len(prompt) :].tolist()
+        tokens, stats = _ppsd(tiny, prompt, head, stages=stages, stage_boundaries=boundaries)
+        assert tokens == ar
+        flushes, confirms = flushes + stats.flushes, confirms + stats.confirms
+    assert flushes > 0 and confirms > 0  # both kinds of tick happened with this head
+
+
+def test_ppsd_draft_logits_equal_teacher_forced_head(trained, tiny) -> None:
+    """Every draft stage 1 makes, flushes included, is what the head computes over the committed text."""
+    head = trained[0]
+    recorder = RecordingHead(head)
+    prompt = [5, 9, 1, 33, 2, 7]
+    tokens, stats = _ppsd(tiny, prompt, recorder, stages=2)
+    states, reference = _teacher_forced(head, prompt + tokens)
+    compared = 0
+    for positions, hidden, logits in recorder.calls:
+        position = int(positions[0, 0])
+        if position < len(states) and torch.allclose(hidden[0, 0], states[position], atol=1e-10):
+            torch.testing.assert_close(logits[0, 0], reference[position], rtol=1e-9, atol=1e-9)
+            compared += 1
+    assert stats.flushes > 0 and compared >= stats.confirms  # drafts after flushes were compared too
+
+
+def test_ppsd_head_file_through_generate_and_distributed(trained, tiny, tmp_path: Path) -> None:
+    """A head file gives PPSD its exit layer; the distributed backend sends the head to stage 1's process and
+    makes the same ticks as the sequential reference."""
+    path = save_head(trained[0], tmp_path / "tiny.safetensors", dtype=torch.float64)
+    prompt = [3, 14, 15, 9, 26]
+    ar = generate(tiny, prompt, method="ar", max_new_tokens=20)
+    local = generate(tiny, prompt, method="ppsd", stages=2, head=str(path), max_new_tokens=20)
+    assert local.sequences.tolist() == ar.sequences.tolist() and local.stats.exit_layer == EXIT_LAYER
+    tokens, stats = _ppsd(tiny, prompt, str(path), stages=2, backend="distributed", timeout_s=120, max_new_tokens=20)
+    assert tokens == ar.sequences[0, len(prompt) :].tolist()
+    ticks = (local.stats.ticks, local.stats.confirms, local.stats.flushes)
+    assert (stats.ticks, stats.confirms, stats.flushes) == ticks
+    with pytest.raises(ValueError, match="trained for exit layer 2, not 1"):
+        generate(tiny, prompt, method="ppsd", stages=2, exit_layer=1, head=str(path), max_new_tokens=4)
