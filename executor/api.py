@@ -248,6 +248,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     seed: int = 0,
     streamer: Any = None,
     head: Any = None,
@@ -309,7 +310,7 @@ def generate(
     forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-    config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed)
+    config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed, min_p)
     eos = _eos_ids(eos_token_id)
     cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
     policies = _policies(policy if policy is not None else f"fixed:{draft_len}", len(prompts), seed, cost_ratio)
@@ -349,17 +350,23 @@ def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.
 # model.generate arguments the drop-in understands; anything else raises instead of being ignored
 SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
-    "do_sample", "temperature", "top_k", "top_p", "generation_config", "streamer", "max_length",
+    "do_sample", "temperature", "top_k", "top_p", "min_p", "generation_config", "streamer", "max_length",
+    "use_cache", "return_dict_in_generate",
 )  # fmt: skip
+# use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
+# GenerateDecoderOnlyOutput holding `sequences` (scores, logits, attentions and hidden states are not kept)
 
 # generation_config fields that change the result if set away from these values, and that we do not implement
 _UNSUPPORTED_CONFIG = {
     "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "suppress_tokens": None, "begin_suppress_tokens": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "min_p": None, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0,
+    "eta_cutoff": 0.0, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0,
     "length_penalty": 1.0, "sequence_bias": None, "guidance_scale": None, "stop_strings": None,
-    "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "min_length": 0,
+    "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "min_length": 0, "top_h": None,
+    "dola_layers": None, "exponential_decay_length_penalty": None, "max_time": None, "token_healing": False,
+    "watermarking_config": None, "constraints": None, "force_words_ids": None, "diversity_penalty": 0.0,
+    "output_scores": False, "output_logits": False, "output_attentions": False, "output_hidden_states": False,
 }  # fmt: skip
 
 
@@ -399,7 +406,8 @@ class EarlyExitGenerator:
         self.seed = seed
         self.last_stats: GenerationStats | None = None
 
-    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """`model.generate`'s LongTensor (or, with return_dict_in_generate, its output object with `sequences`)."""
         unknown = sorted(set(kwargs) - set(SUPPORTED_GENERATE_ARGS))
         if unknown:
             raise ValueError(
@@ -420,17 +428,21 @@ class EarlyExitGenerator:
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             do_sample=bool(config.do_sample), sampling=self.sampling,
             temperature=config.temperature if config.temperature is not None else 1.0,
-            top_k=config.top_k, top_p=config.top_p, seed=self.seed, streamer=kwargs.get("streamer"), head=self.head,
-            capture=self.capture,
+            top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, seed=self.seed,
+            streamer=kwargs.get("streamer"), head=self.head, capture=self.capture,
         )  # fmt: skip
         self.last_stats = result.stats
+        if config.return_dict_in_generate:
+            from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+            return GenerateDecoderOnlyOutput(sequences=result.sequences)
         return result.sequences
 
     def _generation_config(self, kwargs: dict[str, Any]):
         """The model's generation config, overridden by `generation_config` and then by the keyword arguments."""
         config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
         for key, value in kwargs.items():
-            if key not in ("attention_mask", "streamer", "generation_config"):
+            if key not in ("attention_mask", "streamer", "generation_config", "use_cache"):
                 setattr(config, key, value)
         defaults = getattr(type(config), "_get_default_generation_params", None)  # transformers >= 5
         for key, value in (defaults() if defaults else {}).items():

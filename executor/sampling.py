@@ -15,7 +15,7 @@
   test, causality), so every kept decision sees fresh uniform noise and the output distribution is exact, while the
   whole verdict runs on the device (`rejection_verdicts`): no generator state, capturable in a CUDA graph.
 
-Warping follows HF's order: min-new-tokens (EOS masked), temperature, top-k, top-p.
+Warping follows HF's order: min-new-tokens (EOS masked), temperature, top-k, top-p, min-p.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class SamplingConfig:
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
+    min_p: float | None = None  # HF's MinPLogitsWarper: drop tokens below min_p times the top token's probability
 
     def __post_init__(self) -> None:
         if self.mode not in SAMPLING_MODES:
@@ -50,6 +51,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
@@ -97,7 +100,7 @@ def uniform_noise(seed: int | torch.Tensor, positions: torch.Tensor, salt: int) 
 
 
 def warp(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """Temperature, top-k, top-p over the last dim, as HF's warpers do (removed tokens get -inf)."""
+    """Temperature, top-k, top-p, min-p over the last dim, as HF's warpers do (removed tokens get -inf)."""
     scores = logits / config.temperature if config.temperature != 1.0 else logits
     if config.top_k:
         kth = torch.topk(scores, min(config.top_k, scores.shape[-1])).values[..., -1:]
@@ -107,6 +110,9 @@ def warp(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
         remove_sorted = sorted_scores.softmax(-1).cumsum(-1) <= 1 - config.top_p
         remove_sorted[..., -1:] = False  # keep at least one token
         scores = scores.masked_fill(remove_sorted.scatter(-1, order, remove_sorted), float("-inf"))
+    if config.min_p is not None:  # the top token always stays: its probability is the threshold's scale
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < config.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return scores
 
 

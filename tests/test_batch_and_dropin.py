@@ -142,12 +142,37 @@ def test_hf_text_streamer_works(model, capsys):
         (dict(output_scores=True), "unsupported generate argument"),
         (dict(generation_config=GenerationConfig(num_beams=3)), "num_beams=3 is not supported"),
         (dict(generation_config=GenerationConfig(repetition_penalty=1.2)), "repetition_penalty"),
+        (dict(generation_config=GenerationConfig(dola_layers="low")), "dola_layers"),
+        (dict(generation_config=GenerationConfig(top_h=0.4)), "top_h"),
+        (dict(generation_config=GenerationConfig(max_time=1.0)), "max_time"),
+        (dict(return_dict_in_generate=True, generation_config=GenerationConfig(output_scores=True)), "output_scores"),
         (dict(attention_mask=torch.tensor([[1, 0, 1]])), "not left padding"),
     ],
 )
 def test_unsupported_arguments_raise(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         executor.EarlyExitGenerator(model, exit_layer=2).generate(torch.tensor([[3, 4, 5]]), **kwargs)
+
+
+def test_return_dict_in_generate_and_use_cache_like_hf(model):
+    """`**inputs`-style calls: use_cache is accepted (the tokens do not depend on it), return_dict_in_generate gives
+    HF's output object with the same `sequences`."""
+    ids = torch.tensor([[3, 4, 5], [9, 1, 2]])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=9, use_cache=True, return_dict_in_generate=True)
+    expected = model.generate(input_ids=ids, do_sample=False, pad_token_id=0, **kwargs)
+    for method in ("ar", "eesd"):
+        got = executor.EarlyExitGenerator(model, method=method, exit_layer=2).generate(input_ids=ids, **kwargs)
+        assert type(got) is type(expected) and got.sequences.tolist() == expected.sequences.tolist()
+    plain = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, max_new_tokens=9, use_cache=False)
+    assert torch.equal(plain, expected.sequences)
+
+
+def test_min_p_sampling_drop_in_equals_ar(model):
+    ids = torch.tensor([[3, 4, 5]])
+    kwargs = dict(max_new_tokens=12, do_sample=True, min_p=0.2, temperature=1.4)
+    eesd = executor.EarlyExitGenerator(model, exit_layer=2, seed=3).generate(ids, **kwargs)
+    ar = executor.EarlyExitGenerator(model, method="ar", seed=3).generate(ids, **kwargs)
+    assert eesd.tolist() == ar.tolist()
 
 
 def test_model_generation_config_sampling_defaults_apply(model):

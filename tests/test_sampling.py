@@ -24,6 +24,7 @@ def sampling_cases(draw):
         temperature=draw(st.sampled_from([0.3, 0.7, 1.0, 1.5])),
         top_k=draw(st.sampled_from([None, 0, 1, 5, 50])),
         top_p=draw(st.sampled_from([None, 0.5, 0.9, 1.0])),
+        min_p=draw(st.sampled_from([None, 0.0, 0.05, 0.3])),
         seed=draw(st.integers(0, 2**20)),
         max_new_tokens=draw(st.integers(1, 30)),
     )
@@ -84,6 +85,7 @@ def test_exact_sampling_follows_the_distribution():
 
 def test_warp_matches_hf_warpers():
     from transformers.generation.logits_process import (
+        MinPLogitsWarper,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
@@ -96,6 +98,12 @@ def test_warp_matches_hf_warpers():
     for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(12), TopPLogitsWarper(0.8)):
         expected = warper(None, expected)
     assert torch.equal(warp(scores, config), expected)
+    for min_p in (0.0, 0.1, 0.5, 1.0):  # after temperature and top-p, as HF orders them
+        config = SamplingConfig(do_sample=True, temperature=0.7, top_p=0.9, min_p=min_p)
+        expected = scores
+        for warper in (TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9), MinPLogitsWarper(min_p)):
+            expected = warper(None, expected)
+        assert torch.equal(warp(scores, config), expected)
 
 
 # --- rejection sampling: distribution preservation, with a test that has power ------------------------------
@@ -214,8 +222,10 @@ def test_rejection_sampling_end_to_end_joint_distribution():
     assert chi_square(counts, joint, min_expected=5) < 37.7  # df <= 15, 0.999 quantile
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=0), dict(top_k=-1), dict(top_p=0.0), dict(sampling="nucleus")])
+@pytest.mark.parametrize(
+    "bad", [dict(temperature=0), dict(top_k=-1), dict(top_p=0.0), dict(min_p=1.5), dict(sampling="nucleus")]
+)
 def test_bad_sampling_arguments(bad):
     model = tiny_model(TinySpec())
-    with pytest.raises(ValueError, match="temperature|top_k|top_p|sampling"):
+    with pytest.raises(ValueError, match="temperature|top_k|top_p|min_p|sampling"):
         executor.generate(model, [1], do_sample=True, **bad)
