@@ -249,6 +249,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
+    repetition_penalty: float | None = None,
     seed: int = 0,
     streamer: Any = None,
     head: Any = None,
@@ -310,7 +311,11 @@ def generate(
     forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-    config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed, min_p)
+    config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty)
+    if config.penalized and method == "ppsd":
+        raise ValueError("repetition_penalty is supported by methods 'ar' and 'eesd', not 'ppsd'")
+    if config.penalized and accept_pattern is not None:
+        raise ValueError("accept_pattern (forced acceptance) cannot be combined with repetition_penalty")
     eos = _eos_ids(eos_token_id)
     cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
     policies = _policies(policy if policy is not None else f"fixed:{draft_len}", len(prompts), seed, cost_ratio)
@@ -326,6 +331,7 @@ def generate(
         exit_head = resolve_head(head, adapter, exit_layer) if method == "eesd" else None
         setup = PassSetup(method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture)
         passes = setup.passes(adapter, prompts, max_new_tokens)
+        passes.selector.start(prompts)  # a repetition penalty's context: the prompts (HF leaves padding out)
         stats.capture = passes.capture
         if method == "ar":
             every = sync_every if sync_every is not None else (1 if passes.capture == "none" else AR_SYNC_CAPTURED)
@@ -350,7 +356,8 @@ def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.
 # model.generate arguments the drop-in understands; anything else raises instead of being ignored
 SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
-    "do_sample", "temperature", "top_k", "top_p", "min_p", "generation_config", "streamer", "max_length",
+    "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "generation_config", "streamer",
+    "max_length",
     "use_cache", "return_dict_in_generate",
 )  # fmt: skip
 # use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
@@ -358,7 +365,7 @@ SUPPORTED_GENERATE_ARGS = (
 
 # generation_config fields that change the result if set away from these values, and that we do not implement
 _UNSUPPORTED_CONFIG = {
-    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
+    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "suppress_tokens": None, "begin_suppress_tokens": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0,
@@ -428,7 +435,8 @@ class EarlyExitGenerator:
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             do_sample=bool(config.do_sample), sampling=self.sampling,
             temperature=config.temperature if config.temperature is not None else 1.0,
-            top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, seed=self.seed,
+            top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, repetition_penalty=config.repetition_penalty,
+            seed=self.seed,
             streamer=kwargs.get("streamer"), head=self.head, capture=self.capture,
         )  # fmt: skip
         self.last_stats = result.stats

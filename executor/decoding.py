@@ -185,7 +185,9 @@ def prefill_rows(
         head.prefill(hidden, step, cache)
         hidden = adapter.forward_layers(hidden, step, cache, exit_layer, adapter.num_layers)
     last = hidden[torch.arange(len(lengths)), torch.tensor(lengths) - 1].unsqueeze(1)  # [B, 1, d]
-    first = selector.select(adapter.logits(last), _column(lengths, adapter.device))[:, 0].tolist()
+    chosen = selector.select(adapter.logits(last), _column(lengths, adapter.device))  # [B, 1]
+    selector.note(chosen)
+    first = chosen[:, 0].tolist()
     cache.rollback(lengths)
     rows.tokens = list(first)
     rows.positions = list(lengths)
@@ -264,7 +266,7 @@ def verify_pass(passes: Passes, rows: Rows, k: int, counts: list[int]) -> None:
     (rejection sampling also takes the verdicts there, given each row's own draft count)."""
     adapter, cache = passes.adapter, passes.cache
     passes.load(None, rows.positions, k + 1)
-    if passes.rejection:
+    if passes.counts is not None:
         upload(passes.counts, counts)
     cache.claim(passes.layers_early(), [p + k for p in rows.positions], 1)
     cache.claim(range(passes.exit_layer, adapter.num_layers), rows.positions, k + 1)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
@@ -165,12 +166,19 @@ class Passes:
         self.ar_cursor = torch.zeros(1, **long)
         self.exit_states = torch.zeros(batch, max_draft + 1, hidden_size, dtype=adapter.dtype, device=device)
         self.probs: dict[int, torch.Tensor] = {}
+        vocab = adapter.lm_head.weight.shape[0]
+        self.penalized = selector.penalized
+        # each row's own draft count: an input of the verify pass where it judges on the device
+        self.counts = torch.zeros(batch, **long) if self.rejection or self.penalized else None
         if self.rejection:
-            vocab, k = adapter.lm_head.weight.shape[0], max(max_draft, 1)
+            k = max(max_draft, 1)
             self.draft_prob = torch.zeros(batch, vocab, dtype=torch.float64, device=device)
             self.draft_probs = torch.zeros(batch, k, vocab, dtype=torch.float64, device=device)
-            self.counts = torch.zeros(batch, **long)
             self.verdicts = torch.zeros(batch, 2, **long)
+        if self.penalized:  # repetition penalty: the committed text's tokens, and a draft step's (+ earlier drafts)
+            selector.track(vocab)
+            self.draft_seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+            self.draft_context = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
         self._passes: dict[tuple[str, int], StaticPass] = {}
         if capture == "compile":
             for tensor in self._static_tensors():
@@ -204,7 +212,11 @@ class Passes:
         buffers += [self.history, self.ar_cursor]
         buffers += [*self.positions.values(), *self.tokens.values(), self.selector.prompt_lens, self.selector.seed]
         if self.rejection:
-            buffers += [self.draft_prob, self.draft_probs, self.counts, self.verdicts]
+            buffers += [self.draft_prob, self.draft_probs, self.verdicts]
+        if self.counts is not None:
+            buffers.append(self.counts)
+        if self.penalized:
+            buffers += [self.selector.seen, self.draft_seen, self.draft_context]
         return buffers + self.cache.keys + self.cache.values
 
     # ------------------------------------------------------------------------------------------------ the passes
@@ -223,7 +235,8 @@ class Passes:
         """Layers [0, E) over `ids` (the last draft) at positions[k + 1][:, -1], into exit_states[:, k]; then layers
         [E, L) over exit_states[:, :k + 1] at positions[k + 1]: tokens[k + 1] (or probs[k + 1]) <- the full model's;
         draft_cursor <- 0 for the next round."""
-        self.run("verify", k + 1, lambda: self._verify(k))
+        advance = (lambda: self._verify_advance(k)) if self.penalized else None
+        self.run("verify", k + 1, lambda: self._verify(k), advance)
 
     def _ar(self) -> None:
         adapter, step = self.adapter, self.steps[1]
@@ -231,6 +244,7 @@ class Passes:
         self.tokens[1].copy_(self.selector.select(adapter.logits(hidden), step.positions + 1))
 
     def _ar_advance(self) -> None:
+        self.selector.note(self.tokens[1])
         self.ids.copy_(self.tokens[1])
         self.positions[1].add_(1)
         self.history.index_copy_(1, self.ar_cursor, self.tokens[1])
@@ -246,16 +260,23 @@ class Passes:
         self.hidden.copy_(hidden)
         logits = self.head(hidden, step, self.cache)
         targets = step.positions + 1
+        context = None
+        if self.penalized:  # the committed text at a round's first draft step, plus the earlier drafts after it
+            self.draft_context.copy_(torch.where(self.draft_cursor == 0, self.selector.seen, self.draft_seen))
+            context = self.draft_context.unsqueeze(1)
         if self.rejection:
-            self.draft_prob.copy_(self.selector.probs(logits, targets)[:, 0])
+            self.draft_prob.copy_(self.selector.probs(logits, targets, context)[:, 0])
             self.tokens[1].copy_(self.selector.sample(self.draft_prob.unsqueeze(1), targets, DRAFT_SALT))
         else:
-            self.tokens[1].copy_(self.selector.select(logits, targets))
+            self.tokens[1].copy_(self.selector.select(logits, targets, context))
         if self.want_confidence:  # the top probability of the distribution the draft came from (warped if sampling)
-            probs = self.draft_prob if self.rejection else self.selector.probs(logits.float(), targets)[:, 0]
+            probs = self.draft_prob if self.rejection else self.selector.probs(logits.float(), targets, context)[:, 0]
             self.confidence.copy_(probs.amax(-1))
 
     def _draft_advance(self) -> None:
+        if self.penalized:
+            self.draft_seen.copy_(self.draft_context)
+            self.draft_seen.scatter_(1, self.tokens[1], True)
         self.exit_states.index_copy_(1, self.draft_cursor, self.hidden)
         self.drafts.index_copy_(1, self.draft_cursor, self.tokens[1])
         if self.rejection:
@@ -274,16 +295,41 @@ class Passes:
         states = self.exit_states[:, :q]
         adapter = self.adapter
         logits = adapter.logits(adapter.forward_layers(states, step, self.cache, self.exit_layer, adapter.num_layers))
+        context = self._verify_context(k) if self.penalized else None
         if self.rejection:
             targets = step.positions + 1
-            self.probs[q] = probs = self.selector.probs(logits, targets)  # a static output when captured
+            self.probs[q] = probs = self.selector.probs(logits, targets, context)  # a static output when captured
             verdict = rejection_verdicts(
                 self.selector, self.drafts[:, :k], self.draft_probs[:, :k], probs, self.counts, targets
             )
             self.verdicts.copy_(torch.stack(verdict, dim=1))
         else:
-            self.tokens[q].copy_(self.selector.select(logits, step.positions + 1))
+            self.tokens[q].copy_(self.selector.select(logits, step.positions + 1, context))
         self.draft_cursor.zero_()
+
+    def _verify_context(self, k: int) -> torch.Tensor:
+        """[B, k + 1, V]: position j of the verify pass follows the committed text and drafts d_1 .. d_j."""
+        seen = self.selector.seen.unsqueeze(1)
+        if k == 0:
+            return seen
+        drafted = F.one_hot(self.drafts[:, :k], seen.shape[-1]).to(torch.int32).cumsum(1) > 0  # [B, k, V]
+        return torch.cat([seen, seen | drafted], dim=1)
+
+    def _verify_advance(self, k: int) -> None:
+        """The round's committed tokens (accepted drafts, then the full model's token) join `seen`, judged on the
+        device as the host will judge them (the same equality or rejection verdict)."""
+        if self.rejection:
+            accepted, token = self.verdicts[:, 0], self.verdicts[:, 1]
+        else:
+            full = self.tokens[k + 1]
+            own = torch.arange(k, device=full.device) < self.counts.unsqueeze(1)
+            accepted = ((self.drafts[:, :k] == full[:, :k]) & own).to(torch.int64).cumprod(-1).sum(-1)
+            token = full.gather(1, accepted.unsqueeze(1)).squeeze(1)
+        kept = torch.arange(k, device=token.device) < accepted.unsqueeze(1)  # [B, k]
+        if k:
+            hits = F.one_hot(self.drafts[:, :k], self.selector.seen.shape[-1]).bool() & kept.unsqueeze(-1)
+            self.selector.seen.logical_or_(hits.any(1))
+        self.selector.note(token.unsqueeze(1))
 
 
 def upload(buffer: torch.Tensor, values: list) -> None:

@@ -15,7 +15,8 @@
   test, causality), so every kept decision sees fresh uniform noise and the output distribution is exact, while the
   whole verdict runs on the device (`rejection_verdicts`): no generator state, capturable in a CUDA graph.
 
-Warping follows HF's order: min-new-tokens (EOS masked), temperature, top-k, top-p, min-p.
+Processing follows HF's order: repetition penalty (over the tokens the position's context holds, prompt included),
+min-new-tokens (EOS masked), then, when sampling, temperature, top-k, top-p, min-p.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ class SamplingConfig:
     top_p: float | None = None
     seed: int = 0
     min_p: float | None = None  # HF's MinPLogitsWarper: drop tokens below min_p times the top token's probability
+    repetition_penalty: float | None = None  # HF's: a seen token's logit / penalty (x penalty if negative); greedy too
 
     def __post_init__(self) -> None:
         if self.mode not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.mode!r}")
+        penalty = self.repetition_penalty
+        if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty <= 0):
+            raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
         if not self.do_sample:
             return
         if not self.temperature > 0:
@@ -59,6 +64,15 @@ class SamplingConfig:
     @property
     def kind(self) -> str:
         return self.mode if self.do_sample else "greedy"
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's RepetitionPenaltyLogitsProcessor: where `seen` [.., V] (broadcast), logit / penalty, or x penalty if < 0."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +148,9 @@ class TokenSelector:
 
     Everything it reads per call lives in device tensors made once (prompt lengths, seed, EOS ids), so selection
     can run inside a captured CUDA graph; `restart` refills them for the next generation with the same shapes.
+    With a repetition penalty, `seen` [B, V] (bool, made by `track`) holds the tokens of each row's committed text
+    (as HF, which leaves a row's left padding out): `start` fills it from the prompts, `note` adds emitted tokens, and a
+    pass that predicts positions past uncommitted drafts passes its own `context` instead.
     """
 
     def __init__(
@@ -145,29 +162,59 @@ class TokenSelector:
         self.prompt_lens = torch.tensor(prompt_lens, device=device).unsqueeze(1)  # [B, 1]
         self.seed = torch.tensor(config.seed, dtype=torch.int64, device=device)
         self.eos = torch.tensor(self.eos_ids, dtype=torch.int64, device=device) if self.eos_ids else None
+        self.seen: torch.Tensor | None = None
         self.restart(prompt_lens, config.seed)
+
+    @property
+    def penalized(self) -> bool:
+        return self.config.penalized
+
+    def track(self, vocab: int) -> None:
+        """Allocate `seen` (once, before any capture) when the config has a repetition penalty."""
+        if self.penalized and self.seen is None:
+            self.seen = torch.zeros(self.prompt_lens.shape[0], vocab, dtype=torch.bool, device=self.prompt_lens.device)
+
+    def start(self, prompts: list[list[int]]) -> None:
+        """`seen` <- the tokens of each row's prompt (no padding)."""
+        if self.seen is not None:
+            width = max(len(p) for p in prompts)
+            rows = torch.tensor([p + p[:1] * (width - len(p)) for p in prompts], device=self.seen.device)
+            self.seen.zero_()
+            self.seen.scatter_(1, rows, True)
+
+    def note(self, tokens: torch.Tensor) -> None:
+        """Committed tokens [B, n] (device) join `seen`."""
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens, True)
 
     def restart(self, prompt_lens: list[int], seed: int) -> None:
         """A new generation with these prompt lengths and seed (same rows, sampling settings and EOS ids)."""
         self.prompt_lens.copy_(torch.tensor(prompt_lens).unsqueeze(1))
         self.seed.fill_(seed)
 
-    def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Processed and warped scores [B, q, V] for the tokens at absolute positions `targets` [B, q]."""
+    def scores(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Processed and warped scores [B, q, V] for the tokens at absolute positions `targets` [B, q]. `context`
+        (bool, broadcast to [B, q, V]) is what the repetition penalty sees; default the committed text, `seen`."""
         if targets.shape[0] != self.prompt_lens.shape[0]:
             raise ValueError(f"selector built for {self.prompt_lens.shape[0]} rows, got {targets.shape[0]}")
+        if self.penalized:
+            if context is None and self.seen is None:
+                raise RuntimeError("repetition penalty without a context: call track(vocab) and start(rows) first")
+            seen = context if context is not None else self.seen.unsqueeze(1)
+            logits = penalize(logits, seen, float(self.config.repetition_penalty))
         logits = mask_eos(logits, targets - self.prompt_lens, self.min_new_tokens, self.eos)
         return warp(logits, self.config) if self.config.do_sample else logits
 
-    def probs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.scores(logits.to(torch.float64) if self.config.do_sample else logits, targets).softmax(-1)
+    def probs(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        logits = logits.to(torch.float64) if self.config.do_sample else logits
+        return self.scores(logits, targets, context).softmax(-1)
 
-    def select(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def select(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, q]: greedy, exact (Gumbel-max keyed by target position) or a plain sample (rejection mode)."""
         kind = self.config.kind
         if kind == "greedy":
-            return self.scores(logits, targets).argmax(-1)
-        scores = self.scores(logits.to(torch.float64), targets)
+            return self.scores(logits, targets, context).argmax(-1)
+        scores = self.scores(logits.to(torch.float64), targets, context)
         if kind == "exact":
             return (scores + gumbel_noise(self.seed, targets, scores.shape[-1])).argmax(-1)
         return self.sample(scores.softmax(-1), targets, SAMPLE_SALT)

@@ -36,14 +36,17 @@ def batch_cases(draw):
     max_new_tokens=st.integers(1, 24),
     min_new_tokens=st.integers(0, 6),
     eos_pick=st.integers(0, 200),
+    penalty=st.sampled_from([1.0, 1.0, 0.8, 1.4]),
 )
-def test_batch_equals_hf_greedy_per_row(case, draft_len, max_new_tokens, min_new_tokens, eos_pick):
+def test_batch_equals_hf_greedy_per_row(case, draft_len, max_new_tokens, min_new_tokens, eos_pick, penalty):
+    """Also with HF's repetition penalty: each row's context is its own prompt (padding left out, as HF does), its
+    committed tokens, and, inside a round, the drafts before the position judged."""
     model, spec, exit_layer, prompts = case
     ids, mask = left_pad(prompts)
     eos = 1 + eos_pick % (spec.vocab - 1)  # a frequent-enough token so that some rows stop early
     kwargs = dict(
         attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
-        pad_token_id=PAD,
+        pad_token_id=PAD, repetition_penalty=penalty,
     )  # fmt: skip
     expected = model.generate(ids, do_sample=False, **kwargs)
     for method in ("ar", "eesd"):
@@ -141,7 +144,7 @@ def test_hf_text_streamer_works(model, capsys):
         (dict(num_beams=4), "unsupported generate argument"),
         (dict(output_scores=True), "unsupported generate argument"),
         (dict(generation_config=GenerationConfig(num_beams=3)), "num_beams=3 is not supported"),
-        (dict(generation_config=GenerationConfig(repetition_penalty=1.2)), "repetition_penalty"),
+        (dict(generation_config=GenerationConfig(no_repeat_ngram_size=2)), "no_repeat_ngram_size"),
         (dict(generation_config=GenerationConfig(dola_layers="low")), "dola_layers"),
         (dict(generation_config=GenerationConfig(top_h=0.4)), "top_h"),
         (dict(generation_config=GenerationConfig(max_time=1.0)), "max_time"),

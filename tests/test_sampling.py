@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
 
 import executor
-from executor.sampling import DRAFT_SALT, SamplingConfig, TokenSelector, gumbel_noise, rejection_verdicts, warp
+from executor.sampling import (
+    DRAFT_SALT,
+    SamplingConfig,
+    TokenSelector,
+    gumbel_noise,
+    penalize,
+    rejection_verdicts,
+    warp,
+)
 
 POLICIES = ["fixed:3", "heuristic", "confidence:0.3", "beta-ts", "calibration-ts"]
 
@@ -25,6 +33,7 @@ def sampling_cases(draw):
         top_k=draw(st.sampled_from([None, 0, 1, 5, 50])),
         top_p=draw(st.sampled_from([None, 0.5, 0.9, 1.0])),
         min_p=draw(st.sampled_from([None, 0.0, 0.05, 0.3])),
+        repetition_penalty=draw(st.sampled_from([None, 1.0, 0.8, 1.3])),
         seed=draw(st.integers(0, 2**20)),
         max_new_tokens=draw(st.integers(1, 30)),
     )
@@ -186,32 +195,39 @@ def test_rejection_mode_end_to_end_runs_and_emits_valid_tokens():
     assert sum(result.stats.accepted) > 0
 
 
-def test_rejection_sampling_end_to_end_joint_distribution():
+@pytest.mark.parametrize("penalty", [None, 3.0])
+def test_rejection_sampling_end_to_end_joint_distribution(penalty):
     """The whole EESD path: (first, second) new tokens follow the full model's joint distribution.
 
     With max_new_tokens=3 the second token is decided by a real draft + verify round (accepted draft or the
-    residual resample), so this checks the rejection path end to end, chi-square over the 16 cells.
+    residual resample), so this checks the rejection path end to end, chi-square over the 16 cells. With a
+    repetition penalty, each distribution is the penalised one over its own context (the prompt, then also the
+    first token): the draft's q and the verify pass's p must each see the right one.
     """
     vocab, n, temperature = 4, 3000, 1.0
     model = tiny_model(TinySpec(vocab=vocab, num_layers=2, seed=2))
     with torch.no_grad():
         model.lm_head.weight.mul_(25.0)  # peaked distributions, and the exit head's q differs from p
-    prompt = [1, 2, 3]
+    prompt = [1, 2, 2]
+
+    def dist(context: list[int]) -> torch.Tensor:
+        logits = model(torch.tensor([context])).logits[0, -1].double()
+        if penalty is not None:
+            seen = torch.zeros(vocab, dtype=torch.bool)
+            seen[context] = True
+            logits = penalize(logits, seen, penalty)
+        return (logits / temperature).softmax(-1)
+
     with torch.no_grad():
-        first = (model(torch.tensor([prompt])).logits[0, -1].double() / temperature).softmax(-1)
-        second = torch.stack(
-            [
-                (model(torch.tensor([prompt + [t]])).logits[0, -1].double() / temperature).softmax(-1)
-                for t in range(vocab)
-            ]
-        )
+        first = dist(prompt)
+        second = torch.stack([dist(prompt + [t]) for t in range(vocab)])
     joint = (first.unsqueeze(1) * second).flatten()
     counts = torch.zeros(vocab * vocab, dtype=torch.float64)
     drafted = accepted = 0
     for seed in range(n):
         out = executor.generate(
             model, prompt, method="eesd", exit_layer=1, do_sample=True, sampling="rejection", max_new_tokens=3,
-            seed=seed, temperature=temperature, draft_len=1,
+            seed=seed, temperature=temperature, draft_len=1, repetition_penalty=penalty,
         )  # fmt: skip
         t1, t2 = out.sequences[0, 3:5].tolist()
         counts[t1 * vocab + t2] += 1
@@ -223,9 +239,14 @@ def test_rejection_sampling_end_to_end_joint_distribution():
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(temperature=0), dict(top_k=-1), dict(top_p=0.0), dict(min_p=1.5), dict(sampling="nucleus")]
-)
+    "bad",
+    [
+        dict(temperature=0), dict(top_k=-1), dict(top_p=0.0), dict(min_p=1.5), dict(sampling="nucleus"),
+        dict(repetition_penalty=0.0), dict(repetition_penalty=1.2, method="ppsd"),
+        dict(repetition_penalty=1.2, method="eesd", accept_pattern=0.5),
+    ],
+)  # fmt: skip
 def test_bad_sampling_arguments(bad):
     model = tiny_model(TinySpec())
-    with pytest.raises(ValueError, match="temperature|top_k|top_p|min_p|sampling"):
+    with pytest.raises(ValueError, match="temperature|top_k|top_p|min_p|sampling|repetition_penalty"):
         executor.generate(model, [1], do_sample=True, **bad)
