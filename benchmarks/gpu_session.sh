@@ -2,7 +2,8 @@
 # Issue 8's GPU measurements on the lent box in as few device calls as the 64 MiB-per-call carry allows.
 #
 # The box has torch and transformers but no hub, no `gguf` and no `simpy`; SmolLM2-135M's GGUF (92 MiB) travels in
-# two chunks, one per call, and the machine stays warm only 30 s after a call, so issue call 2 right after call 1.
+# two chunks, one per call, and the machine stays warm only 30 s after a call, so issue call 2 right after call 1
+# (prepare both calls' arguments beforehand; `bench` exits with 3 at once if the box went back in between).
 # Everything a call measures is written under $OUT as it goes (a run cut short keeps its rows).
 #
 #   here:    bash benchmarks/gpu_session.sh prepare        # .carry/smollm2-135m/part-00{0,1} + manifest, .carry/wheels
