@@ -7,7 +7,9 @@ per-head q/k norms (Qwen3, Gemma 3) and sliding windows (Mistral, some Qwen2 lay
 model itself: a norm after attention and one after the MLP (`post_attention_layernorm` then `pre_feedforward_layernorm`
 / `post_feedforward_layernorm`), a rotary embedding per layer type (local sliding layers and global layers have
 their own base), its attention scale (`query_pre_attn_scalar`), a scaled embedding (inside its module) and an
-optional final logit soft-cap. Another architecture with the same layout can be added to `SUPPORTED_ARCHITECTURES`.
+optional final logit soft-cap. Phi-3 fuses the q, k, v projections (`qkv_proj`) and may rotate only the first part
+of each head (`partial_rotary_factor`: the rotary table is narrower than the head). Another architecture with the
+same layout can be added to `SUPPORTED_ARCHITECTURES`.
 
 The adapter never copies a weight: it calls the model's own modules (`embed_tokens`, each layer's projections,
 norms and MLP, `norm`, `lm_head`) and only replaces the attention kernel, so that keys and values go into our
@@ -29,6 +31,7 @@ from executor.kv_cache import KVCache
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
 )  # fmt: skip
 
 
@@ -67,6 +70,15 @@ class Step:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [B, H, q, D] by cos/sin [B, 1, q, R]: the first R dims rotate (R < D: partial rotary)."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    head, tail = x[..., :rotary], x[..., rotary:]
+    return torch.cat([head * cos + _rotate_half(head) * sin, tail], dim=-1)
 
 
 def _layer_windows(config, num_layers: int) -> list[int | None]:
@@ -208,18 +220,28 @@ def self_attention(
 ) -> torch.Tensor:
     batch, q, _ = hidden.shape
     head_dim = attn.head_dim
-    query = attn.q_proj(hidden).view(batch, q, -1, head_dim)  # [B, q, H, D]
-    key = attn.k_proj(hidden).view(batch, q, -1, head_dim)  # [B, q, Hkv, D]
-    value = attn.v_proj(hidden).view(batch, q, -1, head_dim).transpose(1, 2)  # [B, Hkv, q, D]
+    query, key, value = _projections(attn, hidden)
+    query = query.view(batch, q, -1, head_dim)  # [B, q, H, D]
+    key = key.view(batch, q, -1, head_dim)  # [B, q, Hkv, D]
+    value = value.view(batch, q, -1, head_dim).transpose(1, 2)  # [B, Hkv, q, D]
     if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: RMS norm per head before the rotation
         query, key = attn.q_norm(query), attn.k_norm(key)
     cos, sin = (t.unsqueeze(1) for t in rotary)  # [B, 1, q, D]
     query, key = query.transpose(1, 2), key.transpose(1, 2)
-    query = query * cos + _rotate_half(query) * sin
-    key = key * cos + _rotate_half(key) * sin
+    query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
     cache.write(index, step, key, value)
     keys, values = cache.view(index, step.kv_len)  # [B, Hkv, kv_len, D]
     out = F.scaled_dot_product_attention(
         query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=keys.shape[1] != query.shape[1]
     )
     return attn.o_proj(out.transpose(1, 2).reshape(batch, q, -1))
+
+
+def _projections(attn: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value [B, q, heads * D]: three projections, or Phi-3's fused `qkv_proj` split in that order."""
+    if not hasattr(attn, "qkv_proj"):
+        return attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)
+    qkv = attn.qkv_proj(hidden)
+    kv_width = attn.num_key_value_heads * attn.head_dim
+    query_width = qkv.shape[-1] - 2 * kv_width
+    return qkv.split([query_width, kv_width, kv_width], dim=-1)

@@ -45,6 +45,7 @@ MODELS: dict[str, ModelConfig] = {
         ModelConfig("SmolLM2-135M", 30, 576, 9, 3, 1536, 49152),
         ModelConfig("Qwen2.5-Coder-0.5B", 24, 896, 14, 2, 4864, 151936),
         ModelConfig("Gemma-3-270M", 18, 640, 4, 1, 2048, 262144, head_size=256),
+        ModelConfig("Phi-3-mini", 32, 3072, 32, 32, 8192, 32064),
         ModelConfig("Llama-2-7B", 32, 4096, 32, 32, 11008, 32000),
         ModelConfig("Llama-2-13B", 40, 5120, 40, 40, 13824, 32000),
         ModelConfig("Llama-2-70B", 80, 8192, 64, 8, 28672, 32000),

@@ -67,7 +67,7 @@ def test_unsupported_architecture_names_the_class():
         ModelAdapter(gpt2)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_adapter_reuses_the_model_weights(arch, tied):
     model = tiny_model(TinySpec(arch=arch, tied=tied))

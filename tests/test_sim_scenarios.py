@@ -89,7 +89,7 @@ DELETE = object()
     [
         ("methd", "ar", "methd: unknown key; allowed here: ['acceptance', 'description'"),
         ("method", "magic", "method: Input should be 'ar', 'eesd' or 'ppsd' (got 'magic')"),
-        ("model", "GPT-5", "model: unknown model 'GPT-5'; known: ['Gemma-3-270M', 'Llama-2-13B'"),
+        ("model", "GPT-5", "model: unknown model 'GPT-5'; known: ['Gemma-3-270M', 'Llama-2-13B', 'Llama-2-70B'"),
         ("acceptance.alpha", 1.5, "acceptance.alpha: Input should be less than or equal to 1 (got 1.5)"),
         ("acceptance", {"alpha": 0.5, "alphas": [0.5]}, "acceptance: give exactly one of alpha, alphas, trace"),
         ("acceptance", DELETE, "acceptance: required field is missing"),

@@ -18,6 +18,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -30,6 +32,7 @@ ARCHITECTURES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
 }
 
 
@@ -63,6 +66,8 @@ def tiny_model(spec: TinySpec, dtype: torch.dtype = torch.float64) -> torch.nn.M
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
+        # Phi-3: fused qkv_proj; here rotating half of each head (Phi-4-mini style partial rotary)
+        **({"partial_rotary_factor": 0.5} if spec.arch == "phi3" else {}),
     )
     if spec.arch == "gemma3":  # sliding and global layers alternate (their own rotary bases), logits soft-capped
         config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.num_layers)]
