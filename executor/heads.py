@@ -263,4 +263,7 @@ def resolve_head(head: Any, adapter: ModelAdapter, exit_layer: int):
         if not str(head).endswith(".safetensors") and not Path(head).is_file():
             raise ValueError(f"head must be 'shared', a .safetensors head file or a head object, got {head!r}")
         return load_head(head, adapter, exit_layer)
+    trained_at = getattr(head, "exit_layer", None)
+    if exit_layer is not None and trained_at is not None and trained_at != exit_layer:
+        raise ValueError(f"the exit head was made for exit layer {trained_at}, not {exit_layer}")
     return head

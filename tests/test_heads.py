@@ -319,3 +319,10 @@ def test_ppsd_head_file_through_generate_and_distributed(trained, tiny, tmp_path
     assert (stats.ticks, stats.confirms, stats.flushes) == ticks
     with pytest.raises(ValueError, match="trained for exit layer 2, not 1"):
         generate(tiny, prompt, method="ppsd", stages=2, exit_layer=1, head=str(path), max_new_tokens=4)
+
+
+def test_a_head_object_at_another_exit_layer_is_refused(trained, tiny) -> None:
+    head = trained[0]
+    for method in ("eesd", "ppsd"):
+        with pytest.raises(ValueError, match="made for exit layer 2, not 1"):
+            generate(tiny, [1, 2, 3], method=method, exit_layer=1, head=head, max_new_tokens=4)
