@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
@@ -312,7 +311,7 @@ class Passes:
         seen = self.selector.seen.unsqueeze(1)
         if k == 0:
             return seen
-        drafted = F.one_hot(self.drafts[:, :k], seen.shape[-1]).to(torch.int32).cumsum(1) > 0  # [B, k, V]
+        drafted = _one_hot(self.drafts[:, :k], seen.shape[-1]).to(torch.int32).cumsum(1) > 0  # [B, k, V]
         return torch.cat([seen, seen | drafted], dim=1)
 
     def _verify_advance(self, k: int) -> None:
@@ -327,9 +326,14 @@ class Passes:
             token = full.gather(1, accepted.unsqueeze(1)).squeeze(1)
         kept = torch.arange(k, device=token.device) < accepted.unsqueeze(1)  # [B, k]
         if k:
-            hits = F.one_hot(self.drafts[:, :k], self.selector.seen.shape[-1]).bool() & kept.unsqueeze(-1)
+            hits = _one_hot(self.drafts[:, :k], self.selector.seen.shape[-1]) & kept.unsqueeze(-1)
             self.selector.seen.logical_or_(hits.any(1))
         self.selector.note(token.unsqueeze(1))
+
+
+def _one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Bool [.., vocab]; unlike F.one_hot, never checks the ids on the host (a sync that would break a capture)."""
+    return tokens.unsqueeze(-1) == torch.arange(vocab, device=tokens.device)
 
 
 def upload(buffer: torch.Tensor, values: list) -> None:
