@@ -126,6 +126,7 @@ class SharedExitHead:
     """The model's own final norm + LM head applied at the exit layer (LayerSkip's shared exit, no training)."""
 
     extra_layers = 0
+    cache_key: object = "shared"  # heads that decode alike share captured passes
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
@@ -138,8 +139,11 @@ class SharedExitHead:
 
 
 def head_key(head: Any) -> object:
-    """Heads that decode alike share captured passes: every shared head is one; a trained head is itself."""
-    return "shared" if head is None or isinstance(head, SharedExitHead) else id(head)
+    """Heads that decode alike share captured passes: every shared head is one, a vocabulary-subset head is its
+    subset; any other head (a trained one) is itself."""
+    if head is None:
+        return SharedExitHead.cache_key
+    return getattr(head, "cache_key", None) or id(head)
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """Exit heads: what turns the exit layer's hidden states into draft logits.
 
 - `shared`: the model's own final norm + LM head applied at the exit layer (LayerSkip's shared exit, no training).
+- `shared:N` (`SubsetExitHead`): the same over N token ids only (by default the N lowest, which BPE and SentencePiece
+  vocabularies give to their most frequent pieces; or any list). A draft step's LM head then costs N/V of the full
+  one, which matters where the vocabulary is large (Gemma 3: 262k ids, more than all its layers on a CPU). Drafts
+  are only proposals, so output is unchanged; a token outside the subset is simply never drafted.
 - trained (`TrainedExitHead`): one decoder layer of the model's own class + an RMSNorm on top of layer E, sharing
   the model's frozen LM head, trained by self-distillation (`executor.train_head`). Its layer starts as a copy of
   layer E, the layer the full model itself applies next: its input norm and projections already expect layer-E
@@ -122,6 +126,39 @@ class _HeadOnlyCache(KVCache):
         self.keys = {index: torch.zeros(shape, dtype=like.dtype, device=like.device)}
         self.values = {index: torch.zeros(shape, dtype=like.dtype, device=like.device)}
         self.lengths = {index: [0] * batch}
+
+
+class SubsetExitHead(SharedExitHead):
+    """The shared exit head over a subset of the vocabulary: logits of the other ids are -inf, so the selector,
+    the confidence policy and rejection sampling's q see a distribution over the subset only."""
+
+    def __init__(self, adapter: ModelAdapter, token_ids: torch.Tensor | list[int]) -> None:
+        super().__init__(adapter)
+        vocab = adapter.lm_head.weight.shape[0]
+        ids = torch.as_tensor(token_ids, dtype=torch.long).unique()
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"a vocabulary-subset head needs token ids in [0, {vocab}), got {ids.numel()} ids")
+        self.token_ids = ids.to(adapter.device)
+        self.vocab = vocab
+        self.weight = adapter.lm_head.weight.detach()[self.token_ids]  # [N, d], the rows it scores
+        bias = getattr(adapter.lm_head, "bias", None)
+        self.bias = bias.detach()[self.token_ids] if bias is not None else None
+        self.cache_key = ("subset", vocab, ids.numel(), hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16])
+
+    @classmethod
+    def lowest(cls, adapter: ModelAdapter, count: int) -> SubsetExitHead:
+        vocab = adapter.lm_head.weight.shape[0]
+        if not 1 <= count <= vocab:
+            raise ValueError(f"shared:N needs 1 <= N <= {vocab} (the vocabulary), got {count}")
+        return cls(adapter, torch.arange(count))
+
+    def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        adapter = self.adapter
+        logits = torch.nn.functional.linear(adapter.norm(hidden), self.weight, self.bias)
+        if adapter.logit_softcap is not None:
+            logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
+        full = logits.new_full((*logits.shape[:-1], self.vocab), float("-inf"))
+        return full.index_copy(-1, self.token_ids, logits)
 
 
 def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
@@ -256,12 +293,19 @@ def load_head(
 
 
 def resolve_head(head: Any, adapter: ModelAdapter, exit_layer: int):
-    """A head object from `None` / "shared" / a path to a head file / a head object."""
+    """A head object from `None` / "shared" / "shared:N" / a path to a head file / a head object."""
     if head is None or head == "shared":
         return SharedExitHead(adapter)
+    if isinstance(head, str) and head.startswith("shared:"):
+        count = head.removeprefix("shared:")
+        if not count.isdigit():
+            raise ValueError(f"head 'shared:N' needs a number of token ids N, got {head!r}")
+        return SubsetExitHead.lowest(adapter, int(count))
     if isinstance(head, (str, os.PathLike)):
         if not str(head).endswith(".safetensors") and not Path(head).is_file():
-            raise ValueError(f"head must be 'shared', a .safetensors head file or a head object, got {head!r}")
+            raise ValueError(
+                f"head must be 'shared', 'shared:N', a .safetensors head file or a head object, got {head!r}"
+            )
         return load_head(head, adapter, exit_layer)
     trained_at = getattr(head, "exit_layer", None)
     if exit_layer is not None and trained_at is not None and trained_at != exit_layer:

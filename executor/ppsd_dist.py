@@ -49,7 +49,7 @@ from torch import nn
 
 from executor.adapter import ModelAdapter
 from executor.decoding import SharedExitHead, TokenSink
-from executor.heads import TrainedExitHead, head_tensors, load_head
+from executor.heads import SubsetExitHead, TrainedExitHead, head_tensors, resolve_head
 from executor.kv_cache import KVCache
 from executor.passes import resolve_capture
 from executor.ppsd import (
@@ -298,24 +298,30 @@ class WorkerJob:
 
 @dataclass
 class HeadState:
-    """A trained exit head as plain tensors: rebuilt in the stage process on its pruned model."""
+    """A non-default exit head as plain tensors, rebuilt in stage 1's process on its pruned model: a trained head
+    (its layer's and norm's tensors) or a vocabulary-subset head (its token ids)."""
 
-    exit_layer: int
-    init_layer: int
-    tensors: dict[str, torch.Tensor]
+    exit_layer: int = 0
+    init_layer: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_ids: torch.Tensor | None = None
 
     @classmethod
     def of(cls, head: Any) -> HeadState | None:
-        if head is None or isinstance(head, SharedExitHead):
+        if head is None or type(head) is SharedExitHead:
             return None
+        if isinstance(head, SubsetExitHead):
+            return cls(token_ids=head.token_ids.cpu())
         if not isinstance(head, TrainedExitHead):
             raise ValueError(
-                f"the distributed backend sends the exit head to a stage process: it must be 'shared', a head file "
-                f"or a TrainedExitHead, got {type(head).__name__}"
+                f"the distributed backend sends the exit head to a stage process: it must be 'shared', 'shared:N', "
+                f"a head file or a TrainedExitHead, got {type(head).__name__}"
             )
         return cls(head.exit_layer, head.init_layer, head_tensors(head, head.adapter.dtype))
 
-    def build(self, adapter: ModelAdapter) -> TrainedExitHead:
+    def build(self, adapter: ModelAdapter) -> Any:
+        if self.token_ids is not None:
+            return SubsetExitHead(adapter, self.token_ids)
         return TrainedExitHead(adapter, self.exit_layer, self.init_layer, tensors=self.tensors).requires_grad_(False)
 
 
@@ -499,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=args.timeout_s))
     try:
         model = load_model(args.model, dtype=args.dtype, device="cpu")
-        trained = load_head(args.head, model, args.exit_layer) if args.head else None  # checked on the whole model
+        trained = resolve_head(args.head, ModelAdapter(model), args.exit_layer)  # checked on the whole model
         exit_layer = args.exit_layer if args.exit_layer is not None else getattr(trained, "exit_layer", None)
         cuts = [int(c) for c in args.stage_boundaries.split(",")] if args.stage_boundaries else None
         plan = plan_stages(len(model.model.layers), world, cuts, exit_layer)
@@ -531,7 +537,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--stage-boundaries", help="comma-separated cut points, n - 1 of them")
     parser.add_argument("--exit-layer", type=int)
-    parser.add_argument("--head", help="a trained exit head file (.safetensors) for stage 1 (default: the shared head)")
+    parser.add_argument("--head", default="shared", help="stage 1's exit head: shared | shared:N | a head file")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--do-sample", action="store_true", help="exact sampling (Gumbel-max keyed by position)")
     parser.add_argument("--temperature", type=float, default=1.0)

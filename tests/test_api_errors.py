@@ -137,7 +137,7 @@ def test_generate_wires_ppsd(model):
         (dict(stages=9), "must not exceed"),
         (dict(stage_boundaries=[3, 1]), "boundar"),
         (dict(stages=2, exit_layer=3), "stage 1"),
-        (dict(head="not-a-head"), "head must be 'shared', a .safetensors head file"),
+        (dict(head="not-a-head"), "head must be 'shared', 'shared:N', a .safetensors head file"),
         (dict(do_sample=True, sampling="rejection"), "rejection"),
     ],
 )

@@ -326,3 +326,45 @@ def test_a_head_object_at_another_exit_layer_is_refused(trained, tiny) -> None:
     for method in ("eesd", "ppsd"):
         with pytest.raises(ValueError, match="made for exit layer 2, not 1"):
             generate(tiny, [1, 2, 3], method=method, exit_layer=1, head=head, max_new_tokens=4)
+
+
+# ------------------------------------------------------------------------------------------ vocabulary-subset head
+@pytest.mark.parametrize("count", [1, 20, SPEC.vocab])
+def test_subset_head_is_lossless_and_drafts_only_its_ids(tiny, count: int) -> None:
+    from executor.decoding import head_key
+    from executor.heads import SubsetExitHead
+
+    adapter = ModelAdapter(tiny)
+    head = resolve_head(f"shared:{count}", adapter, EXIT_LAYER)
+    assert isinstance(head, SubsetExitHead) and head_key(head) == head_key(SubsetExitHead.lowest(adapter, count))
+    assert head_key(head) != head_key(None)
+    for prompt in _prompts(4, SPEC.vocab, seed=7):
+        ar = generate(tiny, prompt, method="ar", max_new_tokens=20)
+        for kwargs in ({"method": "eesd", "draft_len": 3}, {"method": "ppsd", "stages": 2}):
+            out = generate(tiny, prompt, exit_layer=EXIT_LAYER, head=f"shared:{count}", max_new_tokens=20, **kwargs)
+            assert out.sequences.tolist() == ar.sequences.tolist()
+        sampled = generate(tiny, prompt, method="ar", max_new_tokens=20, do_sample=True, seed=3)
+        eesd = generate(tiny, prompt, method="eesd", exit_layer=EXIT_LAYER, head=head, max_new_tokens=20,
+                        do_sample=True, seed=3)  # fmt: skip
+        assert eesd.sequences.tolist() == sampled.sequences.tolist()
+    hidden = torch.randn(2, 3, tiny.config.hidden_size, dtype=torch.float64)
+    logits = head(hidden, None, None)
+    full = adapter.logits(hidden)
+    torch.testing.assert_close(logits[..., :count], full[..., :count])
+    assert torch.isneginf(logits[..., count:]).all()
+
+
+def test_subset_head_in_rejection_sampling_and_distributed(tiny) -> None:
+    prompt = [3, 14, 15, 9, 26]
+    out = generate(tiny, prompt, method="eesd", exit_layer=EXIT_LAYER, head="shared:16", draft_len=2, do_sample=True,
+                   sampling="rejection", seed=5, max_new_tokens=16)  # fmt: skip
+    assert out.sequences.shape == (1, len(prompt) + 16) and int(out.sequences.max()) < SPEC.vocab
+    tokens, stats = _ppsd(tiny, prompt, "shared:16", stages=2, backend="distributed", timeout_s=120, max_new_tokens=16)
+    local_tokens, local = _ppsd(tiny, prompt, "shared:16", stages=2, max_new_tokens=16)
+    assert tokens == local_tokens and (stats.confirms, stats.flushes) == (local.confirms, local.flushes)
+
+
+@pytest.mark.parametrize("spec", ["shared:0", "shared:x", "shared:100000"])
+def test_bad_subset_head_specs(tiny, spec: str) -> None:
+    with pytest.raises(ValueError, match="shared:N"):
+        generate(tiny, [1, 2], method="eesd", exit_layer=EXIT_LAYER, head=spec, max_new_tokens=2)
