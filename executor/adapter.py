@@ -155,11 +155,14 @@ class ModelAdapter:
         return self.project(self.norm(hidden))
 
     def project(self, normed: torch.Tensor) -> torch.Tensor:
-        """LM head over normed states, soft-capped as the model caps its logits (Gemma's final_logit_softcapping)."""
-        logits = self.lm_head(normed)
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        """LM head over normed states, soft-capped as the model caps its logits."""
+        return self.softcap(self.lm_head(normed))
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's final logit soft-cap (Gemma's final_logit_softcapping), or the logits as they are."""
+        if self.logit_softcap is None:
+            return logits
+        return torch.tanh(logits / self.logit_softcap) * self.logit_softcap
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, ...]:
         """(cos, sin) [B, q, D] at `positions` for layers of rotary `kind` (see `rotary_kinds`)."""

@@ -296,9 +296,6 @@ def generate(
     prompts = split_prompts(ids, attention_mask)
     if method == "eesd" and exit_layer is None:
         head, exit_layer = _exit_from_head(adapter, head)
-    if method == "ppsd" and exit_layer is None and head not in (None, "shared"):
-        head = resolve_head(head, adapter, None)
-        exit_layer = getattr(head, "exit_layer", None)  # a trained head's own; the shared one sits at stage 1's end
     if method == "ppsd" and len(prompts) != 1:
         raise ValueError(f"method 'ppsd' decodes batch size 1, got {len(prompts)} rows")
     if not isinstance(draft_len, int) or draft_len < 1:
@@ -357,8 +354,7 @@ def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.
 SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
     "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "generation_config", "streamer",
-    "max_length",
-    "use_cache", "return_dict_in_generate",
+    "max_length", "use_cache", "return_dict_in_generate",
 )  # fmt: skip
 # use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
 # GenerateDecoderOnlyOutput holding `sequences` (scores, logits, attentions and hidden states are not kept)
@@ -436,8 +432,7 @@ class EarlyExitGenerator:
             do_sample=bool(config.do_sample), sampling=self.sampling,
             temperature=config.temperature if config.temperature is not None else 1.0,
             top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, repetition_penalty=config.repetition_penalty,
-            seed=self.seed,
-            streamer=kwargs.get("streamer"), head=self.head, capture=self.capture,
+            seed=self.seed, streamer=kwargs.get("streamer"), head=self.head, capture=self.capture,
         )  # fmt: skip
         self.last_stats = result.stats
         if config.return_dict_in_generate:

@@ -89,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(
         max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, sampling=args.sampling,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-        repetition_penalty=args.repetition_penalty,
-        capture=args.capture,
+        repetition_penalty=args.repetition_penalty, capture=args.capture,
     )  # fmt: skip
     result = generate(
         model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,

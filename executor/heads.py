@@ -106,26 +106,15 @@ class TrainedExitHead(nn.Module):
         batch, length, _ = hidden.shape
         positions = torch.arange(length, device=hidden.device).expand(batch, length)
         step = Step(positions=positions, starts=(0,) * batch)
-        cache = _HeadOnlyCache(self.index, batch, self.adapter.num_kv_heads, length, self.adapter.head_dim, hidden)
+        cache = KVCache(  # the head's layer alone: the model's layers are not run in training
+            num_layers=1, batch=batch, num_kv_heads=self.adapter.num_kv_heads, max_len=length,
+            head_dim=self.adapter.head_dim, dtype=hidden.dtype, device=hidden.device, layer_ids=[self.index],
+        )  # fmt: skip
         return self.run_layer(hidden, step, cache)
 
     def forward_sequences(self, hidden: torch.Tensor) -> torch.Tensor:
         """Teacher-forced draft logits [B, T, V] from exit-layer states [B, T, d] at positions 0..T-1."""
         return self.head_logits(self.layer_sequences(hidden))
-
-
-class _HeadOnlyCache(KVCache):
-    """A cache with buffers for the head's layer only (the model's layers are not run in training)."""
-
-    def __init__(self, index: int, batch: int, num_kv_heads: int, length: int, head_dim: int, like: torch.Tensor):
-        super().__init__(
-            num_layers=0, batch=batch, num_kv_heads=num_kv_heads, max_len=length, head_dim=head_dim,
-            dtype=like.dtype, device=like.device,
-        )  # fmt: skip
-        shape = (batch, num_kv_heads, length, head_dim)
-        self.keys = {index: torch.zeros(shape, dtype=like.dtype, device=like.device)}
-        self.values = {index: torch.zeros(shape, dtype=like.dtype, device=like.device)}
-        self.lengths = {index: [0] * batch}
 
 
 class SubsetExitHead(SharedExitHead):
@@ -154,9 +143,7 @@ class SubsetExitHead(SharedExitHead):
 
     def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         adapter = self.adapter
-        logits = torch.nn.functional.linear(adapter.norm(hidden), self.weight, self.bias)
-        if adapter.logit_softcap is not None:
-            logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
+        logits = adapter.softcap(torch.nn.functional.linear(adapter.norm(hidden), self.weight, self.bias))
         full = logits.new_full((*logits.shape[:-1], self.vocab), float("-inf"))
         return full.index_copy(-1, self.token_ids, logits)
 

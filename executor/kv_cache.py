@@ -32,7 +32,6 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        first_layer: int = 0,
         layer_ids: Sequence[int] | None = None,
     ) -> None:
         shape = (batch, num_kv_heads, max_len, head_dim)
@@ -42,11 +41,12 @@ class KVCache:
         self.batch = batch
         self.lengths = [[0] * batch for _ in range(num_layers)]
         self._rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]
-        self.first_layer = first_layer  # layers are addressed by model index; this cache holds [first, first + n)
-        if layer_ids is not None and len(layer_ids) != num_layers:
+        # layers are addressed by model index: this cache holds `layer_ids` (default 0 .. n - 1; a pipeline stage's
+        # layers and its exit head's, or a trained head's layer alone), in that order
+        layer_ids = range(num_layers) if layer_ids is None else layer_ids
+        if len(layer_ids) != num_layers:
             raise ValueError(f"layer_ids names {len(layer_ids)} layers, the cache holds {num_layers}")
-        # or exactly `layer_ids` (a pipeline stage's layers and its exit head's), in that order
-        self._slots = {layer: slot for slot, layer in enumerate(layer_ids)} if layer_ids is not None else None
+        self._slots = {layer: slot for slot, layer in enumerate(layer_ids)}
 
     @property
     def num_layers(self) -> int:
@@ -54,11 +54,9 @@ class KVCache:
 
     def slot(self, layer: int) -> int:
         """Where model layer `layer` lives in this cache's lists."""
-        if self._slots is not None:
-            if layer not in self._slots:
-                raise KeyError(f"KV cache holds layers {sorted(self._slots)}, not layer {layer}")
-            return self._slots[layer]
-        return layer - self.first_layer
+        if layer not in self._slots:
+            raise KeyError(f"KV cache holds layers {sorted(self._slots)}, not layer {layer}")
+        return self._slots[layer]
 
     def claim(self, layers: Iterable[int], starts: Sequence[int], q: int) -> None:
         """The books of a pass that writes positions start .. start + q - 1 of every row in `layers`: refuse a gap
