@@ -368,3 +368,23 @@ def test_subset_head_in_rejection_sampling_and_distributed(tiny) -> None:
 def test_bad_subset_head_specs(tiny, spec: str) -> None:
     with pytest.raises(ValueError, match="shared:N"):
         generate(tiny, [1, 2], method="eesd", exit_layer=EXIT_LAYER, head=spec, max_new_tokens=2)
+
+
+def test_ppsd_flush_rolls_back_the_heads_kv_books(trained, tiny) -> None:
+    """Stage 1's flush forgets the flushed positions in its exit head's layer too, not only in its own layers (a
+    stale prefix there would let a later write leave a gap unnoticed)."""
+    from executor.ppsd import Item, StageRunner, plan_stages
+    from executor.sampling import SamplingConfig, TokenSelector
+
+    adapter, head = ModelAdapter(tiny), trained[0]
+    cache = adapter.new_cache(1, 32, extra_layers=head.extra_layers)
+    selector = TokenSelector(SamplingConfig(), [5], 0, [], "cpu")
+    runner = StageRunner(adapter, cache, plan_stages(adapter.num_layers, 2), 0, selector, head=head)
+    with torch.inference_mode():
+        runner.prefill(None, [5, 9, 1, 33, 2])
+        runner.run(Item(5, token=7))
+        runner.run(Item(6, token=8))
+    stage_layers = [0, 1, head.index]
+    assert [cache.lengths[cache.slot(layer)] for layer in stage_layers] == [[7]] * 3
+    runner.flush(6)
+    assert [cache.lengths[cache.slot(layer)] for layer in stage_layers] == [[6]] * 3
