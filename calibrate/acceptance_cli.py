@@ -19,9 +19,12 @@ from sim.formats import write_acceptance_trace
 
 def encoded_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
     from executor.models import load_tokenizer
-    from executor.prompts import encode_prompt, load_prompts
+    from executor.prompts import encode_prompt, load_prompts, split_prompts
 
     prompts = load_prompts(args.prompts)
+    if args.split != "all":
+        split = split_prompts(prompts)
+        prompts = list(split.train if args.split == "train" else split.held_out)
     if args.num_prompts is not None:
         if args.num_prompts < 1:
             raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
@@ -69,6 +72,7 @@ def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
         **base_metadata(args.model, device, dtype),
         "head": args.head,
         "prompts": args.prompts,
+        "prompt_split": args.split,
         "num_prompts": len(traces),
         "max_new_tokens": args.max_new_tokens,
         "max_prompt_tokens": args.max_prompt_tokens,

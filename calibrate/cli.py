@@ -48,6 +48,11 @@ def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-layers", required=True, help="comma-separated exit layers, e.g. 4,8,15,22")
     p.add_argument("--prompts", default="builtin", help="builtin | humaneval | FILE.jsonl (default: builtin)")
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    p.add_argument(
+        "--split", choices=("all", "train", "held-out"), default="all",
+        help="the prompt set's split (executor.prompts.split_prompts, as train-head uses): held-out keeps prompts a "
+        "trained or subset head never saw (default: all); --num-prompts then takes the first N of it",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="keep the last N prompt tokens")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together (greedy; default: 8)")

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sim.formats import DataFile, read_acceptance_trace, read_latency_profile, write_text_atomic
+from sim.formats import (
+    DataFile,
+    read_acceptance_trace,
+    read_head_metadata,
+    read_latency_profile,
+    write_text_atomic,
+)
 from sim.models import ModelConfig
 from sim.runner import simulate_point
 from sim.scenario import Point, WorkloadConfig, exit_layer_of, load_points, model_config
@@ -366,14 +372,24 @@ def _check_dtype(path: Path, scenario_dtype: str, profile_path: Path, profile: D
 
 
 def _check_head(path: Path, exit_head: str, trace_path: Path, trace: DataFile) -> str:
+    """The trace's head, if the scenario's `exit_head` describes it: `shared` and `shared:N` by name, a head file by
+    its metadata (a vocabulary-subset file of N ids is `shared:N`, a trained head is `trained`)."""
     head = str(trace.metadata["head"])
-    if (head == "shared") != (exit_head == "shared"):
+    described = head
+    if head != "shared" and not head.startswith("shared:"):
+        try:
+            metadata = read_head_metadata(head)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(
+                f"{trace_path}: metadata.head: the head file {head!r} cannot be read from here: {err}"
+            ) from None
+        subset = metadata.get("head_architecture") == "vocab-subset"
+        described = f"shared:{metadata.get('subset_size')}" if subset else "trained"
+    if described != exit_head:
         raise ValueError(
             f"{path}: exit_head: the trace {trace_path} was recorded with head {head!r}; expected exit_head "
-            f"{'shared' if head == 'shared' else 'trained'}, got {exit_head}"
+            f"{described}, got {exit_head}"
         )
-    if head != "shared" and not Path(head).is_file():
-        raise ValueError(f"{trace_path}: metadata.head: the trained head file {head!r} is not found from here")
     return head
 
 

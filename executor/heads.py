@@ -1,10 +1,13 @@
 """Exit heads: what turns the exit layer's hidden states into draft logits.
 
 - `shared`: the model's own final norm + LM head applied at the exit layer (LayerSkip's shared exit, no training).
-- `shared:N` (`SubsetExitHead`): the same over N token ids only (by default the N lowest, which BPE and SentencePiece
+- `shared:N` (`SubsetExitHead`): the same over N token ids only (the N lowest, which BPE and SentencePiece
   vocabularies give to their most frequent pieces; or any list). A draft step's LM head then costs N/V of the full
   one, which matters where the vocabulary is large (Gemma 3: 262k ids, more than all its layers on a CPU). Drafts
   are only proposals, so output is unchanged; a token outside the subset is simply never drafted.
+- a vocabulary-subset head file (`eesd train-head --vocab-subset N`): the N ids the model itself is most likely to
+  emit on a prompt set (`executor.train_head.vocabulary_scores`), as EAGLE-3 picks its draft vocabulary. No weights
+  of its own: the file holds the ids, ranked.
 - trained (`TrainedExitHead`): one decoder layer of the model's own class + an RMSNorm on top of layer E, sharing
   the model's frozen LM head, trained by self-distillation (`executor.train_head`). Its layer starts as a copy of
   layer E, the layer the full model itself applies next: its input norm and projections already expect layer-E
@@ -18,10 +21,11 @@ its absolute positions; both run the head's layer there, so its KV (cache layer 
 every committed position, exactly what a teacher-forced pass over the committed text would hold. Rejected
 positions are overwritten next round, as in every other layer.
 
-Head files are safetensors: the layer's and the norm's tensors under `layer.` / `norm.`, and metadata (strings)
-recording the format, the model fingerprint (`model_fingerprint`), the exit layer, the architecture, a checksum of
-the tensor bytes, and how the head was trained. `load_head` refuses a file made for another model or exit layer,
-and a corrupt or truncated file, with a `ValueError` naming the file.
+Head files are safetensors: the layer's and the norm's tensors under `layer.` / `norm.` (a vocabulary-subset head:
+`token_ids`, int64, most likely first), and metadata (strings) recording the format, the model fingerprint
+(`model_fingerprint`), the exit layer (`any` for a subset head), the head architecture (`HEAD_ARCHITECTURE` or
+`SUBSET_ARCHITECTURE`), a checksum of the tensor bytes, and how the head was made. `load_head` refuses a file made
+for another model or exit layer, and a corrupt or truncated file, with a `ValueError` naming the file.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from executor.kv_cache import KVCache
 HEAD_FORMAT = "eesd-exit-head"
 HEAD_FORMAT_VERSION = "1"
 HEAD_ARCHITECTURE = "decoder-layer+rmsnorm"
+SUBSET_ARCHITECTURE = "vocab-subset"
 _CONFIG_KEYS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings",
@@ -133,6 +138,8 @@ class SubsetExitHead(SharedExitHead):
         bias = getattr(adapter.lm_head, "bias", None)
         self.bias = bias.detach()[self.token_ids] if bias is not None else None
         self.cache_key = ("subset", vocab, ids.numel(), hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16])
+        self.ranking = ids  # the ids in the order a head file stores them (most likely first, where ranked)
+        self.metadata: dict[str, str] = {}
 
     @classmethod
     def lowest(cls, adapter: ModelAdapter, count: int) -> SubsetExitHead:
@@ -140,6 +147,19 @@ class SubsetExitHead(SharedExitHead):
         if not 1 <= count <= vocab:
             raise ValueError(f"shared:N needs 1 <= N <= {vocab} (the vocabulary), got {count}")
         return cls(adapter, torch.arange(count))
+
+    @classmethod
+    def ranked(cls, adapter: ModelAdapter, scores: torch.Tensor, count: int) -> SubsetExitHead:
+        """The `count` ids of highest score (ties: the lower id), e.g. `train_head.vocabulary_scores`."""
+        vocab = adapter.lm_head.weight.shape[0]
+        if scores.shape != (vocab,):
+            raise ValueError(f"vocabulary scores must have shape ({vocab},), got {tuple(scores.shape)}")
+        if not 1 <= count <= vocab:
+            raise ValueError(f"a vocabulary subset needs 1 <= N <= {vocab} (the vocabulary), got {count}")
+        order = torch.sort(-scores.detach().double().cpu(), stable=True).indices
+        head = cls(adapter, order[:count])
+        head.ranking = order[:count]
+        return head
 
     def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         adapter = self.adapter
@@ -211,19 +231,35 @@ def save_head(
     info: dict[str, Any] | None = None,
 ) -> Path:
     """Write the head atomically as safetensors with its metadata (`info`: steps, date, prompts, ...)."""
+    own = {"exit_layer": head.exit_layer, "init_layer": head.init_layer, "dtype": str(dtype).removeprefix("torch.")}
+    return _write_head_file(path, head.adapter, HEAD_ARCHITECTURE, head_tensors(head, dtype), own, info)
+
+
+def save_subset_head(head: SubsetExitHead, path: str | os.PathLike[str], info: dict[str, Any] | None = None) -> Path:
+    """Write a vocabulary-subset head atomically: its ids (ranked) and the same metadata as a trained head's."""
+    tensors = {"token_ids": head.ranking.detach().to(device="cpu", dtype=torch.int64).contiguous()}
+    own = {"exit_layer": "any", "vocab_size": head.vocab, "subset_size": head.token_ids.numel()}
+    return _write_head_file(path, head.adapter, SUBSET_ARCHITECTURE, tensors, own, info)
+
+
+def _write_head_file(
+    path: str | os.PathLike[str],
+    adapter: ModelAdapter,
+    architecture: str,
+    tensors: dict[str, torch.Tensor],
+    own: dict[str, Any],
+    info: dict[str, Any] | None,
+) -> Path:
     from safetensors.torch import save_file
 
-    tensors = head_tensors(head, dtype)
     metadata = {
         "format": HEAD_FORMAT,
         "format_version": HEAD_FORMAT_VERSION,
-        "head_architecture": HEAD_ARCHITECTURE,
-        "model_architecture": type(head.adapter.model).__name__,
-        "model_fingerprint": model_fingerprint(head.adapter),
-        "num_layers": str(head.adapter.num_layers),
-        "exit_layer": str(head.exit_layer),
-        "init_layer": str(head.init_layer),
-        "dtype": str(dtype).removeprefix("torch."),
+        "head_architecture": architecture,
+        "model_architecture": type(adapter.model).__name__,
+        "model_fingerprint": model_fingerprint(adapter),
+        "num_layers": str(adapter.num_layers),
+        **{key: str(value) for key, value in own.items()},
         "checksum": tensors_checksum(tensors),
     }
     metadata = {key: str(value) for key, value in (info or {}).items() if key not in metadata} | metadata
@@ -255,18 +291,21 @@ def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 
 def load_head(
     path: str | os.PathLike[str], model: nn.Module | ModelAdapter, exit_layer: int | None = None
-) -> TrainedExitHead:
-    """A trained head from `path` for `model` (at `exit_layer`, if given: it must be the one the head was made for)."""
+) -> TrainedExitHead | SubsetExitHead:
+    """The head in `path` for `model`: a trained head (at `exit_layer`, if given: it must be the one the head was
+    trained for) or a vocabulary-subset head (any exit layer)."""
     file = Path(path)
     tensors, metadata = read_head_file(file)
     adapter = as_adapter(model)
     fingerprint = model_fingerprint(adapter)
     if metadata.get("model_fingerprint") != fingerprint:
         raise ValueError(
-            f"exit head file {file} was trained for another model ({metadata.get('model_architecture')}, "
+            f"exit head file {file} was made for another model ({metadata.get('model_architecture')}, "
             f"{metadata.get('num_layers')} layers, fingerprint {metadata.get('model_fingerprint')}); this model is "
             f"{type(adapter.model).__name__}, {adapter.num_layers} layers, fingerprint {fingerprint}"
         )
+    if metadata.get("head_architecture") == SUBSET_ARCHITECTURE:
+        return _subset_from_file(file, tensors, metadata, adapter)
     trained_at = int(metadata["exit_layer"])
     if exit_layer is not None and exit_layer != trained_at:
         raise ValueError(f"exit head file {file} was trained for exit layer {trained_at}, not {exit_layer}")
@@ -277,6 +316,20 @@ def load_head(
         raise ValueError(f"exit head file {file} does not fit this model: {err}") from None
     head.metadata = metadata
     return head.eval().requires_grad_(False)
+
+
+def _subset_from_file(
+    file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], adapter: ModelAdapter
+) -> SubsetExitHead:
+    ids = tensors.get("token_ids")
+    if ids is None or ids.dim() != 1 or ids.dtype != torch.int64 or ids.unique().numel() != ids.numel():
+        raise ValueError(f"exit head file {file}: a vocabulary-subset head needs 'token_ids', distinct int64 ids")
+    try:
+        head = SubsetExitHead(adapter, ids)
+    except ValueError as err:
+        raise ValueError(f"exit head file {file}: {err}") from None
+    head.ranking, head.metadata = ids, metadata
+    return head
 
 
 def resolve_head(head: Any, adapter: ModelAdapter, exit_layer: int):

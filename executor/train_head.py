@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from executor.adapter import ModelAdapter, Step
-from executor.heads import TrainedExitHead, atomic_write, model_fingerprint
+from executor.heads import SubsetExitHead, TrainedExitHead, atomic_write, model_fingerprint, save_subset_head
 
 CHECKPOINT_VERSION = 1
 
@@ -280,3 +280,52 @@ def train_head_file(
 
     save_head(head, out, dtype=save_dtype, info=metadata)
     return head, state
+
+
+@torch.no_grad()
+def vocabulary_scores(adapter: ModelAdapter, corpus: Corpus, progress: bool = True) -> torch.Tensor:
+    """Each id's expected count over the corpus's generated positions: the sum of the full model's next-token
+    probabilities there [V] (float64). Soft counts rank every id the model finds likely, not only the few thousand
+    it happened to emit, so a subset from a few dozen prompts still ranks its tail sensibly."""
+    scores = torch.zeros(adapter.lm_head.weight.shape[0], dtype=torch.float64)
+    pairs = list(zip(corpus.sequences, corpus.starts, strict=True))
+    for tokens, start in tqdm(pairs, desc="vocabulary", unit="seq", disable=not progress):
+        cache = adapter.new_cache(1, len(tokens))
+        step = Step.at(0, len(tokens), adapter.device)
+        hidden = adapter.embed(torch.tensor([tokens], device=adapter.device))
+        hidden = adapter.forward_layers(hidden, step, cache, 0, adapter.num_layers)
+        logits = adapter.logits(hidden[0, start:])
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+        scores += probs.sum(0).double().cpu()
+    return scores
+
+
+def subset_head_file(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    count: int,
+    out: str | os.PathLike[str],
+    *,
+    max_new_tokens: int = 64,
+    run_info: dict[str, str] | None = None,
+    progress: bool = True,
+) -> SubsetExitHead:
+    """Rank the vocabulary by `vocabulary_scores` over the full model's greedy continuations of `prompts` and write
+    the `count` most likely ids as a vocabulary-subset head file (atomically)."""
+    import datetime
+
+    adapter = ModelAdapter(model)
+    corpus = generate_corpus(model, prompts, max_new_tokens, model.generation_config.eos_token_id, progress=progress)
+    scores = vocabulary_scores(adapter, corpus, progress=progress)
+    head = SubsetExitHead.ranked(adapter, scores, count)
+    positions = sum(len(t) - s for t, s in zip(corpus.sequences, corpus.starts, strict=True))
+    info = dict(run_info or {}) | {
+        "max_new_tokens": str(max_new_tokens), "prompts_count": str(len(prompts)), "positions": str(positions),
+        "ranking": "expected count: sum of the full model's next-token probabilities over generated positions",
+        "covered_mass": f"{float(scores[head.ranking].sum() / scores.sum()):.6f}",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }  # fmt: skip
+    save_subset_head(head, out, info=info)
+    head.metadata = info
+    return head

@@ -1,6 +1,8 @@
-"""`eesd train-head`: self-distil a one-layer exit head for a model and write it as safetensors.
+"""`eesd train-head`: self-distil a one-layer exit head for a model and write it as safetensors, or (with
+`--vocab-subset N`) pick the N ids the model is most likely to emit, for a vocabulary-subset shared head.
 
     eesd train-head --model smollm2-135m --exit-layer 15 --prompts builtin --steps 300 --out heads/NAME.safetensors
+    eesd train-head --model gemma3-270m --vocab-subset 16384 --prompts builtin --out heads/gemma3-v16k.safetensors
 
 Only the training split of the prompt set (`executor.prompts.split_prompts`) is used, so held-out prompts stay
 unseen by the head. `--resume` continues from `OUT.ckpt` (written every `--checkpoint-every` steps).
@@ -15,7 +17,12 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
-    parser.add_argument("--exit-layer", type=int, required=True, help="layers the draft runs before the head")
+    parser.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs before the head")
+    parser.add_argument(
+        "--vocab-subset", type=int, default=None, metavar="N",
+        help="instead of training: rank the vocabulary by the model's own next-token probabilities on the prompts "
+        "and write the N most likely ids as a subset head (any exit layer; use it as --head FILE)",
+    )  # fmt: skip
     parser.add_argument("--prompts", default="builtin", help="builtin | humaneval | a JSONL file with a prompt field")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
     parser.add_argument("--out", required=True, help="output .safetensors file (e.g. heads/NAME.safetensors)")
@@ -39,6 +46,10 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.vocab_subset is None and args.exit_layer is None:
+        raise ValueError("--exit-layer is required to train a head (or give --vocab-subset N for a subset head)")
+    if args.vocab_subset is not None and args.vocab_subset < 1:
+        raise ValueError(f"--vocab-subset must be >= 1, got {args.vocab_subset}")
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
 
@@ -55,18 +66,35 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     train_prompts = split_prompts(load_prompts(args.prompts)).train[: args.max_prompts]
     prompt_ids = [encode_prompt(tokenizer, p.text) for p in train_prompts]
+    info = {"model": str(args.model), "prompts": str(args.prompts), "split": "train", "model_dtype": args.dtype}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.vocab_subset is not None:
+        return _subset(args, model, prompt_ids, info)
     config = TrainConfig(
         exit_layer=args.exit_layer, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
-    info = {"model": str(args.model), "prompts": str(args.prompts), "split": "train", "model_dtype": args.dtype}
     torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     head, state = train_head_file(
         model, prompt_ids, config, args.out, max_new_tokens=args.max_new_tokens, resume=args.resume,
         save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.quiet,
     )  # fmt: skip
     first, last = state.losses[0], sum(state.losses[-10:]) / len(state.losses[-10:])
     print(f"wrote {args.out}: exit layer {args.exit_layer}, {state.step} steps, KL {first:.3f} -> {last:.3f}")
+    return 0
+
+
+def _subset(args: argparse.Namespace, model, prompt_ids: list[list[int]], info: dict[str, str]) -> int:
+    from executor.train_head import subset_head_file
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if args.vocab_subset > vocab:
+        raise ValueError(f"--vocab-subset must be <= {vocab} (the model's vocabulary), got {args.vocab_subset}")
+    head = subset_head_file(model, prompt_ids, args.vocab_subset, args.out, max_new_tokens=args.max_new_tokens,
+                            run_info=info, progress=not args.quiet)  # fmt: skip
+    print(
+        f"wrote {args.out}: {args.vocab_subset} of {vocab} ids, {float(head.metadata['covered_mass']):.2%} of the "
+        f"model's next-token probability over {head.metadata['positions']} generated positions"
+    )
     return 0

@@ -66,7 +66,7 @@ class SimPlan:
     acceptance: AcceptanceModel
     workload: Workload = Workload()
     exit_layer: int = 1
-    exit_head: str = "shared"  # shared: final norm + LM head at layer E; trained: one extra layer + LM head
+    exit_head: str = "shared"  # shared: final norm + LM head at E | shared:N: over N ids | trained: + one layer
     policy: str = "fixed:4"
     dtype_bytes: int = 2
     max_in_flight: int | None = None
@@ -502,11 +502,31 @@ def stage_time_us(plan: SimPlan, stage: StagePlan, work: Pass, context_len: int,
                 per_layer += 2 * allreduce_us(stage.tp_link, nbytes, stage.tp)
             total += layers * per_layer
     if work.exit_at and stage.layer_start < work.exit_at <= stage.layer_end:
-        head = "exit_head" if plan.exit_head == "trained" else "lm_head"
-        total += lat.time_us(head, "draft", 1, context_len, batch)
+        total += exit_head_us(plan, lat, context_len, batch)
     if work.lm_head_q and stage.layer_end == plan.model.num_layers:
         total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
     return total + lat.time_us("overhead", phase, 1, context_len, batch)
+
+
+def exit_head_us(plan: SimPlan, lat: LatencyModel, context_len: int, batch: int) -> float:
+    """One draft step's exit head: a trained head's `exit_head`, else the `lm_head`, scaled by N/V for a head over N
+    of the V ids (`shared:N`): at draft batch sizes the LM head is bound by reading its N x d weight rows."""
+    if plan.exit_head == "trained":
+        return lat.time_us("exit_head", "draft", 1, context_len, batch)
+    return lat.time_us("lm_head", "draft", 1, context_len, batch) * head_vocab_fraction(plan.exit_head, plan.model)
+
+
+def head_vocab_fraction(exit_head: str, model: ModelConfig) -> float:
+    """N / V for `shared:N`, 1 for `shared` (and `trained`); a ValueError for anything else."""
+    if exit_head in ("shared", "trained"):
+        return 1.0
+    count = exit_head.removeprefix("shared:")
+    if not exit_head.startswith("shared:") or not count.isdigit() or not 1 <= int(count) <= model.vocab_size:
+        raise ValueError(
+            f"expected shared, trained or shared:N with 1 <= N <= {model.vocab_size} (the model's vocabulary), "
+            f"got {exit_head!r}"
+        )
+    return int(count) / model.vocab_size
 
 
 def _stage_touched(stage: StagePlan, work: Pass) -> bool:
@@ -533,6 +553,7 @@ def _check_plan(plan: SimPlan) -> None:
         raise ValueError(f"stages cover {expected} layers, the model has {layers}")
     if not 1 <= plan.exit_layer < layers and plan.method != "ar":
         raise ValueError(f"exit_layer must be in [1, {layers - 1}], got {plan.exit_layer}")
+    head_vocab_fraction(plan.exit_head, plan.model)
     if plan.method == "ppsd" and plan.stages[0].layer_end != plan.exit_layer:
         raise ValueError(f"ppsd drafts at the end of stage 1: exit_layer must be {plan.stages[0].layer_end}")
     w = plan.workload

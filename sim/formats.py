@@ -204,6 +204,27 @@ def read_link_profile(path: str | Path) -> DataFile:
     return read_file(path, LINK_PROFILE)
 
 
+def read_head_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an exit head file (`executor.heads`: safetensors, format `eesd-exit-head`), read from the
+    safetensors header without torch: 8 bytes little-endian header length, then a JSON object whose
+    `__metadata__` holds the strings. A ValueError naming the file if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exit head file {path} does not exist")
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= 100_000_000 or size > path.stat().st_size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {size})")
+        try:
+            header = json.loads(handle.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file ({err})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != "eesd-exit-head":
+        raise ValueError(f"{path}: not an EESD exit head file (no eesd-exit-head format in its metadata)")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder + `os.replace` (readers never see half)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
-from sim.engine import Pass, SimPlan, StagePlan, Workload, stage_time_us
+from sim.engine import Pass, SimPlan, StagePlan, Workload, head_vocab_fraction, stage_time_us
 from sim.formats import COMPONENTS, read_acceptance_trace, read_latency_profile, read_link_profile
 from sim.hardware import GPUS, LINKS, LinkSpec, gpu
 from sim.latency import ConstantLatency, LatencyModel, LinkModel, ProfiledLink, ProfileLatency, RooflineLatency
@@ -160,7 +160,7 @@ class Scenario(Strict):
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     method: Literal["ar", "eesd", "ppsd"]
     exit_layer: int | None = Field(None, ge=1)
-    exit_head: Literal["shared", "trained"] = "shared"
+    exit_head: str = "shared"  # shared | shared:N (the shared head over N of the V ids) | trained
     policy: str = "fixed:4"
     max_in_flight: int | None = Field(None, ge=1)
     latency: LatencyConfig = LatencyConfig(roofline=Roofline())
@@ -173,6 +173,14 @@ class Scenario(Strict):
     def _model(cls, value: str | ModelShape) -> str | ModelShape:
         if isinstance(value, str) and value not in MODELS:
             raise ValueError(f"unknown model {value!r}; known: {sorted(MODELS)} or an inline shape")
+        return value
+
+    @field_validator("exit_head")
+    @classmethod
+    def _exit_head(cls, value: str) -> str:
+        count = value.removeprefix("shared:")
+        if value not in ("shared", "trained") and not (value.startswith("shared:") and count.isdigit() and int(count)):
+            raise ValueError("expected shared, trained or shared:N (the shared head over N token ids, N >= 1)")
         return value
 
     @field_validator("policy")
@@ -326,6 +334,10 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
     model = model_config(s)
     dtype_bytes = DTYPE_BYTES[s.dtype]
     exit_layer = _exit_layer(s, model, where)
+    try:
+        head_vocab_fraction(s.exit_head, model)
+    except ValueError as err:
+        raise ScenarioError(f"{where}: exit_head: {err}") from None
     stages = _stages(point, model, dtype_bytes, exit_layer, where)
     plan = SimPlan(
         model=model,

@@ -109,7 +109,7 @@ def test_fingerprint_ignores_dtype_but_not_weights(tiny) -> None:
 def test_wrong_model_or_exit_layer_refused(trained, tiny, tmp_path: Path) -> None:
     path = save_head(trained[0], tmp_path / "h.safetensors")
     other = tiny_model(TinySpec(**{**SPEC.__dict__, "seed": 9}))
-    with pytest.raises(ValueError, match=r"h\.safetensors was trained for another model"):
+    with pytest.raises(ValueError, match=r"h\.safetensors was made for another model"):
         load_head(path, other, EXIT_LAYER)
     with pytest.raises(ValueError, match=rf"h\.safetensors was trained for exit layer {EXIT_LAYER}, not 1"):
         load_head(path, tiny, 1)
@@ -368,6 +368,99 @@ def test_subset_head_in_rejection_sampling_and_distributed(tiny) -> None:
 def test_bad_subset_head_specs(tiny, spec: str) -> None:
     with pytest.raises(ValueError, match="shared:N"):
         generate(tiny, [1, 2], method="eesd", exit_layer=EXIT_LAYER, head=spec, max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def ranked_subset(tiny, tmp_path_factory):
+    """A vocabulary-subset head file of 24 ids, ranked on the tiny model's own continuations of 12 prompts."""
+    from executor.train_head import subset_head_file
+
+    path = tmp_path_factory.mktemp("subset") / "v24.safetensors"
+    head = subset_head_file(tiny, _prompts(12, SPEC.vocab, seed=11), 24, path, max_new_tokens=12, progress=False,
+                            run_info={"prompts": "random"})  # fmt: skip
+    return head, path
+
+
+def test_vocabulary_scores_are_expected_counts(tiny) -> None:
+    from executor.train_head import vocabulary_scores
+
+    corpus = generate_corpus(tiny, _prompts(6, SPEC.vocab, seed=2), 10, None, progress=False)
+    scores = vocabulary_scores(ModelAdapter(tiny), corpus, progress=False)
+    positions = sum(len(t) - s for t, s in zip(corpus.sequences, corpus.starts, strict=True))
+    assert scores.shape == (SPEC.vocab,) and bool((scores >= 0).all())
+    assert float(scores.sum()) == pytest.approx(positions, rel=1e-9)  # each position's probabilities sum to 1
+    expected = torch.zeros(SPEC.vocab, dtype=torch.float64)
+    with torch.no_grad():  # the same sum from HF's own forward over each whole sequence
+        for tokens, start in zip(corpus.sequences, corpus.starts, strict=True):
+            expected += tiny(torch.tensor([tokens])).logits[0, start:].softmax(-1).sum(0)
+    torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_subset_head_file_ranks_saves_and_is_lossless(tiny, ranked_subset) -> None:
+    from executor.heads import SUBSET_ARCHITECTURE, SubsetExitHead, read_head_file
+
+    head, path = ranked_subset
+    tensors, metadata = read_head_file(path)
+    assert metadata["head_architecture"] == SUBSET_ARCHITECTURE and metadata["subset_size"] == "24"
+    assert metadata["exit_layer"] == "any" and metadata["prompts"] == "random"
+    assert 0 < float(metadata["covered_mass"]) <= 1
+    assert tensors["token_ids"].tolist() == head.ranking.tolist() and len(set(head.ranking.tolist())) == 24
+    loaded = load_head(path, tiny, EXIT_LAYER)
+    assert isinstance(loaded, SubsetExitHead) and loaded.cache_key == head.cache_key
+    assert sorted(loaded.token_ids.tolist()) == sorted(head.ranking.tolist())
+    runs = [
+        (1, {"method": "eesd", "draft_len": 3}),
+        (3, {"method": "eesd", "policy": "beta-ts"}),
+        (2, {"method": "ppsd", "stages": 2}),
+    ]  # fmt: skip  (a subset head is not tied to an exit layer)
+    for prompt in _prompts(3, SPEC.vocab, seed=19):
+        ar = generate(tiny, prompt, method="ar", max_new_tokens=16)
+        for exit_layer, kwargs in runs:
+            out = generate(tiny, prompt, exit_layer=exit_layer, head=str(path), max_new_tokens=16, **kwargs)
+            assert out.sequences.tolist() == ar.sequences.tolist()
+    logits = loaded(torch.randn(1, 2, tiny.config.hidden_size, dtype=torch.float64), None, None)
+    outside = torch.ones(SPEC.vocab, dtype=torch.bool)
+    outside[head.ranking] = False
+    assert torch.isneginf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
+
+
+def test_ranked_subset_keeps_the_highest_scores_and_breaks_ties_by_id(tiny) -> None:
+    from executor.heads import SubsetExitHead
+
+    adapter = ModelAdapter(tiny)
+    scores = torch.zeros(SPEC.vocab, dtype=torch.float64)
+    scores[[40, 7, 63]] = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    assert SubsetExitHead.ranked(adapter, scores, 5).ranking.tolist() == [40, 7, 63, 0, 1]
+    with pytest.raises(ValueError, match="shape"):
+        SubsetExitHead.ranked(adapter, scores[:-1], 5)
+    with pytest.raises(ValueError, match="1 <= N"):
+        SubsetExitHead.ranked(adapter, scores, SPEC.vocab + 1)
+
+
+def test_a_subset_head_file_is_refused_for_another_model_or_when_damaged(ranked_subset, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from executor.heads import read_head_file, tensors_checksum
+
+    _, path = ranked_subset
+    other = tiny_model(TinySpec(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, vocab=64, seed=4))
+    with pytest.raises(ValueError, match="made for another model"):
+        load_head(path, other)
+    tensors, metadata = read_head_file(path)
+    for name, bad in (("dup", torch.tensor([1, 1, 2])), ("big", torch.tensor([1, SPEC.vocab + 5]))):
+        broken = {"token_ids": bad}
+        save_file(broken, tmp_path / f"{name}.safetensors", metadata={**metadata, "checksum": tensors_checksum(broken)})
+        with pytest.raises(ValueError, match=rf"{name}\.safetensors"):
+            load_head(tmp_path / f"{name}.safetensors", ranked_subset[0].adapter)
+
+
+def test_train_head_cli_checks_its_arguments(capsys) -> None:
+    from executor.cli import main
+
+    assert main(["train-head", "--model", "x", "--out", "h.safetensors"]) == 2
+    assert "--exit-layer is required" in capsys.readouterr().err
+    assert main(["train-head", "--model", "x", "--vocab-subset", "0", "--out", "h.safetensors"]) == 2
+    assert "--vocab-subset must be >= 1" in capsys.readouterr().err
 
 
 def test_ppsd_flush_rolls_back_the_heads_kv_books(trained, tiny) -> None:

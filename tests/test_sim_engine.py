@@ -83,6 +83,18 @@ def test_ar_time_is_tokens_times_sum_of_stage_latencies(layer_us: list[float]) -
     assert stage_sum == pytest.approx(sum(layer_us[i] * (24 // len(layer_us)) for i in range(len(layer_us))) + 5.0)
 
 
+@pytest.mark.parametrize(("exit_head", "fraction"), [("shared", 1.0), ("shared:25", 0.25), ("shared:100", 1.0)])
+def test_a_subset_head_costs_its_share_of_the_lm_head(exit_head: str, fraction: float) -> None:
+    base = plan("eesd", 0.5, exit_layer=6, head_us=40.0)
+    p = SimPlan(**{**base.__dict__, "exit_head": exit_head})
+    draft = Pass("draft", "draft", ((0, 6, 1),), exit_at=6)
+    assert stage_time_us(p, p.stages[0], draft, 16, 1) == pytest.approx(6 * 10.0 + 40.0 * fraction)
+    verify = Pass("verify", "verify", ((6, 24, 2),), lm_head_q=2)  # verification always scores the whole vocabulary
+    assert stage_time_us(p, p.stages[0], verify, 16, 1) == pytest.approx(18 * 10.0 + 40.0)
+    with pytest.raises(ValueError, match="shared:N with 1 <= N <= 100"):
+        Simulation(SimPlan(**{**base.__dict__, "exit_head": "shared:101"}))
+
+
 def test_links_add_their_latency_to_ar() -> None:
     link = LinkSpec("slow", 100.0, None)
     free = Simulation(plan("ar", 0.5, 4, output_len=11)).run()

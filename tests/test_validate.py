@@ -57,6 +57,7 @@ def fail_with(capsys, argv: list[str], *fragments: str) -> str:
         ({"topology__stages": 2}, ("topology:", "stages: 1")),
         ({"workload__batch_size": 2}, ("workload.batch_size:", "expected 1, got 2")),
         ({"exit_head": "trained"}, ("exit_head:", "'shared'", "got trained")),
+        ({"exit_head": "shared:4096"}, ("exit_head:", "expected exit_head shared, got shared:4096")),
         ({"dtype": "bf16"}, ("dtype:", "float32", "got bf16")),
         ({"workload__output_len": 64}, ("workload.output_len:", "expected <= 48")),
     ],
@@ -167,3 +168,36 @@ def test_real_run_of_the_shipped_cpu_scenario(tmp_path, capsys) -> None:
     assert (eesd["exit_layer"], eesd["draft_len"]) == (22, 4)
     # the trace replays the prompt the executor ran: the accepted lengths agree (up to a float near-tie)
     assert abs(eesd["tokens_per_round_error"]) <= 0.25
+
+
+@pytest.mark.parametrize(
+    ("head", "exit_head", "fragment"),
+    [
+        ("shared:4096", "shared", "recorded with head 'shared:4096'; expected exit_head shared:4096, got shared"),
+        (str(ROOT / "heads" / "smollm2-135m-e15.safetensors"), "shared", "expected exit_head trained, got shared"),
+        ("subset", "shared:7", "expected exit_head shared:3, got shared:7"),
+        ("subset", "trained", "expected exit_head shared:3, got trained"),
+        ("notahead", "trained", "metadata.head: the head file"),
+    ],
+)
+def test_the_scenario_must_name_the_traces_head(tmp_path, capsys, head, exit_head, fragment) -> None:
+    """`shared:N` by name; a head file by its own metadata (a subset file of N ids is shared:N), read without torch."""
+    if head in ("subset", "notahead"):
+        head = str(_head_file(tmp_path, head))
+    trace = read_acceptance_trace(TRACE)
+    write_acceptance_trace(tmp_path / "t.csv", {**trace.metadata, "head": head}, trace.records)
+    path = scenario(tmp_path, exit_head=exit_head, acceptance__trace="t.csv")
+    fail_with(capsys, [str(path)], "t.csv", fragment)
+
+
+def _head_file(tmp_path: Path, kind: str) -> Path:
+    """A safetensors file with a subset head's metadata (ids are not read here), or a file that is not a head."""
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "notahead":
+        path.write_bytes(b"not a safetensors file at all")
+        return path
+    metadata = {"format": "eesd-exit-head", "head_architecture": "vocab-subset", "subset_size": "3"}
+    tensors = {"token_ids": {"dtype": "I64", "shape": [3], "data_offsets": [0, 24]}}
+    header = json.dumps({"__metadata__": metadata, **tensors})
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(24))
+    return path
