@@ -98,6 +98,23 @@ def _check_config(name: str, config) -> None:
         raise ValueError(f"unsupported {name}: bidirectional attention cannot decode autoregressively")
 
 
+# An LM head over 2..8 rows (a verify pass) on a CPU runs 2-4x faster as W @ x^T than as x @ W^T (`F.linear`):
+# measured with torch 2.13's CPU build, 1 thread, 2 rows: Gemma-3's 262k x 640 head 34 ms against 130 ms, SmolLM2's
+# 49k x 576 head 15 against 30 ms; the same at 1 row (kept on `F.linear`, as HF computes it) and from 9 rows on; slower
+# for a decoder layer's small matrices, so only LM heads (and vocabulary-subset heads) use it.
+FEW_ROWS = range(2, 9)
+LARGE_HEAD_ROWS = 4096
+
+
+def head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for an output head, with the faster CPU kernel order for a few rows."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type != "cpu" or rows not in FEW_ROWS or weight.shape[0] < LARGE_HEAD_ROWS or x.requires_grad:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = torch.mm(weight, x.reshape(rows, x.shape[-1]).T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
 class ModelAdapter:
     """The decoders' view of a supported HF causal LM (see module docstring)."""
 
@@ -156,7 +173,10 @@ class ModelAdapter:
 
     def project(self, normed: torch.Tensor) -> torch.Tensor:
         """LM head over normed states, soft-capped as the model caps its logits."""
-        return self.softcap(self.lm_head(normed))
+        head = self.lm_head
+        if not isinstance(head, nn.Linear):
+            return self.softcap(head(normed))
+        return self.softcap(head_linear(normed, head.weight, head.bias))
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's final logit soft-cap (Gemma's final_logit_softcapping), or the logits as they are."""

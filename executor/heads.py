@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from executor.adapter import ModelAdapter, Step, attention_mask, decoder_layer
+from executor.adapter import ModelAdapter, Step, attention_mask, decoder_layer, head_linear
 from executor.decoding import SharedExitHead
 from executor.kv_cache import KVCache
 
@@ -163,7 +163,7 @@ class SubsetExitHead(SharedExitHead):
 
     def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         adapter = self.adapter
-        logits = adapter.softcap(torch.nn.functional.linear(adapter.norm(hidden), self.weight, self.bias))
+        logits = adapter.softcap(head_linear(adapter.norm(hidden), self.weight, self.bias))
         full = logits.new_full((*logits.shape[:-1], self.vocab), float("-inf"))
         return full.index_copy(-1, self.token_ids, logits)
 

@@ -47,6 +47,7 @@ MODELS: dict[str, ModelConfig] = {
         ModelConfig("Gemma-3-270M", 18, 640, 4, 1, 2048, 262144, head_size=256),
         ModelConfig("Phi-3-mini", 32, 3072, 32, 32, 8192, 32064),
         ModelConfig("Llama-2-7B", 32, 4096, 32, 32, 11008, 32000),
+        ModelConfig("Llama-3-8B", 32, 4096, 32, 8, 14336, 128256),
         ModelConfig("Llama-2-13B", 40, 5120, 40, 40, 13824, 32000),
         ModelConfig("Llama-2-70B", 80, 8192, 64, 8, 28672, 32000),
     )

@@ -418,6 +418,8 @@ def test_subset_head_file_ranks_saves_and_is_lossless(tiny, ranked_subset) -> No
         for exit_layer, kwargs in runs:
             out = generate(tiny, prompt, exit_layer=exit_layer, head=str(path), max_new_tokens=16, **kwargs)
             assert out.sequences.tolist() == ar.sequences.tolist()
+        default = generate(tiny, prompt, method="eesd", head=str(path), max_new_tokens=16)  # exit layer: L/2
+        assert default.sequences.tolist() == ar.sequences.tolist()
     logits = loaded(torch.randn(1, 2, tiny.config.hidden_size, dtype=torch.float64), None, None)
     outside = torch.ones(SPEC.vocab, dtype=torch.bool)
     outside[head.ranking] = False
@@ -481,3 +483,23 @@ def test_ppsd_flush_rolls_back_the_heads_kv_books(trained, tiny) -> None:
     assert [cache.lengths[cache.slot(layer)] for layer in stage_layers] == [[7]] * 3
     runner.flush(6)
     assert [cache.lengths[cache.slot(layer)] for layer in stage_layers] == [[6]] * 3
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (1, 2), (2, 3), (1, 8), (3, 3), (1, 12)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_head_linear_is_f_linear_in_another_kernel_order(rows: tuple[int, int], with_bias: bool) -> None:
+    """The CPU LM-head product (`W @ x^T` for 2..8 rows) gives F.linear's values; 1 row and 9+ rows are F.linear."""
+    from executor.adapter import LARGE_HEAD_ROWS, head_linear
+
+    generator = torch.Generator().manual_seed(sum(rows))
+    x = torch.randn(*rows, 48, generator=generator, dtype=torch.float64)
+    weight = torch.randn(LARGE_HEAD_ROWS, 48, generator=generator, dtype=torch.float64)
+    bias = torch.randn(LARGE_HEAD_ROWS, generator=generator, dtype=torch.float64) if with_bias else None
+    expected = torch.nn.functional.linear(x, weight, bias)
+    out = head_linear(x, weight, bias)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    if rows[0] * rows[1] == 1 or rows[0] * rows[1] > 8:
+        assert torch.equal(out, expected)
+    grad = head_linear(x.clone().requires_grad_(True), weight)  # training keeps autograd's own F.linear
+    assert grad.requires_grad and grad.grad_fn is not None
