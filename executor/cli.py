@@ -16,7 +16,10 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("executor.generate_cli", "generate text with AR or EESD and print acceptance stats"),
-    "train-head": ("executor.train_head_cli", "self-distil a one-layer exit head for a model (safetensors)"),
+    "train-head": (
+        "executor.train_head_cli",
+        "self-distil a one-layer exit head, or rank a vocabulary subset (--vocab-subset N), as safetensors",
+    ),
     "simulate": ("sim.cli", "simulate AR / EESD / PPSD from a scenario YAML (torch-free)"),
     "calibrate": ("calibrate.cli", "measure latency profiles, acceptance traces and link profiles for the simulator"),
     "validate": ("calibrate.validate_cli", "check the simulator's predictions against the executor on this machine"),

@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="sequential", help="ppsd: sequential | streams | distributed")
     parser.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: L // 2)")
     parser.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default: 4)")
-    parser.add_argument("--head", default="shared", help="exit head (EESD, PPSD): shared | shared:N | FILE")
+    parser.add_argument(
+        "--head", default="shared", help="exit head (EESD, PPSD): shared | shared:N | FILE (trained or vocab-subset)"
+    )
     parser.add_argument("--policy", default=None, help="draft policy, e.g. fixed:4 (overrides --draft-len)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

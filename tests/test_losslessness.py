@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tiny_models import TinySpec, assert_same_or_tie, hf_greedy, scale_late_layers, tiny_model, tiny_specs
 
 import executor
+from executor.adapter import LARGE_HEAD_ROWS
 
 EPSILONS = [0.0, 1e-3, 0.05, 0.3, 1.0]
 FLOAT32_TIE_TOL = 1e-5
@@ -39,18 +40,20 @@ def cases(draw, dtype: torch.dtype):
     if exit_layer is not None:
         scale_late_layers(model, exit_layer, epsilon)
     prompt = draw(st.lists(st.integers(0, spec.vocab - 1), min_size=1, max_size=32))
-    return model, spec, exit_layer, prompt
+    head = draw(st.sampled_from(["shared", "subset"]))
+    if head == "subset":  # the shared head over the N lowest ids: drafts only from those, output unchanged
+        head = f"shared:{draw(st.integers(1, spec.vocab))}"
+    return model, spec, exit_layer, prompt, head
 
 
-def run_case(model, exit_layer, prompt, draft_len, max_new_tokens, check):
+def run_case(model, exit_layer, prompt, draft_len, max_new_tokens, check, head="shared"):
     reference, logits = hf_greedy(model, prompt, max_new_tokens)
     ar = executor.generate(model, prompt, method="ar", max_new_tokens=max_new_tokens)
     check(reference, logits, ar.sequences)
     if exit_layer is None:  # a 1-layer model has no exit layer to draft from
         return
-    eesd = executor.generate(
-        model, prompt, method="eesd", exit_layer=exit_layer, draft_len=draft_len, max_new_tokens=max_new_tokens
-    )
+    eesd = executor.generate(model, prompt, method="eesd", exit_layer=exit_layer, draft_len=draft_len,
+                             max_new_tokens=max_new_tokens, head=head)  # fmt: skip
     check(reference, logits, eesd.sequences)
     assert eesd.stats.new_tokens == eesd.sequences.shape[1] - len(prompt)
     assert sum(a + 1 for a in eesd.stats.accepted) + 1 >= eesd.stats.new_tokens  # tokens per round = accepted + 1
@@ -71,14 +74,16 @@ def near_tie(reference, logits, other):
 
 @given(case=cases(torch.float64), draft_len=st.integers(1, 8), max_new_tokens=st.integers(1, 40))
 def test_eesd_equals_ar_equals_hf_float64(case, draft_len, max_new_tokens):
-    model, _, exit_layer, prompt = case
-    run_case(model, exit_layer, prompt, draft_len, max_new_tokens, exact)
+    model, _, exit_layer, prompt, head = case
+    large = model.config.vocab_size >= LARGE_HEAD_ROWS
+    event(f"head {'subset' if ':' in head else 'shared'}, vocab {'>=' if large else '<'} {LARGE_HEAD_ROWS}")
+    run_case(model, exit_layer, prompt, draft_len, max_new_tokens, exact, head)
 
 
 @given(case=cases(torch.float32), draft_len=st.integers(1, 8), max_new_tokens=st.integers(1, 40))
 def test_eesd_equals_ar_equals_hf_float32_with_tie_check(case, draft_len, max_new_tokens):
-    model, _, exit_layer, prompt = case
-    run_case(model, exit_layer, prompt, draft_len, max_new_tokens, near_tie)
+    model, _, exit_layer, prompt, head = case
+    run_case(model, exit_layer, prompt, draft_len, max_new_tokens, near_tie, head)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -201,3 +201,11 @@ def _head_file(tmp_path: Path, kind: str) -> Path:
     header = json.dumps({"__metadata__": metadata, **tensors})
     path.write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(24))
     return path
+
+
+def test_a_subset_head_file_is_followed_as_shared_n(tmp_path) -> None:
+    head = _head_file(tmp_path, "subset")
+    trace = read_acceptance_trace(TRACE)
+    write_acceptance_trace(tmp_path / "t.csv", {**trace.metadata, "head": str(head)}, trace.records)
+    planned = validate.plan(scenario(tmp_path, exit_head="shared:3", acceptance__trace="t.csv"))
+    assert planned.head == str(head) and {t.method for t in planned.targets} == {"ar", "eesd"}

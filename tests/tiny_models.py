@@ -26,6 +26,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from executor.adapter import LARGE_HEAD_ROWS
+
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -110,7 +112,9 @@ def tiny_specs(draw, archs=tuple(ARCHITECTURES), min_layers: int = 1, max_layers
         num_kv_heads=num_kv_heads,
         num_heads=num_kv_heads * draw(st.sampled_from([1, 2, 3])),
         head_dim=draw(st.sampled_from([4, 8, 16])),
-        vocab=draw(st.integers(8, 160)),
+        # a vocabulary as large as a real LM head's sometimes, so that verify passes take the CPU LM-head kernel
+        # order of `executor.adapter.head_linear` (2..8 rows of a head with LARGE_HEAD_ROWS or more ids)
+        vocab=draw(st.integers(8, 160) | st.integers(LARGE_HEAD_ROWS, LARGE_HEAD_ROWS + 32)),
         tied=draw(st.booleans()),
         sliding_window=window,
         seed=draw(st.integers(0, 2**16)),
