@@ -309,8 +309,6 @@ def generate(
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty)
-    if config.penalized and method == "ppsd":
-        raise ValueError("repetition_penalty is supported by methods 'ar' and 'eesd', not 'ppsd'")
     if config.penalized and accept_pattern is not None:
         raise ValueError("accept_pattern (forced acceptance) cannot be combined with repetition_penalty")
     eos = _eos_ids(eos_token_id)

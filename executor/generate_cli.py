@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
-    parser.add_argument("--repetition-penalty", type=float, default=None, help="HF's repetition penalty (ar, eesd)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=None,
+        help="HF's repetition penalty (ar, eesd, ppsd but not --backend distributed)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")

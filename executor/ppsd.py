@@ -16,6 +16,9 @@ with exact sampling, where a position's token is a function of the logits, the s
 With balanced stages, a free head and free links, a confirmed token costs 1 tick and a flushed one n ticks, so at
 acceptance alpha the speedup over AR on the same hardware is n / (alpha + (1 - alpha) n) (never below 1).
 
+A repetition penalty (local backends) reads the committed text: every emitted token joins it as it is emitted, so the
+last stage predicts from AR's context; stage 1 drafts from the same committed text, without the drafts in flight.
+
 Backends (one semantics, same ticks, confirms and flushes): `sequential` runs the stages of a tick one after the
 other (the reference, any device); `streams` launches each stage on its own CUDA stream so that the stages of a tick
 overlap on one GPU; `distributed` runs one process per stage (executor/ppsd_dist.py).
@@ -397,6 +400,7 @@ class LocalPipeline:
         head: Any = None,
     ) -> None:
         self.cache, self.selector = cache, selector
+        selector.track(adapter.lm_head.weight.shape[0])  # a repetition penalty's committed-token set, before capture
         self.runners = [
             StageRunner(adapter, cache, plan, s, selector, capture, fallback, head) for s in range(plan.stages)
         ]
@@ -417,6 +421,7 @@ class LocalPipeline:
         if outs[0] is not None:
             resolve_first(outs[0], limit, draft)
         decision = judge(outs[-1], sink, predicted)
+        self.commit(decision.token)
         self._account(busy)
         if decision.kind == Verdict.FLUSH:
             for runner in self.runners:
@@ -425,6 +430,13 @@ class LocalPipeline:
         else:
             self.inputs = [next_first_input(outs[0])] + [_as_item(out) for out in outs[:-1]]
         return decision
+
+    def commit(self, token: int) -> None:
+        """An emitted token joins the committed text a repetition penalty sees (every emitted token is committed:
+        the tokens in flight behind it are drafts, which the penalty does not count)."""
+        seen = self.selector.seen
+        if seen is not None and token is not None and token >= 0:
+            self.selector.note(torch.tensor([[token]], device=seen.device))
 
     def _read(self, outs: list[StageOutput | None]) -> tuple[int | None, int | None]:
         """The tick's one host read: stage 1's draft and the last stage's prediction, in one copy."""
@@ -500,12 +512,14 @@ def _decode_local(
     needed = len(prompt) + sink.max_new_tokens
     pipeline = _pipeline(adapter, cache, plan, backend, selector, capture, needed, fallback, head)
     pipeline.restart(stats, len(prompt), selector.config.seed)
+    pipeline.selector.start([prompt])
     hidden = None
     for runner in pipeline.runners:
         hidden = runner.prefill(hidden, prompt)
     token = first_token(pipeline.runners[-1], hidden)
     stats.prefill_time_s = time.perf_counter() - begin
     sink.emit([token])
+    pipeline.commit(token)
     pipeline.inputs[0] = Item(len(prompt), token=token)
     limit = feed_limit(len(prompt), sink.max_new_tokens)
     while not sink.done:
@@ -584,6 +598,11 @@ def decode_ppsd(
     if not prompt:
         raise ValueError("empty prompt: PPSD needs at least one prompt token")
     selector = make_selector(adapter, len(prompt), sink, sampling, min_new_tokens)
+    if selector.penalized and backend == "distributed":
+        raise ValueError(
+            "repetition_penalty with PPSD needs backend 'sequential' or 'streams': the 'distributed' backend's "
+            "stage processes do not share the committed text the penalty reads"
+        )
     if sink.done:
         return new_stats(plan, backend, len(prompt))
     if backend == "distributed":

@@ -97,6 +97,8 @@ def model(epsilon: float = 0.3) -> torch.nn.Module:
         {"method": "eesd", "draft_len": 2, "do_sample": True, "sampling": "rejection", "repetition_penalty": 1.5},
         {"method": "ppsd", "stages": 2},
         {"method": "ppsd", "stages": 3, "do_sample": True, "top_k": 10, "min_new_tokens": 4, "eos_token_id": 3},
+        {"method": "ppsd", "stages": 2, "repetition_penalty": 1.4},
+        {"method": "ppsd", "stages": 3, "repetition_penalty": 0.8, "do_sample": True, "top_p": 0.9},
     ],
 )
 def test_passes_do_no_host_work_and_are_idempotent(monkeypatch, kwargs) -> None:

@@ -215,6 +215,39 @@ def test_exact_sampling_equals_seeded_ar_sampling(seed, temperature, top_k, top_
 
 
 # ------------------------------------------------------------------------------------------ distributed backend
+@given(
+    case=ppsd_cases(),
+    penalty=st.sampled_from([0.7, 1.3, 2.0]),
+    sample=st.booleans(),
+    temperature=st.sampled_from([0.5, 1.0]),
+)
+def test_ppsd_with_repetition_penalty_equals_ar_and_hf(case: dict, penalty: float, sample: bool, temperature: float):
+    """The penalty reads the committed text: greedy PPSD equals HF's penalised greedy, exact sampling seeded AR's."""
+    model = scale_late_layers(tiny_model(case["arch"], case["num_layers"], case["seed"]), case["draft_layer"],
+                              case["epsilon"])  # fmt: skip
+    prompt, max_new = case["prompt"], case["max_new_tokens"]
+    options = dict(repetition_penalty=penalty, do_sample=sample, temperature=temperature, seed=case["seed"])
+    layout = dict(stages=case["stages"], stage_boundaries=case["stage_boundaries"], exit_layer=case["exit_layer"])
+    ppsd = executor.generate(model, prompt, method="ppsd", max_new_tokens=max_new, **layout, **options)
+    ar = executor.generate(model, prompt, method="ar", max_new_tokens=max_new, **options)
+    assert ppsd.sequences.tolist() == ar.sequences.tolist()
+    if not sample:
+        ids = torch.tensor([prompt])
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                            repetition_penalty=penalty)  # fmt: skip
+        assert ppsd.sequences.tolist() == hf.tolist()
+
+
+def test_the_penalty_changes_ppsd_output_as_it_changes_ars() -> None:
+    """Not ignored: a strong penalty changes the greedy text (of AR and of PPSD alike)."""
+    model = scale_late_layers(tiny_model("llama", 6, seed=4), 3, 0.1)
+    prompt = [5, 6, 7, 5, 6, 7]
+    plain = executor.generate(model, prompt, method="ppsd", stages=2, max_new_tokens=24)
+    penalised = executor.generate(model, prompt, method="ppsd", stages=2, max_new_tokens=24, repetition_penalty=3.0)
+    assert penalised.sequences.tolist() != plain.sequences.tolist()
+    assert len(set(penalised.sequences[0, 6:].tolist())) > len(set(plain.sequences[0, 6:].tolist()))
+
+
 def _descendants_of_children() -> list[int]:
     """Processes whose parent is one of our children (the forkserver's workers), from /proc."""
     parents: dict[int, int] = {}
@@ -318,6 +351,10 @@ def test_stage_model_holds_only_its_layers() -> None:
         ({"stages": 2, "backend": "threads"}, "backend must be one of"),
         ({"stages": 2, "backend": "streams"}, "needs a GPU"),
         ({"stages": 2, "sampling": SamplingConfig(True, "rejection")}, "greedy and exact sampling"),
+        (
+            {"stages": 2, "backend": "distributed", "sampling": SamplingConfig(repetition_penalty=1.3)},
+            "repetition_penalty with PPSD needs backend 'sequential' or 'streams'",
+        ),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs: dict, message: str) -> None:
