@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
     parser.add_argument(
         "--repetition-penalty", type=float, default=None,
-        help="HF's repetition penalty (ar, eesd, ppsd but not --backend distributed)",
+        help="HF's repetition penalty (every method and backend)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")

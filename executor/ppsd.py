@@ -16,8 +16,9 @@ with exact sampling, where a position's token is a function of the logits, the s
 With balanced stages, a free head and free links, a confirmed token costs 1 tick and a flushed one n ticks, so at
 acceptance alpha the speedup over AR on the same hardware is n / (alpha + (1 - alpha) n) (never below 1).
 
-A repetition penalty (local backends) reads the committed text: every emitted token joins it as it is emitted, so the
-last stage predicts from AR's context; stage 1 drafts from the same committed text, without the drafts in flight.
+A repetition penalty reads the committed text: every emitted token joins it as it is emitted (in every stage process
+of the distributed backend, from the verdict each tick broadcasts), so the last stage predicts from AR's context;
+stage 1 drafts from the same committed text, without the drafts in flight.
 
 Backends (one semantics, same ticks, confirms and flushes): `sequential` runs the stages of a tick one after the
 other (the reference, any device); `streams` launches each stage on its own CUDA stream so that the stages of a tick
@@ -384,6 +385,13 @@ def judge(out: StageOutput | None, sink: TokenSink, token: int | None = None) ->
     return Decision(kind, token, out.position + 1, sink.done)
 
 
+def commit(selector: TokenSelector, token: int) -> None:
+    """An emitted token (>= 0) joins the committed text a repetition penalty sees. Every emitted token is committed;
+    the tokens in flight behind it are drafts, which the penalty does not count."""
+    if selector.seen is not None and token >= 0:
+        selector.note(torch.tensor([[token]], device=selector.seen.device))
+
+
 # ------------------------------------------------------------------------------------ single-process pipeline
 class LocalPipeline:
     """All stages in one process: `sequential` (one after the other) or `streams` (one CUDA stream each)."""
@@ -432,11 +440,7 @@ class LocalPipeline:
         return decision
 
     def commit(self, token: int) -> None:
-        """An emitted token joins the committed text a repetition penalty sees (every emitted token is committed:
-        the tokens in flight behind it are drafts, which the penalty does not count)."""
-        seen = self.selector.seen
-        if seen is not None and token is not None and token >= 0:
-            self.selector.note(torch.tensor([[token]], device=seen.device))
+        commit(self.selector, token)
 
     def _read(self, outs: list[StageOutput | None]) -> tuple[int | None, int | None]:
         """The tick's one host read: stage 1's draft and the last stage's prediction, in one copy."""
@@ -598,11 +602,6 @@ def decode_ppsd(
     if not prompt:
         raise ValueError("empty prompt: PPSD needs at least one prompt token")
     selector = make_selector(adapter, len(prompt), sink, sampling, min_new_tokens)
-    if selector.penalized and backend == "distributed":
-        raise ValueError(
-            "repetition_penalty with PPSD needs backend 'sequential' or 'streams': the 'distributed' backend's "
-            "stage processes do not share the committed text the penalty reads"
-        )
     if sink.done:
         return new_stats(plan, backend, len(prompt))
     if backend == "distributed":

@@ -60,6 +60,7 @@ from executor.ppsd import (
     StageRunner,
     StageStats,
     Verdict,
+    commit,
     feed_limit,
     first_token,
     judge,
@@ -221,9 +222,13 @@ def run_stage(
     runner = StageRunner(adapter, cache, plan, rank, selector, capture, fallback=True, head=head)
     link = Link(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype)
     stats = new_stats(plan, "distributed", len(prompt))
+    if runner.is_first or runner.is_last:  # the ranks that pick tokens: a repetition penalty's committed text
+        selector.track(adapter.lm_head.weight.shape[0])
+        selector.start([prompt])
     dist.barrier()  # every process has its model: time from here
     begin = time.perf_counter()
     decision = _prefill(runner, link, prompt, sink, on_tokens)
+    commit(selector, decision.token)
     stats.prefill_time_s = time.perf_counter() - begin
     inbox = Item(len(prompt), token=decision.token) if rank == 0 else None
     limit = feed_limit(len(prompt), sink.max_new_tokens)
@@ -237,6 +242,7 @@ def run_stage(
         stage.work_ticks += inbox is not None
         stage.bubble_ticks += inbox is None
         decision = link.exchange_verdict(judge(out, sink) if runner.is_last else None)
+        commit(selector, decision.token)
         if runner.is_last and decision.kind != Verdict.NONE and on_tokens is not None:
             on_tokens([decision.token])
         stats.record(decision)

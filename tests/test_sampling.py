@@ -242,7 +242,7 @@ def test_rejection_sampling_end_to_end_joint_distribution(penalty):
     "bad",
     [
         dict(temperature=0), dict(top_k=-1), dict(top_p=0.0), dict(min_p=1.5), dict(sampling="nucleus"),
-        dict(repetition_penalty=0.0), dict(repetition_penalty=1.2, method="ppsd", backend="distributed"),
+        dict(repetition_penalty=0.0), dict(repetition_penalty=1.2, method="ppsd", sampling="rejection"),
         dict(repetition_penalty=1.2, method="eesd", accept_pattern=0.5),
     ],
 )  # fmt: skip
