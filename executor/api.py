@@ -266,8 +266,9 @@ def generate(
     sampled tokens exactly) or `"rejection"` (speculative sampling: same distribution). `exit_layer` defaults to the
     middle layer; `policy` (e.g. "fixed:4", "beta-ts") overrides `draft_len`. Rows of a batch are left-padded with
     `attention_mask`, as for HF `generate`, whose output layout `sequences` follows. `head` is the exit head (EESD
-    and PPSD): "shared" (default: the model's own final norm + LM head at the exit layer), a head file or a head
-    (see `executor.heads`).
+    and PPSD): "shared" (default: the model's own final norm + LM head at the exit layer), "shared:N" (the same over
+    the N lowest token ids), a head file (trained, or a vocabulary subset from `eesd train-head --vocab-subset N`) or a
+    head object (see `executor.heads`). `repetition_penalty` applies to every method and backend.
 
     "ppsd" (verify-while-draft pipeline, batch size 1, greedy or exact sampling) splits the layers into `stages`
     (balanced, or cut at `stage_boundaries`), drafts with `head` at `exit_layer` (default: a trained head's own
