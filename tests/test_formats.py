@@ -180,3 +180,19 @@ def test_bad_latency_component_is_rejected(tmp_path: Path) -> None:
             {"device": "H100", "dtype": "bf16", "model": "m"},
             [LatencyRecord("attention", "draft", 1, 0, 1, True, 1.0, 1.0, 1.0)],
         )
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-e15.safetensors", "gemma3-270m_v16k.safetensors"])
+def test_head_metadata_is_read_without_torch_as_safetensors_reads_it(name: str, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from sim.formats import read_head_metadata
+
+    path = Path(__file__).resolve().parents[1] / "heads" / name
+    with safe_open(str(path), framework="np") as handle:
+        assert read_head_metadata(path) == handle.metadata()
+    (tmp_path / "short.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="short.safetensors: not a safetensors file"):
+        read_head_metadata(tmp_path / "short.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        read_head_metadata(tmp_path / "missing.safetensors")
