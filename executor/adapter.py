@@ -108,7 +108,7 @@ LARGE_HEAD_ROWS = 4096
 
 def head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for an output head, with the faster CPU kernel order for a few rows."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = x.shape[:-1].numel()
     if x.device.type != "cpu" or rows not in FEW_ROWS or weight.shape[0] < LARGE_HEAD_ROWS or x.requires_grad:
         return torch.nn.functional.linear(x, weight, bias)
     out = torch.mm(weight, x.reshape(rows, x.shape[-1]).T).T.contiguous().view(*x.shape[:-1], weight.shape[0])

@@ -43,6 +43,7 @@ from torch import nn
 from executor.adapter import ModelAdapter, Step, attention_mask, decoder_layer, head_linear
 from executor.decoding import SharedExitHead
 from executor.kv_cache import KVCache
+from sim.formats import subset_size
 
 HEAD_FORMAT = "eesd-exit-head"
 HEAD_FORMAT_VERSION = "1"
@@ -129,7 +130,8 @@ class SubsetExitHead(SharedExitHead):
     def __init__(self, adapter: ModelAdapter, token_ids: torch.Tensor | list[int]) -> None:
         super().__init__(adapter)
         vocab = adapter.lm_head.weight.shape[0]
-        ids = torch.as_tensor(token_ids, dtype=torch.long).unique()
+        given = torch.as_tensor(token_ids, dtype=torch.long).cpu()
+        ids = given.unique()
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"a vocabulary-subset head needs token ids in [0, {vocab}), got {ids.numel()} ids")
         self.token_ids = ids.to(adapter.device)
@@ -138,7 +140,9 @@ class SubsetExitHead(SharedExitHead):
         bias = getattr(adapter.lm_head, "bias", None)
         self.bias = bias.detach()[self.token_ids] if bias is not None else None
         self.cache_key = ("subset", vocab, ids.numel(), hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16])
-        self.ranking = ids  # the ids in the order a head file stores them (most likely first, where ranked)
+        # the ids as given, which is how a head file stores them (most likely first, where ranked); sorted when the
+        # list repeats ids
+        self.ranking = given if given.numel() == ids.numel() else ids
         self.metadata: dict[str, str] = {}
 
     @classmethod
@@ -157,9 +161,7 @@ class SubsetExitHead(SharedExitHead):
         if not 1 <= count <= vocab:
             raise ValueError(f"a vocabulary subset needs 1 <= N <= {vocab} (the vocabulary), got {count}")
         order = torch.sort(-scores.detach().double().cpu(), stable=True).indices
-        head = cls(adapter, order[:count])
-        head.ranking = order[:count]
-        return head
+        return cls(adapter, order[:count])
 
     def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         adapter = self.adapter
@@ -328,7 +330,7 @@ def _subset_from_file(
         head = SubsetExitHead(adapter, ids)
     except ValueError as err:
         raise ValueError(f"exit head file {file}: {err}") from None
-    head.ranking, head.metadata = ids, metadata
+    head.metadata = metadata
     return head
 
 
@@ -337,10 +339,10 @@ def resolve_head(head: Any, adapter: ModelAdapter, exit_layer: int):
     if head is None or head == "shared":
         return SharedExitHead(adapter)
     if isinstance(head, str) and head.startswith("shared:"):
-        count = head.removeprefix("shared:")
-        if not count.isdigit():
-            raise ValueError(f"head 'shared:N' needs a number of token ids N, got {head!r}")
-        return SubsetExitHead.lowest(adapter, int(count))
+        count = subset_size(head)
+        if count is None:
+            raise ValueError(f"head 'shared:N' needs a whole number of token ids N >= 1, got {head!r}")
+        return SubsetExitHead.lowest(adapter, count)
     if isinstance(head, (str, os.PathLike)):
         if not str(head).endswith(".safetensors") and not Path(head).is_file():
             raise ValueError(

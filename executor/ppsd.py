@@ -429,7 +429,7 @@ class LocalPipeline:
         if outs[0] is not None:
             resolve_first(outs[0], limit, draft)
         decision = judge(outs[-1], sink, predicted)
-        self.commit(decision.token)
+        commit(self.selector, decision.token)
         self._account(busy)
         if decision.kind == Verdict.FLUSH:
             for runner in self.runners:
@@ -438,9 +438,6 @@ class LocalPipeline:
         else:
             self.inputs = [next_first_input(outs[0])] + [_as_item(out) for out in outs[:-1]]
         return decision
-
-    def commit(self, token: int) -> None:
-        commit(self.selector, token)
 
     def _read(self, outs: list[StageOutput | None]) -> tuple[int | None, int | None]:
         """The tick's one host read: stage 1's draft and the last stage's prediction, in one copy."""
@@ -523,7 +520,7 @@ def _decode_local(
     token = first_token(pipeline.runners[-1], hidden)
     stats.prefill_time_s = time.perf_counter() - begin
     sink.emit([token])
-    pipeline.commit(token)
+    commit(pipeline.selector, token)
     pipeline.inputs[0] = Item(len(prompt), token=token)
     limit = feed_limit(len(prompt), sink.max_new_tokens)
     while not sink.done:

@@ -105,17 +105,25 @@ def teacher_examples(
     examples = []
     pairs = list(zip(corpus.sequences, corpus.starts, strict=True))
     for tokens, start in tqdm(pairs, desc="teacher pass", unit="seq", disable=not progress):
-        cache = adapter.new_cache(1, len(tokens))
-        step = Step.at(0, len(tokens), adapter.device)
-        hidden = adapter.embed(torch.tensor([tokens], device=adapter.device))
-        states, done = {}, 0
-        for layer in sorted(exit_layers):
-            hidden = adapter.forward_layers(hidden, step, cache, done, layer)
-            states[layer], done = hidden[0].clone(), layer
-        hidden = adapter.forward_layers(hidden, step, cache, done, adapter.num_layers)
-        logits = adapter.logits(hidden[0, start:])
+        states, logits = teacher_pass(adapter, tokens, start, exit_layers)
         examples.append(Example(states, logits.to(torch.bfloat16), logits.argmax(-1), start))
     return examples
+
+
+def teacher_pass(
+    adapter: ModelAdapter, tokens: list[int], start: int, exit_layers: Sequence[int] = ()
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One full-model pass over `tokens`: the states after each of `exit_layers` ({E: [T, d]}) and the final logits
+    at positions `start`.. ([T - start, V])."""
+    cache = adapter.new_cache(1, len(tokens))
+    step = Step.at(0, len(tokens), adapter.device)
+    hidden = adapter.embed(torch.tensor([tokens], device=adapter.device))
+    states, done = {}, 0
+    for layer in sorted(exit_layers):
+        hidden = adapter.forward_layers(hidden, step, cache, done, layer)
+        states[layer], done = hidden[0].clone(), layer
+    hidden = adapter.forward_layers(hidden, step, cache, done, adapter.num_layers)
+    return states, adapter.logits(hidden[0, start:])
 
 
 def _batch_states(examples: Sequence[Example], exit_layer: int) -> torch.Tensor:
@@ -290,11 +298,7 @@ def vocabulary_scores(adapter: ModelAdapter, corpus: Corpus, progress: bool = Tr
     scores = torch.zeros(adapter.lm_head.weight.shape[0], dtype=torch.float64)
     pairs = list(zip(corpus.sequences, corpus.starts, strict=True))
     for tokens, start in tqdm(pairs, desc="vocabulary", unit="seq", disable=not progress):
-        cache = adapter.new_cache(1, len(tokens))
-        step = Step.at(0, len(tokens), adapter.device)
-        hidden = adapter.embed(torch.tensor([tokens], device=adapter.device))
-        hidden = adapter.forward_layers(hidden, step, cache, 0, adapter.num_layers)
-        logits = adapter.logits(hidden[0, start:])
+        _, logits = teacher_pass(adapter, tokens, start)
         probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
         scores += probs.sum(0).double().cpu()
     return scores

@@ -30,6 +30,7 @@ from typing import Any
 import simpy
 
 from sim.acceptance import AcceptanceModel, AcceptanceStream
+from sim.formats import subset_size
 from sim.hardware import allreduce_us
 from sim.latency import LatencyModel, LinkModel
 from sim.models import ModelConfig
@@ -520,13 +521,13 @@ def head_vocab_fraction(exit_head: str, model: ModelConfig) -> float:
     """N / V for `shared:N`, 1 for `shared` (and `trained`); a ValueError for anything else."""
     if exit_head in ("shared", "trained"):
         return 1.0
-    count = exit_head.removeprefix("shared:")
-    if not exit_head.startswith("shared:") or not count.isdigit() or not 1 <= int(count) <= model.vocab_size:
+    count = subset_size(exit_head)
+    if count is None or count > model.vocab_size:
         raise ValueError(
             f"expected shared, trained or shared:N with 1 <= N <= {model.vocab_size} (the model's vocabulary), "
             f"got {exit_head!r}"
         )
-    return int(count) / model.vocab_size
+    return count / model.vocab_size
 
 
 def _stage_touched(stage: StagePlan, work: Pass) -> bool:

@@ -204,6 +204,12 @@ def read_link_profile(path: str | Path) -> DataFile:
     return read_file(path, LINK_PROFILE)
 
 
+def subset_size(head: str) -> int | None:
+    """N of a `shared:N` exit head spec (the shared head over N token ids; a whole number >= 1), else None."""
+    count = head.removeprefix("shared:") if head.startswith("shared:") else ""
+    return int(count) if count.isdigit() and int(count) >= 1 else None
+
+
 def read_head_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of an exit head file (`executor.heads`: safetensors, format `eesd-exit-head`), read from the
     safetensors header without torch: 8 bytes little-endian header length, then a JSON object whose

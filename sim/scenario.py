@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
 from sim.engine import Pass, SimPlan, StagePlan, Workload, head_vocab_fraction, stage_time_us
-from sim.formats import COMPONENTS, read_acceptance_trace, read_latency_profile, read_link_profile
+from sim.formats import COMPONENTS, read_acceptance_trace, read_latency_profile, read_link_profile, subset_size
 from sim.hardware import GPUS, LINKS, LinkSpec, gpu
 from sim.latency import ConstantLatency, LatencyModel, LinkModel, ProfiledLink, ProfileLatency, RooflineLatency
 from sim.models import DTYPE_BYTES, MODELS, ModelConfig
@@ -178,8 +178,7 @@ class Scenario(Strict):
     @field_validator("exit_head")
     @classmethod
     def _exit_head(cls, value: str) -> str:
-        count = value.removeprefix("shared:")
-        if value not in ("shared", "trained") and not (value.startswith("shared:") and count.isdigit() and int(count)):
+        if value not in ("shared", "trained") and subset_size(value) is None:
             raise ValueError("expected shared, trained or shared:N (the shared head over N token ids, N >= 1)")
         return value
 
