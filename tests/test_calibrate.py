@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packages import requires_smollm2
 
 from calibrate.acceptance import (
     TraceCheckError,
@@ -164,3 +165,24 @@ def test_link_profile_from_two_gloo_processes(tmp_path: Path) -> None:
     assert main(["calibrate", "link", "--sizes", "1024", "--repeats", "3", "--out", str(out)]) == 0
     profile = read_link_profile(out)
     assert profile.metadata["backend"] == "gloo" and [r.nbytes for r in profile.records] == [1024]
+
+
+@requires_smollm2
+def test_acceptance_prompts_follow_the_split_train_head_uses() -> None:
+    """`--split held-out` keeps exactly the prompts `split_prompts` holds out (which `eesd train-head` never trains on);
+    `--num-prompts` then takes the first N of them."""
+    import argparse
+
+    from calibrate.acceptance_cli import encoded_prompts
+    from executor.prompts import load_prompts, split_prompts
+
+    def ids(split: str, num: int | None = None) -> list[str]:
+        args = argparse.Namespace(model="smollm2-135m", prompts="builtin", num_prompts=num, split=split,
+                                  max_prompt_tokens=512)  # fmt: skip
+        return [prompt_id for prompt_id, _ in encoded_prompts(args)]
+
+    expected = split_prompts(load_prompts("builtin"))
+    assert ids("held-out") == [p.id for p in expected.held_out]
+    assert ids("train") == [p.id for p in expected.train]
+    assert ids("held-out", 3) == [p.id for p in expected.held_out[:3]]
+    assert ids("all") == [p.id for p in load_prompts("builtin")]
