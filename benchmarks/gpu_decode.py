@@ -48,6 +48,7 @@ import platform
 import re
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -325,20 +326,33 @@ def bench_model(
             rows.append(Row(model=name, method=case.method, capture=case.capture, tokens_per_s=None, note=skip))
             print(f"  {case.method}: {skip}", flush=True)
             continue
-        speeds, decode, stats = time_case(case, runs, device)
-        row = Row(
-            model=name, method=case.method, capture=case.capture, tokens_per_s=statistics.median(speeds),
-            decode_tokens_per_s=statistics.median(decode) if decode else None, runs_tokens_per_s=speeds,
-        )  # fmt: skip
-        if stats is not None and stats.accepted:
-            row.alpha = getattr(stats, "alpha", None) if hasattr(stats, "confirms") else eesd_alpha(stats)
-            row.tokens_per_round = None if hasattr(stats, "confirms") else stats.tokens_per_round
-            row.ideal_speedup, row.pass_costs_ms = case.ideal(stats)
+        try:
+            row = measure(name, case, runs, device)
+        except Exception as err:  # one broken case must not cost the others' figures (one GPU call, no rerun)
+            traceback.print_exc()
+            note = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            rows.append(Row(model=name, method=case.method, capture=case.capture, tokens_per_s=None, note=note))
+            save(rows)
+            print(f"  {case.method}: {note}", flush=True)
+            continue
         rows.append(row)
         add_speedups(rows)
         save(rows)
         print(f"  {case.method} [{case.capture}]: {row.tokens_per_s:.2f} tok/s", flush=True)
     return rows[len(earlier) :]
+
+
+def measure(name: str, case: Case, runs: int, device: torch.device) -> Row:
+    speeds, decode, stats = time_case(case, runs, device)
+    row = Row(
+        model=name, method=case.method, capture=case.capture, tokens_per_s=statistics.median(speeds),
+        decode_tokens_per_s=statistics.median(decode) if decode else None, runs_tokens_per_s=speeds,
+    )  # fmt: skip
+    if stats is not None and stats.accepted:
+        row.alpha = getattr(stats, "alpha", None) if hasattr(stats, "confirms") else eesd_alpha(stats)
+        row.tokens_per_round = None if hasattr(stats, "confirms") else stats.tokens_per_round
+        row.ideal_speedup, row.pass_costs_ms = case.ideal(stats)
+    return row
 
 
 def add_speedups(rows: list[Row]) -> None:
@@ -356,6 +370,24 @@ def add_speedups(rows: list[Row]) -> None:
             row.efficiency = row.speedup_vs_ar / row.ideal_speedup
 
 
+def copy_tbps(device: torch.device, gib: float = 2.0) -> float | None:
+    """The card's device-to-device copy bandwidth (bytes read + written per second, median of 5 copies), in TB/s."""
+    if device.type != "cuda":
+        return None
+    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(6):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    del source, target
+    return 2 * gib * 2**30 / statistics.median(times[1:]) / 1e12
+
+
 def hbm_floor(model: torch.nn.Module, tbps: float) -> float:
     """Tokens/s if every decode step only read all weights once at `tbps` TB/s (the embedding row aside)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -371,7 +403,9 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 
 def match_rates(model, prompts: list[list[int]], args, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
-    """Greedy tokens of EESD / PPSD vs our AR in the benchmark dtype: identical prompts, mean matching prefix."""
+    """Greedy tokens of EESD / PPSD vs our AR in the benchmark dtype: identical prompts, mean matching prefix. Also
+    our AR itself: captured vs uncaptured (on `AR_CHECK_PROMPTS` prompts; the same kernels, so these should agree
+    exactly) and vs HF `generate` (first `--hf-new-tokens` tokens of `HF_CHECK_PROMPTS` prompts: other kernels)."""
     if budget.spent():
         print("  match rates: skipped, time budget spent")
         return []
@@ -388,18 +422,59 @@ def match_rates(model, prompts: list[list[int]], args, device: torch.device, bud
     }  # fmt: skip
     ar = [executor.generate(adapter, [p], method="ar", max_new_tokens=n).sequences[0].tolist() for p in prompts]
     results = []
-    for label, kwargs in methods.items():
-        outs = [executor.generate(adapter, [p], max_new_tokens=n, **kwargs).sequences[0].tolist() for p in prompts]
-        prefixes = [(first_difference(o, a) - len(p)) / n for o, a, p in zip(outs, ar, prompts, strict=True)]
-        same = sum(o == a for o, a in zip(outs, ar, strict=True))
+
+    def compare(label: str, outs: list[list[int]], refs: list[list[int]], used: list[list[int]], new: int) -> None:
+        prefixes = [(first_difference(o, a) - len(p)) / new for o, a, p in zip(outs, refs, used, strict=True)]
+        same = sum(o == a for o, a in zip(outs, refs, strict=True))
         results.append(
-            {"method": label, "prompts": len(prompts), "identical": same, "identical_rate": same / len(prompts),
-             "mean_matching_prefix": statistics.fmean(prefixes)}
+            {"method": label, "prompts": len(used), "new_tokens": new, "identical": same,
+             "identical_rate": same / len(used), "mean_matching_prefix": statistics.fmean(prefixes)}
         )  # fmt: skip
-        print(
-            f"  match {label}: {same}/{len(prompts)} identical, mean prefix {results[-1]['mean_matching_prefix']:.3f}"
-        )
+        print(f"  match {label}: {same}/{len(used)} identical, mean prefix {results[-1]['mean_matching_prefix']:.3f}")
+
+    def one(label: str, run: Callable[[], None]) -> None:
+        if budget.spent():
+            results.append({"method": label, "error": "skipped: time budget spent"})
+            return
+        try:
+            run()
+        except Exception as err:  # keep the other methods' rates
+            traceback.print_exc()
+            results.append({"method": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+
+    for label, kwargs in methods.items():
+        outs = lambda kw=kwargs: [  # noqa: E731
+            executor.generate(adapter, [p], max_new_tokens=n, **kw).sequences[0].tolist() for p in prompts
+        ]
+        one(label, lambda label=label, outs=outs: compare(label, outs(), ar, prompts, n))
+    if device.type == "cuda":
+        few = prompts[:AR_CHECK_PROMPTS]
+        eager = lambda: [  # noqa: E731
+            executor.generate(adapter, [p], method="ar", max_new_tokens=n, capture="none").sequences[0].tolist()
+            for p in few
+        ]
+        label = "ours ar uncaptured (vs captured)"
+        one(label, lambda: compare(label, eager(), ar, few, n))
+    few, m = prompts[:HF_CHECK_PROMPTS], min(args.hf_new_tokens, n)
+
+    def hf() -> None:
+        outs = [hf_greedy(model, p, m) for p in few]
+        compare("hf generate (vs our AR)", outs, [a[: len(p) + m] for a, p in zip(ar, few, strict=False)], few, m)
+
+    one("hf generate (vs our AR)", hf)
     return results
+
+
+AR_CHECK_PROMPTS, HF_CHECK_PROMPTS = 5, 3
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0,
+    )  # fmt: skip
+    return out[0].tolist()
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -444,7 +519,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--draft-len", type=int, default=3, help="k of the fixed:k policy")
     parser.add_argument("--exit-layer", type=int, default=15, help="SmolLM2 exit layer (the trained head's)")
-    parser.add_argument("--match-prompts", type=int, default=20, help="real prompts for the match rate")
+    parser.add_argument("--match-prompts", type=int, default=12, help="real prompts for the match rate")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 3 match prompts: a smoke test")
     parser.add_argument("--small", action="store_true", help="the 7B shape with 4 layers (fits a CPU run)")
     parser.add_argument(
@@ -454,7 +529,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--captures", default=None, help="comma-separated capture modes of our passes, the first for every EESD row "
         "(default graph,compile on CUDA, none elsewhere)",
     )  # fmt: skip
-    parser.add_argument("--hbm-tbps", type=float, default=3.0, help="HBM bandwidth for the 7B floor (DESIGN.md §4)")
+    parser.add_argument(
+        "--hbm-tbps", type=float, default=3.0,
+        help="HBM bandwidth of the 7B floor (DESIGN.md §4: 3.0 on the lent H100); the floor at the bandwidth a copy "
+        "measures on this card is reported too",
+    )  # fmt: skip
     parser.add_argument(
         "--model-path", default="smollm2-135m", help="SmolLM2: a name or a local HF directory (carry_model.py)"
     )
@@ -542,12 +621,19 @@ def main(argv: list[str] | None = None) -> None:
         name = f"Llama-2-7B shape, random, {layers} layers"
         print(name, flush=True)
         floors[name] = hbm_floor(big, args.hbm_tbps)
+        measured = copy_tbps(device)
+        if measured:
+            floors[f"{name} at the measured copy bandwidth {measured:.2f} TB/s"] = hbm_floor(big, measured)
         prompt = torch.randint(0, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
 
         def save_with_floor(model_rows: list[Row]) -> None:
             for row in model_rows:
                 if row.method == "ours ar" and row.decode_tokens_per_s:
-                    row.note = f"{row.decode_tokens_per_s / floors[name]:.2f} of the HBM floor {floors[name]:.0f} tok/s"
+                    row.note = "; ".join(
+                        f"{row.decode_tokens_per_s / floor:.2f} of the floor {floor:.0f} tok/s ({label})"
+                        for label, floor in floors.items()
+                        if label.startswith(name)
+                    )
             save(model_rows)
 
         rows += bench_model(name, llama7b_cases(big, prompt, args), args.runs, device, budget, save_with_floor)

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Issue 8's GPU measurements on the lent box in as few device calls as the 64 MiB-per-call carry allows.
+# Issue 8's GPU measurements on the lent box in two device calls (the 64 MiB-per-call carry limit).
 #
 # The box has torch and transformers but no hub, no `gguf` and no `simpy`; SmolLM2-135M's GGUF (92 MiB) travels in
 # two chunks, one per call, and the machine stays warm only 30 s after a call, so issue call 2 right after call 1
-# (prepare both calls' arguments beforehand; `bench` exits with 3 at once if the box went back in between).
+# (prepare both calls' arguments beforehand; `smollm2` exits with 3 at once if the box went back in between). Call 1
+# does useful work on its own (the 7B shape needs no weights), so a lost box between calls still leaves its figures.
 # Everything a call measures is written under $OUT as it goes (a run cut short keeps its rows).
 #
 #   here:    bash benchmarks/gpu_session.sh prepare        # .carry/smollm2-135m/part-00{0,1} + manifest, .carry/wheels
-#   call 1:  bash benchmarks/gpu_session.sh stage          # carry: .carry/smollm2-135m/part-000
-#                                                          #        .carry/smollm2-135m/manifest.json
-#   call 2:  bash benchmarks/gpu_session.sh bench          # carry: .carry/smollm2-135m/part-001
+#   call 1:  bash benchmarks/gpu_session.sh llama7b        # carry: .carry/smollm2-135m/part-000
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
-#            (timeout_s 600: SmolLM2 rows + match rates, then the 7B shape, each under its own time budget)
-#   call 3 (optional, warm box, time left):  bash benchmarks/gpu_session.sh calibrate   # no carry: reuses /tmp
+#            (stages part 0; the 7B-shape rows, then a 4-layer 7B-shape latency profile; ~4 min)
+#   call 2:  bash benchmarks/gpu_session.sh smollm2        # carry: .carry/smollm2-135m/part-001
+#                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
+#            (SmolLM2 rows + match rates, then its latency profile; ~7 min: timeout_s 600)
 #
-# Then here: copy the JSON files from the call's files_at to benchmarks/results/ (named by card) and commit them.
+# Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card) and
+# calibration/<card>/ (profiles), and commit them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +25,8 @@ PARTS=/tmp/parts
 GGUF=/tmp/smollm2.gguf
 SITE=/tmp/site
 OUT=${OUT:-/tmp/out}
-SMOLLM2_BUDGET_S=${SMOLLM2_BUDGET_S:-250}  # cases that would start later are kept as skipped rows
-LLAMA7B_BUDGET_S=${LLAMA7B_BUDGET_S:-150}
+SMOLLM2_BUDGET_S=${SMOLLM2_BUDGET_S:-220}  # cases that would start later are kept as skipped rows
+LLAMA7B_BUDGET_S=${LLAMA7B_BUDGET_S:-110}
 
 environment() {
   mkdir -p "$OUT"
@@ -42,35 +44,36 @@ case "${1:-}" in
       --platform manylinux2014_x86_64 -d .carry/wheels "gguf==0.19.0" "simpy==4.1.2"
     ls -la .carry/"$MODEL" .carry/wheels
     ;;
-  stage)
+  llama7b)
     mkdir -p "$PARTS"
     cp .carry/"$MODEL"/* "$PARTS"/
-    ls -la "$PARTS"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    environment
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    set +e
+    timeout $((LLAMA7B_BUDGET_S + 60)) python3 benchmarks/gpu_decode.py --models llama7b \
+      --time-budget-s "$LLAMA7B_BUDGET_S" --out "$OUT/gpu_decode_llama7b.json" 2>&1 | tee "$OUT/bench_llama7b.log"
+    timeout "${CALIBRATE_7B_S:-60}" python3 -m executor.cli calibrate latency --model Llama-2-7B --layers 4 \
+      --device cuda --graphs on --batch 1 --context 128,512,1024,2048 --out "$OUT" --no-progress \
+      2>&1 | tee "$OUT/calibrate_llama7b.log"
+    ls -la "$PARTS"
     ;;
-  bench)
+  smollm2)
     if [ ! -f "$PARTS/part-000" ]; then
-      echo "no $PARTS/part-000: the box went back between calls (idle > 30 s); run 'stage' then 'bench' again" >&2
+      echo "no $PARTS/part-000: the box went back between calls (idle > 30 s); run 'llama7b' then 'smollm2' again" >&2
       exit 3
     fi
     cp .carry/"$MODEL"/* "$PARTS"/
     environment
     python3 benchmarks/carry_model.py join "$PARTS" "$GGUF"
     set +e
-    timeout $((SMOLLM2_BUDGET_S + 90)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
+    timeout $((SMOLLM2_BUDGET_S + 80)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
       --time-budget-s "$SMOLLM2_BUDGET_S" --out "$OUT/gpu_decode_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
-    timeout $((LLAMA7B_BUDGET_S + 60)) python3 benchmarks/gpu_decode.py --models llama7b \
-      --time-budget-s "$LLAMA7B_BUDGET_S" --out "$OUT/gpu_decode_llama7b.json" 2>&1 | tee "$OUT/bench_llama7b.log"
-    ;;
-  calibrate)
-    [ -f "$GGUF" ] || { echo "no $GGUF: run 'stage' and 'bench' first on the same warm box" >&2; exit 3; }
-    environment
-    timeout "${CALIBRATE_S:-240}" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda \
-      --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log" || true
+    timeout "${CALIBRATE_S:-90}" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda \
+      --graphs on --batch 1 --context 128,512,1024,2048 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
-    echo "usage: $0 prepare | stage | bench | calibrate" >&2
+    echo "usage: $0 prepare | llama7b | smollm2" >&2
     exit 2
     ;;
 esac

@@ -31,19 +31,24 @@ def register(name: str, module: str, help_text: str) -> None:
     SUBCOMMANDS[name] = (module, help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; only `command`'s module is imported (its arguments and `run`), so that one
+    subcommand never needs another's dependencies (`eesd calibrate` on a GPU box without simpy, say)."""
     parser = argparse.ArgumentParser(prog="eesd", description="Early-exit self-speculative decoding toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub_parser)
-        sub_parser.set_defaults(_run=module.run)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

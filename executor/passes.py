@@ -68,6 +68,7 @@ class StaticPass:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compiled: Callable[[], None] | None = None
         if mode == "compile":
+            allow_recompiles()
             self.compiled = torch.compile(self._launch, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     def _launch(self) -> None:
@@ -97,6 +98,14 @@ class StaticPass:
     @property
     def captured(self) -> bool:
         return self.graph is not None
+
+
+def allow_recompiles(limit: int = 64) -> None:
+    """Every compiled pass is the same code (`StaticPass._launch`) on another instance, so dynamo compiles it once per
+    pass (a guard on `self`); its default limit (8 per code object) would silently leave later passes uncompiled."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
 
 
 def capture_graph(warmup: Callable[[], None], fn: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
