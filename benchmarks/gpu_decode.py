@@ -454,7 +454,7 @@ def match_rates(model, prompts: list[list[int]], args, device: torch.device, bud
             for p in few
         ]
         label = "ours ar uncaptured (vs captured)"
-        one(label, lambda: compare(label, eager(), ar, few, n))
+        one(label, lambda: compare(label, eager(), ar[: len(few)], few, n))
     few, m = prompts[:HF_CHECK_PROMPTS], min(args.hf_new_tokens, n)
 
     def hf() -> None:
@@ -466,6 +466,17 @@ def match_rates(model, prompts: list[list[int]], args, device: torch.device, bud
 
 
 AR_CHECK_PROMPTS, HF_CHECK_PROMPTS = 5, 3
+
+
+def match_all(model, dtype: torch.dtype, prompts, args, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
+    """`match_rates` in each of `--match-dtypes` (another dtype loads its own copy of the model)."""
+    results = []
+    for name in args.match_dtypes:
+        other = resolve_dtype(name)
+        subject = model if other == dtype else executor.load_model(args.model_path, dtype=other, device=device)
+        print(f"match rate vs our AR ({name})", flush=True)
+        results += [{"dtype": name, **r} for r in match_rates(subject, prompts, args, device, budget)]
+    return results
 
 
 def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
@@ -520,6 +531,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draft-len", type=int, default=3, help="k of the fixed:k policy")
     parser.add_argument("--exit-layer", type=int, default=15, help="SmolLM2 exit layer (the trained head's)")
     parser.add_argument("--match-prompts", type=int, default=12, help="real prompts for the match rate")
+    parser.add_argument(
+        "--match-dtypes", default=None, help="comma-separated dtypes of the match rates (default: --dtype; '' none)"
+    )
+    parser.add_argument("--match-first", action="store_true", help="match rates before the timed SmolLM2 rows")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 3 match prompts: a smoke test")
     parser.add_argument("--small", action="store_true", help="the 7B shape with 4 layers (fits a CPU run)")
     parser.add_argument(
@@ -551,6 +566,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--captures must name none, graph and/or compile, got {args.captures}")
     if args.runs < 5:
         parser.error("--runs must be >= 5 (medians of at least 5 runs)")
+    match_dtypes = args.dtype if args.match_dtypes is None else args.match_dtypes
+    args.match_dtypes = [d.strip() for d in match_dtypes.split(",") if d.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not args.models or set(args.models) - {"smollm2", "llama7b"}:
         parser.error(f"--models must name smollm2 and/or llama7b, got {args.models}")
@@ -607,9 +624,11 @@ def main(argv: list[str] | None = None) -> None:
         model = executor.load_model(args.model_path, dtype=dtype, device=device)
         print("SmolLM2-135M (real weights)", flush=True)
         first, others = smollm2_cases(model, prompts[0], args)
+        if args.match_first:
+            matches += match_all(model, dtype, prompts, args, device, budget)
         smollm2 = bench_model("SmolLM2-135M", first, args.runs, device, budget, save)
-        print("match rate vs our AR", flush=True)
-        matches += match_rates(model, prompts, args, device, budget)
+        if not args.match_first:
+            matches += match_all(model, dtype, prompts, args, device, budget)
         save(smollm2)
         smollm2 += bench_model("SmolLM2-135M", others, args.runs, device, budget, save, earlier=smollm2)
         rows += smollm2

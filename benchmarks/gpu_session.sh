@@ -72,8 +72,26 @@ case "${1:-}" in
     timeout "${CALIBRATE_S:-90}" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda \
       --graphs on --batch 1 --context 128,512,1024,2048 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
+  check)  # a second session's call 1: stage part 0, then the captured decoders against HF on the GPU (float64)
+    mkdir -p "$PARTS"
+    cp .carry/"$MODEL"/* "$PARTS"/
+    environment
+    set +e
+    timeout "${CHECK_S:-120}" python3 -m pytest -p no:cacheprovider -v -x tests/test_gpu.py \
+      --junitxml="$OUT/test_gpu.xml" 2>&1 | tee "$OUT/test_gpu.log"
+    ;;
+  compile)  # its call 2: SmolLM2 rows with torch.compile, match rates in float32 first
+    [ -f "$PARTS/part-000" ] || { echo "no $PARTS/part-000: run 'check' then 'compile' again" >&2; exit 3; }
+    cp .carry/"$MODEL"/* "$PARTS"/
+    environment
+    python3 benchmarks/carry_model.py join "$PARTS" "$GGUF"
+    set +e
+    timeout $((SMOLLM2_BUDGET_S + 60)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
+      --captures compile --match-dtypes float32 --match-first --time-budget-s "$SMOLLM2_BUDGET_S" \
+      --out "$OUT/gpu_decode_smollm2_compile.json" 2>&1 | tee "$OUT/bench_smollm2_compile.log"
+    ;;
   *)
-    echo "usage: $0 prepare | llama7b | smollm2" >&2
+    echo "usage: $0 prepare | llama7b | smollm2 | check | compile" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,139 @@
+"""The captured decoders on a CUDA device, token for token against HF `generate` (skipped without a GPU).
+
+The CPU suite checks the passes uncaptured, and that they do no host work and are idempotent (what a capture needs);
+this module runs the same decoders where they are really captured: CUDA graphs (`capture="graph"`, the GPU default),
+`torch.compile(mode="reduce-overhead")` and the `streams` PPSD backend, in float64 so that a verify pass over q
+tokens and a one-token step round alike (lossless means the same tokens, with no tie to excuse). Run it on a GPU box
+with `python -m pytest tests/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import TinySpec, scale_late_layers, tiny_model
+
+import executor
+from executor.adapter import ModelAdapter
+from executor.heads import TrainedExitHead
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+EXIT_LAYER = 2
+PROMPTS = [[5, 17, 2, 40, 33], [8, 12], [3] * 40]
+ARCHS = ("llama", "qwen2", "mistral", "gemma3")
+
+
+def cuda_model(spec: TinySpec, epsilon: float = 0.2) -> torch.nn.Module:
+    return scale_late_layers(tiny_model(spec, torch.float64), EXIT_LAYER, epsilon).to("cuda")
+
+
+def hf_tokens(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt], device="cuda")
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0,
+    )  # fmt: skip
+    return out[0].tolist()
+
+
+def ours(model: torch.nn.Module, prompt: list[int], new_tokens: int, **kwargs) -> tuple[list[int], object]:
+    result = executor.generate(model, [prompt], max_new_tokens=new_tokens, **kwargs)
+    return result.sequences[0].tolist(), result.stats
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("capture", ["graph", "none"])
+def test_ar_and_eesd_equal_hf(arch: str, capture: str) -> None:
+    model = cuda_model(TinySpec(arch=arch, num_layers=4, seed=1))
+    for prompt in PROMPTS:
+        reference = hf_tokens(model, prompt, 24)
+        tokens, stats = ours(model, prompt, 24, method="ar", capture=capture)
+        assert tokens == reference and stats.capture == capture
+        for policy in ("fixed:3", "beta-ts", "fixed:1"):
+            kwargs = {"method": "eesd", "exit_layer": EXIT_LAYER, "policy": policy, "capture": capture}
+            tokens, stats = ours(model, prompt, 24, **kwargs)
+            assert tokens == reference, (arch, capture, policy, prompt)
+            assert sum(stats.accepted) > 0  # the epsilon trick makes drafts land: the accept path is exercised
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    epsilon=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    prompt=st.lists(st.integers(1, 96), min_size=1, max_size=30),
+    new_tokens=st.integers(1, 40),
+    draft_len=st.integers(1, 6),
+)
+def test_captured_eesd_equals_hf_property(seed, epsilon, prompt, new_tokens, draft_len) -> None:
+    model = cuda_model(TinySpec(num_layers=4, seed=seed), epsilon)
+    reference = hf_tokens(model, prompt, new_tokens)
+    tokens, _ = ours(model, prompt, new_tokens, method="eesd", exit_layer=EXIT_LAYER, draft_len=draft_len)
+    assert tokens == reference
+
+
+def test_eesd_with_trained_and_subset_heads_equals_hf() -> None:
+    model = cuda_model(TinySpec(num_layers=4, seed=2))
+    trained = TrainedExitHead(ModelAdapter(model), EXIT_LAYER).to("cuda", torch.float64).requires_grad_(False)
+    for prompt in PROMPTS:
+        reference = hf_tokens(model, prompt, 20)
+        for head in (trained, "shared:48"):
+            tokens, _ = ours(model, prompt, 20, method="eesd", exit_layer=EXIT_LAYER, head=head, draft_len=3)
+            assert tokens == reference
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("backend", ["streams", "sequential"])
+def test_ppsd_equals_hf(stages: int, backend: str) -> None:
+    model = cuda_model(TinySpec(num_layers=6, seed=4), epsilon=0.1)
+    for prompt in PROMPTS:
+        reference = hf_tokens(model, prompt, 24)
+        tokens, stats = ours(model, prompt, 24, method="ppsd", stages=stages, backend=backend)
+        assert tokens == reference, (stages, backend, prompt)
+        assert stats.capture == "graph"
+
+
+def test_exact_sampling_is_the_same_captured_or_not() -> None:
+    """Seeded "exact" sampling: EESD's tokens equal AR's, captured or not (keyed noise, on the device)."""
+    model = cuda_model(TinySpec(num_layers=4, seed=5))
+    sampling = {"do_sample": True, "temperature": 0.9, "top_k": 20, "seed": 7}
+    for prompt in PROMPTS:
+        ar, _ = ours(model, prompt, 24, method="ar", capture="none", **sampling)
+        for capture in ("graph", "none"):
+            assert ours(model, prompt, 24, method="ar", capture=capture, **sampling)[0] == ar
+            assert ours(model, prompt, 24, method="eesd", exit_layer=EXIT_LAYER, capture=capture, **sampling)[0] == ar
+        assert ours(model, prompt, 24, method="ppsd", stages=2, backend="streams", **sampling)[0] == ar
+
+
+def test_batch_with_left_padding_equals_hf_per_row() -> None:
+    model = cuda_model(TinySpec(num_layers=4, seed=6))
+    rows = [[0, 0, 0, 9, 4, 7], [5, 17, 2, 40, 33, 1]]
+    ids = torch.tensor(rows, device="cuda")
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6], device="cuda")
+    out = executor.generate(model, ids, attention_mask=mask, method="eesd", exit_layer=EXIT_LAYER, max_new_tokens=16)
+    for row, tokens in zip(([9, 4, 7], rows[1]), out.sequences.tolist(), strict=True):
+        assert tokens[-16:] == hf_tokens(model, row, 16)[-16:]
+
+
+def test_compiled_passes_equal_hf() -> None:
+    model = cuda_model(TinySpec(num_layers=4, seed=8))
+    for prompt in PROMPTS[:2]:
+        reference = hf_tokens(model, prompt, 16)
+        assert ours(model, prompt, 16, method="ar", capture="compile")[0] == reference
+        tokens, _ = ours(model, prompt, 16, method="eesd", exit_layer=EXIT_LAYER, draft_len=2, capture="compile")
+        assert tokens == reference
+
+
+def test_captured_repetition_penalty_equals_hf() -> None:
+    model = cuda_model(TinySpec(num_layers=4, seed=9))
+    prompt = PROMPTS[0]
+    ids = torch.tensor([prompt], device="cuda")
+    hf = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+        repetition_penalty=1.3, pad_token_id=0,
+    )[0].tolist()  # fmt: skip
+    for method in ("ar", "eesd"):
+        tokens, _ = ours(model, prompt, 20, method=method, exit_layer=EXIT_LAYER, repetition_penalty=1.3)
+        assert tokens == hf, method
