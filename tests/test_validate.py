@@ -209,3 +209,21 @@ def test_a_subset_head_file_is_followed_as_shared_n(tmp_path) -> None:
     write_acceptance_trace(tmp_path / "t.csv", {**trace.metadata, "head": str(head)}, trace.records)
     planned = validate.plan(scenario(tmp_path, exit_head="shared:3", acceptance__trace="t.csv"))
     assert planned.head == str(head) and {t.method for t in planned.targets} == {"ar", "eesd"}
+
+
+def test_the_simulator_predicts_the_h200_executor_from_its_profile() -> None:
+    """The committed H200 lease (benchmarks/results/gpu_decode_nvidia_h200_*.json and calibration/h200/): fed the
+    profile measured on that card and each row's measured alpha, the simulator's decode tokens/s is within 15% of
+    the executor's (AR and EESD, SmolLM2 and the 7B shape), and its EESD speedup over AR within 0.1."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_vs_gpu.py"
+    spec = importlib.util.spec_from_file_location("sim_vs_gpu", path)
+    module = sys.modules["sim_vs_gpu"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
+    spec.loader.exec_module(module)
+    rows = [row for source in module.H200 for row in module.compare(source, runs=8)]
+    assert {r["model"] for r in rows} == {"SmolLM2-135M", "Llama-2-7B"} and len(rows) >= 8
+    for row in rows:
+        assert abs(row["error"]) < 0.15, row
+        assert abs(row["predicted_speedup"] - row["measured_speedup"]) < 0.1, row
