@@ -352,7 +352,21 @@ def measure(name: str, case: Case, runs: int, device: torch.device) -> Row:
         row.alpha = getattr(stats, "alpha", None) if hasattr(stats, "confirms") else eesd_alpha(stats)
         row.tokens_per_round = None if hasattr(stats, "confirms") else stats.tokens_per_round
         row.ideal_speedup, row.pass_costs_ms = case.ideal(stats)
+    if stats is not None and getattr(stats, "stage_stats", None) and stats.ticks:
+        row.pass_costs_ms = ppsd_tick_costs(stats)
     return row
+
+
+def ppsd_tick_costs(stats: Any) -> dict[str, float]:
+    """Milliseconds per PPSD tick: the stages' (`streams`: each tick's slowest stage, timed with CUDA events, as the
+    stages overlap; `sequential`: all stages, one after the other) and the host's (the rest of the decode wall time:
+    preparing inputs, the tick's read-back, judging, flushing; on a GPU also the device's idle time between ticks)."""
+    if stats.backend == "streams":  # busy + idle is the same sum of tick lengths for every stage
+        device = stats.stage_stats[0].busy_s + stats.stage_stats[0].idle_s
+    else:
+        device = sum(stage.busy_s for stage in stats.stage_stats)
+    wall = stats.wall_time_s - stats.prefill_time_s
+    return {"device per tick": device / stats.ticks * 1e3, "host per tick": (wall - device) / stats.ticks * 1e3}
 
 
 def add_speedups(rows: list[Row]) -> None:
