@@ -15,6 +15,8 @@
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
 #            (SmolLM2 rows + match rates, then its latency profile; ~7 min: timeout_s 600)
 #
+#   a later lease (what is still missing):  next1 (carry as call 1), then next2 (carry as call 2)
+#
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card) and
 # calibration/<card>/ (profiles), and commit them.
 set -euo pipefail
@@ -90,8 +92,30 @@ case "${1:-}" in
       --captures compile --match-dtypes float32 --match-first --time-budget-s "$SMOLLM2_BUDGET_S" \
       --out "$OUT/gpu_decode_smollm2_compile.json" 2>&1 | tee "$OUT/bench_smollm2_compile.log"
     ;;
+  next1)  # the next lease's call 1 (part 0): the GPU tests, then the 7B shape with torch.compile (EESD forced alpha)
+    mkdir -p "$PARTS"
+    cp .carry/"$MODEL"/* "$PARTS"/
+    environment
+    set +e
+    timeout 120 python3 -m pytest -p no:cacheprovider -q -x tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
+    timeout $((LLAMA7B_BUDGET_S + 90)) python3 benchmarks/gpu_decode.py --models llama7b --captures compile \
+      --time-budget-s "$LLAMA7B_BUDGET_S" --out "$OUT/gpu_decode_llama7b_compile.json" 2>&1 | tee "$OUT/bench_llama7b.log"
+    ;;
+  next2)  # its call 2 (part 1): a bf16 acceptance trace on the GPU, then SmolLM2's EESD and PPSD rows compiled
+    [ -f "$PARTS/part-000" ] || { echo "no $PARTS/part-000: run 'next1' then 'next2' again" >&2; exit 3; }
+    cp .carry/"$MODEL"/* "$PARTS"/
+    environment
+    python3 benchmarks/carry_model.py join "$PARTS" "$GGUF"
+    set +e
+    timeout 120 python3 -m executor.cli calibrate acceptance --model "$GGUF" --device cuda --dtype bf16 \
+      --exit-layers 8,15,22 --prompts builtin --num-prompts 32 --max-new-tokens 48 --no-progress \
+      --out "$OUT/acceptance_smollm2-135m_shared_builtin_cuda_bf16.csv" 2>&1 | tee "$OUT/trace.log"
+    timeout $((SMOLLM2_BUDGET_S + 80)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
+      --captures compile,graph --match-dtypes '' --time-budget-s "$SMOLLM2_BUDGET_S" \
+      --out "$OUT/gpu_decode_smollm2_compile.json" 2>&1 | tee "$OUT/bench_smollm2.log"
+    ;;
   *)
-    echo "usage: $0 prepare | llama7b | smollm2 | check | compile" >&2
+    echo "usage: $0 prepare | llama7b | smollm2 | check | compile | next1 | next2" >&2
     exit 2
     ;;
 esac
