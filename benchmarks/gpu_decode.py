@@ -33,10 +33,8 @@ Ideal speedups (what the implementation would reach at the measured acceptance i
     python benchmarks/gpu_decode.py --models smollm2 --out X.json  # one model per call (a call is <= 10 min)
     python benchmarks/gpu_decode.py --device cpu --quick --small --captures none  # CPU smoke test, not a claim
 
-On the lent GPU box (no hub, no `gguf`, 64 MiB per call): `python benchmarks/carry_model.py split smollm2-135m` here,
-carry `.carry/smollm2-135m/` one part per call (copy each to /tmp/parts there), `python benchmarks/carry_model.py join
-/tmp/parts /tmp/smollm2`, then one call per model: `--model-path /tmp/smollm2 --models smollm2 --out $OUT/a.json` and
-`--models llama7b --out $OUT/b.json` (each call is at most 10 minutes).
+On the lent GPU box (no hub, no `gguf`, 64 MiB per call) `benchmarks/gpu_session.sh` does it in two calls: the 7B
+shape while SmolLM2's GGUF travels in its first chunk, then SmolLM2 with the second (see that script).
 """
 
 from __future__ import annotations
