@@ -137,3 +137,16 @@ def test_captured_repetition_penalty_equals_hf() -> None:
     for method in ("ar", "eesd"):
         tokens, _ = ours(model, prompt, 20, method=method, exit_layer=EXIT_LAYER, repetition_penalty=1.3)
         assert tokens == hf, method
+
+
+def test_drop_in_generate_equals_model_generate_on_the_gpu() -> None:
+    """`EarlyExitGenerator.generate` in place of `model.generate` (captured by default on a GPU): same LongTensor,
+    twice in a row (the second call replays the first call's graphs)."""
+    model = cuda_model(TinySpec(num_layers=4, seed=10))
+    ids = torch.tensor([PROMPTS[0]], device="cuda")
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    generator = executor.EarlyExitGenerator(model, exit_layer=EXIT_LAYER, draft_len=3)
+    for _ in range(2):
+        got = generator.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert got.device == expected.device and torch.equal(got, expected)
+        assert generator.last_stats.capture == "graph"
