@@ -37,6 +37,7 @@ from sim.models import ModelConfig
 from sim.policy import DraftPolicy, make_policy
 
 TOKEN_ID_BYTES = 8
+AR_SYNC_CAPTURED = 8  # captured AR steps per host read: the executor's default (executor.api.AR_SYNC_CAPTURED)
 METHODS = ("ar", "eesd", "ppsd")
 
 
@@ -85,6 +86,7 @@ class Pass:
     segments: tuple[tuple[int, int, int], ...]
     exit_at: int = 0
     lm_head_q: int = 0
+    host_sync: bool = True  # the host reads the device after this pass (see `stage_time_us`)
 
 
 @dataclass(frozen=True)
@@ -306,10 +308,14 @@ class Simulation:
         return Row(stream, policy, self.plan.workload.output_len)
 
     def _ar(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
-        step = Pass("decode", "verify", ((0, self.plan.model.num_layers, 1),), lm_head_q=1)
-        active = [r for r in rows if r.remaining > 0]
+        segments = ((0, self.plan.model.num_layers, 1),)
+        step = Pass("decode", "verify", segments, lm_head_q=1)
+        chained = Pass("decode chained", "verify", segments, lm_head_q=1, host_sync=False)
+        active, count = [r for r in rows if r.remaining > 0], 0
         while active:
-            yield from self._pass(step, self._context(active), len(active))
+            count += 1
+            last = count % AR_SYNC_CAPTURED == 0 or min(r.remaining for r in active) == 1
+            yield from self._pass(step if last else chained, self._context(active), len(active))
             for row in active:
                 row.generated += 1
                 row.remaining -= 1
@@ -318,7 +324,8 @@ class Simulation:
 
     def _eesd(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
         exit_layer, layers = self.plan.exit_layer, self.plan.model.num_layers
-        draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer)
+        confidence = make_policy(self.plan.policy).needs_confidence  # read back after every draft step
+        draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=confidence)
         active = [r for r in rows if r.remaining > 0]
         while active:
             # 1. Draft: every row drafts until its policy stops; the batch runs while any row drafts.
@@ -489,7 +496,10 @@ def pass_costs(
 
 
 def stage_time_us(plan: SimPlan, stage: StagePlan, work: Pass, context_len: int, batch: int) -> float:
-    """Device time of one stage's share of a pass: layers, TP all-reduces, embedding, heads, per-pass overhead."""
+    """Device time of one stage's share of a pass: layers, TP all-reduces, embedding, heads, and the host's
+    `overhead`. Uncaptured (a CPU, or eager on a GPU) every pass pays it; captured in CUDA graphs only a pass after
+    which the host reads the device does: the executor chains the passes in between on the device (AR makes
+    `AR_SYNC_CAPTURED` tokens per read, a draft step feeds the next one, while the host queues them ahead)."""
     lat, phase = stage.latency, work.phase
     total = 0.0
     if stage.layer_start == 0 and work.segments[0][0] == 0:
@@ -506,7 +516,9 @@ def stage_time_us(plan: SimPlan, stage: StagePlan, work: Pass, context_len: int,
         total += exit_head_us(plan, lat, context_len, batch)
     if work.lm_head_q and stage.layer_end == plan.model.num_layers:
         total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
-    return total + lat.time_us("overhead", phase, 1, context_len, batch)
+    if work.host_sync or not lat.cuda_graphs:
+        total += lat.time_us("overhead", phase, 1, context_len, batch)
+    return total
 
 
 def exit_head_us(plan: SimPlan, lat: LatencyModel, context_len: int, batch: int) -> float:

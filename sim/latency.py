@@ -25,6 +25,9 @@ KERNELS_PER_LAYER = 9  # norm, qkv, rope, attention, o_proj, norm, gate_up, act*
 
 
 class LatencyModel(Protocol):
+    # captured passes: the host's `overhead` is paid only where it reads the device (sim.engine.stage_time_us)
+    cuda_graphs: bool
+
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float: ...
 
     @property
@@ -36,6 +39,7 @@ class ConstantLatency:
     """Fixed µs per component, independent of phase, q, context and batch."""
 
     component_us: Mapping[str, float]
+    cuda_graphs: bool = False  # every pass pays `overhead`
 
     def __post_init__(self) -> None:
         for name, value in self.component_us.items():

@@ -172,3 +172,33 @@ def test_same_seed_same_result(method: str, alpha: float, seed: int, batch: int,
     if policy == "calibration-ts":
         p = SimPlan(**{**p.__dict__, "acceptance": BernoulliAcceptance(alpha, confidence_sharpness=4.0)})
     assert Simulation(p).run() == Simulation(p).run()
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_host_overhead_is_paid_per_host_read_when_captured(captured: bool) -> None:
+    """Uncaptured, every pass pays the host `overhead`; captured in CUDA graphs only a pass after which the executor's
+    host reads the device: every AR_SYNC_CAPTURED-th AR step (and the last), each EESD verify pass (draft steps chain
+    on the device for a policy that ignores confidences)."""
+    from sim.engine import AR_SYNC_CAPTURED
+
+    layer_us, overhead_us, output_len = 10.0, 100.0, 41
+    latency = ConstantLatency({"layer": layer_us, "overhead": overhead_us}, cuda_graphs=captured)
+    runs = {}
+    for method in ("ar", "eesd"):
+        base = plan(method, 0.0, draft_len=2, exit_layer=6, output_len=output_len)
+        runs[method] = Simulation(SimPlan(**{**base.__dict__, "stages": (StagePlan(0, 24, latency),)})).run()
+    steps = output_len - 1  # decode passes after the prefill's token
+    ar_reads = -(-steps // AR_SYNC_CAPTURED) if captured else steps
+    assert runs["ar"].decode_time_us == pytest.approx(steps * 24 * layer_us + ar_reads * overhead_us)
+    eesd = runs["eesd"]  # alpha 0: each round drafts up to 2 tokens (6 layers each), verifies (24 layers), emits 1
+    layers_us = eesd.drafted * 6 * layer_us + eesd.rounds * 24 * layer_us
+    reads = eesd.rounds if captured else eesd.rounds + eesd.drafted
+    assert eesd.drafted > eesd.rounds > 0
+    assert eesd.decode_time_us == pytest.approx(layers_us + reads * overhead_us)
+
+
+def test_the_simulated_ar_sync_matches_the_executor() -> None:
+    from executor.api import AR_SYNC_CAPTURED as executor_sync
+    from sim.engine import AR_SYNC_CAPTURED
+
+    assert executor_sync == AR_SYNC_CAPTURED
