@@ -197,16 +197,19 @@ def hf_case(model, prompt: list[int], new_tokens: int, method: str, **kwargs: An
     """HF `generate` (greedy, EOS ignored); `new_tokens` is `--hf-new-tokens`: HF's time per token is host-bound and
     flat, so fewer tokens measure the same rate in a fraction of the device time."""
     ids = torch.tensor([prompt], device=model.device)
-    mask = torch.ones_like(ids)
 
     def run() -> tuple[int, Any]:
-        out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=0, **kwargs,
-        )  # fmt: skip
-        return out.shape[1] - ids.shape[1], None
+        return hf_generate(model, ids, new_tokens, **kwargs).shape[1] - ids.shape[1], None
 
     return Case(method, run)
+
+
+def hf_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs: Any) -> torch.Tensor:
+    """HF `generate`, greedy, exactly `new_tokens` new tokens (EOS ignored)."""
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0, **kwargs,
+    )  # fmt: skip
 
 
 def ours_case(adapter: ModelAdapter, prompt: list[int], new_tokens: int, label: str, **kwargs: Any) -> Case:
@@ -470,7 +473,7 @@ def match_rates(model, prompts: list[list[int]], args, device: torch.device, bud
     few, m = prompts[:HF_CHECK_PROMPTS], min(args.hf_new_tokens, n)
 
     def hf() -> None:
-        outs = [hf_greedy(model, p, m) for p in few]
+        outs = [hf_generate(model, torch.tensor([p], device=model.device), m)[0].tolist() for p in few]
         compare("hf generate (vs our AR)", outs, [a[: len(p) + m] for a, p in zip(ar, few, strict=False)], few, m)
 
     one("hf generate (vs our AR)", hf)
@@ -489,15 +492,6 @@ def match_all(model, dtype: torch.dtype, prompts, args, device: torch.device, bu
         print(f"match rate vs our AR ({name})", flush=True)
         results += [{"dtype": name, **r} for r in match_rates(subject, prompts, args, device, budget)]
     return results
-
-
-def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt], device=model.device)
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0,
-    )  # fmt: skip
-    return out[0].tolist()
 
 
 # ------------------------------------------------------------------------------------------------------ report

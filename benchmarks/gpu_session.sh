@@ -38,6 +38,22 @@ environment() {
   export PYTHONPATH="$PWD:$SITE" PYTHONUNBUFFERED=1 EESD_CACHE_DIR=/tmp/eesd_cache
 }
 
+first_call() {  # a call 1: keep the carried part 0 in /tmp for call 2
+  mkdir -p "$PARTS"
+  cp .carry/"$MODEL"/* "$PARTS"/
+  environment
+}
+
+second_call() {  # a call 2 ($1 names its call 1): part 1 joins part 0 into the GGUF
+  if [ ! -f "$PARTS/part-000" ]; then
+    echo "no $PARTS/part-000: the box went back between calls (idle > 30 s); run '$1' then '$2' again" >&2
+    exit 3
+  fi
+  cp .carry/"$MODEL"/* "$PARTS"/
+  environment
+  python3 benchmarks/carry_model.py join "$PARTS" "$GGUF"
+}
+
 case "${1:-}" in
   prepare)
     python benchmarks/carry_model.py split "$MODEL" --chunk-mib 50
@@ -47,10 +63,8 @@ case "${1:-}" in
     ls -la .carry/"$MODEL" .carry/wheels
     ;;
   llama7b)
-    mkdir -p "$PARTS"
-    cp .carry/"$MODEL"/* "$PARTS"/
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-    environment
+    first_call
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     set +e
     timeout $((LLAMA7B_BUDGET_S + 60)) python3 benchmarks/gpu_decode.py --models llama7b \
@@ -61,13 +75,7 @@ case "${1:-}" in
     ls -la "$PARTS"
     ;;
   smollm2)
-    if [ ! -f "$PARTS/part-000" ]; then
-      echo "no $PARTS/part-000: the box went back between calls (idle > 30 s); run 'llama7b' then 'smollm2' again" >&2
-      exit 3
-    fi
-    cp .carry/"$MODEL"/* "$PARTS"/
-    environment
-    python3 benchmarks/carry_model.py join "$PARTS" "$GGUF"
+    second_call llama7b smollm2
     set +e
     timeout $((SMOLLM2_BUDGET_S + 80)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
       --time-budget-s "$SMOLLM2_BUDGET_S" --out "$OUT/gpu_decode_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
@@ -75,37 +83,27 @@ case "${1:-}" in
       --graphs on --batch 1 --context 128,512,1024,2048 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   check)  # a second session's call 1: stage part 0, then the captured decoders against HF on the GPU (float64)
-    mkdir -p "$PARTS"
-    cp .carry/"$MODEL"/* "$PARTS"/
-    environment
+    first_call
     set +e
     timeout "${CHECK_S:-120}" python3 -m pytest -p no:cacheprovider -v -x tests/test_gpu.py \
       --junitxml="$OUT/test_gpu.xml" 2>&1 | tee "$OUT/test_gpu.log"
     ;;
   compile)  # its call 2: SmolLM2 rows with torch.compile, match rates in float32 first
-    [ -f "$PARTS/part-000" ] || { echo "no $PARTS/part-000: run 'check' then 'compile' again" >&2; exit 3; }
-    cp .carry/"$MODEL"/* "$PARTS"/
-    environment
-    python3 benchmarks/carry_model.py join "$PARTS" "$GGUF"
+    second_call check compile
     set +e
     timeout $((SMOLLM2_BUDGET_S + 60)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
       --captures compile --match-dtypes float32 --match-first --time-budget-s "$SMOLLM2_BUDGET_S" \
       --out "$OUT/gpu_decode_smollm2_compile.json" 2>&1 | tee "$OUT/bench_smollm2_compile.log"
     ;;
   next1)  # the next lease's call 1 (part 0): the GPU tests, then the 7B shape with torch.compile (EESD forced alpha)
-    mkdir -p "$PARTS"
-    cp .carry/"$MODEL"/* "$PARTS"/
-    environment
+    first_call
     set +e
     timeout 120 python3 -m pytest -p no:cacheprovider -q -x tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
     timeout $((LLAMA7B_BUDGET_S + 90)) python3 benchmarks/gpu_decode.py --models llama7b --captures compile \
       --time-budget-s "$LLAMA7B_BUDGET_S" --out "$OUT/gpu_decode_llama7b_compile.json" 2>&1 | tee "$OUT/bench_llama7b.log"
     ;;
   next2)  # its call 2 (part 1): a bf16 acceptance trace on the GPU, then SmolLM2's EESD and PPSD rows compiled
-    [ -f "$PARTS/part-000" ] || { echo "no $PARTS/part-000: run 'next1' then 'next2' again" >&2; exit 3; }
-    cp .carry/"$MODEL"/* "$PARTS"/
-    environment
-    python3 benchmarks/carry_model.py join "$PARTS" "$GGUF"
+    second_call next1 next2
     set +e
     timeout 120 python3 -m executor.cli calibrate acceptance --model "$GGUF" --device cuda --dtype bf16 \
       --exit-layers 8,15,22 --prompts builtin --num-prompts 32 --max-new-tokens 48 --no-progress \

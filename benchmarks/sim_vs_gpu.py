@@ -147,7 +147,7 @@ def main() -> int:
         "device": json.loads(H200[0].bench.read_text())["device"],
         "inputs": [
             {"bench": str(s.bench.relative_to(ROOT)), "profile": str(s.profile.relative_to(ROOT))} for s in H200
-        ],  # noqa: E501
+        ],
         "acceptance": "each row's measured per-position alpha, replayed as Bernoulli(alpha)",
         "rows": rows,
     }

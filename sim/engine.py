@@ -324,7 +324,7 @@ class Simulation:
 
     def _eesd(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
         exit_layer, layers = self.plan.exit_layer, self.plan.model.num_layers
-        confidence = make_policy(self.plan.policy).needs_confidence  # read back after every draft step
+        confidence = any(r.policy.needs_confidence for r in rows)  # the host reads every draft step's confidence
         draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=confidence)
         active = [r for r in rows if r.remaining > 0]
         while active:
