@@ -149,3 +149,20 @@ def test_ppsd_bad_arguments(model, kwargs, message):
 def test_ppsd_refuses_batches(model):
     with pytest.raises(ValueError, match="batch size 1"):
         executor.generate(model, [[1, 2], [3, 4]], method="ppsd", max_new_tokens=4)
+
+
+def test_a_subcommand_imports_only_its_own_module() -> None:
+    """`eesd calibrate` must run where simpy is missing (the GPU image): building its parser imports no simulator
+    engine; `eesd simulate` does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from executor.cli import build_parser; build_parser({!r}); "
+        "print('simpy' in sys.modules, 'sim.engine' in sys.modules)"
+    )
+    run = lambda command: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code.format(command)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert run("calibrate") == ["False", "False"]
+    assert run("simulate") == ["True", "True"]
