@@ -230,13 +230,17 @@ def eesd_case(adapter, prompt, new_tokens: int, label: str, exit_layer: int, hea
 
 
 def ppsd_case(
-    adapter, prompt, new_tokens: int, stages: int, device: torch.device, capture: str, head=None, name: str = "shared"
-) -> Case:
-    """PPSD `streams` with the shared head at the end of stage 1, or a trained `head` at its own exit layer."""
+    adapter, prompt, new_tokens: int, stages: int, device: torch.device, capture: str, head=None, name: str = "shared",
+    sync_every: int | None = None,
+) -> Case:  # fmt: skip
+    """PPSD `streams` with the shared head at the end of stage 1, or a trained `head` at its own exit layer; the pipe
+    chained on the device (default: 8 ticks per host read when captured), or read back every `sync_every` ticks."""
     label = f"ppsd streams n={stages}" + ("" if head is None else f" {name}")
+    label += "" if sync_every is None else f" sync_every={sync_every}"
     if device.type != "cuda":
         return Case(label, lambda: (0, None), skip=f"skipped: backend 'streams' needs CUDA, device is {device.type}")
-    kwargs = {"method": "ppsd", "stages": stages, "backend": "streams", "capture": capture, "head": head}
+    kwargs = {"method": "ppsd", "stages": stages, "backend": "streams", "capture": capture, "head": head,
+              "sync_every": sync_every}  # fmt: skip
     case = ours_case(adapter, prompt, new_tokens, label, **kwargs)
     return Case(label, case.run, capture, ideal=lambda stats: (stats.ideal_speedup, {}))
 
@@ -266,6 +270,7 @@ def smollm2_cases(model, prompt: list[int], args) -> tuple[list[Case], list[Case
             label = f"eesd {head_name} E={E} {policy}"
             cases.append(eesd_case(adapter, prompt, n, label, E, head, policy, main))
     cases += [ppsd_case(adapter, prompt, n, stages, model.device, main) for stages in PPSD_STAGES]
+    cases.append(ppsd_case(adapter, prompt, n, 2, model.device, main, sync_every=1))  # what chaining the ticks is worth
     if adapter.num_layers // 2 == E:  # the trained head's layer ends stage 1 of 2 balanced stages
         cases.append(ppsd_case(adapter, prompt, n, 2, model.device, main, trained, f"trained E={E}"))
     hf_ee = f"hf assistant_early_exit={E}"
@@ -360,8 +365,9 @@ def measure(name: str, case: Case, runs: int, device: torch.device) -> Row:
 
 def ppsd_tick_costs(stats: Any) -> dict[str, float]:
     """Milliseconds per PPSD tick: the stages' (`streams`: each tick's slowest stage, timed with CUDA events, as the
-    stages overlap; `sequential`: all stages, one after the other) and the host's (the rest of the decode wall time:
-    preparing inputs, the tick's read-back, judging, flushing; on a GPU also the device's idle time between ticks)."""
+    stages overlap; `sequential`: all stages, one after the other) and the rest of the decode wall time per tick (the
+    transition pass, the host's reads and replays, and on a GPU the device's idle time while the host catches up:
+    with the pipe chained, the host queues ticks ahead, so this is what it could not hide)."""
     if stats.backend == "streams":  # busy + idle is the same sum of tick lengths for every stage
         device = stats.stage_stats[0].busy_s + stats.stage_stats[0].idle_s
     else:

@@ -19,7 +19,14 @@ from torch import nn
 from executor.adapter import ModelAdapter
 from executor.decoding import GenerationStats, Rows, TokenSink, decode_ar, decode_eesd, head_key
 from executor.heads import resolve_head
-from executor.passes import AR_HISTORY, Passes, cached_passes, captured_capacity, resolve_capture
+from executor.passes import (
+    SYNC_CAPTURED,
+    Passes,
+    cached_passes,
+    captured_capacity,
+    check_sync_every,
+    resolve_capture,
+)
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.policy import DraftPolicy, make_policy
 
@@ -32,7 +39,7 @@ class GenerationResult:
     stats: GenerationStats
 
 
-AR_SYNC_CAPTURED = 8  # default `sync_every` of captured AR passes
+AR_SYNC_CAPTURED = SYNC_CAPTURED  # default `sync_every` of captured AR passes
 
 
 def _adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
@@ -174,14 +181,15 @@ def forced_acceptance(accept_pattern: float | Sequence[int], seed: int) -> Calla
 
 
 def _decode_ppsd(
-    adapter, rows: Rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head
-):
+    adapter, rows: Rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
+    sync_every,
+):  # fmt: skip
     from executor.ppsd import decode_ppsd  # the pipeline (and torch.distributed) only when asked for
 
     return decode_ppsd(
         adapter, rows.prompts[0], rows.sinks[0], None, stages=stages, stage_boundaries=stage_boundaries,
         exit_layer=exit_layer, backend=backend, sampling=config, min_new_tokens=min_new_tokens, capture=capture,
-        head=head,
+        head=head, sync_every=sync_every,
     )  # fmt: skip
 
 
@@ -287,10 +295,11 @@ def generate(
     with the same setup) and runs them as they are elsewhere; "compile" uses `torch.compile(mode="reduce-overhead")`.
     Captured passes are keyed by the head object: pass a loaded head (not a file path) to reuse them across calls.
 
-    `sync_every` (AR only) is how many tokens the device makes between two host reads: the AR step feeds its own
-    token forward on the device, so the host can queue steps while the GPU runs. Default: 8 when the passes are
-    captured, 1 otherwise (a CPU gains nothing from running ahead). Output is the same for every value; after an EOS
-    the device may run up to `sync_every` - 1 steps whose tokens are dropped.
+    `sync_every` (AR, and PPSD's local backends) is how many tokens (PPSD: ticks) the device makes between two host
+    reads: the AR step feeds its own token forward on the device, and PPSD's pipe judges and moves on on the device,
+    so the host can queue work while the GPU runs. Default: 8 when the passes are captured, 1 otherwise (a CPU gains
+    nothing from running ahead). Output is the same for every value; after an EOS the device may run up to
+    `sync_every` - 1 steps (ticks) whose tokens are dropped.
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
@@ -302,8 +311,7 @@ def generate(
     if not isinstance(draft_len, int) or draft_len < 1:
         raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
-    if sync_every is not None and (not isinstance(sync_every, int) or not 1 <= sync_every <= AR_HISTORY):
-        raise ValueError(f"sync_every must be an integer in 1..{AR_HISTORY}, got {sync_every!r}")
+    check_sync_every(sync_every)
     if accept_pattern is not None and method != "eesd":
         raise ValueError(f"accept_pattern forces EESD's accept decision: it needs method 'eesd', got {method!r}")
     forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
@@ -320,8 +328,9 @@ def generate(
     stats = GenerationStats(method=method, prompt_tokens=sum(len(p) for p in prompts))
     if max_new_tokens > 0 and method == "ppsd":
         stats = _decode_ppsd(
-            adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head
-        )
+            adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
+            sync_every,
+        )  # fmt: skip
         stats.prompt_tokens = len(prompts[0])
     elif max_new_tokens > 0:
         exit_head = resolve_head(head, adapter, exit_layer) if method == "eesd" else None

@@ -31,6 +31,7 @@ from executor.sampling import DRAFT_SALT, TokenSelector, rejection_verdicts
 
 CAPTURE_MODES = ("auto", "none", "graph", "compile")
 AR_HISTORY = 64  # tokens the chained AR step can make between two host reads
+SYNC_CAPTURED = 8  # default `sync_every` of captured passes: AR steps (or PPSD ticks) per host read
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
 
 
@@ -43,6 +44,13 @@ def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> s
     if capture == "graph" and device.type != "cuda":
         raise ValueError(f"capture 'graph' needs the model on a CUDA device, it is on {device.type}")
     return capture
+
+
+def check_sync_every(sync_every: int | None) -> None:
+    if sync_every is not None and (
+        isinstance(sync_every, bool) or not isinstance(sync_every, int) or not 1 <= sync_every <= AR_HISTORY
+    ):
+        raise ValueError(f"sync_every must be an integer in 1..{AR_HISTORY}, got {sync_every!r}")
 
 
 class StaticPass:

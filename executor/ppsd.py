@@ -23,6 +23,10 @@ stage 1 drafts from the same committed text, without the drafts in flight.
 Backends (one semantics, same ticks, confirms and flushes): `sequential` runs the stages of a tick one after the
 other (the reference, any device); `streams` launches each stage on its own CUDA stream so that the stages of a tick
 overlap on one GPU; `distributed` runs one process per stage (executor/ppsd_dist.py).
+
+The local backends chain the ticks on the device (`LocalPipeline`): a transition pass after each tick judges and
+moves the pipe on, so the host launches `sync_every` ticks and reads their verdicts in one copy instead of
+synchronising every tick, and on a GPU it queues the next ticks while the device runs.
 """
 
 from __future__ import annotations
@@ -37,10 +41,19 @@ from typing import Any
 import torch
 
 from executor.adapter import ModelAdapter, Step
-from executor.decoding import GenerationStats, SharedExitHead, TokenSink, head_key
+from executor.decoding import GenerationStats, SharedExitHead, TokenSink, head_key, read_back
 from executor.heads import resolve_head
 from executor.kv_cache import KVCache
-from executor.passes import StaticPass, cached_passes, captured_capacity, resolve_capture, upload
+from executor.passes import (
+    AR_HISTORY,
+    SYNC_CAPTURED,
+    StaticPass,
+    cached_passes,
+    captured_capacity,
+    check_sync_every,
+    resolve_capture,
+    upload,
+)
 from executor.sampling import SamplingConfig, TokenSelector
 
 BACKENDS = ("sequential", "streams", "distributed")
@@ -393,8 +406,27 @@ def commit(selector: TokenSelector, token: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ single-process pipeline
+TICK_LOG = AR_HISTORY  # rows of the device's tick log: the most ticks between two host reads (`sync_every`)
+
+
 class LocalPipeline:
-    """All stages in one process: `sequential` (one after the other) or `streams` (one CUDA stream each)."""
+    """All stages in one process, `sequential` (one after the other) or `streams` (one CUDA stream each), chained on
+    the device so that the host launches `sync_every` ticks and reads their verdicts in one copy.
+
+    The pipe's state lives in device tensors: each stage's input buffers (stage 1's token, the later stages' hidden
+    state, every stage's position), `valid[s]` (stage s holds a token this tick) and `carried[s]` (the draft stage 1
+    proposed after stage s's token, -1 if none entered the pipe). After the stages of a tick, one more pass, the
+    *transition* (`_advance`), does on the device what the host's judge did: it compares the last stage's prediction
+    with the draft carried behind it, logs the tick's verdict, token and valid flags in `log` at `cursor`, commits the
+    token to a repetition penalty's context, and moves the pipe on: on a flush the prediction enters stage 1 and the
+    younger tokens turn invalid; otherwise every token moves one stage down and stage 1 takes its own draft.
+
+    A stage with no valid token still runs (a static pass cannot skip), at the scratch position `max_len - 1`,
+    which no valid token reaches or attends to (the caller leaves that slot free), so its KV writes harm nothing. A
+    flushed token's writes at positions > p were made while it was valid; the flush's correction rewrites them
+    before any valid token reads them (slots are read at <= the reader's position, and a stage sees the positions
+    in order). So every valid token meets the same KV and inputs as in AR, and the output equals AR's.
+    """
 
     def __init__(
         self,
@@ -412,86 +444,146 @@ class LocalPipeline:
         self.runners = [
             StageRunner(adapter, cache, plan, s, selector, capture, fallback, head) for s in range(plan.stages)
         ]
+        n, long = plan.stages, {"dtype": torch.long, "device": adapter.device}
+        self.scratch = cache.max_len - 1
+        self.valid = torch.zeros(n, dtype=torch.bool, device=adapter.device)
+        self.carried = torch.full((n,), -1, **long)
+        self.limit = torch.zeros(1, **long)
+        self.log = torch.zeros(TICK_LOG, LOG_FIELDS + n, **long)
+        self.cursor = torch.zeros(1, **long)
+        if capture == "compile":
+            for tensor in self._static_tensors():
+                torch._dynamo.mark_static_address(tensor)
+        self.transition = StaticPass(_nothing, capture, fallback, advance=self._advance)
         self.stats: PPSDStats | None = None
-        self.inputs: list[Item | None] = [None] * plan.stages
+        self.launched = 0  # ticks launched since `begin` (the host's copy of the device's cursor)
         self.streams = [torch.cuda.Stream(device=adapter.device) for _ in self.runners] if streams else None
+        self.fork = torch.cuda.Event() if streams else None
+        self.timers: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = []  # [slot][stage]: (start, stop)
+
+    def _static_tensors(self) -> list[torch.Tensor]:
+        buffers = [self.valid, self.carried, self.limit, self.log, self.cursor]
+        for runner in self.runners:
+            buffers += [runner.position, runner.ids, runner.hidden_in, runner.hidden_out, runner.draft_id,
+                        runner.predicted_id]  # fmt: skip
+        return buffers + ([self.selector.seen] if self.selector.seen is not None else [])
 
     def restart(self, stats: PPSDStats, prompt_len: int, seed: int) -> None:
-        """A new generation on these (possibly captured) stages: empty cache and pipe, the call's seed."""
+        """A new generation on these (possibly captured) stages: empty cache, the call's seed."""
         self.stats = stats
         self.selector.restart([prompt_len], seed)
         self.cache.rollback(0)
-        self.inputs = [None] * len(self.runners)
 
-    def tick(self, sink: TokenSink, limit: int) -> Decision:
-        outs, busy = self._run_stages()
-        draft, predicted = self._read(outs)
-        if outs[0] is not None:
-            resolve_first(outs[0], limit, draft)
-        decision = judge(outs[-1], sink, predicted)
-        commit(self.selector, decision.token)
-        self._account(busy)
-        if decision.kind == Verdict.FLUSH:
-            for runner in self.runners:
-                runner.flush(decision.position)
-            self.inputs = [Item(decision.position, token=decision.token)] + [None] * (len(self.runners) - 1)
-        else:
-            self.inputs = [next_first_input(outs[0])] + [_as_item(out) for out in outs[:-1]]
-        return decision
+    def begin(self, token: int, position: int, limit: int) -> None:
+        """The pipe after the prefill: `token` (the prefill's) enters stage 1 at `position`, the other stages are
+        empty; drafts enter the pipe up to position `limit`."""
+        first = self.runners[0]
+        upload(first.ids, [[token]])
+        upload(first.position, [[position]])
+        for runner in self.runners[1:]:
+            runner.position.fill_(self.scratch)
+        upload(self.valid, [True] + [False] * (len(self.runners) - 1))
+        self.carried.fill_(-1)
+        self.limit.fill_(limit)
+        self.cursor.zero_()
+        self.launched = 0
 
-    def _read(self, outs: list[StageOutput | None]) -> tuple[int | None, int | None]:
-        """The tick's one host read: stage 1's draft and the last stage's prediction, in one copy."""
-        ids = [t for t in (outs[0] and outs[0].draft_id, outs[-1] and outs[-1].predicted_id) if t is not None]
-        if not ids:
-            return None, None
-        values = torch.cat(ids).tolist()
-        self.stats.host_reads += 1
-        draft = values.pop(0) if outs[0] is not None else None
-        return draft, values[0] if outs[-1] is not None else None
+    def decode(self, sink: TokenSink, sync_every: int) -> None:
+        """Run ticks until `sink` is done: `sync_every` ticks (fewer near max_new_tokens, as a tick emits at most one
+        token) between two host reads of the log. After an EOS the rest of a block runs unread."""
+        while not sink.done:
+            count = min(sync_every, sink.remaining)
+            busy = [self._launch_tick(slot) for slot in range(count)]
+            rows = read_back(self.log, self.stats)
+            for slot in range(count):
+                self._replay(rows[(self.launched + slot) % TICK_LOG], busy[slot] or self._elapsed(slot), sink)
+                if sink.done:
+                    break
+            self.launched += count
 
-    def _run_stages(self) -> tuple[list[StageOutput | None], list[float]]:
-        for runner, item in zip(self.runners, self.inputs, strict=True):
-            if item is not None:
-                runner.prepare(item)  # every stage reads last tick's outputs before any stage overwrites its own
+    def _launch_tick(self, slot: int) -> list[float] | None:
+        """Queue one tick: every stage's pass, then the transition. Sequential: the stages' host-timed seconds."""
         if self.streams is None:
-            outs, busy = [], []
-            for runner, item in zip(self.runners, self.inputs, strict=True):
+            busy = []
+            for runner in self.runners:
                 begin = time.perf_counter()
-                outs.append(runner.launch(item) if item is not None else None)
+                runner.pass_()
                 busy.append(time.perf_counter() - begin)
-            return outs, busy
-        return self._run_on_streams()
-
-    def _run_on_streams(self) -> tuple[list[StageOutput | None], list[float]]:
-        """Launch every stage on its own stream, then wait for all: the stages of a tick overlap on the GPU."""
+            self.transition()
+            return busy
         current = torch.cuda.current_stream()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in self.runners]
-        outs: list[StageOutput | None] = []
-        for runner, item, stream, (start, stop) in zip(self.runners, self.inputs, self.streams, events, strict=True):
-            stream.wait_stream(current)  # the inputs prepare() copied on the current stream
+        self.fork.record(current)
+        for runner, stream, (start, stop) in zip(self.runners, self.streams, self._timers(slot), strict=True):
+            stream.wait_event(self.fork)  # the inputs the last transition wrote
             with torch.cuda.stream(stream):
                 start.record(stream)
-                outs.append(runner.launch(item) if item is not None else None)
+                runner.pass_()
                 stop.record(stream)
-        torch.cuda.synchronize()
-        return outs, [start.elapsed_time(stop) / 1e3 for start, stop in events]
+        for _, stop in self.timers[slot]:
+            current.wait_event(stop)
+        self.transition()
+        return None
 
-    def _account(self, busy: list[float]) -> None:
-        """Idle: what each stage would wait in a lockstep tick as long as the slowest stage of this tick."""
-        tick = max(busy)
-        for stage, item, seconds in zip(self.stats.stage_stats, self.inputs, busy, strict=True):
+    def _timers(self, slot: int) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
+        while len(self.timers) <= slot:
+            self.timers.append([(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                                for _ in self.runners])  # fmt: skip
+        return self.timers[slot]
+
+    def _elapsed(self, slot: int) -> list[float]:
+        return [start.elapsed_time(stop) / 1e3 for start, stop in self.timers[slot]]
+
+    def _replay(self, row: list[int], busy: list[float], sink: TokenSink) -> None:
+        """One tick's log row on the host: emit its token, count its verdict and the stages' work."""
+        kind, token, position, *valid = row
+        decision = Decision(Verdict(kind), token, position)
+        if decision.kind != Verdict.NONE:
+            sink.emit([token])
+        self.stats.record(decision)
+        self.stats.ticks += 1
+        tick = max(busy)  # idle: what a stage waits in a lockstep tick as long as the slowest stage's
+        for stage, holds, seconds in zip(self.stats.stage_stats, valid, busy, strict=True):
             stage.busy_s += seconds
             stage.idle_s += tick - seconds
-            stage.work_ticks += item is not None
-            stage.bubble_ticks += item is None
+            stage.work_ticks += bool(holds)
+            stage.bubble_ticks += not holds
+
+    def _advance(self) -> None:
+        """The transition, on the device (see the class docstring); no host value is read or written."""
+        runners, valid, carried = self.runners, self.valid, self.carried
+        first, last = runners[0], runners[-1]
+        predicted, held = last.predicted_id, valid[-1:]  # [1]
+        has_draft, match = carried[-1:] >= 0, predicted == carried[-1:]
+        flush = held & has_draft & ~match
+        verdict = torch.where(match, int(Verdict.CONFIRM), int(Verdict.FLUSH))
+        verdict = torch.where(held, torch.where(has_draft, verdict, int(Verdict.EMIT)), int(Verdict.NONE))
+        emitted_at = last.position.view(1) + 1
+        row = torch.cat([verdict, predicted, emitted_at, valid.long()])
+        self.log.index_copy_(0, self.cursor, row.unsqueeze(0))
+        self.cursor.add_(1).remainder_(TICK_LOG)
+        seen = self.selector.seen
+        if seen is not None:  # the emitted token joins the committed text (a penalty's context) iff one was emitted
+            index = predicted.view(1, 1)
+            seen.scatter_(1, index, seen.gather(1, index) | held.view(1, 1))
+        next_position = first.position.view(1) + 1
+        drafted = valid[:1] & (next_position <= self.limit)  # stage 1's draft enters the pipe
+        draft = torch.where(drafted, first.draft_id, -1)
+        moved = valid[:-1] & ~flush  # stage s's token moves to stage s + 1 unless flushed
+        for stage in range(len(runners) - 1, 0, -1):  # from the last: a stage's old input is read before it changes
+            runners[stage].hidden_in.copy_(runners[stage - 1].hidden_out)
+            source = runners[stage - 1].position.view(1)
+            runners[stage].position.view(1).copy_(torch.where(moved[stage - 1 : stage], source, self.scratch))
+        first.position.view(1).copy_(torch.where(flush, emitted_at, torch.where(drafted, next_position, self.scratch)))
+        first.ids.view(1).copy_(torch.where(flush, predicted, first.draft_id))
+        carried.copy_(torch.cat([carried[:1], draft, carried[1:-1]]))
+        valid.copy_(torch.cat([flush | drafted, moved]))
 
 
-def next_first_input(out: StageOutput | None) -> Item | None:
-    return Item(out.position + 1, token=out.draft) if out is not None and out.draft >= 0 else None
+LOG_FIELDS = 3  # a log row: verdict, the token emitted (if any), its position; then each stage's valid flag
 
 
-def _as_item(out: StageOutput | None) -> Item | None:
-    return Item(out.position, hidden=out.hidden, draft=out.draft) if out is not None else None
+def _nothing() -> None:
+    """The transition's idempotent part: it has none (it is all `advance`, run once per launch)."""
 
 
 @torch.inference_mode()
@@ -506,6 +598,7 @@ def _decode_local(
     capture: str,
     fallback: bool = False,
     head: Any = None,
+    sync_every: int = 1,
 ) -> PPSDStats:
     stats = new_stats(plan, backend, len(prompt))
     stats.capture = capture
@@ -521,11 +614,8 @@ def _decode_local(
     stats.prefill_time_s = time.perf_counter() - begin
     sink.emit([token])
     commit(pipeline.selector, token)
-    pipeline.inputs[0] = Item(len(prompt), token=token)
-    limit = feed_limit(len(prompt), sink.max_new_tokens)
-    while not sink.done:
-        stats.record(pipeline.tick(sink, limit))
-        stats.ticks += 1
+    pipeline.begin(token, len(prompt), feed_limit(len(prompt), sink.max_new_tokens))
+    pipeline.decode(sink, sync_every)
     stats.rounds = stats.ticks
     stats.new_tokens = len(sink.tokens)
     stats.wall_time_s = time.perf_counter() - begin
@@ -579,6 +669,7 @@ def decode_ppsd(
     timeout_s: float = 600.0,
     capture: str = "none",
     head: Any = None,
+    sync_every: int | None = None,
 ) -> PPSDStats:
     """PPSD decoding (see the module docstring); the emitted tokens equal AR's: greedy, or with `sampling` in exact
     mode (executor/sampling.py) seeded AR sampling's, token for token. `min_new_tokens` masks EOS as HF does.
@@ -589,6 +680,9 @@ def decode_ppsd(
     (each stage process allocates its own layers' KV and runs its passes uncaptured) and takes `threads_per_stage`
     (torch threads per process, default cores // stages) and `timeout_s` (the whole run, after which the processes
     are stopped and an error raised).
+
+    `sync_every` (local backends) is how many ticks the device runs between two host reads (`LocalPipeline`): default
+    SYNC_CAPTURED when captured, 1 otherwise. The output does not depend on it.
     """
     if head not in (None, "shared") and exit_layer is None:  # a trained head's own exit layer
         head = resolve_head(head, adapter, None)
@@ -617,10 +711,12 @@ def decode_ppsd(
         )
     if cache is not None and cache.num_layers < adapter.num_layers + getattr(head, "extra_layers", 0):
         raise ValueError(f"cache holds {cache.num_layers} layers, the model and its exit head need more")
-    if cache is not None and cache.max_len < len(prompt) + sink.max_new_tokens - 1:
+    if cache is not None and cache.max_len < len(prompt) + sink.max_new_tokens:
         raise ValueError(
-            f"cache holds {cache.max_len} positions, PPSD needs len(prompt) + max_new_tokens - 1 = "
-            f"{len(prompt) + sink.max_new_tokens - 1}"
+            f"cache holds {cache.max_len} positions, PPSD needs len(prompt) + max_new_tokens = "
+            f"{len(prompt) + sink.max_new_tokens} (the tokens fed, plus the pipe's scratch slot)"
         )
+    check_sync_every(sync_every)
     mode = resolve_capture(capture, adapter.device, selector.config.kind)
-    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector, mode, capture == "auto", head)
+    every = sync_every if sync_every is not None else (1 if mode == "none" else SYNC_CAPTURED)
+    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector, mode, capture == "auto", head, every)

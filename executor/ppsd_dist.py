@@ -56,6 +56,7 @@ from executor.ppsd import (
     Decision,
     Item,
     PPSDStats,
+    StageOutput,
     StagePlan,
     StageRunner,
     StageStats,
@@ -66,7 +67,6 @@ from executor.ppsd import (
     judge,
     make_selector,
     new_stats,
-    next_first_input,
     plan_stages,
     resolve_first,
 )
@@ -254,7 +254,7 @@ def run_stage(
             inbox = Item(decision.position, token=decision.token) if rank == 0 else None
         else:
             item = link.pass_on(out.hidden if out else None, [1, out.position, out.draft] if out else None)
-            inbox = next_first_input(out) if rank == 0 else item
+            inbox = _next_draft(out) if rank == 0 else item
     wall = time.perf_counter() - begin
     stage.idle_s = wall - stats.prefill_time_s - stage.busy_s
     return StageReport(
@@ -268,6 +268,11 @@ def run_stage(
         stats.prefill_time_s,
         wall,
     )
+
+
+def _next_draft(out: StageOutput | None) -> Item | None:
+    """Stage 1's next input: the draft it proposed after `out`, if one enters the pipe."""
+    return Item(out.position + 1, token=out.draft) if out is not None and out.draft >= 0 else None
 
 
 def _prefill(runner: StageRunner, link: Link, prompt: list[int], sink: TokenSink, on_tokens) -> Decision:

@@ -87,12 +87,25 @@ def test_eesd_with_trained_and_subset_heads_equals_hf() -> None:
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("backend", ["streams", "sequential"])
 def test_ppsd_equals_hf(stages: int, backend: str) -> None:
+    """The pipe chained on the device (captured stage passes and transition), read every tick or every few."""
     model = cuda_model(TinySpec(num_layers=6, seed=4), epsilon=0.1)
+    flushes = 0
     for prompt in PROMPTS:
         reference = hf_tokens(model, prompt, 24)
-        tokens, stats = ours(model, prompt, 24, method="ppsd", stages=stages, backend=backend)
-        assert tokens == reference, (stages, backend, prompt)
-        assert stats.capture == "graph"
+        for sync_every in (None, 1, 5):
+            kwargs = {"stages": stages, "backend": backend, "sync_every": sync_every}
+            tokens, stats = ours(model, prompt, 24, method="ppsd", **kwargs)
+            assert tokens == reference, (stages, backend, prompt, sync_every)
+            assert stats.capture == "graph"
+            flushes += stats.flushes
+    assert flushes > 0  # the flush path ran captured
+
+
+def test_compiled_ppsd_equals_hf() -> None:
+    model = cuda_model(TinySpec(num_layers=4, seed=4), epsilon=0.1)
+    for prompt in PROMPTS[:2]:
+        tokens, stats = ours(model, prompt, 20, method="ppsd", stages=2, backend="streams", capture="compile")
+        assert tokens == hf_tokens(model, prompt, 20) and stats.capture == "compile"
 
 
 def test_exact_sampling_is_the_same_captured_or_not() -> None:
