@@ -570,8 +570,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--time-budget-s", type=float, default=None, help="skip (as noted rows) the cases that would start after this"
     )
+    parser.add_argument(
+        "--only", default=None, help="a regular expression: time only the cases whose label it matches (e.g. "
+        "'^ours ar$|^ppsd'; speedups need the 'ours ar' row of the same capture)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.only is not None:
+        try:
+            args.only = re.compile(args.only)
+        except re.error as err:
+            parser.error(f"--only is not a regular expression: {err}")
     default_captures = "graph,compile" if args.device.startswith("cuda") else "none"
     args.captures = [c.strip() for c in (args.captures or default_captures).split(",") if c.strip()]
     if not args.captures or set(args.captures) - {"none", "graph", "compile"}:
@@ -608,10 +617,16 @@ def report(args, device: torch.device, dtype: torch.dtype, rows, matches, floors
         "make --hf-new-tokens tokens (their per-token time is host-bound and flat)",
         "ideal": "EESD: profiled pass costs, sum(a+1) c_ar / sum(d c_draft + c_verify(d+1)); PPSD: n / (alpha + "
         "(1 - alpha) n); 7B AR: HBM floor (see module docstring)",
-        "captures": args.captures, "hbm_tbps": args.hbm_tbps, "hbm_floor_tokens_per_s": floors,
+        "captures": args.captures, "only": args.only.pattern if args.only else None, "hbm_tbps": args.hbm_tbps,
+        "hbm_floor_tokens_per_s": floors,
         "forced_acceptance": "7B-shape EESD rows use generate(accept_pattern=alpha): same work, NOT lossless",
         "models": args.models, "rows": [asdict(r) for r in rows], "match_rate_vs_our_ar": matches,
     }  # fmt: skip
+
+
+def selected(cases: list[Case], args) -> list[Case]:
+    """The cases `--only` keeps (all without it)."""
+    return [case for case in cases if args.only is None or args.only.search(case.method)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -635,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [encode_prompt(tokenizer, text) for text in texts]
         model = executor.load_model(args.model_path, dtype=dtype, device=device)
         print("SmolLM2-135M (real weights)", flush=True)
-        first, others = smollm2_cases(model, prompts[0], args)
+        first, others = (selected(cases, args) for cases in smollm2_cases(model, prompts[0], args))
         if args.match_first:
             matches += match_all(model, dtype, prompts, args, device, budget)
         smollm2 = bench_model("SmolLM2-135M", first, args.runs, device, budget, save)
@@ -667,7 +682,8 @@ def main(argv: list[str] | None = None) -> None:
                     )
             save(model_rows)
 
-        rows += bench_model(name, llama7b_cases(big, prompt, args), args.runs, device, budget, save_with_floor)
+        cases = selected(llama7b_cases(big, prompt, args), args)
+        rows += bench_model(name, cases, args.runs, device, budget, save_with_floor)
         del big
     print(table(rows))
     save(done=True)

@@ -15,7 +15,8 @@
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
 #            (SmolLM2 rows + match rates, then its latency profile; ~7 min: timeout_s 600)
 #
-#   a later lease (what is still missing):  next1 (carry as call 1), then next2 (carry as call 2)
+#   a later lease (what is still missing):  next1 (carry as call 1), then next2 (carry as call 2): the GPU tests and
+#   the 7B shape compiled; then PPSD chained on the device, a bf16 trace, and SmolLM2's EESD and PPSD compiled
 #
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card) and
 # calibration/<card>/ (profiles), and commit them.
@@ -102,15 +103,19 @@ case "${1:-}" in
     timeout $((LLAMA7B_BUDGET_S + 90)) python3 benchmarks/gpu_decode.py --models llama7b --captures compile \
       --time-budget-s "$LLAMA7B_BUDGET_S" --out "$OUT/gpu_decode_llama7b_compile.json" 2>&1 | tee "$OUT/bench_llama7b.log"
     ;;
-  next2)  # its call 2 (part 1): a bf16 acceptance trace on the GPU, then SmolLM2's EESD and PPSD rows compiled
+  next2)  # its call 2 (part 1): PPSD chained on the device (graphs; and read every tick, for comparison), a bf16
+          # acceptance trace on the GPU, then SmolLM2's EESD fixed:k and PPSD n=2 rows compiled
     second_call next1 next2
     set +e
+    timeout 200 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures graph \
+      --match-dtypes '' --only '^ours ar$|^ppsd' --time-budget-s 150 \
+      --out "$OUT/gpu_decode_smollm2_ppsd_chained.json" 2>&1 | tee "$OUT/bench_smollm2_ppsd.log"
     timeout 120 python3 -m executor.cli calibrate acceptance --model "$GGUF" --device cuda --dtype bf16 \
       --exit-layers 8,15,22 --prompts builtin --num-prompts 32 --max-new-tokens 48 --no-progress \
       --out "$OUT/acceptance_smollm2-135m_shared_builtin_cuda_bf16.csv" 2>&1 | tee "$OUT/trace.log"
-    timeout $((SMOLLM2_BUDGET_S + 80)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
-      --captures compile,graph --match-dtypes '' --time-budget-s "$SMOLLM2_BUDGET_S" \
-      --out "$OUT/gpu_decode_smollm2_compile.json" 2>&1 | tee "$OUT/bench_smollm2.log"
+    timeout 240 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile \
+      --match-dtypes '' --only '^ours ar$|fixed:3$|^ppsd streams n=2$' --time-budget-s 180 \
+      --out "$OUT/gpu_decode_smollm2_compile.json" 2>&1 | tee "$OUT/bench_smollm2_compile.log"
     ;;
   *)
     echo "usage: $0 prepare | llama7b | smollm2 | check | compile | next1 | next2" >&2
