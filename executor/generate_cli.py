@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--capture", default="auto", help="auto (graph on a GPU) | none | graph (CUDA graphs) | compile (torch.compile)"
     )
+    parser.add_argument(
+        "--sync-every", type=int, default=None,
+        help="AR steps (PPSD: ticks) the device runs between two host reads (default: 8 captured, 1 otherwise)",
+    )  # fmt: skip
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument(
         "--compare-ar", action="store_true", help="also run AR and check the outputs are equal (greedy, exact sampling)"
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     result = generate(
         model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,
         policy=args.policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
-        backend=args.backend, **common,
+        backend=args.backend, sync_every=args.sync_every, **common,
     )  # fmt: skip
     new_tokens = result.sequences[0, len(prompt) :].tolist()
     print(tokenizer.decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else new_tokens)

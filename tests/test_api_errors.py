@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--draft-len", "0"], "draft_len must be an integer >= 1"),
         (["--max-new-tokens", "-3"], "max_new_tokens must be an integer >= 0"),
         (["--dtype", "int8"], "--dtype must be one of"),
+        (["--method", "ppsd", "--sync-every", "0"], "sync_every must be an integer in 1..64"),
     ],
 )
 def test_cli_reports_user_errors_without_traceback(saved_model, args, message):
@@ -121,6 +123,18 @@ def test_cli_generates_and_matches_ar(saved_model):
     assert done.returncode == 0, done.stderr
     assert "identical to AR: True" in done.stdout
     assert "method eesd: 12 new tokens" in done.stdout
+
+
+def test_cli_ppsd_reads_the_device_every_few_ticks(saved_model):
+    done = run_cli(
+        "generate", "--model", str(saved_model), "--prompt-ids", "4,5,6", "--method", "ppsd", "--stages", "2",
+        "--max-new-tokens", "12", "--sync-every", "4", "--compare-ar",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "identical to AR: True" in done.stdout
+    reads = int(re.search(r"(\d+) host reads", done.stdout).group(1))
+    ticks = int(re.search(r"(\d+) ticks", done.stdout).group(1))
+    assert -(-ticks // 4) <= reads < ticks, done.stdout  # blocks of at most 4 ticks, cut to the tokens left
 
 
 def test_generate_wires_ppsd(model):
