@@ -127,7 +127,7 @@ def make_inputs(adapter: ModelAdapter, q: int, context_len: int, batch: int) -> 
     )
     cache.lengths = [[context_len] * batch]  # the context is "already cached" (its values do not change the time)
     rotary = adapter.rotary(hidden, positions, adapter.rotary_kinds[0])
-    masks = {window: attention_mask(step, window) for window in set(adapter.windows)}
+    masks = {window: attention_mask(step, window, dtype) for window in set(adapter.windows)}
     logits_1 = torch.randn(batch, 1, vocab, generator=generator).to(device, dtype)
     return Inputs(ids, hidden, step, rotary, masks, cache, logits_1)
 
@@ -149,7 +149,7 @@ def component_call(
         step = Step(positions=positions, starts=starts)
         adapter.rotary(x.hidden, positions, adapter.rotary_kinds[0])
         for window in x.masks:
-            attention_mask(step, window)
+            attention_mask(step, window, x.hidden.dtype)
         return x.logits_1.argmax(-1).tolist()
 
     calls: dict[str, Callable[[], object]] = {

@@ -73,12 +73,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [B, H, q, D] by cos/sin [B, 1, q, R]: the first R dims rotate (R < D: partial rotary)."""
+    """Rotary embedding of x [.., D] by cos/sin broadcast to [.., R]: the first R dims rotate (R < D: partial)."""
     rotary = cos.shape[-1]
     if rotary == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin
     head, tail = x[..., :rotary], x[..., rotary:]
     return torch.cat([head * cos + _rotate_half(head) * sin, tail], dim=-1)
+
+
+def _rotate_pair(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query [B, q, H, D] and key [B, q, Hkv, D] rotated by cos/sin [B, q, 1, R] as one tensor: the same values as
+    rotating each (elementwise ops), in half the kernels (a captured pass replays every one)."""
+    joint = _rotate(torch.cat([query, key], dim=2), cos, sin)
+    return joint.split([query.shape[2], key.shape[2]], dim=2)
 
 
 def _layer_windows(config, num_layers: int) -> list[int | None]:
@@ -197,21 +206,24 @@ class ModelAdapter:
         for index in range(start, stop):
             window, kind = self.windows[index], self.rotary_kinds[index]
             if window not in masks:
-                masks[window] = attention_mask(step, window)
+                masks[window] = attention_mask(step, window, hidden.dtype)
             if kind not in rotaries:
                 rotaries[kind] = self.rotary(hidden, step.positions, kind)
             hidden = decoder_layer(self.layers[index], index, hidden, step, cache, rotaries[kind], masks[window])
         return hidden
 
 
-def attention_mask(step: Step, window: int | None) -> torch.Tensor:
-    """[B, 1, q, kv_len] bool: a query at position p sees the cache slots 0..p (the last `window` of them)."""
+def attention_mask(step: Step, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, q, kv_len] additive mask in `dtype` (0 where visible, -inf elsewhere): a query at position p sees the
+    cache slots 0..p (the last `window` of them). SDPA turns a bool mask into exactly this, in every layer; made here
+    once per pass, it saves a captured pass those kernels in each layer."""
     slots = torch.arange(step.kv_len, device=step.positions.device)
     query = step.positions.unsqueeze(-1)  # [B, q, 1]
     visible = slots <= query
     if window is not None:
         visible &= slots > query - window
-    return visible.unsqueeze(1)
+    hidden = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return hidden.masked_fill_(visible.logical_not(), float("-inf")).unsqueeze(1)
 
 
 def decoder_layer(
@@ -249,9 +261,9 @@ def self_attention(
     value = value.view(batch, q, -1, head_dim).transpose(1, 2)  # [B, Hkv, q, D]
     if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: RMS norm per head before the rotation
         query, key = attn.q_norm(query), attn.k_norm(key)
-    cos, sin = (t.unsqueeze(1) for t in rotary)  # [B, 1, q, D]
-    query, key = query.transpose(1, 2), key.transpose(1, 2)
-    query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+    cos, sin = (t.unsqueeze(2) for t in rotary)  # [B, q, 1, D]
+    query, key = _rotate_pair(query, key, cos, sin)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, H, q, D], [B, Hkv, q, D]
     cache.write(index, step, key, value)
     keys, values = cache.view(index, step.kv_len)  # [B, Hkv, kv_len, D]
     out = F.scaled_dot_product_attention(

@@ -95,7 +95,9 @@ class TrainedExitHead(nn.Module):
     def run_layer(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         """The head's decoder layer over exit-layer states [B, q, d] at `step`, writing its KV into `cache`."""
         rotary = self.adapter.rotary(hidden, step.positions, self.adapter.rotary_kinds[self.init_layer])
-        return decoder_layer(self.layer, self.index, hidden, step, cache, rotary, attention_mask(step, self.window))
+        return decoder_layer(
+            self.layer, self.index, hidden, step, cache, rotary, attention_mask(step, self.window, hidden.dtype)
+        )
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Norm + the model's LM head over the head layer's output [B, q, d] -> [B, q, V]."""
