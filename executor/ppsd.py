@@ -421,12 +421,16 @@ class LocalPipeline:
     token to a repetition penalty's context, and moves the pipe on: on a flush the prediction enters stage 1 and the
     younger tokens turn invalid; otherwise every token moves one stage down and stage 1 takes its own draft.
 
-    A stage with no valid token still runs (a static pass cannot skip), at the scratch position `max_len - 1`,
-    which no valid token reaches or attends to (the caller leaves that slot free), so its KV writes harm nothing. A
+    A stage with no valid token still runs (a captured pass cannot skip), at the scratch position `max_len - 1`,
+    which no valid token reaches or attends to (the caller leaves that slot free), so its KV writes harm nothing. On
+    a CPU, where reading `valid` costs no synchronisation, an empty stage is skipped instead (`skip_empty_on_cpu`),
+    as a bubble should be: the sequential reference then does no wasted work. A
     flushed token's writes at positions > p were made while it was valid; the flush's correction rewrites them
     before any valid token reads them (slots are read at <= the reader's position, and a stage sees the positions
     in order). So every valid token meets the same KV and inputs as in AR, and the output equals AR's.
     """
+
+    skip_empty_on_cpu = True
 
     def __init__(
         self,
@@ -440,6 +444,7 @@ class LocalPipeline:
         head: Any = None,
     ) -> None:
         self.cache, self.selector = cache, selector
+        self.skip_empty = self.skip_empty_on_cpu and adapter.device.type == "cpu"
         selector.track(adapter.lm_head.weight.shape[0])  # a repetition penalty's committed-token set, before capture
         self.runners = [
             StageRunner(adapter, cache, plan, s, selector, capture, fallback, head) for s in range(plan.stages)
@@ -505,9 +510,11 @@ class LocalPipeline:
         """Queue one tick: every stage's pass, then the transition. Sequential: the stages' host-timed seconds."""
         if self.streams is None:
             busy = []
-            for runner in self.runners:
+            held = self.valid.tolist() if self.skip_empty else [True] * len(self.runners)
+            for runner, holds in zip(self.runners, held, strict=True):
                 begin = time.perf_counter()
-                runner.pass_()
+                if holds:
+                    runner.pass_()
                 busy.append(time.perf_counter() - begin)
             self.transition()
             return busy

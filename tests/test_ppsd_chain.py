@@ -16,7 +16,7 @@ import executor
 from executor.adapter import ModelAdapter
 from executor.decoding import TokenSink
 from executor.passes import StaticPass
-from executor.ppsd import TICK_LOG, decode_ppsd
+from executor.ppsd import TICK_LOG, LocalPipeline, StageRunner, decode_ppsd
 
 
 @st.composite
@@ -34,10 +34,19 @@ def chain_cases(draw):
     }
 
 
-@given(chain_cases())
-def test_chained_ppsd_equals_ar_greedy_for_any_sync_every(case) -> None:
+@given(chain_cases(), st.booleans())
+def test_chained_ppsd_equals_ar_greedy_for_any_sync_every(case, skip_empty) -> None:
     """Through a cache of exactly len(prompt) + max_new_tokens slots: the scratch slot is the last, so a stale write
-    there would land on a real position if the pipe ever fed one that far."""
+    there would land on a real position if the pipe ever fed one that far. Empty stages run (as on a GPU) or are
+    skipped (the CPU default)."""
+    LocalPipeline.skip_empty_on_cpu = skip_empty
+    try:
+        check_chained_case(case)
+    finally:
+        LocalPipeline.skip_empty_on_cpu = True
+
+
+def check_chained_case(case: dict) -> None:
     model = tiny_model(case["arch"], case["num_layers"], case["seed"])
     scale_late_layers(model, case["num_layers"] // case["stages"] or 1, case["epsilon"])
     prompt, max_new = case["prompt"], case["max_new_tokens"]
@@ -134,9 +143,11 @@ def test_sync_every_is_checked_for_ppsd(value) -> None:
         executor.generate(tiny_model(), [1, 2], method="ppsd", max_new_tokens=4, sync_every=value)
 
 
-def test_invalid_stages_write_only_the_scratch_slot() -> None:
+@pytest.mark.parametrize("skip_empty", [False, True])
+def test_invalid_stages_write_only_the_scratch_slot(monkeypatch, skip_empty: bool) -> None:
     """After a run, the slots past the last position fed are untouched (zero) but the scratch slot, which the empty
-    stages wrote."""
+    stages wrote when they ran (on a GPU; on a CPU they are skipped and it stays zero too)."""
+    monkeypatch.setattr(LocalPipeline, "skip_empty_on_cpu", skip_empty)
     model = scale_late_layers(tiny_model("llama", 8, seed=1), 1, 0.5)  # flushes: every stage runs empty ticks
     adapter = ModelAdapter(model)
     prompt, max_new, spare = [5, 17, 3], 40, 6
@@ -146,13 +157,25 @@ def test_invalid_stages_write_only_the_scratch_slot() -> None:
     fed = len(prompt) + max_new - 1  # positions 0 .. fed - 1 hold the prompt and every token fed
     for keys in cache.keys:
         assert torch.count_nonzero(keys[:, :, fed:-1]) == 0
-        assert torch.count_nonzero(keys[:, :, -1]) > 0
+        assert (torch.count_nonzero(keys[:, :, -1]) == 0) == skip_empty
+
+
+def test_a_cpu_skips_the_empty_stages(monkeypatch) -> None:
+    """On a CPU the sequential reference runs a stage only in the ticks it holds a token: no wasted work."""
+    runs = []
+    compute = StageRunner._compute
+    monkeypatch.setattr(StageRunner, "_compute", lambda self: runs.append(self.stage) or compute(self))
+    model = scale_late_layers(tiny_model("llama", 8, seed=1), 1, 0.5)
+    out = executor.generate(model, [5, 17, 3], method="ppsd", stages=4, exit_layer=1, max_new_tokens=30)
+    stats = out.stats
+    assert stats.flushes > 0
+    assert [runs.count(stage) for stage in range(4)] == [s.work_ticks for s in stats.stage_stats]
+    assert all(s.bubble_ticks > 0 for s in stats.stage_stats[1:])
 
 
 def test_a_stage_runs_at_the_scratch_slot_exactly_when_it_holds_no_token(monkeypatch) -> None:
     """Each tick, each stage: the position it ran at is the scratch slot iff the tick's log says it held no token."""
-    from executor.ppsd import LocalPipeline, StageRunner
-
+    monkeypatch.setattr(LocalPipeline, "skip_empty_on_cpu", False)  # as on a GPU: every stage runs every tick
     ran, held = [], []
     compute, replay = StageRunner._compute, LocalPipeline._replay
 
