@@ -60,9 +60,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import executor
 from executor.adapter import ModelAdapter
 from executor.api import PassSetup
+from executor.decoding import TokenSink
 from executor.heads import resolve_head
 from executor.models import resolve_dtype
 from executor.passes import Passes
+from executor.ppsd import StagePlan, local_pipeline, make_selector
 from executor.prompts import encode_prompt, load_prompts
 from executor.sampling import SamplingConfig
 from sim.policy import make_policy
@@ -90,6 +92,7 @@ class Row:
     tokens_per_round: float | None = None
     ideal_speedup: float | None = None
     efficiency: float | None = None  # realised speedup / ideal speedup
+    formula_ideal: float | None = None  # PPSD: n / (alpha + (1 - alpha) n), the paper's (balanced stages, free head)
     pass_costs_ms: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
@@ -168,16 +171,25 @@ class PassProfile:
         setup = PassSetup(method, SamplingConfig(), 0, [], exit_layer, head, [make_policy(policy)], self.capture)
         return setup.passes(self.adapter, [self.prompt], self.new_tokens)
 
+    @property
+    def middle(self) -> int:
+        """A mid-sequence position, where the passes are timed."""
+        return len(self.prompt) + self.new_tokens // 2
+
+    def ar_cost(self) -> float:
+        """c_ar: milliseconds per AR step (early enough that a batch of chained launches, each one position on,
+        stays inside the cache)."""
+        ar = self.setup("ar", None, None, "fixed:1")
+        at = min(self.middle, ar.cache.max_len - LAUNCHES - 1)
+        return launch_time_ms(ar.ar, self.adapter.device, lambda: ar.load([1], [at], 1))
+
     def costs(self, exit_layer: int, head: Any, policy: str, qs: list[int]) -> dict[str, float]:
-        """Milliseconds per launch: c_ar, c_draft and c_verify(q) for q in `qs`, at a mid-sequence position (early
-        enough that a batch of chained launches, each one position on, stays inside the cache)."""
-        device, middle = self.adapter.device, len(self.prompt) + self.new_tokens // 2
+        """Milliseconds per launch: c_ar, c_draft and c_verify(q) for q in `qs`, at a mid-sequence position."""
+        device = self.adapter.device
         with torch.inference_mode():
-            ar = self.setup("ar", None, None, "fixed:1")
-            at = min(middle, ar.cache.max_len - LAUNCHES - 1)
-            costs = {"ar": launch_time_ms(ar.ar, device, lambda: ar.load([1], [at], 1))}
+            costs = {"ar": self.ar_cost()}
             eesd = self.setup("eesd", exit_layer, head, policy)
-            at = min(middle, eesd.cache.max_len - LAUNCHES - 1)
+            at = min(self.middle, eesd.cache.max_len - LAUNCHES - 1)
             costs["draft"] = launch_time_ms(eesd.draft, device, lambda: eesd.load([1], [at], 1))
             for q in sorted(set(qs)):
                 reset = lambda q=q: eesd.load(None, [at], q)  # noqa: E731
@@ -190,6 +202,26 @@ class PassProfile:
         costs = self.costs(exit_layer, head, policy, [d + 1 for d in stats.drafted])
         rounds = sum(d * costs["draft"] + costs[f"verify q={d + 1}"] for d in stats.drafted)
         return sum(a + 1 for a in stats.accepted) * costs["ar"] / rounds, costs
+
+    def ppsd_ideal(self, stats: Any, backend: str, head: Any) -> tuple[float | None, dict]:
+        """PPSD's ideal at the measured ticks and the profiled costs: every stage on a device of its own, a tick as
+        long as the slowest stage's pass (each timed alone, the pipeline's own, captured ones), no host time:
+        (decoded tokens x c_ar) / (ticks x max_s c_stage). On one GPU the stages share the device, so this is what
+        perfect overlap would give."""
+        if not stats.ticks:
+            return None, {}
+        plan = StagePlan(tuple(stats.stage_boundaries), stats.exit_layer)
+        head = resolve_head(head, self.adapter, plan.exit_layer)
+        needed = len(self.prompt) + self.new_tokens
+        selector = make_selector(self.adapter, len(self.prompt), TokenSink(self.new_tokens, []), None, 0)
+        with torch.inference_mode():
+            costs = {"ar": self.ar_cost()}
+            pipeline = local_pipeline(self.adapter, None, plan, backend, selector, self.capture, needed, False, head)
+            for stage, runner in enumerate(pipeline.runners):
+                runner.position.fill_(self.middle)
+                costs[f"stage {stage + 1}"] = launch_time_ms(runner.pass_, self.adapter.device, lambda: None)
+        tick = max(cost for name, cost in costs.items() if name.startswith("stage"))
+        return (stats.new_tokens - 1) * costs["ar"] / (stats.ticks * tick), costs
 
 
 # ------------------------------------------------------------------------------------------------------ cases
@@ -235,14 +267,14 @@ def ppsd_case(
 ) -> Case:  # fmt: skip
     """PPSD `streams` with the shared head at the end of stage 1, or a trained `head` at its own exit layer; the pipe
     chained on the device (default: 8 ticks per host read when captured), or read back every `sync_every` ticks."""
-    label = f"ppsd streams n={stages}" + ("" if head is None else f" {name}")
+    backend = "streams" if device.type == "cuda" else "sequential"  # a CPU smoke run: the reference backend
+    label = f"ppsd {backend} n={stages}" + ("" if head is None else f" {name}")
     label += "" if sync_every is None else f" sync_every={sync_every}"
-    if device.type != "cuda":
-        return Case(label, lambda: (0, None), skip=f"skipped: backend 'streams' needs CUDA, device is {device.type}")
-    kwargs = {"method": "ppsd", "stages": stages, "backend": "streams", "capture": capture, "head": head,
+    kwargs = {"method": "ppsd", "stages": stages, "backend": backend, "capture": capture, "head": head,
               "sync_every": sync_every}  # fmt: skip
     case = ours_case(adapter, prompt, new_tokens, label, **kwargs)
-    return Case(label, case.run, capture, ideal=lambda stats: (stats.ideal_speedup, {}))
+    profile = PassProfile(adapter, prompt, new_tokens, capture)
+    return Case(label, case.run, capture, ideal=lambda stats: profile.ppsd_ideal(stats, backend, head))
 
 
 def ar_cases(adapter: ModelAdapter, prompt: list[int], n: int, captures: list[str], every_token: bool) -> list[Case]:
@@ -359,7 +391,8 @@ def measure(name: str, case: Case, runs: int, device: torch.device) -> Row:
         row.tokens_per_round = None if hasattr(stats, "confirms") else stats.tokens_per_round
         row.ideal_speedup, row.pass_costs_ms = case.ideal(stats)
     if stats is not None and getattr(stats, "stage_stats", None) and stats.ticks:
-        row.pass_costs_ms = ppsd_tick_costs(stats)
+        row.pass_costs_ms |= ppsd_tick_costs(stats)
+        row.formula_ideal = stats.ideal_speedup
     return row
 
 
@@ -514,15 +547,15 @@ def fmt(value: float | None, spec: str) -> str:
 def table(rows: list[Row]) -> str:
     lines = [
         "| model | method | capture | tok/s (median) | decode tok/s | vs our AR | vs HF AR | alpha | tok/round | ideal "
-        "| efficiency | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| efficiency | PPSD formula ideal | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r.model} | {r.method} | {r.capture or '-'} | {fmt(r.tokens_per_s, '.2f')} | "
             f"{fmt(r.decode_tokens_per_s, '.2f')} | {fmt(r.speedup_vs_ar, '.2f')} | "
             f"{fmt(r.speedup_vs_hf, '.2f')} | {fmt(r.alpha, '.3f')} | {fmt(r.tokens_per_round, '.2f')} | "
-            f"{fmt(r.ideal_speedup, '.2f')} | {fmt(r.efficiency, '.2f')} | {r.note} |"
+            f"{fmt(r.ideal_speedup, '.2f')} | {fmt(r.efficiency, '.2f')} | {fmt(r.formula_ideal, '.2f')} | {r.note} |"
         )
     return "\n".join(lines)
 
@@ -615,8 +648,9 @@ def report(args, device: torch.device, dtype: torch.dtype, rows, matches, floors
         "quick": args.quick, "small": args.small, "time_budget_s": args.time_budget_s,
         "timing": "median tokens/s over runs after one warm-up, end to end (prefill included), EOS ignored; HF rows "
         "make --hf-new-tokens tokens (their per-token time is host-bound and flat)",
-        "ideal": "EESD: profiled pass costs, sum(a+1) c_ar / sum(d c_draft + c_verify(d+1)); PPSD: n / (alpha + "
-        "(1 - alpha) n); 7B AR: HBM floor (see module docstring)",
+        "ideal": "EESD: profiled pass costs, sum(a+1) c_ar / sum(d c_draft + c_verify(d+1)); PPSD: profiled stage "
+        "costs, decoded c_ar / (ticks max_s c_stage), and formula_ideal n / (alpha + (1 - alpha) n); 7B AR: HBM floor "
+        "(see module docstring)",
         "captures": args.captures, "only": args.only.pattern if args.only else None, "hbm_tbps": args.hbm_tbps,
         "hbm_floor_tokens_per_s": floors,
         "forced_acceptance": "7B-shape EESD rows use generate(accept_pattern=alpha): same work, NOT lossless",

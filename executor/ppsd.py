@@ -611,7 +611,7 @@ def _decode_local(
     stats.capture = capture
     begin = time.perf_counter()
     needed = len(prompt) + sink.max_new_tokens
-    pipeline = _pipeline(adapter, cache, plan, backend, selector, capture, needed, fallback, head)
+    pipeline = local_pipeline(adapter, cache, plan, backend, selector, capture, needed, fallback, head)
     pipeline.restart(stats, len(prompt), selector.config.seed)
     pipeline.selector.start([prompt])
     hidden = None
@@ -629,8 +629,11 @@ def _decode_local(
     return stats
 
 
-def _pipeline(adapter, cache, plan, backend, selector, capture, needed: int, fallback: bool, head) -> LocalPipeline:
-    """A fresh pipeline without capture; with capture, the model's cached one for this setup (graphs kept)."""
+def local_pipeline(
+    adapter, cache, plan, backend, selector, capture, needed: int, fallback: bool, head
+) -> LocalPipeline:  # fmt: skip
+    """A fresh pipeline without capture; with capture, the model's cached one for this setup (graphs kept). `head`
+    is resolved (`resolve_head`); `needed` is len(prompt) + max_new_tokens."""
     streams, extra = backend == "streams", getattr(head, "extra_layers", 0)
     if capture == "none":
         cache = cache if cache is not None else adapter.new_cache(1, needed, extra_layers=extra)
