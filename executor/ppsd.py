@@ -422,12 +422,13 @@ class LocalPipeline:
     younger tokens turn invalid; otherwise every token moves one stage down and stage 1 takes its own draft.
 
     A stage with no valid token still runs (a captured pass cannot skip), at the scratch position `max_len - 1`,
-    which no valid token reaches or attends to (the caller leaves that slot free), so its KV writes harm nothing. On
-    a CPU, where reading `valid` costs no synchronisation, an empty stage is skipped instead (`skip_empty_on_cpu`),
-    as a bubble should be: the sequential reference then does no wasted work. A
+    which no valid token reaches or attends to (the caller leaves that slot free), so its KV writes harm nothing. A
     flushed token's writes at positions > p were made while it was valid; the flush's correction rewrites them
     before any valid token reads them (slots are read at <= the reader's position, and a stage sees the positions
     in order). So every valid token meets the same KV and inputs as in AR, and the output equals AR's.
+
+    On a CPU, where reading `valid` costs no synchronisation, an empty stage is skipped instead
+    (`skip_empty_on_cpu`), as a bubble should be: the sequential reference then does no wasted work.
     """
 
     skip_empty_on_cpu = True
