@@ -4,7 +4,8 @@ Models:
 - SmolLM2-135M-Instruct, real weights (`executor.load_model("smollm2-135m")`): HF `generate` AR and HF
   `assistant_early_exit` (the anchors), our AR, EESD with the shared head and with the trained head
   `heads/smollm2-135m-e15.safetensors` (policies fixed:k and beta-ts), PPSD `streams` with n = 2 and 4 stages and
-  the shared head, and n = 2 with the trained head (CUDA only: skipped with a note elsewhere).
+  the shared head, n = 2 with the trained head, and n = 2 read back every tick (elsewhere: the `sequential`
+  backend, for a smoke test).
 - The Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000) with random weights: HF AR, our AR
   and EESD at forced acceptance alpha in {0.5, 0.7, 0.9} (`generate(accept_pattern=alpha)`: the same drafting and
   verify work as a real round with that accepted length, NOT lossless: random weights accept nothing on their own).
@@ -12,9 +13,11 @@ Models:
 Plus the bf16 greedy match rate of EESD / PPSD vs our AR on real prompts (`executor.prompts`, builtin set): in bf16 a
 (k+1)-token verify pass and a 1-token step round differently, so near-ties can flip (DESIGN.md §2).
 
-Our passes run as `--captures` says (`generate(capture=...)`): "graph" (CUDA graphs, the default on a GPU) and
-"compile" (`torch.compile(mode="reduce-overhead")`) for AR and EESD fixed:k, so the faster can be kept; the other
-EESD rows and PPSD (each stage's step captured, one CUDA stream per stage) use the first mode listed.
+Our passes run as `--captures` says (`generate(capture=...)`): "graph" (CUDA graphs, the default on a GPU),
+"compile" (`torch.compile(mode="reduce-overhead")` per pass) and "compile-layers" (the decoder layer compiled once,
+passes in CUDA graphs) for AR and EESD fixed:k, so the fastest can be kept; the other EESD rows and PPSD (each stage's
+step captured, one CUDA stream per stage) use the first mode listed. `--only REGEX` keeps the matching rows. Each row
+also gives its warm-up run's seconds (`first_call_s`): the capture and compilation it needed beyond earlier rows.
 
 Every speed is the median tokens/s of `--runs` (>= 5) timed runs after one warm-up run (which also captures or
 compiles), end to end (prefill included, EOS ignored: every run makes exactly `--new-tokens` tokens), with the device
@@ -25,7 +28,9 @@ Ideal speedups (what the implementation would reach at the measured acceptance i
   draft step c_d and verify pass c_v(q) for every q used, mid-sequence position). Over the last run's rounds r with
   d_r drafts and a_r accepted: ideal = sum(a_r + 1) c_ar / sum(d_r c_d + c_v(d_r + 1)); realised = the decode
   tokens/s ratio EESD / our AR (same capture mode); efficiency = realised / ideal (target >= 0.9).
-- PPSD: n / (alpha + (1 - alpha) n) (balanced stages, free head and links; `PPSDStats.ideal_speedup`).
+- PPSD: every stage's own pass profiled alone the same way (c_s), a tick as long as the slowest: ideal = decoded
+  tokens c_ar / (ticks max_s c_s); `formula_ideal` is the paper's n / (alpha + (1 - alpha) n) (balanced stages, free
+  head and links; `PPSDStats.ideal_speedup`).
 - AR on the 7B shape: the HBM floor, weight bytes / `--hbm-tbps` per token (DESIGN.md §4: 405 MB per layer in
   0.135 ms, about 3.0 TB/s, so about 222 tok/s), reported as a fraction (target >= 0.75).
 
@@ -93,6 +98,7 @@ class Row:
     ideal_speedup: float | None = None
     efficiency: float | None = None  # realised speedup / ideal speedup
     formula_ideal: float | None = None  # PPSD: n / (alpha + (1 - alpha) n), the paper's (balanced stages, free head)
+    first_call_s: float | None = None  # the warm-up run: capture and compilation this row needed beyond earlier rows
     pass_costs_ms: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
@@ -113,9 +119,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_case(case: Case, runs: int, device: torch.device) -> tuple[list[float], list[float], Any]:
-    """End-to-end and decode-only tokens/s of `runs` timed runs after one warm-up run; the last run's stats."""
+def time_case(case: Case, runs: int, device: torch.device) -> tuple[list[float], list[float], Any, float]:
+    """End-to-end and decode-only tokens/s of `runs` timed runs after one warm-up run; the last run's stats; the
+    warm-up's seconds (what capturing and compiling cost on first use)."""
+    synchronize(device)
+    begin = time.perf_counter()
     case.run()
+    synchronize(device)
+    first_call = time.perf_counter() - begin
     speeds, decode, stats = [], [], None
     for _ in range(runs):
         synchronize(device)
@@ -126,7 +137,7 @@ def time_case(case: Case, runs: int, device: torch.device) -> tuple[list[float],
         speeds.append(new_tokens / wall)
         if stats is not None:
             decode.append((new_tokens - 1) / (wall - stats.prefill_time_s))
-    return speeds, decode, stats
+    return speeds, decode, stats, first_call
 
 
 def eesd_alpha(stats: Any) -> float | None:
@@ -381,10 +392,11 @@ def bench_model(
 
 
 def measure(name: str, case: Case, runs: int, device: torch.device) -> Row:
-    speeds, decode, stats = time_case(case, runs, device)
+    speeds, decode, stats, first_call = time_case(case, runs, device)
     row = Row(
         model=name, method=case.method, capture=case.capture, tokens_per_s=statistics.median(speeds),
         decode_tokens_per_s=statistics.median(decode) if decode else None, runs_tokens_per_s=speeds,
+        first_call_s=first_call,
     )  # fmt: skip
     if stats is not None and stats.accepted:
         row.alpha = getattr(stats, "alpha", None) if hasattr(stats, "confirms") else eesd_alpha(stats)
@@ -616,8 +628,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--only is not a regular expression: {err}")
     default_captures = "graph,compile" if args.device.startswith("cuda") else "none"
     args.captures = [c.strip() for c in (args.captures or default_captures).split(",") if c.strip()]
-    if not args.captures or set(args.captures) - {"none", "graph", "compile"}:
-        parser.error(f"--captures must name none, graph and/or compile, got {args.captures}")
+    if not args.captures or set(args.captures) - {"none", "graph", "compile", "compile-layers"}:
+        parser.error(f"--captures must name none, graph, compile and/or compile-layers, got {args.captures}")
     if args.runs < 5:
         parser.error("--runs must be >= 5 (medians of at least 5 runs)")
     match_dtypes = args.dtype if args.match_dtypes is None else args.match_dtypes

@@ -20,14 +20,19 @@ Shapes: B batch, q tokens in the pass, S cache slots, H heads, Hkv key/value hea
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from executor.kv_cache import KVCache
+from executor.kv_cache import KVCache, store
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
@@ -151,6 +156,13 @@ class ModelAdapter:
         layer_types = getattr(config, "layer_types", None) if self.typed_rotary else None
         self.rotary_kinds: list[str | None] = list(layer_types) if layer_types else [None] * self.num_layers
         self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        self.layer_run: Callable[..., torch.Tensor] | None = None  # a compiled `layer_forward` for static steps
+
+    def compiled(self) -> ModelAdapter:
+        """This adapter with every static step's layers run by one compiled `layer_forward` (`compiled_layer`)."""
+        view = copy.copy(self)
+        view.layer_run = compiled_layer()
+        return view
 
     @property
     def device(self) -> torch.device:
@@ -203,13 +215,17 @@ class ModelAdapter:
         """Run decoder layers [start, stop) over hidden [B, q, d] at `step`, writing their KV into `cache`."""
         rotaries: dict[str | None, tuple[torch.Tensor, ...]] = {}
         masks: dict[int | None, torch.Tensor] = {}
+        run = self.layer_run if step.span is not None else None  # a static step's shapes never change
+        if run is not None:  # one layout for every caller (dynamo guards strides, even of size-1 dims), no recompile
+            hidden = hidden.clone(memory_format=torch.contiguous_format)
+            step = dataclasses.replace(step, positions=step.positions.clone(memory_format=torch.contiguous_format))
         for index in range(start, stop):
             window, kind = self.windows[index], self.rotary_kinds[index]
             if window not in masks:
                 masks[window] = attention_mask(step, window, hidden.dtype)
             if kind not in rotaries:
                 rotaries[kind] = self.rotary(hidden, step.positions, kind)
-            hidden = decoder_layer(self.layers[index], index, hidden, step, cache, rotaries[kind], masks[window])
+            hidden = decoder_layer(self.layers[index], index, hidden, step, cache, rotaries[kind], masks[window], run)
         return hidden
 
 
@@ -226,6 +242,34 @@ def attention_mask(step: Step, window: int | None, dtype: torch.dtype) -> torch.
     return hidden.masked_fill_(visible.logical_not(), float("-inf")).unsqueeze(1)
 
 
+@functools.cache
+def compiled_layer() -> Callable[..., torch.Tensor]:
+    """`layer_forward` under `torch.compile` (Inductor, no CUDA graphs of its own: the pass that calls it is captured
+    whole). Regional compilation: dynamo inlines the layer module, so its weights are inputs of the compiled graph and
+    one compilation serves every layer of a model with the same shapes; another token count q (a verify pass) or
+    another model compiles once more. Compiling one layer takes seconds where a whole pass takes a minute."""
+    allow_recompiles()
+    return torch.compile(layer_forward, dynamic=False, fullgraph=True)
+
+
+def allow_recompiles(limit: int = 64) -> None:
+    """Dynamo compiles a function once per guard set (a compiled pass per instance, a compiled layer per token count
+    and model); its default limit (8 per code object) would silently leave the rest uncompiled."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
+class Slots(NamedTuple):
+    """Where a layer's pass reads and writes its KV: the tokens' `positions` [B, q], the cache's `rows` [B, 1], and
+    the layer's `keys`/`values` [B, Hkv, S, D] (the S cache slots the pass sees)."""
+
+    positions: torch.Tensor
+    rows: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
 def decoder_layer(
     layer: nn.Module,
     index: int,
@@ -234,9 +278,24 @@ def decoder_layer(
     cache: KVCache,
     rotary: tuple[torch.Tensor, torch.Tensor],
     mask: torch.Tensor,
+    run: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One pre-norm decoder layer, as the HF layer computes it, with our cache and attention kernel."""
-    attended = self_attention(layer.self_attn, index, layer.input_layernorm(hidden), step, cache, rotary, mask)
+    """One pre-norm decoder layer (model layer `index`) at `step`: keeps the cache's books, then runs `layer_forward`
+    (or `run`, a compiled one) over the cache slots the step sees."""
+    if step.starts is not None:
+        cache.claim((index,), step.starts, step.q)
+    slots = Slots(step.positions, cache.rows, *cache.view(index, step.kv_len))
+    return (run or layer_forward)(layer, hidden, slots, rotary, mask)
+
+
+def layer_forward(
+    layer: nn.Module, hidden: torch.Tensor, slots: Slots, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """One pre-norm decoder layer, as the HF layer computes it, with our cache and attention kernel: hidden [B, q, d]
+    at `slots.positions`; its keys and values are stored there and attended over with `mask` [B, 1, q, S], rotated
+    by `rotary` (cos, sin [B, q, D]). Tensors and the layer only, no host value: one `torch.compile` of it serves
+    every layer of a model (see `compiled_layer`)."""
+    attended = self_attention(layer.self_attn, layer.input_layernorm(hidden), slots, rotary, mask)
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: the sublayers' outputs are normed too
         hidden = hidden + layer.post_attention_layernorm(attended)
         return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
@@ -245,13 +304,7 @@ def decoder_layer(
 
 
 def self_attention(
-    attn: nn.Module,
-    index: int,
-    hidden: torch.Tensor,
-    step: Step,
-    cache: KVCache,
-    rotary: tuple[torch.Tensor, torch.Tensor],
-    mask: torch.Tensor,
+    attn: nn.Module, hidden: torch.Tensor, slots: Slots, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
 ) -> torch.Tensor:
     batch, q, _ = hidden.shape
     head_dim = attn.head_dim
@@ -264,11 +317,11 @@ def self_attention(
     cos, sin = (t.unsqueeze(2) for t in rotary)  # [B, q, 1, D]
     query, key = _rotate_pair(query, key, cos, sin)
     query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, H, q, D], [B, Hkv, q, D]
-    cache.write(index, step, key, value)
-    keys, values = cache.view(index, step.kv_len)  # [B, Hkv, kv_len, D]
+    store(slots.keys, slots.values, slots.rows, slots.positions, key, value)
     out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=keys.shape[1] != query.shape[1]
-    )
+        query, slots.keys, slots.values, attn_mask=mask, scale=attn.scaling,
+        enable_gqa=slots.keys.shape[1] != query.shape[1],
+    )  # fmt: skip
     return attn.o_proj(out.transpose(1, 2).reshape(batch, q, -1))
 
 

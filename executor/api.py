@@ -290,9 +290,11 @@ def generate(
     length; the emitted tokens are the row's first `accepted` drafts and the full model's token after them, so the
     output is NOT the model's greedy or sampled output. See `forced_acceptance`.
 
-    `capture` ("auto", "none", "graph", "compile") is how AR, EESD and PPSD's local stages launch their passes
-    (`executor.passes`): "auto" captures each pass in a CUDA graph on a GPU (kept on the model for the next call
-    with the same setup) and runs them as they are elsewhere; "compile" uses `torch.compile(mode="reduce-overhead")`.
+    `capture` ("auto", "none", "graph", "compile", "compile-layers") is how AR, EESD and PPSD's local stages launch
+    their passes (`executor.passes`): "auto" captures each pass in a CUDA graph on a GPU (kept on the model for the
+    next call with the same setup) and runs them as they are elsewhere; "compile" uses
+    `torch.compile(mode="reduce-overhead")` per pass; "compile-layers" compiles the decoder layer once for all layers
+    and passes and captures each pass in a CUDA graph on a GPU.
     Captured passes are keyed by the head object: pass a loaded head (not a file path) to reuse them across calls.
 
     `sync_every` (AR, and PPSD's local backends) is how many tokens (PPSD: ticks) the device makes between two host

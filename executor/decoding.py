@@ -50,7 +50,7 @@ class GenerationStats:
     accepted: list[int] = field(default_factory=list)
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
-    capture: str = "none"  # how the passes ran: "none", "graph" (CUDA graphs) or "compile" (executor.passes)
+    capture: str = "none"  # how the passes ran: none, graph, compile or compile-layers (executor.passes)
     host_reads: int = 0  # device -> host reads in the decode loop (each one a synchronisation on a GPU)
 
     @property

@@ -37,8 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument(
-        "--capture", default="auto", help="auto (graph on a GPU) | none | graph (CUDA graphs) | compile (torch.compile)"
-    )
+        "--capture", default="auto",
+        help="auto (graph on a GPU) | none | graph (CUDA graphs) | compile (torch.compile per pass) | compile-layers "
+        "(the decoder layer compiled once, passes in CUDA graphs)",
+    )  # fmt: skip
     parser.add_argument(
         "--sync-every", type=int, default=None,
         help="AR steps (PPSD: ticks) the device runs between two host reads (default: 8 captured, 1 otherwise)",

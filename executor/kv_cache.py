@@ -35,12 +35,13 @@ class KVCache:
         layer_ids: Sequence[int] | None = None,
     ) -> None:
         shape = (batch, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        with torch.inference_mode(False):  # plain tensors wherever the cache is made: one kind for a compiled layer
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]: the row index of a write
         self.max_len = max_len
         self.batch = batch
         self.lengths = [[0] * batch for _ in range(num_layers)]
-        self._rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]
         # layers are addressed by model index: this cache holds `layer_ids` (default 0 .. n - 1; a pipeline stage's
         # layers and its exit head's, or a trained head's layer alone), in that order
         layer_ids = range(num_layers) if layer_ids is None else layer_ids
@@ -78,10 +79,8 @@ class KVCache:
         """Store key/value [B, Hkv, q, D] of `layer` at the step's positions (the books too, unless static)."""
         if step.starts is not None:
             self.claim((layer,), step.starts, step.q)
-        # advanced indices around a slice select [B, q, Hkv, D]; this is one index_put_, no host sync
         slot = self.slot(layer)
-        self.keys[slot][self._rows, :, step.positions] = key.transpose(1, 2)
-        self.values[slot][self._rows, :, step.positions] = value.transpose(1, 2)
+        store(self.keys[slot], self.values[slot], self.rows, step.positions, key, value)
 
     def view(self, layer: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first `kv_len` slots, [B, Hkv, kv_len, D] (views, no copy)."""
@@ -95,3 +94,13 @@ class KVCache:
             raise ValueError(f"rollback length must be >= 0, got {per_row}")
         for layer in range(self.num_layers) if layers is None else (self.slot(n) for n in layers):
             self.lengths[layer] = [min(old, new) for old, new in zip(self.lengths[layer], per_row, strict=True)]
+
+
+def store(
+    keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
+    value: torch.Tensor,
+) -> None:  # fmt: skip
+    """key/value [B, Hkv, q, D] into a layer's slots keys/values [B, Hkv, S, D] at `positions` [B, q] (`rows`
+    [B, 1]): advanced indices around a slice select [B, q, Hkv, D], so each is one index_put_, no host sync."""
+    keys[rows, :, positions] = key.transpose(1, 2)
+    values[rows, :, positions] = value.transpose(1, 2)

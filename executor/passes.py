@@ -8,7 +8,10 @@ from device tensors, and the cache's books are kept by the caller (`KVCache.clai
 
 - run as it is (`capture="none"`, the only mode on a CPU, and the code path every property test checks),
 - captured once in a CUDA graph and replayed (`"graph"`, the default on a GPU: one graph per pass and q),
-- or compiled with `torch.compile(mode="reduce-overhead")` (`"compile"`: Inductor kernels in CUDA graphs).
+- compiled with `torch.compile(mode="reduce-overhead")` (`"compile"`: Inductor kernels in CUDA graphs; one
+  compilation per pass, about a minute each on a GPU),
+- or run with compiled layers and captured whole (`"compile-layers"`: one `torch.compile` of the decoder layer serves
+  every layer and every pass with the same token count, `ModelAdapter.compiled`; the pass is a CUDA graph on a GPU).
 
 A pass is idempotent (it writes the same cache slots and buffers with the same values however often it runs), so
 warming it up before capture changes nothing. The caller's host work per EESD round is: refill the inputs (async
@@ -25,11 +28,11 @@ from typing import Any
 
 import torch
 
-from executor.adapter import ModelAdapter, Step
+from executor.adapter import ModelAdapter, Step, allow_recompiles
 from executor.kv_cache import KVCache
 from executor.sampling import DRAFT_SALT, TokenSelector, rejection_verdicts
 
-CAPTURE_MODES = ("auto", "none", "graph", "compile")
+CAPTURE_MODES = ("auto", "none", "graph", "compile", "compile-layers")
 AR_HISTORY = 64  # tokens the chained AR step can make between two host reads
 SYNC_CAPTURED = 8  # default `sync_every` of captured passes: AR steps (or PPSD ticks) per host read
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
@@ -51,6 +54,14 @@ def check_sync_every(sync_every: int | None) -> None:
         isinstance(sync_every, bool) or not isinstance(sync_every, int) or not 1 <= sync_every <= AR_HISTORY
     ):
         raise ValueError(f"sync_every must be an integer in 1..{AR_HISTORY}, got {sync_every!r}")
+
+
+def launch_mode(capture: str, device: torch.device) -> str:
+    """How a `StaticPass` launches under `capture`: "compile-layers" (compiled layers, `ModelAdapter.compiled`) is
+    captured in a CUDA graph on a GPU and run as it is elsewhere; every other mode is its own."""
+    if capture == "compile-layers":
+        return "graph" if device.type == "cuda" else "none"
+    return capture
 
 
 class StaticPass:
@@ -108,14 +119,6 @@ class StaticPass:
         return self.graph is not None
 
 
-def allow_recompiles(limit: int = 64) -> None:
-    """Every compiled pass is the same code (`StaticPass._launch`) on another instance, so dynamo compiles it once per
-    pass (a guard on `self`); its default limit (8 per code object) would silently leave later passes uncompiled."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), limit))
-
-
 def capture_graph(warmup: Callable[[], None], fn: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
     """Warm `warmup` up on a side stream, then capture `fn` (default: `warmup`; the capture itself runs nothing: the
     caller replays). `warmup` must be idempotent; `fn` may also move state on (see `StaticPass`).
@@ -162,7 +165,8 @@ class Passes:
         confidence: bool = False,
         fallback: bool = False,
     ) -> None:
-        self.adapter, self.cache, self.selector = adapter, cache, selector
+        self.adapter = adapter.compiled() if capture == "compile-layers" else adapter
+        self.cache, self.selector = cache, selector
         self.exit_layer, self.head, self.max_draft = exit_layer, head, max_draft
         self.capture, self.want_confidence, self.fallback = capture, confidence, fallback
         self.rejection = selector.config.kind == "rejection"
@@ -215,7 +219,7 @@ class Passes:
     def run(self, name: str, q: int, fn: Callable[[], None], advance: Callable[[], None] | None = None) -> None:
         key = (name, q)
         if key not in self._passes:
-            self._passes[key] = StaticPass(fn, self.capture, self.fallback, advance)
+            self._passes[key] = StaticPass(fn, launch_mode(self.capture, self.adapter.device), self.fallback, advance)
         self._passes[key]()
 
     def restart(self) -> None:

@@ -51,6 +51,7 @@ from executor.passes import (
     cached_passes,
     captured_capacity,
     check_sync_every,
+    launch_mode,
     resolve_capture,
     upload,
 )
@@ -293,6 +294,7 @@ class StageRunner:
         fallback: bool = False,
         head: Any = None,
     ) -> None:
+        adapter = adapter.compiled() if capture == "compile-layers" else adapter
         self.adapter, self.cache, self.plan, self.stage, self.selector = adapter, cache, plan, stage, selector
         self.layers = plan.layers(stage)
         self.is_first, self.is_last = stage == 0, stage == plan.stages - 1
@@ -308,7 +310,7 @@ class StageRunner:
         self.draft_id = torch.zeros(1, dtype=torch.long, device=device)
         self.predicted_id = torch.zeros(1, dtype=torch.long, device=device)
         self.step = Step(positions=self.position, starts=None, span=cache.max_len)
-        self.pass_ = StaticPass(self._compute, capture, fallback)
+        self.pass_ = StaticPass(self._compute, launch_mode(capture, adapter.device), fallback)
 
     def prepare(self, item: Item) -> None:
         """This stage's inputs for `item` (host values copied asynchronously) and the books of its KV write."""
@@ -460,7 +462,7 @@ class LocalPipeline:
         if capture == "compile":
             for tensor in self._static_tensors():
                 torch._dynamo.mark_static_address(tensor)
-        self.transition = StaticPass(_nothing, capture, fallback, advance=self._advance)
+        self.transition = StaticPass(_nothing, launch_mode(capture, adapter.device), fallback, advance=self._advance)
         self.stats: PPSDStats | None = None
         self.launched = 0  # ticks launched since `begin` (the host's copy of the device's cursor)
         self.streams = [torch.cuda.Stream(device=adapter.device) for _ in self.runners] if streams else None
@@ -686,11 +688,11 @@ def decode_ppsd(
     mode (executor/sampling.py) seeded AR sampling's, token for token. `min_new_tokens` masks EOS as HF does.
 
     `cache` must hold len(prompt) + sink.max_new_tokens positions (None: made here); `capture` ("none", "graph",
-    "compile", "auto") is how the local backends launch a stage's per-token pass (executor/passes.py), a captured
-    pipeline being kept on the model with its own cache for the next call. The `distributed` backend ignores both
-    (each stage process allocates its own layers' KV and runs its passes uncaptured) and takes `threads_per_stage`
-    (torch threads per process, default cores // stages) and `timeout_s` (the whole run, after which the processes
-    are stopped and an error raised).
+    "compile", "compile-layers", "auto") is how the local backends launch a stage's per-token pass
+    (executor/passes.py), a captured pipeline being kept on the model with its own cache for the next call. The
+    `distributed` backend ignores both (each stage process allocates its own layers' KV and runs its passes
+    uncaptured) and takes `threads_per_stage` (torch threads per process, default cores // stages) and `timeout_s`
+    (the whole run, after which the processes are stopped and an error raised).
 
     `sync_every` (local backends) is how many ticks the device runs between two host reads (`LocalPipeline`): default
     SYNC_CAPTURED when captured, 1 otherwise. The output does not depend on it.

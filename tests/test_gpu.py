@@ -139,6 +139,21 @@ def test_compiled_passes_equal_hf() -> None:
         assert tokens == reference
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compiled_layers_in_graphs_equal_hf(arch: str) -> None:
+    """capture="compile-layers": Inductor's layer kernels inside our CUDA graphs, every pass (AR, EESD's draft and
+    verify, PPSD's stages on their streams)."""
+    model = cuda_model(TinySpec(arch=arch, num_layers=4, seed=8))
+    for prompt in PROMPTS[:2]:
+        reference = hf_tokens(model, prompt, 16)
+        tokens, stats = ours(model, prompt, 16, method="ar", capture="compile-layers")
+        assert tokens == reference and stats.capture == "compile-layers"
+        eesd = {"method": "eesd", "exit_layer": EXIT_LAYER, "draft_len": 3, "capture": "compile-layers"}
+        assert ours(model, prompt, 16, **eesd)[0] == reference
+        ppsd = {"method": "ppsd", "stages": 2, "backend": "streams", "capture": "compile-layers"}
+        assert ours(model, prompt, 16, **ppsd)[0] == reference
+
+
 def test_captured_repetition_penalty_equals_hf() -> None:
     model = cuda_model(TinySpec(num_layers=4, seed=9))
     prompt = PROMPTS[0]

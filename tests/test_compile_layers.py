@@ -1,0 +1,65 @@
+"""capture="compile-layers": one `torch.compile` of the decoder layer (`executor.adapter.compiled_layer`) runs every
+layer of every static pass, captured whole in a CUDA graph on a GPU and run as it is here. It must compile once per
+token count, not once per layer or pass, and decode exactly what uncompiled AR decodes (float64: Inductor's fused
+kernels round differently from eager, far below any logit gap of these models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from tiny_models import TinySpec, scale_late_layers, tiny_model
+from torch._dynamo.utils import counters
+
+import executor
+from executor.adapter import compiled_layer
+
+PROMPT = [5, 17, 2, 40]
+
+
+@pytest.fixture
+def fresh_compiler():
+    torch._dynamo.reset()
+    compiled_layer.cache_clear()
+    yield
+    torch._dynamo.reset()
+    compiled_layer.cache_clear()
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_one_compilation_serves_every_layer_and_pass(fresh_compiler) -> None:
+    """Six layers, AR then PPSD's stages (one token per pass): one graph. EESD fixed:2 adds its verify widths."""
+    net = tiny_model(TinySpec(num_layers=6), torch.float64)
+    before = graphs()
+    executor.generate(net, [PROMPT], max_new_tokens=8, method="ar", capture="compile-layers")
+    executor.generate(net, [PROMPT], max_new_tokens=8, method="ppsd", stages=3, capture="compile-layers")
+    assert graphs() - before == 1
+    executor.generate(net, [PROMPT], max_new_tokens=8, method="eesd", exit_layer=3, draft_len=2,
+                      capture="compile-layers")  # fmt: skip
+    assert graphs() - before <= 3  # q = 3 (k + 1), and q = 2 where a round drafted one token before the end
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
+def test_compiled_layers_decode_what_ar_decodes(arch: str) -> None:
+    """Llama; Gemma 3 (sliding and global layers, q/k norms, post norms, soft-capped logits); Phi-3 (fused qkv,
+    partial rotary): AR, EESD and PPSD with compiled layers equal uncompiled AR."""
+    net = scale_late_layers(tiny_model(TinySpec(arch=arch, num_layers=4, seed=3), torch.float64), 2, 0.3)
+    reference = executor.generate(net, [PROMPT], max_new_tokens=16, method="ar", capture="none").sequences
+    cases = [{"method": "ar"}, {"method": "eesd", "exit_layer": 2, "draft_len": 3}, {"method": "ppsd", "stages": 2}]
+    for kwargs in cases:
+        out = executor.generate(net, [PROMPT], max_new_tokens=16, capture="compile-layers", **kwargs)
+        assert out.stats.capture == "compile-layers"
+        assert out.sequences.tolist() == reference.tolist(), kwargs
+
+
+def test_compiled_layers_with_exact_sampling_and_a_batch() -> None:
+    net = scale_late_layers(tiny_model(TinySpec(num_layers=4, seed=4), torch.float64), 2, 0.3)
+    ids = torch.tensor([[0, 0, 9, 4, 7], [5, 17, 2, 40, 33]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1] * 5])
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20, seed=11, pad_token_id=0)
+    reference = executor.generate(net, ids, method="ar", capture="none", **kwargs).sequences
+    out = executor.generate(net, ids, method="eesd", exit_layer=2, draft_len=2, capture="compile-layers", **kwargs)
+    assert out.sequences.tolist() == reference.tolist()
