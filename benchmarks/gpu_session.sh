@@ -15,8 +15,9 @@
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
 #            (SmolLM2 rows + match rates, then its latency profile; ~7 min: timeout_s 600)
 #
-#   a later lease (what is still missing):  next1 (carry as call 1), then next2 (carry as call 2): the GPU tests and
-#   the 7B shape compiled (per layer and per pass); then PPSD chained on the device, SmolLM2 compiled, a bf16 trace
+#   a later lease (what is still missing):  next1 (carry as call 1, timeout_s 330), then at once next2 (carry as
+#   call 2, timeout_s 420): together about 13 of the 15 device minutes with one start. The GPU tests and the 7B
+#   shape with compiled layers; then PPSD chained on the device, SmolLM2 with compiled layers, a bf16 trace.
 #
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card) and
 # calibration/<card>/ (profiles), and commit them.
@@ -96,27 +97,27 @@ case "${1:-}" in
       --captures compile --match-dtypes float32 --match-first --time-budget-s "$SMOLLM2_BUDGET_S" \
       --out "$OUT/gpu_decode_smollm2_compile.json" 2>&1 | tee "$OUT/bench_smollm2_compile.log"
     ;;
-  next1)  # the next lease's call 1 (part 0): the GPU tests, then the 7B shape with compiled layers (AR, EESD at
-          # forced alpha) and AR compiled per pass, each row with its first call's seconds
+  next1)  # the next lease's call 1 (part 0), <= 320 s: the GPU tests, then the 7B shape with compiled layers (AR,
+          # EESD at forced alpha 0.9), each row with its first call's seconds
     first_call
     set +e
-    timeout 240 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
-    timeout 290 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers,compile \
-      --only '^ours ar$|forced' --time-budget-s 200 --out "$OUT/gpu_decode_llama7b_compiled.json" 2>&1 \
-      | tee "$OUT/bench_llama7b.log"
+    timeout 200 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
+    timeout 115 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers \
+      --only '^ours ar$|forced alpha=0.9' --time-budget-s 70 --out "$OUT/gpu_decode_llama7b_compile_layers.json" \
+      2>&1 | tee "$OUT/bench_llama7b.log"
     ;;
-  next2)  # its call 2 (part 1): PPSD chained on the device (graphs; and read every tick, for comparison), SmolLM2
-          # with compiled layers (AR, EESD, PPSD n=2), AR compiled per pass, then a bf16 acceptance trace
+  next2)  # its call 2 (part 1), <= 410 s: PPSD chained on the device (graphs; and read every tick, for comparison),
+          # SmolLM2 with compiled layers (AR, EESD shared, PPSD n=2), then a bf16 acceptance trace
     second_call next1 next2
     set +e
-    timeout 170 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures graph \
-      --match-dtypes '' --only '^ours ar$|^ppsd' --time-budget-s 130 \
+    timeout 150 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures graph \
+      --match-dtypes '' --only '^ours ar$|^ppsd' --time-budget-s 110 \
       --out "$OUT/gpu_decode_smollm2_ppsd_chained.json" 2>&1 | tee "$OUT/bench_smollm2_ppsd.log"
-    timeout 230 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
-      --captures compile-layers,compile --match-dtypes '' --only '^ours ar$|^eesd shared|^ppsd streams n=2$' \
-      --time-budget-s 170 --out "$OUT/gpu_decode_smollm2_compiled.json" 2>&1 | tee "$OUT/bench_smollm2_compiled.log"
-    timeout 100 python3 -m executor.cli calibrate acceptance --model "$GGUF" --device cuda --dtype bf16 \
-      --exit-layers 8,15,22 --prompts builtin --num-prompts 32 --max-new-tokens 48 --no-progress \
+    timeout 170 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers \
+      --match-dtypes '' --only '^ours ar$|^eesd shared|^ppsd streams n=2$' --time-budget-s 130 \
+      --out "$OUT/gpu_decode_smollm2_compile_layers.json" 2>&1 | tee "$OUT/bench_smollm2_compile_layers.log"
+    timeout 85 python3 -m executor.cli calibrate acceptance --model "$GGUF" --device cuda --dtype bf16 \
+      --exit-layers 8,15,22 --prompts builtin --num-prompts 24 --max-new-tokens 48 --no-progress \
       --out "$OUT/acceptance_smollm2-135m_shared_builtin_cuda_bf16.csv" 2>&1 | tee "$OUT/trace.log"
     ;;
   *)
