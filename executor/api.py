@@ -25,6 +25,7 @@ from executor.passes import (
     cached_passes,
     captured_capacity,
     check_sync_every,
+    on_device,
     resolve_capture,
 )
 from executor.sampling import SamplingConfig, TokenSelector
@@ -328,23 +329,24 @@ def generate(
     callback = _streamer_callback(streamer, len(prompts), ids)
     rows = Rows(prompts=prompts, sinks=[TokenSink(max_new_tokens, eos, callback) for _ in prompts])
     stats = GenerationStats(method=method, prompt_tokens=sum(len(p) for p in prompts))
-    if max_new_tokens > 0 and method == "ppsd":
-        stats = _decode_ppsd(
-            adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
-            sync_every,
-        )  # fmt: skip
-        stats.prompt_tokens = len(prompts[0])
-    elif max_new_tokens > 0:
-        exit_head = resolve_head(head, adapter, exit_layer) if method == "eesd" else None
-        setup = PassSetup(method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture)
-        passes = setup.passes(adapter, prompts, max_new_tokens)
-        passes.selector.start(prompts)  # a repetition penalty's context: the prompts (HF leaves padding out)
-        stats.capture = passes.capture
-        if method == "ar":
-            every = sync_every if sync_every is not None else (1 if passes.capture == "none" else AR_SYNC_CAPTURED)
-            decode_ar(adapter, rows, passes, stats, sync_every=every)
-        else:
-            decode_eesd(adapter, rows, passes, stats, policies=policies, forced_accept=forced)
+    with on_device(adapter.device):  # captured graphs replay on the current device's stream
+        if max_new_tokens > 0 and method == "ppsd":
+            stats = _decode_ppsd(
+                adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
+                sync_every,
+            )  # fmt: skip
+            stats.prompt_tokens = len(prompts[0])
+        elif max_new_tokens > 0:
+            exit_head = resolve_head(head, adapter, exit_layer) if method == "eesd" else None
+            setup = PassSetup(method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture)
+            passes = setup.passes(adapter, prompts, max_new_tokens)
+            passes.selector.start(prompts)  # a repetition penalty's context: the prompts (HF leaves padding out)
+            stats.capture = passes.capture
+            if method == "ar":
+                every = sync_every if sync_every is not None else (1 if passes.capture == "none" else AR_SYNC_CAPTURED)
+                decode_ar(adapter, rows, passes, stats, sync_every=every)
+            else:
+                decode_eesd(adapter, rows, passes, stats, policies=policies, forced_accept=forced)
     if streamer is not None:
         streamer.end()
     stats.new_tokens = sum(len(s.tokens) for s in rows.sinks)

@@ -22,6 +22,7 @@ Rejection sampling's verdict (accept tests, residual or bonus draw) runs on the 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,6 +55,12 @@ def check_sync_every(sync_every: int | None) -> None:
         isinstance(sync_every, bool) or not isinstance(sync_every, int) or not 1 <= sync_every <= AR_HISTORY
     ):
         raise ValueError(f"sync_every must be an integer in 1..{AR_HISTORY}, got {sync_every!r}")
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The model's GPU as the current device while decoding: a captured graph replays on the current device's stream,
+    and streams and events are made there (a model on cuda:1 under a current cuda:0). Nothing elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def launch_mode(capture: str, device: torch.device) -> str:

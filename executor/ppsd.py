@@ -52,6 +52,7 @@ from executor.passes import (
     captured_capacity,
     check_sync_every,
     launch_mode,
+    on_device,
     resolve_capture,
     upload,
 )
@@ -732,4 +733,7 @@ def decode_ppsd(
     check_sync_every(sync_every)
     mode = resolve_capture(capture, adapter.device, selector.config.kind)
     every = sync_every if sync_every is not None else (1 if mode == "none" else SYNC_CAPTURED)
-    return _decode_local(adapter, prompt, sink, cache, plan, backend, selector, mode, capture == "auto", head, every)
+    with on_device(adapter.device):
+        return _decode_local(
+            adapter, prompt, sink, cache, plan, backend, selector, mode, capture == "auto", head, every
+        )

@@ -154,6 +154,21 @@ def test_compiled_layers_in_graphs_equal_hf(arch: str) -> None:
         assert ours(model, prompt, 16, **ppsd)[0] == reference
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_model_on_the_second_gpu_decodes_there() -> None:
+    """A model on cuda:1 while cuda:0 is current: graphs, streams and events must be made and replayed on cuda:1."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, seed=10), torch.float64), EXIT_LAYER, 0.2)
+    model = model.to("cuda:1")
+    ids = torch.tensor([PROMPTS[0]], device="cuda:1")
+    reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                               do_sample=False, pad_token_id=0)[0].tolist()  # fmt: skip
+    with torch.cuda.device(0):
+        for kwargs in ({"method": "ar"}, {"method": "eesd", "exit_layer": EXIT_LAYER},
+                       {"method": "ppsd", "stages": 2, "backend": "streams"}):  # fmt: skip
+            out = executor.generate(model, ids, max_new_tokens=16, capture="graph", **kwargs)
+            assert out.sequences[0].tolist() == reference, kwargs
+
+
 def test_captured_repetition_penalty_equals_hf() -> None:
     model = cuda_model(TinySpec(num_layers=4, seed=9))
     prompt = PROMPTS[0]
