@@ -1,0 +1,83 @@
+"""benchmarks/gpu_decode.py's machinery on a tiny model on the CPU: a GPU lease is short, so the script it runs must
+not break there. Rows, profiled ideals (EESD's and PPSD's), speedups, `--only` and argument errors; no figure here
+is a claim (the CPU times a tiny model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TinySpec, scale_late_layers, tiny_model
+
+from executor.adapter import ModelAdapter
+from executor.heads import resolve_head
+
+PROMPT = [5, 17, 2, 40, 33]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_decode.py"
+    spec = importlib.util.spec_from_file_location("gpu_decode", path)
+    module = sys.modules["gpu_decode"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def adapter() -> ModelAdapter:
+    return ModelAdapter(scale_late_layers(tiny_model(TinySpec(num_layers=4, seed=2), torch.float32), 2, 0.3))
+
+
+def test_ppsd_rows_carry_the_profiled_and_the_formula_ideal(bench, adapter) -> None:
+    """On a CPU the PPSD case runs the sequential backend; its ideal comes from each stage's own pass timed alone:
+    decoded tokens x c_ar / (ticks x the slowest stage)."""
+    case = bench.ppsd_case(adapter, PROMPT, 12, 2, adapter.device, "none")
+    assert case.method == "ppsd sequential n=2" and not case.skip
+    row = bench.measure("tiny", case, 5, adapter.device)
+    costs = row.pass_costs_ms
+    assert row.tokens_per_s > 0 and row.first_call_s > 0
+    assert {"ar", "stage 1", "stage 2", "device per tick", "host per tick"} <= set(costs)
+    _, stats = case.run()
+    tick = max(costs["stage 1"], costs["stage 2"])
+    assert row.ideal_speedup == pytest.approx((stats.new_tokens - 1) * costs["ar"] / (stats.ticks * tick))
+    assert row.formula_ideal == pytest.approx(stats.ideal_speedup)
+
+
+def test_eesd_efficiency_is_against_its_profiled_ideal(bench, adapter) -> None:
+    head = resolve_head("shared", adapter, 2)
+    ar = bench.measure("tiny", bench.ours_case(adapter, PROMPT, 12, "ours ar", method="ar", capture="none"), 5,
+                       adapter.device)  # fmt: skip
+    case = bench.eesd_case(adapter, PROMPT, 12, "eesd shared E=2 fixed:2", 2, head, "fixed:2", "none")
+    eesd = bench.measure("tiny", case, 5, adapter.device)
+    rows = [ar, eesd]
+    bench.add_speedups(rows)
+    assert {"ar", "draft", "verify q=3"} <= set(eesd.pass_costs_ms)
+    assert eesd.efficiency == pytest.approx(eesd.speedup_vs_ar / eesd.ideal_speedup)
+    assert "| eesd shared E=2 fixed:2 | none |" in bench.table(rows)
+
+
+def test_only_keeps_the_matching_cases(bench, adapter) -> None:
+    args = bench.parse_args(["--device", "cpu", "--only", "^ours ar$|^ppsd"])
+    cases = [bench.ppsd_case(adapter, PROMPT, 4, n, adapter.device, "none") for n in (2, 4)]
+    cases += bench.ar_cases(adapter, PROMPT, 4, ["none"], every_token=False)
+    cases.append(bench.hf_case(adapter.model, PROMPT, 4, "hf generate (AR)"))
+    assert [c.method for c in bench.selected(cases, args)] == ["ppsd sequential n=2", "ppsd sequential n=4", "ours ar"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--only", "(unclosed"], "--only is not a regular expression"),
+        (["--captures", "graph,fast"], "--captures must name none, graph, compile and/or compile-layers"),
+        (["--runs", "3"], "--runs must be >= 5"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(bench, capsys, argv, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
