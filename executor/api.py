@@ -27,6 +27,7 @@ from executor.passes import (
     check_sync_every,
     on_device,
     resolve_capture,
+    resolve_sync_every,
 )
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.policy import DraftPolicy, make_policy
@@ -343,8 +344,7 @@ def generate(
             passes.selector.start(prompts)  # a repetition penalty's context: the prompts (HF leaves padding out)
             stats.capture = passes.capture
             if method == "ar":
-                every = sync_every if sync_every is not None else (1 if passes.capture == "none" else AR_SYNC_CAPTURED)
-                decode_ar(adapter, rows, passes, stats, sync_every=every)
+                decode_ar(adapter, rows, passes, stats, sync_every=resolve_sync_every(sync_every, passes.capture))
             else:
                 decode_eesd(adapter, rows, passes, stats, policies=policies, forced_accept=forced)
     if streamer is not None:

@@ -57,6 +57,14 @@ def check_sync_every(sync_every: int | None) -> None:
         raise ValueError(f"sync_every must be an integer in 1..{AR_HISTORY}, got {sync_every!r}")
 
 
+def resolve_sync_every(sync_every: int | None, capture: str) -> int:
+    """`sync_every` as given, else SYNC_CAPTURED for captured passes and 1 uncaptured (a CPU gains nothing from
+    running ahead)."""
+    if sync_every is not None:
+        return sync_every
+    return 1 if capture == "none" else SYNC_CAPTURED
+
+
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """The model's GPU as the current device while decoding: a captured graph replays on the current device's stream,
     and streams and events are made there (a model on cuda:1 under a current cuda:0). Nothing elsewhere."""

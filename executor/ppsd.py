@@ -46,7 +46,6 @@ from executor.heads import resolve_head
 from executor.kv_cache import KVCache
 from executor.passes import (
     AR_HISTORY,
-    SYNC_CAPTURED,
     StaticPass,
     cached_passes,
     captured_capacity,
@@ -54,6 +53,7 @@ from executor.passes import (
     launch_mode,
     on_device,
     resolve_capture,
+    resolve_sync_every,
     upload,
 )
 from executor.sampling import SamplingConfig, TokenSelector
@@ -696,7 +696,7 @@ def decode_ppsd(
     (the whole run, after which the processes are stopped and an error raised).
 
     `sync_every` (local backends) is how many ticks the device runs between two host reads (`LocalPipeline`): default
-    SYNC_CAPTURED when captured, 1 otherwise. The output does not depend on it.
+    8 when captured, 1 otherwise (`resolve_sync_every`). The output does not depend on it.
     """
     if head not in (None, "shared") and exit_layer is None:  # a trained head's own exit layer
         head = resolve_head(head, adapter, None)
@@ -732,7 +732,7 @@ def decode_ppsd(
         )
     check_sync_every(sync_every)
     mode = resolve_capture(capture, adapter.device, selector.config.kind)
-    every = sync_every if sync_every is not None else (1 if mode == "none" else SYNC_CAPTURED)
+    every = resolve_sync_every(sync_every, mode)
     with on_device(adapter.device):
         return _decode_local(
             adapter, prompt, sink, cache, plan, backend, selector, mode, capture == "auto", head, every
