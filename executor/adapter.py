@@ -238,8 +238,8 @@ def attention_mask(step: Step, window: int | None, dtype: torch.dtype) -> torch.
     visible = slots <= query
     if window is not None:
         visible &= slots > query - window
-    hidden = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-    return hidden.masked_fill_(visible.logical_not(), float("-inf")).unsqueeze(1)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(visible.logical_not(), float("-inf")).unsqueeze(1)
 
 
 @functools.cache
