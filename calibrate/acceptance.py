@@ -9,7 +9,9 @@ With greedy verification and KV reuse (executor/decoding.py), the draft of posit
 p sees exactly the full model's prefix as long as the j drafts before it matched, so a round accepts the run of
 consecutive matches from p, capped by the draft budget (`predicted_accepted`). `check_traces` re-runs real
 `executor.generate(method="eesd")` on some prompts and compares its per-round accepted lengths and tokens with that
-prediction; any difference raises `TraceCheckError`.
+prediction; any difference raises `TraceCheckError` in a strict check (float32 / float64), while a reporting check
+(bf16 / fp16, whose batched verify and batched AR round differently from one-token steps, so near-ties can flip)
+counts the runs that agree and lets the caller record that.
 
 A head with layers of its own (`extra_layers`) is called once over the whole sequence with a cache that has slots
 for them, as a decoder layer would be: it writes its KV at the pass's positions and attends causally.
@@ -29,8 +31,8 @@ from executor.heads import resolve_head
 from sim.formats import AcceptanceRecord
 
 
-class TraceCheckError(RuntimeError):
-    """Real EESD runs did not accept the lengths the trace predicts."""
+class TraceCheckError(ValueError):
+    """Real EESD runs did not accept the lengths the trace predicts (the CLI reports it as an error, exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class CheckRun:
 class CheckReport:
     runs: tuple[CheckRun, ...]
     draft_len: int
+    strict: bool = True
 
     @property
     def ok(self) -> bool:
@@ -73,7 +76,24 @@ class CheckReport:
             "draft_len": self.draft_len,
             "prompts": sorted({r.prompt_id for r in self.runs}),
             "ok": self.ok,
+            "strict": self.strict,
+            "runs_same_tokens": sum(r.same_tokens for r in self.runs),
+            "runs_same_rounds": sum(r.ok for r in self.runs),
         }
+
+    def describe(self) -> str:
+        """One line for the console: what the check found."""
+        if self.ok:
+            return (
+                f"check: {len(self.runs)} real EESD runs ({self.rounds} rounds, draft_len {self.draft_len}) accepted "
+                "exactly the lengths the trace predicts"
+            )
+        same_tokens = sum(r.same_tokens for r in self.runs)
+        return (
+            f"check (reported, not strict): {sum(r.ok for r in self.runs)} of {len(self.runs)} real EESD runs "
+            f"accepted exactly the predicted lengths, {same_tokens} emitted the trace's tokens (reduced precision "
+            "rounds batched passes differently, so near-ties can flip); the file records these counts"
+        )
 
 
 def check_exit_layers(exit_layers: Iterable[int], num_layers: int) -> tuple[int, ...]:
@@ -204,21 +224,26 @@ def check_traces(
     draft_len: int,
     max_new_tokens: int,
     eos: list[int],
+    strict: bool = True,
 ) -> CheckReport:
+    """Re-run real EESD on `traces`; a strict check raises `TraceCheckError` on any disagreement."""
     runs = tuple(
         check_run(adapter, trace, exit_layer, head, draft_len, max_new_tokens, eos)
         for trace in traces
         for exit_layer in sorted(trace.matches)
     )
-    report = CheckReport(runs, draft_len)
-    if not report.ok:
+    report = CheckReport(runs, draft_len, strict)
+    if strict and not report.ok:
         bad = [r for r in runs if not r.ok]
         details = "; ".join(
             f"{r.prompt_id} E={r.exit_layer}: tokens {'equal' if r.same_tokens else 'DIFFER'}, "
             f"predicted {list(r.predicted)}, measured {list(r.measured)}"
             for r in bad[:3]
         )
-        raise TraceCheckError(f"{len(bad)} of {len(runs)} EESD runs disagree with the trace: {details}")
+        raise TraceCheckError(
+            f"{len(bad)} of {len(runs)} EESD runs disagree with the trace: {details} (a bf16 / fp16 trace: use "
+            "--check report, which records the agreement instead)"
+        )
     return report
 
 

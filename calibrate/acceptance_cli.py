@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from calibrate.acceptance import (
     agreement_by_layer,
     check_exit_layers,
@@ -46,6 +48,15 @@ def check_numbers(args: argparse.Namespace) -> None:
         )
 
 
+def check_mode(check: str, dtype: torch.dtype) -> str:
+    """`--check auto`: strict in float32 / float64 (exact by construction), a report in bf16 / fp16."""
+    if check not in ("auto", "strict", "report"):
+        raise ValueError(f"--check must be auto, strict or report, got {check!r}")
+    if check != "auto":
+        return check
+    return "strict" if dtype in (torch.float32, torch.float64) else "report"
+
+
 def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
     from tqdm import tqdm
 
@@ -65,8 +76,9 @@ def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
             traces += trace_prompts(adapter, chunk, exit_layers, args.head, args.max_new_tokens, eos)
             bar.update(len(chunk))
     trace_s = time.perf_counter() - begin
+    strict = check_mode(args.check, dtype) == "strict"
     report = check_traces(
-        adapter, traces[: args.check_prompts], args.head, args.check_draft_len, args.max_new_tokens, eos
+        adapter, traces[: args.check_prompts], args.head, args.check_draft_len, args.max_new_tokens, eos, strict
     )
     metadata = {
         **base_metadata(args.model, device, dtype),
@@ -88,10 +100,7 @@ def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
     }
     path = write_acceptance_trace(args.out, metadata, trace_records(traces))
     print(f"agreement by exit layer: {metadata['agreement']}")
-    print(
-        f"check: {len(report.runs)} real EESD runs ({report.rounds} rounds, draft_len {report.draft_len}) accepted "
-        "exactly the lengths the trace predicts"
-    )
+    print(report.describe())
     print(f"wrote {path} ({sum(len(t.tokens) for t in traces)} tokens, {time.perf_counter() - begin:.1f} s)")
     return 0
 

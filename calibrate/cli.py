@@ -58,6 +58,11 @@ def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="prompts generated together (greedy; default: 8)")
     p.add_argument("--check-prompts", type=int, default=3, help="prompts re-run with real EESD to check the trace")
     p.add_argument("--check-draft-len", type=int, default=4, help="draft_len of the check runs")
+    p.add_argument(
+        "--check", default="auto", choices=("auto", "strict", "report"),
+        help="strict: any disagreement is an error; report: record how many runs agree (auto: strict in fp32/fp64, "
+        "report in bf16/fp16, whose batched passes round differently)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", help="bf16 | fp16 | fp32 (default: fp32)")
     p.add_argument("--out", type=Path, required=True, help="output CSV (eesd.acceptance_trace)")

@@ -146,6 +146,23 @@ def test_acceptance_check_fails_loudly_on_a_wrong_trace() -> None:
     corrupted = type(trace)(**{**trace.__dict__, "matches": {2: wrong}})
     with pytest.raises(TraceCheckError, match="disagree with the trace"):
         check_traces(adapter, [corrupted], "shared", draft_len=3, max_new_tokens=24, eos=[])
+    # a reporting check (bf16 / fp16) records the disagreement instead of raising
+    report = check_traces(adapter, [trace, corrupted], "shared", draft_len=3, max_new_tokens=24, eos=[], strict=False)
+    summary = report.summary()
+    assert not report.ok and not summary["strict"]
+    assert summary["runs_same_rounds"] == 1 and summary["runs_same_tokens"] == 2  # the tokens are the model's own
+    assert "1 of 2 real EESD runs" in report.describe()
+
+
+@pytest.mark.parametrize(
+    ("check", "dtype", "mode"),
+    [("auto", torch.float32, "strict"), ("auto", torch.float64, "strict"), ("auto", torch.bfloat16, "report"),
+     ("auto", torch.float16, "report"), ("strict", torch.bfloat16, "strict"), ("report", torch.float32, "report")],
+)  # fmt: skip
+def test_acceptance_check_mode_follows_the_dtype(check: str, dtype: torch.dtype, mode: str) -> None:
+    from calibrate.acceptance_cli import check_mode
+
+    assert check_mode(check, dtype) == mode
 
 
 def test_acceptance_trace_file_replays_in_the_simulator(tmp_path: Path) -> None:

@@ -45,6 +45,13 @@ def test_ppsd_rows_carry_the_profiled_and_the_formula_ideal(bench, adapter) -> N
     tick = max(costs["stage 1"], costs["stage 2"])
     assert row.ideal_speedup == pytest.approx((stats.new_tokens - 1) * costs["ar"] / (stats.ticks * tick))
     assert row.formula_ideal == pytest.approx(stats.ideal_speedup)
+    ar = bench.measure("tiny", bench.ours_case(adapter, PROMPT, 12, "ours ar", method="ar", capture="none"), 5,
+                       adapter.device)  # fmt: skip
+    bench.add_speedups([ar, row])
+    # against ticks as long as measured (sequential: every stage's time, one after the other)
+    assert row.tick_efficiency == pytest.approx(row.efficiency * costs["device per tick"] / tick)
+    assert row.tick_efficiency > row.efficiency  # the sequential ticks cost the sum, more than the slowest stage
+    assert f"| {row.tick_efficiency:.2f} | {row.formula_ideal:.2f} |" in bench.table([ar, row])
 
 
 def test_eesd_efficiency_is_against_its_profiled_ideal(bench, adapter) -> None:
