@@ -47,6 +47,7 @@ shape while SmolLM2's GGUF travels in its first chunk, then SmolLM2 with the sec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -65,6 +66,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import executor
+from executor import passes as executor_passes
 from executor.adapter import ModelAdapter
 from executor.api import PassSetup
 from executor.decoding import TokenSink
@@ -298,7 +300,22 @@ def ar_cases(adapter: ModelAdapter, prompt: list[int], n: int, captures: list[st
     if every_token and captures[0] != "none":
         label = "ours ar sync_every=1"
         cases.append(ours_case(adapter, prompt, n, label, method="ar", capture=captures[0], sync_every=1))
+        cases.append(unfused(ours_case(adapter, prompt, n, "ours ar unfused", method="ar", capture=captures[0])))
     return cases
+
+
+def unfused(case: Case) -> Case:
+    """The case with captured passes on unfused projections (`executor.passes.FUSE_CAPTURED` off while it runs):
+    what fusing q/k/v and gate/up (`executor.fusion`) is worth. Its runs recapture once, then reuse their graphs."""
+
+    def run() -> tuple[int, Any]:
+        executor_passes.FUSE_CAPTURED = False
+        try:
+            return case.run()
+        finally:
+            executor_passes.FUSE_CAPTURED = True
+
+    return dataclasses.replace(case, run=run)
 
 
 def smollm2_cases(model, prompt: list[int], args) -> tuple[list[Case], list[Case]]:

@@ -18,6 +18,8 @@
 #   a later lease (what is still missing):  next1 (carry as call 1, timeout_s 330), then at once next2 (carry as
 #   call 2, timeout_s 420): together about 13 of the 15 device minutes with one start. The GPU tests and the 7B
 #   shape with compiled layers; then PPSD chained on the device, SmolLM2 with compiled layers, a bf16 trace.
+#   After fusing the projections: final1 (carry as call 1, timeout_s 250), then at once final2 (carry as call 2,
+#   timeout_s 260): the GPU tests, every 7B and SmolLM2 row with compiled layers, fused and unfused, a bf16 trace.
 #
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card) and
 # calibration/<card>/ (profiles), and commit them.
@@ -120,8 +122,29 @@ case "${1:-}" in
       --exit-layers 8,15,22 --prompts builtin --num-prompts 24 --max-new-tokens 48 --no-progress \
       --out "$OUT/acceptance_smollm2-135m_shared_builtin_cuda_bf16.csv" 2>&1 | tee "$OUT/trace.log"
     ;;
+  final1)  # session 7's call 1 (part 0), <= 250 s: the GPU tests (captured passes now fuse q/k/v and gate/up), then
+           # the 7B shape: HF, our AR with compiled layers (fused and unfused), forced alpha, then graphs and compile
+    first_call
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    set +e
+    timeout 110 python3 -m pytest -p no:cacheprovider -q -x tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/test_gpu.log"
+    timeout 130 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers,graph,compile \
+      --only '^hf generate|^ours ar$|^ours ar unfused$|forced alpha' --time-budget-s 95 \
+      --out "$OUT/gpu_decode_llama7b.json" 2>&1 | tee "$OUT/bench_llama7b.log"
+    ;;
+  final2)  # its call 2 (part 1), <= 280 s: every SmolLM2 row with compiled layers (HF anchors, fused and unfused AR,
+           # EESD, PPSD), bf16 match rates, the graph rows; then a bf16 acceptance trace (its check reported)
+    second_call final1 final2
+    set +e
+    timeout 180 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
+      --captures compile-layers,graph --match-prompts 8 --only '^(?!.*sync_every)' --time-budget-s 140 \
+      --out "$OUT/gpu_decode_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
+    timeout 70 python3 -m executor.cli calibrate acceptance --model "$GGUF" --device cuda --dtype bf16 \
+      --exit-layers 8,15,22 --prompts builtin --num-prompts 24 --max-new-tokens 48 --no-progress \
+      --out "$OUT/acceptance_smollm2-135m_shared_builtin_cuda_bf16.csv" 2>&1 | tee "$OUT/trace.log"
+    ;;
   *)
-    echo "usage: $0 prepare | llama7b | smollm2 | check | compile | next1 | next2" >&2
+    echo "usage: $0 prepare | llama7b | smollm2 | check | compile | next1 | next2 | final1 | final2" >&2
     exit 2
     ;;
 esac

@@ -13,7 +13,8 @@ same layout can be added to `SUPPORTED_ARCHITECTURES`.
 
 The adapter never copies a weight: it calls the model's own modules (`embed_tokens`, each layer's projections,
 norms and MLP, `norm`, `lm_head`) and only replaces the attention kernel, so that keys and values go into our
-preallocated `KVCache` by absolute position.
+preallocated `KVCache` by absolute position. Captured passes fuse the q/k/v and gate/up projections first
+(`executor.fusion`): the weights become views of one matrix each, still no copy.
 
 Shapes: B batch, q tokens in the pass, S cache slots, H heads, Hkv key/value heads, D head dim, d hidden size.
 """
@@ -24,6 +25,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from executor.fusion import GATE_UP, QKV, fused_weights
 from executor.kv_cache import KVCache, store
 
 SUPPORTED_ARCHITECTURES = (
@@ -158,10 +161,10 @@ class ModelAdapter:
         self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
         self.layer_run: Callable[..., torch.Tensor] | None = None  # a compiled `layer_forward` for static steps
 
-    def compiled(self) -> ModelAdapter:
+    def compiled(self, fallback: bool = False) -> ModelAdapter:
         """This adapter with every static step's layers run by one compiled `layer_forward` (`compiled_layer`)."""
         view = copy.copy(self)
-        view.layer_run = compiled_layer()
+        view.layer_run = compiled_layer(fallback)
         return view
 
     @property
@@ -243,13 +246,43 @@ def attention_mask(step: Step, window: int | None, dtype: torch.dtype) -> torch.
 
 
 @functools.cache
-def compiled_layer() -> Callable[..., torch.Tensor]:
+def compiled_layer(fallback: bool = False) -> Callable[..., torch.Tensor]:
     """`layer_forward` under `torch.compile` (Inductor, no CUDA graphs of its own: the pass that calls it is captured
     whole). Regional compilation: dynamo inlines the layer module, so its weights are inputs of the compiled graph and
     one compilation serves every layer of a model with the same shapes; another token count q (a verify pass) or
-    another model compiles once more. Compiling one layer takes seconds where a whole pass takes a minute."""
+    another model compiles once more. Compiling one layer takes seconds where a whole pass takes a minute.
+
+    With `fallback` (capture="auto"), a compilation that fails warns once and the layers run uncompiled from then on
+    (a real error in the layer raises again, from the uncompiled run)."""
     allow_recompiles()
-    return torch.compile(layer_forward, dynamic=False, fullgraph=True)
+    compiled = torch.compile(layer_forward, dynamic=False, fullgraph=True)
+    return _uncompiled_on_failure(compiled) if fallback else compiled
+
+
+def _uncompiled_on_failure(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    current = [compiled]
+
+    def layer(*args: object) -> torch.Tensor:
+        try:
+            return current[0](*args)
+        except Exception as err:
+            if current[0] is layer_forward:
+                raise
+            warnings.warn(f"torch.compile of the decoder layer failed, layers run uncompiled: {err}", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
+            current[0] = layer_forward
+            return layer_forward(*args)
+
+    return layer
+
+
+def inductor_available() -> bool:
+    """Whether torch.compile can make GPU kernels here (Inductor needs Triton): what capture="auto" asks on a GPU."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return bool(has_triton())
 
 
 def allow_recompiles(limit: int = 64) -> None:
@@ -298,9 +331,18 @@ def layer_forward(
     attended = self_attention(layer.self_attn, layer.input_layernorm(hidden), slots, rotary, mask)
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: the sublayers' outputs are normed too
         hidden = hidden + layer.post_attention_layernorm(attended)
-        return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+        return hidden + layer.post_feedforward_layernorm(gated_mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden)))
     hidden = hidden + attended
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden + gated_mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+
+
+def gated_mlp(mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The layer's MLP: the module itself, or with gate and up fused (`executor.fusion`) one product for both."""
+    fused = fused_weights(mlp, GATE_UP[0])
+    if fused is None:
+        return mlp(hidden)
+    gate, up = F.linear(hidden, *fused).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def self_attention(
@@ -326,7 +368,12 @@ def self_attention(
 
 
 def _projections(attn: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Query, key and value [B, q, heads * D]: three projections, or Phi-3's fused `qkv_proj` split in that order."""
+    """Query, key and value [B, q, heads * D]: three projections, one over our fused matrix (`executor.fusion`), or
+    Phi-3's own fused `qkv_proj`, split in that order."""
+    fused = fused_weights(attn, QKV[0])
+    if fused is not None:
+        widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        return F.linear(hidden, *fused).split(widths, dim=-1)
     if not hasattr(attn, "qkv_proj"):
         return attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)
     qkv = attn.qkv_proj(hidden)

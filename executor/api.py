@@ -220,6 +220,7 @@ class PassSetup:
         key = (
             self.method, len(prompts), capacity, self.exit_layer, head_key(self.head), max_draft, mode,
             dataclasses.replace(self.config, seed=0), self.min_new_tokens, tuple(self.eos), self._confidence,
+            self.capture == "auto",  # "auto" falls back where a capture or compilation fails, an explicit mode raises
         )  # fmt: skip
         passes = cached_passes(adapter.model, key, lambda: self._build(adapter, lengths, capacity, max_draft, mode))
         passes.selector.restart(lengths, self.config.seed)

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from executor.adapter import ModelAdapter, Step, allow_recompiles
+from executor.adapter import ModelAdapter, Step, allow_recompiles, inductor_available
+from executor.fusion import fuse_projections, unfuse_projections
 from executor.kv_cache import KVCache
 from executor.sampling import DRAFT_SALT, TokenSelector, rejection_verdicts
 
@@ -40,11 +41,14 @@ WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA wor
 
 
 def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> str:
-    """The capture mode actually used: "auto" is "graph" on a CUDA device, else "none"."""
+    """The capture mode actually used: "auto" is "compile-layers" on a CUDA device where Inductor can compile
+    (Triton), "graph" on one where it cannot, and "none" elsewhere."""
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {', '.join(CAPTURE_MODES)}, got {capture!r}")
     if capture == "auto":
-        return "graph" if device.type == "cuda" else "none"
+        if device.type != "cuda":
+            return "none"
+        return "compile-layers" if inductor_available() else "graph"
     if capture == "graph" and device.type != "cuda":
         raise ValueError(f"capture 'graph' needs the model on a CUDA device, it is on {device.type}")
     return capture
@@ -180,7 +184,7 @@ class Passes:
         confidence: bool = False,
         fallback: bool = False,
     ) -> None:
-        self.adapter = adapter.compiled() if capture == "compile-layers" else adapter
+        self.adapter = adapter.compiled(fallback) if capture == "compile-layers" else adapter
         self.cache, self.selector = cache, selector
         self.exit_layer, self.head, self.max_draft = exit_layer, head, max_draft
         self.capture, self.want_confidence, self.fallback = capture, confidence, fallback
@@ -383,6 +387,7 @@ def upload(buffer: torch.Tensor, values: list) -> None:
 
 # ---------------------------------------------------------------------------------------------------- reuse
 MAX_RUNNERS_PER_MODEL = 4
+FUSE_CAPTURED = True  # captured passes run fused q/k/v and gate/up products (`executor.fusion`; no extra memory)
 CAPACITY_STEP = 256  # captured setups round their cache capacity up to a multiple of this, so graphs get reused
 
 
@@ -395,9 +400,17 @@ def cached_passes(model: torch.nn.Module, key: tuple, build: Callable[[], Passes
     """Captured passes outlive a call (capture costs milliseconds per graph): one set per model and configuration,
     the `MAX_RUNNERS_PER_MODEL` most recent kept (each holds its own KV cache). They live in the model object's own
     dict, so they go when the model goes (a weak-keyed table would be kept alive by the passes' own reference), and
-    they are dropped when any weight tensor moved (`model.to(...)`, a reassigned parameter): a graph reads addresses."""
+    they are dropped when any weight tensor moved (`model.to(...)`, a reassigned parameter): a graph reads addresses.
+    With `FUSE_CAPTURED`, the layers' projections are fused first (a no-op once done; redone for weights that moved),
+    which moves the projection weights, so the passes are built on the fused ones; without it they are unfused (the
+    flag is part of what a cached pass depends on)."""
+    layers = list(model.model.layers)
+    if FUSE_CAPTURED:
+        fuse_projections(layers)
+    else:
+        unfuse_projections(layers)
     runners = model.__dict__.setdefault("_eesd_passes", {})
-    weights = tuple(p.data_ptr() for p in model.parameters())  # graphs read weights by address
+    weights = (FUSE_CAPTURED, *(p.data_ptr() for p in model.parameters()))  # graphs read weights by address
     if model.__dict__.get("_eesd_weights") != weights:  # moved, cast or reassigned since: nothing cached is valid
         runners.clear()
         model.__dict__["_eesd_weights"] = weights

@@ -295,7 +295,7 @@ class StageRunner:
         fallback: bool = False,
         head: Any = None,
     ) -> None:
-        adapter = adapter.compiled() if capture == "compile-layers" else adapter
+        adapter = adapter.compiled(fallback) if capture == "compile-layers" else adapter
         self.adapter, self.cache, self.plan, self.stage, self.selector = adapter, cache, plan, stage, selector
         self.layers = plan.layers(stage)
         self.is_first, self.is_last = stage == 0, stage == plan.stages - 1
@@ -644,8 +644,8 @@ def local_pipeline(
         return LocalPipeline(adapter, cache, plan, selector, streams, head=head)
     capacity = captured_capacity(needed)
     config = selector.config
-    key = ("ppsd", plan, backend, capacity, capture, dataclasses.replace(config, seed=0), selector.min_new_tokens,
-           tuple(selector.eos_ids), head_key(head))  # fmt: skip
+    key = ("ppsd", plan, backend, capacity, capture, fallback, dataclasses.replace(config, seed=0),
+           selector.min_new_tokens, tuple(selector.eos_ids), head_key(head))  # fmt: skip
 
     def build() -> LocalPipeline:
         own = TokenSelector(config, [1], selector.min_new_tokens, selector.eos_ids, adapter.device)

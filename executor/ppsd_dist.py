@@ -218,7 +218,7 @@ def run_stage(
     layers = plan.layers(rank)
     extra = getattr(head, "extra_layers", 0) if rank == 0 else 0
     cache = StageKVCache(adapter, layers.start, layers.stop, len(prompt) + sink.max_new_tokens, extra)
-    capture = resolve_capture("auto", adapter.device, selector.config.kind)  # CUDA graphs on a GPU rank
+    capture = resolve_capture("auto", adapter.device, selector.config.kind)  # compiled layers, graphs on a GPU rank
     runner = StageRunner(adapter, cache, plan, rank, selector, capture, fallback=True, head=head)
     link = Link(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype)
     stats = new_stats(plan, "distributed", len(prompt))

@@ -63,3 +63,28 @@ def test_compiled_layers_with_exact_sampling_and_a_batch() -> None:
     reference = executor.generate(net, ids, method="ar", capture="none", **kwargs).sequences
     out = executor.generate(net, ids, method="eesd", exit_layer=2, draft_len=2, capture="compile-layers", **kwargs)
     assert out.sequences.tolist() == reference.tolist()
+
+
+def test_auto_runs_the_layers_uncompiled_when_compilation_fails(fresh_compiler, monkeypatch) -> None:
+    """capture="auto" is "compile-layers" on a GPU: where torch.compile fails there, it warns once and the layers run
+    uncompiled (same tokens); an explicit "compile-layers" raises. (This box has no GPU: "auto" is made to resolve
+    to "compile-layers" here, and the compiler to fail.)"""
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: no working C compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    net = tiny_model(TinySpec(num_layers=3, seed=8), torch.float64)
+    reference = executor.generate(net, [PROMPT], max_new_tokens=6, capture="none").sequences
+    with pytest.raises(RuntimeError, match="no working C compiler"):
+        executor.generate(net, [PROMPT], max_new_tokens=6, capture="compile-layers")
+    resolve = executor.api.resolve_capture
+    monkeypatch.setattr(
+        executor.api, "resolve_capture", lambda c, d, k: "compile-layers" if c == "auto" else resolve(c, d, k)
+    )
+    with pytest.warns(RuntimeWarning, match="layers run uncompiled"):
+        out = executor.generate(net, [PROMPT], max_new_tokens=6, capture="auto")
+    assert torch.equal(out.sequences, reference) and out.stats.capture == "compile-layers"

@@ -1,10 +1,10 @@
 """The captured decoders on a CUDA device, token for token against HF `generate` (skipped without a GPU).
 
 The CPU suite checks the passes uncaptured, and that they do no host work and are idempotent (what a capture needs);
-this module runs the same decoders where they are really captured: CUDA graphs (`capture="graph"`, the GPU default),
-`torch.compile(mode="reduce-overhead")` and the `streams` PPSD backend, in float64 so that a verify pass over q
-tokens and a one-token step round alike (lossless means the same tokens, with no tie to excuse). Run it on a GPU box
-with `python -m pytest tests/test_gpu.py`.
+this module runs the same decoders where they are really captured: CUDA graphs (`capture="graph"`), compiled layers
+in CUDA graphs (`"compile-layers"`, the GPU default), `torch.compile(mode="reduce-overhead")` and the `streams` PPSD
+backend, in float64 so that a verify pass over q tokens and a one-token step round alike (lossless means the same
+tokens, with no tie to excuse). Run it on a GPU box with `python -m pytest tests/test_gpu.py`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def test_ppsd_equals_hf(stages: int, backend: str) -> None:
     for prompt in PROMPTS:
         reference = hf_tokens(model, prompt, 24)
         for sync_every in (None, 1, 5):
-            kwargs = {"stages": stages, "backend": backend, "sync_every": sync_every}
+            kwargs = {"stages": stages, "backend": backend, "sync_every": sync_every, "capture": "graph"}
             tokens, stats = ours(model, prompt, 24, method="ppsd", **kwargs)
             assert tokens == reference, (stages, backend, prompt, sync_every)
             assert stats.capture == "graph"
@@ -154,6 +154,26 @@ def test_compiled_layers_in_graphs_equal_hf(arch: str) -> None:
         assert ours(model, prompt, 16, **ppsd)[0] == reference
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_the_default_capture_is_compiled_layers_and_equals_hf(arch: str) -> None:
+    """capture="auto" on a GPU: compiled layers in CUDA graphs, on fused q/k/v and gate/up (`executor.fusion`; Qwen2
+    with its q/k/v biases, Phi-3 with its own fused projections), AR, EESD and PPSD; and the same tokens unfused."""
+    from executor import passes
+
+    model = cuda_model(TinySpec(arch=arch, num_layers=4, seed=11))
+    prompt = PROMPTS[0]
+    reference = hf_tokens(model, prompt, 16)
+    for kwargs in ({"method": "ar"}, {"method": "eesd", "exit_layer": EXIT_LAYER},
+                   {"method": "ppsd", "stages": 2, "backend": "streams"}):  # fmt: skip
+        tokens, stats = ours(model, prompt, 16, **kwargs)
+        assert tokens == reference and stats.capture == "compile-layers", kwargs
+    passes.FUSE_CAPTURED = False
+    try:
+        assert ours(model, prompt, 16, method="eesd", exit_layer=EXIT_LAYER, capture="graph")[0] == reference
+    finally:
+        passes.FUSE_CAPTURED = True
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_a_model_on_the_second_gpu_decodes_there() -> None:
     """A model on cuda:1 while cuda:0 is current: graphs, streams and events must be made and replayed on cuda:1."""
@@ -183,8 +203,8 @@ def test_captured_repetition_penalty_equals_hf() -> None:
 
 
 def test_drop_in_generate_equals_model_generate_on_the_gpu() -> None:
-    """`EarlyExitGenerator.generate` in place of `model.generate` (captured by default on a GPU): same LongTensor,
-    twice in a row (the second call replays the first call's graphs)."""
+    """`EarlyExitGenerator.generate` in place of `model.generate` (compiled layers in CUDA graphs by default on a
+    GPU): same LongTensor, twice in a row (the second call replays the first call's graphs)."""
     model = cuda_model(TinySpec(num_layers=4, seed=10))
     ids = torch.tensor([PROMPTS[0]], device="cuda")
     expected = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
@@ -192,4 +212,4 @@ def test_drop_in_generate_equals_model_generate_on_the_gpu() -> None:
     for _ in range(2):
         got = generator.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
         assert got.device == expected.device and torch.equal(got, expected)
-        assert generator.last_stats.capture == "graph"
+        assert generator.last_stats.capture == "compile-layers"  # the default on a GPU with Triton

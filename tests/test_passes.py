@@ -184,11 +184,14 @@ def test_host_reads_are_counted_where_they_happen(monkeypatch) -> None:
     assert len(calls) == stats.host_reads + 1  # + the prefill's first token
 
 
-def test_capture_modes() -> None:
+def test_capture_modes(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_capture("auto", cpu, "greedy") == "none"
-    assert resolve_capture("auto", cuda, "exact") == "graph"
-    assert resolve_capture("auto", cuda, "rejection") == "graph"  # its verdict runs on the device, keyed
+    monkeypatch.setattr("executor.passes.inductor_available", lambda: True)
+    assert resolve_capture("auto", cuda, "exact") == "compile-layers"
+    assert resolve_capture("auto", cuda, "rejection") == "compile-layers"  # its verdict runs on the device, keyed
+    monkeypatch.setattr("executor.passes.inductor_available", lambda: False)  # no Triton: plain CUDA graphs
+    assert resolve_capture("auto", cuda, "greedy") == "graph"
     assert resolve_capture("compile", cpu, "greedy") == "compile"
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         resolve_capture("graph", cpu, "greedy")
