@@ -26,8 +26,9 @@ synchronised around each run; `decode tok/s` is the same runs without the prefil
 Ideal speedups (what the implementation would reach at the measured acceptance if a round cost nothing but its passes):
 - EESD: the passes are profiled in isolation after the runs (median per-launch time of the captured AR step c_ar,
   draft step c_d and verify pass c_v(q) for every q used, mid-sequence position). Over the last run's rounds r with
-  d_r drafts and a_r accepted: ideal = sum(a_r + 1) c_ar / sum(d_r c_d + c_v(d_r + 1)); realised = the decode
-  tokens/s ratio EESD / our AR (same capture mode); efficiency = realised / ideal (target >= 0.9).
+  d_r drafts and a_r accepted: ideal = sum(a_r + 1) c_ar / sum(d_r c_d + c_v(d_r + 1)), a round of d_r = 0 costing
+  c_ar where the decoder runs it as the AR step (a head without a layer of its own); realised = the decode tokens/s
+  ratio EESD / our AR (same capture mode); efficiency = realised / ideal (target >= 0.9).
 - PPSD: every stage's own pass profiled alone the same way (c_s), a tick as long as the slowest: ideal = decoded
   tokens c_ar / (ticks max_s c_s); `formula_ideal` is the paper's n / (alpha + (1 - alpha) n) (balanced stages, free
   head and links; `PPSDStats.ideal_speedup`). On one GPU the stages share the device and overlap only partly, so the
@@ -215,8 +216,11 @@ class PassProfile:
     def eesd_ideal(self, stats: Any, exit_layer: int, head: Any, policy: str) -> tuple[float | None, dict]:
         if not stats.accepted:
             return None, {}
-        costs = self.costs(exit_layer, head, policy, [d + 1 for d in stats.drafted])
-        rounds = sum(d * costs["draft"] + costs[f"verify q={d + 1}"] for d in stats.drafted)
+        chained = getattr(head, "extra_layers", 0) == 0  # a round of k = 0 runs as the AR step (greedy rows here)
+        qs = [d + 1 for d in stats.drafted if d or not chained]
+        costs = self.costs(exit_layer, head, policy, qs)
+        zero = costs["ar"] if chained else costs.get("verify q=1", 0.0)
+        rounds = sum(d * costs["draft"] + costs[f"verify q={d + 1}"] if d else zero for d in stats.drafted)
         return sum(a + 1 for a in stats.accepted) * costs["ar"] / rounds, costs
 
     def ppsd_ideal(self, stats: Any, backend: str, head: Any) -> tuple[float | None, dict]:

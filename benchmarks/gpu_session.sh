@@ -15,11 +15,10 @@
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
 #            (SmolLM2 rows + match rates, then its latency profile; ~7 min: timeout_s 600)
 #
-#   a later lease (what is still missing):  next1 (carry as call 1, timeout_s 330), then at once next2 (carry as
-#   call 2, timeout_s 420): together about 13 of the 15 device minutes with one start. The GPU tests and the 7B
-#   shape with compiled layers; then PPSD chained on the device, SmolLM2 with compiled layers, a bf16 trace.
-#   After fusing the projections: final1 (carry as call 1, timeout_s 250), then at once final2 (carry as call 2,
+#   the H100 lease (session 7): final1 (carry as call 1, timeout_s 250), then at once final2 (carry as call 2,
 #   timeout_s 260): the GPU tests, every 7B and SmolLM2 row with compiled layers, fused and unfused, a bf16 trace.
+#   The next lease (what is still missing): next1 (carry as call 1, timeout_s 260), then at once next2 (carry as
+#   call 2, timeout_s 290): EESD beta-ts with its zero-draft rounds chained, H100 latency profiles for the simulator.
 #
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card) and
 # calibration/<card>/ (profiles), and commit them.
@@ -99,28 +98,26 @@ case "${1:-}" in
       --captures compile --match-dtypes float32 --match-first --time-budget-s "$SMOLLM2_BUDGET_S" \
       --out "$OUT/gpu_decode_smollm2_compile.json" 2>&1 | tee "$OUT/bench_smollm2_compile.log"
     ;;
-  next1)  # the next lease's call 1 (part 0), <= 320 s: the GPU tests, then the 7B shape with compiled layers (AR,
-          # EESD at forced alpha 0.9), each row with its first call's seconds
+  next1)  # the next lease's call 1 (part 0), <= 250 s: the GPU tests, the 7B shape's latency profile (graphs) for the
+          # simulator, then its AR and forced-alpha rows with compiled layers (the default)
     first_call
     set +e
-    timeout 200 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log"
-    timeout 115 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers \
-      --only '^ours ar$|forced alpha=0.9' --time-budget-s 70 --out "$OUT/gpu_decode_llama7b_compile_layers.json" \
-      2>&1 | tee "$OUT/bench_llama7b.log"
+    timeout 120 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/test_gpu.log"
+    timeout 60 python3 -m executor.cli calibrate latency --model Llama-2-7B --layers 4 --device cuda --graphs on \
+      --batch 1 --context 128,512,1024,2048 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate_llama7b.log"
+    timeout 90 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers,graph \
+      --only '^hf generate|^ours ar$|forced alpha' --time-budget-s 60 \
+      --out "$OUT/gpu_decode_llama7b.json" 2>&1 | tee "$OUT/bench_llama7b.log"
     ;;
-  next2)  # its call 2 (part 1), <= 410 s: PPSD chained on the device (graphs; and read every tick, for comparison),
-          # SmolLM2 with compiled layers (AR, EESD shared, PPSD n=2), then a bf16 acceptance trace
+  next2)  # its call 2 (part 1), <= 280 s: SmolLM2's EESD rows (beta-ts now chains its zero-draft rounds), AR and
+          # PPSD n=2 with compiled layers, the graph rows for sim_vs_gpu.py; then its latency profile (graphs)
     second_call next1 next2
     set +e
-    timeout 150 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures graph \
-      --match-dtypes '' --only '^ours ar$|^ppsd' --time-budget-s 110 \
-      --out "$OUT/gpu_decode_smollm2_ppsd_chained.json" 2>&1 | tee "$OUT/bench_smollm2_ppsd.log"
-    timeout 170 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers \
-      --match-dtypes '' --only '^ours ar$|^eesd shared|^ppsd streams n=2$' --time-budget-s 130 \
-      --out "$OUT/gpu_decode_smollm2_compile_layers.json" 2>&1 | tee "$OUT/bench_smollm2_compile_layers.log"
-    timeout 85 python3 -m executor.cli calibrate acceptance --model "$GGUF" --device cuda --dtype bf16 \
-      --exit-layers 8,15,22 --prompts builtin --num-prompts 24 --max-new-tokens 48 --no-progress \
-      --out "$OUT/acceptance_smollm2-135m_shared_builtin_cuda_bf16.csv" 2>&1 | tee "$OUT/trace.log"
+    timeout 170 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers,graph \
+      --match-dtypes '' --only '^hf generate|^ours ar$|^eesd|^ppsd streams n=2$' --time-budget-s 130 \
+      --out "$OUT/gpu_decode_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
+    timeout 90 python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda --graphs on --batch 1 \
+      --context 128,512,1024,2048 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   final1)  # session 7's call 1 (part 0), <= 250 s: the GPU tests (captured passes now fuse q/k/v and gate/up), then
            # the 7B shape: HF, our AR with compiled layers (fused and unfused), forced alpha, then graphs and compile

@@ -41,6 +41,7 @@ class Source:
     profile: Path
     model: str
     prompt_len: int  # the timed prompt's length (SmolLM2: builtin/chat-01 = 47 tokens; 7B shape: 32 random ids)
+    zero_draft_rounds: str = "verify"  # how the measured executor ran EESD rounds of k = 0 (the H200 lease: "verify")
 
 
 H200 = (
@@ -77,6 +78,7 @@ def scenario(source: Source, row: dict[str, Any], new_tokens: int, method: str, 
         "acceptance": {"alpha": row.get("alpha") or 0.0},
         "topology": {"gpu": "H200", "stages": 1, "link": "ideal"},
         "workload": {"requests": runs, "batch_size": 1, "prompt_len": source.prompt_len, "output_len": new_tokens},
+        "zero_draft_rounds": source.zero_draft_rounds,
     }
     if method == "eesd":
         match = EESD_LABEL.match(row["method"])

@@ -347,7 +347,8 @@ def generate(
             if method == "ar":
                 decode_ar(adapter, rows, passes, stats, sync_every=resolve_sync_every(sync_every, passes.capture))
             else:
-                decode_eesd(adapter, rows, passes, stats, policies=policies, forced_accept=forced)
+                every = resolve_sync_every(sync_every, passes.capture)
+                decode_eesd(adapter, rows, passes, stats, policies=policies, forced_accept=forced, sync_every=every)
     if streamer is not None:
         streamer.end()
     stats.new_tokens = sum(len(s.tokens) for s in rows.sinks)

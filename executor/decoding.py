@@ -243,6 +243,64 @@ def decode_ar(adapter: ModelAdapter, rows: Rows, passes: Passes, stats: Generati
     stats.wall_time_s = time.perf_counter() - begin
 
 
+def draw_budgets(rows: Rows, policies: list[DraftPolicy], ahead: int) -> list[int]:
+    """Each row's draft budget for the round `ahead` one-token rounds from now: its policy's k, capped so that the
+    round's drafts and the full model's token fit in what the row has left; 0 for a row that is done."""
+    return [
+        min(policy.begin_round(), sink.remaining - ahead - 1) if sink.remaining > ahead else 0
+        for policy, sink in zip(policies, rows.sinks, strict=True)
+    ]
+
+
+def chains_zero_rounds(passes: Passes) -> bool:
+    """Whether a round that drafts nothing may run as the AR step: the same full-model token at the same position
+    (greedy, or exact sampling's keyed draw), and no head layer whose KV a verify pass would have to keep in step.
+    Rejection sampling and repetition penalties keep their own verify pass."""
+    return not passes.rejection and not passes.penalized and getattr(passes.head, "extra_layers", 0) == 0
+
+
+def zero_draft_rounds(
+    passes: Passes,
+    rows: Rows,
+    policies: list[DraftPolicy],
+    stats: GenerationStats,
+    limit: int,
+    forced_accept: Callable[[int], int] | None = None,
+) -> list[int] | None:
+    """Rounds in which no row drafts, run as chained AR steps (`Passes.ar`) with one host read. A round that drafts
+    nothing leaves every policy as it was (its update sees 0 drafts), so the next rounds' budgets can be drawn
+    first, in the same order as round by round: while they are all 0 (and fewer than `limit`, and a row has tokens
+    left), the block grows. Returns the budgets drawn for the round after the block (None if none were drawn). A row
+    that ends inside the block runs on to its end, its tokens dropped (as in `decode_ar`). Forced acceptance is
+    asked once per row and round, as in a drafting round (its answer for 0 drafts can only be 0), so a forced run
+    keeps its pattern in step and runs the same passes as the real run it repeats."""
+    longest = max(rows.sinks[row].remaining for row in rows.active)
+    steps, drawn = 1, None
+    while steps < min(limit, longest):
+        budgets = draw_budgets(rows, policies, steps)
+        if any(budgets):
+            drawn = budgets
+            break
+        steps += 1
+    passes.load(rows.tokens, rows.positions, 1)
+    passes.cache.claim(range(passes.adapter.num_layers), rows.positions, steps)
+    for _ in range(steps):
+        passes.ar()
+    block = read_back(passes.history[:, :steps], stats)
+    passes.ar_cursor.zero_()
+    for step in range(steps):
+        for row in rows.active:
+            if forced_accept is not None:
+                forced_accept(0)
+            policies[row].update(0, 0)
+            rows.commit(row, [block[row][step]])
+            stats.drafted.append(0)
+            stats.accepted.append(0)
+        stats.rounds += 1
+    passes.cache.rollback(rows.positions)
+    return drawn
+
+
 def draft_steps(passes: Passes, rows: Rows, policies: list[DraftPolicy], budgets: list[int], stats) -> list[int]:
     """Step 1: draft steps (layers [0, E) + exit head) until every row's budget is spent or its policy stops.
     Returns each row's drafted count; all rows run the same number of steps (static shapes), a row's surplus drafts
@@ -333,8 +391,12 @@ def decode_eesd(
     *,
     policies: list[DraftPolicy],
     forced_accept: Callable[[int], int] | None = None,
+    sync_every: int = 1,
 ) -> None:
     """Draft with layers [0, exit_layer) + exit head, verify with layers [exit_layer, L) in one pass.
+
+    A round in which no row drafts (every policy's k is 0, as beta-ts picks at a low acceptance) is an AR step; up
+    to `sync_every` such rounds in a row run as chained AR steps with one host read (`zero_draft_rounds`).
 
     `forced_accept` (benchmark only, NOT lossless, never the default) replaces step 3's decision: it is called once
     per active row and round, in row order, with the row's drafted count and returns how many drafts to accept
@@ -345,12 +407,15 @@ def decode_eesd(
     begin = time.perf_counter()
     prefill_rows(adapter, cache, rows, selector, passes.exit_layer, passes.head)
     stats.prefill_time_s = time.perf_counter() - begin
+    chain = chains_zero_rounds(passes)
+    drawn: list[int] | None = None  # budgets already drawn for the next round (while looking past AR rounds)
     while rows.active:
         active = set(rows.active)
-        budgets = [
-            min(policies[row].begin_round(), rows.sinks[row].remaining - 1) if row in active else 0
-            for row in range(len(policies))
-        ]
+        budgets = [b if row in active else 0 for row, b in enumerate(drawn or draw_budgets(rows, policies, 0))]
+        if chain and not any(budgets):
+            drawn = zero_draft_rounds(passes, rows, policies, stats, sync_every, forced_accept)
+            continue
+        drawn = None
         counts = draft_steps(passes, rows, policies, budgets, stats)
         k = max(counts)
         verify_pass(passes, rows, k, counts)

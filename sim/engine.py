@@ -75,6 +75,7 @@ class SimPlan:
     seed: int = 0
     cost_ratio: float | None = None  # draft step / verify pass, for the Thompson-sampling policies
     context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
+    chain_zero_rounds: bool = True  # EESD rounds that draft nothing run as chained AR steps (as the executor does)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Row:
     drafted: int = 0
     accepted: int = 0
     all_match: bool = True
+    drawn: int | None = None  # the next round's budget, drawn ahead while chaining zero-draft rounds
 
 
 class Inbox:
@@ -327,11 +329,16 @@ class Simulation:
         confidence = any(r.policy.needs_confidence for r in rows)  # the host reads every draft step's confidence
         draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=confidence)
         active = [r for r in rows if r.remaining > 0]
+        chain = self.plan.chain_zero_rounds and self.plan.exit_head != "trained"  # a head layer needs its verify
         while active:
             # 1. Draft: every row drafts until its policy stops; the batch runs while any row drafts.
             for row in active:
-                row.limit = min(row.policy.begin_round(), row.remaining - 1)
-                row.drafted, row.accepted, row.all_match = 0, 0, True
+                row.limit = row.drawn if row.drawn is not None else min(row.policy.begin_round(), row.remaining - 1)
+                row.drafted, row.accepted, row.all_match, row.drawn = 0, 0, True, None
+            if chain and not any(r.limit for r in active):
+                yield from self._zero_draft_rounds(active)
+                active = [r for r in active if r.remaining > 0]
+                continue
             drafting = [r for r in active if r.limit > 0]
             context = self._context(active)
             while drafting:
@@ -350,6 +357,32 @@ class Simulation:
                 row.remaining -= emitted
                 self._count(rounds=1, tokens=emitted, drafted=row.drafted, accepted=row.accepted)
             active = [r for r in active if r.remaining > 0]
+
+    def _zero_draft_rounds(self, active: list[Row]) -> Generator[simpy.Event, Any, None]:
+        """Rounds in which no row drafts, as the executor runs them (`executor.decoding.zero_draft_rounds`): AR steps
+        chained on the device, one host read per block; the next rounds' budgets are drawn ahead while all are 0,
+        up to `AR_SYNC_CAPTURED` rounds or the longest row's end."""
+        longest, steps = max(r.remaining for r in active), 1
+        while steps < min(AR_SYNC_CAPTURED, longest):
+            budgets = [
+                min(r.policy.begin_round(), r.remaining - steps - 1) if r.remaining > steps else 0 for r in active
+            ]
+            if any(budgets):
+                for row, budget in zip(active, budgets, strict=True):
+                    row.drawn = budget
+                break
+            steps += 1
+        segments = ((0, self.plan.model.num_layers, 1),)
+        for step in range(steps):
+            last = step == steps - 1
+            work = Pass("decode" if last else "decode chained", "verify", segments, lm_head_q=1, host_sync=last)
+            yield from self._pass(work, self._context(active), len(active))
+            for row in active:
+                if row.remaining > 0:
+                    row.policy.update(0, 0)
+                    row.generated += 1
+                    row.remaining -= 1
+                    self._count(rounds=1, tokens=1)
 
     def _draft_one(self, row: Row) -> bool:
         """Draw the row's next draft; returns whether the row drafts again this round."""

@@ -36,6 +36,11 @@ DEFAULT_COST_RATIO = 0.25  # draft step / verify pass with KV reuse is about E /
 
 @runtime_checkable
 class DraftPolicy(Protocol):
+    """A draft-length policy: `begin_round` gives a round's budget k (0: no draft, the round is an AR step),
+    `keep_drafting` may stop early, `update` sees the round's drafted and accepted counts. A round that drafts nothing
+    is no observation: `update(0, 0)` must leave the policy as it was (the executor draws the budgets of consecutive
+    zero-draft rounds ahead, to chain them as AR steps; the output never depends on the policy)."""
+
     max_draft_len: int
     needs_confidence: bool
 

@@ -163,6 +163,9 @@ class Scenario(Strict):
     exit_head: str = "shared"  # shared | shared:N (the shared head over N of the V ids) | trained
     policy: str = "fixed:4"
     max_in_flight: int | None = Field(None, ge=1)
+    # EESD rounds that draft nothing (k = 0): "chained" AR steps, one host read per block (the executor since
+    # 2026-11-26), or "verify": one verify pass and host read each (the executor that the H200 lease measured)
+    zero_draft_rounds: Literal["chained", "verify"] = "chained"
     latency: LatencyConfig = LatencyConfig(roofline=Roofline())
     acceptance: AcceptanceConfig
     topology: TopologyConfig = TopologyConfig()
@@ -351,6 +354,7 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
         dtype_bytes=dtype_bytes,
         max_in_flight=s.max_in_flight,
         seed=s.seed,
+        chain_zero_rounds=s.zero_draft_rounds == "chained",
     )
     _check_policy(point, plan, where)
     return SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan)})

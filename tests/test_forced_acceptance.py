@@ -2,7 +2,8 @@
 follow the pattern, and a forced round does exactly the work of a real round with the same accepted length.
 
 The work is counted by a ModelAdapter subclass that records every `forward_layers` call (start, stop, q) and then
-runs it as usual: draft steps are the q = 1 calls over [0, E), verify passes the calls over [E, L).
+runs it as usual: draft steps are the q = 1 calls over [0, E), verify passes the calls over [E, L), and a round that
+drafts nothing runs as the AR step, a q = 1 call over [0, L).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ class CountingAdapter(ModelAdapter):
         self.calls.append((start, stop, hidden.shape[1]))
         return super().forward_layers(hidden, step, cache, start, stop)
 
-    def work(self, exit_layer: int) -> tuple[int, int, list[int]]:
-        """After prefill: (verify passes, q = 1 passes over [0, E), the q of every verify pass)."""
+    def work(self, exit_layer: int) -> tuple[int, int, list[int], int]:
+        """After prefill: (verify passes, q = 1 passes over [0, E), the q of every verify pass, AR steps)."""
         decode = [call for call in self.calls if call[2] != len(PROMPT)]
         verify = [q for start, stop, q in decode if start == exit_layer and stop == self.num_layers]
         lower = sum(1 for start, stop, q in decode if start == 0 and stop == exit_layer and q == 1)
-        return len(verify), lower, verify
+        ar_steps = sum(1 for start, stop, q in decode if (start, stop, q) == (0, self.num_layers, 1))
+        return len(verify), lower, verify, ar_steps
 
 
 def model(epsilon: float) -> torch.nn.Module:
@@ -84,11 +86,12 @@ def test_accepted_lengths_follow_the_pattern(pattern: list[int], draft_len: int,
     expected = [min(pattern[i % len(pattern)], d) for i, d in enumerate(stats.drafted)]
     assert stats.accepted == expected
     assert stats.new_tokens == max_new_tokens == 1 + sum(a + 1 for a in stats.accepted)
-    verify_passes, lower_passes, verify_q = adapter.work(EXIT_LAYER)
-    assert verify_passes == len(stats.accepted) == stats.rounds
-    # every round drafts `drafted` tokens (one q = 1 pass each) and verify runs the newest draft through [0, E)
-    assert lower_passes == sum(stats.drafted) + stats.rounds
-    assert verify_q == [d + 1 for d in stats.drafted]
+    verify_passes, lower_passes, verify_q, ar_steps = adapter.work(EXIT_LAYER)
+    assert ar_steps == stats.drafted.count(0)  # a round with no room to draft is the AR step
+    assert verify_passes + ar_steps == len(stats.accepted) == stats.rounds
+    # every drafting round drafts `drafted` tokens (one q = 1 pass each) and verify runs the newest through [0, E)
+    assert lower_passes == sum(stats.drafted) + verify_passes
+    assert verify_q == [d + 1 for d in stats.drafted if d]
     emitted = 1  # the prefill's token
     for drafted, accepted in zip(stats.drafted, stats.accepted, strict=True):
         assert drafted == min(draft_len, max_new_tokens - emitted - 1)  # the budget leaves room for the verdict

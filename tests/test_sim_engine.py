@@ -202,3 +202,43 @@ def test_the_simulated_ar_sync_matches_the_executor() -> None:
     from sim.engine import AR_SYNC_CAPTURED
 
     assert executor_sync == AR_SYNC_CAPTURED
+
+
+class ScriptedPolicy:
+    """Scripted draft budgets (then 0): a round that drafts nothing is no observation."""
+
+    max_draft_len, needs_confidence = 4, False
+
+    def __init__(self, budgets: list[int]) -> None:
+        self.budgets = list(budgets)
+
+    def begin_round(self) -> int:
+        return self.budgets.pop(0) if self.budgets else 0
+
+    def keep_drafting(self, drafted: int, confidence: float) -> bool:
+        return True
+
+    def update(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("mode", "head"), [("chained", "shared"), ("verify", "shared"), ("chained", "trained")])
+def test_zero_draft_rounds_are_chained_ar_steps_as_the_executor_runs_them(mode: str, head: str, monkeypatch) -> None:
+    """Captured, EESD rounds that draft nothing run as the executor's chained AR steps (`zero_draft_rounds`): one host
+    read per block of up to AR_SYNC_CAPTURED rounds, a block ending before a round that drafts; "verify" (the
+    executor the H200 lease measured) reads after every round. A trained head (a layer of its own) never chains."""
+    import sim.engine
+
+    script = [0] * 10 + [2] + [0] * 30  # 10 zero rounds: blocks of 8 and 2, then a drafting round, then blocks
+    monkeypatch.setattr(sim.engine, "make_policy", lambda spec, rng, cost_ratio: ScriptedPolicy(script))
+    layer_us, overhead_us, output_len = 10.0, 100.0, 30
+    latency = ConstantLatency({"layer": layer_us, "overhead": overhead_us, "exit_head": 0.0}, cuda_graphs=True)
+    base = plan("eesd", 0.0, exit_layer=6, output_len=output_len, policy="beta-ts")
+    chained = mode == "chained" and head == "shared"
+    run = Simulation(SimPlan(**{**base.__dict__, "stages": (StagePlan(0, 24, latency),), "exit_head": head,
+                                "chain_zero_rounds": mode == "chained"})).run()  # fmt: skip
+    # 29 decode tokens: 10 zero rounds, a round drafting 2 (alpha 0: emits 1), 18 zero rounds
+    assert run.rounds == 29 and run.drafted == 2
+    reads = 2 + 1 + 3 if chained else 29  # blocks 8 + 2, the drafting round, blocks 8 + 8 + 2
+    layers_us = 2 * 6 * layer_us + 29 * 24 * layer_us
+    assert run.decode_time_us == pytest.approx(layers_us + reads * overhead_us)
