@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_batch_and_dropin import PAD, batch_cases, left_pad
+from test_batch_and_dropin import batch_cases, hf_batch, left_pad
 from test_passes import PROMPTS, model, strict
 
 import executor
@@ -26,15 +26,8 @@ from executor.passes import AR_HISTORY, StaticPass
 )
 def test_chained_ar_equals_hf_per_row(case, sync_every, max_new_tokens, min_new_tokens, eos_pick) -> None:
     """Rows that end (EOS) inside a block run on to its end unread; no row's output changes."""
-    net, spec, _, prompts = case
-    ids, mask = left_pad(prompts)
-    eos = 1 + eos_pick % (spec.vocab - 1)
-    kwargs = dict(
-        attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
-        pad_token_id=PAD,
-    )  # fmt: skip
-    expected = net.generate(ids, do_sample=False, **kwargs)
-    out = executor.generate(net, ids, method="ar", sync_every=sync_every, **kwargs)
+    ids, kwargs, expected = hf_batch(case, max_new_tokens, min_new_tokens, eos_pick)
+    out = executor.generate(case[0], ids, method="ar", sync_every=sync_every, **kwargs)
     assert out.sequences.tolist() == expected.tolist()
 
 

@@ -21,6 +21,19 @@ def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def hf_batch(case, max_new_tokens: int, min_new_tokens: int, eos_pick: int, **extra) -> tuple:
+    """A batch case's left-padded ids, its generate kwargs (an EOS frequent enough that some rows stop early) and
+    HF's greedy output for them."""
+    model, spec, _, prompts = case
+    ids, mask = left_pad(prompts)
+    eos = 1 + eos_pick % (spec.vocab - 1)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
+        pad_token_id=PAD, **extra,
+    )  # fmt: skip
+    return ids, kwargs, model.generate(ids, do_sample=False, **kwargs)
+
+
 @st.composite
 def batch_cases(draw):
     spec = draw(tiny_specs(archs=("llama", "qwen2"), min_layers=2, max_layers=4))
@@ -41,14 +54,8 @@ def batch_cases(draw):
 def test_batch_equals_hf_greedy_per_row(case, draft_len, max_new_tokens, min_new_tokens, eos_pick, penalty):
     """Also with HF's repetition penalty: each row's context is its own prompt (padding left out, as HF does), its
     committed tokens, and, inside a round, the drafts before the position judged."""
-    model, spec, exit_layer, prompts = case
-    ids, mask = left_pad(prompts)
-    eos = 1 + eos_pick % (spec.vocab - 1)  # a frequent-enough token so that some rows stop early
-    kwargs = dict(
-        attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
-        pad_token_id=PAD, repetition_penalty=penalty,
-    )  # fmt: skip
-    expected = model.generate(ids, do_sample=False, **kwargs)
+    model, _, exit_layer, _ = case
+    ids, kwargs, expected = hf_batch(case, max_new_tokens, min_new_tokens, eos_pick, repetition_penalty=penalty)
     for method in ("ar", "eesd"):
         generator = executor.EarlyExitGenerator(model, method=method, exit_layer=exit_layer, draft_len=draft_len)
         assert generator.generate(ids, **kwargs).tolist() == expected.tolist(), method

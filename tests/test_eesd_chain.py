@@ -9,7 +9,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_batch_and_dropin import PAD, batch_cases, left_pad
+from scripted_policy import ScriptedPolicy
+from test_batch_and_dropin import batch_cases, hf_batch
 from test_passes import EXIT_LAYER, PROMPTS, model
 from tiny_models import TinySpec, scale_late_layers, tiny_model
 
@@ -31,14 +32,8 @@ ZERO_HEAVY = ("beta-ts:cost=0.9,max=4", "beta-ts:cost=0.5,a=1,b=4")  # k = 0 oft
 def test_eesd_with_chained_zero_rounds_equals_hf_per_row(
     case, policy, sync_every, max_new_tokens, min_new_tokens, eos_pick
 ) -> None:
-    net, spec, exit_layer, prompts = case
-    ids, mask = left_pad(prompts)
-    eos = 1 + eos_pick % (spec.vocab - 1)
-    kwargs = dict(
-        attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=eos,
-        pad_token_id=PAD,
-    )  # fmt: skip
-    expected = net.generate(ids, do_sample=False, **kwargs)
+    net, _, exit_layer, _ = case
+    ids, kwargs, expected = hf_batch(case, max_new_tokens, min_new_tokens, eos_pick)
     out = executor.generate(
         net, ids, method="eesd", exit_layer=exit_layer, policy=policy, sync_every=sync_every, **kwargs
     )
@@ -99,29 +94,12 @@ def test_no_chaining_where_the_verify_pass_does_more(kwargs: dict) -> None:
     assert out.stats.host_reads == len(out.stats.drafted)
 
 
-class Scripted:
-    """A policy that drafts the scripted budgets in turn (then 0), whatever it observes."""
-
-    max_draft_len, needs_confidence = 4, False
-
-    def __init__(self, budgets: list[int]) -> None:
-        self.budgets = list(budgets)
-
-    def begin_round(self) -> int:
-        return self.budgets.pop(0) if self.budgets else 0
-
-    def keep_drafting(self, drafted: int, confidence: float) -> bool:
-        return True
-
-    def update(self, drafted: int, accepted: int) -> None:
-        pass
-
-
 @pytest.mark.parametrize("sync_every", [1, 8])
 def test_a_budget_drawn_ahead_is_capped_by_what_is_left_after_the_block(sync_every: int) -> None:
     """Five zero rounds, then k = 3 with 2 tokens left: the drawn-ahead budget is capped at 1 (the round's draft and
     the full model's token), as round by round."""
-    out = executor.generate(model(), [PROMPTS[0]], method="eesd", exit_layer=EXIT_LAYER,
-                            policy=Scripted([0, 0, 0, 0, 0, 3]), max_new_tokens=8, sync_every=sync_every)  # fmt: skip
+    policy = ScriptedPolicy([0, 0, 0, 0, 0, 3])
+    out = executor.generate(model(), [PROMPTS[0]], method="eesd", exit_layer=EXIT_LAYER, policy=policy,
+                            max_new_tokens=8, sync_every=sync_every)  # fmt: skip
     assert out.stats.drafted == [0, 0, 0, 0, 0, 1]
     assert out.stats.host_reads == (6 if sync_every == 1 else 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from scripted_policy import ScriptedPolicy
 
 from sim.acceptance import BernoulliAcceptance, PositionalAcceptance
 from sim.engine import Pass, RunResult, SimPlan, Simulation, StagePlan, Workload, stage_time_us
@@ -202,24 +203,6 @@ def test_the_simulated_ar_sync_matches_the_executor() -> None:
     from sim.engine import AR_SYNC_CAPTURED
 
     assert executor_sync == AR_SYNC_CAPTURED
-
-
-class ScriptedPolicy:
-    """Scripted draft budgets (then 0): a round that drafts nothing is no observation."""
-
-    max_draft_len, needs_confidence = 4, False
-
-    def __init__(self, budgets: list[int]) -> None:
-        self.budgets = list(budgets)
-
-    def begin_round(self) -> int:
-        return self.budgets.pop(0) if self.budgets else 0
-
-    def keep_drafting(self, drafted: int, confidence: float) -> bool:
-        return True
-
-    def update(self, drafted: int, accepted: int) -> None:
-        pass
 
 
 @pytest.mark.parametrize(("mode", "head"), [("chained", "shared"), ("verify", "shared"), ("chained", "trained")])
