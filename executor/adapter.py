@@ -28,7 +28,7 @@ import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -256,24 +256,25 @@ def compiled_layer(fallback: bool = False) -> Callable[..., torch.Tensor]:
     (a real error in the layer raises again, from the uncompiled run)."""
     allow_recompiles()
     compiled = torch.compile(layer_forward, dynamic=False, fullgraph=True)
-    return _uncompiled_on_failure(compiled) if fallback else compiled
+    return uncompiled_on_failure(compiled, layer_forward, "the decoder layer") if fallback else compiled
 
 
-def _uncompiled_on_failure(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def uncompiled_on_failure(compiled: Callable[..., Any], eager: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """`compiled`, or `eager` from its first failure on (warned once): capture="auto"'s fallback. A real error in
+    the function raises again, from the eager run."""
     current = [compiled]
 
-    def layer(*args: object) -> torch.Tensor:
+    def run(*args: Any) -> Any:
         try:
             return current[0](*args)
         except Exception as err:
-            if current[0] is layer_forward:
+            if current[0] is eager:
                 raise
-            warnings.warn(f"torch.compile of the decoder layer failed, layers run uncompiled: {err}", RuntimeWarning,
-                          stacklevel=2)  # fmt: skip
-            current[0] = layer_forward
-            return layer_forward(*args)
+            warnings.warn(f"torch.compile of {what} failed, it runs uncompiled: {err}", RuntimeWarning, stacklevel=2)
+            current[0] = eager
+            return eager(*args)
 
-    return layer
+    return run
 
 
 def inductor_available() -> bool:

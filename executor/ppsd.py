@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from executor.adapter import ModelAdapter, Step
+from executor.adapter import ModelAdapter, Step, allow_recompiles, uncompiled_on_failure
 from executor.decoding import GenerationStats, SharedExitHead, TokenSink, head_key, read_back
 from executor.heads import resolve_head
 from executor.kv_cache import KVCache
@@ -463,7 +463,14 @@ class LocalPipeline:
         if capture == "compile":
             for tensor in self._static_tensors():
                 torch._dynamo.mark_static_address(tensor)
-        self.transition = StaticPass(_nothing, launch_mode(capture, adapter.device), fallback, advance=self._advance)
+        self.advance, self.primed = self._advance, True
+        if capture == "compile-layers":  # the transition's ~20 small ops, fused by Inductor into a few kernels
+            allow_recompiles()
+            compiled = torch.compile(self._advance, fullgraph=True, dynamic=False)
+            eager_too = uncompiled_on_failure(compiled, self._advance, "the PPSD transition")
+            self.advance = eager_too if fallback else compiled
+            self.primed = False
+        self.transition = StaticPass(_nothing, launch_mode(capture, adapter.device), fallback, advance=self.advance)
         self.stats: PPSDStats | None = None
         self.launched = 0  # ticks launched since `begin` (the host's copy of the device's cursor)
         self.streams = [torch.cuda.Stream(device=adapter.device) for _ in self.runners] if streams else None
@@ -496,6 +503,18 @@ class LocalPipeline:
         self.limit.fill_(limit)
         self.cursor.zero_()
         self.launched = 0
+        if not self.primed:
+            self._prime()
+
+    def _prime(self) -> None:
+        """Compile the transition before its first capture (Inductor must not compile inside a CUDA graph capture):
+        run it once on the pipe's real state, then put every tensor it writes back as it was."""
+        state = self._static_tensors()
+        saved = [tensor.clone() for tensor in state]
+        self.advance()
+        for tensor, before in zip(state, saved, strict=True):
+            tensor.copy_(before)
+        self.primed = True
 
     def decode(self, sink: TokenSink, sync_every: int) -> None:
         """Run ticks until `sink` is done: `sync_every` ticks (fewer near max_new_tokens, as a tick emits at most one

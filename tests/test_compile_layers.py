@@ -12,6 +12,8 @@ from tiny_models import TinySpec, scale_late_layers, tiny_model
 from torch._dynamo.utils import counters
 
 import executor
+import executor.api
+import executor.ppsd
 from executor.adapter import compiled_layer
 
 PROMPT = [5, 17, 2, 40]
@@ -31,15 +33,19 @@ def graphs() -> int:
 
 
 def test_one_compilation_serves_every_layer_and_pass(fresh_compiler) -> None:
-    """Six layers, AR then PPSD's stages (one token per pass): one graph. EESD fixed:2 adds its verify widths."""
+    """Six layers, AR then PPSD's stages (one token per pass): one layer graph, and PPSD's transition one more.
+    EESD fixed:2 adds its verify widths."""
     net = tiny_model(TinySpec(num_layers=6), torch.float64)
     before = graphs()
     executor.generate(net, [PROMPT], max_new_tokens=8, method="ar", capture="compile-layers")
-    executor.generate(net, [PROMPT], max_new_tokens=8, method="ppsd", stages=3, capture="compile-layers")
     assert graphs() - before == 1
+    executor.generate(net, [PROMPT], max_new_tokens=8, method="ppsd", stages=3, capture="compile-layers")
+    assert graphs() - before == 2  # the transition, compiled once (primed before any capture)
+    executor.generate(net, [PROMPT], max_new_tokens=8, method="ppsd", stages=3, capture="compile-layers")
+    assert graphs() - before == 2  # the cached pipeline: nothing compiles again
     executor.generate(net, [PROMPT], max_new_tokens=8, method="eesd", exit_layer=3, draft_len=2,
                       capture="compile-layers")  # fmt: skip
-    assert graphs() - before <= 3  # q = 3 (k + 1), and q = 2 where a round drafted one token before the end
+    assert graphs() - before <= 4  # q = 3 (k + 1), and q = 2 where a round drafted one token before the end
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
@@ -65,10 +71,10 @@ def test_compiled_layers_with_exact_sampling_and_a_batch() -> None:
     assert out.sequences.tolist() == reference.tolist()
 
 
-def test_auto_runs_the_layers_uncompiled_when_compilation_fails(fresh_compiler, monkeypatch) -> None:
-    """capture="auto" is "compile-layers" on a GPU: where torch.compile fails there, it warns once and the layers run
-    uncompiled (same tokens); an explicit "compile-layers" raises. (This box has no GPU: "auto" is made to resolve
-    to "compile-layers" here, and the compiler to fail.)"""
+def test_auto_runs_uncompiled_when_compilation_fails(fresh_compiler, monkeypatch) -> None:
+    """capture="auto" is "compile-layers" on a GPU: where torch.compile fails there, it warns once and the layers (and
+    PPSD's transition) run uncompiled (same tokens); an explicit "compile-layers" raises. (This box has no GPU:
+    "auto" is made to resolve to "compile-layers" here, and the compiler to fail.)"""
 
     def broken(fn, **kwargs):
         def run(*args):
@@ -85,6 +91,12 @@ def test_auto_runs_the_layers_uncompiled_when_compilation_fails(fresh_compiler, 
     monkeypatch.setattr(
         executor.api, "resolve_capture", lambda c, d, k: "compile-layers" if c == "auto" else resolve(c, d, k)
     )
-    with pytest.warns(RuntimeWarning, match="layers run uncompiled"):
+    with pytest.warns(RuntimeWarning, match="decoder layer failed, it runs uncompiled"):
         out = executor.generate(net, [PROMPT], max_new_tokens=6, capture="auto")
+    assert torch.equal(out.sequences, reference) and out.stats.capture == "compile-layers"
+    monkeypatch.setattr(
+        executor.ppsd, "resolve_capture", lambda c, d, k: "compile-layers" if c == "auto" else resolve(c, d, k)
+    )
+    with pytest.warns(RuntimeWarning, match="PPSD transition failed, it runs uncompiled"):
+        out = executor.generate(net, [PROMPT], max_new_tokens=6, method="ppsd", stages=3, capture="auto")
     assert torch.equal(out.sequences, reference) and out.stats.capture == "compile-layers"
