@@ -259,6 +259,17 @@ def compiled_layer(fallback: bool = False) -> Callable[..., torch.Tensor]:
     return uncompiled_on_failure(compiled, layer_forward, "the decoder layer") if fallback else compiled
 
 
+def with_layer_run(head: Any, run: Callable[..., torch.Tensor] | None) -> Any:
+    """`head` with its own decoder layer (a trained head's) run by `run` (a compiled `layer_forward`, as the
+    model's layers under capture="compile-layers"): a shallow copy, so the caller's head object is unchanged;
+    a head without a layer of its own, or no `run`, is returned as it is."""
+    if run is None or not getattr(head, "extra_layers", 0) or not hasattr(head, "layer_run"):
+        return head
+    view = copy.copy(head)
+    view.layer_run = run
+    return view
+
+
 def uncompiled_on_failure(compiled: Callable[..., Any], eager: Callable[..., Any], what: str) -> Callable[..., Any]:
     """`compiled`, or `eager` from its first failure on (warned once): capture="auto"'s fallback. A real error in
     the function raises again, from the eager run."""

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class TrainedExitHead(nn.Module):
     """One decoder layer + final RMSNorm on top of layer `exit_layer`, sharing the model's (frozen) LM head."""
 
     extra_layers = 1
+    layer_run: Callable[..., torch.Tensor] | None = None  # a compiled `layer_forward` (see `with_layer_run`)
 
     def __init__(
         self,
@@ -95,9 +97,9 @@ class TrainedExitHead(nn.Module):
     def run_layer(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         """The head's decoder layer over exit-layer states [B, q, d] at `step`, writing its KV into `cache`."""
         rotary = self.adapter.rotary(hidden, step.positions, self.adapter.rotary_kinds[self.init_layer])
-        return decoder_layer(
-            self.layer, self.index, hidden, step, cache, rotary, attention_mask(step, self.window, hidden.dtype)
-        )
+        mask = attention_mask(step, self.window, hidden.dtype)
+        run = self.layer_run if step.span is not None else None  # compiled for a static step (fixed shapes) only
+        return decoder_layer(self.layer, self.index, hidden, step, cache, rotary, mask, run)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Norm + the model's LM head over the head layer's output [B, q, d] -> [B, q, V]."""

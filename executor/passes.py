@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from executor.adapter import ModelAdapter, Step, allow_recompiles, inductor_available
+from executor.adapter import ModelAdapter, Step, allow_recompiles, inductor_available, with_layer_run
 from executor.fusion import fuse_projections, unfuse_projections
 from executor.kv_cache import KVCache
 from executor.sampling import DRAFT_SALT, TokenSelector, rejection_verdicts
@@ -186,7 +186,8 @@ class Passes:
     ) -> None:
         self.adapter = adapter.compiled(fallback) if capture == "compile-layers" else adapter
         self.cache, self.selector = cache, selector
-        self.exit_layer, self.head, self.max_draft = exit_layer, head, max_draft
+        self.exit_layer, self.max_draft = exit_layer, max_draft
+        self.head = with_layer_run(head, self.adapter.layer_run)  # compiled layers: a trained head's layer too
         self.capture, self.want_confidence, self.fallback = capture, confidence, fallback
         self.rejection = selector.config.kind == "rejection"
         batch, device = cache.batch, adapter.device

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from executor.adapter import ModelAdapter, Step, allow_recompiles, uncompiled_on_failure
+from executor.adapter import ModelAdapter, Step, allow_recompiles, uncompiled_on_failure, with_layer_run
 from executor.decoding import GenerationStats, SharedExitHead, TokenSink, head_key, read_back
 from executor.heads import resolve_head
 from executor.kv_cache import KVCache
@@ -300,7 +300,8 @@ class StageRunner:
         self.layers = plan.layers(stage)
         self.is_first, self.is_last = stage == 0, stage == plan.stages - 1
         # stage 1's exit head (shared, or trained with a layer of its own whose KV is this stage's too)
-        self.head = (head if head is not None else SharedExitHead(adapter)) if self.is_first else None
+        own = with_layer_run(head, adapter.layer_run)  # compiled layers: a trained head's layer too
+        self.head = (own if head is not None else SharedExitHead(adapter)) if self.is_first else None
         extra = getattr(self.head, "extra_layers", 0)
         self.cache_layers = [*self.layers, *range(adapter.num_layers, adapter.num_layers + extra)]
         device, shape = adapter.device, (1, 1, adapter.config.hidden_size)

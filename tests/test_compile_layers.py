@@ -61,6 +61,33 @@ def test_compiled_layers_decode_what_ar_decodes(arch: str) -> None:
         assert out.sequences.tolist() == reference.tolist(), kwargs
 
 
+def test_a_trained_heads_layer_runs_compiled_too(monkeypatch) -> None:
+    """A trained head's own decoder layer runs the compiled layer in the static passes (EESD's draft and verify,
+    PPSD's stage 1), never in the prompt's prefill (its length varies); the caller's head is left as it was; the
+    tokens are AR's."""
+    from executor.adapter import ModelAdapter
+    from executor.heads import TrainedExitHead
+
+    net = scale_late_layers(tiny_model(TinySpec(num_layers=4, seed=5), torch.float64), 2, 0.3)
+    head = TrainedExitHead(ModelAdapter(net), 2).double().requires_grad_(False)
+    reference = executor.generate(net, [PROMPT], max_new_tokens=12, method="ar", capture="none").sequences
+    seen: list[tuple[int, bool]] = []
+    original = TrainedExitHead.run_layer
+
+    def spy(self, hidden, step, cache):
+        seen.append((hidden.shape[1], self.layer_run is not None and step.span is not None))
+        return original(self, hidden, step, cache)
+
+    monkeypatch.setattr(TrainedExitHead, "run_layer", spy)
+    for kwargs in ({"method": "eesd", "exit_layer": 2, "draft_len": 3}, {"method": "ppsd", "stages": 2}):
+        seen.clear()
+        out = executor.generate(net, [PROMPT], max_new_tokens=12, capture="compile-layers", head=head, **kwargs)
+        assert out.sequences.tolist() == reference.tolist(), kwargs
+        assert seen[0] == (len(PROMPT), False)  # the prompt: uncompiled
+        assert seen[1:] and all(compiled for _, compiled in seen[1:]), kwargs
+    assert head.layer_run is None
+
+
 def test_compiled_layers_with_exact_sampling_and_a_batch() -> None:
     net = scale_late_layers(tiny_model(TinySpec(num_layers=4, seed=4), torch.float64), 2, 0.3)
     ids = torch.tensor([[0, 0, 9, 4, 7], [5, 17, 2, 40, 33]])
