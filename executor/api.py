@@ -294,8 +294,9 @@ def generate(
     output is NOT the model's greedy or sampled output. See `forced_acceptance`.
 
     `capture` ("auto", "none", "graph", "compile", "compile-layers") is how AR, EESD and PPSD's local stages launch
-    their passes (`executor.passes`): "auto" captures each pass in a CUDA graph on a GPU (kept on the model for the
-    next call with the same setup) and runs them as they are elsewhere; "compile" uses
+    their passes (`executor.passes`): "auto" is "compile-layers" on a GPU with Triton ("graph" without; passes kept
+    on the model for the next call with the same setup) and runs them as they are elsewhere; "graph" captures each
+    pass in a CUDA graph; "compile" uses
     `torch.compile(mode="reduce-overhead")` per pass; "compile-layers" compiles the decoder layer once for all layers
     and passes and captures each pass in a CUDA graph on a GPU.
     Captured passes are keyed by the head object: pass a loaded head (not a file path) to reuse them across calls.

@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument(
         "--capture", default="auto",
-        help="auto (graph on a GPU) | none | graph (CUDA graphs) | compile (torch.compile per pass) | compile-layers "
-        "(the decoder layer compiled once, passes in CUDA graphs)",
+        help="auto (compile-layers on a GPU with Triton, else graph; none on a CPU) | none | graph (CUDA graphs) | "
+        "compile (torch.compile per pass) | compile-layers (the decoder layer compiled once, passes in CUDA graphs)",
     )  # fmt: skip
     parser.add_argument(
         "--sync-every", type=int, default=None,
