@@ -301,9 +301,10 @@ def generate(
     and passes and captures each pass in a CUDA graph on a GPU.
     Captured passes are keyed by the head object: pass a loaded head (not a file path) to reuse them across calls.
 
-    `sync_every` (AR, and PPSD's local backends) is how many tokens (PPSD: ticks) the device makes between two host
-    reads: the AR step feeds its own token forward on the device, and PPSD's pipe judges and moves on on the device,
-    so the host can queue work while the GPU runs. Default: 8 when the passes are captured, 1 otherwise (a CPU gains
+    `sync_every` (AR, EESD's rounds that draft nothing, and PPSD's local backends) is how many tokens (PPSD: ticks)
+    the device makes between two host reads: the AR step feeds its own token forward on the device (EESD runs a
+    round of no drafts as that step), and PPSD's pipe judges and moves on on the device, so the host can queue work
+    while the GPU runs. Default: 8 when the passes are captured, 1 otherwise (a CPU gains
     nothing from running ahead). Output is the same for every value; after an EOS the device may run up to
     `sync_every` - 1 steps (ticks) whose tokens are dropped.
     """
