@@ -17,8 +17,9 @@
 #
 #   the H100 lease (session 7): final1 (carry as call 1, timeout_s 250), then at once final2 (carry as call 2,
 #   timeout_s 260): the GPU tests, every 7B and SmolLM2 row with compiled layers, fused and unfused, a bf16 trace.
-#   The next lease (what is still missing): next1 (carry as call 1, timeout_s 260), then at once next2 (carry as
-#   call 2, timeout_s 290): EESD beta-ts with its zero-draft rounds chained, H100 latency profiles for the simulator.
+#   The next lease (what is still missing): next1 (carry as call 1, timeout_s 330), then at once next2 (carry as
+#   call 2, timeout_s 290): EESD beta-ts with its zero-draft rounds chained, PPSD with its transition compiled, H100
+#   latency profiles for the simulator, a kernel profile of the 7B shape's AR step.
 #
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card) and
 # calibration/<card>/ (profiles), and commit them.
@@ -98,16 +99,19 @@ case "${1:-}" in
       --captures compile --match-dtypes float32 --match-first --time-budget-s "$SMOLLM2_BUDGET_S" \
       --out "$OUT/gpu_decode_smollm2_compile.json" 2>&1 | tee "$OUT/bench_smollm2_compile.log"
     ;;
-  next1)  # the next lease's call 1 (part 0), <= 250 s: the GPU tests, the 7B shape's latency profile (graphs) for the
-          # simulator, then its AR and forced-alpha rows with compiled layers (the default)
+  next1)  # the next lease's call 1 (part 0), <= 320 s: the GPU tests, the 7B shape's latency profile (graphs) for the
+          # simulator, its AR and forced-alpha rows with compiled layers (the default), then a kernel profile of its
+          # AR step (where the 22% to the HBM floor goes)
     first_call
     set +e
     timeout 120 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/test_gpu.log"
     timeout 60 python3 -m executor.cli calibrate latency --model Llama-2-7B --layers 4 --device cuda --graphs on \
       --batch 1 --context 128,512,1024,2048 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate_llama7b.log"
-    timeout 90 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers,graph \
-      --only '^hf generate|^ours ar$|forced alpha' --time-budget-s 60 \
+    timeout 80 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers,graph \
+      --only '^hf generate|^ours ar$|forced alpha' --time-budget-s 50 \
       --out "$OUT/gpu_decode_llama7b.json" 2>&1 | tee "$OUT/bench_llama7b.log"
+    timeout 50 python3 benchmarks/kernel_profile.py --model llama7b --capture compile-layers \
+      --out "$OUT/kernel_profile_llama7b.json" 2>&1 | tee "$OUT/kernel_profile_llama7b.log"
     ;;
   next2)  # its call 2 (part 1), <= 280 s: SmolLM2's EESD rows (beta-ts now chains its zero-draft rounds), AR and
           # PPSD n=2, 4 (its transition now compiled) with compiled layers, the graph rows for sim_vs_gpu.py; then its
