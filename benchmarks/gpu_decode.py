@@ -13,11 +13,12 @@ Models:
 Plus the bf16 greedy match rate of EESD / PPSD vs our AR on real prompts (`executor.prompts`, builtin set): in bf16 a
 (k+1)-token verify pass and a 1-token step round differently, so near-ties can flip (DESIGN.md §2).
 
-Our passes run as `--captures` says (`generate(capture=...)`): "graph" (CUDA graphs, the default on a GPU),
-"compile" (`torch.compile(mode="reduce-overhead")` per pass) and "compile-layers" (the decoder layer compiled once,
-passes in CUDA graphs) for AR and EESD fixed:k, so the fastest can be kept; the other EESD rows and PPSD (each stage's
-step captured, one CUDA stream per stage) use the first mode listed. `--only REGEX` keeps the matching rows. Each row
-also gives its warm-up run's seconds (`first_call_s`): the capture and compilation it needed beyond earlier rows.
+Our passes run as `--captures` says (`generate(capture=...)`): "compile-layers" (the decoder layer compiled once,
+passes in CUDA graphs: the default on a GPU), "graph" (CUDA graphs) and "compile" (`torch.compile(mode=
+"reduce-overhead")` per pass) for AR and EESD fixed:k, so the fastest can be kept; the other EESD rows and PPSD
+(each stage's step captured, one CUDA stream per stage) use the first mode listed. `--only REGEX` keeps the
+matching rows. Each row also gives its warm-up run's seconds (`first_call_s`): the capture and compilation it needed
+beyond earlier rows.
 
 Every speed is the median tokens/s of `--runs` (>= 5) timed runs after one warm-up run (which also captures or
 compiles), end to end (prefill included, EOS ignored: every run makes exactly `--new-tokens` tokens), with the device
@@ -636,7 +637,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--captures", default=None, help="comma-separated capture modes of our passes, the first for every EESD row "
-        "(default graph,compile on CUDA, none elsewhere)",
+        "(default compile-layers,graph,compile on CUDA, none elsewhere)",
     )  # fmt: skip
     parser.add_argument(
         "--hbm-tbps", type=float, default=3.0,
@@ -663,7 +664,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.only = re.compile(args.only)
         except re.error as err:
             parser.error(f"--only is not a regular expression: {err}")
-    default_captures = "graph,compile" if args.device.startswith("cuda") else "none"
+    default_captures = "compile-layers,graph,compile" if args.device.startswith("cuda") else "none"
     args.captures = [c.strip() for c in (args.captures or default_captures).split(",") if c.strip()]
     if not args.captures or set(args.captures) - {"none", "graph", "compile", "compile-layers"}:
         parser.error(f"--captures must name none, graph, compile and/or compile-layers, got {args.captures}")
