@@ -103,3 +103,15 @@ def test_a_budget_drawn_ahead_is_capped_by_what_is_left_after_the_block(sync_eve
                             max_new_tokens=8, sync_every=sync_every)  # fmt: skip
     assert out.stats.drafted == [0, 0, 0, 0, 0, 1]
     assert out.stats.host_reads == (6 if sync_every == 1 else 2)
+
+
+def test_a_row_that_ran_ahead_and_ended_bounds_the_block() -> None:
+    """Rows advance at their own pace in EESD: a row that ended far ahead still runs every AR step of a block
+    (static shapes) at its parked position, so a block is cut to what the cache has room for after every row."""
+    net = model()
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0]])
+    # both rows draft 3 for 6 rounds, row 0 accepting all (4 tokens a round) and row 1 none; then no drafts
+    out = executor.generate(net, ids, method="eesd", exit_layer=EXIT_LAYER, policy=ScriptedPolicy([3] * 6),
+                            accept_pattern=[3, 0], max_new_tokens=24, sync_every=8)  # fmt: skip
+    assert out.sequences.shape == (2, len(PROMPTS[0]) + 24)
+    assert out.stats.drafted.count(0) > 8  # row 1's zero-draft rounds ran while row 0 sat at the cache's end
