@@ -271,10 +271,10 @@ def zero_draft_rounds(
     nothing leaves every policy as it was (its update sees 0 drafts), so the next rounds' budgets can be drawn
     first, in the same order as round by round: while they are all 0 (and fewer than `limit`, and a row has tokens
     left, and the cache has room after every row: a row that ended ahead of the others still runs every step, at
-    its parked position), the block grows. Returns the budgets drawn for the round after the block (None if none were drawn). A row
-    that ends inside the block runs on to its end, its tokens dropped (as in `decode_ar`). Forced acceptance is
-    asked once per row and round, as in a drafting round (its answer for 0 drafts can only be 0), so a forced run
-    keeps its pattern in step and runs the same passes as the real run it repeats."""
+    its parked position), the block grows. Returns the budgets drawn for the round after the block (None if none
+    were drawn). A row that ends inside the block runs on to its end, its tokens dropped (as in `decode_ar`).
+    Forced acceptance is asked once per row and round, as in a drafting round (its answer for 0 drafts can only be
+    0), so a forced run keeps its pattern in step and runs the same passes as the real run it repeats."""
     longest = max(rows.sinks[row].remaining for row in rows.active)
     room = passes.cache.max_len - max(rows.positions)  # every row runs every step: one that ended ahead too
     steps, drawn = 1, None
