@@ -114,12 +114,13 @@ case "${1:-}" in
       --out "$OUT/kernel_profile_llama7b.json" 2>&1 | tee "$OUT/kernel_profile_llama7b.log"
     ;;
   next2)  # its call 2 (part 1), <= 280 s: SmolLM2's EESD rows (beta-ts now chains its zero-draft rounds), AR and
-          # PPSD n=2, 4 (its transition now compiled) with compiled layers, the graph rows for sim_vs_gpu.py; then its
-          # latency profile (graphs)
+          # PPSD n=2, 4 (its transition now compiled) with compiled layers, the graph rows for sim_vs_gpu.py, float32
+          # match rates of the default (compiled layers, fused) against HF and uncompiled AR; then its latency profile
     second_call next1 next2
     set +e
     timeout 170 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers,graph \
-      --match-dtypes '' --only '^hf generate|^ours ar$|^eesd|^ppsd streams n=[24]$' --time-budget-s 130 \
+      --match-dtypes float32 --match-prompts 6 --only '^hf generate|^ours ar$|^eesd|^ppsd streams n=[24]$' \
+      --time-budget-s 130 \
       --out "$OUT/gpu_decode_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
     timeout 90 python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda --graphs on --batch 1 \
       --context 128,512,1024,2048 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
