@@ -78,6 +78,7 @@ from executor.passes import Passes
 from executor.ppsd import StagePlan, local_pipeline, make_selector
 from executor.prompts import encode_prompt, load_prompts
 from executor.sampling import SamplingConfig
+from sim.formats import write_text_atomic
 from sim.policy import make_policy
 
 RESULTS = Path(__file__).parent / "results"
@@ -218,11 +219,12 @@ class PassProfile:
         if not stats.accepted:
             return None, {}
         chained = getattr(head, "extra_layers", 0) == 0  # a round of k = 0 runs as the AR step (greedy rows here)
-        qs = [d + 1 for d in stats.drafted if d or not chained]
-        costs = self.costs(exit_layer, head, policy, qs)
-        zero = costs["ar"] if chained else costs.get("verify q=1", 0.0)
-        rounds = sum(d * costs["draft"] + costs[f"verify q={d + 1}"] if d else zero for d in stats.drafted)
-        return sum(a + 1 for a in stats.accepted) * costs["ar"] / rounds, costs
+        costs = self.costs(exit_layer, head, policy, [d + 1 for d in stats.drafted if d or not chained])
+
+        def cost(d: int) -> float:
+            return costs["ar"] if d == 0 and chained else d * costs["draft"] + costs[f"verify q={d + 1}"]
+
+        return sum(a + 1 for a in stats.accepted) * costs["ar"] / sum(map(cost, stats.drafted)), costs
 
     def ppsd_ideal(self, stats: Any, backend: str, head: Any) -> tuple[float | None, dict]:
         """PPSD's ideal at the measured ticks and the profiled costs: every stage on a device of its own, a tick as
@@ -680,13 +682,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def report(args, device: torch.device, dtype: torch.dtype, rows, matches, floors, done: bool) -> dict[str, Any]:
     smoke = device.type != "cuda"
     return {
@@ -726,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def save(model_rows: list[Row] | None = None, done: bool = False) -> None:
         text = json.dumps(report(args, device, dtype, rows + (model_rows or []), matches, floors, done), indent=2)
-        write_atomic(out, text + "\n")
+        write_text_atomic(out, text + "\n")
 
     if "smollm2" in args.models:
         tokenizer = executor.load_tokenizer(args.model_path)

@@ -254,9 +254,15 @@ def compiled_layer(fallback: bool = False) -> Callable[..., torch.Tensor]:
 
     With `fallback` (capture="auto"), a compilation that fails warns once and the layers run uncompiled from then on
     (a real error in the layer raises again, from the uncompiled run)."""
+    return compile_static(layer_forward, fallback, "the decoder layer")
+
+
+def compile_static(fn: Callable[..., Any], fallback: bool, what: str) -> Callable[..., Any]:
+    """`fn` under `torch.compile` (Inductor, whole graph, static shapes); with `fallback` (capture="auto"), run
+    uncompiled from its first failed compilation on (`uncompiled_on_failure`)."""
     allow_recompiles()
-    compiled = torch.compile(layer_forward, dynamic=False, fullgraph=True)
-    return uncompiled_on_failure(compiled, layer_forward, "the decoder layer") if fallback else compiled
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+    return uncompiled_on_failure(compiled, fn, what) if fallback else compiled
 
 
 def with_layer_run(head: Any, run: Callable[..., torch.Tensor] | None) -> Any:

@@ -35,7 +35,7 @@ from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
 from executor.passes import AR_HISTORY, Passes, upload
 from executor.sampling import SamplingConfig, TokenSelector, rejection_verdicts
-from sim.policy import DraftPolicy
+from sim.policy import DraftPolicy, round_budget
 
 
 @dataclass
@@ -246,10 +246,7 @@ def decode_ar(adapter: ModelAdapter, rows: Rows, passes: Passes, stats: Generati
 def draw_budgets(rows: Rows, policies: list[DraftPolicy], ahead: int) -> list[int]:
     """Each row's draft budget for the round `ahead` one-token rounds from now: its policy's k, capped so that the
     round's drafts and the full model's token fit in what the row has left; 0 for a row that is done."""
-    return [
-        min(policy.begin_round(), sink.remaining - ahead - 1) if sink.remaining > ahead else 0
-        for policy, sink in zip(policies, rows.sinks, strict=True)
-    ]
+    return [round_budget(policy, sink.remaining, ahead) for policy, sink in zip(policies, rows.sinks, strict=True)]
 
 
 def chains_zero_rounds(passes: Passes) -> bool:

@@ -39,9 +39,13 @@ def fuse_projections(layers: list[nn.Module]) -> int:
 def unfuse_projections(layers: list[nn.Module]) -> None:
     """Drop the fused matrices (the kernels go back to one product per projection); the weights stay views."""
     for layer in layers:
-        for module, (prefix, _) in ((layer.self_attn, QKV), (layer.mlp, GATE_UP)):
-            for suffix in ("_weight", "_bias"):
-                module._buffers.pop(prefix + suffix, None)
+        _drop(layer.self_attn, QKV[0])
+        _drop(layer.mlp, GATE_UP[0])
+
+
+def _drop(module: nn.Module, prefix: str) -> None:
+    for suffix in ("_weight", "_bias"):
+        module._buffers.pop(prefix + suffix, None)
 
 
 def fused_weights(module: nn.Module, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -53,10 +57,7 @@ def fused_weights(module: nn.Module, prefix: str) -> tuple[torch.Tensor, torch.T
 def _fuse(module: nn.Module, prefix: str, names: tuple[str, ...]) -> bool:
     linears = [getattr(module, name, None) for name in names]
     if not all(type(linear) is nn.Linear for linear in linears) or not _compatible(linears):
-        unfuse = fused_weights(module, prefix) is not None
-        if unfuse:
-            module._buffers.pop(prefix + "_weight")
-            module._buffers.pop(prefix + "_bias", None)
+        _drop(module, prefix)  # a matrix fused before the projections were replaced is stale
         return False
     if _intact(module, prefix, linears):
         return True

@@ -7,11 +7,12 @@ attention spans the whole cache (masked by position), token selection reads its 
 from device tensors, and the cache's books are kept by the caller (`KVCache.claim`). So a pass can be
 
 - run as it is (`capture="none"`, the only mode on a CPU, and the code path every property test checks),
-- captured once in a CUDA graph and replayed (`"graph"`, the default on a GPU: one graph per pass and q),
+- captured once in a CUDA graph and replayed (`"graph"`: one graph per pass and q; the GPU default without Triton),
 - compiled with `torch.compile(mode="reduce-overhead")` (`"compile"`: Inductor kernels in CUDA graphs; one
   compilation per pass, about a minute each on a GPU),
 - or run with compiled layers and captured whole (`"compile-layers"`: one `torch.compile` of the decoder layer serves
-  every layer and every pass with the same token count, `ModelAdapter.compiled`; the pass is a CUDA graph on a GPU).
+  every layer and every pass with the same token count, `ModelAdapter.compiled`; the pass is a CUDA graph on a GPU;
+  the GPU default where Triton is installed).
 
 A pass is idempotent (it writes the same cache slots and buffers with the same values however often it runs), so
 warming it up before capture changes nothing. The caller's host work per EESD round is: refill the inputs (async

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from executor.adapter import ModelAdapter, Step, allow_recompiles, uncompiled_on_failure, with_layer_run
+from executor.adapter import ModelAdapter, Step, compile_static, with_layer_run
 from executor.decoding import GenerationStats, SharedExitHead, TokenSink, head_key, read_back
 from executor.heads import resolve_head
 from executor.kv_cache import KVCache
@@ -466,11 +466,7 @@ class LocalPipeline:
                 torch._dynamo.mark_static_address(tensor)
         self.advance, self.primed = self._advance, True
         if capture == "compile-layers":  # the transition's ~20 small ops, fused by Inductor into a few kernels
-            allow_recompiles()
-            compiled = torch.compile(self._advance, fullgraph=True, dynamic=False)
-            eager_too = uncompiled_on_failure(compiled, self._advance, "the PPSD transition")
-            self.advance = eager_too if fallback else compiled
-            self.primed = False
+            self.advance, self.primed = compile_static(self._advance, fallback, "the PPSD transition"), False
         self.transition = StaticPass(_nothing, launch_mode(capture, adapter.device), fallback, advance=self.advance)
         self.stats: PPSDStats | None = None
         self.launched = 0  # ticks launched since `begin` (the host's copy of the device's cursor)

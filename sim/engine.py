@@ -34,7 +34,7 @@ from sim.formats import subset_size
 from sim.hardware import allreduce_us
 from sim.latency import LatencyModel, LinkModel
 from sim.models import ModelConfig
-from sim.policy import DraftPolicy, make_policy
+from sim.policy import DraftPolicy, make_policy, round_budget
 
 TOKEN_ID_BYTES = 8
 AR_SYNC_CAPTURED = 8  # captured AR steps per host read: the executor's default (executor.api.AR_SYNC_CAPTURED)
@@ -333,7 +333,7 @@ class Simulation:
         while active:
             # 1. Draft: every row drafts until its policy stops; the batch runs while any row drafts.
             for row in active:
-                row.limit = row.drawn if row.drawn is not None else min(row.policy.begin_round(), row.remaining - 1)
+                row.limit = row.drawn if row.drawn is not None else round_budget(row.policy, row.remaining)
                 row.drafted, row.accepted, row.all_match, row.drawn = 0, 0, True, None
             if chain and not any(r.limit for r in active):
                 yield from self._zero_draft_rounds(active)
@@ -364,9 +364,7 @@ class Simulation:
         up to `AR_SYNC_CAPTURED` rounds or the longest row's end."""
         longest, steps = max(r.remaining for r in active), 1
         while steps < min(AR_SYNC_CAPTURED, longest):
-            budgets = [
-                min(r.policy.begin_round(), r.remaining - steps - 1) if r.remaining > steps else 0 for r in active
-            ]
+            budgets = [round_budget(r.policy, r.remaining, steps) for r in active]
             if any(budgets):
                 for row, budget in zip(active, budgets, strict=True):
                     row.drawn = budget

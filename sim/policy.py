@@ -51,6 +51,13 @@ class DraftPolicy(Protocol):
     def update(self, drafted: int, accepted: int) -> None: ...
 
 
+def round_budget(policy: DraftPolicy, remaining: int, ahead: int = 0) -> int:
+    """A row's draft budget for the round `ahead` one-token rounds from now (the executor and the simulator draw
+    zero-draft rounds ahead): the policy's k, capped so that the round's drafts and the full model's token fit in the
+    row's `remaining` tokens; 0, without asking the policy, when nothing is left by then."""
+    return min(policy.begin_round(), remaining - ahead - 1) if remaining > ahead else 0
+
+
 @dataclass
 class FixedPolicy:
     """Always draft `draft_len` tokens."""
