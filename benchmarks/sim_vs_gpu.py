@@ -11,7 +11,12 @@ simulator. Torch-free; the simulator is fed nothing from the timed rows but thei
 - PPSD: each `streams` row as a pipeline of n stages with ideal links. Not like for like: the executor's stages
   share one GPU (one CUDA stream each), the simulator gives each its own device, so it over-predicts as n grows.
 
-    python benchmarks/sim_vs_gpu.py          # the H200 files; writes benchmarks/results/sim_vs_gpu_nvidia_h200.json
+Rows are compared with a profile of the layers as their `capture` ran them: `graph` rows with an eager profile
+(`latency_<model>_cuda_bf16.csv`), `compile-layers` rows with a compiled one (`..._compiled.csv`, `eesd calibrate
+latency --kernels compiled`: fused projections, compiled layer).
+
+    python benchmarks/sim_vs_gpu.py              # the H200 lease; writes results/sim_vs_gpu_nvidia_h200.json
+    python benchmarks/sim_vs_gpu.py --card h100  # the H100 lease's files (benchmarks/gpu_session.sh next1, next2)
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sim.formats import write_text_atomic
 from sim.runner import simulate_point
 from sim.scenario import Point, validate
 
@@ -42,22 +48,30 @@ class Source:
     model: str
     prompt_len: int  # the timed prompt's length (SmolLM2: builtin/chat-01 = 47 tokens; 7B shape: 32 random ids)
     zero_draft_rounds: str = "verify"  # how the measured executor ran EESD rounds of k = 0 (the H200 lease: "verify")
+    capture: str = "graph"  # the rows compared: those the executor ran with this capture mode
+    gpu: str = "H200"  # the simulator's hardware preset (sim/hardware.py)
+
+    def missing(self) -> list[Path]:
+        return [path for path in (self.bench, self.profile) if not path.is_file()]
 
 
-H200 = (
-    Source(
-        RESULTS / "gpu_decode_nvidia_h200_smollm2.json",
-        ROOT / "calibration" / "h200" / "latency_smollm2-135m_cuda_bf16.csv",
-        "SmolLM2-135M",
-        47,
-    ),
-    Source(
-        RESULTS / "gpu_decode_nvidia_h200_llama7b.json",
-        ROOT / "calibration" / "h200" / "latency_llama-2-7b-4layers_cuda_bf16.csv",
-        "Llama-2-7B",
-        32,
-    ),
-)
+def _sources(card: str, capture: str, kernels: str, zero_draft_rounds: str) -> tuple[Source, ...]:
+    """SmolLM2 (real weights) and the 7B shape (4 of its layers profiled) of one card's lease, one capture mode."""
+    suffix = "" if kernels == "eager" else f"_{kernels}"
+    at = lambda name: ROOT / "calibration" / card / f"latency_{name}_cuda_bf16{suffix}.csv"  # noqa: E731
+    common = {"capture": capture, "gpu": card.upper(), "zero_draft_rounds": zero_draft_rounds}
+    bench = lambda name: RESULTS / f"gpu_decode_nvidia_{card}_{name}.json"  # noqa: E731
+    return (
+        Source(bench("smollm2"), at("smollm2-135m"), "SmolLM2-135M", 47, **common),
+        Source(bench("llama7b"), at("llama-2-7b-4layers"), "Llama-2-7B", 32, **common),
+    )
+
+
+H200 = _sources("h200", "graph", "eager", "verify")  # that lease's executor ran zero-draft rounds as verify passes
+# the H100 lease that runs gpu_session.sh next1/next2: the default capture (compiled layers, zero-draft rounds
+# chained) with a compiled profile
+H100 = _sources("h100", "compile-layers", "compiled", "chained")
+CARDS = {"h200": H200, "h100": H100}
 EESD_LABEL = re.compile(r"eesd (?P<head>shared|trained) E=(?P<exit>\d+) (?P<policy>fixed:\d+|beta-ts)")
 PPSD_LABEL = re.compile(r"ppsd streams n=(?P<stages>\d+)(?: trained E=(?P<exit>\d+))?$")
 
@@ -76,7 +90,7 @@ def scenario(source: Source, row: dict[str, Any], new_tokens: int, method: str, 
         "method": method,
         "latency": {"profile": {"path": str(source.profile), "cuda_graphs": True}},
         "acceptance": {"alpha": row.get("alpha") or 0.0},
-        "topology": {"gpu": "H200", "stages": 1, "link": "ideal"},
+        "topology": {"gpu": source.gpu, "stages": 1, "link": "ideal"},
         "workload": {"requests": runs, "batch_size": 1, "prompt_len": source.prompt_len, "output_len": new_tokens},
         "zero_draft_rounds": source.zero_draft_rounds,
     }
@@ -100,7 +114,7 @@ def decode_rate(point: Point) -> tuple[float, float, bool]:
 
 def compare(source: Source, runs: int) -> list[dict[str, Any]]:
     bench = json.loads(source.bench.read_text())
-    rows = [r for r in bench["rows"] if r.get("capture") == "graph" and r.get("decode_tokens_per_s")]
+    rows = [r for r in bench["rows"] if r.get("capture") == source.capture and r.get("decode_tokens_per_s")]
     ar = next(r for r in rows if r["method"] == "ours ar")
     out = []
     for row in rows:
@@ -136,9 +150,17 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="simulated requests per row (Bernoulli draws)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "sim_vs_gpu_nvidia_h200.json")
+    parser.add_argument("--card", choices=sorted(CARDS), default="h200", help="whose lease's files (default: h200)")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/sim_vs_gpu_nvidia_<card>.json")
     args = parser.parse_args()
-    rows = [row for source in H200 for row in compare(source, args.runs)]
+    sources = CARDS[args.card]
+    missing = [path for source in sources for path in source.missing()]
+    if missing:
+        print(f"sim_vs_gpu: missing {', '.join(str(p.relative_to(ROOT)) for p in dict.fromkeys(missing))}; "
+              f"measure them on the card (benchmarks/gpu_session.sh) first", file=sys.stderr)  # fmt: skip
+        return 2
+    out = args.out or RESULTS / f"sim_vs_gpu_nvidia_{args.card}.json"
+    rows = [row | {"capture": source.capture} for source in sources for row in compare(source, args.runs)]
     print(table(rows))
     for label, kinds in (("AR and EESD", {"ar", "eesd"}), ("PPSD (one GPU vs separate devices)", {"ppsd"})):
         errors = [abs(r["error"]) for r in rows if r["kind"] in kinds]
@@ -146,17 +168,16 @@ def main() -> int:
     document = {
         "benchmark": "simulator vs executor, offline, from one GPU lease's files",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": json.loads(H200[0].bench.read_text())["device"],
+        "device": json.loads(sources[0].bench.read_text())["device"],
         "inputs": [
-            {"bench": str(s.bench.relative_to(ROOT)), "profile": str(s.profile.relative_to(ROOT))} for s in H200
+            {"bench": str(s.bench.relative_to(ROOT)), "profile": str(s.profile.relative_to(ROOT)), "capture": s.capture}
+            for s in sources
         ],
         "acceptance": "each row's measured per-position alpha, replayed as Bernoulli(alpha)",
         "rows": rows,
     }
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    partial.replace(args.out)  # atomic: never half a file
-    print(f"wrote {args.out}")
+    write_text_atomic(out, json.dumps(document, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

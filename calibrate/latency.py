@@ -18,6 +18,12 @@ the executor's own code (`executor.adapter.decoder_layer`, `ModelAdapter.embed` 
 Phases, as the simulator queries them (sim/engine.py): `draft` at q = 1 over context × batch; `verify` at every q of
 the grid (AR decode is verify with q = 1); `prefill` with q = prompt length at context 0 (`lm_head`/`overhead`: q = 1).
 
+Kernels (`--kernels`): `eager` times each layer as `capture="graph"` runs it (the HF modules' own projections);
+`compiled` as the GPU default `capture="compile-layers"` runs it: q/k/v and gate/up projections fused
+(`executor.fusion`) and one `torch.compile` of the layer (`executor.adapter.compiled_layer`) for every static pass,
+`layer` and `exit_head` alike. Prefill stays eager, as in the executor (a prompt's length varies). Each (q, context,
+batch) shape compiles once (seconds), so a compiled profile wants a smaller grid (`COMPILED_GPU_GRID`).
+
 Resumable: every finished measurement is appended to `<out>.partial.jsonl` (first line: the settings); a rerun with
 the same settings continues from it; the profile is written atomically at the end and the partial file removed.
 """
@@ -35,7 +41,8 @@ import torch
 
 from calibrate.common import LoadedModel, config_summary
 from calibrate.timing import Summary, TimerSpec, time_call
-from executor.adapter import ModelAdapter, Step, attention_mask, decoder_layer
+from executor.adapter import ModelAdapter, Step, allow_recompiles, attention_mask, decoder_layer
+from executor.fusion import fuse_projections
 from executor.kv_cache import KVCache
 from sim.formats import LatencyRecord, write_latency_profile
 
@@ -53,6 +60,9 @@ class Grid:
 VERIFY_Q = tuple(range(1, 10))
 GPU_GRID = Grid((*VERIFY_Q, 12, 16), (128, 512, 1024, 2048, 4096, 8192), (1, 2, 4, 8), (128, 512, 1024, 2048))
 CPU_GRID = Grid(VERIFY_Q, (128, 512, 1024), (1, 2, 4), (64, 256))
+# compiled kernels: one compilation per (q, context, batch) shape, 27 here instead of GPU_GRID's 264
+COMPILED_GPU_GRID = Grid(VERIFY_Q, (128, 512, 2048), (1,), GPU_GRID.prefill_q)
+KERNELS = ("eager", "compiled")
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,13 @@ class LatencySettings:
     grid: Grid
     graph_modes: tuple[bool, ...]
     timer: TimerSpec
+    kernels: str = "eager"  # one of KERNELS
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNELS:
+            raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.kernels == "compiled" and self.timer.device.type == "cuda" and self.graph_modes != (True,):
+            raise ValueError("--kernels compiled: compiled layers run inside CUDA graphs on a GPU; use --graphs on")
 
 
 def plan_points(grid: Grid, graph_modes: tuple[bool, ...]) -> list[Point]:
@@ -133,15 +150,19 @@ def make_inputs(adapter: ModelAdapter, q: int, context_len: int, batch: int) -> 
 
 
 def component_call(
-    adapter: ModelAdapter, inputs: Inputs, component: str, layer: int | None = None
+    adapter: ModelAdapter,
+    inputs: Inputs,
+    component: str,
+    layer: int | None = None,
+    run: Callable[..., torch.Tensor] | None = None,
 ) -> Callable[[], object]:
     """The zero-argument callable whose time is the component's (see module docstring); for `layer`, a pass over all
-    loaded layers unless one `layer` index is given."""
+    loaded layers unless one `layer` index is given; the layers run `run` (a compiled `layer_forward`) if given."""
     x = inputs
 
     def run_layer(index: int) -> torch.Tensor:
         mask = x.masks[adapter.windows[index]]
-        return decoder_layer(adapter.layers[index], 0, x.hidden, x.step, x.cache, x.rotary, mask)
+        return decoder_layer(adapter.layers[index], 0, x.hidden, x.step, x.cache, x.rotary, mask, run)
 
     def overhead() -> list[list[int]]:
         starts = x.step.starts
@@ -226,8 +247,11 @@ def _point_of(record: LatencyRecord) -> Point:
 
 
 def measure(adapter: ModelAdapter, point: Point, inputs: Inputs, timer: TimerSpec, layer: int | None = None) -> Summary:
-    fn = component_call(adapter, inputs, point.component, layer)
+    run = adapter.layer_run if point.phase != "prefill" else None  # the executor never compiles a prefill
+    fn = component_call(adapter, inputs, point.component, layer, run)
     with torch.inference_mode():
+        if run is not None and point.component in ("layer", "exit_head"):
+            fn()  # compiles this shape: never timed, never inside a graph capture
         summary = time_call(fn, timer, point.cuda_graphs, host=point.component == "overhead")
     if point.component == "layer" and layer is None:  # a pass over all layers: per-layer figures
         n = adapter.num_layers
@@ -279,10 +303,27 @@ def _sorted_records(records: dict[Point, LatencyRecord], points: list[Point]) ->
     return (records[p] for p in points)
 
 
-def profile_path(out_dir: Path, model: str, device: torch.device, dtype_name: str) -> Path:
+def profile_path(out_dir: Path, model: str, device: torch.device, dtype_name: str, kernels: str = "eager") -> Path:
     from calibrate.common import slug
 
-    return out_dir / f"latency_{slug(model)}_{device.type}_{dtype_name}.csv"
+    suffix = "" if kernels == "eager" else f"_{kernels}"
+    return out_dir / f"latency_{slug(model)}_{device.type}_{dtype_name}{suffix}.csv"
+
+
+def compiled_shapes(points: list[Point]) -> int:
+    """How many compilations a compiled profile makes: one per (q, context, batch) of its static points."""
+    return len({(p.q, p.context_len, p.batch) for p in points if p.phase != "prefill" and p.component == "layer"})
+
+
+def profiling_adapter(model: torch.nn.Module, settings: LatencySettings, points: list[Point]) -> ModelAdapter:
+    """The adapter whose layers are timed: as `capture="graph"` runs them, or fused and compiled as
+    `capture="compile-layers"` does (the fusion makes the weights views of one matrix, no extra memory)."""
+    adapter = ModelAdapter(model)
+    if settings.kernels == "eager":
+        return adapter
+    fuse_projections(adapter.layers)
+    allow_recompiles(compiled_shapes(points) + 8)  # + the spot check's shape and a trained head's
+    return adapter.compiled()
 
 
 def calibrate_latency(
@@ -294,13 +335,15 @@ def calibrate_latency(
     progress: bool = True,
 ) -> Path | None:
     """Measure (or continue measuring) a profile; write it to `out_path`. None when stopped by `max_new_points`."""
-    adapter = ModelAdapter(loaded.model)
+    points = plan_points(settings.grid, settings.graph_modes)
+    adapter = profiling_adapter(loaded.model, settings, points)
     fingerprint = {
         "model": loaded.name,
         "device": metadata["device"],
         "dtype": metadata["dtype"],
         "grid": asdict(settings.grid),
         "graph_modes": list(settings.graph_modes),
+        "kernels": settings.kernels,
         "warmup": settings.timer.warmup,
         "repeats": settings.timer.repeats,
         "layers": adapter.num_layers,
@@ -309,7 +352,6 @@ def calibrate_latency(
     partial = PartialResults(out_path.with_name(out_path.name + ".partial.jsonl"), fingerprint)
     if partial.spot_check is None:
         partial.set_spot_check(spot_check_layers(adapter, settings))
-    points = plan_points(settings.grid, settings.graph_modes)
     if not run_points(adapter, points, partial, settings.timer, max_new_points, progress):
         return None
     full = {
@@ -319,6 +361,7 @@ def calibrate_latency(
         "layers_profiled": adapter.num_layers,
         "total_layers": loaded.total_layers,
         "cuda_graphs": list(settings.graph_modes),
+        "kernels": settings.kernels,
         "grid": asdict(settings.grid),
         "warmup": settings.timer.warmup,
         "repeats": settings.timer.repeats,

@@ -17,15 +17,33 @@ from calibrate.common import (
     model_config,
     parse_int_list,
 )
-from calibrate.latency import CPU_GRID, GPU_GRID, Grid, LatencySettings, calibrate_latency, profile_path
+from calibrate.latency import (
+    COMPILED_GPU_GRID,
+    CPU_GRID,
+    GPU_GRID,
+    Grid,
+    LatencySettings,
+    calibrate_latency,
+    compiled_shapes,
+    plan_points,
+    profile_path,
+)
 from calibrate.timing import TimerSpec
+from executor.passes import resolve_capture
 
 FEW_LAYERS = 4  # a model too large for the device is profiled from this many layers
 MEMORY_FRACTION = 0.6  # of the device's memory the weights may take (KV caches and activations need the rest)
 
 
-def grid_from_args(args: argparse.Namespace, device: torch.device) -> Grid:
-    default = GPU_GRID if device.type == "cuda" else CPU_GRID
+def kernels_from_args(args: argparse.Namespace, device: torch.device) -> str:
+    """--kernels, where "auto" is what the executor's capture="auto" runs on this device."""
+    if args.kernels != "auto":
+        return args.kernels
+    return "compiled" if resolve_capture("auto", device, "greedy") == "compile-layers" else "eager"
+
+
+def grid_from_args(args: argparse.Namespace, device: torch.device, kernels: str) -> Grid:
+    default = (COMPILED_GPU_GRID if kernels == "compiled" else GPU_GRID) if device.type == "cuda" else CPU_GRID
 
     def pick(text: str | None, flag: str, fallback: tuple[int, ...], minimum: int) -> tuple[int, ...]:
         return fallback if text is None else parse_int_list(text, flag, minimum)
@@ -38,14 +56,14 @@ def grid_from_args(args: argparse.Namespace, device: torch.device) -> Grid:
     )
 
 
-def graph_modes(args: argparse.Namespace, device: torch.device) -> tuple[bool, ...]:
+def graph_modes(args: argparse.Namespace, device: torch.device, kernels: str) -> tuple[bool, ...]:
     from calibrate.cli import GRAPH_MODES
 
     if device.type != "cuda":
         if args.graphs not in (None, "off"):
             raise ValueError(f"--graphs {args.graphs}: CUDA graphs need --device cuda")
         return (False,)
-    return GRAPH_MODES[args.graphs or "both"]
+    return GRAPH_MODES[args.graphs or ("on" if kernels == "compiled" else "both")]
 
 
 def layers_to_keep(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> int | None:
@@ -70,17 +88,21 @@ def check_context(grid: Grid, max_positions: int, model: str) -> None:
 def run_latency(args: argparse.Namespace, progress: bool) -> int:
     device = check_device(args.device)
     dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    grid = grid_from_args(args, device)
+    kernels = kernels_from_args(args, device)
+    grid = grid_from_args(args, device, kernels)
     cuda = device.type == "cuda"
     timer = TimerSpec(device, args.warmup if args.warmup is not None else (5 if cuda else 3), args.repeats or 20)
     if args.repeats is None and not cuda:
         timer = TimerSpec(device, timer.warmup, 7)
     if args.max_new_points is not None and args.max_new_points < 0:
         raise ValueError(f"--max-new-points must be >= 0, got {args.max_new_points}")
-    settings = LatencySettings(grid, graph_modes(args, device), timer)
+    settings = LatencySettings(grid, graph_modes(args, device, kernels), timer, kernels)
+    if kernels == "compiled":
+        shapes = compiled_shapes(plan_points(grid, settings.graph_modes))
+        print(f"compiled kernels: {shapes} shapes to compile, a few seconds each (a smaller grid: --q, --context)")
     loaded = load(args.model, dtype, device, layers_to_keep(args, device, dtype))
     check_context(grid, loaded.model.config.max_position_embeddings, args.model)
-    out_path = profile_path(args.out, args.model, device, args.dtype or ("bf16" if cuda else "fp32"))
+    out_path = profile_path(args.out, args.model, device, args.dtype or ("bf16" if cuda else "fp32"), kernels)
     begin = time.perf_counter()
     metadata = base_metadata(args.model, device, dtype)
     written = calibrate_latency(loaded, settings, out_path, metadata, args.max_new_points, progress)

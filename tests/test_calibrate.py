@@ -65,6 +65,39 @@ def test_latency_cpu_tiny_model_gives_a_profile_the_simulator_reads(tiny_config:
     assert not list((tmp_path / "out").glob("*.partial.jsonl"))
 
 
+def test_compiled_kernels_time_the_fused_compiled_layer(tiny_config: Path, tmp_path: Path) -> None:
+    """--kernels compiled: one compilation per static (q, context, batch) shape (the exit head and the spot check
+    reuse them, prefill stays eager), the layers fused as capture="compile-layers" runs them; its own file."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from calibrate.latency import LatencySettings
+    from calibrate.timing import TimerSpec
+    from executor.adapter import compiled_layer
+
+    torch._dynamo.reset()
+    compiled_layer.cache_clear()
+    before = counters["stats"]["unique_graphs"]
+    assert _latency(tiny_config, tmp_path / "out", "--kernels", "compiled", "--batch", "1") == 0
+    assert counters["stats"]["unique_graphs"] - before == 4  # q 1, 3 x context 8, 24 x batch 1
+    (path,) = (tmp_path / "out").glob("latency_*.csv")
+    assert path.name.endswith("_fp32_compiled.csv")
+    profile = read_latency_profile(path)
+    assert profile.metadata["kernels"] == "compiled"
+    assert len(profile.records) == len(plan_points(Grid((1, 3), (8, 24), (1,), (16,)), (False,)))
+    from calibrate.latency import profiling_adapter
+    from executor.fusion import GATE_UP, QKV, fused_weights
+
+    settings = LatencySettings(Grid((1,), (8,), (1,), (8,)), (False,), TimerSpec(torch.device("cpu"), 1, 1), "compiled")
+    adapter = profiling_adapter(tiny_model(TinySpec(num_layers=2), torch.float32), settings, [])
+    assert adapter.layer_run is compiled_layer(False)
+    assert all(fused_weights(x.self_attn, QKV[0]) and fused_weights(x.mlp, GATE_UP[0]) for x in adapter.layers)
+    with pytest.raises(ValueError, match="--graphs on"):
+        LatencySettings(Grid((1,), (8,), (1,), (8,)), (False, True), TimerSpec(torch.device("cuda"), 1, 1), "compiled")
+    torch._dynamo.reset()
+    compiled_layer.cache_clear()
+
+
 def test_latency_resumes_from_partial_results(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _latency(tiny_config, out, "--max-new-points", "5") == 3
