@@ -81,6 +81,7 @@ class Plan:
     trace_path: Path
     profile_device: str
     targets: tuple[Target, ...]
+    capture: str = "none"  # how the executor runs its passes: as the profile timed the layers (`capture_of`)
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,18 @@ def plan(
         trace_path=trace_path,
         profile_device=str(profile.metadata.get("device")),
         targets=targets(chosen),
+        capture=capture_of(profile, s.latency.profile.cuda_graphs),
     )
+
+
+def capture_of(profile: DataFile, cuda_graphs: bool) -> str:
+    """The executor's capture mode that runs the layers as the profile timed them: compiled kernels (its metadata
+    `kernels`) -> "compile-layers"; eager ones -> "graph" where the scenario reads the profile's CUDA-graph rows on a
+    GPU, else "none" (uncaptured: the CPU path)."""
+    if profile.metadata.get("kernels") == "compiled":
+        return "compile-layers"
+    on_gpu = profile.metadata.get("device_type") == "cuda"
+    return "graph" if on_gpu and cuda_graphs else "none"
 
 
 def select_points(path: Path, points: Sequence[Point], spec: str) -> list[Point]:
@@ -425,7 +437,7 @@ def measure(
     def run_one(target: Target, ids: list[int], max_new_tokens: int):
         eesd = {"exit_layer": target.exit_layer, "policy": target.policy, "head": plan_.head}
         return generate(
-            adapter, ids, method=target.method, max_new_tokens=max_new_tokens, eos_token_id=eos,
+            adapter, ids, method=target.method, max_new_tokens=max_new_tokens, eos_token_id=eos, capture=plan_.capture,
             **(eesd if target.method == "eesd" else {}),
         ).stats  # fmt: skip
 
@@ -445,6 +457,7 @@ def measure(
             progress(f"{target.label}: {measurements[-1].tokens_per_s:.2f} tok/s")
     metadata = {
         **base_metadata(plan_.model, device, dtype),
+        "capture": plan_.capture,
         "prompt_tokens_mean": round(sum(len(p) for p in prompts) / len(prompts), 1),
         "measure_wall_s": round(time.perf_counter() - begin, 1),
     }

@@ -3,6 +3,7 @@ exit status, and (with SmolLM2 installed) one small real run of the shipped CPU 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -131,6 +132,24 @@ def test_points_and_targets_of_the_shipped_scenario() -> None:
         "eesd E=15 fixed:2",
         "eesd E=8 fixed:1",
     ]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "cuda_graphs", "capture"),
+    [
+        ({}, False, "none"),  # the shipped CPU profile: uncaptured
+        ({"kernels": "compiled"}, False, "compile-layers"),  # `eesd calibrate latency --kernels compiled` on a CPU
+        ({"device_type": "cuda"}, True, "graph"),  # eager layers replayed from CUDA graphs
+        ({"device_type": "cuda"}, False, "none"),
+        ({"device_type": "cuda", "kernels": "compiled"}, True, "compile-layers"),  # the GPU default
+    ],
+)
+def test_the_executor_runs_the_layers_as_the_profile_timed_them(tmp_path, metadata, cuda_graphs, capture) -> None:
+    profile = read_latency_profile(PROFILE)
+    records = [dataclasses.replace(r, cuda_graphs=cuda_graphs) for r in profile.records]
+    write_latency_profile(tmp_path / "p.csv", {**profile.metadata, **metadata}, records)
+    path = scenario(tmp_path, latency__profile__path="p.csv", latency__profile__cuda_graphs=cuda_graphs)
+    assert validate.plan(path).capture == capture
 
 
 @pytest.mark.parametrize(("factor", "tolerance", "status"), [(1.3, 0.25, 1), (1.3, 0.35, 0), (1.0, 0.01, 0)])
