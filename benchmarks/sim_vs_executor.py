@@ -6,8 +6,11 @@ swept exit layer and draft length, the executor on the same prompts as the trace
 prompt in sorted id order), with one torch thread as in the profile. Decode tokens/s excludes prefill on both sides:
 (new tokens - 1) / (wall time - prefill time). Exit status as `eesd validate` (1: a point off by more than 25%).
 
-    python benchmarks/sim_vs_executor.py            # writes benchmarks/results/sim_vs_executor_cpu.json
-    python benchmarks/sim_vs_executor.py --quick    # two prompts, AR and E=22 fixed:4, no file unless --out
+    python benchmarks/sim_vs_executor.py             # writes benchmarks/results/sim_vs_executor_cpu.json
+    python benchmarks/sim_vs_executor.py --quick     # two prompts, AR and E=22 fixed:4, no file unless --out
+    python benchmarks/sim_vs_executor.py --compiled  # scenarios/smollm2_cpu_compiled.yaml: a profile of compiled
+                                                     # layers, the executor with capture="compile-layers"
+                                                     # (writes benchmarks/results/sim_vs_executor_compiled_cpu.json)
 """
 
 from __future__ import annotations
@@ -21,17 +24,20 @@ from executor.cli import main as eesd
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "smollm2_cpu_calibrated.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "sim_vs_executor_cpu.json"
+COMPILED = (ROOT / "scenarios" / "smollm2_cpu_compiled.yaml", RESULTS.with_name("sim_vs_executor_compiled_cpu.json"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two prompts, AR and the scenario's own point")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
+    parser.add_argument("--compiled", action="store_true", help="the compiled layers' profile and capture mode")
     args = parser.parse_args()
-    argv = ["validate", str(SCENARIO), "--threads", "1"]
+    scenario, results = COMPILED if args.compiled else (SCENARIO, RESULTS)
+    argv = ["validate", str(scenario), "--threads", "1"]
     if args.quick:
         argv += ["--prompts", "2", "--points", "quick"]
-    out = args.out or (None if args.quick else RESULTS)
+    out = args.out or (None if args.quick else results)
     if out is not None:
         argv += ["--json", str(out)]
     return eesd(argv)

@@ -413,6 +413,17 @@ def predict(target: Target) -> tuple[Measurement, bool]:
     return Measurement(result.decode_tokens, result.decode_time_us / 1e6, result.rounds), result.extrapolated
 
 
+def _warm_up(plan_: Plan, target: Target, prompts: list[list[int]], run_one: Callable[..., Any]) -> None:
+    """First-call costs are not decode: one short run uncaptured; captured, every prompt in full once, so that each
+    pass shape the timed runs use (a cache capacity, a verify width) is compiled and captured before the clock runs
+    (a compiled layer takes seconds per shape, on a CPU too)."""
+    if plan_.capture == "none":
+        run_one(target, prompts[0], min(4, plan_.max_new_tokens))
+        return
+    for ids in prompts:
+        run_one(target, ids, plan_.max_new_tokens)
+
+
 def measure(
     plan_: Plan, threads: int | None = None, progress: Callable[[str], None] | None = None
 ) -> tuple[list[Measurement], dict[str, Any]]:
@@ -444,7 +455,7 @@ def measure(
     begin = time.perf_counter()
     measurements = []
     for target in plan_.targets:
-        run_one(target, prompts[0], min(4, plan_.max_new_tokens))  # warm-up: first-call costs are not decode
+        _warm_up(plan_, target, prompts, run_one)
         tokens, seconds, rounds = 0, 0.0, 0
         for ids in prompts:
             stats = run_one(target, ids, plan_.max_new_tokens)

@@ -152,6 +152,17 @@ def test_the_executor_runs_the_layers_as_the_profile_timed_them(tmp_path, metada
     assert validate.plan(path).capture == capture
 
 
+@pytest.mark.parametrize(("capture", "expected"), [("none", [(0, 4)]), ("compile-layers", [(0, 8), (1, 8), (2, 8)])])
+def test_captured_runs_warm_up_every_prompt_in_full(capture, expected) -> None:
+    """A captured executor compiles a layer per pass shape (cache capacity, verify width): before the clock runs,
+    every prompt runs once in full; uncaptured, one short run pays the first call's costs."""
+    plan = dataclasses.replace(validate.plan(SHIPPED, prompts=3, max_new_tokens=8, points="quick"), capture=capture)
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    calls = []
+    validate._warm_up(plan, plan.targets[0], prompts, lambda t, ids, new: calls.append((prompts.index(ids), new)))
+    assert calls == expected
+
+
 @pytest.mark.parametrize(("factor", "tolerance", "status"), [(1.3, 0.25, 1), (1.3, 0.35, 0), (1.0, 0.01, 0)])
 def test_exit_status_follows_the_tolerance(tmp_path, capsys, monkeypatch, factor, tolerance, status) -> None:
     """The executor is replaced by the simulator's own numbers divided by `factor` (prediction off by factor - 1)."""
