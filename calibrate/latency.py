@@ -251,12 +251,25 @@ def measure(adapter: ModelAdapter, point: Point, inputs: Inputs, timer: TimerSpe
     fn = component_call(adapter, inputs, point.component, layer, run)
     with torch.inference_mode():
         if run is not None and point.component in ("layer", "exit_head"):
-            fn()  # compiles this shape: never timed, never inside a graph capture
+            _compile(fn)  # this shape: never timed, never inside a graph capture
         summary = time_call(fn, timer, point.cuda_graphs, host=point.component == "overhead")
     if point.component == "layer" and layer is None:  # a pass over all layers: per-layer figures
         n = adapter.num_layers
         summary = Summary(summary.median_us / n, summary.p10_us / n, summary.p90_us / n)
     return summary
+
+
+def _compile(fn: Callable[[], object]) -> None:
+    """Run `fn` once to compile its shape; a compiler that fails here (no C++ compiler on a CPU, no Triton on a GPU)
+    is the machine's, not a measurement: a one-line error naming the way out."""
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - torch.compile raises many types
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"--kernels compiled: torch.compile of the decoder layer failed here ({type(err).__name__}: {first}); "
+            "profile with --kernels eager"
+        ) from err
 
 
 def spot_check_layers(adapter: ModelAdapter, settings: LatencySettings) -> list[dict[str, Any]]:

@@ -98,6 +98,27 @@ def test_compiled_kernels_time_the_fused_compiled_layer(tiny_config: Path, tmp_p
     compiled_layer.cache_clear()
 
 
+def test_a_failing_compiler_is_one_line_naming_the_way_out(tiny_config, tmp_path, capsys, monkeypatch) -> None:
+    from executor import adapter as adapter_module
+
+    def broken(*args):
+        raise RuntimeError("InductorError: no C++ compiler found\nlong trace")
+
+    monkeypatch.setattr(adapter_module.ModelAdapter, "compiled", lambda self, fallback=False: _with_run(self, broken))
+    assert _latency(tiny_config, tmp_path / "out", "--kernels", "compiled", "--batch", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eesd calibrate: error: --kernels compiled:") and "--kernels eager" in err
+    assert "no C++ compiler found" in err and "Traceback" not in err and "long trace" not in err
+
+
+def _with_run(adapter, run):
+    import copy
+
+    view = copy.copy(adapter)
+    view.layer_run = run
+    return view
+
+
 def test_latency_resumes_from_partial_results(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _latency(tiny_config, out, "--max-new-points", "5") == 3
