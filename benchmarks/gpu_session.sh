@@ -21,14 +21,16 @@
 # compiled, a trained head's layer compiled, latency profiles of the compiled default (sim_vs_gpu.py --card h100),
 # where the 7B step's time goes. The modes earlier leases ran are in git history (benchmarks/gpu_session.sh).
 #
-# Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card) and
-# calibration/<card>/ (profiles), and commit them.
+# Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card:
+# gpu_decode_nvidia_h100_{llama7b,smollm2}.json) and calibration/h100/ (the profiles keep their names:
+# latency_llama-2-7b-4layers_cuda_bf16_compiled.csv, latency_smollm2-135m_cuda_bf16_compiled.csv), run
+# `python benchmarks/sim_vs_gpu.py --card h100`, and commit them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=smollm2-135m
 PARTS=/tmp/parts
-GGUF=/tmp/smollm2.gguf
+GGUF=/tmp/smollm2-135m.gguf  # its name names the profile: latency_smollm2-135m_cuda_bf16_compiled.csv
 SITE=/tmp/site
 OUT=${OUT:-/tmp/out}
 

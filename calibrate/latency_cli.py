@@ -16,6 +16,7 @@ from calibrate.common import (
     load,
     model_config,
     parse_int_list,
+    slug,
 )
 from calibrate.latency import (
     COMPILED_GPU_GRID,
@@ -100,9 +101,11 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
     if kernels == "compiled":
         shapes = compiled_shapes(plan_points(grid, settings.graph_modes))
         print(f"compiled kernels: {shapes} shapes to compile, a few seconds each (a smaller grid: --q, --context)")
-    loaded = load(args.model, dtype, device, layers_to_keep(args, device, dtype))
+    keep = layers_to_keep(args, device, dtype)
+    loaded = load(args.model, dtype, device, keep)
     check_context(grid, loaded.model.config.max_position_embeddings, args.model)
-    out_path = profile_path(args.out, args.model, device, args.dtype or ("bf16" if cuda else "fp32"), kernels)
+    name = args.model if keep is None else f"{slug(args.model)}-{keep}layers"  # latency_llama-2-7b-4layers_...
+    out_path = profile_path(args.out, name, device, args.dtype or ("bf16" if cuda else "fp32"), kernels)
     begin = time.perf_counter()
     metadata = base_metadata(args.model, device, dtype)
     written = calibrate_latency(loaded, settings, out_path, metadata, args.max_new_points, progress)

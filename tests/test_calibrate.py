@@ -119,6 +119,13 @@ def _with_run(adapter, run):
     return view
 
 
+def test_a_profile_of_some_layers_says_so_in_its_name(tiny_config: Path, tmp_path: Path) -> None:
+    assert _latency(tiny_config, tmp_path / "out", "--layers", "2", "--q", "1", "--context", "8", "--batch", "1") == 0
+    (path,) = (tmp_path / "out").glob("latency_*.csv")
+    assert path.name == "latency_config-2layers_cpu_fp32.csv"
+    assert read_latency_profile(path).metadata["layers_profiled"] == 2
+
+
 def test_latency_resumes_from_partial_results(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _latency(tiny_config, out, "--max-new-points", "5") == 3
