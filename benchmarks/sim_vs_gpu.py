@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sim.formats import write_text_atomic
+from sim.formats import latency_profile_name, write_text_atomic
 from sim.runner import simulate_point
 from sim.scenario import Point, validate
 
@@ -57,8 +57,7 @@ class Source:
 
 def _sources(card: str, capture: str, kernels: str, zero_draft_rounds: str) -> tuple[Source, ...]:
     """SmolLM2 (real weights) and the 7B shape (4 of its layers profiled) of one card's lease, one capture mode."""
-    suffix = "" if kernels == "eager" else f"_{kernels}"
-    at = lambda name: ROOT / "calibration" / card / f"latency_{name}_cuda_bf16{suffix}.csv"  # noqa: E731
+    at = lambda name: ROOT / "calibration" / card / latency_profile_name(name, "cuda", "bf16", kernels)  # noqa: E731
     common = {"capture": capture, "gpu": card.upper(), "zero_draft_rounds": zero_draft_rounds}
     bench = lambda name: RESULTS / f"gpu_decode_nvidia_{card}_{name}.json"  # noqa: E731
     return (

@@ -44,7 +44,7 @@ from calibrate.timing import Summary, TimerSpec, time_call
 from executor.adapter import ModelAdapter, Step, allow_recompiles, attention_mask, decoder_layer
 from executor.fusion import fuse_projections
 from executor.kv_cache import KVCache
-from sim.formats import LatencyRecord, write_latency_profile
+from sim.formats import LatencyRecord, latency_profile_name, write_latency_profile
 
 
 @dataclass(frozen=True)
@@ -319,8 +319,7 @@ def _sorted_records(records: dict[Point, LatencyRecord], points: list[Point]) ->
 def profile_path(out_dir: Path, model: str, device: torch.device, dtype_name: str, kernels: str = "eager") -> Path:
     from calibrate.common import slug
 
-    suffix = "" if kernels == "eager" else f"_{kernels}"
-    return out_dir / f"latency_{slug(model)}_{device.type}_{dtype_name}{suffix}.csv"
+    return out_dir / latency_profile_name(slug(model), device.type, dtype_name, kernels)
 
 
 def compiled_shapes(points: list[Point]) -> int:

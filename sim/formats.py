@@ -188,6 +188,13 @@ def read_latency_profile(path: str | Path) -> DataFile:
     return read_file(path, LATENCY_PROFILE)
 
 
+def latency_profile_name(model: str, device_type: str, dtype: str, kernels: str = "eager") -> str:
+    """The file name `eesd calibrate latency` gives a profile (`model` already a file-name-safe label): a profile of
+    compiled kernels (metadata `kernels`) ends `_compiled`, so it never overwrites the eager one."""
+    suffix = "" if kernels == "eager" else f"_{kernels}"
+    return f"latency_{model}_{device_type}_{dtype}{suffix}.csv"
+
+
 def write_acceptance_trace(path: str | Path, metadata: Mapping[str, Any], records: Iterable[AcceptanceRecord]) -> Path:
     return write_file(path, ACCEPTANCE_TRACE, metadata, records)
 
@@ -355,6 +362,7 @@ __all__ = [
     "DataFile",
     "LatencyRecord",
     "LinkRecord",
+    "latency_profile_name",
     "read_acceptance_trace",
     "read_file",
     "read_latency_profile",

@@ -104,19 +104,11 @@ def test_a_failing_compiler_is_one_line_naming_the_way_out(tiny_config, tmp_path
     def broken(*args):
         raise RuntimeError("InductorError: no C++ compiler found\nlong trace")
 
-    monkeypatch.setattr(adapter_module.ModelAdapter, "compiled", lambda self, fallback=False: _with_run(self, broken))
+    monkeypatch.setattr(adapter_module, "compiled_layer", lambda fallback=False: broken)
     assert _latency(tiny_config, tmp_path / "out", "--kernels", "compiled", "--batch", "1") == 2
     err = capsys.readouterr().err
     assert err.startswith("eesd calibrate: error: --kernels compiled:") and "--kernels eager" in err
     assert "no C++ compiler found" in err and "Traceback" not in err and "long trace" not in err
-
-
-def _with_run(adapter, run):
-    import copy
-
-    view = copy.copy(adapter)
-    view.layer_run = run
-    return view
 
 
 def test_a_profile_of_some_layers_says_so_in_its_name(tiny_config: Path, tmp_path: Path) -> None:
