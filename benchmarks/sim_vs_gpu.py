@@ -48,6 +48,8 @@ class Source:
     model: str
     prompt_len: int  # the timed prompt's length (SmolLM2: builtin/chat-01 = 47 tokens; 7B shape: 32 random ids)
     zero_draft_rounds: str = "verify"  # how the measured executor ran EESD rounds of k = 0 (the H200 lease: "verify")
+    ppsd_sync_every: int = 8  # PPSD ticks per host read of the measured executor (the H200 lease: 1, every tick)
+    trained_zero_draft_rounds: str = "verify"  # a trained head's k = 0 rounds (both leases: before they chained)
     capture: str = "graph"  # the rows compared: those the executor ran with this capture mode
     gpu: str = "H200"  # the simulator's hardware preset (sim/hardware.py)
 
@@ -55,10 +57,11 @@ class Source:
         return [path for path in (self.bench, self.profile) if not path.is_file()]
 
 
-def _sources(card: str, capture: str, kernels: str, zero_draft_rounds: str) -> tuple[Source, ...]:
+def _sources(card: str, capture: str, kernels: str, zero_draft_rounds: str, ppsd_sync: int) -> tuple[Source, ...]:
     """SmolLM2 (real weights) and the 7B shape (4 of its layers profiled) of one card's lease, one capture mode."""
     at = lambda name: ROOT / "calibration" / card / latency_profile_name(name, "cuda", "bf16", kernels)  # noqa: E731
-    common = {"capture": capture, "gpu": card.upper(), "zero_draft_rounds": zero_draft_rounds}
+    common = {"capture": capture, "gpu": card.upper(), "zero_draft_rounds": zero_draft_rounds,
+              "ppsd_sync_every": ppsd_sync}  # fmt: skip
     bench = lambda name: RESULTS / f"gpu_decode_nvidia_{card}_{name}.json"  # noqa: E731
     return (
         Source(bench("smollm2"), at("smollm2-135m"), "SmolLM2-135M", 47, **common),
@@ -66,10 +69,11 @@ def _sources(card: str, capture: str, kernels: str, zero_draft_rounds: str) -> t
     )
 
 
-H200 = _sources("h200", "graph", "eager", "verify")  # that lease's executor ran zero-draft rounds as verify passes
-# the H100 lease that runs gpu_session.sh next1/next2: the default capture (compiled layers, zero-draft rounds
-# chained) with a compiled profile
-H100 = _sources("h100", "compile-layers", "compiled", "chained")
+# that lease's executor ran zero-draft rounds as verify passes and read the device after every PPSD tick
+H200 = _sources("h200", "graph", "eager", "verify", 1)
+# the H100 lease that ran gpu_session.sh next1/next2: the default capture (compiled layers, zero-draft rounds of a
+# shared head chained, PPSD ticks chained) with a compiled profile
+H100 = _sources("h100", "compile-layers", "compiled", "chained", 8)
 CARDS = {"h200": H200, "h100": H100}
 EESD_LABEL = re.compile(r"eesd (?P<head>shared|trained) E=(?P<exit>\d+) (?P<policy>fixed:\d+|beta-ts)")
 PPSD_LABEL = re.compile(r"ppsd streams n=(?P<stages>\d+)(?: trained E=(?P<exit>\d+))?$")
@@ -96,31 +100,34 @@ def scenario(source: Source, row: dict[str, Any], new_tokens: int, method: str, 
     if method == "eesd":
         match = EESD_LABEL.match(row["method"])
         data |= {"exit_layer": int(match["exit"]), "exit_head": match["head"], "policy": match["policy"]}
+        if match["head"] == "trained":
+            data["zero_draft_rounds"] = source.trained_zero_draft_rounds
     if method == "ppsd":
         match = PPSD_LABEL.match(row["method"])
         data["topology"]["stages"] = int(match["stages"])
+        data["sync_every"] = source.ppsd_sync_every
         if match["exit"]:
             data |= {"exit_layer": int(match["exit"]), "exit_head": "trained"}
     return Point(0, {}, validate(data, f"{source.bench}: row {row['method']!r}"), ROOT, str(source.bench))
 
 
-def decode_rate(point: Point) -> tuple[float, float, bool]:
-    """(method tokens/s, AR tokens/s, extrapolated) of the simulator, decode only."""
-    item = simulate_point(point)
-    rate = lambda r: r.decode_tokens / (r.decode_time_us / 1e6)  # noqa: E731
-    return rate(item.result), rate(item.baseline), item.result.extrapolated or item.baseline.extrapolated
+def decode_rate(point: Point) -> tuple[float, bool]:
+    """(tokens/s, extrapolated) of the simulator, decode only."""
+    result = simulate_point(point).result
+    return result.decode_tokens / (result.decode_time_us / 1e6), result.extrapolated
 
 
 def compare(source: Source, runs: int) -> list[dict[str, Any]]:
     bench = json.loads(source.bench.read_text())
     rows = [r for r in bench["rows"] if r.get("capture") == source.capture and r.get("decode_tokens_per_s")]
     ar = next(r for r in rows if r["method"] == "ours ar")
+    predicted_ar, _ = decode_rate(scenario(source, ar, bench["new_tokens"], "ar", runs))  # the measured AR's twin
     out = []
     for row in rows:
         method = method_of(row["method"])
         if method is None:
             continue
-        predicted, predicted_ar, extrapolated = decode_rate(scenario(source, row, bench["new_tokens"], method, runs))
+        predicted, extrapolated = decode_rate(scenario(source, row, bench["new_tokens"], method, runs))
         measured = row["decode_tokens_per_s"]
         out.append(
             {"model": source.model, "method": row["method"], "kind": method, "alpha": row.get("alpha"),

@@ -37,7 +37,7 @@ from sim.models import ModelConfig
 from sim.policy import DraftPolicy, make_policy, round_budget
 
 TOKEN_ID_BYTES = 8
-AR_SYNC_CAPTURED = 8  # captured AR steps per host read: the executor's default (executor.api.AR_SYNC_CAPTURED)
+SYNC_CAPTURED = 8  # captured AR steps (PPSD ticks) per host read: the executor's default (executor.api.SYNC_CAPTURED)
 METHODS = ("ar", "eesd", "ppsd")
 
 
@@ -76,6 +76,7 @@ class SimPlan:
     cost_ratio: float | None = None  # draft step / verify pass, for the Thompson-sampling policies
     context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
     chain_zero_rounds: bool = True  # EESD rounds that draft nothing run as chained AR steps (as the executor does)
+    sync_every: int = SYNC_CAPTURED  # captured: chained AR steps / zero-draft rounds / PPSD ticks per host read
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Pass:
     segments: tuple[tuple[int, int, int], ...]
     exit_at: int = 0
     lm_head_q: int = 0
+    head_layer_at: int = 0  # a trained head's own layer runs after this layer (its KV kept in step), no LM head
     host_sync: bool = True  # the host reads the device after this pass (see `stage_time_us`)
 
 
@@ -316,7 +318,7 @@ class Simulation:
         active, count = [r for r in rows if r.remaining > 0], 0
         while active:
             count += 1
-            last = count % AR_SYNC_CAPTURED == 0 or min(r.remaining for r in active) == 1
+            last = count % self.plan.sync_every == 0 or min(r.remaining for r in active) == 1
             yield from self._pass(step if last else chained, self._context(active), len(active))
             for row in active:
                 row.generated += 1
@@ -329,7 +331,8 @@ class Simulation:
         confidence = any(r.policy.needs_confidence for r in rows)  # the host reads every draft step's confidence
         draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=confidence)
         active = [r for r in rows if r.remaining > 0]
-        chain = self.plan.chain_zero_rounds and self.plan.exit_head != "trained"  # a head layer needs its verify
+        chain = self.plan.chain_zero_rounds
+        head_layer = exit_layer if self.plan.exit_head == "trained" else 0  # its KV follows every verified position
         while active:
             # 1. Draft: every row drafts until its policy stops; the batch runs while any row drafts.
             for row in active:
@@ -348,7 +351,7 @@ class Simulation:
             # 2. Verify the k drafts (layers [0, E) for the last one, [E, L) for all k + 1) and emit.
             k = max(r.drafted for r in active)
             segments = ((0, exit_layer, 1), (exit_layer, layers, k + 1)) if k else ((0, layers, 1),)
-            verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1)
+            verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=head_layer)
             yield from self._pass(verify, context, len(active))
             for row in active:
                 row.policy.update(row.drafted, row.accepted)
@@ -361,9 +364,10 @@ class Simulation:
     def _zero_draft_rounds(self, active: list[Row]) -> Generator[simpy.Event, Any, None]:
         """Rounds in which no row drafts, as the executor runs them (`executor.decoding.zero_draft_rounds`): AR steps
         chained on the device, one host read per block; the next rounds' budgets are drawn ahead while all are 0,
-        up to `AR_SYNC_CAPTURED` rounds or the longest row's end."""
+        up to `sync_every` rounds or the longest row's end. A trained head's layer runs in each step too (its KV
+        kept in step, as a verify pass keeps it)."""
         longest, steps = max(r.remaining for r in active), 1
-        while steps < min(AR_SYNC_CAPTURED, longest):
+        while steps < min(self.plan.sync_every, longest):
             budgets = [round_budget(r.policy, r.remaining, steps) for r in active]
             if any(budgets):
                 for row, budget in zip(active, budgets, strict=True):
@@ -371,9 +375,11 @@ class Simulation:
                 break
             steps += 1
         segments = ((0, self.plan.model.num_layers, 1),)
+        head_layer = self.plan.exit_layer if self.plan.exit_head == "trained" else 0
         for step in range(steps):
             last = step == steps - 1
-            work = Pass("decode" if last else "decode chained", "verify", segments, lm_head_q=1, host_sync=last)
+            name = "decode" if last else "decode chained"
+            work = Pass(name, "verify", segments, lm_head_q=1, head_layer_at=head_layer, host_sync=last)
             yield from self._pass(work, self._context(active), len(active))
             for row in active:
                 if row.remaining > 0:
@@ -392,13 +398,14 @@ class Simulation:
 
     def _ppsd(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
         plan = self.plan
-        n = len(plan.stages)
+        n, segments = len(plan.stages), ((0, plan.model.num_layers, 1),)
         self._pipe = _Pipe(
             rows=rows,
             output_len=plan.workload.output_len,
             window=plan.max_in_flight or n,
             finished=self.env.event(),
-            token_pass=Pass("token", "draft", ((0, plan.model.num_layers, 1),), exit_at=plan.exit_layer, lm_head_q=1),
+            token_pass=Pass("token", "draft", segments, exit_at=plan.exit_layer, lm_head_q=1, host_sync=False),
+            read_pass=Pass("token, read", "draft", segments, exit_at=plan.exit_layer, lm_head_q=1),
         )
         self._count(rounds=1)
         if plan.workload.output_len > 1:
@@ -407,8 +414,13 @@ class Simulation:
         self.epoch += 1  # whatever is still in flight is discarded
 
     def _ppsd_job(self, position: int, run_index: int) -> Job:
+        """The token at `position` entering the pipe: one tick's input to stage 1. Captured, the executor's host
+        reads the device once per `sync_every` ticks (the local backends chain the ticks on the device); that tick's
+        stages pay the host `overhead` (uncaptured, every stage of every tick pays it)."""
         pipe = self._pipe
-        costs = self._cost(pipe.token_pass, self.plan.workload.prompt_len + position, len(pipe.rows))
+        pipe.ticks += 1
+        work = pipe.read_pass if pipe.ticks % self.plan.sync_every == 0 else pipe.token_pass
+        costs = self._cost(work, self.plan.workload.prompt_len + position, len(pipe.rows))
         first, last, durations, link_bytes = costs
         job = Job(self.epoch, position, durations, link_bytes, first, last, self._ppsd_stage_done, len(pipe.rows))
         job.run_index, job.label = run_index, f"token {position}"
@@ -509,8 +521,10 @@ class _Pipe:
     output_len: int
     window: int
     finished: simpy.Event
-    token_pass: Pass
+    token_pass: Pass  # a tick the device chains on to the next (captured: no host read)
+    read_pass: Pass  # a tick after which the host reads the device
     in_flight: int = 0
+    ticks: int = 0
     pending: Job | None = field(default=None)
 
 
@@ -520,17 +534,22 @@ def pass_costs(
     """(first stage, last stage, µs per visited stage, link bytes after each stage index) of one pass."""
     visited = [i for i, s in enumerate(plan.stages) if _stage_touched(s, work)]
     first, last = visited[0], visited[-1]
-    durations = tuple(stage_time_us(plan, plan.stages[i], work, context_len, batch) for i in range(first, last + 1))
+    durations = tuple(
+        stage_time_us(plan, plan.stages[i], work, context_len, batch, read=i == last) for i in range(first, last + 1)
+    )
     hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
     link_bytes = tuple(_q_at(work, s.layer_end) * hidden_bytes for s in plan.stages)
     return first, last, durations, link_bytes
 
 
-def stage_time_us(plan: SimPlan, stage: StagePlan, work: Pass, context_len: int, batch: int) -> float:
+def stage_time_us(
+    plan: SimPlan, stage: StagePlan, work: Pass, context_len: int, batch: int, read: bool = True
+) -> float:
     """Device time of one stage's share of a pass: layers, TP all-reduces, embedding, heads, and the host's
     `overhead`. Uncaptured (a CPU, or eager on a GPU) every pass pays it; captured in CUDA graphs only a pass after
     which the host reads the device does: the executor chains the passes in between on the device (AR makes
-    `AR_SYNC_CAPTURED` tokens per read, a draft step feeds the next one, while the host queues them ahead)."""
+    `sync_every` tokens per read, PPSD runs `sync_every` ticks, a draft step feeds the next one, while the host
+    queues them ahead). The read is paid once, by the pass's last stage (`read`): the host waits for it."""
     lat, phase = stage.latency, work.phase
     total = 0.0
     if stage.layer_start == 0 and work.segments[0][0] == 0:
@@ -545,9 +564,11 @@ def stage_time_us(plan: SimPlan, stage: StagePlan, work: Pass, context_len: int,
             total += layers * per_layer
     if work.exit_at and stage.layer_start < work.exit_at <= stage.layer_end:
         total += exit_head_us(plan, lat, context_len, batch)
+    if work.head_layer_at and stage.layer_start < work.head_layer_at <= stage.layer_end:
+        total += lat.time_us("layer", phase, 1, context_len, batch)
     if work.lm_head_q and stage.layer_end == plan.model.num_layers:
         total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
-    if work.host_sync or not lat.cuda_graphs:
+    if (work.host_sync and read) or not lat.cuda_graphs:
         total += lat.time_us("overhead", phase, 1, context_len, batch)
     return total
 

@@ -166,6 +166,10 @@ class Scenario(Strict):
     # EESD rounds that draft nothing (k = 0): "chained" AR steps, one host read per block (the executor since
     # 2026-11-26), or "verify": one verify pass and host read each (the executor that the H200 lease measured)
     zero_draft_rounds: Literal["chained", "verify"] = "chained"
+    # captured (cuda_graphs): chained AR steps, zero-draft rounds or PPSD ticks per host read, as the executor's
+    # `generate(sync_every=)` (default 8); 1: a read after every step or tick (PPSD's `distributed` backend, and the
+    # `streams` backend before 2026-11-26, e.g. the H200 lease)
+    sync_every: int = Field(8, ge=1)
     latency: LatencyConfig = LatencyConfig(roofline=Roofline())
     acceptance: AcceptanceConfig
     topology: TopologyConfig = TopologyConfig()
@@ -355,6 +359,7 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
         max_in_flight=s.max_in_flight,
         seed=s.seed,
         chain_zero_rounds=s.zero_draft_rounds == "chained",
+        sync_every=s.sync_every,
     )
     _check_policy(point, plan, where)
     return SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan)})

@@ -175,21 +175,20 @@ def test_same_seed_same_result(method: str, alpha: float, seed: int, batch: int,
     assert Simulation(p).run() == Simulation(p).run()
 
 
-@pytest.mark.parametrize("captured", [False, True])
-def test_host_overhead_is_paid_per_host_read_when_captured(captured: bool) -> None:
+@pytest.mark.parametrize(("captured", "sync_every"), [(False, 8), (True, 8), (True, 3)])
+def test_host_overhead_is_paid_per_host_read_when_captured(captured: bool, sync_every: int) -> None:
     """Uncaptured, every pass pays the host `overhead`; captured in CUDA graphs only a pass after which the executor's
-    host reads the device: every AR_SYNC_CAPTURED-th AR step (and the last), each EESD verify pass (draft steps chain
+    host reads the device: every sync_every-th AR step (and the last), each EESD verify pass (draft steps chain
     on the device for a policy that ignores confidences)."""
-    from sim.engine import AR_SYNC_CAPTURED
-
     layer_us, overhead_us, output_len = 10.0, 100.0, 41
     latency = ConstantLatency({"layer": layer_us, "overhead": overhead_us}, cuda_graphs=captured)
     runs = {}
     for method in ("ar", "eesd"):
         base = plan(method, 0.0, draft_len=2, exit_layer=6, output_len=output_len)
-        runs[method] = Simulation(SimPlan(**{**base.__dict__, "stages": (StagePlan(0, 24, latency),)})).run()
+        stages = (StagePlan(0, 24, latency),)
+        runs[method] = Simulation(SimPlan(**{**base.__dict__, "stages": stages, "sync_every": sync_every})).run()
     steps = output_len - 1  # decode passes after the prefill's token
-    ar_reads = -(-steps // AR_SYNC_CAPTURED) if captured else steps
+    ar_reads = -(-steps // sync_every) if captured else steps
     assert runs["ar"].decode_time_us == pytest.approx(steps * 24 * layer_us + ar_reads * overhead_us)
     eesd = runs["eesd"]  # alpha 0: each round drafts up to 2 tokens (6 layers each), verifies (24 layers), emits 1
     layers_us = eesd.drafted * 6 * layer_us + eesd.rounds * 24 * layer_us
@@ -198,18 +197,40 @@ def test_host_overhead_is_paid_per_host_read_when_captured(captured: bool) -> No
     assert eesd.decode_time_us == pytest.approx(layers_us + reads * overhead_us)
 
 
-def test_the_simulated_ar_sync_matches_the_executor() -> None:
-    from executor.api import AR_SYNC_CAPTURED as executor_sync
-    from sim.engine import AR_SYNC_CAPTURED
+def test_the_simulated_sync_matches_the_executor() -> None:
+    from executor.passes import SYNC_CAPTURED as executor_sync
+    from sim.engine import SYNC_CAPTURED, SimPlan
+    from sim.scenario import Scenario
 
-    assert executor_sync == AR_SYNC_CAPTURED
+    assert executor_sync == SYNC_CAPTURED == SimPlan.sync_every == Scenario.model_fields["sync_every"].default
 
 
-@pytest.mark.parametrize(("mode", "head"), [("chained", "shared"), ("verify", "shared"), ("chained", "trained")])
+@pytest.mark.parametrize("sync_every", [1, 4, 8])
+def test_captured_ppsd_reads_the_host_once_per_sync_every_ticks(sync_every: int) -> None:
+    """The local PPSD backends chain their ticks on the device: captured, the host reads once per `sync_every` ticks
+    (1: every tick, as the `distributed` backend), and a read stalls the pipe once (the last stage pays it), so the
+    overhead adds reads x overhead to the decode time. Uncaptured every stage of every tick pays it."""
+    output_len, overhead_us = 41, 100.0
+    times = {}
+    for captured, overhead in ((True, 0.0), (True, overhead_us), (False, overhead_us)):
+        base = plan("ppsd", 1.0, 2, output_len=output_len)  # no flushes: one tick per token after the first
+        latency = ConstantLatency({"layer": 10.0, "overhead": overhead}, cuda_graphs=captured)
+        stages = (StagePlan(0, 12, latency), StagePlan(12, 24, latency))
+        run = Simulation(SimPlan(**{**base.__dict__, "stages": stages, "sync_every": sync_every})).run()
+        times[captured, overhead] = run.decode_time_us
+    ticks = output_len - 1
+    assert times[True, overhead_us] - times[True, 0.0] == pytest.approx(ticks // sync_every * overhead_us)
+    assert times[False, overhead_us] - times[True, 0.0] >= ticks * overhead_us
+
+
+@pytest.mark.parametrize(
+    ("mode", "head"), [("chained", "shared"), ("verify", "shared"), ("chained", "trained"), ("verify", "trained")]
+)
 def test_zero_draft_rounds_are_chained_ar_steps_as_the_executor_runs_them(mode: str, head: str, monkeypatch) -> None:
     """Captured, EESD rounds that draft nothing run as the executor's chained AR steps (`zero_draft_rounds`): one host
-    read per block of up to AR_SYNC_CAPTURED rounds, a block ending before a round that drafts; "verify" (the
-    executor the H200 lease measured) reads after every round. A trained head (a layer of its own) never chains."""
+    read per block of up to sync_every rounds, a block ending before a round that drafts; "verify" (the executor the
+    H200 lease measured) reads after every round. A trained head's own layer runs once per verified position (in
+    each chained step, or in each verify pass), keeping its KV in step."""
     import sim.engine
 
     script = [0] * 10 + [2] + [0] * 30  # 10 zero rounds: blocks of 8 and 2, then a drafting round, then blocks
@@ -217,11 +238,11 @@ def test_zero_draft_rounds_are_chained_ar_steps_as_the_executor_runs_them(mode: 
     layer_us, overhead_us, output_len = 10.0, 100.0, 30
     latency = ConstantLatency({"layer": layer_us, "overhead": overhead_us, "exit_head": 0.0}, cuda_graphs=True)
     base = plan("eesd", 0.0, exit_layer=6, output_len=output_len, policy="beta-ts")
-    chained = mode == "chained" and head == "shared"
+    chained = mode == "chained"
     run = Simulation(SimPlan(**{**base.__dict__, "stages": (StagePlan(0, 24, latency),), "exit_head": head,
                                 "chain_zero_rounds": mode == "chained"})).run()  # fmt: skip
     # 29 decode tokens: 10 zero rounds, a round drafting 2 (alpha 0: emits 1), 18 zero rounds
     assert run.rounds == 29 and run.drafted == 2
     reads = 2 + 1 + 3 if chained else 29  # blocks 8 + 2, the drafting round, blocks 8 + 8 + 2
-    layers_us = 2 * 6 * layer_us + 29 * 24 * layer_us
+    layers_us = 2 * 6 * layer_us + 29 * (24 + (head == "trained")) * layer_us
     assert run.decode_time_us == pytest.approx(layers_us + reads * overhead_us)
