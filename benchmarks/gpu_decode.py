@@ -366,11 +366,14 @@ def llama7b_cases(model, prompt: list[int], args) -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------------------------ models
+LLAMA7B_POSITIONS = 4096  # Llama-2's context
+
+
 def llama2_7b_shape(num_layers: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
     """Llama-2-7B's shape with random weights (HF's default init), built directly on `device` in `dtype`."""
     config = LlamaConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=LLAMA7B_POSITIONS, rms_norm_eps=1e-5,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -493,13 +496,18 @@ def copy_tbps(device: torch.device, gib: float = 2.0) -> float | None:
     return 2 * gib * 2**30 / statistics.median(times[1:]) / 1e12
 
 
-def hbm_floor(model: torch.nn.Module, tbps: float) -> float:
-    """Tokens/s if every decode step only read all weights once at `tbps` TB/s (the embedding row aside)."""
+def hbm_floor(model: torch.nn.Module, tbps: float, context: float = 0.0) -> float:
+    """Tokens/s if every decode step only read all weights once at `tbps` TB/s (the embedding row aside), and the
+    keys and values of `context` cached positions (the run's mean context; a static pass reads its whole cache
+    capacity, which this floor does not count)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
     if model.config.tie_word_embeddings:  # the tied matrix is read once, as the LM head
         weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    return tbps * 1e12 / weights
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+    return tbps * 1e12 / (weights + context * per_position)
 
 
 # ------------------------------------------------------------------------------------------------------ match rate
@@ -625,6 +633,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per method (median reported), >= 5")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--prompt-len", type=int, default=32, help="the 7B shape's random prompt (its cache holds prompt + new tokens, "
+        "rounded up to 256 when captured; at most 4096 in all: e.g. 3840 to time steps at a 4k context)",
+    )  # fmt: skip
     parser.add_argument("--draft-len", type=int, default=3, help="k of the fixed:k policy")
     parser.add_argument("--exit-layer", type=int, default=15, help="SmolLM2 exit layer (the trained head's)")
     parser.add_argument("--match-prompts", type=int, default=12, help="real prompts for the match rate")
@@ -679,6 +691,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--models must name smollm2 and/or llama7b, got {args.models}")
     if args.quick:
         args.new_tokens, args.match_prompts, args.hf_new_tokens = 16, 3, 8
+    if not 1 <= args.prompt_len <= LLAMA7B_POSITIONS - args.new_tokens - 1:
+        parser.error(f"--prompt-len must be in [1, {LLAMA7B_POSITIONS - args.new_tokens - 1}] (the 7B shape's "
+                     f"{LLAMA7B_POSITIONS} positions hold the prompt and {args.new_tokens} new tokens), "
+                     f"got {args.prompt_len}")  # fmt: skip
     return args
 
 
@@ -689,7 +705,8 @@ def report(args, device: torch.device, dtype: torch.dtype, rows, matches, floors
         "complete": done, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs_per_method": args.runs,
-        "new_tokens": args.new_tokens, "hf_new_tokens": args.hf_new_tokens, "batch": 1, "decoding": "greedy",
+        "new_tokens": args.new_tokens, "hf_new_tokens": args.hf_new_tokens, "llama7b_prompt_len": args.prompt_len,
+        "batch": 1, "decoding": "greedy",
         "quick": args.quick, "small": args.small, "time_budget_s": args.time_budget_s,
         "timing": "median tokens/s over runs after one warm-up, end to end (prefill included), EOS ignored; HF rows "
         "make --hf-new-tokens tokens (their per-token time is host-bound and flat)",
@@ -745,11 +762,12 @@ def main(argv: list[str] | None = None) -> None:
         big = llama2_7b_shape(layers, dtype, device)
         name = f"Llama-2-7B shape, random, {layers} layers"
         print(name, flush=True)
-        floors[name] = hbm_floor(big, args.hbm_tbps)
+        context = args.prompt_len + args.new_tokens / 2  # the mean context of a decode step
+        floors[name] = hbm_floor(big, args.hbm_tbps, context)
         measured = copy_tbps(device)
         if measured:
-            floors[f"{name} at the measured copy bandwidth {measured:.2f} TB/s"] = hbm_floor(big, measured)
-        prompt = torch.randint(0, 32000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+            floors[f"{name} at the measured copy bandwidth {measured:.2f} TB/s"] = hbm_floor(big, measured, context)
+        prompt = torch.randint(0, 32000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
         def save_with_floor(model_rows: list[Row]) -> None:
             for row in model_rows:

@@ -80,6 +80,7 @@ def test_only_keeps_the_matching_cases(bench, adapter) -> None:
         (["--only", "(unclosed"], "--only is not a regular expression"),
         (["--captures", "graph,fast"], "--captures must name none, graph, compile and/or compile-layers"),
         (["--runs", "3"], "--runs must be >= 5"),
+        (["--prompt-len", "3968"], "--prompt-len must be in [1, 3967]"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(bench, capsys, argv, message) -> None:
@@ -95,3 +96,17 @@ def test_unfused_rows_run_with_fusion_off_and_restore_it(bench) -> None:
     case = bench.Case("ours ar", lambda: (passes.FUSE_CAPTURED, None), capture="graph")
     assert bench.unfused(case).run() == (False, None)
     assert passes.FUSE_CAPTURED and case.run() == (True, None)
+
+
+def test_the_hbm_floor_counts_the_cached_keys_and_values(bench) -> None:
+    """A decode step reads the weights and the K/V of every cached position: at the 7B shape's 4k context the cache
+    is 2 GiB next to 12.3 GiB of weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    weights = sum(p.numel() for p in model.parameters()) - 64 * 32  # the embedding's rows aside
+    per_position = 2 * 2 * 2 * 8  # keys and values, 2 layers, 2 KV heads of 8 dims
+    assert bench.hbm_floor(model, 1e-12) == pytest.approx(1 / (2 * weights))
+    assert bench.hbm_floor(model, 1e-12, context=10) == pytest.approx(1 / (2 * weights + 10 * 2 * per_position))
