@@ -634,6 +634,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per method (median reported), >= 5")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument(
+        "--no-cudnn-sdpa", action="store_true", help="SDPA without its cuDNN backend (the memory-efficient kernel "
+        "then takes our masked attention): the H100 timed both alike",
+    )  # fmt: skip
+    parser.add_argument(
         "--prompt-len", type=int, default=32, help="the 7B shape's random prompt (its cache holds prompt + new tokens, "
         "rounded up to 256 when captured; at most 4096 in all: e.g. 3840 to time steps at a 4k context)",
     )  # fmt: skip
@@ -706,6 +710,7 @@ def report(args, device: torch.device, dtype: torch.dtype, rows, matches, floors
         "torch": torch.__version__, "transformers": transformers.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs_per_method": args.runs,
         "new_tokens": args.new_tokens, "hf_new_tokens": args.hf_new_tokens, "llama7b_prompt_len": args.prompt_len,
+        "cudnn_sdpa": not args.no_cudnn_sdpa,
         "batch": 1, "decoding": "greedy",
         "quick": args.quick, "small": args.small, "time_budget_s": args.time_budget_s,
         "timing": "median tokens/s over runs after one warm-up, end to end (prefill included), EOS ignored; HF rows "
@@ -728,6 +733,8 @@ def selected(cases: list[Case], args) -> list[Case]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     budget = Budget(args.time_budget_s)
     out = args.out or default_output(device)
     smoke = " -- CPU SMOKE TEST, not a GPU result" if device.type != "cuda" else ""
