@@ -10,20 +10,20 @@
 #   here:    bash benchmarks/gpu_session.sh prepare        # .carry/smollm2-135m/part-00{0,1} + manifest, .carry/wheels
 #   call 1:  bash benchmarks/gpu_session.sh next1          # carry: .carry/smollm2-135m/part-000
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
-#            (timeout_s 340; stages part 0; the GPU tests, the 7B shape's compiled latency profile, its AR and
-#            forced-alpha rows, a kernel profile of its AR step)
+#            (timeout_s 300; stages part 0; the GPU tests, the 7B shape's compiled latency profile at contexts 512
+#            and 2048, its AR at a 32- and a 3840-token prompt)
 #   call 2:  bash benchmarks/gpu_session.sh next2          # carry: .carry/smollm2-135m/part-001
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
-#            (timeout_s 290; SmolLM2: HF anchors, AR, EESD, PPSD n=2, 4 with compiled layers and with graphs,
-#            float32 match rates; then its compiled latency profile)
+#            (timeout_s 280; SmolLM2: AR, EESD shared and trained, fixed:3 and beta-ts, PPSD n=2 with the trained
+#            head, 9 runs each, float32 match rates; then its compiled latency profile at contexts 512 and 2048)
 #
-# What it measures that no lease has: EESD beta-ts with its zero-draft rounds chained, PPSD with its transition
-# compiled, a trained head's layer compiled, latency profiles of the compiled default (sim_vs_gpu.py --card h100),
-# where the 7B step's time goes. The modes earlier leases ran are in git history (benchmarks/gpu_session.sh).
+# What it measures that no lease has: EESD beta-ts with a trained head whose zero-draft rounds chain (its layer's
+# KV kept in step by the chained AR step), compiled latency profiles past a 256-token context (the simulator
+# extrapolates there today), the GPU tests of that chaining. The two H100 leases' steps are in git history.
 #
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card:
-# gpu_decode_nvidia_h100_{llama7b,smollm2}.json) and calibration/h100/ (the profiles keep their names:
-# latency_llama-2-7b-4layers_cuda_bf16_compiled.csv, latency_smollm2-135m_cuda_bf16_compiled.csv), run
+# gpu_decode_nvidia_h100_{llama7b,smollm2}.json, the earlier ones renamed with the lease's suffix) and calibration/h100/
+# (merge each new profile's rows into the file of the same name, or keep it beside with its contexts in the name), run
 # `python benchmarks/sim_vs_gpu.py --card h100`, and commit them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,33 +66,29 @@ case "${1:-}" in
       --platform manylinux2014_x86_64 -d .carry/wheels "gguf==0.19.0" "simpy==4.1.2"
     ls -la .carry/"$MODEL" .carry/wheels
     ;;
-  next1)  # call 1 (part 0), <= 330 s: the GPU tests; the 7B shape's latency profile as the default runs it (fused,
-          # compiled layers; 6 shapes) for the simulator; its AR and forced-alpha rows with compiled layers and with
-          # graphs; a kernel profile of its AR step (where the 22% to the HBM floor goes)
+  next1)  # call 1 (part 0), <= 290 s: the GPU tests; the 7B shape's compiled profile at contexts 512 and 2048 (6
+          # shapes); its AR with compiled layers at a 32- and a 3840-token prompt (what attention over a 4k cache costs)
     first_call
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
-    timeout 110 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/test_gpu.log"
+    timeout 120 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/test_gpu.log"
     timeout 70 python3 -m executor.cli calibrate latency --model Llama-2-7B --layers 4 --device cuda --kernels compiled \
-      --batch 1 --q 1,2,4 --context 32,256 --prefill 32 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate_llama7b.log"
-    timeout 80 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers,graph \
-      --only '^hf generate|^ours ar$|forced alpha' --time-budget-s 50 \
-      --out "$OUT/gpu_decode_llama7b.json" 2>&1 | tee "$OUT/bench_llama7b.log"
-    timeout 50 python3 benchmarks/kernel_profile.py --model llama7b --capture compile-layers \
-      --out "$OUT/kernel_profile_llama7b.json" 2>&1 | tee "$OUT/kernel_profile_llama7b.log"
+      --batch 1 --q 1,2,4 --context 512,2048 --prefill 32 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate_llama7b.log"
+    for prompt in 32 3840; do
+      timeout 45 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers --only '^ours ar$' \
+        --prompt-len "$prompt" --out "$OUT/gpu_decode_llama7b_ctx$prompt.json" 2>&1 | tee "$OUT/bench_llama7b_ctx$prompt.log"
+    done
     ;;
-  next2)  # its call 2 (part 1), <= 280 s: SmolLM2's EESD rows (beta-ts now chains its zero-draft rounds), AR and
-          # PPSD n=2, 4 (its transition now compiled) with compiled layers and with graphs, float32
-          # match rates of the default (compiled layers, fused) against HF and uncompiled AR; then its compiled latency
-          # profile (14 shapes)
+  next2)  # its call 2 (part 1), <= 270 s: SmolLM2's EESD rows (a trained head's zero-draft rounds now chain) and
+          # PPSD n=2 with the trained head, 9 runs each, float32 match rates; then its compiled profile at contexts 512
+          # and 2048 (14 shapes)
     second_call next1 next2
     set +e
-    timeout 170 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers,graph \
-      --match-dtypes float32 --match-prompts 6 --only '^hf generate|^ours ar$|^eesd|^ppsd streams n=[24]$' \
-      --time-budget-s 130 \
-      --out "$OUT/gpu_decode_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
+    timeout 160 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers \
+      --runs 9 --match-dtypes float32 --match-prompts 6 --only '^ours ar$|^eesd|^ppsd streams n=2 trained' \
+      --time-budget-s 120 --out "$OUT/gpu_decode_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
     timeout 90 python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda --kernels compiled --batch 1 \
-      --q 1,2,3,4,5,7,9 --context 32,256 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
+      --q 1,2,3,4,5,7,9 --context 512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
     echo "usage: $0 prepare | next1 | next2" >&2
