@@ -28,8 +28,9 @@ Ideal speedups (what the implementation would reach at the measured acceptance i
 - EESD: the passes are profiled in isolation after the runs (median per-launch time of the captured AR step c_ar,
   draft step c_d and verify pass c_v(q) for every q used, mid-sequence position). Over the last run's rounds r with
   d_r drafts and a_r accepted: ideal = sum(a_r + 1) c_ar / sum(d_r c_d + c_v(d_r + 1)), a round of d_r = 0 costing
-  c_ar where the decoder runs it as the AR step (a head without a layer of its own); realised = the decode tokens/s
-  ratio EESD / our AR (same capture mode); efficiency = realised / ideal (target >= 0.9).
+  what the decoder runs it as, the AR step (c_ar; with a trained head the AR step that also runs the head's layer,
+  c_ar_head); realised = the decode tokens/s ratio EESD / our AR (same capture mode); efficiency = realised / ideal
+  (target >= 0.9).
 - PPSD: every stage's own pass profiled alone the same way (c_s), a tick as long as the slowest: ideal = decoded
   tokens c_ar / (ticks max_s c_s); `formula_ideal` is the paper's n / (alpha + (1 - alpha) n) (balanced stages, free
   head and links; `PPSDStats.ideal_speedup`). On one GPU the stages share the device and overlap only partly, so the
@@ -203,13 +204,16 @@ class PassProfile:
         return launch_time_ms(ar.ar, self.adapter.device, lambda: ar.load([1], [at], 1))
 
     def costs(self, exit_layer: int, head: Any, policy: str, qs: list[int]) -> dict[str, float]:
-        """Milliseconds per launch: c_ar, c_draft and c_verify(q) for q in `qs`, at a mid-sequence position."""
+        """Milliseconds per launch: c_ar, c_draft and c_verify(q) for q in `qs`, at a mid-sequence position; with a
+        head of its own layer(s), c_ar_head (the AR step a round that drafts nothing runs as)."""
         device = self.adapter.device
         with torch.inference_mode():
             costs = {"ar": self.ar_cost()}
             eesd = self.setup("eesd", exit_layer, head, policy)
             at = min(self.middle, eesd.cache.max_len - LAUNCHES - 1)
             costs["draft"] = launch_time_ms(eesd.draft, device, lambda: eesd.load([1], [at], 1))
+            if eesd.layers_head():
+                costs["ar_head"] = launch_time_ms(eesd.ar_head, device, lambda: eesd.load([1], [at], 1))
             for q in sorted(set(qs)):
                 reset = lambda q=q: eesd.load(None, [at], q)  # noqa: E731
                 costs[f"verify q={q}"] = launch_time_ms(lambda q=q: eesd.verify(q - 1), device, reset)
@@ -218,11 +222,11 @@ class PassProfile:
     def eesd_ideal(self, stats: Any, exit_layer: int, head: Any, policy: str) -> tuple[float | None, dict]:
         if not stats.accepted:
             return None, {}
-        chained = getattr(head, "extra_layers", 0) == 0  # a round of k = 0 runs as the AR step (greedy rows here)
-        costs = self.costs(exit_layer, head, policy, [d + 1 for d in stats.drafted if d or not chained])
+        costs = self.costs(exit_layer, head, policy, [d + 1 for d in stats.drafted if d])
+        zero_round = costs.get("ar_head", costs["ar"])  # a round of k = 0 runs as the AR step (greedy rows here)
 
         def cost(d: int) -> float:
-            return costs["ar"] if d == 0 and chained else d * costs["draft"] + costs[f"verify q={d + 1}"]
+            return zero_round if d == 0 else d * costs["draft"] + costs[f"verify q={d + 1}"]
 
         return sum(a + 1 for a in stats.accepted) * costs["ar"] / sum(map(cost, stats.drafted)), costs
 

@@ -251,9 +251,9 @@ def draw_budgets(rows: Rows, policies: list[DraftPolicy], ahead: int) -> list[in
 
 def chains_zero_rounds(passes: Passes) -> bool:
     """Whether a round that drafts nothing may run as the AR step: the same full-model token at the same position
-    (greedy, or exact sampling's keyed draw), and no head layer whose KV a verify pass would have to keep in step.
-    Rejection sampling and repetition penalties keep their own verify pass."""
-    return not passes.rejection and not passes.penalized and getattr(passes.head, "extra_layers", 0) == 0
+    (greedy, or exact sampling's keyed draw); a head with a layer of its own gets its KV there as the verify pass
+    writes it (`Passes.ar_head`). Rejection sampling and repetition penalties keep their own verify pass."""
+    return not passes.rejection and not passes.penalized
 
 
 def zero_draft_rounds(
@@ -264,7 +264,8 @@ def zero_draft_rounds(
     limit: int,
     forced_accept: Callable[[int], int] | None = None,
 ) -> list[int] | None:
-    """Rounds in which no row drafts, run as chained AR steps (`Passes.ar`) with one host read. A round that drafts
+    """Rounds in which no row drafts, run as chained AR steps with one host read: `Passes.ar`, or `Passes.ar_head`
+    where the exit head has a layer of its own (its KV kept in step, as a verify pass keeps it). A round that drafts
     nothing leaves every policy as it was (its update sees 0 drafts), so the next rounds' budgets can be drawn
     first, in the same order as round by round: while they are all 0 (and fewer than `limit`, and a row has tokens
     left, and the cache has room after every row: a row that ended ahead of the others still runs every step, at
@@ -282,9 +283,10 @@ def zero_draft_rounds(
             break
         steps += 1
     passes.load(rows.tokens, rows.positions, 1)
-    passes.cache.claim(range(passes.adapter.num_layers), rows.positions, steps)
+    passes.cache.claim(passes.layers_ar(), rows.positions, steps)
+    ar_step = passes.ar_head if passes.layers_head() else passes.ar
     for _ in range(steps):
-        passes.ar()
+        ar_step()
     block = read_back(passes.history[:, :steps], stats)
     passes.ar_cursor.zero_()
     for step in range(steps):
@@ -394,8 +396,10 @@ def decode_eesd(
 ) -> None:
     """Draft with layers [0, exit_layer) + exit head, verify with layers [exit_layer, L) in one pass.
 
-    A round in which no row drafts (every policy's k is 0, as beta-ts picks at a low acceptance) is an AR step; up
-    to `sync_every` such rounds in a row run as chained AR steps with one host read (`zero_draft_rounds`).
+    A round in which no row drafts (every policy's k is 0, as beta-ts picks at a low acceptance) is an AR step (one
+    that also runs a trained head's layer, keeping its KV); up to `sync_every` such rounds in a row run as chained AR
+    steps with one host read (`zero_draft_rounds`; not under rejection sampling or a repetition penalty, whose verify
+    pass does more: `chains_zero_rounds`).
 
     `forced_accept` (benchmark only, NOT lossless, never the default) replaces step 3's decision: it is called once
     per active row and round, in row order, with the row's drafted count and returns how many drafts to accept

@@ -164,7 +164,8 @@ class Passes:
     (the chosen token after each position), `hidden` [B, 1, d] (a draft step's layer-E state), `confidence` [B]
     (the draft's top probability, when a policy asks). The AR step chains: it also makes its token the next input,
     moves `positions[1]` on and appends the token to `history` [B, AR_HISTORY] at `ar_cursor`, so the host can launch
-    many steps and read their tokens in one copy. A draft step chains too: it keeps its state and token for the
+    many steps and read their tokens in one copy (so does `ar_head`, the AR step that also keeps a layered exit head's
+    KV, EESD's round that drafts nothing). A draft step chains too: it keeps its state and token for the
     verify pass in `exit_states` [B, K + 1, d] and `drafts` [B, K] at `draft_cursor` (K the largest draft length),
     feeds its token to the next draft step and moves `positions[1]` on; the verify pass resets the cursor.
     Rejection sampling adds `draft_prob` [B, V] (a draft step's q), `draft_probs` [B, K, V], `counts` [B] (each
@@ -232,10 +233,18 @@ class Passes:
             upload(self.ids, [[t] for t in tokens])
         upload(self.positions[q], [list(range(s, s + q)) for s in starts])
 
+    def layers_head(self) -> list[int]:
+        """The exit head's own cache layers, [L, L + extra) (none for a head without a layer of its own)."""
+        extra = getattr(self.head, "extra_layers", 0)
+        return list(range(self.adapter.num_layers, self.adapter.num_layers + extra))
+
     def layers_early(self) -> list[int]:
         """Cache layers a draft step writes: [0, E) and the head's own layers."""
-        extra = getattr(self.head, "extra_layers", 0)
-        return list(range(self.exit_layer)) + list(range(self.adapter.num_layers, self.adapter.num_layers + extra))
+        return list(range(self.exit_layer)) + self.layers_head()
+
+    def layers_ar(self) -> list[int]:
+        """Cache layers an AR step writes: every model layer, and the head's own where it keeps them (`ar_head`)."""
+        return list(range(self.adapter.num_layers)) + self.layers_head()
 
     def run(self, name: str, q: int, fn: Callable[[], None], advance: Callable[[], None] | None = None) -> None:
         key = (name, q)
@@ -266,6 +275,13 @@ class Passes:
         positions[1] += 1, history[:, ar_cursor] <- that token, ar_cursor += 1 (mod AR_HISTORY)."""
         self.run("ar", 1, self._ar, self._ar_advance)
 
+    def ar_head(self) -> None:
+        """`ar` for a head with a layer of its own: its layer also runs on the layer-E state, writing the head's KV at
+        `positions[1]` as the verify pass of a round that drafts nothing writes it (`verify(0)`), so a later draft
+        step reads a head cache in step with layers [0, E). The same layers in the same order as `ar`: the same
+        token; the same chaining."""
+        self.run("ar_head", 1, self._ar_head, self._ar_advance)
+
     def draft(self) -> None:
         """hidden <- layer-E state of `ids` at `positions[1]`; tokens[1] <- the exit head's draft (and its
         confidence / distribution); then chain: the state and draft kept at `draft_cursor` for the verify pass,
@@ -282,6 +298,13 @@ class Passes:
     def _ar(self) -> None:
         adapter, step = self.adapter, self.steps[1]
         hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, adapter.num_layers)
+        self.tokens[1].copy_(self.selector.select(adapter.logits(hidden), step.positions + 1))
+
+    def _ar_head(self) -> None:
+        adapter, step = self.adapter, self.steps[1]
+        hidden = self._early(step)
+        self.head.prefill(hidden, step, self.cache)  # the head's KV, as `_verify` writes it for its last position
+        hidden = adapter.forward_layers(hidden, step, self.cache, self.exit_layer, adapter.num_layers)
         self.tokens[1].copy_(self.selector.select(adapter.logits(hidden), step.positions + 1))
 
     def _ar_advance(self) -> None:

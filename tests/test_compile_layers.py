@@ -127,3 +127,34 @@ def test_auto_runs_uncompiled_when_compilation_fails(fresh_compiler, monkeypatch
     with pytest.warns(RuntimeWarning, match="PPSD transition failed, it runs uncompiled"):
         out = executor.generate(net, [PROMPT], max_new_tokens=6, method="ppsd", stages=3, capture="auto")
     assert torch.equal(out.sequences, reference) and out.stats.capture == "compile-layers"
+
+
+@pytest.mark.parametrize("capture", ["compile-layers", "compile"])
+def test_a_trained_heads_zero_draft_rounds_chain_compiled(monkeypatch, capture: str) -> None:
+    """Zero-draft rounds with a trained head chain as `Passes.ar_head` under compiled layers (the head's layer
+    compiled too) and under a compiled pass: AR's tokens, fewer host reads than rounds."""
+    from executor.adapter import ModelAdapter
+    from executor.heads import TrainedExitHead
+    from executor.passes import Passes
+
+    net = scale_late_layers(tiny_model(TinySpec(num_layers=4, seed=5), torch.float64), 2, 0.3)
+    head = TrainedExitHead(ModelAdapter(net), 2).double().requires_grad_(False)
+    reference = executor.generate(net, [PROMPT], max_new_tokens=16, method="ar", capture="none").sequences
+    compiled: list[bool] = []
+    original_run, original_ar_head = TrainedExitHead.run_layer, Passes.ar_head
+
+    def spy(self, hidden, step, cache):
+        compiled.append(self.layer_run is not None and step.span is not None)
+        return original_run(self, hidden, step, cache)
+
+    launches: list[int] = []
+    monkeypatch.setattr(TrainedExitHead, "run_layer", spy)
+    monkeypatch.setattr(Passes, "ar_head", lambda self: launches.append(1) or original_ar_head(self))
+    out = executor.generate(net, [PROMPT], max_new_tokens=16, method="eesd", exit_layer=2, head=head,
+                            policy="beta-ts:cost=0.7", sync_every=4, capture=capture)  # fmt: skip
+    assert out.stats.capture == capture
+    assert out.sequences.tolist() == reference.tolist()
+    assert len(launches) == out.stats.drafted.count(0) >= 2 and sum(out.stats.drafted) > 0
+    assert out.stats.host_reads < len(out.stats.drafted)
+    if capture == "compile-layers":
+        assert compiled[1:] and all(compiled[1:])  # after the prompt's prefill, every head layer run is compiled

@@ -84,6 +84,21 @@ def test_eesd_with_trained_and_subset_heads_equals_hf() -> None:
             assert tokens == reference
 
 
+@pytest.mark.parametrize("capture", ["graph", "compile-layers"])
+def test_trained_head_chains_zero_draft_rounds_captured(capture: str) -> None:
+    """A trained head's zero-draft rounds chain as the captured `Passes.ar_head` step (its layer's KV written inside
+    the graph), between drafting rounds that read that KV: HF's tokens, fewer host reads than rounds."""
+    model = cuda_model(TinySpec(num_layers=4, seed=2))
+    trained = TrainedExitHead(ModelAdapter(model), EXIT_LAYER).to("cuda", torch.float64).requires_grad_(False)
+    for prompt in PROMPTS:
+        reference = hf_tokens(model, prompt, 24)
+        kwargs = {"exit_layer": EXIT_LAYER, "head": trained, "policy": "beta-ts:cost=0.9,max=4", "sync_every": 8}
+        tokens, stats = ours(model, prompt, 24, method="eesd", capture=capture, **kwargs)
+        assert tokens == reference, (capture, prompt)
+        assert stats.capture == capture and stats.drafted.count(0) > 1 and sum(stats.drafted) > 0
+        assert stats.host_reads < len(stats.drafted)
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("backend", ["streams", "sequential"])
 def test_ppsd_equals_hf(stages: int, backend: str) -> None:

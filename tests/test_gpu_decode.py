@@ -66,6 +66,26 @@ def test_eesd_efficiency_is_against_its_profiled_ideal(bench, adapter) -> None:
     assert "| eesd shared E=2 fixed:2 | none |" in bench.table(rows)
 
 
+def test_a_trained_heads_zero_rounds_cost_its_chained_ar_step(bench, adapter, monkeypatch) -> None:
+    """With a head of its own layer, a round that drafts nothing runs as `Passes.ar_head` (the AR step that also runs
+    the head's layer): the ideal prices such rounds at that pass's profiled cost, drafting rounds at theirs."""
+    from scripted_policy import ScriptedPolicy
+
+    import executor.api
+    from executor.heads import TrainedExitHead
+
+    script = [0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    monkeypatch.setattr(executor.api, "make_policy", lambda spec, **kw: ScriptedPolicy(script))
+    head = TrainedExitHead(adapter, 2).requires_grad_(False)
+    case = bench.eesd_case(adapter, PROMPT, 12, "eesd trained E=2 beta-ts", 2, head, "beta-ts", "none")
+    _, stats = case.run()
+    ideal, costs = case.ideal(stats)
+    assert stats.drafted[:3] == [0, 0, 2] and 0 in stats.drafted[3:]
+    assert {"ar", "ar_head", "draft", "verify q=3"} <= set(costs) and "verify q=1" not in costs
+    spent = sum(costs["ar_head"] if d == 0 else d * costs["draft"] + costs[f"verify q={d + 1}"] for d in stats.drafted)
+    assert ideal == pytest.approx(sum(a + 1 for a in stats.accepted) * costs["ar"] / spent)
+
+
 def test_only_keeps_the_matching_cases(bench, adapter) -> None:
     args = bench.parse_args(["--device", "cpu", "--only", "^ours ar$|^ppsd"])
     cases = [bench.ppsd_case(adapter, PROMPT, 4, n, adapter.device, "none") for n in (2, 4)]

@@ -87,6 +87,7 @@ def model(epsilon: float = 0.3) -> torch.nn.Module:
         {"method": "eesd", "draft_len": 3},
         {"method": "eesd", "policy": "beta-ts"},
         {"method": "eesd", "policy": "confidence:0.5"},
+        {"method": "eesd", "policy": "beta-ts:cost=0.7", "head": "layered", "sync_every": 4},  # `ar_head`, drafts
         {"method": "eesd", "draft_len": 2, "do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.7},
         {"method": "eesd", "draft_len": 4, "min_new_tokens": 6, "eos_token_id": [3, 7]},
         {"method": "eesd", "draft_len": 3, "do_sample": True, "sampling": "rejection", "top_k": 30},
@@ -105,11 +106,13 @@ def test_passes_do_no_host_work_and_are_idempotent(monkeypatch, kwargs) -> None:
     """Strict passes give what plain ones give: AR's tokens (greedy, exact sampling) or, for rejection sampling, the
     same seeded draws (its noise is keyed by position, so a run is a function of the seed)."""
     net = model()
+    if kwargs.get("head") == "layered":  # a head with a layer of its own: zero-draft rounds chain as `ar_head`
+        kwargs = {**kwargs, "head": TrainedExitHead(ModelAdapter(net), EXIT_LAYER).requires_grad_(False)}
     if kwargs.get("sampling") == "rejection":
         reference = executor.generate(net, [PROMPTS[0]], max_new_tokens=14, **kwargs)
     else:
         reference = executor.generate(net, [PROMPTS[0]], max_new_tokens=14, method="ar", **{
-            k: v for k, v in kwargs.items() if k not in ("method", "draft_len", "policy", "stages")
+            k: v for k, v in kwargs.items() if k not in ("method", "draft_len", "policy", "stages", "head")
         })  # fmt: skip
     monkeypatch.setattr(StaticPass, "__call__", strict)
     out = executor.generate(net, [PROMPTS[0]], max_new_tokens=14, **kwargs)
