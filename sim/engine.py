@@ -37,6 +37,7 @@ from sim.models import ModelConfig
 from sim.policy import DraftPolicy, make_policy, round_budget
 
 TOKEN_ID_BYTES = 8
+CAPACITY_STEP = 256  # captured: the executor's cache capacity is a multiple of this (executor.passes.CAPACITY_STEP)
 SYNC_CAPTURED = 8  # captured AR steps (PPSD ticks) per host read: the executor's default (executor.api.SYNC_CAPTURED)
 METHODS = ("ar", "eesd", "ppsd")
 
@@ -77,6 +78,9 @@ class SimPlan:
     context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
     chain_zero_rounds: bool = True  # EESD rounds that draft nothing run as chained AR steps (as the executor does)
     sync_every: int = SYNC_CAPTURED  # captured: chained AR steps / zero-draft rounds / PPSD ticks per host read
+    # decode passes attend over this many cache slots (the executor's static cache: every slot, masked), or over the
+    # context so far (None)
+    cache_slots: int | None = None
 
 
 @dataclass(frozen=True)
@@ -506,6 +510,8 @@ class Simulation:
         return self.plan.workload.prompt_len + max(r.generated for r in rows)
 
     def _cost(self, work: Pass, context_len: int, batch: int) -> tuple[int, int, tuple[float, ...], tuple[int, ...]]:
+        if self.plan.cache_slots and work.phase != "prefill":  # a static pass attends over every slot
+            context_len = self.plan.cache_slots
         step = self.plan.context_step
         context_len = (context_len + step // 2) // step * step
         key = (work.name, context_len, batch)  # names are unique per pass shape within a plan

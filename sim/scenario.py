@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
-from sim.engine import Pass, SimPlan, StagePlan, Workload, head_vocab_fraction, stage_time_us
+from sim.engine import CAPACITY_STEP, Pass, SimPlan, StagePlan, Workload, head_vocab_fraction, stage_time_us
 from sim.formats import COMPONENTS, read_acceptance_trace, read_latency_profile, read_link_profile, subset_size
 from sim.hardware import GPUS, LINKS, LinkSpec, gpu
 from sim.latency import ConstantLatency, LatencyModel, LinkModel, ProfiledLink, ProfileLatency, RooflineLatency
@@ -170,6 +170,10 @@ class Scenario(Strict):
     # `generate(sync_every=)` (default 8); 1: a read after every step or tick (PPSD's `distributed` backend, and the
     # `streams` backend before 2026-11-26, e.g. the H200 lease)
     sync_every: int = Field(8, ge=1)
+    # decode passes attend over: "cache", every slot of the executor's static cache (prompt + output + max draft + 1,
+    # a multiple of 256 with cuda_graphs), masked, as the executor does; "context", the positions so far (a decoder
+    # with dynamic shapes, e.g. HF's)
+    attention: Literal["cache", "context"] = "cache"
     latency: LatencyConfig = LatencyConfig(roofline=Roofline())
     acceptance: AcceptanceConfig
     topology: TopologyConfig = TopologyConfig()
@@ -362,7 +366,20 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
         sync_every=s.sync_every,
     )
     _check_policy(point, plan, where)
-    return SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan)})
+    slots = cache_slots(plan) if s.attention == "cache" else None
+    return SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan), "cache_slots": slots})
+
+
+def cache_slots(plan: SimPlan) -> int:
+    """The executor's cache capacity for this plan: prompt + output, + the largest draft + 1 for AR and EESD
+    (`executor.api.PassSetup`; PPSD's pipeline holds prompt + output), rounded up to a multiple of CAPACITY_STEP when
+    its passes are captured (CUDA graphs)."""
+    slots = plan.workload.prompt_len + plan.workload.output_len
+    if plan.method != "ppsd":
+        slots += 1 + (make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0)
+    if plan.stages[0].latency.cuda_graphs:
+        slots = -(-slots // CAPACITY_STEP) * CAPACITY_STEP
+    return slots
 
 
 def cost_ratio(plan: SimPlan) -> float:

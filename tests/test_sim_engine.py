@@ -246,3 +246,36 @@ def test_zero_draft_rounds_are_chained_ar_steps_as_the_executor_runs_them(mode: 
     reads = 2 + 1 + 3 if chained else 29  # blocks 8 + 2, the drafting round, blocks 8 + 8 + 2
     layers_us = 2 * 6 * layer_us + 29 * (24 + (head == "trained")) * layer_us
     assert run.decode_time_us == pytest.approx(layers_us + reads * overhead_us)
+
+
+class _ContextLog(ConstantLatency):
+    """Constant latency that records the context every decode query asks at."""
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        if phase != "prefill":
+            self.contexts.add(context_len)  # type: ignore[attr-defined]
+        return super().time_us(component, phase, q, context_len, batch)
+
+
+@pytest.mark.parametrize("method", ["ar", "eesd", "ppsd"])
+@pytest.mark.parametrize("slots", [None, 4096])
+def test_static_passes_attend_over_the_cache_slots(method: str, slots: int | None) -> None:
+    """The executor's static passes attend over every slot of their cache: with `cache_slots` every decode pass (AR
+    step, draft step, verify pass, PPSD tick) asks the latency model at that context; without, at the context so
+    far (the prompt of 16 plus the tokens made, rounded to the plan's context step)."""
+    latency = _ContextLog({"layer": 10.0, "lm_head": 1.0})
+    object.__setattr__(latency, "contexts", set())
+    base = plan(method, 0.5, 1 if method != "ppsd" else 2, exit_layer=6 if method != "ppsd" else None, output_len=200)
+    stages = tuple(StagePlan(s.layer_start, s.layer_end, latency) for s in base.stages)
+    Simulation(SimPlan(**{**base.__dict__, "stages": stages, "cache_slots": slots})).run()
+    if slots:
+        assert latency.contexts == {slots}
+    else:
+        assert min(latency.contexts) <= 64 and max(latency.contexts) >= 192
+
+
+def test_the_simulated_cache_capacity_step_matches_the_executor() -> None:
+    from executor.passes import CAPACITY_STEP as executor_step
+    from sim.engine import CAPACITY_STEP
+
+    assert executor_step == CAPACITY_STEP

@@ -87,7 +87,7 @@ DELETE = object()
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("methd", "ar", "methd: unknown key; allowed here: ['acceptance', 'description'"),
+        ("methd", "ar", "methd: unknown key; allowed here: ['acceptance', 'attention', 'description'"),
         ("method", "magic", "method: Input should be 'ar', 'eesd' or 'ppsd' (got 'magic')"),
         ("model", "GPT-5", "model: unknown model 'GPT-5'; known: ['Gemma-3-270M', 'Llama-2-13B', 'Llama-2-70B'"),
         ("acceptance.alpha", 1.5, "acceptance.alpha: Input should be less than or equal to 1 (got 1.5)"),
@@ -195,3 +195,32 @@ def test_sim_never_imports_torch_or_transformers() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+UNCAPTURED = {"roofline": {"cuda_graphs": False}}
+
+
+@pytest.mark.parametrize(
+    ("update", "slots"),
+    [
+        ({}, 256),  # 47 + 128 + 3 + 1 = 179 slots, captured: a multiple of 256
+        ({"latency": UNCAPTURED}, 179),
+        ({"method": "ar"}, 256),
+        ({"method": "ar", "latency": UNCAPTURED}, 176),
+        ({"policy": "beta-ts:max=9", "workload": {"prompt_len": 200}}, 512),
+        ({"method": "ppsd", "topology": {"stages": 2}, "exit_layer": 15, "latency": UNCAPTURED}, 175),
+        ({"attention": "context"}, None),
+    ],
+)
+def test_plans_carry_the_executors_cache_capacity(tmp_path: Path, update: dict, slots: int | None) -> None:
+    """`attention: cache` (the default): decode passes attend over the executor's static cache, prompt + output
+    (+ the largest draft + 1 for AR and EESD), a multiple of 256 when captured; `context`: over the positions so far."""
+    from sim.scenario import build_plan
+
+    data = {"name": "s", "model": "SmolLM2-135M", "method": "eesd", "exit_layer": 8, "policy": "fixed:3",
+            "acceptance": {"alpha": 0.3}, "latency": {"roofline": {"cuda_graphs": True}},
+            "workload": {"requests": 1, "prompt_len": 47, "output_len": 128}}  # fmt: skip
+    for key, value in update.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
+    point = load_points(write(tmp_path, data))[0]
+    assert build_plan(point).cache_slots == slots
