@@ -14,6 +14,8 @@ What is modelled (times in µs of simulated time, sizes in bytes):
   leaves the last stage the next token is final: a correct draft already in flight goes on, a wrong one flushes
   every younger token in flight (an epoch counter; flushed work is counted as wasted) and the correct token
   re-enters stage 1. At most `max_in_flight` tokens (default: the number of stages) are in the pipe.
+- Attention: a decode pass is costed at the plan's `cache_slots` (the executor's static cache, every slot masked and
+  read) when set, else at the context so far; prefill at its prompt. Host reads: see `stage_time_us`.
 - Batches are static: the requests run in batches of `batch_size`; in PPSD a batch moves in lockstep, so it is
   flushed when any of its rows mispredicted. Prefill (q = prompt_len) precedes each batch's decode and is
   reported separately. Randomness only from the seeded `random.Random` of the plan.
