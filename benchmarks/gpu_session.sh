@@ -11,7 +11,7 @@
 #   call 1:  bash benchmarks/gpu_session.sh next1          # carry: .carry/smollm2-135m/part-000
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
 #            (timeout_s 300; stages part 0; the GPU tests, the 7B shape's compiled latency profile at contexts 512
-#            and 2048, its AR at a 32- and a 3840-token prompt)
+#            and 2048, a kernel profile of its AR step at a 4k context)
 #   call 2:  bash benchmarks/gpu_session.sh next2          # carry: .carry/smollm2-135m/part-001
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
 #            (timeout_s 280; SmolLM2: AR, EESD shared and trained, fixed:3 and beta-ts, PPSD n=2 with the trained
@@ -67,17 +67,15 @@ case "${1:-}" in
     ls -la .carry/"$MODEL" .carry/wheels
     ;;
   next1)  # call 1 (part 0), <= 290 s: the GPU tests; the 7B shape's compiled profile at contexts 512 and 2048 (6
-          # shapes); its AR with compiled layers at a 32- and a 3840-token prompt (what attention over a 4k cache costs)
+          # shapes); a kernel profile of its AR step at a 4k context (where the 12% that attention adds there goes)
     first_call
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
     timeout 120 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/test_gpu.log"
     timeout 70 python3 -m executor.cli calibrate latency --model Llama-2-7B --layers 4 --device cuda --kernels compiled \
       --batch 1 --q 1,2,4 --context 512,2048 --prefill 32 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate_llama7b.log"
-    for prompt in 32 3840; do
-      timeout 45 python3 benchmarks/gpu_decode.py --models llama7b --captures compile-layers --only '^ours ar$' \
-        --prompt-len "$prompt" --out "$OUT/gpu_decode_llama7b_ctx$prompt.json" 2>&1 | tee "$OUT/bench_llama7b_ctx$prompt.log"
-    done
+    timeout 60 python3 benchmarks/kernel_profile.py --model llama7b --capture compile-layers --prompt-len 3968 \
+      --out "$OUT/kernel_profile_llama7b_ctx4k.json" 2>&1 | tee "$OUT/kernel_profile_llama7b_ctx4k.log"
     ;;
   next2)  # its call 2 (part 1), <= 270 s: SmolLM2's EESD rows (a trained head's zero-draft rounds now chain) and
           # PPSD n=2 with the trained head, 9 runs each, float32 match rates; then its compiled profile at contexts 512

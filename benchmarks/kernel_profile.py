@@ -4,11 +4,13 @@
 cached, captured one: a CUDA graph replay under "graph" and "compile-layers"), launches it `--steps` times at a
 mid-sequence position under `torch.profiler` (CUPTI reports the kernels a graph replays) and prints, per kernel
 name, the launches and device microseconds per step and the share of the step, next to the wall time per step and
-the weight bytes a step must read (the HBM floor at `--hbm-tbps`). JSON with device, dtype, versions and date.
+the bytes a step must read, the weights and the cached keys and values (the HBM floor at `--hbm-tbps`). JSON with
+device, dtype, versions and date.
 
 On a CPU there are no kernels: it reports the aten operators' own CPU time instead (a smoke test of the script).
 
     python benchmarks/kernel_profile.py --model llama7b --capture compile-layers --out X.json   # on the GPU
+    python benchmarks/kernel_profile.py --model llama7b --capture compile-layers --prompt-len 3968 --out X.json  # 4k
     python benchmarks/kernel_profile.py --model tiny --device cpu --capture none --out X.json     # smoke test
 """
 
@@ -127,6 +129,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def kv_bytes(model: torch.nn.Module, context: int) -> int:
+    """The keys and values of `context` cached positions, which a decode step's attention reads (every layer)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * model.dtype.itemsize
+
+
 def table(rows: list[dict[str, Any]], top: int, unit: str) -> str:
     lines = [f"| {unit} | per step | µs per step | share | median µs |", "| --- | --- | --- | --- | --- |"]
     for r in rows[:top]:
@@ -144,12 +153,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--capture", default="auto", help="the AR pass's capture mode (generate's capture=)")
     parser.add_argument("--steps", type=int, default=20, help="AR steps profiled (and timed)")
+    parser.add_argument(
+        "--prompt-len", type=int, default=PROMPT_LEN, help="random prompt tokens: the steps run at this context plus "
+        f"{NEW_TOKENS // 2} (e.g. 3968 on llama7b: a 4k cache; the floor then counts its keys and values)",
+    )  # fmt: skip
     parser.add_argument("--top", type=int, default=25, help="rows printed (the JSON has them all)")
     parser.add_argument("--hbm-tbps", type=float, default=3.0, help="bandwidth of the floor (DESIGN.md §4: H100)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.top < 1:
-        parser.error(f"--steps and --top must be >= 1, got {args.steps}, {args.top}")
+    if args.steps < 1 or args.top < 1 or args.prompt_len < 1:
+        parser.error(f"--steps, --top and --prompt-len must be >= 1, got {args.steps}, {args.top}, {args.prompt_len}")
     return args
 
 
@@ -158,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
     model = build_model(args.model, args.layers, dtype, device)
     adapter = ModelAdapter(model)
-    prompt = torch.randint(1, model.config.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(1, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         passes, reset = ar_pass(adapter, prompt.tolist(), args.capture)
         rows, wall_ms = profile_steps(passes, reset, args.steps, device)
-    floor_ms = weight_bytes(model) / (args.hbm_tbps * 1e12) * 1e3
+    cached = kv_bytes(model, args.prompt_len + NEW_TOKENS // 2)  # the profiled steps' context
+    floor_ms = (weight_bytes(model) + cached) / (args.hbm_tbps * 1e12) * 1e3
     unit = "kernel" if device.type == "cuda" else "aten operator (CPU self time)"
     measured_ms = sum(r["us_per_step"] for r in rows) / 1e3
     print(f"{args.model} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}, "
@@ -176,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "python": sys.version.split()[0], "model": args.model,
         "layers": model.config.num_hidden_layers, "capture": passes.capture, "steps": args.steps,
         "wall_ms_per_step": wall_ms, "profiled_ms_per_step": measured_ms, "unit": unit,
-        "weight_bytes": weight_bytes(model), "hbm_tbps": args.hbm_tbps, "hbm_floor_ms": floor_ms, "rows": rows,
+        "prompt_len": args.prompt_len, "weight_bytes": weight_bytes(model), "kv_bytes": cached,
+        "hbm_tbps": args.hbm_tbps, "hbm_floor_ms": floor_ms, "rows": rows,
     }  # fmt: skip
     write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

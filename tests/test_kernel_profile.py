@@ -31,11 +31,13 @@ def test_a_tiny_model_profiles_on_the_cpu(script, tmp_path: Path, capsys) -> Non
     assert [r["us_per_step"] for r in rows] == sorted((r["us_per_step"] for r in rows), reverse=True)
     linear = next(r for r in rows if r["name"] == "aten::linear")
     assert linear["per_step"] == 2 * 7 + 1  # uncaptured, unfused: 7 projections per layer, then the LM head
-    assert report["hbm_floor_ms"] == pytest.approx(report["weight_bytes"] / 3e12 * 1e3)
+    kv = 2 * 2 * 2 * 16 * (32 + 32) * 4  # K and V, 2 layers, 2 KV heads of 16 dims, prompt + 32 positions, fp32
+    assert report["kv_bytes"] == kv and report["prompt_len"] == 32
+    assert report["hbm_floor_ms"] == pytest.approx((report["weight_bytes"] + kv) / 3e12 * 1e3)
     assert "| aten::linear | 15.0 |" in capsys.readouterr().out
 
 
 def test_bad_arguments_exit_with_a_message(script, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args(["--steps", "0", "--out", "x.json"])
-    assert exit_info.value.code == 2 and "--steps and --top must be >= 1" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--steps, --top and --prompt-len must be >= 1" in capsys.readouterr().err
