@@ -10,12 +10,12 @@
 #   here:    bash benchmarks/gpu_session.sh prepare        # .carry/smollm2-135m/part-00{0,1} + manifest, .carry/wheels
 #   call 1:  bash benchmarks/gpu_session.sh next1          # carry: .carry/smollm2-135m/part-000
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
-#            (timeout_s 300; stages part 0; the GPU tests, the 7B shape's compiled latency profile at contexts 512
-#            and 2048, a kernel profile of its AR step at a 4k context)
+#            (timeout_s 300; stages part 0; the GPU tests, the 7B shape's compiled latency profile at contexts 32
+#            to 2048, a kernel profile of its AR step at a 4k context)
 #   call 2:  bash benchmarks/gpu_session.sh next2          # carry: .carry/smollm2-135m/part-001
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
 #            (timeout_s 280; SmolLM2: AR, EESD shared and trained, fixed:3 and beta-ts, PPSD n=2 with the trained
-#            head, 9 runs each, float32 match rates; then its compiled latency profile at contexts 512 and 2048)
+#            head, 9 runs each, float32 match rates; then its compiled latency profile at contexts 32 to 2048)
 #
 # What it measures that no lease has: EESD beta-ts with a trained head whose zero-draft rounds chain (its layer's
 # KV kept in step by the chained AR step), compiled latency profiles past a 256-token context (the simulator
@@ -23,7 +23,7 @@
 #
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card:
 # gpu_decode_nvidia_h100_{llama7b,smollm2}.json, the earlier ones renamed with the lease's suffix) and calibration/h100/
-# (merge each new profile's rows into the file of the same name, or keep it beside with its contexts in the name), run
+# (each new profile replaces the file of its name: the same grid and more contexts), run
 # `python benchmarks/sim_vs_gpu.py --card h100`, and commit them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,27 +66,27 @@ case "${1:-}" in
       --platform manylinux2014_x86_64 -d .carry/wheels "gguf==0.19.0" "simpy==4.1.2"
     ls -la .carry/"$MODEL" .carry/wheels
     ;;
-  next1)  # call 1 (part 0), <= 290 s: the GPU tests; the 7B shape's compiled profile at contexts 512 and 2048 (6
+  next1)  # call 1 (part 0), <= 290 s: the GPU tests; the 7B shape's compiled profile at contexts 32 to 2048 (12
           # shapes); a kernel profile of its AR step at a 4k context (where the 12% that attention adds there goes)
     first_call
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
     timeout 120 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/test_gpu.log"
     timeout 70 python3 -m executor.cli calibrate latency --model Llama-2-7B --layers 4 --device cuda --kernels compiled \
-      --batch 1 --q 1,2,4 --context 512,2048 --prefill 32 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate_llama7b.log"
+      --batch 1 --q 1,2,4 --context 32,256,512,2048 --prefill 32 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate_llama7b.log"
     timeout 60 python3 benchmarks/kernel_profile.py --model llama7b --capture compile-layers --prompt-len 3968 \
       --out "$OUT/kernel_profile_llama7b_ctx4k.json" 2>&1 | tee "$OUT/kernel_profile_llama7b_ctx4k.log"
     ;;
   next2)  # its call 2 (part 1), <= 270 s: SmolLM2's EESD rows (a trained head's zero-draft rounds now chain) and
-          # PPSD n=2 with the trained head, 9 runs each, float32 match rates; then its compiled profile at contexts 512
-          # and 2048 (14 shapes)
+          # PPSD n=2 with the trained head, 9 runs each, float32 match rates; then its compiled profile at contexts 32
+          # to 2048 (28 shapes, ~75 s)
     second_call next1 next2
     set +e
     timeout 160 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers \
       --runs 9 --match-dtypes float32 --match-prompts 6 --only '^ours ar$|^eesd|^ppsd streams n=2 trained' \
       --time-budget-s 120 --out "$OUT/gpu_decode_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
-    timeout 90 python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda --kernels compiled --batch 1 \
-      --q 1,2,3,4,5,7,9 --context 512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
+    timeout 100 python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda --kernels compiled --batch 1 \
+      --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
     echo "usage: $0 prepare | next1 | next2" >&2
