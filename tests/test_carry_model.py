@@ -45,7 +45,8 @@ def test_join_refuses_a_missing_or_damaged_chunk(carry, gguf: Path, tmp_path: Pa
     carry.main(["split", str(gguf), "--out", str(parts), "--chunk-mib", "1"])
     target = tmp_path / "joined.gguf"
     damaged = parts / "part-001"
-    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+    data = damaged.read_bytes()
+    damaged.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # always a different first byte
     with pytest.raises(SystemExit, match="part-001: sha256 mismatch"):
         carry.main(["join", str(parts), str(target)])
     carry.main(["split", str(gguf), "--out", str(parts), "--chunk-mib", "1"])
