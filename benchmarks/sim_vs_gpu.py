@@ -105,7 +105,7 @@ def scenario(source: Source, row: dict[str, Any], new_tokens: int, method: str, 
     if method == "ppsd":
         match = PPSD_LABEL.match(row["method"])
         data["topology"]["stages"] = int(match["stages"])
-        data["sync_every"] = source.ppsd_sync_every
+        data |= {"sync_every": source.ppsd_sync_every, "ppsd_backend": "local"}  # the streams backend: one host
         if match["exit"]:
             data |= {"exit_layer": int(match["exit"]), "exit_head": "trained"}
     return Point(0, {}, validate(data, f"{source.bench}: row {row['method']!r}"), ROOT, str(source.bench))

@@ -80,6 +80,9 @@ class SimPlan:
     context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
     chain_zero_rounds: bool = True  # EESD rounds that draft nothing run as chained AR steps (as the executor does)
     sync_every: int = SYNC_CAPTURED  # captured: chained AR steps / zero-draft rounds / PPSD ticks per host read
+    # PPSD's host: "distributed", a process per stage whose host handles every tick (the executor's backend for a
+    # device per stage); "local", one host that chains `sync_every` ticks on the device (the streams backend)
+    ppsd_backend: str = "distributed"
     # decode passes attend over this many cache slots (the executor's static cache: every slot, masked), or over the
     # context so far (None)
     cache_slots: int | None = None
@@ -96,6 +99,7 @@ class Pass:
     lm_head_q: int = 0
     head_layer_at: int = 0  # a trained head's own layer runs after this layer (its KV kept in step), no LM head
     host_sync: bool = True  # the host reads the device after this pass (see `stage_time_us`)
+    host_per_stage: bool = False  # every stage's own host handles the pass (PPSD distributed), not one host read
 
 
 @dataclass(frozen=True)
@@ -413,6 +417,10 @@ class Simulation:
             token_pass=Pass("token", "draft", segments, exit_at=plan.exit_layer, lm_head_q=1, host_sync=False),
             read_pass=Pass("token, read", "draft", segments, exit_at=plan.exit_layer, lm_head_q=1),
         )
+        if plan.ppsd_backend == "distributed":  # every rank's host takes part in every tick
+            self._pipe.token_pass = self._pipe.read_pass = Pass(
+                "token", "draft", segments, exit_at=plan.exit_layer, lm_head_q=1, host_per_stage=True
+            )
         self._count(rounds=1)
         if plan.workload.output_len > 1:
             self._ppsd_enter(self._ppsd_job(0, 0))
@@ -420,9 +428,10 @@ class Simulation:
         self.epoch += 1  # whatever is still in flight is discarded
 
     def _ppsd_job(self, position: int, run_index: int) -> Job:
-        """The token at `position` entering the pipe: one tick's input to stage 1. Captured, the executor's host
-        reads the device once per `sync_every` ticks (the local backends chain the ticks on the device); that tick's
-        stages pay the host `overhead` (uncaptured, every stage of every tick pays it)."""
+        """The token at `position` entering the pipe: one tick's input to stage 1. The host `overhead`: with the
+        `distributed` backend every stage pays it every tick (each rank's host receives the verdict and launches its
+        stage); with a `local` one, captured, the host reads the device once per `sync_every` ticks (the ticks chain
+        on the device), paid once by that tick's last stage; uncaptured, every stage of every tick pays it."""
         pipe = self._pipe
         pipe.ticks += 1
         work = pipe.read_pass if pipe.ticks % self.plan.sync_every == 0 else pipe.token_pass
@@ -576,7 +585,7 @@ def stage_time_us(
         total += lat.time_us("layer", phase, 1, context_len, batch)
     if work.lm_head_q and stage.layer_end == plan.model.num_layers:
         total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
-    if (work.host_sync and read) or not lat.cuda_graphs:
+    if (work.host_sync and (read or work.host_per_stage)) or not lat.cuda_graphs:
         total += lat.time_us("overhead", phase, 1, context_len, batch)
     return total
 
@@ -616,6 +625,8 @@ def _q_at(work: Pass, layer: int) -> int:
 def _check_plan(plan: SimPlan) -> None:
     if plan.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {plan.method!r}")
+    if plan.ppsd_backend not in ("distributed", "local"):
+        raise ValueError(f"ppsd_backend must be distributed or local, got {plan.ppsd_backend!r}")
     layers = plan.model.num_layers
     expected = 0
     for stage in plan.stages:

@@ -170,6 +170,10 @@ class Scenario(Strict):
     # `generate(sync_every=)` (default 8); 1: a read after every step or tick (PPSD's `distributed` backend, and the
     # `streams` backend before 2026-11-26, e.g. the H200 lease)
     sync_every: int = Field(8, ge=1)
+    # PPSD's host (stages on devices of their own): "distributed", a process per stage, each host taking part in
+    # every tick (the executor's backend for a GPU per stage); "local", one host chaining sync_every ticks on the
+    # device (the executor's streams backend, whose stages share one GPU: not modelled, a what-if here)
+    ppsd_backend: Literal["distributed", "local"] = "distributed"
     # decode passes attend over: "cache", every slot of the executor's static cache (prompt + output + max draft + 1,
     # a multiple of 256 with cuda_graphs), masked, as the executor does; "context", the positions so far (a decoder
     # with dynamic shapes, e.g. HF's)
@@ -364,6 +368,7 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
         seed=s.seed,
         chain_zero_rounds=s.zero_draft_rounds == "chained",
         sync_every=s.sync_every,
+        ppsd_backend=s.ppsd_backend,
     )
     _check_policy(point, plan, where)
     slots = cache_slots(plan) if s.attention == "cache" else None

@@ -205,22 +205,37 @@ def test_the_simulated_sync_matches_the_executor() -> None:
     assert executor_sync == SYNC_CAPTURED == SimPlan.sync_every == Scenario.model_fields["sync_every"].default
 
 
+def ppsd_decode_us(captured: bool, overhead_us: float, **fields: object) -> float:
+    """Decode time of a 2-stage PPSD at alpha 1 (no flushes: one tick per token after the first, 40 ticks)."""
+    base = plan("ppsd", 1.0, 2, output_len=41)
+    latency = ConstantLatency({"layer": 10.0, "overhead": overhead_us}, cuda_graphs=captured)
+    stages = (StagePlan(0, 12, latency), StagePlan(12, 24, latency))
+    return Simulation(SimPlan(**{**base.__dict__, "stages": stages, **fields})).run().decode_time_us
+
+
 @pytest.mark.parametrize("sync_every", [1, 4, 8])
-def test_captured_ppsd_reads_the_host_once_per_sync_every_ticks(sync_every: int) -> None:
-    """The local PPSD backends chain their ticks on the device: captured, the host reads once per `sync_every` ticks
-    (1: every tick, as the `distributed` backend), and a read stalls the pipe once (the last stage pays it), so the
-    overhead adds reads x overhead to the decode time. Uncaptured every stage of every tick pays it."""
-    output_len, overhead_us = 41, 100.0
-    times = {}
-    for captured, overhead in ((True, 0.0), (True, overhead_us), (False, overhead_us)):
-        base = plan("ppsd", 1.0, 2, output_len=output_len)  # no flushes: one tick per token after the first
-        latency = ConstantLatency({"layer": 10.0, "overhead": overhead}, cuda_graphs=captured)
-        stages = (StagePlan(0, 12, latency), StagePlan(12, 24, latency))
-        run = Simulation(SimPlan(**{**base.__dict__, "stages": stages, "sync_every": sync_every})).run()
-        times[captured, overhead] = run.decode_time_us
-    ticks = output_len - 1
-    assert times[True, overhead_us] - times[True, 0.0] == pytest.approx(ticks // sync_every * overhead_us)
-    assert times[False, overhead_us] - times[True, 0.0] >= ticks * overhead_us
+def test_local_ppsd_reads_the_host_once_per_sync_every_ticks(sync_every: int) -> None:
+    """The `local` PPSD backends chain their ticks on the device: captured, one host reads once per `sync_every`
+    ticks, and a read stalls the pipe once (the last stage pays it), so the overhead adds reads x overhead to the
+    decode time. Uncaptured every stage of every tick pays it."""
+    fields, ticks, overhead = {"sync_every": sync_every, "ppsd_backend": "local"}, 40, 100.0
+    free = ppsd_decode_us(True, 0.0, **fields)
+    assert ppsd_decode_us(True, overhead, **fields) - free == pytest.approx(ticks // sync_every * overhead)
+    assert ppsd_decode_us(False, overhead, **fields) - free >= ticks * overhead
+
+
+def test_distributed_ppsd_pays_the_host_on_every_stage_of_every_tick() -> None:
+    """The `distributed` backend (the default: a process per stage) has each rank's host take part in every tick,
+    captured or not, whatever `sync_every` says: each stage's pass is one overhead longer, and as the two balanced
+    stages overlap, every tick (and the pipe's fill) is one overhead longer."""
+    ticks, overhead = 40, 100.0
+    free = ppsd_decode_us(True, 0.0)
+    for captured in (True, False):
+        for sync_every in (1, 8):
+            delta = ppsd_decode_us(captured, overhead, sync_every=sync_every) - free
+            assert delta == pytest.approx((ticks + 1) * overhead)
+    local = ppsd_decode_us(True, overhead, sync_every=8, ppsd_backend="local") - free
+    assert local == pytest.approx(ticks // 8 * overhead)
 
 
 @pytest.mark.parametrize(
