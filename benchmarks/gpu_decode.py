@@ -74,7 +74,7 @@ from executor.adapter import ModelAdapter
 from executor.api import PassSetup
 from executor.decoding import TokenSink
 from executor.heads import resolve_head
-from executor.models import resolve_dtype
+from executor.models import decode_weight_bytes, kv_cache_bytes, resolve_dtype
 from executor.passes import Passes
 from executor.ppsd import StagePlan, local_pipeline, make_selector
 from executor.prompts import encode_prompt, load_prompts
@@ -504,14 +504,7 @@ def hbm_floor(model: torch.nn.Module, tbps: float, context: float = 0.0) -> floa
     """Tokens/s if every decode step only read all weights once at `tbps` TB/s (the embedding row aside), and the
     keys and values of `context` cached positions (the run's mean context; a static pass reads its whole cache
     capacity, which this floor does not count)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
-    if model.config.tie_word_embeddings:  # the tied matrix is read once, as the LM head
-        weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
-    return tbps * 1e12 / (weights + context * per_position)
+    return tbps * 1e12 / (decode_weight_bytes(model) + kv_cache_bytes(model, context))
 
 
 # ------------------------------------------------------------------------------------------------------ match rate

@@ -36,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import executor
 from executor.adapter import ModelAdapter
 from executor.api import PassSetup
-from executor.models import resolve_dtype
+from executor.models import decode_weight_bytes, kv_cache_bytes, resolve_dtype
 from executor.sampling import SamplingConfig
 from sim.formats import write_text_atomic
 from sim.policy import make_policy
@@ -119,23 +119,6 @@ def rows_of(totals: dict[str, list[float]], steps: int) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """What a decode step reads once: every weight but the embedding (one row of it), the tied head counted once."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embedding = model.model.embed_tokens.weight
-    total -= embedding.numel() * embedding.element_size()
-    if model.config.tie_word_embeddings:
-        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    return total
-
-
-def kv_bytes(model: torch.nn.Module, context: int) -> int:
-    """The keys and values of `context` cached positions, which a decode step's attention reads (every layer)."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * model.dtype.itemsize
-
-
 def table(rows: list[dict[str, Any]], top: int, unit: str) -> str:
     lines = [f"| {unit} | per step | µs per step | share | median µs |", "| --- | --- | --- | --- | --- |"]
     for r in rows[:top]:
@@ -175,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         passes, reset = ar_pass(adapter, prompt.tolist(), args.capture)
         rows, wall_ms = profile_steps(passes, reset, args.steps, device)
-    cached = kv_bytes(model, args.prompt_len + NEW_TOKENS // 2)  # the profiled steps' context
-    floor_ms = (weight_bytes(model) + cached) / (args.hbm_tbps * 1e12) * 1e3
+    weights, cached = decode_weight_bytes(model), kv_cache_bytes(model, args.prompt_len + NEW_TOKENS // 2)
+    floor_ms = (weights + cached) / (args.hbm_tbps * 1e12) * 1e3
     unit = "kernel" if device.type == "cuda" else "aten operator (CPU self time)"
     measured_ms = sum(r["us_per_step"] for r in rows) / 1e3
     print(f"{args.model} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}, "
@@ -190,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "python": sys.version.split()[0], "model": args.model,
         "layers": model.config.num_hidden_layers, "capture": passes.capture, "steps": args.steps,
         "wall_ms_per_step": wall_ms, "profiled_ms_per_step": measured_ms, "unit": unit,
-        "prompt_len": args.prompt_len, "weight_bytes": weight_bytes(model), "kv_bytes": cached,
+        "prompt_len": args.prompt_len, "weight_bytes": weights, "kv_bytes": cached,
         "hbm_tbps": args.hbm_tbps, "hbm_floor_ms": floor_ms, "rows": rows,
     }  # fmt: skip
     write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")

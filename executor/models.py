@@ -315,6 +315,24 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return result
 
 
+def decode_weight_bytes(model: PreTrainedModel) -> int:
+    """What a decode step reads of the weights: every weight but the embedding (one row of it), the tied head counted
+    once."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.model.embed_tokens.weight
+    total -= embedding.numel() * embedding.element_size()
+    if model.config.tie_word_embeddings:
+        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return total
+
+
+def kv_cache_bytes(model: PreTrainedModel, positions: float) -> float:
+    """The keys and values of `positions` cached positions in every layer: what a decode step's attention reads."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * positions * model.dtype.itemsize
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     dtype: torch.dtype | str = "float32",
