@@ -87,6 +87,12 @@ class SimPlan:
     # context so far (None)
     cache_slots: int | None = None
 
+    @property
+    def head_layer_at(self) -> int:
+        """Where a trained head's own layer runs in an EESD verify pass or chained step (its KV follows every
+        verified position): after the exit layer; 0 for a head without a layer."""
+        return self.exit_layer if self.exit_head == "trained" else 0
+
 
 @dataclass(frozen=True)
 class Pass:
@@ -342,7 +348,6 @@ class Simulation:
         draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=confidence)
         active = [r for r in rows if r.remaining > 0]
         chain = self.plan.chain_zero_rounds
-        head_layer = exit_layer if self.plan.exit_head == "trained" else 0  # its KV follows every verified position
         while active:
             # 1. Draft: every row drafts until its policy stops; the batch runs while any row drafts.
             for row in active:
@@ -361,7 +366,7 @@ class Simulation:
             # 2. Verify the k drafts (layers [0, E) for the last one, [E, L) for all k + 1) and emit.
             k = max(r.drafted for r in active)
             segments = ((0, exit_layer, 1), (exit_layer, layers, k + 1)) if k else ((0, layers, 1),)
-            verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=head_layer)
+            verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=self.plan.head_layer_at)
             yield from self._pass(verify, context, len(active))
             for row in active:
                 row.policy.update(row.drafted, row.accepted)
@@ -385,11 +390,10 @@ class Simulation:
                 break
             steps += 1
         segments = ((0, self.plan.model.num_layers, 1),)
-        head_layer = self.plan.exit_layer if self.plan.exit_head == "trained" else 0
         for step in range(steps):
             last = step == steps - 1
             name = "decode" if last else "decode chained"
-            work = Pass(name, "verify", segments, lm_head_q=1, head_layer_at=head_layer, host_sync=last)
+            work = Pass(name, "verify", segments, lm_head_q=1, head_layer_at=self.plan.head_layer_at, host_sync=last)
             yield from self._pass(work, self._context(active), len(active))
             for row in active:
                 if row.remaining > 0:
@@ -408,19 +412,21 @@ class Simulation:
 
     def _ppsd(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
         plan = self.plan
-        n, segments = len(plan.stages), ((0, plan.model.num_layers, 1),)
+        token = lambda name, **host: Pass(  # noqa: E731
+            name, "draft", ((0, plan.model.num_layers, 1),), exit_at=plan.exit_layer, lm_head_q=1, **host
+        )
+        if plan.ppsd_backend == "distributed":  # every rank's host takes part in every tick
+            chained = read = token("token", host_per_stage=True)
+        else:
+            chained, read = token("token", host_sync=False), token("token, read")
         self._pipe = _Pipe(
             rows=rows,
             output_len=plan.workload.output_len,
-            window=plan.max_in_flight or n,
+            window=plan.max_in_flight or len(plan.stages),
             finished=self.env.event(),
-            token_pass=Pass("token", "draft", segments, exit_at=plan.exit_layer, lm_head_q=1, host_sync=False),
-            read_pass=Pass("token, read", "draft", segments, exit_at=plan.exit_layer, lm_head_q=1),
+            token_pass=chained,
+            read_pass=read,
         )
-        if plan.ppsd_backend == "distributed":  # every rank's host takes part in every tick
-            self._pipe.token_pass = self._pipe.read_pass = Pass(
-                "token", "draft", segments, exit_at=plan.exit_layer, lm_head_q=1, host_per_stage=True
-            )
         self._count(rounds=1)
         if plan.workload.output_len > 1:
             self._ppsd_enter(self._ppsd_job(0, 0))

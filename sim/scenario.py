@@ -166,9 +166,9 @@ class Scenario(Strict):
     # EESD rounds that draft nothing (k = 0): "chained" AR steps, one host read per block (the executor since
     # 2026-11-26), or "verify": one verify pass and host read each (the executor that the H200 lease measured)
     zero_draft_rounds: Literal["chained", "verify"] = "chained"
-    # captured (cuda_graphs): chained AR steps, zero-draft rounds or PPSD ticks per host read, as the executor's
-    # `generate(sync_every=)` (default 8); 1: a read after every step or tick (PPSD's `distributed` backend, and the
-    # `streams` backend before 2026-11-26, e.g. the H200 lease)
+    # captured (cuda_graphs): chained AR steps, zero-draft rounds or (ppsd_backend "local") PPSD ticks per host read,
+    # as the executor's `generate(sync_every=)` (default 8); 1: a read after every step or tick (the `streams`
+    # backend before 2026-11-26, e.g. the H200 lease)
     sync_every: int = Field(8, ge=1)
     # PPSD's host (stages on devices of their own): "distributed", a process per stage, each host taking part in
     # every tick (the executor's backend for a GPU per stage); "local", one host chaining sync_every ticks on the
