@@ -11,7 +11,7 @@ Models:
   verify work as a real round with that accepted length, NOT lossless: random weights accept nothing on their own).
   `--small` keeps the 7B layer shape but only 4 layers, so that it fits a CPU run.
 Plus the bf16 greedy match rate of EESD / PPSD vs our AR on real prompts (`executor.prompts`, builtin set): in bf16 a
-(k+1)-token verify pass and a 1-token step round differently, so near-ties can flip (DESIGN.md §2).
+(k+1)-token verify pass and a 1-token step round differently, so near-ties can flip (docs/design.md).
 
 Our passes run as `--captures` says (`generate(capture=...)`): "compile-layers" (the decoder layer compiled once,
 passes in CUDA graphs: the default on a GPU), "graph" (CUDA graphs) and "compile" (`torch.compile(mode=
@@ -36,8 +36,8 @@ Ideal speedups (what the implementation would reach at the measured acceptance i
   head and links; `PPSDStats.ideal_speedup`). On one GPU the stages share the device and overlap only partly, so the
   table also gives the efficiency against ticks as long as the device measured them (CUDA events around each stage
   of every tick; `device per tick`): what the executor itself loses (transition, host, launch gaps).
-- AR on the 7B shape: the HBM floor, weight bytes / `--hbm-tbps` per token (DESIGN.md §4: 405 MB per layer in
-  0.135 ms, about 3.0 TB/s, so about 222 tok/s), reported as a fraction (target >= 0.75).
+- AR on the 7B shape: the HBM floor, weight bytes / `--hbm-tbps` per token (405 MB per layer at
+  about 3.0 TB/s, what a copy measured on an H100: about 222 tok/s), reported as a fraction (target >= 0.75).
 
     python benchmarks/gpu_decode.py                          # on the GPU: benchmarks/results/gpu_decode_<card>.json
     python benchmarks/gpu_decode.py --models smollm2 --out X.json  # one model per call (a call is <= 10 min)
@@ -656,7 +656,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--hbm-tbps", type=float, default=3.0,
-        help="HBM bandwidth of the 7B floor (DESIGN.md §4: 3.0 on the lent H100); the floor at the bandwidth a copy "
+        help="HBM bandwidth of the 7B floor (3.0: what a copy measured on an H100); the floor at the bandwidth a copy "
         "measures on this card is reported too",
     )  # fmt: skip
     parser.add_argument(

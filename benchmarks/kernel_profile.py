@@ -141,7 +141,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{NEW_TOKENS // 2} (e.g. 3968 on llama7b: a 4k cache; the floor then counts its keys and values)",
     )  # fmt: skip
     parser.add_argument("--top", type=int, default=25, help="rows printed (the JSON has them all)")
-    parser.add_argument("--hbm-tbps", type=float, default=3.0, help="bandwidth of the floor (DESIGN.md §4: H100)")
+    parser.add_argument(
+        "--hbm-tbps",
+        type=float,
+        default=3.0,
+        help="bandwidth of the floor (TB/s; 3.0 is what a copy measured on an H100)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.top < 1 or args.prompt_len < 1:

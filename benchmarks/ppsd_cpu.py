@@ -1,9 +1,9 @@
 """CPU benchmark (not a test): AR vs EESD vs PPSD (sequential, distributed with 2 and 4 processes).
 
 The model is a random Llama config large enough that compute dominates (hidden 1024, 12 layers, float32). Acceptance
-is controlled with DESIGN.md §2's trick: o_proj and down_proj of layers >= the exit layer are scaled by epsilon, so the
-shared exit head agrees with the full model often (small epsilon) or always (epsilon 0). Every method drafts at the
-same exit layer (L / 4 = 3), so they see the same drafts and the same acceptance.
+is controlled with the epsilon trick (docs/design.md): o_proj and down_proj of layers >= the exit layer are scaled
+by epsilon, so the shared exit head agrees with the full model often (small epsilon) or always (epsilon 0). Every
+method drafts at the same exit layer (L / 4 = 3), so they see the same drafts and the same acceptance.
 
 Each distributed stage process runs with one torch thread. This box has 2 cores: 2 processes use both, 4 processes
 oversubscribe them (two stages per core), so the 4-stage pipeline cannot overlap its stages here; the numbers say so.

@@ -11,7 +11,7 @@ larger α accepts a superset of positions under the same seed (common random num
 - `BernoulliAcceptance(alpha)`: i.i.d. matches. With `confidence_sharpness=s` the confidence is drawn
   calibrated: conf ~ Beta(α·s, (1 − α)·s) and match ~ Bernoulli(conf), so the mean acceptance is still α.
 - `PositionalAcceptance(alphas)`: match ~ Bernoulli(α_i) for the i-th draft of a round (the last α repeats);
-  acceptance is front-loaded in real traces (DESIGN.md §6).
+  acceptance is front-loaded in real traces (docs/design.md).
 - `TraceAcceptance(trace, exit_layer)`: replays a calibration trace; request r starts at prompt r mod P and
   continues into the next prompts (cyclically) when it needs more tokens than one prompt has.
 """

@@ -2,8 +2,8 @@
 
 Units: bandwidth in GB/s (1e9 bytes per second, one direction), latency in µs, FLOP/s in TFLOP/s (dense bf16),
 memory in GiB. `bytes_per_us = GB/s * 1e3`. Every entry names its source; `kernel_floor_us` (the shortest time
-one decode kernel takes under CUDA graphs, launch gap included) was measured on an H100 (DESIGN.md §4: one
-SmolLM2 layer, 9 kernels, 62 µs) and is assumed for the other cards.
+one decode kernel takes under CUDA graphs, launch gap included) was measured on an H100 (docs/design.md,
+measured anchors: one SmolLM2 layer, 9 kernels, 62 µs) and is assumed for the other cards.
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ class RooflineLatency:
     Per decoder layer: weights (layer_params · dtype_bytes / tp) plus the KV cache read for the context, and
     2·params·q·batch + 4·q·context·hidden·batch FLOPs, all divided over `tp` ranks. Without CUDA graphs a layer costs
     at least `eager_layer_us` of host time (measured: 0.56–0.58 ms for SmolLM2 and 7B layers in eager PyTorch).
-    The default bandwidth efficiency 0.61 is the measured 7B layer (DESIGN.md §4): 405 MB / 3.35 TB/s = 0.121 ms of
-    weight traffic took 0.198 ms under CUDA graphs.
+    The default bandwidth efficiency 0.61 is the measured 7B layer (docs/design.md, measured anchors):
+    405 MB / 3.35 TB/s = 0.121 ms of weight traffic took 0.198 ms under CUDA graphs.
     """
 
     gpu: GPUSpec

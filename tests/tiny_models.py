@@ -1,6 +1,6 @@
 """Tiny random Llama-family models for fast tests, and hypothesis strategies that draw them.
 
-The epsilon trick (DESIGN.md §2): scaling the output projections (o_proj, down_proj) of layers >= E by epsilon makes
+The epsilon trick (docs/design.md): scaling the output projections (o_proj, down_proj) of layers >= E by epsilon makes
 those layers nearly the identity on the residual stream, so the shared exit head at E agrees with the full model
 often (epsilon small) or always (epsilon = 0). Random models alone rarely accept a draft.
 """
@@ -142,7 +142,7 @@ def assert_same_or_tie(reference: torch.Tensor, logits: tuple[torch.Tensor, ...]
     """Equal token for token, or the first difference falls where the reference's top-2 logits are within `tol`.
 
     Float32 is not associative: a (k+1)-token verify pass and a 1-token decode step use different GEMM shapes, so
-    near-ties can flip (DESIGN.md §2). Anything else is a real bug.
+    near-ties can flip (docs/design.md). Anything else is a real bug.
     """
     prompt_len = reference.shape[1] - len(logits)
     ref, out = reference[0].tolist(), other[0].tolist()

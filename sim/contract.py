@@ -1,0 +1,35 @@
+"""Facts the executor and the simulator must agree on, stated once (torch-free; both sides import this module).
+
+- The default exit layer of EESD: the middle layer (the draft runs about half the model).
+- The cache capacity a decoder's static passes are built for: prompt + output tokens, plus room for the longest
+  draft and the token after it (AR and EESD; PPSD's pipeline holds prompt + output only). Captured passes (CUDA
+  graphs) round it up to a multiple of `CAPACITY_STEP`, so that one set of graphs serves many lengths; a static
+  pass attends over its whole capacity, which is why the simulator needs the same number.
+- The host-read cadence of captured passes: `SYNC_CAPTURED` chained AR steps (or PPSD ticks) per host read, at most
+  `AR_HISTORY` (the device-side log they write between two reads).
+"""
+
+from __future__ import annotations
+
+CAPACITY_STEP = 256  # captured passes: cache capacity is a multiple of this
+SYNC_CAPTURED = 8  # captured passes: default `sync_every` (chained AR steps or PPSD ticks per host read)
+AR_HISTORY = 64  # the most chained steps between two host reads (rows of the device-side token/verdict log)
+
+
+def default_exit_layer(num_layers: int) -> int:
+    """EESD's exit layer when none is given: the middle layer, at least 1."""
+    return max(1, num_layers // 2)
+
+
+def captured_capacity(needed: int) -> int:
+    """`needed` cache slots rounded up to a multiple of CAPACITY_STEP (captured passes)."""
+    return -(-needed // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def cache_capacity(method: str, prompt_len: int, output_len: int, max_draft_len: int, captured: bool) -> int:
+    """The cache slots a decoder's passes hold: prompt + output, + max_draft_len + 1 for AR and EESD (a verify pass
+    writes the drafts and the token after them; AR's max_draft_len is 0), rounded up when captured."""
+    slots = prompt_len + output_len
+    if method != "ppsd":
+        slots += max_draft_len + 1
+    return captured_capacity(slots) if captured else slots
