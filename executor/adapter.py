@@ -115,10 +115,9 @@ def _check_config(name: str, config) -> None:
         raise ValueError(f"unsupported {name}: bidirectional attention cannot decode autoregressively")
 
 
-# An LM head over 2..8 rows (a verify pass) on a CPU runs 2-4x faster as W @ x^T than as x @ W^T (`F.linear`):
-# measured with torch 2.13's CPU build, 1 thread, 2 rows: Gemma-3's 262k x 640 head 34 ms against 130 ms, SmolLM2's
-# 49k x 576 head 15 against 30 ms; the same at 1 row (kept on `F.linear`, as HF computes it) and from 9 rows on; slower
-# for a decoder layer's small matrices, so only LM heads (and vocabulary-subset heads) use it.
+# A large LM head over 2..8 rows (a verify pass) runs faster on torch's CPU kernels as W @ x^T than as x @ W^T
+# (`F.linear`). At 1 row (kept on `F.linear`, as HF computes it) and from 9 rows on it gains nothing, and a decoder
+# layer's small matrices run slower that way, so only LM heads (and vocabulary-subset heads) use it.
 FEW_ROWS = range(2, 9)
 LARGE_HEAD_ROWS = 4096
 
@@ -250,7 +249,7 @@ def compiled_layer(fallback: bool = False) -> Callable[..., torch.Tensor]:
     """`layer_forward` under `torch.compile` (Inductor, no CUDA graphs of its own: the pass that calls it is captured
     whole). Regional compilation: dynamo inlines the layer module, so its weights are inputs of the compiled graph and
     one compilation serves every layer of a model with the same shapes; another token count q (a verify pass) or
-    another model compiles once more. Compiling one layer takes seconds where a whole pass takes a minute.
+    another model compiles once more. Compiling one layer is far cheaper than compiling a whole pass.
 
     With `fallback` (capture="auto"), a compilation that fails warns once and the layers run uncompiled from then on
     (a real error in the layer raises again, from the uncompiled run)."""

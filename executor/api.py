@@ -17,19 +17,18 @@ import torch
 from torch import nn
 
 from executor.adapter import ModelAdapter
-from executor.decoding import GenerationStats, Rows, TokenSink, decode_ar, decode_eesd, head_key
-from executor.heads import resolve_head
+from executor.decoding import GenerationStats, Rows, TokenSink, decode_ar, decode_eesd
+from executor.heads import head_key, resolve_head
 from executor.passes import (
-    SYNC_CAPTURED,
     Passes,
     cached_passes,
-    captured_capacity,
     check_sync_every,
     on_device,
     resolve_capture,
     resolve_sync_every,
 )
 from executor.sampling import SamplingConfig, TokenSelector
+from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer
 from sim.policy import DraftPolicy, make_policy
 
 METHODS = ("ar", "eesd", "ppsd")
@@ -89,11 +88,6 @@ def _eos_ids(eos_token_id: int | Iterable[int] | torch.Tensor | None) -> list[in
     if isinstance(eos_token_id, int):
         return [eos_token_id]
     return [int(t) for t in eos_token_id]
-
-
-def default_exit_layer(num_layers: int) -> int:
-    """The middle layer: LayerSkip and the EESD paper draft with about half the model."""
-    return max(1, num_layers // 2)
 
 
 def check_arguments(
@@ -212,11 +206,10 @@ class PassSetup:
         """Fresh buffers without capture; with capture, the model's cached ones for this setup (graphs kept)."""
         mode = resolve_capture(self.capture, adapter.device, self.config.kind)
         max_draft = max(p.max_draft_len for p in self.policies) if self.method == "eesd" else 0
-        capacity = max(len(p) for p in prompts) + max_new_tokens + max_draft + 1
         lengths = [len(p) for p in prompts]
+        capacity = cache_capacity(self.method, max(lengths), max_new_tokens, max_draft, captured=mode != "none")
         if mode == "none":
             return self._build(adapter, lengths, capacity, max_draft, mode)
-        capacity = captured_capacity(capacity)
         key = (
             self.method, len(prompts), capacity, self.exit_layer, head_key(self.head), max_draft, mode,
             dataclasses.replace(self.config, seed=0), self.min_new_tokens, tuple(self.eos), self._confidence,

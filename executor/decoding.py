@@ -9,7 +9,8 @@ exit layer E, a row's last committed token t at position p, drafts d_1..d_k.
        in one pass. Layers [0, E) are never recomputed: their KV was written while drafting.
     3. Accept the longest prefix the full model agrees with (greedy / exact sampling: d_i equals the full model's
        token at p+i; rejection sampling: min(1, p/q) tests), then emit the full model's own next token (the
-       correction, or the bonus token when all k were accepted): accepted + 1 tokens per round.
+       correction, or the bonus token when all k were accepted): accepted + 1 tokens per round. The rule is
+       `executor.verify`'s; the verify pass takes it on the device.
     4. Roll every layer back to p + accepted + 1: the rejected positions are overwritten next round.
 
 Batches: every row keeps its own positions (cache slot = the row's absolute position, so no padding enters the
@@ -27,20 +28,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
-from executor.passes import AR_HISTORY, Passes, upload
-from executor.sampling import SamplingConfig, TokenSelector, rejection_verdicts
+from executor.passes import Passes, upload
+from executor.sampling import SamplingConfig, TokenSelector
+from executor.verify import rejection_verdicts
+from sim.contract import AR_HISTORY
 from sim.policy import DraftPolicy, round_budget
 
 
 @dataclass
 class GenerationStats:
-    """What one generation did. `drafted[i]` / `accepted[i]` belong to one row's round i (EESD); AR drafts none."""
+    """What one generation did. `drafted[i]` / `accepted[i]` belong to one row's round i (EESD); AR drafts none.
+    `rounds`: AR's steps (the prefill's included), EESD's draft-verify rounds (those that drafted nothing included);
+    PPSD has none, its unit is the tick (`executor.ppsd.PPSDStats`)."""
 
     method: str
     prompt_tokens: int = 0
@@ -75,12 +79,16 @@ class GenerationStats:
             histogram[accepted] = histogram.get(accepted, 0) + 1
         return dict(sorted(histogram.items()))
 
-    def summary(self) -> str:
-        lines = [
-            f"method {self.method}: {self.new_tokens} new tokens in {self.rounds} rounds, "
+    def totals(self, work: str) -> str:
+        """The first summary line: tokens, `work` (how many rounds, or ticks), time, capture and host reads."""
+        return (
+            f"method {self.method}: {self.new_tokens} new tokens in {work}, "
             f"{self.wall_time_s:.3f} s ({self.tokens_per_s:.1f} tok/s, prefill {self.prefill_time_s:.3f} s); "
             f"passes captured: {self.capture}, {self.host_reads} host reads"
-        ]
+        )
+
+    def summary(self) -> str:
+        lines = [self.totals(f"{self.rounds} rounds")]
         if self.drafted:
             lines.append(
                 f"drafted {sum(self.drafted)}, accepted {sum(self.accepted)} "
@@ -120,30 +128,6 @@ class TokenSink:
         self.done = self.done or self.remaining == 0
         if self._on_tokens is not None and taken:
             self._on_tokens(taken)
-
-
-class SharedExitHead:
-    """The model's own final norm + LM head applied at the exit layer (LayerSkip's shared exit, no training)."""
-
-    extra_layers = 0
-    cache_key: object = "shared"  # heads that decode alike share captured passes
-
-    def __init__(self, adapter: ModelAdapter) -> None:
-        self.adapter = adapter
-
-    def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
-        return self.adapter.logits(hidden)
-
-    def prefill(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> None:
-        """A head with layers of its own fills their KV from the exit-layer states here; this one has none."""
-
-
-def head_key(head: Any) -> object:
-    """Heads that decode alike share captured passes: every shared head is one, a vocabulary-subset head is its
-    subset; any other head (a trained one) is itself."""
-    if head is None:
-        return SharedExitHead.cache_key
-    return getattr(head, "cache_key", None) or id(head)
 
 
 @dataclass
@@ -325,54 +309,50 @@ def draft_steps(passes: Passes, rows: Rows, policies: list[DraftPolicy], budgets
 
 
 def verify_pass(passes: Passes, rows: Rows, k: int, counts: list[int]) -> None:
-    """Step 2: layers [0, E) for d_k only, then layers [E, L) over the k + 1 saved layer-E states in one pass
-    (rejection sampling also takes the verdicts there, given each row's own draft count)."""
+    """Step 2: layers [0, E) for d_k only, then layers [E, L) over the k + 1 saved layer-E states in one pass, which
+    also takes step 3's verdict on the device, given each row's own draft count."""
     adapter, cache = passes.adapter, passes.cache
     passes.load(None, rows.positions, k + 1)
-    if passes.counts is not None:
-        upload(passes.counts, counts)
+    upload(passes.counts, counts)
     cache.claim(passes.layers_early(), [p + k for p in rows.positions], 1)
     cache.claim(range(passes.exit_layer, adapter.num_layers), rows.positions, k + 1)
     passes.verify(k)
 
 
 @dataclass
-class Verdicts:
-    """One round's step 3 material: per row its drafts and either the full model's tokens after t, d_1, .., d_k
-    (greedy / exact sampling: the verdict is token equality, taken here) or the verdict the verify pass already
-    took on the device (rejection sampling: accepted count and the token after them)."""
+class RoundVerdicts:
+    """One round's step 3, read back: per row its drafts d_1 .. d_c, the verdict the verify pass took on the device
+    (`executor.verify`: accepted a, then the token after them) and, for greedy / exact sampling, the full model's
+    tokens x_0 .. x_k (a forced verdict's token)."""
 
     drafts: list[list[int]]
+    verdicts: list[list[int]]
     full: list[list[int]] | None = None
-    verdicts: list[list[int]] | None = None
     passes: Passes | None = None  # rejection sampling: for a forced verdict's token
     k: int = 0
 
     @classmethod
-    def read(cls, passes: Passes, k: int, counts: list[int], stats: GenerationStats) -> Verdicts:
-        """The round's one synchronising read: drafts and the full model's tokens (or verdicts) in one copy."""
-        outcome = passes.verdicts if passes.rejection else passes.tokens[k + 1]
-        both = read_back(torch.cat([passes.drafts[:, :k], outcome], dim=1), stats)
+    def read(cls, passes: Passes, k: int, counts: list[int], stats: GenerationStats) -> RoundVerdicts:
+        """The round's one synchronising read: drafts, verdicts (and the full model's tokens) in one copy."""
+        parts = [passes.drafts[:, :k], passes.verdicts]  # [B, k], [B, 2]
+        if not passes.rejection:
+            parts.append(passes.tokens[k + 1])  # [B, k + 1]
+        both = read_back(torch.cat(parts, dim=1), stats)
         drafts = [b[:c] for b, c in zip(both, counts, strict=True)]
+        verdicts = [b[k : k + 2] for b in both]
         if passes.rejection:
-            return cls(drafts, verdicts=[b[k:] for b in both], passes=passes, k=k)
-        return cls(drafts, full=[b[k:] for b in both])
+            return cls(drafts, verdicts, passes=passes, k=k)
+        return cls(drafts, verdicts, full=[b[k + 2 :] for b in both])
 
-    def accept(self, row: int) -> tuple[int, int]:
+    def verdict(self, row: int) -> tuple[int, int]:
         """Step 3 for one row: (accepted drafts, the full model's token after them)."""
-        if self.verdicts is not None:
-            accepted, token = self.verdicts[row]
-            return accepted, token
-        own, tokens = self.drafts[row], self.full[row]
-        accepted = 0
-        while accepted < len(own) and own[accepted] == tokens[accepted]:
-            accepted += 1
-        return accepted, tokens[accepted]
+        accepted, token = self.verdicts[row]
+        return accepted, token
 
     def forced(self, row: int, accepted: int) -> tuple[int, int]:
         """Step 3 replaced (benchmark only, NOT lossless): `accepted` drafts kept whatever the full model said, then
         the full model's own token at that position, as a real verdict with that accepted length would emit."""
-        if self.verdicts is None:
+        if self.full is not None:
             return accepted, self.full[row][accepted]
         p, k = self.passes, self.k
         forced = torch.full((p.cache.batch,), accepted, dtype=torch.long, device=p.adapter.device)
@@ -422,10 +402,10 @@ def decode_eesd(
         counts = draft_steps(passes, rows, policies, budgets, stats)
         k = max(counts)
         verify_pass(passes, rows, k, counts)
-        verdicts = Verdicts.read(passes, k, counts, stats)
+        verdicts = RoundVerdicts.read(passes, k, counts, stats)
         for row in sorted(active):
             if forced_accept is None:
-                accepted, token = verdicts.accept(row)
+                accepted, token = verdicts.verdict(row)
             else:
                 accepted, token = verdicts.forced(row, min(max(forced_accept(counts[row]), 0), counts[row]))
             policies[row].update(counts[row], accepted)

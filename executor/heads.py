@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 from executor.adapter import ModelAdapter, Step, attention_mask, decoder_layer, head_linear
-from executor.decoding import SharedExitHead
 from executor.kv_cache import KVCache
 from sim.formats import subset_size
 
@@ -55,6 +54,30 @@ _CONFIG_KEYS = (
     "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings",
     "attention_bias", "sliding_window",
 )  # fmt: skip
+
+
+class SharedExitHead:
+    """The model's own final norm + LM head applied at the exit layer (LayerSkip's shared exit, no training)."""
+
+    extra_layers = 0
+    cache_key: object = "shared"  # heads that decode alike share captured passes
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        return self.adapter.logits(hidden)
+
+    def prefill(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> None:
+        """A head with layers of its own fills their KV from the exit-layer states here; this one has none."""
+
+
+def head_key(head: Any) -> object:
+    """Heads that decode alike share captured passes: every shared head is one, a vocabulary-subset head is its
+    subset; any other head (a trained one) is itself."""
+    if head is None:
+        return SharedExitHead.cache_key
+    return getattr(head, "cache_key", None) or id(head)
 
 
 class TrainedExitHead(nn.Module):

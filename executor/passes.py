@@ -9,16 +9,17 @@ from device tensors, and the cache's books are kept by the caller (`KVCache.clai
 - run as it is (`capture="none"`, the only mode on a CPU, and the code path every property test checks),
 - captured once in a CUDA graph and replayed (`"graph"`: one graph per pass and q; the GPU default without Triton),
 - compiled with `torch.compile(mode="reduce-overhead")` (`"compile"`: Inductor kernels in CUDA graphs; one
-  compilation per pass, about a minute each on a GPU),
+  compilation per pass, slow on a GPU),
 - or run with compiled layers and captured whole (`"compile-layers"`: one `torch.compile` of the decoder layer serves
   every layer and every pass with the same token count, `ModelAdapter.compiled`; the pass is a CUDA graph on a GPU;
   the GPU default where Triton is installed).
 
 A pass is idempotent (it writes the same cache slots and buffers with the same values however often it runs), so
 warming it up before capture changes nothing. The caller's host work per EESD round is: refill the inputs (async
-copies from pinned memory), launch the passes, then read the drafts and the full model's tokens back in one copy,
-the round's single host synchronisation (plus one per draft step for a policy that stops on the draft's confidence).
-Rejection sampling's verdict (accept tests, residual or bonus draw) runs on the device too, with keyed noise.
+copies from pinned memory), launch the passes, then read the drafts, the full model's tokens and the round's verdict
+back in one copy, the round's single host synchronisation (plus one per draft step for a policy that stops on the
+draft's confidence). The verify pass takes the verdict on the device (`executor.verify`: token equality, or rejection
+sampling's accept tests and residual or bonus draw, with keyed noise).
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import torch
 from executor.adapter import ModelAdapter, Step, allow_recompiles, inductor_available, with_layer_run
 from executor.fusion import fuse_projections, unfuse_projections
 from executor.kv_cache import KVCache
-from executor.sampling import DRAFT_SALT, TokenSelector, rejection_verdicts
+from executor.sampling import DRAFT_SALT, TokenSelector
+from executor.verify import match_verdicts, rejection_verdicts
+from sim.contract import AR_HISTORY, SYNC_CAPTURED
 
 CAPTURE_MODES = ("auto", "none", "graph", "compile", "compile-layers")
-AR_HISTORY = 64  # tokens the chained AR step can make between two host reads
-SYNC_CAPTURED = 8  # default `sync_every` of captured passes: AR steps (or PPSD ticks) per host read
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
 
 
@@ -168,9 +169,9 @@ class Passes:
     KV, EESD's round that drafts nothing). A draft step chains too: it keeps its state and token for the
     verify pass in `exit_states` [B, K + 1, d] and `drafts` [B, K] at `draft_cursor` (K the largest draft length),
     feeds its token to the next draft step and moves `positions[1]` on; the verify pass resets the cursor.
-    Rejection sampling adds `draft_prob` [B, V] (a draft step's q), `draft_probs` [B, K, V], `counts` [B] (each
-    row's own drafts, an input of the verify pass), `verdicts` [B, 2] (accepted, token) and `probs[q]` (the full
-    model's p, a static output for forced verdicts).
+    The verify pass also takes the round's verdict (`executor.verify`) from `counts` [B] (each row's own drafts, an
+    input the host refills) into `verdicts` [B, 2] (accepted, token). Rejection sampling adds `draft_prob` [B, V] (a
+    draft step's q), `draft_probs` [B, K, V] and `probs[q]` (the full model's p, a static output for forced verdicts).
     """
 
     def __init__(
@@ -210,13 +211,12 @@ class Passes:
         self.probs: dict[int, torch.Tensor] = {}
         vocab = adapter.lm_head.weight.shape[0]
         self.penalized = selector.penalized
-        # each row's own draft count: an input of the verify pass where it judges on the device
-        self.counts = torch.zeros(batch, **long) if self.rejection or self.penalized else None
+        self.counts = torch.zeros(batch, **long)  # each row's own draft count, an input of the verify pass's verdict
+        self.verdicts = torch.zeros(batch, 2, **long)  # the verify pass's (accepted, token) per row
         if self.rejection:
             k = max(max_draft, 1)
             self.draft_prob = torch.zeros(batch, vocab, dtype=torch.float64, device=device)
             self.draft_probs = torch.zeros(batch, k, vocab, dtype=torch.float64, device=device)
-            self.verdicts = torch.zeros(batch, 2, **long)
         if self.penalized:  # repetition penalty: the committed text's tokens, and a draft step's (+ earlier drafts)
             selector.track(vocab)
             self.draft_seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
@@ -259,12 +259,10 @@ class Passes:
 
     def _static_tensors(self) -> list[torch.Tensor]:
         buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.exit_states, self.draft_cursor]
-        buffers += [self.history, self.ar_cursor]
+        buffers += [self.history, self.ar_cursor, self.counts, self.verdicts]
         buffers += [*self.positions.values(), *self.tokens.values(), self.selector.prompt_lens, self.selector.seed]
         if self.rejection:
-            buffers += [self.draft_prob, self.draft_probs, self.verdicts]
-        if self.counts is not None:
-            buffers.append(self.counts)
+            buffers += [self.draft_prob, self.draft_probs]
         if self.penalized:
             buffers += [self.selector.seen, self.draft_seen, self.draft_context]
         return buffers + self.cache.keys + self.cache.values
@@ -290,8 +288,8 @@ class Passes:
 
     def verify(self, k: int) -> None:
         """Layers [0, E) over `ids` (the last draft) at positions[k + 1][:, -1], into exit_states[:, k]; then layers
-        [E, L) over exit_states[:, :k + 1] at positions[k + 1]: tokens[k + 1] (or probs[k + 1]) <- the full model's;
-        draft_cursor <- 0 for the next round."""
+        [E, L) over exit_states[:, :k + 1] at positions[k + 1]: tokens[k + 1] (or probs[k + 1]) <- the full model's,
+        verdicts <- the round's verdict on drafts[:, :k] (`executor.verify`); draft_cursor <- 0 for the next round."""
         advance = (lambda: self._verify_advance(k)) if self.penalized else None
         self.run("verify", k + 1, lambda: self._verify(k), advance)
 
@@ -360,15 +358,16 @@ class Passes:
         adapter = self.adapter
         logits = adapter.logits(adapter.forward_layers(states, step, self.cache, self.exit_layer, adapter.num_layers))
         context = self._verify_context(k) if self.penalized else None
+        targets = step.positions + 1
         if self.rejection:
-            targets = step.positions + 1
             self.probs[q] = probs = self.selector.probs(logits, targets, context)  # a static output when captured
             verdict = rejection_verdicts(
                 self.selector, self.drafts[:, :k], self.draft_probs[:, :k], probs, self.counts, targets
             )
-            self.verdicts.copy_(torch.stack(verdict, dim=1))
         else:
-            self.tokens[q].copy_(self.selector.select(logits, step.positions + 1, context))
+            self.tokens[q].copy_(self.selector.select(logits, targets, context))
+            verdict = match_verdicts(self.drafts[:, :k], self.tokens[q], self.counts)
+        self.verdicts.copy_(torch.stack(verdict, dim=1))
         self.draft_cursor.zero_()
 
     def _verify_context(self, k: int) -> torch.Tensor:
@@ -380,15 +379,9 @@ class Passes:
         return torch.cat([seen, seen | drafted], dim=1)
 
     def _verify_advance(self, k: int) -> None:
-        """The round's committed tokens (accepted drafts, then the full model's token) join `seen`, judged on the
-        device as the host will judge them (the same equality or rejection verdict)."""
-        if self.rejection:
-            accepted, token = self.verdicts[:, 0], self.verdicts[:, 1]
-        else:
-            full = self.tokens[k + 1]
-            own = torch.arange(k, device=full.device) < self.counts.unsqueeze(1)
-            accepted = ((self.drafts[:, :k] == full[:, :k]) & own).to(torch.int64).cumprod(-1).sum(-1)
-            token = full.gather(1, accepted.unsqueeze(1)).squeeze(1)
+        """The round's committed tokens (accepted drafts, then the full model's token) join `seen`: the verdict the
+        pass took, the one the host reads."""
+        accepted, token = self.verdicts[:, 0], self.verdicts[:, 1]
         kept = torch.arange(k, device=token.device) < accepted.unsqueeze(1)  # [B, k]
         if k:
             hits = _one_hot(self.drafts[:, :k], self.selector.seen.shape[-1]) & kept.unsqueeze(-1)
@@ -413,16 +406,10 @@ def upload(buffer: torch.Tensor, values: list) -> None:
 # ---------------------------------------------------------------------------------------------------- reuse
 MAX_RUNNERS_PER_MODEL = 4
 FUSE_CAPTURED = True  # captured passes run fused q/k/v and gate/up products (`executor.fusion`; no extra memory)
-CAPACITY_STEP = 256  # captured setups round their cache capacity up to a multiple of this, so graphs get reused
-
-
-def captured_capacity(needed: int) -> int:
-    """The cache capacity of a captured setup that needs `needed` positions (a few sizes, reused across calls)."""
-    return -(-needed // CAPACITY_STEP) * CAPACITY_STEP
 
 
 def cached_passes(model: torch.nn.Module, key: tuple, build: Callable[[], Passes]) -> Passes:
-    """Captured passes outlive a call (capture costs milliseconds per graph): one set per model and configuration,
+    """Captured passes outlive a call (capturing a graph has a cost): one set per model and configuration,
     the `MAX_RUNNERS_PER_MODEL` most recent kept (each holds its own KV cache). They live in the model object's own
     dict, so they go when the model goes (a weak-keyed table would be kept alive by the passes' own reference), and
     they are dropped when any weight tensor moved (`model.to(...)`, a reassigned parameter): a graph reads addresses.

@@ -6,7 +6,8 @@ own final norm + LM head, LayerSkip's shared exit) sits at layer E inside stage 
     1. Every stage runs the token it holds through its layers, so n tokens are in flight, one per stage. Stage 1
        also applies the exit head at E and drafts the next token, which enters stage 1 on the next tick.
     2. The token x_p leaving stage n yields the full model's prediction f for position p + 1, which is emitted.
-       If f equals the draft already in flight for p + 1, the draft is *confirmed* and nothing was wasted.
+       If f equals the draft already in flight for p + 1, the draft is *confirmed* and nothing was wasted (the
+       verify rule at depth 1, `executor.verify.tick_verdict`).
     3. Otherwise the younger tokens in flight (positions p + 1 ..) are *flushed*: every stage drops its output and
        rolls the KV of its own layers back to p + 1, and f enters stage 1 on the next tick.
     4. The other tokens move one stage down.
@@ -35,20 +36,17 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
 import torch
 
 from executor.adapter import ModelAdapter, Step, compile_static, with_layer_run
-from executor.decoding import GenerationStats, SharedExitHead, TokenSink, head_key, read_back
-from executor.heads import resolve_head
+from executor.decoding import GenerationStats, TokenSink, read_back
+from executor.heads import SharedExitHead, head_key, resolve_head
 from executor.kv_cache import KVCache
 from executor.passes import (
-    AR_HISTORY,
     StaticPass,
     cached_passes,
-    captured_capacity,
     check_sync_every,
     launch_mode,
     on_device,
@@ -57,6 +55,8 @@ from executor.passes import (
     upload,
 )
 from executor.sampling import SamplingConfig, TokenSelector
+from executor.verify import TickVerdict, judge_tick, tick_verdict
+from sim.contract import AR_HISTORY, captured_capacity
 
 BACKENDS = ("sequential", "streams", "distributed")
 
@@ -158,10 +158,19 @@ class StageStats:
     work_ticks: int = 0  # ticks in which it held a token
     bubble_ticks: int = 0  # ticks in which it held none (after a flush, or draining at the end)
 
+    def count(self, holds: bool, busy_s: float, idle_s: float = 0.0) -> None:
+        """Count one tick of this stage: whether it held a token, and its time computing and waiting in it."""
+        self.busy_s += busy_s
+        self.idle_s += idle_s
+        self.work_ticks += holds
+        self.bubble_ticks += not holds
+
 
 @dataclass
 class PPSDStats(GenerationStats):
-    """GenerationStats plus the pipeline's view. `drafted`/`accepted` hold one entry per checked draft (1, 0 or 1)."""
+    """GenerationStats plus the pipeline's view. PPSD's unit of work is the tick (every stage runs one token), not the
+    round: `rounds` stays 0 and `tokens_per_round` is nan. `drafted` / `accepted` hold one entry per checked draft
+    (drafted 1; accepted 1 if confirmed, 0 if flushed), so `acceptance_rate` is `alpha`."""
 
     backend: str = "sequential"
     stages: int = 0
@@ -180,6 +189,21 @@ class PPSDStats(GenerationStats):
         return self.confirms / checked if checked else float("nan")
 
     @property
+    def decoded_tokens(self) -> int:
+        """New tokens after the prefill's (the first new token comes from the prefill, not from a tick)."""
+        return max(self.new_tokens - 1, 0)
+
+    @property
+    def tokens_per_tick(self) -> float:
+        """Decoded tokens per tick (AR through the same stages: 1 / n; at most 1)."""
+        return self.decoded_tokens / self.ticks if self.ticks else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        """PPSD has no rounds (see `tokens_per_tick`)."""
+        return float("nan")
+
+    @property
     def ideal_speedup(self) -> float:
         """n / (alpha + (1 - alpha) n) at the measured alpha: balanced stages, free head and links."""
         n, alpha = self.stages, self.alpha
@@ -188,8 +212,7 @@ class PPSDStats(GenerationStats):
     @property
     def tick_speedup(self) -> float:
         """Achieved, in ticks: AR needs n ticks (one pass through all stages) per decoded token, PPSD took `ticks`."""
-        decoded = self.new_tokens - 1  # the first new token comes from prefill
-        return self.stages * decoded / self.ticks if self.ticks else float("nan")
+        return self.stages * self.tokens_per_tick
 
     def speedup_over(self, ar_tokens_per_s: float) -> float:
         """Achieved, in wall-clock time: this run's tokens/s over an AR run's tokens/s."""
@@ -197,10 +220,12 @@ class PPSDStats(GenerationStats):
 
     def summary(self) -> str:
         lines = [
-            super().summary(),
+            self.totals(f"{self.ticks} ticks"),
             f"ppsd {self.backend}: {self.stages} stages {_describe(self.stage_boundaries)}, exit layer "
-            f"{self.exit_layer}; {self.ticks} ticks, {self.confirms} confirms, {self.flushes} flushes, "
-            f"alpha {self.alpha:.3f}, speedup in ticks {self.tick_speedup:.2f}x (ideal {self.ideal_speedup:.2f}x)",
+            f"{self.exit_layer}; {self.confirms + self.flushes} drafts checked: {self.confirms} confirmed, "
+            f"{self.flushes} flushed (alpha {self.alpha:.3f}); {self.decoded_tokens} tokens after the prefill's in "
+            f"{self.ticks} ticks, {self.tokens_per_tick:.2f} tokens/tick (AR: 1/{self.stages}); speedup in ticks "
+            f"{self.tick_speedup:.2f}x (ideal {self.ideal_speedup:.2f}x)",
         ]
         for index, stage in enumerate(self.stage_stats):
             lines.append(
@@ -209,10 +234,11 @@ class PPSDStats(GenerationStats):
             )
         return "\n".join(lines)
 
-    def record(self, verdict: Verdict) -> None:
-        """Count one verdict of the last stage."""
-        if verdict.kind in (Verdict.CONFIRM, Verdict.FLUSH):
-            confirmed = verdict.kind == Verdict.CONFIRM
+    def record(self, outcome: TickOutcome) -> None:
+        """Count one tick and its outcome (a confirm or a flush is a checked draft)."""
+        self.ticks += 1
+        if outcome.verdict in (TickVerdict.CONFIRM, TickVerdict.FLUSH):
+            confirmed = outcome.verdict == TickVerdict.CONFIRM
             self.confirms += confirmed
             self.flushes += not confirmed
             self.drafted.append(1)
@@ -254,24 +280,19 @@ class StageOutput:
     draft: int = -1  # carried from stage 1 down the pipe (set once resolved on the host)
 
 
-class Verdict(IntEnum):
-    """What the last stage decided this tick (sent as an int to every stage by the distributed backend)."""
-
-    NONE = 0  # nothing left the pipe
-    CONFIRM = 1  # the prediction equals the draft in flight
-    FLUSH = 2  # it does not: flush the younger tokens, the prediction re-enters stage 1
-    EMIT = 3  # no draft was in flight (max_new_tokens reached): emit only
-    START = 4  # the prefill's token: enters stage 1
-
-
 @dataclass(frozen=True)
-class Decision:
-    """The last stage's verdict this tick: the token it emitted at `position`, and whether generation is done."""
+class TickOutcome:
+    """One tick as the last stage decided it: the verdict, the token it emitted at `position` (none for
+    `TickVerdict.NONE`), and whether generation is done."""
 
-    kind: Verdict
+    verdict: TickVerdict
     token: int = -1
     position: int = -1
     done: bool = False
+
+    @property
+    def emitted(self) -> bool:
+        return self.verdict != TickVerdict.NONE
 
 
 class StageRunner:
@@ -392,14 +413,14 @@ def resolve_first(out: StageOutput, limit: int, draft: int | None = None) -> Non
     out.draft = draft if out.position + 1 <= limit else -1
 
 
-def judge(out: StageOutput | None, sink: TokenSink, token: int | None = None) -> Decision:
-    """Step 2-3: emit the full model's prediction (read here unless given) and compare it with the draft in flight."""
+def judge(out: StageOutput | None, sink: TokenSink, token: int | None = None) -> TickOutcome:
+    """Steps 2-3 on the host: emit the full model's prediction (read here unless given) and judge the draft in flight
+    against it (`executor.verify.judge_tick`; `out` None: nothing left the pipe)."""
     if out is None:
-        return Decision(Verdict.NONE)
+        return TickOutcome(judge_tick(False, -1, -1))
     token = int(out.predicted_id.item()) if token is None else token
     sink.emit([token])
-    kind = Verdict.EMIT if out.draft < 0 else Verdict.CONFIRM if token == out.draft else Verdict.FLUSH
-    return Decision(kind, token, out.position + 1, sink.done)
+    return TickOutcome(judge_tick(True, out.draft, token), token, out.position + 1, sink.done)
 
 
 def commit(selector: TokenSelector, token: int) -> None:
@@ -465,7 +486,7 @@ class LocalPipeline:
             for tensor in self._static_tensors():
                 torch._dynamo.mark_static_address(tensor)
         self.advance, self.primed = self._advance, True
-        if capture == "compile-layers":  # the transition's ~20 small ops, fused by Inductor into a few kernels
+        if capture == "compile-layers":  # the transition's many small ops, fused by Inductor into a few kernels
             self.advance, self.primed = compile_static(self._advance, fallback, "the PPSD transition"), False
         self.transition = StaticPass(_nothing, launch_mode(capture, adapter.device), fallback, advance=self.advance)
         self.stats: PPSDStats | None = None
@@ -561,29 +582,23 @@ class LocalPipeline:
         return [start.elapsed_time(stop) / 1e3 for start, stop in self.timers[slot]]
 
     def _replay(self, row: list[int], busy: list[float], sink: TokenSink) -> None:
-        """One tick's log row on the host: emit its token, count its verdict and the stages' work."""
-        kind, token, position, *valid = row
-        decision = Decision(Verdict(kind), token, position)
-        if decision.kind != Verdict.NONE:
+        """One tick's log row on the host: emit its token, count its outcome and the stages' work."""
+        verdict, token, position, *valid = row
+        outcome = TickOutcome(TickVerdict(verdict), token, position)
+        if outcome.emitted:
             sink.emit([token])
-        self.stats.record(decision)
-        self.stats.ticks += 1
+        self.stats.record(outcome)
         tick = max(busy)  # idle: what a stage waits in a lockstep tick as long as the slowest stage's
         for stage, holds, seconds in zip(self.stats.stage_stats, valid, busy, strict=True):
-            stage.busy_s += seconds
-            stage.idle_s += tick - seconds
-            stage.work_ticks += bool(holds)
-            stage.bubble_ticks += not holds
+            stage.count(bool(holds), seconds, tick - seconds)
 
     def _advance(self) -> None:
         """The transition, on the device (see the class docstring); no host value is read or written."""
         runners, valid, carried = self.runners, self.valid, self.carried
         first, last = runners[0], runners[-1]
         predicted, held = last.predicted_id, valid[-1:]  # [1]
-        has_draft, match = carried[-1:] >= 0, predicted == carried[-1:]
-        flush = held & has_draft & ~match
-        verdict = torch.where(match, int(Verdict.CONFIRM), int(Verdict.FLUSH))
-        verdict = torch.where(held, torch.where(has_draft, verdict, int(Verdict.EMIT)), int(Verdict.NONE))
+        verdict = tick_verdict(held, carried[-1:], predicted)  # [1]
+        flush = verdict == int(TickVerdict.FLUSH)
         emitted_at = last.position.view(1) + 1
         row = torch.cat([verdict, predicted, emitted_at, valid.long()])
         self.log.index_copy_(0, self.cursor, row.unsqueeze(0))
@@ -643,7 +658,6 @@ def _decode_local(
     commit(pipeline.selector, token)
     pipeline.begin(token, len(prompt), feed_limit(len(prompt), sink.max_new_tokens))
     pipeline.decode(sink, sync_every)
-    stats.rounds = stats.ticks
     stats.new_tokens = len(sink.tokens)
     stats.wall_time_s = time.perf_counter() - begin
     return stats

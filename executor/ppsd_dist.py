@@ -6,7 +6,8 @@ processes advance in lockstep ticks with exactly the semantics of executor/ppsd.
 confirms and flushes as the `sequential` reference. One tick on rank r (stage r + 1 of n):
 
     1. run the held token through the stage (stage 1 drafts; the last stage predicts and emits);
-    2. the last rank sends its verdict (confirm / flush / emit, the token, its position, done) to every rank;
+    2. the last rank judges (`executor.ppsd.judge`, the verify rule at depth 1) and sends the tick's outcome (confirm /
+       flush / emit, the token, its position, done) to every rank;
     3. on a flush every rank rolls its own layers' KV back and drops its output, and the correction enters stage 1;
        otherwise rank r sends its output (position, draft, hidden [1, 1, d]) to rank r + 1.
 
@@ -48,19 +49,18 @@ import torch.distributed as dist
 from torch import nn
 
 from executor.adapter import ModelAdapter
-from executor.decoding import SharedExitHead, TokenSink
-from executor.heads import SubsetExitHead, TrainedExitHead, head_tensors, resolve_head
+from executor.decoding import TokenSink
+from executor.heads import SharedExitHead, SubsetExitHead, TrainedExitHead, head_tensors, resolve_head
 from executor.kv_cache import KVCache
 from executor.passes import resolve_capture
 from executor.ppsd import (
-    Decision,
     Item,
     PPSDStats,
     StageOutput,
     StagePlan,
     StageRunner,
     StageStats,
-    Verdict,
+    TickOutcome,
     commit,
     feed_limit,
     first_token,
@@ -71,6 +71,7 @@ from executor.ppsd import (
     resolve_first,
 )
 from executor.sampling import SamplingConfig, TokenSelector
+from executor.verify import TickVerdict
 
 _POLL_S = 0.05
 _KILL_GRACE_S = 5.0
@@ -132,26 +133,27 @@ def stage_model(model: nn.Module, plan: StagePlan, stage: int) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------------ messages
-class Link:
-    """Point-to-point messages between neighbouring stages, and the last stage's verdict to all."""
+class StageLink:
+    """Point-to-point messages between neighbouring stages, and the last stage's tick outcome to all."""
 
     def __init__(self, rank: int, world: int, device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:
         self.rank, self.world, self.device = rank, world, device
         self.hidden_size, self.dtype = hidden_size, dtype
         self.last = world - 1
 
-    def exchange_verdict(self, decision: Decision | None) -> Decision:
+    def exchange_outcome(self, outcome: TickOutcome | None) -> TickOutcome:
+        """The last rank sends its `outcome` to every other rank, which receives it (and passes None)."""
         if self.rank == self.last:
             message = torch.tensor(
-                [decision.kind, decision.token, decision.position, decision.done], dtype=torch.long, device=self.device
+                [outcome.verdict, outcome.token, outcome.position, outcome.done], dtype=torch.long, device=self.device
             )
             for work in [dist.isend(message, dst) for dst in range(self.last)]:
                 work.wait()
-            return decision
+            return outcome
         message = torch.empty(4, dtype=torch.long, device=self.device)
         dist.recv(message, src=self.last)
-        kind, token, position, done = message.tolist()
-        return Decision(Verdict(kind), token, position, bool(done))
+        verdict, token, position, done = message.tolist()
+        return TickOutcome(TickVerdict(verdict), token, position, bool(done))
 
     def pass_on(self, hidden: torch.Tensor | None, meta: list[int] | None) -> Item | None:
         """Send (meta = [present, position, draft], hidden) to the next stage; receive the previous stage's."""
@@ -220,38 +222,35 @@ def run_stage(
     cache = StageKVCache(adapter, layers.start, layers.stop, len(prompt) + sink.max_new_tokens, extra)
     capture = resolve_capture("auto", adapter.device, selector.config.kind)  # compiled layers, graphs on a GPU rank
     runner = StageRunner(adapter, cache, plan, rank, selector, capture, fallback=True, head=head)
-    link = Link(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype)
+    link = StageLink(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype)
     stats = new_stats(plan, "distributed", len(prompt))
     if runner.is_first or runner.is_last:  # the ranks that pick tokens: a repetition penalty's committed text
         selector.track(adapter.lm_head.weight.shape[0])
         selector.start([prompt])
     dist.barrier()  # every process has its model: time from here
     begin = time.perf_counter()
-    decision = _prefill(runner, link, prompt, sink, on_tokens)
-    commit(selector, decision.token)
+    outcome = _prefill(runner, link, prompt, sink, on_tokens)
+    commit(selector, outcome.token)
     stats.prefill_time_s = time.perf_counter() - begin
-    inbox = Item(len(prompt), token=decision.token) if rank == 0 else None
+    inbox = Item(len(prompt), token=outcome.token) if rank == 0 else None
     limit = feed_limit(len(prompt), sink.max_new_tokens)
     stage = stats.stage_stats[rank]
-    while not decision.done:
+    while not outcome.done:
         tick_begin = time.perf_counter()
         out = runner.run(inbox) if inbox is not None else None
         if rank == 0 and out is not None:
             resolve_first(out, limit)
-        stage.busy_s += time.perf_counter() - tick_begin
-        stage.work_ticks += inbox is not None
-        stage.bubble_ticks += inbox is None
-        decision = link.exchange_verdict(judge(out, sink) if runner.is_last else None)
-        commit(selector, decision.token)
-        if runner.is_last and decision.kind != Verdict.NONE and on_tokens is not None:
-            on_tokens([decision.token])
-        stats.record(decision)
-        stats.ticks += 1
-        if decision.done:
+        stage.count(inbox is not None, time.perf_counter() - tick_begin)
+        outcome = link.exchange_outcome(judge(out, sink) if runner.is_last else None)
+        commit(selector, outcome.token)
+        if runner.is_last and outcome.emitted and on_tokens is not None:
+            on_tokens([outcome.token])
+        stats.record(outcome)
+        if outcome.done:
             break
-        if decision.kind == Verdict.FLUSH:
-            runner.flush(decision.position)
-            inbox = Item(decision.position, token=decision.token) if rank == 0 else None
+        if outcome.verdict == TickVerdict.FLUSH:
+            runner.flush(outcome.position)
+            inbox = Item(outcome.position, token=outcome.token) if rank == 0 else None
         else:
             item = link.pass_on(out.hidden if out else None, [1, out.position, out.draft] if out else None)
             inbox = _next_draft(out) if rank == 0 else item
@@ -275,18 +274,18 @@ def _next_draft(out: StageOutput | None) -> Item | None:
     return Item(out.position + 1, token=out.draft) if out is not None and out.draft >= 0 else None
 
 
-def _prefill(runner: StageRunner, link: Link, prompt: list[int], sink: TokenSink, on_tokens) -> Decision:
-    """The prompt down the pipe; the last rank's first token is broadcast as the START verdict."""
+def _prefill(runner: StageRunner, link: StageLink, prompt: list[int], sink: TokenSink, on_tokens) -> TickOutcome:
+    """The prompt down the pipe; the last rank's first token is broadcast as the START outcome."""
     hidden = None if runner.is_first else link.recv_prompt_states(len(prompt))
     hidden = runner.prefill(hidden, prompt)
     if not runner.is_last:
         link.send_prompt_states(hidden)
-        return link.exchange_verdict(None)
+        return link.exchange_outcome(None)
     token = first_token(runner, hidden)
     sink.emit([token])
     if on_tokens is not None:
         on_tokens([token])
-    return link.exchange_verdict(Decision(Verdict.START, token, len(prompt), sink.done))
+    return link.exchange_outcome(TickOutcome(TickVerdict.START, token, len(prompt), sink.done))
 
 
 # --------------------------------------------------------------------------------------------- local launcher
@@ -421,7 +420,7 @@ def _launch(jobs: list[WorkerJob], sink: TokenSink, timeout_s: float) -> dict[in
     import torch.multiprocessing as mp
 
     # forkserver: one clean server process imports torch and transformers once per session, and every worker is
-    # forked from it (seconds saved per launch); the jobs are still pickled, so each gets only its stage's weights
+    # forked from it (not once per worker); the jobs are still pickled, so each gets only its stage's weights
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["executor.ppsd_dist", type(jobs[0].model).__module__])
     messages = context.Queue()
@@ -491,7 +490,7 @@ def _merge(plan: StagePlan, prompt: list[int], sink: TokenSink, reports: dict[in
     last = reports[plan.stages - 1]
     stats = new_stats(plan, "distributed", len(prompt))
     stats.stage_stats = [reports[r].stage for r in range(plan.stages)]
-    stats.ticks = stats.rounds = last.ticks
+    stats.ticks = last.ticks
     stats.confirms, stats.flushes = last.confirms, last.flushes
     stats.drafted, stats.accepted = last.drafted, last.accepted
     stats.prefill_time_s, stats.wall_time_s = last.prefill_time_s, last.wall_time_s

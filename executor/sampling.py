@@ -13,7 +13,8 @@
   bonus or plain) use independent streams of the same hash, salted differently. A position's noise is consumed by
   exactly one decision that survives (a draft rolled back with its round never influenced an earlier position's
   test, causality), so every kept decision sees fresh uniform noise and the output distribution is exact, while the
-  whole verdict runs on the device (`rejection_verdicts`): no generator state, capturable in a CUDA graph.
+  whole verdict runs on the device (`executor.verify.rejection_verdicts`): no generator state, capturable in a CUDA
+  graph.
 
 Processing follows HF's order: repetition penalty (over the tokens the position's context holds, prompt included),
 min-new-tokens (EOS masked), then, when sampling, temperature, top-k, top-p, min-p.
@@ -222,41 +223,3 @@ class TokenSelector:
     def sample(self, probs: torch.Tensor, targets: torch.Tensor, salt: int) -> torch.Tensor:
         """A token [B, q] drawn from probs [B, q, V] for the positions `targets` [B, q] (Gumbel-max, keyed)."""
         return (probs.log() + gumbel_noise(self.seed, targets, probs.shape[-1], salt)).argmax(-1)
-
-
-def rejection_verdicts(
-    selector: TokenSelector,
-    drafts: torch.Tensor,
-    draft_probs: torch.Tensor,
-    target_probs: torch.Tensor,
-    counts: torch.Tensor,
-    targets: torch.Tensor,
-    forced: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling for every row at once, on the device: (accepted drafts [B], the token after them [B]).
-
-    drafts [B, k] (row b's first counts[b] are its own), draft_probs [B, k, V] the q_i each was drawn from,
-    target_probs [B, k + 1, V] the full model's p_0 .. p_k, targets [B, k + 1] the positions they predict. Draft i is
-    accepted iff u_i q_i(d_i) < p_i(d_i) (u_i keyed by its position) and every earlier one was; the token after the
-    accepted run is drawn from norm(max(0, p_a - q_a)), or from p_a when every own draft was accepted (the bonus).
-    `forced` (benchmark only) replaces the accepted counts; the token is then drawn as for a real run that long.
-    """
-    k = drafts.shape[1]
-    rows = torch.arange(drafts.shape[0], device=drafts.device)
-    if forced is None:
-        p = target_probs[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-        q = draft_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-        own = torch.arange(k, device=drafts.device) < counts.unsqueeze(1)
-        passed = (uniform_noise(selector.seed, targets[:, :k], ACCEPT_SALT) * q < p) & own  # u < p/q, no division
-        accepted = passed.to(torch.int64).cumprod(-1).sum(-1)
-    else:
-        accepted = forced
-    p_a = target_probs[rows, accepted]  # [B, V]
-    padding = target_probs.new_zeros(target_probs.shape[0], 1, target_probs.shape[-1])
-    q_a = torch.cat([draft_probs, padding], dim=1)[rows, accepted]
-    q_a = q_a * (accepted < counts).unsqueeze(-1)  # all own drafts accepted: the bonus token, from p_a itself
-    residual = (p_a - q_a).clamp_min(0)
-    total = residual.sum(-1, keepdim=True)
-    dist = torch.where(total > 0, residual / total.clamp_min(1e-300), p_a)
-    token = selector.sample(dist.unsqueeze(1), targets[rows, accepted].unsqueeze(1), SAMPLE_SALT)[:, 0]
-    return accepted, token

@@ -14,7 +14,8 @@ from test_batch_and_dropin import batch_cases, hf_batch, left_pad
 from test_passes import PROMPTS, model, strict
 
 import executor
-from executor.passes import AR_HISTORY, StaticPass
+from executor.passes import StaticPass
+from sim.contract import AR_HISTORY
 
 
 @given(

@@ -331,8 +331,7 @@ def test_a_head_object_at_another_exit_layer_is_refused(trained, tiny) -> None:
 # ------------------------------------------------------------------------------------------ vocabulary-subset head
 @pytest.mark.parametrize("count", [1, 20, SPEC.vocab])
 def test_subset_head_is_lossless_and_drafts_only_its_ids(tiny, count: int) -> None:
-    from executor.decoding import head_key
-    from executor.heads import SubsetExitHead
+    from executor.heads import SubsetExitHead, head_key
 
     adapter = ModelAdapter(tiny)
     head = resolve_head(f"shared:{count}", adapter, EXIT_LAYER)

@@ -1,7 +1,7 @@
 """Property tests: EESD == AR == HF `model.generate`, greedy, token for token, on tiny random models.
 
 float64: strict equality. float32: equality or a documented near-tie (top-2 logits within 1e-5 at the first
-difference, DESIGN.md §2). The epsilon trick (tests/tiny_models.py) makes rounds with none, some and all drafts
+difference, docs/design.md). The epsilon trick (tests/tiny_models.py) makes rounds with none, some and all drafts
 accepted occur; `test_all_round_kinds_occur` asserts that each kind does.
 """
 

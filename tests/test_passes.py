@@ -19,8 +19,8 @@ from tiny_models import TinySpec, hf_greedy, scale_late_layers, tiny_model
 import executor
 from executor.adapter import ModelAdapter
 from executor.api import PassSetup
-from executor.decoding import GenerationStats, Rows, SharedExitHead, TokenSink, decode_ar, decode_eesd
-from executor.heads import TrainedExitHead
+from executor.decoding import GenerationStats, Rows, TokenSink, decode_ar, decode_eesd
+from executor.heads import SharedExitHead, TrainedExitHead
 from executor.passes import MAX_RUNNERS_PER_MODEL, Passes, StaticPass, cached_passes, resolve_capture
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.policy import make_policy

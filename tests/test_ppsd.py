@@ -1,6 +1,6 @@
 """PPSD (executor/ppsd.py, executor/ppsd_dist.py): lossless against AR greedy, pipeline accounting, bad input.
 
-Models are tiny and random, in float64 so that equality with AR is exact. The epsilon trick (DESIGN.md §2): scaling
+Models are tiny and random, in float64 so that equality with AR is exact. The epsilon trick (docs/design.md): scaling
 o_proj and down_proj of the layers >= the exit layer by epsilon makes those layers nearly the identity, so the exit
 head's drafts are mostly right (epsilon small) or always right (epsilon = 0); epsilon = 1 leaves the model random.
 """

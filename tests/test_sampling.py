@@ -15,9 +15,9 @@ from executor.sampling import (
     TokenSelector,
     gumbel_noise,
     penalize,
-    rejection_verdicts,
     warp,
 )
+from executor.verify import rejection_verdicts
 
 POLICIES = ["fixed:3", "heuristic", "confidence:0.3", "beta-ts", "calibration-ts"]
 
