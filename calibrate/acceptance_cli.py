@@ -14,9 +14,18 @@ from calibrate.acceptance import (
     trace_prompts,
     trace_records,
 )
-from calibrate.common import base_metadata, check_device, check_dtype, load, parse_int_list
+from calibrate.common import (
+    base_metadata,
+    check_device,
+    check_dtype,
+    check_output_file,
+    device_name,
+    load,
+    parse_int_list,
+)
 from executor.adapter import ModelAdapter
 from sim.formats import write_acceptance_trace
+from sim.progress import progress_bar
 
 
 def encoded_prompts(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
@@ -58,11 +67,11 @@ def check_mode(check: str, dtype: torch.dtype) -> str:
 
 
 def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
-    from tqdm import tqdm
-
+    check_output_file(args.out, args.force)
     check_numbers(args)
     device, dtype = check_device(args.device), check_dtype(args.dtype)
     exit_layers = parse_int_list(args.exit_layers, "--exit-layers", minimum=1)
+    print(f"calibrate acceptance: {args.model} on {device_name(device)} -> {args.out}", flush=True)
     loaded = load(args.model, dtype, device)
     adapter = ModelAdapter(loaded.model)
     exit_layers = check_exit_layers(exit_layers, adapter.num_layers)
@@ -70,7 +79,7 @@ def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
     eos = _eos(loaded.model.generation_config.eos_token_id)
     begin = time.perf_counter()
     traces = []
-    with tqdm(total=len(prompts), disable=not progress, desc="acceptance", unit="prompt") as bar:
+    with progress_bar(len(prompts), "acceptance", "prompt", progress) as bar:
         for first in range(0, len(prompts), args.batch):
             chunk = prompts[first : first + args.batch]
             traces += trace_prompts(adapter, chunk, exit_layers, args.head, args.max_new_tokens, eos)

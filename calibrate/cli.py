@@ -1,13 +1,15 @@
 """`eesd calibrate latency|acceptance|link`: measure the files the simulator reads (docs/formats.md).
 
-torch is imported only inside `run`, so `eesd --help` stays fast.
+torch is imported only inside `run`, so `eesd --help` stays fast. A calibration never overwrites a finished file
+without `--force` (a latency profile's `*.partial.jsonl` is not one: a rerun continues it).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from executor.runtime import add_threads_argument, use_threads
 
 GRAPH_MODES = {"on": (True,), "off": (False,), "both": (False, True)}
 
@@ -22,15 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for add, name, help_text in parsers:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
-        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+        if name != "link":  # link times two processes of one thread each and shows no progress
+            p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+            add_threads_argument(p)
 
 
 def _latency_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="packaged name, HF directory, .gguf, CONFIG.json or a sim shape")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (file: latency_<model>_<device>_<dtype>.csv)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output folder (file: latency_<model>_<device>_<dtype>[_compiled].csv)"
+    )
     p.add_argument("--q", default=None, help="verify q grid, e.g. 1,2,4,8 (default: by device)")
     p.add_argument("--context", default=None, help="context-length grid (default: by device)")
     p.add_argument("--batch", default=None, help="batch grid (default: by device)")
@@ -59,7 +65,7 @@ def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
         help="the prompt set's split (executor.prompts.split_prompts, as train-head uses): held-out keeps prompts a "
         "trained or subset head never saw (default: all); --num-prompts then takes the first N of it",
     )  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="keep the last N prompt tokens")
     p.add_argument("--batch", type=int, default=8, help="prompts generated together (greedy; default: 8)")
     p.add_argument("--check-prompts", type=int, default=3, help="prompts re-run with real EESD to check the trace")
@@ -69,7 +75,7 @@ def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
         help="strict: any disagreement is an error; report: record how many runs agree (auto: strict in fp32/fp64, "
         "report in bf16/fp16, whose batched passes round differently)",
     )  # fmt: skip
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--dtype", default="fp32", help="bf16 | fp16 | fp32 (default: fp32)")
     p.add_argument("--out", type=Path, required=True, help="output CSV (eesd.acceptance_trace)")
 
@@ -80,26 +86,20 @@ def _link_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="add this model's activation sizes (hidden × tokens × dtype)")
     p.add_argument("--dtype", default="bf16", help="element size for --model's activation sizes (default: bf16)")
     p.add_argument("--sizes", default=None, help="bytes to time, comma-separated (default: 256 B .. 16 MiB)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="untimed messages per size first (default: 3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed messages per size (default: 20)")
 
 
 def run(args: argparse.Namespace) -> int:
-    progress = not args.no_progress and sys.stderr.isatty()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
+    if args.calibration == "link":
+        from calibrate.link import run_link_cli
 
-        torch.set_num_threads(args.threads)
+        return run_link_cli(args)
+    print(f"calibrate {args.calibration}: {use_threads(args.threads)}", flush=True)
     if args.calibration == "latency":
         from calibrate.latency_cli import run_latency
 
-        return run_latency(args, progress)
-    if args.calibration == "acceptance":
-        from calibrate.acceptance_cli import run_acceptance
+        return run_latency(args, not args.no_progress)
+    from calibrate.acceptance_cli import run_acceptance
 
-        return run_acceptance(args, progress)
-    from calibrate.link import run_link_cli
-
-    return run_link_cli(args)
+    return run_acceptance(args, not args.no_progress)

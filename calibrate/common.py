@@ -1,4 +1,5 @@
-"""What the three calibrations share: loading a model from a name, path or config, run metadata, argument parsing.
+"""What the three calibrations share: loading a model from a name, path or config, run metadata, argument parsing,
+and the refusal to overwrite a finished file without `--force`.
 
 A model is given as a packaged name (`executor.models.known_models()`, real weights), a local HF directory or GGUF
 file (real weights), a `config.json` (random weights: latency does not depend on weight values) or a shape the
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from executor.models import known_models, load_model, resolve_dtype
+from executor.runtime import check_device as check_device  # the calibrations' device check, with their setup
 from sim.models import MODELS
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -51,13 +53,17 @@ def check_dtype(name: str) -> torch.dtype:
     return resolve_dtype(DTYPE_NAMES[name])
 
 
-def check_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return device
+def check_output_file(path: Path, force: bool) -> None:
+    """An output file may be written: not a folder, and not an existing file unless `--force`."""
+    if path.is_dir():
+        raise ValueError(f"--out {path}: is a folder; --out names the output file")
+    if path.exists() and not force:
+        raise ValueError(f"--out {path} exists; pass --force to overwrite it")
+
+
+def check_output_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path}: is a file; --out names the folder the profile is written into")
 
 
 def model_config(spec: str):

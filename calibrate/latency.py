@@ -45,6 +45,7 @@ from executor.adapter import ModelAdapter, Step, allow_recompiles, attention_mas
 from executor.fusion import fuse_projections
 from executor.kv_cache import KVCache
 from sim.formats import LatencyRecord, latency_profile_name, write_latency_profile
+from sim.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,8 @@ KERNELS = ("eager", "compiled")
 
 
 @dataclass(frozen=True)
-class Point:
-    """One measurement: one record of the profile."""
+class GridPoint:
+    """One measurement of the latency grid: one record of the profile."""
 
     component: str
     phase: str
@@ -95,20 +96,20 @@ class LatencySettings:
             raise ValueError("--kernels compiled: compiled layers run inside CUDA graphs on a GPU; use --graphs on")
 
 
-def plan_points(grid: Grid, graph_modes: tuple[bool, ...]) -> list[Point]:
+def plan_points(grid: Grid, graph_modes: tuple[bool, ...]) -> list[GridPoint]:
     """Every record of a profile, grouped so consecutive points share their inputs."""
-    points: list[Point] = []
+    points: list[GridPoint] = []
     for graphs in graph_modes:
         for batch in grid.batch:
             for context in grid.context_len:
                 for component in ("embed", "layer", "exit_head", "lm_head", "overhead"):
-                    points.append(Point(component, "draft", 1, context, batch, graphs))
+                    points.append(GridPoint(component, "draft", 1, context, batch, graphs))
                 for q in grid.q:
-                    points += [Point(c, "verify", q, context, batch, graphs) for c in ("embed", "layer", "lm_head")]
-                points.append(Point("overhead", "verify", 1, context, batch, graphs))
+                    points += [GridPoint(c, "verify", q, context, batch, graphs) for c in ("embed", "layer", "lm_head")]
+                points.append(GridPoint("overhead", "verify", 1, context, batch, graphs))
             for q in grid.prefill_q:
-                points += [Point(c, "prefill", q, 0, batch, graphs) for c in ("embed", "layer")]
-            points += [Point(c, "prefill", 1, 0, batch, graphs) for c in ("lm_head", "overhead")]
+                points += [GridPoint(c, "prefill", q, 0, batch, graphs) for c in ("embed", "layer")]
+            points += [GridPoint(c, "prefill", 1, 0, batch, graphs) for c in ("lm_head", "overhead")]
     return points
 
 
@@ -190,7 +191,7 @@ class PartialResults:
 
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
         self.path = path
-        self.records: dict[Point, LatencyRecord] = {}
+        self.records: dict[GridPoint, LatencyRecord] = {}
         self.spot_check: list[dict[str, Any]] | None = None
         if path.exists():
             self._load(settings)
@@ -242,11 +243,13 @@ def _parse_json_line(path: Path, number: int, line: str, last: bool) -> dict[str
     return entry
 
 
-def _point_of(record: LatencyRecord) -> Point:
-    return Point(record.component, record.phase, record.q, record.context_len, record.batch, record.cuda_graphs)
+def _point_of(record: LatencyRecord) -> GridPoint:
+    return GridPoint(record.component, record.phase, record.q, record.context_len, record.batch, record.cuda_graphs)
 
 
-def measure(adapter: ModelAdapter, point: Point, inputs: Inputs, timer: TimerSpec, layer: int | None = None) -> Summary:
+def measure(
+    adapter: ModelAdapter, point: GridPoint, inputs: Inputs, timer: TimerSpec, layer: int | None = None
+) -> Summary:
     run = adapter.layer_run if point.phase != "prefill" else None  # the executor never compiles a prefill
     fn = component_call(adapter, inputs, point.component, layer, run)
     with torch.inference_mode():
@@ -275,7 +278,7 @@ def _compile(fn: Callable[[], object]) -> None:
 def spot_check_layers(adapter: ModelAdapter, settings: LatencySettings) -> list[dict[str, Any]]:
     """Layer 0, the middle and the last layer at one verify point: all layers should cost the same."""
     grid = settings.grid
-    point = Point("layer", "verify", grid.q[-1], grid.context_len[0], grid.batch[0], settings.graph_modes[0])
+    point = GridPoint("layer", "verify", grid.q[-1], grid.context_len[0], grid.batch[0], settings.graph_modes[0])
     inputs = make_inputs(adapter, point.q, point.context_len, point.batch)
     layers = sorted({0, adapter.num_layers // 2, adapter.num_layers - 1})
     return [
@@ -286,17 +289,15 @@ def spot_check_layers(adapter: ModelAdapter, settings: LatencySettings) -> list[
 
 def run_points(
     adapter: ModelAdapter,
-    points: list[Point],
+    points: list[GridPoint],
     partial: PartialResults,
     timer: TimerSpec,
     max_new_points: int | None,
     progress: bool,
 ) -> bool:
     """Measure the points not yet in `partial`; False when stopped early by `max_new_points`."""
-    from tqdm import tqdm
-
     todo = [p for p in points if p not in partial.records]
-    bar = tqdm(total=len(points), initial=len(points) - len(todo), disable=not progress, unit="pt", desc="latency")
+    bar = progress_bar(len(points), "latency", "pt", progress, initial=len(points) - len(todo))
     cached: tuple[tuple, Inputs] | None = None
     for count, point in enumerate(todo):
         if max_new_points is not None and count >= max_new_points:
@@ -312,7 +313,7 @@ def run_points(
     return True
 
 
-def _sorted_records(records: dict[Point, LatencyRecord], points: list[Point]) -> Iterator[LatencyRecord]:
+def _sorted_records(records: dict[GridPoint, LatencyRecord], points: list[GridPoint]) -> Iterator[LatencyRecord]:
     return (records[p] for p in points)
 
 
@@ -322,12 +323,12 @@ def profile_path(out_dir: Path, model: str, device: torch.device, dtype_name: st
     return out_dir / latency_profile_name(slug(model), device.type, dtype_name, kernels)
 
 
-def compiled_shapes(points: list[Point]) -> int:
+def compiled_shapes(points: list[GridPoint]) -> int:
     """How many compilations a compiled profile makes: one per (q, context, batch) of its static points."""
     return len({(p.q, p.context_len, p.batch) for p in points if p.phase != "prefill" and p.component == "layer"})
 
 
-def profiling_adapter(model: torch.nn.Module, settings: LatencySettings, points: list[Point]) -> ModelAdapter:
+def profiling_adapter(model: torch.nn.Module, settings: LatencySettings, points: list[GridPoint]) -> ModelAdapter:
     """The adapter whose layers are timed: as `capture="graph"` runs them, or fused and compiled as
     `capture="compile-layers"` does (the fusion makes the weights views of one matrix, no extra memory)."""
     adapter = ModelAdapter(model)

@@ -11,7 +11,9 @@ from calibrate.common import (
     base_metadata,
     check_device,
     check_dtype,
+    check_output_folder,
     device_memory_bytes,
+    device_name,
     estimated_weight_bytes,
     load,
     model_config,
@@ -87,6 +89,7 @@ def check_context(grid: Grid, max_positions: int, model: str) -> None:
 
 
 def run_latency(args: argparse.Namespace, progress: bool) -> int:
+    check_output_folder(args.out)
     device = check_device(args.device)
     dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     kernels = kernels_from_args(args, device)
@@ -102,10 +105,13 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
         shapes = compiled_shapes(plan_points(grid, settings.graph_modes))
         print(f"compiled kernels: {shapes} shapes to compile, a few seconds each (a smaller grid: --q, --context)")
     keep = layers_to_keep(args, device, dtype)
-    loaded = load(args.model, dtype, device, keep)
-    check_context(grid, loaded.model.config.max_position_embeddings, args.model)
     name = args.model if keep is None else f"{slug(args.model)}-{keep}layers"  # latency_llama-2-7b-4layers_...
     out_path = profile_path(args.out, name, device, args.dtype or ("bf16" if cuda else "fp32"), kernels)
+    if out_path.exists() and not args.force:
+        raise ValueError(f"{out_path} exists; pass --force to measure the profile again and overwrite it")
+    print(f"calibrate latency: {args.model} on {device_name(device)} -> {out_path}", flush=True)
+    loaded = load(args.model, dtype, device, keep)
+    check_context(grid, loaded.model.config.max_position_embeddings, args.model)
     begin = time.perf_counter()
     metadata = base_metadata(args.model, device, dtype)
     written = calibrate_latency(loaded, settings, out_path, metadata, args.max_new_points, progress)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from calibrate.common import base_metadata, check_dtype, model_config, parse_int_list, percentile
+from calibrate.common import base_metadata, check_dtype, check_output_file, model_config, parse_int_list, percentile
 from sim.formats import LinkRecord, write_link_profile
 
 BACKENDS = ("gloo", "nccl", "cuda-copy")
@@ -141,6 +141,7 @@ def activation_sizes(model: str, dtype_bytes: int) -> list[int]:
 
 
 def run_link_cli(args: argparse.Namespace) -> int:
+    check_output_file(args.out, args.force)
     sizes = list(DEFAULT_SIZES if args.sizes is None else parse_int_list(args.sizes, "--sizes", minimum=1))
     metadata: dict[str, Any] = {}
     if args.model is not None:

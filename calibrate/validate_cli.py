@@ -10,10 +10,11 @@ Scenario and argument mistakes exit with status 2 (a `ValueError` for the dispat
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from calibrate.validate import POINT_CHOICES
+from executor.runtime import add_threads_argument, check_threads, threads_in, use_threads
+from sim.progress import Progress, progress_bar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,23 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tolerance", type=float, default=0.25, help="largest |relative error| that passes (default: 0.25 = 25%%)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, as in the profiles)")
+    add_threads_argument(parser, preferred="the CPU profile's")
     parser.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here (atomically)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
     from calibrate import validate
 
     validate.check_tolerance(args.tolerance)
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads)
     plan = validate.plan(args.scenario, args.prompts, args.max_new_tokens, args.points)
     print(
         f"{plan.name}: {len(plan.targets)} point(s) × {len(plan.prompt_ids)} prompt(s) × {plan.max_new_tokens} "
         f"tokens, model {plan.model} ({plan.dtype}, {plan.device_type}), head {plan.head}"
     )
-    print(f"profile: {plan.profile_path} ({plan.profile_device})\ntrace:   {plan.trace_path}", flush=True)
-    measured, metadata = validate.measure(plan, args.threads, progress=_progress)
+    print(f"profile: {plan.profile_path} ({plan.profile_device})\ntrace:   {plan.trace_path}")
+    print(use_threads(args.threads, default=threads_in(plan.profile_device)), flush=True)
+    with progress_bar(len(plan.targets), "validate", "point", not args.no_progress) as bar:
+        measured, metadata = validate.measure(plan, progress=lambda message: _measured(bar, message))
     if metadata["device"] != plan.profile_device:
         print(f"note: this machine is {metadata['device']}; the profile was measured on {plan.profile_device}")
     comparisons = validate.compare(plan, measured)
@@ -60,5 +63,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _progress(message: str) -> None:
-    print(f"  measured {message}", file=sys.stderr, flush=True)
+def _measured(bar: Progress, message: str) -> None:
+    """One target measured (`message`: its label and tokens/s) shows in the next progress line."""
+    bar.set_postfix(last=message)
+    bar.update(1)

@@ -3,7 +3,9 @@
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int` and imports heavy libraries (torch,
 transformers) only inside `run`, so that `eesd simulate` and `eesd --help` stay torch-free and fast.
 User mistakes (a `ValueError` or a missing file) print one line and exit with status 2, without a traceback;
-set `EESD_DEBUG=1` to see the traceback anyway.
+set `EESD_DEBUG=1` to see the traceback anyway. So does a torch command on a simulator-only install (`pip install -e .`
+without the `executor` extra): one line naming the extra. A reader that closes the pipe early (`eesd simulate ... |
+head`) ends the command quietly, with the status a shell gives a process killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("executor.generate_cli", "generate text with AR or EESD and print acceptance stats"),
+    "generate": ("executor.generate_cli", "generate text with AR, EESD or PPSD and print the run's stats"),
     "train-head": (
         "executor.train_head_cli",
         "self-distil a one-layer exit head, or rank a vocabulary subset (--vocab-subset N), as safetensors",
@@ -24,6 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("calibrate.cli", "measure latency profiles, acceptance traces and link profiles for the simulator"),
     "validate": ("calibrate.validate_cli", "check the simulator's predictions against the executor on this machine"),
 }
+# the packages of the `executor` extra (pyproject.toml): a command that needs a missing one names the extra
+EXECUTOR_EXTRA = ("torch", "transformers", "accelerate", "gguf", "safetensors")
+INSTALL_EXTRA = 'pip install -e ".[executor]"'
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports a process the signal ended
 
 
 def register(name: str, module: str, help_text: str) -> None:
@@ -51,15 +57,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return status
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-        if os.environ.get("EESD_DEBUG"):
+        return _error(args.command, str(err), err)
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] not in EXECUTOR_EXTRA:
             raise
-        print(f"eesd {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _error(args.command, f"needs the executor extra ({err.name} not installed): {INSTALL_EXTRA}", err)
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print(f"eesd {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(command: str, message: str, err: Exception) -> int:
+    if os.environ.get("EESD_DEBUG"):
+        raise err
+    print(f"eesd {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout has gone: point stdout at devnull so that the interpreter's final flush cannot raise."""
+    try:
+        stdout = sys.stdout.fileno()
+    except (OSError, ValueError):  # a stream without a descriptor (captured output) has nothing left to flush
+        return SIGPIPE_STATUS
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stdout)
+    os.close(devnull)
+    return SIGPIPE_STATUS
 
 
 if __name__ == "__main__":

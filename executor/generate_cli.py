@@ -1,8 +1,14 @@
-"""`eesd generate`: decode a prompt with AR or EESD, print the text and the acceptance stats."""
+"""`eesd generate`: decode a prompt with AR, EESD or PPSD, print the text and the run's stats.
+
+The run's header (model, device, torch threads) goes to stderr, so that stdout is the text and the stats line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from executor.runtime import add_threads_argument, check_device, use_threads
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -15,19 +21,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="eesd", help="ar | eesd | ppsd (default: eesd)")
     parser.add_argument("--stages", type=int, default=2, help="ppsd: pipeline stages (default: 2)")
     parser.add_argument("--stage-boundaries", default=None, help="ppsd: layer cut points, e.g. 3,6")
-    parser.add_argument("--backend", default="sequential", help="ppsd: sequential | streams | distributed")
+    parser.add_argument(
+        "--backend", default="sequential", help="ppsd: sequential | streams | distributed (default: sequential)"
+    )
     parser.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: L // 2)")
     parser.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default: 4)")
     parser.add_argument(
         "--head", default="shared", help="exit head (EESD, PPSD): shared | shared:N | FILE (trained or vocab-subset)"
     )
     parser.add_argument("--policy", default=None, help="draft policy, e.g. fixed:4 (overrides --draft-len)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--sampling", default="exact", help="exact (EESD == AR for a seed) | rejection")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument(
+        "--sampling", default="exact", help="with --do-sample: exact (EESD == AR for a seed, default) | rejection"
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with mass >= p")
     parser.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
     parser.add_argument(
         "--repetition-penalty", type=float, default=None,
@@ -36,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    add_threads_argument(parser)
     parser.add_argument(
         "--capture", default="auto",
         help="auto (compile-layers on a GPU with Triton, else graph; none on a CPU) | none | graph (CUDA graphs) | "
@@ -93,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     from executor.api import generate
     from executor.models import load_model, load_tokenizer
 
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    device = check_device(args.device)
+    threads = use_threads(args.threads)
+    print(f"generate: {args.model}, {args.method}, {device} ({args.dtype}); {threads}", file=sys.stderr)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     tokenizer = _optional_tokenizer(args.model, load_tokenizer) if args.prompt_ids else load_tokenizer(args.model)
     prompt = _prompt_ids(args, tokenizer)
     eos = model.generation_config.eos_token_id

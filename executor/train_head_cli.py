@@ -11,19 +11,26 @@ unseen by the head. `--resume` continues from `OUT.ckpt` (written every `--check
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from executor.runtime import add_threads_argument, check_device, use_threads
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
-    parser.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs before the head")
+    parser.add_argument(
+        "--exit-layer", type=int, default=None, help="layers the draft runs before the head (required to train)"
+    )
     parser.add_argument(
         "--vocab-subset", type=int, default=None, metavar="N",
         help="instead of training: rank the vocabulary by the model's own next-token probabilities on the prompts "
         "and write the N most likely ids as a subset head (any exit layer; use it as --head FILE)",
     )  # fmt: skip
-    parser.add_argument("--prompts", default="builtin", help="builtin | humaneval | a JSONL file with a prompt field")
+    parser.add_argument(
+        "--prompts", default="builtin", help="builtin | humaneval | a JSONL file with a prompt field (default: builtin)"
+    )
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
     parser.add_argument("--out", required=True, help="output .safetensors file (e.g. heads/NAME.safetensors)")
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: 3e-4)")
@@ -31,13 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N training prompts")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    parser.add_argument("--dtype", default="float32", help=f"model dtype, one of {', '.join(DTYPES)}")
+    parser.add_argument(
+        "--dtype", default="float32", help=f"model dtype, one of {', '.join(DTYPES)} (default: float32)"
+    )
     parser.add_argument("--save-dtype", default="bfloat16", help="dtype of the written head (default: bfloat16)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batches and the head's init (default: 0)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    add_threads_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -52,6 +62,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--vocab-subset must be >= 1, got {args.vocab_subset}")
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+    if Path(args.out).exists() and not args.force:
+        raise ValueError(f"--out {args.out} exists; pass --force to overwrite it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,13 +74,13 @@ def run(args: argparse.Namespace) -> int:
     from executor.prompts import encode_prompt, load_prompts, split_prompts
     from executor.train_head import TrainConfig, train_head_file
 
-    model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
+    device = check_device(args.device)
+    print(f"train-head: {args.model} on {device} ({args.dtype}); {use_threads(args.threads)}", flush=True)
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
     tokenizer = load_tokenizer(args.model)
     train_prompts = split_prompts(load_prompts(args.prompts)).train[: args.max_prompts]
     prompt_ids = [encode_prompt(tokenizer, p.text) for p in train_prompts]
     info = {"model": str(args.model), "prompts": str(args.prompts), "split": "train", "model_dtype": args.dtype}
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.vocab_subset is not None:
         return _subset(args, model, prompt_ids, info)
     config = TrainConfig(
@@ -78,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     head, state = train_head_file(
         model, prompt_ids, config, args.out, max_new_tokens=args.max_new_tokens, resume=args.resume,
-        save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.quiet,
+        save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.no_progress,
     )  # fmt: skip
     first, last = state.losses[0], sum(state.losses[-10:]) / len(state.losses[-10:])
     print(f"wrote {args.out}: exit layer {args.exit_layer}, {state.step} steps, KL {first:.3f} -> {last:.3f}")
@@ -92,7 +104,7 @@ def _subset(args: argparse.Namespace, model, prompt_ids: list[list[int]], info: 
     if args.vocab_subset > vocab:
         raise ValueError(f"--vocab-subset must be <= {vocab} (the model's vocabulary), got {args.vocab_subset}")
     head = subset_head_file(model, prompt_ids, args.vocab_subset, args.out, max_new_tokens=args.max_new_tokens,
-                            run_info=info, progress=not args.quiet)  # fmt: skip
+                            run_info=info, progress=not args.no_progress)  # fmt: skip
     print(
         f"wrote {args.out}: {args.vocab_subset} of {vocab} ids, {float(head.metadata['covered_mass']):.2%} of the "
         f"model's next-token probability over {head.metadata['positions']} generated positions"

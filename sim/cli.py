@@ -17,9 +17,11 @@ from sim.scenario import load_points
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", type=Path, help="scenario YAML (see scenarios/)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<scenario name>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder, created if missing (default: runs/<scenario name>)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes for sweeps (0: one per CPU)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines for sweeps")
     parser.add_argument("--trace", action="store_true", help="write a Chrome trace per run (default: single runs)")
 
 
@@ -28,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     scenario = points[0].scenario
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
     out_dir = args.out or Path("runs") / scenario.name
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: is a file; --out names the folder the outputs are written into")
     print(f"{scenario.name}: {len(points)} run(s){' — ' + scenario.description if scenario.description else ''}")
     progress = not args.no_progress and sys.stderr.isatty()
     results = run_points(points, jobs=jobs, progress=progress, trace=True if args.trace else None)
