@@ -1,32 +1,72 @@
-"""Self-distillation of a trained exit head (EESD, Liu et al. 2024, arXiv 2406.03853).
+"""Self-distillation of trained exit heads (EESD, Liu et al. 2024, arXiv 2406.03853), streamed from a corpus.
 
-1. The full model generates text (greedy AR, `executor.generate`) from the training prompts.
-2. One teacher-forced pass of the frozen model over each sequence keeps the layer-E states (the head's input) and
-   the full model's next-token logits (the target) at the positions a draft would predict: from the last prompt
-   token on.
-3. Only the head is trained, to minimise KL(p_full || q_head) at those positions; its layer attends over the whole
-   sequence, prompt included, as it does while drafting.
+The data is a stream of records (`executor.corpus`: a corpus directory from `eesd corpus`, or the full model's
+greedy continuations of prompts held in memory), each a token sequence and the position from which the full
+model's next-token distribution is a target. Per step:
+1. a packed batch of windows (`executor.corpus.epoch_batches`: shuffled by a generator seeded with (seed, epoch),
+   sorted by length within a pool, so batches carry little padding);
+2. one frozen full-model pass over it (`teacher_batch`): the states after every exit layer being trained (each
+   head's input) and the last layer's output at the target positions, used at once and dropped, so memory is one
+   batch's whatever the corpus size;
+3. each head (one per exit layer, sharing that teacher pass) minimises KL(p_full || q_head) over the target
+   positions, computed over chunks of `logit_chunk` positions so that no [positions, vocabulary] tensor of the
+   whole batch is ever held; AdamW per head, warmup + cosine (or constant) learning rate, gradient clipping per
+   head, bf16 autocast on a GPU and the model's dtype on a CPU. Heads share no parameter and no optimizer, so a
+   head trained with others equals one trained alone on the same batches.
+Every `eval_every` steps the heads are scored on a held-out corpus (`evaluate`: agreement with the full model's
+greedy token and tokens/round at a fixed draft length, from the runs of consecutive matches as the acceptance traces
+count them), written to `NAME.eval.csv` next to each head.
 
-Training is resumable: a checkpoint (head, optimizer, step, losses, corpus) is written atomically every
-`checkpoint_every` steps next to the output file, and batches are drawn by a generator seeded with (seed, step),
-so a resumed run continues exactly where the interrupted one was.
+Training is resumable: a checkpoint (heads, optimizers, step, position in the batch stream, losses, evaluations)
+is written atomically every `checkpoint_every` steps next to the first output file; the stream is a function of
+(seed, epoch), so a resumed run continues bit-identically where the interrupted one was. The head file records
+its training data (the corpus and its manifest's sha256, tokens seen) in its metadata.
+
+The in-memory helpers of the first version (`teacher_examples`, `train`, `agreement` over `Example`s) remain for
+the benchmarks and tests that score a few prompts' worth of examples at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from executor.adapter import ModelAdapter, Step
-from executor.heads import SubsetExitHead, TrainedExitHead, atomic_write, model_fingerprint, save_subset_head
+from executor.corpus import (
+    Batch,
+    Record,
+    RecordSource,
+    continue_batch,
+    epoch_batches,
+    ordered_batches,
+)
+from executor.heads import (
+    SubsetExitHead,
+    TrainedExitHead,
+    atomic_write,
+    model_fingerprint,
+    save_head,
+    save_subset_head,
+)
+from sim.progress import progress_bar
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+SCHEDULES = ("constant", "cosine")
+# settings a resumed run must share with the checkpoint (`steps` too under a cosine schedule, whose length it is)
+RESUME_KEYS = ("exit_layer", "exit_layers", "lr", "batch_size", "seed", "schedule", "warmup_steps", "min_lr_ratio",
+               "clip_norm", "weight_decay", "window", "logit_chunk")  # fmt: skip
+EVAL_COLUMNS = ("step", "tokens_seen", "targets_seen", "exit_layer", "draft_len", "agreement", "tokens_per_round",
+                "kl", "train_kl", "eval_positions")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,6 +77,30 @@ class TrainConfig:
     batch_size: int = 4
     seed: int = 0
     checkpoint_every: int = 50
+    exit_layers: tuple[int, ...] = ()  # further exit layers trained alongside `exit_layer`, on the same teacher pass
+    schedule: str = "constant"  # or "cosine": from lr down to lr * min_lr_ratio at the last step
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps
+    min_lr_ratio: float = 0.1
+    clip_norm: float | None = 1.0  # per head
+    weight_decay: float = 0.0
+    window: int = 512  # tokens per training window (longer records are cut)
+    eval_every: int = 0  # steps between held-out evaluations (0: none)
+    draft_len: int = 4  # the fixed k of the evaluation's tokens/round
+    logit_chunk: int = 1024  # target positions whose vocabulary-wide logits are held at once
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "window", "draft_len", "logit_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0:
+            raise ValueError("lr must be > 0, warmup_steps and eval_every >= 0")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Every exit layer trained, ascending."""
+        return tuple(sorted({self.exit_layer, *self.exit_layers}))
 
 
 @dataclass(frozen=True)
@@ -60,7 +124,21 @@ class Example:
 @dataclass
 class TrainState:
     step: int = 0
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per step: the mean KL over the heads
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already trained on
+    tokens_seen: int = 0  # window tokens the teacher has run over
+    targets_seen: int = 0  # target positions distilled
+    head_losses: dict[int, list[float]] = field(default_factory=dict)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # one row per (evaluation, exit layer): EVAL_COLUMNS
+
+    def advance(self, epoch: int, index: int, batch: Batch, losses: dict[int, float]) -> None:
+        self.step, self.epoch, self.batch_in_epoch = self.step + 1, epoch, index + 1
+        self.tokens_seen += batch.token_count
+        self.targets_seen += batch.target_count
+        for exit_layer, loss in losses.items():
+            self.head_losses.setdefault(exit_layer, []).append(loss)
+        self.losses.append(sum(losses.values()) / len(losses))
 
 
 def generate_corpus(
@@ -72,29 +150,21 @@ def generate_corpus(
     progress: bool = True,
 ) -> Corpus:
     """Greedy AR continuations of `prompts` by the full model, in left-padded batches."""
-    from executor.api import generate
-
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     sequences, starts = [], []
     batches = range(0, len(prompts), batch_size)
     for first in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-        chunk = list(prompts[first : first + batch_size])
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
-                       pad_token_id=0)  # fmt: skip
-        for prompt, row in zip(chunk, out.sequences[:, width:].tolist(), strict=True):
-            sequences.append(prompt + _until_eos(row, eos))
+        chunk = [list(p) for p in prompts[first : first + batch_size]]
+        for prompt, new in zip(chunk, continue_batch(model, chunk, max_new_tokens, eos), strict=True):
+            sequences.append(prompt + new)
             starts.append(len(prompt) - 1)
     return Corpus(sequences=sequences, starts=starts)
 
 
-def _until_eos(tokens: list[int], eos: list[int]) -> list[int]:
-    for index, token in enumerate(tokens):
-        if token in eos:
-            return tokens[: index + 1]
-    return tokens
+def corpus_records(corpus: Corpus) -> list[Record]:
+    """An in-memory corpus as records (source `self`, greedy)."""
+    pairs = zip(corpus.sequences, corpus.starts, strict=True)
+    return [Record(f"self/prompt-{index}", "self", list(tokens), start) for index, (tokens, start) in enumerate(pairs)]
 
 
 @torch.no_grad()
@@ -115,15 +185,26 @@ def teacher_pass(
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """One full-model pass over `tokens`: the states after each of `exit_layers` ({E: [T, d]}) and the final logits
     at positions `start`.. ([T - start, V])."""
-    cache = adapter.new_cache(1, len(tokens))
-    step = Step.at(0, len(tokens), adapter.device)
-    hidden = adapter.embed(torch.tensor([tokens], device=adapter.device))
+    states, hidden = teacher_states(adapter, torch.tensor([tokens]), exit_layers)
+    return {layer: state[0] for layer, state in states.items()}, adapter.logits(hidden[0, start:])
+
+
+@torch.no_grad()
+def teacher_states(
+    adapter: ModelAdapter, tokens: torch.Tensor, exit_layers: Sequence[int]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One frozen full-model pass over right-padded rows `tokens` [B, T] at positions 0..T-1: the states after each
+    of `exit_layers` ({E: [B, T, d]}) and the last layer's output [B, T, d] (before the final norm). Padding sits
+    after every real position, so the causal mask hides it from them."""
+    batch, length = tokens.shape
+    step = Step(positions=torch.arange(length, device=adapter.device).expand(batch, length), starts=(0,) * batch)
+    cache = adapter.new_cache(batch, length)
+    hidden = adapter.embed(tokens.to(adapter.device))
     states, done = {}, 0
     for layer in sorted(exit_layers):
         hidden = adapter.forward_layers(hidden, step, cache, done, layer)
-        states[layer], done = hidden[0].clone(), layer
-    hidden = adapter.forward_layers(hidden, step, cache, done, adapter.num_layers)
-    return states, adapter.logits(hidden[0, start:])
+        states[layer], done = hidden, layer
+    return states, adapter.forward_layers(hidden, step, cache, done, adapter.num_layers)
 
 
 def _batch_states(examples: Sequence[Example], exit_layer: int) -> torch.Tensor:
@@ -200,44 +281,379 @@ def train(
     return state
 
 
+# --- streaming self-distillation ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """The model's own parameters without gradients while heads train (the LM head the heads share included)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def autocast(adapter: ModelAdapter) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on a GPU; the model's own dtype elsewhere (a CPU trains in float32 as loaded)."""
+    if adapter.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class TeacherBatch:
+    """The frozen full model's view of one batch, dropped once the heads have used it."""
+
+    states: dict[int, torch.Tensor]  # exit layer -> [B, T, d], each head's input
+    final: torch.Tensor  # [N, d]: the last layer's output at the N target positions (row-major order)
+    mask: torch.Tensor  # [B, T] bool, the target positions
+
+
+def teacher_batch(adapter: ModelAdapter, batch: Batch, exit_layers: Sequence[int]) -> TeacherBatch:
+    with autocast(adapter):
+        states, hidden = teacher_states(adapter, batch.tokens, exit_layers)
+    mask = batch.targets.to(adapter.device)
+    return TeacherBatch(states, hidden[mask], mask)
+
+
+def teacher_chunks(adapter: ModelAdapter, teacher: TeacherBatch, chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(positions, the full model's log-probabilities there [n, V] in float32), `chunk` target positions at a time."""
+    for first in range(0, teacher.final.shape[0], chunk):
+        piece = slice(first, first + chunk)
+        with torch.no_grad(), autocast(adapter):
+            logits = adapter.logits(teacher.final[piece])
+        yield piece, logits.float().log_softmax(-1)
+
+
+def head_states(head: TrainedExitHead, teacher: TeacherBatch) -> torch.Tensor:
+    """The head layer's output at the target positions [N, d] (with its graph when training)."""
+    with autocast(head.adapter):
+        return head.layer_sequences(teacher.states[head.exit_layer])[teacher.mask]
+
+
+def chunk_log_probs(head: TrainedExitHead, states: torch.Tensor) -> torch.Tensor:
+    with autocast(head.adapter):
+        logits = head.head_logits(states)
+    return logits.float().log_softmax(-1)
+
+
+def distill_batch(heads: dict[int, TrainedExitHead], teacher: TeacherBatch, chunk: int) -> dict[int, float]:
+    """Each head's mean KL(p_full || q_head) over the batch's target positions, its gradients accumulated. The
+    vocabulary-wide logits exist one chunk at a time: each chunk's loss is backpropagated to the head layer's output
+    (a leaf here), whose gradient then flows through the head layer once."""
+    adapter = next(iter(heads.values())).adapter
+    outputs = {e: head_states(head, teacher) for e, head in heads.items()}
+    leaves = {e: out.detach().requires_grad_(True) for e, out in outputs.items()}
+    count, totals = teacher.final.shape[0], dict.fromkeys(heads, 0.0)
+    for piece, target in teacher_chunks(adapter, teacher, chunk):
+        for exit_layer, head in heads.items():
+            student = chunk_log_probs(head, leaves[exit_layer][piece])
+            loss = F.kl_div(student, target, log_target=True, reduction="sum") / count
+            loss.backward()
+            totals[exit_layer] += float(loss.detach())
+    for exit_layer, out in outputs.items():
+        out.backward(leaves[exit_layer].grad)
+    return totals
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """The learning rate of step `step` (0-based): linear warmup, then constant or cosine down to lr * min_lr_ratio."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    done = min((step - config.warmup_steps) / max(config.steps - config.warmup_steps - 1, 1), 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def make_optimizers(heads: dict[int, TrainedExitHead], config: TrainConfig) -> dict[int, torch.optim.Optimizer]:
+    return {
+        e: torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        for e, head in heads.items()
+    }
+
+
+def train_step(
+    heads: dict[int, TrainedExitHead], optimizers: dict[int, torch.optim.Optimizer], batch: Batch,
+    config: TrainConfig, step: int,
+) -> dict[int, float]:  # fmt: skip
+    """One optimizer step of every head on one teacher pass over `batch`; returns each head's KL."""
+    adapter = next(iter(heads.values())).adapter
+    teacher = teacher_batch(adapter, batch, list(heads))
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    losses = distill_batch(heads, teacher, config.logit_chunk)
+    del teacher
+    lr = lr_at(step, config)
+    for exit_layer, head in heads.items():
+        if config.clip_norm:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), config.clip_norm)
+        for group in optimizers[exit_layer].param_groups:
+            group["lr"] = lr
+        optimizers[exit_layer].step()
+    return losses
+
+
+def batch_stream(source: RecordSource, config: TrainConfig, epoch: int, skip: int) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, index in epoch, batch) from batch `skip` of `epoch` on, epoch after epoch."""
+    while True:
+        served = -1
+        for index, batch in enumerate(epoch_batches(source, config.batch_size, config.window, config.seed, epoch)):
+            served = index
+            if index >= skip:
+                yield epoch, index, batch
+        if served < 0:
+            raise ValueError("the corpus has no window with a target position: nothing to train on")
+        epoch, skip = epoch + 1, 0
+
+
+# --- held-out evaluation ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalTally:
+    hits: int = 0
+    positions: int = 0
+    kl: float = 0.0
+    rounds: int = 0
+    round_tokens: int = 0
+
+    def add_rows(self, matches: torch.Tensor, counts: list[int], draft_len: int) -> None:
+        """Matches of one batch's target positions (row-major), counted per window as EESD rounds would accept."""
+        from calibrate.acceptance import predicted_accepted
+
+        self.hits += int(matches.sum())
+        self.positions += matches.numel()
+        for row in matches.split(counts):
+            accepted = predicted_accepted(row.tolist(), draft_len, len(row))
+            self.rounds += len(accepted)
+            self.round_tokens += sum(accepted) + len(accepted)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "agreement": self.hits / self.positions if self.positions else float("nan"),
+            "tokens_per_round": self.round_tokens / self.rounds if self.rounds else float("nan"),
+            "kl": self.kl / self.positions if self.positions else float("nan"),
+            "eval_positions": self.positions,
+        }
+
+
+@torch.no_grad()
+def evaluate(heads: dict[int, TrainedExitHead], source: RecordSource, config: TrainConfig) -> dict[int, dict]:
+    """Each head on every window of `source`, one teacher pass per batch: agreement (the head's top-1 is the full
+    model's greedy token), tokens/round at draft length `config.draft_len` and mean KL."""
+    adapter = next(iter(heads.values())).adapter
+    tallies = {e: EvalTally() for e in heads}
+    for batch in ordered_batches(source, config.batch_size, config.window):
+        teacher = teacher_batch(adapter, batch, list(heads))
+        counts = batch.targets.sum(-1).tolist()
+        outputs = {e: head_states(head, teacher) for e, head in heads.items()}
+        matches = {e: [] for e in heads}
+        for piece, target in teacher_chunks(adapter, teacher, config.logit_chunk):
+            for exit_layer, head in heads.items():
+                student = chunk_log_probs(head, outputs[exit_layer][piece])
+                matches[exit_layer].append(student.argmax(-1) == target.argmax(-1))
+                tallies[exit_layer].kl += float(F.kl_div(student, target, log_target=True, reduction="sum"))
+        for exit_layer, tally in tallies.items():
+            tally.add_rows(torch.cat(matches[exit_layer]).cpu(), counts, config.draft_len)
+    return {e: tally.row() for e, tally in tallies.items()}
+
+
+def eval_csv_path(out: str | os.PathLike[str]) -> Path:
+    """`heads/NAME.safetensors` -> `heads/NAME.eval.csv`."""
+    return Path(out).with_suffix(".eval.csv")
+
+
+def write_eval_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=EVAL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: row[key] for key in EVAL_COLUMNS} for row in rows)
+    atomic_write(path, lambda temp: Path(temp).write_text(buffer.getvalue()))
+
+
+def record_eval(
+    heads: dict[int, TrainedExitHead], source: RecordSource, config: TrainConfig, state: TrainState,
+    outs: dict[int, Path],
+) -> None:  # fmt: skip
+    """Evaluate, append the rows to the state and rewrite each head's CSV (rows of a resumed run's lost steps never
+    reach it: the CSV is rewritten from the checkpointed rows)."""
+    for head in heads.values():
+        head.eval()
+    results = evaluate(heads, source, config)
+    for exit_layer, result in results.items():
+        recent = state.head_losses.get(exit_layer, [])[-max(config.eval_every, 1) :]
+        state.evals.append({
+            "step": state.step, "tokens_seen": state.tokens_seen, "targets_seen": state.targets_seen,
+            "exit_layer": exit_layer, "draft_len": config.draft_len,
+            "train_kl": sum(recent) / len(recent) if recent else float("nan"), **result,
+        })  # fmt: skip
+        write_eval_csv(eval_csv_path(outs[exit_layer]), [r for r in state.evals if r["exit_layer"] == exit_layer])
+    for head in heads.values():
+        head.train()
+
+
+# --- checkpoints and the training run -----------------------------------------------------------------------------
+
+
 def checkpoint_path(out: str | os.PathLike[str]) -> Path:
     return Path(f"{out}.ckpt")
 
 
-def save_checkpoint(
-    path: Path, head: TrainedExitHead, optimizer: torch.optim.Optimizer, state: TrainState, config: TrainConfig,
-    corpus: Corpus, run_info: dict[str, str],
-) -> None:  # fmt: skip
-    payload = {
-        "version": CHECKPOINT_VERSION,
-        "head": head.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "state": asdict(state),
-        "config": asdict(config),
-        "corpus": asdict(corpus),
-        "run_info": run_info,
-        "model_fingerprint": model_fingerprint(head.adapter),
-    }
-    atomic_write(path, lambda temp: torch.save(payload, temp))
+@dataclass
+class Run:
+    """What a training run holds: heads, their optimizers, the data and where it all goes."""
+
+    heads: dict[int, TrainedExitHead]
+    optimizers: dict[int, torch.optim.Optimizer]
+    config: TrainConfig
+    source: RecordSource
+    outs: dict[int, Path]
+    info: dict[str, str]
+    eval_source: RecordSource | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return checkpoint_path(self.outs[self.config.layers[0]])
+
+    def save_checkpoint(self, state: TrainState) -> None:
+        in_memory = self.source.directory is None
+        payload = {
+            "version": CHECKPOINT_VERSION,
+            "heads": {e: head.state_dict() for e, head in self.heads.items()},
+            "optimizers": {e: opt.state_dict() for e, opt in self.optimizers.items()},
+            "state": asdict(state), "config": asdict(self.config), "run_info": self.info,
+            "model_fingerprint": model_fingerprint(next(iter(self.heads.values())).adapter),
+            "records": [asdict(r) for r in self.source.records] if in_memory else None,
+        }  # fmt: skip
+        atomic_write(self.checkpoint, lambda temp: torch.save(payload, temp))
+
+    def restore(self, payload: dict[str, Any]) -> TrainState:
+        for exit_layer, head in self.heads.items():
+            head.load_state_dict(payload["heads"][exit_layer])
+            self.optimizers[exit_layer].load_state_dict(payload["optimizers"][exit_layer])
+        return TrainState(**payload["state"])
 
 
-def load_checkpoint(path: Path, head: TrainedExitHead, config: TrainConfig, run_info: dict[str, str]) -> dict:
-    """A checkpoint's payload, after checking it belongs to this model and run (same data, batches and head)."""
+def load_checkpoint(path: Path, adapter: ModelAdapter, config: TrainConfig, run_info: dict[str, str]) -> dict:
+    """A checkpoint's payload, after checking it belongs to this model and run (same data, batches and heads)."""
     try:
-        payload = torch.load(path, map_location=head.adapter.device, weights_only=True)
+        payload = torch.load(path, map_location=adapter.device, weights_only=True)
     except Exception as err:
         raise ValueError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from None
-    if payload.get("version") != CHECKPOINT_VERSION or payload.get("model_fingerprint") != model_fingerprint(
-        head.adapter
-    ):
+    if payload.get("version") != CHECKPOINT_VERSION or payload.get("model_fingerprint") != model_fingerprint(adapter):
         raise ValueError(f"checkpoint {path} belongs to another model or format version; delete it to start over")
     saved = dict(payload["config"])
-    for key in ("exit_layer", "lr", "batch_size", "seed"):
+    keys = RESUME_KEYS + (("steps",) if config.schedule == "cosine" else ())
+    for key in keys:
         if saved[key] != getattr(config, key):
             raise ValueError(f"checkpoint {path} was made with {key}={saved[key]}, not {getattr(config, key)}")
     if payload["run_info"] != run_info:
-        raise ValueError(f"checkpoint {path} was made from other prompts or settings: {payload['run_info']}")
+        raise ValueError(f"checkpoint {path} was made from other data or settings: {payload['run_info']}")
     return payload
+
+
+def head_paths(out: str | os.PathLike[str], exit_layers: Sequence[int]) -> dict[int, Path]:
+    """One output file per exit layer: `out` itself for one, `out` with `{exit_layer}` filled in for several."""
+    if len(exit_layers) == 1:
+        return {exit_layers[0]: Path(out)}
+    if "{exit_layer}" not in str(out):
+        raise ValueError(f"several exit layers need an output name with {{exit_layer}} in it, got {out}")
+    return {e: Path(str(out).format(exit_layer=e)) for e in exit_layers}
+
+
+def run_steps(run: Run, state: TrainState, progress: bool) -> TrainState:
+    """Steps `state.step` .. `config.steps`, with evaluations and checkpoints on their cadences."""
+    config = run.config
+    stream = batch_stream(run.source, config, state.epoch, state.batch_in_epoch)
+    begin, tokens_before = time.perf_counter(), state.tokens_seen
+    label = ",".join(map(str, config.layers))
+    with progress_bar(config.steps, f"heads @ layer {label}", "step", progress, initial=state.step) as bar:
+        while state.step < config.steps:
+            epoch, index, batch = next(stream)
+            losses = train_step(run.heads, run.optimizers, batch, config, state.step)
+            state.advance(epoch, index, batch, losses)
+            rate = (state.tokens_seen - tokens_before) / max(time.perf_counter() - begin, 1e-9)
+            bar.update(1)
+            bar.set_postfix(kl=f"{state.losses[-1]:.3f}", tok_s=f"{rate:.0f}", epoch=state.epoch)
+            at_end = state.step == config.steps
+            if run.eval_source is not None and config.eval_every and (state.step % config.eval_every == 0 or at_end):
+                record_eval(run.heads, run.eval_source, config, state, run.outs)
+            if state.step % config.checkpoint_every == 0 or at_end:
+                run.save_checkpoint(state)
+    return state
+
+
+def head_metadata(run: Run, state: TrainState, exit_layer: int) -> dict[str, Any]:
+    import datetime
+
+    config, losses = run.config, state.head_losses.get(exit_layer, [])
+    first, last = losses[:10], losses[-10:]
+    evals = [r for r in state.evals if r["exit_layer"] == exit_layer]
+    return run.info | {
+        "steps": config.steps, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
+        "schedule": config.schedule, "warmup_steps": config.warmup_steps, "clip_norm": config.clip_norm,
+        "weight_decay": config.weight_decay, "window": config.window, "trained_with": ",".join(map(str, config.layers)),
+        "kl_first10": f"{sum(first) / max(len(first), 1):.4f}", "kl_last10": f"{sum(last) / max(len(last), 1):.4f}",
+        "tokens_seen": state.tokens_seen, "train_tokens": state.targets_seen, "epochs_started": state.epoch + 1,
+        **({"eval_agreement": f"{evals[-1]['agreement']:.4f}",
+            "eval_tokens_per_round": f"{evals[-1]['tokens_per_round']:.4f}"} if evals else {}),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }  # fmt: skip
+
+
+def distill_heads(
+    model: torch.nn.Module,
+    source: RecordSource,
+    config: TrainConfig,
+    outs: dict[int, Path],
+    *,
+    eval_source: RecordSource | None = None,
+    resume: bool = False,
+    save_dtype: torch.dtype = torch.bfloat16,
+    run_info: dict[str, str] | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, TrainedExitHead], TrainState]:
+    """Train one head per exit layer of `config` on `source` and write each to `outs[E]` (atomically), evaluating
+    on `eval_source` and checkpointing next to the first; `resume` continues from that checkpoint if it exists."""
+    adapter = ModelAdapter(model)
+    heads = {e: TrainedExitHead(adapter, e) for e in config.layers}
+    info = {k: str(v) for k, v in (dict(run_info or {}) | source.describe()).items()}
+    if eval_source is not None:
+        info |= {f"eval_{key}": value for key, value in eval_source.describe().items()}
+    run = Run(heads, make_optimizers(heads, config), config, source, outs, info, eval_source)
+    state = TrainState()
+    if resume and run.checkpoint.is_file():
+        state = run.restore(load_checkpoint(run.checkpoint, adapter, config, info))
+    with frozen(model):
+        for head in heads.values():
+            head.train()
+        if eval_source is not None and config.eval_every and state.step == 0:
+            record_eval(heads, eval_source, config, state, outs)  # the curve's starting point
+        run_steps(run, state, progress)
+    for exit_layer, head in heads.items():
+        head.eval()
+        save_head(head, outs[exit_layer], dtype=save_dtype, info=head_metadata(run, state, exit_layer))
+    return heads, state
+
+
+def saved_records(path: Path) -> list[Record] | None:
+    """The in-memory corpus a checkpoint holds (so that a resumed run need not generate it again)."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # `load_checkpoint` names the problem
+    return [Record(**r) for r in payload.get("records") or []] or None
 
 
 def train_head_file(
@@ -252,42 +668,52 @@ def train_head_file(
     run_info: dict[str, str] | None = None,
     progress: bool = True,
 ) -> tuple[TrainedExitHead, TrainState]:
-    """Generate, distil and write the head to `out` (atomically), checkpointing next to it; resume if asked."""
-    import datetime
-
-    adapter = ModelAdapter(model)
-    head = TrainedExitHead(adapter, config.exit_layer)
-    optimizer = make_optimizer(head, config.lr)
-    info = dict(run_info or {}) | {"max_new_tokens": str(max_new_tokens), "prompts_count": str(len(prompts))}
-    ckpt = checkpoint_path(out)
-    state, corpus = TrainState(), None
-    if resume and ckpt.is_file():
-        payload = load_checkpoint(ckpt, head, config, info)
-        head.load_state_dict(payload["head"])
-        optimizer.load_state_dict(payload["optimizer"])
-        state, corpus = TrainState(**payload["state"]), Corpus(**payload["corpus"])
-    if corpus is None:
+    """Distil a head (or, with `config.exit_layers`, one per exit layer: `out` then holds `{exit_layer}`) on the full
+    model's greedy continuations of `prompts`, held in memory, and write it to `out`; returns the head at
+    `config.exit_layer`."""
+    outs = head_paths(out, config.layers)
+    records = saved_records(checkpoint_path(outs[config.layers[0]])) if resume else None
+    if records is None:
         eos = model.generation_config.eos_token_id
-        corpus = generate_corpus(model, prompts, max_new_tokens, eos, progress=progress)
-    examples = teacher_examples(adapter, corpus, [config.exit_layer], progress=progress)
+        records = corpus_records(generate_corpus(model, prompts, max_new_tokens, eos, progress=progress))
+    info = dict(run_info or {}) | {"max_new_tokens": str(max_new_tokens), "prompts_count": str(len(prompts))}
+    heads, state = distill_heads(model, RecordSource.from_records(records), config, outs, resume=resume,
+                                 save_dtype=save_dtype, run_info=info, progress=progress)  # fmt: skip
+    return heads[config.exit_layer], state
 
-    def checkpoint(current: TrainState) -> None:
-        save_checkpoint(ckpt, head, optimizer, current, config, corpus, info)
 
-    train(head, examples, config, optimizer, state, on_checkpoint=checkpoint, progress=progress)
-    first = sum(state.losses[:10]) / max(len(state.losses[:10]), 1)
-    last = sum(state.losses[-10:]) / max(len(state.losses[-10:]), 1)
-    metadata = info | {
-        "steps": config.steps, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
-        "kl_first10": f"{first:.4f}", "kl_last10": f"{last:.4f}",
-        "train_tokens": sum(len(e.teacher_tokens) for e in examples),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-    }  # fmt: skip
-    from executor.heads import save_head
+def train_head_corpus(
+    model: torch.nn.Module,
+    corpus: str | os.PathLike[str],
+    config: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    eval_corpus: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    save_dtype: torch.dtype = torch.bfloat16,
+    run_info: dict[str, str] | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, TrainedExitHead], TrainState]:
+    """Distil one head per exit layer of `config` from a corpus directory (`eesd corpus`), scored every
+    `config.eval_every` steps on `eval_corpus` (a corpus built from held-out prompts), and write them to `out`
+    (`{exit_layer}` filled in when there are several)."""
+    source = RecordSource(corpus)
+    check_corpus_model(source, model)
+    eval_source = RecordSource(eval_corpus) if eval_corpus is not None else None
+    if eval_source is not None:
+        check_corpus_model(eval_source, model)
+    return distill_heads(model, source, config, head_paths(out, config.layers), eval_source=eval_source,
+                         resume=resume, save_dtype=save_dtype, run_info=run_info, progress=progress)  # fmt: skip
 
-    save_head(head, out, dtype=save_dtype, info=metadata)
-    return head, state
+
+def check_corpus_model(source: RecordSource, model: torch.nn.Module) -> None:
+    """A corpus's token ids are only meaningful for the model (and tokenizer) it was built with."""
+    made_for, this = source.manifest["model_fingerprint"], model_fingerprint(model)
+    if made_for != this:
+        raise ValueError(
+            f"corpus {source.directory} was built with another model ({source.manifest['model']}, fingerprint "
+            f"{made_for}); this model's fingerprint is {this}: build a corpus with this model"
+        )
 
 
 @torch.no_grad()

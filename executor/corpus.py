@@ -1,0 +1,656 @@
+"""An offline corpus for self-distilling exit heads (`eesd corpus`): token windows the full model is asked to continue.
+
+Sources (each record is a token sequence and the position `start` from which the full model's next-token
+distribution is a distillation target):
+- `self`: the model's own continuations of a prompt set's split (`executor.prompts.split_prompts`; `train` by
+  default, never the held-out prompts unless `split="held-out"` builds the evaluation corpus), in left-padded
+  batches through `executor.api.generate`: greedy (temperature 0) and sampled at each other temperature `samples`
+  times. Sampling is exact (`executor.sampling`: Gumbel noise keyed by (seed, position)); the seed of a
+  (temperature, sample) pair is derived from the corpus seed, so a record is a function of its prompt, temperature,
+  sample index and the corpus seed alone, whatever the batch it ran in. (The executor takes one seed per call, so
+  the rows of one batch share it.) `start` = len(prompt) - 1: targets are the positions that predict generated tokens.
+- `self-prompts`: questions the model writes itself, through its chat template, on the `TOPICS` shipped here
+  (split by topic as prompts are), sampled; then its answers to them, exactly as `self`.
+- `text`: text files, JSONL files (a `text` or `prompt` field per line) and directories (recursively, files with a
+  `TEXT_SUFFIXES` suffix), tokenized and cut into windows of `window` tokens, teacher-forced from position 0.
+- `python-env`: the Python sources of the installed environment (the stdlib from `sysconfig`, optionally
+  site-packages) and their docstrings, for code models: windows as `text`.
+Documents (files, JSONL lines, modules) are split into train / held-out by `split_score` of their id, so the
+held-out corpus of a text source never shares a document with its training corpus.
+
+Output: a directory of JSONL shards (`shard-00000.jsonl`, one record per line: `id`, `source`, `start`, `tokens`,
+and for generated records `prompt_id`, `temperature`, `seed`) and `manifest.json` (`CORPUS_FORMAT`, version, model
+name and fingerprint, tokenizer, seed, the exact settings, per-source record / token / target counts, duplicates
+dropped, each shard's records and sha256). Each shard is written atomically (temporary file + rename) once full,
+the manifest last, so a directory with a manifest is complete. Records are deduplicated by a hash of their token
+ids (the first one is kept). The same settings give byte-identical shards and manifest. Memory stays bounded: one
+shard's lines, one batch of generation and the set of record hashes.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from executor.heads import atomic_write, model_fingerprint
+from executor.prompts import Prompt, encode_prompt, load_prompts, split_prompts, split_score
+from sim.progress import progress_bar
+
+CORPUS_FORMAT = "eesd-corpus"
+CORPUS_VERSION = 1
+MANIFEST = "manifest.json"
+SOURCES = ("self", "self-prompts", "text", "python-env")
+SPLITS = ("train", "held-out")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs",
+                 ".toml", ".yaml", ".yml", ".html", ".tex", ".csv")  # fmt: skip
+SKIPPED_DIRS = ("test", "tests", "__pycache__", "site-packages", "idlelib", "turtledemo")
+SELF_PROMPT_REQUEST = (
+    "Write one question or request that a user might send to an AI assistant about {topic}. "
+    "Reply with the question only."
+)
+SELF_PROMPT_TEMPERATURE = 1.0
+SELF_PROMPT_TOKENS = 64
+MIN_PROMPT_CHARS = 12
+TOPICS = (
+    "cooking a weeknight dinner", "baking bread", "personal finance and budgeting", "planning a trip abroad",
+    "packing for a hike", "writing a polite email", "preparing for a job interview", "learning a new language",
+    "keeping a houseplant alive", "training a puppy", "fixing a leaking tap", "choosing a laptop",
+    "staying productive at home", "sleeping better", "a beginner's running plan", "healthy snacks",
+    "the history of the Roman Empire", "the French Revolution", "how vaccines work", "photosynthesis",
+    "black holes", "the water cycle", "plate tectonics", "climate change", "how the internet works",
+    "electric cars", "renewable energy", "the human immune system", "DNA and genes", "the stock market",
+    "inflation", "supply and demand", "a short poem about the sea", "a bedtime story for a child",
+    "a birthday message for a friend", "summarising a news article", "a product description", "a haiku about autumn",
+    "Python lists and dictionaries", "writing a Python function", "recursion", "sorting algorithms",
+    "SQL queries", "regular expressions", "git branches", "debugging a stack trace", "unit testing",
+    "JavaScript promises", "HTML and CSS layout", "the Linux command line", "object-oriented programming",
+    "big-O notation", "linear equations", "fractions and percentages", "probability with dice",
+    "the Pythagorean theorem", "derivatives in calculus", "prime numbers", "a math word problem about trains",
+    "unit conversions", "statistics: mean, median and mode", "compound interest", "the rules of chess",
+    "a famous painting", "classical music", "the plot of a well-known novel", "philosophy of ethics",
+    "world geography", "the solar system", "first aid basics", "ordering food politely in a restaurant",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Everything that fixes a corpus besides the model: the same config and model give byte-identical shards."""
+
+    sources: tuple[str, ...] = ("self",)
+    seed: int = 0
+    split: str = "train"
+    held_out_fraction: float = 0.25
+    prompts: str = "builtin"
+    max_prompts: int | None = None
+    temperatures: tuple[float, ...] = (0.0, 0.7, 1.0)
+    samples: int = 2  # per temperature > 0 (greedy once)
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    self_prompts_per_topic: int = 2
+    text_paths: tuple[str, ...] = ()
+    python_env: str = "stdlib"  # stdlib | all (site-packages too)
+    window: int = 256
+    min_window: int = 16
+    max_tokens_per_source: int | None = None
+    shard_records: int = 1024
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sources if s not in SOURCES]
+        if not self.sources or unknown:
+            raise ValueError(f"corpus sources must be among {', '.join(SOURCES)}, got {', '.join(self.sources)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        if any(t < 0 for t in self.temperatures) or not self.temperatures:
+            raise ValueError(f"temperatures must be >= 0 (0: greedy), got {self.temperatures}")
+        for name in ("samples", "max_new_tokens", "batch_size", "self_prompts_per_topic", "window", "shard_records"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.python_env not in ("stdlib", "all"):
+            raise ValueError(f"python_env must be 'stdlib' or 'all', got {self.python_env!r}")
+        if "text" in self.sources and not self.text_paths:
+            raise ValueError("source 'text' needs at least one text path")
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    source: str
+    tokens: list[int]
+    start: int  # the first position whose next-token distribution is a target
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> int:
+        return len(self.tokens) - self.start
+
+    def line(self) -> str:
+        body = {"id": self.id, "source": self.source, "start": self.start, "tokens": self.tokens} | self.meta
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, line: str) -> Record:
+        body = json.loads(line)
+        fixed = {key: body.pop(key) for key in ("id", "source", "start", "tokens")}
+        return cls(meta=body, **fixed)
+
+
+@dataclass
+class SourceCount:
+    records: int = 0
+    tokens: int = 0
+    targets: int = 0
+    duplicates: int = 0
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A seed in [0, 2^31) that is a function of the corpus seed and `parts` alone."""
+    text = "\0".join(str(part) for part in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") >> 1
+
+
+def token_hash(tokens: Sequence[int]) -> bytes:
+    return hashlib.sha256(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes()).digest()[:16]
+
+
+class CorpusWriter:
+    """Streams records into shards of `shard_records` lines (each written atomically once full), deduplicated."""
+
+    def __init__(self, out: Path, shard_records: int) -> None:
+        self.out, self.shard_records = out, shard_records
+        self.seen: set[bytes] = set()
+        self.lines: list[str] = []
+        self.shards: list[dict[str, Any]] = []
+        self.counts: dict[str, SourceCount] = {}
+        self.shard_tokens = 0
+
+    def count(self, source: str) -> SourceCount:
+        return self.counts.setdefault(source, SourceCount())
+
+    def add(self, record: Record) -> bool:
+        """Queue `record` for the current shard; False (and counted) if its tokens were seen before."""
+        count, digest = self.count(record.source), token_hash(record.tokens)
+        if digest in self.seen:
+            count.duplicates += 1
+            return False
+        self.seen.add(digest)
+        self.lines.append(record.line())
+        count.records, count.tokens, count.targets = (
+            count.records + 1, count.tokens + len(record.tokens), count.targets + record.targets,
+        )  # fmt: skip
+        self.shard_tokens += len(record.tokens)
+        if len(self.lines) >= self.shard_records:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        name = f"shard-{len(self.shards):05d}.jsonl"
+        data = ("\n".join(self.lines) + "\n").encode()
+        atomic_write(self.out / name, lambda temp: Path(temp).write_bytes(data))
+        digest = hashlib.sha256(data).hexdigest()
+        self.shards.append({"file": name, "records": len(self.lines), "tokens": self.shard_tokens, "sha256": digest})
+        self.lines, self.shard_tokens = [], 0
+
+    def finish(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Write the last shard, then the manifest; returns the manifest."""
+        self.flush()
+        counts = {name: asdict(count) for name, count in self.counts.items()}
+        totals = {key: sum(c[key] for c in counts.values()) for key in ("records", "tokens", "targets", "duplicates")}
+        manifest = header | {"sources": counts, "totals": totals, "shards": self.shards}
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        atomic_write(self.out / MANIFEST, lambda temp: Path(temp).write_text(text))
+        return manifest
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    """An empty output directory; `force` removes a previous corpus there (its manifest first), nothing else."""
+    out.mkdir(parents=True, exist_ok=True)
+    temps = [*out.glob(".shard-*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")]  # left by an interrupted build
+    ours = [out / MANIFEST, *sorted(out.glob("shard-*.jsonl")), *sorted(temps)]
+    present = [p for p in ours if p.exists()]
+    if present and not force:
+        raise ValueError(f"corpus directory {out} is not empty; pass --force to replace the corpus there")
+    foreign = sorted(set(out.iterdir()) - set(ours))
+    if foreign:
+        raise ValueError(f"corpus directory {out} holds other files ({foreign[0].name}, ...): use an empty directory")
+    for path in present:
+        path.unlink()
+
+
+def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    return {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer), "vocab_sha256": digest}
+
+
+def build_corpus(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: CorpusConfig,
+    out: str | os.PathLike[str],
+    *,
+    model_name: str,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build the corpus of `config` into the directory `out`; returns its manifest."""
+    directory = Path(out)
+    prepare_output(directory, force)
+    writer = CorpusWriter(directory, config.shard_records)
+    for source in config.sources:
+        BUILDERS[source](model, tokenizer, config, writer, progress)
+    header = {
+        "format": CORPUS_FORMAT, "version": CORPUS_VERSION, "model": model_name,
+        "model_fingerprint": model_fingerprint(model), "tokenizer": tokenizer_info(tokenizer), "seed": config.seed,
+        "split": config.split, "settings": asdict(config),
+    }  # fmt: skip
+    return writer.finish(header)
+
+
+# --- generated sources --------------------------------------------------------------------------------------------
+
+
+def eos_ids(model: torch.nn.Module) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def until_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:
+    """`tokens` up to and including the first EOS id."""
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: index + 1]
+    return tokens
+
+
+def continue_batch(
+    model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, eos: Sequence[int],
+    temperature: float = 0.0, seed: int = 0,
+) -> list[list[int]]:  # fmt: skip
+    """The model's continuations of `prompts` (one left-padded batch; greedy at temperature 0, else exact sampling
+    keyed by `seed`), each cut after its first EOS."""
+    from executor.api import generate
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    sampled = {"do_sample": True, "temperature": temperature, "seed": seed} if temperature > 0 else {}
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=list(eos) or None,
+                   pad_token_id=0, **sampled)  # fmt: skip
+    return [until_eos(row, eos) for row in out.sequences[:, width:].tolist()]
+
+
+def generation_plan(config: CorpusConfig) -> list[tuple[float, int]]:
+    """(temperature, sample index) pairs: greedy once, every other temperature `samples` times."""
+    return [(t, s) for t in config.temperatures for s in range(1 if t == 0 else config.samples)]
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for first in range(0, len(items), size):
+        yield items[first : first + size]
+
+
+def write_answers(
+    model: torch.nn.Module, prompts: Sequence[tuple[str, list[int]]], source: str, config: CorpusConfig,
+    writer: CorpusWriter, progress: bool,
+) -> None:  # fmt: skip
+    """The model's continuations of (id, tokens) prompts at every (temperature, sample) of the plan, as records,
+    batch by batch of prompts (a token cap keeps every temperature of the prompts it reaches)."""
+    ordered = sorted(prompts, key=lambda item: (len(item[1]), item[0]))  # similar lengths share a batch
+    plan, eos, cap = generation_plan(config), eos_ids(model), config.max_tokens_per_source
+    total = len(plan) * -(-len(ordered) // config.batch_size)
+    with progress_bar(total, f"corpus {source}", "batch", progress) as bar:
+        for chunk in _batches(ordered, config.batch_size):
+            for temperature, sample in plan:
+                if cap is not None and writer.count(source).tokens >= cap:
+                    return
+                seed = derive_seed(config.seed, source, temperature, sample)
+                rows = continue_batch(model, [t for _, t in chunk], config.max_new_tokens, eos, temperature, seed)
+                for (prompt_id, tokens), new in zip(chunk, rows, strict=True):
+                    meta = {"prompt_id": prompt_id, "temperature": temperature, "seed": seed if temperature else None}
+                    record_id = f"{source}/{prompt_id}/t{temperature:g}/s{sample}"
+                    writer.add(Record(record_id, source, tokens + new, len(tokens) - 1, meta))
+                bar.update(1)
+                bar.set_postfix(tokens=writer.count(source).tokens)
+
+
+def split_of(prompts: Sequence[Prompt], config: CorpusConfig) -> tuple[Prompt, ...]:
+    split = split_prompts(prompts, config.held_out_fraction)
+    chosen = split.train if config.split == "train" else split.held_out
+    return chosen[: config.max_prompts]
+
+
+def build_self(model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool):
+    prompts = split_of(load_prompts(config.prompts), config)
+    encoded = [(p.id, encode_prompt(tokenizer, p.text)) for p in prompts]
+    write_answers(model, encoded, "self", config, writer, progress)
+
+
+def topic_prompts() -> list[Prompt]:
+    return [Prompt(id=f"topic/{index:03d}", text=topic, category="topic") for index, topic in enumerate(TOPICS)]
+
+
+def self_questions(
+    model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, progress: bool
+) -> list[tuple[str, list[int]]]:
+    """Questions the model writes on the split's topics (sampled), as (id, encoded prompt) pairs."""
+    topics = split_of(topic_prompts(), config)
+    asks = [(f"{t.id}/q{n}", encode_prompt(tokenizer, SELF_PROMPT_REQUEST.format(topic=t.text)))
+            for n in range(config.self_prompts_per_topic) for t in topics]  # fmt: skip
+    questions, eos = [], eos_ids(model)
+    total = -(-len(asks) // config.batch_size)
+    with progress_bar(total, "corpus self-prompts: questions", "batch", progress) as bar:
+        for index, chunk in enumerate(_batches(asks, config.batch_size)):
+            seed = derive_seed(config.seed, "self-prompts/questions", index)
+            rows = continue_batch(model, [t for _, t in chunk], SELF_PROMPT_TOKENS, eos, SELF_PROMPT_TEMPERATURE, seed)
+            for (ask_id, _), row in zip(chunk, rows, strict=True):
+                text = clean_question(tokenizer.decode(row, skip_special_tokens=True))
+                if text is not None:
+                    questions.append((ask_id, encode_prompt(tokenizer, text)))
+            bar.update(1)
+    return questions
+
+
+def clean_question(text: str) -> str | None:
+    """The first paragraph of a generated question, unquoted; None when too short to be one."""
+    paragraph = text.strip().split("\n\n")[0].strip().strip('"').strip()
+    return paragraph if len(paragraph) >= MIN_PROMPT_CHARS else None
+
+
+def build_self_prompts(
+    model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool
+) -> None:
+    questions = self_questions(model, tokenizer, config, progress)
+    write_answers(model, questions, "self-prompts", config, writer, progress)
+
+
+# --- text sources -------------------------------------------------------------------------------------------------
+
+
+def in_split(document_id: str, config: CorpusConfig) -> bool:
+    """A document is held out iff its `split_score` falls in the lowest `held_out_fraction` of the range."""
+    held_out = split_score(document_id) < config.held_out_fraction * 2**64
+    return held_out == (config.split == "held-out")
+
+
+def windows(tokens: Sequence[int], window: int, min_window: int) -> Iterator[list[int]]:
+    """Consecutive windows of `window` tokens; a last, shorter one if it has at least `min_window`."""
+    for first in range(0, len(tokens), window):
+        piece = list(tokens[first : first + window])
+        if len(piece) >= min(min_window, window):
+            yield piece
+
+
+def text_files(path: Path) -> list[tuple[str, Path]]:
+    """(id, path) of a file, or of a directory's text files; ids are relative to the path given (its name, then the
+    path inside it), so that the split does not depend on the working directory."""
+    if path.is_file():
+        return [(path.name, path)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"text source {path} is neither a file nor a directory")
+    found = (p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    return sorted((f"{path.name}/{p.relative_to(path).as_posix()}", p) for p in found)
+
+
+def documents(file_id: str, path: Path) -> Iterator[tuple[str, str]]:
+    """(document id, text) of a file, or of each line of a JSONL file (its `text` or `prompt` field)."""
+    if path.suffix != ".jsonl":
+        text = _read_text(path)
+        if text:
+            yield file_id, text
+        return
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if line.strip():
+                yield f"{file_id}:{lineno}", _jsonl_text(line, f"{path}:{lineno}")
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None  # binary or unreadable files in a directory are not text
+
+
+def _jsonl_text(line: str, where: str) -> str:
+    try:
+        body = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+    text = body.get("text", body.get("prompt")) if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: expected a JSON object with a string 'text' or 'prompt' field")
+    return text
+
+
+def write_documents(
+    files: Sequence[tuple[str, Path]], read: Callable[[str, Path], Iterable[tuple[str, str]]], source: str,
+    tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool,
+) -> None:  # fmt: skip
+    """Tokenize the split's documents (`read(file id, path)` gives a file's) and write their windows, until the
+    source's token cap."""
+    cap = config.max_tokens_per_source
+    with progress_bar(len(files), f"corpus {source}", "file", progress) as bar:
+        for file_id, path in files:
+            for doc_id, text in read(file_id, path):
+                if not in_split(doc_id, config):
+                    continue
+                tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+                for index, piece in enumerate(windows(tokens, config.window, config.min_window)):
+                    if cap is not None and writer.count(source).tokens >= cap:
+                        return
+                    writer.add(Record(f"{source}/{doc_id}/w{index}", source, piece, 0))
+            bar.update(1)
+            bar.set_postfix(tokens=writer.count(source).tokens)
+
+
+def build_text(model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool):
+    files = [item for path in config.text_paths for item in text_files(Path(path))]
+    write_documents(files, documents, "text", tokenizer, config, writer, progress)
+
+
+def python_roots(which: str) -> list[Path]:
+    paths = sysconfig.get_paths()
+    roots = [Path(paths["stdlib"])]
+    if which == "all":
+        roots += sorted({Path(paths["purelib"]), Path(paths["platlib"])})
+    return roots
+
+
+def python_files(roots: Sequence[Path], seed: int) -> list[tuple[str, Path]]:
+    """(id, path) of the roots' .py files outside test and cache directories, in an order fixed by the seed, so
+    that a token cap keeps a seeded sample of the environment rather than its alphabetical start."""
+    found = []
+    for root in roots:
+        for path in root.rglob("*.py"):
+            relative = path.relative_to(root)
+            if not any(part in SKIPPED_DIRS for part in relative.parts[:-1]):
+                found.append((f"{root.name}/{relative.as_posix()}", path))
+    return sorted(found, key=lambda item: (derive_seed(seed, "python-env", item[0]), item[0]))
+
+
+def docstrings(source: str) -> str | None:
+    """A module's docstrings as prose: the module's, then `name: docstring` for each class and function."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    parts = [ast.get_docstring(tree) or ""]
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and ast.get_docstring(node):
+            parts.append(f"{node.name}: {ast.get_docstring(node)}")
+    text = "\n\n".join(p for p in parts if p)
+    return text or None
+
+
+def python_documents(doc_id: str, path: Path) -> Iterator[tuple[str, str]]:
+    """A module's source, then its docstrings as prose."""
+    source = _read_text(path)
+    if not source:
+        return
+    yield doc_id, source
+    prose = docstrings(source)
+    if prose:
+        yield f"{doc_id}#docstrings", prose
+
+
+def build_python_env(
+    model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool
+) -> None:
+    files = python_files(python_roots(config.python_env), config.seed)
+    write_documents(files, python_documents, "python-env", tokenizer, config, writer, progress)
+
+
+BUILDERS: dict[str, Callable[..., None]] = {
+    "self": build_self, "self-prompts": build_self_prompts, "text": build_text, "python-env": build_python_env,
+}  # fmt: skip
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """A corpus directory's manifest, checked for format and version."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a corpus directory (no {MANIFEST}; build one with eesd corpus)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != CORPUS_FORMAT or manifest.get("version") != CORPUS_VERSION:
+        raise ValueError(f"{path}: not an {CORPUS_FORMAT} manifest of version {CORPUS_VERSION}")
+    return manifest
+
+
+def manifest_sha256(directory: str | os.PathLike[str]) -> str:
+    return hashlib.sha256((Path(directory) / MANIFEST).read_bytes()).hexdigest()
+
+
+def read_shard(directory: str | os.PathLike[str], shard: dict[str, Any]) -> list[Record]:
+    """One shard's records, after checking its bytes against the manifest."""
+    path = Path(directory) / shard["file"]
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise ValueError(f"corpus shard {path} does not match its manifest (changed or damaged): rebuild the corpus")
+    return [Record.parse(line) for line in data.decode().splitlines() if line]
+
+
+def iter_records(directory: str | os.PathLike[str]) -> Iterator[Record]:
+    """Every record of a corpus, shard by shard (one shard in memory at a time)."""
+    for shard in read_manifest(directory)["shards"]:
+        yield from read_shard(directory, shard)
+
+
+# --- loading for training: record sources, windows, packed batches ------------------------------------------------
+
+POOL_BATCHES = 64  # batches whose windows are sorted by length together: little padding, still well mixed
+
+
+class RecordSource:
+    """Records in shards, read one shard at a time: a corpus directory, or a list held in memory (`from_records`)."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None, records: Sequence[Record] = ()) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.records = list(records)
+        self.manifest = read_manifest(self.directory) if self.directory is not None else None
+        self.shards: list[Any] = self.manifest["shards"] if self.manifest else [None]
+
+    @classmethod
+    def from_records(cls, records: Sequence[Record]) -> RecordSource:
+        return cls(records=records)
+
+    def read(self, index: int) -> list[Record]:
+        if self.directory is None:
+            return self.records
+        return read_shard(self.directory, self.shards[index])
+
+    def describe(self) -> dict[str, str]:
+        """What identifies the data (for a checkpoint and a head's metadata)."""
+        if self.directory is None:
+            return {"corpus": "in-memory", "corpus_records": str(len(self.records))}
+        return {
+            "corpus": str(self.directory), "corpus_manifest_sha256": manifest_sha256(self.directory),
+            "corpus_records": str(self.manifest["totals"]["records"]),
+            "corpus_tokens": str(self.manifest["totals"]["tokens"]),
+        }  # fmt: skip
+
+
+@dataclass
+class Batch:
+    """Right-padded windows: tokens [B, T] and the target positions [B, T] (whose next token is distilled)."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    lengths: list[int]
+    starts: list[int]
+
+    @property
+    def token_count(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def target_count(self) -> int:
+        return int(self.targets.sum())
+
+
+Window = tuple[list[int], int]  # tokens, the first target position
+
+
+def record_windows(record: Record, window: int) -> list[Window]:
+    """The record cut into consecutive windows of at most `window` tokens, those holding a target position."""
+    pieces = []
+    for first in range(0, len(record.tokens), window):
+        piece, start = record.tokens[first : first + window], max(record.start - first, 0)
+        if start < len(piece):
+            pieces.append((piece, start))
+    return pieces
+
+
+def make_batch(items: Sequence[Window]) -> Batch:
+    width = max(len(tokens) for tokens, _ in items)
+    tokens = torch.tensor([list(t) + [0] * (width - len(t)) for t, _ in items])
+    positions = torch.arange(width)
+    targets = torch.stack([(positions >= start) & (positions < len(t)) for t, start in items])
+    return Batch(tokens, targets, [len(t) for t, _ in items], [start for _, start in items])
+
+
+def _pool_batches(pool: list[Window], batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+    ordered = sorted(pool, key=lambda item: len(item[0]))  # stable: equal lengths keep their shuffled order
+    chunks = [ordered[first : first + batch_size] for first in range(0, len(ordered), batch_size)]
+    order = torch.randperm(len(chunks), generator=generator).tolist()  # drawn before the next pool's shuffle
+    return (make_batch(chunks[i]) for i in order)
+
+
+def epoch_batches(source: RecordSource, batch_size: int, window: int, seed: int, epoch: int) -> Iterator[Batch]:
+    """One epoch of packed batches, a function of (seed, epoch): shards in a shuffled order, each shard's windows
+    shuffled into a pool of `POOL_BATCHES` batches, sorted by length there and cut into batches, served in a
+    shuffled order. One shard and one pool of token ids are in memory at a time."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
+    pool: list[Window] = []
+    for shard in torch.randperm(len(source.shards), generator=generator).tolist():
+        items = [piece for record in source.read(shard) for piece in record_windows(record, window)]
+        for index in torch.randperm(len(items), generator=generator).tolist():
+            pool.append(items[index])
+            if len(pool) == POOL_BATCHES * batch_size:
+                yield from _pool_batches(pool, batch_size, generator)
+                pool = []
+    if pool:
+        yield from _pool_batches(pool, batch_size, generator)
+
+
+def ordered_batches(source: RecordSource, batch_size: int, window: int) -> Iterator[Batch]:
+    """Every window once, in a fixed order (shard by shard, sorted by length): for evaluation."""
+    for shard in range(len(source.shards)):
+        items = sorted((p for r in source.read(shard) for p in record_windows(r, window)), key=lambda p: len(p[0]))
+        for first in range(0, len(items), batch_size):
+            yield make_batch(items[first : first + batch_size])

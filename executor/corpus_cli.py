@@ -1,0 +1,85 @@
+"""`eesd corpus`: build an offline corpus for self-distilling exit heads (`executor.corpus`), no network needed.
+
+    eesd corpus --model smollm2-135m --sources self,self-prompts --out corpora/smollm2-self
+    eesd corpus --model smollm2-135m --sources self --split held-out --temperatures 0 --out corpora/smollm2-eval
+    eesd corpus --model qwen2.5-coder-0.5b --sources python-env,text --text my/code --out corpora/qwen-code
+
+`self` and `self-prompts` use the training split of the prompts (and of the shipped topics) unless `--split
+held-out` builds the evaluation corpus; `text` and `python-env` split by document. Train a head from the corpus
+with `eesd train-head --corpus DIR --eval-corpus DIR2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from executor.runtime import add_threads_argument, check_device, use_threads
+
+SOURCE_NAMES = ("self", "self-prompts", "text", "python-env")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
+    parser.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    parser.add_argument("--sources", default="self", help=f"comma-separated, of {', '.join(SOURCE_NAMES)}")
+    parser.add_argument("--split", default="train", choices=("train", "held-out"), help="prompts / documents used")
+    parser.add_argument("--prompts", default="builtin", help="self: builtin | humaneval | a JSONL file (prompt field)")
+    parser.add_argument("--max-prompts", type=int, default=None, help="self: only the first N prompts of the split")
+    parser.add_argument("--temperatures", type=_floats, default=(0.0, 0.7, 1.0), help="0 is greedy (default 0,0.7,1)")
+    parser.add_argument("--samples", type=int, default=2, help="samples per prompt at each temperature > 0")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per answer (default 128)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    parser.add_argument("--questions-per-topic", type=int, default=2, help="self-prompts: questions per topic")
+    parser.add_argument("--text", action="append", default=[], metavar="PATH", help="text: file, JSONL or directory")
+    parser.add_argument("--python-env", default="stdlib", choices=("stdlib", "all"), help="python-env: + site-packages")
+    parser.add_argument("--window", type=int, default=256, help="text, python-env: tokens per window (default 256)")
+    parser.add_argument("--max-tokens-per-source", type=int, default=None, help="stop a source at N tokens")
+    parser.add_argument("--shard-records", type=int, default=1024, help="records per shard (default 1024)")
+    parser.add_argument("--held-out-fraction", type=float, default=0.25, help="of prompts, topics and documents")
+    parser.add_argument("--seed", type=int, default=0, help="the corpus seed (every sample's seed derives from it)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    parser.add_argument("--force", action="store_true", help="replace a corpus already in --out")
+    add_threads_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+
+
+def config_from(args: argparse.Namespace):
+    from executor.corpus import CorpusConfig
+
+    return CorpusConfig(
+        sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()), seed=args.seed, split=args.split,
+        held_out_fraction=args.held_out_fraction, prompts=args.prompts, max_prompts=args.max_prompts,
+        temperatures=args.temperatures, samples=args.samples, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, self_prompts_per_topic=args.questions_per_topic, text_paths=tuple(args.text),
+        python_env=args.python_env, window=args.window, max_tokens_per_source=args.max_tokens_per_source,
+        shard_records=args.shard_records,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from(args)  # checks the settings before the model loads
+    import time
+
+    from executor.corpus import build_corpus
+    from executor.models import load_model, load_tokenizer, resolve_dtype
+
+    device = check_device(args.device)
+    print(f"corpus: {args.model} on {device} ({args.dtype}); {use_threads(args.threads)}", flush=True)
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
+    tokenizer = load_tokenizer(args.model)
+    begin = time.perf_counter()
+    manifest = build_corpus(model, tokenizer, config, args.out, model_name=str(args.model), force=args.force,
+                            progress=not args.no_progress)  # fmt: skip
+    elapsed = time.perf_counter() - begin
+    for name, count in manifest["sources"].items():
+        print(f"  {name}: {count['records']} records, {count['tokens']} tokens ({count['targets']} targets), "
+              f"{count['duplicates']} duplicates dropped")  # fmt: skip
+    totals = manifest["totals"]
+    print(f"wrote {args.out}: {totals['records']} records, {totals['tokens']} tokens in {len(manifest['shards'])} "
+          f"shards, {elapsed:.0f} s ({totals['tokens'] / max(elapsed, 1e-9):.0f} tokens/s)")  # fmt: skip
+    return 0

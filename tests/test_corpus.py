@@ -1,0 +1,262 @@
+"""The offline corpus builder (`executor.corpus`, `eesd corpus`): reproducible, deduplicated, the train split only,
+manifest counts that match the shards, text windows, the Python environment source, and the training loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TinySpec, tiny_model
+
+from executor import corpus as corpus_module
+from executor.corpus import (
+    MANIFEST,
+    CorpusConfig,
+    CorpusWriter,
+    Record,
+    RecordSource,
+    build_corpus,
+    continue_batch,
+    docstrings,
+    epoch_batches,
+    iter_records,
+    python_files,
+    read_manifest,
+    record_windows,
+    token_hash,
+)
+from executor.prompts import encode_prompt, load_prompts, split_prompts
+
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+SPEC = TinySpec(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, vocab=len(CHARS) + 2, seed=5)
+
+
+def char_tokenizer():
+    """A real (fast) character-level tokenizer with a chat template, built offline: id 0 pads, 1 ends a turn."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1} | {c: i + 2 for i, c in enumerate(CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    return tiny_model(SPEC, torch.float64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def texts(tmp_path: Path) -> Path:
+    root = tmp_path / "texts"
+    (root / "sub").mkdir(parents=True)
+    for index in range(6):
+        (root / f"doc{index}.txt").write_text(f"Document {index}. " + "The quick brown fox jumps. " * (3 + index))
+    (root / "sub" / "copy.md").write_text((root / "doc2.txt").read_text())  # a duplicate under another name
+    lines = [json.dumps({"text": f"line {i}: " + "lorem ipsum dolor " * 4}) for i in range(5)]
+    (root / "sub" / "more.jsonl").write_text("\n".join(lines + [json.dumps({"prompt": "a prompt field, long enough"})]))
+    (root / "image.bin").write_bytes(bytes(range(256)))  # not a text suffix: ignored
+    return root
+
+
+def small_config(**overrides) -> CorpusConfig:
+    settings = dict(sources=("self",), max_prompts=5, temperatures=(0.0, 1.0), samples=2, max_new_tokens=6,
+                    batch_size=3, window=40, min_window=8, shard_records=4)  # fmt: skip
+    return CorpusConfig(**(settings | overrides))
+
+
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard-*.jsonl"))}
+
+
+def test_same_settings_give_byte_identical_shards_and_another_seed_does_not(tiny, tokenizer, texts, tmp_path) -> None:
+    config = small_config(sources=("self", "self-prompts", "text"), text_paths=(str(texts),), max_prompts=3)
+    first = build_corpus(tiny, tokenizer, config, tmp_path / "a", model_name="tiny", progress=False)
+    build_corpus(tiny, tokenizer, config, tmp_path / "b", model_name="tiny", progress=False)
+    assert set(first["sources"]) == {"self", "self-prompts", "text"}
+    assert len(first["shards"]) > 1
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    assert (tmp_path / "a" / MANIFEST).read_bytes() == (tmp_path / "b" / MANIFEST).read_bytes()
+    other = small_config(**{**config.__dict__, "seed": 1})
+    build_corpus(tiny, tokenizer, other, tmp_path / "c", model_name="tiny", progress=False)
+    sampled = {r.id: r.tokens for r in iter_records(tmp_path / "a") if r.meta.get("temperature")}
+    resampled = {r.id: r.tokens for r in iter_records(tmp_path / "c") if r.meta.get("temperature")}
+    common = sampled.keys() & resampled.keys()
+    assert common and any(sampled[k] != resampled[k] for k in common)
+
+
+def test_records_are_the_models_own_continuations(tiny, tokenizer, tmp_path) -> None:
+    config = small_config(max_prompts=4)
+    build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", progress=False)
+    prompts = {p.id: encode_prompt(tokenizer, p.text) for p in split_prompts(load_prompts("builtin")).train[:4]}
+    records = list(iter_records(tmp_path / "c"))
+    assert len(records) == 4 * (1 + 2)  # greedy once, two samples at temperature 1
+    for record in records:
+        prompt = prompts[record.meta["prompt_id"]]
+        assert record.tokens[: len(prompt)] == prompt and record.start == len(prompt) - 1
+        assert len(record.tokens) == len(prompt) + config.max_new_tokens
+        temperature = record.meta["temperature"]
+        alone = continue_batch(tiny, [prompt], config.max_new_tokens, [], temperature, record.meta["seed"] or 0)
+        assert record.tokens[len(prompt) :] == alone[0]  # a function of prompt and seed, not of its batch
+    seeds = {(r.meta["temperature"], r.id.rsplit("/", 1)[1]): r.meta["seed"] for r in records}
+    assert len(set(seeds.values())) == len(seeds)  # each (temperature, sample) its own seed
+
+
+def test_only_the_train_split_is_used_unless_held_out_is_asked(tiny, tokenizer, tmp_path) -> None:
+    split = split_prompts(load_prompts("builtin"))
+    for name, expected in (("train", split.train), ("held-out", split.held_out)):
+        config = small_config(split=name, max_prompts=None, temperatures=(0.0,), max_new_tokens=2, batch_size=16)
+        build_corpus(tiny, tokenizer, config, tmp_path / name, model_name="tiny", progress=False)
+        used = {r.meta["prompt_id"] for r in iter_records(tmp_path / name)}
+        assert used == {p.id for p in expected}
+    train = {r.meta["prompt_id"] for r in iter_records(tmp_path / "train")}
+    assert not train & {p.id for p in split.held_out}
+
+
+def test_duplicates_are_dropped_and_counted(tiny, tokenizer, texts, tmp_path) -> None:
+    config = small_config(sources=("text",), text_paths=(str(texts), str(texts / "doc2.txt")), held_out_fraction=0.01)
+    manifest = build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", progress=False)
+    records = list(iter_records(tmp_path / "c"))
+    hashes = [token_hash(r.tokens) for r in records]
+    assert len(set(hashes)) == len(hashes)
+    assert manifest["sources"]["text"]["duplicates"] >= 2  # copy.md and doc2.txt given twice
+    assert manifest["totals"]["duplicates"] == manifest["sources"]["text"]["duplicates"]
+
+
+def test_manifest_counts_match_the_shards(tiny, tokenizer, texts, tmp_path) -> None:
+    config = small_config(sources=("self", "text"), text_paths=(str(texts),), max_prompts=3)
+    build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", force=False, progress=False)
+    manifest = read_manifest(tmp_path / "c")
+    assert manifest["settings"]["text_paths"] == [str(texts)] and manifest["seed"] == 0
+    assert manifest["model_fingerprint"] and manifest["tokenizer"]["vocab_size"] == len(CHARS) + 2
+    for shard in manifest["shards"]:
+        data = (tmp_path / "c" / shard["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+        assert len(data.decode().splitlines()) == shard["records"] <= config.shard_records
+    records = list(iter_records(tmp_path / "c"))
+    for source, counts in manifest["sources"].items():
+        mine = [r for r in records if r.source == source]
+        assert counts["records"] == len(mine) > 0
+        assert counts["tokens"] == sum(len(r.tokens) for r in mine)
+        assert counts["targets"] == sum(len(r.tokens) - r.start for r in mine)
+    assert manifest["totals"]["records"] == len(records) == sum(s["records"] for s in manifest["shards"])
+    assert not list((tmp_path / "c").glob(".*.tmp"))
+
+
+def test_text_windows_splits_and_jsonl_fields(tiny, tokenizer, texts, tmp_path) -> None:
+    config = small_config(sources=("text",), text_paths=(str(texts),))
+    build_corpus(tiny, tokenizer, config, tmp_path / "train", model_name="tiny", progress=False)
+    held = CorpusConfig(**{**config.__dict__, "split": "held-out"})
+    build_corpus(tiny, tokenizer, held, tmp_path / "held", model_name="tiny", progress=False)
+    docs = {side: {r.id.rsplit("/w", 1)[0] for r in iter_records(tmp_path / side)} for side in ("train", "held")}
+    assert docs["train"] and docs["held"] and not docs["train"] & docs["held"]
+    records = list(iter_records(tmp_path / "train")) + list(iter_records(tmp_path / "held"))
+    assert all(config.min_window <= len(r.tokens) <= config.window and r.start == 0 for r in records)
+    texts_seen = {tokenizer.decode(r.tokens) for r in records}
+    assert any(t.startswith("line 0: lorem") for t in texts_seen) and "a prompt field, long enough" in texts_seen
+    assert not any(r.id.startswith("text/texts/image.bin") for r in records)
+
+
+def test_self_prompts_are_questions_the_model_wrote_on_train_topics(tiny, tokenizer, tmp_path) -> None:
+    config = small_config(sources=("self-prompts",), max_prompts=4, temperatures=(0.0,), self_prompts_per_topic=2)
+    build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", progress=False)
+    records = list(iter_records(tmp_path / "c"))
+    train_topics = {p.id for p in split_prompts(corpus_module.topic_prompts()).train[:4]}
+    assert records and {r.meta["prompt_id"].rsplit("/", 1)[0] for r in records} <= train_topics
+    for record in records:  # the prompt is the chat-templated question, not the request that produced it
+        prompt = tokenizer.decode(record.tokens[: record.start + 1])
+        assert prompt.startswith("<user>") and "Write one question" not in prompt
+
+
+def test_python_env_files_skip_tests_and_docstrings_read_as_prose(tmp_path) -> None:
+    root = tmp_path / "lib"
+    (root / "pkg" / "tests").mkdir(parents=True)
+    module = '"""Module doc."""\n\ndef f():\n    """F doc."""\n\nclass C:\n    """C doc."""\n'
+    (root / "pkg" / "mod.py").write_text(module)
+    (root / "pkg" / "tests" / "test_mod.py").write_text("def test(): pass\n")
+    (root / "top.py").write_text("x = 1\n")
+    files = python_files([root], seed=0)
+    assert sorted(i for i, _ in files) == ["lib/pkg/mod.py", "lib/top.py"]
+    assert python_files([root], seed=0) == files
+    assert docstrings((root / "pkg" / "mod.py").read_text()) == "Module doc.\n\nf: F doc.\n\nC: C doc."
+    assert docstrings("x = (") is None and docstrings("x = 1") is None
+
+
+def test_python_env_source_builds_from_the_stdlib_under_a_cap(tiny, tokenizer, tmp_path) -> None:
+    config = small_config(sources=("python-env",), max_tokens_per_source=400, window=64)
+    manifest = build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", progress=False)
+    counts = manifest["sources"]["python-env"]
+    assert 400 <= counts["tokens"] < 400 + 64 and counts["records"] >= 400 // 64
+
+
+def test_output_directory_refusals(tiny, tokenizer, tmp_path) -> None:
+    config = small_config(max_prompts=2, temperatures=(0.0,), max_new_tokens=2)
+    build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", progress=False)
+    with pytest.raises(ValueError, match="not empty"):
+        build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", progress=False)
+    build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", force=True, progress=False)
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="other files"):
+        build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", force=True, progress=False)
+    with pytest.raises(ValueError, match="sources"):
+        CorpusConfig(sources=("web",))
+    with pytest.raises(ValueError, match="text path"):
+        CorpusConfig(sources=("text",))
+
+
+def test_a_damaged_shard_is_refused(tiny, tokenizer, tmp_path) -> None:
+    build_corpus(tiny, tokenizer, small_config(max_prompts=2), tmp_path / "c", model_name="tiny", progress=False)
+    shard = tmp_path / "c" / "shard-00000.jsonl"
+    shard.write_bytes(shard.read_bytes().replace(b'"start":', b'"start": ', 1))
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        list(iter_records(tmp_path / "c"))
+
+
+def writer_corpus(directory: Path, count: int, seed: int = 0, shard_records: int = 7) -> RecordSource:
+    generator = torch.Generator().manual_seed(seed)
+    writer = CorpusWriter(directory, shard_records)
+    for index in range(count):
+        length = int(torch.randint(4, 30, (1,), generator=generator))
+        tokens = torch.randint(0, 50, (length,), generator=generator).tolist()
+        writer.add(Record(f"r{index}", "text", tokens, int(torch.randint(0, length, (1,), generator=generator))))
+    writer.finish({"format": corpus_module.CORPUS_FORMAT, "version": corpus_module.CORPUS_VERSION})
+    return RecordSource(directory)
+
+
+def test_epoch_batches_cover_every_window_once_seeded_by_epoch(tmp_path) -> None:
+    source = writer_corpus(tmp_path / "c", 60)
+    windows = sorted((tuple(t), s) for r in iter_records(tmp_path / "c") for t, s in record_windows(r, 12))
+
+    def served(epoch: int) -> list[tuple[tuple[int, ...], int]]:
+        out = []
+        for batch in epoch_batches(source, 5, 12, seed=3, epoch=epoch):
+            assert batch.tokens.shape[0] <= 5 and batch.tokens.shape[1] <= 12
+            for row, (length, start) in enumerate(zip(batch.lengths, batch.starts, strict=True)):
+                assert batch.targets[row].nonzero().flatten().tolist() == list(range(start, length))
+                out.append((tuple(batch.tokens[row, :length].tolist()), start))
+        return out
+
+    first = served(0)
+    assert sorted(first) == windows
+    assert served(0) == first and served(1) != first
+
+
+def test_record_windows_keep_targets_only() -> None:
+    record = Record("r", "self", list(range(25)), 13)
+    assert record_windows(record, 10) == [(list(range(10, 20)), 3), (list(range(20, 25)), 0)]
+    assert record_windows(Record("r", "self", list(range(5)), 4), 10) == [(list(range(5)), 4)]

@@ -1,0 +1,179 @@
+"""Streaming self-distillation (`executor.train_head`): the teacher runs per batch and nothing of the corpus's
+targets accumulates, an interrupted and resumed run is bit-identical, heads trained together equal heads trained
+alone, and the held-out evaluation's CSV holds what EESD would measure."""
+
+from __future__ import annotations
+
+import csv
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from test_corpus import char_tokenizer
+from tiny_models import TinySpec, scale_late_layers, tiny_model
+
+import executor.train_head as train_head
+from calibrate.acceptance import predicted_accepted
+from executor.adapter import ModelAdapter
+from executor.corpus import CorpusConfig, Record, RecordSource, build_corpus, manifest_sha256, record_windows
+from executor.heads import TrainedExitHead, load_head
+from executor.train_head import (
+    EVAL_COLUMNS,
+    Corpus,
+    TrainConfig,
+    agreement,
+    draft_logits,
+    eval_csv_path,
+    evaluate,
+    lr_at,
+    teacher_examples,
+    train_head_corpus,
+)
+
+SPEC = TinySpec(num_layers=4, num_heads=2, num_kv_heads=1, head_dim=8, vocab=98, seed=11)
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    return tiny_model(SPEC, torch.float64)
+
+
+@pytest.fixture(scope="module")
+def corpora(tiny, tmp_path_factory) -> dict[str, Path]:
+    """A training corpus (train prompts, greedy and sampled) and a held-out one (held-out prompts, greedy)."""
+    root, tokenizer = tmp_path_factory.mktemp("corpora"), char_tokenizer()
+    common = dict(sources=("self",), max_new_tokens=10, batch_size=8, shard_records=10)  # fmt: skip
+    train = CorpusConfig(**common, max_prompts=12, temperatures=(0.0, 1.0), samples=2)
+    held = CorpusConfig(**common, split="held-out", max_prompts=6, temperatures=(0.0,))
+    build_corpus(tiny, tokenizer, train, root / "train", model_name="tiny", progress=False)
+    build_corpus(tiny, tokenizer, held, root / "held", model_name="tiny", progress=False)
+    return {"train": root / "train", "held": root / "held"}
+
+
+def config(**overrides) -> TrainConfig:
+    settings = dict(exit_layer=2, steps=STEPS, lr=2e-3, batch_size=4, seed=7, checkpoint_every=4, schedule="cosine",
+                    warmup_steps=3, window=48, eval_every=5, draft_len=3, logit_chunk=16)  # fmt: skip
+    return TrainConfig(**(settings | overrides))
+
+
+def same_heads(a: dict[int, TrainedExitHead], b: dict[int, TrainedExitHead]) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[e].state_dict()[name], b[e].state_dict()[name]) for e in a for name in a[e].state_dict()
+    )
+
+
+def test_the_teacher_runs_per_batch_and_its_outputs_never_accumulate(tiny, corpora, tmp_path, monkeypatch) -> None:
+    source = RecordSource(corpora["train"])
+    windows = sum(len(record_windows(r, 48)) for s in range(len(source.shards)) for r in source.read(s))
+    assert windows >= 6 * 4  # the corpus is many batches
+    steps = 2 * -(-windows // 4)  # two epochs
+    calls, alive, peak = [], [], [0]
+    real = train_head.teacher_batch
+
+    def counting(adapter, batch, exit_layers):
+        peak[0] = max(peak[0], sum(ref() is not None for ref in alive))
+        out = real(adapter, batch, exit_layers)
+        calls.append(batch.tokens.shape)
+        alive.extend(weakref.ref(t) for t in (out, out.final, out.mask, *out.states.values()))
+        return out
+
+    monkeypatch.setattr(train_head, "teacher_batch", counting)
+    out = tmp_path / "h.safetensors"
+    _, state = train_head_corpus(tiny, corpora["train"], config(steps=steps, eval_every=0), out, progress=False)
+    assert len(calls) == steps == state.step and state.epoch == 1
+    assert all(shape[0] <= 4 and shape[1] <= 48 for shape in calls)
+    assert peak[0] == 0  # every earlier batch's teacher outputs were freed (by reference count) before the next pass
+    assert state.tokens_seen > 0 and state.targets_seen <= state.tokens_seen
+
+
+def test_an_interrupted_run_resumes_bit_identically(tiny, corpora, tmp_path, monkeypatch) -> None:
+    kwargs = dict(eval_corpus=corpora["held"], progress=False)
+    straight, straight_state = train_head_corpus(tiny, corpora["train"], config(), tmp_path / "a.safetensors", **kwargs)
+    real = train_head.train_step
+
+    def interrupted(heads, optimizers, batch, cfg, step):
+        if step == 9:  # after the checkpoint at step 8, mid-epoch
+            raise KeyboardInterrupt
+        return real(heads, optimizers, batch, cfg, step)
+
+    monkeypatch.setattr(train_head, "train_step", interrupted)
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        train_head_corpus(tiny, corpora["train"], config(), out, **kwargs)
+    monkeypatch.setattr(train_head, "train_step", real)
+    resumed, state = train_head_corpus(tiny, corpora["train"], config(), out, resume=True, **kwargs)
+    assert same_heads(straight, resumed)
+    assert state.losses == straight_state.losses and state.tokens_seen == straight_state.tokens_seen
+    assert eval_csv_path(out).read_text() == eval_csv_path(tmp_path / "a.safetensors").read_text()
+    with pytest.raises(ValueError, match="steps=12, not 13"):  # a cosine schedule's length is part of the run
+        train_head_corpus(tiny, corpora["train"], config(steps=13), out, resume=True, **kwargs)
+
+
+def test_heads_trained_together_equal_heads_trained_alone(tiny, corpora, tmp_path) -> None:
+    settings = dict(steps=6, eval_every=0)
+    together, _ = train_head_corpus(tiny, corpora["train"], config(exit_layer=1, exit_layers=(3,), **settings),
+                                    tmp_path / "t-e{exit_layer}.safetensors", progress=False)  # fmt: skip
+    for exit_layer in (1, 3):
+        alone, _ = train_head_corpus(tiny, corpora["train"], config(exit_layer=exit_layer, **settings),
+                                     tmp_path / f"a{exit_layer}.safetensors", progress=False)  # fmt: skip
+        assert same_heads({exit_layer: together[exit_layer]}, alone)
+    assert load_head(tmp_path / "t-e3.safetensors", tiny, 3).metadata["trained_with"] == "1,3"
+
+
+def test_eval_csv_columns_values_and_head_metadata(tiny, corpora, tmp_path) -> None:
+    out = tmp_path / "h.safetensors"
+    _, state = train_head_corpus(tiny, corpora["train"], config(), out, eval_corpus=corpora["held"], progress=False)
+    with open(eval_csv_path(out)) as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == EVAL_COLUMNS
+    assert [int(r["step"]) for r in rows] == [0, 5, 10, STEPS]
+    assert [int(r["tokens_seen"]) for r in rows] == sorted(int(r["tokens_seen"]) for r in rows)
+    for row in rows:
+        assert 0.0 <= float(row["agreement"]) <= 1.0 and 1.0 <= float(row["tokens_per_round"]) <= 3 + 1
+        assert float(row["kl"]) >= 0 and int(row["eval_positions"]) > 0
+    assert float(rows[-1]["kl"]) < float(rows[0]["kl"])  # training moved the head towards the full model
+    metadata = load_head(out, tiny, 2).metadata
+    assert metadata["corpus_manifest_sha256"] == manifest_sha256(corpora["train"])
+    assert metadata["eval_corpus_manifest_sha256"] == manifest_sha256(corpora["held"])
+    assert int(metadata["tokens_seen"]) == state.tokens_seen and int(metadata["train_tokens"]) == state.targets_seen
+    assert metadata["eval_agreement"] == f"{float(rows[-1]['agreement']):.4f}"
+
+
+def test_evaluation_agrees_with_the_per_sequence_teacher(tiny, corpora) -> None:
+    adapter = ModelAdapter(tiny)
+    head = TrainedExitHead(adapter, 2)
+    held = RecordSource(corpora["held"])
+    records = [r for shard in range(len(held.shards)) for r in held.read(shard)]
+    result = evaluate({2: head}, RecordSource.from_records(records), config(window=512))[2]
+    examples = teacher_examples(adapter, Corpus([r.tokens for r in records], [r.start for r in records]), [2], False)
+    assert result["agreement"] == pytest.approx(agreement(lambda ex: draft_logits(head, ex), examples), abs=1e-12)
+    assert result["eval_positions"] == sum(len(e.teacher_tokens) for e in examples)
+
+
+def test_tokens_per_round_counts_runs_of_matches_as_eesd_rounds(tmp_path) -> None:
+    model = scale_late_layers(tiny_model(SPEC, torch.float64), 2, 0.0)  # layers 2.. are the identity
+    head = TrainedExitHead(ModelAdapter(model), 2)  # a copy of an identity layer + the final norm: the full model
+    records = [Record(f"r{i}", "text", list(range(3 + i, 40 + 3 * i)), i) for i in range(5)]
+    result = evaluate({2: head}, RecordSource.from_records(records), config(window=512, draft_len=3))[2]
+    assert result["agreement"] == 1.0
+    runs = [predicted_accepted([True] * (len(r.tokens) - r.start), 3, len(r.tokens) - r.start) for r in records]
+    expected = sum(sum(a) + len(a) for a in runs) / sum(len(a) for a in runs)
+    assert result["tokens_per_round"] == pytest.approx(expected) and 3.5 < expected <= 4
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine() -> None:
+    cfg = config(steps=10, warmup_steps=2, lr=1.0, min_lr_ratio=0.1)
+    rates = [lr_at(step, cfg) for step in range(10)]
+    assert rates[:3] == [0.5, 1.0, 1.0] and rates[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(rates[2:], rates[3:], strict=False))
+    assert [lr_at(s, config(schedule="constant", warmup_steps=0, lr=0.3)) for s in (0, 5)] == [0.3, 0.3]
+
+
+def test_a_corpus_of_another_model_is_refused(tiny, corpora, tmp_path) -> None:
+    other = tiny_model(TinySpec(**{**SPEC.__dict__, "seed": 12}), torch.float64)
+    with pytest.raises(ValueError, match="built with another model"):
+        train_head_corpus(other, corpora["train"], config(), tmp_path / "x.safetensors", progress=False)
+    with pytest.raises(ValueError, match="exit_layer"):
+        train_head_corpus(tiny, corpora["train"], config(exit_layer=1, exit_layers=(2,)), tmp_path / "x.safetensors")
