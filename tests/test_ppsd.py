@@ -94,6 +94,21 @@ def check_accounting(stats, max_new_tokens: int) -> None:
     assert all(s.busy_s >= 0 and s.idle_s >= -1e-9 for s in stats.stage_stats)
     if stats.confirms + stats.flushes:
         assert 1.0 <= stats.ideal_speedup <= n
+    check_summary(stats)
+
+
+def check_summary(stats) -> None:
+    """PPSD counts ticks, not rounds: the fields and the summary say so."""
+    assert stats.rounds == 0 and stats.tokens_per_round != stats.tokens_per_round  # no rounds: nan
+    if stats.ticks:
+        assert stats.tokens_per_tick == pytest.approx((stats.new_tokens - 1) / stats.ticks)
+        assert stats.tick_speedup == pytest.approx(stats.stages * stats.tokens_per_tick)
+    summary = stats.summary()
+    assert f"{stats.new_tokens} new tokens in {stats.ticks} ticks" in summary and "round" not in summary
+    assert f"{stats.confirms + stats.flushes} drafts checked: {stats.confirms} confirmed, {stats.flushes} flushed" in (
+        summary
+    )
+    assert f"{stats.tokens_per_tick:.2f} tokens/tick (AR: 1/{stats.stages})" in summary
 
 
 @st.composite
@@ -164,6 +179,8 @@ def test_full_acceptance_gives_one_token_per_tick() -> None:
     assert tokens == ar_tokens(model, [1, 2, 3], 30)
     assert stats.flushes == 0 and stats.alpha == 1.0 and stats.ideal_speedup == pytest.approx(3.0)
     assert stats.ticks == 2 + 29
+    assert stats.tokens_per_tick == pytest.approx(29 / 31) and stats.tick_speedup == pytest.approx(3 * 29 / 31)
+    check_summary(stats)
 
 
 def test_eos_stops_the_pipeline() -> None:
