@@ -19,7 +19,8 @@ from importlib import metadata
 from pathlib import Path
 
 from sim.engine import Simulation
-from sim.scenario import Point, build_plan, validate
+from sim.plan import build_plan
+from sim.scenario import Point, validate
 
 CASES = {
     "ppsd 4 stages, alpha 0.8, batch 1": {"method": "ppsd", "topology": {"stages": 4}, "batch": 1},

@@ -51,7 +51,6 @@ class Source:
     ppsd_sync_every: int = 8  # PPSD ticks per host read of the measured executor (the H200 lease: 1, every tick)
     trained_zero_draft_rounds: str = "verify"  # a trained head's k = 0 rounds (both leases: before they chained)
     capture: str = "graph"  # the rows compared: those the executor ran with this capture mode
-    gpu: str = "H200"  # the simulator's hardware preset (sim/hardware.py)
 
     def missing(self) -> list[Path]:
         return [path for path in (self.bench, self.profile) if not path.is_file()]
@@ -60,8 +59,7 @@ class Source:
 def _sources(card: str, capture: str, kernels: str, zero_draft_rounds: str, ppsd_sync: int) -> tuple[Source, ...]:
     """SmolLM2 (real weights) and the 7B shape (4 of its layers profiled) of one card's lease, one capture mode."""
     at = lambda name: ROOT / "calibration" / card / latency_profile_name(name, "cuda", "bf16", kernels)  # noqa: E731
-    common = {"capture": capture, "gpu": card.upper(), "zero_draft_rounds": zero_draft_rounds,
-              "ppsd_sync_every": ppsd_sync}  # fmt: skip
+    common = {"capture": capture, "zero_draft_rounds": zero_draft_rounds, "ppsd_sync_every": ppsd_sync}
     bench = lambda name: RESULTS / f"gpu_decode_nvidia_{card}_{name}.json"  # noqa: E731
     return (
         Source(bench("smollm2"), at("smollm2-135m"), "SmolLM2-135M", 47, **common),
@@ -93,7 +91,7 @@ def scenario(source: Source, row: dict[str, Any], new_tokens: int, method: str, 
         "method": method,
         "latency": {"profile": {"path": str(source.profile), "cuda_graphs": True}},
         "acceptance": {"alpha": row.get("alpha") or 0.0},
-        "topology": {"gpu": source.gpu, "stages": 1, "link": "ideal"},
+        "topology": {"stages": 1, "link": "ideal"},  # the device: the profile's
         "workload": {"requests": runs, "batch_size": 1, "prompt_len": source.prompt_len, "output_len": new_tokens},
         "zero_draft_rounds": source.zero_draft_rounds,
     }

@@ -32,8 +32,9 @@ from sim.formats import (
     write_text_atomic,
 )
 from sim.models import ModelConfig
+from sim.plan import exit_layer_of, model_config
 from sim.runner import simulate_point
-from sim.scenario import Point, WorkloadConfig, exit_layer_of, load_points, model_config
+from sim.scenario import Point, WorkloadConfig, load_points
 from sim.scenario import validate as validate_scenario
 
 # the scenario fields the executor varies between points; every other field must be the same at every point

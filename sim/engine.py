@@ -2,12 +2,12 @@
 
 What is modelled (times in µs of simulated time, sizes in bytes):
 - A *stage* is a SimPy process owning a layer range on one device (or a tensor-parallel group): it takes jobs from
-  its inbox (a FIFO store) one at a time and holds the device for the job's duration (from the latency model, plus two
-  all-reduces per layer when tp > 1).
+  its inbox (a FIFO store) one at a time and holds the device for the job's duration (`sim.cost`: from the latency
+  model, plus two all-reduces per layer when tp > 1).
 - A *link* between consecutive stages is a store + delay, as in SimPy's Cable example: a message of nbytes
   (the hidden states, q·batch·hidden·dtype_bytes) reaches the next stage's inbox after `link.time_us(nbytes)`.
   Token ids going back from the last stage to the first cross the link too (8 bytes per sequence).
-- AR: every token is one pass through all layers. EESD (draft-then-verify, DESIGN.md §1): a round drafts with
+- AR: every token is one pass through all layers. EESD (draft-then-verify, docs/design.md): a round drafts with
   layers [0, E) + exit head, one pass per draft, then verifies with one pass of layers [0, E) for the last draft
   and [E, L) for all k + 1 tokens (KV reuse); the round emits accepted + 1 tokens. PPSD (verify-while-draft): a
   new token enters stage 1 as soon as stage 1 finished the previous one and its exit head drafted it; when a token
@@ -15,10 +15,12 @@ What is modelled (times in µs of simulated time, sizes in bytes):
   every younger token in flight (an epoch counter; flushed work is counted as wasted) and the correct token
   re-enters stage 1. At most `max_in_flight` tokens (default: the number of stages) are in the pipe.
 - Attention: a decode pass is costed at the plan's `cache_slots` (the executor's static cache, every slot masked and
-  read) when set, else at the context so far; prefill at its prompt. Host reads: see `stage_time_us`.
+  read) when set, else at the context so far; prefill at its prompt. Host reads: see `sim.cost.stage_time_us`.
 - Batches are static: the requests run in batches of `batch_size`; in PPSD a batch moves in lockstep, so it is
   flushed when any of its rows mispredicted. Prefill (q = prompt_len) precedes each batch's decode and is
   reported separately. Randomness only from the seeded `random.Random` of the plan.
+
+The engine runs a `SimPlan` (`sim.plan`, checked when built) and knows nothing of scenario files.
 """
 
 from __future__ import annotations
@@ -31,85 +33,17 @@ from typing import Any
 
 import simpy
 
-from sim.acceptance import AcceptanceModel, AcceptanceStream
-from sim.formats import subset_size
-from sim.hardware import allreduce_us
-from sim.latency import LatencyModel, LinkModel
-from sim.models import ModelConfig
+from sim.acceptance import AcceptanceStream
+from sim.cost import Pass, PassCost, pass_costs
+from sim.latency import LinkModel
+from sim.plan import SimPlan
 from sim.policy import DraftPolicy, make_policy, round_budget
 
 TOKEN_ID_BYTES = 8
-CAPACITY_STEP = 256  # captured: the executor's cache capacity is a multiple of this (executor.passes.CAPACITY_STEP)
-SYNC_CAPTURED = 8  # captured AR steps (PPSD ticks) per host read: the executor's default (executor.api.SYNC_CAPTURED)
-METHODS = ("ar", "eesd", "ppsd")
 
 
 @dataclass(frozen=True)
-class StagePlan:
-    layer_start: int
-    layer_end: int
-    latency: LatencyModel
-    device: str = "device"
-    tp: int = 1
-    tp_link: LinkModel | None = None  # all-reduce link inside the stage (tp > 1)
-
-
-@dataclass(frozen=True)
-class Workload:
-    requests: int = 1
-    batch_size: int = 1
-    prompt_len: int = 128
-    output_len: int = 128
-
-
-@dataclass(frozen=True)
-class SimPlan:
-    model: ModelConfig
-    stages: tuple[StagePlan, ...]
-    link: LinkModel
-    method: str
-    acceptance: AcceptanceModel
-    workload: Workload = Workload()
-    exit_layer: int = 1
-    exit_head: str = "shared"  # shared: final norm + LM head at E | shared:N: over N ids | trained: + one layer
-    policy: str = "fixed:4"
-    dtype_bytes: int = 2
-    max_in_flight: int | None = None
-    seed: int = 0
-    cost_ratio: float | None = None  # draft step / verify pass, for the Thompson-sampling policies
-    context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
-    chain_zero_rounds: bool = True  # EESD rounds that draft nothing run as chained AR steps (as the executor does)
-    sync_every: int = SYNC_CAPTURED  # captured: chained AR steps / zero-draft rounds / PPSD ticks per host read
-    # PPSD's host: "distributed", a process per stage whose host handles every tick (the executor's backend for a
-    # device per stage); "local", one host that chains `sync_every` ticks on the device (the streams backend)
-    ppsd_backend: str = "distributed"
-    # decode passes attend over this many cache slots (the executor's static cache: every slot, masked), or over the
-    # context so far (None)
-    cache_slots: int | None = None
-
-    @property
-    def head_layer_at(self) -> int:
-        """Where a trained head's own layer runs in an EESD verify pass or chained step (its KV follows every
-        verified position): after the exit layer; 0 for a head without a layer."""
-        return self.exit_layer if self.exit_head == "trained" else 0
-
-
-@dataclass(frozen=True)
-class Pass:
-    """Work of one forward pass: layer segments (start, end, q), optional exit head after layer `exit_at`."""
-
-    name: str
-    phase: str
-    segments: tuple[tuple[int, int, int], ...]
-    exit_at: int = 0
-    lm_head_q: int = 0
-    head_layer_at: int = 0  # a trained head's own layer runs after this layer (its KV kept in step), no LM head
-    host_sync: bool = True  # the host reads the device after this pass (see `stage_time_us`)
-    host_per_stage: bool = False  # every stage's own host handles the pass (PPSD distributed), not one host read
-
-
-@dataclass(frozen=True)
-class StageStats:
+class SimStageStats:
     busy_us: float
     useful_us: float
 
@@ -125,7 +59,7 @@ class RunResult:
     drafted: int
     accepted: int
     flushes: int
-    stages: tuple[StageStats, ...]
+    stages: tuple[SimStageStats, ...]
     extrapolated: bool
 
     @property
@@ -158,7 +92,7 @@ class Job:
 
 
 @dataclass
-class Row:
+class BatchRow:
     """One request in a batch: its acceptance stream, policy and progress."""
 
     stream: AcceptanceStream
@@ -200,7 +134,7 @@ class Inbox:
         return event
 
 
-class Link:
+class SimLink:
     """Store + delay (SimPy's Cable): `put` delivers to `target` after the link's transfer time."""
 
     def __init__(self, env: simpy.Environment, model: LinkModel, target: Inbox) -> None:
@@ -260,17 +194,16 @@ class Simulation:
     """One run of a plan; `run()` returns a `RunResult`. Create a new object per run."""
 
     def __init__(self, plan: SimPlan, trace_limit: int = 0) -> None:
-        _check_plan(plan)
         self.plan = plan
         self.env = simpy.Environment()
         self.rng = random.Random(plan.seed)
         self.epoch = 0
         self.stages = [Stage(self, i) for i in range(len(plan.stages))]
-        self.links = [Link(self.env, plan.link, s.inbox) for s in self.stages[1:]]
-        self.return_link = Link(self.env, plan.link, self.stages[0].inbox)
+        self.links = [SimLink(self.env, plan.link, s.inbox) for s in self.stages[1:]]
+        self.return_link = SimLink(self.env, plan.link, self.stages[0].inbox)
         self.trace: list[dict[str, Any]] | None = [] if trace_limit > 0 else None
         self.trace_limit = trace_limit
-        self._costs: dict[tuple[str, int, int], tuple[int, int, tuple[float, ...], tuple[int, ...]]] = {}
+        self._costs: dict[tuple[str, int, int], PassCost] = {}
         self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0}
         self.prefill_us = 0.0
         self.decode_us = 0.0
@@ -290,7 +223,7 @@ class Simulation:
             drafted=self.counts["drafted"],
             accepted=self.counts["accepted"],
             flushes=self.counts["flushes"],
-            stages=tuple(StageStats(s.busy_us, s.useful_us) for s in self.stages),
+            stages=tuple(SimStageStats(s.busy_us, s.useful_us) for s in self.stages),
             extrapolated=any(getattr(s.latency, "extrapolated", False) for s in plan.stages)
             or bool(getattr(plan.link, "extrapolated", False)),
         )
@@ -321,13 +254,13 @@ class Simulation:
             yield from schedule(rows)
             self.decode_us += self.env.now - decode_start
 
-    def _row(self, request: int) -> Row:
+    def _row(self, request: int) -> BatchRow:
         stream = self.plan.acceptance.stream(random.Random(self.rng.getrandbits(64)), request)
         policy_rng = random.Random(self.rng.getrandbits(64))
         policy = make_policy(self.plan.policy, rng=policy_rng, cost_ratio=self.plan.cost_ratio)
-        return Row(stream, policy, self.plan.workload.output_len)
+        return BatchRow(stream, policy, self.plan.workload.output_len)
 
-    def _ar(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
+    def _ar(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         segments = ((0, self.plan.model.num_layers, 1),)
         step = Pass("decode", "verify", segments, lm_head_q=1)
         chained = Pass("decode chained", "verify", segments, lm_head_q=1, host_sync=False)
@@ -342,7 +275,7 @@ class Simulation:
             self._count(rounds=len(active), tokens=len(active))
             active = [r for r in active if r.remaining > 0]
 
-    def _eesd(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
+    def _eesd(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         exit_layer, layers = self.plan.exit_layer, self.plan.model.num_layers
         confidence = any(r.policy.needs_confidence for r in rows)  # the host reads every draft step's confidence
         draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=confidence)
@@ -376,7 +309,7 @@ class Simulation:
                 self._count(rounds=1, tokens=emitted, drafted=row.drafted, accepted=row.accepted)
             active = [r for r in active if r.remaining > 0]
 
-    def _zero_draft_rounds(self, active: list[Row]) -> Generator[simpy.Event, Any, None]:
+    def _zero_draft_rounds(self, active: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         """Rounds in which no row drafts, as the executor runs them (`executor.decoding.zero_draft_rounds`): AR steps
         chained on the device, one host read per block; the next rounds' budgets are drawn ahead while all are 0,
         up to `sync_every` rounds or the longest row's end. A trained head's layer runs in each step too (its KV
@@ -402,7 +335,7 @@ class Simulation:
                     row.remaining -= 1
                     self._count(rounds=1, tokens=1)
 
-    def _draft_one(self, row: Row) -> bool:
+    def _draft_one(self, row: BatchRow) -> bool:
         """Draw the row's next draft; returns whether the row drafts again this round."""
         match, confidence = row.stream.draft(row.generated - 1 + row.drafted + 1, row.drafted)
         row.drafted += 1
@@ -410,7 +343,7 @@ class Simulation:
         row.accepted += row.all_match
         return row.drafted < row.limit and row.policy.keep_drafting(row.drafted, confidence)
 
-    def _ppsd(self, rows: list[Row]) -> Generator[simpy.Event, Any, None]:
+    def _ppsd(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         plan = self.plan
         token = lambda name, **host: Pass(  # noqa: E731
             name, "draft", ((0, plan.model.num_layers, 1),), exit_at=plan.exit_layer, lm_head_q=1, **host
@@ -523,10 +456,10 @@ class Simulation:
         for key, value in increments.items():
             self.counts[key] += value
 
-    def _context(self, rows: list[Row]) -> int:
+    def _context(self, rows: list[BatchRow]) -> int:
         return self.plan.workload.prompt_len + max(r.generated for r in rows)
 
-    def _cost(self, work: Pass, context_len: int, batch: int) -> tuple[int, int, tuple[float, ...], tuple[int, ...]]:
+    def _cost(self, work: Pass, context_len: int, batch: int) -> PassCost:
         if self.plan.cache_slots and work.phase != "prefill":  # a static pass attends over every slot
             context_len = self.plan.cache_slots
         step = self.plan.context_step
@@ -540,7 +473,7 @@ class Simulation:
 
 @dataclass
 class _Pipe:
-    rows: list[Row]
+    rows: list[BatchRow]
     output_len: int
     window: int
     finished: simpy.Event
@@ -549,103 +482,3 @@ class _Pipe:
     in_flight: int = 0
     ticks: int = 0
     pending: Job | None = field(default=None)
-
-
-def pass_costs(
-    plan: SimPlan, work: Pass, context_len: int, batch: int
-) -> tuple[int, int, tuple[float, ...], tuple[int, ...]]:
-    """(first stage, last stage, µs per visited stage, link bytes after each stage index) of one pass."""
-    visited = [i for i, s in enumerate(plan.stages) if _stage_touched(s, work)]
-    first, last = visited[0], visited[-1]
-    durations = tuple(
-        stage_time_us(plan, plan.stages[i], work, context_len, batch, read=i == last) for i in range(first, last + 1)
-    )
-    hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
-    link_bytes = tuple(_q_at(work, s.layer_end) * hidden_bytes for s in plan.stages)
-    return first, last, durations, link_bytes
-
-
-def stage_time_us(
-    plan: SimPlan, stage: StagePlan, work: Pass, context_len: int, batch: int, read: bool = True
-) -> float:
-    """Device time of one stage's share of a pass: layers, TP all-reduces, embedding, heads, and the host's
-    `overhead`. Uncaptured (a CPU, or eager on a GPU) every pass pays it; captured in CUDA graphs only a pass after
-    which the host reads the device does: the executor chains the passes in between on the device (AR makes
-    `sync_every` tokens per read, PPSD runs `sync_every` ticks, a draft step feeds the next one, while the host
-    queues them ahead). The read is paid once, by the pass's last stage (`read`): the host waits for it."""
-    lat, phase = stage.latency, work.phase
-    total = 0.0
-    if stage.layer_start == 0 and work.segments[0][0] == 0:
-        total += lat.time_us("embed", phase, work.segments[0][2], context_len, batch)
-    for start, end, q in work.segments:
-        layers = min(end, stage.layer_end) - max(start, stage.layer_start)
-        if layers > 0:
-            per_layer = lat.time_us("layer", phase, q, context_len, batch)
-            if stage.tp > 1 and stage.tp_link is not None:
-                nbytes = q * batch * plan.model.hidden_size * plan.dtype_bytes
-                per_layer += 2 * allreduce_us(stage.tp_link, nbytes, stage.tp)
-            total += layers * per_layer
-    if work.exit_at and stage.layer_start < work.exit_at <= stage.layer_end:
-        total += exit_head_us(plan, lat, context_len, batch)
-    if work.head_layer_at and stage.layer_start < work.head_layer_at <= stage.layer_end:
-        total += lat.time_us("layer", phase, 1, context_len, batch)
-    if work.lm_head_q and stage.layer_end == plan.model.num_layers:
-        total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
-    if (work.host_sync and (read or work.host_per_stage)) or not lat.cuda_graphs:
-        total += lat.time_us("overhead", phase, 1, context_len, batch)
-    return total
-
-
-def exit_head_us(plan: SimPlan, lat: LatencyModel, context_len: int, batch: int) -> float:
-    """One draft step's exit head: a trained head's `exit_head`, else the `lm_head`, scaled by N/V for a head over N
-    of the V ids (`shared:N`): at draft batch sizes the LM head is bound by reading its N x d weight rows."""
-    if plan.exit_head == "trained":
-        return lat.time_us("exit_head", "draft", 1, context_len, batch)
-    return lat.time_us("lm_head", "draft", 1, context_len, batch) * head_vocab_fraction(plan.exit_head, plan.model)
-
-
-def head_vocab_fraction(exit_head: str, model: ModelConfig) -> float:
-    """N / V for `shared:N`, 1 for `shared` (and `trained`); a ValueError for anything else."""
-    if exit_head in ("shared", "trained"):
-        return 1.0
-    count = subset_size(exit_head)
-    if count is None or count > model.vocab_size:
-        raise ValueError(
-            f"expected shared, trained or shared:N with 1 <= N <= {model.vocab_size} (the model's vocabulary), "
-            f"got {exit_head!r}"
-        )
-    return count / model.vocab_size
-
-
-def _stage_touched(stage: StagePlan, work: Pass) -> bool:
-    if any(min(end, stage.layer_end) > max(start, stage.layer_start) for start, end, _ in work.segments):
-        return True
-    return bool(work.exit_at) and stage.layer_start < work.exit_at <= stage.layer_end
-
-
-def _q_at(work: Pass, layer: int) -> int:
-    """Tokens whose hidden states cross the boundary before `layer`."""
-    return next((q for start, end, q in work.segments if start <= layer < end), 1)
-
-
-def _check_plan(plan: SimPlan) -> None:
-    if plan.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {plan.method!r}")
-    if plan.ppsd_backend not in ("distributed", "local"):
-        raise ValueError(f"ppsd_backend must be distributed or local, got {plan.ppsd_backend!r}")
-    layers = plan.model.num_layers
-    expected = 0
-    for stage in plan.stages:
-        if stage.layer_start != expected or stage.layer_end <= stage.layer_start:
-            raise ValueError(f"stages must cover layers [0, {layers}) in order without gaps; got {plan.stages}")
-        expected = stage.layer_end
-    if expected != layers:
-        raise ValueError(f"stages cover {expected} layers, the model has {layers}")
-    if not 1 <= plan.exit_layer < layers and plan.method != "ar":
-        raise ValueError(f"exit_layer must be in [1, {layers - 1}], got {plan.exit_layer}")
-    head_vocab_fraction(plan.exit_head, plan.model)
-    if plan.method == "ppsd" and plan.stages[0].layer_end != plan.exit_layer:
-        raise ValueError(f"ppsd drafts at the end of stage 1: exit_layer must be {plan.stages[0].layer_end}")
-    w = plan.workload
-    if min(w.requests, w.batch_size, w.output_len) < 1 or w.prompt_len < 1:
-        raise ValueError(f"workload values must be >= 1, got {w}")

@@ -2,15 +2,16 @@
 
 Units: bandwidth in GB/s (1e9 bytes per second, one direction), latency in µs, FLOP/s in TFLOP/s (dense bf16),
 memory in GiB. `bytes_per_us = GB/s * 1e3`. Every entry names its source; `kernel_floor_us` (the shortest time
-one decode kernel takes under CUDA graphs, launch gap included) was measured on an H100 (docs/design.md,
-measured anchors: one SmolLM2 layer, 9 kernels, 62 µs) and is assumed for the other cards.
+one decode kernel takes under CUDA graphs, launch gap included) is one SmolLM2-135M decoder layer's time on an H100
+over its 9 kernels (docs/design.md, measured anchors), assumed for the other cards.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-H100_KERNEL_FLOOR_US = 62.0 / 9  # measured: SmolLM2-135M decoder layer, q = 1, CUDA graph, 9 kernels
+H100_KERNEL_FLOOR_US = 62.0 / 9  # SmolLM2-135M decoder layer, q = 1, CUDA graph: its time over its 9 kernels
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,10 @@ def allreduce_us(link: LinkSpec, nbytes: int, ranks: int) -> float:
     return steps * link.latency_us + steps / ranks * nbytes * per_byte_us
 
 
-def gpu(name: str) -> GPUSpec:
-    if name not in GPUS:
-        raise ValueError(f"unknown GPU {name!r}; known: {sorted(GPUS)}")
-    return GPUS[name]
-
-
-def link(name: str) -> LinkSpec:
-    if name not in LINKS:
-        raise ValueError(f"unknown link preset {name!r}; known: {sorted(LINKS)}")
-    return LINKS[name]
+def gpu_named_by(device: str) -> str | None:
+    """The `GPUS` entry a device name names (a latency profile's `device`, e.g. "NVIDIA H100 80GB HBM3" -> "H100"):
+    the entry all of whose words are words of the name, the one with the most words where several are; None for a
+    CPU or a GPU not in the table."""
+    words = set(re.findall(r"[a-z0-9]+", device.lower()))
+    named = [key for key in GPUS if set(key.lower().split("-")) <= words]
+    return max(named, key=lambda key: len(key.split("-")), default=None)

@@ -7,7 +7,7 @@ decoder layer + shared LM head), `lm_head` (final norm + LM head; also the share
 
 Three models: `ConstantLatency` (for tests), `RooflineLatency` (GPU spec + model shape, no measurements needed) and
 `ProfileLatency` (a calibration profile, interpolated; queries outside the grid are extrapolated and flagged).
-Tensor-parallel communication is not part of a component; `sim.engine` adds it per stage.
+Tensor-parallel communication is not part of a component; `sim.cost` adds it per stage.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ KERNELS_PER_LAYER = 9  # norm, qkv, rope, attention, o_proj, norm, gate_up, act*
 
 
 class LatencyModel(Protocol):
-    # captured passes: the host's `overhead` is paid only where it reads the device (sim.engine.stage_time_us)
+    # captured passes: the host's `overhead` is paid only where it reads the device (sim.cost.stage_time_us)
     cuda_graphs: bool
 
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float: ...
@@ -60,9 +60,9 @@ class RooflineLatency:
 
     Per decoder layer: weights (layer_params · dtype_bytes / tp) plus the KV cache read for the context, and
     2·params·q·batch + 4·q·context·hidden·batch FLOPs, all divided over `tp` ranks. Without CUDA graphs a layer costs
-    at least `eager_layer_us` of host time (measured: 0.56–0.58 ms for SmolLM2 and 7B layers in eager PyTorch).
-    The default bandwidth efficiency 0.61 is the measured 7B layer (docs/design.md, measured anchors):
-    405 MB / 3.35 TB/s = 0.121 ms of weight traffic took 0.198 ms under CUDA graphs.
+    at least `eager_layer_us` of host time (an eager layer is bound by its kernel launches, whatever its size). The
+    defaults `bandwidth_efficiency` and `eager_layer_us` are fitted to measured layers (docs/design.md, measured
+    anchors): the efficiency is a 7B layer's weight traffic at the datasheet bandwidth over its time under CUDA graphs.
     """
 
     gpu: GPUSpec

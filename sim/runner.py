@@ -3,7 +3,8 @@
 Outputs in the run folder: `results.csv` (one row per point, columns documented in `ROW_DOC`), `speedup_<field>.png`
 per swept field, and `trace.json` (Chrome trace of the first 20,000 stage spans, open in chrome://tracing or
 Perfetto) for a scenario without a sweep (`trace_<point>.json` per point when traces are asked for a sweep).
-Times in the table: tokens/s of decode (prefill excluded, reported as `ttft_ms`).
+Times in the table: tokens/s of decode (prefill excluded, reported as `ttft_ms`). Each point is planned
+(`sim.plan.build_plan`), run (`sim.engine.Simulation`) and turned into a row here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from sim.engine import RunResult, Simulation
-from sim.scenario import Point, build_plan, exit_layer_of
+from sim.plan import build_plan
+from sim.scenario import Point
 
 TRACE_EVENTS = 20_000
 
@@ -49,17 +51,22 @@ ROW_DOC = {
 class PointResult:
     point: Point
     result: RunResult
-    baseline: RunResult
+    baseline: RunResult  # AR on the same plan
     wall_s: float
     trace: list[dict[str, Any]] | None
+    exit_layer: int  # the plan's, defaults resolved
+    devices: tuple[str, ...]  # the plan's stages' devices, in order
 
 
 def simulate_point(point: Point, trace: bool = False) -> PointResult:
+    """Plan the point (`sim.plan`), run it and AR on the same plan (`sim.engine`)."""
     start = time.perf_counter()
-    simulation = Simulation(build_plan(point), trace_limit=TRACE_EVENTS if trace else 0)
+    plan = build_plan(point)
+    simulation = Simulation(plan, trace_limit=TRACE_EVENTS if trace else 0)
     result = simulation.run()
-    baseline = result if point.scenario.method == "ar" else Simulation(build_plan(point, method="ar")).run()
-    return PointResult(point, result, baseline, time.perf_counter() - start, simulation.trace)
+    baseline = result if plan.method == "ar" else Simulation(build_plan(point, method="ar")).run()
+    devices = tuple(stage.device for stage in plan.stages)
+    return PointResult(point, result, baseline, time.perf_counter() - start, simulation.trace, plan.exit_layer, devices)
 
 
 def run_points(
@@ -94,14 +101,12 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def result_row(item: PointResult) -> dict[str, Any]:
     p, r, b = item.point, item.result, item.baseline
-    plan_stages = p.scenario.topology.stages
-    n_stages = plan_stages if isinstance(plan_stages, int) else len(plan_stages)
     total_us = r.total_time_us or 1.0
     row: dict[str, Any] = {"point": p.index, **{k: _cell(v) for k, v in p.values.items() if k != "method"}}
     row.update(
         method=r.method,
-        stages=n_stages,
-        exit_layer=exit_layer_of(p) if r.method != "ar" else "",
+        stages=len(item.devices),
+        exit_layer=item.exit_layer if r.method != "ar" else "",
         policy=p.scenario.policy if r.method == "eesd" else "",
         tokens=r.tokens,
         tokens_per_s=round(r.tokens_per_s, 3),
@@ -161,8 +166,8 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def _write_trace(item: PointResult, path: Path) -> Path:
     names = [
-        {"name": "thread_name", "ph": "M", "pid": 1, "tid": i, "args": {"name": f"stage {i + 1} ({s.device})"}}
-        for i, s in enumerate(build_plan(item.point).stages)
+        {"name": "thread_name", "ph": "M", "pid": 1, "tid": i, "args": {"name": f"stage {i + 1} ({device})"}}
+        for i, device in enumerate(item.devices)
     ]
     payload = {"traceEvents": names + (item.trace or []), "displayTimeUnit": "ms"}
     path.write_text(json.dumps(payload), encoding="utf-8")

@@ -1,9 +1,11 @@
-"""Scenario YAML: schema (pydantic), validation with readable messages, `sweep:` expansion, and plan building.
+"""Scenario YAML: schema (pydantic), validation with readable messages and `sweep:` expansion into points.
 
 A scenario names a model, where latencies come from (roofline, profile or constants), how drafts are accepted (α,
 per-position α_i or a trace), the topology (GPUs, stages, tensor parallelism, links), the method and policy, and the
 workload. Errors name the file, the field path and what was expected (`ScenarioError`, a `ValueError`). Paths inside
-a scenario are relative to the scenario file. Times in µs, bandwidths in GB/s, memory in GiB.
+a scenario are relative to the scenario file. Times in µs, bandwidths in GB/s, memory in GiB. What a point runs
+(models, profiles, devices, stages) is resolved and cross-checked by `sim.plan`; `load_points` asks it for every
+point, so that a scenario fails before anything runs.
 """
 
 from __future__ import annotations
@@ -18,13 +20,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
-from sim.engine import CAPACITY_STEP, Pass, SimPlan, StagePlan, Workload, head_vocab_fraction, stage_time_us
-from sim.formats import COMPONENTS, read_acceptance_trace, read_latency_profile, read_link_profile, subset_size
-from sim.hardware import GPUS, LINKS, LinkSpec, gpu
-from sim.latency import ConstantLatency, LatencyModel, LinkModel, ProfiledLink, ProfileLatency, RooflineLatency
-from sim.models import DTYPE_BYTES, MODELS, ModelConfig
-from sim.policy import make_policy, parse_policy_spec, policy_usage
+from sim.contract import SYNC_CAPTURED
+from sim.formats import COMPONENTS, subset_size
+from sim.hardware import GPUS, LINKS
+from sim.models import MODELS
+from sim.policy import make_policy, parse_policy_spec
 
 Component = Literal["embed", "layer", "exit_head", "lm_head", "overhead"]
 assert set(typing.get_args(Component)) == set(COMPONENTS)
@@ -128,7 +128,9 @@ class StageConfig(Strict):
 
 
 class TopologyConfig(Strict):
-    gpu: str = "H100"
+    # every stage's GPU (a stage may name its own): H100 where none is named; a stage costed by a latency profile
+    # runs on the profile's device, so a GPU named for it must be that device
+    gpu: str | None = None
     stages: int | list[StageConfig] = Field(1)
     tp: int = Field(1, ge=1)
     link: str | LinkConfig = "nvlink"
@@ -163,13 +165,13 @@ class Scenario(Strict):
     exit_head: str = "shared"  # shared | shared:N (the shared head over N of the V ids) | trained
     policy: str = "fixed:4"
     max_in_flight: int | None = Field(None, ge=1)
-    # EESD rounds that draft nothing (k = 0): "chained" AR steps, one host read per block (the executor since
-    # 2026-11-26), or "verify": one verify pass and host read each (the executor that the H200 lease measured)
+    # EESD rounds that draft nothing (k = 0): "chained", AR steps chained on the device with one host read per block
+    # (as the executor runs them), or "verify", one verify pass and host read per round (an executor that does not
+    # chain them)
     zero_draft_rounds: Literal["chained", "verify"] = "chained"
     # captured (cuda_graphs): chained AR steps, zero-draft rounds or (ppsd_backend "local") PPSD ticks per host read,
-    # as the executor's `generate(sync_every=)` (default 8); 1: a read after every step or tick (the `streams`
-    # backend before 2026-11-26, e.g. the H200 lease)
-    sync_every: int = Field(8, ge=1)
+    # as the executor's `generate(sync_every=)`; 1: a host read after every step or tick
+    sync_every: int = Field(SYNC_CAPTURED, ge=1)
     # PPSD's host (stages on devices of their own): "distributed", a process per stage, each host taking part in
     # every tick (the executor's backend for a GPU per stage); "local", one host chaining sync_every ticks on the
     # device (the executor's streams backend, whose stages share one GPU: not modelled, a what-if here)
@@ -217,7 +219,18 @@ class Point:
 
 
 def load_points(path: str | Path) -> list[Point]:
-    """Read, expand `sweep:` and validate every point; raises `ScenarioError` before anything runs."""
+    """Read, expand `sweep:` and validate every point, and check that each makes a plan (`sim.plan.build_plan`:
+    layers, memory, devices, files); raises `ScenarioError` before anything runs."""
+    from sim.plan import build_plan  # the plan is built from this module's points, so it imports this module
+
+    points = _read_points(path)
+    for point in points:
+        build_plan(point)
+    return points
+
+
+def _read_points(path: str | Path) -> list[Point]:
+    """Read, expand `sweep:` and validate every point against the schema (no cross-field checks: `load_points`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: scenario file not found")
@@ -240,7 +253,6 @@ def load_points(path: str | Path) -> list[Point]:
         where = f"{path}: sweep point {values}" if values else f"{path}"
         scenario = validate(data, where)
         points.append(Point(index, values, scenario, path.parent, str(path)))
-        build_plan(points[-1])  # cross-field checks (layers, memory, paths) before anything runs
     return points
 
 
@@ -333,196 +345,3 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         node[part] = child = dict(child) if isinstance(child, dict) else {}
         node = child
     node[parts[-1]] = value
-
-
-# ---- plans ----------------------------------------------------------------------------------------------------------
-def model_config(scenario: Scenario) -> ModelConfig:
-    if isinstance(scenario.model, str):
-        return MODELS[scenario.model]
-    return ModelConfig(**scenario.model.model_dump())
-
-
-def build_plan(point: Point, method: str | None = None) -> SimPlan:
-    """The engine plan of one point (`method` overrides the scenario's, e.g. `"ar"` for the baseline)."""
-    s, where = point.scenario, _where(point)
-    model = model_config(s)
-    dtype_bytes = DTYPE_BYTES[s.dtype]
-    exit_layer = _exit_layer(s, model, where)
-    try:
-        head_vocab_fraction(s.exit_head, model)
-    except ValueError as err:
-        raise ScenarioError(f"{where}: exit_head: {err}") from None
-    stages = _stages(point, model, dtype_bytes, exit_layer, where)
-    plan = SimPlan(
-        model=model,
-        stages=stages,
-        link=_link(s.topology.link, point, "topology.link"),
-        method=method or s.method,
-        acceptance=_acceptance(point, exit_layer, where),
-        workload=Workload(**s.workload.model_dump()),
-        exit_layer=exit_layer,
-        exit_head=s.exit_head,
-        policy=s.policy,
-        dtype_bytes=dtype_bytes,
-        max_in_flight=s.max_in_flight,
-        seed=s.seed,
-        chain_zero_rounds=s.zero_draft_rounds == "chained",
-        sync_every=s.sync_every,
-        ppsd_backend=s.ppsd_backend,
-    )
-    _check_policy(point, plan, where)
-    slots = cache_slots(plan) if s.attention == "cache" else None
-    return SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan), "cache_slots": slots})
-
-
-def cache_slots(plan: SimPlan) -> int:
-    """The executor's cache capacity for this plan: prompt + output, + the largest draft + 1 for AR and EESD
-    (`executor.api.PassSetup`; PPSD's pipeline holds prompt + output), rounded up to a multiple of CAPACITY_STEP when
-    its passes are captured (CUDA graphs)."""
-    slots = plan.workload.prompt_len + plan.workload.output_len
-    if plan.method != "ppsd":
-        slots += 1 + (make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0)
-    if plan.stages[0].latency.cuda_graphs:
-        slots = -(-slots // CAPACITY_STEP) * CAPACITY_STEP
-    return slots
-
-
-def cost_ratio(plan: SimPlan) -> float:
-    """c = one draft step / one verify pass of 2 tokens, at the prompt's context and the batch size."""
-    context, batch, layers = plan.workload.prompt_len, plan.workload.batch_size, plan.model.num_layers
-    draft = Pass("draft", "draft", ((0, plan.exit_layer, 1),), exit_at=plan.exit_layer)
-    verify = Pass("verify", "verify", ((0, plan.exit_layer, 1), (plan.exit_layer, layers, 2)), lm_head_q=2)
-    draft_us = sum(
-        stage_time_us(plan, s, draft, context, batch) for s in plan.stages if s.layer_start < plan.exit_layer
-    )
-    verify_us = sum(stage_time_us(plan, s, verify, context, batch) for s in plan.stages)
-    return max(draft_us / verify_us, 1e-6) if verify_us > 0 else 1.0
-
-
-def exit_layer_of(point: Point) -> int:
-    """The exit layer a point runs with (defaults resolved)."""
-    return _exit_layer(point.scenario, model_config(point.scenario), _where(point))
-
-
-def _where(point: Point) -> str:
-    return f"{point.source}: sweep point {point.values}" if point.values else point.source
-
-
-def _exit_layer(s: Scenario, model: ModelConfig, where: str) -> int:
-    layers = model.num_layers
-    if s.exit_layer is None:
-        if s.method == "eesd":
-            return max(1, layers // 4)
-        n = s.topology.stages if isinstance(s.topology.stages, int) else len(s.topology.stages)
-        first = s.topology.stages[0].layers if isinstance(s.topology.stages, list) else None
-        return first or max(1, round(layers / max(n, 2)))
-    if not 1 <= s.exit_layer < layers:
-        raise ScenarioError(
-            f"{where}: exit_layer: expected 1 <= exit_layer < {layers} (model layers), got {s.exit_layer}"
-        )
-    return s.exit_layer
-
-
-def _stages(point: Point, model: ModelConfig, dtype_bytes: int, exit_layer: int, where: str) -> tuple[StagePlan, ...]:
-    s = point.scenario
-    topo = s.topology
-    configs = [StageConfig()] * topo.stages if isinstance(topo.stages, int) else list(topo.stages)
-    counts = _layer_counts(s, configs, model.num_layers, exit_layer, where)
-    stages, start = [], 0
-    for index, (config, count) in enumerate(zip(configs, counts, strict=True)):
-        gpu_name, tp = config.gpu or topo.gpu, config.tp or topo.tp
-        latency = _latency(point, gpu_name, model, dtype_bytes, tp)
-        tp_link = _link(topo.tp_link, point, "topology.tp_link")
-        stage = StagePlan(start, start + count, latency, gpu_name, tp, tp_link)
-        _check_memory(stage, model, dtype_bytes, index, where)
-        stages.append(stage)
-        start += count
-    return tuple(stages)
-
-
-def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_layer: int, where: str) -> list[int]:
-    n = len(configs)
-    if s.method == "ppsd" and n < 2:
-        raise ScenarioError(f"{where}: topology.stages: ppsd needs at least 2 stages (got {n})")
-    given = [c.layers for c in configs]
-    if all(g is not None for g in given):
-        if sum(given) != layers:  # type: ignore[arg-type]
-            raise ScenarioError(f"{where}: topology.stages: layers add up to {sum(given)}, the model has {layers}")  # type: ignore[arg-type]
-        counts = list(given)  # type: ignore[arg-type]
-    elif any(g is not None for g in given):
-        raise ScenarioError(f"{where}: topology.stages: give 'layers' for every stage or for none")
-    elif n > layers:
-        raise ScenarioError(f"{where}: topology.stages: {n} stages but only {layers} layers")
-    elif s.method == "ppsd" and s.exit_layer is not None and n > 1:
-        if layers - exit_layer < n - 1:
-            raise ScenarioError(f"{where}: exit_layer: leaves {layers - exit_layer} layers for {n - 1} later stages")
-        counts = [exit_layer, *_balanced(layers - exit_layer, n - 1)]
-    else:
-        counts = _balanced(layers, n)
-    if s.method == "ppsd" and counts[0] != exit_layer:
-        raise ScenarioError(f"{where}: exit_layer: ppsd drafts at the end of stage 1, so it must be {counts[0]}")
-    return counts  # type: ignore[return-value]
-
-
-def _balanced(layers: int, n: int) -> list[int]:
-    bounds = [round(i * layers / n) for i in range(n + 1)]
-    return [bounds[i + 1] - bounds[i] for i in range(n)]
-
-
-def _check_memory(stage: StagePlan, model: ModelConfig, dtype_bytes: int, index: int, where: str) -> None:
-    params = (stage.layer_end - stage.layer_start) * model.layer_params + model.lm_head_params
-    weights_gib = params * dtype_bytes / stage.tp / 2**30
-    capacity = GPUS[stage.device].memory_GiB
-    if weights_gib > 0.95 * capacity:
-        raise ScenarioError(
-            f"{where}: topology.stages[{index}]: {weights_gib:.1f} GiB of weights per GPU do not fit a "
-            f"{capacity:.0f} GiB {stage.device}; use more stages or a larger tp"
-        )
-
-
-def _latency(point: Point, gpu_name: str, model: ModelConfig, dtype_bytes: int, tp: int) -> LatencyModel:
-    config = point.scenario.latency
-    if config.constant_us is not None:
-        return ConstantLatency(dict(config.constant_us))
-    if config.profile is not None:
-        profile = read_latency_profile(_resolve(point, config.profile.path, "latency.profile.path"))
-        return ProfileLatency(profile, cuda_graphs=config.profile.cuda_graphs)
-    r = config.roofline or Roofline()
-    return RooflineLatency(gpu(gpu_name), model, dtype_bytes, tp, **r.model_dump())
-
-
-def _link(config: str | LinkConfig, point: Point, field: str) -> LinkModel:
-    if isinstance(config, str):
-        return LINKS[config]
-    if config.profile is not None:
-        return ProfiledLink(read_link_profile(_resolve(point, config.profile, f"{field}.profile")))
-    return LinkSpec("custom", config.latency_us, config.bandwidth_GBps)
-
-
-def _acceptance(point: Point, exit_layer: int, where: str) -> AcceptanceModel:
-    a = point.scenario.acceptance
-    if a.alpha is not None:
-        return BernoulliAcceptance(a.alpha, a.confidence_sharpness)
-    if a.alphas is not None:
-        return PositionalAcceptance(tuple(a.alphas))
-    trace = read_acceptance_trace(_resolve(point, a.trace or "", "acceptance.trace"))
-    try:
-        return TraceAcceptance(trace, exit_layer)
-    except ValueError as err:
-        raise ScenarioError(f"{where}: acceptance.trace: {err}") from None
-
-
-def _check_policy(point: Point, plan: SimPlan, where: str) -> None:
-    policy = make_policy(plan.policy)
-    if plan.method == "eesd" and policy.needs_confidence and not plan.acceptance.has_confidence:
-        raise ScenarioError(
-            f"{where}: policy: {plan.policy!r} needs draft confidences; use acceptance.trace or set "
-            f"acceptance.confidence_sharpness (allowed policies: {policy_usage()})"
-        )
-
-
-def _resolve(point: Point, relative: str, field: str) -> Path:
-    path = (point.base_dir / relative).resolve()
-    if not path.is_file():
-        raise ScenarioError(f"{_where(point)}: {field}: file not found: {path}")
-    return path

@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 from scripted_policy import ScriptedPolicy
 
 from sim.acceptance import BernoulliAcceptance, PositionalAcceptance
-from sim.engine import Pass, RunResult, SimPlan, Simulation, StagePlan, Workload, stage_time_us
+from sim.cost import Pass, stage_time_us
+from sim.engine import RunResult, Simulation
 from sim.hardware import LINKS, LinkSpec
 from sim.latency import ConstantLatency
 from sim.models import ModelConfig
+from sim.plan import SimPlan, SimStage, Workload
 
 MODEL = ModelConfig("toy-24", 24, 64, 4, 4, 128, 100)
 FREE = LINKS["ideal"]
@@ -35,7 +37,7 @@ def plan(
     bounds = [round(i * MODEL.num_layers / n_stages) for i in range(n_stages + 1)]
     layer = layer_us if isinstance(layer_us, list) else [layer_us] * n_stages
     stages = tuple(
-        StagePlan(bounds[i], bounds[i + 1], ConstantLatency({"layer": layer[i], "lm_head": head_us}))
+        SimStage(bounds[i], bounds[i + 1], ConstantLatency({"layer": layer[i], "lm_head": head_us}))
         for i in range(n_stages)
     )
     return SimPlan(
@@ -185,7 +187,7 @@ def test_host_overhead_is_paid_per_host_read_when_captured(captured: bool, sync_
     runs = {}
     for method in ("ar", "eesd"):
         base = plan(method, 0.0, draft_len=2, exit_layer=6, output_len=output_len)
-        stages = (StagePlan(0, 24, latency),)
+        stages = (SimStage(0, 24, latency),)
         runs[method] = Simulation(SimPlan(**{**base.__dict__, "stages": stages, "sync_every": sync_every})).run()
     steps = output_len - 1  # decode passes after the prefill's token
     ar_reads = -(-steps // sync_every) if captured else steps
@@ -197,19 +199,18 @@ def test_host_overhead_is_paid_per_host_read_when_captured(captured: bool, sync_
     assert eesd.decode_time_us == pytest.approx(layers_us + reads * overhead_us)
 
 
-def test_the_simulated_sync_matches_the_executor() -> None:
-    from executor.passes import SYNC_CAPTURED as executor_sync
-    from sim.engine import SYNC_CAPTURED, SimPlan
+def test_the_simulated_sync_defaults_to_the_contract() -> None:
+    from sim.contract import SYNC_CAPTURED
     from sim.scenario import Scenario
 
-    assert executor_sync == SYNC_CAPTURED == SimPlan.sync_every == Scenario.model_fields["sync_every"].default
+    assert SYNC_CAPTURED == SimPlan.sync_every == Scenario.model_fields["sync_every"].default
 
 
 def ppsd_decode_us(captured: bool, overhead_us: float, **fields: object) -> float:
     """Decode time of a 2-stage PPSD at alpha 1 (no flushes: one tick per token after the first, 40 ticks)."""
     base = plan("ppsd", 1.0, 2, output_len=41)
     latency = ConstantLatency({"layer": 10.0, "overhead": overhead_us}, cuda_graphs=captured)
-    stages = (StagePlan(0, 12, latency), StagePlan(12, 24, latency))
+    stages = (SimStage(0, 12, latency), SimStage(12, 24, latency))
     return Simulation(SimPlan(**{**base.__dict__, "stages": stages, **fields})).run().decode_time_us
 
 
@@ -243,8 +244,8 @@ def test_distributed_ppsd_pays_the_host_on_every_stage_of_every_tick() -> None:
 )
 def test_zero_draft_rounds_are_chained_ar_steps_as_the_executor_runs_them(mode: str, head: str, monkeypatch) -> None:
     """Captured, EESD rounds that draft nothing run as the executor's chained AR steps (`zero_draft_rounds`): one host
-    read per block of up to sync_every rounds, a block ending before a round that drafts; "verify" (the executor the
-    H200 lease measured) reads after every round. A trained head's own layer runs once per verified position (in
+    read per block of up to sync_every rounds, a block ending before a round that drafts; "verify" (an executor that
+    does not chain them) reads after every round. A trained head's own layer runs once per verified position (in
     each chained step, or in each verify pass), keeping its KV in step."""
     import sim.engine
 
@@ -254,7 +255,7 @@ def test_zero_draft_rounds_are_chained_ar_steps_as_the_executor_runs_them(mode: 
     latency = ConstantLatency({"layer": layer_us, "overhead": overhead_us, "exit_head": 0.0}, cuda_graphs=True)
     base = plan("eesd", 0.0, exit_layer=6, output_len=output_len, policy="beta-ts")
     chained = mode == "chained"
-    run = Simulation(SimPlan(**{**base.__dict__, "stages": (StagePlan(0, 24, latency),), "exit_head": head,
+    run = Simulation(SimPlan(**{**base.__dict__, "stages": (SimStage(0, 24, latency),), "exit_head": head,
                                 "chain_zero_rounds": mode == "chained"})).run()  # fmt: skip
     # 29 decode tokens: 10 zero rounds, a round drafting 2 (alpha 0: emits 1), 18 zero rounds
     assert run.rounds == 29 and run.drafted == 2
@@ -281,16 +282,9 @@ def test_static_passes_attend_over_the_cache_slots(method: str, slots: int | Non
     latency = _ContextLog({"layer": 10.0, "lm_head": 1.0})
     object.__setattr__(latency, "contexts", set())
     base = plan(method, 0.5, 1 if method != "ppsd" else 2, exit_layer=6 if method != "ppsd" else None, output_len=200)
-    stages = tuple(StagePlan(s.layer_start, s.layer_end, latency) for s in base.stages)
+    stages = tuple(SimStage(s.layer_start, s.layer_end, latency) for s in base.stages)
     Simulation(SimPlan(**{**base.__dict__, "stages": stages, "cache_slots": slots})).run()
     if slots:
         assert latency.contexts == {slots}
     else:
         assert min(latency.contexts) <= 64 and max(latency.contexts) >= 192
-
-
-def test_the_simulated_cache_capacity_step_matches_the_executor() -> None:
-    from executor.passes import CAPACITY_STEP as executor_step
-    from sim.engine import CAPACITY_STEP
-
-    assert executor_step == CAPACITY_STEP

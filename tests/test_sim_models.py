@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -20,16 +21,16 @@ from sim.formats import (
     write_latency_profile,
     write_link_profile,
 )
-from sim.hardware import GPUS, LINKS, allreduce_us
+from sim.hardware import GPUS, LINKS, allreduce_us, gpu_named_by
 from sim.latency import ProfiledLink, ProfileLatency, RooflineLatency
 from sim.models import MODELS
-from sim.runner import run_points
-from sim.scenario import load_points
+from sim.runner import run_points, write_outputs
+from sim.scenario import ScenarioError, load_points
 
 META = {"device": "test", "dtype": "bf16", "model": "SmolLM2-135M"}
 
 
-def profile_file(tmp_path: Path) -> Path:
+def profile_file(tmp_path: Path, device: str = META["device"]) -> Path:
     records = []
     for component, base in (("layer", 10.0), ("lm_head", 4.0)):
         for q in (1, 4):
@@ -37,7 +38,7 @@ def profile_file(tmp_path: Path) -> Path:
                 for batch in (1, 2):
                     t = base + q + context / 100 + 3 * (batch - 1)  # linear, so interpolation is exact
                     records.append(LatencyRecord(component, "verify", q, context, batch, True, t, t, t))
-    return write_latency_profile(tmp_path / "profile.csv", META, records)
+    return write_latency_profile(tmp_path / "profile.csv", {**META, "device": device}, records)
 
 
 def test_profile_interpolates_inside_and_flags_extrapolation(tmp_path: Path) -> None:
@@ -70,7 +71,8 @@ def test_profiled_link_interpolates(tmp_path: Path) -> None:
 
 
 def test_roofline_matches_the_measured_h100_layers() -> None:
-    """DESIGN.md §4: 7B layer 0.198 ms, SmolLM2 layer 0.062 ms (q = 1, CUDA graphs); eager is host-bound."""
+    """docs/design.md (measured anchors): 7B layer 0.198 ms, SmolLM2 layer 0.062 ms (q = 1, CUDA graphs); eager is
+    host-bound."""
     h100 = GPUS["H100"]
     seven_b = RooflineLatency(h100, MODELS["Llama-2-7B"])
     assert seven_b.time_us("layer", "verify", 1, 0, 1) == pytest.approx(198, rel=0.05)
@@ -141,3 +143,81 @@ def test_scenario_with_profile_and_trace_replays_accepted_lengths(tmp_path: Path
     # at 7 (remaining 2 -> 1 draft) -> no -> 1 token; then one token left at 8 (no draft) -> 8 tokens in 4 rounds.
     assert result.result.decode_tokens == 8 and result.result.rounds == 4 and result.result.accepted == 4
     assert result.result.extrapolated  # the 100-token prefill lies outside the profiled q grid [1, 4]
+
+
+@pytest.mark.parametrize(
+    ("device", "gpu"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H100 PCIe", "H100-PCIe"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("CPU: AMD EPYC (2 cores, 1 torch threads)", None),
+        ("NVIDIA A10G", None),
+    ],
+)
+def test_a_device_name_names_its_gpu(device: str, gpu: str | None) -> None:
+    assert gpu_named_by(device) == gpu
+
+
+def profiled_scenario(tmp_path: Path, device: str, topology: dict, model: str = "SmolLM2-135M") -> Path:
+    profile_file(tmp_path, device)
+    scenario = {
+        "name": "profiled",
+        "model": model,
+        "method": "eesd",
+        "exit_layer": 8,
+        "latency": {"profile": {"path": "profile.csv"}},
+        "acceptance": {"alpha": 0.5},
+        "topology": topology,
+        "workload": {"requests": 1, "prompt_len": 100, "output_len": 9},
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("device", "topology", "stage_devices"),
+    [
+        ("CPU: AMD EPYC (2 cores)", {"stages": 1}, ["CPU: AMD EPYC (2 cores)"]),
+        ("NVIDIA H200", {"gpu": "H200", "stages": 1}, ["NVIDIA H200"]),
+        ("NVIDIA H100 80GB HBM3", {"stages": [{"gpu": "H100"}, {}]}, ["NVIDIA H100 80GB HBM3"] * 2),
+    ],
+)
+def test_a_profiled_stage_runs_on_the_profiles_device(
+    tmp_path: Path, device: str, topology: dict, stage_devices: list[str]
+) -> None:
+    """The trace names each stage after the device its profile was measured on; the scenario need not name a GPU,
+    and a GPU it names must be that device."""
+    (result,) = run_points(load_points(profiled_scenario(tmp_path, device, topology)), progress=False)
+    write_outputs([result], tmp_path / "out")
+    events = json.loads((tmp_path / "out" / "trace.json").read_text())["traceEvents"]
+    names = [e["args"]["name"] for e in events if e["ph"] == "M"]
+    assert names == [f"stage {i + 1} ({name})" for i, name in enumerate(stage_devices)]
+
+
+@pytest.mark.parametrize(
+    ("device", "topology", "field"),
+    [
+        ("CPU: AMD EPYC (2 cores)", {"gpu": "H100", "stages": 1}, "topology.gpu"),
+        ("NVIDIA H200", {"gpu": "H100", "stages": 1}, "topology.gpu"),
+        ("test", {"gpu": "H100", "stages": 1}, "topology.gpu"),
+        ("NVIDIA H100 80GB HBM3", {"stages": [{}, {"gpu": "A100"}]}, "topology.stages[1].gpu"),
+    ],
+)
+def test_a_gpu_contradicting_the_profile_is_refused(tmp_path: Path, device: str, topology: dict, field: str) -> None:
+    path = profiled_scenario(tmp_path, device, topology)
+    with pytest.raises(ScenarioError) as info:
+        load_points(path)
+    assert str(info.value).startswith(f"{path}: {field}: ")
+    assert f"contradicts latency.profile, measured on {device!r}" in str(info.value)
+
+
+def test_a_profiled_stage_is_checked_against_the_memory_of_the_profiles_gpu(tmp_path: Path) -> None:
+    """Llama-2-70B's weights do not fit one H100: refused where the profile was measured on one, not on a CPU (whose
+    memory the simulator does not know)."""
+    path = profiled_scenario(tmp_path, "NVIDIA H100 80GB HBM3", {"stages": 1}, model="Llama-2-70B")
+    with pytest.raises(ScenarioError, match="do not fit a 80 GiB NVIDIA H100 80GB HBM3"):
+        load_points(path)
+    assert len(load_points(profiled_scenario(tmp_path, "CPU: AMD EPYC", {"stages": 1}, model="Llama-2-70B"))) == 1

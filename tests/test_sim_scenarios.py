@@ -66,6 +66,14 @@ def test_single_run_writes_a_chrome_trace(tmp_path: Path) -> None:
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert {e["tid"] for e in spans} == {0, 1} and all(e["dur"] >= 0 for e in spans)
     assert any(e["args"]["flushed"] for e in spans)
+    names = [e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"]
+    assert names == ["stage 1 (H100)", "stage 2 (H100)"]  # roofline stages run on the GPU the scenario names
+
+
+def test_roofline_stages_run_on_an_h100_unless_a_gpu_is_named(tmp_path: Path) -> None:
+    topology = {"stages": [{"gpu": "A100"}, {}]}
+    (result,) = run_points(load_points(write(tmp_path, {**BASE, "topology": topology})), progress=False)
+    assert result.devices == ("A100", "H100")
 
 
 def deep_update(data: dict, dotted: str, value: object) -> dict:
@@ -188,7 +196,7 @@ def test_sweep_rows_equal_the_single_runs_they_stand_for(tmp_path: Path) -> None
 
 def test_sim_never_imports_torch_or_transformers() -> None:
     code = (
-        "import sys, sim.cli, sim.runner, sim.scenario, sim.engine, sim.policy, sim.formats;"
+        "import sys, sim.cli, sim.runner, sim.scenario, sim.plan, sim.cost, sim.engine, sim.policy, sim.formats;"
         "from sim.scenario import load_points; from sim.runner import run_points;"
         f"run_points(load_points({str(ROOT / 'scenarios' / 'quickstart.yaml')!r}), progress=False);"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
@@ -215,7 +223,7 @@ UNCAPTURED = {"roofline": {"cuda_graphs": False}}
 def test_plans_carry_the_executors_cache_capacity(tmp_path: Path, update: dict, slots: int | None) -> None:
     """`attention: cache` (the default): decode passes attend over the executor's static cache, prompt + output
     (+ the largest draft + 1 for AR and EESD), a multiple of 256 when captured; `context`: over the positions so far."""
-    from sim.scenario import build_plan
+    from sim.plan import build_plan
 
     data = {"name": "s", "model": "SmolLM2-135M", "method": "eesd", "exit_layer": 8, "policy": "fixed:3",
             "acceptance": {"alpha": 0.3}, "latency": {"roofline": {"cuda_graphs": True}},

@@ -1,0 +1,122 @@
+"""What one forward pass costs on a plan's stages (device µs per stage, bytes over each link): the cost model that
+the engine schedules and that the plan's draft/verify cost ratio comes from.
+
+A `Pass` names its layer segments (start, end, q), an exit head after layer `exit_at`, the LM head's q and whether
+the host reads the device after it. A stage pays its share of each segment's layers (plus two all-reduces per layer
+when tp > 1), the embedding when it holds layer 0, an exit head or a trained head's layer when it holds their layer,
+the LM head when it holds the last layer, and the host's `overhead` where `stage_time_us` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sim.formats import subset_size
+from sim.hardware import allreduce_us
+from sim.latency import LatencyModel
+from sim.models import ModelConfig
+
+if TYPE_CHECKING:  # the plan holds the stages these functions cost; it imports this module
+    from sim.plan import SimPlan, SimStage
+
+PassCost = tuple[int, int, tuple[float, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Work of one forward pass: layer segments (start, end, q), optional exit head after layer `exit_at`."""
+
+    name: str
+    phase: str
+    segments: tuple[tuple[int, int, int], ...]
+    exit_at: int = 0
+    lm_head_q: int = 0
+    head_layer_at: int = 0  # a trained head's own layer runs after this layer (its KV kept in step), no LM head
+    host_sync: bool = True  # the host reads the device after this pass (see `stage_time_us`)
+    host_per_stage: bool = False  # every stage's own host handles the pass (PPSD distributed), not one host read
+
+
+def pass_costs(plan: SimPlan, work: Pass, context_len: int, batch: int) -> PassCost:
+    """(first stage, last stage, µs per visited stage, link bytes after each stage index) of one pass."""
+    visited = [i for i, s in enumerate(plan.stages) if _stage_touched(s, work)]
+    first, last = visited[0], visited[-1]
+    durations = tuple(
+        stage_time_us(plan, plan.stages[i], work, context_len, batch, read=i == last) for i in range(first, last + 1)
+    )
+    hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
+    link_bytes = tuple(_q_at(work, s.layer_end) * hidden_bytes for s in plan.stages)
+    return first, last, durations, link_bytes
+
+
+def stage_time_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, batch: int, read: bool = True) -> float:
+    """Device time of one stage's share of a pass: layers, TP all-reduces, embedding, heads, and the host's
+    `overhead`. Uncaptured (a CPU, or eager on a GPU) every pass pays it; captured in CUDA graphs only a pass after
+    which the host reads the device does: the executor chains the passes in between on the device (AR makes
+    `sync_every` tokens per read, PPSD runs `sync_every` ticks, a draft step feeds the next one, while the host
+    queues them ahead). The read is paid once, by the pass's last stage (`read`): the host waits for it."""
+    lat, phase = stage.latency, work.phase
+    total = 0.0
+    if stage.layer_start == 0 and work.segments[0][0] == 0:
+        total += lat.time_us("embed", phase, work.segments[0][2], context_len, batch)
+    for start, end, q in work.segments:
+        layers = min(end, stage.layer_end) - max(start, stage.layer_start)
+        if layers > 0:
+            per_layer = lat.time_us("layer", phase, q, context_len, batch)
+            if stage.tp > 1 and stage.tp_link is not None:
+                nbytes = q * batch * plan.model.hidden_size * plan.dtype_bytes
+                per_layer += 2 * allreduce_us(stage.tp_link, nbytes, stage.tp)
+            total += layers * per_layer
+    if work.exit_at and stage.layer_start < work.exit_at <= stage.layer_end:
+        total += exit_head_us(plan, lat, context_len, batch)
+    if work.head_layer_at and stage.layer_start < work.head_layer_at <= stage.layer_end:
+        total += lat.time_us("layer", phase, 1, context_len, batch)
+    if work.lm_head_q and stage.layer_end == plan.model.num_layers:
+        total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
+    if (work.host_sync and (read or work.host_per_stage)) or not lat.cuda_graphs:
+        total += lat.time_us("overhead", phase, 1, context_len, batch)
+    return total
+
+
+def exit_head_us(plan: SimPlan, lat: LatencyModel, context_len: int, batch: int) -> float:
+    """One draft step's exit head: a trained head's `exit_head`, else the `lm_head`, scaled by N/V for a head over N
+    of the V ids (`shared:N`): at draft batch sizes the LM head is bound by reading its N x d weight rows."""
+    if plan.exit_head == "trained":
+        return lat.time_us("exit_head", "draft", 1, context_len, batch)
+    return lat.time_us("lm_head", "draft", 1, context_len, batch) * head_vocab_fraction(plan.exit_head, plan.model)
+
+
+def head_vocab_fraction(exit_head: str, model: ModelConfig) -> float:
+    """N / V for `shared:N`, 1 for `shared` (and `trained`); a ValueError for anything else."""
+    if exit_head in ("shared", "trained"):
+        return 1.0
+    count = subset_size(exit_head)
+    if count is None or count > model.vocab_size:
+        raise ValueError(
+            f"expected shared, trained or shared:N with 1 <= N <= {model.vocab_size} (the model's vocabulary), "
+            f"got {exit_head!r}"
+        )
+    return count / model.vocab_size
+
+
+def cost_ratio(plan: SimPlan) -> float:
+    """c = one draft step / one verify pass of 2 tokens, at the prompt's context and the batch size."""
+    context, batch, layers = plan.workload.prompt_len, plan.workload.batch_size, plan.model.num_layers
+    draft = Pass("draft", "draft", ((0, plan.exit_layer, 1),), exit_at=plan.exit_layer)
+    verify = Pass("verify", "verify", ((0, plan.exit_layer, 1), (plan.exit_layer, layers, 2)), lm_head_q=2)
+    draft_us = sum(
+        stage_time_us(plan, s, draft, context, batch) for s in plan.stages if s.layer_start < plan.exit_layer
+    )
+    verify_us = sum(stage_time_us(plan, s, verify, context, batch) for s in plan.stages)
+    return max(draft_us / verify_us, 1e-6) if verify_us > 0 else 1.0
+
+
+def _stage_touched(stage: SimStage, work: Pass) -> bool:
+    if any(min(end, stage.layer_end) > max(start, stage.layer_start) for start, end, _ in work.segments):
+        return True
+    return bool(work.exit_at) and stage.layer_start < work.exit_at <= stage.layer_end
+
+
+def _q_at(work: Pass, layer: int) -> int:
+    """Tokens whose hidden states cross the boundary before `layer`."""
+    return next((q for start, end, q in work.segments if start <= layer < end), 1)

@@ -1,0 +1,312 @@
+"""The simulation plan: one scenario point resolved into what the engine runs, and checked.
+
+`build_plan(point)` resolves the point's model, latency source (roofline, profile or constants), devices, pipeline
+stages, links, acceptance model and draft policy into a frozen `SimPlan`; a mistake raises `ScenarioError` naming the
+scenario file and the field. A `SimPlan` also checks itself when built (a `ValueError`), so a plan built by hand is
+checked too.
+
+Devices: a stage whose latencies come from a profile runs on the device the profile was measured on (its `device`
+metadata, e.g. a CPU or a GPU's name), so a `gpu` the scenario names for it must be that device; a stage costed by the
+roofline or by constants runs on the GPU the scenario names (`DEFAULT_GPU` when it names none). A stage's weights
+must fit its GPU's memory where the GPU is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
+from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer
+from sim.cost import cost_ratio, head_vocab_fraction
+from sim.formats import DataFile, read_acceptance_trace, read_latency_profile, read_link_profile
+from sim.hardware import GPUS, LINKS, GPUSpec, LinkSpec, gpu_named_by
+from sim.latency import ConstantLatency, LatencyModel, LinkModel, ProfiledLink, ProfileLatency, RooflineLatency
+from sim.models import DTYPE_BYTES, MODELS, ModelConfig
+from sim.policy import make_policy, policy_usage
+from sim.scenario import LinkConfig, Point, Roofline, Scenario, ScenarioError, StageConfig
+
+METHODS = ("ar", "eesd", "ppsd")
+PPSD_BACKENDS = ("distributed", "local")
+DEFAULT_GPU = "H100"  # the GPU of a stage not costed by a profile, where the scenario names none
+MEMORY_HEADROOM = 0.95  # the share of a GPU's memory the weights may take (the rest: KV cache, activations)
+
+
+@dataclass(frozen=True)
+class SimStage:
+    """One pipeline stage: layers [layer_start, layer_end) on one device (or a tensor-parallel group of `tp`)."""
+
+    layer_start: int
+    layer_end: int
+    latency: LatencyModel
+    device: str = "device"
+    tp: int = 1
+    tp_link: LinkModel | None = None  # all-reduce link inside the stage (tp > 1)
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int = 1
+    batch_size: int = 1
+    prompt_len: int = 128
+    output_len: int = 128
+
+
+@dataclass(frozen=True)
+class SimPlan:
+    model: ModelConfig
+    stages: tuple[SimStage, ...]
+    link: LinkModel
+    method: str
+    acceptance: AcceptanceModel
+    workload: Workload = Workload()
+    exit_layer: int = 1
+    exit_head: str = "shared"  # shared: final norm + LM head at E | shared:N: over N ids | trained: + one layer
+    policy: str = "fixed:4"
+    dtype_bytes: int = 2
+    max_in_flight: int | None = None
+    seed: int = 0
+    cost_ratio: float | None = None  # draft step / verify pass, for the Thompson-sampling policies
+    context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
+    chain_zero_rounds: bool = True  # EESD rounds that draft nothing run as chained AR steps (as the executor does)
+    sync_every: int = SYNC_CAPTURED  # captured: chained AR steps / zero-draft rounds / PPSD ticks per host read
+    # PPSD's host: "distributed", a process per stage whose host handles every tick (the executor's backend for a
+    # device per stage); "local", one host that chains `sync_every` ticks on the device (the streams backend)
+    ppsd_backend: str = "distributed"
+    # decode passes attend over this many cache slots (the executor's static cache: every slot, masked), or over the
+    # context so far (None)
+    cache_slots: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_plan(self)
+
+    @property
+    def head_layer_at(self) -> int:
+        """Where a trained head's own layer runs in an EESD verify pass or chained step (its KV follows every
+        verified position): after the exit layer; 0 for a head without a layer."""
+        return self.exit_layer if self.exit_head == "trained" else 0
+
+
+def _check_plan(plan: SimPlan) -> None:
+    if plan.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {plan.method!r}")
+    if plan.ppsd_backend not in PPSD_BACKENDS:
+        raise ValueError(f"ppsd_backend must be distributed or local, got {plan.ppsd_backend!r}")
+    layers = plan.model.num_layers
+    expected = 0
+    for stage in plan.stages:
+        if stage.layer_start != expected or stage.layer_end <= stage.layer_start:
+            raise ValueError(f"stages must cover layers [0, {layers}) in order without gaps; got {plan.stages}")
+        expected = stage.layer_end
+    if expected != layers:
+        raise ValueError(f"stages cover {expected} layers, the model has {layers}")
+    if not 1 <= plan.exit_layer < layers and plan.method != "ar":
+        raise ValueError(f"exit_layer must be in [1, {layers - 1}], got {plan.exit_layer}")
+    head_vocab_fraction(plan.exit_head, plan.model)
+    if plan.method == "ppsd" and plan.stages[0].layer_end != plan.exit_layer:
+        raise ValueError(f"ppsd drafts at the end of stage 1: exit_layer must be {plan.stages[0].layer_end}")
+    w = plan.workload
+    if min(w.requests, w.batch_size, w.output_len) < 1 or w.prompt_len < 1:
+        raise ValueError(f"workload values must be >= 1, got {w}")
+
+
+# ---- building a plan from a scenario point --------------------------------------------------------------------------
+def build_plan(point: Point, method: str | None = None) -> SimPlan:
+    """The plan of one point (`method` overrides the scenario's, e.g. `"ar"` for the baseline)."""
+    s, where = point.scenario, _where(point)
+    model = model_config(s)
+    dtype_bytes = DTYPE_BYTES[s.dtype]
+    exit_layer = _exit_layer(s, model, where)
+    try:
+        head_vocab_fraction(s.exit_head, model)
+    except ValueError as err:
+        raise ScenarioError(f"{where}: exit_head: {err}") from None
+    plan = SimPlan(
+        model=model,
+        stages=_stages(point, model, dtype_bytes, exit_layer, where),
+        link=_link(s.topology.link, point, "topology.link"),
+        method=method or s.method,
+        acceptance=_acceptance(point, exit_layer, where),
+        workload=Workload(**s.workload.model_dump()),
+        exit_layer=exit_layer,
+        exit_head=s.exit_head,
+        policy=s.policy,
+        dtype_bytes=dtype_bytes,
+        max_in_flight=s.max_in_flight,
+        seed=s.seed,
+        chain_zero_rounds=s.zero_draft_rounds == "chained",
+        sync_every=s.sync_every,
+        ppsd_backend=s.ppsd_backend,
+    )
+    _check_policy(plan, where)
+    slots = cache_slots(plan) if s.attention == "cache" else None
+    return SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan), "cache_slots": slots})
+
+
+def model_config(scenario: Scenario) -> ModelConfig:
+    if isinstance(scenario.model, str):
+        return MODELS[scenario.model]
+    return ModelConfig(**scenario.model.model_dump())
+
+
+def exit_layer_of(point: Point) -> int:
+    """The exit layer a point runs with (defaults resolved)."""
+    return _exit_layer(point.scenario, model_config(point.scenario), _where(point))
+
+
+def cache_slots(plan: SimPlan) -> int:
+    """The executor's cache capacity for this plan (`sim.contract.cache_capacity`)."""
+    max_draft = make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0
+    workload, captured = plan.workload, plan.stages[0].latency.cuda_graphs
+    return cache_capacity(plan.method, workload.prompt_len, workload.output_len, max_draft, captured)
+
+
+def _where(point: Point) -> str:
+    return f"{point.source}: sweep point {point.values}" if point.values else point.source
+
+
+def _exit_layer(s: Scenario, model: ModelConfig, where: str) -> int:
+    layers = model.num_layers
+    if s.exit_layer is None:
+        if s.method == "eesd":
+            return default_exit_layer(layers)
+        n = s.topology.stages if isinstance(s.topology.stages, int) else len(s.topology.stages)
+        first = s.topology.stages[0].layers if isinstance(s.topology.stages, list) else None
+        return first or max(1, round(layers / max(n, 2)))
+    if not 1 <= s.exit_layer < layers:
+        raise ScenarioError(
+            f"{where}: exit_layer: expected 1 <= exit_layer < {layers} (model layers), got {s.exit_layer}"
+        )
+    return s.exit_layer
+
+
+def _stages(point: Point, model: ModelConfig, dtype_bytes: int, exit_layer: int, where: str) -> tuple[SimStage, ...]:
+    s = point.scenario
+    topo = s.topology
+    configs = [StageConfig()] * topo.stages if isinstance(topo.stages, int) else list(topo.stages)
+    counts = _layer_counts(s, configs, model.num_layers, exit_layer, where)
+    profile = _profile(point)
+    tp_link = _link(topo.tp_link, point, "topology.tp_link")
+    stages, start = [], 0
+    for index, (config, count) in enumerate(zip(configs, counts, strict=True)):
+        field = f"topology.stages[{index}].gpu" if config.gpu else "topology.gpu"
+        device, spec = _device(config.gpu or topo.gpu, profile, f"{where}: {field}")
+        tp = config.tp or topo.tp
+        latency = _latency(point, profile, spec, model, dtype_bytes, tp)
+        stage = SimStage(start, start + count, latency, device, tp, tp_link)
+        if spec is not None:
+            _check_memory(stage, spec, model, dtype_bytes, f"{where}: topology.stages[{index}]")
+        stages.append(stage)
+        start += count
+    return tuple(stages)
+
+
+def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_layer: int, where: str) -> list[int]:
+    n = len(configs)
+    if s.method == "ppsd" and n < 2:
+        raise ScenarioError(f"{where}: topology.stages: ppsd needs at least 2 stages (got {n})")
+    given = [c.layers for c in configs]
+    if all(g is not None for g in given):
+        if sum(given) != layers:  # type: ignore[arg-type]
+            raise ScenarioError(f"{where}: topology.stages: layers add up to {sum(given)}, the model has {layers}")  # type: ignore[arg-type]
+        counts = list(given)  # type: ignore[arg-type]
+    elif any(g is not None for g in given):
+        raise ScenarioError(f"{where}: topology.stages: give 'layers' for every stage or for none")
+    elif n > layers:
+        raise ScenarioError(f"{where}: topology.stages: {n} stages but only {layers} layers")
+    elif s.method == "ppsd" and s.exit_layer is not None and n > 1:
+        if layers - exit_layer < n - 1:
+            raise ScenarioError(f"{where}: exit_layer: leaves {layers - exit_layer} layers for {n - 1} later stages")
+        counts = [exit_layer, *_balanced(layers - exit_layer, n - 1)]
+    else:
+        counts = _balanced(layers, n)
+    if s.method == "ppsd" and counts[0] != exit_layer:
+        raise ScenarioError(f"{where}: exit_layer: ppsd drafts at the end of stage 1, so it must be {counts[0]}")
+    return counts  # type: ignore[return-value]
+
+
+def _balanced(layers: int, n: int) -> list[int]:
+    bounds = [round(i * layers / n) for i in range(n + 1)]
+    return [bounds[i + 1] - bounds[i] for i in range(n)]
+
+
+def _profile(point: Point) -> DataFile | None:
+    config = point.scenario.latency.profile
+    if config is None:
+        return None
+    return read_latency_profile(_resolve(point, config.path, "latency.profile.path"))
+
+
+def _device(named: str | None, profile: DataFile | None, where: str) -> tuple[str, GPUSpec | None]:
+    """(the stage's device name, its GPU's spec where known). `where` is `FILE: FIELD` of the GPU the scenario
+    names for the stage (`named`, None where it names none)."""
+    if profile is None:
+        name = named or DEFAULT_GPU
+        return name, GPUS[name]
+    device = str(profile.metadata["device"])
+    profiled_gpu = gpu_named_by(device)
+    if named is not None and named != profiled_gpu:
+        raise ScenarioError(
+            f"{where}: {named} contradicts latency.profile, measured on {device!r}: a stage costed by a profile runs "
+            f"on the profile's device; drop the field or name that device"
+        )
+    return device, GPUS[profiled_gpu] if profiled_gpu else None
+
+
+def _check_memory(stage: SimStage, spec: GPUSpec, model: ModelConfig, dtype_bytes: int, where: str) -> None:
+    params = (stage.layer_end - stage.layer_start) * model.layer_params + model.lm_head_params
+    weights_gib = params * dtype_bytes / stage.tp / 2**30
+    if weights_gib > MEMORY_HEADROOM * spec.memory_GiB:
+        raise ScenarioError(
+            f"{where}: {weights_gib:.1f} GiB of weights per GPU do not fit a {spec.memory_GiB:.0f} GiB "
+            f"{stage.device}; use more stages or a larger tp"
+        )
+
+
+def _latency(
+    point: Point, profile: DataFile | None, spec: GPUSpec | None, model: ModelConfig, dtype_bytes: int, tp: int
+) -> LatencyModel:
+    config = point.scenario.latency
+    if config.constant_us is not None:
+        return ConstantLatency(dict(config.constant_us))
+    if config.profile is not None and profile is not None:
+        return ProfileLatency(profile, cuda_graphs=config.profile.cuda_graphs)
+    assert spec is not None  # `_device` gives a GPU to every stage not costed by a profile
+    return RooflineLatency(spec, model, dtype_bytes, tp, **(config.roofline or Roofline()).model_dump())
+
+
+def _link(config: str | LinkConfig, point: Point, field: str) -> LinkModel:
+    if isinstance(config, str):
+        return LINKS[config]
+    if config.profile is not None:
+        return ProfiledLink(read_link_profile(_resolve(point, config.profile, f"{field}.profile")))
+    return LinkSpec("custom", config.latency_us, config.bandwidth_GBps)
+
+
+def _acceptance(point: Point, exit_layer: int, where: str) -> AcceptanceModel:
+    a = point.scenario.acceptance
+    if a.alpha is not None:
+        return BernoulliAcceptance(a.alpha, a.confidence_sharpness)
+    if a.alphas is not None:
+        return PositionalAcceptance(tuple(a.alphas))
+    trace = read_acceptance_trace(_resolve(point, a.trace or "", "acceptance.trace"))
+    try:
+        return TraceAcceptance(trace, exit_layer)
+    except ValueError as err:
+        raise ScenarioError(f"{where}: acceptance.trace: {err}") from None
+
+
+def _check_policy(plan: SimPlan, where: str) -> None:
+    policy = make_policy(plan.policy)
+    if plan.method == "eesd" and policy.needs_confidence and not plan.acceptance.has_confidence:
+        raise ScenarioError(
+            f"{where}: policy: {plan.policy!r} needs draft confidences; use acceptance.trace or set "
+            f"acceptance.confidence_sharpness (allowed policies: {policy_usage()})"
+        )
+
+
+def _resolve(point: Point, relative: str, field: str) -> Path:
+    path = (point.base_dir / relative).resolve()
+    if not path.is_file():
+        raise ScenarioError(f"{_where(point)}: {field}: file not found: {path}")
+    return path
