@@ -128,8 +128,8 @@ class StageConfig(Strict):
 
 
 class TopologyConfig(Strict):
-    # every stage's GPU (a stage may name its own): H100 where none is named; a stage costed by a latency profile
-    # runs on the profile's device, so a GPU named for it must be that device
+    # every stage's GPU (a stage may name its own), `sim.plan.DEFAULT_GPU` where none is named; a stage costed by a
+    # latency profile runs on the profile's device, so a GPU named for it must be that device
     gpu: str | None = None
     stages: int | list[StageConfig] = Field(1)
     tp: int = Field(1, ge=1)
