@@ -24,6 +24,13 @@ from sim.progress import LineProgress, duration, progress_bar, track
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
 CALIBRATED = ROOT / "scenarios" / "smollm2_cpu_calibrated.yaml"
+# the torch commands that take --device, with what else they require ({tmp}: a fresh folder; model x is never loaded)
+WITH_DEVICE = [
+    ["generate", "--model", "x", "--prompt-ids", "1"],
+    ["train-head", "--model", "x", "--exit-layer", "1", "--out", "{tmp}/h.safetensors"],
+    ["calibrate", "latency", "--model", "x", "--out", "{tmp}"],
+    ["calibrate", "acceptance", "--model", "x", "--exit-layers", "1", "--out", "{tmp}/a.csv"],
+]
 TINY_LATENCY = ["--q", "1", "--context", "8", "--batch", "1", "--prefill", "8", "--warmup", "0", "--repeats", "1"]
 
 # runs `eesd ARGS` where the executor extra's torch and transformers cannot be imported (a simulator-only install)
@@ -42,6 +49,10 @@ WITHOUT_TORCH = textwrap.dedent(
     sys.exit(main(sys.argv[1:]))
     """
 )
+
+
+def command_id(args: list[str]) -> str:
+    return " ".join(args[:2])
 
 
 def eesd_without_torch(*args: str) -> subprocess.CompletedProcess:
@@ -89,7 +100,7 @@ def test_simulate_and_help_run_without_torch(tmp_path: Path) -> None:
         ["calibrate", "link", "--out", "{tmp}/link.csv"],
         ["validate", str(CALIBRATED)],
     ],
-    ids=lambda args: " ".join(args[:2]),
+    ids=command_id,
 )
 def test_a_torch_command_without_the_extra_is_one_line_naming_it(tmp_path: Path, args: list[str]) -> None:
     done = eesd_without_torch(*(a.format(tmp=tmp_path) for a in args))
@@ -126,17 +137,7 @@ def test_generate_sets_the_threads_and_names_them_in_its_header(saved_model: Pat
     assert f"torch threads: {default_threads()} of" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["generate", "--model", "x", "--prompt-ids", "1"],
-        ["train-head", "--model", "x", "--exit-layer", "1", "--out", "{tmp}/h.safetensors"],
-        ["calibrate", "latency", "--model", "x", "--out", "{tmp}"],
-        ["calibrate", "acceptance", "--model", "x", "--exit-layers", "1", "--out", "{tmp}/a.csv"],
-        ["validate", str(CALIBRATED)],
-    ],
-    ids=lambda args: " ".join(args[:2]),
-)
+@pytest.mark.parametrize("args", [*WITH_DEVICE, ["validate", str(CALIBRATED)]], ids=command_id)
 @pytest.mark.parametrize("threads", ["0", "-2"])
 def test_threads_below_one_are_refused(tmp_path: Path, capsys, args: list[str], threads: str) -> None:
     assert main([*(a.format(tmp=tmp_path) for a in args), "--threads", threads]) == 2
@@ -146,16 +147,7 @@ def test_threads_below_one_are_refused(tmp_path: Path, capsys, args: list[str], 
 
 # ---- devices ---------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only torch")
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["generate", "--model", "x", "--prompt-ids", "1"],
-        ["train-head", "--model", "x", "--exit-layer", "1", "--out", "{tmp}/h.safetensors"],
-        ["calibrate", "latency", "--model", "x", "--out", "{tmp}"],
-        ["calibrate", "acceptance", "--model", "x", "--exit-layers", "1", "--out", "{tmp}/a.csv"],
-    ],
-    ids=lambda args: " ".join(args[:2]),
-)
+@pytest.mark.parametrize("args", WITH_DEVICE, ids=command_id)
 def test_cuda_on_a_cpu_only_torch_is_one_line(tmp_path: Path, capsys, args: list[str]) -> None:
     assert main([*(a.format(tmp=tmp_path) for a in args), "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip()
@@ -190,7 +182,7 @@ def test_latency_never_overwrites_a_profile_without_force(tiny_config: Path, tmp
         ["calibrate", "link", "--out"],
         ["train-head", "--model", "x", "--exit-layer", "1", "--out"],
     ],
-    ids=lambda args: " ".join(args[:2]),
+    ids=command_id,
 )
 def test_an_existing_output_file_is_refused_without_force(tmp_path: Path, capsys, args: list[str]) -> None:
     out = tmp_path / "existing.safetensors"
