@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from sim.runner import run_points, summary_table, write_outputs
+from sim.runner import plots_available, run_points, summary_table, write_outputs
 from sim.scenario import load_points
 
 
@@ -33,11 +33,13 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir}: is a file; --out names the folder the outputs are written into")
     print(f"{scenario.name}: {len(points)} run(s){' — ' + scenario.description if scenario.description else ''}")
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = not args.no_progress
     results = run_points(points, jobs=jobs, progress=progress, trace=True if args.trace else None)
     print(summary_table(results))
     for path in write_outputs(results, out_dir):
         print(f"wrote {path}")
+    if len(points) > 1 and not plots_available():
+        print('note: no speedup plots (matplotlib is not installed: pip install -e ".[plots]")')
     if any(r.result.extrapolated for r in results):
         print("note: some latencies were extrapolated beyond the profiled grid (column 'extrapolated')")
     return 0

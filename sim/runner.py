@@ -10,6 +10,7 @@ Times in the table: tokens/s of decode (prefill excluded, reported as `ttft_ms`)
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 from sim.engine import RunResult, Simulation
 from sim.plan import build_plan
+from sim.progress import progress_bar
 from sim.scenario import Point
 
 TRACE_EVENTS = 20_000
@@ -94,9 +96,7 @@ def run_points(
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="simulating", unit="run", disable=not enabled, leave=False)
+    return progress_bar(total, "simulating", "run", enabled, leave=False)
 
 
 def result_row(item: PointResult) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def write_outputs(results: Sequence[PointResult], out_dir: Path) -> list[Path]:
     rows = [result_row(item) for item in results]
     written = [_write_csv(rows, out_dir / "results.csv")]
     swept = list(results[0].point.values) if results else []
-    if swept:
+    if swept and plots_available():
         written += _plots(rows, swept, out_dir)
     for item in results:
         if item.trace is not None:
@@ -172,6 +172,14 @@ def _write_trace(item: PointResult, path: Path) -> Path:
     payload = {"traceEvents": names + (item.trace or []), "displayTimeUnit": "ms"}
     path.write_text(json.dumps(payload), encoding="utf-8")
     return path
+
+
+def plots_available() -> bool:
+    """matplotlib is the `plots` extra: without it a sweep writes its table and CSV and no PNG."""
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except ImportError:  # a finder that refuses the name outright
+        return False
 
 
 def _plots(rows: list[dict[str, Any]], swept: list[str], out_dir: Path) -> list[Path]:

@@ -33,14 +33,15 @@ WITH_DEVICE = [
 ]
 TINY_LATENCY = ["--q", "1", "--context", "8", "--batch", "1", "--prefill", "8", "--warmup", "0", "--repeats", "1"]
 
-# runs `eesd ARGS` where the executor extra's torch and transformers cannot be imported (a simulator-only install)
+# runs `eesd ARGS` where the executor extra (torch, transformers) and the plots extra (matplotlib) cannot be imported:
+# the bare `pip install -e .`
 WITHOUT_TORCH = textwrap.dedent(
     """
     import sys
 
     class NotInstalled:
         def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in ("torch", "transformers"):
+            if name.partition(".")[0] in ("torch", "transformers", "matplotlib"):
                 raise ModuleNotFoundError(f"No module named {name!r}", name=name)
             return None
 
@@ -87,6 +88,7 @@ def test_simulate_and_help_run_without_torch(tmp_path: Path) -> None:
     done = eesd_without_torch("simulate", str(QUICKSTART), "--out", str(tmp_path), "--no-progress")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "results.csv").read_text().count("\n") == 4  # a header and AR, EESD, PPSD
+    assert not list(tmp_path.glob("*.png")) and "no speedup plots" in done.stdout
     for args in (["--help"], ["generate", "--help"], ["calibrate", "latency", "--help"], ["validate", "--help"]):
         assert eesd_without_torch(*args).returncode == 0, args
 

@@ -19,13 +19,15 @@ LOCAL = {"sim", "executor", "calibrate"}
 
 
 def declared() -> tuple[set[str], set[str]]:
-    """(core, executor extra) distribution names, normalised."""
+    """(core + the plots extra, executor extra) distribution names, normalised. sim/ imports matplotlib only when
+    it is installed (`sim.runner.plots_available`; tests/test_cli.py runs the simulator without it)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
     def names(requirements: list[str]) -> set[str]:
         return {normalise(re.match(r"[A-Za-z0-9_.-]+", r).group(0)) for r in requirements}
 
-    return names(project["dependencies"]), names(project["optional-dependencies"]["executor"])
+    extras = project["optional-dependencies"]
+    return names(project["dependencies"] + extras["plots"]), names(extras["executor"])
 
 
 def normalise(name: str) -> str:
@@ -51,6 +53,8 @@ def distributions(module: str) -> set[str]:
 def test_the_core_install_has_no_torch_and_the_extra_has_it() -> None:
     core, executor = declared()
     assert not core & {"torch", "transformers", "accelerate", "safetensors", "gguf"}
+    bare = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    assert not any(normalise(r).startswith("matplotlib") for r in bare), "plots are an extra: the core stays small"
     assert {"torch", "transformers", "safetensors"} <= executor
 
 
