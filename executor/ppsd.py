@@ -221,11 +221,12 @@ class PPSDStats(GenerationStats):
     def summary(self) -> str:
         lines = [
             self.totals(f"{self.ticks} ticks"),
-            f"ppsd {self.backend}: {self.stages} stages {_describe(self.stage_boundaries)}, exit layer "
-            f"{self.exit_layer}; {self.confirms + self.flushes} drafts checked: {self.confirms} confirmed, "
-            f"{self.flushes} flushed (alpha {self.alpha:.3f}); {self.decoded_tokens} tokens after the prefill's in "
-            f"{self.ticks} ticks, {self.tokens_per_tick:.2f} tokens/tick (AR: 1/{self.stages}); speedup in ticks "
-            f"{self.tick_speedup:.2f}x (ideal {self.ideal_speedup:.2f}x)",
+            f"ppsd {self.backend}: {self.stages} stages {_describe(self.stage_boundaries)}, "
+            f"exit layer {self.exit_layer}",
+            f"{self.confirms + self.flushes} drafts checked: {self.confirms} confirmed, {self.flushes} flushed "
+            f"(alpha {self.alpha:.3f}); {self.decoded_tokens} tokens after the prefill's in {self.ticks} ticks, "
+            f"{self.tokens_per_tick:.2f} tokens/tick (AR: 1/{self.stages}); "
+            f"speedup in ticks {self.tick_speedup:.2f}x (ideal {self.ideal_speedup:.2f}x)",
         ]
         for index, stage in enumerate(self.stage_stats):
             lines.append(
@@ -441,10 +442,11 @@ class LocalPipeline:
     The pipe's state lives in device tensors: each stage's input buffers (stage 1's token, the later stages' hidden
     state, every stage's position), `valid[s]` (stage s holds a token this tick) and `carried[s]` (the draft stage 1
     proposed after stage s's token, -1 if none entered the pipe). After the stages of a tick, one more pass, the
-    *transition* (`_advance`), does on the device what the host's judge did: it compares the last stage's prediction
-    with the draft carried behind it, logs the tick's verdict, token and valid flags in `log` at `cursor`, commits the
-    token to a repetition penalty's context, and moves the pipe on: on a flush the prediction enters stage 1 and the
-    younger tokens turn invalid; otherwise every token moves one stage down and stage 1 takes its own draft.
+    *transition* (`_advance`), does on the device what the host's `judge` does: it judges the last stage's prediction
+    against the draft carried behind it (`executor.verify.tick_verdict`, the rule `judge` applies too), logs the
+    tick's verdict, token and valid flags in `log` at `cursor`, commits the token to a repetition penalty's context,
+    and moves the pipe on: on a flush the prediction enters stage 1 and the younger tokens turn invalid; otherwise
+    every token moves one stage down and stage 1 takes its own draft.
 
     A stage with no valid token still runs (a captured pass cannot skip), at the scratch position `max_len - 1`,
     which no valid token reaches or attends to (the caller leaves that slot free), so its KV writes harm nothing. A

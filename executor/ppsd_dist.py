@@ -59,7 +59,6 @@ from executor.ppsd import (
     StageOutput,
     StagePlan,
     StageRunner,
-    StageStats,
     TickOutcome,
     commit,
     feed_limit,
@@ -189,21 +188,6 @@ class StageLink:
 
 
 # ------------------------------------------------------------------------------------------------- one stage's loop
-@dataclass
-class StageReport:
-    """What a rank reports at the end: its stage's time, and (last rank) the run's counts."""
-
-    rank: int
-    stage: StageStats
-    ticks: int = 0
-    confirms: int = 0
-    flushes: int = 0
-    drafted: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    prefill_time_s: float = 0.0
-    wall_time_s: float = 0.0
-
-
 @torch.inference_mode()
 def run_stage(
     adapter: ModelAdapter,
@@ -214,9 +198,11 @@ def run_stage(
     selector: TokenSelector,
     on_tokens=None,
     head: Any = None,
-) -> StageReport:
+) -> PPSDStats:
     """Rank `rank`'s part of a PPSD generation (process group already initialised). The last rank fills `sink`;
-    rank 0 drafts with `head` (None: the shared exit head)."""
+    rank 0 drafts with `head` (None: the shared exit head). Returns this rank's count of the run: every rank counts
+    the same ticks and outcomes (the last rank's `sink` holds the tokens); its own stage's time is its entry in
+    `stage_stats`."""
     layers = plan.layers(rank)
     extra = getattr(head, "extra_layers", 0) if rank == 0 else 0
     cache = StageKVCache(adapter, layers.start, layers.stop, len(prompt) + sink.max_new_tokens, extra)
@@ -254,19 +240,10 @@ def run_stage(
         else:
             item = link.pass_on(out.hidden if out else None, [1, out.position, out.draft] if out else None)
             inbox = _next_draft(out) if rank == 0 else item
-    wall = time.perf_counter() - begin
-    stage.idle_s = wall - stats.prefill_time_s - stage.busy_s
-    return StageReport(
-        rank,
-        stage,
-        stats.ticks,
-        stats.confirms,
-        stats.flushes,
-        stats.drafted,
-        stats.accepted,
-        stats.prefill_time_s,
-        wall,
-    )
+    stats.wall_time_s = time.perf_counter() - begin
+    stage.idle_s = stats.wall_time_s - stats.prefill_time_s - stage.busy_s
+    stats.new_tokens = len(sink.tokens)
+    return stats
 
 
 def _next_draft(out: StageOutput | None) -> Item | None:
@@ -342,7 +319,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, init_method: str, job: WorkerJob, messages) -> None:
-    """A spawned stage process: report tokens as they come, the stage's report at the end, or the traceback."""
+    """A spawned stage process: report tokens as they come, its stats at the end (`run_stage`), or the traceback."""
     try:
         torch.set_num_threads(job.threads)
         device = torch.device(f"cuda:{rank}") if job.device_type == "cuda" else torch.device("cpu")
@@ -359,10 +336,10 @@ def _worker(rank: int, init_method: str, job: WorkerJob, messages) -> None:
         sink = TokenSink(job.max_new_tokens, job.eos_token_ids, None)
         selector = make_selector(adapter, len(job.prompt), sink, job.sampling, job.min_new_tokens)
         head = job.head.build(adapter) if job.head is not None else None
-        report = run_stage(
+        stats = run_stage(
             adapter, job.plan, rank, job.prompt, sink, selector, lambda t: messages.put(("tokens", rank, t)), head
         )
-        messages.put(("report", rank, report))
+        messages.put(("stats", rank, stats))
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - every failure must reach the caller
         messages.put(("error", rank, traceback.format_exc()))
@@ -411,12 +388,12 @@ def decode_distributed(
     ]
     begin = time.perf_counter()
     reports = _launch(jobs, sink, timeout_s)
-    stats = _merge(plan, prompt, sink, reports)
+    stats = _merge(plan, sink, reports)
     stats.setup_time_s = time.perf_counter() - begin - stats.wall_time_s
     return stats
 
 
-def _launch(jobs: list[WorkerJob], sink: TokenSink, timeout_s: float) -> dict[int, StageReport]:
+def _launch(jobs: list[WorkerJob], sink: TokenSink, timeout_s: float) -> dict[int, PPSDStats]:
     import torch.multiprocessing as mp
 
     # forkserver: one clean server process imports torch and transformers once per session, and every worker is
@@ -441,9 +418,9 @@ def _launch(jobs: list[WorkerJob], sink: TokenSink, timeout_s: float) -> dict[in
         messages.close()
 
 
-def _collect(processes, messages, sink: TokenSink, deadline: float) -> dict[int, StageReport]:
+def _collect(processes, messages, sink: TokenSink, deadline: float) -> dict[int, PPSDStats]:
     """Read the workers' messages until every rank has reported; raise on the first error, death or timeout."""
-    reports: dict[int, StageReport] = {}
+    reports: dict[int, PPSDStats] = {}
     dead_since: float | None = None
     while len(reports) < len(processes):
         try:
@@ -486,14 +463,10 @@ def _stop(processes, grace_s: float) -> None:
             process.join()
 
 
-def _merge(plan: StagePlan, prompt: list[int], sink: TokenSink, reports: dict[int, StageReport]) -> PPSDStats:
-    last = reports[plan.stages - 1]
-    stats = new_stats(plan, "distributed", len(prompt))
-    stats.stage_stats = [reports[r].stage for r in range(plan.stages)]
-    stats.ticks = last.ticks
-    stats.confirms, stats.flushes = last.confirms, last.flushes
-    stats.drafted, stats.accepted = last.drafted, last.accepted
-    stats.prefill_time_s, stats.wall_time_s = last.prefill_time_s, last.wall_time_s
+def _merge(plan: StagePlan, sink: TokenSink, reports: dict[int, PPSDStats]) -> PPSDStats:
+    """The run's stats: the last rank's count and times, each stage's own time from its rank."""
+    stats = reports[plan.stages - 1]
+    stats.stage_stats = [reports[rank].stage_stats[rank] for rank in range(plan.stages)]
     stats.new_tokens = len(sink.tokens)
     return stats
 
@@ -530,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         sink = TokenSink(args.max_new_tokens, [] if eos is None else [eos] if isinstance(eos, int) else eos, None)
         sampling = SamplingConfig(args.do_sample, "exact", args.temperature, args.top_k, args.top_p, args.seed)
         selector = make_selector(adapter, len(prompt), sink, sampling, 0)
-        report = run_stage(adapter, plan, rank, prompt, sink, selector, head=head)
+        stats = run_stage(adapter, plan, rank, prompt, sink, selector, head=head)
         if rank == world - 1:
-            print(json.dumps({"tokens": sink.tokens, "report": asdict(report)}))
+            print(json.dumps({"tokens": sink.tokens, "stats": asdict(stats)}))
     finally:
         dist.destroy_process_group()
     return 0
