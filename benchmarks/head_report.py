@@ -6,14 +6,19 @@ prompt token on, teacher-forced on the full model's own greedy text) where the h
 model's. EESD tokens per round are measured by real EESD runs (greedy, fixed draft length) on held-out prompts.
 
     python benchmarks/head_report.py --steps 120 --train-prompts 32 --eval-prompts 12 --tag cpu
+    python benchmarks/head_report.py --heads heads/smollm2-135m-e15.safetensors --eval-prompts 20 --tag cpu_corpus
 
 The trained heads are written to `heads/<model>-e<E>.safetensors` (bfloat16); `eesd train-head` with the same
-settings reproduces each one (same training prompts, corpus, batches and seed).
+settings reproduces each one (same training prompts, corpus, batches and seed). With `--heads`, nothing is trained:
+the given head files (e.g. distilled from a corpus, `eesd train-head --corpus`) are scored on the held-out prompts,
+and each one's held-out evaluations during training (`NAME.eval.csv`, written by `executor.train_head`) give the
+curve of agreement and tokens/round against training tokens: does more data still help?
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import platform
@@ -25,6 +30,7 @@ import torch
 
 from executor.adapter import ModelAdapter
 from executor.api import generate
+from executor.corpus import read_manifest
 from executor.heads import TrainedExitHead, load_head, save_head
 from executor.models import load_model, load_tokenizer
 from executor.prompts import encode_prompt, load_prompts, split_prompts
@@ -33,6 +39,7 @@ from executor.train_head import (
     TrainState,
     agreement,
     draft_logits,
+    eval_csv_path,
     generate_corpus,
     make_optimizer,
     shared_logits,
@@ -41,6 +48,7 @@ from executor.train_head import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT_FRACTION = 0.25  # split_prompts' default, which this report's held-out prompts come from
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heads-dir", default=str(ROOT / "heads"))
     parser.add_argument("--tag", default="cpu", help="results file suffix: benchmarks/results/head_report_<tag>")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heads", nargs="+", default=None, metavar="FILE",
+                        help="score these head files (trained elsewhere) instead of training heads here")  # fmt: skip
     return parser.parse_args()
 
 
@@ -94,6 +104,67 @@ def eesd_runs(model, prompts: list[list[int]], heads: dict[int, str], args, eos)
     return runs
 
 
+def training_curve(head_file: str | Path) -> list[dict[str, float]]:
+    """The held-out evaluations written while the head trained (`NAME.eval.csv`), if any: agreement and tokens/round
+    against training tokens."""
+    path = eval_csv_path(head_file)
+    if not path.is_file():
+        return []
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    keys = ("step", "tokens_seen", "targets_seen", "agreement", "tokens_per_round", "kl")
+    return [{key: float(row[key]) for key in keys} for row in rows]
+
+
+def plot_curves(path: Path, curves: dict[int, list[dict[str, float]]], label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for exit_layer, rows in curves.items():
+        ax.plot([r["tokens_seen"] for r in rows], [r["agreement"] for r in rows], "o-", label=f"E = {exit_layer}")
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("held-out agreement (top-1)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(label)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def check_unseen(path: str, metadata: dict[str, str], prompts: str) -> str:
+    """Refuse a head whose corpus holds this prompt set's held-out prompts (where its manifest says so)."""
+    corpus = Path(metadata.get("corpus", ""))
+    if not (corpus / "manifest.json").is_file():
+        return f"not checked: corpus {metadata.get('corpus', 'unknown')} is not on this machine"
+    manifest = read_manifest(corpus)
+    settings = manifest["settings"]
+    same_prompts = "self" in settings["sources"] and settings["prompts"] == prompts
+    if same_prompts and (manifest["split"] != "train" or settings["held_out_fraction"] != HELD_OUT_FRACTION):
+        raise ValueError(f"{path} was trained on a corpus that holds held-out prompts of {prompts}: {corpus}")
+    return f"corpus {corpus} ({manifest['split']} split)"
+
+
+def given_heads(
+    model, paths: list[str], eval_examples, args
+) -> tuple[dict[int, float], dict[int, str], dict[int, dict]]:
+    """Held-out agreement of head files trained elsewhere, their paths and what they were trained on."""
+    trained, heads, data = {}, {}, {}
+    for path in paths:
+        head = load_head(path, model)
+        exit_layer = head.exit_layer
+        trained[exit_layer] = agreement(lambda ex, h=head: draft_logits(h, ex), eval_examples)
+        heads[exit_layer] = str(path)
+        keys = ("corpus", "corpus_manifest_sha256", "tokens_seen", "train_tokens", "steps", "trained_with")
+        data[exit_layer] = {key: head.metadata[key] for key in keys if key in head.metadata}
+        data[exit_layer]["held_out_check"] = check_unseen(path, head.metadata, args.prompts)
+        print(f"E={exit_layer}: {path} agrees on {trained[exit_layer]:.3f} of held-out positions")
+    return trained, heads, data
+
+
 def plot(path: Path, shared: dict[int, float], trained: dict[int, float], label: str) -> None:
     import matplotlib
 
@@ -113,25 +184,12 @@ def plot(path: Path, shared: dict[int, float], trained: dict[int, float], label:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    begin = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype="float32"), load_tokenizer(args.model)
+def train_heads(model, train_ids: list[list[int]], eval_examples, args):
+    """Train a head per exit layer here (in memory, the first version's loop) and score it on the held-out prompts."""
     adapter = ModelAdapter(model)
-    eos = model.generation_config.eos_token_id
-    split = split_prompts(load_prompts(args.prompts))
-    train_ids = [encode_prompt(tokenizer, p.text) for p in split.train[: args.train_prompts]]
-    eval_ids = [encode_prompt(tokenizer, p.text) for p in split.held_out[: args.eval_prompts]]
     exit_layers = [int(e) for e in args.exit_layers.split(",")]
-
-    train_corpus = generate_corpus(model, train_ids, args.max_new_tokens, eos)
-    eval_corpus = generate_corpus(model, eval_ids, args.max_new_tokens, eos)
+    train_corpus = generate_corpus(model, train_ids, args.max_new_tokens, model.generation_config.eos_token_id)
     train_examples = teacher_examples(adapter, train_corpus, exit_layers)
-    eval_examples = teacher_examples(adapter, eval_corpus, list(range(1, adapter.num_layers)))
-    shared = {e: agreement(shared_logits(adapter, e), eval_examples) for e in range(1, adapter.num_layers)}
-
     trained, losses, heads = {}, {}, {}
     for exit_layer in exit_layers:
         head = TrainedExitHead(adapter, exit_layer)
@@ -148,12 +206,37 @@ def main() -> None:
         trained[exit_layer] = agreement(lambda ex, h=shipped: draft_logits(h, ex), eval_examples)
         losses[exit_layer] = state.losses
         heads[exit_layer] = str(path)
-        print(f"E={exit_layer}: shared {shared[exit_layer]:.3f}, trained {trained[exit_layer]:.3f}")
+        print(f"E={exit_layer}: trained {trained[exit_layer]:.3f}")
+    return trained, losses, heads
 
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    begin = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype="float32"), load_tokenizer(args.model)
+    adapter = ModelAdapter(model)
+    eos = model.generation_config.eos_token_id
+    split = split_prompts(load_prompts(args.prompts))
+    train_ids = [encode_prompt(tokenizer, p.text) for p in split.train[: args.train_prompts]]
+    eval_ids = [encode_prompt(tokenizer, p.text) for p in split.held_out[: args.eval_prompts]]
+    eval_corpus = generate_corpus(model, eval_ids, args.max_new_tokens, eos)
+    eval_examples = teacher_examples(adapter, eval_corpus, list(range(1, adapter.num_layers)))
+    shared = {e: agreement(shared_logits(adapter, e), eval_examples) for e in range(1, adapter.num_layers)}
+
+    if args.heads:
+        trained, heads, head_data = given_heads(model, args.heads, eval_examples, args)
+        losses: dict[int, list[float]] = {}
+    else:
+        trained, losses, heads = train_heads(model, train_ids, eval_examples, args)
+        head_data = {}
+    curves = {e: training_curve(path) for e, path in heads.items()}
     runs = eesd_runs(model, eval_ids[: args.eesd_prompts], heads, args, eos)
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    label = f"{args.model}, {args.tag.upper()}, float32: {args.steps} steps, {len(train_ids)} train prompts"
+    trained_how = "given heads" if args.heads else f"{args.steps} steps, {len(train_ids)} train prompts"
+    label = f"{args.model}, {args.tag.upper()}, float32: {trained_how}"
     report = {
         "label": label,
         "device": "cpu" if args.tag == "cpu" else args.tag,
@@ -177,11 +260,15 @@ def main() -> None:
         "kl_first10_last10": {e: [sum(v[:10]) / 10, sum(v[-10:]) / 10] for e, v in losses.items()},
         "eesd": [asdict(run) for run in runs],
         "heads": heads,
+        "head_training_data": head_data,
+        "training_curves": curves,  # held-out agreement / tokens per round vs training tokens, from NAME.eval.csv
         "wall_time_s": time.perf_counter() - begin,
     }
     out = results / f"head_report_{args.tag}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(out.with_suffix(".png"), shared, trained, label)
+    if any(curves.values()):
+        plot_curves(out.with_name(f"{out.stem}_curve.png"), {e: c for e, c in curves.items() if c}, label)
     print(f"wrote {out} and {out.with_suffix('.png')} in {report['wall_time_s']:.0f} s")
 
 

@@ -33,6 +33,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -94,7 +95,7 @@ class CorpusConfig:
     temperatures: tuple[float, ...] = (0.0, 0.7, 1.0)
     samples: int = 2  # per temperature > 0 (greedy once)
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int = 32
     self_prompts_per_topic: int = 2
     text_paths: tuple[str, ...] = ()
     python_env: str = "stdlib"  # stdlib | all (site-packages too)
@@ -322,8 +323,8 @@ def write_answers(
                     meta = {"prompt_id": prompt_id, "temperature": temperature, "seed": seed if temperature else None}
                     record_id = f"{source}/{prompt_id}/t{temperature:g}/s{sample}"
                     writer.add(Record(record_id, source, tokens + new, len(tokens) - 1, meta))
-                bar.update(1)
                 bar.set_postfix(tokens=writer.count(source).tokens)
+                bar.update(1)
 
 
 def split_of(prompts: Sequence[Prompt], config: CorpusConfig) -> tuple[Prompt, ...]:
@@ -364,8 +365,9 @@ def self_questions(
 
 
 def clean_question(text: str) -> str | None:
-    """The first paragraph of a generated question, unquoted; None when too short to be one."""
-    paragraph = text.strip().split("\n\n")[0].strip().strip('"').strip()
+    """The first paragraph of a generated question, without a speaker label or quotes; None when too short."""
+    paragraph = text.strip().split("\n\n")[0].strip().strip('"')
+    paragraph = re.sub(r"^(user|question|q)\s*:\s*", "", paragraph, flags=re.IGNORECASE).strip().strip('"').strip()
     return paragraph if len(paragraph) >= MIN_PROMPT_CHARS else None
 
 
@@ -452,8 +454,8 @@ def write_documents(
                     if cap is not None and writer.count(source).tokens >= cap:
                         return
                     writer.add(Record(f"{source}/{doc_id}/w{index}", source, piece, 0))
-            bar.update(1)
             bar.set_postfix(tokens=writer.count(source).tokens)
+            bar.update(1)
 
 
 def build_text(model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool):

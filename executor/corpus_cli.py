@@ -28,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sources", default="self", help=f"comma-separated, of {', '.join(SOURCE_NAMES)}")
     parser.add_argument("--split", default="train", choices=("train", "held-out"), help="prompts / documents used")
     parser.add_argument("--prompts", default="builtin", help="self: builtin | humaneval | a JSONL file (prompt field)")
-    parser.add_argument("--max-prompts", type=int, default=None, help="self: only the first N prompts of the split")
+    parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (topics) of the split")
     parser.add_argument("--temperatures", type=_floats, default=(0.0, 0.7, 1.0), help="0 is greedy (default 0,0.7,1)")
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt at each temperature > 0")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per answer (default 128)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default 32)")
     parser.add_argument("--questions-per-topic", type=int, default=2, help="self-prompts: questions per topic")
     parser.add_argument("--text", action="append", default=[], metavar="PATH", help="text: file, JSONL or directory")
     parser.add_argument("--python-env", default="stdlib", choices=("stdlib", "all"), help="python-env: + site-packages")
@@ -81,5 +81,6 @@ def run(args: argparse.Namespace) -> int:
               f"{count['duplicates']} duplicates dropped")  # fmt: skip
     totals = manifest["totals"]
     print(f"wrote {args.out}: {totals['records']} records, {totals['tokens']} tokens in {len(manifest['shards'])} "
-          f"shards, {elapsed:.0f} s ({totals['tokens'] / max(elapsed, 1e-9):.0f} tokens/s)")  # fmt: skip
+          f"shards in {elapsed:.0f} s ({totals['targets'] / max(elapsed, 1e-9):.1f} target tokens/s: generated ones "
+          f"for self sources)")  # fmt: skip
     return 0

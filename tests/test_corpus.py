@@ -183,6 +183,12 @@ def test_self_prompts_are_questions_the_model_wrote_on_train_topics(tiny, tokeni
         assert prompt.startswith("<user>") and "Write one question" not in prompt
 
 
+def test_generated_questions_are_cleaned() -> None:
+    assert corpus_module.clean_question('User: "What is the best bread?"\n\nmore text') == "What is the best bread?"
+    assert corpus_module.clean_question('"Question: how do I sort a list?"') == "how do I sort a list?"
+    assert corpus_module.clean_question("  hi  ") is None
+
+
 def test_python_env_files_skip_tests_and_docstrings_read_as_prose(tmp_path) -> None:
     root = tmp_path / "lib"
     (root / "pkg" / "tests").mkdir(parents=True)
