@@ -11,8 +11,9 @@ model's next-token distribution is a target. Per step:
 3. each head (one per exit layer, sharing that teacher pass) minimises KL(p_full || q_head) over the target
    positions, computed over chunks of `logit_chunk` positions so that no [positions, vocabulary] tensor of the
    whole batch is ever held; AdamW per head, warmup + cosine (or constant) learning rate, gradient clipping per
-   head, bf16 autocast on a GPU and the model's dtype on a CPU. Heads share no parameter and no optimizer, so a
-   head trained with others equals one trained alone on the same batches.
+   head. The teacher runs in the model's dtype; the heads keep float32 weights, used under bf16 autocast when the
+   model is loaded in bf16 (as on a GPU) and in float32 as a CPU loads it. Heads share no parameter and no
+   optimizer, so a head trained with others equals one trained alone on the same batches.
 Every `eval_every` steps the heads are scored on a held-out corpus (`evaluate`: agreement with the full model's
 greedy token and tokens/round at a fixed draft length, from the runs of consecutive matches as the acceptance traces
 count them), written to `NAME.eval.csv` next to each head.
@@ -296,11 +297,22 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def autocast(adapter: ModelAdapter) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on a GPU; the model's own dtype elsewhere (a CPU trains in float32 as loaded)."""
-    if adapter.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """The heads' computations under autocast to the model's dtype when that is a half type (bf16 on a GPU): their
+    float32 master weights meet the teacher's half-precision states there. A float32 model trains in float32, and
+    the teacher always runs in the model's own dtype (the executor's KV cache holds one dtype)."""
+    if adapter.dtype in HALF_DTYPES:
+        return torch.autocast(adapter.device.type, dtype=adapter.dtype)
     return contextlib.nullcontext()
+
+
+def new_head(adapter: ModelAdapter, exit_layer: int) -> TrainedExitHead:
+    """A head to train: float32 weights whatever the model's dtype (AdamW's updates are lost in bf16 weights)."""
+    head = TrainedExitHead(adapter, exit_layer)
+    return head.float() if adapter.dtype in HALF_DTYPES else head
 
 
 @dataclass
@@ -313,8 +325,7 @@ class TeacherBatch:
 
 
 def teacher_batch(adapter: ModelAdapter, batch: Batch, exit_layers: Sequence[int]) -> TeacherBatch:
-    with autocast(adapter):
-        states, hidden = teacher_states(adapter, batch.tokens, exit_layers)
+    states, hidden = teacher_states(adapter, batch.tokens, exit_layers)
     mask = batch.targets.to(adapter.device)
     return TeacherBatch(states, hidden[mask], mask)
 
@@ -323,7 +334,7 @@ def teacher_chunks(adapter: ModelAdapter, teacher: TeacherBatch, chunk: int) -> 
     """(positions, the full model's log-probabilities there [n, V] in float32), `chunk` target positions at a time."""
     for first in range(0, teacher.final.shape[0], chunk):
         piece = slice(first, first + chunk)
-        with torch.no_grad(), autocast(adapter):
+        with torch.no_grad():
             logits = adapter.logits(teacher.final[piece])
         yield piece, logits.float().log_softmax(-1)
 
@@ -625,7 +636,7 @@ def distill_heads(
     """Train one head per exit layer of `config` on `source` and write each to `outs[E]` (atomically), evaluating
     on `eval_source` and checkpointing next to the first; `resume` continues from that checkpoint if it exists."""
     adapter = ModelAdapter(model)
-    heads = {e: TrainedExitHead(adapter, e) for e in config.layers}
+    heads = {e: new_head(adapter, e) for e in config.layers}
     info = {k: str(v) for k, v in (dict(run_info or {}) | source.describe()).items()}
     if eval_source is not None:
         info |= {f"eval_{key}": value for key, value in eval_source.describe().items()}

@@ -177,3 +177,14 @@ def test_a_corpus_of_another_model_is_refused(tiny, corpora, tmp_path) -> None:
         train_head_corpus(other, corpora["train"], config(), tmp_path / "x.safetensors", progress=False)
     with pytest.raises(ValueError, match="exit_layer"):
         train_head_corpus(tiny, corpora["train"], config(exit_layer=1, exit_layers=(2,)), tmp_path / "x.safetensors")
+
+
+def test_a_bf16_model_trains_float32_heads_under_autocast(corpora, tmp_path) -> None:
+    model = tiny_model(SPEC, torch.bfloat16)  # as a GPU run loads it; autocast on the CPU takes the same path
+    out = tmp_path / "h.safetensors"
+    heads, state = train_head_corpus(model, corpora["train"], config(steps=8, eval_every=4, lr=5e-3), out,
+                                     eval_corpus=corpora["held"], progress=False)  # fmt: skip
+    assert all(p.dtype == torch.float32 for p in heads[2].parameters())
+    assert all(torch.isfinite(torch.tensor(state.losses)))
+    assert state.evals[-1]["kl"] < state.evals[0]["kl"]
+    assert load_head(out, model, 2).layer.mlp.down_proj.weight.dtype == torch.bfloat16
