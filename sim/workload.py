@@ -1,0 +1,379 @@
+"""Serving workloads: when requests arrive and how long their prompts and outputs are (torch-free, seeded).
+
+A workload file (YAML, or the `serving.workload` mapping of a serving scenario) names an arrival process and two
+length distributions:
+
+    requests: 200                 # how many requests (a trace: its rows, or its first N)
+    seed: 0
+    arrival: {process: poisson, rate_per_s: 4.0}
+    prompt_len: {dist: lognormal, median: 256, sigma: 0.6, max: 2048}
+    output_len: 128               # an integer is a fixed length
+
+Arrival processes: `poisson` (exponential gaps at `rate_per_s`), `gamma` (Gamma gaps at `rate_per_s` with coefficient
+of variation `cv`: bursty for cv > 1, cv = 1 is Poisson), `closed` (`users` clients, each sending its next request
+`think_s` seconds after its previous one finished: exponential think times, or `think: fixed`), `trace` (the
+`arrival_s` column of a CSV file: `arrival_s,prompt_len,output_len[,prompt_id]`, a header line first, `#` comments
+allowed, arrival times non-decreasing). Lengths: `fixed` (`value`, or a bare integer), `uniform` (integers in
+[`low`, `high`]), `lognormal` (`median`, `sigma`, rounded and clipped to [`min`, `max`]), `trace` (the CSV's column,
+with `arrival.process: trace`).
+
+Randomness: each of arrivals, prompt lengths, output lengths and think times draws from its own stream of `seed`, so a
+sweep over the rate keeps every request's lengths (common random numbers). Every size is bounded (`MAX_REQUESTS`,
+`MAX_TOKENS`, ...), and a mistake raises `WorkloadError` naming the file and the field (a CSV: the line and column).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_REQUESTS = 1_000_000  # requests in one workload
+MAX_TOKENS = 1_048_576  # a prompt's or an output's length
+MAX_RATE_PER_S = 1e6
+MAX_USERS = 100_000
+MAX_TIME_S = 1e9  # think times, arrival times
+TRACE_COLUMNS = ("arrival_s", "prompt_len", "output_len")
+STREAMS = {"arrival": 1, "prompt_len": 2, "output_len": 3, "think": 4}  # a sub-stream of the seed per quantity
+
+
+class WorkloadError(ValueError):
+    """A workload problem: `FILE: FIELD: what was expected`."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Poisson(_Strict):
+    process: Literal["poisson"]
+    rate_per_s: float = Field(gt=0, le=MAX_RATE_PER_S)
+
+
+class GammaArrivals(_Strict):
+    process: Literal["gamma"]
+    rate_per_s: float = Field(gt=0, le=MAX_RATE_PER_S)
+    cv: float = Field(gt=0, le=100)  # coefficient of variation of the gaps (1: Poisson)
+
+
+class ClosedLoop(_Strict):
+    process: Literal["closed"]
+    users: int = Field(ge=1, le=MAX_USERS)
+    think_s: float = Field(ge=0, le=MAX_TIME_S)  # mean think time (exponential) or the think time (fixed)
+    think: Literal["exponential", "fixed"] = "exponential"
+
+
+class TraceArrivals(_Strict):
+    process: Literal["trace"]
+    path: str  # CSV, relative to the file that names it
+
+
+Arrival = Annotated[Poisson | GammaArrivals | ClosedLoop | TraceArrivals, Field(discriminator="process")]
+
+
+class FixedLen(_Strict):
+    dist: Literal["fixed"]
+    value: int = Field(ge=1, le=MAX_TOKENS)
+
+
+class UniformLen(_Strict):
+    dist: Literal["uniform"]
+    low: int = Field(ge=1, le=MAX_TOKENS)
+    high: int = Field(ge=1, le=MAX_TOKENS)
+
+    @model_validator(mode="after")
+    def _order(self) -> UniformLen:
+        if self.low > self.high:
+            raise ValueError(f"low must be <= high (got low {self.low}, high {self.high})")
+        return self
+
+
+class LognormalLen(_Strict):
+    dist: Literal["lognormal"]
+    median: float = Field(ge=1, le=MAX_TOKENS)
+    sigma: float = Field(ge=0, le=5)
+    min: int = Field(1, ge=1, le=MAX_TOKENS)
+    max: int = Field(MAX_TOKENS, ge=1, le=MAX_TOKENS)
+
+    @model_validator(mode="after")
+    def _order(self) -> LognormalLen:
+        if self.min > self.max:
+            raise ValueError(f"min must be <= max (got min {self.min}, max {self.max})")
+        return self
+
+
+class TraceLen(_Strict):
+    dist: Literal["trace"]
+
+
+Length = Annotated[FixedLen | UniformLen | LognormalLen | TraceLen, Field(discriminator="dist")]
+
+
+class WorkloadSpec(_Strict):
+    requests: int | None = Field(None, ge=1, le=MAX_REQUESTS)  # required unless the arrivals come from a trace
+    seed: int = Field(0, ge=0)
+    arrival: Arrival
+    prompt_len: Length
+    output_len: Length
+
+    @field_validator("prompt_len", "output_len", mode="before")
+    @classmethod
+    def _bare_length(cls, value: Any) -> Any:
+        """A bare integer is a fixed length."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"dist": "fixed", "value": value}
+        if not isinstance(value, dict):
+            raise ValueError(
+                "expected an integer (a fixed length) or a mapping with dist: fixed|uniform|lognormal|trace"
+            )
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request: `arrival_s` (None in a closed loop, where a user sends it), its lengths in tokens, the think time
+    its user waits before sending it (closed loop) and a prompt id where a trace names one."""
+
+    index: int
+    prompt_len: int
+    output_len: int
+    arrival_s: float | None = None
+    think_s: float = 0.0
+    prompt_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The requests in index order; `users` is the closed loop's number of users (None: open loop)."""
+
+    requests: tuple[Request, ...]
+    users: int | None = None
+    source: str = ""
+
+    @property
+    def closed(self) -> bool:
+        return self.users is not None
+
+    @property
+    def max_prompt_len(self) -> int:
+        return max(r.prompt_len for r in self.requests)
+
+    @property
+    def max_output_len(self) -> int:
+        return max(r.output_len for r in self.requests)
+
+
+class ClosedLoopUsers:
+    """Who sends what when in a closed loop: request i goes out `think_s` after its user's previous request finished
+    (at time 0 for each user's first). Requests are handed out in index order as users become free, so the same
+    request carries the same lengths and think time whatever the order of completions."""
+
+    def __init__(self, workload: Workload) -> None:
+        if workload.users is None:
+            raise ValueError("a closed loop needs a workload with users")
+        self.requests = workload.requests
+        self.next_index = 0
+        self.users = workload.users
+
+    def first(self) -> list[tuple[Request, float]]:
+        """Each user's first request and when it is sent."""
+        return [self._take(0.0) for _ in range(min(self.users, len(self.requests)))]
+
+    def after(self, finish_s: float) -> tuple[Request, float] | None:
+        """The finishing user's next request and when it is sent (None once every request has gone out)."""
+        return self._take(finish_s) if self.next_index < len(self.requests) else None
+
+    def _take(self, free_s: float) -> tuple[Request, float]:
+        request = self.requests[self.next_index]
+        self.next_index += 1
+        return request, free_s + request.think_s
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------------
+def load_workload(path: str | Path) -> Workload:
+    """Read and validate a workload YAML file and draw its requests."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: workload file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise WorkloadError(f"{path}: invalid YAML: {err}") from None
+    return build_workload(parse_spec(raw, str(path)), path.parent, str(path))
+
+
+def parse_spec(data: Any, where: str, prefix: str = "") -> WorkloadSpec:
+    """Validate a workload mapping; errors name `where` and the field (`prefix` + its dotted path)."""
+    if not isinstance(data, dict):
+        raise WorkloadError(f"{where}: {prefix.rstrip('.') or '(top level)'}: expected a mapping of workload fields")
+    try:
+        spec = WorkloadSpec.model_validate(data)
+    except ValidationError as err:
+        raise WorkloadError("\n".join(_describe(where, prefix, e) for e in err.errors())) from None
+    from_trace = isinstance(spec.arrival, TraceArrivals)
+    if spec.requests is None and not from_trace:
+        raise WorkloadError(f"{where}: {prefix}requests: required (the number of requests) unless arrivals are a trace")
+    for name in ("prompt_len", "output_len"):
+        if isinstance(getattr(spec, name), TraceLen) and not from_trace:
+            raise WorkloadError(
+                f"{where}: {prefix}{name}: dist trace reads a column of the arrival trace; it needs arrival.process "
+                f"trace, got {spec.arrival.process}"
+            )
+    return spec
+
+
+def _describe(where: str, prefix: str, error: Any) -> str:
+    tags = {"poisson", "gamma", "closed", "trace", "fixed", "uniform", "lognormal"}
+    parts = [str(p) for p in error["loc"] if not (isinstance(p, str) and (p in tags or _is_union_tag(p)))]
+    field = prefix + ".".join(parts) if parts else prefix.rstrip(".") or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: {field}: unknown key"
+    if error["type"] == "missing":
+        return f"{where}: {field}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {field}: {message} (got {error.get('input')!r})"
+
+
+def _is_union_tag(part: str) -> bool:
+    return "[" in part or part.startswith(("function-", "tagged-union"))
+
+
+def build_workload(spec: WorkloadSpec, base_dir: Path, where: str, prefix: str = "") -> Workload:
+    """Draw the requests of a validated spec (a trace is read relative to `base_dir`)."""
+    trace = None
+    if isinstance(spec.arrival, TraceArrivals):
+        trace = read_workload_trace(_resolve(base_dir, spec.arrival.path, where, f"{prefix}arrival.path"))
+        if spec.requests is not None and spec.requests > len(trace):
+            raise WorkloadError(
+                f"{where}: {prefix}requests: the trace {spec.arrival.path} has {len(trace)} rows, got {spec.requests}"
+            )
+    count = spec.requests if spec.requests is not None else len(trace or ())
+    prompts = _lengths(spec.prompt_len, count, _stream(spec.seed, "prompt_len"), trace, 1)
+    outputs = _lengths(spec.output_len, count, _stream(spec.seed, "output_len"), trace, 2)
+    arrival, users = spec.arrival, None
+    if isinstance(arrival, ClosedLoop):
+        users = arrival.users
+        thinks = _think_times(arrival, count, _stream(spec.seed, "think"))
+        requests = tuple(Request(i, prompts[i], outputs[i], None, thinks[i]) for i in range(count))
+        return Workload(requests, users, where)
+    if trace is not None:
+        times = [row[0] for row in trace[:count]]
+        ids = [row[3] for row in trace[:count]]
+    else:
+        times, ids = arrival_times(arrival, count, _stream(spec.seed, "arrival")), [None] * count
+    requests = tuple(Request(i, prompts[i], outputs[i], times[i], 0.0, ids[i]) for i in range(count))
+    return Workload(requests, users, where)
+
+
+def with_rate(spec: WorkloadSpec, rate_per_s: float, where: str, field: str) -> WorkloadSpec:
+    """The spec at another arrival rate (Poisson and Gamma arrivals only)."""
+    if not isinstance(spec.arrival, (Poisson, GammaArrivals)):
+        raise WorkloadError(
+            f"{where}: {field}: a rate sweep needs poisson or gamma arrivals, the workload's are {spec.arrival.process}"
+        )
+    if not 0 < rate_per_s <= MAX_RATE_PER_S:
+        raise WorkloadError(f"{where}: {field}: rates must be in (0, {MAX_RATE_PER_S:g}] per second, got {rate_per_s}")
+    return spec.model_copy(update={"arrival": spec.arrival.model_copy(update={"rate_per_s": float(rate_per_s)})})
+
+
+def _stream(seed: int, quantity: str) -> random.Random:
+    return random.Random(seed * 1_000_003 + STREAMS[quantity])
+
+
+def arrival_times(arrival: Poisson | GammaArrivals, count: int, rng: random.Random) -> list[float]:
+    """Cumulative gaps from time 0: exponential (Poisson) or Gamma with shape 1/cv² and mean 1/rate."""
+    times, now = [], 0.0
+    if isinstance(arrival, Poisson):
+        draw = lambda: rng.expovariate(arrival.rate_per_s)  # noqa: E731
+    else:
+        shape = 1.0 / arrival.cv**2
+        scale = 1.0 / (arrival.rate_per_s * shape)
+        draw = lambda: rng.gammavariate(shape, scale)  # noqa: E731
+    for _ in range(count):
+        now += draw()
+        times.append(now)
+    return times
+
+
+def _think_times(arrival: ClosedLoop, count: int, rng: random.Random) -> list[float]:
+    if arrival.think == "fixed" or arrival.think_s == 0:
+        return [arrival.think_s] * count
+    return [rng.expovariate(1.0 / arrival.think_s) for _ in range(count)]
+
+
+def _lengths(
+    spec: FixedLen | UniformLen | LognormalLen | TraceLen,
+    count: int,
+    rng: random.Random,
+    trace: Sequence[tuple] | None,
+    column: int,
+) -> list[int]:
+    if isinstance(spec, FixedLen):
+        return [spec.value] * count
+    if isinstance(spec, UniformLen):
+        return [rng.randint(spec.low, spec.high) for _ in range(count)]
+    if isinstance(spec, LognormalLen):
+        mu = math.log(spec.median)
+        return [min(spec.max, max(spec.min, round(rng.lognormvariate(mu, spec.sigma)))) for _ in range(count)]
+    assert trace is not None  # the spec's validator requires a trace for dist: trace
+    return [int(row[column]) for row in trace[:count]]
+
+
+def read_workload_trace(path: Path) -> list[tuple[float, int, int, str | None]]:
+    """Rows (arrival_s, prompt_len, output_len, prompt_id or None) of a workload CSV, checked line by line."""
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise WorkloadError(f"{path}: empty workload trace; expected a header {','.join(TRACE_COLUMNS)}[,prompt_id]")
+    header_line, header = lines[0][0], next(csv.reader([lines[0][1]]))
+    header = [h.strip() for h in header]
+    missing = [c for c in TRACE_COLUMNS if c not in header]
+    unknown = [c for c in header if c not in (*TRACE_COLUMNS, "prompt_id")]
+    if missing or unknown:
+        raise WorkloadError(
+            f"{path}: line {header_line}: header: expected columns {','.join(TRACE_COLUMNS)}[,prompt_id], got "
+            f"{','.join(header)}"
+        )
+    if len(lines) - 1 > MAX_REQUESTS:
+        raise WorkloadError(f"{path}: {len(lines) - 1} rows; at most {MAX_REQUESTS} requests")
+    rows, last = [], 0.0
+    for number, line in lines[1:]:
+        cells = [c.strip() for c in next(csv.reader([line]))]
+        if len(cells) != len(header):
+            raise WorkloadError(f"{path}: line {number}: expected {len(header)} cells, got {len(cells)}")
+        record = dict(zip(header, cells, strict=True))
+        arrival = _cell(path, number, "arrival_s", record["arrival_s"], float, 0.0, MAX_TIME_S)
+        if arrival < last:
+            raise WorkloadError(
+                f"{path}: line {number}: arrival_s: arrival times must not decrease ({arrival} after {last})"
+            )
+        last = arrival
+        prompt = _cell(path, number, "prompt_len", record["prompt_len"], int, 1, MAX_TOKENS)
+        output = _cell(path, number, "output_len", record["output_len"], int, 1, MAX_TOKENS)
+        rows.append((arrival, prompt, output, record.get("prompt_id") or None))
+    return rows
+
+
+def _cell(path: Path, line: int, column: str, text: str, kind: type, low: float, high: float) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not low <= value <= high:
+        what = "an integer" if kind is int else "a number"
+        raise WorkloadError(f"{path}: line {line}: {column}: expected {what} in [{low:g}, {high:g}], got {text!r}")
+    return value
+
+
+def _resolve(base_dir: Path, relative: str, where: str, field: str) -> Path:
+    path = (base_dir / relative).resolve()
+    if not path.is_file():
+        raise WorkloadError(f"{where}: {field}: file not found: {path}")
+    return path
