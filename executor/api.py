@@ -113,6 +113,31 @@ def check_arguments(
         )
 
 
+def check_draft_len(adapter: ModelAdapter, draft_len: int) -> None:
+    """A draft is at most the model's context long (a round's drafts and token must fit in it)."""
+    if isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 1 <= draft_len <= adapter.max_positions:
+        raise ValueError(
+            f"draft_len must be an integer in [1, {adapter.max_positions}] (the model's context), got {draft_len!r}"
+        )
+
+
+def check_policies(adapter: ModelAdapter, policies: list[DraftPolicy]) -> None:
+    """A policy's longest draft (which it may plan over every round) is bounded by the model's context too."""
+    for policy in policies:
+        longest = policy.max_draft_len
+        if isinstance(longest, bool) or not isinstance(longest, int) or not 1 <= longest <= adapter.max_positions:
+            raise ValueError(
+                f"policy {type(policy).__name__}: its max draft length must be an integer in "
+                f"[1, {adapter.max_positions}] (the model's context), got {longest!r}"
+            )
+
+
+def draft_capacity(policies: list[DraftPolicy], max_new_tokens: int) -> int:
+    """The longest draft a round can make, which sizes the static buffers: the policies' longest, capped by what a
+    row has left to generate (a round's drafts and the full model's token fit in it, `sim.policy.round_budget`)."""
+    return max(1, min(max(p.max_draft_len for p in policies), max_new_tokens - 1))
+
+
 def _policies(spec: str | DraftPolicy, rows: int, seed: int, cost_ratio: float) -> list[DraftPolicy]:
     """One policy per row (its own posterior / schedule); a policy object is copied per row."""
     if not isinstance(spec, str):
@@ -205,7 +230,7 @@ class PassSetup:
     def passes(self, adapter: ModelAdapter, prompts: list[list[int]], max_new_tokens: int) -> Passes:
         """Fresh buffers without capture; with capture, the model's cached ones for this setup (graphs kept)."""
         mode = resolve_capture(self.capture, adapter.device, self.config.kind)
-        max_draft = max(p.max_draft_len for p in self.policies) if self.method == "eesd" else 0
+        max_draft = draft_capacity(self.policies, max_new_tokens) if self.method == "eesd" else 0
         lengths = [len(p) for p in prompts]
         capacity = cache_capacity(self.method, max(lengths), max_new_tokens, max_draft, captured=mode != "none")
         if mode == "none":
@@ -308,8 +333,7 @@ def generate(
         head, exit_layer = _exit_from_head(adapter, head)
     if method == "ppsd" and len(prompts) != 1:
         raise ValueError(f"method 'ppsd' decodes batch size 1, got {len(prompts)} rows")
-    if not isinstance(draft_len, int) or draft_len < 1:
-        raise ValueError(f"draft_len must be an integer >= 1, got {draft_len!r}")
+    check_draft_len(adapter, draft_len)
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
     check_sync_every(sync_every)
     if accept_pattern is not None and method != "eesd":
@@ -323,6 +347,7 @@ def generate(
     eos = _eos_ids(eos_token_id)
     cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
     policies = _policies(policy if policy is not None else f"fixed:{draft_len}", len(prompts), seed, cost_ratio)
+    check_policies(adapter, policies)
     callback = _streamer_callback(streamer, len(prompts), ids)
     rows = Rows(prompts=prompts, sinks=[TokenSink(max_new_tokens, eos, callback) for _ in prompts])
     stats = GenerationStats(method=method, prompt_tokens=sum(len(p) for p in prompts))

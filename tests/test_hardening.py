@@ -1,0 +1,51 @@
+"""Every input bounded by the model, the context and the machine: extreme arguments are refused with a ValueError
+that names the argument and its allowed range, or are capped where the cap changes nothing in the output."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import TinySpec, tiny_model
+
+import executor
+from executor.adapter import ModelAdapter
+from executor.api import PassSetup, _policies
+from executor.sampling import SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(TinySpec(num_layers=2))
+
+
+# ------------------------------------------------------------------------------------------------- draft length
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 8])
+def test_static_buffers_are_sized_by_what_is_left_to_generate_not_by_the_draft_len(model, max_new_tokens):
+    adapter = ModelAdapter(model)
+    draft_len = adapter.max_positions  # the largest draft_len accepted
+    policies = _policies(f"fixed:{draft_len}", 1, 0, 0.5)
+    setup = PassSetup("eesd", SamplingConfig(), 0, [], 1, None, policies, "none")
+    passes = setup.passes(adapter, [[1, 2, 3]], max_new_tokens)
+    assert passes.max_draft == max(1, max_new_tokens - 1)  # a round's drafts and token fit in what is left
+    assert max(passes.positions) == passes.max_draft + 1
+    assert passes.cache.max_len <= 3 + max_new_tokens + passes.max_draft + 1
+
+
+def test_the_longest_draft_len_decodes_as_ar_does(model):
+    prompt = [5, 6, 7]
+    longest = executor.generate(model, prompt, method="eesd", exit_layer=1, draft_len=256, max_new_tokens=8)
+    assert longest.sequences.tolist() == executor.generate(model, prompt, max_new_tokens=8).sequences.tolist()
+    assert max(longest.stats.drafted) <= 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(draft_len=10**6), r"draft_len must be an integer in \[1, 256\] \(the model's context\), got 1000000"),
+        (dict(draft_len=True), r"draft_len must be an integer in \[1, 256\]"),
+        (dict(policy="beta-ts:max=1000000"), r"policy BetaTSPolicy: its max draft length .* \[1, 256\]"),
+        (dict(policy="confidence:max=257"), r"policy ConfidencePolicy: its max draft length .* \[1, 256\]"),
+    ],
+)
+def test_a_draft_beyond_the_context_is_refused(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        executor.generate(model, [1, 2, 3], method="eesd", exit_layer=1, max_new_tokens=8, **kwargs)
