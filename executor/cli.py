@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("sim.cli", "simulate AR / EESD / PPSD from a scenario YAML (torch-free)"),
     "calibrate": ("calibrate.cli", "measure latency profiles, acceptance traces and link profiles for the simulator"),
     "validate": ("calibrate.validate_cli", "check the simulator's predictions against the executor on this machine"),
+    "serve-sim": ("sim.serve_cli", "simulate serving under load: arrivals, continuous batching, SLOs (torch-free)"),
 }
 # the packages of the `executor` extra (pyproject.toml): a command that needs a missing one names the extra
 EXECUTOR_EXTRA = ("torch", "transformers", "accelerate", "gguf", "safetensors")

@@ -1,0 +1,51 @@
+"""`eesd serve-sim SCENARIO.yaml [--out DIR] [--jobs N]`: simulate serving under load (torch-free).
+
+Reads a serving scenario (`sim.serving`), simulates every case x rate x method, prints a table and the rate where
+speculation stops paying, and writes `serving.csv`, `speculation.csv` and plots (`sim.serving_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from sim.runner import plots_available
+from sim.serving import load_serving_points
+from sim.serving_report import run_serving, stop_paying, summary_table, write_outputs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scenario", type=Path, help="serving scenario YAML (see scenarios/serving_*.yaml)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder, created if missing (default: runs/<scenario name>)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="parallel processes (0: one per CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    points = load_serving_points(args.scenario)
+    out_dir = args.out or Path("runs") / args.scenario.stem
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: is a file; --out names the folder the outputs are written into")
+    jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
+    print(f"{args.scenario}: {len(points)} serving run(s), {len(points[0].workload.requests)} requests each")
+    runs = run_serving(points, jobs=jobs, progress=not args.no_progress)
+    print(summary_table(runs))
+    for item in stop_paying(runs):
+        stop = item["stop_rate_per_s"]
+        where = f"case {item['case']}: " if item["case"] else ""
+        if stop == "never":
+            print(f"{where}{item['method']} never pays against ar at the rates swept (mean end-to-end latency)")
+        elif stop == "":
+            print(f"{where}{item['method']} pays against ar at every rate swept (mean end-to-end latency)")
+        else:
+            print(f"{where}{item['method']} stops paying against ar at about {stop} requests/s")
+    for path in write_outputs(runs, out_dir):
+        print(f"wrote {path}")
+    if not plots_available():
+        print('note: no plots (matplotlib is not installed: pip install -e ".[plots]")')
+    if any(r.result.extrapolated for r in runs):
+        print("note: some latencies were extrapolated beyond the profiled grid (column 'extrapolated')")
+    return 0

@@ -1,0 +1,631 @@
+"""Serving under load: requests arrive, wait, are batched continuously and decoded with AR or EESD (torch-free).
+
+A serving scenario is a simulator scenario (model, latency, acceptance, topology, exit layer, head, policy: see
+`sim.scenario`) whose `workload:` is replaced by a `serving:` section:
+
+    serving:
+      workload: workloads/chat_poisson.yaml   # a workload file (`sim.workload`), or the same fields inline
+      methods: [ar, eesd]                     # each is simulated on the same requests (default: the scenario's)
+      rates_per_s: [1, 2, 4, 8]               # optional: the arrival rate swept (poisson and gamma arrivals)
+      max_batch: 8                            # batch slots
+      kv_capacity_tokens: auto                # auto | an integer | null (unlimited)
+      slo: {ttft_ms: 500, tpot_ms: 50}        # goodput counts the requests within both bounds
+      cases:                                  # optional: named variants, each a mapping of dotted fields
+        - {name: smollm2, model: SmolLM2-135M}
+
+The schedule (the executor's `executor.serving` runs the same one):
+- Admission is first come, first served at round boundaries: the request at the head of the queue enters when a
+  slot is free and the KV cache has room for its whole run (prompt + output + the longest draft + 1 tokens, as the
+  executor's cache holds it: `sim.contract.cache_capacity`); nothing is preempted, nothing overtakes the head.
+- Prefill first: an admitted request's prefill is a pass of its own (batch 1, q = its prompt) before the next decode
+  round; its first token comes out of it (TTFT = that pass's end - arrival).
+- A decode round runs the running requests as one batch: AR one step each; EESD one draft-then-verify round in
+  which each request has its own draft policy and acceptance stream, the batch drafting while any row drafts and
+  verifying at the largest draft count (as the executor's batches run it). A round in which no row drafts is one AR
+  step. A request that reaches its output length leaves at the round's end and its slot goes to the next one.
+- The host reads the device after every round (admission needs the tokens), so every pass pays its host read.
+- `kv_capacity_tokens: auto` is 90% of each GPU's memory minus its weights, over the KV bytes per token of its layers
+  (the smallest over stages); a device whose memory is unknown (a CPU profile) has no limit unless one is given.
+- PPSD decodes batch size 1 in the executor, so it has no batched serving: a scenario asking for it is refused.
+
+Times in the simulation are µs; records and metrics are in seconds and milliseconds (names say which).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import simpy
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sim.contract import cache_capacity
+from sim.cost import Pass, pass_costs
+from sim.engine import TOKEN_ID_BYTES
+from sim.hardware import GPUS, gpu_named_by
+from sim.plan import SimPlan, build_plan
+from sim.policy import make_policy, round_budget
+from sim.scenario import Point, ScenarioError, validate
+from sim.workload import ClosedLoopUsers, Request, Workload, WorkloadError, build_workload, parse_spec, with_rate
+
+MAX_BATCH = 4096
+KV_MEMORY_SHARE = 0.9  # the share of a GPU's memory that weights and KV cache may take (the rest: activations)
+SERVING_METHODS = ("ar", "eesd")
+PPSD_REFUSAL = (
+    "ppsd is not defined under batching: the executor's PPSD decodes batch size 1 (one pipeline per request), so "
+    "there is no batched serving loop to simulate; use ar or eesd"
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SLO(_Strict):
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+
+
+class ServingConfig(_Strict):
+    workload: str | dict[str, Any]
+    methods: list[str] | None = Field(None, min_length=1)
+    rates_per_s: list[float] | None = Field(None, min_length=1, max_length=1000)
+    max_batch: int = Field(8, ge=1, le=MAX_BATCH)
+    kv_capacity_tokens: int | Literal["auto"] | None = "auto"
+    slo: SLO = SLO()
+    cases: list[dict[str, Any]] | None = Field(None, min_length=1)
+
+
+@dataclass(frozen=True)
+class ServingPoint:
+    """One run: a case of the scenario at one arrival rate (None: the workload's own) with one method."""
+
+    case: str
+    method: str
+    rate_per_s: float | None
+    plan: SimPlan
+    workload: Workload
+    max_batch: int
+    kv_capacity_tokens: int | None
+    slo: SLO
+    source: str
+
+
+# ---- reading a serving scenario --------------------------------------------------------------------------------------
+def load_serving_points(path: str | Path) -> list[ServingPoint]:
+    """Read and check a serving scenario; one point per case x rate x method. Errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: serving scenario not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ScenarioError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(raw, dict) or "serving" not in raw:
+        raise ScenarioError(f"{path}: serving: required: a serving scenario is a scenario with a serving section")
+    for key in ("workload", "sweep"):
+        if key in raw:
+            raise ScenarioError(
+                f"{path}: {key}: not used by a serving scenario; give serving.workload, serving.rates_per_s, "
+                "serving.methods and serving.cases instead"
+            )
+    config = _config(raw["serving"], str(path))
+    points = []
+    for case, data in _cases(raw, config, str(path)):
+        points += _case_points(path, case, data)
+    return points
+
+
+def _config(data: Any, where: str) -> ServingConfig:
+    try:
+        return ServingConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            field_path = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("literal", "function")))
+            message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"{where}: serving.{field_path}: {message} (got {e.get('input')!r})")
+        raise ScenarioError("\n".join(lines)) from None
+
+
+def _cases(raw: dict[str, Any], config: ServingConfig, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, the scenario's data with the case's fields set) per case; one unnamed case without `cases`."""
+    if not config.cases:
+        return [("", raw)]
+    found = []
+    for index, case in enumerate(config.cases):
+        name = case.get("name")
+        if not isinstance(name, str) or not name:
+            raise ScenarioError(f"{where}: serving.cases[{index}].name: required, a non-empty string")
+        data = copy.deepcopy(raw)
+        for dotted, value in case.items():
+            if dotted != "name":
+                _set_path(data, dotted, value)
+        found.append((name, data))
+    if len({name for name, _ in found}) != len(found):
+        raise ScenarioError(f"{where}: serving.cases: names must be unique, got {[n for n, _ in found]}")
+    return found
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node[part] = node = dict(node[part]) if isinstance(node.get(part), dict) else {}
+    node[last] = value
+
+
+def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoint]:
+    where = f"{path}: case {case}" if case else str(path)
+    config = _config(data["serving"], where)
+    methods = config.methods or [data.get("method", "ar")]
+    for method in methods:
+        if method == "ppsd":
+            raise ScenarioError(f"{where}: serving.methods: {PPSD_REFUSAL}")
+        if method not in SERVING_METHODS:
+            raise ScenarioError(f"{where}: serving.methods: expected ar or eesd, got {method!r}")
+    spec, base_dir, spec_where, prefix = _workload_spec(config, path, where)
+    rates: Sequence[float | None] = config.rates_per_s or [None]
+    points = []
+    for rate in rates:
+        rated = spec if rate is None else with_rate(spec, rate, where, "serving.rates_per_s")
+        workload = build_workload(rated, base_dir, spec_where, prefix)
+        for method in methods:
+            plan = _plan(path, data, method, workload, config.max_batch, where)
+            capacity = _kv_capacity(plan, config.kv_capacity_tokens)
+            _check_fits(plan, workload, capacity, where)
+            points.append(
+                ServingPoint(case, method, rate, plan, workload, config.max_batch, capacity, config.slo, where)
+            )
+    return points
+
+
+def _workload_spec(config: ServingConfig, path: Path, where: str) -> tuple[Any, Path, str, str]:
+    """(the validated spec, the folder its trace paths are relative to, the file its errors name, the field prefix)."""
+    if isinstance(config.workload, dict):
+        return parse_spec(config.workload, where, "serving.workload."), path.parent, where, "serving.workload."
+    file = (path.parent / config.workload).resolve()
+    if not file.is_file():
+        raise WorkloadError(f"{where}: serving.workload: file not found: {file}")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise WorkloadError(f"{file}: invalid YAML: {err}") from None
+    return parse_spec(raw, str(file)), file.parent, str(file), ""
+
+
+def _plan(path: Path, data: dict[str, Any], method: str, workload: Workload, max_batch: int, where: str) -> SimPlan:
+    """The simulator's plan for one method: the scenario's fields, with a static workload of the longest prompt and
+    output at `max_batch` (the executor's serving cache holds that many slots a row; the cost ratio is taken there)."""
+    fields = {k: v for k, v in data.items() if k != "serving"}
+    fields["method"] = method
+    fields["workload"] = {
+        "requests": 1,
+        "batch_size": max_batch,
+        "prompt_len": workload.max_prompt_len,
+        "output_len": workload.max_output_len,
+    }
+    scenario = validate(fields, where)
+    return build_plan(Point(0, {}, scenario, path.parent, where))
+
+
+def kv_tokens(method: str, max_draft_len: int) -> Callable[[Request], int]:
+    """The KV cache slots a request holds from admission to its end: prompt + output (+ the longest draft + 1), as
+    `sim.contract.cache_capacity` sizes the executor's cache (uncaptured: not rounded up)."""
+    return lambda r: cache_capacity(method, r.prompt_len, r.output_len, max_draft_len, captured=False)
+
+
+def plan_kv_tokens(plan: SimPlan) -> Callable[[Request], int]:
+    """`kv_tokens` for a plan's method and policy."""
+    return kv_tokens(plan.method, make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0)
+
+
+def _kv_capacity(plan: SimPlan, given: int | Literal["auto"] | None) -> int | None:
+    if given != "auto":
+        return given
+    capacities = []
+    model, dtype_bytes = plan.model, plan.dtype_bytes
+    for stage in plan.stages:
+        name = stage.device if stage.device in GPUS else gpu_named_by(stage.device)
+        if name is None:
+            return None  # a device whose memory is unknown: no limit unless one is given
+        layers = stage.layer_end - stage.layer_start
+        weights = (layers * model.layer_params + model.lm_head_params) * dtype_bytes / stage.tp
+        free = KV_MEMORY_SHARE * GPUS[name].memory_GiB * 2**30 - weights
+        per_token = layers * model.kv_bytes_per_token(dtype_bytes) / stage.tp
+        capacities.append(max(0, int(free // per_token)))
+    return min(capacities)
+
+
+def _check_fits(plan: SimPlan, workload: Workload, capacity: int | None, where: str) -> None:
+    if capacity is None:
+        return
+    tokens = plan_kv_tokens(plan)
+    largest = max(workload.requests, key=tokens)
+    needed = tokens(largest)
+    if needed > capacity:
+        raise ScenarioError(
+            f"{where}: serving.kv_capacity_tokens: request {largest.index} needs {needed} KV tokens (prompt "
+            f"{largest.prompt_len} + output {largest.output_len} + draft room), the capacity is {capacity}: it could "
+            "never be admitted"
+        )
+
+
+# ---- what a run records, and its metrics (shared with executor.serving) ----------------------------------------------
+@dataclass(slots=True)
+class RequestRecord:
+    """One request's times in seconds from the run's start; `tokens` it produced."""
+
+    index: int
+    prompt_len: int
+    output_len: int
+    arrival_s: float
+    start_s: float = math.nan  # its prefill began (it left the queue)
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    tokens: int = 0
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def queue_s(self) -> float:
+        return self.start_s - self.arrival_s
+
+    @property
+    def latency_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first (None for a one-token request)."""
+        return (self.finish_s - self.first_token_s) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+@dataclass
+class ServingResult:
+    """A serving run: every request's record and the device's totals (seconds)."""
+
+    method: str
+    max_batch: int
+    records: list[RequestRecord]
+    time_s: float = 0.0  # from time 0 to the last request's end
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    batch_time_s: float = 0.0  # sum over decode rounds of batch size x round time
+    rounds: int = 0
+    row_rounds: int = 0  # sum over decode rounds of the batch size
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0  # counted as produced, round by round
+    in_system_s: float = 0.0  # integral over time of the number of requests in the system
+    extrapolated: bool = False
+
+
+class Admission:
+    """First come, first served admission into `max_batch` slots under a KV budget of `kv_capacity` tokens (None:
+    unlimited); `tokens(request)` is what a request holds from admission to its end."""
+
+    def __init__(self, max_batch: int, kv_capacity: int | None, tokens: Callable[[Request], int]) -> None:
+        self.max_batch, self.kv_capacity, self.tokens = max_batch, kv_capacity, tokens
+        self.waiting: deque[Request] = deque()
+        self.running = 0
+        self.kv_used = 0
+
+    def arrive(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def next(self) -> Request | None:
+        """The head of the queue if it may enter now (a slot free and room in the cache), else None."""
+        if not self.waiting or self.running >= self.max_batch:
+            return None
+        need = self.tokens(self.waiting[0])
+        if self.kv_capacity is not None and self.kv_used + need > self.kv_capacity:
+            return None
+        self.running += 1
+        self.kv_used += need
+        return self.waiting.popleft()
+
+    def release(self, request: Request) -> None:
+        self.running -= 1
+        self.kv_used -= self.tokens(request)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between closest ranks (numpy's default); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _stats_ms(name: str, values_s: Sequence[float]) -> dict[str, float]:
+    values = [v * 1e3 for v in values_s]
+    mean = sum(values) / len(values) if values else math.nan
+    return {
+        f"{name}_mean_ms": mean,
+        f"{name}_p50_ms": percentile(values, 50),
+        f"{name}_p90_ms": percentile(values, 90),
+        f"{name}_p99_ms": percentile(values, 99),
+    }
+
+
+def metrics(result: ServingResult, slo: SLO | None = None) -> dict[str, float]:
+    """Latency percentiles (ms), throughput, queueing, batch occupancy, goodput and Little's law's two sides."""
+    records, time_s = result.records, result.time_s or math.nan
+    tpots = [r.tpot_s for r in records if r.tpot_s is not None]
+    row: dict[str, float] = {
+        "requests": len(records),
+        "tokens": sum(r.tokens for r in records),
+        "time_s": result.time_s,
+        "tokens_per_s": sum(r.tokens for r in records) / time_s,
+        "requests_per_s": len(records) / time_s,
+    }
+    row.update(_stats_ms("ttft", [r.ttft_s for r in records]))
+    row.update(_stats_ms("tpot", tpots))
+    row.update(_stats_ms("latency", [r.latency_s for r in records]))
+    row.update(_stats_ms("queue", [r.queue_s for r in records]))
+    row["mean_batch"] = result.batch_time_s / result.decode_s if result.decode_s > 0 else 0.0
+    row["occupancy"] = row["mean_batch"] / result.max_batch
+    row["busy_pct"] = 100.0 * (result.prefill_s + result.decode_s) / time_s
+    decode_tokens = sum(r.tokens - 1 for r in records if r.tokens)
+    row["tokens_per_round"] = decode_tokens / result.row_rounds if result.row_rounds else math.nan
+    row["acceptance"] = result.accepted / result.drafted if result.drafted else math.nan
+    good = [r for r in records if _within(r, slo)]
+    row["goodput_rps"] = len(good) / time_s
+    row["slo_pct"] = 100.0 * len(good) / len(records) if records else math.nan
+    # Little's law: the time-average number in the system against arrival rate x mean time in the system
+    row["mean_in_system"] = result.in_system_s / time_s
+    row["little_lambda_w"] = row["requests_per_s"] * sum(r.latency_s for r in records) / max(len(records), 1)
+    return row
+
+
+def _within(record: RequestRecord, slo: SLO | None) -> bool:
+    if slo is None:
+        return True
+    if slo.ttft_ms is not None and record.ttft_s * 1e3 > slo.ttft_ms:
+        return False
+    tpot = record.tpot_s
+    return slo.tpot_ms is None or tpot is None or tpot * 1e3 <= slo.tpot_ms
+
+
+# ---- the simulation --------------------------------------------------------------------------------------------------
+class _Row:
+    """A running request: its record, acceptance stream, policy and progress (`generated` includes the prefill's)."""
+
+    __slots__ = ("record", "request", "stream", "policy", "generated", "remaining", "limit", "drafted", "accepted",
+                 "all_match")  # fmt: skip
+
+    def __init__(self, record: RequestRecord, request: Request, stream: Any, policy: Any) -> None:
+        self.record, self.request, self.stream, self.policy = record, request, stream, policy
+        self.generated, self.remaining = 1, request.output_len - 1
+        self.limit = self.drafted = self.accepted = 0
+        self.all_match = True
+
+
+class ServingSimulation:
+    """One serving run of a plan over a workload (see the module docstring for the schedule). Create one per run."""
+
+    def __init__(self, plan: SimPlan, workload: Workload, max_batch: int, kv_capacity_tokens: int | None) -> None:
+        if plan.method not in SERVING_METHODS:
+            raise ValueError(PPSD_REFUSAL if plan.method == "ppsd" else f"method must be ar or eesd: {plan.method}")
+        self.plan, self.workload = plan, workload
+        self.env = simpy.Environment()
+        self.admission = Admission(max_batch, kv_capacity_tokens, plan_kv_tokens(plan))
+        self.records = [RequestRecord(r.index, r.prompt_len, r.output_len, math.nan) for r in workload.requests]
+        self.result = ServingResult(plan.method, max_batch, self.records)
+        self.users = ClosedLoopUsers(workload) if workload.closed else None
+        self.in_system, self.last_change_us, self.finished = 0, 0.0, 0
+        self.wake: simpy.Event | None = None
+        self._costs: dict[tuple[str, int, int], float] = {}
+        layers, exit_layer = plan.model.num_layers, plan.exit_layer
+        self.decode = Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=plan.head_layer_at)
+        self.draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=False)
+        # a policy that stops on the draft's confidence reads the device after every draft step
+        self.draft_read = Pass("draft read", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=True)
+        self.verify: dict[int, Pass] = {}
+
+    def run(self) -> ServingResult:
+        env = self.env
+        if self.users is None:
+            env.process(self._open_arrivals())
+        else:
+            for request, at_s in self.users.first():
+                self._arrive_at(request, at_s)
+        env.process(self._serve())
+        env.run()
+        self._count_in_system(0)
+        result = self.result
+        result.time_s = env.now / 1e6
+        result.extrapolated = any(getattr(s.latency, "extrapolated", False) for s in self.plan.stages)
+        return result
+
+    # ---- arrivals ----------------------------------------------------------------------------------------------------
+    def _open_arrivals(self) -> Generator[simpy.Event, Any, None]:
+        env = self.env
+        for request in self.workload.requests:
+            at_us = request.arrival_s * 1e6  # type: ignore[operator]
+            if at_us > env.now:
+                yield env.timeout(at_us - env.now)
+            self._arrive(request)
+
+    def _arrive_at(self, request: Request, at_s: float) -> None:
+        delay_us = max(0.0, at_s * 1e6 - self.env.now)
+        self.env.timeout(delay_us).callbacks.append(lambda _: self._arrive(request))
+
+    def _arrive(self, request: Request) -> None:
+        self.records[request.index].arrival_s = self.env.now / 1e6
+        self._count_in_system(+1)
+        self.admission.arrive(request)
+        if self.wake is not None:
+            wake, self.wake = self.wake, None
+            wake.succeed()
+
+    def _count_in_system(self, change: int) -> None:
+        now = self.env.now
+        self.result.in_system_s += self.in_system * (now - self.last_change_us) / 1e6
+        self.in_system += change
+        self.last_change_us = now
+
+    # ---- the scheduler -----------------------------------------------------------------------------------------------
+    def _serve(self) -> Generator[simpy.Event, Any, None]:
+        env, running, total = self.env, [], len(self.records)
+        round_fn = self._ar_round if self.plan.method == "ar" else self._eesd_round
+        while self.finished < total:
+            request = self.admission.next()
+            while request is not None:
+                yield from self._prefill(request, running)
+                request = self.admission.next()
+            if not running:
+                self.wake = env.event()
+                yield self.wake
+                continue
+            start = env.now
+            yield from round_fn(running)
+            elapsed_s = (env.now - start) / 1e6
+            result = self.result
+            result.decode_s += elapsed_s
+            result.batch_time_s += len(running) * elapsed_s
+            result.rounds += 1
+            result.row_rounds += len(running)
+            if any(row.remaining == 0 for row in running):
+                running[:] = [row for row in running if not self._finish_if_done(row)]
+
+    def _prefill(self, request: Request, running: list[_Row]) -> Generator[simpy.Event, Any, None]:
+        plan, record = self.plan, self.records[request.index]
+        record.start_s = self.env.now / 1e6
+        prefill = Pass("prefill", "prefill", ((0, plan.model.num_layers, request.prompt_len),), lm_head_q=1)
+        duration_us = self._pass_us(prefill, 0, 1)
+        yield self.env.timeout(duration_us)
+        self.result.prefill_s += duration_us / 1e6
+        record.first_token_s = self.env.now / 1e6
+        record.tokens = 1
+        self.result.tokens += 1
+        row = _Row(record, request, *self._stream_and_policy(request))
+        if not self._finish_if_done(row):
+            running.append(row)
+
+    def _stream_and_policy(self, request: Request) -> tuple[Any, Any]:
+        """A request's own acceptance stream and draft policy, seeded by the plan's seed and its index (the same
+        whatever the order of admission)."""
+        plan, base = self.plan, self.plan.seed * 1_000_003 + 2 * request.index
+        stream = plan.acceptance.stream(random.Random(base), request.index)
+        policy = make_policy(plan.policy, rng=random.Random(base + 1), cost_ratio=plan.cost_ratio)
+        return stream, policy
+
+    def _finish_if_done(self, row: _Row) -> bool:
+        if row.remaining > 0:
+            return False
+        record = row.record
+        record.finish_s = self.env.now / 1e6
+        self.admission.release(row.request)
+        self._count_in_system(-1)
+        self.finished += 1
+        if self.users is not None:
+            following = self.users.after(record.finish_s)
+            if following is not None:
+                self._arrive_at(*following)
+        return True
+
+    # ---- rounds ------------------------------------------------------------------------------------------------------
+    def _ar_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, None]:
+        yield self.env.timeout(self._pass_us(self.decode, self._context(rows), len(rows)))
+        for row in rows:
+            row.generated += 1
+            row.remaining -= 1
+            row.record.tokens += 1
+        self.result.tokens += len(rows)
+
+    def _eesd_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, None]:
+        drafting = []
+        for row in rows:
+            row.limit = round_budget(row.policy, row.remaining)
+            row.drafted = row.accepted = 0
+            row.all_match = True
+            if row.limit > 0:
+                drafting.append(row)
+        batch, context = len(rows), self._context(rows)
+        if not drafting:  # a round in which no row drafts is one AR step
+            yield from self._ar_round(rows)
+            for row in rows:
+                row.policy.update(0, 0)
+            return
+        draft = self.draft_read if any(row.policy.needs_confidence for row in rows) else self.draft
+        while drafting:
+            yield self.env.timeout(self._pass_us(draft, context, batch))
+            context += 1
+            drafting = [row for row in drafting if self._draft_one(row)]
+        k = max(row.drafted for row in rows)
+        yield self.env.timeout(self._pass_us(self._verify(k), context, batch))
+        result, emitted_total = self.result, 0
+        for row in rows:
+            row.policy.update(row.drafted, row.accepted)
+            emitted = min(row.accepted + 1, row.remaining)
+            row.generated += emitted
+            row.remaining -= emitted
+            row.record.tokens += emitted
+            emitted_total += emitted
+            result.drafted += row.drafted
+            result.accepted += row.accepted
+        result.tokens += emitted_total
+
+    def _draft_one(self, row: _Row) -> bool:
+        """The row's next draft (position `generated + drafted`); whether it drafts again this round."""
+        match, confidence = row.stream.draft(row.generated + row.drafted, row.drafted)
+        row.drafted += 1
+        row.all_match = row.all_match and match
+        row.accepted += row.all_match
+        return row.drafted < row.limit and row.policy.keep_drafting(row.drafted, confidence)
+
+    def _verify(self, k: int) -> Pass:
+        work = self.verify.get(k)
+        if work is None:
+            plan, layers = self.plan, self.plan.model.num_layers
+            segments = ((0, plan.exit_layer, 1), (plan.exit_layer, layers, k + 1))
+            work = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=plan.head_layer_at)
+            self.verify[k] = work
+        return work
+
+    def _context(self, rows: list[_Row]) -> int:
+        return max(row.request.prompt_len + row.generated for row in rows)
+
+    def _pass_us(self, work: Pass, context_len: int, batch: int) -> float:
+        """A pass's time through every stage it visits, the links between them and the token ids' way back; decode
+        passes attend over the plan's cache slots where it has them (the executor's static cache)."""
+        plan = self.plan
+        if plan.cache_slots and work.phase != "prefill":
+            context_len = plan.cache_slots
+        step = plan.context_step
+        context_len = (context_len + step // 2) // step * step
+        key = (work.name, context_len, batch)
+        cached = self._costs.get(key)
+        if cached is None:
+            first, last, durations, link_bytes = pass_costs(plan, work, context_len, batch)
+            links = sum(plan.link.time_us(link_bytes[i]) for i in range(first, last))
+            back = plan.link.time_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0
+            cached = self._costs[key] = sum(durations) + links + back
+        return cached
+
+
+def simulate_serving(point: ServingPoint) -> ServingResult:
+    """Run one serving point."""
+    return ServingSimulation(point.plan, point.workload, point.max_batch, point.kv_capacity_tokens).run()
+
+
+@dataclass(frozen=True)
+class ServingRun:
+    point: ServingPoint
+    result: ServingResult
+    wall_s: float
+    metrics: dict[str, float] = field(default_factory=dict)

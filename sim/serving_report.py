@@ -1,0 +1,188 @@
+"""Run a serving scenario's points and write what they show: a table, `serving.csv`, `speculation.csv` and plots.
+
+`serving.csv` has one row per (case, rate, method) with the metrics of `sim.serving.metrics` (latencies in ms,
+throughput per second). `speculation.csv` says, per case and speculative method, where speculation stops paying:
+the lowest swept rate at which its mean end-to-end latency is no longer below AR's on the same requests, interpolated
+linearly in the latency ratio between the two rates around the crossing (`stop_rate_per_s`; empty when it pays at every
+rate swept, `never` when it pays at none). Plots (matplotlib, the `plots` extra): per case, the throughput-latency
+curve of each method (`throughput_latency_<case>.png`) and p50 TPOT and p90 TTFT over the rate
+(`latency_vs_rate_<case>.png`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sim.progress import progress_bar
+from sim.runner import plots_available
+from sim.serving import ServingPoint, ServingRun, metrics, simulate_serving
+
+PAYS_METRIC = "latency_mean_ms"  # speculation pays at a rate where its mean end-to-end latency is below AR's
+TABLE_COLUMNS = ("case", "rate_per_s", "method", "tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p90_ms",
+                 "tpot_p50_ms", "tpot_p90_ms", "latency_mean_ms", "occupancy", "goodput_rps")  # fmt: skip
+
+
+def run_point(point: ServingPoint) -> ServingRun:
+    start = time.perf_counter()
+    result = simulate_serving(point)
+    return ServingRun(point, result, time.perf_counter() - start, metrics(result, point.slo))
+
+
+def run_serving(points: Sequence[ServingPoint], jobs: int = 1, progress: bool = True) -> list[ServingRun]:
+    """Simulate every point (`jobs` > 1: in that many processes); results in point order."""
+    bar = progress_bar(len(points), "serving", "run", progress, leave=False)
+    if jobs <= 1 or len(points) == 1:
+        runs = []
+        for point in points:
+            runs.append(run_point(point))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(points))) as pool:
+            futures = [pool.submit(run_point, point) for point in points]
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update(1))
+            runs = [f.result() for f in futures]
+    bar.close()
+    return runs
+
+
+def row(run: ServingRun) -> dict[str, Any]:
+    p = run.point
+    head = {
+        "case": p.case,
+        "rate_per_s": p.rate_per_s if p.rate_per_s is not None else "",
+        "method": p.method,
+        "policy": p.plan.policy if p.method == "eesd" else "",
+        "exit_layer": p.plan.exit_layer if p.method == "eesd" else "",
+        "max_batch": p.max_batch,
+        "kv_capacity_tokens": p.kv_capacity_tokens if p.kv_capacity_tokens is not None else "",
+    }
+    values = {k: _rounded(v) for k, v in run.metrics.items()}
+    return {**head, **values, "extrapolated": run.result.extrapolated, "wall_s": round(run.wall_s, 3)}
+
+
+def _rounded(value: float) -> float | int | str:
+    if isinstance(value, int):
+        return value
+    return "" if math.isnan(value) else round(value, 4)
+
+
+def stop_paying(runs: Sequence[ServingRun]) -> list[dict[str, Any]]:
+    """Per case and speculative method: the rate where it stops paying against AR (see the module docstring)."""
+    by_key: dict[tuple[str, str], dict[float, float]] = {}
+    for run in runs:
+        rate = run.point.rate_per_s
+        if rate is not None:
+            by_key.setdefault((run.point.case, run.point.method), {})[rate] = run.metrics[PAYS_METRIC]
+    found = []
+    for (case, method), curve in by_key.items():
+        baseline = by_key.get((case, "ar"))
+        if method == "ar" or baseline is None:
+            continue
+        rates = sorted(r for r in curve if r in baseline)
+        ratios = [curve[r] / baseline[r] for r in rates]
+        found.append({"case": case, "method": method, "metric": PAYS_METRIC, **_crossing(rates, ratios)})
+    return found
+
+
+def _crossing(rates: list[float], ratios: list[float]) -> dict[str, Any]:
+    cells = {"ratios": ";".join(f"{r:g}:{x:.3f}" for r, x in zip(rates, ratios, strict=True))}
+    if not rates or ratios[0] >= 1.0:
+        return {"stop_rate_per_s": "never", **cells}
+    for i in range(1, len(rates)):
+        if ratios[i] >= 1.0:
+            r0, r1, x0, x1 = rates[i - 1], rates[i], ratios[i - 1], ratios[i]
+            return {"stop_rate_per_s": round(r0 + (1.0 - x0) / (x1 - x0) * (r1 - r0), 4), **cells}
+    return {"stop_rate_per_s": "", **cells}
+
+
+def write_outputs(runs: Sequence[ServingRun], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [_write_csv([row(run) for run in runs], out_dir / "serving.csv")]
+    crossings = stop_paying(runs)
+    if crossings:
+        written.append(_write_csv(crossings, out_dir / "speculation.csv"))
+    if plots_available() and any(run.point.rate_per_s is not None for run in runs):
+        written += _plots(runs, out_dir)
+    return written
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def _plots(runs: Sequence[ServingRun], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for case in dict.fromkeys(run.point.case for run in runs):
+        curves: dict[str, list[ServingRun]] = {}
+        for run in runs:
+            if run.point.case == case and run.point.rate_per_s is not None:
+                curves.setdefault(run.point.method, []).append(run)
+        suffix = case or "scenario"
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for method, items in curves.items():
+            ax.plot([r.metrics["tokens_per_s"] for r in items], [r.metrics["latency_mean_ms"] for r in items],
+                    marker="o", label=method)  # fmt: skip
+        ax.set_xlabel("throughput (tokens/s)")
+        ax.set_ylabel("mean end-to-end latency (ms)")
+        ax.set_yscale("log")
+        ax.set_title(f"{suffix}: throughput-latency, one point per request rate", fontsize=9)
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, plt, out_dir / f"throughput_latency_{suffix}.png"))
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for method, items in curves.items():
+            rates = [r.point.rate_per_s for r in items]
+            ax.plot(rates, [r.metrics["tpot_p50_ms"] for r in items], marker="o", label=f"{method} TPOT p50")
+            ax.plot(rates, [r.metrics["ttft_p90_ms"] for r in items], marker="s", linestyle="--",
+                    label=f"{method} TTFT p90")  # fmt: skip
+        ax.set_xlabel("request rate (1/s)")
+        ax.set_ylabel("ms")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{suffix}: latency over the offered load", fontsize=9)
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, plt, out_dir / f"latency_vs_rate_{suffix}.png"))
+    return paths
+
+
+def _save(fig: Any, plt: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_table(runs: Sequence[ServingRun]) -> str:
+    """A fixed-width table, one line per run."""
+    rows = [row(run) for run in runs]
+    heads = {"rate_per_s": "rate/s", "tokens_per_s": "tok/s", "requests_per_s": "req/s", "latency_mean_ms": "e2e ms",
+             "ttft_p50_ms": "ttft50", "ttft_p90_ms": "ttft90", "tpot_p50_ms": "tpot50", "tpot_p90_ms": "tpot90",
+             "goodput_rps": "goodput/s"}  # fmt: skip
+    table = [[heads.get(c, c) for c in TABLE_COLUMNS]] + [[_short(r[c]) for c in TABLE_COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)

@@ -1,0 +1,252 @@
+"""The serving simulator (sim.serving): closed forms (Little's law on every run, M/D/1 for AR at batch 1), every
+request completing once with every token counted once, the admission rules, and bad scenarios refused by field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sim.scenario import ScenarioError
+from sim.serving import (
+    PPSD_REFUSAL,
+    ServingPoint,
+    ServingResult,
+    load_serving_points,
+    metrics,
+    plan_kv_tokens,
+    simulate_serving,
+)
+from sim.serving_report import _crossing, run_serving, stop_paying, write_outputs
+from sim.workload import WorkloadError, build_workload, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYER_US = 100.0  # constant latencies: every pass costs the same (30 layers x 100 µs), whatever q and the batch
+
+
+def write_scenario(tmp_path: Path, serving: dict, **fields) -> Path:
+    data = {
+        "name": "serving-test",
+        "model": "SmolLM2-135M",
+        "method": "ar",
+        "exit_layer": 15,
+        "policy": "fixed:3",
+        "latency": {"constant_us": {"layer": LAYER_US}},
+        "acceptance": {"alpha": 0.6},
+        **fields,
+        "serving": serving,
+    }
+    path = tmp_path / "serving.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def poisson(requests: int, rate: float, prompt=16, output=12, seed=0) -> dict:
+    return {"requests": requests, "seed": seed, "arrival": {"process": "poisson", "rate_per_s": rate},
+            "prompt_len": prompt, "output_len": output}  # fmt: skip
+
+
+def check_run(point: ServingPoint, result: ServingResult) -> dict[str, float]:
+    """What every run must satisfy: each request arrives, starts, gets its first token and finishes once, in that
+    order, with exactly its output length; the tokens counted round by round are the records' sum; Little's law holds
+    over the run's window; the slots and the KV budget are never exceeded."""
+    records = result.records
+    assert sorted(r.index for r in records) == list(range(len(point.workload.requests)))
+    for record, request in zip(records, point.workload.requests, strict=True):
+        assert record.arrival_s <= record.start_s < record.first_token_s <= record.finish_s
+        assert record.tokens == request.output_len
+    assert result.tokens == sum(r.output_len for r in point.workload.requests)
+    row = metrics(result)
+    assert row["mean_in_system"] == pytest.approx(row["little_lambda_w"], rel=1e-9)
+    assert row["mean_in_system"] > 0
+    tokens = plan_kv_tokens(point.plan)
+    slots, kv = peak_use(records, lambda r: 1), peak_use(records, lambda r: tokens(point.workload.requests[r.index]))
+    assert slots <= point.max_batch
+    assert point.kv_capacity_tokens is None or kv <= point.kv_capacity_tokens
+    return row
+
+
+def peak_use(records, weight) -> int:
+    """The most of `weight` held at once by requests between their prefill's start and their end (a request leaving
+    at a round's end frees its share before the next admission at that instant)."""
+    events = sorted([(r.start_s, 1, weight(r)) for r in records] + [(r.finish_s, -1, weight(r)) for r in records])
+    level = peak = 0
+    for _, sign, amount in events:
+        level += sign * amount
+        peak = max(peak, level)
+    return peak
+
+
+@pytest.mark.parametrize("method", ["ar", "eesd"])
+@pytest.mark.parametrize(
+    "arrival",
+    [
+        {"process": "poisson", "rate_per_s": 30.0},
+        {"process": "gamma", "rate_per_s": 30.0, "cv": 4.0},
+        {"process": "closed", "users": 5, "think_s": 0.02},
+    ],
+)
+def test_every_run_completes_counts_and_obeys_littles_law(tmp_path, method, arrival):
+    workload = {"requests": 300, "seed": 2, "arrival": arrival, "prompt_len": {"dist": "uniform", "low": 4, "high": 64},
+                "output_len": {"dist": "lognormal", "median": 20, "sigma": 0.7, "max": 120}}  # fmt: skip
+    path = write_scenario(tmp_path, {"workload": workload, "methods": [method], "max_batch": 4})
+    (point,) = load_serving_points(path)
+    row = check_run(point, simulate_serving(point))
+    assert 0 < row["occupancy"] <= 1
+    if method == "eesd":
+        assert 0 < row["acceptance"] < 1 and row["tokens_per_round"] > 1
+
+
+def test_trace_workload_file_and_kv_budget(tmp_path):
+    lines = ["arrival_s,prompt_len,output_len"] + [f"{0.001 * i},{10 + i % 7},{5 + i % 11}" for i in range(60)]
+    (tmp_path / "trace.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "w.yaml").write_text(
+        "arrival: {process: trace, path: trace.csv}\nprompt_len: {dist: trace}\noutput_len: {dist: trace}\n"
+    )
+    # AR holds prompt + output + 1 slots (17 to 32 tokens a request): 80 tokens admit 2 to 4 at a time
+    path = write_scenario(tmp_path, {"workload": "w.yaml", "max_batch": 8, "kv_capacity_tokens": 80})
+    (point,) = load_serving_points(path)
+    assert point.kv_capacity_tokens == 80
+    result = simulate_serving(point)
+    check_run(point, result)
+    assert 2 < metrics(result)["mean_batch"] < 4
+    unlimited = dataclasses.replace(point, kv_capacity_tokens=None)
+    assert metrics(simulate_serving(unlimited))["mean_batch"] > 4
+
+
+def test_md1_waiting_time_for_ar_at_batch_one(tmp_path):
+    """Poisson arrivals, fixed lengths and constant pass costs make AR at batch 1 an M/D/1 queue: the mean wait
+    W = rho / (2 mu (1 - rho)), within four standard errors of the batch means of the simulated waits."""
+    output = 10
+    service_s = output * 30 * LAYER_US / 1e6  # the prefill and output - 1 decode steps, each one pass
+    rate = 16.0
+    rho = rate * service_s
+    path = write_scenario(tmp_path, {"workload": poisson(20_000, rate, output=output, seed=1), "max_batch": 1})
+    (point,) = load_serving_points(path)
+    result = simulate_serving(point)
+    check_run(point, result)
+    waits = [r.queue_s for r in result.records]
+    expected = rho / (2 * (1 / service_s) * (1 - rho))
+    batches = [statistics.mean(waits[i : i + 1000]) for i in range(0, len(waits), 1000)]
+    standard_error = statistics.stdev(batches) / math.sqrt(len(batches))
+    assert abs(statistics.mean(waits) - expected) < 4 * standard_error
+    assert metrics(result)["busy_pct"] == pytest.approx(100 * rho, rel=0.05)
+
+
+def test_eesd_at_full_acceptance_emits_draft_len_plus_one(tmp_path):
+    path = write_scenario(
+        tmp_path, {"workload": poisson(50, 5.0, output=41), "methods": ["eesd"]}, acceptance={"alpha": 1.0}
+    )
+    (point,) = load_serving_points(path)
+    result = simulate_serving(point)
+    check_run(point, result)
+    assert metrics(result)["tokens_per_round"] == pytest.approx(4.0)  # fixed:3 at alpha 1: 3 + 1 per round
+
+
+def test_first_come_first_served(tmp_path):
+    path = write_scenario(tmp_path, {"workload": poisson(400, 200.0), "max_batch": 3, "methods": ["eesd"]})
+    (point,) = load_serving_points(path)
+    result = simulate_serving(point)
+    check_run(point, result)
+    starts = [r.start_s for r in result.records]
+    assert starts == sorted(starts) and metrics(result)["queue_mean_ms"] > 0
+
+
+def test_rate_sweep_methods_cases_and_outputs(tmp_path):
+    serving = {
+        "workload": poisson(200, 1.0),
+        "methods": ["ar", "eesd"],
+        "rates_per_s": [2, 20, 200],
+        "max_batch": 4,
+        "slo": {"ttft_ms": 50, "tpot_ms": 4},
+        "cases": [{"name": "low", "acceptance.alpha": 0.2}, {"name": "high", "acceptance.alpha": 0.95}],
+    }
+    points = load_serving_points(write_scenario(tmp_path, serving))
+    assert [(p.case, p.rate_per_s, p.method) for p in points[:4]] == [
+        ("low", 2, "ar"), ("low", 2, "eesd"), ("low", 20, "ar"), ("low", 20, "eesd")
+    ]  # fmt: skip
+    same = [p.workload.requests for p in points if p.rate_per_s == 2]
+    assert all(requests == same[0] for requests in same)
+    runs = run_serving(points, progress=False)
+    for run in runs:
+        check_run(run.point, run.result)
+        assert 0 <= run.metrics["goodput_rps"] <= run.metrics["requests_per_s"]
+    crossings = {c["case"]: c for c in stop_paying(runs)}
+    assert crossings["low"]["stop_rate_per_s"] == "never"  # drafts that are rarely accepted never pay
+    assert crossings["high"]["stop_rate_per_s"] != "never"
+    written = {p.name for p in write_outputs(runs, tmp_path / "out")}
+    assert {"serving.csv", "speculation.csv"} <= written
+
+
+def test_crossing_interpolates_the_latency_ratio():
+    assert _crossing([1, 2, 4], [0.8, 0.9, 1.1])["stop_rate_per_s"] == pytest.approx(3.0)
+    assert _crossing([1, 2], [1.2, 0.9])["stop_rate_per_s"] == "never"
+    assert _crossing([1, 2], [0.5, 0.9])["stop_rate_per_s"] == ""
+
+
+def test_kv_capacity_auto_from_gpu_memory(tmp_path):
+    fields = {"latency": {"roofline": {}}, "topology": {"gpu": "H100"}}
+    (point,) = load_serving_points(write_scenario(tmp_path, {"workload": poisson(5, 1.0)}, **fields))
+    model = point.plan.model
+    weights = (30 * model.layer_params + model.lm_head_params) * 2
+    per_token = 30 * model.kv_bytes_per_token(2)
+    assert point.kv_capacity_tokens == int((0.9 * 80 * 2**30 - weights) // per_token)
+    profiled = {"latency": {"profile": {"path": str(ROOT / "calibration/cpu/latency_smollm2-135m_cpu_fp32.csv"),
+                                        "cuda_graphs": False}}, "dtype": "fp32"}  # fmt: skip
+    (point,) = load_serving_points(write_scenario(tmp_path, {"workload": poisson(5, 1.0)}, **profiled))
+    assert point.kv_capacity_tokens is None  # a CPU's memory is not known: no limit unless given
+
+
+@pytest.mark.parametrize(
+    ("serving", "fields", "message"),
+    [
+        ({"methods": ["ppsd"]}, {}, "serving.methods: " + PPSD_REFUSAL[:40]),
+        ({"methods": ["beam"]}, {}, "serving.methods: expected ar or eesd"),
+        ({"max_batch": 0}, {}, "serving.max_batch: Input should be greater than or equal to 1"),
+        ({"max_batch": 100_000}, {}, "serving.max_batch: Input should be less than or equal to 4096"),
+        ({"kv_capacity_tokens": 20}, {}, "serving.kv_capacity_tokens: request 0 needs 29 KV tokens"),
+        ({"slo": {"ttft_ms": -1}}, {}, "serving.slo.ttft_ms: Input should be greater than 0"),
+        ({"batch": 3}, {}, "serving.batch: unknown key"),
+        ({"rates_per_s": [1, -2]}, {}, "serving.rates_per_s: rates must be in"),
+        ({"cases": [{"model": "SmolLM2-135M"}]}, {}, r"serving.cases\[0\].name: required"),
+        ({"cases": [{"name": "a", "exit_layer": 99}]}, {}, "case a: exit_layer: expected 1 <= exit_layer < 30"),
+        ({}, {"workload": {"requests": 2}}, "workload: not used by a serving scenario"),
+        ({}, {"model": "GPT-9"}, "model: unknown model 'GPT-9'"),
+    ],
+)
+def test_bad_serving_scenarios_refused_with_field(tmp_path, serving, fields, message):
+    path = write_scenario(tmp_path, {"workload": poisson(5, 1.0), **serving}, **fields)
+    with pytest.raises((ScenarioError, WorkloadError), match=message):
+        load_serving_points(path)
+
+
+def test_bad_inline_workload_named_under_serving(tmp_path):
+    bad = {**poisson(5, 1.0), "output_len": {"dist": "uniform", "low": 5}}
+    with pytest.raises(WorkloadError, match=r"serving.yaml: serving.workload.output_len.high: required field"):
+        load_serving_points(write_scenario(tmp_path, {"workload": bad}))
+    with pytest.raises(WorkloadError, match="serving.workload: file not found"):
+        load_serving_points(write_scenario(tmp_path, {"workload": "none.yaml"}))
+    spec = parse_spec(poisson(5, 1.0), "x")
+    assert len(build_workload(spec, tmp_path, "x").requests) == 5
+
+
+def test_serve_sim_cli_runs_without_torch(tmp_path):
+    path = write_scenario(tmp_path, {"workload": poisson(30, 50.0), "methods": ["ar", "eesd"], "rates_per_s": [5, 50]})
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from executor.cli import main\n"
+        f"sys.exit(main(['serve-sim', {str(path)!r}, '--out', {str(tmp_path / 'out')!r}, '--no-progress']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "eesd" in done.stdout and (tmp_path / "out" / "serving.csv").is_file()
+    bad = write_scenario(tmp_path, {"workload": poisson(3, 1.0), "methods": ["ppsd"]})
+    done = subprocess.run([sys.executable, "-m", "executor.cli", "serve-sim", str(bad)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "ppsd is not defined under batching" in done.stderr
