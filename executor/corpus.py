@@ -20,11 +20,12 @@ held-out corpus of a text source never shares a document with its training corpu
 
 Output: a directory of JSONL shards (`shard-00000.jsonl`, one record per line: `id`, `source`, `start`, `tokens`,
 and for generated records `prompt_id`, `temperature`, `seed`) and `manifest.json` (`CORPUS_FORMAT`, version, model
-name and fingerprint, tokenizer, seed, the exact settings, per-source record / token / target counts, duplicates
-dropped, each shard's records and sha256). Each shard is written atomically (temporary file + rename) once full,
-the manifest last, so a directory with a manifest is complete. Records are deduplicated by a hash of their token
-ids (the first one is kept). The same settings give byte-identical shards and manifest. Memory stays bounded: one
-shard's lines, one batch of generation and the set of record hashes.
+name, fingerprint, dtype and device, tokenizer, seed, the exact settings and command-line arguments, per-source
+record / token / target counts, duplicates dropped, each shard's records and sha256). Each shard is written
+atomically (temporary file + rename) once full, the manifest last, so a directory with a manifest is complete.
+Records are deduplicated by a hash of their token ids (the first one is kept). The same settings give byte-identical
+shards (and manifest, but for the command line recorded there). Memory stays bounded: one shard's lines, one batch
+of generation and the set of record hashes.
 """
 
 from __future__ import annotations
@@ -243,10 +244,12 @@ def build_corpus(
     out: str | os.PathLike[str],
     *,
     model_name: str,
+    arguments: dict[str, Any] | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build the corpus of `config` into the directory `out`; returns its manifest."""
+    """Build the corpus of `config` into the directory `out`; returns its manifest, which records `arguments` (the
+    command line's, say) besides the settings."""
     directory = Path(out)
     prepare_output(directory, force)
     writer = CorpusWriter(directory, config.shard_records)
@@ -254,8 +257,9 @@ def build_corpus(
         BUILDERS[source](model, tokenizer, config, writer, progress)
     header = {
         "format": CORPUS_FORMAT, "version": CORPUS_VERSION, "model": model_name,
-        "model_fingerprint": model_fingerprint(model), "tokenizer": tokenizer_info(tokenizer), "seed": config.seed,
-        "split": config.split, "settings": asdict(config),
+        "model_fingerprint": model_fingerprint(model), "model_dtype": str(next(model.parameters()).dtype),
+        "device": next(model.parameters()).device.type, "tokenizer": tokenizer_info(tokenizer), "seed": config.seed,
+        "split": config.split, "settings": asdict(config), "arguments": arguments or {},
     }  # fmt: skip
     return writer.finish(header)
 

@@ -73,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
     tokenizer = load_tokenizer(args.model)
     begin = time.perf_counter()
-    manifest = build_corpus(model, tokenizer, config, args.out, model_name=str(args.model), force=args.force,
-                            progress=not args.no_progress)  # fmt: skip
+    plain = (str, int, float, list, tuple, type(None))  # what JSON holds: not the parser's own callables
+    arguments = {key: value for key, value in vars(args).items() if isinstance(value, plain)}
+    manifest = build_corpus(model, tokenizer, config, args.out, model_name=str(args.model), arguments=arguments,
+                            force=args.force, progress=not args.no_progress)  # fmt: skip
     elapsed = time.perf_counter() - begin
     for name, count in manifest["sources"].items():
         print(f"  {name}: {count['records']} records, {count['tokens']} tokens ({count['targets']} targets), "

@@ -266,3 +266,24 @@ def test_record_windows_keep_targets_only() -> None:
     record = Record("r", "self", list(range(25)), 13)
     assert record_windows(record, 10) == [(list(range(10, 20)), 3), (list(range(20, 25)), 0)]
     assert record_windows(Record("r", "self", list(range(5)), 4), 10) == [(list(range(5)), 4)]
+
+
+def test_corpus_command_builds_from_a_model_directory(tiny, tokenizer, tmp_path, capsys) -> None:
+    import argparse
+
+    from executor import corpus_cli
+
+    model_dir = tmp_path / "model"
+    tiny.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    parser = argparse.ArgumentParser()
+    corpus_cli.add_arguments(parser)
+    argv = ["--model", str(model_dir), "--out", str(tmp_path / "c"), "--max-prompts", "2", "--temperatures", "0,0.5",
+            "--samples", "1", "--max-new-tokens", "3", "--dtype", "float64", "--no-progress"]  # fmt: skip
+    assert corpus_cli.run(parser.parse_args(argv)) == 0
+    manifest = read_manifest(tmp_path / "c")
+    assert manifest["settings"]["temperatures"] == [0.0, 0.5] and manifest["totals"]["records"] == 4
+    assert manifest["model"] == str(model_dir) and "4 records" in capsys.readouterr().out
+    assert manifest["arguments"]["dtype"] == "float64" == manifest["model_dtype"].removeprefix("torch.")
+    with pytest.raises(ValueError, match="corpus sources"):
+        corpus_cli.run(parser.parse_args([*argv, "--sources", "self,web"]))
