@@ -358,16 +358,16 @@ def distill_batch(heads: dict[int, TrainedExitHead], teacher: TeacherBatch, chun
     adapter = next(iter(heads.values())).adapter
     outputs = {e: head_states(head, teacher) for e, head in heads.items()}
     leaves = {e: out.detach().requires_grad_(True) for e, out in outputs.items()}
-    count, totals = teacher.final.shape[0], dict.fromkeys(heads, 0.0)
+    count, totals = teacher.final.shape[0], {e: [] for e in heads}
     for piece, target in teacher_chunks(adapter, teacher, chunk):
         for exit_layer, head in heads.items():
             student = chunk_log_probs(head, leaves[exit_layer][piece])
             loss = F.kl_div(student, target, log_target=True, reduction="sum") / count
             loss.backward()
-            totals[exit_layer] += float(loss.detach())
+            totals[exit_layer].append(loss.detach())  # read once per step, not once per chunk (a GPU sync each)
     for exit_layer, out in outputs.items():
         out.backward(leaves[exit_layer].grad)
-    return totals
+    return {e: float(torch.stack(parts).sum()) for e, parts in totals.items()}
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
