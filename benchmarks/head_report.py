@@ -116,23 +116,31 @@ def training_curve(head_file: str | Path) -> list[dict[str, float]]:
     return [{key: float(row[key]) for key in keys} for row in rows]
 
 
-def plot_curves(path: Path, curves: dict[int, list[dict[str, float]]], label: str) -> None:
+def agreement_plot(path: Path, label: str, xlabel: str, draw) -> None:
+    """A figure of agreement (0..1) against `xlabel`, its lines drawn by `draw(axes)`, saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for exit_layer, rows in curves.items():
-        ax.plot([r["tokens_seen"] for r in rows], [r["agreement"] for r in rows], "o-", label=f"E = {exit_layer}")
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel("held-out agreement (top-1)")
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out agreement with the full model (top-1)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(label)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_curves(path: Path, curves: dict[int, list[dict[str, float]]], label: str) -> None:
+    def draw(ax) -> None:
+        for exit_layer, rows in curves.items():
+            ax.plot([r["tokens_seen"] for r in rows], [r["agreement"] for r in rows], "o-", label=f"E = {exit_layer}")
+
+    agreement_plot(path, label, "training tokens seen", draw)
 
 
 def check_unseen(path: str, metadata: dict[str, str], prompts: str) -> str:
@@ -166,22 +174,11 @@ def given_heads(
 
 
 def plot(path: Path, shared: dict[int, float], trained: dict[int, float], label: str) -> None:
-    import matplotlib
+    def draw(ax) -> None:
+        ax.plot(list(shared), list(shared.values()), "o-", label="shared head (final norm + LM head)")
+        ax.plot(list(trained), list(trained.values()), "s", markersize=9, label="trained one-layer head")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(list(shared), list(shared.values()), "o-", label="shared head (final norm + LM head)")
-    ax.plot(list(trained), list(trained.values()), "s", markersize=9, label="trained one-layer head")
-    ax.set_xlabel("exit layer E")
-    ax.set_ylabel("agreement with the full model (top-1)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(label)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    agreement_plot(path, label, "exit layer E", draw)
 
 
 def train_heads(model, train_ids: list[list[int]], eval_examples, args):
