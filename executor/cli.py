@@ -25,7 +25,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("sim.cli", "simulate AR / EESD / PPSD from a scenario YAML (torch-free)"),
     "calibrate": ("calibrate.cli", "measure latency profiles, acceptance traces and link profiles for the simulator"),
     "validate": ("calibrate.validate_cli", "check the simulator's predictions against the executor on this machine"),
+    "corpus": (
+        "executor.corpus_cli",
+        "build an offline corpus for distilling exit heads: the model's own answers, text, Python sources",
+    ),
     "serve-sim": ("sim.serve_cli", "simulate serving under load: arrivals, continuous batching, SLOs (torch-free)"),
+    "serve-bench": ("executor.serve_cli", "serve a workload file with continuous batching on this machine, timed"),
 }
 # the packages of the `executor` extra (pyproject.toml): a command that needs a missing one names the extra
 EXECUTOR_EXTRA = ("torch", "transformers", "accelerate", "gguf", "safetensors")

@@ -18,10 +18,23 @@ from executor.runtime import add_threads_argument, check_device, use_threads
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def _outs(args: argparse.Namespace) -> list[str]:
+    layers = args.exit_layer or ()
+    return [args.out] if len(layers) <= 1 else [args.out.format(exit_layer=e) for e in layers]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
     parser.add_argument(
-        "--exit-layer", type=int, default=None, help="layers the draft runs before the head (required to train)"
+        "--exit-layer",
+        type=_layers,
+        default=None,
+        help="layers the draft runs before the head (required to train); several (8,15) train a head each on one "
+        "teacher pass, --out then holding {exit_layer}",
     )
     parser.add_argument(
         "--vocab-subset", type=int, default=None, metavar="N",
@@ -43,6 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--save-dtype", default="bfloat16", help="dtype of the written head (default: bfloat16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches and the head's init (default: 0)")
+    parser.add_argument("--corpus", default=None, metavar="DIR", help="distil from a corpus directory (eesd corpus)")
+    parser.add_argument("--eval-corpus", default=None, metavar="DIR", help="held-out corpus scored into OUT.eval.csv")
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: none)")
+    parser.add_argument("--schedule", default="cosine", choices=("cosine", "constant"), help="LR after the warmup")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup (default: 0)")
+    parser.add_argument("--clip-norm", type=float, default=1.0, help="gradient clipping per head (0: off)")
+    parser.add_argument("--window", type=int, default=512, help="tokens per training window (default: 512)")
+    parser.add_argument("--draft-len", type=int, default=4, help="k of the evaluation's tokens/round (default: 4)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
@@ -58,12 +79,17 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.vocab_subset is None and args.exit_layer is None:
         raise ValueError("--exit-layer is required to train a head (or give --vocab-subset N for a subset head)")
+    if args.eval_corpus is not None and args.corpus is None:
+        raise ValueError("--eval-corpus needs --corpus (the held-out corpus scores heads trained from a corpus)")
+    if args.exit_layer is not None and len(args.exit_layer) > 1 and "{exit_layer}" not in args.out:
+        raise ValueError(f"several exit layers need --out with {{exit_layer}} in it, got {args.out!r}")
     if args.vocab_subset is not None and args.vocab_subset < 1:
         raise ValueError(f"--vocab-subset must be >= 1, got {args.vocab_subset}")
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
-    if Path(args.out).exists() and not args.force:
-        raise ValueError(f"--out {args.out} exists; pass --force to overwrite it")
+    for out in _outs(args):
+        if Path(out).exists() and not args.force:
+            raise ValueError(f"--out {out} exists; pass --force to overwrite it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,28 +98,50 @@ def run(args: argparse.Namespace) -> int:
 
     from executor.models import load_model, load_tokenizer, resolve_dtype
     from executor.prompts import encode_prompt, load_prompts, split_prompts
-    from executor.train_head import TrainConfig, train_head_file
+    from executor.train_head import train_head_corpus, train_head_file
 
     device = check_device(args.device)
     print(f"train-head: {args.model} on {device} ({args.dtype}); {use_threads(args.threads)}", flush=True)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
+    config = None if args.vocab_subset is not None else _config(args)
+    if args.corpus is not None and config is not None:
+        info = {"model": str(args.model), "model_dtype": args.dtype}
+        torch.manual_seed(args.seed)
+        heads, state = train_head_corpus(
+            model, args.corpus, config, args.out, eval_corpus=args.eval_corpus, resume=args.resume,
+            save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.no_progress,
+        )  # fmt: skip
+        return _report(args, state)
     tokenizer = load_tokenizer(args.model)
     train_prompts = split_prompts(load_prompts(args.prompts)).train[: args.max_prompts]
     prompt_ids = [encode_prompt(tokenizer, p.text) for p in train_prompts]
     info = {"model": str(args.model), "prompts": str(args.prompts), "split": "train", "model_dtype": args.dtype}
     if args.vocab_subset is not None:
         return _subset(args, model, prompt_ids, info)
-    config = TrainConfig(
-        exit_layer=args.exit_layer, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )  # fmt: skip
     torch.manual_seed(args.seed)
     head, state = train_head_file(
         model, prompt_ids, config, args.out, max_new_tokens=args.max_new_tokens, resume=args.resume,
         save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.no_progress,
     )  # fmt: skip
+    return _report(args, state)
+
+
+def _config(args: argparse.Namespace):
+    from executor.train_head import TrainConfig
+
+    return TrainConfig(
+        exit_layer=args.exit_layer[0], exit_layers=args.exit_layer[1:], steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every, schedule=args.schedule,
+        warmup_steps=args.warmup_steps, clip_norm=args.clip_norm or None, window=args.window,
+        eval_every=args.eval_every, draft_len=args.draft_len,
+    )  # fmt: skip
+
+
+def _report(args: argparse.Namespace, state) -> int:
     first, last = state.losses[0], sum(state.losses[-10:]) / len(state.losses[-10:])
-    print(f"wrote {args.out}: exit layer {args.exit_layer}, {state.step} steps, KL {first:.3f} -> {last:.3f}")
+    layers = ",".join(map(str, args.exit_layer))
+    print(f"wrote {', '.join(_outs(args))}: exit layer {layers}, {state.step} steps, {state.tokens_seen} tokens, "
+          f"KL {first:.3f} -> {last:.3f}")  # fmt: skip
     return 0
 
 
