@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import numbers
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -66,9 +67,14 @@ def split_prompts(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> lis
         raise ValueError("empty prompt: input_ids must hold at least one token")
     if attention_mask is None:
         return ids.tolist()
-    mask = torch.as_tensor(attention_mask).to(torch.long)
+    mask = torch.as_tensor(attention_mask)
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(
+            f"attention_mask must hold 0 and 1 (integers or booleans), got {mask.dtype} {mask.unique()[:4].tolist()}"
+        )
+    mask = mask.to(torch.long)
     prompts = []
     for row, (tokens, keep) in enumerate(zip(ids.tolist(), mask.tolist(), strict=True)):
         count = sum(keep)
@@ -84,10 +90,19 @@ def _eos_ids(eos_token_id: int | Iterable[int] | torch.Tensor | None) -> list[in
     if eos_token_id is None:
         return []
     if torch.is_tensor(eos_token_id):
-        return [int(t) for t in eos_token_id.flatten().tolist()]
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(t) for t in eos_token_id]
+        return eos_token_id.flatten().tolist()
+    if isinstance(eos_token_id, Iterable) and not isinstance(eos_token_id, (str, bytes)):
+        return list(eos_token_id)
+    return [eos_token_id]
+
+
+def check_eos(adapter: ModelAdapter, eos: list) -> list[int]:
+    """EOS ids as ints, each a token id of the model's vocabulary (an id beyond it could never be emitted)."""
+    vocab = adapter.lm_head.weight.shape[0]
+    bad = [t for t in eos if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"eos_token_id must be token ids in [0, {vocab - 1}] (the model's vocabulary), got {bad[0]!r}")
+    return [int(t) for t in eos]
 
 
 def check_arguments(
@@ -338,13 +353,14 @@ def generate(
     check_sync_every(sync_every)
     if accept_pattern is not None and method != "eesd":
         raise ValueError(f"accept_pattern forces EESD's accept decision: it needs method 'eesd', got {method!r}")
-    forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty)
+    seed = config.seed  # checked, a plain int
+    forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
     if config.penalized and accept_pattern is not None:
         raise ValueError("accept_pattern (forced acceptance) cannot be combined with repetition_penalty")
-    eos = _eos_ids(eos_token_id)
+    eos = check_eos(adapter, _eos_ids(eos_token_id))
     cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
     policies = _policies(policy if policy is not None else f"fixed:{draft_len}", len(prompts), seed, cost_ratio)
     check_policies(adapter, policies)

@@ -22,12 +22,16 @@ min-new-tokens (EOS masked), then, when sampling, temperature, top-k, top-p, min
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 SAMPLING_MODES = ("exact", "rejection")
 _MASK32 = 0xFFFFFFFF
+MAX_SEED = _MASK32  # the counter-based noise keys on a seed's 32 bits: larger seeds would repeat smaller ones
 
 
 @dataclass(frozen=True)
@@ -46,21 +50,22 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.mode not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.mode!r}")
-        penalty = self.repetition_penalty
-        if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty <= 0):
-            raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
+        if self.repetition_penalty is not None:
+            _check_number("repetition_penalty", self.repetition_penalty, "a finite number > 0", lambda x: x > 0)
+        if not _is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(
+                f"seed must be an integer in [0, {MAX_SEED}] (the noise is keyed on 32 bits), got {self.seed!r}"
+            )
+        object.__setattr__(self, "seed", int(self.seed))  # a numpy integer too: the policies' RNG takes ints only
         if not self.do_sample:
             return
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+        _check_number("temperature", self.temperature, "a finite number > 0 when sampling", lambda x: x > 0)
+        if self.top_k is not None and (not _is_integer(self.top_k) or self.top_k < 0):
             raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.top_p is not None:
+            _check_number("top_p", self.top_p, "a number in (0, 1]", lambda x: 0 < x <= 1)
+        if self.min_p is not None:
+            _check_number("min_p", self.min_p, "a number in [0, 1]", lambda x: 0 <= x <= 1)
 
     @property
     def kind(self) -> str:
@@ -69,6 +74,16 @@ class SamplingConfig:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value: object, allowed: str, inside: Callable[[float], bool]) -> None:
+    """A real, finite number for which `inside` holds (nan and inf are refused: they compare false or poison logits)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not inside(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -3,7 +3,9 @@ that names the argument and its allowed range, or are capped where the cap chang
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from tiny_models import TinySpec, tiny_model
 
 import executor
@@ -49,3 +51,44 @@ def test_the_longest_draft_len_decodes_as_ar_does(model):
 def test_a_draft_beyond_the_context_is_refused(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         executor.generate(model, [1, 2, 3], method="eesd", exit_layer=1, max_new_tokens=8, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- sampling and token arguments
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(repetition_penalty=float("nan")), r"repetition_penalty must be a finite number > 0, got nan"),
+        (dict(repetition_penalty=float("inf")), r"repetition_penalty must be a finite number > 0, got inf"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be a finite number > 0"),
+        (dict(do_sample=True, temperature=float("inf")), r"temperature must be a finite number > 0 when sampling"),
+        (dict(do_sample=True, temperature=float("nan")), r"temperature must be a finite number > 0 when sampling"),
+        (dict(do_sample=True, top_p=float("nan")), r"top_p must be a number in \(0, 1\], got nan"),
+        (dict(do_sample=True, min_p=float("inf")), r"min_p must be a number in \[0, 1\], got inf"),
+        (dict(do_sample=True, top_k=True), r"top_k must be an integer >= 0"),
+        (dict(seed=2**70), r"seed must be an integer in \[0, 4294967295\]"),
+        (dict(seed=-1), r"seed must be an integer in \[0, 4294967295\]"),
+        (dict(do_sample=True, seed=2**32), r"seed must be an integer in \[0, 4294967295\]"),
+        (
+            dict(eos_token_id=10**6),
+            r"eos_token_id must be token ids in \[0, 96\] \(the model's vocabulary\), got 1000000",
+        ),
+        (dict(eos_token_id=[2, -1]), r"eos_token_id must be token ids in \[0, 96\].*got -1"),
+        (dict(eos_token_id="2"), r"eos_token_id must be token ids in \[0, 96\].*got '2'"),
+        (dict(attention_mask=torch.tensor([[0.5, 1.0, 1.0]])), r"attention_mask must hold 0 and 1 .*torch.float32"),
+        (dict(attention_mask=torch.tensor([[1, 1, 2]])), r"attention_mask must hold 0 and 1"),
+        (dict(attention_mask=torch.tensor([[-1, 1, 1]])), r"attention_mask must hold 0 and 1"),
+    ],
+)
+@pytest.mark.parametrize("method", ["ar", "eesd"])
+def test_out_of_range_sampling_and_token_arguments_are_refused(model, method, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        executor.generate(model, [[1, 2, 3]], method=method, exit_layer=1, max_new_tokens=4, **kwargs)
+
+
+def test_numbers_of_other_types_in_range_are_accepted(model):
+    reference = executor.generate(model, [1, 2, 3], max_new_tokens=4, eos_token_id=[5], repetition_penalty=1.2)
+    other = executor.generate(
+        model, [1, 2, 3], max_new_tokens=4, eos_token_id=torch.tensor([5]), repetition_penalty=np.float64(1.2),
+        attention_mask=torch.ones(1, 3, dtype=torch.bool), seed=np.int64(0),
+    )  # fmt: skip
+    assert other.sequences.tolist() == reference.sequences.tolist()
