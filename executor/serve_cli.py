@@ -1,0 +1,198 @@
+"""`eesd serve-bench --workload FILE --model NAME`: serve a workload with continuous batching on this machine.
+
+The workload file is the simulator's (`sim.workload`); requests arrive on the wall clock (seconds from the start, or a
+closed loop) and are served by `executor.serving.serve` with each method in turn, on the same requests. Prompts:
+`random` (seeded token ids, each request's `prompt_len` of them) or a prompt set (`builtin`, `humaneval`, a JSONL
+file): request i runs the prompt its trace row names (`prompt_id`), else the set's prompt i (cyclically, in sorted
+id order, as `sim.acceptance.TraceAcceptance` replays a trace), encoded as `eesd calibrate acceptance` encodes it,
+keeping its last `prompt_len` tokens. Outputs stop at `output_len` tokens (at an EOS too with `--eos`). Prints the
+simulator's metrics (`sim.serving.metrics`) per method and, with `--json`, writes them with the run's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from executor.runtime import add_threads_argument, check_device, use_threads
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+COLUMNS = ("method", "tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms",
+           "latency_mean_ms", "occupancy", "goodput_rps")  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", type=Path, required=True, help="workload YAML (see scenarios/workloads/)")
+    parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
+    parser.add_argument("--methods", default="ar", help="comma-separated: ar, eesd (default: ar)")
+    parser.add_argument("--exit-layer", type=int, default=None, help="eesd: layers the draft runs (default: L // 2)")
+    parser.add_argument("--policy", default="fixed:4", help="eesd: draft policy (default: fixed:4)")
+    parser.add_argument("--head", default="shared", help="eesd: exit head, shared | shared:N | FILE")
+    parser.add_argument("--max-batch", type=int, default=8, help="batch slots (default: 8)")
+    parser.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV budget in tokens (default: none)")
+    parser.add_argument("--prompts", default="random", help="random | builtin | humaneval | FILE.jsonl")
+    parser.add_argument("--eos", action="store_true", help="stop a request at the model's EOS token too")
+    parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT bound in ms")
+    parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT bound in ms")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random prompts and draft policies (default: 0)")
+    parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    add_threads_argument(parser)
+    parser.add_argument("--compare-ar", action="store_true", help="also run every request alone with AR and compare")
+    parser.add_argument("--json", type=Path, default=None, help="write the metrics and metadata to this JSON file")
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods or any(m not in ("ar", "eesd") for m in methods):
+        hint = " (ppsd decodes batch size 1: it has no batched serving loop)" if "ppsd" in methods else ""
+        raise ValueError(f"--methods must list ar and/or eesd, comma-separated, got {text!r}{hint}")
+    return methods
+
+
+def run(args: argparse.Namespace) -> int:
+    from sim.serving import SLO
+    from sim.workload import load_workload
+
+    methods = parse_methods(args.methods)
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    workload = load_workload(args.workload)
+    slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
+    import torch
+
+    from executor.models import load_model, load_tokenizer
+
+    device = check_device(args.device)
+    threads = use_threads(args.threads)
+    print(f"serve-bench: {args.model}, {', '.join(methods)}, {device} ({args.dtype}); {threads}", file=sys.stderr)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    tokenizer = load_tokenizer(args.model) if args.prompts != "random" else None
+    prompts = bench_prompts(workload, args.prompts, tokenizer, model.config.vocab_size, args.seed)
+    eos = model.generation_config.eos_token_id if args.eos else None
+    rows, records = [], {}
+    for method in methods:
+        row, outcome = serve_once(model, workload, prompts, method, args, eos, slo)
+        rows.append(row)
+        records[method] = [_record(r) for r in outcome.result.records]
+        if args.compare_ar:
+            row["identical_to_ar"] = identical_to_ar(model, workload, prompts, outcome.outputs, eos)
+    print(table(rows))
+    if args.json is not None:
+        write_json(args.json, _document(args, workload, model, device, rows, records))
+        print(f"wrote {args.json}")
+    return 0 if all(row.get("identical_to_ar", True) for row in rows) else 1
+
+
+def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str, args: argparse.Namespace, eos: Any,
+               slo: Any) -> tuple[dict[str, Any], Any]:  # fmt: skip
+    """One method over the workload: a short warm-up on the first prompt, then the timed run; (its metrics row, the
+    outcome)."""
+    from executor.serving import serve
+    from sim.serving import metrics
+    from sim.workload import Request, Workload
+
+    common = dict(
+        method=method, exit_layer=args.exit_layer, policy=args.policy, head=args.head, max_batch=args.max_batch,
+        kv_capacity_tokens=args.kv_capacity_tokens, eos_token_id=eos, seed=args.seed,
+    )  # fmt: skip
+    first = workload.requests[0]
+    warm = Workload((Request(0, first.prompt_len, min(first.output_len, 4), 0.0),))
+    serve(model, warm, prompts[:1], **common)
+    outcome = serve(model, workload, prompts, **common)
+    row = {"method": method, **metrics(outcome.result, slo)}
+    if method == "eesd":
+        row.update(exit_layer=args.exit_layer, policy=args.policy)
+    return row, outcome
+
+
+def bench_prompts(workload: Any, source: str, tokenizer: Any, vocab: int, seed: int) -> list[list[int]]:
+    """Each request's prompt token ids (see the module docstring)."""
+    requests = workload.requests
+    if source == "random":
+        return [[random.Random(seed * 1_000_003 + r.index).randrange(vocab) for _ in range(r.prompt_len)]
+                for r in requests]  # fmt: skip
+    from executor.prompts import encode_prompt, load_prompts
+
+    by_id = {p.id: p for p in load_prompts(source)}
+    ordered = sorted(by_id)
+    prompts = []
+    for request in requests:
+        prompt_id = request.prompt_id or ordered[request.index % len(ordered)]
+        if prompt_id not in by_id:
+            raise ValueError(f"{workload.source}: request {request.index}: prompt_id {prompt_id!r} is not in {source}")
+        ids = encode_prompt(tokenizer, by_id[prompt_id].text)
+        if len(ids) < request.prompt_len:
+            raise ValueError(
+                f"{workload.source}: request {request.index}: prompt_len {request.prompt_len}, but prompt "
+                f"{prompt_id!r} has {len(ids)} tokens; expected prompt_len <= {len(ids)}"
+            )
+        prompts.append(ids[len(ids) - request.prompt_len :])
+    return prompts
+
+
+def identical_to_ar(model: Any, workload: Any, prompts: list[list[int]], outputs: list[list[int]], eos: Any) -> bool:
+    """Whether every request's served tokens are those `generate` gives it alone with AR."""
+    from executor.api import generate
+
+    for request, prompt, output in zip(workload.requests, prompts, outputs, strict=True):
+        alone = generate(model, prompt, method="ar", max_new_tokens=request.output_len, eos_token_id=eos)
+        if alone.sequences[0, len(prompt) :].tolist() != output:
+            print(f"request {request.index}: served tokens differ from AR alone", file=sys.stderr)
+            return False
+    return True
+
+
+def _record(record: Any) -> dict[str, Any]:
+    keys = ("index", "prompt_len", "output_len", "arrival_s", "start_s", "first_token_s", "finish_s", "tokens")
+    return {key: getattr(record, key) for key in keys}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    heads = {
+        "tokens_per_s": "tok/s", "requests_per_s": "req/s", "ttft_p50_ms": "ttft50", "ttft_p90_ms": "ttft90",
+        "tpot_p50_ms": "tpot50", "tpot_p90_ms": "tpot90", "latency_mean_ms": "e2e ms", "goodput_rps": "goodput/s",
+    }  # fmt: skip
+    lines = [[heads.get(c, c) for c in COLUMNS]]
+    lines += [[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
+    text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def _document(args: argparse.Namespace, workload: Any, model: Any, device: Any, rows: list, records: dict) -> dict:
+    from calibrate.common import base_metadata
+
+    metadata = {
+        **base_metadata(args.model, device, model.dtype),
+        "workload": str(args.workload),
+        "requests": len(workload.requests),
+        "max_batch": args.max_batch,
+        "kv_capacity_tokens": args.kv_capacity_tokens,
+        "prompts": args.prompts,
+        "eos": args.eos,
+    }
+    return {"metadata": metadata, "rows": rows, "requests": records}
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    """The document as JSON, a metric without a value (nan: e.g. no TPOT of one-token requests) as null."""
+    from sim.formats import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(_finite(document), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value

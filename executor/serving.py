@@ -1,0 +1,394 @@
+"""Continuous batching in the executor: a workload's requests arrive on the wall clock and share fixed batch slots.
+
+The schedule is the simulator's (`sim.serving`, whose admission and metrics this module uses): first come, first
+served admission at round boundaries into `max_batch` slots under a KV budget in tokens; prefill first (an admitted
+request's prompt runs as a batch-1 pass of its own, its first token out of it); then one decode round over the
+running requests, AR (one step) or EESD (one draft-then-verify round, each request with its own draft policy); a
+request that is done (its output length, or an EOS) leaves at the round's end and its slot goes to the next one.
+
+Slots: one KV cache of `max_batch` rows, each row a request's cache by absolute position (as in the batched
+decoders). A decode round over n running requests runs the static passes (`executor.passes`) of an n-row view of that
+cache, so a pass holds exactly the running requests (as the simulator costs it); a request that leaves hands its row to
+the last running one (its valid KV prefix is copied over), so the running requests always hold rows 0 .. n - 1. A new
+request's prefill runs on a one-row view of its slot's row. The rounds are the batched decoders' own pieces
+(`executor.decoding`: `draft_steps`, `verify_pass`, `RoundVerdicts`, `zero_draft_rounds`), so every request's tokens
+are those it gets alone with AR (greedy, or exact sampling for the same seed): positions are the request's own, the
+attention mask of a static pass sees only slots up to a query's position, and a slot's stale entries past a new
+request's positions are never visible.
+
+Stale KV past a request's position is harmless (masked), and a view's books (`KVCache.lengths`) are set from the
+running requests' positions before every round. Greedy and exact sampling only; rejection sampling and repetition
+penalties keep per-row state the slots do not carry over, and are refused.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from executor.adapter import ModelAdapter
+from executor.api import check_arguments
+from executor.decoding import (
+    GenerationStats,
+    RoundVerdicts,
+    Rows,
+    TokenSink,
+    chains_zero_rounds,
+    draft_steps,
+    draw_budgets,
+    prefill_rows,
+    read_back,
+    verify_pass,
+    zero_draft_rounds,
+)
+from executor.heads import resolve_head
+from executor.kv_cache import KVCache
+from executor.passes import Passes
+from executor.sampling import SamplingConfig, TokenSelector
+from sim.contract import cache_capacity, default_exit_layer
+from sim.policy import DraftPolicy, make_policy
+from sim.serving import Admission, RequestRecord, ServingResult, kv_tokens
+from sim.workload import ClosedLoopUsers, Request, Workload
+
+SERVE_METHODS = ("ar", "eesd")
+
+
+@dataclass
+class ServeOutcome:
+    """A served workload: the run's records and totals, each request's tokens (by index) and the decoders' stats."""
+
+    result: ServingResult
+    outputs: list[list[int]]
+    stats: GenerationStats
+
+
+@dataclass
+class _Running:
+    """A request in a slot: its prompt, sink, policy, last committed token and the position it goes to."""
+
+    request: Request
+    prompt: list[int]
+    sink: TokenSink
+    policy: DraftPolicy | None
+    token: int = 0
+    position: int = 0
+
+
+def rows_view(cache: KVCache, start: int, stop: int) -> KVCache:
+    """A cache over rows [start, stop) of `cache`, sharing its buffers (views along the batch dimension), with books
+    of its own (`lengths`, which the caller sets before a pass)."""
+    _, heads, _, head_dim = cache.keys[0].shape
+    first = cache.keys[0]
+    view = KVCache(
+        num_layers=cache.num_layers, batch=stop - start, num_kv_heads=heads, max_len=1, head_dim=head_dim,
+        dtype=first.dtype, device=first.device,
+    )  # fmt: skip
+    view.keys = [k[start:stop] for k in cache.keys]
+    view.values = [v[start:stop] for v in cache.values]
+    view.max_len = cache.max_len
+    return view
+
+
+class SlotDecoder:
+    """The device side of serving: the slot cache, a one-row prefill into a slot, a decode round over the first n
+    rows, and moving a row when a request leaves (see the module docstring)."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        *,
+        method: str,
+        max_batch: int,
+        capacity: int,
+        exit_layer: int | None,
+        head: Any,
+        max_draft: int,
+        confidence: bool,
+        config: SamplingConfig,
+        eos: list[int],
+    ) -> None:
+        self.adapter, self.method, self.config, self.eos = adapter, method, config, eos
+        self.exit_layer, self.head, self.max_draft, self.confidence = exit_layer, head, max_draft, confidence
+        self.cache = adapter.new_cache(max_batch, capacity, extra_layers=getattr(head, "extra_layers", 0))
+        self._passes: dict[int, Passes] = {}
+        self._rows: dict[int, KVCache] = {}
+        self.stats = GenerationStats(method=method)
+
+    def prefill(self, slot: int, running: _Running) -> None:
+        """The request's prompt through every layer into row `slot`; its first token goes to its sink."""
+        cache = self._rows.get(slot)
+        if cache is None:
+            cache = self._rows[slot] = rows_view(self.cache, slot, slot + 1)
+        cache.lengths = [[0] for _ in range(cache.num_layers)]
+        rows = Rows(prompts=[running.prompt], sinks=[running.sink])
+        selector = TokenSelector(self.config, [len(running.prompt)], 0, self.eos, self.adapter.device)
+        prefill_rows(self.adapter, cache, rows, selector, self.exit_layer, self.head)
+        running.token, running.position = rows.tokens[0], rows.positions[0]
+
+    def round(self, slots: Sequence[_Running]) -> None:
+        """One decode round over the requests in rows 0 .. len(slots) - 1."""
+        passes = self._passes_for(len(slots))
+        passes.selector.restart([len(s.prompt) for s in slots], self.config.seed)
+        passes.cache.lengths = [[s.position for s in slots] for _ in range(passes.cache.num_layers)]
+        rows = Rows(
+            prompts=[s.prompt for s in slots], sinks=[s.sink for s in slots],
+            tokens=[s.token for s in slots], positions=[s.position for s in slots],
+        )  # fmt: skip
+        if self.method == "ar":
+            self._ar_step(passes, rows)
+        else:
+            self._eesd_round(passes, rows, [s.policy for s in slots])  # type: ignore[misc]
+        for running, token, position in zip(slots, rows.tokens, rows.positions, strict=True):
+            running.token, running.position = token, position
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Row `source`'s valid KV (positions < `length`) into row `target`, in every cache layer."""
+        for keys, values in zip(self.cache.keys, self.cache.values, strict=True):
+            keys[target, :, :length] = keys[source, :, :length]
+            values[target, :, :length] = values[source, :, :length]
+
+    def _passes_for(self, n: int) -> Passes:
+        passes = self._passes.get(n)
+        if passes is None:
+            selector = TokenSelector(self.config, [1] * n, 0, self.eos, self.adapter.device)
+            passes = self._passes[n] = Passes(
+                self.adapter, rows_view(self.cache, 0, n), selector, exit_layer=self.exit_layer, head=self.head,
+                max_draft=self.max_draft, capture="none", confidence=self.confidence,
+            )  # fmt: skip
+        return passes
+
+    def _ar_step(self, passes: Passes, rows: Rows) -> None:
+        passes.load(rows.tokens, rows.positions, 1)
+        passes.cache.claim(range(self.adapter.num_layers), rows.positions, 1)
+        passes.ar()
+        passes.ar_cursor.zero_()
+        for row, tokens in enumerate(read_back(passes.tokens[1], self.stats)):
+            rows.commit(row, tokens)
+        self.stats.rounds += 1
+
+    def _eesd_round(self, passes: Passes, rows: Rows, policies: list[DraftPolicy]) -> None:
+        """`executor.decoding.decode_eesd`'s round, every row active."""
+        stats = self.stats
+        budgets = draw_budgets(rows, policies, 0)
+        if chains_zero_rounds(passes) and not any(budgets):
+            zero_draft_rounds(passes, rows, policies, stats, 1)
+            return
+        counts = draft_steps(passes, rows, policies, budgets, stats)
+        k = max(counts)
+        verify_pass(passes, rows, k, counts)
+        verdicts = RoundVerdicts.read(passes, k, counts, stats)
+        for row, policy in enumerate(policies):
+            accepted, token = verdicts.verdict(row)
+            policy.update(counts[row], accepted)
+            rows.commit(row, verdicts.drafts[row][:accepted] + [token])
+            stats.drafted.append(counts[row])
+            stats.accepted.append(accepted)
+        passes.cache.rollback(rows.positions)
+        stats.rounds += 1
+
+
+def check_serving(method: str, config: SamplingConfig) -> None:
+    if method == "ppsd":
+        raise ValueError(
+            "method 'ppsd' decodes batch size 1 (one pipeline per request): it has no batched serving loop; use ar "
+            "or eesd"
+        )
+    if method not in SERVE_METHODS:
+        raise ValueError(f"method must be ar or eesd for serving, got {method!r}")
+    if config.do_sample and config.mode != "exact":
+        raise ValueError(
+            f"serving samples with sampling 'exact' only (its tokens keyed by position), got {config.mode}"
+        )
+    if config.penalized:
+        raise ValueError("serving does not take a repetition penalty (its per-row context is not carried by a slot)")
+
+
+@torch.inference_mode()
+def serve(
+    model: torch.nn.Module | ModelAdapter,
+    workload: Workload,
+    prompts: Sequence[Sequence[int]],
+    *,
+    method: str = "ar",
+    exit_layer: int | None = None,
+    policy: str = "fixed:4",
+    head: Any = None,
+    max_batch: int = 8,
+    kv_capacity_tokens: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ServeOutcome:
+    """Serve `workload` (arrival times in seconds from the call, or a closed loop) with continuous batching; request
+    i's prompt is `prompts[i]` and it asks for `output_len` new tokens (fewer after an EOS). Returns every request's
+    record (`sim.serving.RequestRecord`: arrival, prefill start, first token, finish, in seconds) and tokens."""
+    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+    config = sampling or SamplingConfig(seed=seed)
+    check_serving(method, config)
+    requests = workload.requests
+    prompts = [list(p) for p in prompts]
+    if len(prompts) != len(requests):
+        raise ValueError(f"got {len(prompts)} prompts for {len(requests)} requests: one prompt per request")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    exit_head = None
+    if method == "eesd":
+        exit_head, exit_layer = _exit_head(adapter, head, exit_layer)
+    else:
+        exit_layer = None
+    max_output = max(r.output_len for r in requests)
+    check_arguments(adapter, prompts, method, exit_layer, max_output)
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
+
+    def policy_of(request: Request) -> DraftPolicy | None:
+        if method != "eesd":
+            return None
+        return make_policy(policy, rng=random.Random(seed * 7919 + request.index), cost_ratio=cost_ratio)
+
+    shape = make_policy(policy) if method == "eesd" else None
+    max_draft = shape.max_draft_len if shape is not None else 0
+    capacity = cache_capacity(method, max(len(p) for p in prompts), max_output, max_draft, captured=False)
+    tokens_of = kv_tokens(method, max_draft)
+    if kv_capacity_tokens is not None:
+        largest = max(requests, key=tokens_of)
+        if tokens_of(largest) > kv_capacity_tokens:
+            raise ValueError(
+                f"kv_capacity_tokens {kv_capacity_tokens}: request {largest.index} needs {tokens_of(largest)} tokens, "
+                "so it could never be admitted"
+            )
+    decoder = SlotDecoder(
+        adapter, method=method, max_batch=max_batch, capacity=capacity, exit_layer=exit_layer, head=exit_head,
+        max_draft=max_draft, confidence=shape is not None and shape.needs_confidence, config=config, eos=eos,
+    )  # fmt: skip
+    loop = _ServeLoop(decoder, workload, prompts, Admission(max_batch, kv_capacity_tokens, tokens_of), policy_of)
+    return loop.run(clock, sleep)
+
+
+def _exit_head(adapter: ModelAdapter, head: Any, exit_layer: int | None) -> tuple[Any, int]:
+    """EESD's head object and exit layer: a head file's own exit layer where none is given, else the middle layer."""
+    if exit_layer is None:
+        if head not in (None, "shared"):
+            head = resolve_head(head, adapter, None)
+        exit_layer = getattr(head, "exit_layer", None) or default_exit_layer(adapter.num_layers)
+    return resolve_head(head, adapter, exit_layer), exit_layer
+
+
+class _ServeLoop:
+    """The host side: arrivals on the wall clock, admission, prefills, rounds, departures and the records."""
+
+    def __init__(
+        self,
+        decoder: SlotDecoder,
+        workload: Workload,
+        prompts: list[list[int]],
+        admission: Admission,
+        policy_of: Callable[[Request], DraftPolicy | None],
+    ) -> None:
+        self.decoder, self.workload, self.prompts = decoder, workload, prompts
+        self.admission, self.policy_of = admission, policy_of
+        self.records = [RequestRecord(r.index, r.prompt_len, r.output_len, math.nan) for r in workload.requests]
+        self.result = ServingResult(decoder.method, admission.max_batch, self.records)
+        self.users = ClosedLoopUsers(workload) if workload.closed else None
+        self.sinks: list[TokenSink | None] = [None] * len(workload.requests)
+        self.upcoming: list[tuple[float, int, Request]] = []
+        self.slots: list[_Running] = []
+
+    def run(self, clock: Callable[[], float], sleep: Callable[[float], None]) -> ServeOutcome:
+        if self.users is None:
+            self.upcoming = [(r.arrival_s, r.index, r) for r in self.workload.requests]  # type: ignore[misc]
+            heapq.heapify(self.upcoming)
+        else:
+            for request, at_s in self.users.first():
+                heapq.heappush(self.upcoming, (at_s, request.index, request))
+        begin = clock()
+        now = lambda: clock() - begin  # noqa: E731
+        finished, total = 0, len(self.records)
+        while finished < total:
+            self._arrivals(now())
+            request = self.admission.next()
+            while request is not None:
+                finished += self._prefill(request, now)
+                self._arrivals(now())
+                request = self.admission.next()
+            if not self.slots:
+                if finished < total and not self.upcoming:
+                    raise RuntimeError("no request is running or on its way, yet some have not finished")
+                if finished < total:
+                    sleep(max(0.0, self.upcoming[0][0] - now()))
+                continue
+            finished += self._round(now)
+        result = self.result
+        result.time_s = max(r.finish_s for r in self.records)
+        result.in_system_s = sum(r.latency_s for r in self.records)
+        result.drafted = sum(self.decoder.stats.drafted)
+        result.accepted = sum(self.decoder.stats.accepted)
+        outputs = [sink.tokens if sink is not None else [] for sink in self.sinks]
+        return ServeOutcome(result, outputs, self.decoder.stats)
+
+    def _arrivals(self, now_s: float) -> None:
+        while self.upcoming and self.upcoming[0][0] <= now_s:
+            at_s, _, request = heapq.heappop(self.upcoming)
+            self.records[request.index].arrival_s = at_s
+            self.admission.arrive(request)
+
+    def _prefill(self, request: Request, now: Callable[[], float]) -> int:
+        """Prefill an admitted request into the next free row; returns 1 if it is already done (one token, or EOS)."""
+        record, decoder = self.records[request.index], self.decoder
+        sink = self.sinks[request.index] = TokenSink(request.output_len, decoder.eos)
+        running = _Running(request, self.prompts[request.index], sink, self.policy_of(request))
+        record.start_s = now()
+        decoder.prefill(len(self.slots), running)
+        record.first_token_s = now()
+        self.result.prefill_s += record.first_token_s - record.start_s
+        record.tokens = len(sink.tokens)
+        self.result.tokens += record.tokens
+        if sink.done:
+            self._leave(record, request, record.first_token_s)
+            return 1
+        self.slots.append(running)
+        return 0
+
+    def _round(self, now: Callable[[], float]) -> int:
+        """One decode round over the running requests; the done ones leave (the last rows fill their rows)."""
+        slots, result = self.slots, self.result
+        start = now()
+        before = [len(s.sink.tokens) for s in slots]
+        self.decoder.round(slots)
+        end = now()
+        result.decode_s += end - start
+        result.batch_time_s += len(slots) * (end - start)
+        result.rounds += 1
+        result.row_rounds += len(slots)
+        for running, count in zip(slots, before, strict=True):
+            record = self.records[running.request.index]
+            record.tokens = len(running.sink.tokens)
+            result.tokens += record.tokens - count
+        done = [i for i, s in enumerate(slots) if s.sink.done]
+        for index in reversed(done):
+            running = slots[index]
+            last = len(slots) - 1
+            if index != last:
+                self.decoder.move(last, index, slots[last].position)
+                slots[index] = slots[last]
+            slots.pop()
+            self._leave(self.records[running.request.index], running.request, end)
+        return len(done)
+
+    def _leave(self, record: RequestRecord, request: Request, at_s: float) -> None:
+        record.finish_s = at_s
+        self.admission.release(request)
+        if self.users is not None:
+            following = self.users.after(at_s)
+            if following is not None:
+                next_request, send_s = following
+                heapq.heappush(self.upcoming, (send_s, next_request.index, next_request))

@@ -1,0 +1,159 @@
+"""The executor's continuous batching (executor.serving): every request's tokens are those it gets alone with AR,
+whatever the arrivals, lengths, EOS, slots and method; the records follow the simulator's schedule; bad inputs are
+refused."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
+
+from executor.api import generate
+from executor.cli import main as eesd
+from executor.sampling import SamplingConfig
+from executor.serving import SlotDecoder, serve
+from sim.serving import metrics
+from sim.workload import Request, Workload
+
+
+def alone(model, prompt: list[int], max_new_tokens: int, eos: int | None, **sampling) -> list[int]:
+    result = generate(model, prompt, method="ar", max_new_tokens=max_new_tokens, eos_token_id=eos, **sampling)
+    return result.sequences[0, len(prompt) :].tolist()
+
+
+@st.composite
+def serving_cases(draw):
+    spec = draw(tiny_specs(archs=("llama", "qwen2"), min_layers=2, max_layers=4))
+    exit_layer = draw(st.integers(1, spec.num_layers - 1))
+    model = scale_late_layers(tiny_model(spec), exit_layer, draw(st.sampled_from([0.0, 0.05, 1.0])))
+    count = draw(st.integers(1, 10))
+    prompts = [draw(st.lists(st.integers(0, spec.vocab - 1), min_size=1, max_size=10)) for _ in range(count)]
+    gaps_ms = draw(st.lists(st.floats(0.0, 1.0), min_size=count, max_size=count))
+    outputs = draw(st.lists(st.integers(1, 20), min_size=count, max_size=count))
+    arrivals = [sum(gaps_ms[: i + 1]) / 1e3 for i in range(count)]
+    requests = tuple(Request(i, len(p), outputs[i], arrivals[i]) for i, p in enumerate(prompts))
+    eos = draw(st.none() | st.integers(0, spec.vocab - 1))
+    return model, exit_layer, Workload(requests), prompts, eos
+
+
+@settings(max_examples=25)
+@given(
+    case=serving_cases(),
+    method=st.sampled_from(["ar", "eesd"]),
+    policy=st.sampled_from(["fixed:1", "fixed:3", "heuristic:2,max=5", "beta-ts:max=4"]),
+    max_batch=st.integers(1, 4),
+)
+def test_served_tokens_equal_ar_alone(case, method, policy, max_batch):
+    """Continuous batching on fixed slots is lossless: rows join (prefill into a freed slot) and leave (the last row
+    moved into the freed one) mid-run, each request keeps its own positions, policy and EOS."""
+    model, exit_layer, workload, prompts, eos = case
+    outcome = serve(model, workload, prompts, method=method, exit_layer=exit_layer, policy=policy,
+                    max_batch=max_batch, eos_token_id=eos)  # fmt: skip
+    for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
+        assert output == alone(model, prompt, request.output_len, eos), request
+    result = outcome.result
+    assert result.tokens == sum(len(o) for o in outcome.outputs) == sum(r.tokens for r in result.records)
+    for record in result.records:
+        assert record.arrival_s <= record.start_s < record.first_token_s <= record.finish_s <= result.time_s
+    assert result.row_rounds <= result.rounds * max_batch
+
+
+def test_rows_move_when_an_earlier_row_leaves(monkeypatch):
+    """Requests that end out of order hand their row to the last running request (its KV copied over), and new
+    requests prefill into freed rows; every output is still AR's alone."""
+    moves = []
+    original = SlotDecoder.move
+    monkeypatch.setattr(SlotDecoder, "move", lambda self, *args: (moves.append(args), original(self, *args))[1])
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=64, seed=7)), 2, 0.1)
+    outputs = [9, 2, 7, 3, 5, 8, 1, 6, 4, 10]
+    requests = tuple(Request(i, 3 + i % 4, n, 0.0) for i, n in enumerate(outputs))
+    prompts = [[(7 * i + j) % 64 for j in range(r.prompt_len)] for i, r in enumerate(requests)]
+    for method in ("ar", "eesd"):
+        moves.clear()
+        outcome = serve(model, Workload(requests), prompts, method=method, exit_layer=2, policy="fixed:3", max_batch=3)
+        assert moves, method
+        for request, prompt, output in zip(requests, prompts, outcome.outputs, strict=True):
+            assert output == alone(model, prompt, request.output_len, None), (method, request)
+
+
+def test_exact_sampling_and_a_closed_loop():
+    """Exact sampling keys each token by (seed, position): a served request samples what it samples alone; a closed
+    loop's users send their next request after their last one finished."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=64, seed=5)), 2, 0.2)
+    rng = random.Random(1)
+    requests = tuple(Request(i, 4 + i % 3, 6 + i % 5, None, 0.001) for i in range(7))
+    workload = Workload(requests, users=2)
+    prompts = [[rng.randrange(64) for _ in range(r.prompt_len)] for r in requests]
+    config = SamplingConfig(do_sample=True, temperature=0.8, top_k=20, seed=11)
+    outcome = serve(model, workload, prompts, method="eesd", exit_layer=2, policy="fixed:2", max_batch=2,
+                    sampling=config)  # fmt: skip
+    for request, prompt, output in zip(requests, prompts, outcome.outputs, strict=True):
+        assert output == alone(model, prompt, request.output_len, None, do_sample=True, temperature=0.8, top_k=20,
+                               seed=11)  # fmt: skip
+    records = outcome.result.records
+    in_flight = max(sum(1 for r in records if r.arrival_s <= t < r.finish_s) for t in [r.arrival_s for r in records])
+    assert in_flight <= 2
+    row = metrics(outcome.result)
+    assert row["mean_in_system"] == pytest.approx(row["little_lambda_w"])
+
+
+def test_kv_budget_limits_what_runs_at_once():
+    model = tiny_model(TinySpec(num_layers=2, vocab=50, seed=2))
+    requests = tuple(Request(i, 5, 6, 0.0) for i in range(6))
+    prompts = [[1 + i, 2, 3, 4, 5] for i in range(6)]
+    outcome = serve(model, Workload(requests), prompts, max_batch=6, kv_capacity_tokens=2 * 12)  # 5 + 6 + 1 each
+    records = outcome.result.records
+    assert max(sum(1 for r in records if r.start_s <= t < r.finish_s) for t in [r.start_s for r in records]) == 2
+    for request, prompt, output in zip(requests, prompts, outcome.outputs, strict=True):
+        assert output == alone(model, prompt, request.output_len, None)
+
+
+def test_bad_serving_inputs_refused():
+    model = tiny_model(TinySpec(num_layers=2, vocab=50))
+    workload = Workload((Request(0, 3, 4, 0.0),))
+    with pytest.raises(ValueError, match="ppsd.*decodes batch size 1"):
+        serve(model, workload, [[1, 2, 3]], method="ppsd")
+    with pytest.raises(ValueError, match="one prompt per request"):
+        serve(model, workload, [[1, 2, 3], [4]])
+    with pytest.raises(ValueError, match="request 0 needs 8 tokens"):
+        serve(model, workload, [[1, 2, 3]], kv_capacity_tokens=7)
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
+        serve(model, workload, [[1, 2, 3]], max_batch=0)
+    with pytest.raises(ValueError, match="sampling 'exact' only"):
+        serve(model, workload, [[1, 2, 3]], sampling=SamplingConfig(do_sample=True, mode="rejection"))
+    with pytest.raises(ValueError, match="repetition penalty"):
+        serve(model, workload, [[1, 2, 3]], sampling=SamplingConfig(repetition_penalty=1.3))
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        serve(model, workload, [[1, 2, 99]])
+
+
+def test_serve_bench_cli(tmp_path, capsys):
+    """`eesd serve-bench` on a packaged model's shape is slow on a CPU; a local tiny model in HF format serves the
+    same command line."""
+    model = tiny_model(TinySpec(num_layers=2, vocab=60, seed=4), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "w.yaml").write_text(
+        "requests: 5\nseed: 2\narrival: {process: poisson, rate_per_s: 500}\nprompt_len: {dist: uniform, low: 2, "
+        "high: 6}\noutput_len: 5\n"
+    )
+    out = tmp_path / "serve.json"
+    argv = [
+        "serve-bench", "--workload", str(tmp_path / "w.yaml"), "--model", str(tmp_path / "tiny"), "--methods",
+        "ar,eesd", "--exit-layer", "1", "--max-batch", "2", "--compare-ar", "--json", str(out), "--threads", "1",
+    ]  # fmt: skip
+    assert eesd(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tpot50" in printed and "eesd" in printed
+    import json
+
+    document = json.loads(out.read_text())
+    assert [row["method"] for row in document["rows"]] == ["ar", "eesd"]
+    assert all(row["identical_to_ar"] and row["tokens"] == 25 for row in document["rows"])
+    assert math.isfinite(document["rows"][0]["tpot_p50_ms"])
+    assert eesd([*argv[:5], "--methods", "ppsd"]) == 2
+    assert "ppsd decodes batch size 1" in capsys.readouterr().err
