@@ -8,8 +8,10 @@ simulator. Torch-free; the simulator is fed nothing from the timed rows but thei
 
 - AR: the simulator's AR over the profile vs our AR (`capture` graph), decode tokens/s.
 - EESD: each fixed:k / beta-ts row, shared or trained head; its predicted speedup over AR vs the measured one.
-- PPSD: each `streams` row as a pipeline of n stages with ideal links. Not like for like: the executor's stages
-  share one GPU (one CUDA stream each), the simulator gives each its own device, so it over-predicts as n grows.
+- PPSD: each `streams` row as the executor ran it: n stages on one GPU (`ppsd_backend: streams`), a tick's passes
+  sharing it. Twice: with the fallback from the GPU's spec (sim/contention.py: the passes' HBM reads add up, their
+  launch-bound rest overlaps), and, where the card has one, with a contention profile
+  (`calibration/<card>/contention_*.csv`, measured in another lease: see docs/simulator.md).
 
 Rows are compared with a profile of the layers as their `capture` ran them: `graph` rows with an eager profile
 (`latency_<model>_cuda_bf16.csv`), `compile-layers` rows with a compiled one (`..._compiled.csv`, `eesd calibrate
@@ -51,18 +53,30 @@ class Source:
     ppsd_sync_every: int = 8  # PPSD ticks per host read of the measured executor (the H200 lease: 1, every tick)
     trained_zero_draft_rounds: str = "verify"  # a trained head's k = 0 rounds (both leases: before they chained)
     capture: str = "graph"  # the rows compared: those the executor ran with this capture mode
+    contention: Path | None = None  # a contention profile of the card (PPSD streams), where one was measured
 
     def missing(self) -> list[Path]:
-        return [path for path in (self.bench, self.profile) if not path.is_file()]
+        return [path for path in (self.bench, self.profile, self.contention) if path and not path.is_file()]
 
 
-def _sources(card: str, capture: str, kernels: str, zero_draft_rounds: str, ppsd_sync: int) -> tuple[Source, ...]:
-    """SmolLM2 (real weights) and the 7B shape (4 of its layers profiled) of one card's lease, one capture mode."""
+def _sources(
+    card: str, capture: str, kernels: str, zero_draft_rounds: str, ppsd_sync: int, contention: bool = False
+) -> tuple[Source, ...]:
+    """SmolLM2 (real weights) and the 7B shape (4 of its layers profiled) of one card's lease, one capture mode;
+    `contention`: SmolLM2's PPSD rows also with the card's contention profile."""
     at = lambda name: ROOT / "calibration" / card / latency_profile_name(name, "cuda", "bf16", kernels)  # noqa: E731
     common = {"capture": capture, "zero_draft_rounds": zero_draft_rounds, "ppsd_sync_every": ppsd_sync}
     bench = lambda name: RESULTS / f"gpu_decode_nvidia_{card}_{name}.json"  # noqa: E731
+    measured = ROOT / "calibration" / card / at("smollm2-135m").name.replace("latency_", "contention_")
     return (
-        Source(bench("smollm2"), at("smollm2-135m"), "SmolLM2-135M", 47, **common),
+        Source(
+            bench("smollm2"),
+            at("smollm2-135m"),
+            "SmolLM2-135M",
+            47,
+            **common,
+            contention=measured if contention else None,
+        ),
         Source(bench("llama7b"), at("llama-2-7b-4layers"), "Llama-2-7B", 32, **common),
     )
 
@@ -71,7 +85,7 @@ def _sources(card: str, capture: str, kernels: str, zero_draft_rounds: str, ppsd
 H200 = _sources("h200", "graph", "eager", "verify", 1)
 # the H100 lease that ran gpu_session.sh next1/next2: the default capture (compiled layers, zero-draft rounds of a
 # shared head chained, PPSD ticks chained) with a compiled profile
-H100 = _sources("h100", "compile-layers", "compiled", "chained", 8)
+H100 = _sources("h100", "compile-layers", "compiled", "chained", 8, contention=True)
 CARDS = {"h200": H200, "h100": H100}
 EESD_LABEL = re.compile(r"eesd (?P<head>shared|trained) E=(?P<exit>\d+) (?P<policy>fixed:\d+|beta-ts)")
 PPSD_LABEL = re.compile(r"ppsd streams n=(?P<stages>\d+)(?: trained E=(?P<exit>\d+))?$")
@@ -83,7 +97,9 @@ def method_of(label: str) -> str | None:
     return "eesd" if EESD_LABEL.match(label) else "ppsd" if PPSD_LABEL.match(label) else None
 
 
-def scenario(source: Source, row: dict[str, Any], new_tokens: int, method: str, runs: int) -> Point:
+def scenario(
+    source: Source, row: dict[str, Any], new_tokens: int, method: str, runs: int, contention: Path | None = None
+) -> Point:
     data: dict[str, Any] = {
         "name": f"{source.model} {row['method']}",
         "model": source.model,
@@ -102,8 +118,10 @@ def scenario(source: Source, row: dict[str, Any], new_tokens: int, method: str, 
             data["zero_draft_rounds"] = source.trained_zero_draft_rounds
     if method == "ppsd":
         match = PPSD_LABEL.match(row["method"])
-        data["topology"]["stages"] = int(match["stages"])
-        data |= {"sync_every": source.ppsd_sync_every, "ppsd_backend": "local"}  # the streams backend: one host
+        data["topology"]["stages"] = int(match["stages"])  # one GPU: a one-host backend's default
+        data |= {"sync_every": source.ppsd_sync_every, "ppsd_backend": "streams"}
+        if contention is not None:
+            data["topology"]["contention"] = str(contention)
         if match["exit"]:
             data |= {"exit_layer": int(match["exit"]), "exit_head": "trained"}
     return Point(0, {}, validate(data, f"{source.bench}: row {row['method']!r}"), ROOT, str(source.bench))
@@ -133,6 +151,14 @@ def compare(source: Source, runs: int) -> list[dict[str, Any]]:
              "error": predicted / measured - 1, "measured_speedup": measured / ar["decode_tokens_per_s"],
              "predicted_speedup": predicted / predicted_ar, "extrapolated": extrapolated}
         )  # fmt: skip
+        if method == "ppsd":
+            out[-1]["contention"] = "shared bandwidth (fallback from the GPU's spec)"
+            if source.contention is not None:
+                point = scenario(source, row, bench["new_tokens"], method, runs, source.contention)
+                profiled, extrapolated = decode_rate(point)
+                out.append(out[-1] | {"predicted_decode_tokens_per_s": profiled, "error": profiled / measured - 1,
+                                      "predicted_speedup": profiled / predicted_ar, "extrapolated": extrapolated,
+                                      "contention": str(source.contention.relative_to(ROOT))})  # fmt: skip
     return out
 
 
@@ -143,8 +169,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:.3f}"
+        method = r["method"] + (" (contention profile)" if r.get("contention", "").endswith(".csv") else "")
         lines.append(
-            f"| {r['model']} | {r['method']} | {alpha} | {r['measured_decode_tokens_per_s']:.1f} | "
+            f"| {r['model']} | {method} | {alpha} | {r['measured_decode_tokens_per_s']:.1f} | "
             f"{r['predicted_decode_tokens_per_s']:.1f} | {100 * r['error']:+.1f}% | {r['measured_speedup']:.2f} | "
             f"{r['predicted_speedup']:.2f} |"
         )
@@ -166,9 +193,15 @@ def main() -> int:
     out = args.out or RESULTS / f"sim_vs_gpu_nvidia_{args.card}.json"
     rows = [row | {"capture": source.capture} for source in sources for row in compare(source, args.runs)]
     print(table(rows))
-    for label, kinds in (("AR and EESD", {"ar", "eesd"}), ("PPSD (one GPU vs separate devices)", {"ppsd"})):
-        errors = [abs(r["error"]) for r in rows if r["kind"] in kinds]
-        print(f"{label}: mean |error| {100 * statistics.fmean(errors):.1f}%, max {100 * max(errors):.1f}%")
+    groups = (
+        ("AR and EESD", lambda r: r["kind"] != "ppsd"),
+        ("PPSD streams, contention from the GPU's spec", lambda r: r.get("contention", "").startswith("shared")),
+        ("PPSD streams, contention profile", lambda r: r.get("contention", "").endswith(".csv")),
+    )
+    for label, chosen in groups:
+        errors = [abs(r["error"]) for r in rows if chosen(r)]
+        if errors:
+            print(f"{label}: mean |error| {100 * statistics.fmean(errors):.1f}%, max {100 * max(errors):.1f}%")
     document = {
         "benchmark": "simulator vs executor, offline, from one GPU lease's files",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -78,6 +78,30 @@ def stage_time_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, 
     return total
 
 
+def stage_hbm_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, batch: int) -> float | None:
+    """The HBM part of a stage's share of a pass: the bytes it reads (its layers' weights and K/V at `context_len`,
+    an exit head's and the LM head's weights) over the device's effective bandwidth; None where that is unknown."""
+    if stage.hbm_GBps is None:
+        return None
+    model, width = plan.model, plan.dtype_bytes
+    layer_bytes = model.layer_params * width / stage.tp
+    nbytes = 0.0
+    for start, end, q in work.segments:
+        layers = min(end, stage.layer_end) - max(start, stage.layer_start)
+        if layers > 0:
+            kv_bytes = batch * (context_len + q) * model.kv_bytes_per_token(width) / stage.tp
+            nbytes += layers * (layer_bytes + kv_bytes)
+    head_bytes = model.lm_head_params * width
+    if work.exit_at and stage.layer_start < work.exit_at <= stage.layer_end:
+        trained = plan.exit_head == "trained"
+        nbytes += head_bytes * head_vocab_fraction(plan.exit_head, model) + (layer_bytes if trained else 0.0)
+    if work.head_layer_at and stage.layer_start < work.head_layer_at <= stage.layer_end:
+        nbytes += layer_bytes
+    if work.lm_head_q and stage.layer_end == model.num_layers:
+        nbytes += head_bytes
+    return nbytes / (stage.hbm_GBps * 1e3)
+
+
 def exit_head_us(plan: SimPlan, lat: LatencyModel, context_len: int, batch: int) -> float:
     """One draft step's exit head: a trained head's `exit_head`, else the `lm_head`, scaled by N/V for a head over N
     of the V ids (`shared:N`): at draft batch sizes the LM head is bound by reading its N x d weight rows."""

@@ -13,7 +13,13 @@ What is modelled (times in µs of simulated time, sizes in bytes):
   new token enters stage 1 as soon as stage 1 finished the previous one and its exit head drafted it; when a token
   leaves the last stage the next token is final: a correct draft already in flight goes on, a wrong one flushes
   every younger token in flight (an epoch counter; flushed work is counted as wasted) and the correct token
-  re-enters stage 1. At most `max_in_flight` tokens (default: the number of stages) are in the pipe.
+  re-enters stage 1. At most `max_in_flight` tokens (default: the number of stages) are in the pipe. With a device
+  per stage and the distributed backend the stages run free (each starts its next token as soon as it has one);
+  with one host (`ppsd_backend` streams or sequential) or stages sharing a device, the pipe moves in lockstep ticks
+  as the executor's does: every stage runs its token, the passes of one device share it (`sim.contention`:
+  together on streams, in turn when sequential), then the last stage's verdict moves the pipe on (a captured tick
+  also launches the transition pass). `ticks` counts the executor's ticks either way: a token that entered an empty
+  pipe leaves it after one tick per stage, one that follows a confirmed draft one tick after it.
 - Attention: a decode pass is costed at the plan's `cache_slots` (the executor's static cache, every slot masked and
   read) when set, else at the context so far; prefill at its prompt. Host reads: see `sim.cost.stage_time_us`.
 - Batches are static: the requests run in batches of `batch_size`; in PPSD a batch moves in lockstep, so it is
@@ -34,9 +40,10 @@ from typing import Any
 import simpy
 
 from sim.acceptance import AcceptanceStream
-from sim.cost import Pass, PassCost, pass_costs
+from sim.contention import PassShare
+from sim.cost import Pass, PassCost, pass_costs, stage_hbm_us, stage_time_us
 from sim.latency import LinkModel
-from sim.plan import SimPlan
+from sim.plan import ONE_HOST_BACKENDS, SimPlan
 from sim.policy import DraftPolicy, make_policy, round_budget
 
 TOKEN_ID_BYTES = 8
@@ -61,6 +68,12 @@ class RunResult:
     flushes: int
     stages: tuple[SimStageStats, ...]
     extrapolated: bool
+    ticks: int = 0  # PPSD: the executor's ticks (see the module docstring); 0 for AR and EESD
+
+    @property
+    def ticks_per_token(self) -> float:
+        """PPSD: ticks per decoded token (AR through n stages would take n)."""
+        return self.ticks / self.decode_tokens if self.decode_tokens else 0.0
 
     @property
     def total_time_us(self) -> float:
@@ -199,12 +212,14 @@ class Simulation:
         self.rng = random.Random(plan.seed)
         self.epoch = 0
         self.stages = [Stage(self, i) for i in range(len(plan.stages))]
-        self.links = [SimLink(self.env, plan.link, s.inbox) for s in self.stages[1:]]
-        self.return_link = SimLink(self.env, plan.link, self.stages[0].inbox)
+        self.links = [SimLink(self.env, plan.link_after(i), s.inbox) for i, s in enumerate(self.stages[1:])]
+        self.return_link = SimLink(self.env, plan.return_link, self.stages[0].inbox)
         self.trace: list[dict[str, Any]] | None = [] if trace_limit > 0 else None
         self.trace_limit = trace_limit
         self._costs: dict[tuple[str, int, int], PassCost] = {}
-        self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0}
+        self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0,
+                       "ticks": 0}  # fmt: skip
+        self._tick_costs: dict[tuple, tuple[float, tuple[float, ...]]] = {}
         self.prefill_us = 0.0
         self.decode_us = 0.0
 
@@ -225,14 +240,20 @@ class Simulation:
             flushes=self.counts["flushes"],
             stages=tuple(SimStageStats(s.busy_us, s.useful_us) for s in self.stages),
             extrapolated=any(getattr(s.latency, "extrapolated", False) for s in plan.stages)
-            or bool(getattr(plan.link, "extrapolated", False)),
+            or bool(getattr(plan.link, "extrapolated", False))
+            or plan.contention.extrapolated,
+            ticks=self.counts["ticks"],
         )
 
     def record(self, stage: int, start_us: float, duration_us: float, job: Job) -> None:
         if self.trace is not None and len(self.trace) < self.trace_limit:
-            flushed = job.epoch != self.epoch
-            name = job.label + (" (flushed)" if flushed else "")
-            args = {"position": job.position, "batch": job.batch, "flushed": flushed}
+            self.span(stage, start_us, duration_us, job.label, job.position, job.batch, job.epoch != self.epoch)
+
+    def span(self, stage: int, start_us: float, duration_us: float, label: str, position: int, batch: int,
+             flushed: bool) -> None:  # fmt: skip
+        if self.trace is not None and len(self.trace) < self.trace_limit:
+            name = label + (" (flushed)" if flushed else "")
+            args = {"position": position, "batch": batch, "flushed": flushed}
             self.trace.append(
                 {"name": name, "ph": "X", "ts": start_us, "dur": duration_us, "pid": 1, "tid": stage, "args": args}
             )
@@ -345,20 +366,17 @@ class Simulation:
 
     def _ppsd(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         plan = self.plan
-        token = lambda name, **host: Pass(  # noqa: E731
-            name, "draft", ((0, plan.model.num_layers, 1),), exit_at=plan.exit_layer, lm_head_q=1, **host
-        )
-        if plan.ppsd_backend == "distributed":  # every rank's host takes part in every tick
-            chained = read = token("token", host_per_stage=True)
-        else:
-            chained, read = token("token", host_sync=False), token("token, read")
+        if plan.ppsd_backend in ONE_HOST_BACKENDS or plan.shares_devices:
+            yield from self._ppsd_ticks(rows)
+            return
+        token = self._token_pass()  # every rank's host takes part in every tick
         self._pipe = _Pipe(
             rows=rows,
             output_len=plan.workload.output_len,
             window=plan.max_in_flight or len(plan.stages),
             finished=self.env.event(),
-            token_pass=chained,
-            read_pass=read,
+            token_pass=token,
+            read_pass=token,
         )
         self._count(rounds=1)
         if plan.workload.output_len > 1:
@@ -366,11 +384,17 @@ class Simulation:
             yield self._pipe.finished
         self.epoch += 1  # whatever is still in flight is discarded
 
+    def _token_pass(self, host_sync: bool = True) -> Pass:
+        """A PPSD token's pass through every stage; with the distributed backend each stage's host handles it."""
+        plan, distributed = self.plan, self.plan.ppsd_backend == "distributed"
+        name = "token" if host_sync or distributed else "token chained"
+        segments = ((0, plan.model.num_layers, 1),)
+        return Pass(name, "draft", segments, exit_at=plan.exit_layer, lm_head_q=1, host_sync=host_sync or distributed,
+                    host_per_stage=distributed)  # fmt: skip
+
     def _ppsd_job(self, position: int, run_index: int) -> Job:
-        """The token at `position` entering the pipe: one tick's input to stage 1. The host `overhead`: with the
-        `distributed` backend every stage pays it every tick (each rank's host receives the verdict and launches its
-        stage); with a `local` one, captured, the host reads the device once per `sync_every` ticks (the ticks chain
-        on the device), paid once by that tick's last stage; uncaptured, every stage of every tick pays it."""
+        """The token at `position` entering the pipe: one tick's input to stage 1. The host `overhead`: every stage
+        pays it every tick (each rank's host receives the verdict and launches its stage)."""
         pipe = self._pipe
         pipe.ticks += 1
         work = pipe.read_pass if pipe.ticks % self.plan.sync_every == 0 else pipe.token_pass
@@ -408,6 +432,7 @@ class Simulation:
         pipe.in_flight -= 1
         self._useful(job)
         counts["tokens"] += batch
+        counts["ticks"] += len(self.stages) if job.run_index == 0 else 1
         if job.position + 2 >= pipe.output_len:
             pipe.finished.succeed()
             return
@@ -431,6 +456,102 @@ class Simulation:
         else:
             self.return_link.put(correction, TOKEN_ID_BYTES * len(pipe.rows))
 
+    # ---- PPSD in lockstep ticks ----------------------------------------------------------------------------------
+    def _ppsd_ticks(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
+        """PPSD as the executor's pipeline runs it: lockstep ticks (module docstring; `executor.ppsd.LocalPipeline`
+        and the distributed ranks' loop). A tick's stage 1 drafts after its token unless the tick flushes."""
+        plan, batch, n = self.plan, len(rows), len(self.stages)
+        output_len, window = plan.workload.output_len, plan.max_in_flight or n
+        self._count(rounds=1)
+        held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
+        pending: _Token | None = None
+        block, emitted = 0, 0  # ticks left before the host reads: blocks of min(sync_every, tokens still to come)
+        while output_len > 1:
+            self.counts["ticks"] += 1
+            block = block or min(plan.sync_every, output_len - 1 - emitted)
+            block -= 1
+            tick_us, stage_us = self._tick(held, block == 0, batch)
+            self._tick_stats(held, stage_us, batch)
+            yield self.env.timeout(tick_us)
+            leaving = held[-1]
+            if leaving is not None:
+                self._useful_token(leaving)
+                self.counts["tokens"] += batch
+                emitted += 1
+                if leaving.position + 2 >= output_len:
+                    break
+                if not leaving.next_ok:  # flush: the correction enters stage 1, everything younger is dropped
+                    self._count(flushes=1, rounds=1, drafted=batch)
+                    held, pending = [_Token(leaving.position + 1, 0, n)] + [None] * (n - 1), None
+                    continue
+                self._count(accepted=batch, drafted=batch)
+            draft = self._tick_draft(held[0], rows, output_len, n)
+            held = [None, *held[:-1]]
+            pending = draft or pending
+            if pending is not None and sum(t is not None for t in held) < window:
+                held[0], pending = pending, None
+        self.epoch += 1
+
+    def _tick_draft(self, first: _Token | None, rows: list[BatchRow], output_len: int, n: int) -> _Token | None:
+        """Stage 1's draft after its token (none past the last position a token is fed for), its rows' verdicts
+        drawn now (a batch moves in lockstep: it confirms only if every row does)."""
+        if first is None or first.position + 1 > output_len - 2:
+            return None
+        first.next_ok = all([row.stream.draft(first.position + 1, first.run_index)[0] for row in rows])
+        return _Token(first.position + 1, first.run_index + 1, n)
+
+    def _tick(self, held: list[_Token | None], read: bool, batch: int) -> tuple[float, tuple[float, ...]]:
+        """(the tick's µs, each stage's pass alone, 0 for one that did not run) for the tokens `held`."""
+        plan = self.plan
+        captured_local = plan.ppsd_backend in ONE_HOST_BACKENDS and plan.stages[0].latency.cuda_graphs
+        running = tuple(t is not None or captured_local for t in held)  # a captured pass cannot skip
+        position = max((t.position for t in held if t is not None), default=0)
+        context = self._context_of(plan.workload.prompt_len + position, "draft")
+        key = (running, read, context, batch)
+        cached = self._tick_costs.get(key)
+        if cached is None:
+            cached = self._tick_costs[key] = self._tick_cost(running, read, context, batch)
+        return cached
+
+    def _tick_cost(self, running: tuple[bool, ...], read: bool, context: int, batch: int) -> tuple[float, tuple]:
+        plan, work = self.plan, self._token_pass(host_sync=False)
+        shares: dict[int, list[PassShare]] = {}
+        alone = []
+        for index, stage in enumerate(plan.stages):
+            if not running[index]:
+                alone.append(0.0)
+                continue
+            time_us = stage_time_us(plan, stage, work, context, batch) + stage.launch_us
+            hbm_us = stage_hbm_us(plan, stage, work, context, batch)
+            share = PassShare(time_us, time_us if hbm_us is None else hbm_us)  # unknown bandwidth: all of it
+            shares.setdefault(plan.device_of(index), []).append(share)
+            alone.append(time_us)
+        contention = plan.stage_contention()
+        tick_us = max(contention.together_us(group) for group in shares.values())
+        hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
+        hand_offs = [plan.link_after(i).time_us(hidden_bytes) for i in range(len(plan.stages) - 1) if running[i]]
+        tick_us += max(hand_offs, default=0.0)
+        if plan.ppsd_backend == "distributed":  # the last rank's verdict goes to every rank each tick
+            tick_us += plan.return_link.time_us(TOKEN_ID_BYTES * batch)
+        elif plan.stages[0].latency.cuda_graphs:  # the transition pass, and the host's read every sync_every ticks
+            host_us = plan.stages[-1].latency.time_us("overhead", "draft", 1, context, batch) if read else 0.0
+            tick_us += plan.stages[0].launch_us + host_us
+        return tick_us, tuple(alone)
+
+    def _tick_stats(self, held: list[_Token | None], stage_us: tuple[float, ...], batch: int) -> None:
+        start = self.env.now
+        for index, (token, duration) in enumerate(zip(held, stage_us, strict=True)):
+            self.stages[index].busy_us += duration
+            if token is not None:
+                token.spent[index] += duration
+            if duration > 0:
+                position = token.position if token is not None else -1
+                self.span(index, start, duration, f"token {position}", position, batch, False)
+
+    def _useful_token(self, token: _Token) -> None:
+        for stage, spent in zip(self.stages, token.spent, strict=True):
+            stage.useful_us += spent
+
     # ---- passes and costs ---------------------------------------------------------------------------------------
     def _pass(self, work: Pass, context_len: int, batch: int) -> Generator[simpy.Event, Any, None]:
         first, last, durations, link_bytes = self._cost(work, context_len, batch)
@@ -439,7 +560,7 @@ class Simulation:
         self.stages[first].inbox.put(job)
         yield job.done
         if last > 0:  # the sampled token ids go back to stage 1
-            yield self.env.timeout(self.plan.link.time_us(TOKEN_ID_BYTES * batch))
+            yield self.env.timeout(self.plan.return_link.time_us(TOKEN_ID_BYTES * batch))
 
     def _forward(self, job: Job, stage: int) -> None:
         if stage < job.last_stage:
@@ -459,16 +580,35 @@ class Simulation:
     def _context(self, rows: list[BatchRow]) -> int:
         return self.plan.workload.prompt_len + max(r.generated for r in rows)
 
-    def _cost(self, work: Pass, context_len: int, batch: int) -> PassCost:
-        if self.plan.cache_slots and work.phase != "prefill":  # a static pass attends over every slot
+    def _context_of(self, context_len: int, phase: str) -> int:
+        """The context a pass is costed at: every cache slot for a static decode pass, rounded to `context_step`."""
+        if self.plan.cache_slots and phase != "prefill":  # a static pass attends over every slot
             context_len = self.plan.cache_slots
         step = self.plan.context_step
-        context_len = (context_len + step // 2) // step * step
+        return (context_len + step // 2) // step * step
+
+    def _cost(self, work: Pass, context_len: int, batch: int) -> PassCost:
+        context_len = self._context_of(context_len, work.phase)
         key = (work.name, context_len, batch)  # names are unique per pass shape within a plan
         cached = self._costs.get(key)
         if cached is None:
             cached = self._costs[key] = pass_costs(self.plan, work, context_len, batch)
         return cached
+
+
+@dataclass(eq=False)
+class _Token:
+    """A token in a lockstep pipe: its position, the drafts since it entered afresh (0: start or correction),
+    whether the draft stage 1 made after it matches (set when made), and the µs each stage spent on it."""
+
+    position: int
+    run_index: int
+    stages: int
+    next_ok: bool = True
+    spent: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.spent = [0.0] * self.stages
 
 
 @dataclass

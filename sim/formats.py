@@ -1,4 +1,4 @@
-"""Versioned calibration files: latency profiles, acceptance traces and link profiles (docs/formats.md).
+"""Versioned calibration files: latency profiles, acceptance traces, link and contention profiles (docs/formats.md).
 
 The contract between `calibrate/` (writes) and `sim/` (reads); torch-free. Every file is a CSV whose first line is a
 `#` followed by one JSON object, `{"format": "eesd.<kind>", "schema_version": N, "metadata": {...}}`, then a CSV
@@ -61,6 +61,19 @@ class LinkRecord:
     """Time to move `nbytes` from one pipeline stage to the next, µs."""
 
     nbytes: int
+    median_us: float
+    p10_us: float
+    p90_us: float
+
+
+@dataclass(frozen=True)
+class ContentionRecord:
+    """`passes` passes launched together on one device: each timed alone (their sum and the longest) and together
+    (median, p10, p90 over the repeats), µs."""
+
+    passes: int
+    alone_sum_us: float
+    alone_max_us: float
     median_us: float
     p10_us: float
     p90_us: float
@@ -137,7 +150,21 @@ LINK_PROFILE = FileFormat(
     key=("nbytes",),
     required_metadata=("backend",),
 )
-FORMATS = {f.kind: f for f in (LATENCY_PROFILE, ACCEPTANCE_TRACE, LINK_PROFILE)}
+CONTENTION_PROFILE = FileFormat(
+    kind="contention_profile",
+    record_type=ContentionRecord,
+    columns=(
+        Column("passes", int, minimum=2),
+        Column("alone_sum_us", **_TIME),
+        Column("alone_max_us", **_TIME),
+        Column("median_us", **_TIME),
+        Column("p10_us", **_TIME),
+        Column("p90_us", **_TIME),
+    ),
+    key=("passes",),
+    required_metadata=("device", "backend"),
+)
+FORMATS = {f.kind: f for f in (LATENCY_PROFILE, ACCEPTANCE_TRACE, LINK_PROFILE, CONTENTION_PROFILE)}
 
 
 def write_file(path: str | Path, fmt: FileFormat, metadata: Mapping[str, Any], records: Iterable[Any]) -> Path:
@@ -209,6 +236,16 @@ def write_link_profile(path: str | Path, metadata: Mapping[str, Any], records: I
 
 def read_link_profile(path: str | Path) -> DataFile:
     return read_file(path, LINK_PROFILE)
+
+
+def write_contention_profile(
+    path: str | Path, metadata: Mapping[str, Any], records: Iterable[ContentionRecord]
+) -> Path:
+    return write_file(path, CONTENTION_PROFILE, metadata, records)
+
+
+def read_contention_profile(path: str | Path) -> DataFile:
+    return read_file(path, CONTENTION_PROFILE)
 
 
 def subset_size(head: str) -> int | None:
@@ -325,6 +362,10 @@ def _check_record(path: Path, line: int, fmt: FileFormat, record: Any, seen: set
         raise ValueError(
             f"{where}: need p10_us <= median_us <= p90_us, got {record.p10_us}, {record.median_us}, {record.p90_us}"
         )
+    if hasattr(record, "alone_max_us") and not record.alone_max_us <= record.alone_sum_us:
+        raise ValueError(
+            f"{where}: need alone_max_us <= alone_sum_us, got {record.alone_max_us}, {record.alone_sum_us}"
+        )
     key = tuple(getattr(record, name) for name in fmt.key)
     if key in seen:
         raise ValueError(f"{where}: duplicate record for {dict(zip(fmt.key, key, strict=True))}")
@@ -353,21 +394,25 @@ def _check_value(where: str, column: Column, value: Any) -> None:
 __all__ = [
     "ACCEPTANCE_TRACE",
     "COMPONENTS",
+    "CONTENTION_PROFILE",
     "FORMATS",
     "LATENCY_PROFILE",
     "LINK_PROFILE",
     "PHASES",
     "SCHEMA_VERSION",
     "AcceptanceRecord",
+    "ContentionRecord",
     "DataFile",
     "LatencyRecord",
     "LinkRecord",
     "latency_profile_name",
     "read_acceptance_trace",
+    "read_contention_profile",
     "read_file",
     "read_latency_profile",
     "read_link_profile",
     "write_acceptance_trace",
+    "write_contention_profile",
     "write_file",
     "write_latency_profile",
     "write_link_profile",

@@ -1,27 +1,39 @@
 """Hardware tables: GPU specs, link presets and the alpha-beta all-reduce model.
 
-Units: bandwidth in GB/s (1e9 bytes per second, one direction), latency in µs, FLOP/s in TFLOP/s (dense bf16),
-memory in GiB. `bytes_per_us = GB/s * 1e3`. Every entry names its source; `kernel_floor_us` (the shortest time
-one decode kernel takes under CUDA graphs, launch gap included) is one SmolLM2-135M decoder layer's time on an H100
-over its 9 kernels (docs/design.md, measured anchors), assumed for the other cards.
+Units: bandwidth in GB/s (1e9 bytes per second, one direction), latency in µs, FLOP/s in TFLOP/s (dense, per
+dtype: tensor cores for bf16 / fp16, the FP32 cores for fp32), memory in GiB. `bytes_per_us = GB/s * 1e3`. Every
+entry names its source. Two times are measured on an H100 and assumed for the other cards: `kernel_floor_us`, the
+shortest time one decode kernel takes under CUDA graphs, launch gap included (one SmolLM2-135M decoder layer's time
+over its 9 kernels; docs/design.md, measured anchors), and `launch_us`, what one captured pass (a graph replay)
+costs the device beyond the kernels a latency profile times (docs/simulator.md, stages sharing a device).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 H100_KERNEL_FLOOR_US = 62.0 / 9  # SmolLM2-135M decoder layer, q = 1, CUDA graph: its time over its 9 kernels
+H100_LAUNCH_US = 43.0  # a captured pass timed back-to-back over the sum of its profiled components (AR, draft)
+DTYPES = ("bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
 class GPUSpec:
     name: str
     hbm_bandwidth_GBps: float
-    peak_tflops: float  # dense bf16 tensor-core peak
+    peak_tflops: Mapping[str, float]  # dense peak per dtype (`DTYPES`)
     memory_GiB: float
     kernel_floor_us: float
     source: str
+    launch_us: float = H100_LAUNCH_US
+
+    def tflops(self, dtype: str) -> float:
+        """The dense peak for `dtype` (bf16 | fp16 | fp32); a ValueError naming the card where it has none."""
+        if dtype not in self.peak_tflops:
+            raise ValueError(f"{self.name}: no peak_tflops for {dtype} (it gives {sorted(self.peak_tflops)})")
+        return self.peak_tflops[dtype]
 
 
 @dataclass(frozen=True)
@@ -39,21 +51,31 @@ class LinkSpec:
         return self.latency_us + nbytes / (self.bandwidth_GBps * 1e3)
 
 
+def _peaks(tensor: float, fp32: float) -> dict[str, float]:
+    return {"bf16": tensor, "fp16": tensor, "fp32": fp32}
+
+
 GPUS: dict[str, GPUSpec] = {
     "H100": GPUSpec(
-        "NVIDIA H100 SXM5 80GB", 3350.0, 989.0, 80.0, H100_KERNEL_FLOOR_US, "NVIDIA H100 Tensor Core GPU datasheet"
+        "NVIDIA H100 SXM5 80GB", 3350.0, _peaks(989.0, 67.0), 80.0, H100_KERNEL_FLOOR_US,
+        "NVIDIA H100 Tensor Core GPU datasheet",
     ),
     "H100-PCIe": GPUSpec(
-        "NVIDIA H100 PCIe 80GB", 2000.0, 756.0, 80.0, H100_KERNEL_FLOOR_US, "NVIDIA H100 Tensor Core GPU datasheet"
+        "NVIDIA H100 PCIe 80GB", 2000.0, _peaks(756.0, 51.0), 80.0, H100_KERNEL_FLOOR_US,
+        "NVIDIA H100 Tensor Core GPU datasheet",
     ),
     "H200": GPUSpec(
-        "NVIDIA H200 SXM 141GB", 4800.0, 989.0, 141.0, H100_KERNEL_FLOOR_US, "NVIDIA H200 Tensor Core GPU datasheet"
+        "NVIDIA H200 SXM 141GB", 4800.0, _peaks(989.0, 67.0), 141.0, H100_KERNEL_FLOOR_US,
+        "NVIDIA H200 Tensor Core GPU datasheet",
     ),
     "A100": GPUSpec(
-        "NVIDIA A100 SXM4 80GB", 2039.0, 312.0, 80.0, H100_KERNEL_FLOOR_US, "NVIDIA A100 Tensor Core GPU datasheet"
+        "NVIDIA A100 SXM4 80GB", 2039.0, _peaks(312.0, 19.5), 80.0, H100_KERNEL_FLOOR_US,
+        "NVIDIA A100 Tensor Core GPU datasheet",
     ),
-    "L40S": GPUSpec("NVIDIA L40S 48GB", 864.0, 362.0, 48.0, H100_KERNEL_FLOOR_US, "NVIDIA L40S datasheet"),
-}
+    "L40S": GPUSpec(
+        "NVIDIA L40S 48GB", 864.0, _peaks(362.0, 91.6), 48.0, H100_KERNEL_FLOOR_US, "NVIDIA L40S datasheet",
+    ),
+}  # fmt: skip
 
 LINKS: dict[str, LinkSpec] = {
     "ideal": LinkSpec("ideal", 0.0, None, "free link, for analytic checks"),

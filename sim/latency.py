@@ -74,6 +74,7 @@ class RooflineLatency:
     flops_efficiency: float = 0.6
     eager_layer_us: float = 560.0
     overhead_us: float = 20.0  # per pass: graph launch + sampling + host sync (assumed)
+    dtype: str = "bf16"  # which of the GPU's peaks bounds the FLOPs
 
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
         if component == "layer":
@@ -108,7 +109,7 @@ class RooflineLatency:
 
     def _roofline_us(self, nbytes: float, flops: float) -> float:
         memory_us = nbytes / self.tp / (self.gpu.hbm_bandwidth_GBps * 1e3 * self.bandwidth_efficiency)
-        compute_us = flops / self.tp / (self.gpu.peak_tflops * 1e6 * self.flops_efficiency)
+        compute_us = flops / self.tp / (self.gpu.tflops(self.dtype) * 1e6 * self.flops_efficiency)
         return max(memory_us, compute_us)
 
 

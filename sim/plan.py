@@ -7,34 +7,51 @@ checked too.
 
 Devices: a stage whose latencies come from a profile runs on the device the profile was measured on (its `device`
 metadata, e.g. a CPU or a GPU's name), so a `gpu` the scenario names for it must be that device; a stage costed by the
-roofline or by constants runs on the GPU the scenario names (`DEFAULT_GPU` when it names none). A stage's weights
-must fit its GPU's memory where the GPU is known.
+roofline or by constants runs on the GPU the scenario names (`DEFAULT_GPU` when it names none; a GPU may be given
+inline, from its datasheet). Stages may share a device (`topology.devices`, or each stage's `device` index; PPSD's
+one-host backends put every stage on one device unless told otherwise): their passes that run at the same time
+share it (`sim.contention`), and no link lies between them. The weights of a device's stages must fit its memory
+where the GPU is known.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
+from sim.contention import Contention, ProfiledContention, Serial, SharedBandwidth
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer
 from sim.cost import cost_ratio, head_vocab_fraction
-from sim.formats import DataFile, read_acceptance_trace, read_latency_profile, read_link_profile
+from sim.formats import (
+    DataFile,
+    read_acceptance_trace,
+    read_contention_profile,
+    read_latency_profile,
+    read_link_profile,
+)
 from sim.hardware import GPUS, LINKS, GPUSpec, LinkSpec, gpu_named_by
 from sim.latency import ConstantLatency, LatencyModel, LinkModel, ProfiledLink, ProfileLatency, RooflineLatency
 from sim.models import DTYPE_BYTES, MODELS, ModelConfig
 from sim.policy import make_policy, policy_usage
-from sim.scenario import LinkConfig, Point, Roofline, Scenario, ScenarioError, StageConfig
+from sim.scenario import GPUConfig, LinkConfig, Point, Roofline, Scenario, ScenarioError, StageConfig
 
 METHODS = ("ar", "eesd", "ppsd")
-PPSD_BACKENDS = ("distributed", "local")
+PPSD_BACKENDS = ("distributed", "streams", "sequential")
+ONE_HOST_BACKENDS = ("streams", "sequential")  # PPSD backends whose stages share one device unless told otherwise
 DEFAULT_GPU = "H100"  # the GPU of a stage not costed by a profile, where the scenario names none
 MEMORY_HEADROOM = 0.95  # the share of a GPU's memory the weights may take (the rest: KV cache, activations)
+IDEAL_LINK = LINKS["ideal"]  # between stages on one device: the next stage reads the hidden states where they are
 
 
 @dataclass(frozen=True)
 class SimStage:
-    """One pipeline stage: layers [layer_start, layer_end) on one device (or a tensor-parallel group of `tp`)."""
+    """One pipeline stage: layers [layer_start, layer_end) on one device (or a tensor-parallel group of `tp`).
+
+    `device_index`: stages with the same index share one device (None: a device of its own). `hbm_GBps` is the
+    device's effective HBM bandwidth where known (datasheet x the roofline's efficiency), None where not (a CPU);
+    `launch_us` what one captured pass costs the device beyond the kernels the latency model times."""
 
     layer_start: int
     layer_end: int
@@ -42,6 +59,9 @@ class SimStage:
     device: str = "device"
     tp: int = 1
     tp_link: LinkModel | None = None  # all-reduce link inside the stage (tp > 1)
+    device_index: int | None = None
+    hbm_GBps: float | None = None
+    launch_us: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,15 +90,44 @@ class SimPlan:
     context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
     chain_zero_rounds: bool = True  # EESD rounds that draft nothing run as chained AR steps (as the executor does)
     sync_every: int = SYNC_CAPTURED  # captured: chained AR steps / zero-draft rounds / PPSD ticks per host read
-    # PPSD's host: "distributed", a process per stage whose host handles every tick (the executor's backend for a
-    # device per stage); "local", one host that chains `sync_every` ticks on the device (the streams backend)
+    # PPSD's backend: "distributed", a process per stage whose host handles every tick; "streams", one host that
+    # launches the stages of a tick together and chains `sync_every` ticks on the device; "sequential", one host
+    # running the stages of a tick in turn
     ppsd_backend: str = "distributed"
     # decode passes attend over this many cache slots (the executor's static cache: every slot, masked), or over the
     # context so far (None)
     cache_slots: int | None = None
+    contention: Contention = SharedBandwidth()  # passes at the same time on a shared device (not `sequential`)
 
     def __post_init__(self) -> None:
         _check_plan(self)
+
+    def device_of(self, stage: int) -> int:
+        """The device stage `stage` runs on: its `device_index`, else one of its own (numbered after the shared)."""
+        index = self.stages[stage].device_index
+        if index is not None:
+            return index
+        shared = [s.device_index for s in self.stages if s.device_index is not None]
+        return (max(shared) + 1 if shared else 0) + stage
+
+    @property
+    def shares_devices(self) -> bool:
+        """Whether two stages run on one device."""
+        devices = [self.device_of(i) for i in range(len(self.stages))]
+        return len(set(devices)) < len(devices)
+
+    def link_after(self, stage: int) -> LinkModel:
+        """The link from stage `stage` to the next (none between stages on one device)."""
+        return IDEAL_LINK if self.device_of(stage) == self.device_of(stage + 1) else self.link
+
+    @property
+    def return_link(self) -> LinkModel:
+        """The link the last stage's token ids take back to stage 1."""
+        return IDEAL_LINK if self.device_of(len(self.stages) - 1) == self.device_of(0) else self.link
+
+    def stage_contention(self) -> Contention:
+        """How the passes of one tick share a device: in turn with the `sequential` backend, else `contention`."""
+        return Serial() if self.ppsd_backend == "sequential" else self.contention
 
     @property
     def head_layer_at(self) -> int:
@@ -91,7 +140,8 @@ def _check_plan(plan: SimPlan) -> None:
     if plan.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {plan.method!r}")
     if plan.ppsd_backend not in PPSD_BACKENDS:
-        raise ValueError(f"ppsd_backend must be distributed or local, got {plan.ppsd_backend!r}")
+        raise ValueError(f"ppsd_backend must be one of {PPSD_BACKENDS}, got {plan.ppsd_backend!r}")
+    _check_shared_devices(plan.stages)
     layers = plan.model.num_layers
     expected = 0
     for stage in plan.stages:
@@ -108,6 +158,19 @@ def _check_plan(plan: SimPlan) -> None:
     w = plan.workload
     if min(w.requests, w.batch_size, w.output_len) < 1 or w.prompt_len < 1:
         raise ValueError(f"workload values must be >= 1, got {w}")
+
+
+def _check_shared_devices(stages: tuple[SimStage, ...]) -> None:
+    by_index: dict[int, list[SimStage]] = {}
+    for stage in stages:
+        if stage.device_index is not None:
+            by_index.setdefault(stage.device_index, []).append(stage)
+    for index, group in by_index.items():
+        if len({s.device for s in group}) > 1 or (len(group) > 1 and any(s.tp > 1 for s in group)):
+            raise ValueError(
+                f"stages on device {index} must be one device (same device name, tp 1), got "
+                f"{[(s.device, s.tp) for s in group]}"
+            )
 
 
 # ---- building a plan from a scenario point --------------------------------------------------------------------------
@@ -138,6 +201,7 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
         sync_every=s.sync_every,
         ppsd_backend=s.ppsd_backend,
     )
+    plan = SimPlan(**{**plan.__dict__, "contention": _contention(point, plan, where)})
     _check_policy(plan, where)
     slots = cache_slots(plan) if s.attention == "cache" else None
     return SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan), "cache_slots": slots})
@@ -172,7 +236,7 @@ def _exit_layer(s: Scenario, model: ModelConfig, where: str) -> int:
             return default_exit_layer(layers)
         n = s.topology.stages if isinstance(s.topology.stages, int) else len(s.topology.stages)
         first = s.topology.stages[0].layers if isinstance(s.topology.stages, list) else None
-        return first or max(1, round(layers / max(n, 2)))
+        return first or _balanced(layers, max(n, 2))[0]
     if not 1 <= s.exit_layer < layers:
         raise ScenarioError(
             f"{where}: exit_layer: expected 1 <= exit_layer < {layers} (model layers), got {s.exit_layer}"
@@ -185,20 +249,44 @@ def _stages(point: Point, model: ModelConfig, dtype_bytes: int, exit_layer: int,
     topo = s.topology
     configs = [StageConfig()] * topo.stages if isinstance(topo.stages, int) else list(topo.stages)
     counts = _layer_counts(s, configs, model.num_layers, exit_layer, where)
+    indices = _device_indices(s, configs)
     profile = _profile(point)
     tp_link = _link(topo.tp_link, point, "topology.tp_link")
-    stages, start = [], 0
+    efficiency = (s.latency.roofline or Roofline()).bandwidth_efficiency
+    stages, specs, start = [], [], 0
     for index, (config, count) in enumerate(zip(configs, counts, strict=True)):
         field = f"topology.stages[{index}].gpu" if config.gpu else "topology.gpu"
         device, spec = _device(config.gpu or topo.gpu, profile, f"{where}: {field}")
+        if spec is not None and s.latency.roofline is not None and s.dtype not in spec.peak_tflops:
+            raise ScenarioError(
+                f"{where}: {field}.peak_tflops: the roofline needs the {s.dtype} peak (the scenario's dtype); "
+                f"{spec.name} gives {sorted(spec.peak_tflops)}"
+            )
+        specs.append(spec)
         tp = config.tp or topo.tp
         latency = _latency(point, profile, spec, model, dtype_bytes, tp)
-        stage = SimStage(start, start + count, latency, device, tp, tp_link)
-        if spec is not None:
-            _check_memory(stage, spec, model, dtype_bytes, f"{where}: topology.stages[{index}]")
-        stages.append(stage)
+        hbm_GBps = spec.hbm_bandwidth_GBps * efficiency if spec is not None else None
+        launch_us = spec.launch_us if spec is not None and latency.cuda_graphs else 0.0
+        stages.append(SimStage(start, start + count, latency, device, tp, tp_link, indices[index], hbm_GBps, launch_us))
         start += count
+    try:
+        _check_shared_devices(tuple(stages))
+    except ValueError as err:
+        raise ScenarioError(f"{where}: topology: {err}") from None
+    _check_memory(stages, specs, model, dtype_bytes, where)
     return tuple(stages)
+
+
+def _device_indices(s: Scenario, configs: list[StageConfig]) -> list[int | None]:
+    """Each stage's device index (None: a device of its own): the stages' own `device`, else `topology.devices`
+    contiguous blocks, else one device for a one-host PPSD backend, else one device per stage."""
+    n = len(configs)
+    if configs[0].device is not None:
+        return [c.device for c in configs]
+    devices = s.topology.devices
+    if devices is None:
+        devices = 1 if s.ppsd_backend in ONE_HOST_BACKENDS else n
+    return [None] * n if devices == n else [i * devices // n for i in range(n)]
 
 
 def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_layer: int, where: str) -> list[int]:
@@ -226,8 +314,10 @@ def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_lay
 
 
 def _balanced(layers: int, n: int) -> list[int]:
-    bounds = [round(i * layers / n) for i in range(n + 1)]
-    return [bounds[i + 1] - bounds[i] for i in range(n)]
+    """Stage sizes that differ by at most one layer, the later stages taking the extra ones (as the executor's PPSD
+    lays its stages out: stage 1 also runs the exit head)."""
+    base, extra = divmod(layers, n)
+    return [base + (1 if i >= n - extra else 0) for i in range(n)]
 
 
 def _profile(point: Point) -> DataFile | None:
@@ -237,14 +327,23 @@ def _profile(point: Point) -> DataFile | None:
     return read_latency_profile(_resolve(point, config.path, "latency.profile.path"))
 
 
-def _device(named: str | None, profile: DataFile | None, where: str) -> tuple[str, GPUSpec | None]:
+def _device(named: str | GPUConfig | None, profile: DataFile | None, where: str) -> tuple[str, GPUSpec | None]:
     """(the stage's device name, its GPU's spec where known). `where` is `FILE: FIELD` of the GPU the scenario
-    names for the stage (`named`, None where it names none)."""
+    names for the stage (`named`: a table name, an inline GPU, or None where it names none)."""
     if profile is None:
+        if isinstance(named, GPUConfig):
+            return named.name, named.spec()
         name = named or DEFAULT_GPU
         return name, GPUS[name]
     device = str(profile.metadata["device"])
     profiled_gpu = gpu_named_by(device)
+    if isinstance(named, GPUConfig):
+        if not _words(named.name) <= _words(device):
+            raise ScenarioError(
+                f"{where}.name: {named.name!r} contradicts latency.profile, measured on {device!r}: a stage costed by "
+                f"a profile runs on the profile's device; name that device (its words) or drop the field"
+            )
+        return device, named.spec()
     if named is not None and named != profiled_gpu:
         raise ScenarioError(
             f"{where}: {named} contradicts latency.profile, measured on {device!r}: a stage costed by a profile runs "
@@ -253,14 +352,34 @@ def _device(named: str | None, profile: DataFile | None, where: str) -> tuple[st
     return device, GPUS[profiled_gpu] if profiled_gpu else None
 
 
-def _check_memory(stage: SimStage, spec: GPUSpec, model: ModelConfig, dtype_bytes: int, where: str) -> None:
-    params = (stage.layer_end - stage.layer_start) * model.layer_params + model.lm_head_params
-    weights_gib = params * dtype_bytes / stage.tp / 2**30
-    if weights_gib > MEMORY_HEADROOM * spec.memory_GiB:
-        raise ScenarioError(
-            f"{where}: {weights_gib:.1f} GiB of weights per GPU do not fit a {spec.memory_GiB:.0f} GiB "
-            f"{stage.device}; use more stages or a larger tp"
-        )
+def same_device(a: str, b: str) -> bool:
+    """Whether two device names name one kind of device: equal, or the same card of the GPU table."""
+    return a == b or gpu_named_by(a) is not None and gpu_named_by(a) == gpu_named_by(b)
+
+
+def _words(name: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", name.lower()))
+
+
+def _check_memory(
+    stages: list[SimStage], specs: list[GPUSpec | None], model: ModelConfig, dtype_bytes: int, where: str
+) -> None:
+    """The weights of each device's stages (their layers, and the embedding / LM head once) fit its memory."""
+    groups: dict[object, list[int]] = {}
+    for index, stage in enumerate(stages):
+        groups.setdefault(stage.device_index if stage.device_index is not None else ("own", index), []).append(index)
+    for indices in groups.values():
+        spec, first = specs[indices[0]], stages[indices[0]]
+        if spec is None:
+            continue
+        layers = sum(stages[i].layer_end - stages[i].layer_start for i in indices)
+        weights_gib = (layers * model.layer_params + model.lm_head_params) * dtype_bytes / first.tp / 2**30
+        if weights_gib > MEMORY_HEADROOM * spec.memory_GiB:
+            names = ", ".join(f"topology.stages[{i}]" for i in indices)
+            raise ScenarioError(
+                f"{where}: {names}: {weights_gib:.1f} GiB of weights per GPU do not fit a {spec.memory_GiB:.0f} GiB "
+                f"{first.device}; use more stages or devices, or a larger tp"
+            )
 
 
 def _latency(
@@ -272,7 +391,39 @@ def _latency(
     if config.profile is not None and profile is not None:
         return ProfileLatency(profile, cuda_graphs=config.profile.cuda_graphs)
     assert spec is not None  # `_device` gives a GPU to every stage not costed by a profile
-    return RooflineLatency(spec, model, dtype_bytes, tp, **(config.roofline or Roofline()).model_dump())
+    roofline = (config.roofline or Roofline()).model_dump()
+    return RooflineLatency(spec, model, dtype_bytes, tp, dtype=point.scenario.dtype, **roofline)
+
+
+def _contention(point: Point, plan: SimPlan, where: str) -> ProfiledContention | SharedBandwidth:
+    """`topology.contention`'s profile, checked to be of the device the stages share; else the fallback."""
+    relative = point.scenario.topology.contention
+    if relative is None:
+        return SharedBandwidth()
+    field = f"{where}: topology.contention"
+    if not plan.shares_devices:
+        raise ScenarioError(
+            f"{field}: no two stages share a device, so no passes contend; put stages on one device "
+            f"(topology.devices, or each stage's device index) or drop the field"
+        )
+    path = _resolve(point, relative, "topology.contention")
+    try:
+        profile = read_contention_profile(path)
+    except ValueError as err:
+        raise ScenarioError(f"{field}: {err}") from None
+    measured = str(profile.metadata["device"])
+    shared = sorted({plan.stages[i].device for i in range(len(plan.stages)) if _on_shared_device(plan, i)})
+    if not all(same_device(measured, device) for device in shared):
+        raise ScenarioError(
+            f"{field}: {path} was measured on {measured!r}; the stages that share a device run on {shared}: "
+            "expected a profile of that device"
+        )
+    return ProfiledContention(profile)
+
+
+def _on_shared_device(plan: SimPlan, stage: int) -> bool:
+    devices = [plan.device_of(i) for i in range(len(plan.stages))]
+    return devices.count(devices[stage]) > 1
 
 
 def _link(config: str | LinkConfig, point: Point, field: str) -> LinkModel:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sim.contract import SYNC_CAPTURED
 from sim.formats import COMPONENTS, subset_size
-from sim.hardware import GPUS, LINKS
+from sim.hardware import GPUS, H100_KERNEL_FLOOR_US, H100_LAUNCH_US, LINKS, GPUSpec
 from sim.models import MODELS
 from sim.policy import make_policy, parse_policy_spec
 
@@ -113,16 +113,43 @@ def _check_link_name(value: str | LinkConfig) -> str | LinkConfig:
     return value
 
 
-def _check_gpu_name(value: str | None) -> str | None:
-    if value is not None and value not in GPUS:
-        raise ValueError(f"unknown GPU {value!r}; known: {sorted(GPUS)}")
+class GPUConfig(Strict):
+    """A GPU given inline (one not in `sim.hardware.GPUS`), from its datasheet: `source` names it."""
+
+    name: str = Field(min_length=1)
+    hbm_bandwidth_GBps: float = Field(gt=0)
+    peak_tflops: dict[Literal["bf16", "fp16", "fp32"], float] = Field(min_length=1)  # dense, per dtype
+    memory_GiB: float = Field(gt=0)
+    kernel_floor_us: float = Field(H100_KERNEL_FLOOR_US, ge=0)  # default: measured on an H100 (sim/hardware.py)
+    launch_us: float = Field(H100_LAUNCH_US, ge=0)  # default: measured on an H100 (sim/hardware.py)
+    source: str = Field(min_length=1)
+
+    @field_validator("peak_tflops")
+    @classmethod
+    def _peaks(cls, value: dict[str, float]) -> dict[str, float]:
+        if not all(v > 0 for v in value.values()):
+            raise ValueError("peak_tflops values must be > 0 (dense TFLOP/s per dtype)")
+        return value
+
+    def spec(self) -> GPUSpec:
+        return GPUSpec(self.name, self.hbm_bandwidth_GBps, dict(self.peak_tflops), self.memory_GiB,
+                       self.kernel_floor_us, self.source, self.launch_us)  # fmt: skip
+
+
+def _check_gpu_name(value: str | GPUConfig | None) -> str | GPUConfig | None:
+    if isinstance(value, str) and value not in GPUS:
+        raise ValueError(f"unknown GPU {value!r}; known: {sorted(GPUS)} or an inline GPU ({_GPU_KEYS})")
     return value
 
 
+_GPU_KEYS = "{name, hbm_bandwidth_GBps, peak_tflops: {bf16, fp16, fp32}, memory_GiB, source}"
+
+
 class StageConfig(Strict):
-    gpu: str | None = None
+    gpu: str | GPUConfig | None = None
     tp: int | None = Field(None, ge=1)
     layers: int | None = Field(None, ge=1)
+    device: int | None = Field(None, ge=0)  # stages with the same index share one device
 
     _gpu = field_validator("gpu")(_check_gpu_name)
 
@@ -130,8 +157,14 @@ class StageConfig(Strict):
 class TopologyConfig(Strict):
     # every stage's GPU (a stage may name its own), `sim.plan.DEFAULT_GPU` where none is named; a stage costed by a
     # latency profile runs on the profile's device, so a GPU named for it must be that device
-    gpu: str | None = None
+    gpu: str | GPUConfig | None = None
     stages: int | list[StageConfig] = Field(1)
+    # how many devices the stages run on, in contiguous blocks (default: one per stage; ppsd_backend streams or
+    # sequential: one); a stage list may instead give each stage's `device` index
+    devices: int | None = Field(None, ge=1)
+    # how passes that share a device at once share it: a contention profile (docs/formats.md), else sim.contention's
+    # fallback from the device's spec
+    contention: str | None = None
     tp: int = Field(1, ge=1)
     link: str | LinkConfig = "nvlink"
     tp_link: str | LinkConfig = "nvlink"
@@ -145,6 +178,22 @@ class TopologyConfig(Strict):
         if isinstance(value, int) and value < 1 or isinstance(value, list) and not value:
             raise ValueError("stages must be an integer >= 1 or a non-empty list of stages")
         return value
+
+    @model_validator(mode="after")
+    def _devices(self) -> TopologyConfig:
+        given = [c.device for c in self.stages] if isinstance(self.stages, list) else []
+        if any(d is not None for d in given):
+            if None in given:
+                raise ValueError("give a stage's `device` for every stage or for none")
+            if self.devices is not None:
+                raise ValueError("give topology.devices or each stage's `device`, not both")
+            used = sorted(set(given))
+            if used != list(range(len(used))):
+                raise ValueError(f"stage device indices must be 0, 1, .. without gaps, got {given}")
+        count = len(self.stages) if isinstance(self.stages, list) else self.stages
+        if self.devices is not None and self.devices > count:
+            raise ValueError(f"devices ({self.devices}) must not exceed the stages ({count})")
+        return self
 
 
 class WorkloadConfig(Strict):
@@ -169,13 +218,14 @@ class Scenario(Strict):
     # (as the executor runs them), or "verify", one verify pass and host read per round (an executor that does not
     # chain them)
     zero_draft_rounds: Literal["chained", "verify"] = "chained"
-    # captured (cuda_graphs): chained AR steps, zero-draft rounds or (ppsd_backend "local") PPSD ticks per host read,
-    # as the executor's `generate(sync_every=)`; 1: a host read after every step or tick
+    # captured (cuda_graphs): chained AR steps, zero-draft rounds or (ppsd_backend streams or sequential) PPSD ticks
+    # per host read, as the executor's `generate(sync_every=)`; 1: a host read after every step or tick
     sync_every: int = Field(SYNC_CAPTURED, ge=1)
-    # PPSD's host (stages on devices of their own): "distributed", a process per stage, each host taking part in
-    # every tick (the executor's backend for a GPU per stage); "local", one host chaining sync_every ticks on the
-    # device (the executor's streams backend, whose stages share one GPU: not modelled, a what-if here)
-    ppsd_backend: Literal["distributed", "local"] = "distributed"
+    # PPSD's backend, as the executor's: "distributed", a process per stage (default: a device each), each host taking
+    # part in every tick; "streams", one host, the stages of a tick launched together on one GPU (default: one device
+    # for all stages), chaining sync_every ticks per host read; "sequential", one host running the stages of a tick
+    # one after the other (default: one device)
+    ppsd_backend: Literal["distributed", "streams", "sequential"] = "distributed"
     # decode passes attend over: "cache", every slot of the executor's static cache (prompt + output + max draft + 1,
     # a multiple of 256 with cuda_graphs), masked, as the executor does; "context", the positions so far (a decoder
     # with dynamic shapes, e.g. HF's)

@@ -215,13 +215,14 @@ def ppsd_decode_us(captured: bool, overhead_us: float, **fields: object) -> floa
 
 
 @pytest.mark.parametrize("sync_every", [1, 4, 8])
-def test_local_ppsd_reads_the_host_once_per_sync_every_ticks(sync_every: int) -> None:
-    """The `local` PPSD backends chain their ticks on the device: captured, one host reads once per `sync_every`
-    ticks, and a read stalls the pipe once (the last stage pays it), so the overhead adds reads x overhead to the
-    decode time. Uncaptured every stage of every tick pays it."""
-    fields, ticks, overhead = {"sync_every": sync_every, "ppsd_backend": "local"}, 40, 100.0
+def test_one_host_ppsd_reads_the_host_once_per_sync_every_ticks(sync_every: int) -> None:
+    """The `streams` backend chains its ticks on the device: captured, the host reads once per block of
+    min(sync_every, tokens still to come) ticks, as the executor's `LocalPipeline.decode`, so the overhead adds
+    reads x overhead to the decode time (41 ticks: the first token crosses both stages, then one a tick).
+    Uncaptured every stage of every tick pays it."""
+    fields, ticks, overhead = {"sync_every": sync_every, "ppsd_backend": "streams"}, 41, 100.0
     free = ppsd_decode_us(True, 0.0, **fields)
-    assert ppsd_decode_us(True, overhead, **fields) - free == pytest.approx(ticks // sync_every * overhead)
+    assert ppsd_decode_us(True, overhead, **fields) - free == pytest.approx(-(-ticks // sync_every) * overhead)
     assert ppsd_decode_us(False, overhead, **fields) - free >= ticks * overhead
 
 
@@ -235,8 +236,8 @@ def test_distributed_ppsd_pays_the_host_on_every_stage_of_every_tick() -> None:
         for sync_every in (1, 8):
             delta = ppsd_decode_us(captured, overhead, sync_every=sync_every) - free
             assert delta == pytest.approx((ticks + 1) * overhead)
-    local = ppsd_decode_us(True, overhead, sync_every=8, ppsd_backend="local") - free
-    assert local == pytest.approx(ticks // 8 * overhead)
+    streams = ppsd_decode_us(True, overhead, sync_every=8, ppsd_backend="streams") - free
+    assert streams == pytest.approx(-(-(ticks + 1) // 8) * overhead)
 
 
 @pytest.mark.parametrize(

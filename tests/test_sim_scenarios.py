@@ -110,7 +110,7 @@ DELETE = object()
         (
             "topology.stages",
             [{"gpu": "H100", "speed": 2}],
-            "topology.stages.0.speed: unknown key; allowed here: ['gpu', 'layers', 'tp']",
+            "topology.stages.0.speed: unknown key; allowed here: ['device', 'gpu', 'layers', 'tp']",
         ),
         ("workload.output_len", "long", "workload.output_len: Input should be a valid integer"),
         ("workload.batch_size", 0, "workload.batch_size: Input should be greater than or equal to 1"),

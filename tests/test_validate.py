@@ -246,7 +246,8 @@ def test_the_simulator_predicts_the_gpu_executor_from_its_profile(card: str, tol
     """The committed GPU leases (benchmarks/results/gpu_decode_nvidia_<card>_*.json and calibration/<card>/): fed the
     profile measured on that card and each row's measured alpha, the simulator's decode tokens/s is within 5% of
     the executor's on the H200 (graphs, eager profile) and 10% on the H100 (compiled layers, compiled profile; AR
-    and EESD, SmolLM2 and the 7B shape), and its EESD speedup over AR within 0.05."""
+    and EESD, SmolLM2 and the 7B shape; PPSD on one GPU, the stages sharing it, from the GPU's spec and, on the H100,
+    from its contention profile too), and its EESD speedup over AR within 0.05."""
     import importlib.util
     import sys
 
@@ -255,8 +256,11 @@ def test_the_simulator_predicts_the_gpu_executor_from_its_profile(card: str, tol
     module = sys.modules["sim_vs_gpu"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
     spec.loader.exec_module(module)
     sources = module.CARDS[card.lower()]
-    rows = [row for source in sources for row in module.compare(source, runs=8) if row["kind"] != "ppsd"]
+    compared = [row for source in sources for row in module.compare(source, runs=8)]
+    rows = [row for row in compared if row["kind"] != "ppsd"]
     assert {r["model"] for r in rows} == {"SmolLM2-135M", "Llama-2-7B"} and len(rows) >= 8
     for row in rows:
         assert abs(row["error"]) < tolerance, row
         assert abs(row["predicted_speedup"] - row["measured_speedup"]) < 0.05, row
+    ppsd = [row for row in compared if row["kind"] == "ppsd"]
+    assert len(ppsd) >= 3 and all(abs(row["error"]) < tolerance for row in ppsd), ppsd

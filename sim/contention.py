@@ -1,0 +1,116 @@
+"""Passes that share one device at the same time: how long k of them take together.
+
+PPSD's one-host backends launch the stages of a tick together (`streams`: one CUDA stream each on one GPU) or one
+after the other (`sequential`); the distributed backend may also put several stage processes on one device. Each pass
+is known by its time alone (`time_us`, from the latency model) and the part of it that reads HBM (`hbm_us`: its
+weight and KV bytes over the device's effective bandwidth). Models of the time the k passes take together:
+
+- `Serial`: one after the other, sum(time_us) (the `sequential` backend, and a device whose bandwidth is unknown).
+- `SharedBandwidth` (the fallback from the device spec): the passes share the HBM, so their HBM parts add up, while
+  the rest of each pass (launch-bound: kernel launches and floors, the gaps of a captured pass) overlaps:
+  sum(hbm_us) + max(time_us - hbm_us), never less than the longest pass nor more than all passes in turn. On a
+  bandwidth-bound device (hbm_us ~ time_us) the passes of a tick take as long as one pass over all their weights;
+  only launch-bound passes overlap.
+- `ProfiledContention`: measured (a contention profile, docs/formats.md): for k passes, the overlap factor
+  f(k) = (together - longest alone) / (sum alone - longest alone), 0 for a perfect overlap and 1 for none, from
+  the profile's rows (linear in k between them, the nearest row's outside, flagged), applied to the simulated
+  passes: longest + f(k) (sum - longest).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sim.formats import DataFile
+
+
+@dataclass(frozen=True)
+class PassShare:
+    """One pass on a shared device: its time alone and the part of it that reads HBM, µs."""
+
+    time_us: float
+    hbm_us: float
+
+
+class Contention(Protocol):
+    name: str
+
+    def together_us(self, passes: Sequence[PassShare]) -> float: ...
+
+    @property
+    def extrapolated(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Serial:
+    name: str = "serial"
+
+    def together_us(self, passes: Sequence[PassShare]) -> float:
+        return sum(p.time_us for p in passes)
+
+    @property
+    def extrapolated(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class SharedBandwidth:
+    name: str = "shared bandwidth"
+
+    def together_us(self, passes: Sequence[PassShare]) -> float:
+        if len(passes) <= 1:
+            return sum(p.time_us for p in passes)
+        longest, total = max(p.time_us for p in passes), sum(p.time_us for p in passes)
+        shared = sum(p.hbm_us for p in passes) + max(p.time_us - p.hbm_us for p in passes)
+        return min(max(shared, longest), total)
+
+    @property
+    def extrapolated(self) -> bool:
+        return False
+
+
+@dataclass
+class ProfiledContention:
+    """A contention profile's overlap factor f(k) (see module docstring)."""
+
+    profile: DataFile
+    name: str = "profiled"
+    extrapolated: bool = False
+    _passes: list[int] = field(default_factory=list, repr=False)
+    _factors: list[float] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        rows = sorted(self.profile.records, key=lambda r: r.passes)
+        if not rows:
+            raise ValueError("contention profile has no rows")
+        self._passes = [r.passes for r in rows]
+        self._factors = [overlap_factor(r.alone_sum_us, r.alone_max_us, r.median_us) for r in rows]
+
+    def factor(self, passes: int) -> float:
+        """f(k), linear in k between the profiled counts; the nearest count's outside them (flagged)."""
+        xs, ys = self._passes, self._factors
+        if passes < xs[0] or passes > xs[-1]:
+            self.extrapolated = True
+            return ys[0] if passes < xs[0] else ys[-1]
+        i = bisect.bisect_left(xs, passes)
+        if xs[i] == passes:
+            return ys[i]
+        weight = (passes - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + (ys[i] - ys[i - 1]) * weight
+
+    def together_us(self, passes: Sequence[PassShare]) -> float:
+        if len(passes) <= 1:
+            return sum(p.time_us for p in passes)
+        longest, total = max(p.time_us for p in passes), sum(p.time_us for p in passes)
+        return longest + self.factor(len(passes)) * (total - longest)
+
+
+def overlap_factor(alone_sum_us: float, alone_max_us: float, together_us: float) -> float:
+    """(together - longest) / (sum - longest), clamped to [0, 1]: 0 perfect overlap, 1 none."""
+    spread = alone_sum_us - alone_max_us
+    if spread <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (together_us - alone_max_us) / spread))
