@@ -62,12 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
-    if args.prompt_ids is not None:
-        try:
-            return [int(part) for part in args.prompt_ids.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+def given_ids(text: str) -> list[int]:
+    """`--prompt-ids`: at least one comma-separated integer (checked before the model is loaded)."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise ValueError(f"--prompt-ids holds no token id (got {text!r}): give comma-separated ids, e.g. 1,2,3")
+    return ids
+
+
+def _tokenized(args: argparse.Namespace, tokenizer) -> list[int]:
+    """`--prompt`'s ids, through the model's tokenizer (and its chat template with `--chat`)."""
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer: pass --prompt-ids instead of --prompt")
     if args.chat:
@@ -104,12 +111,13 @@ def run(args: argparse.Namespace) -> int:
     from executor.api import generate
     from executor.models import load_model, load_tokenizer
 
+    given = given_ids(args.prompt_ids) if args.prompt_ids is not None else None
     device = check_device(args.device)
     threads = use_threads(args.threads)
     print(f"generate: {args.model}, {args.method}, {device} ({args.dtype}); {threads}", file=sys.stderr)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    tokenizer = _optional_tokenizer(args.model, load_tokenizer) if args.prompt_ids else load_tokenizer(args.model)
-    prompt = _prompt_ids(args, tokenizer)
+    tokenizer = _optional_tokenizer(args.model, load_tokenizer) if given else load_tokenizer(args.model)
+    prompt = given or _tokenized(args, tokenizer)
     eos = model.generation_config.eos_token_id
     common = dict(
         max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, sampling=args.sampling,

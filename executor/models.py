@@ -45,6 +45,7 @@ MANIFEST_VERSION = 1
 HASH_PREFIX_LEN = 16
 STORED_DTYPE = "float32"
 _CHUNK_BYTES = 8 * 1024 * 1024
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 _STALE_BUILD_S = 24 * 3600  # a temporary build directory this old belongs to a crashed conversion
 
 
@@ -229,6 +230,7 @@ def convert_gguf(sources: tuple[Path, ...], name: str, digest: str, root: Path) 
     try:
         gguf_path = sources[0] if len(sources) == 1 else _join_parts(sources, work / f"{name}.gguf")
         out = work / "hf"
+        check_gguf(gguf_path)
         _save_dequantised(gguf_path, out)
         _write_manifest(out, name, digest, sources)
         try:
@@ -255,6 +257,25 @@ def _join_parts(parts: tuple[Path, ...], target: Path) -> Path:
             with open(part, "rb") as handle:
                 shutil.copyfileobj(handle, out, _CHUNK_BYTES)
     return target
+
+
+def check_gguf(path: Path) -> None:
+    """The file reads as GGUF (magic bytes, header, tensor table) before transformers converts it: an empty, truncated
+    or foreign file is a one-line `ValueError` naming it."""
+    from gguf import GGUFReader
+
+    with open(path, "rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    if not magic:
+        raise ValueError(f"{path}: the file is empty, not a GGUF model")
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        GGUFReader(path)
+    except Exception as err:  # gguf raises struct, numpy and its own errors for a cut or malformed file
+        raise ValueError(
+            f"{path}: not a readable GGUF file, truncated or corrupt ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _save_dequantised(gguf_path: Path, out: Path) -> None:

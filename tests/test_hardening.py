@@ -3,6 +3,9 @@ that names the argument and its allowed range, or are capped where the cap chang
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +95,33 @@ def test_numbers_of_other_types_in_range_are_accepted(model):
         attention_mask=torch.ones(1, 3, dtype=torch.bool), seed=np.int64(0),
     )  # fmt: skip
     assert other.sequences.tolist() == reference.sequences.tolist()
+
+
+# ------------------------------------------------------------------------------------------- files named on the CLI
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"empty\.gguf: the file is empty, not a GGUF model"),
+        (b"GGUF\x03\x00\x00\x00cut", r"empty\.gguf: not a readable GGUF file, truncated or corrupt"),
+        (b"PK\x03\x04 a zip file", r"empty\.gguf: not a GGUF file \(it does not start with the GGUF magic bytes\)"),
+    ],
+)
+def test_an_empty_or_cut_gguf_is_a_one_line_error_naming_it(tmp_path, content, message):
+    from executor.models import prepare_model
+
+    source = tmp_path / "empty.gguf"
+    source.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        prepare_model(source, cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no half-made conversion left behind
+
+
+@pytest.mark.parametrize("ids", ["", ",", " , "])
+def test_empty_prompt_ids_are_refused_before_the_model_is_loaded(tmp_path, ids):
+    done = subprocess.run(
+        [sys.executable, "-m", "executor.cli", "generate", "--model", str(tmp_path / "absent"), f"--prompt-ids={ids}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "eesd generate: error: --prompt-ids holds no token id" in done.stderr
+    assert "Traceback" not in done.stderr and "absent" not in done.stderr
