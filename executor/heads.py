@@ -24,8 +24,12 @@ positions are overwritten next round, as in every other layer.
 Head files are safetensors: the layer's and the norm's tensors under `layer.` / `norm.` (a vocabulary-subset head:
 `token_ids`, int64, most likely first), and metadata (strings) recording the format, the model fingerprint
 (`model_fingerprint`), the exit layer (`any` for a subset head), the head architecture (`HEAD_ARCHITECTURE` or
-`SUBSET_ARCHITECTURE`), a checksum of the tensor bytes, and how the head was made. `load_head` refuses a file made
-for another model or exit layer, and a corrupt or truncated file, with a `ValueError` naming the file.
+`SUBSET_ARCHITECTURE`), a checksum, and how the head was made. The checksum (format version 2) covers the tensors
+(names, dtypes, shapes, bytes) and every other metadata field, so an edited exit layer is caught as surely as a
+flipped weight. Version 1 files, written before, sum the tensors only: they still load, their tensors checked, their
+metadata taken as it stands (re-saving one with `save_head` / `reseal_head_file` writes version 2). `load_head`
+refuses a file made for another model or exit layer, a corrupt or truncated file, one without a checksum and one whose
+fields do not parse, with a `ValueError` naming the file.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from executor.kv_cache import KVCache
 from sim.formats import subset_size
 
 HEAD_FORMAT = "eesd-exit-head"
-HEAD_FORMAT_VERSION = "1"
+HEAD_FORMAT_VERSION = "2"  # the checksum covers the tensors and the metadata
+TENSORS_ONLY_VERSION = "1"  # the older format: the checksum covers the tensors only
 HEAD_ARCHITECTURE = "decoder-layer+rmsnorm"
 SUBSET_ARCHITECTURE = "vocab-subset"
 _CONFIG_KEYS = (
@@ -233,6 +238,14 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def head_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """The version-2 checksum: the tensors' (`tensors_checksum`) and every metadata field but the checksum itself."""
+    fields = {key: value for key, value in metadata.items() if key != "checksum"}
+    digest = hashlib.sha256(tensors_checksum(tensors).encode())
+    digest.update(json.dumps(fields, sort_keys=True, ensure_ascii=True).encode())
+    return digest.hexdigest()
+
+
 def head_tensors(head: TrainedExitHead, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {
         name: value.detach().to(device="cpu", dtype=dtype).contiguous() for name, value in head.state_dict().items()
@@ -289,12 +302,25 @@ def _write_head_file(
         "model_fingerprint": model_fingerprint(adapter),
         "num_layers": str(adapter.num_layers),
         **{key: str(value) for key, value in own.items()},
-        "checksum": tensors_checksum(tensors),
     }
     metadata = {key: str(value) for key, value in (info or {}).items() if key not in metadata} | metadata
+    metadata["checksum"] = head_checksum(tensors, metadata)
     out = Path(path)
     atomic_write(out, lambda temp: save_file(tensors, temp, metadata=metadata))
     return out
+
+
+def reseal_head_file(path: str | os.PathLike[str]) -> Path:
+    """Rewrite a checked head file (version 1 or 2) in the current version: the same tensors, byte for byte, and the
+    same metadata, under a checksum that covers both."""
+    from safetensors.torch import save_file
+
+    file = Path(path)
+    tensors, metadata = read_head_file(file)
+    metadata = {**metadata, "format_version": HEAD_FORMAT_VERSION}
+    metadata["checksum"] = head_checksum(tensors, metadata)
+    atomic_write(file, lambda temp: save_file(tensors, temp, metadata=metadata))
+    return file
 
 
 def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -311,11 +337,36 @@ def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise ValueError(f"exit head file {path} is corrupt or truncated: {err}") from None
     if metadata.get("format") != HEAD_FORMAT:
         raise ValueError(f"{path} is not an EESD exit head file (metadata format {metadata.get('format')!r})")
-    if metadata.get("format_version") != HEAD_FORMAT_VERSION:
-        raise ValueError(f"exit head file {path}: unsupported format version {metadata.get('format_version')!r}")
-    if tensors_checksum(tensors) != metadata.get("checksum"):
-        raise ValueError(f"exit head file {path} is corrupt: its tensors do not match the checksum in its metadata")
+    version = metadata.get("format_version")
+    if version not in (HEAD_FORMAT_VERSION, TENSORS_ONLY_VERSION):
+        raise ValueError(
+            f"exit head file {path}: unsupported format version {version!r} (this version reads "
+            f"{TENSORS_ONLY_VERSION} and {HEAD_FORMAT_VERSION})"
+        )
+    if "checksum" not in metadata:
+        raise ValueError(f"exit head file {path} has no checksum in its metadata: it cannot be checked")
+    if version == TENSORS_ONLY_VERSION:
+        if tensors_checksum(tensors) != metadata["checksum"]:
+            raise ValueError(f"exit head file {path} is corrupt: its tensors do not match the checksum in its metadata")
+    elif head_checksum(tensors, metadata) != metadata["checksum"]:
+        raise ValueError(
+            f"exit head file {path} is corrupt or was edited: its tensors and metadata do not match its checksum"
+        )
     return tensors, metadata
+
+
+def _layer_field(file: Path, metadata: dict[str, str], key: str, low: int, high: int, default: int | None) -> int:
+    """An integer layer index from the metadata, in [low, high]; a `ValueError` naming the file and field if not."""
+    text = metadata.get(key)
+    if text is None and default is not None:
+        return default
+    try:
+        value = int(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"exit head file {file}: metadata {key}={text!r} is not a layer index") from None
+    if not low <= value <= high:
+        raise ValueError(f"exit head file {file}: metadata {key}={value} is outside [{low}, {high}] for this model")
+    return value
 
 
 def load_head(
@@ -333,12 +384,19 @@ def load_head(
             f"{metadata.get('num_layers')} layers, fingerprint {metadata.get('model_fingerprint')}); this model is "
             f"{type(adapter.model).__name__}, {adapter.num_layers} layers, fingerprint {fingerprint}"
         )
-    if metadata.get("head_architecture") == SUBSET_ARCHITECTURE:
+    architecture = metadata.get("head_architecture")
+    if architecture == SUBSET_ARCHITECTURE:
         return _subset_from_file(file, tensors, metadata, adapter)
-    trained_at = int(metadata["exit_layer"])
+    if architecture != HEAD_ARCHITECTURE:
+        raise ValueError(
+            f"exit head file {file}: unknown head_architecture {architecture!r} (expected {HEAD_ARCHITECTURE!r} "
+            f"or {SUBSET_ARCHITECTURE!r})"
+        )
+    last = adapter.num_layers - 1
+    trained_at = _layer_field(file, metadata, "exit_layer", 1, last, None)
     if exit_layer is not None and exit_layer != trained_at:
         raise ValueError(f"exit head file {file} was trained for exit layer {trained_at}, not {exit_layer}")
-    head = TrainedExitHead(adapter, trained_at, int(metadata.get("init_layer", trained_at)))
+    head = TrainedExitHead(adapter, trained_at, _layer_field(file, metadata, "init_layer", 0, last, trained_at))
     try:
         head.load_state_dict({name: value.to(adapter.dtype) for name, value in tensors.items()})
     except RuntimeError as err:

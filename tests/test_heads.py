@@ -134,6 +134,92 @@ def test_corrupt_or_truncated_file_refused(trained, tiny, tmp_path: Path, damage
         load_head(path, tiny, EXIT_LAYER)
 
 
+def _edit_header(path: Path, old: bytes, new: bytes) -> None:
+    """Replace bytes in a safetensors header in place (same length: the file stays well-formed)."""
+    data = path.read_bytes()
+    assert len(old) == len(new) and data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+
+
+def test_edited_metadata_is_caught_by_the_checksum(trained, tiny, tmp_path: Path) -> None:
+    path = save_head(trained[0], tmp_path / "edited.safetensors")
+    _edit_header(path, f'"exit_layer":"{EXIT_LAYER}"'.encode(), b'"exit_layer":"1"')
+    with pytest.raises(ValueError, match=r"edited\.safetensors is corrupt or was edited: its tensors and metadata"):
+        load_head(path, tiny)
+
+
+def test_a_head_without_a_checksum_says_so(trained, tiny, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from executor.heads import read_head_file
+
+    tensors, metadata = read_head_file(save_head(trained[0], tmp_path / "h.safetensors"))
+    del metadata["checksum"]
+    save_file(tensors, tmp_path / "unsealed.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match=r"unsealed\.safetensors has no checksum in its metadata"):
+        load_head(tmp_path / "unsealed.safetensors", tiny)
+
+
+def _resealed(path: Path, out: Path, **fields: str) -> Path:
+    """The head in `path` with metadata `fields` changed and a checksum that matches (a consistent, wrong file)."""
+    from safetensors.torch import save_file
+
+    from executor.heads import head_checksum, read_head_file
+
+    tensors, metadata = read_head_file(path)
+    metadata = {**metadata, **fields}
+    save_file(tensors, out, metadata={**metadata, "checksum": head_checksum(tensors, metadata)})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"exit_layer": "two"}, r"metadata exit_layer='two' is not a layer index"),
+        ({"exit_layer": "4"}, r"metadata exit_layer=4 is outside \[1, 3\]"),
+        ({"exit_layer": "0"}, r"metadata exit_layer=0 is outside \[1, 3\]"),
+        ({"init_layer": "-1"}, r"metadata init_layer=-1 is outside \[0, 3\]"),
+        ({"init_layer": ""}, r"metadata init_layer='' is not a layer index"),
+        ({"head_architecture": "mlp"}, r"unknown head_architecture 'mlp'"),
+        ({"format_version": "3"}, r"unsupported format version '3'"),
+    ],
+)
+def test_sealed_but_unparsable_metadata_is_refused_naming_file_and_field(trained, tiny, tmp_path, fields, message):
+    path = _resealed(save_head(trained[0], tmp_path / "h.safetensors"), tmp_path / "odd.safetensors", **fields)
+    with pytest.raises(ValueError, match=rf"odd\.safetensors.*{message}"):
+        load_head(path, tiny)
+
+
+def test_format_version_1_loads_with_its_tensors_checked_and_reseals(trained, tiny, tmp_path: Path) -> None:
+    """Version 1 (the checksum over the tensors only): still read, its tensors checked; `reseal_head_file` rewrites
+    it as version 2 with the same tensors, byte for byte."""
+    from safetensors.torch import save_file
+
+    from executor.heads import read_head_file, reseal_head_file, tensors_checksum
+
+    tensors, metadata = read_head_file(save_head(trained[0], tmp_path / "h.safetensors"))
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, old, metadata={**metadata, "format_version": "1", "checksum": tensors_checksum(tensors)})
+    assert load_head(old, tiny).exit_layer == EXIT_LAYER
+    reseal_head_file(old)
+    again, resealed = read_head_file(old)
+    assert all(torch.equal(again[name], tensors[name]) for name in tensors) and again.keys() == tensors.keys()
+    unchanged = {key: value for key, value in metadata.items() if key != "checksum"}
+    assert {key: value for key, value in resealed.items() if key != "checksum"} == {**unchanged, "format_version": "2"}
+    bad = tmp_path / "v1bad.safetensors"
+    save_file(tensors, bad, metadata={**metadata, "format_version": "1", "checksum": "0" * 64})
+    with pytest.raises(ValueError, match=r"v1bad\.safetensors is corrupt: its tensors do not match"):
+        load_head(bad, tiny)
+
+
+@pytest.mark.parametrize("path", sorted((SHIPPED_HEAD.parent).glob("*.safetensors")), ids=lambda p: p.name)
+def test_shipped_heads_are_sealed_with_their_metadata(path: Path) -> None:
+    from executor.heads import HEAD_FORMAT_VERSION, read_head_file
+
+    _, metadata = read_head_file(path)  # the checksum checked over tensors and metadata
+    assert metadata["format_version"] == HEAD_FORMAT_VERSION
+
+
 def test_missing_file_and_bad_head_name(tiny) -> None:
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_head("nope.safetensors", tiny)
@@ -441,7 +527,7 @@ def test_ranked_subset_keeps_the_highest_scores_and_breaks_ties_by_id(tiny) -> N
 def test_a_subset_head_file_is_refused_for_another_model_or_when_damaged(ranked_subset, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from executor.heads import read_head_file, tensors_checksum
+    from executor.heads import head_checksum, read_head_file
 
     _, path = ranked_subset
     other = tiny_model(TinySpec(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, vocab=64, seed=4))
@@ -450,7 +536,8 @@ def test_a_subset_head_file_is_refused_for_another_model_or_when_damaged(ranked_
     tensors, metadata = read_head_file(path)
     for name, bad in (("dup", torch.tensor([1, 1, 2])), ("big", torch.tensor([1, SPEC.vocab + 5]))):
         broken = {"token_ids": bad}
-        save_file(broken, tmp_path / f"{name}.safetensors", metadata={**metadata, "checksum": tensors_checksum(broken)})
+        sealed = {**metadata, "checksum": head_checksum(broken, metadata)}
+        save_file(broken, tmp_path / f"{name}.safetensors", metadata=sealed)
         with pytest.raises(ValueError, match=rf"{name}\.safetensors"):
             load_head(tmp_path / f"{name}.safetensors", ranked_subset[0].adapter)
 
