@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from calibrate.timing import Summary, TimerSpec, time_call
 from executor.adapter import ModelAdapter, Step, allow_recompiles, attention_mask, decoder_layer
 from executor.fusion import fuse_projections
 from executor.kv_cache import KVCache
-from sim.formats import LatencyRecord, latency_profile_name, write_latency_profile
+from sim.formats import LatencyRecord, latency_profile_name, write_latency_profile, write_text_atomic
 from sim.progress import progress_bar
 
 
@@ -187,21 +188,27 @@ def component_call(
 
 
 class PartialResults:
-    """The append-only `<profile>.partial.jsonl`: a settings line, then one JSON line per finished measurement."""
+    """The append-only `<profile>.partial.jsonl`: a settings line, then one JSON line per finished measurement.
+
+    Every line is written whole with its newline, so an interruption can only cut the LAST line short (no newline
+    after it). Loading drops such a line (its measurement is made again), says so, and rewrites the file atomically
+    without it before anything is appended, so the file survives any number of interruptions. A broken line with a
+    newline after it was not cut by an interruption: that is an error naming the line.
+    """
 
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
         self.path = path
         self.records: dict[GridPoint, LatencyRecord] = {}
         self.spot_check: list[dict[str, Any]] | None = None
-        if path.exists():
-            self._load(settings)
+        lines = _intact_lines(path) if path.exists() else []
+        if lines:
+            self._load(lines, settings)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"settings": settings})
+            write_text_atomic(path, _json_line({"settings": settings}))
 
-    def _load(self, settings: dict[str, Any]) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        found = _parse_json_line(self.path, 1, lines[0] if lines else "", last=False).get("settings")
+    def _load(self, lines: list[str], settings: dict[str, Any]) -> None:
+        found = _parse_json_line(self.path, 1, lines[0]).get("settings")
         if found != settings:
             differing = sorted(k for k in set(settings) | set(found or {}) if (found or {}).get(k) != settings.get(k))
             raise ValueError(
@@ -209,9 +216,9 @@ class PartialResults:
                 "rerun with the same arguments to continue, or delete the file to start over"
             )
         for number, line in enumerate(lines[1:], start=2):
-            entry = _parse_json_line(self.path, number, line, last=number == len(lines))
+            entry = _parse_json_line(self.path, number, line)
             if "record" in entry:
-                record = LatencyRecord(**entry["record"])
+                record = _record(self.path, number, entry["record"])
                 self.records[_point_of(record)] = record
             elif "spot_check" in entry:
                 self.spot_check = entry["spot_check"]
@@ -226,17 +233,51 @@ class PartialResults:
 
     def _append(self, entry: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            handle.write(_json_line(entry))
             handle.flush()
             os.fsync(handle.fileno())
 
 
-def _parse_json_line(path: Path, number: int, line: str, last: bool) -> dict[str, Any]:
+def _json_line(entry: dict[str, Any]) -> str:
+    return json.dumps(entry, sort_keys=True) + "\n"  # ASCII: a cut never splits a character
+
+
+def _intact_lines(path: Path) -> list[str]:
+    """The file's lines, its last one dropped (with a note) where an interruption cut it short; the file is then
+    rewritten without it, atomically, so that the next append starts a line of its own."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if not tail:
+        return [_decoded(path, number, line) for number, line in enumerate(lines, start=1)]
+    print(
+        f"{path}: its last line ({len(tail)} bytes, line {len(lines) + 1}) was cut short by an interruption; "
+        "dropped, its measurement is made again",
+        file=sys.stderr,
+    )
+    kept = [_decoded(path, number, line) for number, line in enumerate(lines, start=1)]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return kept
+
+
+def _decoded(path: Path, number: int, line: bytes) -> str:
+    try:
+        return line.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{number}: not a JSON line (binary data); delete the file to start over") from None
+
+
+def _record(path: Path, number: int, fields: Any) -> LatencyRecord:
+    try:
+        return LatencyRecord(**fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}:{number}: not a measurement ({err}); delete the file to start over") from None
+
+
+def _parse_json_line(path: Path, number: int, line: str) -> dict[str, Any]:
     try:
         entry = json.loads(line)
     except json.JSONDecodeError:
-        if last:  # the write that was interrupted: measured again
-            return {}
         raise ValueError(f"{path}:{number}: not a JSON line; delete the file to start over") from None
     if not isinstance(entry, dict):
         raise ValueError(f"{path}:{number}: expected a JSON object; delete the file to start over")

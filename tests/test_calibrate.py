@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from packages import requires_smollm2
 
 from calibrate.acceptance import (
@@ -16,12 +19,18 @@ from calibrate.acceptance import (
     trace_prompts,
     trace_records,
 )
-from calibrate.latency import Grid, plan_points
+from calibrate.latency import Grid, PartialResults, plan_points
 from calibrate.link import measure_link
 from executor.adapter import ModelAdapter
 from executor.cli import main
 from sim.acceptance import TraceAcceptance
-from sim.formats import read_acceptance_trace, read_latency_profile, read_link_profile, write_acceptance_trace
+from sim.formats import (
+    LatencyRecord,
+    read_acceptance_trace,
+    read_latency_profile,
+    read_link_profile,
+    write_acceptance_trace,
+)
 from sim.latency import ProfileLatency
 from tests.tiny_models import TinySpec, scale_late_layers, tiny_model
 
@@ -130,6 +139,83 @@ def test_latency_resumes_from_partial_results(tiny_config: Path, tmp_path: Path)
     (path,) = out.glob("latency_*.csv")
     records = read_latency_profile(path).records
     assert [r.median_us for r in records[:5]] == [r["median_us"] for r in first]  # kept, not measured again
+    assert not partial.exists()
+
+
+def _record(index: int) -> LatencyRecord:
+    return LatencyRecord("layer", "verify", 1 + index, 8, 1, False, 10.0 + index, 9.0, 11.0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(runs=st.lists(st.tuples(st.integers(0, 3), st.floats(0, 1, exclude_max=True)), min_size=1, max_size=6))
+def test_partial_results_survive_any_number_of_interrupted_appends(tmp_path_factory, runs) -> None:
+    """Each run appends whole records, then is interrupted in the middle of the next one (a cut anywhere in its
+    line, its newline included): every whole record survives every later run, none is refused."""
+    path = tmp_path_factory.mktemp("partial") / "p.csv.partial.jsonl"
+    settings_ = {"model": "m", "grid": [1, 2]}
+    written: list[LatencyRecord] = []
+    for whole, cut in runs:
+        partial = PartialResults(path, settings_)
+        assert list(partial.records.values()) == written
+        for _ in range(whole):
+            written.append(_record(len(written)))
+            partial.add(written[-1])
+        line = (json.dumps({"record": asdict(_record(len(written)))}, sort_keys=True) + "\n").encode()
+        with open(path, "ab") as handle:
+            handle.write(line[: int(cut * len(line))])  # the interrupted append
+    assert list(PartialResults(path, settings_).records.values()) == written
+    assert path.read_bytes().endswith(b"\n")  # repaired: the next append starts a line of its own
+
+
+def test_a_torn_last_line_is_dropped_with_a_note_and_the_file_repaired(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "p.partial.jsonl"
+    partial = PartialResults(path, {"a": 1})
+    partial.add(_record(0))
+    with open(path, "a") as handle:
+        handle.write('{"record": {"compo')
+    assert list(PartialResults(path, {"a": 1}).records.values()) == [_record(0)]
+    assert f"{path}: its last line (18 bytes, line 3) was cut short by an interruption; dropped" in (
+        capsys.readouterr().err
+    )
+    assert path.read_text().count("\n") == 2 and path.read_text().endswith("}\n")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"record": {"compo\n', r":3: not a JSON line; delete the file to start over"),
+        ("[1, 2]\n", r":3: expected a JSON object"),
+        ('{"record": {"component": "layer"}}\n', r":3: not a measurement"),
+        ("\xff\xfe\n", r":3: not a JSON line \(binary data\)"),
+    ],
+)
+def test_a_broken_line_in_the_middle_is_an_error_naming_it(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "p.partial.jsonl"
+    PartialResults(path, {"a": 1}).add(_record(0))
+    with open(path, "ab") as handle:
+        handle.write(line.encode("latin-1"))
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"record": asdict(_record(1))}) + "\n")
+    with pytest.raises(ValueError, match=rf"p\.partial\.jsonl{message}"):
+        PartialResults(path, {"a": 1})
+
+
+def test_latency_resumes_after_two_interruptions_in_a_line(tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _latency(tiny_config, out, "--max-new-points", "4") == 3
+    (partial,) = out.glob("*.partial.jsonl")
+    for more in ("3", None):
+        with open(partial, "a") as handle:
+            handle.write('{"record": {"component": "lay')  # a write cut short by the interruption
+        if more is None:
+            measured = [LatencyRecord(**json.loads(line)["record"]) for line in partial.read_text().splitlines()[2:-1]]
+        assert _latency(tiny_config, out, *(["--max-new-points", more] if more else [])) == (3 if more else 0)
+    (path,) = out.glob("latency_*.csv")
+    records = read_latency_profile(path).records
+    assert len(measured) == 7 and all(record in records for record in measured)  # kept, not measured again
+    assert len(records) == len(
+        plan_points(Grid(q=(1, 3), context_len=(8, 24), batch=(1, 2), prefill_q=(16,)), (False,))
+    )
     assert not partial.exists()
 
 
