@@ -12,11 +12,13 @@ or median > p90) and duplicate keys.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import math
 import os
+import reprlib
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -273,6 +275,48 @@ def read_head_metadata(path: str | Path) -> dict[str, str]:
     if not isinstance(metadata, dict) or metadata.get("format") != "eesd-exit-head":
         raise ValueError(f"{path}: not an EESD exit head file (no eesd-exit-head format in its metadata)")
     return {str(k): str(v) for k, v in metadata.items()}
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = 80
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 6
+_QUOTE.maxlevel = 3
+
+
+def quote(value: Any, limit: int = 80) -> str:
+    """`repr(value)` for an error message, at most about `limit` characters whatever the value's size: an error
+    never echoes a whole input (reprlib bounds the work, nested containers are elided as `...`)."""
+    text = _QUOTE.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+_BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32", codecs.BOM_UTF16_LE: "UTF-16",
+         codecs.BOM_UTF16_BE: "UTF-16"}  # fmt: skip
+
+
+def read_text(path: str | Path, max_bytes: int, what: str = "file") -> str:
+    """The UTF-8 text of `path`, read up to `max_bytes` (a longer file, a file in another encoding or a binary one
+    is a ValueError naming the file, and the line where a byte is wrong). A UTF-8 byte-order mark is dropped."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path}: larger than {max_bytes:,} bytes, more than a {what} may hold")
+    for bom, name in _BOMS.items():
+        if data.startswith(bom):
+            raise ValueError(f"{path}: {name} text (it starts with a {name} byte-order mark); save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}): a binary file, or "
+            f"text in another encoding; save it as UTF-8"
+        ) from None
+    first_line = text.partition("\n")[0]
+    if "\x00" in first_line:
+        raise ValueError(f"{path}:1: NUL bytes in the first line: a binary or UTF-16 file, not UTF-8 text")
+    return text
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sim.contract import SYNC_CAPTURED
-from sim.formats import COMPONENTS, subset_size
+from sim.formats import COMPONENTS, quote, read_text, subset_size
 from sim.hardware import GPUS, H100_KERNEL_FLOOR_US, H100_LAUNCH_US, LINKS, GPUSpec
 from sim.models import MODELS
 from sim.policy import make_policy, parse_policy_spec
@@ -109,7 +109,9 @@ class LinkConfig(Strict):
 
 def _check_link_name(value: str | LinkConfig) -> str | LinkConfig:
     if isinstance(value, str) and value not in LINKS:
-        raise ValueError(f"unknown link preset {value!r}; known: {sorted(LINKS)} or {{latency_us, bandwidth_GBps}}")
+        raise ValueError(
+            f"unknown link preset {quote(value)}; known: {sorted(LINKS)} or {{latency_us, bandwidth_GBps}}"
+        )
     return value
 
 
@@ -138,7 +140,7 @@ class GPUConfig(Strict):
 
 def _check_gpu_name(value: str | GPUConfig | None) -> str | GPUConfig | None:
     if isinstance(value, str) and value not in GPUS:
-        raise ValueError(f"unknown GPU {value!r}; known: {sorted(GPUS)} or an inline GPU ({_GPU_KEYS})")
+        raise ValueError(f"unknown GPU {quote(value)}; known: {sorted(GPUS)} or an inline GPU ({_GPU_KEYS})")
     return value
 
 
@@ -239,7 +241,7 @@ class Scenario(Strict):
     @classmethod
     def _model(cls, value: str | ModelShape) -> str | ModelShape:
         if isinstance(value, str) and value not in MODELS:
-            raise ValueError(f"unknown model {value!r}; known: {sorted(MODELS)} or an inline shape")
+            raise ValueError(f"unknown model {quote(value)}; known: {sorted(MODELS)} or an inline shape")
         return value
 
     @field_validator("exit_head")
@@ -279,15 +281,17 @@ def load_points(path: str | Path) -> list[Point]:
     return points
 
 
+def point_where(source: str, values: dict[str, Any]) -> str:
+    """How errors name a point: the file, and the values its sweep fixed (quoted short)."""
+    return f"{source}: sweep point {quote(values, 200)}" if values else source
+
+
 def _read_points(path: str | Path) -> list[Point]:
     """Read, expand `sweep:` and validate every point against the schema (no cross-field checks: `load_points`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: scenario file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ScenarioError(f"{path}: invalid YAML: {err}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: expected a mapping of scenario fields at the top level")
     raw = dict(raw)
@@ -300,10 +304,117 @@ def _read_points(path: str | Path) -> list[Point]:
             for dotted, item in _assignments(key, value):
                 _set_path(data, dotted, item)
         values = {k: _case_label(v) if _is_case(k) else v for k, v in values.items()}
-        where = f"{path}: sweep point {values}" if values else f"{path}"
+        where = point_where(str(path), values)
         scenario = validate(data, where)
         points.append(Point(index, values, scenario, path.parent, str(path)))
     return points
+
+
+MAX_YAML_BYTES = 1 << 20  # a scenario is a few KB
+ALIAS_VALUE_BUDGET = 10_000  # values that aliases (*name) may add to a YAML document once expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping and remembers where aliases are."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.alias_lines: list[int] = []
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.alias_lines.append(self.peek_event().start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"line {line}: key {quote(key)} given twice (first on line {seen[key]})"
+                        )
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the constructor refuses it with its own message
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The data of a YAML file, bounded: at most `MAX_YAML_BYTES` of UTF-8, each key once per mapping, and anchors
+    that expand to at most `ALIAS_VALUE_BUDGET` values beyond those written (an alias bomb is refused before it is
+    expanded). A `ScenarioError` naming the file (and the line) otherwise."""
+    path = Path(path)
+    try:
+        text = read_text(path, MAX_YAML_BYTES, "YAML file")
+    except ValueError as err:
+        raise ScenarioError(str(err)) from None
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(path, node, loader.alias_lines)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ScenarioError(f"{path}: invalid YAML: {_clip(str(err), 400)}") from None
+    except RecursionError:
+        raise ScenarioError(f"{path}: invalid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(path: Path, root: yaml.Node, alias_lines: list[int]) -> None:
+    """Count the values of the document with every alias expanded (iteratively, each node once); refuse a cycle
+    (an alias inside its own anchor) or more than `ALIAS_VALUE_BUDGET` values added by aliases."""
+    if not alias_lines:
+        return
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if done:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[key] - len(sizes) > ALIAS_VALUE_BUDGET:
+                break
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise ScenarioError(
+                f"{path}: line {alias_lines[0]}: invalid YAML: an alias inside its own anchor (a cycle)"
+            )
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+    total = max(sizes.values())
+    if total - len(sizes) > ALIAS_VALUE_BUDGET:
+        raise ScenarioError(
+            f"{path}: line {alias_lines[0]}: aliases (*name) expand the document by more than "
+            f"{ALIAS_VALUE_BUDGET:,} values; write the values out, or use fewer aliases"
+        )
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters (an error line stays short whatever the input)."""
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
 
 
 def validate(data: dict[str, Any], where: str) -> Scenario:
@@ -315,14 +426,14 @@ def validate(data: dict[str, Any], where: str) -> Scenario:
 
 def _describe(where: str, error: Any) -> str:
     loc = error["loc"]
-    field = ".".join(str(part) for part in loc if not _is_union_tag(part)) or "(top level)"
+    field = _clip(".".join(str(part) for part in loc if not _is_union_tag(part)), 120) or "(top level)"
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         return f"{where}: {field}: unknown key; allowed here: {allowed}"
     if error["type"] == "missing":
         return f"{where}: {field}: required field is missing"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {field}: {message} (got {error.get('input')!r})"
+    message = _clip(error["msg"].removeprefix("Value error, "), 300)
+    return f"{where}: {field}: {message} (got {quote(error.get('input'))})"
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -359,13 +470,14 @@ def _sweep_grid(path: Path, sweep: Any) -> list[dict[str, Any]]:
     if not isinstance(sweep, dict) or not all(isinstance(k, str) for k in sweep):
         raise ScenarioError(f"{path}: sweep: expected a mapping of dotted field paths to lists of values")
     for key, values in sweep.items():
+        field = f"{path}: sweep.{_clip(key, 80)}"
         if not isinstance(values, list) or not values:
-            raise ScenarioError(f"{path}: sweep.{key}: expected a non-empty list of values (got {values!r})")
+            raise ScenarioError(f"{field}: expected a non-empty list of values (got {quote(values)})")
         if key == "sweep" or key.startswith("sweep."):
-            raise ScenarioError(f"{path}: sweep.{key}: sweeps cannot be nested")
+            raise ScenarioError(f"{field}: sweeps cannot be nested")
         if _is_case(key) and not all(isinstance(v, dict) and v and all(isinstance(k, str) for k in v) for v in values):
             raise ScenarioError(
-                f"{path}: sweep.{key}: {key!r} is not a scenario field, so it must list cases, each a mapping of "
+                f"{field}: {quote(key)} is not a scenario field, so it must list cases, each a mapping of "
                 f"field paths to values (allowed top-level fields: {sorted(Scenario.model_fields)})"
             )
     keys = list(sweep)
