@@ -24,6 +24,9 @@ The schedule (the executor's `executor.serving` runs the same one):
   verifying at the largest draft count (as the executor's batches run it). A round in which no row drafts is one AR
   step. A request that reaches its output length leaves at the round's end and its slot goes to the next one.
 - The host reads the device after every round (admission needs the tokens), so every pass pays its host read.
+- Attention: with `attention: cache` (the default, the executor's static cache) a decode pass reads every slot of
+  the cache, sized for the longest prompt and output of the workload; with `attention: context` (a server with
+  dynamic or paged attention) it reads each row's own context, costed at the batch's mean context.
 - `kv_capacity_tokens: auto` is 90% of each GPU's memory minus its weights, over the KV bytes per token of its layers
   (the smallest over stages); a device whose memory is unknown (a CPU profile) has no limit unless one is given.
 - PPSD decodes batch size 1 in the executor, so it has no batched serving: a scenario asking for it is refused.
@@ -598,7 +601,9 @@ class ServingSimulation:
         return work
 
     def _context(self, rows: list[_Row]) -> int:
-        return max(row.request.prompt_len + row.generated for row in rows)
+        """The batch's mean context: a pass over rows of different lengths reads (and multiplies) each row's own
+        keys and values, as many as `batch` rows at the mean length (costs are linear in the context)."""
+        return round(sum(row.request.prompt_len + row.generated for row in rows) / len(rows))
 
     def _pass_us(self, work: Pass, context_len: int, batch: int) -> float:
         """A pass's time through every stage it visits, the links between them and the token ids' way back; decode

@@ -250,3 +250,14 @@ def test_serve_sim_cli_runs_without_torch(tmp_path):
     done = subprocess.run([sys.executable, "-m", "executor.cli", "serve-sim", str(bad)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)  # fmt: skip
     assert done.returncode == 2 and "ppsd is not defined under batching" in done.stderr
+
+
+def test_shipped_serving_scenarios_load():
+    cpu = load_serving_points(ROOT / "scenarios" / "serving_cpu.yaml")
+    assert {(p.case, p.method) for p in cpu} == {(c, m) for c in ("rate0.4", "rate1.2") for m in ("ar", "eesd")}
+    assert all(p.kv_capacity_tokens is None and p.plan.cache_slots for p in cpu)
+    h100 = load_serving_points(ROOT / "scenarios" / "serving_h100.yaml")
+    cases = {p.case: p for p in h100}
+    assert len(cases) == 4 and len(h100) == 4 * 8 * 2
+    assert cases["llama3-8b-alpha0.7-batch256"].max_batch == 256 and cases["smollm2-measured"].max_batch == 64
+    assert all(p.plan.cache_slots is None and p.kv_capacity_tokens > 100_000 for p in h100)  # paged: context only

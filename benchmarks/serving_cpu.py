@@ -1,0 +1,169 @@
+"""Benchmark (not a test): serving on this CPU, the simulator against the executor on the same workload.
+
+scenarios/serving_cpu.yaml names the model (SmolLM2-135M fp32), the latency profile and acceptance trace measured on
+this CPU, the methods (AR, EESD at E = 22 with fixed:1), at most 4 requests at once and two workload files
+(scenarios/workloads/smollm2_cpu_rate*.yaml: Poisson arrivals at 0.4 and 1.2 requests/s, each request one of the
+trace's prompts with its token count and at most 32 output tokens). For every case and method the executor serves
+the workload on the wall clock (`executor.serving.serve`, one torch thread, no EOS: each request makes its
+output_len tokens, as simulated) and the simulator runs the same point (`sim.serving`); the JSON pairs their
+throughput and p50 / p90 of TTFT and TPOT with relative errors (predicted - measured) / measured.
+
+    python benchmarks/serving_cpu.py                    # writes benchmarks/results/serving_cpu.json (~5 minutes)
+    python benchmarks/serving_cpu.py --cases rate0.4    # one load only
+    python benchmarks/serving_cpu.py --write-workloads  # regenerate the workload files (needs the tokenizer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "scenarios" / "serving_cpu.yaml"
+RESULTS = ROOT / "benchmarks" / "results" / "serving_cpu.json"
+WORKLOADS = ROOT / "scenarios" / "workloads"
+TRACE = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
+MODEL = "smollm2-135m"
+RATES = (0.4, 1.2)
+REQUESTS = 24
+MAX_OUTPUT = 32
+SEED = 7
+COMPARED = ("tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms")
+TOLERANCE = 0.10
+
+
+def write_workloads() -> list[Path]:
+    """One CSV (arrival_s, prompt_len, output_len, prompt_id) and one YAML per rate: request r runs the trace's r-th
+    prompt in sorted id order, encoded as the trace encoded it, for at most MAX_OUTPUT tokens (the trace's own length
+    where it stopped sooner)."""
+    from executor.models import load_tokenizer
+    from executor.prompts import encode_prompt, load_prompts
+    from sim.formats import read_acceptance_trace
+    from sim.workload import Poisson, arrival_times
+
+    trace = read_acceptance_trace(TRACE)
+    keep = int(trace.metadata.get("max_prompt_tokens") or 0)
+    positions: dict[str, int] = {}
+    for record in trace.records:
+        positions[record.prompt_id] = max(positions.get(record.prompt_id, 0), record.position + 1)
+    ordered = sorted(positions)
+    texts = {p.id: p.text for p in load_prompts(str(trace.metadata["prompts"]))}
+    tokenizer = load_tokenizer(MODEL)
+    written = []
+    for rate in RATES:
+        times = arrival_times(Poisson(process="poisson", rate_per_s=rate), REQUESTS, random.Random(SEED))
+        lines = [
+            f"# {REQUESTS} requests, Poisson arrivals at {rate}/s (seed {SEED}); written by benchmarks/serving_cpu.py",
+            "arrival_s,prompt_len,output_len,prompt_id",
+        ]
+        for index, arrival in enumerate(times):
+            prompt_id = ordered[index % len(ordered)]
+            ids = encode_prompt(tokenizer, texts[prompt_id])
+            length = min(len(ids), keep) if keep else len(ids)
+            lines.append(f"{arrival:.6f},{length},{min(MAX_OUTPUT, positions[prompt_id])},{prompt_id}")
+        csv_path = WORKLOADS / f"smollm2_cpu_rate{rate}.csv"
+        csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        yaml_path = csv_path.with_suffix(".yaml")
+        yaml_path.write_text(
+            f"# The trace's prompts under Poisson load at {rate} requests/s (scenarios/serving_cpu.yaml)\n"
+            f"arrival: {{process: trace, path: {csv_path.name}}}\n"
+            "prompt_len: {dist: trace}\noutput_len: {dist: trace}\n",
+            encoding="utf-8",
+        )
+        written += [csv_path, yaml_path]
+    return written
+
+
+def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Serve every point's workload with the executor and simulate it; one row per point."""
+    import torch
+
+    from calibrate.common import base_metadata
+    from executor.adapter import ModelAdapter
+    from executor.models import load_model, load_tokenizer
+    from executor.serve_cli import bench_prompts
+    from executor.serving import serve
+    from sim.serving import metrics, simulate_serving
+
+    torch.set_num_threads(threads)
+    adapter = ModelAdapter(load_model(MODEL, dtype=torch.float32, device=torch.device("cpu")))
+    tokenizer = load_tokenizer(MODEL)
+    rows = []
+    begin = time.perf_counter()
+    for point in points:
+        prompts = bench_prompts(point.workload, "builtin", tokenizer, adapter.config.vocab_size, 0)
+        options = {"method": point.method, "max_batch": point.max_batch, "kv_capacity_tokens": point.kv_capacity_tokens}
+        if point.method == "eesd":
+            options.update(exit_layer=point.plan.exit_layer, policy=point.plan.policy, head="shared")
+        warm = point.workload.requests[0]
+        serve(adapter, type(point.workload)((type(warm)(0, warm.prompt_len, 4, 0.0),)), prompts[:1], **options)
+        measured = metrics(serve(adapter, point.workload, prompts, **options).result, point.slo)
+        predicted_result = simulate_serving(point)
+        predicted = metrics(predicted_result, point.slo)
+        rows.append(_row(point, measured, predicted, predicted_result.extrapolated))
+        print(_line(rows[-1]), flush=True)
+    metadata = {
+        **base_metadata(MODEL, adapter.device, adapter.dtype),
+        "threads": threads,
+        "scenario": str(SCENARIO.relative_to(ROOT)),
+        "requests": len(points[0].workload.requests),
+        "max_batch": points[0].max_batch,
+        "measure_wall_s": round(time.perf_counter() - begin, 1),
+        "tolerance": TOLERANCE,
+        "error": "(predicted - measured) / measured",
+    }
+    return rows, metadata
+
+
+def _row(point: Any, measured: dict, predicted: dict, extrapolated: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"case": point.case, "method": point.method}
+    for key in COMPARED + ("requests_per_s", "latency_mean_ms", "queue_mean_ms", "mean_batch", "tokens_per_round"):
+        row[f"executor_{key}"] = round(measured[key], 4)
+        row[f"sim_{key}"] = round(predicted[key], 4)
+    errors = {key: (predicted[key] - measured[key]) / measured[key] for key in COMPARED}
+    row["errors"] = {key: round(value, 4) for key, value in errors.items()}
+    row["within_tolerance"] = all(abs(value) <= TOLERANCE for value in errors.values())
+    row["extrapolated"] = extrapolated
+    return row
+
+
+def _line(row: dict[str, Any]) -> str:
+    cells = ", ".join(
+        f"{key} {row[f'executor_{key}']:.1f}/{row[f'sim_{key}']:.1f} ({100 * row['errors'][key]:+.0f}%)"
+        for key in COMPARED
+    )
+    return f"{row['case']} {row['method']}: measured/predicted {cells}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-workloads", action="store_true", help="regenerate the workload files and stop")
+    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the profile)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
+    args = parser.parse_args()
+    if args.write_workloads:
+        for path in write_workloads():
+            print(f"wrote {path}")
+        return 0
+    from calibrate.validate import write_json
+    from sim.serving import load_serving_points
+
+    points = load_serving_points(SCENARIO)
+    if args.cases:
+        chosen = set(args.cases.split(","))
+        points = [p for p in points if p.case in chosen]
+        if not points:
+            raise SystemExit(f"--cases: expected names from {SCENARIO.name}, got {args.cases!r}")
+    rows, metadata = measure(points, args.threads)
+    write_json(args.out, {"metadata": metadata, "rows": rows})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Benchmark (not a test): how fast the serving simulator runs 10,000 requests at up to 64 at once, on one core.
+
+The point is scenarios/serving_h100.yaml's `llama2-7b-alpha0.86` case (the Llama-2-7B shape on an H100, EESD at
+E = 16 with fixed:3) with its workload drawn for 10,000 requests at a rate past saturation, so that the batch stays
+near 64 for most of the run (the most rows per round, the slowest case per request). AR and EESD are timed on the
+same requests; the target is under 60 s each.
+
+    python benchmarks/serving_sim_speed.py            # writes benchmarks/results/serving_sim_speed.json
+    python benchmarks/serving_sim_speed.py --requests 2000 --out /tmp/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from sim.formats import write_text_atomic
+from sim.serving import load_serving_points, metrics, simulate_serving
+from sim.workload import build_workload, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "scenarios" / "serving_h100.yaml"
+RESULTS = ROOT / "benchmarks" / "results" / "serving_sim_speed.json"
+CASE = "llama2-7b-alpha0.86"
+RATE_PER_S = 24.0
+TARGET_S = 60.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=10_000, help="requests in the workload (default: 10000)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
+    args = parser.parse_args()
+    points = [p for p in load_serving_points(SCENARIO) if p.case == CASE and p.rate_per_s == RATE_PER_S]
+    spec = {
+        "requests": args.requests,
+        "seed": 0,
+        "arrival": {"process": "poisson", "rate_per_s": RATE_PER_S},
+        "prompt_len": {"dist": "lognormal", "median": 256, "sigma": 0.8, "min": 16, "max": 2048},
+        "output_len": {"dist": "lognormal", "median": 128, "sigma": 0.8, "min": 8, "max": 1024},
+    }
+    workload = build_workload(parse_spec(spec, "serving_sim_speed"), ROOT, "serving_sim_speed")
+    rows = []
+    for point in points:
+        point = dataclasses.replace(point, workload=workload)
+        start = time.perf_counter()
+        result = simulate_serving(point)
+        wall_s = time.perf_counter() - start
+        row = metrics(result)
+        rows.append({
+            "method": point.method,
+            "requests": len(workload.requests),
+            "max_batch": point.max_batch,
+            "wall_s": round(wall_s, 2),
+            "within_target": wall_s < TARGET_S,
+            "simulated_tokens": int(row["tokens"]),
+            "simulated_tokens_per_wall_s": round(row["tokens"] / wall_s),
+            "rounds": result.rounds,
+            "mean_batch": round(row["mean_batch"], 2),
+            "simulated_time_s": round(result.time_s, 1),
+        })  # fmt: skip
+        print(f"{point.method}: {len(workload.requests)} requests in {wall_s:.1f} s ({rows[-1]})", flush=True)
+    metadata = {
+        "scenario": str(SCENARIO.relative_to(ROOT)),
+        "case": CASE,
+        "rate_per_s": RATE_PER_S,
+        "target_s": TARGET_S,
+        "host": platform.node(),
+        "python_version": platform.python_version(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    import json
+
+    write_text_atomic(args.out, json.dumps({"metadata": metadata, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0 if all(row["within_target"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
