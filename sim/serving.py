@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import simpy
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sim.contract import cache_capacity
@@ -55,7 +54,7 @@ from sim.engine import TOKEN_ID_BYTES
 from sim.hardware import GPUS, gpu_named_by
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
-from sim.scenario import Point, ScenarioError, validate
+from sim.scenario import Point, ScenarioError, read_yaml, validate
 from sim.workload import ClosedLoopUsers, Request, Workload, WorkloadError, build_workload, parse_spec, with_rate
 
 MAX_BATCH = 4096
@@ -107,10 +106,7 @@ def load_serving_points(path: str | Path) -> list[ServingPoint]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: serving scenario not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ScenarioError(f"{path}: invalid YAML: {err}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict) or "serving" not in raw:
         raise ScenarioError(f"{path}: serving: required: a serving scenario is a scenario with a serving section")
     for key in ("workload", "sweep"):
@@ -197,11 +193,7 @@ def _workload_spec(config: ServingConfig, path: Path, where: str) -> tuple[Any, 
     file = (path.parent / config.workload).resolve()
     if not file.is_file():
         raise WorkloadError(f"{where}: serving.workload: file not found: {file}")
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise WorkloadError(f"{file}: invalid YAML: {err}") from None
-    return parse_spec(raw, str(file)), file.parent, str(file), ""
+    return parse_spec(read_yaml(file), str(file)), file.parent, str(file), ""
 
 
 def _plan(path: Path, data: dict[str, Any], method: str, workload: Workload, max_batch: int, where: str) -> SimPlan:

@@ -32,14 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sim.formats import read_text
+from sim.scenario import read_yaml
 
 MAX_REQUESTS = 1_000_000  # requests in one workload
 MAX_TOKENS = 1_048_576  # a prompt's or an output's length
 MAX_RATE_PER_S = 1e6
 MAX_USERS = 100_000
 MAX_TIME_S = 1e9  # think times, arrival times
+MAX_TRACE_BYTES = 64 << 20  # a workload trace: MAX_REQUESTS rows of a few dozen bytes
 TRACE_COLUMNS = ("arrival_s", "prompt_len", "output_len")
 STREAMS = {"arrival": 1, "prompt_len": 2, "output_len": 3, "think": 4}  # a sub-stream of the seed per quantity
 
@@ -202,11 +205,7 @@ def load_workload(path: str | Path) -> Workload:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: workload file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise WorkloadError(f"{path}: invalid YAML: {err}") from None
-    return build_workload(parse_spec(raw, str(path)), path.parent, str(path))
+    return build_workload(parse_spec(read_yaml(path), str(path)), path.parent, str(path))
 
 
 def parse_spec(data: Any, where: str, prefix: str = "") -> WorkloadSpec:
@@ -328,7 +327,8 @@ def _lengths(
 
 def read_workload_trace(path: Path) -> list[tuple[float, int, int, str | None]]:
     """Rows (arrival_s, prompt_len, output_len, prompt_id or None) of a workload CSV, checked line by line."""
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    text = read_text(path, MAX_TRACE_BYTES, "workload trace")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise WorkloadError(f"{path}: empty workload trace; expected a header {','.join(TRACE_COLUMNS)}[,prompt_id]")

@@ -162,7 +162,7 @@ def test_load_workload_file(tmp_path):
     path.write_text("requests: 3\narrival: {process: poisson, rate_per_s: 1}\nprompt_len: 4\noutput_len: 2\n")
     assert len(load_workload(path).requests) == 3
     path.write_text("requests: [3\n")
-    with pytest.raises(WorkloadError, match="invalid YAML"):
+    with pytest.raises(ValueError, match="w.yaml: invalid YAML"):
         load_workload(path)
     path.write_text("- 3\n")
     with pytest.raises(WorkloadError, match=r"w.yaml: \(top level\): expected a mapping"):
