@@ -11,6 +11,10 @@ prompt in sorted id order), with one torch thread as in the profile. Decode toke
     python benchmarks/sim_vs_executor.py --compiled  # scenarios/smollm2_cpu_compiled.yaml: a profile of compiled
                                                      # layers, the executor with capture="compile-layers"
                                                      # (writes benchmarks/results/sim_vs_executor_compiled_cpu.json)
+    python benchmarks/sim_vs_executor.py --wide      # scenarios/smollm2_cpu_validate.yaml: AR and EESD at batch 1
+                                                     # and 4, PPSD sequential and distributed; 4 prompts x 32 tokens,
+                                                     # 3 repeats interleaved, tolerance 10% (writes
+                                                     # benchmarks/results/sim_vs_executor_wide_cpu.json)
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "smollm2_cpu_calibrated.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "sim_vs_executor_cpu.json"
 COMPILED = (ROOT / "scenarios" / "smollm2_cpu_compiled.yaml", RESULTS.with_name("sim_vs_executor_compiled_cpu.json"))
+WIDE = (ROOT / "scenarios" / "smollm2_cpu_validate.yaml", RESULTS.with_name("sim_vs_executor_wide_cpu.json"))
+WIDE_ARGS = ["--prompts", "4", "--max-new-tokens", "32", "--repeats", "3", "--tolerance", "0.1"]
 
 
 def main() -> int:
@@ -32,9 +38,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two prompts, AR and the scenario's own point")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
     parser.add_argument("--compiled", action="store_true", help="the compiled layers' profile and capture mode")
+    parser.add_argument("--wide", action="store_true", help="batches and PPSD: scenarios/smollm2_cpu_validate.yaml")
+    parser.add_argument("--points", default=None, help="which points (as `eesd validate --points`)")
     args = parser.parse_args()
-    scenario, results = COMPILED if args.compiled else (SCENARIO, RESULTS)
-    argv = ["validate", str(scenario), "--threads", "1"]
+    scenario, results = COMPILED if args.compiled else WIDE if args.wide else (SCENARIO, RESULTS)
+    argv = ["validate", str(scenario), "--threads", "1", *(WIDE_ARGS if args.wide else [])]
+    if args.points:
+        argv += ["--points", args.points]
     if args.quick:
         argv += ["--prompts", "2", "--points", "quick"]
     out = args.out or (None if args.quick else results)

@@ -1,16 +1,28 @@
 """Does the simulator predict what the executor measures on this machine? (`eesd validate`)
 
 A scenario whose latencies come from a measured profile (`latency.profile`) and whose acceptance is a replayed trace
-(`acceptance.trace`) can be checked against the executor: for every (method, exit layer, draft policy) the scenario
-sweeps, plus AR, the executor generates from the same prompts the trace replays (simulated request r replays the
-r-th prompt of the trace in sorted id order, cyclically, so the executor runs that prompt for request r), with the
-model, dtype and device the calibration files were measured with, and the simulator runs the same point with the same
-number of requests and tokens. Both sides count decode only: tokens/s = (new tokens - 1) / (wall time - prefill time)
-summed over the prompts, and tokens/round = decode tokens / verify rounds (AR: 1).
+(`acceptance.trace`) can be checked against the executor: for every configuration the scenario sweeps (method, exit
+layer, draft policy, batch size; PPSD's backend and stage count), plus AR at each batch size, the executor generates
+from the same prompts the trace replays (simulated request r replays the r-th prompt of the trace in sorted id order,
+cyclically, so the executor runs that prompt for request r, in static batches of `workload.batch_size` as the
+simulator runs them), with the model, dtype and device the calibration files were measured with, and the simulator
+runs the same point with the same number of requests and tokens. PPSD runs on the scenario's `ppsd_backend`:
+`sequential` (one process, the stages in turn), `distributed` (a process per stage; on a CPU over gloo, the link a
+gloo link profile) or `streams` (one GPU), cut where the simulator cuts the layers. A draft policy that takes a cost
+(beta-ts) gets the simulated one pinned in its spec on both sides, and the simulator seeds each row's policy as the
+executor does, so a replay draws what the run drew.
 
-Relative error = (predicted - measured) / measured, for tokens/s and for tokens/round; a point passes when both are
-within the tolerance. Planning (`plan`) and the comparison are torch-free; `measure` imports torch and the executor.
-Every scenario problem is a `ValueError` naming the file, the field and what was expected.
+Both sides count decode only: tokens/s = (new tokens - prompts) / (wall time - prefill time) summed over the batches;
+tokens/round = decode tokens / verify rounds (AR: 1; EESD: per row; PPSD: per tick, the executor's unit), which a
+trace replay reproduces exactly. Relative error = (predicted - measured) / measured; a point passes when both errors
+are within the tolerance. Noise is kept apart from error: the executor runs each configuration `repeats` times,
+interleaved (every configuration once, forward, then backward, ...), and the comparison takes the median tokens/s and
+reports the run-to-run spread, (max - min) / median; a point whose spread exceeds the tolerance is flagged (its error
+cannot be told from the machine's noise). Beside each run (uncaptured profiles) a probe times the profile's
+one-token layer point again: its median over the profile's value, the slowdown, scales the prediction to the
+machine's conditions of the moment (`error now`: the drift since the profile was measured left out, every component
+assumed to slow alike). Planning (`plan`) and the comparison are torch-free; `measure` imports
+torch and the executor. Every scenario problem is a `ValueError` naming the file, the field and what was expected.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,32 +42,41 @@ from sim.formats import (
     read_acceptance_trace,
     read_head_metadata,
     read_latency_profile,
+    read_link_profile,
     write_text_atomic,
 )
 from sim.models import ModelConfig
-from sim.plan import exit_layer_of, model_config
+from sim.plan import build_plan, exit_layer_of, model_config
+from sim.policy import with_cost
 from sim.runner import simulate_point
-from sim.scenario import Point, WorkloadConfig, load_points
+from sim.scenario import LinkConfig, Point, load_points
 from sim.scenario import validate as validate_scenario
 
 # the scenario fields the executor varies between points; every other field must be the same at every point
-VARIED_FIELDS = ("method", "exit_layer", "policy")
+VARIED_FIELDS = ("method", "exit_layer", "policy", "ppsd_backend", "topology.stages", "workload.batch_size")
+LINK_BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # the distributed backend's messages on each device type
 SCENARIO_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 POINT_CHOICES = "all | quick | comma-separated point indices (the `point` column of `eesd simulate`)"
 
 
 @dataclass(frozen=True)
 class Target:
-    """One configuration to compare: `point` is the simulator's (for AR: any point, simulated with method ar)."""
+    """One configuration to compare: `point` is the simulator's (for AR: one stage, method ar)."""
 
-    method: str  # ar | eesd
+    method: str  # ar | eesd | ppsd
     exit_layer: int | None
     policy: str | None
     point: Point
+    batch_size: int = 1
+    backend: str | None = None  # ppsd: sequential | distributed | streams
+    stage_bounds: tuple[int, ...] = ()  # ppsd: 0 = b_0 < b_1 < .. < b_n = L, where the simulator cuts the layers
 
     @property
     def label(self) -> str:
-        return "ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {self.policy}"
+        batch = f" b={self.batch_size}" if self.batch_size > 1 else ""
+        if self.method == "ppsd":
+            return f"ppsd {self.backend} n={len(self.stage_bounds) - 1} E={self.exit_layer}"
+        return ("ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {self.policy}") + batch
 
     @property
     def draft_len(self) -> int | None:
@@ -83,6 +105,8 @@ class Plan:
     profile_device: str
     targets: tuple[Target, ...]
     capture: str = "none"  # how the executor runs its passes: as the profile timed the layers (`capture_of`)
+    profile_conditions: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # when, where, how loaded
+    probe_context: int | None = None  # the profile's layer point timed again beside the runs (`_conditions_probe`)
 
 
 @dataclass(frozen=True)
@@ -108,15 +132,20 @@ class Comparison:
     exit_layer: int | None
     policy: str | None
     draft_len: int | None
-    measured_tokens_per_s: float
+    measured_tokens_per_s: float  # the median over the repeats
     predicted_tokens_per_s: float
     measured_tokens_per_round: float
     predicted_tokens_per_round: float
     extrapolated: bool = False  # the simulator queried latencies outside the profiled grid
+    name: str = ""  # the target's label
+    measured_runs: tuple[float, ...] = ()  # tokens/s of each repeat, in the order they ran
+    measured_decode_tokens: int = 0
+    predicted_decode_tokens: int = 0
+    slowdown: float | None = None  # the profile's layer point timed beside the runs, over the profile's value
 
     @property
     def label(self) -> str:
-        return "ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {self.policy}"
+        return self.name or ("ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {self.policy}")
 
     @property
     def tokens_per_s_error(self) -> float:
@@ -126,8 +155,28 @@ class Comparison:
     def tokens_per_round_error(self) -> float:
         return relative_error(self.predicted_tokens_per_round, self.measured_tokens_per_round)
 
+    @property
+    def tokens_per_s_error_now(self) -> float | None:
+        """The error with the prediction scaled by the slowdown measured beside the runs: the model's error under the
+        machine's conditions of the moment, the drift since the profile left out."""
+        if not self.slowdown:
+            return None
+        return relative_error(self.predicted_tokens_per_s / self.slowdown, self.measured_tokens_per_s)
+
+    @property
+    def spread(self) -> float:
+        """Run-to-run spread of the measured tokens/s: (max - min) / median (0 for one run)."""
+        runs = self.measured_runs
+        if len(runs) < 2 or self.measured_tokens_per_s <= 0:
+            return 0.0
+        return (max(runs) - min(runs)) / self.measured_tokens_per_s
+
     def within(self, tolerance: float) -> bool:
         return abs(self.tokens_per_s_error) <= tolerance and abs(self.tokens_per_round_error) <= tolerance
+
+    def noisy(self, tolerance: float) -> bool:
+        """The repeats spread wider than the tolerance: the error cannot be told from the machine's noise."""
+        return self.spread > tolerance
 
     def row(self, tolerance: float) -> dict[str, Any]:
         """The JSON row; the first eight keys are those of benchmarks/results/sim_vs_executor_cpu.json."""
@@ -142,9 +191,20 @@ class Comparison:
             "sim_over_executor": _rounded(self.predicted_tokens_per_s / self.measured_tokens_per_s, 3)
             if self.measured_tokens_per_s > 0
             else None,
+            "point": self.label,
             "policy": self.policy,
+            "per": "tick" if self.method == "ppsd" else "round",  # the unit of tokens_per_round
             "tokens_per_s_error": _rounded(self.tokens_per_s_error, 4),
             "tokens_per_round_error": _rounded(self.tokens_per_round_error, 4),
+            "executor_runs_tokens_per_s": [round(r, 3) for r in self.measured_runs],
+            "spread": _rounded(self.spread, 4),
+            "spread_exceeds_tolerance": self.noisy(tolerance),
+            "slowdown_since_profile": _rounded(self.slowdown, 4) if self.slowdown else None,
+            "tokens_per_s_error_now": _rounded(self.tokens_per_s_error_now, 4)
+            if self.tokens_per_s_error_now is not None
+            else None,
+            "executor_decode_tokens": self.measured_decode_tokens,
+            "sim_decode_tokens": self.predicted_decode_tokens,
             "extrapolated": self.extrapolated,
             "within_tolerance": self.within(tolerance),
         }
@@ -190,7 +250,9 @@ def plan(
     profile_path, profile = _calibration_file(first, "latency")
     trace_path, trace = _calibration_file(first, "acceptance")
     _check_same_setup(path, all_points)
-    _check_single_device(path, first)
+    device_type = str(profile.metadata.get("device_type") or "cpu")
+    for point in all_points:
+        _check_point(path, point, device_type)
     model = _runnable_model(profile_path, profile, trace_path, trace, model_config(s))
     dtype = _check_dtype(path, s.dtype, profile_path, profile)
     head = _check_head(path, s.exit_head, trace_path, trace)
@@ -205,13 +267,13 @@ def plan(
         )
     trace_prompts = sorted({record.prompt_id for record in trace.records})
     prompt_ids = tuple(trace_prompts[r % len(trace_prompts)] for r in range(requests))
-    workload = s.workload.model_copy(update={"requests": requests, "output_len": new_tokens})
-    chosen = [_with_workload(p, workload) for p in select_points(path, all_points, points)]
+    update = {"requests": requests, "output_len": new_tokens}
+    chosen = [_with_workload(p, update) for p in select_points(path, all_points, points)]
     return Plan(
         scenario_path=path,
         name=s.name,
         model=model,
-        device_type=str(profile.metadata.get("device_type") or "cpu"),
+        device_type=device_type,
         dtype=dtype,
         head=head,
         prompt_set=str(trace.metadata.get("prompts") or ""),
@@ -223,7 +285,19 @@ def plan(
         profile_device=str(profile.metadata.get("device")),
         targets=targets(chosen),
         capture=capture_of(profile, s.latency.profile.cuda_graphs),
+        profile_conditions={k: profile.metadata.get(k) for k in ("date", "host", "load_average_1min", "device")},
+        probe_context=_probe_context(profile),
     )
+
+
+def _probe_context(profile: DataFile) -> int | None:
+    """The smallest context of the profile's uncaptured one-token layer rows at batch 1 (None: it has none)."""
+    contexts = [
+        r.context_len
+        for r in profile.records
+        if (r.component, r.phase, r.q, r.batch, r.cuda_graphs) == ("layer", "verify", 1, 1, False)
+    ]
+    return min(contexts, default=None)
 
 
 def capture_of(profile: DataFile, cuda_graphs: bool) -> str:
@@ -253,13 +327,37 @@ def select_points(path: Path, points: Sequence[Point], spec: str) -> list[Point]
 
 
 def targets(points: Sequence[Point]) -> tuple[Target, ...]:
-    """AR first, then one target per distinct (method, exit layer, policy), in point order."""
-    found: dict[tuple, Target] = {("ar", None, None): Target("ar", None, None, points[0])}
+    """AR at each batch size first, then one target per distinct configuration, in point order."""
+    found: dict[tuple, Target] = {}
     for p in points:
-        if p.scenario.method == "eesd":
-            key = ("eesd", exit_layer_of(p), p.scenario.policy)
-            found.setdefault(key, Target(*key, p))
+        batch = p.scenario.workload.batch_size
+        found.setdefault(("ar", batch), Target("ar", None, None, _as_ar(p), batch))
+    for p in points:
+        s, batch = p.scenario, p.scenario.workload.batch_size
+        if s.method == "eesd":
+            pinned = _with_pinned_cost(p)
+            key = ("eesd", exit_layer_of(p), pinned.scenario.policy, batch)
+            found.setdefault(key, Target(*key[:3], pinned, batch))
+        elif s.method == "ppsd":
+            stages = build_plan(p).stages
+            bounds = (0, *(stage.layer_end for stage in stages))
+            key = ("ppsd", s.ppsd_backend, bounds)
+            found.setdefault(key, Target("ppsd", bounds[1], None, p, 1, s.ppsd_backend, bounds))
     return tuple(found.values())
+
+
+def _as_ar(point: Point) -> Point:
+    """The point's AR twin, as the executor runs AR: one process, one device, the same workload."""
+    s = point.scenario
+    topology = s.topology.model_copy(update={"stages": 1, "devices": None, "contention": None})
+    return dataclasses.replace(point, scenario=s.model_copy(update={"method": "ar", "topology": topology}))
+
+
+def _with_pinned_cost(point: Point) -> Point:
+    """The point with its policy's cost pinned to the simulated draft/verify ratio (`sim.policy.with_cost`), which
+    the executor then gets too (left to itself it would take E / L)."""
+    spec = with_cost(point.scenario.policy, build_plan(point).cost_ratio)
+    return dataclasses.replace(point, scenario=point.scenario.model_copy(update={"policy": spec}))
 
 
 def _unswept_point(path: Path, points: Sequence[Point]) -> Point:
@@ -276,7 +374,8 @@ def _unswept_point(path: Path, points: Sequence[Point]) -> Point:
     return matching[0] if matching else points[0]
 
 
-def _with_workload(point: Point, workload: WorkloadConfig) -> Point:
+def _with_workload(point: Point, update: Mapping[str, int]) -> Point:
+    workload = point.scenario.workload.model_copy(update=dict(update))
     return dataclasses.replace(point, scenario=point.scenario.model_copy(update={"workload": workload}))
 
 
@@ -289,36 +388,81 @@ def _positive(value: int | None, flag: str, default: int, minimum: int = 1) -> i
 
 
 def _check_same_setup(path: Path, points: Sequence[Point]) -> None:
-    ignore = set(VARIED_FIELDS) | {"name", "description"}
-    base = points[0].scenario.model_dump(exclude=ignore)
+    base = _setup(points[0])
     for p in points[1:]:
-        other = p.scenario.model_dump(exclude=ignore)
-        differ = sorted(k for k in base if base[k] != other[k])
+        other = _setup(p)
+        differ = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
         if differ:
             raise ValueError(
                 f"{path}: sweep: point {p.values} changes {', '.join(differ)}; the executor can only follow sweeps "
                 f"over {', '.join(VARIED_FIELDS)} (one model, profile, trace and workload per scenario)"
             )
-    for p in points:
-        if p.scenario.method == "ppsd":
-            raise ValueError(
-                f"{path}: method: validate compares ar and eesd on one device; ppsd (a pipeline over several "
-                f"devices) has no measurement on this machine to compare with (point {p.values or 'the scenario'})"
-            )
 
 
-def _check_single_device(path: Path, point: Point) -> None:
+def _setup(point: Point) -> dict[str, Any]:
+    """The point's fields, flattened to dotted paths, without those a sweep may vary."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value
+
+    walk("", point.scenario.model_dump(exclude={"name", "description"}))
+    return {k: v for k, v in flat.items() if k not in VARIED_FIELDS}
+
+
+def _check_point(path: Path, point: Point, device_type: str) -> None:
+    """What the executor can run: AR and EESD in one process on one device (any batch size), PPSD at batch 1 on one
+    of its backends, every stage on one device (tp 1)."""
     s = point.scenario
+    where = f"{path} (point {point.values or 'the scenario'})"
     stages = s.topology.stages if isinstance(s.topology.stages, int) else len(s.topology.stages)
-    if stages != 1 or s.topology.tp != 1:
-        raise ValueError(
-            f"{path}: topology: validate runs the executor on one device; expected stages: 1 and tp: 1, got "
-            f"stages {stages}, tp {s.topology.tp}"
-        )
+    if s.topology.tp != 1:
+        raise ValueError(f"{where}: topology.tp: validate runs a stage on one device; expected 1, got {s.topology.tp}")
+    if s.method != "ppsd":
+        if stages != 1:
+            raise ValueError(
+                f"{where}: topology: validate runs {s.method} in one process on one device; expected stages: 1 and tp: "
+                f"1, got stages {stages}, tp {s.topology.tp}"
+            )
+        return
     if s.workload.batch_size != 1:
         raise ValueError(
-            f"{path}: workload.batch_size: validate runs one prompt at a time; expected 1, got {s.workload.batch_size}"
+            f"{where}: workload.batch_size: the executor's PPSD decodes one prompt at a time; expected 1, got "
+            f"{s.workload.batch_size}"
         )
+    if s.max_in_flight is not None:
+        raise ValueError(f"{where}: max_in_flight: the executor's PPSD holds one token per stage; drop the field")
+    _check_ppsd_backend(where, point, stages, device_type)
+
+
+def _check_ppsd_backend(where: str, point: Point, stages: int, device_type: str) -> None:
+    backend, topology = point.scenario.ppsd_backend, point.scenario.topology
+    per_stage = isinstance(topology.stages, list) and any(c.device is not None for c in topology.stages)
+    expected_devices = stages if backend == "distributed" else 1
+    if per_stage or topology.devices not in (None, expected_devices):
+        raise ValueError(
+            f"{where}: topology.devices: the {backend} backend runs the stages on {expected_devices} device(s); drop "
+            f"the field (or give {expected_devices})"
+        )
+    if backend == "streams" and device_type != "cuda":
+        raise ValueError(
+            f"{where}: ppsd_backend: streams runs one CUDA stream per stage on a GPU, the profile was measured on "
+            f"{device_type}; expected sequential or distributed"
+        )
+    if backend == "distributed":
+        link, wanted = topology.link, LINK_BACKENDS.get(device_type, "gloo")
+        profile = link.profile if isinstance(link, LinkConfig) else None
+        measured = read_link_profile(point.base_dir / profile).metadata["backend"] if profile else None
+        if measured != wanted:
+            raise ValueError(
+                f"{where}: topology.link: the distributed backend's stages exchange messages over {wanted} here; "
+                f"expected a {wanted} link profile ({{profile: FILE.csv}}, `eesd calibrate link --backend {wanted}`), "
+                f"got {link if not isinstance(link, LinkConfig) else link.model_dump(exclude_none=True)}"
+            )
 
 
 def _calibration_file(point: Point, kind: str) -> tuple[Path, DataFile]:
@@ -408,34 +552,43 @@ def _check_head(path: Path, exit_head: str, trace_path: Path, trace: DataFile) -
 
 # ---- running --------------------------------------------------------------------------------------------------------
 def predict(target: Target) -> tuple[Measurement, bool]:
-    """The simulator's decode totals for a target, and whether a latency query left the profiled grid."""
-    item = simulate_point(target.point)
-    result = item.baseline if target.method == "ar" else item.result
-    return Measurement(result.decode_tokens, result.decode_time_us / 1e6, result.rounds), result.extrapolated
+    """The simulator's decode totals for a target (rounds: PPSD's ticks), and whether a latency query left the
+    profiled grid."""
+    result = simulate_point(target.point).result
+    rounds = result.ticks if target.method == "ppsd" else result.rounds
+    return Measurement(result.decode_tokens, result.decode_time_us / 1e6, rounds), result.extrapolated
 
 
-def _warm_up(plan_: Plan, target: Target, prompts: list[list[int]], run_one: Callable[..., Any]) -> None:
-    """First-call costs are not decode: one short run uncaptured; captured, every prompt in full once, so that each
+def batches(prompts: Sequence[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """The prompts in static batches of `batch_size`, in order (the last may be smaller), as the simulator runs its
+    requests."""
+    return [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+
+
+def _warm_up(plan_: Plan, target: Target, groups: list[list[list[int]]], run_one: Callable[..., Any]) -> None:
+    """First-call costs are not decode: one short run uncaptured; captured, every batch in full once, so that each
     pass shape the timed runs use (a cache capacity, a verify width) is compiled and captured before the clock runs
     (a compiled layer takes seconds per shape, on a CPU too)."""
     if plan_.capture == "none":
-        run_one(target, prompts[0], min(4, plan_.max_new_tokens))
+        run_one(target, groups[0], min(4, plan_.max_new_tokens))
         return
-    for ids in prompts:
-        run_one(target, ids, plan_.max_new_tokens)
+    for group in groups:
+        run_one(target, group, plan_.max_new_tokens)
 
 
 def measure(
-    plan_: Plan, threads: int | None = None, progress: Callable[[str], None] | None = None
-) -> tuple[list[Measurement], dict[str, Any]]:
-    """Run the executor for every target over the plan's prompts; returns one Measurement per target and metadata."""
+    plan_: Plan, threads: int | None = None, progress: Callable[[str], None] | None = None, repeats: int = 1
+) -> tuple[list[TargetRuns], dict[str, Any]]:
+    """Run the executor for every target over the plan's prompts, `repeats` times interleaved (every target once,
+    forward, then backward, ...) after one warm-up each, the conditions probe before and after each run; returns each
+    target's runs and probes, and metadata."""
     import torch
 
     from calibrate.common import base_metadata, check_device
     from executor.adapter import ModelAdapter
-    from executor.api import generate
     from executor.models import load_model, load_tokenizer
 
+    _positive(repeats, "--repeats", default=1)
     if threads is not None:
         torch.set_num_threads(threads)
     if plan_.device_type == "cuda" and not torch.cuda.is_available():
@@ -444,36 +597,102 @@ def measure(
     dtype = getattr(torch, plan_.dtype)
     prompts = encoded_prompts(plan_, load_tokenizer(plan_.model))
     adapter = ModelAdapter(load_model(plan_.model, dtype=dtype, device=device))
-    eos = adapter.model.generation_config.eos_token_id
-
-    def run_one(target: Target, ids: list[int], max_new_tokens: int):
-        eesd = {"exit_layer": target.exit_layer, "policy": target.policy, "head": plan_.head}
-        return generate(
-            adapter, ids, method=target.method, max_new_tokens=max_new_tokens, eos_token_id=eos, capture=plan_.capture,
-            **(eesd if target.method == "eesd" else {}),
-        ).stats  # fmt: skip
-
+    run_one, probe = _executor(plan_, adapter), _conditions_probe(plan_, adapter)
     begin = time.perf_counter()
-    measurements = []
     for target in plan_.targets:
-        _warm_up(plan_, target, prompts, run_one)
-        tokens, seconds, rounds = 0, 0.0, 0
-        for ids in prompts:
-            stats = run_one(target, ids, plan_.max_new_tokens)
-            decode = stats.new_tokens - 1
-            tokens += decode
-            seconds += stats.wall_time_s - stats.prefill_time_s
-            rounds += len(stats.accepted) if target.method == "eesd" else decode
-        measurements.append(Measurement(tokens, seconds, rounds))
-        if progress is not None:
-            progress(f"{target.label}: {measurements[-1].tokens_per_s:.2f} tok/s")
+        _warm_up(plan_, target, batches(prompts, target.batch_size), run_one)
+    runs: list[list[Measurement]] = [[] for _ in plan_.targets]
+    probes: list[list[float]] = [[] for _ in plan_.targets]
+    for repeat in range(repeats):
+        order = range(len(plan_.targets)) if repeat % 2 == 0 else reversed(range(len(plan_.targets)))
+        for index in order:
+            target = plan_.targets[index]
+            probes[index] += [probe()] if probe is not None else []
+            runs[index].append(_measure_target(target, batches(prompts, target.batch_size), run_one, plan_))
+            probes[index] += [probe()] if probe is not None else []
+            if progress is not None:
+                progress(f"{target.label}: {runs[index][-1].tokens_per_s:.2f} tok/s")
     metadata = {
         **base_metadata(plan_.model, device, dtype),
         "capture": plan_.capture,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "order": "interleaved: every configuration once per repeat, forward then backward, after one warm-up each",
         "prompt_tokens_mean": round(sum(len(p) for p in prompts) / len(prompts), 1),
         "measure_wall_s": round(time.perf_counter() - begin, 1),
+        "probe": None
+        if probe is None
+        else f"one pass over the layers at (verify, q 1, context {plan_.probe_context}, "
+        "batch 1), timed before and after each run: slowdown = its median over the profile's value",
     }
-    return measurements, metadata
+    return [TargetRuns(tuple(r), tuple(p)) for r, p in zip(runs, probes, strict=True)], metadata
+
+
+@dataclass(frozen=True)
+class TargetRuns:
+    """A target's executor runs in the order they ran, and the conditions probe timed before and after each (µs per
+    layer; empty without a probe)."""
+
+    runs: tuple[Measurement, ...]
+    probe_us: tuple[float, ...] = ()
+
+
+def _conditions_probe(plan_: Plan, adapter: Any) -> Callable[[], float] | None:
+    """Times the profile's uncaptured one-token layer point again (its context, batch 1): the machine's state beside
+    each run, against the profile's. None where the profile has no such point or the executor runs captured
+    (compiled or graphed layers would need the profile's own compilation)."""
+    if plan_.capture != "none" or plan_.probe_context is None:
+        return None
+    from calibrate.latency import GridPoint, make_inputs
+    from calibrate.latency import measure as time_point
+    from calibrate.timing import TimerSpec
+
+    point = GridPoint("layer", "verify", 1, plan_.probe_context, 1, False)
+    inputs, timer = make_inputs(adapter, 1, plan_.probe_context, 1), TimerSpec(adapter.device, warmup=1, repeats=5)
+    return lambda: time_point(adapter, point, inputs, timer).median_us
+
+
+def _executor(plan_: Plan, adapter: Any) -> Callable[..., Any]:
+    """`run_one(target, prompts, max_new_tokens)`: one `generate` call over a batch of prompts (left-padded), the
+    target's method and settings; returns its stats."""
+    import torch
+
+    from executor.api import generate
+
+    eos = adapter.model.generation_config.eos_token_id
+
+    def run_one(target: Target, group: list[list[int]], max_new_tokens: int) -> Any:
+        width = max(len(ids) for ids in group)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group]) if len(group) > 1 else None
+        extra: dict[str, Any] = {}
+        if target.method == "eesd":
+            extra = {"exit_layer": target.exit_layer, "policy": target.policy, "head": plan_.head}
+        elif target.method == "ppsd":
+            extra = {"exit_layer": target.exit_layer, "stages": len(target.stage_bounds) - 1, "head": plan_.head,
+                     "stage_boundaries": list(target.stage_bounds[1:-1]), "backend": target.backend}  # fmt: skip
+        seed = target.point.scenario.seed
+        return generate(
+            adapter, ids, attention_mask=mask, method=target.method, max_new_tokens=max_new_tokens, eos_token_id=eos,
+            capture=plan_.capture, seed=seed, **extra,
+        ).stats  # fmt: skip
+
+    return run_one
+
+
+def _measure_target(
+    target: Target, groups: list[list[list[int]]], run_one: Callable[..., Any], plan_: Plan
+) -> Measurement:
+    """One timed run of a target over every batch: decode tokens, decode seconds, and rounds (AR: its decode steps
+    per row; EESD: its rounds per row; PPSD: its ticks)."""
+    tokens, seconds, rounds = 0, 0.0, 0
+    for group in groups:
+        stats = run_one(target, group, plan_.max_new_tokens)
+        decode = stats.new_tokens - len(group)
+        tokens += decode
+        seconds += stats.wall_time_s - stats.prefill_time_s
+        rounds += {"ar": decode, "eesd": len(stats.accepted)}[target.method] if target.method != "ppsd" else stats.ticks
+    return Measurement(tokens, seconds, rounds)
 
 
 def encoded_prompts(plan_: Plan, tokenizer: Any) -> list[list[int]]:
@@ -492,37 +711,60 @@ def encoded_prompts(plan_: Plan, tokenizer: Any) -> list[list[int]]:
     return [ids[-keep:] if keep else ids for ids in encoded]
 
 
-def compare(plan_: Plan, measured: Sequence[Measurement]) -> list[Comparison]:
-    """Simulate every target and pair it with its measurement."""
+def compare(plan_: Plan, measured: Sequence[TargetRuns]) -> list[Comparison]:
+    """Simulate every target and pair it with its runs (the median tokens/s of its repeats) and the slowdown its
+    probes saw against the profile."""
+    profiled = _profiled_probe_us(plan_)
     rows = []
-    for target, m in zip(plan_.targets, measured, strict=True):
+    for target, runs in zip(plan_.targets, measured, strict=True):
         predicted, extrapolated = predict(target)
+        rates = [m.tokens_per_s for m in runs.runs]
+        slowdown = statistics.median(runs.probe_us) / profiled if runs.probe_us and profiled else None
         rows.append(
             Comparison(
                 method=target.method,
                 exit_layer=target.exit_layer,
                 policy=target.policy,
                 draft_len=target.draft_len,
-                measured_tokens_per_s=m.tokens_per_s,
+                measured_tokens_per_s=statistics.median(rates),
                 predicted_tokens_per_s=predicted.tokens_per_s,
-                measured_tokens_per_round=m.tokens_per_round,
+                measured_tokens_per_round=runs.runs[0].tokens_per_round,
                 predicted_tokens_per_round=predicted.tokens_per_round,
                 extrapolated=extrapolated,
+                name=target.label,
+                measured_runs=tuple(rates),
+                measured_decode_tokens=runs.runs[0].decode_tokens,
+                predicted_decode_tokens=predicted.decode_tokens,
+                slowdown=slowdown,
             )
         )
     return rows
 
 
+def _profiled_probe_us(plan_: Plan) -> float | None:
+    """The profile's value at the conditions probe's point (µs per layer)."""
+    if plan_.probe_context is None:
+        return None
+    from sim.latency import ProfileLatency
+
+    profile = ProfileLatency(read_latency_profile(plan_.profile_path), cuda_graphs=False)
+    return profile.time_us("layer", "verify", 1, plan_.probe_context, 1)
+
+
 # ---- output ---------------------------------------------------------------------------------------------------------
 def table(comparisons: Sequence[Comparison], tolerance: float) -> str:
-    """One line per point: measured and predicted tokens/s and tokens/round, with relative errors."""
-    heads = ["point", "measured tok/s", "predicted tok/s", "error", "measured tok/round", "predicted tok/round",
-             "error", "ok"]  # fmt: skip
+    """One line per point: measured (median) and predicted tokens/s with the run-to-run spread and the error, and
+    tokens/round (PPSD: per tick) with its error; `!` marks a spread above the tolerance, `*` an extrapolation."""
+    heads = ["point", "measured tok/s", "spread", "predicted tok/s", "error", "slowdown", "error now",
+             "measured tok/round", "predicted tok/round", "error", "ok"]  # fmt: skip
     lines = [heads]
     for c in comparisons:
+        now = c.tokens_per_s_error_now
         lines.append([
             c.label + ("*" if c.extrapolated else ""),
-            f"{c.measured_tokens_per_s:.2f}", f"{c.predicted_tokens_per_s:.2f}", _percent(c.tokens_per_s_error),
+            f"{c.measured_tokens_per_s:.2f}", f"{100 * c.spread:.1f}%" + ("!" if c.noisy(tolerance) else ""),
+            f"{c.predicted_tokens_per_s:.2f}", _percent(c.tokens_per_s_error),
+            f"{c.slowdown:.2f}x" if c.slowdown else "-", _percent(now) if now is not None else "-",
             f"{c.measured_tokens_per_round:.3f}", f"{c.predicted_tokens_per_round:.3f}",
             _percent(c.tokens_per_round_error), "yes" if c.within(tolerance) else "NO",
         ])  # fmt: skip
@@ -563,10 +805,29 @@ def report(
             "head": plan_.head,
             "prompts": list(plan_.prompt_ids),
             "max_new_tokens": plan_.max_new_tokens,
+            "profile_measured": dict(plan_.profile_conditions),
             "tolerance": tolerance,
-            "error": "(predicted - measured) / measured",
+            "error": "(predicted - measured) / measured, measured = the median tokens/s over the repeats",
+            "spread": "(max - min) / median of the repeats' tokens/s",
+            "summary": summary(comparisons, tolerance),
         },
         "rows": [c.row(tolerance) for c in comparisons],
+    }
+
+
+def summary(comparisons: Sequence[Comparison], tolerance: float) -> dict[str, Any]:
+    """Median and max |tokens/s error|, whether every tokens/round matched exactly, the points whose spread exceeds
+    the tolerance."""
+    errors = [abs(c.tokens_per_s_error) for c in comparisons]
+    now = [abs(c.tokens_per_s_error_now) for c in comparisons if c.tokens_per_s_error_now is not None]
+    return {
+        "points": len(comparisons),
+        "median_abs_tokens_per_s_error": _rounded(statistics.median(errors), 4) if errors else None,
+        "max_abs_tokens_per_s_error": _rounded(max(errors), 4) if errors else None,
+        "median_abs_tokens_per_s_error_now": _rounded(statistics.median(now), 4) if now else None,
+        "max_abs_tokens_per_s_error_now": _rounded(max(now), 4) if now else None,
+        "tokens_per_round_exact": all(c.tokens_per_round_error == 0 for c in comparisons),
+        "noisy_points": [c.label for c in comparisons if c.noisy(tolerance)],
     }
 
 

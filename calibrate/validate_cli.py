@@ -1,8 +1,10 @@
 """`eesd validate SCENARIO.yaml`: does the simulator predict what the executor measures on this machine?
 
-Runs the executor and the simulator for every (method, exit layer, draft policy) of a calibrated scenario, plus AR,
-on the prompts the scenario's acceptance trace replays (calibrate/validate.py), prints a table, optionally writes
-JSON, and exits with status 1 when a point's tokens/s or tokens/round error exceeds `--tolerance` (0 otherwise).
+Runs the executor and the simulator for every configuration of a calibrated scenario (method, exit layer, draft
+policy, batch size, PPSD backend and stages), plus AR, on the prompts the scenario's acceptance trace replays
+(calibrate/validate.py), the executor `--repeats` times interleaved, prints a table (median tokens/s, run-to-run
+spread, errors), optionally writes JSON, and exits with status 1 when a point's tokens/s or tokens/round error
+exceeds `--tolerance` (0 otherwise).
 Scenario and argument mistakes exit with status 2 (a `ValueError` for the dispatcher). torch is imported only in
 `run`.
 """
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tolerance", type=float, default=0.25, help="largest |relative error| that passes (default: 0.25 = 25%%)"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="executor runs per point, interleaved across points (default: 1)"
+    )
     add_threads_argument(parser, preferred="the CPU profile's")
     parser.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here (atomically)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
@@ -46,14 +51,17 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"profile: {plan.profile_path} ({plan.profile_device})\ntrace:   {plan.trace_path}")
     print(use_threads(args.threads, default=threads_in(plan.profile_device)), flush=True)
-    with progress_bar(len(plan.targets), "validate", "point", not args.no_progress) as bar:
-        measured, metadata = validate.measure(plan, progress=lambda message: _measured(bar, message))
+    with progress_bar(len(plan.targets) * args.repeats, "validate", "run", not args.no_progress) as bar:
+        report_run = lambda message: _measured(bar, message)  # noqa: E731
+        measured, metadata = validate.measure(plan, progress=report_run, repeats=args.repeats)
     if metadata["device"] != plan.profile_device:
         print(f"note: this machine is {metadata['device']}; the profile was measured on {plan.profile_device}")
     comparisons = validate.compare(plan, measured)
     print(validate.table(comparisons, args.tolerance))
     if any(c.extrapolated for c in comparisons):
         print("* a latency query fell outside the profiled grid (extrapolated)")
+    if any(c.noisy(args.tolerance) for c in comparisons):
+        print("! the repeats spread wider than the tolerance: that point's error cannot be told from noise")
     if args.json is not None:
         path = validate.write_json(args.json, validate.report(plan, comparisons, args.tolerance, metadata))
         print(f"wrote {path}")

@@ -7,6 +7,8 @@
   pass attends over its whole capacity, which is why the simulator needs the same number.
 - The host-read cadence of captured passes: `SYNC_CAPTURED` chained AR steps (or PPSD ticks) per host read, at most
   `AR_HISTORY` (the device-side log they write between two reads).
+- The random stream of a row's draft policy (beta-ts, calibration-ts): `random.Random(policy_seed(seed, row))`, row
+  being the row's index in its batch, so that a replay draws what the executor drew.
 """
 
 from __future__ import annotations
@@ -33,3 +35,8 @@ def cache_capacity(method: str, prompt_len: int, output_len: int, max_draft_len:
     if method != "ppsd":
         slots += max_draft_len + 1
     return captured_capacity(slots) if captured else slots
+
+
+def policy_seed(seed: int, row: int) -> int:
+    """The seed of the draft policy of row `row` (its index in the batch) of a generation seeded `seed`."""
+    return seed * 7919 + row

@@ -41,6 +41,7 @@ import simpy
 
 from sim.acceptance import AcceptanceStream
 from sim.contention import PassShare
+from sim.contract import policy_seed
 from sim.cost import Pass, PassCost, pass_costs, stage_hbm_us, stage_time_us
 from sim.latency import LinkModel
 from sim.plan import ONE_HOST_BACKENDS, SimPlan
@@ -276,10 +277,13 @@ class Simulation:
             self.decode_us += self.env.now - decode_start
 
     def _row(self, request: int) -> BatchRow:
-        stream = self.plan.acceptance.stream(random.Random(self.rng.getrandbits(64)), request)
-        policy_rng = random.Random(self.rng.getrandbits(64))
-        policy = make_policy(self.plan.policy, rng=policy_rng, cost_ratio=self.plan.cost_ratio)
-        return BatchRow(stream, policy, self.plan.workload.output_len)
+        """Request `request`'s acceptance stream and draft policy, the policy seeded as the executor seeds its row
+        (`sim.contract.policy_seed`: by its index in the batch)."""
+        plan = self.plan
+        stream = plan.acceptance.stream(random.Random(self.rng.getrandbits(64)), request)
+        policy_rng = random.Random(policy_seed(plan.seed, request % plan.workload.batch_size))
+        policy = make_policy(plan.policy, rng=policy_rng, cost_ratio=plan.cost_ratio)
+        return BatchRow(stream, policy, plan.workload.output_len)
 
     def _ar(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         segments = ((0, self.plan.model.num_layers, 1),)

@@ -287,6 +287,15 @@ def policy_usage() -> str:
     return "; ".join(usage for _, _, usage in _SPECS.values())
 
 
+def with_cost(spec: str, cost_ratio: float) -> str:
+    """`spec` with `cost=` pinned to `cost_ratio` (4 decimals) where the policy takes a cost and the spec gives none,
+    so that every reader of the spec draws with the same cost; any other spec unchanged."""
+    name, args = parse_policy_spec(spec)
+    if "cost" not in _SPECS[name][1] or "cost" in args:
+        return spec
+    return f"{spec}{',' if args else ':'}cost={cost_ratio:.4f}"
+
+
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, str]]:
     """Split `"beta-ts:cost=0.1,max=8"` into `("beta-ts", {"cost": "0.1", "max": "8"})`, checking the keys."""
     name, _, arg_text = spec.strip().partition(":")

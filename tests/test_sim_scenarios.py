@@ -16,7 +16,8 @@ from sim.runner import result_row, run_points, summary_table, write_outputs
 from sim.scenario import ScenarioError, load_points
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "scenarios").glob("*.yaml"))
+# the scenarios of `eesd simulate` (a `serving:` section makes one `eesd serve-sim`'s, tested with serve-sim)
+SHIPPED = sorted(p for p in (ROOT / "scenarios").glob("*.yaml") if "serving" not in yaml.safe_load(p.read_text()))
 
 
 def test_the_five_documented_scenarios_ship() -> None:

@@ -25,6 +25,9 @@ PROFILE = ROOT / "calibration" / "cpu" / "latency_smollm2-135m_cpu_fp32.csv"
 TRACE = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
 
 
+PPSD = {"method": "ppsd", "ppsd_backend": "sequential", "topology__stages": 2, "exit_layer": 15}
+
+
 def scenario(tmp_path: Path, name: str = "s.yaml", **changes: Any) -> Path:
     """The shipped CPU scenario without its sweep, with absolute calibration paths and `changes` (`a__b` is the field
     path `a.b`)."""
@@ -54,9 +57,14 @@ def fail_with(capsys, argv: list[str], *fragments: str) -> str:
         ({"latency": {"roofline": {}}}, ("latency:", "latency.profile", "got roofline")),
         ({"acceptance": {"alpha": 0.3}}, ("acceptance:", "acceptance.trace", "got alpha")),
         ({"sweep": {"workload.prompt_len": [64, 128]}}, ("sweep:", "changes workload", "method, exit_layer, policy")),
-        ({"method": "ppsd", "topology__stages": 2}, ("method:", "ppsd")),
         ({"topology__stages": 2}, ("topology:", "stages: 1")),
-        ({"workload__batch_size": 2}, ("workload.batch_size:", "expected 1, got 2")),
+        ({"topology__tp": 2}, ("topology.tp:", "expected 1, got 2")),
+        ({**PPSD, "workload__batch_size": 2}, ("workload.batch_size:", "PPSD decodes one prompt", "expected 1, got 2")),
+        ({**PPSD, "max_in_flight": 1}, ("max_in_flight:", "one token per stage")),
+        ({**PPSD, "ppsd_backend": "streams"}, ("ppsd_backend:", "streams runs one CUDA stream", "measured on cpu")),
+        ({**PPSD, "topology__devices": 2}, ("topology.devices:", "sequential backend runs the stages on 1 device")),
+        ({**PPSD, "ppsd_backend": "distributed"}, ("topology.link:", "over gloo here", "got ideal")),
+        ({**PPSD, "exit_layer": 10, "topology__stages": 3}, ("acceptance.trace:", "no records for exit_layer 10")),
         ({"exit_head": "trained"}, ("exit_head:", "'shared'", "got trained")),
         ({"exit_head": "shared:4096"}, ("exit_head:", "expected exit_head shared, got shared:4096")),
         ({"dtype": "bf16"}, ("dtype:", "float32", "got bf16")),
@@ -106,7 +114,7 @@ def test_relative_error_and_tolerance_on_constructed_numbers() -> None:
     assert relative_error(12.0, 10.0) == pytest.approx(0.2)
     assert relative_error(8.0, 10.0) == pytest.approx(-0.2)
     assert relative_error(0.0, 0.0) == 0.0 and math.isinf(relative_error(1.0, 0.0))
-    fast = Comparison("eesd", 22, "fixed:4", 4, 10.0, 12.0, 1.5, 1.5)  # tok/s +20%, tok/round exact
+    fast = Comparison("eesd", 22, "fixed:4", 4, 10.0, 12.0, 1.5, 1.5, measured_runs=(9.0, 10.0, 11.5))
     slow = Comparison("ar", None, None, None, 10.0, 7.0, 1.0, 1.0)  # tok/s -30%
     rounds = Comparison("eesd", 8, "fixed:1", 1, 10.0, 10.0, 1.0, 1.2)  # tok/round +20%
     assert fast.within(0.25) and not fast.within(0.19)
@@ -117,6 +125,18 @@ def test_relative_error_and_tolerance_on_constructed_numbers() -> None:
     assert row["tokens_per_s_error"] == -0.3 and row["sim_over_executor"] == 0.7 and row["within_tolerance"] is False
     assert Measurement(47, 5.0, 40).tokens_per_round == pytest.approx(1.175)
     assert Measurement(47, 5.0, 40).tokens_per_s == pytest.approx(9.4)
+    # the repeats' spread is told apart from the error: (max - min) / median, flagged above the tolerance
+    assert fast.spread == pytest.approx(0.25) and fast.noisy(0.2) and not fast.noisy(0.25) and slow.spread == 0.0
+    assert fast.row(0.2)["spread_exceeds_tolerance"] is True and fast.row(0.2)["executor_runs_tokens_per_s"][2] == 11.5
+    # a slowdown measured beside the runs scales the prediction: the error under the conditions of the moment
+    drifted = dataclasses.replace(fast, slowdown=1.2)
+    assert drifted.tokens_per_s_error_now == pytest.approx(0.0) and fast.tokens_per_s_error_now is None
+    summary = validate.summary([fast, slow, drifted], 0.2)
+    assert (
+        summary["median_abs_tokens_per_s_error"] == pytest.approx(0.2) and summary["max_abs_tokens_per_s_error"] == 0.3
+    )
+    assert summary["max_abs_tokens_per_s_error_now"] == 0.0 and summary["tokens_per_round_exact"]
+    assert summary["noisy_points"] == ["eesd E=22 fixed:4", "eesd E=22 fixed:4"]
 
 
 def test_points_and_targets_of_the_shipped_scenario() -> None:
@@ -152,14 +172,15 @@ def test_the_executor_runs_the_layers_as_the_profile_timed_them(tmp_path, metada
     assert validate.plan(path).capture == capture
 
 
-@pytest.mark.parametrize(("capture", "expected"), [("none", [(0, 4)]), ("compile-layers", [(0, 8), (1, 8), (2, 8)])])
-def test_captured_runs_warm_up_every_prompt_in_full(capture, expected) -> None:
+@pytest.mark.parametrize(("capture", "expected"), [("none", [(0, 4)]), ("compile-layers", [(0, 8), (1, 8)])])
+def test_captured_runs_warm_up_every_batch_in_full(capture, expected) -> None:
     """A captured executor compiles a layer per pass shape (cache capacity, verify width): before the clock runs,
-    every prompt runs once in full; uncaptured, one short run pays the first call's costs."""
+    every batch runs once in full; uncaptured, one short run pays the first call's costs."""
     plan = dataclasses.replace(validate.plan(SHIPPED, prompts=3, max_new_tokens=8, points="quick"), capture=capture)
-    prompts = [[1, 2], [3], [4, 5, 6]]
+    groups = validate.batches([[1, 2], [3], [4, 5, 6]], 2)
+    assert groups == [[[1, 2], [3]], [[4, 5, 6]]]
     calls = []
-    validate._warm_up(plan, plan.targets[0], prompts, lambda t, ids, new: calls.append((prompts.index(ids), new)))
+    validate._warm_up(plan, plan.targets[0], groups, lambda t, group, new: calls.append((groups.index(group), new)))
     assert calls == expected
 
 
@@ -167,14 +188,15 @@ def test_captured_runs_warm_up_every_prompt_in_full(capture, expected) -> None:
 def test_exit_status_follows_the_tolerance(tmp_path, capsys, monkeypatch, factor, tolerance, status) -> None:
     """The executor is replaced by the simulator's own numbers divided by `factor` (prediction off by factor - 1)."""
 
-    def measure(plan, threads=None, progress=None):
+    def measure(plan, threads=None, progress=None, repeats=1):
         predicted = [validate.predict(t)[0] for t in plan.targets]
         slower = [Measurement(m.decode_tokens, m.decode_s * factor, m.rounds) for m in predicted]
-        return slower, {"device": "test device"}
+        return [validate.TargetRuns((m,) * repeats) for m in slower], {"device": "test device"}
 
     monkeypatch.setattr(validate, "measure", measure)
     out = tmp_path / "deep" / "v.json"
-    argv = ["validate", str(SHIPPED), "--points", "quick", "--tolerance", str(tolerance), "--json", str(out)]
+    argv = ["validate", str(SHIPPED), "--points", "quick", "--tolerance", str(tolerance), "--json", str(out),
+            "--repeats", "2"]  # fmt: skip
     assert main(argv) == status
     printed = capsys.readouterr().out
     assert f"{2 - status * 2}/2 points within" in printed and "eesd E=22 fixed:4" in printed
@@ -264,3 +286,56 @@ def test_the_simulator_predicts_the_gpu_executor_from_its_profile(card: str, tol
         assert abs(row["predicted_speedup"] - row["measured_speedup"]) < 0.05, row
     ppsd = [row for row in compared if row["kind"] == "ppsd"]
     assert len(ppsd) >= 3 and all(abs(row["error"]) < tolerance for row in ppsd), ppsd
+
+
+VALIDATE = ROOT / "scenarios" / "smollm2_cpu_validate.yaml"
+
+
+def test_the_cpu_validation_scenario_plans_seventeen_configurations() -> None:
+    """AR at each batch size, EESD per exit layer x policy x batch, PPSD per backend and stage count; the AR twins run
+    one stage; a cost-taking policy gets the simulated cost pinned, on the simulator's side too; PPSD is cut where
+    the simulator cuts it."""
+    planned = validate.plan(VALIDATE)
+    labels = [t.label for t in planned.targets]
+    assert len(labels) == 17 and labels[:3] == ["ar", "ar b=4", "eesd E=8 fixed:1"]
+    assert labels[-3:] == ["ppsd sequential n=2 E=15", "ppsd sequential n=3 E=8", "ppsd distributed n=2 E=15"]
+    by_label = {t.label: t for t in planned.targets}
+    assert by_label["ppsd sequential n=3 E=8"].stage_bounds == (0, 8, 19, 30)
+    assert by_label["ar b=4"].point.scenario.topology.stages == 1 and by_label["ar b=4"].batch_size == 4
+    pinned = [t for t in planned.targets if t.policy and t.policy.startswith("beta-ts")]
+    assert len(pinned) == 4 and all(t.policy.startswith("beta-ts:cost=0.") and len(t.policy) == 19 for t in pinned)
+    assert all(t.point.scenario.policy == t.policy for t in pinned)
+
+
+def test_ppsd_is_compared_in_ticks() -> None:
+    """A PPSD target's rounds are the simulator's ticks (the executor's unit): tokens per tick is at most 1."""
+    target = next(t for t in validate.plan(VALIDATE, points="13").targets if t.method == "ppsd")
+    predicted, _ = validate.predict(target)
+    assert predicted.rounds > predicted.decode_tokens and 0 < predicted.tokens_per_round < 1
+
+
+def test_a_distributed_point_on_a_cpu_needs_a_gloo_link_profile(tmp_path, capsys) -> None:
+    from sim.formats import read_link_profile, write_link_profile
+
+    link = read_link_profile(ROOT / "calibration" / "cpu" / "link_gloo_loopback.csv")
+    write_link_profile(tmp_path / "nccl.csv", {**link.metadata, "backend": "nccl"}, link.records)
+    path = scenario(tmp_path, **{**PPSD, "ppsd_backend": "distributed"}, topology__link={"profile": "nccl.csv"})
+    fail_with(capsys, [str(path)], "topology.link:", "expected a gloo link profile")
+    write_link_profile(tmp_path / "gloo.csv", link.metadata, link.records)
+    path = scenario(tmp_path, **{**PPSD, "ppsd_backend": "distributed"}, topology__link={"profile": "gloo.csv"})
+    assert [t.label for t in validate.plan(path).targets] == ["ar", "ppsd distributed n=2 E=15"]
+
+
+@requires_smollm2
+def test_real_ppsd_and_batched_runs_replay_their_rounds_exactly(tmp_path) -> None:
+    """The executor's PPSD (sequential, 2 stages) and a batch of 2 under beta-ts: with the trace replayed, the
+    simulator's tokens per tick / per round equal the executor's exactly (no timing is asserted)."""
+    out = tmp_path / "v.json"
+    argv = ["--points", "8,12", "--prompts", "2", "--max-new-tokens", "10", "--tolerance", "1000", "--json", str(out)]
+    assert main(["validate", str(VALIDATE), *argv, "--no-progress"]) == 0
+    rows = {row["point"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"ar", "ar b=4", "ppsd sequential n=2 E=15"} | {next(p for p in rows if "beta-ts" in p)}
+    for row in rows.values():
+        assert row["tokens_per_round_error"] == 0.0, row
+        assert row["executor_decode_tokens"] == row["sim_decode_tokens"] == 2 * 9, row
+    assert rows["ppsd sequential n=2 E=15"]["per"] == "tick"
