@@ -15,10 +15,19 @@ import itertools
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sim.contract import SYNC_CAPTURED
 from sim.formats import COMPONENTS, quote, read_text, subset_size
@@ -35,7 +44,34 @@ class ScenarioError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys refused; values of the field's type only (`true` is not an integer, "3" not a number, 1 not a
+    boolean; an integer is a number); numbers finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _one_of(expected: str, *members: Any) -> Any:
+    """A union of `members` (str, int, a list or a model) that validates a value against the member of the value's
+    own type only: a mistake inside an inline model is reported once, as that model's field (not first as "Input
+    should be a valid string"); a value of no member's type as `expected`."""
+
+    def pick(value: Any) -> str | None:
+        return next((_tag(m) for m in members if _is_kind(value, m)), None)
+
+    tagged = tuple(Annotated[m, Tag(_tag(m))] for m in members)
+    return Annotated[Union[tagged], Discriminator(pick, custom_error_type="wrong_type", custom_error_message=expected)]  # noqa: UP007
+
+
+def _tag(member: Any) -> str:
+    origin = typing.get_origin(member) or member
+    return origin.__name__
+
+
+def _is_kind(value: Any, member: Any) -> bool:
+    origin = typing.get_origin(member) or member
+    if issubclass(origin, BaseModel):
+        return isinstance(value, (dict, origin))
+    return isinstance(value, origin) and not isinstance(value, bool)
 
 
 class ModelShape(Strict):
@@ -145,10 +181,14 @@ def _check_gpu_name(value: str | GPUConfig | None) -> str | GPUConfig | None:
 
 
 _GPU_KEYS = "{name, hbm_bandwidth_GBps, peak_tflops: {bf16, fp16, fp32}, memory_GiB, source}"
+GPUField = _one_of(f"expected a GPU's name ({sorted(GPUS)}) or an inline GPU {_GPU_KEYS}", str, GPUConfig)
+LinkField = _one_of(
+    f"expected a link preset ({sorted(LINKS)}) or a link {{latency_us, bandwidth_GBps}} or {{profile}}", str, LinkConfig
+)
 
 
 class StageConfig(Strict):
-    gpu: str | GPUConfig | None = None
+    gpu: GPUField | None = None
     tp: int | None = Field(None, ge=1)
     layers: int | None = Field(None, ge=1)
     device: int | None = Field(None, ge=0)  # stages with the same index share one device
@@ -159,8 +199,8 @@ class StageConfig(Strict):
 class TopologyConfig(Strict):
     # every stage's GPU (a stage may name its own), `sim.plan.DEFAULT_GPU` where none is named; a stage costed by a
     # latency profile runs on the profile's device, so a GPU named for it must be that device
-    gpu: str | GPUConfig | None = None
-    stages: int | list[StageConfig] = Field(1)
+    gpu: GPUField | None = None
+    stages: _one_of("expected an integer >= 1 or a list of stages", int, list[StageConfig]) = Field(1)
     # how many devices the stages run on, in contiguous blocks (default: one per stage; ppsd_backend streams or
     # sequential: one); a stage list may instead give each stage's `device` index
     devices: int | None = Field(None, ge=1)
@@ -168,8 +208,8 @@ class TopologyConfig(Strict):
     # fallback from the device's spec
     contention: str | None = None
     tp: int = Field(1, ge=1)
-    link: str | LinkConfig = "nvlink"
-    tp_link: str | LinkConfig = "nvlink"
+    link: LinkField = "nvlink"
+    tp_link: LinkField = "nvlink"
 
     _gpu = field_validator("gpu")(_check_gpu_name)
     _links = field_validator("link", "tp_link")(_check_link_name)
@@ -209,7 +249,7 @@ class Scenario(Strict):
     name: str
     description: str = ""
     seed: int = 0
-    model: str | ModelShape
+    model: _one_of("expected a model's name or an inline shape {name, num_layers, ...}", str, ModelShape)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     method: Literal["ar", "eesd", "ppsd"]
     exit_layer: int | None = Field(None, ge=1)

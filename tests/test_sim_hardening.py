@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sim.scenario import ALIAS_VALUE_BUDGET, ScenarioError, load_points
+from sim.scenario import ALIAS_VALUE_BUDGET, ScenarioError, load_points, validate
 
 BASE = {
     "name": "h",
@@ -110,3 +110,72 @@ def test_deep_nesting_is_one_line(tmp_path: Path) -> None:
 
 def test_a_scenario_larger_than_the_yaml_limit_is_refused_unread(tmp_path: Path) -> None:
     refused(write(tmp_path, scenario_text() + "#" * (2 << 20) + "\n"), "larger than 1,048,576 bytes")
+
+
+# ---- item 7: values of the wrong type and keys given twice -----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"workload": {"requests": True}}, "workload.requests: Input should be a valid integer (got True)"),
+        (
+            {"workload": {"output_len": 1.0e12}},
+            "output_len: Input should be a valid integer (got 1000000000000.0)",
+        ),
+        ({"workload": {"prompt_len": "64"}}, "workload.prompt_len: Input should be a valid integer (got '64')"),
+        ({"exit_layer": False}, "exit_layer: Input should be a valid integer (got False)"),
+        ({"acceptance": {"alpha": float("nan")}}, "acceptance.alpha: Input should be a finite number (got nan)"),
+        ({"topology": {"link": {"latency_us": float("inf")}}}, "topology.link.latency_us: Input should be a finite"),
+        (
+            {"latency": {"roofline": {"cuda_graphs": 1}}},
+            "roofline.cuda_graphs: Input should be a valid boolean",
+        ),
+        ({"topology": {"stages": True}}, "topology.stages: expected an integer >= 1 or a list of stages (got True)"),
+        ({"seed": 1.5}, "seed: Input should be a valid integer (got 1.5)"),
+    ],
+)
+def test_a_value_of_another_type_is_refused(tmp_path: Path, fields: dict, fragment: str) -> None:
+    refused(write(tmp_path, scenario_text(**fields)), fragment)
+
+
+def test_an_integer_is_a_number() -> None:
+    scenario = validate({**BASE, "acceptance": {"alpha": 1}, "topology": {"link": {"latency_us": 3}}}, "s.yaml")
+    assert scenario.acceptance.alpha == 1.0 and scenario.topology.link.latency_us == 3.0
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("method: ar\n", "line 11: key 'method' given twice (first on line 3)"),
+        ("topology: {stages: 1,\n  stages: 2}\n", "line 12: key 'stages' given twice (first on line 11)"),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path, text: str, fragment: str) -> None:
+    refused(write(tmp_path, scenario_text() + text), fragment)
+
+
+@pytest.mark.parametrize(
+    ("fields", "first_line"),
+    [
+        (
+            {
+                "model": {
+                    "name": "m",
+                    "num_layers": 4,
+                    "hidden_size": "wide",
+                    "num_heads": 2,
+                    "num_kv_heads": 2,
+                    "intermediate_size": 8,
+                    "vocab_size": 16,
+                }
+            },  # fmt: skip
+            "model.hidden_size: Input should be a valid integer (got 'wide')",
+        ),
+        ({"model": 3.5}, "model: expected a model's name or an inline shape"),
+        ({"topology": {"gpu": {"name": "card"}}}, "topology.gpu.hbm_bandwidth_GBps: required field is missing"),
+        ({"topology": {"link": {"latency_us": "fast"}}}, "topology.link.latency_us: Input should be a valid number"),
+    ],
+)
+def test_a_bad_value_inside_an_inline_object_is_named_first(tmp_path: Path, fields: dict, first_line: str) -> None:
+    """A name or an inline object: the first line names the inline object's field, not the name alternative."""
+    message = refused(write(tmp_path, scenario_text(**fields)), first_line)
+    assert first_line in message.splitlines()[0] and "valid string" not in message
