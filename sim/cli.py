@@ -29,9 +29,8 @@ def run(args: argparse.Namespace) -> int:
     points = load_points(args.scenario)
     scenario = points[0].scenario
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
-    out_dir = args.out or Path("runs") / scenario.name
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir}: is a file; --out names the folder the outputs are written into")
+    out_dir = args.out or Path("runs") / scenario.name  # the name is one folder name (sim.scenario)
+    check_out_dir(out_dir)
     print(f"{scenario.name}: {len(points)} run(s){' — ' + scenario.description if scenario.description else ''}")
     progress = not args.no_progress
     results = run_points(points, jobs=jobs, progress=progress, trace=True if args.trace else None)
@@ -43,6 +42,16 @@ def run(args: argparse.Namespace) -> int:
     if any(r.result.extrapolated for r in results):
         print("note: some latencies were extrapolated beyond the profiled grid (column 'extrapolated')")
     return 0
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Before anything runs: the output folder is a folder, or one can be made there (its nearest existing parent is a
+    folder); a ValueError naming `--out` otherwise."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: is a file; --out names the folder the outputs are written into")
+    parent = next((p for p in out_dir.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out_dir}: {parent} is a file, so the output folder cannot be made inside it")
 
 
 def main(argv: list[str] | None = None) -> int:
