@@ -245,6 +245,9 @@ class WorkloadConfig(Strict):
     output_len: int = Field(128, ge=1)
 
 
+MAX_NAME_CHARS = 200  # a file name holds 255 bytes
+
+
 class Scenario(Strict):
     name: str
     description: str = ""
@@ -276,6 +279,18 @@ class Scenario(Strict):
     acceptance: AcceptanceConfig
     topology: TopologyConfig = TopologyConfig()
     workload: WorkloadConfig = WorkloadConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        """The name is the default output folder's (`runs/<name>`): one folder name, never a path out of it."""
+        bad = value in ("", ".", "..") or any(c in value for c in "/\\") or not value.isprintable()
+        if bad or len(value) > MAX_NAME_CHARS:
+            raise ValueError(
+                f"expected a folder name (the default output folder is runs/<name>): 1 to {MAX_NAME_CHARS} printable "
+                "characters, no / or \\, not . or .."
+            )
+        return value
 
     @field_validator("model")
     @classmethod

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sim import cli as sim_cli
 from sim.scenario import ALIAS_VALUE_BUDGET, ScenarioError, load_points, validate
 
 BASE = {
@@ -179,3 +180,32 @@ def test_a_bad_value_inside_an_inline_object_is_named_first(tmp_path: Path, fiel
     """A name or an inline object: the first line names the inline object's field, not the name alternative."""
     message = refused(write(tmp_path, scenario_text(**fields)), first_line)
     assert first_line in message.splitlines()[0] and "valid string" not in message
+
+
+# ---- item 8: --out naming a file ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("out", ["a_file", "a_file/sub", "a_file/sub/deeper"])
+def test_out_naming_a_file_or_inside_one_is_one_line_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture, out: str
+) -> None:
+    (tmp_path / "a_file").write_text("keep me\n")
+    code = sim_cli.main([str(write(tmp_path, scenario_text())), "--out", str(tmp_path / out), "--no-progress"])
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert code == 2 and line.startswith(f"eesd simulate: error: --out {tmp_path / out}: ") and "a_file" in line
+    assert captured.out == "" and (tmp_path / "a_file").read_text() == "keep me\n"
+
+
+# ---- item 10: the name is one folder name ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../../escaped_out", "a/b", "..", ".", "", "a\\b", "tab\there", "x" * 201])
+def test_a_name_that_is_not_one_folder_name_is_refused(tmp_path: Path, name: str) -> None:
+    refused(write(tmp_path, scenario_text(name=name)), "name: expected a folder name")
+
+
+def test_the_default_output_folder_stays_under_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, scenario_text(name="my run-1.2"))
+    assert sim_cli.main([str(path), "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "my run-1.2" / "results.csv").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "s.yaml"]
