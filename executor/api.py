@@ -28,6 +28,7 @@ from executor.passes import (
     resolve_capture,
     resolve_sync_every,
 )
+from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, decode_ppsd
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer
 from sim.policy import DraftPolicy, make_policy
@@ -218,14 +219,12 @@ def forced_acceptance(accept_pattern: float | Sequence[int], seed: int) -> Calla
 
 def _decode_ppsd(
     adapter, rows: Rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
-    sync_every,
+    sync_every, stall_timeout_s,
 ):  # fmt: skip
-    from executor.ppsd import decode_ppsd  # the pipeline (and torch.distributed) only when asked for
-
     return decode_ppsd(
         adapter, rows.prompts[0], rows.sinks[0], None, stages=stages, stage_boundaries=stage_boundaries,
         exit_layer=exit_layer, backend=backend, sampling=config, min_new_tokens=min_new_tokens, capture=capture,
-        head=head, sync_every=sync_every,
+        head=head, sync_every=sync_every, stall_timeout_s=stall_timeout_s,
     )  # fmt: skip
 
 
@@ -303,6 +302,7 @@ def generate(
     accept_pattern: float | Sequence[int] | None = None,
     capture: str = "auto",
     sync_every: int | None = None,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
 ) -> GenerationResult:
     """Decode with `method` "ar" (reference), "eesd" (early-exit self-speculation) or "ppsd", losslessly.
 
@@ -318,6 +318,9 @@ def generate(
     (balanced, or cut at `stage_boundaries`), drafts with `head` at `exit_layer` (default: a trained head's own
     exit layer, else the end of stage 1) and runs on `backend` "sequential" (reference), "streams" (one CUDA stream
     per stage) or "distributed" (one process per stage, torch.distributed); its stats are `executor.ppsd.PPSDStats`.
+    A distributed run has no time limit; a stage process that sends no heartbeat for `stall_timeout_s` seconds
+    (stopped, or hung) stops it, and a failed, dead or stalled process raises `executor.ppsd_dist.PPSDWorkerError`
+    naming its stage and rank.
 
     `accept_pattern` (EESD only; benchmark only, NOT lossless, never the default) forces the accepted length of
     every round, to time EESD at a known acceptance on models whose drafts the full model would reject (e.g. random
@@ -371,7 +374,7 @@ def generate(
         if max_new_tokens > 0 and method == "ppsd":
             stats = _decode_ppsd(
                 adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
-                sync_every,
+                sync_every, stall_timeout_s,
             )  # fmt: skip
             stats.prompt_tokens = len(prompts[0])
         elif max_new_tokens > 0:

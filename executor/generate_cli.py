@@ -6,6 +6,7 @@ The run's header (model, device, torch threads) goes to stderr, so that stdout i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from executor.runtime import add_threads_argument, check_device, use_threads
@@ -55,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sync-every", type=int, default=None,
         help="AR steps (PPSD: ticks) the device runs between two host reads (default: 8 captured, 1 otherwise)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stall-timeout", type=float, default=None, metavar="SECONDS",
+        help="ppsd distributed: a stage process silent this long (stopped or hung) stops the run, naming it "
+        "(default: 30; a healthy run has no time limit)",
     )  # fmt: skip
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument(
@@ -110,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     from executor.api import generate
     from executor.models import load_model, load_tokenizer
+    from executor.ppsd_dist import PPSDWorkerError
 
     given = given_ids(args.prompt_ids) if args.prompt_ids is not None else None
     device = check_device(args.device)
@@ -124,11 +131,19 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         repetition_penalty=args.repetition_penalty, capture=args.capture,
     )  # fmt: skip
-    result = generate(
-        model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,
-        policy=args.policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
-        backend=args.backend, sync_every=args.sync_every, **common,
-    )  # fmt: skip
+    stall = {} if args.stall_timeout is None else {"stall_timeout_s": args.stall_timeout}
+    try:
+        result = generate(
+            model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,
+            policy=args.policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
+            backend=args.backend, sync_every=args.sync_every, **stall, **common,
+        )  # fmt: skip
+    except PPSDWorkerError as err:  # a stage process failed, died or stalled: one line naming it (not a usage error)
+        if os.environ.get("EESD_DEBUG"):
+            print(err.details, file=sys.stderr)
+            raise
+        print(f"eesd generate: error: {err}", file=sys.stderr)
+        return 1
     new_tokens = result.sequences[0, len(prompt) :].tolist()
     print(tokenizer.decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else new_tokens)
     print(result.stats.summary())

@@ -59,6 +59,9 @@ from executor.verify import TickVerdict, judge_tick, tick_verdict
 from sim.contract import AR_HISTORY, captured_capacity
 
 BACKENDS = ("sequential", "streams", "distributed")
+# the distributed backend's stall timeout: a stage process silent this long (no heartbeat) stops the run; its
+# heartbeats come from a thread of their own, so slow passes never count against it, only a stopped or hung process
+DEFAULT_STALL_TIMEOUT_S = 30.0
 
 
 # ---------------------------------------------------------------------------------------------------------- layout
@@ -699,6 +702,15 @@ def check_backend(adapter: ModelAdapter, backend: str) -> None:
         )
 
 
+def check_stall_timeout(stall_timeout_s: float) -> None:
+    if (
+        isinstance(stall_timeout_s, bool)
+        or not isinstance(stall_timeout_s, (int, float))
+        or not (0 < stall_timeout_s < float("inf"))
+    ):
+        raise ValueError(f"stall_timeout_s must be a finite number of seconds > 0, got {stall_timeout_s!r}")
+
+
 def decode_ppsd(
     adapter: ModelAdapter,
     prompt: list[int],
@@ -712,7 +724,7 @@ def decode_ppsd(
     sampling: SamplingConfig | None = None,
     min_new_tokens: int = 0,
     threads_per_stage: int | None = None,
-    timeout_s: float = 600.0,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     capture: str = "none",
     head: Any = None,
     sync_every: int | None = None,
@@ -724,8 +736,9 @@ def decode_ppsd(
     "compile", "compile-layers", "auto") is how the local backends launch a stage's per-token pass
     (executor/passes.py), a captured pipeline being kept on the model with its own cache for the next call. The
     `distributed` backend ignores both (each stage process allocates its own layers' KV and runs its passes
-    uncaptured) and takes `threads_per_stage` (torch threads per process, default cores // stages) and `timeout_s`
-    (the whole run, after which the processes are stopped and an error raised).
+    uncaptured) and takes `threads_per_stage` (torch threads per process, default cores // stages) and
+    `stall_timeout_s` (a process that sends no heartbeat for that long, stopped or hung, stops the run with an error
+    naming it; a healthy run has no time limit, executor/ppsd_dist.py).
 
     `sync_every` (local backends) is how many ticks the device runs between two host reads (`LocalPipeline`): default
     8 when captured, 1 otherwise (`resolve_sync_every`). The output does not depend on it.
@@ -735,6 +748,7 @@ def decode_ppsd(
         exit_layer = getattr(head, "exit_layer", None)
     plan = plan_stages(adapter.num_layers, stages, stage_boundaries, exit_layer)
     check_backend(adapter, backend)
+    check_stall_timeout(stall_timeout_s)
     head = resolve_head(head, adapter, plan.exit_layer)
     if not prompt:
         raise ValueError("empty prompt: PPSD needs at least one prompt token")
@@ -752,7 +766,7 @@ def decode_ppsd(
             sampling=selector.config,
             min_new_tokens=min_new_tokens,
             threads_per_stage=threads_per_stage,
-            timeout_s=timeout_s,
+            stall_timeout_s=stall_timeout_s,
             head=head,
         )
     if cache is not None and cache.num_layers < adapter.num_layers + getattr(head, "extra_layers", 0):

@@ -15,9 +15,19 @@ Backends: gloo on CPU, NCCL on GPUs (rank r on cuda:LOCAL_RANK).
 
 Local run: `decode_ppsd(..., backend="distributed")` spawns the n processes itself (torch.multiprocessing, spawn
 context, a free loopback port). Each gets its pruned stage model by pickling, so CPU weights travel through shared
-memory (the parent's parameters are moved into shared memory once, in place) and are not copied. The emitted tokens
-stream back to the caller's sink through a queue. If a worker raises, its traceback is sent to the caller, every
-other process is terminated (then killed) and joined, and `PPSDWorkerError` is raised; `timeout_s` bounds the run.
+memory (the parent's parameters are moved into shared memory once, in place) and are not copied. Each process talks
+to the caller on a pipe of its own: the emitted tokens (streamed into the caller's sink), a heartbeat from a thread of
+its own (every `stall_timeout_s` / 5 s, at most 1 s apart), then its stats or its failure. The caller stops the run
+with `PPSDWorkerError` naming the stage at fault when:
+
+- a process raises: its own error, preferred to the errors its neighbours then get from losing it (`PeerLost`,
+  raised by `StageLink` around every message); the first by time among the processes' own errors;
+- a process dies without a word (killed, or crashed in native code): named with its exit code or signal;
+- a process sends no heartbeat for `stall_timeout_s` (stopped with SIGSTOP, or hung holding the interpreter).
+
+A healthy run has no deadline: however long its passes take, its heartbeats keep coming. On a failure every other
+process is killed and joined. A rank hung inside a computation while its heartbeat runs on is caught by
+torch.distributed's own timeout on its neighbours' messages (torch's default), reported as losing it.
 
 Multi-host run, one process per stage, with torchrun (the model directory must exist on every host):
 
@@ -26,6 +36,8 @@ Multi-host run, one process per stage, with torchrun (the model directory must e
 
 World size = number of stages (here 4); `--stage-boundaries 6,12,18`, `--exit-layer` and `--head FILE` (a trained exit
 head for stage 1) as in `decode_ppsd`. The last rank prints the generated token ids and the run's statistics as JSON.
+Under torchrun there is no caller watching heartbeats: `--timeout-s` (torch.distributed's timeout for one message)
+is what stops a rank whose neighbour is gone.
 """
 
 from __future__ import annotations
@@ -34,12 +46,15 @@ import argparse
 import copy
 import json
 import os
-import queue as queue_lib
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -54,12 +69,14 @@ from executor.heads import SharedExitHead, SubsetExitHead, TrainedExitHead, head
 from executor.kv_cache import KVCache
 from executor.passes import resolve_capture
 from executor.ppsd import (
+    DEFAULT_STALL_TIMEOUT_S,
     Item,
     PPSDStats,
     StageOutput,
     StagePlan,
     StageRunner,
     TickOutcome,
+    check_stall_timeout,
     commit,
     feed_limit,
     first_token,
@@ -74,10 +91,35 @@ from executor.verify import TickVerdict
 
 _POLL_S = 0.05
 _KILL_GRACE_S = 5.0
+_SETTLE_S = 1.0  # after a first failure, how long the caller waits for its cause (a neighbour's death, own error)
 
 
 class PPSDWorkerError(RuntimeError):
-    """A stage process failed; the message holds its rank and traceback."""
+    """A stage process failed, died or stalled: one line naming its stage and rank; `details` holds the traceback
+    a failed process sent, if any."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class PeerLost(RuntimeError):
+    """A message to or from rank `peer` (None: any rank, a collective) failed: that process, or the link to it, is
+    gone."""
+
+    def __init__(self, peer: int | None, cause: BaseException) -> None:
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(f"lost {'a rank' if peer is None else f'rank {peer}'}: {first}")
+        self.peer = peer
+
+
+@contextmanager
+def _talking_to(peer: int | None) -> Iterator[None]:
+    """gloo and NCCL raise a RuntimeError (DistBackendError) when the other side of a message goes away."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise PeerLost(peer, err) from err
 
 
 # ------------------------------------------------------------------------------------------- a stage's own share
@@ -146,11 +188,13 @@ class StageLink:
             message = torch.tensor(
                 [outcome.verdict, outcome.token, outcome.position, outcome.done], dtype=torch.long, device=self.device
             )
-            for work in [dist.isend(message, dst) for dst in range(self.last)]:
-                work.wait()
+            for dst, work in [(dst, dist.isend(message, dst)) for dst in range(self.last)]:
+                with _talking_to(dst):
+                    work.wait()
             return outcome
         message = torch.empty(4, dtype=torch.long, device=self.device)
-        dist.recv(message, src=self.last)
+        with _talking_to(self.last):
+            dist.recv(message, src=self.last)
         verdict, token, position, done = message.tolist()
         return TickOutcome(TickVerdict(verdict), token, position, bool(done))
 
@@ -160,30 +204,36 @@ class StageLink:
         if self.rank < self.last:
             present = meta is not None
             header = torch.tensor(meta if present else [0, -1, -1], dtype=torch.long, device=self.device)
-            works.append(dist.isend(header, self.rank + 1))
-            if present:
-                works.append(dist.isend(hidden.contiguous(), self.rank + 1))
+            with _talking_to(self.rank + 1):
+                works.append(dist.isend(header, self.rank + 1))
+                if present:
+                    works.append(dist.isend(hidden.contiguous(), self.rank + 1))
         item = self._receive() if self.rank > 0 else None
-        for work in works:
-            work.wait()
+        with _talking_to(self.rank + 1):
+            for work in works:
+                work.wait()
         return item
 
     def _receive(self) -> Item | None:
         header = torch.empty(3, dtype=torch.long, device=self.device)
-        dist.recv(header, src=self.rank - 1)
+        with _talking_to(self.rank - 1):
+            dist.recv(header, src=self.rank - 1)
         present, position, draft = header.tolist()
         if not present:
             return None
         hidden = torch.empty(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
-        dist.recv(hidden, src=self.rank - 1)
+        with _talking_to(self.rank - 1):
+            dist.recv(hidden, src=self.rank - 1)
         return Item(position, hidden=hidden, draft=draft)
 
     def send_prompt_states(self, hidden: torch.Tensor) -> None:
-        dist.send(hidden.contiguous(), self.rank + 1)
+        with _talking_to(self.rank + 1):
+            dist.send(hidden.contiguous(), self.rank + 1)
 
     def recv_prompt_states(self, prompt_len: int) -> torch.Tensor:
         hidden = torch.empty(1, prompt_len, self.hidden_size, dtype=self.dtype, device=self.device)
-        dist.recv(hidden, src=self.rank - 1)
+        with _talking_to(self.rank - 1):
+            dist.recv(hidden, src=self.rank - 1)
         return hidden
 
 
@@ -213,7 +263,8 @@ def run_stage(
     if runner.is_first or runner.is_last:  # the ranks that pick tokens: a repetition penalty's committed text
         selector.track(adapter.lm_head.weight.shape[0])
         selector.start([prompt])
-    dist.barrier()  # every process has its model: time from here
+    with _talking_to(None):
+        dist.barrier()  # every process has its model: time from here
     begin = time.perf_counter()
     outcome = _prefill(runner, link, prompt, sink, on_tokens)
     commit(selector, outcome.token)
@@ -279,7 +330,7 @@ class WorkerJob:
     sampling: SamplingConfig
     min_new_tokens: int
     threads: int
-    timeout_s: float
+    heartbeat_s: float
     head: HeadState | None = None  # stage 1 only: a trained exit head
 
 
@@ -318,31 +369,70 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, init_method: str, job: WorkerJob, messages) -> None:
-    """A spawned stage process: report tokens as they come, its stats at the end (`run_stage`), or the traceback."""
+@dataclass(frozen=True)
+class WorkerFailure:
+    """What a failed stage process reports: its exception's last line, its traceback, and the rank it lost
+    (`PeerLost`: then its failure is a consequence of that rank's)."""
+
+    summary: str
+    details: str
+    peer: int | None = None
+    lost: bool = False
+
+
+class CallerLink:
+    """A stage process's pipe to the caller: messages (kind, rank, payload) from any thread, and a heartbeat thread
+    that says the process runs. Without a caller to hear it (the pipe closed: the caller is gone) the process ends."""
+
+    def __init__(self, rank: int, connection, heartbeat_s: float) -> None:
+        self.rank, self.connection = rank, connection
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.beat = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True, name="ppsd-heartbeat")
+        self.beat.start()
+
+    def send(self, kind: str, payload: Any) -> None:
+        with self.lock:
+            self.connection.send((kind, self.rank, payload))
+
+    def _beat(self, heartbeat_s: float) -> None:
+        while True:  # the first beat at once: the caller hears the process run before it loads anything
+            try:
+                self.send("beat", None)
+            except OSError:  # the caller is gone: nobody to report to, and nobody to stop this process
+                os._exit(1)
+            if self.stopped.wait(heartbeat_s):
+                return
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.beat.join()
+
+
+def _worker(rank: int, init_method: str, job: WorkerJob, connection) -> None:
+    """A spawned stage process: heartbeats, tokens as they come, its stats at the end (`run_stage`), or its failure."""
+    link = CallerLink(rank, connection, job.heartbeat_s)
     try:
         torch.set_num_threads(job.threads)
         device = torch.device(f"cuda:{rank}") if job.device_type == "cuda" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            init_method=init_method,
-            rank=rank,
-            world_size=job.plan.stages,
-            timeout=timedelta(seconds=job.timeout_s),
-        )
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=job.plan.stages)
         adapter = ModelAdapter(job.model.to(device))
         sink = TokenSink(job.max_new_tokens, job.eos_token_ids, None)
         selector = make_selector(adapter, len(job.prompt), sink, job.sampling, job.min_new_tokens)
         head = job.head.build(adapter) if job.head is not None else None
-        stats = run_stage(
-            adapter, job.plan, rank, job.prompt, sink, selector, lambda t: messages.put(("tokens", rank, t)), head
-        )
-        messages.put(("stats", rank, stats))
+        stats = run_stage(adapter, job.plan, rank, job.prompt, sink, selector, lambda t: link.send("tokens", t), head)
+        link.send("stats", stats)
+        link.close()
         dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - every failure must reach the caller
-        messages.put(("error", rank, traceback.format_exc()))
+    except BaseException as err:  # noqa: BLE001 - every failure must reach the caller
+        lines = traceback.format_exception_only(type(err), err)
+        peer = err.peer if isinstance(err, PeerLost) else None
+        failure = WorkerFailure(lines[-1].strip(), traceback.format_exc(), peer, isinstance(err, PeerLost))
+        link.send("error", failure)
+        link.close()
         sys.exit(1)
 
 
@@ -355,11 +445,13 @@ def decode_distributed(
     sampling: SamplingConfig | None = None,
     min_new_tokens: int = 0,
     threads_per_stage: int | None = None,
-    timeout_s: float = 600.0,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     head: Any = None,
 ) -> PPSDStats:
     """Spawn one process per stage on this host, run PPSD, stream the tokens into `sink`, stop every process.
-    A trained `head` travels to stage 1's process as tensors."""
+    A trained `head` travels to stage 1's process as tensors. A process that sends no heartbeat for
+    `stall_timeout_s` seconds stops the run (`PPSDWorkerError` naming it); a healthy run has no time limit."""
+    check_stall_timeout(stall_timeout_s)
     device_type = adapter.device.type
     if device_type == "cuda" and torch.cuda.device_count() < plan.stages:
         raise ValueError(
@@ -381,85 +473,164 @@ def decode_distributed(
             sampling if sampling is not None else SamplingConfig(),
             min_new_tokens,
             threads,
-            timeout_s,
+            heartbeat_interval(stall_timeout_s),
             head_state if s == 0 else None,
         )
         for s in range(plan.stages)
     ]
     begin = time.perf_counter()
-    reports = _launch(jobs, sink, timeout_s)
+    reports = _launch(jobs, sink, stall_timeout_s)
     stats = _merge(plan, sink, reports)
     stats.setup_time_s = time.perf_counter() - begin - stats.wall_time_s
     return stats
 
 
-def _launch(jobs: list[WorkerJob], sink: TokenSink, timeout_s: float) -> dict[int, PPSDStats]:
+def heartbeat_interval(stall_timeout_s: float) -> float:
+    """Beats 5 to a stall timeout (a late one or two never stop a run), at most a second apart."""
+    return min(1.0, max(_POLL_S, stall_timeout_s / 5))
+
+
+def _launch(jobs: list[WorkerJob], sink: TokenSink, stall_timeout_s: float) -> dict[int, PPSDStats]:
     import torch.multiprocessing as mp
 
     # forkserver: one clean server process imports torch and transformers once per session, and every worker is
     # forked from it (not once per worker); the jobs are still pickled, so each gets only its stage's weights
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["executor.ppsd_dist", type(jobs[0].model).__module__])
-    messages = context.Queue()
     init_method = f"tcp://127.0.0.1:{_free_port()}"
+    pipes = [context.Pipe(duplex=False) for _ in jobs]  # (read end, write end): one per process, no shared lock
     processes = [
-        context.Process(target=_worker, args=(rank, init_method, job, messages), daemon=True)
+        context.Process(target=_worker, args=(rank, init_method, job, pipes[rank][1]), daemon=True)
         for rank, job in enumerate(jobs)
     ]
+    watch = Watch(processes, [reader for reader, _ in pipes], sink, stall_timeout_s)
     finished = False
     try:
-        for process in processes:
+        for rank, process in enumerate(processes):
             process.start()
-        reports = _collect(processes, messages, sink, time.monotonic() + timeout_s)
+            pipes[rank][1].close()  # the child holds its own copy now
+            watch.seen[rank] = time.monotonic()
+        reports = watch.collect()
         finished = True
         return reports
     finally:
         _stop(processes, grace_s=_KILL_GRACE_S if finished else 0.0)
-        messages.close()
+        for reader, writer in pipes:
+            reader.close()
+            writer.close()
 
 
-def _collect(processes, messages, sink: TokenSink, deadline: float) -> dict[int, PPSDStats]:
-    """Read the workers' messages until every rank has reported; raise on the first error, death or timeout."""
-    reports: dict[int, PPSDStats] = {}
-    dead_since: float | None = None
-    while len(reports) < len(processes):
+class Watch:
+    """The caller's side of the stage processes' pipes: tokens into the sink, the stats of each rank, and the run
+    stopped with `PPSDWorkerError` naming the stage at fault (see the module docstring)."""
+
+    def __init__(self, processes: list, readers: list, sink: TokenSink, stall_timeout_s: float) -> None:
+        self.processes, self.readers, self.sink, self.stall_timeout_s = processes, readers, sink, stall_timeout_s
+        now = time.monotonic()
+        self.seen = [now] * len(processes)  # when each rank was last heard from
+        self.reports: dict[int, PPSDStats] = {}
+        self.failures: dict[int, tuple[float, WorkerFailure]] = {}
+        self.open = set(range(len(processes)))
+        self.trouble_since: float | None = None
+
+    def collect(self) -> dict[int, PPSDStats]:
+        """Read every pipe until each rank has reported its stats; raise as soon as the run cannot finish."""
+        from multiprocessing.connection import wait
+
+        while len(self.reports) < len(self.processes):
+            for reader in wait([self.readers[r] for r in self.open], timeout=_POLL_S):
+                self._read(self.readers.index(reader))
+            error = self._verdict(time.monotonic())
+            if error is not None:
+                raise error
+        return self.reports
+
+    def _read(self, rank: int) -> None:
         try:
-            kind, rank, payload = messages.get(timeout=_POLL_S)
-        except queue_lib.Empty:
-            dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and r not in reports]
-            if dead:  # give its last message a moment to arrive before blaming the exit code
-                dead_since = dead_since or time.monotonic()
-                if time.monotonic() - dead_since > 1.0:
-                    codes = ", ".join(f"rank {r}: exit code {processes[r].exitcode}" for r in dead)
-                    raise PPSDWorkerError(f"PPSD stage process died without a report ({codes})") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"PPSD distributed run did not finish in time; ranks done: {sorted(reports)}"
-                ) from None
-            continue
-        if kind == "error":
-            raise PPSDWorkerError(f"PPSD stage {rank + 1} (rank {rank}) failed:\n{payload}")
+            kind, _, payload = self.readers[rank].recv()
+        except (EOFError, OSError):  # the process has closed its end: exited, or died
+            self.open.discard(rank)
+            return
+        self.seen[rank] = time.monotonic()
         if kind == "tokens":
-            sink.emit(payload)
-        else:
-            reports[rank] = payload
-    return reports
+            self.sink.emit(payload)
+        elif kind == "stats":
+            self.reports[rank] = payload
+        elif kind == "error":
+            self.failures[rank] = (time.monotonic(), payload)
+
+    def _gone(self) -> list[int]:
+        """Ranks whose process ended without its stats and without a word (its pipe read to the end first)."""
+        ended = [rank for rank, process in enumerate(self.processes) if process.exitcode is not None]
+        for rank in ended:
+            while rank in self.open and self.readers[rank].poll():
+                self._read(rank)
+        return [rank for rank in ended if rank not in self.reports and rank not in self.failures]
+
+    def _verdict(self, now: float) -> PPSDWorkerError | None:
+        """The error that ends the run, once its cause is known; None while the run goes on."""
+        gone = self._gone()
+        if self.failures or gone:
+            self.trouble_since = self.trouble_since or now
+            settled = all(
+                rank in self.reports or rank in self.failures or rank in gone for rank in range(len(self.processes))
+            )
+            return self._blame(gone) if settled or now - self.trouble_since >= _SETTLE_S else None
+        stalled = [
+            rank for rank in range(len(self.processes))
+            if rank not in self.reports and now - self.seen[rank] > self.stall_timeout_s
+        ]  # fmt: skip
+        if not stalled:
+            return None
+        rank = stalled[0]
+        also = f" (rank(s) {', '.join(map(str, stalled[1:]))} silent too)" if stalled[1:] else ""
+        return PPSDWorkerError(
+            f"PPSD {_stage(rank)} stalled: no heartbeat for {now - self.seen[rank]:.1f} s (stall_timeout_s="
+            f"{self.stall_timeout_s:g}): the process is stopped or hung{also}"
+        )
+
+    def _blame(self, gone: list[int]) -> PPSDWorkerError:
+        """The root cause: a process's own error (the first by time), else a process that died without a word, else
+        the rank the others lost."""
+        by_time = sorted(self.failures.items(), key=lambda item: (item[1][0], item[0]))
+        own = [(rank, failure) for rank, (_, failure) in by_time if not failure.lost]
+        if own:
+            rank, failure = own[0]
+            return PPSDWorkerError(f"PPSD {_stage(rank)} failed: {failure.summary}", failure.details)
+        if gone:
+            rank = gone[0]
+            return PPSDWorkerError(f"PPSD {_stage(rank)} died: {_exit_description(self.processes[rank].exitcode)}")
+        rank, failure = next((r, f) for r, (_, f) in by_time)
+        lost = "another rank" if failure.peer is None else _stage(failure.peer)
+        return PPSDWorkerError(f"PPSD {lost} was lost: {_stage(rank)} reported {failure.summary}", failure.details)
+
+
+def _stage(rank: int) -> str:
+    return f"stage {rank + 1} (rank {rank})"
+
+
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"killed by signal {-code} ({name})"
+    return f"exited with code {code} without a report"
 
 
 def _stop(processes, grace_s: float) -> None:
-    """Join the workers (for up to `grace_s`); terminate, then kill, any that is still running."""
+    """Join the workers (for up to `grace_s`), then kill any still running (SIGKILL: a stopped process acts on no
+    other signal) and join it."""
     end = time.monotonic() + grace_s
     for process in processes:
         if process.pid is not None:
             process.join(timeout=max(0.0, end - time.monotonic()))
     for process in processes:
         if process.is_alive():
-            process.terminate()
+            process.kill()
     for process in processes:
         if process.pid is not None:
-            process.join(timeout=_KILL_GRACE_S)
-        if process.is_alive():
-            process.kill()
             process.join()
 
 
@@ -529,7 +700,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads per process")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU even where GPUs are visible")
-    parser.add_argument("--timeout-s", type=float, default=600.0)
+    parser.add_argument(
+        "--timeout-s", type=float, default=600.0, help="torch.distributed's timeout for one message (default: 600)"
+    )
     return parser
 
 

@@ -104,6 +104,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--repetition-penalty", "nan"], "repetition_penalty must be a finite number > 0, got nan"),
         (["--do-sample", "--temperature", "inf"], "temperature must be a finite number > 0 when sampling, got inf"),
         (["--seed", str(2**70)], "seed must be an integer in [0, 4294967295]"),
+        (["--method", "ppsd", "--stall-timeout", "0"], "stall_timeout_s must be a finite number of seconds > 0"),
         (["--dtype", "int8"], "--dtype must be one of"),
         (["--method", "ppsd", "--sync-every", "0"], "sync_every must be an integer in 1..64"),
     ],
@@ -113,6 +114,24 @@ def test_cli_reports_user_errors_without_traceback(saved_model, args, message):
     assert done.returncode == 2
     assert message.replace("\\", "") in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_names_a_failed_stage_process_in_one_line(saved_model, monkeypatch, capsys):
+    """A distributed run whose stage process died: one line naming it, exit status 1, no traceback."""
+    from executor import api
+    from executor.cli import main
+    from executor.ppsd_dist import PPSDWorkerError
+
+    def dies(*args, **kwargs):
+        assert kwargs["stall_timeout_s"] == 7.5
+        raise PPSDWorkerError("PPSD stage 2 (rank 1) died: killed by signal 9 (SIGKILL)", "Traceback ...\nlong")
+
+    monkeypatch.setattr(api, "generate", dies)
+    argv = ["generate", "--model", str(saved_model), "--prompt-ids", "1,2", "--method", "ppsd"]
+    assert main([*argv, "--backend", "distributed", "--stall-timeout", "7.5"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "eesd generate: error: PPSD stage 2 (rank 1) died: killed by signal 9 (SIGKILL)"
+    assert not any("Traceback" in line for line in err)
 
 
 def test_cli_missing_model_is_a_clear_error(tmp_path):

@@ -399,7 +399,7 @@ def test_ppsd_head_file_through_generate_and_distributed(trained, tiny, tmp_path
     ar = generate(tiny, prompt, method="ar", max_new_tokens=20)
     local = generate(tiny, prompt, method="ppsd", stages=2, head=str(path), max_new_tokens=20)
     assert local.sequences.tolist() == ar.sequences.tolist() and local.stats.exit_layer == EXIT_LAYER
-    tokens, stats = _ppsd(tiny, prompt, str(path), stages=2, backend="distributed", timeout_s=120, max_new_tokens=20)
+    tokens, stats = _ppsd(tiny, prompt, str(path), stages=2, backend="distributed", max_new_tokens=20)
     assert tokens == ar.sequences[0, len(prompt) :].tolist()
     ticks = (local.stats.ticks, local.stats.confirms, local.stats.flushes)
     assert (stats.ticks, stats.confirms, stats.flushes) == ticks
@@ -444,7 +444,7 @@ def test_subset_head_in_rejection_sampling_and_distributed(tiny) -> None:
     out = generate(tiny, prompt, method="eesd", exit_layer=EXIT_LAYER, head="shared:16", draft_len=2, do_sample=True,
                    sampling="rejection", seed=5, max_new_tokens=16)  # fmt: skip
     assert out.sequences.shape == (1, len(prompt) + 16) and int(out.sequences.max()) < SPEC.vocab
-    tokens, stats = _ppsd(tiny, prompt, "shared:16", stages=2, backend="distributed", timeout_s=120, max_new_tokens=16)
+    tokens, stats = _ppsd(tiny, prompt, "shared:16", stages=2, backend="distributed", max_new_tokens=16)
     local_tokens, local = _ppsd(tiny, prompt, "shared:16", stages=2, max_new_tokens=16)
     assert tokens == local_tokens and (stats.confirms, stats.flushes) == (local.confirms, local.flushes)
 

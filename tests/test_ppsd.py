@@ -8,6 +8,7 @@ head's drafts are mostly right (epsilon small) or always right (epsilon = 0); ep
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -301,7 +302,7 @@ def test_distributed_equals_ar_and_sequential(stages: int, arch: str, tied: bool
     # the last stage's head, tied to stage 1's embedding, is handed over right
     model = scale_late_layers(tiny_model(arch, 6, seed=4, tied=tied), 6 // stages, 0.3)
     prompt, max_new = [7, 1, 30, 2], 24
-    tokens, stats = run_ppsd(model, prompt, max_new, stages=stages, backend="distributed", timeout_s=120)
+    tokens, stats = run_ppsd(model, prompt, max_new, stages=stages, backend="distributed")
     assert tokens == ar_tokens(model, prompt, max_new)
     _, sequential = run_ppsd(model, prompt, max_new, stages=stages)
     assert (stats.ticks, stats.confirms, stats.flushes) == (sequential.ticks, sequential.confirms, sequential.flushes)
@@ -313,7 +314,7 @@ def test_distributed_equals_ar_and_sequential(stages: int, arch: str, tied: bool
 def test_distributed_exact_sampling_equals_sequential() -> None:
     model = scale_late_layers(tiny_model("llama", 6, seed=8), 2, 0.3)
     sampling = SamplingConfig(True, "exact", 0.8, None, None, 11)
-    tokens, stats = run_ppsd(model, [4, 4, 2], 20, stages=3, sampling=sampling, backend="distributed", timeout_s=120)
+    tokens, stats = run_ppsd(model, [4, 4, 2], 20, stages=3, sampling=sampling, backend="distributed")
     expected, sequential = run_ppsd(model, [4, 4, 2], 20, stages=3, sampling=sampling)
     assert tokens == expected and (stats.confirms, stats.flushes) == (sequential.confirms, sequential.flushes)
 
@@ -322,7 +323,7 @@ def test_distributed_worker_error_reaches_caller_and_nothing_hangs() -> None:
     model = tiny_model("llama", 6, seed=5)
     begin = time.monotonic()
     with pytest.raises(PPSDWorkerError, match=r"(?s)stage 1 \(rank 0\).*IndexError"):
-        run_ppsd(model, [3, VOCAB + 10], 8, stages=3, backend="distributed", timeout_s=60)
+        run_ppsd(model, [3, VOCAB + 10], 8, stages=3, backend="distributed")
     assert time.monotonic() - begin < 30  # the blocked ranks were stopped, not waited for
     assert _descendants_of_children() == []
 
@@ -345,8 +346,82 @@ def test_distributed_mid_run_failure_in_last_stage() -> None:
     model = tiny_model("llama", 4, seed=6)
     model.model.layers[3].mlp = FailingMLP(model.model.layers[3].mlp, calls=5)
     with pytest.raises(PPSDWorkerError, match=r"(?s)stage 2 \(rank 1\).*injected stage fault"):
-        run_ppsd(model, [3, 4], 12, stages=2, backend="distributed", timeout_s=60)
+        run_ppsd(model, [3, 4], 12, stages=2, backend="distributed")
     assert _descendants_of_children() == []
+
+
+class SignalMLP(nn.Module):
+    """A layer's MLP that sends its own process `signum` on its `calls`-th call, after writing the time to `mark`
+    (as an operator's `kill -STOP` or the OOM killer would, mid-run)."""
+
+    def __init__(self, mlp: nn.Module, calls: int, signum: int, mark: str) -> None:
+        super().__init__()
+        self.mlp, self.calls, self.signum, self.mark = mlp, calls, signum, mark
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls -= 1
+        if self.calls == 0:
+            Path(self.mark).write_text(repr(time.time()))
+            os.kill(os.getpid(), self.signum)
+        return self.mlp(hidden)
+
+
+class SlowMLP(nn.Module):
+    """A layer's MLP that takes `delay_s` per call: a slow but healthy stage."""
+
+    def __init__(self, mlp: nn.Module, delay_s: float) -> None:
+        super().__init__()
+        self.mlp, self.delay_s = mlp, delay_s
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.mlp(hidden)
+
+
+def test_a_stopped_worker_is_named_within_the_stall_timeout(tmp_path: Path) -> None:
+    model = tiny_model("llama", 4, seed=6)
+    mark = tmp_path / "stopped_at"
+    model.model.layers[3].mlp = SignalMLP(model.model.layers[3].mlp, 5, signal.SIGSTOP, str(mark))
+    stall_s = 2.0
+    with pytest.raises(PPSDWorkerError) as caught:
+        run_ppsd(model, [3, 4], 40, stages=2, backend="distributed", stall_timeout_s=stall_s)
+    late_s = time.time() - float(mark.read_text())
+    message = str(caught.value)
+    assert message.startswith("PPSD stage 2 (rank 1) stalled: no heartbeat for ") and "\n" not in message
+    assert "stall_timeout_s=2)" in message and "rank 0" not in message
+    assert late_s < stall_s + 4.0  # the stall timeout, a heartbeat interval, the poll and stopping the others
+    assert _descendants_of_children() == []
+
+
+@pytest.mark.parametrize(("layer", "rank"), [(3, 1), (1, 0)])
+def test_a_killed_worker_is_the_one_named(tmp_path: Path, layer: int, rank: int) -> None:
+    """Its neighbour fails too, losing it: the caller names the rank that died, not the survivor."""
+    model = tiny_model("llama", 4, seed=6)
+    mark = tmp_path / "killed_at"
+    model.model.layers[layer].mlp = SignalMLP(model.model.layers[layer].mlp, 5, signal.SIGKILL, str(mark))
+    with pytest.raises(PPSDWorkerError) as caught:
+        run_ppsd(model, [3, 4], 40, stages=2, backend="distributed", stall_timeout_s=30)
+    assert time.time() - float(mark.read_text()) < 10
+    assert str(caught.value) == f"PPSD stage {rank + 1} (rank {rank}) died: killed by signal 9 (SIGKILL)"
+    assert _descendants_of_children() == []
+
+
+def test_a_slow_healthy_run_outlasts_its_stall_timeout() -> None:
+    """No whole-run time limit: passes slower than the stall timeout in total never stop a run whose processes
+    keep beating."""
+    model = scale_late_layers(tiny_model("llama", 4, seed=3), 2, 0.3)
+    model.model.layers[3].mlp = SlowMLP(model.model.layers[3].mlp, 0.15)
+    begin = time.monotonic()
+    tokens, stats = run_ppsd(model, [7, 1, 30], 20, stages=2, backend="distributed", stall_timeout_s=1.5)
+    assert time.monotonic() - begin > 2 * 1.5
+    assert tokens == ar_tokens(model, [7, 1, 30], 20)
+    check_accounting(stats, 20)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), True, "30"])
+def test_a_bad_stall_timeout_is_refused(value) -> None:
+    with pytest.raises(ValueError, match="stall_timeout_s must be a finite number of seconds > 0"):
+        executor.generate(tiny_model("llama", 4), [1, 2], method="ppsd", backend="distributed", stall_timeout_s=value)
 
 
 def test_stage_model_holds_only_its_layers() -> None:
