@@ -19,14 +19,25 @@ latency --kernels compiled`: fused projections, compiled layer).
 
     python benchmarks/sim_vs_gpu.py              # the H200 lease; writes results/sim_vs_gpu_nvidia_h200.json
     python benchmarks/sim_vs_gpu.py --card h100  # the H100 lease's files (benchmarks/gpu_session.sh next1, next2)
+    python benchmarks/sim_vs_gpu.py --predict    # predictions for the next lease, committed before it measures them
+                                                 # (results/predictions_next_lease_<date>.json)
+
+`--predict` writes what the simulator predicts, from the files committed today, for configurations no lease has
+measured, on either card: SmolLM2 through `eesd validate` (scenarios/smollm2_<card>_validate.yaml: eight prompts of
+their own lengths replayed from the H100 bf16 trace, AR and EESD at batch 1 and 8, PPSD on one GPU at n = 2 and 4),
+and the 7B shape through `benchmarks/gpu_decode.py` rows at new prompt lengths (512, 1024: AR, EESD E=16 fixed:3 at
+forced alpha 0.5 / 0.7 / 0.9, PPSD streams n = 2 and 4 with random weights' alpha 0). Each row names the command that
+measures it; the lease runs them unchanged and the comparison is out of sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -178,12 +189,94 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ---- predictions for the next lease ------------------------------------------------------------------------------
+PREDICT_PROMPTS, PREDICT_TOKENS = 8, 48  # SmolLM2: the trace's first eight prompts, its max_new_tokens
+PREDICT_PROMPT_LENS = (512, 1024)  # the 7B shape: prompt lengths no lease measured (it timed 32 and 3840)
+FORCED_ALPHAS = (0.5, 0.7, 0.9)  # gpu_decode's forced acceptance of the 7B shape's EESD rows
+PREDICT_STAGES = (2, 4)
+
+
+def predict_smollm2(card: str) -> list[dict[str, Any]]:
+    """SmolLM2 through `eesd validate`'s targets (torch-free: the simulator's side of the comparison)."""
+    from calibrate import validate as validate_mod
+    from sim.scenario import load_points
+
+    path = ROOT / "scenarios" / f"smollm2_{card}_validate.yaml"
+    update = {"requests": PREDICT_PROMPTS, "output_len": PREDICT_TOKENS}
+    chosen = [validate_mod.with_workload(p, update) for p in load_points(path)]
+    relative = path.relative_to(ROOT)
+    command = (f"eesd validate {relative} --prompts {PREDICT_PROMPTS} --max-new-tokens {PREDICT_TOKENS} --repeats 3 "
+               "--model SMOLLM2  (the lease's copy of the model the H100 files were measured with)")  # fmt: skip
+    rows = []
+    for target in validate_mod.targets(chosen):
+        predicted, extrapolated = validate_mod.predict(target)
+        rows.append(
+            {"card": card, "model": "SmolLM2-135M", "config": target.label, "batch": target.batch_size,
+             "prompts": f"{PREDICT_PROMPTS} built-in prompts (trace replay)", "new_tokens": PREDICT_TOKENS,
+             "predicted_decode_tokens_per_s": round(predicted.tokens_per_s, 2),
+             "predicted_tokens_per_round": round(predicted.tokens_per_round, 4),
+             "per": "tick" if target.method == "ppsd" else "round", "extrapolated": extrapolated,
+             "measure": command}
+        )  # fmt: skip
+    return rows
+
+
+def predict_llama7b(card: str, runs: int) -> list[dict[str, Any]]:
+    """The 7B shape as `benchmarks/gpu_decode.py --models llama7b --prompt-len N` times it (random weights)."""
+    source = next(s for s in CARDS[card] if s.model == "Llama-2-7B")
+    configs = [("ours ar", "ar", None)]
+    configs += [(f"eesd shared E=16 fixed:3 forced alpha={a}", "eesd", a) for a in FORCED_ALPHAS]
+    configs += [(f"ppsd streams n={n}", "ppsd", 0.0) for n in PREDICT_STAGES]
+    rows = []
+    for prompt_len in PREDICT_PROMPT_LENS:
+        at = dataclasses.replace(source, prompt_len=prompt_len)
+        command = (f"python benchmarks/gpu_decode.py --models llama7b --prompt-len {prompt_len} "
+                   f"--captures {source.capture}")  # fmt: skip
+        for label, method, alpha in configs:
+            predicted, extrapolated = decode_rate(scenario(at, {"method": label, "alpha": alpha}, 128, method, runs))
+            rows.append(
+                {"card": card, "model": "Llama-2-7B shape (random weights)", "config": label, "batch": 1,
+                 "prompts": f"{prompt_len} random token ids", "new_tokens": 128, "capture": source.capture,
+                 "predicted_decode_tokens_per_s": round(predicted, 2), "extrapolated": extrapolated,
+                 "measure": command + ("  (needs 7B PPSD streams cases in gpu_decode.py)" if method == "ppsd" else "")}
+            )  # fmt: skip
+    return rows
+
+
+def predictions(runs: int) -> dict[str, Any]:
+    rows = [row for card in sorted(CARDS) for row in predict_smollm2(card) + predict_llama7b(card, runs)]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {
+        "benchmark": "the simulator's predictions for the next GPU lease, committed before it measures them",
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "code_commit": commit or None,
+        "inputs": "the files committed at code_commit: calibration/h100 and calibration/h200 profiles, the H100 "
+        "contention profile, the H100 bf16 shared-head trace, the scenarios named in each row's command",
+        "acceptance": "SmolLM2: the trace replayed (bf16 on a GPU does not replay exactly: near ties); the 7B "
+        "shape: Bernoulli at gpu_decode's forced alpha (PPSD: 0, random weights)",
+        "extrapolated": "a latency query left the profile's grid (the profiles hold batch 1 only; the H100 7B "
+        "profile contexts 32 and 256)",
+        "rows": rows,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="simulated requests per row (Bernoulli draws)")
     parser.add_argument("--card", choices=sorted(CARDS), default="h200", help="whose lease's files (default: h200)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/sim_vs_gpu_nvidia_<card>.json")
+    parser.add_argument("--predict", action="store_true", help="predictions for the next lease (both cards)")
     args = parser.parse_args()
+    if args.predict:
+        document = predictions(args.runs)
+        out = args.out or RESULTS / f"predictions_next_lease_{document['date']}.json"
+        write_text_atomic(out, json.dumps(document, indent=2) + "\n")
+        for row in document["rows"]:
+            flag = "  *" if row["extrapolated"] else ""
+            print(f"{row['card']}  {row['model'][:12]:12}  {row['config']:42} b={row['batch']}  "
+                  f"{row['predicted_decode_tokens_per_s']:8.2f} tok/s{flag}")  # fmt: skip
+        print(f"wrote {out}")
+        return 0
     sources = CARDS[args.card]
     missing = [path for source in sources for path in source.missing()]
     if missing:

@@ -238,10 +238,12 @@ def plan(
     prompts: int | None = None,
     max_new_tokens: int | None = None,
     points: str = "all",
+    model: str | None = None,
 ) -> Plan:
     """Read and check the scenario and its calibration files; choose the targets. Raises ValueError on mistakes.
 
-    `prompts` and `max_new_tokens` override the scenario's `workload.requests` and `workload.output_len` on both sides.
+    `prompts` and `max_new_tokens` override the scenario's `workload.requests` and `workload.output_len` on both sides;
+    `model` is where this machine holds the model the calibration files were measured with (default: their path).
     """
     path = Path(scenario_path)
     all_points = load_points(path)
@@ -253,7 +255,7 @@ def plan(
     device_type = str(profile.metadata.get("device_type") or "cpu")
     for point in all_points:
         _check_point(path, point, device_type)
-    model = _runnable_model(profile_path, profile, trace_path, trace, model_config(s))
+    runnable = _runnable_model(profile_path, profile, trace_path, trace, model_config(s), model)
     dtype = _check_dtype(path, s.dtype, profile_path, profile)
     head = _check_head(path, s.exit_head, trace_path, trace)
     trace_max = int(trace.metadata.get("max_new_tokens") or 0)
@@ -268,11 +270,11 @@ def plan(
     trace_prompts = sorted({record.prompt_id for record in trace.records})
     prompt_ids = tuple(trace_prompts[r % len(trace_prompts)] for r in range(requests))
     update = {"requests": requests, "output_len": new_tokens}
-    chosen = [_with_workload(p, update) for p in select_points(path, all_points, points)]
+    chosen = [with_workload(p, update) for p in select_points(path, all_points, points)]
     return Plan(
         scenario_path=path,
         name=s.name,
-        model=model,
+        model=runnable,
         device_type=device_type,
         dtype=dtype,
         head=head,
@@ -374,7 +376,8 @@ def _unswept_point(path: Path, points: Sequence[Point]) -> Point:
     return matching[0] if matching else points[0]
 
 
-def _with_workload(point: Point, update: Mapping[str, int]) -> Point:
+def with_workload(point: Point, update: Mapping[str, int]) -> Point:
+    """The point with these workload fields (requests, output_len) changed."""
     workload = point.scenario.workload.model_copy(update=dict(update))
     return dataclasses.replace(point, scenario=point.scenario.model_copy(update={"workload": workload}))
 
@@ -490,13 +493,14 @@ def _calibration_file(point: Point, kind: str) -> tuple[Path, DataFile]:
 
 
 def _runnable_model(
-    profile_path: Path, profile: DataFile, trace_path: Path, trace: DataFile, shape: ModelConfig
+    profile_path: Path, profile: DataFile, trace_path: Path, trace: DataFile, shape: ModelConfig, model: str | None
 ) -> str:
-    """The model both calibration files name, checked to be one `executor.models.load_model` can load."""
+    """The model both calibration files name (or `model`, where the files name the same model at another machine's
+    path), checked to be one `executor.models.load_model` can load."""
     from executor.models import known_models
 
-    name = str(trace.metadata["model"])
-    if str(profile.metadata["model"]) != name:
+    name = model or str(trace.metadata["model"])
+    if model is None and str(profile.metadata["model"]) != name:
         raise ValueError(
             f"{profile_path}: metadata.model: expected the trace's model {name!r} ({trace_path}), got "
             f"{profile.metadata['model']!r}"
@@ -505,7 +509,8 @@ def _runnable_model(
     local_ok = (local / "config.json").is_file() or (local.is_file() and local.suffix == ".gguf")
     if name not in known_models() and not local_ok:
         raise ValueError(
-            f"{trace_path}: metadata.model: {name!r} is not a model the executor can load here; expected one of "
+            f"{'--model' if model else f'{trace_path}: metadata.model'}: {name!r} is not a model the executor can "
+            f"load here (--model names it where the files name another path); expected one of "
             f"{sorted(known_models())}, a local HF directory or a .gguf file"
         )
     config = profile.metadata.get("model_config") or {}

@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--points", default="all", help=f"which points: {POINT_CHOICES} (default: all); AR always")
     parser.add_argument(
+        "--model",
+        default=None,
+        help="the calibration files' model at this machine's path (default: the path they name)",
+    )
+    parser.add_argument(
         "--tolerance", type=float, default=0.25, help="largest |relative error| that passes (default: 0.25 = 25%%)"
     )
     parser.add_argument(
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     validate.check_tolerance(args.tolerance)
     check_threads(args.threads)
-    plan = validate.plan(args.scenario, args.prompts, args.max_new_tokens, args.points)
+    plan = validate.plan(args.scenario, args.prompts, args.max_new_tokens, args.points, args.model)
     print(
         f"{plan.name}: {len(plan.targets)} point(s) × {len(plan.prompt_ids)} prompt(s) × {plan.max_new_tokens} "
         f"tokens, model {plan.model} ({plan.dtype}, {plan.device_type}), head {plan.head}"

@@ -396,16 +396,12 @@ def _latency(
 
 
 def _contention(point: Point, plan: SimPlan, where: str) -> ProfiledContention | SharedBandwidth:
-    """`topology.contention`'s profile, checked to be of the device the stages share; else the fallback."""
+    """`topology.contention`'s profile, checked to be of the device the stages share (a point whose stages share
+    none does not use it: a sweep may hold both); else the fallback."""
     relative = point.scenario.topology.contention
     if relative is None:
         return SharedBandwidth()
     field = f"{where}: topology.contention"
-    if not plan.shares_devices:
-        raise ScenarioError(
-            f"{field}: no two stages share a device, so no passes contend; put stages on one device "
-            f"(topology.devices, or each stage's device index) or drop the field"
-        )
     path = _resolve(point, relative, "topology.contention")
     try:
         profile = read_contention_profile(path)

@@ -263,13 +263,7 @@ def test_a_subset_head_file_is_followed_as_shared_n(tmp_path) -> None:
     assert planned.head == str(head) and {t.method for t in planned.targets} == {"ar", "eesd"}
 
 
-@pytest.mark.parametrize(("card", "tolerance"), [("H200", 0.05), ("H100", 0.10)])
-def test_the_simulator_predicts_the_gpu_executor_from_its_profile(card: str, tolerance: float) -> None:
-    """The committed GPU leases (benchmarks/results/gpu_decode_nvidia_<card>_*.json and calibration/<card>/): fed the
-    profile measured on that card and each row's measured alpha, the simulator's decode tokens/s is within 5% of
-    the executor's on the H200 (graphs, eager profile) and 10% on the H100 (compiled layers, compiled profile; AR
-    and EESD, SmolLM2 and the 7B shape; PPSD on one GPU, the stages sharing it, from the GPU's spec and, on the H100,
-    from its contention profile too), and its EESD speedup over AR within 0.05."""
+def sim_vs_gpu():
     import importlib.util
     import sys
 
@@ -277,6 +271,17 @@ def test_the_simulator_predicts_the_gpu_executor_from_its_profile(card: str, tol
     spec = importlib.util.spec_from_file_location("sim_vs_gpu", path)
     module = sys.modules["sim_vs_gpu"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("card", "tolerance"), [("H200", 0.05), ("H100", 0.10)])
+def test_the_simulator_predicts_the_gpu_executor_from_its_profile(card: str, tolerance: float) -> None:
+    """The committed GPU leases (benchmarks/results/gpu_decode_nvidia_<card>_*.json and calibration/<card>/): fed the
+    profile measured on that card and each row's measured alpha, the simulator's decode tokens/s is within 5% of
+    the executor's on the H200 (graphs, eager profile) and 10% on the H100 (compiled layers, compiled profile; AR
+    and EESD, SmolLM2 and the 7B shape; PPSD on one GPU, the stages sharing it, from the GPU's spec and, on the H100,
+    from its contention profile too), and its EESD speedup over AR within 0.05."""
+    module = sim_vs_gpu()
     sources = module.CARDS[card.lower()]
     compared = [row for source in sources for row in module.compare(source, runs=8)]
     rows = [row for row in compared if row["kind"] != "ppsd"]
@@ -339,3 +344,29 @@ def test_real_ppsd_and_batched_runs_replay_their_rounds_exactly(tmp_path) -> Non
         assert row["tokens_per_round_error"] == 0.0, row
         assert row["executor_decode_tokens"] == row["sim_decode_tokens"] == 2 * 9, row
     assert rows["ppsd sequential n=2 E=15"]["per"] == "tick"
+
+
+def test_predictions_for_the_next_lease_name_what_measures_them() -> None:
+    """Both cards, SmolLM2 through validate's targets (batch 1 and 8, PPSD streams n = 2 and 4) and the 7B shape at
+    the new prompt lengths; every row positive and naming its command; batch 8 flagged (profiles hold batch 1)."""
+    document = sim_vs_gpu().predictions(runs=2)
+    rows = document["rows"]
+    assert {r["card"] for r in rows} == {"h100", "h200"} and document["date"] and all(r["measure"] for r in rows)
+    assert all(r["predicted_decode_tokens_per_s"] > 0 for r in rows)
+    smollm2 = {r["config"] for r in rows if r["model"] == "SmolLM2-135M"}
+    assert {"ar", "ar b=8", "ppsd streams n=2 E=15", "ppsd streams n=4 E=8"} <= smollm2
+    assert all(r["extrapolated"] for r in rows if r["batch"] == 8)
+    assert {r["prompts"] for r in rows if r["model"].startswith("Llama")} == {
+        "512 random token ids",
+        "1024 random token ids",
+    }
+
+
+def test_the_model_may_be_named_where_this_machine_holds_it(tmp_path, capsys) -> None:
+    """The H100 files name the model at the lease's temporary path; --model names this machine's copy."""
+    h100 = ROOT / "scenarios" / "smollm2_h100_validate.yaml"
+    fail_with(capsys, [str(h100)], "metadata.model: expected the trace's model")
+    planned = validate.plan(h100, prompts=8, points="4", model="smollm2-135m")
+    assert planned.model == "smollm2-135m" and planned.capture == "compile-layers"
+    assert [t.label for t in planned.targets] == ["ar", "ppsd streams n=2 E=15"]
+    fail_with(capsys, [str(h100), "--model", str(tmp_path / "none.gguf")], "--model:", "not a model the executor")
