@@ -88,6 +88,36 @@ def check_context(grid: Grid, max_positions: int, model: str) -> None:
         raise ValueError(f"--context/--q/--prefill reach position {longest}; {model} has {max_positions} positions")
 
 
+def point_bytes(config, grid: Grid, dtype: torch.dtype) -> int:
+    """An upper bound of what the grid's largest point holds at once (`calibrate.latency.make_inputs` and its pass):
+    per row, the logits of its positions, one layer's KV cache, the attention mask and scores, the hidden states and
+    the MLP's activations; the largest over the verify points (q at a context) and the prefill points (context 0)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_row = 2 * config.num_key_value_heads * head_dim
+    activations = 4 * config.hidden_size + 3 * config.intermediate_size
+
+    def per_row(q: int, span: int, logits: int) -> int:
+        return (
+            logits * config.vocab_size + span * kv_row + q * span * (1 + config.num_attention_heads) + q * activations
+        )
+
+    q, prefill = max(grid.q), max(grid.prefill_q)
+    largest = max(per_row(q, max(grid.context_len) + q, q), per_row(prefill, prefill, 1))
+    return max(grid.batch) * largest * torch.finfo(dtype).bits // 8
+
+
+def check_grid_memory(config, grid: Grid, dtype: torch.dtype, device: torch.device) -> None:
+    """The grid's largest point must fit in what the weights leave of the device's memory."""
+    needed = point_bytes(config, grid, dtype)
+    budget = (1 - MEMORY_FRACTION) * device_memory_bytes(device)
+    if needed > budget:
+        raise ValueError(
+            f"--batch/--q/--prefill/--context: the largest point (batch {max(grid.batch)}, q {max(grid.q)}, "
+            f"prefill {max(grid.prefill_q)}, context {max(grid.context_len)}) needs about {needed / 2**30:.1f} GiB, "
+            f"more than the {budget / 2**30:.1f} GiB the weights leave free on {device}"
+        )
+
+
 def run_latency(args: argparse.Namespace, progress: bool) -> int:
     check_output_folder(args.out)
     device = check_device(args.device)
@@ -110,8 +140,12 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
     if out_path.exists() and not args.force:
         raise ValueError(f"{out_path} exists; pass --force to measure the profile again and overwrite it")
     print(f"calibrate latency: {args.model} on {device_name(device)} -> {out_path}", flush=True)
+    config = model_config(args.model)
+    if config is not None:  # before the weights are made: a grid that cannot fit is refused at once
+        check_grid_memory(config, grid, dtype, device)
     loaded = load(args.model, dtype, device, keep)
     check_context(grid, loaded.model.config.max_position_embeddings, args.model)
+    check_grid_memory(loaded.model.config, grid, dtype, device)
     begin = time.perf_counter()
     metadata = base_metadata(args.model, device, dtype)
     written = calibrate_latency(loaded, settings, out_path, metadata, args.max_new_points, progress)

@@ -219,6 +219,13 @@ def test_latency_resumes_after_two_interruptions_in_a_line(tiny_config: Path, tm
     assert not partial.exists()
 
 
+def test_a_grid_beyond_the_machines_memory_is_refused_before_any_weight_is_made(tiny_config, tmp_path, capsys):
+    assert _latency(tiny_config, tmp_path / "out", "--batch", str(10**8)) == 2
+    err = capsys.readouterr().err
+    assert "eesd calibrate: error: --batch/--q/--prefill/--context: the largest point (batch 100000000" in err
+    assert "GiB the weights leave free on cpu" in err and not (tmp_path / "out").exists()
+
+
 def test_latency_partial_results_with_other_settings_are_refused(tiny_config: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert _latency(tiny_config, out, "--max-new-points", "2") == 3
