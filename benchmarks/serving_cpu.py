@@ -6,7 +6,9 @@ this CPU, the methods (AR, EESD at E = 22 with fixed:1), at most 4 requests at o
 trace's prompts with its token count and at most 32 output tokens). For every case and method the executor serves
 the workload on the wall clock (`executor.serving.serve`, one torch thread, no EOS: each request makes its
 output_len tokens, as simulated) and the simulator runs the same point (`sim.serving`); the JSON pairs their
-throughput and p50 / p90 of TTFT and TPOT with relative errors (predicted - measured) / measured.
+throughput and p50 / p90 of TTFT and TPOT with relative errors (predicted - measured) / measured. Before and after
+each timed run a batch-1 AR probe (`probe_ar_ms_per_token`) shows how fast the shared box ran then, against the
+profile's own batch-1 step.
 
     python benchmarks/serving_cpu.py                    # writes benchmarks/results/serving_cpu.json (~5 minutes)
     python benchmarks/serving_cpu.py --cases rate0.4    # one load only
@@ -16,6 +18,7 @@ throughput and p50 / p90 of TTFT and TPOT with relative errors (predicted - meas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -101,11 +104,22 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
             options.update(exit_layer=point.plan.exit_layer, policy=point.plan.policy, head="shared")
         warm = point.workload.requests[0]
         serve(adapter, type(point.workload)((type(warm)(0, warm.prompt_len, 4, 0.0),)), prompts[:1], **options)
+        before = probe_ms(adapter, prompts[0])
         measured = metrics(serve(adapter, point.workload, prompts, **options).result, point.slo)
+        after = probe_ms(adapter, prompts[0])
         predicted_result = simulate_serving(point)
         predicted = metrics(predicted_result, point.slo)
         rows.append(_row(point, measured, predicted, predicted_result.extrapolated))
-        print(_line(rows[-1]), flush=True)
+        # the same point with every profiled time scaled by how much slower the box ran than when it was profiled
+        slowdown = (before + after) / 2 / profile_ar_ms(point, len(prompts[0]))
+        scaled = metrics(simulate_serving(dataclasses.replace(point, plan=scaled_plan(point.plan, slowdown))))
+        rows[-1].update(
+            probe_ar_ms_per_token=[round(before, 2), round(after, 2)],
+            slowdown=round(slowdown, 3),
+            sim_scaled={key: round(scaled[key], 4) for key in COMPARED},
+            errors_scaled={key: round((scaled[key] - measured[key]) / measured[key], 4) for key in COMPARED},
+        )
+        print(_line(rows[-1]), f"(probe {before:.1f} / {after:.1f} ms per AR token, slowdown {slowdown:.2f})")
     metadata = {
         **base_metadata(MODEL, adapter.device, adapter.dtype),
         "threads": threads,
@@ -117,6 +131,51 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
         "error": "(predicted - measured) / measured",
     }
     return rows, metadata
+
+
+def probe_ms(adapter: Any, prompt: list[int], tokens: int = 9) -> float:
+    """How fast this machine runs right now: the median over 3 runs of a batch-1 AR decode step (ms per token) on
+    `prompt`, to set beside the profile's (the box is shared: other work slows every pass alike)."""
+    from executor.api import generate
+
+    times = []
+    for _ in range(3):
+        stats = generate(adapter, prompt, method="ar", max_new_tokens=tokens).stats
+        times.append((stats.wall_time_s - stats.prefill_time_s) / (tokens - 1) * 1e3)
+    return sorted(times)[1]
+
+
+def profile_ar_ms(point: Any, prompt_len: int) -> float:
+    """The profile's batch-1 AR step in ms, for the probe's pass (the prompt + `probe_ms`'s tokens in the cache)."""
+    from sim.serving import ServingSimulation
+
+    plan = dataclasses.replace(point.plan, cache_slots=prompt_len + 10)
+    simulation = ServingSimulation(plan, point.workload, 1, None)
+    return simulation.pass_us(simulation.decode, prompt_len, 1) / 1e3
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledLatency:
+    """A latency model's times multiplied by `factor`."""
+
+    inner: Any
+    factor: float
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.inner.cuda_graphs
+
+    @property
+    def extrapolated(self) -> bool:
+        return self.inner.extrapolated
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        return self.factor * self.inner.time_us(component, phase, q, context_len, batch)
+
+
+def scaled_plan(plan: Any, factor: float) -> Any:
+    stages = tuple(dataclasses.replace(stage, latency=ScaledLatency(stage.latency, factor)) for stage in plan.stages)
+    return dataclasses.replace(plan, stages=stages)
 
 
 def _row(point: Any, measured: dict, predicted: dict, extrapolated: bool) -> dict[str, Any]:

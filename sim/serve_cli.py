@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sim.runner import plots_available
 from sim.serving import load_serving_points
-from sim.serving_report import run_serving, stop_paying, summary_table, write_outputs
+from sim.serving_report import run_serving, stop_paying, summary_table, write_json, write_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (0: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--json", type=Path, default=None, help="also write every run's row and the crossings as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{where}{item['method']} stops paying against ar at about {stop} requests/s")
     for path in write_outputs(runs, out_dir):
         print(f"wrote {path}")
+    if args.json is not None:
+        print(f"wrote {write_json(args.json, args.scenario, runs)}")
     if not plots_available():
         print('note: no plots (matplotlib is not installed: pip install -e ".[plots]")')
     if any(r.result.extrapolated for r in runs):

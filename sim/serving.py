@@ -501,7 +501,7 @@ class ServingSimulation:
         plan, record = self.plan, self.records[request.index]
         record.start_s = self.env.now / 1e6
         prefill = Pass("prefill", "prefill", ((0, plan.model.num_layers, request.prompt_len),), lm_head_q=1)
-        duration_us = self._pass_us(prefill, 0, 1)
+        duration_us = self.pass_us(prefill, 0, 1)
         yield self.env.timeout(duration_us)
         self.result.prefill_s += duration_us / 1e6
         record.first_token_s = self.env.now / 1e6
@@ -535,7 +535,7 @@ class ServingSimulation:
 
     # ---- rounds ------------------------------------------------------------------------------------------------------
     def _ar_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, None]:
-        yield self.env.timeout(self._pass_us(self.decode, self._context(rows), len(rows)))
+        yield self.env.timeout(self.pass_us(self.decode, self._context(rows), len(rows)))
         for row in rows:
             row.generated += 1
             row.remaining -= 1
@@ -558,11 +558,11 @@ class ServingSimulation:
             return
         draft = self.draft_read if any(row.policy.needs_confidence for row in rows) else self.draft
         while drafting:
-            yield self.env.timeout(self._pass_us(draft, context, batch))
+            yield self.env.timeout(self.pass_us(draft, context, batch))
             context += 1
             drafting = [row for row in drafting if self._draft_one(row)]
         k = max(row.drafted for row in rows)
-        yield self.env.timeout(self._pass_us(self._verify(k), context, batch))
+        yield self.env.timeout(self.pass_us(self._verify(k), context, batch))
         result, emitted_total = self.result, 0
         for row in rows:
             row.policy.update(row.drafted, row.accepted)
@@ -597,7 +597,7 @@ class ServingSimulation:
         keys and values, as many as `batch` rows at the mean length (costs are linear in the context)."""
         return round(sum(row.request.prompt_len + row.generated for row in rows) / len(rows))
 
-    def _pass_us(self, work: Pass, context_len: int, batch: int) -> float:
+    def pass_us(self, work: Pass, context_len: int, batch: int) -> float:
         """A pass's time through every stage it visits, the links between them and the token ids' way back; decode
         passes attend over the plan's cache slots where it has them (the executor's static cache)."""
         plan = self.plan

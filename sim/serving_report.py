@@ -12,14 +12,18 @@ curve of each method (`throughput_latency_<case>.png`) and p50 TPOT and p90 TTFT
 from __future__ import annotations
 
 import csv
+import datetime
+import json
 import math
 import os
+import platform
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sim.formats import write_text_atomic
 from sim.progress import progress_bar
 from sim.runner import plots_available
 from sim.serving import ServingPoint, ServingRun, metrics, simulate_serving
@@ -112,6 +116,20 @@ def write_outputs(runs: Sequence[ServingRun], out_dir: Path) -> list[Path]:
     if plots_available() and any(run.point.rate_per_s is not None for run in runs):
         written += _plots(runs, out_dir)
     return written
+
+
+def write_json(path: Path, scenario: Path, runs: Sequence[ServingRun]) -> Path:
+    """Every run's row and the crossings, with the scenario, date and host (empty cells: null)."""
+    metadata = {
+        "scenario": str(scenario),
+        "host": platform.node(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "stop_paying_metric": PAYS_METRIC,
+    }
+    rows = [{k: (None if v == "" else v) for k, v in row(run).items()} for run in runs]
+    document = {"metadata": metadata, "speculation": stop_paying(runs), "runs": rows}
+    write_text_atomic(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+    return path
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -4,6 +4,7 @@ request completing once with every token counted once, the admission rules, and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import subprocess
@@ -241,11 +242,14 @@ def test_serve_sim_cli_runs_without_torch(tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
         "from executor.cli import main\n"
-        f"sys.exit(main(['serve-sim', {str(path)!r}, '--out', {str(tmp_path / 'out')!r}, '--no-progress']))"
+        f"sys.exit(main(['serve-sim', {str(path)!r}, '--out', {str(tmp_path / 'out')!r}, '--no-progress', "
+        f"'--json', {str(tmp_path / 'runs.json')!r}]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "eesd" in done.stdout and (tmp_path / "out" / "serving.csv").is_file()
+    document = json.loads((tmp_path / "runs.json").read_text())
+    assert len(document["runs"]) == 4 and document["speculation"][0]["method"] == "eesd"
     bad = write_scenario(tmp_path, {"workload": poisson(3, 1.0), "methods": ["ppsd"]})
     done = subprocess.run([sys.executable, "-m", "executor.cli", "serve-sim", str(bad)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)  # fmt: skip
