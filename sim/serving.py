@@ -28,7 +28,8 @@ The schedule (the executor's `executor.serving` runs the same one):
   the cache, sized for the longest prompt and output of the workload; with `attention: context` (a server with
   dynamic or paged attention) it reads each row's own context, costed at the batch's mean context.
 - `kv_capacity_tokens: auto` is 90% of each GPU's memory minus its weights, over the KV bytes per token of its layers
-  (the smallest over stages); a device whose memory is unknown (a CPU profile) has no limit unless one is given.
+  (the smallest over devices; stages sharing one add up); a device whose memory is unknown (a CPU profile) has no
+  limit unless one is given.
 - PPSD decodes batch size 1 in the executor, so it has no batched serving: a scenario asking for it is refused.
 
 Times in the simulation are µs; records and metrics are in seconds and milliseconds (names say which).
@@ -51,10 +52,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sim.contract import cache_capacity
 from sim.cost import Pass, pass_costs
 from sim.engine import TOKEN_ID_BYTES
+from sim.formats import quote
 from sim.hardware import GPUS, gpu_named_by
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
-from sim.scenario import Point, ScenarioError, read_yaml, validate
+from sim.scenario import GPUConfig, Point, Scenario, ScenarioError, read_yaml, validate
 from sim.workload import ClosedLoopUsers, Request, Workload, WorkloadError, build_workload, parse_spec, with_rate
 
 MAX_BATCH = 4096
@@ -130,7 +132,7 @@ def _config(data: Any, where: str) -> ServingConfig:
         for e in err.errors():
             field_path = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("literal", "function")))
             message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            lines.append(f"{where}: serving.{field_path}: {message} (got {e.get('input')!r})")
+            lines.append(f"{where}: serving.{field_path}: {message} (got {quote(e.get('input'))})")
         raise ScenarioError("\n".join(lines)) from None
 
 
@@ -177,8 +179,8 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
         rated = spec if rate is None else with_rate(spec, rate, where, "serving.rates_per_s")
         workload = build_workload(rated, base_dir, spec_where, prefix)
         for method in methods:
-            plan = _plan(path, data, method, workload, config.max_batch, where)
-            capacity = _kv_capacity(plan, config.kv_capacity_tokens)
+            plan, scenario = _plan(path, data, method, workload, config.max_batch, where)
+            capacity = _kv_capacity(plan, scenario, config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
             points.append(
                 ServingPoint(case, method, rate, plan, workload, config.max_batch, capacity, config.slo, where)
@@ -196,7 +198,9 @@ def _workload_spec(config: ServingConfig, path: Path, where: str) -> tuple[Any, 
     return parse_spec(read_yaml(file), str(file)), file.parent, str(file), ""
 
 
-def _plan(path: Path, data: dict[str, Any], method: str, workload: Workload, max_batch: int, where: str) -> SimPlan:
+def _plan(
+    path: Path, data: dict[str, Any], method: str, workload: Workload, max_batch: int, where: str
+) -> tuple[SimPlan, Scenario]:
     """The simulator's plan for one method: the scenario's fields, with a static workload of the longest prompt and
     output at `max_batch` (the executor's serving cache holds that many slots a row; the cost ratio is taken there)."""
     fields = {k: v for k, v in data.items() if k != "serving"}
@@ -208,7 +212,7 @@ def _plan(path: Path, data: dict[str, Any], method: str, workload: Workload, max
         "output_len": workload.max_output_len,
     }
     scenario = validate(fields, where)
-    return build_plan(Point(0, {}, scenario, path.parent, where))
+    return build_plan(Point(0, {}, scenario, path.parent, where)), scenario
 
 
 def kv_tokens(method: str, max_draft_len: int) -> Callable[[Request], int]:
@@ -222,21 +226,34 @@ def plan_kv_tokens(plan: SimPlan) -> Callable[[Request], int]:
     return kv_tokens(plan.method, make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0)
 
 
-def _kv_capacity(plan: SimPlan, given: int | Literal["auto"] | None) -> int | None:
+def _kv_capacity(plan: SimPlan, scenario: Scenario, given: int | Literal["auto"] | None) -> int | None:
+    """The KV budget in tokens: `given`, or with `auto` the smallest over devices of what KV_MEMORY_SHARE of its
+    memory leaves beside its stages' weights, over the KV bytes per token of its stages' layers (stages sharing a
+    device add up); None (no limit) where a device's memory is not known (a CPU profile)."""
     if given != "auto":
         return given
-    capacities = []
+    specs = {**GPUS, **{gpu.name: gpu.spec() for gpu in _inline_gpus(scenario)}}
     model, dtype_bytes = plan.model, plan.dtype_bytes
-    for stage in plan.stages:
-        name = stage.device if stage.device in GPUS else gpu_named_by(stage.device)
-        if name is None:
-            return None  # a device whose memory is unknown: no limit unless one is given
+    weights: dict[int, float] = {}
+    per_token: dict[int, float] = {}
+    names: dict[int, str | None] = {}
+    for index, stage in enumerate(plan.stages):
+        device = plan.device_of(index)
+        names[device] = stage.device if stage.device in specs else gpu_named_by(stage.device)
         layers = stage.layer_end - stage.layer_start
-        weights = (layers * model.layer_params + model.lm_head_params) * dtype_bytes / stage.tp
-        free = KV_MEMORY_SHARE * GPUS[name].memory_GiB * 2**30 - weights
-        per_token = layers * model.kv_bytes_per_token(dtype_bytes) / stage.tp
-        capacities.append(max(0, int(free // per_token)))
-    return min(capacities)
+        head = model.lm_head_params if device not in weights else 0  # the embedding / LM head once per device
+        weights[device] = weights.get(device, 0.0) + (layers * model.layer_params + head) * dtype_bytes / stage.tp
+        per_token[device] = per_token.get(device, 0.0) + layers * model.kv_bytes_per_token(dtype_bytes) / stage.tp
+    if any(name is None for name in names.values()):
+        return None
+    free = {d: KV_MEMORY_SHARE * specs[names[d]].memory_GiB * 2**30 - weights[d] for d in names}  # type: ignore[index]
+    return min(max(0, int(free[d] // per_token[d])) for d in names)
+
+
+def _inline_gpus(scenario: Scenario) -> list[GPUConfig]:
+    topology = scenario.topology
+    stages = topology.stages if isinstance(topology.stages, list) else []
+    return [gpu for gpu in (topology.gpu, *(stage.gpu for stage in stages)) if isinstance(gpu, GPUConfig)]
 
 
 def _check_fits(plan: SimPlan, workload: Workload, capacity: int | None, where: str) -> None:
@@ -609,8 +626,8 @@ class ServingSimulation:
         cached = self._costs.get(key)
         if cached is None:
             first, last, durations, link_bytes = pass_costs(plan, work, context_len, batch)
-            links = sum(plan.link.time_us(link_bytes[i]) for i in range(first, last))
-            back = plan.link.time_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0
+            links = sum(plan.link_after(i).time_us(link_bytes[i]) for i in range(first, last))
+            back = plan.return_link.time_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0
             cached = self._costs[key] = sum(durations) + links + back
         return cached
 

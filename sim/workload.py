@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sim.formats import read_text
+from sim.formats import quote, read_text
 from sim.scenario import read_yaml
 
 MAX_REQUESTS = 1_000_000  # requests in one workload
@@ -237,7 +237,7 @@ def _describe(where: str, prefix: str, error: Any) -> str:
     if error["type"] == "missing":
         return f"{where}: {field}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {field}: {message} (got {error.get('input')!r})"
+    return f"{where}: {field}: {message} (got {quote(error.get('input'))})"
 
 
 def _is_union_tag(part: str) -> bool:
@@ -368,7 +368,7 @@ def _cell(path: Path, line: int, column: str, text: str, kind: type, low: float,
         value = None
     if value is None or not math.isfinite(value) or not low <= value <= high:
         what = "an integer" if kind is int else "a number"
-        raise WorkloadError(f"{path}: line {line}: {column}: expected {what} in [{low:g}, {high:g}], got {text!r}")
+        raise WorkloadError(f"{path}: line {line}: {column}: expected {what} in [{low:g}, {high:g}], got {quote(text)}")
     return value
 
 

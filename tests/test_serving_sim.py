@@ -202,6 +202,11 @@ def test_kv_capacity_auto_from_gpu_memory(tmp_path):
                                         "cuda_graphs": False}}, "dtype": "fp32"}  # fmt: skip
     (point,) = load_serving_points(write_scenario(tmp_path, {"workload": poisson(5, 1.0)}, **profiled))
     assert point.kv_capacity_tokens is None  # a CPU's memory is not known: no limit unless given
+    inline = {"name": "Card-40G", "hbm_bandwidth_GBps": 1000.0, "peak_tflops": {"bf16": 200.0}, "memory_GiB": 40.0,
+              "source": "a test"}  # fmt: skip
+    fields["topology"] = {"gpu": inline}
+    (point,) = load_serving_points(write_scenario(tmp_path, {"workload": poisson(5, 1.0)}, **fields))
+    assert point.kv_capacity_tokens == int((0.9 * 40 * 2**30 - weights) // per_token)
 
 
 @pytest.mark.parametrize(
