@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         where = f"case {item['case']}: " if item["case"] else ""
         if stop == "never":
             print(f"{where}{item['method']} never pays against ar at the rates swept (mean end-to-end latency)")
-        elif stop == "":
+        elif stop is None:
             print(f"{where}{item['method']} pays against ar at every rate swept (mean end-to-end latency)")
         else:
             print(f"{where}{item['method']} stops paying against ar at about {stop} requests/s")

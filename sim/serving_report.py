@@ -104,7 +104,7 @@ def _crossing(rates: list[float], ratios: list[float]) -> dict[str, Any]:
         if ratios[i] >= 1.0:
             r0, r1, x0, x1 = rates[i - 1], rates[i], ratios[i - 1], ratios[i]
             return {"stop_rate_per_s": round(r0 + (1.0 - x0) / (x1 - x0) * (r1 - r0), 4), **cells}
-    return {"stop_rate_per_s": "", **cells}
+    return {"stop_rate_per_s": None, **cells}
 
 
 def write_outputs(runs: Sequence[ServingRun], out_dir: Path) -> list[Path]:

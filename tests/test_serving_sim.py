@@ -188,7 +188,7 @@ def test_rate_sweep_methods_cases_and_outputs(tmp_path):
 def test_crossing_interpolates_the_latency_ratio():
     assert _crossing([1, 2, 4], [0.8, 0.9, 1.1])["stop_rate_per_s"] == pytest.approx(3.0)
     assert _crossing([1, 2], [1.2, 0.9])["stop_rate_per_s"] == "never"
-    assert _crossing([1, 2], [0.5, 0.9])["stop_rate_per_s"] == ""
+    assert _crossing([1, 2], [0.5, 0.9])["stop_rate_per_s"] is None
 
 
 def test_kv_capacity_auto_from_gpu_memory(tmp_path):
