@@ -154,15 +154,9 @@ def _record(record: Any) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    heads = {
-        "tokens_per_s": "tok/s", "requests_per_s": "req/s", "ttft_p50_ms": "ttft50", "ttft_p90_ms": "ttft90",
-        "tpot_p50_ms": "tpot50", "tpot_p90_ms": "tpot90", "latency_mean_ms": "e2e ms", "goodput_rps": "goodput/s",
-    }  # fmt: skip
-    lines = [[heads.get(c, c) for c in COLUMNS]]
-    lines += [[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines]
-    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+    from sim.serving_report import text_table
+
+    return text_table(rows, COLUMNS)
 
 
 def _document(args: argparse.Namespace, workload: Any, model: Any, device: Any, rows: list, records: dict) -> dict:

@@ -11,11 +11,12 @@ curve of each method (`throughput_latency_<case>.png`) and p50 TPOT and p90 TTFT
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
+import io
 import json
 import math
-import os
 import platform
 import time
 from collections.abc import Sequence
@@ -42,17 +43,14 @@ def run_point(point: ServingPoint) -> ServingRun:
 def run_serving(points: Sequence[ServingPoint], jobs: int = 1, progress: bool = True) -> list[ServingRun]:
     """Simulate every point (`jobs` > 1: in that many processes); results in point order."""
     bar = progress_bar(len(points), "serving", "run", progress, leave=False)
-    if jobs <= 1 or len(points) == 1:
-        runs = []
-        for point in points:
-            runs.append(run_point(point))
+    runs = []
+    with contextlib.ExitStack() as stack:
+        mapper: Any = map
+        if jobs > 1 and len(points) > 1:
+            mapper = stack.enter_context(ProcessPoolExecutor(max_workers=min(jobs, len(points)))).map
+        for run in mapper(run_point, points):
+            runs.append(run)
             bar.update(1)
-    else:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(points))) as pool:
-            futures = [pool.submit(run_point, point) for point in points]
-            for future in futures:
-                future.add_done_callback(lambda _: bar.update(1))
-            runs = [f.result() for f in futures]
     bar.close()
     return runs
 
@@ -133,12 +131,11 @@ def write_json(path: Path, scenario: Path, runs: Sequence[ServingRun]) -> Path:
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
     return path
 
 
@@ -154,48 +151,58 @@ def _plots(runs: Sequence[ServingRun], out_dir: Path) -> list[Path]:
         for run in runs:
             if run.point.case == case and run.point.rate_per_s is not None:
                 curves.setdefault(run.point.method, []).append(run)
-        suffix = case or "scenario"
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for method, items in curves.items():
-            ax.plot([r.metrics["tokens_per_s"] for r in items], [r.metrics["latency_mean_ms"] for r in items],
-                    marker="o", label=method)  # fmt: skip
-        ax.set_xlabel("throughput (tokens/s)")
-        ax.set_ylabel("mean end-to-end latency (ms)")
-        ax.set_yscale("log")
-        ax.set_title(f"{suffix}: throughput-latency, one point per request rate", fontsize=9)
-        ax.legend(fontsize=7)
-        paths.append(_save(fig, plt, out_dir / f"throughput_latency_{suffix}.png"))
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        name = case or "scenario"
+        throughput = {
+            method: ([r.metrics["tokens_per_s"] for r in items], [r.metrics["latency_mean_ms"] for r in items], "-")
+            for method, items in curves.items()
+        }
+        labels = ("throughput (tokens/s)", "mean end-to-end latency (ms)", f"{name}: one point per request rate")
+        paths.append(_figure(plt, throughput, labels, False, out_dir / f"throughput_latency_{name}.png"))
+        latency = {}
         for method, items in curves.items():
             rates = [r.point.rate_per_s for r in items]
-            ax.plot(rates, [r.metrics["tpot_p50_ms"] for r in items], marker="o", label=f"{method} TPOT p50")
-            ax.plot(rates, [r.metrics["ttft_p90_ms"] for r in items], marker="s", linestyle="--",
-                    label=f"{method} TTFT p90")  # fmt: skip
-        ax.set_xlabel("request rate (1/s)")
-        ax.set_ylabel("ms")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"{suffix}: latency over the offered load", fontsize=9)
-        ax.legend(fontsize=7)
-        paths.append(_save(fig, plt, out_dir / f"latency_vs_rate_{suffix}.png"))
+            latency[f"{method} TPOT p50"] = (rates, [r.metrics["tpot_p50_ms"] for r in items], "-")
+            latency[f"{method} TTFT p90"] = (rates, [r.metrics["ttft_p90_ms"] for r in items], "--")
+        labels = ("request rate (1/s)", "ms", f"{name}: latency over the offered load")
+        paths.append(_figure(plt, latency, labels, True, out_dir / f"latency_vs_rate_{name}.png"))
     return paths
 
 
-def _save(fig: Any, plt: Any, path: Path) -> Path:
+def _figure(plt: Any, series: dict[str, tuple[list, list, str]], labels: tuple[str, str, str], log_x: bool,
+            path: Path) -> Path:  # fmt: skip
+    """One plot of `series` (label -> xs, ys, line style), log-scaled in y (and in x with `log_x`), saved at `path`."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, (xs, ys, style) in series.items():
+        ax.plot(xs, ys, marker="o", linestyle=style, label=label)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(labels[2], fontsize=9)
+    ax.set_yscale("log")
+    if log_x:
+        ax.set_xscale("log")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+HEADS = {
+    "rate_per_s": "rate/s", "tokens_per_s": "tok/s", "requests_per_s": "req/s", "latency_mean_ms": "e2e ms",
+    "ttft_p50_ms": "ttft50", "ttft_p90_ms": "ttft90", "tpot_p50_ms": "tpot50", "tpot_p90_ms": "tpot90",
+    "goodput_rps": "goodput/s",
+}  # fmt: skip
+
+
 def summary_table(runs: Sequence[ServingRun]) -> str:
     """A fixed-width table, one line per run."""
-    rows = [row(run) for run in runs]
-    heads = {"rate_per_s": "rate/s", "tokens_per_s": "tok/s", "requests_per_s": "req/s", "latency_mean_ms": "e2e ms",
-             "ttft_p50_ms": "ttft50", "ttft_p90_ms": "ttft90", "tpot_p50_ms": "tpot50", "tpot_p90_ms": "tpot90",
-             "goodput_rps": "goodput/s"}  # fmt: skip
-    table = [[heads.get(c, c) for c in TABLE_COLUMNS]] + [[_short(r[c]) for c in TABLE_COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(TABLE_COLUMNS))]
+    return text_table([row(run) for run in runs], TABLE_COLUMNS)
+
+
+def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """`columns` of `rows` as a fixed-width table with short heads (also `eesd serve-bench`'s)."""
+    table = [[HEADS.get(c, c) for c in columns]] + [[_short(r[c]) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 

@@ -81,6 +81,13 @@ class TraceArrivals(_Strict):
 Arrival = Annotated[Poisson | GammaArrivals | ClosedLoop | TraceArrivals, Field(discriminator="process")]
 
 
+def _ordered(model: Any, low: str, high: str) -> Any:
+    """`model`, if its field `low` is at most its field `high`."""
+    if getattr(model, low) > getattr(model, high):
+        raise ValueError(f"{low} must be <= {high} (got {low} {getattr(model, low)}, {high} {getattr(model, high)})")
+    return model
+
+
 class FixedLen(_Strict):
     dist: Literal["fixed"]
     value: int = Field(ge=1, le=MAX_TOKENS)
@@ -93,9 +100,7 @@ class UniformLen(_Strict):
 
     @model_validator(mode="after")
     def _order(self) -> UniformLen:
-        if self.low > self.high:
-            raise ValueError(f"low must be <= high (got low {self.low}, high {self.high})")
-        return self
+        return _ordered(self, "low", "high")
 
 
 class LognormalLen(_Strict):
@@ -107,9 +112,7 @@ class LognormalLen(_Strict):
 
     @model_validator(mode="after")
     def _order(self) -> LognormalLen:
-        if self.min > self.max:
-            raise ValueError(f"min must be <= max (got min {self.min}, max {self.max})")
-        return self
+        return _ordered(self, "min", "max")
 
 
 class TraceLen(_Strict):
