@@ -125,7 +125,9 @@ class TraceAcceptance:
             if record.exit_layer == exit_layer:
                 by_prompt.setdefault(record.prompt_id, []).append((record.position, record.match, record.confidence))
         if not by_prompt:
-            raise ValueError(f"acceptance trace has no records for exit_layer {exit_layer}; it has {sorted(layers)}")
+            raise ValueError(
+                f"{trace.path or 'acceptance trace'}: no records for exit_layer {exit_layer}; it has {sorted(layers)}"
+            )
         self.exit_layer = exit_layer
         self.starts: list[int] = []
         flat: list[tuple[bool, float]] = []

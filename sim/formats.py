@@ -1,13 +1,17 @@
 """Versioned calibration files: latency profiles, acceptance traces, link and contention profiles (docs/formats.md).
 
-The contract between `calibrate/` (writes) and `sim/` (reads); torch-free. Every file is a CSV whose first line is a
-`#` followed by one JSON object, `{"format": "eesd.<kind>", "schema_version": N, "metadata": {...}}`, then a CSV
-header and one row per record. Times are in microseconds (`*_us`), sizes in bytes (`nbytes`), probabilities in [0, 1].
+The contract between `calibrate/` (writes) and `sim/` (reads); torch-free. Every file is a UTF-8 CSV whose first line
+is a `#` followed by one JSON object, `{"format": "eesd.<kind>", "schema_version": N, "metadata": {...}, "rows": R}`,
+then a CSV header and R rows, one per record (`rows` is optional: files written before it was counted lack it). Times
+are in microseconds (`*_us`), sizes in bytes (`nbytes`), probabilities in [0, 1].
 
 Writers are atomic (temporary file in the same folder + `os.replace`). Readers raise `ValueError` naming the file and
-the line for: a missing or malformed header, another format, an unknown schema version, missing or unknown columns,
-missing metadata keys, unparsable cells, impossible values (negative times, probabilities outside [0, 1], p10 > median
-or median > p90) and duplicate keys.
+the line for: a file in another encoding or a binary one, a file larger than `MAX_FILE_BYTES`, a missing or malformed
+header, another format, an unknown schema version, missing or unknown columns, missing metadata keys (or required ones
+that are not names), unparsable cells, impossible values (negative times, probabilities outside [0, 1], integers
+beyond 2**53, p10 > median or median > p90), duplicate keys, and a file that is not whole: no records, a last line
+without its line end (cut inside it), or fewer rows than the header counts (cut at a line end). Writers refuse the same.
+Messages quote values in about 80 characters (`quote`), whatever their size.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ class DataFile:
     kind: str
     metadata: Mapping[str, Any]
     records: tuple[Any, ...]
+    path: str = ""  # the file read, for the messages of those who use its records
 
 
 _TIME = {"kind": float, "minimum": 0.0}
@@ -169,14 +174,21 @@ CONTENTION_PROFILE = FileFormat(
 FORMATS = {f.kind: f for f in (LATENCY_PROFILE, ACCEPTANCE_TRACE, LINK_PROFILE, CONTENTION_PROFILE)}
 
 
+MAX_FILE_BYTES = 256 << 20  # a calibration file is at most a few MB; larger is not one
+MAX_INT = 2**53  # integers a float holds exactly (interpolation and sizes are computed in floats)
+
+
 def write_file(path: str | Path, fmt: FileFormat, metadata: Mapping[str, Any], records: Iterable[Any]) -> Path:
-    """Validate and write `records` atomically; returns the path."""
+    """Validate and write `records` atomically; returns the path. The header counts the rows (`rows`), so that a
+    reader can tell a whole file from one cut short at a line end."""
     path = Path(path)
     records = tuple(records)
     _check_metadata(path, fmt, metadata)
+    if not records:
+        raise ValueError(f"{path}: no records; a {fmt.kind} holds at least one")
     buffer = io.StringIO()
     header = {"format": f"eesd.{fmt.kind}", "schema_version": SCHEMA_VERSION, "metadata": dict(metadata)}
-    buffer.write("# " + json.dumps(header, sort_keys=True) + "\n")
+    buffer.write("# " + json.dumps({**header, "rows": len(records)}, sort_keys=True) + "\n")
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([c.name for c in fmt.columns])
     seen: set[tuple] = set()
@@ -190,11 +202,20 @@ def write_file(path: str | Path, fmt: FileFormat, metadata: Mapping[str, Any], r
 
 
 def read_file(path: str | Path, fmt: FileFormat) -> DataFile:
-    """Read and validate a file of format `fmt`."""
+    """Read and validate a file of format `fmt`: UTF-8, at most `MAX_FILE_BYTES`, whole (its last line ends with a
+    line end, and it has the rows its header counts where it counts them), at least one record."""
     path = Path(path)
-    with open(path, encoding="utf-8", newline="") as handle:
-        metadata = _read_header(path, fmt, handle.readline())
-        reader = csv.reader(handle)
+    text = read_text(path, MAX_FILE_BYTES, f"{fmt.kind} file")
+    if text and not text.endswith("\n"):
+        raise ValueError(
+            f"{path}:{text.count(chr(10)) + 1}: the last line has no line end: the file was cut short (every line a "
+            "writer writes ends with one; add the line end if the line is whole)"
+        )
+    handle = io.StringIO(text, newline="")
+    header = _read_header(path, fmt, handle.readline())
+    metadata = header["metadata"]
+    reader = csv.reader(handle)
+    try:
         names = next(reader, None)
         _check_columns(path, fmt, names or [])
         order = [names.index(c.name) for c in fmt.columns]
@@ -206,7 +227,24 @@ def read_file(path: str | Path, fmt: FileFormat) -> DataFile:
             record = fmt.record_type(*values)
             _check_record(path, line, fmt, record, seen)
             records.append(record)
-    return DataFile(fmt.kind, metadata, tuple(records))
+    except csv.Error as err:  # e.g. a cell beyond csv's field size limit
+        raise ValueError(f"{path}:{reader.line_num + 1}: not a CSV line ({err})") from None
+    _check_rows(path, fmt, header, len(records))
+    return DataFile(fmt.kind, metadata, tuple(records), str(path))
+
+
+def _check_rows(path: Path, fmt: FileFormat, header: Mapping[str, Any], count: int) -> None:
+    if count == 0:
+        raise ValueError(f"{path}: no records after the header; a {fmt.kind} holds at least one")
+    rows = header.get("rows")
+    if rows is None:  # files written before the header counted rows
+        return
+    if isinstance(rows, bool) or not isinstance(rows, int):
+        raise ValueError(f"{path}:1: header field 'rows' must be an integer, got {quote(rows)}")
+    if rows != count:
+        raise ValueError(
+            f"{path}: the header counts {rows} rows, the file has {count}: it was cut short or edited by hand"
+        )
 
 
 def write_latency_profile(path: str | Path, metadata: Mapping[str, Any], records: Iterable[LatencyRecord]) -> Path:
@@ -336,6 +374,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _read_header(path: Path, fmt: FileFormat, first_line: str) -> dict[str, Any]:
+    """The header line's JSON object (`format`, `schema_version`, `metadata`, `rows` where counted), checked."""
     expected = f"eesd.{fmt.kind}"
     if not first_line.startswith("#"):
         raise ValueError(f'{path}:1: expected a \'# {{"format": "{expected}", ...}}\' header line')
@@ -343,23 +382,29 @@ def _read_header(path: Path, fmt: FileFormat, first_line: str) -> dict[str, Any]
         header = json.loads(first_line[1:])
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:1: header is not valid JSON ({err.msg})") from None
+    except (ValueError, RecursionError) as err:  # a number beyond int's digit limit; nesting too deep
+        raise ValueError(f"{path}:1: header is not valid JSON ({type(err).__name__})") from None
     if not isinstance(header, dict) or header.get("format") != expected:
         found = header.get("format") if isinstance(header, dict) else header
-        raise ValueError(f"{path}:1: expected format {expected!r}, found {found!r}")
+        raise ValueError(f"{path}:1: expected format {expected!r}, found {quote(found)}")
     version = header.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{path}:1: unknown schema_version {version!r}; this reader knows {SCHEMA_VERSION}")
+        raise ValueError(f"{path}:1: unknown schema_version {quote(version)}; this reader knows {SCHEMA_VERSION}")
     metadata = header.get("metadata")
     if not isinstance(metadata, dict):
         raise ValueError(f"{path}:1: header field 'metadata' must be a JSON object")
     _check_metadata(path, fmt, metadata)
-    return metadata
+    return header
 
 
 def _check_metadata(path: Path, fmt: FileFormat, metadata: Mapping[str, Any]) -> None:
     missing = [key for key in fmt.required_metadata if key not in metadata]
     if missing:
         raise ValueError(f"{path}: metadata is missing {missing}; required: {list(fmt.required_metadata)}")
+    for key in fmt.required_metadata:
+        value = metadata[key]
+        if not isinstance(value, str) or not value or len(value) > 1000:
+            raise ValueError(f"{path}: metadata.{key}: expected a name (1 to 1000 characters), got {quote(value)}")
     try:
         json.dumps(dict(metadata))
     except TypeError as err:
@@ -394,7 +439,7 @@ def _parse_cell(path: Path, line: int, column: Column, text: str) -> Any:
         return column.kind(text)
     except ValueError:
         expected = "0 or 1" if column.kind is bool else f"a {column.kind.__name__}"
-        raise ValueError(f"{path}:{line}: column {column.name!r}: expected {expected}, got {text!r}") from None
+        raise ValueError(f"{path}:{line}: column {column.name!r}: expected {expected}, got {quote(text)}") from None
 
 
 def _check_record(path: Path, line: int, fmt: FileFormat, record: Any, seen: set[tuple]) -> None:
@@ -419,20 +464,20 @@ def _check_record(path: Path, line: int, fmt: FileFormat, record: Any, seen: set
 def _check_value(where: str, column: Column, value: Any) -> None:
     name = column.name
     if column.kind is bool and not isinstance(value, bool):
-        raise ValueError(f"{where}: column {name!r} must be a bool, got {value!r}")
-    if column.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{where}: column {name!r} must be an int, got {value!r}")
+        raise ValueError(f"{where}: column {name!r} must be a bool, got {quote(value)}")
+    if column.kind is int and (isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_INT):
+        raise ValueError(f"{where}: column {name!r} must be an int of at most 2**53, got {quote(value)}")
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if column.kind is float and not (is_number and math.isfinite(value)):
-        raise ValueError(f"{where}: column {name!r} must be a finite number, got {value!r}")
+        raise ValueError(f"{where}: column {name!r} must be a finite number, got {quote(value)}")
     if column.kind is str and (not isinstance(value, str) or value == "" or "\n" in value or "\r" in value):
-        raise ValueError(f"{where}: column {name!r} must be a non-empty one-line string, got {value!r}")
+        raise ValueError(f"{where}: column {name!r} must be a non-empty one-line string, got {quote(value)}")
     if column.choices and value not in column.choices:
-        raise ValueError(f"{where}: column {name!r} must be one of {list(column.choices)}, got {value!r}")
+        raise ValueError(f"{where}: column {name!r} must be one of {list(column.choices)}, got {quote(value)}")
     if column.minimum is not None and value < column.minimum:
-        raise ValueError(f"{where}: column {name!r} must be >= {column.minimum}, got {value!r}")
+        raise ValueError(f"{where}: column {name!r} must be >= {column.minimum}, got {quote(value)}")
     if column.maximum is not None and value > column.maximum:
-        raise ValueError(f"{where}: column {name!r} must be <= {column.maximum}, got {value!r}")
+        raise ValueError(f"{where}: column {name!r} must be <= {column.maximum}, got {quote(value)}")
 
 
 __all__ = [

@@ -133,10 +133,14 @@ class ProfileLatency:
         for record in self.profile.records:
             if record.cuda_graphs == self.cuda_graphs:
                 groups.setdefault((record.component, record.phase), []).append(record)
-        self._grids = {key: _Grid.build(key, rows) for key, rows in groups.items()}
+        source = self.profile.path or "latency profile"
+        self._grids = {key: _Grid.build(source, key, rows) for key, rows in groups.items()}
         for required in ("layer", "lm_head"):
             if not any(component == required for component, _ in self._grids):
-                raise ValueError(f"latency profile has no {required!r} rows with cuda_graphs={int(self.cuda_graphs)}")
+                raise ValueError(
+                    f"{source}: no {required!r} rows with cuda_graphs={int(self.cuda_graphs)} (the scenario's "
+                    f"latency.profile.cuda_graphs); it has {_row_kinds(self.profile.records)}"
+                )
 
     def has(self, component: str) -> bool:
         return any(c == component for c, _ in self._grids)
@@ -163,13 +167,17 @@ class _Grid:
     values: Mapping[tuple[int, int, int], float]
 
     @staticmethod
-    def build(key: tuple[str, str], rows: Sequence[LatencyRecord]) -> _Grid:
+    def build(source: str, key: tuple[str, str], rows: Sequence[LatencyRecord]) -> _Grid:
+        """The rows of one (component, phase): every (q, context_len, batch) of the axes they span must be there."""
         values = {(r.q, r.context_len, r.batch): r.median_us for r in rows}
         axes = tuple(tuple(sorted({point[i] for point in values})) for i in range(3))
-        missing = [(q, c, b) for q in axes[0] for c in axes[1] for b in axes[2] if (q, c, b) not in values]
-        if missing:
+        size = len(axes[0]) * len(axes[1]) * len(axes[2])
+        if size != len(values):
+            missing = next((q, c, b) for q in axes[0] for c in axes[1] for b in axes[2] if (q, c, b) not in values)
             raise ValueError(
-                f"latency profile {key}: grid over (q, context_len, batch) is incomplete, e.g. {missing[0]}"
+                f"{source}: rows of component {key[0]!r}, phase {key[1]!r}: the grid over (q, context_len, batch) "
+                f"is incomplete: it lacks {size - len(values)} of its {size} points, e.g. q={missing[0]}, "
+                f"context_len={missing[1]}, batch={missing[2]} (interpolation needs every point the rows span)"
             )
         return _Grid(axes, values)
 
@@ -197,6 +205,11 @@ def _bracket(xs: Sequence[int], x: float) -> tuple[int, int, float, bool]:
     return lo, hi, (x - lo) / (hi - lo), outside
 
 
+def _row_kinds(records: Sequence[LatencyRecord]) -> list[str]:
+    kinds = {(r.component, r.cuda_graphs) for r in records}
+    return [f"{component} (cuda_graphs={int(graphs)})" for component, graphs in sorted(kinds)]
+
+
 @dataclass
 class ProfiledLink:
     """A link from a link profile: linear in nbytes between points, edge slope outside (flagged)."""
@@ -208,7 +221,7 @@ class ProfiledLink:
     def __post_init__(self) -> None:
         points = sorted((r.nbytes, r.median_us) for r in self.profile.records)
         if not points:
-            raise ValueError("link profile has no rows")
+            raise ValueError(f"{self.profile.path or 'link profile'}: no rows")
         self._sizes = [n for n, _ in points]
         self._times = [t for _, t in points]
 

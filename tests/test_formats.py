@@ -41,6 +41,7 @@ def latency_records(draw: st.DrawFn) -> list[LatencyRecord]:
                 st.booleans(),
             ),
             unique=True,
+            min_size=1,
             max_size=20,
         )
     )
@@ -53,7 +54,8 @@ def latency_records(draw: st.DrawFn) -> list[LatencyRecord]:
 
 @st.composite
 def acceptance_records(draw: st.DrawFn) -> list[AcceptanceRecord]:
-    keys = draw(st.lists(st.tuples(text, st.integers(0, 4096), st.integers(1, 80)), unique=True, max_size=20))
+    key = st.tuples(text, st.integers(0, 4096), st.integers(1, 80))
+    keys = draw(st.lists(key, unique=True, min_size=1, max_size=20))
     return [
         AcceptanceRecord(prompt, pos, draw(st.integers(0, 10**6)), layer, draw(st.booleans()), draw(st.floats(0, 1)))
         for prompt, pos, layer in keys
@@ -62,7 +64,7 @@ def acceptance_records(draw: st.DrawFn) -> list[AcceptanceRecord]:
 
 @st.composite
 def link_records(draw: st.DrawFn) -> list[LinkRecord]:
-    sizes = draw(st.lists(st.integers(0, 10**10), unique=True, max_size=20))
+    sizes = draw(st.lists(st.integers(0, 10**10), unique=True, min_size=1, max_size=20))
     records = []
     for nbytes in sizes:
         p10, median, p90 = sorted(draw(st.lists(times, min_size=3, max_size=3)))
@@ -196,3 +198,89 @@ def test_head_metadata_is_read_without_torch_as_safetensors_reads_it(name: str, 
         read_head_metadata(tmp_path / "short.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         read_head_metadata(tmp_path / "missing.safetensors")
+
+
+# ---- whole files only: encodings, cuts, empty files, bounded messages ------------------------------------------------
+LINK_ROWS = "nbytes,median_us,p10_us,p90_us\n8,1.0,0.5,2.0\n16,2.0,1.5,2.5\n"
+
+
+def link_bytes(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "link.csv"
+    path.write_bytes(data)
+    return path
+
+
+def refused_file(path: Path, *fragments: str) -> str:
+    with pytest.raises(ValueError) as info:
+        read_link_profile(path)
+    message = str(info.value)
+    assert str(path) in message and len(message) < 400, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ((GOOD_HEADER + "\n" + LINK_ROWS).encode("utf-16"), ": UTF-16 text (it starts with a UTF-16 byte-order mark)"),
+        ((GOOD_HEADER + "\n" + LINK_ROWS).encode("utf-16-le"), ":1: NUL bytes in the first line"),
+        ((GOOD_HEADER + "\n" + LINK_ROWS).encode("utf-32"), ": UTF-32 text"),
+        ((GOOD_HEADER + "\n" + LINK_ROWS).encode() + b"\xff\xfe\x00\n", ":5: not UTF-8 text (byte 0xff at offset"),
+        (bytes(range(256)) * 4, ":2: not UTF-8 text (byte 0x80 at offset 128)"),
+        ((GOOD_HEADER + "\n" + LINK_ROWS).encode("latin-1").replace(b"gloo", b"gl\xf6\xf6"), ":1: not UTF-8 text"),
+    ],
+)
+def test_a_file_in_another_encoding_or_binary_is_one_message_with_its_line(
+    tmp_path: Path, data: bytes, fragment: str
+) -> None:
+    refused_file(link_bytes(tmp_path, data), fragment)
+
+
+def test_a_utf8_byte_order_mark_is_fine(tmp_path: Path) -> None:
+    path = link_bytes(tmp_path, b"\xef\xbb\xbf" + (GOOD_HEADER + "\n" + LINK_ROWS).encode())
+    assert len(read_link_profile(path).records) == 2
+
+
+@pytest.mark.parametrize("cut", [1, 3, 5, 9])
+def test_a_file_cut_inside_its_last_line_names_that_line(tmp_path: Path, cut: int) -> None:
+    """`16,2.0,1.5,2.5` cut to `16,2.0,1.5,2.` still parses: the missing line end is what tells a cut file."""
+    whole = (GOOD_HEADER + "\n" + LINK_ROWS).encode()
+    refused_file(link_bytes(tmp_path, whole[:-cut]), ":4: the last line has no line end: the file was cut short")
+
+
+def test_a_written_file_counts_its_rows_so_a_cut_at_a_line_end_is_refused(tmp_path: Path) -> None:
+    path = write_link_profile(
+        tmp_path / "link.csv", {"backend": "gloo"}, [LinkRecord(n, 1.0, 0.5, 2.0) for n in (8, 16, 32)]
+    )
+    assert json.loads(path.read_text().splitlines()[0][1:])["rows"] == 3
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))
+    refused_file(path, "the header counts 3 rows, the file has 2: it was cut short or edited by hand")
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("", ':1: expected a \'# {"format": "eesd.link_profile"'),
+        (GOOD_HEADER + "\n", ":2: columns [] do not match"),
+        (GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n", ": no records after the header"),
+        (GOOD_HEADER.replace('"backend": "gloo"', '"backend": {"a": 1}') + "\n", "metadata.backend: expected a name"),
+        ("# " + "[" * 100_000 + "\n", ":1: header is not valid JSON"),
+        ('# {"format": "' + "x" * 100_000 + '"}\n', ":1: expected format 'eesd.link_profile', found 'xxxx"),
+        (GOOD_HEADER.replace("}}", '}, "rows": "3"}') + "\n" + LINK_ROWS, ":1: header field 'rows' must be an integer"),
+        (GOOD_HEADER + "\n" + LINK_ROWS + "9" * 100 + ",1,1,1\n", ":5: column 'nbytes' must be an int of at most"),
+        (GOOD_HEADER + "\n" + LINK_ROWS + "7," + "1" * 200_000 + ",1,1\n", ":5: not a CSV line (field larger than"),
+        (GOOD_HEADER + "\n" + LINK_ROWS + "7," + "x" * 5_000 + ",1,1\n", ":5: column 'median_us': expected a float"),
+    ],
+)
+def test_empty_cut_or_outsized_files_are_one_bounded_message(tmp_path: Path, content: str, fragment: str) -> None:
+    refused_file(link_bytes(tmp_path, content.encode()), fragment)
+
+
+def test_writers_refuse_what_readers_refuse(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no records; a link_profile holds at least one"):
+        write_link_profile(tmp_path / "l.csv", {"backend": "gloo"}, [])
+    with pytest.raises(ValueError, match="metadata.backend: expected a name"):
+        write_link_profile(tmp_path / "l.csv", {"backend": ""}, [LinkRecord(8, 1.0, 0.5, 2.0)])
+    assert not list(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""Hostile scenario inputs (issue 21): each is refused in one bounded line naming the file and the field or line,
+"""Hostile scenario inputs: each is refused in one bounded line naming the file and the field or line,
 or, where it is a legitimate request, runs within the limits the scenario states."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from sim import cli as sim_cli
+from sim.formats import LatencyRecord, write_latency_profile
 from sim.scenario import ALIAS_VALUE_BUDGET, ScenarioError, load_points, validate
 
 BASE = {
@@ -55,7 +56,7 @@ def alias_bomb(levels: int, field: str = "description") -> str:
     return "\n".join([*lines, ""])
 
 
-# ---- item 2: YAML alias bombs and unbounded echoes -------------------------------------------------------------------
+# ---- YAML alias bombs and unbounded echoes ---------------------------------------------------------------------------
 def test_an_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
     path = write(tmp_path, alias_bomb(6))  # 9**6 = 531,441 values once expanded
     tracemalloc.start()
@@ -113,7 +114,7 @@ def test_a_scenario_larger_than_the_yaml_limit_is_refused_unread(tmp_path: Path)
     refused(write(tmp_path, scenario_text() + "#" * (2 << 20) + "\n"), "larger than 1,048,576 bytes")
 
 
-# ---- item 7: values of the wrong type and keys given twice -----------------------------------------------------------
+# ---- values of the wrong type and keys given twice -------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("fields", "fragment"),
     [
@@ -182,7 +183,7 @@ def test_a_bad_value_inside_an_inline_object_is_named_first(tmp_path: Path, fiel
     assert first_line in message.splitlines()[0] and "valid string" not in message
 
 
-# ---- item 8: --out naming a file ------------------------------------------------------------------------------------
+# ---- --out naming a file ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("out", ["a_file", "a_file/sub", "a_file/sub/deeper"])
 def test_out_naming_a_file_or_inside_one_is_one_line_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture, out: str
@@ -195,7 +196,7 @@ def test_out_naming_a_file_or_inside_one_is_one_line_before_anything_runs(
     assert captured.out == "" and (tmp_path / "a_file").read_text() == "keep me\n"
 
 
-# ---- item 10: the name is one folder name ---------------------------------------------------------------------------
+# ---- the name is one folder name -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["../../escaped_out", "a/b", "..", ".", "", "a\\b", "tab\there", "x" * 201])
 def test_a_name_that_is_not_one_folder_name_is_refused(tmp_path: Path, name: str) -> None:
     refused(write(tmp_path, scenario_text(name=name)), "name: expected a folder name")
@@ -209,3 +210,30 @@ def test_the_default_output_folder_stays_under_runs(
     assert sim_cli.main([str(path), "--no-progress"]) == 0
     assert (tmp_path / "runs" / "my run-1.2" / "results.csv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "s.yaml"]
+
+
+# ---- calibration files that cannot serve a scenario: the message names the file --------------------------------------
+META = {"device": "CPU: test", "dtype": "float32", "model": "SmolLM2-135M"}
+
+
+def profile_rows(grid: list[tuple[int, int]], components: tuple[str, ...] = ("layer", "lm_head")) -> list:
+    return [
+        LatencyRecord(c, "verify", q, context, 1, False, 10.0, 9.0, 11.0) for c in components for q, context in grid
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rows", "fragment"),
+    [
+        (profile_rows([(1, 0), (2, 0), (1, 512)]), "rows of component 'layer', phase 'verify': the grid over"),
+        (profile_rows([(1, 0)], ("lm_head",)), "no 'layer' rows with cuda_graphs=0"),
+    ],
+)
+def test_a_profile_that_cannot_cost_a_pass_names_the_file_and_its_rows(
+    tmp_path: Path, rows: list, fragment: str
+) -> None:
+    profile = write_latency_profile(tmp_path / "profile.csv", META, rows)
+    text = scenario_text(dtype="fp32", latency={"profile": {"path": profile.name, "cuda_graphs": False}})
+    with pytest.raises(ValueError) as info:
+        load_points(write(tmp_path, text))
+    assert str(profile) in str(info.value) and fragment in str(info.value)
