@@ -503,7 +503,7 @@ def _launch(jobs: list[WorkerJob], sink: TokenSink, stall_timeout_s: float) -> d
         context.Process(target=_worker, args=(rank, init_method, job, pipes[rank][1]), daemon=True)
         for rank, job in enumerate(jobs)
     ]
-    watch = Watch(processes, [reader for reader, _ in pipes], sink, stall_timeout_s)
+    watch = StageWatch(processes, [reader for reader, _ in pipes], sink, stall_timeout_s)
     finished = False
     try:
         for rank, process in enumerate(processes):
@@ -520,7 +520,7 @@ def _launch(jobs: list[WorkerJob], sink: TokenSink, stall_timeout_s: float) -> d
             writer.close()
 
 
-class Watch:
+class StageWatch:
     """The caller's side of the stage processes' pipes: tokens into the sink, the stats of each rank, and the run
     stopped with `PPSDWorkerError` naming the stage at fault (see the module docstring)."""
 
