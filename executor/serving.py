@@ -16,9 +16,9 @@ are those it gets alone with AR (greedy, or exact sampling for the same seed): p
 attention mask of a static pass sees only slots up to a query's position, and a slot's stale entries past a new
 request's positions are never visible.
 
-Stale KV past a request's position is harmless (masked), and a view's books (`KVCache.lengths`) are set from the
-running requests' positions before every round. Greedy and exact sampling only; rejection sampling and repetition
-penalties keep per-row state the slots do not carry over, and are refused.
+A view's books (`KVCache.lengths`) are set from the running requests' positions before every round. Greedy and exact
+sampling only; rejection sampling and repetition penalties keep per-row state the slots do not carry over, and are
+refused. Passes run uncaptured (the CPU path).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from executor.adapter import ModelAdapter
-from executor.api import check_arguments
+from executor.api import check_arguments, check_policies
 from executor.decoding import (
     GenerationStats,
     RoundVerdicts,
@@ -234,44 +234,51 @@ def serve(
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
     config = sampling or SamplingConfig(seed=seed)
     check_serving(method, config)
-    requests = workload.requests
     prompts = [list(p) for p in prompts]
-    if len(prompts) != len(requests):
-        raise ValueError(f"got {len(prompts)} prompts for {len(requests)} requests: one prompt per request")
-    if not isinstance(max_batch, int) or max_batch < 1:
+    if len(prompts) != len(workload.requests):
+        raise ValueError(f"got {len(prompts)} prompts for {len(workload.requests)} requests: one prompt per request")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     exit_head = None
     if method == "eesd":
         exit_head, exit_layer = _exit_head(adapter, head, exit_layer)
     else:
         exit_layer = None
-    max_output = max(r.output_len for r in requests)
+    max_output = max(r.output_len for r in workload.requests)
     check_arguments(adapter, prompts, method, exit_layer, max_output)
+    shape = make_policy(policy) if method == "eesd" else None
+    if shape is not None:
+        check_policies(adapter, [shape])
+    max_draft = shape.max_draft_len if shape is not None else 0
+    tokens_of = kv_tokens(method, max_draft)
+    _check_kv_budget(workload, tokens_of, kv_capacity_tokens)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    decoder = SlotDecoder(
+        adapter, method=method, max_batch=max_batch, exit_layer=exit_layer, head=exit_head, max_draft=max_draft,
+        capacity=cache_capacity(method, max(len(p) for p in prompts), max_output, max_draft, captured=False),
+        confidence=shape is not None and shape.needs_confidence, config=config, eos=eos,
+    )  # fmt: skip
     cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
 
     def policy_of(request: Request) -> DraftPolicy | None:
-        if method != "eesd":
+        """Each request's own policy, seeded by its index (the output never depends on it)."""
+        if shape is None:
             return None
         return make_policy(policy, rng=random.Random(seed * 7919 + request.index), cost_ratio=cost_ratio)
 
-    shape = make_policy(policy) if method == "eesd" else None
-    max_draft = shape.max_draft_len if shape is not None else 0
-    capacity = cache_capacity(method, max(len(p) for p in prompts), max_output, max_draft, captured=False)
-    tokens_of = kv_tokens(method, max_draft)
-    if kv_capacity_tokens is not None:
-        largest = max(requests, key=tokens_of)
-        if tokens_of(largest) > kv_capacity_tokens:
-            raise ValueError(
-                f"kv_capacity_tokens {kv_capacity_tokens}: request {largest.index} needs {tokens_of(largest)} tokens, "
-                "so it could never be admitted"
-            )
-    decoder = SlotDecoder(
-        adapter, method=method, max_batch=max_batch, capacity=capacity, exit_layer=exit_layer, head=exit_head,
-        max_draft=max_draft, confidence=shape is not None and shape.needs_confidence, config=config, eos=eos,
-    )  # fmt: skip
     loop = _ServeLoop(decoder, workload, prompts, Admission(max_batch, kv_capacity_tokens, tokens_of), policy_of)
     return loop.run(clock, sleep)
+
+
+def _check_kv_budget(workload: Workload, tokens_of: Callable[[Request], int], budget: int | None) -> None:
+    if budget is None:
+        return
+    largest = max(workload.requests, key=tokens_of)
+    if tokens_of(largest) > budget:
+        raise ValueError(
+            f"kv_capacity_tokens {budget}: request {largest.index} needs {tokens_of(largest)} tokens, so it could "
+            "never be admitted"
+        )
 
 
 def _exit_head(adapter: ModelAdapter, head: Any, exit_layer: int | None) -> tuple[Any, int]:

@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
 
+from executor.adapter import ModelAdapter
 from executor.api import generate
 from executor.cli import main as eesd
+from executor.heads import TrainedExitHead
 from executor.sampling import SamplingConfig
 from executor.serving import SlotDecoder, serve
 from sim.serving import metrics
@@ -73,12 +75,15 @@ def test_rows_move_when_an_earlier_row_leaves(monkeypatch):
     outputs = [9, 2, 7, 3, 5, 8, 1, 6, 4, 10]
     requests = tuple(Request(i, 3 + i % 4, n, 0.0) for i, n in enumerate(outputs))
     prompts = [[(7 * i + j) % 64 for j in range(r.prompt_len)] for i, r in enumerate(requests)]
-    for method in ("ar", "eesd"):
+    trained = TrainedExitHead(ModelAdapter(model), 2).double().requires_grad_(False)  # a head with its own KV layer
+    for method, head in (("ar", None), ("eesd", None), ("eesd", trained)):
         moves.clear()
-        outcome = serve(model, Workload(requests), prompts, method=method, exit_layer=2, policy="fixed:3", max_batch=3)
+        outcome = serve(model, Workload(requests), prompts, method=method, exit_layer=2, policy="fixed:3",
+                        max_batch=3, head=head)  # fmt: skip
         assert moves, method
         for request, prompt, output in zip(requests, prompts, outcome.outputs, strict=True):
             assert output == alone(model, prompt, request.output_len, None), (method, request)
+    assert sum(outcome.stats.accepted) > 0
 
 
 def test_exact_sampling_and_a_closed_loop():
