@@ -95,14 +95,14 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
     outcome)."""
     from executor.serving import serve
     from sim.serving import metrics
-    from sim.workload import Request, Workload
+    from sim.workload import Request, ServingWorkload
 
     common = dict(
         method=method, exit_layer=args.exit_layer, policy=args.policy, head=args.head, max_batch=args.max_batch,
         kv_capacity_tokens=args.kv_capacity_tokens, eos_token_id=eos, seed=args.seed,
     )  # fmt: skip
     first = workload.requests[0]
-    warm = Workload((Request(0, first.prompt_len, min(first.output_len, 4), 0.0),))
+    warm = ServingWorkload((Request(0, first.prompt_len, min(first.output_len, 4), 0.0),))
     serve(model, warm, prompts[:1], **common)
     outcome = serve(model, workload, prompts, **common)
     row = {"method": method, **metrics(outcome.result, slo)}

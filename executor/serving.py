@@ -55,7 +55,7 @@ from executor.sampling import SamplingConfig, TokenSelector
 from sim.contract import cache_capacity, default_exit_layer
 from sim.policy import DraftPolicy, make_policy
 from sim.serving import Admission, RequestRecord, ServingResult, kv_tokens
-from sim.workload import ClosedLoopUsers, Request, Workload
+from sim.workload import ClosedLoopUsers, Request, ServingWorkload
 
 SERVE_METHODS = ("ar", "eesd")
 
@@ -213,7 +213,7 @@ def check_serving(method: str, config: SamplingConfig) -> None:
 @torch.inference_mode()
 def serve(
     model: torch.nn.Module | ModelAdapter,
-    workload: Workload,
+    workload: ServingWorkload,
     prompts: Sequence[Sequence[int]],
     *,
     method: str = "ar",
@@ -270,7 +270,7 @@ def serve(
     return loop.run(clock, sleep)
 
 
-def _check_kv_budget(workload: Workload, tokens_of: Callable[[Request], int], budget: int | None) -> None:
+def _check_kv_budget(workload: ServingWorkload, tokens_of: Callable[[Request], int], budget: int | None) -> None:
     if budget is None:
         return
     largest = max(workload.requests, key=tokens_of)
@@ -296,7 +296,7 @@ class _ServeLoop:
     def __init__(
         self,
         decoder: SlotDecoder,
-        workload: Workload,
+        workload: ServingWorkload,
         prompts: list[list[int]],
         admission: Admission,
         policy_of: Callable[[Request], DraftPolicy | None],

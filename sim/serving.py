@@ -57,7 +57,7 @@ from sim.hardware import GPUS, gpu_named_by
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
 from sim.scenario import GPUConfig, Point, Scenario, ScenarioError, read_yaml, validate
-from sim.workload import ClosedLoopUsers, Request, Workload, WorkloadError, build_workload, parse_spec, with_rate
+from sim.workload import ClosedLoopUsers, Request, ServingWorkload, WorkloadError, build_workload, parse_spec, with_rate
 
 MAX_BATCH = 4096
 KV_MEMORY_SHARE = 0.9  # the share of a GPU's memory that weights and KV cache may take (the rest: activations)
@@ -95,7 +95,7 @@ class ServingPoint:
     method: str
     rate_per_s: float | None
     plan: SimPlan
-    workload: Workload
+    workload: ServingWorkload
     max_batch: int
     kv_capacity_tokens: int | None
     slo: SLO
@@ -199,7 +199,7 @@ def _workload_spec(config: ServingConfig, path: Path, where: str) -> tuple[Any, 
 
 
 def _plan(
-    path: Path, data: dict[str, Any], method: str, workload: Workload, max_batch: int, where: str
+    path: Path, data: dict[str, Any], method: str, workload: ServingWorkload, max_batch: int, where: str
 ) -> tuple[SimPlan, Scenario]:
     """The simulator's plan for one method: the scenario's fields, with a static workload of the longest prompt and
     output at `max_batch` (the executor's serving cache holds that many slots a row; the cost ratio is taken there)."""
@@ -256,7 +256,7 @@ def _inline_gpus(scenario: Scenario) -> list[GPUConfig]:
     return [gpu for gpu in (topology.gpu, *(stage.gpu for stage in stages)) if isinstance(gpu, GPUConfig)]
 
 
-def _check_fits(plan: SimPlan, workload: Workload, capacity: int | None, where: str) -> None:
+def _check_fits(plan: SimPlan, workload: ServingWorkload, capacity: int | None, where: str) -> None:
     if capacity is None:
         return
     tokens = plan_kv_tokens(plan)
@@ -429,7 +429,9 @@ class _Row:
 class ServingSimulation:
     """One serving run of a plan over a workload (see the module docstring for the schedule). Create one per run."""
 
-    def __init__(self, plan: SimPlan, workload: Workload, max_batch: int, kv_capacity_tokens: int | None) -> None:
+    def __init__(
+        self, plan: SimPlan, workload: ServingWorkload, max_batch: int, kv_capacity_tokens: int | None
+    ) -> None:
         if plan.method not in SERVING_METHODS:
             raise ValueError(PPSD_REFUSAL if plan.method == "ppsd" else f"method must be ar or eesd: {plan.method}")
         self.plan, self.workload = plan, workload

@@ -156,7 +156,7 @@ class Request:
 
 
 @dataclass(frozen=True)
-class Workload:
+class ServingWorkload:
     """The requests in index order; `users` is the closed loop's number of users (None: open loop)."""
 
     requests: tuple[Request, ...]
@@ -181,7 +181,7 @@ class ClosedLoopUsers:
     (at time 0 for each user's first). Requests are handed out in index order as users become free, so the same
     request carries the same lengths and think time whatever the order of completions."""
 
-    def __init__(self, workload: Workload) -> None:
+    def __init__(self, workload: ServingWorkload) -> None:
         if workload.users is None:
             raise ValueError("a closed loop needs a workload with users")
         self.requests = workload.requests
@@ -203,7 +203,7 @@ class ClosedLoopUsers:
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------------
-def load_workload(path: str | Path) -> Workload:
+def load_workload(path: str | Path) -> ServingWorkload:
     """Read and validate a workload YAML file and draw its requests."""
     path = Path(path)
     if not path.is_file():
@@ -247,7 +247,7 @@ def _is_union_tag(part: str) -> bool:
     return "[" in part or part.startswith(("function-", "tagged-union"))
 
 
-def build_workload(spec: WorkloadSpec, base_dir: Path, where: str, prefix: str = "") -> Workload:
+def build_workload(spec: WorkloadSpec, base_dir: Path, where: str, prefix: str = "") -> ServingWorkload:
     """Draw the requests of a validated spec (a trace is read relative to `base_dir`)."""
     trace = None
     if isinstance(spec.arrival, TraceArrivals):
@@ -264,14 +264,14 @@ def build_workload(spec: WorkloadSpec, base_dir: Path, where: str, prefix: str =
         users = arrival.users
         thinks = _think_times(arrival, count, _stream(spec.seed, "think"))
         requests = tuple(Request(i, prompts[i], outputs[i], None, thinks[i]) for i in range(count))
-        return Workload(requests, users, where)
+        return ServingWorkload(requests, users, where)
     if trace is not None:
         times = [row[0] for row in trace[:count]]
         ids = [row[3] for row in trace[:count]]
     else:
         times, ids = arrival_times(arrival, count, _stream(spec.seed, "arrival")), [None] * count
     requests = tuple(Request(i, prompts[i], outputs[i], times[i], 0.0, ids[i]) for i in range(count))
-    return Workload(requests, users, where)
+    return ServingWorkload(requests, users, where)
 
 
 def with_rate(spec: WorkloadSpec, rate_per_s: float, where: str, field: str) -> WorkloadSpec:

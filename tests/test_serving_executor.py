@@ -20,7 +20,7 @@ from executor.heads import TrainedExitHead
 from executor.sampling import SamplingConfig
 from executor.serving import SlotDecoder, serve
 from sim.serving import metrics
-from sim.workload import Request, Workload
+from sim.workload import Request, ServingWorkload
 
 
 def alone(model, prompt: list[int], max_new_tokens: int, eos: int | None, **sampling) -> list[int]:
@@ -40,7 +40,7 @@ def serving_cases(draw):
     arrivals = [sum(gaps_ms[: i + 1]) / 1e3 for i in range(count)]
     requests = tuple(Request(i, len(p), outputs[i], arrivals[i]) for i, p in enumerate(prompts))
     eos = draw(st.none() | st.integers(0, spec.vocab - 1))
-    return model, exit_layer, Workload(requests), prompts, eos
+    return model, exit_layer, ServingWorkload(requests), prompts, eos
 
 
 @settings(max_examples=25)
@@ -78,7 +78,7 @@ def test_rows_move_when_an_earlier_row_leaves(monkeypatch):
     trained = TrainedExitHead(ModelAdapter(model), 2).double().requires_grad_(False)  # a head with its own KV layer
     for method, head in (("ar", None), ("eesd", None), ("eesd", trained)):
         moves.clear()
-        outcome = serve(model, Workload(requests), prompts, method=method, exit_layer=2, policy="fixed:3",
+        outcome = serve(model, ServingWorkload(requests), prompts, method=method, exit_layer=2, policy="fixed:3",
                         max_batch=3, head=head)  # fmt: skip
         assert moves, method
         for request, prompt, output in zip(requests, prompts, outcome.outputs, strict=True):
@@ -92,7 +92,7 @@ def test_exact_sampling_and_a_closed_loop():
     model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=64, seed=5)), 2, 0.2)
     rng = random.Random(1)
     requests = tuple(Request(i, 4 + i % 3, 6 + i % 5, None, 0.001) for i in range(7))
-    workload = Workload(requests, users=2)
+    workload = ServingWorkload(requests, users=2)
     prompts = [[rng.randrange(64) for _ in range(r.prompt_len)] for r in requests]
     config = SamplingConfig(do_sample=True, temperature=0.8, top_k=20, seed=11)
     outcome = serve(model, workload, prompts, method="eesd", exit_layer=2, policy="fixed:2", max_batch=2,
@@ -111,7 +111,7 @@ def test_kv_budget_limits_what_runs_at_once():
     model = tiny_model(TinySpec(num_layers=2, vocab=50, seed=2))
     requests = tuple(Request(i, 5, 6, 0.0) for i in range(6))
     prompts = [[1 + i, 2, 3, 4, 5] for i in range(6)]
-    outcome = serve(model, Workload(requests), prompts, max_batch=6, kv_capacity_tokens=2 * 12)  # 5 + 6 + 1 each
+    outcome = serve(model, ServingWorkload(requests), prompts, max_batch=6, kv_capacity_tokens=2 * 12)  # 5 + 6 + 1 each
     records = outcome.result.records
     assert max(sum(1 for r in records if r.start_s <= t < r.finish_s) for t in [r.start_s for r in records]) == 2
     for request, prompt, output in zip(requests, prompts, outcome.outputs, strict=True):
@@ -120,7 +120,7 @@ def test_kv_budget_limits_what_runs_at_once():
 
 def test_bad_serving_inputs_refused():
     model = tiny_model(TinySpec(num_layers=2, vocab=50))
-    workload = Workload((Request(0, 3, 4, 0.0),))
+    workload = ServingWorkload((Request(0, 3, 4, 0.0),))
     with pytest.raises(ValueError, match="ppsd.*decodes batch size 1"):
         serve(model, workload, [[1, 2, 3]], method="ppsd")
     with pytest.raises(ValueError, match="one prompt per request"):
