@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from sim import tables
 from sim.formats import write_text_atomic
 from sim.progress import progress_bar
 from sim.runner import plots_available
@@ -200,14 +201,5 @@ def summary_table(runs: Sequence[ServingRun]) -> str:
 
 
 def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """`columns` of `rows` as a fixed-width table with short heads (also `eesd serve-bench`'s)."""
-    table = [[HEADS.get(c, c) for c in columns]] + [[_short(r[c]) for c in columns] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-    return str(value)
+    """`columns` of `rows` as a fixed-width table with the serving metrics' short heads (also `eesd serve-bench`'s)."""
+    return tables.text_table(rows, columns, HEADS)
