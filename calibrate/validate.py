@@ -19,10 +19,12 @@ are within the tolerance. Noise is kept apart from error: the executor runs each
 interleaved (every configuration once, forward, then backward, ...), and the comparison takes the median tokens/s and
 reports the run-to-run spread, (max - min) / median; a point whose spread exceeds the tolerance is flagged (its error
 cannot be told from the machine's noise). Beside each run (uncaptured profiles) a probe times the profile's
-one-token layer point again: its median over the profile's value, the slowdown, scales the prediction to the
-machine's conditions of the moment (`error now`: the drift since the profile was measured left out, every component
-assumed to slow alike). Planning (`plan`) and the comparison are torch-free; `measure` imports
-torch and the executor. Every scenario problem is a `ValueError` naming the file, the field and what was expected.
+one-token layer point again: over the profile's value, the slowdown of that run's conditions. Each run's tokens/s
+times its slowdown is what it would have been at the profile's conditions; the median of those against the
+prediction is the `error now` (the drift since the profile was measured left out, every component assumed to slow
+alike), and their spread says how much of the run-to-run spread the probe explains. Planning (`plan`) and the
+comparison are torch-free; `measure` imports torch and the executor. Every scenario problem is a `ValueError` naming
+the file, the field and what was expected.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ class Comparison:
     measured_runs: tuple[float, ...] = ()  # tokens/s of each repeat, in the order they ran
     measured_decode_tokens: int = 0
     predicted_decode_tokens: int = 0
-    slowdown: float | None = None  # the profile's layer point timed beside the runs, over the profile's value
+    slowdowns: tuple[float, ...] = ()  # per run: the profile's layer point timed beside it, over the profile's value
 
     @property
     def label(self) -> str:
@@ -156,20 +158,32 @@ class Comparison:
         return relative_error(self.predicted_tokens_per_round, self.measured_tokens_per_round)
 
     @property
+    def slowdown(self) -> float | None:
+        """The median slowdown of the runs' conditions against the profile's."""
+        return statistics.median(self.slowdowns) if self.slowdowns else None
+
+    @property
+    def at_profile_conditions(self) -> tuple[float, ...]:
+        """Each run's tokens/s times its own slowdown: what it would have been in the profile's conditions."""
+        return tuple(r * s for r, s in zip(self.measured_runs, self.slowdowns, strict=True)) if self.slowdowns else ()
+
+    @property
     def tokens_per_s_error_now(self) -> float | None:
-        """The error with the prediction scaled by the slowdown measured beside the runs: the model's error under the
-        machine's conditions of the moment, the drift since the profile left out."""
-        if not self.slowdown:
-            return None
-        return relative_error(self.predicted_tokens_per_s / self.slowdown, self.measured_tokens_per_s)
+        """The prediction against the runs brought to the profile's conditions (their median): the model's error
+        with the machine's drift since the profile left out."""
+        adjusted = self.at_profile_conditions
+        return relative_error(self.predicted_tokens_per_s, statistics.median(adjusted)) if adjusted else None
+
+    @property
+    def spread_now(self) -> float | None:
+        """The spread of the runs brought to the profile's conditions: what the probe leaves of the noise."""
+        adjusted = self.at_profile_conditions
+        return _spread(adjusted) if adjusted else None
 
     @property
     def spread(self) -> float:
         """Run-to-run spread of the measured tokens/s: (max - min) / median (0 for one run)."""
-        runs = self.measured_runs
-        if len(runs) < 2 or self.measured_tokens_per_s <= 0:
-            return 0.0
-        return (max(runs) - min(runs)) / self.measured_tokens_per_s
+        return _spread(self.measured_runs)
 
     def within(self, tolerance: float) -> bool:
         return abs(self.tokens_per_s_error) <= tolerance and abs(self.tokens_per_round_error) <= tolerance
@@ -199,15 +213,20 @@ class Comparison:
             "executor_runs_tokens_per_s": [round(r, 3) for r in self.measured_runs],
             "spread": _rounded(self.spread, 4),
             "spread_exceeds_tolerance": self.noisy(tolerance),
-            "slowdown_since_profile": _rounded(self.slowdown, 4) if self.slowdown else None,
-            "tokens_per_s_error_now": _rounded(self.tokens_per_s_error_now, 4)
-            if self.tokens_per_s_error_now is not None
-            else None,
+            "slowdowns_since_profile": [round(s, 4) for s in self.slowdowns],
+            "tokens_per_s_error_now": _optional(self.tokens_per_s_error_now),
+            "spread_now": _optional(self.spread_now),
             "executor_decode_tokens": self.measured_decode_tokens,
             "sim_decode_tokens": self.predicted_decode_tokens,
             "extrapolated": self.extrapolated,
             "within_tolerance": self.within(tolerance),
         }
+
+
+def _spread(values: Sequence[float]) -> float:
+    """(max - min) / median; 0 for fewer than two values or a median of 0."""
+    middle = statistics.median(values) if len(values) > 1 else 0.0
+    return (max(values) - min(values)) / middle if middle > 0 else 0.0
 
 
 def relative_error(predicted: float, measured: float) -> float:
@@ -230,6 +249,10 @@ def check_tolerance(tolerance: float) -> None:
 
 def _rounded(value: float, digits: int) -> float | None:
     return round(value, digits) if math.isfinite(value) else None
+
+
+def _optional(value: float | None) -> float | None:
+    return None if value is None else _rounded(value, 4)
 
 
 # ---- planning (torch-free) ------------------------------------------------------------------------------------------
@@ -628,7 +651,7 @@ def measure(
         "probe": None
         if probe is None
         else f"one pass over the layers at (verify, q 1, context {plan_.probe_context}, "
-        "batch 1), timed before and after each run: slowdown = its median over the profile's value",
+        "batch 1), timed before and after each run: that run's slowdown = their mean over the profile's value",
     }
     return [TargetRuns(tuple(r), tuple(p)) for r, p in zip(runs, probes, strict=True)], metadata
 
@@ -717,14 +740,15 @@ def encoded_prompts(plan_: Plan, tokenizer: Any) -> list[list[int]]:
 
 
 def compare(plan_: Plan, measured: Sequence[TargetRuns]) -> list[Comparison]:
-    """Simulate every target and pair it with its runs (the median tokens/s of its repeats) and the slowdown its
-    probes saw against the profile."""
+    """Simulate every target and pair it with its runs (the median tokens/s of its repeats) and the slowdown the
+    probes around each run saw against the profile."""
     profiled = _profiled_probe_us(plan_)
     rows = []
     for target, runs in zip(plan_.targets, measured, strict=True):
         predicted, extrapolated = predict(target)
         rates = [m.tokens_per_s for m in runs.runs]
-        slowdown = statistics.median(runs.probe_us) / profiled if runs.probe_us and profiled else None
+        pairs = zip(runs.probe_us[::2], runs.probe_us[1::2], strict=True)  # before and after each run
+        slowdowns = tuple((before + after) / 2 / profiled for before, after in pairs) if profiled else ()
         rows.append(
             Comparison(
                 method=target.method,
@@ -740,7 +764,7 @@ def compare(plan_: Plan, measured: Sequence[TargetRuns]) -> list[Comparison]:
                 measured_runs=tuple(rates),
                 measured_decode_tokens=runs.runs[0].decode_tokens,
                 predicted_decode_tokens=predicted.decode_tokens,
-                slowdown=slowdown,
+                slowdowns=slowdowns,
             )
         )
     return rows
@@ -760,7 +784,7 @@ def _profiled_probe_us(plan_: Plan) -> float | None:
 def table(comparisons: Sequence[Comparison], tolerance: float) -> str:
     """One line per point: measured (median) and predicted tokens/s with the run-to-run spread and the error, and
     tokens/round (PPSD: per tick) with its error; `!` marks a spread above the tolerance, `*` an extrapolation."""
-    heads = ["point", "measured tok/s", "spread", "predicted tok/s", "error", "slowdown", "error now",
+    heads = ["point", "measured tok/s", "spread", "predicted tok/s", "error", "slowdown", "error now", "spread now",
              "measured tok/round", "predicted tok/round", "error", "ok"]  # fmt: skip
     lines = [heads]
     for c in comparisons:
@@ -770,6 +794,7 @@ def table(comparisons: Sequence[Comparison], tolerance: float) -> str:
             f"{c.measured_tokens_per_s:.2f}", f"{100 * c.spread:.1f}%" + ("!" if c.noisy(tolerance) else ""),
             f"{c.predicted_tokens_per_s:.2f}", _percent(c.tokens_per_s_error),
             f"{c.slowdown:.2f}x" if c.slowdown else "-", _percent(now) if now is not None else "-",
+            f"{100 * c.spread_now:.1f}%" if c.spread_now is not None else "-",
             f"{c.measured_tokens_per_round:.3f}", f"{c.predicted_tokens_per_round:.3f}",
             _percent(c.tokens_per_round_error), "yes" if c.within(tolerance) else "NO",
         ])  # fmt: skip

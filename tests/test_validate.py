@@ -58,7 +58,7 @@ def fail_with(capsys, argv: list[str], *fragments: str) -> str:
         ({"acceptance": {"alpha": 0.3}}, ("acceptance:", "acceptance.trace", "got alpha")),
         ({"sweep": {"workload.prompt_len": [64, 128]}}, ("sweep:", "changes workload", "method, exit_layer, policy")),
         ({"topology__stages": 2}, ("topology:", "stages: 1")),
-        ({"topology__tp": 2}, ("topology.tp:", "expected 1, got 2")),
+        ({"topology__tp": 3}, ("topology.tp:", "expected 1, got 3")),
         ({**PPSD, "workload__batch_size": 2}, ("workload.batch_size:", "PPSD decodes one prompt", "expected 1, got 2")),
         ({**PPSD, "max_in_flight": 1}, ("max_in_flight:", "one token per stage")),
         ({**PPSD, "ppsd_backend": "streams"}, ("ppsd_backend:", "streams runs one CUDA stream", "measured on cpu")),
@@ -128,9 +128,11 @@ def test_relative_error_and_tolerance_on_constructed_numbers() -> None:
     # the repeats' spread is told apart from the error: (max - min) / median, flagged above the tolerance
     assert fast.spread == pytest.approx(0.25) and fast.noisy(0.2) and not fast.noisy(0.25) and slow.spread == 0.0
     assert fast.row(0.2)["spread_exceeds_tolerance"] is True and fast.row(0.2)["executor_runs_tokens_per_s"][2] == 11.5
-    # a slowdown measured beside the runs scales the prediction: the error under the conditions of the moment
-    drifted = dataclasses.replace(fast, slowdown=1.2)
-    assert drifted.tokens_per_s_error_now == pytest.approx(0.0) and fast.tokens_per_s_error_now is None
+    # each run brought to the profile's conditions by the slowdown probed beside it: here all at the prediction
+    drifted = dataclasses.replace(fast, slowdowns=(12 / 9.0, 1.2, 12 / 11.5))
+    assert drifted.slowdown == pytest.approx(1.2) and drifted.at_profile_conditions == pytest.approx((12, 12, 12))
+    assert drifted.tokens_per_s_error_now == pytest.approx(0.0) and drifted.spread_now == pytest.approx(0.0)
+    assert fast.tokens_per_s_error_now is None and fast.spread_now is None
     summary = validate.summary([fast, slow, drifted], 0.2)
     assert (
         summary["median_abs_tokens_per_s_error"] == pytest.approx(0.2) and summary["max_abs_tokens_per_s_error"] == 0.3
