@@ -1,7 +1,12 @@
 """Model shapes the simulator knows by name (decoder-only, Llama-style: GQA attention + gated MLP).
 
 Sizes are counts (layers, dims, tokens); `*_params` are parameter counts; bytes follow from `dtype_bytes`.
-Sources: each model's HF `config.json`.
+Sources: each model's HF `config.json` (Phi-3-mini: Phi-3-mini-4k-instruct, whose shape the 128k variant shares).
+
+Limits a model sets on what may be simulated of it, as the executor (and vLLM) set them: a prompt and its output fit
+the context (`max_position_embeddings`; the executor's `generate` refuses more), and a tensor-parallel degree splits
+the attention heads evenly and either splits the KV heads evenly or is a multiple of them (each KV head then
+replicated on tp / kv_heads ranks), as vLLM requires.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ class ModelConfig:
     intermediate_size: int
     vocab_size: int
     head_size: int | None = None  # per-head width where it is not hidden_size / num_heads (Gemma 3: 256)
+    max_position_embeddings: int | None = None  # the context, in positions (None: not known, not checked)
 
     @property
     def head_dim(self) -> int:
@@ -38,18 +44,38 @@ class ModelConfig:
         """K and V of one token in one layer."""
         return 2 * self.num_kv_heads * self.head_dim * dtype_bytes
 
+    def check_tp(self, tp: int) -> None:
+        """A ValueError unless `tp` ranks can share this model's heads (module docstring)."""
+        heads, kv = self.num_heads, self.num_kv_heads
+        if tp < 1 or heads % tp:
+            raise ValueError(f"tp {tp} does not divide {self.name}'s {heads} attention heads")
+        if (kv % tp) if tp <= kv else (tp % kv):
+            raise ValueError(
+                f"tp {tp} neither divides {self.name}'s {kv} KV heads nor is a multiple of them (each KV head "
+                "replicated on tp / kv_heads ranks)"
+            )
+
+    def check_context(self, positions: int, what: str) -> None:
+        """A ValueError if `positions` (`what` they are) exceed the context, where it is known."""
+        context = self.max_position_embeddings
+        if context is not None and positions > context:
+            raise ValueError(
+                f"{what} = {positions:,} positions exceed {self.name}'s context of {context:,} positions "
+                "(max_position_embeddings)"
+            )
+
 
 MODELS: dict[str, ModelConfig] = {
     m.name: m
     for m in (
-        ModelConfig("SmolLM2-135M", 30, 576, 9, 3, 1536, 49152),
-        ModelConfig("Qwen2.5-Coder-0.5B", 24, 896, 14, 2, 4864, 151936),
-        ModelConfig("Gemma-3-270M", 18, 640, 4, 1, 2048, 262144, head_size=256),
-        ModelConfig("Phi-3-mini", 32, 3072, 32, 32, 8192, 32064),
-        ModelConfig("Llama-2-7B", 32, 4096, 32, 32, 11008, 32000),
-        ModelConfig("Llama-3-8B", 32, 4096, 32, 8, 14336, 128256),
-        ModelConfig("Llama-2-13B", 40, 5120, 40, 40, 13824, 32000),
-        ModelConfig("Llama-2-70B", 80, 8192, 64, 8, 28672, 32000),
+        ModelConfig("SmolLM2-135M", 30, 576, 9, 3, 1536, 49152, max_position_embeddings=8192),
+        ModelConfig("Qwen2.5-Coder-0.5B", 24, 896, 14, 2, 4864, 151936, max_position_embeddings=32768),
+        ModelConfig("Gemma-3-270M", 18, 640, 4, 1, 2048, 262144, head_size=256, max_position_embeddings=32768),
+        ModelConfig("Phi-3-mini", 32, 3072, 32, 32, 8192, 32064, max_position_embeddings=4096),
+        ModelConfig("Llama-2-7B", 32, 4096, 32, 32, 11008, 32000, max_position_embeddings=4096),
+        ModelConfig("Llama-3-8B", 32, 4096, 32, 8, 14336, 128256, max_position_embeddings=8192),
+        ModelConfig("Llama-2-13B", 40, 5120, 40, 40, 13824, 32000, max_position_embeddings=4096),
+        ModelConfig("Llama-2-70B", 80, 8192, 64, 8, 28672, 32000, max_position_embeddings=4096),
     )
 }
 

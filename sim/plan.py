@@ -33,9 +33,19 @@ from sim.formats import (
 )
 from sim.hardware import GPUS, LINKS, GPUSpec, LinkSpec, gpu_named_by
 from sim.latency import ConstantLatency, LatencyModel, LinkModel, ProfiledLink, ProfileLatency, RooflineLatency
-from sim.models import DTYPE_BYTES, MODELS, ModelConfig
+from sim.models import DTYPE_BYTES, ModelConfig
 from sim.policy import make_policy, policy_usage
-from sim.scenario import GPUConfig, LinkConfig, Point, Roofline, Scenario, ScenarioError, StageConfig
+from sim.scenario import (
+    GPUConfig,
+    LinkConfig,
+    Point,
+    Roofline,
+    Scenario,
+    ScenarioError,
+    StageConfig,
+    model_config,
+    point_where,
+)
 
 METHODS = ("ar", "eesd", "ppsd")
 PPSD_BACKENDS = ("distributed", "streams", "sequential")
@@ -207,12 +217,6 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
     return SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan), "cache_slots": slots})
 
 
-def model_config(scenario: Scenario) -> ModelConfig:
-    if isinstance(scenario.model, str):
-        return MODELS[scenario.model]
-    return ModelConfig(**scenario.model.model_dump())
-
-
 def exit_layer_of(point: Point) -> int:
     """The exit layer a point runs with (defaults resolved)."""
     return _exit_layer(point.scenario, model_config(point.scenario), _where(point))
@@ -226,7 +230,7 @@ def cache_slots(plan: SimPlan) -> int:
 
 
 def _where(point: Point) -> str:
-    return f"{point.source}: sweep point {point.values}" if point.values else point.source
+    return point_where(point.source, point.values)
 
 
 def _exit_layer(s: Scenario, model: ModelConfig, where: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from pydantic import (
 from sim.contract import SYNC_CAPTURED
 from sim.formats import COMPONENTS, quote, read_text, subset_size
 from sim.hardware import GPUS, H100_KERNEL_FLOOR_US, H100_LAUNCH_US, LINKS, GPUSpec
-from sim.models import MODELS
+from sim.models import MODELS, ModelConfig
 from sim.policy import make_policy, parse_policy_spec
 
 Component = Literal["embed", "layer", "exit_head", "lm_head", "overhead"]
@@ -74,15 +75,20 @@ def _is_kind(value: Any, member: Any) -> bool:
     return isinstance(value, origin) and not isinstance(value, bool)
 
 
+MAX_LAYERS = 1024  # no decoder has more (the largest have ~130); bounds the stages a scenario can ask for
+MAX_DIM = 2**31 - 1  # widths and counts of a model shape, and token counts, as the executor's int32 indices hold
+
+
 class ModelShape(Strict):
-    name: str
-    num_layers: int = Field(gt=1)
-    hidden_size: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
-    head_size: int | None = Field(None, gt=0)  # default hidden_size / num_heads
+    name: str = Field(min_length=1, max_length=200)
+    num_layers: int = Field(gt=1, le=MAX_LAYERS)
+    hidden_size: int = Field(gt=0, le=MAX_DIM)
+    num_heads: int = Field(gt=0, le=MAX_DIM)
+    num_kv_heads: int = Field(gt=0, le=MAX_DIM)
+    intermediate_size: int = Field(gt=0, le=MAX_DIM)
+    vocab_size: int = Field(gt=0, le=MAX_DIM)
+    head_size: int | None = Field(None, gt=0, le=MAX_DIM)  # default hidden_size / num_heads
+    max_position_embeddings: int | None = Field(None, gt=0, le=MAX_DIM)  # the context; None: not checked
 
 
 class Roofline(Strict):
@@ -241,8 +247,19 @@ class TopologyConfig(Strict):
 class WorkloadConfig(Strict):
     requests: int = Field(1, ge=1)
     batch_size: int = Field(1, ge=1)
-    prompt_len: int = Field(128, ge=1)
-    output_len: int = Field(128, ge=1)
+    prompt_len: int = Field(128, ge=1, le=MAX_DIM)  # and prompt_len + output_len within the model's context
+    output_len: int = Field(128, ge=1, le=MAX_DIM)
+
+
+DEFAULT_MAX_TOKENS = 200_000  # about a minute of simulation for a point of PPSD over 8 stages on one core
+DEFAULT_MAX_POINTS = 1_000
+
+
+class Limits(Strict):
+    """What a scenario may ask of this machine (docs: scenarios/README.md); raise them to run more, knowingly."""
+
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)  # tokens one point simulates per method: requests x output_len
+    max_points: int = Field(DEFAULT_MAX_POINTS, ge=1)  # points of a sweep
 
 
 MAX_NAME_CHARS = 200  # a file name holds 255 bytes
@@ -279,6 +296,7 @@ class Scenario(Strict):
     acceptance: AcceptanceConfig
     topology: TopologyConfig = TopologyConfig()
     workload: WorkloadConfig = WorkloadConfig()
+    limits: Limits = Limits()
 
     @field_validator("name")
     @classmethod
@@ -351,7 +369,7 @@ def _read_points(path: str | Path) -> list[Point]:
         raise ScenarioError(f"{path}: expected a mapping of scenario fields at the top level")
     raw = dict(raw)
     sweep = raw.pop("sweep", None) or {}
-    grid = _sweep_grid(path, sweep)
+    grid = _sweep_grid(path, sweep, _limits(path, raw.get("limits", {})).max_points)
     points = []
     for index, values in enumerate(grid):
         data = copy.deepcopy(raw)
@@ -472,11 +490,60 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
 
 
-def validate(data: dict[str, Any], where: str) -> Scenario:
+def _limits(path: Path, data: Any) -> Limits:
+    """The scenario's `limits`, read before its sweep is expanded (the sweep's size is one of them)."""
     try:
-        return Scenario.model_validate(data)
+        return Limits.model_validate(data)
+    except ValidationError as err:
+        lines = [_describe(str(path), {**e, "loc": ("limits", *e["loc"])}) for e in err.errors()]
+        raise ScenarioError("\n".join(lines)) from None
+
+
+def validate(data: dict[str, Any], where: str) -> Scenario:
+    """The scenario of `data`, checked against the schema and against the limits its model and `limits` set."""
+    try:
+        scenario = Scenario.model_validate(data)
     except ValidationError as err:
         raise ScenarioError("\n".join(_describe(where, e) for e in err.errors())) from None
+    _check_limits(scenario, where)
+    return scenario
+
+
+def model_config(scenario: Scenario) -> ModelConfig:
+    """The scenario's model: one of `sim.models.MODELS` by name, or its inline shape."""
+    if isinstance(scenario.model, str):
+        return MODELS[scenario.model]
+    return ModelConfig(**scenario.model.model_dump())
+
+
+def _check_limits(s: Scenario, where: str) -> None:
+    """What the model bounds (context, tensor parallelism, stages) and what `limits` bounds (simulated tokens)."""
+    model, w = model_config(s), s.workload
+    tokens = w.requests * w.output_len
+    if tokens > s.limits.max_tokens:
+        raise ScenarioError(
+            f"{where}: workload: requests x output_len = {tokens:,} tokens, more than limits.max_tokens "
+            f"({s.limits.max_tokens:,}); raise limits.max_tokens to simulate that many"
+        )
+    checks: list[tuple[str, Any]] = [
+        ("workload.output_len", lambda: model.check_context(w.prompt_len + w.output_len, "prompt_len + output_len"))
+    ]
+    if s.method == "eesd":
+        draft = make_policy(s.policy).max_draft_len
+        checks.append(("policy", lambda: model.check_context(draft, "the policy's longest draft")))
+    stages = s.topology.stages if isinstance(s.topology.stages, list) else []
+    checks.append(("topology.tp", lambda: model.check_tp(s.topology.tp)))
+    for index, stage in enumerate(stages):
+        if stage.tp is not None:
+            checks.append((f"topology.stages[{index}].tp", lambda tp=stage.tp: model.check_tp(tp)))
+    count = len(stages) or s.topology.stages
+    if count > model.num_layers:
+        raise ScenarioError(f"{where}: topology.stages: {count} stages but {model.name} has {model.num_layers} layers")
+    for field, check in checks:
+        try:
+            check()
+        except ValueError as err:
+            raise ScenarioError(f"{where}: {field}: {err}") from None
 
 
 def _describe(where: str, error: Any) -> str:
@@ -521,7 +588,7 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def _sweep_grid(path: Path, sweep: Any) -> list[dict[str, Any]]:
+def _sweep_grid(path: Path, sweep: Any, max_points: int) -> list[dict[str, Any]]:
     if not isinstance(sweep, dict) or not all(isinstance(k, str) for k in sweep):
         raise ScenarioError(f"{path}: sweep: expected a mapping of dotted field paths to lists of values")
     for key, values in sweep.items():
@@ -536,7 +603,20 @@ def _sweep_grid(path: Path, sweep: Any) -> list[dict[str, Any]]:
                 f"field paths to values (allowed top-level fields: {sorted(Scenario.model_fields)})"
             )
     keys = list(sweep)
+    _check_points(path, sweep, max_points)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _check_points(path: Path, sweep: dict[str, list[Any]], max_points: int) -> None:
+    if any(key == "limits" or key.startswith("limits.") for key in sweep):
+        raise ScenarioError(f"{path}: sweep.limits: limits apply to the whole scenario; set them outside the sweep")
+    count = math.prod(len(values) for values in sweep.values())
+    if count > max_points:
+        sizes = " x ".join(str(len(values)) for values in sweep.values())
+        raise ScenarioError(
+            f"{path}: sweep: {sizes} = {count:,} points, more than limits.max_points ({max_points:,}); raise "
+            "limits.max_points to run that many"
+        )
 
 
 def _is_case(key: str) -> bool:

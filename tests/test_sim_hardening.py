@@ -237,3 +237,81 @@ def test_a_profile_that_cannot_cost_a_pass_names_the_file_and_its_rows(
     with pytest.raises(ValueError) as info:
         load_points(write(tmp_path, text))
     assert str(profile) in str(info.value) and fragment in str(info.value)
+
+
+# ---- limits from the model and from the machine ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"workload": {"output_len": 10**7}}, "workload: requests x output_len = 10,000,000 tokens, more than"),
+        ({"workload": {"output_len": 10**12}}, "workload.output_len: Input should be less than or equal to"),
+        ({"workload": {"requests": 10**9}}, "limits.max_tokens (200,000); raise limits.max_tokens"),
+        (
+            {"workload": {"prompt_len": 128, "output_len": 8065}},
+            "workload.output_len: prompt_len + output_len = 8,193 positions exceed SmolLM2-135M's context of 8,192",
+        ),
+        ({"policy": "fixed:10000"}, "policy: the policy's longest draft = 10,000 positions exceed SmolLM2-135M's"),
+        ({"topology": {"tp": 1_000_000}}, "topology.tp: tp 1000000 does not divide SmolLM2-135M's 9 attention heads"),
+        ({"topology": {"tp": 2}}, "topology.tp: tp 2 does not divide SmolLM2-135M's 9 attention heads"),
+        ({"topology": {"stages": [{}, {"tp": 2}]}}, "topology.stages[1].tp: tp 2 does not divide"),
+        ({"model": "Llama-2-70B", "topology": {"tp": 24, "stages": 1}}, "tp 24 does not divide Llama-2-70B's 64"),
+        (
+            {"model": "Qwen2.5-Coder-0.5B", "topology": {"tp": 7}},
+            "tp 7 neither divides Qwen2.5-Coder-0.5B's 2 KV heads nor is a multiple of them",
+        ),
+        ({"topology": {"stages": 10**9}}, "topology.stages: 1000000000 stages but SmolLM2-135M has 30 layers"),
+        ({"workload": {"prompt_len": 2**40}}, "workload.prompt_len: Input should be less than or equal to 2147483647"),
+        (
+            {
+                "model": {
+                    **dict.fromkeys(("num_heads", "num_kv_heads"), 2),
+                    "name": "m",
+                    "num_layers": 10**6,
+                    "hidden_size": 8,
+                    "intermediate_size": 8,
+                    "vocab_size": 8,
+                }
+            },  # fmt: skip
+            "model.num_layers: Input should be less than or equal to 1024",
+        ),
+    ],
+)
+def test_what_the_model_or_the_machine_cannot_hold_is_refused(tmp_path: Path, fields: dict, fragment: str) -> None:
+    start = time.perf_counter()
+    refused(write(tmp_path, scenario_text(**fields)), fragment)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"topology": {"tp": 3}},  # 9 heads, 3 KV heads
+        {"model": "Gemma-3-270M", "topology": {"tp": 4}},  # 4 heads, 1 KV head replicated
+        {"model": "Llama-2-70B", "topology": {"tp": 16, "stages": 1}},  # 64 heads, 8 KV heads on 2 ranks each
+        {"workload": {"prompt_len": 128, "output_len": 8064}},  # the context exactly
+        {"workload": {"requests": 300, "output_len": 1000}, "limits": {"max_tokens": 300_000}},
+    ],
+)
+def test_what_fits_the_model_and_the_stated_limits_loads(tmp_path: Path, fields: dict) -> None:
+    assert load_points(write(tmp_path, scenario_text(**fields)))
+
+
+def test_an_inline_shape_bounds_the_context_where_it_gives_one(tmp_path: Path) -> None:
+    shape = {"name": "tiny", "num_layers": 4, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
+             "intermediate_size": 128, "vocab_size": 1000}  # fmt: skip
+    workload = {"prompt_len": 100, "output_len": 60}
+    assert load_points(write(tmp_path, scenario_text(model=shape, exit_layer=2, workload=workload)))
+    text = scenario_text(model={**shape, "max_position_embeddings": 128}, exit_layer=2, workload=workload)
+    refused(write(tmp_path, text), "prompt_len + output_len = 160 positions exceed tiny's context of 128")
+
+
+def test_a_sweep_beyond_max_points_is_refused_before_it_expands(tmp_path: Path) -> None:
+    sweep = {"acceptance.alpha": [i / 1000 for i in range(1000)], "seed": list(range(1000))}
+    start = time.perf_counter()
+    refused(write(tmp_path, scenario_text(sweep=sweep)), "sweep: 1000 x 1000 = 1,000,000 points, more than")
+    assert time.perf_counter() - start < 5
+    small = {"seed": list(range(12))}
+    refused(write(tmp_path, scenario_text(sweep=small, limits={"max_points": 10})), "12 points, more than")
+    assert len(load_points(write(tmp_path, scenario_text(sweep=small, limits={"max_points": 12})))) == 12
+    refused(write(tmp_path, scenario_text(sweep={"limits.max_tokens": [1, 2]})), "sweep.limits: limits apply")
+    refused(write(tmp_path, scenario_text(limits={"max_points": 0})), "limits.max_points: Input should be greater")
