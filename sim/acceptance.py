@@ -13,7 +13,9 @@ larger α accepts a superset of positions under the same seed (common random num
 - `PositionalAcceptance(alphas)`: match ~ Bernoulli(α_i) for the i-th draft of a round (the last α repeats);
   acceptance is front-loaded in real traces (docs/design.md).
 - `TraceAcceptance(trace, exit_layer)`: replays a calibration trace; request r starts at prompt r mod P and
-  continues into the next prompts (cyclically) when it needs more tokens than one prompt has.
+  continues into the next prompts (cyclically) when it needs more tokens than one prompt has. `reuse(requests,
+  output_len)` says when that would replay tokens beyond a spill into the next prompt: more tokens than the trace
+  holds, or more requests than it has prompts (a scenario refuses that unless it asks for `acceptance.reuse: cycle`).
 """
 
 from __future__ import annotations
@@ -139,6 +141,19 @@ class TraceAcceptance:
 
     def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
         return _TraceStream(self.flat, self.starts[request % len(self.starts)])
+
+    def reuse(self, requests: int, output_len: int) -> str | None:
+        """Why replaying `requests` requests of `output_len` tokens reuses the trace (module docstring), else None."""
+        tokens, held, prompts = requests * output_len, len(self.flat), len(self.starts)
+        at = f"at exit_layer {self.exit_layer}"
+        if tokens > held:
+            return (
+                f"the trace holds {held:,} tokens {at} ({prompts} prompts); the workload replays requests x "
+                f"output_len = {requests:,} x {output_len:,} = {tokens:,}"
+            )
+        if requests > prompts:
+            return f"the trace holds {prompts} prompts {at}; {requests:,} requests replay some of them twice"
+        return None
 
 
 @dataclass

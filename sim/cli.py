@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if len(points) > 1 and not plots_available():
         print('note: no speedup plots (matplotlib is not installed: pip install -e ".[plots]")')
+    for note in dict.fromkeys(note for r in results for note in r.notes):
+        print(f"note: {note}")
     if any(r.result.extrapolated for r in results):
         print("note: some latencies were extrapolated beyond the profiled grid (column 'extrapolated')")
     return 0

@@ -11,7 +11,11 @@ replicated on tp / kv_heads ranks), as vLLM requires.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -86,3 +90,61 @@ def model(name: str) -> ModelConfig:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)} (or give the shape inline)")
     return MODELS[name]
+
+
+# what a calibration file's metadata names (an HF config's keys, `calibrate`'s) -> the ModelConfig field it gives
+_CONFIG_FIELDS = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab_size",
+}
+_SHAPE = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size", "head_dim")
+
+
+def named_model(name: str) -> ModelConfig | None:
+    """The `MODELS` entry a file's `model` names: its name, a file-name label of it ('smollm2-135m'), or a path
+    whose stem is one; None for a name that is none of these (a local path, a test model)."""
+    stem = PurePath(name).stem if "/" in name or name.endswith((".gguf", ".json")) else name
+    key = _label(stem)
+    return next((m for m in MODELS.values() if _label(m.name) == key), None)
+
+
+def _label(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def check_claimed_model(model: ModelConfig, metadata: Mapping[str, Any]) -> None:
+    """A ValueError naming the metadata field where a calibration file says it was made with another model than
+    `model`: its `model` names a known model of another shape, its `model_config` (an HF config summary) gives another
+    width, head count or vocabulary, or its layer count (`total_layers`: the real model's where fewer were
+    profiled; else `num_layers` or `model_config.num_hidden_layers`) differs. What a file does not say is not
+    checked."""
+    name = metadata.get("model")
+    named = named_model(name) if isinstance(name, str) else None
+    if named is not None and _shape(named) != _shape(model):
+        raise ValueError(f"metadata.model: {name!r} is {named.name}, not the scenario's model {model.name}")
+    config = metadata.get("model_config")
+    config = config if isinstance(config, Mapping) else {}
+    for key, field in _CONFIG_FIELDS.items():
+        given = config.get(key)
+        if isinstance(given, int) and given != getattr(model, field):
+            raise ValueError(
+                f"metadata.model_config.{key}: {given} (model {name!r}); the scenario's model {model.name} has "
+                f"{getattr(model, field)}"
+            )
+    for key in ("total_layers", "num_layers", "model_config.num_hidden_layers"):
+        given = config.get("num_hidden_layers") if key.startswith("model_config.") else metadata.get(key)
+        if isinstance(given, int) and not isinstance(given, bool):
+            if given != model.num_layers:
+                raise ValueError(
+                    f"metadata.{key}: {given} layers (model {name!r}); the scenario's model {model.name} has "
+                    f"{model.num_layers}"
+                )
+            return
+
+
+def _shape(model: ModelConfig) -> tuple[int, ...]:
+    return tuple(getattr(model, name) for name in _SHAPE)

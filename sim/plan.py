@@ -43,6 +43,7 @@ from sim.scenario import (
     Scenario,
     ScenarioError,
     StageConfig,
+    check_file_claims,
     model_config,
     point_where,
 )
@@ -328,7 +329,9 @@ def _profile(point: Point) -> DataFile | None:
     config = point.scenario.latency.profile
     if config is None:
         return None
-    return read_latency_profile(_resolve(point, config.path, "latency.profile.path"))
+    profile = read_latency_profile(_resolve(point, config.path, "latency.profile.path"))
+    check_file_claims(point, profile, "latency.profile.path")
+    return profile
 
 
 def _device(named: str | GPUConfig | None, profile: DataFile | None, where: str) -> tuple[str, GPUSpec | None]:
@@ -441,10 +444,18 @@ def _acceptance(point: Point, exit_layer: int, where: str) -> AcceptanceModel:
     if a.alphas is not None:
         return PositionalAcceptance(tuple(a.alphas))
     trace = read_acceptance_trace(_resolve(point, a.trace or "", "acceptance.trace"))
+    check_file_claims(point, trace, "acceptance.trace")
     try:
-        return TraceAcceptance(trace, exit_layer)
+        replay = TraceAcceptance(trace, exit_layer)
     except ValueError as err:
         raise ScenarioError(f"{where}: acceptance.trace: {err}") from None
+    reuse = replay.reuse(point.scenario.workload.requests, point.scenario.workload.output_len)
+    if reuse and a.reuse != "cycle":
+        raise ScenarioError(
+            f"{where}: acceptance.trace: {trace.path}: {reuse}: a replay would reuse its tokens; replay fewer, use a "
+            "longer trace, or set acceptance.reuse: cycle to replay it cyclically"
+        )
+    return replay
 
 
 def _check_policy(plan: SimPlan, where: str) -> None:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sim.acceptance import TraceAcceptance
 from sim.engine import RunResult, Simulation
-from sim.plan import build_plan
+from sim.plan import SimPlan, build_plan
 from sim.progress import progress_bar
 from sim.scenario import Point
 
@@ -59,6 +60,7 @@ class PointResult:
     trace: list[dict[str, Any]] | None
     exit_layer: int  # the plan's, defaults resolved
     devices: tuple[str, ...]  # the plan's stages' devices, in order
+    notes: tuple[str, ...] = ()  # what the output must say of how the point ran (a trace replayed cyclically)
 
 
 def simulate_point(point: Point, trace: bool = False) -> PointResult:
@@ -69,7 +71,16 @@ def simulate_point(point: Point, trace: bool = False) -> PointResult:
     result = simulation.run()
     baseline = result if plan.method == "ar" else Simulation(build_plan(point, method="ar")).run()
     devices = tuple(stage.device for stage in plan.stages)
-    return PointResult(point, result, baseline, time.perf_counter() - start, simulation.trace, plan.exit_layer, devices)
+    wall_s = time.perf_counter() - start
+    return PointResult(point, result, baseline, wall_s, simulation.trace, plan.exit_layer, devices, _notes(plan))
+
+
+def _notes(plan: SimPlan) -> tuple[str, ...]:
+    """A trace replay that reuses the trace's tokens (the scenario said `acceptance.reuse: cycle`)."""
+    if not isinstance(plan.acceptance, TraceAcceptance):
+        return ()
+    reuse = plan.acceptance.reuse(plan.workload.requests, plan.workload.output_len)
+    return (f"acceptance.trace replayed cyclically (acceptance.reuse: cycle): {reuse}",) if reuse else ()
 
 
 def run_points(

@@ -31,9 +31,9 @@ from pydantic import (
 )
 
 from sim.contract import SYNC_CAPTURED
-from sim.formats import COMPONENTS, quote, read_text, subset_size
+from sim.formats import COMPONENTS, DataFile, quote, read_text, subset_size
 from sim.hardware import GPUS, H100_KERNEL_FLOOR_US, H100_LAUNCH_US, LINKS, GPUSpec
-from sim.models import MODELS, ModelConfig
+from sim.models import MODELS, ModelConfig, check_claimed_model
 from sim.policy import make_policy, parse_policy_spec
 
 Component = Literal["embed", "layer", "exit_head", "lm_head", "overhead"]
@@ -128,6 +128,9 @@ class AcceptanceConfig(Strict):
     alphas: list[float] | None = Field(None, min_length=1)
     trace: str | None = None
     confidence_sharpness: float | None = Field(None, gt=0)
+    # a trace with fewer tokens or prompts than the workload replays: "none", an error; "cycle", replayed cyclically
+    # (its tokens reused, said in the output)
+    reuse: Literal["none", "cycle"] = "none"
 
     @model_validator(mode="after")
     def _one_source(self) -> AcceptanceConfig:
@@ -138,6 +141,8 @@ class AcceptanceConfig(Strict):
             raise ValueError("alphas must all be in [0, 1]")
         if self.confidence_sharpness is not None and self.alpha is None:
             raise ValueError("confidence_sharpness only applies with alpha (traces carry their own confidences)")
+        if self.reuse != "none" and self.trace is None:
+            raise ValueError("reuse only applies with trace (how a trace shorter than the workload is replayed)")
         return self
 
 
@@ -434,10 +439,14 @@ def read_yaml(path: str | Path) -> Any:
             return None
         _check_expansion(path, node, loader.alias_lines)
         return loader.construct_document(node)
+    except ScenarioError:
+        raise
     except yaml.YAMLError as err:
         raise ScenarioError(f"{path}: invalid YAML: {_clip(str(err), 400)}") from None
     except RecursionError:
         raise ScenarioError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # a scalar the constructor cannot make, e.g. an integer of more than 4,300 digits
+        raise ScenarioError(f"{path}: invalid YAML: {_clip(str(err), 300)}") from None
     finally:
         loader.dispose()
 
@@ -514,6 +523,26 @@ def model_config(scenario: Scenario) -> ModelConfig:
     if isinstance(scenario.model, str):
         return MODELS[scenario.model]
     return ModelConfig(**scenario.model.model_dump())
+
+
+_DTYPE_NAMES = {"bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16"), "fp32": ("fp32", "float32")}
+
+
+def check_file_claims(point: Point, data: DataFile, field: str) -> None:
+    """What a calibration file says it was made with must be the point's: its model (`check_claimed_model`) and, for
+    a latency profile, its dtype. A `ScenarioError` naming the scenario's field, the file and its metadata field."""
+    s = point.scenario
+    try:
+        check_claimed_model(model_config(s), data.metadata)
+        dtype = str(data.metadata.get("dtype", "")).removeprefix("torch.")
+        known = any(dtype in names for names in _DTYPE_NAMES.values())
+        if data.kind == "latency_profile" and known and dtype not in _DTYPE_NAMES[s.dtype]:
+            raise ValueError(
+                f"metadata.dtype: the profile was measured in {dtype}; expected the scenario's dtype to match, got "
+                f"{s.dtype}"
+            )
+    except ValueError as err:
+        raise ScenarioError(f"{point_where(point.source, point.values)}: {field}: {data.path}: {err}") from None
 
 
 def _check_limits(s: Scenario, where: str) -> None:

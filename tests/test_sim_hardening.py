@@ -11,7 +11,14 @@ import pytest
 import yaml
 
 from sim import cli as sim_cli
-from sim.formats import LatencyRecord, write_latency_profile
+from sim.formats import (
+    AcceptanceRecord,
+    LatencyRecord,
+    read_acceptance_trace,
+    read_latency_profile,
+    write_acceptance_trace,
+    write_latency_profile,
+)
 from sim.scenario import ALIAS_VALUE_BUDGET, ScenarioError, load_points, validate
 
 BASE = {
@@ -315,3 +322,123 @@ def test_a_sweep_beyond_max_points_is_refused_before_it_expands(tmp_path: Path) 
     assert len(load_points(write(tmp_path, scenario_text(sweep=small, limits={"max_points": 12})))) == 12
     refused(write(tmp_path, scenario_text(sweep={"limits.max_tokens": [1, 2]})), "sweep.limits: limits apply")
     refused(write(tmp_path, scenario_text(limits={"max_points": 0})), "limits.max_points: Input should be greater")
+
+
+def test_an_integer_beyond_pythons_digit_limit_is_invalid_yaml(tmp_path: Path) -> None:
+    refused(write(tmp_path, scenario_text() + "seed: " + "9" * 5000 + "\n"), "invalid YAML: Exceeds the limit")
+
+
+# ---- calibration files checked against what they claim ---------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+CPU_PROFILE = ROOT / "calibration" / "cpu" / "latency_smollm2-135m_cpu_fp32.csv"
+CPU_TRACE = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
+H200_7B_PROFILE = ROOT / "calibration" / "h200" / "latency_llama-2-7b-4layers_cuda_bf16.csv"
+
+
+def calibrated(**fields: object) -> str:
+    calibration = {
+        "dtype": "fp32",
+        "latency": {"profile": {"path": str(CPU_PROFILE), "cuda_graphs": False}},
+        "acceptance": {"trace": str(CPU_TRACE)},
+        "workload": {"requests": 8, "prompt_len": 128, "output_len": 48},
+    }
+    return scenario_text(**{**calibration, **fields})
+
+
+def test_the_shipped_calibration_files_load_for_their_model(tmp_path: Path) -> None:
+    assert load_points(write(tmp_path, calibrated()))
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragments"),
+    [
+        (
+            {"model": "Llama-2-7B"},
+            (
+                "latency.profile.path: ",
+                str(CPU_PROFILE),
+                "metadata.model: 'smollm2-135m' is SmolLM2-135M, not the scenario's model Llama-2-7B",
+            ),
+        ),
+        (
+            {"dtype": "bf16"},
+            (
+                "latency.profile.path: ",
+                "metadata.dtype: the profile was measured in float32; expected the scenario's dtype to match, got bf16",
+            ),
+        ),
+        (
+            {"model": "Llama-2-13B", "dtype": "bf16", "latency": {"profile": {"path": str(H200_7B_PROFILE)}}},
+            ("metadata.model: 'Llama-2-7B' is Llama-2-7B, not the scenario's model Llama-2-13B",),
+        ),
+    ],
+)
+def test_a_profile_made_with_another_model_or_dtype_is_refused(
+    tmp_path: Path, fields: dict, fragments: tuple[str, ...]
+) -> None:
+    text = calibrated(**{k: v for k, v in fields.items() if k != "latency"})
+    if "latency" in fields:
+        text = scenario_text(**{**fields, "acceptance": {"alpha": 0.5}})
+    refused(write(tmp_path, text), *fragments)
+
+
+def test_a_profile_whose_name_is_a_path_is_checked_by_its_config(tmp_path: Path) -> None:
+    profile = read_latency_profile(CPU_PROFILE)
+    path = write_latency_profile(tmp_path / "p.csv", {**profile.metadata, "model": "/x/m.gguf"}, profile.records)
+    text = scenario_text(model="Qwen2.5-Coder-0.5B", dtype="fp32", latency={"profile": {"path": str(path)}})
+    refused(write(tmp_path, text), "metadata.model_config.hidden_size: 576 (model '/x/m.gguf'); the scenario's model")
+
+
+@pytest.mark.parametrize(
+    ("metadata", "fragment"),
+    [
+        ({"model": "Llama-2-7B"}, "metadata.model: 'Llama-2-7B' is Llama-2-7B, not the scenario's model SmolLM2-135M"),
+        ({"model": "/elsewhere/m.gguf", "num_layers": 24}, "metadata.num_layers: 24 layers (model '/elsewhere/m"),
+    ],
+)
+def test_a_trace_made_with_another_model_is_refused(tmp_path: Path, metadata: dict, fragment: str) -> None:
+    trace = read_acceptance_trace(CPU_TRACE)
+    path = write_acceptance_trace(tmp_path / "t.csv", {**trace.metadata, **metadata}, trace.records)
+    refused(write(tmp_path, calibrated(acceptance={"trace": str(path)})), "acceptance.trace: ", str(path), fragment)
+
+
+def test_a_trace_cut_inside_a_number_names_the_file_and_line(tmp_path: Path) -> None:
+    data = CPU_TRACE.read_bytes()
+    cut = tmp_path / "cut.csv"
+    cut.write_bytes(data[:-3])  # '...,0.0123\n' -> '...,0.01'
+    with pytest.raises(ValueError) as info:
+        load_points(write(tmp_path, calibrated(acceptance={"trace": str(cut)})))
+    last_line = data.count(b"\n")  # the cut one: the lines before it end with a line end
+    assert f"{cut}:{last_line}: the last line has no line end" in str(info.value)
+
+
+def short_trace(tmp_path: Path, lengths: list[int]) -> Path:
+    records = [
+        AcceptanceRecord(f"p{p}", i, 7, 8, i % 3 == 0, 0.5) for p, length in enumerate(lengths) for i in range(length)
+    ]
+    return write_acceptance_trace(tmp_path / "short.csv", {"model": "SmolLM2-135M", "head": "shared"}, records)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "workload", "fragment"),
+    [
+        ([10], {"requests": 8, "output_len": 48}, "holds 10 tokens at exit_layer 8 (1 prompts); the workload replays "
+         "requests x output_len = 8 x 48 = 384"),
+        ([200, 200], {"requests": 3, "output_len": 10}, "holds 2 prompts at exit_layer 8; 3 requests replay some"),
+    ],
+)  # fmt: skip
+def test_a_trace_shorter_than_the_work_is_an_error_or_an_explicit_printed_choice(
+    tmp_path: Path, capsys: pytest.CaptureFixture, lengths: list[int], workload: dict, fragment: str
+) -> None:
+    trace = short_trace(tmp_path, lengths)
+    text = scenario_text(acceptance={"trace": str(trace)}, workload={**workload, "prompt_len": 16})
+    refused(write(tmp_path, text), "acceptance.trace: ", fragment, "set acceptance.reuse: cycle")
+    text = scenario_text(acceptance={"trace": str(trace), "reuse": "cycle"}, workload={**workload, "prompt_len": 16})
+    assert sim_cli.main([str(write(tmp_path, text)), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert f"note: acceptance.trace replayed cyclically (acceptance.reuse: cycle): the trace {fragment}"[:120] in (
+        capsys.readouterr().out
+    )
+
+
+def test_reuse_needs_a_trace(tmp_path: Path) -> None:
+    refused(write(tmp_path, scenario_text(acceptance={"alpha": 0.5, "reuse": "cycle"})), "reuse only applies with")
