@@ -140,7 +140,7 @@ def test_ppsd_stages_are_laid_out_as_the_executor_lays_them(tmp_path: Path) -> N
         ({"stages": [{"device": 0}, {"device": 2}]}, "stage device indices must be 0, 1, .. without gaps"),
         ({"stages": 2, "devices": 3}, "devices (3) must not exceed the stages (2)"),
         ({"stages": [{"device": 0, "gpu": "A100"}, {"device": 0}]}, "must be one device (same device name, tp 1)"),
-        ({"stages": [{"device": 0, "tp": 2}, {"device": 0}]}, "must be one device (same device name, tp 1)"),
+        ({"stages": [{"device": 0, "tp": 3}, {"device": 0}]}, "must be one device (same device name, tp 1)"),
         ({"stages": 2, "devices": 1, "contention": "missing.csv"}, "topology.contention: file not found"),
         ({"stages": 2, "devices": 1, "gpu": "A100", "contention": "contention.csv"}, "was measured on 'NVIDIA H100"),
     ],

@@ -30,7 +30,7 @@ from sim.scenario import ScenarioError, load_points
 META = {"device": "test", "dtype": "bf16", "model": "SmolLM2-135M"}
 
 
-def profile_file(tmp_path: Path, device: str = META["device"]) -> Path:
+def profile_file(tmp_path: Path, device: str = META["device"], model: str = META["model"]) -> Path:
     records = []
     for component, base in (("layer", 10.0), ("lm_head", 4.0)):
         for q in (1, 4):
@@ -38,7 +38,7 @@ def profile_file(tmp_path: Path, device: str = META["device"]) -> Path:
                 for batch in (1, 2):
                     t = base + q + context / 100 + 3 * (batch - 1)  # linear, so interpolation is exact
                     records.append(LatencyRecord(component, "verify", q, context, batch, True, t, t, t))
-    return write_latency_profile(tmp_path / "profile.csv", {**META, "device": device}, records)
+    return write_latency_profile(tmp_path / "profile.csv", {**META, "device": device, "model": model}, records)
 
 
 def test_profile_interpolates_inside_and_flags_extrapolation(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_a_device_name_names_its_gpu(device: str, gpu: str | None) -> None:
 
 
 def profiled_scenario(tmp_path: Path, device: str, topology: dict, model: str = "SmolLM2-135M") -> Path:
-    profile_file(tmp_path, device)
+    profile_file(tmp_path, device, model)  # a profile of the scenario's model
     scenario = {
         "name": "profiled",
         "model": model,

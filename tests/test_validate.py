@@ -101,13 +101,16 @@ def test_missing_scenario_and_calibration_files_are_named(tmp_path, capsys) -> N
 
 
 def test_a_model_the_executor_cannot_run_is_refused(tmp_path, capsys) -> None:
+    """Files that name SmolLM2 at a path this machine lacks (the simulator takes them: same shape), or name two
+    different models."""
     profile, trace = read_latency_profile(PROFILE), read_acceptance_trace(TRACE)
-    write_latency_profile(tmp_path / "p.csv", {**profile.metadata, "model": "Llama-2-7B"}, profile.records)
-    write_acceptance_trace(tmp_path / "t.csv", {**trace.metadata, "model": "Llama-2-7B"}, trace.records[:400])
+    elsewhere = str(tmp_path / "elsewhere" / "smollm2-135m.gguf")
+    write_latency_profile(tmp_path / "p.csv", {**profile.metadata, "model": elsewhere}, profile.records)
+    write_acceptance_trace(tmp_path / "t.csv", {**trace.metadata, "model": elsewhere}, trace.records)
     path = scenario(tmp_path, latency={"profile": {"path": "p.csv", "cuda_graphs": False}}, acceptance__trace="t.csv")
-    fail_with(capsys, [str(path)], "t.csv: metadata.model: 'Llama-2-7B' is not a model the executor can load")
+    fail_with(capsys, [str(path)], f"t.csv: metadata.model: {elsewhere!r} is not a model the executor can load")
     write_latency_profile(tmp_path / "p.csv", profile.metadata, profile.records)  # models disagree
-    fail_with(capsys, [str(path)], "p.csv: metadata.model: expected the trace's model 'Llama-2-7B'")
+    fail_with(capsys, [str(path)], f"p.csv: metadata.model: expected the trace's model {elsewhere!r}")
 
 
 def test_relative_error_and_tolerance_on_constructed_numbers() -> None:
