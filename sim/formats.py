@@ -417,9 +417,15 @@ def _check_columns(path: Path, fmt: FileFormat, names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in expected]
     if missing or unknown or len(set(names)) != len(names):
         raise ValueError(
-            f"{path}:2: columns {list(names)} do not match {fmt.kind} v{SCHEMA_VERSION}: "
-            f"missing {missing}, unknown {unknown}; expected {expected}"
+            f"{path}:2: columns {_listed(names)} do not match {fmt.kind} v{SCHEMA_VERSION}: "
+            f"missing {missing}, unknown {_listed(unknown)}; expected {expected}"
         )
+
+
+def _listed(names: Sequence[str], limit: int = 300) -> str:
+    """A list of column names as Python writes it, cut to about `limit` characters (a line may hold anything)."""
+    text = repr(list(names))
+    return text if len(text) <= limit else f"{text[: limit - 10]}... ({len(names)} names)]"
 
 
 def _format_cell(value: Any) -> str:

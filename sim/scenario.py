@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -91,6 +92,20 @@ class ModelShape(Strict):
     max_position_embeddings: int | None = Field(None, gt=0, le=MAX_DIM)  # the context; None: not checked
 
 
+def _check_path(value: str) -> str:
+    """A path a file can have (a file system refuses others with errors that name no field): not empty, no NUL
+    character, at most 4096 bytes, each part at most 255."""
+    parts = value.encode("utf-8", "surrogateescape").split(b"/")
+    if not value or "\x00" in value or len(value.encode("utf-8", "surrogateescape")) > 4096:
+        raise ValueError("expected a file's path: 1 to 4096 bytes, no NUL character")
+    if any(len(part) > 255 for part in parts):
+        raise ValueError("expected a file's path: each folder or file name at most 255 bytes")
+    return value
+
+
+FilePath = Annotated[str, AfterValidator(_check_path)]
+
+
 class Roofline(Strict):
     cuda_graphs: bool = True
     bandwidth_efficiency: float = Field(0.61, gt=0, le=1)
@@ -100,7 +115,7 @@ class Roofline(Strict):
 
 
 class ProfileRef(Strict):
-    path: str
+    path: FilePath
     cuda_graphs: bool = True
 
 
@@ -126,7 +141,7 @@ class AcceptanceConfig(Strict):
 
     alpha: float | None = Field(None, ge=0, le=1)
     alphas: list[float] | None = Field(None, min_length=1)
-    trace: str | None = None
+    trace: FilePath | None = None
     confidence_sharpness: float | None = Field(None, gt=0)
     # a trace with fewer tokens or prompts than the workload replays: "none", an error; "cycle", replayed cyclically
     # (its tokens reused, said in the output)
@@ -151,7 +166,7 @@ class LinkConfig(Strict):
 
     latency_us: float = Field(0.0, ge=0)
     bandwidth_GBps: float | None = Field(None, gt=0)
-    profile: str | None = None
+    profile: FilePath | None = None
 
 
 def _check_link_name(value: str | LinkConfig) -> str | LinkConfig:
@@ -217,7 +232,7 @@ class TopologyConfig(Strict):
     devices: int | None = Field(None, ge=1)
     # how passes that share a device at once share it: a contention profile (docs/formats.md), else sim.contention's
     # fallback from the device's spec
-    contention: str | None = None
+    contention: FilePath | None = None
     tp: int = Field(1, ge=1)
     link: LinkField = "nvlink"
     tp_link: LinkField = "nvlink"
@@ -367,7 +382,12 @@ def point_where(source: str, values: dict[str, Any]) -> str:
 def _read_points(path: str | Path) -> list[Point]:
     """Read, expand `sweep:` and validate every point against the schema (no cross-field checks: `load_points`)."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as err:  # a name too long, a NUL character
+        reason = err.strerror if isinstance(err, OSError) else str(err)
+        raise FileNotFoundError(f"{quote(str(path))}: not a file's path ({reason})") from None
+    if not found:
         raise FileNotFoundError(f"{path}: scenario file not found")
     raw = read_yaml(path)
     if not isinstance(raw, dict):
@@ -414,9 +434,8 @@ class _BoundedLoader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 try:
                     if key in seen:
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"line {line}: key {quote(key)} given twice (first on line {seen[key]})"
-                        )
+                        problem = f"key {quote(key)} given twice (first on line {seen[key]})"
+                        raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
                     seen[key] = line
                 except TypeError:  # an unhashable key: the constructor refuses it with its own message
                     pass
@@ -432,6 +451,23 @@ def read_yaml(path: str | Path) -> Any:
         text = read_text(path, MAX_YAML_BYTES, "YAML file")
     except ValueError as err:
         raise ScenarioError(str(err)) from None
+    try:
+        return _load_bounded(path, text)
+    except ScenarioError:
+        raise
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow
+        line = text.count("\n", 0, err.position) + 1
+        code = f"#x{err.character:04x}" if isinstance(err.character, int) else quote(err.character)
+        raise ScenarioError(f"{path}: invalid YAML: line {line}: {err.reason} (character {code})") from None
+    except yaml.YAMLError as err:
+        raise ScenarioError(f"{path}: invalid YAML: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise ScenarioError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # a scalar the constructor cannot make, e.g. an integer of more than 4,300 digits
+        raise ScenarioError(f"{path}: invalid YAML: {_clip(str(err), 300)}") from None
+
+
+def _load_bounded(path: Path, text: str) -> Any:
     loader = _BoundedLoader(text)
     try:
         node = loader.get_single_node()
@@ -439,16 +475,18 @@ def read_yaml(path: str | Path) -> Any:
             return None
         _check_expansion(path, node, loader.alias_lines)
         return loader.construct_document(node)
-    except ScenarioError:
-        raise
-    except yaml.YAMLError as err:
-        raise ScenarioError(f"{path}: invalid YAML: {_clip(str(err), 400)}") from None
-    except RecursionError:
-        raise ScenarioError(f"{path}: invalid YAML: nested too deeply") from None
-    except ValueError as err:  # a scalar the constructor cannot make, e.g. an integer of more than 4,300 digits
-        raise ScenarioError(f"{path}: invalid YAML: {_clip(str(err), 300)}") from None
     finally:
         loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: where (line, column) and what, without its multi-line snippet."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem is None:
+        return _clip(" ".join(str(err).split()), 300)
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return _clip(f"{where}{context + ': ' if context else ''}{problem}", 300)
 
 
 def _check_expansion(path: Path, root: yaml.Node, alias_lines: list[int]) -> None:

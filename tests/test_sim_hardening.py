@@ -113,6 +113,19 @@ def test_a_huge_sweep_value_is_quoted_short_in_every_line(tmp_path: Path) -> Non
     refused(write(tmp_path, text), "sweep point {'exit_layer': 'eeee", "exit_layer: Input should be a valid integer")
 
 
+@pytest.mark.parametrize(
+    ("tail", "fragment"),
+    [
+        ("x: [unclosed\ny: 1\n", "invalid YAML: line 12, column 2: while parsing a flow sequence: expected ','"),
+        ("x: a\x01b\n", "invalid YAML: line 11: special characters are not allowed (character #x0001)"),
+        ("x: *nowhere\n", "invalid YAML: line 11, column 4: found undefined alias 'nowhere'"),
+    ],
+)
+def test_invalid_yaml_is_one_line_with_its_line(tmp_path: Path, tail: str, fragment: str) -> None:
+    message = refused(write(tmp_path, scenario_text() + tail), fragment)
+    assert "\n" not in message
+
+
 def test_deep_nesting_is_one_line(tmp_path: Path) -> None:
     refused(write(tmp_path, scenario_text() + "x: " + "[" * 50_000 + "]" * 50_000 + "\n"), "nested too deeply")
 
@@ -154,8 +167,8 @@ def test_an_integer_is_a_number() -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("method: ar\n", "line 11: key 'method' given twice (first on line 3)"),
-        ("topology: {stages: 1,\n  stages: 2}\n", "line 12: key 'stages' given twice (first on line 11)"),
+        ("method: ar\n", "line 11, column 1: key 'method' given twice (first on line 3)"),
+        ("topology: {stages: 1,\n  stages: 2}\n", "line 12, column 3: key 'stages' given twice (first on line 11)"),
     ],
 )
 def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path, text: str, fragment: str) -> None:
@@ -442,3 +455,19 @@ def test_a_trace_shorter_than_the_work_is_an_error_or_an_explicit_printed_choice
 
 def test_reuse_needs_a_trace(tmp_path: Path) -> None:
     refused(write(tmp_path, scenario_text(acceptance={"alpha": 0.5, "reuse": "cycle"})), "reuse only applies with")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("acceptance", {"trace": "x" * 300}), ("acceptance", {"trace": "a\x00b"}), ("acceptance", {"trace": ""}),
+     ("latency", {"profile": {"path": "/".join(["d"] * 3000)}}), ("topology", {"link": {"profile": "y" * 256}})],
+)  # fmt: skip
+def test_a_path_no_file_can_have_is_refused_by_field(tmp_path: Path, field: str, value: dict) -> None:
+    refused(write(tmp_path, scenario_text(**{field: value})), f"{field}.", "expected a file's path")
+
+
+def test_a_scenario_path_no_file_can_have_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for argv in (["x" * 300 + ".yaml"], [str(write(tmp_path, scenario_text())), "--out", str(tmp_path / ("o" * 300))]):
+        assert sim_cli.main(argv) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert len(line) < 300 and ("not a file's path" in line or "not a folder one can write to" in line), line
