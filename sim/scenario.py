@@ -64,13 +64,19 @@ def _one_of(expected: str, *members: Any) -> Any:
     return Annotated[Union[tagged], Discriminator(pick, custom_error_type="wrong_type", custom_error_message=expected)]  # noqa: UP007
 
 
+def _origin(member: Any) -> Any:
+    """The class of a union member: `list` for `list[X]`, X's for `Annotated[X, ...]`, else the member."""
+    if typing.get_origin(member) is Annotated:
+        return _origin(typing.get_args(member)[0])
+    return typing.get_origin(member) or member
+
+
 def _tag(member: Any) -> str:
-    origin = typing.get_origin(member) or member
-    return origin.__name__
+    return _origin(member).__name__
 
 
 def _is_kind(value: Any, member: Any) -> bool:
-    origin = typing.get_origin(member) or member
+    origin = _origin(member)
     if issubclass(origin, BaseModel):
         return isinstance(value, (dict, origin))
     return isinstance(value, origin) and not isinstance(value, bool)
@@ -140,7 +146,7 @@ class AcceptanceConfig(Strict):
     """Exactly one of `alpha`, `alphas`, `trace`."""
 
     alpha: float | None = Field(None, ge=0, le=1)
-    alphas: list[float] | None = Field(None, min_length=1)
+    alphas: list[float] | None = Field(None, min_length=1, max_length=MAX_LAYERS)  # one per draft of a round
     trace: FilePath | None = None
     confidence_sharpness: float | None = Field(None, gt=0)
     # a trace with fewer tokens or prompts than the workload replays: "none", an error; "cycle", replayed cyclically
@@ -226,7 +232,9 @@ class TopologyConfig(Strict):
     # every stage's GPU (a stage may name its own), `sim.plan.DEFAULT_GPU` where none is named; a stage costed by a
     # latency profile runs on the profile's device, so a GPU named for it must be that device
     gpu: GPUField | None = None
-    stages: _one_of("expected an integer >= 1 or a list of stages", int, list[StageConfig]) = Field(1)
+    stages: _one_of(
+        "expected an integer >= 1 or a list of stages", int, Annotated[list[StageConfig], Field(max_length=MAX_LAYERS)]
+    ) = Field(1)
     # how many devices the stages run on, in contiguous blocks (default: one per stage; ppsd_backend streams or
     # sequential: one); a stage list may instead give each stage's `device` index
     devices: int | None = Field(None, ge=1)
@@ -542,8 +550,7 @@ def _limits(path: Path, data: Any) -> Limits:
     try:
         return Limits.model_validate(data)
     except ValidationError as err:
-        lines = [_describe(str(path), {**e, "loc": ("limits", *e["loc"])}) for e in err.errors()]
-        raise ScenarioError("\n".join(lines)) from None
+        raise ScenarioError(_errors(str(path), err, ("limits",))) from None
 
 
 def validate(data: dict[str, Any], where: str) -> Scenario:
@@ -551,7 +558,7 @@ def validate(data: dict[str, Any], where: str) -> Scenario:
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as err:
-        raise ScenarioError("\n".join(_describe(where, e) for e in err.errors())) from None
+        raise ScenarioError(_errors(where, err)) from None
     _check_limits(scenario, where)
     return scenario
 
@@ -611,6 +618,18 @@ def _check_limits(s: Scenario, where: str) -> None:
             check()
         except ValueError as err:
             raise ScenarioError(f"{where}: {field}: {err}") from None
+
+
+MAX_ERROR_LINES = 10  # a message of a few lines, whatever the number of mistakes
+
+
+def _errors(where: str, err: ValidationError, prefix: tuple = ()) -> str:
+    """pydantic's errors, a line each (`_describe`), at most `MAX_ERROR_LINES` of them."""
+    errors = err.errors()
+    lines = [_describe(where, {**e, "loc": (*prefix, *e["loc"])}) for e in errors[:MAX_ERROR_LINES]]
+    if len(errors) > MAX_ERROR_LINES:
+        lines.append(f"{where}: and {len(errors) - MAX_ERROR_LINES} more mistakes of this kind or others")
+    return "\n".join(lines)
 
 
 def _describe(where: str, error: Any) -> str:

@@ -471,3 +471,9 @@ def test_a_scenario_path_no_file_can_have_is_one_line(tmp_path: Path, capsys: py
         assert sim_cli.main(argv) == 2
         (line,) = capsys.readouterr().err.splitlines()
         assert len(line) < 300 and ("not a file's path" in line or "not a folder one can write to" in line), line
+
+
+def test_many_mistakes_are_a_few_lines(tmp_path: Path) -> None:
+    message = refused(write(tmp_path, scenario_text(topology={"stages": ["x"] * 50})), max_chars=2000)
+    assert len(message.splitlines()) == 11 and message.endswith("and 40 more mistakes of this kind or others")
+    refused(write(tmp_path, scenario_text(topology={"stages": ["x"] * 5000})), "List should have at most 1024 items")
