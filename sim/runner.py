@@ -25,6 +25,7 @@ from sim.engine import RunResult, Simulation
 from sim.plan import SimPlan, build_plan
 from sim.progress import progress_bar
 from sim.scenario import Point
+from sim.tables import text_table
 
 TRACE_EVENTS = 20_000
 
@@ -242,13 +243,4 @@ def summary_table(results: Sequence[PointResult]) -> str:
         "bubble_pct",
     ]
     heads = {"tokens_per_s": "tok/s", "ms_per_token": "ms/tok", "tokens_per_round": "tok/round"}
-    table = [[heads.get(c, c) for c in columns]] + [[_short(row[c]) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-    return str(value)
+    return text_table(rows, columns, heads)
