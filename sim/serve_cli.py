@@ -10,6 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
+from sim.cli import check_out_dir
 from sim.runner import plots_available
 from sim.serving import load_serving_points
 from sim.serving_report import run_serving, stop_paying, summary_table, write_json, write_outputs
@@ -28,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     points = load_serving_points(args.scenario)
     out_dir = args.out or Path("runs") / args.scenario.stem
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir}: is a file; --out names the folder the outputs are written into")
+    check_out_dir(out_dir)
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
     print(f"{args.scenario}: {len(points)} serving run(s), {len(points[0].workload.requests)} requests each")
     runs = run_serving(points, jobs=jobs, progress=not args.no_progress)
