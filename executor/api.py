@@ -30,7 +30,7 @@ from executor.passes import (
 )
 from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, decode_ppsd
 from executor.sampling import SamplingConfig, TokenSelector
-from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer
+from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, policy_seed
 from sim.policy import DraftPolicy, make_policy
 
 METHODS = ("ar", "eesd", "ppsd")
@@ -155,10 +155,11 @@ def draft_capacity(policies: list[DraftPolicy], max_new_tokens: int) -> int:
 
 
 def _policies(spec: str | DraftPolicy, rows: int, seed: int, cost_ratio: float) -> list[DraftPolicy]:
-    """One policy per row (its own posterior / schedule); a policy object is copied per row."""
+    """One policy per row (its own posterior / schedule), seeded as `sim.contract.policy_seed` says so that the
+    simulator's trace replay draws the same; a policy object is copied per row."""
     if not isinstance(spec, str):
         return [spec] if rows == 1 else [copy.deepcopy(spec) for _ in range(rows)]
-    return [make_policy(spec, rng=random.Random(seed * 7919 + row), cost_ratio=cost_ratio) for row in range(rows)]
+    return [make_policy(spec, rng=random.Random(policy_seed(seed, row)), cost_ratio=cost_ratio) for row in range(rows)]
 
 
 def _streamer_callback(streamer: Any, rows: int, first: torch.Tensor):

@@ -52,7 +52,7 @@ from executor.heads import resolve_head
 from executor.kv_cache import KVCache
 from executor.passes import Passes
 from executor.sampling import SamplingConfig, TokenSelector
-from sim.contract import cache_capacity, default_exit_layer
+from sim.contract import cache_capacity, default_exit_layer, policy_seed
 from sim.policy import DraftPolicy, make_policy
 from sim.serving import Admission, RequestRecord, ServingResult, kv_tokens
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload
@@ -264,7 +264,7 @@ def serve(
         """Each request's own policy, seeded by its index (the output never depends on it)."""
         if shape is None:
             return None
-        return make_policy(policy, rng=random.Random(seed * 7919 + request.index), cost_ratio=cost_ratio)
+        return make_policy(policy, rng=random.Random(policy_seed(seed, request.index)), cost_ratio=cost_ratio)
 
     loop = _ServeLoop(decoder, workload, prompts, Admission(max_batch, kv_capacity_tokens, tokens_of), policy_of)
     return loop.run(clock, sleep)
