@@ -1,4 +1,7 @@
-"""`eesd calibrate latency|acceptance|link`: measure the files the simulator reads (docs/formats.md).
+"""`eesd calibrate latency|acceptance|link|contention`: measure the files the simulator reads (docs/formats.md).
+
+`contention` runs no model: it turns a `benchmarks/gpu_decode.py` run's PPSD `streams` rows into a contention
+profile (`calibrate.contention`), so it takes no `--threads`.
 
 torch is imported only inside `run`, so `eesd --help` stays fast. A calibration never overwrites a finished file
 without `--force` (a latency profile's `*.partial.jsonl` is not one: a rerun continues it).
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from calibrate import contention
 from executor.runtime import add_threads_argument, use_threads
 
 GRAPH_MODES = {"on": (True,), "off": (False,), "both": (False, True)}
@@ -28,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name != "link":  # link times two processes of one thread each and shows no progress
             p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
             add_threads_argument(p)
+    help_text = "how k PPSD stage passes on one GPU share it, from a benchmarks/gpu_decode.py JSON (streams rows)"
+    contention.add_arguments(sub.add_parser("contention", help=help_text, description=help_text))
 
 
 def _latency_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,6 +97,8 @@ def _link_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.calibration == "contention":
+        return contention.run(args)
     if args.calibration == "link":
         from calibrate.link import run_link_cli
 

@@ -6,8 +6,11 @@ rows' `pass_costs_ms`, "stage 1" .. "stage n": back-to-back captured launches) a
 profile, one row per stage count k: the k passes' sum and longest alone, and their time together. The simulator reads
 it as an overlap factor (sim/contention.py). Torch-free.
 
-    python -m calibrate.contention benchmarks/results/gpu_decode_nvidia_h100_smollm2_lease1.json \\
+    eesd calibrate contention benchmarks/results/gpu_decode_nvidia_h100_smollm2_lease1.json \\
         --capture compile-layers --out calibration/h100/contention_smollm2-135m_cuda_bf16_compiled.csv
+
+(`python -m calibrate.contention` takes the same arguments.) It runs no model: the measurement is the benchmark's.
+An existing `--out` is overwritten only with `--force`; the file is written atomically (`sim.formats`).
 """
 
 from __future__ import annotations
@@ -20,37 +23,75 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sim.formats import ContentionRecord, write_contention_profile
+from sim.contention import overlap_factor
+from sim.formats import (
+    MAX_FILE_BYTES,
+    ContentionRecord,
+    quote,
+    read_contention_profile,
+    read_text,
+    write_contention_profile,
+)
 
 STREAMS_ROW = re.compile(r"ppsd streams n=(?P<stages>\d+)$")  # the shared head's rows at the default sync cadence
 
 
-def contention_record(pass_costs_ms: Mapping[str, float]) -> ContentionRecord:
+def contention_record(pass_costs_ms: Mapping[str, Any]) -> ContentionRecord:
     """One row from a PPSD row's `pass_costs_ms`: its stages alone and its device time per tick, in µs."""
-    stages = [1e3 * ms for name, ms in pass_costs_ms.items() if name.startswith("stage ")]
+    if not isinstance(pass_costs_ms, Mapping):
+        raise ValueError(f"pass_costs_ms must be an object of milliseconds, got {quote(pass_costs_ms)}")
+    stages = [_ms(pass_costs_ms, name) for name in pass_costs_ms if str(name).startswith("stage ")]
     if len(stages) < 2 or "device per tick" not in pass_costs_ms:
-        raise ValueError(f"expected 'stage 1' .. 'stage n' (n >= 2) and 'device per tick', got {sorted(pass_costs_ms)}")
-    together = 1e3 * pass_costs_ms["device per tick"]
+        names = quote(sorted(map(str, pass_costs_ms)))
+        raise ValueError(f"expected 'stage 1' .. 'stage n' (n >= 2) and 'device per tick', got {names}")
+    together = _ms(pass_costs_ms, "device per tick")
     return ContentionRecord(len(stages), sum(stages), max(stages), together, together, together)
+
+
+def _ms(costs: Mapping[str, Any], name: str) -> float:
+    """`costs[name]` (milliseconds) in µs; a ValueError naming the entry if it is not a number."""
+    value = costs[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"pass_costs_ms[{name!r}] must be a number of milliseconds, got {quote(value)}")
+    return 1e3 * value
 
 
 def from_gpu_decode(document: Mapping[str, Any], capture: str) -> tuple[dict[str, Any], list[ContentionRecord]]:
     """(metadata, rows) of a contention profile from a `gpu_decode` JSON: every `ppsd streams n=K` row of `capture`
-    that measured its stages; a ValueError if there is none."""
+    that measured its stages; a ValueError if there is none, or if two rows measure the same stage count."""
+    rows = document.get("rows") if isinstance(document, Mapping) else None
+    if not isinstance(rows, list):
+        raise ValueError("expected a benchmarks/gpu_decode.py JSON: an object with a 'rows' list")
     rows = [
         row
-        for row in document.get("rows", [])
-        if STREAMS_ROW.match(row.get("method", "")) and row.get("capture") == capture and row.get("pass_costs_ms")
+        for row in rows
+        if isinstance(row, Mapping)
+        and STREAMS_ROW.match(str(row.get("method", "")))
+        and row.get("capture") == capture
+        and row.get("pass_costs_ms")
     ]
     if not rows:
         raise ValueError(f"no 'ppsd streams n=K' row with capture {capture!r} and pass_costs_ms in the document")
-    records = sorted((contention_record(row["pass_costs_ms"]) for row in rows), key=lambda r: r.passes)
+    device = document.get("device")
+    if not isinstance(device, str) or not device:
+        raise ValueError(f"'device' must name the GPU the rows ran on, got {quote(device)}")
+    records = []
+    for row in rows:
+        try:
+            records.append(contention_record(row["pass_costs_ms"]))
+        except ValueError as err:
+            raise ValueError(f"row {row['method']!r}: {err}") from None
+    records.sort(key=lambda r: r.passes)
+    counts = [r.passes for r in records]
+    if len(set(counts)) != len(counts):
+        methods = [row["method"] for row in rows]
+        raise ValueError(f"two rows measure the same stage count with capture {capture!r}: {quote(methods)}")
     metadata = {
-        "device": document.get("device"),
+        "device": device,
         "backend": "streams",
         "dtype": document.get("dtype"),
         "capture": capture,
-        "model": sorted({row.get("model") for row in rows}),
+        "model": sorted({str(row.get("model")) for row in rows}),
         "date": document.get("date"),
         "rows": [row["method"] for row in rows],
         "alone": "each stage's captured pass, back-to-back launches (gpu_decode pass_costs_ms 'stage s')",
@@ -59,25 +100,54 @@ def from_gpu_decode(document: Mapping[str, Any], capture: str) -> tuple[dict[str
     return metadata, records
 
 
-def write_from_gpu_decode(bench: Path, capture: str, out: Path) -> Path:
-    """`from_gpu_decode` of the JSON file `bench`, written to `out` (its metadata names the source file)."""
-    metadata, records = from_gpu_decode(json.loads(bench.read_text(encoding="utf-8")), capture)
+def write_from_gpu_decode(bench: Path, capture: str, out: Path, force: bool = False) -> Path:
+    """`from_gpu_decode` of the JSON file `bench`, written to `out` (its metadata names the source file). An
+    existing `out` is overwritten only with `force`; every error is a ValueError naming the file it is about."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; --out names the contention profile (a .csv file)")
+    if out.exists() and not force:
+        raise ValueError(f"--out {out} exists; pass --force to overwrite it")
+    if not bench.is_file():
+        raise ValueError(f"{bench}: no such file (expected a benchmarks/gpu_decode.py JSON)")
+    try:
+        document = json.loads(read_text(bench, MAX_FILE_BYTES, "gpu_decode JSON"))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{bench}: not JSON ({type(err).__name__}: {err})") from None
+    try:
+        metadata, records = from_gpu_decode(document, capture)
+    except ValueError as err:
+        raise ValueError(f"{bench}: {err}") from None
     return write_contention_profile(out, {**metadata, "source": bench.name}, records)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `eesd calibrate contention` and `python -m calibrate.contention`."""
+    parser.add_argument("bench", type=Path, help="a benchmarks/gpu_decode.py JSON with PPSD streams rows")
+    parser.add_argument("--capture", default="compile-layers", help="the rows' capture mode (default: compile-layers)")
+    parser.add_argument("--out", type=Path, required=True, help="the contention profile to write (CSV)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the profile and say what it holds: the stage counts and their overlap factors."""
+    path = write_from_gpu_decode(args.bench, args.capture, args.out, args.force)
+    profile = read_contention_profile(path)
+    factors = ", ".join(
+        f"k={r.passes}: f={overlap_factor(r.alone_sum_us, r.alone_max_us, r.median_us):.3f}" for r in profile.records
+    )
+    print(f"wrote {path} ({profile.metadata['device']}, overlap factor {factors})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m calibrate.contention", description=__doc__.splitlines()[0])
-    parser.add_argument("bench", type=Path, help="a benchmarks/gpu_decode.py JSON with PPSD streams rows")
-    parser.add_argument("--capture", default="compile-layers", help="the rows' capture mode (default: compile-layers)")
-    parser.add_argument("--out", type=Path, required=True, help="the contention profile to write (CSV)")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        path = write_from_gpu_decode(args.bench, args.capture, args.out)
+        return run(args)
     except (OSError, ValueError) as err:
         print(f"calibrate.contention: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`eesd calibrate`: latency profiles, acceptance traces and link profiles on tiny models, read back by `sim/`."""
+"""`eesd calibrate`: latency profiles, acceptance traces and link profiles on tiny models, read back by `sim/`;
+contention profiles from a GPU benchmark's rows."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from sim.acceptance import TraceAcceptance
 from sim.formats import (
     LatencyRecord,
     read_acceptance_trace,
+    read_contention_profile,
     read_latency_profile,
     read_link_profile,
     write_acceptance_trace,
@@ -328,6 +330,61 @@ def test_link_profile_from_two_gloo_processes(tmp_path: Path) -> None:
     assert main(["calibrate", "link", "--sizes", "1024", "--repeats", "3", "--out", str(out)]) == 0
     profile = read_link_profile(out)
     assert profile.metadata["backend"] == "gloo" and [r.nbytes for r in profile.records] == [1024]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+H100_BENCH = ROOT / "benchmarks" / "results" / "gpu_decode_nvidia_h100_smollm2_lease1.json"
+H100_CONTENTION = ROOT / "calibration" / "h100" / "contention_smollm2-135m_cuda_bf16_compiled.csv"
+
+
+def test_contention_profile_from_the_h100_benchmark_is_the_shipped_one(tmp_path: Path, capsys) -> None:
+    """`eesd calibrate contention` on the first H100 lease's rows writes the profile the repository ships; an
+    existing file is kept without --force and replaced with it."""
+    out = tmp_path / "contention.csv"
+    assert main(["calibrate", "contention", str(H100_BENCH), "--out", str(out)]) == 0
+    assert "k=2: f=0.170" in capsys.readouterr().out
+    written, shipped = read_contention_profile(out), read_contention_profile(H100_CONTENTION)
+    assert written.records == shipped.records and written.metadata["device"] == shipped.metadata["device"]
+    out.write_text("kept", encoding="utf-8")
+    assert main(["calibrate", "contention", str(H100_BENCH), "--out", str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err and out.read_text(encoding="utf-8") == "kept"
+    assert main(["calibrate", "contention", str(H100_BENCH), "--out", str(out), "--force"]) == 0
+    assert read_contention_profile(out).records == shipped.records
+    assert [p.name for p in tmp_path.iterdir()] == ["contention.csv"]  # no temporary file left beside it
+
+
+STREAMS_COSTS = {"stage 1": 0.5, "stage 2": 0.4, "device per tick": 0.6}
+
+
+@pytest.mark.parametrize(
+    ("bench", "message"),
+    [
+        (None, "no such file"),
+        ("{", "bad.json: not JSON"),
+        ("[]", "an object with a 'rows' list"),
+        ({"device": "GPU", "rows": [{"method": "ours ar", "capture": "compile-layers"}]}, "no 'ppsd streams n=K'"),
+        ({"rows": [{"method": "ppsd streams n=2", "capture": "compile-layers", "pass_costs_ms": STREAMS_COSTS}]},
+         "'device' must name the GPU"),
+        ({"device": "GPU", "rows": [{"method": "ppsd streams n=2", "capture": "compile-layers",
+                                     "pass_costs_ms": {**STREAMS_COSTS, "stage 2": "fast"}}]},
+         "row 'ppsd streams n=2': pass_costs_ms['stage 2'] must be a number"),
+        ({"device": "GPU", "rows": [{"method": "ppsd streams n=2", "capture": "compile-layers",
+                                     "pass_costs_ms": {"stage 1": 0.5, "device per tick": 0.6}}]}, "(n >= 2)"),
+    ],
+)  # fmt: skip
+def test_contention_from_a_wrong_benchmark_is_one_line_naming_it(tmp_path: Path, capsys, bench, message) -> None:
+    path = tmp_path / "bad.json"
+    if bench is not None:
+        path.write_text(bench if isinstance(bench, str) else json.dumps(bench), encoding="utf-8")
+    assert main(["calibrate", "contention", str(path), "--out", str(tmp_path / "c.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eesd calibrate: error:") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c.csv").exists()
+
+
+def test_contention_refuses_a_folder_as_out(tmp_path: Path, capsys) -> None:
+    assert main(["calibrate", "contention", str(H100_BENCH), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 @requires_smollm2
