@@ -8,7 +8,9 @@ Models:
   backend, for a smoke test).
 - The Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000) with random weights: HF AR, our AR
   and EESD at forced acceptance alpha in {0.5, 0.7, 0.9} (`generate(accept_pattern=alpha)`: the same drafting and
-  verify work as a real round with that accepted length, NOT lossless: random weights accept nothing on their own).
+  verify work as a real round with that accepted length, NOT lossless: random weights accept nothing on their own),
+  and PPSD `streams` with n = 2 and 4 stages and the shared head (lossless; random weights draft next to nothing
+  right, so its ticks are what a pipe of that model costs at alpha ~ 0).
   `--small` keeps the 7B layer shape but only 4 layers, so that it fits a CPU run.
 Plus the bf16 greedy match rate of EESD / PPSD vs our AR on real prompts (`executor.prompts`, builtin set): in bf16 a
 (k+1)-token verify pass and a 1-token step round differently, so near-ties can flip (docs/design.md).
@@ -357,6 +359,8 @@ def smollm2_cases(model, prompt: list[int], args) -> tuple[list[Case], list[Case
 
 
 def llama7b_cases(model, prompt: list[int], args) -> list[Case]:
+    """HF AR; our AR, EESD E = L/2 fixed:k at each forced alpha and PPSD n in `PPSD_STAGES` in the first capture
+    mode; our AR in the others (the rows `benchmarks/sim_vs_gpu.py --predict` names for the 7B shape)."""
     adapter, n, main = ModelAdapter(model), args.new_tokens, args.captures[0]
     E = max(1, model.config.num_hidden_layers // 2)
     shared = resolve_head("shared", adapter, E)
@@ -366,6 +370,7 @@ def llama7b_cases(model, prompt: list[int], args) -> list[Case]:
     for alpha in ALPHAS:
         label = f"eesd shared E={E} {k} forced alpha={alpha}"
         cases.append(eesd_case(adapter, prompt, n, label, E, shared, k, main, accept_pattern=alpha))
+    cases += [ppsd_case(adapter, prompt, n, stages, model.device, main) for stages in PPSD_STAGES]
     return cases + ar_cases(adapter, prompt, n, args.captures[1:], False)
 
 

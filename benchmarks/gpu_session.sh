@@ -1,30 +1,47 @@
 #!/usr/bin/env bash
-# Issue 8's GPU measurements on the lent box in two device calls (the 64 MiB-per-call carry limit).
+# The GPU runbook: each lease's measurements in device calls of <= 300 s (the 64 MiB-per-call carry limit).
 #
-# The box has torch and transformers but no hub, no `gguf` and no `simpy`; SmolLM2-135M's GGUF (92 MiB) travels in
-# two chunks, one per call, and the machine stays warm only 30 s after a call, so issue call 2 right after call 1
-# (prepare both calls' arguments beforehand; `next2` exits with 3 at once if the box went back in between). Call 1
-# does useful work on its own (the 7B shape needs no weights), so a lost box between calls still leaves its figures.
-# Everything a call measures is written under $OUT as it goes (a run cut short keeps its rows).
+# The box has torch and transformers but no hub, no `gguf`, no `simpy` and no `pydantic` (they travel as wheels);
+# SmolLM2-135M's GGUF (92 MiB) travels in two chunks, one per call, and the machine stays warm only 30 s after a call,
+# so issue a call 2 right after its call 1 (prepare both calls' arguments beforehand; a call 2 exits with 3 at once if
+# the box went back in between). A call 1 does useful work on its own (the 7B shape needs no weights), so a lost box
+# between calls still leaves its figures. Everything a call measures is written under $OUT as it goes (a run cut
+# short keeps its rows).
 #
 #   here:    bash benchmarks/gpu_session.sh prepare        # .carry/smollm2-135m/part-00{0,1} + manifest, .carry/wheels
-#   call 1:  bash benchmarks/gpu_session.sh next1          # carry: .carry/smollm2-135m/part-000
+#
+# First, the predictions committed before the lease (docs/results/next-lease-predictions.md,
+# benchmarks/results/predictions_next_lease_2026-12-03.json), measured with the commands they name, unchanged, on
+# whichever card the lease lends (H100 or H200: `card` below picks its rows; another card has none and exits 4):
+#   call 1:  bash benchmarks/gpu_session.sh predict1       # carry: .carry/smollm2-135m/part-000
 #                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
+#            (timeout_s 300; stages part 0; the 7B shape, random weights, 128 new tokens, at prompt lengths 512 and
+#            1024: our AR, EESD E=16 fixed:3 at forced alpha 0.5 / 0.7 / 0.9, PPSD streams n = 2 and 4, in the
+#            capture mode the card's rows name: compile-layers on an H100, graph on an H200)
+#   call 2:  bash benchmarks/gpu_session.sh predict2       # carry: .carry/smollm2-135m/part-001
+#                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
+#            (timeout_s 270; SmolLM2 bf16 through `eesd validate scenarios/smollm2_<card>_validate.yaml --prompts 8
+#            --max-new-tokens 48 --repeats 3`: AR and EESD at batch 1 and 8, PPSD streams n = 2 and 4)
+#
+# Then, if the lease has device time left (a lease is 15 minutes, starts included: the two pairs do not both fit
+# one), or on the next one, issue 8's follow-ups:
+#   call 1:  bash benchmarks/gpu_session.sh next1          # carry: as predict1
 #            (timeout_s 300; stages part 0; the GPU tests, the 7B shape's compiled latency profile at contexts 32
 #            to 2048, a kernel profile of its AR step at a 4k context)
-#   call 2:  bash benchmarks/gpu_session.sh next2          # carry: .carry/smollm2-135m/part-001
-#                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
+#   call 2:  bash benchmarks/gpu_session.sh next2          # carry: as predict2
 #            (timeout_s 280; SmolLM2: AR, EESD shared and trained, fixed:3 and beta-ts, PPSD n=2 with the trained
 #            head, 9 runs each, float32 match rates; then its compiled latency profile at contexts 32 to 2048)
 #
-# What it measures that no lease has: EESD beta-ts with a trained head whose zero-draft rounds chain (its layer's
-# KV kept in step by the chained AR step), compiled latency profiles past a 256-token context (the simulator
+# What next1/next2 measure that no lease has: EESD beta-ts with a trained head whose zero-draft rounds chain (its
+# layer's KV kept in step by the chained AR step), compiled latency profiles past a 256-token context (the simulator
 # extrapolates there today), the GPU tests of that chaining. The two H100 leases' steps are in git history.
 #
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card:
-# gpu_decode_nvidia_h100_{llama7b,smollm2}.json, the earlier ones renamed with the lease's suffix) and calibration/h100/
-# (each new profile replaces the file of its name: the same grid and more contexts), run
-# `python benchmarks/sim_vs_gpu.py --card h100`, and commit them.
+# gpu_decode_nvidia_<card>_llama7b_prompt{512,1024}.json and validate_nvidia_<card>_smollm2.json from predict1/2;
+# gpu_decode_nvidia_h100_{llama7b,smollm2}.json from next1/2, the earlier ones renamed with the lease's suffix) and
+# calibration/<card>/ (each new profile replaces the file of its name: the same grid and more contexts). Compare the
+# predict rows with the committed predictions as they stand (out-of-sample: nothing measured may change the simulator
+# before the comparison), run `python benchmarks/sim_vs_gpu.py --card <card>`, and commit them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +50,9 @@ PARTS=/tmp/parts
 GGUF=/tmp/smollm2-135m.gguf  # its name names the profile: latency_smollm2-135m_cuda_bf16_compiled.csv
 SITE=/tmp/site
 OUT=${OUT:-/tmp/out}
+WHEELS=("gguf==0.19.0" "simpy==4.1.2" "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0"
+        "typing-inspection==0.4.5" "typing-extensions==4.16.0")  # pydantic's needs (typing-extensions >= 4.16)
+PREDICTIONS=benchmarks/results/predictions_next_lease_2026-12-03.json
 
 environment() {
   mkdir -p "$OUT"
@@ -46,6 +66,16 @@ first_call() {  # a call 1: keep the carried part 0 in /tmp for call 2
   mkdir -p "$PARTS"
   cp .carry/"$MODEL"/* "$PARTS"/
   environment
+}
+
+card() {  # h100 | h200: whose rows of $PREDICTIONS this lease measures; another card has none (status 4)
+  local name
+  name=$(python3 -c 'import torch; print(torch.cuda.get_device_name())')
+  case "$name" in
+    *H100*) echo h100 ;;
+    *H200*) echo h200 ;;
+    *) echo "no predictions for '$name' in $PREDICTIONS (H100 and H200 only)" >&2; return 4 ;;
+  esac
 }
 
 second_call() {  # a call 2 ($1 names its call 1): part 1 joins part 0 into the GGUF
@@ -63,8 +93,29 @@ case "${1:-}" in
     python benchmarks/carry_model.py split "$MODEL" --chunk-mib 50
     mkdir -p .carry/wheels
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux2014_x86_64 -d .carry/wheels "gguf==0.19.0" "simpy==4.1.2"
+      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .carry/wheels "${WHEELS[@]}"
     ls -la .carry/"$MODEL" .carry/wheels
+    ;;
+  predict1)  # call 1 (part 0), <= 290 s: the 7B shape's predicted rows, as `gpu_decode.py --models llama7b
+             # --prompt-len N --captures C` times them (the rows the predictions name: --only)
+    first_call
+    CARD=$(card) || exit 4
+    CAPTURE=$([ "$CARD" = h100 ] && echo compile-layers || echo graph)  # as each card's predicted rows say
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    set +e
+    for LEN in 512 1024; do
+      timeout 135 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len "$LEN" --captures "$CAPTURE" \
+        --only '^ours ar$|forced alpha|^ppsd streams n=[24]$' --time-budget-s 105 \
+        --out "$OUT/gpu_decode_${CARD}_llama7b_prompt${LEN}.json" 2>&1 | tee "$OUT/bench_llama7b_prompt${LEN}.log"
+    done
+    ;;
+  predict2)  # its call 2 (part 1), <= 260 s: SmolLM2's predicted rows through `eesd validate` on the card's scenario
+    second_call predict1 predict2
+    CARD=$(card) || exit 4
+    set +e
+    timeout 230 python3 -m executor.cli validate "scenarios/smollm2_${CARD}_validate.yaml" --prompts 8 \
+      --max-new-tokens 48 --repeats 3 --model "$GGUF" --no-progress --json "$OUT/validate_${CARD}_smollm2.json" \
+      2>&1 | tee "$OUT/validate_${CARD}_smollm2.log"
     ;;
   next1)  # call 1 (part 0), <= 290 s: the GPU tests; the 7B shape's compiled profile at contexts 32 to 2048 (12
           # shapes); a kernel profile of its AR step at a 4k context (where the 12% that attention adds there goes)
@@ -89,7 +140,7 @@ case "${1:-}" in
       --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
-    echo "usage: $0 prepare | next1 | next2" >&2
+    echo "usage: $0 prepare | predict1 | predict2 | next1 | next2" >&2
     exit 2
     ;;
 esac

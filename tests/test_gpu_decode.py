@@ -86,6 +86,18 @@ def test_a_trained_heads_zero_rounds_cost_its_chained_ar_step(bench, adapter, mo
     assert ideal == pytest.approx(sum(a + 1 for a in stats.accepted) * costs["ar"] / spent)
 
 
+def test_the_7b_cases_include_ppsd_at_each_stage_count(bench, adapter) -> None:
+    """The 7B shape's table has PPSD rows at n = 2 and 4 (`ppsd streams n=K` on a GPU, the reference backend here), in
+    the first capture mode, and one of them decodes."""
+    args = bench.parse_args(["--device", "cpu", "--new-tokens", "8"])
+    cases = bench.llama7b_cases(adapter.model, PROMPT, args)
+    ppsd = [c for c in cases if c.method.startswith("ppsd")]
+    assert [c.method for c in ppsd] == [f"ppsd sequential n={n}" for n in bench.PPSD_STAGES]
+    assert {c.capture for c in ppsd} == {"none"}
+    row = bench.measure("tiny", ppsd[-1], 5, adapter.device)
+    assert row.tokens_per_s > 0 and {"stage 1", "stage 4", "device per tick"} <= set(row.pass_costs_ms)
+
+
 def test_only_keeps_the_matching_cases(bench, adapter) -> None:
     args = bench.parse_args(["--device", "cpu", "--only", "^ours ar$|^ppsd"])
     cases = [bench.ppsd_case(adapter, PROMPT, 4, n, adapter.device, "none") for n in (2, 4)]
