@@ -33,6 +33,7 @@ def test_shipped_scenario_runs(path: Path, tmp_path: Path) -> None:
     with open(tmp_path / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(points) and all(float(r["speedup"]) > 0 for r in rows)
+    assert [r["point"] for r in rows] == [str(p.index) for p in points]  # no sweep key named like a column hides it
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
     assert "speedup" in summary_table(results)
 
