@@ -13,6 +13,10 @@ settings reproduces each one (same training prompts, corpus, batches and seed). 
 the given head files (e.g. distilled from a corpus, `eesd train-head --corpus`) are scored on the held-out prompts,
 and each one's held-out evaluations during training (`NAME.eval.csv`, written by `executor.train_head`) give the
 curve of agreement and tokens/round against training tokens: does more data still help?
+
+With `--speed`, the report also holds the measured decode speed of EESD (beta-ts and fixed:1..4) and PPSD
+(sequential, 2 stages) with the shared and the trained head at each exit layer against our AR, on the first
+`--eesd-prompts` held-out prompts (`benchmarks/head_speed.py`: interleaved runs, medians, output checked against AR).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from head_speed import Settings, run_benchmark
+from head_speed import table as speed_table
 
 from executor.adapter import ModelAdapter
 from executor.api import generate
@@ -80,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heads", nargs="+", default=None, metavar="FILE",
                         help="score these head files (trained elsewhere) instead of training heads here")  # fmt: skip
+    parser.add_argument("--speed", action="store_true", help="also measure decode speed against AR (head_speed.py)")
+    parser.add_argument("--speed-repeats", type=int, default=3, help="--speed: interleaved repeats")
     return parser.parse_args()
 
 
@@ -102,6 +110,16 @@ def eesd_runs(model, prompts: list[list[int]], heads: dict[int, str], args, eos)
             )
             print(f"EESD E={exit_layer} {name}: {stats.tokens_per_round:.2f} tokens/round, identical to AR: {same}")
     return runs
+
+
+def speed_runs(model, prompts: list[list[int]], heads: dict[int, str], args) -> dict:
+    """Measured decode speed (`head_speed.run_benchmark`) of the shared and the trained head at each exit layer."""
+    names = [name for exit_layer, path in heads.items() for name in (f"shared@{exit_layer}", path)]
+    settings = Settings(heads=tuple(names), new_tokens=args.max_new_tokens, repeats=args.speed_repeats)
+    speed = run_benchmark(model, prompts, settings, args.threads)
+    print(speed_table(speed["rows"]))
+    return {key: speed[key] for key in ("load_average_1_5_15_before", "load_average_1_5_15_after", "settings",
+                                        "best_fixed_k", "timing", "rows")}  # fmt: skip
 
 
 def training_curve(head_file: str | Path) -> list[dict[str, float]]:
@@ -230,6 +248,7 @@ def main() -> None:
         head_data = {}
     curves = {e: training_curve(path) for e, path in heads.items()}
     runs = eesd_runs(model, eval_ids[: args.eesd_prompts], heads, args, eos)
+    speed = speed_runs(model, eval_ids[: args.eesd_prompts], heads, args) if args.speed else None
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     trained_how = "given heads" if args.heads else f"{args.steps} steps, {len(train_ids)} train prompts"
@@ -256,6 +275,7 @@ def main() -> None:
         "agreement_trained": trained,
         "kl_first10_last10": {e: [sum(v[:10]) / 10, sum(v[-10:]) / 10] for e, v in losses.items()},
         "eesd": [asdict(run) for run in runs],
+        "speed": speed,  # --speed: decode tokens/s against AR, interleaved runs (head_speed.py); None without
         "heads": heads,
         "head_training_data": head_data,
         "training_curves": curves,  # held-out agreement / tokens per round vs training tokens, from NAME.eval.csv

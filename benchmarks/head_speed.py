@@ -1,0 +1,407 @@
+"""Benchmark (not a test): measured decode speed of EESD and PPSD with given exit heads against our own AR, on the CPU.
+
+Every configuration decodes the same held-out prompts greedily, in float32 with a fixed number of torch threads, and
+the runs are interleaved so that a change of load on a shared box hits every configuration alike: for each repeat,
+for each prompt, AR first, then every configuration in an order rotated by one each time. A run's speed is its
+decode tokens/s (the prefill and its first token excluded, as `GenerationStats` times them). Per configuration: the
+median over all runs, their spread (min, quartiles, max), tokens per round (PPSD: per tick), acceptance, the speedup
+of its median over AR's, the median of its per-run speedups over the AR run just before it (paired), and
+`identical`: its output equals AR's on every run. The fixed draft length k with the highest median is named per head.
+
+Configurations: EESD for every head x policy (`--policies`, default beta-ts, plus fixed:k for k in `--fixed`),
+PPSD sequential (`--ppsd-stages` stages; stage 1 is cut at the head's exit layer when that lies beyond a balanced
+first stage) for every head. Heads: "shared", "shared:N" (at `--exit-layer`, default the middle layer, or at their
+own with "@E": shared@8, shared:4096@8) or head files (at their own exit layer). Prompts: the held-out half of
+`executor.prompts.split_prompts` of a set (builtin, humaneval) or a JSONL file; never the prompts a head was trained
+on. Greedy runs go on past EOS unless `--stop-at-eos`, so that every run decodes the same number of tokens.
+
+    python benchmarks/head_speed.py --model smollm2-135m --heads shared,heads/smollm2-135m-e15.safetensors \
+        --prompts builtin --num-prompts 8 --new-tokens 64 --repeats 3 --tag smollm2-135m_cpu
+    python benchmarks/head_speed.py --model smollm2-135m --heads shared --num-prompts 2 --new-tokens 16 \
+        --repeats 1 --fixed 1,2 --tag smoke          # a smoke run, a few minutes on a busy 2-core box
+
+Writes benchmarks/results/head_speed_<tag>.json (atomically): device, dtype, versions, date, threads, command line,
+load average before and after, settings and rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import executor
+from calibrate.common import cpu_model
+from executor.adapter import ModelAdapter
+from executor.corpus import eos_ids
+from executor.heads import resolve_head
+from executor.ppsd import balanced_bounds
+from executor.prompts import encode_prompt, load_prompts, split_prompts
+from sim.contract import default_exit_layer
+from sim.policy import make_policy
+from sim.tables import text_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+AR_LABEL = "AR"
+
+
+def decode_rate(stats: Any) -> float:
+    """Decode tokens/s of one generation: the tokens after the prefill's over the time after the prefill."""
+    return (stats.new_tokens - 1) / (stats.wall_time_s - stats.prefill_time_s)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One decoding setup: AR, EESD with a head and a policy, or PPSD (sequential backend) with a head."""
+
+    method: str
+    head_name: str = "-"
+    head: Any = None
+    exit_layer: int | None = None
+    policy: str | None = None
+    stage_boundaries: tuple[int, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        """Method, head (a head file by its stem), exit layer, and the policy (EESD) or the stage count (PPSD)."""
+        if self.method == "ar":
+            return AR_LABEL
+        head = Path(self.head_name).stem if self.head_name.endswith(".safetensors") else self.head_name
+        if self.method == "ppsd":
+            return f"PPSD seq n={len(self.stage_boundaries) + 1} {head} E={self.exit_layer}"
+        return f"EESD {head} E={self.exit_layer} {self.policy}"
+
+    def kwargs(self) -> dict[str, Any]:
+        """`executor.generate`'s arguments for this setup (uncaptured passes: the CPU runs them as they are)."""
+        if self.method == "ar":
+            return {"method": "ar", "capture": "none"}
+        common = {"method": self.method, "head": self.head, "exit_layer": self.exit_layer, "capture": "none"}
+        if self.method == "ppsd":
+            stages = len(self.stage_boundaries) + 1
+            return common | {"backend": "sequential", "stages": stages, "stage_boundaries": list(self.stage_boundaries)}
+        return common | {"policy": self.policy}
+
+
+@dataclass
+class Tally:
+    """One configuration's runs: decode rates, the work counted by its stats and whether every output matched AR."""
+
+    rates: list[float] = field(default_factory=list)
+    paired: list[float] = field(default_factory=list)  # this run's rate / the AR run's of the same (repeat, prompt)
+    tokens: int = 0  # tokens the rounds (PPSD: ticks) emitted
+    units: int = 0  # rounds or ticks
+    accepted: int = 0
+    drafted: int = 0
+    identical: bool = True
+
+    def add(self, stats: Any, rate: float, ar_rate: float | None, same: bool) -> None:
+        self.rates.append(rate)
+        if ar_rate is not None:
+            self.paired.append(rate / ar_rate)
+        if hasattr(stats, "ticks"):  # PPSD: decoded tokens per tick
+            self.tokens, self.units = self.tokens + stats.decoded_tokens, self.units + stats.ticks
+        else:
+            self.tokens += sum(a + 1 for a in stats.accepted)
+            self.units += len(stats.accepted)
+        self.accepted += sum(stats.accepted)
+        self.drafted += sum(stats.drafted)
+        self.identical = self.identical and same
+
+
+def stage_cuts(num_layers: int, stages: int, exit_layer: int) -> tuple[int, ...]:
+    """PPSD's n - 1 cut points: balanced, unless the exit layer lies beyond stage 1; then stage 1 ends at it and the
+    later layers are balanced over the other stages."""
+    bounds = balanced_bounds(num_layers, stages)
+    if exit_layer <= bounds[1]:
+        return bounds[1:-1]
+    if num_layers - exit_layer < stages - 1:
+        raise ValueError(f"--ppsd-stages {stages}: exit layer {exit_layer} leaves too few of {num_layers} layers")
+    rest = balanced_bounds(num_layers - exit_layer, stages - 1)
+    return (exit_layer, *(exit_layer + b for b in rest[1:-1]))
+
+
+def load_heads(adapter: ModelAdapter, names: Sequence[str], exit_layer: int | None) -> list[tuple[str, Any, int]]:
+    """(name, head object, exit layer) per head: "shared" and "shared:N" at `exit_layer` (default: the middle layer)
+    or at their own "@E" ("shared@8", "shared:4096@8"), a head file at its own exit layer (or `exit_layer` for a
+    subset file, which has none)."""
+    fallback = exit_layer if exit_layer is not None else default_exit_layer(adapter.num_layers)
+    heads = []
+    for name in names:
+        spec, _, at = name.partition("@")
+        if spec != "shared" and not spec.startswith("shared:"):
+            head = resolve_head(name, adapter, None)
+            heads.append((name, head, getattr(head, "exit_layer", None) or fallback))
+            continue
+        if at and not at.isdigit():
+            raise ValueError(f"head {name!r}: expected shared@E or shared:N@E with a whole exit layer E")
+        layer = int(at) if at else fallback
+        heads.append((spec, resolve_head(spec, adapter, layer), layer))
+    return heads
+
+
+def make_configs(
+    adapter: ModelAdapter, heads: Sequence[tuple[str, Any, int]], policies: Sequence[str], ppsd_stages: int
+) -> list[Config]:
+    """AR, then EESD per head and policy, then PPSD per head (none when `ppsd_stages` is 0)."""
+    for spec in policies:
+        make_policy(spec)  # a mistyped policy is refused before any model runs
+    configs = [Config("ar")]
+    configs += [Config("eesd", name, head, exit_layer, spec) for name, head, exit_layer in heads for spec in policies]
+    if ppsd_stages:
+        configs += [
+            Config("ppsd", name, head, e, stage_boundaries=stage_cuts(adapter.num_layers, ppsd_stages, e))
+            for name, head, e in heads
+        ]
+    labels = [c.label for c in configs]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"configurations given twice (a head or policy repeated): {', '.join(twice)}")
+    return configs
+
+
+def generate_once(adapter: ModelAdapter, prompt: list[int], config: Config, new_tokens: int, eos: list[int]):
+    """One greedy generation of `config`: its new tokens and stats."""
+    out = executor.generate(adapter, [prompt], max_new_tokens=new_tokens, eos_token_id=eos or None,
+                            **config.kwargs())  # fmt: skip
+    return out.sequences[0, len(prompt) :].tolist(), out.stats
+
+
+def measure(
+    adapter: ModelAdapter,
+    prompts: Sequence[list[int]],
+    configs: Sequence[Config],
+    new_tokens: int,
+    repeats: int,
+    eos: Sequence[int] = (),
+    warmup: int = 1,
+) -> dict[str, Tally]:
+    """Interleaved runs: for each repeat and prompt, AR, then the other configurations in a rotated order."""
+    ar, others = configs[0], list(configs[1:])
+    for config in configs if warmup else ():  # first calls pay one-off allocations: untimed
+        generate_once(adapter, prompts[0], config, min(new_tokens, 8), list(eos))
+    tallies = {c.label: Tally() for c in configs}
+    first_ar: dict[int, list[int]] = {}  # AR's output per prompt in the first repeat: AR must repeat itself too
+    slot = 0
+    for _ in range(repeats):
+        for index, prompt in enumerate(prompts):
+            reference, stats = generate_once(adapter, prompt, ar, new_tokens, list(eos))
+            ar_rate = decode_rate(stats)
+            tallies[ar.label].add(stats, ar_rate, None, first_ar.setdefault(index, reference) == reference)
+            turn = slot % len(others) if others else 0
+            for config in others[turn:] + others[:turn]:
+                tokens, stats = generate_once(adapter, prompt, config, new_tokens, list(eos))
+                tallies[config.label].add(stats, decode_rate(stats), ar_rate, tokens == reference)
+            slot += 1
+    return tallies
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles (both the value itself for a single run)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def row_of(config: Config, tally: Tally, ar_median: float) -> dict[str, Any]:
+    median = statistics.median(tally.rates)
+    q1, q3 = quartiles(tally.rates)
+    return {
+        "config": config.label, "method": config.method, "head": config.head_name, "exit_layer": config.exit_layer,
+        "policy": config.policy, "ppsd_stage_boundaries": config.stage_boundaries, "runs": len(tally.rates),
+        "decode_tokens_per_s": median, "decode_tokens_per_s_min": min(tally.rates), "decode_tokens_per_s_q1": q1,
+        "decode_tokens_per_s_q3": q3, "decode_tokens_per_s_max": max(tally.rates),
+        "tokens_per_round": tally.tokens / tally.units if tally.units else None,
+        "round_unit": "tick" if config.method == "ppsd" else "round",
+        "acceptance": tally.accepted / tally.drafted if tally.drafted else None,
+        "speedup": median / ar_median,
+        "paired_speedup": statistics.median(tally.paired) if tally.paired else 1.0,
+        "identical": tally.identical, "best_fixed": False, "decode_rates": tally.rates,
+    }  # fmt: skip
+
+
+def fixed_k(policy: str | None) -> int | None:
+    """k of a "fixed:k" policy, else None."""
+    if policy is None or not policy.startswith("fixed:"):
+        return None
+    try:
+        return int(policy.split(":", 1)[1])
+    except ValueError:
+        return None
+
+
+def mark_best_fixed(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Flag, per EESD head and exit layer, the fixed:k row with the highest median; returns {head@E: k}."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["method"] == "eesd" and fixed_k(row["policy"]) is not None:
+            key = f"{row['head']}@{row['exit_layer']}"
+            if key not in best or row["decode_tokens_per_s"] > best[key]["decode_tokens_per_s"]:
+                best[key] = row
+    for row in best.values():
+        row["best_fixed"] = True
+    return {key: fixed_k(row["policy"]) for key, row in best.items()}
+
+
+def rows_from(configs: Sequence[Config], tallies: dict[str, Tally]) -> list[dict[str, Any]]:
+    ar_median = statistics.median(tallies[AR_LABEL].rates)
+    return [row_of(c, tallies[c.label], ar_median) for c in configs]
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+SPEED_COLUMNS = {
+    "config": "configuration", "median": "decode tok/s", "range": "min - max", "iqr": "IQR", "work": "tok/round",
+    "acceptance": "acceptance", "speedup": "speedup", "paired": "paired", "identical": "output == AR",
+}  # fmt: skip
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a text table: median and spread of decode tokens/s, work per round, speedups, identity."""
+    shown = []
+    for r in rows:
+        shown.append({
+            "config": r["config"] + (" (best fixed)" if r["best_fixed"] else ""),
+            "median": f"{r['decode_tokens_per_s']:.2f}",
+            "range": f"{r['decode_tokens_per_s_min']:.2f} - {r['decode_tokens_per_s_max']:.2f}",
+            "iqr": f"{r['decode_tokens_per_s_q1']:.2f} - {r['decode_tokens_per_s_q3']:.2f}",
+            "work": fmt(r["tokens_per_round"], ".2f") + ("/tick" if r["round_unit"] == "tick" else ""),
+            "acceptance": fmt(r["acceptance"], ".3f"), "speedup": f"{r['speedup']:.2f}x",
+            "paired": f"{r['paired_speedup']:.2f}x", "identical": str(r["identical"]),
+        })  # fmt: skip
+    return text_table(shown, list(SPEED_COLUMNS), SPEED_COLUMNS)
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """What the figures depend on besides the settings: machine, threads, dtype, versions, date, command line."""
+    return {
+        "label": "CPU benchmark (not a GPU result)",
+        "device": f"CPU: {cpu_model()} ({os.cpu_count()} cores, {threads} torch threads)",
+        "dtype": "float32", "threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }  # fmt: skip
+
+
+def write_json(path: Path, report: dict[str, Any]) -> Path:
+    """Write `report` to `path` atomically (a temporary file beside it, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run measures: heads x policies (EESD) and heads (PPSD), on prompts, for tokens, repeated."""
+
+    heads: tuple[str, ...] = ("shared",)
+    policies: tuple[str, ...] = ("beta-ts", "fixed:1", "fixed:2", "fixed:3", "fixed:4")
+    exit_layer: int | None = None
+    ppsd_stages: int = 2
+    new_tokens: int = 64
+    repeats: int = 3
+    warmup: int = 1
+    stop_at_eos: bool = False
+
+
+def run_benchmark(model: Any, prompts: Sequence[list[int]], settings: Settings, threads: int) -> dict[str, Any]:
+    """Measure every configuration on `prompts`; the report's environment, load average, settings and rows."""
+    torch.set_num_threads(threads)
+    adapter = ModelAdapter(model)
+    heads = load_heads(adapter, settings.heads, settings.exit_layer)
+    configs = make_configs(adapter, heads, settings.policies, settings.ppsd_stages)
+    eos = eos_ids(model)
+    load_before = os.getloadavg()
+    tallies = measure(adapter, prompts, configs, settings.new_tokens, settings.repeats,
+                      eos if settings.stop_at_eos else (), settings.warmup)  # fmt: skip
+    load_after = os.getloadavg()
+    rows = rows_from(configs, tallies)
+    return environment(threads) | {
+        "load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(load_after),
+        "settings": asdict(settings) | {"prompts": len(prompts)}, "best_fixed_k": mark_best_fixed(rows),
+        "timing": "decode tokens/s per run (prefill and its token excluded), uncaptured passes; runs interleaved: per "
+        "repeat and prompt AR, then the other configurations in a rotated order; median over all runs",
+        "rows": rows,
+    }  # fmt: skip
+
+
+def held_out_prompts(tokenizer: Any, prompt_set: str, count: int) -> tuple[list[str], list[list[int]]]:
+    """Ids and token ids of the first `count` held-out prompts of a set (chat-templated where the model has one)."""
+    held_out = split_prompts(load_prompts(prompt_set)).held_out[:count]
+    return [p.id for p in held_out], [encode_prompt(tokenizer, p.text) for p in held_out]
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a packaged model name or a local HF directory")
+    parser.add_argument("--heads", default="shared", help="comma-separated: shared[@E] | shared:N[@E] | a head file")
+    parser.add_argument("--exit-layer", type=int, default=None, help="for shared heads (default: the middle layer)")
+    parser.add_argument("--policies", default="beta-ts", help="EESD policies besides fixed:k (comma-separated)")
+    parser.add_argument("--fixed", default="1,2,3,4", help="k of the fixed:k policies (comma-separated; '' for none)")
+    parser.add_argument("--ppsd-stages", type=int, default=2, help="PPSD sequential's stages (0: no PPSD rows)")
+    parser.add_argument("--prompts", default="builtin", help="builtin | humaneval | a JSONL file (held-out split)")
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="1: one short untimed run per configuration first")
+    parser.add_argument("--stop-at-eos", action="store_true", help="stop at the model's EOS (default: run on)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--tag", default=None, help="results/head_speed_<tag>.json (default: <model>_cpu)")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON's path (overrides --tag)")
+    parser.add_argument("--note", default="", help="the conditions, for the JSON (e.g. 'busy 2-core box, smoke run')")
+    args = parser.parse_args(argv)
+    for name in ("num_prompts", "new_tokens", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    policies = parse_list(args.policies) + tuple(f"fixed:{k}" for k in parse_list(args.fixed))
+    if not policies:
+        raise ValueError("--policies and --fixed give no EESD policy: name at least one")
+    return Settings(
+        heads=parse_list(args.heads), policies=policies, exit_layer=args.exit_layer, ppsd_stages=args.ppsd_stages,
+        new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, stop_at_eos=args.stop_at_eos,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    torch.set_num_threads(args.threads)
+    model = executor.load_model(args.model, dtype="float32")
+    ids, prompts = held_out_prompts(executor.load_tokenizer(args.model), args.prompts, args.num_prompts)
+    report = run_benchmark(model, prompts, settings, args.threads)
+    report |= {"model": args.model, "prompt_set": args.prompts, "prompt_split": "held-out (split_prompts)",
+               "prompt_ids": ids, "note": args.note}  # fmt: skip
+    print(f"{args.model}, {len(prompts)} held-out {args.prompts} prompts x {args.new_tokens} tokens, "
+          f"{args.repeats} repeats, CPU float32, {args.threads} thread(s)")  # fmt: skip
+    print(table(report["rows"]))
+    print(f"best fixed k: {report['best_fixed_k']}")
+    out = args.out or RESULTS / f"head_speed_{args.tag or args.model + '_cpu'}.json"
+    print(f"wrote {write_json(out, report)}")
+
+
+if __name__ == "__main__":
+    main()
