@@ -41,17 +41,17 @@ from typing import Any
 
 from sim.formats import (
     DataFile,
+    quote,
     read_acceptance_trace,
     read_head_metadata,
     read_latency_profile,
     read_link_profile,
     write_text_atomic,
 )
-from sim.models import ModelConfig
-from sim.plan import build_plan, exit_layer_of, model_config
+from sim.plan import build_plan, exit_layer_of
 from sim.policy import with_cost
 from sim.runner import simulate_point
-from sim.scenario import LinkConfig, Point, load_points
+from sim.scenario import LinkConfig, Point, claimed_dtype, load_points
 from sim.scenario import validate as validate_scenario
 
 # the scenario fields the executor varies between points; every other field must be the same at every point
@@ -278,8 +278,8 @@ def plan(
     device_type = str(profile.metadata.get("device_type") or "cpu")
     for point in all_points:
         _check_point(path, point, device_type)
-    runnable = _runnable_model(profile_path, profile, trace_path, trace, model_config(s), model)
-    dtype = _check_dtype(path, s.dtype, profile_path, profile)
+    runnable = _runnable_model(profile_path, profile, trace_path, trace, model)
+    dtype = _executor_dtype(path, s.dtype, profile_path, profile)
     head = _check_head(path, s.exit_head, trace_path, trace)
     trace_max = int(trace.metadata.get("max_new_tokens") or 0)
     requests = _positive(prompts, "--prompts", default=s.workload.requests)
@@ -516,10 +516,11 @@ def _calibration_file(point: Point, kind: str) -> tuple[Path, DataFile]:
 
 
 def _runnable_model(
-    profile_path: Path, profile: DataFile, trace_path: Path, trace: DataFile, shape: ModelConfig, model: str | None
-) -> str:
+    profile_path: Path, profile: DataFile, trace_path: Path, trace: DataFile, model: str | None
+) -> str:  # fmt: skip
     """The model both calibration files name (or `model`, where the files name the same model at another machine's
-    path), checked to be one `executor.models.load_model` can load."""
+    path), checked to be one `executor.models.load_model` can load. That the files are of the scenario's model (its
+    shape and layer count) `load_points` has checked already (`sim.scenario.check_file_claims`)."""
     from executor.models import known_models
 
     name = model or str(trace.metadata["model"])
@@ -536,24 +537,19 @@ def _runnable_model(
             f"load here (--model names it where the files name another path); expected one of "
             f"{sorted(known_models())}, a local HF directory or a .gguf file"
         )
-    config = profile.metadata.get("model_config") or {}
-    layers = config.get("num_hidden_layers")
-    if layers is not None and layers != shape.num_layers:
-        raise ValueError(
-            f"{profile_path}: metadata.model_config.num_hidden_layers: expected {shape.num_layers} (the scenario's "
-            f"model {shape.name}), got {layers}"
-        )
     return name
 
 
-def _check_dtype(path: Path, scenario_dtype: str, profile_path: Path, profile: DataFile) -> str:
-    dtype = str(profile.metadata["dtype"])
-    if SCENARIO_DTYPES[scenario_dtype] != dtype:
+def _executor_dtype(path: Path, scenario_dtype: str, profile_path: Path, profile: DataFile) -> str:
+    """The torch dtype the executor runs in: the scenario's. `load_points` has refused a profile of another dtype
+    (`sim.scenario.check_file_claims`); one whose dtype it cannot tell (`claimed_dtype`: none it knows) is refused
+    here, since the executor would be timed in a dtype the profile may not have been."""
+    if claimed_dtype(profile.metadata) is None:
         raise ValueError(
-            f"{path}: dtype: the profile {profile_path} was measured in {dtype}; expected the scenario's dtype to "
-            f"match, got {scenario_dtype}"
+            f"{path}: dtype: the profile {profile_path} names no dtype the executor runs (metadata.dtype "
+            f"{quote(profile.metadata.get('dtype'))}); expected the scenario's, {SCENARIO_DTYPES[scenario_dtype]}"
         )
-    return dtype
+    return SCENARIO_DTYPES[scenario_dtype]
 
 
 def _check_head(path: Path, exit_head: str, trace_path: Path, trace: DataFile) -> str:

@@ -14,6 +14,7 @@ import copy
 import itertools
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -573,15 +574,22 @@ def model_config(scenario: Scenario) -> ModelConfig:
 _DTYPE_NAMES = {"bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16"), "fp32": ("fp32", "float32")}
 
 
+def claimed_dtype(metadata: Mapping[str, Any]) -> str | None:
+    """The scenario dtype (`bf16`, `fp16`, `fp32`) a calibration file's `metadata.dtype` names (`bfloat16`,
+    `torch.bfloat16` and `bf16` alike), or None where it names none of them (or none at all)."""
+    dtype = str(metadata.get("dtype", "")).removeprefix("torch.")
+    return next((name for name, names in _DTYPE_NAMES.items() if dtype in names), None)
+
+
 def check_file_claims(point: Point, data: DataFile, field: str) -> None:
     """What a calibration file says it was made with must be the point's: its model (`check_claimed_model`) and, for
     a latency profile, its dtype. A `ScenarioError` naming the scenario's field, the file and its metadata field."""
     s = point.scenario
     try:
         check_claimed_model(model_config(s), data.metadata)
-        dtype = str(data.metadata.get("dtype", "")).removeprefix("torch.")
-        known = any(dtype in names for names in _DTYPE_NAMES.values())
-        if data.kind == "latency_profile" and known and dtype not in _DTYPE_NAMES[s.dtype]:
+        claimed = claimed_dtype(data.metadata)
+        if data.kind == "latency_profile" and claimed not in (None, s.dtype):
+            dtype = str(data.metadata["dtype"]).removeprefix("torch.")
             raise ValueError(
                 f"metadata.dtype: the profile was measured in {dtype}; expected the scenario's dtype to match, got "
                 f"{s.dtype}"

@@ -113,6 +113,29 @@ def test_a_model_the_executor_cannot_run_is_refused(tmp_path, capsys) -> None:
     fail_with(capsys, [str(path)], f"p.csv: metadata.model: expected the trace's model {elsewhere!r}")
 
 
+def _profile_with(tmp_path: Path, **metadata: Any) -> Path:
+    """The shipped CPU scenario reading a copy of its profile whose metadata says `metadata` instead."""
+    profile = read_latency_profile(PROFILE)
+    write_latency_profile(tmp_path / "p.csv", {**profile.metadata, **metadata}, profile.records)
+    return scenario(tmp_path, latency={"profile": {"path": "p.csv", "cuda_graphs": False}})
+
+
+def test_files_of_another_model_or_dtype_are_refused_as_the_simulator_refuses_them(tmp_path, capsys) -> None:
+    """validate takes the simulator's checks of what a profile claims (`sim.scenario.check_file_claims`): another
+    layer count or dtype is one line naming the file and its metadata field; a profile of fewer layers of the same
+    model (`total_layers` the real count) is the scenario's; a dtype it cannot tell is refused by validate alone."""
+    path = _profile_with(tmp_path, total_layers=24)
+    fail_with(capsys, [str(path)], "latency.profile.path:", "p.csv: metadata.total_layers: 24 layers", "has 30")
+    config = read_latency_profile(PROFILE).metadata["model_config"]
+    path = _profile_with(tmp_path, total_layers=30, layers_profiled=4, model_config={**config, "num_hidden_layers": 4})
+    assert validate.plan(path, points="quick").dtype == "float32"
+    path = _profile_with(tmp_path, dtype="bfloat16")
+    fail_with(capsys, [str(path)], "p.csv: metadata.dtype: the profile was measured in bfloat16", "got fp32")
+    assert validate.plan(_profile_with(tmp_path, dtype="torch.float32"), points="quick").dtype == "float32"
+    path = _profile_with(tmp_path, dtype="float64")
+    fail_with(capsys, [str(path)], f"{path}: dtype:", "names no dtype the executor runs", "'float64'", "float32")
+
+
 def test_relative_error_and_tolerance_on_constructed_numbers() -> None:
     assert relative_error(12.0, 10.0) == pytest.approx(0.2)
     assert relative_error(8.0, 10.0) == pytest.approx(-0.2)
