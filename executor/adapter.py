@@ -345,12 +345,21 @@ def layer_forward(
     at `slots.positions`; its keys and values are stored there and attended over with `mask` [B, 1, q, S], rotated
     by `rotary` (cos, sin [B, q, D]). Tensors and the layer only, no host value: one `torch.compile` of it serves
     every layer of a model (see `compiled_layer`)."""
-    attended = self_attention(layer.self_attn, layer.input_layernorm(hidden), slots, rotary, mask)
+    hidden = attention_forward(layer, hidden, slots, rotary, mask)
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: the sublayers' outputs are normed too
-        hidden = hidden + layer.post_attention_layernorm(attended)
         return hidden + layer.post_feedforward_layernorm(gated_mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden)))
-    hidden = hidden + attended
     return hidden + gated_mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+
+
+def attention_forward(
+    layer: nn.Module, hidden: torch.Tensor, slots: Slots, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """A pre-norm decoder layer's attention sublayer with its residual (`layer_forward` without the MLP): what an
+    attention-only exit head runs."""
+    attended = self_attention(layer.self_attn, layer.input_layernorm(hidden), slots, rotary, mask)
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: the sublayer's output is normed too
+        return hidden + layer.post_attention_layernorm(attended)
+    return hidden + attended
 
 
 def gated_mlp(mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

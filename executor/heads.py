@@ -13,6 +13,11 @@
   layer E, the layer the full model itself applies next: its input norm and projections already expect layer-E
   statistics, so before any training the head is the shared exit one layer deeper, and training only has to bend
   it towards the last layer's output. (A copy of the last layer sees inputs far from its own distribution.)
+- attention-only (`AttentionExitHead`, `--head-kind attention`): the same minus the layer's MLP, an attention
+  sublayer + norm as a light adapter for shallow exits.
+- either trained kind with a draft vocabulary (`--draft-vocab FILE`, the ids of a vocabulary-subset head file): its
+  LM head is those rows of the model's, it is trained on the full model's distribution renormalised over them, and a
+  draft step pays N/V of the LM head. The ids are stored in the head file (`token_ids`).
 
 A head object has `extra_layers` (decoder layers of its own, which get KV-cache slots after the model's layers),
 `__call__(hidden, step, cache) -> logits` and `prefill(hidden, step, cache)`. The decoder calls `prefill` with the
@@ -23,13 +28,14 @@ positions are overwritten next round, as in every other layer.
 
 Head files are safetensors: the layer's and the norm's tensors under `layer.` / `norm.` (a vocabulary-subset head:
 `token_ids`, int64, most likely first), and metadata (strings) recording the format, the model fingerprint
-(`model_fingerprint`), the exit layer (`any` for a subset head), the head architecture (`HEAD_ARCHITECTURE` or
-`SUBSET_ARCHITECTURE`), a checksum, and how the head was made. The checksum (format version 2) covers the tensors
-(names, dtypes, shapes, bytes) and every other metadata field, so an edited exit layer is caught as surely as a
-flipped weight. Version 1 files, written before, sum the tensors only: they still load, their tensors checked, their
-metadata taken as it stands (re-saving one with `save_head` / `reseal_head_file` writes version 2). `load_head`
-refuses a file made for another model or exit layer, a corrupt or truncated file, one without a checksum and one whose
-fields do not parse, with a `ValueError` naming the file.
+(`model_fingerprint`), the exit layer (`any` for a subset head), the head architecture (`HEAD_ARCHITECTURE`,
+`ATTENTION_ARCHITECTURE` or `SUBSET_ARCHITECTURE`; a trained head's draft vocabulary as `draft_vocab_size`), a
+checksum, and how the head was made. The checksum (format version 2) covers the tensors (names, dtypes, shapes, bytes)
+and every other metadata field, so an edited exit layer is caught as surely as a flipped weight. Version 1 files,
+written before, sum the tensors only: they still load, their tensors checked, their metadata taken as it stands (re-
+saving one with `save_head` / `reseal_head_file` writes version 2). `load_head` refuses a file made for another model
+or exit layer, a corrupt or truncated file, one without a checksum and one whose fields do not parse, with a
+`ValueError` naming the file.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from executor.adapter import ModelAdapter, Step, attention_mask, decoder_layer, head_linear
+from executor.adapter import ModelAdapter, Step, attention_forward, attention_mask, decoder_layer, head_linear
 from executor.kv_cache import KVCache
 from sim.formats import subset_size
 
@@ -53,6 +59,7 @@ HEAD_FORMAT = "eesd-exit-head"
 HEAD_FORMAT_VERSION = "2"  # the checksum covers the tensors and the metadata
 TENSORS_ONLY_VERSION = "1"  # the older format: the checksum covers the tensors only
 HEAD_ARCHITECTURE = "decoder-layer+rmsnorm"
+ATTENTION_ARCHITECTURE = "attention+rmsnorm"
 SUBSET_ARCHITECTURE = "vocab-subset"
 _CONFIG_KEYS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -85,10 +92,37 @@ def head_key(head: Any) -> object:
     return getattr(head, "cache_key", None) or id(head)
 
 
+def subset_rows(adapter: ModelAdapter, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight rows (and bias) of `token_ids`: what a draft over that vocabulary subset scores."""
+    bias = getattr(adapter.lm_head, "bias", None)
+    weight = adapter.lm_head.weight.detach()[token_ids]
+    return weight, (bias.detach()[token_ids] if bias is not None else None)
+
+
+def full_vocabulary(logits: torch.Tensor, token_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Subset logits [..., N] as vocabulary-wide logits [..., V], -inf outside the subset: the selector, the
+    confidence policy and rejection sampling's q then see a distribution over the subset only."""
+    full = logits.new_full((*logits.shape[:-1], vocab), float("-inf"))
+    return full.index_copy(-1, token_ids, logits)
+
+
+def checked_token_ids(token_ids: torch.Tensor | list[int], vocab: int) -> torch.Tensor:
+    """`token_ids` as a 1-D int64 tensor of distinct ids in [0, vocab), in the given order; a `ValueError` if not."""
+    ids = torch.as_tensor(token_ids).cpu()
+    if ids.dim() != 1 or ids.dtype != torch.int64 or ids.numel() == 0 or ids.unique().numel() != ids.numel():
+        raise ValueError(f"a draft vocabulary needs distinct int64 token ids, got {ids.numel()} ids of {ids.dtype}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"a draft vocabulary needs token ids in [0, {vocab}), got ids up to {int(ids.max())}")
+    return ids
+
+
 class TrainedExitHead(nn.Module):
-    """One decoder layer + final RMSNorm on top of layer `exit_layer`, sharing the model's (frozen) LM head."""
+    """One decoder layer + final RMSNorm on top of layer `exit_layer`, sharing the model's (frozen) LM head, over the
+    whole vocabulary or, with `token_ids`, over that draft vocabulary only."""
 
     extra_layers = 1
+    kind = "layer"
+    architecture = HEAD_ARCHITECTURE
     layer_run: Callable[..., torch.Tensor] | None = None  # a compiled `layer_forward` (see `with_layer_run`)
 
     def __init__(
@@ -97,10 +131,12 @@ class TrainedExitHead(nn.Module):
         exit_layer: int,
         init_layer: int | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
+        token_ids: torch.Tensor | list[int] | None = None,
     ) -> None:
         """A head at `exit_layer` whose layer starts as a copy of layer `init_layer` (default: E), or, with
         `tensors` (a head's state dict), holds those: then no model layer is read but layer 0 for its class, as
-        in a pipeline stage process that holds only its own layers."""
+        in a pipeline stage process that holds only its own layers. `token_ids` (or a `token_ids` tensor among
+        `tensors`) makes it draft over those ids only: its LM head is their rows of the model's."""
         super().__init__()
         if not 1 <= exit_layer < adapter.num_layers:
             raise ValueError(f"exit_layer must be in [1, {adapter.num_layers - 1}], got {exit_layer}")
@@ -117,10 +153,26 @@ class TrainedExitHead(nn.Module):
         if tensors is None:
             self.layer.load_state_dict(source.state_dict())
             self.norm.load_state_dict(adapter.norm.state_dict())
-        else:
+        self.trim()
+        if token_ids is None and tensors is not None:
+            token_ids = tensors.get("token_ids")
+        vocab = adapter.lm_head.weight.shape[0]
+        ids = None if token_ids is None else checked_token_ids(token_ids, vocab)
+        self.register_buffer("token_ids", ids)
+        if tensors is not None:
             self.load_state_dict(tensors)
+        self.vocab = vocab
+        self._rows: tuple[object, torch.Tensor, torch.Tensor | None] | None = None
         self.metadata: dict[str, str] = {}
         self.to(device=adapter.device, dtype=adapter.dtype)
+
+    def trim(self) -> None:
+        """Drop what the head's layer does not run (an attention-only head: the MLP)."""
+
+    @property
+    def draft_vocab(self) -> int | None:
+        """The size of the head's draft vocabulary, or None: the whole vocabulary."""
+        return None if self.token_ids is None else self.token_ids.numel()
 
     def run_layer(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         """The head's decoder layer over exit-layer states [B, q, d] at `step`, writing its KV into `cache`."""
@@ -130,8 +182,26 @@ class TrainedExitHead(nn.Module):
         return decoder_layer(self.layer, self.index, hidden, step, cache, rotary, mask, run)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Norm + the model's LM head over the head layer's output [B, q, d] -> [B, q, V]."""
-        return self.adapter.project(self.norm(hidden))
+        """Norm + the model's LM head over the head layer's output [B, q, d] -> [B, q, V] (-inf outside a draft
+        vocabulary)."""
+        if self.token_ids is None:
+            return self.adapter.project(self.norm(hidden))
+        return full_vocabulary(self.draft_logits(hidden), self.token_ids, self.vocab)
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the head's draft vocabulary [B, q, N] (N = V without one), the distribution it is trained
+        to match."""
+        if self.token_ids is None:
+            return self.adapter.project(self.norm(hidden))
+        weight, bias = self.subset_weight()
+        return self.adapter.softcap(head_linear(self.norm(hidden), weight, bias))
+
+    def subset_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's rows of the draft vocabulary, gathered once per LM-head weight (not per draft step)."""
+        weight = self.adapter.lm_head.weight
+        if self._rows is None or self._rows[0] is not weight:
+            self._rows = (weight, *subset_rows(self.adapter, self.token_ids.to(weight.device)))
+        return self._rows[1], self._rows[2]
 
     def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         return self.head_logits(self.run_layer(hidden, step, cache))
@@ -155,6 +225,35 @@ class TrainedExitHead(nn.Module):
         return self.head_logits(self.layer_sequences(hidden))
 
 
+class AttentionExitHead(TrainedExitHead):
+    """An attention-only adapter on top of layer `exit_layer`: the attention sublayer of a decoder layer (its input
+    norm, projections and residual; no MLP) + a final RMSNorm, sharing the model's LM head. About a quarter of a
+    decoder layer's weights, for shallow exits where the head's own cost per draft step matters. Its attention
+    starts as a copy of layer E's, trained like the decoder-layer head's."""
+
+    kind = "attention"
+    architecture = ATTENTION_ARCHITECTURE
+
+    def trim(self) -> None:
+        self.layer.mlp = None
+
+    def run_layer(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+        rotary = self.adapter.rotary(hidden, step.positions, self.adapter.rotary_kinds[self.init_layer])
+        mask = attention_mask(step, self.window, hidden.dtype)
+        return decoder_layer(self.layer, self.index, hidden, step, cache, rotary, mask, attention_forward)
+
+
+HEAD_CLASSES: dict[str, type[TrainedExitHead]] = {"layer": TrainedExitHead, "attention": AttentionExitHead}
+ARCHITECTURE_CLASSES = {cls.architecture: cls for cls in HEAD_CLASSES.values()}
+
+
+def head_class(kind: str) -> type[TrainedExitHead]:
+    """The trained head class of `kind` ("layer" or "attention")."""
+    if kind not in HEAD_CLASSES:
+        raise ValueError(f"head kind must be one of {', '.join(HEAD_CLASSES)}, got {kind!r}")
+    return HEAD_CLASSES[kind]
+
+
 class SubsetExitHead(SharedExitHead):
     """The shared exit head over a subset of the vocabulary: logits of the other ids are -inf, so the selector,
     the confidence policy and rejection sampling's q see a distribution over the subset only."""
@@ -168,9 +267,7 @@ class SubsetExitHead(SharedExitHead):
             raise ValueError(f"a vocabulary-subset head needs token ids in [0, {vocab}), got {ids.numel()} ids")
         self.token_ids = ids.to(adapter.device)
         self.vocab = vocab
-        self.weight = adapter.lm_head.weight.detach()[self.token_ids]  # [N, d], the rows it scores
-        bias = getattr(adapter.lm_head, "bias", None)
-        self.bias = bias.detach()[self.token_ids] if bias is not None else None
+        self.weight, self.bias = subset_rows(adapter, self.token_ids)  # [N, d], the rows it scores
         self.cache_key = ("subset", vocab, ids.numel(), hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16])
         # the ids as given, which is how a head file stores them (most likely first, where ranked); sorted when the
         # list repeats ids
@@ -198,8 +295,7 @@ class SubsetExitHead(SharedExitHead):
     def __call__(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         adapter = self.adapter
         logits = adapter.softcap(head_linear(adapter.norm(hidden), self.weight, self.bias))
-        full = logits.new_full((*logits.shape[:-1], self.vocab), float("-inf"))
-        return full.index_copy(-1, self.token_ids, logits)
+        return full_vocabulary(logits, self.token_ids, self.vocab)
 
 
 def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
@@ -247,8 +343,10 @@ def head_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
 
 def head_tensors(head: TrainedExitHead, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The head's state dict on the CPU, its floating tensors in `dtype` (a draft vocabulary's ids stay int64)."""
     return {
-        name: value.detach().to(device="cpu", dtype=dtype).contiguous() for name, value in head.state_dict().items()
+        name: value.detach().to(device="cpu", dtype=dtype if value.is_floating_point() else value.dtype).contiguous()
+        for name, value in head.state_dict().items()
     }
 
 
@@ -274,7 +372,9 @@ def save_head(
 ) -> Path:
     """Write the head atomically as safetensors with its metadata (`info`: steps, date, prompts, ...)."""
     own = {"exit_layer": head.exit_layer, "init_layer": head.init_layer, "dtype": str(dtype).removeprefix("torch.")}
-    return _write_head_file(path, head.adapter, HEAD_ARCHITECTURE, head_tensors(head, dtype), own, info)
+    if head.draft_vocab is not None:
+        own["draft_vocab_size"] = head.draft_vocab
+    return _write_head_file(path, head.adapter, head.architecture, head_tensors(head, dtype), own, info)
 
 
 def save_subset_head(head: SubsetExitHead, path: str | os.PathLike[str], info: dict[str, Any] | None = None) -> Path:
@@ -387,19 +487,20 @@ def load_head(
     architecture = metadata.get("head_architecture")
     if architecture == SUBSET_ARCHITECTURE:
         return _subset_from_file(file, tensors, metadata, adapter)
-    if architecture != HEAD_ARCHITECTURE:
-        raise ValueError(
-            f"exit head file {file}: unknown head_architecture {architecture!r} (expected {HEAD_ARCHITECTURE!r} "
-            f"or {SUBSET_ARCHITECTURE!r})"
-        )
+    if architecture not in ARCHITECTURE_CLASSES:
+        known = ", ".join(repr(a) for a in [*ARCHITECTURE_CLASSES, SUBSET_ARCHITECTURE])
+        raise ValueError(f"exit head file {file}: unknown head_architecture {architecture!r} (expected one of {known})")
     last = adapter.num_layers - 1
     trained_at = _layer_field(file, metadata, "exit_layer", 1, last, None)
     if exit_layer is not None and exit_layer != trained_at:
         raise ValueError(f"exit head file {file} was trained for exit layer {trained_at}, not {exit_layer}")
-    head = TrainedExitHead(adapter, trained_at, _layer_field(file, metadata, "init_layer", 0, last, trained_at))
+    init_layer = _layer_field(file, metadata, "init_layer", 0, last, trained_at)
     try:
-        head.load_state_dict({name: value.to(adapter.dtype) for name, value in tensors.items()})
-    except RuntimeError as err:
+        head = ARCHITECTURE_CLASSES[architecture](adapter, trained_at, init_layer, token_ids=tensors.get("token_ids"))
+        head.load_state_dict({
+            name: value.to(adapter.dtype) if value.is_floating_point() else value for name, value in tensors.items()
+        })  # fmt: skip
+    except (RuntimeError, ValueError) as err:
         raise ValueError(f"exit head file {file} does not fit this model: {err}") from None
     head.metadata = metadata
     return head.eval().requires_grad_(False)

@@ -65,7 +65,7 @@ from torch import nn
 
 from executor.adapter import ModelAdapter
 from executor.decoding import TokenSink
-from executor.heads import SharedExitHead, SubsetExitHead, TrainedExitHead, head_tensors, resolve_head
+from executor.heads import SharedExitHead, SubsetExitHead, TrainedExitHead, head_class, head_tensors, resolve_head
 from executor.kv_cache import KVCache
 from executor.passes import resolve_capture
 from executor.ppsd import (
@@ -343,6 +343,7 @@ class HeadState:
     init_layer: int = 0
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     token_ids: torch.Tensor | None = None
+    kind: str = "layer"  # a trained head's kind (`executor.heads.HEAD_CLASSES`)
 
     @classmethod
     def of(cls, head: Any) -> HeadState | None:
@@ -355,12 +356,13 @@ class HeadState:
                 f"the distributed backend sends the exit head to a stage process: it must be 'shared', 'shared:N', "
                 f"a head file or a TrainedExitHead, got {type(head).__name__}"
             )
-        return cls(head.exit_layer, head.init_layer, head_tensors(head, head.adapter.dtype))
+        return cls(head.exit_layer, head.init_layer, head_tensors(head, head.adapter.dtype), kind=head.kind)
 
     def build(self, adapter: ModelAdapter) -> Any:
         if self.token_ids is not None:
             return SubsetExitHead(adapter, self.token_ids)
-        return TrainedExitHead(adapter, self.exit_layer, self.init_layer, tensors=self.tensors).requires_grad_(False)
+        made = head_class(self.kind)(adapter, self.exit_layer, self.init_layer, tensors=self.tensors)
+        return made.requires_grad_(False)
 
 
 def _free_port() -> int:

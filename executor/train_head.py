@@ -30,6 +30,7 @@ the benchmarks and tests that score a few prompts' worth of examples at once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import time
@@ -55,6 +56,7 @@ from executor.heads import (
     SubsetExitHead,
     TrainedExitHead,
     atomic_write,
+    head_class,
     model_fingerprint,
     save_head,
     save_subset_head,
@@ -65,7 +67,7 @@ CHECKPOINT_VERSION = 2
 SCHEDULES = ("constant", "cosine")
 # settings a resumed run must share with the checkpoint (`steps` too under a cosine schedule, whose length it is)
 RESUME_KEYS = ("exit_layer", "exit_layers", "lr", "batch_size", "seed", "schedule", "warmup_steps", "min_lr_ratio",
-               "clip_norm", "weight_decay", "window", "logit_chunk")  # fmt: skip
+               "clip_norm", "weight_decay", "window", "logit_chunk", "head_kind")  # fmt: skip
 EVAL_COLUMNS = ("step", "tokens_seen", "targets_seen", "exit_layer", "draft_len", "agreement", "tokens_per_round",
                 "kl", "train_kl", "eval_positions")  # fmt: skip
 
@@ -88,10 +90,12 @@ class TrainConfig:
     eval_every: int = 0  # steps between held-out evaluations (0: none)
     draft_len: int = 4  # the fixed k of the evaluation's tokens/round
     logit_chunk: int = 1024  # target positions whose vocabulary-wide logits are held at once
+    head_kind: str = "layer"  # "layer" (a decoder layer) or "attention" (its attention sublayer only)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        head_class(self.head_kind)  # a ValueError naming the kinds
         for name in ("steps", "batch_size", "checkpoint_every", "window", "draft_len", "logit_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -309,9 +313,12 @@ def autocast(adapter: ModelAdapter) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def new_head(adapter: ModelAdapter, exit_layer: int) -> TrainedExitHead:
-    """A head to train: float32 weights whatever the model's dtype (AdamW's updates are lost in bf16 weights)."""
-    head = TrainedExitHead(adapter, exit_layer)
+def new_head(
+    adapter: ModelAdapter, exit_layer: int, kind: str = "layer", token_ids: torch.Tensor | None = None
+) -> TrainedExitHead:
+    """A head of `kind` to train, over the draft vocabulary `token_ids` if given: float32 weights whatever the
+    model's dtype (AdamW's updates are lost in bf16 weights)."""
+    head = head_class(kind)(adapter, exit_layer, token_ids=token_ids)
     return head.float() if adapter.dtype in HALF_DTYPES else head
 
 
@@ -346,9 +353,22 @@ def head_states(head: TrainedExitHead, teacher: TeacherBatch) -> torch.Tensor:
 
 
 def chunk_log_probs(head: TrainedExitHead, states: torch.Tensor) -> torch.Tensor:
+    """The head's log-probabilities over its draft vocabulary (the whole one, or its subset) [n, N]."""
     with autocast(head.adapter):
-        logits = head.head_logits(states)
+        logits = head.draft_logits(states)
     return logits.float().log_softmax(-1)
+
+
+def head_target(head: TrainedExitHead, target: torch.Tensor) -> torch.Tensor:
+    """The full model's log-probabilities [n, V] as the head is trained to match them: renormalised over its draft
+    vocabulary when it has one (a draft outside it is never proposed, so only the order inside it matters)."""
+    return target if head.token_ids is None else target[:, head.token_ids].log_softmax(-1)
+
+
+def head_tokens(head: TrainedExitHead, student: torch.Tensor) -> torch.Tensor:
+    """The head's top token ids (vocabulary ids) from its draft log-probabilities [n, N]."""
+    top = student.argmax(-1)
+    return top if head.token_ids is None else head.token_ids[top]
 
 
 def distill_batch(heads: dict[int, TrainedExitHead], teacher: TeacherBatch, chunk: int) -> dict[int, float]:
@@ -362,7 +382,7 @@ def distill_batch(heads: dict[int, TrainedExitHead], teacher: TeacherBatch, chun
     for piece, target in teacher_chunks(adapter, teacher, chunk):
         for exit_layer, head in heads.items():
             student = chunk_log_probs(head, leaves[exit_layer][piece])
-            loss = F.kl_div(student, target, log_target=True, reduction="sum") / count
+            loss = F.kl_div(student, head_target(head, target), log_target=True, reduction="sum") / count
             loss.backward()
             totals[exit_layer].append(loss.detach())  # read once per step, not once per chunk (a GPU sync each)
     for exit_layer, out in outputs.items():
@@ -467,8 +487,9 @@ def evaluate(heads: dict[int, TrainedExitHead], source: RecordSource, config: Tr
         for piece, target in teacher_chunks(adapter, teacher, config.logit_chunk):
             for exit_layer, head in heads.items():
                 student = chunk_log_probs(head, outputs[exit_layer][piece])
-                matches[exit_layer].append(student.argmax(-1) == target.argmax(-1))
-                tallies[exit_layer].kl += float(F.kl_div(student, target, log_target=True, reduction="sum"))
+                matches[exit_layer].append(head_tokens(head, student) == target.argmax(-1))
+                own = head_target(head, target)
+                tallies[exit_layer].kl += float(F.kl_div(student, own, log_target=True, reduction="sum"))
         for exit_layer, tally in tallies.items():
             tally.add_rows(torch.cat(matches[exit_layer]).cpu(), counts, config.draft_len)
     return {e: tally.row() for e, tally in tallies.items()}
@@ -564,8 +585,9 @@ def load_checkpoint(path: Path, adapter: ModelAdapter, config: TrainConfig, run_
     saved = dict(payload["config"])
     keys = RESUME_KEYS + (("steps",) if config.schedule == "cosine" else ())
     for key in keys:
-        if saved[key] != getattr(config, key):
-            raise ValueError(f"checkpoint {path} was made with {key}={saved[key]}, not {getattr(config, key)}")
+        made_with = saved.get(key, getattr(TrainConfig, key, None))  # a field the checkpoint predates: its default
+        if made_with != getattr(config, key):
+            raise ValueError(f"checkpoint {path} was made with {key}={made_with}, not {getattr(config, key)}")
     if payload["run_info"] != run_info:
         raise ValueError(f"checkpoint {path} was made from other data or settings: {payload['run_info']}")
     return payload
@@ -632,14 +654,19 @@ def distill_heads(
     save_dtype: torch.dtype = torch.bfloat16,
     run_info: dict[str, str] | None = None,
     progress: bool = True,
+    draft_vocab: torch.Tensor | None = None,
 ) -> tuple[dict[int, TrainedExitHead], TrainState]:
-    """Train one head per exit layer of `config` on `source` and write each to `outs[E]` (atomically), evaluating
-    on `eval_source` and checkpointing next to the first; `resume` continues from that checkpoint if it exists."""
+    """Train one head per exit layer of `config` (of kind `config.head_kind`, over the draft vocabulary
+    `draft_vocab` if given) on `source` and write each to `outs[E]` (atomically), evaluating on `eval_source` and
+    checkpointing next to the first; `resume` continues from that checkpoint if it exists."""
     adapter = ModelAdapter(model)
-    heads = {e: new_head(adapter, e) for e in config.layers}
+    heads = {e: new_head(adapter, e, config.head_kind, draft_vocab) for e in config.layers}
     info = {k: str(v) for k, v in (dict(run_info or {}) | source.describe()).items()}
     if eval_source is not None:
         info |= {f"eval_{key}": value for key, value in eval_source.describe().items()}
+    if draft_vocab is not None:
+        ids = draft_vocab.detach().cpu().to(torch.int64).contiguous()
+        info |= {"draft_vocab_size": str(ids.numel()), "draft_vocab_sha256": hashlib.sha256(ids.numpy()).hexdigest()}
     run = Run(heads, make_optimizers(heads, config), config, source, outs, info, eval_source)
     state = TrainState()
     if resume and run.checkpoint.is_file():
@@ -678,6 +705,7 @@ def train_head_file(
     save_dtype: torch.dtype = torch.bfloat16,
     run_info: dict[str, str] | None = None,
     progress: bool = True,
+    draft_vocab: torch.Tensor | None = None,
 ) -> tuple[TrainedExitHead, TrainState]:
     """Distil a head (or, with `config.exit_layers`, one per exit layer: `out` then holds `{exit_layer}`) on the full
     model's greedy continuations of `prompts`, held in memory, and write it to `out`; returns the head at
@@ -689,7 +717,8 @@ def train_head_file(
         records = corpus_records(generate_corpus(model, prompts, max_new_tokens, eos, progress=progress))
     info = dict(run_info or {}) | {"max_new_tokens": str(max_new_tokens), "prompts_count": str(len(prompts))}
     heads, state = distill_heads(model, RecordSource.from_records(records), config, outs, resume=resume,
-                                 save_dtype=save_dtype, run_info=info, progress=progress)  # fmt: skip
+                                 save_dtype=save_dtype, run_info=info, progress=progress,
+                                 draft_vocab=draft_vocab)  # fmt: skip
     return heads[config.exit_layer], state
 
 
@@ -704,6 +733,7 @@ def train_head_corpus(
     save_dtype: torch.dtype = torch.bfloat16,
     run_info: dict[str, str] | None = None,
     progress: bool = True,
+    draft_vocab: torch.Tensor | None = None,
 ) -> tuple[dict[int, TrainedExitHead], TrainState]:
     """Distil one head per exit layer of `config` from a corpus directory (`eesd corpus`), scored every
     `config.eval_every` steps on `eval_corpus` (a corpus built from held-out prompts), and write them to `out`
@@ -714,7 +744,8 @@ def train_head_corpus(
     if eval_source is not None:
         check_corpus_model(eval_source, model)
     return distill_heads(model, source, config, head_paths(out, config.layers), eval_source=eval_source,
-                         resume=resume, save_dtype=save_dtype, run_info=run_info, progress=progress)  # fmt: skip
+                         resume=resume, save_dtype=save_dtype, run_info=run_info, progress=progress,
+                         draft_vocab=draft_vocab)  # fmt: skip
 
 
 def check_corpus_model(source: RecordSource, model: torch.nn.Module) -> None:

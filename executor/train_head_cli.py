@@ -65,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=512, help="tokens per training window (default: 512)")
     parser.add_argument("--draft-len", type=int, default=4, help="k of the evaluation's tokens/round (default: 4)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
+    parser.add_argument(
+        "--head-kind", default="layer", choices=("layer", "attention"),
+        help="trained head: a decoder layer (default) or its attention sublayer only (a light adapter)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--draft-vocab", default=None, metavar="FILE",
+        help="train the head over the ids of this vocabulary-subset head file only (its LM head: their rows)",
+    )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     add_threads_argument(parser)
@@ -83,6 +91,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--eval-corpus needs --corpus (the held-out corpus scores heads trained from a corpus)")
     if args.exit_layer is not None and len(args.exit_layer) > 1 and "{exit_layer}" not in args.out:
         raise ValueError(f"several exit layers need --out with {{exit_layer}} in it, got {args.out!r}")
+    if args.vocab_subset is not None and args.draft_vocab is not None:
+        raise ValueError("--draft-vocab is for a trained head; --vocab-subset makes a subset head (give one of them)")
     if args.vocab_subset is not None and args.vocab_subset < 1:
         raise ValueError(f"--vocab-subset must be >= 1, got {args.vocab_subset}")
     if not args.out.endswith(".safetensors"):
@@ -104,12 +114,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"train-head: {args.model} on {device} ({args.dtype}); {use_threads(args.threads)}", flush=True)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
     config = None if args.vocab_subset is not None else _config(args)
+    vocab = _draft_vocab(args.draft_vocab, model)
     if args.corpus is not None and config is not None:
-        info = {"model": str(args.model), "model_dtype": args.dtype}
+        info = {"model": str(args.model), "model_dtype": args.dtype, **_vocab_info(args)}
         torch.manual_seed(args.seed)
         heads, state = train_head_corpus(
             model, args.corpus, config, args.out, eval_corpus=args.eval_corpus, resume=args.resume,
             save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.no_progress,
+            draft_vocab=vocab,
         )  # fmt: skip
         return _report(args, state)
     tokenizer = load_tokenizer(args.model)
@@ -121,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     head, state = train_head_file(
         model, prompt_ids, config, args.out, max_new_tokens=args.max_new_tokens, resume=args.resume,
-        save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.no_progress,
+        save_dtype=resolve_dtype(args.save_dtype), run_info=info | _vocab_info(args), progress=not args.no_progress,
+        draft_vocab=vocab,
     )  # fmt: skip
     return _report(args, state)
 
@@ -133,8 +146,24 @@ def _config(args: argparse.Namespace):
         exit_layer=args.exit_layer[0], exit_layers=args.exit_layer[1:], steps=args.steps, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every, schedule=args.schedule,
         warmup_steps=args.warmup_steps, clip_norm=args.clip_norm or None, window=args.window,
-        eval_every=args.eval_every, draft_len=args.draft_len,
+        eval_every=args.eval_every, draft_len=args.draft_len, head_kind=args.head_kind,
     )  # fmt: skip
+
+
+def _draft_vocab(path: str | None, model):
+    """The ranked ids of the vocabulary-subset head file `path` (None: the whole vocabulary)."""
+    if path is None:
+        return None
+    from executor.heads import SubsetExitHead, load_head
+
+    head = load_head(path, model)
+    if not isinstance(head, SubsetExitHead):
+        raise ValueError(f"--draft-vocab {path}: not a vocabulary-subset head file (eesd train-head --vocab-subset N)")
+    return head.ranking
+
+
+def _vocab_info(args: argparse.Namespace) -> dict[str, str]:
+    return {} if args.draft_vocab is None else {"draft_vocab_file": str(args.draft_vocab)}
 
 
 def _report(args: argparse.Namespace, state) -> int:

@@ -254,6 +254,18 @@ def _teacher_forced(head: TrainedExitHead, tokens: list[int]) -> tuple[torch.Ten
     return states[0], head.forward_sequences(states)[0]
 
 
+def compared_draft_logits(recorder: RecordingHead, row: int, states: torch.Tensor, reference: torch.Tensor) -> int:
+    """How many of the recorded draft logits of `row` were made from a committed token's state: each must equal the
+    teacher-forced head's logits there (`_teacher_forced`), else an assertion fails."""
+    compared = 0
+    for positions, hidden, logits in recorder.calls:
+        position = int(positions[row, 0])
+        if position < len(states) and torch.allclose(hidden[row, 0], states[position], atol=1e-10):
+            torch.testing.assert_close(logits[row, 0], reference[position], rtol=1e-9, atol=1e-9)
+            compared += 1
+    return compared
+
+
 def test_draft_logits_inside_eesd_equal_teacher_forced_head(trained, tiny) -> None:
     head = trained[0]
     prompts = [[5, 9, 1, 33, 2, 7], [11, 4, 60, 3]]
@@ -267,11 +279,7 @@ def test_draft_logits_inside_eesd_equal_teacher_forced_head(trained, tiny) -> No
     compared = 0
     for row, prompt in enumerate(prompts):
         states, reference = _teacher_forced(head, prompt + result.sequences[row, width:].tolist())
-        for positions, hidden, logits in recorder.calls:
-            position = int(positions[row, 0])
-            if position < len(states) and torch.allclose(hidden[row, 0], states[position], atol=1e-10):
-                torch.testing.assert_close(logits[row, 0], reference[position], rtol=1e-9, atol=1e-9)
-                compared += 1
+        compared += compared_draft_logits(recorder, row, states, reference)
     assert compared >= sum(1 for drafted in result.stats.drafted if drafted)  # each drafting round's first step
 
 
@@ -382,12 +390,7 @@ def test_ppsd_draft_logits_equal_teacher_forced_head(trained, tiny) -> None:
     prompt = [5, 9, 1, 33, 2, 7]
     tokens, stats = _ppsd(tiny, prompt, recorder, stages=2)
     states, reference = _teacher_forced(head, prompt + tokens)
-    compared = 0
-    for positions, hidden, logits in recorder.calls:
-        position = int(positions[0, 0])
-        if position < len(states) and torch.allclose(hidden[0, 0], states[position], atol=1e-10):
-            torch.testing.assert_close(logits[0, 0], reference[position], rtol=1e-9, atol=1e-9)
-            compared += 1
+    compared = compared_draft_logits(recorder, 0, states, reference)
     assert stats.flushes > 0 and compared >= stats.confirms  # drafts after flushes were compared too
 
 
