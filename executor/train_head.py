@@ -60,6 +60,7 @@ from executor.heads import (
     model_fingerprint,
     save_head,
     save_subset_head,
+    subset_rows,
 )
 from sim.progress import progress_bar
 
@@ -337,13 +338,30 @@ def teacher_batch(adapter: ModelAdapter, batch: Batch, exit_layers: Sequence[int
     return TeacherBatch(states, hidden[mask], mask)
 
 
-def teacher_chunks(adapter: ModelAdapter, teacher: TeacherBatch, chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(positions, the full model's log-probabilities there [n, V] in float32), `chunk` target positions at a time."""
+def teacher_chunks(
+    adapter: ModelAdapter, teacher: TeacherBatch, chunk: int, token_ids: torch.Tensor | None = None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(positions, the full model's log-probabilities there [n, V] in float32), `chunk` target positions at a time;
+    with `token_ids`, renormalised over those ids [n, N], from their rows of the LM head only (a large vocabulary's
+    LM head is most of the teacher's cost)."""
     for first in range(0, teacher.final.shape[0], chunk):
         piece = slice(first, first + chunk)
         with torch.no_grad():
-            logits = adapter.logits(teacher.final[piece])
+            if token_ids is None:
+                logits = adapter.logits(teacher.final[piece])
+            else:
+                weight, bias = subset_rows(adapter, token_ids)
+                logits = adapter.softcap(torch.nn.functional.linear(adapter.norm(teacher.final[piece]), weight, bias))
         yield piece, logits.float().log_softmax(-1)
+
+
+def shared_draft_vocab(heads: dict[int, TrainedExitHead]) -> torch.Tensor | None:
+    """The draft vocabulary every head has, if they all have the same one: the teacher then need not score the rest."""
+    vocabularies = [head.token_ids for head in heads.values()]
+    first = vocabularies[0]
+    if first is None or any(v is None or not torch.equal(v, first) for v in vocabularies[1:]):
+        return None
+    return first
 
 
 def head_states(head: TrainedExitHead, teacher: TeacherBatch) -> torch.Tensor:
@@ -379,10 +397,12 @@ def distill_batch(heads: dict[int, TrainedExitHead], teacher: TeacherBatch, chun
     outputs = {e: head_states(head, teacher) for e, head in heads.items()}
     leaves = {e: out.detach().requires_grad_(True) for e, out in outputs.items()}
     count, totals = teacher.final.shape[0], {e: [] for e in heads}
-    for piece, target in teacher_chunks(adapter, teacher, chunk):
+    vocab = shared_draft_vocab(heads)
+    for piece, target in teacher_chunks(adapter, teacher, chunk, vocab):
         for exit_layer, head in heads.items():
             student = chunk_log_probs(head, leaves[exit_layer][piece])
-            loss = F.kl_div(student, head_target(head, target), log_target=True, reduction="sum") / count
+            own = target if vocab is not None else head_target(head, target)
+            loss = F.kl_div(student, own, log_target=True, reduction="sum") / count
             loss.backward()
             totals[exit_layer].append(loss.detach())  # read once per step, not once per chunk (a GPU sync each)
     for exit_layer, out in outputs.items():

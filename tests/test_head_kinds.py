@@ -176,3 +176,23 @@ def test_the_target_of_a_draft_vocabulary_is_the_full_distribution_renormalised_
     target = head_target(head, full)
     expected = full.exp()[:, VOCAB] / full.exp()[:, VOCAB].sum(-1, keepdim=True)
     torch.testing.assert_close(target.exp(), expected)
+
+
+def test_a_shared_draft_vocabulary_teacher_scores_only_its_rows_and_gives_the_same_loss(
+    trained, records, monkeypatch
+) -> None:
+    """With one draft vocabulary for every head the teacher projects onto its rows alone; the loss is the one the
+    vocabulary-wide teacher renormalised over the subset gives."""
+    import copy
+
+    import executor.train_head as train_head
+    from executor.corpus import epoch_batches
+
+    heads = {EXIT_LAYER: copy.deepcopy(trained["layer+vocab"][0]).requires_grad_(True)}
+    assert torch.equal(train_head.shared_draft_vocab(heads), VOCAB)
+    batch = next(iter(epoch_batches(RecordSource.from_records(records), 4, 32, 0, 0)))
+    teacher = train_head.teacher_batch(heads[EXIT_LAYER].adapter, batch, [EXIT_LAYER])
+    subset = train_head.distill_batch(heads, teacher, 1024)
+    monkeypatch.setattr(train_head, "shared_draft_vocab", lambda _: None)
+    full = train_head.distill_batch(heads, teacher, 1024)
+    assert subset[EXIT_LAYER] == pytest.approx(full[EXIT_LAYER], rel=1e-3)  # float32 targets: rounding only
