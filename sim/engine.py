@@ -26,11 +26,21 @@ What is modelled (times in µs of simulated time, sizes in bytes):
   flushed when any of its rows mispredicted. Prefill (q = prompt_len) precedes each batch's decode and is
   reported separately. Randomness only from the seeded `random.Random` of the plan.
 
+Events (what the speed rests on, `benchmarks/sim_throughput.py`): a hand-off spares an event where that cannot change
+a result, i.e. where the event it spares would be the very next one processed, so every other event keeps its time
+and its order: a job reaching an idle stage starts at once instead of waking the stage's process first; with no
+other event due, a link's landing is folded into the job it starts, and the main process is woken once the token
+ids are back; a round's passes (EESD), a block of AR steps up to the host's read and chained zero-draft rounds,
+which do not depend on time, go as one job (`Simulation._passes`). Every stage process still wakes at the end of
+each job it runs (a stretch of passes of stage 1 alone once). `Simulation(plan, shortcuts=False)` runs every
+hand-off as its own event: the tests hold the two to the same results and traces, to the bit.
+
 The engine runs a `SimPlan` (`sim.plan`, checked when built) and knows nothing of scenario files.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Generator
@@ -38,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import simpy
+from simpy.events import NORMAL
 
 from sim.acceptance import AcceptanceStream
 from sim.contention import PassShare
@@ -48,6 +59,7 @@ from sim.plan import ONE_HOST_BACKENDS, SimPlan
 from sim.policy import DraftPolicy, make_policy, round_budget
 
 TOKEN_ID_BYTES = 8
+_NEVER = math.inf  # `simpy.Environment.peek()` with no event due
 
 
 @dataclass(frozen=True)
@@ -99,10 +111,22 @@ class Job:
     last_stage: int
     on_done: Callable[[Job, int], None]
     batch: int = 1
-    label: str = ""
-    done: simpy.Event | None = None
+    label: str = ""  # a pass's name; "" for a PPSD token ("token <position>" in a trace)
+    done: _Wake | None = None
     next_ok: bool = True
     run_index: int = 0
+    returned: bool = False  # `done` fired once the token ids were back at stage 1 (see `Simulation._done`)
+    parts: tuple[tuple[str, int, int, float], ...] | None = None  # passes as one stretch: (name, context, batch, µs)
+    chain: list[_Step] | None = None  # passes one after the other (`Simulation._chain_on`); `step` the current one
+    step: int = 0
+
+
+_Step = tuple[str, int, int, PassCost]  # a pass of a chained job: (name, context, batch, cost)
+
+
+def _load_step(job: Job, step: _Step) -> None:
+    """Make `job` the pass `step` of its chain."""
+    job.label, job.position, job.batch, (job.first_stage, job.last_stage, job.durations, job.link_bytes) = step
 
 
 @dataclass
@@ -120,107 +144,162 @@ class BatchRow:
     drawn: int | None = None  # the next round's budget, drawn ahead while chaining zero-draft rounds
 
 
-class Inbox:
-    """A FIFO store of unlimited capacity, like `simpy.Store` but with plain events (3x fewer per hand-off).
+class _Wake(simpy.Event):
+    """What an idle stage process waits on: triggered when a job reaches the stage, or scheduled for the end of the
+    job that `Stage.put` started at once (`at_end`)."""
 
-    `put(item)` never blocks; `get()` returns an event that fires with the oldest item.
-    """
-
-    def __init__(self, env: simpy.Environment) -> None:
-        self.env = env
-        self.items: deque[Any] = deque()
-        self._waiter: simpy.Event | None = None
-
-    def put(self, item: Any) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.succeed(item)
-        else:
-            self.items.append(item)
-
-    def get(self) -> simpy.Event:
-        event = simpy.Event(self.env)
-        if self.items:
-            event.succeed(self.items.popleft())
-        else:
-            self._waiter = event
-        return event
-
-
-class SimLink:
-    """Store + delay (SimPy's Cable): `put` delivers to `target` after the link's transfer time."""
-
-    def __init__(self, env: simpy.Environment, model: LinkModel, target: Inbox) -> None:
-        self.env, self.model, self.target = env, model, target
-        self._delay_us: dict[int, float] = {}
-
-    def put(self, item: Any, nbytes: int) -> None:
-        delay_us = self._delay_us.get(nbytes)
-        if delay_us is None:
-            delay_us = self._delay_us[nbytes] = self.model.time_us(nbytes)
-        if delay_us <= 0.0:
-            self.target.put(item)
-            return
-        self.env.timeout(delay_us, item).callbacks.append(self._deliver)
-
-    def _deliver(self, event: simpy.Event) -> None:
-        self.target.put(event.value)
+    def at_end(self, delay_us: float) -> None:
+        """Fire after `delay_us`, as a `simpy.Timeout` of that delay created now would."""
+        self._ok, self._value = True, None
+        self.env.schedule(self, NORMAL, delay_us)
 
 
 class Stage:
-    """A device (or tp group) running one layer range; serves its inbox one job at a time."""
+    """A device (or tp group) running one layer range; serves its inbox (FIFO) one job at a time.
+
+    A job reaching an idle stage wakes its process, which starts the job at once. Where that wake-up would be the
+    very next event (nothing else due at this instant, nothing scheduled after the hand-off), `put` starts the job
+    itself and schedules the wake for the job's end: the same times and the same order of events, one event fewer.
+    """
 
     def __init__(self, sim: Simulation, index: int) -> None:
-        self.sim, self.index = sim, index
-        self.inbox = Inbox(sim.env)
+        self.sim, self.index, self.env = sim, index, sim.env
+        self.items: deque[Job] = deque()
         self.busy_us = 0.0
         self.useful_us = 0.0
         self.current: Job | None = None
+        self.start_us = 0.0
+        self.duration_us = 0.0
+        self.waiting: _Wake | None = None
         self.process = sim.env.process(self._serve())
 
+    def put(self, job: Job, last_act: bool = False) -> None:
+        """Hand `job` to this stage now. `last_act`: the caller schedules nothing more at this instant before the
+        event being processed ends (so the stage's wake-up would follow at once when nothing else is due)."""
+        wake = self.waiting
+        if wake is None:
+            self.items.append(job)
+        elif job.epoch == self.sim.epoch:  # else flushed before it arrived: the stage skips it and waits on
+            self.waiting, env = None, self.env
+            if last_act and env.peek() > env.now:
+                self.current, self.start_us = job, env.now
+                self.duration_us = duration = job.durations[self.index - job.first_stage]
+                wake.at_end(duration)
+            else:
+                self.items.append(job)
+                wake.succeed()
+
+    def arrive(self, event: simpy.Event) -> None:
+        """A link's delivery (a callback of its transfer timeout, which schedules nothing else)."""
+        self.put(event.value, self.sim.shortcuts)
+
+    def take_after(self, job: Job, delay_us: float) -> bool:
+        """Start `job` when it lands here after `delay_us`, without an event for the landing, where nothing else is
+        due before then (an empty event queue, the caller's last act): the landing would be the next event and
+        start the job at once. False (nothing done) where that does not hold or the job's end time would differ."""
+        wake, env = self.waiting, self.env
+        if wake is None or job.epoch != self.sim.epoch or env.peek() != _NEVER:
+            return False
+        now = env.now
+        start = now + delay_us
+        duration = job.durations[self.index - job.first_stage]
+        end = start + duration
+        delay = end - now
+        if now + delay != end:
+            return False
+        self.waiting = None
+        self.current, self.start_us, self.duration_us = job, start, duration
+        wake.at_end(delay)
+        return True
+
     def _serve(self) -> Generator[simpy.Event, Any, None]:
-        env, inbox, sim = self.sim.env, self.inbox, self.sim
+        env, items, sim, index = self.env, self.items, self.sim, self.index
         while True:
-            job = inbox.items.popleft() if inbox.items else (yield inbox.get())
-            if job.epoch != sim.epoch:  # flushed while queued
-                continue
-            duration = job.durations[self.index - job.first_stage]
-            start = env.now
-            self.current = job
+            if items:
+                job = items.popleft()
+                if job.epoch != sim.epoch:  # flushed while queued
+                    continue
+                self.current, self.start_us = job, env.now
+                self.duration_us = duration = job.durations[index - job.first_stage]
+                event: simpy.Event = simpy.Timeout(env, duration)
+            else:
+                event = self.waiting = _Wake(env)
             try:
-                yield env.timeout(duration)
+                yield event
+                job, duration = self.current, self.duration_us
+                if job is None:  # woken to start the job now queued
+                    continue
             except simpy.Interrupt:  # flushed while running: the device stops at once
-                duration = env.now - start
+                job, duration = self.current, env.now - self.start_us
             self.current = None
-            self.busy_us += duration
-            if sim.trace is not None:
-                sim.record(self.index, start, duration, job)
+            if job.parts is None:
+                self.busy_us += duration
+                if sim.trace is not None:
+                    sim.record(index, self.start_us, duration, job)
+            else:
+                self._end_parts(job)
             if job.epoch == sim.epoch:
-                job.on_done(job, self.index)
+                job.on_done(job, index)
+
+    def _end_parts(self, job: Job) -> None:
+        """The stage's time on each pass of a job of several (`Simulation._passes`), as if run one by one."""
+        start, sim = self.start_us, self.sim
+        for name, position, batch, duration in job.parts or ():
+            self.busy_us += duration
+            sim.span(self.index, start, duration, name, position, batch, False)
+            start += duration
 
     def abort_stale(self) -> None:
         if self.current is not None and self.current.epoch != self.sim.epoch:
             self.process.interrupt()
 
 
+class SimLink:
+    """Store + delay (SimPy's Cable): `put` hands an item to `target` after the link's transfer time."""
+
+    def __init__(self, env: simpy.Environment, model: LinkModel, target: Stage) -> None:
+        self.env, self.model, self.target = env, model, target
+        self._arrive = target.arrive
+        self._delay_us: dict[int, float] = {}
+
+    def delay_us(self, nbytes: int) -> float:
+        delay_us = self._delay_us.get(nbytes)
+        if delay_us is None:
+            delay_us = self._delay_us[nbytes] = self.model.time_us(nbytes)
+        return delay_us
+
+    def put(self, item: Job, nbytes: int, last_act: bool = False) -> None:
+        """Send `item`; `last_act` as for `Stage.put`, said by the sender."""
+        delay_us = self._delay_us.get(nbytes)
+        if delay_us is None:
+            delay_us = self.delay_us(nbytes)
+        if delay_us <= 0.0:
+            self.target.put(item, last_act)
+        elif not (last_act and self.target.take_after(item, delay_us)):
+            simpy.Timeout(self.env, delay_us, item).callbacks.append(self._arrive)
+
+
 class Simulation:
     """One run of a plan; `run()` returns a `RunResult`. Create a new object per run."""
 
-    def __init__(self, plan: SimPlan, trace_limit: int = 0) -> None:
+    def __init__(self, plan: SimPlan, trace_limit: int = 0, shortcuts: bool = True) -> None:
+        """`shortcuts`: the hand-offs that spare an event where that cannot change a result (`Stage`, `_passes`,
+        `_done`); False runs each as its own event, the reference the tests hold the shortcuts to."""
         self.plan = plan
+        self.shortcuts = shortcuts
         self.env = simpy.Environment()
         self.rng = random.Random(plan.seed)
         self.epoch = 0
         self.stages = [Stage(self, i) for i in range(len(plan.stages))]
-        self.links = [SimLink(self.env, plan.link_after(i), s.inbox) for i, s in enumerate(self.stages[1:])]
-        self.return_link = SimLink(self.env, plan.return_link, self.stages[0].inbox)
+        self.links = [SimLink(self.env, plan.link_after(i), s) for i, s in enumerate(self.stages[1:])]
+        self.return_link = SimLink(self.env, plan.return_link, self.stages[0])
         self.trace: list[dict[str, Any]] | None = [] if trace_limit > 0 else None
         self.trace_limit = trace_limit
         self._costs: dict[tuple[str, int, int], PassCost] = {}
         self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0,
                        "ticks": 0}  # fmt: skip
         self._tick_costs: dict[tuple, tuple[float, tuple[float, ...]]] = {}
+        self._verify_passes: dict[int, Pass] = {}
         self.prefill_us = 0.0
         self.decode_us = 0.0
 
@@ -248,7 +327,8 @@ class Simulation:
 
     def record(self, stage: int, start_us: float, duration_us: float, job: Job) -> None:
         if self.trace is not None and len(self.trace) < self.trace_limit:
-            self.span(stage, start_us, duration_us, job.label, job.position, job.batch, job.epoch != self.epoch)
+            label = job.label or f"token {job.position}"
+            self.span(stage, start_us, duration_us, label, job.position, job.batch, job.epoch != self.epoch)
 
     def span(self, stage: int, start_us: float, duration_us: float, label: str, position: int, batch: int,
              flushed: bool) -> None:  # fmt: skip
@@ -289,19 +369,24 @@ class Simulation:
         segments = ((0, self.plan.model.num_layers, 1),)
         step = Pass("decode", "verify", segments, lm_head_q=1)
         chained = Pass("decode chained", "verify", segments, lm_head_q=1, host_sync=False)
-        active, count = [r for r in rows if r.remaining > 0], 0
+        active, count, sync_every, counts = [r for r in rows if r.remaining > 0], 0, self.plan.sync_every, self.counts
+        block: list[tuple[Pass, int, int]] = []  # the steps up to the host's next read (they do not depend on time)
         while active:
             count += 1
-            last = count % self.plan.sync_every == 0 or min(r.remaining for r in active) == 1
-            yield from self._pass(step if last else chained, self._context(active), len(active))
+            last = count % sync_every == 0 or min([r.remaining for r in active]) == 1
+            block.append((step if last else chained, self._context(active), len(active)))
             for row in active:
                 row.generated += 1
                 row.remaining -= 1
-            self._count(rounds=len(active), tokens=len(active))
+            counts["rounds"] += len(active)
+            counts["tokens"] += len(active)
             active = [r for r in active if r.remaining > 0]
+            if last or not active:
+                yield from self._passes(block)
+                block = []
 
     def _eesd(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
-        exit_layer, layers = self.plan.exit_layer, self.plan.model.num_layers
+        exit_layer = self.plan.exit_layer
         confidence = any(r.policy.needs_confidence for r in rows)  # the host reads every draft step's confidence
         draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=confidence)
         active = [r for r in rows if r.remaining > 0]
@@ -315,24 +400,38 @@ class Simulation:
                 yield from self._zero_draft_rounds(active)
                 active = [r for r in active if r.remaining > 0]
                 continue
+            # A row's drafts do not depend on when they run: the round's draft steps are drawn first.
             drafting = [r for r in active if r.limit > 0]
             context = self._context(active)
+            passes, batch = [], len(active)
             while drafting:
-                yield from self._pass(draft, context, len(active))
+                passes.append((draft, context, batch))
                 context += 1
                 drafting = [r for r in drafting if self._draft_one(r)]
             # 2. Verify the k drafts (layers [0, E) for the last one, [E, L) for all k + 1) and emit.
-            k = max(r.drafted for r in active)
-            segments = ((0, exit_layer, 1), (exit_layer, layers, k + 1)) if k else ((0, layers, 1),)
-            verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=self.plan.head_layer_at)
-            yield from self._pass(verify, context, len(active))
+            passes.append((self._verify_pass(max([r.drafted for r in active])), context, batch))
+            yield from self._passes(passes)
+            counts = self.counts
             for row in active:
                 row.policy.update(row.drafted, row.accepted)
                 emitted = min(row.accepted + 1, row.remaining)
                 row.generated += emitted
                 row.remaining -= emitted
-                self._count(rounds=1, tokens=emitted, drafted=row.drafted, accepted=row.accepted)
+                counts["rounds"] += 1
+                counts["tokens"] += emitted
+                counts["drafted"] += row.drafted
+                counts["accepted"] += row.accepted
             active = [r for r in active if r.remaining > 0]
+
+    def _verify_pass(self, k: int) -> Pass:
+        """An EESD round's verify pass after k drafts (k = 0: one full-model step)."""
+        verify = self._verify_passes.get(k)
+        if verify is None:
+            exit_layer, layers = self.plan.exit_layer, self.plan.model.num_layers
+            segments = ((0, exit_layer, 1), (exit_layer, layers, k + 1)) if k else ((0, layers, 1),)
+            verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=self.plan.head_layer_at)
+            self._verify_passes[k] = verify
+        return verify
 
     def _zero_draft_rounds(self, active: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         """Rounds in which no row drafts, as the executor runs them (`executor.decoding.zero_draft_rounds`): AR steps
@@ -347,18 +446,20 @@ class Simulation:
                     row.drawn = budget
                 break
             steps += 1
-        segments = ((0, self.plan.model.num_layers, 1),)
-        for step in range(steps):
+        segments, passes, counts = ((0, self.plan.model.num_layers, 1),), [], self.counts
+        for step in range(steps):  # the steps do not depend on time: drawn first, run together (`_passes`)
             last = step == steps - 1
             name = "decode" if last else "decode chained"
             work = Pass(name, "verify", segments, lm_head_q=1, head_layer_at=self.plan.head_layer_at, host_sync=last)
-            yield from self._pass(work, self._context(active), len(active))
+            passes.append((work, self._context(active), len(active)))
             for row in active:
                 if row.remaining > 0:
                     row.policy.update(0, 0)
                     row.generated += 1
                     row.remaining -= 1
-                    self._count(rounds=1, tokens=1)
+                    counts["rounds"] += 1
+                    counts["tokens"] += 1
+        yield from self._passes(passes)
 
     def _draft_one(self, row: BatchRow) -> bool:
         """Draw the row's next draft; returns whether the row drafts again this round."""
@@ -380,11 +481,14 @@ class Simulation:
             window=plan.max_in_flight or len(plan.stages),
             finished=self.env.event(),
             token_pass=token,
-            read_pass=token,
+            batch=len(rows),
+            prompt_len=plan.workload.prompt_len,
+            # static passes attend over every cache slot: every token's pass costs the same
+            cost=self._cost(token, 0, len(rows)) if plan.cache_slots else None,
         )
         self._count(rounds=1)
         if plan.workload.output_len > 1:
-            self._ppsd_enter(self._ppsd_job(0, 0))
+            self._ppsd_enter(self._ppsd_job(0, 0), last_act=self.shortcuts)
             yield self._pipe.finished
         self.epoch += 1  # whatever is still in flight is discarded
 
@@ -400,17 +504,15 @@ class Simulation:
         """The token at `position` entering the pipe: one tick's input to stage 1. The host `overhead`: every stage
         pays it every tick (each rank's host receives the verdict and launches its stage)."""
         pipe = self._pipe
-        pipe.ticks += 1
-        work = pipe.read_pass if pipe.ticks % self.plan.sync_every == 0 else pipe.token_pass
-        costs = self._cost(work, self.plan.workload.prompt_len + position, len(pipe.rows))
+        costs = pipe.cost or self._cost(pipe.token_pass, pipe.prompt_len + position, pipe.batch)
         first, last, durations, link_bytes = costs
-        job = Job(self.epoch, position, durations, link_bytes, first, last, self._ppsd_stage_done, len(pipe.rows))
-        job.run_index, job.label = run_index, f"token {position}"
+        job = Job(self.epoch, position, durations, link_bytes, first, last, self._ppsd_stage_done, pipe.batch)
+        job.run_index = run_index
         return job
 
-    def _ppsd_enter(self, job: Job) -> None:
+    def _ppsd_enter(self, job: Job, last_act: bool = False) -> None:
         self._pipe.in_flight += 1
-        self.stages[0].inbox.put(job)
+        self.stages[0].put(job, last_act)
 
     def _ppsd_stage_done(self, job: Job, stage: int) -> None:
         if stage == 0:
@@ -424,17 +526,20 @@ class Simulation:
         pipe, position = self._pipe, job.position + 1
         if position > pipe.output_len - 2:  # the last token is produced by the full model, never processed
             return
-        job.next_ok = all([row.stream.draft(position, job.run_index)[0] for row in pipe.rows])
-        child = self._ppsd_job(position, job.run_index + 1)
+        run_index = job.run_index
+        job.next_ok = all([row.stream.draft(position, run_index)[0] for row in pipe.rows])
+        child = self._ppsd_job(position, run_index + 1)
         if pipe.in_flight < pipe.window:
-            self._ppsd_enter(child)
+            pipe.in_flight += 1
+            self.stages[0].put(child)
         else:
             pipe.pending = child
 
     def _ppsd_exit(self, job: Job) -> None:
-        pipe, counts, batch = self._pipe, self.counts, len(self._pipe.rows)
+        pipe, counts, batch = self._pipe, self.counts, self._pipe.batch
         pipe.in_flight -= 1
-        self._useful(job)
+        for stage, duration in zip(self.stages, job.durations, strict=True):  # a token's job visits every stage
+            stage.useful_us += duration
         counts["tokens"] += batch
         counts["ticks"] += len(self.stages) if job.run_index == 0 else 1
         if job.position + 2 >= pipe.output_len:
@@ -451,14 +556,16 @@ class Simulation:
         self.epoch += 1
         for stage in self.stages:
             stage.abort_stale()
-        self._count(flushes=1, rounds=1, drafted=len(pipe.rows))
+        counts["flushes"] += 1
+        counts["rounds"] += 1
+        counts["drafted"] += batch
         pipe.pending = None
         correction = self._ppsd_job(job.position + 1, 0)
         pipe.in_flight = 1
         if len(self.stages) == 1:
-            self.stages[0].inbox.put(correction)
+            self.stages[0].put(correction)
         else:
-            self.return_link.put(correction, TOKEN_ID_BYTES * len(pipe.rows))
+            self.return_link.put(correction, TOKEN_ID_BYTES * batch)
 
     # ---- PPSD in lockstep ticks ----------------------------------------------------------------------------------
     def _ppsd_ticks(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
@@ -560,29 +667,113 @@ class Simulation:
     def _pass(self, work: Pass, context_len: int, batch: int) -> Generator[simpy.Event, Any, None]:
         first, last, durations, link_bytes = self._cost(work, context_len, batch)
         job = Job(self.epoch, context_len, durations, link_bytes, first, last, self._forward, batch, work.name)
-        job.done = self.env.event()
-        self.stages[first].inbox.put(job)
+        job.done = _Wake(self.env)
+        self.stages[first].put(job, self.shortcuts)
         yield job.done
-        if last > 0:  # the sampled token ids go back to stage 1
-            yield self.env.timeout(self.plan.return_link.time_us(TOKEN_ID_BYTES * batch))
+        if last > 0 and not job.returned:  # the sampled token ids go back to stage 1
+            yield self.env.timeout(self.return_link.delay_us(TOKEN_ID_BYTES * batch))
+
+    def _passes(self, passes: list[tuple[Pass, int, int]]) -> Generator[simpy.Event, Any, None]:
+        """Run `passes` ((work, context_len, batch) each) one after the other, each once the last one's token ids
+        are back, as `_pass` one by one would. Where nothing else is due (an empty event queue), they go as one job
+        and the main process wakes once: passes of stage 1 alone as one stretch of it (its process wakes once, at
+        the time the passes one by one would end, to the bit; each pass's busy, useful and traced time kept),
+        others from stage to stage and back to stage 1 (`_chain_on`), every stage's process waking at the end of
+        each of its passes as before."""
+        env = self.env
+        job = None
+        if self.shortcuts and len(passes) > 1 and env.peek() == _NEVER and self.stages[0].waiting is not None:
+            steps = [(work.name, context, batch, self._cost(work, context, batch)) for work, context, batch in passes]
+            job = self._stretch_job(steps) or self._chain_job(steps)
+        if job is None:
+            for work, context_len, batch in passes:
+                yield from self._pass(work, context_len, batch)
+            return
+        job.done = _Wake(env)
+        self.stages[0].put(job, True)
+        yield job.done
+        if job.last_stage > 0 and not job.returned:
+            yield env.timeout(self.return_link.delay_us(TOKEN_ID_BYTES * job.batch))
+
+    def _stretch_job(self, steps: list[_Step]) -> Job | None:
+        """Passes of stage 1 alone as one job (None where another stage takes part, or where their total would not
+        end at the time they end one by one)."""
+        now = end = self.env.now
+        parts = []
+        for name, context, batch, (_, last, durations, _) in steps:
+            if last != 0:
+                return None
+            parts.append((name, context, batch, durations[0]))
+            end += durations[0]
+        total = end - now
+        if now + total != end:
+            return None
+        name, context, batch, (_, _, _, link_bytes) = steps[0]
+        job = Job(self.epoch, context, (total,), link_bytes, 0, 0, self._forward, batch, name)
+        job.parts = tuple(parts)
+        return job
+
+    def _chain_job(self, steps: list[_Step]) -> Job | None:
+        """Passes that start at stage 1 as one job; None where one starts elsewhere."""
+        if any([cost[0] != 0 for *_, cost in steps]):
+            return None
+        job = Job(self.epoch, 0, (), (), 0, 0, self._chain_on)
+        job.chain = steps
+        _load_step(job, steps[0])
+        return job
+
+    def _chain_on(self, job: Job, stage: int) -> None:
+        """A chained job (`_passes`) leaving `stage`: on to the next stage; at its pass's last stage, back to stage 1
+        with the next pass (over the return link, as `_pass` waits for it), or done."""
+        here = self.stages[stage]
+        here.useful_us += job.durations[stage - job.first_stage]
+        last_act = self.shortcuts and not here.items  # the stage schedules nothing after this hand-off
+        if stage < job.last_stage:
+            self.links[stage].put(job, job.link_bytes[stage], last_act)
+            return
+        job.step += 1
+        if job.step == len(job.chain or ()):
+            self._done(job, last_act)
+            return
+        batch, last = job.batch, job.last_stage
+        _load_step(job, (job.chain or ())[job.step])
+        if last > 0:
+            self.return_link.put(job, TOKEN_ID_BYTES * batch, last_act)
+        else:
+            self.stages[0].put(job, last_act)
 
     def _forward(self, job: Job, stage: int) -> None:
-        if stage < job.last_stage:
-            self.links[stage].put(job, job.link_bytes[stage])
+        """A pass's job leaving `stage` (its time there useful: a pass is never flushed): on to the next stage, or
+        done."""
+        here = self.stages[stage]
+        if job.parts is None:
+            here.useful_us += job.durations[stage - job.first_stage]
         else:
-            self._useful(job)
-            job.done.succeed()
+            for *_, duration in job.parts:
+                here.useful_us += duration
+        last_act = self.shortcuts and not here.items  # the stage schedules nothing after this hand-off
+        if stage < job.last_stage:
+            self.links[stage].put(job, job.link_bytes[stage], last_act)
+            return
+        self._done(job, last_act)
 
-    def _useful(self, job: Job) -> None:
-        for offset, duration in enumerate(job.durations):
-            self.stages[job.first_stage + offset].useful_us += duration
+    def _done(self, job: Job, last_act: bool) -> None:
+        """Wake the main process waiting on `job`. Where that wake-up would be the next event (nothing else due
+        now, the stage idle after this), `done` fires when the token ids are back at stage 1 instead of the main
+        process then waiting for them: the same time and order of events, one event fewer."""
+        env = self.env
+        if job.last_stage > 0 and last_act and env.peek() > env.now:
+            job.returned = True
+            job.done.at_end(self.return_link.delay_us(TOKEN_ID_BYTES * job.batch))  # type: ignore[union-attr]
+        else:
+            job.done.succeed()  # type: ignore[union-attr]
 
     def _count(self, **increments: int) -> None:
         for key, value in increments.items():
             self.counts[key] += value
 
     def _context(self, rows: list[BatchRow]) -> int:
-        return self.plan.workload.prompt_len + max(r.generated for r in rows)
+        return self.plan.workload.prompt_len + max([r.generated for r in rows])
 
     def _context_of(self, context_len: int, phase: str) -> int:
         """The context a pass is costed at: every cache slot for a static decode pass, rounded to `context_step`."""
@@ -598,6 +789,21 @@ class Simulation:
         if cached is None:
             cached = self._costs[key] = pass_costs(self.plan, work, context_len, batch)
         return cached
+
+
+def events_per_token(plan: SimPlan, shortcuts: bool = True) -> float:
+    """SimPy events processed per simulated token in a run of `plan` (what the engine's speed rests on; the machine's
+    load does not change it), with the event-sparing hand-offs or without (`Simulation(shortcuts=False)`)."""
+    sim = Simulation(plan, shortcuts=shortcuts)
+    step, count = sim.env.step, [0]
+
+    def counted() -> None:
+        count[0] += 1
+        step()
+
+    sim.env.step = counted  # type: ignore[method-assign]
+    tokens = sim.run().tokens
+    return count[0] / tokens
 
 
 @dataclass(eq=False)
@@ -621,8 +827,9 @@ class _Pipe:
     output_len: int
     window: int
     finished: simpy.Event
-    token_pass: Pass  # a tick the device chains on to the next (captured: no host read)
-    read_pass: Pass  # a tick after which the host reads the device
+    token_pass: Pass  # a token's pass (every rank's host takes part in every tick)
+    batch: int
+    prompt_len: int
     in_flight: int = 0
-    ticks: int = 0
     pending: Job | None = field(default=None)
+    cost: PassCost | None = None  # every token's pass, where that does not depend on its position

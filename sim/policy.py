@@ -148,9 +148,15 @@ def expected_tokens_per_cost(theta: float, draft_len: int, cost_ratio: float) ->
 
 
 def best_draft_len(theta: float, cost_ratio: float, max_draft_len: int) -> int:
-    """k*(θ) = argmax over k in [0, max_draft_len] of `expected_tokens_per_cost` (smallest k on ties)."""
-    values = [expected_tokens_per_cost(theta, k, cost_ratio) for k in range(max_draft_len + 1)]
-    return max(range(len(values)), key=lambda k: (values[k], -k))
+    """k*(θ) = argmax over k in [0, max_draft_len] of `expected_tokens_per_cost` (smallest k on ties). One loop with
+    the same arithmetic: Thompson sampling calls it every round, in the simulator's hot path."""
+    best_k, best = 0, expected_tokens_per_cost(theta, 0, cost_ratio)
+    for k in range(1, max_draft_len + 1):
+        tokens = k + 1.0 if theta >= 1.0 else (1.0 - theta ** (k + 1)) / (1.0 - theta)
+        value = tokens / (k * cost_ratio + 1.0)
+        if value > best:
+            best_k, best = k, value
+    return best_k
 
 
 @dataclass

@@ -9,7 +9,7 @@ from scripted_policy import ScriptedPolicy
 
 from sim.acceptance import BernoulliAcceptance, PositionalAcceptance
 from sim.cost import Pass, stage_time_us
-from sim.engine import RunResult, Simulation
+from sim.engine import RunResult, Simulation, events_per_token
 from sim.hardware import LINKS, LinkSpec
 from sim.latency import ConstantLatency
 from sim.models import ModelConfig
@@ -289,3 +289,55 @@ def test_static_passes_attend_over_the_cache_slots(method: str, slots: int | Non
         assert latency.contexts == {slots}
     else:
         assert min(latency.contexts) <= 64 and max(latency.contexts) >= 192
+
+
+@st.composite
+def tied_plans(draw: st.DrawFn) -> SimPlan:
+    """Small plans of every schedule whose latencies are whole µs, so that many events fall due at the same time
+    (where the order in which SimPy processes them could tell)."""
+    method = draw(st.sampled_from(["ar", "eesd", "ppsd"]))
+    n_stages = draw(st.integers(2 if method == "ppsd" else 1, 4))  # PPSD drafts at the end of stage 1
+    base = plan(method, draw(st.sampled_from([0.0, 0.5, 0.8, 1.0])), n_stages, output_len=draw(st.integers(1, 40)),
+                seed=draw(st.integers(0, 9)), batch=draw(st.integers(1, 3)),
+                exit_layer=draw(st.integers(1, 23)) if method != "ppsd" else None,
+                policy=draw(st.sampled_from(["fixed:1", "fixed:3", "beta-ts", "heuristic:2"])))  # fmt: skip
+    captured = draw(st.booleans())
+    stages = tuple(
+        SimStage(s.layer_start, s.layer_end, ConstantLatency(
+            {"layer": draw(st.sampled_from([0.5, 1.0, 2.0])), "lm_head": draw(st.sampled_from([0.0, 1.0, 4.0])),
+             "overhead": draw(st.sampled_from([0.0, 2.0])), "embed": draw(st.sampled_from([0.0, 1.0]))},
+            cuda_graphs=captured))
+        for s in base.stages
+    )  # fmt: skip
+    link = draw(st.sampled_from([FREE, LinkSpec("whole", 1.0, None), LinkSpec("slow", 1.0, 1.0)]))
+    return SimPlan(**{**base.__dict__, "stages": stages, "link": link, "workload": Workload(
+        2 * base.workload.batch_size, base.workload.batch_size, 16, base.workload.output_len),
+        "sync_every": draw(st.sampled_from([1, 3, 8])), "max_in_flight": draw(st.sampled_from([None, 1, 2])),
+        "ppsd_backend": draw(st.sampled_from(["distributed", "streams"])),
+        "chain_zero_rounds": draw(st.booleans()), "cache_slots": draw(st.sampled_from([None, 256]))})  # fmt: skip
+
+
+@given(p=tied_plans(), traced=st.booleans())
+def test_the_event_saving_hand_offs_change_no_result(p: SimPlan, traced: bool) -> None:
+    """The hand-offs that spare SimPy events (a stage starting a job where its wake-up would be the next event, a
+    link's landing folded into the job it starts, a round's passes as one job, the main process woken once the token
+    ids are back) give the very numbers, to the bit, and the same trace as every hand-off as its own event."""
+    limit = 10**6 if traced else 0
+    fast, reference = Simulation(p, limit), Simulation(p, limit, shortcuts=False)
+    assert fast.run() == reference.run()
+    assert fast.trace == reference.trace
+
+
+@pytest.mark.parametrize(
+    ("method", "n_stages", "most", "reference_least"),
+    [("ar", 4, 4.2, 13.0), ("ar", 1, 0.3, 3.0), ("eesd", 1, 0.7, 4.0), ("eesd", 2, 2.1, 5.5), ("ppsd", 4, 11.5, 14.5)],
+)
+def test_events_per_token(method: str, n_stages: int, most: float, reference_least: float) -> None:
+    """What the simulator's speed rests on: SimPy events per simulated token (alpha 0.8, links of 1 µs), at most
+    `most`; `reference_least` or more with every hand-off its own event. AR over 4 stages: one per stage a token; AR
+    on one stage: one per block of steps up to a host read; a round of EESD on one stage: one for the stage, one for
+    the main process; PPSD keeps its links' landings, flushes and interrupts as events."""
+    p = plan(method, 0.8, n_stages, output_len=400, link=LinkSpec("test", 1.0, None),
+             exit_layer=6 if method == "eesd" and n_stages == 1 else None)  # fmt: skip
+    assert events_per_token(p, True) <= most
+    assert events_per_token(p, False) >= reference_least
