@@ -142,15 +142,19 @@ class TraceAcceptance:
     def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
         return _TraceStream(self.flat, self.starts[request % len(self.starts)])
 
-    def reuse(self, requests: int, output_len: int) -> str | None:
-        """Why replaying `requests` requests of `output_len` tokens reuses the trace (module docstring), else None."""
-        tokens, held, prompts = requests * output_len, len(self.flat), len(self.starts)
+    def reuse(self, requests: int, output_len: int | Sequence[int]) -> str | None:
+        """Why replaying `requests` requests of `output_len` tokens reuses the trace (module docstring), else None.
+        `output_len` may list each request's own length (a serving workload's): the tokens are then their sum."""
+        held, prompts = len(self.flat), len(self.starts)
+        if isinstance(output_len, int):
+            tokens = requests * output_len
+            replays = f"requests x output_len = {requests:,} x {output_len:,} = {tokens:,}"
+        else:
+            tokens = sum(output_len)
+            replays = f"{requests:,} requests of {tokens:,} output tokens in all"
         at = f"at exit_layer {self.exit_layer}"
         if tokens > held:
-            return (
-                f"the trace holds {held:,} tokens {at} ({prompts} prompts); the workload replays requests x "
-                f"output_len = {requests:,} x {output_len:,} = {tokens:,}"
-            )
+            return f"the trace holds {held:,} tokens {at} ({prompts} prompts); the workload replays {replays}"
         if requests > prompts:
             return f"the trace holds {prompts} prompts {at}; {requests:,} requests replay some of them twice"
         return None

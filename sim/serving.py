@@ -31,6 +31,9 @@ The schedule (the executor's `executor.serving` runs the same one):
   (the smallest over devices; stages sharing one add up); a device whose memory is unknown (a CPU profile) has no
   limit unless one is given.
 - PPSD decodes batch size 1 in the executor, so it has no batched serving: a scenario asking for it is refused.
+- An acceptance trace is replayed as the simulator replays it (`sim.acceptance.TraceAcceptance`: request r from the
+  trace's prompt r mod P, for its own output length): it must hold the whole workload's output tokens and a prompt
+  per request, unless the scenario sets `acceptance.reuse: cycle`.
 
 Times in the simulation are µs; records and metrics are in seconds and milliseconds (names say which).
 """
@@ -49,6 +52,7 @@ from typing import Any, Literal
 import simpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sim.acceptance import TraceAcceptance
 from sim.contract import cache_capacity
 from sim.cost import Pass, pass_costs
 from sim.engine import TOKEN_ID_BYTES
@@ -180,6 +184,7 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
         workload = build_workload(rated, base_dir, spec_where, prefix)
         for method in methods:
             plan, scenario = _plan(path, data, method, workload, config.max_batch, where)
+            _check_trace_covers(plan, scenario, workload, where)
             capacity = _kv_capacity(plan, scenario, config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
             points.append(
@@ -213,6 +218,22 @@ def _plan(
     }
     scenario = validate(fields, where)
     return build_plan(Point(0, {}, scenario, path.parent, where)), scenario
+
+
+def _check_trace_covers(plan: SimPlan, scenario: Scenario, workload: ServingWorkload, where: str) -> None:
+    """A replayed acceptance trace holds the whole workload: every request replays it from its own prompt for its
+    own output length (`TraceAcceptance.reuse` over all of them; the plan checked only the longest one), unless the
+    scenario asks for `acceptance.reuse: cycle`."""
+    replay = plan.acceptance
+    if not isinstance(replay, TraceAcceptance) or scenario.acceptance.reuse == "cycle":
+        return
+    reuse = replay.reuse(len(workload.requests), [r.output_len for r in workload.requests])
+    if reuse:
+        raise ScenarioError(
+            f"{where}: acceptance.trace: {scenario.acceptance.trace}: {reuse}: a replay would reuse its tokens; "
+            "serve fewer or shorter requests, use a longer trace, or set acceptance.reuse: cycle to replay it "
+            "cyclically"
+        )
 
 
 def kv_tokens(method: str, max_draft_len: int) -> Callable[[Request], int]:

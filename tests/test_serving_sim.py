@@ -270,3 +270,29 @@ def test_shipped_serving_scenarios_load():
     assert len(cases) == 4 and len(h100) == 4 * 8 * 2
     assert cases["llama3-8b-alpha0.7-batch256"].max_batch == 256 and cases["smollm2-measured"].max_batch == 64
     assert all(p.plan.cache_slots is None and p.kv_capacity_tokens > 100_000 for p in h100)  # paged: context only
+
+
+def trace_scenario(tmp_path: Path, workload: dict, **acceptance) -> Path:
+    """EESD replaying the CPU trace of SmolLM2's shared head (1,492 tokens over 32 prompts at exit layer 15)."""
+    trace = {"trace": str(ROOT / "calibration/cpu/acceptance_smollm2-135m_shared_builtin.csv"), **acceptance}
+    return write_scenario(tmp_path, {"workload": workload}, method="eesd", acceptance=trace)
+
+
+@pytest.mark.parametrize(
+    ("requests", "output", "message"),
+    [
+        (20, 100, "the trace holds 1,492 tokens at exit_layer 15 \\(32 prompts\\); the workload replays 20 requests "
+                  "of 2,000 output tokens in all"),
+        (40, 10, "the trace holds 32 prompts at exit_layer 15; 40 requests replay some of them twice"),
+    ],
+)  # fmt: skip
+def test_a_trace_shorter_than_the_whole_workload_is_refused(tmp_path, requests, output, message):
+    """Every request of a serving workload replays the trace (each from its own prompt), so the trace must hold them
+    all, not just the longest one; `acceptance.reuse: cycle` replays it cyclically instead."""
+    workload = poisson(requests, 1.0, output=output)
+    with pytest.raises(ScenarioError, match=f"acceptance.trace: .*: {message}: a replay would reuse its tokens"):
+        load_serving_points(trace_scenario(tmp_path, workload))
+    points = load_serving_points(trace_scenario(tmp_path, workload, reuse="cycle"))
+    assert len(points) == 1 and len(points[0].workload.requests) == requests
+    (fits,) = load_serving_points(trace_scenario(tmp_path, poisson(14, 1.0, output=100)))  # 1,400 tokens
+    assert sum(r.output_len for r in fits.workload.requests) <= 1492
