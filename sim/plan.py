@@ -62,7 +62,8 @@ class SimStage:
 
     `device_index`: stages with the same index share one device (None: a device of its own). `hbm_GBps` is the
     device's effective HBM bandwidth where known (datasheet x the roofline's efficiency), None where not (a CPU);
-    `launch_us` what one captured pass costs the device beyond the kernels the latency model times."""
+    `launch_us` what one captured pass costs the device beyond the kernels the latency model times; `memory_GiB` the
+    device's memory where its GPU is known (the table's or an inline GPU's datasheet), None where not."""
 
     layer_start: int
     layer_end: int
@@ -73,6 +74,7 @@ class SimStage:
     device_index: int | None = None
     hbm_GBps: float | None = None
     launch_us: float = 0.0
+    memory_GiB: float | None = None
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,9 @@ def _stages(point: Point, model: ModelConfig, dtype_bytes: int, exit_layer: int,
         latency = _latency(point, profile, spec, model, dtype_bytes, tp)
         hbm_GBps = spec.hbm_bandwidth_GBps * efficiency if spec is not None else None
         launch_us = spec.launch_us if spec is not None and latency.cuda_graphs else 0.0
-        stages.append(SimStage(start, start + count, latency, device, tp, tp_link, indices[index], hbm_GBps, launch_us))
+        memory_GiB = spec.memory_GiB if spec is not None else None
+        stages.append(SimStage(start, start + count, latency, device, tp, tp_link, indices[index], hbm_GBps, launch_us,
+                               memory_GiB))  # fmt: skip
         start += count
     try:
         _check_shared_devices(tuple(stages))

@@ -57,10 +57,9 @@ from sim.contract import cache_capacity
 from sim.cost import Pass, pass_costs
 from sim.engine import TOKEN_ID_BYTES
 from sim.formats import quote
-from sim.hardware import GPUS, gpu_named_by
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
-from sim.scenario import GPUConfig, Point, Scenario, ScenarioError, read_yaml, validate
+from sim.scenario import Point, Scenario, ScenarioError, read_yaml, validate
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload, WorkloadError, build_workload, parse_spec, with_rate
 
 MAX_BATCH = 4096
@@ -185,7 +184,7 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
         for method in methods:
             plan, scenario = _plan(path, data, method, workload, config.max_batch, where)
             _check_trace_covers(plan, scenario, workload, where)
-            capacity = _kv_capacity(plan, scenario, config.kv_capacity_tokens)
+            capacity = _kv_capacity(plan, config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
             points.append(
                 ServingPoint(case, method, rate, plan, workload, config.max_batch, capacity, config.slo, where)
@@ -247,34 +246,28 @@ def plan_kv_tokens(plan: SimPlan) -> Callable[[Request], int]:
     return kv_tokens(plan.method, make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0)
 
 
-def _kv_capacity(plan: SimPlan, scenario: Scenario, given: int | Literal["auto"] | None) -> int | None:
+def _kv_capacity(plan: SimPlan, given: int | Literal["auto"] | None) -> int | None:
     """The KV budget in tokens: `given`, or with `auto` the smallest over devices of what KV_MEMORY_SHARE of its
-    memory leaves beside its stages' weights, over the KV bytes per token of its stages' layers (stages sharing a
-    device add up); None (no limit) where a device's memory is not known (a CPU profile)."""
+    memory (the plan's stages carry it: the GPU table's or an inline GPU's) leaves beside its stages' weights, over
+    the KV bytes per token of its stages' layers (stages sharing a device add up); None (no limit) where a device's
+    memory is not known (a CPU profile)."""
     if given != "auto":
         return given
-    specs = {**GPUS, **{gpu.name: gpu.spec() for gpu in _inline_gpus(scenario)}}
     model, dtype_bytes = plan.model, plan.dtype_bytes
     weights: dict[int, float] = {}
     per_token: dict[int, float] = {}
-    names: dict[int, str | None] = {}
+    memory: dict[int, float | None] = {}
     for index, stage in enumerate(plan.stages):
         device = plan.device_of(index)
-        names[device] = stage.device if stage.device in specs else gpu_named_by(stage.device)
+        memory[device] = stage.memory_GiB
         layers = stage.layer_end - stage.layer_start
         head = model.lm_head_params if device not in weights else 0  # the embedding / LM head once per device
         weights[device] = weights.get(device, 0.0) + (layers * model.layer_params + head) * dtype_bytes / stage.tp
         per_token[device] = per_token.get(device, 0.0) + layers * model.kv_bytes_per_token(dtype_bytes) / stage.tp
-    if any(name is None for name in names.values()):
+    if any(gib is None for gib in memory.values()):
         return None
-    free = {d: KV_MEMORY_SHARE * specs[names[d]].memory_GiB * 2**30 - weights[d] for d in names}  # type: ignore[index]
-    return min(max(0, int(free[d] // per_token[d])) for d in names)
-
-
-def _inline_gpus(scenario: Scenario) -> list[GPUConfig]:
-    topology = scenario.topology
-    stages = topology.stages if isinstance(topology.stages, list) else []
-    return [gpu for gpu in (topology.gpu, *(stage.gpu for stage in stages)) if isinstance(gpu, GPUConfig)]
+    free = {d: KV_MEMORY_SHARE * gib * 2**30 - weights[d] for d, gib in memory.items()}  # type: ignore[operator]
+    return min(max(0, int(free[d] // per_token[d])) for d in memory)
 
 
 def _check_fits(plan: SimPlan, workload: ServingWorkload, capacity: int | None, where: str) -> None:

@@ -296,3 +296,17 @@ def test_a_trace_shorter_than_the_whole_workload_is_refused(tmp_path, requests, 
     assert len(points) == 1 and len(points[0].workload.requests) == requests
     (fits,) = load_serving_points(trace_scenario(tmp_path, poisson(14, 1.0, output=100)))  # 1,400 tokens
     assert sum(r.output_len for r in fits.workload.requests) <= 1492
+
+
+def test_kv_capacity_of_an_inline_gpu_costed_by_a_profile(tmp_path):
+    """The KV budget comes from the memory of the GPU the plan's stage runs on: an inline GPU's datasheet, also where a
+    latency profile names the device (the stage then carries the profile's device name, not the inline one)."""
+    profile = ROOT / "calibration/h100/latency_smollm2-135m_cuda_bf16_compiled.csv"
+    card = {"name": "H100 80GB", "hbm_bandwidth_GBps": 3000.0, "peak_tflops": {"bf16": 989.0}, "memory_GiB": 40.0,
+            "source": "a test: an H100 with half its memory"}  # fmt: skip
+    fields = {"latency": {"profile": {"path": str(profile)}}, "topology": {"gpu": card}}
+    (point,) = load_serving_points(write_scenario(tmp_path, {"workload": poisson(5, 1.0)}, **fields))
+    assert point.plan.stages[0].device != card["name"] and point.plan.stages[0].memory_GiB == 40.0
+    model = point.plan.model
+    weights = (30 * model.layer_params + model.lm_head_params) * 2
+    assert point.kv_capacity_tokens == int((0.9 * 40 * 2**30 - weights) // (30 * model.kv_bytes_per_token(2)))
