@@ -94,6 +94,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def cli_status(*args: str) -> int:
+    """`eesd ARGS` in this process: its exit status (argparse refusals exit), torch threads left as they were."""
+    from executor.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        return main(list(args))
+    except SystemExit as done:
+        return done.code
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -109,11 +122,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--method", "ppsd", "--sync-every", "0"], "sync_every must be an integer in 1..64"),
     ],
 )
-def test_cli_reports_user_errors_without_traceback(saved_model, args, message):
-    done = run_cli("generate", "--model", str(saved_model), "--prompt-ids", "1,2,3", *args)
-    assert done.returncode == 2
-    assert message.replace("\\", "") in done.stderr
-    assert "Traceback" not in done.stderr
+def test_cli_reports_user_errors_without_traceback(saved_model, args, message, capsys):
+    """In this process (a CLI process costs seconds of imports; `test_cli_generates_and_matches_ar` runs one): an
+    exception the CLI let through would fail the test here as a traceback would there."""
+    assert cli_status("generate", "--model", str(saved_model), "--prompt-ids", "1,2,3", *args) == 2
+    stderr = capsys.readouterr().err
+    assert message.replace("\\", "") in stderr
+    assert "Traceback" not in stderr
 
 
 def test_cli_names_a_failed_stage_process_in_one_line(saved_model, monkeypatch, capsys):
@@ -134,10 +149,10 @@ def test_cli_names_a_failed_stage_process_in_one_line(saved_model, monkeypatch, 
     assert not any("Traceback" in line for line in err)
 
 
-def test_cli_missing_model_is_a_clear_error(tmp_path):
-    done = run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1")
-    assert done.returncode == 2
-    assert "nope" in done.stderr and "Traceback" not in done.stderr
+def test_cli_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert cli_status("generate", "--model", str(tmp_path / "nope"), "--prompt-ids", "1") == 2
+    stderr = capsys.readouterr().err
+    assert "nope" in stderr and "Traceback" not in stderr
 
 
 def test_cli_generates_and_matches_ar(saved_model):
@@ -150,16 +165,17 @@ def test_cli_generates_and_matches_ar(saved_model):
     assert "method eesd: 12 new tokens" in done.stdout
 
 
-def test_cli_ppsd_reads_the_device_every_few_ticks(saved_model):
-    done = run_cli(
+def test_cli_ppsd_reads_the_device_every_few_ticks(saved_model, capsys):
+    status = cli_status(
         "generate", "--model", str(saved_model), "--prompt-ids", "4,5,6", "--method", "ppsd", "--stages", "2",
         "--max-new-tokens", "12", "--sync-every", "4", "--compare-ar",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "identical to AR: True" in done.stdout
-    reads = int(re.search(r"(\d+) host reads", done.stdout).group(1))
-    ticks = int(re.search(r"(\d+) ticks", done.stdout).group(1))
-    assert -(-ticks // 4) <= reads < ticks, done.stdout  # blocks of at most 4 ticks, cut to the tokens left
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "identical to AR: True" in out
+    reads = int(re.search(r"(\d+) host reads", out).group(1))
+    ticks = int(re.search(r"(\d+) ticks", out).group(1))
+    assert -(-ticks // 4) <= reads < ticks, out  # blocks of at most 4 ticks, cut to the tokens left
 
 
 def test_generate_wires_ppsd(model):

@@ -3,12 +3,10 @@ that names the argument and its allowed range, or are capped where the cap chang
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+from test_api_errors import cli_status
 from tiny_models import TinySpec, tiny_model
 
 import executor
@@ -117,11 +115,8 @@ def test_an_empty_or_cut_gguf_is_a_one_line_error_naming_it(tmp_path, content, m
 
 
 @pytest.mark.parametrize("ids", ["", ",", " , "])
-def test_empty_prompt_ids_are_refused_before_the_model_is_loaded(tmp_path, ids):
-    done = subprocess.run(
-        [sys.executable, "-m", "executor.cli", "generate", "--model", str(tmp_path / "absent"), f"--prompt-ids={ids}"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert "eesd generate: error: --prompt-ids holds no token id" in done.stderr
-    assert "Traceback" not in done.stderr and "absent" not in done.stderr
+def test_empty_prompt_ids_are_refused_before_the_model_is_loaded(tmp_path, ids, capsys):
+    assert cli_status("generate", "--model", str(tmp_path / "absent"), f"--prompt-ids={ids}") == 2
+    stderr = capsys.readouterr().err
+    assert "eesd generate: error: --prompt-ids holds no token id" in stderr
+    assert "Traceback" not in stderr and "absent" not in stderr
