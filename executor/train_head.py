@@ -60,7 +60,6 @@ from executor.heads import (
     model_fingerprint,
     save_head,
     save_subset_head,
-    subset_rows,
 )
 from sim.progress import progress_bar
 
@@ -339,19 +338,21 @@ def teacher_batch(adapter: ModelAdapter, batch: Batch, exit_layers: Sequence[int
 
 
 def teacher_chunks(
-    adapter: ModelAdapter, teacher: TeacherBatch, chunk: int, token_ids: torch.Tensor | None = None
+    adapter: ModelAdapter,
+    teacher: TeacherBatch,
+    chunk: int,
+    rows: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(positions, the full model's log-probabilities there [n, V] in float32), `chunk` target positions at a time;
-    with `token_ids`, renormalised over those ids [n, N], from their rows of the LM head only (a large vocabulary's
-    LM head is most of the teacher's cost)."""
+    with `rows` (a draft vocabulary's LM-head weight rows and bias), renormalised over those ids [n, N], scored on
+    those rows only (a large vocabulary's LM head is most of the teacher's cost)."""
     for first in range(0, teacher.final.shape[0], chunk):
         piece = slice(first, first + chunk)
         with torch.no_grad():
-            if token_ids is None:
+            if rows is None:
                 logits = adapter.logits(teacher.final[piece])
             else:
-                weight, bias = subset_rows(adapter, token_ids)
-                logits = adapter.softcap(torch.nn.functional.linear(adapter.norm(teacher.final[piece]), weight, bias))
+                logits = adapter.softcap(torch.nn.functional.linear(adapter.norm(teacher.final[piece]), *rows))
         yield piece, logits.float().log_softmax(-1)
 
 
@@ -398,7 +399,8 @@ def distill_batch(heads: dict[int, TrainedExitHead], teacher: TeacherBatch, chun
     leaves = {e: out.detach().requires_grad_(True) for e, out in outputs.items()}
     count, totals = teacher.final.shape[0], {e: [] for e in heads}
     vocab = shared_draft_vocab(heads)
-    for piece, target in teacher_chunks(adapter, teacher, chunk, vocab):
+    rows = next(iter(heads.values())).subset_weight() if vocab is not None else None  # gathered once per LM head
+    for piece, target in teacher_chunks(adapter, teacher, chunk, rows):
         for exit_layer, head in heads.items():
             student = chunk_log_probs(head, leaves[exit_layer][piece])
             own = target if vocab is not None else head_target(head, target)
