@@ -21,6 +21,8 @@ latency --kernels compiled`: fused projections, compiled layer).
     python benchmarks/sim_vs_gpu.py --card h100  # the H100 lease's files (benchmarks/gpu_session.sh next1, next2)
     python benchmarks/sim_vs_gpu.py --predict    # predictions for the next lease, committed before it measures them
                                                  # (results/predictions_next_lease_<date>.json)
+    python benchmarks/sim_vs_gpu.py --predict issue24  # the rows gpu_session.sh issue24a/b measures
+                                                       # (results/predictions_issue24_<date>.json)
 
 `--predict` writes what the simulator predicts, from the files committed today, for configurations no lease has
 measured, on either card: SmolLM2 through `eesd validate` (scenarios/smollm2_<card>_validate.yaml: eight prompts of
@@ -28,6 +30,14 @@ their own lengths replayed from the H100 bf16 trace, AR and EESD at batch 1 and 
 and the 7B shape through `benchmarks/gpu_decode.py` rows at new prompt lengths (512, 1024: AR, EESD E=16 fixed:3 at
 forced alpha 0.5 / 0.7 / 0.9, PPSD streams n = 2 and 4 with random weights' alpha 0). Each row names the command that
 measures it; the lease runs them unchanged and the comparison is out of sample.
+
+`--predict issue24` does the same for the rows `benchmarks/gpu_session.sh issue24a` / `issue24b` measure (HF's
+baselines beside ours, eight prompts a row, the memory floor): the 7B shape at contexts 32 and 3840 (our AR, its
+step at context 32 in caches of 256 and 4096 slots and at 3840 in 4096, EESD at forced alpha, PPSD streams) and
+SmolLM2 on the first eight built-in prompts x 128 new tokens (our AR, EESD shared E=15 fixed:3 and beta-ts, PPSD
+streams n = 2; acceptance replayed from the H100 bf16 trace, which holds exits 8, 15 and 22), as today's executor
+runs them (zero-draft rounds chained, 8 PPSD ticks per host read), each card in the capture mode of its profile.
+HF's rows are not predicted (the simulator models this executor only).
 """
 
 from __future__ import annotations
@@ -44,7 +54,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sim.contract import captured_capacity
 from sim.formats import latency_profile_name, write_text_atomic
+from sim.policy import with_cost
 from sim.runner import simulate_point
 from sim.scenario import Point, validate
 
@@ -109,22 +121,26 @@ def method_of(label: str) -> str | None:
 
 
 def scenario(
-    source: Source, row: dict[str, Any], new_tokens: int, method: str, runs: int, contention: Path | None = None
-) -> Point:
+    source: Source, row: dict[str, Any], new_tokens: int, method: str, runs: int, contention: Path | None = None,
+    acceptance: dict[str, Any] | None = None, policy_cost: float | None = None,
+) -> Point:  # fmt: skip
+    """The simulator's twin of a gpu_decode row: Bernoulli(row alpha) acceptance unless `acceptance` is given; an
+    EESD policy's cost pinned to `policy_cost` where given (the executor's E / L, as `generate` takes it)."""
     data: dict[str, Any] = {
         "name": f"{source.model} {row['method']}",
         "model": source.model,
         "dtype": "bf16",
         "method": method,
         "latency": {"profile": {"path": str(source.profile), "cuda_graphs": True}},
-        "acceptance": {"alpha": row.get("alpha") or 0.0},
+        "acceptance": acceptance or {"alpha": row.get("alpha") or 0.0},
         "topology": {"stages": 1, "link": "ideal"},  # the device: the profile's
         "workload": {"requests": runs, "batch_size": 1, "prompt_len": source.prompt_len, "output_len": new_tokens},
         "zero_draft_rounds": source.zero_draft_rounds,
     }
     if method == "eesd":
         match = EESD_LABEL.match(row["method"])
-        data |= {"exit_layer": int(match["exit"]), "exit_head": match["head"], "policy": match["policy"]}
+        policy = match["policy"] if policy_cost is None else with_cost(match["policy"], policy_cost)
+        data |= {"exit_layer": int(match["exit"]), "exit_head": match["head"], "policy": policy}
         if match["head"] == "trained":
             data["zero_draft_rounds"] = source.trained_zero_draft_rounds
     if method == "ppsd":
@@ -243,9 +259,18 @@ def predict_llama7b(card: str, runs: int) -> list[dict[str, Any]]:
     return rows
 
 
+def code_commit() -> dict[str, str | None]:
+    """The commit the predictions come from (HEAD) and its commit date."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {
+        "code_commit": git("rev-parse", "HEAD") or None,
+        "code_commit_date": git("show", "-s", "--format=%cI") or None,
+    }
+
+
 def predictions(runs: int) -> dict[str, Any]:
     rows = [row for card in sorted(CARDS) for row in predict_smollm2(card) + predict_llama7b(card, runs)]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = code_commit()["code_commit"]
     return {
         "benchmark": "the simulator's predictions for the next GPU lease, committed before it measures them",
         "date": datetime.now(timezone.utc).date().isoformat(),
@@ -260,16 +285,129 @@ def predictions(runs: int) -> dict[str, Any]:
     }
 
 
+# ---- issue 24: the rows gpu_session.sh issue24a / issue24b measure -------------------------------------------------
+ISSUE24_PROMPTS, ISSUE24_TOKENS = 8, 128  # gpu_decode's --prompts and --new-tokens
+ISSUE24_CONTEXTS = (32, 3840)  # the 7B shape's --prompt-len: a short context and a ~4k one
+ISSUE24_LONG = 4096  # gpu_decode's LONG_CAPACITY: the step rows' long cache
+# gpu_decode's --only per call: our AR (and its span-bucket twin, where the executor has one), HF's rows, the step
+# rows, EESD at forced alpha and PPSD streams n = 2 / 4 (the 7B shape); EESD shared E=15 and PPSD n = 2 (SmolLM2)
+ISSUE24_ONLY = {
+    32: "^ours ar( buckets off)?$|^ours ar step|^hf generate|forced alpha|^ppsd streams n=[24]$",
+    3840: "^ours ar( buckets off)?$|^ours ar step|^hf generate|forced alpha=0.7$|^ppsd streams n=2$",
+    "smollm2": "^ours ar( buckets off)?$|^hf generate|^eesd shared E=15 (fixed:3|beta-ts)$|^ppsd streams n=2$",
+}
+ISSUE24_ALPHAS = {32: FORCED_ALPHAS, 3840: (0.7,)}
+ISSUE24_STAGES = {32: PREDICT_STAGES, 3840: (2,)}
+
+
+def issue24_command(card: str, model: str) -> str:
+    """The gpu_decode command gpu_session.sh runs for these rows (its --out and --time-budget-s aside)."""
+    capture = next(s for s in CARDS[card] if s.model == "Llama-2-7B").capture
+    if model == "smollm2":
+        return (f"python3 benchmarks/gpu_decode.py --models smollm2 --model-path SMOLLM2 --captures {capture} "
+                f"--prompts {ISSUE24_PROMPTS} --match-dtypes '' --only '{ISSUE24_ONLY['smollm2']}'")  # fmt: skip
+    return (f"python3 benchmarks/gpu_decode.py --models llama7b --prompt-len {model} --captures {capture} "
+            f"--prompts {ISSUE24_PROMPTS} --only '{ISSUE24_ONLY[int(model)]}'")  # fmt: skip
+
+
+def current(source: Source) -> Source:
+    """The source as today's executor runs it: zero-draft rounds chained (trained heads too), 8 PPSD ticks per host
+    read."""
+    return dataclasses.replace(
+        source, zero_draft_rounds="chained", trained_zero_draft_rounds="chained", ppsd_sync_every=8
+    )
+
+
+def issue24_row(
+    card: str, source: Source, config: str, context: int, point: Point, command: str, note: str = ""
+) -> dict:
+    predicted, extrapolated = decode_rate(point)
+    row = {"card": card, "model": source.model, "config": config, "batch": 1, "context": context,
+           "capture": source.capture, "predicted_decode_tokens_per_s": round(predicted, 2),
+           "extrapolated": extrapolated, "measure": command}  # fmt: skip
+    return row | ({"note": note} if note else {})
+
+
+def issue24_llama7b(card: str, runs: int) -> list[dict[str, Any]]:
+    """The 7B shape's rows at prompts of 32 and 3840 random ids: our AR, its steps, EESD at forced alpha, PPSD."""
+    source = current(next(s for s in CARDS[card] if s.model == "Llama-2-7B"))
+    rows = []
+    for prompt_len in ISSUE24_CONTEXTS:
+        at, command = dataclasses.replace(source, prompt_len=prompt_len), issue24_command(card, str(prompt_len))
+        configs = [("ours ar", "ar", None)]
+        configs += [(f"eesd shared E=16 fixed:3 forced alpha={a}", "eesd", a) for a in ISSUE24_ALPHAS[prompt_len]]
+        configs += [(f"ppsd streams n={n}", "ppsd", 0.0) for n in ISSUE24_STAGES[prompt_len]]
+        for label, method, alpha in configs:
+            point = scenario(at, {"method": label, "alpha": alpha}, ISSUE24_TOKENS, method, runs)
+            rows.append(issue24_row(card, source, label, prompt_len, point, command))
+        for capacity in sorted({captured_capacity(prompt_len + ISSUE24_TOKENS + 1), ISSUE24_LONG}):
+            label = f"ours ar step ctx={prompt_len} cache={capacity}"
+            point = scenario(at, {"method": label}, capacity - prompt_len - 1, "ar", 1)  # a cache of that capacity
+            note = ("the simulator's AR decode in a cache of this capacity (it costs a static pass at the capacity, "
+                    "host reads included); the row times chained steps without host reads")  # fmt: skip
+            rows.append(issue24_row(card, source, label, prompt_len, point, command, note))
+    return rows
+
+
+def issue24_smollm2(card: str) -> list[dict[str, Any]]:
+    """SmolLM2 on the first eight built-in prompts x 128 tokens, acceptance replayed from the H100 bf16 trace."""
+    source = current(next(s for s in CARDS[card] if s.model == "SmolLM2-135M"))
+    trace = ROOT / "calibration" / "h100" / "acceptance_smollm2-135m_shared_builtin_cuda_bf16.csv"
+    acceptance = {"trace": str(trace), "reuse": "cycle"}  # 8 x 128 tokens run past a prompt's 48 into the next
+    layers, exit_layer = 30, 15
+    contention = ROOT / "calibration" / card / "contention_smollm2-135m_cuda_bf16_compiled.csv"
+    command = issue24_command(card, "smollm2")
+    configs = [("ours ar", "ar"), (f"eesd shared E={exit_layer} fixed:3", "eesd")]
+    configs += [(f"eesd shared E={exit_layer} beta-ts", "eesd")]
+    configs += [("ppsd streams n=2", "ppsd")]  # exit 15; n = 4 exits at 7 (7+7+8+8), a layer the trace lacks
+    rows = []
+    for label, method in configs:
+        point = scenario(
+            source, {"method": label}, ISSUE24_TOKENS, method, ISSUE24_PROMPTS,
+            contention if contention.is_file() and method == "ppsd" else None,
+            None if method == "ar" else acceptance, exit_layer / layers,  # AR drafts nothing: no trace to check
+        )  # fmt: skip
+        rows.append(issue24_row(card, source, label, source.prompt_len, point, command))
+    return rows
+
+
+def issue24_predictions(runs: int) -> dict[str, Any]:
+    rows = [row for card in sorted(CARDS) for row in issue24_llama7b(card, runs) + issue24_smollm2(card)]
+    return {
+        "benchmark": "the simulator's predictions for the rows gpu_session.sh issue24a/issue24b measures (issue 24), "
+        "committed before the lease measures them",
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        **code_commit(),
+        "command": f"python benchmarks/sim_vs_gpu.py --predict issue24 --runs {runs}",
+        "inputs": "the files committed at code_commit: calibration/h100 and calibration/h200 latency profiles, the "
+        "H100 SmolLM2 contention profile, the H100 bf16 shared-head trace",
+        "executor": "as committed at code_commit: zero-draft rounds chained, 8 PPSD ticks per host read; each card in "
+        "its profile's capture mode (h100: compile-layers, compiled profile; h200: graph, eager profile); the "
+        "simulator's decode passes attend over the whole static cache (attention: cache)",
+        "acceptance": "SmolLM2: the H100 bf16 trace replayed (cycled: 8 x 128 tokens, 48 per prompt), beta-ts at the "
+        "executor's cost E / L = 0.5; the 7B shape: Bernoulli at the forced alpha (PPSD: 0, random weights)",
+        "extrapolated": "a latency query left the profile's grid (H100 7B profile: contexts 32 and 256; H200 7B: 128 "
+        "to 2048)",
+        "not_predicted": "HF's rows (the simulator models this executor only); the tokens/s spread over prompts",
+        "measured_as": "decode tokens/s (the median over prompts x runs) of the row of the same config in the JSON "
+        "the measure command writes",
+        "rows": rows,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="simulated requests per row (Bernoulli draws)")
     parser.add_argument("--card", choices=sorted(CARDS), default="h200", help="whose lease's files (default: h200)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/sim_vs_gpu_nvidia_<card>.json")
-    parser.add_argument("--predict", action="store_true", help="predictions for the next lease (both cards)")
+    parser.add_argument(
+        "--predict", nargs="?", const="next_lease", choices=("next_lease", "issue24"), default=None,
+        help="predictions for the next lease (both cards); 'issue24': for gpu_session.sh issue24a/issue24b",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.predict:
-        document = predictions(args.runs)
-        out = args.out or RESULTS / f"predictions_next_lease_{document['date']}.json"
+        document = predictions(args.runs) if args.predict == "next_lease" else issue24_predictions(args.runs)
+        out = args.out or RESULTS / f"predictions_{args.predict}_{document['date']}.json"
         write_text_atomic(out, json.dumps(document, indent=2) + "\n")
         for row in document["rows"]:
             flag = "  *" if row["extrapolated"] else ""
