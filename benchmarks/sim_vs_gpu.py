@@ -384,6 +384,10 @@ def issue24_predictions(runs: int) -> dict[str, Any]:
         "executor": "as committed at code_commit: zero-draft rounds chained, 8 PPSD ticks per host read; each card in "
         "its profile's capture mode (h100: compile-layers, compiled profile; h200: graph, eager profile); the "
         "simulator's decode passes attend over the whole static cache (attention: cache)",
+        "span_buckets": "where the lease's executor attends over span buckets (executor.passes.SPAN_BUCKETS), the "
+        "simulator's whole-cache attention is what its 'buckets off' rows run: each prediction holds for the row of "
+        "its config with ' buckets off' appended (step rows: too), and the bucketed row is expected faster by what "
+        "the unread cache slots cost (most at context 32 in the 4096-slot cache)",
         "acceptance": "SmolLM2: the H100 bf16 trace replayed (cycled: 8 x 128 tokens, 48 per prompt), beta-ts at the "
         "executor's cost E / L = 0.5; the 7B shape: Bernoulli at the forced alpha (PPSD: 0, random weights)",
         "extrapolated": "a latency query left the profile's grid (H100 7B profile: contexts 32 and 256; H200 7B: 128 "
