@@ -1,16 +1,22 @@
-"""GPU decode benchmark (issue 8): HF anchors vs our AR, EESD and PPSD, batch 1, greedy, on one device, one run.
+"""GPU decode benchmark (issues 8 and 24): HF `generate` (its default and its fast path) vs our AR, EESD and PPSD,
+batch 1, greedy, on one device, one run, every row over the same `--prompts` prompts and the same `--new-tokens`.
 
 Models:
-- SmolLM2-135M-Instruct, real weights (`executor.load_model("smollm2-135m")`): HF `generate` AR and HF
-  `assistant_early_exit` (the anchors), our AR, EESD with the shared head and with the trained head
-  `heads/smollm2-135m-e15.safetensors` (policies fixed:k and beta-ts), PPSD `streams` with n = 2 and 4 stages and
-  the shared head, n = 2 with the trained head, and n = 2 read back every tick (elsewhere: the `sequential`
-  backend, for a smoke test).
-- The Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000) with random weights: HF AR, our AR
-  and EESD at forced acceptance alpha in {0.5, 0.7, 0.9} (`generate(accept_pattern=alpha)`: the same drafting and
-  verify work as a real round with that accepted length, NOT lossless: random weights accept nothing on their own),
-  and PPSD `streams` with n = 2 and 4 stages and the shared head (lossless; random weights draft next to nothing
-  right, so its ticks are what a pipe of that model costs at alpha ~ 0).
+- SmolLM2-135M-Instruct, real weights (`executor.load_model("smollm2-135m")`), on the first `--prompts` built-in
+  prompts (`executor.prompts`): HF `generate` AR as it comes (dynamic cache, eager) and on its documented fast path
+  (`cache_implementation="static"`, which `generate` compiles with `torch.compile` on a GPU; the cache sized once for
+  the longest prompt, `max_cache_len`, so no prompt recompiles), HF `assistant_early_exit`; our AR, EESD with the
+  shared head and with the trained head `heads/smollm2-135m-e15.safetensors` (policies fixed:k and beta-ts), PPSD
+  `streams` with n = 2 and 4 stages and the shared head, n = 2 with the trained head, and n = 2 read back every tick
+  (elsewhere: the `sequential` backend, for a smoke test).
+- The Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000) with random weights, on
+  `--prompts` random prompts of `--prompt-len` ids (seeds 0, 1, ...): the same HF rows, our AR and EESD at forced
+  acceptance alpha in {0.5, 0.7, 0.9} (`generate(accept_pattern=alpha)`: the same drafting and verify work as a real
+  round with that accepted length, NOT lossless: random weights accept nothing on their own), and PPSD `streams`
+  with n = 2 and 4 stages and the shared head (lossless; random weights draft next to nothing right, so its ticks
+  are what a pipe of that model costs at alpha ~ 0). Plus our AR step at the prompt's context in caches of two
+  capacities (`ours ar step ctx=C cache=N`: the capacity `generate` gives this prompt, and 4096): a static pass
+  attends over its whole cache, so a short context in a 4k cache costs what the capacity costs.
   `--small` keeps the 7B layer shape but only 4 layers, so that it fits a CPU run.
 Plus the bf16 greedy match rate of EESD / PPSD vs our AR on real prompts (`executor.prompts`, builtin set): in bf16 a
 (k+1)-token verify pass and a 1-token step round differently, so near-ties can flip (docs/design.md).
@@ -20,15 +26,18 @@ passes in CUDA graphs: the default on a GPU), "graph" (CUDA graphs) and "compile
 "reduce-overhead")` per pass) for AR and EESD fixed:k, so the fastest can be kept; the other EESD rows and PPSD
 (each stage's step captured, one CUDA stream per stage) use the first mode listed. `--only REGEX` keeps the
 matching rows. Each row also gives its warm-up run's seconds (`first_call_s`): the capture and compilation it needed
-beyond earlier rows.
+beyond earlier rows (for HF's fast path: its compilation).
 
-Every speed is the median tokens/s of `--runs` (>= 5) timed runs after one warm-up run (which also captures or
-compiles), end to end (prefill included, EOS ignored: every run makes exactly `--new-tokens` tokens), with the device
-synchronised around each run; `decode tok/s` is the same runs without the prefill: (new tokens - 1) / (wall - prefill).
+Timing: one warm-up run (prompt 0), then `--runs` passes over the prompts, each run timed end to end (prefill
+included, EOS ignored on both sides: HF with `min_new_tokens`, ours without an EOS id), the device synchronised
+around it. A row gives the median tokens/s and its spread (min, quartiles, max over prompts x runs), the new tokens
+every run made (`new_tokens_made`: one value, `--new-tokens`, or the row says so), and `decode tok/s` = (new tokens -
+1) / (wall - prefill) for our rows.
 
-Ideal speedups (what the implementation would reach at the measured acceptance if a round cost nothing but its passes):
+Ideal speedups (what the implementation would reach at the measured acceptance if a round cost nothing but its passes;
+from the last timed run, the last prompt):
 - EESD: the passes are profiled in isolation after the runs (median per-launch time of the captured AR step c_ar,
-  draft step c_d and verify pass c_v(q) for every q used, mid-sequence position). Over the last run's rounds r with
+  draft step c_d and verify pass c_v(q) for every q used, mid-sequence position). Over the run's rounds r with
   d_r drafts and a_r accepted: ideal = sum(a_r + 1) c_ar / sum(d_r c_d + c_v(d_r + 1)), a round of d_r = 0 costing
   what the decoder runs it as, the AR step (c_ar; with a trained head the AR step that also runs the head's layer,
   c_ar_head); realised = the decode tokens/s ratio EESD / our AR (same capture mode); efficiency = realised / ideal
@@ -38,15 +47,16 @@ Ideal speedups (what the implementation would reach at the measured acceptance i
   head and links; `PPSDStats.ideal_speedup`). On one GPU the stages share the device and overlap only partly, so the
   table also gives the efficiency against ticks as long as the device measured them (CUDA events around each stage
   of every tick; `device per tick`): what the executor itself loses (transition, host, launch gaps).
-- AR on the 7B shape: the HBM floor, weight bytes / `--hbm-tbps` per token (405 MB per layer at
-  about 3.0 TB/s, what a copy measured on an H100: about 222 tok/s), reported as a fraction (target >= 0.75).
+- AR: the memory floor, (weight bytes + the K/V bytes of the mean context) per token at two bandwidths: the one a
+  large copy measures on this device in this run (bytes read + written / time) and the card's datasheet figure
+  (`DATASHEET_TBPS`; none for another card). `floors` in the JSON holds bytes and floors; each AR row gives its
+  decode tok/s as a fraction of both (`of_floor`).
 
     python benchmarks/gpu_decode.py                          # on the GPU: benchmarks/results/gpu_decode_<card>.json
     python benchmarks/gpu_decode.py --models smollm2 --out X.json  # one model per call (a call is <= 10 min)
     python benchmarks/gpu_decode.py --device cpu --quick --small --captures none  # CPU smoke test, not a claim
 
-On the lent GPU box (no hub, no `gguf`, 64 MiB per call) `benchmarks/gpu_session.sh` does it in two calls: the 7B
-shape while SmolLM2's GGUF travels in its first chunk, then SmolLM2 with the second (see that script).
+On the lent GPU box (no hub, no `gguf`, 64 MiB per call) `benchmarks/gpu_session.sh` runs it (see that script).
 """
 
 from __future__ import annotations
@@ -60,7 +70,8 @@ import re
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,6 +92,7 @@ from executor.passes import Passes
 from executor.ppsd import StagePlan, local_pipeline, make_selector
 from executor.prompts import encode_prompt, load_prompts
 from executor.sampling import SamplingConfig
+from sim.contract import captured_capacity
 from sim.formats import write_text_atomic
 from sim.policy import make_policy
 
@@ -88,12 +100,16 @@ RESULTS = Path(__file__).parent / "results"
 HEAD_FILE = Path(__file__).resolve().parent.parent / "heads" / "smollm2-135m-e15.safetensors"
 ALPHAS = (0.5, 0.7, 0.9)
 PPSD_STAGES = (2, 4)
+HF_AR, HF_FAST = "hf generate (AR)", "hf generate static+compile (AR)"
+LONG_CAPACITY = 4096  # the step rows' long cache: Llama-2's context
+# HBM bandwidth by card (a substring of the device name -> TB/s, the vendor's datasheet): H100 SXM (HBM3), H200
+DATASHEET_TBPS = {"H100 80GB HBM3": 3.35, "H200": 4.8}
 
 
 @dataclass
 class Row:
-    """One table row. tokens_per_s is the median over runs; speedups are of decode tokens/s over our AR (same model,
-    same capture mode) and of end-to-end tokens/s over HF AR."""
+    """One table row. tokens_per_s is the median over runs (prompts x passes); speedups are of decode tokens/s over
+    our AR (same model, same capture mode) and of end-to-end tokens/s over HF AR (default and fast path)."""
 
     model: str
     method: str
@@ -101,8 +117,16 @@ class Row:
     tokens_per_s: float | None
     decode_tokens_per_s: float | None = None
     runs_tokens_per_s: list[float] = field(default_factory=list)
+    prompts: int = 0  # distinct prompts the timed runs decoded
+    new_tokens_made: list[int] = field(default_factory=list)  # the distinct new-token counts of the timed runs
+    context: float | None = None  # the mean context of the row's decode steps (prompt + half the new tokens)
+    spread_tokens_per_s: dict[str, float] | None = None  # min, q1, median, q3, max over the timed runs
+    spread_decode_tokens_per_s: dict[str, float] | None = None
+    floor_tokens_per_s: dict[str, float | None] = field(default_factory=dict)  # AR rows: per bandwidth (see floors)
+    of_floor: dict[str, float] = field(default_factory=dict)  # AR rows: decode tok/s / floor, per bandwidth
     speedup_vs_ar: float | None = None
     speedup_vs_hf: float | None = None
+    speedup_vs_hf_fast: float | None = None
     alpha: float | None = None  # measured in the last run, per position: accepted / checked draft positions
     tokens_per_round: float | None = None
     ideal_speedup: float | None = None
@@ -116,13 +140,29 @@ class Row:
 
 @dataclass(frozen=True)
 class Case:
-    """A method to time: `run()` decodes once and returns (new tokens, executor stats or None for HF)."""
+    """A method to time: `run(i)` decodes prompt i once and returns (new tokens, executor stats or None for HF)."""
 
     method: str
-    run: Callable[[], tuple[int, Any]]
+    run: Callable[[int], tuple[int, Any]]
     capture: str | None = None
     ideal: Callable[[Any], tuple[float | None, dict[str, float]]] = lambda stats: (None, {})
     skip: str = ""  # why it cannot run here (the row is kept, with this note)
+    prompts: int = 1
+    new_tokens: int | None = None  # what every run must make (a run that makes another count is noted)
+    context: float | None = None  # the mean context of its decode steps
+    describe: Callable[[], str] = lambda: ""  # after the runs: how it ran (HF's fast path: compiled or not)
+
+
+@dataclass
+class Timing:
+    """A case's timed runs: end-to-end and decode-only tokens/s, new tokens made, the last run's stats, and the
+    warm-up's seconds (what capturing and compiling cost on first use)."""
+
+    speeds: list[float]
+    decode: list[float]
+    tokens: list[int]
+    stats: Any
+    first_call: float
 
 
 def synchronize(device: torch.device) -> None:
@@ -130,25 +170,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_case(case: Case, runs: int, device: torch.device) -> tuple[list[float], list[float], Any, float]:
-    """End-to-end and decode-only tokens/s of `runs` timed runs after one warm-up run; the last run's stats; the
-    warm-up's seconds (what capturing and compiling cost on first use)."""
+def time_case(case: Case, runs: int, device: torch.device) -> Timing:
+    """One warm-up run on prompt 0, then `runs` passes over the case's prompts, each run timed alone."""
     synchronize(device)
     begin = time.perf_counter()
-    case.run()
+    case.run(0)
     synchronize(device)
-    first_call = time.perf_counter() - begin
-    speeds, decode, stats = [], [], None
+    timing = Timing([], [], [], None, time.perf_counter() - begin)
     for _ in range(runs):
-        synchronize(device)
-        begin = time.perf_counter()
-        new_tokens, stats = case.run()
-        synchronize(device)
-        wall = time.perf_counter() - begin
-        speeds.append(new_tokens / wall)
-        if stats is not None:
-            decode.append((new_tokens - 1) / (wall - stats.prefill_time_s))
-    return speeds, decode, stats, first_call
+        for prompt in range(case.prompts):
+            synchronize(device)
+            begin = time.perf_counter()
+            new_tokens, timing.stats = case.run(prompt)
+            synchronize(device)
+            wall = time.perf_counter() - begin
+            timing.speeds.append(new_tokens / wall)
+            timing.tokens.append(new_tokens)
+            if timing.stats is not None:
+                timing.decode.append((new_tokens - 1) / (wall - timing.stats.prefill_time_s))
+    return timing
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    """Min, quartiles (inclusive method) and max of `values`, and how many there are."""
+    if not values:
+        return None
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"min": min(values), "q1": q1, "median": median, "q3": q3, "max": max(values), "n": len(values)}
 
 
 def eesd_alpha(stats: Any) -> float | None:
@@ -163,7 +211,12 @@ LAUNCHES = REPEATS + WARMUPS  # launches between two resets at most
 
 
 def launch_time_ms(launch: Callable[[], None], device: torch.device, reset: Callable[[], None]) -> float:
-    """Median over BATCHES of the mean time of REPEATS back-to-back launches (after WARMUPS warm-up launches).
+    """Median over BATCHES of the mean time of REPEATS back-to-back launches (`launch_times_ms`)."""
+    return statistics.median(launch_times_ms(launch, device, reset))
+
+
+def launch_times_ms(launch: Callable[[], None], device: torch.device, reset: Callable[[], None]) -> list[float]:
+    """The mean time of REPEATS back-to-back launches, in each of BATCHES batches (after WARMUPS warm-up launches).
     `reset` refills the inputs before each batch: a chained pass moves its own position on at every launch."""
     reset()
     for _ in range(WARMUPS):
@@ -177,7 +230,7 @@ def launch_time_ms(launch: Callable[[], None], device: torch.device, reset: Call
             launch()
         synchronize(device)
         times.append((time.perf_counter() - begin) / REPEATS * 1e3)
-    return statistics.median(times)
+    return times
 
 
 @dataclass(frozen=True)
@@ -254,15 +307,39 @@ class PassProfile:
 
 
 # ------------------------------------------------------------------------------------------------------ cases
-def hf_case(model, prompt: list[int], new_tokens: int, method: str, **kwargs: Any) -> Case:
-    """HF `generate` (greedy, EOS ignored); `new_tokens` is `--hf-new-tokens`: HF's time per token is host-bound and
-    flat, so fewer tokens measure the same rate in a fraction of the device time."""
-    ids = torch.tensor([prompt], device=model.device)
+def mean_context(prompts: list[list[int]], new_tokens: int) -> float:
+    """The mean context of a decode step over the prompts: prompt length + half the new tokens."""
+    return statistics.fmean(len(p) for p in prompts) + new_tokens / 2
 
-    def run() -> tuple[int, Any]:
-        return hf_generate(model, ids, new_tokens, **kwargs).shape[1] - ids.shape[1], None
 
-    return Case(method, run)
+def hf_case(model, prompts: list[list[int]], new_tokens: int, method: str, **kwargs: Any) -> Case:
+    """HF `generate` (greedy, EOS ignored), `new_tokens` new tokens on each prompt, as ours make."""
+    ids = [torch.tensor([p], device=model.device) for p in prompts]
+
+    def run(i: int) -> tuple[int, Any]:
+        return hf_generate(model, ids[i], new_tokens, **kwargs).shape[1] - ids[i].shape[1], None
+
+    return Case(method, run, prompts=len(prompts), new_tokens=new_tokens, context=mean_context(prompts, new_tokens))
+
+
+def hf_fast_case(model, prompts: list[list[int]], new_tokens: int) -> Case:
+    """HF `generate` on its documented fast path: a static cache (`cache_implementation="static"`), with which
+    `generate` compiles the model's forward itself on a GPU (`torch.compile`, its default `CompileConfig`: mode
+    "reduce-overhead"). One cache capacity for every prompt (`max_cache_len`, the longest prompt + the new tokens,
+    rounded up as our captured caches are), so no prompt recompiles."""
+    capacity = captured_capacity(max(map(len, prompts)) + new_tokens)
+    case = hf_case(model, prompts, new_tokens, HF_FAST, cache_implementation="static", max_cache_len=capacity)
+    return dataclasses.replace(case, describe=lambda: hf_fast_note(model))
+
+
+def hf_fast_note(model) -> str:
+    """How HF's fast path ran: whether `generate` compiled the forward (it does on a GPU only) and its cache size."""
+    config = getattr(model, "_last_compile_config", None)
+    if getattr(model, "_compiled_call", None) is not None:
+        compiled = f"HF compiled its forward (torch.compile mode={getattr(config, 'mode', '?')})"
+    else:
+        compiled = "HF did not compile (generate compiles on a GPU only)"
+    return f"{compiled}; static cache of {getattr(model, '_previous_max_cache_length', '?')} positions"
 
 
 def hf_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs: Any) -> torch.Tensor:
@@ -273,26 +350,28 @@ def hf_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs: Any) -> tor
     )  # fmt: skip
 
 
-def ours_case(adapter: ModelAdapter, prompt: list[int], new_tokens: int, label: str, **kwargs: Any) -> Case:
-    def run() -> tuple[int, Any]:
-        result = executor.generate(adapter, [prompt], max_new_tokens=new_tokens, **kwargs)
+def ours_case(adapter: ModelAdapter, prompts: list[list[int]], new_tokens: int, label: str, **kwargs: Any) -> Case:
+    def run(i: int) -> tuple[int, Any]:
+        result = executor.generate(adapter, [prompts[i]], max_new_tokens=new_tokens, **kwargs)
         return result.stats.new_tokens, result.stats
 
-    return Case(label, run, capture=kwargs.get("capture"))
+    context = mean_context(prompts, new_tokens)
+    return Case(label, run, kwargs.get("capture"), prompts=len(prompts), new_tokens=new_tokens, context=context)
 
 
-def eesd_case(adapter, prompt, new_tokens: int, label: str, exit_layer: int, head, policy: str, capture, **kw) -> Case:
+def eesd_case(adapter, prompts, new_tokens: int, label: str, exit_layer: int, head, policy: str, capture, **kw) -> Case:
     case = ours_case(
-        adapter, prompt, new_tokens, label, method="eesd", exit_layer=exit_layer, head=head, policy=policy,
+        adapter, prompts, new_tokens, label, method="eesd", exit_layer=exit_layer, head=head, policy=policy,
         capture=capture, **kw,
     )  # fmt: skip
-    profile = PassProfile(adapter, prompt, new_tokens, capture)
-    return Case(label, case.run, capture, ideal=lambda stats: profile.eesd_ideal(stats, exit_layer, head, policy))
+    profile = PassProfile(adapter, prompts[-1], new_tokens, capture)  # the last timed run's prompt
+    ideal = lambda stats: profile.eesd_ideal(stats, exit_layer, head, policy)  # noqa: E731
+    return dataclasses.replace(case, ideal=ideal)
 
 
 def ppsd_case(
-    adapter, prompt, new_tokens: int, stages: int, device: torch.device, capture: str, head=None, name: str = "shared",
-    sync_every: int | None = None,
+    adapter, prompts, new_tokens: int, stages: int, device: torch.device, capture: str, head=None,
+    name: str = "shared", sync_every: int | None = None,
 ) -> Case:  # fmt: skip
     """PPSD `streams` with the shared head at the end of stage 1, or a trained `head` at its own exit layer; the pipe
     chained on the device (default: 8 ticks per host read when captured), or read back every `sync_every` ticks."""
@@ -301,77 +380,143 @@ def ppsd_case(
     label += "" if sync_every is None else f" sync_every={sync_every}"
     kwargs = {"method": "ppsd", "stages": stages, "backend": backend, "capture": capture, "head": head,
               "sync_every": sync_every}  # fmt: skip
-    case = ours_case(adapter, prompt, new_tokens, label, **kwargs)
-    profile = PassProfile(adapter, prompt, new_tokens, capture)
-    return Case(label, case.run, capture, ideal=lambda stats: profile.ppsd_ideal(stats, backend, head))
+    case = ours_case(adapter, prompts, new_tokens, label, **kwargs)
+    profile = PassProfile(adapter, prompts[-1], new_tokens, capture)
+    return dataclasses.replace(case, ideal=lambda stats: profile.ppsd_ideal(stats, backend, head))
 
 
-def ar_cases(adapter: ModelAdapter, prompt: list[int], n: int, captures: list[str], every_token: bool) -> list[Case]:
+def ar_cases(adapter: ModelAdapter, prompts: list[list[int]], n: int, captures: list[str], every_token: bool) -> list:
     """Our AR per capture mode (default `sync_every`: 8 tokens per host read when captured); with `every_token`, the
     first mode once more reading every token back (`sync_every=1`): what running ahead of the host is worth."""
-    cases = [ours_case(adapter, prompt, n, "ours ar", method="ar", capture=c) for c in captures]
+    cases = [ours_case(adapter, prompts, n, "ours ar", method="ar", capture=c) for c in captures]
     if every_token and captures[0] != "none":
         label = "ours ar sync_every=1"
-        cases.append(ours_case(adapter, prompt, n, label, method="ar", capture=captures[0], sync_every=1))
-        cases.append(unfused(ours_case(adapter, prompt, n, "ours ar unfused", method="ar", capture=captures[0])))
+        cases.append(ours_case(adapter, prompts, n, label, method="ar", capture=captures[0], sync_every=1))
+        cases.append(unfused(ours_case(adapter, prompts, n, "ours ar unfused", method="ar", capture=captures[0])))
     return cases
+
+
+@contextmanager
+def executor_switch(name: str, value: bool) -> Iterator[None]:
+    """`executor.passes.<name>` set to `value` inside, restored after."""
+    old = getattr(executor_passes, name)
+    setattr(executor_passes, name, value)
+    try:
+        yield
+    finally:
+        setattr(executor_passes, name, old)
+
+
+def switched(case: Case, name: str, value: bool, label: str) -> Case:
+    """The case run with `executor.passes.<name>` = `value` (`executor_switch`), as `label`."""
+
+    def run(i: int) -> tuple[int, Any]:
+        with executor_switch(name, value):
+            return case.run(i)
+
+    return dataclasses.replace(case, method=label, run=run)
 
 
 def unfused(case: Case) -> Case:
     """The case with captured passes on unfused projections (`executor.passes.FUSE_CAPTURED` off while it runs):
     what fusing q/k/v and gate/up (`executor.fusion`) is worth. Its runs recapture once, then reuse their graphs."""
-
-    def run() -> tuple[int, Any]:
-        executor_passes.FUSE_CAPTURED = False
-        try:
-            return case.run()
-        finally:
-            executor_passes.FUSE_CAPTURED = True
-
-    return dataclasses.replace(case, run=run)
+    return switched(case, "FUSE_CAPTURED", False, case.method)
 
 
-def smollm2_cases(model, prompt: list[int], args) -> tuple[list[Case], list[Case]]:
-    """(HF anchors and our rows in the first capture mode, the other modes' AR and EESD fixed:k rows). `main` times
-    the second list after the match rates: a compile costs minutes on a slow host, so under a time budget those are
-    the rows to lose."""
+def span_buckets_known() -> bool:
+    """Whether the executor's static passes attend over span buckets that can be switched off
+    (`executor.passes.SPAN_BUCKETS`): then the AR rows get an A/B twin with them off."""
+    return hasattr(executor_passes, "SPAN_BUCKETS")
+
+
+def baseline_cases(model, adapter: ModelAdapter, prompts: list[list[int]], n: int, capture: str) -> list[Case]:
+    """Our AR in `capture` and HF AR as it comes and on its fast path: the rows every other row is compared with,
+    timed first so that a time budget keeps them."""
+    ours = ar_cases(adapter, prompts, n, [capture], every_token=False)
+    if span_buckets_known():
+        ours.append(switched(ours[0], "SPAN_BUCKETS", False, "ours ar buckets off"))
+    return ours + [hf_case(model, prompts, n, HF_AR), hf_fast_case(model, prompts, n)]
+
+
+def smollm2_cases(model, prompts: list[list[int]], args) -> tuple[list[Case], list[Case]]:
+    """(The baselines and our rows in the first capture mode, the other modes' AR and EESD fixed:k rows). `main`
+    times the second list after the match rates: a compile costs minutes on a slow host, so under a time budget those
+    are the rows to lose."""
     adapter, n, E, main = ModelAdapter(model), args.new_tokens, args.exit_layer, args.captures[0]
     trained = resolve_head(str(HEAD_FILE), adapter, E)
     shared = resolve_head("shared", adapter, E)
     k = f"fixed:{args.draft_len}"
-    cases = [hf_case(model, prompt, args.hf_new_tokens, "hf generate (AR)")]
-    cases += ar_cases(adapter, prompt, n, [main], every_token=True)
+    cases = baseline_cases(model, adapter, prompts, n, main)
     for head_name, head in (("shared", shared), ("trained", trained)):
         for policy in (k, "beta-ts"):
             label = f"eesd {head_name} E={E} {policy}"
-            cases.append(eesd_case(adapter, prompt, n, label, E, head, policy, main))
-    cases += [ppsd_case(adapter, prompt, n, stages, model.device, main) for stages in PPSD_STAGES]
-    cases.append(ppsd_case(adapter, prompt, n, 2, model.device, main, sync_every=1))  # what chaining the ticks is worth
+            cases.append(eesd_case(adapter, prompts, n, label, E, head, policy, main))
+    cases += [ppsd_case(adapter, prompts, n, stages, model.device, main) for stages in PPSD_STAGES]
+    cases.append(ppsd_case(adapter, prompts, n, 2, model.device, main, sync_every=1))  # what chaining ticks is worth
     if adapter.num_layers // 2 == E:  # the trained head's layer ends stage 1 of 2 balanced stages
-        cases.append(ppsd_case(adapter, prompt, n, 2, model.device, main, trained, f"trained E={E}"))
-    hf_ee = f"hf assistant_early_exit={E}"
-    cases.append(hf_case(model, prompt, args.hf_new_tokens, hf_ee, assistant_early_exit=E))
+        cases.append(ppsd_case(adapter, prompts, n, 2, model.device, main, trained, f"trained E={E}"))
+    cases += ar_cases(adapter, prompts, n, [main], every_token=True)[1:]
+    cases.append(hf_case(model, prompts, n, f"hf assistant_early_exit={E}", assistant_early_exit=E))
     others: list[Case] = []
     for capture in args.captures[1:]:
-        others += ar_cases(adapter, prompt, n, [capture], False)
-        others.append(eesd_case(adapter, prompt, n, f"eesd shared E={E} {k}", E, shared, k, capture))
+        others += ar_cases(adapter, prompts, n, [capture], False)
+        others.append(eesd_case(adapter, prompts, n, f"eesd shared E={E} {k}", E, shared, k, capture))
     return cases, others
 
 
-def llama7b_cases(model, prompt: list[int], args) -> list[Case]:
-    """HF AR; our AR, EESD E = L/2 fixed:k at each forced alpha and PPSD n in `PPSD_STAGES` in the first capture
-    mode; our AR in the others (the rows `benchmarks/sim_vs_gpu.py --predict` names for the 7B shape)."""
+def llama7b_cases(model, prompts: list[list[int]], args) -> tuple[list[Case], list[Case]]:
+    """(The baselines, the rest): our AR and HF AR (default, fast path); then EESD E = L/2 fixed:k at each forced
+    alpha and PPSD n in `PPSD_STAGES` in the first capture mode, our AR in the others (the rows `benchmarks/
+    sim_vs_gpu.py --predict` names for the 7B shape). `main` times the step rows between the two lists."""
     adapter, n, main = ModelAdapter(model), args.new_tokens, args.captures[0]
     E = max(1, model.config.num_hidden_layers // 2)
     shared = resolve_head("shared", adapter, E)
     k = f"fixed:{args.draft_len}"
-    cases = [hf_case(model, prompt, args.hf_new_tokens, "hf generate (AR)")]
-    cases += ar_cases(adapter, prompt, n, [main], every_token=True)
+    cases = []
     for alpha in ALPHAS:
         label = f"eesd shared E={E} {k} forced alpha={alpha}"
-        cases.append(eesd_case(adapter, prompt, n, label, E, shared, k, main, accept_pattern=alpha))
-    cases += [ppsd_case(adapter, prompt, n, stages, model.device, main) for stages in PPSD_STAGES]
-    return cases + ar_cases(adapter, prompt, n, args.captures[1:], False)
+        cases.append(eesd_case(adapter, prompts, n, label, E, shared, k, main, accept_pattern=alpha))
+    cases += [ppsd_case(adapter, prompts, n, stages, model.device, main) for stages in PPSD_STAGES]
+    cases += ar_cases(adapter, prompts, n, [main], every_token=True)[1:]
+    cases += ar_cases(adapter, prompts, n, args.captures[1:], False)
+    return baseline_cases(model, adapter, prompts, n, main), cases
+
+
+def step_label(context: int, capacity: int, buckets: bool = True) -> str:
+    return f"ours ar step ctx={context} cache={capacity}" + ("" if buckets else " buckets off")
+
+
+def step_capacities(context: int, new_tokens: int, capture: str) -> list[int]:
+    """The caches the step rows time a `context` in: the capacity `generate` gives that prompt and `new_tokens` (at
+    least the REPEATS positions a batch of launches writes), and LONG_CAPACITY (one row where they are the same)."""
+    own = context + max(new_tokens, REPEATS) + 1
+    own = captured_capacity(own) if capture != "none" else own
+    return sorted({own, LONG_CAPACITY})
+
+
+def step_row(name: str, adapter: ModelAdapter, context: int, capacity: int, capture: str, buckets: bool = True) -> Row:
+    """Our captured AR step at `context` in a cache of `capacity` positions: back-to-back chained launches
+    (`launch_times_ms`, positions context .. context + REPEATS), no host reads. tok/s = 1000 / ms per step. Where
+    the executor has span buckets (`span_buckets_known`), each launch attends over the bucket of the batch's furthest
+    position, or over the whole cache with `buckets` off."""
+    prompt = [1] * context  # sizes the cache; the timed launches start from position `context`
+    profile = PassProfile(adapter, prompt, capacity - context - 1, capture)
+    label = step_label(context, capacity, buckets)
+    with torch.inference_mode():
+        ar = profile.setup("ar", None, None, "fixed:1")
+        if ar.cache.max_len != capacity:
+            raise ValueError(f"{label}: the cache holds {ar.cache.max_len} positions")
+        launch = (lambda: ar.ar(furthest=context + REPEATS - 1)) if span_buckets_known() else ar.ar
+        with executor_switch("SPAN_BUCKETS", buckets) if span_buckets_known() else nullcontext():
+            times = launch_times_ms(launch, adapter.device, lambda: ar.load([1], [context], 1))
+    rates = [1e3 / t for t in times]
+    return Row(
+        model=name, method=label, capture=capture, tokens_per_s=statistics.median(rates),
+        decode_tokens_per_s=statistics.median(rates), runs_tokens_per_s=rates, context=context + REPEATS / 2,
+        spread_tokens_per_s=spread(rates), spread_decode_tokens_per_s=spread(rates),
+        pass_costs_ms={"ar step": statistics.median(times)},
+        note=f"{BATCHES} batches of {REPEATS} chained launches, no host reads",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -402,41 +547,66 @@ class Budget:
         return self.seconds is not None and time.perf_counter() - self.begin > self.seconds
 
 
+@dataclass(frozen=True)
+class Job:
+    """One row to produce: `run()` measures it (a case's runs, or a step row's launches)."""
+
+    method: str
+    capture: str | None
+    run: Callable[[], Row]
+    skip: str = ""
+
+
+def case_job(name: str, case: Case, runs: int, device: torch.device) -> Job:
+    return Job(case.method, case.capture, lambda: measure(name, case, runs, device), case.skip)
+
+
 def bench_model(
     name: str, cases: list[Case], runs: int, device: torch.device, budget: Budget, save, earlier: list[Row] = ()
 ) -> list[Row]:
-    """Time every case; `save(earlier + rows)` after each row, so a run cut short by its time limit keeps what it
+    """Time every case (`run_jobs`)."""
+    return run_jobs([case_job(name, case, runs, device) for case in cases], name, budget, save, earlier)
+
+
+def run_jobs(jobs: list[Job], name: str, budget: Budget, save, earlier: list[Row] = ()) -> list[Row]:
+    """Run every job; `save(earlier + rows)` after each row, so a run cut short by its time limit keeps what it
     measured (speedups count the same model's `earlier` rows: its HF and AR rows)."""
     rows: list[Row] = list(earlier)
-    for case in cases:
-        skip = case.skip or ("skipped: time budget spent" if budget.spent() else "")
+    for job in jobs:
+        skip = job.skip or ("skipped: time budget spent" if budget.spent() else "")
         if skip:
-            rows.append(Row(model=name, method=case.method, capture=case.capture, tokens_per_s=None, note=skip))
-            print(f"  {case.method}: {skip}", flush=True)
+            rows.append(Row(model=name, method=job.method, capture=job.capture, tokens_per_s=None, note=skip))
+            print(f"  {job.method}: {skip}", flush=True)
             continue
         try:
-            row = measure(name, case, runs, device)
+            row = job.run()
         except Exception as err:  # one broken case must not cost the others' figures (one GPU call, no rerun)
             traceback.print_exc()
             note = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            rows.append(Row(model=name, method=case.method, capture=case.capture, tokens_per_s=None, note=note))
+            rows.append(Row(model=name, method=job.method, capture=job.capture, tokens_per_s=None, note=note))
             save(rows)
-            print(f"  {case.method}: {note}", flush=True)
+            print(f"  {job.method}: {note}", flush=True)
             continue
         rows.append(row)
         add_speedups(rows)
         save(rows)
-        print(f"  {case.method} [{case.capture}]: {row.tokens_per_s:.2f} tok/s", flush=True)
+        print(f"  {job.method} [{job.capture}]: {row.tokens_per_s:.2f} tok/s", flush=True)
     return rows[len(earlier) :]
 
 
 def measure(name: str, case: Case, runs: int, device: torch.device) -> Row:
-    speeds, decode, stats, first_call = time_case(case, runs, device)
+    timing = time_case(case, runs, device)
+    speeds, decode, stats = timing.speeds, timing.decode, timing.stats
     row = Row(
         model=name, method=case.method, capture=case.capture, tokens_per_s=statistics.median(speeds),
         decode_tokens_per_s=statistics.median(decode) if decode else None, runs_tokens_per_s=speeds,
-        first_call_s=first_call,
+        prompts=case.prompts, new_tokens_made=sorted(set(timing.tokens)), context=case.context,
+        spread_tokens_per_s=spread(speeds), spread_decode_tokens_per_s=spread(decode), first_call_s=timing.first_call,
     )  # fmt: skip
+    notes = [case.describe()]
+    if case.new_tokens is not None and row.new_tokens_made != [case.new_tokens]:
+        notes.append(f"made {row.new_tokens_made} new tokens, asked {case.new_tokens}")
+    row.note = "; ".join(note for note in notes if note)
     if stats is not None and stats.accepted:
         row.alpha = getattr(stats, "alpha", None) if hasattr(stats, "confirms") else eesd_alpha(stats)
         row.tokens_per_round = None if hasattr(stats, "confirms") else stats.tokens_per_round
@@ -461,16 +631,19 @@ def ppsd_tick_costs(stats: Any) -> dict[str, float]:
 
 
 def add_speedups(rows: list[Row]) -> None:
-    """Decode speedups over our AR with the same capture mode (PPSD: over the fastest AR); end to end over HF."""
+    """Decode speedups over our AR with the same capture mode (PPSD: over the fastest AR); end to end over HF AR as
+    it comes and on its fast path (the step rows, which time no prefill, get none of these)."""
     ars = {r.capture: r.decode_tokens_per_s for r in rows if r.method == "ours ar" and r.decode_tokens_per_s}
-    hf = next((r.tokens_per_s for r in rows if r.method == "hf generate (AR)"), None)
+    hf = next((r.tokens_per_s for r in rows if r.method == HF_AR), None)
+    hf_fast = next((r.tokens_per_s for r in rows if r.method == HF_FAST), None)
     for row in rows:
-        if row.tokens_per_s is None:
+        if row.tokens_per_s is None or row.method.startswith("ours ar step"):
             continue
         ar = ars.get(row.capture) or max(ars.values(), default=None)
         if row.decode_tokens_per_s and ar:
             row.speedup_vs_ar = row.decode_tokens_per_s / ar
         row.speedup_vs_hf = row.tokens_per_s / hf if hf else None
+        row.speedup_vs_hf_fast = row.tokens_per_s / hf_fast if hf_fast else None
         if row.ideal_speedup and row.speedup_vs_ar:
             row.efficiency = row.speedup_vs_ar / row.ideal_speedup
             row.tick_efficiency = tick_efficiency(row)
@@ -487,29 +660,73 @@ def tick_efficiency(row: Row) -> float | None:
     return row.efficiency * costs["device per tick"] / max(stages)
 
 
-def copy_tbps(device: torch.device, gib: float = 2.0) -> float | None:
-    """The card's device-to-device copy bandwidth (bytes read + written per second, median of 5 copies), in TB/s."""
-    if device.type != "cuda":
-        return None
-    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+def copy_tbps(device: torch.device, gib: float | None = None) -> float:
+    """The device's copy bandwidth in TB/s: bytes read + written per second, median of 5 copies after one (2 GiB on a
+    GPU, timed with CUDA events; 0.25 GiB of host memory on a CPU, timed with the host clock)."""
+    cuda = device.type == "cuda"
+    size = int((gib or (2.0 if cuda else 0.25)) * 2**30)
+    source = torch.empty(size, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     times = []
     for _ in range(6):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        target.copy_(source)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
+        if cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(source)
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            begin = time.perf_counter()
+            target.copy_(source)
+            times.append(time.perf_counter() - begin)
     del source, target
-    return 2 * gib * 2**30 / statistics.median(times[1:]) / 1e12
+    return 2 * size / statistics.median(times[1:]) / 1e12
+
+
+def datasheet_tbps(device: torch.device) -> float | None:
+    """The card's HBM bandwidth from its datasheet (`DATASHEET_TBPS`), None for a CPU or a card not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tbps for card, tbps in DATASHEET_TBPS.items() if card in name), None)
+
+
+def bandwidths(device: torch.device) -> dict[str, float | None]:
+    """TB/s the floors are taken at: 'copy' (measured now, `copy_tbps`) and 'datasheet' (`datasheet_tbps`)."""
+    return {"copy": copy_tbps(device), "datasheet": datasheet_tbps(device)}
 
 
 def hbm_floor(model: torch.nn.Module, tbps: float, context: float = 0.0) -> float:
     """Tokens/s if every decode step only read all weights once at `tbps` TB/s (the embedding row aside), and the
-    keys and values of `context` cached positions (the run's mean context; a static pass reads its whole cache
-    capacity, which this floor does not count)."""
+    keys and values of `context` cached positions (a static pass reads its whole cache capacity, which this floor
+    does not count: the step rows show what that costs)."""
     return tbps * 1e12 / (decode_weight_bytes(model) + kv_cache_bytes(model, context))
+
+
+def floor_entry(name: str, model: torch.nn.Module, context: float, tbps: dict[str, float | None]) -> dict[str, Any]:
+    """The memory floor of an AR step of `model` at `context`: the bytes it must read and tokens/s at each
+    bandwidth (None where the bandwidth is unknown)."""
+    weights, kv = decode_weight_bytes(model), kv_cache_bytes(model, context)
+    return {
+        "model": name, "context": context, "weight_bytes": weights, "kv_bytes": kv, "bytes_per_token": weights + kv,
+        "bandwidth_tbps": dict(tbps),
+        "tokens_per_s": {k: None if v is None else hbm_floor(model, v, context) for k, v in tbps.items()},
+    }  # fmt: skip
+
+
+def add_floors(name: str, model: torch.nn.Module, rows: list[Row], tbps, floors: list[dict[str, Any]]) -> None:
+    """Our AR rows (end to end and step) get the floor at their context and their decode tok/s as a fraction of it;
+    each distinct (model, context) floor is listed once in `floors`."""
+    for row in rows:
+        if not row.method.startswith("ours ar") or row.context is None or not row.decode_tokens_per_s:
+            continue
+        entry = next((f for f in floors if f["model"] == name and f["context"] == row.context), None)
+        if entry is None:
+            entry = floor_entry(name, model, row.context, tbps)
+            floors.append(entry)
+        row.floor_tokens_per_s = entry["tokens_per_s"]
+        row.of_floor = {k: row.decode_tokens_per_s / v for k, v in entry["tokens_per_s"].items() if v}
 
 
 # ------------------------------------------------------------------------------------------------------ match rate
@@ -520,7 +737,7 @@ def first_difference(a: list[int], b: list[int]) -> int:
 def match_rates(model, prompts: list[list[int]], args, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
     """Greedy tokens of EESD / PPSD vs our AR in the benchmark dtype: identical prompts, mean matching prefix. Also
     our AR itself: captured vs uncaptured (on `AR_CHECK_PROMPTS` prompts; the same kernels, so these should agree
-    exactly) and vs HF `generate` (first `--hf-new-tokens` tokens of `HF_CHECK_PROMPTS` prompts: other kernels)."""
+    exactly) and vs HF `generate` (`HF_CHECK_PROMPTS` prompts: other kernels)."""
     if budget.spent():
         print("  match rates: skipped, time budget spent")
         return []
@@ -570,7 +787,7 @@ def match_rates(model, prompts: list[list[int]], args, device: torch.device, bud
         ]
         label = "ours ar uncaptured (vs captured)"
         one(label, lambda: compare(label, eager(), ar[: len(few)], few, n))
-    few, m = prompts[:HF_CHECK_PROMPTS], min(args.hf_new_tokens, n)
+    few, m = prompts[:HF_CHECK_PROMPTS], n
 
     def hf() -> None:
         outs = [hf_generate(model, torch.tensor([p], device=model.device), m)[0].tolist() for p in few]
@@ -605,19 +822,28 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def spread_text(values: dict[str, float] | None) -> str:
+    return "-" if values is None else f"{values['q1']:.1f}-{values['q3']:.1f} ({values['min']:.1f}-{values['max']:.1f})"
+
+
 def table(rows: list[Row]) -> str:
     lines = [
-        "| model | method | capture | tok/s (median) | decode tok/s | vs our AR | vs HF AR | alpha | tok/round | ideal "
-        "| efficiency | PPSD vs measured tick | PPSD formula ideal | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | method | capture | prompts x runs | new tokens | tok/s (median) | IQR (min-max) | decode tok/s "
+        "| vs our AR | vs HF AR | vs HF fast | of floor (copy, datasheet) | alpha | tok/round | ideal | efficiency "
+        "| PPSD vs measured tick | PPSD formula ideal | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |",
     ]
     for r in rows:
+        floor = ", ".join(fmt(r.of_floor.get(k), ".2f") for k in ("copy", "datasheet")) if r.of_floor else "-"
+        runs = f"{r.prompts} x {len(r.runs_tokens_per_s) // r.prompts}" if r.prompts else "-"
         lines.append(
-            f"| {r.model} | {r.method} | {r.capture or '-'} | {fmt(r.tokens_per_s, '.2f')} | "
-            f"{fmt(r.decode_tokens_per_s, '.2f')} | {fmt(r.speedup_vs_ar, '.2f')} | "
-            f"{fmt(r.speedup_vs_hf, '.2f')} | {fmt(r.alpha, '.3f')} | {fmt(r.tokens_per_round, '.2f')} | "
-            f"{fmt(r.ideal_speedup, '.2f')} | {fmt(r.efficiency, '.2f')} | {fmt(r.tick_efficiency, '.2f')} | "
-            f"{fmt(r.formula_ideal, '.2f')} | {r.note} |"
+            f"| {r.model} | {r.method} | {r.capture or '-'} | {runs} | "
+            f"{'/'.join(map(str, r.new_tokens_made)) or '-'} | {fmt(r.tokens_per_s, '.2f')} | "
+            f"{spread_text(r.spread_tokens_per_s)} | {fmt(r.decode_tokens_per_s, '.2f')} | "
+            f"{fmt(r.speedup_vs_ar, '.2f')} | {fmt(r.speedup_vs_hf, '.2f')} | {fmt(r.speedup_vs_hf_fast, '.2f')} | "
+            f"{floor} | {fmt(r.alpha, '.3f')} | {fmt(r.tokens_per_round, '.2f')} | {fmt(r.ideal_speedup, '.2f')} | "
+            f"{fmt(r.efficiency, '.2f')} | {fmt(r.tick_efficiency, '.2f')} | {fmt(r.formula_ideal, '.2f')} | {r.note} |"
         )
     return "\n".join(lines)
 
@@ -633,8 +859,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per method (median reported), >= 5")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--prompts", type=int, default=8, help="prompts every row decodes: SmolLM2's first built-in prompts, the 7B "
+        "shape's random ones",
+    )  # fmt: skip
+    parser.add_argument(
+        "--runs", type=int, default=1, help="timed passes over the prompts per row (prompts x runs >= 5 timed runs)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens of every run, HF's and ours")
     parser.add_argument(
         "--no-cudnn-sdpa", action="store_true", help="SDPA without its cuDNN backend (the memory-efficient kernel "
         "then takes our masked attention): the H100 timed both alike",
@@ -660,15 +892,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default compile-layers,graph,compile on CUDA, none elsewhere)",
     )  # fmt: skip
     parser.add_argument(
-        "--hbm-tbps", type=float, default=3.0,
-        help="HBM bandwidth of the 7B floor (3.0: what a copy measured on an H100); the floor at the bandwidth a copy "
-        "measures on this card is reported too",
-    )  # fmt: skip
-    parser.add_argument(
         "--model-path", default="smollm2-135m", help="SmolLM2: a name or a local HF directory (carry_model.py)"
-    )
-    parser.add_argument(
-        "--hf-new-tokens", type=int, default=32, help="new tokens of the HF anchor rows (host-bound, flat per token)"
     )
     parser.add_argument(
         "--time-budget-s", type=float, default=None, help="skip (as noted rows) the cases that would start after this"
@@ -688,15 +912,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.captures = [c.strip() for c in (args.captures or default_captures).split(",") if c.strip()]
     if not args.captures or set(args.captures) - {"none", "graph", "compile", "compile-layers"}:
         parser.error(f"--captures must name none, graph, compile and/or compile-layers, got {args.captures}")
-    if args.runs < 5:
-        parser.error("--runs must be >= 5 (medians of at least 5 runs)")
+    builtin = len(load_prompts("builtin"))
+    if not 1 <= args.prompts <= builtin:
+        parser.error(f"--prompts must be in [1, {builtin}] (the built-in prompt set), got {args.prompts}")
+    if args.runs < 1 or args.prompts * args.runs < 5:
+        parser.error(f"--runs x --prompts must be >= 5 (medians of at least 5 timed runs), got {args.runs} x "
+                     f"{args.prompts}")  # fmt: skip
     match_dtypes = args.dtype if args.match_dtypes is None else args.match_dtypes
     args.match_dtypes = [d.strip() for d in match_dtypes.split(",") if d.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not args.models or set(args.models) - {"smollm2", "llama7b"}:
         parser.error(f"--models must name smollm2 and/or llama7b, got {args.models}")
     if args.quick:
-        args.new_tokens, args.match_prompts, args.hf_new_tokens = 16, 3, 8
+        args.new_tokens, args.match_prompts = 16, 3
     if not 1 <= args.prompt_len <= LLAMA7B_POSITIONS - args.new_tokens - 1:
         parser.error(f"--prompt-len must be in [1, {LLAMA7B_POSITIONS - args.new_tokens - 1}] (the 7B shape's "
                      f"{LLAMA7B_POSITIONS} positions hold the prompt and {args.new_tokens} new tokens), "
@@ -704,24 +932,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def report(args, device: torch.device, dtype: torch.dtype, rows, matches, floors, done: bool) -> dict[str, Any]:
+def report(args, device: torch.device, dtype: torch.dtype, rows, matches, tbps, floors, done: bool) -> dict[str, Any]:
     smoke = device.type != "cuda"
     return {
         "label": "CPU SMOKE TEST of the script (not a GPU result, not a claim)" if smoke else "GPU benchmark",
         "complete": done, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs_per_method": args.runs,
-        "new_tokens": args.new_tokens, "hf_new_tokens": args.hf_new_tokens, "llama7b_prompt_len": args.prompt_len,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "prompts_per_row": args.prompts,
+        "runs_per_prompt": args.runs, "new_tokens": args.new_tokens, "llama7b_prompt_len": args.prompt_len,
         "cudnn_sdpa": not args.no_cudnn_sdpa,
         "batch": 1, "decoding": "greedy",
         "quick": args.quick, "small": args.small, "time_budget_s": args.time_budget_s,
-        "timing": "median tokens/s over runs after one warm-up, end to end (prefill included), EOS ignored; HF rows "
-        "make --hf-new-tokens tokens (their per-token time is host-bound and flat)",
+        "timing": "one warm-up run, then --runs passes over the --prompts prompts, each run timed end to end "
+        "(prefill included), EOS ignored, HF and ours making --new-tokens tokens (new_tokens_made: what they made); "
+        "tokens/s: the median and the spread over prompts x runs",
+        "hf_rows": f"'{HF_AR}': generate as it comes (dynamic cache, eager); '{HF_FAST}': cache_implementation="
+        "'static' (generate compiles the forward on a GPU; the row's note says whether it did)",
         "ideal": "EESD: profiled pass costs, sum(a+1) c_ar / sum(d c_draft + c_verify(d+1)); PPSD: profiled stage "
-        "costs, decoded c_ar / (ticks max_s c_stage), and formula_ideal n / (alpha + (1 - alpha) n); 7B AR: HBM floor "
-        "(see module docstring)",
-        "captures": args.captures, "only": args.only.pattern if args.only else None, "hbm_tbps": args.hbm_tbps,
-        "hbm_floor_tokens_per_s": floors,
+        "costs, decoded c_ar / (ticks max_s c_stage), and formula_ideal n / (alpha + (1 - alpha) n); AR: the memory "
+        "floor (see module docstring)",
+        "captures": args.captures, "only": args.only.pattern if args.only else None,
+        "bandwidth_tbps": tbps, "floors": floors,
         "forced_acceptance": "7B-shape EESD rows use generate(accept_pattern=alpha): same work, NOT lossless",
         "models": args.models, "rows": [asdict(r) for r in rows], "match_rate_vs_our_ar": matches,
     }  # fmt: skip
@@ -730,6 +961,27 @@ def report(args, device: torch.device, dtype: torch.dtype, rows, matches, floors
 def selected(cases: list[Case], args) -> list[Case]:
     """The cases `--only` keeps (all without it)."""
     return [case for case in cases if args.only is None or args.only.search(case.method)]
+
+
+def random_prompts(count: int, length: int, vocab_size: int) -> list[list[int]]:
+    """`count` prompts of `length` random token ids, prompt i drawn with seed i."""
+    return [
+        torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(i)).tolist()
+        for i in range(count)
+    ]
+
+
+def step_jobs(name: str, model, args) -> list[Job]:
+    """The 7B table's step rows (`step_row`) at `--prompt-len` in each of `step_capacities`, as `--only` keeps them."""
+    adapter, capture, context = ModelAdapter(model), args.captures[0], args.prompt_len
+    jobs = []
+    for capacity in step_capacities(context, args.new_tokens, capture):
+        for buckets in (True, False) if span_buckets_known() else (True,):
+            label = step_label(context, capacity, buckets)
+            if args.only is None or args.only.search(label):
+                run = lambda c=capacity, b=buckets: step_row(name, adapter, context, c, capture, b)  # noqa: E731
+                jobs.append(Job(label, capture, run))
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -741,28 +993,34 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or default_output(device)
     smoke = " -- CPU SMOKE TEST, not a GPU result" if device.type != "cuda" else ""
     print(f"device {device_name(device)}, {dtype}{smoke}", flush=True)
+    tbps = bandwidths(device)
+    print(f"bandwidth: copy {tbps['copy']:.3f} TB/s (measured), datasheet {fmt(tbps['datasheet'], '.2f')} TB/s")
     rows: list[Row] = []
     matches: list[dict[str, Any]] = []
-    floors: dict[str, float] = {}
+    floors: list[dict[str, Any]] = []
 
     def save(model_rows: list[Row] | None = None, done: bool = False) -> None:
-        text = json.dumps(report(args, device, dtype, rows + (model_rows or []), matches, floors, done), indent=2)
-        write_text_atomic(out, text + "\n")
+        document = report(args, device, dtype, rows + (model_rows or []), matches, tbps, floors, done)
+        write_text_atomic(out, json.dumps(document, indent=2) + "\n")
+
+    def saver(name: str, model) -> Callable[[list[Row]], None]:
+        return lambda model_rows: (add_floors(name, model, model_rows, tbps, floors), save(model_rows))
 
     if "smollm2" in args.models:
+        name = "SmolLM2-135M"
         tokenizer = executor.load_tokenizer(args.model_path)
-        texts = [p.text for p in load_prompts("builtin")[: args.match_prompts]]
+        texts = [p.text for p in load_prompts("builtin")[: max(args.prompts, args.match_prompts)]]
         prompts = [encode_prompt(tokenizer, text) for text in texts]
         model = executor.load_model(args.model_path, dtype=dtype, device=device)
         print("SmolLM2-135M (real weights)", flush=True)
-        first, others = (selected(cases, args) for cases in smollm2_cases(model, prompts[0], args))
+        first, others = (selected(cases, args) for cases in smollm2_cases(model, prompts[: args.prompts], args))
         if args.match_first:
-            matches += match_all(model, dtype, prompts, args, device, budget)
-        smollm2 = bench_model("SmolLM2-135M", first, args.runs, device, budget, save)
+            matches += match_all(model, dtype, prompts[: args.match_prompts], args, device, budget)
+        smollm2 = bench_model(name, first, args.runs, device, budget, saver(name, model))
         if not args.match_first:
-            matches += match_all(model, dtype, prompts, args, device, budget)
-        save(smollm2)
-        smollm2 += bench_model("SmolLM2-135M", others, args.runs, device, budget, save, earlier=smollm2)
+            matches += match_all(model, dtype, prompts[: args.match_prompts], args, device, budget)
+        saver(name, model)(smollm2)
+        smollm2 += bench_model(name, others, args.runs, device, budget, saver(name, model), earlier=smollm2)
         rows += smollm2
         save()
         del model
@@ -771,25 +1029,12 @@ def main(argv: list[str] | None = None) -> None:
         big = llama2_7b_shape(layers, dtype, device)
         name = f"Llama-2-7B shape, random, {layers} layers"
         print(name, flush=True)
-        context = args.prompt_len + args.new_tokens / 2  # the mean context of a decode step
-        floors[name] = hbm_floor(big, args.hbm_tbps, context)
-        measured = copy_tbps(device)
-        if measured:
-            floors[f"{name} at the measured copy bandwidth {measured:.2f} TB/s"] = hbm_floor(big, measured, context)
-        prompt = torch.randint(0, 32000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-
-        def save_with_floor(model_rows: list[Row]) -> None:
-            for row in model_rows:
-                if row.method == "ours ar" and row.decode_tokens_per_s:
-                    row.note = "; ".join(
-                        f"{row.decode_tokens_per_s / floor:.2f} of the floor {floor:.0f} tok/s ({label})"
-                        for label, floor in floors.items()
-                        if label.startswith(name)
-                    )
-            save(model_rows)
-
-        cases = selected(llama7b_cases(big, prompt, args), args)
-        rows += bench_model(name, cases, args.runs, device, budget, save_with_floor)
+        prompts = random_prompts(args.prompts, args.prompt_len, big.config.vocab_size)
+        first, rest = (selected(cases, args) for cases in llama7b_cases(big, prompts, args))
+        jobs = [case_job(name, case, args.runs, device) for case in first] + step_jobs(name, big, args)
+        big_rows = run_jobs(jobs, name, budget, saver(name, big))
+        big_rows += bench_model(name, rest, args.runs, device, budget, saver(name, big), earlier=big_rows)
+        rows += big_rows
         del big
     print(table(rows))
     save(done=True)

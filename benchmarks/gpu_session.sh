@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runbook: each lease's measurements in device calls of <= 300 s (the 64 MiB-per-call carry limit).
+# The GPU runbook: each lease's measurements in device calls of <= 450 s (two a lease: the 64 MiB-per-call carry limit).
 #
 # The box has torch and transformers but no hub, no `gguf`, no `simpy` and no `pydantic` (they travel as wheels);
 # SmolLM2-135M's GGUF (92 MiB) travels in two chunks, one per call, and the machine stays warm only 30 s after a call,
@@ -10,7 +10,30 @@
 #
 #   here:    bash benchmarks/gpu_session.sh prepare        # .carry/smollm2-135m/part-00{0,1} + manifest, .carry/wheels
 #
-# First, the predictions committed before the lease (docs/results/next-lease-predictions.md,
+# The next lease (issue 24: comparisons a skeptic accepts): HF `generate` as it comes and on its fast path (static
+# cache, compiled by generate) beside ours in the same process, HF and ours making the same 128 new tokens on the same
+# 8 prompts a row (the tokens each run made are recorded), the spread over prompts, the memory floor at the copy
+# bandwidth measured in the run and at the datasheet's, our AR step at a short context in a 256- and a 4096-slot cache
+# (with the executor's attention span buckets on and off, where it has them). Predictions for every row of ours,
+# committed before the lease: benchmarks/results/predictions_issue24_2026-12-03.json (`python
+# benchmarks/sim_vs_gpu.py --predict issue24`; each row names its command, and the --only patterns below are its).
+# Device time: a start (1-2 min) + issue24a (<= 420 s, ~7 min) + issue24b (<= 230 s, ~4 min) + transfers, about
+# 13-14 min of the 15; rows that would start past a step's --time-budget-s are kept as skipped rows.
+#   call 1:  bash benchmarks/gpu_session.sh issue24a       # carry: .carry/smollm2-135m/part-000
+#                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
+#            (timeout_s 450; stages part 0; the 7B shape, random weights, 8 random prompts x 128 new tokens:
+#            at prompt 32 (~250 s): our AR, HF as it comes (~35 s: host-bound, ~28 ms a token) and on its fast path
+#            (the compile dominates: ~60-120 s), our step in the 256 and 4096 caches, EESD E=16 fixed:3 at forced
+#            alpha 0.5 / 0.7 / 0.9 (~40 s), PPSD streams n = 2 and 4 (~30 s); at prompt 3840 (~170 s): our AR, HF as
+#            it comes and fast (a second compile), our step in the 4096 cache, EESD alpha 0.7, PPSD n = 2)
+#   call 2:  bash benchmarks/gpu_session.sh issue24b       # carry: .carry/smollm2-135m/part-001
+#                                                          #        .carry/smollm2-135m/manifest.json  .carry/wheels
+#            (timeout_s 250; SmolLM2 bf16 on the first 8 built-in prompts x 128 new tokens (~150 s): our AR, HF as
+#            it comes (~25 s) and fast (~60 s with its compile), EESD shared E=15 fixed:3 and beta-ts, PPSD streams
+#            n = 2; no match rates)
+#   Both in the capture mode of the card's profile (compile-layers on an H100, graph on an H200), as predicted.
+#
+# Earlier plans, for a later lease: the predictions committed before the lease (docs/results/next-lease-predictions.md,
 # benchmarks/results/predictions_next_lease_2026-12-03.json), measured with the commands they name, unchanged, on
 # whichever card the lease lends (H100 or H200: `card` below picks its rows; another card has none and exits 4):
 #   call 1:  bash benchmarks/gpu_session.sh predict1       # carry: .carry/smollm2-135m/part-000
@@ -23,20 +46,21 @@
 #            (timeout_s 270; SmolLM2 bf16 through `eesd validate scenarios/smollm2_<card>_validate.yaml --prompts 8
 #            --max-new-tokens 48 --repeats 3`: AR and EESD at batch 1 and 8, PPSD streams n = 2 and 4)
 #
-# Then, if the lease has device time left (a lease is 15 minutes, starts included: the two pairs do not both fit
-# one), or on the next one, issue 8's follow-ups:
+# and issue 8's follow-ups (each pair fills a lease of its own: 15 minutes, starts included):
 #   call 1:  bash benchmarks/gpu_session.sh next1          # carry: as predict1
 #            (timeout_s 300; stages part 0; the GPU tests, the 7B shape's compiled latency profile at contexts 32
 #            to 2048, a kernel profile of its AR step at a 4k context)
 #   call 2:  bash benchmarks/gpu_session.sh next2          # carry: as predict2
 #            (timeout_s 280; SmolLM2: AR, EESD shared and trained, fixed:3 and beta-ts, PPSD n=2 with the trained
-#            head, 9 runs each, float32 match rates; then its compiled latency profile at contexts 32 to 2048)
+#            head, 8 prompts each, float32 match rates; then its compiled latency profile at contexts 32 to 2048)
 #
 # What next1/next2 measure that no lease has: EESD beta-ts with a trained head whose zero-draft rounds chain (its
 # layer's KV kept in step by the chained AR step), compiled latency profiles past a 256-token context (the simulator
 # extrapolates there today), the GPU tests of that chaining. The two H100 leases' steps are in git history.
 #
 # Then here: copy the files from each call's files_at to benchmarks/results/ (JSON, named by card:
+# gpu_decode_nvidia_<card>_llama7b_ctx{32,3840}_issue24.json and gpu_decode_nvidia_<card>_smollm2_issue24.json from
+# issue24a/b, compared row by row with predictions_issue24_*.json as committed;
 # gpu_decode_nvidia_<card>_llama7b_prompt{512,1024}.json and validate_nvidia_<card>_smollm2.json from predict1/2;
 # gpu_decode_nvidia_h100_{llama7b,smollm2}.json from next1/2, the earlier ones renamed with the lease's suffix) and
 # calibration/<card>/ (each new profile replaces the file of its name: the same grid and more contexts). Compare the
@@ -53,6 +77,10 @@ OUT=${OUT:-/tmp/out}
 WHEELS=("gguf==0.19.0" "simpy==4.1.2" "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0"
         "typing-inspection==0.4.5" "typing-extensions==4.16.0")  # pydantic's needs (typing-extensions >= 4.16)
 PREDICTIONS=benchmarks/results/predictions_next_lease_2026-12-03.json
+ISSUE24_PREDICTIONS=benchmarks/results/predictions_issue24_2026-12-03.json  # its rows' --only patterns are these:
+ONLY_CTX32='^ours ar( buckets off)?$|^ours ar step|^hf generate|forced alpha|^ppsd streams n=[24]$'
+ONLY_CTX3840='^ours ar( buckets off)?$|^ours ar step|^hf generate|forced alpha=0.7$|^ppsd streams n=2$'
+ONLY_SMOLLM2='^ours ar( buckets off)?$|^hf generate|^eesd shared E=15 (fixed:3|beta-ts)$|^ppsd streams n=2$'
 
 environment() {
   mkdir -p "$OUT"
@@ -68,7 +96,8 @@ first_call() {  # a call 1: keep the carried part 0 in /tmp for call 2
   environment
 }
 
-card() {  # h100 | h200: whose rows of $PREDICTIONS this lease measures; another card has none (status 4)
+card() {  # h100 | h200: whose rows of $PREDICTIONS (and $ISSUE24_PREDICTIONS) this lease measures; another card has
+          # none (status 4)
   local name
   name=$(python3 -c 'import torch; print(torch.cuda.get_device_name())')
   case "$name" in
@@ -88,6 +117,10 @@ second_call() {  # a call 2 ($1 names its call 1): part 1 joins part 0 into the 
   python3 benchmarks/carry_model.py join "$PARTS" "$GGUF"
 }
 
+capture_of() {  # the capture mode of the card's profile, as its predicted rows say
+  [ "$1" = h100 ] && echo compile-layers || echo graph
+}
+
 case "${1:-}" in
   prepare)
     python benchmarks/carry_model.py split "$MODEL" --chunk-mib 50
@@ -96,11 +129,33 @@ case "${1:-}" in
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .carry/wheels "${WHEELS[@]}"
     ls -la .carry/"$MODEL" .carry/wheels
     ;;
+  issue24a)  # call 1 (part 0), <= 420 s: the 7B shape at prompts 32 (<= 250 s) and 3840 (<= 170 s)
+    first_call
+    CARD=$(card) || exit 4
+    CAPTURE=$(capture_of "$CARD")
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    set +e
+    timeout 250 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len 32 --captures "$CAPTURE" --prompts 8 \
+      --only "$ONLY_CTX32" --time-budget-s 190 --out "$OUT/gpu_decode_${CARD}_llama7b_ctx32.json" 2>&1 \
+      | tee "$OUT/bench_llama7b_ctx32.log"
+    timeout 170 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len 3840 --captures "$CAPTURE" --prompts 8 \
+      --only "$ONLY_CTX3840" --time-budget-s 110 --out "$OUT/gpu_decode_${CARD}_llama7b_ctx3840.json" 2>&1 \
+      | tee "$OUT/bench_llama7b_ctx3840.log"
+    ;;
+  issue24b)  # its call 2 (part 1), <= 230 s: SmolLM2 on 8 built-in prompts
+    second_call issue24a issue24b
+    CARD=$(card) || exit 4
+    CAPTURE=$(capture_of "$CARD")
+    set +e
+    timeout 220 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures "$CAPTURE" \
+      --prompts 8 --match-dtypes '' --only "$ONLY_SMOLLM2" --time-budget-s 160 \
+      --out "$OUT/gpu_decode_${CARD}_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
+    ;;
   predict1)  # call 1 (part 0), <= 290 s: the 7B shape's predicted rows, as `gpu_decode.py --models llama7b
              # --prompt-len N --captures C` times them (the rows the predictions name: --only)
     first_call
     CARD=$(card) || exit 4
-    CAPTURE=$([ "$CARD" = h100 ] && echo compile-layers || echo graph)  # as each card's predicted rows say
+    CAPTURE=$(capture_of "$CARD")
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
     for LEN in 512 1024; do
@@ -129,18 +184,18 @@ case "${1:-}" in
       --out "$OUT/kernel_profile_llama7b_ctx4k.json" 2>&1 | tee "$OUT/kernel_profile_llama7b_ctx4k.log"
     ;;
   next2)  # its call 2 (part 1), <= 270 s: SmolLM2's EESD rows (a trained head's zero-draft rounds now chain) and
-          # PPSD n=2 with the trained head, 9 runs each, float32 match rates; then its compiled profile at contexts 32
+          # PPSD n=2 with the trained head, 8 prompts each, float32 match rates; then its compiled profile at contexts 32
           # to 2048 (28 shapes, ~75 s)
     second_call next1 next2
     set +e
     timeout 160 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers \
-      --runs 9 --match-dtypes float32 --match-prompts 6 --only '^ours ar$|^eesd|^ppsd streams n=2 trained' \
+      --match-dtypes float32 --match-prompts 6 --only '^ours ar$|^eesd|^ppsd streams n=2 trained' \
       --time-budget-s 120 --out "$OUT/gpu_decode_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
     timeout 100 python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda --kernels compiled --batch 1 \
       --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
-    echo "usage: $0 prepare | predict1 | predict2 | next1 | next2" >&2
+    echo "usage: $0 prepare | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
     exit 2
     ;;
 esac
