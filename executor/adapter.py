@@ -48,9 +48,11 @@ class Step:
     """Where the q tokens of one forward pass sit: absolute positions, on the device and on the host.
 
     `positions` is [B, q] on the model's device; `starts` holds each row's first position on the host, so that cache
-    bookkeeping never reads the device. A *static* step (`starts=None`, `span` = the cache capacity) is one whose
-    positions live only in a device buffer that is refilled between passes (a pass captured in a CUDA graph): its
-    attention spans every cache slot (masked by position) and the caller keeps the cache's books (`KVCache.claim`).
+    bookkeeping never reads the device. A *static* step (`starts=None`) is one whose positions live only in a device
+    buffer that is refilled between passes (a pass captured in a CUDA graph): its attention spans the first `span`
+    cache slots (masked by position; a span bucket the host chose to hold every position the pass writes, see
+    `executor.passes.span_bucket`), it reads and writes no slot beyond, and the caller keeps the cache's books
+    (`KVCache.claim`).
     """
 
     positions: torch.Tensor
@@ -302,9 +304,10 @@ def inductor_available() -> bool:
     return bool(has_triton())
 
 
-def allow_recompiles(limit: int = 64) -> None:
-    """Dynamo compiles a function once per guard set (a compiled pass per instance, a compiled layer per token count
-    and model); its default limit (8 per code object) would silently leave the rest uncompiled."""
+def allow_recompiles(limit: int = 256) -> None:
+    """Dynamo compiles a function once per guard set (a compiled pass per instance, a compiled layer per token count,
+    span bucket and model: up to (max draft + 1) x buckets per model); its default limit (8 per code object) would
+    silently leave the rest uncompiled."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), limit))

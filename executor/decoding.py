@@ -203,7 +203,8 @@ def decode_ar(adapter: ModelAdapter, rows: Rows, passes: Passes, stats: Generati
     step's input, see `Passes.ar`), so the host launches `sync_every` steps and reads their tokens in one copy: one
     host read per `sync_every` tokens, and on a GPU the host queues the next steps while the device runs. Rows run
     in lockstep; a row that ends (EOS) inside a block runs on to the block's end (at most `sync_every` - 1 steps, their
-    tokens dropped), and no step goes past the longest row's `max_new_tokens`."""
+    tokens dropped), and no step goes past the longest row's `max_new_tokens`. The i-th step of a block writes at
+    its row's start + i (every row, an ended one too), so the host knows each launch's span bucket."""
     if not 1 <= sync_every <= AR_HISTORY:
         raise ValueError(f"sync_every must be in 1..{AR_HISTORY}, got {sync_every}")
     cache, layers = passes.cache, range(adapter.num_layers)
@@ -216,8 +217,8 @@ def decode_ar(adapter: ModelAdapter, rows: Rows, passes: Passes, stats: Generati
     while rows.active:
         steps = min(sync_every, max(rows.sinks[row].remaining for row in rows.active))
         cache.claim(layers, at, steps)
-        for _ in range(steps):
-            passes.ar()
+        for step in range(steps):
+            passes.ar(max(at) + step)
         at = [position + steps for position in at]
         block = read_back(passes.history[:, :steps], stats)
         passes.ar_cursor.zero_()
@@ -269,8 +270,8 @@ def zero_draft_rounds(
     passes.load(rows.tokens, rows.positions, 1)
     passes.cache.claim(passes.layers_ar(), rows.positions, steps)
     ar_step = passes.ar_head if passes.layers_head() else passes.ar
-    for _ in range(steps):
-        ar_step()
+    for step in range(steps):
+        ar_step(max(rows.positions) + step)
     block = read_back(passes.history[:, :steps], stats)
     passes.ar_cursor.zero_()
     for step in range(steps):
@@ -297,7 +298,7 @@ def draft_steps(passes: Passes, rows: Rows, policies: list[DraftPolicy], budgets
     step = 0
     while any(c < b for c, b in zip(counts, budgets, strict=True)):
         passes.cache.claim(passes.layers_early(), [p + step for p in rows.positions], 1)
-        passes.draft()
+        passes.draft(max(rows.positions) + step)  # a parked row's too: it drafts on from its parked position
         step += 1
         top = read_back(passes.confidence, stats) if confidence else None
         for row, policy in enumerate(policies):
@@ -316,7 +317,7 @@ def verify_pass(passes: Passes, rows: Rows, k: int, counts: list[int]) -> None:
     upload(passes.counts, counts)
     cache.claim(passes.layers_early(), [p + k for p in rows.positions], 1)
     cache.claim(range(passes.exit_layer, adapter.num_layers), rows.positions, k + 1)
-    passes.verify(k)
+    passes.verify(k, max(rows.positions) + k)
 
 
 @dataclass

@@ -2,17 +2,18 @@
 
 Every pass the decode loop launches (the AR step, the EESD draft step, the verify pass over q = k + 1 tokens) is a
 function of no arguments that reads its inputs from device buffers the caller refills (`ids`, `positions[q]`) and
-writes its outputs into device buffers (`tokens[q]`, `hidden`, ...). Nothing inside a pass touches the host: the
-attention spans the whole cache (masked by position), token selection reads its prompt lengths, seed and EOS ids
-from device tensors, and the cache's books are kept by the caller (`KVCache.claim`). So a pass can be
+writes its outputs into device buffers (`tokens[q]`, `hidden`, ...). Nothing inside a pass touches the host: its
+attention spans a fixed number of cache slots (masked by position), token selection reads its prompt lengths, seed
+and EOS ids from device tensors, and the cache's books are kept by the caller (`KVCache.claim`). So a pass can be
 
 - run as it is (`capture="none"`, the only mode on a CPU, and the code path every property test checks),
-- captured once in a CUDA graph and replayed (`"graph"`: one graph per pass and q; the GPU default without Triton),
+- captured once in a CUDA graph and replayed (`"graph"`: one graph per pass, q and span bucket; the GPU default
+  without Triton),
 - compiled with `torch.compile(mode="reduce-overhead")` (`"compile"`: Inductor kernels in CUDA graphs; one
-  compilation per pass, slow on a GPU),
+  compilation per pass, q and span bucket, slow on a GPU),
 - or run with compiled layers and captured whole (`"compile-layers"`: one `torch.compile` of the decoder layer serves
-  every layer and every pass with the same token count, `ModelAdapter.compiled`; the pass is a CUDA graph on a GPU;
-  the GPU default where Triton is installed).
+  every layer and every pass with the same token count and span bucket, `ModelAdapter.compiled`; the pass is a CUDA
+  graph on a GPU; the GPU default where Triton is installed).
 
 A pass is idempotent (it writes the same cache slots and buffers with the same values however often it runs), so
 warming it up before capture changes nothing. The caller's host work per EESD round is: refill the inputs (async
@@ -20,6 +21,12 @@ copies from pinned memory), launch the passes, then read the drafts, the full mo
 back in one copy, the round's single host synchronisation (plus one per draft step for a policy that stops on the
 draft's confidence). The verify pass takes the verdict on the device (`executor.verify`: token equality, or rejection
 sampling's accept tests and residual or bonus draw, with keyed noise).
+
+Span buckets: a launch attends over the first `span` cache slots only, a *bucket* chosen on the host from the
+furthest position the launch writes (`span_bucket`: MIN_SPAN doubled until it holds that position, capped at the
+capacity), so a short context reads a short slice of K and V however large the cache. Each (pass, q, bucket) is a
+pass of its own (its own graph or compilation); the host knows every launch's positions, chained ones included (the
+i-th chained AR or draft step is at its start + i), so it never reads the device to choose.
 """
 
 from __future__ import annotations
@@ -40,6 +47,23 @@ from sim.contract import AR_HISTORY, SYNC_CAPTURED
 
 CAPTURE_MODES = ("auto", "none", "graph", "compile", "compile-layers")
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
+# The smallest attention span bucket. 64 slots of K/V are under 1% of the bytes a decode step reads per layer (its
+# weights: SmolLM2-135M's layer holds 7 MB in bf16, 64 slots of its K and V 48 KB), so smaller buckets would add
+# graphs and compilations for next to no saving; buckets double from here, so a cache of capacity C has about
+# log2(C / MIN_SPAN) + 1 of them (7 for 4096).
+MIN_SPAN = 64
+SPAN_BUCKETS = True  # False: every launch attends over the whole cache capacity (the A/B reference); read per launch
+
+
+def span_bucket(furthest: int, capacity: int) -> int:
+    """The cache slots a static launch attends over when the furthest position it writes is `furthest`: MIN_SPAN
+    doubled until it holds slots 0 .. furthest, capped at `capacity` (the whole capacity with SPAN_BUCKETS off)."""
+    if not SPAN_BUCKETS:
+        return capacity
+    span = MIN_SPAN
+    while span <= furthest:
+        span *= 2
+    return min(span, capacity)
 
 
 def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> str:
@@ -172,6 +196,7 @@ class Passes:
     The verify pass also takes the round's verdict (`executor.verify`) from `counts` [B] (each row's own drafts, an
     input the host refills) into `verdicts` [B, 2] (accepted, token). Rejection sampling adds `draft_prob` [B, V] (a
     draft step's q), `draft_probs` [B, K, V] and `probs[q]` (the full model's p, a static output for forced verdicts).
+    Every launch takes the furthest position it writes, and attends over that position's span bucket (`run`).
     """
 
     def __init__(
@@ -199,7 +224,6 @@ class Passes:
         widths = {1} | {k + 1 for k in range(1, max_draft + 1)}
         self.positions = {q: torch.zeros(batch, q, **long) for q in widths}
         self.tokens = {q: torch.zeros(batch, q, **long) for q in widths}
-        self.steps = {q: Step(positions=self.positions[q], starts=None, span=cache.max_len) for q in widths}
         hidden_size = adapter.config.hidden_size
         self.hidden = torch.zeros(batch, 1, hidden_size, dtype=adapter.dtype, device=device)
         self.confidence = torch.zeros(batch, dtype=torch.float32, device=device)
@@ -221,7 +245,7 @@ class Passes:
             selector.track(vocab)
             self.draft_seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
             self.draft_context = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-        self._passes: dict[tuple[str, int], StaticPass] = {}
+        self._passes: dict[tuple[str, int, int], StaticPass] = {}  # by (name, q, span)
         if capture == "compile":
             for tensor in self._static_tensors():
                 torch._dynamo.mark_static_address(tensor)
@@ -246,11 +270,32 @@ class Passes:
         """Cache layers an AR step writes: every model layer, and the head's own where it keeps them (`ar_head`)."""
         return list(range(self.adapter.num_layers)) + self.layers_head()
 
-    def run(self, name: str, q: int, fn: Callable[[], None], advance: Callable[[], None] | None = None) -> None:
-        key = (name, q)
+    def span(self, furthest: int | None) -> int:
+        """The bucket of a launch whose furthest written position is `furthest` (None: the whole capacity)."""
+        capacity = self.cache.max_len
+        return capacity if furthest is None else span_bucket(furthest, capacity)
+
+    def run(
+        self,
+        name: str,
+        q: int,
+        fn: Callable[[Step], None],
+        advance: Callable[[], None] | None = None,
+        furthest: int | None = None,
+    ) -> None:
+        """Launch pass `name` over `q` positions: `fn` runs on the static step over `positions[q]` whose attention
+        spans the bucket of `furthest` (`span`), one pass per (name, q, span)."""
+        span = self.span(furthest)
+        key = (name, q, span)
         if key not in self._passes:
-            self._passes[key] = StaticPass(fn, launch_mode(self.capture, self.adapter.device), self.fallback, advance)
+            step = Step(positions=self.positions[q], starts=None, span=span)
+            mode = launch_mode(self.capture, self.adapter.device)
+            self._passes[key] = StaticPass(lambda: fn(step), mode, self.fallback, advance)
         self._passes[key]()
+
+    def spans(self) -> list[tuple[str, int, int]]:
+        """The (name, q, span) of every pass made so far (each its own graph or compilation when captured)."""
+        return list(self._passes)
 
     def restart(self) -> None:
         """Cursors back to the start (a new call on cached passes, or after a call that stopped mid-round)."""
@@ -268,38 +313,40 @@ class Passes:
         return buffers + self.cache.keys + self.cache.values
 
     # ------------------------------------------------------------------------------------------------ the passes
-    def ar(self) -> None:
+    # Each launch takes `furthest`, the furthest position it writes (a host value: the caller knows every launch's
+    # positions), for its span bucket; None attends over the whole capacity.
+    def ar(self, furthest: int | None = None) -> None:
         """tokens[1] <- the full model's token after `ids` at `positions[1]`; then chain: ids <- that token,
         positions[1] += 1, history[:, ar_cursor] <- that token, ar_cursor += 1 (mod AR_HISTORY)."""
-        self.run("ar", 1, self._ar, self._ar_advance)
+        self.run("ar", 1, self._ar, self._ar_advance, furthest)
 
-    def ar_head(self) -> None:
+    def ar_head(self, furthest: int | None = None) -> None:
         """`ar` for a head with a layer of its own: its layer also runs on the layer-E state, writing the head's KV at
         `positions[1]` as the verify pass of a round that drafts nothing writes it (`verify(0)`), so a later draft
         step reads a head cache in step with layers [0, E). The same layers in the same order as `ar`: the same
         token; the same chaining."""
-        self.run("ar_head", 1, self._ar_head, self._ar_advance)
+        self.run("ar_head", 1, self._ar_head, self._ar_advance, furthest)
 
-    def draft(self) -> None:
+    def draft(self, furthest: int | None = None) -> None:
         """hidden <- layer-E state of `ids` at `positions[1]`; tokens[1] <- the exit head's draft (and its
         confidence / distribution); then chain: the state and draft kept at `draft_cursor` for the verify pass,
         ids <- the draft, positions[1] += 1, draft_cursor += 1."""
-        self.run("draft", 1, self._draft, self._draft_advance)
+        self.run("draft", 1, self._draft, self._draft_advance, furthest)
 
-    def verify(self, k: int) -> None:
+    def verify(self, k: int, furthest: int | None = None) -> None:
         """Layers [0, E) over `ids` (the last draft) at positions[k + 1][:, -1], into exit_states[:, k]; then layers
         [E, L) over exit_states[:, :k + 1] at positions[k + 1]: tokens[k + 1] (or probs[k + 1]) <- the full model's,
         verdicts <- the round's verdict on drafts[:, :k] (`executor.verify`); draft_cursor <- 0 for the next round."""
         advance = (lambda: self._verify_advance(k)) if self.penalized else None
-        self.run("verify", k + 1, lambda: self._verify(k), advance)
+        self.run("verify", k + 1, lambda step: self._verify(k, step), advance, furthest)
 
-    def _ar(self) -> None:
-        adapter, step = self.adapter, self.steps[1]
+    def _ar(self, step: Step) -> None:
+        adapter = self.adapter
         hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, adapter.num_layers)
         self.tokens[1].copy_(self.selector.select(adapter.logits(hidden), step.positions + 1))
 
-    def _ar_head(self) -> None:
-        adapter, step = self.adapter, self.steps[1]
+    def _ar_head(self, step: Step) -> None:
+        adapter = self.adapter
         hidden = self._early(step)
         self.head.prefill(hidden, step, self.cache)  # the head's KV, as `_verify` writes it for its last position
         hidden = adapter.forward_layers(hidden, step, self.cache, self.exit_layer, adapter.num_layers)
@@ -316,8 +363,7 @@ class Passes:
         adapter = self.adapter
         return adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, self.exit_layer)
 
-    def _draft(self) -> None:
-        step = self.steps[1]
+    def _draft(self, step: Step) -> None:
         hidden = self._early(step)
         self.hidden.copy_(hidden)
         logits = self.head(hidden, step, self.cache)
@@ -347,9 +393,8 @@ class Passes:
         self.positions[1].add_(1)
         self.draft_cursor.add_(1).remainder_(self.drafts.shape[1])
 
-    def _verify(self, k: int) -> None:
+    def _verify(self, k: int, step: Step) -> None:
         q = k + 1
-        step = self.steps[q]
         early = Step(positions=step.positions[:, -1:], starts=None, span=step.span)
         hidden = self._early(early)
         self.head.prefill(hidden, early, self.cache)  # keeps a layered head's KV in step with layers [0, E)

@@ -52,6 +52,7 @@ from executor.passes import (
     on_device,
     resolve_capture,
     resolve_sync_every,
+    span_bucket,
     upload,
 )
 from executor.sampling import SamplingConfig, TokenSelector
@@ -302,11 +303,12 @@ class TickOutcome:
 class StageRunner:
     """Runs one stage's layers on one token; stage 1 also drafts at the exit layer, the last stage predicts.
 
-    The per-token work is a static pass (executor/passes.py) over this stage's buffers: `prepare` fills them on the
-    current stream (position, and the token or the previous stage's hidden state) and keeps the cache's books,
-    `launch` runs the pass (replays its CUDA graph when captured) and returns outputs that live in this stage's
-    buffers until its next launch. Preparing every stage before launching any is what lets the streams backend
-    overlap the stages of a tick without a stage overwriting an output its successor has not read yet.
+    The per-token work is a static pass (executor/passes.py) over this stage's buffers, one per span bucket (`pass_`):
+    `prepare` fills them on the current stream (position, and the token or the previous stage's hidden state) and
+    keeps the cache's books, `launch` runs the pass (replays its CUDA graph when captured) and returns outputs that
+    live in this stage's buffers until its next launch. Preparing every stage before launching any is what lets the
+    streams backend overlap the stages of a tick without a stage overwriting an output its successor has not read
+    yet.
     """
 
     def __init__(
@@ -336,8 +338,17 @@ class StageRunner:
         self.hidden_out = torch.zeros(shape, dtype=adapter.dtype, device=device)
         self.draft_id = torch.zeros(1, dtype=torch.long, device=device)
         self.predicted_id = torch.zeros(1, dtype=torch.long, device=device)
-        self.step = Step(positions=self.position, starts=None, span=cache.max_len)
-        self.pass_ = StaticPass(self._compute, launch_mode(capture, adapter.device), fallback)
+        self.mode, self.fallback = launch_mode(capture, adapter.device), fallback
+        self.passes: dict[int, StaticPass] = {}  # by span
+
+    def pass_(self, span: int | None = None) -> None:
+        """Launch this stage's pass at `position`, attending over the first `span` cache slots (None: all of them);
+        one pass (graph, compilation) per span."""
+        span = self.cache.max_len if span is None else span
+        if span not in self.passes:
+            step = Step(positions=self.position, starts=None, span=span)
+            self.passes[span] = StaticPass(lambda: self._compute(step), self.mode, self.fallback)
+        self.passes[span]()
 
     def prepare(self, item: Item) -> None:
         """This stage's inputs for `item` (host values copied asynchronously) and the books of its KV write."""
@@ -349,7 +360,8 @@ class StageRunner:
         self.cache.claim(self.cache_layers, [item.position], 1)
 
     def launch(self, item: Item) -> StageOutput:
-        self.pass_()
+        """Run the pass on the prepared `item`, over the span bucket of its position (known on the host)."""
+        self.pass_(span_bucket(item.position, self.cache.max_len))
         draft_id = self.draft_id if self.is_first else None
         return StageOutput(item.position, self.hidden_out, draft_id, self.predicted_id if self.is_last else None,
                            item.draft)  # fmt: skip
@@ -358,8 +370,8 @@ class StageRunner:
         self.prepare(item)
         return self.launch(item)
 
-    def _compute(self) -> None:
-        adapter, step = self.adapter, self.step
+    def _compute(self, step: Step) -> None:
+        adapter = self.adapter
         if self.is_first:
             hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, self.plan.exit_layer)
             self.draft_id.copy_(self.selector.select(self.head(hidden, step, self.cache), step.positions + 1)[0])
@@ -451,11 +463,16 @@ class LocalPipeline:
     and moves the pipe on: on a flush the prediction enters stage 1 and the younger tokens turn invalid; otherwise
     every token moves one stage down and stage 1 takes its own draft.
 
-    A stage with no valid token still runs (a captured pass cannot skip), at the scratch position `max_len - 1`,
-    which no valid token reaches or attends to (the caller leaves that slot free), so its KV writes harm nothing. A
-    flushed token's writes at positions > p were made while it was valid; the flush's correction rewrites them
-    before any valid token reads them (slots are read at <= the reader's position, and a stage sees the positions
-    in order). So every valid token meets the same KV and inputs as in AR, and the output equals AR's.
+    Every stage of a block of ticks attends over the same span bucket, chosen on the host before the block from the
+    log it has read (`_cover`): stage 1 holds the pipe's furthest position and moves on at most one position a tick,
+    never past the last position fed. A stage with no valid token still runs (a captured pass cannot skip), at the
+    scratch position `scratch`, the bucket's last slot, beyond every position a token can reach in the block.
+    Garbage KV lands there only while no token has reached that slot, and a stage sees the positions in order (its
+    furthest position grows one at a time), so the valid token at that position rewrites the slot in every stage
+    before any token beyond it reads it. Buckets never shrink, so an empty stage still at an earlier block's scratch
+    slot stays inside the span. Likewise a flushed token's writes at positions > p were made while it was valid;
+    the flush's correction rewrites them before any valid token reads them (slots are read at <= the reader's
+    position). So every valid token meets the same KV and inputs as in AR, and the output equals AR's.
 
     On a CPU, where reading `valid` costs no synchronisation, an empty stage is skipped instead
     (`skip_empty_on_cpu`), as a bubble should be: the sequential reference then does no wasted work.
@@ -481,7 +498,9 @@ class LocalPipeline:
             StageRunner(adapter, cache, plan, s, selector, capture, fallback, head) for s in range(plan.stages)
         ]
         n, long = plan.stages, {"dtype": torch.long, "device": adapter.device}
-        self.scratch = cache.max_len - 1
+        self.scratch = torch.zeros(1, **long)  # where an empty stage runs: the last slot of the span (`_cover`)
+        self.span = cache.max_len  # the span bucket of the ticks being launched
+        self.head = self.front = self.feed = 0  # the host's bounds on the pipe's positions (`_follow`)
         self.valid = torch.zeros(n, dtype=torch.bool, device=adapter.device)
         self.carried = torch.full((n,), -1, **long)
         self.limit = torch.zeros(1, **long)
@@ -501,7 +520,7 @@ class LocalPipeline:
         self.timers: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = []  # [slot][stage]: (start, stop)
 
     def _static_tensors(self) -> list[torch.Tensor]:
-        buffers = [self.valid, self.carried, self.limit, self.log, self.cursor]
+        buffers = [self.valid, self.carried, self.limit, self.log, self.cursor, self.scratch]
         for runner in self.runners:
             buffers += [runner.position, runner.ids, runner.hidden_in, runner.hidden_out, runner.draft_id,
                         runner.predicted_id]  # fmt: skip
@@ -519,8 +538,11 @@ class LocalPipeline:
         first = self.runners[0]
         upload(first.ids, [[token]])
         upload(first.position, [[position]])
+        self.head = self.front = position
+        self.feed, self.span = limit, 0
+        self._cover(1)
         for runner in self.runners[1:]:
-            runner.position.fill_(self.scratch)
+            runner.position.view(1).copy_(self.scratch)
         upload(self.valid, [True] + [False] * (len(self.runners) - 1))
         self.carried.fill_(-1)
         self.limit.fill_(limit)
@@ -544,6 +566,7 @@ class LocalPipeline:
         token) between two host reads of the log. After an EOS the rest of a block runs unread."""
         while not sink.done:
             count = min(sync_every, sink.remaining)
+            self._cover(count)
             busy = [self._launch_tick(slot) for slot in range(count)]
             rows = read_back(self.log, self.stats)
             for slot in range(count):
@@ -551,6 +574,26 @@ class LocalPipeline:
                 if sink.done:
                     break
             self.launched += count
+
+    def _cover(self, ticks: int) -> None:
+        """The span bucket of the next `ticks` ticks: it holds every position a stage can reach in them (stage 1's,
+        at most one more a tick, never past the last position fed) and one slot more, the scratch slot (uploaded
+        when it moves); never smaller than the span before it. Host values only: no device read."""
+        furthest = max(self.front, min(self.head + ticks - 1, self.feed))
+        span = max(self.span, span_bucket(furthest + 1, self.cache.max_len))
+        if span != self.span:
+            self.span = span
+            upload(self.scratch, [span - 1])
+
+    def _follow(self, verdict: TickVerdict, emitted_at: int, first_held: bool) -> None:
+        """The transition's move of stage 1, replayed on the host from a tick's log row: a flush puts the correction
+        at the emitted position; otherwise stage 1's token moves on one position if it held one and that position
+        is still fed (else stage 1 runs empty, and `head` stays a bound). `front`: the furthest position so far."""
+        if verdict == TickVerdict.FLUSH:
+            self.head = emitted_at
+        elif first_held and self.head + 1 <= self.feed:
+            self.head += 1
+        self.front = max(self.front, self.head)
 
     def _launch_tick(self, slot: int) -> list[float] | None:
         """Queue one tick: every stage's pass, then the transition. Sequential: the stages' host-timed seconds."""
@@ -560,7 +603,7 @@ class LocalPipeline:
             for runner, holds in zip(self.runners, held, strict=True):
                 begin = time.perf_counter()
                 if holds:
-                    runner.pass_()
+                    runner.pass_(self.span)
                 busy.append(time.perf_counter() - begin)
             self.transition()
             return busy
@@ -570,7 +613,7 @@ class LocalPipeline:
             stream.wait_event(self.fork)  # the inputs the last transition wrote
             with torch.cuda.stream(stream):
                 start.record(stream)
-                runner.pass_()
+                runner.pass_(self.span)
                 stop.record(stream)
         for _, stop in self.timers[slot]:
             current.wait_event(stop)
@@ -590,6 +633,7 @@ class LocalPipeline:
         """One tick's log row on the host: emit its token, count its outcome and the stages' work."""
         verdict, token, position, *valid = row
         outcome = TickOutcome(TickVerdict(verdict), token, position)
+        self._follow(outcome.verdict, position, bool(valid[0]))
         if outcome.emitted:
             sink.emit([token])
         self.stats.record(outcome)

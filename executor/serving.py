@@ -167,7 +167,7 @@ class SlotDecoder:
     def _ar_step(self, passes: Passes, rows: Rows) -> None:
         passes.load(rows.tokens, rows.positions, 1)
         passes.cache.claim(range(self.adapter.num_layers), rows.positions, 1)
-        passes.ar()
+        passes.ar(max(rows.positions))
         passes.ar_cursor.zero_()
         for row, tokens in enumerate(read_back(passes.tokens[1], self.stats)):
             rows.commit(row, tokens)

@@ -164,7 +164,7 @@ def test_a_cpu_skips_the_empty_stages(monkeypatch) -> None:
     """On a CPU the sequential reference runs a stage only in the ticks it holds a token: no wasted work."""
     runs = []
     compute = StageRunner._compute
-    monkeypatch.setattr(StageRunner, "_compute", lambda self: runs.append(self.stage) or compute(self))
+    monkeypatch.setattr(StageRunner, "_compute", lambda self, step: runs.append(self.stage) or compute(self, step))
     model = scale_late_layers(tiny_model("llama", 8, seed=1), 1, 0.5)
     out = executor.generate(model, [5, 17, 3], method="ppsd", stages=4, exit_layer=1, max_new_tokens=30)
     stats = out.stats
@@ -179,9 +179,9 @@ def test_a_stage_runs_at_the_scratch_slot_exactly_when_it_holds_no_token(monkeyp
     ran, held = [], []
     compute, replay = StageRunner._compute, LocalPipeline._replay
 
-    def recording_compute(self) -> None:
+    def recording_compute(self, step) -> None:
         ran.append((self.stage, int(self.position)))
-        compute(self)
+        compute(self, step)
 
     def recording_replay(self, row, busy, sink) -> None:
         held.append(row[3:])
