@@ -28,12 +28,15 @@ What is modelled (times in µs of simulated time, sizes in bytes):
 
 Events (what the speed rests on, `benchmarks/sim_throughput.py`): a hand-off spares an event where that cannot change
 a result, i.e. where the event it spares would be the very next one processed, so every other event keeps its time
-and its order: a job reaching an idle stage starts at once instead of waking the stage's process first; with no
-other event due, a link's landing is folded into the job it starts, and the main process is woken once the token
-ids are back; a round's passes (EESD), a block of AR steps up to the host's read and chained zero-draft rounds,
-which do not depend on time, go as one job (`Simulation._passes`). Every stage process still wakes at the end of
-each job it runs (a stretch of passes of stage 1 alone once). `Simulation(plan, shortcuts=False)` runs every
-hand-off as its own event: the tests hold the two to the same results and traces, to the bit.
+and its order: a job reaching an idle stage starts at once instead of waking the stage's process first; a link's
+delivery to an idle stage with nothing else due before it lands starts the job it carries on landing, without an
+event for the landing (hand-offs of a stage process ending a job are settled when it is about to wait again:
+`Simulation.settle`); a flush stops the stale jobs at once, where SimPy's interrupts would each be an event. Passes
+that do not depend on time (an EESD round's, a block of AR steps up to the host's read, chained zero-draft rounds) go
+as one sweep where nothing else is due: each stage's process wakes once, at the end of its last pass, and the main
+process with the last stage's where the token ids need not come back (`Simulation._sweep`). Otherwise every stage
+process wakes at the end of each job it runs. `Simulation(plan, shortcuts=False)` runs every hand-off as its own
+event: the tests hold the two to the same results and traces, to the bit.
 
 The engine runs a `SimPlan` (`sim.plan`, checked when built) and knows nothing of scenario files.
 """
@@ -45,6 +48,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from heapq import heappush
 from typing import Any
 
 import simpy
@@ -60,6 +64,7 @@ from sim.policy import DraftPolicy, make_policy, round_budget
 
 TOKEN_ID_BYTES = 8
 _NEVER = math.inf  # `simpy.Environment.peek()` with no event due
+_UNKNOWN = object()  # not cached yet
 
 
 @dataclass(frozen=True)
@@ -116,17 +121,7 @@ class Job:
     next_ok: bool = True
     run_index: int = 0
     returned: bool = False  # `done` fired once the token ids were back at stage 1 (see `Simulation._done`)
-    parts: tuple[tuple[str, int, int, float], ...] | None = None  # passes as one stretch: (name, context, batch, µs)
-    chain: list[_Step] | None = None  # passes one after the other (`Simulation._chain_on`); `step` the current one
-    step: int = 0
-
-
-_Step = tuple[str, int, int, PassCost]  # a pass of a chained job: (name, context, batch, cost)
-
-
-def _load_step(job: Job, step: _Step) -> None:
-    """Make `job` the pass `step` of its chain."""
-    job.label, job.position, job.batch, (job.first_stage, job.last_stage, job.durations, job.link_bytes) = step
+    parts: list[float] | None = None  # a stage's passes in a sweep (`Simulation._sweep`): their µs
 
 
 @dataclass
@@ -146,7 +141,7 @@ class BatchRow:
 
 class _Wake(simpy.Event):
     """What an idle stage process waits on: triggered when a job reaches the stage, or scheduled for the end of the
-    job that `Stage.put` started at once (`at_end`)."""
+    job started without waking the process (`at_end`)."""
 
     def at_end(self, delay_us: float) -> None:
         """Fire after `delay_us`, as a `simpy.Timeout` of that delay created now would."""
@@ -154,13 +149,31 @@ class _Wake(simpy.Event):
         self.env.schedule(self, NORMAL, delay_us)
 
 
+class _Landing(simpy.Event):
+    """A link's delivery of `job` to a stage (`Stage.arrive`), triggered when made: what `simpy.Timeout(env, delay,
+    job)` is once scheduled, for a delivery whose place in the event queue was taken when it was sent."""
+
+    def __init__(self, env: simpy.Environment, job: Job, arrive: Callable[[simpy.Event], None]) -> None:
+        self.env, self.callbacks, self._value, self._ok = env, [arrive], job, True
+
+
+class _HandOff:
+    """A hand-off made while a stage process ends a job, settled when that process is about to wait again
+    (`Simulation.settle`): a link's delivery to `stage` at `at_us` (`job` set), or the wake-up of `stage`, idle,
+    now (`wake` set). `eid` is the place in SimPy's event queue its event takes if it gets one (taken when made)."""
+
+    __slots__ = ("at_us", "eid", "stage", "job", "wake")
+
+    def __init__(self, at_us: float, eid: int, stage: Stage, job: Job | None, wake: _Wake | None) -> None:
+        self.at_us, self.eid, self.stage, self.job, self.wake = at_us, eid, stage, job, wake
+
+
 class Stage:
     """A device (or tp group) running one layer range; serves its inbox (FIFO) one job at a time.
 
-    A job reaching an idle stage wakes its process, which starts the job at once. Where that wake-up would be the
-    very next event (nothing else due at this instant, nothing scheduled after the hand-off), `put` starts the job
-    itself and schedules the wake for the job's end: the same times and the same order of events, one event fewer.
-    """
+    A job reaching an idle stage wakes its process, which starts the job at once. Where that wake-up (or a link's
+    delivery that would wake it) would be the very next event, the job starts without it: the stage schedules the
+    wake for the job's end, the same times and order of events with fewer of them (`put`, `start_at`)."""
 
     def __init__(self, sim: Simulation, index: int) -> None:
         self.sim, self.index, self.env = sim, index, sim.env
@@ -175,42 +188,58 @@ class Stage:
 
     def put(self, job: Job, last_act: bool = False) -> None:
         """Hand `job` to this stage now. `last_act`: the caller schedules nothing more at this instant before the
-        event being processed ends (so the stage's wake-up would follow at once when nothing else is due)."""
+        event being processed ends (so the stage's wake-up would follow at once when nothing else is due). A stage
+        process ending a job hands off without it: the wake-up is settled when that process waits again."""
         wake = self.waiting
         if wake is None:
             self.items.append(job)
-        elif job.epoch == self.sim.epoch:  # else flushed before it arrived: the stage skips it and waits on
-            self.waiting, env = None, self.env
-            if last_act and env.peek() > env.now:
-                self.current, self.start_us = job, env.now
-                self.duration_us = duration = job.durations[self.index - job.first_stage]
-                wake.at_end(duration)
-            else:
-                self.items.append(job)
-                wake.succeed()
+            return
+        sim, env = self.sim, self.env
+        if job.epoch != sim.epoch:  # flushed before it arrived: the stage skips it and waits on
+            return
+        self.waiting = None
+        if last_act and not sim.hand_offs and env.peek() > env.now:
+            self.current, self.start_us = job, env.now
+            self.duration_us = duration = job.durations[self.index - job.first_stage]
+            wake.at_end(duration)
+            return
+        self.items.append(job)
+        if sim.settling:
+            sim.hand_offs.append(_HandOff(env.now, next(env._eid), self, None, wake))
+        else:
+            wake.succeed()
 
     def arrive(self, event: simpy.Event) -> None:
-        """A link's delivery (a callback of its transfer timeout, which schedules nothing else)."""
-        self.put(event.value, self.sim.shortcuts)
+        """A link's delivery (the only callback of its event, which schedules nothing else)."""
+        self.put(event._value, self.sim.shortcuts)
 
-    def take_after(self, job: Job, delay_us: float) -> bool:
-        """Start `job` when it lands here after `delay_us`, without an event for the landing, where nothing else is
-        due before then (an empty event queue, the caller's last act): the landing would be the next event and
-        start the job at once. False (nothing done) where that does not hold or the job's end time would differ."""
-        wake, env = self.waiting, self.env
-        if wake is None or job.epoch != self.sim.epoch or env.peek() != _NEVER:
-            return False
-        now = env.now
-        start = now + delay_us
+    def start_at(self, job: Job, at_us: float) -> bool:
+        """Start `job`, landing here at `at_us` (now or later) while the stage is idle, without an event for the
+        landing: the settled hand-off's condition (nothing due before then) makes the landing the next event, which
+        would start the job at once. False (nothing done) where the job's end time would differ."""
+        now = self.env.now
         duration = job.durations[self.index - job.first_stage]
-        end = start + duration
+        end = at_us + duration
         delay = end - now
         if now + delay != end:
             return False
-        self.waiting = None
-        self.current, self.start_us, self.duration_us = job, start, duration
-        wake.at_end(delay)
+        wake, self.waiting = self.waiting, None
+        self.current, self.start_us, self.duration_us = job, at_us, duration
+        wake.at_end(delay)  # type: ignore[union-attr]
         return True
+
+    def start_queued(self, wake: _Wake) -> None:
+        """What the process woken by `wake` now would do: start the first job queued that is not flushed, or wait
+        on (`wake` again, not yet triggered)."""
+        items, sim = self.items, self.sim
+        while items:
+            job = items.popleft()
+            if job.epoch == sim.epoch:
+                self.current, self.start_us = job, self.env.now
+                self.duration_us = duration = job.durations[self.index - job.first_stage]
+                wake.at_end(duration)
+                return
+        self.waiting = wake
 
     def _serve(self) -> Generator[simpy.Event, Any, None]:
         env, items, sim, index = self.env, self.items, self.sim, self.index
@@ -224,6 +253,8 @@ class Stage:
                 event: simpy.Event = simpy.Timeout(env, duration)
             else:
                 event = self.waiting = _Wake(env)
+            if sim.settling:
+                sim.settle()
             try:
                 yield event
                 job, duration = self.current, self.duration_us
@@ -232,33 +263,47 @@ class Stage:
             except simpy.Interrupt:  # flushed while running: the device stops at once
                 job, duration = self.current, env.now - self.start_us
             self.current = None
-            if job.parts is None:
-                self.busy_us += duration
-                if sim.trace is not None:
-                    sim.record(index, self.start_us, duration, job)
-            else:
-                self._end_parts(job)
+            if job.parts is not None:  # a sweep's passes (`Simulation._sweep`, which traced them): all useful
+                for duration in job.parts:
+                    self.busy_us += duration
+                    self.useful_us += duration
+                continue
+            self._book(job, duration)
             if job.epoch == sim.epoch:
+                sim.settling = sim.shortcuts
                 job.on_done(job, index)
 
-    def _end_parts(self, job: Job) -> None:
-        """The stage's time on each pass of a job of several (`Simulation._passes`), as if run one by one."""
-        start, sim = self.start_us, self.sim
-        for name, position, batch, duration in job.parts or ():
-            self.busy_us += duration
-            sim.span(self.index, start, duration, name, position, batch, False)
-            start += duration
+    def _book(self, job: Job, duration: float) -> None:
+        """The stage's busy (and traced) time on `job`, run for `duration`."""
+        self.busy_us += duration
+        if self.sim.trace is not None:
+            self.sim.record(self.index, self.start_us, duration, job)
 
-    def abort_stale(self) -> None:
-        if self.current is not None and self.current.epoch != self.sim.epoch:
-            self.process.interrupt()
+    def abort_stale(self, at_once: bool) -> None:
+        """Stop the stage's job if a flush made it stale: the device stops now. SimPy's interrupt does it in an event
+        of its own, processed next; `at_once` (where nothing the flush does could tell) does the same now: the
+        process leaves the job's end event, books the time run and waits idle (its queue holds only stale jobs)."""
+        job, sim = self.current, self.sim
+        if job is None or job.epoch == sim.epoch:
+            return
+        process, items = self.process, self.items
+        if not at_once or any([queued.epoch == sim.epoch for queued in items]):
+            process.interrupt()
+            return
+        process._target.callbacks.remove(process._resume)
+        self.current = None
+        self._book(job, self.env.now - self.start_us)
+        items.clear()
+        wake = self.waiting = _Wake(self.env)
+        wake.callbacks.append(process._resume)  # type: ignore[union-attr]
+        process._target = wake
 
 
 class SimLink:
     """Store + delay (SimPy's Cable): `put` hands an item to `target` after the link's transfer time."""
 
-    def __init__(self, env: simpy.Environment, model: LinkModel, target: Stage) -> None:
-        self.env, self.model, self.target = env, model, target
+    def __init__(self, sim: Simulation, model: LinkModel, target: Stage) -> None:
+        self.sim, self.env, self.model, self.target = sim, sim.env, model, target
         self._arrive = target.arrive
         self._delay_us: dict[int, float] = {}
 
@@ -269,14 +314,19 @@ class SimLink:
         return delay_us
 
     def put(self, item: Job, nbytes: int, last_act: bool = False) -> None:
-        """Send `item`; `last_act` as for `Stage.put`, said by the sender."""
+        """Send `item`; `last_act` as for `Stage.put`, said by the sender. Sent by a stage process ending a job, the
+        delivery is settled when that process waits again (`Simulation.settle`)."""
         delay_us = self._delay_us.get(nbytes)
         if delay_us is None:
             delay_us = self.delay_us(nbytes)
         if delay_us <= 0.0:
             self.target.put(item, last_act)
-        elif not (last_act and self.target.take_after(item, delay_us)):
-            simpy.Timeout(self.env, delay_us, item).callbacks.append(self._arrive)
+            return
+        sim, env = self.sim, self.env
+        if sim.settling:
+            sim.hand_offs.append(_HandOff(env.now + delay_us, next(env._eid), self.target, item, None))
+        else:
+            simpy.Timeout(env, delay_us, item).callbacks.append(self._arrive)
 
 
 class Simulation:
@@ -291,11 +341,14 @@ class Simulation:
         self.rng = random.Random(plan.seed)
         self.epoch = 0
         self.stages = [Stage(self, i) for i in range(len(plan.stages))]
-        self.links = [SimLink(self.env, plan.link_after(i), s) for i, s in enumerate(self.stages[1:])]
-        self.return_link = SimLink(self.env, plan.return_link, self.stages[0])
+        self.settling = False  # a stage process is ending a job: its hand-offs wait for `settle`
+        self.hand_offs: list[_HandOff] = []
+        self.links = [SimLink(self, plan.link_after(i), s) for i, s in enumerate(self.stages[1:])]
+        self.return_link = SimLink(self, plan.return_link, self.stages[0])
         self.trace: list[dict[str, Any]] | None = [] if trace_limit > 0 else None
         self.trace_limit = trace_limit
         self._costs: dict[tuple[str, int, int], PassCost] = {}
+        self._timelines: dict[tuple[str, int, int], tuple[tuple[int, float, float], ...] | None] = {}
         self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0,
                        "ticks": 0}  # fmt: skip
         self._tick_costs: dict[tuple, tuple[float, tuple[float, ...]]] = {}
@@ -324,6 +377,38 @@ class Simulation:
             or plan.contention.extrapolated,
             ticks=self.counts["ticks"],
         )
+
+    def settle(self) -> None:
+        """Settle the hand-offs a stage process made while ending a job, now that it is about to wait again (the
+        event being processed schedules nothing more). One whose event would be the next one processed (nothing
+        due in the queue until its time; hand-offs taken in the order their events would be) starts its job without
+        that event, scheduling the job's end as the event would: at the same time, after every event now queued (as
+        nothing else happens in between). Any other gets its event, at the place in the queue taken when it was
+        made, so that events of the same time keep their order."""
+        self.settling = False
+        hand_offs = self.hand_offs
+        if not hand_offs:
+            return
+        if len(hand_offs) > 1:
+            hand_offs.sort(key=_hand_off_order)
+        env = self.env
+        queue = env._queue
+        for hand_off in hand_offs:
+            at_us, stage, job, wake = hand_off.at_us, hand_off.stage, hand_off.job, hand_off.wake
+            first_due = queue[0][0] if queue else _NEVER
+            if wake is not None:  # an idle stage's wake-up now
+                if first_due > at_us:
+                    stage.start_queued(wake)
+                    continue
+                wake._ok, wake._value = True, None
+                event: simpy.Event = wake
+            else:  # a link's delivery
+                fresh = job.epoch == self.epoch  # type: ignore[union-attr]
+                if first_due > at_us and stage.waiting is not None and fresh and stage.start_at(job, at_us):  # type: ignore[arg-type]
+                    continue
+                event = _Landing(env, job, stage.arrive)  # type: ignore[arg-type]
+            heappush(queue, (at_us, NORMAL, hand_off.eid, event))
+        hand_offs.clear()
 
     def record(self, stage: int, start_us: float, duration_us: float, job: Job) -> None:
         if self.trace is not None and len(self.trace) < self.trace_limit:
@@ -366,24 +451,25 @@ class Simulation:
         return BatchRow(stream, policy, plan.workload.output_len)
 
     def _ar(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
+        """AR steps in blocks up to the host's next read: every `sync_every`-th step and the step that ends the
+        shortest row (the steps of a block do not depend on time: they run together, `_passes`)."""
         segments = ((0, self.plan.model.num_layers, 1),)
         step = Pass("decode", "verify", segments, lm_head_q=1)
         chained = Pass("decode chained", "verify", segments, lm_head_q=1, host_sync=False)
         active, count, sync_every, counts = [r for r in rows if r.remaining > 0], 0, self.plan.sync_every, self.counts
-        block: list[tuple[Pass, int, int]] = []  # the steps up to the host's next read (they do not depend on time)
         while active:
-            count += 1
-            last = count % sync_every == 0 or min([r.remaining for r in active]) == 1
-            block.append((step if last else chained, self._context(active), len(active)))
+            steps = min(sync_every - count % sync_every, min([r.remaining for r in active]))
+            context, batch = self._context(active), len(active)
+            block = [(chained, context + i, batch) for i in range(steps - 1)]
+            block.append((step, context + steps - 1, batch))
+            count += steps
             for row in active:
-                row.generated += 1
-                row.remaining -= 1
-            counts["rounds"] += len(active)
-            counts["tokens"] += len(active)
+                row.generated += steps
+                row.remaining -= steps
+            counts["rounds"] += steps * batch
+            counts["tokens"] += steps * batch
             active = [r for r in active if r.remaining > 0]
-            if last or not active:
-                yield from self._passes(block)
-                block = []
+            yield from self._passes(block)
 
     def _eesd(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         exit_layer = self.plan.exit_layer
@@ -554,8 +640,10 @@ class Simulation:
             return
         # Misprediction: flush everything younger, send the correct token back to stage 1.
         self.epoch += 1
+        # the flush at once where the correction reaches stage 1 later (the interrupts' events would come first)
+        at_once = self.shortcuts and len(self.stages) > 1 and self.return_link.delay_us(TOKEN_ID_BYTES * batch) > 0
         for stage in self.stages:
-            stage.abort_stale()
+            stage.abort_stale(at_once)
         counts["flushes"] += 1
         counts["rounds"] += 1
         counts["drafted"] += batch
@@ -675,82 +763,83 @@ class Simulation:
 
     def _passes(self, passes: list[tuple[Pass, int, int]]) -> Generator[simpy.Event, Any, None]:
         """Run `passes` ((work, context_len, batch) each) one after the other, each once the last one's token ids
-        are back, as `_pass` one by one would. Where nothing else is due (an empty event queue), they go as one job
-        and the main process wakes once: passes of stage 1 alone as one stretch of it (its process wakes once, at
-        the time the passes one by one would end, to the bit; each pass's busy, useful and traced time kept),
-        others from stage to stage and back to stage 1 (`_chain_on`), every stage's process waking at the end of
-        each of its passes as before."""
-        env = self.env
-        job = None
-        if self.shortcuts and len(passes) > 1 and env.peek() == _NEVER and self.stages[0].waiting is not None:
-            steps = [(work.name, context, batch, self._cost(work, context, batch)) for work, context, batch in passes]
-            job = self._stretch_job(steps) or self._chain_job(steps)
-        if job is None:
-            for work, context_len, batch in passes:
-                yield from self._pass(work, context_len, batch)
-            return
-        job.done = _Wake(env)
-        self.stages[0].put(job, True)
-        yield job.done
-        if job.last_stage > 0 and not job.returned:
-            yield env.timeout(self.return_link.delay_us(TOKEN_ID_BYTES * job.batch))
+        are back, as `_pass` one by one would; where nothing else is due (an empty event queue), as one sweep."""
+        if self.shortcuts and not self.env._queue:
+            done = self._sweep(passes)
+            if done is not None:
+                yield done
+                return
+        for work, context_len, batch in passes:
+            yield from self._pass(work, context_len, batch)
 
-    def _stretch_job(self, steps: list[_Step]) -> Job | None:
-        """Passes of stage 1 alone as one job (None where another stage takes part, or where their total would not
-        end at the time they end one by one)."""
-        now = end = self.env.now
-        parts = []
-        for name, context, batch, (_, last, durations, _) in steps:
-            if last != 0:
+    def _sweep(self, passes: list[tuple[Pass, int, int]]) -> _Wake | None:
+        """Passes from stage 1 one after the other, each through its stages and its token ids back to stage 1 (or
+        the main process, after the last), with nothing else due: what each pass does when does not depend on any
+        other event, so their times are worked out here as the events one by one would give them, to the bit. Each
+        stage taking part starts one job of its passes and its process wakes once, at the end of its last one
+        (booking each pass's busy and useful time); the main process wakes when the last pass's token ids are back
+        (with the last stage's process, where that is when it ends). Passes are traced here, in the order their
+        ends would be. The event for the main process; None (nothing done) where a pass starts past stage 1, takes
+        no time (so that ends could tie), or an end would not fall at its time."""
+        now, stages, timelines = self.env._now, self.stages, self._timelines
+        parts: list[list[float]] = [[] for _ in stages]
+        ends = [0.0] * len(stages)
+        spans: list[tuple[int, float, float, Pass, int, int]] | None = None if self.trace is None else []
+        at, index = now, 0
+        for work, context, batch in passes:
+            timeline = timelines.get((work.name, context, batch), _UNKNOWN)
+            if timeline is _UNKNOWN:
+                timeline = self._timeline(work, context, batch)
+            if timeline is None:
                 return None
-            parts.append((name, context, batch, durations[0]))
-            end += durations[0]
-        total = end - now
-        if now + total != end:
+            for index, duration, after in timeline:  # noqa: B007 (index: the last part's stage, below)
+                parts[index].append(duration)
+                if spans is not None:
+                    spans.append((index, at, duration, work, context, batch))
+                at += duration
+                ends[index] = at
+                if after:
+                    at += after
+        taking_part = [index for index, own in enumerate(parts) if own]
+        for stage in taking_part:
+            end = ends[stage]
+            if now + (end - now) != end or stages[stage].waiting is None:
+                return None
+        if now + (at - now) != at:
             return None
-        name, context, batch, (_, _, _, link_bytes) = steps[0]
-        job = Job(self.epoch, context, (total,), link_bytes, 0, 0, self._forward, batch, name)
-        job.parts = tuple(parts)
-        return job
+        if spans is not None:
+            for stage, start, duration, work, context, batch in spans:
+                self.span(stage, start, duration, work.name, context, batch, False)
+        for stage in taking_part:
+            here = stages[stage]
+            job = Job(self.epoch, 0, (), (), stage, stage, None)  # type: ignore[arg-type]
+            job.parts = parts[stage]
+            wake, here.waiting, here.current = here.waiting, None, job
+            wake.at_end(ends[stage] - now)  # type: ignore[union-attr]
+        if at == ends[index]:  # the main process wakes with the last pass's stage, after it
+            return wake
+        wake = _Wake(self.env)
+        wake.at_end(at - now)
+        return wake
 
-    def _chain_job(self, steps: list[_Step]) -> Job | None:
-        """Passes that start at stage 1 as one job; None where one starts elsewhere."""
-        if any([cost[0] != 0 for *_, cost in steps]):
-            return None
-        job = Job(self.epoch, 0, (), (), 0, 0, self._chain_on)
-        job.chain = steps
-        _load_step(job, steps[0])
-        return job
-
-    def _chain_on(self, job: Job, stage: int) -> None:
-        """A chained job (`_passes`) leaving `stage`: on to the next stage; at its pass's last stage, back to stage 1
-        with the next pass (over the return link, as `_pass` waits for it), or done."""
-        here = self.stages[stage]
-        here.useful_us += job.durations[stage - job.first_stage]
-        last_act = self.shortcuts and not here.items  # the stage schedules nothing after this hand-off
-        if stage < job.last_stage:
-            self.links[stage].put(job, job.link_bytes[stage], last_act)
-            return
-        job.step += 1
-        if job.step == len(job.chain or ()):
-            self._done(job, last_act)
-            return
-        batch, last = job.batch, job.last_stage
-        _load_step(job, (job.chain or ())[job.step])
-        if last > 0:
-            self.return_link.put(job, TOKEN_ID_BYTES * batch, last_act)
-        else:
-            self.stages[0].put(job, last_act)
+    def _timeline(self, work: Pass, context_len: int, batch: int) -> tuple[tuple[int, float, float], ...] | None:
+        """A pass's stages for a sweep: (stage, µs, µs after it: the link to the next stage, or the token ids back
+        to stage 1 after the last), None where it cannot be swept (it starts past stage 1, or a stage takes no
+        time). Cached by (name, context, batch)."""
+        first, last, durations, link_bytes = self._cost(work, context_len, batch)
+        timeline: tuple[tuple[int, float, float], ...] | None = None
+        if first == 0 and all([duration > 0.0 for duration in durations]):
+            afters = [self.links[i].delay_us(link_bytes[i]) for i in range(last)]
+            afters.append(self.return_link.delay_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0)
+            timeline = tuple((i, durations[i], max(afters[i], 0.0)) for i in range(last + 1))
+        self._timelines[(work.name, context_len, batch)] = timeline
+        return timeline
 
     def _forward(self, job: Job, stage: int) -> None:
         """A pass's job leaving `stage` (its time there useful: a pass is never flushed): on to the next stage, or
         done."""
         here = self.stages[stage]
-        if job.parts is None:
-            here.useful_us += job.durations[stage - job.first_stage]
-        else:
-            for *_, duration in job.parts:
-                here.useful_us += duration
+        here.useful_us += job.durations[stage - job.first_stage]
         last_act = self.shortcuts and not here.items  # the stage schedules nothing after this hand-off
         if stage < job.last_stage:
             self.links[stage].put(job, job.link_bytes[stage], last_act)
@@ -762,7 +851,7 @@ class Simulation:
         now, the stage idle after this), `done` fires when the token ids are back at stage 1 instead of the main
         process then waiting for them: the same time and order of events, one event fewer."""
         env = self.env
-        if job.last_stage > 0 and last_act and env.peek() > env.now:
+        if job.last_stage > 0 and last_act and not self.hand_offs and env.peek() > env.now:
             job.returned = True
             job.done.at_end(self.return_link.delay_us(TOKEN_ID_BYTES * job.batch))  # type: ignore[union-attr]
         else:
@@ -789,6 +878,10 @@ class Simulation:
         if cached is None:
             cached = self._costs[key] = pass_costs(self.plan, work, context_len, batch)
         return cached
+
+
+def _hand_off_order(hand_off: _HandOff) -> tuple[float, int]:
+    return hand_off.at_us, hand_off.eid
 
 
 def events_per_token(plan: SimPlan, shortcuts: bool = True) -> float:

@@ -330,13 +330,14 @@ def test_the_event_saving_hand_offs_change_no_result(p: SimPlan, traced: bool) -
 
 @pytest.mark.parametrize(
     ("method", "n_stages", "most", "reference_least"),
-    [("ar", 4, 4.2, 13.0), ("ar", 1, 0.3, 3.0), ("eesd", 1, 0.7, 4.0), ("eesd", 2, 2.1, 5.5), ("ppsd", 4, 11.5, 14.5)],
+    [("ar", 4, 0.7, 13.0), ("ar", 1, 0.15, 3.0), ("eesd", 1, 0.35, 4.0), ("eesd", 2, 1, 5.5), ("ppsd", 4, 11, 14.5)],
 )
 def test_events_per_token(method: str, n_stages: int, most: float, reference_least: float) -> None:
     """What the simulator's speed rests on: SimPy events per simulated token (alpha 0.8, links of 1 µs), at most
-    `most`; `reference_least` or more with every hand-off its own event. AR over 4 stages: one per stage a token; AR
-    on one stage: one per block of steps up to a host read; a round of EESD on one stage: one for the stage, one for
-    the main process; PPSD keeps its links' landings, flushes and interrupts as events."""
+    `most`; `reference_least` or more with every hand-off its own event. A block of AR steps up to a host read (8
+    steps) and an EESD round are one sweep: one event per stage taking part and one for the main process, shared
+    with the last stage's where no token ids come back over a link (one stage). PPSD wakes each stage at the end of
+    each job; its balanced stages of whole µs put other events at a landing's time, which keeps most landings."""
     p = plan(method, 0.8, n_stages, output_len=400, link=LinkSpec("test", 1.0, None),
              exit_layer=6 if method == "eesd" and n_stages == 1 else None)  # fmt: skip
     assert events_per_token(p, True) <= most
