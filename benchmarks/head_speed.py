@@ -43,6 +43,7 @@ import torch
 import transformers
 
 import executor
+import executor.passes as passes
 from calibrate.common import cpu_model
 from executor.adapter import ModelAdapter
 from executor.corpus import eos_ids
@@ -55,6 +56,11 @@ from sim.tables import text_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AR_LABEL = "AR"
+CAPTURE_NOTES = {
+    "none": "uncaptured (run as they are)",
+    "freeze": "frozen (executor capture='freeze': compiled by Inductor with the weights as constants; the AR row "
+    "without a mode is uncaptured AR, for reference)",
+}
 
 
 def decode_rate(stats: Any) -> float:
@@ -72,10 +78,15 @@ class Config:
     exit_layer: int | None = None
     policy: str | None = None
     stage_boundaries: tuple[int, ...] | None = None
+    capture: str = "none"
 
     @property
     def label(self) -> str:
-        """Method, head (a head file by its stem), exit layer, and the policy (EESD) or the stage count (PPSD)."""
+        """Method, head (a head file by its stem), exit layer, and the policy (EESD) or the stage count (PPSD); the
+        capture mode where the passes are not run as they are."""
+        return self._what() + ("" if self.capture == "none" else f" [{self.capture}]")
+
+    def _what(self) -> str:
         if self.method == "ar":
             return AR_LABEL
         head = Path(self.head_name).stem if self.head_name.endswith(".safetensors") else self.head_name
@@ -84,10 +95,10 @@ class Config:
         return f"EESD {head} E={self.exit_layer} {self.policy}"
 
     def kwargs(self) -> dict[str, Any]:
-        """`executor.generate`'s arguments for this setup (uncaptured passes: the CPU runs them as they are)."""
+        """`executor.generate`'s arguments for this setup (passes as they are, or frozen: `capture`)."""
         if self.method == "ar":
-            return {"method": "ar", "capture": "none"}
-        common = {"method": self.method, "head": self.head, "exit_layer": self.exit_layer, "capture": "none"}
+            return {"method": "ar", "capture": self.capture}
+        common = {"method": self.method, "head": self.head, "exit_layer": self.exit_layer, "capture": self.capture}
         if self.method == "ppsd":
             stages = len(self.stage_boundaries) + 1
             return common | {"backend": "sequential", "stages": stages, "stage_boundaries": list(self.stage_boundaries)}
@@ -152,18 +163,31 @@ def load_heads(adapter: ModelAdapter, names: Sequence[str], exit_layer: int | No
 
 
 def make_configs(
-    adapter: ModelAdapter, heads: Sequence[tuple[str, Any, int]], policies: Sequence[str], ppsd_stages: int
+    adapter: ModelAdapter,
+    heads: Sequence[tuple[str, Any, int]],
+    policies: Sequence[str],
+    ppsd_stages: int,
+    capture: str = "none",
 ) -> list[Config]:
-    """AR, then EESD per head and policy, then PPSD per head (none when `ppsd_stages` is 0)."""
+    """AR, then EESD per head and policy, then PPSD per head (none when `ppsd_stages` is 0), all under `capture`;
+    with frozen passes, AR as it is last (the uncaptured reference)."""
     for spec in policies:
         make_policy(spec)  # a mistyped policy is refused before any model runs
-    configs = [Config("ar")]
-    configs += [Config("eesd", name, head, exit_layer, spec) for name, head, exit_layer in heads for spec in policies]
+    configs = [Config("ar", capture=capture)]
+    configs += [
+        Config("eesd", name, head, exit_layer, spec, capture=capture)
+        for name, head, exit_layer in heads
+        for spec in policies
+    ]
     if ppsd_stages:
         configs += [
-            Config("ppsd", name, head, e, stage_boundaries=stage_cuts(adapter.num_layers, ppsd_stages, e))
+            Config(
+                "ppsd", name, head, e, stage_boundaries=stage_cuts(adapter.num_layers, ppsd_stages, e), capture=capture
+            )  # fmt: skip
             for name, head, e in heads
         ]
+    if capture != "none":
+        configs.append(Config("ar"))
     labels = [c.label for c in configs]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
@@ -189,8 +213,9 @@ def measure(
 ) -> dict[str, Tally]:
     """Interleaved runs: for each repeat and prompt, AR, then the other configurations in a rotated order."""
     ar, others = configs[0], list(configs[1:])
-    for config in configs if warmup else ():  # first calls pay one-off allocations: untimed
-        generate_once(adapter, prompts[0], config, min(new_tokens, 8), list(eos))
+    for config in configs if warmup else ():  # first calls pay one-off allocations (and compile every frozen pass
+        warm = min(new_tokens, 8) if config.capture == "none" else new_tokens  # a run meets): untimed
+        generate_once(adapter, prompts[0], config, warm, list(eos))
     tallies = {c.label: Tally() for c in configs}
     first_ar: dict[int, list[int]] = {}  # AR's output per prompt in the first repeat: AR must repeat itself too
     slot = 0
@@ -256,7 +281,7 @@ def mark_best_fixed(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def rows_from(configs: Sequence[Config], tallies: dict[str, Tally]) -> list[dict[str, Any]]:
-    ar_median = statistics.median(tallies[AR_LABEL].rates)
+    ar_median = statistics.median(tallies[configs[0].label].rates)  # the first: AR under the configurations' mode
     return [row_of(c, tallies[c.label], ar_median) for c in configs]
 
 
@@ -318,6 +343,7 @@ class Settings:
     repeats: int = 3
     warmup: int = 1
     stop_at_eos: bool = False
+    capture: str = "none"
 
 
 def run_benchmark(model: Any, prompts: Sequence[list[int]], settings: Settings, threads: int) -> dict[str, Any]:
@@ -325,7 +351,9 @@ def run_benchmark(model: Any, prompts: Sequence[list[int]], settings: Settings, 
     torch.set_num_threads(threads)
     adapter = ModelAdapter(model)
     heads = load_heads(adapter, settings.heads, settings.exit_layer)
-    configs = make_configs(adapter, heads, settings.policies, settings.ppsd_stages)
+    configs = make_configs(adapter, heads, settings.policies, settings.ppsd_stages, settings.capture)
+    if settings.capture != "none":  # every configuration's compiled passes stay cached through the interleaved runs
+        passes.MAX_RUNNERS_PER_MODEL = max(passes.MAX_RUNNERS_PER_MODEL, len(configs))
     eos = eos_ids(model)
     load_before = os.getloadavg()
     tallies = measure(adapter, prompts, configs, settings.new_tokens, settings.repeats,
@@ -335,8 +363,9 @@ def run_benchmark(model: Any, prompts: Sequence[list[int]], settings: Settings, 
     return environment(threads) | {
         "load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(load_after),
         "settings": asdict(settings) | {"prompts": len(prompts)}, "best_fixed_k": mark_best_fixed(rows),
-        "timing": "decode tokens/s per run (prefill and its token excluded), uncaptured passes; runs interleaved: per "
-        "repeat and prompt AR, then the other configurations in a rotated order; median over all runs",
+        "timing": f"decode tokens/s per run (prefill and its token excluded), passes {CAPTURE_NOTES[settings.capture]};"
+        " runs interleaved: per repeat and prompt AR, then the other configurations in a rotated order; median over "
+        "all runs",
         "rows": rows,
     }  # fmt: skip
 
@@ -366,6 +395,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="1: one short untimed run per configuration first")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at the model's EOS (default: run on)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--capture", choices=tuple(CAPTURE_NOTES), default="none",
+        help="how every configuration's passes run: none (as they are) or freeze (compiled with frozen weights; "
+        "each configuration's passes compile in its untimed warm-up run, minutes each; AR as it is added last)",
+    )  # fmt: skip
     parser.add_argument("--tag", default=None, help="results/head_speed_<tag>.json (default: <model>_cpu)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON's path (overrides --tag)")
     parser.add_argument("--note", default="", help="the conditions, for the JSON (e.g. 'busy 2-core box, smoke run')")
@@ -383,6 +417,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         heads=parse_list(args.heads), policies=policies, exit_layer=args.exit_layer, ppsd_stages=args.ppsd_stages,
         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, stop_at_eos=args.stop_at_eos,
+        capture=args.capture,
     )  # fmt: skip
 
 

@@ -330,12 +330,14 @@ def generate(
     length; the emitted tokens are the row's first `accepted` drafts and the full model's token after them, so the
     output is NOT the model's greedy or sampled output. See `forced_acceptance`.
 
-    `capture` ("auto", "none", "graph", "compile", "compile-layers") is how AR, EESD and PPSD's local stages launch
-    their passes (`executor.passes`): "auto" is "compile-layers" on a GPU with Triton ("graph" without; passes kept
-    on the model for the next call with the same setup) and runs them as they are elsewhere; "graph" captures each
-    pass in a CUDA graph; "compile" uses
-    `torch.compile(mode="reduce-overhead")` per pass; "compile-layers" compiles the decoder layer once for all layers
-    and passes and captures each pass in a CUDA graph on a GPU.
+    `capture` ("auto", "none", "graph", "compile", "compile-layers", "freeze") is how AR, EESD and PPSD's local stages
+    launch their passes (`executor.passes`): "auto" is "compile-layers" on a GPU with Triton ("graph" without; passes
+    kept on the model for the next call with the same setup) and runs them as they are elsewhere; "graph" captures
+    each pass in a CUDA graph; "compile" uses `torch.compile(mode="reduce-overhead")` per pass; "compile-layers"
+    compiles the decoder layer once for all layers and passes and captures each pass in a CUDA graph on a GPU;
+    "freeze" (CPU) compiles each pass whole with the weights frozen in as constants (`executor.passes.FREEZE_OPTIONS`:
+    verify passes over a few tokens cost about what a one-token step does, at the price of minutes of compilation and
+    a packed weight copy per pass).
     Captured passes are keyed by the head object: pass a loaded head (not a file path) to reuse them across calls.
 
     `sync_every` (AR, EESD's rounds that draft nothing, and PPSD's local backends) is how many tokens (PPSD: ticks)

@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--capture", default="auto",
         help="auto (compile-layers on a GPU with Triton, else graph; none on a CPU) | none | graph (CUDA graphs) | "
-        "compile (torch.compile per pass) | compile-layers (the decoder layer compiled once, passes in CUDA graphs)",
+        "compile (torch.compile per pass) | compile-layers (the decoder layer compiled once, passes in CUDA graphs) | "
+        "freeze (CPU: each pass compiled with the weights frozen in; minutes of compilation, a packed weight copy "
+        "per pass, faster verify passes)",
     )  # fmt: skip
     parser.add_argument(
         "--sync-every", type=int, default=None,

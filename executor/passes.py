@@ -6,14 +6,15 @@ writes its outputs into device buffers (`tokens[q]`, `hidden`, ...). Nothing ins
 attention spans a fixed number of cache slots (masked by position), token selection reads its prompt lengths, seed
 and EOS ids from device tensors, and the cache's books are kept by the caller (`KVCache.claim`). So a pass can be
 
-- run as it is (`capture="none"`, the only mode on a CPU, and the code path every property test checks),
+- run as it is (`capture="none"`, the CPU default, and the code path every property test checks),
 - captured once in a CUDA graph and replayed (`"graph"`: one graph per pass, q and span bucket; the GPU default
   without Triton),
 - compiled with `torch.compile(mode="reduce-overhead")` (`"compile"`: Inductor kernels in CUDA graphs; one
   compilation per pass, q and span bucket, slow on a GPU),
 - or run with compiled layers and captured whole (`"compile-layers"`: one `torch.compile` of the decoder layer serves
   every layer and every pass with the same token count and span bucket, `ModelAdapter.compiled`; the pass is a CUDA
-  graph on a GPU; the GPU default where Triton is installed).
+  graph on a GPU; the GPU default where Triton is installed),
+- or, on a CPU, compiled whole with the weights frozen into it (`"freeze"`, see `FREEZE_OPTIONS`).
 
 A pass is idempotent (it writes the same cache slots and buffers with the same values however often it runs), so
 warming it up before capture changes nothing. The caller's host work per EESD round is: refill the inputs (async
@@ -45,7 +46,18 @@ from executor.sampling import DRAFT_SALT, TokenSelector
 from executor.verify import match_verdicts, rejection_verdicts
 from sim.contract import AR_HISTORY, SYNC_CAPTURED
 
-CAPTURE_MODES = ("auto", "none", "graph", "compile", "compile-layers")
+CAPTURE_MODES = ("auto", "none", "graph", "compile", "compile-layers", "freeze")
+# capture="freeze" (CPU): Inductor compiles each pass whole with the model's weights as constants, so that max-autotune
+# may choose its CPU GEMM template, which packs each weight matrix once at compile time and reads it once per launch
+# whatever the token count. Torch's own small-M fp32 products are not memory-bound on a CPU: a pass over q = 2..8 tokens
+# costs 1.6-2.3x a one-token pass there (a 262k-row LM head: 61 ms at q = 1, 111 at q = 2), which makes every verify
+# pass cost about two AR steps; frozen, q = 2 costs what q = 1 does. The price: a packed copy of the weights per
+# compiled pass (pass kind x token count x span bucket), minutes of compilation per pass on a small CPU, and weights
+# read once at compile time (a later in-place change of a weight is not seen; moved weights drop the cached passes).
+FREEZE_OPTIONS = {
+    "freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+    "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0,
+}  # fmt: skip
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
 # The smallest attention span bucket. 64 slots of K/V are under 1% of the bytes a decode step reads per layer (its
 # weights: SmolLM2-135M's layer holds 7 MB in bf16, 64 slots of its K and V 48 KB), so smaller buckets would add
@@ -55,10 +67,11 @@ MIN_SPAN = 64
 SPAN_BUCKETS = True  # False: every launch attends over the whole cache capacity (the A/B reference); read per launch
 
 
-def span_bucket(furthest: int, capacity: int) -> int:
+def span_bucket(furthest: int, capacity: int, bucketed: bool = True) -> int:
     """The cache slots a static launch attends over when the furthest position it writes is `furthest`: MIN_SPAN
-    doubled until it holds slots 0 .. furthest, capped at `capacity` (the whole capacity with SPAN_BUCKETS off)."""
-    if not SPAN_BUCKETS:
+    doubled until it holds slots 0 .. furthest, capped at `capacity` (the whole capacity with SPAN_BUCKETS off, or
+    not `bucketed`: see `bucketed`)."""
+    if not (SPAN_BUCKETS and bucketed):
         return capacity
     span = MIN_SPAN
     while span <= furthest:
@@ -77,6 +90,8 @@ def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> s
         return "compile-layers" if inductor_available() else "graph"
     if capture == "graph" and device.type != "cuda":
         raise ValueError(f"capture 'graph' needs the model on a CUDA device, it is on {device.type}")
+    if capture == "freeze" and device.type != "cpu":
+        raise ValueError(f"capture 'freeze' is for a model on the CPU, it is on {device.type}")
     return capture
 
 
@@ -87,12 +102,19 @@ def check_sync_every(sync_every: int | None) -> None:
         raise ValueError(f"sync_every must be an integer in 1..{AR_HISTORY}, got {sync_every!r}")
 
 
+def bucketed(capture: str) -> bool:
+    """Whether launches under `capture` use span buckets: not frozen ones ("freeze"), where every bucket would be a
+    compiled pass of its own holding its own packed copy of the weights, for an attention read a CPU cache of a few
+    hundred slots hardly notices."""
+    return capture != "freeze"
+
+
 def resolve_sync_every(sync_every: int | None, capture: str) -> int:
-    """`sync_every` as given, else SYNC_CAPTURED for captured passes and 1 uncaptured (a CPU gains nothing from
-    running ahead)."""
+    """`sync_every` as given, else SYNC_CAPTURED for captured passes and 1 uncaptured or frozen (a CPU gains nothing
+    from running ahead)."""
     if sync_every is not None:
         return sync_every
-    return 1 if capture == "none" else SYNC_CAPTURED
+    return 1 if capture in ("none", "freeze") else SYNC_CAPTURED
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -134,6 +156,9 @@ class StaticPass:
         if mode == "compile":
             allow_recompiles()
             self.compiled = torch.compile(self._launch, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        if mode == "freeze":
+            allow_recompiles()
+            self.compiled = torch.compile(self._launch, fullgraph=True, dynamic=False)
 
     def _launch(self) -> None:
         self.fn()
@@ -143,6 +168,12 @@ class StaticPass:
     def __call__(self) -> None:
         if self.mode == "compile":
             self.compiled()
+            return
+        if self.mode == "freeze":  # the options hold while dynamo compiles, on the first launch
+            from torch._inductor import config as inductor_config
+
+            with inductor_config.patch(FREEZE_OPTIONS):
+                self.compiled()
             return
         if self.mode != "graph":
             self._launch()
@@ -273,7 +304,7 @@ class Passes:
     def span(self, furthest: int | None) -> int:
         """The bucket of a launch whose furthest written position is `furthest` (None: the whole capacity)."""
         capacity = self.cache.max_len
-        return capacity if furthest is None else span_bucket(furthest, capacity)
+        return capacity if furthest is None else span_bucket(furthest, capacity, bucketed(self.capture))
 
     def run(
         self,

@@ -46,6 +46,7 @@ from executor.heads import SharedExitHead, head_key, resolve_head
 from executor.kv_cache import KVCache
 from executor.passes import (
     StaticPass,
+    bucketed,
     cached_passes,
     check_sync_every,
     launch_mode,
@@ -339,6 +340,7 @@ class StageRunner:
         self.draft_id = torch.zeros(1, dtype=torch.long, device=device)
         self.predicted_id = torch.zeros(1, dtype=torch.long, device=device)
         self.mode, self.fallback = launch_mode(capture, adapter.device), fallback
+        self.bucketed = bucketed(capture)
         self.passes: dict[int, StaticPass] = {}  # by span
 
     def pass_(self, span: int | None = None) -> None:
@@ -361,7 +363,7 @@ class StageRunner:
 
     def launch(self, item: Item) -> StageOutput:
         """Run the pass on the prepared `item`, over the span bucket of its position (known on the host)."""
-        self.pass_(span_bucket(item.position, self.cache.max_len))
+        self.pass_(span_bucket(item.position, self.cache.max_len, self.bucketed))
         draft_id = self.draft_id if self.is_first else None
         return StageOutput(item.position, self.hidden_out, draft_id, self.predicted_id if self.is_last else None,
                            item.draft)  # fmt: skip
@@ -491,7 +493,7 @@ class LocalPipeline:
         fallback: bool = False,
         head: Any = None,
     ) -> None:
-        self.cache, self.selector = cache, selector
+        self.cache, self.selector, self.bucketed = cache, selector, bucketed(capture)
         self.skip_empty = self.skip_empty_on_cpu and adapter.device.type == "cpu"
         selector.track(adapter.lm_head.weight.shape[0])  # a repetition penalty's committed-token set, before capture
         self.runners = [
@@ -580,7 +582,7 @@ class LocalPipeline:
         at most one more a tick, never past the last position fed) and one slot more, the scratch slot (uploaded
         when it moves); never smaller than the span before it. Host values only: no device read."""
         furthest = max(self.front, min(self.head + ticks - 1, self.feed))
-        span = max(self.span, span_bucket(furthest + 1, self.cache.max_len))
+        span = max(self.span, span_bucket(furthest + 1, self.cache.max_len, self.bucketed))
         if span != self.span:
             self.span = span
             upload(self.scratch, [span - 1])

@@ -1,0 +1,51 @@
+"""capture="freeze" (CPU): each pass compiled whole by Inductor with the model's weights frozen in as constants (and
+max-autotune free to pick its CPU GEMM template). Every buffer the host refills between launches (token ids,
+positions, a round's draft counts) and every buffer a pass writes (the KV cache, the chained cursors) must stay an
+input of the compiled pass, not a constant: a pass that froze one would replay the first launch's value, and EESD's
+verdicts or PPSD's pipe would go wrong. So frozen AR, EESD and PPSD must decode exactly what uncompiled AR decodes
+(float64: far below any logit gap of these models), and the mode is refused off the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import TinySpec, scale_late_layers, tiny_model
+
+import executor
+import executor.passes
+from executor.passes import bucketed, resolve_capture, resolve_sync_every, span_bucket
+
+PROMPT = [5, 17, 2, 40]
+
+
+def test_frozen_passes_decode_what_ar_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma 3's layout (sliding and global layers, soft-capped logits). AR (chained steps), EESD fixed:2 (draft
+    counts refilled every round), PPSD on 2 stages (the pipe's transition frozen too):
+    frozen passes equal uncompiled AR token for token, and a second call reuses the cached frozen passes. Without
+    max-autotune, whose kernel choice is a matter of speed (its CPU GEMM template takes no float64) and whose
+    benchmarking would take minutes here."""
+    monkeypatch.setattr(executor.passes, "FREEZE_OPTIONS", {"freezing": True})
+    net = scale_late_layers(tiny_model(TinySpec(arch="gemma3", num_layers=4, seed=5), torch.float64), 2, 0.3)
+    reference = executor.generate(net, [PROMPT], max_new_tokens=12, method="ar", capture="none").sequences
+    cases = [
+        {"method": "ar"},
+        {"method": "eesd", "exit_layer": 2, "draft_len": 2},
+        {"method": "ppsd", "stages": 2},
+    ]
+    for kwargs in cases:
+        for _ in range(2):
+            out = executor.generate(net, [PROMPT], max_new_tokens=12, capture="freeze", **kwargs)
+            assert out.stats.capture == "freeze"
+            assert torch.equal(out.sequences, reference), kwargs
+
+
+def test_freeze_is_a_cpu_mode_without_span_buckets() -> None:
+    """Refused for a CUDA model (named); one host read per token as uncaptured; every launch spans the capacity
+    (a bucket would be another compiled pass with its own packed weights)."""
+    assert resolve_capture("freeze", torch.device("cpu"), "greedy") == "freeze"
+    with pytest.raises(ValueError, match="capture 'freeze' is for a model on the CPU, it is on cuda"):
+        resolve_capture("freeze", torch.device("cuda"), "greedy")
+    assert resolve_sync_every(None, "freeze") == 1
+    assert not bucketed("freeze") and bucketed("graph")
+    assert span_bucket(10, 4096, bucketed("freeze")) == 4096
+    assert span_bucket(10, 4096, bucketed("graph")) < 4096
