@@ -121,7 +121,19 @@ class Job:
     next_ok: bool = True
     run_index: int = 0
     returned: bool = False  # `done` fired once the token ids were back at stage 1 (see `Simulation._done`)
-    parts: list[float] | None = None  # a stage's passes in a sweep (`Simulation._sweep`): their µs
+
+
+class _Swept:
+    """A stage's passes in a sweep (`Simulation._sweep`): their µs, booked when the stage's process wakes at the end
+    of the last."""
+
+    __slots__ = ("epoch", "parts")
+
+    def __init__(self, epoch: int, parts: list[float]) -> None:
+        self.epoch, self.parts = epoch, parts
+
+
+_Timeline = tuple[tuple[int, float, float], ...]  # a pass in a sweep: (stage, µs, µs after it) per stage
 
 
 @dataclass
@@ -180,7 +192,7 @@ class Stage:
         self.items: deque[Job] = deque()
         self.busy_us = 0.0
         self.useful_us = 0.0
-        self.current: Job | None = None
+        self.current: Job | _Swept | None = None
         self.start_us = 0.0
         self.duration_us = 0.0
         self.waiting: _Wake | None = None
@@ -263,7 +275,7 @@ class Stage:
             except simpy.Interrupt:  # flushed while running: the device stops at once
                 job, duration = self.current, env.now - self.start_us
             self.current = None
-            if job.parts is not None:  # a sweep's passes (`Simulation._sweep`, which traced them): all useful
+            if isinstance(job, _Swept):  # a sweep's passes (`Simulation._sweep`, which traced them): all useful
                 for duration in job.parts:
                     self.busy_us += duration
                     self.useful_us += duration
@@ -348,7 +360,7 @@ class Simulation:
         self.trace: list[dict[str, Any]] | None = [] if trace_limit > 0 else None
         self.trace_limit = trace_limit
         self._costs: dict[tuple[str, int, int], PassCost] = {}
-        self._timelines: dict[tuple[str, int, int], tuple[tuple[int, float, float], ...] | None] = {}
+        self._timelines: dict[tuple[str, int, int], _Timeline | None] = {}
         self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0,
                        "ticks": 0}  # fmt: skip
         self._tick_costs: dict[tuple, tuple[float, tuple[float, ...]]] = {}
@@ -482,20 +494,16 @@ class Simulation:
             for row in active:
                 row.limit = row.drawn if row.drawn is not None else round_budget(row.policy, row.remaining)
                 row.drafted, row.accepted, row.all_match, row.drawn = 0, 0, True, None
-            if chain and not any(r.limit for r in active):
+            if chain and not any([r.limit for r in active]):
                 yield from self._zero_draft_rounds(active)
                 active = [r for r in active if r.remaining > 0]
                 continue
-            # A row's drafts do not depend on when they run: the round's draft steps are drawn first.
-            drafting = [r for r in active if r.limit > 0]
-            context = self._context(active)
-            passes, batch = [], len(active)
-            while drafting:
-                passes.append((draft, context, batch))
-                context += 1
-                drafting = [r for r in drafting if self._draft_one(r)]
+            # A row's drafts depend neither on when they run nor on the other rows: each row's are drawn first.
+            drafts = max([self._draft_row(row) for row in active])
+            context, batch = self._context(active), len(active)
+            passes = [(draft, context + step, batch) for step in range(drafts)]
             # 2. Verify the k drafts (layers [0, E) for the last one, [E, L) for all k + 1) and emit.
-            passes.append((self._verify_pass(max([r.drafted for r in active])), context, batch))
+            passes.append((self._verify_pass(drafts), context + drafts, batch))
             yield from self._passes(passes)
             counts = self.counts
             for row in active:
@@ -547,13 +555,23 @@ class Simulation:
                     counts["tokens"] += 1
         yield from self._passes(passes)
 
-    def _draft_one(self, row: BatchRow) -> bool:
-        """Draw the row's next draft; returns whether the row drafts again this round."""
-        match, confidence = row.stream.draft(row.generated - 1 + row.drafted + 1, row.drafted)
-        row.drafted += 1
-        row.all_match = row.all_match and match
-        row.accepted += row.all_match
-        return row.drafted < row.limit and row.policy.keep_drafting(row.drafted, confidence)
+    @staticmethod
+    def _draft_row(row: BatchRow) -> int:
+        """Draw the row's drafts of this round, up to its budget or until its policy stops (the round's draft steps
+        run while any row drafts); returns how many."""
+        if row.limit <= 0:
+            return 0
+        stream, policy, limit, position = row.stream, row.policy, row.limit, row.generated
+        drafted, accepted, all_match = 0, 0, True
+        while True:
+            match, confidence = stream.draft(position + drafted, drafted)
+            drafted += 1
+            all_match = all_match and match
+            accepted += all_match
+            if drafted >= limit or not policy.keep_drafting(drafted, confidence):
+                break
+        row.drafted, row.accepted, row.all_match = drafted, accepted, all_match
+        return drafted
 
     def _ppsd(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         plan = self.plan
@@ -781,15 +799,13 @@ class Simulation:
         (with the last stage's process, where that is when it ends). Passes are traced here, in the order their
         ends would be. The event for the main process; None (nothing done) where a pass starts past stage 1, takes
         no time (so that ends could tie), or an end would not fall at its time."""
-        now, stages, timelines = self.env._now, self.stages, self._timelines
+        now, stages = self.env._now, self.stages
         parts: list[list[float]] = [[] for _ in stages]
         ends = [0.0] * len(stages)
         spans: list[tuple[int, float, float, Pass, int, int]] | None = None if self.trace is None else []
         at, index = now, 0
         for work, context, batch in passes:
-            timeline = timelines.get((work.name, context, batch), _UNKNOWN)
-            if timeline is _UNKNOWN:
-                timeline = self._timeline(work, context, batch)
+            timeline = self._timeline(work, context, batch)
             if timeline is None:
                 return None
             for index, duration, after in timeline:  # noqa: B007 (index: the last part's stage, below)
@@ -812,9 +828,7 @@ class Simulation:
                 self.span(stage, start, duration, work.name, context, batch, False)
         for stage in taking_part:
             here = stages[stage]
-            job = Job(self.epoch, 0, (), (), stage, stage, None)  # type: ignore[arg-type]
-            job.parts = parts[stage]
-            wake, here.waiting, here.current = here.waiting, None, job
+            wake, here.waiting, here.current = here.waiting, None, _Swept(self.epoch, parts[stage])
             wake.at_end(ends[stage] - now)  # type: ignore[union-attr]
         if at == ends[index]:  # the main process wakes with the last pass's stage, after it
             return wake
@@ -822,17 +836,21 @@ class Simulation:
         wake.at_end(at - now)
         return wake
 
-    def _timeline(self, work: Pass, context_len: int, batch: int) -> tuple[tuple[int, float, float], ...] | None:
+    def _timeline(self, work: Pass, context_len: int, batch: int) -> _Timeline | None:
         """A pass's stages for a sweep: (stage, µs, µs after it: the link to the next stage, or the token ids back
         to stage 1 after the last), None where it cannot be swept (it starts past stage 1, or a stage takes no
-        time). Cached by (name, context, batch)."""
+        time). Cached as `_cost`."""
+        key = (work.name, self._context_of(context_len, work.phase), batch)
+        timeline = self._timelines.get(key, _UNKNOWN)
+        if timeline is not _UNKNOWN:
+            return timeline  # type: ignore[return-value]
         first, last, durations, link_bytes = self._cost(work, context_len, batch)
-        timeline: tuple[tuple[int, float, float], ...] | None = None
+        timeline = None
         if first == 0 and all([duration > 0.0 for duration in durations]):
             afters = [self.links[i].delay_us(link_bytes[i]) for i in range(last)]
             afters.append(self.return_link.delay_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0)
             timeline = tuple((i, durations[i], max(afters[i], 0.0)) for i in range(last + 1))
-        self._timelines[(work.name, context_len, batch)] = timeline
+        self._timelines[key] = timeline
         return timeline
 
     def _forward(self, job: Job, stage: int) -> None:

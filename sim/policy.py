@@ -27,6 +27,7 @@ ratio (`make_policy(..., cost_ratio=...)`) is used, else `DEFAULT_COST_RATIO`. `
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -149,14 +150,27 @@ def expected_tokens_per_cost(theta: float, draft_len: int, cost_ratio: float) ->
 
 def best_draft_len(theta: float, cost_ratio: float, max_draft_len: int) -> int:
     """k*(θ) = argmax over k in [0, max_draft_len] of `expected_tokens_per_cost` (smallest k on ties). One loop with
-    the same arithmetic: Thompson sampling calls it every round, in the simulator's hot path."""
+    the same arithmetic (each round's cost k·c + 1 worked out once per c and max): Thompson sampling calls it every
+    round, in the simulator's hot path."""
     best_k, best = 0, expected_tokens_per_cost(theta, 0, cost_ratio)
-    for k in range(1, max_draft_len + 1):
-        tokens = k + 1.0 if theta >= 1.0 else (1.0 - theta ** (k + 1)) / (1.0 - theta)
-        value = tokens / (k * cost_ratio + 1.0)
+    if theta >= 1.0:
+        for k, _, cost in _round_costs(cost_ratio, max_draft_len):
+            value = (k + 1.0) / cost
+            if value > best:
+                best_k, best = k, value
+        return best_k
+    rest = 1.0 - theta
+    for k, power, cost in _round_costs(cost_ratio, max_draft_len):
+        value = (1.0 - theta**power) / rest / cost
         if value > best:
             best_k, best = k, value
     return best_k
+
+
+@functools.lru_cache(maxsize=256)
+def _round_costs(cost_ratio: float, max_draft_len: int) -> tuple[tuple[int, int, float], ...]:
+    """(k, k + 1, k·c + 1) for k in 1..max_draft_len: a round's drafts, the power of θ and its cost in verify passes."""
+    return tuple((k, k + 1, k * cost_ratio + 1.0) for k in range(1, max_draft_len + 1))
 
 
 @dataclass
