@@ -169,15 +169,11 @@ class _Landing(simpy.Event):
         self.env, self.callbacks, self._value, self._ok = env, [arrive], job, True
 
 
-class _HandOff:
-    """A hand-off made while a stage process ends a job, settled when that process is about to wait again
-    (`Simulation.settle`): a link's delivery to `stage` at `at_us` (`job` set), or the wake-up of `stage`, idle,
-    now (`wake` set). `eid` is the place in SimPy's event queue its event takes if it gets one (taken when made)."""
-
-    __slots__ = ("at_us", "eid", "stage", "job", "wake")
-
-    def __init__(self, at_us: float, eid: int, stage: Stage, job: Job | None, wake: _Wake | None) -> None:
-        self.at_us, self.eid, self.stage, self.job, self.wake = at_us, eid, stage, job, wake
+# A hand-off made while a stage process ends a job, settled when that process is about to wait again
+# (`Simulation.settle`): (at µs, eid, stage, job, wake): a link's delivery of `job` to `stage` at `at` (wake None), or
+# the wake-up of `stage`, idle, now (job None). `eid` is the place in SimPy's event queue its event takes if it gets
+# one, taken when the hand-off is made.
+_HandOff = tuple[float, int, "Stage", "Job | None", "_Wake | None"]
 
 
 class Stage:
@@ -210,14 +206,14 @@ class Stage:
         if job.epoch != sim.epoch:  # flushed before it arrived: the stage skips it and waits on
             return
         self.waiting = None
-        if last_act and not sim.hand_offs and env.peek() > env.now:
-            self.current, self.start_us = job, env.now
+        if last_act and not sim.hand_offs and env.peek() > env._now:
+            self.current, self.start_us = job, env._now
             self.duration_us = duration = job.durations[self.index - job.first_stage]
             wake.at_end(duration)
             return
         self.items.append(job)
         if sim.settling:
-            sim.hand_offs.append(_HandOff(env.now, next(env._eid), self, None, wake))
+            sim.hand_offs.append((env._now, next(env._eid), self, None, wake))
         else:
             wake.succeed()
 
@@ -229,7 +225,7 @@ class Stage:
         """Start `job`, landing here at `at_us` (now or later) while the stage is idle, without an event for the
         landing: the settled hand-off's condition (nothing due before then) makes the landing the next event, which
         would start the job at once. False (nothing done) where the job's end time would differ."""
-        now = self.env.now
+        now = self.env._now
         duration = job.durations[self.index - job.first_stage]
         end = at_us + duration
         delay = end - now
@@ -247,7 +243,7 @@ class Stage:
         while items:
             job = items.popleft()
             if job.epoch == sim.epoch:
-                self.current, self.start_us = job, self.env.now
+                self.current, self.start_us = job, self.env._now
                 self.duration_us = duration = job.durations[self.index - job.first_stage]
                 wake.at_end(duration)
                 return
@@ -260,36 +256,34 @@ class Stage:
                 job = items.popleft()
                 if job.epoch != sim.epoch:  # flushed while queued
                     continue
-                self.current, self.start_us = job, env.now
+                self.current, self.start_us = job, env._now
                 self.duration_us = duration = job.durations[index - job.first_stage]
                 event: simpy.Event = simpy.Timeout(env, duration)
             else:
                 event = self.waiting = _Wake(env)
             if sim.settling:
-                sim.settle()
+                sim.settling = False
+                if sim.hand_offs:
+                    sim.settle()
             try:
                 yield event
                 job, duration = self.current, self.duration_us
                 if job is None:  # woken to start the job now queued
                     continue
             except simpy.Interrupt:  # flushed while running: the device stops at once
-                job, duration = self.current, env.now - self.start_us
+                job, duration = self.current, env._now - self.start_us
             self.current = None
             if isinstance(job, _Swept):  # a sweep's passes (`Simulation._sweep`, which traced them): all useful
                 for duration in job.parts:
                     self.busy_us += duration
                     self.useful_us += duration
                 continue
-            self._book(job, duration)
+            self.busy_us += duration
+            if sim.trace is not None:
+                sim.record(index, self.start_us, duration, job)
             if job.epoch == sim.epoch:
                 sim.settling = sim.shortcuts
                 job.on_done(job, index)
-
-    def _book(self, job: Job, duration: float) -> None:
-        """The stage's busy (and traced) time on `job`, run for `duration`."""
-        self.busy_us += duration
-        if self.sim.trace is not None:
-            self.sim.record(self.index, self.start_us, duration, job)
 
     def abort_stale(self, at_once: bool) -> None:
         """Stop the stage's job if a flush made it stale: the device stops now. SimPy's interrupt does it in an event
@@ -303,8 +297,10 @@ class Stage:
             process.interrupt()
             return
         process._target.callbacks.remove(process._resume)
-        self.current = None
-        self._book(job, self.env.now - self.start_us)
+        self.current, duration = None, self.env._now - self.start_us
+        self.busy_us += duration
+        if sim.trace is not None:
+            sim.record(self.index, self.start_us, duration, job)
         items.clear()
         wake = self.waiting = _Wake(self.env)
         wake.callbacks.append(process._resume)  # type: ignore[union-attr]
@@ -327,7 +323,8 @@ class SimLink:
 
     def put(self, item: Job, nbytes: int, last_act: bool = False) -> None:
         """Send `item`; `last_act` as for `Stage.put`, said by the sender. Sent by a stage process ending a job, the
-        delivery is settled when that process waits again (`Simulation.settle`)."""
+        delivery is settled as `Simulation.settle` does: at once where it is the last act, else when that process
+        waits again."""
         delay_us = self._delay_us.get(nbytes)
         if delay_us is None:
             delay_us = self.delay_us(nbytes)
@@ -335,10 +332,14 @@ class SimLink:
             self.target.put(item, last_act)
             return
         sim, env = self.sim, self.env
-        if sim.settling:
-            sim.hand_offs.append(_HandOff(env.now + delay_us, next(env._eid), self.target, item, None))
-        else:
+        if not sim.settling:
             simpy.Timeout(env, delay_us, item).callbacks.append(self._arrive)
+            return
+        hand_off = (env._now + delay_us, next(env._eid), self.target, item, None)
+        if last_act and not sim.hand_offs:
+            sim.settle_one(hand_off)
+        else:
+            sim.hand_offs.append(hand_off)
 
 
 class Simulation:
@@ -392,35 +393,36 @@ class Simulation:
 
     def settle(self) -> None:
         """Settle the hand-offs a stage process made while ending a job, now that it is about to wait again (the
-        event being processed schedules nothing more). One whose event would be the next one processed (nothing
-        due in the queue until its time; hand-offs taken in the order their events would be) starts its job without
-        that event, scheduling the job's end as the event would: at the same time, after every event now queued (as
-        nothing else happens in between). Any other gets its event, at the place in the queue taken when it was
-        made, so that events of the same time keep their order."""
-        self.settling = False
+        event being processed schedules nothing more), in the order their events would be processed."""
         hand_offs = self.hand_offs
-        if not hand_offs:
-            return
         if len(hand_offs) > 1:
             hand_offs.sort(key=_hand_off_order)
-        env = self.env
-        queue = env._queue
         for hand_off in hand_offs:
-            at_us, stage, job, wake = hand_off.at_us, hand_off.stage, hand_off.job, hand_off.wake
-            first_due = queue[0][0] if queue else _NEVER
-            if wake is not None:  # an idle stage's wake-up now
-                if first_due > at_us:
-                    stage.start_queued(wake)
-                    continue
-                wake._ok, wake._value = True, None
-                event: simpy.Event = wake
-            else:  # a link's delivery
-                fresh = job.epoch == self.epoch  # type: ignore[union-attr]
-                if first_due > at_us and stage.waiting is not None and fresh and stage.start_at(job, at_us):  # type: ignore[arg-type]
-                    continue
-                event = _Landing(env, job, stage.arrive)  # type: ignore[arg-type]
-            heappush(queue, (at_us, NORMAL, hand_off.eid, event))
+            self.settle_one(hand_off)
         hand_offs.clear()
+
+    def settle_one(self, hand_off: _HandOff) -> None:
+        """Settle a hand-off after which the event being processed schedules nothing more (but the hand-offs after
+        it). Where its event would be the next one processed (nothing due in the queue until its time), its job
+        starts without that event, the job's end scheduled as the event would schedule it: at the same time, after
+        every event now queued (nothing else happens in between). Otherwise it gets its event, at the place in the
+        queue taken when it was made, so that events of the same time keep their order."""
+        at_us, eid, stage, job, wake = hand_off
+        queue = self.env._queue
+        first_due = queue[0][0] if queue else _NEVER
+        if wake is not None:  # an idle stage's wake-up now
+            if first_due > at_us:
+                stage.start_queued(wake)
+                return
+            wake._ok, wake._value = True, None
+            event: simpy.Event = wake
+        else:  # a link's delivery
+            assert job is not None
+            idle, fresh = stage.waiting is not None, job.epoch == self.epoch
+            if first_due > at_us and idle and fresh and stage.start_at(job, at_us):
+                return
+            event = _Landing(self.env, job, stage.arrive)
+        heappush(queue, (at_us, NORMAL, eid, event))
 
     def record(self, stage: int, start_us: float, duration_us: float, job: Job) -> None:
         if self.trace is not None and len(self.trace) < self.trace_limit:
@@ -621,8 +623,8 @@ class Simulation:
     def _ppsd_stage_done(self, job: Job, stage: int) -> None:
         if stage == 0:
             self._ppsd_draft(job)
-        if stage < job.last_stage:
-            self.links[stage].put(job, job.link_bytes[stage])
+        if stage < job.last_stage:  # the stage schedules nothing after this hand-off where it has nothing queued
+            self.links[stage].put(job, job.link_bytes[stage], self.shortcuts and not self.stages[stage].items)
         else:
             self._ppsd_exit(job)
 
@@ -899,7 +901,7 @@ class Simulation:
 
 
 def _hand_off_order(hand_off: _HandOff) -> tuple[float, int]:
-    return hand_off.at_us, hand_off.eid
+    return hand_off[0], hand_off[1]
 
 
 def events_per_token(plan: SimPlan, shortcuts: bool = True) -> float:
