@@ -156,9 +156,10 @@ class _Wake(simpy.Event):
     job started without waking the process (`at_end`)."""
 
     def at_end(self, delay_us: float) -> None:
-        """Fire after `delay_us`, as a `simpy.Timeout` of that delay created now would."""
+        """Fire after `delay_us`, as a `simpy.Timeout` of that delay created now would (`Environment.schedule`)."""
         self._ok, self._value = True, None
-        self.env.schedule(self, NORMAL, delay_us)
+        env = self.env
+        heappush(env._queue, (env._now + delay_us, NORMAL, next(env._eid), self))
 
 
 class _Landing(simpy.Event):
@@ -181,7 +182,7 @@ class Stage:
 
     A job reaching an idle stage wakes its process, which starts the job at once. Where that wake-up (or a link's
     delivery that would wake it) would be the very next event, the job starts without it: the stage schedules the
-    wake for the job's end, the same times and order of events with fewer of them (`put`, `start_at`)."""
+    wake for the job's end, the same times and order of events with fewer of them (`put`, `land`)."""
 
     def __init__(self, sim: Simulation, index: int) -> None:
         self.sim, self.index, self.env = sim, index, sim.env
@@ -221,20 +222,25 @@ class Stage:
         """A link's delivery (the only callback of its event, which schedules nothing else)."""
         self.put(event._value, self.sim.shortcuts)
 
-    def start_at(self, job: Job, at_us: float) -> bool:
-        """Start `job`, landing here at `at_us` (now or later) while the stage is idle, without an event for the
-        landing: the settled hand-off's condition (nothing due before then) makes the landing the next event, which
-        would start the job at once. False (nothing done) where the job's end time would differ."""
-        now = self.env._now
-        duration = job.durations[self.index - job.first_stage]
-        end = at_us + duration
-        delay = end - now
-        if now + delay != end:
-            return False
-        wake, self.waiting = self.waiting, None
-        self.current, self.start_us, self.duration_us = job, at_us, duration
-        wake.at_end(delay)  # type: ignore[union-attr]
-        return True
+    def land(self, job: Job, at_us: float, eid: int) -> None:
+        """A link's delivery of `job` here at `at_us`, settled after the event being processed schedules nothing
+        more (but the hand-offs settled after it; `Simulation.settle`). Where its event would be the next one
+        processed (the stage idle, nothing due in the queue until then), the job starts without that event, its end
+        scheduled as the event would schedule it: at the same time, after every event now queued (nothing else
+        happens in between). Otherwise it gets its event, at the place `eid` in the queue taken when it was sent,
+        so that events of the same time keep their order."""
+        env, wake = self.env, self.waiting
+        queue = env._queue
+        if wake is not None and job.epoch == self.sim.epoch and (not queue or queue[0][0] > at_us):
+            now = env._now
+            duration = job.durations[self.index - job.first_stage]
+            end = at_us + duration
+            delay = end - now
+            if now + delay == end:  # else the job's end would not fall at its time
+                self.waiting, self.current, self.start_us, self.duration_us = None, job, at_us, duration
+                wake.at_end(delay)
+                return
+        heappush(queue, (at_us, NORMAL, eid, _Landing(env, job, self.arrive)))
 
     def start_queued(self, wake: _Wake) -> None:
         """What the process woken by `wake` now would do: start the first job queued that is not flushed, or wait
@@ -335,11 +341,10 @@ class SimLink:
         if not sim.settling:
             simpy.Timeout(env, delay_us, item).callbacks.append(self._arrive)
             return
-        hand_off = (env._now + delay_us, next(env._eid), self.target, item, None)
         if last_act and not sim.hand_offs:
-            sim.settle_one(hand_off)
+            self.target.land(item, env._now + delay_us, next(env._eid))
         else:
-            sim.hand_offs.append(hand_off)
+            sim.hand_offs.append((env._now + delay_us, next(env._eid), self.target, item, None))
 
 
 class Simulation:
@@ -393,36 +398,22 @@ class Simulation:
 
     def settle(self) -> None:
         """Settle the hand-offs a stage process made while ending a job, now that it is about to wait again (the
-        event being processed schedules nothing more), in the order their events would be processed."""
+        event being processed schedules nothing more), in the order their events would be processed: a link's
+        delivery as `Stage.land` says; an idle stage's wake-up now, where nothing else is due now, as the woken
+        process would act at once (`Stage.start_queued`), else as its event, at the place taken when it was made."""
         hand_offs = self.hand_offs
         if len(hand_offs) > 1:
             hand_offs.sort(key=_hand_off_order)
-        for hand_off in hand_offs:
-            self.settle_one(hand_off)
-        hand_offs.clear()
-
-    def settle_one(self, hand_off: _HandOff) -> None:
-        """Settle a hand-off after which the event being processed schedules nothing more (but the hand-offs after
-        it). Where its event would be the next one processed (nothing due in the queue until its time), its job
-        starts without that event, the job's end scheduled as the event would schedule it: at the same time, after
-        every event now queued (nothing else happens in between). Otherwise it gets its event, at the place in the
-        queue taken when it was made, so that events of the same time keep their order."""
-        at_us, eid, stage, job, wake = hand_off
         queue = self.env._queue
-        first_due = queue[0][0] if queue else _NEVER
-        if wake is not None:  # an idle stage's wake-up now
-            if first_due > at_us:
+        for at_us, eid, stage, job, wake in hand_offs:
+            if wake is None:  # a link's delivery
+                stage.land(job, at_us, eid)  # type: ignore[arg-type]
+            elif queue and queue[0][0] <= at_us:  # an idle stage's wake-up now, with something else due first
+                wake._ok, wake._value = True, None
+                heappush(queue, (at_us, NORMAL, eid, wake))
+            else:
                 stage.start_queued(wake)
-                return
-            wake._ok, wake._value = True, None
-            event: simpy.Event = wake
-        else:  # a link's delivery
-            assert job is not None
-            idle, fresh = stage.waiting is not None, job.epoch == self.epoch
-            if first_due > at_us and idle and fresh and stage.start_at(job, at_us):
-                return
-            event = _Landing(self.env, job, stage.arrive)
-        heappush(queue, (at_us, NORMAL, eid, event))
+        hand_offs.clear()
 
     def record(self, stage: int, start_us: float, duration_us: float, job: Job) -> None:
         if self.trace is not None and len(self.trace) < self.trace_limit:
