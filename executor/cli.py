@@ -20,10 +20,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("executor.generate_cli", "generate text with AR, EESD or PPSD and print the run's stats"),
     "train-head": (
         "executor.train_head_cli",
-        "self-distil a one-layer exit head, or rank a vocabulary subset (--vocab-subset N), as safetensors",
+        "self-distil exit heads (a decoder layer or an attention adapter, optionally over a draft vocabulary), "
+        "or rank a vocabulary subset (--vocab-subset N), as safetensors",
     ),
     "simulate": ("sim.cli", "simulate AR / EESD / PPSD from a scenario YAML (torch-free)"),
-    "calibrate": ("calibrate.cli", "measure latency profiles, acceptance traces and link profiles for the simulator"),
+    "calibrate": (
+        "calibrate.cli",
+        "measure latency, acceptance traces, links and co-located stages' contention for the simulator",
+    ),
     "validate": ("calibrate.validate_cli", "check the simulator's predictions against the executor on this machine"),
     "corpus": (
         "executor.corpus_cli",
