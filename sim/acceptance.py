@@ -4,9 +4,10 @@ A model hands out one `AcceptanceStream` per request; `stream.draft(position, in
 (match, confidence) for the draft of generated token `position` (0-based; token 0 comes from prefill), where
 `index_in_round` counts the drafts since the round (EESD) or the last flush (PPSD) began, from 0. Confidence is the
 exit head's top-1 probability in [0, 1]; models without one set `has_confidence = False` and return their α.
-Randomness only from the `random.Random` passed to `stream`. The random models draw one uniform per position (in
-position order), so a position's draft is the same whichever round drafts it, just as in a replayed trace, and a
-larger α accepts a superset of positions under the same seed (common random numbers make sweeps over α monotone).
+Randomness only from the `random.Random` passed to `stream`, which the stream owns (it draws ahead). The random models
+draw one uniform per position (in position order), so a position's draft is the same whichever round drafts it, just
+as in a replayed trace, and a larger α accepts a superset of positions under the same seed (common random numbers make
+sweeps over α monotone).
 
 - `BernoulliAcceptance(alpha)`: i.i.d. matches. With `confidence_sharpness=s` the confidence is drawn
   calibrated: conf ~ Beta(α·s, (1 − α)·s) and match ~ Bernoulli(conf), so the mean acceptance is still α.
@@ -61,8 +62,12 @@ class BernoulliAcceptance:
         return _BernoulliStream(rng, self.alpha, self.confidence_sharpness)
 
 
+DRAW_AHEAD = 64  # positions drawn beyond the one asked for (the same draws, fewer calls)
+
+
 class _Uniforms:
-    """One uniform (and optionally one Beta draw) per position, drawn lazily in position order."""
+    """One uniform (and optionally one Beta draw) per position, drawn lazily in position order, `DRAW_AHEAD` at a
+    time."""
 
     def __init__(self, rng: random.Random, alpha: float = 0.0, sharpness: float | None = None) -> None:
         self.rng, self.alpha, self.sharpness = rng, alpha, sharpness
@@ -70,11 +75,14 @@ class _Uniforms:
         self.confidence: list[float] = []
 
     def extend(self, position: int) -> None:
-        rng, a, s = self.rng, self.alpha, self.sharpness
-        while len(self.u) <= position:
+        rng, a, s, end = self.rng, self.alpha, self.sharpness, position + DRAW_AHEAD
+        if s is None:
+            uniform = rng.random
+            self.u.extend([uniform() for _ in range(end + 1 - len(self.u))])
+            return
+        while len(self.u) <= end:
             self.u.append(rng.random())
-            if s is not None:
-                self.confidence.append(a if a in (0.0, 1.0) else rng.betavariate(a * s, (1.0 - a) * s))
+            self.confidence.append(a if a in (0.0, 1.0) else rng.betavariate(a * s, (1.0 - a) * s))
 
 
 class _BernoulliStream(_Uniforms):

@@ -280,9 +280,11 @@ class Stage:
                 job, duration = self.current, env._now - self.start_us
             self.current = None
             if isinstance(job, _Swept):  # a sweep's passes (`Simulation._sweep`, which traced them): all useful
+                busy, useful = self.busy_us, self.useful_us
                 for duration in job.parts:
-                    self.busy_us += duration
-                    self.useful_us += duration
+                    busy += duration
+                    useful += duration
+                self.busy_us, self.useful_us = busy, useful
                 continue
             self.busy_us += duration
             if sim.trace is not None:
@@ -367,6 +369,7 @@ class Simulation:
         self.trace_limit = trace_limit
         self._costs: dict[tuple[str, int, int], PassCost] = {}
         self._timelines: dict[tuple[str, int, int], _Timeline | None] = {}
+        self._timelines_at: dict[tuple[str, int, int], _Timeline | None] = {}  # by the context attended, not rounded
         self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0,
                        "ticks": 0}  # fmt: skip
         self._tick_costs: dict[tuple, tuple[float, tuple[float, ...]]] = {}
@@ -792,23 +795,22 @@ class Simulation:
         (with the last stage's process, where that is when it ends). Passes are traced here, in the order their
         ends would be. The event for the main process; None (nothing done) where a pass starts past stage 1, takes
         no time (so that ends could tie), or an end would not fall at its time."""
-        now, stages = self.env._now, self.stages
+        now, stages, timelines, slots = self.env._now, self.stages, self._timelines_at, self.plan.cache_slots
         parts: list[list[float]] = [[] for _ in stages]
         ends = [0.0] * len(stages)
-        spans: list[tuple[int, float, float, Pass, int, int]] | None = None if self.trace is None else []
         at, index = now, 0
         for work, context, batch in passes:
-            timeline = self._timeline(work, context, batch)
+            attended = slots if slots and work.phase != "prefill" else context  # as `_context_of`, not rounded
+            timeline = timelines.get((work.name, attended, batch), _UNKNOWN)
+            if timeline is _UNKNOWN:
+                timeline = timelines[work.name, attended, batch] = self._timeline(work, context, batch)
             if timeline is None:
                 return None
             for index, duration, after in timeline:  # noqa: B007 (index: the last part's stage, below)
                 parts[index].append(duration)
-                if spans is not None:
-                    spans.append((index, at, duration, work, context, batch))
                 at += duration
                 ends[index] = at
-                if after:
-                    at += after
+                at += after  # exact where 0 (no link, or the last pass of a stage-1 sweep)
         taking_part = [index for index, own in enumerate(parts) if own]
         for stage in taking_part:
             end = ends[stage]
@@ -816,9 +818,8 @@ class Simulation:
                 return None
         if now + (at - now) != at:
             return None
-        if spans is not None:
-            for stage, start, duration, work, context, batch in spans:
-                self.span(stage, start, duration, work.name, context, batch, False)
+        if self.trace is not None:
+            self._trace_sweep(passes, now)
         for stage in taking_part:
             here = stages[stage]
             wake, here.waiting, here.current = here.waiting, None, _Swept(self.epoch, parts[stage])
@@ -828,6 +829,15 @@ class Simulation:
         wake = _Wake(self.env)
         wake.at_end(at - now)
         return wake
+
+    def _trace_sweep(self, passes: list[tuple[Pass, int, int]], now: float) -> None:
+        """Trace a sweep's passes (`_sweep`, which has their timelines) in the order their ends would be: as run."""
+        at = now
+        for work, context, batch in passes:
+            for index, duration, after in self._timeline(work, context, batch) or ():
+                self.span(index, at, duration, work.name, context, batch, False)
+                at += duration
+                at += after
 
     def _timeline(self, work: Pass, context_len: int, batch: int) -> _Timeline | None:
         """A pass's stages for a sweep: (stage, µs, µs after it: the link to the next stage, or the token ids back

@@ -149,22 +149,18 @@ def expected_tokens_per_cost(theta: float, draft_len: int, cost_ratio: float) ->
 
 
 def best_draft_len(theta: float, cost_ratio: float, max_draft_len: int) -> int:
-    """k*(θ) = argmax over k in [0, max_draft_len] of `expected_tokens_per_cost` (smallest k on ties). One loop with
-    the same arithmetic (each round's cost k·c + 1 worked out once per c and max): Thompson sampling calls it every
-    round, in the simulator's hot path."""
-    best_k, best = 0, expected_tokens_per_cost(theta, 0, cost_ratio)
+    """k*(θ) = argmax over k in [0, max_draft_len] of `expected_tokens_per_cost` (smallest k on ties). The same
+    arithmetic, each round's cost k·c + 1 worked out once per (c, max), the values of k >= 1 in one list whose first
+    maximum (`max` keeps the first of equals, as a loop taking only a larger value does) beats k = 0 or not: Thompson
+    sampling calls it every round, in the simulator's hot path."""
+    costs = _round_costs(cost_ratio, max_draft_len)
     if theta >= 1.0:
-        for k, _, cost in _round_costs(cost_ratio, max_draft_len):
-            value = (k + 1.0) / cost
-            if value > best:
-                best_k, best = k, value
-        return best_k
-    rest = 1.0 - theta
-    for k, power, cost in _round_costs(cost_ratio, max_draft_len):
-        value = (1.0 - theta**power) / rest / cost
-        if value > best:
-            best_k, best = k, value
-    return best_k
+        values = [(k + 1.0) / cost for k, _, cost in costs]
+    else:
+        rest = 1.0 - theta
+        values = [(1.0 - theta**power) / rest / cost for _, power, cost in costs]
+    top = max(values)
+    return values.index(top) + 1 if top > expected_tokens_per_cost(theta, 0, cost_ratio) else 0
 
 
 @functools.lru_cache(maxsize=256)
