@@ -353,8 +353,9 @@ class Simulation:
     """One run of a plan; `run()` returns a `RunResult`. Create a new object per run."""
 
     def __init__(self, plan: SimPlan, trace_limit: int = 0, shortcuts: bool = True) -> None:
-        """`shortcuts`: the hand-offs that spare an event where that cannot change a result (`Stage`, `_passes`,
-        `_done`); False runs each as its own event, the reference the tests hold the shortcuts to."""
+        """`shortcuts`: the hand-offs that spare an event where that cannot change a result (`Stage.put`,
+        `Stage.land`, `settle`, `_sweep`, `_done`, a flush at once: see the module docstring); False runs each as its
+        own event, the reference the tests hold the shortcuts to."""
         self.plan = plan
         self.shortcuts = shortcuts
         self.env = simpy.Environment()

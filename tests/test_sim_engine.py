@@ -329,16 +329,20 @@ def test_the_event_saving_hand_offs_change_no_result(p: SimPlan, traced: bool) -
 
 
 @pytest.mark.parametrize(
-    ("method", "n_stages", "most", "reference_least"),
-    [("ar", 4, 0.7, 13.0), ("ar", 1, 0.15, 3.0), ("eesd", 1, 0.35, 4.0), ("eesd", 2, 1, 5.5), ("ppsd", 4, 11, 14.5)],
-)
-def test_events_per_token(method: str, n_stages: int, most: float, reference_least: float) -> None:
-    """What the simulator's speed rests on: SimPy events per simulated token (alpha 0.8, links of 1 µs), at most
-    `most`; `reference_least` or more with every hand-off its own event. A block of AR steps up to a host read (8
-    steps) and an EESD round are one sweep: one event per stage taking part and one for the main process, shared
-    with the last stage's where no token ids come back over a link (one stage). PPSD wakes each stage at the end of
-    each job; its balanced stages of whole µs put other events at a landing's time, which keeps most landings."""
+    ("method", "n_stages", "most", "reference_least", "stage_1_us"),
+    [("ar", 4, 0.7, 13.0, 10.0), ("ar", 1, 0.15, 3.0, 10.0), ("eesd", 1, 0.35, 4.0, 10.0), ("eesd", 2, 1, 5.5, 10.0),
+     ("ppsd", 4, 11, 14.5, 10.0), ("ppsd", 4, 5.5, 13.0, 12.0)],
+)  # fmt: skip
+def test_events_per_token(method: str, n_stages: int, most: float, reference_least: float, stage_1_us: float) -> None:
+    """What the simulator's speed rests on: SimPy events per simulated token (alpha 0.8, links of 1 µs, stage 1's
+    layers `stage_1_us` and the others' 10 µs), at most `most`; `reference_least` or more with every hand-off its
+    own event. A block of AR steps up to a host read (8 steps) and an EESD round are one sweep: one event per stage
+    taking part and one for the main process, shared with the last stage's where no token ids come back over a link
+    (one stage). PPSD wakes each stage at the end of each job: with stage 1 the slowest (as its exit head makes it)
+    every landing starts its job without an event of its own; balanced stages of whole µs put other events at a
+    landing's time, which keeps most landings."""
     p = plan(method, 0.8, n_stages, output_len=400, link=LinkSpec("test", 1.0, None),
-             exit_layer=6 if method == "eesd" and n_stages == 1 else None)  # fmt: skip
+             exit_layer=6 if method == "eesd" and n_stages == 1 else None,
+             layer_us=[stage_1_us] + [10.0] * (n_stages - 1))  # fmt: skip
     assert events_per_token(p, True) <= most
     assert events_per_token(p, False) >= reference_least
