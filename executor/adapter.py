@@ -127,7 +127,9 @@ LARGE_HEAD_ROWS = 4096
 def head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for an output head, with the faster CPU kernel order for a few rows."""
     rows = x.shape[:-1].numel()
-    if x.device.type != "cpu" or rows not in FEW_ROWS or weight.shape[0] < LARGE_HEAD_ROWS or x.requires_grad:
+    few = rows in FEW_ROWS and weight.shape[0] >= LARGE_HEAD_ROWS and not x.requires_grad
+    # compiled (capture="freeze"): Inductor picks the kernel; its CPU GEMM template packs F.linear's weight operand
+    if x.device.type != "cpu" or not few or torch.compiler.is_compiling():
         return torch.nn.functional.linear(x, weight, bias)
     out = torch.mm(weight, x.reshape(rows, x.shape[-1]).T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
