@@ -164,9 +164,10 @@ def best_draft_len(theta: float, cost_ratio: float, max_draft_len: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _round_costs(cost_ratio: float, max_draft_len: int) -> tuple[tuple[int, int, float], ...]:
-    """(k, k + 1, k·c + 1) for k in 1..max_draft_len: a round's drafts, the power of θ and its cost in verify passes."""
-    return tuple((k, k + 1, k * cost_ratio + 1.0) for k in range(1, max_draft_len + 1))
+def _round_costs(cost_ratio: float, max_draft_len: int) -> tuple[tuple[int, float, float], ...]:
+    """(k, k + 1, k·c + 1) for k in 1..max_draft_len: a round's drafts, the power of θ (a float: `float ** int` takes
+    the int as that float, so the power is the same, at less cost) and the round's cost in verify passes."""
+    return tuple((k, k + 1.0, k * cost_ratio + 1.0) for k in range(1, max_draft_len + 1))
 
 
 @dataclass
