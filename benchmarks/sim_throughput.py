@@ -1,4 +1,4 @@
-"""Simulator throughput: simulated tokens per second of wall time, one process (= one core).
+"""Simulator throughput: simulated tokens per second of CPU time (and of wall time), one process (= one core).
 
 Cases: 4-stage PPSD and single-GPU EESD (fixed:4 and beta-ts), Llama-2-7B shape on H100 roofline latencies,
 batch 1 and 8. The tokens are split into batches of requests of at most `MAX_OUTPUT_LEN` tokens each (a request
