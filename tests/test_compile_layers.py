@@ -149,7 +149,9 @@ def test_a_trained_heads_zero_draft_rounds_chain_compiled(monkeypatch, capture: 
 
     launches: list[int] = []
     monkeypatch.setattr(TrainedExitHead, "run_layer", spy)
-    monkeypatch.setattr(Passes, "ar_head", lambda self: launches.append(1) or original_ar_head(self))
+    monkeypatch.setattr(
+        Passes, "ar_head", lambda self, furthest=None: launches.append(1) or original_ar_head(self, furthest)
+    )
     out = executor.generate(net, [PROMPT], max_new_tokens=16, method="eesd", exit_layer=2, head=head,
                             policy="beta-ts:cost=0.7", sync_every=4, capture=capture)  # fmt: skip
     assert out.stats.capture == capture
