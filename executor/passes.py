@@ -52,8 +52,9 @@ CAPTURE_MODES = ("auto", "none", "graph", "compile", "compile-layers", "freeze")
 # whatever the token count. Torch's own small-M fp32 products are not memory-bound on a CPU: a pass over q = 2..8 tokens
 # costs 1.6-2.3x a one-token pass there (a 262k-row LM head: 61 ms at q = 1, 111 at q = 2), which makes every verify
 # pass cost about two AR steps; frozen, q = 2 costs what q = 1 does. The price: a packed copy of the weights per
-# compiled pass (pass kind x token count x span bucket), minutes of compilation per pass on a small CPU, and weights
-# read once at compile time (a later in-place change of a weight is not seen; moved weights drop the cached passes).
+# compiled pass (pass kind x token count; span buckets are off, `bucketed`), minutes of compilation per pass on a
+# small CPU, and weights read once at compile time (a later in-place change of a weight is not seen; moved weights drop
+# the cached passes).
 FREEZE_OPTIONS = {
     "freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
     "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0,
