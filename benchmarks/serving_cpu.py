@@ -151,7 +151,7 @@ def profile_ar_ms(point: Any, prompt_len: int) -> float:
 
     plan = dataclasses.replace(point.plan, cache_slots=prompt_len + 10)
     simulation = ServingSimulation(plan, point.workload, 1, None)
-    return simulation.pass_us(simulation.decode, prompt_len, 1) / 1e3
+    return simulation.pass_us(simulation.decode, prompt_len, 1, prompt_len) / 1e3
 
 
 @dataclasses.dataclass(frozen=True)

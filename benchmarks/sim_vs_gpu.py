@@ -115,17 +115,19 @@ PPSD_LABEL = re.compile(r"ppsd streams n=(?P<stages>\d+)(?: trained E=(?P<exit>\
 
 
 def method_of(label: str) -> str | None:
-    if label == "ours ar":
+    if label in ("ours ar", "ours ar buckets off"):
         return "ar"
     return "eesd" if EESD_LABEL.match(label) else "ppsd" if PPSD_LABEL.match(label) else None
 
 
 def scenario(
     source: Source, row: dict[str, Any], new_tokens: int, method: str, runs: int, contention: Path | None = None,
-    acceptance: dict[str, Any] | None = None, policy_cost: float | None = None,
+    acceptance: dict[str, Any] | None = None, policy_cost: float | None = None, attention: str = "cache",
 ) -> Point:  # fmt: skip
     """The simulator's twin of a gpu_decode row: Bernoulli(row alpha) acceptance unless `acceptance` is given; an
-    EESD policy's cost pinned to `policy_cost` where given (the executor's E / L, as `generate` takes it)."""
+    EESD policy's cost pinned to `policy_cost` where given (the executor's E / L, as `generate` takes it); decode
+    passes attending as `attention` says ("cache": the whole static cache, as an executor without span buckets, or
+    with them off; "buckets": over span buckets)."""
     data: dict[str, Any] = {
         "name": f"{source.model} {row['method']}",
         "model": source.model,
@@ -136,6 +138,7 @@ def scenario(
         "topology": {"stages": 1, "link": "ideal"},  # the device: the profile's
         "workload": {"requests": runs, "batch_size": 1, "prompt_len": source.prompt_len, "output_len": new_tokens},
         "zero_draft_rounds": source.zero_draft_rounds,
+        "attention": attention,
     }
     if method == "eesd":
         match = EESD_LABEL.match(row["method"])
@@ -164,13 +167,15 @@ def compare(source: Source, runs: int) -> list[dict[str, Any]]:
     bench = json.loads(source.bench.read_text())
     rows = [r for r in bench["rows"] if r.get("capture") == source.capture and r.get("decode_tokens_per_s")]
     ar = next(r for r in rows if r["method"] == "ours ar")
-    predicted_ar, _ = decode_rate(scenario(source, ar, bench["new_tokens"], "ar", runs))  # the measured AR's twin
+    attention = attention_of(rows)
+    predicted_ar, _ = decode_rate(scenario(source, ar, bench["new_tokens"], "ar", runs, attention=attention("ours ar")))
     out = []
     for row in rows:
         method = method_of(row["method"])
         if method is None:
             continue
-        predicted, extrapolated = decode_rate(scenario(source, row, bench["new_tokens"], method, runs))
+        point = scenario(source, row, bench["new_tokens"], method, runs, attention=attention(row["method"]))
+        predicted, extrapolated = decode_rate(point)
         measured = row["decode_tokens_per_s"]
         out.append(
             {"model": source.model, "method": row["method"], "kind": method, "alpha": row.get("alpha"),
@@ -181,12 +186,23 @@ def compare(source: Source, runs: int) -> list[dict[str, Any]]:
         if method == "ppsd":
             out[-1]["contention"] = "shared bandwidth (fallback from the GPU's spec)"
             if source.contention is not None:
-                point = scenario(source, row, bench["new_tokens"], method, runs, source.contention)
+                point = scenario(
+                    source, row, bench["new_tokens"], method, runs, source.contention,
+                    attention=attention(row["method"]),
+                )  # fmt: skip
                 profiled, extrapolated = decode_rate(point)
                 out.append(out[-1] | {"predicted_decode_tokens_per_s": profiled, "error": profiled / measured - 1,
                                       "predicted_speedup": profiled / predicted_ar, "extrapolated": extrapolated,
                                       "contention": str(source.contention.relative_to(ROOT))})  # fmt: skip
     return out
+
+
+def attention_of(rows: list[dict[str, Any]]) -> Any:
+    """`label -> attention` for a gpu_decode JSON's rows: an executor with span buckets gives its AR an A/B twin
+    ("ours ar buckets off"), so a JSON holding one measured bucketed passes (every row but the "buckets off" ones);
+    one without was measured before span buckets existed: its passes attended over the whole static cache."""
+    bucketed = any(r["method"] == "ours ar buckets off" for r in rows)
+    return lambda label: "buckets" if bucketed and not label.endswith(" buckets off") else "cache"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -298,6 +314,7 @@ ISSUE24_ONLY = {
 }
 ISSUE24_ALPHAS = {32: FORCED_ALPHAS, 3840: (0.7,)}
 ISSUE24_STAGES = {32: PREDICT_STAGES, 3840: (2,)}
+STEP_LAUNCHES = 20  # gpu_decode's step rows: chained launches at positions context .. context + 19 (its REPEATS)
 
 
 def issue24_command(card: str, model: str) -> str:
@@ -334,19 +351,31 @@ def issue24_llama7b(card: str, runs: int) -> list[dict[str, Any]]:
     rows = []
     for prompt_len in ISSUE24_CONTEXTS:
         at, command = dataclasses.replace(source, prompt_len=prompt_len), issue24_command(card, str(prompt_len))
-        configs = [("ours ar", "ar", None)]
+        configs = [("ours ar", "ar", None), ("ours ar buckets off", "ar", None)]
         configs += [(f"eesd shared E=16 fixed:3 forced alpha={a}", "eesd", a) for a in ISSUE24_ALPHAS[prompt_len]]
         configs += [(f"ppsd streams n={n}", "ppsd", 0.0) for n in ISSUE24_STAGES[prompt_len]]
         for label, method, alpha in configs:
-            point = scenario(at, {"method": label, "alpha": alpha}, ISSUE24_TOKENS, method, runs)
+            point = scenario(at, {"method": label, "alpha": alpha}, ISSUE24_TOKENS, method, runs,
+                             attention=bucketed(label))  # fmt: skip
             rows.append(issue24_row(card, source, label, prompt_len, point, command))
         for capacity in sorted({captured_capacity(prompt_len + ISSUE24_TOKENS + 1), ISSUE24_LONG}):
-            label = f"ours ar step ctx={prompt_len} cache={capacity}"
-            point = scenario(at, {"method": label}, capacity - prompt_len - 1, "ar", 1)  # a cache of that capacity
-            note = ("the simulator's AR decode in a cache of this capacity (it costs a static pass at the capacity, "
-                    "host reads included); the row times chained steps without host reads")  # fmt: skip
-            rows.append(issue24_row(card, source, label, prompt_len, point, command, note))
+            for suffix in ("", " buckets off"):
+                label = f"ours ar step ctx={prompt_len} cache={capacity}{suffix}"
+                # buckets off: a decode filling a cache of that capacity (every pass costs the whole capacity);
+                # bucketed: the row's own launches, whose bucket the capacity only caps
+                tokens = STEP_LAUNCHES if not suffix else capacity - prompt_len - 1
+                point = scenario(at, {"method": label}, tokens, "ar", 1, attention=bucketed(label))
+                note = ("the simulator's AR decode of the row's positions (bucketed) or filling a cache of this "
+                        "capacity (buckets off), host reads included; the row times chained steps at the prompt's "
+                        "context without host reads")  # fmt: skip
+                rows.append(issue24_row(card, source, label, prompt_len, point, command, note))
     return rows
+
+
+def bucketed(label: str) -> str:
+    """The attention of a row the lease measures: its executor attends over span buckets, but in its A/B twins
+    (" buckets off")."""
+    return "cache" if label.endswith(" buckets off") else "buckets"
 
 
 def issue24_smollm2(card: str) -> list[dict[str, Any]]:
@@ -357,7 +386,7 @@ def issue24_smollm2(card: str) -> list[dict[str, Any]]:
     layers, exit_layer = 30, 15
     contention = ROOT / "calibration" / card / "contention_smollm2-135m_cuda_bf16_compiled.csv"
     command = issue24_command(card, "smollm2")
-    configs = [("ours ar", "ar"), (f"eesd shared E={exit_layer} fixed:3", "eesd")]
+    configs = [("ours ar", "ar"), ("ours ar buckets off", "ar"), (f"eesd shared E={exit_layer} fixed:3", "eesd")]
     configs += [(f"eesd shared E={exit_layer} beta-ts", "eesd")]
     configs += [("ppsd streams n=2", "ppsd")]  # exit 15; n = 4 exits at 7 (7+7+8+8), a layer the trace lacks
     rows = []
@@ -366,6 +395,7 @@ def issue24_smollm2(card: str) -> list[dict[str, Any]]:
             source, {"method": label}, ISSUE24_TOKENS, method, ISSUE24_PROMPTS,
             contention if contention.is_file() and method == "ppsd" else None,
             None if method == "ar" else acceptance, exit_layer / layers,  # AR drafts nothing: no trace to check
+            attention=bucketed(label),
         )  # fmt: skip
         rows.append(issue24_row(card, source, label, source.prompt_len, point, command))
     return rows
@@ -382,12 +412,13 @@ def issue24_predictions(runs: int) -> dict[str, Any]:
         "inputs": "the files committed at code_commit: calibration/h100 and calibration/h200 latency profiles, the "
         "H100 SmolLM2 contention profile, the H100 bf16 shared-head trace",
         "executor": "as committed at code_commit: zero-draft rounds chained, 8 PPSD ticks per host read; each card in "
-        "its profile's capture mode (h100: compile-layers, compiled profile; h200: graph, eager profile); the "
-        "simulator's decode passes attend over the whole static cache (attention: cache)",
-        "span_buckets": "where the lease's executor attends over span buckets (executor.passes.SPAN_BUCKETS), the "
-        "simulator's whole-cache attention is what its 'buckets off' rows run: each prediction holds for the row of "
-        "its config with ' buckets off' appended (step rows: too), and the bucketed row is expected faster by what "
-        "the unread cache slots cost (most at context 32 in the 4096-slot cache)",
+        "its profile's capture mode (h100: compile-layers, compiled profile; h200: graph, eager profile)",
+        "span_buckets": "the lease's executor attends over span buckets (executor.passes.SPAN_BUCKETS); its AR rows "
+        "and AR step rows have A/B twins with them off (' buckets off'). The simulator predicts each row as it runs: "
+        "bucketed rows with attention: buckets (a pass costed at the span bucket of the furthest position it "
+        "writes), the ' buckets off' rows with attention: cache (at the whole capacity). This file replaces the "
+        "one committed at b04d9a8 (same date), whose simulator knew no span buckets and predicted every row at the "
+        "whole capacity",
         "acceptance": "SmolLM2: the H100 bf16 trace replayed (cycled: 8 x 128 tokens, 48 per prompt), beta-ts at the "
         "executor's cost E / L = 0.5; the 7B shape: Bernoulli at the forced alpha (PPSD: 0, random weights)",
         "extrapolated": "a latency query left the profile's grid (H100 7B profile: contexts 32 and 256; H200 7B: 128 "

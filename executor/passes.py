@@ -44,7 +44,8 @@ from executor.fusion import fuse_projections, unfuse_projections
 from executor.kv_cache import KVCache
 from executor.sampling import DRAFT_SALT, TokenSelector
 from executor.verify import match_verdicts, rejection_verdicts
-from sim.contract import AR_HISTORY, SYNC_CAPTURED
+from sim.contract import AR_HISTORY, MIN_SPAN, SYNC_CAPTURED  # MIN_SPAN: read per launch (the tests lower it)
+from sim.contract import span_bucket as contract_span_bucket
 
 CAPTURE_MODES = ("auto", "none", "graph", "compile", "compile-layers", "freeze")
 # capture="freeze" (CPU): Inductor compiles each pass whole with the model's weights as constants, so that max-autotune
@@ -60,24 +61,16 @@ FREEZE_OPTIONS = {
     "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0,
 }  # fmt: skip
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
-# The smallest attention span bucket. 64 slots of K/V are under 1% of the bytes a decode step reads per layer (its
-# weights: SmolLM2-135M's layer holds 7 MB in bf16, 64 slots of its K and V 48 KB), so smaller buckets would add
-# graphs and compilations for next to no saving; buckets double from here, so a cache of capacity C has about
-# log2(C / MIN_SPAN) + 1 of them (7 for 4096).
-MIN_SPAN = 64
 SPAN_BUCKETS = True  # False: every launch attends over the whole cache capacity (the A/B reference); read per launch
 
 
 def span_bucket(furthest: int, capacity: int, bucketed: bool = True) -> int:
-    """The cache slots a static launch attends over when the furthest position it writes is `furthest`: MIN_SPAN
-    doubled until it holds slots 0 .. furthest, capped at `capacity` (the whole capacity with SPAN_BUCKETS off, or
-    not `bucketed`: see `bucketed`)."""
+    """The cache slots a static launch attends over when the furthest position it writes is `furthest`
+    (`sim.contract.span_bucket`, MIN_SPAN there); the whole capacity with SPAN_BUCKETS off, or not `bucketed` (see
+    `bucketed`)."""
     if not (SPAN_BUCKETS and bucketed):
         return capacity
-    span = MIN_SPAN
-    while span <= furthest:
-        span *= 2
-    return min(span, capacity)
+    return contract_span_bucket(furthest, capacity, MIN_SPAN)
 
 
 def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> str:

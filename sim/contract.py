@@ -4,7 +4,9 @@
 - The cache capacity a decoder's static passes are built for: prompt + output tokens, plus room for the longest
   draft and the token after it (AR and EESD; PPSD's pipeline holds prompt + output only). Captured passes (CUDA
   graphs) round it up to a multiple of `CAPACITY_STEP`, so that one set of graphs serves many lengths; a static
-  pass attends over its whole capacity, which is why the simulator needs the same number.
+  pass attends over the first `span_bucket` slots of that capacity, which is why the simulator needs the same numbers.
+- Span buckets: a static launch attends over a power-of-two number of slots (at least `MIN_SPAN`) holding the
+  furthest position it writes, capped at the capacity, so a short context in a large cache reads a short slice.
 - The host-read cadence of captured passes: `SYNC_CAPTURED` chained AR steps (or PPSD ticks) per host read, at most
   `AR_HISTORY` (the device-side log they write between two reads).
 - The random stream of a row's draft policy (beta-ts, calibration-ts): `random.Random(policy_seed(seed, row))`, row
@@ -16,6 +18,11 @@ from __future__ import annotations
 CAPACITY_STEP = 256  # captured passes: cache capacity is a multiple of this
 SYNC_CAPTURED = 8  # captured passes: default `sync_every` (chained AR steps or PPSD ticks per host read)
 AR_HISTORY = 64  # the most chained steps between two host reads (rows of the device-side token/verdict log)
+# The smallest attention span bucket. 64 slots of K/V are under 1% of the bytes a decode step reads per layer (its
+# weights: SmolLM2-135M's layer holds 7 MB in bf16, 64 slots of its K and V 48 KB), so smaller buckets would add
+# graphs and compilations for next to no saving; buckets double from here, so a cache of capacity C has about
+# log2(C / MIN_SPAN) + 1 of them (7 for 4096).
+MIN_SPAN = 64
 
 
 def default_exit_layer(num_layers: int) -> int:
@@ -26,6 +33,12 @@ def default_exit_layer(num_layers: int) -> int:
 def captured_capacity(needed: int) -> int:
     """`needed` cache slots rounded up to a multiple of CAPACITY_STEP (captured passes)."""
     return -(-needed // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def span_bucket(furthest: int, capacity: int, min_span: int = MIN_SPAN) -> int:
+    """The cache slots a static launch attends over when the furthest position it writes is `furthest`: `min_span`
+    (a power of two) doubled until it holds slots 0 .. furthest, capped at `capacity`."""
+    return min(max(min_span, 1 << max(furthest, 0).bit_length()), capacity)
 
 
 def cache_capacity(method: str, prompt_len: int, output_len: int, max_draft_len: int, captured: bool) -> int:

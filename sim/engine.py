@@ -20,8 +20,10 @@ What is modelled (times in µs of simulated time, sizes in bytes):
   together on streams, in turn when sequential), then the last stage's verdict moves the pipe on (a captured tick
   also launches the transition pass). `ticks` counts the executor's ticks either way: a token that entered an empty
   pipe leaves it after one tick per stage, one that follows a confirmed draft one tick after it.
-- Attention: a decode pass is costed at the plan's `cache_slots` (the executor's static cache, every slot masked and
-  read) when set, else at the context so far; prefill at its prompt. Host reads: see `sim.cost.stage_time_us`.
+- Attention: a decode pass is costed at the span bucket of the furthest position it writes (`sim.contract.span_bucket`,
+  the executor's default), or at all the plan's `cache_slots` (the executor's static cache, every slot masked and
+  read) without buckets, else at the context so far; prefill at its prompt (`SimPlan.attended`). Host reads: see
+  `sim.cost.stage_time_us`.
 - Batches are static: the requests run in batches of `batch_size`; in PPSD a batch moves in lockstep, so it is
   flushed when any of its rows mispredicted. Prefill (q = prompt_len) precedes each batch's decode and is
   reported separately. Randomness only from the seeded `random.Random` of the plan.
@@ -584,8 +586,8 @@ class Simulation:
             token_pass=token,
             batch=len(rows),
             prompt_len=plan.workload.prompt_len,
-            # static passes attend over every cache slot: every token's pass costs the same
-            cost=self._cost(token, 0, len(rows)) if plan.cache_slots else None,
+            # static passes over every cache slot: every token's pass costs the same
+            cost=self._cost(token, 0, len(rows)) if plan.cache_slots and not plan.span_buckets else None,
         )
         self._count(rounds=1)
         if plan.workload.output_len > 1:
@@ -796,12 +798,13 @@ class Simulation:
         (with the last stage's process, where that is when it ends). Passes are traced here, in the order their
         ends would be. The event for the main process; None (nothing done) where a pass starts past stage 1, takes
         no time (so that ends could tie), or an end would not fall at its time."""
-        now, stages, timelines, slots = self.env._now, self.stages, self._timelines_at, self.plan.cache_slots
+        now, stages, timelines, plan = self.env._now, self.stages, self._timelines_at, self.plan
+        slots = plan.cache_slots
         parts: list[list[float]] = [[] for _ in stages]
         ends = [0.0] * len(stages)
         at, index = now, 0
         for work, context, batch in passes:
-            attended = slots if slots and work.phase != "prefill" else context  # as `_context_of`, not rounded
+            attended = plan.attended(context, work.phase) if slots else context  # as `_context_of`, not rounded
             timeline = timelines.get((work.name, attended, batch), _UNKNOWN)
             if timeline is _UNKNOWN:
                 timeline = timelines[work.name, attended, batch] = self._timeline(work, context, batch)
@@ -887,9 +890,9 @@ class Simulation:
         return self.plan.workload.prompt_len + max([r.generated for r in rows])
 
     def _context_of(self, context_len: int, phase: str) -> int:
-        """The context a pass is costed at: every cache slot for a static decode pass, rounded to `context_step`."""
-        if self.plan.cache_slots and phase != "prefill":  # a static pass attends over every slot
-            context_len = self.plan.cache_slots
+        """The context a pass is costed at (`SimPlan.attended`: a static decode pass's cache slots or span bucket),
+        rounded to `context_step`."""
+        context_len = self.plan.attended(context_len, phase)
         step = self.plan.context_step
         return (context_len + step // 2) // step * step
 

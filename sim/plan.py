@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
 from sim.contention import Contention, ProfiledContention, Serial, SharedBandwidth
-from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer
+from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, span_bucket
 from sim.cost import cost_ratio, head_vocab_fraction
 from sim.formats import (
     DataFile,
@@ -110,10 +110,20 @@ class SimPlan:
     # decode passes attend over this many cache slots (the executor's static cache: every slot, masked), or over the
     # context so far (None)
     cache_slots: int | None = None
+    span_buckets: bool = False  # with cache_slots: over the span bucket of the furthest position written instead
     contention: Contention = SharedBandwidth()  # passes at the same time on a shared device (not `sequential`)
 
     def __post_init__(self) -> None:
         _check_plan(self)
+
+    def attended(self, context_len: int, phase: str) -> int:
+        """The context a pass is costed at: for a decode pass whose furthest written position is context_len - 1,
+        every cache slot, or that position's span bucket (`sim.contract.span_bucket`); prefill, or no static cache,
+        its own context."""
+        slots = self.cache_slots
+        if not slots or phase == "prefill":
+            return context_len
+        return span_bucket(context_len - 1, slots) if self.span_buckets else slots
 
     def device_of(self, stage: int) -> int:
         """The device stage `stage` runs on: its `device_index`, else one of its own (numbered after the shared)."""
@@ -216,8 +226,9 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
     )
     plan = SimPlan(**{**plan.__dict__, "contention": _contention(point, plan, where)})
     _check_policy(plan, where)
-    slots = cache_slots(plan) if s.attention == "cache" else None
-    return SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan), "cache_slots": slots})
+    slots = cache_slots(plan) if s.attention != "context" else None
+    extra = {"cost_ratio": cost_ratio(plan), "cache_slots": slots, "span_buckets": s.attention == "buckets"}
+    return SimPlan(**{**plan.__dict__, **extra})
 
 
 def exit_layer_of(point: Point) -> int:

@@ -317,10 +317,12 @@ class Scenario(Strict):
     # for all stages), chaining sync_every ticks per host read; "sequential", one host running the stages of a tick
     # one after the other (default: one device)
     ppsd_backend: Literal["distributed", "streams", "sequential"] = "distributed"
-    # decode passes attend over: "cache", every slot of the executor's static cache (prompt + output + max draft + 1,
-    # a multiple of 256 with cuda_graphs), masked, as the executor does; "context", the positions so far (a decoder
-    # with dynamic shapes, e.g. HF's)
-    attention: Literal["cache", "context"] = "cache"
+    # decode passes attend over: "buckets", the executor's span bucket of its static cache (the power-of-two number
+    # of slots, at least 64, holding the furthest position the pass writes, capped at the capacity: prompt + output +
+    # max draft + 1, a multiple of 256 with cuda_graphs), as the executor does by default; "cache", every slot of that
+    # cache, masked (the executor with span buckets off, or frozen CPU passes); "context", the positions so far (a
+    # decoder with dynamic shapes, e.g. HF's)
+    attention: Literal["buckets", "cache", "context"] = "buckets"
     latency: LatencyConfig = LatencyConfig(roofline=Roofline())
     acceptance: AcceptanceConfig
     topology: TopologyConfig = TopologyConfig()

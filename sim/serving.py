@@ -24,9 +24,10 @@ The schedule (the executor's `executor.serving` runs the same one):
   verifying at the largest draft count (as the executor's batches run it). A round in which no row drafts is one AR
   step. A request that reaches its output length leaves at the round's end and its slot goes to the next one.
 - The host reads the device after every round (admission needs the tokens), so every pass pays its host read.
-- Attention: with `attention: cache` (the default, the executor's static cache) a decode pass reads every slot of
-  the cache, sized for the longest prompt and output of the workload; with `attention: context` (a server with
-  dynamic or paged attention) it reads each row's own context, costed at the batch's mean context.
+- Attention: with `attention: buckets` (the default, the executor's static cache with span buckets) a decode pass
+  reads the span bucket of the furthest position it writes (the batch's longest row), in a cache sized for the
+  longest prompt and output of the workload; with `attention: cache` every slot of that cache; with `attention:
+  context` (a server with dynamic or paged attention) each row's own context, costed at the batch's mean context.
 - `kv_capacity_tokens: auto` is 90% of each GPU's memory minus its weights, over the KV bytes per token of its layers
   (the smallest over devices; stages sharing one add up); a device whose memory is unknown (a CPU profile) has no
   limit unless one is given.
@@ -568,7 +569,7 @@ class ServingSimulation:
 
     # ---- rounds ------------------------------------------------------------------------------------------------------
     def _ar_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, None]:
-        yield self.env.timeout(self.pass_us(self.decode, self._context(rows), len(rows)))
+        yield self.env.timeout(self.pass_us(self.decode, self._context(rows), len(rows), self._furthest(rows)))
         for row in rows:
             row.generated += 1
             row.remaining -= 1
@@ -583,7 +584,7 @@ class ServingSimulation:
             row.all_match = True
             if row.limit > 0:
                 drafting.append(row)
-        batch, context = len(rows), self._context(rows)
+        batch, context, furthest = len(rows), self._context(rows), self._furthest(rows)
         if not drafting:  # a round in which no row drafts is one AR step
             yield from self._ar_round(rows)
             for row in rows:
@@ -591,11 +592,12 @@ class ServingSimulation:
             return
         draft = self.draft_read if any(row.policy.needs_confidence for row in rows) else self.draft
         while drafting:
-            yield self.env.timeout(self.pass_us(draft, context, batch))
+            yield self.env.timeout(self.pass_us(draft, context, batch, furthest))
             context += 1
+            furthest += 1
             drafting = [row for row in drafting if self._draft_one(row)]
         k = max(row.drafted for row in rows)
-        yield self.env.timeout(self.pass_us(self._verify(k), context, batch))
+        yield self.env.timeout(self.pass_us(self._verify(k), context, batch, furthest))
         result, emitted_total = self.result, 0
         for row in rows:
             row.policy.update(row.drafted, row.accepted)
@@ -630,12 +632,18 @@ class ServingSimulation:
         keys and values, as many as `batch` rows at the mean length (costs are linear in the context)."""
         return round(sum(row.request.prompt_len + row.generated for row in rows) / len(rows))
 
-    def pass_us(self, work: Pass, context_len: int, batch: int) -> float:
+    @staticmethod
+    def _furthest(rows: list[_Row]) -> int:
+        """The furthest position a decode step of the batch writes (its longest row's last token)."""
+        return max([row.request.prompt_len + row.generated for row in rows]) - 1
+
+    def pass_us(self, work: Pass, context_len: int, batch: int, furthest: int = 0) -> float:
         """A pass's time through every stage it visits, the links between them and the token ids' way back; decode
-        passes attend over the plan's cache slots where it has them (the executor's static cache)."""
+        passes attend over the plan's cache slots where it has them (the executor's static cache), or over the span
+        bucket of `furthest`, the furthest position they write (`SimPlan.attended`)."""
         plan = self.plan
         if plan.cache_slots and work.phase != "prefill":
-            context_len = plan.cache_slots
+            context_len = plan.attended(furthest + 1, work.phase)
         step = plan.context_step
         context_len = (context_len + step // 2) // step * step
         key = (work.name, context_len, batch)

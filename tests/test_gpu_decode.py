@@ -269,3 +269,17 @@ def test_issue24_predictions_name_the_runbooks_commands() -> None:
         only = row["measure"].split("--only ", 1)[1].strip("'")
         assert f"'{only}'" in runbook, row
         assert row["predicted_decode_tokens_per_s"] > 0
+    configs = {(row["card"], row["config"]) for row in document["rows"]}
+    for card, config in configs:  # every bucketed AR row has its buckets-off twin predicted too
+        if config.startswith("ours ar") and not config.endswith(" buckets off"):
+            assert (card, config + " buckets off") in configs, config
+
+
+def test_the_simulated_step_rows_launch_what_the_bench_launches(bench) -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("sim_vs_gpu", ROOT / "benchmarks" / "sim_vs_gpu.py")
+    module = sys.modules["sim_vs_gpu"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
+    spec.loader.exec_module(module)
+    assert module.STEP_LAUNCHES == bench.REPEATS

@@ -291,6 +291,40 @@ def test_static_passes_attend_over_the_cache_slots(method: str, slots: int | Non
         assert min(latency.contexts) <= 64 and max(latency.contexts) >= 192
 
 
+class _ContextCost(_ContextLog):
+    """A layer costs 10 µs + 0.01 µs per attended slot (so that the span a pass is costed at shows in its time)."""
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        base = super().time_us(component, phase, q, context_len, batch)
+        return base + 0.01 * context_len if component == "layer" else base
+
+
+@pytest.mark.parametrize("method", ["ar", "eesd", "ppsd"])
+def test_bucketed_passes_attend_over_the_span_of_their_furthest_position(method: str) -> None:
+    """With span buckets (the executor's default) a decode pass is costed at the span bucket of the furthest position
+    it writes, not at the cache's 4096 slots: a prompt of 16 and 200 tokens ask for the buckets 64, 128 and 256."""
+    latency = _ContextLog({"layer": 10.0, "lm_head": 1.0})
+    object.__setattr__(latency, "contexts", set())
+    base = plan(method, 0.5, 1 if method != "ppsd" else 2, exit_layer=6 if method != "ppsd" else None, output_len=200)
+    stages = tuple(SimStage(s.layer_start, s.layer_end, latency) for s in base.stages)
+    Simulation(SimPlan(**{**base.__dict__, "stages": stages, "cache_slots": 4096, "span_buckets": True})).run()
+    assert latency.contexts == {64, 128, 256}
+
+
+def test_a_bucketed_ar_step_costs_its_own_bucket() -> None:
+    """AR with span buckets: step i (i = 1 .. 199 after the prefill's token) writes position 16 + i - 1 and costs
+    its layers at that position's bucket (64, then 128 from position 64, then 256 from 128), to the µs."""
+    from sim.contract import span_bucket
+
+    latency = _ContextCost({"layer": 10.0})
+    object.__setattr__(latency, "contexts", set())
+    base = plan("ar", 0.0, output_len=200)
+    stages = (SimStage(0, MODEL.num_layers, latency),)
+    run = Simulation(SimPlan(**{**base.__dict__, "stages": stages, "cache_slots": 4096, "span_buckets": True})).run()
+    spans = [span_bucket(16 + i - 1, 4096) for i in range(1, 200)]
+    assert run.decode_time_us == pytest.approx(sum(MODEL.num_layers * (10.0 + 0.01 * span) for span in spans))
+
+
 @st.composite
 def tied_plans(draw: st.DrawFn) -> SimPlan:
     """Small plans of every schedule whose latencies are whole µs, so that many events fall due at the same time
@@ -314,7 +348,8 @@ def tied_plans(draw: st.DrawFn) -> SimPlan:
         2 * base.workload.batch_size, base.workload.batch_size, 16, base.workload.output_len),
         "sync_every": draw(st.sampled_from([1, 3, 8])), "max_in_flight": draw(st.sampled_from([None, 1, 2])),
         "ppsd_backend": draw(st.sampled_from(["distributed", "streams"])),
-        "chain_zero_rounds": draw(st.booleans()), "cache_slots": draw(st.sampled_from([None, 256]))})  # fmt: skip
+        "chain_zero_rounds": draw(st.booleans()), "cache_slots": draw(st.sampled_from([None, 256])),
+        "span_buckets": draw(st.booleans())})  # fmt: skip
 
 
 @given(p=tied_plans(), traced=st.booleans())

@@ -219,12 +219,14 @@ UNCAPTURED = {"roofline": {"cuda_graphs": False}}
         ({"method": "ar", "latency": UNCAPTURED}, 176),
         ({"policy": "beta-ts:max=9", "workload": {"prompt_len": 200}}, 512),
         ({"method": "ppsd", "topology": {"stages": 2}, "exit_layer": 15, "latency": UNCAPTURED}, 175),
+        ({"attention": "cache"}, 256),
         ({"attention": "context"}, None),
     ],
 )
 def test_plans_carry_the_executors_cache_capacity(tmp_path: Path, update: dict, slots: int | None) -> None:
-    """`attention: cache` (the default): decode passes attend over the executor's static cache, prompt + output
-    (+ the largest draft + 1 for AR and EESD), a multiple of 256 when captured; `context`: over the positions so far."""
+    """`attention: buckets` (the default) and `cache`: decode passes attend over the executor's static cache, prompt
+    + output (+ the largest draft + 1 for AR and EESD), a multiple of 256 when captured (over the span bucket of the
+    furthest position written with `buckets`, over every slot with `cache`); `context`: over the positions so far."""
     from sim.plan import build_plan
 
     data = {"name": "s", "model": "SmolLM2-135M", "method": "eesd", "exit_layer": 8, "policy": "fixed:3",
@@ -233,4 +235,6 @@ def test_plans_carry_the_executors_cache_capacity(tmp_path: Path, update: dict, 
     for key, value in update.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
     point = load_points(write(tmp_path, data))[0]
-    assert build_plan(point).cache_slots == slots
+    built = build_plan(point)
+    assert built.cache_slots == slots
+    assert built.span_buckets == (update.get("attention", "buckets") == "buckets")

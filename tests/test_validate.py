@@ -374,6 +374,17 @@ def test_real_ppsd_and_batched_runs_replay_their_rounds_exactly(tmp_path) -> Non
     assert rows["ppsd sequential n=2 E=15"]["per"] == "tick"
 
 
+def test_a_leases_rows_are_simulated_with_the_attention_its_executor_had() -> None:
+    """A gpu_decode JSON with an "ours ar buckets off" row was measured with span buckets: its rows are simulated with
+    `attention: buckets`, the twin with `cache`; a JSON without one predates span buckets (whole-cache passes)."""
+    module = sim_vs_gpu()
+    old = module.attention_of([{"method": "ours ar"}, {"method": "eesd shared E=15 fixed:3"}])
+    assert old("ours ar") == old("eesd shared E=15 fixed:3") == "cache"
+    new = module.attention_of([{"method": "ours ar"}, {"method": "ours ar buckets off"}])
+    assert new("ours ar") == new("ppsd streams n=2") == "buckets" and new("ours ar buckets off") == "cache"
+    assert module.method_of("ours ar buckets off") == "ar"
+
+
 def test_predictions_for_the_next_lease_name_what_measures_them() -> None:
     """Both cards, SmolLM2 through validate's targets (batch 1 and 8, PPSD streams n = 2 and 4) and the 7B shape at
     the new prompt lengths; every row positive and naming its command; batch 8 flagged (profiles hold batch 1)."""
