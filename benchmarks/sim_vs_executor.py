@@ -15,6 +15,12 @@ prompt in sorted id order), with one torch thread as in the profile. Decode toke
                                                      # and 4, PPSD sequential and distributed; 4 prompts x 32 tokens,
                                                      # 3 repeats interleaved, tolerance 10% (writes
                                                      # benchmarks/results/sim_vs_executor_wide_cpu.json)
+    python benchmarks/sim_vs_executor.py --wide --recalibrate  # the scenario's latency profile measured again first,
+                                                     # in place (same model, dtype, grid and threads), then validated
+
+`--recalibrate` is for a box whose speed drifts (a shared VM): a profile from another day predicts another machine.
+It rewrites the committed profile file (atomically, as `eesd calibrate latency --force` does): commit it with the
+result, or `git checkout` it back.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from executor.cli import main as eesd
+from sim.formats import latency_profile_name, read_latency_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "smollm2_cpu_calibrated.yaml"
@@ -40,8 +49,13 @@ def main() -> int:
     parser.add_argument("--compiled", action="store_true", help="the compiled layers' profile and capture mode")
     parser.add_argument("--wide", action="store_true", help="batches and PPSD: scenarios/smollm2_cpu_validate.yaml")
     parser.add_argument("--points", default=None, help="which points (as `eesd validate --points`)")
+    parser.add_argument("--recalibrate", action="store_true", help="measure the scenario's latency profile again first")
     args = parser.parse_args()
     scenario, results = COMPILED if args.compiled else WIDE if args.wide else (SCENARIO, RESULTS)
+    if args.recalibrate:
+        status = eesd(recalibrate_argv(scenario, threads=1))
+        if status:
+            return status
     argv = ["validate", str(scenario), "--threads", "1", *(WIDE_ARGS if args.wide else [])]
     if args.points:
         argv += ["--points", args.points]
@@ -51,6 +65,27 @@ def main() -> int:
     if out is not None:
         argv += ["--json", str(out)]
     return eesd(argv)
+
+
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def recalibrate_argv(scenario: Path, threads: int) -> list[str]:
+    """`eesd calibrate latency` arguments that measure the scenario's latency profile again, in place: its model,
+    device, dtype, kernels and grid, with `threads` torch threads."""
+    data = yaml.safe_load(scenario.read_text())
+    path = (scenario.parent / data["latency"]["profile"]["path"]).resolve()
+    meta = read_latency_profile(path).metadata
+    grid, kernels, dtype = meta["grid"], meta.get("kernels", "eager"), DTYPES[meta["dtype"]]
+    if latency_profile_name(meta["model"], meta["device_type"], dtype, kernels) != path.name:
+        raise SystemExit(f"{path}: calibrate latency would write another file name; rename the profile first")
+    joined = {key: ",".join(str(v) for v in grid[key]) for key in ("q", "context_len", "batch", "prefill_q")}
+    return [
+        "calibrate", "latency", "--model", meta["model"], "--device", meta["device_type"],
+        "--dtype", dtype, "--threads", str(threads), "--q", joined["q"],
+        "--context", joined["context_len"], "--batch", joined["batch"], "--prefill", joined["prefill_q"],
+        *(["--kernels", kernels] if kernels != "eager" else []), "--out", str(path.parent), "--force",
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":
