@@ -202,6 +202,16 @@ def generate_once(adapter: ModelAdapter, prompt: list[int], config: Config, new_
     return out.sequences[0, len(prompt) :].tolist(), out.stats
 
 
+def warm_lengths(config: Config, new_tokens: int) -> list[int]:
+    """The new-token counts of a configuration's untimed warm-up runs. Uncaptured: one short run (first calls pay
+    one-off allocations). Frozen: a full run, then runs of 2 .. k + 2 tokens, whose first round's budget is 0 .. k
+    drafts, so that every verify width a timed run can meet (its last rounds may draft fewer) is compiled first."""
+    if config.capture == "none":
+        return [min(new_tokens, 8)]
+    most = make_policy(config.policy).max_draft_len if config.method == "eesd" else 0
+    return [new_tokens, *range(2, min(new_tokens, most + 2) + 1)]
+
+
 def measure(
     adapter: ModelAdapter,
     prompts: Sequence[list[int]],
@@ -213,9 +223,9 @@ def measure(
 ) -> dict[str, Tally]:
     """Interleaved runs: for each repeat and prompt, AR, then the other configurations in a rotated order."""
     ar, others = configs[0], list(configs[1:])
-    for config in configs if warmup else ():  # first calls pay one-off allocations (and compile every frozen pass
-        warm = min(new_tokens, 8) if config.capture == "none" else new_tokens  # a run meets): untimed
-        generate_once(adapter, prompts[0], config, warm, list(eos))
+    for config in configs if warmup else ():  # untimed
+        for warm in warm_lengths(config, new_tokens):
+            generate_once(adapter, prompts[0], config, warm, list(eos))
     tallies = {c.label: Tally() for c in configs}
     first_ar: dict[int, list[int]] = {}  # AR's output per prompt in the first repeat: AR must repeat itself too
     slot = 0

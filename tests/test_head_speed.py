@@ -96,3 +96,12 @@ def test_shared_heads_at_their_own_exit_layers_and_no_repeats(bench) -> None:
         bench.load_heads(adapter, ["shared@x"], exit_layer=None)
     with pytest.raises(ValueError, match="given twice"):
         bench.make_configs(adapter, bench.load_heads(adapter, ["shared@2", "shared"], None), ["fixed:1"], 0)
+
+
+def test_frozen_warm_up_compiles_every_verify_width_a_run_can_meet(bench) -> None:
+    """A frozen EESD configuration warms up on a full run and on runs of 2 .. k + 2 tokens (first rounds drafting
+    0 .. k), so no pass compiles inside a timed run; uncaptured, one short run."""
+    frozen = bench.Config("eesd", "shared", None, 2, "fixed:2", capture="freeze")
+    assert bench.warm_lengths(frozen, 64) == [64, 2, 3, 4]
+    assert bench.warm_lengths(bench.Config("ar", capture="freeze"), 64) == [64, 2]
+    assert bench.warm_lengths(bench.Config("eesd", "shared", None, 2, "fixed:2"), 64) == [8]
