@@ -74,7 +74,7 @@ def stage_time_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, 
     if work.lm_head_q and stage.layer_end == plan.model.num_layers:
         total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
     if (work.host_sync and (read or work.host_per_stage)) or not lat.cuda_graphs:
-        total += lat.time_us("overhead", phase, 1, context_len, batch)
+        total += lat.time_us("overhead", phase, 1, plan.host_context(context_len, phase), batch)
     return total
 
 

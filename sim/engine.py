@@ -750,7 +750,8 @@ class Simulation:
         if plan.ppsd_backend == "distributed":  # the last rank's verdict goes to every rank each tick
             tick_us += plan.return_link.time_us(TOKEN_ID_BYTES * batch)
         elif plan.stages[0].latency.cuda_graphs:  # the transition pass, and the host's read every sync_every ticks
-            host_us = plan.stages[-1].latency.time_us("overhead", "draft", 1, context, batch) if read else 0.0
+            host_at = plan.host_context(context, "draft")
+            host_us = plan.stages[-1].latency.time_us("overhead", "draft", 1, host_at, batch) if read else 0.0
             tick_us += plan.stages[0].launch_us + host_us
         return tick_us, tuple(alone)
 

@@ -125,6 +125,15 @@ class SimPlan:
             return context_len
         return span_bucket(context_len - 1, slots) if self.span_buckets else slots
 
+    def host_context(self, context_len: int, phase: str) -> int:
+        """The context the host's per-pass `overhead` is looked up at: the host reads no K/V, so a span bucket does not
+        change its work; with a static cache, the capacity (rounded to `context_step`, as a pass over every slot
+        is), else the pass's own context."""
+        if not self.cache_slots or phase == "prefill":
+            return context_len
+        step = self.context_step
+        return (self.cache_slots + step // 2) // step * step
+
     def device_of(self, stage: int) -> int:
         """The device stage `stage` runs on: its `device_index`, else one of its own (numbered after the shared)."""
         index = self.stages[stage].device_index

@@ -291,6 +291,15 @@ def test_static_passes_attend_over_the_cache_slots(method: str, slots: int | Non
         assert min(latency.contexts) <= 64 and max(latency.contexts) >= 192
 
 
+class _HostLog(ConstantLatency):
+    """Constant latency that records, per component, the contexts decode queries ask at."""
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        if phase != "prefill":
+            self.asked.setdefault(component, set()).add(context_len)  # type: ignore[attr-defined]
+        return super().time_us(component, phase, q, context_len, batch)
+
+
 class _ContextCost(_ContextLog):
     """A layer costs 10 µs + 0.01 µs per attended slot (so that the span a pass is costed at shows in its time)."""
 
@@ -303,12 +312,24 @@ class _ContextCost(_ContextLog):
 def test_bucketed_passes_attend_over_the_span_of_their_furthest_position(method: str) -> None:
     """With span buckets (the executor's default) a decode pass is costed at the span bucket of the furthest position
     it writes, not at the cache's 4096 slots: a prompt of 16 and 200 tokens ask for the buckets 64, 128 and 256."""
-    latency = _ContextLog({"layer": 10.0, "lm_head": 1.0})
-    object.__setattr__(latency, "contexts", set())
+    latency = _HostLog({"layer": 10.0, "lm_head": 1.0})
+    object.__setattr__(latency, "asked", {})
     base = plan(method, 0.5, 1 if method != "ppsd" else 2, exit_layer=6 if method != "ppsd" else None, output_len=200)
     stages = tuple(SimStage(s.layer_start, s.layer_end, latency) for s in base.stages)
     Simulation(SimPlan(**{**base.__dict__, "stages": stages, "cache_slots": 4096, "span_buckets": True})).run()
-    assert latency.contexts == {64, 128, 256}
+    assert latency.asked["layer"] == latency.asked["lm_head"] == {64, 128, 256}
+
+
+@pytest.mark.parametrize("method", ["ar", "eesd", "ppsd"])
+def test_the_hosts_overhead_is_not_looked_up_at_the_span(method: str) -> None:
+    """The host reads no K/V: with span buckets its per-pass `overhead` is still looked up at the cache capacity
+    (rounded to the context step, as without buckets), while the layers ask at their buckets."""
+    latency = _HostLog({"layer": 10.0, "lm_head": 1.0, "overhead": 5.0})
+    object.__setattr__(latency, "asked", {})
+    base = plan(method, 0.5, 1 if method != "ppsd" else 2, exit_layer=6 if method != "ppsd" else None, output_len=200)
+    stages = tuple(SimStage(s.layer_start, s.layer_end, latency) for s in base.stages)
+    Simulation(SimPlan(**{**base.__dict__, "stages": stages, "cache_slots": 4000, "span_buckets": True})).run()
+    assert latency.asked["overhead"] == {4032} and latency.asked["layer"] == {64, 128, 256}
 
 
 def test_a_bucketed_ar_step_costs_its_own_bucket() -> None:
