@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from calibrate.common import DTYPE_NAMES
 from executor.cli import main as eesd
 from sim.formats import latency_profile_name, read_latency_profile
 
@@ -67,16 +68,14 @@ def main() -> int:
     return eesd(argv)
 
 
-DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
 def recalibrate_argv(scenario: Path, threads: int) -> list[str]:
     """`eesd calibrate latency` arguments that measure the scenario's latency profile again, in place: its model,
     device, dtype, kernels and grid, with `threads` torch threads."""
     data = yaml.safe_load(scenario.read_text())
     path = (scenario.parent / data["latency"]["profile"]["path"]).resolve()
     meta = read_latency_profile(path).metadata
-    grid, kernels, dtype = meta["grid"], meta.get("kernels", "eager"), DTYPES[meta["dtype"]]
+    short = {name: short for short, name in DTYPE_NAMES.items()}  # "float32" -> "fp32"
+    grid, kernels, dtype = meta["grid"], meta.get("kernels", "eager"), short[meta["dtype"]]
     if latency_profile_name(meta["model"], meta["device_type"], dtype, kernels) != path.name:
         raise SystemExit(f"{path}: calibrate latency would write another file name; rename the profile first")
     joined = {key: ",".join(str(v) for v in grid[key]) for key in ("q", "context_len", "batch", "prefill_q")}

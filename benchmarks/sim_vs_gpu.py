@@ -201,8 +201,9 @@ def attention_of(rows: list[dict[str, Any]]) -> Any:
     """`label -> attention` for a gpu_decode JSON's rows: an executor with span buckets gives its AR an A/B twin
     ("ours ar buckets off"), so a JSON holding one measured bucketed passes (every row but the "buckets off" ones);
     one without was measured before span buckets existed: its passes attended over the whole static cache."""
-    bucketed = any(r["method"] == "ours ar buckets off" for r in rows)
-    return lambda label: "buckets" if bucketed and not label.endswith(" buckets off") else "cache"
+    if any(r["method"] == "ours ar buckets off" for r in rows):
+        return bucketed
+    return lambda label: "cache"
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -893,9 +893,7 @@ class Simulation:
     def _context_of(self, context_len: int, phase: str) -> int:
         """The context a pass is costed at (`SimPlan.attended`: a static decode pass's cache slots or span bucket),
         rounded to `context_step`."""
-        context_len = self.plan.attended(context_len, phase)
-        step = self.plan.context_step
-        return (context_len + step // 2) // step * step
+        return self.plan.rounded(self.plan.attended(context_len, phase))
 
     def _cost(self, work: Pass, context_len: int, batch: int) -> PassCost:
         context_len = self._context_of(context_len, work.phase)

@@ -131,8 +131,12 @@ class SimPlan:
         is), else the pass's own context."""
         if not self.cache_slots or phase == "prefill":
             return context_len
+        return self.rounded(self.cache_slots)
+
+    def rounded(self, context_len: int) -> int:
+        """`context_len` rounded to the nearest multiple of `context_step`: where latency is looked up."""
         step = self.context_step
-        return (self.cache_slots + step // 2) // step * step
+        return (context_len + step // 2) // step * step
 
     def device_of(self, stage: int) -> int:
         """The device stage `stage` runs on: its `device_index`, else one of its own (numbered after the shared)."""

@@ -644,8 +644,7 @@ class ServingSimulation:
         plan = self.plan
         if plan.cache_slots and work.phase != "prefill":
             context_len = plan.attended(furthest + 1, work.phase)
-        step = plan.context_step
-        context_len = (context_len + step // 2) // step * step
+        context_len = plan.rounded(context_len)
         key = (work.name, context_len, batch)
         cached = self._costs.get(key)
         if cached is None:
