@@ -36,8 +36,9 @@ event for the landing (hand-offs of a stage process ending a job are settled whe
 `Simulation.settle`); a flush stops the stale jobs at once, where SimPy's interrupts would each be an event. Passes
 that do not depend on time (an EESD round's, a block of AR steps up to the host's read, chained zero-draft rounds) go
 as one sweep where nothing else is due: each stage's process wakes once, at the end of its last pass, and the main
-process with the last stage's where the token ids need not come back (`Simulation._sweep`). Otherwise every stage
-process wakes at the end of each job it runs. `Simulation(plan, shortcuts=False)` runs every hand-off as its own
+process with the last stage's where the token ids need not come back (`Simulation._sweep`). A PPSD decode on the
+free-running pipe goes as one sweep too (`_FreePipe`: with nothing else due it is a flow shop, its times worked out
+token by token; untraced runs). Otherwise every stage process wakes at the end of each job it runs. `Simulation(plan, shortcuts=False)` runs every hand-off as its own
 event: the tests hold the two to the same results and traces, to the bit.
 
 The engine runs a `SimPlan` (`sim.plan`, checked when built) and knows nothing of scenario files.
@@ -578,6 +579,12 @@ class Simulation:
             yield from self._ppsd_ticks(rows)
             return
         token = self._token_pass()  # every rank's host takes part in every tick
+        if self.shortcuts and self.trace is None and not self.env._queue and plan.workload.output_len > 1:
+            swept = _FreePipe(self, rows, token).sweep()
+            if swept is not None:
+                yield swept
+                self.epoch += 1
+                return
         self._pipe = _Pipe(
             rows=rows,
             output_len=plan.workload.output_len,
@@ -950,3 +957,155 @@ class _Pipe:
     in_flight: int = 0
     pending: Job | None = field(default=None)
     cost: PassCost | None = None  # every token's pass, where that does not depend on its position
+
+
+_Timed = tuple[list[float], list[float], tuple[float, ...]]  # a token in the free pipe: starts, ends, durations
+
+
+class _FreePipe:
+    """A batch's whole PPSD decode on the free-running pipe (a device per stage), worked out as the events one by one
+    would give it, to the bit, where nothing else is due: the pipe is then a flow shop whose every time follows from
+    the stage and link times and the drafts' verdicts (which depend on the position and the draft's index alone, not
+    on when they are drawn; `sim.acceptance`). A token starts a stage when it has arrived and the stage has finished
+    the token before it; a draft enters stage 1 when its parent leaves stage 1 and fewer than `window` tokens are in
+    flight; the first token leaving the last stage with a wrong draft after it flushes the younger ones (a running
+    job stops then, its time so far booked) and its correction enters stage 1 once the token ids are back. Where a
+    younger job ends at the very time of a flush and booking it whole or stopped would differ (which one SimPy's
+    order of events picks is not known here), or a stage costs nothing, `sweep` declines and the events run."""
+
+    def __init__(self, sim: Simulation, rows: list[BatchRow], token: Pass) -> None:
+        plan = sim.plan
+        self.sim, self.rows, self.token = sim, rows, token
+        self.n, self.batch, self.output_len = len(sim.stages), len(rows), plan.workload.output_len
+        self.window = plan.max_in_flight or self.n
+        self.prompt_len = plan.workload.prompt_len
+        self.busy = [stage.busy_us for stage in sim.stages]
+        self.useful = [stage.useful_us for stage in sim.stages]
+        self.counts = dict.fromkeys(("tokens", "rounds", "accepted", "drafted", "flushes", "ticks"), 0)
+        self.links: list[float] = []
+        self.durations: dict[int, tuple[float, ...]] = {}  # by position
+        self.return_us = sim.return_link.delay_us(TOKEN_ID_BYTES * self.batch) if self.n > 1 else 0.0
+
+    def sweep(self) -> _Wake | None:
+        """Book the decode's stage times and counts and return the event that wakes the main process when the last
+        token leaves the pipe; None (nothing booked) where the events must run."""
+        sim = self.sim
+        position, entry = 0, sim.env.now
+        self.counts["rounds"] = 1
+        while True:
+            left = self.segment(position, entry)
+            if left is None:
+                return None
+            position, at_us, final = left
+            if final:
+                break
+            entry = at_us + self.return_us if self.return_us > 0.0 else at_us
+        for stage, busy, useful in zip(sim.stages, self.busy, self.useful, strict=True):
+            stage.busy_us, stage.useful_us = busy, useful
+        sim._count(**self.counts)
+        wake = _Wake(sim.env)
+        wake._ok, wake._value = True, None
+        heappush(sim.env._queue, (at_us, NORMAL, next(sim.env._eid), wake))
+        return wake
+
+    def segment(self, position: int, entry: float) -> tuple[int, float, bool] | None:
+        """The tokens from `position` (the first, or a correction) entering stage 1 at `entry`, up to the first that
+        leaves with a wrong draft after it, or the last: their times and counts booked, then the younger tokens'
+        flushed work. (The next correction's position, when the token left, whether it was the last); None where the
+        sweep must decline."""
+        tokens: list[_Timed] = []
+        exits: list[float] = []
+        while True:
+            index = len(tokens)
+            timed = self.token_times(position + index, entry, tokens[-1][1] if tokens else None)
+            if timed is None:
+                return None
+            tokens.append(timed)
+            exits.append(timed[1][-1])
+            final = position + index + 2 >= self.output_len
+            if final or not self.confirmed(position + index + 1, index):
+                break
+            entry = self.entry(timed[1][0], exits, index + 1)
+        self.book_left(tokens, final)
+        if not final and not self.book_flushed(position, tokens, exits):
+            return None
+        return position + len(tokens), exits[-1], final
+
+    def token_times(self, position: int, entry: float, before: list[float] | None) -> _Timed | None:
+        """The token at `position` entering stage 1 at `entry`, behind the token that left each stage at `before`:
+        when it starts and ends on each stage, and its durations; None where the sweep must decline."""
+        durations = self.durations.get(position)
+        if durations is None:
+            first, last, durations, link_bytes = self.sim._cost(self.token, self.prompt_len + position, self.batch)
+            if first != 0 or last != self.n - 1 or min(durations) <= 0.0:
+                return None
+            self.durations[position] = durations
+            if not self.links:
+                self.links = [link.delay_us(link_bytes[i]) for i, link in enumerate(self.sim.links)]
+        links = self.links
+        starts, end = [entry], entry + durations[0]
+        ends = [end]
+        for stage in range(1, self.n):
+            delay = links[stage - 1]
+            arrive = end + delay if delay > 0.0 else end
+            if before is not None and arrive < before[stage]:
+                arrive = before[stage]
+            starts.append(arrive)
+            end = arrive + durations[stage]
+            ends.append(end)
+        return starts, ends, durations
+
+    def entry(self, parent_left_stage_1: float, exits: list[float], index: int) -> float:
+        """When the segment's token `index`, drafted as its parent left stage 1, enters: at once, or when the token
+        leaving frees a place in the window."""
+        freed = index - self.window
+        if freed < 0 or exits[freed] <= parent_left_stage_1:
+            return parent_left_stage_1
+        return exits[freed]
+
+    def confirmed(self, position: int, index: int) -> bool:
+        """Whether every row's draft of `position`, the `index`-th since the segment began, is the full model's."""
+        return all([row.stream.draft(position, index)[0] for row in self.rows])
+
+    def book_left(self, tokens: list[_Timed], final: bool) -> None:
+        """Each token of a segment ran every stage whole and left: busy and useful time, tokens, ticks, verdicts."""
+        busy, useful, counts, batch = self.busy, self.useful, self.counts, self.batch
+        for _, _, durations in tokens:
+            for stage, duration in enumerate(durations):
+                busy[stage] += duration
+        for _, _, durations in tokens:
+            for stage, duration in enumerate(durations):
+                useful[stage] += duration
+        confirmed = len(tokens) - 1
+        counts["tokens"] += batch * len(tokens)
+        counts["ticks"] += self.n + confirmed  # its first token entered an empty pipe
+        counts["accepted"] += batch * confirmed
+        counts["drafted"] += batch * confirmed
+        if not final:
+            counts["drafted"] += batch
+            counts["flushes"] += 1
+            counts["rounds"] += 1
+
+    def book_flushed(self, position: int, tokens: list[_Timed], exits: list[float]) -> bool:
+        """The work of the tokens younger than the segment's last, entered before it left at `at`: a job that ended
+        before is booked whole, one running then up to `at`, one not started not at all. False where a job ends at
+        `at` itself and the two bookings differ."""
+        at, busy = exits[-1], self.busy
+        before, index = tokens[-1][1], len(tokens)
+        # a younger token is drafted (none past the last position a token is fed for) and enters in flight
+        while index - self.window < len(tokens) - 1 and position + index <= self.output_len - 2:
+            entry = self.entry(before[0], exits, index)
+            if entry >= at:
+                break
+            timed = self.token_times(position + index, entry, before)
+            if timed is None:
+                return False
+            starts, before, durations = timed
+            for stage, (start, end, duration) in enumerate(zip(starts, before, durations, strict=True)):
+                if start >= at:
+                    break
+                if end == at and at - start != duration:
+                    return False
+                busy[stage] += duration if end <= at else at - start
+            index += 1
+        return True
