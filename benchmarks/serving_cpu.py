@@ -1,16 +1,18 @@
 """Benchmark (not a test): serving on this CPU, the simulator against the executor on the same workload.
 
 scenarios/serving_cpu.yaml names the model (SmolLM2-135M fp32), the latency profile and acceptance trace measured on
-this CPU, the methods (AR, EESD at E = 22 with fixed:1), at most 4 requests at once and two workload files
-(scenarios/workloads/smollm2_cpu_rate*.yaml: Poisson arrivals at 0.4 and 1.2 requests/s, each request one of the
+this CPU, the methods (AR, EESD at E = 22 with fixed:1), at most 4 requests at once and three workload files
+(scenarios/workloads/smollm2_cpu_rate*.yaml: Poisson arrivals at 0.15 (80 requests: a light load, the box mostly
+idle between them), 0.4 and 1.2 requests/s (24 each), each request one of the
 trace's prompts with its token count and at most 32 output tokens). For every case and method the executor serves
 the workload on the wall clock (`executor.serving.serve`, one torch thread, no EOS: each request makes its
 output_len tokens, as simulated) and the simulator runs the same point (`sim.serving`); the JSON pairs their
 throughput and p50 / p90 of TTFT and TPOT with relative errors (predicted - measured) / measured. Before and after
-each timed run a batch-1 AR probe (`probe_ar_ms_per_token`) shows how fast the shared box ran then, against the
-profile's own batch-1 step.
+each timed run a batch-1 AR probe (`probe_ar_ms_per_token`, `probe_prefill_ms`) shows how fast the shared box ran
+then, against the profile's own batch-1 step and prefill; `sim_scaled` is the prediction with the profile's decode
+passes scaled by the step's slowdown and its prefills by the prefill's.
 
-    python benchmarks/serving_cpu.py                    # writes benchmarks/results/serving_cpu.json (~5 minutes)
+    python benchmarks/serving_cpu.py                    # writes benchmarks/results/serving_cpu.json (~25 minutes)
     python benchmarks/serving_cpu.py --cases rate0.4    # one load only
     python benchmarks/serving_cpu.py --write-workloads  # regenerate the workload files (needs the tokenizer)
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,8 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "serving_cpu.json"
 WORKLOADS = ROOT / "scenarios" / "workloads"
 TRACE = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
 MODEL = "smollm2-135m"
-RATES = (0.4, 1.2)
-REQUESTS = 24
+RATES = {0.15: 80, 0.4: 24, 1.2: 24}  # requests/s -> requests: the light load long enough for stable percentiles
 MAX_OUTPUT = 32
 SEED = 7
 COMPARED = ("tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms")
@@ -57,10 +59,10 @@ def write_workloads() -> list[Path]:
     texts = {p.id: p.text for p in load_prompts(str(trace.metadata["prompts"]))}
     tokenizer = load_tokenizer(MODEL)
     written = []
-    for rate in RATES:
-        times = arrival_times(Poisson(process="poisson", rate_per_s=rate), REQUESTS, random.Random(SEED))
+    for rate, requests in RATES.items():
+        times = arrival_times(Poisson(process="poisson", rate_per_s=rate), requests, random.Random(SEED))
         lines = [
-            f"# {REQUESTS} requests, Poisson arrivals at {rate}/s (seed {SEED}); written by benchmarks/serving_cpu.py",
+            f"# {requests} requests, Poisson arrivals at {rate}/s (seed {SEED}); written by benchmarks/serving_cpu.py",
             "arrival_s,prompt_len,output_len,prompt_id",
         ]
         for index, arrival in enumerate(times):
@@ -104,22 +106,31 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
             options.update(exit_layer=point.plan.exit_layer, policy=point.plan.policy, head="shared")
         warm = point.workload.requests[0]
         serve(adapter, type(point.workload)((type(warm)(0, warm.prompt_len, 4, 0.0),)), prompts[:1], **options)
-        before = probe_ms(adapter, prompts[0])
+        before, prefill_before = probe_ms(adapter, prompts[0])
         measured = metrics(serve(adapter, point.workload, prompts, **options).result, point.slo)
-        after = probe_ms(adapter, prompts[0])
+        after, prefill_after = probe_ms(adapter, prompts[0])
         predicted_result = simulate_serving(point)
         predicted = metrics(predicted_result, point.slo)
         rows.append(_row(point, measured, predicted, predicted_result.extrapolated))
-        # the same point with every profiled time scaled by how much slower the box ran than when it was profiled
+        # the same point with the profiled times scaled by how much slower the box ran than when it was profiled: the
+        # decode passes (memory-bound) by the AR step's slowdown, the prefills (compute-bound) by the prefill's
         slowdown = (before + after) / 2 / profile_ar_ms(point, len(prompts[0]))
-        scaled = metrics(simulate_serving(dataclasses.replace(point, plan=scaled_plan(point.plan, slowdown))))
+        prefill_slowdown = (prefill_before + prefill_after) / 2 / profile_prefill_ms(point, len(prompts[0]))
+        plan = scaled_plan(point.plan, slowdown, prefill_slowdown)
+        scaled = metrics(simulate_serving(dataclasses.replace(point, plan=plan)))
         rows[-1].update(
             probe_ar_ms_per_token=[round(before, 2), round(after, 2)],
             slowdown=round(slowdown, 3),
+            probe_prefill_ms=[round(prefill_before, 1), round(prefill_after, 1)],
+            prefill_slowdown=round(prefill_slowdown, 3),
             sim_scaled={key: round(scaled[key], 4) for key in COMPARED},
             errors_scaled={key: round((scaled[key] - measured[key]) / measured[key], 4) for key in COMPARED},
         )
-        print(_line(rows[-1]), f"(probe {before:.1f} / {after:.1f} ms per AR token, slowdown {slowdown:.2f})")
+        print(
+            _line(rows[-1]),
+            f"(probe {before:.1f} / {after:.1f} ms per AR token, slowdown {slowdown:.2f}; prefill "
+            f"{prefill_before:.0f} / {prefill_after:.0f} ms, slowdown {prefill_slowdown:.2f})",
+        )
     metadata = {
         **base_metadata(MODEL, adapter.device, adapter.dtype),
         "threads": threads,
@@ -133,16 +144,18 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
     return rows, metadata
 
 
-def probe_ms(adapter: Any, prompt: list[int], tokens: int = 9) -> float:
-    """How fast this machine runs right now: the median over 3 runs of a batch-1 AR decode step (ms per token) on
-    `prompt`, to set beside the profile's (the box is shared: other work slows every pass alike)."""
+def probe_ms(adapter: Any, prompt: list[int], tokens: int = 9, runs: int = 5) -> tuple[float, float]:
+    """How fast this machine runs right now: the medians over `runs` batch-1 AR runs on `prompt` of a decode step
+    (ms per token) and of the prefill (ms), to set beside the profile's (the box is shared: other work slows the
+    passes, and a compute-bound prefill not by as much as a memory-bound decode step, or by more)."""
     from executor.api import generate
 
-    times = []
-    for _ in range(3):
+    steps, prefills = [], []
+    for _ in range(runs):
         stats = generate(adapter, prompt, method="ar", max_new_tokens=tokens).stats
-        times.append((stats.wall_time_s - stats.prefill_time_s) / (tokens - 1) * 1e3)
-    return sorted(times)[1]
+        steps.append((stats.wall_time_s - stats.prefill_time_s) / (tokens - 1) * 1e3)
+        prefills.append(stats.prefill_time_s * 1e3)
+    return statistics.median(steps), statistics.median(prefills)
 
 
 def profile_ar_ms(point: Any, prompt_len: int) -> float:
@@ -154,12 +167,23 @@ def profile_ar_ms(point: Any, prompt_len: int) -> float:
     return simulation.pass_us(simulation.decode, prompt_len, 1, prompt_len) / 1e3
 
 
+def profile_prefill_ms(point: Any, prompt_len: int) -> float:
+    """The profile's batch-1 prefill of `prompt_len` tokens in ms (the probe's)."""
+    from sim.cost import Pass
+    from sim.serving import ServingSimulation
+
+    simulation = ServingSimulation(point.plan, point.workload, 1, None)
+    prefill = Pass("probe prefill", "prefill", ((0, point.plan.model.num_layers, prompt_len),), lm_head_q=1)
+    return simulation.pass_us(prefill, 0, 1) / 1e3
+
+
 @dataclasses.dataclass(frozen=True)
 class ScaledLatency:
-    """A latency model's times multiplied by `factor`."""
+    """A latency model's times multiplied by `factor`, a prefill's by `prefill_factor`."""
 
     inner: Any
     factor: float
+    prefill_factor: float
 
     @property
     def cuda_graphs(self) -> bool:
@@ -170,11 +194,15 @@ class ScaledLatency:
         return self.inner.extrapolated
 
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
-        return self.factor * self.inner.time_us(component, phase, q, context_len, batch)
+        factor = self.prefill_factor if phase == "prefill" else self.factor
+        return factor * self.inner.time_us(component, phase, q, context_len, batch)
 
 
-def scaled_plan(plan: Any, factor: float) -> Any:
-    stages = tuple(dataclasses.replace(stage, latency=ScaledLatency(stage.latency, factor)) for stage in plan.stages)
+def scaled_plan(plan: Any, factor: float, prefill_factor: float) -> Any:
+    def scaled(stage: Any) -> Any:
+        return dataclasses.replace(stage, latency=ScaledLatency(stage.latency, factor, prefill_factor))
+
+    stages = tuple(scaled(stage) for stage in plan.stages)
     return dataclasses.replace(plan, stages=stages)
 
 

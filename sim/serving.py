@@ -534,7 +534,8 @@ class ServingSimulation:
     def _prefill(self, request: Request, running: list[_Row]) -> Generator[simpy.Event, Any, None]:
         plan, record = self.plan, self.records[request.index]
         record.start_s = self.env.now / 1e6
-        prefill = Pass("prefill", "prefill", ((0, plan.model.num_layers, request.prompt_len),), lm_head_q=1)
+        segments = ((0, plan.model.num_layers, request.prompt_len),)  # the name keys `pass_us`'s cache: one per length
+        prefill = Pass(f"prefill q={request.prompt_len}", "prefill", segments, lm_head_q=1)
         duration_us = self.pass_us(prefill, 0, 1)
         yield self.env.timeout(duration_us)
         self.result.prefill_s += duration_us / 1e6
@@ -645,7 +646,7 @@ class ServingSimulation:
         if plan.cache_slots and work.phase != "prefill":
             context_len = plan.attended(furthest + 1, work.phase)
         context_len = plan.rounded(context_len)
-        key = (work.name, context_len, batch)
+        key = (work.name, context_len, batch)  # names are unique per pass shape (a prefill's name has its length)
         cached = self._costs.get(key)
         if cached is None:
             first, last, durations, link_bytes = pass_costs(plan, work, context_len, batch)

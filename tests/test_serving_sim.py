@@ -263,7 +263,8 @@ def test_serve_sim_cli_runs_without_torch(tmp_path):
 
 def test_shipped_serving_scenarios_load():
     cpu = load_serving_points(ROOT / "scenarios" / "serving_cpu.yaml")
-    assert {(p.case, p.method) for p in cpu} == {(c, m) for c in ("rate0.4", "rate1.2") for m in ("ar", "eesd")}
+    loads = ("rate0.15", "rate0.4", "rate1.2")
+    assert {(p.case, p.method) for p in cpu} == {(c, m) for c in loads for m in ("ar", "eesd")}
     assert all(p.kv_capacity_tokens is None and p.plan.cache_slots for p in cpu)
     h100 = load_serving_points(ROOT / "scenarios" / "serving_h100.yaml")
     cases = {p.case: p for p in h100}
@@ -310,3 +311,33 @@ def test_kv_capacity_of_an_inline_gpu_costed_by_a_profile(tmp_path):
     model = point.plan.model
     weights = (30 * model.layer_params + model.lm_head_params) * 2
     assert point.kv_capacity_tokens == int((0.9 * 40 * 2**30 - weights) // (30 * model.kv_bytes_per_token(2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerQueryToken:
+    """A layer costs LAYER_US per token of its query (so a prefill's time says which length it was costed at)."""
+
+    cuda_graphs: bool = False
+    extrapolated: bool = False
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        return LAYER_US * q if component == "layer" else 0.0
+
+
+def test_each_prefill_is_costed_at_its_own_prompt_length(tmp_path):
+    """Requests of different prompt lengths: each one's prefill (its first token's time after its start, arrivals
+    far apart) costs its own q, not the first request's (a cache keyed by the pass's name alone once did that)."""
+    from sim.serving import ServingSimulation
+
+    lengths = [10, 40, 20, 10, 33]
+    lines = ["arrival_s,prompt_len,output_len"] + [f"{10.0 * i},{q},2" for i, q in enumerate(lengths)]
+    (tmp_path / "trace.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "w.yaml").write_text(
+        "arrival: {process: trace, path: trace.csv}\nprompt_len: {dist: trace}\noutput_len: {dist: trace}\n"
+    )
+    (point,) = load_serving_points(write_scenario(tmp_path, {"workload": "w.yaml", "max_batch": 2}))
+    stages = tuple(dataclasses.replace(stage, latency=_PerQueryToken()) for stage in point.plan.stages)
+    plan = dataclasses.replace(point.plan, stages=stages)
+    result = ServingSimulation(plan, point.workload, point.max_batch, None).run()
+    prefill_us = [(r.first_token_s - r.start_s) * 1e6 for r in result.records]
+    assert prefill_us == pytest.approx([30 * LAYER_US * q for q in lengths])
