@@ -14,6 +14,7 @@ passes scaled by the step's slowdown and its prefills by the prefill's.
 
     python benchmarks/serving_cpu.py                    # writes benchmarks/results/serving_cpu.json (~25 minutes)
     python benchmarks/serving_cpu.py --cases rate0.4    # one load only
+    python benchmarks/serving_cpu.py --recalibrate      # the serving profile measured again first (~5 minutes more)
     python benchmarks/serving_cpu.py --write-workloads  # regenerate the workload files (needs the tokenizer)
 """
 
@@ -229,6 +230,10 @@ def _line(row: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-workloads", action="store_true", help="regenerate the workload files and stop")
+    parser.add_argument(
+        "--recalibrate", action="store_true",
+        help="measure the scenario's latency profile again first, in place (a shared box's speed drifts)",
+    )  # fmt: skip
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the profile)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
@@ -237,6 +242,14 @@ def main() -> int:
         for path in write_workloads():
             print(f"wrote {path}")
         return 0
+    if args.recalibrate:
+        from sim_vs_executor import recalibrate_argv
+
+        from executor.cli import main as eesd
+
+        status = eesd(recalibrate_argv(SCENARIO, threads=args.threads))
+        if status:
+            return status
     from calibrate.validate import write_json
     from sim.serving import load_serving_points
 

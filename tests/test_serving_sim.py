@@ -268,7 +268,7 @@ def test_shipped_serving_scenarios_load():
     assert all(p.kv_capacity_tokens is None and p.plan.cache_slots for p in cpu)
     h100 = load_serving_points(ROOT / "scenarios" / "serving_h100.yaml")
     cases = {p.case: p for p in h100}
-    assert len(cases) == 4 and len(h100) == 4 * 8 * 2
+    assert len(cases) == 4 and len(h100) == (3 * 8 + 10) * 2  # the Llama-3-8B case sweeps 10 rates
     assert cases["llama3-8b-alpha0.7-batch256"].max_batch == 256 and cases["smollm2-measured"].max_batch == 64
     assert all(p.plan.cache_slots is None and p.kv_capacity_tokens > 100_000 for p in h100)  # paged: context only
 
