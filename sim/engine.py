@@ -38,8 +38,9 @@ that do not depend on time (an EESD round's, a block of AR steps up to the host'
 as one sweep where nothing else is due: each stage's process wakes once, at the end of its last pass, and the main
 process with the last stage's where the token ids need not come back (`Simulation._sweep`). A PPSD decode on the
 free-running pipe goes as one sweep too (`_FreePipe`: with nothing else due it is a flow shop, its times worked out
-token by token; untraced runs). Otherwise every stage process wakes at the end of each job it runs. `Simulation(plan, shortcuts=False)` runs every hand-off as its own
-event: the tests hold the two to the same results and traces, to the bit.
+token by token; untraced runs). Otherwise every stage process wakes at the end of each job it runs.
+`Simulation(plan, shortcuts=False)` runs every hand-off as its own event: the tests hold the two to the same results
+and traces, to the bit.
 
 The engine runs a `SimPlan` (`sim.plan`, checked when built) and knows nothing of scenario files.
 """
