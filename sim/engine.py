@@ -161,9 +161,14 @@ class _Wake(simpy.Event):
 
     def at_end(self, delay_us: float) -> None:
         """Fire after `delay_us`, as a `simpy.Timeout` of that delay created now would (`Environment.schedule`)."""
+        self.at(self.env._now + delay_us)
+
+    def at(self, time_us: float) -> None:
+        """Fire at `time_us` exactly (not now + a delay, whose sum may round elsewhere), after every event now queued
+        for that time."""
         self._ok, self._value = True, None
         env = self.env
-        heappush(env._queue, (env._now + delay_us, NORMAL, next(env._eid), self))
+        heappush(env._queue, (time_us, NORMAL, next(env._eid), self))
 
 
 class _Landing(simpy.Event):
@@ -983,7 +988,8 @@ class _FreePipe:
         self.busy = [stage.busy_us for stage in sim.stages]
         self.useful = [stage.useful_us for stage in sim.stages]
         self.counts = dict.fromkeys(("tokens", "rounds", "accepted", "drafted", "flushes", "ticks"), 0)
-        self.links: list[float] = []
+        link_bytes = sim._cost(token, self.prompt_len, self.batch)[3]  # the hidden states: the same at every position
+        self.links = [link.delay_us(link_bytes[i]) for i, link in enumerate(sim.links)]
         self.durations: dict[int, tuple[float, ...]] = {}  # by position
         self.return_us = sim.return_link.delay_us(TOKEN_ID_BYTES * self.batch) if self.n > 1 else 0.0
 
@@ -1005,8 +1011,7 @@ class _FreePipe:
             stage.busy_us, stage.useful_us = busy, useful
         sim._count(**self.counts)
         wake = _Wake(sim.env)
-        wake._ok, wake._value = True, None
-        heappush(sim.env._queue, (at_us, NORMAL, next(sim.env._eid), wake))
+        wake.at(at_us)
         return wake
 
     def segment(self, position: int, entry: float) -> tuple[int, float, bool] | None:
@@ -1037,12 +1042,10 @@ class _FreePipe:
         when it starts and ends on each stage, and its durations; None where the sweep must decline."""
         durations = self.durations.get(position)
         if durations is None:
-            first, last, durations, link_bytes = self.sim._cost(self.token, self.prompt_len + position, self.batch)
+            first, last, durations, _ = self.sim._cost(self.token, self.prompt_len + position, self.batch)
             if first != 0 or last != self.n - 1 or min(durations) <= 0.0:
                 return None
             self.durations[position] = durations
-            if not self.links:
-                self.links = [link.delay_us(link_bytes[i]) for i, link in enumerate(self.sim.links)]
         links = self.links
         starts, end = [entry], entry + durations[0]
         ends = [end]
@@ -1074,8 +1077,6 @@ class _FreePipe:
         for _, _, durations in tokens:
             for stage, duration in enumerate(durations):
                 busy[stage] += duration
-        for _, _, durations in tokens:
-            for stage, duration in enumerate(durations):
                 useful[stage] += duration
         confirmed = len(tokens) - 1
         counts["tokens"] += batch * len(tokens)
