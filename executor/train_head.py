@@ -65,9 +65,10 @@ from sim.progress import progress_bar
 
 CHECKPOINT_VERSION = 2
 SCHEDULES = ("constant", "cosine")
+INIT_LAYERS = ("exit", "last")
 # settings a resumed run must share with the checkpoint (`steps` too under a cosine schedule, whose length it is)
 RESUME_KEYS = ("exit_layer", "exit_layers", "lr", "batch_size", "seed", "schedule", "warmup_steps", "min_lr_ratio",
-               "clip_norm", "weight_decay", "window", "logit_chunk", "head_kind")  # fmt: skip
+               "clip_norm", "weight_decay", "window", "logit_chunk", "head_kind", "init_layer")  # fmt: skip
 EVAL_COLUMNS = ("step", "tokens_seen", "targets_seen", "exit_layer", "draft_len", "agreement", "tokens_per_round",
                 "kl", "train_kl", "eval_positions")  # fmt: skip
 
@@ -91,6 +92,7 @@ class TrainConfig:
     draft_len: int = 4  # the fixed k of the evaluation's tokens/round
     logit_chunk: int = 1024  # target positions whose vocabulary-wide logits are held at once
     head_kind: str = "layer"  # "layer" (a decoder layer) or "attention" (its attention sublayer only)
+    init_layer: str = "exit"  # the model layer each head's layer starts as: "exit" (its own E), "last" or a number
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -101,6 +103,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0:
             raise ValueError("lr must be > 0, warmup_steps and eval_every >= 0")
+        if self.init_layer not in INIT_LAYERS and not self.init_layer.isdigit():
+            raise ValueError(f"init_layer must be 'exit', 'last' or a layer number, got {self.init_layer!r}")
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -314,12 +318,26 @@ def autocast(adapter: ModelAdapter) -> contextlib.AbstractContextManager[Any]:
 
 
 def new_head(
-    adapter: ModelAdapter, exit_layer: int, kind: str = "layer", token_ids: torch.Tensor | None = None
+    adapter: ModelAdapter,
+    exit_layer: int,
+    kind: str = "layer",
+    token_ids: torch.Tensor | None = None,
+    init_layer: str = "exit",
 ) -> TrainedExitHead:
-    """A head of `kind` to train, over the draft vocabulary `token_ids` if given: float32 weights whatever the
-    model's dtype (AdamW's updates are lost in bf16 weights)."""
-    head = head_class(kind)(adapter, exit_layer, token_ids=token_ids)
+    """A head of `kind` to train, over the draft vocabulary `token_ids` if given, its layer a copy of model layer
+    `init_layer` ("exit": E itself, "last": the model's last layer, or a layer number): float32 weights whatever
+    the model's dtype (AdamW's updates are lost in bf16 weights)."""
+    head = head_class(kind)(adapter, exit_layer, init_layer_index(adapter, exit_layer, init_layer), token_ids=token_ids)
     return head.float() if adapter.dtype in HALF_DTYPES else head
+
+
+def init_layer_index(adapter: ModelAdapter, exit_layer: int, init_layer: str) -> int:
+    """The model layer a new head's layer copies (see `new_head`)."""
+    index = {"exit": exit_layer, "last": adapter.num_layers - 1}.get(init_layer)
+    index = int(init_layer) if index is None else index
+    if not 0 <= index < adapter.num_layers:
+        raise ValueError(f"init_layer must be in [0, {adapter.num_layers - 1}], got {init_layer}")
+    return index
 
 
 @dataclass
@@ -682,7 +700,7 @@ def distill_heads(
     `draft_vocab` if given) on `source` and write each to `outs[E]` (atomically), evaluating on `eval_source` and
     checkpointing next to the first; `resume` continues from that checkpoint if it exists."""
     adapter = ModelAdapter(model)
-    heads = {e: new_head(adapter, e, config.head_kind, draft_vocab) for e in config.layers}
+    heads = {e: new_head(adapter, e, config.head_kind, draft_vocab, config.init_layer) for e in config.layers}
     info = {k: str(v) for k, v in (dict(run_info or {}) | source.describe()).items()}
     if eval_source is not None:
         info |= {f"eval_{key}": value for key, value in eval_source.describe().items()}

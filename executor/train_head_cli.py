@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="trained head: a decoder layer (default) or its attention sublayer only (a light adapter)",
     )  # fmt: skip
     parser.add_argument(
+        "--init-layer", default="exit", metavar="exit|last|N",
+        help="the model layer a trained head's layer starts as: its exit layer (default), the last layer, or N",
+    )  # fmt: skip
+    parser.add_argument(
         "--draft-vocab", default=None, metavar="FILE",
         help="train the head over the ids of this vocabulary-subset head file only (its LM head: their rows)",
     )  # fmt: skip
@@ -146,7 +150,7 @@ def _config(args: argparse.Namespace):
         exit_layer=args.exit_layer[0], exit_layers=args.exit_layer[1:], steps=args.steps, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every, schedule=args.schedule,
         warmup_steps=args.warmup_steps, clip_norm=args.clip_norm or None, window=args.window,
-        eval_every=args.eval_every, draft_len=args.draft_len, head_kind=args.head_kind,
+        eval_every=args.eval_every, draft_len=args.draft_len, head_kind=args.head_kind, init_layer=args.init_layer,
     )  # fmt: skip
 
 

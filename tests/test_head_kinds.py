@@ -29,7 +29,14 @@ from executor.heads import (
     read_head_file,
 )
 from executor.ppsd import decode_ppsd
-from executor.train_head import TrainConfig, corpus_records, distill_heads, generate_corpus, head_target
+from executor.train_head import (
+    TrainConfig,
+    corpus_records,
+    distill_heads,
+    generate_corpus,
+    head_target,
+    new_head,
+)
 
 SPEC = TinySpec(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, vocab=64, seed=5)
 EXIT_LAYER = 2
@@ -196,3 +203,23 @@ def test_a_shared_draft_vocabulary_teacher_scores_only_its_rows_and_gives_the_sa
     monkeypatch.setattr(train_head, "shared_draft_vocab", lambda _: None)
     full = train_head.distill_batch(heads, teacher, 1024)
     assert subset[EXIT_LAYER] == pytest.approx(full[EXIT_LAYER], rel=1e-3)  # float32 targets: rounding only
+
+
+def test_a_head_started_from_another_layer_records_it_and_stays_lossless(tiny, records, tmp_path: Path) -> None:
+    adapter = ModelAdapter(tiny)
+    last = new_head(adapter, EXIT_LAYER, init_layer="last")
+    assert last.init_layer == SPEC.num_layers - 1 and new_head(adapter, EXIT_LAYER, init_layer="1").init_layer == 1
+    expected = adapter.layers[SPEC.num_layers - 1].state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in last.layer.state_dict().items())
+    for bad in ("first", str(SPEC.num_layers)):
+        with pytest.raises(ValueError, match="init_layer"):
+            new_head(adapter, EXIT_LAYER, init_layer=bad) if bad.isdigit() else TrainConfig(1, init_layer=bad)
+    config = TrainConfig(exit_layer=EXIT_LAYER, steps=4, lr=3e-3, window=32, init_layer="last")
+    out = tmp_path / "head.safetensors"
+    distill_heads(tiny, RecordSource.from_records(records), config, {EXIT_LAYER: out}, progress=False)
+    loaded = load_head(out, tiny, EXIT_LAYER)
+    assert read_head_file(out)[1]["init_layer"] == str(SPEC.num_layers - 1) and loaded.init_layer == SPEC.num_layers - 1
+    for prompt in _prompts(2, seed=3):
+        ar = generate(tiny, prompt, method="ar", max_new_tokens=16).sequences.tolist()
+        eesd = generate(tiny, prompt, method="eesd", head=loaded, draft_len=3, max_new_tokens=16)
+        assert eesd.sequences.tolist() == ar
