@@ -563,31 +563,50 @@ POOL_BATCHES = 64  # batches whose windows are sorted by length together: little
 
 
 class RecordSource:
-    """Records in shards, read one shard at a time: a corpus directory, or a list held in memory (`from_records`)."""
+    """Records in shards, read one shard at a time: one corpus directory or several (their shards shuffled together
+    each epoch, so that small shards mix them well), or a list held in memory (`from_records`)."""
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None, records: Sequence[Record] = ()) -> None:
-        self.directory = Path(directory) if directory is not None else None
+    def __init__(
+        self, directory: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        records: Sequence[Record] = (),
+    ) -> None:  # fmt: skip
+        given = [] if directory is None else [directory] if isinstance(directory, (str, os.PathLike)) else directory
+        self.directories = [Path(d) for d in given]
+        if len(set(self.directories)) != len(self.directories):
+            raise ValueError(f"corpus directories given twice: {', '.join(map(str, self.directories))}")
         self.records = list(records)
-        self.manifest = read_manifest(self.directory) if self.directory is not None else None
-        self.shards: list[Any] = self.manifest["shards"] if self.manifest else [None]
+        self.manifests = [read_manifest(d) for d in self.directories]
+        self.shards: list[Any] = [(i, s) for i, m in enumerate(self.manifests) for s in m["shards"]] or [None]
 
     @classmethod
     def from_records(cls, records: Sequence[Record]) -> RecordSource:
         return cls(records=records)
 
+    @property
+    def directory(self) -> Path | None:
+        """The (first) corpus directory; None for records in memory."""
+        return self.directories[0] if self.directories else None
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        return self.manifests[0] if self.manifests else None
+
     def read(self, index: int) -> list[Record]:
-        if self.directory is None:
+        if not self.directories:
             return self.records
-        return read_shard(self.directory, self.shards[index])
+        corpus, shard = self.shards[index]
+        return read_shard(self.directories[corpus], shard)
 
     def describe(self) -> dict[str, str]:
         """What identifies the data (for a checkpoint and a head's metadata)."""
-        if self.directory is None:
+        if not self.directories:
             return {"corpus": "in-memory", "corpus_records": str(len(self.records))}
+        digests = [manifest_sha256(d) for d in self.directories]
+        digest = digests[0] if len(digests) == 1 else hashlib.sha256(",".join(digests).encode()).hexdigest()
         return {
-            "corpus": str(self.directory), "corpus_manifest_sha256": manifest_sha256(self.directory),
-            "corpus_records": str(self.manifest["totals"]["records"]),
-            "corpus_tokens": str(self.manifest["totals"]["tokens"]),
+            "corpus": ",".join(map(str, self.directories)), "corpus_manifest_sha256": digest,
+            "corpus_records": str(sum(m["totals"]["records"] for m in self.manifests)),
+            "corpus_tokens": str(sum(m["totals"]["tokens"] for m in self.manifests)),
         }  # fmt: skip
 
 

@@ -68,7 +68,8 @@ SCHEDULES = ("constant", "cosine")
 INIT_LAYERS = ("exit", "last")
 # settings a resumed run must share with the checkpoint (`steps` too under a cosine schedule, whose length it is)
 RESUME_KEYS = ("exit_layer", "exit_layers", "lr", "batch_size", "seed", "schedule", "warmup_steps", "min_lr_ratio",
-               "clip_norm", "weight_decay", "window", "logit_chunk", "head_kind", "init_layer")  # fmt: skip
+               "clip_norm", "weight_decay", "window", "logit_chunk", "head_kind", "init_layer",
+               "hard_weight")  # fmt: skip
 EVAL_COLUMNS = ("step", "tokens_seen", "targets_seen", "exit_layer", "draft_len", "agreement", "tokens_per_round",
                 "kl", "train_kl", "eval_positions")  # fmt: skip
 
@@ -93,6 +94,7 @@ class TrainConfig:
     logit_chunk: int = 1024  # target positions whose vocabulary-wide logits are held at once
     head_kind: str = "layer"  # "layer" (a decoder layer) or "attention" (its attention sublayer only)
     init_layer: str = "exit"  # the model layer each head's layer starts as: "exit" (its own E), "last" or a number
+    hard_weight: float = 0.0  # weight of a cross-entropy on the full model's top token, added to the KL
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -101,8 +103,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "window", "draft_len", "logit_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0:
-            raise ValueError("lr must be > 0, warmup_steps and eval_every >= 0")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0 or self.hard_weight < 0:
+            raise ValueError("lr must be > 0, warmup_steps, eval_every and hard_weight >= 0")
         if self.init_layer not in INIT_LAYERS and not self.init_layer.isdigit():
             raise ValueError(f"init_layer must be 'exit', 'last' or a layer number, got {self.init_layer!r}")
 
@@ -408,10 +410,14 @@ def head_tokens(head: TrainedExitHead, student: torch.Tensor) -> torch.Tensor:
     return top if head.token_ids is None else head.token_ids[top]
 
 
-def distill_batch(heads: dict[int, TrainedExitHead], teacher: TeacherBatch, chunk: int) -> dict[int, float]:
-    """Each head's mean KL(p_full || q_head) over the batch's target positions, its gradients accumulated. The
-    vocabulary-wide logits exist one chunk at a time: each chunk's loss is backpropagated to the head layer's output
-    (a leaf here), whose gradient then flows through the head layer once."""
+def distill_batch(
+    heads: dict[int, TrainedExitHead], teacher: TeacherBatch, chunk: int, hard_weight: float = 0.0
+) -> dict[int, float]:
+    """Each head's mean KL(p_full || q_head) over the batch's target positions, its gradients accumulated (with
+    `hard_weight` times the cross-entropy of the full model's top token added to what is minimised: greedy
+    agreement is decided by the top token alone). The vocabulary-wide logits exist one chunk at a time: each chunk's
+    loss is backpropagated to the head layer's output (a leaf here), whose gradient then flows through the head
+    layer once."""
     adapter = next(iter(heads.values())).adapter
     outputs = {e: head_states(head, teacher) for e, head in heads.items()}
     leaves = {e: out.detach().requires_grad_(True) for e, out in outputs.items()}
@@ -423,7 +429,8 @@ def distill_batch(heads: dict[int, TrainedExitHead], teacher: TeacherBatch, chun
             student = chunk_log_probs(head, leaves[exit_layer][piece])
             own = target if vocab is not None else head_target(head, target)
             loss = F.kl_div(student, own, log_target=True, reduction="sum") / count
-            loss.backward()
+            objective = loss + hard_weight * F.nll_loss(student, own.argmax(-1), reduction="sum") / count
+            objective.backward()
             totals[exit_layer].append(loss.detach())  # read once per step, not once per chunk (a GPU sync each)
     for exit_layer, out in outputs.items():
         out.backward(leaves[exit_layer].grad)
@@ -457,7 +464,7 @@ def train_step(
     teacher = teacher_batch(adapter, batch, list(heads))
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    losses = distill_batch(heads, teacher, config.logit_chunk)
+    losses = distill_batch(heads, teacher, config.logit_chunk, config.hard_weight)
     del teacher
     lr = lr_at(step, config)
     for exit_layer, head in heads.items():
@@ -764,7 +771,7 @@ def train_head_file(
 
 def train_head_corpus(
     model: torch.nn.Module,
-    corpus: str | os.PathLike[str],
+    corpus: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     config: TrainConfig,
     out: str | os.PathLike[str],
     *,
@@ -775,7 +782,7 @@ def train_head_corpus(
     progress: bool = True,
     draft_vocab: torch.Tensor | None = None,
 ) -> tuple[dict[int, TrainedExitHead], TrainState]:
-    """Distil one head per exit layer of `config` from a corpus directory (`eesd corpus`), scored every
+    """Distil one head per exit layer of `config` from a corpus directory (`eesd corpus`) or several, scored every
     `config.eval_every` steps on `eval_corpus` (a corpus built from held-out prompts), and write them to `out`
     (`{exit_layer}` filled in when there are several)."""
     source = RecordSource(corpus)
@@ -783,6 +790,8 @@ def train_head_corpus(
     eval_source = RecordSource(eval_corpus) if eval_corpus is not None else None
     if eval_source is not None:
         check_corpus_model(eval_source, model)
+        if eval_source.directory.resolve() in {d.resolve() for d in source.directories}:
+            raise ValueError(f"the held-out corpus {eval_source.directory} is also a training corpus")
     return distill_heads(model, source, config, head_paths(out, config.layers), eval_source=eval_source,
                          resume=resume, save_dtype=save_dtype, run_info=run_info, progress=progress,
                          draft_vocab=draft_vocab)  # fmt: skip
@@ -790,15 +799,15 @@ def train_head_corpus(
 
 def check_corpus_model(source: RecordSource, model: torch.nn.Module) -> None:
     """A corpus's token ids are only meaningful for the model (and tokenizer) it was built with."""
-    made_for, this = source.manifest["model_fingerprint"], model_fingerprint(model)
-    if made_for != this:
-        raise ValueError(
-            f"corpus {source.directory} was built with another model ({source.manifest['model']}, fingerprint "
-            f"{made_for}); this model's fingerprint is {this}: build a corpus with this model"
-        )
+    this = model_fingerprint(model)
+    for directory, manifest in zip(source.directories, source.manifests, strict=True):
+        if manifest["model_fingerprint"] != this:
+            raise ValueError(
+                f"corpus {directory} was built with another model ({manifest['model']}, fingerprint "
+                f"{manifest['model_fingerprint']}); this model's fingerprint is {this}: build a corpus with this model"
+            )
 
 
-@torch.no_grad()
 def vocabulary_scores(adapter: ModelAdapter, corpus: Corpus, progress: bool = True) -> torch.Tensor:
     """Each id's expected count over the corpus's generated positions: the sum of the full model's next-token
     probabilities there [V] (float64). Soft counts rank every id the model finds likely, not only the few thousand

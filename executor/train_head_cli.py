@@ -56,13 +56,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--save-dtype", default="bfloat16", help="dtype of the written head (default: bfloat16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches and the head's init (default: 0)")
-    parser.add_argument("--corpus", default=None, metavar="DIR", help="distil from a corpus directory (eesd corpus)")
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        nargs="+",
+        metavar="DIR",
+        help="distil from corpus directories (eesd corpus); several are mixed, their shards shuffled together",
+    )
     parser.add_argument("--eval-corpus", default=None, metavar="DIR", help="held-out corpus scored into OUT.eval.csv")
     parser.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: none)")
     parser.add_argument("--schedule", default="cosine", choices=("cosine", "constant"), help="LR after the warmup")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup (default: 0)")
     parser.add_argument("--clip-norm", type=float, default=1.0, help="gradient clipping per head (0: off)")
     parser.add_argument("--window", type=int, default=512, help="tokens per training window (default: 512)")
+    parser.add_argument(
+        "--hard-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="add W x the cross-entropy of the full model's top token to the KL (default: 0, the KL alone)",
+    )
     parser.add_argument("--draft-len", type=int, default=4, help="k of the evaluation's tokens/round (default: 4)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     parser.add_argument(
@@ -151,6 +164,7 @@ def _config(args: argparse.Namespace):
         batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every, schedule=args.schedule,
         warmup_steps=args.warmup_steps, clip_norm=args.clip_norm or None, window=args.window,
         eval_every=args.eval_every, draft_len=args.draft_len, head_kind=args.head_kind, init_layer=args.init_layer,
+        hard_weight=args.hard_weight,
     )  # fmt: skip
 
 

@@ -287,3 +287,25 @@ def test_corpus_command_builds_from_a_model_directory(tiny, tokenizer, tmp_path,
     assert manifest["arguments"]["dtype"] == "float64" == manifest["model_dtype"].removeprefix("torch.")
     with pytest.raises(ValueError, match="corpus sources"):
         corpus_cli.run(parser.parse_args([*argv, "--sources", "self,web"]))
+
+
+def test_several_corpora_serve_every_window_of_each_once_mixed(tmp_path) -> None:
+    one, two = writer_corpus(tmp_path / "a", 30, seed=1), writer_corpus(tmp_path / "b", 40, seed=2)
+    both = RecordSource([tmp_path / "a", tmp_path / "b"])
+    windows = [(tuple(t), s) for d in ("a", "b") for r in iter_records(tmp_path / d) for t, s in record_windows(r, 12)]
+    served = [
+        (tuple(b.tokens[row, :length].tolist()), start)
+        for b in epoch_batches(both, 5, 12, seed=3, epoch=0)
+        for row, (length, start) in enumerate(zip(b.lengths, b.starts, strict=True))
+    ]  # fmt: skip
+    assert sorted(served) == sorted(windows)
+    assert len(both.shards) == len(one.shards) + len(two.shards)
+    info = both.describe()
+    assert info["corpus_records"] == "70" and info["corpus"] == f"{tmp_path / 'a'},{tmp_path / 'b'}"
+    assert info["corpus_manifest_sha256"] not in (one.describe()["corpus_manifest_sha256"],
+                                                  two.describe()["corpus_manifest_sha256"])  # fmt: skip
+    assert RecordSource([tmp_path / "a"]).describe() == one.describe()  # one directory: as before (resumable)
+    with pytest.raises(ValueError, match="given twice"):
+        RecordSource([tmp_path / "a", tmp_path / "a"])
+    with pytest.raises(FileNotFoundError, match="not a corpus directory"):
+        RecordSource([tmp_path / "a", tmp_path / "missing"])

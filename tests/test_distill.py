@@ -188,3 +188,64 @@ def test_a_bf16_model_trains_float32_heads_under_autocast(corpora, tmp_path) -> 
     assert all(torch.isfinite(torch.tensor(state.losses)))
     assert state.evals[-1]["kl"] < state.evals[0]["kl"]
     assert load_head(out, model, 2).layer.mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_several_corpora_train_together_and_each_is_checked(tiny, corpora, tmp_path) -> None:
+    root, tokenizer = tmp_path / "more", char_tokenizer()
+    more = CorpusConfig(sources=("self",), max_new_tokens=10, batch_size=8, shard_records=10, max_prompts=4,
+                        temperatures=(1.0,), samples=1, seed=9)  # fmt: skip
+    build_corpus(tiny, tokenizer, more, root, model_name="tiny", progress=False)
+    heads, state = train_head_corpus(tiny, [corpora["train"], root], config(steps=4, eval_every=0),
+                                     tmp_path / "h.safetensors", progress=False)  # fmt: skip
+    head = load_head(tmp_path / "h.safetensors", tiny)
+    assert head.metadata["corpus"] == f"{corpora['train']},{root}" and state.step == 4
+    other = tiny_model(TinySpec(**{**SPEC.__dict__, "seed": 12}), torch.float64)
+    build_corpus(other, tokenizer, more, tmp_path / "other", model_name="other", progress=False)
+    with pytest.raises(ValueError, match="other.*built with another model"):
+        train_head_corpus(tiny, [corpora["train"], tmp_path / "other"], config(), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="also a training corpus"):
+        train_head_corpus(tiny, [corpora["train"], corpora["held"]], config(), tmp_path / "x.safetensors",
+                          eval_corpus=corpora["held"])  # fmt: skip
+
+
+def test_the_hard_weight_adds_the_top_token_cross_entropy_to_the_gradient(tiny, corpora, tmp_path, monkeypatch) -> None:
+    """distill_batch(w) backpropagates KL + w * CE(full model's top token): its gradient is the KL's plus w times
+    the cross-entropy's computed here directly (to float32 precision: the teacher's log-probabilities are float32);
+    the reported loss stays the KL; a resume refuses another w."""
+    adapter = ModelAdapter(tiny)
+    batch = next(iter(train_head.epoch_batches(RecordSource(corpora["train"]), 4, 48, seed=0, epoch=0)))
+    teacher = train_head.teacher_batch(adapter, batch, [2])
+
+    def gradients(weight: float, direct_ce: bool = False) -> tuple[float, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        head = train_head.new_head(adapter, 2, init_layer="last")
+        if direct_ce:
+            student = train_head.chunk_log_probs(head, train_head.head_states(head, teacher))
+            top = adapter.logits(teacher.final).argmax(-1)
+            torch.nn.functional.nll_loss(student, top).backward()
+            loss = 0.0
+        else:
+            loss = train_head.distill_batch({2: head}, teacher, chunk=16, hard_weight=weight)[2]
+        return loss, [p.grad.clone() for p in head.parameters() if p.grad is not None]
+
+    kl_loss, kl = gradients(0.0)
+    mixed_loss, mixed = gradients(0.5)
+    _, ce = gradients(0.0, direct_ce=True)
+    assert mixed_loss == pytest.approx(kl_loss, rel=1e-12)
+    assert all(torch.allclose(m, k + 0.5 * c, rtol=1e-5, atol=1e-8) for m, k, c in zip(mixed, kl, ce, strict=True))
+    assert any(c.abs().max() > 1e-6 for c in ce)
+    out, real = tmp_path / "h.safetensors", train_head.train_step
+
+    def interrupted(heads, optimizers, batch, cfg, step):
+        if step == 5:  # after the checkpoint at step 4
+            raise KeyboardInterrupt
+        return real(heads, optimizers, batch, cfg, step)
+
+    monkeypatch.setattr(train_head, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_head_corpus(tiny, corpora["train"], config(hard_weight=1.0), out, progress=False)
+    monkeypatch.setattr(train_head, "train_step", real)
+    with pytest.raises(ValueError, match="hard_weight=1.0, not 0.0"):
+        train_head_corpus(tiny, corpora["train"], config(), out, resume=True, progress=False)
+    with pytest.raises(ValueError, match="hard_weight"):
+        config(hard_weight=-1.0)
