@@ -680,7 +680,8 @@ def head_metadata(run: Run, state: TrainState, exit_layer: int) -> dict[str, Any
     return run.info | {
         "steps": config.steps, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
         "schedule": config.schedule, "warmup_steps": config.warmup_steps, "clip_norm": config.clip_norm,
-        "weight_decay": config.weight_decay, "window": config.window, "trained_with": ",".join(map(str, config.layers)),
+        "weight_decay": config.weight_decay, "hard_weight": config.hard_weight, "window": config.window,
+        "trained_with": ",".join(map(str, config.layers)),
         "kl_first10": f"{sum(first) / max(len(first), 1):.4f}", "kl_last10": f"{sum(last) / max(len(last), 1):.4f}",
         "tokens_seen": state.tokens_seen, "train_tokens": state.targets_seen, "epochs_started": state.epoch + 1,
         **({"eval_agreement": f"{evals[-1]['agreement']:.4f}",

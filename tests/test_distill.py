@@ -199,6 +199,7 @@ def test_several_corpora_train_together_and_each_is_checked(tiny, corpora, tmp_p
                                      tmp_path / "h.safetensors", progress=False)  # fmt: skip
     head = load_head(tmp_path / "h.safetensors", tiny)
     assert head.metadata["corpus"] == f"{corpora['train']},{root}" and state.step == 4
+    assert head.metadata["hard_weight"] == "0.0"
     other = tiny_model(TinySpec(**{**SPEC.__dict__, "seed": 12}), torch.float64)
     build_corpus(other, tokenizer, more, tmp_path / "other", model_name="other", progress=False)
     with pytest.raises(ValueError, match="other.*built with another model"):
