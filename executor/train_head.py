@@ -429,8 +429,11 @@ def distill_batch(
             student = chunk_log_probs(head, leaves[exit_layer][piece])
             own = target if vocab is not None else head_target(head, target)
             loss = F.kl_div(student, own, log_target=True, reduction="sum") / count
-            objective = loss + hard_weight * F.nll_loss(student, own.argmax(-1), reduction="sum") / count
-            objective.backward()
+            if hard_weight:
+                loss_ce = F.nll_loss(student, own.argmax(-1), reduction="sum") / count
+                (loss + hard_weight * loss_ce).backward()
+            else:
+                loss.backward()
             totals[exit_layer].append(loss.detach())  # read once per step, not once per chunk (a GPU sync each)
     for exit_layer, out in outputs.items():
         out.backward(leaves[exit_layer].grad)
