@@ -572,7 +572,7 @@ class RecordSource:
     ) -> None:  # fmt: skip
         given = [] if directory is None else [directory] if isinstance(directory, (str, os.PathLike)) else directory
         self.directories = [Path(d) for d in given]
-        if len(set(self.directories)) != len(self.directories):
+        if len({d.resolve() for d in self.directories}) != len(self.directories):
             raise ValueError(f"corpus directories given twice: {', '.join(map(str, self.directories))}")
         self.records = list(records)
         self.manifests = [read_manifest(d) for d in self.directories]

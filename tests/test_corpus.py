@@ -307,5 +307,7 @@ def test_several_corpora_serve_every_window_of_each_once_mixed(tmp_path) -> None
     assert RecordSource([tmp_path / "a"]).describe() == one.describe()  # one directory: as before (resumable)
     with pytest.raises(ValueError, match="given twice"):
         RecordSource([tmp_path / "a", tmp_path / "a"])
+    with pytest.raises(ValueError, match="given twice"):
+        RecordSource([tmp_path / "a", tmp_path / "b" / ".." / "a"])
     with pytest.raises(FileNotFoundError, match="not a corpus directory"):
         RecordSource([tmp_path / "a", tmp_path / "missing"])
