@@ -312,6 +312,10 @@ def mean_context(prompts: list[list[int]], new_tokens: int) -> float:
     return statistics.fmean(len(p) for p in prompts) + new_tokens / 2
 
 
+def is_hf(case: Case) -> bool:
+    return case.method.startswith("hf ")
+
+
 def hf_case(model, prompts: list[list[int]], new_tokens: int, method: str, **kwargs: Any) -> Case:
     """HF `generate` (greedy, EOS ignored), `new_tokens` new tokens on each prompt, as ours make."""
     ids = [torch.tensor([p], device=model.device) for p in prompts]
@@ -443,7 +447,7 @@ def smollm2_cases(model, prompts: list[list[int]], args) -> tuple[list[Case], li
     times the second list after the match rates: a compile costs minutes on a slow host, so under a time budget those
     are the rows to lose."""
     adapter, n, E, main = ModelAdapter(model), args.new_tokens, args.exit_layer, args.captures[0]
-    trained = resolve_head(str(HEAD_FILE), adapter, E)
+    trained = resolve_head(args.trained_head, adapter, E)
     shared = resolve_head("shared", adapter, E)
     k = f"fixed:{args.draft_len}"
     cases = baseline_cases(model, adapter, prompts, n, main)
@@ -457,6 +461,8 @@ def smollm2_cases(model, prompts: list[list[int]], args) -> tuple[list[Case], li
         cases.append(ppsd_case(adapter, prompts, n, 2, model.device, main, trained, f"trained E={E}"))
     cases += ar_cases(adapter, prompts, n, [main], every_token=True)[1:]
     cases.append(hf_case(model, prompts, n, f"hf assistant_early_exit={E}", assistant_early_exit=E))
+    if args.hf_last:  # HF's rows after ours: a time budget then loses the baselines, not our rows
+        cases = [c for c in cases if not is_hf(c)] + [c for c in cases if is_hf(c)]
     others: list[Case] = []
     for capture in args.captures[1:]:
         others += ar_cases(adapter, prompts, n, [capture], False)
@@ -743,7 +749,7 @@ def match_rates(model, prompts: list[list[int]], args, device: torch.device, bud
         return []
     adapter, E, n = ModelAdapter(model), args.exit_layer, args.new_tokens
     backend = "streams" if device.type == "cuda" else "sequential"
-    trained = resolve_head(str(HEAD_FILE), adapter, E)
+    trained = resolve_head(args.trained_head, adapter, E)
     methods = {
         f"eesd shared E={E} fixed:{args.draft_len}": {"method": "eesd", "exit_layer": E, "draft_len": args.draft_len},
         f"eesd trained E={E} fixed:{args.draft_len}": {
@@ -877,6 +883,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--draft-len", type=int, default=3, help="k of the fixed:k policy")
     parser.add_argument("--exit-layer", type=int, default=15, help="SmolLM2 exit layer (the trained head's)")
+    parser.add_argument(
+        "--hf-last",
+        action="store_true",
+        help="SmolLM2: time HF's rows after ours (default: first, as the baselines a time budget keeps)",
+    )
+    parser.add_argument(
+        "--trained-head", default=str(HEAD_FILE), metavar="FILE",
+        help=f"SmolLM2's trained head at --exit-layer (default: {HEAD_FILE.relative_to(HEAD_FILE.parents[1])})",
+    )  # fmt: skip
     parser.add_argument("--match-prompts", type=int, default=12, help="real prompts for the match rate")
     parser.add_argument(
         "--match-dtypes", default=None, help="comma-separated dtypes of the match rates (default: --dtype; '' none)"
@@ -940,7 +955,7 @@ def report(args, device: torch.device, dtype: torch.dtype, rows, matches, tbps, 
         "torch": torch.__version__, "transformers": transformers.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "prompts_per_row": args.prompts,
         "runs_per_prompt": args.runs, "new_tokens": args.new_tokens, "llama7b_prompt_len": args.prompt_len,
-        "cudnn_sdpa": not args.no_cudnn_sdpa,
+        "cudnn_sdpa": not args.no_cudnn_sdpa, "trained_head": str(args.trained_head),
         "batch": 1, "decoding": "greedy",
         "quick": args.quick, "small": args.small, "time_budget_s": args.time_budget_s,
         "timing": "one warm-up run, then --runs passes over the --prompts prompts, each run timed end to end "

@@ -80,6 +80,12 @@ PREDICTIONS=benchmarks/results/predictions_next_lease_2026-12-03.json
 ISSUE24_PREDICTIONS=benchmarks/results/predictions_issue24_2026-12-03.json  # its rows' --only patterns are these:
 ONLY_CTX32='^ours ar( buckets off)?$|^ours ar step|^hf generate|forced alpha|^ppsd streams n=[24]$'
 ONLY_CTX3840='^ours ar( buckets off)?$|^ours ar step|^hf generate|forced alpha=0.7$|^ppsd streams n=2$'
+# This lease's cut (2026-12-04, an H200; issue 19's heads ride in call 2): every row in compile-layers, our fastest
+# path on either card, plus our AR in graph (the H200's predicted mode); no HF fast path nor buckets-off twin at 3840
+ONLY_CTX3840_CUT='^ours ar$|^ours ar step|^hf generate \(AR\)$|forced alpha=0.7$|^ppsd streams n=2$'
+ONLY_HEADS='^ours ar$|^hf generate|^eesd trained E=7 (fixed:1|beta-ts)$'
+CORPUS_SEEDS=(2 3 4)  # one builder per seed, side by side on the GPU (each is host-bound); seeds 0 and 1 made the
+                      # CPU corpora carried in .carry/corpora (smol-train, smol-train2; smol-held is the held-out one)
 ONLY_SMOLLM2='^ours ar( buckets off)?$|^hf generate|^eesd shared E=15 (fixed:3|beta-ts)$|^ppsd streams n=2$'
 
 environment() {
@@ -123,7 +129,11 @@ capture_of() {  # the capture mode of the card's profile, as its predicted rows 
 
 case "${1:-}" in
   prepare)
-    python benchmarks/carry_model.py split "$MODEL" --chunk-mib 50
+    python benchmarks/carry_model.py split "$MODEL" --chunk-mib 47
+    mkdir -p .carry/corpora
+    for DIR in smol-train smol-train2 smol-held; do  # the CPU corpora heads19 mixes in and scores on, if built here
+      [ -d "/work/corpora/$DIR" ] && rm -rf ".carry/corpora/$DIR" && cp -r "/work/corpora/$DIR" .carry/corpora/
+    done
     mkdir -p .carry/wheels
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .carry/wheels "${WHEELS[@]}"
@@ -150,6 +160,56 @@ case "${1:-}" in
     timeout 220 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures "$CAPTURE" \
       --prompts 8 --match-dtypes '' --only "$ONLY_SMOLLM2" --time-budget-s 160 \
       --out "$OUT/gpu_decode_${CARD}_smollm2.json" 2>&1 | tee "$OUT/bench_smollm2.log"
+    ;;
+  lease18a)  # call 1 (part 0), <= 380 s: the 7B shape at prompts 32 (<= 235 s) and 3840 (<= 140 s), every row in
+             # compile-layers and our AR in graph too
+    first_call
+    CARD=$(card) || exit 4
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    set +e
+    timeout 235 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len 32 --captures compile-layers,graph \
+      --prompts 8 --only "$ONLY_CTX32" --time-budget-s 175 --out "$OUT/gpu_decode_${CARD}_llama7b_ctx32.json" 2>&1 \
+      | tee "$OUT/bench_llama7b_ctx32.log"
+    timeout 140 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len 3840 --captures compile-layers,graph \
+      --prompts 8 --only "$ONLY_CTX3840_CUT" --time-budget-s 85 --out "$OUT/gpu_decode_${CARD}_llama7b_ctx3840.json" \
+      2>&1 | tee "$OUT/bench_llama7b_ctx3840.log"
+    ;;
+  heads19)  # call 2 (part 1), <= SECONDS ($2, default 300): SmolLM2 exit heads distilled on the GPU from its own
+            # answers (three corpus builders side by side, ~22% of the time; training E = 7 and 15 on one teacher
+            # pass, bf16 teacher, ~36%), written to $OUT at once; then their decode speed against our compiled AR and
+            # HF (the rest). DEVICE=cpu runs the same steps as a smoke test (tiny sizes via SMOKE=1).
+    T=${2:-300}
+    DEVICE=${DEVICE:-cuda}
+    if [ "$DEVICE" = cuda ]; then second_call lease18a heads19; CARD=$(card) || exit 4; else
+      mkdir -p "$OUT"; CARD=cpu; GGUF=${GGUF_SMOKE:-smollm2-135m}; fi  # this venv, not the wheels
+    C=$((T * 22 / 100)); H=$((T * 36 / 100)); D=$((T - C - H - 70))
+    Q=96; B=256; N=160; STEPS=800; BATCH=64; DTYPE=bfloat16
+    if [ "${SMOKE:-0}" = 1 ]; then Q=1; B=8; N=8; STEPS=30; BATCH=2; DTYPE=float32; fi
+    set +e
+    for SEED in "${CORPUS_SEEDS[@]}"; do
+      timeout $((C + 45)) python3 -m executor.cli corpus --model "$GGUF" --out "/tmp/corpus-s$SEED" --force \
+        --sources self-prompts --questions-per-topic $Q --temperatures 0,0.7,1 --samples 1 --max-new-tokens $N \
+        --batch-size $B --seed "$SEED" --device "$DEVICE" --dtype float32 --capture none --time-budget-s $C \
+        --no-progress > "$OUT/corpus_s$SEED.log" 2>&1 &
+    done
+    wait
+    CORPORA=()
+    for DIR in /tmp/corpus-s* .carry/corpora/smol-train .carry/corpora/smol-train2; do
+      [ -f "$DIR/manifest.json" ] && CORPORA+=("$DIR")
+    done
+    cat "$OUT"/corpus_s*.log > "$OUT/heads19.log"; rm -f "$OUT"/corpus_s*.log
+    mkdir -p /tmp/heads
+    timeout $((H + 50)) python3 -m executor.cli train-head --model "$GGUF" --exit-layer 7,15 --init-layer last \
+      --corpus "${CORPORA[@]}" --eval-corpus .carry/corpora/smol-held --eval-every 100 --steps $STEPS --lr 2e-3 \
+      --warmup-steps 20 --batch-size $BATCH --window 256 --device "$DEVICE" --dtype $DTYPE --time-budget-s $H --force \
+      --out '/tmp/heads/smollm2-135m-e{exit_layer}-gpu.safetensors' --no-progress 2>&1 | tee -a "$OUT/heads19.log"
+    cp /tmp/heads/*.safetensors "$OUT"/
+    (cd /tmp && tar czf "$OUT/heads19_files.tgz" heads/*.eval.csv corpus-s*/manifest.json)
+    [ "$DEVICE" = cuda ] || exit 0
+    timeout $((D + 30)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
+      --captures compile-layers,graph --prompts 8 --match-dtypes '' --exit-layer 7 --draft-len 1 --hf-last \
+      --trained-head /tmp/heads/smollm2-135m-e7-gpu.safetensors --only "$ONLY_HEADS" --time-budget-s "$D" \
+      --out "$OUT/gpu_decode_${CARD}_smollm2_heads.json" 2>&1 | tee "$OUT/bench_smollm2_heads.log"
     ;;
   predict1)  # call 1 (part 0), <= 290 s: the 7B shape's predicted rows, as `gpu_decode.py --models llama7b
              # --prompt-len N --captures C` times them (the rows the predictions name: --only)
@@ -195,7 +255,7 @@ case "${1:-}" in
       --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
-    echo "usage: $0 prepare | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
+    echo "usage: $0 prepare | lease18a | heads19 [SECONDS] | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
     exit 2
     ;;
 esac

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import sysconfig
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 
 from executor.heads import atomic_write, model_fingerprint
+from executor.passes import CAPTURE_MODES
 from executor.prompts import Prompt, encode_prompt, load_prompts, split_prompts, split_score
 from sim.progress import progress_bar
 
@@ -104,6 +106,7 @@ class CorpusConfig:
     min_window: int = 16
     max_tokens_per_source: int | None = None
     shard_records: int = 1024
+    capture: str = "auto"  # how generation runs its passes (`executor.api.generate`); tokens are the same either way
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sources if s not in SOURCES]
@@ -120,6 +123,8 @@ class CorpusConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.python_env not in ("stdlib", "all"):
             raise ValueError(f"python_env must be 'stdlib' or 'all', got {self.python_env!r}")
+        if self.capture not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {', '.join(CAPTURE_MODES)}, got {self.capture!r}")
         if "text" in self.sources and not self.text_paths:
             raise ValueError("source 'text' needs at least one text path")
 
@@ -168,8 +173,9 @@ def token_hash(tokens: Sequence[int]) -> bytes:
 class CorpusWriter:
     """Streams records into shards of `shard_records` lines (each written atomically once full), deduplicated."""
 
-    def __init__(self, out: Path, shard_records: int) -> None:
-        self.out, self.shard_records = out, shard_records
+    def __init__(self, out: Path, shard_records: int, deadline: float | None = None) -> None:
+        self.out, self.shard_records, self.deadline = out, shard_records, deadline
+        self.cut = False  # set once a generated source stopped at the deadline (`out_of_time`)
         self.seen: set[bytes] = set()
         self.lines: list[str] = []
         self.shards: list[dict[str, Any]] = []
@@ -178,6 +184,11 @@ class CorpusWriter:
 
     def count(self, source: str) -> SourceCount:
         return self.counts.setdefault(source, SourceCount())
+
+    def out_of_time(self) -> bool:
+        """True (and remembered as `cut`) once the build's time budget is spent: generation starts no new batch."""
+        self.cut = self.cut or (self.deadline is not None and time.perf_counter() >= self.deadline)
+        return self.cut
 
     def add(self, record: Record) -> bool:
         """Queue `record` for the current shard; False (and counted) if its tokens were seen before."""
@@ -247,12 +258,16 @@ def build_corpus(
     arguments: dict[str, Any] | None = None,
     force: bool = False,
     progress: bool = True,
+    time_budget_s: float | None = None,
 ) -> dict[str, Any]:
     """Build the corpus of `config` into the directory `out`; returns its manifest, which records `arguments` (the
-    command line's, say) besides the settings."""
+    command line's, say) besides the settings. With `time_budget_s`, the generated sources start no batch past that
+    many seconds: the corpus is then the first batches of the full one, and the manifest says it was cut
+    (`cut_by_time_budget`)."""
     directory = Path(out)
     prepare_output(directory, force)
-    writer = CorpusWriter(directory, config.shard_records)
+    deadline = None if time_budget_s is None else time.perf_counter() + time_budget_s
+    writer = CorpusWriter(directory, config.shard_records, deadline)
     for source in config.sources:
         BUILDERS[source](model, tokenizer, config, writer, progress)
     header = {
@@ -260,6 +275,7 @@ def build_corpus(
         "model_fingerprint": model_fingerprint(model), "model_dtype": str(next(model.parameters()).dtype),
         "device": next(model.parameters()).device.type, "tokenizer": tokenizer_info(tokenizer), "seed": config.seed,
         "split": config.split, "settings": asdict(config), "arguments": arguments or {},
+        "time_budget_s": time_budget_s, "cut_by_time_budget": writer.cut,
     }  # fmt: skip
     return writer.finish(header)
 
@@ -282,7 +298,7 @@ def until_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:
 
 def continue_batch(
     model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, eos: Sequence[int],
-    temperature: float = 0.0, seed: int = 0,
+    temperature: float = 0.0, seed: int = 0, capture: str = "auto",
 ) -> list[list[int]]:  # fmt: skip
     """The model's continuations of `prompts` (one left-padded batch; greedy at temperature 0, else exact sampling
     keyed by `seed`), each cut after its first EOS."""
@@ -293,7 +309,7 @@ def continue_batch(
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     sampled = {"do_sample": True, "temperature": temperature, "seed": seed} if temperature > 0 else {}
     out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=list(eos) or None,
-                   pad_token_id=0, **sampled)  # fmt: skip
+                   pad_token_id=0, capture=capture, **sampled)  # fmt: skip
     return [until_eos(row, eos) for row in out.sequences[:, width:].tolist()]
 
 
@@ -319,10 +335,11 @@ def write_answers(
     with progress_bar(total, f"corpus {source}", "batch", progress) as bar:
         for chunk in _batches(ordered, config.batch_size):
             for temperature, sample in plan:
-                if cap is not None and writer.count(source).tokens >= cap:
+                if (cap is not None and writer.count(source).tokens >= cap) or writer.out_of_time():
                     return
                 seed = derive_seed(config.seed, source, temperature, sample)
-                rows = continue_batch(model, [t for _, t in chunk], config.max_new_tokens, eos, temperature, seed)
+                rows = continue_batch(model, [t for _, t in chunk], config.max_new_tokens, eos, temperature, seed,
+                                      config.capture)  # fmt: skip
                 for (prompt_id, tokens), new in zip(chunk, rows, strict=True):
                     meta = {"prompt_id": prompt_id, "temperature": temperature, "seed": seed if temperature else None}
                     record_id = f"{source}/{prompt_id}/t{temperature:g}/s{sample}"
@@ -348,7 +365,7 @@ def topic_prompts() -> list[Prompt]:
 
 
 def self_questions(
-    model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, progress: bool
+    model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, progress: bool, writer: CorpusWriter | None = None
 ) -> list[tuple[str, list[int]]]:
     """Questions the model writes on the split's topics (sampled), as (id, encoded prompt) pairs."""
     topics = split_of(topic_prompts(), config)
@@ -358,8 +375,11 @@ def self_questions(
     total = -(-len(asks) // config.batch_size)
     with progress_bar(total, "corpus self-prompts: questions", "batch", progress) as bar:
         for index, chunk in enumerate(_batches(asks, config.batch_size)):
+            if writer is not None and writer.out_of_time():
+                break
             seed = derive_seed(config.seed, "self-prompts/questions", index)
-            rows = continue_batch(model, [t for _, t in chunk], SELF_PROMPT_TOKENS, eos, SELF_PROMPT_TEMPERATURE, seed)
+            rows = continue_batch(model, [t for _, t in chunk], SELF_PROMPT_TOKENS, eos, SELF_PROMPT_TEMPERATURE, seed,
+                                  config.capture)  # fmt: skip
             for (ask_id, _), row in zip(chunk, rows, strict=True):
                 text = clean_question(tokenizer.decode(row, skip_special_tokens=True))
                 if text is not None:
@@ -378,7 +398,7 @@ def clean_question(text: str) -> str | None:
 def build_self_prompts(
     model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool
 ) -> None:
-    questions = self_questions(model, tokenizer, config, progress)
+    questions = self_questions(model, tokenizer, config, progress, writer)
     write_answers(model, questions, "self-prompts", config, writer, progress)
 
 

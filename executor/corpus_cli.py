@@ -42,6 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out-fraction", type=float, default=0.25, help="of prompts, topics and documents")
     parser.add_argument("--seed", type=int, default=0, help="the corpus seed (every sample's seed derives from it)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument(
+        "--capture", default="auto", choices=("auto", "none", "graph", "compile", "compile-layers"),
+        help="how generation runs its passes (as `eesd generate --capture`; the tokens are the same): batches of "
+        "new widths each capture anew, so 'none' is often the fastest on a GPU",
+    )  # fmt: skip
+    parser.add_argument(
+        "--time-budget-s", type=float, default=None, metavar="S",
+        help="generated sources start no batch after S seconds; the corpus is then the first batches of the full "
+        "one, and its manifest says so (cut_by_time_budget)",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     parser.add_argument("--force", action="store_true", help="replace a corpus already in --out")
     add_threads_argument(parser)
@@ -57,12 +67,14 @@ def config_from(args: argparse.Namespace):
         temperatures=args.temperatures, samples=args.samples, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, self_prompts_per_topic=args.questions_per_topic, text_paths=tuple(args.text),
         python_env=args.python_env, window=args.window, max_tokens_per_source=args.max_tokens_per_source,
-        shard_records=args.shard_records,
+        shard_records=args.shard_records, capture=args.capture,
     )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)  # checks the settings before the model loads
+    if args.time_budget_s is not None and args.time_budget_s <= 0:
+        raise ValueError(f"--time-budget-s must be > 0, got {args.time_budget_s}")
     import time
 
     from executor.corpus import build_corpus
@@ -76,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     plain = (str, int, float, list, tuple, type(None))  # what JSON holds: not the parser's own callables
     arguments = {key: value for key, value in vars(args).items() if isinstance(value, plain)}
     manifest = build_corpus(model, tokenizer, config, args.out, model_name=str(args.model), arguments=arguments,
-                            force=args.force, progress=not args.no_progress)  # fmt: skip
+                            force=args.force, progress=not args.no_progress,
+                            time_budget_s=args.time_budget_s)  # fmt: skip
     elapsed = time.perf_counter() - begin
     for name, count in manifest["sources"].items():
         print(f"  {name}: {count['records']} records, {count['tokens']} tokens ({count['targets']} targets), "
@@ -84,5 +97,5 @@ def run(args: argparse.Namespace) -> int:
     totals = manifest["totals"]
     print(f"wrote {args.out}: {totals['records']} records, {totals['tokens']} tokens in {len(manifest['shards'])} "
           f"shards in {elapsed:.0f} s ({totals['targets'] / max(elapsed, 1e-9):.1f} target tokens/s: generated ones "
-          f"for self sources)")  # fmt: skip
+          f"for self sources)" + (" - cut at the time budget" if manifest["cut_by_time_budget"] else ""))  # fmt: skip
     return 0

@@ -30,6 +30,7 @@ the benchmarks and tests that score a few prompts' worth of examples at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -600,6 +601,10 @@ class Run:
     outs: dict[int, Path]
     info: dict[str, str]
     eval_source: RecordSource | None = None
+    steps_asked: int = field(init=False)  # config.steps as given (a time budget may shorten the schedule)
+
+    def __post_init__(self) -> None:
+        self.steps_asked = self.config.steps
 
     @property
     def checkpoint(self) -> Path:
@@ -652,25 +657,47 @@ def head_paths(out: str | os.PathLike[str], exit_layers: Sequence[int]) -> dict[
     return {e: Path(str(out).format(exit_layer=e)) for e in exit_layers}
 
 
-def run_steps(run: Run, state: TrainState, progress: bool) -> TrainState:
-    """Steps `state.step` .. `config.steps`, with evaluations and checkpoints on their cadences."""
+PROBE_STEPS = 10  # steps timed (after the first, which warms up) before a time budget fits the cosine schedule
+
+
+def fit_steps(run: Run, state: TrainState, per_step_s: float, deadline: float) -> TrainConfig:
+    """A cosine schedule shortened so that it ends by `deadline` at `per_step_s` a step (never lengthened): the
+    learning rate then anneals within the budget instead of being cut off mid-schedule. `run.config` is replaced."""
+    fit = state.step + int(0.95 * max(deadline - time.perf_counter(), 0.0) / per_step_s)
+    if run.config.schedule == "cosine" and fit < run.config.steps:
+        run.config = dataclasses.replace(run.config, steps=max(fit, state.step + 1))
+    return run.config
+
+
+def run_steps(run: Run, state: TrainState, progress: bool, time_budget_s: float | None = None) -> TrainState:
+    """Steps `state.step` .. `config.steps`, with evaluations and checkpoints on their cadences. With `time_budget_s`,
+    a cosine schedule is first shortened to fit it (`fit_steps`, from the speed of `PROBE_STEPS` steps), and the run
+    stops after any step that ends past it (evaluated and checkpointed there: `--resume` continues the schedule)."""
     config = run.config
     stream = batch_stream(run.source, config, state.epoch, state.batch_in_epoch)
     begin, tokens_before = time.perf_counter(), state.tokens_seen
-    label = ",".join(map(str, config.layers))
+    deadline = None if time_budget_s is None else begin + time_budget_s
+    label, first, warm = ",".join(map(str, config.layers)), state.step, begin
     with progress_bar(config.steps, f"heads @ layer {label}", "step", progress, initial=state.step) as bar:
         while state.step < config.steps:
             epoch, index, batch = next(stream)
             losses = train_step(run.heads, run.optimizers, batch, config, state.step)
             state.advance(epoch, index, batch, losses)
+            if state.step == first + 1:
+                warm = time.perf_counter()
+            if deadline is not None and state.step == first + 1 + PROBE_STEPS:
+                config = fit_steps(run, state, (time.perf_counter() - warm) / PROBE_STEPS, deadline)
+                bar.total = config.steps
             rate = (state.tokens_seen - tokens_before) / max(time.perf_counter() - begin, 1e-9)
             bar.update(1)
             bar.set_postfix(kl=f"{state.losses[-1]:.3f}", tok_s=f"{rate:.0f}", epoch=state.epoch)
-            at_end = state.step == config.steps
+            at_end = state.step == config.steps or (deadline is not None and time.perf_counter() >= deadline)
             if run.eval_source is not None and config.eval_every and (state.step % config.eval_every == 0 or at_end):
                 record_eval(run.heads, run.eval_source, config, state, run.outs)
             if state.step % config.checkpoint_every == 0 or at_end:
                 run.save_checkpoint(state)
+            if at_end:
+                break
     return state
 
 
@@ -681,7 +708,9 @@ def head_metadata(run: Run, state: TrainState, exit_layer: int) -> dict[str, Any
     first, last = losses[:10], losses[-10:]
     evals = [r for r in state.evals if r["exit_layer"] == exit_layer]
     return run.info | {
-        "steps": config.steps, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
+        "steps": config.steps, "steps_done": state.step, "steps_asked": run.steps_asked, "lr": config.lr,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
         "schedule": config.schedule, "warmup_steps": config.warmup_steps, "clip_norm": config.clip_norm,
         "weight_decay": config.weight_decay, "hard_weight": config.hard_weight, "window": config.window,
         "trained_with": ",".join(map(str, config.layers)),
@@ -706,10 +735,12 @@ def distill_heads(
     run_info: dict[str, str] | None = None,
     progress: bool = True,
     draft_vocab: torch.Tensor | None = None,
+    time_budget_s: float | None = None,
 ) -> tuple[dict[int, TrainedExitHead], TrainState]:
     """Train one head per exit layer of `config` (of kind `config.head_kind`, over the draft vocabulary
     `draft_vocab` if given) on `source` and write each to `outs[E]` (atomically), evaluating on `eval_source` and
-    checkpointing next to the first; `resume` continues from that checkpoint if it exists."""
+    checkpointing next to the first; `resume` continues from that checkpoint if it exists. `time_budget_s` stops
+    the run early (`run_steps`); the heads are written as they stand, their metadata's `steps_done` saying where."""
     adapter = ModelAdapter(model)
     heads = {e: new_head(adapter, e, config.head_kind, draft_vocab, config.init_layer) for e in config.layers}
     info = {k: str(v) for k, v in (dict(run_info or {}) | source.describe()).items()}
@@ -727,7 +758,7 @@ def distill_heads(
             head.train()
         if eval_source is not None and config.eval_every and state.step == 0:
             record_eval(heads, eval_source, config, state, outs)  # the curve's starting point
-        run_steps(run, state, progress)
+        run_steps(run, state, progress, time_budget_s)
     for exit_layer, head in heads.items():
         head.eval()
         save_head(head, outs[exit_layer], dtype=save_dtype, info=head_metadata(run, state, exit_layer))
@@ -785,6 +816,7 @@ def train_head_corpus(
     run_info: dict[str, str] | None = None,
     progress: bool = True,
     draft_vocab: torch.Tensor | None = None,
+    time_budget_s: float | None = None,
 ) -> tuple[dict[int, TrainedExitHead], TrainState]:
     """Distil one head per exit layer of `config` from a corpus directory (`eesd corpus`) or several, scored every
     `config.eval_every` steps on `eval_corpus` (a corpus built from held-out prompts), and write them to `out`
@@ -798,7 +830,7 @@ def train_head_corpus(
             raise ValueError(f"the held-out corpus {eval_source.directory} is also a training corpus")
     return distill_heads(model, source, config, head_paths(out, config.layers), eval_source=eval_source,
                          resume=resume, save_dtype=save_dtype, run_info=run_info, progress=progress,
-                         draft_vocab=draft_vocab)  # fmt: skip
+                         draft_vocab=draft_vocab, time_budget_s=time_budget_s)  # fmt: skip
 
 
 def check_corpus_model(source: RecordSource, model: torch.nn.Module) -> None:

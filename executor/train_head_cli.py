@@ -90,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft-vocab", default=None, metavar="FILE",
         help="train the head over the ids of this vocabulary-subset head file only (its LM head: their rows)",
     )  # fmt: skip
+    parser.add_argument(
+        "--time-budget-s", type=float, default=None, metavar="S",
+        help="with --corpus: stop after the step that ends past S seconds of training and write the heads as they "
+        "stand (evaluated and checkpointed there; --resume continues the schedule)",
+    )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     add_threads_argument(parser)
@@ -104,6 +109,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.vocab_subset is None and args.exit_layer is None:
         raise ValueError("--exit-layer is required to train a head (or give --vocab-subset N for a subset head)")
+    if args.time_budget_s is not None and (args.corpus is None or args.time_budget_s <= 0):
+        raise ValueError(f"--time-budget-s needs --corpus and a value > 0, got {args.time_budget_s}")
     if args.eval_corpus is not None and args.corpus is None:
         raise ValueError("--eval-corpus needs --corpus (the held-out corpus scores heads trained from a corpus)")
     if args.exit_layer is not None and len(args.exit_layer) > 1 and "{exit_layer}" not in args.out:
@@ -138,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         heads, state = train_head_corpus(
             model, args.corpus, config, args.out, eval_corpus=args.eval_corpus, resume=args.resume,
             save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.no_progress,
-            draft_vocab=vocab,
+            draft_vocab=vocab, time_budget_s=args.time_budget_s,
         )  # fmt: skip
         return _report(args, state)
     tokenizer = load_tokenizer(args.model)
@@ -187,7 +194,8 @@ def _vocab_info(args: argparse.Namespace) -> dict[str, str]:
 def _report(args: argparse.Namespace, state) -> int:
     first, last = state.losses[0], sum(state.losses[-10:]) / len(state.losses[-10:])
     layers = ",".join(map(str, args.exit_layer))
-    print(f"wrote {', '.join(_outs(args))}: exit layer {layers}, {state.step} steps, {state.tokens_seen} tokens, "
+    steps = f"{state.step} steps" + (f" (of {args.steps}: the time budget)" if state.step < args.steps else "")
+    print(f"wrote {', '.join(_outs(args))}: exit layer {layers}, {steps}, {state.tokens_seen} tokens, "
           f"KL {first:.3f} -> {last:.3f}")  # fmt: skip
     return 0
 
