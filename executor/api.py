@@ -294,7 +294,7 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     streamer: Any = None,
     head: Any = None,
     stages: int = 2,
@@ -308,12 +308,14 @@ def generate(
     """Decode with `method` "ar" (reference), "eesd" (early-exit self-speculation) or "ppsd", losslessly.
 
     Greedy unless `do_sample`; sampling is `"exact"` (Gumbel-max keyed by (seed, position): EESD reproduces AR's
-    sampled tokens exactly) or `"rejection"` (speculative sampling: same distribution). `exit_layer` defaults to the
-    middle layer; `policy` (e.g. "fixed:4", "beta-ts") overrides `draft_len`. Rows of a batch are left-padded with
-    `attention_mask`, as for HF `generate`, whose output layout `sequences` follows. `head` is the exit head (EESD
-    and PPSD): "shared" (default: the model's own final norm + LM head at the exit layer), "shared:N" (the same over
-    the N lowest token ids), a head file (trained, or a vocabulary subset from `eesd train-head --vocab-subset N`) or a
-    head object (see `executor.heads`). `repetition_penalty` applies to every method and backend.
+    sampled tokens exactly) or `"rejection"` (speculative sampling: same distribution). `seed` is one for every row
+    (rows with equal prompts then sample equal text, each as it would alone) or a list of one per row.
+    `exit_layer` defaults to the middle layer; `policy` (e.g. "fixed:4", "beta-ts") overrides `draft_len`. Rows of
+    a batch are left-padded with `attention_mask`, as for HF `generate`, whose output layout `sequences` follows.
+    `head` is the exit head (EESD and PPSD): "shared" (default: the model's own final norm + LM head at the exit
+    layer), "shared:N" (the same over the N lowest token ids), a head file (trained, or a vocabulary subset from `eesd
+    train-head --vocab-subset N`) or a head object (see `executor.heads`). `repetition_penalty` applies to every
+    method and backend.
 
     "ppsd" (verify-while-draft pipeline, batch size 1, greedy or exact sampling) splits the layers into `stages`
     (balanced, or cut at `stage_boundaries`), drafts with `head` at `exit_layer` (default: a trained head's own
@@ -362,7 +364,8 @@ def generate(
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty)
-    seed = config.seed  # checked, a plain int
+    config.row_seeds(len(prompts))  # a per-row list must have one seed per row
+    seed = config.first_seed  # checked, a plain int: the policies' and forced acceptance's
     forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
     if config.penalized and accept_pattern is not None:
         raise ValueError("accept_pattern (forced acceptance) cannot be combined with repetition_penalty")

@@ -5,12 +5,14 @@ distribution is a distillation target):
 - `self`: the model's own continuations of a prompt set's split (`executor.prompts.split_prompts`; `train` by
   default, never the held-out prompts unless `split="held-out"` builds the evaluation corpus), in left-padded
   batches through `executor.api.generate`: greedy (temperature 0) and sampled at each other temperature `samples`
-  times. Sampling is exact (`executor.sampling`: Gumbel noise keyed by (seed, position)); the seed of a
-  (temperature, sample) pair is derived from the corpus seed, so a record is a function of its prompt, temperature,
-  sample index and the corpus seed alone, whatever the batch it ran in. (The executor takes one seed per call, so
-  the rows of one batch share it.) `start` = len(prompt) - 1: targets are the positions that predict generated tokens.
+  times. Sampling is exact (`executor.sampling`: Gumbel noise keyed by (seed, position)), with a seed per row derived
+  from the corpus seed, the prompt's id, the temperature and the sample index: a record is a function of those
+  alone, whatever the batch it ran in or its size, and no two rows share their noise (version 1 derived one seed per
+  (temperature, sample) for every prompt, so that the rows of a batch drew the same noise). `start` = len(prompt) - 1:
+  targets are the positions that predict generated tokens.
 - `self-prompts`: questions the model writes itself, through its chat template, on the `TOPICS` shipped here
-  (split by topic as prompts are), sampled; then its answers to them, exactly as `self`.
+  (split by topic as prompts are), sampled, each ask (topic, question number) with its own seed; then its answers to
+  them, exactly as `self`.
 - `text`: text files, JSONL files (a `text` or `prompt` field per line) and directories (recursively, files with a
   `TEXT_SUFFIXES` suffix), tokenized and cut into windows of `window` tokens, teacher-forced from position 0.
 - `python-env`: the Python sources of the installed environment (the stdlib from `sysconfig`, optionally
@@ -50,7 +52,8 @@ from executor.prompts import Prompt, encode_prompt, load_prompts, split_prompts,
 from sim.progress import progress_bar
 
 CORPUS_FORMAT = "eesd-corpus"
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: a sampling seed per row (records of version 1 read the same; they were sampled otherwise)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 SOURCES = ("self", "self-prompts", "text", "python-env")
 SPLITS = ("train", "held-out")
@@ -298,15 +301,16 @@ def until_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:
 
 def continue_batch(
     model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, eos: Sequence[int],
-    temperature: float = 0.0, seed: int = 0, capture: str = "auto",
+    temperature: float = 0.0, seed: int | Sequence[int] = 0, capture: str = "auto",
 ) -> list[list[int]]:  # fmt: skip
     """The model's continuations of `prompts` (one left-padded batch; greedy at temperature 0, else exact sampling
-    keyed by `seed`), each cut after its first EOS."""
+    keyed by `seed`: one for all rows, or one per row), each cut after its first EOS."""
     from executor.api import generate
 
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    seed = seed if isinstance(seed, int) else list(seed)
     sampled = {"do_sample": True, "temperature": temperature, "seed": seed} if temperature > 0 else {}
     out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=list(eos) or None,
                    pad_token_id=0, capture=capture, **sampled)  # fmt: skip
@@ -337,10 +341,10 @@ def write_answers(
             for temperature, sample in plan:
                 if (cap is not None and writer.count(source).tokens >= cap) or writer.out_of_time():
                     return
-                seed = derive_seed(config.seed, source, temperature, sample)
-                rows = continue_batch(model, [t for _, t in chunk], config.max_new_tokens, eos, temperature, seed,
+                seeds = [derive_seed(config.seed, source, prompt_id, temperature, sample) for prompt_id, _ in chunk]
+                rows = continue_batch(model, [t for _, t in chunk], config.max_new_tokens, eos, temperature, seeds,
                                       config.capture)  # fmt: skip
-                for (prompt_id, tokens), new in zip(chunk, rows, strict=True):
+                for (prompt_id, tokens), new, seed in zip(chunk, rows, seeds, strict=True):
                     meta = {"prompt_id": prompt_id, "temperature": temperature, "seed": seed if temperature else None}
                     record_id = f"{source}/{prompt_id}/t{temperature:g}/s{sample}"
                     writer.add(Record(record_id, source, tokens + new, len(tokens) - 1, meta))
@@ -374,11 +378,11 @@ def self_questions(
     questions, eos = [], eos_ids(model)
     total = -(-len(asks) // config.batch_size)
     with progress_bar(total, "corpus self-prompts: questions", "batch", progress) as bar:
-        for index, chunk in enumerate(_batches(asks, config.batch_size)):
+        for chunk in _batches(asks, config.batch_size):
             if writer is not None and writer.out_of_time():
                 break
-            seed = derive_seed(config.seed, "self-prompts/questions", index)
-            rows = continue_batch(model, [t for _, t in chunk], SELF_PROMPT_TOKENS, eos, SELF_PROMPT_TEMPERATURE, seed,
+            seeds = [derive_seed(config.seed, "self-prompts/questions", ask_id) for ask_id, _ in chunk]
+            rows = continue_batch(model, [t for _, t in chunk], SELF_PROMPT_TOKENS, eos, SELF_PROMPT_TEMPERATURE, seeds,
                                   config.capture)  # fmt: skip
             for (ask_id, _), row in zip(chunk, rows, strict=True):
                 text = clean_question(tokenizer.decode(row, skip_special_tokens=True))
@@ -553,8 +557,9 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a corpus directory (no {MANIFEST}; build one with eesd corpus)")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != CORPUS_FORMAT or manifest.get("version") != CORPUS_VERSION:
-        raise ValueError(f"{path}: not an {CORPUS_FORMAT} manifest of version {CORPUS_VERSION}")
+    if manifest.get("format") != CORPUS_FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+        versions = " or ".join(map(str, READABLE_VERSIONS))
+        raise ValueError(f"{path}: not an {CORPUS_FORMAT} manifest of version {versions}")
     return manifest
 
 

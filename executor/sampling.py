@@ -22,6 +22,7 @@ min-new-tokens (EOS masked), then, when sampling, temperature, top-k, top-p, min
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -43,7 +44,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    seed: int = 0
+    seed: int | tuple[int, ...] = 0  # one for every row, or one per row (`row_seeds`)
     min_p: float | None = None  # HF's MinPLogitsWarper: drop tokens below min_p times the top token's probability
     repetition_penalty: float | None = None  # HF's: a seen token's logit / penalty (x penalty if negative); greedy too
 
@@ -52,11 +53,14 @@ class SamplingConfig:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.mode!r}")
         if self.repetition_penalty is not None:
             _check_number("repetition_penalty", self.repetition_penalty, "a finite number > 0", lambda x: x > 0)
-        if not _is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
+        seeds = tuple(self.seed) if isinstance(self.seed, (list, tuple)) else (self.seed,)
+        if not seeds or not all(_is_integer(s) and 0 <= s <= MAX_SEED for s in seeds):
             raise ValueError(
-                f"seed must be an integer in [0, {MAX_SEED}] (the noise is keyed on 32 bits), got {self.seed!r}"
+                f"seed must be an integer in [0, {MAX_SEED}] (the noise is keyed on 32 bits) or a non-empty list of "
+                f"them (one per row), got {self.seed!r}"
             )
-        object.__setattr__(self, "seed", int(self.seed))  # a numpy integer too: the policies' RNG takes ints only
+        seeds = tuple(int(s) for s in seeds)  # numpy integers too: the policies' RNG takes ints only
+        object.__setattr__(self, "seed", seeds if isinstance(self.seed, (list, tuple)) else seeds[0])
         if not self.do_sample:
             return
         _check_number("temperature", self.temperature, "a finite number > 0 when sampling", lambda x: x > 0)
@@ -66,6 +70,21 @@ class SamplingConfig:
             _check_number("top_p", self.top_p, "a number in (0, 1]", lambda x: 0 < x <= 1)
         if self.min_p is not None:
             _check_number("min_p", self.min_p, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+
+    def row_seeds(self, rows: int) -> list[int]:
+        """Each row's seed: `seed` for all, or its own from a per-row list (which must have `rows` values). Rows
+        with the same seed draw the same noise at the same position: the same prompt twice samples the same text,
+        as each would alone; give each row its own seed for independent samples."""
+        if isinstance(self.seed, int):
+            return [self.seed] * rows
+        if len(self.seed) != rows:
+            raise ValueError(f"seed has {len(self.seed)} values (one per row), the batch has {rows} rows")
+        return list(self.seed)
+
+    @property
+    def first_seed(self) -> int:
+        """The seed of row 0 (what seeds the draft policies and forced acceptance)."""
+        return self.seed if isinstance(self.seed, int) else self.seed[0]
 
     @property
     def kind(self) -> str:
@@ -107,7 +126,8 @@ DRAFT_SALT, ACCEPT_SALT, SAMPLE_SALT = 0x1B873593, 0xCC9E2D51, 0x85EBCA6B
 def _position_key(seed: int | torch.Tensor, positions: torch.Tensor, salt: int) -> torch.Tensor:
     """A 32-bit key per position (int64 tensor of positions.shape) from (seed, position, salt).
 
-    `seed` may be a 0-d int64 tensor on the positions' device (a buffer a captured CUDA graph reads)."""
+    `seed` may be an int64 tensor on the positions' device that broadcasts to them (a buffer a captured CUDA graph
+    reads): 0-d, or [B, 1], a seed per row of positions [B, q]."""
     seeds = (seed & _MASK32) if torch.is_tensor(seed) else torch.tensor(seed & _MASK32, device=positions.device)
     key = _hash32(seeds.expand(positions.shape) ^ _hash32(positions.to(torch.int64) & _MASK32))
     return key if salt == 0 else _hash32(key ^ salt)
@@ -176,7 +196,7 @@ class TokenSelector:
         self.min_new_tokens = min_new_tokens
         self.eos_ids = list(eos_ids)
         self.prompt_lens = torch.tensor(prompt_lens, device=device).unsqueeze(1)  # [B, 1]
-        self.seed = torch.tensor(config.seed, dtype=torch.int64, device=device)
+        self.seed = torch.zeros(len(prompt_lens), 1, dtype=torch.int64, device=device)  # [B, 1]: each row's
         self.eos = torch.tensor(self.eos_ids, dtype=torch.int64, device=device) if self.eos_ids else None
         self.seen: torch.Tensor | None = None
         self.restart(prompt_lens, config.seed)
@@ -203,10 +223,12 @@ class TokenSelector:
         if self.seen is not None:
             self.seen.scatter_(1, tokens, True)
 
-    def restart(self, prompt_lens: list[int], seed: int) -> None:
-        """A new generation with these prompt lengths and seed (same rows, sampling settings and EOS ids)."""
+    def restart(self, prompt_lens: list[int], seed: int | tuple[int, ...]) -> None:
+        """A new generation with these prompt lengths and seed, one for all rows or one per row (same rows, sampling
+        settings and EOS ids)."""
         self.prompt_lens.copy_(torch.tensor(prompt_lens).unsqueeze(1))
-        self.seed.fill_(seed)
+        seeds = dataclasses.replace(self.config, seed=seed).row_seeds(len(prompt_lens))
+        self.seed.copy_(torch.tensor(seeds, dtype=torch.int64).unsqueeze(1))
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Processed and warped scores [B, q, V] for the tokens at absolute positions `targets` [B, q]. `context`

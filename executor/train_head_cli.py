@@ -92,8 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--time-budget-s", type=float, default=None, metavar="S",
-        help="with --corpus: stop after the step that ends past S seconds of training and write the heads as they "
-        "stand (evaluated and checkpointed there; --resume continues the schedule)",
+        help="with --corpus: fit the run in S seconds of training: a cosine schedule is shortened to end in time "
+        "(from the speed of its first steps; the head's metadata gives steps as run and as asked, and --resume then "
+        "needs that --steps), and any run stops after the step that ends past S, its heads written as they stand",
     )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")

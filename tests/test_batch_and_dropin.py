@@ -88,6 +88,29 @@ def test_exact_sampling_batch_rows_equal_single_rows():
         assert batched.sequences[row, ids.shape[1] :].tolist() == single.sequences[0, len(prompt) :].tolist()
 
 
+@pytest.mark.parametrize("method", ["ar", "eesd"])
+def test_per_row_seeds_sample_each_row_as_alone_with_its_seed(method):
+    """`seed` as a list: each row samples what it samples alone with its own seed (the same prompt twice then gives
+    two samples); one seed for all gives equal prompts equal text; a list of the wrong length is refused."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=3, vocab=40, seed=4)), 1, 0.05)
+    prompts, seeds = [[1, 2, 3, 4], [1, 2, 3, 4], [7]], [11, 12, 13]
+    ids, mask = left_pad(prompts)
+    options = dict(do_sample=True, temperature=1.0, max_new_tokens=16)
+    kwargs = dict(method=method, exit_layer=1) if method == "eesd" else dict(method="ar")
+    batched = executor.generate(model, ids, attention_mask=mask, seed=seeds, **kwargs, **options)
+    rows = [batched.sequences[row, ids.shape[1] :].tolist() for row in range(len(prompts))]
+    for row, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        single = executor.generate(model, prompt, method="ar", seed=seed, **options)
+        assert rows[row] == single.sequences[0, len(prompt) :].tolist()
+    assert rows[0] != rows[1]
+    shared = executor.generate(model, ids, attention_mask=mask, seed=11, **kwargs, **options)
+    assert shared.sequences[0].tolist() == shared.sequences[1].tolist()
+    with pytest.raises(ValueError, match="seed has 2 values"):
+        executor.generate(model, ids, attention_mask=mask, seed=[1, 2], **kwargs, **options)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        executor.generate(model, ids, attention_mask=mask, seed=[1, -2, 3], **kwargs, **options)
+
+
 @pytest.fixture(scope="module")
 def model():
     return scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=80, seed=8)), 2, 0.05)

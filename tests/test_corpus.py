@@ -113,8 +113,37 @@ def test_records_are_the_models_own_continuations(tiny, tokenizer, tmp_path) -> 
         temperature = record.meta["temperature"]
         alone = continue_batch(tiny, [prompt], config.max_new_tokens, [], temperature, record.meta["seed"] or 0)
         assert record.tokens[len(prompt) :] == alone[0]  # a function of prompt and seed, not of its batch
-    seeds = {(r.meta["temperature"], r.id.rsplit("/", 1)[1]): r.meta["seed"] for r in records}
-    assert len(set(seeds.values())) == len(seeds)  # each (temperature, sample) its own seed
+    seeds = [r.meta["seed"] for r in records if r.meta["temperature"]]
+    assert len(set(seeds)) == len(seeds) == 4 * 2  # each sampled row its own seed
+
+
+def test_a_record_is_the_same_whatever_the_batch_and_rows_do_not_share_noise(tiny, tokenizer, tmp_path) -> None:
+    """Per-row seeds: the same corpus with batches of 1 and of every ask at once (the same request for a topic
+    several times in one batch), and the questions asked on one topic differ from each other."""
+    settings = dict(sources=("self-prompts",), max_prompts=2, self_prompts_per_topic=3, temperatures=(0.0, 1.0),
+                    samples=1, max_new_tokens=4)  # fmt: skip
+    built = {}
+    for size in (1, 16):
+        build_corpus(tiny, tokenizer, small_config(**settings, batch_size=size), tmp_path / str(size),
+                     model_name="tiny", progress=False)  # fmt: skip
+        built[size] = {r.id: r.tokens for r in iter_records(tmp_path / str(size))}
+    assert built[1] == built[16] and len(built[1]) > 4
+    questions = {}
+    for record in iter_records(tmp_path / "16"):
+        topic = record.meta["prompt_id"].rsplit("/", 1)[0]
+        questions.setdefault(topic, set()).add(tuple(record.tokens[: record.start + 1]))
+    assert all(len(asked) > 1 for asked in questions.values())
+
+
+def test_a_time_budget_cuts_the_build_and_the_manifest_says_so(tiny, tokenizer, tmp_path) -> None:
+    config = small_config(max_prompts=4)
+    cut = build_corpus(tiny, tokenizer, config, tmp_path / "cut", model_name="tiny", progress=False,
+                       time_budget_s=1e-9)  # fmt: skip
+    assert cut["cut_by_time_budget"] and cut["time_budget_s"] == 1e-9 and cut["totals"]["records"] == 0
+    whole = build_corpus(tiny, tokenizer, config, tmp_path / "whole", model_name="tiny", progress=False,
+                         time_budget_s=600.0)  # fmt: skip
+    assert not whole["cut_by_time_budget"] and whole["totals"]["records"] == 4 * 3
+    assert read_manifest(tmp_path / "cut")["cut_by_time_budget"]
 
 
 def test_only_the_train_split_is_used_unless_held_out_is_asked(tiny, tokenizer, tmp_path) -> None:
@@ -287,6 +316,20 @@ def test_corpus_command_builds_from_a_model_directory(tiny, tokenizer, tmp_path,
     assert manifest["arguments"]["dtype"] == "float64" == manifest["model_dtype"].removeprefix("torch.")
     with pytest.raises(ValueError, match="corpus sources"):
         corpus_cli.run(parser.parse_args([*argv, "--sources", "self,web"]))
+    with pytest.raises(ValueError, match="--time-budget-s must be > 0"):
+        corpus_cli.run(parser.parse_args([*argv, "--force", "--time-budget-s", "0"]))
+    with pytest.raises(ValueError, match="capture must be one of"):
+        CorpusConfig(capture="fast")
+
+
+def test_a_version_1_corpus_still_reads(tmp_path) -> None:
+    writer = CorpusWriter(tmp_path, 4)
+    writer.add(Record("a", "text", [1, 2, 3], 0))
+    writer.finish({"format": corpus_module.CORPUS_FORMAT, "version": 1})
+    assert read_manifest(tmp_path)["version"] == 1 and [r.tokens for r in iter_records(tmp_path)] == [[1, 2, 3]]
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": corpus_module.CORPUS_FORMAT, "version": 99}))
+    with pytest.raises(ValueError, match="version 1 or 2"):
+        read_manifest(tmp_path)
 
 
 def test_several_corpora_serve_every_window_of_each_once_mixed(tmp_path) -> None:

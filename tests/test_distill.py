@@ -4,6 +4,7 @@ alone, and the held-out evaluation's CSV holds what EESD would measure."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import weakref
 from pathlib import Path
@@ -250,3 +251,54 @@ def test_the_hard_weight_adds_the_top_token_cross_entropy_to_the_gradient(tiny, 
         train_head_corpus(tiny, corpora["train"], config(), out, resume=True, progress=False)
     with pytest.raises(ValueError, match="hard_weight"):
         config(hard_weight=-1.0)
+
+
+class FakeClock:
+    """`train_head`'s clock: it moves only when a training step runs (one second a step)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_time_budget_fits_a_cosine_schedule_or_stops_the_run(tiny, corpora, tmp_path, monkeypatch, schedule) -> None:
+    """At 1 s a step and a 25 s budget: the probe (steps 2-11) times 1 s a step, so a cosine schedule of 40 steps
+    is shortened to end inside the budget (11 + 0.95 x 14 s -> 24 steps) and runs to its end; a constant one runs
+    until the step that ends past the budget (25). Either way the heads are written, saying how far they got."""
+    clock, real = FakeClock(), train_head.train_step
+
+    def timed(heads, optimizers, batch, cfg, step):
+        clock.now += 1.0
+        return real(heads, optimizers, batch, cfg, step)
+
+    monkeypatch.setattr(train_head, "time", clock)
+    monkeypatch.setattr(train_head, "train_step", timed)
+    out = tmp_path / "h.safetensors"
+    _, state = train_head_corpus(tiny, corpora["train"], config(steps=40, schedule=schedule, eval_every=0), out,
+                                 progress=False, time_budget_s=25.0)  # fmt: skip
+    metadata = load_head(out, tiny, 2).metadata
+    expected = 24 if schedule == "cosine" else 25
+    assert state.step == int(metadata["steps_done"]) == expected and metadata["steps_asked"] == "40"
+    assert metadata["steps"] == ("24" if schedule == "cosine" else "40")
+    fitted = config(steps=24)
+    assert train_head.lr_at(23, fitted) == pytest.approx(fitted.lr * fitted.min_lr_ratio)  # annealed at its end
+    with pytest.raises(ValueError, match="steps=24, not 40") if schedule == "cosine" else contextlib.nullcontext():
+        monkeypatch.setattr(train_head, "train_step", real)
+        train_head_corpus(tiny, corpora["train"], config(steps=40, schedule=schedule, eval_every=0), out,
+                          progress=False, resume=True)  # fmt: skip
+
+
+def test_train_head_refuses_a_time_budget_without_a_corpus(tmp_path) -> None:
+    import argparse
+
+    from executor import train_head_cli
+
+    parser = argparse.ArgumentParser()
+    train_head_cli.add_arguments(parser)
+    argv = ["--model", "m", "--exit-layer", "2", "--out", str(tmp_path / "h.safetensors")]
+    for extra in (["--time-budget-s", "5"], ["--corpus", "c", "--time-budget-s", "0"]):
+        with pytest.raises(ValueError, match="--time-budget-s needs --corpus and a value > 0"):
+            train_head_cli._check(parser.parse_args(argv + extra))
