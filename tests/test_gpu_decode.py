@@ -283,3 +283,15 @@ def test_the_simulated_step_rows_launch_what_the_bench_launches(bench) -> None:
     module = sys.modules["sim_vs_gpu"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
     spec.loader.exec_module(module)
     assert module.STEP_LAUNCHES == bench.REPEATS
+
+
+def test_rows_warm_up_on_two_prompts_before_timing_every_prompt(bench) -> None:
+    """A compiled prefill recompiles for dynamic lengths at its second prompt length: that happens in the warm-up."""
+    ran: list[int] = []
+
+    def run(prompt: int) -> tuple[int, None]:
+        ran.append(prompt)
+        return 4, None
+
+    timing = bench.time_case(bench.Case("fake", run, prompts=3), 2, torch.device("cpu"))
+    assert ran == [0, 1, 0, 1, 2, 0, 1, 2] and len(timing.speeds) == 6 and timing.first_call >= 0
