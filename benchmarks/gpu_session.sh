@@ -8,9 +8,19 @@
 # between calls still leaves its figures. Everything a call measures is written under $OUT as it goes (a run cut
 # short keeps its rows).
 #
-#   here:    bash benchmarks/gpu_session.sh prepare        # .carry/smollm2-135m/part-00{0,1} + manifest, .carry/wheels
+#   here:    bash benchmarks/gpu_session.sh prepare        # .carry/smollm2-135m/part-00{0,1} + manifest, .carry/wheels,
+#                                                          # .carry/corpora (the CPU corpora, where built here)
+# The tracked tree travels too and must leave room under 64 MiB: move heads/*.safetensors (97 MB) out of the tree for
+# the calls (`mkdir -p /work/heads-stash && mv heads/*.safetensors /work/heads-stash/`) and back after.
 #
-# The next lease (issue 24: comparisons a skeptic accepts): HF `generate` as it comes and on its fast path (static
+# The next lease (issues 19 and 22): call 1 `next1` (timeout_s 300: the GPU tests, which now cover per-row seeds in
+# captured passes; the 7B shape's compiled latency profile on this card, which no H200 profile has; a kernel profile
+# at a 4k context), then at once call 2 `heads19 T` with T = the budget left minus ~60 s (timeout_s T + 55; carry
+# part-001, the manifest, the wheels and .carry/corpora): two corpus builders with captured passes and a seed per
+# row, a phase profile of training steps, heads trained in the budget, their decode speed against our compiled AR.
+#
+# The 2026-12-04 H200 lease ran `lease18a` + `heads19 450` (docs/results/h200-lease3.md). Before it, the plan was
+# (issue 24: comparisons a skeptic accepts): HF `generate` as it comes and on its fast path (static
 # cache, compiled by generate) beside ours in the same process, HF and ours making the same 128 new tokens on the same
 # 8 prompts a row (the tokens each run made are recorded), the spread over prompts, the memory floor at the copy
 # bandwidth measured in the run and at the datasheet's, our AR step at a short context in a 256- and a 4096-slot cache
@@ -84,8 +94,8 @@ ONLY_CTX3840='^ours ar( buckets off)?$|^ours ar step|^hf generate|forced alpha=0
 # path on either card, plus our AR in graph (the H200's predicted mode); no HF fast path nor buckets-off twin at 3840
 ONLY_CTX3840_CUT='^ours ar$|^ours ar step|^hf generate \(AR\)$|forced alpha=0.7$|^ppsd streams n=2$'
 ONLY_HEADS='^ours ar$|^hf generate|^eesd trained E=7 (fixed:1|beta-ts)$'
-CORPUS_SEEDS=(2 3 4)  # one builder per seed, side by side on the GPU (each is host-bound); seeds 0 and 1 made the
-                      # CPU corpora carried in .carry/corpora (smol-train, smol-train2; smol-held is the held-out one)
+CORPUS_SEEDS=(2 3)  # one builder per seed, side by side on the GPU; seeds 0 and 1 made the CPU corpora carried in
+                    # .carry/corpora (smol-train, smol-train2; smol-held is the held-out one)
 ONLY_SMOLLM2='^ours ar( buckets off)?$|^hf generate|^eesd shared E=15 (fixed:3|beta-ts)$|^ppsd streams n=2$'
 
 environment() {
@@ -174,23 +184,26 @@ case "${1:-}" in
       --prompts 8 --only "$ONLY_CTX3840_CUT" --time-budget-s 85 --out "$OUT/gpu_decode_${CARD}_llama7b_ctx3840.json" \
       2>&1 | tee "$OUT/bench_llama7b_ctx3840.log"
     ;;
-  heads19)  # call 2 (part 1), <= SECONDS ($2, default 300): SmolLM2 exit heads distilled on the GPU from its own
-            # answers (three corpus builders side by side, ~22% of the time; training E = 7 and 15 on one teacher
-            # pass, bf16 teacher, ~36%), written to $OUT at once; then their decode speed against our compiled AR and
-            # HF (the rest). DEVICE=cpu runs the same steps as a smoke test (tiny sizes via SMOKE=1).
+  heads19)  # a call 2 (part 1; after lease18a, next1 or any call 1), <= SECONDS ($2, default 300): SmolLM2 exit
+            # heads distilled on the GPU from its own answers (two corpus builders side by side, ~25% of the time,
+            # passes captured: "auto"), a phase profile of 3 + 3 training steps (~40 s), training E = 7 and 15 on
+            # one teacher pass (bf16 teacher, ~33%), the heads written to $OUT at once; then their decode speed
+            # against our compiled AR and HF (the rest). DEVICE=cpu runs the same steps as a smoke test (tiny sizes
+            # via SMOKE=1). The 2026-12-04 H200 lease ran its first version (git b5ff762: three eager builders whose
+            # rows shared their sampling noise, no profile): docs/results/h200-lease3.md.
     T=${2:-300}
     DEVICE=${DEVICE:-cuda}
-    if [ "$DEVICE" = cuda ]; then second_call lease18a heads19; CARD=$(card) || exit 4; else
-      mkdir -p "$OUT"; CARD=cpu; GGUF=${GGUF_SMOKE:-smollm2-135m}; fi  # this venv, not the wheels
-    C=$((T * 22 / 100)); H=$((T * 36 / 100)); D=$((T - C - H - 70))
+    if [ "$DEVICE" = cuda ]; then second_call "a call 1" heads19; CARD=$(card) || exit 4; else
+      mkdir -p "$OUT"; CARD=cpu_smoke; GGUF=${GGUF_SMOKE:-smollm2-135m}; fi  # this venv, not the wheels
+    C=$((T * 25 / 100)); H=$((T * 33 / 100)); D=$((T - C - H - 110))
     Q=96; B=256; N=160; STEPS=800; BATCH=64; DTYPE=bfloat16
     if [ "${SMOKE:-0}" = 1 ]; then Q=1; B=8; N=8; STEPS=30; BATCH=2; DTYPE=float32; fi
     set +e
     for SEED in "${CORPUS_SEEDS[@]}"; do
       timeout $((C + 45)) python3 -m executor.cli corpus --model "$GGUF" --out "/tmp/corpus-s$SEED" --force \
         --sources self-prompts --questions-per-topic $Q --temperatures 0,0.7,1 --samples 1 --max-new-tokens $N \
-        --batch-size $B --seed "$SEED" --device "$DEVICE" --dtype float32 --capture none --time-budget-s $C \
-        --no-progress > "$OUT/corpus_s$SEED.log" 2>&1 &
+        --batch-size $B --seed "$SEED" --device "$DEVICE" --dtype float32 --capture auto --time-budget-s $C \
+        --threads 4 --no-progress > "$OUT/corpus_s$SEED.log" 2>&1 &
     done
     wait
     CORPORA=()
@@ -199,12 +212,16 @@ case "${1:-}" in
     done
     cat "$OUT"/corpus_s*.log > "$OUT/heads19.log"; rm -f "$OUT"/corpus_s*.log
     mkdir -p /tmp/heads
+    timeout 60 python3 benchmarks/train_profile.py --model "$GGUF" --corpus "${CORPORA[@]}" --exit-layer 7,15 \
+      --batch-size $BATCH --window 256 --steps 3 --warmup 2 --device "$DEVICE" --dtype $DTYPE --threads 8 \
+      --tag "smollm2-135m_$CARD" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/heads19.log"
+    cp benchmarks/results/train_profile_smollm2-135m_"$CARD".json "$OUT"/ 2>/dev/null
     timeout $((H + 50)) python3 -m executor.cli train-head --model "$GGUF" --exit-layer 7,15 --init-layer last \
       --corpus "${CORPORA[@]}" --eval-corpus .carry/corpora/smol-held --eval-every 100 --steps $STEPS --lr 2e-3 \
       --warmup-steps 20 --batch-size $BATCH --window 256 --device "$DEVICE" --dtype $DTYPE --time-budget-s $H --force \
       --out '/tmp/heads/smollm2-135m-e{exit_layer}-gpu.safetensors' --no-progress 2>&1 | tee -a "$OUT/heads19.log"
     cp /tmp/heads/*.safetensors "$OUT"/
-    (cd /tmp && tar czf "$OUT/heads19_files.tgz" heads/*.eval.csv corpus-s*/manifest.json)
+    (cd /tmp && tar czf "$OUT/heads19_files.tgz" heads/*.eval.csv corpus-s*/manifest.json)  # 8 files at most
     [ "$DEVICE" = cuda ] || exit 0
     timeout $((D + 30)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
       --captures compile-layers,graph --prompts 8 --match-dtypes '' --exit-layer 7 --draft-len 1 --hf-last \

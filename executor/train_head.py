@@ -311,6 +311,38 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+@dataclass
+class PhaseTimes:
+    """Wall seconds per phase of the training steps, the device synchronised around each phase: off unless a
+    profiler (`benchmarks/train_profile.py`) turns it on, since the synchronisations cost a GPU its overlap."""
+
+    enabled: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+PHASES = PhaseTimes()
+
+
+@contextlib.contextmanager
+def phase(name: str, device: torch.device) -> Iterator[None]:
+    """A phase of a training step: timed into `PHASES` when it is enabled, a no-op otherwise."""
+    if not PHASES.enabled:
+        yield
+        return
+    _synchronize(device)
+    begin = time.perf_counter()
+    try:
+        yield
+    finally:
+        _synchronize(device)
+        PHASES.seconds[name] = PHASES.seconds.get(name, 0.0) + time.perf_counter() - begin
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def autocast(adapter: ModelAdapter) -> contextlib.AbstractContextManager[Any]:
     """The heads' computations under autocast to the model's dtype when that is a half type (bf16 on a GPU): their
     float32 master weights meet the teacher's half-precision states there. A float32 model trains in float32, and
@@ -420,24 +452,27 @@ def distill_batch(
     loss is backpropagated to the head layer's output (a leaf here), whose gradient then flows through the head
     layer once."""
     adapter = next(iter(heads.values())).adapter
-    outputs = {e: head_states(head, teacher) for e, head in heads.items()}
+    with phase("head layers forward", adapter.device):
+        outputs = {e: head_states(head, teacher) for e, head in heads.items()}
     leaves = {e: out.detach().requires_grad_(True) for e, out in outputs.items()}
     count, totals = teacher.final.shape[0], {e: [] for e in heads}
     vocab = shared_draft_vocab(heads)
     rows = next(iter(heads.values())).subset_weight() if vocab is not None else None  # gathered once per LM head
-    for piece, target in teacher_chunks(adapter, teacher, chunk, rows):
-        for exit_layer, head in heads.items():
-            student = chunk_log_probs(head, leaves[exit_layer][piece])
-            own = target if vocab is not None else head_target(head, target)
-            loss = F.kl_div(student, own, log_target=True, reduction="sum") / count
-            if hard_weight:
-                loss_ce = F.nll_loss(student, own.argmax(-1), reduction="sum") / count
-                (loss + hard_weight * loss_ce).backward()
-            else:
-                loss.backward()
-            totals[exit_layer].append(loss.detach())  # read once per step, not once per chunk (a GPU sync each)
-    for exit_layer, out in outputs.items():
-        out.backward(leaves[exit_layer].grad)
+    with phase("logits + KL (forward and backward)", adapter.device):
+        for piece, target in teacher_chunks(adapter, teacher, chunk, rows):
+            for exit_layer, head in heads.items():
+                student = chunk_log_probs(head, leaves[exit_layer][piece])
+                own = target if vocab is not None else head_target(head, target)
+                loss = F.kl_div(student, own, log_target=True, reduction="sum") / count
+                if hard_weight:
+                    loss_ce = F.nll_loss(student, own.argmax(-1), reduction="sum") / count
+                    (loss + hard_weight * loss_ce).backward()
+                else:
+                    loss.backward()
+                totals[exit_layer].append(loss.detach())  # read once per step, not once per chunk (a GPU sync each)
+    with phase("head layers backward", adapter.device):
+        for exit_layer, out in outputs.items():
+            out.backward(leaves[exit_layer].grad)
     return {e: float(torch.stack(parts).sum()) for e, parts in totals.items()}
 
 
@@ -465,18 +500,20 @@ def train_step(
 ) -> dict[int, float]:  # fmt: skip
     """One optimizer step of every head on one teacher pass over `batch`; returns each head's KL."""
     adapter = next(iter(heads.values())).adapter
-    teacher = teacher_batch(adapter, batch, list(heads))
+    with phase("teacher (full model)", adapter.device):
+        teacher = teacher_batch(adapter, batch, list(heads))
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     losses = distill_batch(heads, teacher, config.logit_chunk, config.hard_weight)
     del teacher
     lr = lr_at(step, config)
-    for exit_layer, head in heads.items():
-        if config.clip_norm:
-            torch.nn.utils.clip_grad_norm_(head.parameters(), config.clip_norm)
-        for group in optimizers[exit_layer].param_groups:
-            group["lr"] = lr
-        optimizers[exit_layer].step()
+    with phase("clip + optimizer", adapter.device):
+        for exit_layer, head in heads.items():
+            if config.clip_norm:
+                torch.nn.utils.clip_grad_norm_(head.parameters(), config.clip_norm)
+            for group in optimizers[exit_layer].param_groups:
+                group["lr"] = lr
+            optimizers[exit_layer].step()
     return losses
 
 

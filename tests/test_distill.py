@@ -302,3 +302,25 @@ def test_train_head_refuses_a_time_budget_without_a_corpus(tmp_path) -> None:
     for extra in (["--time-budget-s", "5"], ["--corpus", "c", "--time-budget-s", "0"]):
         with pytest.raises(ValueError, match="--time-budget-s needs --corpus and a value > 0"):
             train_head_cli._check(parser.parse_args(argv + extra))
+
+
+def test_phase_times_cover_a_step_only_when_enabled(tiny, corpora) -> None:
+    """`PHASES` (what benchmarks/train_profile.py reads) times each phase of a step when on, nothing when off."""
+    cfg = config(exit_layer=1, exit_layers=(3,))
+    adapter = ModelAdapter(tiny)
+    heads = {e: train_head.new_head(adapter, e) for e in cfg.layers}
+    optimizers = train_head.make_optimizers(heads, cfg)
+    batches = train_head.batch_stream(RecordSource(corpora["train"]), cfg, 0, 0)
+    with train_head.frozen(tiny):
+        train_head.train_step(heads, optimizers, next(batches)[2], cfg, 0)
+        assert train_head.PHASES.seconds == {}
+        train_head.PHASES.enabled = True
+        try:
+            train_head.train_step(heads, optimizers, next(batches)[2], cfg, 1)
+        finally:
+            train_head.PHASES.enabled = False
+    phases = train_head.PHASES.seconds
+    train_head.PHASES.seconds = {}
+    assert set(phases) == {"teacher (full model)", "head layers forward", "logits + KL (forward and backward)",
+                           "head layers backward", "clip + optimizer"}  # fmt: skip
+    assert all(seconds > 0 for seconds in phases.values())
