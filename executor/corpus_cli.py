@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     parser.add_argument(
         "--capture", default="auto", choices=("auto", "none", "graph", "compile", "compile-layers"),
-        help="how generation runs its passes (as `eesd generate --capture`; the tokens are the same): batches of "
-        "new widths each capture anew, so 'none' is often the fastest on a GPU",
+        help="how generation runs its passes (as `eesd generate --capture`; the tokens are the same); captured "
+        "passes are kept for later batches of the same rows and cache capacity (default: auto)",
     )  # fmt: skip
     parser.add_argument(
         "--time-budget-s", type=float, default=None, metavar="S",
