@@ -15,7 +15,7 @@
 #
 # The next lease (issues 19 and 22): call 1 `next1` (timeout_s 300: the GPU tests, which now cover per-row seeds in
 # captured passes; the 7B shape's compiled latency profile on this card, which no H200 profile has; a kernel profile
-# at a 4k context), then at once call 2 `heads19 T` with T = the budget left minus ~60 s (timeout_s T + 55; carry
+# at a 4k context), then at once call 2 `heads19 T` with T = the budget left minus 110 s (timeout_s T + 55; carry
 # part-001, the manifest, the wheels and .carry/corpora): two corpus builders with captured passes and a seed per
 # row, a phase profile of training steps, heads trained in the budget, their decode speed against our compiled AR.
 #
