@@ -201,7 +201,7 @@ case "${1:-}" in
     set +e
     for SEED in "${CORPUS_SEEDS[@]}"; do
       timeout $((C + 45)) python3 -m executor.cli corpus --model "$GGUF" --out "/tmp/corpus-s$SEED" --force \
-        --sources self-prompts --questions-per-topic $Q --temperatures 0,0.7,1 --samples 1 --max-new-tokens $N \
+        --sources self,self-prompts --questions-per-topic $Q --temperatures 0,0.7,1 --samples 2 --max-new-tokens $N \
         --batch-size $B --seed "$SEED" --device "$DEVICE" --dtype float32 --capture auto --time-budget-s $C \
         --threads 4 --no-progress > "$OUT/corpus_s$SEED.log" 2>&1 &
     done

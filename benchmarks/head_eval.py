@@ -1,0 +1,99 @@
+"""Benchmark (not a test): exit-head files scored on corpora, held-out ones by default.
+
+Each head is scored as `eesd train-head` scores it during training (`executor.train_head.evaluate`): on every window
+of a corpus, teacher-forced on its text, the fraction of target positions where the head's top token is the full
+model's (agreement), tokens/round at a fixed draft length, and the mean KL. A corpus must have been built from the
+held-out split (its manifest says `split: held-out`) unless `--allow-train` is given, which is how the gap between
+training and held-out agreement is measured (is a head short of data, or of capacity?).
+
+    python benchmarks/head_eval.py --heads heads/smollm2-135m-e15-mix.safetensors \
+        heads/smollm2-135m-e7-mix.safetensors --corpus HELD HELD_SELF_PROMPTS --threads 2 --tag smollm2-135m_mix_cpu
+
+Writes benchmarks/results/head_eval_<tag>.json (atomically) with the device, dtype, versions and date, and prints a
+table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from head_speed import environment, write_json
+
+from executor.corpus import RecordSource, read_manifest
+from executor.heads import TrainedExitHead, load_head
+from executor.models import load_model
+from executor.runtime import use_threads
+from executor.train_head import TrainConfig, check_corpus_model, evaluate
+from sim.tables import text_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--heads", nargs="+", required=True, metavar="FILE", help="trained head files")
+    parser.add_argument("--corpus", nargs="+", required=True, metavar="DIR", help="corpora to score on")
+    parser.add_argument("--allow-train", action="store_true", help="also score on corpora of the training split")
+    parser.add_argument("--draft-len", type=int, default=4, help="k of tokens/round (default 4, as train-head's)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tag", default=None, help="output name: benchmarks/results/head_eval_<tag>.json")
+    parser.add_argument("--out", default=None, help="output path instead of the --tag name")
+    args = parser.parse_args(argv)
+    if (args.tag is None) == (args.out is None):
+        parser.error("give one of --tag and --out")
+    return args
+
+
+def check_split(directory: str, allow_train: bool) -> str:
+    split = read_manifest(directory).get("split")
+    if split != "held-out" and not allow_train:
+        raise SystemExit(f"error: {directory} was built from the {split!r} split; pass --allow-train to score on it")
+    return str(split)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    splits = {c: check_split(c, args.allow_train) for c in args.corpus}
+    print(use_threads(args.threads))
+    model = load_model(args.model, dtype=torch.float32)
+    heads = {}
+    for path in args.heads:
+        try:
+            head = load_head(path, model)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: {path}: {err}") from None
+        if not isinstance(head, TrainedExitHead):
+            raise SystemExit(f"error: {path} is a vocabulary-subset head: only trained heads are scored here")
+        heads[path] = head.eval()
+    rows: list[dict[str, Any]] = []
+    for corpus in args.corpus:
+        source = RecordSource(corpus)
+        check_corpus_model(source, model)
+        for path, head in heads.items():
+            config = TrainConfig(exit_layer=head.exit_layer, batch_size=args.batch_size, window=args.window,
+                                 draft_len=args.draft_len)  # fmt: skip
+            with torch.no_grad():
+                result = evaluate({head.exit_layer: head}, source, config)[head.exit_layer]
+            rows.append({"head": path, "exit_layer": head.exit_layer, "corpus": corpus, "split": splits[corpus],
+                         **result})  # fmt: skip
+            print(f"  {Path(path).name} on {corpus}: agreement {result['agreement']:.3f}", flush=True)
+    columns = ["head", "exit_layer", "corpus", "split", "agreement", "tokens_per_round", "kl", "eval_positions"]
+    shown = [{**r, "head": Path(r["head"]).name, "corpus": Path(r["corpus"]).name} for r in rows]
+    print(
+        text_table(shown, columns, {"exit_layer": "E", "tokens_per_round": "tok/round", "eval_positions": "positions"})
+    )
+    report = {"benchmark": "head_eval", "model": str(args.model), "draft_len": args.draft_len, "rows": rows,
+              "environment": environment(args.threads)}  # fmt: skip
+    out = Path(args.out) if args.out else RESULTS / f"head_eval_{args.tag}.json"
+    print(f"wrote {write_json(out, report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""benchmarks/head_eval.py on a tiny model: a trained head scored on a held-out corpus as training scores it, and a
+corpus of the training split refused unless asked for."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_corpus import char_tokenizer
+from tiny_models import TinySpec, tiny_model
+
+from executor.corpus import CorpusConfig, RecordSource, build_corpus
+from executor.train_head import TrainConfig, evaluate, train_head_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = TinySpec(num_layers=4, num_heads=2, num_kv_heads=1, head_dim=8, vocab=98, seed=11)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # head_eval imports head_speed as a sibling
+    path = ROOT / "benchmarks" / "head_eval.py"
+    spec = importlib.util.spec_from_file_location("head_eval", path)
+    module = sys.modules["head_eval"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root, tokenizer = tmp_path_factory.mktemp("head_eval"), char_tokenizer()
+    model = tiny_model(SPEC, torch.float32)
+    model.save_pretrained(root / "model")
+    common = dict(sources=("self",), max_new_tokens=8, batch_size=8, temperatures=(0.0,))  # fmt: skip
+    train, held = CorpusConfig(**common, max_prompts=8), CorpusConfig(**common, split="held-out", max_prompts=4)
+    build_corpus(model, tokenizer, train, root / "train", model_name="t", progress=False)
+    build_corpus(model, tokenizer, held, root / "held", model_name="t", progress=False)
+    config = TrainConfig(exit_layer=2, steps=3, batch_size=4, window=32, lr=1e-3)
+    train_head_corpus(model, root / "train", config, root / "head.safetensors", progress=False)
+    return {"root": root, "model": root / "model", "train": root / "train", "held": root / "held",
+            "head": root / "head.safetensors"}  # fmt: skip
+
+
+def test_a_head_is_scored_on_a_held_out_corpus_as_training_scores_it(bench, setup) -> None:
+    out = setup["root"] / "report.json"
+    argv = ["--model", str(setup["model"]), "--heads", str(setup["head"]), "--corpus", str(setup["held"]),
+            "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    from executor.heads import load_head
+    from executor.models import load_model
+
+    model = load_model(str(setup["model"]), dtype=torch.float32)
+    head = load_head(setup["head"], model).eval()
+    with torch.no_grad():
+        expected = evaluate({2: head}, RecordSource(setup["held"]), TrainConfig(exit_layer=2, batch_size=8, window=256))
+    assert row["split"] == "held-out" and row["exit_layer"] == 2
+    assert row["agreement"] == pytest.approx(expected[2]["agreement"]) and row["eval_positions"] > 0
+
+
+def test_a_training_corpus_is_refused_unless_asked_for(bench, setup) -> None:
+    argv = ["--model", str(setup["model"]), "--heads", str(setup["head"]), "--corpus", str(setup["train"]),
+            "--out", str(setup["root"] / "train.json")]  # fmt: skip
+    with pytest.raises(SystemExit, match="built from the 'train' split"):
+        bench.main(argv)
+    assert bench.main([*argv, "--allow-train"]) == 0
+    with pytest.raises(SystemExit, match="error: .*missing.safetensors"):
+        bench.main([*argv[:2], "--heads", str(setup["root"] / "missing.safetensors"), *argv[4:], "--allow-train"])
