@@ -214,8 +214,7 @@ case "${1:-}" in
     mkdir -p /tmp/heads
     timeout 60 python3 benchmarks/train_profile.py --model "$GGUF" --corpus "${CORPORA[@]}" --exit-layer 7,15 \
       --batch-size $BATCH --window 256 --steps 3 --warmup 2 --device "$DEVICE" --dtype $DTYPE --threads 8 \
-      --tag "smollm2-135m_$CARD" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/heads19.log"
-    cp benchmarks/results/train_profile_smollm2-135m_"$CARD".json "$OUT"/ 2>/dev/null
+      --out "$OUT/train_profile_smollm2-135m_$CARD.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/heads19.log"
     timeout $((H + 50)) python3 -m executor.cli train-head --model "$GGUF" --exit-layer 7,15 --init-layer last \
       --corpus "${CORPORA[@]}" --eval-corpus .carry/corpora/smol-held --eval-every 100 --steps $STEPS --lr 2e-3 \
       --warmup-steps 20 --batch-size $BATCH --window 256 --device "$DEVICE" --dtype $DTYPE --time-budget-s $H --force \

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tag", default=None, help="output name: train_profile_<tag>.json")
+    parser.add_argument("--tag", default=None, help="output name: benchmarks/results/train_profile_<tag>.json")
+    parser.add_argument("--out", default=None, help="output path instead of the --tag name")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.window < 2:
         parser.error("--steps, --batch-size >= 1, --warmup >= 0, --window >= 2")
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plain steps: {report['plain_window_tokens_per_s']:.0f} window tokens/s ({plain:.1f} ms a step); "
           f"phased: {phased:.1f} ms")  # fmt: skip
     tag = args.tag or f"{Path(args.model).stem}_{device.type}"
-    print(f"wrote {write_json(RESULTS / f'train_profile_{tag}.json', report)}")
+    out = Path(args.out) if args.out else RESULTS / f"train_profile_{tag}.json"
+    print(f"wrote {write_json(out, report)}")
     return 0
 
 
