@@ -91,6 +91,7 @@ from executor.models import decode_weight_bytes, kv_cache_bytes, resolve_dtype
 from executor.passes import Passes
 from executor.ppsd import StagePlan, local_pipeline, make_selector
 from executor.prompts import encode_prompt, load_prompts
+from executor.runtime import synchronize
 from executor.sampling import SamplingConfig
 from sim.contract import captured_capacity
 from sim.formats import write_text_atomic
@@ -163,11 +164,6 @@ class Timing:
     tokens: list[int]
     stats: Any
     first_call: float
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_case(case: Case, runs: int, device: torch.device) -> Timing:

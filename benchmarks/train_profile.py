@@ -29,7 +29,7 @@ from head_speed import environment, write_json
 from executor.adapter import ModelAdapter
 from executor.corpus import RecordSource
 from executor.models import load_model, resolve_dtype
-from executor.runtime import use_threads
+from executor.runtime import synchronize, use_threads
 from executor.train_head import (
     PHASES,
     TrainConfig,
@@ -88,11 +88,6 @@ def timed_steps(heads, optimizers, stream, config: TrainConfig, steps: int, phas
         "target_tokens": targets, "window_tokens_per_s": window_tokens / sum(walls),
         "phase_s_per_step": {name: value / steps for name, value in PHASES.seconds.items()} if phased else None,
     }  # fmt: skip
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:

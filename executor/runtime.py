@@ -86,3 +86,11 @@ def check_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): around whatever is timed on a GPU."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)

@@ -22,7 +22,6 @@ min-new-tokens (EOS masked), then, when sampling, temperature, top-k, top-p, min
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -72,14 +71,8 @@ class SamplingConfig:
             _check_number("min_p", self.min_p, "a number in [0, 1]", lambda x: 0 <= x <= 1)
 
     def row_seeds(self, rows: int) -> list[int]:
-        """Each row's seed: `seed` for all, or its own from a per-row list (which must have `rows` values). Rows
-        with the same seed draw the same noise at the same position: the same prompt twice samples the same text,
-        as each would alone; give each row its own seed for independent samples."""
-        if isinstance(self.seed, int):
-            return [self.seed] * rows
-        if len(self.seed) != rows:
-            raise ValueError(f"seed has {len(self.seed)} values (one per row), the batch has {rows} rows")
-        return list(self.seed)
+        """Each row's seed (`row_seeds` below)."""
+        return row_seeds(self.seed, rows)
 
     @property
     def first_seed(self) -> int:
@@ -93,6 +86,17 @@ class SamplingConfig:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
+
+def row_seeds(seed: int | tuple[int, ...], rows: int) -> list[int]:
+    """Each row's seed: `seed` for all, or its own from a per-row tuple (which must have `rows` values). Rows with
+    the same seed draw the same noise at the same position: the same prompt twice samples the same text, as each
+    would alone; give each row its own seed for independent samples."""
+    if isinstance(seed, int):
+        return [seed] * rows
+    if len(seed) != rows:
+        raise ValueError(f"seed has {len(seed)} values (one per row), the batch has {rows} rows")
+    return list(seed)
 
 
 def _is_integer(value: object) -> bool:
@@ -227,8 +231,7 @@ class TokenSelector:
         """A new generation with these prompt lengths and seed, one for all rows or one per row (same rows, sampling
         settings and EOS ids)."""
         self.prompt_lens.copy_(torch.tensor(prompt_lens).unsqueeze(1))
-        seeds = dataclasses.replace(self.config, seed=seed).row_seeds(len(prompt_lens))
-        self.seed.copy_(torch.tensor(seeds, dtype=torch.int64).unsqueeze(1))
+        self.seed.copy_(torch.tensor(row_seeds(seed, len(prompt_lens)), dtype=torch.int64).unsqueeze(1))
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Processed and warped scores [B, q, V] for the tokens at absolute positions `targets` [B, q]. `context`

@@ -62,6 +62,7 @@ from executor.heads import (
     save_head,
     save_subset_head,
 )
+from executor.runtime import synchronize
 from sim.progress import progress_bar
 
 CHECKPOINT_VERSION = 2
@@ -329,18 +330,13 @@ def phase(name: str, device: torch.device) -> Iterator[None]:
     if not PHASES.enabled:
         yield
         return
-    _synchronize(device)
+    synchronize(device)
     begin = time.perf_counter()
     try:
         yield
     finally:
-        _synchronize(device)
+        synchronize(device)
         PHASES.seconds[name] = PHASES.seconds.get(name, 0.0) + time.perf_counter() - begin
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def autocast(adapter: ModelAdapter) -> contextlib.AbstractContextManager[Any]:
