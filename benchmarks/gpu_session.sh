@@ -13,7 +13,12 @@
 # The tracked tree travels too and must leave room under 64 MiB: move heads/*.safetensors (97 MB) out of the tree for
 # the calls (`mkdir -p /work/heads-stash && mv heads/*.safetensors /work/heads-stash/`) and back after.
 #
-# The next lease (issues 19 and 22): call 1 `next1` (timeout_s 300: the GPU tests, which now cover per-row seeds in
+# The 2026-12-04 evening lease (an H200; issues 22, 24, 19): call 1 `lease19a` (timeout_s 270: predict1's 7B rows at
+# prompts 512 and 1024, as predicted on 2026-12-03), then at once call 2 `lease19b T` with T = the budget left minus
+# 60 s (timeout_s T + 25; carry part-001, the manifest, the wheels and .carry/corpora): predict2's `eesd validate`,
+# a phase profile of head training, SmolLM2's AR against HF's fast path.
+#
+# A later lease (issues 19 and 22): call 1 `next1` (timeout_s 300: the GPU tests, which now cover per-row seeds in
 # captured passes; the 7B shape's compiled latency profile on this card, which no H200 profile has; a kernel profile
 # at a 4k context), then at once call 2 `heads19 T` with T = the budget left minus 110 s (timeout_s T + 55; carry
 # part-001, the manifest, the wheels and .carry/corpora): two corpus builders with captured passes and a seed per
@@ -227,6 +232,42 @@ case "${1:-}" in
       --trained-head /tmp/heads/smollm2-135m-e7-gpu.safetensors --only "$ONLY_HEADS" --time-budget-s "$D" \
       --out "$OUT/gpu_decode_${CARD}_smollm2_heads.json" 2>&1 | tee "$OUT/bench_smollm2_heads.log"
     ;;
+  lease19a)  # call 1 (part 0), <= 250 s: predict1's rows with tighter budgets (the 7B shape at prompts 512 and 1024,
+             # graph on an H200, as predicted on 2026-12-03)
+    first_call
+    CARD=$(card) || exit 4
+    CAPTURE=$(capture_of "$CARD")
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    set +e
+    for LEN in 512 1024; do
+      timeout 122 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len "$LEN" --captures "$CAPTURE" \
+        --only '^ours ar$|forced alpha|^ppsd streams n=[24]$' --time-budget-s 92 \
+        --out "$OUT/gpu_decode_${CARD}_llama7b_prompt${LEN}.json" 2>&1 | tee "$OUT/bench_llama7b_prompt${LEN}.log"
+    done
+    ;;
+  lease19b)  # its call 2 (part 1), <= SECONDS ($2, default 420): predict2's `eesd validate` (issue 22: AR and EESD
+             # at batch 1 and 8, PPSD streams n = 2 and 4, as predicted), a phase profile of SmolLM2's head training
+             # steps (issue 19), then SmolLM2's AR against HF generate as it comes and on its fast path (issue 24;
+             # our AR in compile-layers and in graph, the mode its prediction names) with what time is left
+    T=${2:-420}
+    second_call lease19a lease19b
+    CARD=$(card) || exit 4
+    V=$((T * 45 / 100)); D=$((T - V - 75))
+    set +e
+    timeout "$V" python3 -m executor.cli validate "scenarios/smollm2_${CARD}_validate.yaml" --prompts 8 \
+      --max-new-tokens 48 --repeats 3 --model "$GGUF" --json "$OUT/validate_${CARD}_smollm2.json" \
+      2>&1 | tr '\r' '\n' | tee "$OUT/validate_${CARD}_smollm2.log"
+    CORPORA=()
+    for DIR in .carry/corpora/smol-train .carry/corpora/smol-train2; do
+      [ -f "$DIR/manifest.json" ] && CORPORA+=("$DIR")
+    done
+    timeout 55 python3 benchmarks/train_profile.py --model "$GGUF" --corpus "${CORPORA[@]}" --exit-layer 7,15 \
+      --batch-size 64 --window 256 --steps 3 --warmup 2 --device cuda --dtype bfloat16 --threads 8 \
+      --out "$OUT/train_profile_smollm2-135m_$CARD.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/train_profile.log"
+    timeout $((D + 20)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
+      --captures compile-layers,graph --prompts 8 --match-dtypes '' --hf-last --only '^ours ar$|^hf generate' \
+      --time-budget-s "$D" --out "$OUT/gpu_decode_${CARD}_smollm2_issue24.json" 2>&1 | tee "$OUT/bench_smollm2.log"
+    ;;
   predict1)  # call 1 (part 0), <= 290 s: the 7B shape's predicted rows, as `gpu_decode.py --models llama7b
              # --prompt-len N --captures C` times them (the rows the predictions name: --only)
     first_call
@@ -271,7 +312,7 @@ case "${1:-}" in
       --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
-    echo "usage: $0 prepare | lease18a | heads19 [SECONDS] | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
+    echo "usage: $0 prepare | lease19a | lease19b [SECONDS] | lease18a | heads19 [SECONDS] | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
     exit 2
     ;;
 esac
