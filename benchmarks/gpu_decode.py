@@ -91,7 +91,7 @@ from executor.models import decode_weight_bytes, kv_cache_bytes, resolve_dtype
 from executor.passes import Passes
 from executor.ppsd import StagePlan, local_pipeline, make_selector
 from executor.prompts import encode_prompt, load_prompts
-from executor.runtime import synchronize
+from executor.runtime import copy_tbps, datasheet_tbps, synchronize
 from executor.sampling import SamplingConfig
 from sim.contract import captured_capacity
 from sim.formats import write_text_atomic
@@ -104,7 +104,6 @@ PPSD_STAGES = (2, 4)
 HF_AR, HF_FAST = "hf generate (AR)", "hf generate static+compile (AR)"
 LONG_CAPACITY = 4096  # the step rows' long cache: Llama-2's context
 # HBM bandwidth by card (a substring of the device name -> TB/s, the vendor's datasheet): H100 SXM (HBM3), H200
-DATASHEET_TBPS = {"H100 80GB HBM3": 3.35, "H200": 4.8}
 
 
 @dataclass
@@ -442,22 +441,36 @@ def baseline_cases(model, adapter: ModelAdapter, prompts: list[list[int]], n: in
     return ours + [hf_case(model, prompts, n, HF_AR), hf_fast_case(model, prompts, n)]
 
 
+def trained_head(args, adapter: ModelAdapter):
+    """SmolLM2's trained head at --exit-layer, or None (its rows left out, said once) when the default file is not
+    on this machine (a device call whose carry left `heads/` behind); a --trained-head named and missing is an
+    error."""
+    if args.trained_head == str(HEAD_FILE) and not HEAD_FILE.is_file():
+        if not getattr(args, "_said_no_head", False):
+            print(f"  no trained head at {HEAD_FILE}: the trained-head rows are left out")
+            args._said_no_head = True
+        return None
+    return resolve_head(args.trained_head, adapter, args.exit_layer)
+
+
 def smollm2_cases(model, prompts: list[list[int]], args) -> tuple[list[Case], list[Case]]:
     """(The baselines and our rows in the first capture mode, the other modes' AR and EESD fixed:k rows). `main`
     times the second list after the match rates: a compile costs minutes on a slow host, so under a time budget those
     are the rows to lose."""
     adapter, n, E, main = ModelAdapter(model), args.new_tokens, args.exit_layer, args.captures[0]
-    trained = resolve_head(args.trained_head, adapter, E)
+    trained = trained_head(args, adapter)
     shared = resolve_head("shared", adapter, E)
     k = f"fixed:{args.draft_len}"
     cases = baseline_cases(model, adapter, prompts, n, main)
     for head_name, head in (("shared", shared), ("trained", trained)):
+        if head is None:
+            continue
         for policy in (k, "beta-ts"):
             label = f"eesd {head_name} E={E} {policy}"
             cases.append(eesd_case(adapter, prompts, n, label, E, head, policy, main))
     cases += [ppsd_case(adapter, prompts, n, stages, model.device, main) for stages in PPSD_STAGES]
     cases.append(ppsd_case(adapter, prompts, n, 2, model.device, main, sync_every=1))  # what chaining ticks is worth
-    if adapter.num_layers // 2 == E:  # the trained head's layer ends stage 1 of 2 balanced stages
+    if adapter.num_layers // 2 == E and trained is not None:  # the trained head's layer ends stage 1 of 2 stages
         cases.append(ppsd_case(adapter, prompts, n, 2, model.device, main, trained, f"trained E={E}"))
     cases += ar_cases(adapter, prompts, n, [main], every_token=True)[1:]
     cases.append(hf_case(model, prompts, n, f"hf assistant_early_exit={E}", assistant_early_exit=E))
@@ -666,38 +679,6 @@ def tick_efficiency(row: Row) -> float | None:
     return row.efficiency * costs["device per tick"] / max(stages)
 
 
-def copy_tbps(device: torch.device, gib: float | None = None) -> float:
-    """The device's copy bandwidth in TB/s: bytes read + written per second, median of 5 copies after one (2 GiB on a
-    GPU, timed with CUDA events; 0.25 GiB of host memory on a CPU, timed with the host clock)."""
-    cuda = device.type == "cuda"
-    size = int((gib or (2.0 if cuda else 0.25)) * 2**30)
-    source = torch.empty(size, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    times = []
-    for _ in range(6):
-        if cuda:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            target.copy_(source)
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
-        else:
-            begin = time.perf_counter()
-            target.copy_(source)
-            times.append(time.perf_counter() - begin)
-    del source, target
-    return 2 * size / statistics.median(times[1:]) / 1e12
-
-
-def datasheet_tbps(device: torch.device) -> float | None:
-    """The card's HBM bandwidth from its datasheet (`DATASHEET_TBPS`), None for a CPU or a card not in the table."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tbps for card, tbps in DATASHEET_TBPS.items() if card in name), None)
-
-
 def bandwidths(device: torch.device) -> dict[str, float | None]:
     """TB/s the floors are taken at: 'copy' (measured now, `copy_tbps`) and 'datasheet' (`datasheet_tbps`)."""
     return {"copy": copy_tbps(device), "datasheet": datasheet_tbps(device)}
@@ -749,7 +730,7 @@ def match_rates(model, prompts: list[list[int]], args, device: torch.device, bud
         return []
     adapter, E, n = ModelAdapter(model), args.exit_layer, args.new_tokens
     backend = "streams" if device.type == "cuda" else "sequential"
-    trained = resolve_head(args.trained_head, adapter, E)
+    trained = trained_head(args, adapter)
     methods = {
         f"eesd shared E={E} fixed:{args.draft_len}": {"method": "eesd", "exit_layer": E, "draft_len": args.draft_len},
         f"eesd trained E={E} fixed:{args.draft_len}": {
@@ -758,6 +739,7 @@ def match_rates(model, prompts: list[list[int]], args, device: torch.device, bud
         **{f"ppsd {backend} n={s}": {"method": "ppsd", "stages": s, "backend": backend} for s in PPSD_STAGES},
         f"ppsd {backend} n=2 trained E={E}": {"method": "ppsd", "stages": 2, "backend": backend, "head": trained},
     }  # fmt: skip
+    methods = {label: kwargs for label, kwargs in methods.items() if kwargs.get("head", True) is not None}
     ar = [executor.generate(adapter, [p], method="ar", max_new_tokens=n).sequences[0].tolist() for p in prompts]
     results = []
 

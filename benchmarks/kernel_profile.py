@@ -37,6 +37,7 @@ import executor
 from executor.adapter import ModelAdapter
 from executor.api import PassSetup
 from executor.models import decode_weight_bytes, kv_cache_bytes, resolve_dtype
+from executor.runtime import copy_tbps, datasheet_tbps
 from executor.sampling import SamplingConfig
 from sim.formats import write_text_atomic
 from sim.policy import make_policy
@@ -144,8 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--hbm-tbps",
         type=float,
-        default=3.0,
-        help="bandwidth of the floor (TB/s; 3.0 is what a copy measured on an H100)",
+        default=None,
+        help="bandwidth of the floor (TB/s; default: a device copy measured in the run, as gpu_decode.py's floor)",
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -164,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         passes, reset = ar_pass(adapter, prompt.tolist(), args.capture)
         rows, wall_ms = profile_steps(passes, reset, args.steps, device)
     weights, cached = decode_weight_bytes(model), kv_cache_bytes(model, args.prompt_len + NEW_TOKENS // 2)
-    floor_ms = (weights + cached) / (args.hbm_tbps * 1e12) * 1e3
+    tbps = copy_tbps(device) if args.hbm_tbps is None else args.hbm_tbps
+    floor_ms = (weights + cached) / (tbps * 1e12) * 1e3
+    source = "a copy measured now" if args.hbm_tbps is None else "--hbm-tbps"
     unit = "kernel" if device.type == "cuda" else "aten operator (CPU self time)"
     measured_ms = sum(r["us_per_step"] for r in rows) / 1e3
     print(f"{args.model} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}, "
           f"{dtype}, capture {passes.capture}: {wall_ms:.3f} ms per step (wall), {measured_ms:.3f} ms in the profiled "
-          f"{unit}s, HBM floor {floor_ms:.3f} ms at {args.hbm_tbps} TB/s")  # fmt: skip
+          f"{unit}s, HBM floor {floor_ms:.3f} ms at {tbps:.2f} TB/s ({source})")  # fmt: skip
     print(table(rows, args.top, unit))
     report = {
         "benchmark": "kernel_profile", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -179,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         "layers": model.config.num_hidden_layers, "capture": passes.capture, "steps": args.steps,
         "wall_ms_per_step": wall_ms, "profiled_ms_per_step": measured_ms, "unit": unit,
         "prompt_len": args.prompt_len, "weight_bytes": weights, "kv_bytes": cached,
-        "hbm_tbps": args.hbm_tbps, "hbm_floor_ms": floor_ms, "rows": rows,
+        "hbm_tbps": tbps, "hbm_tbps_source": source, "datasheet_tbps": datasheet_tbps(device),
+        "hbm_floor_ms": floor_ms, "of_floor": floor_ms / wall_ms, "rows": rows,
     }  # fmt: skip
     write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

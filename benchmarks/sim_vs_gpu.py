@@ -83,24 +83,26 @@ class Source:
 
 
 def _sources(
-    card: str, capture: str, kernels: str, zero_draft_rounds: str, ppsd_sync: int, contention: bool = False
-) -> tuple[Source, ...]:
+    card: str, capture: str, kernels: str, zero_draft_rounds: str, ppsd_sync: int, contention: bool = False,
+    benches: tuple[str, str] = ("smollm2", "llama7b"),
+) -> tuple[Source, ...]:  # fmt: skip
     """SmolLM2 (real weights) and the 7B shape (4 of its layers profiled) of one card's lease, one capture mode;
-    `contention`: SmolLM2's PPSD rows also with the card's contention profile."""
+    `contention`: SmolLM2's PPSD rows also with the card's contention profile; `benches`: the two JSON files'
+    names (gpu_decode_nvidia_<card>_<name>.json)."""
     at = lambda name: ROOT / "calibration" / card / latency_profile_name(name, "cuda", "bf16", kernels)  # noqa: E731
     common = {"capture": capture, "zero_draft_rounds": zero_draft_rounds, "ppsd_sync_every": ppsd_sync}
     bench = lambda name: RESULTS / f"gpu_decode_nvidia_{card}_{name}.json"  # noqa: E731
     measured = ROOT / "calibration" / card / at("smollm2-135m").name.replace("latency_", "contention_")
     return (
         Source(
-            bench("smollm2"),
+            bench(benches[0]),
             at("smollm2-135m"),
             "SmolLM2-135M",
             47,
             **common,
             contention=measured if contention else None,
         ),
-        Source(bench("llama7b"), at("llama-2-7b-4layers"), "Llama-2-7B", 32, **common),
+        Source(bench(benches[1]), at("llama-2-7b-4layers"), "Llama-2-7B", 32, **common),
     )
 
 
@@ -109,7 +111,14 @@ H200 = _sources("h200", "graph", "eager", "verify", 1)
 # the H100 lease that ran gpu_session.sh next1/next2: the default capture (compiled layers, zero-draft rounds of a
 # shared head chained, PPSD ticks chained) with a compiled profile
 H100 = _sources("h100", "compile-layers", "compiled", "chained", 8, contention=True)
-CARDS = {"h200": H200, "h100": H100}
+# the H200's compiled rows (the third lease, 2026-12-04 14:22: issue 24's, compiled layers in CUDA graphs, span buckets)
+# against the compiled profiles measured in the fourth (16:50 the same day): the rows were measured before the
+# profiles and the simulator was not changed after either
+H200_COMPILED = _sources(
+    "h200", "compile-layers", "compiled", "chained", 8, benches=("smollm2_issue24", "llama7b_ctx32_issue24")
+)
+CARDS = {"h200": H200, "h100": H100, "h200-compiled": H200_COMPILED}
+PREDICT_CARDS = ("h100", "h200")  # the cards predictions are written for (each its latency profiles and scenario)
 EESD_LABEL = re.compile(r"eesd (?P<head>shared|trained) E=(?P<exit>\d+) (?P<policy>fixed:\d+|beta-ts)")
 PPSD_LABEL = re.compile(r"ppsd streams n=(?P<stages>\d+)(?: trained E=(?P<exit>\d+))?$")
 
@@ -286,7 +295,7 @@ def code_commit() -> dict[str, str | None]:
 
 
 def predictions(runs: int) -> dict[str, Any]:
-    rows = [row for card in sorted(CARDS) for row in predict_smollm2(card) + predict_llama7b(card, runs)]
+    rows = [row for card in PREDICT_CARDS for row in predict_smollm2(card) + predict_llama7b(card, runs)]
     commit = code_commit()["code_commit"]
     return {
         "benchmark": "the simulator's predictions for the next GPU lease, committed before it measures them",
@@ -403,7 +412,7 @@ def issue24_smollm2(card: str) -> list[dict[str, Any]]:
 
 
 def issue24_predictions(runs: int) -> dict[str, Any]:
-    rows = [row for card in sorted(CARDS) for row in issue24_llama7b(card, runs) + issue24_smollm2(card)]
+    rows = [row for card in PREDICT_CARDS for row in issue24_llama7b(card, runs) + issue24_smollm2(card)]
     return {
         "benchmark": "the simulator's predictions for the rows gpu_session.sh issue24a/issue24b measures (issue 24), "
         "committed before the lease measures them",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -94,3 +96,42 @@ def synchronize(device: torch.device) -> None:
         import torch
 
         torch.cuda.synchronize(device)
+
+
+DATASHEET_TBPS = {"H100 80GB HBM3": 3.35, "H200": 4.8}  # HBM bandwidth (TB/s) by card name
+
+
+def copy_tbps(device: torch.device, gib: float | None = None) -> float:
+    """The device's copy bandwidth in TB/s: bytes read + written per second, median of 5 copies after one (2 GiB on a
+    GPU, timed with CUDA events; 0.25 GiB of host memory on a CPU, timed with the host clock)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    size = int((gib or (2.0 if cuda else 0.25)) * 2**30)
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(6):
+        if cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(source)
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            begin = time.perf_counter()
+            target.copy_(source)
+            times.append(time.perf_counter() - begin)
+    del source, target
+    return 2 * size / statistics.median(times[1:]) / 1e12
+
+
+def datasheet_tbps(device: torch.device) -> float | None:
+    """The card's HBM bandwidth from its datasheet (`DATASHEET_TBPS`), None for a CPU or a card not in the table."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((tbps for card, tbps in DATASHEET_TBPS.items() if card in name), None)

@@ -106,6 +106,20 @@ def test_the_7b_cases_include_ppsd_at_each_stage_count(bench, adapter) -> None:
     assert row.tokens_per_s > 0 and {"stage 1", "stage 4", "device per tick"} <= set(row.pass_costs_ms)
 
 
+def test_without_the_default_trained_head_its_rows_are_left_out(bench, adapter, monkeypatch, tmp_path) -> None:
+    """A device call that leaves heads/ behind still runs the other SmolLM2 rows; a head file named and missing is
+    an error, not a silent fallback."""
+    monkeypatch.setattr(bench, "HEAD_FILE", tmp_path / "absent.safetensors")
+    args = bench.parse_args(["--device", "cpu", "--exit-layer", "2", "--trained-head", str(bench.HEAD_FILE)])
+    first, _ = bench.smollm2_cases(adapter.model, PROMPTS, args)
+    labels = [c.method for c in first]
+    assert "eesd shared E=2 beta-ts" in labels and not [label for label in labels if "trained" in label]
+    missing = str(tmp_path / "other.safetensors")
+    args = bench.parse_args(["--device", "cpu", "--exit-layer", "2", "--trained-head", missing])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bench.smollm2_cases(adapter.model, PROMPTS, args)
+
+
 def test_only_keeps_the_matching_cases(bench, adapter) -> None:
     args = bench.parse_args(["--device", "cpu", "--only", "^ours ar$|^ppsd"])
     cases = [bench.ppsd_case(adapter, PROMPTS, 4, n, adapter.device, "none") for n in (2, 4)]
