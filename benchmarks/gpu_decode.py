@@ -438,6 +438,8 @@ def baseline_cases(model, adapter: ModelAdapter, prompts: list[list[int]], n: in
     ours = ar_cases(adapter, prompts, n, [capture], every_token=False)
     if span_buckets_known():
         ours.append(switched(ours[0], "SPAN_BUCKETS", False, "ours ar buckets off"))
+    if hasattr(executor_passes, "PREFILL_BUCKETS") and len({len(p) for p in prompts}) > 1:  # prompts of new lengths
+        ours.append(switched(ours[0], "PREFILL_BUCKETS", False, "ours ar prefill buckets off"))
     return ours + [hf_case(model, prompts, n, HF_AR), hf_fast_case(model, prompts, n)]
 
 

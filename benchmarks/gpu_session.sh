@@ -13,6 +13,16 @@
 # The tracked tree travels too and must leave room under 64 MiB: move heads/*.safetensors (97 MB) out of the tree for
 # the calls (`mkdir -p /work/heads-stash && mv heads/*.safetensors /work/heads-stash/`) and back after.
 #
+# The next lease (an H200: the predictions exist for that card only; issues 22 and 19): call 1 `lease20a` (timeout_s
+# 280: the 7B shape in compile-layers at prompts 512 and 1024, as predicted in
+# benchmarks/results/predictions_next_lease_2026-12-04.json), then at once call 2 `lease20b T` with T = the budget
+# left minus 60 s (timeout_s T + 25; carry part-001, the manifest, the wheels, .carry/corpora): `eesd validate` on
+# scenarios/smollm2_h200-compiled_validate.yaml as predicted, head training's phase profile with the causal head path
+# and its cached twin (each with its 25 costliest operators), SmolLM2's end-to-end AR over 8 prompt lengths with
+# prefill buckets on and off, its compiled latency profile at batch 1 and 8.
+# Then: python benchmarks/predictions_check.py --predictions benchmarks/results/predictions_next_lease_2026-12-04.json
+# --card h200-compiled --measured <the JSON of both calls>.
+#
 # The 2026-12-04 evening lease (an H200; issues 22, 24, 19): call 1 `lease19a` (timeout_s 270: predict1's 7B rows at
 # prompts 512 and 1024, as predicted on 2026-12-03), then at once call 2 `lease19b T` with T = the budget left minus
 # 60 s (timeout_s T + 25; carry part-001, the manifest, the wheels and .carry/corpora): predict2's `eesd validate`,
@@ -232,6 +242,45 @@ case "${1:-}" in
       --trained-head /tmp/heads/smollm2-135m-e7-gpu.safetensors --only "$ONLY_HEADS" --time-budget-s "$D" \
       --out "$OUT/gpu_decode_${CARD}_smollm2_heads.json" 2>&1 | tee "$OUT/bench_smollm2_heads.log"
     ;;
+  lease20a)  # call 1 (part 0), <= 260 s: the 7B shape in compile-layers at prompts 512 and 1024, as predicted on
+             # 2026-12-04 (predictions_next_lease_2026-12-04.json, card h200-compiled)
+    first_call
+    CARD=$(card) || exit 4
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    set +e
+    for LEN in 512 1024; do
+      timeout 128 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len "$LEN" --captures compile-layers \
+        --only '^ours ar$|forced alpha|^ppsd streams n=[24]$' --time-budget-s 95 \
+        --out "$OUT/gpu_decode_${CARD}_llama7b_compiled_prompt${LEN}.json" 2>&1 \
+        | tee "$OUT/bench_llama7b_compiled_prompt${LEN}.log"
+    done
+    ;;
+  lease20b)  # its call 2 (part 1), <= SECONDS ($2, default 420): `eesd validate` in compile-layers as predicted
+             # (issue 22), head training's phase profile on the causal path and on its cached twin with their costliest
+             # operators (issue 19), SmolLM2's end-to-end AR with prefill buckets on and off (8 prompt lengths), then its
+             # compiled latency profile at batch 1 and 8 with what is left
+    T=${2:-420}
+    second_call lease20a lease20b
+    CARD=$(card) || exit 4
+    V=$((T * 40 / 100)); P=$((T - V - 215))
+    set +e
+    timeout "$V" python3 -m executor.cli validate "scenarios/smollm2_${CARD}-compiled_validate.yaml" --prompts 8 \
+      --max-new-tokens 48 --repeats 3 --model "$GGUF" --json "$OUT/validate_${CARD}_smollm2_compiled.json" \
+      2>&1 | tr '\r' '\n' | tee "$OUT/validate_${CARD}_smollm2_compiled.log"
+    for HEAD_PATH in causal cached; do
+      timeout 60 python3 benchmarks/train_profile.py --model "$GGUF" --corpus .carry/corpora/smol-train \
+        .carry/corpora/smol-train2 --exit-layer 7,15 --batch-size 64 --window 256 --steps 3 --warmup 2 --device cuda \
+        --dtype bfloat16 --threads 8 --head-path "$HEAD_PATH" --ops 25 \
+        --out "$OUT/train_profile_smollm2-135m_${CARD}_${HEAD_PATH}.json" 2>&1 | grep -v "Loading weights" \
+        | tee -a "$OUT/train_profile.log"
+    done
+    timeout 75 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers \
+      --prompts 8 --match-dtypes '' --only '^ours ar( prefill buckets off)?$' --time-budget-s 50 \
+      --out "$OUT/gpu_decode_${CARD}_smollm2_prefill.json" 2>&1 | tee "$OUT/bench_smollm2_prefill.log"
+    timeout "$P" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda --kernels compiled \
+      --batch 1,8 --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 \
+      | tee "$OUT/calibrate_smollm2_batch8.log"
+    ;;
   lease19a)  # call 1 (part 0), <= 250 s: predict1's rows with tighter budgets (the 7B shape at prompts 512 and 1024,
              # graph on an H200, as predicted on 2026-12-03)
     first_call
@@ -312,7 +361,7 @@ case "${1:-}" in
       --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
-    echo "usage: $0 prepare | lease19a | lease19b [SECONDS] | lease18a | heads19 [SECONDS] | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
+    echo "usage: $0 prepare | lease20a | lease20b [SECONDS] | lease19a | lease19b [SECONDS] | lease18a | heads19 [SECONDS] | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
     exit 2
     ;;
 esac

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(checks))
         print(json.dumps(summary(checks)))
         report["files"].append({
-            "predictions": str(path.relative_to(ROOT) if path.is_absolute() else path),
+            "predictions": str(path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path),
             "predictions_date": data.get("date"), "code_commit": data.get("code_commit"),
             "summary": summary(checks), "rows": [asdict(c) for c in checks],
         })  # fmt: skip

@@ -92,18 +92,20 @@ def _sources(
     at = lambda name: ROOT / "calibration" / card / latency_profile_name(name, "cuda", "bf16", kernels)  # noqa: E731
     common = {"capture": capture, "zero_draft_rounds": zero_draft_rounds, "ppsd_sync_every": ppsd_sync}
     bench = lambda name: RESULTS / f"gpu_decode_nvidia_{card}_{name}.json"  # noqa: E731
-    measured = ROOT / "calibration" / card / at("smollm2-135m").name.replace("latency_", "contention_")
+
+    def measured(name: str) -> Path | None:  # the card's contention profile for the model, where one was measured
+        path = ROOT / "calibration" / card / at(name).name.replace("latency_", "contention_")
+        return path if contention and path.is_file() else None
+
     return (
         Source(
-            bench(benches[0]),
-            at("smollm2-135m"),
-            "SmolLM2-135M",
-            47,
-            **common,
-            contention=measured if contention else None,
+            bench(benches[0]), at("smollm2-135m"), "SmolLM2-135M", 47, **common, contention=measured("smollm2-135m")
         ),
-        Source(bench(benches[1]), at("llama-2-7b-4layers"), "Llama-2-7B", 32, **common),
-    )
+        Source(
+            bench(benches[1]), at("llama-2-7b-4layers"), "Llama-2-7B", 32, **common,
+            contention=measured("llama-2-7b-4layers"),
+        ),
+    )  # fmt: skip
 
 
 # that lease's executor ran zero-draft rounds as verify passes and read the device after every PPSD tick
@@ -115,8 +117,9 @@ H100 = _sources("h100", "compile-layers", "compiled", "chained", 8, contention=T
 # against the compiled profiles measured in the fourth (16:50 the same day): the rows were measured before the
 # profiles and the simulator was not changed after either
 H200_COMPILED = _sources(
-    "h200", "compile-layers", "compiled", "chained", 8, benches=("smollm2_issue24", "llama7b_ctx32_issue24")
-)
+    "h200", "compile-layers", "compiled", "chained", 8, contention=True,
+    benches=("smollm2_issue24", "llama7b_ctx32_issue24"),
+)  # fmt: skip
 CARDS = {"h200": H200, "h100": H100, "h200-compiled": H200_COMPILED}
 PREDICT_CARDS = ("h100", "h200")  # the cards predictions are written for (each its latency profiles and scenario)
 EESD_LABEL = re.compile(r"eesd (?P<head>shared|trained) E=(?P<exit>\d+) (?P<policy>fixed:\d+|beta-ts)")
@@ -265,7 +268,7 @@ def predict_smollm2(card: str) -> list[dict[str, Any]]:
 
 def predict_llama7b(card: str, runs: int) -> list[dict[str, Any]]:
     """The 7B shape as `benchmarks/gpu_decode.py --models llama7b --prompt-len N` times it (random weights)."""
-    source = next(s for s in CARDS[card] if s.model == "Llama-2-7B")
+    source = current(next(s for s in CARDS[card] if s.model == "Llama-2-7B"))
     configs = [("ours ar", "ar", None)]
     configs += [(f"eesd shared E=16 fixed:3 forced alpha={a}", "eesd", a) for a in FORCED_ALPHAS]
     configs += [(f"ppsd streams n={n}", "ppsd", 0.0) for n in PREDICT_STAGES]
@@ -275,12 +278,14 @@ def predict_llama7b(card: str, runs: int) -> list[dict[str, Any]]:
         command = (f"python benchmarks/gpu_decode.py --models llama7b --prompt-len {prompt_len} "
                    f"--captures {source.capture}")  # fmt: skip
         for label, method, alpha in configs:
-            predicted, extrapolated = decode_rate(scenario(at, {"method": label, "alpha": alpha}, 128, method, runs))
+            contention = at.contention if method == "ppsd" else None
+            point = scenario(at, {"method": label, "alpha": alpha}, 128, method, runs, contention)
+            predicted, extrapolated = decode_rate(point)
             rows.append(
                 {"card": card, "model": "Llama-2-7B shape (random weights)", "config": label, "batch": 1,
                  "prompts": f"{prompt_len} random token ids", "new_tokens": 128, "capture": source.capture,
                  "predicted_decode_tokens_per_s": round(predicted, 2), "extrapolated": extrapolated,
-                 "measure": command + ("  (needs 7B PPSD streams cases in gpu_decode.py)" if method == "ppsd" else "")}
+                 "measure": command}
             )  # fmt: skip
     return rows
 
@@ -294,15 +299,19 @@ def code_commit() -> dict[str, str | None]:
     }
 
 
-def predictions(runs: int) -> dict[str, Any]:
-    rows = [row for card in PREDICT_CARDS for row in predict_smollm2(card) + predict_llama7b(card, runs)]
+def predictions(runs: int, cards: tuple[str, ...] = PREDICT_CARDS) -> dict[str, Any]:
+    rows = [row for card in cards for row in predict_smollm2(card) + predict_llama7b(card, runs)]
     commit = code_commit()["code_commit"]
     return {
         "benchmark": "the simulator's predictions for the next GPU lease, committed before it measures them",
         "date": datetime.now(timezone.utc).date().isoformat(),
         "code_commit": commit or None,
-        "inputs": "the files committed at code_commit: calibration/h100 and calibration/h200 profiles, the H100 "
-        "contention profile, the H100 bf16 shared-head trace, the scenarios named in each row's command",
+        "cards": list(cards),
+        "inputs": "the files committed at code_commit: the cards' latency profiles (calibration/h100, "
+        "calibration/h200; `h200-compiled`: the H200's compiled ones) and contention profiles where measured, the "
+        "H100 bf16 shared-head trace, the scenarios named in each row's command",
+        "executor": "as committed at code_commit: zero-draft rounds chained, 8 PPSD ticks per host read (the 7B rows "
+        "of the 2026-12-03 file assumed a host read every tick, the H200's first lease's executor)",
         "acceptance": "SmolLM2: the trace replayed (bf16 on a GPU does not replay exactly: near ties); the 7B "
         "shape: Bernoulli at gpu_decode's forced alpha (PPSD: 0, random weights)",
         "extrapolated": "a latency query left the profile's grid (the profiles hold batch 1 only; the H100 7B "
@@ -446,12 +455,20 @@ def main() -> int:
     parser.add_argument("--card", choices=sorted(CARDS), default="h200", help="whose lease's files (default: h200)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/sim_vs_gpu_nvidia_<card>.json")
     parser.add_argument(
+        "--cards", default=",".join(PREDICT_CARDS),
+        help=f"--predict next_lease: whose rows (default {','.join(PREDICT_CARDS)}; also h200-compiled)",
+    )  # fmt: skip
+    parser.add_argument(
         "--predict", nargs="?", const="next_lease", choices=("next_lease", "issue24"), default=None,
         help="predictions for the next lease (both cards); 'issue24': for gpu_session.sh issue24a/issue24b",
     )  # fmt: skip
     args = parser.parse_args()
     if args.predict:
-        document = predictions(args.runs) if args.predict == "next_lease" else issue24_predictions(args.runs)
+        cards = tuple(args.cards.split(","))
+        unknown = sorted(set(cards) - set(CARDS))
+        if unknown:
+            parser.error(f"--cards: unknown {', '.join(unknown)} (known: {', '.join(sorted(CARDS))})")
+        document = predictions(args.runs, cards) if args.predict == "next_lease" else issue24_predictions(args.runs)
         out = args.out or RESULTS / f"predictions_{args.predict}_{document['date']}.json"
         write_text_atomic(out, json.dumps(document, indent=2) + "\n")
         for row in document["rows"]:

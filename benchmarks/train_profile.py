@@ -28,6 +28,7 @@ from head_speed import environment, write_json
 
 from executor.adapter import ModelAdapter
 from executor.corpus import RecordSource
+from executor.heads import HEAD_CLASSES
 from executor.models import load_model, resolve_dtype
 from executor.runtime import synchronize, use_threads
 from executor.train_head import (
@@ -61,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default=None, help="output name: benchmarks/results/train_profile_<tag>.json")
     parser.add_argument("--out", default=None, help="output path instead of the --tag name")
+    parser.add_argument(
+        "--head-path", choices=("causal", "cached"), default="causal",
+        help="how a head's layer runs in training: causal attention without a cache (what train-head runs) or "
+        "through a KV cache and an explicit mask (decoding's path; what train-head ran before 2026-12-04)",
+    )  # fmt: skip
+    parser.add_argument("--ops", type=int, default=0, help="also profile one plain step: its N costliest operators")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.window < 2:
         parser.error("--steps, --batch-size >= 1, --warmup >= 0, --window >= 2")
@@ -90,9 +97,26 @@ def timed_steps(heads, optimizers, stream, config: TrainConfig, steps: int, phas
     }  # fmt: skip
 
 
+def top_ops(heads, optimizers, stream, config: TrainConfig, count: int, device) -> list[dict[str, Any]]:
+    """One plain step under torch.profiler: its `count` costliest operators by self time on the device (a GPU's
+    kernels' time under each operator; the host's on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        timed_steps(heads, optimizers, stream, config, 1, False, device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:count]
+    return [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, key) / 1e3, 3)} for e in events]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(use_threads(args.threads))
+    if args.head_path == "cached":  # the A/B twin: every head's layer through decoding's cache path
+        for cls in HEAD_CLASSES.values():
+            cls.layer_sequences = cls.cached_sequences
     device = torch.device(args.device)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
     layers = [int(x) for x in args.exit_layer.split(",")]
@@ -114,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(2):  # interleaved: phased, plain, phased, plain
             runs["phased"].append(timed_steps(heads, optimizers, stream, config, args.steps, True, device))
             runs["plain"].append(timed_steps(heads, optimizers, stream, config, args.steps, False, device))
-    report = summary(args, runs, device) | {"environment": environment(args.threads)}
+        ops = top_ops(heads, optimizers, stream, config, args.ops, device) if args.ops else None
+    report = summary(args, runs, device) | {"environment": environment(args.threads), "head_path": args.head_path}
+    if ops is not None:
+        report["top_ops"] = ops
     if device.type == "cuda":
         report["environment"] |= {"label": "GPU benchmark", "device": torch.cuda.get_device_name(device)}
         report["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -125,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
           f"phased: {phased:.1f} ms")  # fmt: skip
     tag = args.tag or f"{Path(args.model).stem}_{device.type}"
     out = Path(args.out) if args.out else RESULTS / f"train_profile_{tag}.json"
+    if ops is not None:
+        print(text_table(ops, ["op", "calls", "self_ms"], {"self_ms": "self ms (one step)"}))
     print(f"wrote {write_json(out, report)}")
     return 0
 

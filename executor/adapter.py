@@ -344,12 +344,17 @@ def decoder_layer(
 
 
 def layer_forward(
-    layer: nn.Module, hidden: torch.Tensor, slots: Slots, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    slots: Slots | None,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """One pre-norm decoder layer, as the HF layer computes it, with our cache and attention kernel: hidden [B, q, d]
     at `slots.positions`; its keys and values are stored there and attended over with `mask` [B, 1, q, S], rotated
     by `rotary` (cos, sin [B, q, D]). Tensors and the layer only, no host value: one `torch.compile` of it serves
-    every layer of a model (see `compiled_layer`)."""
+    every layer of a model (see `compiled_layer`). Without `slots` (and `mask`), hidden is whole sequences at
+    positions 0..q-1 attending causally among themselves, no cache: what training a head's layer runs."""
     hidden = attention_forward(layer, hidden, slots, rotary, mask)
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: the sublayers' outputs are normed too
         return hidden + layer.post_feedforward_layernorm(gated_mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden)))
@@ -357,7 +362,11 @@ def layer_forward(
 
 
 def attention_forward(
-    layer: nn.Module, hidden: torch.Tensor, slots: Slots, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    slots: Slots | None,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """A pre-norm decoder layer's attention sublayer with its residual (`layer_forward` without the MLP): what an
     attention-only exit head runs."""
@@ -377,8 +386,15 @@ def gated_mlp(mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def self_attention(
-    attn: nn.Module, hidden: torch.Tensor, slots: Slots, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    slots: Slots | None,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
+    """Attention over the cache `slots` (this pass's keys and values stored first) with `mask`; without `slots`,
+    causal attention among the pass's own tokens (whole sequences from position 0: no cache, no mask tensor, the
+    fused causal kernels, forward and backward)."""
     batch, q, _ = hidden.shape
     head_dim = attn.head_dim
     query, key, value = _projections(attn, hidden)
@@ -390,6 +406,11 @@ def self_attention(
     cos, sin = (t.unsqueeze(2) for t in rotary)  # [B, q, 1, D]
     query, key = _rotate_pair(query, key, cos, sin)
     query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, H, q, D], [B, Hkv, q, D]
+    if slots is None:
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=attn.scaling, enable_gqa=key.shape[1] != query.shape[1]
+        )
+        return attn.o_proj(out.transpose(1, 2).reshape(batch, q, -1))
     store(slots.keys, slots.values, slots.rows, slots.positions, key, value)
     out = F.scaled_dot_product_attention(
         query, slots.keys, slots.values, attn_mask=mask, scale=attn.scaling,

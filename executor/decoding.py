@@ -33,7 +33,7 @@ import torch
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
-from executor.passes import Passes, upload
+from executor.passes import Passes, prefill_width, upload
 from executor.sampling import SamplingConfig, TokenSelector
 from executor.verify import rejection_verdicts
 from sim.contract import AR_HISTORY
@@ -159,9 +159,10 @@ def _column(values: list[int], device: torch.device) -> torch.Tensor:
 def prefill_rows(
     adapter: ModelAdapter, cache: KVCache, rows: Rows, selector: TokenSelector, exit_layer=None, head=None
 ) -> None:
-    """Run every prompt through all layers (right-padded in row space, pads rolled back); commit the first token."""
+    """Run every prompt through all layers (right-padded in row space to `prefill_width`, pads rolled back); commit
+    the first token."""
     lengths = [len(p) for p in rows.prompts]
-    width = max(lengths)
+    width = prefill_width(max(lengths), cache.max_len, adapter.device)  # on a GPU: a bucket width (pads rolled back)
     ids = torch.tensor([p + [0] * (width - len(p)) for p in rows.prompts], device=adapter.device)
     positions = torch.arange(width, device=adapter.device).expand(len(lengths), width)
     step = Step(positions=positions, starts=(0,) * len(lengths))

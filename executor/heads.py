@@ -51,7 +51,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from executor.adapter import ModelAdapter, Step, attention_forward, attention_mask, decoder_layer, head_linear
+from executor.adapter import (
+    ModelAdapter,
+    Step,
+    attention_forward,
+    attention_mask,
+    decoder_layer,
+    head_linear,
+    layer_forward,
+)
 from executor.kv_cache import KVCache
 from sim.formats import subset_size
 
@@ -209,8 +217,21 @@ class TrainedExitHead(nn.Module):
     def prefill(self, hidden: torch.Tensor, step: Step, cache: KVCache) -> None:
         self.run_layer(hidden, step, cache)
 
+    sequence_forward = staticmethod(layer_forward)  # its layer over whole sequences (`layer_sequences`)
+
     def layer_sequences(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head layer's output [B, T, d] over exit-layer states [B, T, d] at positions 0..T-1 (trainable)."""
+        """The head layer's output [B, T, d] over exit-layer states [B, T, d] at positions 0..T-1 (trainable): causal
+        attention among the T positions without a cache (a sliding-window layer: through a cache and its mask, as
+        decoding runs it). On a GPU the cache path's indexed writes, their backward and a [B, 1, T, T] mask cost
+        far more than the layer's products (a training step's head layers took 4.5x the whole teacher's time)."""
+        if self.window is not None:
+            return self.cached_sequences(hidden)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        rotary = self.adapter.rotary(hidden, positions, self.adapter.rotary_kinds[self.init_layer])
+        return self.sequence_forward(self.layer, hidden, None, rotary, None)
+
+    def cached_sequences(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`layer_sequences` through a KV cache of its own and the decoding path's mask (windows apply)."""
         batch, length, _ = hidden.shape
         positions = torch.arange(length, device=hidden.device).expand(batch, length)
         step = Step(positions=positions, starts=(0,) * batch)
@@ -233,6 +254,7 @@ class AttentionExitHead(TrainedExitHead):
 
     kind = "attention"
     architecture = ATTENTION_ARCHITECTURE
+    sequence_forward = staticmethod(attention_forward)
 
     def trim(self) -> None:
         self.layer.mlp = None

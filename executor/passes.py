@@ -62,6 +62,20 @@ FREEZE_OPTIONS = {
 }  # fmt: skip
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
 SPAN_BUCKETS = True  # False: every launch attends over the whole cache capacity (the A/B reference); read per launch
+PREFILL_BUCKETS = True  # on a GPU, prefill pads its width up to a multiple of PREFILL_BUCKET (`prefill_width`)
+PREFILL_BUCKET = 64
+
+
+def prefill_width(longest: int, capacity: int, device: torch.device) -> int:
+    """The width a prefill pass runs at for prompts of at most `longest` tokens: on a GPU (with PREFILL_BUCKETS) the
+    next multiple of PREFILL_BUCKET, at most the cache's `capacity`, else `longest`. Prefill runs uncaptured, and on a
+    GPU a shape not seen before pays for its kernels' plans (an H200 took about 100 ms more for each new prompt length
+    of SmolLM2); a few bucket widths pay that once each. The pad positions come after every prompt's last token, so
+    causal attention keeps them out of every real position, and they are rolled back. On a CPU the pads would only
+    cost compute."""
+    if not (PREFILL_BUCKETS and device.type == "cuda"):
+        return longest
+    return max(longest, min(-(-longest // PREFILL_BUCKET) * PREFILL_BUCKET, capacity))
 
 
 def span_bucket(furthest: int, capacity: int, bucketed: bool = True) -> int:

@@ -167,6 +167,26 @@ def test_attention_head_kv_inside_eesd_equals_teacher_forced(trained, tiny, name
     assert compared >= sum(1 for drafted in result.stats.drafted if drafted)
 
 
+@pytest.mark.parametrize("kind", ["layer", "attention"])
+def test_training_runs_the_head_layer_causally_as_decoding_runs_it_through_a_cache(tiny, kind: str) -> None:
+    """`layer_sequences` (causal attention, no cache: what training runs) equals the cache path decoding runs, in
+    value and in the gradients it gives the head's weights (float64, GQA: 4 query heads over 2 KV heads)."""
+    adapter = ModelAdapter(tiny)
+    head = head_class(kind)(adapter, EXIT_LAYER)
+    hidden = torch.randn(3, 11, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for run in (head.layer_sequences, head.cached_sequences):
+        head.zero_grad()
+        out = run(hidden)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}))
+    (causal, causal_grads), (cached, cached_grads) = grads
+    torch.testing.assert_close(causal, cached, rtol=1e-12, atol=1e-12)
+    assert causal_grads.keys() == cached_grads.keys() and any("q_proj" in n for n in causal_grads)
+    for name, grad in causal_grads.items():
+        torch.testing.assert_close(grad, cached_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_a_draft_vocabulary_head_proposes_only_its_ids(trained) -> None:
     head = trained["layer+vocab"][0]
     hidden = torch.randn(3, 7, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
