@@ -148,6 +148,16 @@ second_call() {  # a call 2 ($1 names its call 1): part 1 joins part 0 into the 
   python3 benchmarks/carry_model.py join "$PARTS" "$GGUF"
 }
 
+predicted_7b_rows() {  # $1 capture, $2 timeout and $3 time budget per prompt length, $4 a file-name suffix: the 7B
+                      # shape's predicted rows (our AR, EESD at forced alpha, PPSD n = 2 and 4) at prompts 512 and 1024
+  local LEN
+  for LEN in 512 1024; do
+    timeout "$2" python3 benchmarks/gpu_decode.py --models llama7b --prompt-len "$LEN" --captures "$1" \
+      --only '^ours ar$|forced alpha|^ppsd streams n=[24]$' --time-budget-s "$3" \
+      --out "$OUT/gpu_decode_${CARD}_llama7b${4}_prompt${LEN}.json" 2>&1 | tee "$OUT/bench_llama7b${4}_prompt${LEN}.log"
+  done
+}
+
 capture_of() {  # the capture mode of the card's profile, as its predicted rows say
   [ "$1" = h100 ] && echo compile-layers || echo graph
 }
@@ -248,12 +258,7 @@ case "${1:-}" in
     CARD=$(card) || exit 4
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
-    for LEN in 512 1024; do
-      timeout 128 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len "$LEN" --captures compile-layers \
-        --only '^ours ar$|forced alpha|^ppsd streams n=[24]$' --time-budget-s 95 \
-        --out "$OUT/gpu_decode_${CARD}_llama7b_compiled_prompt${LEN}.json" 2>&1 \
-        | tee "$OUT/bench_llama7b_compiled_prompt${LEN}.log"
-    done
+    predicted_7b_rows compile-layers 128 95 _compiled
     ;;
   lease20b)  # its call 2 (part 1), <= SECONDS ($2, default 420): `eesd validate` in compile-layers as predicted
              # (issue 22), head training's phase profile on the causal path and on its cached twin with their costliest
@@ -288,11 +293,7 @@ case "${1:-}" in
     CAPTURE=$(capture_of "$CARD")
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
-    for LEN in 512 1024; do
-      timeout 122 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len "$LEN" --captures "$CAPTURE" \
-        --only '^ours ar$|forced alpha|^ppsd streams n=[24]$' --time-budget-s 92 \
-        --out "$OUT/gpu_decode_${CARD}_llama7b_prompt${LEN}.json" 2>&1 | tee "$OUT/bench_llama7b_prompt${LEN}.log"
-    done
+    predicted_7b_rows "$CAPTURE" 122 92 ""
     ;;
   lease19b)  # its call 2 (part 1), <= SECONDS ($2, default 420): predict2's `eesd validate` (issue 22: AR and EESD
              # at batch 1 and 8, PPSD streams n = 2 and 4, as predicted), a phase profile of SmolLM2's head training
@@ -324,11 +325,7 @@ case "${1:-}" in
     CAPTURE=$(capture_of "$CARD")
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
-    for LEN in 512 1024; do
-      timeout 135 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len "$LEN" --captures "$CAPTURE" \
-        --only '^ours ar$|forced alpha|^ppsd streams n=[24]$' --time-budget-s 105 \
-        --out "$OUT/gpu_decode_${CARD}_llama7b_prompt${LEN}.json" 2>&1 | tee "$OUT/bench_llama7b_prompt${LEN}.log"
-    done
+    predicted_7b_rows "$CAPTURE" 135 105 ""
     ;;
   predict2)  # its call 2 (part 1), <= 260 s: SmolLM2's predicted rows through `eesd validate` on the card's scenario
     second_call predict1 predict2
