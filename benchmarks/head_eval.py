@@ -16,13 +16,14 @@ table.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from head_speed import environment, write_json
 
-from executor.corpus import RecordSource, read_manifest
+from executor.corpus import Record, RecordSource, iter_records, read_manifest
 from executor.heads import TrainedExitHead, load_head
 from executor.models import load_model
 from executor.runtime import use_threads
@@ -38,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", nargs="+", required=True, metavar="FILE", help="trained head files")
     parser.add_argument("--corpus", nargs="+", required=True, metavar="DIR", help="corpora to score on")
     parser.add_argument("--allow-train", action="store_true", help="also score on corpora of the training split")
+    parser.add_argument(
+        "--by-kind", action="store_true",
+        help="also score each kind of prompt apart (code, chat, explanation, math, ...: the record's prompt id)",
+    )  # fmt: skip
     parser.add_argument("--draft-len", type=int, default=4, help="k of tokens/round (default 4, as train-head's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--window", type=int, default=256)
@@ -55,6 +60,26 @@ def check_split(directory: str, allow_train: bool) -> str:
     if split != "held-out" and not allow_train:
         raise SystemExit(f"error: {directory} was built from the {split!r} split; pass --allow-train to score on it")
     return str(split)
+
+
+def kind_of(record: Record) -> str:
+    """The kind of prompt a record continues: a built-in prompt's kind ('builtin/code-03' -> 'code'), else its prompt
+    id's first part ('topic/045/q0' -> 'topic': a question the model wrote), else the record's source."""
+    prompt = str(record.meta.get("prompt_id") or "")
+    if prompt.startswith("builtin/"):
+        return re.sub(r"-\d+$", "", prompt.removeprefix("builtin/"))
+    return prompt.split("/", 1)[0] if prompt else record.source
+
+
+def by_kind(corpus: str) -> list[tuple[str, RecordSource]]:
+    """The corpus's records split by `kind_of`, one source per kind (sorted); none for a corpus of one kind (its
+    whole is that kind)."""
+    groups: dict[str, list[Record]] = {}
+    for record in iter_records(corpus):
+        groups.setdefault(kind_of(record), []).append(record)
+    if len(groups) < 2:
+        return []
+    return [(kind, RecordSource.from_records(records)) for kind, records in sorted(groups.items())]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     for corpus in args.corpus:
         source = RecordSource(corpus)
         check_corpus_model(source, model)
+        parts = [("all", source)] + (by_kind(corpus) if args.by_kind else [])
         for path, head in heads.items():
             config = TrainConfig(exit_layer=head.exit_layer, batch_size=args.batch_size, window=args.window,
                                  draft_len=args.draft_len)  # fmt: skip
-            with torch.no_grad():
-                result = evaluate({head.exit_layer: head}, source, config)[head.exit_layer]
-            rows.append({"head": path, "exit_layer": head.exit_layer, "corpus": corpus, "split": splits[corpus],
-                         **result})  # fmt: skip
-            print(f"  {Path(path).name} on {corpus}: agreement {result['agreement']:.3f}", flush=True)
-    columns = ["head", "exit_layer", "corpus", "split", "agreement", "tokens_per_round", "kl", "eval_positions"]
+            for kind, part in parts:
+                with torch.no_grad():
+                    result = evaluate({head.exit_layer: head}, part, config)[head.exit_layer]
+                rows.append({"head": path, "exit_layer": head.exit_layer, "corpus": corpus, "split": splits[corpus],
+                             "kind": kind, **result})  # fmt: skip
+                print(f"  {Path(path).name} on {corpus} ({kind}): agreement {result['agreement']:.3f}", flush=True)
+    columns = ["head", "exit_layer", "corpus", "kind", "split", "agreement", "tokens_per_round", "kl", "eval_positions"]
     shown = [{**r, "head": Path(r["head"]).name, "corpus": Path(r["corpus"]).name} for r in rows]
     print(
         text_table(shown, columns, {"exit_layer": "E", "tokens_per_round": "tok/round", "eval_positions": "positions"})

@@ -70,3 +70,35 @@ def test_a_training_corpus_is_refused_unless_asked_for(bench, setup) -> None:
     assert bench.main([*argv, "--allow-train"]) == 0
     with pytest.raises(SystemExit, match="error: .*missing.safetensors"):
         bench.main([*argv[:2], "--heads", str(setup["root"] / "missing.safetensors"), *argv[4:], "--allow-train"])
+
+
+def test_by_kind_splits_the_corpus_by_prompt_kind_and_the_parts_add_up(bench, setup) -> None:
+    """Each kind of prompt scored apart: the parts' positions add up to the whole corpus's and its agreement is their
+    position-weighted mean."""
+    from executor.models import load_model
+
+    held, out = setup["root"] / "held-all", setup["root"] / "kinds.json"  # every held-out prompt: all four kinds
+    config = CorpusConfig(sources=("self",), max_new_tokens=4, batch_size=20, temperatures=(0.0,), split="held-out")
+    build_corpus(load_model(str(setup["model"]), dtype=torch.float32), char_tokenizer(), config, held, model_name="t",
+                 progress=False)  # fmt: skip
+    argv = ["--model", str(setup["model"]), "--heads", str(setup["head"]), "--corpus", str(held), "--by-kind",
+            "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    whole, parts = rows[0], rows[1:]
+    assert whole["kind"] == "all" and [r["kind"] for r in parts] == ["chat", "code", "explanation", "math"]
+    assert sum(r["eval_positions"] for r in parts) == whole["eval_positions"]
+    mean = sum(r["agreement"] * r["eval_positions"] for r in parts) / whole["eval_positions"]
+    assert mean == pytest.approx(whole["agreement"])
+
+
+def test_the_kind_of_a_record_comes_from_its_prompt(bench) -> None:
+    from executor.corpus import Record
+
+    def record(prompt_id: str | None, source: str = "self") -> Record:
+        return Record("r", source, [1, 2], 1, {} if prompt_id is None else {"prompt_id": prompt_id})
+
+    assert bench.kind_of(record("builtin/code-03")) == "code"
+    assert bench.kind_of(record("builtin/explanation-19")) == "explanation"
+    assert bench.kind_of(record("topic/045/q0", "self-prompts")) == "topic"
+    assert bench.kind_of(record(None, "text")) == "text"
