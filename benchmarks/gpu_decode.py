@@ -90,7 +90,7 @@ from executor.heads import resolve_head
 from executor.models import decode_weight_bytes, kv_cache_bytes, resolve_dtype
 from executor.passes import Passes
 from executor.ppsd import StagePlan, local_pipeline, make_selector
-from executor.prompts import encode_prompt, load_prompts
+from executor.prompts import encode_prompt, load_prompts, split_prompts
 from executor.runtime import copy_tbps, datasheet_tbps, synchronize
 from executor.sampling import SamplingConfig
 from sim.contract import captured_capacity
@@ -444,12 +444,13 @@ def baseline_cases(model, adapter: ModelAdapter, prompts: list[list[int]], n: in
 
 
 def trained_head(args, adapter: ModelAdapter):
-    """SmolLM2's trained head at --exit-layer, or None (its rows left out, said once) when the default file is not
-    on this machine (a device call whose carry left `heads/` behind); a --trained-head named and missing is an
-    error."""
-    if args.trained_head == str(HEAD_FILE) and not HEAD_FILE.is_file():
+    """The trained head at --exit-layer, or None (its rows left out, said once) when it is the default SmolLM2 file
+    and that is not on this machine (a device call whose carry left `heads/` behind) or the model is another; a
+    --trained-head named and missing is an error."""
+    default = args.trained_head == str(HEAD_FILE)
+    if default and (not HEAD_FILE.is_file() or real_model_name(args.model_path) != "SmolLM2-135M"):
         if not getattr(args, "_said_no_head", False):
-            print(f"  no trained head at {HEAD_FILE}: the trained-head rows are left out")
+            print(f"  no trained head for this model at {HEAD_FILE}: the trained-head rows are left out")
             args._said_no_head = True
         return None
     return resolve_head(args.trained_head, adapter, args.exit_layer)
@@ -891,8 +892,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default compile-layers,graph,compile on CUDA, none elsewhere)",
     )  # fmt: skip
     parser.add_argument(
-        "--model-path", default="smollm2-135m", help="SmolLM2: a name or a local HF directory (carry_model.py)"
-    )
+        "--model-path", default="smollm2-135m",
+        help="the real model of the `smollm2` rows: SmolLM2 by default, or another Llama-family model the executor "
+        "loads (a packaged name, a GGUF file or a local HF directory; carry_model.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prompt-set", choices=("builtin", "humaneval"), default="builtin",
+        help="the real model's prompts: the first --prompts built-in ones, or the held-out HumanEval prompts (a code "
+        "model's, never trained on by its heads)",
+    )  # fmt: skip
     parser.add_argument(
         "--time-budget-s", type=float, default=None, help="skip (as noted rows) the cases that would start after this"
     )
@@ -911,9 +919,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.captures = [c.strip() for c in (args.captures or default_captures).split(",") if c.strip()]
     if not args.captures or set(args.captures) - {"none", "graph", "compile", "compile-layers"}:
         parser.error(f"--captures must name none, graph, compile and/or compile-layers, got {args.captures}")
-    builtin = len(load_prompts("builtin"))
-    if not 1 <= args.prompts <= builtin:
-        parser.error(f"--prompts must be in [1, {builtin}] (the built-in prompt set), got {args.prompts}")
+    available = len(prompt_texts(args.prompt_set))
+    if not 1 <= args.prompts <= available:
+        parser.error(f"--prompts must be in [1, {available}] (the {args.prompt_set} prompts), got {args.prompts}")
     if args.runs < 1 or args.prompts * args.runs < 5:
         parser.error(f"--runs x --prompts must be >= 5 (medians of at least 5 timed runs), got {args.runs} x "
                      f"{args.prompts}")  # fmt: skip
@@ -955,6 +963,21 @@ def report(args, device: torch.device, dtype: torch.dtype, rows, matches, tbps, 
         "forced_acceptance": "7B-shape EESD rows use generate(accept_pattern=alpha): same work, NOT lossless",
         "models": args.models, "rows": [asdict(r) for r in rows], "match_rate_vs_our_ar": matches,
     }  # fmt: skip
+
+
+def prompt_texts(prompt_set: str) -> list[str]:
+    """The real model's prompts: the built-in set in its order, or HumanEval's held-out split (`split_prompts`)."""
+    if prompt_set == "builtin":
+        return [p.text for p in load_prompts("builtin")]
+    return [p.text for p in split_prompts(load_prompts(prompt_set)).held_out]
+
+
+def real_model_name(model_path: str) -> str:
+    """The rows' model name: SmolLM2-135M for SmolLM2 (by its packaged name or a file or folder named after it),
+    else the name or the file's stem as given."""
+    path = Path(model_path)
+    stem = path.stem if path.suffix == ".gguf" else path.name  # a packaged name may hold a dot (qwen2.5-coder-0.5b)
+    return "SmolLM2-135M" if stem.lower().startswith("smollm2-135m") else stem
 
 
 def selected(cases: list[Case], args) -> list[Case]:
@@ -1006,12 +1029,12 @@ def main(argv: list[str] | None = None) -> None:
         return lambda model_rows: (add_floors(name, model, model_rows, tbps, floors), save(model_rows))
 
     if "smollm2" in args.models:
-        name = "SmolLM2-135M"
+        name = real_model_name(args.model_path)
         tokenizer = executor.load_tokenizer(args.model_path)
-        texts = [p.text for p in load_prompts("builtin")[: max(args.prompts, args.match_prompts)]]
+        texts = prompt_texts(args.prompt_set)[: max(args.prompts, args.match_prompts)]
         prompts = [encode_prompt(tokenizer, text) for text in texts]
         model = executor.load_model(args.model_path, dtype=dtype, device=device)
-        print("SmolLM2-135M (real weights)", flush=True)
+        print(f"{name} (real weights), {args.prompt_set} prompts", flush=True)
         first, others = (selected(cases, args) for cases in smollm2_cases(model, prompts[: args.prompts], args))
         if args.match_first:
             matches += match_all(model, dtype, prompts[: args.match_prompts], args, device, budget)

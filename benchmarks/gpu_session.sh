@@ -23,6 +23,12 @@
 # Then: python benchmarks/predictions_check.py --predictions benchmarks/results/predictions_next_lease_2026-12-04.json
 # --card h200-compiled --measured <the JSON of both calls>.
 #
+# Issue 19's last GPU target (Qwen2.5-Coder-0.5B: a head trained on the GPU, EESD against our compiled AR) fills a
+# lease of its own: here `python benchmarks/carry_model.py split qwen2.5-coder-0.5b --chunk-mib 47` (10 chunks in
+# .carry/qwen2.5-coder-0.5b/), then 10 calls `stage qwen2.5-coder-0.5b` (timeout_s 30, each carrying one chunk and
+# the manifest, each right after the last: the box keeps /tmp only while warm), then `qwen19 T` (T = the budget left
+# minus 60, at most 540; carry .carry/wheels, the tree with only the two Qwen head files left in heads/).
+#
 # The 2026-12-04 evening lease (an H200; issues 22, 24, 19): call 1 `lease19a` (timeout_s 270: predict1's 7B rows at
 # prompts 512 and 1024, as predicted on 2026-12-03), then at once call 2 `lease19b T` with T = the budget left minus
 # 60 s (timeout_s T + 25; carry part-001, the manifest, the wheels and .carry/corpora): predict2's `eesd validate`,
@@ -252,6 +258,59 @@ case "${1:-}" in
       --trained-head /tmp/heads/smollm2-135m-e7-gpu.safetensors --only "$ONLY_HEADS" --time-budget-s "$D" \
       --out "$OUT/gpu_decode_${CARD}_smollm2_heads.json" 2>&1 | tee "$OUT/bench_smollm2_heads.log"
     ;;
+  stage)  # one chunk of a model per call ($2: its name; carry .carry/$2/part-NNN and .carry/$2/manifest.json), kept
+          # in /tmp/parts-$2 on the box while it stays warm (30 s: issue the next call at once); `qwen19` joins them
+    mkdir -p "/tmp/parts-$2"
+    cp .carry/"$2"/* "/tmp/parts-$2"/
+    echo "staged on this box: $(ls /tmp/parts-"$2" | grep -c '^part-') chunk(s) of $2"
+    ;;
+  qwen19)  # after `stage qwen2.5-coder-0.5b` for its 10 chunks (469 MiB; carry no chunk with this call, but
+           # heads/qwen2.5-coder-0.5b-e12-v16k.safetensors and _v16k.safetensors in the tree, the other heads moved
+           # out, and .carry/wheels), <= SECONDS ($2, default 540): issue 19's Qwen2.5-Coder-0.5B on the GPU. A code
+           # corpus (its own completions of HumanEval's training prompts + the box's standard library, ~25% of the
+           # time) and the held-out one, an E = 12 head over the 16k draft vocabulary trained in ~35%, then EESD with
+           # it and with the shipped CPU-trained head against our compiled AR on 8 held-out HumanEval prompts.
+           # DEVICE=cpu SMOKE=1 runs the same steps with tiny sizes on this venv's packaged model (no decode rows).
+    T=${2:-540}
+    DEVICE=${DEVICE:-cuda}
+    QWEN=qwen2.5-coder-0.5b
+    if [ "$DEVICE" = cuda ]; then
+      [ -d "/tmp/parts-$QWEN" ] || { echo "no /tmp/parts-$QWEN: stage its chunks first (the box went back?)" >&2; exit 3; }
+      environment
+      python3 benchmarks/carry_model.py join "/tmp/parts-$QWEN" "/tmp/$QWEN.gguf" || exit 3
+      MODEL_ARG="/tmp/$QWEN.gguf"; CARD=$(card) || exit 4
+    else
+      mkdir -p "$OUT"; MODEL_ARG=$QWEN; CARD=cpu_smoke
+    fi
+    C=$((T * 25 / 100)); H=$((T * 35 / 100)); D=$((T - C - H - 90))
+    N=128; SOURCE_TOKENS=300000; HELD_TOKENS=64; STEPS=800; BATCH=32; DTYPE=bfloat16; BATCH_GEN=64
+    if [ "${SMOKE:-0}" = 1 ]; then N=8; SOURCE_TOKENS=3000; HELD_TOKENS=8; STEPS=3; BATCH=2; DTYPE=float32; BATCH_GEN=4; fi
+    set +e
+    timeout $((C + 40)) python3 -m executor.cli corpus --model "$MODEL_ARG" --out /tmp/qwen-corpus --force \
+      --sources self,python-env --prompts humaneval --temperatures 0,0.7 --samples 1 --max-new-tokens $N \
+      --max-tokens-per-source $SOURCE_TOKENS --batch-size $BATCH_GEN --device "$DEVICE" --capture auto \
+      --time-budget-s $C --threads 4 --no-progress > "$OUT/qwen19.log" 2>&1
+    timeout 60 python3 -m executor.cli corpus --model "$MODEL_ARG" --out /tmp/qwen-held --force --sources self \
+      --prompts humaneval --split held-out --temperatures 0 --max-new-tokens $HELD_TOKENS --batch-size $BATCH_GEN \
+      --device "$DEVICE" --capture auto --threads 4 --no-progress >> "$OUT/qwen19.log" 2>&1
+    mkdir -p /tmp/heads
+    timeout $((H + 50)) python3 -m executor.cli train-head --model "$MODEL_ARG" --exit-layer 12 \
+      --draft-vocab heads/qwen2.5-coder-0.5b_v16k.safetensors --corpus /tmp/qwen-corpus --eval-corpus /tmp/qwen-held \
+      --eval-every 100 --steps $STEPS --warmup-steps 10 --lr 5e-4 --batch-size $BATCH --window 256 --device "$DEVICE" \
+      --dtype $DTYPE --time-budget-s $H --force --out /tmp/heads/qwen2.5-coder-0.5b-e12-v16k-gpu.safetensors \
+      --no-progress 2>&1 | tee -a "$OUT/qwen19.log"
+    cp /tmp/heads/*.safetensors /tmp/heads/*.eval.csv "$OUT"/ 2>/dev/null
+    cp /tmp/qwen-corpus/manifest.json "$OUT/qwen_corpus_manifest.json" 2>/dev/null
+    [ "$DEVICE" = cuda ] || exit 0
+    for HEAD in /tmp/heads/qwen2.5-coder-0.5b-e12-v16k-gpu.safetensors heads/qwen2.5-coder-0.5b-e12-v16k.safetensors; do
+      NAME=$(basename "$HEAD" .safetensors)
+      timeout $((D / 2 + 20)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$MODEL_ARG" \
+        --prompt-set humaneval --prompts 8 --captures compile-layers --match-dtypes '' --exit-layer 12 --draft-len 2 \
+        --trained-head "$HEAD" --hf-last --only '^ours ar$|^eesd trained E=12 (fixed:2|beta-ts)$|^hf generate \(AR\)$' \
+        --time-budget-s $((D / 2)) --out "$OUT/gpu_decode_${CARD}_qwen_${NAME}.json" 2>&1 \
+        | tee "$OUT/bench_qwen_${NAME}.log"
+    done
+    ;;
   lease20a)  # call 1 (part 0), <= 260 s: the 7B shape in compile-layers at prompts 512 and 1024, as predicted on
              # 2026-12-04 (predictions_next_lease_2026-12-04.json, card h200-compiled)
     first_call
@@ -358,7 +417,7 @@ case "${1:-}" in
       --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
-    echo "usage: $0 prepare | lease20a | lease20b [SECONDS] | lease19a | lease19b [SECONDS] | lease18a | heads19 [SECONDS] | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
+    echo "usage: $0 prepare | stage MODEL | qwen19 [SECONDS] | lease20a | lease20b [SECONDS] | lease19a | lease19b [SECONDS] | lease18a | heads19 [SECONDS] | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
     exit 2
     ;;
 esac

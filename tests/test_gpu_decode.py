@@ -309,3 +309,17 @@ def test_rows_warm_up_on_two_prompts_before_timing_every_prompt(bench) -> None:
 
     timing = bench.time_case(bench.Case("fake", run, prompts=3), 2, torch.device("cpu"))
     assert ran == [0, 1, 0, 1, 2, 0, 1, 2] and len(timing.speeds) == 6 and timing.first_call >= 0
+
+
+def test_the_real_models_rows_are_named_after_it(bench) -> None:
+    assert bench.real_model_name("smollm2-135m") == bench.real_model_name("/tmp/smollm2-135m.gguf") == "SmolLM2-135M"
+    assert bench.real_model_name("qwen2.5-coder-0.5b") == "qwen2.5-coder-0.5b"
+    assert bench.real_model_name("/tmp/qwen2.5-coder-0.5b.gguf") == "qwen2.5-coder-0.5b"
+
+
+def test_humaneval_prompts_are_its_held_out_split(bench) -> None:
+    from executor.prompts import load_prompts, split_prompts
+
+    held = split_prompts(load_prompts("humaneval")).held_out
+    assert bench.prompt_texts("humaneval") == [p.text for p in held] and len(held) == 41
+    assert bench.prompt_texts("builtin")[0] == load_prompts("builtin")[0].text
