@@ -185,6 +185,19 @@ class Comparison:
         """Run-to-run spread of the measured tokens/s: (max - min) / median (0 for one run)."""
         return _spread(self.measured_runs)
 
+    @property
+    def run_seconds(self) -> float | None:
+        """The decode time of one run at the median rate (its decode tokens over the median tokens/s)."""
+        if not self.measured_decode_tokens or self.measured_tokens_per_s <= 0:
+            return None
+        return self.measured_decode_tokens / self.measured_tokens_per_s
+
+    @property
+    def short(self) -> bool:
+        """A run of under SHORT_RUN_S of decode: a few slow steps move its rate (more prompts make it longer)."""
+        seconds = self.run_seconds
+        return seconds is not None and seconds < SHORT_RUN_S
+
     def within(self, tolerance: float) -> bool:
         return abs(self.tokens_per_s_error) <= tolerance and abs(self.tokens_per_round_error) <= tolerance
 
@@ -217,10 +230,15 @@ class Comparison:
             "tokens_per_s_error_now": _optional(self.tokens_per_s_error_now),
             "spread_now": _optional(self.spread_now),
             "executor_decode_tokens": self.measured_decode_tokens,
+            "executor_run_decode_s": _optional(self.run_seconds),
+            "short_runs": self.short,
             "sim_decode_tokens": self.predicted_decode_tokens,
             "extrapolated": self.extrapolated,
             "within_tolerance": self.within(tolerance),
         }
+
+
+SHORT_RUN_S = 0.5  # a run with less decode time than this is flagged (`Comparison.short`)
 
 
 def _spread(values: Sequence[float]) -> float:
@@ -779,14 +797,15 @@ def _profiled_probe_us(plan_: Plan) -> float | None:
 # ---- output ---------------------------------------------------------------------------------------------------------
 def table(comparisons: Sequence[Comparison], tolerance: float) -> str:
     """One line per point: measured (median) and predicted tokens/s with the run-to-run spread and the error, and
-    tokens/round (PPSD: per tick) with its error; `!` marks a spread above the tolerance, `*` an extrapolation."""
+    tokens/round (PPSD: per tick) with its error; `!` marks a spread above the tolerance, `*` an extrapolation, `~`
+    runs too short to time well (`Comparison.short`)."""
     heads = ["point", "measured tok/s", "spread", "predicted tok/s", "error", "slowdown", "error now", "spread now",
              "measured tok/round", "predicted tok/round", "error", "ok"]  # fmt: skip
     lines = [heads]
     for c in comparisons:
         now = c.tokens_per_s_error_now
         lines.append([
-            c.label + ("*" if c.extrapolated else ""),
+            c.label + ("*" if c.extrapolated else "") + ("~" if c.short else ""),
             f"{c.measured_tokens_per_s:.2f}", f"{100 * c.spread:.1f}%" + ("!" if c.noisy(tolerance) else ""),
             f"{c.predicted_tokens_per_s:.2f}", _percent(c.tokens_per_s_error),
             f"{c.slowdown:.2f}x" if c.slowdown else "-", _percent(now) if now is not None else "-",

@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     print(validate.table(comparisons, args.tolerance))
     if any(c.extrapolated for c in comparisons):
         print("* a latency query fell outside the profiled grid (extrapolated)")
+    if any(c.short for c in comparisons):
+        print(f"~ a run decodes for under {validate.SHORT_RUN_S} s: a few slow steps move its rate (more --prompts "
+              "make it longer; a batch point runs its prompts in batches)")  # fmt: skip
     if any(c.noisy(args.tolerance) for c in comparisons):
         print("! the repeats spread wider than the tolerance: that point's error cannot be told from noise")
     if args.json is not None:

@@ -136,6 +136,19 @@ def test_files_of_another_model_or_dtype_are_refused_as_the_simulator_refuses_th
     fail_with(capsys, [str(path)], f"{path}: dtype:", "names no dtype the executor runs", "'float64'", "float32")
 
 
+def test_a_run_too_short_to_time_well_is_flagged() -> None:
+    """The fourth H200 lease's batch-8 points: 376 decode tokens at ~1,775 tok/s, 0.21 s a run (spread 78%)."""
+    batch8 = Comparison("ar", None, None, None, 1774.9, 2715.1, 1.0, 1.0, name="ar b=8", measured_decode_tokens=376)
+    alone = dataclasses.replace(batch8, name="ar", measured_tokens_per_s=384.6, predicted_tokens_per_s=339.4)
+    assert batch8.run_seconds == pytest.approx(376 / 1774.9) and batch8.short and not alone.short
+    assert batch8.row(0.25)["short_runs"] is True and alone.row(0.25)["executor_run_decode_s"] == pytest.approx(
+        0.978, abs=1e-3
+    )
+    lines = validate.table([batch8, alone], 0.25).splitlines()
+    assert lines[2].startswith("ar b=8~") and lines[3].startswith("ar ")
+    assert not Comparison("ar", None, None, None, 10.0, 10.0, 1.0, 1.0).short  # no decode count: not judged
+
+
 def test_relative_error_and_tolerance_on_constructed_numbers() -> None:
     assert relative_error(12.0, 10.0) == pytest.approx(0.2)
     assert relative_error(8.0, 10.0) == pytest.approx(-0.2)
