@@ -326,13 +326,13 @@ case "${1:-}" in
     T=${2:-420}
     second_call lease20a lease20b
     CARD=$(card) || exit 4
-    V=$((T * 40 / 100)); P=$((T - V - 215))
+    V=$((T * 45 / 100)); P=$((T - V - 205))  # validate; then 2 x 55 s of profiles, 75 s of prefill A/B, the rest
     set +e
     timeout "$V" python3 -m executor.cli validate "scenarios/smollm2_${CARD}-compiled_validate.yaml" --prompts 8 \
       --max-new-tokens 48 --repeats 3 --model "$GGUF" --json "$OUT/validate_${CARD}_smollm2_compiled.json" \
       2>&1 | tr '\r' '\n' | tee "$OUT/validate_${CARD}_smollm2_compiled.log"
     for HEAD_PATH in causal cached; do
-      timeout 60 python3 benchmarks/train_profile.py --model "$GGUF" --corpus .carry/corpora/smol-train \
+      timeout 55 python3 benchmarks/train_profile.py --model "$GGUF" --corpus .carry/corpora/smol-train \
         .carry/corpora/smol-train2 --exit-layer 7,15 --batch-size 64 --window 256 --steps 3 --warmup 2 --device cuda \
         --dtype bfloat16 --threads 8 --head-path "$HEAD_PATH" --ops 25 \
         --out "$OUT/train_profile_smollm2-135m_${CARD}_${HEAD_PATH}.json" 2>&1 | grep -v "Loading weights" \
@@ -342,7 +342,7 @@ case "${1:-}" in
       --prompts 8 --match-dtypes '' --only '^ours ar( prefill buckets off)?$' --time-budget-s 50 \
       --out "$OUT/gpu_decode_${CARD}_smollm2_prefill.json" 2>&1 | tee "$OUT/bench_smollm2_prefill.log"
     timeout "$P" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda --kernels compiled \
-      --batch 1,8 --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 \
+      --batch 1,8 --q 1,2,4 --context 32,256,512 --prefill 47 --out "$OUT" --no-progress 2>&1 \
       | tee "$OUT/calibrate_smollm2_batch8.log"
     ;;
   lease19a)  # call 1 (part 0), <= 250 s: predict1's rows with tighter budgets (the 7B shape at prompts 512 and 1024,
