@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"benchmark": "predictions_check", "card": args.card, "files": []}
     for path, data in files:
         rows = [r for r in data["rows"] if r.get("card") == args.card]
-        checks = check(rows, measured)
+        try:
+            checks = check(rows, measured)
+        except (ValueError, KeyError) as error:
+            print(f"predictions_check: {path}: {error}", file=sys.stderr)
+            return 2
         print(f"{path.name} (committed {data.get('date')}, code {str(data.get('code_commit', '?'))[:7]}):")
         print(table(checks))
         print(json.dumps(summary(checks)))

@@ -54,3 +54,10 @@ def test_a_file_of_another_kind_is_refused(check, tmp_path, capsys) -> None:
     predictions = RESULTS / "predictions_next_lease_2026-12-03.json"
     assert check.main(["--predictions", str(predictions), "--card", "h200", "--measured", str(other)]) == 2
     assert "neither gpu_decode.py's JSON" in capsys.readouterr().err
+
+
+def test_a_prediction_matched_by_two_measured_rows_is_refused(check, capsys) -> None:
+    twice = [str(MEASURED[0]), str(MEASURED[0])]
+    predictions = RESULTS / "predictions_next_lease_2026-12-03.json"
+    assert check.main(["--predictions", str(predictions), "--card", "h200", "--measured", *twice]) == 2
+    assert "2 measured rows match" in capsys.readouterr().err
