@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of random prompts and draft policies (default: 0)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--capture", default="none", choices=("none", "auto", "graph", "compile-layers"),
+        help="decode passes uncaptured (default) or, on a GPU, captured per running-batch size (graph: eager kernels "
+        "in CUDA graphs, cheap to capture; compile-layers: compiled per batch size and token count); the warm-up "
+        "then runs every batch size once",
+    )  # fmt: skip
     add_threads_argument(parser)
     parser.add_argument("--compare-ar", action="store_true", help="also run every request alone with AR and compare")
     parser.add_argument("--json", type=Path, default=None, help="write the metrics and metadata to this JSON file")
@@ -89,21 +95,31 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(row.get("identical_to_ar", True) for row in rows) else 1
 
 
+def warm_up_workload(workload: Any, prompts: list[list[int]], rows: int) -> tuple[Any, list[list[int]]]:
+    """The untimed run before a timed one: the first `rows` requests at once, request i asking for i + 2 tokens (its
+    prefill makes the first; at most 4 with one row), so that the running batch shrinks through every size from
+    `rows` to 1 (each size's captured passes made before timing)."""
+    from sim.workload import Request, ServingWorkload
+
+    chosen = workload.requests[: max(1, min(rows, len(workload.requests)))]
+    outputs = [min(r.output_len, 4) for r in chosen] if len(chosen) == 1 else [i + 2 for i in range(len(chosen))]
+    warm = tuple(Request(i, r.prompt_len, n, 0.0) for i, (r, n) in enumerate(zip(chosen, outputs, strict=True)))
+    return ServingWorkload(warm), [prompts[r.index] for r in chosen]
+
+
 def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str, args: argparse.Namespace, eos: Any,
                slo: Any) -> tuple[dict[str, Any], Any]:  # fmt: skip
     """One method over the workload: a short warm-up on the first prompt, then the timed run; (its metrics row, the
     outcome)."""
     from executor.serving import serve
     from sim.serving import metrics
-    from sim.workload import Request, ServingWorkload
 
     common = dict(
         method=method, exit_layer=args.exit_layer, policy=args.policy, head=args.head, max_batch=args.max_batch,
-        kv_capacity_tokens=args.kv_capacity_tokens, eos_token_id=eos, seed=args.seed,
+        kv_capacity_tokens=args.kv_capacity_tokens, eos_token_id=eos, seed=args.seed, capture=args.capture,
     )  # fmt: skip
-    first = workload.requests[0]
-    warm = ServingWorkload((Request(0, first.prompt_len, min(first.output_len, 4), 0.0),))
-    serve(model, warm, prompts[:1], **common)
+    warm, warm_prompts = warm_up_workload(workload, prompts, args.max_batch if args.capture != "none" else 1)
+    serve(model, warm, warm_prompts, **common)
     outcome = serve(model, workload, prompts, **common)
     row = {"method": method, **metrics(outcome.result, slo)}
     if method == "eesd":
@@ -170,6 +186,7 @@ def _document(args: argparse.Namespace, workload: Any, model: Any, device: Any, 
         "kv_capacity_tokens": args.kv_capacity_tokens,
         "prompts": args.prompts,
         "eos": args.eos,
+        "capture": args.capture,
     }
     return {"metadata": metadata, "rows": rows, "requests": records}
 

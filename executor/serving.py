@@ -18,7 +18,14 @@ request's positions are never visible.
 
 A view's books (`KVCache.lengths`) are set from the running requests' positions before every round. Greedy and exact
 sampling only; rejection sampling and repetition penalties keep per-row state the slots do not carry over, and are
-refused. Passes run uncaptured (the CPU path).
+refused.
+
+Passes run uncaptured by default (the CPU path). On a GPU, `capture` ("graph", "compile-layers" or "auto") captures
+the decode passes of each running-batch size n the first time it occurs (an n-row view of the slot cache is the same
+memory every round, so its graphs stay valid while requests come and go); prefills run uncaptured (in prefill
+buckets). A captured decoder is kept on the model for the next `serve` call of the same setup (its graphs with it),
+so a warm-up call pays for the captures; "graph" captures in milliseconds, "compile-layers" compiles the layer once
+per (n, token count).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 
 import torch
 
+import executor.passes as passes_module
 from executor.adapter import ModelAdapter
 from executor.api import check_arguments, check_policies
 from executor.decoding import (
@@ -48,9 +56,10 @@ from executor.decoding import (
     verify_pass,
     zero_draft_rounds,
 )
-from executor.heads import resolve_head
+from executor.fusion import fuse_projections
+from executor.heads import head_key, resolve_head
 from executor.kv_cache import KVCache
-from executor.passes import Passes
+from executor.passes import Passes, on_device, resolve_capture
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.contract import cache_capacity, default_exit_layer, policy_seed
 from sim.policy import DraftPolicy, make_policy
@@ -113,8 +122,12 @@ class SlotDecoder:
         confidence: bool,
         config: SamplingConfig,
         eos: list[int],
+        capture: str = "none",
     ) -> None:
         self.adapter, self.method, self.config, self.eos = adapter, method, config, eos
+        self.capture = capture  # resolved (`resolve_capture`): how the decode passes run
+        if capture not in ("none", "freeze") and passes_module.FUSE_CAPTURED:
+            fuse_projections(list(adapter.layers))  # as captured passes run elsewhere (`cached_passes`)
         self.exit_layer, self.head, self.max_draft, self.confidence = exit_layer, head, max_draft, confidence
         self.cache = adapter.new_cache(max_batch, capacity, extra_layers=getattr(head, "extra_layers", 0))
         self._passes: dict[int, Passes] = {}
@@ -160,7 +173,7 @@ class SlotDecoder:
             selector = TokenSelector(self.config, [1] * n, 0, self.eos, self.adapter.device)
             passes = self._passes[n] = Passes(
                 self.adapter, rows_view(self.cache, 0, n), selector, exit_layer=self.exit_layer, head=self.head,
-                max_draft=self.max_draft, capture="none", confidence=self.confidence,
+                max_draft=self.max_draft, capture=self.capture, confidence=self.confidence,
             )  # fmt: skip
         return passes
 
@@ -227,13 +240,16 @@ def serve(
     seed: int = 0,
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
+    capture: str = "none",
 ) -> ServeOutcome:
     """Serve `workload` (arrival times in seconds from the call, or a closed loop) with continuous batching; request
     i's prompt is `prompts[i]` and it asks for `output_len` new tokens (fewer after an EOS). Returns every request's
-    record (`sim.serving.RequestRecord`: arrival, prefill start, first token, finish, in seconds) and tokens."""
+    record (`sim.serving.RequestRecord`: arrival, prefill start, first token, finish, in seconds) and tokens. The
+    decode passes run as `capture` says ("none", or on a GPU "graph", "compile-layers" or "auto"; module docstring)."""
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
     config = sampling or SamplingConfig(seed=seed)
     check_serving(method, config)
+    mode = resolve_capture(capture, adapter.device, config.kind)
     prompts = [list(p) for p in prompts]
     if len(prompts) != len(workload.requests):
         raise ValueError(f"got {len(prompts)} prompts for {len(workload.requests)} requests: one prompt per request")
@@ -253,11 +269,12 @@ def serve(
     tokens_of = kv_tokens(method, max_draft)
     _check_kv_budget(workload, tokens_of, kv_capacity_tokens)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    decoder = SlotDecoder(
-        adapter, method=method, max_batch=max_batch, exit_layer=exit_layer, head=exit_head, max_draft=max_draft,
-        capacity=cache_capacity(method, max(len(p) for p in prompts), max_output, max_draft, captured=False),
-        confidence=shape is not None and shape.needs_confidence, config=config, eos=eos,
+    settings = dict(
+        method=method, max_batch=max_batch, exit_layer=exit_layer, head=exit_head, max_draft=max_draft,
+        capacity=cache_capacity(method, max(len(p) for p in prompts), max_output, max_draft, captured=mode != "none"),
+        confidence=shape is not None and shape.needs_confidence, config=config, eos=eos, capture=mode,
     )  # fmt: skip
+    decoder = slot_decoder(adapter, settings)
     cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
 
     def policy_of(request: Request) -> DraftPolicy | None:
@@ -267,7 +284,34 @@ def serve(
         return make_policy(policy, rng=random.Random(policy_seed(seed, request.index)), cost_ratio=cost_ratio)
 
     loop = _ServeLoop(decoder, workload, prompts, Admission(max_batch, kv_capacity_tokens, tokens_of), policy_of)
-    return loop.run(clock, sleep)
+    with on_device(adapter.device):  # captured graphs replay on the model's device's stream
+        return loop.run(clock, sleep)
+
+
+MAX_KEPT_DECODERS = 2  # captured slot decoders kept on a model (each holds a slot cache and its graphs)
+
+
+def slot_decoder(adapter: ModelAdapter, settings: dict[str, Any]) -> SlotDecoder:
+    """A fresh decoder for uncaptured serving; a captured one is kept on the model (its own dict, as `cached_passes`
+    keeps captured passes) for the next call of the same setup, its stats reset, and dropped when a weight moved."""
+    if settings["capture"] == "none":
+        return SlotDecoder(adapter, **settings)
+    model = adapter.model
+    kept = model.__dict__.setdefault("_eesd_serving", {})
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    if model.__dict__.get("_eesd_serving_weights") != weights:
+        kept.clear()
+        model.__dict__["_eesd_serving_weights"] = weights
+    key = tuple((name, head_key(value) if name == "head" else repr(value)) for name, value in sorted(settings.items()))
+    decoder = kept.pop(key, None)
+    if decoder is None:
+        while len(kept) >= MAX_KEPT_DECODERS:
+            kept.pop(next(iter(kept)))
+        decoder = SlotDecoder(adapter, **settings)
+        model.__dict__["_eesd_serving_weights"] = tuple(p.data_ptr() for p in model.parameters())  # after fusing
+    decoder.stats = GenerationStats(method=decoder.method)
+    kept[key] = decoder  # most recent last
+    return decoder
 
 
 def _check_kv_budget(workload: ServingWorkload, tokens_of: Callable[[Request], int], budget: int | None) -> None:

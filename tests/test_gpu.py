@@ -228,3 +228,27 @@ def test_drop_in_generate_equals_model_generate_on_the_gpu() -> None:
         got = generator.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
         assert got.device == expected.device and torch.equal(got, expected)
         assert generator.last_stats.capture == "compile-layers"  # the default on a GPU with Triton
+
+
+@pytest.mark.parametrize("capture", ["graph", "compile-layers"])
+@pytest.mark.parametrize("method", ["ar", "eesd"])
+def test_captured_serving_equals_ar_alone_and_keeps_its_graphs(method: str, capture: str) -> None:
+    """Continuous batching with captured decode passes (one set per running-batch size): every request's tokens are
+    its own AR decode's; a second call of the same setup reuses the decoder kept on the model (its graphs)."""
+    from executor.serving import serve
+    from sim.workload import Request, ServingWorkload
+
+    model = cuda_model(TinySpec(num_layers=4, seed=6))
+    prompts = [[5, 9, 1, 33, 2][: 2 + i % 4] for i in range(7)]
+    requests = tuple(Request(i, len(p), 4 + 3 * (i % 3), 0.0005 * i) for i, p in enumerate(prompts))
+    workload = ServingWorkload(requests)
+    kwargs = dict(method=method, max_batch=3, capture=capture)
+    if method == "eesd":
+        kwargs |= dict(exit_layer=EXIT_LAYER, policy="fixed:2")
+    first = serve(model, workload, prompts, **kwargs)
+    kept = dict(model.__dict__["_eesd_serving"])
+    second = serve(model, workload, prompts, **kwargs)
+    assert first.outputs == second.outputs and model.__dict__["_eesd_serving"].keys() == kept.keys()
+    for request, prompt, output in zip(requests, prompts, first.outputs, strict=True):
+        alone = executor.generate(model, prompt, method="ar", max_new_tokens=request.output_len, capture="none")
+        assert output == alone.sequences[0, len(prompt) :].tolist(), request

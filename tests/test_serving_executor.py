@@ -162,3 +162,66 @@ def test_serve_bench_cli(tmp_path, capsys):
     assert math.isfinite(document["rows"][0]["tpot_p50_ms"])
     assert eesd([*argv[:5], "--methods", "ppsd"]) == 2
     assert "ppsd decodes batch size 1" in capsys.readouterr().err
+
+
+def test_captured_serving_needs_a_gpu_and_auto_is_uncaptured_on_the_cpu() -> None:
+    """`capture` as `generate` takes it: a mode that needs CUDA is refused on the CPU, "auto" runs uncaptured there
+    (the same tokens, no decoder kept on the model)."""
+    model = tiny_model(TinySpec(num_layers=3, seed=4))
+    prompts = [[3, 1, 4], [1, 5, 9, 2]]
+    workload = ServingWorkload((Request(0, 3, 5, 0.0), Request(1, 4, 6, 0.0)))
+    with pytest.raises(ValueError, match="capture 'graph' needs the model on a CUDA device"):
+        serve(model, workload, prompts, capture="graph")
+    plain = serve(model, workload, prompts, max_batch=2).outputs
+    assert serve(model, workload, prompts, max_batch=2, capture="auto").outputs == plain
+    assert "_eesd_serving" not in model.__dict__
+
+
+def test_the_warm_up_runs_every_batch_size_once() -> None:
+    """serve-bench's untimed run before a captured one: the first max_batch requests at once, request i asking for
+    i + 2 tokens (the prefill makes one), so the running batch goes through every size (each size's passes captured
+    before timing)."""
+    from executor.serve_cli import warm_up_workload
+
+    requests = tuple(Request(i, 5 + i, 20, 0.1 * i) for i in range(6))
+    prompts = [[1] * (5 + i) for i in range(6)]
+    warm, chosen = warm_up_workload(ServingWorkload(requests), prompts, 4)
+    assert [(r.prompt_len, r.output_len, r.arrival_s) for r in warm.requests] == [(5 + i, i + 2, 0.0) for i in range(4)]
+    assert chosen == prompts[:4]
+    one, _ = warm_up_workload(ServingWorkload(requests), prompts, 1)
+    assert [(r.output_len, r.arrival_s) for r in one.requests] == [(4, 0.0)]
+    model = tiny_model(TinySpec(num_layers=3, seed=4))
+    sizes = []
+    original = SlotDecoder.round
+    SlotDecoder.round = lambda self, slots: (sizes.append(len(slots)), original(self, slots))[1]
+    try:
+        serve(model, warm, chosen, max_batch=4)
+    finally:
+        SlotDecoder.round = original
+    assert sorted(set(sizes)) == [1, 2, 3, 4]
+
+
+def test_a_captured_decoder_is_kept_on_the_model_for_the_same_setup() -> None:
+    """What a warm-up buys: the next call of the same setup gets the same decoder (its graphs), its stats reset;
+    another setup (here another sampling seed) a new one; at most MAX_KEPT_DECODERS are kept; a moved weight drops
+    them. Built here without capturing anything (graphs are made on first use, on a GPU)."""
+    import executor.serving as serving
+
+    model = tiny_model(TinySpec(num_layers=3, seed=4))
+    adapter = ModelAdapter(model)
+
+    def settings(seed: int) -> dict:
+        return dict(method="ar", max_batch=2, exit_layer=None, head=None, max_draft=0, capacity=256,
+                    confidence=False, config=SamplingConfig(seed=seed), eos=[], capture="graph")  # fmt: skip
+
+    first = serving.slot_decoder(adapter, settings(0))
+    first.stats.rounds = 5
+    again = serving.slot_decoder(adapter, settings(0))
+    assert again is first and again.stats.rounds == 0
+    others = [serving.slot_decoder(adapter, settings(seed)) for seed in (1, 2)]
+    assert all(d is not first for d in others) and len(model.__dict__["_eesd_serving"]) == serving.MAX_KEPT_DECODERS
+    assert serving.slot_decoder(adapter, settings(0)) is not first  # the oldest went when the third came
+    with torch.no_grad():
+        model.model.norm.weight.data = model.model.norm.weight.data.clone()  # a weight moved
+    assert serving.slot_decoder(adapter, settings(2)) is not others[1]
+    assert len(model.__dict__["_eesd_serving"]) == 1
