@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from executor.models import load_model, load_tokenizer
 
     device = check_device(args.device)
+    if args.capture in ("graph", "compile-layers") and device.type != "cuda":
+        raise ValueError(f"--capture {args.capture} needs a CUDA device (--device cuda), got {device}")
     threads = use_threads(args.threads)
     print(f"serve-bench: {args.model}, {', '.join(methods)}, {device} ({args.dtype}); {threads}", file=sys.stderr)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)

@@ -225,3 +225,12 @@ def test_a_captured_decoder_is_kept_on_the_model_for_the_same_setup() -> None:
         model.model.norm.weight.data = model.model.norm.weight.data.clone()  # a weight moved
     assert serving.slot_decoder(adapter, settings(2)) is not others[1]
     assert len(model.__dict__["_eesd_serving"]) == 1
+
+
+def test_serve_bench_refuses_a_gpu_capture_on_the_cpu_before_loading(capsys) -> None:
+    from pathlib import Path
+
+    workload = str(Path(__file__).resolve().parents[1] / "scenarios" / "workloads" / "smollm2_cpu_rate0.4.yaml")
+    argv = ["serve-bench", "--workload", workload, "--model", "no-such-model", "--capture", "graph"]
+    assert eesd(argv) == 2
+    assert "--capture graph needs a CUDA device" in capsys.readouterr().err
