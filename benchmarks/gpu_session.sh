@@ -127,10 +127,11 @@ environment() {
   export PYTHONPATH="$PWD:$SITE" PYTHONUNBUFFERED=1 EESD_CACHE_DIR=/tmp/eesd_cache
 }
 
-first_call() {  # a call 1: keep the carried part 0 in /tmp for call 2
+first_call() {  # a call 1: keep the carried part 0 in /tmp for call 2; the card in the log
   mkdir -p "$PARTS"
   cp .carry/"$MODEL"/* "$PARTS"/
   environment
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 }
 
 card() {  # h100 | h200: whose rows of $PREDICTIONS (and $ISSUE24_PREDICTIONS) this lease measures; another card has
@@ -184,7 +185,6 @@ case "${1:-}" in
     first_call
     CARD=$(card) || exit 4
     CAPTURE=$(capture_of "$CARD")
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
     timeout 250 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len 32 --captures "$CAPTURE" --prompts 8 \
       --only "$ONLY_CTX32" --time-budget-s 190 --out "$OUT/gpu_decode_${CARD}_llama7b_ctx32.json" 2>&1 \
@@ -206,7 +206,6 @@ case "${1:-}" in
              # compile-layers and our AR in graph too
     first_call
     CARD=$(card) || exit 4
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
     timeout 235 python3 benchmarks/gpu_decode.py --models llama7b --prompt-len 32 --captures compile-layers,graph \
       --prompts 8 --only "$ONLY_CTX32" --time-budget-s 175 --out "$OUT/gpu_decode_${CARD}_llama7b_ctx32.json" 2>&1 \
@@ -311,13 +310,17 @@ case "${1:-}" in
         | tee "$OUT/bench_qwen_${NAME}.log"
     done
     ;;
-  lease20a)  # call 1 (part 0), <= 260 s: the 7B shape in compile-layers at prompts 512 and 1024, as predicted on
-             # 2026-12-04 (predictions_next_lease_2026-12-04.json, card h200-compiled)
+  predict1 | lease19a | lease20a)  # a call 1 (part 0): the 7B shape's predicted rows (our AR, EESD at forced alpha,
+                                   # PPSD n = 2 and 4) at prompts 512 and 1024, unchanged from the command each
+                                   # prediction names; the steps differ in capture mode and time budgets
     first_call
     CARD=$(card) || exit 4
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
-    predicted_7b_rows compile-layers 128 95 _compiled
+    case "$1" in
+      predict1) predicted_7b_rows "$(capture_of "$CARD")" 135 105 "" ;;  # predicted 2026-12-03, the card's mode
+      lease19a) predicted_7b_rows "$(capture_of "$CARD")" 122 92 "" ;;   # the same, as the fourth H200 lease ran it
+      lease20a) predicted_7b_rows compile-layers 128 95 _compiled ;;    # predicted 2026-12-04 (card h200-compiled)
+    esac
     ;;
   lease20b)  # its call 2 (part 1), <= SECONDS ($2, default 420): `eesd validate` in compile-layers as predicted
              # (issue 22), head training's phase profile on the causal path and on its cached twin with their costliest
@@ -345,15 +348,6 @@ case "${1:-}" in
       --batch 1,8 --q 1,2,4 --context 32,256,512 --prefill 47 --out "$OUT" --no-progress 2>&1 \
       | tee "$OUT/calibrate_smollm2_batch8.log"
     ;;
-  lease19a)  # call 1 (part 0), <= 250 s: predict1's rows with tighter budgets (the 7B shape at prompts 512 and 1024,
-             # graph on an H200, as predicted on 2026-12-03)
-    first_call
-    CARD=$(card) || exit 4
-    CAPTURE=$(capture_of "$CARD")
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-    set +e
-    predicted_7b_rows "$CAPTURE" 122 92 ""
-    ;;
   lease19b)  # its call 2 (part 1), <= SECONDS ($2, default 420): predict2's `eesd validate` (issue 22: AR and EESD
              # at batch 1 and 8, PPSD streams n = 2 and 4, as predicted), a phase profile of SmolLM2's head training
              # steps (issue 19), then SmolLM2's AR against HF generate as it comes and on its fast path (issue 24;
@@ -377,15 +371,6 @@ case "${1:-}" in
       --captures compile-layers,graph --prompts 8 --match-dtypes '' --hf-last --only '^ours ar$|^hf generate' \
       --time-budget-s "$D" --out "$OUT/gpu_decode_${CARD}_smollm2_issue24.json" 2>&1 | tee "$OUT/bench_smollm2.log"
     ;;
-  predict1)  # call 1 (part 0), <= 290 s: the 7B shape's predicted rows, as `gpu_decode.py --models llama7b
-             # --prompt-len N --captures C` times them (the rows the predictions name: --only)
-    first_call
-    CARD=$(card) || exit 4
-    CAPTURE=$(capture_of "$CARD")
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-    set +e
-    predicted_7b_rows "$CAPTURE" 135 105 ""
-    ;;
   predict2)  # its call 2 (part 1), <= 260 s: SmolLM2's predicted rows through `eesd validate` on the card's scenario
     second_call predict1 predict2
     CARD=$(card) || exit 4
@@ -397,7 +382,6 @@ case "${1:-}" in
   next1)  # call 1 (part 0), <= 290 s: the GPU tests; the 7B shape's compiled profile at contexts 32 to 2048 (12
           # shapes); a kernel profile of its AR step at a 4k context (where the 12% that attention adds there goes)
     first_call
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     set +e
     timeout 120 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/test_gpu.log"
     timeout 70 python3 -m executor.cli calibrate latency --model Llama-2-7B --layers 4 --device cuda --kernels compiled \

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -494,26 +494,37 @@ FUSE_CAPTURED = True  # captured passes run fused q/k/v and gate/up products (`e
 
 def cached_passes(model: torch.nn.Module, key: tuple, build: Callable[[], Passes]) -> Passes:
     """Captured passes outlive a call (capturing a graph has a cost): one set per model and configuration,
-    the `MAX_RUNNERS_PER_MODEL` most recent kept (each holds its own KV cache). They live in the model object's own
-    dict, so they go when the model goes (a weak-keyed table would be kept alive by the passes' own reference), and
-    they are dropped when any weight tensor moved (`model.to(...)`, a reassigned parameter): a graph reads addresses.
-    With `FUSE_CAPTURED`, the layers' projections are fused first (a no-op once done; redone for weights that moved),
-    which moves the projection weights, so the passes are built on the fused ones; without it they are unfused (the
-    flag is part of what a cached pass depends on)."""
+    the `MAX_RUNNERS_PER_MODEL` most recent kept (each holds its own KV cache; `kept_on_model`). With
+    `FUSE_CAPTURED`, the layers' projections are fused first (`captured_projections`), so the passes are built on the
+    fused weights."""
+    captured_projections(model)
+    return kept_on_model(model, "_eesd_passes", key, build, MAX_RUNNERS_PER_MODEL)
+
+
+def captured_projections(model: torch.nn.Module) -> None:
+    """The layers' projections as captured passes run them: fused with `FUSE_CAPTURED` (a no-op once done; redone for
+    weights that moved, which moves the projection weights), unfused without it."""
     layers = list(model.model.layers)
     if FUSE_CAPTURED:
         fuse_projections(layers)
     else:
         unfuse_projections(layers)
-    runners = model.__dict__.setdefault("_eesd_passes", {})
-    weights = (FUSE_CAPTURED, *(p.data_ptr() for p in model.parameters()))  # graphs read weights by address
-    if model.__dict__.get("_eesd_weights") != weights:  # moved, cast or reassigned since: nothing cached is valid
-        runners.clear()
-        model.__dict__["_eesd_weights"] = weights
-    if key in runners:
-        runners[key] = runners.pop(key)  # most recent last
-        return runners[key]
-    while len(runners) >= MAX_RUNNERS_PER_MODEL:
-        runners.pop(next(iter(runners)))
-    runners[key] = build()
-    return runners[key]
+
+
+def kept_on_model(model: torch.nn.Module, table: str, key: Hashable, build: Callable[[], Any], limit: int) -> Any:
+    """`build()`'s result for `key`, kept in the model object's own dict under `table` (the `limit` most recent), so
+    it goes when the model goes (a weak-keyed table would be kept alive by the kept objects' own reference). All of a
+    table is dropped when any weight tensor moved (`model.to(...)`, a reassigned parameter: a graph reads addresses)
+    or `FUSE_CAPTURED` changed (fused and unfused passes differ)."""
+    kept = model.__dict__.setdefault(table, {})
+    weights = (FUSE_CAPTURED, *(p.data_ptr() for p in model.parameters()))
+    if model.__dict__.get(table + "_weights") != weights:  # moved, cast or reassigned since: nothing kept is valid
+        kept.clear()
+        model.__dict__[table + "_weights"] = weights
+    if key in kept:
+        kept[key] = kept.pop(key)  # most recent last
+        return kept[key]
+    while len(kept) >= limit:
+        kept.pop(next(iter(kept)))
+    kept[key] = build()
+    return kept[key]

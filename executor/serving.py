@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 
-import executor.passes as passes_module
 from executor.adapter import ModelAdapter
 from executor.api import check_arguments, check_policies
 from executor.decoding import (
@@ -56,10 +55,9 @@ from executor.decoding import (
     verify_pass,
     zero_draft_rounds,
 )
-from executor.fusion import fuse_projections
 from executor.heads import head_key, resolve_head
 from executor.kv_cache import KVCache
-from executor.passes import Passes, on_device, resolve_capture
+from executor.passes import Passes, captured_projections, kept_on_model, on_device, resolve_capture
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.contract import cache_capacity, default_exit_layer, policy_seed
 from sim.policy import DraftPolicy, make_policy
@@ -126,8 +124,6 @@ class SlotDecoder:
     ) -> None:
         self.adapter, self.method, self.config, self.eos = adapter, method, config, eos
         self.capture = capture  # resolved (`resolve_capture`): how the decode passes run
-        if capture not in ("none", "freeze") and passes_module.FUSE_CAPTURED:
-            fuse_projections(list(adapter.layers))  # as captured passes run elsewhere (`cached_passes`)
         self.exit_layer, self.head, self.max_draft, self.confidence = exit_layer, head, max_draft, confidence
         self.cache = adapter.new_cache(max_batch, capacity, extra_layers=getattr(head, "extra_layers", 0))
         self._passes: dict[int, Passes] = {}
@@ -292,25 +288,15 @@ MAX_KEPT_DECODERS = 2  # captured slot decoders kept on a model (each holds a sl
 
 
 def slot_decoder(adapter: ModelAdapter, settings: dict[str, Any]) -> SlotDecoder:
-    """A fresh decoder for uncaptured serving; a captured one is kept on the model (its own dict, as `cached_passes`
-    keeps captured passes) for the next call of the same setup, its stats reset, and dropped when a weight moved."""
+    """A fresh decoder for uncaptured serving; a captured one is kept on the model for the next call of the same setup
+    (`kept_on_model`, as captured passes are kept), its stats reset."""
     if settings["capture"] == "none":
         return SlotDecoder(adapter, **settings)
-    model = adapter.model
-    kept = model.__dict__.setdefault("_eesd_serving", {})
-    weights = tuple(p.data_ptr() for p in model.parameters())
-    if model.__dict__.get("_eesd_serving_weights") != weights:
-        kept.clear()
-        model.__dict__["_eesd_serving_weights"] = weights
+    captured_projections(adapter.model)  # before the weights are read: fusing moves them
     key = tuple((name, head_key(value) if name == "head" else repr(value)) for name, value in sorted(settings.items()))
-    decoder = kept.pop(key, None)
-    if decoder is None:
-        while len(kept) >= MAX_KEPT_DECODERS:
-            kept.pop(next(iter(kept)))
-        decoder = SlotDecoder(adapter, **settings)
-        model.__dict__["_eesd_serving_weights"] = tuple(p.data_ptr() for p in model.parameters())  # after fusing
+    build = lambda: SlotDecoder(adapter, **settings)  # noqa: E731
+    decoder = kept_on_model(adapter.model, "_eesd_serving", key, build, MAX_KEPT_DECODERS)
     decoder.stats = GenerationStats(method=decoder.method)
-    kept[key] = decoder  # most recent last
     return decoder
 
 
