@@ -12,8 +12,17 @@ each timed run a batch-1 AR probe (`probe_ar_ms_per_token`, `probe_prefill_ms`) 
 then, against the profile's own batch-1 step and prefill; `sim_scaled` is the prediction with the profile's decode
 passes scaled by the step's slowdown and its prefills by the prefill's.
 
+The run's own passes (`pass_costs`): the executor logs every prefill and decode round (`sim.serving.PassLog`: its
+batch, draft steps, contexts and measured time) and the simulator costs each one at its logged composition
+(`sim.serving.logged_ratios`): measured / simulated, by batch size, with its spread and its drift over the run (the
+median of each quarter of the run). `sim_in_run` is the prediction with the profile scaled by those medians (each
+batch size's rounds by its own, prefills by theirs): what is left in `errors_in_run` is the schedule's error (who
+runs with whom, queueing), with the pass costs the run itself measured; what it removes is the pass-cost error,
+whether the box's speed or the profile's.
+
     python benchmarks/serving_cpu.py                    # writes benchmarks/results/serving_cpu.json (~25 minutes)
     python benchmarks/serving_cpu.py --cases rate0.4    # one load only
+    python benchmarks/serving_cpu.py --cases rate1.2 --first 8 --out /tmp/look.json   # a quick look
     python benchmarks/serving_cpu.py --recalibrate      # the serving profile measured again first (~5 minutes more)
     python benchmarks/serving_cpu.py --write-workloads  # regenerate the workload files (needs the tokenizer)
 """
@@ -108,7 +117,8 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
         warm = point.workload.requests[0]
         serve(adapter, type(point.workload)((type(warm)(0, warm.prompt_len, 4, 0.0),)), prompts[:1], **options)
         before, prefill_before = probe_ms(adapter, prompts[0])
-        measured = metrics(serve(adapter, point.workload, prompts, **options).result, point.slo)
+        served = serve(adapter, point.workload, prompts, **options).result
+        measured = metrics(served, point.slo)
         after, prefill_after = probe_ms(adapter, prompts[0])
         predicted_result = simulate_serving(point)
         predicted = metrics(predicted_result, point.slo)
@@ -117,8 +127,11 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
         # decode passes (memory-bound) by the AR step's slowdown, the prefills (compute-bound) by the prefill's
         slowdown = (before + after) / 2 / profile_ar_ms(point, len(prompts[0]))
         prefill_slowdown = (prefill_before + prefill_after) / 2 / profile_prefill_ms(point, len(prompts[0]))
-        plan = scaled_plan(point.plan, slowdown, prefill_slowdown)
+        plan = scaled_plan(point.plan, {}, prefill_slowdown, slowdown)
         scaled = metrics(simulate_serving(dataclasses.replace(point, plan=plan)))
+        costs, in_run = in_run_costs(point, served.passes)
+        rows[-1].update(pass_costs=costs, sim_in_run={key: round(in_run[key], 4) for key in COMPARED})
+        rows[-1]["errors_in_run"] = {key: round((in_run[key] - measured[key]) / measured[key], 4) for key in COMPARED}
         rows[-1].update(
             probe_ar_ms_per_token=[round(before, 2), round(after, 2)],
             slowdown=round(slowdown, 3),
@@ -178,33 +191,48 @@ def profile_prefill_ms(point: Any, prompt_len: int) -> float:
     return simulation.pass_us(prefill, 0, 1) / 1e3
 
 
-@dataclasses.dataclass(frozen=True)
-class ScaledLatency:
-    """A latency model's times multiplied by `factor`, a prefill's by `prefill_factor`."""
-
-    inner: Any
-    factor: float
-    prefill_factor: float
-
-    @property
-    def cuda_graphs(self) -> bool:
-        return self.inner.cuda_graphs
-
-    @property
-    def extrapolated(self) -> bool:
-        return self.inner.extrapolated
-
-    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
-        factor = self.prefill_factor if phase == "prefill" else self.factor
-        return factor * self.inner.time_us(component, phase, q, context_len, batch)
+def _first(point: Any, count: int) -> Any:
+    workload = dataclasses.replace(point.workload, requests=point.workload.requests[:count])
+    return dataclasses.replace(point, workload=workload)
 
 
-def scaled_plan(plan: Any, factor: float, prefill_factor: float) -> Any:
+def scaled_plan(plan: Any, decode: dict[int, float], prefill: float, decode_default: float) -> Any:
+    """The plan with every stage's latency scaled (`sim.latency.ScaledLatency`)."""
+    from sim.latency import ScaledLatency
+
     def scaled(stage: Any) -> Any:
-        return dataclasses.replace(stage, latency=ScaledLatency(stage.latency, factor, prefill_factor))
+        return dataclasses.replace(stage, latency=ScaledLatency(stage.latency, decode, prefill, decode_default))
 
-    stages = tuple(scaled(stage) for stage in plan.stages)
-    return dataclasses.replace(plan, stages=stages)
+    return dataclasses.replace(plan, stages=tuple(scaled(stage) for stage in plan.stages))
+
+
+def in_run_costs(point: Any, logs: list[Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """The run's passes against the profile (module docstring): measured / simulated by kind and batch (median, p10,
+    p90, count), the rounds' median in each quarter of the run, and the metrics simulated with those medians."""
+    from sim.policy import make_policy
+    from sim.serving import ServingSimulation, logged_ratios, metrics, simulate_serving
+
+    reads = point.method == "eesd" and make_policy(point.plan.policy).needs_confidence
+    simulation = ServingSimulation(point.plan, point.workload, point.max_batch, point.kv_capacity_tokens)
+    ratios = logged_ratios(simulation, logs, reads)
+    costs: dict[str, Any] = {key: _spread(values) for key, values in sorted(ratios.items())}
+    in_order = [log.seconds * 1e6 / simulation.logged_us(log, reads) for log in logs if log.kind == "round"]
+    costs["rounds"] = _spread(in_order)
+    size = max(1, -(-len(in_order) // 4))  # the logs are in the order the passes ran
+    costs["rounds_by_quarter"] = [
+        round(statistics.median(in_order[i : i + size]), 3) for i in range(0, len(in_order), size)
+    ]
+    decode = {int(key.split("=")[1]): statistics.median(v) for key, v in ratios.items() if key != "prefill"}
+    prefill = statistics.median(ratios["prefill"])
+    plan = scaled_plan(point.plan, decode, prefill, statistics.median(in_order))
+    return costs, metrics(simulate_serving(dataclasses.replace(point, plan=plan)), point.slo)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"median": round(statistics.median(ordered), 3), "p10": round(at(0.1), 3), "p90": round(at(0.9), 3),
+            "count": len(ordered)}  # fmt: skip
 
 
 def _row(point: Any, measured: dict, predicted: dict, extrapolated: bool) -> dict[str, Any]:
@@ -235,6 +263,7 @@ def main() -> int:
         help="measure the scenario's latency profile again first, in place (a shared box's speed drifts)",
     )  # fmt: skip
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument("--first", type=int, default=None, help="serve only each workload's first N requests (a look)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the profile)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
@@ -259,6 +288,10 @@ def main() -> int:
         points = [p for p in points if p.case in chosen]
         if not points:
             raise SystemExit(f"--cases: expected names from {SCENARIO.name}, got {args.cases!r}")
+    if args.first is not None:
+        if args.first < 1:
+            raise SystemExit(f"--first: expected a number of requests >= 1, got {args.first}")
+        points = [_first(point, args.first) for point in points]
     rows, metadata = measure(points, args.threads)
     write_json(args.out, {"metadata": metadata, "rows": rows})
     print(f"wrote {args.out}")

@@ -61,7 +61,7 @@ from executor.passes import Passes, captured_projections, kept_on_model, on_devi
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.contract import cache_capacity, default_exit_layer, policy_seed
 from sim.policy import DraftPolicy, make_policy
-from sim.serving import Admission, RequestRecord, ServingResult, kv_tokens
+from sim.serving import Admission, PassLog, RequestRecord, ServingResult, kv_tokens
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload
 
 SERVE_METHODS = ("ar", "eesd")
@@ -141,8 +141,8 @@ class SlotDecoder:
         prefill_rows(self.adapter, cache, rows, selector, self.exit_layer, self.head)
         running.token, running.position = rows.tokens[0], rows.positions[0]
 
-    def round(self, slots: Sequence[_Running]) -> None:
-        """One decode round over the requests in rows 0 .. len(slots) - 1."""
+    def round(self, slots: Sequence[_Running]) -> int:
+        """One decode round over the requests in rows 0 .. len(slots) - 1; returns its draft steps (0: an AR step)."""
         passes = self._passes_for(len(slots))
         passes.selector.restart([len(s.prompt) for s in slots], self.config.seed)
         passes.cache.lengths = [[s.position for s in slots] for _ in range(passes.cache.num_layers)]
@@ -150,12 +150,14 @@ class SlotDecoder:
             prompts=[s.prompt for s in slots], sinks=[s.sink for s in slots],
             tokens=[s.token for s in slots], positions=[s.position for s in slots],
         )  # fmt: skip
+        steps = 0
         if self.method == "ar":
             self._ar_step(passes, rows)
         else:
-            self._eesd_round(passes, rows, [s.policy for s in slots])  # type: ignore[misc]
+            steps = self._eesd_round(passes, rows, [s.policy for s in slots])  # type: ignore[misc]
         for running, token, position in zip(slots, rows.tokens, rows.positions, strict=True):
             running.token, running.position = token, position
+        return steps
 
     def move(self, source: int, target: int, length: int) -> None:
         """Row `source`'s valid KV (positions < `length`) into row `target`, in every cache layer."""
@@ -182,13 +184,13 @@ class SlotDecoder:
             rows.commit(row, tokens)
         self.stats.rounds += 1
 
-    def _eesd_round(self, passes: Passes, rows: Rows, policies: list[DraftPolicy]) -> None:
-        """`executor.decoding.decode_eesd`'s round, every row active."""
+    def _eesd_round(self, passes: Passes, rows: Rows, policies: list[DraftPolicy]) -> int:
+        """`executor.decoding.decode_eesd`'s round, every row active; returns its draft steps."""
         stats = self.stats
         budgets = draw_budgets(rows, policies, 0)
         if chains_zero_rounds(passes) and not any(budgets):
             zero_draft_rounds(passes, rows, policies, stats, 1)
-            return
+            return 0
         counts = draft_steps(passes, rows, policies, budgets, stats)
         k = max(counts)
         verify_pass(passes, rows, k, counts)
@@ -201,6 +203,7 @@ class SlotDecoder:
             stats.accepted.append(accepted)
         passes.cache.rollback(rows.positions)
         stats.rounds += 1
+        return k
 
 
 def check_serving(method: str, config: SamplingConfig) -> None:
@@ -386,7 +389,9 @@ class _ServeLoop:
         record.start_s = now()
         decoder.prefill(len(self.slots), running)
         record.first_token_s = now()
-        self.result.prefill_s += record.first_token_s - record.start_s
+        seconds = record.first_token_s - record.start_s
+        self.result.prefill_s += seconds
+        self.result.passes.append(PassLog("prefill", record.start_s, seconds, 1, len(running.prompt)))
         record.tokens = len(sink.tokens)
         self.result.tokens += record.tokens
         if sink.done:
@@ -400,8 +405,11 @@ class _ServeLoop:
         slots, result = self.slots, self.result
         start = now()
         before = [len(s.sink.tokens) for s in slots]
-        self.decoder.round(slots)
+        context = round(sum(s.position + 1 for s in slots) / len(slots))  # as the simulator's rows count it
+        furthest = max(s.position for s in slots)
+        steps = self.decoder.round(slots)
         end = now()
+        result.passes.append(PassLog("round", start, end - start, len(slots), steps, context, furthest))
         result.decode_s += end - start
         result.batch_time_s += len(slots) * (end - start)
         result.rounds += 1

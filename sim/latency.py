@@ -6,7 +6,8 @@ decoder layer + shared LM head), `lm_head` (final norm + LM head; also the share
 `prefill`. A query gives q (tokens per sequence in the pass), context_len (tokens already cached) and batch.
 
 Three models: `ConstantLatency` (for tests), `RooflineLatency` (GPU spec + model shape, no measurements needed) and
-`ProfileLatency` (a calibration profile, interpolated; queries outside the grid are extrapolated and flagged).
+`ProfileLatency` (a calibration profile, interpolated; queries outside the grid are extrapolated and flagged); and
+`ScaledLatency`, another model's times scaled by phase and batch (a validation's diagnostic).
 Tensor-parallel communication is not part of a component; `sim.cost` adds it per stage.
 """
 
@@ -159,6 +160,31 @@ class ProfileLatency:
             self.extrapolated = self.extrapolated or outside
         self._cache[key] = value
         return value
+
+
+@dataclass(frozen=True)
+class ScaledLatency:
+    """Another latency model's times multiplied: a prefill's by `prefill`, a draft or verify pass's by `decode[batch]`
+    (`decode_default` for a batch without a factor of its own). What a run's own measurements say of the profile it
+    is compared with (a shared box running slower than when it was profiled, or a batch size the profile gets wrong),
+    applied to that profile: a diagnostic that keeps the box's speed apart from the model's error, not a calibration."""
+
+    inner: LatencyModel
+    decode: Mapping[int, float] = field(default_factory=dict)
+    prefill: float = 1.0
+    decode_default: float = 1.0
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.inner.cuda_graphs
+
+    @property
+    def extrapolated(self) -> bool:
+        return self.inner.extrapolated
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        factor = self.prefill if phase == "prefill" else self.decode.get(batch, self.decode_default)
+        return factor * self.inner.time_us(component, phase, q, context_len, batch)
 
 
 @dataclass(frozen=True)

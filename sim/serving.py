@@ -317,9 +317,26 @@ class RequestRecord:
         return (self.finish_s - self.first_token_s) / (self.tokens - 1) if self.tokens > 1 else None
 
 
+@dataclass(frozen=True, slots=True)
+class PassLog:
+    """One prefill or decode round of a serving run, as it ran: its start and duration (s from the run's start), its
+    batch, its tokens (a prefill's prompt length; a round's draft steps, 0 for an AR step), and its rows' mean
+    context (positions already cached) and furthest written position at the round's start (0 for a prefill). The
+    simulator and the executor log the same fields, so a logged round can be costed by the simulator
+    (`ServingSimulation.logged_us`) and set beside its measured time."""
+
+    kind: Literal["prefill", "round"]
+    start_s: float
+    seconds: float
+    batch: int
+    tokens: int
+    context: int = 0
+    furthest: int = 0
+
+
 @dataclass
 class ServingResult:
-    """A serving run: every request's record and the device's totals (seconds)."""
+    """A serving run: every request's record, the device's totals (seconds) and every prefill and round (`passes`)."""
 
     method: str
     max_batch: int
@@ -335,6 +352,7 @@ class ServingResult:
     tokens: int = 0  # counted as produced, round by round
     in_system_s: float = 0.0  # integral over time of the number of requests in the system
     extrapolated: bool = False
+    passes: list[PassLog] = field(default_factory=list)
 
 
 class Admission:
@@ -520,10 +538,11 @@ class ServingSimulation:
                 self.wake = env.event()
                 yield self.wake
                 continue
-            start = env.now
-            yield from round_fn(running)
+            start, context, furthest = env.now, self._context(running), self._furthest(running)
+            steps = yield from round_fn(running)
             elapsed_s = (env.now - start) / 1e6
             result = self.result
+            result.passes.append(PassLog("round", start / 1e6, elapsed_s, len(running), steps, context, furthest))
             result.decode_s += elapsed_s
             result.batch_time_s += len(running) * elapsed_s
             result.rounds += 1
@@ -532,13 +551,12 @@ class ServingSimulation:
                 running[:] = [row for row in running if not self._finish_if_done(row)]
 
     def _prefill(self, request: Request, running: list[_Row]) -> Generator[simpy.Event, Any, None]:
-        plan, record = self.plan, self.records[request.index]
+        record = self.records[request.index]
         record.start_s = self.env.now / 1e6
-        segments = ((0, plan.model.num_layers, request.prompt_len),)  # the name keys `pass_us`'s cache: one per length
-        prefill = Pass(f"prefill q={request.prompt_len}", "prefill", segments, lm_head_q=1)
-        duration_us = self.pass_us(prefill, 0, 1)
+        duration_us = self.prefill_us(request.prompt_len)
         yield self.env.timeout(duration_us)
         self.result.prefill_s += duration_us / 1e6
+        self.result.passes.append(PassLog("prefill", record.start_s, duration_us / 1e6, 1, request.prompt_len))
         record.first_token_s = self.env.now / 1e6
         record.tokens = 1
         self.result.tokens += 1
@@ -569,15 +587,18 @@ class ServingSimulation:
         return True
 
     # ---- rounds ------------------------------------------------------------------------------------------------------
-    def _ar_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, None]:
-        yield self.env.timeout(self.pass_us(self.decode, self._context(rows), len(rows), self._furthest(rows)))
+    def _ar_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, int]:
+        """One AR step of the batch; returns its draft steps (0)."""
+        yield self.env.timeout(self.round_us(len(rows), 0, self._context(rows), self._furthest(rows)))
         for row in rows:
             row.generated += 1
             row.remaining -= 1
             row.record.tokens += 1
         self.result.tokens += len(rows)
+        return 0
 
-    def _eesd_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, None]:
+    def _eesd_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, int]:
+        """One draft-then-verify round of the batch (an AR step where no row drafts); returns its draft steps."""
         drafting = []
         for row in rows:
             row.limit = round_budget(row.policy, row.remaining)
@@ -585,20 +606,16 @@ class ServingSimulation:
             row.all_match = True
             if row.limit > 0:
                 drafting.append(row)
-        batch, context, furthest = len(rows), self._context(rows), self._furthest(rows)
         if not drafting:  # a round in which no row drafts is one AR step
             yield from self._ar_round(rows)
             for row in rows:
                 row.policy.update(0, 0)
-            return
-        draft = self.draft_read if any(row.policy.needs_confidence for row in rows) else self.draft
-        while drafting:
-            yield self.env.timeout(self.pass_us(draft, context, batch, furthest))
-            context += 1
-            furthest += 1
+            return 0
+        while drafting:  # the batch drafts while any row drafts
             drafting = [row for row in drafting if self._draft_one(row)]
         k = max(row.drafted for row in rows)
-        yield self.env.timeout(self.pass_us(self._verify(k), context, batch, furthest))
+        reads = any(row.policy.needs_confidence for row in rows)
+        yield self.env.timeout(self.round_us(len(rows), k, self._context(rows), self._furthest(rows), reads))
         result, emitted_total = self.result, 0
         for row in rows:
             row.policy.update(row.drafted, row.accepted)
@@ -610,6 +627,7 @@ class ServingSimulation:
             result.drafted += row.drafted
             result.accepted += row.accepted
         result.tokens += emitted_total
+        return k
 
     def _draft_one(self, row: _Row) -> bool:
         """The row's next draft (position `generated + drafted`); whether it drafts again this round."""
@@ -627,6 +645,28 @@ class ServingSimulation:
             work = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=plan.head_layer_at)
             self.verify[k] = work
         return work
+
+    # ---- costs -------------------------------------------------------------------------------------------------------
+    def round_us(self, batch: int, steps: int, context: int, furthest: int, reads: bool = False) -> float:
+        """A decode round of `batch` rows at mean context `context`, its furthest written position `furthest`: one AR
+        step (`steps` = 0), or `steps` draft steps (each reading the device if `reads`: a policy that stops on the
+        draft's confidence) then the verify pass of `steps` drafts."""
+        if steps == 0:
+            return self.pass_us(self.decode, context, batch, furthest)
+        draft = self.draft_read if reads else self.draft
+        total = sum(self.pass_us(draft, context + i, batch, furthest + i) for i in range(steps))
+        return total + self.pass_us(self._verify(steps), context + steps, batch, furthest + steps)
+
+    def prefill_us(self, prompt_len: int) -> float:
+        """A request's prefill: a batch-1 pass of `prompt_len` tokens through every layer, the LM head at its last."""
+        segments = ((0, self.plan.model.num_layers, prompt_len),)  # the name keys `pass_us`'s cache: one per length
+        return self.pass_us(Pass(f"prefill q={prompt_len}", "prefill", segments, lm_head_q=1), 0, 1)
+
+    def logged_us(self, log: PassLog, reads: bool = False) -> float:
+        """What this simulation's costs say a logged prefill or round (another run's, e.g. the executor's) takes."""
+        if log.kind == "prefill":
+            return self.prefill_us(log.tokens)
+        return self.round_us(log.batch, log.tokens, log.context, log.furthest, reads)
 
     def _context(self, rows: list[_Row]) -> int:
         """The batch's mean context: a pass over rows of different lengths reads (and multiplies) each row's own
@@ -654,6 +694,18 @@ class ServingSimulation:
             back = plan.return_link.time_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0
             cached = self._costs[key] = sum(durations) + links + back
         return cached
+
+
+def logged_ratios(
+    simulation: ServingSimulation, logs: Sequence[PassLog], reads: bool = False
+) -> dict[str, list[float]]:
+    """Measured over simulated time of each logged prefill and round (another run's, e.g. the executor's), costed by
+    `simulation` at the logged composition; keyed "prefill" and "round b=N" (N the batch), in the logs' order."""
+    ratios: dict[str, list[float]] = {}
+    for log in logs:
+        key = "prefill" if log.kind == "prefill" else f"round b={log.batch}"
+        ratios.setdefault(key, []).append(log.seconds * 1e6 / simulation.logged_us(log, reads))
+    return ratios
 
 
 def simulate_serving(point: ServingPoint) -> ServingResult:

@@ -118,6 +118,38 @@ def test_kv_budget_limits_what_runs_at_once():
         assert output == alone(model, prompt, request.output_len, None)
 
 
+def test_the_executor_logs_the_rounds_the_simulator_runs(tmp_path):
+    """With every request there at time 0 the schedule does not depend on the passes' speed: the executor's log of
+    prefills and rounds (`ServingResult.passes`) has the simulator's compositions (batch, draft steps, mean context,
+    furthest position), so a simulator can cost each measured round at what it ran; measured times are positive and
+    add up to the run's prefill and decode times."""
+    import yaml
+
+    from sim.serving import ServingSimulation, load_serving_points
+
+    lengths = [(5, 9), (11, 3), (2, 14), (7, 6), (9, 1), (4, 8), (13, 5)]  # (prompt, output) per request
+    model = tiny_model(TinySpec(num_layers=2, vocab=60, seed=4))
+    requests = tuple(Request(i, p, o, 0.0) for i, (p, o) in enumerate(lengths))
+    prompts = [[1 + (3 * i + j) % 50 for j in range(p)] for i, (p, _) in enumerate(lengths)]
+    served = serve(model, ServingWorkload(requests), prompts, max_batch=3).result
+    trace = "arrival_s,prompt_len,output_len\n" + "".join(f"0.0,{p},{o}\n" for p, o in lengths)
+    (tmp_path / "trace.csv").write_text(trace, encoding="utf-8")
+    workload = {"arrival": {"process": "trace", "path": "trace.csv"}, "prompt_len": {"dist": "trace"},
+                "output_len": {"dist": "trace"}}  # fmt: skip
+    scenario = {"name": "logs", "model": "SmolLM2-135M", "method": "ar", "attention": "context",
+                "latency": {"constant_us": {"layer": 100.0}}, "acceptance": {"alpha": 0.5},
+                "serving": {"workload": workload, "max_batch": 3}}  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
+    (point,) = load_serving_points(tmp_path / "s.yaml")
+    simulated = ServingSimulation(point.plan, point.workload, 3, None).run()
+    shape = lambda logs: [(g.kind, g.batch, g.tokens, g.context, g.furthest) for g in logs]  # noqa: E731
+    assert shape(served.passes) == shape(simulated.passes)
+    assert [g.batch for g in served.passes if g.kind == "round"][:2] == [3, 3]
+    assert all(g.seconds > 0 for g in served.passes)
+    assert sum(g.seconds for g in served.passes if g.kind == "prefill") == pytest.approx(served.prefill_s)
+    assert sum(g.seconds for g in served.passes if g.kind == "round") == pytest.approx(served.decode_s)
+
+
 def test_bad_serving_inputs_refused():
     model = tiny_model(TinySpec(num_layers=2, vocab=50))
     workload = ServingWorkload((Request(0, 3, 4, 0.0),))

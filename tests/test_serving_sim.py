@@ -341,3 +341,66 @@ def test_each_prefill_is_costed_at_its_own_prompt_length(tmp_path):
     result = ServingSimulation(plan, point.workload, point.max_batch, None).run()
     prefill_us = [(r.first_token_s - r.start_s) * 1e6 for r in result.records]
     assert prefill_us == pytest.approx([30 * LAYER_US * q for q in lengths])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Varying:
+    """Latencies that change with every argument a pass is costed at (so a pass costed at the wrong q, context or
+    batch costs something else)."""
+
+    cuda_graphs: bool = False
+    extrapolated: bool = False
+
+    def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        weight = {"layer": 10.0, "lm_head": 31.0, "exit_head": 17.0, "overhead": 3.0, "embed": 1.0}[component]
+        return weight * (1 + q + 0.01 * context_len + 0.37 * batch + 0.5 * (phase == "draft"))
+
+
+@pytest.mark.parametrize(
+    ("method", "policy", "attention"),
+    [("ar", "fixed:3", "context"), ("eesd", "fixed:3", "context"), ("eesd", "beta-ts:max=5", "buckets"),
+     ("eesd", "heuristic:2,max=6", "context")],
+)  # fmt: skip
+def test_every_prefill_and_round_is_logged_at_the_cost_it_was_charged(tmp_path, method, policy, attention):
+    """The run's log (`ServingResult.passes`) holds each prefill and round once, in the order they ran, and costing a
+    logged one again (`logged_us`, as the executor's logs are costed) gives the time the run charged for it."""
+    from sim.policy import make_policy
+    from sim.serving import ServingSimulation, logged_ratios
+
+    workload = poisson(60, 40.0, prompt={"dist": "uniform", "low": 4, "high": 90}, seed=5)
+    scenario = write_scenario(
+        tmp_path, {"workload": workload, "methods": [method], "max_batch": 4}, policy=policy, attention=attention
+    )
+    (point,) = load_serving_points(scenario)
+    stages = tuple(dataclasses.replace(stage, latency=_Varying()) for stage in point.plan.stages)
+    point = dataclasses.replace(point, plan=dataclasses.replace(point.plan, stages=stages))
+    result = ServingSimulation(point.plan, point.workload, point.max_batch, None).run()
+    prefills = [log for log in result.passes if log.kind == "prefill"]
+    rounds = [log for log in result.passes if log.kind == "round"]
+    assert [log.tokens for log in prefills] == [r.prompt_len for r in point.workload.requests]
+    assert sum(log.seconds for log in prefills) == pytest.approx(result.prefill_s, rel=1e-12)
+    assert sum(log.seconds for log in rounds) == pytest.approx(result.decode_s, rel=1e-12)
+    assert (len(rounds), sum(log.batch for log in rounds)) == (result.rounds, result.row_rounds)
+    starts = [log.start_s for log in result.passes]
+    assert starts == sorted(starts)
+    assert all(a.start_s + a.seconds <= b.start_s + 1e-12 for a, b in zip(result.passes, result.passes[1:]))
+    steps = {log.tokens for log in rounds}  # a round's draft steps: 0 for AR, several counts for EESD
+    assert steps == {0} if method == "ar" else len(steps) > 1
+    reads = make_policy(policy).needs_confidence
+    fresh = ServingSimulation(point.plan, point.workload, point.max_batch, None)  # its pass costs not yet cached
+    ratios = logged_ratios(fresh, result.passes, reads)
+    assert sum(len(values) for values in ratios.values()) == len(result.passes)
+    assert all(value == pytest.approx(1.0, rel=1e-9) for values in ratios.values() for value in values)
+    assert {key for key in ratios if key != "prefill"} == {f"round b={log.batch}" for log in rounds}
+
+
+def test_scaled_latency_by_phase_and_batch():
+    from sim.latency import ConstantLatency, ScaledLatency
+
+    inner = ConstantLatency({"layer": 100.0})
+    scaled = ScaledLatency(inner, decode={2: 1.5, 4: 0.5}, prefill=2.0, decode_default=1.25)
+    assert scaled.time_us("layer", "prefill", 40, 0, 1) == 200.0
+    assert [scaled.time_us("layer", "verify", 1, 64, b) for b in (1, 2, 3, 4)] == [125.0, 150.0, 125.0, 50.0]
+    assert scaled.time_us("layer", "draft", 1, 64, 4) == 50.0
+    assert scaled.time_us("lm_head", "verify", 1, 64, 2) == 0.0
+    assert not scaled.cuda_graphs and not scaled.extrapolated
