@@ -23,7 +23,8 @@ whether the box's speed or the profile's.
     python benchmarks/serving_cpu.py                    # writes benchmarks/results/serving_cpu.json (~25 minutes)
     python benchmarks/serving_cpu.py --cases rate0.4    # one load only
     python benchmarks/serving_cpu.py --cases rate1.2 --first 8 --out /tmp/look.json   # a quick look
-    python benchmarks/serving_cpu.py --recalibrate      # the serving profile measured again first (~5 minutes more)
+    python benchmarks/serving_cpu.py --recalibrate      # the serving profile measured again first (~3 minutes more)
+    python benchmarks/serving_cpu.py --recalibrate --visits 3   # ... in three visits of the grid (a drifting box)
     python benchmarks/serving_cpu.py --write-workloads  # regenerate the workload files (needs the tokenizer)
 """
 
@@ -262,6 +263,10 @@ def main() -> int:
         "--recalibrate", action="store_true",
         help="measure the scenario's latency profile again first, in place (a shared box's speed drifts)",
     )  # fmt: skip
+    parser.add_argument(
+        "--visits", type=int, default=None,
+        help="with --recalibrate: time the profile in this many visits of the grid (3 repeats each; a drifting box)",
+    )  # fmt: skip
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     parser.add_argument("--first", type=int, default=None, help="serve only each workload's first N requests (a look)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the profile)")
@@ -276,7 +281,7 @@ def main() -> int:
 
         from executor.cli import main as eesd
 
-        status = eesd(recalibrate_argv(SCENARIO, threads=args.threads))
+        status = eesd(recalibrate_argv(SCENARIO, threads=args.threads, visits=args.visits))
         if status:
             return status
     from calibrate.validate import write_json

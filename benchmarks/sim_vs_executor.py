@@ -68,9 +68,10 @@ def main() -> int:
     return eesd(argv)
 
 
-def recalibrate_argv(scenario: Path, threads: int) -> list[str]:
+def recalibrate_argv(scenario: Path, threads: int, visits: int | None = None) -> list[str]:
     """`eesd calibrate latency` arguments that measure the scenario's latency profile again, in place: its model,
-    device, dtype, kernels and grid, with `threads` torch threads."""
+    device, dtype, kernels, grid, warm-up, repeats and visits, with `threads` torch threads; `visits` N instead
+    times it in N visits of 3 repeats after 1 warm-up call (`calibrate.latency`)."""
     data = yaml.safe_load(scenario.read_text())
     path = (scenario.parent / data["latency"]["profile"]["path"]).resolve()
     meta = read_latency_profile(path).metadata
@@ -79,10 +80,12 @@ def recalibrate_argv(scenario: Path, threads: int) -> list[str]:
     if latency_profile_name(meta["model"], meta["device_type"], dtype, kernels) != path.name:
         raise SystemExit(f"{path}: calibrate latency would write another file name; rename the profile first")
     joined = {key: ",".join(str(v) for v in grid[key]) for key in ("q", "context_len", "batch", "prefill_q")}
+    timing = (meta["warmup"], meta["repeats"], meta.get("visits", 1)) if visits is None else (1, 3, visits)
     return [
         "calibrate", "latency", "--model", meta["model"], "--device", meta["device_type"],
         "--dtype", dtype, "--threads", str(threads), "--q", joined["q"],
         "--context", joined["context_len"], "--batch", joined["batch"], "--prefill", joined["prefill_q"],
+        "--warmup", str(timing[0]), "--repeats", str(timing[1]), "--visits", str(timing[2]),
         *(["--kernels", kernels] if kernels != "eager" else []), "--out", str(path.parent), "--force",
     ]  # fmt: skip
 

@@ -56,6 +56,11 @@ def _latency_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 cpu, 5 cuda)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 7 cpu, 20 cuda)")
+    p.add_argument(
+        "--visits", type=int, default=1,
+        help="time the whole grid this many times over; a point's median is its visits' median (default: 1; a "
+        "shared box whose speed drifts: 3, with --repeats 3 --warmup 1)",
+    )  # fmt: skip
     p.add_argument("--layers", type=int, default=None, help="keep this many layers of a config/shape model")
     p.add_argument("--max-new-points", type=int, default=None, help="stop after N measurements (rerun continues)")
 

@@ -24,6 +24,12 @@ Kernels (`--kernels`): `eager` times each layer as `capture="graph"` runs it (th
 `layer` and `exit_head` alike. Prefill stays eager, as in the executor (a prompt's length varies). Each (q, context,
 batch) shape compiles once (seconds), so a compiled profile wants a smaller grid (`COMPILED_GPU_GRID`).
 
+Visits (`--visits N`, default 1): the whole grid is timed N times over, each visit `--repeats` samples per point after
+`--warmup`; a point's median is the median of its visits' medians, its p10 / p90 the lowest p10 and highest p90 of
+its visits. On a shared box whose speed drifts by tens of percent within seconds, a slow spell then lands on one visit
+of many points (outvoted by their other visits) instead of on every sample of a few: one visit at a time, two points
+that run the same work (a draft-phase and a verify-phase layer at q = 1) were seen to differ by 45% on the 2-core box.
+
 Resumable: every finished measurement is appended to `<out>.partial.jsonl` (first line: the settings); a rerun with
 the same settings continues from it; the profile is written atomically at the end and the partial file removed.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -89,8 +96,11 @@ class LatencySettings:
     graph_modes: tuple[bool, ...]
     timer: TimerSpec
     kernels: str = "eager"  # one of KERNELS
+    visits: int = 1  # times the whole grid is timed over (module docstring)
 
     def __post_init__(self) -> None:
+        if isinstance(self.visits, bool) or not isinstance(self.visits, int) or self.visits < 1:
+            raise ValueError(f"--visits must be an integer >= 1, got {self.visits!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.kernels == "compiled" and self.timer.device.type == "cuda" and self.graph_modes != (True,):
@@ -198,7 +208,7 @@ class PartialResults:
 
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
         self.path = path
-        self.records: dict[GridPoint, LatencyRecord] = {}
+        self.records: dict[tuple[GridPoint, int], LatencyRecord] = {}  # by (point, visit)
         self.spot_check: list[dict[str, Any]] | None = None
         lines = _intact_lines(path) if path.exists() else []
         if lines:
@@ -219,13 +229,13 @@ class PartialResults:
             entry = _parse_json_line(self.path, number, line)
             if "record" in entry:
                 record = _record(self.path, number, entry["record"])
-                self.records[_point_of(record)] = record
+                self.records[(_point_of(record), _visit(self.path, number, entry))] = record
             elif "spot_check" in entry:
                 self.spot_check = entry["spot_check"]
 
-    def add(self, record: LatencyRecord) -> None:
-        self._append({"record": asdict(record)})
-        self.records[_point_of(record)] = record
+    def add(self, record: LatencyRecord, visit: int = 0) -> None:
+        self._append({"record": asdict(record), **({"visit": visit} if visit else {})})
+        self.records[(_point_of(record), visit)] = record
 
     def set_spot_check(self, spot_check: list[dict[str, Any]]) -> None:
         self._append({"spot_check": spot_check})
@@ -284,6 +294,15 @@ def _parse_json_line(path: Path, number: int, line: str) -> dict[str, Any]:
     return entry
 
 
+def _visit(path: Path, number: int, entry: dict[str, Any]) -> int:
+    visit = entry.get("visit", 0)
+    if isinstance(visit, bool) or not isinstance(visit, int) or visit < 0:
+        raise ValueError(
+            f"{path}:{number}: visit must be an integer >= 0, got {visit!r}; delete the file to start over"
+        )
+    return visit
+
+
 def _point_of(record: LatencyRecord) -> GridPoint:
     return GridPoint(record.component, record.phase, record.q, record.context_len, record.batch, record.cuda_graphs)
 
@@ -335,12 +354,14 @@ def run_points(
     timer: TimerSpec,
     max_new_points: int | None,
     progress: bool,
+    visits: int = 1,
 ) -> bool:
-    """Measure the points not yet in `partial`; False when stopped early by `max_new_points`."""
-    todo = [p for p in points if p not in partial.records]
-    bar = progress_bar(len(points), "latency", "pt", progress, initial=len(points) - len(todo))
+    """Measure the (point, visit) pairs not yet in `partial`, visit by visit; False when stopped by `max_new_points`."""
+    every = [(point, visit) for visit in range(visits) for point in points]
+    todo = [key for key in every if key not in partial.records]
+    bar = progress_bar(len(every), "latency", "pt", progress, initial=len(every) - len(todo))
     cached: tuple[tuple, Inputs] | None = None
-    for count, point in enumerate(todo):
+    for count, (point, visit) in enumerate(todo):
         if max_new_points is not None and count >= max_new_points:
             bar.close()
             return False
@@ -348,14 +369,21 @@ def run_points(
             cached = None  # free the previous point's cache first
             cached = (point.shape_key, make_inputs(adapter, point.q, point.context_len, point.batch))
         summary = measure(adapter, point, cached[1], timer)
-        partial.add(LatencyRecord(**asdict(point), **asdict(summary)))
+        partial.add(LatencyRecord(**asdict(point), **asdict(summary)), visit)
         bar.update(1)
     bar.close()
     return True
 
 
-def _sorted_records(records: dict[GridPoint, LatencyRecord], points: list[GridPoint]) -> Iterator[LatencyRecord]:
-    return (records[p] for p in points)
+def combined_records(
+    records: dict[tuple[GridPoint, int], LatencyRecord], points: list[GridPoint], visits: int
+) -> Iterator[LatencyRecord]:
+    """One record per point: the median of its visits' medians, the lowest p10 and the highest p90."""
+    for point in points:
+        measured = [records[(point, visit)] for visit in range(visits)]
+        median = statistics.median(r.median_us for r in measured)
+        yield LatencyRecord(**asdict(point), median_us=median, p10_us=min(r.p10_us for r in measured),
+                            p90_us=max(r.p90_us for r in measured))  # fmt: skip
 
 
 def profile_path(out_dir: Path, model: str, device: torch.device, dtype_name: str, kernels: str = "eager") -> Path:
@@ -401,12 +429,13 @@ def calibrate_latency(
         "warmup": settings.timer.warmup,
         "repeats": settings.timer.repeats,
         "layers": adapter.num_layers,
+        **({"visits": settings.visits} if settings.visits > 1 else {}),  # partial files of one visit stay valid
     }
     fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back from the file
     partial = PartialResults(out_path.with_name(out_path.name + ".partial.jsonl"), fingerprint)
     if partial.spot_check is None:
         partial.set_spot_check(spot_check_layers(adapter, settings))
-    if not run_points(adapter, points, partial, settings.timer, max_new_points, progress):
+    if not run_points(adapter, points, partial, settings.timer, max_new_points, progress, settings.visits):
         return None
     full = {
         **metadata,
@@ -419,9 +448,10 @@ def calibrate_latency(
         "grid": asdict(settings.grid),
         "warmup": settings.timer.warmup,
         "repeats": settings.timer.repeats,
+        "visits": settings.visits,
         "timer": "cuda events" if settings.timer.device.type == "cuda" else "time.perf_counter",
         "layer_spot_check": partial.spot_check,
     }
-    write_latency_profile(out_path, full, _sorted_records(partial.records, points))
+    write_latency_profile(out_path, full, combined_records(partial.records, points, settings.visits))
     partial.path.unlink()
     return out_path

@@ -130,7 +130,7 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
         timer = TimerSpec(device, timer.warmup, 7)
     if args.max_new_points is not None and args.max_new_points < 0:
         raise ValueError(f"--max-new-points must be >= 0, got {args.max_new_points}")
-    settings = LatencySettings(grid, graph_modes(args, device, kernels), timer, kernels)
+    settings = LatencySettings(grid, graph_modes(args, device, kernels), timer, kernels, args.visits)
     if kernels == "compiled":
         shapes = compiled_shapes(plan_points(grid, settings.graph_modes))
         print(f"compiled kernels: {shapes} shapes to compile, a few seconds each (a smaller grid: --q, --context)")

@@ -4,6 +4,7 @@ contention profiles from a GPU benchmark's rows."""
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -142,6 +143,57 @@ def test_latency_resumes_from_partial_results(tiny_config: Path, tmp_path: Path)
     records = read_latency_profile(path).records
     assert [r.median_us for r in records[:5]] == [r["median_us"] for r in first]  # kept, not measured again
     assert not partial.exists()
+
+
+def test_visits_time_the_grid_over_and_take_the_median_of_medians(tiny_config: Path, tmp_path: Path) -> None:
+    """--visits 3: every point timed in three visits of the whole grid, visit after visit (resumable across
+    interruptions); a point's median is the median of its three, its p10 / p90 the lowest / highest."""
+    out = tmp_path / "out"
+    grid = ["--q", "1", "--context", "8", "--batch", "1,2", "--visits", "3"]
+    points = len(plan_points(Grid(q=(1,), context_len=(8,), batch=(1, 2), prefill_q=(16,)), (False,)))
+    assert _latency(tiny_config, out, *grid, "--max-new-points", str(points + 3)) == 3
+    assert _latency(tiny_config, out, *grid, "--max-new-points", str(2 * points - 4)) == 3  # all but the last one
+    (partial,) = out.glob("*.partial.jsonl")
+    entries = [json.loads(line) for line in partial.read_text().splitlines()[1:]]
+    entries = [entry for entry in entries if "record" in entry]
+    assert [entry.get("visit", 0) for entry in entries] == [0] * points + [1] * points + [2] * (points - 1)
+    assert _latency(tiny_config, out, *grid) == 0
+    (path,) = out.glob("latency_*.csv")
+    profile = read_latency_profile(path)
+    assert profile.metadata["visits"] == 3 and len(profile.records) == points
+    for index, record in enumerate(profile.records[:-1]):  # the last point's third visit is not in `entries`
+        visits = [entries[index + visit * points]["record"] for visit in range(3)]
+        assert all(LatencyRecord(**v).component == record.component for v in visits)
+        assert record.median_us == statistics.median(v["median_us"] for v in visits)
+        assert (record.p10_us, record.p90_us) == (min(v["p10_us"] for v in visits), max(v["p90_us"] for v in visits))
+
+
+def test_combined_records_take_the_median_of_the_visits() -> None:
+    from calibrate.latency import GridPoint, combined_records
+
+    point = GridPoint("layer", "verify", 1, 8, 1, False)
+    visits = [LatencyRecord("layer", "verify", 1, 8, 1, False, m, lo, hi) for m, lo, hi in
+              [(30.0, 28.0, 31.0), (10.0, 9.0, 45.0), (12.0, 11.5, 12.5)]]  # fmt: skip
+    (record,) = combined_records({(point, i): r for i, r in enumerate(visits)}, [point], 3)
+    assert (record.median_us, record.p10_us, record.p90_us) == (12.0, 9.0, 45.0)
+    assert (record.component, record.batch) == ("layer", 1)
+
+
+@pytest.mark.parametrize("visit", [-1, "1", True, 1.5])
+def test_a_partial_line_with_a_bad_visit_is_an_error_naming_it(tmp_path: Path, visit) -> None:
+    path = tmp_path / "p.partial.jsonl"
+    PartialResults(path, {"a": 1}).add(_record(0), 2)
+    ((point, visit),) = PartialResults(path, {"a": 1}).records
+    assert (point.q, visit) == (1, 2)
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"record": asdict(_record(1)), "visit": visit}) + "\n")
+    with pytest.raises(ValueError, match=r"p\.partial\.jsonl:3: visit must be an integer >= 0"):
+        PartialResults(path, {"a": 1})
+
+
+def test_bad_visits_refused(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    assert _latency(tiny_config, tmp_path / "out", "--visits", "0") != 0
+    assert "--visits must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def _record(index: int) -> LatencyRecord:

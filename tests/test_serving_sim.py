@@ -405,3 +405,26 @@ def test_scaled_latency_by_phase_and_batch():
     assert scaled.time_us("layer", "draft", 1, 64, 4) == 50.0
     assert scaled.time_us("lm_head", "verify", 1, 64, 2) == 0.0
     assert not scaled.cuda_graphs and not scaled.extrapolated
+
+
+def test_recalibrating_a_scenario_profile_keeps_its_timing_or_takes_visits():
+    """`benchmarks/sim_vs_executor.recalibrate_argv` (used by serving_cpu.py and sim_vs_executor.py --recalibrate)
+    measures the scenario's profile again with its own grid and timing, or in N visits of 3 repeats when asked."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from sim_vs_executor import recalibrate_argv
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from sim.formats import read_latency_profile
+
+    scenario = ROOT / "scenarios" / "serving_cpu.yaml"
+    meta = read_latency_profile(ROOT / "calibration" / "cpu" / "serving" / "latency_smollm2-135m_cpu_fp32.csv").metadata
+    argv = recalibrate_argv(scenario, threads=1)
+    option = lambda args, name: args[args.index(name) + 1]  # noqa: E731
+    assert argv[:2] == ["calibrate", "latency"] and option(argv, "--model") == meta["model"]
+    assert option(argv, "--batch") == ",".join(str(b) for b in meta["grid"]["batch"])
+    assert (option(argv, "--warmup"), option(argv, "--repeats")) == (str(meta["warmup"]), str(meta["repeats"]))
+    assert option(argv, "--visits") == str(meta.get("visits", 1))
+    visited = recalibrate_argv(scenario, threads=1, visits=3)
+    assert [option(visited, name) for name in ("--warmup", "--repeats", "--visits")] == ["1", "3", "3"]
+    assert option(visited, "--out") == str((ROOT / "calibration" / "cpu" / "serving").resolve())
