@@ -183,8 +183,8 @@ def test_combined_records_take_the_median_of_the_visits() -> None:
 def test_a_partial_line_with_a_bad_visit_is_an_error_naming_it(tmp_path: Path, visit) -> None:
     path = tmp_path / "p.partial.jsonl"
     PartialResults(path, {"a": 1}).add(_record(0), 2)
-    ((point, visit),) = PartialResults(path, {"a": 1}).records
-    assert (point.q, visit) == (1, 2)
+    ((point, kept),) = PartialResults(path, {"a": 1}).records
+    assert (point.q, kept) == (1, 2)
     with open(path, "a") as handle:
         handle.write(json.dumps({"record": asdict(_record(1)), "visit": visit}) + "\n")
     with pytest.raises(ValueError, match=r"p\.partial\.jsonl:3: visit must be an integer >= 0"):
