@@ -12,6 +12,7 @@ simulator's metrics (`sim.serving.metrics`) per method and, with `--json`, write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -83,16 +84,17 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model) if args.prompts != "random" else None
     prompts = bench_prompts(workload, args.prompts, tokenizer, model.config.vocab_size, args.seed)
     eos = model.generation_config.eos_token_id if args.eos else None
-    rows, records = [], {}
+    rows, records, passes = [], {}, {}
     for method in methods:
         row, outcome = serve_once(model, workload, prompts, method, args, eos, slo)
         rows.append(row)
         records[method] = [_record(r) for r in outcome.result.records]
+        passes[method] = [dataclasses.asdict(log) for log in outcome.result.passes]
         if args.compare_ar:
             row["identical_to_ar"] = identical_to_ar(model, workload, prompts, outcome.outputs, eos)
     print(table(rows))
     if args.json is not None:
-        write_json(args.json, _document(args, workload, model, device, rows, records))
+        write_json(args.json, _document(args, workload, model, device, rows, records, passes))
         print(f"wrote {args.json}")
     return 0 if all(row.get("identical_to_ar", True) for row in rows) else 1
 
@@ -177,7 +179,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     return text_table(rows, COLUMNS)
 
 
-def _document(args: argparse.Namespace, workload: Any, model: Any, device: Any, rows: list, records: dict) -> dict:
+def _document(
+    args: argparse.Namespace, workload: Any, model: Any, device: Any, rows: list, records: dict, passes: dict
+) -> dict:
+    """Metadata, a metrics row per method, and per method every request's record and every prefill and decode round
+    the run timed (`sim.serving.PassLog`'s fields: a simulator costs them with `ServingSimulation.logged_us`)."""
     from calibrate.common import base_metadata
 
     metadata = {
@@ -190,7 +196,7 @@ def _document(args: argparse.Namespace, workload: Any, model: Any, device: Any, 
         "eos": args.eos,
         "capture": args.capture,
     }
-    return {"metadata": metadata, "rows": rows, "requests": records}
+    return {"metadata": metadata, "rows": rows, "requests": records, "passes": passes}
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:

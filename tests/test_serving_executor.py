@@ -192,6 +192,13 @@ def test_serve_bench_cli(tmp_path, capsys):
     assert [row["method"] for row in document["rows"]] == ["ar", "eesd"]
     assert all(row["identical_to_ar"] and row["tokens"] == 25 for row in document["rows"])
     assert math.isfinite(document["rows"][0]["tpot_p50_ms"])
+    from sim.serving import PassLog
+
+    for method, logs in document["passes"].items():  # every prefill and round the run timed, as `PassLog`s
+        runs = [PassLog(**log) for log in logs]
+        assert sum(log.kind == "prefill" for log in runs) == 5 and all(log.seconds > 0 for log in runs)
+        if method == "ar":
+            assert {log.tokens for log in runs if log.kind == "round"} == {0}  # an AR round drafts nothing
     assert eesd([*argv[:5], "--methods", "ppsd"]) == 2
     assert "ppsd decodes batch size 1" in capsys.readouterr().err
 
