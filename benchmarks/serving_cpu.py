@@ -215,17 +215,22 @@ def in_run_costs(point: Any, logs: list[Any]) -> tuple[dict[str, Any], dict[str,
 
     reads = point.method == "eesd" and make_policy(point.plan.policy).needs_confidence
     simulation = ServingSimulation(point.plan, point.workload, point.max_batch, point.kv_capacity_tokens)
-    ratios = logged_ratios(simulation, logs, reads)
-    costs: dict[str, Any] = {key: _spread(values) for key, values in sorted(ratios.items())}
-    in_order = [log.seconds * 1e6 / simulation.logged_us(log, reads) for log in logs if log.kind == "round"]
-    costs["rounds"] = _spread(in_order)
-    size = max(1, -(-len(in_order) // 4))  # the logs are in the order the passes ran
+    ratios = logged_ratios(simulation, logs, reads)  # in the order the passes ran
+    groups: dict[tuple[str, int], list[float]] = {}
+    for log, ratio in zip(logs, ratios, strict=True):
+        groups.setdefault((log.kind, log.batch), []).append(ratio)
+    rounds = [ratio for log, ratio in zip(logs, ratios, strict=True) if log.kind == "round"]
+    costs: dict[str, Any] = {
+        "prefill" if kind == "prefill" else f"round b={batch}": _spread(values)
+        for (kind, batch), values in sorted(groups.items())
+    }
+    costs["rounds"] = _spread(rounds)
+    size = max(1, -(-len(rounds) // 4))
     costs["rounds_by_quarter"] = [
-        round(statistics.median(in_order[i : i + size]), 3) for i in range(0, len(in_order), size)
+        round(statistics.median(rounds[i : i + size]), 3) for i in range(0, len(rounds), size)
     ]
-    decode = {int(key.split("=")[1]): statistics.median(v) for key, v in ratios.items() if key != "prefill"}
-    prefill = statistics.median(ratios["prefill"])
-    plan = scaled_plan(point.plan, decode, prefill, statistics.median(in_order))
+    decode = {batch: statistics.median(values) for (kind, batch), values in groups.items() if kind == "round"}
+    plan = scaled_plan(point.plan, decode, statistics.median(groups[("prefill", 1)]), statistics.median(rounds))
     return costs, metrics(simulate_serving(dataclasses.replace(point, plan=plan)), point.slo)
 
 

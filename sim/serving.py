@@ -696,16 +696,10 @@ class ServingSimulation:
         return cached
 
 
-def logged_ratios(
-    simulation: ServingSimulation, logs: Sequence[PassLog], reads: bool = False
-) -> dict[str, list[float]]:
-    """Measured over simulated time of each logged prefill and round (another run's, e.g. the executor's), costed by
-    `simulation` at the logged composition; keyed "prefill" and "round b=N" (N the batch), in the logs' order."""
-    ratios: dict[str, list[float]] = {}
-    for log in logs:
-        key = "prefill" if log.kind == "prefill" else f"round b={log.batch}"
-        ratios.setdefault(key, []).append(log.seconds * 1e6 / simulation.logged_us(log, reads))
-    return ratios
+def logged_ratios(simulation: ServingSimulation, logs: Sequence[PassLog], reads: bool = False) -> list[float]:
+    """Measured over simulated time of each logged prefill and round (another run's, e.g. the executor's), in the
+    logs' order, each costed by `simulation` at its logged composition (`ServingSimulation.logged_us`)."""
+    return [log.seconds * 1e6 / simulation.logged_us(log, reads) for log in logs]
 
 
 def simulate_serving(point: ServingPoint) -> ServingResult:
