@@ -146,6 +146,8 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
             f"(probe {before:.1f} / {after:.1f} ms per AR token, slowdown {slowdown:.2f}; prefill "
             f"{prefill_before:.0f} / {prefill_after:.0f} ms, slowdown {prefill_slowdown:.2f})",
         )
+        in_run_errors = _errors_line(rows[-1]["errors_in_run"])
+        print(f"  its passes / profile: {_costs_line(costs)}; with those costs: {in_run_errors}")
     metadata = {
         **base_metadata(MODEL, adapter.device, adapter.dtype),
         "threads": threads,
@@ -239,6 +241,15 @@ def _spread(values: list[float]) -> dict[str, float]:
     at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
     return {"median": round(statistics.median(ordered), 3), "p10": round(at(0.1), 3), "p90": round(at(0.9), 3),
             "count": len(ordered)}  # fmt: skip
+
+
+def _costs_line(costs: dict[str, Any]) -> str:
+    kinds = [key for key in costs if key == "prefill" or key.startswith("round b=")]
+    return ", ".join(f"{key} {costs[key]['median']:.2f}" for key in kinds)
+
+
+def _errors_line(errors: dict[str, float]) -> str:
+    return ", ".join(f"{key} {100 * value:+.0f}%" for key, value in errors.items())
 
 
 def _row(point: Any, measured: dict, predicted: dict, extrapolated: bool) -> dict[str, Any]:
