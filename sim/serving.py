@@ -539,7 +539,7 @@ class ServingSimulation:
                 yield self.wake
                 continue
             start, context, furthest = env.now, self._context(running), self._furthest(running)
-            steps = yield from round_fn(running)
+            steps = yield from round_fn(running, context, furthest)
             elapsed_s = (env.now - start) / 1e6
             result = self.result
             result.passes.append(PassLog("round", start / 1e6, elapsed_s, len(running), steps, context, furthest))
@@ -587,9 +587,10 @@ class ServingSimulation:
         return True
 
     # ---- rounds ------------------------------------------------------------------------------------------------------
-    def _ar_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, int]:
-        """One AR step of the batch; returns its draft steps (0)."""
-        yield self.env.timeout(self.round_us(len(rows), 0, self._context(rows), self._furthest(rows)))
+    def _ar_round(self, rows: list[_Row], context: int, furthest: int) -> Generator[simpy.Event, Any, int]:
+        """One AR step of the batch (its mean context and furthest position: `_context`, `_furthest`); returns its
+        draft steps (0)."""
+        yield self.env.timeout(self.round_us(len(rows), 0, context, furthest))
         for row in rows:
             row.generated += 1
             row.remaining -= 1
@@ -597,7 +598,7 @@ class ServingSimulation:
         self.result.tokens += len(rows)
         return 0
 
-    def _eesd_round(self, rows: list[_Row]) -> Generator[simpy.Event, Any, int]:
+    def _eesd_round(self, rows: list[_Row], context: int, furthest: int) -> Generator[simpy.Event, Any, int]:
         """One draft-then-verify round of the batch (an AR step where no row drafts); returns its draft steps."""
         drafting = []
         for row in rows:
@@ -607,7 +608,7 @@ class ServingSimulation:
             if row.limit > 0:
                 drafting.append(row)
         if not drafting:  # a round in which no row drafts is one AR step
-            yield from self._ar_round(rows)
+            yield from self._ar_round(rows, context, furthest)
             for row in rows:
                 row.policy.update(0, 0)
             return 0
@@ -615,7 +616,7 @@ class ServingSimulation:
             drafting = [row for row in drafting if self._draft_one(row)]
         k = max(row.drafted for row in rows)
         reads = any(row.policy.needs_confidence for row in rows)
-        yield self.env.timeout(self.round_us(len(rows), k, self._context(rows), self._furthest(rows), reads))
+        yield self.env.timeout(self.round_us(len(rows), k, context, furthest, reads))
         result, emitted_total = self.result, 0
         for row in rows:
             row.policy.update(row.drafted, row.accepted)
