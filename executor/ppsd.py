@@ -693,12 +693,24 @@ def _decode_local(
     head: Any = None,
     sync_every: int = 1,
 ) -> PPSDStats:
-    stats = new_stats(plan, backend, len(prompt))
-    stats.capture = capture
     begin = time.perf_counter()
     needed = len(prompt) + sink.max_new_tokens
     pipeline = local_pipeline(adapter, cache, plan, backend, selector, capture, needed, fallback, head)
-    pipeline.restart(stats, len(prompt), selector.config.seed)
+    stats = prefill_local(pipeline, plan, backend, capture, prompt, sink, begin)
+    decode_local(pipeline, prompt, sink, sync_every)
+    stats.wall_time_s = time.perf_counter() - begin
+    return stats
+
+
+def prefill_local(
+    pipeline: LocalPipeline, plan: StagePlan, backend: str, capture: str, prompt: list[int], sink: TokenSink,
+    begin: float,
+) -> PPSDStats:  # fmt: skip
+    """A generation's first half on a local pipeline: fresh stats, the prompt through every stage and the first
+    token into `sink` (`prefill_time_s` counted from `begin`, a `time.perf_counter()` reading)."""
+    stats = new_stats(plan, backend, len(prompt))
+    stats.capture = capture
+    pipeline.restart(stats, len(prompt), pipeline.selector.config.seed)
     pipeline.selector.start([prompt])
     hidden = None
     for runner in pipeline.runners:
@@ -707,11 +719,17 @@ def _decode_local(
     stats.prefill_time_s = time.perf_counter() - begin
     sink.emit([token])
     commit(pipeline.selector, token)
-    pipeline.begin(token, len(prompt), feed_limit(len(prompt), sink.max_new_tokens))
-    pipeline.decode(sink, sync_every)
     stats.new_tokens = len(sink.tokens)
-    stats.wall_time_s = time.perf_counter() - begin
     return stats
+
+
+def decode_local(pipeline: LocalPipeline, prompt: list[int], sink: TokenSink, sync_every: int) -> None:
+    """A generation's second half, after `prefill_local`: ticks until `sink` is done (`pipeline.stats` counts them)."""
+    stats = pipeline.stats
+    if not sink.done:
+        pipeline.begin(sink.tokens[-1], len(prompt), feed_limit(len(prompt), sink.max_new_tokens))
+        pipeline.decode(sink, sync_every)
+    stats.new_tokens = len(sink.tokens)  # type: ignore[union-attr]
 
 
 def local_pipeline(

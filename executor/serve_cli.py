@@ -30,11 +30,22 @@ COLUMNS = ("method", "tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p90_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", type=Path, required=True, help="workload YAML (see scenarios/workloads/)")
     parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
-    parser.add_argument("--methods", default="ar", help="comma-separated: ar, eesd (default: ar)")
+    parser.add_argument("--methods", default="ar", help="comma-separated: ar, eesd, ppsd (default: ar)")
     parser.add_argument("--exit-layer", type=int, default=None, help="eesd: layers the draft runs (default: L // 2)")
     parser.add_argument("--policy", default="fixed:4", help="eesd: draft policy (default: fixed:4)")
     parser.add_argument("--head", default="shared", help="eesd: exit head, shared | shared:N | FILE")
-    parser.add_argument("--max-batch", type=int, default=8, help="batch slots (default: 8)")
+    parser.add_argument("--max-batch", type=int, default=8, help="batch slots of ar and eesd (default: 8)")
+    parser.add_argument(
+        "--stages", type=int, default=2, help="ppsd: pipeline stages (default: 2); it serves one request at a time, "
+        "drafting at the end of stage 1 (with --head FILE, at the head's exit layer)",
+    )  # fmt: skip
+    parser.add_argument("--stage-boundaries", default=None, help="ppsd: cut points, e.g. 15 or 8,19 (default: even)")
+    parser.add_argument(
+        "--backend",
+        default="sequential",
+        choices=("sequential", "streams"),
+        help="ppsd: stages in turn, or on a GPU one CUDA stream each (default: sequential)",
+    )
     parser.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV budget in tokens (default: none)")
     parser.add_argument("--prompts", default="random", help="random | builtin | humaneval | FILE.jsonl")
     parser.add_argument("--eos", action="store_true", help="stop a request at the model's EOS token too")
@@ -56,10 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    if not methods or any(m not in ("ar", "eesd") for m in methods):
-        hint = " (ppsd decodes batch size 1: it has no batched serving loop)" if "ppsd" in methods else ""
-        raise ValueError(f"--methods must list ar and/or eesd, comma-separated, got {text!r}{hint}")
+    if not methods or any(m not in ("ar", "eesd", "ppsd") for m in methods):
+        raise ValueError(f"--methods must list ar, eesd and/or ppsd, comma-separated, got {text!r}")
     return methods
+
+
+def parse_boundaries(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--stage-boundaries must be comma-separated layer numbers, e.g. 8,19, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from sim.workload import load_workload
 
     methods = parse_methods(args.methods)
+    args.stage_boundaries = parse_boundaries(args.stage_boundaries)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     workload = load_workload(args.workload)
@@ -122,12 +142,18 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
         method=method, exit_layer=args.exit_layer, policy=args.policy, head=args.head, max_batch=args.max_batch,
         kv_capacity_tokens=args.kv_capacity_tokens, eos_token_id=eos, seed=args.seed, capture=args.capture,
     )  # fmt: skip
-    warm, warm_prompts = warm_up_workload(workload, prompts, args.max_batch if args.capture != "none" else 1)
+    if method == "ppsd":  # one request at a time, drafting at the end of stage 1 (or at a head file's exit layer)
+        common.update(max_batch=1, exit_layer=None, stages=args.stages, stage_boundaries=args.stage_boundaries,
+                      backend=args.backend)  # fmt: skip
+    rows = common["max_batch"] if args.capture != "none" else 1
+    warm, warm_prompts = warm_up_workload(workload, prompts, rows)
     serve(model, warm, warm_prompts, **common)
     outcome = serve(model, workload, prompts, **common)
     row = {"method": method, **metrics(outcome.result, slo)}
     if method == "eesd":
         row.update(exit_layer=args.exit_layer, policy=args.policy)
+    if method == "ppsd":
+        row.update(stages=args.stages, stage_boundaries=args.stage_boundaries, backend=args.backend)
     return row, outcome
 
 

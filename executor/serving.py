@@ -16,6 +16,11 @@ are those it gets alone with AR (greedy, or exact sampling for the same seed): p
 attention mask of a static pass sees only slots up to a query's position, and a slot's stale entries past a new
 request's positions are never visible.
 
+PPSD (`method="ppsd"`) serves one request at a time, as the simulator does: its prefill through every stage of a
+local pipeline (`executor.ppsd`, backend "sequential" or on a GPU "streams"), then its whole decode, over one cache
+sized for the workload's longest request; the decode is logged as one pass of kind "ppsd" with its ticks and its
+drafts' verdicts. `max_batch` must be 1.
+
 A view's books (`KVCache.lengths`) are set from the running requests' positions before every round. Greedy and exact
 sampling only; rejection sampling and repetition penalties keep per-row state the slots do not carry over, and are
 refused.
@@ -57,14 +62,32 @@ from executor.decoding import (
 )
 from executor.heads import head_key, resolve_head
 from executor.kv_cache import KVCache
-from executor.passes import Passes, captured_projections, kept_on_model, on_device, resolve_capture
+from executor.passes import (
+    Passes,
+    captured_projections,
+    kept_on_model,
+    on_device,
+    resolve_capture,
+    resolve_sync_every,
+)
+from executor.ppsd import (
+    LocalPipeline,
+    check_backend,
+    decode_local,
+    local_pipeline,
+    make_selector,
+    plan_stages,
+    prefill_local,
+)
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.contract import cache_capacity, default_exit_layer, policy_seed
 from sim.policy import DraftPolicy, make_policy
 from sim.serving import Admission, PassLog, RequestRecord, ServingResult, kv_tokens
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload
 
-SERVE_METHODS = ("ar", "eesd")
+SERVE_METHODS = ("ar", "eesd", "ppsd")
+DEFAULT_MAX_BATCH = 8
+PPSD_BACKENDS = ("sequential", "streams")  # one process: the distributed backend's ranks hold no serving loop
 
 
 @dataclass
@@ -206,14 +229,60 @@ class SlotDecoder:
         return k
 
 
+class PipelineDecoder:
+    """PPSD's device side in serving: one request at a time through a local pipeline (`executor.ppsd`) over one
+    cache of `capacity` positions; `prefill` runs a request's prompt, `decode` its ticks until it is done."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        *,
+        stages: int,
+        stage_boundaries: Sequence[int] | None,
+        exit_layer: int | None,
+        head: Any,
+        backend: str,
+        capacity: int,
+        config: SamplingConfig,
+        eos: list[int],
+        capture: str = "none",
+    ) -> None:
+        self.adapter, self.config, self.eos, self.backend, self.capture = adapter, config, eos, backend, capture
+        self.method, self.capacity = "ppsd", capacity
+        self.plan = plan_stages(adapter.num_layers, stages, stage_boundaries, exit_layer)
+        self.head = resolve_head(head, adapter, self.plan.exit_layer)
+        extra = getattr(self.head, "extra_layers", 0)
+        self.cache = adapter.new_cache(1, capacity, extra_layers=extra) if capture == "none" else None
+        self.sync_every = resolve_sync_every(None, capture)
+        self.pipeline: LocalPipeline | None = None
+        self.stats = GenerationStats(method="ppsd")
+
+    def prefill(self, slot: int, running: _Running) -> None:
+        """The request's prompt through every stage; its first token goes to its sink."""
+        selector = make_selector(self.adapter, len(running.prompt), running.sink, self.config, 0)
+        self.pipeline = local_pipeline(
+            self.adapter, self.cache, self.plan, self.backend, selector, self.capture, self.capacity,
+            self.capture == "auto", self.head,
+        )  # fmt: skip
+        begin = time.perf_counter()
+        prefill_local(self.pipeline, self.plan, self.backend, self.capture, running.prompt, running.sink, begin)
+        running.token, running.position = running.sink.tokens[-1], len(running.prompt)
+
+    def decode(self, running: _Running) -> tuple[int, tuple[bool, ...]]:
+        """The prefilled request's ticks until it is done; returns (ticks, its drafts' verdicts in order)."""
+        pipeline = self.pipeline
+        assert pipeline is not None and pipeline.stats is not None, "decode follows prefill"
+        decode_local(pipeline, running.prompt, running.sink, self.sync_every)
+        stats = pipeline.stats
+        self.stats.rounds += stats.ticks
+        self.stats.drafted += stats.drafted
+        self.stats.accepted += stats.accepted
+        return stats.ticks, tuple(bool(a) for a in stats.accepted)
+
+
 def check_serving(method: str, config: SamplingConfig) -> None:
-    if method == "ppsd":
-        raise ValueError(
-            "method 'ppsd' decodes batch size 1 (one pipeline per request): it has no batched serving loop; use ar "
-            "or eesd"
-        )
     if method not in SERVE_METHODS:
-        raise ValueError(f"method must be ar or eesd for serving, got {method!r}")
+        raise ValueError(f"method must be ar, eesd or ppsd for serving, got {method!r}")
     if config.do_sample and config.mode != "exact":
         raise ValueError(
             f"serving samples with sampling 'exact' only (its tokens keyed by position), got {config.mode}"
@@ -232,7 +301,7 @@ def serve(
     exit_layer: int | None = None,
     policy: str = "fixed:4",
     head: Any = None,
-    max_batch: int = 8,
+    max_batch: int | None = None,
     kv_capacity_tokens: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     sampling: SamplingConfig | None = None,
@@ -240,20 +309,32 @@ def serve(
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
     capture: str = "none",
+    stages: int = 2,
+    stage_boundaries: Sequence[int] | None = None,
+    backend: str = "sequential",
 ) -> ServeOutcome:
     """Serve `workload` (arrival times in seconds from the call, or a closed loop) with continuous batching; request
     i's prompt is `prompts[i]` and it asks for `output_len` new tokens (fewer after an EOS). Returns every request's
     record (`sim.serving.RequestRecord`: arrival, prefill start, first token, finish, in seconds) and tokens. The
-    decode passes run as `capture` says ("none", or on a GPU "graph", "compile-layers" or "auto"; module docstring)."""
+    decode passes run as `capture` says ("none", or on a GPU "graph", "compile-layers" or "auto"; module docstring).
+    PPSD takes `stages`, `stage_boundaries` and `backend` as `executor.ppsd.decode_ppsd` does (backend "sequential"
+    or "streams"), its exit layer inside stage 1 (default: stage 1's end), and serves one request at a time
+    (`max_batch` 1). `max_batch` defaults to 8 for AR and EESD, 1 for PPSD."""
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
     config = sampling or SamplingConfig(seed=seed)
     check_serving(method, config)
     mode = resolve_capture(capture, adapter.device, config.kind)
     prompts = [list(p) for p in prompts]
+    if max_batch is None:
+        max_batch = 1 if method == "ppsd" else DEFAULT_MAX_BATCH
     if len(prompts) != len(workload.requests):
         raise ValueError(f"got {len(prompts)} prompts for {len(workload.requests)} requests: one prompt per request")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if method == "ppsd":
+        return _serve_ppsd(adapter, workload, prompts, config, mode, max_batch, kv_capacity_tokens, eos_token_id,
+                           clock, sleep, dict(stages=stages, stage_boundaries=stage_boundaries, exit_layer=exit_layer,
+                                              head=head, backend=backend))  # fmt: skip
     exit_head = None
     if method == "eesd":
         exit_head, exit_layer = _exit_head(adapter, head, exit_layer)
@@ -284,6 +365,48 @@ def serve(
 
     loop = _ServeLoop(decoder, workload, prompts, Admission(max_batch, kv_capacity_tokens, tokens_of), policy_of)
     with on_device(adapter.device):  # captured graphs replay on the model's device's stream
+        return loop.run(clock, sleep)
+
+
+def _serve_ppsd(
+    adapter: ModelAdapter,
+    workload: ServingWorkload,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    capture: str,
+    max_batch: int,
+    kv_capacity_tokens: int | None,
+    eos_token_id: int | Sequence[int] | None,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+    pipeline: dict[str, Any],
+) -> ServeOutcome:
+    """`serve` with PPSD: one request at a time through a `PipelineDecoder` (module docstring)."""
+    if max_batch != 1:
+        raise ValueError(f"method 'ppsd' serves one request at a time (its pipeline decodes batch 1): max_batch must "
+                         f"be 1, got {max_batch}")  # fmt: skip
+    if pipeline["backend"] not in PPSD_BACKENDS:
+        raise ValueError(
+            f"ppsd serving runs a local pipeline: backend must be one of {', '.join(PPSD_BACKENDS)}, got "
+            f"{pipeline['backend']!r}"
+        )
+    check_backend(adapter, pipeline["backend"])
+    head, exit_layer = pipeline["head"], pipeline["exit_layer"]
+    if head not in (None, "shared") and exit_layer is None:  # a trained head's own exit layer
+        head = resolve_head(head, adapter, None)
+        exit_layer = getattr(head, "exit_layer", None)
+    max_output = max(r.output_len for r in workload.requests)
+    check_arguments(adapter, prompts, "ppsd", None, max_output)
+    tokens_of = kv_tokens("ppsd", 0)
+    _check_kv_budget(workload, tokens_of, kv_capacity_tokens)
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    capacity = cache_capacity("ppsd", max(len(p) for p in prompts), max_output, 0, captured=capture != "none")
+    decoder = PipelineDecoder(
+        adapter, stages=pipeline["stages"], stage_boundaries=pipeline["stage_boundaries"], exit_layer=exit_layer,
+        head=head, backend=pipeline["backend"], capacity=capacity, config=config, eos=eos, capture=capture,
+    )  # fmt: skip
+    loop = _ServeLoop(decoder, workload, prompts, Admission(1, kv_capacity_tokens, tokens_of), lambda _: None)
+    with on_device(adapter.device):
         return loop.run(clock, sleep)
 
 
@@ -328,7 +451,7 @@ class _ServeLoop:
 
     def __init__(
         self,
-        decoder: SlotDecoder,
+        decoder: SlotDecoder | PipelineDecoder,
         workload: ServingWorkload,
         prompts: list[list[int]],
         admission: Admission,
@@ -366,7 +489,7 @@ class _ServeLoop:
                 if finished < total:
                     sleep(max(0.0, self.upcoming[0][0] - now()))
                 continue
-            finished += self._round(now)
+            finished += self._ppsd_decode(now) if isinstance(self.decoder, PipelineDecoder) else self._round(now)
         result = self.result
         result.time_s = max(r.finish_s for r in self.records)
         result.in_system_s = sum(r.latency_s for r in self.records)
@@ -399,6 +522,26 @@ class _ServeLoop:
             return 1
         self.slots.append(running)
         return 0
+
+    def _ppsd_decode(self, now: Callable[[], float]) -> int:
+        """The prefilled request's whole PPSD decode (it is the only one running), logged as one pass; returns 1."""
+        (running,) = self.slots
+        result, record = self.result, self.records[running.request.index]
+        start = now()
+        before = len(running.sink.tokens)
+        ticks, verdicts = self.decoder.decode(running)  # type: ignore[union-attr]
+        end = now()
+        furthest = len(running.prompt) + len(running.sink.tokens) - 2
+        result.passes.append(PassLog("ppsd", start, end - start, 1, ticks, len(running.prompt), furthest, verdicts))
+        result.decode_s += end - start
+        result.batch_time_s += end - start
+        result.rounds += ticks  # a PPSD run's rounds are its ticks
+        result.row_rounds += ticks
+        record.tokens = len(running.sink.tokens)
+        result.tokens += record.tokens - before
+        self.slots.clear()
+        self._leave(record, running.request, end)
+        return 1
 
     def _round(self, now: Callable[[], float]) -> int:
         """One decode round over the running requests; the done ones leave (the last rows fill their rows)."""

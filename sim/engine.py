@@ -51,7 +51,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from heapq import heappush
 from typing import Any
 
@@ -63,7 +63,7 @@ from sim.contention import PassShare
 from sim.contract import policy_seed
 from sim.cost import Pass, PassCost, pass_costs, stage_hbm_us, stage_time_us
 from sim.latency import LinkModel
-from sim.plan import ONE_HOST_BACKENDS, SimPlan
+from sim.plan import ONE_HOST_BACKENDS, SimPlan, Workload
 from sim.policy import DraftPolicy, make_policy, round_budget
 
 TOKEN_ID_BYTES = 8
@@ -361,11 +361,20 @@ class SimLink:
 class Simulation:
     """One run of a plan; `run()` returns a `RunResult`. Create a new object per run."""
 
-    def __init__(self, plan: SimPlan, trace_limit: int = 0, shortcuts: bool = True) -> None:
+    def __init__(
+        self,
+        plan: SimPlan,
+        trace_limit: int = 0,
+        shortcuts: bool = True,
+        row: Callable[[int], BatchRow] | None = None,
+    ) -> None:
         """`shortcuts`: the hand-offs that spare an event where that cannot change a result (`Stage.put`,
         `Stage.land`, `settle`, `_sweep`, `_done`, a flush at once: see the module docstring); False runs each as its
-        own event, the reference the tests hold the shortcuts to."""
+        own event, the reference the tests hold the shortcuts to. `row(request)`: request `request`'s row (its
+        acceptance stream and policy) where the caller owns them (`decode_alone`), instead of drawn from the plan's
+        seed."""
         self.plan = plan
+        self.make_row = row
         self.shortcuts = shortcuts
         self.env = simpy.Environment()
         self.rng = random.Random(plan.seed)
@@ -463,6 +472,8 @@ class Simulation:
         """Request `request`'s acceptance stream and draft policy, the policy seeded as the executor seeds its row
         (`sim.contract.policy_seed`: by its index in the batch)."""
         plan = self.plan
+        if self.make_row is not None:
+            return self.make_row(request)
         stream = plan.acceptance.stream(random.Random(self.rng.getrandbits(64)), request)
         policy_rng = random.Random(policy_seed(plan.seed, request % plan.workload.batch_size))
         policy = make_policy(plan.policy, rng=policy_rng, cost_ratio=plan.cost_ratio)
@@ -915,6 +926,16 @@ class Simulation:
         if cached is None:
             cached = self._costs[key] = pass_costs(self.plan, work, context_len, batch)
         return cached
+
+
+def decode_alone(
+    plan: SimPlan, prompt_len: int, output_len: int, stream: AcceptanceStream, policy: DraftPolicy
+) -> RunResult:
+    """One request run alone (batch 1) on `plan`'s stages: its prefill of `prompt_len` tokens, then `output_len`
+    tokens decoded with the plan's method, drafts judged by `stream` and drafted as `policy` says (a served request's
+    own: `sim.serving` runs PPSD one request at a time, each decode this)."""
+    alone = replace(plan, workload=Workload(requests=1, batch_size=1, prompt_len=prompt_len, output_len=output_len))
+    return Simulation(alone, row=lambda _: BatchRow(stream, policy, output_len)).run()
 
 
 def _hand_off_order(hand_off: _HandOff) -> tuple[float, int]:

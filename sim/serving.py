@@ -31,7 +31,13 @@ The schedule (the executor's `executor.serving` runs the same one):
 - `kv_capacity_tokens: auto` is 90% of each GPU's memory minus its weights, over the KV bytes per token of its layers
   (the smallest over devices; stages sharing one add up); a device whose memory is unknown (a CPU profile) has no
   limit unless one is given.
-- PPSD decodes batch size 1 in the executor, so it has no batched serving: a scenario asking for it is refused.
+- PPSD serves one request at a time (the executor's pipeline decodes batch size 1, `executor.ppsd`): a request's
+  prefill, then its whole decode through the pipeline's stages, before the next request enters; `max_batch` does not
+  apply (its points run with 1). The decode is the engine's PPSD schedule (`sim.engine.decode_alone`: lockstep ticks
+  on one host or shared devices, the free-running pipe across devices) for that request's lengths and acceptance
+  stream, so serving adds the queue in front of it. A PPSD decode is logged as one pass of kind "ppsd" (its ticks,
+  prompt length, last position written and the verdicts of its drafts), and a PPSD run counts ticks as its rounds
+  (`tokens_per_round` is tokens per tick: 1 / stages for AR through the same stages).
 - An acceptance trace is replayed as the simulator replays it (`sim.acceptance.TraceAcceptance`: request r from the
   trace's prompt r mod P, for its own output length): it must hold the whole workload's output tokens and a prompt
   per request, unless the scenario sets `acceptance.reuse: cycle`.
@@ -56,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sim.acceptance import TraceAcceptance
 from sim.contract import cache_capacity
 from sim.cost import Pass, pass_costs
-from sim.engine import TOKEN_ID_BYTES
+from sim.engine import TOKEN_ID_BYTES, decode_alone
 from sim.formats import quote
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
@@ -65,11 +71,7 @@ from sim.workload import ClosedLoopUsers, Request, ServingWorkload, WorkloadErro
 
 MAX_BATCH = 4096
 KV_MEMORY_SHARE = 0.9  # the share of a GPU's memory that weights and KV cache may take (the rest: activations)
-SERVING_METHODS = ("ar", "eesd")
-PPSD_REFUSAL = (
-    "ppsd is not defined under batching: the executor's PPSD decodes batch size 1 (one pipeline per request), so "
-    "there is no batched serving loop to simulate; use ar or eesd"
-)
+SERVING_METHODS = ("ar", "eesd", "ppsd")
 
 
 class _Strict(BaseModel):
@@ -172,10 +174,8 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
     config = _config(data["serving"], where)
     methods = config.methods or [data.get("method", "ar")]
     for method in methods:
-        if method == "ppsd":
-            raise ScenarioError(f"{where}: serving.methods: {PPSD_REFUSAL}")
         if method not in SERVING_METHODS:
-            raise ScenarioError(f"{where}: serving.methods: expected ar or eesd, got {method!r}")
+            raise ScenarioError(f"{where}: serving.methods: expected ar, eesd or ppsd, got {method!r}")
     spec, base_dir, spec_where, prefix = _workload_spec(config, path, where)
     rates: Sequence[float | None] = config.rates_per_s or [None]
     points = []
@@ -183,13 +183,12 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
         rated = spec if rate is None else with_rate(spec, rate, where, "serving.rates_per_s")
         workload = build_workload(rated, base_dir, spec_where, prefix)
         for method in methods:
-            plan, scenario = _plan(path, data, method, workload, config.max_batch, where)
+            max_batch = 1 if method == "ppsd" else config.max_batch  # PPSD serves one request at a time
+            plan, scenario = _plan(path, data, method, workload, max_batch, where)
             _check_trace_covers(plan, scenario, workload, where)
             capacity = _kv_capacity(plan, config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
-            points.append(
-                ServingPoint(case, method, rate, plan, workload, config.max_batch, capacity, config.slo, where)
-            )
+            points.append(ServingPoint(case, method, rate, plan, workload, max_batch, capacity, config.slo, where))
     return points
 
 
@@ -321,17 +320,20 @@ class RequestRecord:
 class PassLog:
     """One prefill or decode round of a serving run, as it ran: its start and duration (s from the run's start), its
     batch, its tokens (a prefill's prompt length; a round's draft steps, 0 for an AR step), and its rows' mean
-    context (positions already cached) and furthest written position at the round's start (0 for a prefill). The
-    simulator and the executor log the same fields, so a logged round can be costed by the simulator
-    (`ServingSimulation.logged_us`) and set beside its measured time."""
+    context (positions already cached) and furthest written position at the round's start (0 for a prefill). A PPSD
+    decode (kind "ppsd", batch 1) is one entry: `tokens` its ticks, `context` the request's prompt length,
+    `furthest` the last position it wrote (prompt + output - 2) and `verdicts` its checked drafts in order (True:
+    confirmed, False: flushed). The simulator and the executor log the same fields, so a logged pass can be costed
+    by the simulator (`ServingSimulation.logged_us`) and set beside its measured time."""
 
-    kind: Literal["prefill", "round"]
+    kind: Literal["prefill", "round", "ppsd"]
     start_s: float
     seconds: float
     batch: int
     tokens: int
     context: int = 0
     furthest: int = 0
+    verdicts: tuple[bool, ...] = ()
 
 
 @dataclass
@@ -466,7 +468,9 @@ class ServingSimulation:
         self, plan: SimPlan, workload: ServingWorkload, max_batch: int, kv_capacity_tokens: int | None
     ) -> None:
         if plan.method not in SERVING_METHODS:
-            raise ValueError(PPSD_REFUSAL if plan.method == "ppsd" else f"method must be ar or eesd: {plan.method}")
+            raise ValueError(f"method must be ar, eesd or ppsd: {plan.method}")
+        if plan.method == "ppsd" and max_batch != 1:
+            raise ValueError(f"ppsd serves one request at a time (its pipeline decodes batch 1): max_batch {max_batch}")
         self.plan, self.workload = plan, workload
         self.env = simpy.Environment()
         self.admission = Admission(max_batch, kv_capacity_tokens, plan_kv_tokens(plan))
@@ -528,6 +532,9 @@ class ServingSimulation:
     # ---- the scheduler -----------------------------------------------------------------------------------------------
     def _serve(self) -> Generator[simpy.Event, Any, None]:
         env, running, total = self.env, [], len(self.records)
+        if self.plan.method == "ppsd":
+            yield from self._serve_ppsd(running)
+            return
         round_fn = self._ar_round if self.plan.method == "ar" else self._eesd_round
         while self.finished < total:
             request = self.admission.next()
@@ -549,6 +556,43 @@ class ServingSimulation:
             result.row_rounds += len(running)
             if any(row.remaining == 0 for row in running):
                 running[:] = [row for row in running if not self._finish_if_done(row)]
+
+    def _serve_ppsd(self, running: list[_Row]) -> Generator[simpy.Event, Any, None]:
+        """PPSD's server: one request at a time, its prefill then its whole decode (`_ppsd_decode`)."""
+        env, total = self.env, len(self.records)
+        while self.finished < total:
+            request = self.admission.next()
+            if request is None:
+                self.wake = env.event()
+                yield self.wake
+                continue
+            yield from self._prefill(request, running)
+            if running:
+                yield from self._ppsd_decode(running.pop())
+
+    def _ppsd_decode(self, row: _Row) -> Generator[simpy.Event, Any, None]:
+        """A request's decode through the pipeline, alone: the engine's PPSD schedule for its prompt and output
+        length with its own acceptance stream (`sim.engine.decode_alone`), logged as one pass of kind "ppsd"."""
+        request, start = row.request, self.env.now
+        stream = RecordingStream(row.stream)
+        run = decode_alone(self.plan, request.prompt_len, request.output_len, stream, row.policy)
+        yield self.env.timeout(run.decode_time_us)
+        emitted, result = row.remaining, self.result
+        row.generated += emitted
+        row.remaining = 0
+        row.record.tokens += emitted
+        elapsed_s = (self.env.now - start) / 1e6
+        furthest = request.prompt_len + request.output_len - 2
+        log = PassLog("ppsd", start / 1e6, elapsed_s, 1, run.ticks, request.prompt_len, furthest, stream.verdicts())
+        result.passes.append(log)
+        result.tokens += emitted
+        result.decode_s += elapsed_s
+        result.batch_time_s += elapsed_s
+        result.rounds += run.ticks  # a PPSD run's rounds are its ticks
+        result.row_rounds += run.ticks
+        result.drafted += len(log.verdicts)
+        result.accepted += sum(log.verdicts)
+        self._finish_if_done(row)
 
     def _prefill(self, request: Request, running: list[_Row]) -> Generator[simpy.Event, Any, None]:
         record = self.records[request.index]
@@ -664,10 +708,20 @@ class ServingSimulation:
         return self.pass_us(Pass(f"prefill q={prompt_len}", "prefill", segments, lm_head_q=1), 0, 1)
 
     def logged_us(self, log: PassLog, reads: bool = False) -> float:
-        """What this simulation's costs say a logged prefill or round (another run's, e.g. the executor's) takes."""
+        """What this simulation's costs say a logged prefill, round or PPSD decode (another run's, e.g. the
+        executor's) takes; a PPSD decode is simulated again with its logged verdicts (`ppsd_us`)."""
         if log.kind == "prefill":
             return self.prefill_us(log.tokens)
+        if log.kind == "ppsd":
+            return self.ppsd_us(log.context, log.furthest - log.context + 2, log.verdicts)
         return self.round_us(log.batch, log.tokens, log.context, log.furthest, reads)
+
+    def ppsd_us(self, prompt_len: int, output_len: int, verdicts: Sequence[bool]) -> float:
+        """A PPSD decode of `output_len` tokens after a `prompt_len`-token prompt whose checked drafts go as
+        `verdicts` (in order; the draft for generated token i + 1 is the i-th), alone on the plan's stages."""
+        stream = VerdictStream(verdicts)
+        run = decode_alone(self.plan, prompt_len, output_len, stream, make_policy(self.plan.policy))
+        return run.decode_time_us
 
     def _context(self, rows: list[_Row]) -> int:
         """The batch's mean context: a pass over rows of different lengths reads (and multiplies) each row's own
@@ -695,6 +749,38 @@ class ServingSimulation:
             back = plan.return_link.time_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0
             cached = self._costs[key] = sum(durations) + links + back
         return cached
+
+
+class RecordingStream:
+    """A request's acceptance stream, remembering the verdict of the last draft judged at each position (a draft
+    flushed before it was judged is judged again later, on the committed path)."""
+
+    __slots__ = ("stream", "seen")
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.seen = stream, {}
+
+    def draft(self, position: int, index_in_round: int) -> tuple[bool, float]:
+        match, confidence = self.stream.draft(position, index_in_round)
+        self.seen[position] = match
+        return match, confidence
+
+    def verdicts(self) -> tuple[bool, ...]:
+        """The verdicts by position, from the first drafted one."""
+        return tuple(self.seen[p] for p in sorted(self.seen))
+
+
+class VerdictStream:
+    """Drafts judged as logged: generated token i + 1's draft matches iff `verdicts[i]` (confirmed past the end)."""
+
+    __slots__ = ("verdicts",)
+
+    def __init__(self, verdicts: Sequence[bool]) -> None:
+        self.verdicts = tuple(verdicts)
+
+    def draft(self, position: int, index_in_round: int) -> tuple[bool, float]:
+        index = position - 1
+        return (self.verdicts[index] if 0 <= index < len(self.verdicts) else True), 1.0
 
 
 def logged_ratios(simulation: ServingSimulation, logs: Sequence[PassLog], reads: bool = False) -> list[float]:

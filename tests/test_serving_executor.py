@@ -65,6 +65,30 @@ def test_served_tokens_equal_ar_alone(case, method, policy, max_batch):
     assert result.row_rounds <= result.rounds * max_batch
 
 
+@settings(max_examples=12)
+@given(case=serving_cases(), stages=st.integers(2, 4), sample=st.booleans())
+def test_ppsd_served_one_at_a_time_equals_ar_alone(case, stages, sample):
+    """PPSD serving (one request at a time through the pipeline, one cache reused for every request) is lossless,
+    greedy and with exact sampling; requests run one after another in arrival order."""
+    model, _, workload, prompts, eos = case
+    stages = min(stages, model.config.num_hidden_layers)
+    sampling = dict(do_sample=True, temperature=0.9, top_k=0, seed=3) if sample else {}
+    config = SamplingConfig(**sampling) if sample else None
+    outcome = serve(model, workload, prompts, method="ppsd", stages=stages, eos_token_id=eos, sampling=config)
+    for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
+        assert output == alone(model, prompt, request.output_len, eos, **sampling), request
+    result = outcome.result
+    assert result.max_batch == 1
+    assert result.tokens == sum(len(o) for o in outcome.outputs)
+    records = sorted(result.records, key=lambda r: r.start_s)
+    assert [r.index for r in records] == list(range(len(records)))  # first come, first served
+    assert all(a.finish_s <= b.start_s for a, b in zip(records, records[1:], strict=False))  # one at a time
+    decodes = [log for log in result.passes if log.kind == "ppsd"]
+    assert result.rounds == sum(log.tokens for log in decodes)  # a PPSD run's rounds are its ticks
+    assert result.drafted == sum(len(log.verdicts) for log in decodes)
+    assert result.accepted == sum(sum(log.verdicts) for log in decodes)
+
+
 def test_rows_move_when_an_earlier_row_leaves(monkeypatch):
     """Requests that end out of order hand their row to the last running request (its KV copied over), and new
     requests prefill into freed rows; every output is still AR's alone."""
@@ -150,11 +174,66 @@ def test_the_executor_logs_the_rounds_the_simulator_runs(tmp_path):
     assert sum(g.seconds for g in served.passes if g.kind == "round") == pytest.approx(served.decode_s)
 
 
+def test_the_executor_logs_the_ppsd_decodes_the_simulator_runs(tmp_path):
+    """PPSD serving logs each request's decode as one pass (kind "ppsd": ticks, prompt length, last position written,
+    the verdicts of its drafts) where the simulator logs it; the simulator, given a logged decode's verdicts, runs the
+    same number of ticks (so it costs the decode at the composition it ran), on 2 and 3 stages, with EOS cuts."""
+    import yaml
+
+    from sim.engine import decode_alone
+    from sim.policy import make_policy
+    from sim.serving import ServingSimulation, VerdictStream, load_serving_points
+
+    lengths = [(5, 9), (11, 3), (2, 14), (7, 6), (9, 1), (4, 12), (13, 5)]
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=6, vocab=60, seed=4)), 3, 0.3)
+    requests = tuple(Request(i, p, o, 0.0) for i, (p, o) in enumerate(lengths))
+    prompts = [[1 + (3 * i + j) % 50 for j in range(p)] for i, (p, _) in enumerate(lengths)]
+    trace = "arrival_s,prompt_len,output_len\n" + "".join(f"0.0,{p},{o}\n" for p, o in lengths)
+    (tmp_path / "trace.csv").write_text(trace, encoding="utf-8")
+    workload = {"arrival": {"process": "trace", "path": "trace.csv"}, "prompt_len": {"dist": "trace"},
+                "output_len": {"dist": "trace"}}  # fmt: skip
+    for stages, bounds in ((2, [3]), (3, [2, 4])):
+        served = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=stages,
+                       stage_boundaries=bounds).result  # fmt: skip
+        layers = [b - a for a, b in zip([0, *bounds], [*bounds, 6], strict=True)]
+        scenario = {"name": "logs", "model": {"name": "tiny", "num_layers": 6, "hidden_size": 64,
+                    "intermediate_size": 128, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 60},
+                    "method": "ppsd", "ppsd_backend": "sequential", "exit_layer": bounds[0], "attention": "context",
+                    "topology": {"stages": [{"layers": n} for n in layers]},
+                    "latency": {"constant_us": {"layer": 100.0}}, "acceptance": {"alpha": 0.5},
+                    "serving": {"workload": workload}}  # fmt: skip
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
+        (point,) = load_serving_points(tmp_path / "s.yaml")
+        simulated = ServingSimulation(point.plan, point.workload, 1, None).run()
+        shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest) for g in logs]  # noqa: E731
+        assert shape(served.passes) == shape(simulated.passes)
+        decodes = [log for log in served.passes if log.kind == "ppsd"]
+        assert any(not all(log.verdicts) for log in decodes) and any(sum(log.verdicts) for log in decodes)
+        for log in decodes:
+            output = log.furthest - log.context + 2
+            assert len(log.verdicts) == max(output - 2, 0)
+            run = decode_alone(point.plan, log.context, output, VerdictStream(log.verdicts), make_policy("fixed:1"))
+            assert run.ticks == log.tokens, log
+    eos = alone(model, prompts[2], 14, None)[5]  # a request cut by an EOS logs what it ran
+    cut = serve(model, ServingWorkload((Request(0, 2, 14, 0.0),)), prompts[2:3], method="ppsd", stages=3,
+                stage_boundaries=[2, 4], eos_token_id=eos).result  # fmt: skip
+    log, tokens = cut.passes[-1], cut.records[0].tokens
+    assert tokens < 14 and log.furthest == 2 + tokens - 2
+    run = decode_alone(point.plan, 2, tokens, VerdictStream(log.verdicts), make_policy("fixed:1"))
+    assert run.ticks == log.tokens
+
+
 def test_bad_serving_inputs_refused():
     model = tiny_model(TinySpec(num_layers=2, vocab=50))
     workload = ServingWorkload((Request(0, 3, 4, 0.0),))
-    with pytest.raises(ValueError, match="ppsd.*decodes batch size 1"):
-        serve(model, workload, [[1, 2, 3]], method="ppsd")
+    with pytest.raises(ValueError, match="ppsd.*one request at a time.*max_batch must be 1, got 2"):
+        serve(model, workload, [[1, 2, 3]], method="ppsd", max_batch=2)
+    with pytest.raises(ValueError, match="backend must be one of sequential, streams"):
+        serve(model, workload, [[1, 2, 3]], method="ppsd", backend="distributed")
+    with pytest.raises(ValueError, match="stages must be an integer >= 2"):
+        serve(model, workload, [[1, 2, 3]], method="ppsd", stages=1)
+    with pytest.raises(ValueError, match="method must be ar, eesd or ppsd"):
+        serve(model, workload, [[1, 2, 3]], method="beam")
     with pytest.raises(ValueError, match="one prompt per request"):
         serve(model, workload, [[1, 2, 3], [4]])
     with pytest.raises(ValueError, match="request 0 needs 8 tokens"):
@@ -199,8 +278,13 @@ def test_serve_bench_cli(tmp_path, capsys):
         assert sum(log.kind == "prefill" for log in runs) == 5 and all(log.seconds > 0 for log in runs)
         if method == "ar":
             assert {log.tokens for log in runs if log.kind == "round"} == {0}  # an AR round drafts nothing
-    assert eesd([*argv[:5], "--methods", "ppsd"]) == 2
-    assert "ppsd decodes batch size 1" in capsys.readouterr().err
+    ppsd = [*argv[:5], "--methods", "ppsd", "--stages", "2", "--max-batch", "2", "--compare-ar", "--json", str(out)]
+    assert eesd(ppsd) == 0  # PPSD serves one request at a time whatever --max-batch says for the others
+    capsys.readouterr()
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["identical_to_ar"] and row["tokens"] == 25 and row["occupancy"] == 1.0 and row["stages"] == 2
+    assert eesd([*argv[:5], "--methods", "ppsd,beam"]) == 2
+    assert "--methods must list ar, eesd and/or ppsd" in capsys.readouterr().err
 
 
 def test_captured_serving_needs_a_gpu_and_auto_is_uncaptured_on_the_cpu() -> None:

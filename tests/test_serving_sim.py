@@ -16,7 +16,6 @@ import yaml
 
 from sim.scenario import ScenarioError
 from sim.serving import (
-    PPSD_REFUSAL,
     ServingPoint,
     ServingResult,
     load_serving_points,
@@ -102,6 +101,95 @@ def test_every_run_completes_counts_and_obeys_littles_law(tmp_path, method, arri
     assert 0 < row["occupancy"] <= 1
     if method == "eesd":
         assert 0 < row["acceptance"] < 1 and row["tokens_per_round"] > 1
+
+
+PPSD_FIELDS = {"topology": {"stages": 2}}  # stage 1 ends at the exit layer, 15 of 30
+
+
+def ppsd_point(tmp_path: Path, serving: dict, **fields) -> ServingPoint:
+    (point,) = load_serving_points(write_scenario(tmp_path, {"methods": ["ppsd"], **serving}, **PPSD_FIELDS, **fields))
+    return point
+
+
+@pytest.mark.parametrize("backend", ["distributed", "sequential"])
+@pytest.mark.parametrize(
+    "arrival", [{"process": "poisson", "rate_per_s": 30.0}, {"process": "closed", "users": 3, "think_s": 0.01}]
+)
+def test_ppsd_serves_one_request_at_a_time(tmp_path, backend, arrival):
+    """PPSD serves one request at a time whatever `max_batch` says for the other methods: every request completes
+    once, Little's law holds, no two requests overlap, and each decode is logged once with its ticks as rounds."""
+    workload = {"requests": 120, "seed": 3, "arrival": arrival, "prompt_len": {"dist": "uniform", "low": 4, "high": 64},
+                "output_len": {"dist": "lognormal", "median": 20, "sigma": 0.7, "max": 120}}  # fmt: skip
+    point = ppsd_point(tmp_path, {"workload": workload, "max_batch": 8}, ppsd_backend=backend)
+    assert point.max_batch == 1 and point.plan.workload.batch_size == 1
+    result = simulate_serving(point)
+    row = check_run(point, result)
+    records = sorted(result.records, key=lambda r: r.start_s)
+    assert all(a.finish_s <= b.start_s for a, b in zip(records, records[1:], strict=False))
+    decodes = [log for log in result.passes if log.kind == "ppsd"]
+    assert len(decodes) == sum(r.output_len > 1 for r in point.workload.requests)
+    assert result.rounds == result.row_rounds == sum(log.tokens for log in decodes)
+    assert sum(log.seconds for log in decodes) == pytest.approx(result.decode_s, rel=1e-12)
+    assert 0 < row["acceptance"] < 1 and row["mean_batch"] == 1.0
+    assert 0.5 < row["tokens_per_round"] < 1  # tokens per tick: between AR through 2 stages (1/2) and every draft right
+
+
+@pytest.mark.parametrize("backend", ["distributed", "sequential"])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_a_served_ppsd_decode_is_the_engines_run_of_that_request(tmp_path, backend, alpha):
+    """Alone in the server (one user), a request's PPSD decode takes what the engine's static run of that
+    request takes (`sim.engine.Simulation`, one request of its lengths), and its first token what its prefill takes."""
+    from sim.engine import Simulation
+    from sim.plan import Workload
+
+    workload = {"requests": 6, "seed": 1, "arrival": {"process": "closed", "users": 1, "think_s": 0.5},
+                "prompt_len": {"dist": "uniform", "low": 4, "high": 300}, "output_len": {"dist": "uniform", "low": 2,
+                "high": 90}}  # fmt: skip
+    point = ppsd_point(tmp_path, {"workload": workload}, ppsd_backend=backend, acceptance={"alpha": alpha})
+    result = simulate_serving(point)
+    decodes = iter(log for log in result.passes if log.kind == "ppsd")
+    for request, record in zip(point.workload.requests, result.records, strict=True):
+        alone = dataclasses.replace(point.plan, workload=Workload(1, 1, request.prompt_len, request.output_len))
+        static = Simulation(alone).run()
+        assert record.queue_s == 0
+        assert record.ttft_s * 1e6 == pytest.approx(static.prefill_time_us, rel=1e-9)  # times in s after ~100 s
+        log = next(decodes)
+        assert log.seconds * 1e6 == pytest.approx(static.decode_time_us, rel=1e-9)
+        assert log.tokens == static.ticks and sum(log.verdicts) == static.accepted
+
+
+def test_md1_waiting_time_for_ppsd_at_full_acceptance(tmp_path):
+    """PPSD at alpha 1 with fixed lengths serves each request in the same time: an M/D/1 queue again."""
+    from sim.engine import Simulation
+    from sim.plan import Workload
+
+    output, rate = 10, 20.0
+    point = ppsd_point(tmp_path, {"workload": poisson(20_000, rate, output=output, seed=4)}, acceptance={"alpha": 1.0})
+    static = Simulation(dataclasses.replace(point.plan, workload=Workload(1, 1, 16, output))).run()
+    service_s = (static.prefill_time_us + static.decode_time_us) / 1e6
+    rho = rate * service_s
+    result = simulate_serving(point)
+    waits = [r.queue_s for r in result.records]
+    expected = rho / (2 * (1 / service_s) * (1 - rho))
+    batches = [statistics.mean(waits[i : i + 1000]) for i in range(0, len(waits), 1000)]
+    assert abs(statistics.mean(waits) - expected) < 4 * statistics.stdev(batches) / math.sqrt(len(batches))
+
+
+def test_a_logged_ppsd_decode_is_costed_at_what_the_run_charged(tmp_path):
+    """Costing a logged PPSD decode again from its verdicts (`logged_us`, as the executor's are costed) gives the
+    time the run charged, on a latency that varies with every argument."""
+    from sim.serving import ServingSimulation, logged_ratios
+
+    for backend in ("distributed", "sequential"):
+        workload = poisson(40, 5.0, prompt={"dist": "uniform", "low": 4, "high": 90}, seed=5)
+        point = ppsd_point(tmp_path, {"workload": workload}, ppsd_backend=backend)
+        stages = tuple(dataclasses.replace(stage, latency=_Varying()) for stage in point.plan.stages)
+        point = dataclasses.replace(point, plan=dataclasses.replace(point.plan, stages=stages))
+        result = ServingSimulation(point.plan, point.workload, 1, None).run()
+        fresh = ServingSimulation(point.plan, point.workload, 1, None)
+        ratios = logged_ratios(fresh, result.passes)
+        assert ratios == pytest.approx([1.0] * len(result.passes), rel=1e-9)
+        assert {log.kind for log in result.passes} == {"prefill", "ppsd"}
 
 
 def test_trace_workload_file_and_kv_budget(tmp_path):
@@ -212,8 +300,8 @@ def test_kv_capacity_auto_from_gpu_memory(tmp_path):
 @pytest.mark.parametrize(
     ("serving", "fields", "message"),
     [
-        ({"methods": ["ppsd"]}, {}, "serving.methods: " + PPSD_REFUSAL[:40]),
-        ({"methods": ["beam"]}, {}, "serving.methods: expected ar or eesd"),
+        ({"methods": ["ppsd"]}, {}, "topology.stages: ppsd needs at least 2 stages"),
+        ({"methods": ["beam"]}, {}, "serving.methods: expected ar, eesd or ppsd"),
         ({"max_batch": 0}, {}, "serving.max_batch: Input should be greater than or equal to 1"),
         ({"max_batch": 100_000}, {}, "serving.max_batch: Input should be less than or equal to 4096"),
         ({"kv_capacity_tokens": 20}, {}, "serving.kv_capacity_tokens: request 0 needs 29 KV tokens"),
@@ -255,10 +343,10 @@ def test_serve_sim_cli_runs_without_torch(tmp_path):
     assert "eesd" in done.stdout and (tmp_path / "out" / "serving.csv").is_file()
     document = json.loads((tmp_path / "runs.json").read_text())
     assert len(document["runs"]) == 4 and document["speculation"][0]["method"] == "eesd"
-    bad = write_scenario(tmp_path, {"workload": poisson(3, 1.0), "methods": ["ppsd"]})
+    bad = write_scenario(tmp_path, {"workload": poisson(3, 1.0), "methods": ["beam"]})
     done = subprocess.run([sys.executable, "-m", "executor.cli", "serve-sim", str(bad)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)  # fmt: skip
-    assert done.returncode == 2 and "ppsd is not defined under batching" in done.stderr
+    assert done.returncode == 2 and "expected ar, eesd or ppsd, got 'beam'" in done.stderr
 
 
 def test_shipped_serving_scenarios_load():
