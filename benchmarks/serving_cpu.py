@@ -1,7 +1,8 @@
 """Benchmark (not a test): serving on this CPU, the simulator against the executor on the same workload.
 
 scenarios/serving_cpu.yaml names the model (SmolLM2-135M fp32), the latency profile and acceptance trace measured on
-this CPU, the methods (AR, EESD at E = 22 with fixed:1), at most 4 requests at once and three workload files
+this CPU, the methods (AR, EESD at E = 22 with fixed:1, at most 4 requests at once; PPSD on two stages split at
+layer 15, stages in turn, one request at a time) and three workload files
 (scenarios/workloads/smollm2_cpu_rate*.yaml: Poisson arrivals at 0.15 (80 requests: a light load, the box mostly
 idle between them), 0.4 and 1.2 requests/s (24 each), each request one of the
 trace's prompts with its token count and at most 32 output tokens). For every case and method the executor serves
@@ -22,6 +23,7 @@ whether the box's speed or the profile's.
 
     python benchmarks/serving_cpu.py                    # writes benchmarks/results/serving_cpu.json (~25 minutes)
     python benchmarks/serving_cpu.py --cases rate0.4    # one load only
+    python benchmarks/serving_cpu.py --methods ppsd     # one method only
     python benchmarks/serving_cpu.py --cases rate1.2 --first 8 --out /tmp/look.json   # a quick look
     python benchmarks/serving_cpu.py --recalibrate      # the serving profile measured again first (~3 minutes more)
     python benchmarks/serving_cpu.py --recalibrate --visits 3   # ... in three visits of the grid (a drifting box)
@@ -112,9 +114,7 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
     begin = time.perf_counter()
     for point in points:
         prompts = bench_prompts(point.workload, "builtin", tokenizer, adapter.config.vocab_size, 0)
-        options = {"method": point.method, "max_batch": point.max_batch, "kv_capacity_tokens": point.kv_capacity_tokens}
-        if point.method == "eesd":
-            options.update(exit_layer=point.plan.exit_layer, policy=point.plan.policy, head="shared")
+        options = serve_options(point)
         warm = point.workload.requests[0]
         serve(adapter, type(point.workload)((type(warm)(0, warm.prompt_len, 4, 0.0),)), prompts[:1], **options)
         before, prefill_before = probe_ms(adapter, prompts[0])
@@ -153,12 +153,27 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
         "threads": threads,
         "scenario": str(SCENARIO.relative_to(ROOT)),
         "requests": len(points[0].workload.requests),
-        "max_batch": points[0].max_batch,
+        "max_batch": {point.method: point.max_batch for point in points},
         "measure_wall_s": round(time.perf_counter() - begin, 1),
         "tolerance": TOLERANCE,
         "error": "(predicted - measured) / measured",
     }
     return rows, metadata
+
+
+def serve_options(point: Any) -> dict[str, Any]:
+    """`executor.serving.serve`'s arguments for a point: its method, batch and KV budget; EESD's exit layer and
+    policy, PPSD's stages as the plan lays them out (stage 1 ending at the exit layer, the shared head there)."""
+    plan = point.plan
+    options = {"method": point.method, "max_batch": point.max_batch, "kv_capacity_tokens": point.kv_capacity_tokens}
+    if point.method == "eesd":
+        options.update(exit_layer=plan.exit_layer, policy=plan.policy, head="shared")
+    if point.method == "ppsd":
+        if plan.ppsd_backend != "sequential":
+            raise SystemExit(f"{SCENARIO.name}: case {point.case}: ppsd_backend must be sequential on this CPU")
+        bounds = [stage.layer_end for stage in plan.stages[:-1]]
+        options.update(stages=len(plan.stages), stage_boundaries=bounds, head="shared", backend="sequential")
+    return options
 
 
 def probe_ms(adapter: Any, prompt: list[int], tokens: int = 9, runs: int = 5) -> tuple[float, float]:
@@ -221,9 +236,9 @@ def in_run_costs(point: Any, logs: list[Any]) -> tuple[dict[str, Any], dict[str,
     groups: dict[tuple[str, int], list[float]] = {}
     for log, ratio in zip(logs, ratios, strict=True):
         groups.setdefault((log.kind, log.batch), []).append(ratio)
-    rounds = [ratio for log, ratio in zip(logs, ratios, strict=True) if log.kind == "round"]
+    rounds = [ratio for log, ratio in zip(logs, ratios, strict=True) if log.kind != "prefill"]  # or PPSD decodes
     costs: dict[str, Any] = {
-        "prefill" if kind == "prefill" else f"round b={batch}": _spread(values)
+        kind if kind != "round" else f"round b={batch}": _spread(values)
         for (kind, batch), values in sorted(groups.items())
     }
     costs["rounds"] = _spread(rounds)
@@ -231,20 +246,21 @@ def in_run_costs(point: Any, logs: list[Any]) -> tuple[dict[str, Any], dict[str,
     costs["rounds_by_quarter"] = [
         round(statistics.median(rounds[i : i + size]), 3) for i in range(0, len(rounds), size)
     ]
-    decode = {batch: statistics.median(values) for (kind, batch), values in groups.items() if kind == "round"}
+    decode = {batch: statistics.median(values) for (kind, batch), values in groups.items() if kind != "prefill"}
     plan = scaled_plan(point.plan, decode, statistics.median(groups[("prefill", 1)]), statistics.median(rounds))
     return costs, metrics(simulate_serving(dataclasses.replace(point, plan=plan)), point.slo)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"median": round(statistics.median(ordered), 3), "p10": round(at(0.1), 3), "p90": round(at(0.9), 3),
-            "count": len(ordered)}  # fmt: skip
+    """Median, p10 and p90 (`sim.serving.percentile`: linear between ranks, as every percentile here) and count."""
+    from sim.serving import percentile
+
+    return {"median": round(percentile(values, 50), 3), "p10": round(percentile(values, 10), 3),
+            "p90": round(percentile(values, 90), 3), "count": len(values)}  # fmt: skip
 
 
 def _costs_line(costs: dict[str, Any]) -> str:
-    kinds = [key for key in costs if key == "prefill" or key.startswith("round b=")]
+    kinds = [key for key in costs if key in ("prefill", "ppsd") or key.startswith("round b=")]
     return ", ".join(f"{key} {costs[key]['median']:.2f}" for key in kinds)
 
 
@@ -284,6 +300,7 @@ def main() -> int:
         help="with --recalibrate: time the profile in this many visits of the grid (3 repeats each; a drifting box)",
     )  # fmt: skip
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: all the scenario's)")
     parser.add_argument("--first", type=int, default=None, help="serve only each workload's first N requests (a look)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the profile)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
@@ -309,6 +326,10 @@ def main() -> int:
         points = [p for p in points if p.case in chosen]
         if not points:
             raise SystemExit(f"--cases: expected names from {SCENARIO.name}, got {args.cases!r}")
+    if args.methods:
+        points = [p for p in points if p.method in set(args.methods.split(","))]
+        if not points:
+            raise SystemExit(f"--methods: expected methods of {SCENARIO.name}'s cases, got {args.methods!r}")
     if args.first is not None:
         if args.first < 1:
             raise SystemExit(f"--first: expected a number of requests >= 1, got {args.first}")

@@ -63,7 +63,8 @@ def row(run: ServingRun) -> dict[str, Any]:
         "rate_per_s": p.rate_per_s if p.rate_per_s is not None else "",
         "method": p.method,
         "policy": p.plan.policy if p.method == "eesd" else "",
-        "exit_layer": p.plan.exit_layer if p.method == "eesd" else "",
+        "exit_layer": p.plan.exit_layer if p.method in ("eesd", "ppsd") else "",
+        "stages": len(p.plan.stages),
         "max_batch": p.max_batch,
         "kv_capacity_tokens": p.kv_capacity_tokens if p.kv_capacity_tokens is not None else "",
     }

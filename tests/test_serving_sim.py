@@ -352,12 +352,16 @@ def test_serve_sim_cli_runs_without_torch(tmp_path):
 def test_shipped_serving_scenarios_load():
     cpu = load_serving_points(ROOT / "scenarios" / "serving_cpu.yaml")
     loads = ("rate0.15", "rate0.4", "rate1.2")
-    assert {(p.case, p.method) for p in cpu} == {(c, m) for c in loads for m in ("ar", "eesd")}
+    expected = {(c, m) for c in loads for m in ("ar", "eesd")} | {(f"{c}-ppsd", "ppsd") for c in loads}
+    assert {(p.case, p.method) for p in cpu} == expected
     assert all(p.kv_capacity_tokens is None and p.plan.cache_slots for p in cpu)
+    ppsd = [p for p in cpu if p.method == "ppsd"]
+    assert all(p.max_batch == 1 and [s.layer_end for s in p.plan.stages] == [15, 30] for p in ppsd)
     h100 = load_serving_points(ROOT / "scenarios" / "serving_h100.yaml")
     cases = {p.case: p for p in h100}
-    assert len(cases) == 4 and len(h100) == (3 * 8 + 10) * 2  # the Llama-3-8B case sweeps 10 rates
+    assert len(cases) == 7 and len(h100) == (3 * 8 + 10) * 2 + (7 + 6 + 6) * 2  # 8B: 10 rates; PPSD cases 7, 6, 6
     assert cases["llama3-8b-alpha0.7-batch256"].max_batch == 256 and cases["smollm2-measured"].max_batch == 64
+    assert {p.max_batch for p in h100 if p.method == "ppsd"} == {1}
     assert all(p.plan.cache_slots is None and p.kv_capacity_tokens > 100_000 for p in h100)  # paged: context only
 
 
