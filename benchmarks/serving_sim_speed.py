@@ -3,7 +3,9 @@
 The point is scenarios/serving_h100.yaml's `llama2-7b-alpha0.86` case (the Llama-2-7B shape on an H100, EESD at
 E = 16 with fixed:3) with its workload drawn for 10,000 requests at a rate past saturation, so that the batch stays
 near 64 for most of the run (the most rows per round, the slowest case per request). AR and EESD are timed on the
-same requests; the target is under 60 s each.
+same requests; the target is under 60 s each. PPSD, which serves one request at a time (each decode the engine's
+PPSD run of that request), is timed on the same requests with the `llama2-7b-ppsd-4gpus-alpha0.8` case (four stages,
+a GPU each, the free-running pipe).
 
     python benchmarks/serving_sim_speed.py            # writes benchmarks/results/serving_sim_speed.json
     python benchmarks/serving_sim_speed.py --requests 2000 --out /tmp/speed.json
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "serving_h100.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "serving_sim_speed.json"
 CASE = "llama2-7b-alpha0.86"
+PPSD_CASE = "llama2-7b-ppsd-4gpus-alpha0.8"
 RATE_PER_S = 24.0
 TARGET_S = 60.0
 
@@ -37,7 +40,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=10_000, help="requests in the workload (default: 10000)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
-    points = [p for p in load_serving_points(SCENARIO) if p.case == CASE and p.rate_per_s == RATE_PER_S]
+    loaded = load_serving_points(SCENARIO)
+    points = [p for p in loaded if p.case == CASE and p.rate_per_s == RATE_PER_S]
+    points.append(next(p for p in loaded if p.case == PPSD_CASE and p.method == "ppsd"))  # its workload replaced
     spec = {
         "requests": args.requests,
         "seed": 0,
@@ -55,6 +60,7 @@ def main() -> int:
         row = metrics(result)
         rows.append({
             "method": point.method,
+            "case": point.case,
             "requests": len(workload.requests),
             "max_batch": point.max_batch,
             "wall_s": round(wall_s, 2),
@@ -69,6 +75,7 @@ def main() -> int:
     metadata = {
         "scenario": str(SCENARIO.relative_to(ROOT)),
         "case": CASE,
+        "ppsd_case": PPSD_CASE,
         "rate_per_s": RATE_PER_S,
         "target_s": TARGET_S,
         "host": platform.node(),

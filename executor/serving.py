@@ -246,8 +246,12 @@ class PipelineDecoder:
         config: SamplingConfig,
         eos: list[int],
         capture: str = "none",
+        fallback: bool = False,
     ) -> None:
+        """`capture` resolved (`resolve_capture`); `fallback`: a pass that fails to compile runs uncaptured (as
+        `capture="auto"` asks)."""
         self.adapter, self.config, self.eos, self.backend, self.capture = adapter, config, eos, backend, capture
+        self.fallback = fallback
         self.method, self.capacity = "ppsd", capacity
         self.plan = plan_stages(adapter.num_layers, stages, stage_boundaries, exit_layer)
         self.head = resolve_head(head, adapter, self.plan.exit_layer)
@@ -261,8 +265,8 @@ class PipelineDecoder:
         """The request's prompt through every stage; its first token goes to its sink."""
         selector = make_selector(self.adapter, len(running.prompt), running.sink, self.config, 0)
         self.pipeline = local_pipeline(
-            self.adapter, self.cache, self.plan, self.backend, selector, self.capture, self.capacity,
-            self.capture == "auto", self.head,
+            self.adapter, self.cache, self.plan, self.backend, selector, self.capture, self.capacity, self.fallback,
+            self.head,
         )  # fmt: skip
         begin = time.perf_counter()
         prefill_local(self.pipeline, self.plan, self.backend, self.capture, running.prompt, running.sink, begin)
@@ -332,9 +336,10 @@ def serve(
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     if method == "ppsd":
+        pipeline = dict(stages=stages, stage_boundaries=stage_boundaries, exit_layer=exit_layer, head=head,
+                        backend=backend, fallback=capture == "auto")  # fmt: skip
         return _serve_ppsd(adapter, workload, prompts, config, mode, max_batch, kv_capacity_tokens, eos_token_id,
-                           clock, sleep, dict(stages=stages, stage_boundaries=stage_boundaries, exit_layer=exit_layer,
-                                              head=head, backend=backend))  # fmt: skip
+                           clock, sleep, pipeline)  # fmt: skip
     exit_head = None
     if method == "eesd":
         exit_head, exit_layer = _exit_head(adapter, head, exit_layer)
@@ -404,6 +409,7 @@ def _serve_ppsd(
     decoder = PipelineDecoder(
         adapter, stages=pipeline["stages"], stage_boundaries=pipeline["stage_boundaries"], exit_layer=exit_layer,
         head=head, backend=pipeline["backend"], capacity=capacity, config=config, eos=eos, capture=capture,
+        fallback=pipeline["fallback"],
     )  # fmt: skip
     loop = _ServeLoop(decoder, workload, prompts, Admission(1, kv_capacity_tokens, tokens_of), lambda _: None)
     with on_device(adapter.device):

@@ -252,3 +252,21 @@ def test_captured_serving_equals_ar_alone_and_keeps_its_graphs(method: str, capt
     for request, prompt, output in zip(requests, prompts, first.outputs, strict=True):
         alone = executor.generate(model, prompt, method="ar", max_new_tokens=request.output_len, capture="none")
         assert output == alone.sequences[0, len(prompt) :].tolist(), request
+
+
+@pytest.mark.parametrize(("backend", "capture"), [("streams", "graph"), ("sequential", "none"), ("streams", "auto")])
+def test_ppsd_serving_on_a_gpu_equals_ar_alone(backend: str, capture: str) -> None:
+    """PPSD serving (one request at a time, the pipeline's stages on CUDA streams, captured or not) gives every
+    request its own AR decode's tokens, and logs one decode per request."""
+    from executor.serving import serve
+    from sim.workload import Request, ServingWorkload
+
+    model = cuda_model(TinySpec(num_layers=4, seed=6))
+    prompts = [[5, 9, 1, 33, 2][: 2 + i % 4] for i in range(5)]
+    requests = tuple(Request(i, len(p), 4 + 3 * (i % 3), 0.0005 * i) for i, p in enumerate(prompts))
+    outcome = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=2, backend=backend,
+                    capture=capture)  # fmt: skip
+    for request, prompt, output in zip(requests, prompts, outcome.outputs, strict=True):
+        alone = executor.generate(model, prompt, method="ar", max_new_tokens=request.output_len, capture="none")
+        assert output == alone.sequences[0, len(prompt) :].tolist(), request
+    assert sum(log.kind == "ppsd" for log in outcome.result.passes) == len(requests)
