@@ -177,14 +177,23 @@ def test_md1_waiting_time_for_ppsd_at_full_acceptance(tmp_path):
 
 def test_a_logged_ppsd_decode_is_costed_at_what_the_run_charged(tmp_path):
     """Costing a logged PPSD decode again from its verdicts (`logged_us`, as the executor's are costed) gives the
-    time the run charged, on a latency that varies with every argument."""
+    time the run charged: on a latency that varies with every argument, on one host and free-running, and with
+    layers alone costed on two free-running stages, where the engine judges some positions' drafts more than once
+    (a draft flushed behind a wrong one is drafted and judged again), under acceptance that depends on a draft's
+    place since the last flush: the verdict logged must be the last one, on the committed path."""
     from sim.serving import ServingSimulation, logged_ratios
 
-    for backend in ("distributed", "sequential"):
+    cases = [("distributed", 2, {"alpha": 0.6}, True), ("sequential", 2, {"alpha": 0.6}, True)]
+    cases += [("distributed", 4, {"alpha": 0.6}, True), ("distributed", 2, {"alphas": [0.9, 0.2, 0.7]}, False)]
+    for backend, count, acceptance, varying in cases:
         workload = poisson(40, 5.0, prompt={"dist": "uniform", "low": 4, "high": 90}, seed=5)
-        point = ppsd_point(tmp_path, {"workload": workload}, ppsd_backend=backend)
-        stages = tuple(dataclasses.replace(stage, latency=_Varying()) for stage in point.plan.stages)
-        point = dataclasses.replace(point, plan=dataclasses.replace(point.plan, stages=stages))
+        (point,) = load_serving_points(write_scenario(
+            tmp_path, {"methods": ["ppsd"], "workload": workload}, topology={"stages": count},
+            exit_layer=15 if count == 2 else 8, ppsd_backend=backend, acceptance=acceptance,
+        ))  # fmt: skip
+        if varying:
+            stages = tuple(dataclasses.replace(stage, latency=_Varying()) for stage in point.plan.stages)
+            point = dataclasses.replace(point, plan=dataclasses.replace(point.plan, stages=stages))
         result = ServingSimulation(point.plan, point.workload, 1, None).run()
         fresh = ServingSimulation(point.plan, point.workload, 1, None)
         ratios = logged_ratios(fresh, result.passes)
