@@ -23,6 +23,12 @@
 # Then: python benchmarks/predictions_check.py --predictions benchmarks/results/predictions_next_lease_2026-12-04.json
 # --card h200-compiled --measured <the JSON of both calls>.
 #
+# Issue 20's GPU side (the serving simulator against the executor's captured serving on the card): any call 1, then
+# at once `serving20 T` (T = the budget left minus 60, at least 330; timeout_s T + 25; carry part-001, the manifest and
+# the wheels): the card's serving profile and trace, then the CPU serving cases at 20x the rates, each run's own pass
+# costs with them (`DEVICE=cpu bash benchmarks/gpu_session.sh serving20` smokes it here). Then write up
+# $OUT/serving_<card>.json as docs/results/serving.md's CPU runs are.
+#
 # Issue 19's last GPU target (Qwen2.5-Coder-0.5B: a head trained on the GPU, EESD against our compiled AR) fills a
 # lease of its own: here `python benchmarks/carry_model.py split qwen2.5-coder-0.5b --chunk-mib 47` (10 chunks in
 # .carry/qwen2.5-coder-0.5b/), then 10 calls `stage qwen2.5-coder-0.5b` (timeout_s 30, each carrying one chunk and
@@ -389,6 +395,38 @@ case "${1:-}" in
     timeout 60 python3 benchmarks/kernel_profile.py --model llama7b --capture compile-layers --prompt-len 3968 \
       --out "$OUT/kernel_profile_llama7b_ctx4k.json" 2>&1 | tee "$OUT/kernel_profile_llama7b_ctx4k.log"
     ;;
+  serving20)  # a call 2 (part 1; after any call 1), <= SECONDS ($2, default 420): issue 20's serving validation on
+              # the card. SmolLM2's serving latency profile (the CPU serving profile's grid: batch 1-4, q 1-2,
+              # contexts 64-512, prefills 32-256; eager kernels in CUDA graphs, as serve(capture="graph") runs), the
+              # shared head's trace at exit layers 15 and 22 on the built-in prompts, then benchmarks/serving_cpu.py's
+              # nine cases from those files (AR and EESD E = 22 batch <= 4, PPSD two stages), the executor's passes
+              # captured in graphs and every workload's arrivals 20x as dense. DEVICE=cpu runs the same steps on this
+              # machine as a smoke test (fp32, uncaptured, the first 3 requests of two cases).
+    T=${2:-420}
+    DEVICE=${DEVICE:-cuda}
+    if [ "$DEVICE" = cuda ]; then second_call "a call 1" serving20; CARD=$(card) || exit 4
+      GRAPHS=(--graphs on); DTYPE=bf16; TORCH_DTYPE=bfloat16; CAPTURE=graph; SCALE=20; SOME=(); THREADS=4
+      TIMING=(--warmup 3 --repeats 10); TRACE_S=80
+    else
+      mkdir -p "$OUT"; CARD=cpu_smoke; GGUF=${GGUF_SMOKE:-smollm2-135m}
+      GRAPHS=(); DTYPE=fp32; TORCH_DTYPE=float32; CAPTURE=none; SCALE=3; SOME=(--first 3 --cases rate1.2,rate1.2-ppsd)
+      THREADS=1; TIMING=(--warmup 1 --repeats 1); TRACE_S=600
+    fi
+    S="$OUT/serving"
+    mkdir -p "$S"
+    set +e
+    timeout 170 python3 -m executor.cli calibrate latency --model "$GGUF" --device "$DEVICE" --dtype $DTYPE \
+      --kernels eager "${GRAPHS[@]}" --batch 1,2,3,4 --q 1,2 --context 64,128,512 --prefill 32,48,64,256 \
+      "${TIMING[@]}" --threads $THREADS --out "$S" --force --no-progress 2>&1 | tee "$OUT/serving20.log"
+    timeout $TRACE_S python3 -m executor.cli calibrate acceptance --model "$GGUF" --exit-layers 15,22 --prompts builtin \
+      --max-new-tokens 48 --max-prompt-tokens 512 --device "$DEVICE" --dtype $DTYPE --threads $THREADS --force \
+      --out "$S/acceptance_smollm2-135m_shared_builtin.csv" --no-progress 2>&1 | tee -a "$OUT/serving20.log"
+    PROFILE=$(ls "$S"/latency_*.csv | head -1)
+    TRACE="$S/acceptance_smollm2-135m_shared_builtin.csv"
+    timeout $((T - 260)) python3 benchmarks/serving_cpu.py --model "$GGUF" --device "$DEVICE" --dtype $TORCH_DTYPE \
+      --capture $CAPTURE --profile "$PROFILE" --trace "$TRACE" --rate-scale $SCALE --threads $THREADS "${SOME[@]}" \
+      --out "$OUT/serving_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
+    ;;
   next2)  # its call 2 (part 1), <= 270 s: SmolLM2's EESD rows (a trained head's zero-draft rounds now chain) and
           # PPSD n=2 with the trained head, 8 prompts each, float32 match rates; then its compiled profile at contexts 32
           # to 2048 (28 shapes, ~75 s)
@@ -401,7 +439,7 @@ case "${1:-}" in
       --q 1,2,3,4,5,7,9 --context 32,256,512,2048 --prefill 47 --out "$OUT" --no-progress 2>&1 | tee "$OUT/calibrate.log"
     ;;
   *)
-    echo "usage: $0 prepare | stage MODEL | qwen19 [SECONDS] | lease20a | lease20b [SECONDS] | lease19a | lease19b [SECONDS] | lease18a | heads19 [SECONDS] | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
+    echo "usage: $0 prepare | stage MODEL | qwen19 [SECONDS] | serving20 [SECONDS] | lease20a | lease20b [SECONDS] | lease19a | lease19b [SECONDS] | lease18a | heads19 [SECONDS] | issue24a | issue24b | predict1 | predict2 | next1 | next2" >&2
     exit 2
     ;;
 esac

@@ -28,6 +28,15 @@ whether the box's speed or the profile's.
     python benchmarks/serving_cpu.py --recalibrate      # the serving profile measured again first (~3 minutes more)
     python benchmarks/serving_cpu.py --recalibrate --visits 3   # ... in three visits of the grid (a drifting box)
     python benchmarks/serving_cpu.py --write-workloads  # regenerate the workload files (needs the tokenizer)
+
+On another device (a GPU lease: `benchmarks/gpu_session.sh serving20`), the same cases run from a latency profile and
+an acceptance trace measured there: `--profile FILE --trace FILE` derive a scenario from serving_cpu.yaml with those
+files and workloads written from that trace (under the output's folder, kept with the JSON), `--rate-scale F` makes
+every workload's arrivals F times as dense (the same requests, F times the rates), and `--device`, `--dtype`,
+`--capture` and `--model` say how the executor runs:
+
+    python benchmarks/serving_cpu.py --device cuda --dtype bfloat16 --capture graph --model /tmp/smollm2-135m.gguf \
+        --profile P.csv --trace T.csv --rate-scale 20 --out /tmp/out/serving_gpu.json
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ SCENARIO = ROOT / "scenarios" / "serving_cpu.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "serving_cpu.json"
 WORKLOADS = ROOT / "scenarios" / "workloads"
 TRACE = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
+PROFILE_CPU = ROOT / "calibration" / "cpu" / "serving" / "latency_smollm2-135m_cpu_fp32.csv"  # the scenario's
 MODEL = "smollm2-135m"
 RATES = {0.15: 80, 0.4: 24, 1.2: 24}  # requests/s -> requests: the light load long enough for stable percentiles
 MAX_OUTPUT = 32
@@ -54,23 +64,25 @@ COMPARED = ("tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p
 TOLERANCE = 0.10
 
 
-def write_workloads() -> list[Path]:
+def write_workloads(
+    trace_path: Path = TRACE, folder: Path = WORKLOADS, model: str = MODEL, stem: str = "smollm2_cpu"
+) -> list[Path]:
     """One CSV (arrival_s, prompt_len, output_len, prompt_id) and one YAML per rate: request r runs the trace's r-th
     prompt in sorted id order, encoded as the trace encoded it, for at most MAX_OUTPUT tokens (the trace's own length
-    where it stopped sooner)."""
+    where it stopped sooner). Files `<stem>_rate<R>.{csv,yaml}` in `folder`."""
     from executor.models import load_tokenizer
     from executor.prompts import encode_prompt, load_prompts
     from sim.formats import read_acceptance_trace
     from sim.workload import Poisson, arrival_times
 
-    trace = read_acceptance_trace(TRACE)
+    trace = read_acceptance_trace(trace_path)
     keep = int(trace.metadata.get("max_prompt_tokens") or 0)
     positions: dict[str, int] = {}
     for record in trace.records:
         positions[record.prompt_id] = max(positions.get(record.prompt_id, 0), record.position + 1)
     ordered = sorted(positions)
     texts = {p.id: p.text for p in load_prompts(str(trace.metadata["prompts"]))}
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = load_tokenizer(model)
     written = []
     for rate, requests in RATES.items():
         times = arrival_times(Poisson(process="poisson", rate_per_s=rate), requests, random.Random(SEED))
@@ -83,11 +95,11 @@ def write_workloads() -> list[Path]:
             ids = encode_prompt(tokenizer, texts[prompt_id])
             length = min(len(ids), keep) if keep else len(ids)
             lines.append(f"{arrival:.6f},{length},{min(MAX_OUTPUT, positions[prompt_id])},{prompt_id}")
-        csv_path = WORKLOADS / f"smollm2_cpu_rate{rate}.csv"
+        csv_path = folder / f"{stem}_rate{rate}.csv"
         csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         yaml_path = csv_path.with_suffix(".yaml")
         yaml_path.write_text(
-            f"# The trace's prompts under Poisson load at {rate} requests/s (scenarios/serving_cpu.yaml)\n"
+            f"# The trace's prompts under Poisson load at {rate} requests/s ({trace_path.name})\n"
             f"arrival: {{process: trace, path: {csv_path.name}}}\n"
             "prompt_len: {dist: trace}\noutput_len: {dist: trace}\n",
             encoding="utf-8",
@@ -96,7 +108,36 @@ def write_workloads() -> list[Path]:
     return written
 
 
-def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def derived_scenario(profile: Path, trace: Path, folder: Path, model: str) -> Path:
+    """serving_cpu.yaml with `profile` and `trace` (absolute paths; CUDA graphs as the profile was measured) and
+    workloads written from `trace` into `folder` (`write_workloads`); the scenario file is written there too."""
+    import yaml
+
+    from sim.formats import read_latency_profile
+
+    graphs = read_latency_profile(profile).metadata.get("cuda_graphs") or [False]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_workloads(trace.resolve(), folder, model, "serving")
+    data = yaml.safe_load(SCENARIO.read_text(encoding="utf-8"))
+    data["latency"]["profile"] = {"path": str(profile.resolve()), "cuda_graphs": bool(max(graphs))}
+    data["acceptance"]["trace"] = str(trace.resolve())
+    data["serving"]["workload"] = str(folder / "serving_rate0.4.yaml")
+    for case in data["serving"]["cases"]:
+        case["serving.workload"] = str(folder / Path(case["serving.workload"]).name.replace("smollm2_cpu", "serving"))
+    path = folder / "serving_scenario.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def dense(point: Any, factor: float) -> Any:
+    """The point with every arrival `factor` times as early (the same requests at `factor` times the rate)."""
+    requests = tuple(dataclasses.replace(r, arrival_s=r.arrival_s / factor) for r in point.workload.requests)
+    return dataclasses.replace(point, workload=dataclasses.replace(point.workload, requests=requests))
+
+
+def measure(
+    points: list, threads: int, model: str = MODEL, device: str = "cpu", dtype: str = "float32", capture: str = "none"
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Serve every point's workload with the executor and simulate it; one row per point."""
     import torch
 
@@ -108,13 +149,13 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
     from sim.serving import metrics, simulate_serving
 
     torch.set_num_threads(threads)
-    adapter = ModelAdapter(load_model(MODEL, dtype=torch.float32, device=torch.device("cpu")))
-    tokenizer = load_tokenizer(MODEL)
+    adapter = ModelAdapter(load_model(model, dtype=getattr(torch, dtype), device=torch.device(device)))
+    tokenizer = load_tokenizer(model)
     rows = []
     begin = time.perf_counter()
     for point in points:
         prompts = bench_prompts(point.workload, "builtin", tokenizer, adapter.config.vocab_size, 0)
-        options = serve_options(point)
+        options = {**serve_options(point), "capture": capture}
         warm = point.workload.requests[0]
         serve(adapter, type(point.workload)((type(warm)(0, warm.prompt_len, 4, 0.0),)), prompts[:1], **options)
         before, prefill_before = probe_ms(adapter, prompts[0])
@@ -149,8 +190,9 @@ def measure(points: list, threads: int) -> tuple[list[dict[str, Any]], dict[str,
         in_run_errors = _errors_line(rows[-1]["errors_in_run"])
         print(f"  its passes / profile: {_costs_line(costs)}; with those costs: {in_run_errors}")
     metadata = {
-        **base_metadata(MODEL, adapter.device, adapter.dtype),
+        **base_metadata(model, adapter.device, adapter.dtype),
         "threads": threads,
+        "capture": capture,
         "scenario": str(SCENARIO.relative_to(ROOT)),
         "requests": len(points[0].workload.requests),
         "max_batch": {point.method: point.max_batch for point in points},
@@ -183,6 +225,7 @@ def probe_ms(adapter: Any, prompt: list[int], tokens: int = 9, runs: int = 5) ->
     from executor.api import generate
 
     steps, prefills = [], []
+    generate(adapter, prompt, method="ar", max_new_tokens=tokens)  # a captured AR's graphs made before timing
     for _ in range(runs):
         stats = generate(adapter, prompt, method="ar", max_new_tokens=tokens).stats
         steps.append((stats.wall_time_s - stats.prefill_time_s) / (tokens - 1) * 1e3)
@@ -303,6 +346,13 @@ def main() -> int:
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: all the scenario's)")
     parser.add_argument("--first", type=int, default=None, help="serve only each workload's first N requests (a look)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the profile)")
+    parser.add_argument("--model", default=MODEL, help=f"the model (default: {MODEL}; a GGUF path on a GPU box)")
+    parser.add_argument("--device", default="cpu", help="the executor's device (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="the executor's dtype (default: float32)")
+    parser.add_argument("--capture", default="none", help="serve's capture mode (default: none; graph on a GPU)")
+    parser.add_argument("--profile", type=Path, default=None, help="a latency profile measured on --device")
+    parser.add_argument("--trace", type=Path, default=None, help="an acceptance trace measured on --device")
+    parser.add_argument("--rate-scale", type=float, default=1.0, help="arrivals this many times as dense (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
     if args.write_workloads:
@@ -320,7 +370,19 @@ def main() -> int:
     from calibrate.validate import write_json
     from sim.serving import load_serving_points
 
-    points = load_serving_points(SCENARIO)
+    scenario = SCENARIO
+    if (args.profile is None) != (args.trace is None):
+        raise SystemExit("--profile and --trace go together (a scenario derived from both)")
+    for given in (args.profile, args.trace):
+        if given is not None and not given.is_file():
+            raise SystemExit(f"{given}: not a file (--profile and --trace name a latency profile and a trace)")
+    if args.profile is not None:
+        scenario = derived_scenario(args.profile, args.trace, args.out.parent / f"{args.out.stem}_files", args.model)
+    if not args.rate_scale > 0:
+        raise SystemExit(f"--rate-scale: expected a factor > 0, got {args.rate_scale}")
+    points = load_serving_points(scenario)
+    if args.rate_scale != 1.0:
+        points = [dense(point, args.rate_scale) for point in points]
     if args.cases:
         chosen = set(args.cases.split(","))
         points = [p for p in points if p.case in chosen]
@@ -334,7 +396,10 @@ def main() -> int:
         if args.first < 1:
             raise SystemExit(f"--first: expected a number of requests >= 1, got {args.first}")
         points = [_first(point, args.first) for point in points]
-    rows, metadata = measure(points, args.threads)
+    rows, metadata = measure(points, args.threads, args.model, args.device, args.dtype, args.capture)
+    metadata["rate_scale"] = args.rate_scale
+    if scenario != SCENARIO:  # derived: its files are kept beside the JSON
+        metadata.update(scenario=str(scenario), profile=str(args.profile), trace=str(args.trace))
     write_json(args.out, {"metadata": metadata, "rows": rows})
     print(f"wrote {args.out}")
     return 0

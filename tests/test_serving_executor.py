@@ -357,3 +357,32 @@ def test_serve_bench_refuses_a_gpu_capture_on_the_cpu_before_loading(capsys) -> 
     argv = ["serve-bench", "--workload", workload, "--model", "no-such-model", "--capture", "graph"]
     assert eesd(argv) == 2
     assert "--capture graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_scenario_derived_from_a_devices_files_serves_the_same_requests(tmp_path) -> None:
+    """`benchmarks/serving_cpu.py --profile P --trace T` (the GPU runbook's serving call) derives serving_cpu.yaml's
+    cases from another device's files: given this CPU's own profile and trace it writes the workloads committed for
+    them (the same requests), and every case loads with those files; `--rate-scale` divides every arrival."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from serving_cpu import PROFILE_CPU, TRACE, WORKLOADS, dense, derived_scenario
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    from sim.serving import load_serving_points
+
+    path = derived_scenario(PROFILE_CPU, TRACE, tmp_path / "files", "smollm2-135m")
+    for rate in ("0.15", "0.4", "1.2"):
+        written = (tmp_path / "files" / f"serving_rate{rate}.csv").read_text().splitlines()[1:]
+        committed = (WORKLOADS / f"smollm2_cpu_rate{rate}.csv").read_text().splitlines()[1:]
+        assert written == committed  # past the comment line
+    derived, shipped = load_serving_points(path), load_serving_points(root / "scenarios" / "serving_cpu.yaml")
+    assert [(p.case, p.method) for p in derived] == [(p.case, p.method) for p in shipped]
+    assert [p.workload.requests for p in derived] == [p.workload.requests for p in shipped]
+    faster = dense(derived[0], 20.0)
+    assert [r.arrival_s * 20.0 for r in faster.workload.requests] == pytest.approx(
+        [r.arrival_s for r in derived[0].workload.requests]
+    )
