@@ -47,6 +47,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +137,18 @@ def dense(point: Any, factor: float) -> Any:
 
 
 def measure(
-    points: list, threads: int, model: str = MODEL, device: str = "cpu", dtype: str = "float32", capture: str = "none"
+    points: list,
+    threads: int,
+    model: str = MODEL,
+    device: str = "cpu",
+    dtype: str = "float32",
+    capture: str = "none",
+    on_row: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Serve every point's workload with the executor and simulate it; one row per point."""
+    """Serve every point's workload with the executor and simulate it; one row per point. `on_row(rows, metadata)`
+    after each point (a run cut short keeps its rows)."""
     import torch
 
-    from calibrate.common import base_metadata
     from executor.adapter import ModelAdapter
     from executor.models import load_model, load_tokenizer
     from executor.serve_cli import bench_prompts
@@ -158,10 +165,10 @@ def measure(
         options = {**serve_options(point), "capture": capture}
         warm = point.workload.requests[0]
         serve(adapter, type(point.workload)((type(warm)(0, warm.prompt_len, 4, 0.0),)), prompts[:1], **options)
-        before, prefill_before = probe_ms(adapter, prompts[0])
+        before, prefill_before = probe_ms(adapter, prompts[0], capture)
         served = serve(adapter, point.workload, prompts, **options).result
         measured = metrics(served, point.slo)
-        after, prefill_after = probe_ms(adapter, prompts[0])
+        after, prefill_after = probe_ms(adapter, prompts[0], capture)
         predicted_result = simulate_serving(point)
         predicted = metrics(predicted_result, point.slo)
         rows.append(_row(point, measured, predicted, predicted_result.extrapolated))
@@ -189,7 +196,15 @@ def measure(
         )
         in_run_errors = _errors_line(rows[-1]["errors_in_run"])
         print(f"  its passes / profile: {_costs_line(costs)}; with those costs: {in_run_errors}")
-    metadata = {
+        if on_row is not None:
+            on_row(rows, run_metadata(adapter, model, threads, capture, points, begin))
+    return rows, run_metadata(adapter, model, threads, capture, points, begin)
+
+
+def run_metadata(adapter: Any, model: str, threads: int, capture: str, points: list, begin: float) -> dict[str, Any]:
+    from calibrate.common import base_metadata
+
+    return {
         **base_metadata(model, adapter.device, adapter.dtype),
         "threads": threads,
         "capture": capture,
@@ -200,7 +215,6 @@ def measure(
         "tolerance": TOLERANCE,
         "error": "(predicted - measured) / measured",
     }
-    return rows, metadata
 
 
 def serve_options(point: Any) -> dict[str, Any]:
@@ -218,16 +232,18 @@ def serve_options(point: Any) -> dict[str, Any]:
     return options
 
 
-def probe_ms(adapter: Any, prompt: list[int], tokens: int = 9, runs: int = 5) -> tuple[float, float]:
+def probe_ms(
+    adapter: Any, prompt: list[int], capture: str = "none", tokens: int = 9, runs: int = 5
+) -> tuple[float, float]:
     """How fast this machine runs right now: the medians over `runs` batch-1 AR runs on `prompt` of a decode step
     (ms per token) and of the prefill (ms), to set beside the profile's (the box is shared: other work slows the
     passes, and a compute-bound prefill not by as much as a memory-bound decode step, or by more)."""
     from executor.api import generate
 
     steps, prefills = [], []
-    generate(adapter, prompt, method="ar", max_new_tokens=tokens)  # a captured AR's graphs made before timing
+    generate(adapter, prompt, method="ar", max_new_tokens=tokens, capture=capture)  # its graphs made before timing
     for _ in range(runs):
-        stats = generate(adapter, prompt, method="ar", max_new_tokens=tokens).stats
+        stats = generate(adapter, prompt, method="ar", max_new_tokens=tokens, capture=capture).stats
         steps.append((stats.wall_time_s - stats.prefill_time_s) / (tokens - 1) * 1e3)
         prefills.append(stats.prefill_time_s * 1e3)
     return statistics.median(steps), statistics.median(prefills)
@@ -396,11 +412,14 @@ def main() -> int:
         if args.first < 1:
             raise SystemExit(f"--first: expected a number of requests >= 1, got {args.first}")
         points = [_first(point, args.first) for point in points]
-    rows, metadata = measure(points, args.threads, args.model, args.device, args.dtype, args.capture)
-    metadata["rate_scale"] = args.rate_scale
-    if scenario != SCENARIO:  # derived: its files are kept beside the JSON
-        metadata.update(scenario=str(scenario), profile=str(args.profile), trace=str(args.trace))
-    write_json(args.out, {"metadata": metadata, "rows": rows})
+
+    def write(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> None:
+        metadata["rate_scale"] = args.rate_scale
+        if scenario != SCENARIO:  # derived: its files are kept beside the JSON
+            metadata.update(scenario=str(scenario), profile=str(args.profile), trace=str(args.trace))
+        write_json(args.out, {"metadata": metadata, "rows": rows})
+
+    write(*measure(points, args.threads, args.model, args.device, args.dtype, args.capture, on_row=write))
     print(f"wrote {args.out}")
     return 0
 
