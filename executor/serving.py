@@ -395,6 +395,11 @@ def _serve_ppsd(
             f"ppsd serving runs a local pipeline: backend must be one of {', '.join(PPSD_BACKENDS)}, got "
             f"{pipeline['backend']!r}"
         )
+    if pipeline["backend"] == "streams" and adapter.device.type != "cuda":
+        raise ValueError(
+            f"backend 'streams' needs a GPU (a CUDA stream per stage), but the model is on {adapter.device}: serve "
+            "with backend 'sequential' on this machine"
+        )
     check_backend(adapter, pipeline["backend"])
     head, exit_layer = pipeline["head"], pipeline["exit_layer"]
     if head not in (None, "shared") and exit_layer is None:  # a trained head's own exit layer

@@ -230,6 +230,8 @@ def test_bad_serving_inputs_refused():
         serve(model, workload, [[1, 2, 3]], method="ppsd", max_batch=2)
     with pytest.raises(ValueError, match="backend must be one of sequential, streams"):
         serve(model, workload, [[1, 2, 3]], method="ppsd", backend="distributed")
+    with pytest.raises(ValueError, match="backend 'streams' needs a GPU.*serve with backend 'sequential'"):
+        serve(model, workload, [[1, 2, 3]], method="ppsd", backend="streams")
     with pytest.raises(ValueError, match="stages must be an integer >= 2"):
         serve(model, workload, [[1, 2, 3]], method="ppsd", stages=1)
     with pytest.raises(ValueError, match="method must be ar, eesd or ppsd"):
