@@ -282,6 +282,27 @@ def test_rate_sweep_methods_cases_and_outputs(tmp_path):
     assert {"serving.csv", "speculation.csv"} <= written
 
 
+def test_ppsd_pays_at_light_load_and_stops_once_requests_queue(tmp_path):
+    """PPSD at a high acceptance on four free-running stages beats batched AR on the same stages while requests rarely
+    wait for one another, and stops paying once they queue behind its one request at a time: the sweep finds that
+    rate between the two swept around it, and `serving.csv` names PPSD's stages, exit layer and batch of 1."""
+    import csv
+
+    serving = {"workload": poisson(300, 1.0, output=40), "methods": ["ar", "ppsd"], "rates_per_s": [5, 40, 400],
+               "max_batch": 8}  # fmt: skip
+    points = load_serving_points(
+        write_scenario(tmp_path, serving, topology={"stages": 4}, exit_layer=8, acceptance={"alpha": 0.9})
+    )
+    runs = run_serving(points, progress=False)
+    for run in runs:
+        check_run(run.point, run.result)
+    (crossing,) = stop_paying(runs)
+    assert crossing["method"] == "ppsd" and 5 < crossing["stop_rate_per_s"] < 400, crossing
+    write_outputs(runs, tmp_path / "out")
+    rows = [r for r in csv.DictReader((tmp_path / "out" / "serving.csv").open()) if r["method"] == "ppsd"]
+    assert {(r["stages"], r["exit_layer"], r["max_batch"]) for r in rows} == {("4", "8", "1")}
+
+
 def test_crossing_interpolates_the_latency_ratio():
     assert _crossing([1, 2, 4], [0.8, 0.9, 1.1])["stop_rate_per_s"] == pytest.approx(3.0)
     assert _crossing([1, 2], [1.2, 0.9])["stop_rate_per_s"] == "never"
