@@ -72,7 +72,6 @@ from executor.passes import (
 )
 from executor.ppsd import (
     LocalPipeline,
-    check_backend,
     decode_local,
     local_pipeline,
     make_selector,
@@ -400,7 +399,6 @@ def _serve_ppsd(
             f"backend 'streams' needs a GPU (a CUDA stream per stage), but the model is on {adapter.device}: serve "
             "with backend 'sequential' on this machine"
         )
-    check_backend(adapter, pipeline["backend"])
     head, exit_layer = pipeline["head"], pipeline["exit_layer"]
     if head not in (None, "shared") and exit_layer is None:  # a trained head's own exit layer
         head = resolve_head(head, adapter, None)
