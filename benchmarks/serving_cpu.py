@@ -110,17 +110,20 @@ def write_workloads(
 
 
 def derived_scenario(profile: Path, trace: Path, folder: Path, model: str) -> Path:
-    """serving_cpu.yaml with `profile` and `trace` (absolute paths; CUDA graphs as the profile was measured) and
-    workloads written from `trace` into `folder` (`write_workloads`); the scenario file is written there too."""
+    """serving_cpu.yaml with `profile` and `trace` (absolute paths; the dtype and CUDA graphs the profile was measured
+    with) and workloads written from `trace` into `folder` (`write_workloads`); the scenario file is written there
+    too."""
     import yaml
 
     from sim.formats import read_latency_profile
 
-    graphs = read_latency_profile(profile).metadata.get("cuda_graphs") or [False]
+    meta = read_latency_profile(profile).metadata
+    graphs = meta.get("cuda_graphs") or [False]
     folder.mkdir(parents=True, exist_ok=True)
     write_workloads(trace.resolve(), folder, model, "serving")
     data = yaml.safe_load(SCENARIO.read_text(encoding="utf-8"))
     data["latency"]["profile"] = {"path": str(profile.resolve()), "cuda_graphs": bool(max(graphs))}
+    data["dtype"] = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[meta["dtype"]]  # as it was measured
     data["acceptance"]["trace"] = str(trace.resolve())
     data["serving"]["workload"] = str(folder / "serving_rate0.4.yaml")
     for case in data["serving"]["cases"]:

@@ -384,6 +384,7 @@ def test_a_scenario_derived_from_a_devices_files_serves_the_same_requests(tmp_pa
     derived, shipped = load_serving_points(path), load_serving_points(root / "scenarios" / "serving_cpu.yaml")
     assert [(p.case, p.method) for p in derived] == [(p.case, p.method) for p in shipped]
     assert [p.workload.requests for p in derived] == [p.workload.requests for p in shipped]
+    assert [p.plan.dtype_bytes for p in derived] == [4] * len(derived)  # fp32, as the profile was measured
     faster = dense(derived[0], 20.0)
     assert [r.arrival_s * 20.0 for r in faster.workload.requests] == pytest.approx(
         [r.arrival_s for r in derived[0].workload.requests]
