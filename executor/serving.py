@@ -522,8 +522,7 @@ class _ServeLoop:
         decoder.prefill(len(self.slots), running)
         record.first_token_s = now()
         seconds = record.first_token_s - record.start_s
-        self.result.prefill_s += seconds
-        self.result.passes.append(PassLog("prefill", record.start_s, seconds, 1, len(running.prompt)))
+        self.result.book(PassLog("prefill", record.start_s, seconds, 1, len(running.prompt)))
         record.tokens = len(sink.tokens)
         self.result.tokens += record.tokens
         if sink.done:
@@ -541,11 +540,8 @@ class _ServeLoop:
         ticks, verdicts = self.decoder.decode(running)  # type: ignore[union-attr]
         end = now()
         furthest = len(running.prompt) + len(running.sink.tokens) - 2
-        result.passes.append(PassLog("ppsd", start, end - start, 1, ticks, len(running.prompt), furthest, verdicts))
-        result.decode_s += end - start
-        result.batch_time_s += end - start
-        result.rounds += ticks  # a PPSD run's rounds are its ticks
-        result.row_rounds += ticks
+        log = PassLog("ppsd", start, end - start, 1, ticks, len(running.prompt), furthest, verdicts)
+        result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
         record.tokens = len(running.sink.tokens)
         result.tokens += record.tokens - before
         self.slots.clear()
@@ -561,11 +557,7 @@ class _ServeLoop:
         furthest = max(s.position for s in slots)
         steps = self.decoder.round(slots)
         end = now()
-        result.passes.append(PassLog("round", start, end - start, len(slots), steps, context, furthest))
-        result.decode_s += end - start
-        result.batch_time_s += len(slots) * (end - start)
-        result.rounds += 1
-        result.row_rounds += len(slots)
+        result.book(PassLog("round", start, end - start, len(slots), steps, context, furthest))
         for running, count in zip(slots, before, strict=True):
             record = self.records[running.request.index]
             record.tokens = len(running.sink.tokens)

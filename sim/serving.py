@@ -356,6 +356,18 @@ class ServingResult:
     extrapolated: bool = False
     passes: list[PassLog] = field(default_factory=list)
 
+    def book(self, log: PassLog, rounds: int = 1) -> None:
+        """Log a pass the run ran and count its time: a prefill's, or a decode's with its batch-weighted time and its
+        `rounds` (one for a round; a PPSD decode's ticks)."""
+        self.passes.append(log)
+        if log.kind == "prefill":
+            self.prefill_s += log.seconds
+            return
+        self.decode_s += log.seconds
+        self.batch_time_s += log.batch * log.seconds
+        self.rounds += rounds
+        self.row_rounds += log.batch * rounds
+
 
 class Admission:
     """First come, first served admission into `max_batch` slots under a KV budget of `kv_capacity` tokens (None:
@@ -548,12 +560,7 @@ class ServingSimulation:
             start, context, furthest = env.now, self._context(running), self._furthest(running)
             steps = yield from round_fn(running, context, furthest)
             elapsed_s = (env.now - start) / 1e6
-            result = self.result
-            result.passes.append(PassLog("round", start / 1e6, elapsed_s, len(running), steps, context, furthest))
-            result.decode_s += elapsed_s
-            result.batch_time_s += len(running) * elapsed_s
-            result.rounds += 1
-            result.row_rounds += len(running)
+            self.result.book(PassLog("round", start / 1e6, elapsed_s, len(running), steps, context, furthest))
             if any(row.remaining == 0 for row in running):
                 running[:] = [row for row in running if not self._finish_if_done(row)]
 
@@ -584,12 +591,8 @@ class ServingSimulation:
         elapsed_s = (self.env.now - start) / 1e6
         furthest = request.prompt_len + request.output_len - 2
         log = PassLog("ppsd", start / 1e6, elapsed_s, 1, run.ticks, request.prompt_len, furthest, stream.verdicts())
-        result.passes.append(log)
+        result.book(log, rounds=run.ticks)  # a PPSD run's rounds are its ticks
         result.tokens += emitted
-        result.decode_s += elapsed_s
-        result.batch_time_s += elapsed_s
-        result.rounds += run.ticks  # a PPSD run's rounds are its ticks
-        result.row_rounds += run.ticks
         result.drafted += len(log.verdicts)
         result.accepted += sum(log.verdicts)
         self._finish_if_done(row)
@@ -599,8 +602,7 @@ class ServingSimulation:
         record.start_s = self.env.now / 1e6
         duration_us = self.prefill_us(request.prompt_len)
         yield self.env.timeout(duration_us)
-        self.result.prefill_s += duration_us / 1e6
-        self.result.passes.append(PassLog("prefill", record.start_s, duration_us / 1e6, 1, request.prompt_len))
+        self.result.book(PassLog("prefill", record.start_s, duration_us / 1e6, 1, request.prompt_len))
         record.first_token_s = self.env.now / 1e6
         record.tokens = 1
         self.result.tokens += 1
