@@ -385,6 +385,10 @@ def test_a_scenario_derived_from_a_devices_files_serves_the_same_requests(tmp_pa
     assert [(p.case, p.method) for p in derived] == [(p.case, p.method) for p in shipped]
     assert [p.workload.requests for p in derived] == [p.workload.requests for p in shipped]
     assert [p.plan.dtype_bytes for p in derived] == [4] * len(derived)  # fp32, as the profile was measured
+    bf16 = tmp_path / "latency_smollm2-135m_cpu_bf16.csv"  # the same profile, as if measured in bf16
+    bf16.write_text(PROFILE_CPU.read_text().replace('"dtype": "float32"', '"dtype": "bfloat16"', 1))
+    (point, *_) = load_serving_points(derived_scenario(bf16, TRACE, tmp_path / "bf16", "smollm2-135m"))
+    assert point.plan.dtype_bytes == 2
     faster = dense(derived[0], 20.0)
     assert [r.arrival_s * 20.0 for r in faster.workload.requests] == pytest.approx(
         [r.arrival_s for r in derived[0].workload.requests]
