@@ -224,6 +224,8 @@ def serve_options(point: Any) -> dict[str, Any]:
     """`executor.serving.serve`'s arguments for a point: its method, batch and KV budget; EESD's exit layer and
     policy, PPSD's stages as the plan lays them out (stage 1 ending at the exit layer, the shared head there)."""
     plan = point.plan
+    if point.replicas != 1:
+        raise SystemExit(f"{SCENARIO.name}: case {point.case}: the executor serves one replica, not {point.replicas}")
     options = {"method": point.method, "max_batch": point.max_batch, "kv_capacity_tokens": point.kv_capacity_tokens}
     if point.method == "eesd":
         options.update(exit_layer=plan.exit_layer, policy=plan.policy, head="shared")

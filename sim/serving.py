@@ -1,4 +1,5 @@
-"""Serving under load: requests arrive, wait, are batched continuously and decoded with AR or EESD (torch-free).
+"""Serving under load: requests arrive, wait, are batched continuously and decoded with AR, EESD or PPSD
+(torch-free).
 
 A serving scenario is a simulator scenario (model, latency, acceptance, topology, exit layer, head, policy: see
 `sim.scenario`) whose `workload:` is replaced by a `serving:` section:
@@ -8,7 +9,11 @@ A serving scenario is a simulator scenario (model, latency, acceptance, topology
       methods: [ar, eesd]                     # each is simulated on the same requests (default: the scenario's)
       rates_per_s: [1, 2, 4, 8]               # optional: the arrival rate swept (poisson and gamma arrivals)
       max_batch: 8                            # batch slots
-      kv_capacity_tokens: auto                # auto | an integer | null (unlimited)
+      kv_capacity_tokens: auto                # auto | an integer | null (unlimited): per replica
+      replicas: 1                             # servers side by side, each on its own devices (default 1)
+      dispatch: least_loaded                  # least_loaded | round_robin: which replica an arrival goes to
+      by_method:                              # optional: dotted fields for one method only (the same requests)
+        ar: {topology.stages: 1, serving.replicas: 2}
       slo: {ttft_ms: 500, tpot_ms: 50}        # goodput counts the requests within both bounds
       cases:                                  # optional: named variants, each a mapping of dotted fields
         - {name: smollm2, model: SmolLM2-135M}
@@ -38,6 +43,12 @@ The schedule (the executor's `executor.serving` runs the same one):
   stream, so serving adds the queue in front of it. A PPSD decode is logged as one pass of kind "ppsd" (its ticks,
   prompt length, last position written and the verdicts of its drafts), and a PPSD run counts ticks as its rounds
   (`tokens_per_round` is tokens per tick: 1 / stages for AR through the same stages).
+- Replicas (`replicas: N`): N servers, each the plan's devices with its own slots and KV cache, run this schedule
+  side by side (data parallelism); an arriving request is dispatched to one and stays there: `least_loaded` (the
+  fewest requests dispatched and not finished, the lowest index among equals: join the shortest queue) or
+  `round_robin`. `by_method` gives a method its own fields, so methods are compared on the same devices laid out
+  their own way (AR as two one-GPU replicas, PPSD as one pipeline over both GPUs); fields that would change the
+  requests or the comparison (workload, rates, methods, SLO) are refused there.
 - An acceptance trace is replayed as the simulator replays it (`sim.acceptance.TraceAcceptance`: request r from the
   trace's prompt r mod P, for its own output length): it must hold the whole workload's output tokens and a prompt
   per request, unless the scenario sets `acceptance.reuse: cycle`.
@@ -70,6 +81,11 @@ from sim.scenario import Point, Scenario, ScenarioError, read_yaml, validate
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload, WorkloadError, build_workload, parse_spec, with_rate
 
 MAX_BATCH = 4096
+MAX_REPLICAS = 1024
+DISPATCH = ("least_loaded", "round_robin")
+# what `serving.by_method` may not change: every method of a case serves the same requests and is compared on them
+SHARED_FIELDS = ("serving.workload", "serving.rates_per_s", "serving.methods", "serving.cases", "serving.by_method",
+                 "serving.slo")  # fmt: skip
 KV_MEMORY_SHARE = 0.9  # the share of a GPU's memory that weights and KV cache may take (the rest: activations)
 SERVING_METHODS = ("ar", "eesd", "ppsd")
 
@@ -89,6 +105,9 @@ class ServingConfig(_Strict):
     rates_per_s: list[float] | None = Field(None, min_length=1, max_length=1000)
     max_batch: int = Field(8, ge=1, le=MAX_BATCH)
     kv_capacity_tokens: int | Literal["auto"] | None = "auto"
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
+    dispatch: Literal["least_loaded", "round_robin"] = "least_loaded"
+    by_method: dict[str, dict[str, Any]] | None = None
     slo: SLO = SLO()
     cases: list[dict[str, Any]] | None = Field(None, min_length=1)
 
@@ -106,6 +125,13 @@ class ServingPoint:
     kv_capacity_tokens: int | None
     slo: SLO
     source: str
+    replicas: int = 1
+    dispatch: str = "least_loaded"
+
+    @property
+    def devices(self) -> int:
+        """The devices the point occupies: its replicas times the devices of one replica's plan."""
+        return self.replicas * len({self.plan.device_of(i) for i in range(len(self.plan.stages))})
 
 
 # ---- reading a serving scenario --------------------------------------------------------------------------------------
@@ -176,6 +202,7 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
     for method in methods:
         if method not in SERVING_METHODS:
             raise ScenarioError(f"{where}: serving.methods: expected ar, eesd or ppsd, got {method!r}")
+    by_method = {method: _method_data(data, config, method, where) for method in methods}
     spec, base_dir, spec_where, prefix = _workload_spec(config, path, where)
     rates: Sequence[float | None] = config.rates_per_s or [None]
     points = []
@@ -183,13 +210,44 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
         rated = spec if rate is None else with_rate(spec, rate, where, "serving.rates_per_s")
         workload = build_workload(rated, base_dir, spec_where, prefix)
         for method in methods:
-            max_batch = 1 if method == "ppsd" else config.max_batch  # PPSD serves one request at a time
-            plan, scenario = _plan(path, data, method, workload, max_batch, where)
+            method_data, method_config = by_method[method]
+            max_batch = 1 if method == "ppsd" else method_config.max_batch  # PPSD serves one request at a time
+            plan, scenario = _plan(path, method_data, method, workload, max_batch, where)
             _check_trace_covers(plan, scenario, workload, where)
-            capacity = _kv_capacity(plan, config.kv_capacity_tokens)
+            capacity = _kv_capacity(plan, method_config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
-            points.append(ServingPoint(case, method, rate, plan, workload, max_batch, capacity, config.slo, where))
+            points.append(ServingPoint(
+                case, method, rate, plan, workload, max_batch, capacity, config.slo, where,
+                method_config.replicas, method_config.dispatch,
+            ))  # fmt: skip
     return points
+
+
+def _method_data(
+    data: dict[str, Any], config: ServingConfig, method: str, where: str
+) -> tuple[dict[str, Any], ServingConfig]:
+    """The case's data and serving config for one method: `serving.by_method[method]`'s dotted fields set (e.g. AR
+    as two one-GPU replicas where PPSD pipelines over both GPUs); fields that would change the requests or the
+    comparison (`SHARED_FIELDS`) are refused."""
+    fields = (config.by_method or {}).get(method)
+    if config.by_method:
+        methods = config.methods or [data.get("method", "ar")]
+        unknown = sorted(set(config.by_method) - set(methods))
+        if unknown:
+            raise ScenarioError(
+                f"{where}: serving.by_method: {', '.join(unknown)}: not among the case's methods {methods}"
+            )
+    if not fields:
+        return data, config
+    method_data = copy.deepcopy(data)
+    for dotted, value in fields.items():
+        if dotted == "method" or any(dotted == f or dotted.startswith(f + ".") for f in SHARED_FIELDS):
+            raise ScenarioError(
+                f"{where}: serving.by_method.{method}.{dotted}: not set per method (every method of a case serves "
+                "the same requests); set it in a case of its own"
+            )
+        _set_path(method_data, dotted, value)
+    return method_data, _config(method_data["serving"], f"{where}: serving.by_method.{method}")
 
 
 def _workload_spec(config: ServingConfig, path: Path, where: str) -> tuple[Any, Path, str, str]:
@@ -297,6 +355,7 @@ class RequestRecord:
     first_token_s: float = math.nan
     finish_s: float = math.nan
     tokens: int = 0
+    replica: int = 0  # the replica that served it
 
     @property
     def ttft_s(self) -> float:
@@ -334,6 +393,7 @@ class PassLog:
     context: int = 0
     furthest: int = 0
     verdicts: tuple[bool, ...] = ()
+    replica: int = 0
 
 
 @dataclass
@@ -355,6 +415,7 @@ class ServingResult:
     in_system_s: float = 0.0  # integral over time of the number of requests in the system
     extrapolated: bool = False
     passes: list[PassLog] = field(default_factory=list)
+    replicas: int = 1  # servers (each with its own devices, slots and KV cache); the totals above sum over them
 
     def book(self, log: PassLog, rounds: int = 1) -> None:
         """Log a pass the run ran and count its time: a prefill's, or a decode's with its batch-weighted time and its
@@ -437,7 +498,7 @@ def metrics(result: ServingResult, slo: SLO | None = None) -> dict[str, float]:
     row.update(_stats_ms("queue", [r.queue_s for r in records]))
     row["mean_batch"] = result.batch_time_s / result.decode_s if result.decode_s > 0 else 0.0
     row["occupancy"] = row["mean_batch"] / result.max_batch
-    row["busy_pct"] = 100.0 * (result.prefill_s + result.decode_s) / time_s
+    row["busy_pct"] = 100.0 * (result.prefill_s + result.decode_s) / time_s / result.replicas  # mean over replicas
     decode_tokens = sum(r.tokens - 1 for r in records if r.tokens)
     row["tokens_per_round"] = decode_tokens / result.row_rounds if result.row_rounds else math.nan
     row["acceptance"] = result.accepted / result.drafted if result.drafted else math.nan
@@ -473,24 +534,50 @@ class _Row:
         self.all_match = True
 
 
+class _Server:
+    """One replica: its own slots and KV budget (`admission`), running rows, the event that wakes its idle loop, and
+    the requests dispatched to it and not finished (`load`)."""
+
+    __slots__ = ("index", "admission", "running", "wake", "load")
+
+    def __init__(self, index: int, admission: Admission) -> None:
+        self.index, self.admission = index, admission
+        self.running: list[_Row] = []
+        self.wake: simpy.Event | None = None
+        self.load = 0
+
+
 class ServingSimulation:
-    """One serving run of a plan over a workload (see the module docstring for the schedule). Create one per run."""
+    """One serving run of a plan over a workload (see the module docstring for the schedule). Create one per run.
+
+    `replicas` servers, each the plan's devices with `max_batch` slots and its own KV budget, run the schedule side
+    by side; a request is dispatched to one of them when it arrives and stays there: `least_loaded` (the replica with
+    the fewest requests dispatched and not finished, the lowest index on a tie) or `round_robin` (the i-th arrival to
+    replica i mod N)."""
 
     def __init__(
-        self, plan: SimPlan, workload: ServingWorkload, max_batch: int, kv_capacity_tokens: int | None
+        self,
+        plan: SimPlan,
+        workload: ServingWorkload,
+        max_batch: int,
+        kv_capacity_tokens: int | None,
+        replicas: int = 1,
+        dispatch: str = "least_loaded",
     ) -> None:
         if plan.method not in SERVING_METHODS:
             raise ValueError(f"method must be ar, eesd or ppsd: {plan.method}")
         if plan.method == "ppsd" and max_batch != 1:
             raise ValueError(f"ppsd serves one request at a time (its pipeline decodes batch 1): max_batch {max_batch}")
-        self.plan, self.workload = plan, workload
+        if replicas < 1 or dispatch not in DISPATCH:
+            raise ValueError(f"need replicas >= 1 and dispatch in {DISPATCH}: got {replicas}, {dispatch!r}")
+        self.plan, self.workload, self.dispatch = plan, workload, dispatch
         self.env = simpy.Environment()
-        self.admission = Admission(max_batch, kv_capacity_tokens, plan_kv_tokens(plan))
+        tokens = plan_kv_tokens(plan)
+        self.servers = [_Server(i, Admission(max_batch, kv_capacity_tokens, tokens)) for i in range(replicas)]
         self.records = [RequestRecord(r.index, r.prompt_len, r.output_len, math.nan) for r in workload.requests]
-        self.result = ServingResult(plan.method, max_batch, self.records)
+        self.result = ServingResult(plan.method, max_batch, self.records, replicas=replicas)
         self.users = ClosedLoopUsers(workload) if workload.closed else None
-        self.in_system, self.last_change_us, self.finished = 0, 0.0, 0
-        self.wake: simpy.Event | None = None
+        self.in_system, self.last_change_us, self.finished, self.arrivals = 0, 0.0, 0, 0
         self._costs: dict[tuple[str, int, int], float] = {}
         layers, exit_layer = plan.model.num_layers, plan.exit_layer
         self.decode = Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=plan.head_layer_at)
@@ -506,7 +593,8 @@ class ServingSimulation:
         else:
             for request, at_s in self.users.first():
                 self._arrive_at(request, at_s)
-        env.process(self._serve())
+        for server in self.servers:
+            env.process(self._serve(server))
         env.run()
         self._count_in_system(0)
         result = self.result
@@ -528,12 +616,27 @@ class ServingSimulation:
         self.env.timeout(delay_us).callbacks.append(lambda _: self._arrive(request))
 
     def _arrive(self, request: Request) -> None:
-        self.records[request.index].arrival_s = self.env.now / 1e6
+        record = self.records[request.index]
+        record.arrival_s = self.env.now / 1e6
         self._count_in_system(+1)
-        self.admission.arrive(request)
-        if self.wake is not None:
-            wake, self.wake = self.wake, None
+        server = self._dispatch()
+        record.replica = server.index
+        server.load += 1
+        server.admission.arrive(request)
+        if server.wake is not None:
+            wake, server.wake = server.wake, None
             wake.succeed()
+
+    def _dispatch(self) -> _Server:
+        """The replica an arriving request goes to (see the class docstring)."""
+        servers = self.servers
+        if len(servers) == 1:
+            return servers[0]
+        if self.dispatch == "round_robin":
+            server = servers[self.arrivals % len(servers)]
+            self.arrivals += 1
+            return server
+        return min(servers, key=lambda server: server.load)  # min keeps the first (lowest index) of equals
 
     def _count_in_system(self, change: int) -> None:
         now = self.env.now
@@ -542,42 +645,43 @@ class ServingSimulation:
         self.last_change_us = now
 
     # ---- the scheduler -----------------------------------------------------------------------------------------------
-    def _serve(self) -> Generator[simpy.Event, Any, None]:
-        env, running, total = self.env, [], len(self.records)
+    def _serve(self, server: _Server) -> Generator[simpy.Event, Any, None]:
+        env, running, total, admission = self.env, server.running, len(self.records), server.admission
         if self.plan.method == "ppsd":
-            yield from self._serve_ppsd(running)
+            yield from self._serve_ppsd(server)
             return
         round_fn = self._ar_round if self.plan.method == "ar" else self._eesd_round
         while self.finished < total:
-            request = self.admission.next()
+            request = admission.next()
             while request is not None:
-                yield from self._prefill(request, running)
-                request = self.admission.next()
+                yield from self._prefill(request, server)
+                request = admission.next()
             if not running:
-                self.wake = env.event()
-                yield self.wake
+                server.wake = env.event()
+                yield server.wake
                 continue
             start, context, furthest = env.now, self._context(running), self._furthest(running)
             steps = yield from round_fn(running, context, furthest)
             elapsed_s = (env.now - start) / 1e6
-            self.result.book(PassLog("round", start / 1e6, elapsed_s, len(running), steps, context, furthest))
+            log = PassLog("round", start / 1e6, elapsed_s, len(running), steps, context, furthest, (), server.index)
+            self.result.book(log)
             if any(row.remaining == 0 for row in running):
-                running[:] = [row for row in running if not self._finish_if_done(row)]
+                running[:] = [row for row in running if not self._finish_if_done(row, server)]
 
-    def _serve_ppsd(self, running: list[_Row]) -> Generator[simpy.Event, Any, None]:
+    def _serve_ppsd(self, server: _Server) -> Generator[simpy.Event, Any, None]:
         """PPSD's server: one request at a time, its prefill then its whole decode (`_ppsd_decode`)."""
-        env, total = self.env, len(self.records)
+        env, total, running = self.env, len(self.records), server.running
         while self.finished < total:
-            request = self.admission.next()
+            request = server.admission.next()
             if request is None:
-                self.wake = env.event()
-                yield self.wake
+                server.wake = env.event()
+                yield server.wake
                 continue
-            yield from self._prefill(request, running)
+            yield from self._prefill(request, server)
             if running:
-                yield from self._ppsd_decode(running.pop())
+                yield from self._ppsd_decode(running.pop(), server)
 
-    def _ppsd_decode(self, row: _Row) -> Generator[simpy.Event, Any, None]:
+    def _ppsd_decode(self, row: _Row, server: _Server) -> Generator[simpy.Event, Any, None]:
         """A request's decode through the pipeline, alone: the engine's PPSD schedule for its prompt and output
         length with its own acceptance stream (`sim.engine.decode_alone`), logged as one pass of kind "ppsd"."""
         request, start = row.request, self.env.now
@@ -590,25 +694,28 @@ class ServingSimulation:
         row.record.tokens += emitted
         elapsed_s = (self.env.now - start) / 1e6
         furthest = request.prompt_len + request.output_len - 2
-        log = PassLog("ppsd", start / 1e6, elapsed_s, 1, run.ticks, request.prompt_len, furthest, stream.verdicts())
+        log = PassLog(
+            "ppsd", start / 1e6, elapsed_s, 1, run.ticks, request.prompt_len, furthest, stream.verdicts(), server.index
+        )
         result.book(log, rounds=run.ticks)  # a PPSD run's rounds are its ticks
         result.tokens += emitted
         result.drafted += len(log.verdicts)
         result.accepted += sum(log.verdicts)
-        self._finish_if_done(row)
+        self._finish_if_done(row, server)
 
-    def _prefill(self, request: Request, running: list[_Row]) -> Generator[simpy.Event, Any, None]:
+    def _prefill(self, request: Request, server: _Server) -> Generator[simpy.Event, Any, None]:
         record = self.records[request.index]
         record.start_s = self.env.now / 1e6
         duration_us = self.prefill_us(request.prompt_len)
         yield self.env.timeout(duration_us)
-        self.result.book(PassLog("prefill", record.start_s, duration_us / 1e6, 1, request.prompt_len))
+        log = PassLog("prefill", record.start_s, duration_us / 1e6, 1, request.prompt_len, replica=server.index)
+        self.result.book(log)
         record.first_token_s = self.env.now / 1e6
         record.tokens = 1
         self.result.tokens += 1
         row = _Row(record, request, *self._stream_and_policy(request))
-        if not self._finish_if_done(row):
-            running.append(row)
+        if not self._finish_if_done(row, server):
+            server.running.append(row)
 
     def _stream_and_policy(self, request: Request) -> tuple[Any, Any]:
         """A request's own acceptance stream and draft policy, seeded by the plan's seed and its index (the same
@@ -618,12 +725,13 @@ class ServingSimulation:
         policy = make_policy(plan.policy, rng=random.Random(base + 1), cost_ratio=plan.cost_ratio)
         return stream, policy
 
-    def _finish_if_done(self, row: _Row) -> bool:
+    def _finish_if_done(self, row: _Row, server: _Server) -> bool:
         if row.remaining > 0:
             return False
         record = row.record
         record.finish_s = self.env.now / 1e6
-        self.admission.release(row.request)
+        server.admission.release(row.request)
+        server.load -= 1
         self._count_in_system(-1)
         self.finished += 1
         if self.users is not None:
@@ -793,7 +901,9 @@ def logged_ratios(simulation: ServingSimulation, logs: Sequence[PassLog], reads:
 
 def simulate_serving(point: ServingPoint) -> ServingResult:
     """Run one serving point."""
-    return ServingSimulation(point.plan, point.workload, point.max_batch, point.kv_capacity_tokens).run()
+    return ServingSimulation(
+        point.plan, point.workload, point.max_batch, point.kv_capacity_tokens, point.replicas, point.dispatch
+    ).run()
 
 
 @dataclass(frozen=True)

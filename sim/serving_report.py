@@ -65,6 +65,8 @@ def row(run: ServingRun) -> dict[str, Any]:
         "policy": p.plan.policy if p.method == "eesd" else "",
         "exit_layer": p.plan.exit_layer if p.method in ("eesd", "ppsd") else "",
         "stages": len(p.plan.stages),
+        "replicas": p.replicas,
+        "devices": p.devices,
         "max_batch": p.max_batch,
         "kv_capacity_tokens": p.kv_capacity_tokens if p.kv_capacity_tokens is not None else "",
     }

@@ -66,9 +66,13 @@ def check_run(point: ServingPoint, result: ServingResult) -> dict[str, float]:
     assert row["mean_in_system"] == pytest.approx(row["little_lambda_w"], rel=1e-9)
     assert row["mean_in_system"] > 0
     tokens = plan_kv_tokens(point.plan)
-    slots, kv = peak_use(records, lambda r: 1), peak_use(records, lambda r: tokens(point.workload.requests[r.index]))
-    assert slots <= point.max_batch
-    assert point.kv_capacity_tokens is None or kv <= point.kv_capacity_tokens
+    assert {r.replica for r in records} <= set(range(point.replicas))
+    for replica in range(point.replicas):  # each replica has its own slots and KV cache
+        mine = [r for r in records if r.replica == replica]
+        slots, kv = peak_use(mine, lambda r: 1), peak_use(mine, lambda r: tokens(point.workload.requests[r.index]))
+        assert slots <= point.max_batch
+        assert point.kv_capacity_tokens is None or kv <= point.kv_capacity_tokens
+    assert 0 < row["busy_pct"] <= 100 + 1e-9
     return row
 
 
@@ -549,3 +553,118 @@ def test_recalibrating_a_scenario_profile_keeps_its_timing_or_takes_visits():
     visited = recalibrate_argv(scenario, threads=1, visits=3)
     assert [option(visited, name) for name in ("--warmup", "--repeats", "--visits")] == ["1", "3", "3"]
     assert option(visited, "--out") == str((ROOT / "calibration" / "cpu" / "serving").resolve())
+
+
+# ---- replicas --------------------------------------------------------------------------------------------------------
+def replica_point(tmp_path: Path, method: str, replicas: int, dispatch: str, workload: dict, **fields) -> ServingPoint:
+    serving = {"workload": workload, "methods": [method], "max_batch": 3, "replicas": replicas, "dispatch": dispatch}
+    if method == "ppsd":
+        fields = {**PPSD_FIELDS, **fields}
+    (point,) = load_serving_points(write_scenario(tmp_path, serving, **fields))
+    return point
+
+
+def alone(point: ServingPoint, requests: list) -> ServingResult:
+    """`requests` served by one server of the point's plan (renumbered from 0, arrivals kept)."""
+    renumbered = tuple(dataclasses.replace(r, index=i) for i, r in enumerate(requests))
+    workload = dataclasses.replace(point.workload, requests=renumbered)
+    return simulate_serving(dataclasses.replace(point, workload=workload, replicas=1))
+
+
+@pytest.mark.parametrize(("method", "alpha"), [("ar", 0.6), ("eesd", 1.0), ("eesd", 0.0), ("ppsd", 1.0), ("ppsd", 0.0)])
+def test_round_robin_replicas_are_independent_servers(tmp_path, method, alpha):
+    """Round robin sends the i-th arrival to replica i mod N, and replicas share nothing: each replica's requests are
+    served exactly as one server serves those requests alone (every time of every record, to the last bit)."""
+    workload = {**poisson(90, 400.0, output=14), "prompt_len": {"dist": "uniform", "low": 4, "high": 40}}
+    point = replica_point(tmp_path, method, 3, "round_robin", workload, acceptance={"alpha": alpha})
+    result = simulate_serving(point)
+    check_run(point, result)
+    assert [r.replica for r in result.records] == [i % 3 for i in range(90)]
+    assert metrics(result)["queue_mean_ms"] > 0  # the load makes requests wait: the replicas' queues are exercised
+    times = ("arrival_s", "start_s", "first_token_s", "finish_s")
+    for replica in range(3):
+        mine = [r for r in result.records if r.replica == replica]
+        single = alone(point, [point.workload.requests[r.index] for r in mine])
+        rows = [[getattr(r, t) for t in times] for r in mine]
+        assert rows == [[getattr(r, t) for t in times] for r in single.records]
+    assert {log.replica for log in result.passes} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("method", ["ar", "eesd", "ppsd"])
+def test_least_loaded_dispatch_joins_the_shortest_queue(tmp_path, method):
+    """Each arrival goes to the replica with the fewest requests dispatched and not finished (the lowest index among
+    equals), recomputed from the records; lengths vary, so round robin would not do the same."""
+    workload = {"requests": 200, "seed": 4, "arrival": {"process": "poisson", "rate_per_s": 300.0},
+                "prompt_len": {"dist": "uniform", "low": 4, "high": 64},
+                "output_len": {"dist": "lognormal", "median": 12, "sigma": 0.9, "max": 80}}  # fmt: skip
+    point = replica_point(tmp_path, method, 3, "least_loaded", workload)
+    result = simulate_serving(point)
+    check_run(point, result)
+    records = result.records
+    for record in records:
+        t = record.arrival_s
+        load = [0, 0, 0]
+        for other in records:
+            if other.index < record.index and other.finish_s > t:
+                load[other.replica] += 1
+        assert record.replica == load.index(min(load)), (record.index, load)
+    assert [r.replica for r in records] != [i % 3 for i in range(len(records))]
+
+
+def test_replicas_multiply_saturated_throughput_and_ease_the_queue(tmp_path):
+    """Closed-loop users who always keep every replica full: two replicas produce twice one's tokens/s (the same
+    passes, side by side); at an open rate one replica cannot keep up with, two cut the mean wait."""
+    closed = {"requests": 400, "seed": 1, "arrival": {"process": "closed", "users": 12, "think_s": 0.0},
+              "prompt_len": 16, "output_len": 12}  # fmt: skip
+    one, two = (simulate_serving(replica_point(tmp_path, "ar", n, "least_loaded", closed)) for n in (1, 2))
+    assert metrics(two)["tokens_per_s"] == pytest.approx(2 * metrics(one)["tokens_per_s"], rel=0.02)
+    assert metrics(two)["busy_pct"] == pytest.approx(100.0, abs=1.0)
+    open_load = poisson(400, 1.4 * metrics(one)["requests_per_s"])  # one replica overloaded, two at 70%
+    waits = [metrics(simulate_serving(replica_point(tmp_path, "ar", n, "least_loaded", open_load)))["queue_mean_ms"]
+             for n in (1, 2)]  # fmt: skip
+    assert waits[1] < waits[0] / 4
+
+
+def test_by_method_gives_each_method_its_own_devices(tmp_path):
+    """`serving.by_method` sets fields for one method: AR as two one-GPU replicas beside PPSD pipelined over two
+    GPUs, on the same requests; `serving.csv` names each point's stages, replicas and devices."""
+    import csv
+
+    serving = {"workload": poisson(60, 20.0), "methods": ["ar", "ppsd"], "rates_per_s": [5, 50],
+               "by_method": {"ar": {"topology.stages": 1, "serving.replicas": 2}}}  # fmt: skip
+    path = write_scenario(tmp_path, serving, topology={"gpu": "H100", "stages": 2})
+    points = load_serving_points(path)
+    assert [(p.method, len(p.plan.stages), p.replicas, p.devices) for p in points[:2]] == [
+        ("ar", 1, 2, 2), ("ppsd", 2, 1, 2)
+    ]  # fmt: skip
+    assert points[0].workload.requests == points[1].workload.requests
+    runs = run_serving(points, progress=False)
+    for run in runs:
+        check_run(run.point, run.result)
+    write_outputs(runs, tmp_path / "out")
+    rows = list(csv.DictReader((tmp_path / "out" / "serving.csv").open()))
+    assert {(r["method"], r["stages"], r["replicas"], r["devices"]) for r in rows} == {
+        ("ar", "1", "2", "2"), ("ppsd", "2", "1", "2")
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("serving", "message"),
+    [
+        ({"replicas": 0}, "serving.replicas: Input should be greater than or equal to 1"),
+        ({"dispatch": "random"}, "serving.dispatch: Input should be 'least_loaded' or 'round_robin'"),
+        ({"by_method": {"eesd": {"serving.replicas": 2}}}, r"serving.by_method: eesd: not among the case's methods"),
+        ({"by_method": {"ar": {"serving.workload": "x.yaml"}}}, r"serving.by_method.ar.serving.workload: not set per"),
+        ({"by_method": {"ar": {"serving.rates_per_s": [1]}}}, r"serving.by_method.ar.serving.rates_per_s: not set"),
+        ({"by_method": {"ar": {"method": "eesd"}}}, r"serving.by_method.ar.method: not set per method"),
+        (
+            {"by_method": {"ar": {"serving.replicas": 0}}},
+            r"serving.by_method.ar: serving.replicas: Input should be greater than or equal to 1",
+        ),
+        ({"by_method": {"ar": {"exit_layer": 99}}}, r"exit_layer: expected 1 <= exit_layer < 30"),
+    ],
+)
+def test_bad_replicas_and_by_method_refused_with_field(tmp_path, serving, message):
+    path = write_scenario(tmp_path, {"workload": poisson(5, 1.0), **serving})
+    with pytest.raises(ScenarioError, match=message):
+        load_serving_points(path)
