@@ -33,6 +33,7 @@ class Pass:
     exit_at: int = 0
     lm_head_q: int = 0
     head_layer_at: int = 0  # a trained head's own layer runs after this layer (its KV kept in step), no LM head
+    head_layer_q: int = 1  # the tokens that layer runs over (a prefill: the prompt)
     host_sync: bool = True  # the host reads the device after this pass (see `stage_time_us`)
     host_per_stage: bool = False  # every stage's own host handles the pass (PPSD distributed), not one host read
 
@@ -70,7 +71,7 @@ def stage_time_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, 
     if work.exit_at and stage.layer_start < work.exit_at <= stage.layer_end:
         total += exit_head_us(plan, lat, context_len, batch)
     if work.head_layer_at and stage.layer_start < work.head_layer_at <= stage.layer_end:
-        total += lat.time_us("layer", phase, 1, context_len, batch)
+        total += lat.time_us("layer", phase, work.head_layer_q, context_len, batch)
     if work.lm_head_q and stage.layer_end == plan.model.num_layers:
         total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
     if (work.host_sync and (read or work.host_per_stage)) or not lat.cuda_graphs:

@@ -458,7 +458,7 @@ class Simulation:
         for first in range(0, w.requests, w.batch_size):
             rows = [self._row(r) for r in range(first, min(first + w.batch_size, w.requests))]
             start = self.env.now
-            prefill = Pass("prefill", "prefill", ((0, plan.model.num_layers, w.prompt_len),), lm_head_q=1)
+            prefill = prefill_pass(plan, w.prompt_len)
             yield from self._pass(prefill, 0, len(rows))
             for row in rows:
                 row.generated, row.remaining = 1, row.remaining - 1
@@ -926,6 +926,15 @@ class Simulation:
         if cached is None:
             cached = self._costs[key] = pass_costs(self.plan, work, context_len, batch)
         return cached
+
+
+def prefill_pass(plan: SimPlan, prompt_len: int) -> Pass:
+    """A prefill of `prompt_len` tokens: every layer, the LM head at the last position, and a trained head's layer
+    over the prompt where EESD or PPSD drafts with one."""
+    return Pass(
+        f"prefill q={prompt_len}", "prefill", ((0, plan.model.num_layers, prompt_len),), lm_head_q=1,
+        head_layer_at=plan.prefill_head_layer_at, head_layer_q=prompt_len,
+    )  # fmt: skip
 
 
 def decode_alone(

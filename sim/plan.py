@@ -171,6 +171,12 @@ class SimPlan:
         verified position): after the exit layer; 0 for a head without a layer."""
         return self.exit_layer if self.exit_head == "trained" else 0
 
+    @property
+    def prefill_head_layer_at(self) -> int:
+        """Where a trained head's layer runs over the prompt in a prefill (EESD and PPSD fill its KV there, the
+        executor's `head.prefill`); 0 for AR, which runs no head."""
+        return self.head_layer_at if self.method in ("eesd", "ppsd") else 0
+
 
 def _check_plan(plan: SimPlan) -> None:
     if plan.method not in METHODS:

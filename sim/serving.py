@@ -73,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sim.acceptance import TraceAcceptance
 from sim.contract import cache_capacity
 from sim.cost import Pass, pass_costs
-from sim.engine import TOKEN_ID_BYTES, decode_alone
+from sim.engine import TOKEN_ID_BYTES, decode_alone, prefill_pass
 from sim.formats import quote
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
@@ -580,7 +580,9 @@ class ServingSimulation:
         self.in_system, self.last_change_us, self.finished, self.arrivals = 0, 0.0, 0, 0
         self._costs: dict[tuple[str, int, int], float] = {}
         layers, exit_layer = plan.model.num_layers, plan.exit_layer
-        self.decode = Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=plan.head_layer_at)
+        # an AR step: EESD's (a round in which no row drafts) keeps a trained head's KV in step; AR runs no head
+        head_at = plan.head_layer_at if plan.method == "eesd" else 0
+        self.decode = Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=head_at)
         self.draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=False)
         # a policy that stops on the draft's confidence reads the device after every draft step
         self.draft_read = Pass("draft read", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=True)
@@ -814,8 +816,7 @@ class ServingSimulation:
 
     def prefill_us(self, prompt_len: int) -> float:
         """A request's prefill: a batch-1 pass of `prompt_len` tokens through every layer, the LM head at its last."""
-        segments = ((0, self.plan.model.num_layers, prompt_len),)  # the name keys `pass_us`'s cache: one per length
-        return self.pass_us(Pass(f"prefill q={prompt_len}", "prefill", segments, lm_head_q=1), 0, 1)
+        return self.pass_us(prefill_pass(self.plan, prompt_len), 0, 1)  # its name (with the length) keys the cache
 
     def logged_us(self, log: PassLog, reads: bool = False) -> float:
         """What this simulation's costs say a logged prefill, round or PPSD decode (another run's, e.g. the

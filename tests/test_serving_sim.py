@@ -393,9 +393,15 @@ def test_shipped_serving_scenarios_load():
     assert all(p.max_batch == 1 and [s.layer_end for s in p.plan.stages] == [15, 30] for p in ppsd)
     h100 = load_serving_points(ROOT / "scenarios" / "serving_h100.yaml")
     cases = {p.case: p for p in h100}
-    assert len(cases) == 7 and len(h100) == (3 * 8 + 10) * 2 + (7 + 6 + 6) * 2  # 8B: 10 rates; PPSD cases 7, 6, 6
+    ppsd_cases = [c for c in cases if "ppsd" in c]  # 7, 7, 6 and 6 rates, three methods each
+    assert len(cases) == 8 and len(h100) == (3 * 8 + 10) * 2 + (7 + 7 + 6 + 6) * 3  # 8B: 10 rates
     assert cases["llama3-8b-alpha0.7-batch256"].max_batch == 256 and cases["smollm2-measured"].max_batch == 64
     assert {p.max_batch for p in h100 if p.method == "ppsd"} == {1}
+    devices = {(p.case, p.method): (len(p.plan.stages), p.replicas, p.devices) for p in h100 if p.case in ppsd_cases}
+    assert devices[("smollm2-ppsd-4gpus", "ppsd")] == (2, 2, 4) and devices[("smollm2-ppsd-4gpus", "ar")] == (1, 4, 4)
+    for case in ppsd_cases:  # every method of a PPSD case on the same GPUs, AR and EESD as one-GPU replicas
+        assert len({devices[(case, m)][2] for m in ("ar", "eesd", "ppsd")}) == 1
+        assert devices[(case, "ar")][0] == devices[(case, "eesd")][0] == 1
     assert all(p.plan.cache_slots is None and p.kv_capacity_tokens > 100_000 for p in h100)  # paged: context only
 
 
@@ -668,3 +674,24 @@ def test_bad_replicas_and_by_method_refused_with_field(tmp_path, serving, messag
     path = write_scenario(tmp_path, {"workload": poisson(5, 1.0), **serving})
     with pytest.raises(ScenarioError, match=message):
         load_serving_points(path)
+
+
+@pytest.mark.parametrize("head", ["trained", "shared"])
+def test_a_trained_heads_layer_is_costed_where_it_runs(tmp_path, head):
+    """A trained head's own layer runs over the prompt in an EESD or PPSD prefill (its KV filled) and in EESD's AR
+    steps (kept in step), never in AR, which runs no head: with every layer costing LAYER_US and nothing else, the
+    prefills and steps differ by exactly that layer, in the serving simulator and the engine alike."""
+    from sim.engine import Simulation
+    from sim.serving import ServingSimulation
+
+    serving = {"workload": poisson(4, 1.0, prompt=20), "methods": ["ar", "eesd", "ppsd"]}
+    path = write_scenario(tmp_path, serving, exit_head=head, topology={"stages": 2})
+    ar, eesd, ppsd = load_serving_points(path)
+    sims = {p.method: ServingSimulation(p.plan, p.workload, p.max_batch, None) for p in (ar, eesd, ppsd)}
+    extra = LAYER_US if head == "trained" else 0.0
+    prefill, step = sims["ar"].prefill_us(20), sims["ar"].round_us(1, 0, 40, 45)  # 30 layers and the token's way back
+    assert prefill == pytest.approx(30 * LAYER_US, abs=20) and step == pytest.approx(30 * LAYER_US, abs=20)
+    assert sims["eesd"].prefill_us(20) - prefill == sims["ppsd"].prefill_us(20) - prefill == pytest.approx(extra)
+    assert sims["eesd"].round_us(1, 0, 40, 45) - step == pytest.approx(extra)
+    static = {p.method: Simulation(p.plan).run() for p in (ar, eesd)}  # the engine's one prefill pass of the batch
+    assert static["eesd"].prefill_time_us - static["ar"].prefill_time_us == pytest.approx(extra)
