@@ -1,7 +1,8 @@
 """`eesd serve-sim SCENARIO.yaml [--out DIR] [--jobs N]`: simulate serving under load (torch-free).
 
 Reads a serving scenario (`sim.serving`), simulates every case x rate x method, prints a table and the rate where
-speculation stops paying, and writes `serving.csv`, `speculation.csv` and plots (`sim.serving_report`).
+speculation stops paying and up to which rate each method holds the SLO, and writes `serving.csv`, `speculation.csv`,
+`capacity.csv` and plots (`sim.serving_report`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from sim.cli import check_out_dir
 from sim.runner import plots_available
 from sim.serving import load_serving_points
-from sim.serving_report import run_serving, stop_paying, summary_table, write_json, write_outputs
+from sim.serving_report import capacity, run_serving, stop_paying, summary_table, write_json, write_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (0: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's row and the crossings as JSON")
+
+
+def capacity_line(item: dict) -> str:
+    """One line on how far a method holds the SLO (`sim.serving_report.capacity`)."""
+    bounds = [f"{name} <= {item[key]:g} ms" for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms")) if item[key]]
+    slo = f"{item['attainment_pct']:g}% of requests within {' and '.join(bounds)}"
+    where = f"case {item['case']}: " if item["case"] else ""
+    rate = item["capacity_rps"]
+    if rate == "never":
+        return f"{where}{item['method']} misses the SLO ({slo}) at every rate swept"
+    if rate == "":
+        return f"{where}{item['method']} holds the SLO ({slo}) at every rate swept"
+    per_device = f", {item['capacity_rps_per_device']:g} per device on {item['devices']}"
+    return f"{where}{item['method']} holds the SLO ({slo}) up to about {rate:g} requests/s{per_device}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{where}{item['method']} pays against ar at every rate swept (mean end-to-end latency)")
         else:
             print(f"{where}{item['method']} stops paying against ar at about {stop} requests/s")
+    for item in capacity(runs):
+        print(capacity_line(item))
     for path in write_outputs(runs, out_dir):
         print(f"wrote {path}")
     if args.json is not None:

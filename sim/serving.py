@@ -14,7 +14,8 @@ A serving scenario is a simulator scenario (model, latency, acceptance, topology
       dispatch: least_loaded                  # least_loaded | round_robin: which replica an arrival goes to
       by_method:                              # optional: dotted fields for one method only (the same requests)
         ar: {topology.stages: 1, serving.replicas: 2}
-      slo: {ttft_ms: 500, tpot_ms: 50}        # goodput counts the requests within both bounds
+      slo: {ttft_ms: 500, tpot_ms: 50}        # goodput counts the requests within both bounds; a rate is within
+                                              #   the SLO when attainment_pct (default 90) of requests are
       cases:                                  # optional: named variants, each a mapping of dotted fields
         - {name: smollm2, model: SmolLM2-135M}
 
@@ -97,6 +98,7 @@ class _Strict(BaseModel):
 class SLO(_Strict):
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
+    attainment_pct: float = Field(90.0, gt=0, le=100)  # a rate is served within the SLO when this share of requests is
 
 
 class ServingConfig(_Strict):

@@ -4,8 +4,12 @@
 throughput per second). `speculation.csv` says, per case and speculative method, where speculation stops paying:
 the lowest swept rate at which its mean end-to-end latency is no longer below AR's on the same requests, interpolated
 linearly in the latency ratio between the two rates around the crossing (`stop_rate_per_s`; empty when it pays at every
-rate swept, `never` when it pays at none). Plots (matplotlib, the `plots` extra): per case, the throughput-latency
-curve of each method (`throughput_latency_<case>.png`) and p50 TPOT and p90 TTFT over the rate
+rate swept, `never` when it pays at none). `capacity.csv` says, per case and method, up to which request rate the
+scenario's SLO holds (at least `slo.attainment_pct` of the requests within both bounds): the rate where the share
+first falls below it, interpolated linearly in the share between the two rates around it (`capacity_rps`; empty when
+it holds at every rate swept, `never` when at none), and that rate per device (`capacity_rps_per_device`: replicas
+times a replica's devices), what sizing a deployment asks. Plots (matplotlib, the `plots` extra): per case, the
+throughput-latency curve of each method (`throughput_latency_<case>.png`) and p50 TPOT and p90 TTFT over the rate
 (`latency_vs_rate_<case>.png`).
 """
 
@@ -109,12 +113,53 @@ def _crossing(rates: list[float], ratios: list[float]) -> dict[str, Any]:
     return {"stop_rate_per_s": None, **cells}
 
 
+def _falls_below(rates: list[float], values: list[float], target: float) -> float | str | None:
+    """The rate where `values` (over increasing `rates`) first fall below `target`, linear between the two rates
+    around it; "never" when the first is below, None when none is."""
+    if values[0] < target:
+        return "never"
+    for i in range(1, len(rates)):
+        if values[i] < target:
+            r0, r1, v0, v1 = rates[i - 1], rates[i], values[i - 1], values[i]
+            return round(r0 + (v0 - target) / (v0 - v1) * (r1 - r0), 4)
+    return None
+
+
+def capacity(runs: Sequence[ServingRun]) -> list[dict[str, Any]]:
+    """Per case and method with rates swept and an SLO with a bound: the request rate up to which the SLO holds
+    (see the module docstring)."""
+    curves: dict[tuple[str, str], dict[float, float]] = {}
+    first: dict[tuple[str, str], ServingPoint] = {}
+    for run in runs:
+        slo, rate = run.point.slo, run.point.rate_per_s
+        if rate is None or (slo.ttft_ms is None and slo.tpot_ms is None):
+            continue
+        key = (run.point.case, run.point.method)
+        curves.setdefault(key, {})[rate] = run.metrics["slo_pct"]
+        first.setdefault(key, run.point)
+    found = []
+    for key, curve in curves.items():
+        point, rates = first[key], sorted(curve)
+        target = point.slo.attainment_pct
+        stop = _falls_below(rates, [curve[r] for r in rates], target)
+        found.append({
+            "case": key[0], "method": key[1], "devices": point.devices, "ttft_ms": point.slo.ttft_ms or "",
+            "tpot_ms": point.slo.tpot_ms or "", "attainment_pct": target, "capacity_rps": "" if stop is None else stop,
+            "capacity_rps_per_device": round(stop / point.devices, 4) if isinstance(stop, float) else "",
+            "slo_pct": ";".join(f"{r:g}:{curve[r]:.1f}" for r in rates),
+        })  # fmt: skip
+    return found
+
+
 def write_outputs(runs: Sequence[ServingRun], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [_write_csv([row(run) for run in runs], out_dir / "serving.csv")]
     crossings = stop_paying(runs)
     if crossings:
         written.append(_write_csv(crossings, out_dir / "speculation.csv"))
+    capacities = capacity(runs)
+    if capacities:
+        written.append(_write_csv(capacities, out_dir / "capacity.csv"))
     if plots_available() and any(run.point.rate_per_s is not None for run in runs):
         written += _plots(runs, out_dir)
     return written
@@ -129,7 +174,8 @@ def write_json(path: Path, scenario: Path, runs: Sequence[ServingRun]) -> Path:
         "stop_paying_metric": PAYS_METRIC,
     }
     rows = [{k: (None if v == "" else v) for k, v in row(run).items()} for run in runs]
-    document = {"metadata": metadata, "speculation": stop_paying(runs), "runs": rows}
+    capacities = [{k: (None if v == "" else v) for k, v in item.items()} for item in capacity(runs)]
+    document = {"metadata": metadata, "speculation": stop_paying(runs), "capacity": capacities, "runs": rows}
     write_text_atomic(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
     return path
 

@@ -23,7 +23,7 @@ from sim.serving import (
     plan_kv_tokens,
     simulate_serving,
 )
-from sim.serving_report import _crossing, run_serving, stop_paying, write_outputs
+from sim.serving_report import _crossing, _falls_below, capacity, run_serving, stop_paying, write_outputs
 from sim.workload import WorkloadError, build_workload, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,6 +313,46 @@ def test_crossing_interpolates_the_latency_ratio():
     assert _crossing([1, 2], [0.5, 0.9])["stop_rate_per_s"] is None
 
 
+def test_falls_below_interpolates_the_share_within_the_slo():
+    assert _falls_below([1, 2, 4], [100.0, 95.0, 85.0], 90.0) == pytest.approx(3.0)
+    assert _falls_below([1, 2, 4], [100.0, 90.0, 80.0], 90.0) == pytest.approx(2.0)  # at the target still holds
+    assert _falls_below([1, 2], [80.0, 70.0], 90.0) == "never"
+    assert _falls_below([1, 2], [100.0, 90.0], 90.0) is None
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_capacity_is_the_rate_where_the_slo_stops_holding(tmp_path, replicas):
+    """`capacity.csv`: per method, the swept rate where the share of requests within the SLO falls below
+    `attainment_pct`, between the two swept rates whose shares straddle it, and per device; more replicas hold it
+    further; a scenario without SLO bounds has no capacity rows."""
+    import csv
+
+    serving = {"workload": poisson(400, 1.0), "methods": ["ar", "eesd"], "rates_per_s": [20, 100, 300, 900, 2700],
+               "max_batch": 4, "replicas": replicas, "slo": {"ttft_ms": 20, "attainment_pct": 80}}  # fmt: skip
+    runs = run_serving(load_serving_points(write_scenario(tmp_path, serving)), progress=False)
+    found = {item["method"]: item for item in capacity(runs)}
+    for method, item in found.items():
+        shares = {r.point.rate_per_s: r.metrics["slo_pct"] for r in runs if r.point.method == method}
+        rate = item["capacity_rps"]
+        below = min(r for r, share in shares.items() if share < 80)
+        above = max(r for r in shares if r < below)
+        assert all(shares[r] >= 80 for r in shares if r <= above), (item, shares)
+        fraction = (shares[above] - 80) / (shares[above] - shares[below])  # where the share passes 80%, linearly
+        assert rate == pytest.approx(above + fraction * (below - above), abs=1e-3) and above <= rate < below
+        assert item["devices"] == replicas and item["capacity_rps_per_device"] == pytest.approx(rate / replicas, 1e-3)
+    write_outputs(runs, tmp_path / "out")
+    rows = list(csv.DictReader((tmp_path / "out" / "capacity.csv").open()))
+    assert [r["method"] for r in rows] == ["ar", "eesd"]
+    assert float(rows[0]["capacity_rps"]) == found["ar"]["capacity_rps"]
+    if replicas == 2:
+        single = dict(serving, replicas=1)
+        alone = {i["method"]: i for i in capacity(run_serving(load_serving_points(write_scenario(tmp_path, single)),
+                                                              progress=False))}  # fmt: skip
+        assert found["ar"]["capacity_rps"] > 1.5 * alone["ar"]["capacity_rps"]
+    serving["slo"] = {}
+    assert capacity(run_serving(load_serving_points(write_scenario(tmp_path, serving)), progress=False)) == []
+
+
 def test_kv_capacity_auto_from_gpu_memory(tmp_path):
     fields = {"latency": {"roofline": {}}, "topology": {"gpu": "H100"}}
     (point,) = load_serving_points(write_scenario(tmp_path, {"workload": poisson(5, 1.0)}, **fields))
@@ -365,7 +405,8 @@ def test_bad_inline_workload_named_under_serving(tmp_path):
 
 
 def test_serve_sim_cli_runs_without_torch(tmp_path):
-    path = write_scenario(tmp_path, {"workload": poisson(30, 50.0), "methods": ["ar", "eesd"], "rates_per_s": [5, 50]})
+    serving = {"workload": poisson(30, 50.0), "methods": ["ar", "eesd"], "rates_per_s": [5, 50], "slo": {"ttft_ms": 9}}
+    path = write_scenario(tmp_path, serving)
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
         "from executor.cli import main\n"
@@ -377,6 +418,7 @@ def test_serve_sim_cli_runs_without_torch(tmp_path):
     assert "eesd" in done.stdout and (tmp_path / "out" / "serving.csv").is_file()
     document = json.loads((tmp_path / "runs.json").read_text())
     assert len(document["runs"]) == 4 and document["speculation"][0]["method"] == "eesd"
+    assert [item["method"] for item in document["capacity"]] == ["ar", "eesd"] and "holds the SLO" in done.stdout
     bad = write_scenario(tmp_path, {"workload": poisson(3, 1.0), "methods": ["beam"]})
     done = subprocess.run([sys.executable, "-m", "executor.cli", "serve-sim", str(bad)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)  # fmt: skip
