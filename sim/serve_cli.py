@@ -37,8 +37,9 @@ def capacity_line(item: dict) -> str:
         return f"{where}{item['method']} misses the SLO ({slo}) at every rate swept"
     if rate == "":
         return f"{where}{item['method']} holds the SLO ({slo}) at every rate swept"
-    per_device = f", {item['capacity_rps_per_device']:g} per device on {item['devices']}"
-    return f"{where}{item['method']} holds the SLO ({slo}) up to about {rate:g} requests/s{per_device}"
+    devices = item["devices"]
+    per_device = f"{item['capacity_rps_per_device']:.3g} per device on {devices} device{'s' if devices > 1 else ''}"
+    return f"{where}{item['method']} holds the SLO ({slo}) up to about {rate:.3g} requests/s, {per_device}"
 
 
 def run(args: argparse.Namespace) -> int:
