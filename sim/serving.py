@@ -98,7 +98,7 @@ class _Strict(BaseModel):
 class SLO(_Strict):
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
-    attainment_pct: float = Field(90.0, gt=0, le=100)  # a rate is served within the SLO when this share of requests is
+    attainment_pct: float = Field(90.0, gt=0, le=100)  # capacity: a rate holds the SLO while this % meets both bounds
 
 
 class ServingConfig(_Strict):
@@ -204,6 +204,9 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
     for method in methods:
         if method not in SERVING_METHODS:
             raise ScenarioError(f"{where}: serving.methods: expected ar, eesd or ppsd, got {method!r}")
+    unknown = sorted(set(config.by_method or ()) - set(methods))
+    if unknown:
+        raise ScenarioError(f"{where}: serving.by_method: {', '.join(unknown)}: not among the case's methods {methods}")
     by_method = {method: _method_data(data, config, method, where) for method in methods}
     spec, base_dir, spec_where, prefix = _workload_spec(config, path, where)
     rates: Sequence[float | None] = config.rates_per_s or [None]
@@ -232,13 +235,6 @@ def _method_data(
     as two one-GPU replicas where PPSD pipelines over both GPUs); fields that would change the requests or the
     comparison (`SHARED_FIELDS`) are refused."""
     fields = (config.by_method or {}).get(method)
-    if config.by_method:
-        methods = config.methods or [data.get("method", "ar")]
-        unknown = sorted(set(config.by_method) - set(methods))
-        if unknown:
-            raise ScenarioError(
-                f"{where}: serving.by_method: {', '.join(unknown)}: not among the case's methods {methods}"
-            )
     if not fields:
         return data, config
     method_data = copy.deepcopy(data)
