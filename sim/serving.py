@@ -11,7 +11,7 @@ A serving scenario is a simulator scenario (model, latency, acceptance, topology
       max_batch: 8                            # batch slots
       kv_capacity_tokens: auto                # auto | an integer | null (unlimited): per replica
       replicas: 1                             # servers side by side, each on its own devices (default 1)
-      dispatch: least_loaded                  # least_loaded | round_robin: which replica an arrival goes to
+      dispatch: least_loaded                  # least_loaded | least_tokens | round_robin: an arrival's replica
       by_method:                              # optional: dotted fields for one method only (the same requests)
         ar: {topology.stages: 1, serving.replicas: 2}
       slo: {ttft_ms: 500, tpot_ms: 50}        # goodput counts the requests within both bounds; a rate is within
@@ -46,10 +46,11 @@ The schedule (the executor's `executor.serving` runs the same one):
   (`tokens_per_round` is tokens per tick: 1 / stages for AR through the same stages).
 - Replicas (`replicas: N`): N servers, each the plan's devices with its own slots and KV cache, run this schedule
   side by side (data parallelism); an arriving request is dispatched to one and stays there: `least_loaded` (the
-  fewest requests dispatched and not finished, the lowest index among equals: join the shortest queue) or
-  `round_robin`. `by_method` gives a method its own fields, so methods are compared on the same devices laid out
-  their own way (AR as two one-GPU replicas, PPSD as one pipeline over both GPUs); fields that would change the
-  requests or the comparison (workload, rates, methods, SLO) are refused there.
+  fewest requests dispatched and not finished, the lowest index among equals: join the shortest queue),
+  `least_tokens` (the fewest KV tokens those requests hold or will hold: prompt + output + draft room, a KV-aware
+  router) or `round_robin`. `by_method` gives a method its own fields, so methods are compared on the same devices
+  laid out their own way (AR as two one-GPU replicas, PPSD as one pipeline over both GPUs); fields that would change
+  the requests or the comparison (workload, rates, methods, SLO) are refused there.
 - An acceptance trace is replayed as the simulator replays it (`sim.acceptance.TraceAcceptance`: request r from the
   trace's prompt r mod P, for its own output length): it must hold the whole workload's output tokens and a prompt
   per request, unless the scenario sets `acceptance.reuse: cycle`.
@@ -83,7 +84,7 @@ from sim.workload import ClosedLoopUsers, Request, ServingWorkload, WorkloadErro
 
 MAX_BATCH = 4096
 MAX_REPLICAS = 1024
-DISPATCH = ("least_loaded", "round_robin")
+DISPATCH = ("least_loaded", "least_tokens", "round_robin")
 # what `serving.by_method` may not change: every method of a case serves the same requests and is compared on them
 SHARED_FIELDS = ("serving.workload", "serving.rates_per_s", "serving.methods", "serving.cases", "serving.by_method",
                  "serving.slo")  # fmt: skip
@@ -108,7 +109,7 @@ class ServingConfig(_Strict):
     max_batch: int = Field(8, ge=1, le=MAX_BATCH)
     kv_capacity_tokens: int | Literal["auto"] | None = "auto"
     replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
-    dispatch: Literal["least_loaded", "round_robin"] = "least_loaded"
+    dispatch: Literal["least_loaded", "least_tokens", "round_robin"] = "least_loaded"
     by_method: dict[str, dict[str, Any]] | None = None
     slo: SLO = SLO()
     cases: list[dict[str, Any]] | None = Field(None, min_length=1)
@@ -536,13 +537,14 @@ class _Server:
     """One replica: its own slots and KV budget (`admission`), running rows, the event that wakes its idle loop, and
     the requests dispatched to it and not finished (`load`)."""
 
-    __slots__ = ("index", "admission", "running", "wake", "load")
+    __slots__ = ("index", "admission", "running", "wake", "load", "tokens")
 
     def __init__(self, index: int, admission: Admission) -> None:
         self.index, self.admission = index, admission
         self.running: list[_Row] = []
         self.wake: simpy.Event | None = None
         self.load = 0
+        self.tokens = 0  # the KV tokens of those requests (`plan_kv_tokens`)
 
 
 class ServingSimulation:
@@ -550,8 +552,8 @@ class ServingSimulation:
 
     `replicas` servers, each the plan's devices with `max_batch` slots and its own KV budget, run the schedule side
     by side; a request is dispatched to one of them when it arrives and stays there: `least_loaded` (the replica with
-    the fewest requests dispatched and not finished, the lowest index on a tie) or `round_robin` (the i-th arrival to
-    replica i mod N)."""
+    the fewest requests dispatched and not finished, the lowest index on a tie), `least_tokens` (the fewest KV tokens
+    of those requests) or `round_robin` (the i-th arrival to replica i mod N)."""
 
     def __init__(
         self,
@@ -570,7 +572,7 @@ class ServingSimulation:
             raise ValueError(f"need replicas >= 1 and dispatch in {DISPATCH}: got {replicas}, {dispatch!r}")
         self.plan, self.workload, self.dispatch = plan, workload, dispatch
         self.env = simpy.Environment()
-        tokens = plan_kv_tokens(plan)
+        self.kv_tokens = tokens = plan_kv_tokens(plan)
         self.servers = [_Server(i, Admission(max_batch, kv_capacity_tokens, tokens)) for i in range(replicas)]
         self.records = [RequestRecord(r.index, r.prompt_len, r.output_len, math.nan) for r in workload.requests]
         self.result = ServingResult(plan.method, max_batch, self.records, replicas=replicas)
@@ -622,6 +624,7 @@ class ServingSimulation:
         server = self._dispatch()
         record.replica = server.index
         server.load += 1
+        server.tokens += self.kv_tokens(request)
         server.admission.arrive(request)
         if server.wake is not None:
             wake, server.wake = server.wake, None
@@ -636,6 +639,8 @@ class ServingSimulation:
             server = servers[self.arrivals % len(servers)]
             self.arrivals += 1
             return server
+        if self.dispatch == "least_tokens":
+            return min(servers, key=lambda server: server.tokens)
         return min(servers, key=lambda server: server.load)  # min keeps the first (lowest index) of equals
 
     def _count_in_system(self, change: int) -> None:
@@ -732,6 +737,7 @@ class ServingSimulation:
         record.finish_s = self.env.now / 1e6
         server.admission.release(row.request)
         server.load -= 1
+        server.tokens -= self.kv_tokens(row.request)
         self._count_in_system(-1)
         self.finished += 1
         if self.users is not None:

@@ -70,6 +70,7 @@ def row(run: ServingRun) -> dict[str, Any]:
         "exit_layer": p.plan.exit_layer if p.method in ("eesd", "ppsd") else "",
         "stages": len(p.plan.stages),
         "replicas": p.replicas,
+        "dispatch": p.dispatch if p.replicas > 1 else "",
         "devices": p.devices,
         "max_batch": p.max_batch,
         "kv_capacity_tokens": p.kv_capacity_tokens if p.kv_capacity_tokens is not None else "",

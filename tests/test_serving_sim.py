@@ -638,25 +638,30 @@ def test_round_robin_replicas_are_independent_servers(tmp_path, method, alpha):
     assert {log.replica for log in result.passes} == {0, 1, 2}
 
 
+@pytest.mark.parametrize("dispatch", ["least_loaded", "least_tokens"])
 @pytest.mark.parametrize("method", ["ar", "eesd", "ppsd"])
-def test_least_loaded_dispatch_joins_the_shortest_queue(tmp_path, method):
-    """Each arrival goes to the replica with the fewest requests dispatched and not finished (the lowest index among
-    equals), recomputed from the records; lengths vary, so round robin would not do the same."""
+def test_load_aware_dispatch_picks_the_least_loaded_replica(tmp_path, method, dispatch):
+    """Each arrival goes to the replica with the fewest requests dispatched and not finished (`least_loaded`) or the
+    fewest KV tokens of them (`least_tokens`), the lowest index among equals, recomputed from the records; lengths
+    vary, so round robin would not do the same, nor would the two policies do the same as each other."""
     workload = {"requests": 200, "seed": 4, "arrival": {"process": "poisson", "rate_per_s": 300.0},
                 "prompt_len": {"dist": "uniform", "low": 4, "high": 64},
                 "output_len": {"dist": "lognormal", "median": 12, "sigma": 0.9, "max": 80}}  # fmt: skip
-    point = replica_point(tmp_path, method, 3, "least_loaded", workload)
+    point = replica_point(tmp_path, method, 3, dispatch, workload)
     result = simulate_serving(point)
     check_run(point, result)
-    records = result.records
+    records, tokens = result.records, plan_kv_tokens(point.plan)
+    weight = (lambda r: 1) if dispatch == "least_loaded" else (lambda r: tokens(point.workload.requests[r.index]))
     for record in records:
-        t = record.arrival_s
         load = [0, 0, 0]
         for other in records:
-            if other.index < record.index and other.finish_s > t:
-                load[other.replica] += 1
+            if other.index < record.index and other.finish_s > record.arrival_s:
+                load[other.replica] += weight(other)
         assert record.replica == load.index(min(load)), (record.index, load)
     assert [r.replica for r in records] != [i % 3 for i in range(len(records))]
+    other = "least_tokens" if dispatch == "least_loaded" else "least_loaded"
+    elsewhere = simulate_serving(dataclasses.replace(point, dispatch=other)).records
+    assert [r.replica for r in records] != [r.replica for r in elsewhere]
 
 
 def test_replicas_multiply_saturated_throughput_and_ease_the_queue(tmp_path):
@@ -700,7 +705,7 @@ def test_by_method_gives_each_method_its_own_devices(tmp_path):
     ("serving", "message"),
     [
         ({"replicas": 0}, "serving.replicas: Input should be greater than or equal to 1"),
-        ({"dispatch": "random"}, "serving.dispatch: Input should be 'least_loaded' or 'round_robin'"),
+        ({"dispatch": "random"}, "serving.dispatch: Input should be 'least_loaded', 'least_tokens' or 'round_robin'"),
         ({"by_method": {"eesd": {"serving.replicas": 2}}}, r"serving.by_method: eesd: not among the case's methods"),
         ({"by_method": {"ar": {"serving.workload": "x.yaml"}}}, r"serving.by_method.ar.serving.workload: not set per"),
         ({"by_method": {"ar": {"serving.rates_per_s": [1]}}}, r"serving.by_method.ar.serving.rates_per_s: not set"),
