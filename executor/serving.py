@@ -91,11 +91,13 @@ PPSD_BACKENDS = ("sequential", "streams")  # one process: the distributed backen
 
 @dataclass
 class ServeOutcome:
-    """A served workload: the run's records and totals, each request's tokens (by index) and the decoders' stats."""
+    """A served workload: the run's records and totals, each request's tokens (by index) and the decoders' stats;
+    with replicas (`executor.replicas`), when the dispatcher sent each request (s from time 0, by index)."""
 
     result: ServingResult
     outputs: list[list[int]]
     stats: GenerationStats
+    dispatched_s: list[float] | None = None
 
 
 @dataclass
@@ -315,6 +317,7 @@ def serve(
     stages: int = 2,
     stage_boundaries: Sequence[int] | None = None,
     backend: str = "sequential",
+    replica: Any = None,
 ) -> ServeOutcome:
     """Serve `workload` (arrival times in seconds from the call, or a closed loop) with continuous batching; request
     i's prompt is `prompts[i]` and it asks for `output_len` new tokens (fewer after an EOS). Returns every request's
@@ -322,7 +325,8 @@ def serve(
     decode passes run as `capture` says ("none", or on a GPU "graph", "compile-layers" or "auto"; module docstring).
     PPSD takes `stages`, `stage_boundaries` and `backend` as `executor.ppsd.decode_ppsd` does (backend "sequential"
     or "streams"), its exit layer inside stage 1 (default: stage 1's end), and serves one request at a time
-    (`max_batch` 1). `max_batch` defaults to 8 for AR and EESD, 1 for PPSD."""
+    (`max_batch` 1). `max_batch` defaults to 8 for AR and EESD, 1 for PPSD. `replica` (internal): a replica worker's
+    link to its dispatcher (`executor.replicas`): its requests come from there instead of the workload's arrivals."""
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
     config = sampling or SamplingConfig(seed=seed)
     check_serving(method, config)
@@ -338,7 +342,7 @@ def serve(
         pipeline = dict(stages=stages, stage_boundaries=stage_boundaries, exit_layer=exit_layer, head=head,
                         backend=backend, fallback=capture == "auto")  # fmt: skip
         return _serve_ppsd(adapter, workload, prompts, config, mode, max_batch, kv_capacity_tokens, eos_token_id,
-                           clock, sleep, pipeline)  # fmt: skip
+                           clock, sleep, pipeline, replica)  # fmt: skip
     exit_head = None
     if method == "eesd":
         exit_head, exit_layer = _exit_head(adapter, head, exit_layer)
@@ -367,7 +371,7 @@ def serve(
             return None
         return make_policy(policy, rng=random.Random(policy_seed(seed, request.index)), cost_ratio=cost_ratio)
 
-    loop = _ServeLoop(decoder, workload, prompts, Admission(max_batch, kv_capacity_tokens, tokens_of), policy_of)
+    loop = _loop(replica, decoder, workload, prompts, Admission(max_batch, kv_capacity_tokens, tokens_of), policy_of)
     with on_device(adapter.device):  # captured graphs replay on the model's device's stream
         return loop.run(clock, sleep)
 
@@ -384,6 +388,7 @@ def _serve_ppsd(
     clock: Callable[[], float],
     sleep: Callable[[float], None],
     pipeline: dict[str, Any],
+    replica: Any = None,
 ) -> ServeOutcome:
     """`serve` with PPSD: one request at a time through a `PipelineDecoder` (module docstring)."""
     if max_batch != 1:
@@ -414,9 +419,18 @@ def _serve_ppsd(
         head=head, backend=pipeline["backend"], capacity=capacity, config=config, eos=eos, capture=capture,
         fallback=pipeline["fallback"],
     )  # fmt: skip
-    loop = _ServeLoop(decoder, workload, prompts, Admission(1, kv_capacity_tokens, tokens_of), lambda _: None)
+    loop = _loop(replica, decoder, workload, prompts, Admission(1, kv_capacity_tokens, tokens_of), lambda _: None)
     with on_device(adapter.device):
         return loop.run(clock, sleep)
+
+
+def _loop(replica: Any, *args: Any) -> _ServeLoop:
+    """The host loop: a standalone server's, or a replica worker's (`executor.replicas`)."""
+    if replica is None:
+        return _ServeLoop(*args)
+    from executor.replicas import ReplicaLoop
+
+    return ReplicaLoop(*args, link=replica)
 
 
 MAX_KEPT_DECODERS = 2  # captured slot decoders kept on a model (each holds a slot cache and its graphs)
@@ -475,17 +489,11 @@ class _ServeLoop:
         self.upcoming: list[tuple[float, int, Request]] = []
         self.slots: list[_Running] = []
 
-    def run(self, clock: Callable[[], float], sleep: Callable[[float], None]) -> ServeOutcome:
-        if self.users is None:
-            self.upcoming = [(r.arrival_s, r.index, r) for r in self.workload.requests]  # type: ignore[misc]
-            heapq.heapify(self.upcoming)
-        else:
-            for request, at_s in self.users.first():
-                heapq.heappush(self.upcoming, (at_s, request.index, request))
-        begin = clock()
+    def run(self, clock: Callable[[], float], sleep: Callable[[float], None]) -> Any:
+        begin = self._start(clock)
         now = lambda: clock() - begin  # noqa: E731
-        finished, total = 0, len(self.records)
-        while finished < total:
+        finished = 0
+        while self._more(finished):
             self._arrivals(now())
             request = self.admission.next()
             while request is not None:
@@ -493,12 +501,32 @@ class _ServeLoop:
                 self._arrivals(now())
                 request = self.admission.next()
             if not self.slots:
-                if finished < total and not self.upcoming:
-                    raise RuntimeError("no request is running or on its way, yet some have not finished")
-                if finished < total:
-                    sleep(max(0.0, self.upcoming[0][0] - now()))
+                if self._more(finished):
+                    self._idle(now, sleep)
                 continue
             finished += self._ppsd_decode(now) if isinstance(self.decoder, PipelineDecoder) else self._round(now)
+        return self._outcome()
+
+    def _start(self, clock: Callable[[], float]) -> float:
+        """The arrivals ahead (the workload's, or a closed loop's first requests); returns the run's time 0."""
+        if self.users is None:
+            self.upcoming = [(r.arrival_s, r.index, r) for r in self.workload.requests]  # type: ignore[misc]
+            heapq.heapify(self.upcoming)
+        else:
+            for request, at_s in self.users.first():
+                heapq.heappush(self.upcoming, (at_s, request.index, request))
+        return clock()
+
+    def _more(self, finished: int) -> bool:
+        return finished < len(self.records)
+
+    def _idle(self, now: Callable[[], float], sleep: Callable[[float], None]) -> None:
+        """Nothing runs: wait for the next arrival."""
+        if not self.upcoming:
+            raise RuntimeError("no request is running or on its way, yet some have not finished")
+        sleep(max(0.0, self.upcoming[0][0] - now()))
+
+    def _outcome(self) -> Any:
         result = self.result
         result.time_s = max(r.finish_s for r in self.records)
         result.in_system_s = sum(r.latency_s for r in self.records)

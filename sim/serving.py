@@ -533,6 +533,18 @@ class _Row:
         self.all_match = True
 
 
+def pick_replica(dispatch: str, loads: Sequence[int], tokens: Sequence[int], arrivals: int) -> int:
+    """The replica the next arrival goes to, given each replica's requests dispatched and not finished (`loads`),
+    their KV tokens (`tokens`) and the arrivals dispatched so far: `least_loaded` and `least_tokens` take the lowest
+    index among equals, `round_robin` replica arrivals mod N (shared with the executor's dispatcher)."""
+    if dispatch not in DISPATCH:
+        raise ValueError(f"dispatch must be one of {', '.join(DISPATCH)}, got {dispatch!r}")
+    if dispatch == "round_robin":
+        return arrivals % len(loads)
+    key = loads if dispatch == "least_loaded" else tokens
+    return min(range(len(key)), key=key.__getitem__)
+
+
 class _Server:
     """One replica: its own slots and KV budget (`admission`), running rows, the event that wakes its idle loop, and
     the requests dispatched to it and not finished (`load`)."""
@@ -633,15 +645,10 @@ class ServingSimulation:
     def _dispatch(self) -> _Server:
         """The replica an arriving request goes to (see the class docstring)."""
         servers = self.servers
-        if len(servers) == 1:
-            return servers[0]
-        if self.dispatch == "round_robin":
-            server = servers[self.arrivals % len(servers)]
-            self.arrivals += 1
-            return server
-        if self.dispatch == "least_tokens":
-            return min(servers, key=lambda server: server.tokens)
-        return min(servers, key=lambda server: server.load)  # min keeps the first (lowest index) of equals
+        loads, tokens = [s.load for s in servers], [s.tokens for s in servers]
+        server = servers[pick_replica(self.dispatch, loads, tokens, self.arrivals)]
+        self.arrivals += 1
+        return server
 
     def _count_in_system(self, change: int) -> None:
         now = self.env.now
