@@ -169,7 +169,15 @@ def measure(
         warm = point.workload.requests[0]
         serve(adapter, type(point.workload)((type(warm)(0, warm.prompt_len, 4, 0.0),)), prompts[:1], **options)
         before, prefill_before = probe_ms(adapter, prompts[0], capture)
-        served = serve(adapter, point.workload, prompts, **options).result
+        if point.replicas > 1:  # worker processes, each loading the model (executor.replicas)
+            from executor.replicas import serve_replicas
+
+            served = serve_replicas(
+                model, point.workload, prompts, replicas=point.replicas, dispatch=point.dispatch, dtype=dtype,
+                device=device, threads=threads, **options,
+            ).result  # fmt: skip
+        else:
+            served = serve(adapter, point.workload, prompts, **options).result
         measured = metrics(served, point.slo)
         after, prefill_after = probe_ms(adapter, prompts[0], capture)
         predicted_result = simulate_serving(point)
@@ -224,8 +232,6 @@ def serve_options(point: Any) -> dict[str, Any]:
     """`executor.serving.serve`'s arguments for a point: its method, batch and KV budget; EESD's exit layer and
     policy, PPSD's stages as the plan lays them out (stage 1 ending at the exit layer, the shared head there)."""
     plan = point.plan
-    if point.replicas != 1:
-        raise SystemExit(f"{SCENARIO.name}: case {point.case}: the executor serves one replica, not {point.replicas}")
     options = {"method": point.method, "max_batch": point.max_batch, "kv_capacity_tokens": point.kv_capacity_tokens}
     if point.method == "eesd":
         options.update(exit_layer=plan.exit_layer, policy=plan.policy, head="shared")
@@ -333,7 +339,7 @@ def _errors_line(errors: dict[str, float]) -> str:
 
 
 def _row(point: Any, measured: dict, predicted: dict, extrapolated: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {"case": point.case, "method": point.method}
+    row: dict[str, Any] = {"case": point.case, "method": point.method, "replicas": point.replicas}
     for key in COMPARED + ("requests_per_s", "latency_mean_ms", "queue_mean_ms", "mean_batch", "tokens_per_round"):
         row[f"executor_{key}"] = round(measured[key], 4)
         row[f"sim_{key}"] = round(predicted[key], 4)
@@ -413,6 +419,9 @@ def main() -> int:
         points = [p for p in points if p.method in set(args.methods.split(","))]
         if not points:
             raise SystemExit(f"--methods: expected methods of {SCENARIO.name}'s cases, got {args.methods!r}")
+    if args.device != "cpu" and any(p.replicas > 1 for p in points):  # the simulator's replicas: separate devices
+        print("note: the cases with replicas are skipped on one GPU (its replicas would share the device)")
+        points = [p for p in points if p.replicas == 1]
     if args.first is not None:
         if args.first < 1:
             raise SystemExit(f"--first: expected a number of requests >= 1, got {args.first}")
