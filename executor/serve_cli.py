@@ -7,6 +7,8 @@ file): request i runs the prompt its trace row names (`prompt_id`), else the set
 id order, as `sim.acceptance.TraceAcceptance` replays a trace), encoded as `eesd calibrate acceptance` encodes it,
 keeping its last `prompt_len` tokens. Outputs stop at `output_len` tokens (at an EOS too with `--eos`). Prints the
 simulator's metrics (`sim.serving.metrics`) per method and, with `--json`, writes them with the run's metadata.
+`--replicas N` serves on N worker processes, each a whole server with its own copy of the model, an arrival going to
+one of them by `--dispatch` (`executor.replicas`, the simulator's `serving.replicas`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ppsd: stages in turn, or on a GPU one CUDA stream each (default: sequential)",
     )
     parser.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV budget in tokens (default: none)")
+    parser.add_argument(
+        "--replicas", type=int, default=1,
+        help="worker processes, each a whole server with its own copy of the model (default: 1, this process)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dispatch", default="least_loaded", choices=("least_loaded", "least_tokens", "round_robin"),
+        help="with --replicas: which replica an arriving request goes to (default: least_loaded)",
+    )  # fmt: skip
     parser.add_argument("--prompts", default="random", help="random | builtin | humaneval | FILE.jsonl")
     parser.add_argument("--eos", action="store_true", help="stop a request at the model's EOS token too")
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT bound in ms")
@@ -99,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.capture in ("graph", "compile-layers") and device.type != "cuda":
         raise ValueError(f"--capture {args.capture} needs a CUDA device (--device cuda), got {device}")
     threads = use_threads(args.threads)
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
     print(f"serve-bench: {args.model}, {', '.join(methods)}, {device} ({args.dtype}); {threads}", file=sys.stderr)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     tokenizer = load_tokenizer(args.model) if args.prompts != "random" else None
@@ -147,9 +159,21 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
                       backend=args.backend)  # fmt: skip
     rows = common["max_batch"] if args.capture != "none" else 1
     warm, warm_prompts = warm_up_workload(workload, prompts, rows)
-    serve(model, warm, warm_prompts, **common)
-    outcome = serve(model, workload, prompts, **common)
+    if args.replicas > 1:  # each worker loads the model and warms up itself
+        import torch
+
+        from executor.replicas import serve_replicas
+
+        outcome = serve_replicas(
+            args.model, workload, prompts, replicas=args.replicas, dispatch=args.dispatch, dtype=args.dtype,
+            device=args.device, threads=args.threads or torch.get_num_threads(), **common,
+        )  # fmt: skip
+    else:
+        serve(model, warm, warm_prompts, **common)
+        outcome = serve(model, workload, prompts, **common)
     row = {"method": method, **metrics(outcome.result, slo)}
+    if args.replicas > 1:
+        row.update(replicas=args.replicas, dispatch=args.dispatch)
     if method == "eesd":
         row.update(exit_layer=args.exit_layer, policy=args.policy)
     if method == "ppsd":

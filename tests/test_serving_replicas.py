@@ -147,3 +147,29 @@ def test_bad_replica_inputs_refused_before_any_worker_starts(model_dir, model, o
     options = {"replicas": 2, **options}
     with pytest.raises(ValueError, match=message):
         serve_replicas(tiny if model == "object" else path, workload, prompts, **options)
+
+
+def test_serve_bench_on_replicas(model_dir, tmp_path, capsys):
+    """`eesd serve-bench --replicas 2`: every request as AR alone (`--compare-ar`), the rows and logged passes naming
+    their replicas."""
+    import json
+
+    from executor.cli import main as eesd
+
+    path, _ = model_dir
+    (tmp_path / "w.yaml").write_text(
+        "requests: 8\nseed: 2\narrival: {process: poisson, rate_per_s: 300}\nprompt_len: {dist: uniform, low: 2, "
+        "high: 6}\noutput_len: 5\n"
+    )
+    out = tmp_path / "serve.json"
+    argv = ["serve-bench", "--workload", str(tmp_path / "w.yaml"), "--model", str(path), "--methods", "ar,eesd",
+            "--exit-layer", "2", "--max-batch", "2", "--replicas", "2", "--dispatch", "round_robin", "--compare-ar",
+            "--json", str(out), "--threads", "1"]  # fmt: skip
+    assert eesd(argv) == 0
+    capsys.readouterr()
+    document = json.loads(out.read_text())
+    assert all(r["identical_to_ar"] and r["replicas"] == 2 and r["tokens"] == 40 for r in document["rows"])
+    for logs in document["passes"].values():
+        assert {log["replica"] for log in logs} == {0, 1}
+    assert eesd([*argv[:5], "--replicas", "0"]) == 2
+    assert "--replicas must be >= 1" in capsys.readouterr().err
