@@ -42,12 +42,14 @@ def requests(count: int, gap_s: float, users: int | None = None) -> tuple[Servin
     return ServingWorkload(found, users=users), prompts
 
 
-@pytest.mark.parametrize(("method", "dispatch"), [("ar", "round_robin"), ("eesd", "least_loaded")])
+@pytest.mark.parametrize(
+    ("method", "dispatch"), [("ar", "round_robin"), ("eesd", "least_loaded"), ("ppsd", "least_tokens")]
+)
 def test_replicas_serve_every_request_as_ar_alone(model_dir, method, dispatch):
     path, model = model_dir
     workload, prompts = requests(14, 0.004)
-    outcome = serve_replicas(path, workload, prompts, replicas=2, dispatch=dispatch, method=method, exit_layer=2,
-                             policy="fixed:2", max_batch=2)  # fmt: skip
+    options = {"stages": 2} if method == "ppsd" else {"exit_layer": 2, "policy": "fixed:2", "max_batch": 2}
+    outcome = serve_replicas(path, workload, prompts, replicas=2, dispatch=dispatch, method=method, **options)
     for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
         assert output == alone(model, prompt, request.output_len), request
     result = outcome.result
