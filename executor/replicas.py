@@ -140,6 +140,10 @@ def serve_replicas(
         for link in links:
             link.inbox.put(("stop",))
         pieces = _await(outbox, "done", replicas, workers)
+    except BaseException:
+        for worker in workers:  # the others would wait for requests that never come
+            worker.terminate()
+        raise
     finally:
         for worker in workers:
             worker.join(timeout=30)
