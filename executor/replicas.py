@@ -57,7 +57,8 @@ class ReplicaLoop(_ServeLoop):
     def _start(self, clock: Any) -> float:
         self.link.outbox.put(("ready", self.link.index))
         kind, begin = self.link.inbox.get()
-        assert kind == "begin", kind
+        if kind != "begin":
+            raise RuntimeError(f"replica {self.link.index}: expected the dispatcher's time 0, got {kind!r}")
         return begin
 
     def _more(self, finished: int) -> bool:

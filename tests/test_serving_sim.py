@@ -430,8 +430,10 @@ def test_shipped_serving_scenarios_load():
     loads = ("rate0.15", "rate0.4", "rate1.2")
     expected = {(c, m) for c in loads for m in ("ar", "eesd")} | {(f"{c}-ppsd", "ppsd") for c in loads}
     expected |= {(f"{c}-2replicas", m) for c in ("rate0.4", "rate1.2") for m in ("ar", "eesd")}
+    expected |= {("rate0.4-ppsd-2replicas", "ppsd")}
     assert {(p.case, p.method) for p in cpu} == expected
     assert {p.replicas for p in cpu if p.case.endswith("2replicas")} == {2}
+    assert all(p.plan.ppsd_backend == "sequential" and len(p.plan.stages) == 2 for p in cpu if p.method == "ppsd")
     assert all(p.kv_capacity_tokens is None and p.plan.cache_slots for p in cpu)
     ppsd = [p for p in cpu if p.method == "ppsd"]
     assert all(p.max_batch == 1 and [s.layer_end for s in p.plan.stages] == [15, 30] for p in ppsd)
