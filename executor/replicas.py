@@ -109,23 +109,29 @@ def serve_replicas(
     replicas: int,
     dispatch: str = "least_loaded",
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str | Sequence[str] = "cpu",
     threads: int = 1,
     **options: Any,
 ) -> ServeOutcome:
-    """Serve `workload` on `replicas` worker processes (module docstring); `options` are `serve`'s (method,
+    """Serve `workload` on `replicas` worker processes (module docstring); `device` is every worker's, or one per
+    replica (e.g. ["cuda:0", "cuda:1"]: a GPU each, the simulator's replicas); `options` are `serve`'s (method,
     exit_layer, policy, head as "shared" or a file, max_batch, kv_capacity_tokens per replica, eos_token_id,
     sampling, seed, stages, stage_boundaries, backend, capture)."""
     import torch.multiprocessing as mp
 
     _check(model, workload, prompts, replicas, dispatch, options)
+    devices = [device] * replicas if isinstance(device, str) else list(device)
+    if len(devices) != replicas:
+        raise ValueError(f"device: one for every replica or one for all, got {len(devices)} for {replicas} replicas")
     prompts = [list(p) for p in prompts]
     context = mp.get_context("spawn")
     outbox = context.Queue()
     links = [ReplicaLink(i, context.Queue(), outbox) for i in range(replicas)]
     workers = [
         context.Process(
-            target=_worker, args=(link, str(model), dtype, device, threads, workload, prompts, options), daemon=True
+            target=_worker,
+            args=(link, str(model), dtype, devices[link.index], threads, workload, prompts, options),
+            daemon=True,
         )
         for link in links
     ]

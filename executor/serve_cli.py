@@ -63,7 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT bound in ms")
     parser.add_argument("--seed", type=int, default=0, help="seed of random prompts and draft policies (default: 0)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--device", default="cpu",
+        help="cpu, cuda, cuda:1, ... (default: cpu); with --replicas, one per replica too: cuda:0,cuda:1",
+    )  # fmt: skip
     parser.add_argument(
         "--capture", default="none", choices=("none", "auto", "graph", "compile-layers"),
         help="decode passes uncaptured (default) or, on a GPU, captured per running-batch size (graph: eager kernels "
@@ -105,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
     from executor.models import load_model, load_tokenizer
 
-    device = check_device(args.device)
+    devices = [check_device(name) for name in args.device.split(",")]  # one, or one per replica
+    if len(devices) not in (1, args.replicas):
+        raise ValueError(f"--device: one device, or one per replica ({args.replicas}), got {args.device!r}")
+    device = devices[0]
     if args.capture in ("graph", "compile-layers") and device.type != "cuda":
         raise ValueError(f"--capture {args.capture} needs a CUDA device (--device cuda), got {device}")
     threads = use_threads(args.threads)
@@ -166,7 +172,8 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
 
         outcome = serve_replicas(
             args.model, workload, prompts, replicas=args.replicas, dispatch=args.dispatch, dtype=args.dtype,
-            device=args.device, threads=args.threads or torch.get_num_threads(), **common,
+            device=args.device.split(",") if "," in args.device else args.device,
+            threads=args.threads or torch.get_num_threads(), **common,
         )  # fmt: skip
     else:
         serve(model, warm, warm_prompts, **common)

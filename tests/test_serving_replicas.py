@@ -141,6 +141,7 @@ def test_a_workers_failure_comes_back_with_its_traceback(model_dir, tmp_path):
         ("path", {"replicas": 0}, "replicas must be an integer >= 1"),
         ("path", {"dispatch": "random"}, "dispatch must be one of least_loaded, least_tokens, round_robin"),
         ("path", {"clock": lambda: 0.0}, "clock is not an option"),
+        ("path", {"device": ["cpu", "cpu", "cpu"]}, "device: one for every replica or one for all, got 3 for 2"),
     ],
 )
 def test_bad_replica_inputs_refused_before_any_worker_starts(model_dir, model, options, message):
@@ -166,7 +167,7 @@ def test_serve_bench_on_replicas(model_dir, tmp_path, capsys):
     out = tmp_path / "serve.json"
     argv = ["serve-bench", "--workload", str(tmp_path / "w.yaml"), "--model", str(path), "--methods", "ar,eesd",
             "--exit-layer", "2", "--max-batch", "2", "--replicas", "2", "--dispatch", "round_robin", "--compare-ar",
-            "--json", str(out), "--threads", "1"]  # fmt: skip
+            "--json", str(out), "--threads", "1", "--device", "cpu,cpu"]  # fmt: skip
     assert eesd(argv) == 0
     capsys.readouterr()
     document = json.loads(out.read_text())
@@ -175,3 +176,5 @@ def test_serve_bench_on_replicas(model_dir, tmp_path, capsys):
         assert {log["replica"] for log in logs} == {0, 1}
     assert eesd([*argv[:5], "--replicas", "0"]) == 2
     assert "--replicas must be >= 1" in capsys.readouterr().err
+    assert eesd([*argv[:5], "--replicas", "2", "--device", "cpu,cpu,cpu"]) == 2
+    assert "--device: one device, or one per replica (2)" in capsys.readouterr().err
