@@ -270,3 +270,24 @@ def test_ppsd_serving_on_a_gpu_equals_ar_alone(backend: str, capture: str) -> No
         alone = executor.generate(model, prompt, method="ar", max_new_tokens=request.output_len, capture="none")
         assert output == alone.sequences[0, len(prompt) :].tolist(), request
     assert sum(log.kind == "ppsd" for log in outcome.result.passes) == len(requests)
+
+
+def test_replicas_on_a_gpu_equal_ar_alone(tmp_path) -> None:
+    """Two replica workers on the GPU (spawned processes initialising CUDA, each capturing its own graphs) give every
+    request its own AR decode's tokens."""
+    from executor.replicas import serve_replicas
+    from sim.workload import Request, ServingWorkload
+
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, seed=8), torch.float64), EXIT_LAYER, 0.2)
+    model.save_pretrained(tmp_path / "tiny")
+    prompts = [[5, 9, 1, 33, 2][: 2 + i % 4] for i in range(8)]
+    requests = tuple(Request(i, len(p), 4 + 3 * (i % 3), 0.002 * i) for i, p in enumerate(prompts))
+    outcome = serve_replicas(
+        tmp_path / "tiny", ServingWorkload(requests), prompts, replicas=2, device="cuda", dtype="float64",
+        method="eesd", exit_layer=EXIT_LAYER, policy="fixed:2", max_batch=2, capture="graph",
+    )  # fmt: skip
+    cuda = model.to("cuda")
+    for request, prompt, output in zip(requests, prompts, outcome.outputs, strict=True):
+        alone = executor.generate(cuda, prompt, method="ar", max_new_tokens=request.output_len, capture="none")
+        assert output == alone.sequences[0, len(prompt) :].tolist(), request
+    assert {r.replica for r in outcome.result.records} == {0, 1}
