@@ -8,7 +8,7 @@ rate swept, `never` when it pays at none). `capacity.csv` says, per case and met
 scenario's SLO holds (at least `slo.attainment_pct` of the requests within both bounds): the rate where the share
 first falls below it, interpolated linearly in the share between the two rates around it (`capacity_rps`; empty when
 it holds at every rate swept, `never` when at none), and that rate per device (`capacity_rps_per_device`: replicas
-times a replica's devices), what sizing a deployment asks. Plots (matplotlib, the `plots` extra): per case, the
+times a replica's devices), what sizing a deployment asks, and `capacity.png` plots it per device. Plots (matplotlib, the `plots` extra): per case, the
 throughput-latency curve of each method (`throughput_latency_<case>.png`) and p50 TPOT and p90 TTFT over the rate
 (`latency_vs_rate_<case>.png`).
 """
@@ -163,7 +163,47 @@ def write_outputs(runs: Sequence[ServingRun], out_dir: Path) -> list[Path]:
         written.append(_write_csv(capacities, out_dir / "capacity.csv"))
     if plots_available() and any(run.point.rate_per_s is not None for run in runs):
         written += _plots(runs, out_dir)
+    if plots_available() and any(isinstance(item["capacity_rps"], float) for item in capacities):
+        written.append(_capacity_plot(capacities, out_dir / "capacity.png"))
     return written
+
+
+def _highest_rate(item: dict[str, Any]) -> float:
+    return max(float(pair.split(":")[0]) for pair in item["slo_pct"].split(";"))
+
+
+def _capacity_plot(capacities: list[dict[str, Any]], path: Path) -> Path:
+    """Requests/s per device within the SLO, a bar per case and method (a hatched bar: held at every rate swept, so
+    at least the highest; none: missed at every rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(item["case"] for item in capacities))
+    methods = list(dict.fromkeys(item["method"] for item in capacities))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(cases)), 4.0))
+    for m, method in enumerate(methods):
+        label: str | None = method
+        for c, case in enumerate(cases):
+            item = next((i for i in capacities if i["case"] == case and i["method"] == method), None)
+            if item is None or item["capacity_rps"] == "never":
+                continue
+            held = item["capacity_rps"] == ""  # held at every rate swept: at least the highest
+            rate = _highest_rate(item) if held else item["capacity_rps"]
+            offset = (m - (len(methods) - 1) / 2) * width
+            hatch = "//" if held else None
+            ax.bar(c + offset, rate / item["devices"], width, color=f"C{m}", hatch=hatch, label=label)
+            label = None
+    ax.set_xticks(range(len(cases)), [case or "scenario" for case in cases], rotation=20, fontsize=7)
+    ax.set_ylabel("requests/s per device within the SLO")
+    ax.set_title("SLO capacity per device (hatched: held at every rate swept)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_json(path: Path, scenario: Path, runs: Sequence[ServingRun]) -> Path:

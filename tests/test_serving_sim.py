@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sim.runner import plots_available
 from sim.scenario import ScenarioError
 from sim.serving import (
     ServingPoint,
@@ -342,6 +343,7 @@ def test_capacity_is_the_rate_where_the_slo_stops_holding(tmp_path, replicas):
         assert item["devices"] == replicas and item["capacity_rps_per_device"] == pytest.approx(rate / replicas, 1e-3)
     write_outputs(runs, tmp_path / "out")
     rows = list(csv.DictReader((tmp_path / "out" / "capacity.csv").open()))
+    assert (tmp_path / "out" / "capacity.png").is_file() or not plots_available()
     assert [r["method"] for r in rows] == ["ar", "eesd"]
     assert float(rows[0]["capacity_rps"]) == found["ar"]["capacity_rps"]
     if replicas == 2:
