@@ -8,9 +8,9 @@ rate swept, `never` when it pays at none). `capacity.csv` says, per case and met
 scenario's SLO holds (at least `slo.attainment_pct` of the requests within both bounds): the rate where the share
 first falls below it, interpolated linearly in the share between the two rates around it (`capacity_rps`; empty when
 it holds at every rate swept, `never` when at none), and that rate per device (`capacity_rps_per_device`: replicas
-times a replica's devices), what sizing a deployment asks, and `capacity.png` plots it per device. Plots (matplotlib, the `plots` extra): per case, the
+times a replica's devices), what sizing a deployment asks. Plots (matplotlib, the `plots` extra): per case, the
 throughput-latency curve of each method (`throughput_latency_<case>.png`) and p50 TPOT and p90 TTFT over the rate
-(`latency_vs_rate_<case>.png`).
+(`latency_vs_rate_<case>.png`); the capacity per device of every case and method (`capacity.png`).
 """
 
 from __future__ import annotations
