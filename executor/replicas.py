@@ -187,11 +187,13 @@ def _worker(
     """A worker process: load the model, serve one warm-up request, then the dispatcher's requests."""
     try:
         import torch
+        from transformers.utils import logging as hf_logging
 
         from executor.adapter import ModelAdapter
         from executor.models import load_model
         from executor.serving import serve
 
+        hf_logging.disable_progress_bar()  # N workers loading at once: the dispatcher's output stays readable
         torch.set_num_threads(threads)
         adapter = ModelAdapter(load_model(model, dtype=dtype, device=device))
         first = workload.requests[0]
