@@ -47,7 +47,7 @@ def requests(count: int, gap_s: float, users: int | None = None) -> tuple[Servin
 )
 def test_replicas_serve_every_request_as_ar_alone(model_dir, method, dispatch):
     path, model = model_dir
-    workload, prompts = requests(14, 0.004)
+    workload, prompts = requests(14, 0.0005)  # arrivals that overlap: every rule uses both replicas
     options = {"stages": 2} if method == "ppsd" else {"exit_layer": 2, "policy": "fixed:2", "max_batch": 2}
     outcome = serve_replicas(path, workload, prompts, replicas=2, dispatch=dispatch, method=method, **options)
     for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
