@@ -33,8 +33,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "executor.corpus_cli",
         "build an offline corpus for distilling exit heads: the model's own answers, text, Python sources",
     ),
-    "serve-sim": ("sim.serve_cli", "simulate serving under load: arrivals, continuous batching, SLOs (torch-free)"),
-    "serve-bench": ("executor.serve_cli", "serve a workload file with continuous batching on this machine, timed"),
+    "serve-sim": (
+        "sim.serve_cli",
+        "simulate serving under load: arrivals, continuous batching, replicas, SLO capacity (torch-free)",
+    ),
+    "serve-bench": (
+        "executor.serve_cli",
+        "serve a workload file with continuous batching on this machine, timed (--replicas: worker processes)",
+    ),
 }
 # the packages of the `executor` extra (pyproject.toml): a command that needs a missing one names the extra
 EXECUTOR_EXTRA = ("torch", "transformers", "accelerate", "gguf", "safetensors")
