@@ -29,9 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from executor.decoding import GenerationStats
-from executor.serving import ServeOutcome, _ServeLoop
-from sim.policy import make_policy
-from sim.serving import DISPATCH, PassLog, ServingResult, kv_tokens, pick_replica
+from executor.serving import ServeOutcome, _ServeLoop, arrival_heap
+from sim.serving import DISPATCH, PassLog, ServingResult, method_kv_tokens, pick_replica
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload
 
 READY_TIMEOUT_S = 600.0  # a worker loads the model and serves its warm-up request within this
@@ -95,9 +94,10 @@ class ReplicaLoop(_ServeLoop):
             "outputs": {i: self.sinks[i].tokens for i in self.served},  # type: ignore[union-attr]
             "passes": [dataclasses.replace(log, replica=index) for log in self.result.passes],
             "rounds": [1 if log.kind != "ppsd" else log.tokens for log in self.result.passes],
-            "drafted": list(stats.drafted) if isinstance(stats.drafted, list) else [],
-            "accepted": list(stats.accepted) if isinstance(stats.accepted, list) else [],
+            "drafted": list(stats.drafted),
+            "accepted": list(stats.accepted),
             "host_reads": stats.host_reads,
+            "max_batch": self.admission.max_batch,
         }
 
 
@@ -156,7 +156,7 @@ def serve_replicas(
             worker.join(timeout=30)
             if worker.is_alive():
                 worker.terminate()
-    outcome = _merged(workload, options.get("method", "ar"), replicas, pieces, options)
+    outcome = _merged(workload, options.get("method", "ar"), replicas, pieces)
     outcome.dispatched_s = dispatcher.dispatched_s
     return outcome
 
@@ -230,21 +230,14 @@ class _Dispatcher:
 
     def __init__(self, workload: ServingWorkload, dispatch: str, links: list[ReplicaLink], options: dict) -> None:
         self.dispatch, self.links = dispatch, links
-        method = options.get("method", "ar")
-        draft = make_policy(options.get("policy", "fixed:4")).max_draft_len if method == "eesd" else 0
-        self.kv = kv_tokens(method, draft)
+        self.kv = method_kv_tokens(options.get("method", "ar"), options.get("policy", "fixed:4"))
         self.loads, self.tokens = [0] * len(links), [0] * len(links)
         self.sent, self.finished, self.total = 0, 0, len(workload.requests)
         self.users = ClosedLoopUsers(workload) if workload.closed else None
         self.in_flight: dict[int, Request] = {}  # dispatched and not finished, by index
         self.dispatched_s = [math.nan] * self.total
         self.begin = 0.0
-        if self.users is None:
-            self.upcoming = [(r.arrival_s, r.index, r) for r in workload.requests]
-            heapq.heapify(self.upcoming)
-        else:
-            self.upcoming = [(at_s, r.index, r) for r, at_s in self.users.first()]
-            heapq.heapify(self.upcoming)
+        self.upcoming = arrival_heap(workload, self.users)
 
     def run(self, begin: float, outbox: Any, workers: list) -> None:
         self.begin = begin
@@ -287,15 +280,11 @@ class _Dispatcher:
                 heapq.heappush(self.upcoming, (send_s, request.index, request))
 
 
-def _merged(
-    workload: ServingWorkload, method: str, replicas: int, pieces: dict[int, dict[str, Any]], options: dict
-) -> ServeOutcome:
+def _merged(workload: ServingWorkload, method: str, replicas: int, pieces: dict[int, dict[str, Any]]) -> ServeOutcome:
     """One outcome from the workers' pieces: every record (with its replica), every logged pass, every output."""
-    from executor.serving import DEFAULT_MAX_BATCH
-
     records: list[Any] = [None] * len(workload.requests)
     outputs: list[list[int]] = [[] for _ in workload.requests]
-    max_batch = options.get("max_batch") or (1 if method == "ppsd" else DEFAULT_MAX_BATCH)
+    max_batch = pieces[0]["max_batch"]  # every worker's `serve` settled the same slots
     result = ServingResult(method, max_batch, records, replicas=replicas)
     stats = GenerationStats(method=method)
     logs: list[tuple[PassLog, int]] = []

@@ -469,6 +469,16 @@ def _exit_head(adapter: ModelAdapter, head: Any, exit_layer: int | None) -> tupl
     return resolve_head(head, adapter, exit_layer), exit_layer
 
 
+def arrival_heap(workload: ServingWorkload, users: ClosedLoopUsers | None) -> list[tuple[float, int, Request]]:
+    """The arrivals ahead as a heap of (time, index, request): the workload's, or a closed loop's first requests."""
+    if users is None:
+        upcoming = [(r.arrival_s, r.index, r) for r in workload.requests]
+    else:
+        upcoming = [(at_s, r.index, r) for r, at_s in users.first()]
+    heapq.heapify(upcoming)
+    return upcoming  # type: ignore[return-value]
+
+
 class _ServeLoop:
     """The host side: arrivals on the wall clock, admission, prefills, rounds, departures and the records."""
 
@@ -508,13 +518,8 @@ class _ServeLoop:
         return self._outcome()
 
     def _start(self, clock: Callable[[], float]) -> float:
-        """The arrivals ahead (the workload's, or a closed loop's first requests); returns the run's time 0."""
-        if self.users is None:
-            self.upcoming = [(r.arrival_s, r.index, r) for r in self.workload.requests]  # type: ignore[misc]
-            heapq.heapify(self.upcoming)
-        else:
-            for request, at_s in self.users.first():
-                heapq.heappush(self.upcoming, (at_s, request.index, request))
+        """The arrivals ahead (`arrival_heap`); returns the run's time 0."""
+        self.upcoming = arrival_heap(self.workload, self.users)
         return clock()
 
     def _more(self, finished: int) -> bool:

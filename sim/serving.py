@@ -298,9 +298,14 @@ def kv_tokens(method: str, max_draft_len: int) -> Callable[[Request], int]:
     return lambda r: cache_capacity(method, r.prompt_len, r.output_len, max_draft_len, captured=False)
 
 
+def method_kv_tokens(method: str, policy: str) -> Callable[[Request], int]:
+    """`kv_tokens` for a method and its draft policy (EESD's longest draft; the others draft none here)."""
+    return kv_tokens(method, make_policy(policy).max_draft_len if method == "eesd" else 0)
+
+
 def plan_kv_tokens(plan: SimPlan) -> Callable[[Request], int]:
     """`kv_tokens` for a plan's method and policy."""
-    return kv_tokens(plan.method, make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0)
+    return method_kv_tokens(plan.method, plan.policy)
 
 
 def _kv_capacity(plan: SimPlan, given: int | Literal["auto"] | None) -> int | None:
