@@ -554,14 +554,18 @@ class _Server:
     """One replica: its own slots and KV budget (`admission`), running rows, the event that wakes its idle loop, and
     the requests dispatched to it and not finished (`load`)."""
 
-    __slots__ = ("index", "admission", "running", "wake", "load", "tokens")
+    __slots__ = ("index", "admission", "running", "wake", "tokens")
 
     def __init__(self, index: int, admission: Admission) -> None:
         self.index, self.admission = index, admission
         self.running: list[_Row] = []
         self.wake: simpy.Event | None = None
-        self.load = 0
-        self.tokens = 0  # the KV tokens of those requests (`plan_kv_tokens`)
+        self.tokens = 0  # the KV tokens of its requests not finished, queued or running (a sum kept, not recounted)
+
+    @property
+    def load(self) -> int:
+        """Its requests not finished: queued, or admitted and running."""
+        return len(self.admission.waiting) + self.admission.running
 
 
 class ServingSimulation:
@@ -640,7 +644,6 @@ class ServingSimulation:
         self._count_in_system(+1)
         server = self._dispatch()
         record.replica = server.index
-        server.load += 1
         server.tokens += self.kv_tokens(request)
         server.admission.arrive(request)
         if server.wake is not None:
@@ -748,7 +751,6 @@ class ServingSimulation:
         record = row.record
         record.finish_s = self.env.now / 1e6
         server.admission.release(row.request)
-        server.load -= 1
         server.tokens -= self.kv_tokens(row.request)
         self._count_in_system(-1)
         self.finished += 1
