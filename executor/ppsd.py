@@ -51,6 +51,7 @@ from executor.passes import (
     check_sync_every,
     launch_mode,
     on_device,
+    prefill_width,
     resolve_capture,
     resolve_sync_every,
     span_bucket,
@@ -384,25 +385,37 @@ class StageRunner:
         if self.is_last:
             self.predicted_id.copy_(self.selector.select(adapter.logits(hidden), step.positions + 1)[0])
 
+    def prefill_width(self, prompt_len: int) -> int:
+        """The width this stage's prefill runs at (`executor.passes.prefill_width`: on a GPU a bucket, so that a new
+        prompt length reuses a bucket's kernels; every stage computes the same one)."""
+        return prefill_width(prompt_len, self.cache.max_len, self.adapter.device)
+
     def prefill(self, hidden: torch.Tensor | None, prompt: list[int]) -> torch.Tensor:
-        """The prompt through this stage's layers: ids (stage 1) or hidden [1, P, d] in, hidden [1, P, d] out."""
-        adapter, step = self.adapter, Step.at(0, len(prompt), self.adapter.device)
+        """The prompt through this stage's layers: ids (stage 1) or hidden [1, W, d] in, hidden [1, W, d] out, W the
+        prefill width (the prompt's length P, or on a GPU its bucket: pads after the last token, which causal
+        attention keeps out of every real position; their KV is rolled back to P here)."""
+        adapter, width = self.adapter, self.prefill_width(len(prompt))
+        step = Step.at(0, width, adapter.device)
         if not self.is_first:
-            return adapter.forward_layers(hidden, step, self.cache, self.layers.start, self.layers.stop)
-        hidden = adapter.embed(torch.tensor([prompt], dtype=torch.long, device=adapter.device))
-        hidden = adapter.forward_layers(hidden, step, self.cache, 0, self.plan.exit_layer)
-        self.head.prefill(hidden, step, self.cache)  # a trained head's own KV over the prompt
-        return adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
+            hidden = adapter.forward_layers(hidden, step, self.cache, self.layers.start, self.layers.stop)
+        else:
+            ids = torch.tensor([prompt + [0] * (width - len(prompt))], dtype=torch.long, device=adapter.device)
+            hidden = adapter.forward_layers(adapter.embed(ids), step, self.cache, 0, self.plan.exit_layer)
+            self.head.prefill(hidden, step, self.cache)  # a trained head's own KV over the prompt
+            hidden = adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
+        self.flush(len(prompt))
+        return hidden
 
     def flush(self, position: int) -> None:
         """Forget this stage's KV (its exit head's too) at positions >= `position` (the flushed tokens')."""
         self.cache.rollback(position, layers=self.cache_layers)
 
 
-def first_token(runner: StageRunner, hidden: torch.Tensor) -> int:
-    """The full model's token after the prompt, from the last stage's prompt states [1, P, d]."""
-    target = torch.tensor([[hidden.shape[1]]], device=hidden.device)
-    return int(runner.selector.select(runner.adapter.logits(hidden[:, -1:]), target)[0, 0])
+def first_token(runner: StageRunner, hidden: torch.Tensor, prompt_len: int) -> int:
+    """The full model's token after the prompt, from the last stage's prefill states [1, W, d] (W >= the prompt's
+    length: pads after it)."""
+    target = torch.tensor([[prompt_len]], device=hidden.device)
+    return int(runner.selector.select(runner.adapter.logits(hidden[:, prompt_len - 1 : prompt_len]), target)[0, 0])
 
 
 def make_selector(
@@ -715,7 +728,7 @@ def prefill_local(
     hidden = None
     for runner in pipeline.runners:
         hidden = runner.prefill(hidden, prompt)
-    token = first_token(pipeline.runners[-1], hidden)
+    token = first_token(pipeline.runners[-1], hidden, len(prompt))
     stats.prefill_time_s = time.perf_counter() - begin
     sink.emit([token])
     commit(pipeline.selector, token)

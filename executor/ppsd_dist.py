@@ -230,8 +230,9 @@ class StageLink:
         with _talking_to(self.rank + 1):
             dist.send(hidden.contiguous(), self.rank + 1)
 
-    def recv_prompt_states(self, prompt_len: int) -> torch.Tensor:
-        hidden = torch.empty(1, prompt_len, self.hidden_size, dtype=self.dtype, device=self.device)
+    def recv_prompt_states(self, width: int) -> torch.Tensor:
+        """The previous stage's prefill states [1, width, d] (`StageRunner.prefill_width`)."""
+        hidden = torch.empty(1, width, self.hidden_size, dtype=self.dtype, device=self.device)
         with _talking_to(self.rank - 1):
             dist.recv(hidden, src=self.rank - 1)
         return hidden
@@ -304,12 +305,12 @@ def _next_draft(out: StageOutput | None) -> Item | None:
 
 def _prefill(runner: StageRunner, link: StageLink, prompt: list[int], sink: TokenSink, on_tokens) -> TickOutcome:
     """The prompt down the pipe; the last rank's first token is broadcast as the START outcome."""
-    hidden = None if runner.is_first else link.recv_prompt_states(len(prompt))
+    hidden = None if runner.is_first else link.recv_prompt_states(runner.prefill_width(len(prompt)))
     hidden = runner.prefill(hidden, prompt)
     if not runner.is_last:
         link.send_prompt_states(hidden)
         return link.exchange_outcome(None)
-    token = first_token(runner, hidden)
+    token = first_token(runner, hidden, len(prompt))
     sink.emit([token])
     if on_tokens is not None:
         on_tokens([token])
