@@ -158,6 +158,10 @@ class TrainedExitHead(nn.Module):
         # head's KV goes to cache layer `self.index`)
         self.layer = type(source)(adapter.config, layer_idx=self.init_layer)
         self.norm = type(adapter.norm)(adapter.config.hidden_size, eps=adapter.config.rms_norm_eps)
+        # in the model's dtype before any weight is loaded (built in torch's default dtype, a float64 head's
+        # weights would be rounded to float32 on the way in)
+        self.layer.to(dtype=adapter.dtype)
+        self.norm.to(dtype=adapter.dtype)
         if tensors is None:
             self.layer.load_state_dict(source.state_dict())
             self.norm.load_state_dict(adapter.norm.state_dict())
@@ -267,6 +271,17 @@ class AttentionExitHead(TrainedExitHead):
 
 HEAD_CLASSES: dict[str, type[TrainedExitHead]] = {"layer": TrainedExitHead, "attention": AttentionExitHead}
 ARCHITECTURE_CLASSES = {cls.architecture: cls for cls in HEAD_CLASSES.values()}
+
+
+def retargeted(head: TrainedExitHead, token_ids: torch.Tensor | list[int] | None) -> TrainedExitHead:
+    """A copy of the trained `head` (its kind, exit layer, layer and norm weights) drafting over `token_ids` (None:
+    the whole vocabulary) instead of its own draft vocabulary. Its top token is the same wherever the old head's
+    lies in the new vocabulary; drafts are proposals, so the output is AR's either way."""
+    tensors = {name: value for name, value in head.state_dict().items() if name != "token_ids"}
+    if token_ids is not None:
+        tensors["token_ids"] = checked_token_ids(token_ids, head.vocab)
+    copy = type(head)(head.adapter, head.exit_layer, head.init_layer, tensors=tensors)
+    return copy.to(dtype=next(head.parameters()).dtype)
 
 
 def head_class(kind: str) -> type[TrainedExitHead]:

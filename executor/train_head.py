@@ -59,6 +59,7 @@ from executor.heads import (
     atomic_write,
     head_class,
     model_fingerprint,
+    retargeted,
     save_head,
     save_subset_head,
 )
@@ -360,6 +361,28 @@ def new_head(
     the model's dtype (AdamW's updates are lost in bf16 weights)."""
     head = head_class(kind)(adapter, exit_layer, init_layer_index(adapter, exit_layer, init_layer), token_ids=token_ids)
     return head.float() if adapter.dtype in HALF_DTYPES else head
+
+
+def starting_heads(
+    adapter: ModelAdapter,
+    config: TrainConfig,
+    draft_vocab: torch.Tensor | None = None,
+    init_heads: dict[int, TrainedExitHead] | None = None,
+) -> dict[int, TrainedExitHead]:
+    """The heads a run starts from, one per exit layer of `config`: new ones (`new_head`), or copies of `init_heads`
+    (each of `config.head_kind`, at its exit layer) over `draft_vocab` (None: the whole vocabulary), float32 weights
+    whatever the model's dtype."""
+    if init_heads is None:
+        return {e: new_head(adapter, e, config.head_kind, draft_vocab, config.init_layer) for e in config.layers}
+    if sorted(init_heads) != list(config.layers):
+        layers = list(config.layers)
+        raise ValueError(f"initial heads are for exit layers {sorted(init_heads)}; the run trains {layers}")
+    for exit_layer, head in init_heads.items():
+        if head.kind != config.head_kind or head.exit_layer != exit_layer:
+            raise ValueError(f"the initial head for exit layer {exit_layer} is a {head.kind!r} head at exit layer "
+                             f"{head.exit_layer}; the run trains {config.head_kind!r} heads")  # fmt: skip
+    copies = {e: retargeted(head, draft_vocab) for e, head in init_heads.items()}
+    return {e: head.float() if adapter.dtype in HALF_DTYPES else head for e, head in copies.items()}
 
 
 def init_layer_index(adapter: ModelAdapter, exit_layer: int, init_layer: str) -> int:
@@ -769,13 +792,15 @@ def distill_heads(
     progress: bool = True,
     draft_vocab: torch.Tensor | None = None,
     time_budget_s: float | None = None,
+    init_heads: dict[int, TrainedExitHead] | None = None,
 ) -> tuple[dict[int, TrainedExitHead], TrainState]:
     """Train one head per exit layer of `config` (of kind `config.head_kind`, over the draft vocabulary
     `draft_vocab` if given) on `source` and write each to `outs[E]` (atomically), evaluating on `eval_source` and
     checkpointing next to the first; `resume` continues from that checkpoint if it exists. `time_budget_s` stops
-    the run early (`run_steps`); the heads are written as they stand, their metadata's `steps_done` saying where."""
+    the run early (`run_steps`); the heads are written as they stand, their metadata's `steps_done` saying where.
+    `init_heads` (a trained head per exit layer) start the heads from their weights instead of a model layer."""
     adapter = ModelAdapter(model)
-    heads = {e: new_head(adapter, e, config.head_kind, draft_vocab, config.init_layer) for e in config.layers}
+    heads = starting_heads(adapter, config, draft_vocab, init_heads)
     info = {k: str(v) for k, v in (dict(run_info or {}) | source.describe()).items()}
     if eval_source is not None:
         info |= {f"eval_{key}": value for key, value in eval_source.describe().items()}
@@ -850,6 +875,7 @@ def train_head_corpus(
     progress: bool = True,
     draft_vocab: torch.Tensor | None = None,
     time_budget_s: float | None = None,
+    init_heads: dict[int, TrainedExitHead] | None = None,
 ) -> tuple[dict[int, TrainedExitHead], TrainState]:
     """Distil one head per exit layer of `config` from a corpus directory (`eesd corpus`) or several, scored every
     `config.eval_every` steps on `eval_corpus` (a corpus built from held-out prompts), and write them to `out`
@@ -863,7 +889,7 @@ def train_head_corpus(
             raise ValueError(f"the held-out corpus {eval_source.directory} is also a training corpus")
     return distill_heads(model, source, config, head_paths(out, config.layers), eval_source=eval_source,
                          resume=resume, save_dtype=save_dtype, run_info=run_info, progress=progress,
-                         draft_vocab=draft_vocab, time_budget_s=time_budget_s)  # fmt: skip
+                         draft_vocab=draft_vocab, time_budget_s=time_budget_s, init_heads=init_heads)  # fmt: skip
 
 
 def check_corpus_model(source: RecordSource, model: torch.nn.Module) -> None:

@@ -79,12 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-len", type=int, default=4, help="k of the evaluation's tokens/round (default: 4)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     parser.add_argument(
-        "--head-kind", default="layer", choices=("layer", "attention"),
+        "--head-kind", default=None, choices=("layer", "attention"),
         help="trained head: a decoder layer (default) or its attention sublayer only (a light adapter)",
     )  # fmt: skip
     parser.add_argument(
         "--init-layer", default="exit", metavar="exit|last|N",
         help="the model layer a trained head's layer starts as: its exit layer (default), the last layer, or N",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init-head", default=None, nargs="+", metavar="FILE",
+        help="start from these trained head files (one per exit layer; their exit layers and kind are the run's) "
+        "instead of a model layer: --corpus continues training them; --steps 0 writes them unchanged, over "
+        "--draft-vocab's ids if given (a draft vocabulary for a trained head, no training)",
     )  # fmt: skip
     parser.add_argument(
         "--draft-vocab", default=None, metavar="FILE",
@@ -104,11 +110,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "max_new_tokens", "checkpoint_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) < (0 if name == "steps" and args.init_head else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.init_head is not None:
+        if args.vocab_subset is not None:
+            raise ValueError("--init-head starts trained heads; --vocab-subset makes a subset head (give one of them)")
+        if args.steps > 0 and args.corpus is None:
+            raise ValueError("--init-head trains on with --corpus (or give --steps 0 to write the heads unchanged)")
+        if args.steps == 0 and (args.corpus is not None or args.resume):
+            raise ValueError("--steps 0 writes the --init-head heads unchanged: --corpus and --resume do not apply")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if args.vocab_subset is None and args.exit_layer is None:
+    if args.vocab_subset is None and args.exit_layer is None and args.init_head is None:
         raise ValueError("--exit-layer is required to train a head (or give --vocab-subset N for a subset head)")
     if args.time_budget_s is not None and (args.corpus is None or args.time_budget_s <= 0):
         raise ValueError(f"--time-budget-s needs --corpus and a value > 0, got {args.time_budget_s}")
@@ -122,6 +135,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--vocab-subset must be >= 1, got {args.vocab_subset}")
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+    _check_outs(args)
+
+
+def _check_outs(args: argparse.Namespace) -> None:
     for out in _outs(args):
         if Path(out).exists() and not args.force:
             raise ValueError(f"--out {out} exists; pass --force to overwrite it")
@@ -138,15 +155,18 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     print(f"train-head: {args.model} on {device} ({args.dtype}); {use_threads(args.threads)}", flush=True)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
+    init_heads = _init_heads(args, model)
     config = None if args.vocab_subset is not None else _config(args)
     vocab = _draft_vocab(args.draft_vocab, model)
+    if init_heads is not None and args.steps == 0:
+        return _write_unchanged(args, init_heads, vocab)
     if args.corpus is not None and config is not None:
-        info = {"model": str(args.model), "model_dtype": args.dtype, **_vocab_info(args)}
+        info = {"model": str(args.model), "model_dtype": args.dtype, **_vocab_info(args), **_init_info(args)}
         torch.manual_seed(args.seed)
         heads, state = train_head_corpus(
             model, args.corpus, config, args.out, eval_corpus=args.eval_corpus, resume=args.resume,
             save_dtype=resolve_dtype(args.save_dtype), run_info=info, progress=not args.no_progress,
-            draft_vocab=vocab, time_budget_s=args.time_budget_s,
+            draft_vocab=vocab, time_budget_s=args.time_budget_s, init_heads=init_heads,
         )  # fmt: skip
         return _report(args, state)
     tokenizer = load_tokenizer(args.model)
@@ -164,14 +184,65 @@ def run(args: argparse.Namespace) -> int:
     return _report(args, state)
 
 
+def _init_heads(args: argparse.Namespace, model):
+    """The --init-head files' heads by exit layer (None without it); they set --exit-layer and --head-kind, which,
+    if given too, must agree."""
+    if args.init_head is None:
+        return None
+    from executor.heads import TrainedExitHead, load_head
+
+    heads = {}
+    for path in args.init_head:
+        head = load_head(path, model)
+        if not isinstance(head, TrainedExitHead):
+            raise ValueError(f"--init-head {path}: a vocabulary-subset head has no weights to start from")
+        if head.exit_layer in heads:
+            raise ValueError(f"--init-head {path}: a second head for exit layer {head.exit_layer}")
+        heads[head.exit_layer] = head
+    layers, kinds = tuple(sorted(heads)), {head.kind for head in heads.values()}
+    if args.exit_layer is not None and tuple(sorted(args.exit_layer)) != layers:
+        raise ValueError(f"--init-head heads are for exit layers {list(layers)}, --exit-layer gives "
+                         f"{list(args.exit_layer)}")  # fmt: skip
+    if len(kinds) > 1 or (args.head_kind is not None and {args.head_kind} != kinds):
+        raise ValueError(f"--init-head heads are of kind {', '.join(sorted(kinds))}; one kind per run"
+                         + (f", and --head-kind says {args.head_kind}" if args.head_kind else ""))  # fmt: skip
+    args.exit_layer, args.head_kind = layers, kinds.pop()
+    if len(layers) > 1 and "{exit_layer}" not in args.out:
+        raise ValueError(f"several exit layers need --out with {{exit_layer}} in it, got {args.out!r}")
+    _check_outs(args)
+    return heads
+
+
+def _init_info(args: argparse.Namespace) -> dict[str, str]:
+    return {} if args.init_head is None else {"init_head_files": ",".join(map(str, args.init_head))}
+
+
+def _write_unchanged(args: argparse.Namespace, heads: dict, vocab) -> int:
+    """--steps 0: each --init-head head as it is, over --draft-vocab's ids (or the whole vocabulary), written to its
+    --out with the source file's metadata and where it came from."""
+    from executor.heads import retargeted, save_head
+    from executor.models import resolve_dtype
+
+    for out, (exit_layer, head) in zip(_outs(args), sorted(heads.items()), strict=True):
+        copy = retargeted(head, vocab)
+        info = {k: v for k, v in head.metadata.items() if k != "checksum" and not k.startswith("draft_vocab")}
+        info |= {"init_head_files": ",".join(map(str, args.init_head)), "steps_after_init": "0", **_vocab_info(args)}
+        save_head(copy, out, dtype=resolve_dtype(args.save_dtype), info=info)
+        size = "the whole vocabulary" if copy.draft_vocab is None else f"{copy.draft_vocab} ids"
+        print(f"wrote {out}: the exit layer {exit_layer} head of {head.metadata.get('model', args.model)}, "
+              f"unchanged, drafting over {size}")  # fmt: skip
+    return 0
+
+
 def _config(args: argparse.Namespace):
     from executor.train_head import TrainConfig
 
     return TrainConfig(
-        exit_layer=args.exit_layer[0], exit_layers=args.exit_layer[1:], steps=args.steps, lr=args.lr,
+        exit_layer=args.exit_layer[0], exit_layers=args.exit_layer[1:], steps=max(args.steps, 1), lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every, schedule=args.schedule,
         warmup_steps=args.warmup_steps, clip_norm=args.clip_norm or None, window=args.window,
-        eval_every=args.eval_every, draft_len=args.draft_len, head_kind=args.head_kind, init_layer=args.init_layer,
+        eval_every=args.eval_every, draft_len=args.draft_len, head_kind=args.head_kind or "layer",
+        init_layer=args.init_layer,
         hard_weight=args.hard_weight,
     )  # fmt: skip
 

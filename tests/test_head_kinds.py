@@ -243,3 +243,58 @@ def test_a_head_started_from_another_layer_records_it_and_stays_lossless(tiny, r
         ar = generate(tiny, prompt, method="ar", max_new_tokens=16).sequences.tolist()
         eesd = generate(tiny, prompt, method="eesd", head=loaded, draft_len=3, max_new_tokens=16)
         assert eesd.sequences.tolist() == ar
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_a_retargeted_head_keeps_its_weights_and_drafts_over_the_new_vocabulary(trained, tiny, name: str) -> None:
+    """`retargeted`: the same layer and norm over another draft vocabulary (or the whole one): its logits are the
+    old head's full-vocabulary logits on the new ids, -inf elsewhere; EESD and PPSD with it still equal AR."""
+    from executor.heads import retargeted
+
+    head = trained[name][0]
+    whole = retargeted(head, None)
+    other = torch.tensor([4, 7, 12, 30, 31, 63, 0], dtype=torch.int64)
+    narrow = retargeted(head, other)
+    assert type(whole) is type(head) and whole.draft_vocab is None and narrow.draft_vocab == len(other)
+    assert (whole.exit_layer, whole.init_layer) == (head.exit_layer, head.init_layer)
+    own = {k: v for k, v in head.state_dict().items() if k != "token_ids"}
+    assert all(torch.equal(value, own[key]) for key, value in whole.state_dict().items())
+    hidden = torch.randn(2, 6, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    full = whole.forward_sequences(hidden)
+    logits = narrow.forward_sequences(hidden)
+    outside = torch.ones(SPEC.vocab, dtype=torch.bool)
+    outside[other] = False
+    torch.testing.assert_close(logits[..., other], full[..., other])
+    assert torch.isinf(logits[..., outside]).all()
+    for prompt in _prompts(2, seed=8):
+        ar = generate(tiny, prompt, method="ar", max_new_tokens=16).sequences.tolist()
+        for draft in (whole, narrow):
+            eesd = generate(tiny, prompt, method="eesd", head=draft, draft_len=3, max_new_tokens=16)
+            assert eesd.sequences.tolist() == ar
+        assert generate(tiny, prompt, method="ppsd", stages=2, head=narrow, max_new_tokens=16).sequences.tolist() == ar
+    with pytest.raises(ValueError, match="distinct int64 token ids"):
+        retargeted(head, torch.tensor([1, 1, 2]))
+
+
+def test_training_from_initial_heads_starts_at_their_weights(trained, tiny, records, tmp_path: Path) -> None:
+    """`distill_heads(init_heads=...)` starts from the given heads (over the run's draft vocabulary), not from a model
+    layer; a head of another kind or exit layer is refused."""
+    from executor.train_head import starting_heads
+
+    adapter = ModelAdapter(tiny)
+    head = trained["layer"][0]
+    config = TrainConfig(exit_layer=EXIT_LAYER, steps=1, lr=1e-9, window=32)
+    start = starting_heads(adapter, config, VOCAB, {EXIT_LAYER: head})[EXIT_LAYER]
+    assert start.draft_vocab == len(VOCAB) and start is not head
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in start.state_dict().items() if k != "token_ids")
+    out = tmp_path / "again.safetensors"
+    made, _ = distill_heads(tiny, RecordSource.from_records(records), config, {EXIT_LAYER: out}, progress=False,
+                            init_heads={EXIT_LAYER: head})  # fmt: skip
+    moved = max((made[EXIT_LAYER].state_dict()[k] - v).abs().max().item() for k, v in head.state_dict().items())
+    assert moved < 1e-6  # one step at lr 1e-9 from the initial head, not from layer 2's copy
+    fresh = new_head(adapter, EXIT_LAYER)
+    assert max((fresh.state_dict()[k] - v).abs().max().item() for k, v in head.state_dict().items()) > 1e-3
+    with pytest.raises(ValueError, match="'attention' head"):
+        starting_heads(adapter, config, None, {EXIT_LAYER: trained["attention"][0]})
+    with pytest.raises(ValueError, match="exit layers"):
+        starting_heads(adapter, TrainConfig(exit_layer=1, steps=1), None, {EXIT_LAYER: head})
