@@ -110,8 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "max_new_tokens", "checkpoint_every"):
-        if getattr(args, name) < (0 if name == "steps" and args.init_head else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        least = 0 if name == "steps" and args.init_head else 1  # --steps 0: --init-head's heads written unchanged
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if args.init_head is not None:
         if args.vocab_subset is not None:
             raise ValueError("--init-head starts trained heads; --vocab-subset makes a subset head (give one of them)")

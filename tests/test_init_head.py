@@ -114,7 +114,8 @@ def test_training_goes_on_from_the_initial_head(setup) -> None:
         ),
         (["--init-head", "{root}/layer-e1.safetensors", "--steps", "3"], "trains on with --corpus"),
         (["--init-head", "{root}/layer-e1.safetensors", "--steps", "0", "--corpus", "{train}"], "do not apply"),
-        (["--exit-layer", "1", "--steps", "0"], "--steps must be >= 1"),
+        (["--exit-layer", "1", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--init-head", "{root}/layer-e1.safetensors", "--steps", "-1"], "--steps must be >= 0, got -1"),
         (["--init-head", "{root}/layer-e1.safetensors", "--vocab-subset", "8", "--steps", "0"], "give one of them"),
     ],
     ids=[
@@ -126,6 +127,7 @@ def test_training_goes_on_from_the_initial_head(setup) -> None:
         "no-corpus",
         "corpus-at-0",
         "steps-0-alone",
+        "negative-steps",
         "vocab-subset",
     ],  # fmt: skip
 )
