@@ -572,7 +572,8 @@ def _executor_dtype(path: Path, scenario_dtype: str, profile_path: Path, profile
 
 def _check_head(path: Path, exit_head: str, trace_path: Path, trace: DataFile) -> str:
     """The trace's head, if the scenario's `exit_head` describes it: `shared` and `shared:N` by name, a head file by
-    its metadata (a vocabulary-subset file of N ids is `shared:N`, a trained head is `trained`)."""
+    its metadata (a vocabulary-subset file of N ids is `shared:N`, a trained head is `trained`, or `trained:N` over a
+    draft vocabulary of N ids)."""
     head = str(trace.metadata["head"])
     described = head
     if head != "shared" and not head.startswith("shared:"):
@@ -583,7 +584,8 @@ def _check_head(path: Path, exit_head: str, trace_path: Path, trace: DataFile) -
                 f"{trace_path}: metadata.head: the head file {head!r} cannot be read from here: {err}"
             ) from None
         subset = metadata.get("head_architecture") == "vocab-subset"
-        described = f"shared:{metadata.get('subset_size')}" if subset else "trained"
+        vocab = metadata.get("draft_vocab_size")
+        described = f"shared:{metadata.get('subset_size')}" if subset else "trained" + (f":{vocab}" if vocab else "")
     if described != exit_head:
         raise ValueError(
             f"{path}: exit_head: the trace {trace_path} was recorded with head {head!r}; expected exit_head "

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sim.formats import subset_size
+from sim.formats import is_trained, subset_size
 from sim.hardware import allreduce_us
 from sim.latency import LatencyModel
 from sim.models import ModelConfig
@@ -94,7 +94,7 @@ def stage_hbm_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, b
             nbytes += layers * (layer_bytes + kv_bytes)
     head_bytes = model.lm_head_params * width
     if work.exit_at and stage.layer_start < work.exit_at <= stage.layer_end:
-        trained = plan.exit_head == "trained"
+        trained = is_trained(plan.exit_head)
         nbytes += head_bytes * head_vocab_fraction(plan.exit_head, model) + (layer_bytes if trained else 0.0)
     if work.head_layer_at and stage.layer_start < work.head_layer_at <= stage.layer_end:
         nbytes += layer_bytes
@@ -104,22 +104,25 @@ def stage_hbm_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, b
 
 
 def exit_head_us(plan: SimPlan, lat: LatencyModel, context_len: int, batch: int) -> float:
-    """One draft step's exit head: a trained head's `exit_head`, else the `lm_head`, scaled by N/V for a head over N
-    of the V ids (`shared:N`): at draft batch sizes the LM head is bound by reading its N x d weight rows."""
-    if plan.exit_head == "trained":
-        return lat.time_us("exit_head", "draft", 1, context_len, batch)
-    return lat.time_us("lm_head", "draft", 1, context_len, batch) * head_vocab_fraction(plan.exit_head, plan.model)
+    """One draft step's exit head: a trained head's `exit_head` (its layer, norm and the whole LM head), else the
+    `lm_head`; over N of the V ids (`shared:N`, `trained:N`) the LM head's share is scaled by N/V: at draft batch
+    sizes it is bound by reading its N x d weight rows."""
+    lm_head = lat.time_us("lm_head", "draft", 1, context_len, batch)
+    fraction = head_vocab_fraction(plan.exit_head, plan.model)
+    if is_trained(plan.exit_head):
+        return lat.time_us("exit_head", "draft", 1, context_len, batch) - lm_head * (1.0 - fraction)
+    return lm_head * fraction
 
 
 def head_vocab_fraction(exit_head: str, model: ModelConfig) -> float:
-    """N / V for `shared:N`, 1 for `shared` (and `trained`); a ValueError for anything else."""
+    """N / V for `shared:N` and `trained:N`, 1 for `shared` and `trained`; a ValueError for anything else."""
     if exit_head in ("shared", "trained"):
         return 1.0
     count = subset_size(exit_head)
     if count is None or count > model.vocab_size:
         raise ValueError(
-            f"expected shared, trained or shared:N with 1 <= N <= {model.vocab_size} (the model's vocabulary), "
-            f"got {exit_head!r}"
+            f"expected shared, trained, shared:N or trained:N with 1 <= N <= {model.vocab_size} (the model's "
+            f"vocabulary), got {exit_head!r}"
         )
     return count / model.vocab_size
 

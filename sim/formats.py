@@ -289,9 +289,16 @@ def read_contention_profile(path: str | Path) -> DataFile:
 
 
 def subset_size(head: str) -> int | None:
-    """N of a `shared:N` exit head spec (the shared head over N token ids; a whole number >= 1), else None."""
-    count = head.removeprefix("shared:") if head.startswith("shared:") else ""
-    return int(count) if count.isdigit() and int(count) >= 1 else None
+    """N of a `shared:N` or `trained:N` exit head spec (the shared head, or a trained one, over N token ids; a whole
+    number >= 1), else None."""
+    kind, _, count = head.partition(":")
+    return int(count) if kind in ("shared", "trained") and count.isdigit() and int(count) >= 1 else None
+
+
+def is_trained(head: str) -> bool:
+    """Whether an exit head spec names a trained head (`trained`, or `trained:N` over a draft vocabulary of N ids):
+    one decoder layer of its own before the norm and LM head."""
+    return head == "trained" or (head.startswith("trained:") and subset_size(head) is not None)
 
 
 def read_head_metadata(path: str | Path) -> dict[str, str]:

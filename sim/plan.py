@@ -26,6 +26,7 @@ from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, span
 from sim.cost import cost_ratio, head_vocab_fraction
 from sim.formats import (
     DataFile,
+    is_trained,
     read_acceptance_trace,
     read_contention_profile,
     read_latency_profile,
@@ -95,6 +96,7 @@ class SimPlan:
     workload: Workload = Workload()
     exit_layer: int = 1
     exit_head: str = "shared"  # shared: final norm + LM head at E | shared:N: over N ids | trained: + one layer
+    # | trained:N: a trained head over N ids
     policy: str = "fixed:4"
     dtype_bytes: int = 2
     max_in_flight: int | None = None
@@ -169,7 +171,7 @@ class SimPlan:
     def head_layer_at(self) -> int:
         """Where a trained head's own layer runs in an EESD verify pass or chained step (its KV follows every
         verified position): after the exit layer; 0 for a head without a layer."""
-        return self.exit_layer if self.exit_head == "trained" else 0
+        return self.exit_layer if is_trained(self.exit_head) else 0
 
     @property
     def prefill_head_layer_at(self) -> int:

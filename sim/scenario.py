@@ -302,7 +302,7 @@ class Scenario(Strict):
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     method: Literal["ar", "eesd", "ppsd"]
     exit_layer: int | None = Field(None, ge=1)
-    exit_head: str = "shared"  # shared | shared:N (the shared head over N of the V ids) | trained
+    exit_head: str = "shared"  # shared | shared:N (the shared head over N of the V ids) | trained | trained:N
     policy: str = "fixed:4"
     max_in_flight: int | None = Field(None, ge=1)
     # EESD rounds that draft nothing (k = 0): "chained", AR steps chained on the device with one host read per block
@@ -352,7 +352,10 @@ class Scenario(Strict):
     @classmethod
     def _exit_head(cls, value: str) -> str:
         if value not in ("shared", "trained") and subset_size(value) is None:
-            raise ValueError("expected shared, trained or shared:N (the shared head over N token ids, N >= 1)")
+            raise ValueError(
+                "expected shared, trained, shared:N or trained:N (the shared or a trained head over N token ids, "
+                "N >= 1)"
+            )
         return value
 
     @field_validator("policy")

@@ -94,8 +94,22 @@ def test_a_subset_head_costs_its_share_of_the_lm_head(exit_head: str, fraction: 
     assert stage_time_us(p, p.stages[0], draft, 16, 1) == pytest.approx(6 * 10.0 + 40.0 * fraction)
     verify = Pass("verify", "verify", ((6, 24, 2),), lm_head_q=2)  # verification always scores the whole vocabulary
     assert stage_time_us(p, p.stages[0], verify, 16, 1) == pytest.approx(18 * 10.0 + 40.0)
-    with pytest.raises(ValueError, match="shared:N with 1 <= N <= 100"):
+    with pytest.raises(ValueError, match="shared:N or trained:N with 1 <= N <= 100"):
         Simulation(SimPlan(**{**base.__dict__, "exit_head": "shared:101"}))
+
+
+@pytest.mark.parametrize(("exit_head", "fraction"), [("trained", 1.0), ("trained:25", 0.25), ("trained:100", 1.0)])
+def test_a_trained_head_over_a_draft_vocabulary_saves_its_share_of_the_lm_head(exit_head: str, fraction: float) -> None:
+    """`trained:N`: the head's layer and norm as `trained` (the profile's `exit_head` holds them and the whole LM
+    head), less the LM head's share of the V - N ids it does not score; its layer still runs in every verify pass."""
+    base = plan("eesd", 0.5, exit_layer=6, head_us=40.0)
+    stage = SimStage(0, 24, ConstantLatency({"layer": 10.0, "lm_head": 40.0, "exit_head": 55.0}))
+    p = SimPlan(**{**base.__dict__, "stages": (stage,), "exit_head": exit_head})
+    draft = Pass("draft", "draft", ((0, 6, 1),), exit_at=6)
+    assert stage_time_us(p, stage, draft, 16, 1) == pytest.approx(6 * 10.0 + 55.0 - 40.0 * (1 - fraction))
+    assert p.head_layer_at == 6 and p.prefill_head_layer_at == 6
+    with pytest.raises(ValueError, match="trained:N with 1 <= N <= 100"):
+        Simulation(SimPlan(**{**p.__dict__, "exit_head": "trained:101"}))
 
 
 def test_links_add_their_latency_to_ar() -> None:

@@ -271,6 +271,16 @@ def test_real_run_of_the_shipped_cpu_scenario(tmp_path, capsys) -> None:
         ("subset", "shared:7", "expected exit_head shared:3, got shared:7"),
         ("subset", "trained", "expected exit_head shared:3, got trained"),
         ("notahead", "trained", "metadata.head: the head file"),
+        (
+            str(ROOT / "heads" / "smollm2-135m-e7-mix-v16k.safetensors"),
+            "trained",
+            "expected exit_head trained:16384, got trained",
+        ),
+        (
+            str(ROOT / "heads" / "smollm2-135m-e7-mix-v16k.safetensors"),
+            "trained:4096",
+            "expected exit_head trained:16384, got trained:4096",
+        ),
     ],
 )
 def test_the_scenario_must_name_the_traces_head(tmp_path, capsys, head, exit_head, fragment) -> None:
