@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
     from executor.models import load_model, load_tokenizer
 
-    devices = [check_device(name) for name in args.device.split(",")]  # one, or one per replica
+    names = args.device.split(",")  # one, or one per replica
+    devices = [check_device(name) for name in names]
     if len(devices) not in (1, args.replicas):
         raise ValueError(f"--device: one device, or one per replica ({args.replicas}), got {args.device!r}")
     device = devices[0]
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     threads = use_threads(args.threads)
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    args.replica_devices = names * (args.replicas // len(names))  # a device per replica (`serve_replicas`)
     print(f"serve-bench: {args.model}, {', '.join(methods)}, {device} ({args.dtype}); {threads}", file=sys.stderr)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     tokenizer = load_tokenizer(args.model) if args.prompts != "random" else None
@@ -163,8 +165,6 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
     if method == "ppsd":  # one request at a time, drafting at the end of stage 1 (or at a head file's exit layer)
         common.update(max_batch=1, exit_layer=None, stages=args.stages, stage_boundaries=args.stage_boundaries,
                       backend=args.backend)  # fmt: skip
-    rows = common["max_batch"] if args.capture != "none" else 1
-    warm, warm_prompts = warm_up_workload(workload, prompts, rows)
     if args.replicas > 1:  # each worker loads the model and warms up itself
         import torch
 
@@ -172,10 +172,11 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
 
         outcome = serve_replicas(
             args.model, workload, prompts, replicas=args.replicas, dispatch=args.dispatch, dtype=args.dtype,
-            device=args.device.split(",") if "," in args.device else args.device,
-            threads=args.threads or torch.get_num_threads(), **common,
+            device=args.replica_devices, threads=args.threads or torch.get_num_threads(), **common,
         )  # fmt: skip
     else:
+        rows = common["max_batch"] if args.capture != "none" else 1
+        warm, warm_prompts = warm_up_workload(workload, prompts, rows)
         serve(model, warm, warm_prompts, **common)
         outcome = serve(model, workload, prompts, **common)
     row = {"method": method, **metrics(outcome.result, slo)}
