@@ -107,11 +107,13 @@ def exit_head_us(plan: SimPlan, lat: LatencyModel, context_len: int, batch: int)
     """One draft step's exit head: a trained head's `exit_head` (its layer, norm and the whole LM head), else the
     `lm_head`; over N of the V ids (`shared:N`, `trained:N`) the LM head's share is scaled by N/V: at draft batch
     sizes it is bound by reading its N x d weight rows."""
-    lm_head = lat.time_us("lm_head", "draft", 1, context_len, batch)
     fraction = head_vocab_fraction(plan.exit_head, plan.model)
-    if is_trained(plan.exit_head):
-        return lat.time_us("exit_head", "draft", 1, context_len, batch) - lm_head * (1.0 - fraction)
-    return lm_head * fraction
+    if not is_trained(plan.exit_head):
+        return lat.time_us("lm_head", "draft", 1, context_len, batch) * fraction
+    head = lat.time_us("exit_head", "draft", 1, context_len, batch)
+    if fraction == 1.0:  # the whole vocabulary: the profile's exit_head as it is
+        return head
+    return head - lat.time_us("lm_head", "draft", 1, context_len, batch) * (1.0 - fraction)
 
 
 def head_vocab_fraction(exit_head: str, model: ModelConfig) -> float:
