@@ -460,10 +460,11 @@ def reseal_head_file(path: str | os.PathLike[str]) -> Path:
     return file
 
 
-def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_head_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a head file; a clear `ValueError` if it is not a complete, intact head file."""
     from safetensors import safe_open
 
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exit head file {path} does not exist")
     try:

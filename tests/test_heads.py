@@ -218,6 +218,7 @@ def test_shipped_heads_are_sealed_with_their_metadata(path: Path) -> None:
 
     _, metadata = read_head_file(path)  # the checksum checked over tensors and metadata
     assert metadata["format_version"] == HEAD_FORMAT_VERSION
+    assert read_head_file(str(path))[1] == metadata  # a path given as a string reads the same
 
 
 def test_missing_file_and_bad_head_name(tiny) -> None:
