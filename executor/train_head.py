@@ -705,12 +705,12 @@ def load_checkpoint(path: Path, adapter: ModelAdapter, config: TrainConfig, run_
 
 
 def head_paths(out: str | os.PathLike[str], exit_layers: Sequence[int]) -> dict[int, Path]:
-    """One output file per exit layer: `out` itself for one, `out` with `{exit_layer}` filled in for several."""
-    if len(exit_layers) == 1:
-        return {exit_layers[0]: Path(out)}
+    """One output file per exit layer: `out` with `{exit_layer}` filled in (needed for several), else `out` itself."""
     if "{exit_layer}" not in str(out):
+        if len(exit_layers) == 1:
+            return {exit_layers[0]: Path(out)}
         raise ValueError(f"several exit layers need an output name with {{exit_layer}} in it, got {out}")
-    return {e: Path(str(out).format(exit_layer=e)) for e in exit_layers}
+    return {e: Path(str(out).replace("{exit_layer}", str(e))) for e in exit_layers}
 
 
 PROBE_STEPS = 10  # steps timed (after the first, which warms up) before a time budget fits the cosine schedule

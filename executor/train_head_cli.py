@@ -23,8 +23,11 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def _outs(args: argparse.Namespace) -> list[str]:
+    """The head files the run writes, one per --exit-layer: `executor.train_head.head_paths`' rule."""
     layers = args.exit_layer or ()
-    return [args.out] if len(layers) <= 1 else [args.out.format(exit_layer=e) for e in layers]
+    if not layers:
+        return [args.out]
+    return [args.out.replace("{exit_layer}", str(e)) for e in layers]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

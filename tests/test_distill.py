@@ -123,6 +123,16 @@ def test_heads_trained_together_equal_heads_trained_alone(tiny, corpora, tmp_pat
     assert load_head(tmp_path / "t-e3.safetensors", tiny, 3).metadata["trained_with"] == "1,3"
 
 
+def test_head_paths_fill_the_exit_layer_for_one_head_too(tmp_path) -> None:
+    from executor.train_head import head_paths
+
+    assert head_paths(tmp_path / "h-e{exit_layer}.safetensors", [7]) == {7: tmp_path / "h-e7.safetensors"}
+    assert head_paths(tmp_path / "h.safetensors", [7]) == {7: tmp_path / "h.safetensors"}
+    assert head_paths("e{exit_layer}/h{exit_layer}", [1, 3]) == {1: Path("e1/h1"), 3: Path("e3/h3")}
+    with pytest.raises(ValueError, match=r"several exit layers need an output name with \{exit_layer\}"):
+        head_paths(tmp_path / "h.safetensors", [1, 3])
+
+
 def test_eval_csv_columns_values_and_head_metadata(tiny, corpora, tmp_path) -> None:
     out = tmp_path / "h.safetensors"
     _, state = train_head_corpus(tiny, corpora["train"], config(), out, eval_corpus=corpora["held"], progress=False)

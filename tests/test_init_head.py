@@ -80,6 +80,14 @@ def test_steps_0_writes_the_heads_unchanged_over_the_draft_vocabulary(setup, cap
     assert "token_ids" not in read_head_file(whole)[0] and "draft_vocab_size" not in read_head_file(whole)[1]
 
 
+def test_one_init_head_fills_exit_layer_in_out(setup, capsys) -> None:
+    """A single head's --out with {exit_layer} in it is filled in too (it was written under the literal name)."""
+    out = setup["root"] / "one-e{exit_layer}.safetensors"
+    assert run(setup, "--init-head", "{root}/layer-e2.safetensors", "--steps", "0", "--out", str(out)) == 0
+    assert f"wrote {setup['root'] / 'one-e2.safetensors'}:" in capsys.readouterr().out
+    assert read_head_file(setup["root"] / "one-e2.safetensors")[1]["exit_layer"] == "2" and not Path(out).exists()
+
+
 def test_training_goes_on_from_the_initial_head(setup) -> None:
     out = setup["root"] / "more.safetensors"
     assert run(setup, "--init-head", "{root}/attention-e2.safetensors", "--corpus", "{train}", "--steps", "2",
