@@ -23,11 +23,12 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def _outs(args: argparse.Namespace) -> list[str]:
-    """The head files the run writes, one per --exit-layer: `executor.train_head.head_paths`' rule."""
-    layers = args.exit_layer or ()
-    if not layers:
+    """The head files the run writes, one per --exit-layer (`executor.train_head.head_paths`)."""
+    if not args.exit_layer:
         return [args.out]
-    return [args.out.replace("{exit_layer}", str(e)) for e in layers]
+    from executor.train_head import head_paths
+
+    return [str(path) for path in head_paths(args.out, args.exit_layer).values()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
