@@ -398,7 +398,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policies", default="beta-ts", help="EESD policies besides fixed:k (comma-separated)")
     parser.add_argument("--fixed", default="1,2,3,4", help="k of the fixed:k policies (comma-separated; '' for none)")
     parser.add_argument("--ppsd-stages", type=int, default=2, help="PPSD sequential's stages (0: no PPSD rows)")
-    parser.add_argument("--prompts", default="builtin", help="builtin | humaneval | a JSONL file (held-out split)")
+    parser.add_argument("--prompts", default="builtin", help="a prompt set or FILE.jsonl (held-out split)")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)

@@ -69,7 +69,7 @@ def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="packaged name, HF directory or .gguf (real weights)")
     p.add_argument("--head", default="shared", help="exit head: shared | shared:N | a head file (default: shared)")
     p.add_argument("--exit-layers", required=True, help="comma-separated exit layers, e.g. 4,8,15,22")
-    p.add_argument("--prompts", default="builtin", help="builtin | humaneval | FILE.jsonl (default: builtin)")
+    p.add_argument("--prompts", default="builtin", help="builtin | requests | humaneval | FILE.jsonl")
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
     p.add_argument(
         "--split", choices=("all", "train", "held-out"), default="all",

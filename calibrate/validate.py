@@ -98,7 +98,7 @@ class Plan:
     device_type: str  # cpu | cuda, where the latency profile was measured
     dtype: str  # torch dtype name of the profile, e.g. float32
     head: str  # the trace's exit head: shared | a head file
-    prompt_set: str  # the trace's prompt set (builtin | humaneval | FILE.jsonl)
+    prompt_set: str  # the trace's prompt set (builtin | requests | humaneval | FILE.jsonl)
     prompt_ids: tuple[str, ...]  # request r runs prompt_ids[r]
     max_prompt_tokens: int | None  # the trace kept the last N prompt tokens
     max_new_tokens: int

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     parser.add_argument("--sources", default="self", help=f"comma-separated, of {', '.join(SOURCE_NAMES)}")
     parser.add_argument("--split", default="train", choices=("train", "held-out"), help="prompts / documents used")
-    parser.add_argument("--prompts", default="builtin", help="self: builtin | humaneval | a JSONL file (prompt field)")
+    parser.add_argument("--prompts", default="builtin", help="self: builtin | requests | humaneval | FILE.jsonl")
     parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (topics) of the split")
     parser.add_argument("--temperatures", type=_floats, default=(0.0, 0.7, 1.0), help="0 is greedy (default 0,0.7,1)")
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt at each temperature > 0")

@@ -2,10 +2,10 @@
 
 The workload file is the simulator's (`sim.workload`); requests arrive on the wall clock (seconds from the start, or a
 closed loop) and are served by `executor.serving.serve` with each method in turn, on the same requests. Prompts:
-`random` (seeded token ids, each request's `prompt_len` of them) or a prompt set (`builtin`, `humaneval`, a JSONL
-file): request i runs the prompt its trace row names (`prompt_id`), else the set's prompt i (cyclically, in sorted
-id order, as `sim.acceptance.TraceAcceptance` replays a trace), encoded as `eesd calibrate acceptance` encodes it,
-keeping its last `prompt_len` tokens. Outputs stop at `output_len` tokens (at an EOS too with `--eos`). Prints the
+`random` (seeded token ids, each request's `prompt_len` of them) or a prompt set (`builtin`, `requests`, `humaneval`,
+a JSONL file): request i runs the prompt its trace row names (`prompt_id`), else the set's prompt i (cyclically, in
+sorted id order, as `sim.acceptance.TraceAcceptance` replays a trace), encoded as `eesd calibrate acceptance` encodes
+it, keeping its last `prompt_len` tokens. Outputs stop at `output_len` tokens (at an EOS too with `--eos`). Prints the
 simulator's metrics (`sim.serving.metrics`) per method and, with `--json`, writes them with the run's metadata.
 `--replicas N` serves on N worker processes, each a whole server with its own copy of the model, an arrival going to
 one of them by `--dispatch` (`executor.replicas`, the simulator's `serving.replicas`).
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dispatch", default="least_loaded", choices=("least_loaded", "least_tokens", "round_robin"),
         help="with --replicas: which replica an arriving request goes to (default: least_loaded)",
     )  # fmt: skip
-    parser.add_argument("--prompts", default="random", help="random | builtin | humaneval | FILE.jsonl")
+    parser.add_argument("--prompts", default="random", help="random | builtin | requests | humaneval | FILE.jsonl")
     parser.add_argument("--eos", action="store_true", help="stop a request at the model's EOS token too")
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT bound in ms")
     parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT bound in ms")

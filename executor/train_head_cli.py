@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and write the N most likely ids as a subset head (any exit layer; use it as --head FILE)",
     )  # fmt: skip
     parser.add_argument(
-        "--prompts", default="builtin", help="builtin | humaneval | a JSONL file with a prompt field (default: builtin)"
+        "--prompts", default="builtin", help="builtin | requests | humaneval | FILE.jsonl with a prompt field"
     )
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
     parser.add_argument("--out", required=True, help="output .safetensors file (e.g. heads/NAME.safetensors)")

@@ -1,4 +1,4 @@
-"""Prompt sets (builtin, humaneval, JSONL files), chat formatting and the train / held-out split by prompt id."""
+"""Prompt sets (builtin, requests, humaneval, JSONL files), chat formatting and the train / held-out split by id."""
 
 from __future__ import annotations
 
