@@ -204,7 +204,12 @@ def check_run(
 
 
 def _same_rounds(predicted: tuple[int, ...], measured: tuple[int, ...], trace: PromptTrace, eos: list[int]) -> bool:
-    """Equal, except that a last round running into EOS may accept drafts past it (the trace stops at EOS)."""
+    """Equal, except that a last round running into EOS may accept drafts past it (the trace stops at EOS).
+
+    The predicted last round ends at the trace's EOS either as its bonus token (the rounds cover len(tokens) - 1
+    drafted positions) or as an accepted draft (len(tokens): the run stopped at the trace's end, not at a mismatch);
+    either way the real round may go on accepting drafts past the EOS, which the output then drops.
+    """
     if predicted == measured:
         return True
     ends_in_eos = bool(trace.tokens) and trace.tokens[-1] in eos
@@ -213,7 +218,7 @@ def _same_rounds(predicted: tuple[int, ...], measured: tuple[int, ...], trace: P
         and len(predicted) == len(measured)
         and predicted[:-1] == measured[:-1]
         and measured[-1] > predicted[-1]
-        and sum(a + 1 for a in predicted) == len(trace.tokens) - 1
+        and sum(a + 1 for a in predicted) in (len(trace.tokens) - 1, len(trace.tokens))
     )
 
 

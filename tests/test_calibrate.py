@@ -16,6 +16,7 @@ from packages import requires_smollm2
 
 from calibrate.acceptance import (
     TraceCheckError,
+    check_run,
     check_traces,
     predicted_accepted,
     trace_prompts,
@@ -352,6 +353,28 @@ def test_acceptance_check_fails_loudly_on_a_wrong_trace() -> None:
     assert not report.ok and not summary["strict"]
     assert summary["runs_same_rounds"] == 1 and summary["runs_same_tokens"] == 2  # the tokens are the model's own
     assert "1 of 2 real EESD runs" in report.describe()
+
+
+def test_a_last_round_that_accepts_the_eos_and_drafts_past_it_passes_the_strict_check() -> None:
+    """Each generated token in turn made the EOS: the last round may take it as its bonus token or accept it as a
+    draft, and with budget left the real run accepts drafts past it (dropped from the output); both pass, and the
+    second happens here (a head that agrees often)."""
+    adapter, traces = _tiny_traces(epsilon=0.1, exit_layers=(3,))
+    past_eos = 0
+    for number, trace in enumerate(traces):
+        prompt = (f"p{number}", list(trace.prompt))
+        for index in range(2, 20):
+            eos = [trace.tokens[index]]
+            if trace.tokens.index(eos[0]) != index:
+                continue  # the token came earlier: the output would stop there
+            (cut,) = trace_prompts(adapter, [prompt], (3,), "shared", 24, eos=eos)
+            assert cut.tokens == trace.tokens[: index + 1]
+            run = check_run(adapter, cut, 3, "shared", 3, 24, eos)
+            assert run.ok, (number, index, run)
+            past_eos += run.measured != run.predicted and sum(a + 1 for a in run.predicted) == len(cut.tokens)
+    assert past_eos >= 3
+    report = check_traces(adapter, [cut], "shared", draft_len=3, max_new_tokens=24, eos=eos)
+    assert report.ok
 
 
 @pytest.mark.parametrize(
