@@ -43,7 +43,7 @@
 # A later lease (issues 19 and 22): call 1 `next1` (timeout_s 300: the GPU tests, which now cover per-row seeds in
 # captured passes; the 7B shape's compiled latency profile on this card, which no H200 profile has; a kernel profile
 # at a 4k context), then at once call 2 `heads19 T` with T = the budget left minus 110 s (timeout_s T + 55; carry
-# part-001, the manifest, the wheels and .carry/corpora; leave INIT_HEADS and the 16k subset file in heads/, 62 MiB): two
+# part-001, the manifest, the wheels and .carry/corpora; leave INIT_HEADS and the 16k subset file in heads/, 63 MiB): two
 # corpus builders with captured passes and a seed per row, a phase profile of training steps, the shipped heads
 # trained on in the budget, their decode speed against our compiled AR.
 #
@@ -122,12 +122,13 @@ ONLY_CTX3840='^ours ar( buckets off)?$|^ours ar step|^hf generate|forced alpha=0
 # path on either card, plus our AR in graph (the H200's predicted mode); no HF fast path nor buckets-off twin at 3840
 ONLY_CTX3840_CUT='^ours ar$|^ours ar step|^hf generate \(AR\)$|forced alpha=0.7$|^ppsd streams n=2$'
 ONLY_HEADS='^ours ar$|^hf generate|^eesd trained E=7 (fixed:1|beta-ts)$'
-INIT_HEADS=(heads/smollm2-135m-e7-mix2-v16k.safetensors)  # heads19 trains on from these over the 16k ids of
+INIT_HEADS=(heads/smollm2-135m-e7-mix3-v16k.safetensors)  # heads19 trains on from these over the 16k ids of
 # heads/smollm2-135m_v16k.safetensors: keep both files in the tree for that call (the E = 15 head too would put the
-# call past 64 MiB: the tree 4.9 + part-001 45 + wheels 2.8 + .carry/corpora 2.2 + 6.9 MiB a head)
-CORPUS_SEEDS=(7 8)  # one builder per seed, side by side on the GPU; seeds 3 to 6 made the CPU corpora of answer
-                    # openings carried in .carry/corpora (smol-self64, smol-sp64, smol-self64b, smol-sp64b; smol-held
-                    # is the held-out one): docs/heads.md "Answer openings of the built-in kinds"
+# call past 64 MiB: the tree 5.1 + part-001 45 + wheels 2.8 + .carry/corpora 2.8 + 6.9 MiB a head)
+CORPUS_SEEDS=(7 8)  # one builder per seed, side by side on the GPU (answers to the `requests` prompt set and to
+                    # self-written questions); seeds 5, 6, 9 and 10 made the CPU corpora of answer openings carried in
+                    # .carry/corpora (smol-self64b, smol-sp64b, smol-req64, smol-req64b; smol-held is the held-out
+                    # one): docs/heads.md "Answer openings of the built-in kinds" and "New requests"
 ONLY_SMOLLM2='^ours ar( buckets off)?$|^hf generate|^eesd shared E=15 (fixed:3|beta-ts)$|^ppsd streams n=2$'
 
 environment() {
@@ -184,7 +185,7 @@ case "${1:-}" in
   prepare)
     python benchmarks/carry_model.py split "$MODEL" --chunk-mib 47
     mkdir -p .carry/corpora
-    for DIR in smol-self64 smol-sp64 smol-self64b smol-sp64b smol-held; do  # heads19 mixes in, scores on (if built)
+    for DIR in smol-req64 smol-req64b smol-self64b smol-sp64b smol-held; do  # heads19 mixes in, scores on (if built)
       [ -d "/work/corpora/$DIR" ] && rm -rf ".carry/corpora/$DIR" && cp -r "/work/corpora/$DIR" .carry/corpora/
     done
     mkdir -p .carry/wheels
@@ -228,7 +229,7 @@ case "${1:-}" in
   heads19)  # a call 2 (part 1; after lease18a, next1 or any call 1), <= SECONDS ($2, default 300): SmolLM2 exit
             # heads distilled on the GPU from its own answers (two corpus builders side by side, ~25% of the time,
             # passes captured: "auto"; answer openings of N tokens), a phase profile of 3 + 3 training steps (~40 s),
-            # the shipped E = 7 mix2 head trained on over its 16k draft vocabulary
+            # the shipped E = 7 mix3 head trained on over its 16k draft vocabulary
             # (bf16 teacher, ~33%), the heads written to $OUT at once; then their decode speed
             # against our compiled AR and HF (the rest). DEVICE=cpu runs the same steps as a smoke test (tiny sizes
             # via SMOKE=1). The 2026-12-04 H200 lease ran its first version (git b5ff762: three eager builders whose
@@ -243,13 +244,13 @@ case "${1:-}" in
     set +e
     for SEED in "${CORPUS_SEEDS[@]}"; do
       timeout $((C + 45)) python3 -m executor.cli corpus --model "$GGUF" --out "/tmp/corpus-s$SEED" --force \
-        --sources self,self-prompts --questions-per-topic $Q --temperatures 0.7,1 --samples 2 --max-new-tokens $N \
-        --batch-size $B --seed "$SEED" --device "$DEVICE" --dtype float32 --capture auto --time-budget-s $C \
-        --threads 4 --no-progress > "$OUT/corpus_s$SEED.log" 2>&1 &
+        --sources self,self-prompts --prompts requests --questions-per-topic $Q --temperatures 0.7,1 --samples 2 \
+        --max-new-tokens $N --batch-size $B --seed "$SEED" --device "$DEVICE" --dtype float32 --capture auto \
+        --time-budget-s $C --threads 4 --no-progress > "$OUT/corpus_s$SEED.log" 2>&1 &
     done
     wait
     CORPORA=()
-    for DIR in /tmp/corpus-s* .carry/corpora/smol-{self64,sp64,self64b,sp64b}; do
+    for DIR in /tmp/corpus-s* .carry/corpora/smol-{req64,req64b,self64b,sp64b}; do
       [ -f "$DIR/manifest.json" ] && CORPORA+=("$DIR")
     done
     cat "$OUT"/corpus_s*.log > "$OUT/heads19.log"; rm -f "$OUT"/corpus_s*.log
