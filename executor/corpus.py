@@ -13,6 +13,13 @@ distribution is a distillation target):
 - `self-prompts`: questions the model writes itself, through its chat template, on the `TOPICS` shipped here
   (split by topic as prompts are), sampled, each ask (topic, question number) with its own seed; then its answers to
   them, exactly as `self`.
+- `self-requests`: new requests the model writes itself, in the kinds (categories) of the prompt set's training
+  split: for each kind, `self_requests_per_kind` asks, each a plain-text list (no chat template) of
+  `SELF_REQUEST_EXAMPLES` training requests of that kind drawn with the ask's own seed, left open at a new item; the
+  model's sampled next line is the request. Lines cut off at `SELF_REQUEST_TOKENS`, too short, already written (or in
+  the set) or a near copy (`executor.prompts.near_copy`) of a held-out prompt of the set or of a shipped set are
+  dropped, so held-out evaluation stays unseen; the kept ones are written to `requests.jsonl` (a prompt file) and
+  the manifest counts the drops (`self_requests`). Then its answers to them, exactly as `self`.
 - `text`: text files, JSONL files (a `text` or `prompt` field per line) and directories (recursively, files with a
   `TEXT_SUFFIXES` suffix), tokenized and cut into windows of `window` tokens, teacher-forced from position 0.
 - `python-env`: the Python sources of the installed environment (the stdlib from `sysconfig`, optionally
@@ -36,6 +43,7 @@ import ast
 import hashlib
 import json
 import os
+import random
 import re
 import sysconfig
 import time
@@ -48,14 +56,24 @@ import torch
 
 from executor.heads import atomic_write, model_fingerprint
 from executor.passes import CAPTURE_MODES
-from executor.prompts import Prompt, encode_prompt, load_prompts, split_prompts, split_score
+from executor.prompts import (
+    SHIPPED_SETS,
+    Prompt,
+    common_words,
+    encode_prompt,
+    load_prompts,
+    near_copy,
+    split_prompts,
+    split_score,
+    words,
+)
 from sim.progress import progress_bar
 
 CORPUS_FORMAT = "eesd-corpus"
 CORPUS_VERSION = 2  # 2: a sampling seed per row (records of version 1 read the same; they were sampled otherwise)
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
-SOURCES = ("self", "self-prompts", "text", "python-env")
+SOURCES = ("self", "self-prompts", "self-requests", "text", "python-env")
 SPLITS = ("train", "held-out")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs",
                  ".toml", ".yaml", ".yml", ".html", ".tex", ".csv")  # fmt: skip
@@ -67,6 +85,11 @@ SELF_PROMPT_REQUEST = (
 SELF_PROMPT_TEMPERATURE = 1.0
 SELF_PROMPT_TOKENS = 64
 MIN_PROMPT_CHARS = 12
+SELF_REQUEST_HEADER = "Requests that users sent to an AI assistant:\n"
+SELF_REQUEST_EXAMPLES = 6
+SELF_REQUEST_TEMPERATURE = 0.8
+SELF_REQUEST_TOKENS = 48
+REQUESTS_FILE = "requests.jsonl"
 TOPICS = (
     "cooking a weeknight dinner", "baking bread", "personal finance and budgeting", "planning a trip abroad",
     "packing for a hike", "writing a polite email", "preparing for a job interview", "learning a new language",
@@ -103,6 +126,7 @@ class CorpusConfig:
     max_new_tokens: int = 128
     batch_size: int = 32
     self_prompts_per_topic: int = 2
+    self_requests_per_kind: int = 32
     text_paths: tuple[str, ...] = ()
     python_env: str = "stdlib"  # stdlib | all (site-packages too)
     window: int = 256
@@ -121,7 +145,8 @@ class CorpusConfig:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
         if any(t < 0 for t in self.temperatures) or not self.temperatures:
             raise ValueError(f"temperatures must be >= 0 (0: greedy), got {self.temperatures}")
-        for name in ("samples", "max_new_tokens", "batch_size", "self_prompts_per_topic", "window", "shard_records"):
+        for name in ("samples", "max_new_tokens", "batch_size", "self_prompts_per_topic", "self_requests_per_kind",
+                     "window", "shard_records"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.python_env not in ("stdlib", "all"):
@@ -183,6 +208,7 @@ class CorpusWriter:
         self.lines: list[str] = []
         self.shards: list[dict[str, Any]] = []
         self.counts: dict[str, SourceCount] = {}
+        self.notes: dict[str, Any] = {}  # a source's own counts, for the manifest
         self.shard_tokens = 0
 
     def count(self, source: str) -> SourceCount:
@@ -224,7 +250,7 @@ class CorpusWriter:
         self.flush()
         counts = {name: asdict(count) for name, count in self.counts.items()}
         totals = {key: sum(c[key] for c in counts.values()) for key in ("records", "tokens", "targets", "duplicates")}
-        manifest = header | {"sources": counts, "totals": totals, "shards": self.shards}
+        manifest = header | self.notes | {"sources": counts, "totals": totals, "shards": self.shards}
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         atomic_write(self.out / MANIFEST, lambda temp: Path(temp).write_text(text))
         return manifest
@@ -234,7 +260,8 @@ def prepare_output(out: Path, force: bool) -> None:
     """An empty output directory; `force` removes a previous corpus there (its manifest first), nothing else."""
     out.mkdir(parents=True, exist_ok=True)
     temps = [*out.glob(".shard-*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")]  # left by an interrupted build
-    ours = [out / MANIFEST, *sorted(out.glob("shard-*.jsonl")), *sorted(temps)]
+    temps += list(out.glob(f".{REQUESTS_FILE}.*.tmp"))
+    ours = [out / MANIFEST, *sorted(out.glob("shard-*.jsonl")), out / REQUESTS_FILE, *sorted(temps)]
     present = [p for p in ours if p.exists()]
     if present and not force:
         raise ValueError(f"corpus directory {out} is not empty; pass --force to replace the corpus there")
@@ -406,6 +433,89 @@ def build_self_prompts(
     write_answers(model, questions, "self-prompts", config, writer, progress)
 
 
+def request_asks(config: CorpusConfig, tokenizer: Any) -> list[tuple[str, str, list[int]]]:
+    """(ask id, kind, encoded list prompt) for every ask: `self_requests_per_kind` per kind of the split's prompts,
+    each listing `SELF_REQUEST_EXAMPLES` of that kind's prompts drawn with the ask's own seed."""
+    by_kind: dict[str, list[Prompt]] = {}
+    for prompt in split_of(load_prompts(config.prompts), config):
+        by_kind.setdefault(prompt.category or "request", []).append(prompt)
+    asks = []
+    for n in range(config.self_requests_per_kind):
+        for kind in sorted(by_kind):
+            ask_id = f"{kind}/w{n:03d}"
+            draw = random.Random(derive_seed(config.seed, "self-requests/examples", ask_id))
+            examples = draw.sample(by_kind[kind], min(SELF_REQUEST_EXAMPLES, len(by_kind[kind])))
+            text = SELF_REQUEST_HEADER + "".join(f"- {' '.join(p.text.split())}\n" for p in examples) + "-"
+            asks.append((ask_id, kind, encode_prompt(tokenizer, text, chat=False)))
+    return asks
+
+
+def clean_request(text: str) -> str | None:
+    """The list item the model wrote (its first line); None when the line was cut off or is too short."""
+    if "\n" not in text:
+        return None
+    line = text.split("\n", 1)[0].strip().removeprefix("-").strip()
+    return line if len(line) >= MIN_PROMPT_CHARS else None
+
+
+class RequestFilter:
+    """Keeps a written request unless it is a repeat (of the set's prompts or of one kept before) or a near copy of a
+    held-out prompt of the set or of a shipped set; counts what it drops, and why."""
+
+    def __init__(self, config: CorpusConfig) -> None:
+        prompts = load_prompts(config.prompts)
+        sets = [prompts] + [load_prompts(name) for name in SHIPPED_SETS if name != config.prompts]
+        self.held_out = [p.text for s in sets for p in split_prompts(s, config.held_out_fraction).held_out]
+        self.common = common_words([p.text for s in sets for p in s])
+        self.seen = {" ".join(sorted(words(p.text))) for s in sets for p in s}
+        self.counts = {"asked": 0, "kept": 0, "cut_or_short": 0, "repeated": 0, "near_held_out": 0}
+
+    def keep(self, text: str | None) -> bool:
+        self.counts["asked"] += 1
+        key = None if text is None else " ".join(sorted(words(text)))
+        reason = (
+            "cut_or_short" if text is None else "repeated" if key in self.seen
+            else "near_held_out" if any(near_copy(text, other, self.common) for other in self.held_out) else "kept"
+        )  # fmt: skip
+        self.counts[reason] += 1
+        if reason == "kept":
+            self.seen.add(key)
+        return reason == "kept"
+
+
+def self_requests(
+    model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool
+) -> list[Prompt]:
+    """New requests the model writes in the kinds of the split's prompts (sampled, each ask with its own seed)."""
+    asks, eos, keep = request_asks(config, tokenizer), eos_ids(model), RequestFilter(config)
+    written = []
+    total = -(-len(asks) // config.batch_size)
+    with progress_bar(total, "corpus self-requests: requests", "batch", progress) as bar:
+        for chunk in _batches(asks, config.batch_size):
+            if writer.out_of_time():
+                break
+            seeds = [derive_seed(config.seed, "self-requests/requests", ask_id) for ask_id, _, _ in chunk]
+            rows = continue_batch(model, [t for _, _, t in chunk], SELF_REQUEST_TOKENS, eos, SELF_REQUEST_TEMPERATURE,
+                                  seeds, config.capture)  # fmt: skip
+            for (ask_id, kind, _), row in zip(chunk, rows, strict=True):
+                text = clean_request(tokenizer.decode(row, skip_special_tokens=True))
+                if keep.keep(text):
+                    written.append(Prompt(id=ask_id, text=str(text), category=kind))
+            bar.update(1)
+    writer.notes["self_requests"] = keep.counts
+    return written
+
+
+def build_self_requests(
+    model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool
+) -> None:
+    requests = self_requests(model, tokenizer, config, writer, progress)
+    lines = "".join(json.dumps({"id": p.id, "category": p.category, "prompt": p.text}) + "\n" for p in requests)
+    atomic_write(writer.out / REQUESTS_FILE, lambda temp: Path(temp).write_text(lines))
+    encoded = [(p.id, encode_prompt(tokenizer, p.text)) for p in requests]
+    write_answers(model, encoded, "self-requests", config, writer, progress)
+
+
 # --- text sources -------------------------------------------------------------------------------------------------
 
 
@@ -544,7 +654,8 @@ def build_python_env(
 
 
 BUILDERS: dict[str, Callable[..., None]] = {
-    "self": build_self, "self-prompts": build_self_prompts, "text": build_text, "python-env": build_python_env,
+    "self": build_self, "self-prompts": build_self_prompts, "self-requests": build_self_requests,
+    "text": build_text, "python-env": build_python_env,
 }  # fmt: skip
 
 

@@ -1,11 +1,13 @@
 """`eesd corpus`: build an offline corpus for self-distilling exit heads (`executor.corpus`), no network needed.
 
     eesd corpus --model smollm2-135m --sources self,self-prompts --out corpora/smollm2-self
+    eesd corpus --model smollm2-135m --sources self-requests --prompts requests --out corpora/smollm2-new-requests
     eesd corpus --model smollm2-135m --sources self --split held-out --temperatures 0 --out corpora/smollm2-eval
     eesd corpus --model qwen2.5-coder-0.5b --sources python-env,text --text my/code --out corpora/qwen-code
 
-`self` and `self-prompts` use the training split of the prompts (and of the shipped topics) unless `--split
-held-out` builds the evaluation corpus; `text` and `python-env` split by document. Train a head from the corpus
+`self`, `self-prompts` and `self-requests` use the training split of the prompts (and of the shipped topics) unless
+`--split held-out` builds the evaluation corpus; `self-requests` also writes the requests it kept to
+`requests.jsonl` in the output directory; `text` and `python-env` split by document. Train a head from the corpus
 with `eesd train-head --corpus DIR --eval-corpus DIR2`.
 """
 
@@ -15,7 +17,7 @@ import argparse
 
 from executor.runtime import add_threads_argument, check_device, use_threads
 
-SOURCE_NAMES = ("self", "self-prompts", "text", "python-env")
+SOURCE_NAMES = ("self", "self-prompts", "self-requests", "text", "python-env")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -27,13 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     parser.add_argument("--sources", default="self", help=f"comma-separated, of {', '.join(SOURCE_NAMES)}")
     parser.add_argument("--split", default="train", choices=("train", "held-out"), help="prompts / documents used")
-    parser.add_argument("--prompts", default="builtin", help="self: builtin | requests | humaneval | FILE.jsonl")
+    parser.add_argument(
+        "--prompts", default="builtin", help="self, self-requests: builtin | requests | humaneval | FILE.jsonl"
+    )
     parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (topics) of the split")
     parser.add_argument("--temperatures", type=_floats, default=(0.0, 0.7, 1.0), help="0 is greedy (default 0,0.7,1)")
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt at each temperature > 0")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per answer (default 128)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default 32)")
     parser.add_argument("--questions-per-topic", type=int, default=2, help="self-prompts: questions per topic")
+    parser.add_argument(
+        "--requests-per-kind", type=int, default=32,
+        help="self-requests: requests the model is asked to write per kind of --prompts (default 32)",
+    )  # fmt: skip
     parser.add_argument("--text", action="append", default=[], metavar="PATH", help="text: file, JSONL or directory")
     parser.add_argument("--python-env", default="stdlib", choices=("stdlib", "all"), help="python-env: + site-packages")
     parser.add_argument("--window", type=int, default=256, help="text, python-env: tokens per window (default 256)")
@@ -65,7 +73,8 @@ def config_from(args: argparse.Namespace):
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()), seed=args.seed, split=args.split,
         held_out_fraction=args.held_out_fraction, prompts=args.prompts, max_prompts=args.max_prompts,
         temperatures=args.temperatures, samples=args.samples, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, self_prompts_per_topic=args.questions_per_topic, text_paths=tuple(args.text),
+        batch_size=args.batch_size, self_prompts_per_topic=args.questions_per_topic,
+        self_requests_per_kind=args.requests_per_kind, text_paths=tuple(args.text),
         python_env=args.python_env, window=args.window, max_tokens_per_source=args.max_tokens_per_source,
         shard_records=args.shard_records, capture=args.capture,
     )  # fmt: skip

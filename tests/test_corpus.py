@@ -28,7 +28,7 @@ from executor.corpus import (
     record_windows,
     token_hash,
 )
-from executor.prompts import encode_prompt, load_prompts, split_prompts
+from executor.prompts import encode_prompt, load_prompts, read_jsonl_prompts, split_prompts
 
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 SPEC = TinySpec(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, vocab=len(CHARS) + 2, seed=5)
@@ -210,6 +210,62 @@ def test_self_prompts_are_questions_the_model_wrote_on_train_topics(tiny, tokeni
     for record in records:  # the prompt is the chat-templated question, not the request that produced it
         prompt = tokenizer.decode(record.tokens[: record.start + 1])
         assert prompt.startswith("<user>") and "Write one question" not in prompt
+
+
+def test_self_requests_are_new_requests_of_the_train_kinds_answered_as_prompts(tiny, tokenizer, tmp_path) -> None:
+    lines = [{"id": f"r/{kind}-{i}", "category": kind, "prompt": f"{verb} {i}."}
+             for kind, verb in (("sum", "Add two to"), ("name", "Name the colour")) for i in range(12)]  # fmt: skip
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = small_config(sources=("self-requests",), prompts=str(tmp_path / "short.jsonl"), max_prompts=None,
+                          self_requests_per_kind=12, temperatures=(0.0,), batch_size=16)  # fmt: skip
+    manifest = build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", progress=False)
+    written = read_jsonl_prompts(tmp_path / "c" / corpus_module.REQUESTS_FILE)
+    counts = manifest["self_requests"]
+    assert counts["asked"] == 2 * 12 and counts["kept"] == len(written) > 0
+    assert sum(counts[k] for k in ("kept", "cut_or_short", "repeated", "near_held_out")) == counts["asked"]
+    assert all(p.category == p.id.split("/")[0] in {"sum", "name"} for p in written)
+    records = list(iter_records(tmp_path / "c"))
+    assert {r.meta["prompt_id"] for r in records} == {p.id for p in written}
+    texts = {p.id: p.text for p in written}
+    for record in records:  # the answer's prompt is the written request in the chat template
+        assert record.tokens[: record.start + 1] == encode_prompt(tokenizer, texts[record.meta["prompt_id"]])
+    build_corpus(tiny, tokenizer, config, tmp_path / "again", model_name="tiny", progress=False)
+    assert shard_bytes(tmp_path / "c") == shard_bytes(tmp_path / "again")
+    assert (tmp_path / "c" / "requests.jsonl").read_bytes() == (tmp_path / "again" / "requests.jsonl").read_bytes()
+
+
+def test_request_asks_list_train_requests_of_one_kind_each_ask_its_own_draw(tokenizer) -> None:
+    config = small_config(sources=("self-requests",), prompts="requests", max_prompts=None, self_requests_per_kind=3)
+    split = split_prompts(load_prompts("requests"))
+    train = {p.text: p.category for p in split.train}
+    asks = corpus_module.request_asks(config, tokenizer)
+    assert sorted(kind for _, kind, _ in asks) == sorted(["chat", "code", "explanation", "math"] * 3)
+    drawn = set()
+    for ask_id, kind, tokens in asks:
+        text = tokenizer.decode(tokens)
+        assert text.startswith(corpus_module.SELF_REQUEST_HEADER) and text.endswith("\n-") and "<user>" not in text
+        examples = [line.removeprefix("- ") for line in text.splitlines()[1:-1]]
+        assert len(examples) == corpus_module.SELF_REQUEST_EXAMPLES
+        assert all(train.get(example) == kind for example in examples), ask_id  # never a held-out request
+        drawn.add(tuple(examples))
+    assert len(drawn) == len(asks)
+
+
+def test_request_filter_drops_cut_lines_repeats_and_near_copies_of_held_out_prompts() -> None:
+    keep = corpus_module.RequestFilter(CorpusConfig(sources=("self-requests",), prompts="requests"))
+    held_out = split_prompts(load_prompts("builtin")).held_out[0].text  # another shipped set's held-out prompt
+    training = split_prompts(load_prompts("requests")).train[0].text
+    new = "Write a limerick about a cat who runs a small bakery."
+    verdicts = [keep.keep(text) for text in (None, training, held_out.rstrip(".?!") + " please", new, new.upper())]
+    assert verdicts == [False, False, False, True, False]
+    assert keep.counts == {"asked": 5, "kept": 1, "cut_or_short": 1, "repeated": 2, "near_held_out": 1}
+
+
+def test_written_requests_are_cleaned() -> None:
+    assert corpus_module.clean_request(" Write a haiku about rain.\n- Write another") == "Write a haiku about rain."
+    assert corpus_module.clean_request("- Explain how tides work.\n") == "Explain how tides work."
+    assert corpus_module.clean_request("Explain how tides work and why the") is None  # cut off, no end of line
+    assert corpus_module.clean_request("hi\n") is None
 
 
 def test_generated_questions_are_cleaned() -> None:

