@@ -125,8 +125,8 @@ ONLY_HEADS='^ours ar$|^hf generate|^eesd trained E=7 (fixed:1|beta-ts)$'
 INIT_HEADS=(heads/smollm2-135m-e7-mix3-v16k.safetensors)  # heads19 trains on from these over the 16k ids of
 # heads/smollm2-135m_v16k.safetensors: keep both files in the tree for that call (the E = 15 head too would put the
 # call past 64 MiB: the tree 5.1 + part-001 45 + wheels 2.8 + .carry/corpora 2.8 + 6.9 MiB a head)
-CORPUS_SEEDS=(7 8)  # one builder per seed, side by side on the GPU (answers to the `requests` prompt set and to
-                    # self-written questions); seeds 5, 6, 9 and 10 made the CPU corpora of answer openings carried in
+CORPUS_SEEDS=(7 8)  # one builder per seed, side by side on the GPU (answers to requests the model writes, to the
+                    # `requests` prompt set and to self-written questions); seeds 5, 6, 9 and 10 made the CPU corpora of answer openings carried in
                     # .carry/corpora (smol-self64b, smol-sp64b, smol-req64, smol-req64b; smol-held is the held-out
                     # one): docs/heads.md "Answer openings of the built-in kinds" and "New requests"
 ONLY_SMOLLM2='^ours ar( buckets off)?$|^hf generate|^eesd shared E=15 (fixed:3|beta-ts)$|^ppsd streams n=2$'
@@ -228,7 +228,8 @@ case "${1:-}" in
     ;;
   heads19)  # a call 2 (part 1; after lease18a, next1 or any call 1), <= SECONDS ($2, default 300): SmolLM2 exit
             # heads distilled on the GPU from its own answers (two corpus builders side by side, ~25% of the time,
-            # passes captured: "auto"; answer openings of N tokens), a phase profile of 3 + 3 training steps (~40 s),
+            # passes captured: "auto"; answer openings of N tokens; first to R new requests per kind the model
+            # writes itself, then the `requests` set's, then self-written questions, as far as the time goes), a phase profile of 3 + 3 training steps (~40 s),
             # the shipped E = 7 mix3 head trained on over its 16k draft vocabulary
             # (bf16 teacher, ~33%), the heads written to $OUT at once; then their decode speed
             # against our compiled AR and HF (the rest). DEVICE=cpu runs the same steps as a smoke test (tiny sizes
@@ -239,12 +240,13 @@ case "${1:-}" in
     if [ "$DEVICE" = cuda ]; then second_call "a call 1" heads19; CARD=$(card) || exit 4; else
       mkdir -p "$OUT"; CARD=cpu_smoke; GGUF=${GGUF_SMOKE:-smollm2-135m}; fi  # this venv, not the wheels
     C=$((T * 25 / 100)); H=$((T * 33 / 100)); D=$((T - C - H - 110))
-    Q=96; B=256; N=64; STEPS=800; BATCH=64; DTYPE=bfloat16  # N: answer openings, as HELD scores
-    if [ "${SMOKE:-0}" = 1 ]; then Q=1; B=8; N=8; STEPS=30; BATCH=2; DTYPE=float32; fi
+    R=160; Q=96; B=256; N=64; STEPS=800; BATCH=64; DTYPE=bfloat16  # N: answer openings, as HELD scores
+    if [ "${SMOKE:-0}" = 1 ]; then R=2; Q=1; B=8; N=8; STEPS=30; BATCH=2; DTYPE=float32; fi
     set +e
     for SEED in "${CORPUS_SEEDS[@]}"; do
       timeout $((C + 45)) python3 -m executor.cli corpus --model "$GGUF" --out "/tmp/corpus-s$SEED" --force \
-        --sources self,self-prompts --prompts requests --questions-per-topic $Q --temperatures 0.7,1 --samples 2 \
+        --sources self-requests,self,self-prompts --prompts requests --requests-per-kind $R \
+        --questions-per-topic $Q --temperatures 0.7,1 --samples 2 \
         --max-new-tokens $N --batch-size $B --seed "$SEED" --device "$DEVICE" --dtype float32 --capture auto \
         --time-budget-s $C --threads 4 --no-progress > "$OUT/corpus_s$SEED.log" 2>&1 &
     done
@@ -264,7 +266,7 @@ case "${1:-}" in
       --warmup-steps 20 --batch-size $BATCH --window 256 --device "$DEVICE" --dtype $DTYPE --time-budget-s $H --force \
       --out '/tmp/heads/smollm2-135m-e{exit_layer}-gpu.safetensors' --no-progress 2>&1 | tee -a "$OUT/heads19.log"
     cp /tmp/heads/*.safetensors "$OUT"/
-    (cd /tmp && tar czf "$OUT/heads19_files.tgz" heads/*.eval.csv corpus-s*/manifest.json)  # 8 files at most
+    (cd /tmp && tar czf "$OUT/heads19_files.tgz" heads/*.eval.csv corpus-s*/{manifest,requests}.json*)  # 8 files at most
     [ "$DEVICE" = cuda ] || exit 0
     timeout $((D + 30)) python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" \
       --captures compile-layers,graph --prompts 8 --match-dtypes '' --exit-layer 7 --draft-len 1 --hf-last \
