@@ -27,7 +27,7 @@ from executor.corpus import Record, RecordSource, iter_records, read_manifest
 from executor.heads import TrainedExitHead, load_head
 from executor.models import load_model
 from executor.runtime import use_threads
-from executor.train_head import TrainConfig, check_corpus_model, evaluate
+from executor.train_head import TrainConfig, agreement_interval, check_corpus_model, evaluate
 from sim.tables import text_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--by-kind", action="store_true",
         help="also score each kind of prompt apart (code, chat, explanation, math, ...: the record's prompt id)",
     )  # fmt: skip
+    parser.add_argument(
+        "--baseline", nargs="+", default=[], metavar="FILE",
+        help="head files (scored too) that every other head of the same exit layer is compared against: the paired "
+        "difference in agreement on the same windows, with its bootstrap interval",
+    )  # fmt: skip
+    parser.add_argument("--draws", type=int, default=2000, help="bootstrap draws per interval (default 2000)")
     parser.add_argument("--draft-len", type=int, default=4, help="k of tokens/round (default 4, as train-head's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--window", type=int, default=256)
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print(use_threads(args.threads))
     model = load_model(args.model, dtype=torch.float32)
     heads = {}
-    for path in args.heads:
+    for path in dict.fromkeys([*args.baseline, *args.heads]):
         try:
             head = load_head(path, model)
         except (OSError, ValueError) as err:
@@ -106,20 +112,60 @@ def main(argv: list[str] | None = None) -> int:
                                  draft_len=args.draft_len)  # fmt: skip
             for kind, part in parts:
                 with torch.no_grad():
-                    result = evaluate({head.exit_layer: head}, part, config)[head.exit_layer]
+                    result = evaluate({head.exit_layer: head}, part, config, windows=True)[head.exit_layer]
                 rows.append({"head": path, "exit_layer": head.exit_layer, "corpus": corpus, "split": splits[corpus],
                              "kind": kind, **result})  # fmt: skip
                 print(f"  {Path(path).name} on {corpus} ({kind}): agreement {result['agreement']:.3f}", flush=True)
-    columns = ["head", "exit_layer", "corpus", "kind", "split", "agreement", "tokens_per_round", "kl", "eval_positions"]
-    shown = [{**r, "head": Path(r["head"]).name, "corpus": Path(r["corpus"]).name} for r in rows]
-    print(
-        text_table(shown, columns, {"exit_layer": "E", "tokens_per_round": "tok/round", "eval_positions": "positions"})
-    )
+    windows = {(r["head"], r["corpus"], r["kind"]): r.pop("windows") for r in rows}
+    for row in rows:
+        own = windows[row["head"], row["corpus"], row["kind"]]
+        row["windows"], row["agreement_ci95"] = len(own), list(agreement_interval(own, draws=args.draws))
+    comparisons = compare(rows, windows, args.baseline, args.draws)
+    print_tables(rows, comparisons)
     report = {"benchmark": "head_eval", "model": str(args.model), "draft_len": args.draft_len, "rows": rows,
+              "comparisons": comparisons, "bootstrap": {"draws": args.draws, "level": 0.95, "resampled": "windows"},
               "environment": environment(args.threads)}  # fmt: skip
     out = Path(args.out) if args.out else RESULTS / f"head_eval_{args.tag}.json"
     print(f"wrote {write_json(out, report)}")
     return 0
+
+
+def compare(
+    rows: list[dict[str, Any]], windows: dict[tuple, list], baselines: list[str], draws: int
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Each head against the baseline of its exit layer on every corpus and kind: the paired difference in agreement
+    and in KL, with the difference's bootstrap interval (the same windows resampled for both heads)."""
+    by_layer = {row["exit_layer"]: row["head"] for row in rows if row["head"] in baselines}
+    index = {(r["head"], r["corpus"], r["kind"]): r for r in rows}
+    out = []
+    for row in rows:
+        base = by_layer.get(row["exit_layer"])
+        if base is None or base == row["head"]:
+            continue
+        key, base_key = (row["head"], row["corpus"], row["kind"]), (base, row["corpus"], row["kind"])
+        low, high = agreement_interval(windows[key], windows[base_key], draws=draws)
+        out.append({"head": row["head"], "baseline": base, "exit_layer": row["exit_layer"], "corpus": row["corpus"],
+                    "kind": row["kind"], "delta_agreement": row["agreement"] - index[base_key]["agreement"],
+                    "delta_ci95": [low, high], "delta_kl": row["kl"] - index[base_key]["kl"],
+                    "windows": row["windows"]})  # fmt: skip
+    return out
+
+
+def print_tables(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> None:
+    def interval(pair: list[float]) -> str:
+        return f"{pair[0]:+.3f} .. {pair[1]:+.3f}" if pair[0] < 0 else f"{pair[0]:.3f} .. {pair[1]:.3f}"
+
+    shown = [{**r, "head": Path(r["head"]).name, "corpus": Path(r["corpus"]).name,
+              "ci": interval(r["agreement_ci95"])} for r in rows]  # fmt: skip
+    columns = ["head", "exit_layer", "corpus", "kind", "split", "agreement", "ci", "tokens_per_round", "kl",
+               "eval_positions", "windows"]  # fmt: skip
+    names = {"exit_layer": "E", "ci": "95% (windows)", "tokens_per_round": "tok/round", "eval_positions": "positions"}
+    print(text_table(shown, columns, names))
+    if comparisons:
+        shown = [{**c, "head": Path(c["head"]).name, "baseline": Path(c["baseline"]).name,
+                  "corpus": Path(c["corpus"]).name, "ci": interval(c["delta_ci95"])} for c in comparisons]  # fmt: skip
+        columns = ["head", "baseline", "corpus", "kind", "delta_agreement", "ci", "delta_kl", "windows"]
+        print(text_table(shown, columns, {"delta_agreement": "d agreement", "ci": "95% (paired)", "delta_kl": "d KL"}))
 
 
 if __name__ == "__main__":

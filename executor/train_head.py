@@ -559,6 +559,7 @@ class EvalTally:
     kl: float = 0.0
     rounds: int = 0
     round_tokens: int = 0
+    windows: list[tuple[int, int]] = field(default_factory=list)  # (hits, positions) per window, in evaluation order
 
     def add_rows(self, matches: torch.Tensor, counts: list[int], draft_len: int) -> None:
         """Matches of one batch's target positions (row-major), counted per window as EESD rounds would accept."""
@@ -567,6 +568,7 @@ class EvalTally:
         self.hits += int(matches.sum())
         self.positions += matches.numel()
         for row in matches.split(counts):
+            self.windows.append((int(row.sum()), len(row)))
             accepted = predicted_accepted(row.tolist(), draft_len, len(row))
             self.rounds += len(accepted)
             self.round_tokens += sum(accepted) + len(accepted)
@@ -580,10 +582,42 @@ class EvalTally:
         }
 
 
+def agreement_interval(
+    windows: Sequence[tuple[int, int]], baseline: Sequence[tuple[int, int]] | None = None, draws: int = 2000,
+    seed: int = 0, level: float = 0.95,
+) -> tuple[float, float]:  # fmt: skip
+    """A percentile bootstrap interval for the agreement of (hits, positions) `windows`, resampling whole windows (a
+    window is one answer: its positions are not independent draws), or, given the `baseline` head's windows on the
+    same corpus (the same windows in the same order), for the paired difference agreement - baseline agreement."""
+    import numpy as np
+
+    hits, positions = np.array(windows, dtype=np.float64).reshape(-1, 2).T
+    base_hits = hits
+    if baseline is not None:
+        base_hits, base_positions = np.array(baseline, dtype=np.float64).reshape(-1, 2).T
+        if not np.array_equal(positions, base_positions):
+            raise ValueError("a paired interval needs the two heads' windows of the same corpus, in the same order")
+    scored = positions > 0
+    hits, base_hits, positions = hits[scored], base_hits[scored], positions[scored]
+    if not len(positions):
+        return float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(0, len(positions), size=(draws, len(positions)))
+    total = positions[picks].sum(axis=1)
+    values = hits[picks].sum(axis=1) / total
+    if baseline is not None:
+        values -= base_hits[picks].sum(axis=1) / total
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 @torch.no_grad()
-def evaluate(heads: dict[int, TrainedExitHead], source: RecordSource, config: TrainConfig) -> dict[int, dict]:
+def evaluate(
+    heads: dict[int, TrainedExitHead], source: RecordSource, config: TrainConfig, windows: bool = False
+) -> dict[int, dict]:
     """Each head on every window of `source`, one teacher pass per batch: agreement (the head's top-1 is the full
-    model's greedy token), tokens/round at draft length `config.draft_len` and mean KL."""
+    model's greedy token), tokens/round at draft length `config.draft_len` and mean KL; with `windows`, also each
+    window's (hits, positions), in a fixed order (for `agreement_interval`)."""
     adapter = next(iter(heads.values())).adapter
     tallies = {e: EvalTally() for e in heads}
     for batch in ordered_batches(source, config.batch_size, config.window):
@@ -599,7 +633,7 @@ def evaluate(heads: dict[int, TrainedExitHead], source: RecordSource, config: Tr
                 tallies[exit_layer].kl += float(F.kl_div(student, own, log_target=True, reduction="sum"))
         for exit_layer, tally in tallies.items():
             tally.add_rows(torch.cat(matches[exit_layer]).cpu(), counts, config.draft_len)
-    return {e: tally.row() for e, tally in tallies.items()}
+    return {e: tally.row() | ({"windows": tally.windows} if windows else {}) for e, tally in tallies.items()}
 
 
 def eval_csv_path(out: str | os.PathLike[str]) -> Path:

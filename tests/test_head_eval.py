@@ -14,7 +14,8 @@ from test_corpus import char_tokenizer
 from tiny_models import TinySpec, tiny_model
 
 from executor.corpus import CorpusConfig, RecordSource, build_corpus
-from executor.train_head import TrainConfig, evaluate, train_head_corpus
+from executor.models import load_model
+from executor.train_head import TrainConfig, agreement_interval, evaluate, train_head_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = TinySpec(num_layers=4, num_heads=2, num_kv_heads=1, head_dim=8, vocab=98, seed=11)
@@ -90,6 +91,49 @@ def test_by_kind_splits_the_corpus_by_prompt_kind_and_the_parts_add_up(bench, se
     assert sum(r["eval_positions"] for r in parts) == whole["eval_positions"]
     mean = sum(r["agreement"] * r["eval_positions"] for r in parts) / whole["eval_positions"]
     assert mean == pytest.approx(whole["agreement"])
+
+
+def test_baseline_comparison_is_the_paired_difference_with_intervals_around_it(bench, setup) -> None:
+    other = setup["root"] / "head-longer.safetensors"
+    config = TrainConfig(exit_layer=2, steps=8, batch_size=4, window=32, lr=3e-3)
+    train_head_corpus(load_model(str(setup["model"]), dtype=torch.float32), setup["train"], config, other,
+                      progress=False)  # fmt: skip
+    out = setup["root"] / "compare.json"
+    argv = ["--model", str(setup["model"]), "--heads", str(other), "--baseline", str(setup["head"]), "--corpus",
+            str(setup["held"]), "--draws", "300", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    rows = {Path(r["head"]).name: r for r in report["rows"]}
+    assert set(rows) == {"head.safetensors", "head-longer.safetensors"}  # the baseline is scored too
+    for row in rows.values():
+        low, high = row["agreement_ci95"]
+        assert low <= row["agreement"] <= high and row["windows"] > 1
+    (comparison,) = report["comparisons"]
+    delta = rows["head-longer.safetensors"]["agreement"] - rows["head.safetensors"]["agreement"]
+    assert comparison["delta_agreement"] == pytest.approx(delta)
+    assert Path(comparison["baseline"]).name == "head.safetensors"
+    low, high = comparison["delta_ci95"]
+    assert low <= delta <= high and report["bootstrap"]["draws"] == 300
+
+
+def test_agreement_interval_resamples_whole_windows_and_pairs_them() -> None:
+    # four answers of 100 positions, two drafted right throughout and two wrong throughout: the positions of one
+    # answer are not independent, so the interval is wide (resampling positions would give about +-0.1)
+    windows = [(100, 100), (0, 100), (100, 100), (0, 100)]
+    low, high = agreement_interval(windows, draws=2000)
+    assert low <= 0.25 and high >= 0.75
+    many = windows * 25
+    narrow = agreement_interval(many, draws=2000)
+    assert 0.3 < narrow[0] < 0.5 < narrow[1] < 0.7
+    assert agreement_interval(windows, windows) == (0.0, 0.0)  # a head against itself: no difference at all
+    # ten more hits than the baseline on every window: the paired difference is 0.1 whatever the draw, though the two
+    # heads' own intervals overlap widely
+    baseline, better = [(90, 100), (0, 100)] * 2, [(100, 100), (10, 100)] * 2
+    assert agreement_interval(better, baseline) == pytest.approx((0.1, 0.1))
+    assert agreement_interval(better)[0] < agreement_interval(baseline)[1]
+    assert agreement_interval([*windows, (0, 0)], [*windows, (0, 0)]) == (0.0, 0.0)  # empty windows are left out
+    with pytest.raises(ValueError, match="same corpus"):
+        agreement_interval(windows, windows[:3])
 
 
 def test_the_kind_of_a_record_comes_from_its_prompt(bench) -> None:
