@@ -9,6 +9,11 @@ training and held-out agreement is measured (is a head short of data, or of capa
     python benchmarks/head_eval.py --heads heads/smollm2-135m-e15-mix.safetensors \
         heads/smollm2-135m-e7-mix.safetensors --corpus HELD HELD_SELF_PROMPTS --threads 2 --tag smollm2-135m_mix_cpu
 
+Every agreement gets a 95% percentile-bootstrap interval resampling whole windows (an answer's positions are not
+independent draws). `--baseline FILE ...` scores those heads too and compares every other head of the same exit
+layer with its baseline on the same windows: the paired difference in agreement, with its bootstrap interval (one
+resample for both heads), and the difference in KL, under `comparisons`.
+
 Writes benchmarks/results/head_eval_<tag>.json (atomically) with the device, dtype, versions and date, and prints a
 table.
 """
