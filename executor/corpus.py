@@ -459,8 +459,9 @@ def clean_request(text: str) -> str | None:
 
 
 class RequestFilter:
-    """Keeps a written request unless it is a repeat (of the set's prompts or of one kept before) or a near copy of a
-    held-out prompt of the set or of a shipped set; counts what it drops, and why."""
+    """Keeps a written request unless it repeats a prompt of the set or of a shipped set, or one kept before (the same
+    words, whatever their order, case or punctuation), or is a near copy of a held-out prompt of the set or of a
+    shipped set; counts what it drops, and why."""
 
     def __init__(self, config: CorpusConfig) -> None:
         prompts = load_prompts(config.prompts)
