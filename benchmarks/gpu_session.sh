@@ -122,7 +122,7 @@ ONLY_CTX3840='^ours ar( buckets off)?$|^ours ar step|^hf generate|forced alpha=0
 # path on either card, plus our AR in graph (the H200's predicted mode); no HF fast path nor buckets-off twin at 3840
 ONLY_CTX3840_CUT='^ours ar$|^ours ar step|^hf generate \(AR\)$|forced alpha=0.7$|^ppsd streams n=2$'
 ONLY_HEADS='^ours ar$|^hf generate|^eesd trained E=7 (fixed:1|beta-ts)$'
-INIT_HEADS=(heads/smollm2-135m-e7-mix4-v16k.safetensors)  # heads19 trains on from these over the 16k ids of
+INIT_HEADS=(heads/smollm2-135m-e7-mix5-v16k.safetensors)  # heads19 trains on from these over the 16k ids of
 # heads/smollm2-135m_v16k.safetensors: keep both files in the tree for that call (the E = 15 head too would put the
 # call past 64 MiB: the tree 5.1 + part-001 45 + wheels 2.8 + .carry/corpora 2.8 + 6.9 MiB a head)
 CORPUS_SEEDS=(7 8)  # one builder per seed, side by side on the GPU (answers to requests the model writes, to the
@@ -230,7 +230,7 @@ case "${1:-}" in
             # heads distilled on the GPU from its own answers (two corpus builders side by side, ~25% of the time,
             # passes captured: "auto"; answer openings of N tokens; first to R new requests per kind the model
             # writes itself, then the `requests` set's, then self-written questions, as far as the time goes), a phase profile of 3 + 3 training steps (~40 s),
-            # the shipped E = 7 mix4 head trained on over its 16k draft vocabulary
+            # the shipped E = 7 mix5 head trained on over its 16k draft vocabulary
             # (bf16 teacher, ~33%), the heads written to $OUT at once; then their decode speed
             # against our compiled AR and HF (the rest). DEVICE=cpu runs the same steps as a smoke test (tiny sizes
             # via SMOKE=1). The 2026-12-04 H200 lease ran its first version (git b5ff762: three eager builders whose
