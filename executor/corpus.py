@@ -395,28 +395,35 @@ def topic_prompts() -> list[Prompt]:
     return [Prompt(id=f"topic/{index:03d}", text=topic, category="topic") for index, topic in enumerate(TOPICS)]
 
 
+def sampled_texts(
+    model: torch.nn.Module, tokenizer: Any, asks: Sequence[tuple[str, list[int]]], max_new_tokens: int,
+    temperature: float, seed_tag: str, config: CorpusConfig, writer: CorpusWriter, progress: bool, label: str,
+) -> Iterator[tuple[str, str]]:  # fmt: skip
+    """(ask id, decoded text) of the model's sampled continuation of each (id, tokens) ask, batch by batch, each ask
+    with its own seed (from the corpus seed, `seed_tag` and its id); no batch starts past the writer's time budget."""
+    eos = eos_ids(model)
+    with progress_bar(-(-len(asks) // config.batch_size), label, "batch", progress) as bar:
+        for chunk in _batches(asks, config.batch_size):
+            if writer.out_of_time():
+                return
+            seeds = [derive_seed(config.seed, seed_tag, ask_id) for ask_id, _ in chunk]
+            rows = continue_batch(model, [t for _, t in chunk], max_new_tokens, eos, temperature, seeds, config.capture)
+            for (ask_id, _), row in zip(chunk, rows, strict=True):
+                yield ask_id, tokenizer.decode(row, skip_special_tokens=True)
+            bar.update(1)
+
+
 def self_questions(
-    model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, progress: bool, writer: CorpusWriter | None = None
+    model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, progress: bool, writer: CorpusWriter
 ) -> list[tuple[str, list[int]]]:
     """Questions the model writes on the split's topics (sampled), as (id, encoded prompt) pairs."""
     topics = split_of(topic_prompts(), config)
     asks = [(f"{t.id}/q{n}", encode_prompt(tokenizer, SELF_PROMPT_REQUEST.format(topic=t.text)))
             for n in range(config.self_prompts_per_topic) for t in topics]  # fmt: skip
-    questions, eos = [], eos_ids(model)
-    total = -(-len(asks) // config.batch_size)
-    with progress_bar(total, "corpus self-prompts: questions", "batch", progress) as bar:
-        for chunk in _batches(asks, config.batch_size):
-            if writer is not None and writer.out_of_time():
-                break
-            seeds = [derive_seed(config.seed, "self-prompts/questions", ask_id) for ask_id, _ in chunk]
-            rows = continue_batch(model, [t for _, t in chunk], SELF_PROMPT_TOKENS, eos, SELF_PROMPT_TEMPERATURE, seeds,
-                                  config.capture)  # fmt: skip
-            for (ask_id, _), row in zip(chunk, rows, strict=True):
-                text = clean_question(tokenizer.decode(row, skip_special_tokens=True))
-                if text is not None:
-                    questions.append((ask_id, encode_prompt(tokenizer, text)))
-            bar.update(1)
-    return questions
+    texts = sampled_texts(model, tokenizer, asks, SELF_PROMPT_TOKENS, SELF_PROMPT_TEMPERATURE, "self-prompts/questions",
+                          config, writer, progress, "corpus self-prompts: questions")  # fmt: skip
+    questions = [(ask_id, clean_question(text)) for ask_id, text in texts]
+    return [(ask_id, encode_prompt(tokenizer, text)) for ask_id, text in questions if text is not None]
 
 
 def clean_question(text: str) -> str | None:
@@ -458,6 +465,11 @@ def clean_request(text: str) -> str | None:
     return line if len(line) >= MIN_PROMPT_CHARS else None
 
 
+def word_key(text: str) -> str:
+    """What two requests share when they are the same words, whatever their order, case or punctuation."""
+    return " ".join(sorted(words(text)))
+
+
 class RequestFilter:
     """Keeps a written request unless it repeats a prompt of the set or of a shipped set, or one kept before (the same
     words, whatever their order, case or punctuation), or is a near copy of a held-out prompt of the set or of a
@@ -468,12 +480,12 @@ class RequestFilter:
         sets = [prompts] + [load_prompts(name) for name in SHIPPED_SETS if name != config.prompts]
         self.held_out = [p.text for s in sets for p in split_prompts(s, config.held_out_fraction).held_out]
         self.common = common_words([p.text for s in sets for p in s])
-        self.seen = {" ".join(sorted(words(p.text))) for s in sets for p in s}
+        self.seen = {word_key(p.text) for s in sets for p in s}
         self.counts = {"asked": 0, "kept": 0, "cut_or_short": 0, "repeated": 0, "near_held_out": 0}
 
     def keep(self, text: str | None) -> bool:
         self.counts["asked"] += 1
-        key = None if text is None else " ".join(sorted(words(text)))
+        key = None if text is None else word_key(text)
         reason = (
             "cut_or_short" if text is None else "repeated" if key in self.seen
             else "near_held_out" if any(near_copy(text, other, self.common) for other in self.held_out) else "kept"
@@ -488,23 +500,15 @@ def self_requests(
     model: torch.nn.Module, tokenizer: Any, config: CorpusConfig, writer: CorpusWriter, progress: bool
 ) -> list[Prompt]:
     """New requests the model writes in the kinds of the split's prompts (sampled, each ask with its own seed)."""
-    asks, eos, keep = request_asks(config, tokenizer), eos_ids(model), RequestFilter(config)
-    written = []
-    total = -(-len(asks) // config.batch_size)
-    with progress_bar(total, "corpus self-requests: requests", "batch", progress) as bar:
-        for chunk in _batches(asks, config.batch_size):
-            if writer.out_of_time():
-                break
-            seeds = [derive_seed(config.seed, "self-requests/requests", ask_id) for ask_id, _, _ in chunk]
-            rows = continue_batch(model, [t for _, _, t in chunk], SELF_REQUEST_TOKENS, eos, SELF_REQUEST_TEMPERATURE,
-                                  seeds, config.capture)  # fmt: skip
-            for (ask_id, kind, _), row in zip(chunk, rows, strict=True):
-                text = clean_request(tokenizer.decode(row, skip_special_tokens=True))
-                if keep.keep(text):
-                    written.append(Prompt(id=ask_id, text=str(text), category=kind))
-            bar.update(1)
+    asks, keep = request_asks(config, tokenizer), RequestFilter(config)
+    kinds = {ask_id: kind for ask_id, kind, _ in asks}
+    texts = sampled_texts(model, tokenizer, [(ask_id, tokens) for ask_id, _, tokens in asks], SELF_REQUEST_TOKENS,
+                          SELF_REQUEST_TEMPERATURE, "self-requests/requests", config, writer, progress,
+                          "corpus self-requests: requests")  # fmt: skip
+    written = [(ask_id, clean_request(text)) for ask_id, text in texts]
+    kept = [Prompt(id=ask_id, text=text, category=kinds[ask_id]) for ask_id, text in written if keep.keep(text)]
     writer.notes["self_requests"] = keep.counts
-    return written
+    return kept
 
 
 def build_self_requests(
