@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from executor.adapter import ModelAdapter
-from executor.decoding import GenerationStats, Rows, TokenSink, decode_ar, decode_eesd
+from executor.decoding import BatchStop, GenerationStats, Rows, TokenSink, decode_ar, decode_eesd
 from executor.heads import head_key, resolve_head
 from executor.passes import (
     Passes,
@@ -29,7 +29,7 @@ from executor.passes import (
     resolve_sync_every,
 )
 from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, decode_ppsd
-from executor.sampling import SamplingConfig, TokenSelector
+from executor.sampling import MAX_SEED, SamplingConfig, TokenSelector
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, policy_seed
 from sim.policy import DraftPolicy, make_policy
 
@@ -171,6 +171,29 @@ def _streamer_callback(streamer: Any, rows: int, first: torch.Tensor):
     return lambda tokens: streamer.put(torch.tensor(tokens))
 
 
+def _batch_stop(
+    criteria: Sequence[Callable[..., Any]] | None, ids: torch.Tensor, eos: list[int], method: str, backend: str
+) -> BatchStop | None:
+    """The criteria as HF applies them to this batch (None without criteria): each row as HF holds it."""
+    if not criteria:
+        return None
+    criteria = list(criteria)
+    for criterion in criteria:
+        if not callable(criterion):
+            raise ValueError(f"stopping_criteria must hold callables (HF StoppingCriteria), got {criterion!r}")
+    if method == "ppsd" and backend == "distributed":
+        raise ValueError("stopping_criteria are not supported with PPSD's 'distributed' backend (its last stage stops)")
+
+    def check(row: list[int]) -> Callable[[list[int]], bool]:
+        def fired(emitted: list[int]) -> bool:
+            held = torch.tensor([row + emitted], dtype=torch.long)
+            return any(bool(torch.as_tensor(criterion(held, None)).any()) for criterion in criteria)
+
+        return fired
+
+    return BatchStop([check(row) for row in ids.tolist()], pads=bool(eos))
+
+
 def _layout(ids: torch.Tensor, new: list[list[int]], fill: int | None, device) -> torch.Tensor:
     """HF's layout: the input as given, then each row's new tokens, finished rows filled with the pad id."""
     width = max(len(tokens) for tokens in new)
@@ -296,6 +319,7 @@ def generate(
     repetition_penalty: float | None = None,
     seed: int | Sequence[int] = 0,
     streamer: Any = None,
+    stopping_criteria: Sequence[Callable[..., Any]] | None = None,
     head: Any = None,
     stages: int = 2,
     stage_boundaries: list[int] | None = None,
@@ -315,7 +339,12 @@ def generate(
     `head` is the exit head (EESD and PPSD): "shared" (default: the model's own final norm + LM head at the exit
     layer), "shared:N" (the same over the N lowest token ids), a head file (trained, or a vocabulary subset from `eesd
     train-head --vocab-subset N`) or a head object (see `executor.heads`). `repetition_penalty` applies to every
-    method and backend.
+    method and backend. `stopping_criteria` (HF `StoppingCriteria` objects, e.g. `StopStringCriteria`, or any
+    callable of the same signature) end a row after the first token for which one of them returns True, called
+    once per new token with that row as HF holds it at that step ([1, prompt width + new tokens], on the CPU, its left
+    padding included) and `scores=None` (a speculative round keeps no per-step scores); as in HF, without EOS ids
+    the rows are not padded but all run to the step where the last of them stopped (`executor.decoding.BatchStop`).
+    Not with PPSD's "distributed" backend.
 
     "ppsd" (verify-while-draft pipeline, batch size 1, greedy or exact sampling) splits the layers into `stages`
     (balanced, or cut at `stage_boundaries`), drafts with `head` at `exit_layer` (default: a trained head's own
@@ -374,7 +403,11 @@ def generate(
     policies = _policies(policy if policy is not None else f"fixed:{draft_len}", len(prompts), seed, cost_ratio)
     check_policies(adapter, policies)
     callback = _streamer_callback(streamer, len(prompts), ids)
-    rows = Rows(prompts=prompts, sinks=[TokenSink(max_new_tokens, eos, callback) for _ in prompts])
+    batch_stop = _batch_stop(stopping_criteria, ids, eos, method, backend)
+    stops = [batch_stop.rule(row) if batch_stop else None for row in range(len(prompts))]
+    rows = Rows(prompts=prompts, sinks=[TokenSink(max_new_tokens, eos, callback, stop) for stop in stops])
+    if batch_stop is not None:
+        batch_stop.sinks = rows.sinks
     stats = GenerationStats(method=method, prompt_tokens=sum(len(p) for p in prompts))
     with on_device(adapter.device):  # captured graphs replay on the current device's stream
         if max_new_tokens > 0 and method == "ppsd":
@@ -413,23 +446,54 @@ def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.
 SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
     "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "generation_config", "streamer",
-    "max_length", "use_cache", "return_dict_in_generate",
+    "max_length", "use_cache", "return_dict_in_generate", "stopping_criteria", "stop_strings", "tokenizer", "max_time",
+    "num_return_sequences",
 )  # fmt: skip
 # use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
 # GenerateDecoderOnlyOutput holding `sequences` (scores, logits, attentions and hidden states are not kept)
+
+# generate arguments that are not generation_config fields
+_NOT_CONFIG = ("attention_mask", "streamer", "generation_config", "use_cache", "stopping_criteria", "tokenizer")
 
 # generation_config fields that change the result if set away from these values, and that we do not implement
 _UNSUPPORTED_CONFIG = {
     "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "suppress_tokens": None, "begin_suppress_tokens": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "num_return_sequences": 1, "encoder_repetition_penalty": 1.0,
-    "length_penalty": 1.0, "sequence_bias": None, "guidance_scale": None, "stop_strings": None,
+    "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
+    "length_penalty": 1.0, "sequence_bias": None, "guidance_scale": None,
     "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "min_length": 0, "top_h": None,
-    "dola_layers": None, "exponential_decay_length_penalty": None, "max_time": None, "token_healing": False,
+    "dola_layers": None, "exponential_decay_length_penalty": None, "token_healing": False,
     "watermarking_config": None, "constraints": None, "force_words_ids": None, "diversity_penalty": 0.0,
     "output_scores": False, "output_logits": False, "output_attentions": False, "output_hidden_states": False,
 }  # fmt: skip
+
+
+def _return_sequences(config: Any) -> int:
+    """`num_return_sequences`, checked as HF checks it (sampling only, without beams)."""
+    copies = config.num_return_sequences or 1
+    if not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {copies!r}")
+    if copies > 1 and not config.do_sample:
+        raise ValueError(
+            f"num_return_sequences={copies} needs do_sample=True: greedy decoding gives one sequence per prompt "
+            "(as HF generate)"
+        )
+    return copies
+
+
+def _criteria(config: Any, kwargs: dict[str, Any]) -> list:
+    """The stopping criteria HF would add for this config (max_time, stop_strings), then the caller's own."""
+    from transformers.generation.stopping_criteria import MaxTimeCriteria, StopStringCriteria
+
+    criteria: list = []
+    if config.max_time is not None:
+        criteria.append(MaxTimeCriteria(max_time=config.max_time))
+    if config.stop_strings is not None:
+        if kwargs.get("tokenizer") is None:
+            raise ValueError("stop_strings need the model's tokenizer: pass tokenizer=... (as HF generate does)")
+        criteria.append(StopStringCriteria(tokenizer=kwargs["tokenizer"], stop_strings=config.stop_strings))
+    return criteria + list(kwargs.get("stopping_criteria") or [])
 
 
 class EarlyExitGenerator:
@@ -481,6 +545,12 @@ class EarlyExitGenerator:
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = _mask_from_pad(ids, config.pad_token_id, _eos_ids(config.eos_token_id))
+        copies = _return_sequences(config)
+        seed: int | list[int] = self.seed
+        if copies > 1:  # HF's layout: each row's copies next to each other; copy c samples with seed + c
+            ids = ids.repeat_interleave(copies, dim=0)
+            mask = None if mask is None else torch.as_tensor(mask).repeat_interleave(copies, dim=0)
+            seed = [(self.seed + c) % (MAX_SEED + 1) for _ in range(ids.shape[0] // copies) for c in range(copies)]
         max_new = config.max_new_tokens
         if max_new is None:
             max_new = max(config.max_length - ids.shape[1], 0)
@@ -491,7 +561,8 @@ class EarlyExitGenerator:
             do_sample=bool(config.do_sample), sampling=self.sampling,
             temperature=config.temperature if config.temperature is not None else 1.0,
             top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, repetition_penalty=config.repetition_penalty,
-            seed=self.seed, streamer=kwargs.get("streamer"), head=self.head, capture=self.capture,
+            seed=seed, streamer=kwargs.get("streamer"), stopping_criteria=_criteria(config, kwargs), head=self.head,
+            capture=self.capture,
         )  # fmt: skip
         self.last_stats = result.stats
         if config.return_dict_in_generate:
@@ -504,7 +575,7 @@ class EarlyExitGenerator:
         """The model's generation config, overridden by `generation_config` and then by the keyword arguments."""
         config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
         for key, value in kwargs.items():
-            if key not in ("attention_mask", "streamer", "generation_config", "use_cache"):
+            if key not in _NOT_CONFIG:
                 setattr(config, key, value)
         defaults = getattr(type(config), "_get_default_generation_params", None)  # transformers >= 5
         for key, value in (defaults() if defaults else {}).items():

@@ -99,19 +99,23 @@ class GenerationStats:
 
 
 class TokenSink:
-    """Collects one row's emitted tokens and says when to stop: after an EOS token or `max_new_tokens` tokens."""
+    """Collects one row's emitted tokens and says when to stop: after an EOS token, `max_new_tokens` tokens, or a
+    token after which `stop` (called with the tokens emitted so far, that token last) returns True. As in HF, the
+    token that ends the row is kept."""
 
     def __init__(
         self,
         max_new_tokens: int,
         eos_token_ids: Iterable[int],
         on_tokens: Callable[[list[int]], None] | None = None,
+        stop: Callable[[list[int]], bool] | None = None,
     ) -> None:
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.tokens: list[int] = []
         self.done = max_new_tokens == 0
         self._on_tokens = on_tokens
+        self._stop = stop
 
     @property
     def remaining(self) -> int:
@@ -119,15 +123,52 @@ class TokenSink:
 
     def emit(self, tokens: list[int]) -> None:
         taken: list[int] = []
-        for token in tokens[: self.remaining]:
+        for token in tokens:
+            if len(self.tokens) + len(taken) >= self.max_new_tokens:  # (a stop rule may lower max_new_tokens)
+                break
             taken.append(token)
-            if token in self.eos_token_ids:
+            if token in self.eos_token_ids or (self._stop is not None and self._stop(self.tokens + taken)):
                 self.done = True
                 break
         self.tokens.extend(taken)
-        self.done = self.done or self.remaining == 0
+        self.done = self.done or self.remaining <= 0
         if self._on_tokens is not None and taken:
             self._on_tokens(taken)
+
+
+class BatchStop:
+    """Stopping criteria over a batch, applied as HF applies them. `checks[row](emitted)` says whether the row's
+    criteria fire after its last emitted token. With EOS ids (`pads`), a row whose criteria fire is finished there
+    (HF pads it from then on). Without, HF keeps decoding every row until all of them have fired (or reached the
+    length limit) and pads none: each row then runs to the length at which the last row fired."""
+
+    def __init__(self, checks: list[Callable[[list[int]], bool]], pads: bool) -> None:
+        self.checks = checks
+        self.pads = pads
+        self.fired: list[int | None] = [None] * len(checks)  # each row's length when its criteria first fired
+        self.sinks: list[TokenSink] = []
+
+    def rule(self, row: int) -> Callable[[list[int]], bool]:
+        """The stop rule for row `row`'s sink."""
+
+        def stop(emitted: list[int]) -> bool:
+            if self.fired[row] is not None or not self.checks[row](emitted):
+                return False
+            self.fired[row] = len(emitted)
+            if self.pads:
+                return True
+            if all(length is not None for length in self.fired):
+                self._end(max(self.fired))  # type: ignore[type-var]
+            return False
+
+        return stop
+
+    def _end(self, length: int) -> None:
+        """Every row ends at `length` new tokens: rows past it drop the rest, rows short of it decode on."""
+        for sink in self.sinks:
+            sink.max_new_tokens = min(sink.max_new_tokens, length)
+            del sink.tokens[length:]
+            sink.done = sink.done or sink.remaining <= 0
 
 
 @dataclass

@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repetition-penalty", type=float, default=None,
         help="HF's repetition penalty (every method and backend)",
     )  # fmt: skip
+    parser.add_argument(
+        "--stop", action="append", default=None, metavar="TEXT",
+        help="end the output after the first token that completes TEXT (HF's stop strings; repeatable; a newline "
+        "from bash: --stop $'\\n')",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
@@ -103,6 +108,19 @@ def _ints(text: str | None) -> list[int] | None:
         raise ValueError(f"--stage-boundaries must be comma-separated integers, got {text!r}") from None
 
 
+def _stops(args: argparse.Namespace, tokenizer) -> list | None:
+    """`--stop`'s stop strings as HF's criterion (it needs the tokenizer to know which tokens complete them)."""
+    if not args.stop:
+        return None
+    if tokenizer is None:
+        raise ValueError(f"--stop needs the model's tokenizer and {args.model!r} has none: drop --stop")
+    if any(not text for text in args.stop):
+        raise ValueError("--stop takes a non-empty text")
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    return [StopStringCriteria(tokenizer=tokenizer, stop_strings=args.stop)]
+
+
 def _optional_tokenizer(model: str, load_tokenizer):
     """With --prompt-ids a tokenizer only decodes the output: a model without one prints token ids."""
     try:
@@ -131,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(
         max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, sampling=args.sampling,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-        repetition_penalty=args.repetition_penalty, capture=args.capture,
+        repetition_penalty=args.repetition_penalty, capture=args.capture, stopping_criteria=_stops(args, tokenizer),
     )  # fmt: skip
     stall = {} if args.stall_timeout is None else {"stall_timeout_s": args.stall_timeout}
     try:

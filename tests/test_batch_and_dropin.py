@@ -177,7 +177,7 @@ def test_hf_text_streamer_works(model, capsys):
         (dict(generation_config=GenerationConfig(no_repeat_ngram_size=2)), "no_repeat_ngram_size"),
         (dict(generation_config=GenerationConfig(dola_layers="low")), "dola_layers"),
         (dict(generation_config=GenerationConfig(top_h=0.4)), "top_h"),
-        (dict(generation_config=GenerationConfig(max_time=1.0)), "max_time"),
+        (dict(generation_config=GenerationConfig(typical_p=0.5)), "typical_p"),
         (dict(return_dict_in_generate=True, generation_config=GenerationConfig(output_scores=True)), "output_scores"),
         (dict(attention_mask=torch.tensor([[1, 0, 1]])), "not left padding"),
     ],

@@ -1,0 +1,180 @@
+"""Stopping criteria, stop strings, max_time and num_return_sequences: the drop-in ends rows where HF generate does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from packages import requires_smollm2
+from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+import executor
+from executor.decoding import TokenSink
+
+PAD = 0
+
+
+class StopAfter(StoppingCriteria):
+    """Row-wise: stop once the row ends with `suffix` (HF calls it on the whole batch, we on one row at a time)."""
+
+    def __init__(self, suffix: list[int]) -> None:
+        self.suffix = torch.tensor(suffix)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        width = len(self.suffix)
+        if input_ids.shape[1] < width:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        return (input_ids[:, -width:] == self.suffix.to(input_ids.device)).all(-1)
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@st.composite
+def stop_cases(draw):
+    spec = draw(tiny_specs(archs=("llama", "qwen2"), min_layers=2, max_layers=4))
+    exit_layer = draw(st.integers(1, spec.num_layers - 1))
+    model = scale_late_layers(tiny_model(spec), exit_layer, draw(st.sampled_from([0.0, 0.05])))
+    prompts = draw(st.lists(st.lists(st.integers(1, spec.vocab - 1), min_size=1, max_size=8), min_size=1, max_size=4))
+    return model, exit_layer, prompts
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    case=stop_cases(),
+    draft_len=st.integers(1, 5),
+    pick=st.integers(0, 10**6),
+    suffix_len=st.integers(1, 2),
+    eos=st.one_of(st.none(), st.integers(1, 7)),
+)
+def test_stopping_criteria_end_rows_where_hf_does(case, draft_len, pick, suffix_len, eos):
+    """A stop suffix taken from the free-running output (so that it occurs, often inside an accepted draft run).
+    With an EOS id HF pads a stopped row; without, it decodes every row on until the last one stops."""
+    model, exit_layer, prompts = case
+    ids, mask = left_pad(prompts)
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, pad_token_id=PAD, eos_token_id=eos)
+    free = model.generate(ids, do_sample=False, **kwargs)[pick % len(prompts), ids.shape[1] :].tolist()
+    start = pick % (len(free) - suffix_len + 1)
+    criteria = StoppingCriteriaList([StopAfter(free[start : start + suffix_len])])
+    expected = model.generate(ids, do_sample=False, stopping_criteria=criteria, **kwargs)
+    for method in ("ar", "eesd"):
+        generator = executor.EarlyExitGenerator(model, method=method, exit_layer=exit_layer, draft_len=draft_len)
+        got = generator.generate(ids, stopping_criteria=criteria, **kwargs)
+        assert got.tolist() == expected.tolist(), method
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=80, seed=8)), 2, 0.0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return executor.load_tokenizer("smollm2-135m")
+
+
+@requires_smollm2
+def test_stop_strings_match_hf(tokenizer):
+    """A random model over SmolLM2's vocabulary; stop strings cut from its own output: a token's last character (it
+    may end other tokens too), two tokens' text and a whole token."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=3, vocab=len(tokenizer), seed=2)), 2, 0.0)
+    ids = torch.tensor([[3, 4, 5]])
+    free = model.generate(ids, do_sample=False, max_new_tokens=24, pad_token_id=PAD)[0, 3:].tolist()
+    texts = [tokenizer.decode([t]) for t in free]
+    stops = [text for text in (texts[5].strip()[-1:], texts[6] + texts[7], texts[3]) if text.strip()]
+    assert stops
+    for stop in stops:
+        kwargs = dict(max_new_tokens=24, pad_token_id=PAD, stop_strings=stop, tokenizer=tokenizer)
+        expected = model.generate(ids, do_sample=False, **kwargs)
+        assert expected.shape[1] < 3 + 24, stop  # the stop string ended the row early
+        for method in ("ar", "eesd"):
+            got = executor.EarlyExitGenerator(model, method=method, exit_layer=2, draft_len=4).generate(ids, **kwargs)
+            assert got.tolist() == expected.tolist(), (method, stop)
+
+
+def test_stop_strings_need_the_tokenizer(model):
+    with pytest.raises(ValueError, match="tokenizer"):
+        executor.EarlyExitGenerator(model, exit_layer=2).generate(torch.tensor([[3, 4]]), stop_strings=["w1"])
+
+
+def test_ppsd_and_sampling_stop_where_ar_does(model):
+    ids = torch.tensor([[3, 4, 5]])
+    free = executor.generate(model, ids, max_new_tokens=20, do_sample=True, seed=4).sequences[0, 3:].tolist()
+    criteria = [StopAfter(free[9:11])]
+    options = dict(max_new_tokens=20, do_sample=True, seed=4, stopping_criteria=criteria)
+    ar = executor.generate(model, ids, method="ar", **options).sequences
+    assert ar.shape[1] <= 3 + 11
+    for method, extra in (("eesd", dict(exit_layer=2)), ("ppsd", dict(stages=2))):
+        assert executor.generate(model, ids, method=method, **extra, **options).sequences.tolist() == ar.tolist()
+    with pytest.raises(ValueError, match="distributed"):
+        executor.generate(model, ids, method="ppsd", backend="distributed", **options)
+
+
+def test_max_time_zero_stops_after_one_token(model):
+    """HF's MaxTimeCriteria is checked after each token: max_time=0 leaves exactly one new token."""
+    ids = torch.tensor([[3, 4, 5]])
+    expected = model.generate(ids, do_sample=False, max_new_tokens=10, max_time=0.0, pad_token_id=PAD)
+    got = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, max_new_tokens=10, max_time=0.0)
+    assert got.tolist() == expected.tolist() and got.shape[1] == 4
+
+
+def test_token_sink_keeps_the_stopping_token_and_drops_the_rest():
+    sink = TokenSink(10, eos_token_ids=[], stop=lambda emitted: emitted[-1] == 7)
+    sink.emit([1, 2])
+    sink.emit([3, 7, 8, 9])
+    assert sink.tokens == [1, 2, 3, 7] and sink.done
+
+
+def test_num_return_sequences_samples_each_copy_with_its_own_seed(model):
+    """HF's layout (a prompt's copies side by side); copy c is what the generator samples alone with seed + c."""
+    ids, mask = left_pad([[3, 4, 5], [9, 8]])
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, pad_token_id=PAD, temperature=1.5)
+    got = executor.EarlyExitGenerator(model, exit_layer=2, seed=5).generate(ids, num_return_sequences=3, **kwargs)
+    assert got.shape[0] == 6
+    for row in range(2):
+        for copy in range(3):
+            alone = executor.EarlyExitGenerator(model, method="ar", seed=5 + copy)
+            one = alone.generate(ids[row : row + 1], **{**kwargs, "attention_mask": mask[row : row + 1]})[0].tolist()
+            assert got[3 * row + copy].tolist() == one + [PAD] * (got.shape[1] - len(one))
+    assert len({tuple(r) for r in got[:3].tolist()}) > 1  # the copies differ
+    shape = model.generate(ids, num_return_sequences=3, **kwargs).shape
+    assert shape[0] == got.shape[0]
+
+
+def test_num_return_sequences_needs_sampling_as_in_hf(model):
+    with pytest.raises(ValueError, match="do_sample"):
+        executor.EarlyExitGenerator(model, exit_layer=2).generate(torch.tensor([[3, 4]]), num_return_sequences=2)
+
+
+@requires_smollm2
+def test_generate_cli_stop_ends_the_text_after_the_stop_string(tmp_path, capsys, tokenizer):
+    from executor.cli import main
+
+    tiny_model(TinySpec(num_layers=2, vocab=len(tokenizer), seed=3), torch.float32).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    argv = ["generate", "--model", str(tmp_path), "--prompt-ids", "400,500,600", "--method", "eesd"]
+    argv += ["--exit-layer", "1", "--max-new-tokens", "24", "--compare-ar", "--threads", "1"]
+    assert main(argv) == 0
+    free = capsys.readouterr().out.splitlines()[0]
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    assert main([*argv, "--stop", stop]) == 0
+    out = capsys.readouterr().out.splitlines()
+    text = out[0]
+    assert stop in text and free.startswith(text) and len(text) < len(free)
+    assert out[-1].startswith("identical to AR: True")
+
+
+def test_generate_cli_stop_needs_a_tokenizer(tmp_path, capsys):
+    from executor.cli import main
+
+    tiny_model(TinySpec(num_layers=2), torch.float32).save_pretrained(tmp_path)
+    argv = ["generate", "--model", str(tmp_path), "--prompt-ids", "4,5", "--stop", "x", "--threads", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--stop needs the model's tokenizer" in err and "Traceback" not in err
