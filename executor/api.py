@@ -317,6 +317,8 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float | None = None,
+    suppress_tokens: Sequence[int] | None = None,
+    begin_suppress_tokens: Sequence[int] | None = None,
     seed: int | Sequence[int] = 0,
     streamer: Any = None,
     stopping_criteria: Sequence[Callable[..., Any]] | None = None,
@@ -338,13 +340,14 @@ def generate(
     a batch are left-padded with `attention_mask`, as for HF `generate`, whose output layout `sequences` follows.
     `head` is the exit head (EESD and PPSD): "shared" (default: the model's own final norm + LM head at the exit
     layer), "shared:N" (the same over the N lowest token ids), a head file (trained, or a vocabulary subset from `eesd
-    train-head --vocab-subset N`) or a head object (see `executor.heads`). `repetition_penalty` applies to every
-    method and backend. `stopping_criteria` (HF `StoppingCriteria` objects, e.g. `StopStringCriteria`, or any
-    callable of the same signature) end a row after the first token for which one of them returns True, called
-    once per new token with that row as HF holds it at that step ([1, prompt width + new tokens], on the CPU, its left
-    padding included) and `scores=None` (a speculative round keeps no per-step scores); as in HF, without EOS ids
-    the rows are not padded but all run to the step where the last of them stopped (`executor.decoding.BatchStop`).
-    Not with PPSD's "distributed" backend.
+    train-head --vocab-subset N`) or a head object (see `executor.heads`). `repetition_penalty`, `suppress_tokens`
+    (ids never chosen) and `begin_suppress_tokens` (ids not chosen as the first new token) apply as HF's processors
+    do, to every method and backend. `stopping_criteria` (HF `StoppingCriteria` objects, e.g.
+    `StopStringCriteria`, or any callable of the same signature) end a row after the first token for which one of
+    them returns True, called once per new token with that row as HF holds it at that step ([1, prompt width + new
+    tokens], on the CPU, its left padding included) and `scores=None` (a speculative round keeps no per-step
+    scores); as in HF, without EOS ids the rows are not padded but all run to the step where the last of them
+    stopped (`executor.decoding.BatchStop`). Not with PPSD's "distributed" backend.
 
     "ppsd" (verify-while-draft pipeline, batch size 1, greedy or exact sampling) splits the layers into `stages`
     (balanced, or cut at `stage_boundaries`), drafts with `head` at `exit_layer` (default: a trained head's own
@@ -392,7 +395,10 @@ def generate(
         raise ValueError(f"accept_pattern forces EESD's accept decision: it needs method 'eesd', got {method!r}")
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-    config = SamplingConfig(do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty)
+    config = SamplingConfig(
+        do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty, suppress_tokens or (),
+        begin_suppress_tokens or (),
+    )  # fmt: skip
     config.row_seeds(len(prompts))  # a per-row list must have one seed per row
     seed = config.first_seed  # checked, a plain int: the policies' and forced acceptance's
     forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
@@ -447,7 +453,7 @@ SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
     "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "generation_config", "streamer",
     "max_length", "use_cache", "return_dict_in_generate", "stopping_criteria", "stop_strings", "tokenizer", "max_time",
-    "num_return_sequences",
+    "num_return_sequences", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids",
 )  # fmt: skip
 # use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
 # GenerateDecoderOnlyOutput holding `sequences` (scores, logits, attentions and hidden states are not kept)
@@ -458,8 +464,8 @@ _NOT_CONFIG = ("attention_mask", "streamer", "generation_config", "use_cache", "
 # generation_config fields that change the result if set away from these values, and that we do not implement
 _UNSUPPORTED_CONFIG = {
     "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
-    "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "no_repeat_ngram_size": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
     "length_penalty": 1.0, "sequence_bias": None, "guidance_scale": None,
     "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "min_length": 0, "top_h": None,
@@ -480,6 +486,23 @@ def _return_sequences(config: Any) -> int:
             "(as HF generate)"
         )
     return copies
+
+
+def _bad_words(bad_words_ids: Any) -> list[int]:
+    """HF's `bad_words_ids` of single tokens: ids never chosen, as `suppress_tokens` (longer sequences, banned only
+    after their prefix, are not supported)."""
+    if bad_words_ids is None:
+        return []
+    if not isinstance(bad_words_ids, (list, tuple)) or not all(
+        isinstance(words, (list, tuple)) and words for words in bad_words_ids
+    ):
+        raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids, got {bad_words_ids!r}")
+    longer = [words for words in bad_words_ids if len(words) > 1]
+    if longer:
+        raise ValueError(
+            f"bad_words_ids of more than one token are not supported (got {list(longer[0])}); single tokens are"
+        )
+    return [words[0] for words in bad_words_ids]
 
 
 def _criteria(config: Any, kwargs: dict[str, Any]) -> list:
@@ -561,6 +584,8 @@ class EarlyExitGenerator:
             do_sample=bool(config.do_sample), sampling=self.sampling,
             temperature=config.temperature if config.temperature is not None else 1.0,
             top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, repetition_penalty=config.repetition_penalty,
+            suppress_tokens=[*(config.suppress_tokens or ()), *_bad_words(config.bad_words_ids)],
+            begin_suppress_tokens=config.begin_suppress_tokens,
             seed=seed, streamer=kwargs.get("streamer"), stopping_criteria=_criteria(config, kwargs), head=self.head,
             capture=self.capture,
         )  # fmt: skip

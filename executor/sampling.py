@@ -17,14 +17,15 @@
   graph.
 
 Processing follows HF's order: repetition penalty (over the tokens the position's context holds, prompt included),
-min-new-tokens (EOS masked), then, when sampling, temperature, top-k, top-p, min-p.
+min-new-tokens (EOS masked), suppressed tokens (always, and at the first new token), then, when sampling,
+temperature, top-k, top-p, min-p.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -46,10 +47,14 @@ class SamplingConfig:
     seed: int | tuple[int, ...] = 0  # one for every row, or one per row (`row_seeds`)
     min_p: float | None = None  # HF's MinPLogitsWarper: drop tokens below min_p times the top token's probability
     repetition_penalty: float | None = None  # HF's: a seen token's logit / penalty (x penalty if negative); greedy too
+    suppress_tokens: tuple[int, ...] = ()  # HF's: ids never chosen (-inf); greedy too
+    begin_suppress_tokens: tuple[int, ...] = ()  # HF's: ids not chosen as the first new token
 
     def __post_init__(self) -> None:
         if self.mode not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.mode!r}")
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            object.__setattr__(self, name, _token_ids(name, getattr(self, name)))
         if self.repetition_penalty is not None:
             _check_number("repetition_penalty", self.repetition_penalty, "a finite number > 0", lambda x: x > 0)
         seeds = tuple(self.seed) if isinstance(self.seed, (list, tuple)) else (self.seed,)
@@ -97,6 +102,19 @@ def row_seeds(seed: int | tuple[int, ...], rows: int) -> list[int]:
     if len(seed) != rows:
         raise ValueError(f"seed has {len(seed)} values (one per row), the batch has {rows} rows")
     return list(seed)
+
+
+def _token_ids(name: str, ids: object) -> tuple[int, ...]:
+    """A list of token ids (integers >= 0) as a tuple; None is empty."""
+    if ids is None:
+        return ()
+    values = [ids] if _is_integer(ids) else ids
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a list of token ids (integers >= 0), got {ids!r}")
+    values = list(values)
+    if not all(_is_integer(v) and v >= 0 for v in values):
+        raise ValueError(f"{name} must be a list of token ids (integers >= 0), got {ids!r}")
+    return tuple(int(v) for v in values)
 
 
 def _is_integer(value: object) -> bool:
@@ -170,6 +188,25 @@ def warp(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     return scores
 
 
+def token_mask(vocab: int, ids: torch.Tensor) -> torch.Tensor:
+    """[V] bool, True at `ids` (a 1-d int64 tensor on the device; ids >= vocab match nothing, as in HF)."""
+    tokens = torch.arange(vocab, device=ids.device)
+    return (tokens.unsqueeze(-1) == ids).any(-1)  # device ops only: no index list copied from the host
+
+
+def suppress(
+    logits: torch.Tensor, new_index: torch.Tensor, always: torch.Tensor | None, first: torch.Tensor | None
+) -> torch.Tensor:
+    """HF's SuppressTokens and SuppressTokensAtBegin processors: the ids `always` are -inf at every position, the ids
+    `first` at the first new token (new_index [B, q] == 0); each a 1-d int64 tensor, or None."""
+    vocab = logits.shape[-1]
+    if always is not None:
+        logits = logits.masked_fill(token_mask(vocab, always), float("-inf"))
+    if first is not None:
+        logits = logits.masked_fill((new_index == 0).unsqueeze(-1) & token_mask(vocab, first), float("-inf"))
+    return logits
+
+
 def mask_eos(
     logits: torch.Tensor, new_index: torch.Tensor, min_new_tokens: int, eos: torch.Tensor | None
 ) -> torch.Tensor:
@@ -178,9 +215,11 @@ def mask_eos(
     if min_new_tokens <= 0 or eos is None:
         return logits
     too_early = (new_index < min_new_tokens).unsqueeze(-1)
-    vocab = torch.arange(logits.shape[-1], device=logits.device)
-    is_eos = (vocab.unsqueeze(-1) == eos).any(-1)  # device ops only: no index list copied from the host
-    return logits.masked_fill(too_early & is_eos, float("-inf"))
+    return logits.masked_fill(too_early & token_mask(logits.shape[-1], eos), float("-inf"))
+
+
+def _id_tensor(ids: tuple[int, ...], device) -> torch.Tensor | None:
+    return torch.tensor(ids, dtype=torch.int64, device=device) if ids else None
 
 
 class TokenSelector:
@@ -202,6 +241,8 @@ class TokenSelector:
         self.prompt_lens = torch.tensor(prompt_lens, device=device).unsqueeze(1)  # [B, 1]
         self.seed = torch.zeros(len(prompt_lens), 1, dtype=torch.int64, device=device)  # [B, 1]: each row's
         self.eos = torch.tensor(self.eos_ids, dtype=torch.int64, device=device) if self.eos_ids else None
+        self.suppressed = _id_tensor(config.suppress_tokens, device)
+        self.suppressed_first = _id_tensor(config.begin_suppress_tokens, device)
         self.seen: torch.Tensor | None = None
         self.restart(prompt_lens, config.seed)
 
@@ -243,7 +284,9 @@ class TokenSelector:
                 raise RuntimeError("repetition penalty without a context: call track(vocab) and start(rows) first")
             seen = context if context is not None else self.seen.unsqueeze(1)
             logits = penalize(logits, seen, float(self.config.repetition_penalty))
-        logits = mask_eos(logits, targets - self.prompt_lens, self.min_new_tokens, self.eos)
+        new_index = targets - self.prompt_lens
+        logits = mask_eos(logits, new_index, self.min_new_tokens, self.eos)
+        logits = suppress(logits, new_index, self.suppressed, self.suppressed_first)
         return warp(logits, self.config) if self.config.do_sample else logits
 
     def probs(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
