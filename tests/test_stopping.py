@@ -7,13 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from packages import requires_smollm2
-from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
+from test_batch_and_dropin import PAD, batch_cases, left_pad
+from tiny_models import TinySpec, scale_late_layers, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import executor
 from executor.decoding import TokenSink
-
-PAD = 0
 
 
 class StopAfter(StoppingCriteria):
@@ -29,25 +28,9 @@ class StopAfter(StoppingCriteria):
         return (input_ids[:, -width:] == self.suffix.to(input_ids.device)).all(-1)
 
 
-def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
-
-@st.composite
-def stop_cases(draw):
-    spec = draw(tiny_specs(archs=("llama", "qwen2"), min_layers=2, max_layers=4))
-    exit_layer = draw(st.integers(1, spec.num_layers - 1))
-    model = scale_late_layers(tiny_model(spec), exit_layer, draw(st.sampled_from([0.0, 0.05])))
-    prompts = draw(st.lists(st.lists(st.integers(1, spec.vocab - 1), min_size=1, max_size=8), min_size=1, max_size=4))
-    return model, exit_layer, prompts
-
-
 @settings(max_examples=25, deadline=None)
 @given(
-    case=stop_cases(),
+    case=batch_cases(),
     draft_len=st.integers(1, 5),
     pick=st.integers(0, 10**6),
     suffix_len=st.integers(1, 2),
@@ -56,7 +39,7 @@ def stop_cases(draw):
 def test_stopping_criteria_end_rows_where_hf_does(case, draft_len, pick, suffix_len, eos):
     """A stop suffix taken from the free-running output (so that it occurs, often inside an accepted draft run).
     With an EOS id HF pads a stopped row; without, it decodes every row on until the last one stops."""
-    model, exit_layer, prompts = case
+    model, _, exit_layer, prompts = case
     ids, mask = left_pad(prompts)
     kwargs = dict(attention_mask=mask, max_new_tokens=16, pad_token_id=PAD, eos_token_id=eos)
     free = model.generate(ids, do_sample=False, **kwargs)[pick % len(prompts), ids.shape[1] :].tolist()

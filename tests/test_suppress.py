@@ -6,36 +6,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
+from test_batch_and_dropin import PAD, batch_cases, left_pad
+from tiny_models import TinySpec, scale_late_layers, tiny_model
 
 import executor
 from executor.sampling import SamplingConfig
 
-PAD = 0
-
-
-def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
-
-@st.composite
-def suppress_cases(draw):
-    spec = draw(tiny_specs(archs=("llama", "qwen2"), min_layers=2, max_layers=4))
-    exit_layer = draw(st.integers(1, spec.num_layers - 1))
-    model = scale_late_layers(tiny_model(spec), exit_layer, draw(st.sampled_from([0.0, 0.05])))
-    prompts = draw(st.lists(st.lists(st.integers(1, spec.vocab - 1), min_size=1, max_size=8), min_size=1, max_size=3))
-    return model, exit_layer, prompts
-
 
 @settings(max_examples=25, deadline=None)
-@given(case=suppress_cases(), draft_len=st.integers(1, 5), min_new=st.integers(0, 3), data=st.data())
+@given(case=batch_cases(), draft_len=st.integers(1, 5), min_new=st.integers(0, 3), data=st.data())
 def test_suppressed_tokens_match_hf_greedy(case, draft_len, min_new, data):
     """The ids suppressed are drawn from the tokens the model outputs unsuppressed (and its first new tokens), so
     that suppressing them changes the output."""
-    model, exit_layer, prompts = case
+    model, _, exit_layer, prompts = case
     ids, mask = left_pad(prompts)
     kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=min_new, pad_token_id=PAD, eos_token_id=1)
     free = model.generate(ids, do_sample=False, **kwargs)[:, ids.shape[1] :]
