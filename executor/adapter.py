@@ -25,6 +25,8 @@ import copy
 import dataclasses
 import functools
 import inspect
+import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,11 +119,16 @@ def _check_config(name: str, config) -> None:
         raise ValueError(f"unsupported {name}: bidirectional attention cannot decode autoregressively")
 
 
-# A large LM head over 2..8 rows (a verify pass) runs faster on torch's CPU kernels as W @ x^T than as x @ W^T
-# (`F.linear`). At 1 row (kept on `F.linear`, as HF computes it) and from 9 rows on it gains nothing, and a decoder
-# layer's small matrices run slower that way, so only LM heads (and vocabulary-subset heads) use it.
-FEW_ROWS = range(2, 9)
+# A large LM head over a few rows (a verify pass) can run much faster, or much slower, on torch's CPU kernels as
+# W @ x^T than as x @ W^T (`F.linear`), depending on the machine: W @ x^T was 2-4x faster on a 2-core AMD EPYC, and
+# 3x slower on a 2-core Intel Xeon with AMX (15 against 5 ms for 2 rows of SmolLM2's 49k x 576 head). So each shape
+# times both once and keeps the faster (`EESD_HEAD_KERNEL`: auto, the default; linear; transposed). At 1 row HF's
+# F.linear is kept; a decoder layer's small matrices always use F.linear.
+FEW_ROWS = range(2, 17)
 LARGE_HEAD_ROWS = 4096
+HEAD_KERNEL_ENV = "EESD_HEAD_KERNEL"
+HEAD_KERNELS = ("auto", "linear", "transposed")
+_TRANSPOSED_WINS: dict[tuple, bool] = {}  # (rows, weight shape, dtype, threads) -> W @ x^T timed faster
 
 
 def head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,8 +138,37 @@ def head_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # compiled (capture="freeze"): Inductor picks the kernel; its CPU GEMM template packs F.linear's weight operand
     if x.device.type != "cpu" or not few or torch.compiler.is_compiling():
         return torch.nn.functional.linear(x, weight, bias)
-    out = torch.mm(weight, x.reshape(rows, x.shape[-1]).T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+    flat = x.reshape(rows, x.shape[-1])
+    if not transposed_wins(flat, weight):
+        return torch.nn.functional.linear(x, weight, bias)
+    out = torch.mm(weight, flat.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
+
+
+def transposed_wins(flat: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether W @ x^T is the order to use for rows `flat` [n, d]: as `EESD_HEAD_KERNEL` says, or, with auto, the
+    faster of the two on this machine, timed once per (rows, weight shape, dtype, torch threads)."""
+    kernel = os.environ.get(HEAD_KERNEL_ENV, "auto")
+    if kernel not in HEAD_KERNELS:
+        raise ValueError(f"{HEAD_KERNEL_ENV} must be one of {', '.join(HEAD_KERNELS)}, got {kernel!r}")
+    if kernel != "auto":
+        return kernel == "transposed"
+    key = (flat.shape[0], tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    if key not in _TRANSPOSED_WINS:
+        plain = _fastest_s(lambda: torch.nn.functional.linear(flat, weight))
+        _TRANSPOSED_WINS[key] = _fastest_s(lambda: torch.mm(weight, flat.T)) < plain
+    return _TRANSPOSED_WINS[key]
+
+
+def _fastest_s(run: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls of `run`, after one untimed call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 class ModelAdapter:

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from tiny_models import TinySpec, scale_late_layers, tiny_model
 
+import executor
+from executor import adapter
 from executor.adapter import Step, _rotate, _rotate_pair, attention_mask
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -51,3 +54,50 @@ def test_the_additive_mask_gives_what_the_bool_mask_gives(dtype, window, q, kv_h
     gqa = kv_heads != 4
     plain = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible.unsqueeze(1), enable_gqa=gqa)
     assert torch.equal(F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=gqa), plain)
+
+
+# ---- the LM head's kernel order on a CPU -----------------------------------------------------------------------------
+@pytest.fixture
+def head_orders(monkeypatch):
+    """A clean memory of timed choices for each test (restored after it)."""
+    monkeypatch.setattr(adapter, "_TRANSPOSED_WINS", {})
+    return adapter
+
+
+@pytest.mark.parametrize("kernel", ["linear", "transposed", "auto"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 9])
+def test_every_head_order_computes_the_same_logits(head_orders, monkeypatch, kernel, rows) -> None:
+    monkeypatch.setenv(adapter.HEAD_KERNEL_ENV, kernel)
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(adapter.LARGE_HEAD_ROWS + 3, 24, generator=generator, dtype=torch.float64)
+    x = torch.randn(1, rows, 24, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(adapter.head_linear(x, weight), F.linear(x, weight), rtol=1e-12, atol=1e-12)
+    if kernel != "auto":
+        assert adapter.transposed_wins(x.reshape(rows, 24), weight) == (kernel == "transposed")
+
+
+def test_auto_keeps_the_order_timed_faster_once_per_shape(head_orders, monkeypatch) -> None:
+    monkeypatch.delenv(adapter.HEAD_KERNEL_ENV, raising=False)
+    times = [1.0, 2.0, 3.0, 1.0]  # seconds of F.linear, then W @ x^T: linear wins the first shape, W @ x^T the second
+    monkeypatch.setattr(adapter, "_fastest_s", lambda run, repeats=3: times.pop(0))
+    weight = torch.randn(adapter.LARGE_HEAD_ROWS, 8)
+    assert not adapter.transposed_wins(torch.randn(2, 8), weight)
+    assert not adapter.transposed_wins(torch.randn(2, 8), weight) and len(times) == 2  # remembered, not timed again
+    assert adapter.transposed_wins(torch.randn(3, 8), weight) and not times  # another shape: timed anew
+
+
+def test_a_head_kernel_setting_that_is_not_one_of_three_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv(adapter.HEAD_KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="EESD_HEAD_KERNEL must be one of auto, linear, transposed, got 'fast'"):
+        adapter.head_linear(torch.randn(1, 2, 8), torch.randn(adapter.LARGE_HEAD_ROWS, 8))
+
+
+@pytest.mark.parametrize("kernel", ["linear", "transposed"])
+def test_eesd_equals_ar_with_either_head_order(monkeypatch, kernel) -> None:
+    """float64, a head of LARGE_HEAD_ROWS ids (the verify passes take head_linear's few-rows path)."""
+    monkeypatch.setenv(adapter.HEAD_KERNEL_ENV, kernel)
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=adapter.LARGE_HEAD_ROWS + 5, seed=4)), 2, 0.0)
+    prompt = [[7, 300, 4000, 12]]
+    ar = executor.generate(model, prompt, method="ar", max_new_tokens=16).sequences
+    eesd = executor.generate(model, prompt, method="eesd", exit_layer=2, draft_len=4, max_new_tokens=16)
+    assert eesd.sequences.tolist() == ar.tolist() and eesd.stats.acceptance_rate > 0.5
