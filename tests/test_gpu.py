@@ -217,6 +217,25 @@ def test_captured_repetition_penalty_equals_hf() -> None:
         assert tokens == hf, method
 
 
+@pytest.mark.parametrize("capture", ["graph", "compile-layers"])
+def test_captured_suppression_and_stop_strings_equal_hf(capture: str) -> None:
+    """Suppressed ids (a device mask inside the captured passes) and a stopping criterion (host side, after each
+    token of a round the device chained) give HF's tokens."""
+    model = cuda_model(TinySpec(num_layers=4, seed=11))
+    ids = torch.tensor([PROMPTS[0]], device="cuda")
+    free = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    always, first = list(dict.fromkeys(free))[:2], free[2:3]
+    kwargs = dict(max_new_tokens=24, pad_token_id=0, suppress_tokens=always, begin_suppress_tokens=first)
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    criteria = [lambda held, scores: held[:, -1] == int(expected[0, 15])]  # ends the row by its 11th new token
+    stopped = model.generate(ids, do_sample=False, stopping_criteria=criteria, **kwargs)
+    assert stopped.shape[1] < expected.shape[1]
+    for method in ("ar", "eesd"):
+        generator = executor.EarlyExitGenerator(model, method=method, exit_layer=EXIT_LAYER, capture=capture)
+        assert torch.equal(generator.generate(ids, **kwargs), expected), method
+        assert torch.equal(generator.generate(ids, stopping_criteria=criteria, **kwargs), stopped), method
+
+
 def test_drop_in_generate_equals_model_generate_on_the_gpu() -> None:
     """`EarlyExitGenerator.generate` in place of `model.generate` (compiled layers in CUDA graphs by default on a
     GPU): same LongTensor, twice in a row (the second call replays the first call's graphs)."""
