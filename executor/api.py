@@ -452,11 +452,13 @@ def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.
 SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
     "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "generation_config", "streamer",
-    "max_length", "use_cache", "return_dict_in_generate", "stopping_criteria", "stop_strings", "tokenizer", "max_time",
-    "num_return_sequences", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids",
+    "max_length", "use_cache", "return_dict_in_generate", "output_scores", "output_logits", "stopping_criteria",
+    "stop_strings", "tokenizer", "max_time", "num_return_sequences", "suppress_tokens", "begin_suppress_tokens",
+    "bad_words_ids",
 )  # fmt: skip
 # use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
-# GenerateDecoderOnlyOutput holding `sequences` (scores, logits, attentions and hidden states are not kept)
+# GenerateDecoderOnlyOutput holding `sequences`, and `scores` / `logits` with output_scores / output_logits
+# (recomputed by one pass over the output: `rescore`); attentions and hidden states are not kept
 
 # generate arguments that are not generation_config fields
 _NOT_CONFIG = ("attention_mask", "streamer", "generation_config", "use_cache", "stopping_criteria", "tokenizer")
@@ -471,8 +473,46 @@ _UNSUPPORTED_CONFIG = {
     "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "min_length": 0, "top_h": None,
     "dola_layers": None, "exponential_decay_length_penalty": None, "token_healing": False,
     "watermarking_config": None, "constraints": None, "force_words_ids": None, "diversity_penalty": 0.0,
-    "output_scores": False, "output_logits": False, "output_attentions": False, "output_hidden_states": False,
+    "output_attentions": False, "output_hidden_states": False,
 }  # fmt: skip
+
+
+@torch.no_grad()
+def rescore(
+    adapter: ModelAdapter,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    sequences: torch.Tensor,
+    config: SamplingConfig,
+    min_new_tokens: int,
+    eos: list[int],
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """HF's `scores` and `logits` for `sequences` (the input `ids` [B, W], then the new tokens): one step per new
+    token, each [B, V] in float32, recomputed by one forward pass of the HF model over the whole output, with the
+    attention mask and positions HF's step-by-step decoding gives them (finished rows' pad tokens attended, as HF does).
+    `scores` are the logits processed as the decoders chose from them (`TokenSelector.scores`: repetition penalty over
+    each step's context, min-new-tokens, suppressed ids, and the warpers when sampling). Equal to HF's up to float
+    rounding: a pass over many positions sums in another order than one step at a time."""
+    width, steps = ids.shape[1], sequences.shape[1] - ids.shape[1]
+    if steps == 0:
+        return (), ()
+    ids = ids.to(adapter.device)
+    prompt_mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(adapter.device, torch.long)
+    full = torch.cat([prompt_mask, torch.ones_like(sequences[:, width:])], dim=1)
+    positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
+    out = adapter.model(input_ids=sequences[:, :-1], attention_mask=full[:, :-1], position_ids=positions[:, :-1])
+    raw = out.logits[:, width - 1 :].float()  # [B, steps, V]
+    prompts = split_prompts(ids, None if mask is None else prompt_mask)
+    lengths = [len(p) for p in prompts]
+    selector = TokenSelector(config, lengths, min_new_tokens, eos, adapter.device)
+    selector.track(raw.shape[-1])
+    selector.start(prompts)
+    start = torch.tensor(lengths, device=adapter.device).unsqueeze(1)
+    scores = []
+    for step in range(steps):
+        scores.append(selector.scores(raw[:, step : step + 1].double(), start + step)[:, 0].float())
+        selector.note(sequences[:, width + step : width + step + 1])
+    return tuple(scores), tuple(raw.unbind(1))
 
 
 def _return_sequences(config: Any) -> int:
@@ -590,11 +630,25 @@ class EarlyExitGenerator:
             capture=self.capture,
         )  # fmt: skip
         self.last_stats = result.stats
-        if config.return_dict_in_generate:
-            from transformers.generation.utils import GenerateDecoderOnlyOutput
+        if not config.return_dict_in_generate:
+            return result.sequences
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-            return GenerateDecoderOnlyOutput(sequences=result.sequences)
-        return result.sequences
+        extra = self._scores(config, ids, mask, result.sequences, seed)
+        return GenerateDecoderOnlyOutput(sequences=result.sequences, **extra)
+
+    def _scores(self, config: Any, ids: torch.Tensor, mask, sequences: torch.Tensor, seed) -> dict[str, Any]:
+        """`scores` and `logits` as HF's output object holds them, where the config asks for them (`rescore`)."""
+        if not (config.output_scores or config.output_logits):
+            return {}
+        sampling = SamplingConfig(
+            bool(config.do_sample), self.sampling, config.temperature if config.temperature is not None else 1.0,
+            config.top_k, config.top_p, seed, config.min_p, config.repetition_penalty,
+            [*(config.suppress_tokens or ()), *_bad_words(config.bad_words_ids)], config.begin_suppress_tokens or (),
+        )  # fmt: skip
+        eos = _eos_ids(config.eos_token_id)
+        scores, logits = rescore(self.adapter, ids, mask, sequences, sampling, config.min_new_tokens or 0, eos)
+        return {"scores": scores if config.output_scores else None, "logits": logits if config.output_logits else None}
 
     def _generation_config(self, kwargs: dict[str, Any]):
         """The model's generation config, overridden by `generation_config` and then by the keyword arguments."""

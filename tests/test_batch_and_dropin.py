@@ -172,13 +172,13 @@ def test_hf_text_streamer_works(model, capsys):
     ("kwargs", "message"),
     [
         (dict(num_beams=4), "unsupported generate argument"),
-        (dict(output_scores=True), "unsupported generate argument"),
+        (dict(output_attentions=True), "unsupported generate argument"),
         (dict(generation_config=GenerationConfig(num_beams=3)), "num_beams=3 is not supported"),
         (dict(generation_config=GenerationConfig(no_repeat_ngram_size=2)), "no_repeat_ngram_size"),
         (dict(generation_config=GenerationConfig(dola_layers="low")), "dola_layers"),
         (dict(generation_config=GenerationConfig(top_h=0.4)), "top_h"),
         (dict(generation_config=GenerationConfig(typical_p=0.5)), "typical_p"),
-        (dict(return_dict_in_generate=True, generation_config=GenerationConfig(output_scores=True)), "output_scores"),
+        (dict(return_dict_in_generate=True, generation_config=GenerationConfig(output_hidden_states=True)), "hidden"),
         (dict(attention_mask=torch.tensor([[1, 0, 1]])), "not left padding"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Stopping criteria, stop strings, max_time and num_return_sequences: the drop-in ends rows where HF generate does."""
+"""Stopping criteria, stop strings, max_time, num_return_sequences and output scores: the drop-in as HF generate."""
 
 from __future__ import annotations
 
@@ -161,3 +161,66 @@ def test_generate_cli_stop_needs_a_tokenizer(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--stop needs the model's tokenizer" in err and "Traceback" not in err
+
+
+# ---- output_scores / output_logits -----------------------------------------------------------------------------------
+def assert_scores_close(expected: tuple, got: tuple) -> None:
+    assert len(got) == len(expected)
+    for want, have in zip(expected, got, strict=True):
+        assert have.shape == want.shape and have.dtype == want.dtype
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(have))  # the same ids removed (-inf)
+        torch.testing.assert_close(have[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    case=batch_cases(),
+    draft_len=st.integers(1, 4),
+    eos_pick=st.integers(0, 200),
+    penalty=st.sampled_from([1.0, 1.3]),
+    min_new=st.integers(0, 3),
+)
+def test_output_scores_and_logits_match_hf_greedy(case, draft_len, eos_pick, penalty, min_new):
+    """Recomputed in one pass over the output: HF's per-step values (float rounding apart), finished rows too."""
+    model, spec, exit_layer, prompts = case
+    ids, mask = left_pad(prompts)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, eos_token_id=1 + eos_pick % (spec.vocab - 1),
+        repetition_penalty=penalty, min_new_tokens=min_new, return_dict_in_generate=True, output_scores=True,
+        output_logits=True,
+    )  # fmt: skip
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    got = executor.EarlyExitGenerator(model, exit_layer=exit_layer, draft_len=draft_len).generate(ids, **kwargs)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert_scores_close(expected.scores, got.scores)
+    assert_scores_close(expected.logits, got.logits)
+
+
+def test_sampled_output_scores_are_hf_processors_over_the_output(model):
+    """Sampling draws other tokens than HF's stream, so the reference is HF's own processors and warpers applied to
+    HF's logits over our output, step by step (HF's order)."""
+    from transformers import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    ids = torch.tensor([[3, 4, 5]])
+    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=1.3, top_k=20, top_p=0.9, repetition_penalty=1.2)
+    got = executor.EarlyExitGenerator(model, exit_layer=2, seed=3).generate(
+        ids, return_dict_in_generate=True, output_scores=True, output_logits=True, **kwargs
+    )
+    processors = [RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(1.3)]
+    processors += [TopKLogitsWarper(20), TopPLogitsWarper(0.9)]
+    expected = []
+    for step, logits in enumerate(got.logits):
+        scores = logits.clone()
+        for processor in processors:
+            scores = processor(got.sequences[:, : 3 + step], scores)
+        expected.append(scores)
+        assert torch.isfinite(got.scores[step][0, got.sequences[0, 3 + step]])  # the token drawn was allowed
+    assert_scores_close(tuple(expected), got.scores)
+    plain = model(got.sequences[:, :-1]).logits[:, 2:].float()
+    torch.testing.assert_close(torch.stack(got.logits, 1), plain)
