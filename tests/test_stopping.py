@@ -224,3 +224,18 @@ def test_sampled_output_scores_are_hf_processors_over_the_output(model):
     assert_scores_close(tuple(expected), got.scores)
     plain = model(got.sequences[:, :-1]).logits[:, 2:].float()
     torch.testing.assert_close(torch.stack(got.logits, 1), plain)
+
+
+def test_ppsd_drop_in_output_scores_match_hf(model):
+    ids = torch.tensor([[3, 4, 5]])
+    kwargs = dict(max_new_tokens=10, pad_token_id=PAD, return_dict_in_generate=True, output_scores=True)
+    kwargs.update(repetition_penalty=1.2, suppress_tokens=favourite_ids(model))
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    got = executor.EarlyExitGenerator(model, method="ppsd", exit_layer=2).generate(ids, **kwargs)
+    assert got.sequences.tolist() == expected.sequences.tolist() and got.logits is None
+    assert_scores_close(expected.scores, got.scores)
+
+
+def favourite_ids(model) -> list[int]:
+    """Two ids the model outputs for [3, 4, 5] unconstrained."""
+    return list(dict.fromkeys(executor.generate(model, [[3, 4, 5]], max_new_tokens=8).sequences[0, 3:].tolist()))[:2]
