@@ -260,9 +260,16 @@ case "${1:-}" in
     timeout 60 python3 benchmarks/train_profile.py --model "$GGUF" --corpus "${CORPORA[@]}" --exit-layer 7,15 \
       --batch-size $BATCH --window 256 --steps 3 --warmup 2 --device "$DEVICE" --dtype $DTYPE --threads 8 \
       --out "$OUT/train_profile_smollm2-135m_$CARD.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/heads19.log"
+    HELD=.carry/corpora/smol-held
+    if [ ! -f "$HELD/manifest.json" ]; then  # not carried (no CPU copy where `prepare` ran): built here, as HELD is
+      HELD=/tmp/smol-held
+      timeout 120 python3 -m executor.cli corpus --model "$GGUF" --out "$HELD" --force --sources self \
+        --split held-out --temperatures 0 --max-new-tokens $N --device "$DEVICE" --dtype float32 --capture auto \
+        --threads 4 --no-progress >> "$OUT/heads19.log" 2>&1
+    fi
     timeout $((H + 50)) python3 -m executor.cli train-head --model "$GGUF" --init-head "${INIT_HEADS[@]}" \
       --draft-vocab heads/smollm2-135m_v16k.safetensors \
-      --corpus "${CORPORA[@]}" --eval-corpus .carry/corpora/smol-held --eval-every 100 --steps $STEPS --lr 5e-4 \
+      --corpus "${CORPORA[@]}" --eval-corpus "$HELD" --eval-every 100 --steps $STEPS --lr 5e-4 \
       --warmup-steps 20 --batch-size $BATCH --window 256 --device "$DEVICE" --dtype $DTYPE --time-budget-s $H --force \
       --out '/tmp/heads/smollm2-135m-e{exit_layer}-gpu.safetensors' --no-progress 2>&1 | tee -a "$OUT/heads19.log"
     cp /tmp/heads/*.safetensors "$OUT"/
