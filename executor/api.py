@@ -515,6 +515,21 @@ def rescore(
     return tuple(scores), tuple(raw.unbind(1))
 
 
+def _processing(config: Any) -> dict[str, Any]:
+    """How a generation config has the logits processed and the token chosen, under the names `generate` and
+    `SamplingConfig` share."""
+    return dict(
+        do_sample=bool(config.do_sample),
+        temperature=config.temperature if config.temperature is not None else 1.0,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        min_p=config.min_p,
+        repetition_penalty=config.repetition_penalty,
+        suppress_tokens=[*(config.suppress_tokens or ()), *_bad_words(config.bad_words_ids)],
+        begin_suppress_tokens=config.begin_suppress_tokens,
+    )
+
+
 def _return_sequences(config: Any) -> int:
     """`num_return_sequences`, checked as HF checks it (sampling only, without beams)."""
     copies = config.num_return_sequences or 1
@@ -617,38 +632,27 @@ class EarlyExitGenerator:
         max_new = config.max_new_tokens
         if max_new is None:
             max_new = max(config.max_length - ids.shape[1], 0)
+        processing = _processing(config)
         result = generate(
             self.adapter, ids, method=self.method, exit_layer=self.exit_layer, draft_len=self.draft_len,
             policy=self.policy, max_new_tokens=max_new, min_new_tokens=config.min_new_tokens or 0,
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
-            do_sample=bool(config.do_sample), sampling=self.sampling,
-            temperature=config.temperature if config.temperature is not None else 1.0,
-            top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, repetition_penalty=config.repetition_penalty,
-            suppress_tokens=[*(config.suppress_tokens or ()), *_bad_words(config.bad_words_ids)],
-            begin_suppress_tokens=config.begin_suppress_tokens,
-            seed=seed, streamer=kwargs.get("streamer"), stopping_criteria=_criteria(config, kwargs), head=self.head,
-            capture=self.capture,
+            sampling=self.sampling, seed=seed, streamer=kwargs.get("streamer"),
+            stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture, **processing,
         )  # fmt: skip
         self.last_stats = result.stats
         if not config.return_dict_in_generate:
             return result.sequences
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-        extra = self._scores(config, ids, mask, result.sequences, seed)
+        extra = {}
+        if config.output_scores or config.output_logits:  # processed as the tokens were chosen (`rescore`)
+            sampling = SamplingConfig(mode=self.sampling, seed=seed, **processing)
+            min_new, eos = config.min_new_tokens or 0, _eos_ids(config.eos_token_id)
+            scores, logits = rescore(self.adapter, ids, mask, result.sequences, sampling, min_new, eos)
+            extra = {"scores": scores if config.output_scores else None}
+            extra["logits"] = logits if config.output_logits else None
         return GenerateDecoderOnlyOutput(sequences=result.sequences, **extra)
-
-    def _scores(self, config: Any, ids: torch.Tensor, mask, sequences: torch.Tensor, seed) -> dict[str, Any]:
-        """`scores` and `logits` as HF's output object holds them, where the config asks for them (`rescore`)."""
-        if not (config.output_scores or config.output_logits):
-            return {}
-        sampling = SamplingConfig(
-            bool(config.do_sample), self.sampling, config.temperature if config.temperature is not None else 1.0,
-            config.top_k, config.top_p, seed, config.min_p, config.repetition_penalty,
-            [*(config.suppress_tokens or ()), *_bad_words(config.bad_words_ids)], config.begin_suppress_tokens or (),
-        )  # fmt: skip
-        eos = _eos_ids(config.eos_token_id)
-        scores, logits = rescore(self.adapter, ids, mask, sequences, sampling, config.min_new_tokens or 0, eos)
-        return {"scores": scores if config.output_scores else None, "logits": logits if config.output_logits else None}
 
     def _generation_config(self, kwargs: dict[str, Any]):
         """The model's generation config, overridden by `generation_config` and then by the keyword arguments."""

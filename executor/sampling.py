@@ -240,7 +240,7 @@ class TokenSelector:
         self.eos_ids = list(eos_ids)
         self.prompt_lens = torch.tensor(prompt_lens, device=device).unsqueeze(1)  # [B, 1]
         self.seed = torch.zeros(len(prompt_lens), 1, dtype=torch.int64, device=device)  # [B, 1]: each row's
-        self.eos = torch.tensor(self.eos_ids, dtype=torch.int64, device=device) if self.eos_ids else None
+        self.eos = _id_tensor(tuple(self.eos_ids), device)
         self.suppressed = _id_tensor(config.suppress_tokens, device)
         self.suppressed_first = _id_tensor(config.begin_suppress_tokens, device)
         self.seen: torch.Tensor | None = None
