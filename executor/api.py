@@ -25,6 +25,7 @@ from executor.passes import (
     cached_passes,
     check_sync_every,
     on_device,
+    prefix_capture,
     resolve_capture,
     resolve_sync_every,
 )
@@ -40,6 +41,7 @@ METHODS = ("ar", "eesd", "ppsd")
 class GenerationResult:
     sequences: torch.Tensor  # [B, prompt width + new tokens], exactly as HF `generate` lays it out
     stats: GenerationStats
+    sampling: SamplingConfig | None = None  # how the tokens were chosen (processors included), for `rescore`
 
 
 AR_SYNC_CAPTURED = SYNC_CAPTURED  # default `sync_every` of captured AR passes
@@ -243,13 +245,67 @@ def forced_acceptance(accept_pattern: float | Sequence[int], seed: int) -> Calla
 
 def _decode_ppsd(
     adapter, rows: Rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
-    sync_every, stall_timeout_s,
+    sync_every, stall_timeout_s, given,
 ):  # fmt: skip
     return decode_ppsd(
         adapter, rows.prompts[0], rows.sinks[0], None, stages=stages, stage_boundaries=stage_boundaries,
         exit_layer=exit_layer, backend=backend, sampling=config, min_new_tokens=min_new_tokens, capture=capture,
-        head=head, sync_every=sync_every, stall_timeout_s=stall_timeout_s,
+        head=head, sync_every=sync_every, stall_timeout_s=stall_timeout_s, given=given,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PrefixProcessors:
+    """HF's processors for the settings that read each position's prefix (`prefix_processors`)."""
+
+    biases: tuple[Callable[..., Any], ...] = ()  # before the repetition penalty (HF's sequence bias)
+    processors: tuple[Callable[..., Any], ...] = ()  # after suppression (no-repeat n-grams, bad words, the caller's)
+    suppressed: tuple[int, ...] = ()  # single-token bad words: plain suppressed ids (a device mask, capturable)
+
+
+def prefix_processors(
+    bad_words_ids: Any, no_repeat_ngram_size: Any, sequence_bias: Any, logits_processor: Any, eos: list[int]
+) -> PrefixProcessors:
+    """HF's own processors for `bad_words_ids` of more than one token, `no_repeat_ngram_size`, `sequence_bias` and
+    the caller's `logits_processor` list, in HF's order; single-token bad words (an EOS id excepted, as HF excepts
+    it) become suppressed ids."""
+    from transformers.generation.logits_process import (
+        NoBadWordsLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+    )
+
+    words = _bad_words(bad_words_ids, eos)
+    single = tuple(w[0] for w in words if len(w) == 1)
+    processors: list[Callable[..., Any]] = []
+    if no_repeat_ngram_size is not None and no_repeat_ngram_size != 0:
+        if not _is_token_id(no_repeat_ngram_size):  # an integer >= 0
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got {no_repeat_ngram_size!r}")
+        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    longer = [list(w) for w in words if len(w) > 1]
+    if longer:
+        processors.append(NoBadWordsLogitsProcessor(longer, eos or None))
+    if logits_processor is not None:
+        if not isinstance(logits_processor, (list, tuple)) or not all(callable(p) for p in logits_processor):
+            raise ValueError(
+                f"logits_processor must be a list of HF LogitsProcessor objects (callables of input_ids, scores), got "
+                f"{logits_processor!r}"
+            )
+        processors += list(logits_processor)
+    biases = (SequenceBiasLogitsProcessor(sequence_bias=_sequence_bias(sequence_bias)),) if sequence_bias else ()
+    return PrefixProcessors(biases, tuple(processors), single)
+
+
+def _sequence_bias(sequence_bias: Any) -> Any:
+    """HF's `sequence_bias` (a dict of token-id tuples to biases, or a list of [ids, bias] pairs), checked as HF
+    checks it but refused with a ValueError."""
+    try:
+        from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+
+        SequenceBiasLogitsProcessor(sequence_bias=sequence_bias)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"sequence_bias: {error}") from None
+    return sequence_bias
 
 
 @dataclass(frozen=True)
@@ -319,6 +375,10 @@ def generate(
     repetition_penalty: float | None = None,
     suppress_tokens: Sequence[int] | None = None,
     begin_suppress_tokens: Sequence[int] | None = None,
+    bad_words_ids: Sequence[Sequence[int]] | None = None,
+    no_repeat_ngram_size: int = 0,
+    sequence_bias: Any = None,
+    logits_processor: Sequence[Callable[..., Any]] | None = None,
     seed: int | Sequence[int] = 0,
     streamer: Any = None,
     stopping_criteria: Sequence[Callable[..., Any]] | None = None,
@@ -342,11 +402,17 @@ def generate(
     layer), "shared:N" (the same over the N lowest token ids), a head file (trained, or a vocabulary subset from `eesd
     train-head --vocab-subset N`) or a head object (see `executor.heads`). `repetition_penalty`, `suppress_tokens`
     (ids never chosen) and `begin_suppress_tokens` (ids not chosen as the first new token) apply as HF's processors
-    do, to every method and backend. `stopping_criteria` (HF `StoppingCriteria` objects, e.g.
-    `StopStringCriteria`, or any callable of the same signature) end a row after the first token for which one of
-    them returns True, called once per new token with that row as HF holds it at that step ([1, prompt width + new
-    tokens], on the CPU, its left padding included) and `scores=None` (a speculative round keeps no per-step
-    scores); as in HF, without EOS ids the rows are not padded but all run to the step where the last of them
+    do, to every method and backend. `bad_words_ids` (HF's: single ids join the suppressed ones, an EOS id excepted
+    as HF excepts it; longer sequences ban their last token after the rest), `no_repeat_ngram_size`,
+    `sequence_bias` and `logits_processor` (HF `LogitsProcessor`s, or callables of (input_ids, scores)) depend on
+    the tokens before each position: they run HF's own processors on each position's prefix, the row as HF holds
+    it at that step (`executor.sampling`), on every method but PPSD's "distributed" backend, with the passes
+    uncaptured (`capture` "auto" runs them so; a captured mode is refused). `stopping_criteria` (HF
+    `StoppingCriteria` objects, e.g. `StopStringCriteria`, or any callable of the same signature) end a row after
+    the first token for which one of them returns True, called once per new token with that row as HF holds it at
+    that step ([1, prompt width + new tokens], on the CPU, its left padding included) and `scores=None` (a
+    speculative round keeps no per-step scores); as in HF, without EOS ids the rows are not padded but all run to
+    the step where the last of them
     stopped (`executor.decoding.BatchStop`). Not with PPSD's "distributed" backend.
 
     "ppsd" (verify-while-draft pipeline, batch size 1, greedy or exact sampling) splits the layers into `stages`
@@ -395,16 +461,19 @@ def generate(
         raise ValueError(f"accept_pattern forces EESD's accept decision: it needs method 'eesd', got {method!r}")
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    eos = check_eos(adapter, _eos_ids(eos_token_id))
+    prefixed = prefix_processors(bad_words_ids, no_repeat_ngram_size, sequence_bias, logits_processor, eos)
     config = SamplingConfig(
-        do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty, suppress_tokens or (),
-        begin_suppress_tokens or (),
+        do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty,
+        (*(suppress_tokens or ()), *prefixed.suppressed), begin_suppress_tokens or (), prefixed.processors,
+        prefixed.biases,
     )  # fmt: skip
+    capture = prefix_capture(capture, config, method, backend)
     config.row_seeds(len(prompts))  # a per-row list must have one seed per row
     seed = config.first_seed  # checked, a plain int: the policies' and forced acceptance's
     forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
     if config.penalized and accept_pattern is not None:
         raise ValueError("accept_pattern (forced acceptance) cannot be combined with repetition_penalty")
-    eos = check_eos(adapter, _eos_ids(eos_token_id))
     cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
     policies = _policies(policy if policy is not None else f"fixed:{draft_len}", len(prompts), seed, cost_ratio)
     check_policies(adapter, policies)
@@ -419,14 +488,14 @@ def generate(
         if max_new_tokens > 0 and method == "ppsd":
             stats = _decode_ppsd(
                 adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
-                sync_every, stall_timeout_s,
+                sync_every, stall_timeout_s, ids[0].tolist(),
             )  # fmt: skip
             stats.prompt_tokens = len(prompts[0])
         elif max_new_tokens > 0:
             exit_head = resolve_head(head, adapter, exit_layer) if method == "eesd" else None
             setup = PassSetup(method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture)
             passes = setup.passes(adapter, prompts, max_new_tokens)
-            passes.selector.start(prompts)  # a repetition penalty's context: the prompts (HF leaves padding out)
+            passes.selector.start(prompts, ids)  # a penalty's context: the prompts (HF leaves padding out); prefixes
             stats.capture = passes.capture
             if method == "ar":
                 decode_ar(adapter, rows, passes, stats, sync_every=resolve_sync_every(sync_every, passes.capture))
@@ -438,7 +507,7 @@ def generate(
     stats.new_tokens = sum(len(s.tokens) for s in rows.sinks)
     fill = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     sequences = _layout(ids, [s.tokens for s in rows.sinks], fill, adapter.device)
-    return GenerationResult(sequences=sequences, stats=stats)
+    return GenerationResult(sequences=sequences, stats=stats, sampling=config)
 
 
 def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.Tensor | None:
@@ -454,22 +523,25 @@ SUPPORTED_GENERATE_ARGS = (
     "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "generation_config", "streamer",
     "max_length", "use_cache", "return_dict_in_generate", "output_scores", "output_logits", "stopping_criteria",
     "stop_strings", "tokenizer", "max_time", "num_return_sequences", "suppress_tokens", "begin_suppress_tokens",
-    "bad_words_ids",
+    "bad_words_ids", "no_repeat_ngram_size", "sequence_bias", "logits_processor",
 )  # fmt: skip
 # use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
 # GenerateDecoderOnlyOutput holding `sequences`, and `scores` / `logits` with output_scores / output_logits
 # (recomputed by one pass over the output: `rescore`); attentions and hidden states are not kept
 
 # generate arguments that are not generation_config fields
-_NOT_CONFIG = ("attention_mask", "streamer", "generation_config", "use_cache", "stopping_criteria", "tokenizer")
+_NOT_CONFIG = (
+    "attention_mask", "streamer", "generation_config", "use_cache", "stopping_criteria", "tokenizer",
+    "logits_processor",
+)  # fmt: skip
 
 # generation_config fields that change the result if set away from these values, and that we do not implement
 _UNSUPPORTED_CONFIG = {
     "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
-    "no_repeat_ngram_size": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None,
     "typical_p": 1.0, "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
-    "length_penalty": 1.0, "sequence_bias": None, "guidance_scale": None,
+    "length_penalty": 1.0, "guidance_scale": None,
     "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "min_length": 0, "top_h": None,
     "dola_layers": None, "exponential_decay_length_penalty": None, "token_healing": False,
     "watermarking_config": None, "constraints": None, "force_words_ids": None, "diversity_penalty": 0.0,
@@ -505,13 +577,15 @@ def rescore(
     prompts = split_prompts(ids, None if mask is None else prompt_mask)
     lengths = [len(p) for p in prompts]
     selector = TokenSelector(config, lengths, min_new_tokens, eos, adapter.device)
-    selector.track(raw.shape[-1])
-    selector.start(prompts)
+    selector.track(raw.shape[-1], max(lengths) + steps)
+    selector.start(prompts, ids)
     start = torch.tensor(lengths, device=adapter.device).unsqueeze(1)
     scores = []
     for step in range(steps):
         scores.append(selector.scores(raw[:, step : step + 1].double(), start + step)[:, 0].float())
-        selector.note(sequences[:, width + step : width + step + 1])
+        token = sequences[:, width + step : width + step + 1]
+        selector.note(token)
+        selector.record(token, start + step)
     return tuple(scores), tuple(raw.unbind(1))
 
 
@@ -525,8 +599,11 @@ def _processing(config: Any) -> dict[str, Any]:
         top_p=config.top_p,
         min_p=config.min_p,
         repetition_penalty=config.repetition_penalty,
-        suppress_tokens=[*(config.suppress_tokens or ()), *_bad_words(config.bad_words_ids)],
+        suppress_tokens=config.suppress_tokens,
         begin_suppress_tokens=config.begin_suppress_tokens,
+        bad_words_ids=config.bad_words_ids,
+        no_repeat_ngram_size=config.no_repeat_ngram_size or 0,
+        sequence_bias=config.sequence_bias,
     )
 
 
@@ -543,21 +620,21 @@ def _return_sequences(config: Any) -> int:
     return copies
 
 
-def _bad_words(bad_words_ids: Any) -> list[int]:
-    """HF's `bad_words_ids` of single tokens: ids never chosen, as `suppress_tokens` (longer sequences, banned only
-    after their prefix, are not supported)."""
+def _bad_words(bad_words_ids: Any, eos: list[int]) -> list[tuple[int, ...]]:
+    """HF's `bad_words_ids` (a list of non-empty lists of token ids), checked, without a single EOS id (HF lets the
+    model end a row even when EOS is listed as a bad word)."""
     if bad_words_ids is None:
         return []
     if not isinstance(bad_words_ids, (list, tuple)) or not all(
-        isinstance(words, (list, tuple)) and words for words in bad_words_ids
+        isinstance(words, (list, tuple)) and words and all(_is_token_id(t) for t in words) for words in bad_words_ids
     ):
-        raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids, got {bad_words_ids!r}")
-    longer = [words for words in bad_words_ids if len(words) > 1]
-    if longer:
-        raise ValueError(
-            f"bad_words_ids of more than one token are not supported (got {list(longer[0])}); single tokens are"
-        )
-    return [words[0] for words in bad_words_ids]
+        raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids (>= 0), got {bad_words_ids!r}")
+    words = [tuple(int(t) for t in w) for w in bad_words_ids]
+    return [w for w in words if not (len(w) == 1 and w[0] in eos)]
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def _criteria(config: Any, kwargs: dict[str, Any]) -> list:
@@ -638,7 +715,8 @@ class EarlyExitGenerator:
             policy=self.policy, max_new_tokens=max_new, min_new_tokens=config.min_new_tokens or 0,
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             sampling=self.sampling, seed=seed, streamer=kwargs.get("streamer"),
-            stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture, **processing,
+            stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture,
+            logits_processor=kwargs.get("logits_processor"), **processing,
         )  # fmt: skip
         self.last_stats = result.stats
         if not config.return_dict_in_generate:
@@ -647,9 +725,8 @@ class EarlyExitGenerator:
 
         extra = {}
         if config.output_scores or config.output_logits:  # processed as the tokens were chosen (`rescore`)
-            sampling = SamplingConfig(mode=self.sampling, seed=seed, **processing)
             min_new, eos = config.min_new_tokens or 0, _eos_ids(config.eos_token_id)
-            scores, logits = rescore(self.adapter, ids, mask, result.sequences, sampling, min_new, eos)
+            scores, logits = rescore(self.adapter, ids, mask, result.sequences, result.sampling, min_new, eos)
             extra = {"scores": scores if config.output_scores else None}
             extra["logits"] = logits if config.output_logits else None
         return GenerateDecoderOnlyOutput(sequences=result.sequences, **extra)

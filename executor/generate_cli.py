@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="HF's repetition penalty (every method and backend)",
     )  # fmt: skip
     parser.add_argument(
+        "--no-repeat-ngram-size", type=int, default=0, metavar="N",
+        help="HF's no_repeat_ngram_size: never repeat an n-gram of N tokens (passes run uncaptured; not with PPSD's "
+        "distributed backend)",
+    )  # fmt: skip
+    parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT",
         help="end the output after the first token that completes TEXT (HF's stop strings; repeatable; a newline "
         "from bash: --stop $'\\n')",
@@ -150,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, sampling=args.sampling,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         repetition_penalty=args.repetition_penalty, capture=args.capture, stopping_criteria=_stops(args, tokenizer),
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
     )  # fmt: skip
     stall = {} if args.stall_timeout is None else {"stall_timeout_s": args.stall_timeout}
     try:

@@ -42,7 +42,7 @@ import torch
 from executor.adapter import ModelAdapter, Step, allow_recompiles, inductor_available, with_layer_run
 from executor.fusion import fuse_projections, unfuse_projections
 from executor.kv_cache import KVCache
-from executor.sampling import DRAFT_SALT, TokenSelector
+from executor.sampling import DRAFT_SALT, SamplingConfig, TokenSelector
 from executor.verify import match_verdicts, rejection_verdicts
 from sim.contract import AR_HISTORY, MIN_SPAN, SYNC_CAPTURED  # MIN_SPAN: read per launch (the tests lower it)
 from sim.contract import span_bucket as contract_span_bucket
@@ -101,6 +101,19 @@ def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> s
     if capture == "freeze" and device.type != "cpu":
         raise ValueError(f"capture 'freeze' is for a model on the CPU, it is on {device.type}")
     return capture
+
+
+def prefix_capture(capture: str, config: SamplingConfig, method: str, backend: str) -> str:
+    """Prefix processors call Python on the host at every selection: "auto" runs the passes uncaptured, a captured
+    mode is refused, and so is PPSD's distributed backend (its stage processes hold no prefix)."""
+    if not config.reads_prefix:
+        return capture
+    named = "bad_words_ids of several tokens, no_repeat_ngram_size, sequence_bias and logits_processor"
+    if method == "ppsd" and backend == "distributed":
+        raise ValueError(f"{named} are not supported with PPSD's 'distributed' backend")
+    if capture not in ("auto", "none"):
+        raise ValueError(f"{named} run on the host at every token: capture must be 'auto' or 'none', got {capture!r}")
+    return "none"
 
 
 def check_sync_every(sync_every: int | None) -> None:
@@ -280,8 +293,8 @@ class Passes:
             k = max(max_draft, 1)
             self.draft_prob = torch.zeros(batch, vocab, dtype=torch.float64, device=device)
             self.draft_probs = torch.zeros(batch, k, vocab, dtype=torch.float64, device=device)
+        selector.track(vocab, cache.max_len)  # a penalty's seen set, a prefix processor's text (`TokenSelector`)
         if self.penalized:  # repetition penalty: the committed text's tokens, and a draft step's (+ earlier drafts)
-            selector.track(vocab)
             self.draft_seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
             self.draft_context = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
         self._passes: dict[tuple[str, int, int], StaticPass] = {}  # by (name, q, span)
@@ -381,6 +394,7 @@ class Passes:
 
     def _ar(self, step: Step) -> None:
         adapter = self.adapter
+        self.selector.record(self.ids, step.positions)  # the token fed at each position, for prefix processors
         hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, adapter.num_layers)
         self.tokens[1].copy_(self.selector.select(adapter.logits(hidden), step.positions + 1))
 
@@ -400,6 +414,7 @@ class Passes:
 
     def _early(self, step: Step) -> torch.Tensor:
         adapter = self.adapter
+        self.selector.record(self.ids, step.positions)
         return adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, self.exit_layer)
 
     def _draft(self, step: Step) -> None:

@@ -52,6 +52,7 @@ from executor.passes import (
     launch_mode,
     on_device,
     prefill_width,
+    prefix_capture,
     resolve_capture,
     resolve_sync_every,
     span_bucket,
@@ -376,6 +377,7 @@ class StageRunner:
     def _compute(self, step: Step) -> None:
         adapter = self.adapter
         if self.is_first:
+            self.selector.record(self.ids, step.positions)  # the token fed at its position, for prefix processors
             hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, self.plan.exit_layer)
             self.draft_id.copy_(self.selector.select(self.head(hidden, step, self.cache), step.positions + 1)[0])
             hidden = adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
@@ -508,7 +510,7 @@ class LocalPipeline:
     ) -> None:
         self.cache, self.selector, self.bucketed = cache, selector, bucketed(capture)
         self.skip_empty = self.skip_empty_on_cpu and adapter.device.type == "cpu"
-        selector.track(adapter.lm_head.weight.shape[0])  # a repetition penalty's committed-token set, before capture
+        selector.track(adapter.lm_head.weight.shape[0], cache.max_len)  # a penalty's seen set, a prefix's text
         self.runners = [
             StageRunner(adapter, cache, plan, s, selector, capture, fallback, head) for s in range(plan.stages)
         ]
@@ -705,11 +707,12 @@ def _decode_local(
     fallback: bool = False,
     head: Any = None,
     sync_every: int = 1,
+    given: list[int] | None = None,
 ) -> PPSDStats:
     begin = time.perf_counter()
     needed = len(prompt) + sink.max_new_tokens
     pipeline = local_pipeline(adapter, cache, plan, backend, selector, capture, needed, fallback, head)
-    stats = prefill_local(pipeline, plan, backend, capture, prompt, sink, begin)
+    stats = prefill_local(pipeline, plan, backend, capture, prompt, sink, begin, given)
     decode_local(pipeline, prompt, sink, sync_every)
     stats.wall_time_s = time.perf_counter() - begin
     return stats
@@ -717,14 +720,15 @@ def _decode_local(
 
 def prefill_local(
     pipeline: LocalPipeline, plan: StagePlan, backend: str, capture: str, prompt: list[int], sink: TokenSink,
-    begin: float,
+    begin: float, given: list[int] | None = None,
 ) -> PPSDStats:  # fmt: skip
     """A generation's first half on a local pipeline: fresh stats, the prompt through every stage and the first
-    token into `sink` (`prefill_time_s` counted from `begin`, a `time.perf_counter()` reading)."""
+    token into `sink` (`prefill_time_s` counted from `begin`, a `time.perf_counter()` reading). `given`: the row as
+    the caller gave it (left padding included), what prefix processors see before the new tokens (default `prompt`)."""
     stats = new_stats(plan, backend, len(prompt))
     stats.capture = capture
     pipeline.restart(stats, len(prompt), pipeline.selector.config.seed)
-    pipeline.selector.start([prompt])
+    pipeline.selector.start([prompt], None if given is None else [given])
     hidden = None
     for runner in pipeline.runners:
         hidden = runner.prefill(hidden, prompt)
@@ -805,6 +809,7 @@ def decode_ppsd(
     capture: str = "none",
     head: Any = None,
     sync_every: int | None = None,
+    given: list[int] | None = None,
 ) -> PPSDStats:
     """PPSD decoding (see the module docstring); the emitted tokens equal AR's: greedy, or with `sampling` in exact
     mode (executor/sampling.py) seeded AR sampling's, token for token. `min_new_tokens` masks EOS as HF does.
@@ -818,7 +823,9 @@ def decode_ppsd(
     naming it; a healthy run has no time limit, executor/ppsd_dist.py).
 
     `sync_every` (local backends) is how many ticks the device runs between two host reads (`LocalPipeline`): default
-    8 when captured, 1 otherwise (`resolve_sync_every`). The output does not depend on it.
+    8 when captured, 1 otherwise (`resolve_sync_every`). The output does not depend on it. `given` is the row as the
+    caller gave it, left padding included (default `prompt`): what prefix processors (`SamplingConfig.processors`)
+    see before the new tokens; they need the local backends, uncaptured.
     """
     if head not in (None, "shared") and exit_layer is None:  # a trained head's own exit layer
         head = resolve_head(head, adapter, None)
@@ -830,6 +837,7 @@ def decode_ppsd(
     if not prompt:
         raise ValueError("empty prompt: PPSD needs at least one prompt token")
     selector = make_selector(adapter, len(prompt), sink, sampling, min_new_tokens)
+    capture = prefix_capture(capture, selector.config, "ppsd", backend)
     if sink.done:
         return new_stats(plan, backend, len(prompt))
     if backend == "distributed":
@@ -858,5 +866,5 @@ def decode_ppsd(
     every = resolve_sync_every(sync_every, mode)
     with on_device(adapter.device):
         return _decode_local(
-            adapter, prompt, sink, cache, plan, backend, selector, mode, capture == "auto", head, every
+            adapter, prompt, sink, cache, plan, backend, selector, mode, capture == "auto", head, every, given
         )

@@ -16,9 +16,21 @@
   whole verdict runs on the device (`executor.verify.rejection_verdicts`): no generator state, capturable in a CUDA
   graph.
 
-Processing follows HF's order: repetition penalty (over the tokens the position's context holds, prompt included),
-min-new-tokens (EOS masked), suppressed tokens (always, and at the first new token), then, when sampling,
-temperature, top-k, top-p, min-p.
+Processing follows HF's order: the prefix processors that come first (`SamplingConfig.biases`: HF's sequence bias),
+repetition penalty (over the tokens the position's context holds, prompt included), min-new-tokens (EOS masked),
+suppressed tokens (always, and at the first new token), the other prefix processors (`SamplingConfig.processors`:
+no-repeat n-grams, multi-token bad words, the caller's own), then, when sampling, temperature, top-k, top-p, min-p.
+(HF runs no-repeat n-grams and bad words before min-new-tokens and suppression; all of them only set scores to -inf,
+so the order among them does not change a score.)
+
+A *prefix processor* is HF's `LogitsProcessor` interface, `processor(input_ids, scores) -> scores`, for processing
+that depends on the tokens before the position: `input_ids` [n, T] holds each row as HF holds it at that step (the
+input as given, left padding included, then the new tokens so far), `scores` [n, V] the logits processed so far. A
+speculative pass predicts several positions of a row at once, each after its own prefix (the committed text and the
+drafts before it), so the selector calls a processor once per group of (row, position) whose prefixes have the same
+length T: for AR that is HF's own call, the whole batch at one step. The prefixes come from `text` [B, capacity],
+the token at every position each row has fed to the model (`record`), which every pass writes as it feeds its input;
+a prefix processor runs Python on the host, so passes that use one run uncaptured.
 """
 
 from __future__ import annotations
@@ -49,10 +61,14 @@ class SamplingConfig:
     repetition_penalty: float | None = None  # HF's: a seen token's logit / penalty (x penalty if negative); greedy too
     suppress_tokens: tuple[int, ...] = ()  # HF's: ids never chosen (-inf); greedy too
     begin_suppress_tokens: tuple[int, ...] = ()  # HF's: ids not chosen as the first new token
+    processors: tuple[Callable, ...] = ()  # prefix processors after suppression (module docstring); greedy too
+    biases: tuple[Callable, ...] = ()  # prefix processors before the repetition penalty (HF's sequence bias)
 
     def __post_init__(self) -> None:
         if self.mode not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.mode!r}")
+        for name in ("processors", "biases"):
+            object.__setattr__(self, name, _callables(name, getattr(self, name)))
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             object.__setattr__(self, name, _token_ids(name, getattr(self, name)))
         if self.repetition_penalty is not None:
@@ -91,6 +107,21 @@ class SamplingConfig:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
+    @property
+    def reads_prefix(self) -> bool:
+        """Whether a prefix processor reads each position's tokens before it (a host call: passes run uncaptured)."""
+        return bool(self.processors or self.biases)
+
+
+def _callables(name: str, values: object) -> tuple[Callable, ...]:
+    """A list of prefix processors (callables, e.g. HF `LogitsProcessor`s; a `LogitsProcessorList` is a list)."""
+    values = () if values is None else values
+    if callable(values) and not isinstance(values, (list, tuple)):
+        values = (values,)
+    if not isinstance(values, (list, tuple)) or not all(callable(v) for v in values):
+        raise ValueError(f"{name} must be a list of logits processors (callables of input_ids, scores), got {values!r}")
+    return tuple(values)
 
 
 def row_seeds(seed: int | tuple[int, ...], rows: int) -> list[int]:
@@ -244,24 +275,47 @@ class TokenSelector:
         self.suppressed = _id_tensor(config.suppress_tokens, device)
         self.suppressed_first = _id_tensor(config.begin_suppress_tokens, device)
         self.seen: torch.Tensor | None = None
+        self.text: torch.Tensor | None = None  # [B, capacity]: each row's token at every position it fed (`record`)
+        self.given: list[torch.Tensor] = []  # each row as given (padding included): HF's head of a prefix
+        self.lengths = list(prompt_lens)  # on the host, for the prefix processors' grouping
         self.restart(prompt_lens, config.seed)
 
     @property
     def penalized(self) -> bool:
         return self.config.penalized
 
-    def track(self, vocab: int) -> None:
-        """Allocate `seen` (once, before any capture) when the config has a repetition penalty."""
+    def track(self, vocab: int, capacity: int | None = None) -> None:
+        """Allocate, once and before any capture, `seen` when the config has a repetition penalty and `text` over
+        `capacity` positions when it has prefix processors."""
+        rows, device = self.prompt_lens.shape[0], self.prompt_lens.device
         if self.penalized and self.seen is None:
-            self.seen = torch.zeros(self.prompt_lens.shape[0], vocab, dtype=torch.bool, device=self.prompt_lens.device)
+            self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        if self.config.reads_prefix and capacity is not None and (self.text is None or self.text.shape[1] < capacity):
+            self.text = torch.zeros(rows, capacity, dtype=torch.long, device=device)
 
-    def start(self, prompts: list[list[int]]) -> None:
-        """`seen` <- the tokens of each row's prompt (no padding)."""
+    def start(self, prompts: list[list[int]], given: torch.Tensor | list[list[int]] | None = None) -> None:
+        """A generation's prompts (no padding): `seen` <- their tokens; `text` <- them, and `given` (default: the
+        prompts) the rows as the caller gave them, left padding included, as a prefix processor sees them."""
+        device = self.prompt_lens.device
         if self.seen is not None:
             width = max(len(p) for p in prompts)
-            rows = torch.tensor([p + p[:1] * (width - len(p)) for p in prompts], device=self.seen.device)
+            rows = torch.tensor([p + p[:1] * (width - len(p)) for p in prompts], device=device)
             self.seen.zero_()
             self.seen.scatter_(1, rows, True)
+        if self.config.reads_prefix:
+            longest = max(len(p) for p in prompts)
+            if self.text is None or self.text.shape[1] < longest:  # untracked: room for the prompts' own selection
+                self.text = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+            self.text.zero_()
+            for row, prompt in enumerate(prompts):
+                self.text[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            rows_given = prompts if given is None else torch.as_tensor(given).tolist()
+            self.given = [torch.tensor(row, dtype=torch.long, device=device) for row in rows_given]
+
+    def record(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Tokens [B, n] fed at absolute `positions` [B, n] join `text` (a no-op without prefix processors)."""
+        if self.text is not None:
+            self.text.scatter_(1, positions, tokens)
 
     def note(self, tokens: torch.Tensor) -> None:
         """Committed tokens [B, n] (device) join `seen`."""
@@ -272,6 +326,7 @@ class TokenSelector:
         """A new generation with these prompt lengths and seed, one for all rows or one per row (same rows, sampling
         settings and EOS ids)."""
         self.prompt_lens.copy_(torch.tensor(prompt_lens).unsqueeze(1))
+        self.lengths = list(prompt_lens)
         self.seed.copy_(torch.tensor(row_seeds(seed, len(prompt_lens)), dtype=torch.int64).unsqueeze(1))
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,6 +334,7 @@ class TokenSelector:
         (bool, broadcast to [B, q, V]) is what the repetition penalty sees; default the committed text, `seen`."""
         if targets.shape[0] != self.prompt_lens.shape[0]:
             raise ValueError(f"selector built for {self.prompt_lens.shape[0]} rows, got {targets.shape[0]}")
+        logits = self._prefixed(self.config.biases, logits, targets)
         if self.penalized:
             if context is None and self.seen is None:
                 raise RuntimeError("repetition penalty without a context: call track(vocab) and start(rows) first")
@@ -287,7 +343,33 @@ class TokenSelector:
         new_index = targets - self.prompt_lens
         logits = mask_eos(logits, new_index, self.min_new_tokens, self.eos)
         logits = suppress(logits, new_index, self.suppressed, self.suppressed_first)
+        logits = self._prefixed(self.config.processors, logits, targets)
         return warp(logits, self.config) if self.config.do_sample else logits
+
+    def _prefixed(self, processors: tuple[Callable, ...], logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """`processors` applied to logits [B, q, V], the scores of the tokens at `targets` [B, q]: one call per
+        group of (row, position) whose prefixes (`prefix`) have the same length, as HF calls a processor per step."""
+        if not processors:
+            return logits
+        if self.text is None or not self.given:
+            raise RuntimeError("prefix processors without the rows' text: call track(vocab, capacity), start(prompts)")
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for row, row_targets in enumerate(targets.tolist()):
+            for j, target in enumerate(row_targets):
+                groups.setdefault(len(self.given[row]) + target - self.lengths[row], []).append((row, j))
+        for cells in groups.values():
+            rows, js = (torch.tensor(index, device=logits.device) for index in zip(*cells, strict=True))
+            input_ids = torch.stack([self.prefix(row, targets[row, j]) for row, j in cells])
+            scores = logits[rows, js]  # a copy: a processor that works in place changes nothing else
+            for processor in processors:
+                scores = processor(input_ids, scores)
+            logits = logits.index_put((rows, js), scores.to(logits.dtype))
+        return logits
+
+    def prefix(self, row: int, target: int | torch.Tensor) -> torch.Tensor:
+        """Row `row` as HF holds it when it chooses the token at absolute position `target`: the row as given, then
+        the new tokens before `target`."""
+        return torch.cat([self.given[row], self.text[row, self.lengths[row] : int(target)]])
 
     def probs(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.to(torch.float64) if self.config.do_sample else logits

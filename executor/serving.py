@@ -294,6 +294,11 @@ def check_serving(method: str, config: SamplingConfig) -> None:
         )
     if config.penalized:
         raise ValueError("serving does not take a repetition penalty (its per-row context is not carried by a slot)")
+    if config.reads_prefix:
+        raise ValueError(
+            "serving does not take prefix processors (bad_words_ids of several tokens, no_repeat_ngram_size, "
+            "sequence_bias, logits_processor): a slot carries no row's text"
+        )
 
 
 @torch.inference_mode()

@@ -174,7 +174,7 @@ def test_hf_text_streamer_works(model, capsys):
         (dict(num_beams=4), "unsupported generate argument"),
         (dict(output_attentions=True), "unsupported generate argument"),
         (dict(generation_config=GenerationConfig(num_beams=3)), "num_beams=3 is not supported"),
-        (dict(generation_config=GenerationConfig(no_repeat_ngram_size=2)), "no_repeat_ngram_size"),
+        (dict(generation_config=GenerationConfig(epsilon_cutoff=0.1)), "epsilon_cutoff"),
         (dict(generation_config=GenerationConfig(dola_layers="low")), "dola_layers"),
         (dict(generation_config=GenerationConfig(top_h=0.4)), "top_h"),
         (dict(generation_config=GenerationConfig(typical_p=0.5)), "typical_p"),

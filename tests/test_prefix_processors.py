@@ -1,0 +1,206 @@
+"""Processors that read each position's prefix: no_repeat_ngram_size, sequence_bias, bad words of several tokens and
+the caller's own logits_processor, equal to HF `generate` on every method (executor.sampling's prefix processors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_batch_and_dropin import PAD, batch_cases, left_pad
+from test_stopping import assert_scores_close
+from tiny_models import TinySpec, scale_late_layers, tiny_model
+
+import executor
+from executor.sampling import SamplingConfig
+
+
+class BanSuccessor:
+    """A caller's processor that reads the prefix: the token after the last one (mod V) is banned."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        banned = (input_ids[:, -1] + 1) % scores.shape[-1]
+        return scores.scatter(1, banned.unsqueeze(1), float("-inf"))
+
+
+class Recorder:
+    """A caller's processor that changes nothing and keeps every input_ids it was called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[list[int]]] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls.append(input_ids.tolist())
+        return scores
+
+
+def settings_from(free: list[list[int]], data) -> dict:
+    """Prefix settings that bite on this output: bigrams and tokens it holds become bad words and biases."""
+    tokens = sorted({t for row in free for t in row})
+    bigrams = sorted({(a, b) for row in free for a, b in zip(row, row[1:], strict=False)})
+    kind = data.draw(st.sampled_from(["ngram", "bias", "bad_words", "processor", "all"]), label="kind")
+    chosen: dict = {}
+    if kind in ("ngram", "all"):
+        chosen["no_repeat_ngram_size"] = data.draw(st.integers(1, 3), label="no_repeat_ngram_size")
+    if kind in ("bias", "all"):
+        keys = data.draw(st.lists(st.sampled_from(bigrams or [(3, 4)]), min_size=1, max_size=3, unique=True))
+        keys += [(t,) for t in data.draw(st.lists(st.sampled_from(tokens), max_size=2, unique=True))]
+        chosen["sequence_bias"] = {key: data.draw(st.sampled_from([-4.0, -1.5, 2.0, 6.0])) for key in keys}
+    if kind in ("bad_words", "all"):
+        words = data.draw(st.lists(st.sampled_from(bigrams or [(3, 4)]), min_size=1, max_size=3, unique=True))
+        chosen["bad_words_ids"] = [list(w) for w in words]
+    if kind in ("processor", "all"):
+        chosen["logits_processor"] = [BanSuccessor()]
+    return chosen
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    case=batch_cases(),
+    draft_len=st.integers(1, 5),
+    min_new=st.integers(0, 3),
+    penalty=st.sampled_from([1.0, 1.0, 1.3]),
+    data=st.data(),
+)
+def test_prefix_processors_match_hf_greedy(case, draft_len, min_new, penalty, data):
+    """Batches with left padding and an EOS, AR and EESD against HF token for token (and PPSD on one row); with a
+    repetition penalty too, which HF applies after the sequence bias."""
+    model, _, exit_layer, prompts = case
+    ids, mask = left_pad(prompts)
+    kwargs = dict(attention_mask=mask, max_new_tokens=14, min_new_tokens=min_new, pad_token_id=PAD, eos_token_id=1)
+    kwargs.update(repetition_penalty=penalty)
+    free = model.generate(ids, do_sample=False, **kwargs)[:, ids.shape[1] :]
+    kwargs.update(settings_from([ids[r][mask[r] == 1].tolist() + free[r].tolist() for r in range(len(ids))], data))
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    for method in ("ar", "eesd"):
+        generator = executor.EarlyExitGenerator(model, method=method, exit_layer=exit_layer, draft_len=draft_len)
+        assert generator.generate(ids, **kwargs).tolist() == expected.tolist(), method
+    one = {key: value for key, value in kwargs.items() if key != "attention_mask"}
+    row = torch.tensor([max(prompts, key=len)])  # PPSD decodes one row
+    alone = model.generate(row, do_sample=False, attention_mask=torch.ones_like(row), **one)
+    ppsd = executor.generate(model, row, method="ppsd", stages=2, **one)
+    assert ppsd.sequences.tolist() == alone.tolist()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=40, seed=8)), 2, 0.0)
+
+
+def test_the_rows_a_processor_sees_are_hf_rows(model):
+    """AR calls a processor as HF does, step by step with the whole batch, left padding included; EESD calls it on
+    every prefix HF does (and on the drafts' own), each row as HF holds it."""
+    ids, mask = left_pad([[3, 4, 5, 6], [7, 8], [9, 10, 11]])
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=PAD)
+    hf, ours, eesd = Recorder(), Recorder(), Recorder()
+    model.generate(ids, do_sample=False, logits_processor=[hf], **kwargs)
+    executor.EarlyExitGenerator(model, method="ar").generate(ids, logits_processor=[ours], **kwargs)
+    assert ours.calls == hf.calls
+    executor.EarlyExitGenerator(model, exit_layer=2, draft_len=3).generate(ids, logits_processor=[eesd], **kwargs)
+    seen = {tuple(row) for call in eesd.calls for row in call}
+    assert all(tuple(row) in seen for call in hf.calls for row in call)
+
+
+def test_generation_config_prefix_settings_match_hf(model):
+    """The drop-in reads no_repeat_ngram_size, sequence_bias and bad_words_ids from a generation config too."""
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([[3, 4, 5, 3]])
+    config = GenerationConfig(max_new_tokens=16, no_repeat_ngram_size=3, sequence_bias={(5, 6): -2.0})
+    config.bad_words_ids, config.pad_token_id = [[7, 8, 9]], PAD
+    free = model.generate(ids, generation_config=GenerationConfig(max_new_tokens=16, pad_token_id=PAD))
+    expected = model.generate(ids, generation_config=config)
+    assert expected.tolist() != free.tolist()
+    got = executor.EarlyExitGenerator(model, exit_layer=2, draft_len=4).generate(ids, generation_config=config)
+    assert got.tolist() == expected.tolist()
+
+
+def no_repeats(tokens: list[int], n: int, start: int) -> bool:
+    """No n-gram that ends at a new token (index >= start) occurred before it."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return all(grams[i] not in grams[:i] for i in range(max(start - n + 1, 0), len(grams)))
+
+
+def test_sampling_with_prefix_processors(model):
+    """Exact sampling: EESD and PPSD equal AR; rejection sampling never breaks a ban (no repeated n-gram, no bad
+    word)."""
+    prompt = [3, 4, 5, 3, 4]
+    options = dict(max_new_tokens=24, no_repeat_ngram_size=2, bad_words_ids=[[6, 7]], sequence_bias={(8,): 3.0})
+    ar = executor.generate(model, [prompt], do_sample=True, seed=4, **options).sequences
+    assert no_repeats(ar[0].tolist(), 2, len(prompt))
+    for method, extra in (("eesd", dict(exit_layer=2, draft_len=3)), ("ppsd", dict(stages=2))):
+        got = executor.generate(model, [prompt], method=method, do_sample=True, seed=4, **extra, **options)
+        assert got.sequences.tolist() == ar.tolist(), method
+    for seed in range(4):
+        out = (
+            executor.generate(
+                model, [prompt], method="eesd", exit_layer=2, do_sample=True, sampling="rejection", seed=seed, **options
+            )
+            .sequences[0]
+            .tolist()
+        )
+        assert no_repeats(out, 2, len(prompt)) and (6, 7) not in set(zip(out, out[1:], strict=False)), seed
+
+
+def test_scores_with_prefix_processors_match_hf(model):
+    ids, mask = left_pad([[3, 4, 5, 6], [7, 8]])
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, eos_token_id=1, output_scores=True)
+    kwargs.update(return_dict_in_generate=True, no_repeat_ngram_size=2, sequence_bias={(4, 5): 2.5, (9,): -1.0})
+    kwargs.update(logits_processor=[BanSuccessor()])
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    got = executor.EarlyExitGenerator(model, exit_layer=2, draft_len=3).generate(ids, **kwargs)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert_scores_close(expected.scores, got.scores)
+
+
+def test_a_bad_word_that_is_an_eos_id_is_kept_as_hf_keeps_it(model):
+    ids = torch.tensor([[3, 4, 5]])
+    free = executor.generate(model, ids, max_new_tokens=8).sequences[0, 3:].tolist()
+    eos = free[2]  # a token the model emits: as EOS it ends the row, as a bad word HF ignores it
+    kwargs = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=PAD, bad_words_ids=[[eos], [free[0]]])
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    got = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, **kwargs)
+    assert got.tolist() == expected.tolist()
+    assert eos in got[0, 3:].tolist() and free[0] not in got[0, 3:].tolist()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
+        (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be an integer >= 0"),
+        (dict(bad_words_ids=[[]]), "non-empty lists of token ids"),
+        (dict(bad_words_ids=[3, 4]), "non-empty lists of token ids"),
+        (dict(bad_words_ids=[[3, -4]]), "non-empty lists of token ids"),
+        (dict(sequence_bias={(3,): "high"}), "sequence_bias"),
+        (dict(sequence_bias=[[3, 1.0]]), "sequence_bias"),
+        (dict(logits_processor=["not callable"]), "logits_processor must be a list"),
+        (dict(no_repeat_ngram_size=2, capture="freeze"), "capture must be 'auto' or 'none'"),
+        (dict(no_repeat_ngram_size=2, method="ppsd", backend="distributed"), "'distributed' backend"),
+    ],
+)
+def test_bad_prefix_settings_are_refused_naming_the_field(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        executor.generate(model, [[3, 4, 5]], max_new_tokens=4, **kwargs)
+
+
+def test_serving_refuses_prefix_processors():
+    from executor.serving import check_serving
+
+    with pytest.raises(ValueError, match="prefix processors"):
+        check_serving("eesd", SamplingConfig(processors=(BanSuccessor(),)))
+
+
+def test_generate_cli_no_repeat_ngram_size(tmp_path, capsys):
+    from executor.cli import main
+
+    tiny_model(TinySpec(num_layers=2, vocab=40, seed=8), torch.float32).save_pretrained(tmp_path)
+    argv = ["generate", "--model", str(tmp_path), "--prompt-ids", "3,4,5", "--method", "eesd", "--exit-layer", "1"]
+    argv += ["--max-new-tokens", "24", "--compare-ar", "--threads", "1", "--no-repeat-ngram-size", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    tokens = [int(t) for t in out[0].strip("[]").split(",")]
+    assert no_repeats([3, 4, 5, *tokens], 2, 3) and out[-1].startswith("identical to AR: True")
+    assert main([*argv[:-1], "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "no_repeat_ngram_size must be an integer >= 0" in err and "Traceback" not in err
