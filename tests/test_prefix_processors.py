@@ -12,7 +12,7 @@ from test_stopping import assert_scores_close
 from tiny_models import TinySpec, scale_late_layers, tiny_model
 
 import executor
-from executor.sampling import SamplingConfig
+from executor.sampling import SamplingConfig, TokenSelector
 
 
 class BanSuccessor:
@@ -85,6 +85,24 @@ def test_prefix_processors_match_hf_greedy(case, draft_len, min_new, penalty, da
 @pytest.fixture(scope="module")
 def model():
     return scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=40, seed=8)), 2, 0.0)
+
+
+def test_sequence_bias_comes_before_the_penalty_as_in_hf():
+    """HF biases first, then penalises: a seen token's negative logit lifted above 0 by its bias is divided by the
+    penalty, not multiplied (the other order gives another score)."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
+
+    prompt, vocab = [3, 4, 5], 12
+    logits = torch.linspace(-2.0, 2.0, vocab, dtype=torch.float64).view(1, 1, vocab).clone()
+    logits[..., prompt] = -1.0
+    bias = SequenceBiasLogitsProcessor(sequence_bias={(3,): 2.5, (5, 6): 1.5, (4, 7): 9.0, (9,): -3.0})
+    selector = TokenSelector(SamplingConfig(repetition_penalty=1.7, biases=(bias,)), [3], 0, [], torch.device("cpu"))
+    selector.track(vocab, 8)
+    selector.start([prompt])
+    got = selector.scores(logits, torch.tensor([[3]]))[0, 0]
+    ids = torch.tensor([prompt])
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(ids, bias(ids, logits[0].clone()))[0]
+    assert torch.equal(got, expected) and got[3] > 0 and got[6] == logits[0, 0, 6] + 1.5
 
 
 def test_the_rows_a_processor_sees_are_hf_rows(model):
