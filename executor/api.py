@@ -523,11 +523,12 @@ SUPPORTED_GENERATE_ARGS = (
     "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "generation_config", "streamer",
     "max_length", "use_cache", "return_dict_in_generate", "output_scores", "output_logits", "stopping_criteria",
     "stop_strings", "tokenizer", "max_time", "num_return_sequences", "suppress_tokens", "begin_suppress_tokens",
-    "bad_words_ids", "no_repeat_ngram_size", "sequence_bias", "logits_processor",
+    "bad_words_ids", "no_repeat_ngram_size", "sequence_bias", "logits_processor", "output_attentions",
+    "output_hidden_states",
 )  # fmt: skip
 # use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
-# GenerateDecoderOnlyOutput holding `sequences`, and `scores` / `logits` with output_scores / output_logits
-# (recomputed by one pass over the output: `rescore`); attentions and hidden states are not kept
+# GenerateDecoderOnlyOutput holding `sequences`, and `scores`, `logits`, `hidden_states`, `attentions` with their
+# output_* flags (recomputed by one pass over the output: `rescore`); HF's `cache` (past_key_values) is not returned
 
 # generate arguments that are not generation_config fields
 _NOT_CONFIG = (
@@ -545,8 +546,10 @@ _UNSUPPORTED_CONFIG = {
     "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "min_length": 0, "top_h": None,
     "dola_layers": None, "exponential_decay_length_penalty": None, "token_healing": False,
     "watermarking_config": None, "constraints": None, "force_words_ids": None, "diversity_penalty": 0.0,
-    "output_attentions": False, "output_hidden_states": False,
 }  # fmt: skip
+
+
+OUTPUT_FIELDS = ("scores", "logits", "hidden_states", "attentions")  # what `rescore` recomputes, HF's names
 
 
 @torch.no_grad()
@@ -558,35 +561,78 @@ def rescore(
     config: SamplingConfig,
     min_new_tokens: int,
     eos: list[int],
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """HF's `scores` and `logits` for `sequences` (the input `ids` [B, W], then the new tokens): one step per new
-    token, each [B, V] in float32, recomputed by one forward pass of the HF model over the whole output, with the
-    attention mask and positions HF's step-by-step decoding gives them (finished rows' pad tokens attended, as HF does).
-    `scores` are the logits processed as the decoders chose from them (`TokenSelector.scores`: repetition penalty over
-    each step's context, min-new-tokens, suppressed ids, and the warpers when sampling). Equal to HF's up to float
-    rounding: a pass over many positions sums in another order than one step at a time."""
+    fields: Sequence[str] = ("scores", "logits"),
+) -> dict[str, tuple]:
+    """HF's per-step outputs `fields` (of `OUTPUT_FIELDS`) for `sequences` (the input `ids` [B, W], then the new
+    tokens), one entry per new token, recomputed by one forward pass of the HF model over the whole output, with the
+    attention mask and positions HF's step-by-step decoding gives them (finished rows' pad tokens attended, as HF
+    does). `logits`: [B, V] in float32. `scores`: the logits processed as the decoders chose from them
+    (`TokenSelector.scores`: every processor over each step's prefix, and the warpers when sampling).
+    `hidden_states`: per layer (embeddings first), [B, W, d] at the first step and [B, 1, d] after it. `attentions`:
+    per layer, [B, heads, W, W] at the first step and [B, heads, 1, W + step] after it (the model's attention
+    implementation must give them, as for HF: `sdpa` gives none, and every step then holds an empty tuple, as HF's
+    does). Equal to HF's up to float rounding: a pass over many positions sums in another order than one step at a
+    time."""
+    unknown = set(fields) - set(OUTPUT_FIELDS)
+    if unknown:
+        raise ValueError(f"rescore fields must be among {', '.join(OUTPUT_FIELDS)}, got {sorted(unknown)}")
     width, steps = ids.shape[1], sequences.shape[1] - ids.shape[1]
     if steps == 0:
-        return (), ()
+        return {field: () for field in fields}
     ids = ids.to(adapter.device)
     prompt_mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(adapter.device, torch.long)
     full = torch.cat([prompt_mask, torch.ones_like(sequences[:, width:])], dim=1)
     positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
-    out = adapter.model(input_ids=sequences[:, :-1], attention_mask=full[:, :-1], position_ids=positions[:, :-1])
+    out = adapter.model(
+        input_ids=sequences[:, :-1], attention_mask=full[:, :-1], position_ids=positions[:, :-1], use_cache=False,
+        output_hidden_states="hidden_states" in fields, output_attentions="attentions" in fields,
+    )  # fmt: skip
     raw = out.logits[:, width - 1 :].float()  # [B, steps, V]
+    found = {"logits": tuple(raw.unbind(1))}
+    if "scores" in fields:
+        found["scores"] = _scores(adapter, ids, mask, prompt_mask, sequences, raw, config, min_new_tokens, eos)
+    if "hidden_states" in fields or "attentions" in fields:
+        # step 0 is HF's pass over the input alone: a padding position attends over the keys that pass holds (its
+        # own are all masked), so its values depend on the pass's width; step s > 0 is the position W + s - 1 of the
+        # pass over the output, attending over the W + s positions up to it (the later ones masked to weight 0)
+        first = adapter.model(
+            input_ids=ids, attention_mask=prompt_mask, position_ids=positions[:, :width], use_cache=False,
+            output_hidden_states="hidden_states" in fields, output_attentions="attentions" in fields,
+        )  # fmt: skip
+        found["hidden_states"] = _per_step(first.hidden_states, out.hidden_states, width, steps, attention=False)
+        found["attentions"] = _per_step(first.attentions, out.attentions, width, steps, attention=True)
+    return {field: found[field] for field in fields}
+
+
+def _per_step(first: tuple | None, whole: tuple | None, width: int, steps: int, attention: bool) -> tuple:
+    """HF's per-step layout of per-layer tensors: step 0 the input pass's own, step s > 0 the output pass's at
+    position W + s - 1 (hidden [B, 1, d]; attention [B, heads, 1, W + s], the keys up to that position)."""
+    if not first:
+        return ((),) * steps  # e.g. attention weights from an implementation that gives none (as HF returns then)
+
+    def at(t: torch.Tensor, s: int) -> torch.Tensor:
+        row = width + s - 1
+        return t[:, :, row : row + 1, : row + 1] if attention else t[:, row : row + 1]
+
+    return (tuple(first), *(tuple(at(t, s) for t in whole) for s in range(1, steps)))
+
+
+def _scores(adapter, ids, mask, prompt_mask, sequences, raw, config, min_new_tokens, eos) -> tuple:
+    """Each step's processed scores [B, V] (float32) from its raw logits `raw` [B, steps, V] (`rescore`)."""
+    width = ids.shape[1]
     prompts = split_prompts(ids, None if mask is None else prompt_mask)
     lengths = [len(p) for p in prompts]
     selector = TokenSelector(config, lengths, min_new_tokens, eos, adapter.device)
-    selector.track(raw.shape[-1], max(lengths) + steps)
+    selector.track(raw.shape[-1], max(lengths) + raw.shape[1])
     selector.start(prompts, ids)
     start = torch.tensor(lengths, device=adapter.device).unsqueeze(1)
     scores = []
-    for step in range(steps):
+    for step in range(raw.shape[1]):
         scores.append(selector.scores(raw[:, step : step + 1].double(), start + step)[:, 0].float())
         token = sequences[:, width + step : width + step + 1]
         selector.note(token)
         selector.record(token, start + step)
-    return tuple(scores), tuple(raw.unbind(1))
+    return tuple(scores)
 
 
 def _processing(config: Any) -> dict[str, Any]:
@@ -723,12 +769,11 @@ class EarlyExitGenerator:
             return result.sequences
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+        fields = [field for field in OUTPUT_FIELDS if getattr(config, f"output_{field}", False)]
         extra = {}
-        if config.output_scores or config.output_logits:  # processed as the tokens were chosen (`rescore`)
+        if fields:  # recomputed over the output, processed as the tokens were chosen (`rescore`)
             min_new, eos = config.min_new_tokens or 0, _eos_ids(config.eos_token_id)
-            scores, logits = rescore(self.adapter, ids, mask, result.sequences, result.sampling, min_new, eos)
-            extra = {"scores": scores if config.output_scores else None}
-            extra["logits"] = logits if config.output_logits else None
+            extra = rescore(self.adapter, ids, mask, result.sequences, result.sampling, min_new, eos, fields)
         return GenerateDecoderOnlyOutput(sequences=result.sequences, **extra)
 
     def _generation_config(self, kwargs: dict[str, Any]):

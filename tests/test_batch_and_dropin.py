@@ -172,13 +172,13 @@ def test_hf_text_streamer_works(model, capsys):
     ("kwargs", "message"),
     [
         (dict(num_beams=4), "unsupported generate argument"),
-        (dict(output_attentions=True), "unsupported generate argument"),
+        (dict(prefix_allowed_tokens_fn=lambda batch, ids: [3]), "unsupported generate argument"),
         (dict(generation_config=GenerationConfig(num_beams=3)), "num_beams=3 is not supported"),
         (dict(generation_config=GenerationConfig(epsilon_cutoff=0.1)), "epsilon_cutoff"),
         (dict(generation_config=GenerationConfig(dola_layers="low")), "dola_layers"),
         (dict(generation_config=GenerationConfig(top_h=0.4)), "top_h"),
         (dict(generation_config=GenerationConfig(typical_p=0.5)), "typical_p"),
-        (dict(return_dict_in_generate=True, generation_config=GenerationConfig(output_hidden_states=True)), "hidden"),
+        (dict(generation_config=GenerationConfig(exponential_decay_length_penalty=(2, 1.1))), "exponential_decay"),
         (dict(attention_mask=torch.tensor([[1, 0, 1]])), "not left padding"),
     ],
 )

@@ -236,6 +236,45 @@ def test_ppsd_drop_in_output_scores_match_hf(model):
     assert_scores_close(expected.scores, got.scores)
 
 
+def assert_nested_close(expected: tuple, got: tuple) -> None:
+    """Per step, per layer: the same shapes, values equal up to float rounding."""
+    assert len(got) == len(expected)
+    for want_step, have_step in zip(expected, got, strict=True):
+        assert len(have_step) == len(want_step)
+        for want, have in zip(want_step, have_step, strict=True):
+            assert have.shape == want.shape and have.dtype == want.dtype
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ar", "eesd", "ppsd"])
+def test_hidden_states_and_attentions_match_hf(method):
+    """HF's layout: per step a tuple per layer, the first step over the input's width, then one position attending
+    over all before it; a finished row's pads included. PPSD decodes one row. In float32: HF's eager attention turns
+    a float64 model's left-padded rows into NaN (what this fixed case's tokens are checked against HF for first)."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=40, seed=8), torch.float32), 2, 0.0)
+    model.set_attn_implementation("eager")  # HF returns attentions from eager attention only
+    ids, mask = left_pad([[3, 4, 5, 6], [7, 8], [9]] if method != "ppsd" else [[3, 4, 5, 6]])
+    free = executor.generate(model, ids, attention_mask=mask, max_new_tokens=8).sequences[:, ids.shape[1] :]
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=PAD, eos_token_id=int(free[-1, 2]))
+    kwargs.update(return_dict_in_generate=True, output_hidden_states=True, output_attentions=True, output_scores=True)
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    got = executor.EarlyExitGenerator(model, method=method, exit_layer=2, draft_len=3).generate(ids, **kwargs)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert len(expected.attentions[1]) == 4 and expected.attentions[1][0].shape[-1] == ids.shape[1] + 1
+    assert_nested_close(expected.hidden_states, got.hidden_states)
+    assert_nested_close(expected.attentions, got.attentions)
+    assert_scores_close(expected.scores, got.scores)
+
+
+def test_attentions_under_sdpa_are_empty_as_in_hf(model):
+    """`sdpa` gives no attention weights: HF returns an empty tuple per step, so does the drop-in."""
+    ids = torch.tensor([[3, 4, 5]])
+    kwargs = dict(max_new_tokens=5, pad_token_id=PAD, return_dict_in_generate=True, output_attentions=True)
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    got = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, **kwargs)
+    assert got.attentions == expected.attentions == ((),) * 5 and got.hidden_states is None
+
+
 def favourite_ids(model) -> list[int]:
     """Two ids the model outputs for [3, 4, 5] unconstrained."""
     return list(dict.fromkeys(executor.generate(model, [[3, 4, 5]], max_new_tokens=8).sequences[0, 3:].tolist()))[:2]
