@@ -259,41 +259,75 @@ class PrefixProcessors:
     """HF's processors for the settings that read each position's prefix (`prefix_processors`)."""
 
     biases: tuple[Callable[..., Any], ...] = ()  # before the repetition penalty (HF's sequence bias)
-    processors: tuple[Callable[..., Any], ...] = ()  # after suppression (no-repeat n-grams, bad words, the caller's)
+    processors: tuple[Callable[..., Any], ...] = ()  # HF's built-in ones, before suppression
+    custom: tuple[Callable[..., Any], ...] = ()  # the caller's, after suppression
     suppressed: tuple[int, ...] = ()  # single-token bad words: plain suppressed ids (a device mask, capturable)
 
 
-def prefix_processors(
-    bad_words_ids: Any, no_repeat_ngram_size: Any, sequence_bias: Any, logits_processor: Any, eos: list[int]
-) -> PrefixProcessors:
-    """HF's own processors for `bad_words_ids` of more than one token, `no_repeat_ngram_size`, `sequence_bias` and
-    the caller's `logits_processor` list, in HF's order; single-token bad words (an EOS id excepted, as HF excepts
-    it) become suppressed ids."""
-    from transformers.generation.logits_process import (
-        NoBadWordsLogitsProcessor,
-        NoRepeatNGramLogitsProcessor,
-        SequenceBiasLogitsProcessor,
-    )
+PREFIX_SETTINGS = (
+    "bad_words_ids", "no_repeat_ngram_size", "sequence_bias", "logits_processor", "forced_bos_token_id",
+    "forced_eos_token_id", "exponential_decay_length_penalty",
+)  # fmt: skip
 
-    words = _bad_words(bad_words_ids, eos)
-    single = tuple(w[0] for w in words if len(w) == 1)
+
+def prefix_processors(settings: dict[str, Any], eos: list[int], width: int, max_new_tokens: int) -> PrefixProcessors:
+    """HF's own processors for `settings` (`PREFIX_SETTINGS` names; None / 0 is off), in HF's order, for an input
+    `width` tokens wide: no-repeat n-grams, bad words of several tokens, forced BOS and EOS (the EOS at the
+    `max_new_tokens`-th new token, HF's max_length - 1), the exponential decay length penalty; then the caller's
+    `logits_processor`. Single-token bad words (an EOS id excepted, as HF excepts it) become suppressed ids, unless a
+    forced token follows them in HF's order (it overrides them there)."""
+    from transformers.generation import logits_process as hf
+
+    words = _bad_words(settings.get("bad_words_ids"), eos)
+    bos, forced_eos = settings.get("forced_bos_token_id"), _eos_ids(settings.get("forced_eos_token_id"))
+    forced = bos is not None or bool(forced_eos)
+    single = () if forced else tuple(w[0] for w in words if len(w) == 1)
     processors: list[Callable[..., Any]] = []
-    if no_repeat_ngram_size is not None and no_repeat_ngram_size != 0:
-        if not _is_token_id(no_repeat_ngram_size):  # an integer >= 0
-            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got {no_repeat_ngram_size!r}")
-        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
-    longer = [list(w) for w in words if len(w) > 1]
-    if longer:
-        processors.append(NoBadWordsLogitsProcessor(longer, eos or None))
-    if logits_processor is not None:
-        if not isinstance(logits_processor, (list, tuple)) or not all(callable(p) for p in logits_processor):
-            raise ValueError(
-                f"logits_processor must be a list of HF LogitsProcessor objects (callables of input_ids, scores), got "
-                f"{logits_processor!r}"
-            )
-        processors += list(logits_processor)
-    biases = (SequenceBiasLogitsProcessor(sequence_bias=_sequence_bias(sequence_bias)),) if sequence_bias else ()
-    return PrefixProcessors(biases, tuple(processors), single)
+    ngram = settings.get("no_repeat_ngram_size") or 0
+    if ngram != 0:
+        if not _is_token_id(ngram):  # an integer >= 0
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got {ngram!r}")
+        processors.append(hf.NoRepeatNGramLogitsProcessor(ngram))
+    banned = [list(w) for w in words if forced or len(w) > 1]
+    if banned:
+        processors.append(hf.NoBadWordsLogitsProcessor(banned, eos or None))
+    if bos is not None:
+        if not _is_token_id(bos):
+            raise ValueError(f"forced_bos_token_id must be a token id (an integer >= 0), got {bos!r}")
+        processors.append(hf.ForcedBOSTokenLogitsProcessor(bos))
+    if forced_eos:
+        if not all(_is_token_id(t) for t in forced_eos):
+            raise ValueError(f"forced_eos_token_id must be token ids (integers >= 0), got {forced_eos!r}")
+        processors.append(hf.ForcedEOSTokenLogitsProcessor(width + max_new_tokens, forced_eos))
+    decay = settings.get("exponential_decay_length_penalty")
+    if decay is not None:
+        processors.append(_decay(decay, eos, width))
+    custom = settings.get("logits_processor")
+    if custom is not None and (not isinstance(custom, (list, tuple)) or not all(callable(p) for p in custom)):
+        raise ValueError(
+            f"logits_processor must be a list of HF LogitsProcessor objects (callables of input_ids, scores), got "
+            f"{custom!r}"
+        )
+    bias = settings.get("sequence_bias")
+    biases = (hf.SequenceBiasLogitsProcessor(sequence_bias=_sequence_bias(bias)),) if bias else ()
+    return PrefixProcessors(biases, tuple(processors), tuple(custom or ()), single)
+
+
+def _decay(decay: Any, eos: list[int], width: int) -> Callable[..., Any]:
+    """HF's ExponentialDecayLengthPenalty for (start index, decay factor), which needs EOS ids."""
+    from transformers.generation.logits_process import ExponentialDecayLengthPenalty
+
+    if (
+        not isinstance(decay, (list, tuple))
+        or len(decay) != 2
+        or not _is_token_id(decay[0])
+        or not isinstance(decay[1], numbers.Real)
+        or isinstance(decay[1], bool)
+    ):
+        raise ValueError(f"exponential_decay_length_penalty must be (start index >= 0, decay factor), got {decay!r}")
+    if not eos:
+        raise ValueError("exponential_decay_length_penalty raises the EOS score: it needs eos_token_id")
+    return ExponentialDecayLengthPenalty(tuple(decay), eos, width)
 
 
 def _sequence_bias(sequence_bias: Any) -> Any:
@@ -379,6 +413,12 @@ def generate(
     no_repeat_ngram_size: int = 0,
     sequence_bias: Any = None,
     logits_processor: Sequence[Callable[..., Any]] | None = None,
+    forced_bos_token_id: int | None = None,
+    forced_eos_token_id: int | Sequence[int] | None = None,
+    exponential_decay_length_penalty: tuple[int, float] | None = None,
+    typical_p: float | None = None,
+    epsilon_cutoff: float | None = None,
+    eta_cutoff: float | None = None,
     seed: int | Sequence[int] = 0,
     streamer: Any = None,
     stopping_criteria: Sequence[Callable[..., Any]] | None = None,
@@ -402,18 +442,19 @@ def generate(
     layer), "shared:N" (the same over the N lowest token ids), a head file (trained, or a vocabulary subset from `eesd
     train-head --vocab-subset N`) or a head object (see `executor.heads`). `repetition_penalty`, `suppress_tokens`
     (ids never chosen) and `begin_suppress_tokens` (ids not chosen as the first new token) apply as HF's processors
-    do, to every method and backend. `bad_words_ids` (HF's: single ids join the suppressed ones, an EOS id excepted
-    as HF excepts it; longer sequences ban their last token after the rest), `no_repeat_ngram_size`,
-    `sequence_bias` and `logits_processor` (HF `LogitsProcessor`s, or callables of (input_ids, scores)) depend on
-    the tokens before each position: they run HF's own processors on each position's prefix, the row as HF holds
-    it at that step (`executor.sampling`), on every method but PPSD's "distributed" backend, with the passes
-    uncaptured (`capture` "auto" runs them so; a captured mode is refused). `stopping_criteria` (HF
-    `StoppingCriteria` objects, e.g. `StopStringCriteria`, or any callable of the same signature) end a row after
-    the first token for which one of them returns True, called once per new token with that row as HF holds it at
-    that step ([1, prompt width + new tokens], on the CPU, its left padding included) and `scores=None` (a
-    speculative round keeps no per-step scores); as in HF, without EOS ids the rows are not padded but all run to
-    the step where the last of them
-    stopped (`executor.decoding.BatchStop`). Not with PPSD's "distributed" backend.
+    do, to every method and backend, and so do `typical_p`, `epsilon_cutoff` and `eta_cutoff` when sampling.
+    `bad_words_ids` (HF's: single ids join the suppressed ones, an EOS id excepted as HF excepts it; longer sequences
+    ban their last token after the rest), `no_repeat_ngram_size`, `sequence_bias`, `forced_bos_token_id`,
+    `forced_eos_token_id`, `exponential_decay_length_penalty` and `logits_processor` (HF `LogitsProcessor`s, or
+    callables of (input_ids, scores)) depend on the tokens before each position: they run HF's own processors on
+    each position's prefix, the row as HF holds it at that step (`executor.sampling`), on every method but PPSD's
+    "distributed" backend, with the passes uncaptured (`capture` "auto" runs them so; a captured mode is refused).
+    `stopping_criteria` (HF `StoppingCriteria` objects, e.g. `StopStringCriteria`, or any callable of the same
+    signature) end a row after the first token for which one of them returns True, called once per new token with
+    that row as HF holds it at that step ([1, prompt width + new tokens], on the CPU, its left padding included) and
+    `scores=None` (a speculative round keeps no per-step scores); as in HF, without EOS ids the rows are not padded
+    but all run to the step where the last of them stopped (`executor.decoding.BatchStop`). Not with PPSD's
+    "distributed" backend.
 
     "ppsd" (verify-while-draft pipeline, batch size 1, greedy or exact sampling) splits the layers into `stages`
     (balanced, or cut at `stage_boundaries`), drafts with `head` at `exit_layer` (default: a trained head's own
@@ -462,11 +503,16 @@ def generate(
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     eos = check_eos(adapter, _eos_ids(eos_token_id))
-    prefixed = prefix_processors(bad_words_ids, no_repeat_ngram_size, sequence_bias, logits_processor, eos)
+    settings = dict(
+        bad_words_ids=bad_words_ids, no_repeat_ngram_size=no_repeat_ngram_size, sequence_bias=sequence_bias,
+        logits_processor=logits_processor, forced_bos_token_id=forced_bos_token_id,
+        forced_eos_token_id=forced_eos_token_id, exponential_decay_length_penalty=exponential_decay_length_penalty,
+    )  # fmt: skip
+    prefixed = prefix_processors(settings, eos, ids.shape[1], max_new_tokens)
     config = SamplingConfig(
         do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty,
         (*(suppress_tokens or ()), *prefixed.suppressed), begin_suppress_tokens or (), prefixed.processors,
-        prefixed.biases,
+        prefixed.biases, prefixed.custom, typical_p, epsilon_cutoff, eta_cutoff,
     )  # fmt: skip
     capture = prefix_capture(capture, config, method, backend)
     config.row_seeds(len(prompts))  # a per-row list must have one seed per row
@@ -524,8 +570,11 @@ SUPPORTED_GENERATE_ARGS = (
     "max_length", "use_cache", "return_dict_in_generate", "output_scores", "output_logits", "stopping_criteria",
     "stop_strings", "tokenizer", "max_time", "num_return_sequences", "suppress_tokens", "begin_suppress_tokens",
     "bad_words_ids", "no_repeat_ngram_size", "sequence_bias", "logits_processor", "output_attentions",
-    "output_hidden_states",
+    "output_hidden_states", "min_length", "length_penalty", "forced_bos_token_id", "forced_eos_token_id",
+    "exponential_decay_length_penalty", "typical_p", "epsilon_cutoff", "eta_cutoff",
 )  # fmt: skip
+# min_length: HF's total length (input width + new tokens), i.e. min_new_tokens = min_length - width (if not set);
+# length_penalty: scores beams only, so without beams (the only search here) it changes nothing, as in HF
 # use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
 # GenerateDecoderOnlyOutput holding `sequences`, and `scores`, `logits`, `hidden_states`, `attentions` with their
 # output_* flags (recomputed by one pass over the output: `rescore`); HF's `cache` (past_key_values) is not returned
@@ -538,13 +587,9 @@ _NOT_CONFIG = (
 
 # generation_config fields that change the result if set away from these values, and that we do not implement
 _UNSUPPORTED_CONFIG = {
-    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
-    "length_penalty": 1.0, "guidance_scale": None,
-    "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "min_length": 0, "top_h": None,
-    "dola_layers": None, "exponential_decay_length_penalty": None, "token_healing": False,
+    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "encoder_repetition_penalty": 1.0,
+    "guidance_scale": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "top_h": None,
+    "dola_layers": None, "token_healing": False,
     "watermarking_config": None, "constraints": None, "force_words_ids": None, "diversity_penalty": 0.0,
 }  # fmt: skip
 
@@ -650,7 +695,24 @@ def _processing(config: Any) -> dict[str, Any]:
         bad_words_ids=config.bad_words_ids,
         no_repeat_ngram_size=config.no_repeat_ngram_size or 0,
         sequence_bias=config.sequence_bias,
+        forced_bos_token_id=config.forced_bos_token_id,
+        forced_eos_token_id=config.forced_eos_token_id,
+        exponential_decay_length_penalty=config.exponential_decay_length_penalty,
+        typical_p=config.typical_p if config.typical_p is not None and config.typical_p < 1.0 else None,
+        epsilon_cutoff=config.epsilon_cutoff if config.epsilon_cutoff and 0.0 < config.epsilon_cutoff < 1.0 else None,
+        eta_cutoff=config.eta_cutoff if config.eta_cutoff and 0.0 < config.eta_cutoff < 1.0 else None,
     )
+
+
+def _min_new_tokens(config: Any, width: int) -> int:
+    """HF masks EOS while fewer than min_new_tokens are new, or, when min_new_tokens is not set, while the row is
+    shorter than min_length (input width included); min_new_tokens takes precedence (HF sets min_length from it)."""
+    if config.min_new_tokens is not None:
+        return config.min_new_tokens
+    min_length = config.min_length or 0
+    if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
+        raise ValueError(f"min_length must be an integer >= 0, got {min_length!r}")
+    return max(min_length - width, 0)
 
 
 def _return_sequences(config: Any) -> int:
@@ -758,7 +820,7 @@ class EarlyExitGenerator:
         processing = _processing(config)
         result = generate(
             self.adapter, ids, method=self.method, exit_layer=self.exit_layer, draft_len=self.draft_len,
-            policy=self.policy, max_new_tokens=max_new, min_new_tokens=config.min_new_tokens or 0,
+            policy=self.policy, max_new_tokens=max_new, min_new_tokens=_min_new_tokens(config, ids.shape[1]),
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             sampling=self.sampling, seed=seed, streamer=kwargs.get("streamer"),
             stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture,
@@ -772,7 +834,7 @@ class EarlyExitGenerator:
         fields = [field for field in OUTPUT_FIELDS if getattr(config, f"output_{field}", False)]
         extra = {}
         if fields:  # recomputed over the output, processed as the tokens were chosen (`rescore`)
-            min_new, eos = config.min_new_tokens or 0, _eos_ids(config.eos_token_id)
+            min_new, eos = _min_new_tokens(config, ids.shape[1]), _eos_ids(config.eos_token_id)
             extra = rescore(self.adapter, ids, mask, result.sequences, result.sampling, min_new, eos, fields)
         return GenerateDecoderOnlyOutput(sequences=result.sequences, **extra)
 

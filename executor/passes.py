@@ -108,7 +108,10 @@ def prefix_capture(capture: str, config: SamplingConfig, method: str, backend: s
     mode is refused, and so is PPSD's distributed backend (its stage processes hold no prefix)."""
     if not config.reads_prefix:
         return capture
-    named = "bad_words_ids of several tokens, no_repeat_ngram_size, sequence_bias and logits_processor"
+    named = (
+        "bad_words_ids of several tokens, no_repeat_ngram_size, sequence_bias, forced_bos_token_id, "
+        "forced_eos_token_id, exponential_decay_length_penalty and logits_processor"
+    )
     if method == "ppsd" and backend == "distributed":
         raise ValueError(f"{named} are not supported with PPSD's 'distributed' backend")
     if capture not in ("auto", "none"):

@@ -16,12 +16,13 @@
   whole verdict runs on the device (`executor.verify.rejection_verdicts`): no generator state, capturable in a CUDA
   graph.
 
-Processing follows HF's order: the prefix processors that come first (`SamplingConfig.biases`: HF's sequence bias),
-repetition penalty (over the tokens the position's context holds, prompt included), min-new-tokens (EOS masked),
-suppressed tokens (always, and at the first new token), the other prefix processors (`SamplingConfig.processors`:
-no-repeat n-grams, multi-token bad words, the caller's own), then, when sampling, temperature, top-k, top-p, min-p.
-(HF runs no-repeat n-grams and bad words before min-new-tokens and suppression; all of them only set scores to -inf,
-so the order among them does not change a score.)
+Processing follows HF's order: HF's sequence bias (`SamplingConfig.biases`), repetition penalty (over the tokens the
+position's context holds, prompt included), min-new-tokens (EOS masked), HF's other built-in prefix processors
+(`SamplingConfig.processors`: no-repeat n-grams, bad words of several tokens, forced BOS / EOS, the exponential decay
+length penalty), suppressed tokens (always, and at the first new token), the caller's own processors
+(`SamplingConfig.custom`), then, when sampling, temperature, top-k, top-p, min-p, typical-p, epsilon and eta
+cutoffs. (HF runs no-repeat n-grams and bad words before min-new-tokens; both only set scores to -inf, so the order
+between them does not change a score.)
 
 A *prefix processor* is HF's `LogitsProcessor` interface, `processor(input_ids, scores) -> scores`, for processing
 that depends on the tokens before the position: `input_ids` [n, T] holds each row as HF holds it at that step (the
@@ -61,14 +62,21 @@ class SamplingConfig:
     repetition_penalty: float | None = None  # HF's: a seen token's logit / penalty (x penalty if negative); greedy too
     suppress_tokens: tuple[int, ...] = ()  # HF's: ids never chosen (-inf); greedy too
     begin_suppress_tokens: tuple[int, ...] = ()  # HF's: ids not chosen as the first new token
-    processors: tuple[Callable, ...] = ()  # prefix processors after suppression (module docstring); greedy too
+    processors: tuple[Callable, ...] = ()  # prefix processors before suppression (module docstring); greedy too
     biases: tuple[Callable, ...] = ()  # prefix processors before the repetition penalty (HF's sequence bias)
+    custom: tuple[Callable, ...] = ()  # the caller's prefix processors, after suppression (HF's logits_processor)
+    typical_p: float | None = None  # HF's TypicalLogitsWarper (sampling), off when None
+    epsilon_cutoff: float | None = None  # HF's EpsilonLogitsWarper (sampling), off when None
+    eta_cutoff: float | None = None  # HF's EtaLogitsWarper (sampling), off when None
 
     def __post_init__(self) -> None:
         if self.mode not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.mode!r}")
-        for name in ("processors", "biases"):
+        for name in ("processors", "biases", "custom"):
             object.__setattr__(self, name, _callables(name, getattr(self, name)))
+        for name in ("typical_p", "epsilon_cutoff", "eta_cutoff"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), "a number in (0, 1) (None: off)", lambda x: 0 < x < 1)
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             object.__setattr__(self, name, _token_ids(name, getattr(self, name)))
         if self.repetition_penalty is not None:
@@ -111,7 +119,7 @@ class SamplingConfig:
     @property
     def reads_prefix(self) -> bool:
         """Whether a prefix processor reads each position's tokens before it (a host call: passes run uncaptured)."""
-        return bool(self.processors or self.biases)
+        return bool(self.processors or self.biases or self.custom)
 
 
 def _callables(name: str, values: object) -> tuple[Callable, ...]:
@@ -202,8 +210,9 @@ def uniform_noise(seed: int | torch.Tensor, positions: torch.Tensor, salt: int) 
     return _unit(_hash32(_position_key(seed, positions, salt)))
 
 
-def warp(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p over the last dim, as HF's warpers do (removed tokens get -inf)."""
+def warp(logits: torch.Tensor, config: SamplingConfig, warpers: tuple[Callable, ...] = ()) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p over the last dim, as HF's warpers do (removed tokens get -inf), then
+    `warpers` (`hf_warpers`: typical-p, epsilon, eta)."""
     scores = logits / config.temperature if config.temperature != 1.0 else logits
     if config.top_k:
         kth = torch.topk(scores, min(config.top_k, scores.shape[-1])).values[..., -1:]
@@ -216,7 +225,26 @@ def warp(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     if config.min_p is not None:  # the top token always stays: its probability is the threshold's scale
         probs = scores.softmax(-1)
         scores = scores.masked_fill(probs < config.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    for warper in warpers:  # HF's own, over [N, V] rows (they read no input_ids)
+        scores = warper(None, scores.reshape(-1, scores.shape[-1])).reshape(scores.shape)
     return scores
+
+
+def hf_warpers(config: SamplingConfig, device) -> tuple[Callable, ...]:
+    """HF's typical-p, epsilon and eta warpers for `config`, in HF's order, made once (Eta holds a device tensor: made
+    outside any captured pass)."""
+    if not config.do_sample:
+        return ()
+    from transformers.generation.logits_process import EpsilonLogitsWarper, EtaLogitsWarper, TypicalLogitsWarper
+
+    warpers: list[Callable] = []
+    if config.typical_p is not None:
+        warpers.append(TypicalLogitsWarper(mass=config.typical_p))
+    if config.epsilon_cutoff is not None:
+        warpers.append(EpsilonLogitsWarper(epsilon=config.epsilon_cutoff))
+    if config.eta_cutoff is not None:
+        warpers.append(EtaLogitsWarper(epsilon=config.eta_cutoff, device=device))
+    return tuple(warpers)
 
 
 def token_mask(vocab: int, ids: torch.Tensor) -> torch.Tensor:
@@ -278,6 +306,7 @@ class TokenSelector:
         self.text: torch.Tensor | None = None  # [B, capacity]: each row's token at every position it fed (`record`)
         self.given: list[torch.Tensor] = []  # each row as given (padding included): HF's head of a prefix
         self.lengths = list(prompt_lens)  # on the host, for the prefix processors' grouping
+        self.warpers = hf_warpers(config, device)
         self.restart(prompt_lens, config.seed)
 
     @property
@@ -342,9 +371,10 @@ class TokenSelector:
             logits = penalize(logits, seen, float(self.config.repetition_penalty))
         new_index = targets - self.prompt_lens
         logits = mask_eos(logits, new_index, self.min_new_tokens, self.eos)
-        logits = suppress(logits, new_index, self.suppressed, self.suppressed_first)
         logits = self._prefixed(self.config.processors, logits, targets)
-        return warp(logits, self.config) if self.config.do_sample else logits
+        logits = suppress(logits, new_index, self.suppressed, self.suppressed_first)
+        logits = self._prefixed(self.config.custom, logits, targets)
+        return warp(logits, self.config, self.warpers) if self.config.do_sample else logits
 
     def _prefixed(self, processors: tuple[Callable, ...], logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """`processors` applied to logits [B, q, V], the scores of the tokens at `targets` [B, q]: one call per

@@ -297,7 +297,8 @@ def check_serving(method: str, config: SamplingConfig) -> None:
     if config.reads_prefix:
         raise ValueError(
             "serving does not take prefix processors (bad_words_ids of several tokens, no_repeat_ngram_size, "
-            "sequence_bias, logits_processor): a slot carries no row's text"
+            "sequence_bias, forced BOS / EOS, exponential_decay_length_penalty, logits_processor): a slot carries no "
+            "row's text"
         )
 
 

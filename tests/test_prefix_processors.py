@@ -222,3 +222,80 @@ def test_generate_cli_no_repeat_ngram_size(tmp_path, capsys):
     assert main([*argv[:-1], "-1"]) == 2
     err = capsys.readouterr().err
     assert "no_repeat_ngram_size must be an integer >= 0" in err and "Traceback" not in err
+
+
+# ---- HF's length processors and extra warpers ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(forced_eos_token_id=7),
+        dict(forced_eos_token_id=[7, 9], suppress_tokens=[7]),  # HF forces, then suppresses: every score -inf
+        dict(forced_bos_token_id=5),
+        dict(forced_bos_token_id=5, bad_words_ids=[[5], [6, 7]]),  # the forced token overrides its bad word
+        dict(exponential_decay_length_penalty=(2, 1.6)),
+        dict(min_length=9),
+        dict(min_length=9, min_new_tokens=2, length_penalty=0.3),  # length_penalty scores beams only
+    ],
+)
+@pytest.mark.parametrize("method", ["ar", "eesd"])
+def test_length_processors_match_hf(model, method, extra):
+    """forced_bos fires where the row is one token long (HF's cur_len == 1): one of these rows is."""
+    ids, mask = left_pad([[3, 4, 5, 6], [8], [9, 10]]) if "forced_bos_token_id" not in extra else left_pad([[8]])
+    free = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=PAD)
+    eos = int(free[-1, ids.shape[1] + 4])  # the 5th new token of the last row: the decay and min_length move it
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, eos_token_id=eos, **extra)
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    got = executor.EarlyExitGenerator(model, method=method, exit_layer=2, draft_len=3).generate(ids, **kwargs)
+    assert got.tolist() == expected.tolist()
+
+
+def test_length_processors_change_the_output(model):
+    """The cases above bite: each changes HF's output (so equality with HF checks it is applied)."""
+    ids = torch.tensor([[8]])
+    free = model.generate(ids, do_sample=False, max_new_tokens=10, pad_token_id=PAD)[0].tolist()
+    bos = model.generate(ids, do_sample=False, max_new_tokens=10, pad_token_id=PAD, forced_bos_token_id=5)[0]
+    eos = model.generate(ids, do_sample=False, max_new_tokens=10, pad_token_id=PAD, forced_eos_token_id=7)[0]
+    assert bos[1] == 5 != free[1] and eos[-1] == 7 != free[-1]
+
+
+def test_typical_epsilon_eta_sampling(model):
+    """Exact sampling: EESD and PPSD equal AR; each step's scores are HF's warpers over HF's logits of our output, and
+    every token drawn is one they allow."""
+    from transformers import EpsilonLogitsWarper, EtaLogitsWarper, TemperatureLogitsWarper, TypicalLogitsWarper
+
+    prompt = [3, 4, 5]
+    for name, value, warper in (
+        ("typical_p", 0.6, TypicalLogitsWarper(0.6)),
+        ("epsilon_cutoff", 0.02, EpsilonLogitsWarper(0.02)),
+        ("eta_cutoff", 0.3, EtaLogitsWarper(0.3)),
+    ):
+        options = {name: value, "max_new_tokens": 16, "do_sample": True, "temperature": 0.2}
+        ar = executor.generate(model, [prompt], seed=1, **options).sequences
+        for method, extra in (("eesd", dict(exit_layer=2, draft_len=3)), ("ppsd", dict(stages=2))):
+            got = executor.generate(model, [prompt], method=method, seed=1, **extra, **options).sequences
+            assert got.tolist() == ar.tolist(), (name, method)
+        out = executor.EarlyExitGenerator(model, exit_layer=2, seed=1).generate(
+            torch.tensor([prompt]), return_dict_in_generate=True, output_scores=True, output_logits=True, top_k=0,
+            **options,
+        )  # fmt: skip
+        for step, logits in enumerate(out.logits):
+            expected = warper(None, TemperatureLogitsWarper(0.2)(None, logits.clone()))
+            assert_scores_close((expected,), (out.scores[step],))
+            assert torch.isfinite(out.scores[step][0, out.sequences[0, 3 + step]])
+        assert any(bool(torch.isinf(s).any()) for s in out.scores), name  # the warper removed something
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(typical_p=1.5, do_sample=True), "typical_p must be a number in \\(0, 1\\)"),
+        (dict(eta_cutoff=0.0, do_sample=True), "eta_cutoff must be a number in \\(0, 1\\)"),
+        (dict(forced_bos_token_id=-2), "forced_bos_token_id must be a token id"),
+        (dict(forced_eos_token_id=[3, "x"]), "forced_eos_token_id must be token ids"),
+        (dict(exponential_decay_length_penalty=(2,), eos_token_id=3), "must be \\(start index >= 0, decay factor\\)"),
+        (dict(exponential_decay_length_penalty=(2, 1.5)), "needs eos_token_id"),
+    ],
+)
+def test_bad_length_settings_are_refused_naming_the_field(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        executor.generate(model, [[3, 4, 5]], max_new_tokens=4, **kwargs)
