@@ -236,6 +236,21 @@ def test_captured_suppression_and_stop_strings_equal_hf(capture: str) -> None:
         assert torch.equal(generator.generate(ids, stopping_criteria=criteria, **kwargs), stopped), method
 
 
+@pytest.mark.parametrize("capture", ["graph", "compile-layers"])
+def test_captured_typical_eta_warpers_equal_uncaptured(capture: str) -> None:
+    """HF's typical-p and eta warpers run inside the captured passes (made once per selector, device ops only): exact
+    sampling gives the uncaptured passes' tokens, EESD equal to AR; prefix processors refuse a captured mode."""
+    model = cuda_model(TinySpec(num_layers=4, seed=12))
+    ids = torch.tensor([PROMPTS[0]], device="cuda")
+    options = dict(max_new_tokens=20, do_sample=True, temperature=0.3, typical_p=0.7, eta_cutoff=0.2, seed=3)
+    reference = executor.generate(model, ids, method="ar", capture="none", **options).sequences
+    for method in ("ar", "eesd"):
+        got = executor.generate(model, ids, method=method, exit_layer=EXIT_LAYER, capture=capture, **options)
+        assert torch.equal(got.sequences, reference), method
+    with pytest.raises(ValueError, match="capture must be 'auto' or 'none'"):
+        executor.generate(model, ids, capture=capture, no_repeat_ngram_size=2)
+
+
 def test_drop_in_generate_equals_model_generate_on_the_gpu() -> None:
     """`EarlyExitGenerator.generate` in place of `model.generate` (compiled layers in CUDA graphs by default on a
     GPU): same LongTensor, twice in a row (the second call replays the first call's graphs)."""
