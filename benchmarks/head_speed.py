@@ -195,10 +195,12 @@ def make_configs(
     return configs
 
 
-def generate_once(adapter: ModelAdapter, prompt: list[int], config: Config, new_tokens: int, eos: list[int]):
-    """One greedy generation of `config`: its new tokens and stats."""
+def generate_once(
+    adapter: ModelAdapter, prompt: list[int], config: Config, new_tokens: int, eos: list[int], **processing: Any
+):
+    """One greedy generation of `config` (with `processing`, e.g. no_repeat_ngram_size): its new tokens and stats."""
     out = executor.generate(adapter, [prompt], max_new_tokens=new_tokens, eos_token_id=eos or None,
-                            **config.kwargs())  # fmt: skip
+                            **config.kwargs(), **processing)  # fmt: skip
     return out.sequences[0, len(prompt) :].tolist(), out.stats
 
 
@@ -220,23 +222,25 @@ def measure(
     repeats: int,
     eos: Sequence[int] = (),
     warmup: int = 1,
+    **processing: Any,
 ) -> dict[str, Tally]:
-    """Interleaved runs: for each repeat and prompt, AR, then the other configurations in a rotated order."""
+    """Interleaved runs: for each repeat and prompt, AR, then the other configurations in a rotated order; every
+    generation with `processing` (generate's keyword arguments, e.g. no_repeat_ngram_size)."""
     ar, others = configs[0], list(configs[1:])
     for config in configs if warmup else ():  # untimed
         for warm in warm_lengths(config, new_tokens):
-            generate_once(adapter, prompts[0], config, warm, list(eos))
+            generate_once(adapter, prompts[0], config, warm, list(eos), **processing)
     tallies = {c.label: Tally() for c in configs}
     first_ar: dict[int, list[int]] = {}  # AR's output per prompt in the first repeat: AR must repeat itself too
     slot = 0
     for _ in range(repeats):
         for index, prompt in enumerate(prompts):
-            reference, stats = generate_once(adapter, prompt, ar, new_tokens, list(eos))
+            reference, stats = generate_once(adapter, prompt, ar, new_tokens, list(eos), **processing)
             ar_rate = decode_rate(stats)
             tallies[ar.label].add(stats, ar_rate, None, first_ar.setdefault(index, reference) == reference)
             turn = slot % len(others) if others else 0
             for config in others[turn:] + others[:turn]:
-                tokens, stats = generate_once(adapter, prompt, config, new_tokens, list(eos))
+                tokens, stats = generate_once(adapter, prompt, config, new_tokens, list(eos), **processing)
                 tallies[config.label].add(stats, decode_rate(stats), ar_rate, tokens == reference)
             slot += 1
     return tallies
@@ -354,6 +358,7 @@ class Settings:
     warmup: int = 1
     stop_at_eos: bool = False
     capture: str = "none"
+    no_repeat_ngram_size: int = 0  # HF's n-gram ban on every run, AR included (a processor that reads the prefix)
 
 
 def run_benchmark(model: Any, prompts: Sequence[list[int]], settings: Settings, threads: int) -> dict[str, Any]:
@@ -366,8 +371,9 @@ def run_benchmark(model: Any, prompts: Sequence[list[int]], settings: Settings, 
         passes.MAX_RUNNERS_PER_MODEL = max(passes.MAX_RUNNERS_PER_MODEL, len(configs))
     eos = eos_ids(model)
     load_before = os.getloadavg()
+    processing = {"no_repeat_ngram_size": settings.no_repeat_ngram_size} if settings.no_repeat_ngram_size else {}
     tallies = measure(adapter, prompts, configs, settings.new_tokens, settings.repeats,
-                      eos if settings.stop_at_eos else (), settings.warmup)  # fmt: skip
+                      eos if settings.stop_at_eos else (), settings.warmup, **processing)  # fmt: skip
     load_after = os.getloadavg()
     rows = rows_from(configs, tallies)
     return environment(threads) | {
@@ -410,6 +416,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how every configuration's passes run: none (as they are) or freeze (compiled with frozen weights; "
         "each configuration's passes compile in its untimed warm-up run, minutes each; AR as it is added last)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-repeat-ngram-size", type=int, default=0, metavar="N",
+        help="HF's no_repeat_ngram_size on every run, AR included (0: off; passes then run uncaptured)",
+    )  # fmt: skip
     parser.add_argument("--tag", default=None, help="results/head_speed_<tag>.json (default: <model>_cpu)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON's path (overrides --tag)")
     parser.add_argument("--note", default="", help="the conditions, for the JSON (e.g. 'busy 2-core box, smoke run')")
@@ -427,7 +437,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         heads=parse_list(args.heads), policies=policies, exit_layer=args.exit_layer, ppsd_stages=args.ppsd_stages,
         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, stop_at_eos=args.stop_at_eos,
-        capture=args.capture,
+        capture=args.capture, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )  # fmt: skip
 
 

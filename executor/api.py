@@ -266,14 +266,33 @@ class PrefixProcessors:
 
 PREFIX_SETTINGS = (
     "bad_words_ids", "no_repeat_ngram_size", "sequence_bias", "logits_processor", "forced_bos_token_id",
-    "forced_eos_token_id", "exponential_decay_length_penalty",
+    "forced_eos_token_id", "exponential_decay_length_penalty", "prefix_allowed_tokens_fn",
 )  # fmt: skip
+
+
+class AllowedTokens:
+    """HF's `prefix_allowed_tokens_fn` (its PrefixConstrainedLogitsProcessor, without beams): only the ids
+    `fn(batch_id, row)` returns may follow a row, `batch_id` the row's index in the batch; called with the rows of
+    one prefix length and their batch indices (`TokenSelector`)."""
+
+    takes_rows = True
+
+    def __init__(self, fn: Callable[[int, torch.Tensor], Sequence[int]]) -> None:
+        if not callable(fn):
+            raise ValueError(f"prefix_allowed_tokens_fn must be a callable of (batch_id, input_ids), got {fn!r}")
+        self.fn = fn
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+        return PrefixConstrainedLogitsProcessor(lambda i, row: self.fn(rows[i], row), 1)(input_ids, scores)
 
 
 def prefix_processors(settings: dict[str, Any], eos: list[int], width: int, max_new_tokens: int) -> PrefixProcessors:
     """HF's own processors for `settings` (`PREFIX_SETTINGS` names; None / 0 is off), in HF's order, for an input
     `width` tokens wide: no-repeat n-grams, bad words of several tokens, forced BOS and EOS (the EOS at the
-    `max_new_tokens`-th new token, HF's max_length - 1), the exponential decay length penalty; then the caller's
+    `max_new_tokens`-th new token, HF's max_length - 1), the exponential decay length penalty (and before the forced
+    tokens, `prefix_allowed_tokens_fn`'s constraint, `AllowedTokens`); then the caller's
     `logits_processor`. Single-token bad words (an EOS id excepted, as HF excepts it) become suppressed ids, unless a
     forced token follows them in HF's order (it overrides them there)."""
     from transformers.generation import logits_process as hf
@@ -291,6 +310,8 @@ def prefix_processors(settings: dict[str, Any], eos: list[int], width: int, max_
     banned = [list(w) for w in words if forced or len(w) > 1]
     if banned:
         processors.append(hf.NoBadWordsLogitsProcessor(banned, eos or None))
+    if settings.get("prefix_allowed_tokens_fn") is not None:
+        processors.append(AllowedTokens(settings["prefix_allowed_tokens_fn"]))
     if bos is not None:
         if not _is_token_id(bos):
             raise ValueError(f"forced_bos_token_id must be a token id (an integer >= 0), got {bos!r}")
@@ -416,6 +437,7 @@ def generate(
     forced_bos_token_id: int | None = None,
     forced_eos_token_id: int | Sequence[int] | None = None,
     exponential_decay_length_penalty: tuple[int, float] | None = None,
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], Sequence[int]] | None = None,
     typical_p: float | None = None,
     epsilon_cutoff: float | None = None,
     eta_cutoff: float | None = None,
@@ -445,7 +467,8 @@ def generate(
     do, to every method and backend, and so do `typical_p`, `epsilon_cutoff` and `eta_cutoff` when sampling.
     `bad_words_ids` (HF's: single ids join the suppressed ones, an EOS id excepted as HF excepts it; longer sequences
     ban their last token after the rest), `no_repeat_ngram_size`, `sequence_bias`, `forced_bos_token_id`,
-    `forced_eos_token_id`, `exponential_decay_length_penalty` and `logits_processor` (HF `LogitsProcessor`s, or
+    `forced_eos_token_id`, `exponential_decay_length_penalty`, `prefix_allowed_tokens_fn` (HF's constrained
+    decoding: `fn(batch_id, input_ids)` lists the ids allowed next) and `logits_processor` (HF `LogitsProcessor`s, or
     callables of (input_ids, scores)) depend on the tokens before each position: they run HF's own processors on
     each position's prefix, the row as HF holds it at that step (`executor.sampling`), on every method but PPSD's
     "distributed" backend, with the passes uncaptured (`capture` "auto" runs them so; a captured mode is refused).
@@ -507,6 +530,7 @@ def generate(
         bad_words_ids=bad_words_ids, no_repeat_ngram_size=no_repeat_ngram_size, sequence_bias=sequence_bias,
         logits_processor=logits_processor, forced_bos_token_id=forced_bos_token_id,
         forced_eos_token_id=forced_eos_token_id, exponential_decay_length_penalty=exponential_decay_length_penalty,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )  # fmt: skip
     prefixed = prefix_processors(settings, eos, ids.shape[1], max_new_tokens)
     config = SamplingConfig(
@@ -571,7 +595,7 @@ SUPPORTED_GENERATE_ARGS = (
     "stop_strings", "tokenizer", "max_time", "num_return_sequences", "suppress_tokens", "begin_suppress_tokens",
     "bad_words_ids", "no_repeat_ngram_size", "sequence_bias", "logits_processor", "output_attentions",
     "output_hidden_states", "min_length", "length_penalty", "forced_bos_token_id", "forced_eos_token_id",
-    "exponential_decay_length_penalty", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "exponential_decay_length_penalty", "typical_p", "epsilon_cutoff", "eta_cutoff", "prefix_allowed_tokens_fn",
 )  # fmt: skip
 # min_length: HF's total length (input width + new tokens), i.e. min_new_tokens = min_length - width (if not set);
 # length_penalty: scores beams only, so without beams (the only search here) it changes nothing, as in HF
@@ -582,7 +606,7 @@ SUPPORTED_GENERATE_ARGS = (
 # generate arguments that are not generation_config fields
 _NOT_CONFIG = (
     "attention_mask", "streamer", "generation_config", "use_cache", "stopping_criteria", "tokenizer",
-    "logits_processor",
+    "logits_processor", "prefix_allowed_tokens_fn",
 )  # fmt: skip
 
 # generation_config fields that change the result if set away from these values, and that we do not implement
@@ -824,7 +848,8 @@ class EarlyExitGenerator:
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             sampling=self.sampling, seed=seed, streamer=kwargs.get("streamer"),
             stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture,
-            logits_processor=kwargs.get("logits_processor"), **processing,
+            logits_processor=kwargs.get("logits_processor"),
+            prefix_allowed_tokens_fn=kwargs.get("prefix_allowed_tokens_fn"), **processing,
         )  # fmt: skip
         self.last_stats = result.stats
         if not config.return_dict_in_generate:

@@ -110,7 +110,7 @@ def prefix_capture(capture: str, config: SamplingConfig, method: str, backend: s
         return capture
     named = (
         "bad_words_ids of several tokens, no_repeat_ngram_size, sequence_bias, forced_bos_token_id, "
-        "forced_eos_token_id, exponential_decay_length_penalty and logits_processor"
+        "forced_eos_token_id, exponential_decay_length_penalty, prefix_allowed_tokens_fn and logits_processor"
     )
     if method == "ppsd" and backend == "distributed":
         raise ValueError(f"{named} are not supported with PPSD's 'distributed' backend")

@@ -24,14 +24,15 @@ length penalty), suppressed tokens (always, and at the first new token), the cal
 cutoffs. (HF runs no-repeat n-grams and bad words before min-new-tokens; both only set scores to -inf, so the order
 between them does not change a score.)
 
-A *prefix processor* is HF's `LogitsProcessor` interface, `processor(input_ids, scores) -> scores`, for processing
-that depends on the tokens before the position: `input_ids` [n, T] holds each row as HF holds it at that step (the
-input as given, left padding included, then the new tokens so far), `scores` [n, V] the logits processed so far. A
-speculative pass predicts several positions of a row at once, each after its own prefix (the committed text and the
-drafts before it), so the selector calls a processor once per group of (row, position) whose prefixes have the same
-length T: for AR that is HF's own call, the whole batch at one step. The prefixes come from `text` [B, capacity],
-the token at every position each row has fed to the model (`record`), which every pass writes as it feeds its input;
-a prefix processor runs Python on the host, so passes that use one run uncaptured.
+A *prefix processor* is HF's `LogitsProcessor` interface, `processor(input_ids, scores) -> scores`, for processing that
+depends on the tokens before the position: `input_ids` [n, T] holds each row as HF holds it at that step (the input as
+given, left padding included, then the new tokens so far), `scores` [n, V] the logits processed so far. A speculative
+pass predicts several positions of a row at once, each after its own prefix (the committed text and the drafts before
+it), so the selector calls a processor once per group of (row, position) whose prefixes have the same length T: for AR
+that is HF's own call, the whole batch at one step. A processor with `takes_rows = True` is also given `rows`, each
+input row's index in the batch (HF's prefix_allowed_tokens_fn needs it). The prefixes come from `text` [B, capacity],
+the token at every position each row has fed to the model (`record`), which every pass writes as it feeds its input; a
+prefix processor runs Python on the host, so passes that use one run uncaptured.
 """
 
 from __future__ import annotations
@@ -383,23 +384,26 @@ class TokenSelector:
             return logits
         if self.text is None or not self.given:
             raise RuntimeError("prefix processors without the rows' text: call track(vocab, capacity), start(prompts)")
-        groups: dict[int, list[tuple[int, int]]] = {}
+        groups: dict[int, list[tuple[int, int, int]]] = {}
         for row, row_targets in enumerate(targets.tolist()):
             for j, target in enumerate(row_targets):
-                groups.setdefault(len(self.given[row]) + target - self.lengths[row], []).append((row, j))
+                groups.setdefault(len(self.given[row]) + target - self.lengths[row], []).append((row, j, target))
         for cells in groups.values():
-            rows, js = (torch.tensor(index, device=logits.device) for index in zip(*cells, strict=True))
-            input_ids = torch.stack([self.prefix(row, targets[row, j]) for row, j in cells])
+            rows, js, _ = (torch.tensor(index, device=logits.device) for index in zip(*cells, strict=True))
+            input_ids = torch.stack([self.prefix(row, target) for row, _, target in cells])
             scores = logits[rows, js]  # a copy: a processor that works in place changes nothing else
             for processor in processors:
-                scores = processor(input_ids, scores)
+                if getattr(processor, "takes_rows", False):  # it needs each input row's index in the batch
+                    scores = processor(input_ids, scores, rows=[row for row, _, _ in cells])
+                else:
+                    scores = processor(input_ids, scores)
             logits = logits.index_put((rows, js), scores.to(logits.dtype))
         return logits
 
-    def prefix(self, row: int, target: int | torch.Tensor) -> torch.Tensor:
+    def prefix(self, row: int, target: int) -> torch.Tensor:
         """Row `row` as HF holds it when it chooses the token at absolute position `target`: the row as given, then
         the new tokens before `target`."""
-        return torch.cat([self.given[row], self.text[row, self.lengths[row] : int(target)]])
+        return torch.cat([self.given[row], self.text[row, self.lengths[row] : target]])
 
     def probs(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.to(torch.float64) if self.config.do_sample else logits

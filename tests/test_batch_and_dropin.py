@@ -172,7 +172,7 @@ def test_hf_text_streamer_works(model, capsys):
     ("kwargs", "message"),
     [
         (dict(num_beams=4), "unsupported generate argument"),
-        (dict(prefix_allowed_tokens_fn=lambda batch, ids: [3]), "unsupported generate argument"),
+        (dict(assistant_model=object()), "unsupported generate argument"),
         (dict(generation_config=GenerationConfig(num_beams=3)), "num_beams=3 is not supported"),
         (dict(generation_config=GenerationConfig(penalty_alpha=0.6, top_k=4)), "penalty_alpha"),
         (dict(generation_config=GenerationConfig(dola_layers="low")), "dola_layers"),

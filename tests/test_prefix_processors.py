@@ -299,3 +299,39 @@ def test_typical_epsilon_eta_sampling(model):
 def test_bad_length_settings_are_refused_naming_the_field(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         executor.generate(model, [[3, 4, 5]], max_new_tokens=4, **kwargs)
+
+
+def allowed_by_row_and_length(batch_id: int, row: torch.Tensor) -> list[int]:
+    """A constraint that depends on the row's batch index and its length (as a grammar's state would)."""
+    return [t for t in range(40) if (t + batch_id + len(row)) % 3 == 0]
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.3])
+@pytest.mark.parametrize("method", ["ar", "eesd"])
+def test_prefix_allowed_tokens_fn_matches_hf(method, scale):
+    """HF's constrained decoding: the function gets each row's batch index and prefix; AR and EESD give HF's tokens,
+    every new token one the function allowed; PPSD on one row too. With late layers that matter (scale 0.3) rows
+    accept different draft counts, so a round's positions fall into groups of other rows than the batch's."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=40, seed=8)), 2, scale)
+    ids, mask = left_pad([[3, 4, 5, 6], [8], [9, 10]])
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=PAD, eos_token_id=1)
+    kwargs.update(prefix_allowed_tokens_fn=allowed_by_row_and_length, no_repeat_ngram_size=2)
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    got = executor.EarlyExitGenerator(model, method=method, exit_layer=2, draft_len=3).generate(ids, **kwargs)
+    assert got.tolist() == expected.tolist()
+    for row in range(3):  # each new token up to the row's EOS was allowed after the step-long prefix before it
+        for step in range(ids.shape[1], got.shape[1]):
+            token = int(got[row, step])
+            assert token in allowed_by_row_and_length(row, got[row, :step])
+            if token == 1:
+                break
+    one = {key: value for key, value in kwargs.items() if key != "attention_mask"}
+    alone = model.generate(ids[:1], do_sample=False, **one)
+    assert executor.generate(model, ids[:1], method="ppsd", stages=2, **one).sequences.tolist() == alone.tolist()
+
+
+def test_prefix_allowed_tokens_fn_that_allows_nothing_is_refused_as_hf_refuses_it(model):
+    with pytest.raises(ValueError, match="returned an empty list"):
+        executor.generate(model, [[3, 4]], max_new_tokens=3, prefix_allowed_tokens_fn=lambda batch, row: [])
+    with pytest.raises(ValueError, match="prefix_allowed_tokens_fn must be a callable"):
+        executor.generate(model, [[3, 4]], max_new_tokens=3, prefix_allowed_tokens_fn=[3, 4])
