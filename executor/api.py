@@ -19,7 +19,7 @@ from torch import nn
 
 from executor.adapter import ModelAdapter
 from executor.decoding import BatchStop, GenerationStats, Rows, TokenSink, decode_ar, decode_eesd
-from executor.heads import head_key, resolve_head
+from executor.heads import draft_cost_ratio, head_key, resolve_head
 from executor.passes import (
     Passes,
     cached_passes,
@@ -265,7 +265,7 @@ class PrefixProcessors:
 
 
 PREFIX_SETTINGS = (
-    "bad_words_ids", "no_repeat_ngram_size", "sequence_bias", "logits_processor", "forced_bos_token_id",
+    "bad_words_ids", "sequence_bias", "logits_processor", "forced_bos_token_id",
     "forced_eos_token_id", "exponential_decay_length_penalty", "prefix_allowed_tokens_fn",
 )  # fmt: skip
 
@@ -290,7 +290,7 @@ class AllowedTokens:
 
 def prefix_processors(settings: dict[str, Any], eos: list[int], width: int, max_new_tokens: int) -> PrefixProcessors:
     """HF's own processors for `settings` (`PREFIX_SETTINGS` names; None / 0 is off), in HF's order, for an input
-    `width` tokens wide: no-repeat n-grams, bad words of several tokens, forced BOS and EOS (the EOS at the
+    `width` tokens wide: bad words of several tokens, forced BOS and EOS (the EOS at the
     `max_new_tokens`-th new token, HF's max_length - 1), the exponential decay length penalty (and before the forced
     tokens, `prefix_allowed_tokens_fn`'s constraint, `AllowedTokens`); then the caller's
     `logits_processor`. Single-token bad words (an EOS id excepted, as HF excepts it) become suppressed ids, unless a
@@ -302,11 +302,6 @@ def prefix_processors(settings: dict[str, Any], eos: list[int], width: int, max_
     forced = bos is not None or bool(forced_eos)
     single = () if forced else tuple(w[0] for w in words if len(w) == 1)
     processors: list[Callable[..., Any]] = []
-    ngram = settings.get("no_repeat_ngram_size") or 0
-    if ngram != 0:
-        if not _is_token_id(ngram):  # an integer >= 0
-            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got {ngram!r}")
-        processors.append(hf.NoRepeatNGramLogitsProcessor(ngram))
     banned = [list(w) for w in words if forced or len(w) > 1]
     if banned:
         processors.append(hf.NoBadWordsLogitsProcessor(banned, eos or None))
@@ -464,9 +459,11 @@ def generate(
     layer), "shared:N" (the same over the N lowest token ids), a head file (trained, or a vocabulary subset from `eesd
     train-head --vocab-subset N`) or a head object (see `executor.heads`). `repetition_penalty`, `suppress_tokens`
     (ids never chosen) and `begin_suppress_tokens` (ids not chosen as the first new token) apply as HF's processors
-    do, to every method and backend, and so do `typical_p`, `epsilon_cutoff` and `eta_cutoff` when sampling.
+    do, to every method and backend, and so do `typical_p`, `epsilon_cutoff` and `eta_cutoff` when sampling, and
+    `no_repeat_ngram_size` (HF's n-gram ban as device ops over each row's text, captured passes included; not with
+    PPSD's "distributed" backend).
     `bad_words_ids` (HF's: single ids join the suppressed ones, an EOS id excepted as HF excepts it; longer sequences
-    ban their last token after the rest), `no_repeat_ngram_size`, `sequence_bias`, `forced_bos_token_id`,
+    ban their last token after the rest), `sequence_bias`, `forced_bos_token_id`,
     `forced_eos_token_id`, `exponential_decay_length_penalty`, `prefix_allowed_tokens_fn` (HF's constrained
     decoding: `fn(batch_id, input_ids)` lists the ids allowed next) and `logits_processor` (HF `LogitsProcessor`s, or
     callables of (input_ids, scores)) depend on the tokens before each position: they run HF's own processors on
@@ -527,16 +524,18 @@ def generate(
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     eos = check_eos(adapter, _eos_ids(eos_token_id))
     settings = dict(
-        bad_words_ids=bad_words_ids, no_repeat_ngram_size=no_repeat_ngram_size, sequence_bias=sequence_bias,
+        bad_words_ids=bad_words_ids, sequence_bias=sequence_bias,
         logits_processor=logits_processor, forced_bos_token_id=forced_bos_token_id,
         forced_eos_token_id=forced_eos_token_id, exponential_decay_length_penalty=exponential_decay_length_penalty,
         prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )  # fmt: skip
     prefixed = prefix_processors(settings, eos, ids.shape[1], max_new_tokens)
     config = SamplingConfig(
-        do_sample, sampling, temperature, top_k, top_p, seed, min_p, repetition_penalty,
-        (*(suppress_tokens or ()), *prefixed.suppressed), begin_suppress_tokens or (), prefixed.processors,
-        prefixed.biases, prefixed.custom, typical_p, epsilon_cutoff, eta_cutoff,
+        do_sample=do_sample, mode=sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, min_p=min_p,
+        repetition_penalty=repetition_penalty, suppress_tokens=(*(suppress_tokens or ()), *prefixed.suppressed),
+        begin_suppress_tokens=begin_suppress_tokens or (), processors=prefixed.processors, biases=prefixed.biases,
+        custom=prefixed.custom, no_repeat_ngram_size=no_repeat_ngram_size or 0, typical_p=typical_p,
+        epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
     )  # fmt: skip
     capture = prefix_capture(capture, config, method, backend)
     config.row_seeds(len(prompts))  # a per-row list must have one seed per row
@@ -544,7 +543,9 @@ def generate(
     forced = forced_acceptance(accept_pattern, seed) if accept_pattern is not None else None
     if config.penalized and accept_pattern is not None:
         raise ValueError("accept_pattern (forced acceptance) cannot be combined with repetition_penalty")
-    cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
+    if method == "eesd":  # loaded once: for the policies' cost ratio and the passes
+        head = resolve_head(head, adapter, exit_layer)
+    cost_ratio = draft_cost_ratio(adapter, exit_layer, head) if method == "eesd" else 1.0  # PPSD has no policy
     policies = _policies(policy if policy is not None else f"fixed:{draft_len}", len(prompts), seed, cost_ratio)
     check_policies(adapter, policies)
     callback = _streamer_callback(streamer, len(prompts), ids)

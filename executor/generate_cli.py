@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--no-repeat-ngram-size", type=int, default=0, metavar="N",
-        help="HF's no_repeat_ngram_size: never repeat an n-gram of N tokens (passes run uncaptured; not with PPSD's "
-        "distributed backend)",
+        help="HF's no_repeat_ngram_size: never repeat an n-gram of N tokens (on the device, captured passes too; not "
+        "with PPSD's distributed backend)",
     )  # fmt: skip
     parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT",

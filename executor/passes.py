@@ -105,15 +105,19 @@ def resolve_capture(capture: str, device: torch.device, sampling_kind: str) -> s
 
 def prefix_capture(capture: str, config: SamplingConfig, method: str, backend: str) -> str:
     """Prefix processors call Python on the host at every selection: "auto" runs the passes uncaptured, a captured
-    mode is refused, and so is PPSD's distributed backend (its stage processes hold no prefix)."""
+    mode is refused. PPSD's distributed backend refuses them and the n-gram ban (the last stage's process never sees
+    the tokens stage 1 feeds)."""
+    if config.keeps_text and method == "ppsd" and backend == "distributed":
+        raise ValueError(
+            "no_repeat_ngram_size and the processors that read the prefix are not supported with PPSD's 'distributed' "
+            "backend"
+        )
     if not config.reads_prefix:
         return capture
     named = (
-        "bad_words_ids of several tokens, no_repeat_ngram_size, sequence_bias, forced_bos_token_id, "
-        "forced_eos_token_id, exponential_decay_length_penalty, prefix_allowed_tokens_fn and logits_processor"
+        "bad_words_ids of several tokens, sequence_bias, forced_bos_token_id, forced_eos_token_id, "
+        "exponential_decay_length_penalty, prefix_allowed_tokens_fn and logits_processor"
     )
-    if method == "ppsd" and backend == "distributed":
-        raise ValueError(f"{named} are not supported with PPSD's 'distributed' backend")
     if capture not in ("auto", "none"):
         raise ValueError(f"{named} run on the host at every token: capture must be 'auto' or 'none', got {capture!r}")
     return "none"
@@ -365,6 +369,8 @@ class Passes:
             buffers += [self.draft_prob, self.draft_probs]
         if self.penalized:
             buffers += [self.selector.seen, self.draft_seen, self.draft_context]
+        if self.selector.text is not None:
+            buffers += [self.selector.text, self.selector.first]
         return buffers + self.cache.keys + self.cache.values
 
     # ------------------------------------------------------------------------------------------------ the passes

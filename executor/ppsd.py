@@ -541,7 +541,8 @@ class LocalPipeline:
         for runner in self.runners:
             buffers += [runner.position, runner.ids, runner.hidden_in, runner.hidden_out, runner.draft_id,
                         runner.predicted_id]  # fmt: skip
-        return buffers + ([self.selector.seen] if self.selector.seen is not None else [])
+        buffers += [self.selector.seen] if self.selector.seen is not None else []
+        return buffers + ([self.selector.text, self.selector.first] if self.selector.text is not None else [])
 
     def restart(self, stats: PPSDStats, prompt_len: int, seed: int) -> None:
         """A new generation on these (possibly captured) stages: empty cache, the call's seed."""

@@ -66,6 +66,7 @@ class SamplingConfig:
     processors: tuple[Callable, ...] = ()  # prefix processors before suppression (module docstring); greedy too
     biases: tuple[Callable, ...] = ()  # prefix processors before the repetition penalty (HF's sequence bias)
     custom: tuple[Callable, ...] = ()  # the caller's prefix processors, after suppression (HF's logits_processor)
+    no_repeat_ngram_size: int = 0  # HF's: no n-gram of this size twice in a row's text (0: off), on the device
     typical_p: float | None = None  # HF's TypicalLogitsWarper (sampling), off when None
     epsilon_cutoff: float | None = None  # HF's EpsilonLogitsWarper (sampling), off when None
     eta_cutoff: float | None = None  # HF's EtaLogitsWarper (sampling), off when None
@@ -75,6 +76,9 @@ class SamplingConfig:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.mode!r}")
         for name in ("processors", "biases", "custom"):
             object.__setattr__(self, name, _callables(name, getattr(self, name)))
+        ngram = self.no_repeat_ngram_size
+        if not _is_integer(ngram) or ngram < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got {ngram!r}")
         for name in ("typical_p", "epsilon_cutoff", "eta_cutoff"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), "a number in (0, 1) (None: off)", lambda x: 0 < x < 1)
@@ -121,6 +125,11 @@ class SamplingConfig:
     def reads_prefix(self) -> bool:
         """Whether a prefix processor reads each position's tokens before it (a host call: passes run uncaptured)."""
         return bool(self.processors or self.biases or self.custom)
+
+    @property
+    def keeps_text(self) -> bool:
+        """Whether selection reads each row's text: prefix processors, or the n-gram ban (on the device)."""
+        return self.reads_prefix or self.no_repeat_ngram_size > 0
 
 
 def _callables(name: str, values: object) -> tuple[Callable, ...]:
@@ -248,6 +257,26 @@ def hf_warpers(config: SamplingConfig, device) -> tuple[Callable, ...]:
     return tuple(warpers)
 
 
+def ngram_bans(text: torch.Tensor, first: torch.Tensor, ends: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
+    """HF's NoRepeatNGramLogitsProcessor as device ops on static shapes (capturable): bool [B, q, V] (V, shape and
+    device of `like`), True at the tokens that would complete an n-gram already in the prefix text[b, first[b] :
+    ends[b, j]] (`first` [B, 1], `ends` [B, q] columns of `text` [B, S]): every n-token window inside the prefix whose
+    first n - 1 tokens equal the prefix's last n - 1 bans its own last token (none while the prefix is shorter than
+    n)."""
+    rows, width = text.shape
+    if n > width:  # no prefix is that long
+        return torch.zeros(like.shape, dtype=torch.bool, device=like.device)
+    windows = text.unfold(1, n, 1)  # [B, S - n + 1, n]
+    tail = ends.unsqueeze(-1) - (n - 1) + torch.arange(n - 1, device=text.device)  # [B, q, n - 1]
+    suffix = text.gather(1, tail.clamp(0, width - 1).flatten(1)).view(*ends.shape, n - 1)
+    match = (windows[:, None, :, : n - 1] == suffix[:, :, None, :]).all(-1)  # [B, q, S - n + 1]
+    start = torch.arange(windows.shape[1], device=text.device)
+    inside = (start >= first.unsqueeze(-1)) & (start <= ends.unsqueeze(-1) - n)
+    last = windows[:, None, :, -1].expand(*match.shape)
+    hits = torch.zeros(like.shape, dtype=torch.int32, device=like.device)
+    return hits.scatter_add_(2, last, (match & inside).to(torch.int32)) > 0
+
+
 def token_mask(vocab: int, ids: torch.Tensor) -> torch.Tensor:
     """[V] bool, True at `ids` (a 1-d int64 tensor on the device; ids >= vocab match nothing, as in HF)."""
     tokens = torch.arange(vocab, device=ids.device)
@@ -304,8 +333,12 @@ class TokenSelector:
         self.suppressed = _id_tensor(config.suppress_tokens, device)
         self.suppressed_first = _id_tensor(config.begin_suppress_tokens, device)
         self.seen: torch.Tensor | None = None
-        self.text: torch.Tensor | None = None  # [B, capacity]: each row's token at every position it fed (`record`)
-        self.given: list[torch.Tensor] = []  # each row as given (padding included): HF's head of a prefix
+        # each row as HF holds it (`track`): [B, room + capacity], position p at column room + p, the row's left padding
+        # (the input as given, before its prompt) just before column room, from column `first` [B, 1] on
+        self.text: torch.Tensor | None = None
+        self.room = 0
+        self.first = torch.zeros(len(prompt_lens), 1, dtype=torch.long, device=device)
+        self.firsts = [0] * len(prompt_lens)  # `first` on the host
         self.lengths = list(prompt_lens)  # on the host, for the prefix processors' grouping
         self.warpers = hf_warpers(config, device)
         self.restart(prompt_lens, config.seed)
@@ -316,36 +349,43 @@ class TokenSelector:
 
     def track(self, vocab: int, capacity: int | None = None) -> None:
         """Allocate, once and before any capture, `seen` when the config has a repetition penalty and `text` over
-        `capacity` positions when it has prefix processors."""
+        `capacity` positions (and as much room for left padding) when something reads the prefix."""
         rows, device = self.prompt_lens.shape[0], self.prompt_lens.device
         if self.penalized and self.seen is None:
             self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
-        if self.config.reads_prefix and capacity is not None and (self.text is None or self.text.shape[1] < capacity):
-            self.text = torch.zeros(rows, capacity, dtype=torch.long, device=device)
+        if self.config.keeps_text and capacity is not None and self.text is None:
+            self.room = capacity
+            self.text = torch.zeros(rows, 2 * capacity, dtype=torch.long, device=device)
 
     def start(self, prompts: list[list[int]], given: torch.Tensor | list[list[int]] | None = None) -> None:
-        """A generation's prompts (no padding): `seen` <- their tokens; `text` <- them, and `given` (default: the
-        prompts) the rows as the caller gave them, left padding included, as a prefix processor sees them."""
+        """A generation's prompts (no padding): `seen` <- their tokens; `text` <- the rows as the caller gave them
+        (`given`, left padding included; default the prompts), as HF holds them."""
         device = self.prompt_lens.device
         if self.seen is not None:
             width = max(len(p) for p in prompts)
             rows = torch.tensor([p + p[:1] * (width - len(p)) for p in prompts], device=device)
             self.seen.zero_()
             self.seen.scatter_(1, rows, True)
-        if self.config.reads_prefix:
-            longest = max(len(p) for p in prompts)
-            if self.text is None or self.text.shape[1] < longest:  # untracked: room for the prompts' own selection
-                self.text = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-            self.text.zero_()
-            for row, prompt in enumerate(prompts):
-                self.text[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-            rows_given = prompts if given is None else torch.as_tensor(given).tolist()
-            self.given = [torch.tensor(row, dtype=torch.long, device=device) for row in rows_given]
+        if not self.config.keeps_text:
+            return
+        rows_given = [list(p) for p in prompts] if given is None else torch.as_tensor(given).tolist()
+        leads = [len(row) - len(prompt) for row, prompt in zip(rows_given, prompts, strict=True)]
+        if self.text is None:  # untracked: room for the prompts' own selection
+            self.room = max(leads)
+            self.text = torch.zeros(len(prompts), self.room + max(len(p) for p in prompts), dtype=torch.long)
+            self.text = self.text.to(device)
+        if max(leads) > self.room:
+            raise ValueError(f"the input has {max(leads)} padding columns, more than the {self.room} this text keeps")
+        self.text.zero_()
+        for row, given_row in enumerate(rows_given):
+            self.text[row, self.room - leads[row] : self.room - leads[row] + len(given_row)] = torch.tensor(given_row)
+        self.firsts = [self.room - lead for lead in leads]
+        self.first.copy_(torch.tensor(self.firsts).unsqueeze(1))
 
     def record(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """Tokens [B, n] fed at absolute `positions` [B, n] join `text` (a no-op without prefix processors)."""
+        """Tokens [B, n] fed at absolute `positions` [B, n] join `text` (a no-op when nothing reads the prefix)."""
         if self.text is not None:
-            self.text.scatter_(1, positions, tokens)
+            self.text.scatter_(1, positions + self.room, tokens)
 
     def note(self, tokens: torch.Tensor) -> None:
         """Committed tokens [B, n] (device) join `seen`."""
@@ -370,6 +410,11 @@ class TokenSelector:
                 raise RuntimeError("repetition penalty without a context: call track(vocab) and start(rows) first")
             seen = context if context is not None else self.seen.unsqueeze(1)
             logits = penalize(logits, seen, float(self.config.repetition_penalty))
+        if self.config.no_repeat_ngram_size:
+            if self.text is None:
+                raise RuntimeError("no_repeat_ngram_size without the rows' text: call track(vocab, capacity) first")
+            bans = ngram_bans(self.text, self.first, targets + self.room, self.config.no_repeat_ngram_size, logits)
+            logits = logits.masked_fill(bans, float("-inf"))
         new_index = targets - self.prompt_lens
         logits = mask_eos(logits, new_index, self.min_new_tokens, self.eos)
         logits = self._prefixed(self.config.processors, logits, targets)
@@ -382,12 +427,12 @@ class TokenSelector:
         group of (row, position) whose prefixes (`prefix`) have the same length, as HF calls a processor per step."""
         if not processors:
             return logits
-        if self.text is None or not self.given:
+        if self.text is None:
             raise RuntimeError("prefix processors without the rows' text: call track(vocab, capacity), start(prompts)")
         groups: dict[int, list[tuple[int, int, int]]] = {}
         for row, row_targets in enumerate(targets.tolist()):
             for j, target in enumerate(row_targets):
-                groups.setdefault(len(self.given[row]) + target - self.lengths[row], []).append((row, j, target))
+                groups.setdefault(self.room + target - self.firsts[row], []).append((row, j, target))
         for cells in groups.values():
             rows, js, _ = (torch.tensor(index, device=logits.device) for index in zip(*cells, strict=True))
             input_ids = torch.stack([self.prefix(row, target) for row, _, target in cells])
@@ -403,7 +448,7 @@ class TokenSelector:
     def prefix(self, row: int, target: int) -> torch.Tensor:
         """Row `row` as HF holds it when it chooses the token at absolute position `target`: the row as given, then
         the new tokens before `target`."""
-        return torch.cat([self.given[row], self.text[row, self.lengths[row] : target]])
+        return self.text[row, self.firsts[row] : self.room + target]
 
     def probs(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.to(torch.float64) if self.config.do_sample else logits

@@ -60,7 +60,7 @@ from executor.decoding import (
     verify_pass,
     zero_draft_rounds,
 )
-from executor.heads import head_key, resolve_head
+from executor.heads import draft_cost_ratio, head_key, resolve_head
 from executor.kv_cache import KVCache
 from executor.passes import (
     Passes,
@@ -294,9 +294,9 @@ def check_serving(method: str, config: SamplingConfig) -> None:
         )
     if config.penalized:
         raise ValueError("serving does not take a repetition penalty (its per-row context is not carried by a slot)")
-    if config.reads_prefix:
+    if config.keeps_text:
         raise ValueError(
-            "serving does not take prefix processors (bad_words_ids of several tokens, no_repeat_ngram_size, "
+            "serving does not take no_repeat_ngram_size or prefix processors (bad_words_ids of several tokens, "
             "sequence_bias, forced BOS / EOS, exponential_decay_length_penalty, logits_processor): a slot carries no "
             "row's text"
         )
@@ -369,7 +369,7 @@ def serve(
         confidence=shape is not None and shape.needs_confidence, config=config, eos=eos, capture=mode,
     )  # fmt: skip
     decoder = slot_decoder(adapter, settings)
-    cost_ratio = (exit_layer or 1) / adapter.num_layers  # a draft step runs E of the L layers
+    cost_ratio = draft_cost_ratio(adapter, exit_layer, exit_head) if exit_head is not None else 1.0
 
     def policy_of(request: Request) -> DraftPolicy | None:
         """Each request's own policy, seeded by its index (the output never depends on it)."""

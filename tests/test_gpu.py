@@ -237,18 +237,29 @@ def test_captured_suppression_and_stop_strings_equal_hf(capture: str) -> None:
 
 
 @pytest.mark.parametrize("capture", ["graph", "compile-layers"])
-def test_captured_typical_eta_warpers_equal_uncaptured(capture: str) -> None:
-    """HF's typical-p and eta warpers run inside the captured passes (made once per selector, device ops only): exact
-    sampling gives the uncaptured passes' tokens, EESD equal to AR; prefix processors refuse a captured mode."""
+def test_captured_ngram_ban_and_warpers_equal_uncaptured(capture: str) -> None:
+    """HF's typical-p and eta warpers (made once per selector) and the n-gram ban (over the text the passes record)
+    run inside the captured passes as device ops: greedy gives HF's tokens with the ban, exact sampling the
+    uncaptured passes' tokens, EESD equal to AR; a batch with left padding too. Host prefix processors refuse a
+    captured mode."""
     model = cuda_model(TinySpec(num_layers=4, seed=12))
     ids = torch.tensor([PROMPTS[0]], device="cuda")
-    options = dict(max_new_tokens=20, do_sample=True, temperature=0.3, typical_p=0.7, eta_cutoff=0.2, seed=3)
-    reference = executor.generate(model, ids, method="ar", capture="none", **options).sequences
+    greedy = dict(max_new_tokens=24, no_repeat_ngram_size=2, pad_token_id=0)
+    expected = model.generate(ids, do_sample=False, **greedy)
+    sampled = dict(max_new_tokens=20, do_sample=True, temperature=0.3, typical_p=0.7, eta_cutoff=0.2, seed=3)
+    sampled.update(no_repeat_ngram_size=3)
+    reference = executor.generate(model, ids, method="ar", capture="none", **sampled).sequences
+    batch = torch.tensor([[0, 0] + PROMPTS[0][:3], PROMPTS[0]], device="cuda")
+    mask = (torch.arange(5, device="cuda") >= torch.tensor([[2], [0]], device="cuda")).long()
+    batch_expected = model.generate(batch, attention_mask=mask, do_sample=False, **greedy)
     for method in ("ar", "eesd"):
-        got = executor.generate(model, ids, method=method, exit_layer=EXIT_LAYER, capture=capture, **options)
+        generator = executor.EarlyExitGenerator(model, method=method, exit_layer=EXIT_LAYER, capture=capture)
+        assert torch.equal(generator.generate(ids, **greedy), expected), method
+        assert torch.equal(generator.generate(batch, attention_mask=mask, **greedy), batch_expected), method
+        got = executor.generate(model, ids, method=method, exit_layer=EXIT_LAYER, capture=capture, **sampled)
         assert torch.equal(got.sequences, reference), method
     with pytest.raises(ValueError, match="capture must be 'auto' or 'none'"):
-        executor.generate(model, ids, capture=capture, no_repeat_ngram_size=2)
+        executor.generate(model, ids, capture=capture, sequence_bias={(5, 17): 2.0})
 
 
 def test_drop_in_generate_equals_model_generate_on_the_gpu() -> None:

@@ -593,3 +593,20 @@ def test_head_linear_is_f_linear_in_another_kernel_order(rows: tuple[int, int], 
         assert torch.equal(out, expected)
     grad = head_linear(x.clone().requires_grad_(True), weight)  # training keeps autograd's own F.linear
     assert grad.requires_grad and grad.grad_fn is not None
+
+
+def test_draft_cost_ratio_counts_the_weights_each_pass_reads():
+    """c = (layers [0, E) + the head's own layer + the LM head rows it scores) / (all layers + the LM head): E / L for
+    a model without an LM head worth counting, much less for a head over a small subset of a large vocabulary."""
+    from executor.heads import SharedExitHead, SubsetExitHead, TrainedExitHead, draft_cost_ratio
+
+    adapter = ModelAdapter(tiny_model(TinySpec(num_layers=4, vocab=64, seed=2), torch.float32))
+    layer = sum(p.numel() for p in adapter.layers[0].parameters())
+    head_rows = adapter.lm_head.weight.numel()
+    shared = draft_cost_ratio(adapter, 2, SharedExitHead(adapter))
+    assert shared == pytest.approx((2 * layer + head_rows) / (4 * layer + head_rows))
+    subset = draft_cost_ratio(adapter, 2, SubsetExitHead.lowest(adapter, 16))
+    assert subset == pytest.approx((2 * layer + head_rows / 4) / (4 * layer + head_rows))
+    trained = draft_cost_ratio(adapter, 2, TrainedExitHead(adapter, 2))
+    assert trained == pytest.approx((3 * layer + head_rows) / (4 * layer + head_rows))
+    assert subset < shared < trained

@@ -12,7 +12,7 @@ from test_stopping import assert_scores_close
 from tiny_models import TinySpec, scale_late_layers, tiny_model
 
 import executor
-from executor.sampling import SamplingConfig, TokenSelector
+from executor.sampling import SamplingConfig, TokenSelector, ngram_bans
 
 
 class BanSuccessor:
@@ -85,6 +85,35 @@ def test_prefix_processors_match_hf_greedy(case, draft_len, min_new, penalty, da
 @pytest.fixture(scope="module")
 def model():
     return scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=40, seed=8)), 2, 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=14), min_size=1, max_size=3),
+    lead=st.integers(0, 4),
+    n=st.integers(1, 4),
+    data=st.data(),
+)
+def test_device_ngram_bans_equal_hf(rows, lead, n, data):
+    """`ngram_bans` (static shapes, on the device) against HF's processor on every prefix: texts of few distinct ids
+    (so n-grams repeat), with columns before each row's first (stale tokens a ban must not read) and queries at
+    several prefix ends per row."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    vocab, width = 6, 24
+    text = torch.randint(0, vocab, (len(rows), width), generator=torch.Generator().manual_seed(len(rows) + lead))
+    first = torch.tensor([[lead] for _ in rows])
+    for r, row in enumerate(rows):
+        text[r, lead : lead + len(row)] = torch.tensor(row, dtype=torch.long)
+    ends = torch.tensor(
+        [[lead + data.draw(st.integers(0, len(row))) for _ in range(3)] for row in rows]
+    )  # prefix ends inside each row's own text
+    bans = ngram_bans(text, first, ends, n, torch.zeros(len(rows), 3, vocab))
+    for r in range(len(rows)):
+        for j in range(3):
+            prefix = text[r : r + 1, lead : int(ends[r, j])]
+            expected = NoRepeatNGramLogitsProcessor(n)(prefix, torch.zeros(1, vocab))[0].isinf()
+            assert torch.equal(bans[r, j], expected), (r, j, prefix.tolist())
 
 
 def test_sequence_bias_comes_before_the_penalty_as_in_hf():
@@ -193,7 +222,7 @@ def test_a_bad_word_that_is_an_eos_id_is_kept_as_hf_keeps_it(model):
         (dict(sequence_bias={(3,): "high"}), "sequence_bias"),
         (dict(sequence_bias=[[3, 1.0]]), "sequence_bias"),
         (dict(logits_processor=["not callable"]), "logits_processor must be a list"),
-        (dict(no_repeat_ngram_size=2, capture="freeze"), "capture must be 'auto' or 'none'"),
+        (dict(sequence_bias={(3, 4): 1.0}, capture="freeze"), "capture must be 'auto' or 'none'"),
         (dict(no_repeat_ngram_size=2, method="ppsd", backend="distributed"), "'distributed' backend"),
     ],
 )
