@@ -364,3 +364,19 @@ def test_prefix_allowed_tokens_fn_that_allows_nothing_is_refused_as_hf_refuses_i
         executor.generate(model, [[3, 4]], max_new_tokens=3, prefix_allowed_tokens_fn=lambda batch, row: [])
     with pytest.raises(ValueError, match="prefix_allowed_tokens_fn must be a callable"):
         executor.generate(model, [[3, 4]], max_new_tokens=3, prefix_allowed_tokens_fn=[3, 4])
+
+
+def test_prefix_settings_with_copies_stops_and_chained_steps(model):
+    """With num_return_sequences (each copy its own seed), a stopping criterion, and AR steps chained on the device
+    (sync_every 4): EESD's sampled copies equal AR's, and chained AR equals step-by-step AR."""
+    ids, mask = left_pad([[3, 4, 5, 6], [8, 9]])
+    kwargs = dict(attention_mask=mask, max_new_tokens=14, pad_token_id=PAD, eos_token_id=1, do_sample=True)
+    kwargs.update(num_return_sequences=2, no_repeat_ngram_size=2, logits_processor=[BanSuccessor()])
+    kwargs.update(stopping_criteria=[lambda held, scores: held[:, -1] == 7])
+    ar = executor.EarlyExitGenerator(model, method="ar", seed=9).generate(ids, **kwargs)
+    eesd = executor.EarlyExitGenerator(model, exit_layer=2, draft_len=3, seed=9).generate(ids, **kwargs)
+    assert ar.shape[0] == 4 and eesd.tolist() == ar.tolist()
+    options = dict(max_new_tokens=16, no_repeat_ngram_size=2, sequence_bias={(4, 5): 3.0}, eos_token_id=1)
+    stepwise = executor.generate(model, [[3, 4, 5, 6]], sync_every=1, **options).sequences
+    chained = executor.generate(model, [[3, 4, 5, 6]], sync_every=4, **options).sequences
+    assert chained.tolist() == stepwise.tolist()
