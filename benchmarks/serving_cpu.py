@@ -119,6 +119,7 @@ def derived_scenario(profile: Path, trace: Path, folder: Path, model: str) -> Pa
 
     meta = read_latency_profile(profile).metadata
     graphs = meta.get("cuda_graphs") or [False]
+    folder = folder.resolve()  # the scenario written there names its workloads by absolute path (not relative to it)
     folder.mkdir(parents=True, exist_ok=True)
     write_workloads(trace.resolve(), folder, model, "serving")
     data = yaml.safe_load(SCENARIO.read_text(encoding="utf-8"))

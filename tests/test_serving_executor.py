@@ -361,7 +361,7 @@ def test_serve_bench_refuses_a_gpu_capture_on_the_cpu_before_loading(capsys) -> 
     assert "--capture graph needs a CUDA device" in capsys.readouterr().err
 
 
-def test_a_scenario_derived_from_a_devices_files_serves_the_same_requests(tmp_path) -> None:
+def test_a_scenario_derived_from_a_devices_files_serves_the_same_requests(tmp_path, monkeypatch) -> None:
     """`benchmarks/serving_cpu.py --profile P --trace T` (the GPU runbook's serving call) derives serving_cpu.yaml's
     cases from another device's files: given this CPU's own profile and trace it writes the workloads committed for
     them (the same requests), and every case loads with those files; `--rate-scale` divides every arrival."""
@@ -389,6 +389,10 @@ def test_a_scenario_derived_from_a_devices_files_serves_the_same_requests(tmp_pa
     bf16.write_text(PROFILE_CPU.read_text().replace('"dtype": "float32"', '"dtype": "bfloat16"', 1))
     (point, *_) = load_serving_points(derived_scenario(bf16, TRACE, tmp_path / "bf16", "smollm2-135m"))
     assert point.plan.dtype_bytes == 2
+    monkeypatch.chdir(tmp_path)  # a relative output folder (`--out results/x.json`): the scenario still loads
+    assert len(load_serving_points(derived_scenario(PROFILE_CPU, TRACE, Path("relative"), "smollm2-135m"))) == len(
+        shipped
+    )
     faster = dense(derived[0], 20.0)
     assert [r.arrival_s * 20.0 for r in faster.workload.requests] == pytest.approx(
         [r.arrival_s for r in derived[0].workload.requests]
