@@ -264,12 +264,6 @@ class PrefixProcessors:
     suppressed: tuple[int, ...] = ()  # single-token bad words: plain suppressed ids (a device mask, capturable)
 
 
-PREFIX_SETTINGS = (
-    "bad_words_ids", "sequence_bias", "logits_processor", "forced_bos_token_id",
-    "forced_eos_token_id", "exponential_decay_length_penalty", "prefix_allowed_tokens_fn",
-)  # fmt: skip
-
-
 class AllowedTokens:
     """HF's `prefix_allowed_tokens_fn` (its PrefixConstrainedLogitsProcessor, without beams): only the ids
     `fn(batch_id, row)` returns may follow a row, `batch_id` the row's index in the batch; called with the rows of
@@ -289,12 +283,13 @@ class AllowedTokens:
 
 
 def prefix_processors(settings: dict[str, Any], eos: list[int], width: int, max_new_tokens: int) -> PrefixProcessors:
-    """HF's own processors for `settings` (`PREFIX_SETTINGS` names; None / 0 is off), in HF's order, for an input
-    `width` tokens wide: bad words of several tokens, forced BOS and EOS (the EOS at the
+    """HF's own processors for `settings` (bad_words_ids, sequence_bias, logits_processor, forced_bos_token_id,
+    forced_eos_token_id, exponential_decay_length_penalty, prefix_allowed_tokens_fn; None is off), in HF's order,
+    for an input `width` tokens wide: bad words of several tokens, forced BOS and EOS (the EOS at the
     `max_new_tokens`-th new token, HF's max_length - 1), the exponential decay length penalty (and before the forced
-    tokens, `prefix_allowed_tokens_fn`'s constraint, `AllowedTokens`); then the caller's
-    `logits_processor`. Single-token bad words (an EOS id excepted, as HF excepts it) become suppressed ids, unless a
-    forced token follows them in HF's order (it overrides them there)."""
+    tokens, `prefix_allowed_tokens_fn`'s constraint, `AllowedTokens`); then the caller's `logits_processor`.
+    Single-token bad words (an EOS id excepted, as HF excepts it) become suppressed ids, unless a forced token
+    follows them in HF's order (it overrides them there)."""
     from transformers.generation import logits_process as hf
 
     words = _bad_words(settings.get("bad_words_ids"), eos)

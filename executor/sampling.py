@@ -318,7 +318,9 @@ class TokenSelector:
     can run inside a captured CUDA graph; `restart` refills them for the next generation with the same shapes.
     With a repetition penalty, `seen` [B, V] (bool, made by `track`) holds the tokens of each row's committed text
     (as HF, which leaves a row's left padding out): `start` fills it from the prompts, `note` adds emitted tokens, and a
-    pass that predicts positions past uncommitted drafts passes its own `context` instead.
+    pass that predicts positions past uncommitted drafts passes its own `context` instead. With the n-gram ban or a
+    prefix processor, `text` (made by `track`, filled by `start` with the rows as given) gets every token a pass feeds
+    at its position (`record`), so the prefix of any position a pass predicts, drafts included, is in it.
     """
 
     def __init__(
@@ -338,8 +340,7 @@ class TokenSelector:
         self.text: torch.Tensor | None = None
         self.room = 0
         self.first = torch.zeros(len(prompt_lens), 1, dtype=torch.long, device=device)
-        self.firsts = [0] * len(prompt_lens)  # `first` on the host
-        self.lengths = list(prompt_lens)  # on the host, for the prefix processors' grouping
+        self.firsts = [0] * len(prompt_lens)  # `first` on the host, for the prefix processors' grouping
         self.warpers = hf_warpers(config, device)
         self.restart(prompt_lens, config.seed)
 
@@ -396,7 +397,6 @@ class TokenSelector:
         """A new generation with these prompt lengths and seed, one for all rows or one per row (same rows, sampling
         settings and EOS ids)."""
         self.prompt_lens.copy_(torch.tensor(prompt_lens).unsqueeze(1))
-        self.lengths = list(prompt_lens)
         self.seed.copy_(torch.tensor(row_seeds(seed, len(prompt_lens)), dtype=torch.int64).unsqueeze(1))
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
