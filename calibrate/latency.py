@@ -12,6 +12,10 @@ the executor's own code (`executor.adapter.decoder_layer`, `ModelAdapter.embed` 
 - `exit_head`: a trained exit head (one extra decoder layer + final norm + LM head), draft phase only; a shared exit
   head costs `lm_head`.
 - `lm_head`: final norm + LM head over the q positions whose logits a pass needs (prefill: the last one, q = 1).
+  On the CPU it (and `exit_head`) is timed after an untimed pass over the layers, as a real pass runs it: timed back
+  to back, or after the exit head's own LM head, it finds its weights in a large last-level cache (an Intel Xeon box
+  with 480 MB of it: SmolLM2's LM head at batch 1 took 5.4-6.4 ms so, 7.7 ms after the layers; a draft-phase profile
+  entry timed after `exit_head` read 1.4-2.1 ms below the identical verify-phase one).
 - `overhead`: per-pass host work of the executor: building the step's positions, rotary tables and attention mask,
   the argmax and its `.tolist()` (wall time between device synchronisations).
 
@@ -315,7 +319,10 @@ def measure(
     with torch.inference_mode():
         if run is not None and point.component in ("layer", "exit_head"):
             _compile(fn)  # this shape: never timed, never inside a graph capture
-        summary = time_call(fn, timer, point.cuda_graphs, host=point.component == "overhead")
+        before = None
+        if point.component in ("lm_head", "exit_head"):  # after the layers, as in a pass (CPU; module docstring)
+            before = component_call(adapter, inputs, "layer", None, run)
+        summary = time_call(fn, timer, point.cuda_graphs, host=point.component == "overhead", before=before)
     if point.component == "layer" and layer is None:  # a pass over all layers: per-layer figures
         n = adapter.num_layers
         summary = Summary(summary.median_us / n, summary.p10_us / n, summary.p90_us / n)

@@ -8,6 +8,9 @@
   passes (`executor.passes.capture_graph`: warm-up on a side stream, then capture) and each sample is one `replay()`
   between two events.
 - Host work (`host=True`, e.g. sampling + `.tolist()`): wall time between two device synchronisations.
+
+On the CPU, `before` (untimed) runs before every call, warm-up included: what a real pass runs ahead of the timed
+work, so that the caches hold what they would hold then (`calibrate.latency`: the LM head after the layers).
 """
 
 from __future__ import annotations
@@ -45,10 +48,17 @@ class TimerSpec:
             raise ValueError(f"need --warmup >= 0 and --repeats >= 1, got {self.warmup} and {self.repeats}")
 
 
-def time_call(fn: Callable[[], object], spec: TimerSpec, cuda_graphs: bool, host: bool = False) -> Summary:
-    """Median and p10/p90 of `fn`'s time over `spec.repeats` calls after `spec.warmup` calls (see module docstring)."""
+def time_call(
+    fn: Callable[[], object],
+    spec: TimerSpec,
+    cuda_graphs: bool,
+    host: bool = False,
+    before: Callable[[], object] | None = None,
+) -> Summary:
+    """Median and p10/p90 of `fn`'s time over `spec.repeats` calls after `spec.warmup` calls (see module docstring;
+    `before`, untimed before each call, on the CPU only)."""
     if spec.device.type != "cuda" or host:
-        return Summary.of(_wall_samples(fn, spec))
+        return Summary.of(_wall_samples(fn, spec, before if spec.device.type != "cuda" else None))
     if cuda_graphs:
         return Summary.of(_graph_samples(fn, spec))
     return Summary.of(_event_samples(fn, spec))
@@ -59,11 +69,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _wall_samples(fn: Callable[[], object], spec: TimerSpec) -> list[float]:
+def _wall_samples(fn: Callable[[], object], spec: TimerSpec, before: Callable[[], object] | None = None) -> list[float]:
     for _ in range(spec.warmup):
+        if before is not None:
+            before()
         fn()
     samples = []
     for _ in range(spec.repeats):
+        if before is not None:
+            before()
         _sync(spec.device)
         begin = time.perf_counter()
         fn()

@@ -481,3 +481,45 @@ def test_acceptance_prompts_follow_the_split_train_head_uses() -> None:
     assert ids("train") == [p.id for p in expected.train]
     assert ids("held-out", 3) == [p.id for p in expected.held_out[:3]]
     assert ids("all") == [p.id for p in load_prompts("builtin")]
+
+
+def test_cpu_timing_runs_before_untimed_ahead_of_every_call():
+    """`time_call(before=...)` on the CPU: `before` runs ahead of every warm-up and timed call and is not timed (a
+    slow `before` leaves the samples of a quick call quick)."""
+    import time
+
+    from calibrate.timing import TimerSpec, time_call
+
+    order: list[str] = []
+
+    def before() -> None:
+        order.append("before")
+        time.sleep(0.02)
+
+    summary = time_call(lambda: order.append("call"), TimerSpec(torch.device("cpu"), 2, 3), False, before=before)
+    assert order == ["before", "call"] * 5
+    assert summary.p90_us < 10_000  # 20 ms of `before` per call, none of it in a sample
+
+
+def test_latency_times_the_lm_head_after_the_layers_on_the_cpu(monkeypatch):
+    """`calibrate.latency.measure` hands `time_call` a pass over the layers to run before the LM head and a trained
+    exit head (as a real pass runs them), and nothing before the other components."""
+    import calibrate.latency as latency
+    from calibrate.latency import GridPoint, TimerSpec, make_inputs, measure
+
+    adapter = ModelAdapter(tiny_model(TinySpec(num_layers=2), torch.float32))
+    seen: dict[str, bool] = {}
+
+    def fake_time_call(fn, spec, graphs, host=False, before=None):
+        seen[point.component] = before is not None
+        if before is not None:
+            before()  # it runs: a pass over the layers
+        return latency.Summary(1.0, 1.0, 1.0)
+
+    monkeypatch.setattr(latency, "time_call", fake_time_call)
+    timer = TimerSpec(torch.device("cpu"), 0, 1)
+    inputs = make_inputs(adapter, 1, 8, 1)
+    for component in ("embed", "layer", "exit_head", "lm_head", "overhead"):
+        point = GridPoint(component, "draft", 1, 8, 1, False)
+        measure(adapter, point, inputs, timer)
+    assert seen == {"embed": False, "layer": False, "exit_head": True, "lm_head": True, "overhead": False}
