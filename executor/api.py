@@ -320,7 +320,7 @@ def prefix_processors(settings: dict[str, Any], eos: list[int], width: int, max_
             f"{custom!r}"
         )
     bias = settings.get("sequence_bias")
-    biases = (hf.SequenceBiasLogitsProcessor(sequence_bias=_sequence_bias(bias)),) if bias else ()
+    biases = (_sequence_bias(bias),) if bias else ()
     return PrefixProcessors(biases, tuple(processors), tuple(custom or ()), single)
 
 
@@ -341,16 +341,15 @@ def _decay(decay: Any, eos: list[int], width: int) -> Callable[..., Any]:
     return ExponentialDecayLengthPenalty(tuple(decay), eos, width)
 
 
-def _sequence_bias(sequence_bias: Any) -> Any:
-    """HF's `sequence_bias` (a dict of token-id tuples to biases, or a list of [ids, bias] pairs), checked as HF
-    checks it but refused with a ValueError."""
-    try:
-        from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+def _sequence_bias(sequence_bias: Any) -> Callable[..., Any]:
+    """HF's processor for `sequence_bias` (a dict of token-id tuples to biases, or a list of [ids, bias] pairs), which
+    checks it; what it refuses is refused with a ValueError naming the field."""
+    from transformers.generation.logits_process import SequenceBiasLogitsProcessor
 
-        SequenceBiasLogitsProcessor(sequence_bias=sequence_bias)
+    try:
+        return SequenceBiasLogitsProcessor(sequence_bias=sequence_bias)
     except (ValueError, TypeError) as error:
         raise ValueError(f"sequence_bias: {error}") from None
-    return sequence_bias
 
 
 @dataclass(frozen=True)
@@ -558,7 +557,7 @@ def generate(
             )  # fmt: skip
             stats.prompt_tokens = len(prompts[0])
         elif max_new_tokens > 0:
-            exit_head = resolve_head(head, adapter, exit_layer) if method == "eesd" else None
+            exit_head = head if method == "eesd" else None  # resolved above
             setup = PassSetup(method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture)
             passes = setup.passes(adapter, prompts, max_new_tokens)
             passes.selector.start(prompts, ids)  # a penalty's context: the prompts (HF leaves padding out); prefixes
@@ -701,8 +700,8 @@ def _scores(adapter, ids, mask, prompt_mask, sequences, raw, config, min_new_tok
 
 
 def _processing(config: Any) -> dict[str, Any]:
-    """How a generation config has the logits processed and the token chosen, under the names `generate` and
-    `SamplingConfig` share."""
+    """How a generation config has the logits processed and the token chosen, as `generate`'s keyword arguments
+    (HF's warpers only where HF would apply them: typical-p below 1, the cutoffs inside (0, 1))."""
     return dict(
         do_sample=bool(config.do_sample),
         temperature=config.temperature if config.temperature is not None else 1.0,

@@ -373,8 +373,8 @@ class TokenSelector:
         leads = [len(row) - len(prompt) for row, prompt in zip(rows_given, prompts, strict=True)]
         if self.text is None:  # untracked: room for the prompts' own selection
             self.room = max(leads)
-            self.text = torch.zeros(len(prompts), self.room + max(len(p) for p in prompts), dtype=torch.long)
-            self.text = self.text.to(device)
+            width = self.room + max(len(p) for p in prompts)
+            self.text = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
         if max(leads) > self.room:
             raise ValueError(f"the input has {max(leads)} padding columns, more than the {self.room} this text keeps")
         self.text.zero_()
