@@ -368,14 +368,28 @@ def test_prefix_allowed_tokens_fn_that_allows_nothing_is_refused_as_hf_refuses_i
 
 def test_prefix_settings_with_copies_stops_and_chained_steps(model):
     """With num_return_sequences (each copy its own seed), a stopping criterion, and AR steps chained on the device
-    (sync_every 4): EESD's sampled copies equal AR's, and chained AR equals step-by-step AR."""
+    (sync_every 4): EESD's sampled copies equal AR's, each copy is its row decoded alone with seed + copy, greedy with
+    the criterion equals HF, and chained AR equals step-by-step AR."""
     ids, mask = left_pad([[3, 4, 5, 6], [8, 9]])
-    kwargs = dict(attention_mask=mask, max_new_tokens=14, pad_token_id=PAD, eos_token_id=1, do_sample=True)
-    kwargs.update(num_return_sequences=2, no_repeat_ngram_size=2, logits_processor=[BanSuccessor()])
+    kwargs = dict(attention_mask=mask, max_new_tokens=14, pad_token_id=PAD, eos_token_id=1)
+    kwargs.update(no_repeat_ngram_size=2, logits_processor=[BanSuccessor()])
     kwargs.update(stopping_criteria=[lambda held, scores: held[:, -1] == 7])
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    greedy = executor.EarlyExitGenerator(model, exit_layer=2, draft_len=3).generate(ids, **kwargs)
+    assert greedy.tolist() == expected.tolist()
+    kwargs.update(do_sample=True, num_return_sequences=2)
     ar = executor.EarlyExitGenerator(model, method="ar", seed=9).generate(ids, **kwargs)
     eesd = executor.EarlyExitGenerator(model, exit_layer=2, draft_len=3, seed=9).generate(ids, **kwargs)
     assert ar.shape[0] == 4 and eesd.tolist() == ar.tolist()
+    alone = {**kwargs, "num_return_sequences": 1}
+    for row in range(2):
+        for copy in range(2):
+            one = (
+                executor.EarlyExitGenerator(model, method="ar", seed=9 + copy)
+                .generate(ids[row : row + 1], **{**alone, "attention_mask": mask[row : row + 1]})[0]
+                .tolist()
+            )
+            assert ar[2 * row + copy].tolist() == one + [PAD] * (ar.shape[1] - len(one))
     options = dict(max_new_tokens=16, no_repeat_ngram_size=2, sequence_bias={(4, 5): 3.0}, eos_token_id=1)
     stepwise = executor.generate(model, [[3, 4, 5, 6]], sync_every=1, **options).sequences
     chained = executor.generate(model, [[3, 4, 5, 6]], sync_every=4, **options).sequences
