@@ -86,7 +86,7 @@ from executor import passes as executor_passes
 from executor.adapter import ModelAdapter
 from executor.api import PassSetup
 from executor.decoding import TokenSink
-from executor.heads import resolve_head
+from executor.heads import draft_cost_ratio, resolve_head
 from executor.models import decode_weight_bytes, kv_cache_bytes, resolve_dtype
 from executor.passes import Passes
 from executor.ppsd import StagePlan, local_pipeline, make_selector
@@ -95,7 +95,7 @@ from executor.runtime import copy_tbps, datasheet_tbps, synchronize
 from executor.sampling import SamplingConfig
 from sim.contract import captured_capacity
 from sim.formats import write_text_atomic
-from sim.policy import make_policy
+from sim.policy import make_policy, parse_policy_spec
 
 RESULTS = Path(__file__).parent / "results"
 HEAD_FILE = Path(__file__).resolve().parent.parent / "heads" / "smollm2-135m-e15.safetensors"
@@ -132,6 +132,7 @@ class Row:
     ideal_speedup: float | None = None
     efficiency: float | None = None  # realised speedup / ideal speedup
     formula_ideal: float | None = None  # PPSD: n / (alpha + (1 - alpha) n), the paper's (balanced stages, free head)
+    policy_cost: float | None = None  # EESD beta-ts: the draft/verify cost ratio generate gave the policy
     tick_efficiency: float | None = None  # PPSD: realised / the ideal at the measured device time per tick
     first_call_s: float | None = None  # the warm-up run: capture and compilation this row needed beyond earlier rows
     pass_costs_ms: dict[str, float] = field(default_factory=dict)
@@ -151,6 +152,7 @@ class Case:
     new_tokens: int | None = None  # what every run must make (a run that makes another count is noted)
     context: float | None = None  # the mean context of its decode steps
     describe: Callable[[], str] = lambda: ""  # after the runs: how it ran (HF's fast path: compiled or not)
+    policy_cost: float | None = None  # a cost-taking policy: the ratio generate gives it (its weights' estimate)
 
 
 @dataclass
@@ -369,7 +371,9 @@ def eesd_case(adapter, prompts, new_tokens: int, label: str, exit_layer: int, he
     )  # fmt: skip
     profile = PassProfile(adapter, prompts[-1], new_tokens, capture)  # the last timed run's prompt
     ideal = lambda stats: profile.eesd_ideal(stats, exit_layer, head, policy)  # noqa: E731
-    return dataclasses.replace(case, ideal=ideal)
+    takes_cost = parse_policy_spec(policy)[0] in ("beta-ts", "calibration-ts")
+    cost = draft_cost_ratio(adapter, exit_layer, resolve_head(head, adapter, exit_layer)) if takes_cost else None
+    return dataclasses.replace(case, ideal=ideal, policy_cost=cost)
 
 
 def ppsd_case(
@@ -624,6 +628,7 @@ def measure(name: str, case: Case, runs: int, device: torch.device) -> Row:
         decode_tokens_per_s=statistics.median(decode) if decode else None, runs_tokens_per_s=speeds,
         prompts=case.prompts, new_tokens_made=sorted(set(timing.tokens)), context=case.context,
         spread_tokens_per_s=spread(speeds), spread_decode_tokens_per_s=spread(decode), first_call_s=timing.first_call,
+        policy_cost=case.policy_cost,
     )  # fmt: skip
     notes = [case.describe()]
     if case.new_tokens is not None and row.new_tokens_made != [case.new_tokens]:

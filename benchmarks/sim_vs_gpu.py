@@ -56,6 +56,7 @@ from typing import Any
 
 from sim.contract import captured_capacity
 from sim.formats import latency_profile_name, write_text_atomic
+from sim.models import MODELS
 from sim.policy import with_cost
 from sim.runner import simulate_point
 from sim.scenario import Point, validate
@@ -169,10 +170,25 @@ def scenario(
     return Point(0, {}, validate(data, f"{source.bench}: row {row['method']!r}"), ROOT, str(source.bench))
 
 
+DRAW_SEEDS = 5  # simulator seeds a Thompson-sampling row's prediction takes the median over
+
+
 def decode_rate(point: Point) -> tuple[float, bool]:
     """(tokens/s, extrapolated) of the simulator, decode only."""
     result = simulate_point(point).result
     return result.decode_tokens / (result.decode_time_us / 1e6), result.extrapolated
+
+
+def median_rate(point: Point, seeds: int = DRAW_SEEDS) -> tuple[float, bool]:
+    """`decode_rate` of a Thompson-sampling row, the median over `seeds` seeds of the simulator's draws: the executor
+    drew one stream (its rounds' budgets, repeated in every run of one prompt at a time) that the simulator cannot
+    replay (its policy seeds are derived differently since those leases), and at the low acceptance of the leases'
+    rows the exploring rounds move the speedup by about 0.05 from one stream to the next."""
+    rates = []
+    for seed in range(seeds):
+        scenario = point.scenario.model_copy(update={"seed": seed})
+        rates.append(decode_rate(dataclasses.replace(point, scenario=scenario)))
+    return statistics.median(rate for rate, _ in rates), any(extrapolated for _, extrapolated in rates)
 
 
 def compare(source: Source, runs: int) -> list[dict[str, Any]]:
@@ -186,8 +202,11 @@ def compare(source: Source, runs: int) -> list[dict[str, Any]]:
         method = method_of(row["method"])
         if method is None:
             continue
-        point = scenario(source, row, bench["new_tokens"], method, runs, attention=attention(row["method"]))
-        predicted, extrapolated = decode_rate(point)
+        cost = executor_cost(row, source) if method == "eesd" else None
+        point = scenario(
+            source, row, bench["new_tokens"], method, runs, policy_cost=cost, attention=attention(row["method"])
+        )
+        predicted, extrapolated = decode_rate(point) if cost is None else median_rate(point)
         measured = row["decode_tokens_per_s"]
         out.append(
             {"model": source.model, "method": row["method"], "kind": method, "alpha": row.get("alpha"),
@@ -207,6 +226,18 @@ def compare(source: Source, runs: int) -> list[dict[str, Any]]:
                                       "predicted_speedup": profiled / predicted_ar, "extrapolated": extrapolated,
                                       "contention": str(source.contention.relative_to(ROOT))})  # fmt: skip
     return out
+
+
+def executor_cost(row: dict[str, Any], source: Source) -> float | None:
+    """The draft/verify cost ratio the executor's beta-ts drew with in a gpu_decode row: the row's `policy_cost`
+    (recorded since generate estimates it from the weights each pass reads), else E / L, generate's default when
+    the committed leases ran; None for a policy that takes no cost. Pinned, the simulator draws as the executor did."""
+    match = EESD_LABEL.match(row["method"])
+    if match is None or not match["policy"].startswith(("beta-ts", "calibration-ts")):
+        return None
+    if row.get("policy_cost") is not None:
+        return float(row["policy_cost"])
+    return int(match["exit"]) / MODELS[source.model].num_layers
 
 
 def attention_of(rows: list[dict[str, Any]]) -> Any:

@@ -1,4 +1,5 @@
-"""`eesd calibrate latency|acceptance|link|contention`: measure the files the simulator reads (docs/formats.md).
+"""`eesd calibrate latency|acceptance|link|contention|rounds`: measure the files the simulator reads (docs/formats.md),
+and (`rounds`) the round costs a Thompson-sampling draft policy weighs on this machine (`executor.round_costs`).
 
 `contention` runs no model: it turns a `benchmarks/gpu_decode.py` run's PPSD `streams` rows into a contention
 profile (`calibrate.contention`), so it takes no `--threads`.
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         (_latency_arguments, "latency", "device time per component, phase, q, context and batch"),
         (_acceptance_arguments, "acceptance", "per-token exit-head agreement with the full model"),
         (_link_arguments, "link", "transfer time vs bytes between two pipeline stages"),
+        (_rounds_arguments, "rounds", "an EESD round of k drafts against an AR step: beta-ts:costs=... for --policy"),
     )
     for add, name, help_text in parsers:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -91,6 +93,20 @@ def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output CSV (eesd.acceptance_trace)")
 
 
+def _rounds_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="packaged name, HF directory or .gguf")
+    p.add_argument("--head", default="shared", help="exit head: shared | shared:N | a head file (default: shared)")
+    p.add_argument("--exit-layer", type=int, default=None, help="exit layer E (default: a head file's, else L / 2)")
+    p.add_argument("--max-draft-len", type=int, default=8, help="rounds of 0 .. this many drafts (default: 8)")
+    p.add_argument("--context", type=int, default=128, help="the position the rounds run at (default: 128)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--capture", default="auto", help="the passes generate would run: auto | none | graph | ... ")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per draft count, interleaved (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds per draft count first (default: 1)")
+    p.add_argument("--out", type=Path, default=None, help="also write them to this JSON file (eesd.round_costs)")
+
+
 def _link_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output CSV (eesd.link_profile)")
     p.add_argument("--backend", default="gloo", help="gloo (2 CPU processes) | nccl | cuda-copy (2 GPUs)")
@@ -113,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         from calibrate.latency_cli import run_latency
 
         return run_latency(args, not args.no_progress)
+    if args.calibration == "rounds":
+        from calibrate.rounds_cli import run_rounds
+
+        return run_rounds(args)
     from calibrate.acceptance_cli import run_acceptance
 
     return run_acceptance(args, not args.no_progress)

@@ -397,9 +397,10 @@ def _as_ar(point: Point) -> Point:
 
 
 def _with_pinned_cost(point: Point) -> Point:
-    """The point with its policy's cost pinned to the simulated draft/verify ratio (`sim.policy.with_cost`), which
-    the executor then gets too (left to itself it would take E / L)."""
-    spec = with_cost(point.scenario.policy, build_plan(point).cost_ratio)
+    """The point with its policy's costs pinned to the simulated round costs (`sim.policy.with_cost`), which the
+    executor then gets too (left to itself it would estimate a ratio from the weights each pass reads)."""
+    plan = build_plan(point)
+    spec = with_cost(point.scenario.policy, plan.cost_ratio or 1.0, plan.round_costs)
     return dataclasses.replace(point, scenario=point.scenario.model_copy(update={"policy": spec}))
 
 

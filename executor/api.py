@@ -205,6 +205,16 @@ def _layout(ids: torch.Tensor, new: list[list[int]], fill: int | None, device) -
     return torch.cat([ids.to(device), torch.tensor(tail, dtype=torch.long, device=device)], dim=1)
 
 
+def exit_and_head(model: Any, head: Any, exit_layer: int | None) -> tuple[Any, int]:
+    """(head, exit layer) as `generate` settles them for EESD: the exit layer given, else a trained head's own,
+    else the middle layer; a head file's layer checked against an explicit exit layer."""
+    adapter = _adapter(model)
+    if exit_layer is None:
+        return _exit_from_head(adapter, head)
+    check_arguments(adapter, [[0]], "eesd", exit_layer, 1)
+    return resolve_head(head, adapter, exit_layer), exit_layer
+
+
 def _exit_from_head(adapter: ModelAdapter, head: Any) -> tuple[Any, int]:
     """Without an explicit exit layer: a trained head's own (a head file records it), else the middle layer."""
     if head in (None, "shared"):

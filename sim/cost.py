@@ -16,6 +16,7 @@ from sim.formats import is_trained, subset_size
 from sim.hardware import allreduce_us
 from sim.latency import LatencyModel
 from sim.models import ModelConfig
+from sim.policy import linear_round_costs
 
 if TYPE_CHECKING:  # the plan holds the stages these functions cost; it imports this module
     from sim.plan import SimPlan, SimStage
@@ -139,6 +140,30 @@ def cost_ratio(plan: SimPlan) -> float:
     )
     verify_us = sum(stage_time_us(plan, s, verify, context, batch) for s in plan.stages)
     return max(draft_us / verify_us, 1e-6) if verify_us > 0 else 1.0
+
+
+def round_costs(plan: SimPlan, max_draft_len: int) -> tuple[float, ...]:
+    """C_0..C_max: an EESD round of k drafts (k draft steps, then the verify pass over k + 1 tokens, as the engine
+    runs them) over a round of none (one full-model step, C_0 = 1), at the prompt's context and the batch size: the
+    measured round costs the Thompson-sampling policies weigh against expected tokens (`sim.policy`). Unlike one
+    ratio c they follow the profile where a pass's time grows with its width (a CPU's kernels switch at 4 rows)."""
+    context, batch = plan.workload.prompt_len, plan.workload.batch_size
+    exit_layer, layers, head_at = plan.exit_layer, plan.model.num_layers, plan.head_layer_at
+
+    def time_us(work: Pass, at: int) -> float:
+        return sum(stage_time_us(plan, s, work, at, batch) for s in plan.stages if _stage_touched(s, work))
+
+    draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=False)
+    step = time_us(Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=head_at), context)
+    if step <= 0.0:
+        return linear_round_costs(1.0, max_draft_len)
+    costs = [1.0]
+    for k in range(1, max_draft_len + 1):
+        segments = ((0, exit_layer, 1), (exit_layer, layers, k + 1))
+        verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=head_at)
+        drafts = sum(time_us(draft, context + j) for j in range(k))
+        costs.append(max((drafts + time_us(verify, context + k)) / step, 1e-6))
+    return tuple(costs)
 
 
 def _stage_touched(stage: SimStage, work: Pass) -> bool:

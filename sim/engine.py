@@ -476,7 +476,8 @@ class Simulation:
             return self.make_row(request)
         stream = plan.acceptance.stream(random.Random(self.rng.getrandbits(64)), request)
         policy_rng = random.Random(policy_seed(plan.seed, request % plan.workload.batch_size))
-        policy = make_policy(plan.policy, rng=policy_rng, cost_ratio=plan.cost_ratio)
+        costs = plan.round_costs
+        policy = make_policy(plan.policy, rng=policy_rng, cost_ratio=plan.cost_ratio, round_costs=costs)
         return BatchRow(stream, policy, plan.workload.output_len)
 
     def _ar(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
 from sim.contention import Contention, ProfiledContention, Serial, SharedBandwidth
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, span_bucket
-from sim.cost import cost_ratio, head_vocab_fraction
+from sim.cost import cost_ratio, head_vocab_fraction, round_costs
 from sim.formats import (
     DataFile,
     is_trained,
@@ -102,6 +102,7 @@ class SimPlan:
     max_in_flight: int | None = None
     seed: int = 0
     cost_ratio: float | None = None  # draft step / verify pass, for the Thompson-sampling policies
+    round_costs: tuple[float, ...] | None = None  # C_0..C_max, a round of k drafts / an AR step: what they weigh
     context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
     chain_zero_rounds: bool = True  # EESD rounds that draft nothing run as chained AR steps (as the executor does)
     sync_every: int = SYNC_CAPTURED  # captured: chained AR steps / zero-draft rounds / PPSD ticks per host read
@@ -249,7 +250,12 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
     _check_policy(plan, where)
     slots = cache_slots(plan) if s.attention != "context" else None
     extra = {"cost_ratio": cost_ratio(plan), "cache_slots": slots, "span_buckets": s.attention == "buckets"}
-    return SimPlan(**{**plan.__dict__, **extra})
+    plan = SimPlan(**{**plan.__dict__, **extra})
+    if plan.method != "eesd":
+        return plan
+    # the round costs the Thompson-sampling policies weigh, up to the policy's max draft length
+    costs = round_costs(plan, getattr(make_policy(plan.policy), "max_draft_len", 1))
+    return SimPlan(**{**plan.__dict__, "round_costs": costs})
 
 
 def exit_layer_of(point: Point) -> int:

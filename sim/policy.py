@@ -21,8 +21,13 @@ first item may also be a bare value for the policy's main parameter:
     beta-ts[:cost=C][,max=M][,a=A][,b=B]
     calibration-ts[:cost=C][,max=M][,buckets=N][,a=A][,b=B]
 
-`cost` is c = (one draft step's time) / (one verify pass's time); when the spec omits it, the caller's measured
-ratio (`make_policy(..., cost_ratio=...)`) is used, else `DEFAULT_COST_RATIO`. `a`, `b` are the Beta prior.
+`cost` is c = (one draft step's time) / (one verify pass's time): a round of k drafts then costs 1 + k·c verify
+passes. `costs=C1/C2/.../CK` gives the round costs themselves instead, measured: C_k = (the time of a round of k
+drafts, its verify pass included) / (one AR step), for k = 1..K (a round of no drafts is an AR step: C_0 = 1). A
+verify pass's time grows with its width where the hardware is not purely bound by reading weights (a CPU's kernels
+can double their time from 3 to 4 rows), which one c cannot say. K caps the drafts (`max` may lower it, not raise
+it). When the spec gives neither, the caller's measured table (`make_policy(..., round_costs=...)`) is used, else
+its measured ratio (`cost_ratio=...`), else `DEFAULT_COST_RATIO`. `a`, `b` are the Beta prior.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 DEFAULT_COST_RATIO = 0.25  # draft step / verify pass with KV reuse is about E / L; a quarter-depth exit
+DEFAULT_MAX_DRAFT_LEN = 8  # the Thompson-sampling policies' max
 
 
 @runtime_checkable
@@ -144,39 +150,52 @@ def expected_tokens_per_cost(theta: float, draft_len: int, cost_ratio: float) ->
 
     Leviathan et al.'s expected tokens per round, (1 − θ^(k+1)) / (1 − θ), is k + 1 at θ = 1.
     """
-    tokens = draft_len + 1.0 if theta >= 1.0 else (1.0 - theta ** (draft_len + 1)) / (1.0 - theta)
-    return tokens / (draft_len * cost_ratio + 1.0)
+    return expected_tokens(theta, draft_len) / (draft_len * cost_ratio + 1.0)
 
 
-def best_draft_len(theta: float, cost_ratio: float, max_draft_len: int) -> int:
-    """k*(θ) = argmax over k in [0, max_draft_len] of `expected_tokens_per_cost` (smallest k on ties). The same
-    arithmetic, each round's cost k·c + 1 worked out once per (c, max), the values of k >= 1 in one list whose first
-    maximum (`max` keeps the first of equals, as a loop taking only a larger value does) beats k = 0 or not: Thompson
-    sampling calls it every round, in the simulator's hot path."""
-    costs = _round_costs(cost_ratio, max_draft_len)
+def expected_tokens(theta: float, draft_len: int) -> float:
+    """Expected tokens of a round of k drafts accepted independently with probability θ: (1 − θ^(k+1)) / (1 − θ)."""
+    return draft_len + 1.0 if theta >= 1.0 else (1.0 - theta ** (draft_len + 1)) / (1.0 - theta)
+
+
+def linear_round_costs(cost_ratio: float, max_draft_len: int) -> tuple[float, ...]:
+    """(1, 1 + c, ..., 1 + max·c): the round costs in verify passes that one draft/verify ratio c says."""
+    return tuple(k * cost_ratio + 1.0 for k in range(max_draft_len + 1))
+
+
+def best_draft_len(
+    theta: float, cost_ratio: float, max_draft_len: int, round_costs: tuple[float, ...] | None = None
+) -> int:
+    """k*(θ) = argmax over k in [0, max_draft_len] of expected tokens over the round's cost (smallest k on ties): the
+    cost 1 + k·c (`expected_tokens_per_cost`), or `round_costs[k]` where a table is given (C_0 = 1: a round of no
+    drafts is one AR step, one token). The same arithmetic, each round's (k + 1, cost) worked out once per table,
+    the values of k >= 1 in one list whose first maximum (`max` keeps the first of equals, as a loop taking only a
+    larger value does) beats k = 0 or not: Thompson sampling calls it every round, in the simulator's hot path."""
+    costs = _round_costs(round_costs or linear_round_costs(cost_ratio, max_draft_len), max_draft_len)
     if theta >= 1.0:
-        values = [(k + 1.0) / cost for k, _, cost in costs]
+        values = [power / cost for power, cost in costs]
     else:
         rest = 1.0 - theta
-        values = [(1.0 - theta**power) / rest / cost for _, power, cost in costs]
+        values = [(1.0 - theta**power) / rest / cost for power, cost in costs]
     top = max(values)
-    return values.index(top) + 1 if top > expected_tokens_per_cost(theta, 0, cost_ratio) else 0
+    return values.index(top) + 1 if top > 1.0 else 0
 
 
 @functools.lru_cache(maxsize=256)
-def _round_costs(cost_ratio: float, max_draft_len: int) -> tuple[tuple[int, float, float], ...]:
-    """(k, k + 1, k·c + 1) for k in 1..max_draft_len: a round's drafts, the power of θ (a float: `float ** int` takes
-    the int as that float, so the power is the same, at less cost) and the round's cost in verify passes."""
-    return tuple((k, k + 1.0, k * cost_ratio + 1.0) for k in range(1, max_draft_len + 1))
+def _round_costs(round_costs: tuple[float, ...], max_draft_len: int) -> tuple[tuple[float, float], ...]:
+    """(k + 1, C_k) for k in 1..max_draft_len: the power of θ (a float: `float ** int` takes the int as that float,
+    so the power is the same, at less cost) and the round's cost."""
+    return tuple((k + 1.0, round_costs[k]) for k in range(1, max_draft_len + 1))
 
 
 @dataclass
 class BetaTSPolicy:
     """Beta-TS (Thompson sampling over a Beta posterior of the per-token acceptance probability θ).
 
-    Each round: θ ~ Beta(a, b), draft k*(θ) = argmax_k (1 − θ^(k+1)) / ((1 − θ)(k·c + 1)), k in [0, max].
-    After verification the accepted run is a geometric observation: a += accepted, b += 1 if a draft was rejected.
-    `cost_ratio` is c = draft step time / verify pass time.
+    Each round: θ ~ Beta(a, b), draft k*(θ) = argmax_k (1 − θ^(k+1)) / ((1 − θ)·C_k), k in [0, max], with the round
+    cost C_k = k·c + 1 (`cost_ratio` c = draft step time / verify pass time) or, given `round_costs`, the measured
+    C_k of that table (C_0 = 1, one entry per k up to at least `max_draft_len`). After verification the accepted run
+    is a geometric observation: a += accepted, b += 1 if a draft was rejected.
     """
 
     cost_ratio: float = DEFAULT_COST_RATIO
@@ -185,17 +204,19 @@ class BetaTSPolicy:
     prior_b: float = 1.0
     rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
     needs_confidence: bool = False
+    round_costs: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_max(self.max_draft_len)
         _check_cost(self.cost_ratio)
         _check_prior(self.prior_a, self.prior_b)
+        self.round_costs = _checked_table(self.round_costs, self.max_draft_len)
         self.a, self.b = float(self.prior_a), float(self.prior_b)
         self._draft_len = 0
 
     def begin_round(self) -> int:
         theta = self.rng.betavariate(self.a, self.b)
-        self._draft_len = best_draft_len(theta, self.cost_ratio, self.max_draft_len)
+        self._draft_len = best_draft_len(theta, self.cost_ratio, self.max_draft_len, self.round_costs)
         return self._draft_len
 
     def keep_drafting(self, drafted: int, confidence: float) -> bool:
@@ -211,15 +232,18 @@ class BetaTSPolicy:
 class CalibrationTSPolicy:
     """Calibration-TS: Beta-TS with one Beta(a, b) posterior per bucket of the exit head's confidence.
 
-    Confidence in [0, 1] falls into one of `buckets` equal-width buckets. After draft j, θ_j is sampled from that
-    draft's bucket and drafting stops when θ_j falls below the break-even value
+    Confidence in [0, 1] falls into one of `buckets` equal-width buckets. Every round drafts at least once; after
+    draft j, θ_j is sampled from that draft's bucket and drafting goes on while draft j + 1 pays for itself:
 
-        θ*_j = c · T_(j−1) / (C_(j−1) · P_(j−1)),   P_j = θ_1···θ_j,  T_j = 1 + P_1 + … + P_j,  C_j = 1 + j·c,
+        θ_j · P_j · C_j >= (C_(j+1) − C_j) · T_j,   P_j = θ_1···θ_j,  T_j = 1 + P_1 + … + P_j,
 
-    i.e. when draft j's expected extra tokens P_j no longer pay its cost c at the round's current rate T/C (tokens per
-    verify pass). For j = 1 this is θ* = c, the same point where Beta-TS's k*(θ) becomes >= 1. Feedback is per
-    token: the accepted drafts count as successes of their buckets, the first rejected draft as a failure of its
-    bucket; later drafts are unobserved (they were conditioned on a wrong prefix).
+    i.e. while its expected extra tokens P_j θ (θ_j standing in for its own, unseen θ) pay what it adds to the
+    round's cost at the round's current rate T_j / C_j (tokens per unit of cost). The round cost C_j is 1 + j·c, or
+    C_j of `round_costs` (a measured table, as Beta-TS's): a step in the table (a CPU's verify kernels slowing from
+    4 tokens on) stops drafting before it unless the drafts are sure. With 1 + j·c and j = 1 the rule is
+    θ² >= c(1 + θ) / (1 + c), where Beta-TS's k*(θ) reaches 2. Feedback is per token: the accepted drafts count as
+    successes of their buckets, the first rejected draft as a failure of its bucket; later drafts are unobserved
+    (they were conditioned on a wrong prefix).
     """
 
     cost_ratio: float = DEFAULT_COST_RATIO
@@ -229,37 +253,39 @@ class CalibrationTSPolicy:
     prior_b: float = 1.0
     rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
     needs_confidence: bool = True
+    round_costs: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_max(self.max_draft_len)
         _check_cost(self.cost_ratio)
         _check_prior(self.prior_a, self.prior_b)
+        self.round_costs = _checked_table(self.round_costs, self.max_draft_len)
+        self._costs = self.round_costs or linear_round_costs(self.cost_ratio, self.max_draft_len)
         if self.buckets < 1:
             raise ValueError(f"buckets must be >= 1, got {self.buckets}")
         self.a = [float(self.prior_a)] * self.buckets
         self.b = [float(self.prior_b)] * self.buckets
         self._round_buckets: list[int] = []
-        self._prefix_prob, self._tokens, self._cost = 1.0, 1.0, 1.0
+        self._prefix_prob, self._tokens = 1.0, 1.0
 
     def bucket(self, confidence: float) -> int:
         return min(self.buckets - 1, max(0, int(confidence * self.buckets)))
 
     def begin_round(self) -> int:
         self._round_buckets = []
-        self._prefix_prob, self._tokens, self._cost = 1.0, 1.0, 1.0
+        self._prefix_prob, self._tokens = 1.0, 1.0
         return self.max_draft_len
 
     def keep_drafting(self, drafted: int, confidence: float) -> bool:
         index = self.bucket(confidence)
         self._round_buckets.append(index)
         theta = self.rng.betavariate(self.a[index], self.b[index])
-        if self._prefix_prob <= 0.0:
+        if drafted >= self.max_draft_len or self._prefix_prob <= 0.0:
             return False
-        break_even = self.cost_ratio * self._tokens / (self._cost * self._prefix_prob)
         self._prefix_prob *= theta
         self._tokens += self._prefix_prob
-        self._cost += self.cost_ratio
-        return drafted < self.max_draft_len and theta >= break_even
+        cost = self._costs[drafted]
+        return theta * self._prefix_prob * cost >= (self._costs[drafted + 1] - cost) * self._tokens
 
     def update(self, drafted: int, accepted: int) -> None:
         seen = self._round_buckets
@@ -280,6 +306,22 @@ def _check_cost(cost_ratio: float) -> None:
         raise ValueError(f"cost ratio c (draft step / verify pass) must be > 0, got {cost_ratio}")
 
 
+def _checked_table(round_costs: tuple[float, ...] | None, max_draft_len: int) -> tuple[float, ...] | None:
+    """`round_costs` as a tuple of floats C_0..C_K with C_0 = 1 and K >= `max_draft_len`, every C_k > 0 and finite;
+    None stays None (the policy's cost ratio then says the costs)."""
+    if round_costs is None:
+        return None
+    table = tuple(float(cost) for cost in round_costs)
+    if len(table) < max_draft_len + 1 or table[0] != 1.0:
+        raise ValueError(
+            f"round costs need C_0 = 1 (a round of no drafts is one AR step) and one cost per draft count up to the "
+            f"max draft length {max_draft_len}, got {list(table)}"
+        )
+    if not all(0.0 < cost < float("inf") for cost in table):
+        raise ValueError(f"round costs must be finite and > 0, got {list(table)}")
+    return table
+
+
 def _check_prior(a: float, b: float) -> None:
     if not (a > 0.0 and b > 0.0):
         raise ValueError(f"Beta prior needs a > 0 and b > 0, got a={a}, b={b}")
@@ -290,11 +332,11 @@ _SPECS: dict[str, tuple[str | None, tuple[str, ...], str]] = {
     "fixed": ("k", ("k",), "fixed:K"),
     "heuristic": ("k", ("k", "max"), "heuristic[:K][,max=M]"),
     "confidence": ("tau", ("tau", "max"), "confidence[:TAU][,max=M]"),
-    "beta-ts": (None, ("cost", "max", "a", "b"), "beta-ts[:cost=C][,max=M][,a=A][,b=B]"),
+    "beta-ts": (None, ("cost", "costs", "max", "a", "b"), "beta-ts[:cost=C|costs=C1/../CK][,max=M][,a=A][,b=B]"),
     "calibration-ts": (
         None,
-        ("cost", "max", "buckets", "a", "b"),
-        "calibration-ts[:cost=C][,max=M][,buckets=N][,a=A][,b=B]",
+        ("cost", "costs", "max", "buckets", "a", "b"),
+        "calibration-ts[:cost=C|costs=C1/../CK][,max=M][,buckets=N][,a=A][,b=B]",
     ),
 }
 
@@ -304,13 +346,20 @@ def policy_usage() -> str:
     return "; ".join(usage for _, _, usage in _SPECS.values())
 
 
-def with_cost(spec: str, cost_ratio: float) -> str:
-    """`spec` with `cost=` pinned to `cost_ratio` (4 decimals) where the policy takes a cost and the spec gives none,
-    so that every reader of the spec draws with the same cost; any other spec unchanged."""
+def with_cost(spec: str, cost_ratio: float, round_costs: tuple[float, ...] | None = None) -> str:
+    """`spec` with its costs pinned where the policy takes a cost and the spec gives none: `costs=` to the round
+    costs of `round_costs` for k = 1..max (4 decimals; the spec's own `max` or the policy's default) where a table is
+    given, else `cost=` to `cost_ratio`, so that every reader of the spec draws with the same costs; any other spec
+    unchanged."""
     name, args = parse_policy_spec(spec)
-    if "cost" not in _SPECS[name][1] or "cost" in args:
+    if "cost" not in _SPECS[name][1] or "cost" in args or "costs" in args:
         return spec
-    return f"{spec}{',' if args else ':'}cost={cost_ratio:.4f}"
+    if round_costs is None:
+        pinned = f"cost={cost_ratio:.4f}"
+    else:
+        count = int(args.get("max", DEFAULT_MAX_DRAFT_LEN))
+        pinned = "costs=" + "/".join(f"{cost:.4f}" for cost in round_costs[1 : count + 1])
+    return f"{spec}{',' if args else ':'}{pinned}"
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -333,6 +382,8 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, str]]:
         args[key] = value.strip()
     if name == "fixed" and "k" not in args:
         raise ValueError(f"policy {spec!r}: expected {usage} with an integer K >= 1")
+    if "cost" in args and "costs" in args:
+        raise ValueError(f"policy {spec!r}: give cost=C or costs=C1/../CK, not both; expected {usage}")
     return name, args
 
 
@@ -341,23 +392,31 @@ def make_policy(
     *,
     rng: random.Random | None = None,
     cost_ratio: float | None = None,
+    round_costs: tuple[float, ...] | None = None,
 ) -> DraftPolicy:
     """Build a policy from a spec such as `"fixed:4"` or `"beta-ts:cost=0.1,max=8"`.
 
     A policy object is returned unchanged. `rng` feeds the Thompson-sampling policies (default `Random(0)`);
-    `cost_ratio` is the caller's measured draft/verify cost ratio, used when the spec has no `cost=`.
+    `round_costs` (C_0 = 1, C_1, ..., measured) and `cost_ratio` are the caller's measured costs, used when the spec
+    gives neither `cost=` nor `costs=` (the table first; it must reach the policy's max draft length).
     """
     if not isinstance(spec, str):
         return spec
     name, args = parse_policy_spec(spec)
     usage = _SPECS[name][2]
     try:
-        return _build(name, args, rng or random.Random(0), cost_ratio)
+        return _build(name, args, rng or random.Random(0), cost_ratio, round_costs)
     except ValueError as err:
         raise ValueError(f"policy {spec!r}: {err}; expected {usage}") from None
 
 
-def _build(name: str, args: dict[str, str], rng: random.Random, cost_ratio: float | None) -> DraftPolicy:
+def _build(
+    name: str,
+    args: dict[str, str],
+    rng: random.Random,
+    cost_ratio: float | None,
+    round_costs: tuple[float, ...] | None,
+) -> DraftPolicy:
     def num(key: str, kind: type, default: float | int) -> float | int:
         if key not in args:
             return default
@@ -366,14 +425,33 @@ def _build(name: str, args: dict[str, str], rng: random.Random, cost_ratio: floa
         except ValueError:
             raise ValueError(f"{key}={args[key]!r} is not a valid {kind.__name__}") from None
 
-    cost = num("cost", float, cost_ratio if cost_ratio is not None else DEFAULT_COST_RATIO)
     if name == "fixed":
         return FixedPolicy(int(num("k", int, 0)))
     if name == "heuristic":
         return HeuristicPolicy(int(num("k", int, 4)), int(num("max", int, 16)))
     if name == "confidence":
         return ConfidencePolicy(float(num("tau", float, 0.5)), int(num("max", int, 8)))
+    given = _spec_costs(args["costs"]) if "costs" in args else None
+    longest = len(given) - 1 if given else DEFAULT_MAX_DRAFT_LEN
+    max_draft_len = int(num("max", int, longest))
+    if given and max_draft_len > longest:
+        raise ValueError(f"max={max_draft_len} drafts more than costs= gives ({longest} round costs)")
+    if "cost" not in args and given is None and round_costs is not None:
+        given = tuple(round_costs)
+    cost = float(num("cost", float, cost_ratio if cost_ratio is not None else DEFAULT_COST_RATIO))
     prior = {"prior_a": float(num("a", float, 1.0)), "prior_b": float(num("b", float, 1.0))}
+    table = given[: max_draft_len + 1] if given else None
     if name == "beta-ts":
-        return BetaTSPolicy(float(cost), int(num("max", int, 8)), rng=rng, **prior)
-    return CalibrationTSPolicy(float(cost), int(num("max", int, 8)), int(num("buckets", int, 10)), rng=rng, **prior)
+        return BetaTSPolicy(cost, max_draft_len, rng=rng, round_costs=table, **prior)
+    buckets = int(num("buckets", int, 10))
+    return CalibrationTSPolicy(cost, max_draft_len, buckets, rng=rng, round_costs=table, **prior)
+
+
+def _spec_costs(text: str) -> tuple[float, ...]:
+    """`"1.4/1.8/2.7"` (the costs of rounds of 1, 2, 3 drafts, in AR steps) as (1.0, 1.4, 1.8, 2.7)."""
+    try:
+        costs = tuple(float(item) for item in text.split("/"))
+    except ValueError:
+        expected = "a '/'-separated list of numbers (rounds of 1, 2, ... drafts)"
+        raise ValueError(f"costs={text!r} is not {expected}") from None
+    return (1.0, *costs)

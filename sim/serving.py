@@ -742,7 +742,8 @@ class ServingSimulation:
         whatever the order of admission)."""
         plan, base = self.plan, self.plan.seed * 1_000_003 + 2 * request.index
         stream = plan.acceptance.stream(random.Random(base), request.index)
-        policy = make_policy(plan.policy, rng=random.Random(base + 1), cost_ratio=plan.cost_ratio)
+        rng, costs = random.Random(base + 1), plan.round_costs
+        policy = make_policy(plan.policy, rng=rng, cost_ratio=plan.cost_ratio, round_costs=costs)
         return stream, policy
 
     def _finish_if_done(self, row: _Row, server: _Server) -> bool:

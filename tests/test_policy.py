@@ -17,8 +17,11 @@ from sim.policy import (
     FixedPolicy,
     HeuristicPolicy,
     best_draft_len,
+    expected_tokens,
     expected_tokens_per_cost,
+    linear_round_costs,
     make_policy,
+    with_cost,
 )
 
 
@@ -43,7 +46,11 @@ def play_round(policy: DraftPolicy, env: random.Random, alpha: float, sharpness:
     return drafted, accepted
 
 
-def run_env(policy: DraftPolicy, alpha: float, cost: float, rounds: int, seed: int = 1) -> tuple[float, list[int]]:
+def run_env(
+    policy: DraftPolicy, alpha: float, cost: float | tuple[float, ...], rounds: int, seed: int = 1
+) -> tuple[float, list[int]]:
+    """Tokens per unit cost over the second half of `rounds` rounds, and every round's draft count; a round of k
+    drafts costs 1 + k·cost, or cost[k] where `cost` is a table of round costs."""
     env = random.Random(seed)
     tokens = spent = 0.0
     lengths = []
@@ -52,8 +59,13 @@ def run_env(policy: DraftPolicy, alpha: float, cost: float, rounds: int, seed: i
         lengths.append(drafted)
         if i >= rounds // 2:  # long-run rate: second half only
             tokens += accepted + 1
-            spent += drafted * cost + 1
+            spent += cost[drafted] if isinstance(cost, tuple) else drafted * cost + 1
     return tokens / spent, lengths
+
+
+# A CPU's round costs (AR steps): a draft step costs 0.3 of a step and a verify pass's kernels slow down from 4
+# tokens on (3 drafts), as the 2-core Xeon's profile shows (SmolLM2's LM head 9 -> 11 -> 20 ms from 1 to 3 to 4 rows)
+CLIFF = (1.0, 1.35, 1.7, 2.7, 3.05, 3.4, 3.75, 4.1, 4.45)
 
 
 @pytest.mark.parametrize(("alpha", "cost"), [(0.5, 0.1), (0.7, 0.1), (0.85, 0.05), (0.8, 0.3), (0.9, 0.2)])
@@ -69,6 +81,92 @@ def test_best_fixed_rate_matches_environment() -> None:
     """The analytic rate used above is what the synthetic environment really yields for a fixed k."""
     rate, _ = run_env(FixedPolicy(3), 0.7, 0.1, rounds=20000)
     assert rate == pytest.approx(expected_tokens_per_cost(0.7, 3, 0.1), rel=0.02)
+
+
+@given(theta=st.floats(0.0, 1.0), cost=st.floats(0.01, 2.0), longest=st.integers(1, 12))
+def test_a_linear_table_chooses_as_the_cost_ratio_does(theta: float, cost: float, longest: int) -> None:
+    assert best_draft_len(theta, cost, longest, linear_round_costs(cost, longest)) == best_draft_len(
+        theta, cost, longest
+    )
+
+
+@given(theta=st.floats(0.0, 1.0))
+def test_a_table_chooses_the_draft_length_with_the_most_tokens_per_cost(theta: float) -> None:
+    """Against brute force over the table (ties to the smaller k), and never into the cliff where it does not pay."""
+    chosen = best_draft_len(theta, 0.35, 8, CLIFF)
+    rates = [expected_tokens(theta, k) / CLIFF[k] for k in range(9)]
+    assert rates[chosen] == max(rates) and all(rate < rates[chosen] for rate in rates[:chosen])
+    assert chosen < 3 or rates[chosen] > max(rates[:3])
+
+
+def test_beta_ts_with_a_measured_table_beats_the_same_policy_with_one_ratio() -> None:
+    """At α = 0.85 one ratio c = 0.35 (the per-draft cost below the cliff) drafts past the cliff and pays for it;
+    the table keeps Beta-TS at the best k under the true costs, within 5% of its rate."""
+    alpha = 0.85
+    best = max(range(9), key=lambda k: expected_tokens(alpha, k) / CLIFF[k])
+    best_rate = expected_tokens(alpha, best) / CLIFF[best]
+    table_rate, lengths = run_env(BetaTSPolicy(0.35, 8, rng=random.Random(7), round_costs=CLIFF), alpha, CLIFF, 4000)
+    ratio_rate, ratio_lengths = run_env(BetaTSPolicy(0.35, 8, rng=random.Random(7)), alpha, CLIFF, 4000)
+    assert best == 2 and statistics.median(lengths[-1000:]) == 2 and statistics.median(ratio_lengths[-1000:]) >= 3
+    assert table_rate >= 0.95 * best_rate and table_rate > 1.05 * ratio_rate, (table_rate, ratio_rate, best_rate)
+
+
+def test_calibration_ts_weighs_the_next_draft_by_what_it_adds_to_the_table() -> None:
+    """Draft j + 1 goes ahead while θ_j P_j C_j >= (C_(j+1) − C_j) T_j: with θ near 0.9 a linear c = 0.35 drafts on,
+    while the table stops before the draft that crosses its cliff (3 drafts cost 2.7 steps, 2 cost 1.7). A linear
+    table draws and decides exactly as the ratio."""
+    kept = {}
+    for name, table in (("cliff", CLIFF), ("linear", None)):
+        policy = CalibrationTSPolicy(0.35, 8, buckets=1, rng=random.Random(0), round_costs=table)
+        policy.a, policy.b = [900.0], [100.0]  # θ near 0.9 for every draft
+        policy.begin_round()
+        kept[name] = [policy.keep_drafting(j, 0.9) for j in (1, 2)]  # the round ends at the first False
+    assert kept == {"cliff": [True, False], "linear": [True, True]}, kept
+    twins = [
+        CalibrationTSPolicy(0.3, 6, rng=random.Random(4), round_costs=linear_round_costs(0.3, 6)),
+        CalibrationTSPolicy(0.3, 6, rng=random.Random(4)),
+    ]
+    traces = [run_env(policy, 0.7, 0.3, 300)[1] for policy in twins]
+    assert traces[0] == traces[1]
+
+
+def test_calibration_ts_drafts_on_where_beta_ts_would_draft_two() -> None:
+    """With 1 + j·c the rule after the first draft, θ² >= c(1 + θ) / (1 + c), is where Beta-TS's k*(θ) reaches 2."""
+    for theta in (0.3, 0.5, 0.6, 0.7, 0.8, 0.95):
+        policy = CalibrationTSPolicy(0.35, 8, buckets=1, rng=random.Random(0))
+        policy.a, policy.b = [theta * 1e7], [(1 - theta) * 1e7]  # θ drawn within 1e-3 of `theta`
+        policy.begin_round()
+        assert policy.keep_drafting(1, 0.5) == (best_draft_len(theta, 0.35, 8) >= 2), theta
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("beta-ts:costs=1.4/1.8/2.9", ((1.0, 1.4, 1.8, 2.9), 3)),
+        ("beta-ts:costs=1.4/1.8/2.9,max=2", ((1.0, 1.4, 1.8), 2)),
+        ("calibration-ts:costs=1.2/1.4,buckets=4", ((1.0, 1.2, 1.4), 2)),
+    ],
+)
+def test_costs_in_a_spec_set_the_table_and_the_max(spec: str, expected: tuple) -> None:
+    policy = make_policy(spec, cost_ratio=0.9, round_costs=CLIFF)  # the spec's own table wins over the caller's
+    assert (policy.round_costs, policy.max_draft_len) == expected
+
+
+def test_the_callers_table_is_used_where_the_spec_gives_no_cost() -> None:
+    assert make_policy("beta-ts", cost_ratio=0.3, round_costs=CLIFF).round_costs == CLIFF
+    assert make_policy("beta-ts:max=4", round_costs=CLIFF).round_costs == CLIFF[:5]
+    assert make_policy("beta-ts:cost=0.2", round_costs=CLIFF).round_costs is None  # the spec's ratio wins
+    with pytest.raises(ValueError, match="one cost per draft count up to the max draft length 12"):
+        make_policy("beta-ts:max=12", round_costs=CLIFF)
+
+
+def test_with_cost_pins_the_table_to_the_policys_max() -> None:
+    assert with_cost("beta-ts", 0.3) == "beta-ts:cost=0.3000"
+    assert with_cost("beta-ts:max=3", 0.3, CLIFF) == "beta-ts:max=3,costs=1.3500/1.7000/2.7000"
+    assert with_cost("beta-ts:cost=0.1", 0.3, CLIFF) == "beta-ts:cost=0.1"
+    assert with_cost("fixed:2", 0.3, CLIFF) == "fixed:2"
+    pinned = with_cost("calibration-ts", 0.3, CLIFF)
+    assert make_policy(pinned).round_costs == CLIFF
 
 
 def test_beta_ts_stops_drafting_when_drafts_never_pay() -> None:
@@ -162,6 +260,11 @@ def test_measured_cost_ratio_is_the_default_and_spec_wins() -> None:
         ("beta-ts:cost=-1", "cost ratio c (draft step / verify pass) must be > 0"),
         ("confidence:1.5", "tau must be in [0, 1]"),
         ("calibration-ts:buckets=0", "buckets must be >= 1"),
+        ("beta-ts:cost=0.2,costs=1.2", "give cost=C or costs=C1/../CK, not both"),
+        ("beta-ts:costs=1.2/x", "costs='1.2/x' is not a '/'-separated list of numbers"),
+        ("beta-ts:costs=1.2/1.4,max=3", "max=3 drafts more than costs= gives (2 round costs)"),
+        ("calibration-ts:costs=1.2/-1", "round costs must be finite and > 0"),
+        ("beta-ts:costs=1.2/nan", "round costs must be finite and > 0"),
         ("heuristic:max=0", "max draft length must be >= 1"),
     ],
 )

@@ -265,7 +265,7 @@ def test_zero_draft_rounds_are_chained_ar_steps_as_the_executor_runs_them(mode: 
     import sim.engine
 
     script = [0] * 10 + [2] + [0] * 30  # 10 zero rounds: blocks of 8 and 2, then a drafting round, then blocks
-    monkeypatch.setattr(sim.engine, "make_policy", lambda spec, rng, cost_ratio: ScriptedPolicy(script))
+    monkeypatch.setattr(sim.engine, "make_policy", lambda spec, **_: ScriptedPolicy(script))
     layer_us, overhead_us, output_len = 10.0, 100.0, 30
     latency = ConstantLatency({"layer": layer_us, "overhead": overhead_us, "exit_head": 0.0}, cuda_graphs=True)
     base = plan("eesd", 0.0, exit_layer=6, output_len=output_len, policy="beta-ts")

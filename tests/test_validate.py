@@ -18,6 +18,7 @@ from calibrate import validate
 from calibrate.validate import Comparison, Measurement, failures, relative_error
 from executor.cli import main
 from sim.formats import read_acceptance_trace, read_latency_profile, write_acceptance_trace, write_latency_profile
+from sim.plan import build_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "scenarios" / "smollm2_cpu_calibrated.yaml"
@@ -374,7 +375,13 @@ def test_the_cpu_validation_scenario_plans_seventeen_configurations() -> None:
     assert by_label["ppsd sequential n=3 E=8"].stage_bounds == (0, 8, 19, 30)
     assert by_label["ar b=4"].point.scenario.topology.stages == 1 and by_label["ar b=4"].batch_size == 4
     pinned = [t for t in planned.targets if t.policy and t.policy.startswith("beta-ts")]
-    assert len(pinned) == 4 and all(t.policy.startswith("beta-ts:cost=0.") and len(t.policy) == 19 for t in pinned)
+    assert len(pinned) == 4 and all(t.policy.startswith("beta-ts:costs=") for t in pinned)
+    for target in pinned:  # the round costs of 1..8 drafts (4 decimals) of the plan the unpinned point builds
+        costs = [float(cost) for cost in target.policy.removeprefix("beta-ts:costs=").split("/")]
+        unpinned = target.point.scenario.model_copy(update={"policy": "beta-ts"})
+        plan = build_plan(dataclasses.replace(target.point, scenario=unpinned))
+        assert costs == [round(cost, 4) for cost in plan.round_costs[1:]] and len(costs) == 8
+        assert costs[0] > 1.0 and all(a < b for a, b in zip(costs, costs[1:], strict=False)), costs
     assert all(t.point.scenario.policy == t.policy for t in pinned)
 
 

@@ -1,0 +1,61 @@
+"""`eesd calibrate rounds`: what an EESD round of k drafts costs against an AR step on this machine, as the policy
+spec that `eesd generate --policy` and `generate(policy=...)` take (`executor.round_costs`).
+
+    eesd calibrate rounds --model gemma3-270m --head heads/gemma3-270m-e14-v16k.safetensors --threads 1
+    ...
+    policy: beta-ts:costs=1.4102/1.8250/2.9531/...
+
+With `--out FILE.json` the table is also written (atomically) with the machine, versions and settings it was
+measured with (format `eesd.round_costs`, docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from calibrate.common import base_metadata, check_device, check_dtype
+from sim.formats import write_text_atomic
+
+FORMAT, SCHEMA_VERSION = "eesd.round_costs", 1
+
+
+def run_rounds(args: argparse.Namespace) -> int:
+    from executor.api import exit_and_head
+    from executor.models import load_model
+    from executor.round_costs import measure_round_costs
+
+    if args.out is not None and args.out.suffix != ".json":
+        raise ValueError(f"--out {args.out}: expected a .json file")
+    if args.out is not None and args.out.exists() and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to measure again and overwrite it")
+    device = check_device(args.device)
+    dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    model = load_model(args.model, dtype=dtype, device=device)
+    head, exit_layer = exit_and_head(model, args.head, args.exit_layer)
+    print(f"calibrate rounds: {args.model} E={exit_layer} head {args.head} on {device}, context {args.context}")
+    measured = measure_round_costs(
+        model, exit_layer, head, args.max_draft_len, capture=args.capture, context=args.context,
+        repeats=args.repeats, warmups=args.warmup,
+    )  # fmt: skip
+    print(f"{'drafts':>6} {'ms (median)':>12} {'min .. max':>18} {'cost (AR steps)':>16}")
+    for k, (ms, (low, high), cost) in enumerate(zip(measured.ms, measured.spread, measured.costs, strict=True)):
+        print(f"{k:>6} {ms:>12.3f} {f'{low:.3f} .. {high:.3f}':>18} {cost:>16.4f}")
+    print(f"policy: {measured.spec()}")
+    if args.out is not None:
+        settings = {"head": args.head, "exit_layer": exit_layer, "capture": args.capture, "repeats": args.repeats}
+        write_round_costs(args.out, base_metadata(args.model, device, dtype) | settings, measured)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def write_round_costs(path: Path, metadata: dict[str, Any], measured: Any) -> None:
+    """The table as JSON: format, schema version, metadata, context, costs C_0.., ms, spread and the policy spec."""
+    data = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "metadata": metadata, "context": measured.context,
+        "costs": list(measured.costs), "ms": list(measured.ms), "spread_ms": [list(s) for s in measured.spread],
+        "policy": measured.spec(),
+    }  # fmt: skip
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")

@@ -1,0 +1,112 @@
+"""Round costs measured on the executor's own passes: what an EESD round of k drafts costs against an AR step.
+
+The Thompson-sampling draft policies (`sim.policy`) weigh a round's expected tokens against its cost. By default
+`generate` gives them one ratio c estimated from the weights each pass reads (`executor.heads.draft_cost_ratio`),
+so that a round of k drafts costs 1 + k·c AR steps. That holds where a pass is bound by reading its weights (a GPU
+at small batches). It does not hold where a verify pass's time grows with its width: a CPU's matrix kernels switch
+at a few rows (on a 2-core Xeon, SmolLM2's LM head takes 9 ms for 1 row, 11 ms for 3 and 20 ms for 4), so a fourth
+token in the verify pass costs far more than the third, and a policy told 1 + k·c drafts into that step.
+
+`measure_round_costs` times real rounds on the passes `generate` runs (the same capture mode): k draft steps
+chained as `draft_steps` runs them, then the verify pass over k + 1 tokens, against a round of no drafts (the AR
+step, with a trained head's own layer where it has one, as `zero_draft_rounds` runs it). The result is the table
+C_0 = 1, C_1, ..., C_max that `make_policy(..., round_costs=...)` takes, or, written out, the policy spec
+`beta-ts:costs=C1/C2/...` (`RoundCosts.spec`) that `generate` and `eesd generate --policy` take as they are.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from executor.passes import upload
+from executor.runtime import synchronize
+
+
+@dataclass(frozen=True)
+class RoundCosts:
+    """C_0..C_max (C_0 = 1) and the milliseconds they come from: `ms[k]` is the median time of a round of k drafts
+    (k = 0: the AR step), with `spread[k]` its (min, max) over the timed rounds."""
+
+    costs: tuple[float, ...]
+    ms: tuple[float, ...]
+    spread: tuple[tuple[float, float], ...]
+    context: int
+
+    def spec(self, policy: str = "beta-ts") -> str:
+        """The policy spec with these costs pinned: `beta-ts:costs=1.4521/1.9032/...` (4 decimals)."""
+        return f"{policy}:costs=" + "/".join(f"{cost:.4f}" for cost in self.costs[1:])
+
+
+def measure_round_costs(
+    model: Any,
+    exit_layer: int,
+    head: Any = None,
+    max_draft_len: int = 8,
+    *,
+    capture: str = "none",
+    context: int = 128,
+    repeats: int = 5,
+    warmups: int = 1,
+) -> RoundCosts:
+    """Time rounds of 0..`max_draft_len` drafts at position `context` of one row of `model` (an HF model or a
+    `ModelAdapter`; its cache holds whatever the timing writes: a pass's time does not depend on the values),
+    `repeats` timed rounds per k after `warmups`, interleaved (k = 0, 1, ..., max, then again) so that a drifting
+    machine moves every k alike. `head` as `generate` takes it; `capture` as `generate`'s (the same passes)."""
+    from executor.adapter import ModelAdapter
+    from executor.api import PassSetup, check_arguments
+    from executor.heads import resolve_head
+    from executor.sampling import SamplingConfig
+    from sim.policy import FixedPolicy
+
+    if max_draft_len < 1 or context < 1 or repeats < 1 or warmups < 0:
+        raise ValueError(
+            f"expected max_draft_len >= 1, context >= 1, repeats >= 1, warmups >= 0; got {max_draft_len}, {context}, "
+            f"{repeats}, {warmups}"
+        )
+    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+    prompt = [0] * context
+    check_arguments(adapter, [prompt], "eesd", exit_layer, max_draft_len + 2)
+    head = resolve_head(head, adapter, exit_layer)
+    setup = PassSetup("eesd", SamplingConfig(), 0, [], exit_layer, head, [FixedPolicy(max_draft_len)], capture)
+    with torch.inference_mode():
+        passes = setup.passes(adapter, [prompt], max_draft_len + 2)
+        rounds = [_round(passes, context, k) for k in range(max_draft_len + 1)]
+        for _ in range(warmups):
+            for run in rounds:
+                run()
+        times: list[list[float]] = [[] for _ in rounds]
+        for _ in range(repeats):
+            for k, run in enumerate(rounds):
+                times[k].append(run())
+    ms = tuple(statistics.median(t) for t in times)
+    costs = (1.0, *(m / ms[0] for m in ms[1:]))
+    return RoundCosts(costs, ms, tuple((min(t), max(t)) for t in times), context)
+
+
+def _round(passes: Any, at: int, k: int) -> Callable[[], float]:
+    """A timed round of k drafts at position `at` (k = 0: the AR step), in milliseconds, device work included."""
+    device = passes.adapter.device
+    step = passes.ar_head if passes.layers_head() else passes.ar
+
+    def run() -> float:
+        passes.load([0], [at], 1)
+        upload(passes.counts, [k])  # the verdict's draft count, as `verify_pass` gives it
+        synchronize(device)
+        begin = time.perf_counter()
+        if k == 0:
+            step(at)
+        else:
+            for j in range(k):
+                passes.draft(at + j)
+            passes.load(None, [at], k + 1)
+            passes.verify(k, at + k)
+        synchronize(device)
+        return (time.perf_counter() - begin) * 1e3
+
+    return run

@@ -1,0 +1,123 @@
+"""Round costs: measured on the executor's passes (`executor.round_costs`), derived from a profile by the simulator
+(`sim.cost.round_costs`), taken by the policies as a spec (`beta-ts:costs=...`), and lossless whatever they say."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TinySpec, tiny_model
+
+import executor
+from executor.cli import main
+from executor.round_costs import measure_round_costs
+from sim.policy import make_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_model(TinySpec(num_layers=6), torch.float32)
+
+
+def test_measured_costs_are_a_table_the_policies_take(model) -> None:
+    measured = measure_round_costs(model, 3, None, 4, context=12, repeats=2)
+    assert measured.costs[0] == 1.0 and len(measured.costs) == len(measured.ms) == len(measured.spread) == 5
+    assert all(cost > 0 for cost in measured.costs) and all(low <= ms <= high for ms, (low, high) in
+                                                          zip(measured.ms, measured.spread, strict=True))  # fmt: skip
+    assert measured.costs[1:] == tuple(ms / measured.ms[0] for ms in measured.ms[1:])
+    policy = make_policy(measured.spec())
+    assert policy.max_draft_len == 4 and policy.round_costs == pytest.approx(measured.costs, abs=5e-5)
+    assert make_policy(measured.spec("calibration-ts")).round_costs == policy.round_costs
+
+
+def test_measuring_leaves_generate_as_it_was(model) -> None:
+    """The timing writes a scratch cache of its own passes: decoding after it (and with its table) equals AR."""
+    prompt = torch.tensor([[5, 17, 3, 60, 2, 41]])
+    reference = executor.generate(model, prompt, max_new_tokens=12, method="ar")
+    measured = measure_round_costs(model, 2, None, 3, context=8, repeats=1, warmups=0)
+    for policy in (measured.spec(), measured.spec("calibration-ts"), "beta-ts:costs=1.1/1.2/5"):
+        out = executor.generate(model, prompt, max_new_tokens=12, method="eesd", exit_layer=2, policy=policy)
+        assert torch.equal(out.sequences, reference.sequences), policy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"exit_layer": 6}, "exit_layer must be an integer in [1, 5]"),
+        ({"exit_layer": 2, "max_draft_len": 0}, "expected max_draft_len >= 1"),
+        ({"exit_layer": 2, "context": 4096}, "exceeds the model's context"),
+    ],
+)
+def test_bad_settings_are_refused(model, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match="") as info:
+        measure_round_costs(model, **kwargs)
+    assert message in str(info.value)
+
+
+def test_the_cli_prints_the_spec_and_writes_the_table(tmp_path, capsys) -> None:
+    path = tmp_path / "tiny"
+    tiny_model(TinySpec(num_layers=4), torch.float32).save_pretrained(path)
+    out = tmp_path / "rounds.json"
+    argv = ["calibrate", "rounds", "--model", str(path), "--exit-layer", "2", "--max-draft-len", "3", "--context", "8",
+            "--repeats", "1", "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["format"] == "eesd.round_costs" and data["schema_version"] == 1 and len(data["costs"]) == 4
+    assert f"policy: {data['policy']}" in printed and data["policy"].startswith("beta-ts:costs=")
+    assert data["metadata"]["exit_layer"] == 2 and data["metadata"]["device_type"] == "cpu"
+    assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err  # never overwritten unasked
+    assert main([*argv[:-2], "--out", str(tmp_path / "rounds.csv")]) == 2
+    assert "expected a .json file" in capsys.readouterr().err
+
+
+def _point(scenario: str, policy: str = "beta-ts"):
+    from sim.scenario import load_points
+
+    point = load_points(ROOT / "scenarios" / scenario)[0]
+    return dataclasses.replace(point, scenario=point.scenario.model_copy(update={"policy": policy}))
+
+
+def _plan(scenario: str, policy: str = "beta-ts"):
+    from sim.plan import build_plan
+
+    return build_plan(_point(scenario, policy))
+
+
+def test_the_simulator_gives_the_policies_its_profiles_round_costs() -> None:
+    """The Xeon box's profile has its step where the verify pass reaches 4 tokens (3 drafts); the H100's grows
+    evenly. The table reaches the policy's max, and the engine's rows draw with it."""
+    xeon, h100 = _plan("smollm2_cpu_xeon_calibrated.yaml"), _plan("smollm2_h100_validate.yaml", "beta-ts:max=5")
+    steps = {
+        name: [b - a for a, b in zip(plan.round_costs, plan.round_costs[1:], strict=False)]
+        for name, plan in (("xeon", xeon), ("h100", h100))
+    }
+    assert len(xeon.round_costs) == 9 and len(h100.round_costs) == 6 and xeon.round_costs[0] == 1.0
+    assert steps["xeon"][2] > 1.5 * max(steps["xeon"][:2]) and all(step > 0 for step in steps["xeon"])
+    assert max(steps["h100"]) < 1.25 * min(steps["h100"])
+    assert _plan("smollm2_cpu_xeon_calibrated.yaml", "fixed:2").round_costs[0] == 1.0
+    assert _plan("ppsd_one_gpu.yaml", "fixed:2").round_costs is None  # PPSD has no draft policy
+
+
+def test_a_sim_row_draws_with_the_plans_table(monkeypatch) -> None:
+    """Every EESD row's policy gets the plan's table; the AR baseline's rows (which never draft) get none."""
+    import sim.engine
+    from sim.runner import simulate_point
+
+    seen: list[tuple[float, ...] | None] = []
+    real = sim.engine.make_policy
+
+    def spy(spec, **kwargs):
+        seen.append(kwargs.get("round_costs"))
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(sim.engine, "make_policy", spy)
+    point = _point("smollm2_cpu_xeon_calibrated.yaml")
+    simulate_point(point)
+    table, requests = _plan("smollm2_cpu_xeon_calibrated.yaml").round_costs, point.scenario.workload.requests
+    assert seen.count(table) == requests and seen.count(None) == requests and len(seen) == 2 * requests
