@@ -45,6 +45,30 @@ def test_measuring_leaves_generate_as_it_was(model) -> None:
         assert torch.equal(out.sequences, reference.sequences), policy
 
 
+def test_a_timed_round_runs_the_passes_a_decode_round_runs(model, monkeypatch) -> None:
+    """Round k: k draft steps at positions at .. at + k - 1, then one verify pass of k drafts (k = 0: one AR step),
+    each k timed `warmups + repeats` times, interleaved."""
+    from executor.passes import Passes
+
+    calls: list[tuple] = []
+
+    def spy(name: str):
+        real = getattr(Passes, name)
+
+        def run(self, *args):
+            calls.append((name, *args))
+            return real(self, *args)
+
+        return run
+
+    for name in ("ar", "draft", "verify"):
+        monkeypatch.setattr(Passes, name, spy(name))
+    measure_round_costs(model, 2, None, 3, context=10, repeats=2, warmups=1)
+    one_sweep = [("ar", 10), ("draft", 10), ("verify", 1, 11), ("draft", 10), ("draft", 11), ("verify", 2, 12),
+                 ("draft", 10), ("draft", 11), ("draft", 12), ("verify", 3, 13)]  # fmt: skip
+    assert calls == one_sweep * 3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -121,3 +145,36 @@ def test_a_sim_row_draws_with_the_plans_table(monkeypatch) -> None:
     simulate_point(point)
     table, requests = _plan("smollm2_cpu_xeon_calibrated.yaml").round_costs, point.scenario.workload.requests
     assert seen.count(table) == requests and seen.count(None) == requests and len(seen) == 2 * requests
+
+
+def test_a_served_requests_policy_draws_with_the_plans_table(tmp_path, monkeypatch) -> None:
+    """The serving simulator's per-request policies get the plan's round costs too."""
+    import yaml
+
+    import sim.serving
+    from sim.serving import load_serving_points, simulate_serving
+
+    seen: list[tuple[float, ...] | None] = []
+    real = sim.serving.make_policy
+
+    def spy(spec, **kwargs):
+        seen.append(kwargs.get("round_costs"))
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(sim.serving, "make_policy", spy)
+    workload = {"requests": 5, "seed": 0, "arrival": {"process": "poisson", "rate_per_s": 2.0}, "prompt_len": 64,
+                "output_len": 8}  # fmt: skip
+    scenario = yaml.safe_load((ROOT / "scenarios" / "smollm2_cpu_xeon_calibrated.yaml").read_text())
+    for key in ("sweep", "workload"):
+        scenario.pop(key)
+    profile = ROOT / "calibration" / "cpu-xeon" / "latency_smollm2-135m_cpu_fp32.csv"
+    scenario["latency"]["profile"]["path"] = str(profile)
+    scenario["acceptance"] = {"alpha": 0.6}
+    scenario |= {"policy": "beta-ts", "serving": {"workload": workload, "methods": ["eesd"], "max_batch": 2}}
+    path = tmp_path / "serving.yaml"
+    path.write_text(yaml.safe_dump(scenario), encoding="utf-8")
+    (point,) = load_serving_points(path)
+    simulate_serving(point)
+    drawing = seen[1:]  # the first call only reads the policy's max draft length (its KV budget per request)
+    assert seen[0] is None and len(drawing) == 5 and all(table == point.plan.round_costs for table in drawing)
+    assert point.plan.round_costs[0] == 1.0 and len(point.plan.round_costs) == 9
