@@ -35,7 +35,7 @@ from sim.formats import (
 from sim.hardware import GPUS, LINKS, GPUSpec, LinkSpec, gpu_named_by
 from sim.latency import ConstantLatency, LatencyModel, LinkModel, ProfiledLink, ProfileLatency, RooflineLatency
 from sim.models import DTYPE_BYTES, ModelConfig
-from sim.policy import make_policy, policy_usage
+from sim.policy import make_policy, parse_policy_spec, policy_usage
 from sim.scenario import (
     GPUConfig,
     LinkConfig,
@@ -251,10 +251,12 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
     slots = cache_slots(plan) if s.attention != "context" else None
     extra = {"cost_ratio": cost_ratio(plan), "cache_slots": slots, "span_buckets": s.attention == "buckets"}
     plan = SimPlan(**{**plan.__dict__, **extra})
-    if plan.method != "eesd":
+    name, args = parse_policy_spec(plan.policy)
+    if plan.method != "eesd" or name not in ("beta-ts", "calibration-ts") or "cost" in args or "costs" in args:
         return plan
-    # the round costs the Thompson-sampling policies weigh, up to the policy's max draft length
-    costs = round_costs(plan, getattr(make_policy(plan.policy), "max_draft_len", 1))
+    # the round costs the Thompson-sampling policy weighs, up to its max draft length (queries of the profile past
+    # its grid flag the results as extrapolated: the policy's choices rest on them)
+    costs = round_costs(plan, make_policy(plan.policy).max_draft_len)
     return SimPlan(**{**plan.__dict__, "round_costs": costs})
 
 

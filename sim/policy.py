@@ -18,8 +18,8 @@ first item may also be a bare value for the policy's main parameter:
     fixed:K                      fixed:4, fixed:k=4
     heuristic[:K][,max=M]        HF's schedule starting at K (default 4), capped at M (default 16)
     confidence[:TAU][,max=M]     stop once the draft's top-1 probability < TAU (default 0.5), M default 8
-    beta-ts[:cost=C][,max=M][,a=A][,b=B]
-    calibration-ts[:cost=C][,max=M][,buckets=N][,a=A][,b=B]
+    beta-ts[:cost=C|costs=C1/../CK][,max=M][,a=A][,b=B]
+    calibration-ts[:cost=C|costs=C1/../CK][,max=M][,buckets=N][,a=A][,b=B]
 
 `cost` is c = (one draft step's time) / (one verify pass's time): a round of k drafts then costs 1 + k·c verify
 passes. `costs=C1/C2/.../CK` gives the round costs themselves instead, measured: C_k = (the time of a round of k
