@@ -231,7 +231,8 @@ def compare(source: Source, runs: int) -> list[dict[str, Any]]:
 def executor_cost(row: dict[str, Any], source: Source) -> float | None:
     """The draft/verify cost ratio the executor's beta-ts drew with in a gpu_decode row: the row's `policy_cost`
     (recorded since generate estimates it from the weights each pass reads), else E / L, generate's default when
-    the committed leases ran; None for a policy that takes no cost. Pinned, the simulator draws as the executor did."""
+    the committed leases ran; None for a policy that takes no cost. Pinned, the simulator weighs drafts as the
+    executor did."""
     match = EESD_LABEL.match(row["method"])
     if match is None or not match["policy"].startswith(("beta-ts", "calibration-ts")):
         return None
