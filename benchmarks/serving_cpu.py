@@ -231,11 +231,15 @@ def run_metadata(adapter: Any, model: str, threads: int, capture: str, points: l
 
 def serve_options(point: Any) -> dict[str, Any]:
     """`executor.serving.serve`'s arguments for a point: its method, batch and KV budget; EESD's exit layer and
-    policy, PPSD's stages as the plan lays them out (stage 1 ending at the exit layer, the shared head there)."""
+    policy (its costs pinned to the simulator's, as `eesd validate` pins them), PPSD's stages as the plan lays them
+    out (stage 1 ending at the exit layer, the shared head there)."""
+    from sim.policy import with_cost
+
     plan = point.plan
     options = {"method": point.method, "max_batch": point.max_batch, "kv_capacity_tokens": point.kv_capacity_tokens}
-    if point.method == "eesd":
-        options.update(exit_layer=plan.exit_layer, policy=plan.policy, head="shared")
+    if point.method == "eesd":  # a Thompson-sampling policy weighs the plan's round costs on both sides
+        policy = with_cost(plan.policy, plan.cost_ratio or 1.0, plan.round_costs)
+        options.update(exit_layer=plan.exit_layer, policy=policy, head="shared")
     if point.method == "ppsd":
         if plan.ppsd_backend != "sequential":
             raise SystemExit(f"{SCENARIO.name}: case {point.case}: ppsd_backend must be sequential on this CPU")

@@ -397,3 +397,29 @@ def test_a_scenario_derived_from_a_devices_files_serves_the_same_requests(tmp_pa
     assert [r.arrival_s * 20.0 for r in faster.workload.requests] == pytest.approx(
         [r.arrival_s for r in derived[0].workload.requests]
     )
+
+
+def test_the_serving_benchmark_pins_a_thompson_policys_costs_for_the_executor() -> None:
+    """serving_cpu.py hands the executor the simulator's round costs for a beta-ts case (as `eesd validate` does), so
+    both weigh drafts alike; a fixed policy goes as it is."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from serving_cpu import serve_options
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    from sim.cost import round_costs
+    from sim.policy import make_policy
+    from sim.serving import load_serving_points
+
+    point = next(p for p in load_serving_points(root / "scenarios" / "serving_cpu.yaml") if p.method == "eesd")
+    assert serve_options(point)["policy"] == point.plan.policy == "fixed:1"
+    plan = dataclasses.replace(point.plan, policy="beta-ts")
+    plan = dataclasses.replace(plan, round_costs=round_costs(plan, 8))
+    pinned = serve_options(dataclasses.replace(point, plan=plan))["policy"]
+    assert pinned.startswith("beta-ts:costs=")
+    assert make_policy(pinned).round_costs == pytest.approx(plan.round_costs, abs=5e-5)
