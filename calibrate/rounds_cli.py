@@ -27,6 +27,10 @@ def run_rounds(args: argparse.Namespace) -> int:
     from executor.models import load_model
     from executor.round_costs import measure_round_costs
 
+    for flag, value, least in (("--max-draft-len", args.max_draft_len, 1), ("--context", args.context, 1),
+                               ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):  # fmt: skip
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     if args.out is not None and args.out.suffix != ".json":
         raise ValueError(f"--out {args.out}: expected a .json file")
     if args.out is not None and args.out.exists() and not args.force:
@@ -35,6 +39,12 @@ def run_rounds(args: argparse.Namespace) -> int:
     dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     model = load_model(args.model, dtype=dtype, device=device)
     head, exit_layer = exit_and_head(model, args.head, args.exit_layer)
+    positions = model.config.max_position_embeddings
+    if args.context + args.max_draft_len + 2 > positions:
+        raise ValueError(
+            f"--context {args.context} + --max-draft-len {args.max_draft_len} + 2 reach past {args.model}'s "
+            f"{positions} positions"
+        )
     print(f"calibrate rounds: {args.model} E={exit_layer} head {args.head} on {device}, context {args.context}")
     measured = measure_round_costs(
         model, exit_layer, head, args.max_draft_len, capture=args.capture, context=args.context,

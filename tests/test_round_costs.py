@@ -179,3 +179,20 @@ def test_a_served_requests_policy_draws_with_the_plans_table(tmp_path, monkeypat
     drawing = seen[1:]  # the first call only reads the policy's max draft length (its KV budget per request)
     assert seen[0] is None and len(drawing) == 5 and all(table == point.plan.round_costs for table in drawing)
     assert point.plan.round_costs[0] == 1.0 and len(point.plan.round_costs) == 9
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-draft-len", "0"], "--max-draft-len must be >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--context", "250"], "--context 250 + --max-draft-len 8 + 2 reach past"),
+        (["--exit-layer", "4"], "exit_layer must be an integer in [1, 3] for a 4-layer model, got 4"),
+        (["--head", "missing.safetensors"], "exit head file missing.safetensors does not exist"),
+    ],
+)
+def test_the_cli_refuses_bad_settings_with_the_flag_named(tmp_path, capsys, extra: list[str], message: str) -> None:
+    path = tmp_path / "tiny"
+    tiny_model(TinySpec(num_layers=4), torch.float32).save_pretrained(path)
+    assert main(["calibrate", "rounds", "--model", str(path), "--threads", "1", *extra]) == 2
+    assert message in capsys.readouterr().err
