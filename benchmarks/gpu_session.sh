@@ -24,8 +24,8 @@
 # --card h200-compiled --measured <the JSON of both calls>.
 #
 # Issue 20's GPU side (the serving simulator against the executor's captured serving on the card): any call 1, then
-# at once `serving20 T` (T = the budget left minus 60, at least 330; timeout_s T + 25; carry part-001, the manifest and
-# the wheels): the card's serving profile and trace, then the CPU serving cases at 20x the rates, each run's own pass
+# at once `serving20 T` (T = the budget left minus 60, at least 370; timeout_s T + 25; carry part-001, the manifest and
+# the wheels): the card's serving profile, trace and EESD round costs, then the CPU serving cases at 20x the rates, each run's own pass
 # costs with them (`DEVICE=cpu bash benchmarks/gpu_session.sh serving20` smokes it here). Then write up
 # $OUT/serving_<card>.json as docs/results/serving.md's CPU runs are.
 #
@@ -416,7 +416,8 @@ case "${1:-}" in
               # the card. SmolLM2's serving latency profile (the CPU serving profile's grid: batch 1-4, q 1-2,
               # contexts 64-512, prefills 32-256; eager kernels in CUDA graphs, as serve(capture="graph") runs), the
               # shared head's trace at exit layers 15 and 22 on the built-in prompts, then benchmarks/serving_cpu.py's
-              # nine cases from those files (AR and EESD E = 22 batch <= 4, PPSD two stages), the executor's passes
+              # nine cases from those files (AR and EESD E = 22 batch <= 4, PPSD two stages; first the round
+              # costs of EESD E = 15 on the card, `eesd calibrate rounds`, <= 40 s), the executor's passes
               # captured in graphs and every workload's arrivals 20x as dense. DEVICE=cpu runs the same steps on this
               # machine as a smoke test (fp32, uncaptured, the first 3 requests of two cases).
     T=${2:-420}
@@ -440,7 +441,11 @@ case "${1:-}" in
       --out "$S/acceptance_smollm2-135m_shared_builtin.csv" --no-progress 2>&1 | tee -a "$OUT/serving20.log"
     PROFILE=$(ls "$S"/latency_*.csv | head -1)
     TRACE="$S/acceptance_smollm2-135m_shared_builtin.csv"
-    timeout $((T - 260)) python3 benchmarks/serving_cpu.py --model "$GGUF" --device "$DEVICE" --dtype $TORCH_DTYPE \
+    # the round costs a beta-ts policy weighs on this card (shared head, E = 15), as `generate` runs its passes
+    timeout 40 python3 -m executor.cli calibrate rounds --model "$GGUF" --device "$DEVICE" --dtype $DTYPE \
+      --capture $CAPTURE --repeats 3 --threads $THREADS --force --out "$OUT/round_costs_smollm2_${CARD}.json" 2>&1 \
+      | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
+    timeout $((T - 300)) python3 benchmarks/serving_cpu.py --model "$GGUF" --device "$DEVICE" --dtype $TORCH_DTYPE \
       --capture $CAPTURE --profile "$PROFILE" --trace "$TRACE" --rate-scale $SCALE --threads $THREADS "${SOME[@]}" \
       --out "$OUT/serving_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
     ;;
