@@ -9,7 +9,8 @@ token in the verify pass costs far more than the third, and a policy told 1 + kÂ
 
 `measure_round_costs` times real rounds on the passes `generate` runs (the same capture mode): k draft steps
 chained as `draft_steps` runs them, then the verify pass over k + 1 tokens, against a round of no drafts (the AR
-step, with a trained head's own layer where it has one, as `zero_draft_rounds` runs it). The result is the table
+step, with a trained head's own layer where it has one, as `zero_draft_rounds` runs it: with captured passes,
+its share of `SYNC_CAPTURED` steps chained on the device with one host read). The result is the table
 C_0 = 1, C_1, ..., C_max that `make_policy(..., round_costs=...)` takes, or, written out, the policy spec
 `beta-ts:costs=C1/C2/...` (`RoundCosts.spec`) that `generate` and `eesd generate --policy` take as they are.
 """
@@ -24,8 +25,9 @@ from typing import Any
 
 import torch
 
-from executor.passes import upload
+from executor.passes import resolve_capture, upload
 from executor.runtime import synchronize
+from sim.contract import SYNC_CAPTURED
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,10 @@ def measure_round_costs(
     check_arguments(adapter, [prompt], "eesd", exit_layer, max_draft_len + 2)
     head = resolve_head(head, adapter, exit_layer)
     setup = PassSetup("eesd", SamplingConfig(), 0, [], exit_layer, head, [FixedPolicy(max_draft_len)], capture)
+    chained = 1 if resolve_capture(capture, adapter.device, "greedy") == "none" else SYNC_CAPTURED
     with torch.inference_mode():
-        passes = setup.passes(adapter, [prompt], max_draft_len + 2)
-        rounds = [_round(passes, context, k) for k in range(max_draft_len + 1)]
+        passes = setup.passes(adapter, [prompt], max_draft_len + chained + 2)
+        rounds = [_round(passes, context, k, chained) for k in range(max_draft_len + 1)]
         for _ in range(warmups):
             for run in rounds:
                 run()
@@ -89,8 +92,9 @@ def measure_round_costs(
     return RoundCosts(costs, ms, tuple((min(t), max(t)) for t in times), context)
 
 
-def _round(passes: Any, at: int, k: int) -> Callable[[], float]:
-    """A timed round of k drafts at position `at` (k = 0: the AR step), in milliseconds, device work included."""
+def _round(passes: Any, at: int, k: int, chained: int) -> Callable[[], float]:
+    """A timed round of k drafts at position `at`, in milliseconds, device work included; k = 0: the AR step, as
+    `zero_draft_rounds` runs it, its share of `chained` steps chained on the device with one host read."""
     device = passes.adapter.device
     step = passes.ar_head if passes.layers_head() else passes.ar
 
@@ -100,7 +104,10 @@ def _round(passes: Any, at: int, k: int) -> Callable[[], float]:
         synchronize(device)
         begin = time.perf_counter()
         if k == 0:
-            step(at)
+            for offset in range(chained):
+                step(at + offset)
+            synchronize(device)
+            return (time.perf_counter() - begin) * 1e3 / chained
         else:
             for j in range(k):
                 passes.draft(at + j)

@@ -144,7 +144,8 @@ def cost_ratio(plan: SimPlan) -> float:
 
 def round_costs(plan: SimPlan, max_draft_len: int) -> tuple[float, ...]:
     """C_0..C_max: an EESD round of k drafts (k draft steps, then the verify pass over k + 1 tokens, as the engine
-    runs them) over a round of none (one full-model step, C_0 = 1), at the prompt's context and the batch size: the
+    runs them) over a round of none (one full-model step, C_0 = 1; where such rounds chain, as captured passes chain
+    them, its share of a block of `sync_every` steps and one host read), at the prompt's context and the batch: the
     measured round costs the Thompson-sampling policies weigh against expected tokens (`sim.policy`). Unlike one
     ratio c they follow the profile where a pass's time grows with its width (a CPU's kernels switch at 4 rows)."""
     context, batch = plan.workload.prompt_len, plan.workload.batch_size
@@ -155,6 +156,10 @@ def round_costs(plan: SimPlan, max_draft_len: int) -> tuple[float, ...]:
 
     draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=False)
     step = time_us(Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=head_at), context)
+    if plan.chain_zero_rounds and plan.sync_every > 1:  # rounds of no drafts chain, one host read per sync_every
+        chained = Pass("decode chained", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=head_at,
+                       host_sync=False)  # fmt: skip
+        step = (step + (plan.sync_every - 1) * time_us(chained, context)) / plan.sync_every
     if step <= 0.0:
         return linear_round_costs(1.0, max_draft_len)
     costs = [1.0]
