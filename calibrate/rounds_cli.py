@@ -25,7 +25,7 @@ FORMAT, SCHEMA_VERSION = "eesd.round_costs", 1
 def run_rounds(args: argparse.Namespace) -> int:
     from executor.api import exit_and_head
     from executor.models import load_model
-    from executor.round_costs import measure_round_costs
+    from executor.round_costs import measure_round_costs, rounds_chained
 
     for flag, value, least in (("--max-draft-len", args.max_draft_len, 1), ("--context", args.context, 1),
                                ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):  # fmt: skip
@@ -39,10 +39,10 @@ def run_rounds(args: argparse.Namespace) -> int:
     dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     model = load_model(args.model, dtype=dtype, device=device)
     head, exit_layer = exit_and_head(model, args.head, args.exit_layer)
-    positions = model.config.max_position_embeddings
-    if args.context + args.max_draft_len + 2 > positions:
+    positions, room = model.config.max_position_embeddings, rounds_chained(args.capture, device) + 2
+    if args.context + args.max_draft_len + room > positions:
         raise ValueError(
-            f"--context {args.context} + --max-draft-len {args.max_draft_len} + 2 reach past {args.model}'s "
+            f"--context {args.context} + --max-draft-len {args.max_draft_len} + {room} reach past {args.model}'s "
             f"{positions} positions"
         )
     print(f"calibrate rounds: {args.model} E={exit_layer} head {args.head} on {device}, context {args.context}")

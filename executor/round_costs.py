@@ -72,11 +72,10 @@ def measure_round_costs(
             f"{repeats}, {warmups}"
         )
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
-    prompt = [0] * context
-    check_arguments(adapter, [prompt], "eesd", exit_layer, max_draft_len + 2)
+    prompt, chained = [0] * context, rounds_chained(capture, adapter.device)
+    check_arguments(adapter, [prompt], "eesd", exit_layer, max_draft_len + chained + 2)
     head = resolve_head(head, adapter, exit_layer)
     setup = PassSetup("eesd", SamplingConfig(), 0, [], exit_layer, head, [FixedPolicy(max_draft_len)], capture)
-    chained = 1 if resolve_capture(capture, adapter.device, "greedy") == "none" else SYNC_CAPTURED
     with torch.inference_mode():
         passes = setup.passes(adapter, [prompt], max_draft_len + chained + 2)
         rounds = [_round(passes, context, k, chained) for k in range(max_draft_len + 1)]
@@ -90,6 +89,12 @@ def measure_round_costs(
     ms = tuple(statistics.median(t) for t in times)
     costs = (1.0, *(m / ms[0] for m in ms[1:]))
     return RoundCosts(costs, ms, tuple((min(t), max(t)) for t in times), context)
+
+
+def rounds_chained(capture: str, device: Any) -> int:
+    """How many rounds of no drafts `generate` chains on the device per host read with this capture mode: its
+    default `sync_every`, `SYNC_CAPTURED` where the passes are captured, else 1."""
+    return 1 if resolve_capture(capture, device, "greedy") == "none" else SYNC_CAPTURED
 
 
 def _round(passes: Any, at: int, k: int, chained: int) -> Callable[[], float]:
@@ -108,11 +113,10 @@ def _round(passes: Any, at: int, k: int, chained: int) -> Callable[[], float]:
                 step(at + offset)
             synchronize(device)
             return (time.perf_counter() - begin) * 1e3 / chained
-        else:
-            for j in range(k):
-                passes.draft(at + j)
-            passes.load(None, [at], k + 1)
-            passes.verify(k, at + k)
+        for j in range(k):
+            passes.draft(at + j)
+        passes.load(None, [at], k + 1)
+        passes.verify(k, at + k)
         synchronize(device)
         return (time.perf_counter() - begin) * 1e3
 

@@ -191,7 +191,7 @@ def test_a_served_requests_policy_draws_with_the_plans_table(tmp_path, monkeypat
     [
         (["--max-draft-len", "0"], "--max-draft-len must be >= 1, got 0"),
         (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
-        (["--context", "250"], "--context 250 + --max-draft-len 8 + 2 reach past"),
+        (["--context", "250"], "--context 250 + --max-draft-len 8 + 3 reach past"),
         (["--exit-layer", "4"], "exit_layer must be an integer in [1, 3] for a 4-layer model, got 4"),
         (["--head", "missing.safetensors"], "exit head file missing.safetensors does not exist"),
     ],
