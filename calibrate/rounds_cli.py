@@ -12,20 +12,14 @@ measured with (format `eesd.round_costs`, docs/formats.md).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-from typing import Any
 
 from calibrate.common import base_metadata, check_device, check_dtype
-from sim.formats import write_text_atomic
-
-FORMAT, SCHEMA_VERSION = "eesd.round_costs", 1
 
 
 def run_rounds(args: argparse.Namespace) -> int:
     from executor.api import exit_and_head
     from executor.models import load_model
-    from executor.round_costs import measure_round_costs, rounds_chained
+    from executor.round_costs import measure_round_costs, rounds_chained, write_round_costs
 
     for flag, value, least in (("--max-draft-len", args.max_draft_len, 1), ("--context", args.context, 1),
                                ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):  # fmt: skip
@@ -59,13 +53,3 @@ def run_rounds(args: argparse.Namespace) -> int:
         write_round_costs(args.out, base_metadata(args.model, device, dtype) | settings, measured)
         print(f"wrote {args.out}")
     return 0
-
-
-def write_round_costs(path: Path, metadata: dict[str, Any], measured: Any) -> None:
-    """The table as JSON: format, schema version, metadata, context, costs C_0.., ms, spread and the policy spec."""
-    data = {
-        "format": FORMAT, "schema_version": SCHEMA_VERSION, "metadata": metadata, "context": measured.context,
-        "costs": list(measured.costs), "ms": list(measured.ms), "spread_ms": [list(s) for s in measured.spread],
-        "policy": measured.spec(),
-    }  # fmt: skip
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")

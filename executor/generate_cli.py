@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from executor.runtime import add_threads_argument, check_device, use_threads
 
@@ -31,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--head", default="shared", help="exit head (EESD, PPSD): shared | shared:N | FILE (trained or vocab-subset)"
     )
     parser.add_argument("--policy", default=None, help="draft policy, e.g. fixed:4 (overrides --draft-len)")
+    parser.add_argument(
+        "--round-costs", type=Path, default=None, metavar="FILE",
+        help="eesd: the round costs `eesd calibrate rounds --out FILE` measured, for --policy beta-ts (the default "
+        "with it) or calibration-ts; its exit layer is the default --exit-layer",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument(
@@ -126,6 +132,40 @@ def _stops(args: argparse.Namespace, tokenizer) -> list | None:
     return [StopStringCriteria(tokenizer=tokenizer, stop_strings=args.stop)]
 
 
+def _with_round_costs(args: argparse.Namespace) -> tuple[str | None, int | None]:
+    """(--policy, --exit-layer) with `--round-costs` applied: the file's costs pinned into a Thompson-sampling
+    policy's spec (beta-ts when no --policy is given) and its exit layer the default; a ValueError for a file measured
+    at another exit layer or with another head, or a policy that weighs no costs or brings its own."""
+    if args.round_costs is None:
+        return args.policy, args.exit_layer
+    from executor.round_costs import read_round_costs
+    from sim.policy import parse_policy_spec, with_cost
+
+    costs, metadata = read_round_costs(args.round_costs)
+    policy = args.policy or "beta-ts"
+    name, given = parse_policy_spec(policy)
+    if args.method != "eesd" or name not in ("beta-ts", "calibration-ts") or "cost" in given or "costs" in given:
+        raise ValueError(
+            f"--round-costs is for --method eesd with --policy beta-ts or calibration-ts and no cost of its own, got "
+            f"--method {args.method} --policy {policy}"
+        )
+    measured_at = metadata["exit_layer"]
+    if args.exit_layer not in (None, measured_at):
+        raise ValueError(
+            f"--round-costs {args.round_costs} was measured at exit layer {measured_at}, not {args.exit_layer}"
+        )
+    head = str(metadata.get("head", "shared"))
+    if _head_name(head) != _head_name(args.head):
+        raise ValueError(f"--round-costs {args.round_costs} was measured with head {head}, not {args.head}")
+    return with_cost(policy, 1.0, costs), measured_at
+
+
+def _head_name(head: str) -> str:
+    """A head as a file measured with it names it: `shared`, `shared:N`, or a head file's name (its folder may be
+    given another way)."""
+    return head if head == "shared" or head.startswith("shared:") else Path(head).name
+
+
 def _optional_tokenizer(model: str, load_tokenizer):
     """With --prompt-ids a tokenizer only decodes the output: a model without one prints token ids."""
     try:
@@ -144,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from executor.ppsd_dist import PPSDWorkerError
 
     given = given_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    policy, exit_layer = _with_round_costs(args)
     device = check_device(args.device)
     threads = use_threads(args.threads)
     print(f"generate: {args.model}, {args.method}, {device} ({args.dtype}); {threads}", file=sys.stderr)
@@ -160,8 +201,8 @@ def run(args: argparse.Namespace) -> int:
     stall = {} if args.stall_timeout is None else {"stall_timeout_s": args.stall_timeout}
     try:
         result = generate(
-            model, prompt, method=args.method, exit_layer=args.exit_layer, draft_len=args.draft_len,
-            policy=args.policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
+            model, prompt, method=args.method, exit_layer=exit_layer, draft_len=args.draft_len,
+            policy=policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
             backend=args.backend, sync_every=args.sync_every, **stall, **common,
         )  # fmt: skip
     except PPSDWorkerError as err:  # a stage process failed, died or stalled: one line naming it (not a usage error)

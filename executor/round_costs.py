@@ -17,10 +17,13 @@ C_0 = 1, C_1, ..., C_max that `make_policy(..., round_costs=...)` takes, or, wri
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +31,9 @@ import torch
 from executor.passes import resolve_capture, upload
 from executor.runtime import synchronize
 from sim.contract import SYNC_CAPTURED
+from sim.formats import write_text_atomic
+
+FORMAT, SCHEMA_VERSION = "eesd.round_costs", 1
 
 
 @dataclass(frozen=True)
@@ -121,3 +127,36 @@ def _round(passes: Any, at: int, k: int, chained: int) -> Callable[[], float]:
         return (time.perf_counter() - begin) * 1e3
 
     return run
+
+
+def write_round_costs(path: Path, metadata: dict[str, Any], measured: RoundCosts) -> None:
+    """The table as JSON (`eesd.round_costs`, docs/formats.md), written atomically: format, schema version, metadata
+    (the machine, versions, and the head, exit layer and capture it ran with), context, costs C_0.., ms, spread and
+    the policy spec."""
+    data = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "metadata": metadata, "context": measured.context,
+        "costs": list(measured.costs), "ms": list(measured.ms), "spread_ms": [list(s) for s in measured.spread],
+        "policy": measured.spec(),
+    }  # fmt: skip
+    write_text_atomic(Path(path), json.dumps(data, indent=1) + "\n")
+
+
+def read_round_costs(path: Path) -> tuple[tuple[float, ...], dict[str, Any]]:
+    """(C_0.., metadata) of a file `write_round_costs` wrote; a ValueError naming the file and the field otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err.strerror or err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON file of round costs ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path}: format: expected {FORMAT!r} (written by `eesd calibrate rounds --out`)")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version: expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
+    costs, metadata = data.get("costs"), data.get("metadata")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("exit_layer"), int):
+        raise ValueError(f"{path}: metadata.exit_layer: expected the exit layer the rounds ran at (an integer)")
+    numbers = isinstance(costs, list) and all(type(c) in (int, float) and math.isfinite(c) and c > 0 for c in costs)
+    if not numbers or len(costs) < 2 or costs[0] != 1:
+        raise ValueError(f"{path}: costs: expected [1, C_1, ..., C_K], K >= 1, every C_k a finite number > 0")
+    return tuple(float(c) for c in costs), metadata

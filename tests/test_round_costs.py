@@ -119,7 +119,8 @@ def _plan(scenario: str, policy: str = "beta-ts"):
 
 def test_the_simulator_gives_the_policies_its_profiles_round_costs() -> None:
     """The Xeon box's profile has its step where the verify pass reaches 4 tokens (3 drafts); the H100's grows
-    evenly after the first draft. The table reaches the policy's max; a policy that weighs no costs, or whose spec gives them, gets none."""
+    evenly after the first draft. The table reaches the policy's max; a policy that weighs no costs, or whose spec
+    gives them, gets none."""
     xeon, h100 = _plan("smollm2_cpu_xeon_calibrated.yaml"), _plan("smollm2_h100_validate.yaml", "beta-ts:max=5")
     steps = {
         name: [b - a for a, b in zip(plan.round_costs, plan.round_costs[1:], strict=False)]
@@ -186,18 +187,97 @@ def test_a_served_requests_policy_draws_with_the_plans_table(tmp_path, monkeypat
     assert point.plan.round_costs[0] == 1.0 and len(point.plan.round_costs) == 9
 
 
+@pytest.fixture(scope="module")
+def measured_file(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny model's folder and the round costs `eesd calibrate rounds --out` wrote for it at exit layer 2."""
+    folder = tmp_path_factory.mktemp("rounds")
+    tiny_model(TinySpec(num_layers=4), torch.float32).save_pretrained(folder / "tiny")
+    out = folder / "rounds.json"
+    argv = ["calibrate", "rounds", "--model", str(folder / "tiny"), "--exit-layer", "2", "--max-draft-len", "3",
+            "--context", "8", "--repeats", "1", "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return folder / "tiny", out
+
+
+def test_generate_takes_a_measured_file(measured_file, capsys) -> None:
+    """`eesd generate --round-costs FILE`: beta-ts (or the policy named) with the file's costs, at its exit layer;
+    the output equals AR."""
+    model, out = measured_file
+    base = ["generate", "--model", str(model), "--prompt-ids", "5,17,3,60", "--max-new-tokens", "8", "--threads", "1"]
+    for extra in ([], ["--policy", "calibration-ts:buckets=4"], ["--exit-layer", "2"]):
+        assert main([*base, "--round-costs", str(out), "--compare-ar", *extra]) == 0
+        assert "identical to AR: True" in capsys.readouterr().out
+    import argparse
+
+    from executor.generate_cli import _with_round_costs
+    from executor.round_costs import read_round_costs
+
+    costs = read_round_costs(out)[0]
+    args = argparse.Namespace(round_costs=out, policy=None, exit_layer=None, method="eesd", head="shared")
+    policy, exit_layer = _with_round_costs(args)
+    assert exit_layer == 2 and make_policy(policy).round_costs == pytest.approx(costs, abs=5e-5)
+    args.policy = "calibration-ts:buckets=4"
+    assert make_policy(_with_round_costs(args)[0]).buckets == 4
+
+
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("command", "extra", "message"),
     [
-        (["--max-draft-len", "0"], "--max-draft-len must be >= 1, got 0"),
-        (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
-        (["--context", "250"], "--context 250 + --max-draft-len 8 + 3 reach past"),
-        (["--exit-layer", "4"], "exit_layer must be an integer in [1, 3] for a 4-layer model, got 4"),
-        (["--head", "missing.safetensors"], "exit head file missing.safetensors does not exist"),
+        ("rounds", ["--max-draft-len", "0"], "--max-draft-len must be >= 1, got 0"),
+        ("rounds", ["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        ("rounds", ["--context", "250"], "--context 250 + --max-draft-len 8 + 3 reach past"),
+        ("rounds", ["--exit-layer", "4"], "exit_layer must be an integer in [1, 3] for a 4-layer model, got 4"),
+        ("rounds", ["--head", "missing.safetensors"], "exit head file missing.safetensors does not exist"),
+        (
+            "generate",
+            ["--policy", "fixed:2"],
+            "--round-costs is for --method eesd with --policy beta-ts or calibration-ts",
+        ),
+        (
+            "generate",
+            ["--policy", "beta-ts:cost=0.2"],
+            "and no cost of its own, got --method eesd --policy beta-ts:cost=0.2",
+        ),
+        ("generate", ["--method", "ar"], "got --method ar --policy beta-ts"),
+        ("generate", ["--exit-layer", "3"], "was measured at exit layer 2, not 3"),
+        ("generate", ["--head", "shared:10"], "was measured with head shared, not shared:10"),
     ],
 )
-def test_the_cli_refuses_bad_settings_with_the_flag_named(tmp_path, capsys, extra: list[str], message: str) -> None:
-    path = tmp_path / "tiny"
-    tiny_model(TinySpec(num_layers=4), torch.float32).save_pretrained(path)
-    assert main(["calibrate", "rounds", "--model", str(path), "--threads", "1", *extra]) == 2
+def test_bad_settings_are_refused_with_the_flag_named(measured_file, capsys, command, extra, message: str) -> None:
+    """`eesd calibrate rounds` checks its flags; `eesd generate --round-costs FILE` refuses a file that does not fit."""
+    model, out = measured_file
+    argv = {
+        "rounds": ["calibrate", "rounds", "--model", str(model), "--threads", "1"],
+        "generate": ["generate", "--model", str(model), "--prompt-ids", "5,17", "--round-costs", str(out)],
+    }[command]
+    assert main([*argv, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda data: data.update(format="eesd.latency_profile"), "format: expected 'eesd.round_costs'"),
+        (lambda data: data.update(schema_version=2), "schema_version: expected 1, got 2"),
+        (lambda data: data["metadata"].pop("exit_layer"), "metadata.exit_layer: expected the exit layer"),
+        (lambda data: data.update(costs=[1, 1.5, float("inf")]), "costs: expected [1, C_1, ..., C_K]"),
+        (lambda data: data.update(costs=[2, 1.5]), "costs: expected [1, C_1, ..., C_K]"),
+        (lambda data: data.update(costs=[1]), "costs: expected [1, C_1, ..., C_K]"),
+        (lambda data: data.update(costs="1/2"), "costs: expected [1, C_1, ..., C_K]"),
+    ],
+)
+def test_a_bad_file_is_refused_with_the_field_named(measured_file, tmp_path, edit, message: str) -> None:
+    from executor.round_costs import read_round_costs
+
+    data = json.loads(measured_file[1].read_text())
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="bad.json") as info:
+        read_round_costs(path)
+    assert message in str(info.value)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON file of round costs"):
+        read_round_costs(path)
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_round_costs(tmp_path / "missing.json")
