@@ -17,6 +17,7 @@ from calibrate.common import base_metadata, check_device, check_dtype
 
 
 def run_rounds(args: argparse.Namespace) -> int:
+    from executor.adapter import ModelAdapter
     from executor.api import exit_and_head
     from executor.models import load_model
     from executor.round_costs import measure_round_costs, rounds_chained, write_round_costs
@@ -31,9 +32,9 @@ def run_rounds(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out} exists; pass --force to measure again and overwrite it")
     device = check_device(args.device)
     dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    model = load_model(args.model, dtype=dtype, device=device)
+    model = ModelAdapter(load_model(args.model, dtype=dtype, device=device))  # one adapter for both calls below
     head, exit_layer = exit_and_head(model, args.head, args.exit_layer)
-    positions, room = model.config.max_position_embeddings, rounds_chained(args.capture, device) + 2
+    positions, room = model.max_positions, rounds_chained(args.capture, device) + 2
     if args.context + args.max_draft_len + room > positions:
         raise ValueError(
             f"--context {args.context} + --max-draft-len {args.max_draft_len} + {room} reach past {args.model}'s "

@@ -207,11 +207,11 @@ def _layout(ids: torch.Tensor, new: list[list[int]], fill: int | None, device) -
 
 def exit_and_head(model: Any, head: Any, exit_layer: int | None) -> tuple[Any, int]:
     """(head, exit layer) as `generate` settles them for EESD: the exit layer given, else a trained head's own,
-    else the middle layer; a head file's layer checked against an explicit exit layer."""
+    else the middle layer; a head file's layer checked against an explicit exit layer (the exit layer's range is
+    checked where it is used, as `generate` and `measure_round_costs` check it)."""
     adapter = _adapter(model)
     if exit_layer is None:
         return _exit_from_head(adapter, head)
-    check_arguments(adapter, [[0]], "eesd", exit_layer, 1)
     return resolve_head(head, adapter, exit_layer), exit_layer
 
 

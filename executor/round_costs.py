@@ -48,7 +48,9 @@ class RoundCosts:
 
     def spec(self, policy: str = "beta-ts") -> str:
         """The policy spec with these costs pinned: `beta-ts:costs=1.4521/1.9032/...` (4 decimals)."""
-        return f"{policy}:costs=" + "/".join(f"{cost:.4f}" for cost in self.costs[1:])
+        from sim.policy import format_costs
+
+        return f"{policy}:costs={format_costs(self.costs[1:])}"
 
 
 def measure_round_costs(

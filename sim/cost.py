@@ -162,11 +162,11 @@ def round_costs(plan: SimPlan, max_draft_len: int) -> tuple[float, ...]:
         step = (step + (plan.sync_every - 1) * time_us(chained, context)) / plan.sync_every
     if step <= 0.0:
         return linear_round_costs(1.0, max_draft_len)
-    costs = [1.0]
+    costs, drafts = [1.0], 0.0
     for k in range(1, max_draft_len + 1):
         segments = ((0, exit_layer, 1), (exit_layer, layers, k + 1))
         verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=head_at)
-        drafts = sum(time_us(draft, context + j) for j in range(k))
+        drafts += time_us(draft, context + k - 1)  # draft step k runs at context + k - 1
         costs.append(max((drafts + time_us(verify, context + k)) / step, 1e-6))
     return tuple(costs)
 

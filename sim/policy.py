@@ -170,8 +170,15 @@ def best_draft_len(
     cost 1 + k·c (`expected_tokens_per_cost`), or `round_costs[k]` where a table is given (C_0 = 1: a round of no
     drafts is one AR step, one token). The same arithmetic, each round's (k + 1, cost) worked out once per table,
     the values of k >= 1 in one list whose first maximum (`max` keeps the first of equals, as a loop taking only a
-    larger value does) beats k = 0 or not: Thompson sampling calls it every round, in the simulator's hot path."""
-    costs = _round_costs(round_costs or linear_round_costs(cost_ratio, max_draft_len), max_draft_len)
+    larger value does) beats k = 0 or not. Beta-TS works its pairs out once per policy and calls
+    `_best_draft_len` every round, in the simulator's hot path."""
+    return _best_draft_len(
+        theta, _round_costs(round_costs or linear_round_costs(cost_ratio, max_draft_len), max_draft_len)
+    )
+
+
+def _best_draft_len(theta: float, costs: tuple[tuple[float, float], ...]) -> int:
+    """`best_draft_len` over (k + 1, C_k) pairs worked out once (`_round_costs`)."""
     if theta >= 1.0:
         values = [power / cost for power, cost in costs]
     else:
@@ -211,12 +218,14 @@ class BetaTSPolicy:
         _check_cost(self.cost_ratio)
         _check_prior(self.prior_a, self.prior_b)
         self.round_costs = _checked_table(self.round_costs, self.max_draft_len)
+        table = self.round_costs or linear_round_costs(self.cost_ratio, self.max_draft_len)
+        self._pairs = _round_costs(table, self.max_draft_len)  # once per policy: begin_round is a hot path
         self.a, self.b = float(self.prior_a), float(self.prior_b)
         self._draft_len = 0
 
     def begin_round(self) -> int:
         theta = self.rng.betavariate(self.a, self.b)
-        self._draft_len = best_draft_len(theta, self.cost_ratio, self.max_draft_len, self.round_costs)
+        self._draft_len = _best_draft_len(theta, self._pairs)
         return self._draft_len
 
     def keep_drafting(self, drafted: int, confidence: float) -> bool:
@@ -358,8 +367,13 @@ def with_cost(spec: str, cost_ratio: float, round_costs: tuple[float, ...] | Non
         pinned = f"cost={cost_ratio:.4f}"
     else:
         count = int(args.get("max", DEFAULT_MAX_DRAFT_LEN))
-        pinned = "costs=" + "/".join(f"{cost:.4f}" for cost in round_costs[1 : count + 1])
+        pinned = f"costs={format_costs(round_costs[1 : count + 1])}"
     return f"{spec}{',' if args else ':'}{pinned}"
+
+
+def format_costs(costs: tuple[float, ...]) -> str:
+    """Round costs as a spec's `costs=` value: `1.4620/1.9252/...` (4 decimals)."""
+    return "/".join(f"{cost:.4f}" for cost in costs)
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, str]]:

@@ -135,19 +135,25 @@ def test_the_simulator_gives_the_policies_its_profiles_round_costs() -> None:
     assert _plan("ppsd_one_gpu.yaml", "fixed:2").round_costs is None  # PPSD has no draft policy
 
 
-def test_a_sim_row_draws_with_the_plans_table(monkeypatch) -> None:
-    """Every EESD row's policy gets the plan's table; the AR baseline's rows (which never draft) get none."""
-    import sim.engine
-    from sim.runner import simulate_point
-
+def _tables_given(module, monkeypatch) -> list[tuple[float, ...] | None]:
+    """The round costs each `make_policy` call in `module` is given, in order (the policies are made as before)."""
     seen: list[tuple[float, ...] | None] = []
-    real = sim.engine.make_policy
+    real = module.make_policy
 
     def spy(spec, **kwargs):
         seen.append(kwargs.get("round_costs"))
         return real(spec, **kwargs)
 
-    monkeypatch.setattr(sim.engine, "make_policy", spy)
+    monkeypatch.setattr(module, "make_policy", spy)
+    return seen
+
+
+def test_a_sim_row_draws_with_the_plans_table(monkeypatch) -> None:
+    """Every EESD row's policy gets the plan's table; the AR baseline's rows (which never draft) get none."""
+    import sim.engine
+    from sim.runner import simulate_point
+
+    seen = _tables_given(sim.engine, monkeypatch)
     point = _point("smollm2_cpu_xeon_calibrated.yaml")
     simulate_point(point)
     table, requests = _plan("smollm2_cpu_xeon_calibrated.yaml").round_costs, point.scenario.workload.requests
@@ -161,14 +167,7 @@ def test_a_served_requests_policy_draws_with_the_plans_table(tmp_path, monkeypat
     import sim.serving
     from sim.serving import load_serving_points, simulate_serving
 
-    seen: list[tuple[float, ...] | None] = []
-    real = sim.serving.make_policy
-
-    def spy(spec, **kwargs):
-        seen.append(kwargs.get("round_costs"))
-        return real(spec, **kwargs)
-
-    monkeypatch.setattr(sim.serving, "make_policy", spy)
+    seen = _tables_given(sim.serving, monkeypatch)
     workload = {"requests": 5, "seed": 0, "arrival": {"process": "poisson", "rate_per_s": 2.0}, "prompt_len": 64,
                 "output_len": 8}  # fmt: skip
     scenario = yaml.safe_load((ROOT / "scenarios" / "smollm2_cpu_xeon_calibrated.yaml").read_text())
