@@ -79,6 +79,7 @@ class Config:
     policy: str | None = None
     stage_boundaries: tuple[int, ...] | None = None
     capture: str = "none"
+    draft_dtype: str | None = None  # EESD drafting in a narrower dtype than the model's (None: the model's)
 
     @property
     def label(self) -> str:
@@ -92,7 +93,8 @@ class Config:
         head = Path(self.head_name).stem if self.head_name.endswith(".safetensors") else self.head_name
         if self.method == "ppsd":
             return f"PPSD seq n={len(self.stage_boundaries) + 1} {head} E={self.exit_layer}"
-        return f"EESD {head} E={self.exit_layer} {self.policy}"
+        drafts = f" draft={self.draft_dtype}" if self.draft_dtype else ""
+        return f"EESD {head} E={self.exit_layer} {self.policy}{drafts}"
 
     def kwargs(self) -> dict[str, Any]:
         """`executor.generate`'s arguments for this setup (passes as they are, or frozen: `capture`)."""
@@ -102,7 +104,7 @@ class Config:
         if self.method == "ppsd":
             stages = len(self.stage_boundaries) + 1
             return common | {"backend": "sequential", "stages": stages, "stage_boundaries": list(self.stage_boundaries)}
-        return common | {"policy": self.policy}
+        return common | {"policy": self.policy} | ({"draft_dtype": self.draft_dtype} if self.draft_dtype else {})
 
 
 @dataclass
@@ -168,16 +170,18 @@ def make_configs(
     policies: Sequence[str],
     ppsd_stages: int,
     capture: str = "none",
+    draft_dtypes: Sequence[str | None] = (None,),
 ) -> list[Config]:
-    """AR, then EESD per head and policy, then PPSD per head (none when `ppsd_stages` is 0), all under `capture`;
-    with frozen passes, AR as it is last (the uncaptured reference)."""
+    """AR, then EESD per head, policy and draft dtype (None: the model's), then PPSD per head (none when
+    `ppsd_stages` is 0), all under `capture`; with frozen passes, AR as it is last (the uncaptured reference)."""
     for spec in policies:
         make_policy(spec)  # a mistyped policy is refused before any model runs
     configs = [Config("ar", capture=capture)]
     configs += [
-        Config("eesd", name, head, exit_layer, spec, capture=capture)
+        Config("eesd", name, head, exit_layer, spec, capture=capture, draft_dtype=dtype)
         for name, head, exit_layer in heads
         for spec in policies
+        for dtype in draft_dtypes
     ]
     if ppsd_stages:
         configs += [
@@ -259,7 +263,8 @@ def row_of(config: Config, tally: Tally, ar_median: float) -> dict[str, Any]:
     q1, q3 = quartiles(tally.rates)
     return {
         "config": config.label, "method": config.method, "head": config.head_name, "exit_layer": config.exit_layer,
-        "policy": config.policy, "ppsd_stage_boundaries": config.stage_boundaries, "runs": len(tally.rates),
+        "policy": config.policy, "draft_dtype": config.draft_dtype, "ppsd_stage_boundaries": config.stage_boundaries,
+        "runs": len(tally.rates),
         "decode_tokens_per_s": median, "decode_tokens_per_s_min": min(tally.rates), "decode_tokens_per_s_q1": q1,
         "decode_tokens_per_s_q3": q3, "decode_tokens_per_s_max": max(tally.rates),
         "tokens_per_round": tally.tokens / tally.units if tally.units else None,
@@ -359,6 +364,7 @@ class Settings:
     stop_at_eos: bool = False
     capture: str = "none"
     no_repeat_ngram_size: int = 0  # HF's n-gram ban on every run, AR included (a processor that reads the prefix)
+    draft_dtypes: tuple[str | None, ...] = (None,)  # EESD's drafts: None in the model's dtype, or a narrower one
 
 
 def run_benchmark(model: Any, prompts: Sequence[list[int]], settings: Settings, threads: int) -> dict[str, Any]:
@@ -366,7 +372,9 @@ def run_benchmark(model: Any, prompts: Sequence[list[int]], settings: Settings, 
     torch.set_num_threads(threads)
     adapter = ModelAdapter(model)
     heads = load_heads(adapter, settings.heads, settings.exit_layer)
-    configs = make_configs(adapter, heads, settings.policies, settings.ppsd_stages, settings.capture)
+    configs = make_configs(
+        adapter, heads, settings.policies, settings.ppsd_stages, settings.capture, settings.draft_dtypes
+    )
     if settings.capture != "none":  # every configuration's compiled passes stay cached through the interleaved runs
         passes.MAX_RUNNERS_PER_MODEL = max(passes.MAX_RUNNERS_PER_MODEL, len(configs))
     eos = eos_ids(model)
@@ -420,6 +428,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-repeat-ngram-size", type=int, default=0, metavar="N",
         help="HF's no_repeat_ngram_size on every run, AR included (0: off; passes then run uncaptured)",
     )  # fmt: skip
+    parser.add_argument(
+        "--draft-dtypes", default="model",
+        help="EESD's drafts, comma-separated: model (the model's float32) and/or a narrower dtype such as bf16 "
+        "(executor.generate's draft_dtype); every EESD configuration runs with each",
+    )  # fmt: skip
     parser.add_argument("--tag", default=None, help="results/head_speed_<tag>.json (default: <model>_cpu)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON's path (overrides --tag)")
     parser.add_argument("--note", default="", help="the conditions, for the JSON (e.g. 'busy 2-core box, smoke run')")
@@ -438,6 +451,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         heads=parse_list(args.heads), policies=policies, exit_layer=args.exit_layer, ppsd_stages=args.ppsd_stages,
         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, stop_at_eos=args.stop_at_eos,
         capture=args.capture, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        draft_dtypes=tuple(None if d == "model" else d for d in parse_list(args.draft_dtypes)) or (None,),
     )  # fmt: skip
 
 

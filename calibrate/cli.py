@@ -101,6 +101,7 @@ def _rounds_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=128, help="the position the rounds run at (default: 128)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--draft-dtype", default=None, help="drafts in this narrower dtype, as generate's draft_dtype")
     p.add_argument("--capture", default="auto", help="the passes generate would run: auto | none | graph | ... ")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per draft count, interleaved (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per draft count first (default: 1)")

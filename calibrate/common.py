@@ -47,9 +47,9 @@ def parse_int_list(text: str, flag: str, minimum: int = 0) -> tuple[int, ...]:
     return tuple(values)
 
 
-def check_dtype(name: str) -> torch.dtype:
+def check_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
     if name not in DTYPE_NAMES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+        raise ValueError(f"{flag} must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
     return resolve_dtype(DTYPE_NAMES[name])
 
 

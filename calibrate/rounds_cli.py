@@ -34,6 +34,7 @@ def run_rounds(args: argparse.Namespace) -> int:
     dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     model = ModelAdapter(load_model(args.model, dtype=dtype, device=device))  # one adapter for both calls below
     head, exit_layer = exit_and_head(model, args.head, args.exit_layer)
+    draft_dtype = None if args.draft_dtype is None else check_dtype(args.draft_dtype, "--draft-dtype")
     positions, room = model.max_positions, rounds_chained(args.capture, device) + 2
     if args.context + args.max_draft_len + room > positions:
         raise ValueError(
@@ -43,7 +44,7 @@ def run_rounds(args: argparse.Namespace) -> int:
     print(f"calibrate rounds: {args.model} E={exit_layer} head {args.head} on {device}, context {args.context}")
     measured = measure_round_costs(
         model, exit_layer, head, args.max_draft_len, capture=args.capture, context=args.context,
-        repeats=args.repeats, warmups=args.warmup,
+        repeats=args.repeats, warmups=args.warmup, draft_dtype=draft_dtype,
     )  # fmt: skip
     print(f"{'drafts':>6} {'ms (median)':>12} {'min .. max':>18} {'cost (AR steps)':>16}")
     for k, (ms, (low, high), cost) in enumerate(zip(measured.ms, measured.spread, measured.costs, strict=True)):
@@ -51,6 +52,7 @@ def run_rounds(args: argparse.Namespace) -> int:
     print(f"policy: {measured.spec()}")
     if args.out is not None:
         settings = {"head": args.head, "exit_layer": exit_layer, "capture": args.capture, "repeats": args.repeats}
+        settings |= {"draft_dtype": str(draft_dtype).removeprefix("torch.")} if draft_dtype is not None else {}
         write_round_costs(args.out, base_metadata(args.model, device, dtype) | settings, measured)
         print(f"wrote {args.out}")
     return 0

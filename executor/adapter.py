@@ -447,11 +447,15 @@ def self_attention(
             query, key, value, is_causal=True, scale=attn.scaling, enable_gqa=key.shape[1] != query.shape[1]
         )
         return attn.o_proj(out.transpose(1, 2).reshape(batch, q, -1))
-    store(slots.keys, slots.values, slots.rows, slots.positions, key, value)
+    keys, values = slots.keys, slots.values
+    if keys.dtype != query.dtype:  # a lower-precision draft's layer over the model's cache (`draft_precision`)
+        key, value = key.to(keys.dtype), value.to(values.dtype)
+    store(keys, values, slots.rows, slots.positions, key, value)
+    if keys.dtype != query.dtype:
+        keys, values = keys.to(query.dtype), values.to(query.dtype)
     out = F.scaled_dot_product_attention(
-        query, slots.keys, slots.values, attn_mask=mask, scale=attn.scaling,
-        enable_gqa=slots.keys.shape[1] != query.shape[1],
-    )  # fmt: skip
+        query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=keys.shape[1] != query.shape[1]
+    )
     return attn.o_proj(out.transpose(1, 2).reshape(batch, q, -1))
 
 

@@ -374,6 +374,7 @@ class PassSetup:
     head: Any
     policies: list[DraftPolicy]
     capture: str
+    draft_dtype: torch.dtype | None = None
 
     def passes(self, adapter: ModelAdapter, prompts: list[list[int]], max_new_tokens: int) -> Passes:
         """Fresh buffers without capture; with capture, the model's cached ones for this setup (graphs kept)."""
@@ -387,6 +388,7 @@ class PassSetup:
             self.method, len(prompts), capacity, self.exit_layer, head_key(self.head), max_draft, mode,
             dataclasses.replace(self.config, seed=0), self.min_new_tokens, tuple(self.eos), self._confidence,
             self.capture == "auto",  # "auto" falls back where a capture or compilation fails, an explicit mode raises
+            self.draft_dtype,
         )  # fmt: skip
         passes = cached_passes(adapter.model, key, lambda: self._build(adapter, lengths, capacity, max_draft, mode))
         passes.selector.restart(lengths, self.config.seed)
@@ -403,7 +405,7 @@ class PassSetup:
         cache = adapter.new_cache(len(lengths), capacity, extra_layers=getattr(self.head, "extra_layers", 0))
         return Passes(
             adapter, cache, selector, exit_layer=self.exit_layer, head=self.head, max_draft=max_draft, capture=mode,
-            confidence=self._confidence, fallback=self.capture == "auto",
+            confidence=self._confidence, fallback=self.capture == "auto", draft_dtype=self.draft_dtype,
         )  # fmt: skip
 
 
@@ -451,6 +453,7 @@ def generate(
     capture: str = "auto",
     sync_every: int | None = None,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    draft_dtype: torch.dtype | str | None = None,
 ) -> GenerationResult:
     """Decode with `method` "ar" (reference), "eesd" (early-exit self-speculation) or "ppsd", losslessly.
 
@@ -511,6 +514,11 @@ def generate(
     while the GPU runs. Default: 8 when the passes are captured, 1 otherwise (a CPU gains
     nothing from running ahead). Output is the same for every value; after an EOS the device may run up to
     `sync_every` - 1 steps (ticks) whose tokens are dropped.
+
+    `draft_dtype` (EESD; e.g. "bf16" for a float32 model) drafts with copies of layers [0, E) and the exit head in
+    that narrower dtype, made once and kept on the model (`executor.draft_precision`); the verify pass then runs all
+    layers over the round's tokens, in the model's dtype, so the output is AR's as without it. Where passes are bound
+    by reading weights a draft step reads half the bytes; the policies' default cost ratio counts it.
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
@@ -521,6 +529,7 @@ def generate(
         raise ValueError(f"method 'ppsd' decodes batch size 1, got {len(prompts)} rows")
     check_draft_len(adapter, draft_len)
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
+    draft_dtype = check_draft_dtype(adapter, method, draft_dtype)
     check_sync_every(sync_every)
     if accept_pattern is not None and method != "eesd":
         raise ValueError(f"accept_pattern forces EESD's accept decision: it needs method 'eesd', got {method!r}")
@@ -549,7 +558,7 @@ def generate(
         raise ValueError("accept_pattern (forced acceptance) cannot be combined with repetition_penalty")
     if method == "eesd":  # loaded once: for the policies' cost ratio and the passes
         head = resolve_head(head, adapter, exit_layer)
-    cost_ratio = draft_cost_ratio(adapter, exit_layer, head) if method == "eesd" else 1.0  # PPSD has no policy
+    cost_ratio = draft_cost_ratio(adapter, exit_layer, head, draft_dtype) if method == "eesd" else 1.0  # PPSD: none
     policies = _policies(policy if policy is not None else f"fixed:{draft_len}", len(prompts), seed, cost_ratio)
     check_policies(adapter, policies)
     callback = _streamer_callback(streamer, len(prompts), ids)
@@ -568,7 +577,9 @@ def generate(
             stats.prompt_tokens = len(prompts[0])
         elif max_new_tokens > 0:
             exit_head = head if method == "eesd" else None  # resolved above
-            setup = PassSetup(method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture)
+            setup = PassSetup(
+                method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture, draft_dtype
+            )
             passes = setup.passes(adapter, prompts, max_new_tokens)
             passes.selector.start(prompts, ids)  # a penalty's context: the prompts (HF leaves padding out); prefixes
             stats.capture = passes.capture
@@ -583,6 +594,17 @@ def generate(
     fill = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     sequences = _layout(ids, [s.tokens for s in rows.sinks], fill, adapter.device)
     return GenerationResult(sequences=sequences, stats=stats, sampling=config)
+
+
+def check_draft_dtype(adapter: ModelAdapter, method: str, draft_dtype: Any) -> torch.dtype | None:
+    """The narrower dtype EESD drafts in, or None (the model's own); refused for other methods."""
+    if draft_dtype is None:
+        return None
+    if method != "eesd":
+        raise ValueError(f"draft_dtype is for method 'eesd' (its draft steps), got method {method!r}")
+    from executor.draft_precision import draft_dtype_for
+
+    return draft_dtype_for(adapter.dtype, draft_dtype)
 
 
 def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.Tensor | None:

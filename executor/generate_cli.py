@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--draft-dtype", default=None,
+        help=f"eesd: draft in this narrower dtype ({', '.join(DTYPES)}; e.g. bfloat16 for a float32 model): copies of "
+        "the draft's layers and head, the verify pass runs all layers, output as without it",
+    )  # fmt: skip
     add_threads_argument(parser)
     parser.add_argument(
         "--capture", default="auto",
@@ -157,7 +162,19 @@ def _with_round_costs(args: argparse.Namespace) -> tuple[str | None, int | None]
     head = str(metadata.get("head", "shared"))
     if _head_name(head) != _head_name(args.head):
         raise ValueError(f"--round-costs {args.round_costs} was measured with head {head}, not {args.head}")
+    drafts = metadata.get("draft_dtype")
+    if _dtype_name(drafts) != _dtype_name(args.draft_dtype):
+        raise ValueError(
+            f"--round-costs {args.round_costs} was measured with drafts in {drafts or 'the model dtype'}, not in "
+            f"{args.draft_dtype or 'the model dtype'} (--draft-dtype)"
+        )
     return with_cost(policy, 1.0, costs), measured_at
+
+
+def _dtype_name(name: str | None) -> str | None:
+    from executor.models import resolve_dtype
+
+    return None if name is None else str(resolve_dtype(name)).removeprefix("torch.")
 
 
 def _head_name(head: str) -> str:
@@ -177,6 +194,10 @@ def _optional_tokenizer(model: str, load_tokenizer):
 def run(args: argparse.Namespace) -> int:
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.draft_dtype is not None and args.draft_dtype not in DTYPES:
+        raise ValueError(f"--draft-dtype must be one of {', '.join(DTYPES)}, got {args.draft_dtype!r}")
+    if args.draft_dtype is not None and args.method != "eesd":
+        raise ValueError(f"--draft-dtype is for --method eesd, got --method {args.method}")
     import torch
 
     from executor.api import generate
@@ -204,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
             model, prompt, method=args.method, exit_layer=exit_layer, draft_len=args.draft_len,
             policy=policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
             backend=args.backend, sync_every=args.sync_every, **stall, **common,
+            **({"draft_dtype": args.draft_dtype} if args.draft_dtype else {}),
         )  # fmt: skip
     except PPSDWorkerError as err:  # a stage process failed, died or stalled: one line naming it (not a usage error)
         if os.environ.get("EESD_DEBUG"):

@@ -558,11 +558,14 @@ def _subset_from_file(
     return head
 
 
-def draft_cost_ratio(adapter: ModelAdapter, exit_layer: int, head: Any) -> float:
-    """c = a draft step's cost / a verify pass's, estimated by the weights each reads (decoding at small batches is
-    bound by reading them): layers [0, E), the head's own layer and the LM head rows it scores, against all L layers
-    and the whole LM head. E / L undercounts what a vocabulary-subset head saves: Gemma-3-270m's LM head (262k ids)
-    is most of a step, so its E = 14 of 18 head over 16k ids costs about 0.3 of a step, not 0.78."""
+def draft_cost_ratio(
+    adapter: ModelAdapter, exit_layer: int, head: Any, draft_dtype: torch.dtype | None = None
+) -> float:
+    """c = a draft step's cost / a verify pass's, estimated by the bytes of weights each reads (decoding at small
+    batches is bound by reading them): layers [0, E), the head's own layer and the LM head rows it scores, against
+    all L layers and the whole LM head. E / L undercounts what a vocabulary-subset head saves: Gemma-3-270m's LM head
+    (262k ids) is most of a step, so its E = 14 of 18 head over 16k ids costs about 0.3 of a step, not 0.78. Drafts
+    in a narrower `draft_dtype` (`executor.draft_precision`) read its bytes per weight."""
 
     def numel(module: Any) -> int:
         return sum(p.numel() for p in module.parameters()) if isinstance(module, nn.Module) else 0
@@ -571,7 +574,8 @@ def draft_cost_ratio(adapter: ModelAdapter, exit_layer: int, head: Any) -> float
     layers = [numel(layer) for layer in adapter.layers]
     rows = getattr(head, "draft_vocab", None) if not isinstance(head, SubsetExitHead) else head.token_ids.numel()
     draft = sum(layers[:exit_layer]) + numel(getattr(head, "layer", None)) + (rows or vocab) * width
-    return draft / (sum(layers) + vocab * width)
+    narrower = 1.0 if draft_dtype is None else draft_dtype.itemsize / adapter.dtype.itemsize
+    return draft * narrower / (sum(layers) + vocab * width)
 
 
 def resolve_head(head: Any, adapter: ModelAdapter, exit_layer: int):

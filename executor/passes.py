@@ -270,11 +270,18 @@ class Passes:
         capture: str = "none",
         confidence: bool = False,
         fallback: bool = False,
+        draft_dtype: torch.dtype | None = None,
     ) -> None:
         self.adapter = adapter.compiled(fallback) if capture == "compile-layers" else adapter
         self.cache, self.selector = cache, selector
         self.exit_layer, self.max_draft = exit_layer, max_draft
         self.head = with_layer_run(head, self.adapter.layer_run)  # compiled layers: a trained head's layer too
+        self.draft_adapter = self.adapter  # what a draft step's layers [0, E) run on
+        self.draft_dtype = draft_dtype  # drafts in a narrower dtype: the verify pass runs all layers (`_verify_all`)
+        if draft_dtype is not None:
+            from executor.draft_precision import low_precision_draft
+
+            self.draft_adapter, self.head = low_precision_draft(self.adapter, exit_layer, head, draft_dtype)
         self.capture, self.want_confidence, self.fallback = capture, confidence, fallback
         self.rejection = selector.config.kind == "rejection"
         batch, device = cache.batch, adapter.device
@@ -287,6 +294,7 @@ class Passes:
         self.hidden = torch.zeros(batch, 1, hidden_size, dtype=adapter.dtype, device=device)
         self.confidence = torch.zeros(batch, dtype=torch.float32, device=device)
         self.drafts = torch.zeros(batch, max(max_draft, 1), **long)
+        self.inputs = torch.zeros(batch, max_draft + 1, **long)  # a round's tokens fed: its input, then its drafts
         self.draft_cursor = torch.zeros(1, **long)
         self.history = torch.zeros(batch, AR_HISTORY, **long)
         self.ar_cursor = torch.zeros(1, **long)
@@ -362,7 +370,8 @@ class Passes:
         self.ar_cursor.zero_()
 
     def _static_tensors(self) -> list[torch.Tensor]:
-        buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.exit_states, self.draft_cursor]
+        buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.inputs, self.exit_states]
+        buffers += [self.draft_cursor]
         buffers += [self.history, self.ar_cursor, self.counts, self.verdicts]
         buffers += [*self.positions.values(), *self.tokens.values(), self.selector.prompt_lens, self.selector.seed]
         if self.rejection:
@@ -421,13 +430,13 @@ class Passes:
         self.history.index_copy_(1, self.ar_cursor, self.tokens[1])
         self.ar_cursor.add_(1).remainder_(AR_HISTORY)
 
-    def _early(self, step: Step) -> torch.Tensor:
-        adapter = self.adapter
+    def _early(self, step: Step, adapter: ModelAdapter | None = None) -> torch.Tensor:
+        adapter = adapter or self.adapter
         self.selector.record(self.ids, step.positions)
         return adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, self.exit_layer)
 
     def _draft(self, step: Step) -> None:
-        hidden = self._early(step)
+        hidden = self._early(step, self.draft_adapter)
         self.hidden.copy_(hidden)
         logits = self.head(hidden, step, self.cache)
         targets = step.positions + 1
@@ -449,6 +458,7 @@ class Passes:
             self.draft_seen.copy_(self.draft_context)
             self.draft_seen.scatter_(1, self.tokens[1], True)
         self.exit_states.index_copy_(1, self.draft_cursor, self.hidden)
+        self.inputs.index_copy_(1, self.draft_cursor, self.ids)
         self.drafts.index_copy_(1, self.draft_cursor, self.tokens[1])
         if self.rejection:
             self.draft_probs.index_copy_(1, self.draft_cursor, self.draft_prob.unsqueeze(1))
@@ -458,12 +468,15 @@ class Passes:
 
     def _verify(self, k: int, step: Step) -> None:
         q = k + 1
-        early = Step(positions=step.positions[:, -1:], starts=None, span=step.span)
-        hidden = self._early(early)
-        self.head.prefill(hidden, early, self.cache)  # keeps a layered head's KV in step with layers [0, E)
-        self.exit_states[:, k : k + 1].copy_(hidden)
-        states = self.exit_states[:, :q]
         adapter = self.adapter
+        if self.draft_dtype is None:
+            early = Step(positions=step.positions[:, -1:], starts=None, span=step.span)
+            hidden = self._early(early)
+            self.head.prefill(hidden, early, self.cache)  # keeps a layered head's KV in step with layers [0, E)
+            self.exit_states[:, k : k + 1].copy_(hidden)
+            states = self.exit_states[:, :q]
+        else:
+            states = self._verify_early(k, step)
         logits = adapter.logits(adapter.forward_layers(states, step, self.cache, self.exit_layer, adapter.num_layers))
         context = self._verify_context(k) if self.penalized else None
         targets = step.positions + 1
@@ -477,6 +490,18 @@ class Passes:
             verdict = match_verdicts(self.drafts[:, :k], self.tokens[q], self.counts)
         self.verdicts.copy_(torch.stack(verdict, dim=1))
         self.draft_cursor.zero_()
+
+    def _verify_early(self, k: int, step: Step) -> torch.Tensor:
+        """Drafts made in a narrower dtype: layers [0, E) over the round's k + 1 tokens (its input and drafts; the
+        last draft in `ids`), the model's own KV over the draft's; the head's KV for the last one from the layer-E
+        state, as `_verify` keeps it. The layer-E states [B, k + 1, d]."""
+        adapter = self.adapter
+        self.selector.record(self.ids, step.positions[:, -1:])
+        self.inputs[:, k : k + 1].copy_(self.ids)
+        hidden = adapter.forward_layers(adapter.embed(self.inputs[:, : k + 1]), step, self.cache, 0, self.exit_layer)
+        early = Step(positions=step.positions[:, -1:], starts=None, span=step.span)
+        self.head.prefill(hidden[:, k:], early, self.cache)
+        return hidden
 
     def _verify_context(self, k: int) -> torch.Tensor:
         """[B, k + 1, V]: position j of the verify pass follows the committed text and drafts d_1 .. d_j."""

@@ -63,13 +63,15 @@ def measure_round_costs(
     context: int = 128,
     repeats: int = 5,
     warmups: int = 1,
+    draft_dtype: Any = None,
 ) -> RoundCosts:
     """Time rounds of 0..`max_draft_len` drafts at position `context` of one row of `model` (an HF model or a
     `ModelAdapter`; its cache holds whatever the timing writes: a pass's time does not depend on the values),
     `repeats` timed rounds per k after `warmups`, interleaved (k = 0, 1, ..., max, then again) so that a drifting
-    machine moves every k alike. `head` as `generate` takes it; `capture` as `generate`'s (the same passes)."""
+    machine moves every k alike. `head` as `generate` takes it; `capture` and `draft_dtype` as `generate`'s (the same
+    passes)."""
     from executor.adapter import ModelAdapter
-    from executor.api import PassSetup, check_arguments
+    from executor.api import PassSetup, check_arguments, check_draft_dtype
     from executor.heads import resolve_head
     from executor.sampling import SamplingConfig
     from sim.policy import FixedPolicy
@@ -83,7 +85,9 @@ def measure_round_costs(
     prompt, chained = [0] * context, rounds_chained(capture, adapter.device)
     check_arguments(adapter, [prompt], "eesd", exit_layer, max_draft_len + chained + 2)
     head = resolve_head(head, adapter, exit_layer)
-    setup = PassSetup("eesd", SamplingConfig(), 0, [], exit_layer, head, [FixedPolicy(max_draft_len)], capture)
+    draft_dtype = check_draft_dtype(adapter, "eesd", draft_dtype)
+    policy = [FixedPolicy(max_draft_len)]
+    setup = PassSetup("eesd", SamplingConfig(), 0, [], exit_layer, head, policy, capture, draft_dtype)
     with torch.inference_mode():
         passes = setup.passes(adapter, [prompt], max_draft_len + chained + 2)
         rounds = [_round(passes, context, k, chained) for k in range(max_draft_len + 1)]
@@ -131,6 +135,9 @@ def _round(passes: Any, at: int, k: int, chained: int) -> Callable[[], float]:
     return run
 
 
+DRAFT_DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")  # metadata.draft_dtype, where drafts ran narrower
+
+
 def write_round_costs(path: Path, metadata: dict[str, Any], measured: RoundCosts) -> None:
     """The table as JSON (`eesd.round_costs`, docs/formats.md), written atomically: format, schema version, metadata
     (the machine, versions, and the head, exit layer and capture it ran with), context, costs C_0.., ms, spread and
@@ -158,6 +165,10 @@ def read_round_costs(path: Path) -> tuple[tuple[float, ...], dict[str, Any]]:
     costs, metadata = data.get("costs"), data.get("metadata")
     if not isinstance(metadata, dict) or not isinstance(metadata.get("exit_layer"), int):
         raise ValueError(f"{path}: metadata.exit_layer: expected the exit layer the rounds ran at (an integer)")
+    drafts = metadata.get("draft_dtype")
+    if drafts is not None and drafts not in DRAFT_DTYPE_NAMES:
+        names = ", ".join(DRAFT_DTYPE_NAMES)
+        raise ValueError(f"{path}: metadata.draft_dtype: expected one of {names}, got {drafts!r}")
     numbers = isinstance(costs, list) and all(type(c) in (int, float) and math.isfinite(c) and c > 0 for c in costs)
     if not numbers or len(costs) < 2 or costs[0] != 1:
         raise ValueError(f"{path}: costs: expected [1, C_1, ..., C_K], K >= 1, every C_k a finite number > 0")
