@@ -832,12 +832,14 @@ class EarlyExitGenerator:
         seed: int = 0,
         head: Any = None,
         capture: str = "auto",
+        draft_dtype: torch.dtype | str | None = None,
     ) -> None:
         self.model = model
         self.adapter = ModelAdapter(model)
         # a head file is loaded once, so that every call reuses the same captured passes (they are keyed by head)
         self.head = head if head in (None, "shared") else resolve_head(head, self.adapter, exit_layer)
         self.capture = capture
+        self.draft_dtype = draft_dtype  # EESD: drafts in a narrower dtype (`generate`'s draft_dtype)
         self.method = method
         self.exit_layer = exit_layer
         self.draft_len = draft_len
@@ -875,7 +877,7 @@ class EarlyExitGenerator:
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             sampling=self.sampling, seed=seed, streamer=kwargs.get("streamer"),
             stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture,
-            logits_processor=kwargs.get("logits_processor"),
+            draft_dtype=self.draft_dtype, logits_processor=kwargs.get("logits_processor"),
             prefix_allowed_tokens_fn=kwargs.get("prefix_allowed_tokens_fn"), **processing,
         )  # fmt: skip
         self.last_stats = result.stats

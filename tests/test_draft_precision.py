@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from test_head_kinds import EXIT_LAYER, IDS, records, tiny, trained  # noqa: F401 (records, tiny, trained: fixtures)
 from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
 
+import executor
 from executor.adapter import ModelAdapter
 from executor.api import generate
 from executor.draft_precision import CastHead, draft_dtype_for
@@ -196,3 +197,12 @@ def test_round_costs_files_keep_the_draft_dtype(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(args) == 2
     assert "measured with drafts in bfloat16" in capsys.readouterr().err
+
+
+def test_the_drop_in_drafts_narrow_and_equals_hf_generate() -> None:
+    model = _agreeing(TinySpec(num_layers=4, seed=8), 2)
+    ids = torch.tensor([PROMPT])
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False)
+    generator = executor.EarlyExitGenerator(model, exit_layer=2, draft_len=3, draft_dtype="bfloat16", capture="none")
+    assert torch.equal(generator.generate(ids, max_new_tokens=20), expected)
+    assert sum(generator.last_stats.accepted) > 0
