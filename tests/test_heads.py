@@ -575,12 +575,17 @@ def test_ppsd_flush_rolls_back_the_heads_kv_books(trained, tiny) -> None:
     assert [cache.lengths[cache.slot(layer)] for layer in stage_layers] == [[6]] * 3
 
 
-@pytest.mark.parametrize("rows", [(1, 1), (1, 2), (2, 3), (1, 8), (3, 3), (1, 12)])
+@pytest.mark.parametrize("rows", [(1, 1), (1, 2), (2, 3), (1, 8), (3, 3), (1, 12), (1, 16), (1, 17), (3, 7)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_head_linear_is_f_linear_in_another_kernel_order(rows: tuple[int, int], with_bias: bool) -> None:
-    """The CPU LM-head product (`W @ x^T` for 2..8 rows) gives F.linear's values; 1 row and 9+ rows are F.linear."""
-    from executor.adapter import LARGE_HEAD_ROWS, head_linear
+@pytest.mark.parametrize("kernel", ["transposed", "linear"])
+def test_head_linear_is_f_linear_in_another_kernel_order(
+    rows: tuple[int, int], with_bias: bool, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU LM-head product gives F.linear's values in either kernel order (`W @ x^T` for 2..16 rows where that
+    order is chosen); 1 row, 17+ rows and the linear order are F.linear itself, bit for bit."""
+    from executor.adapter import FEW_ROWS, HEAD_KERNEL_ENV, LARGE_HEAD_ROWS, head_linear
 
+    monkeypatch.setenv(HEAD_KERNEL_ENV, kernel)
     generator = torch.Generator().manual_seed(sum(rows))
     x = torch.randn(*rows, 48, generator=generator, dtype=torch.float64)
     weight = torch.randn(LARGE_HEAD_ROWS, 48, generator=generator, dtype=torch.float64)
@@ -589,7 +594,7 @@ def test_head_linear_is_f_linear_in_another_kernel_order(rows: tuple[int, int], 
     out = head_linear(x, weight, bias)
     assert out.shape == expected.shape and out.is_contiguous()
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    if rows[0] * rows[1] == 1 or rows[0] * rows[1] > 8:
+    if kernel == "linear" or rows[0] * rows[1] not in FEW_ROWS:
         assert torch.equal(out, expected)
     grad = head_linear(x.clone().requires_grad_(True), weight)  # training keeps autograd's own F.linear
     assert grad.requires_grad and grad.grad_fn is not None

@@ -212,7 +212,9 @@ def test_generate_takes_a_measured_file(measured_file, capsys) -> None:
     from executor.round_costs import read_round_costs
 
     costs = read_round_costs(out)[0]
-    args = argparse.Namespace(round_costs=out, policy=None, exit_layer=None, method="eesd", head="shared", draft_dtype=None)
+    args = argparse.Namespace(
+        round_costs=out, policy=None, exit_layer=None, method="eesd", head="shared", draft_dtype=None
+    )
     policy, exit_layer = _with_round_costs(args)
     assert exit_layer == 2 and make_policy(policy).round_costs == pytest.approx(costs, abs=5e-5)
     args.policy = "calibration-ts:buckets=4"

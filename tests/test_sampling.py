@@ -195,14 +195,15 @@ def test_rejection_mode_end_to_end_runs_and_emits_valid_tokens():
     assert sum(result.stats.accepted) > 0
 
 
-@pytest.mark.parametrize("penalty", [None, 3.0])
-def test_rejection_sampling_end_to_end_joint_distribution(penalty):
+@pytest.mark.parametrize(("penalty", "draft_dtype"), [(None, None), (3.0, None), (None, "bfloat16")])
+def test_rejection_sampling_end_to_end_joint_distribution(penalty, draft_dtype):
     """The whole EESD path: (first, second) new tokens follow the full model's joint distribution.
 
     With max_new_tokens=3 the second token is decided by a real draft + verify round (accepted draft or the
     residual resample), so this checks the rejection path end to end, chi-square over the 16 cells. With a
     repetition penalty, each distribution is the penalised one over its own context (the prompt, then also the
-    first token): the draft's q and the verify pass's p must each see the right one.
+    first token): the draft's q and the verify pass's p must each see the right one. With bfloat16 drafts of the
+    float64 model, q is the bfloat16 copy's distribution, the one each draft was drawn from.
     """
     vocab, n, temperature = 4, 3000, 1.0
     model = tiny_model(TinySpec(vocab=vocab, num_layers=2, seed=2))
@@ -227,7 +228,7 @@ def test_rejection_sampling_end_to_end_joint_distribution(penalty):
     for seed in range(n):
         out = executor.generate(
             model, prompt, method="eesd", exit_layer=1, do_sample=True, sampling="rejection", max_new_tokens=3,
-            seed=seed, temperature=temperature, draft_len=1, repetition_penalty=penalty,
+            seed=seed, temperature=temperature, draft_len=1, repetition_penalty=penalty, draft_dtype=draft_dtype,
         )  # fmt: skip
         t1, t2 = out.sequences[0, 3:5].tolist()
         counts[t1 * vocab + t2] += 1
