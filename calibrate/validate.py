@@ -72,13 +72,15 @@ class Target:
     batch_size: int = 1
     backend: str | None = None  # ppsd: sequential | distributed | streams
     stage_bounds: tuple[int, ...] = ()  # ppsd: 0 = b_0 < b_1 < .. < b_n = L, where the simulator cuts the layers
+    draft_dtype: str | None = None  # eesd: the scenario's draft_dtype where narrower than its dtype (e.g. bf16)
 
     @property
     def label(self) -> str:
         batch = f" b={self.batch_size}" if self.batch_size > 1 else ""
         if self.method == "ppsd":
             return f"ppsd {self.backend} n={len(self.stage_bounds) - 1} E={self.exit_layer}"
-        return ("ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {self.policy}") + batch
+        narrow = f" {self.draft_dtype} drafts" if self.draft_dtype else ""
+        return ("ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {self.policy}{narrow}") + batch
 
     @property
     def draft_len(self) -> int | None:
@@ -379,8 +381,9 @@ def targets(points: Sequence[Point]) -> tuple[Target, ...]:
         s, batch = p.scenario, p.scenario.workload.batch_size
         if s.method == "eesd":
             pinned = _with_pinned_cost(p)
-            key = ("eesd", exit_layer_of(p), pinned.scenario.policy, batch)
-            found.setdefault(key, Target(*key[:3], pinned, batch))
+            narrow = s.draft_dtype if s.draft_dtype not in (None, s.dtype) else None
+            key = ("eesd", exit_layer_of(p), pinned.scenario.policy, batch, narrow)
+            found.setdefault(key, Target(*key[:3], pinned, batch, draft_dtype=narrow))
         elif s.method == "ppsd":
             stages = build_plan(p).stages
             bounds = (0, *(stage.layer_end for stage in stages))
@@ -713,6 +716,8 @@ def _executor(plan_: Plan, adapter: Any) -> Callable[..., Any]:
         extra: dict[str, Any] = {}
         if target.method == "eesd":
             extra = {"exit_layer": target.exit_layer, "policy": target.policy, "head": plan_.head}
+            if target.draft_dtype is not None:
+                extra["draft_dtype"] = SCENARIO_DTYPES[target.draft_dtype]
         elif target.method == "ppsd":
             extra = {"exit_layer": target.exit_layer, "stages": len(target.stage_bounds) - 1, "head": plan_.head,
                      "stage_boundaries": list(target.stage_bounds[1:-1]), "backend": target.backend}  # fmt: skip

@@ -37,6 +37,26 @@ class Pass:
     head_layer_q: int = 1  # the tokens that layer runs over (a prefill: the prompt)
     host_sync: bool = True  # the host reads the device after this pass (see `stage_time_us`)
     host_per_stage: bool = False  # every stage's own host handles the pass (PPSD distributed), not one host read
+    narrow: bool = False  # a draft step on narrow copies (`SimPlan.draft_dtype_bytes`): the stage's `draft_latency`
+
+
+def draft_pass(plan: SimPlan, name: str = "draft", host_sync: bool = False) -> Pass:
+    """One EESD draft step: layers [0, E) and the exit head, on the narrow copies where the plan drafts narrower."""
+    exit_layer = plan.exit_layer
+    return Pass(name, "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=host_sync,
+                narrow=plan.draft_dtype_bytes is not None)  # fmt: skip
+
+
+def verify_segments(plan: SimPlan, k: int) -> tuple[tuple[int, int, int], ...]:
+    """The layer segments of an EESD verify pass after k drafts: layers [0, E) for the last draft (the others' KV is
+    the draft steps') and [E, L) for all k + 1 tokens; every layer over the k + 1 tokens where the drafts ran on
+    narrow copies (their KV is not the model's); k = 0, one full-model step."""
+    exit_layer, layers = plan.exit_layer, plan.model.num_layers
+    if k == 0:
+        return ((0, layers, 1),)
+    if plan.draft_dtype_bytes is not None:
+        return ((0, layers, k + 1),)
+    return ((0, exit_layer, 1), (exit_layer, layers, k + 1))
 
 
 def pass_costs(plan: SimPlan, work: Pass, context_len: int, batch: int) -> PassCost:
@@ -58,6 +78,8 @@ def stage_time_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, 
     `sync_every` tokens per read, PPSD runs `sync_every` ticks, a draft step feeds the next one, while the host
     queues them ahead). The read is paid once, by the pass's last stage (`read`): the host waits for it."""
     lat, phase = stage.latency, work.phase
+    if work.narrow and stage.draft_latency is not None:
+        lat = stage.draft_latency
     total = 0.0
     if stage.layer_start == 0 and work.segments[0][0] == 0:
         total += lat.time_us("embed", phase, work.segments[0][2], context_len, batch)
@@ -86,12 +108,14 @@ def stage_hbm_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, b
     if stage.hbm_GBps is None:
         return None
     model, width = plan.model, plan.dtype_bytes
+    if work.narrow and plan.draft_dtype_bytes is not None:  # narrow weights; the K/V stay the model's dtype
+        width = plan.draft_dtype_bytes
     layer_bytes = model.layer_params * width / stage.tp
     nbytes = 0.0
     for start, end, q in work.segments:
         layers = min(end, stage.layer_end) - max(start, stage.layer_start)
         if layers > 0:
-            kv_bytes = batch * (context_len + q) * model.kv_bytes_per_token(width) / stage.tp
+            kv_bytes = batch * (context_len + q) * model.kv_bytes_per_token(plan.dtype_bytes) / stage.tp
             nbytes += layers * (layer_bytes + kv_bytes)
     head_bytes = model.lm_head_params * width
     if work.exit_at and stage.layer_start < work.exit_at <= stage.layer_end:
@@ -132,9 +156,9 @@ def head_vocab_fraction(exit_head: str, model: ModelConfig) -> float:
 
 def cost_ratio(plan: SimPlan) -> float:
     """c = one draft step / one verify pass of 2 tokens, at the prompt's context and the batch size."""
-    context, batch, layers = plan.workload.prompt_len, plan.workload.batch_size, plan.model.num_layers
-    draft = Pass("draft", "draft", ((0, plan.exit_layer, 1),), exit_at=plan.exit_layer)
-    verify = Pass("verify", "verify", ((0, plan.exit_layer, 1), (plan.exit_layer, layers, 2)), lm_head_q=2)
+    context, batch = plan.workload.prompt_len, plan.workload.batch_size
+    draft = draft_pass(plan, host_sync=True)
+    verify = Pass("verify", "verify", verify_segments(plan, 1), lm_head_q=2)
     draft_us = sum(
         stage_time_us(plan, s, draft, context, batch) for s in plan.stages if s.layer_start < plan.exit_layer
     )
@@ -149,12 +173,12 @@ def round_costs(plan: SimPlan, max_draft_len: int) -> tuple[float, ...]:
     measured round costs the Thompson-sampling policies weigh against expected tokens (`sim.policy`). Unlike one
     ratio c they follow the profile where a pass's time grows with its width (a CPU's kernels switch at 4 rows)."""
     context, batch = plan.workload.prompt_len, plan.workload.batch_size
-    exit_layer, layers, head_at = plan.exit_layer, plan.model.num_layers, plan.head_layer_at
+    layers, head_at = plan.model.num_layers, plan.head_layer_at
 
     def time_us(work: Pass, at: int) -> float:
         return sum(stage_time_us(plan, s, work, at, batch) for s in plan.stages if _stage_touched(s, work))
 
-    draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=False)
+    draft = draft_pass(plan)
     step = time_us(Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=head_at), context)
     if plan.chain_zero_rounds and plan.sync_every > 1:  # rounds of no drafts chain, one host read per sync_every
         chained = Pass("decode chained", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=head_at,
@@ -164,8 +188,7 @@ def round_costs(plan: SimPlan, max_draft_len: int) -> tuple[float, ...]:
         return linear_round_costs(1.0, max_draft_len)
     costs, drafts = [1.0], 0.0
     for k in range(1, max_draft_len + 1):
-        segments = ((0, exit_layer, 1), (exit_layer, layers, k + 1))
-        verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=head_at)
+        verify = Pass(f"verify k={k}", "verify", verify_segments(plan, k), lm_head_q=k + 1, head_layer_at=head_at)
         drafts += time_us(draft, context + k - 1)  # draft step k runs at context + k - 1
         costs.append(max((drafts + time_us(verify, context + k)) / step, 1e-6))
     return tuple(costs)

@@ -61,7 +61,7 @@ from simpy.events import NORMAL
 from sim.acceptance import AcceptanceStream
 from sim.contention import PassShare
 from sim.contract import policy_seed
-from sim.cost import Pass, PassCost, pass_costs, stage_hbm_us, stage_time_us
+from sim.cost import Pass, PassCost, draft_pass, pass_costs, stage_hbm_us, stage_time_us, verify_segments
 from sim.latency import LinkModel
 from sim.plan import ONE_HOST_BACKENDS, SimPlan, Workload
 from sim.policy import DraftPolicy, make_policy, round_budget
@@ -502,9 +502,8 @@ class Simulation:
             yield from self._passes(block)
 
     def _eesd(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
-        exit_layer = self.plan.exit_layer
         confidence = any(r.policy.needs_confidence for r in rows)  # the host reads every draft step's confidence
-        draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=confidence)
+        draft = draft_pass(self.plan, host_sync=confidence)
         active = [r for r in rows if r.remaining > 0]
         chain = self.plan.chain_zero_rounds
         while active:
@@ -520,7 +519,7 @@ class Simulation:
             drafts = max([self._draft_row(row) for row in active])
             context, batch = self._context(active), len(active)
             passes = [(draft, context + step, batch) for step in range(drafts)]
-            # 2. Verify the k drafts (layers [0, E) for the last one, [E, L) for all k + 1) and emit.
+            # 2. Verify the k drafts (layers [0, E) for the last one, [E, L) for all k + 1: `verify_segments`), emit.
             passes.append((self._verify_pass(drafts), context + drafts, batch))
             yield from self._passes(passes)
             counts = self.counts
@@ -539,8 +538,7 @@ class Simulation:
         """An EESD round's verify pass after k drafts (k = 0: one full-model step)."""
         verify = self._verify_passes.get(k)
         if verify is None:
-            exit_layer, layers = self.plan.exit_layer, self.plan.model.num_layers
-            segments = ((0, exit_layer, 1), (exit_layer, layers, k + 1)) if k else ((0, layers, 1),)
+            segments = verify_segments(self.plan, k)
             verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=self.plan.head_layer_at)
             self._verify_passes[k] = verify
         return verify

@@ -76,6 +76,7 @@ class RooflineLatency:
     eager_layer_us: float = 560.0
     overhead_us: float = 20.0  # per pass: graph launch + sampling + host sync (assumed)
     dtype: str = "bf16"  # which of the GPU's peaks bounds the FLOPs
+    kv_dtype_bytes: int | None = None  # the K/V cache's bytes per value where not the weights' (narrow drafts)
 
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
         if component == "layer":
@@ -96,7 +97,7 @@ class RooflineLatency:
 
     def _layer_us(self, q: int, context_len: int, batch: int) -> float:
         m = self.model
-        kv_bytes = batch * (context_len + q) * m.kv_bytes_per_token(self.dtype_bytes)
+        kv_bytes = batch * (context_len + q) * m.kv_bytes_per_token(self.kv_dtype_bytes or self.dtype_bytes)
         attention_flops = 4 * batch * q * (context_len + q) * m.hidden_size
         device_us = self._roofline_us(
             m.layer_params * self.dtype_bytes + kv_bytes, 2 * m.layer_params * q * batch + attention_flops

@@ -76,6 +76,7 @@ class SimStage:
     hbm_GBps: float | None = None
     launch_us: float = 0.0
     memory_GiB: float | None = None
+    draft_latency: LatencyModel | None = None  # a narrow draft step's share on this stage (None: `latency`)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class SimPlan:
     # | trained:N: a trained head over N ids
     policy: str = "fixed:4"
     dtype_bytes: int = 2
+    # EESD drafts on copies of layers [0, E) and the exit head in a narrower dtype of this many bytes (the stages'
+    # `draft_latency`); the verify pass then runs every layer over the round's tokens (`sim.cost.verify_segments`)
+    draft_dtype_bytes: int | None = None
     max_in_flight: int | None = None
     seed: int = 0
     cost_ratio: float | None = None  # draft step / verify pass, for the Thompson-sampling policies
@@ -169,6 +173,11 @@ class SimPlan:
         return Serial() if self.ppsd_backend == "sequential" else self.contention
 
     @property
+    def draft_copy_bytes(self) -> float:
+        """The narrow draft copies' bytes on the first stage's device (`draft_copy_bytes`); 0 without."""
+        return draft_copy_bytes(self.model, self.exit_layer, self.exit_head, self.draft_dtype_bytes)
+
+    @property
     def head_layer_at(self) -> int:
         """Where a trained head's own layer runs in an EESD verify pass or chained step (its KV follows every
         verified position): after the exit layer; 0 for a head without a layer."""
@@ -200,6 +209,8 @@ def _check_plan(plan: SimPlan) -> None:
     head_vocab_fraction(plan.exit_head, plan.model)
     if plan.method == "ppsd" and plan.stages[0].layer_end != plan.exit_layer:
         raise ValueError(f"ppsd drafts at the end of stage 1: exit_layer must be {plan.stages[0].layer_end}")
+    if plan.draft_dtype_bytes is not None and plan.method != "eesd":
+        raise ValueError(f"narrow drafts (draft_dtype_bytes) are EESD's, got method {plan.method!r}")
     w = plan.workload
     if min(w.requests, w.batch_size, w.output_len) < 1 or w.prompt_len < 1:
         raise ValueError(f"workload values must be >= 1, got {w}")
@@ -229,9 +240,10 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
         head_vocab_fraction(s.exit_head, model)
     except ValueError as err:
         raise ScenarioError(f"{where}: exit_head: {err}") from None
+    draft_dtype = _draft_dtype(s, method or s.method, where)
     plan = SimPlan(
         model=model,
-        stages=_stages(point, model, dtype_bytes, exit_layer, where),
+        stages=_stages(point, model, dtype_bytes, exit_layer, where, draft_dtype),
         link=_link(s.topology.link, point, "topology.link"),
         method=method or s.method,
         acceptance=_acceptance(point, exit_layer, where),
@@ -240,6 +252,7 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
         exit_head=s.exit_head,
         policy=s.policy,
         dtype_bytes=dtype_bytes,
+        draft_dtype_bytes=DTYPE_BYTES[draft_dtype] if draft_dtype else None,
         max_in_flight=s.max_in_flight,
         seed=s.seed,
         chain_zero_rounds=s.zero_draft_rounds == "chained",
@@ -291,13 +304,34 @@ def _exit_layer(s: Scenario, model: ModelConfig, where: str) -> int:
     return s.exit_layer
 
 
-def _stages(point: Point, model: ModelConfig, dtype_bytes: int, exit_layer: int, where: str) -> tuple[SimStage, ...]:
+def _draft_dtype(s: Scenario, method: str, where: str) -> str | None:
+    """The dtype EESD drafts in where narrower than the scenario's (None: its own, or a method without drafts); a
+    wider one, or narrow drafts for PPSD, refused as the executor refuses them."""
+    if s.draft_dtype is None or s.draft_dtype == s.dtype or method == "ar":
+        return None
+    if method != "eesd":
+        raise ScenarioError(
+            f"{where}: draft_dtype: drafts in another dtype are EESD's (the executor's draft_dtype); expected no "
+            f"draft_dtype with method {method}, got {s.draft_dtype}"
+        )
+    if DTYPE_BYTES[s.draft_dtype] > DTYPE_BYTES[s.dtype]:
+        raise ScenarioError(
+            f"{where}: draft_dtype: {s.draft_dtype} is wider than the model's dtype {s.dtype}; expected a dtype no "
+            "wider (drafts run narrower or alike)"
+        )
+    return s.draft_dtype
+
+
+def _stages(
+    point: Point, model: ModelConfig, dtype_bytes: int, exit_layer: int, where: str, draft_dtype: str | None = None
+) -> tuple[SimStage, ...]:
     s = point.scenario
     topo = s.topology
     configs = [StageConfig()] * topo.stages if isinstance(topo.stages, int) else list(topo.stages)
     counts = _layer_counts(s, configs, model.num_layers, exit_layer, where)
     indices = _device_indices(s, configs)
     profile = _profile(point)
+    draft_profile = _draft_profile(point, draft_dtype, profile, where)
     tp_link = _link(topo.tp_link, point, "topology.tp_link")
     efficiency = (s.latency.roofline or Roofline()).bandwidth_efficiency
     stages, specs, start = [], [], 0
@@ -312,18 +346,83 @@ def _stages(point: Point, model: ModelConfig, dtype_bytes: int, exit_layer: int,
         specs.append(spec)
         tp = config.tp or topo.tp
         latency = _latency(point, profile, spec, model, dtype_bytes, tp)
+        draft_latency = None
+        if draft_dtype is not None and start < exit_layer:
+            draft_latency = _draft_latency(point, draft_profile, spec, model, dtype_bytes, tp, draft_dtype, where)
         hbm_GBps = spec.hbm_bandwidth_GBps * efficiency if spec is not None else None
         launch_us = spec.launch_us if spec is not None and latency.cuda_graphs else 0.0
         memory_GiB = spec.memory_GiB if spec is not None else None
         stages.append(SimStage(start, start + count, latency, device, tp, tp_link, indices[index], hbm_GBps, launch_us,
-                               memory_GiB))  # fmt: skip
+                               memory_GiB, draft_latency))  # fmt: skip
         start += count
     try:
         _check_shared_devices(tuple(stages))
     except ValueError as err:
         raise ScenarioError(f"{where}: topology: {err}") from None
-    _check_memory(stages, specs, model, dtype_bytes, where)
+    copies = draft_copy_bytes(model, exit_layer, s.exit_head, DTYPE_BYTES[draft_dtype] if draft_dtype else None)
+    _check_memory(stages, specs, model, dtype_bytes, where, copies)
     return tuple(stages)
+
+
+def _draft_profile(point: Point, draft_dtype: str | None, profile: DataFile | None, where: str) -> DataFile | None:
+    """The profile narrow drafts are costed by (`latency.draft_profile`), where the scenario drafts narrower and its
+    latency is measured: the model's own profile cannot say what its layers take in another dtype."""
+    config = point.scenario.latency
+    if draft_dtype is None or profile is None:
+        return None
+    if config.draft_profile is None:
+        raise ScenarioError(
+            f"{where}: latency.draft_profile: draft_dtype {draft_dtype} with a measured profile needs the draft's "
+            f"times: expected a profile measured in {draft_dtype} (eesd calibrate latency --dtype {draft_dtype})"
+        )
+    draft = read_latency_profile(_resolve(point, config.draft_profile.path, "latency.draft_profile.path"))
+    check_file_claims(point, draft, "latency.draft_profile.path", dtype_field="draft_dtype")
+    device, expected = draft.metadata.get("device"), profile.metadata.get("device")
+    if str(device) != str(expected):
+        raise ScenarioError(
+            f"{where}: latency.draft_profile.path: {draft.path}: metadata.device: measured on {device!r}; expected "
+            f"latency.profile's device {expected!r}"
+        )
+    return draft
+
+
+def _draft_latency(
+    point: Point,
+    draft_profile: DataFile | None,
+    spec: GPUSpec | None,
+    model: ModelConfig,
+    dtype_bytes: int,
+    tp: int,
+    draft_dtype: str,
+    where: str,
+) -> LatencyModel:
+    """A narrow draft step's latency on one stage: the draft profile's, the same constants, or the roofline in the
+    draft's dtype (narrow weights, the model's K/V)."""
+    config = point.scenario.latency
+    if config.constant_us is not None:
+        return ConstantLatency(dict(config.constant_us))
+    if draft_profile is not None:
+        cuda_graphs = config.draft_profile.cuda_graphs if config.draft_profile else True
+        return ProfileLatency(draft_profile, cuda_graphs=cuda_graphs)
+    assert spec is not None
+    if draft_dtype not in spec.peak_tflops:
+        raise ScenarioError(
+            f"{where}: draft_dtype: the roofline needs the {draft_dtype} peak; {spec.name} gives "
+            f"{sorted(spec.peak_tflops)}"
+        )
+    roofline = (config.roofline or Roofline()).model_dump()
+    return RooflineLatency(spec, model, DTYPE_BYTES[draft_dtype], tp, dtype=draft_dtype, kv_dtype_bytes=dtype_bytes,
+                           **roofline)  # fmt: skip
+
+
+def draft_copy_bytes(model: ModelConfig, exit_layer: int, exit_head: str, draft_dtype_bytes: int | None) -> float:
+    """The bytes of the narrow draft copies (layers [0, E), the exit head's LM head rows and a trained head's layer)
+    beside the model's weights; 0 without narrow drafts."""
+    if draft_dtype_bytes is None:
+        return 0.0
+    head = model.lm_head_params * head_vocab_fraction(exit_head, model)
+    params = exit_layer * model.layer_params + head + (model.layer_params if is_trained(exit_head) else 0)
+    return params * draft_dtype_bytes
 
 
 def _device_indices(s: Scenario, configs: list[StageConfig]) -> list[int | None]:
@@ -413,9 +512,15 @@ def _words(name: str) -> set[str]:
 
 
 def _check_memory(
-    stages: list[SimStage], specs: list[GPUSpec | None], model: ModelConfig, dtype_bytes: int, where: str
+    stages: list[SimStage],
+    specs: list[GPUSpec | None],
+    model: ModelConfig,
+    dtype_bytes: int,
+    where: str,
+    copies: float = 0.0,
 ) -> None:
-    """The weights of each device's stages (their layers, and the embedding / LM head once) fit its memory."""
+    """The weights of each device's stages (their layers, and the embedding / LM head once) fit its memory, with the
+    narrow draft copies' bytes (`draft_copy_bytes`) on the device of the first stage."""
     groups: dict[object, list[int]] = {}
     for index, stage in enumerate(stages):
         groups.setdefault(stage.device_index if stage.device_index is not None else ("own", index), []).append(index)
@@ -425,6 +530,8 @@ def _check_memory(
             continue
         layers = sum(stages[i].layer_end - stages[i].layer_start for i in indices)
         weights_gib = (layers * model.layer_params + model.lm_head_params) * dtype_bytes / first.tp / 2**30
+        if 0 in indices:
+            weights_gib += copies / first.tp / 2**30
         if weights_gib > MEMORY_HEADROOM * spec.memory_GiB:
             names = ", ".join(f"topology.stages[{i}]" for i in indices)
             raise ScenarioError(

@@ -35,6 +35,7 @@ ROW_DOC = {
     "stages": "pipeline stages",
     "exit_layer": "layers the draft runs",
     "policy": "draft policy spec (eesd)",
+    "draft_dtype": "eesd: the dtype drafts run in where narrower than the model's ('': the model's)",
     "tokens": "generated tokens, all requests",
     "tokens_per_s": "decode throughput, simulated",
     "ms_per_token": "decode time per token per request",
@@ -121,6 +122,7 @@ def result_row(item: PointResult) -> dict[str, Any]:
         stages=len(item.devices),
         exit_layer=item.exit_layer if r.method != "ar" else "",
         policy=p.scenario.policy if r.method == "eesd" else "",
+        draft_dtype=_draft_dtype(p) if r.method == "eesd" else "",
         tokens=r.tokens,
         tokens_per_s=round(r.tokens_per_s, 3),
         ms_per_token=round(_ms_per_token(p, r), 5),
@@ -137,6 +139,11 @@ def result_row(item: PointResult) -> dict[str, Any]:
         wall_s=round(item.wall_s, 4),
     )
     return row
+
+
+def _draft_dtype(point: Point) -> str:
+    s = point.scenario
+    return s.draft_dtype if s.draft_dtype not in (None, s.dtype) else ""
 
 
 def _batches(point: Point) -> int:

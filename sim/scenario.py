@@ -127,11 +127,13 @@ class ProfileRef(Strict):
 
 
 class LatencyConfig(Strict):
-    """Exactly one of `roofline`, `profile`, `constant_us`."""
+    """Exactly one of `roofline`, `profile`, `constant_us`; with `profile`, `draft_profile` costs the draft steps of a
+    scenario whose `draft_dtype` is narrower than its `dtype` (a profile measured in that dtype)."""
 
     roofline: Roofline | None = None
     profile: ProfileRef | None = None
     constant_us: dict[Component, float] | None = None
+    draft_profile: ProfileRef | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> LatencyConfig:
@@ -140,6 +142,8 @@ class LatencyConfig(Strict):
             raise ValueError(f"give exactly one of roofline, profile, constant_us (got {given or 'none'})")
         if self.constant_us and any(v < 0 for v in self.constant_us.values()):
             raise ValueError("constant_us values must be >= 0")
+        if self.draft_profile is not None and self.profile is None:
+            raise ValueError("draft_profile only applies with profile (a roofline derives the draft's times itself)")
         return self
 
 
@@ -300,6 +304,9 @@ class Scenario(Strict):
     seed: int = 0
     model: _one_of("expected a model's name or an inline shape {name, num_layers, ...}", str, ModelShape)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # EESD drafts with copies of layers [0, E) and the exit head in this narrower dtype (the executor's `draft_dtype`);
+    # the verify pass then runs every layer over the round's tokens in `dtype`. None or `dtype`: drafts in `dtype`
+    draft_dtype: Literal["bf16", "fp16", "fp32"] | None = None
     method: Literal["ar", "eesd", "ppsd"]
     exit_layer: int | None = Field(None, ge=1)
     exit_head: str = "shared"  # shared | shared:N (the shared head over N of the V ids) | trained | trained:N
@@ -586,18 +593,19 @@ def claimed_dtype(metadata: Mapping[str, Any]) -> str | None:
     return next((name for name, names in _DTYPE_NAMES.items() if dtype in names), None)
 
 
-def check_file_claims(point: Point, data: DataFile, field: str) -> None:
+def check_file_claims(point: Point, data: DataFile, field: str, dtype_field: str = "dtype") -> None:
     """What a calibration file says it was made with must be the point's: its model (`check_claimed_model`) and, for
-    a latency profile, its dtype. A `ScenarioError` naming the scenario's field, the file and its metadata field."""
+    a latency profile, its dtype (the scenario's `dtype_field`: `dtype`, or `draft_dtype` for the draft profile). A
+    `ScenarioError` naming the scenario's field, the file and its metadata field."""
     s = point.scenario
     try:
         check_claimed_model(model_config(s), data.metadata)
-        claimed = claimed_dtype(data.metadata)
-        if data.kind == "latency_profile" and claimed not in (None, s.dtype):
+        claimed, expected = claimed_dtype(data.metadata), getattr(s, dtype_field)
+        if data.kind == "latency_profile" and claimed not in (None, expected):
             dtype = str(data.metadata["dtype"]).removeprefix("torch.")
             raise ValueError(
-                f"metadata.dtype: the profile was measured in {dtype}; expected the scenario's dtype to match, got "
-                f"{s.dtype}"
+                f"metadata.dtype: the profile was measured in {dtype}; expected the scenario's {dtype_field} to match, "
+                f"got {expected}"
             )
     except ValueError as err:
         raise ScenarioError(f"{point_where(point.source, point.values)}: {field}: {data.path}: {err}") from None

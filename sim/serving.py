@@ -74,7 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sim.acceptance import TraceAcceptance
 from sim.contract import cache_capacity
-from sim.cost import Pass, pass_costs
+from sim.cost import Pass, draft_pass, pass_costs, verify_segments
 from sim.engine import TOKEN_ID_BYTES, decode_alone, prefill_pass
 from sim.formats import quote
 from sim.plan import SimPlan, build_plan
@@ -310,9 +310,9 @@ def plan_kv_tokens(plan: SimPlan) -> Callable[[Request], int]:
 
 def _kv_capacity(plan: SimPlan, given: int | Literal["auto"] | None) -> int | None:
     """The KV budget in tokens: `given`, or with `auto` the smallest over devices of what KV_MEMORY_SHARE of its
-    memory (the plan's stages carry it: the GPU table's or an inline GPU's) leaves beside its stages' weights, over
-    the KV bytes per token of its stages' layers (stages sharing a device add up); None (no limit) where a device's
-    memory is not known (a CPU profile)."""
+    memory (the plan's stages carry it: the GPU table's or an inline GPU's) leaves beside its stages' weights (and
+    narrow draft copies), over the KV bytes per token of its stages' layers (stages sharing a device add up); None
+    (no limit) where a device's memory is not known (a CPU profile)."""
     if given != "auto":
         return given
     model, dtype_bytes = plan.model, plan.dtype_bytes
@@ -326,6 +326,7 @@ def _kv_capacity(plan: SimPlan, given: int | Literal["auto"] | None) -> int | No
         head = model.lm_head_params if device not in weights else 0  # the embedding / LM head once per device
         weights[device] = weights.get(device, 0.0) + (layers * model.layer_params + head) * dtype_bytes / stage.tp
         per_token[device] = per_token.get(device, 0.0) + layers * model.kv_bytes_per_token(dtype_bytes) / stage.tp
+    weights[plan.device_of(0)] += plan.draft_copy_bytes / plan.stages[0].tp  # narrow draft copies, where drafted
     if any(gib is None for gib in memory.values()):
         return None
     free = {d: KV_MEMORY_SHARE * gib * 2**30 - weights[d] for d, gib in memory.items()}  # type: ignore[operator]
@@ -600,13 +601,13 @@ class ServingSimulation:
         self.users = ClosedLoopUsers(workload) if workload.closed else None
         self.in_system, self.last_change_us, self.finished, self.arrivals = 0, 0.0, 0, 0
         self._costs: dict[tuple[str, int, int], float] = {}
-        layers, exit_layer = plan.model.num_layers, plan.exit_layer
+        layers = plan.model.num_layers
         # an AR step: EESD's (a round in which no row drafts) keeps a trained head's KV in step; AR runs no head
         head_at = plan.head_layer_at if plan.method == "eesd" else 0
         self.decode = Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1, head_layer_at=head_at)
-        self.draft = Pass("draft", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=False)
+        self.draft = draft_pass(plan)
         # a policy that stops on the draft's confidence reads the device after every draft step
-        self.draft_read = Pass("draft read", "draft", ((0, exit_layer, 1),), exit_at=exit_layer, host_sync=True)
+        self.draft_read = draft_pass(plan, "draft read", host_sync=True)
         self.verify: dict[int, Pass] = {}
 
     def run(self) -> ServingResult:
@@ -816,8 +817,8 @@ class ServingSimulation:
     def _verify(self, k: int) -> Pass:
         work = self.verify.get(k)
         if work is None:
-            plan, layers = self.plan, self.plan.model.num_layers
-            segments = ((0, plan.exit_layer, 1), (plan.exit_layer, layers, k + 1))
+            plan = self.plan
+            segments = verify_segments(plan, k)
             work = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=plan.head_layer_at)
             self.verify[k] = work
         return work
