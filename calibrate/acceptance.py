@@ -15,6 +15,12 @@ counts the runs that agree and lets the caller record that.
 
 A head with layers of its own (`extra_layers`) is called once over the whole sequence with a cache that has slots
 for them, as a decoder layer would be: it writes its KV at the pass's positions and attends causally.
+
+With `draft_dtype` (drafts in a narrower dtype, as `generate(draft_dtype=)` makes them) the heads read a second
+teacher-forced pass of the narrow copies of layers [0, E) instead. That pass is close to, not exactly, what a real
+round's drafts see: a draft step reads the model's own K/V (cast) at the positions the verify passes committed, and
+the narrow copies' at the drafts before it in its round, where this pass has the copies' K/V at every position. So
+such a trace is checked as a report (`check_mode`): near-ties may flip.
 """
 
 from __future__ import annotations
@@ -125,21 +131,37 @@ def greedy_tokens(
 
 @torch.inference_mode()
 def teacher_forced(
-    adapter: ModelAdapter, prompt_id: str, prompt: Sequence[int], tokens: Sequence[int], heads: dict[int, Any]
+    adapter: ModelAdapter,
+    prompt_id: str,
+    prompt: Sequence[int],
+    tokens: Sequence[int],
+    heads: dict[int, Any],
+    drafts: dict[int, tuple[ModelAdapter, Any]] | None = None,
 ) -> PromptTrace:
-    """One pass over prompt + tokens[:-1]; the exit heads read the hidden states at their layers on the way."""
+    """One pass over prompt + tokens[:-1]; the exit heads read the hidden states at their layers on the way, or,
+    with `drafts` (exit layer -> the narrow draft adapter and its head, `low_precision_draft`), a pass of each
+    draft adapter's layers [0, E) over the same tokens."""
     sequence = list(prompt) + list(tokens[:-1])
     length = len(sequence)
     step = Step.at(0, length, adapter.device)
-    cache = adapter.new_cache(1, length, extra_layers=max(h.extra_layers for h in heads.values()))
-    hidden = adapter.embed(torch.tensor([sequence], device=adapter.device))
+    extra = max(h.extra_layers for h in heads.values())
+    cache = adapter.new_cache(1, length, extra_layers=extra)
+    ids = torch.tensor([sequence], device=adapter.device)
+    hidden = adapter.embed(ids)
     rows = slice(len(prompt) - 1, length)  # the position before each generated token
     targets = torch.tensor(list(tokens), device=adapter.device)
     matches, confidences, start = {}, {}, 0
     for exit_layer in sorted(heads):
         hidden = adapter.forward_layers(hidden, step, cache, start, exit_layer)
         start = exit_layer
-        probs = heads[exit_layer](hidden, step, cache)[0, rows].float().softmax(-1)
+        if drafts is None:
+            logits = heads[exit_layer](hidden, step, cache)
+        else:
+            draft, head = drafts[exit_layer]
+            draft_cache = adapter.new_cache(1, length, extra_layers=extra)  # the model's dtype, as generate's
+            early = draft.forward_layers(draft.embed(ids), step, draft_cache, 0, exit_layer)
+            logits = head(early, step, draft_cache)
+        probs = logits[0, rows].float().softmax(-1)
         confidence, top = probs.max(-1)
         matches[exit_layer] = tuple((top == targets).tolist())
         confidences[exit_layer] = tuple(min(1.0, max(0.0, c)) for c in confidence.tolist())
@@ -156,12 +178,20 @@ def trace_prompts(
     head: Any,
     max_new_tokens: int,
     eos: list[int],
+    draft_dtype: torch.dtype | None = None,
 ) -> list[PromptTrace]:
-    """Greedy outputs of a batch of prompts, then one teacher-forced pass per prompt."""
+    """Greedy outputs of a batch of prompts, then one teacher-forced pass per prompt (the heads on narrow copies of
+    layers [0, E) in `draft_dtype` where given)."""
     outputs = greedy_tokens(adapter, [ids for _, ids in prompts], max_new_tokens, eos)
     heads = {e: resolve_head(head, adapter, e) for e in exit_layers}
+    drafts = None
+    if draft_dtype is not None:
+        from executor.draft_precision import low_precision_draft
+
+        drafts = {e: low_precision_draft(adapter, e, h, draft_dtype) for e, h in heads.items()}
     return [
-        teacher_forced(adapter, pid, ids, tokens, heads) for (pid, ids), tokens in zip(prompts, outputs, strict=True)
+        teacher_forced(adapter, pid, ids, tokens, heads, drafts)
+        for (pid, ids), tokens in zip(prompts, outputs, strict=True)
     ]
 
 
@@ -190,11 +220,12 @@ def check_run(
     draft_len: int,
     max_new_tokens: int,
     eos: list[int],
+    draft_dtype: torch.dtype | None = None,
 ) -> CheckRun:
     """A real EESD run against the trace's prediction (tokens and every round's accepted length)."""
     result = generate(
         adapter, list(trace.prompt), method="eesd", exit_layer=exit_layer, draft_len=draft_len,
-        max_new_tokens=max_new_tokens, eos_token_id=eos, head=head,
+        max_new_tokens=max_new_tokens, eos_token_id=eos, head=head, draft_dtype=draft_dtype,
     )  # fmt: skip
     tokens = tuple(result.sequences[0, len(trace.prompt) :].tolist())
     measured = tuple(result.stats.accepted)
@@ -230,10 +261,12 @@ def check_traces(
     max_new_tokens: int,
     eos: list[int],
     strict: bool = True,
+    draft_dtype: torch.dtype | None = None,
 ) -> CheckReport:
-    """Re-run real EESD on `traces`; a strict check raises `TraceCheckError` on any disagreement."""
+    """Re-run real EESD on `traces` (drafting in `draft_dtype` where given); a strict check raises `TraceCheckError`
+    on any disagreement."""
     runs = tuple(
-        check_run(adapter, trace, exit_layer, head, draft_len, max_new_tokens, eos)
+        check_run(adapter, trace, exit_layer, head, draft_len, max_new_tokens, eos, draft_dtype)
         for trace in traces
         for exit_layer in sorted(trace.matches)
     )

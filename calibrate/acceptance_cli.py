@@ -57,13 +57,16 @@ def check_numbers(args: argparse.Namespace) -> None:
         )
 
 
-def check_mode(check: str, dtype: torch.dtype) -> str:
-    """`--check auto`: strict in float32 / float64 (exact by construction), a report in bf16 / fp16."""
+def check_mode(check: str, dtype: torch.dtype, draft_dtype: torch.dtype | None = None) -> str:
+    """`--check auto`: strict in float32 / float64 (exact by construction), a report in bf16 / fp16 and for narrow
+    drafts (whose teacher-forced pass reads the copies' K/V where a round's first draft reads the model's)."""
     if check not in ("auto", "strict", "report"):
         raise ValueError(f"--check must be auto, strict or report, got {check!r}")
+    if check == "strict" and draft_dtype is not None:
+        raise ValueError("--check strict: a trace of narrow drafts (--draft-dtype) is close, not exact; use report")
     if check != "auto":
         return check
-    return "strict" if dtype in (torch.float32, torch.float64) else "report"
+    return "strict" if dtype in (torch.float32, torch.float64) and draft_dtype is None else "report"
 
 
 def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
@@ -75,6 +78,8 @@ def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
     loaded = load(args.model, dtype, device)
     adapter = ModelAdapter(loaded.model)
     exit_layers = check_exit_layers(exit_layers, adapter.num_layers)
+    draft_dtype = _draft_dtype(args.draft_dtype, adapter.dtype)
+    strict = check_mode(args.check, dtype, draft_dtype) == "strict"
     prompts = encoded_prompts(args)
     eos = _eos(loaded.model.generation_config.eos_token_id)
     begin = time.perf_counter()
@@ -82,16 +87,17 @@ def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
     with progress_bar(len(prompts), "acceptance", "prompt", progress) as bar:
         for first in range(0, len(prompts), args.batch):
             chunk = prompts[first : first + args.batch]
-            traces += trace_prompts(adapter, chunk, exit_layers, args.head, args.max_new_tokens, eos)
+            traces += trace_prompts(adapter, chunk, exit_layers, args.head, args.max_new_tokens, eos, draft_dtype)
             bar.update(len(chunk))
     trace_s = time.perf_counter() - begin
-    strict = check_mode(args.check, dtype) == "strict"
     report = check_traces(
-        adapter, traces[: args.check_prompts], args.head, args.check_draft_len, args.max_new_tokens, eos, strict
-    )
+        adapter, traces[: args.check_prompts], args.head, args.check_draft_len, args.max_new_tokens, eos, strict,
+        draft_dtype,
+    )  # fmt: skip
     metadata = {
         **base_metadata(args.model, device, dtype),
         "head": args.head,
+        **({"draft_dtype": str(draft_dtype).removeprefix("torch.")} if draft_dtype is not None else {}),
         "prompts": args.prompts,
         "prompt_split": args.split,
         "num_prompts": len(traces),
@@ -112,6 +118,19 @@ def run_acceptance(args: argparse.Namespace, progress: bool) -> int:
     print(report.describe())
     print(f"wrote {path} ({sum(len(t.tokens) for t in traces)} tokens, {time.perf_counter() - begin:.1f} s)")
     return 0
+
+
+def _draft_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype | None:
+    """`--draft-dtype` as the dtype drafts run in (None: the model's own); a wider one refused."""
+    if name is None:
+        return None
+    from executor.draft_precision import draft_dtype_for
+
+    dtype = check_dtype(name, "--draft-dtype")
+    try:
+        return draft_dtype_for(model_dtype, dtype)
+    except ValueError as err:
+        raise ValueError(f"--draft-dtype: {err}") from None
 
 
 def _eos(eos) -> list[int]:

@@ -90,6 +90,11 @@ def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--dtype", default="fp32", help="bf16 | fp16 | fp32 (default: fp32)")
+    p.add_argument(
+        "--draft-dtype", default=None,
+        help="the heads on copies of layers [0, E) in this narrower dtype, as generate's draft_dtype (recorded in the "
+        "file; checked as a report)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="output CSV (eesd.acceptance_trace)")
 
 

@@ -146,6 +146,8 @@ class TraceAcceptance:
             flat.extend((match, conf) for _, match, conf in sorted(by_prompt[prompt]))
         self.flat = flat
         self.mean_match = sum(m for m, _ in flat) / len(flat)
+        # the dtype the trace's drafts ran in where narrower than the model's (`--draft-dtype`), as the file names it
+        self.draft_dtype = str(trace.metadata.get("draft_dtype") or "") or None
 
     def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
         return _TraceStream(self.flat, self.starts[request % len(self.starts)])

@@ -24,7 +24,7 @@ from sim.acceptance import TraceAcceptance
 from sim.engine import RunResult, Simulation
 from sim.plan import SimPlan, build_plan
 from sim.progress import progress_bar
-from sim.scenario import Point
+from sim.scenario import Point, claimed_dtype
 from sim.tables import text_table
 
 TRACE_EVENTS = 20_000
@@ -74,15 +74,26 @@ def simulate_point(point: Point, trace: bool = False) -> PointResult:
     baseline = result if plan.method == "ar" else Simulation(build_plan(point, method="ar")).run()
     devices = tuple(stage.device for stage in plan.stages)
     wall_s = time.perf_counter() - start
-    return PointResult(point, result, baseline, wall_s, simulation.trace, plan.exit_layer, devices, _notes(plan))
+    return PointResult(point, result, baseline, wall_s, simulation.trace, plan.exit_layer, devices, _notes(plan, point))
 
 
-def _notes(plan: SimPlan) -> tuple[str, ...]:
-    """A trace replay that reuses the trace's tokens (the scenario said `acceptance.reuse: cycle`)."""
+def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
+    """A trace replay that reuses the trace's tokens (the scenario said `acceptance.reuse: cycle`), or whose drafts
+    ran in another dtype than the point's (its acceptance replayed as recorded)."""
     if not isinstance(plan.acceptance, TraceAcceptance):
         return ()
+    notes = []
     reuse = plan.acceptance.reuse(plan.workload.requests, plan.workload.output_len)
-    return (f"acceptance.trace replayed cyclically (acceptance.reuse: cycle): {reuse}",) if reuse else ()
+    if reuse:
+        notes.append(f"acceptance.trace replayed cyclically (acceptance.reuse: cycle): {reuse}")
+    recorded = claimed_dtype({"dtype": plan.acceptance.draft_dtype}) if plan.acceptance.draft_dtype else None
+    drafts = _draft_dtype(point) or None
+    if plan.method == "eesd" and drafts != recorded:
+        notes.append(
+            f"acceptance.trace recorded drafts in {recorded or 'the model dtype'}; this point drafts in "
+            f"{drafts or 'the model dtype'} (draft_dtype): its acceptance is replayed as recorded"
+        )
+    return tuple(notes)
 
 
 def run_points(

@@ -7,12 +7,14 @@ model's dtype (the draft's KV entries are not the model's), and bad settings are
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packages import requires_smollm2
 from test_head_kinds import EXIT_LAYER, IDS, records, tiny, trained  # noqa: F401 (records, tiny, trained: fixtures)
 from tiny_models import TinySpec, scale_late_layers, tiny_model, tiny_specs
 
@@ -206,3 +208,91 @@ def test_the_drop_in_drafts_narrow_and_equals_hf_generate() -> None:
     generator = executor.EarlyExitGenerator(model, exit_layer=2, draft_len=3, draft_dtype="bfloat16", capture="none")
     assert torch.equal(generator.generate(ids, max_new_tokens=20), expected)
     assert sum(generator.last_stats.accepted) > 0
+
+
+def _traces(draft_dtype: torch.dtype | None):
+    from calibrate.acceptance import trace_prompts
+
+    model = _agreeing(TinySpec(num_layers=4, vocab=61, seed=3), 2)
+    adapter = ModelAdapter(model)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [(f"p{i}", torch.randint(1, 61, (3 + 2 * i,), generator=generator).tolist()) for i in range(4)]
+    return adapter, trace_prompts(adapter, prompts, (1, 2), "shared", 20, eos=[], draft_dtype=draft_dtype)
+
+
+def test_an_acceptance_trace_of_narrow_drafts_reads_the_narrow_copies(monkeypatch) -> None:
+    """`eesd calibrate acceptance --draft-dtype`: the heads read a pass of the narrow copies of layers [0, E). Float32
+    copies of a float64 model propose what it proposes (real EESD runs with them agree with the trace); copies whose
+    layers are scrambled do not."""
+    from calibrate.acceptance import check_traces
+
+    _, full = _traces(None)
+    adapter, narrow = _traces(torch.float32)
+    assert [t.matches for t in narrow] == [t.matches for t in full] and [t.tokens for t in narrow] == [
+        t.tokens for t in full
+    ]
+    report = check_traces(adapter, narrow, "shared", 3, 20, eos=[], strict=False, draft_dtype=torch.float32)
+    assert report.ok and report.summary()["runs_same_rounds"] == len(narrow) * 2
+
+    import executor.draft_precision as precision
+
+    made = precision.low_precision_draft
+
+    def scrambled(*args):
+        draft, head = made(*args)
+        draft = copy.copy(draft)
+        draft.layers = [scale_late_layers_copy(layer) for layer in draft.layers[: args[1]]] + draft.layers[args[1] :]
+        return draft, head
+
+    monkeypatch.setattr(precision, "low_precision_draft", scrambled)
+    _, broken = _traces(torch.float32)
+    pairs = [
+        pair
+        for f, g in zip(full, broken, strict=True)
+        for e in f.matches
+        for pair in zip(f.matches[e], g.matches[e], strict=True)
+    ]
+    assert sum(a != b for a, b in pairs) > 0.2 * len(pairs)
+
+
+def scale_late_layers_copy(layer: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a decoder layer with its weights permuted (a different function of the same shapes)."""
+    layer = copy.deepcopy(layer)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(parameter.flip(0))
+    return layer
+
+
+@pytest.mark.parametrize(
+    ("check", "mode"), [("auto", "report"), ("report", "report"), ("strict", "--check strict: a trace of narrow")]
+)
+def test_a_narrow_trace_is_checked_as_a_report(check: str, mode: str) -> None:
+    from calibrate.acceptance_cli import check_mode
+
+    if mode.startswith("--check"):
+        with pytest.raises(ValueError, match=mode):
+            check_mode(check, torch.float32, torch.bfloat16)
+    else:
+        assert check_mode(check, torch.float32, torch.bfloat16) == mode
+
+
+@requires_smollm2
+def test_the_acceptance_cli_records_the_draft_dtype(tmp_path, capsys) -> None:
+    from executor.cli import main
+    from sim.formats import read_acceptance_trace
+
+    out = tmp_path / "trace.csv"
+    args = ["calibrate", "acceptance", "--model", "smollm2-135m", "--exit-layers", "15", "--num-prompts", "1",
+            "--max-new-tokens", "6", "--check-prompts", "1", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main([*args, "--draft-dtype", "bf16"]) == 0
+    metadata = read_acceptance_trace(out).metadata
+    assert metadata["draft_dtype"] == "bfloat16" and metadata["eesd_check"]["strict"] is False
+    assert metadata["eesd_check"]["runs_same_tokens"] == 1
+    for bad, fragment in (
+        (["--draft-dtype", "int8"], "--draft-dtype must be one of"),
+        (["--draft-dtype", "bf16", "--check", "strict"], "--check strict: a trace of narrow"),
+    ):
+        assert main([*args, "--force", *bad]) == 2
+        assert fragment in capsys.readouterr().err

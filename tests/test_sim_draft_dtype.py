@@ -238,3 +238,24 @@ def test_a_draft_profile_of_another_dtype_or_device_is_refused(tmp_path: Path) -
     other = bf16_profile(tmp_path, device="another CPU")
     with pytest.raises(ScenarioError, match="metadata.device: measured on 'another CPU'; expected latency.profile's"):
         plan_of(tmp_path, profiled(tmp_path, draft_profile={"path": str(other)}))
+
+
+TRACE = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "note"), [(None, "the model dtype"), ("bfloat16", None), ("float16", "fp16"), ("bf16", None)]
+)
+def test_a_trace_of_drafts_in_another_dtype_is_said_in_the_output(tmp_path: Path, recorded, note) -> None:
+    from sim.formats import read_acceptance_trace, write_acceptance_trace
+    from sim.runner import simulate_point
+
+    trace = read_acceptance_trace(TRACE)
+    metadata = {**trace.metadata, **({"draft_dtype": recorded} if recorded else {})}
+    path = write_acceptance_trace(tmp_path / "t.csv", metadata, trace.records)
+    data = {**BASE, "exit_layer": 15, "acceptance": {"trace": str(path)}, "sweep": {"method": ["ar", "eesd"]}}
+    ar, eesd = (simulate_point(p).notes for p in load_points(write(tmp_path, data)))
+    said = [n for n in eesd if n.startswith("acceptance.trace recorded drafts in")]
+    assert bool(said) == bool(note) and not [n for n in ar if "recorded drafts" in n]
+    if note:
+        assert said[0].startswith(f"acceptance.trace recorded drafts in {note}; this point drafts in bf16")
