@@ -55,7 +55,15 @@ from sim.scenario import LinkConfig, Point, claimed_dtype, load_points
 from sim.scenario import validate as validate_scenario
 
 # the scenario fields the executor varies between points; every other field must be the same at every point
-VARIED_FIELDS = ("method", "exit_layer", "policy", "ppsd_backend", "topology.stages", "workload.batch_size")
+VARIED_FIELDS = (
+    "method",
+    "exit_layer",
+    "policy",
+    "draft_dtype",
+    "ppsd_backend",
+    "topology.stages",
+    "workload.batch_size",
+)
 LINK_BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # the distributed backend's messages on each device type
 SCENARIO_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 POINT_CHOICES = "all | quick | comma-separated point indices (the `point` column of `eesd simulate`)"

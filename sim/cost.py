@@ -77,9 +77,9 @@ def stage_time_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, 
     which the host reads the device does: the executor chains the passes in between on the device (AR makes
     `sync_every` tokens per read, PPSD runs `sync_every` ticks, a draft step feeds the next one, while the host
     queues them ahead). The read is paid once, by the pass's last stage (`read`): the host waits for it."""
-    lat, phase = stage.latency, work.phase
-    if work.narrow and stage.draft_latency is not None:
-        lat = stage.draft_latency
+    lat, host, phase = stage.latency, stage.latency, work.phase
+    if work.narrow and stage.draft_latency is not None:  # the host's work stays the model's: the narrow head's
+        lat = stage.draft_latency  # logits are cast back to the model's dtype and sampled as the model's are
     total = 0.0
     if stage.layer_start == 0 and work.segments[0][0] == 0:
         total += lat.time_us("embed", phase, work.segments[0][2], context_len, batch)
@@ -97,8 +97,8 @@ def stage_time_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, 
         total += lat.time_us("layer", phase, work.head_layer_q, context_len, batch)
     if work.lm_head_q and stage.layer_end == plan.model.num_layers:
         total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
-    if (work.host_sync and (read or work.host_per_stage)) or not lat.cuda_graphs:
-        total += lat.time_us("overhead", phase, 1, plan.host_context(context_len, phase), batch)
+    if (work.host_sync and (read or work.host_per_stage)) or not host.cuda_graphs:
+        total += host.time_us("overhead", phase, 1, plan.host_context(context_len, phase), batch)
     return total
 
 

@@ -35,7 +35,7 @@ ROW_DOC = {
     "stages": "pipeline stages",
     "exit_layer": "layers the draft runs",
     "policy": "draft policy spec (eesd)",
-    "draft_dtype": "eesd: the dtype drafts run in where narrower than the model's ('': the model's)",
+    "draft_dtype": "eesd: the dtype drafts run in (the model's, or a narrower one: draft_dtype)",
     "tokens": "generated tokens, all requests",
     "tokens_per_s": "decode throughput, simulated",
     "ms_per_token": "decode time per token per request",
@@ -87,7 +87,7 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     if reuse:
         notes.append(f"acceptance.trace replayed cyclically (acceptance.reuse: cycle): {reuse}")
     recorded = claimed_dtype({"dtype": plan.acceptance.draft_dtype}) if plan.acceptance.draft_dtype else None
-    drafts = _draft_dtype(point) or None
+    drafts = _narrow_dtype(point)
     if plan.method == "eesd" and drafts != recorded:
         notes.append(
             f"acceptance.trace recorded drafts in {recorded or 'the model dtype'}; this point drafts in "
@@ -133,7 +133,7 @@ def result_row(item: PointResult) -> dict[str, Any]:
         stages=len(item.devices),
         exit_layer=item.exit_layer if r.method != "ar" else "",
         policy=p.scenario.policy if r.method == "eesd" else "",
-        draft_dtype=_draft_dtype(p) if r.method == "eesd" else "",
+        draft_dtype=(p.scenario.draft_dtype or p.scenario.dtype) if r.method == "eesd" else "",
         tokens=r.tokens,
         tokens_per_s=round(r.tokens_per_s, 3),
         ms_per_token=round(_ms_per_token(p, r), 5),
@@ -152,9 +152,10 @@ def result_row(item: PointResult) -> dict[str, Any]:
     return row
 
 
-def _draft_dtype(point: Point) -> str:
+def _narrow_dtype(point: Point) -> str | None:
+    """The dtype a point's drafts run in where narrower than its model's (None: the model's own)."""
     s = point.scenario
-    return s.draft_dtype if s.draft_dtype not in (None, s.dtype) else ""
+    return s.draft_dtype if s.draft_dtype not in (None, s.dtype) else None
 
 
 def _batches(point: Point) -> int:

@@ -259,3 +259,14 @@ def test_a_trace_of_drafts_in_another_dtype_is_said_in_the_output(tmp_path: Path
     assert bool(said) == bool(note) and not [n for n in ar if "recorded drafts" in n]
     if note:
         assert said[0].startswith(f"acceptance.trace recorded drafts in {note}; this point drafts in bf16")
+
+
+def test_a_narrow_draft_pays_the_models_host_overhead() -> None:
+    """The narrow head's logits are cast back and sampled as the model's: the host's `overhead` is the model's."""
+    from sim.cost import draft_pass, stage_time_us
+    from sim.latency import ConstantLatency
+
+    model, narrow = ConstantLatency({"layer": 10, "overhead": 100}), ConstantLatency({"layer": 4, "overhead": 999})
+    stage = SimStage(0, MODEL.num_layers, model, draft_latency=narrow)
+    plan = replace(toy_plan(True, 2), stages=(stage,))
+    assert stage_time_us(plan, stage, draft_pass(plan), 16, 1) == EXIT * 4 + 100

@@ -457,3 +457,39 @@ def test_the_model_may_be_named_where_this_machine_holds_it(tmp_path, capsys) ->
     assert planned.model == "smollm2-135m" and planned.capture == "compile-layers"
     assert [t.label for t in planned.targets] == ["ar", "ppsd streams n=2 E=15"]
     fail_with(capsys, [str(h100), "--model", str(tmp_path / "none.gguf")], "--model:", "not a model the executor")
+
+
+BF16_DRAFTS = ROOT / "scenarios" / "gemma3_cpu_bf16_drafts.yaml"
+
+
+def test_narrow_draft_points_run_the_executor_with_their_draft_dtype(monkeypatch) -> None:
+    """A sweep over draft_dtype gives a target per dtype; the bf16 one runs generate(draft_dtype="bfloat16"), the
+    model-dtype one and AR none (no generate call is timed here: it is replaced)."""
+    import types
+
+    import executor.api
+
+    planned = validate.plan(BF16_DRAFTS, prompts=1, max_new_tokens=4)
+    labels = [t.label for t in planned.targets]
+    assert labels == ["ar", "eesd E=14 fixed:2", "eesd E=14 fixed:3", "eesd E=14 fixed:2 bf16 drafts",
+                      "eesd E=14 fixed:3 bf16 drafts"]  # fmt: skip
+    calls: list[dict] = []
+    fake = types.SimpleNamespace
+    monkeypatch.setattr(executor.api, "generate", lambda *args, **kwargs: calls.append(kwargs) or fake(stats=None))
+    run_one = validate._executor(planned, fake(model=fake(generation_config=fake(eos_token_id=1))))
+    for target in planned.targets:
+        run_one(target, [[5, 6, 7]], 4)
+    assert [c.get("draft_dtype") for c in calls] == [None, None, None, "bfloat16", "bfloat16"]
+    assert [c["method"] for c in calls] == ["ar", "eesd", "eesd", "eesd", "eesd"]
+
+
+def test_the_bf16_drafts_validation_is_within_its_committed_errors() -> None:
+    """The committed `eesd validate` of narrow drafts on the dev box's CPU: every point within 5% in tokens/s, and the
+    simulator ranks bf16 drafts below float32 drafts uncaptured, as the executor measured."""
+    report = json.loads((ROOT / "benchmarks" / "results" / "validate_gemma3-270m_cpu_bf16_drafts.json").read_text())
+    rows = {row["point"]: row for row in report["rows"]}
+    assert all(abs(row["tokens_per_s_error"]) < 0.05 for row in rows.values())
+    for k in (2, 3):
+        narrow, wide = rows[f"eesd E=14 fixed:{k} bf16 drafts"], rows[f"eesd E=14 fixed:{k}"]
+        assert narrow["executor_tokens_per_s"] < wide["executor_tokens_per_s"]
+        assert narrow["sim_tokens_per_s"] < wide["sim_tokens_per_s"]
