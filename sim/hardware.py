@@ -1,7 +1,8 @@
 """Hardware tables: GPU specs, link presets and the alpha-beta all-reduce model.
 
 Units: bandwidth in GB/s (1e9 bytes per second, one direction), latency in µs, FLOP/s in TFLOP/s (dense, per
-dtype: tensor cores for bf16 / fp16, the FP32 cores for fp32), memory in GiB. `bytes_per_us = GB/s * 1e3`. Every
+dtype: tensor cores for bf16 / fp16 / fp8, half the datasheets' with-sparsity figures; the FP32 cores for fp32),
+memory in GiB. `bytes_per_us = GB/s * 1e3`. Every
 entry names its source. Two times are measured on an H100 and assumed for the other cards: `kernel_floor_us`, the
 shortest time one decode kernel takes under CUDA graphs, launch gap included (one SmolLM2-135M decoder layer's time
 over its 9 kernels; docs/design.md, measured anchors), and `launch_us`, what one captured pass (a graph replay)
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 H100_KERNEL_FLOOR_US = 62.0 / 9  # SmolLM2-135M decoder layer, q = 1, CUDA graph: its time over its 9 kernels
 H100_LAUNCH_US = 43.0  # a captured pass timed back-to-back over the sum of its profiled components (AR, draft)
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = ("bf16", "fp16", "fp32", "fp8")  # fp8: draft weights only (a what-if: the executor drafts in bf16 / fp16)
 
 
 @dataclass(frozen=True)
@@ -51,21 +52,21 @@ class LinkSpec:
         return self.latency_us + nbytes / (self.bandwidth_GBps * 1e3)
 
 
-def _peaks(tensor: float, fp32: float) -> dict[str, float]:
-    return {"bf16": tensor, "fp16": tensor, "fp32": fp32}
+def _peaks(tensor: float, fp32: float, fp8: float | None = None) -> dict[str, float]:
+    return {"bf16": tensor, "fp16": tensor, "fp32": fp32, **({"fp8": fp8} if fp8 else {})}
 
 
 GPUS: dict[str, GPUSpec] = {
     "H100": GPUSpec(
-        "NVIDIA H100 SXM5 80GB", 3350.0, _peaks(989.0, 67.0), 80.0, H100_KERNEL_FLOOR_US,
+        "NVIDIA H100 SXM5 80GB", 3350.0, _peaks(989.0, 67.0, 1979.0), 80.0, H100_KERNEL_FLOOR_US,
         "NVIDIA H100 Tensor Core GPU datasheet",
     ),
     "H100-PCIe": GPUSpec(
-        "NVIDIA H100 PCIe 80GB", 2000.0, _peaks(756.0, 51.0), 80.0, H100_KERNEL_FLOOR_US,
+        "NVIDIA H100 PCIe 80GB", 2000.0, _peaks(756.0, 51.0, 1513.0), 80.0, H100_KERNEL_FLOOR_US,
         "NVIDIA H100 Tensor Core GPU datasheet",
     ),
     "H200": GPUSpec(
-        "NVIDIA H200 SXM 141GB", 4800.0, _peaks(989.0, 67.0), 141.0, H100_KERNEL_FLOOR_US,
+        "NVIDIA H200 SXM 141GB", 4800.0, _peaks(989.0, 67.0, 1979.0), 141.0, H100_KERNEL_FLOOR_US,
         "NVIDIA H200 Tensor Core GPU datasheet",
     ),
     "A100": GPUSpec(
@@ -73,7 +74,7 @@ GPUS: dict[str, GPUSpec] = {
         "NVIDIA A100 Tensor Core GPU datasheet",
     ),
     "L40S": GPUSpec(
-        "NVIDIA L40S 48GB", 864.0, _peaks(362.0, 91.6), 48.0, H100_KERNEL_FLOOR_US, "NVIDIA L40S datasheet",
+        "NVIDIA L40S 48GB", 864.0, _peaks(362.0, 91.6, 733.0), 48.0, H100_KERNEL_FLOOR_US, "NVIDIA L40S datasheet",
     ),
 }  # fmt: skip
 

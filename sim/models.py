@@ -83,7 +83,7 @@ MODELS: dict[str, ModelConfig] = {
     )
 }
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}  # fp8: a draft dtype only (`Scenario.draft_dtype`)
 
 
 def model(name: str) -> ModelConfig:

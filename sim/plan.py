@@ -314,6 +314,11 @@ def _draft_dtype(s: Scenario, method: str, where: str) -> str | None:
             f"{where}: draft_dtype: drafts in another dtype are EESD's (the executor's draft_dtype); expected no "
             f"draft_dtype with method {method}, got {s.draft_dtype}"
         )
+    if s.draft_dtype == "fp8" and s.latency.profile is not None:
+        raise ScenarioError(
+            f"{where}: draft_dtype: fp8 drafts are a roofline what-if (the executor drafts in bf16 / fp16: no profile "
+            "can time them); expected latency.roofline, or a draft_dtype the executor runs"
+        )
     if DTYPE_BYTES[s.draft_dtype] > DTYPE_BYTES[s.dtype]:
         raise ScenarioError(
             f"{where}: draft_dtype: {s.draft_dtype} is wider than the model's dtype {s.dtype}; expected a dtype no "

@@ -193,7 +193,7 @@ class GPUConfig(Strict):
 
     name: str = Field(min_length=1)
     hbm_bandwidth_GBps: float = Field(gt=0)
-    peak_tflops: dict[Literal["bf16", "fp16", "fp32"], float] = Field(min_length=1)  # dense, per dtype
+    peak_tflops: dict[Literal["bf16", "fp16", "fp32", "fp8"], float] = Field(min_length=1)  # dense, per dtype
     memory_GiB: float = Field(gt=0)
     kernel_floor_us: float = Field(H100_KERNEL_FLOOR_US, ge=0)  # default: measured on an H100 (sim/hardware.py)
     launch_us: float = Field(H100_LAUNCH_US, ge=0)  # default: measured on an H100 (sim/hardware.py)
@@ -217,7 +217,7 @@ def _check_gpu_name(value: str | GPUConfig | None) -> str | GPUConfig | None:
     return value
 
 
-_GPU_KEYS = "{name, hbm_bandwidth_GBps, peak_tflops: {bf16, fp16, fp32}, memory_GiB, source}"
+_GPU_KEYS = "{name, hbm_bandwidth_GBps, peak_tflops: {bf16, fp16, fp32[, fp8]}, memory_GiB, source}"
 GPUField = _one_of(f"expected a GPU's name ({sorted(GPUS)}) or an inline GPU {_GPU_KEYS}", str, GPUConfig)
 LinkField = _one_of(
     f"expected a link preset ({sorted(LINKS)}) or a link {{latency_us, bandwidth_GBps}} or {{profile}}", str, LinkConfig
@@ -305,8 +305,9 @@ class Scenario(Strict):
     model: _one_of("expected a model's name or an inline shape {name, num_layers, ...}", str, ModelShape)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     # EESD drafts with copies of layers [0, E) and the exit head in this narrower dtype (the executor's `draft_dtype`);
-    # the verify pass then runs every layer over the round's tokens in `dtype`. None or `dtype`: drafts in `dtype`
-    draft_dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    # the verify pass then runs every layer over the round's tokens in `dtype`. None or `dtype`: drafts in `dtype`.
+    # fp8 (8-bit draft weights) is a roofline what-if: the executor drafts in bf16 / fp16 only
+    draft_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = None
     method: Literal["ar", "eesd", "ppsd"]
     exit_layer: int | None = Field(None, ge=1)
     exit_head: str = "shared"  # shared | shared:N (the shared head over N of the V ids) | trained | trained:N

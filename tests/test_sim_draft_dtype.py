@@ -217,7 +217,11 @@ def test_a_measured_profile_costs_drafts_with_the_draft_profile(tmp_path: Path) 
     [
         ({"method": "ppsd"}, "draft_dtype: drafts in another dtype are EESD's"),
         ({"dtype": "bf16", "draft_dtype": "fp32"}, "draft_dtype: fp32 is wider than the model's dtype bf16"),
-        ({"draft_dtype": "int8"}, "draft_dtype: Input should be 'bf16', 'fp16' or 'fp32'"),
+        ({"draft_dtype": "int8"}, "draft_dtype: Input should be 'bf16', 'fp16', 'fp32' or 'fp8'"),
+        (
+            {"draft_dtype": "fp8", "topology": {"gpu": "A100"}},
+            "draft_dtype: the roofline needs the fp8 peak; NVIDIA A100",
+        ),
         ({"latency": {"roofline": {}, "draft_profile": {"path": str(PROFILE)}}}, "draft_profile only applies with"),
     ],
 )
@@ -270,3 +274,23 @@ def test_a_narrow_draft_pays_the_models_host_overhead() -> None:
     stage = SimStage(0, MODEL.num_layers, model, draft_latency=narrow)
     plan = replace(toy_plan(True, 2), stages=(stage,))
     assert stage_time_us(plan, stage, draft_pass(plan), 16, 1) == EXIT * 4 + 100
+
+
+def test_fp8_drafts_are_a_roofline_what_if(tmp_path: Path) -> None:
+    """8-bit draft weights (the executor has none): one byte a weight on the roofline, the model's K/V, the card's fp8
+    peak; with a measured profile, refused."""
+    data = {**BASE, "model": "Llama-2-7B", "dtype": "bf16", "draft_dtype": "fp8", "exit_layer": 8}
+    plan = plan_of(tmp_path, data)
+    stage, model = plan.stages[0], MODELS["Llama-2-7B"]
+    assert plan.draft_dtype_bytes == 1 and stage.draft_latency.dtype == "fp8"
+    bandwidth = stage.latency.gpu.hbm_bandwidth_GBps * 1e3 * stage.latency.bandwidth_efficiency
+    kv = (512 + 1) * model.kv_bytes_per_token(2)
+    assert stage.draft_latency.time_us("layer", "draft", 1, 512, 1) == pytest.approx(
+        (model.layer_params + kv) / bandwidth
+    )
+    assert stage.latency.time_us("layer", "draft", 1, 512, 1) == pytest.approx(
+        (2 * model.layer_params + kv) / bandwidth
+    )
+    assert plan.draft_copy_bytes == pytest.approx(8 * model.layer_params + model.lm_head_params)
+    with pytest.raises(ScenarioError, match="draft_dtype: fp8 drafts are a roofline what-if"):
+        plan_of(tmp_path, profiled(tmp_path, draft_profile={"path": str(PROFILE)}) | {"draft_dtype": "fp8"})
