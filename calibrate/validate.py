@@ -51,7 +51,7 @@ from sim.formats import (
 from sim.plan import build_plan, exit_layer_of
 from sim.policy import with_cost
 from sim.runner import simulate_point
-from sim.scenario import LinkConfig, Point, claimed_dtype, load_points
+from sim.scenario import LinkConfig, Point, claimed_dtype, load_points, narrow_draft_dtype
 from sim.scenario import validate as validate_scenario
 
 # the scenario fields the executor varies between points; every other field must be the same at every point
@@ -389,7 +389,7 @@ def targets(points: Sequence[Point]) -> tuple[Target, ...]:
         s, batch = p.scenario, p.scenario.workload.batch_size
         if s.method == "eesd":
             pinned = _with_pinned_cost(p)
-            narrow = s.draft_dtype if s.draft_dtype not in (None, s.dtype) else None
+            narrow = narrow_draft_dtype(s)
             key = ("eesd", exit_layer_of(p), pinned.scenario.policy, batch, narrow)
             found.setdefault(key, Target(*key[:3], pinned, batch, draft_dtype=narrow))
         elif s.method == "ppsd":

@@ -277,7 +277,7 @@ class Passes:
         self.exit_layer, self.max_draft = exit_layer, max_draft
         self.head = with_layer_run(head, self.adapter.layer_run)  # compiled layers: a trained head's layer too
         self.draft_adapter = self.adapter  # what a draft step's layers [0, E) run on
-        self.draft_dtype = draft_dtype  # drafts in a narrower dtype: the verify pass runs all layers (`_verify_all`)
+        self.draft_dtype = draft_dtype  # drafts in a narrower dtype: the verify pass runs all layers (`_verify_early`)
         if draft_dtype is not None:
             from executor.draft_precision import low_precision_draft
 
@@ -458,7 +458,8 @@ class Passes:
             self.draft_seen.copy_(self.draft_context)
             self.draft_seen.scatter_(1, self.tokens[1], True)
         self.exit_states.index_copy_(1, self.draft_cursor, self.hidden)
-        self.inputs.index_copy_(1, self.draft_cursor, self.ids)
+        if self.draft_dtype is not None:  # the verify pass runs layers [0, E) over the round's tokens again
+            self.inputs.index_copy_(1, self.draft_cursor, self.ids)
         self.drafts.index_copy_(1, self.draft_cursor, self.tokens[1])
         if self.rejection:
             self.draft_probs.index_copy_(1, self.draft_cursor, self.draft_prob.unsqueeze(1))

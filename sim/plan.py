@@ -46,6 +46,7 @@ from sim.scenario import (
     StageConfig,
     check_file_claims,
     model_config,
+    narrow_draft_dtype,
     point_where,
 )
 
@@ -307,7 +308,7 @@ def _exit_layer(s: Scenario, model: ModelConfig, where: str) -> int:
 def _draft_dtype(s: Scenario, method: str, where: str) -> str | None:
     """The dtype EESD drafts in where narrower than the scenario's (None: its own, or a method without drafts); a
     wider one, or narrow drafts for PPSD, refused as the executor refuses them."""
-    if s.draft_dtype is None or s.draft_dtype == s.dtype or method == "ar":
+    if narrow_draft_dtype(s) is None or method == "ar":
         return None
     if method != "eesd":
         raise ScenarioError(

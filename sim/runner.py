@@ -24,7 +24,7 @@ from sim.acceptance import TraceAcceptance
 from sim.engine import RunResult, Simulation
 from sim.plan import SimPlan, build_plan
 from sim.progress import progress_bar
-from sim.scenario import Point, claimed_dtype
+from sim.scenario import Point, claimed_dtype, narrow_draft_dtype
 from sim.tables import text_table
 
 TRACE_EVENTS = 20_000
@@ -87,7 +87,7 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     if reuse:
         notes.append(f"acceptance.trace replayed cyclically (acceptance.reuse: cycle): {reuse}")
     recorded = claimed_dtype({"dtype": plan.acceptance.draft_dtype}) if plan.acceptance.draft_dtype else None
-    drafts = _narrow_dtype(point)
+    drafts = narrow_draft_dtype(point.scenario)
     if plan.method == "eesd" and drafts != recorded:
         notes.append(
             f"acceptance.trace recorded drafts in {recorded or 'the model dtype'}; this point drafts in "
@@ -150,12 +150,6 @@ def result_row(item: PointResult) -> dict[str, Any]:
         wall_s=round(item.wall_s, 4),
     )
     return row
-
-
-def _narrow_dtype(point: Point) -> str | None:
-    """The dtype a point's drafts run in where narrower than its model's (None: the model's own)."""
-    s = point.scenario
-    return s.draft_dtype if s.draft_dtype not in (None, s.dtype) else None
 
 
 def _batches(point: Point) -> int:

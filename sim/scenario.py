@@ -577,6 +577,11 @@ def validate(data: dict[str, Any], where: str) -> Scenario:
     return scenario
 
 
+def narrow_draft_dtype(scenario: Scenario) -> str | None:
+    """The dtype a scenario's EESD drafts run in where it is not the model's own (`draft_dtype`), else None."""
+    return scenario.draft_dtype if scenario.draft_dtype not in (None, scenario.dtype) else None
+
+
 def model_config(scenario: Scenario) -> ModelConfig:
     """The scenario's model: one of `sim.models.MODELS` by name, or its inline shape."""
     if isinstance(scenario.model, str):
