@@ -52,9 +52,10 @@ def _latency_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graphs", default=None, choices=sorted(GRAPH_MODES),
                    help="CUDA graphs (default: both on cuda; on with compiled kernels)")  # fmt: skip
     p.add_argument(
-        "--kernels", default="auto", choices=("auto", "eager", "compiled"),
-        help="layers as capture='graph' runs them (eager) or fused and torch.compiled as capture='compile-layers' "
-        "(compiled; file name ends _compiled); auto: what capture='auto' runs on the device (default)",
+        "--kernels", default="auto", choices=("auto", "eager", "compiled", "frozen"),
+        help="layers as capture='graph' runs them (eager), fused and torch.compiled as capture='compile-layers' "
+        "(compiled; file name ends _compiled), or compiled with the weights frozen in as the CPU's capture='freeze' "
+        "(frozen; file name ends _frozen); auto: what capture='auto' runs on the device (default)",
     )  # fmt: skip
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 cpu, 5 cuda)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 7 cpu, 20 cuda)")

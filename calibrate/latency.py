@@ -27,6 +27,14 @@ Kernels (`--kernels`): `eager` times each layer as `capture="graph"` runs it (th
 (`executor.fusion`) and one `torch.compile` of the layer (`executor.adapter.compiled_layer`) for every static pass,
 `layer` and `exit_head` alike. Prefill stays eager, as in the executor (a prompt's length varies). Each (q, context,
 batch) shape compiles once (seconds), so a compiled profile wants a smaller grid (`COMPILED_GPU_GRID`).
+`frozen` (CPU) as `capture="freeze"` runs a pass: the projections fused as for `compiled`, and `layer` (the pass
+over every layer), `exit_head` and `lm_head` each compiled whole with the weights as constants (`executor.passes.FREEZE_OPTIONS`: max-autotune may pick its CPU GEMM
+template, which packs the weights once and reads them once per call whatever q). `embed`, `overhead` and prefill stay
+eager: the frozen pass gathers its embedding rows in the graph (microseconds), and the executor never freezes a
+prefill. A frozen (q, context, batch) shape compiles for about a minute on a 2-core CPU and holds a packed copy of the
+weights it reads, so only the current shape's compilations are kept (`FrozenCalls`), the grid is smaller
+(`FROZEN_CPU_GRID`), and the frozen executor attends over its whole cache (a scenario replaying the profile says
+`attention: cache`; its context axis is then the cache's capacity).
 
 Visits (`--visits N`, default 1): the whole grid is timed N times over, each visit `--repeats` samples per point after
 `--warmup`; a point's median is the median of its visits' medians, its p10 / p90 the lowest p10 and highest p90 of
@@ -75,7 +83,11 @@ GPU_GRID = Grid((*VERIFY_Q, 12, 16), (128, 512, 1024, 2048, 4096, 8192), (1, 2, 
 CPU_GRID = Grid(VERIFY_Q, (128, 512, 1024), (1, 2, 4), (64, 256))
 # compiled kernels: one compilation per (q, context, batch) shape, 27 here instead of GPU_GRID's 264
 COMPILED_GPU_GRID = Grid(VERIFY_Q, (128, 512, 2048), (1,), GPU_GRID.prefill_q)
-KERNELS = ("eager", "compiled")
+# frozen passes: about a minute of compilation per shape on a 2-core CPU; the frozen executor's cache holds a multiple
+# of 256 slots (`sim.contract.captured_capacity`) and every pass attends over all of them
+FROZEN_CPU_GRID = Grid((1, 2, 3, 4, 5), (256, 512), (1,), CPU_GRID.prefill_q)
+KERNELS = ("eager", "compiled", "frozen")
+FROZEN_COMPONENTS = ("layer", "exit_head", "lm_head")  # the rest of a frozen profile is timed eager (docstring)
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,11 @@ class LatencySettings:
             raise ValueError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.kernels == "compiled" and self.timer.device.type == "cuda" and self.graph_modes != (True,):
             raise ValueError("--kernels compiled: compiled layers run inside CUDA graphs on a GPU; use --graphs on")
+        if self.kernels == "frozen" and self.timer.device.type != "cpu":
+            raise ValueError(
+                f"--kernels frozen: frozen passes are the CPU's (capture='freeze'); on {self.timer.device.type} use "
+                "--kernels compiled or eager"
+            )
 
 
 def plan_points(grid: Grid, graph_modes: tuple[bool, ...]) -> list[GridPoint]:
@@ -311,16 +328,67 @@ def _point_of(record: LatencyRecord) -> GridPoint:
     return GridPoint(record.component, record.phase, record.q, record.context_len, record.batch, record.cuda_graphs)
 
 
+class FrozenCalls:
+    """The frozen compilations of the shape being timed, by (component, layer index, q, context, batch): a new
+    shape drops the others (each holds a packed copy of the weights it reads) and Dynamo's caches with them."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple, Callable[[], object]] = {}
+        self.shape: tuple[int, int, int] | None = None
+
+    def get(self, point: GridPoint, layer: int | None, fn: Callable[[], object]) -> Callable[[], object]:
+        shape = (point.q, point.context_len, point.batch)
+        if self.shape is not None and shape != self.shape:
+            self.drop()  # resets Dynamo: never before the first compilation (a validation's probe compiles after runs)
+        self.shape = shape
+        key = (point.component, layer)
+        if key not in self.calls:
+            self.calls[key] = _freeze(fn)
+        return self.calls[key]
+
+    def drop(self) -> None:
+        import gc
+
+        self.calls, self.shape = {}, None
+        torch._dynamo.reset()
+        gc.collect()
+
+
+def _freeze(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` compiled whole with the weights it reads frozen in, as `capture="freeze"` compiles a pass, and run once
+    under the same options (the compilation: never timed). `fn` runs eagerly first, as the executor's prefill runs
+    before its frozen passes compile: max-autotune times its kernel choices on the weights, and weights not yet paged
+    in made the first choice look slow (a Gemma-3-270m layer stack compiled cold ran 2.1 ms a layer, warm 1.1 ms)."""
+    from torch._inductor import config as inductor_config
+
+    from executor.passes import FREEZE_OPTIONS
+
+    fn()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    with inductor_config.patch(FREEZE_OPTIONS):
+        _compile(compiled, "frozen")
+    return compiled
+
+
 def measure(
-    adapter: ModelAdapter, point: GridPoint, inputs: Inputs, timer: TimerSpec, layer: int | None = None
+    adapter: ModelAdapter,
+    point: GridPoint,
+    inputs: Inputs,
+    timer: TimerSpec,
+    layer: int | None = None,
+    frozen: FrozenCalls | None = None,
 ) -> Summary:
+    """One point's time (`layer` given: that layer alone); with `frozen`, its frozen components compiled frozen."""
     run = adapter.layer_run if point.phase != "prefill" else None  # the executor never compiles a prefill
     fn = component_call(adapter, inputs, point.component, layer, run)
     with torch.inference_mode():
-        if run is not None and point.component in ("layer", "exit_head"):
+        if frozen is not None and point.phase != "prefill" and point.component in FROZEN_COMPONENTS:
+            fn = frozen.get(point, layer, fn)
+        elif run is not None and point.component in ("layer", "exit_head"):
             _compile(fn)  # this shape: never timed, never inside a graph capture
         before = None
-        if point.component in ("lm_head", "exit_head"):  # after the layers, as in a pass (CPU; module docstring)
+        if point.component in ("lm_head", "exit_head"):  # after the layers, as in a pass (CPU; module docstring);
+            # frozen too, after the eager layers: any pass over every layer's weights leaves the LM head out of cache
             before = component_call(adapter, inputs, "layer", None, run)
         summary = time_call(fn, timer, point.cuda_graphs, host=point.component == "overhead", before=before)
     if point.component == "layer" and layer is None:  # a pass over all layers: per-layer figures
@@ -329,7 +397,7 @@ def measure(
     return summary
 
 
-def _compile(fn: Callable[[], object]) -> None:
+def _compile(fn: Callable[[], object], kernels: str = "compiled") -> None:
     """Run `fn` once to compile its shape; a compiler that fails here (no C++ compiler on a CPU, no Triton on a GPU)
     is the machine's, not a measurement: a one-line error naming the way out."""
     try:
@@ -337,21 +405,26 @@ def _compile(fn: Callable[[], object]) -> None:
     except Exception as err:  # noqa: BLE001 - torch.compile raises many types
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise ValueError(
-            f"--kernels compiled: torch.compile of the decoder layer failed here ({type(err).__name__}: {first}); "
+            f"--kernels {kernels}: torch.compile of the pass failed here ({type(err).__name__}: {first}); "
             "profile with --kernels eager"
         ) from err
 
 
-def spot_check_layers(adapter: ModelAdapter, settings: LatencySettings) -> list[dict[str, Any]]:
+def spot_check_layers(
+    adapter: ModelAdapter, settings: LatencySettings, frozen: FrozenCalls | None = None
+) -> list[dict[str, Any]]:
     """Layer 0, the middle and the last layer at one verify point: all layers should cost the same."""
     grid = settings.grid
     point = GridPoint("layer", "verify", grid.q[-1], grid.context_len[0], grid.batch[0], settings.graph_modes[0])
     inputs = make_inputs(adapter, point.q, point.context_len, point.batch)
     layers = sorted({0, adapter.num_layers // 2, adapter.num_layers - 1})
-    return [
-        {"layer": index, **asdict(point), "median_us": measure(adapter, point, inputs, settings.timer, index).median_us}
-        for index in layers
+    checks = [
+        {"layer": i, **asdict(point), "median_us": measure(adapter, point, inputs, settings.timer, i, frozen).median_us}
+        for i in layers
     ]
+    if frozen is not None:
+        frozen.drop()
+    return checks
 
 
 def run_points(
@@ -362,6 +435,7 @@ def run_points(
     max_new_points: int | None,
     progress: bool,
     visits: int = 1,
+    frozen: FrozenCalls | None = None,
 ) -> bool:
     """Measure the (point, visit) pairs not yet in `partial`, visit by visit; False when stopped by `max_new_points`."""
     every = [(point, visit) for visit in range(visits) for point in points]
@@ -375,7 +449,7 @@ def run_points(
         if cached is None or cached[0] != point.shape_key:
             cached = None  # free the previous point's cache first
             cached = (point.shape_key, make_inputs(adapter, point.q, point.context_len, point.batch))
-        summary = measure(adapter, point, cached[1], timer)
+        summary = measure(adapter, point, cached[1], timer, frozen=frozen)
         partial.add(LatencyRecord(**asdict(point), **asdict(summary)), visit)
         bar.update(1)
     bar.close()
@@ -405,12 +479,16 @@ def compiled_shapes(points: list[GridPoint]) -> int:
 
 
 def profiling_adapter(model: torch.nn.Module, settings: LatencySettings, points: list[GridPoint]) -> ModelAdapter:
-    """The adapter whose layers are timed: as `capture="graph"` runs them, or fused and compiled as
-    `capture="compile-layers"` does (the fusion makes the weights views of one matrix, no extra memory)."""
+    """The adapter whose layers are timed: as `capture="graph"` runs them, fused and compiled as
+    `capture="compile-layers"` does (the fusion makes the weights views of one matrix, no extra memory), or fused as
+    `capture="freeze"` runs them (its passes compiled frozen by `FrozenCalls`)."""
     adapter = ModelAdapter(model)
     if settings.kernels == "eager":
         return adapter
-    fuse_projections(adapter.layers)
+    fuse_projections(adapter.layers)  # captured passes, frozen ones too, run fused (`executor.passes.FUSE_CAPTURED`)
+    if settings.kernels == "frozen":  # the model's own layers, compiled whole (`FrozenCalls`)
+        allow_recompiles()
+        return adapter
     allow_recompiles(compiled_shapes(points) + 8)  # + the spot check's shape and a trained head's
     return adapter.compiled()
 
@@ -440,9 +518,13 @@ def calibrate_latency(
     }
     fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as read back from the file
     partial = PartialResults(out_path.with_name(out_path.name + ".partial.jsonl"), fingerprint)
+    frozen = FrozenCalls() if settings.kernels == "frozen" else None
     if partial.spot_check is None:
-        partial.set_spot_check(spot_check_layers(adapter, settings))
-    if not run_points(adapter, points, partial, settings.timer, max_new_points, progress, settings.visits):
+        partial.set_spot_check(spot_check_layers(adapter, settings, frozen))
+    finished = run_points(adapter, points, partial, settings.timer, max_new_points, progress, settings.visits, frozen)
+    if frozen is not None:
+        frozen.drop()
+    if not finished:
         return None
     full = {
         **metadata,

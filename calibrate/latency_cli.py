@@ -23,6 +23,7 @@ from calibrate.common import (
 from calibrate.latency import (
     COMPILED_GPU_GRID,
     CPU_GRID,
+    FROZEN_CPU_GRID,
     GPU_GRID,
     Grid,
     LatencySettings,
@@ -46,7 +47,10 @@ def kernels_from_args(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def grid_from_args(args: argparse.Namespace, device: torch.device, kernels: str) -> Grid:
-    default = (COMPILED_GPU_GRID if kernels == "compiled" else GPU_GRID) if device.type == "cuda" else CPU_GRID
+    if device.type == "cuda":
+        default = COMPILED_GPU_GRID if kernels == "compiled" else GPU_GRID
+    else:
+        default = FROZEN_CPU_GRID if kernels == "frozen" else CPU_GRID
 
     def pick(text: str | None, flag: str, fallback: tuple[int, ...], minimum: int) -> tuple[int, ...]:
         return fallback if text is None else parse_int_list(text, flag, minimum)
@@ -134,6 +138,9 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
     if kernels == "compiled":
         shapes = compiled_shapes(plan_points(grid, settings.graph_modes))
         print(f"compiled kernels: {shapes} shapes to compile, a few seconds each (a smaller grid: --q, --context)")
+    if kernels == "frozen":
+        shapes = compiled_shapes(plan_points(grid, settings.graph_modes))
+        print(f"frozen passes: {shapes} shapes to compile, about a minute each on a small CPU (fewer: --q, --context)")
     keep = layers_to_keep(args, device, dtype)
     name = args.model if keep is None else f"{slug(args.model)}-{keep}layers"  # latency_llama-2-7b-4layers_...
     out_path = profile_path(args.out, name, device, args.dtype or ("bf16" if cuda else "fp32"), kernels)

@@ -18,7 +18,7 @@ trace replay reproduces exactly. Relative error = (predicted - measured) / measu
 are within the tolerance. Noise is kept apart from error: the executor runs each configuration `repeats` times,
 interleaved (every configuration once, forward, then backward, ...), and the comparison takes the median tokens/s and
 reports the run-to-run spread, (max - min) / median; a point whose spread exceeds the tolerance is flagged (its error
-cannot be told from the machine's noise). Beside each run (uncaptured profiles) a probe times the profile's
+cannot be told from the machine's noise). Beside each run (uncaptured or frozen profiles) a probe times the profile's
 one-token layer point again: over the profile's value, the slowdown of that run's conditions. Each run's tokens/s
 times its slowdown is what it would have been at the profile's conditions; the median of those against the
 prediction is the `error now` (the drift since the profile was measured left out, every component assumed to slow
@@ -355,10 +355,12 @@ def _probe_context(profile: DataFile) -> int | None:
 
 def capture_of(profile: DataFile, cuda_graphs: bool) -> str:
     """The executor's capture mode that runs the layers as the profile timed them: compiled kernels (its metadata
-    `kernels`) -> "compile-layers"; eager ones -> "graph" where the scenario reads the profile's CUDA-graph rows on a
+    `kernels`) -> "compile-layers"; frozen ones -> "freeze" (CPU); eager ones -> "graph" where the scenario reads the profile's CUDA-graph rows on a
     GPU, else "none" (uncaptured: the CPU path)."""
     if profile.metadata.get("kernels") == "compiled":
         return "compile-layers"
+    if profile.metadata.get("kernels") == "frozen":
+        return "freeze"
     on_gpu = profile.metadata.get("device_type") == "cuda"
     return "graph" if on_gpu and cuda_graphs else "none"
 
@@ -694,18 +696,19 @@ class TargetRuns:
 
 
 def _conditions_probe(plan_: Plan, adapter: Any) -> Callable[[], float] | None:
-    """Times the profile's uncaptured one-token layer point again (its context, batch 1): the machine's state beside
-    each run, against the profile's. None where the profile has no such point or the executor runs captured
-    (compiled or graphed layers would need the profile's own compilation)."""
-    if plan_.capture != "none" or plan_.probe_context is None:
+    """Times the profile's one-token layer point again (its context, batch 1; frozen as a frozen profile timed it,
+    compiled on the first call, after the warm-ups): the machine's state beside each run, against the profile's.
+    None where the profile has no such point or the executor runs compiled or graphed layers (on a GPU)."""
+    if plan_.capture not in ("none", "freeze") or plan_.probe_context is None:
         return None
-    from calibrate.latency import GridPoint, make_inputs
+    from calibrate.latency import FrozenCalls, GridPoint, make_inputs
     from calibrate.latency import measure as time_point
     from calibrate.timing import TimerSpec
 
     point = GridPoint("layer", "verify", 1, plan_.probe_context, 1, False)
     inputs, timer = make_inputs(adapter, 1, plan_.probe_context, 1), TimerSpec(adapter.device, warmup=1, repeats=5)
-    return lambda: time_point(adapter, point, inputs, timer).median_us
+    frozen = FrozenCalls() if plan_.capture == "freeze" else None
+    return lambda: time_point(adapter, point, inputs, timer, frozen=frozen).median_us
 
 
 def _executor(plan_: Plan, adapter: Any) -> Callable[..., Any]:

@@ -35,6 +35,19 @@ class LatencyModel(Protocol):
     def extrapolated(self) -> bool: ...
 
 
+def frozen_profile(profile: DataFile) -> bool:
+    """Whether a latency profile timed frozen passes (metadata `kernels` "frozen": the executor's CPU
+    `capture="freeze"`, each pass compiled with the weights as constants): static passes over a cache of a captured
+    capacity, attending over all of it, with the host's work paid on every pass as uncaptured."""
+    return profile.metadata.get("kernels") == "frozen"
+
+
+def static_capacity(latency: LatencyModel) -> bool:
+    """Whether the executor that `latency` describes builds its cache at a captured capacity
+    (`sim.contract.captured_capacity`): captured passes (CUDA graphs) and frozen ones."""
+    return latency.cuda_graphs or bool(getattr(latency, "frozen", False))
+
+
 @dataclass(frozen=True)
 class ConstantLatency:
     """Fixed µs per component, independent of phase, q, context and batch."""
@@ -127,6 +140,7 @@ class ProfileLatency:
     profile: DataFile
     cuda_graphs: bool = True
     extrapolated: bool = False
+    frozen: bool = field(default=False, init=False)  # `frozen_profile`
     _grids: dict[tuple[str, str], _Grid] = field(default_factory=dict, repr=False)
     _cache: dict[tuple, float] = field(default_factory=dict, repr=False)
 
@@ -137,6 +151,7 @@ class ProfileLatency:
                 groups.setdefault((record.component, record.phase), []).append(record)
         source = self.profile.path or "latency profile"
         self._grids = {key: _Grid.build(source, key, rows) for key, rows in groups.items()}
+        self.frozen = frozen_profile(self.profile)
         for required in ("layer", "lm_head"):
             if not any(component == required for component, _ in self._grids):
                 raise ValueError(
@@ -178,6 +193,10 @@ class ScaledLatency:
     @property
     def cuda_graphs(self) -> bool:
         return self.inner.cuda_graphs
+
+    @property
+    def frozen(self) -> bool:
+        return bool(getattr(self.inner, "frozen", False))
 
     @property
     def extrapolated(self) -> bool:

@@ -33,7 +33,16 @@ from sim.formats import (
     read_link_profile,
 )
 from sim.hardware import GPUS, LINKS, GPUSpec, LinkSpec, gpu_named_by
-from sim.latency import ConstantLatency, LatencyModel, LinkModel, ProfiledLink, ProfileLatency, RooflineLatency
+from sim.latency import (
+    ConstantLatency,
+    LatencyModel,
+    LinkModel,
+    ProfiledLink,
+    ProfileLatency,
+    RooflineLatency,
+    frozen_profile,
+    static_capacity,
+)
 from sim.models import DTYPE_BYTES, ModelConfig
 from sim.policy import make_policy, parse_policy_spec, policy_usage
 from sim.scenario import (
@@ -282,7 +291,7 @@ def exit_layer_of(point: Point) -> int:
 def cache_slots(plan: SimPlan) -> int:
     """The executor's cache capacity for this plan (`sim.contract.cache_capacity`)."""
     max_draft = make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0
-    workload, captured = plan.workload, plan.stages[0].latency.cuda_graphs
+    workload, captured = plan.workload, static_capacity(plan.stages[0].latency)
     return cache_capacity(plan.method, workload.prompt_len, workload.output_len, max_draft, captured)
 
 
@@ -383,6 +392,12 @@ def _draft_profile(point: Point, draft_dtype: str | None, profile: DataFile | No
         )
     draft = read_latency_profile(_resolve(point, config.draft_profile.path, "latency.draft_profile.path"))
     check_file_claims(point, draft, "latency.draft_profile.path", dtype_field="draft_dtype")
+    kernels, expected_kernels = draft.metadata.get("kernels", "eager"), profile.metadata.get("kernels", "eager")
+    if kernels != expected_kernels:
+        raise ScenarioError(
+            f"{where}: latency.draft_profile.path: {draft.path}: metadata.kernels: timed {kernels} kernels; expected "
+            f"latency.profile's ({expected_kernels}): one decoder runs its drafts and verify passes alike"
+        )
     device, expected = draft.metadata.get("device"), profile.metadata.get("device")
     if str(device) != str(expected):
         raise ScenarioError(
@@ -480,6 +495,13 @@ def _profile(point: Point) -> DataFile | None:
         return None
     profile = read_latency_profile(_resolve(point, config.path, "latency.profile.path"))
     check_file_claims(point, profile, "latency.profile.path")
+    attention = point.scenario.attention
+    if frozen_profile(profile) and attention != "cache":
+        raise ScenarioError(
+            f"{_where(point)}: attention: {profile.path} times frozen passes (metadata."
+            f"kernels frozen: the executor's capture='freeze'), which attend over every slot of their cache; expected "
+            f"attention: cache, got {attention}"
+        )
     return profile
 
 

@@ -1,0 +1,194 @@
+"""Frozen-pass latency profiles (`eesd calibrate latency --kernels frozen`, the CPU's capture="freeze"): the profile
+times its layers, exit head and LM head compiled with the weights frozen in; the simulator replays it over the frozen
+executor's cache (a captured capacity, every slot attended); `eesd validate` runs the executor frozen against it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from calibrate.latency import FrozenCalls, GridPoint, Grid, LatencySettings, make_inputs, measure, plan_points
+from calibrate.timing import TimerSpec
+from executor.adapter import ModelAdapter
+from executor.cli import main
+from sim.formats import read_latency_profile
+from sim.latency import ProfileLatency, ScaledLatency, static_capacity
+from sim.plan import build_plan
+from sim.scenario import ScenarioError, load_points
+from tests.tiny_models import TinySpec, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "calibration" / "cpu" / "latency_smollm2-135m_cpu_fp32.csv"
+TRACE = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def relabelled(tmp_path: Path, name: str = "frozen.csv", **metadata: object) -> Path:
+    """The shipped SmolLM2 CPU profile with its metadata changed (a stand-in for a frozen profile in the sim's checks)."""
+    lines = PROFILE.read_text(encoding="utf-8").splitlines()
+    header = json.loads(lines[0].removeprefix("# "))
+    header["metadata"] = {**header["metadata"], **metadata}
+    path = tmp_path / name
+    path.write_text("\n".join(["# " + json.dumps(header), *lines[1:]]) + "\n", encoding="utf-8")
+    return path
+
+
+def scenario(tmp_path: Path, profile: Path, **fields: object) -> Path:
+    data = {
+        "name": "frozen", "model": "SmolLM2-135M", "dtype": "fp32", "method": "eesd", "exit_layer": 8,
+        "policy": "fixed:3", "attention": "cache",
+        "latency": {"profile": {"path": str(profile), "cuda_graphs": False}},
+        "acceptance": {"alpha": 0.5}, "workload": {"requests": 2, "prompt_len": 47, "output_len": 32},
+        **fields,
+    }  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+# ---- the simulator ----------------------------------------------------------------------------------------------------
+def test_a_frozen_profile_plans_the_frozen_executors_cache(tmp_path: Path) -> None:
+    """Frozen passes are built for a captured capacity (47 + 32 + 3 + 1 = 83 slots -> 256) and attend over all of
+    it; the host's work is paid on every pass, as uncaptured (no CUDA graphs)."""
+    frozen = build_plan(load_points(scenario(tmp_path, relabelled(tmp_path, kernels="frozen")))[0])
+    eager = build_plan(load_points(scenario(tmp_path, relabelled(tmp_path, "eager.csv")))[0])
+    assert frozen.cache_slots == 256 and eager.cache_slots == 83
+    latency = frozen.stages[0].latency
+    assert latency.frozen and not latency.cuda_graphs and static_capacity(latency)
+    assert not static_capacity(eager.stages[0].latency)
+    assert frozen.attended(60, "verify") == 256 and not frozen.span_buckets
+    assert ScaledLatency(latency, decode_default=2.0).frozen  # a validation's scaled profile keeps it
+
+
+@pytest.mark.parametrize("attention", ["buckets", "context"])
+def test_a_frozen_profile_with_another_attention_is_refused(tmp_path: Path, attention: str) -> None:
+    path = scenario(tmp_path, relabelled(tmp_path, kernels="frozen"), attention=attention)
+    with pytest.raises(ScenarioError, match=f"attention: .*times frozen passes.*expected attention: cache, got {attention}"):
+        build_plan(load_points(path)[0])
+
+
+def test_a_draft_profile_of_other_kernels_is_refused(tmp_path: Path) -> None:
+    frozen = relabelled(tmp_path, kernels="frozen")
+    draft = relabelled(tmp_path, "bf16.csv", dtype="bfloat16")
+    path = scenario(tmp_path, frozen, draft_dtype="bf16")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["latency"]["draft_profile"] = {"path": str(draft), "cuda_graphs": False}
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(ScenarioError, match=r"metadata.kernels: timed eager kernels; expected latency.profile's \(frozen\)"):
+        build_plan(load_points(path)[0])
+
+
+def test_validate_runs_the_executor_frozen_for_a_frozen_profile() -> None:
+    from calibrate.validate import capture_of
+
+    def profile(kernels: str | None, device_type: str = "cpu"):
+        meta = {"device_type": device_type, **({"kernels": kernels} if kernels else {})}
+        return type("P", (), {"metadata": meta})()
+
+    assert capture_of(profile("frozen"), False) == "freeze"
+    assert capture_of(profile("eager"), False) == "none" and capture_of(profile(None), False) == "none"
+    assert capture_of(profile("compiled"), True) == "compile-layers"
+
+
+def test_the_shipped_frozen_scenario_plans_a_frozen_validation() -> None:
+    from calibrate.validate import plan
+
+    validation = plan(ROOT / "scenarios" / "gemma3_cpu_frozen.yaml")
+    assert validation.capture == "freeze" and validation.probe_context == 256
+    assert [t.label for t in validation.targets][:1] == ["ar"]
+    assert {t.policy for t in validation.targets if t.method == "eesd"} == {"fixed:1", "fixed:2", "fixed:3"}
+    profile = read_latency_profile(validation.profile_path)
+    assert profile.metadata["kernels"] == "frozen" and ProfileLatency(profile, cuda_graphs=False).frozen
+
+
+# ---- the profile ------------------------------------------------------------------------------------------------------
+def test_frozen_kernels_are_the_cpus_and_run_fused_projections() -> None:
+    """As the frozen executor's passes (`executor.passes.FUSE_CAPTURED`)."""
+    grid = Grid((1,), (8,), (1,), (8,))
+    with pytest.raises(ValueError, match="--kernels frozen: frozen passes are the CPU's"):
+        LatencySettings(grid, (True,), TimerSpec(torch.device("cuda"), 1, 1), "frozen")
+    settings = LatencySettings(grid, (False,), TimerSpec(torch.device("cpu"), 1, 1), "frozen")
+    from calibrate.latency import profiling_adapter
+    from executor.fusion import GATE_UP, QKV, fused_weights
+
+    adapter = profiling_adapter(tiny_model(TinySpec(num_layers=2), torch.float32), settings, [])
+    assert adapter.layer_run is None  # the layers compiled whole by `FrozenCalls`, not one by one
+    assert all(fused_weights(x.self_attn, QKV[0]) and fused_weights(x.mlp, GATE_UP[0]) for x in adapter.layers)
+
+
+def test_a_frozen_pass_reads_its_weights_once_at_compile_time() -> None:
+    """What makes it frozen: the weights are constants of the compiled pass, so a later in-place change of a weight
+    is not seen by it (and is by the eager pass); the frozen and eager passes agree before the change."""
+    adapter = ModelAdapter(tiny_model(TinySpec(num_layers=2), torch.float32))
+    inputs = make_inputs(adapter, 1, 8, 1)
+    point = GridPoint("lm_head", "verify", 1, 8, 1, False)
+    from calibrate.latency import component_call
+
+    eager = component_call(adapter, inputs, "lm_head")
+    calls = FrozenCalls()
+    with torch.inference_mode():
+        frozen = calls.get(point, None, eager)
+        torch.testing.assert_close(frozen(), eager(), rtol=1e-5, atol=1e-5)
+        before = frozen().clone()
+        adapter.model.lm_head.weight.mul_(2.0)
+        torch.testing.assert_close(frozen(), before)
+        assert not torch.allclose(eager(), before)
+    calls.drop()
+
+
+def test_frozen_calls_keep_one_shape_and_reset_dynamo_only_on_a_change(monkeypatch) -> None:
+    """A new shape drops the last shape's compilations (each holds packed weights); the first compilation never resets
+    Dynamo (a validation's probe compiles after the executor's frozen passes, which a reset would throw away)."""
+    import calibrate.latency as latency
+
+    resets: list[int] = []
+    monkeypatch.setattr(latency, "_freeze", lambda fn: fn)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    calls = FrozenCalls()
+    first = GridPoint("layer", "draft", 1, 8, 1, False)
+    calls.get(first, None, lambda: 1)
+    calls.get(GridPoint("lm_head", "verify", 1, 8, 1, False), None, lambda: 2)
+    assert resets == [] and set(calls.calls) == {("layer", None), ("lm_head", None)}
+    calls.get(GridPoint("layer", "verify", 3, 8, 1, False), None, lambda: 3)
+    assert resets == [1] and set(calls.calls) == {("layer", None)}
+
+
+def test_frozen_profile_of_a_tiny_model(tmp_path: Path, monkeypatch) -> None:
+    """--kernels frozen: the layers, exit head and LM head of each decode shape (and the spot check's layers) timed
+    frozen, embed / overhead / prefill eager; a file of its own the simulator reads as frozen."""
+    import calibrate.latency as latency
+
+    frozen: list[tuple[str, int | None, int]] = []
+    real = latency.FrozenCalls.get
+
+    def spy(self, point, layer, fn):
+        if (point.component, layer) not in self.calls or self.shape != (point.q, point.context_len, point.batch):
+            frozen.append((point.component, layer, point.q))
+        return real(self, point, layer, fn)
+
+    monkeypatch.setattr(latency.FrozenCalls, "get", spy)
+    config = tmp_path / "config.json"
+    tiny_model(TinySpec(num_layers=2), dtype=torch.float32).config.to_json_file(config)
+    grid = ["--q", "1,2", "--context", "8", "--batch", "1", "--prefill", "16", "--warmup", "1", "--repeats", "2"]
+    argv = ["calibrate", "latency", "--model", str(config), "--out", str(tmp_path / "out"), "--kernels", "frozen"]
+    assert main([*argv, *grid, "--threads", "1", "--no-progress"]) == 0
+    (path,) = (tmp_path / "out").glob("latency_*.csv")
+    assert path.name.endswith("_fp32_frozen.csv")
+    profile = read_latency_profile(path)
+    assert profile.metadata["kernels"] == "frozen"
+    assert len(profile.records) == len(plan_points(Grid((1, 2), (8,), (1,), (16,)), (False,)))
+    spot = [("layer", 0, 2), ("layer", 1, 2)]  # layers 0 and L - 1 alone at the grid's last q
+    decode = [("layer", None, 1), ("exit_head", None, 1), ("lm_head", None, 1), ("layer", None, 2), ("lm_head", None, 2)]
+    assert frozen == spot + decode  # draft and verify at q = 1 share a shape's compilations
+    assert all(r.median_us > 0 for r in profile.records)
