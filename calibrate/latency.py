@@ -28,8 +28,9 @@ Kernels (`--kernels`): `eager` times each layer as `capture="graph"` runs it (th
 `layer` and `exit_head` alike. Prefill stays eager, as in the executor (a prompt's length varies). Each (q, context,
 batch) shape compiles once (seconds), so a compiled profile wants a smaller grid (`COMPILED_GPU_GRID`).
 `frozen` (CPU) as `capture="freeze"` runs a pass: the projections fused as for `compiled`, and `layer` (the pass
-over every layer), `exit_head` and `lm_head` each compiled whole with the weights as constants (`executor.passes.FREEZE_OPTIONS`: max-autotune may pick its CPU GEMM
-template, which packs the weights once and reads them once per call whatever q). `embed`, `overhead` and prefill stay
+over every layer), `exit_head` and `lm_head` each compiled whole with the weights as constants
+(`executor.passes.FREEZE_OPTIONS`: max-autotune may pick its CPU GEMM template, which packs the weights once and
+reads them once per call whatever q). `embed`, `overhead` and prefill stay
 eager: the frozen pass gathers its embedding rows in the graph (microseconds), and the executor never freezes a
 prefill. A frozen (q, context, batch) shape compiles for about a minute on a 2-core CPU and holds a packed copy of the
 weights it reads, so only the current shape's compilations are kept (`FrozenCalls`), the grid is smaller

@@ -355,8 +355,8 @@ def _probe_context(profile: DataFile) -> int | None:
 
 def capture_of(profile: DataFile, cuda_graphs: bool) -> str:
     """The executor's capture mode that runs the layers as the profile timed them: compiled kernels (its metadata
-    `kernels`) -> "compile-layers"; frozen ones -> "freeze" (CPU); eager ones -> "graph" where the scenario reads the profile's CUDA-graph rows on a
-    GPU, else "none" (uncaptured: the CPU path)."""
+    `kernels`) -> "compile-layers"; frozen ones -> "freeze" (CPU); eager ones -> "graph" where the scenario reads the
+    profile's CUDA-graph rows on a GPU, else "none" (uncaptured: the CPU path)."""
     if profile.metadata.get("kernels") == "compiled":
         return "compile-layers"
     if profile.metadata.get("kernels") == "frozen":

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from calibrate.latency import FrozenCalls, GridPoint, Grid, LatencySettings, make_inputs, measure, plan_points
+from calibrate.latency import FrozenCalls, Grid, GridPoint, LatencySettings, make_inputs, plan_points
 from calibrate.timing import TimerSpec
 from executor.adapter import ModelAdapter
 from executor.cli import main
@@ -35,7 +35,7 @@ def one_thread():
 
 
 def relabelled(tmp_path: Path, name: str = "frozen.csv", **metadata: object) -> Path:
-    """The shipped SmolLM2 CPU profile with its metadata changed (a stand-in for a frozen profile in the sim's checks)."""
+    """The shipped SmolLM2 CPU profile with its metadata changed (a stand-in frozen profile for the sim's checks)."""
     lines = PROFILE.read_text(encoding="utf-8").splitlines()
     header = json.loads(lines[0].removeprefix("# "))
     header["metadata"] = {**header["metadata"], **metadata}
@@ -57,7 +57,7 @@ def scenario(tmp_path: Path, profile: Path, **fields: object) -> Path:
     return path
 
 
-# ---- the simulator ----------------------------------------------------------------------------------------------------
+# ---- the simulator ---------------------------------------------------------------------------------------------------
 def test_a_frozen_profile_plans_the_frozen_executors_cache(tmp_path: Path) -> None:
     """Frozen passes are built for a captured capacity (47 + 32 + 3 + 1 = 83 slots -> 256) and attend over all of
     it; the host's work is paid on every pass, as uncaptured (no CUDA graphs)."""
@@ -74,7 +74,8 @@ def test_a_frozen_profile_plans_the_frozen_executors_cache(tmp_path: Path) -> No
 @pytest.mark.parametrize("attention", ["buckets", "context"])
 def test_a_frozen_profile_with_another_attention_is_refused(tmp_path: Path, attention: str) -> None:
     path = scenario(tmp_path, relabelled(tmp_path, kernels="frozen"), attention=attention)
-    with pytest.raises(ScenarioError, match=f"attention: .*times frozen passes.*expected attention: cache, got {attention}"):
+    expected = f"attention: .*times frozen passes.*expected attention: cache, got {attention}"
+    with pytest.raises(ScenarioError, match=expected):
         build_plan(load_points(path)[0])
 
 
@@ -85,7 +86,8 @@ def test_a_draft_profile_of_other_kernels_is_refused(tmp_path: Path) -> None:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     data["latency"]["draft_profile"] = {"path": str(draft), "cuda_graphs": False}
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    with pytest.raises(ScenarioError, match=r"metadata.kernels: timed eager kernels; expected latency.profile's \(frozen\)"):
+    expected = r"metadata.kernels: timed eager kernels; expected latency.profile's \(frozen\)"
+    with pytest.raises(ScenarioError, match=expected):
         build_plan(load_points(path)[0])
 
 
@@ -112,7 +114,7 @@ def test_the_shipped_frozen_scenario_plans_a_frozen_validation() -> None:
     assert profile.metadata["kernels"] == "frozen" and ProfileLatency(profile, cuda_graphs=False).frozen
 
 
-# ---- the profile ------------------------------------------------------------------------------------------------------
+# ---- the profile -----------------------------------------------------------------------------------------------------
 def test_frozen_kernels_are_the_cpus_and_run_fused_projections() -> None:
     """As the frozen executor's passes (`executor.passes.FUSE_CAPTURED`)."""
     grid = Grid((1,), (8,), (1,), (8,))
@@ -189,6 +191,7 @@ def test_frozen_profile_of_a_tiny_model(tmp_path: Path, monkeypatch) -> None:
     assert profile.metadata["kernels"] == "frozen"
     assert len(profile.records) == len(plan_points(Grid((1, 2), (8,), (1,), (16,)), (False,)))
     spot = [("layer", 0, 2), ("layer", 1, 2)]  # layers 0 and L - 1 alone at the grid's last q
-    decode = [("layer", None, 1), ("exit_head", None, 1), ("lm_head", None, 1), ("layer", None, 2), ("lm_head", None, 2)]
+    decode = [("layer", None, 1), ("exit_head", None, 1), ("lm_head", None, 1)]
+    decode += [("layer", None, 2), ("lm_head", None, 2)]
     assert frozen == spot + decode  # draft and verify at q = 1 share a shape's compilations
     assert all(r.median_us > 0 for r in profile.records)
