@@ -578,6 +578,29 @@ def draft_cost_ratio(
     return draft * narrower / (sum(layers) + vocab * width)
 
 
+MAX_LOADED_HEADS = 4  # head files kept loaded per model (`loaded_head`)
+
+
+def loaded_head(path: str | os.PathLike, adapter: ModelAdapter, exit_layer: int | None) -> Any:
+    """The head in file `path`, loaded once per model, device, dtype and (file, exit layer) and kept on the model
+    object (the `MAX_LOADED_HEADS` most recent): calls that name the same file get the same head object, so they
+    share its captured or frozen passes (`head_key`) instead of each compiling and holding its own (a frozen CPU pass
+    holds a packed copy of the weights: a new head per call ran a 24 GB box out of memory within a few prompts). A
+    file changed since (size or modification time) is loaded anew. Unlike captured passes, a head stays valid when
+    the model's projections are fused (their weights move, the head reads none of them)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:  # load_head says what is wrong with the path
+        return load_head(path, adapter, exit_layer)
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, exit_layer, str(adapter.device), adapter.dtype)
+    kept = adapter.model.__dict__.setdefault("_eesd_heads", {})
+    head = kept.pop(key, None) or load_head(path, adapter, exit_layer)
+    kept[key] = head  # most recent last
+    while len(kept) > MAX_LOADED_HEADS:
+        kept.pop(next(iter(kept)))
+    return head
+
+
 def resolve_head(head: Any, adapter: ModelAdapter, exit_layer: int):
     """A head object from `None` / "shared" / "shared:N" / a path to a head file / a head object."""
     if head is None or head == "shared":
@@ -592,7 +615,7 @@ def resolve_head(head: Any, adapter: ModelAdapter, exit_layer: int):
             raise ValueError(
                 f"head must be 'shared', 'shared:N', a .safetensors head file or a head object, got {head!r}"
             )
-        return load_head(head, adapter, exit_layer)
+        return loaded_head(head, adapter, exit_layer)
     trained_at = getattr(head, "exit_layer", None)
     if exit_layer is not None and trained_at is not None and trained_at != exit_layer:
         raise ValueError(f"the exit head was made for exit layer {trained_at}, not {exit_layer}")

@@ -282,6 +282,8 @@ class Passes:
             from executor.draft_precision import low_precision_draft
 
             self.draft_adapter, self.head = low_precision_draft(self.adapter, exit_layer, head, draft_dtype)
+        if getattr(self.head, "token_ids", None) is not None and hasattr(self.head, "subset_weight"):
+            self.head.subset_weight()  # its rows gathered before any pass is traced, or each would be traced twice
         self.capture, self.want_confidence, self.fallback = capture, confidence, fallback
         self.rejection = selector.config.kind == "rejection"
         batch, device = cache.batch, adapter.device

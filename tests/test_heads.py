@@ -101,6 +101,31 @@ def test_drop_in_generator_loads_a_head_file_once(trained, tiny, tmp_path: Path)
     assert first.tolist() == reference.tolist()
 
 
+def test_generate_with_a_head_path_loads_it_once_and_reuses_its_passes(trained, tmp_path: Path) -> None:
+    """`generate(head=PATH)` call after call (as `eesd validate` runs each prompt) gets one head object per model and
+    file, so captured passes (keyed by the head) are built once, even after fusing the projections moved the model's
+    weights; a rewritten file is loaded anew, another exit layer is another head."""
+    import os
+
+    from executor.heads import resolve_head
+
+    model = tiny_model(SPEC, torch.float32)
+    path = save_head(trained[0], tmp_path / "h.safetensors", dtype=torch.float32)
+    first = resolve_head(str(path), ModelAdapter(model), EXIT_LAYER)
+    assert resolve_head(path, ModelAdapter(model), EXIT_LAYER) is first
+    sets = []
+    for ids in ([[3, 9, 27, 1]], [[5, 2, 8]], [[7, 7, 1, 4, 2]]):
+        executor.generate(model, torch.tensor(ids), method="eesd", head=str(path), policy="fixed:2",
+                          max_new_tokens=6, capture="compile")  # fmt: skip
+        sets.append(list(model.__dict__["_eesd_passes"].values()))
+    assert len(sets[-1]) == 1 and sets[0][0] is sets[-1][0]  # one set of passes, the first
+    assert resolve_head(str(path), ModelAdapter(model), EXIT_LAYER) is first
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert resolve_head(str(path), ModelAdapter(model), EXIT_LAYER) is not first
+    assert resolve_head(str(path), ModelAdapter(tiny_model(SPEC, torch.float32)), EXIT_LAYER) is not first
+
+
 def test_fingerprint_ignores_dtype_but_not_weights(tiny) -> None:
     assert model_fingerprint(tiny) == model_fingerprint(tiny_model(SPEC, torch.float32))
     assert model_fingerprint(tiny) != model_fingerprint(tiny_model(TinySpec(**{**SPEC.__dict__, "seed": 4})))
