@@ -170,12 +170,14 @@ def round_costs(plan: SimPlan, max_draft_len: int) -> tuple[float, ...]:
     """C_0..C_max: an EESD round of k drafts (k draft steps, then the verify pass over k + 1 tokens, as the engine
     runs them) over a round of none (one full-model step, C_0 = 1; where such rounds chain, as captured passes chain
     them, its share of a block of `sync_every` steps and one host read), at the prompt's context and the batch: the
-    measured round costs the Thompson-sampling policies weigh against expected tokens (`sim.policy`). Unlike one
+    measured round costs the Thompson-sampling policies weigh against expected tokens (`sim.policy`); each pass at
+    the context the engine costs it at (`SimPlan.attended`). Unlike one
     ratio c they follow the profile where a pass's time grows with its width (a CPU's kernels switch at 4 rows)."""
     context, batch = plan.workload.prompt_len, plan.workload.batch_size
     layers, head_at = plan.model.num_layers, plan.head_layer_at
 
     def time_us(work: Pass, at: int) -> float:
+        at = plan.attended(at, work.phase)  # a static cache's slots or span bucket, as the engine costs the pass
         return sum(stage_time_us(plan, s, work, at, batch) for s in plan.stages if _stage_touched(s, work))
 
     draft = draft_pass(plan)

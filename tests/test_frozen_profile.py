@@ -195,3 +195,22 @@ def test_frozen_profile_of_a_tiny_model(tmp_path: Path, monkeypatch) -> None:
     decode += [("layer", None, 2), ("lm_head", None, 2)]
     assert frozen == spot + decode  # draft and verify at q = 1 share a shape's compilations
     assert all(r.median_us > 0 for r in profile.records)
+
+
+def test_the_policys_round_costs_are_costed_where_the_engine_costs_the_passes(tmp_path: Path) -> None:
+    """Beta-TS weighs round costs from the profile: with a static cache attended whole, at its slots (256), not at
+    the prompt's context (47), as the engine costs each pass."""
+    from sim.cost import round_costs
+
+    plan = build_plan(load_points(scenario(tmp_path, relabelled(tmp_path, kernels="frozen")))[0])
+    latency = plan.stages[0].latency
+    seen: list[tuple[str, int]] = []
+    real = latency.time_us
+
+    def spy(component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        seen.append((phase, context_len))
+        return real(component, phase, q, context_len, batch)
+
+    latency.time_us = spy
+    round_costs(plan, 3)
+    assert seen and {context for phase, context in seen if phase != "prefill"} == {256}
