@@ -358,8 +358,8 @@ class FrozenCalls:
 def _freeze(fn: Callable[[], object]) -> Callable[[], object]:
     """`fn` compiled whole with the weights it reads frozen in, as `capture="freeze"` compiles a pass, and run once
     under the same options (the compilation: never timed). `fn` runs eagerly first, as the executor's prefill runs
-    before its frozen passes compile: max-autotune times its kernel choices on the weights, and weights not yet paged
-    in made the first choice look slow (a Gemma-3-270m layer stack compiled cold ran 2.1 ms a layer, warm 1.1 ms)."""
+    before its frozen passes compile: a Gemma-3-270m layer stack frozen before any eager call ran 2.1 ms a layer, after
+    one 1.1 ms (our reading: max-autotune timed its kernel choices on weights not yet paged in)."""
     from torch._inductor import config as inductor_config
 
     from executor.passes import FREEZE_OPTIONS
