@@ -49,6 +49,7 @@ the same settings continues from it; the profile is written atomically at the en
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -348,8 +349,6 @@ class FrozenCalls:
         return self.calls[key]
 
     def drop(self) -> None:
-        import gc
-
         self.calls, self.shape = {}, None
         torch._dynamo.reset()
         gc.collect()

@@ -36,6 +36,7 @@ from calibrate.timing import TimerSpec
 from executor.passes import resolve_capture
 
 FEW_LAYERS = 4  # a model too large for the device is profiled from this many layers
+COMPILE_COST = {"compiled": "a few seconds each", "frozen": "about a minute each on a small CPU"}
 MEMORY_FRACTION = 0.6  # of the device's memory the weights may take (KV caches and activations need the rest)
 
 
@@ -135,12 +136,9 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
     if args.max_new_points is not None and args.max_new_points < 0:
         raise ValueError(f"--max-new-points must be >= 0, got {args.max_new_points}")
     settings = LatencySettings(grid, graph_modes(args, device, kernels), timer, kernels, args.visits)
-    if kernels == "compiled":
+    if kernels in COMPILE_COST:
         shapes = compiled_shapes(plan_points(grid, settings.graph_modes))
-        print(f"compiled kernels: {shapes} shapes to compile, a few seconds each (a smaller grid: --q, --context)")
-    if kernels == "frozen":
-        shapes = compiled_shapes(plan_points(grid, settings.graph_modes))
-        print(f"frozen passes: {shapes} shapes to compile, about a minute each on a small CPU (fewer: --q, --context)")
+        print(f"{kernels} kernels: {shapes} shapes to compile, {COMPILE_COST[kernels]} (fewer: --q, --context)")
     keep = layers_to_keep(args, device, dtype)
     name = args.model if keep is None else f"{slug(args.model)}-{keep}layers"  # latency_llama-2-7b-4layers_...
     out_path = profile_path(args.out, name, device, args.dtype or ("bf16" if cuda else "fp32"), kernels)

@@ -25,6 +25,16 @@ HISTOGRAM_KEY = "eesd_accepted_histogram"
 # while hypothesis, HF generate and our decoders take turns.
 torch.set_num_threads(1)
 
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, the count restored after it (a CLI run with --threads changes it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 settings.register_profile(
     "ci",
     max_examples=60,

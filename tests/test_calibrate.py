@@ -42,12 +42,7 @@ TINY_GRID = ["--q", "1,3", "--context", "8,24", "--batch", "1,2", "--prefill", "
 TINY_GRID += ["--threads", "1"]  # on a shared 2-core runner, 2 OpenMP threads wait on each other for ms per op
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
