@@ -26,12 +26,7 @@ PROFILE = ROOT / "calibration" / "cpu" / "latency_smollm2-135m_cpu_fp32.csv"
 TRACE = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def relabelled(tmp_path: Path, name: str = "frozen.csv", **metadata: object) -> Path:
@@ -214,3 +209,19 @@ def test_the_policys_round_costs_are_costed_where_the_engine_costs_the_passes(tm
     latency.time_us = spy
     round_costs(plan, 3)
     assert seen and {context for phase, context in seen if phase != "prefill"} == {256}
+
+
+def test_a_component_runs_eagerly_before_it_is_frozen(monkeypatch) -> None:
+    """As the executor's prefill runs before its passes compile: frozen cold, a Gemma-3-270m layer stack ran twice as
+    slow (docs/results/cpu.md)."""
+    import calibrate.latency as latency
+
+    order: list[str] = []
+
+    def compile_(fn, **options):
+        order.append("compile")
+        return lambda: order.append("compiled call")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    latency._freeze(lambda: order.append("eager call"))
+    assert order == ["eager call", "compile", "compiled call"]
