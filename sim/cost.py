@@ -155,14 +155,16 @@ def head_vocab_fraction(exit_head: str, model: ModelConfig) -> float:
 
 
 def cost_ratio(plan: SimPlan) -> float:
-    """c = one draft step / one verify pass of 2 tokens, at the prompt's context and the batch size."""
-    context, batch = plan.workload.prompt_len, plan.workload.batch_size
+    """c = one draft step / one verify pass of 2 tokens, at the prompt's context (as the engine costs a pass there:
+    `SimPlan.attended`, a static cache's slots or span bucket) and the batch size."""
+    prompt, batch = plan.workload.prompt_len, plan.workload.batch_size
     draft = draft_pass(plan, host_sync=True)
     verify = Pass("verify", "verify", verify_segments(plan, 1), lm_head_q=2)
+    draft_at, verify_at = plan.attended(prompt, draft.phase), plan.attended(prompt, verify.phase)
     draft_us = sum(
-        stage_time_us(plan, s, draft, context, batch) for s in plan.stages if s.layer_start < plan.exit_layer
+        stage_time_us(plan, s, draft, draft_at, batch) for s in plan.stages if s.layer_start < plan.exit_layer
     )
-    verify_us = sum(stage_time_us(plan, s, verify, context, batch) for s in plan.stages)
+    verify_us = sum(stage_time_us(plan, s, verify, verify_at, batch) for s in plan.stages)
     return max(draft_us / verify_us, 1e-6) if verify_us > 0 else 1.0
 
 

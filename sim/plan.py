@@ -272,8 +272,8 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
     plan = SimPlan(**{**plan.__dict__, "contention": _contention(point, plan, where)})
     _check_policy(plan, where)
     slots = cache_slots(plan) if s.attention != "context" else None
-    extra = {"cost_ratio": cost_ratio(plan), "cache_slots": slots, "span_buckets": s.attention == "buckets"}
-    plan = SimPlan(**{**plan.__dict__, **extra})
+    plan = SimPlan(**{**plan.__dict__, "cache_slots": slots, "span_buckets": s.attention == "buckets"})
+    plan = SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan)})  # at the context passes are costed at
     name, args = parse_policy_spec(plan.policy)
     if plan.method != "eesd" or name not in ("beta-ts", "calibration-ts") or "cost" in args or "costs" in args:
         return plan

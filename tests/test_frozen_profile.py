@@ -109,6 +109,15 @@ def test_the_shipped_frozen_scenario_plans_a_frozen_validation() -> None:
     assert profile.metadata["kernels"] == "frozen" and ProfileLatency(profile, cuda_graphs=False).frozen
 
 
+def test_planning_the_shipped_frozen_scenario_queries_no_latency_off_the_grid() -> None:
+    """Every pass of the frozen scenario is costed at its 256-slot cache, inside the profiled grid: planning it (the
+    policy's cost ratio included, once taken at the 64-token prompt) flags nothing as extrapolated."""
+    for point in load_points(ROOT / "scenarios" / "gemma3_cpu_frozen.yaml"):
+        plan = build_plan(point)
+        assert plan.cache_slots == 256 and plan.cost_ratio is not None
+        assert not any(stage.latency.extrapolated for stage in plan.stages), point.values
+
+
 # ---- the profile -----------------------------------------------------------------------------------------------------
 def test_frozen_kernels_are_the_cpus_and_run_fused_projections() -> None:
     """As the frozen executor's passes (`executor.passes.FUSE_CAPTURED`)."""
