@@ -49,7 +49,7 @@ from sim.formats import (
     write_text_atomic,
 )
 from sim.plan import build_plan, exit_layer_of
-from sim.policy import with_cost
+from sim.policy import make_policy, with_cost
 from sim.runner import simulate_point
 from sim.scenario import LinkConfig, Point, claimed_dtype, load_points, narrow_draft_dtype
 from sim.scenario import validate as validate_scenario
@@ -634,6 +634,13 @@ def _warm_up(plan_: Plan, target: Target, groups: list[list[list[int]]], run_one
         run_one(target, group, plan_.max_new_tokens)
 
 
+def warm_up_order(targets: Sequence[Target]) -> list[Target]:
+    """The targets in the order they warm up: EESD's longest drafts first, so that the passes built for them serve
+    the policies of shorter drafts (`executor.passes.cached_passes`) instead of each policy building and holding its
+    own (a frozen pass holds a packed copy of the weights it reads); otherwise in the plan's order."""
+    return sorted(targets, key=lambda t: -make_policy(t.policy).max_draft_len if t.method == "eesd" else 0)
+
+
 def measure(
     plan_: Plan, threads: int | None = None, progress: Callable[[str], None] | None = None, repeats: int = 1
 ) -> tuple[list[TargetRuns], dict[str, Any]]:
@@ -657,7 +664,7 @@ def measure(
     adapter = ModelAdapter(load_model(plan_.model, dtype=dtype, device=device))
     run_one, probe = _executor(plan_, adapter), _conditions_probe(plan_, adapter)
     begin = time.perf_counter()
-    for target in plan_.targets:
+    for target in warm_up_order(plan_.targets):
         _warm_up(plan_, target, batches(prompts, target.batch_size), run_one)
     runs: list[list[Measurement]] = [[] for _ in plan_.targets]
     probes: list[list[float]] = [[] for _ in plan_.targets]

@@ -384,13 +384,18 @@ class PassSetup:
         capacity = cache_capacity(self.method, max(lengths), max_new_tokens, max_draft, captured=mode != "none")
         if mode == "none":
             return self._build(adapter, lengths, capacity, max_draft, mode)
-        key = (
-            self.method, len(prompts), capacity, self.exit_layer, head_key(self.head), max_draft, mode,
+        setup = (
+            self.method, len(prompts), capacity, self.exit_layer, head_key(self.head), mode,
             dataclasses.replace(self.config, seed=0), self.min_new_tokens, tuple(self.eos), self._confidence,
             self.capture == "auto",  # "auto" falls back where a capture or compilation fails, an explicit mode raises
             self.draft_dtype,
         )  # fmt: skip
-        passes = cached_passes(adapter.model, key, lambda: self._build(adapter, lengths, capacity, max_draft, mode))
+
+        def serves(key: tuple) -> bool:  # passes of the same setup with room for longer drafts serve shorter ones
+            return key[0] == setup and key[1] >= max_draft
+
+        build = lambda: self._build(adapter, lengths, capacity, max_draft, mode)  # noqa: E731
+        passes = cached_passes(adapter.model, (setup, max_draft), build, serves)
         passes.selector.restart(lengths, self.config.seed)
         passes.cache.rollback(0)
         passes.restart()

@@ -544,13 +544,17 @@ MAX_RUNNERS_PER_MODEL = 4
 FUSE_CAPTURED = True  # captured passes run fused q/k/v and gate/up products (`executor.fusion`; no extra memory)
 
 
-def cached_passes(model: torch.nn.Module, key: tuple, build: Callable[[], Passes]) -> Passes:
+def cached_passes(
+    model: torch.nn.Module, key: tuple, build: Callable[[], Passes], serves: Callable[[tuple], bool] | None = None
+) -> Passes:
     """Captured passes outlive a call (capturing a graph has a cost): one set per model and configuration,
-    the `MAX_RUNNERS_PER_MODEL` most recent kept (each holds its own KV cache; `kept_on_model`). With
+    the `MAX_RUNNERS_PER_MODEL` most recent kept (each holds its own KV cache; `kept_on_model`); a kept set for which
+    `serves(its key)` holds is used instead of building one (EESD's passes for longer drafts serve a policy of shorter
+    ones: the same draft step and verify widths, so a frozen or captured pass is not made, and held, twice). With
     `FUSE_CAPTURED`, the layers' projections are fused first (`captured_projections`), so the passes are built on the
     fused weights."""
     captured_projections(model)
-    return kept_on_model(model, "_eesd_passes", key, build, MAX_RUNNERS_PER_MODEL)
+    return kept_on_model(model, "_eesd_passes", key, build, MAX_RUNNERS_PER_MODEL, serves)
 
 
 def captured_projections(model: torch.nn.Module) -> None:
@@ -563,16 +567,26 @@ def captured_projections(model: torch.nn.Module) -> None:
         unfuse_projections(layers)
 
 
-def kept_on_model(model: torch.nn.Module, table: str, key: Hashable, build: Callable[[], Any], limit: int) -> Any:
+def kept_on_model(
+    model: torch.nn.Module,
+    table: str,
+    key: Hashable,
+    build: Callable[[], Any],
+    limit: int,
+    serves: Callable[[Any], bool] | None = None,
+) -> Any:
     """`build()`'s result for `key`, kept in the model object's own dict under `table` (the `limit` most recent), so
-    it goes when the model goes (a weak-keyed table would be kept alive by the kept objects' own reference). All of a
-    table is dropped when any weight tensor moved (`model.to(...)`, a reassigned parameter: a graph reads addresses)
-    or `FUSE_CAPTURED` changed (fused and unfused passes differ)."""
+    it goes when the model goes (a weak-keyed table would be kept alive by the kept objects' own reference); without
+    one for `key`, the most recent kept one whose key `serves` accepts, if any. All of a table is dropped when any
+    weight tensor moved (`model.to(...)`, a reassigned parameter: a graph reads addresses) or `FUSE_CAPTURED` changed
+    (fused and unfused passes differ)."""
     kept = model.__dict__.setdefault(table, {})
     weights = (FUSE_CAPTURED, *(p.data_ptr() for p in model.parameters()))
     if model.__dict__.get(table + "_weights") != weights:  # moved, cast or reassigned since: nothing kept is valid
         kept.clear()
         model.__dict__[table + "_weights"] = weights
+    if key not in kept and serves is not None:
+        key = next((other for other in reversed(kept) if serves(other)), key)
     if key in kept:
         kept[key] = kept.pop(key)  # most recent last
         return kept[key]

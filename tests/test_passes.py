@@ -314,3 +314,60 @@ def test_cached_passes_are_dropped_when_the_weights_move() -> None:
     net.to(torch.float32)  # new tensors at new addresses: a captured graph would read freed memory
     assert cached_passes(net, ("a",), object) is not first
     assert len(net.__dict__["_eesd_passes"]) == 1
+
+
+def test_passes_for_longer_drafts_serve_a_policy_of_shorter_ones() -> None:
+    """EESD's captured passes built for drafts of up to 3 serve fixed:1 and fixed:2 (the same draft step and verify
+    widths; a frozen pass holds its own packed weights, so each policy building its own set multiplied them), the
+    outputs, greedy and rejection-sampled, those of fresh uncaptured passes."""
+    net = model()
+    ids = torch.tensor([PROMPTS[0]])
+
+    def run(policy: str, capture: str, **sampling) -> list[int]:
+        out = executor.generate(net, ids, method="eesd", exit_layer=EXIT_LAYER, policy=policy, max_new_tokens=8,
+                                capture=capture, **sampling)  # fmt: skip
+        return out.sequences.tolist()
+
+    sampled = {"do_sample": True, "sampling": "rejection", "temperature": 0.9, "seed": 5}
+    assert run("fixed:3", "compile") == run("fixed:3", "none")
+    assert run("fixed:3", "compile", **sampled) == run("fixed:3", "none", **sampled)
+    kept = net.__dict__["_eesd_passes"]
+    sets = list(kept.values())
+    for policy in ("fixed:1", "fixed:2"):
+        assert run(policy, "compile") == run(policy, "none")
+    assert run("fixed:1", "compile", **sampled) == run("fixed:1", "none", **sampled)
+    assert [key[1] for key in kept] == [3, 3] and sorted(map(id, kept.values())) == sorted(map(id, sets))
+
+
+def test_which_kept_passes_serve_a_setup() -> None:
+    """Passes for longer drafts serve shorter ones of the same setup; not the other way, nor another exit layer, nor
+    AR (built, not run: nothing compiles)."""
+    adapter = ModelAdapter(model())
+
+    def passes(policy: str | None, exit_layer: int = EXIT_LAYER, method: str = "eesd") -> Passes:
+        policies = [make_policy(policy)] if policy else []
+        setup = PassSetup(method, SamplingConfig(), 0, [], exit_layer if policy else None,
+                          SharedExitHead(adapter) if policy else None, policies, "compile")  # fmt: skip
+        return setup.passes(adapter, [PROMPTS[0]], 8)
+
+    wide = passes("fixed:3")
+    assert passes("fixed:1") is wide and passes("fixed:2") is wide and passes("fixed:3") is wide
+    assert passes("fixed:4") is not wide and passes("fixed:4").max_draft == 4
+    assert passes("fixed:1", exit_layer=1) is not wide
+    assert passes(None, method="ar") is not wide
+
+
+def test_kept_on_model_uses_a_kept_object_that_serves_the_key() -> None:
+    from executor.passes import kept_on_model
+
+    net = model()
+    built: list[object] = []
+
+    def build():
+        built.append(object())
+        return built[-1]
+
+    wide = kept_on_model(net, "_t", ("a", 3), build, 4)
+    assert kept_on_model(net, "_t", ("a", 2), build, 4, lambda key: key[0] == "a" and key[1] >= 2) is wide
+    assert kept_on_model(net, "_t", ("a", 4), build, 4, lambda key: key[0] == "a" and key[1] >= 4) is not wide
+    assert kept_on_model(net, "_t", ("a", 2), build, 4, lambda key: False) is not wide and len(built) == 3
