@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from calibrate.common import base_metadata
+    from calibrate.validate import write_json
 
     rows: list[dict] = []
     for index in range(args.processes):
@@ -121,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary, "rows": rows,
     }  # fmt: skip
     out = args.out or RESULTS / f"process_spread_{args.model}_cpu_{args.capture}.json"
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, out)
+    write_json(out, report)
     print(table(rows))
     for setting, numbers in summary.items():
         print(f"{setting}: median {numbers['median_ms_per_step']} ms/step, process medians "

@@ -5,12 +5,11 @@ step rows); no figure here is a claim (the CPU times a tiny model)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from tiny_models import TinySpec, scale_late_layers, tiny_model
 
 from executor.adapter import ModelAdapter
@@ -23,11 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_decode.py"
-    spec = importlib.util.spec_from_file_location("gpu_decode", path)
-    module = sys.modules["gpu_decode"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_decode")
 
 
 @pytest.fixture(scope="module")
@@ -290,13 +285,7 @@ def test_issue24_predictions_name_the_runbooks_commands() -> None:
 
 
 def test_the_simulated_step_rows_launch_what_the_bench_launches(bench) -> None:
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("sim_vs_gpu", ROOT / "benchmarks" / "sim_vs_gpu.py")
-    module = sys.modules["sim_vs_gpu"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
-    spec.loader.exec_module(module)
-    assert module.STEP_LAUNCHES == bench.REPEATS
+    assert load_benchmark("sim_vs_gpu").STEP_LAUNCHES == bench.REPEATS
 
 
 def test_rows_warm_up_on_two_prompts_before_timing_every_prompt(bench) -> None:

@@ -3,13 +3,12 @@ corpus of the training split refused unless asked for."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from test_corpus import char_tokenizer
 from tiny_models import TinySpec, tiny_model
 
@@ -23,12 +22,7 @@ SPEC = TinySpec(num_layers=4, num_heads=2, num_kv_heads=1, head_dim=8, vocab=98,
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # head_eval imports head_speed as a sibling
-    path = ROOT / "benchmarks" / "head_eval.py"
-    spec = importlib.util.spec_from_file_location("head_eval", path)
-    module = sys.modules["head_eval"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("head_eval")  # it imports head_speed as a sibling
 
 
 @pytest.fixture(scope="module")

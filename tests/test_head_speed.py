@@ -3,13 +3,11 @@ what the report promises, and the JSON holds the run's environment. No figure he
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from tiny_models import TinySpec, scale_late_layers, tiny_model
 
 from executor.decoding import GenerationStats
@@ -23,11 +21,7 @@ ROW_FIELDS = ("config", "decode_tokens_per_s", "decode_tokens_per_s_min", "decod
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "head_speed.py"
-    spec = importlib.util.spec_from_file_location("head_speed", path)
-    module = sys.modules["head_speed"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("head_speed")
 
 
 @pytest.fixture(scope="module")

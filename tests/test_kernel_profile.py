@@ -3,21 +3,16 @@ lease runs must not break here. No figure here is a claim."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_profile.py"
-    spec = importlib.util.spec_from_file_location("kernel_profile", path)
-    module = sys.modules["kernel_profile"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kernel_profile")
 
 
 def test_a_tiny_model_profiles_on_the_cpu(script, tmp_path: Path, capsys) -> None:

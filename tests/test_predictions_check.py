@@ -3,12 +3,11 @@ measured (and only that row), errors are (predicted - measured) / measured, and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -22,11 +21,7 @@ MEASURED = [
 
 @pytest.fixture(scope="module")
 def check():
-    path = ROOT / "benchmarks" / "predictions_check.py"
-    spec = importlib.util.spec_from_file_location("predictions_check", path)
-    module = sys.modules["predictions_check"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("predictions_check")
 
 
 def test_every_h200_prediction_finds_its_measured_row(check) -> None:

@@ -3,20 +3,13 @@ processes load real models, so the script itself is run by hand; docs/results/cp
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "process_spread.py"
-    spec = importlib.util.spec_from_file_location("process_spread", path)
-    module = sys.modules["process_spread"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("process_spread")
 
 
 def test_spreads_between_and_within_processes(bench) -> None:

@@ -316,14 +316,9 @@ def test_a_subset_head_file_is_followed_as_shared_n(tmp_path) -> None:
 
 
 def sim_vs_gpu():
-    import importlib.util
-    import sys
+    from benchmark_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_vs_gpu.py"
-    spec = importlib.util.spec_from_file_location("sim_vs_gpu", path)
-    module = sys.modules["sim_vs_gpu"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sim_vs_gpu")
 
 
 @pytest.mark.parametrize(("card", "tolerance"), [("H200", 0.05), ("H100", 0.10)])
