@@ -33,9 +33,10 @@ over every layer), `exit_head` and `lm_head` each compiled whole with the weight
 reads them once per call whatever q). `embed`, `overhead` and prefill stay
 eager: the frozen pass gathers its embedding rows in the graph (microseconds), and the executor never freezes a
 prefill. A frozen (q, context, batch) shape compiles for about a minute on a 2-core CPU and holds a packed copy of the
-weights it reads, so only the current shape's compilations are kept (`FrozenCalls`), the grid is smaller
-(`FROZEN_CPU_GRID`), and the frozen executor attends over its whole cache (a scenario replaying the profile says
-`attention: cache`; its context axis is then the cache's capacity).
+weights it reads, which Inductor does not free while the process lives: every shape's compilations are kept and
+reused by later visits (`FrozenCalls`), the grid is smaller (`FROZEN_CPU_GRID`), and the frozen executor attends over
+its whole cache (a scenario replaying the profile says `attention: cache`; its context axis is then the cache's
+capacity).
 
 Visits (`--visits N`, default 1): the whole grid is timed N times over, each visit `--repeats` samples per point after
 `--warmup`; a point's median is the median of its visits' medians, its p10 / p90 the lowest p10 and highest p90 of
@@ -49,7 +50,6 @@ the same settings continues from it; the profile is written atomically at the en
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import statistics
@@ -331,27 +331,22 @@ def _point_of(record: LatencyRecord) -> GridPoint:
 
 
 class FrozenCalls:
-    """The frozen compilations of the shape being timed, by (component, layer index, q, context, batch): a new
-    shape drops the others (each holds a packed copy of the weights it reads) and Dynamo's caches with them."""
+    """The frozen compilations, by (component, layer index, q, context, batch): each compiled once and kept, so that a
+    grid's later visits reuse its first visit's. Dropping one would free nothing: Inductor keeps a frozen
+    compilation's packed constants alive after the callable and Dynamo's caches are gone (SmolLM2's LM head: 110 MB
+    more per compilation, dropped or kept; a three-visit Gemma-3 profile that recompiled every shape on each visit ran
+    the 24 GB box out of memory in its second visit). The memory is the sum over the grid's shapes, hence the small
+    `FROZEN_CPU_GRID`. Dynamo is never reset: a validation's probe compiles after the executor's frozen passes, which
+    a reset would throw away."""
 
     def __init__(self) -> None:
         self.calls: dict[tuple, Callable[[], object]] = {}
-        self.shape: tuple[int, int, int] | None = None
 
     def get(self, point: GridPoint, layer: int | None, fn: Callable[[], object]) -> Callable[[], object]:
-        shape = (point.q, point.context_len, point.batch)
-        if self.shape is not None and shape != self.shape:
-            self.drop()  # resets Dynamo: never before the first compilation (a validation's probe compiles after runs)
-        self.shape = shape
-        key = (point.component, layer)
+        key = (point.component, layer, point.q, point.context_len, point.batch)
         if key not in self.calls:
             self.calls[key] = _freeze(fn)
         return self.calls[key]
-
-    def drop(self) -> None:
-        self.calls, self.shape = {}, None
-        torch._dynamo.reset()
-        gc.collect()
 
 
 def _freeze(fn: Callable[[], object]) -> Callable[[], object]:
@@ -422,8 +417,6 @@ def spot_check_layers(
         {"layer": i, **asdict(point), "median_us": measure(adapter, point, inputs, settings.timer, i, frozen).median_us}
         for i in layers
     ]
-    if frozen is not None:
-        frozen.drop()
     return checks
 
 
@@ -522,8 +515,6 @@ def calibrate_latency(
     if partial.spot_check is None:
         partial.set_spot_check(spot_check_layers(adapter, settings, frozen))
     finished = run_points(adapter, points, partial, settings.timer, max_new_points, progress, settings.visits, frozen)
-    if frozen is not None:
-        frozen.drop()
     if not finished:
         return None
     full = {

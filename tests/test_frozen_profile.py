@@ -150,24 +150,26 @@ def test_a_frozen_pass_reads_its_weights_once_at_compile_time() -> None:
         adapter.model.lm_head.weight.mul_(2.0)
         torch.testing.assert_close(frozen(), before)
         assert not torch.allclose(eager(), before)
-    calls.drop()
 
 
-def test_frozen_calls_keep_one_shape_and_reset_dynamo_only_on_a_change(monkeypatch) -> None:
-    """A new shape drops the last shape's compilations (each holds packed weights); the first compilation never resets
-    Dynamo (a validation's probe compiles after the executor's frozen passes, which a reset would throw away)."""
+def test_frozen_calls_compile_each_shape_once_and_never_reset_dynamo(monkeypatch) -> None:
+    """Each (component, layer, shape) compiles once and is kept, so a later visit of the grid reuses it (dropping a
+    frozen compilation frees none of its packed weights); Dynamo is never reset (a validation's probe compiles after
+    the executor's frozen passes, which a reset would throw away)."""
     import calibrate.latency as latency
 
     resets: list[int] = []
-    monkeypatch.setattr(latency, "_freeze", lambda fn: fn)
+    compiled: list[object] = []
+    monkeypatch.setattr(latency, "_freeze", lambda fn: compiled.append(fn) or fn)
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     calls = FrozenCalls()
-    first = GridPoint("layer", "draft", 1, 8, 1, False)
-    calls.get(first, None, lambda: 1)
-    calls.get(GridPoint("lm_head", "verify", 1, 8, 1, False), None, lambda: 2)
-    assert resets == [] and set(calls.calls) == {("layer", None), ("lm_head", None)}
-    calls.get(GridPoint("layer", "verify", 3, 8, 1, False), None, lambda: 3)
-    assert resets == [1] and set(calls.calls) == {("layer", None)}
+    grid = [GridPoint("layer", "draft", 1, 8, 1, False), GridPoint("lm_head", "verify", 1, 8, 1, False),
+            GridPoint("layer", "verify", 3, 8, 1, False), GridPoint("layer", "verify", 1, 8, 1, False)]  # fmt: skip
+    for visit in range(3):
+        for index, point in enumerate(grid):
+            calls.get(point, None, lambda index=index, visit=visit: (index, visit))
+    assert resets == [] and len(compiled) == 3  # the draft and verify phases of one shape share a compilation
+    assert [fn() for fn in compiled] == [(0, 0), (1, 0), (2, 0)]
 
 
 def test_frozen_profile_of_a_tiny_model(tmp_path: Path, monkeypatch) -> None:
@@ -179,7 +181,7 @@ def test_frozen_profile_of_a_tiny_model(tmp_path: Path, monkeypatch) -> None:
     real = latency.FrozenCalls.get
 
     def spy(self, point, layer, fn):
-        if (point.component, layer) not in self.calls or self.shape != (point.q, point.context_len, point.batch):
+        if (point.component, layer, point.q, point.context_len, point.batch) not in self.calls:
             frozen.append((point.component, layer, point.q))
         return real(self, point, layer, fn)
 
