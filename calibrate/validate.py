@@ -154,6 +154,9 @@ class Comparison:
     measured_decode_tokens: int = 0
     predicted_decode_tokens: int = 0
     slowdowns: tuple[float, ...] = ()  # per run: the profile's layer point timed beside it, over the profile's value
+    # tokens/s over AR's at the same batch size, measured (medians, the same process) and predicted; None for AR
+    measured_speedup: float | None = None
+    predicted_speedup: float | None = None
 
     @property
     def label(self) -> str:
@@ -166,6 +169,14 @@ class Comparison:
     @property
     def tokens_per_round_error(self) -> float:
         return relative_error(self.predicted_tokens_per_round, self.measured_tokens_per_round)
+
+    @property
+    def speedup_error(self) -> float | None:
+        """The predicted speedup over AR against the measured one: where each run's speed carries a draw of its own
+        that AR's runs share (a CPU's frozen compilations, a drifting box), the figure to read."""
+        if self.measured_speedup is None or self.predicted_speedup is None:
+            return None
+        return relative_error(self.predicted_speedup, self.measured_speedup)
 
     @property
     def slowdown(self) -> float | None:
@@ -233,6 +244,9 @@ class Comparison:
             "per": "tick" if self.method == "ppsd" else "round",  # the unit of tokens_per_round
             "tokens_per_s_error": _rounded(self.tokens_per_s_error, 4),
             "tokens_per_round_error": _rounded(self.tokens_per_round_error, 4),
+            "executor_speedup": _optional(self.measured_speedup),
+            "sim_speedup": _optional(self.predicted_speedup),
+            "speedup_error": _optional(self.speedup_error),
             "executor_runs_tokens_per_s": [round(r, 3) for r in self.measured_runs],
             "spread": _rounded(self.spread, 4),
             "spread_exceeds_tolerance": self.noisy(tolerance),
@@ -807,7 +821,23 @@ def compare(plan_: Plan, measured: Sequence[TargetRuns]) -> list[Comparison]:
                 slowdowns=slowdowns,
             )
         )
-    return rows
+    return with_speedups(rows, [target.batch_size for target in plan_.targets])
+
+
+def with_speedups(rows: Sequence[Comparison], batch_sizes: Sequence[int]) -> list[Comparison]:
+    """Each non-AR point with its measured and predicted tokens/s over AR's at the same batch size (none where no AR
+    ran at that size, or AR's rate is 0)."""
+    ar = {b: r for r, b in zip(rows, batch_sizes, strict=True) if r.method == "ar"}
+    out = []
+    for row, batch in zip(rows, batch_sizes, strict=True):
+        base = ar.get(batch)
+        if row.method == "ar" or base is None or min(base.measured_tokens_per_s, base.predicted_tokens_per_s) <= 0:
+            out.append(row)
+            continue
+        measured = row.measured_tokens_per_s / base.measured_tokens_per_s
+        predicted = row.predicted_tokens_per_s / base.predicted_tokens_per_s
+        out.append(dataclasses.replace(row, measured_speedup=measured, predicted_speedup=predicted))
+    return out
 
 
 def _profiled_probe_us(plan_: Plan) -> float | None:
@@ -826,7 +856,7 @@ def table(comparisons: Sequence[Comparison], tolerance: float) -> str:
     tokens/round (PPSD: per tick) with its error; `!` marks a spread above the tolerance, `*` an extrapolation, `~`
     runs too short to time well (`Comparison.short`)."""
     heads = ["point", "measured tok/s", "spread", "predicted tok/s", "error", "slowdown", "error now", "spread now",
-             "measured tok/round", "predicted tok/round", "error", "ok"]  # fmt: skip
+             "speedup meas/pred", "error", "measured tok/round", "predicted tok/round", "error", "ok"]  # fmt: skip
     lines = [heads]
     for c in comparisons:
         now = c.tokens_per_s_error_now
@@ -836,6 +866,7 @@ def table(comparisons: Sequence[Comparison], tolerance: float) -> str:
             f"{c.predicted_tokens_per_s:.2f}", _percent(c.tokens_per_s_error),
             f"{c.slowdown:.2f}x" if c.slowdown else "-", _percent(now) if now is not None else "-",
             f"{100 * c.spread_now:.1f}%" if c.spread_now is not None else "-",
+            _speedups(c), _percent(c.speedup_error) if c.speedup_error is not None else "-",
             f"{c.measured_tokens_per_round:.3f}", f"{c.predicted_tokens_per_round:.3f}",
             _percent(c.tokens_per_round_error), "yes" if c.within(tolerance) else "NO",
         ])  # fmt: skip
@@ -845,6 +876,12 @@ def table(comparisons: Sequence[Comparison], tolerance: float) -> str:
         for line in lines
     ]
     return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def _speedups(c: Comparison) -> str:
+    if c.measured_speedup is None or c.predicted_speedup is None:
+        return "-"
+    return f"{c.measured_speedup:.3f}x/{c.predicted_speedup:.3f}x"
 
 
 def _percent(value: float) -> str:
@@ -880,6 +917,7 @@ def report(
             "tolerance": tolerance,
             "error": "(predicted - measured) / measured, measured = the median tokens/s over the repeats",
             "spread": "(max - min) / median of the repeats' tokens/s",
+            "speedup": "a point's tokens/s over AR's at its batch size, measured (medians) and predicted",
             "summary": summary(comparisons, tolerance),
         },
         "rows": [c.row(tolerance) for c in comparisons],
@@ -887,16 +925,18 @@ def report(
 
 
 def summary(comparisons: Sequence[Comparison], tolerance: float) -> dict[str, Any]:
-    """Median and max |tokens/s error|, whether every tokens/round matched exactly, the points whose spread exceeds
-    the tolerance."""
+    """Median and max |tokens/s error|, the max |speedup error|, whether every tokens/round matched exactly, the
+    points whose spread exceeds the tolerance."""
     errors = [abs(c.tokens_per_s_error) for c in comparisons]
     now = [abs(c.tokens_per_s_error_now) for c in comparisons if c.tokens_per_s_error_now is not None]
+    speedups = [abs(c.speedup_error) for c in comparisons if c.speedup_error is not None]
     return {
         "points": len(comparisons),
         "median_abs_tokens_per_s_error": _rounded(statistics.median(errors), 4) if errors else None,
         "max_abs_tokens_per_s_error": _rounded(max(errors), 4) if errors else None,
         "median_abs_tokens_per_s_error_now": _rounded(statistics.median(now), 4) if now else None,
         "max_abs_tokens_per_s_error_now": _rounded(max(now), 4) if now else None,
+        "max_abs_speedup_error": _rounded(max(speedups), 4) if speedups else None,
         "tokens_per_round_exact": all(c.tokens_per_round_error == 0 for c in comparisons),
         "noisy_points": [c.label for c in comparisons if c.noisy(tolerance)],
     }

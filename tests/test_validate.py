@@ -173,12 +173,32 @@ def test_relative_error_and_tolerance_on_constructed_numbers() -> None:
     assert drifted.slowdown == pytest.approx(1.2) and drifted.at_profile_conditions == pytest.approx((12, 12, 12))
     assert drifted.tokens_per_s_error_now == pytest.approx(0.0) and drifted.spread_now == pytest.approx(0.0)
     assert fast.tokens_per_s_error_now is None and fast.spread_now is None
+
     summary = validate.summary([fast, slow, drifted], 0.2)
     assert (
         summary["median_abs_tokens_per_s_error"] == pytest.approx(0.2) and summary["max_abs_tokens_per_s_error"] == 0.3
     )
     assert summary["max_abs_tokens_per_s_error_now"] == 0.0 and summary["tokens_per_round_exact"]
     assert summary["noisy_points"] == ["eesd E=22 fixed:4", "eesd E=22 fixed:4"]
+
+
+def test_speedups_over_ar_at_the_same_batch_size() -> None:
+    """Each point's tokens/s over AR's at its batch size, measured and predicted, and the error between them: a run
+    whose every point is 10% slower than predicted (AR too) has its speedups exact."""
+    from calibrate.validate import summary, table, with_speedups
+
+    ar = Comparison("ar", None, None, None, 20.0, 22.0, 1.0, 1.0)
+    eesd = Comparison("eesd", 14, "fixed:2", 2, 24.0, 26.4, 2.2, 2.2)  # 1.2x measured, 1.2x predicted
+    ar4 = Comparison("ar", None, None, None, 50.0, 50.0, 1.0, 1.0, name="ar b=4")
+    eesd4 = Comparison("eesd", 14, "fixed:2", 2, 55.0, 66.0, 2.2, 2.2, name="eesd b=4")  # 1.1x / 1.32x
+    orphan = Comparison("eesd", 14, "fixed:1", 1, 30.0, 30.0, 1.7, 1.7, name="eesd b=2")  # no AR at batch 2
+    rows = with_speedups([ar, eesd, ar4, eesd4, orphan], [1, 1, 4, 4, 2])
+    assert rows[0].speedup_error is None and rows[4].measured_speedup is None and rows[2].speedup_error is None
+    assert rows[1].measured_speedup == pytest.approx(1.2) and rows[1].speedup_error == pytest.approx(0.0)
+    assert rows[1].tokens_per_s_error == pytest.approx(0.1)
+    assert (rows[3].measured_speedup, rows[3].predicted_speedup) == pytest.approx((1.1, 1.32))
+    assert rows[3].speedup_error == pytest.approx(0.2) and rows[3].row(0.25)["speedup_error"] == pytest.approx(0.2)
+    assert "1.100x/1.320x" in table(rows, 0.25) and summary(rows, 0.25)["max_abs_speedup_error"] == pytest.approx(0.2)
 
 
 def test_points_and_targets_of_the_shipped_scenario() -> None:
