@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import numbers
 import random
@@ -394,7 +395,7 @@ class PassSetup:
         def serves(key: tuple) -> bool:  # passes of the same setup with room for longer drafts serve shorter ones
             return key[0] == setup and key[1] >= max_draft
 
-        build = lambda: self._build(adapter, lengths, capacity, max_draft, mode)  # noqa: E731
+        build = functools.partial(self._build, adapter, lengths, capacity, max_draft, mode)
         passes = cached_passes(adapter.model, (setup, max_draft), build, serves)
         passes.selector.restart(lengths, self.config.seed)
         passes.cache.rollback(0)

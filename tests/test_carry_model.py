@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 from benchmark_scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "carry_model.py"
-
 
 @pytest.fixture(scope="module")
 def carry():
