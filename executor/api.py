@@ -29,6 +29,7 @@ from executor.passes import (
     prefix_capture,
     resolve_capture,
     resolve_sync_every,
+    verify_bucketed,
 )
 from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, decode_ppsd
 from executor.sampling import MAX_SEED, SamplingConfig, TokenSelector
@@ -389,7 +390,7 @@ class PassSetup:
             self.method, len(prompts), capacity, self.exit_layer, head_key(self.head), mode,
             dataclasses.replace(self.config, seed=0), self.min_new_tokens, tuple(self.eos), self._confidence,
             self.capture == "auto",  # "auto" falls back where a capture or compilation fails, an explicit mode raises
-            self.draft_dtype,
+            self.draft_dtype, verify_bucketed(mode),
         )  # fmt: skip
 
         def serves(key: tuple) -> bool:  # passes of the same setup with room for longer drafts serve shorter ones

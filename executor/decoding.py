@@ -26,7 +26,7 @@ reads the device once per round (`read_back`, counted in `GenerationStats.host_r
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -351,15 +351,24 @@ def draft_steps(passes: Passes, rows: Rows, policies: list[DraftPolicy], budgets
     return counts
 
 
-def verify_pass(passes: Passes, rows: Rows, k: int, counts: list[int]) -> None:
+def longest_draft(policies: Sequence[DraftPolicy]) -> int:
+    """The most drafts any of these policies makes in a round."""
+    return max(policy.max_draft_len for policy in policies)
+
+
+def verify_pass(passes: Passes, rows: Rows, k: int, counts: list[int], longest: int | None = None) -> int:
     """Step 2: layers [0, E) for d_k only, then layers [E, L) over the k + 1 saved layer-E states in one pass, which
-    also takes step 3's verdict on the device, given each row's own draft count."""
+    also takes step 3's verdict on the device, given each row's own draft count. Returns the pass's draft slots:
+    k, or with verify buckets (frozen passes) the bucket holding k for policies drafting at most `longest`
+    (`Passes.verify_slots`; the slots after k are padding)."""
     adapter, cache = passes.adapter, passes.cache
-    passes.load(None, rows.positions, k + 1)
+    slots = passes.verify_slots(k, longest, passes.cache.max_len - 1 - max(rows.positions))
+    passes.load(None, rows.positions, slots + 1)
     upload(passes.counts, counts)
     cache.claim(passes.layers_early(), [p + k for p in rows.positions], 1)
-    cache.claim(range(passes.exit_layer, adapter.num_layers), rows.positions, k + 1)
-    passes.verify(k, max(rows.positions) + k)
+    cache.claim(range(passes.exit_layer, adapter.num_layers), rows.positions, slots + 1)
+    passes.verify(slots, max(rows.positions) + slots)
+    return slots
 
 
 @dataclass
@@ -373,18 +382,23 @@ class RoundVerdicts:
     full: list[list[int]] | None = None
     passes: Passes | None = None  # rejection sampling: for a forced verdict's token
     k: int = 0
+    slots: int = 0  # the verify pass's draft slots (k, or its bucket)
 
     @classmethod
-    def read(cls, passes: Passes, k: int, counts: list[int], stats: GenerationStats) -> RoundVerdicts:
-        """The round's one synchronising read: drafts, verdicts (and the full model's tokens) in one copy."""
+    def read(
+        cls, passes: Passes, k: int, counts: list[int], stats: GenerationStats, slots: int | None = None
+    ) -> RoundVerdicts:
+        """The round's one synchronising read: drafts, verdicts (and the full model's tokens) in one copy, from a
+        verify pass of `slots` draft slots (default k)."""
+        slots = k if slots is None else slots
         parts = [passes.drafts[:, :k], passes.verdicts]  # [B, k], [B, 2]
         if not passes.rejection:
-            parts.append(passes.tokens[k + 1])  # [B, k + 1]
+            parts.append(passes.tokens[slots + 1][:, : k + 1])  # [B, k + 1]
         both = read_back(torch.cat(parts, dim=1), stats)
         drafts = [b[:c] for b, c in zip(both, counts, strict=True)]
         verdicts = [b[k : k + 2] for b in both]
         if passes.rejection:
-            return cls(drafts, verdicts, passes=passes, k=k)
+            return cls(drafts, verdicts, passes=passes, k=k, slots=slots)
         return cls(drafts, verdicts, full=[b[k + 2 :] for b in both])
 
     def verdict(self, row: int) -> tuple[int, int]:
@@ -397,11 +411,11 @@ class RoundVerdicts:
         the full model's own token at that position, as a real verdict with that accepted length would emit."""
         if self.full is not None:
             return accepted, self.full[row][accepted]
-        p, k = self.passes, self.k
+        p, k, q = self.passes, self.k, max(self.slots, self.k) + 1
         forced = torch.full((p.cache.batch,), accepted, dtype=torch.long, device=p.adapter.device)
-        targets = p.positions[k + 1] + 1
+        targets = p.positions[q][:, : k + 1] + 1
         _, tokens = rejection_verdicts(
-            p.selector, p.drafts[:, :k], p.draft_probs[:, :k], p.probs[k + 1], p.counts, targets, forced
+            p.selector, p.drafts[:, :k], p.draft_probs[:, :k], p.probs[q][:, : k + 1], p.counts, targets, forced
         )
         return accepted, int(tokens[row])
 
@@ -444,8 +458,8 @@ def decode_eesd(
         drawn = None
         counts = draft_steps(passes, rows, policies, budgets, stats)
         k = max(counts)
-        verify_pass(passes, rows, k, counts)
-        verdicts = RoundVerdicts.read(passes, k, counts, stats)
+        slots = verify_pass(passes, rows, k, counts, longest_draft(policies))
+        verdicts = RoundVerdicts.read(passes, k, counts, stats, slots)
         for row in sorted(active):
             if forced_accept is None:
                 accepted, token = verdicts.verdict(row)

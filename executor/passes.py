@@ -44,7 +44,12 @@ from executor.fusion import fuse_projections, unfuse_projections
 from executor.kv_cache import KVCache
 from executor.sampling import DRAFT_SALT, SamplingConfig, TokenSelector
 from executor.verify import match_verdicts, rejection_verdicts
-from sim.contract import AR_HISTORY, MIN_SPAN, SYNC_CAPTURED  # MIN_SPAN: read per launch (the tests lower it)
+from sim.contract import (  # MIN_SPAN: read per launch (the tests lower it)
+    AR_HISTORY,
+    MIN_SPAN,
+    SYNC_CAPTURED,
+    verify_drafts,
+)
 from sim.contract import span_bucket as contract_span_bucket
 
 CAPTURE_MODES = ("auto", "none", "graph", "compile", "compile-layers", "freeze")
@@ -62,6 +67,12 @@ FREEZE_OPTIONS = {
 }  # fmt: skip
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
 SPAN_BUCKETS = True  # False: every launch attends over the whole cache capacity (the A/B reference); read per launch
+# Frozen passes: a verify pass after k drafts runs over `verify_drafts(k, ...)` draft slots (a power of two or the
+# policy's longest draft; `sim.contract.verify_drafts`), so a policy whose k varies (beta-ts, confidence, heuristic)
+# compiles, and holds the packed weights of, a few verify passes instead of one per k; frozen, the extra slots cost
+# little (a frozen product reads its weights once whatever its width). False: one verify pass per k (the A/B
+# reference); read when a set of passes is built.
+VERIFY_BUCKETS = True
 PREFILL_BUCKETS = True  # on a GPU, prefill pads its width up to a multiple of PREFILL_BUCKET (`prefill_width`)
 PREFILL_BUCKET = 64
 
@@ -149,6 +160,11 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """The model's GPU as the current device while decoding: a captured graph replays on the current device's stream,
     and streams and events are made there (a model on cuda:1 under a current cuda:0). Nothing elsewhere."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def verify_bucketed(capture: str) -> bool:
+    """Whether a set of passes of this (resolved) capture mode pads its verify passes to bucket widths."""
+    return VERIFY_BUCKETS and capture == "freeze"
 
 
 def launch_mode(capture: str, device: torch.device) -> str:
@@ -285,6 +301,7 @@ class Passes:
         if getattr(self.head, "token_ids", None) is not None and hasattr(self.head, "subset_weight"):
             self.head.subset_weight()  # its rows gathered before any pass is traced, or each would be traced twice
         self.capture, self.want_confidence, self.fallback = capture, confidence, fallback
+        self.verify_buckets = verify_bucketed(capture)
         self.rejection = selector.config.kind == "rejection"
         batch, device = cache.batch, adapter.device
         long = {"dtype": torch.long, "device": device}
@@ -338,6 +355,14 @@ class Passes:
     def layers_ar(self) -> list[int]:
         """Cache layers an AR step writes: every model layer, and the head's own where it keeps them (`ar_head`)."""
         return list(range(self.adapter.num_layers)) + self.layers_head()
+
+    def verify_slots(self, k: int, longest: int | None = None, room: int | None = None) -> int:
+        """The draft slots of the verify pass that checks k drafts (`verify_drafts`): k itself, or with verify buckets
+        the bucket holding k for a policy whose longest draft is `longest` (default: this set's `max_draft`), if the
+        cache has `room` for it (positions after the round's input; None: enough)."""
+        longest = self.max_draft if longest is None else min(longest, self.max_draft)
+        slots = verify_drafts(k, longest, self.verify_buckets)
+        return slots if room is None or slots <= room else k
 
     def span(self, furthest: int | None) -> int:
         """The bucket of a launch whose furthest written position is `furthest` (None: the whole capacity)."""
@@ -408,7 +433,12 @@ class Passes:
     def verify(self, k: int, furthest: int | None = None) -> None:
         """Layers [0, E) over `ids` (the last draft) at positions[k + 1][:, -1], into exit_states[:, k]; then layers
         [E, L) over exit_states[:, :k + 1] at positions[k + 1]: tokens[k + 1] (or probs[k + 1]) <- the full model's,
-        verdicts <- the round's verdict on drafts[:, :k] (`executor.verify`); draft_cursor <- 0 for the next round."""
+        verdicts <- the round's verdict on drafts[:, :k] (`executor.verify`); draft_cursor <- 0 for the next round.
+
+        With verify buckets, k is the pass's draft slots (`verify_slots`) and the round may have drafted fewer,
+        j >= 1: the last draft is at slot j (from `draft_cursor`), slots after it hold stale states whose outputs
+        nobody reads (each row's verdict stops at its own count) and whose cache entries lie past every live position,
+        overwritten before any query reads them, as a rejected draft's are."""
         advance = (lambda: self._verify_advance(k)) if self.penalized else None
         self.run("verify", k + 1, lambda step: self._verify(k, step), advance, furthest)
 
@@ -472,14 +502,15 @@ class Passes:
     def _verify(self, k: int, step: Step) -> None:
         q = k + 1
         adapter = self.adapter
+        last = self._last_draft(k)
         if self.draft_dtype is None:
-            early = Step(positions=step.positions[:, -1:], starts=None, span=step.span)
+            early = Step(positions=self._at(step.positions, last), starts=None, span=step.span)
             hidden = self._early(early)
             self.head.prefill(hidden, early, self.cache)  # keeps a layered head's KV in step with layers [0, E)
-            self.exit_states[:, k : k + 1].copy_(hidden)
+            self._put(self.exit_states, last, hidden)
             states = self.exit_states[:, :q]
         else:
-            states = self._verify_early(k, step)
+            states = self._verify_early(k, step, last)
         logits = adapter.logits(adapter.forward_layers(states, step, self.cache, self.exit_layer, adapter.num_layers))
         context = self._verify_context(k) if self.penalized else None
         targets = step.positions + 1
@@ -494,16 +525,39 @@ class Passes:
         self.verdicts.copy_(torch.stack(verdict, dim=1))
         self.draft_cursor.zero_()
 
-    def _verify_early(self, k: int, step: Step) -> torch.Tensor:
+    def _last_draft(self, k: int) -> int | torch.Tensor:
+        """The slot of the round's last draft in a verify pass of k slots: k, or with verify buckets the round's own
+        count j in [1, k] as a [1] tensor, read from `draft_cursor` on the device (j drafts leave it at j mod
+        `max_draft`)."""
+        if not self.verify_buckets or k == 0:
+            return k
+        slots = self.drafts.shape[1]
+        return (self.draft_cursor + (slots - 1)).remainder(slots) + 1
+
+    @staticmethod
+    def _at(tensor: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
+        """tensor[:, slot : slot + 1], the slot a host int or a [1] device tensor."""
+        return tensor[:, slot : slot + 1] if isinstance(slot, int) else tensor.index_select(1, slot)
+
+    @staticmethod
+    def _put(tensor: torch.Tensor, slot: int | torch.Tensor, value: torch.Tensor) -> None:
+        """tensor[:, slot : slot + 1] <- value, the slot a host int or a [1] device tensor."""
+        if isinstance(slot, int):
+            tensor[:, slot : slot + 1].copy_(value)
+        else:
+            tensor.index_copy_(1, slot, value)
+
+    def _verify_early(self, k: int, step: Step, last: torch.Tensor) -> torch.Tensor:
         """Drafts made in a narrower dtype: layers [0, E) over the round's k + 1 tokens (its input and drafts; the
-        last draft in `ids`), the model's own KV over the draft's; the head's KV for the last one from the layer-E
-        state, as `_verify` keeps it. The layer-E states [B, k + 1, d]."""
+        last draft in `ids`, at slot `last`), the model's own KV over the draft's; the head's KV for the last one
+        from the layer-E state, as `_verify` keeps it. The layer-E states [B, k + 1, d]."""
         adapter = self.adapter
-        self.selector.record(self.ids, step.positions[:, -1:])
-        self.inputs[:, k : k + 1].copy_(self.ids)
+        positions = self._at(step.positions, last)
+        self.selector.record(self.ids, positions)
+        self._put(self.inputs, last, self.ids)
         hidden = adapter.forward_layers(adapter.embed(self.inputs[:, : k + 1]), step, self.cache, 0, self.exit_layer)
-        early = Step(positions=step.positions[:, -1:], starts=None, span=step.span)
-        self.head.prefill(hidden[:, k:], early, self.cache)
+        early = Step(positions=positions, starts=None, span=step.span)
+        self.head.prefill(self._at(hidden, last), early, self.cache)
         return hidden
 
     def _verify_context(self, k: int) -> torch.Tensor:

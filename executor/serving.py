@@ -55,6 +55,7 @@ from executor.decoding import (
     chains_zero_rounds,
     draft_steps,
     draw_budgets,
+    longest_draft,
     prefill_rows,
     read_back,
     verify_pass,
@@ -217,8 +218,8 @@ class SlotDecoder:
             return 0
         counts = draft_steps(passes, rows, policies, budgets, stats)
         k = max(counts)
-        verify_pass(passes, rows, k, counts)
-        verdicts = RoundVerdicts.read(passes, k, counts, stats)
+        slots = verify_pass(passes, rows, k, counts, longest_draft(policies))
+        verdicts = RoundVerdicts.read(passes, k, counts, stats, slots)
         for row, policy in enumerate(policies):
             accepted, token = verdicts.verdict(row)
             policy.update(counts[row], accepted)

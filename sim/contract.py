@@ -9,6 +9,9 @@
   furthest position it writes, capped at the capacity, so a short context in a large cache reads a short slice.
 - The host-read cadence of captured passes: `SYNC_CAPTURED` chained AR steps (or PPSD ticks) per host read, at most
   `AR_HISTORY` (the device-side log they write between two reads).
+- Verify buckets (frozen CPU passes): a verify pass after k drafts runs at `verify_drafts(k, max_draft, True)` draft
+  slots (a power of two, or the policy's longest draft), so a policy whose k varies compiles a few verify passes
+  instead of one per k; the slots after the k-th hold stale drafts whose outputs are never read.
 - The random stream of a row's draft policy (beta-ts, calibration-ts): `random.Random(policy_seed(seed, row))`, row
   being the row's index in its batch, so that a replay draws what the executor drew.
 """
@@ -28,6 +31,15 @@ MIN_SPAN = 64
 def default_exit_layer(num_layers: int) -> int:
     """EESD's exit layer when none is given: the middle layer, at least 1."""
     return max(1, num_layers // 2)
+
+
+def verify_drafts(k: int, max_draft: int, bucketed: bool) -> int:
+    """The draft slots of the verify pass that checks k drafts: k itself, or, bucketed, the smallest power of two
+    holding k, capped at `max_draft` (the longest draft the policy makes, which the cache has room for). k = 0, a
+    round that drafts nothing, is never padded."""
+    if not bucketed or k <= 1:
+        return k
+    return min(1 << (k - 1).bit_length(), max(max_draft, k))
 
 
 def captured_capacity(needed: int) -> int:

@@ -50,13 +50,20 @@ def draft_pass(plan: SimPlan, name: str = "draft", host_sync: bool = False) -> P
 def verify_segments(plan: SimPlan, k: int) -> tuple[tuple[int, int, int], ...]:
     """The layer segments of an EESD verify pass after k drafts: layers [0, E) for the last draft (the others' KV is
     the draft steps') and [E, L) for all k + 1 tokens; every layer over the k + 1 tokens where the drafts ran on
-    narrow copies (their KV is not the model's); k = 0, one full-model step."""
-    exit_layer, layers = plan.exit_layer, plan.model.num_layers
+    narrow copies (their KV is not the model's); k = 0, one full-model step. On frozen passes the k + 1 tokens are
+    the bucket's (`SimPlan.verify_slots`: the executor pads the round to a verify pass it has compiled)."""
+    exit_layer, layers, q = plan.exit_layer, plan.model.num_layers, plan.verify_slots(k) + 1
     if k == 0:
         return ((0, layers, 1),)
     if plan.draft_dtype_bytes is not None:
-        return ((0, layers, k + 1),)
-    return ((0, exit_layer, 1), (exit_layer, layers, k + 1))
+        return ((0, layers, q),)
+    return ((0, exit_layer, 1), (exit_layer, layers, q))
+
+
+def verify_pass(plan: SimPlan, k: int) -> Pass:
+    """An EESD round's verify pass after k drafts (`verify_segments`; its LM head over the same tokens)."""
+    q = plan.verify_slots(k) + 1
+    return Pass(f"verify k={k}", "verify", verify_segments(plan, k), lm_head_q=q, head_layer_at=plan.head_layer_at)
 
 
 def pass_costs(plan: SimPlan, work: Pass, context_len: int, batch: int) -> PassCost:
@@ -192,7 +199,7 @@ def round_costs(plan: SimPlan, max_draft_len: int) -> tuple[float, ...]:
         return linear_round_costs(1.0, max_draft_len)
     costs, drafts = [1.0], 0.0
     for k in range(1, max_draft_len + 1):
-        verify = Pass(f"verify k={k}", "verify", verify_segments(plan, k), lm_head_q=k + 1, head_layer_at=head_at)
+        verify = verify_pass(plan, k)
         drafts += time_us(draft, context + k - 1)  # draft step k runs at context + k - 1
         costs.append(max((drafts + time_us(verify, context + k)) / step, 1e-6))
     return tuple(costs)

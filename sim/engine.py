@@ -61,7 +61,7 @@ from simpy.events import NORMAL
 from sim.acceptance import AcceptanceStream
 from sim.contention import PassShare
 from sim.contract import policy_seed
-from sim.cost import Pass, PassCost, draft_pass, pass_costs, stage_hbm_us, stage_time_us, verify_segments
+from sim.cost import Pass, PassCost, draft_pass, pass_costs, stage_hbm_us, stage_time_us, verify_pass
 from sim.latency import LinkModel
 from sim.plan import ONE_HOST_BACKENDS, SimPlan, Workload
 from sim.policy import DraftPolicy, make_policy, round_budget
@@ -538,8 +538,7 @@ class Simulation:
         """An EESD round's verify pass after k drafts (k = 0: one full-model step)."""
         verify = self._verify_passes.get(k)
         if verify is None:
-            segments = verify_segments(self.plan, k)
-            verify = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=self.plan.head_layer_at)
+            verify = verify_pass(self.plan, k)
             self._verify_passes[k] = verify
         return verify
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
 from sim.contention import Contention, ProfiledContention, Serial, SharedBandwidth
-from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, span_bucket
+from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, span_bucket, verify_drafts
 from sim.cost import cost_ratio, head_vocab_fraction, round_costs
 from sim.formats import (
     DataFile,
@@ -128,10 +128,17 @@ class SimPlan:
     # context so far (None)
     cache_slots: int | None = None
     span_buckets: bool = False  # with cache_slots: over the span bucket of the furthest position written instead
+    # frozen passes: the draft slots the verify pass after k drafts runs at, for k = 0..max (`verify_plan_widths`,
+    # `sim.contract.verify_drafts`); empty: k itself
+    verify_widths: tuple[int, ...] = ()
     contention: Contention = SharedBandwidth()  # passes at the same time on a shared device (not `sequential`)
 
     def __post_init__(self) -> None:
         _check_plan(self)
+
+    def verify_slots(self, k: int) -> int:
+        """The draft slots of the verify pass that checks k drafts: k, or its bucket on frozen passes."""
+        return self.verify_widths[k] if k < len(self.verify_widths) else k
 
     def attended(self, context_len: int, phase: str) -> int:
         """The context a pass is costed at: for a decode pass whose furthest written position is context_len - 1,
@@ -273,6 +280,7 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
     _check_policy(plan, where)
     slots = cache_slots(plan) if s.attention != "context" else None
     plan = SimPlan(**{**plan.__dict__, "cache_slots": slots, "span_buckets": s.attention == "buckets"})
+    plan = SimPlan(**{**plan.__dict__, "verify_widths": verify_plan_widths(plan)})
     plan = SimPlan(**{**plan.__dict__, "cost_ratio": cost_ratio(plan)})  # at the context passes are costed at
     name, args = parse_policy_spec(plan.policy)
     if plan.method != "eesd" or name not in ("beta-ts", "calibration-ts") or "cost" in args or "costs" in args:
@@ -286,6 +294,16 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
 def exit_layer_of(point: Point) -> int:
     """The exit layer a point runs with (defaults resolved)."""
     return _exit_layer(point.scenario, model_config(point.scenario), _where(point))
+
+
+def verify_plan_widths(plan: SimPlan) -> tuple[int, ...]:
+    """The executor's verify widths for this plan: on frozen passes (a frozen latency profile) each k's bucket up to
+    the longest draft its passes hold (the policy's, capped by the output length as `executor.api.draft_capacity`
+    caps it); otherwise none (every k its own width)."""
+    if plan.method != "eesd" or not getattr(plan.stages[0].latency, "frozen", False):
+        return ()
+    longest = max(1, min(make_policy(plan.policy).max_draft_len, plan.workload.output_len - 1))
+    return tuple(verify_drafts(k, longest, True) for k in range(longest + 1))
 
 
 def cache_slots(plan: SimPlan) -> int:

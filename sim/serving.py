@@ -74,7 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sim.acceptance import TraceAcceptance
 from sim.contract import cache_capacity
-from sim.cost import Pass, draft_pass, pass_costs, verify_segments
+from sim.cost import Pass, draft_pass, pass_costs, verify_pass
 from sim.engine import TOKEN_ID_BYTES, decode_alone, prefill_pass
 from sim.formats import quote
 from sim.plan import SimPlan, build_plan
@@ -817,9 +817,7 @@ class ServingSimulation:
     def _verify(self, k: int) -> Pass:
         work = self.verify.get(k)
         if work is None:
-            plan = self.plan
-            segments = verify_segments(plan, k)
-            work = Pass(f"verify k={k}", "verify", segments, lm_head_q=k + 1, head_layer_at=plan.head_layer_at)
+            work = verify_pass(self.plan, k)
             self.verify[k] = work
         return work
 

@@ -49,3 +49,19 @@ def test_freeze_is_a_cpu_mode_without_span_buckets() -> None:
     assert not bucketed("freeze") and bucketed("graph")
     assert span_bucket(10, 4096, bucketed("freeze")) == 4096
     assert span_bucket(10, 4096, bucketed("graph")) < 4096
+
+
+def test_frozen_verify_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy whose k varies (heuristic: up to 16, its k 4, 6, 5, 7, 2 here) under frozen passes: AR's tokens,
+    the round's last draft found on the device inside the compiled pass (`Passes._last_draft`), and verify passes
+    compiled at the bucket widths only (1, 2, 4, 8 drafts and the longest), fewer than the draft lengths tried."""
+    monkeypatch.setattr(executor.passes, "FREEZE_OPTIONS", {"freezing": True})
+    net = scale_late_layers(tiny_model(TinySpec(arch="llama", num_layers=4, seed=2), torch.float64), 2, 0.05)
+    reference = executor.generate(net, [PROMPT], max_new_tokens=24, method="ar", capture="none").sequences
+    out = executor.generate(net, [PROMPT], max_new_tokens=24, method="eesd", exit_layer=2, policy="heuristic",
+                            capture="freeze")  # fmt: skip
+    assert torch.equal(out.sequences, reference)
+    (passes,) = net.__dict__["_eesd_passes"].values()
+    widths = {q - 1 for name, q, _ in passes.spans() if name == "verify"}
+    assert widths <= {1, 2, 4, 8, passes.max_draft}
+    assert len({k for k in out.stats.drafted if k}) > len(widths)

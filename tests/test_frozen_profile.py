@@ -15,9 +15,10 @@ from calibrate.latency import FrozenCalls, Grid, GridPoint, LatencySettings, mak
 from calibrate.timing import TimerSpec
 from executor.adapter import ModelAdapter
 from executor.cli import main
+from sim.cost import round_costs, verify_pass
 from sim.formats import read_latency_profile
 from sim.latency import ProfileLatency, ScaledLatency, static_capacity
-from sim.plan import build_plan
+from sim.plan import SimPlan, build_plan
 from sim.scenario import ScenarioError, load_points
 from tests.tiny_models import TinySpec, tiny_model
 
@@ -64,6 +65,26 @@ def test_a_frozen_profile_plans_the_frozen_executors_cache(tmp_path: Path) -> No
     assert not static_capacity(eager.stages[0].latency)
     assert frozen.attended(60, "verify") == 256 and not frozen.span_buckets
     assert ScaledLatency(latency, decode_default=2.0).frozen  # a validation's scaled profile keeps it
+
+
+def test_a_frozen_plan_costs_each_verify_pass_at_its_bucket(tmp_path: Path) -> None:
+    """On frozen passes the executor pads a round of k drafts to its verify bucket (`executor.passes.VERIFY_BUCKETS`),
+    so the plan costs that pass's layers [E, L) and LM head over the bucket's tokens: beta-ts (up to 8 drafts) at
+    1, 2, 4, 4, 8, 8, 8, 8 slots; capped by the output length as the executor caps its passes; eager: k itself.
+    The engine and the round costs the policy weighs take the same passes."""
+    frozen = relabelled(tmp_path, kernels="frozen")
+    plan = build_plan(load_points(scenario(tmp_path, frozen, policy="beta-ts"))[0])
+    assert plan.verify_widths == (0, 1, 2, 4, 4, 8, 8, 8, 8)
+    work = verify_pass(plan, 3)
+    assert work.lm_head_q == 5 and work.segments == ((0, 8, 1), (8, plan.model.num_layers, 5))
+    assert plan.round_costs is not None
+    unpadded = SimPlan(**{**plan.__dict__, "verify_widths": ()})
+    assert round_costs(plan, 8)[3] > round_costs(unpadded, 8)[3]  # the profile's q = 5 costs more than q = 4
+    assert round_costs(plan, 8)[4] == round_costs(unpadded, 8)[4]
+    short = build_plan(load_points(scenario(tmp_path, frozen, policy="beta-ts", workload={"output_len": 6}))[0])
+    assert short.verify_widths == (0, 1, 2, 4, 4, 5)  # the executor's passes hold drafts of up to 6 - 1
+    assert build_plan(load_points(scenario(tmp_path, PROFILE, policy="beta-ts"))[0]).verify_widths == ()
+    assert build_plan(load_points(scenario(tmp_path, frozen, method="ar"))[0]).verify_widths == ()
 
 
 @pytest.mark.parametrize("attention", ["buckets", "context"])
