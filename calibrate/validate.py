@@ -707,6 +707,89 @@ def measure(
     return [TargetRuns(tuple(r), tuple(p)) for r, p in zip(runs, probes, strict=True)], metadata
 
 
+def measure_in_processes(
+    request: Mapping[str, Any],
+    processes: int,
+    threads: int,
+    progress: Callable[[str], None] | None = None,
+    repeats: int = 1,
+) -> tuple[list[TargetRuns], dict[str, Any]]:
+    """`measure` in `processes` fresh Python processes, one after another, each planning `request` again (`plan`'s
+    arguments: the scenario and the flags that shape it) and running every target `repeats` times after its warm-ups;
+    every target's runs and probes pooled in process order. Where a pass's speed is drawn once per process (frozen CPU
+    passes: where a compilation's packed weights land), one process's runs share one draw, so they spread less than
+    the process-to-process difference a profile measured in another process sees; pooled over processes, the median
+    and the spread take it in. Each process's median tokens/s per target goes into the metadata."""
+    _positive(processes, "--processes", default=1)
+    pooled: list[TargetRuns] | None = None
+    medians, wall, first = [], 0.0, None
+    for index in range(processes):
+        runs, metadata = _measure_process(request, threads, repeats, progress, f"process {index + 1}/{processes}")
+        first = first or metadata
+        wall += metadata["measure_wall_s"]
+        medians.append([round(statistics.median(m.tokens_per_s for m in r.runs), 4) for r in runs])
+        pooled = runs if pooled is None else pool_runs(pooled, runs)
+    assert pooled is not None and first is not None
+    return pooled, {
+        **first, "processes": processes, "process_medians_tokens_per_s": medians, "measure_wall_s": round(wall, 1),
+        "order": f"{first['order']}; in {processes} fresh processes one after another, their runs pooled",
+    }  # fmt: skip
+
+
+def pool_runs(earlier: Sequence[TargetRuns], later: Sequence[TargetRuns]) -> list[TargetRuns]:
+    """Every target's runs and probes of two measurements, in order."""
+    return [TargetRuns(a.runs + b.runs, a.probe_us + b.probe_us) for a, b in zip(earlier, later, strict=True)]
+
+
+PROGRESS_PREFIX, RESULT_PREFIX = "validate-progress: ", "validate-result: "  # a measuring process's stdout lines
+
+
+def _measure_process(
+    request: Mapping[str, Any], threads: int, repeats: int, progress: Callable[[str], None] | None, name: str
+) -> tuple[list[TargetRuns], dict[str, Any]]:
+    """One fresh process running `measure_worker`: its progress lines passed on as they come, its result parsed."""
+    import os
+    import subprocess
+    import sys
+
+    spec = json.dumps({"request": dict(request), "threads": threads, "repeats": repeats})
+    code = "import sys; from calibrate.validate import measure_worker; measure_worker(sys.argv[1])"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, spec], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )  # fmt: skip
+    assert child.stdout is not None and child.stderr is not None
+    result = None
+    for line in child.stdout:
+        if line.startswith(PROGRESS_PREFIX) and progress is not None:
+            progress(f"{name}: {line.removeprefix(PROGRESS_PREFIX).strip()}")
+        elif line.startswith(RESULT_PREFIX):
+            result = json.loads(line.removeprefix(RESULT_PREFIX))
+    errors = child.stderr.read()
+    if child.wait() != 0 or result is None:
+        tail = " | ".join(errors.strip().splitlines()[-3:]) or "no output"
+        raise RuntimeError(f"the measuring {name} failed (exit {child.returncode}): {tail[-600:]}")
+    runs = [
+        TargetRuns(tuple(Measurement(*m) for m in target["runs"]), tuple(target["probe_us"]))
+        for target in result["targets"]
+    ]
+    return runs, result["metadata"]
+
+
+def measure_worker(spec_json: str) -> None:
+    """A measuring process (`measure_in_processes`): plan the request, measure it, print progress and result lines."""
+    spec = json.loads(spec_json)
+    plan_ = plan(**spec["request"])
+
+    def progress(message: str) -> None:
+        print(PROGRESS_PREFIX + message, flush=True)
+
+    runs, metadata = measure(plan_, spec["threads"], progress, spec["repeats"])
+    targets = [{"runs": [dataclasses.astuple(m) for m in r.runs], "probe_us": list(r.probe_us)} for r in runs]
+    print(RESULT_PREFIX + json.dumps({"targets": targets, "metadata": metadata}), flush=True)
+
+
 @dataclass(frozen=True)
 class TargetRuns:
     """A target's executor runs in the order they ran, and the conditions probe timed before and after each (µs per

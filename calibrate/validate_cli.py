@@ -3,7 +3,7 @@
 Runs the executor and the simulator for every configuration of a calibrated scenario (method, exit layer, draft
 policy, batch size, PPSD backend and stages), plus AR, on the prompts the scenario's acceptance trace replays
 (calibrate/validate.py), the executor `--repeats` times interleaved, prints a table (median tokens/s, run-to-run
-spread, errors), optionally writes JSON, and exits with status 1 when a point's tokens/s or tokens/round error
+spread, errors; with `--processes N` the repeats run in N fresh processes, pooled), optionally writes JSON, and exits with status 1 when a point's tokens/s or tokens/round error
 exceeds `--tolerance` (0 otherwise).
 Scenario and argument mistakes exit with status 2 (a `ValueError` for the dispatcher). torch is imported only in
 `run`.
@@ -39,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="executor runs per point, interleaved across points (default: 1)"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the repeats in this many fresh processes one after another, pooled (default: 1, this one): a frozen "
+        "CPU pass runs at its own speed in each process",
+    )
     add_threads_argument(parser, preferred="the CPU profile's")
     parser.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here (atomically)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
@@ -49,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     validate.check_tolerance(args.tolerance)
     check_threads(args.threads)
+    if args.processes < 1:
+        raise ValueError(f"--processes: expected an integer >= 1, got {args.processes}")
     plan = validate.plan(args.scenario, args.prompts, args.max_new_tokens, args.points, args.model)
     print(
         f"{plan.name}: {len(plan.targets)} point(s) × {len(plan.prompt_ids)} prompt(s) × {plan.max_new_tokens} "
@@ -56,9 +65,19 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"profile: {plan.profile_path} ({plan.profile_device})\ntrace:   {plan.trace_path}")
     print(use_threads(args.threads, default=threads_in(plan.profile_device)), flush=True)
-    with progress_bar(len(plan.targets) * args.repeats, "validate", "run", not args.no_progress) as bar:
+    runs = len(plan.targets) * args.repeats * args.processes
+    with progress_bar(runs, "validate", "run", not args.no_progress) as bar:
         report_run = lambda message: _measured(bar, message)  # noqa: E731
-        measured, metadata = validate.measure(plan, progress=report_run, repeats=args.repeats)
+        if args.processes == 1:
+            measured, metadata = validate.measure(plan, progress=report_run, repeats=args.repeats)
+        else:
+            import torch
+
+            request = {"scenario_path": str(args.scenario), "prompts": args.prompts, "points": args.points,
+                       "max_new_tokens": args.max_new_tokens, "model": args.model}  # fmt: skip
+            measured, metadata = validate.measure_in_processes(
+                request, args.processes, torch.get_num_threads(), report_run, args.repeats
+            )
     if metadata["device"] != plan.profile_device:
         print(f"note: this machine is {metadata['device']}; the profile was measured on {plan.profile_device}")
     comparisons = validate.compare(plan, measured)

@@ -15,7 +15,7 @@ from packages import requires_smollm2
 from test_sim_scenarios import deep_update
 
 from calibrate import validate
-from calibrate.validate import Comparison, Measurement, failures, relative_error
+from calibrate.validate import Comparison, Measurement, TargetRuns, failures, relative_error
 from executor.cli import main
 from sim.formats import read_acceptance_trace, read_latency_profile, write_acceptance_trace, write_latency_profile
 from sim.plan import build_plan
@@ -88,6 +88,7 @@ def test_scenarios_validate_cannot_follow_are_refused(tmp_path, capsys, changes,
         (["--threads", "0"], "--threads must be >= 1"),
         (["--points", "9"], "has points 0..8, got '9'"),
         (["--points", "some"], "--points: expected all | quick"),
+        (["--processes", "0"], "--processes: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, fragment) -> None:
@@ -282,6 +283,29 @@ def test_real_run_of_the_shipped_cpu_scenario(tmp_path, capsys) -> None:
     assert (eesd["exit_layer"], eesd["draft_len"]) == (22, 4)
     # the trace replays the prompt the executor ran: the accepted lengths agree (up to a float near-tie)
     assert abs(eesd["tokens_per_round_error"]) <= 0.25
+
+
+@requires_smollm2
+def test_runs_in_fresh_processes_are_pooled(tmp_path) -> None:
+    """--processes 2: each process plans and measures the points again (a fresh process, its own passes), and every
+    point's runs are pooled, one per process here, the processes' medians kept in the metadata."""
+    out = tmp_path / "v.json"
+    argv = ["--points", "quick", "--prompts", "1", "--max-new-tokens", "6", "--tolerance", "1000", "--json", str(out)]
+    assert main(["validate", str(SHIPPED), *argv, "--processes", "2", "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert [len(row["executor_runs_tokens_per_s"]) for row in report["rows"]] == [2, 2]
+    medians = report["metadata"]["process_medians_tokens_per_s"]
+    assert report["metadata"]["processes"] == 2 and len(medians) == 2 and all(len(m) == 2 for m in medians)
+    assert [medians[0][0], medians[1][0]] == pytest.approx(report["rows"][0]["executor_runs_tokens_per_s"], abs=1e-3)
+    assert report["rows"][1]["executor_tokens_per_round"] > 1.0
+
+
+def test_pooled_runs_keep_each_targets_runs_and_probes_in_order() -> None:
+    a = [TargetRuns((Measurement(10, 1.0, 10),), (5.0, 6.0)), TargetRuns((Measurement(20, 1.0, 8),), ())]
+    b = [TargetRuns((Measurement(12, 1.0, 12),), (7.0, 8.0)), TargetRuns((Measurement(22, 1.0, 9),), ())]
+    pooled = validate.pool_runs(a, b)
+    assert [m.decode_tokens for m in pooled[0].runs] == [10, 12] and pooled[0].probe_us == (5.0, 6.0, 7.0, 8.0)
+    assert [m.decode_tokens for m in pooled[1].runs] == [20, 22] and pooled[1].probe_us == ()
 
 
 @pytest.mark.parametrize(
