@@ -2,9 +2,9 @@
 
 Runs the executor and the simulator for every configuration of a calibrated scenario (method, exit layer, draft
 policy, batch size, PPSD backend and stages), plus AR, on the prompts the scenario's acceptance trace replays
-(calibrate/validate.py), the executor `--repeats` times interleaved, prints a table (median tokens/s, run-to-run
-spread, errors; with `--processes N` the repeats run in N fresh processes, pooled), optionally writes JSON, and exits with status 1 when a point's tokens/s or tokens/round error
-exceeds `--tolerance` (0 otherwise).
+(calibrate/validate.py), the executor `--repeats` times interleaved (in `--processes` fresh processes, pooled),
+prints a table (median tokens/s, run-to-run spread, errors), optionally writes JSON, and exits with status 1 when a
+point's tokens/s or tokens/round error exceeds `--tolerance` (0 otherwise).
 Scenario and argument mistakes exit with status 2 (a `ValueError` for the dispatcher). torch is imported only in
 `run`.
 """
