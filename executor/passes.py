@@ -547,7 +547,7 @@ class Passes:
         else:
             tensor.index_copy_(1, slot, value)
 
-    def _verify_early(self, k: int, step: Step, last: torch.Tensor) -> torch.Tensor:
+    def _verify_early(self, k: int, step: Step, last: int | torch.Tensor) -> torch.Tensor:
         """Drafts made in a narrower dtype: layers [0, E) over the round's k + 1 tokens (its input and drafts; the
         last draft in `ids`, at slot `last`), the model's own KV over the draft's; the head's KV for the last one
         from the layer-E state, as `_verify` keeps it. The layer-E states [B, k + 1, d]."""
