@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 CHILD = """
-import json, statistics, sys, time, torch, executor, executor.passes
+import json, sys, time, torch, executor, executor.passes
 from executor.adapter import ModelAdapter
 from executor.prompts import encode_prompt, load_prompts, split_prompts
 spec = json.loads(sys.argv[1])
@@ -58,7 +58,7 @@ def one_call():
         outs.append(out.sequences[0].tolist()[len(ids):])
         decode_s += stats.wall_time_s - stats.prefill_time_s
         tokens += stats.new_tokens
-        drafted += [k for k in stats.drafted]
+        drafted += stats.drafted
     return outs, decode_s, tokens, drafted
 
 begin = time.perf_counter()

@@ -720,7 +720,7 @@ def measure_in_processes(
     passes: where a compilation's packed weights land), one process's runs share one draw, so they spread less than
     the process-to-process difference a profile measured in another process sees; pooled over processes, the median
     and the spread take it in. Each process's median tokens/s per target goes into the metadata."""
-    _positive(processes, "--processes", default=1)
+    check_processes(processes)
     pooled: list[TargetRuns] | None = None
     medians, wall, first = [], 0.0, None
     for index in range(processes):
@@ -736,6 +736,11 @@ def measure_in_processes(
     }  # fmt: skip
 
 
+def check_processes(processes: int) -> None:
+    """--processes: an integer >= 1."""
+    _positive(processes, "--processes", default=1)
+
+
 def pool_runs(earlier: Sequence[TargetRuns], later: Sequence[TargetRuns]) -> list[TargetRuns]:
     """Every target's runs and probes of two measurements, in order."""
     return [TargetRuns(a.runs + b.runs, a.probe_us + b.probe_us) for a, b in zip(earlier, later, strict=True)]
@@ -747,7 +752,9 @@ PROGRESS_PREFIX, RESULT_PREFIX = "validate-progress: ", "validate-result: "  # a
 def _measure_process(
     request: Mapping[str, Any], threads: int, repeats: int, progress: Callable[[str], None] | None, name: str
 ) -> tuple[list[TargetRuns], dict[str, Any]]:
-    """One fresh process running `measure_worker`: its progress lines passed on as they come, its result parsed."""
+    """One fresh process running `measure_worker`: its progress lines passed on as they come, its result parsed; its
+    other output (stderr merged in, so that neither pipe can fill while the other is read) kept for an error's tail."""
+    import collections
     import os
     import subprocess
     import sys
@@ -757,18 +764,20 @@ def _measure_process(
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     child = subprocess.Popen(
-        [sys.executable, "-c", code, spec], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", code, spec], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )  # fmt: skip
-    assert child.stdout is not None and child.stderr is not None
-    result = None
+    assert child.stdout is not None
+    result, other = None, collections.deque(maxlen=3)
     for line in child.stdout:
-        if line.startswith(PROGRESS_PREFIX) and progress is not None:
-            progress(f"{name}: {line.removeprefix(PROGRESS_PREFIX).strip()}")
+        if line.startswith(PROGRESS_PREFIX):
+            if progress is not None:
+                progress(f"{name}: {line.removeprefix(PROGRESS_PREFIX).strip()}")
         elif line.startswith(RESULT_PREFIX):
             result = json.loads(line.removeprefix(RESULT_PREFIX))
-    errors = child.stderr.read()
+        elif line.strip():
+            other.append(line.strip())
     if child.wait() != 0 or result is None:
-        tail = " | ".join(errors.strip().splitlines()[-3:]) or "no output"
+        tail = " | ".join(other) or "no output"
         raise RuntimeError(f"the measuring {name} failed (exit {child.returncode}): {tail[-600:]}")
     runs = [
         TargetRuns(tuple(Measurement(*m) for m in target["runs"]), tuple(target["probe_us"]))

@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     validate.check_tolerance(args.tolerance)
     check_threads(args.threads)
-    if args.processes < 1:
-        raise ValueError(f"--processes: expected an integer >= 1, got {args.processes}")
+    validate.check_processes(args.processes)
     plan = validate.plan(args.scenario, args.prompts, args.max_new_tokens, args.points, args.model)
     print(
         f"{plan.name}: {len(plan.targets)} point(s) × {len(plan.prompt_ids)} prompt(s) × {plan.max_new_tokens} "

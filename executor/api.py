@@ -34,6 +34,7 @@ from executor.passes import (
 from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, decode_ppsd
 from executor.sampling import MAX_SEED, SamplingConfig, TokenSelector
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, policy_seed
+from sim.contract import draft_capacity as contract_draft_capacity
 from sim.policy import DraftPolicy, make_policy
 
 METHODS = ("ar", "eesd", "ppsd")
@@ -155,7 +156,7 @@ def check_policies(adapter: ModelAdapter, policies: list[DraftPolicy]) -> None:
 def draft_capacity(policies: list[DraftPolicy], max_new_tokens: int) -> int:
     """The longest draft a round can make, which sizes the static buffers: the policies' longest, capped by what a
     row has left to generate (a round's drafts and the full model's token fit in it, `sim.policy.round_budget`)."""
-    return max(1, min(max(p.max_draft_len for p in policies), max_new_tokens - 1))
+    return contract_draft_capacity(max(p.max_draft_len for p in policies), max_new_tokens)
 
 
 def _policies(spec: str | DraftPolicy, rows: int, seed: int, cost_ratio: float) -> list[DraftPolicy]:

@@ -447,7 +447,7 @@ def decode_eesd(
     begin = time.perf_counter()
     prefill_rows(adapter, cache, rows, selector, passes.exit_layer, passes.head)
     stats.prefill_time_s = time.perf_counter() - begin
-    chain = chains_zero_rounds(passes)
+    chain, longest = chains_zero_rounds(passes), longest_draft(policies)
     drawn: list[int] | None = None  # budgets already drawn for the next round (while looking past AR rounds)
     while rows.active:
         active = set(rows.active)
@@ -458,7 +458,7 @@ def decode_eesd(
         drawn = None
         counts = draft_steps(passes, rows, policies, budgets, stats)
         k = max(counts)
-        slots = verify_pass(passes, rows, k, counts, longest_draft(policies))
+        slots = verify_pass(passes, rows, k, counts, longest)
         verdicts = RoundVerdicts.read(passes, k, counts, stats, slots)
         for row in sorted(active):
             if forced_accept is None:

@@ -33,6 +33,13 @@ def default_exit_layer(num_layers: int) -> int:
     return max(1, num_layers // 2)
 
 
+def draft_capacity(longest: int, output_len: int) -> int:
+    """The longest draft a round can make, which sizes an EESD decoder's static buffers and bounds its verify buckets:
+    the policy's `longest`, capped by what a row has left to generate (a round's drafts and the full model's token fit
+    in it, `sim.policy.round_budget`)."""
+    return max(1, min(longest, output_len - 1))
+
+
 def verify_drafts(k: int, max_draft: int, bucketed: bool) -> int:
     """The draft slots of the verify pass that checks k drafts: k itself, or, bucketed, the smallest power of two
     holding k, capped at `max_draft` (the longest draft the policy makes, which the cache has room for). k = 0, a

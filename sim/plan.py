@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
 from sim.contention import Contention, ProfiledContention, Serial, SharedBandwidth
-from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, span_bucket, verify_drafts
+from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, draft_capacity, span_bucket, verify_drafts
 from sim.cost import cost_ratio, head_vocab_fraction, round_costs
 from sim.formats import (
     DataFile,
@@ -298,11 +298,10 @@ def exit_layer_of(point: Point) -> int:
 
 def verify_plan_widths(plan: SimPlan) -> tuple[int, ...]:
     """The executor's verify widths for this plan: on frozen passes (a frozen latency profile) each k's bucket up to
-    the longest draft its passes hold (the policy's, capped by the output length as `executor.api.draft_capacity`
-    caps it); otherwise none (every k its own width)."""
+    the longest draft its passes hold (`sim.contract.draft_capacity`); otherwise none (every k its own width)."""
     if plan.method != "eesd" or not getattr(plan.stages[0].latency, "frozen", False):
         return ()
-    longest = max(1, min(make_policy(plan.policy).max_draft_len, plan.workload.output_len - 1))
+    longest = draft_capacity(make_policy(plan.policy).max_draft_len, plan.workload.output_len)
     return tuple(verify_drafts(k, longest, True) for k in range(longest + 1))
 
 

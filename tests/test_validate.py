@@ -88,7 +88,7 @@ def test_scenarios_validate_cannot_follow_are_refused(tmp_path, capsys, changes,
         (["--threads", "0"], "--threads must be >= 1"),
         (["--points", "9"], "has points 0..8, got '9'"),
         (["--points", "some"], "--points: expected all | quick"),
-        (["--processes", "0"], "--processes: expected an integer >= 1, got 0"),
+        (["--processes", "0"], "--processes must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, fragment) -> None:
