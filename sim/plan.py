@@ -306,9 +306,12 @@ def verify_plan_widths(plan: SimPlan) -> tuple[int, ...]:
 
 
 def cache_slots(plan: SimPlan) -> int:
-    """The executor's cache capacity for this plan (`sim.contract.cache_capacity`)."""
-    max_draft = make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0
+    """The executor's cache capacity for this plan (`sim.contract.cache_capacity`), with room for the longest draft a
+    round can make (`sim.contract.draft_capacity`: the policy's longest, capped by the output length), as the
+    executor sizes it."""
     workload, captured = plan.workload, static_capacity(plan.stages[0].latency)
+    longest = make_policy(plan.policy).max_draft_len if plan.method == "eesd" else 0
+    max_draft = draft_capacity(longest, workload.output_len) if longest else 0
     return cache_capacity(plan.method, workload.prompt_len, workload.output_len, max_draft, captured)
 
 

@@ -371,3 +371,14 @@ def test_kept_on_model_uses_a_kept_object_that_serves_the_key() -> None:
     assert kept_on_model(net, "_t", ("a", 2), build, 4, lambda key: key[0] == "a" and key[1] >= 2) is wide
     assert kept_on_model(net, "_t", ("a", 4), build, 4, lambda key: key[0] == "a" and key[1] >= 4) is not wide
     assert kept_on_model(net, "_t", ("a", 2), build, 4, lambda key: False) is not wide and len(built) == 3
+
+
+def test_uncaptured_eesd_cache_holds_the_drafts_the_output_allows() -> None:
+    """A policy's longest draft beyond what the output leaves (fixed:8 for 4 new tokens) sizes the cache by the capped
+    draft (`sim.contract.draft_capacity`: 3): prompt + output + 3 + 1 slots, the capacity the simulator plans
+    (tests/test_sim_scenarios.py::test_plans_carry_the_executors_cache_capacity)."""
+    adapter = ModelAdapter(model())
+    setup = PassSetup("eesd", SamplingConfig(), 0, [], EXIT_LAYER, SharedExitHead(adapter), [make_policy("fixed:8")],
+                      "none")  # fmt: skip
+    passes = setup.passes(adapter, [PROMPTS[0]], 4)
+    assert passes.max_draft == 3 and passes.cache.max_len == len(PROMPTS[0]) + 4 + 3 + 1

@@ -224,6 +224,8 @@ UNCAPTURED = {"roofline": {"cuda_graphs": False}}
         ({"method": "ar"}, 256),
         ({"method": "ar", "latency": UNCAPTURED}, 176),
         ({"policy": "beta-ts:max=9", "workload": {"prompt_len": 200}}, 512),
+        # drafts capped by the output (`sim.contract.draft_capacity`): 47 + 4 + 3 + 1, as the executor sizes it
+        ({"policy": "fixed:8", "workload": {"output_len": 4}, "latency": UNCAPTURED}, 55),
         ({"method": "ppsd", "topology": {"stages": 2}, "exit_layer": 15, "latency": UNCAPTURED}, 175),
         ({"attention": "cache"}, 256),
         ({"attention": "context"}, None),
