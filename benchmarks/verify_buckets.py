@@ -1,5 +1,5 @@
 """What verify buckets buy under frozen passes (not a test): compilation, memory and speed of an EESD policy whose draft
-length varies, with one verify pass per draft length against one per bucket (`executor.passes.VERIFY_BUCKETS`).
+length varies, with one verify pass per draft length against one per bucket (`generate`'s `verify_buckets`).
 
 Frozen (`capture="freeze"`), every verify width is its own compiled pass holding its own packed copy of the weights,
 so a Thompson-sampling or confidence policy that tries k = 1..8 compiles eight verify passes; with buckets it compiles
@@ -30,12 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 CHILD = """
-import json, sys, time, torch, executor, executor.passes
+import json, sys, time, torch, executor
 from executor.adapter import ModelAdapter
 from executor.prompts import encode_prompt, load_prompts, split_prompts
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
-executor.passes.VERIFY_BUCKETS = spec["buckets"]
 adapter = ModelAdapter(executor.load_model(spec["model"], dtype=torch.float32))
 tokenizer = executor.load_tokenizer(spec["model"])
 held_out = split_prompts(load_prompts(spec["prompts"])).held_out[: spec["num_prompts"]]
@@ -53,7 +52,8 @@ def one_call():
             out = executor.generate(adapter, [ids], method="ar", max_new_tokens=spec["new_tokens"], capture="none")
         else:
             out = executor.generate(adapter, [ids], method="eesd", head=spec["head"], policy=spec["policy"],
-                                    max_new_tokens=spec["new_tokens"], capture="freeze")
+                                    max_new_tokens=spec["new_tokens"], capture="freeze",
+                                    verify_buckets=spec["buckets"])
         stats = out.stats
         outs.append(out.sequences[0].tolist()[len(ids):])
         decode_s += stats.wall_time_s - stats.prefill_time_s

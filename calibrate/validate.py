@@ -60,6 +60,7 @@ VARIED_FIELDS = (
     "exit_layer",
     "policy",
     "draft_dtype",
+    "verify_buckets",
     "ppsd_backend",
     "topology.stages",
     "workload.batch_size",
@@ -81,6 +82,7 @@ class Target:
     backend: str | None = None  # ppsd: sequential | distributed | streams
     stage_bounds: tuple[int, ...] = ()  # ppsd: 0 = b_0 < b_1 < .. < b_n = L, where the simulator cuts the layers
     draft_dtype: str | None = None  # eesd: the scenario's draft_dtype where narrower than its dtype (e.g. bf16)
+    verify_buckets: bool = True  # eesd: the scenario's (frozen verify passes at bucket widths, or one per k)
 
     @property
     def label(self) -> str:
@@ -88,6 +90,7 @@ class Target:
         if self.method == "ppsd":
             return f"ppsd {self.backend} n={len(self.stage_bounds) - 1} E={self.exit_layer}"
         narrow = f" {self.draft_dtype} drafts" if self.draft_dtype else ""
+        narrow += "" if self.verify_buckets else " unbucketed"
         return ("ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {self.policy}{narrow}") + batch
 
     @property
@@ -406,8 +409,8 @@ def targets(points: Sequence[Point]) -> tuple[Target, ...]:
         if s.method == "eesd":
             pinned = _with_pinned_cost(p)
             narrow = narrow_draft_dtype(s)
-            key = ("eesd", exit_layer_of(p), pinned.scenario.policy, batch, narrow)
-            found.setdefault(key, Target(*key[:3], pinned, batch, draft_dtype=narrow))
+            key = ("eesd", exit_layer_of(p), pinned.scenario.policy, batch, narrow, s.verify_buckets)
+            found.setdefault(key, Target(*key[:3], pinned, batch, draft_dtype=narrow, verify_buckets=s.verify_buckets))
         elif s.method == "ppsd":
             stages = build_plan(p).stages
             bounds = (0, *(stage.layer_end for stage in stages))
@@ -842,6 +845,8 @@ def _executor(plan_: Plan, adapter: Any) -> Callable[..., Any]:
             extra = {"exit_layer": target.exit_layer, "policy": target.policy, "head": plan_.head}
             if target.draft_dtype is not None:
                 extra["draft_dtype"] = SCENARIO_DTYPES[target.draft_dtype]
+            if not target.verify_buckets:
+                extra["verify_buckets"] = False
         elif target.method == "ppsd":
             extra = {"exit_layer": target.exit_layer, "stages": len(target.stage_bounds) - 1, "head": plan_.head,
                      "stage_boundaries": list(target.stage_bounds[1:-1]), "backend": target.backend}  # fmt: skip

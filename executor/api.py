@@ -378,6 +378,7 @@ class PassSetup:
     policies: list[DraftPolicy]
     capture: str
     draft_dtype: torch.dtype | None = None
+    verify_buckets: bool = True
 
     def passes(self, adapter: ModelAdapter, prompts: list[list[int]], max_new_tokens: int) -> Passes:
         """Fresh buffers without capture; with capture, the model's cached ones for this setup (graphs kept)."""
@@ -391,7 +392,7 @@ class PassSetup:
             self.method, len(prompts), capacity, self.exit_layer, head_key(self.head), mode,
             dataclasses.replace(self.config, seed=0), self.min_new_tokens, tuple(self.eos), self._confidence,
             self.capture == "auto",  # "auto" falls back where a capture or compilation fails, an explicit mode raises
-            self.draft_dtype, verify_bucketed(mode),
+            self.draft_dtype, verify_bucketed(mode, self.verify_buckets),
         )  # fmt: skip
 
         def serves(key: tuple) -> bool:  # passes of the same setup with room for longer drafts serve shorter ones
@@ -414,6 +415,7 @@ class PassSetup:
         return Passes(
             adapter, cache, selector, exit_layer=self.exit_layer, head=self.head, max_draft=max_draft, capture=mode,
             confidence=self._confidence, fallback=self.capture == "auto", draft_dtype=self.draft_dtype,
+            verify_buckets=self.verify_buckets,
         )  # fmt: skip
 
 
@@ -462,6 +464,7 @@ def generate(
     sync_every: int | None = None,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     draft_dtype: torch.dtype | str | None = None,
+    verify_buckets: bool = True,
 ) -> GenerationResult:
     """Decode with `method` "ar" (reference), "eesd" (early-exit self-speculation) or "ppsd", losslessly.
 
@@ -527,6 +530,11 @@ def generate(
     that narrower dtype, made once and kept on the model (`executor.draft_precision`); the verify pass then runs all
     layers over the round's tokens, in the model's dtype, so the output is AR's as without it. Where passes are bound
     by reading weights a draft step reads half the bytes; the policies' default cost ratio counts it.
+
+    `verify_buckets` (EESD under capture "freeze"): a round of k drafts runs the verify pass of its bucket (the
+    smallest power of two holding k, at most the policy's longest draft), so a policy whose k varies compiles a few
+    frozen verify passes instead of one per k (less compilation and memory, a padded pass on some rounds; the output
+    is the same). False: one frozen verify pass per draft length. Other capture modes build one pass per k either way.
     """
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
@@ -539,6 +547,8 @@ def generate(
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
     draft_dtype = check_draft_dtype(adapter, method, draft_dtype)
     check_sync_every(sync_every)
+    if not isinstance(verify_buckets, bool):
+        raise ValueError(f"verify_buckets must be True or False, got {verify_buckets!r}")
     if accept_pattern is not None and method != "eesd":
         raise ValueError(f"accept_pattern forces EESD's accept decision: it needs method 'eesd', got {method!r}")
     if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
@@ -586,8 +596,9 @@ def generate(
         elif max_new_tokens > 0:
             exit_head = head if method == "eesd" else None  # resolved above
             setup = PassSetup(
-                method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture, draft_dtype
-            )
+                method, config, min_new_tokens, eos, exit_layer, exit_head, policies, capture, draft_dtype,
+                verify_buckets,
+            )  # fmt: skip
             passes = setup.passes(adapter, prompts, max_new_tokens)
             passes.selector.start(prompts, ids)  # a penalty's context: the prompts (HF leaves padding out); prefixes
             stats.capture = passes.capture
@@ -841,6 +852,7 @@ class EarlyExitGenerator:
         head: Any = None,
         capture: str = "auto",
         draft_dtype: torch.dtype | str | None = None,
+        verify_buckets: bool = True,
     ) -> None:
         self.model = model
         self.adapter = ModelAdapter(model)
@@ -848,6 +860,7 @@ class EarlyExitGenerator:
         self.head = head if head in (None, "shared") else resolve_head(head, self.adapter, exit_layer)
         self.capture = capture
         self.draft_dtype = draft_dtype  # EESD: drafts in a narrower dtype (`generate`'s draft_dtype)
+        self.verify_buckets = verify_buckets  # frozen EESD: verify passes at bucket widths (`generate`'s)
         self.method = method
         self.exit_layer = exit_layer
         self.draft_len = draft_len
@@ -885,7 +898,8 @@ class EarlyExitGenerator:
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             sampling=self.sampling, seed=seed, streamer=kwargs.get("streamer"),
             stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture,
-            draft_dtype=self.draft_dtype, logits_processor=kwargs.get("logits_processor"),
+            draft_dtype=self.draft_dtype, verify_buckets=self.verify_buckets,
+            logits_processor=kwargs.get("logits_processor"),
             prefix_allowed_tokens_fn=kwargs.get("prefix_allowed_tokens_fn"), **processing,
         )  # fmt: skip
         self.last_stats = result.stats

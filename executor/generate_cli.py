@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"eesd: draft in this narrower dtype ({', '.join(DTYPES)}; e.g. bfloat16 for a float32 model): copies of "
         "the draft's layers and head, the verify pass runs all layers, output as without it",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-verify-buckets", dest="verify_buckets", action="store_false",
+        help="eesd with --capture freeze: one frozen verify pass per draft length, instead of one per bucket (powers "
+        "of two up to the longest draft; rounds with fewer drafts pad to their bucket): more compilation and memory, "
+        "no padded rounds",
+    )  # fmt: skip
     add_threads_argument(parser)
     parser.add_argument(
         "--capture", default="auto",
@@ -198,6 +204,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--draft-dtype must be one of {', '.join(DTYPES)}, got {args.draft_dtype!r}")
     if args.draft_dtype is not None and args.method != "eesd":
         raise ValueError(f"--draft-dtype is for --method eesd, got --method {args.method}")
+    if not args.verify_buckets and (args.method != "eesd" or args.capture != "freeze"):
+        raise ValueError(
+            f"--no-verify-buckets is for --method eesd with --capture freeze (frozen verify passes), got --method "
+            f"{args.method} --capture {args.capture}"
+        )
     import torch
 
     from executor.api import generate
@@ -226,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             policy=policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
             backend=args.backend, sync_every=args.sync_every, **stall, **common,
             **({"draft_dtype": args.draft_dtype} if args.draft_dtype else {}),
+            **({} if args.verify_buckets else {"verify_buckets": False}),
         )  # fmt: skip
     except PPSDWorkerError as err:  # a stage process failed, died or stalled: one line naming it (not a usage error)
         if os.environ.get("EESD_DEBUG"):

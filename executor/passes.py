@@ -67,12 +67,6 @@ FREEZE_OPTIONS = {
 }  # fmt: skip
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA workspaces, lazy inits)
 SPAN_BUCKETS = True  # False: every launch attends over the whole cache capacity (the A/B reference); read per launch
-# Frozen passes: a verify pass after k drafts runs over `verify_drafts(k, ...)` draft slots (a power of two or the
-# policy's longest draft; `sim.contract.verify_drafts`), so a policy whose k varies (beta-ts, confidence, heuristic)
-# compiles, and holds the packed weights of, a few verify passes instead of one per k; frozen, the extra slots cost
-# little (a frozen product reads its weights once whatever its width). False: one verify pass per k (the A/B
-# reference); read when a set of passes is built.
-VERIFY_BUCKETS = True
 PREFILL_BUCKETS = True  # on a GPU, prefill pads its width up to a multiple of PREFILL_BUCKET (`prefill_width`)
 PREFILL_BUCKET = 64
 
@@ -162,9 +156,14 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def verify_bucketed(capture: str) -> bool:
-    """Whether a set of passes of this (resolved) capture mode pads its verify passes to bucket widths."""
-    return VERIFY_BUCKETS and capture == "freeze"
+def verify_bucketed(capture: str, verify_buckets: bool = True) -> bool:
+    """Whether a set of passes of this (resolved) capture mode pads its verify passes to bucket widths: frozen passes
+    with `verify_buckets` (`generate`'s argument). A verify pass after k drafts then runs over `verify_drafts(k, ...)`
+    draft slots (a power of two or the policy's longest draft; `sim.contract.verify_drafts`), so a policy whose k
+    varies (beta-ts, confidence, heuristic) compiles, and holds the packed weights of, a few verify passes instead of
+    one per k, for a padded pass on some rounds. Other modes build a pass per k (a CUDA graph or an uncaptured run is
+    cheap to keep)."""
+    return verify_buckets and capture == "freeze"
 
 
 def launch_mode(capture: str, device: torch.device) -> str:
@@ -287,6 +286,7 @@ class Passes:
         confidence: bool = False,
         fallback: bool = False,
         draft_dtype: torch.dtype | None = None,
+        verify_buckets: bool = True,
     ) -> None:
         self.adapter = adapter.compiled(fallback) if capture == "compile-layers" else adapter
         self.cache, self.selector = cache, selector
@@ -301,7 +301,7 @@ class Passes:
         if getattr(self.head, "token_ids", None) is not None and hasattr(self.head, "subset_weight"):
             self.head.subset_weight()  # its rows gathered before any pass is traced, or each would be traced twice
         self.capture, self.want_confidence, self.fallback = capture, confidence, fallback
-        self.verify_buckets = verify_bucketed(capture)
+        self.verify_buckets = verify_bucketed(capture, verify_buckets)
         self.rejection = selector.config.kind == "rejection"
         batch, device = cache.batch, adapter.device
         long = {"dtype": torch.long, "device": device}

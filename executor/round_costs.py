@@ -64,12 +64,13 @@ def measure_round_costs(
     repeats: int = 5,
     warmups: int = 1,
     draft_dtype: Any = None,
+    verify_buckets: bool = True,
 ) -> RoundCosts:
     """Time rounds of 0..`max_draft_len` drafts at position `context` of one row of `model` (an HF model or a
     `ModelAdapter`; its cache holds whatever the timing writes: a pass's time does not depend on the values),
     `repeats` timed rounds per k after `warmups`, interleaved (k = 0, 1, ..., max, then again) so that a drifting
-    machine moves every k alike. `head` as `generate` takes it; `capture` and `draft_dtype` as `generate`'s (the same
-    passes)."""
+    machine moves every k alike. `head` as `generate` takes it; `capture`, `draft_dtype` and `verify_buckets` as
+    `generate`'s (the same passes: frozen, a round of k drafts verifies on its bucket's pass)."""
     from executor.adapter import ModelAdapter
     from executor.api import PassSetup, check_arguments, check_draft_dtype
     from executor.heads import resolve_head
@@ -87,7 +88,7 @@ def measure_round_costs(
     head = resolve_head(head, adapter, exit_layer)
     draft_dtype = check_draft_dtype(adapter, "eesd", draft_dtype)
     policy = [FixedPolicy(max_draft_len)]
-    setup = PassSetup("eesd", SamplingConfig(), 0, [], exit_layer, head, policy, capture, draft_dtype)
+    setup = PassSetup("eesd", SamplingConfig(), 0, [], exit_layer, head, policy, capture, draft_dtype, verify_buckets)
     with torch.inference_mode():
         passes = setup.passes(adapter, [prompt], max_draft_len + chained + 2)
         rounds = [_round(passes, context, k, chained) for k in range(max_draft_len + 1)]

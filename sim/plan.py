@@ -131,6 +131,7 @@ class SimPlan:
     # frozen passes: the draft slots the verify pass after k drafts runs at, for k = 0..max (`verify_plan_widths`,
     # `sim.contract.verify_drafts`); empty: k itself
     verify_widths: tuple[int, ...] = ()
+    verify_buckets: bool = True  # the scenario's: frozen verify passes at bucket widths (else `verify_widths` empty)
     contention: Contention = SharedBandwidth()  # passes at the same time on a shared device (not `sequential`)
 
     def __post_init__(self) -> None:
@@ -275,6 +276,7 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
         chain_zero_rounds=s.zero_draft_rounds == "chained",
         sync_every=s.sync_every,
         ppsd_backend=s.ppsd_backend,
+        verify_buckets=s.verify_buckets,
     )
     plan = SimPlan(**{**plan.__dict__, "contention": _contention(point, plan, where)})
     _check_policy(plan, where)
@@ -297,9 +299,11 @@ def exit_layer_of(point: Point) -> int:
 
 
 def verify_plan_widths(plan: SimPlan) -> tuple[int, ...]:
-    """The executor's verify widths for this plan: on frozen passes (a frozen latency profile) each k's bucket up to
-    the longest draft its passes hold (`sim.contract.draft_capacity`); otherwise none (every k its own width)."""
-    if plan.method != "eesd" or not getattr(plan.stages[0].latency, "frozen", False):
+    """The executor's verify widths for this plan: on frozen passes (a frozen latency profile) with verify buckets,
+    each k's bucket up to the longest draft its passes hold (`sim.contract.draft_capacity`); otherwise none (every k
+    its own width)."""
+    frozen = getattr(plan.stages[0].latency, "frozen", False)
+    if plan.method != "eesd" or not frozen or not plan.verify_buckets:
         return ()
     longest = draft_capacity(make_policy(plan.policy).max_draft_len, plan.workload.output_len)
     return tuple(verify_drafts(k, longest, True) for k in range(longest + 1))

@@ -331,6 +331,11 @@ class Scenario(Strict):
     # cache, masked (the executor with span buckets off, or frozen CPU passes); "context", the positions so far (a
     # decoder with dynamic shapes, e.g. HF's)
     attention: Literal["buckets", "cache", "context"] = "buckets"
+    # EESD on frozen passes (a latency profile measured with `--kernels frozen`): a round of k drafts runs the verify
+    # pass of its bucket (the smallest power of two holding k, at most the policy's longest draft), as the executor
+    # does by default; false: a verify pass per draft length (the executor's `verify_buckets=False`). Nothing changes
+    # elsewhere: other passes are never padded
+    verify_buckets: bool = True
     latency: LatencyConfig = LatencyConfig(roofline=Roofline())
     acceptance: AcceptanceConfig
     topology: TopologyConfig = TopologyConfig()

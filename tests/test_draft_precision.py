@@ -158,6 +158,8 @@ def test_cli_drafts_narrow_and_checks_its_flags(tmp_path, capsys) -> None:
     for bad, fragment in (
         (["--draft-dtype", "int8"], "--draft-dtype must be one of"),
         (["--draft-dtype", "bfloat16", "--method", "ar"], "--draft-dtype is for --method eesd"),
+        (["--no-verify-buckets"], "--no-verify-buckets is for --method eesd with --capture freeze"),
+        (["--no-verify-buckets", "--capture", "freeze", "--method", "ar"], "got --method ar --capture freeze"),
     ):
         assert main([*args, *bad]) == 2
         assert fragment in capsys.readouterr().err

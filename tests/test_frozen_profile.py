@@ -68,7 +68,7 @@ def test_a_frozen_profile_plans_the_frozen_executors_cache(tmp_path: Path) -> No
 
 
 def test_a_frozen_plan_costs_each_verify_pass_at_its_bucket(tmp_path: Path) -> None:
-    """On frozen passes the executor pads a round of k drafts to its verify bucket (`executor.passes.VERIFY_BUCKETS`),
+    """On frozen passes the executor pads a round of k drafts to its verify bucket (`generate`'s `verify_buckets`),
     so the plan costs that pass's layers [E, L) and LM head over the bucket's tokens: beta-ts (up to 8 drafts) at
     1, 2, 4, 4, 8, 8, 8, 8 slots; capped by the output length as the executor caps its passes; eager: k itself.
     The engine and the round costs the policy weighs take the same passes."""
@@ -85,6 +85,21 @@ def test_a_frozen_plan_costs_each_verify_pass_at_its_bucket(tmp_path: Path) -> N
     assert short.verify_widths == (0, 1, 2, 4, 4, 5)  # the executor's passes hold drafts of up to 6 - 1
     assert build_plan(load_points(scenario(tmp_path, PROFILE, policy="beta-ts"))[0]).verify_widths == ()
     assert build_plan(load_points(scenario(tmp_path, frozen, method="ar"))[0]).verify_widths == ()
+
+
+def test_a_frozen_plan_without_verify_buckets_costs_each_k_at_its_own_width(tmp_path: Path) -> None:
+    """`verify_buckets: false` (the executor's `verify_buckets=False`): a verify pass per k, nothing padded; the
+    round costs the policy weighs are the unpadded ones."""
+    from executor.passes import verify_bucketed
+
+    frozen = relabelled(tmp_path, kernels="frozen")
+    plan = build_plan(load_points(scenario(tmp_path, frozen, policy="beta-ts", verify_buckets=False))[0])
+    assert plan.verify_widths == () and not plan.verify_buckets
+    assert verify_pass(plan, 3).lm_head_q == 4
+    padded = build_plan(load_points(scenario(tmp_path, frozen, policy="beta-ts"))[0])
+    assert plan.round_costs is not None and padded.round_costs is not None
+    assert plan.round_costs[3] < padded.round_costs[3] and plan.round_costs[4] == padded.round_costs[4]
+    assert verify_bucketed("freeze") and not verify_bucketed("freeze", False) and not verify_bucketed("none")
 
 
 @pytest.mark.parametrize("attention", ["buckets", "context"])

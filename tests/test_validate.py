@@ -522,6 +522,32 @@ def test_narrow_draft_points_run_the_executor_with_their_draft_dtype(monkeypatch
     assert [c["method"] for c in calls] == ["ar", "eesd", "eesd", "eesd", "eesd"]
 
 
+def test_a_sweep_over_verify_buckets_runs_the_executor_with_each(monkeypatch, tmp_path) -> None:
+    """A frozen scenario sweeping verify_buckets gives a target per setting; the unbucketed one runs
+    generate(verify_buckets=False), the others leave the executor's default (no generate call is timed here)."""
+    import types
+
+    import executor.api
+
+    data = yaml.safe_load((ROOT / "scenarios" / "gemma3_cpu_frozen_policies.yaml").read_text(encoding="utf-8"))
+    data["sweep"] = {"policy": ["heuristic:max=4"], "verify_buckets": [True, False]}
+    data["latency"]["profile"]["path"] = str(ROOT / "calibration" / "cpu" / "latency_gemma3-270m_cpu_fp32_frozen.csv")
+    data["acceptance"]["trace"] = str(ROOT / "calibration" / "cpu" / "acceptance_gemma3-270m_e14v16k_heldout.csv")
+    path = tmp_path / "buckets.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    planned = validate.plan(path, prompts=1, max_new_tokens=4)
+    labels = [t.label for t in planned.targets]
+    assert labels == ["ar", "eesd E=14 heuristic:max=4", "eesd E=14 heuristic:max=4 unbucketed"]
+    calls: list[dict] = []
+    fake = types.SimpleNamespace
+    monkeypatch.setattr(executor.api, "generate", lambda *args, **kwargs: calls.append(kwargs) or fake(stats=None))
+    run_one = validate._executor(planned, fake(model=fake(generation_config=fake(eos_token_id=1))))
+    for target in planned.targets:
+        run_one(target, [[5, 6, 7]], 4)
+    assert [c.get("verify_buckets", True) for c in calls] == [True, True, False]
+    assert {c["capture"] for c in calls} == {"freeze"}
+
+
 def test_the_bf16_drafts_validation_is_within_its_committed_errors() -> None:
     """The committed `eesd validate` of narrow drafts on the dev box's CPU: every point within 5% in tokens/s, and the
     simulator ranks bf16 drafts below float32 drafts uncaptured, as the executor measured."""

@@ -27,15 +27,17 @@ from sim.contract import verify_drafts
 POLICIES = ["heuristic", "confidence:0.3", "beta-ts", "fixed:3", "fixed:5"]
 
 
-def _bucketed(on: bool):
-    return lambda capture: on
+def _any_capture(capture: str, verify_buckets: bool = True) -> bool:
+    """`executor.passes.verify_bucketed` for every capture mode, uncaptured included: buckets as `generate`'s
+    `verify_buckets` says."""
+    return verify_buckets
 
 
 @pytest.fixture
 def buckets(monkeypatch) -> list[tuple[int, int]]:
-    """Verify buckets on for every set of passes built; records each drafting round's verify launch as (the round's
-    own k, the pass's slots)."""
-    monkeypatch.setattr(executor.passes, "verify_bucketed", _bucketed(True))
+    """Verify buckets for every set of passes built (`generate(verify_buckets=False)` turns them off); records each
+    drafting round's verify launch as (the round's own k, the pass's slots)."""
+    monkeypatch.setattr(executor.passes, "verify_bucketed", _any_capture)
     launched: list[tuple[int, int]] = []
     original = Passes.verify
 
@@ -84,11 +86,7 @@ def test_padded_verify_equals_ar(spec: TinySpec, data, buckets) -> None:
     mask = None if rows == 1 else torch.tensor([[0] * (7 - len(p)) + [1] * len(p) for p in prompts])
     out = generate(model, ids, attention_mask=mask, **eesd, **common)
     if sampling == "rejection":
-        executor.passes.verify_bucketed = _bucketed(False)
-        try:
-            reference = generate(model, ids, attention_mask=mask, **eesd, **common)
-        finally:
-            executor.passes.verify_bucketed = _bucketed(True)
+        reference = generate(model, ids, attention_mask=mask, **eesd, **common, verify_buckets=False)
     else:
         reference = generate(model, ids, attention_mask=mask, method="ar", **common)
     assert torch.equal(out.sequences, reference.sequences)
@@ -122,6 +120,12 @@ def test_varying_policies_launch_only_bucket_widths(buckets) -> None:
     assert any(k < slots for k, slots in buckets)  # some rounds were padded
     drafted = {k for k in out.stats.drafted if k}
     assert len(drafted) > len(widths)  # fewer verify passes than draft lengths tried
+    buckets.clear()
+    off = generate(model, prompt, method="eesd", exit_layer=2, policy="heuristic", max_new_tokens=40, capture="none",
+                   verify_buckets=False)  # fmt: skip
+    assert torch.equal(off.sequences, ar.sequences)
+    assert buckets and all(k == slots for k, slots in buckets)
+    assert {slots for _, slots in buckets} == {k for k in off.stats.drafted if k}
 
 
 def test_no_room_for_the_bucket_runs_the_round_unpadded() -> None:
