@@ -501,23 +501,30 @@ def test_the_model_may_be_named_where_this_machine_holds_it(tmp_path, capsys) ->
 BF16_DRAFTS = ROOT / "scenarios" / "gemma3_cpu_bf16_drafts.yaml"
 
 
-def test_narrow_draft_points_run_the_executor_with_their_draft_dtype(monkeypatch) -> None:
-    """A sweep over draft_dtype gives a target per dtype; the bf16 one runs generate(draft_dtype="bfloat16"), the
-    model-dtype one and AR none (no generate call is timed here: it is replaced)."""
+def generate_calls(monkeypatch, planned: validate.Plan) -> list[dict]:
+    """The keyword arguments validate's executor gives `generate` for each target of `planned` (one short call each;
+    `generate` replaced, nothing runs)."""
     import types
 
     import executor.api
 
-    planned = validate.plan(BF16_DRAFTS, prompts=1, max_new_tokens=4)
-    labels = [t.label for t in planned.targets]
-    assert labels == ["ar", "eesd E=14 fixed:2", "eesd E=14 fixed:3", "eesd E=14 fixed:2 bf16 drafts",
-                      "eesd E=14 fixed:3 bf16 drafts"]  # fmt: skip
     calls: list[dict] = []
     fake = types.SimpleNamespace
     monkeypatch.setattr(executor.api, "generate", lambda *args, **kwargs: calls.append(kwargs) or fake(stats=None))
     run_one = validate._executor(planned, fake(model=fake(generation_config=fake(eos_token_id=1))))
     for target in planned.targets:
         run_one(target, [[5, 6, 7]], 4)
+    return calls
+
+
+def test_narrow_draft_points_run_the_executor_with_their_draft_dtype(monkeypatch) -> None:
+    """A sweep over draft_dtype gives a target per dtype; the bf16 one runs generate(draft_dtype="bfloat16"), the
+    model-dtype one and AR none (no generate call is timed here: it is replaced)."""
+    planned = validate.plan(BF16_DRAFTS, prompts=1, max_new_tokens=4)
+    labels = [t.label for t in planned.targets]
+    assert labels == ["ar", "eesd E=14 fixed:2", "eesd E=14 fixed:3", "eesd E=14 fixed:2 bf16 drafts",
+                      "eesd E=14 fixed:3 bf16 drafts"]  # fmt: skip
+    calls = generate_calls(monkeypatch, planned)
     assert [c.get("draft_dtype") for c in calls] == [None, None, None, "bfloat16", "bfloat16"]
     assert [c["method"] for c in calls] == ["ar", "eesd", "eesd", "eesd", "eesd"]
 
@@ -525,10 +532,6 @@ def test_narrow_draft_points_run_the_executor_with_their_draft_dtype(monkeypatch
 def test_a_sweep_over_verify_buckets_runs_the_executor_with_each(monkeypatch, tmp_path) -> None:
     """A frozen scenario sweeping verify_buckets gives a target per setting; the unbucketed one runs
     generate(verify_buckets=False), the others leave the executor's default (no generate call is timed here)."""
-    import types
-
-    import executor.api
-
     data = yaml.safe_load((ROOT / "scenarios" / "gemma3_cpu_frozen_policies.yaml").read_text(encoding="utf-8"))
     data["sweep"] = {"policy": ["heuristic:max=4"], "verify_buckets": [True, False]}
     data["latency"]["profile"]["path"] = str(ROOT / "calibration" / "cpu" / "latency_gemma3-270m_cpu_fp32_frozen.csv")
@@ -538,12 +541,7 @@ def test_a_sweep_over_verify_buckets_runs_the_executor_with_each(monkeypatch, tm
     planned = validate.plan(path, prompts=1, max_new_tokens=4)
     labels = [t.label for t in planned.targets]
     assert labels == ["ar", "eesd E=14 heuristic:max=4", "eesd E=14 heuristic:max=4 unbucketed"]
-    calls: list[dict] = []
-    fake = types.SimpleNamespace
-    monkeypatch.setattr(executor.api, "generate", lambda *args, **kwargs: calls.append(kwargs) or fake(stats=None))
-    run_one = validate._executor(planned, fake(model=fake(generation_config=fake(eos_token_id=1))))
-    for target in planned.targets:
-        run_one(target, [[5, 6, 7]], 4)
+    calls = generate_calls(monkeypatch, planned)
     assert [c.get("verify_buckets", True) for c in calls] == [True, True, False]
     assert {c["capture"] for c in calls} == {"freeze"}
 
