@@ -272,3 +272,19 @@ def test_a_component_runs_eagerly_before_it_is_frozen(monkeypatch) -> None:
     monkeypatch.setattr(torch, "compile", compile_)
     latency._freeze(lambda: order.append("eager call"))
     assert order == ["eager call", "compile", "compiled call"]
+
+
+def test_the_smollm2_buckets_validation_ranks_the_settings_as_measured() -> None:
+    """The shipped SmolLM2 frozen scenario plans heuristic drafting on bucket passes and on a pass per k, each decode
+    query inside its q = 1..9 profile; the committed `eesd validate` of it (the EPYC box, one process) has every point
+    within 6% of the executor and both simulator and executor find buckets slower on this profile."""
+    path = ROOT / "scenarios" / "smollm2_cpu_frozen_buckets.yaml"
+    plans = {p.values["verify_buckets"]: build_plan(p) for p in load_points(path)}
+    assert plans[True].verify_widths[:9] == (0, 1, 2, 4, 4, 8, 8, 8, 8) and plans[False].verify_widths == ()
+    assert plans[True].stages[0].latency.frozen and plans[True].cache_slots == 256
+    report = json.loads((ROOT / "benchmarks" / "results" / "validate_smollm2-135m_cpu_frozen_buckets.json").read_text())
+    rows = {row["point"]: row for row in report["rows"]}
+    assert all(abs(row["tokens_per_s_error"]) < 0.06 for row in rows.values())
+    bucketed, own = rows["eesd E=7 heuristic"], rows["eesd E=7 heuristic unbucketed"]
+    assert bucketed["executor_tokens_per_s"] < own["executor_tokens_per_s"]
+    assert bucketed["sim_tokens_per_s"] < own["sim_tokens_per_s"]
