@@ -18,6 +18,7 @@ _EXPORTS = {
     "KVCache": "executor.kv_cache",
     "load_model": "executor.models",
     "load_tokenizer": "executor.models",
+    "release_passes": "executor.passes",
 }
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "generate",
     "load_model",
     "load_tokenizer",
+    "release_passes",
 ]
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from executor.decoding import GenerationStats
     from executor.kv_cache import KVCache
     from executor.models import load_model, load_tokenizer
+    from executor.passes import release_passes
 
 
 def __getattr__(name: str) -> Any:

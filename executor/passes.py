@@ -33,7 +33,11 @@ i-th chained AR or draft step is at its start + i), so it never reads the device
 from __future__ import annotations
 
 import contextlib
+import gc
+import sys
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -60,7 +64,8 @@ CAPTURE_MODES = ("auto", "none", "graph", "compile", "compile-layers", "freeze")
 # pass cost about two AR steps; frozen, q = 2 costs what q = 1 does. The price: a packed copy of the weights per
 # compiled pass (pass kind x token count; span buckets are off, `bucketed`), minutes of compilation per pass on a
 # small CPU, and weights read once at compile time (a later in-place change of a weight is not seen; moved weights drop
-# the cached passes).
+# the cached passes). A frozen pass holds its packed weights as long as it lives: dropped (an evicted set of kept
+# passes, `release_passes`), it frees them (`StaticPass` compiles a function of its own, `own_function`).
 FREEZE_OPTIONS = {
     "freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
     "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0,
@@ -199,9 +204,13 @@ class StaticPass:
         if mode == "compile":
             allow_recompiles()
             self.compiled = torch.compile(self._launch, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        self.modules: list[types.ModuleType] | None = None  # frozen, once compiled: the wrappers holding its constants
         if mode == "freeze":
-            allow_recompiles()
-            self.compiled = torch.compile(self._launch, fullgraph=True, dynamic=False)
+            launch = own_function(StaticPass._launch)
+            self.compiled = torch.compile(types.MethodType(launch, self), fullgraph=True, dynamic=False)
+            self._held: list[types.ModuleType] = []
+            weakref.finalize(self, release_compiled, launch.__globals__, self._held)
+            FROZEN_PASSES.add(self)
 
     def _launch(self) -> None:
         self.fn()
@@ -216,7 +225,10 @@ class StaticPass:
             from torch._inductor import config as inductor_config
 
             with inductor_config.patch(FREEZE_OPTIONS):
-                self.compiled()
+                if self.modules is not None:
+                    self.compiled()
+                else:
+                    self._compile_frozen()
             return
         if self.mode != "graph":
             self._launch()
@@ -236,6 +248,55 @@ class StaticPass:
     @property
     def captured(self) -> bool:
         return self.graph is not None
+
+    def _compile_frozen(self) -> None:
+        """The first (compiling) launch of a frozen pass: the wrapper modules Inductor loads for it hold its frozen
+        constants (the packed weights) as attributes; they are noted, to be released with the pass."""
+        from torch._inductor.codecache import PyCodeCache
+
+        before = len(PyCodeCache.modules)
+        self.compiled()
+        self.modules = PyCodeCache.modules[before:]
+        self._held.extend(self.modules)
+
+
+FROZEN_PASSES: weakref.WeakSet[StaticPass] = weakref.WeakSet()  # the frozen passes alive (`collect_frozen`)
+
+
+def collect_frozen() -> None:
+    """Free the memory of frozen passes no longer referenced, now rather than at some later garbage collection: a pass
+    sits in a reference cycle (its compiled function is bound to it), and so does the wrapper module its finalizer
+    lets go (`release_compiled`), hence two collections. Nothing to do (and no collection) without frozen passes."""
+    if len(FROZEN_PASSES):
+        gc.collect()
+        gc.collect()
+
+
+def own_function(method: Callable[..., Any]) -> types.FunctionType:
+    """A copy of `method`'s function with a code object and globals of its own, for one frozen pass to compile.
+    Dynamo keeps a compiled frame's entries on its code object and installs the compiled graph (with its frozen
+    constants) in the frame's globals, which its guards keep alive as long as any object they watch lives (the
+    model's weights): on the function every pass shares, every frozen pass ever compiled would keep its packed
+    weights for the life of the process. Its own globals can be emptied when the pass goes (`release_compiled`)."""
+    return types.FunctionType(method.__code__.replace(), dict(method.__globals__), method.__name__)
+
+
+def release_compiled(launch_globals: dict[str, Any], modules: list[types.ModuleType]) -> None:
+    """What a collected frozen pass leaves behind, released: the compiled graphs Dynamo installed in its function's
+    own globals (nothing runs that function again), and its wrapper modules in Inductor's code cache and
+    `sys.modules`, which hold its frozen constants as attributes."""
+    from torch._inductor.codecache import PyCodeCache
+
+    for name in launch_globals:  # kept, not deleted: Dynamo's own clean-up may delete them later
+        launch_globals[name] = None
+    gone = set(map(id, modules))
+    PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if id(m) not in gone]
+    for path, module in list(PyCodeCache.modules_no_attr.items()):
+        if id(module) in gone:
+            del PyCodeCache.modules_no_attr[path]
+    for module in modules:
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
 
 
 def capture_graph(warmup: Callable[[], None], fn: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
@@ -635,16 +696,35 @@ def kept_on_model(
     weight tensor moved (`model.to(...)`, a reassigned parameter: a graph reads addresses) or `FUSE_CAPTURED` changed
     (fused and unfused passes differ)."""
     kept = model.__dict__.setdefault(table, {})
+    model.__dict__.setdefault(KEPT_TABLES, set()).add(table)
     weights = (FUSE_CAPTURED, *(p.data_ptr() for p in model.parameters()))
     if model.__dict__.get(table + "_weights") != weights:  # moved, cast or reassigned since: nothing kept is valid
-        kept.clear()
+        if kept:
+            kept.clear()
+            collect_frozen()
         model.__dict__[table + "_weights"] = weights
     if key not in kept and serves is not None:
         key = next((other for other in reversed(kept) if serves(other)), key)
     if key in kept:
         kept[key] = kept.pop(key)  # most recent last
         return kept[key]
-    while len(kept) >= limit:
-        kept.pop(next(iter(kept)))
+    if len(kept) >= limit:
+        while len(kept) >= limit:
+            kept.pop(next(iter(kept)))
+        collect_frozen()  # an evicted frozen set's packed weights freed before the next one compiles
     kept[key] = build()
     return kept[key]
+
+
+KEPT_TABLES = "_eesd_kept_tables"  # the model's own dict: the names of the tables `kept_on_model` keeps there
+
+
+def release_passes(model: torch.nn.Module) -> None:
+    """Drop everything the executor keeps on `model` between calls (captured or frozen passes and their KV caches,
+    PPSD and serving decoders, narrow draft copies) and free its memory now: on a CPU each frozen pass holds a packed
+    copy of the weights it reads. The next call builds (and compiles or captures) what it needs again."""
+    model = model.model if isinstance(model, ModelAdapter) else model
+    for table in model.__dict__.pop(KEPT_TABLES, set()):
+        model.__dict__.pop(table, None)
+        model.__dict__.pop(table + "_weights", None)
+    collect_frozen()

@@ -65,3 +65,39 @@ def test_frozen_verify_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
     widths = {q - 1 for name, q, _ in passes.spans() if name == "verify"}
     assert widths <= {1, 2, 4, 8, passes.max_draft}
     assert len({k for k in out.stats.drafted if k}) > len(widths)
+
+
+def _frozen_constants(net: torch.nn.Module) -> list:
+    """Weak references to the constants the frozen passes kept on `net` compiled in that are not `net`'s own weights or
+    buffers (the packed copies), read off the wrapper modules Inductor loaded for them."""
+    import weakref
+
+    own = {id(t) for t in (*net.parameters(), *net.buffers())}
+    found = []
+    for kept in net.__dict__["_eesd_passes"].values():
+        for static in kept._passes.values():
+            for module in static.modules:
+                found += [weakref.ref(v) for v in vars(module).values() if torch.is_tensor(v) and id(v) not in own]
+    return found
+
+
+def test_released_frozen_passes_free_their_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen pass's packed weights live as long as the pass: `executor.release_passes` frees them, and so does the
+    eviction of a kept set (`MAX_RUNNERS_PER_MODEL`), while the kept set in use keeps its own. Before each frozen pass
+    compiled a function of its own, Dynamo's globals kept every frozen compilation for the life of the process."""
+    monkeypatch.setattr(executor.passes, "FREEZE_OPTIONS", {"freezing": True})
+    net = tiny_model(TinySpec(arch="llama", num_layers=2, seed=3), torch.float64)
+    reference = executor.generate(net, [PROMPT], max_new_tokens=6, method="ar", capture="none").sequences
+    assert torch.equal(executor.generate(net, [PROMPT], max_new_tokens=6, capture="freeze").sequences, reference)
+    first = _frozen_constants(net)
+    assert first and all(r() is not None for r in first)
+    executor.release_passes(net)
+    assert "_eesd_passes" not in net.__dict__ and all(r() is None for r in first)
+    monkeypatch.setattr(executor.passes, "MAX_RUNNERS_PER_MODEL", 1)
+    assert torch.equal(executor.generate(net, [PROMPT], max_new_tokens=6, capture="freeze").sequences, reference)
+    ar = _frozen_constants(net)
+    out = executor.generate(net, [PROMPT], max_new_tokens=6, capture="freeze", method="eesd", exit_layer=1)
+    assert torch.equal(out.sequences, reference)
+    assert all(r() is None for r in ar)  # the AR set evicted: its constants freed
+    eesd = _frozen_constants(net)
+    assert eesd and all(r() is not None for r in eesd)
