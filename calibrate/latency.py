@@ -33,8 +33,8 @@ over every layer), `exit_head` and `lm_head` each compiled whole with the weight
 reads them once per call whatever q). `embed`, `overhead` and prefill stay
 eager: the frozen pass gathers its embedding rows in the graph (microseconds), and the executor never freezes a
 prefill. A frozen (q, context, batch) shape compiles for about a minute on a 2-core CPU and holds a packed copy of the
-weights it reads, which Inductor does not free while the process lives: every shape's compilations are kept and
-reused by later visits (`FrozenCalls`), the grid is smaller (`FROZEN_CPU_GRID`), and the frozen executor attends over
+weights it reads for as long as the process lives (`FrozenCalls`): every shape's compilations are kept and
+reused by later visits, the grid is smaller (`FROZEN_CPU_GRID`), and the frozen executor attends over
 its whole cache (a scenario replaying the profile says `attention: cache`; its context axis is then the cache's
 capacity).
 
@@ -332,10 +332,12 @@ def _point_of(record: LatencyRecord) -> GridPoint:
 
 class FrozenCalls:
     """The frozen compilations, by (component, layer index, q, context, batch): each compiled once and kept, so that a
-    grid's later visits reuse its first visit's. Dropping one would free nothing: Inductor keeps a frozen
-    compilation's packed constants alive after the callable and Dynamo's caches are gone (SmolLM2's LM head: 110 MB
-    more per compilation, dropped or kept; a three-visit Gemma-3 profile that recompiled every shape on each visit ran
-    the 24 GB box out of memory in its second visit). The memory is the sum over the grid's shapes, hence the small
+    grid's later visits reuse its first visit's. Dropping one would free nothing here: Dynamo installs a compiled graph
+    in the globals of the function it compiled, which its guards keep alive while the model's weights live, and
+    Inductor's code cache holds the wrapper module carrying the packed constants (SmolLM2's LM head: 110 MB more per
+    compilation, dropped or kept; a three-visit Gemma-3 profile that recompiled every shape on each visit ran the 24 GB
+    box out of memory in its second visit; the executor's frozen passes compile functions of their own and release
+    both, `executor.passes.release_compiled`). The memory is the sum over the grid's shapes, hence the small
     `FROZEN_CPU_GRID`. Dynamo is never reset: a validation's probe compiles after the executor's frozen passes, which
     a reset would throw away."""
 

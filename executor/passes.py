@@ -33,6 +33,8 @@ i-th chained AR or draft step is at its start + i), so it never reads the device
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import gc
 import sys
 import types
@@ -711,9 +713,23 @@ def kept_on_model(
     if len(kept) >= limit:
         while len(kept) >= limit:
             kept.pop(next(iter(kept)))
+        frozen = len(FROZEN_PASSES)
         collect_frozen()  # an evicted frozen set's packed weights freed before the next one compiles
+        if len(FROZEN_PASSES) < frozen:
+            warn_frozen_evicted(limit)
     kept[key] = build()
     return kept[key]
+
+
+@functools.cache
+def warn_frozen_evicted(limit: int) -> None:
+    """Once per process: a set of frozen passes went to make room; if its setup comes back it compiles again."""
+    warnings.warn(
+        f"frozen passes of an older setup were dropped (at most {limit} sets are kept per model, "
+        "executor.passes.MAX_RUNNERS_PER_MODEL) and their memory freed; that setup compiles again if used again",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 KEPT_TABLES = "_eesd_kept_tables"  # the model's own dict: the names of the tables `kept_on_model` keeps there
@@ -722,9 +738,12 @@ KEPT_TABLES = "_eesd_kept_tables"  # the model's own dict: the names of the tabl
 def release_passes(model: torch.nn.Module) -> None:
     """Drop everything the executor keeps on `model` between calls (captured or frozen passes and their KV caches,
     PPSD and serving decoders, narrow draft copies) and free its memory now: on a CPU each frozen pass holds a packed
-    copy of the weights it reads. The next call builds (and compiles or captures) what it needs again."""
+    copy of the weights it reads (given back to the system where the C library is glibc). The next call builds (and
+    compiles or captures) what it needs again."""
     model = model.model if isinstance(model, ModelAdapter) else model
     for table in model.__dict__.pop(KEPT_TABLES, set()):
         model.__dict__.pop(table, None)
         model.__dict__.pop(table + "_weights", None)
     collect_frozen()
+    with contextlib.suppress(OSError, AttributeError):  # glibc: the freed pages of its heaps back to the system
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
