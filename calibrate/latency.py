@@ -33,8 +33,9 @@ over every layer), `exit_head` and `lm_head` each compiled whole with the weight
 reads them once per call whatever q). `embed`, `overhead` and prefill stay
 eager: the frozen pass gathers its embedding rows in the graph (microseconds), and the executor never freezes a
 prefill. A frozen (q, context, batch) shape compiles for about a minute on a 2-core CPU and holds a packed copy of the
-weights it reads for as long as the process lives (`FrozenCalls`): every shape's compilations are kept and
-reused by later visits, the grid is smaller (`FROZEN_CPU_GRID`), and the frozen executor attends over
+weights it reads until its last use (`FrozenCalls`): every shape compiles once, later visits reuse it, and it is
+released after the last point (of the last visit) that uses it; the grid is smaller (`FROZEN_CPU_GRID`), and the
+frozen executor attends over
 its whole cache (a scenario replaying the profile says `attention: cache`; its context axis is then the cache's
 capacity).
 
@@ -50,6 +51,7 @@ the same settings continues from it; the profile is written atomically at the en
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -332,39 +334,60 @@ def _point_of(record: LatencyRecord) -> GridPoint:
 
 class FrozenCalls:
     """The frozen compilations, by (component, layer index, q, context, batch): each compiled once and kept, so that a
-    grid's later visits reuse its first visit's. Dropping one would free nothing here: Dynamo installs a compiled graph
+    grid's later visits reuse its first visit's, until `release` (after its last use). A compilation is of a function
+    of its own (`executor.passes.own_function`), as the executor's frozen passes are: Dynamo installs a compiled graph
     in the globals of the function it compiled, which its guards keep alive while the model's weights live, and
-    Inductor's code cache holds the wrapper module carrying the packed constants (SmolLM2's LM head: 110 MB more per
-    compilation, dropped or kept; a three-visit Gemma-3 profile that recompiled every shape on each visit ran the 24 GB
-    box out of memory in its second visit; the executor's frozen passes compile functions of their own and release
-    both, `executor.passes.release_compiled`). The memory is the sum over the grid's shapes, hence the small
-    `FROZEN_CPU_GRID`. Dynamo is never reset: a validation's probe compiles after the executor's frozen passes, which
-    a reset would throw away."""
+    Inductor's code cache holds the wrapper module carrying the packed constants, so a compilation of a shared function
+    could never be freed (SmolLM2's LM head: 110 MB more per compilation, dropped or kept; a three-visit Gemma-3 profile
+    that recompiled every shape on each visit ran the 24 GB box out of memory in its second visit). With one visit a
+    profile holds one shape's compilations at a time; with several, every shape's until the last visit. Dynamo is
+    never reset: a validation's probe compiles after the executor's frozen passes, which a reset would throw away."""
 
     def __init__(self) -> None:
         self.calls: dict[tuple, Callable[[], object]] = {}
+        self._held: dict[tuple, tuple[dict, list]] = {}  # by key: what `release` frees
+
+    @staticmethod
+    def key(point: GridPoint, layer: int | None) -> tuple:
+        return (point.component, layer, point.q, point.context_len, point.batch)
+
+    @staticmethod
+    def applies(point: GridPoint) -> bool:
+        """Whether a frozen profile times this point frozen (its decode layers and heads; the rest eager)."""
+        return point.phase != "prefill" and point.component in FROZEN_COMPONENTS
 
     def get(self, point: GridPoint, layer: int | None, fn: Callable[[], object]) -> Callable[[], object]:
-        key = (point.component, layer, point.q, point.context_len, point.batch)
+        key = self.key(point, layer)
         if key not in self.calls:
-            self.calls[key] = _freeze(fn)
+            self.calls[key], self._held[key] = _freeze(fn)
         return self.calls[key]
 
+    def release(self, key: tuple) -> None:
+        """Drop one compilation whose last use is behind and free its packed constants now (the executor's own way,
+        `executor.passes.release_compiled`), so that a profile holds one shape's at a time where each is used once."""
+        from executor.passes import release_compiled
 
-def _freeze(fn: Callable[[], object]) -> Callable[[], object]:
+        if self.calls.pop(key, None) is not None:
+            release_compiled(*self._held.pop(key))
+            gc.collect()  # the compiled function's cycle, then the wrapper module's
+            gc.collect()
+
+
+def _freeze(fn: Callable[[], object]) -> tuple[Callable[[], object], tuple[dict, list]]:
     """`fn` compiled whole with the weights it reads frozen in, as `capture="freeze"` compiles a pass, and run once
     under the same options (the compilation: never timed). `fn` runs eagerly first, as the executor's prefill runs
     before its frozen passes compile: a Gemma-3-270m layer stack frozen before any eager call ran 2.1 ms a layer, after
     one 1.1 ms (our reading: max-autotune timed its kernel choices on weights not yet paged in)."""
     from torch._inductor import config as inductor_config
 
-    from executor.passes import FREEZE_OPTIONS
+    from executor.passes import FREEZE_OPTIONS, loaded_modules, own_function
 
     fn()
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    own = own_function(fn)  # compiled on its own, so that its compilation can be released (`FrozenCalls.release`)
+    compiled = torch.compile(own, fullgraph=True, dynamic=False)
     with inductor_config.patch(FREEZE_OPTIONS):
-        _compile(compiled, "frozen")
-    return compiled
+        modules = loaded_modules(lambda: _compile(compiled, "frozen"))
+    return compiled, (own.__globals__, modules)
 
 
 def measure(
@@ -379,7 +402,7 @@ def measure(
     run = adapter.layer_run if point.phase != "prefill" else None  # the executor never compiles a prefill
     fn = component_call(adapter, inputs, point.component, layer, run)
     with torch.inference_mode():
-        if frozen is not None and point.phase != "prefill" and point.component in FROZEN_COMPONENTS:
+        if frozen is not None and frozen.applies(point):
             fn = frozen.get(point, layer, fn)
         elif run is not None and point.component in ("layer", "exit_head"):
             _compile(fn)  # this shape: never timed, never inside a graph capture
@@ -415,10 +438,12 @@ def spot_check_layers(
     point = GridPoint("layer", "verify", grid.q[-1], grid.context_len[0], grid.batch[0], settings.graph_modes[0])
     inputs = make_inputs(adapter, point.q, point.context_len, point.batch)
     layers = sorted({0, adapter.num_layers // 2, adapter.num_layers - 1})
-    checks = [
-        {"layer": i, **asdict(point), "median_us": measure(adapter, point, inputs, settings.timer, i, frozen).median_us}
-        for i in layers
-    ]
+    checks = []
+    for i in layers:
+        checks.append({"layer": i, **asdict(point),
+                       "median_us": measure(adapter, point, inputs, settings.timer, i, frozen).median_us})  # fmt: skip
+        if frozen is not None:
+            frozen.release(frozen.key(point, i))  # one layer's shape: timed once
     return checks
 
 
@@ -435,6 +460,7 @@ def run_points(
     """Measure the (point, visit) pairs not yet in `partial`, visit by visit; False when stopped by `max_new_points`."""
     every = [(point, visit) for visit in range(visits) for point in points]
     todo = [key for key in every if key not in partial.records]
+    last_use = {} if frozen is None else {frozen.key(p, None): i for i, (p, _) in enumerate(todo) if frozen.applies(p)}
     bar = progress_bar(len(every), "latency", "pt", progress, initial=len(every) - len(todo))
     cached: tuple[tuple, Inputs] | None = None
     for count, (point, visit) in enumerate(todo):
@@ -446,6 +472,8 @@ def run_points(
             cached = (point.shape_key, make_inputs(adapter, point.q, point.context_len, point.batch))
         summary = measure(adapter, point, cached[1], timer, frozen=frozen)
         partial.add(LatencyRecord(**asdict(point), **asdict(summary)), visit)
+        if frozen is not None and last_use.get(frozen.key(point, None)) == count:
+            frozen.release(frozen.key(point, None))  # no later point (or visit) uses this shape
         bar.update(1)
     bar.close()
     return True

@@ -254,11 +254,7 @@ class StaticPass:
     def _compile_frozen(self) -> None:
         """The first (compiling) launch of a frozen pass: the wrapper modules Inductor loads for it hold its frozen
         constants (the packed weights) as attributes; they are noted, to be released with the pass."""
-        from torch._inductor.codecache import PyCodeCache
-
-        before = len(PyCodeCache.modules)
-        self.compiled()
-        self.modules = PyCodeCache.modules[before:]
+        self.modules = loaded_modules(self.compiled)
         self._held.extend(self.modules)
 
 
@@ -274,13 +270,28 @@ def collect_frozen() -> None:
         gc.collect()
 
 
-def own_function(method: Callable[..., Any]) -> types.FunctionType:
-    """A copy of `method`'s function with a code object and globals of its own, for one frozen pass to compile.
+def own_function(function: Callable[..., Any]) -> types.FunctionType:
+    """A copy of `function` (its closure and defaults too) with a code object and globals of its own, for one frozen
+    pass (or one frozen calibration call) to compile.
     Dynamo keeps a compiled frame's entries on its code object and installs the compiled graph (with its frozen
     constants) in the frame's globals, which its guards keep alive as long as any object they watch lives (the
     model's weights): on the function every pass shares, every frozen pass ever compiled would keep its packed
     weights for the life of the process. Its own globals can be emptied when the pass goes (`release_compiled`)."""
-    return types.FunctionType(method.__code__.replace(), dict(method.__globals__), method.__name__)
+    code = function.__code__.replace()
+    copy = types.FunctionType(code, dict(function.__globals__), function.__name__, function.__defaults__,
+                              function.__closure__)  # fmt: skip
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
+def loaded_modules(first_call: Callable[[], object]) -> list[types.ModuleType]:
+    """Run `first_call` (a compiling call) and return the wrapper modules Inductor's code cache loaded meanwhile (by
+    identity: a collection during the call may take other passes' modules out of the cache)."""
+    from torch._inductor.codecache import PyCodeCache
+
+    known = set(map(id, PyCodeCache.modules))
+    first_call()
+    return [module for module in PyCodeCache.modules if id(module) not in known]
 
 
 def release_compiled(launch_globals: dict[str, Any], modules: list[types.ModuleType]) -> None:

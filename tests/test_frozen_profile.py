@@ -189,15 +189,18 @@ def test_a_frozen_pass_reads_its_weights_once_at_compile_time() -> None:
 
 
 def test_frozen_calls_compile_each_shape_once_and_never_reset_dynamo(monkeypatch) -> None:
-    """Each (component, layer, shape) compiles once and is kept, so a later visit of the grid reuses it (dropping a
-    frozen compilation frees none of its packed weights); Dynamo is never reset (a validation's probe compiles after
-    the executor's frozen passes, which a reset would throw away)."""
+    """Each (component, layer, shape) compiles once and is kept, so a later visit of the grid reuses it, until it is
+    released (then compiled again if asked for); Dynamo is never reset (a validation's probe compiles after the
+    executor's frozen passes, which a reset would throw away)."""
     import calibrate.latency as latency
+    import executor.passes
 
     resets: list[int] = []
     compiled: list[object] = []
-    monkeypatch.setattr(latency, "_freeze", lambda fn: compiled.append(fn) or fn)
+    released: list[tuple] = []
+    monkeypatch.setattr(latency, "_freeze", lambda fn: (compiled.append(fn) or fn, ({"fn": fn}, [])))
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(executor.passes, "release_compiled", lambda names, modules: released.append(names["fn"]()))
     calls = FrozenCalls()
     grid = [GridPoint("layer", "draft", 1, 8, 1, False), GridPoint("lm_head", "verify", 1, 8, 1, False),
             GridPoint("layer", "verify", 3, 8, 1, False), GridPoint("layer", "verify", 1, 8, 1, False)]  # fmt: skip
@@ -206,6 +209,11 @@ def test_frozen_calls_compile_each_shape_once_and_never_reset_dynamo(monkeypatch
             calls.get(point, None, lambda index=index, visit=visit: (index, visit))
     assert resets == [] and len(compiled) == 3  # the draft and verify phases of one shape share a compilation
     assert [fn() for fn in compiled] == [(0, 0), (1, 0), (2, 0)]
+    calls.release(calls.key(grid[1], None))
+    calls.release(calls.key(grid[1], None))  # released once
+    assert released == [(1, 0)] and calls.key(grid[1], None) not in calls.calls
+    calls.get(grid[1], None, lambda: "again")
+    assert len(compiled) == 4 and compiled[-1]() == "again"
 
 
 def test_frozen_profile_of_a_tiny_model(tmp_path: Path, monkeypatch) -> None:
@@ -214,14 +222,20 @@ def test_frozen_profile_of_a_tiny_model(tmp_path: Path, monkeypatch) -> None:
     import calibrate.latency as latency
 
     frozen: list[tuple[str, int | None, int]] = []
-    real = latency.FrozenCalls.get
+    released: list[tuple[str, int | None, int]] = []
+    real, real_release = latency.FrozenCalls.get, latency.FrozenCalls.release
 
     def spy(self, point, layer, fn):
         if (point.component, layer, point.q, point.context_len, point.batch) not in self.calls:
             frozen.append((point.component, layer, point.q))
         return real(self, point, layer, fn)
 
+    def spy_release(self, key):
+        released.append(key[:3])
+        return real_release(self, key)
+
     monkeypatch.setattr(latency.FrozenCalls, "get", spy)
+    monkeypatch.setattr(latency.FrozenCalls, "release", spy_release)
     config = tmp_path / "config.json"
     tiny_model(TinySpec(num_layers=2), dtype=torch.float32).config.to_json_file(config)
     grid = ["--q", "1,2", "--context", "8", "--batch", "1", "--prefill", "16", "--warmup", "1", "--repeats", "2"]
@@ -236,6 +250,9 @@ def test_frozen_profile_of_a_tiny_model(tmp_path: Path, monkeypatch) -> None:
     decode = [("layer", None, 1), ("exit_head", None, 1), ("lm_head", None, 1)]
     decode += [("layer", None, 2), ("lm_head", None, 2)]
     assert frozen == spot + decode  # draft and verify at q = 1 share a shape's compilations
+    # each shape released once, after its last use (one visit): the draft layer at q = 1 waits for the verify one
+    assert sorted(released, key=str) == sorted(frozen, key=str) and len(set(released)) == len(released)
+    assert released.index(("layer", None, 1)) > released.index(("exit_head", None, 1))
     assert all(r.median_us > 0 for r in profile.records)
 
 
