@@ -51,7 +51,6 @@ the same settings continues from it; the profile is written atomically at the en
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import statistics
@@ -365,12 +364,11 @@ class FrozenCalls:
     def release(self, key: tuple) -> None:
         """Drop one compilation whose last use is behind and free its packed constants now (the executor's own way,
         `executor.passes.release_compiled`), so that a profile holds one shape's at a time where each is used once."""
-        from executor.passes import release_compiled
+        from executor.passes import collect_released, release_compiled
 
         if self.calls.pop(key, None) is not None:
             release_compiled(*self._held.pop(key))
-            gc.collect()  # the compiled function's cycle, then the wrapper module's
-            gc.collect()
+            collect_released()
 
 
 def _freeze(fn: Callable[[], object]) -> tuple[Callable[[], object], tuple[dict, list]]:
@@ -472,8 +470,9 @@ def run_points(
             cached = (point.shape_key, make_inputs(adapter, point.q, point.context_len, point.batch))
         summary = measure(adapter, point, cached[1], timer, frozen=frozen)
         partial.add(LatencyRecord(**asdict(point), **asdict(summary)), visit)
-        if frozen is not None and last_use.get(frozen.key(point, None)) == count:
-            frozen.release(frozen.key(point, None))  # no later point (or visit) uses this shape
+        key = None if frozen is None else frozen.key(point, None)
+        if key is not None and last_use.get(key) == count:
+            frozen.release(key)  # no later point (or visit) uses this shape
         bar.update(1)
     bar.close()
     return True

@@ -254,8 +254,8 @@ class StaticPass:
     def _compile_frozen(self) -> None:
         """The first (compiling) launch of a frozen pass: the wrapper modules Inductor loads for it hold its frozen
         constants (the packed weights) as attributes; they are noted, to be released with the pass."""
-        self.modules = loaded_modules(self.compiled)
-        self._held.extend(self.modules)
+        self._held.extend(loaded_modules(self.compiled))
+        self.modules = self._held
 
 
 FROZEN_PASSES: weakref.WeakSet[StaticPass] = weakref.WeakSet()  # the frozen passes alive (`collect_frozen`)
@@ -266,8 +266,15 @@ def collect_frozen() -> None:
     sits in a reference cycle (its compiled function is bound to it), and so does the wrapper module its finalizer
     lets go (`release_compiled`), hence two collections. Nothing to do (and no collection) without frozen passes."""
     if len(FROZEN_PASSES):
-        gc.collect()
-        gc.collect()
+        collect_released()
+
+
+def collect_released() -> None:
+    """Two garbage collections: the first collects what was just let go of (a dropped pass's cycle, whose finalizer
+    runs `release_compiled`, or a released compiled function's), the second the wrapper module's own reference cycle,
+    which only then has no way in."""
+    gc.collect()
+    gc.collect()
 
 
 def own_function(function: Callable[..., Any]) -> types.FunctionType:
@@ -721,9 +728,10 @@ def kept_on_model(
     if key in kept:
         kept[key] = kept.pop(key)  # most recent last
         return kept[key]
-    if len(kept) >= limit:
-        while len(kept) >= limit:
-            kept.pop(next(iter(kept)))
+    evicted = len(kept) >= limit
+    while len(kept) >= limit:
+        kept.pop(next(iter(kept)))
+    if evicted:
         frozen = len(FROZEN_PASSES)
         collect_frozen()  # an evicted frozen set's packed weights freed before the next one compiles
         if len(FROZEN_PASSES) < frozen:

@@ -68,12 +68,19 @@ def test_frozen_verify_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _compiled_modules(net: torch.nn.Module) -> list:
-    """Weak references to the wrapper modules Inductor loaded for the frozen passes kept on `net`: each carries its
-    pass's frozen constants (packed weights and folded tensors) as attributes, so while one lives they do."""
+    """Weak references to the wrapper modules Inductor loaded for the frozen passes kept on `net`, and to the functions
+    defined in them: a module carries its pass's frozen constants (packed weights and folded tensors) in its namespace,
+    which its functions keep alive (as their globals) even after the module object itself is gone, so while any of
+    these lives the constants do."""
+    import types
     import weakref
 
     kept = net.__dict__["_eesd_passes"].values()
-    return [weakref.ref(module) for passes in kept for static in passes._passes.values() for module in static.modules]
+    modules = [module for passes in kept for static in passes._passes.values() for module in static.modules]
+    functions = [
+        f for m in modules for f in vars(m).values() if isinstance(f, types.FunctionType) and f.__globals__ is vars(m)
+    ]
+    return [weakref.ref(x) for x in (*modules, *functions)]
 
 
 def test_released_frozen_passes_free_their_compilations(monkeypatch: pytest.MonkeyPatch) -> None:
