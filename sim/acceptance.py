@@ -13,10 +13,16 @@ sweeps over α monotone).
   calibrated: conf ~ Beta(α·s, (1 − α)·s) and match ~ Bernoulli(conf), so the mean acceptance is still α.
 - `PositionalAcceptance(alphas)`: match ~ Bernoulli(α_i) for the i-th draft of a round (the last α repeats);
   acceptance is front-loaded in real traces (docs/design.md).
-- `TraceAcceptance(trace, exit_layer)`: replays a calibration trace; request r starts at prompt r mod P and
-  continues into the next prompts (cyclically) when it needs more tokens than one prompt has. `reuse(requests,
-  output_len)` says when that would replay tokens beyond a spill into the next prompt: more tokens than the trace
-  holds, or more requests than it has prompts (a scenario refuses that unless it asks for `acceptance.reuse: cycle`).
+- `TraceAcceptance(trace, exit_layer, stop_at_eos=True)`: replays a calibration trace; request r starts at prompt
+  r mod P and continues into the next prompts (cyclically) when it needs more tokens than one prompt has. A prompt
+  whose recorded text ends in one of the trace's EOS ids (metadata `eos_token_ids`) ended there, as the executor ends
+  a row: with `stop_at_eos` a request ends at the first EOS its replay reaches (`output_len(request, requested)`, at
+  most `requested`), otherwise it replays on into the next prompt, as if the model had not stopped. `reuse(requests,
+  output_len)` says when the replay would reuse tokens: more tokens than the trace holds, or more requests than it
+  has prompts (a scenario refuses that unless it asks for `acceptance.reuse: cycle`).
+
+Every model says how many tokens request r generates when `requested` are asked for (`output_len`): the random
+models always `requested`, a trace replay fewer where its text ends first.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class AcceptanceModel(Protocol):
     has_confidence: bool
 
     def stream(self, rng: random.Random, request: int) -> AcceptanceStream: ...
+
+    def output_len(self, request: int, requested: int) -> int: ...
 
 
 def _check_probability(name: str, value: float) -> None:
@@ -60,6 +68,9 @@ class BernoulliAcceptance:
 
     def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
         return _BernoulliStream(rng, self.alpha, self.confidence_sharpness)
+
+    def output_len(self, request: int, requested: int) -> int:
+        return requested
 
 
 DRAW_AHEAD = 64  # positions drawn beyond the one asked for (the same draws, fewer calls)
@@ -109,6 +120,9 @@ class PositionalAcceptance:
     def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
         return _PositionalStream(self.alphas, rng)
 
+    def output_len(self, request: int, requested: int) -> int:
+        return requested
+
 
 class _PositionalStream(_Uniforms):
     def __init__(self, alphas: Sequence[float], rng: random.Random) -> None:
@@ -127,13 +141,14 @@ class TraceAcceptance:
 
     has_confidence = True
 
-    def __init__(self, trace: DataFile, exit_layer: int) -> None:
-        by_prompt: dict[str, list[tuple[int, bool, float]]] = {}
+    def __init__(self, trace: DataFile, exit_layer: int, stop_at_eos: bool = True) -> None:
+        by_prompt: dict[str, list[tuple[int, int, bool, float]]] = {}
         layers = set()
         for record in trace.records:
             layers.add(record.exit_layer)
             if record.exit_layer == exit_layer:
-                by_prompt.setdefault(record.prompt_id, []).append((record.position, record.match, record.confidence))
+                row = (record.position, record.token, record.match, record.confidence)
+                by_prompt.setdefault(record.prompt_id, []).append(row)
         if not by_prompt:
             raise ValueError(
                 f"{trace.path or 'acceptance trace'}: no records for exit_layer {exit_layer}; it has {sorted(layers)}"
@@ -141,10 +156,19 @@ class TraceAcceptance:
         self.exit_layer = exit_layer
         self.starts: list[int] = []
         flat: list[tuple[bool, float]] = []
+        eos = {int(t) for t in trace.metadata.get("eos_token_ids") or ()}
+        ends: list[int] = []  # the flat index of each prompt's last token where that token is an EOS
         for prompt in sorted(by_prompt):
             self.starts.append(len(flat))
-            flat.extend((match, conf) for _, match, conf in sorted(by_prompt[prompt]))
+            rows = sorted(by_prompt[prompt])
+            flat.extend((match, conf) for _, _, match, conf in rows)
+            if rows[-1][1] in eos:
+                ends.append(len(flat) - 1)
         self.flat = flat
+        self.ended = len(ends)  # prompts whose text ends in an EOS
+        self.stop_at_eos = stop_at_eos
+        # tokens a replay from each prompt's start generates up to and including the first EOS it reaches
+        self._to_eos = [_tokens_to_end(start, ends, len(flat)) for start in self.starts]
         self.mean_match = sum(m for m, _ in flat) / len(flat)
         # the dtype the trace's drafts ran in where narrower than the model's (`--draft-dtype`), as the file names it
         self.draft_dtype = str(trace.metadata.get("draft_dtype") or "") or None
@@ -152,22 +176,40 @@ class TraceAcceptance:
     def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
         return _TraceStream(self.flat, self.starts[request % len(self.starts)])
 
+    def output_len(self, request: int, requested: int) -> int:
+        """The tokens request `request` generates when `requested` are asked for: fewer where its replay reaches an
+        EOS first (with `stop_at_eos`)."""
+        to_eos = self._to_eos[request % len(self.starts)] if self.stop_at_eos else None
+        return requested if to_eos is None else min(requested, to_eos)
+
     def reuse(self, requests: int, output_len: int | Sequence[int]) -> str | None:
         """Why replaying `requests` requests of `output_len` tokens reuses the trace (module docstring), else None.
-        `output_len` may list each request's own length (a serving workload's): the tokens are then their sum."""
+        `output_len` may list each request's own length (a serving workload's); the tokens replayed are the sum of
+        what each request generates (`output_len(request, asked)`, no more than asked)."""
         held, prompts = len(self.flat), len(self.starts)
+        asked = [output_len] * requests if isinstance(output_len, int) else list(output_len)
+        tokens = sum(self.output_len(r, n) for r, n in enumerate(asked))
         if isinstance(output_len, int):
-            tokens = requests * output_len
-            replays = f"requests x output_len = {requests:,} x {output_len:,} = {tokens:,}"
+            replays = f"requests x output_len = {requests:,} x {output_len:,} = {sum(asked):,}"
         else:
-            tokens = sum(output_len)
-            replays = f"{requests:,} requests of {tokens:,} output tokens in all"
+            replays = f"{requests:,} requests of {sum(asked):,} output tokens in all"
+        replays += f" ({tokens:,} up to their EOS)" if tokens < sum(asked) else ""
         at = f"at exit_layer {self.exit_layer}"
         if tokens > held:
             return f"the trace holds {held:,} tokens {at} ({prompts} prompts); the workload replays {replays}"
         if requests > prompts:
             return f"the trace holds {prompts} prompts {at}; {requests:,} requests replay some of them twice"
         return None
+
+
+def _tokens_to_end(start: int, ends: Sequence[int], held: int) -> int | None:
+    """Tokens from flat index `start` up to and including the first EOS at or after it (cyclically, as a replay
+    continues into the next prompts); None where the trace has no EOS."""
+    if not ends:
+        return None
+    later = [end for end in ends if end >= start]
+    end = later[0] if later else ends[0] + held
+    return end - start + 1
 
 
 @dataclass

@@ -142,7 +142,10 @@ _Timeline = tuple[tuple[int, float, float], ...]  # a pass in a sweep: (stage, Â
 
 @dataclass
 class BatchRow:
-    """One request in a batch: its acceptance stream, policy and progress."""
+    """One request in a batch: its acceptance stream, policy and progress; `length` is the tokens it generates in
+    all (the prefill's included: `remaining` when it is made). A row whose text ends at an EOS before the tokens it
+    asked for has `past_end` = asked - `length`: the executor learns of the EOS only when it emits it, so its draft
+    budgets and blocks of steps still reach for the tokens asked (`room`)."""
 
     stream: AcceptanceStream
     policy: DraftPolicy
@@ -153,6 +156,33 @@ class BatchRow:
     accepted: int = 0
     all_match: bool = True
     drawn: int | None = None  # the next round's budget, drawn ahead while chaining zero-draft rounds
+    past_end: int = 0
+    length: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.length = self.remaining
+
+    @property
+    def room(self) -> int:
+        """The tokens the executor still reaches for: those left, and those it asked for past its end."""
+        return self.remaining + self.past_end
+
+
+def batch_verdict(rows: list[BatchRow], position: int, index: int) -> bool:
+    """Whether a PPSD batch's draft of the token at `position` (the `index`-th since its run began) is confirmed:
+    every row that goes on past it drafted the full model's token (a batch moves in lockstep; a row whose last token
+    comes sooner runs on with the batch, its drafts judged by no one)."""
+    return all([row.stream.draft(position, index)[0] for row in rows if position <= row.length - 2])
+
+
+def batch_emitting(rows: list[BatchRow], position: int) -> int:
+    """The rows that emit a token when the PPSD token at `position` leaves the pipe (it makes token position + 1)."""
+    return sum(1 for row in rows if position + 2 <= row.length)
+
+
+def batch_drafting(rows: list[BatchRow], position: int) -> int:
+    """The rows whose draft of the token at `position` is judged (`batch_verdict`)."""
+    return sum(1 for row in rows if position <= row.length - 2)
 
 
 class _Wake(simpy.Event):
@@ -478,26 +508,31 @@ class Simulation:
         policy_rng = random.Random(policy_seed(plan.seed, request % plan.workload.batch_size))
         costs = plan.round_costs
         policy = make_policy(plan.policy, rng=policy_rng, cost_ratio=plan.cost_ratio, round_costs=costs)
-        return BatchRow(stream, policy, plan.workload.output_len)
+        asked = plan.workload.output_len
+        length = plan.acceptance.output_len(request, asked)
+        return BatchRow(stream, policy, length, past_end=asked - length)
 
     def _ar(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
-        """AR steps in blocks up to the host's next read: every `sync_every`-th step and the step that ends the
-        shortest row (the steps of a block do not depend on time: they run together, `_passes`)."""
+        """AR steps in blocks up to the host's next read, as the executor runs them (`executor.decoding.decode_ar`):
+        `sync_every` steps, or fewer to the furthest any row still reaches for (`BatchRow.room`); a row that ends
+        inside a block runs on to its end, and one that ended runs every step at the batch's width (the steps of a
+        block do not depend on time: they run together, `_passes`)."""
         segments = ((0, self.plan.model.num_layers, 1),)
         step = Pass("decode", "verify", segments, lm_head_q=1)
         chained = Pass("decode chained", "verify", segments, lm_head_q=1, host_sync=False)
-        active, count, sync_every, counts = [r for r in rows if r.remaining > 0], 0, self.plan.sync_every, self.counts
+        active, sync_every, counts = [r for r in rows if r.remaining > 0], self.plan.sync_every, self.counts
+        width = len(rows)
         while active:
-            steps = min(sync_every - count % sync_every, min([r.remaining for r in active]))
-            context, batch = self._context(active), len(active)
-            block = [(chained, context + i, batch) for i in range(steps - 1)]
-            block.append((step, context + steps - 1, batch))
-            count += steps
+            steps = min(sync_every, max([r.room for r in active]))
+            context = self._context(active)
+            block = [(chained, context + i, width) for i in range(steps - 1)]
+            block.append((step, context + steps - 1, width))
             for row in active:
-                row.generated += steps
-                row.remaining -= steps
-            counts["rounds"] += steps * batch
-            counts["tokens"] += steps * batch
+                emitted = min(steps, row.remaining)
+                row.generated += emitted
+                row.remaining -= emitted
+                counts["rounds"] += emitted
+                counts["tokens"] += emitted
             active = [r for r in active if r.remaining > 0]
             yield from self._passes(block)
 
@@ -509,15 +544,16 @@ class Simulation:
         while active:
             # 1. Draft: every row drafts until its policy stops; the batch runs while any row drafts.
             for row in active:
-                row.limit = row.drawn if row.drawn is not None else round_budget(row.policy, row.remaining)
+                row.limit = row.drawn if row.drawn is not None else round_budget(row.policy, row.room)
                 row.drafted, row.accepted, row.all_match, row.drawn = 0, 0, True, None
             if chain and not any([r.limit for r in active]):
-                yield from self._zero_draft_rounds(active)
+                yield from self._zero_draft_rounds(active, len(rows))
                 active = [r for r in active if r.remaining > 0]
                 continue
             # A row's drafts depend neither on when they run nor on the other rows: each row's are drawn first.
             drafts = max([self._draft_row(row) for row in active])
-            context, batch = self._context(active), len(active)
+            # a row that ended runs on at its parked position: the batch keeps its width (as the executor's)
+            context, batch = self._context(active), len(rows)
             passes = [(draft, context + step, batch) for step in range(drafts)]
             # 2. Verify the k drafts (layers [0, E) for the last one, [E, L) for all k + 1: `verify_segments`), emit.
             passes.append((self._verify_pass(drafts), context + drafts, batch))
@@ -542,14 +578,14 @@ class Simulation:
             self._verify_passes[k] = verify
         return verify
 
-    def _zero_draft_rounds(self, active: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
+    def _zero_draft_rounds(self, active: list[BatchRow], width: int) -> Generator[simpy.Event, Any, None]:
         """Rounds in which no row drafts, as the executor runs them (`executor.decoding.zero_draft_rounds`): AR steps
-        chained on the device, one host read per block; the next rounds' budgets are drawn ahead while all are 0,
-        up to `sync_every` rounds or the longest row's end. A trained head's layer runs in each step too (its KV
-        kept in step, as a verify pass keeps it)."""
-        longest, steps = max(r.remaining for r in active), 1
+        chained on the device, one host read per block, at the batch's `width` (rows that ended run on); the next
+        rounds' budgets are drawn ahead while all are 0, up to `sync_every` rounds or the longest row's end. A
+        trained head's layer runs in each step too (its KV kept in step, as a verify pass keeps it)."""
+        longest, steps = max(r.room for r in active), 1
         while steps < min(self.plan.sync_every, longest):
-            budgets = [round_budget(r.policy, r.remaining, steps) for r in active]
+            budgets = [round_budget(r.policy, r.room, steps) for r in active]
             if any(budgets):
                 for row, budget in zip(active, budgets, strict=True):
                     row.drawn = budget
@@ -560,7 +596,7 @@ class Simulation:
             last = step == steps - 1
             name = "decode" if last else "decode chained"
             work = Pass(name, "verify", segments, lm_head_q=1, head_layer_at=self.plan.head_layer_at, host_sync=last)
-            passes.append((work, self._context(active), len(active)))
+            passes.append((work, self._context(active), width))
             for row in active:
                 if row.remaining > 0:
                     row.policy.update(0, 0)
@@ -594,7 +630,8 @@ class Simulation:
             yield from self._ppsd_ticks(rows)
             return
         token = self._token_pass()  # every rank's host takes part in every tick
-        if self.shortcuts and self.trace is None and not self.env._queue and plan.workload.output_len > 1:
+        longest = max(row.length for row in rows)  # the batch runs in lockstep to its longest row's end
+        if self.shortcuts and self.trace is None and not self.env._queue and longest > 1:
             swept = _FreePipe(self, rows, token).sweep()
             if swept is not None:
                 yield swept
@@ -602,7 +639,7 @@ class Simulation:
                 return
         self._pipe = _Pipe(
             rows=rows,
-            output_len=plan.workload.output_len,
+            output_len=longest,
             window=plan.max_in_flight or len(plan.stages),
             finished=self.env.event(),
             token_pass=token,
@@ -612,7 +649,7 @@ class Simulation:
             cost=self._cost(token, 0, len(rows)) if plan.cache_slots and not plan.span_buckets else None,
         )
         self._count(rounds=1)
-        if plan.workload.output_len > 1:
+        if longest > 1:
             self._ppsd_enter(self._ppsd_job(0, 0), last_act=self.shortcuts)
             yield self._pipe.finished
         self.epoch += 1  # whatever is still in flight is discarded
@@ -652,7 +689,7 @@ class Simulation:
         if position > pipe.output_len - 2:  # the last token is produced by the full model, never processed
             return
         run_index = job.run_index
-        job.next_ok = all([row.stream.draft(position, run_index)[0] for row in pipe.rows])
+        job.next_ok = batch_verdict(pipe.rows, position, run_index)
         child = self._ppsd_job(position, run_index + 1)
         if pipe.in_flight < pipe.window:
             pipe.in_flight += 1
@@ -665,14 +702,15 @@ class Simulation:
         pipe.in_flight -= 1
         for stage, duration in zip(self.stages, job.durations, strict=True):  # a token's job visits every stage
             stage.useful_us += duration
-        counts["tokens"] += batch
+        counts["tokens"] += batch_emitting(pipe.rows, job.position)
         counts["ticks"] += len(self.stages) if job.run_index == 0 else 1
         if job.position + 2 >= pipe.output_len:
             pipe.finished.succeed()
             return
+        judged = batch_drafting(pipe.rows, job.position + 1)
         if job.next_ok:
-            counts["accepted"] += batch
-            counts["drafted"] += batch
+            counts["accepted"] += judged
+            counts["drafted"] += judged
             if pipe.pending is not None:
                 pending, pipe.pending = pipe.pending, None
                 self._ppsd_enter(pending)
@@ -685,7 +723,7 @@ class Simulation:
             stage.abort_stale(at_once)
         counts["flushes"] += 1
         counts["rounds"] += 1
-        counts["drafted"] += batch
+        counts["drafted"] += judged
         pipe.pending = None
         correction = self._ppsd_job(job.position + 1, 0)
         pipe.in_flight = 1
@@ -697,16 +735,19 @@ class Simulation:
     # ---- PPSD in lockstep ticks ----------------------------------------------------------------------------------
     def _ppsd_ticks(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         """PPSD as the executor's pipeline runs it: lockstep ticks (module docstring; `executor.ppsd.LocalPipeline`
-        and the distributed ranks' loop). A tick's stage 1 drafts after its token unless the tick flushes."""
+        and the distributed ranks' loop). A tick's stage 1 drafts after its token unless the tick flushes. The host
+        reads every `sync_every` ticks, or fewer to the tokens asked for (`BatchRow.room`: an EOS is known only when
+        read); the ticks after an EOS up to the block's end run unread, each costed as the tick that emitted it."""
         plan, batch, n = self.plan, len(rows), len(self.stages)
-        output_len, window = plan.workload.output_len, plan.max_in_flight or n
+        output_len, window = max(row.length for row in rows), plan.max_in_flight or n  # lockstep to the longest row
+        asked = max(row.length + row.past_end for row in rows)
         self._count(rounds=1)
         held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
         pending: _Token | None = None
         block, emitted = 0, 0  # ticks left before the host reads: blocks of min(sync_every, tokens still to come)
         while output_len > 1:
             self.counts["ticks"] += 1
-            block = block or min(plan.sync_every, output_len - 1 - emitted)
+            block = block or min(plan.sync_every, asked - 1 - emitted)
             block -= 1
             tick_us, stage_us = self._tick(held, block == 0, batch)
             self._tick_stats(held, stage_us, batch)
@@ -714,15 +755,17 @@ class Simulation:
             leaving = held[-1]
             if leaving is not None:
                 self._useful_token(leaving)
-                self.counts["tokens"] += batch
+                self.counts["tokens"] += batch_emitting(rows, leaving.position)
                 emitted += 1
                 if leaving.position + 2 >= output_len:
+                    yield from self._unread_ticks(held, block, batch)
                     break
+                judged = batch_drafting(rows, leaving.position + 1)
                 if not leaving.next_ok:  # flush: the correction enters stage 1, everything younger is dropped
-                    self._count(flushes=1, rounds=1, drafted=batch)
+                    self._count(flushes=1, rounds=1, drafted=judged)
                     held, pending = [_Token(leaving.position + 1, 0, n)] + [None] * (n - 1), None
                     continue
-                self._count(accepted=batch, drafted=batch)
+                self._count(accepted=judged, drafted=judged)
             draft = self._tick_draft(held[0], rows, output_len, n)
             held = [None, *held[:-1]]
             pending = draft or pending
@@ -730,12 +773,22 @@ class Simulation:
                 held[0], pending = pending, None
         self.epoch += 1
 
+    def _unread_ticks(self, held: list[_Token | None], block: int, batch: int) -> Generator[simpy.Event, Any, None]:
+        """The `block` ticks left in the host's block after the last token left (a row ended at its EOS before the
+        tokens asked for): they run unread, each costed as the tick before them (the pipe goes on drafting past the
+        EOS, which no one reads)."""
+        for left in range(block - 1, -1, -1):
+            self.counts["ticks"] += 1
+            tick_us, stage_us = self._tick(held, left == 0, batch)
+            self._tick_stats(held, stage_us, batch)
+            yield self.env.timeout(tick_us)
+
     def _tick_draft(self, first: _Token | None, rows: list[BatchRow], output_len: int, n: int) -> _Token | None:
         """Stage 1's draft after its token (none past the last position a token is fed for), its rows' verdicts
-        drawn now (a batch moves in lockstep: it confirms only if every row does)."""
+        drawn now (a batch moves in lockstep: it confirms only if every row does, `batch_verdict`)."""
         if first is None or first.position + 1 > output_len - 2:
             return None
-        first.next_ok = all([row.stream.draft(first.position + 1, first.run_index)[0] for row in rows])
+        first.next_ok = batch_verdict(rows, first.position + 1, first.run_index)
         return _Token(first.position + 1, first.run_index + 1, n)
 
     def _tick(self, held: list[_Token | None], read: bool, batch: int) -> tuple[float, tuple[float, ...]]:
@@ -1010,7 +1063,7 @@ class _FreePipe:
     def __init__(self, sim: Simulation, rows: list[BatchRow], token: Pass) -> None:
         plan = sim.plan
         self.sim, self.rows, self.token = sim, rows, token
-        self.n, self.batch, self.output_len = len(sim.stages), len(rows), plan.workload.output_len
+        self.n, self.batch, self.output_len = len(sim.stages), len(rows), max(row.length for row in rows)
         self.window = plan.max_in_flight or self.n
         self.prompt_len = plan.workload.prompt_len
         self.busy = [stage.busy_us for stage in sim.stages]
@@ -1060,7 +1113,7 @@ class _FreePipe:
             if final or not self.confirmed(position + index + 1, index):
                 break
             entry = self.entry(timed[1][0], exits, index + 1)
-        self.book_left(tokens, final)
+        self.book_left(position, tokens, final)
         if not final and not self.book_flushed(position, tokens, exits):
             return None
         return position + len(tokens), exits[-1], final
@@ -1096,23 +1149,25 @@ class _FreePipe:
         return exits[freed]
 
     def confirmed(self, position: int, index: int) -> bool:
-        """Whether every row's draft of `position`, the `index`-th since the segment began, is the full model's."""
-        return all([row.stream.draft(position, index)[0] for row in self.rows])
+        """Whether the batch's draft of `position`, the `index`-th since the segment began, is the full model's."""
+        return batch_verdict(self.rows, position, index)
 
-    def book_left(self, tokens: list[_Timed], final: bool) -> None:
-        """Each token of a segment ran every stage whole and left: busy and useful time, tokens, ticks, verdicts."""
-        busy, useful, counts, batch = self.busy, self.useful, self.counts, self.batch
+    def book_left(self, position: int, tokens: list[_Timed], final: bool) -> None:
+        """Each token of a segment (from `position`) ran every stage whole and left: busy and useful time, tokens,
+        ticks, verdicts."""
+        busy, useful, counts, rows = self.busy, self.useful, self.counts, self.rows
         for _, _, durations in tokens:
             for stage, duration in enumerate(durations):
                 busy[stage] += duration
                 useful[stage] += duration
         confirmed = len(tokens) - 1
-        counts["tokens"] += batch * len(tokens)
+        judged = sum(batch_drafting(rows, position + i) for i in range(1, len(tokens)))
+        counts["tokens"] += sum(batch_emitting(rows, position + i) for i in range(len(tokens)))
         counts["ticks"] += self.n + confirmed  # its first token entered an empty pipe
-        counts["accepted"] += batch * confirmed
-        counts["drafted"] += batch * confirmed
+        counts["accepted"] += judged
+        counts["drafted"] += judged
         if not final:
-            counts["drafted"] += batch
+            counts["drafted"] += batch_drafting(rows, position + len(tokens))
             counts["flushes"] += 1
             counts["rounds"] += 1
 

@@ -649,7 +649,7 @@ def _acceptance(point: Point, exit_layer: int, where: str) -> AcceptanceModel:
     trace = read_acceptance_trace(_resolve(point, a.trace or "", "acceptance.trace"))
     check_file_claims(point, trace, "acceptance.trace")
     try:
-        replay = TraceAcceptance(trace, exit_layer)
+        replay = TraceAcceptance(trace, exit_layer, stop_at_eos=a.at_eos == "stop")
     except ValueError as err:
         raise ScenarioError(f"{where}: acceptance.trace: {err}") from None
     reuse = replay.reuse(point.scenario.workload.requests, point.scenario.workload.output_len)

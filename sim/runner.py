@@ -78,14 +78,24 @@ def simulate_point(point: Point, trace: bool = False) -> PointResult:
 
 
 def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
-    """A trace replay that reuses the trace's tokens (the scenario said `acceptance.reuse: cycle`), or whose drafts
-    ran in another dtype than the point's (its acceptance replayed as recorded)."""
+    """A trace replay that reuses the trace's tokens (the scenario said `acceptance.reuse: cycle`), whose requests
+    end at their EOS before `output_len`, or whose drafts ran in another dtype than the point's (its acceptance
+    replayed as recorded)."""
     if not isinstance(plan.acceptance, TraceAcceptance):
         return ()
     notes = []
-    reuse = plan.acceptance.reuse(plan.workload.requests, plan.workload.output_len)
+    w = plan.workload
+    reuse = plan.acceptance.reuse(w.requests, w.output_len)
     if reuse:
         notes.append(f"acceptance.trace replayed cyclically (acceptance.reuse: cycle): {reuse}")
+    lengths = [plan.acceptance.output_len(r, w.output_len) for r in range(w.requests)]
+    ended = sum(n < w.output_len for n in lengths)
+    if ended:
+        notes.append(
+            f"{ended} of {w.requests} requests end at their trace's EOS before output_len {w.output_len} (as the "
+            f"executor stops; acceptance.at_eos: continue replays on): {sum(lengths):,} tokens, not "
+            f"{w.requests * w.output_len:,}"
+        )
     recorded = claimed_dtype({"dtype": plan.acceptance.draft_dtype}) if plan.acceptance.draft_dtype else None
     drafts = narrow_draft_dtype(point.scenario)
     if plan.method == "eesd" and drafts != recorded:
@@ -158,8 +168,10 @@ def _batches(point: Point) -> int:
 
 
 def _ms_per_token(point: Point, r: RunResult) -> float:
+    """A batch's decode time per step a row takes: the decode time per batch over the tokens a request decodes (on
+    average: fewer than output_len - 1 where requests end at their EOS)."""
     w = point.scenario.workload
-    per_request = max(w.output_len - 1, 1)
+    per_request = max(r.decode_tokens / w.requests, 1)
     return r.decode_time_us / _batches(point) / per_request / 1e3
 
 

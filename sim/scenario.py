@@ -157,6 +157,9 @@ class AcceptanceConfig(Strict):
     # a trace with fewer tokens or prompts than the workload replays: "none", an error; "cycle", replayed cyclically
     # (its tokens reused, said in the output)
     reuse: Literal["none", "cycle"] = "none"
+    # a replayed request whose text reaches an EOS: "stop" there, as the executor stops (fewer tokens than
+    # output_len); "continue" into the next prompt's tokens, so that every request generates output_len
+    at_eos: Literal["stop", "continue"] = "stop"
 
     @model_validator(mode="after")
     def _one_source(self) -> AcceptanceConfig:
@@ -169,6 +172,8 @@ class AcceptanceConfig(Strict):
             raise ValueError("confidence_sharpness only applies with alpha (traces carry their own confidences)")
         if self.reuse != "none" and self.trace is None:
             raise ValueError("reuse only applies with trace (how a trace shorter than the workload is replayed)")
+        if self.at_eos != "stop" and self.trace is None:
+            raise ValueError("at_eos only applies with trace (whether a replayed request ends at its EOS)")
         return self
 
 

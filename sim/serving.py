@@ -527,14 +527,17 @@ def _within(record: RequestRecord, slo: SLO | None) -> bool:
 
 # ---- the simulation --------------------------------------------------------------------------------------------------
 class _Row:
-    """A running request: its record, acceptance stream, policy and progress (`generated` includes the prefill's)."""
+    """A running request: its record, acceptance stream, policy and progress (`generated` includes the prefill's);
+    it generates `length` tokens in all (its `output_len`, or fewer where its replayed text ends at an EOS first:
+    `AcceptanceModel.output_len`). Its KV reservation and draft budgets still reach for `output_len` (`past_end`
+    tokens past its end), as the executor's do: it learns of the EOS only when it emits it."""
 
-    __slots__ = ("record", "request", "stream", "policy", "generated", "remaining", "limit", "drafted", "accepted",
-                 "all_match")  # fmt: skip
+    __slots__ = ("record", "request", "stream", "policy", "generated", "remaining", "past_end", "limit", "drafted",
+                 "accepted", "all_match")  # fmt: skip
 
-    def __init__(self, record: RequestRecord, request: Request, stream: Any, policy: Any) -> None:
+    def __init__(self, record: RequestRecord, request: Request, stream: Any, policy: Any, length: int) -> None:
         self.record, self.request, self.stream, self.policy = record, request, stream, policy
-        self.generated, self.remaining = 1, request.output_len - 1
+        self.generated, self.remaining, self.past_end = 1, length - 1, request.output_len - length
         self.limit = self.drafted = self.accepted = 0
         self.all_match = True
 
@@ -707,14 +710,15 @@ class ServingSimulation:
         length with its own acceptance stream (`sim.engine.decode_alone`), logged as one pass of kind "ppsd"."""
         request, start = row.request, self.env.now
         stream = RecordingStream(row.stream)
-        run = decode_alone(self.plan, request.prompt_len, request.output_len, stream, row.policy)
+        length = row.generated + row.remaining
+        run = decode_alone(self.plan, request.prompt_len, length, stream, row.policy)
         yield self.env.timeout(run.decode_time_us)
         emitted, result = row.remaining, self.result
         row.generated += emitted
         row.remaining = 0
         row.record.tokens += emitted
         elapsed_s = (self.env.now - start) / 1e6
-        furthest = request.prompt_len + request.output_len - 2
+        furthest = request.prompt_len + length - 2
         log = PassLog(
             "ppsd", start / 1e6, elapsed_s, 1, run.ticks, request.prompt_len, furthest, stream.verdicts(), server.index
         )
@@ -734,7 +738,8 @@ class ServingSimulation:
         record.first_token_s = self.env.now / 1e6
         record.tokens = 1
         self.result.tokens += 1
-        row = _Row(record, request, *self._stream_and_policy(request))
+        length = self.plan.acceptance.output_len(request.index, request.output_len)
+        row = _Row(record, request, *self._stream_and_policy(request), length)
         if not self._finish_if_done(row, server):
             server.running.append(row)
 
@@ -778,7 +783,7 @@ class ServingSimulation:
         """One draft-then-verify round of the batch (an AR step where no row drafts); returns its draft steps."""
         drafting = []
         for row in rows:
-            row.limit = round_budget(row.policy, row.remaining)
+            row.limit = round_budget(row.policy, row.remaining + row.past_end)
             row.drafted = row.accepted = 0
             row.all_match = True
             if row.limit > 0:

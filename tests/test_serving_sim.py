@@ -466,7 +466,7 @@ def trace_scenario(tmp_path: Path, workload: dict, **acceptance) -> Path:
     ("requests", "output", "message"),
     [
         (20, 100, "the trace holds 1,492 tokens at exit_layer 15 \\(32 prompts\\); the workload replays 20 requests "
-                  "of 2,000 output tokens in all"),
+                  "of 2,000 output tokens in all \\(1,800 up to their EOS\\)"),
         (40, 10, "the trace holds 32 prompts at exit_layer 15; 40 requests replay some of them twice"),
     ],
 )  # fmt: skip
