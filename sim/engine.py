@@ -168,21 +168,30 @@ class BatchRow:
         return self.remaining + self.past_end
 
 
-def batch_verdict(rows: list[BatchRow], position: int, index: int) -> bool:
-    """Whether a PPSD batch's draft of the token at `position` (the `index`-th since its run began) is confirmed:
-    every row that goes on past it drafted the full model's token (a batch moves in lockstep; a row whose last token
-    comes sooner runs on with the batch, its drafts judged by no one)."""
-    return all([row.stream.draft(position, index)[0] for row in rows if position <= row.length - 2])
+class PPSDBatch:
+    """A PPSD batch's rows as the pipe sees them: it runs in lockstep to its longest row's end (`longest`); a row whose
+    last token comes sooner runs on with the batch, its tokens not counted and its drafts judged by no one. Where
+    every row has the same length (every run but a trace replay's with rows ending at their EOS) each count is the
+    batch size, without a look at the rows."""
 
+    def __init__(self, rows: list[BatchRow]) -> None:
+        self.rows, self.size = rows, len(rows)
+        lengths = {row.length for row in rows}
+        self.longest, self.uniform = max(lengths), len(lengths) == 1
 
-def batch_emitting(rows: list[BatchRow], position: int) -> int:
-    """The rows that emit a token when the PPSD token at `position` leaves the pipe (it makes token position + 1)."""
-    return sum(1 for row in rows if position + 2 <= row.length)
+    def verdict(self, position: int, index: int) -> bool:
+        """Whether the batch's draft of the token at `position` (the `index`-th since its run began) is confirmed:
+        every row that goes on past it drafted the full model's token."""
+        rows = self.rows if self.uniform else [row for row in self.rows if position <= row.length - 2]
+        return all([row.stream.draft(position, index)[0] for row in rows])
 
+    def emitting(self, position: int) -> int:
+        """The rows that emit a token when the token at `position` leaves the pipe (it makes token position + 1)."""
+        return self.size if self.uniform else sum(1 for row in self.rows if position + 2 <= row.length)
 
-def batch_drafting(rows: list[BatchRow], position: int) -> int:
-    """The rows whose draft of the token at `position` is judged (`batch_verdict`)."""
-    return sum(1 for row in rows if position <= row.length - 2)
+    def judged(self, position: int) -> int:
+        """The rows whose draft of the token at `position` is judged (`verdict`)."""
+        return self.size if self.uniform else sum(1 for row in self.rows if position <= row.length - 2)
 
 
 class _Wake(simpy.Event):
@@ -630,15 +639,16 @@ class Simulation:
             yield from self._ppsd_ticks(rows)
             return
         token = self._token_pass()  # every rank's host takes part in every tick
-        longest = max(row.length for row in rows)  # the batch runs in lockstep to its longest row's end
+        batch = PPSDBatch(rows)
+        longest = batch.longest
         if self.shortcuts and self.trace is None and not self.env._queue and longest > 1:
-            swept = _FreePipe(self, rows, token).sweep()
+            swept = _FreePipe(self, batch, token).sweep()
             if swept is not None:
                 yield swept
                 self.epoch += 1
                 return
         self._pipe = _Pipe(
-            rows=rows,
+            rows=batch,
             output_len=longest,
             window=plan.max_in_flight or len(plan.stages),
             finished=self.env.event(),
@@ -689,7 +699,7 @@ class Simulation:
         if position > pipe.output_len - 2:  # the last token is produced by the full model, never processed
             return
         run_index = job.run_index
-        job.next_ok = batch_verdict(pipe.rows, position, run_index)
+        job.next_ok = pipe.rows.verdict(position, run_index)
         child = self._ppsd_job(position, run_index + 1)
         if pipe.in_flight < pipe.window:
             pipe.in_flight += 1
@@ -702,12 +712,12 @@ class Simulation:
         pipe.in_flight -= 1
         for stage, duration in zip(self.stages, job.durations, strict=True):  # a token's job visits every stage
             stage.useful_us += duration
-        counts["tokens"] += batch_emitting(pipe.rows, job.position)
+        counts["tokens"] += pipe.rows.emitting(job.position)
         counts["ticks"] += len(self.stages) if job.run_index == 0 else 1
         if job.position + 2 >= pipe.output_len:
             pipe.finished.succeed()
             return
-        judged = batch_drafting(pipe.rows, job.position + 1)
+        judged = pipe.rows.judged(job.position + 1)
         if job.next_ok:
             counts["accepted"] += judged
             counts["drafted"] += judged
@@ -738,8 +748,8 @@ class Simulation:
         and the distributed ranks' loop). A tick's stage 1 drafts after its token unless the tick flushes. The host
         reads every `sync_every` ticks, or fewer to the tokens asked for (`BatchRow.room`: an EOS is known only when
         read); the ticks after an EOS up to the block's end run unread, each costed as the tick that emitted it."""
-        plan, batch, n = self.plan, len(rows), len(self.stages)
-        output_len, window = max(row.length for row in rows), plan.max_in_flight or n  # lockstep to the longest row
+        plan, batch, n, lockstep = self.plan, len(rows), len(self.stages), PPSDBatch(rows)
+        output_len, window = lockstep.longest, plan.max_in_flight or n
         asked = max(row.length + row.past_end for row in rows)
         self._count(rounds=1)
         held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
@@ -755,18 +765,18 @@ class Simulation:
             leaving = held[-1]
             if leaving is not None:
                 self._useful_token(leaving)
-                self.counts["tokens"] += batch_emitting(rows, leaving.position)
+                self.counts["tokens"] += lockstep.emitting(leaving.position)
                 emitted += 1
                 if leaving.position + 2 >= output_len:
                     yield from self._unread_ticks(held, block, batch)
                     break
-                judged = batch_drafting(rows, leaving.position + 1)
+                judged = lockstep.judged(leaving.position + 1)
                 if not leaving.next_ok:  # flush: the correction enters stage 1, everything younger is dropped
                     self._count(flushes=1, rounds=1, drafted=judged)
                     held, pending = [_Token(leaving.position + 1, 0, n)] + [None] * (n - 1), None
                     continue
                 self._count(accepted=judged, drafted=judged)
-            draft = self._tick_draft(held[0], rows, output_len, n)
+            draft = self._tick_draft(held[0], lockstep, n)
             held = [None, *held[:-1]]
             pending = draft or pending
             if pending is not None and sum(t is not None for t in held) < window:
@@ -783,12 +793,12 @@ class Simulation:
             self._tick_stats(held, stage_us, batch)
             yield self.env.timeout(tick_us)
 
-    def _tick_draft(self, first: _Token | None, rows: list[BatchRow], output_len: int, n: int) -> _Token | None:
+    def _tick_draft(self, first: _Token | None, batch: PPSDBatch, n: int) -> _Token | None:
         """Stage 1's draft after its token (none past the last position a token is fed for), its rows' verdicts
-        drawn now (a batch moves in lockstep: it confirms only if every row does, `batch_verdict`)."""
-        if first is None or first.position + 1 > output_len - 2:
+        drawn now (a batch moves in lockstep: it confirms only if every row does, `PPSDBatch.verdict`)."""
+        if first is None or first.position + 1 > batch.longest - 2:
             return None
-        first.next_ok = batch_verdict(rows, first.position + 1, first.run_index)
+        first.next_ok = batch.verdict(first.position + 1, first.run_index)
         return _Token(first.position + 1, first.run_index + 1, n)
 
     def _tick(self, held: list[_Token | None], read: bool, batch: int) -> tuple[float, tuple[float, ...]]:
@@ -1034,7 +1044,7 @@ class _Token:
 
 @dataclass
 class _Pipe:
-    rows: list[BatchRow]
+    rows: PPSDBatch
     output_len: int
     window: int
     finished: simpy.Event
@@ -1060,10 +1070,10 @@ class _FreePipe:
     younger job ends at the very time of a flush and booking it whole or stopped would differ (which one SimPy's
     order of events picks is not known here), or a stage costs nothing, `sweep` declines and the events run."""
 
-    def __init__(self, sim: Simulation, rows: list[BatchRow], token: Pass) -> None:
+    def __init__(self, sim: Simulation, rows: PPSDBatch, token: Pass) -> None:
         plan = sim.plan
         self.sim, self.rows, self.token = sim, rows, token
-        self.n, self.batch, self.output_len = len(sim.stages), len(rows), max(row.length for row in rows)
+        self.n, self.batch, self.output_len = len(sim.stages), rows.size, rows.longest
         self.window = plan.max_in_flight or self.n
         self.prompt_len = plan.workload.prompt_len
         self.busy = [stage.busy_us for stage in sim.stages]
@@ -1150,7 +1160,7 @@ class _FreePipe:
 
     def confirmed(self, position: int, index: int) -> bool:
         """Whether the batch's draft of `position`, the `index`-th since the segment began, is the full model's."""
-        return batch_verdict(self.rows, position, index)
+        return self.rows.verdict(position, index)
 
     def book_left(self, position: int, tokens: list[_Timed], final: bool) -> None:
         """Each token of a segment (from `position`) ran every stage whole and left: busy and useful time, tokens,
@@ -1161,13 +1171,16 @@ class _FreePipe:
                 busy[stage] += duration
                 useful[stage] += duration
         confirmed = len(tokens) - 1
-        judged = sum(batch_drafting(rows, position + i) for i in range(1, len(tokens)))
-        counts["tokens"] += sum(batch_emitting(rows, position + i) for i in range(len(tokens)))
+        if rows.uniform:
+            judged, counts["tokens"] = rows.size * confirmed, counts["tokens"] + rows.size * len(tokens)
+        else:
+            judged = sum(rows.judged(position + i) for i in range(1, len(tokens)))
+            counts["tokens"] += sum(rows.emitting(position + i) for i in range(len(tokens)))
         counts["ticks"] += self.n + confirmed  # its first token entered an empty pipe
         counts["accepted"] += judged
         counts["drafted"] += judged
         if not final:
-            counts["drafted"] += batch_drafting(rows, position + len(tokens))
+            counts["drafted"] += rows.judged(position + len(tokens))
             counts["flushes"] += 1
             counts["rounds"] += 1
 
