@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass, replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scripted_policy import ScriptedPolicy
 
-from sim.acceptance import BernoulliAcceptance, PositionalAcceptance
+from sim.acceptance import AcceptanceModel, AcceptanceStream, BernoulliAcceptance, PositionalAcceptance
 from sim.cost import Pass, stage_time_us
 from sim.engine import RunResult, Simulation, events_per_token
 from sim.hardware import LINKS, LinkSpec
@@ -387,11 +390,40 @@ def tied_plans(draw: st.DrawFn) -> SimPlan:
         "span_buckets": draw(st.booleans())})  # fmt: skip
 
 
-@given(p=tied_plans(), traced=st.booleans())
-def test_the_event_saving_hand_offs_change_no_result(p: SimPlan, traced: bool) -> None:
+@dataclass(frozen=True)
+class EndsEarly:
+    """An acceptance model whose request r ends after `ends[r % len(ends)]` tokens where that is fewer than asked, as
+    a trace replay ends a request at its EOS (`sim.acceptance.TraceAcceptance.output_len`): rows of one batch then
+    end at different lengths."""
+
+    inner: AcceptanceModel
+    ends: tuple[int, ...]
+
+    @property
+    def has_confidence(self) -> bool:
+        return self.inner.has_confidence
+
+    def stream(self, rng: random.Random, request: int) -> AcceptanceStream:
+        return self.inner.stream(rng, request)
+
+    def output_len(self, request: int, requested: int) -> int:
+        return min(requested, self.ends[request % len(self.ends)])
+
+
+ENDS = st.none() | st.lists(st.integers(1, 60), min_size=1, max_size=3).map(tuple)
+
+
+def ending(p: SimPlan, ends: tuple[int, ...] | None) -> SimPlan:
+    return p if ends is None else replace(p, acceptance=EndsEarly(p.acceptance, ends))
+
+
+@given(p=tied_plans(), traced=st.booleans(), ends=ENDS)
+def test_the_event_saving_hand_offs_change_no_result(p: SimPlan, traced: bool, ends: tuple[int, ...] | None) -> None:
     """The hand-offs that spare SimPy events (a stage starting a job where its wake-up would be the next event, a
     link's landing folded into the job it starts, a round's passes as one job, the main process woken once the token
-    ids are back) give the very numbers, to the bit, and the same trace as every hand-off as its own event."""
+    ids are back) give the very numbers, to the bit, and the same trace as every hand-off as its own event; rows
+    ending at different lengths too."""
+    p = ending(p, ends)
     limit = 10**6 if traced else 0
     fast, reference = Simulation(p, limit), Simulation(p, limit, shortcuts=False)
     assert fast.run() == reference.run()
@@ -418,13 +450,18 @@ def free_pipes(draw: st.DrawFn) -> SimPlan:
 
 
 @settings(max_examples=150)
-@given(p=free_pipes())
-def test_the_free_pipe_swept_gives_the_events_numbers(p: SimPlan) -> None:
+@given(p=free_pipes(), ends=ENDS)
+def test_the_free_pipe_swept_gives_the_events_numbers(p: SimPlan, ends: tuple[int, ...] | None) -> None:
     """A PPSD decode on the free-running pipe worked out as one sweep (a flow shop: flushes stopping the younger
     jobs, the window, the correction's trip back) books the very times and counts of every hand-off as its own
     event, to the bit; where a flush ties with a younger job's end and the two bookings would differ, it declines
-    and the events run."""
-    assert Simulation(p).run() == Simulation(p, shortcuts=False).run()
+    and the events run. Rows of a batch ending at different lengths too (each counted to its own end)."""
+    p = ending(p, ends)
+    fast = Simulation(p).run()
+    assert fast == Simulation(p, shortcuts=False).run()
+    w = p.workload
+    asked = [min(w.output_len, ends[r % len(ends)]) if ends else w.output_len for r in range(w.requests)]
+    assert fast.decode_tokens == sum(n - 1 for n in asked)
 
 
 @pytest.mark.parametrize(
