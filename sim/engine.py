@@ -172,12 +172,25 @@ class PPSDBatch:
     """A PPSD batch's rows as the pipe sees them: it runs in lockstep to its longest row's end (`longest`); a row whose
     last token comes sooner runs on with the batch, its tokens not counted and its drafts judged by no one. Where
     every row has the same length (every run but a trace replay's with rows ending at their EOS) each count is the
-    batch size, without a look at the rows."""
+    batch size, without a look at the rows. A row that ends at its EOS before the tokens asked had drafted its EOS's
+    position too (the executor's stage 1 does not know it is the end): that draft is judged when the token before
+    it leaves (`eos_drafts`), as the executor counts it, and decides nothing."""
 
     def __init__(self, rows: list[BatchRow]) -> None:
         self.rows, self.size = rows, len(rows)
         lengths = {row.length for row in rows}
         self.longest, self.uniform = max(lengths), len(lengths) == 1
+        self.ends_early = [row for row in rows if row.past_end > 0]
+
+    def eos_drafts(self, position: int, index: int) -> tuple[int, int]:
+        """(judged, confirmed) drafts of the rows whose EOS comes out as the token at `position` leaves: their drafts
+        of the EOS's position, made before anyone knew it ends the row."""
+        judged = confirmed = 0
+        for row in self.ends_early:
+            if row.length - 2 == position:
+                judged += 1
+                confirmed += row.stream.draft(position + 1, index)[0]
+        return judged, confirmed
 
     def verdict(self, position: int, index: int) -> bool:
         """Whether the batch's draft of the token at `position` (the `index`-th since its run began) is confirmed:
@@ -714,6 +727,8 @@ class Simulation:
             stage.useful_us += duration
         counts["tokens"] += pipe.rows.emitting(job.position)
         counts["ticks"] += len(self.stages) if job.run_index == 0 else 1
+        if pipe.rows.ends_early:
+            self._count_eos_drafts(pipe.rows, job.position, job.run_index)
         if job.position + 2 >= pipe.output_len:
             pipe.finished.succeed()
             return
@@ -767,6 +782,8 @@ class Simulation:
                 self._useful_token(leaving)
                 self.counts["tokens"] += lockstep.emitting(leaving.position)
                 emitted += 1
+                if lockstep.ends_early:
+                    self._count_eos_drafts(lockstep, leaving.position, leaving.run_index)
                 if leaving.position + 2 >= output_len:
                     yield from self._unread_ticks(held, block, batch)
                     break
@@ -782,6 +799,11 @@ class Simulation:
             if pending is not None and sum(t is not None for t in held) < window:
                 held[0], pending = pending, None
         self.epoch += 1
+
+    def _count_eos_drafts(self, batch: PPSDBatch, position: int, index: int) -> None:
+        judged, confirmed = batch.eos_drafts(position, index)
+        self.counts["drafted"] += judged
+        self.counts["accepted"] += confirmed
 
     def _unread_ticks(self, held: list[_Token | None], block: int, batch: int) -> Generator[simpy.Event, Any, None]:
         """The `block` ticks left in the host's block after the last token left (a row ended at its EOS before the
@@ -1176,6 +1198,10 @@ class _FreePipe:
         else:
             judged = sum(rows.judged(position + i) for i in range(1, len(tokens)))
             counts["tokens"] += sum(rows.emitting(position + i) for i in range(len(tokens)))
+        for i in range(len(tokens)) if rows.ends_early else ():  # its index in the segment: its run index
+            eos_judged, eos_confirmed = rows.eos_drafts(position + i, i)
+            counts["drafted"] += eos_judged
+            counts["accepted"] += eos_confirmed
         counts["ticks"] += self.n + confirmed  # its first token entered an empty pipe
         counts["accepted"] += judged
         counts["drafted"] += judged

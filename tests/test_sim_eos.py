@@ -174,3 +174,30 @@ def test_the_replay_matches_the_executor_run_for_run_with_eos(tmp_path: Path, dr
                for k in ("decode_tokens", "rounds", "drafted")}  # fmt: skip
         want = {"decode_tokens": stats.new_tokens - 1, "rounds": len(stats.drafted), "drafted": sum(stats.drafted)}
         assert got == want, (trace.prompt_id, got, want)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_the_replay_counts_the_executors_ppsd_ticks_with_eos(tmp_path: Path, stages: int) -> None:
+    """PPSD (sequential backend, a host read every tick), each prompt alone: the executor's ticks, checked and
+    confirmed drafts and tokens equal the simulator's replay of the trace recorded with that EOS (the pipe stops when
+    the EOS leaves; the draft of the EOS's own position, made before anyone knew, is judged then)."""
+    eos, asked = pick_eos(), 24
+    adapter, traces = tiny_eos_traces([eos], asked)
+    meta = {"model": "SmolLM2-135M", "head": "shared", "eos_token_ids": [eos]}
+    path = write_acceptance_trace(tmp_path / "tiny.csv", meta, trace_records(traces))
+    extra = {"exit_layer": 2, "stages": stages, "ppsd_backend": "sequential", "sync_every": 1}
+    totals = {"decode_tokens": 0, "ticks": 0, "drafted": 0, "accepted": 0}
+    for trace in sorted(traces, key=lambda t: t.prompt_id):
+        result = generate(
+            adapter, list(trace.prompt), method="ppsd", exit_layer=2, stages=stages,
+            stage_boundaries=[2] + ([3] if stages == 3 else []), max_new_tokens=asked, eos_token_id=[eos],
+            head="shared", sync_every=1,
+        )  # fmt: skip
+        stats = result.stats
+        totals["decode_tokens"] += stats.decoded_tokens
+        totals["ticks"] += stats.ticks
+        totals["drafted"] += stats.confirms + stats.flushes
+        totals["accepted"] += stats.confirms
+    (point,) = run_points(load_points(scenario(tmp_path, path, "ppsd", len(traces), asked, **extra)), progress=False)
+    got = {key: getattr(point.result, key) for key in totals}
+    assert got == totals
