@@ -1,5 +1,6 @@
-"""`eesd calibrate latency|acceptance|link|contention|rounds`: measure the files the simulator reads (docs/formats.md),
-and (`rounds`) the round costs a Thompson-sampling draft policy weighs on this machine (`executor.round_costs`).
+"""`eesd calibrate latency|acceptance|link|contention|rounds|scenario`: measure the files the simulator reads
+(docs/formats.md), (`rounds`) the round costs a Thompson-sampling draft policy weighs on this machine
+(`executor.round_costs`), and (`scenario`, `calibrate.scaffold`) write a scenario that replays a profile and a trace.
 
 `contention` runs no model: it turns a `benchmarks/gpu_decode.py` run's PPSD `streams` rows into a contention
 profile (`calibrate.contention`), so it takes no `--threads`.
@@ -17,6 +18,7 @@ from calibrate import contention
 from executor.runtime import add_threads_argument, use_threads
 
 GRAPH_MODES = {"on": (True,), "off": (False,), "both": (False, True)}
+SCENARIO_POLICIES = "fixed:1,fixed:2,fixed:3,beta-ts"  # calibrate.scaffold.DEFAULT_POLICIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +38,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             add_threads_argument(p)
     help_text = "how k PPSD stage passes on one GPU share it, from a benchmarks/gpu_decode.py JSON (streams rows)"
     contention.add_arguments(sub.add_parser("contention", help=help_text, description=help_text))
+    help_text = "a ready-to-run scenario YAML from a latency profile and an acceptance trace (torch-free)"
+    _scenario_arguments(sub.add_parser("scenario", help=help_text, description=help_text))
+
+
+def _scenario_arguments(p: argparse.ArgumentParser) -> None:
+    """`calibrate.scaffold`'s arguments (it is imported only to run: it needs the simulator, a GPU box may not)."""
+    p.add_argument("--latency", type=Path, required=True, help="a latency profile (eesd calibrate latency)")
+    p.add_argument("--acceptance", type=Path, required=True, help="an acceptance trace (eesd calibrate acceptance)")
+    p.add_argument("--out", type=Path, required=True, help="the scenario YAML to write")
+    p.add_argument(
+        "--draft-profile", type=Path, default=None,
+        help="a latency profile in the trace's draft dtype (a trace of --draft-dtype drafts needs one)",
+    )  # fmt: skip
+    p.add_argument("--contention", type=Path, default=None, help="a contention profile (PPSD streams on a GPU)")
+    p.add_argument("--methods", default="eesd", help="eesd and/or ppsd, comma-separated, besides AR (default: eesd)")
+    policies = f"EESD draft policies, comma-separated (default: {SCENARIO_POLICIES})"
+    p.add_argument("--policies", default=SCENARIO_POLICIES, help=policies)
+    p.add_argument("--name", default=None, help="the scenario's name (default: from the model, device and dtype)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
 def _latency_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,6 +148,10 @@ def _link_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.calibration == "contention":
         return contention.run(args)
+    if args.calibration == "scenario":
+        from calibrate.scaffold import run as run_scaffold
+
+        return run_scaffold(args)
     if args.calibration == "link":
         from calibrate.link import run_link_cli
 

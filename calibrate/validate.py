@@ -43,9 +43,9 @@ from sim.formats import (
     DataFile,
     quote,
     read_acceptance_trace,
-    read_head_metadata,
     read_latency_profile,
     read_link_profile,
+    trace_exit_head,
     write_text_atomic,
 )
 from sim.plan import build_plan, exit_layer_of
@@ -606,17 +606,7 @@ def _check_head(path: Path, exit_head: str, trace_path: Path, trace: DataFile) -
     its metadata (a vocabulary-subset file of N ids is `shared:N`, a trained head is `trained`, or `trained:N` over a
     draft vocabulary of N ids)."""
     head = str(trace.metadata["head"])
-    described = head
-    if head != "shared" and not head.startswith("shared:"):
-        try:
-            metadata = read_head_metadata(head)
-        except (ValueError, FileNotFoundError) as err:
-            raise ValueError(
-                f"{trace_path}: metadata.head: the head file {head!r} cannot be read from here: {err}"
-            ) from None
-        subset = metadata.get("head_architecture") == "vocab-subset"
-        vocab = metadata.get("draft_vocab_size")
-        described = f"shared:{metadata.get('subset_size')}" if subset else "trained" + (f":{vocab}" if vocab else "")
+    described = trace_exit_head(trace_path, trace)
     if described != exit_head:
         raise ValueError(
             f"{path}: exit_head: the trace {trace_path} was recorded with head {head!r}; expected exit_head "

@@ -322,6 +322,24 @@ def read_head_metadata(path: str | Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in metadata.items()}
 
 
+def trace_exit_head(path: str | Path, trace: DataFile) -> str:
+    """The scenario `exit_head` an acceptance trace's head is: `shared` and `shared:N` by name, a head file (as the
+    trace names it, read from the working folder) by its metadata: a vocabulary-subset file of N ids is `shared:N`, a
+    trained head `trained`, or `trained:N` over a draft vocabulary of N ids. A ValueError naming the trace where
+    the file cannot be read."""
+    head = str(trace.metadata["head"])
+    if head == "shared" or head.startswith("shared:"):
+        return head
+    try:
+        metadata = read_head_metadata(head)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"{path}: metadata.head: the head file {head!r} cannot be read from here: {err}") from None
+    if metadata.get("head_architecture") == "vocab-subset":
+        return f"shared:{metadata.get('subset_size')}"
+    vocab = metadata.get("draft_vocab_size")
+    return "trained" + (f":{vocab}" if vocab else "")
+
+
 _QUOTE = reprlib.Repr()
 _QUOTE.maxstring = _QUOTE.maxother = 80
 _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 6

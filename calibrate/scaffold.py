@@ -1,0 +1,326 @@
+"""`eesd calibrate scenario`: a ready-to-run scenario YAML from a latency profile and an acceptance trace.
+
+After `eesd calibrate latency` and `eesd calibrate acceptance` on a machine, the simulator needs a scenario that says
+what the files were measured with: the model's shape, the dtype, how the passes ran (CUDA graphs, frozen kernels:
+`attention: cache`), the GPU, the exit head the trace recorded, its exit layers, a workload inside the profiled grid
+and no longer than the trace. Written by hand these are easy to get wrong; here they are read from the files'
+metadata. The scenario compares AR with EESD under several draft policies at each of the trace's exit layers (and,
+with `--methods eesd,ppsd`, PPSD on two stages of the one device), and is checked by loading it before it is kept;
+`eesd simulate FILE` then runs it and `eesd validate FILE` checks it against the executor on the machine the files
+came from. Torch-free: it reads the files only.
+
+    eesd calibrate scenario --latency my-profiles/latency_smollm2-135m_cpu_fp32.csv \\
+        --acceptance my-profiles/acceptance_smollm2-135m_shared_builtin.csv --out scenarios/mine.yaml
+
+The workload: min(8, the trace's prompts) requests at batch 1, each of the trace's `max_new_tokens`; the prompt the
+profile's smallest context (its smallest prefill where it is also profiled) or, with frozen kernels (a static cache,
+`attention: cache`), its smallest prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.formats import DataFile, read_acceptance_trace, read_latency_profile, trace_exit_head, write_text_atomic
+from sim.hardware import gpu_named_by
+from sim.models import MODELS, ModelConfig, check_claimed_model, named_model
+from sim.policy import make_policy
+from sim.scenario import claimed_dtype, load_points
+
+DEFAULT_POLICIES = ("fixed:1", "fixed:2", "fixed:3", "beta-ts")  # as `eesd calibrate scenario --policies`
+MAX_REQUESTS = 8
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = _list(args.methods, "--methods")
+    bad = [m for m in methods if m not in ("eesd", "ppsd")]
+    if bad or not methods:
+        raise ValueError(f"--methods: expected eesd and/or ppsd (AR is always the baseline), got {args.methods!r}")
+    policies = _list(args.policies, "--policies")
+    for policy in policies:
+        try:
+            make_policy(policy)
+        except ValueError as err:
+            raise ValueError(f"--policies: {policy!r}: {err}") from None
+    command = shlex.join(["eesd", *sys.argv[1:]]) if sys.argv[1:2] == ["calibrate"] else ""
+    path = write_scenario(
+        args.latency, args.acceptance, args.out, methods=methods, policies=policies, name=args.name,
+        draft_profile=args.draft_profile, contention=args.contention, force=args.force, command=command,
+    )  # fmt: skip
+    points = load_points(path)
+    print(f"wrote {path}: {len(points)} points (AR the baseline of each)")
+    print(f"next: eesd simulate {path}   |   eesd validate {path}   (on the machine the files were measured on)")
+    return 0
+
+
+def _list(text: str, flag: str) -> list[str]:
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise ValueError(f"{flag}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def write_scenario(
+    latency: Path,
+    acceptance: Path,
+    out: Path,
+    *,
+    methods: Sequence[str] = ("eesd",),
+    policies: Sequence[str] = DEFAULT_POLICIES,
+    name: str | None = None,
+    draft_profile: Path | None = None,
+    contention: Path | None = None,
+    force: bool = False,
+    command: str = "",
+) -> Path:
+    """Write the scenario (module docstring) to `out`, atomically, once it loads; ValueError naming the file and
+    field where the files do not make one."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a folder; expected the scenario file to write")
+    if out.exists() and not force:
+        raise ValueError(f"--out: {out} exists; pass --force to overwrite it")
+    profile, trace = read_latency_profile(latency), read_acceptance_trace(acceptance)
+    data = scenario_data(latency, profile, acceptance, trace, out.parent, methods, policies, name)
+    if trace.metadata.get("draft_dtype") or draft_profile is not None:
+        _add_draft_profile(data, acceptance, trace, draft_profile, out.parent)
+    if contention is not None:
+        data["topology"]["contention"] = _relative(contention, out.parent)
+    text = _header(latency, profile, acceptance, trace, command) + yaml.safe_dump(data, sort_keys=False, width=120)
+    _check_loads(out, text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, text)
+    return out
+
+
+def scenario_data(
+    latency: Path,
+    profile: DataFile,
+    acceptance: Path,
+    trace: DataFile,
+    folder: Path,
+    methods: Sequence[str],
+    policies: Sequence[str],
+    name: str | None,
+) -> dict[str, Any]:
+    """The scenario's fields, in the order a reader expects them."""
+    model, model_field = _model(latency, profile)
+    try:
+        check_claimed_model(model, trace.metadata)
+    except ValueError as err:
+        raise ValueError(f"{acceptance}: {err} (the latency profile {latency} is of {model.name})") from None
+    dtype = claimed_dtype(profile.metadata)
+    if dtype is None:
+        given = profile.metadata.get("dtype")
+        raise ValueError(f"{latency}: metadata.dtype: expected bfloat16, float16 or float32, got {given!r}")
+    on_gpu = profile.metadata.get("device_type") == "cuda"
+    frozen = profile.metadata.get("kernels") == "frozen"
+    exit_layers = sorted({record.exit_layer for record in trace.records})
+    prompts = len({record.prompt_id for record in trace.records if record.exit_layer == exit_layers[0]})
+    output_len = _output_len(acceptance, trace)
+    data: dict[str, Any] = {
+        "name": name or _name(profile, model, dtype),
+        "description": _description(profile, trace, model, dtype, acceptance),
+        "seed": 0,
+        "model": model_field,
+        "dtype": dtype,
+        "method": "eesd",
+        "exit_layer": exit_layers[-1],
+        "exit_head": trace_exit_head(acceptance, trace),
+        "policy": policies[0],
+    }
+    if frozen:
+        data["attention"] = "cache"  # the frozen executor's static cache: every pass attends over all of it
+    data["latency"] = {"profile": {"path": _relative(latency, folder), "cuda_graphs": on_gpu and _has_graphs(profile)}}
+    data["acceptance"] = {"trace": _relative(acceptance, folder)}
+    topology: dict[str, Any] = {"stages": 1, "link": "ideal"}
+    gpu = gpu_named_by(str(profile.metadata.get("device", ""))) if on_gpu else None
+    if gpu is not None:
+        topology = {"gpu": gpu, **topology}
+    data["topology"] = topology
+    data["workload"] = {
+        "requests": min(MAX_REQUESTS, prompts),
+        "batch_size": 1,
+        "prompt_len": _prompt_len(latency, profile, frozen),
+        "output_len": output_len,
+    }
+    data["sweep"] = _sweep(methods, policies, exit_layers, on_gpu)
+    return data
+
+
+def _model(latency: Path, profile: DataFile) -> tuple[ModelConfig, Any]:
+    """The profile's model: one the simulator knows, by its name or by the shape its `model_config` gives (a known
+    model loaded from a path), else that shape inline."""
+    meta = profile.metadata
+    named = named_model(str(meta.get("model", "")))
+    if named is not None:
+        try:
+            check_claimed_model(named, meta)
+            return named, named.name
+        except ValueError:
+            pass  # a file named like a known model but of another shape: its own config decides
+    config = meta.get("model_config")
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"{latency}: metadata.model: {meta.get('model')!r} is no model the simulator knows by name and the file "
+            "has no model_config to read its shape from"
+        )
+    layers = meta.get("total_layers") or config.get("num_hidden_layers")
+    fields = {
+        "num_layers": layers,
+        "hidden_size": config.get("hidden_size"),
+        "num_heads": config.get("num_attention_heads"),
+        "num_kv_heads": config.get("num_key_value_heads") or config.get("num_attention_heads"),
+        "intermediate_size": config.get("intermediate_size"),
+        "vocab_size": config.get("vocab_size"),
+    }
+    missing = [key for key, value in fields.items() if not isinstance(value, int) or value < 1]
+    if missing:
+        raise ValueError(f"{latency}: metadata.model_config: no positive integer for {', '.join(missing)}")
+    inline: dict[str, Any] = {"name": _label(str(meta.get("model", "model"))), **fields}
+    head_dim = config.get("head_dim")
+    if isinstance(head_dim, int) and head_dim != fields["hidden_size"] // fields["num_heads"]:
+        inline["head_size"] = head_dim
+    if isinstance(config.get("max_position_embeddings"), int):
+        inline["max_position_embeddings"] = config["max_position_embeddings"]
+    shape = ModelConfig(**inline)
+    known = next((m for m in MODELS.values() if _shape(m) == _shape(shape)), None)  # a known model at another path
+    return (known, known.name) if known is not None else (shape, inline)
+
+
+def _shape(model: ModelConfig) -> tuple[int, ...]:
+    return (model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads, model.intermediate_size,
+            model.vocab_size, model.head_dim)  # fmt: skip
+
+
+def _label(model: str) -> str:
+    """A model's name for the scenario: a path's stem."""
+    return Path(model).stem if "/" in model or model.endswith(".gguf") else model
+
+
+def _name(profile: DataFile, model: ModelConfig, dtype: str) -> str:
+    device = gpu_named_by(str(profile.metadata.get("device", ""))) or str(profile.metadata.get("device_type", "cpu"))
+    kernels = str(profile.metadata.get("kernels", "eager"))
+    parts = [model.name, device, dtype] + ([kernels] if kernels != "eager" else [])
+    return re.sub(r"[^a-z0-9.]+", "-", "-".join(parts).lower()).strip("-.")
+
+
+def _description(profile: DataFile, trace: DataFile, model: ModelConfig, dtype: str, acceptance: Path) -> str:
+    meta, tmeta = profile.metadata, trace.metadata
+    split = f", {tmeta['prompt_split']}" if tmeta.get("prompt_split") else ""
+    return (
+        f"{model.name} {dtype} on {meta.get('device', 'an unnamed device')} ({meta.get('kernels', 'eager')} kernels, "
+        f"profile of {str(meta.get('date', '?'))[:10]}), head {tmeta.get('head')} ({tmeta.get('prompts', '?')} "
+        f"prompts{split})"
+    )
+
+
+def _has_graphs(profile: DataFile) -> bool:
+    return any(record.cuda_graphs for record in profile.records)
+
+
+def _output_len(acceptance: Path, trace: DataFile) -> int:
+    """The trace's `max_new_tokens` (the longest it recorded where the metadata does not say)."""
+    given = trace.metadata.get("max_new_tokens")
+    if isinstance(given, int) and not isinstance(given, bool) and given >= 2:
+        return given
+    longest = max(record.position for record in trace.records) + 1
+    if longest < 2:
+        raise ValueError(f"{acceptance}: the trace records at most one token per prompt: nothing to decode")
+    return longest
+
+
+def _prompt_len(latency: Path, profile: DataFile, frozen: bool) -> int:
+    """Inside the profiled grid: its smallest decode context (decode starts there); frozen (a static cache: decode
+    attends over every slot whatever the context), its smallest prefill."""
+    contexts = sorted({r.context_len for r in profile.records if r.component == "layer" and r.phase == "verify"})
+    prefills = sorted({r.q for r in profile.records if r.component == "layer" and r.phase == "prefill"})
+    if not contexts:
+        raise ValueError(f"{latency}: no layer verify rows: not a decode profile")
+    if frozen and prefills:
+        return prefills[0]
+    return max(contexts[0], 1)
+
+
+def _sweep(methods: Sequence[str], policies: Sequence[str], exit_layers: list[int], on_gpu: bool) -> dict[str, Any]:
+    """EESD at every exit layer x policy; PPSD on two stages of the one device (CUDA streams on a GPU, in turn on a
+    CPU) at every exit layer."""
+    eesd = [{"exit_layer": layer, "policy": policy} for layer in exit_layers for policy in policies]
+    if "ppsd" not in methods:
+        sweep: dict[str, Any] = {"policy": list(policies)}
+        if len(exit_layers) > 1:
+            sweep = {"exit_layer": exit_layers, **sweep}
+        return sweep
+    backend = "streams" if on_gpu else "sequential"
+    ppsd = [
+        {"method": "ppsd", "ppsd_backend": backend, "topology.stages": 2, "exit_layer": layer} for layer in exit_layers
+    ]
+    return {"config": (eesd if "eesd" in methods else []) + ppsd}
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """`path` as the scenario names it: relative to the scenario's folder (where the simulator resolves it)."""
+    return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+
+
+def _add_draft_profile(
+    data: dict[str, Any], acceptance: Path, trace: DataFile, draft_profile: Path | None, folder: Path
+) -> None:
+    """A trace whose drafts ran narrower (`--draft-dtype`) is replayed with the draft's own latency profile."""
+    narrow = trace.metadata.get("draft_dtype")
+    recorded = claimed_dtype({"dtype": narrow}) if narrow else None
+    if draft_profile is None:
+        raise ValueError(
+            f"{acceptance}: metadata.draft_dtype: its drafts ran in {trace.metadata['draft_dtype']}; pass "
+            "--draft-profile, a latency profile in that dtype measured on the same device"
+        )
+    profile = read_latency_profile(draft_profile)
+    dtype = claimed_dtype(profile.metadata)
+    if recorded is not None and dtype != recorded:
+        raise ValueError(
+            f"--draft-profile: {draft_profile}: metadata.dtype: expected the trace's draft dtype {recorded}, got "
+            f"{profile.metadata.get('dtype')!r}"
+        )
+    data["draft_dtype"] = dtype
+    cuda_graphs = data["latency"]["profile"]["cuda_graphs"]
+    data["latency"]["draft_profile"] = {"path": _relative(draft_profile, folder), "cuda_graphs": cuda_graphs}
+
+
+def _header(latency: Path, profile: DataFile, acceptance: Path, trace: DataFile, command: str) -> str:
+    lines = [
+        "Written by `eesd calibrate scenario` from:",
+        f"  latency profile {latency} ({profile.metadata.get('device')}, {profile.metadata.get('date')})",
+        f"  acceptance trace {acceptance} ({trace.metadata.get('device', 'device not recorded')}, "
+        f"{trace.metadata.get('date', 'date not recorded')})",
+    ]
+    if command:
+        lines.append(f"  with: {command}")
+    lines += [
+        "Simulate: eesd simulate THIS_FILE; check against the executor where the files were measured: eesd validate",
+        "THIS_FILE. AR runs beside every point as its baseline. docs/simulator.md and scenarios/README.md say what",
+        "each field means; edit freely (a wider workload, other policies, a what-if topology).",
+    ]
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def _check_loads(out: Path, text: str) -> None:
+    """The scenario loads (every point resolves against the files) before it is kept: written beside `out` (its
+    relative paths resolve there) and removed again."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    probe = out.with_name(f".{out.name}.check.yaml")
+    try:
+        probe.write_text(text, encoding="utf-8")
+        load_points(probe)
+    except ValueError as err:  # a ScenarioError, or a file the scenario names that does not read
+        raise ValueError(f"the scenario written from these files does not load: {err}") from None
+    finally:
+        probe.unlink(missing_ok=True)

@@ -1,0 +1,141 @@
+"""`eesd calibrate scenario`: a scenario written from a latency profile and an acceptance trace simulates what the
+hand-written scenario of the same files does, point for point; files that do not make one are refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from calibrate.scaffold import write_scenario
+from executor.cli import main
+from sim.runner import run_points
+from sim.scenario import load_points
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU, H100, H200 = ROOT / "calibration" / "cpu", ROOT / "calibration" / "h100", ROOT / "calibration" / "h200"
+SCENARIOS = ROOT / "scenarios"
+
+
+@pytest.fixture(autouse=True)
+def _from_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the traces name their head files relative to the repository, as eesd runs there
+
+
+def tokens_per_s(path: Path, **workload: int) -> dict[tuple, float]:
+    """Each point's simulated tokens/s, keyed by (method, exit layer, policy, draft dtype, batch size), with the
+    workload fields given set first."""
+    if workload:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data["workload"].update(workload)
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    results = run_points(load_points(path), progress=False)
+    keyed = {}
+    for item in results:
+        s = item.point.scenario
+        policy = s.policy if s.method == "eesd" else None
+        keyed[(s.method, s.exit_layer, policy, s.draft_dtype, s.workload.batch_size)] = item.result.tokens_per_s
+    return keyed
+
+
+@pytest.mark.parametrize(
+    ("latency", "trace", "policies", "hand", "workload"),
+    [
+        # the trained E = 7 head over 16k ids, eager CPU profile (the hand scenario runs 48 of the trace's 64 tokens)
+        (CPU / "latency_smollm2-135m_cpu_fp32.csv", CPU / "acceptance_smollm2-135m_e7mix3v16k_builtin_heldout.csv",
+         "fixed:1,fixed:2", "smollm2_cpu_vocab_head.yaml", {"output_len": 48}),
+        # frozen kernels: attention over the whole static cache, the smallest prefill as the prompt
+        (CPU / "latency_gemma3-270m_cpu_fp32_frozen.csv", CPU / "acceptance_gemma3-270m_e14v16k_heldout.csv",
+         "fixed:1,fixed:2,fixed:3", "gemma3_cpu_frozen.yaml", {}),
+        # a GPU profile (CUDA graphs, the H200) of a model the profile names by a path, the trace from an H100
+        (H200 / "latency_smollm2-135m_cuda_bf16.csv", H100 / "acceptance_smollm2-135m_shared_builtin_cuda_bf16.csv",
+         "fixed:1,beta-ts", "smollm2_h200_validate.yaml", {}),
+    ],
+)  # fmt: skip
+def test_a_written_scenario_simulates_as_the_hand_written_one(tmp_path, latency, trace, policies, hand, workload):
+    out = tmp_path / "written.yaml"
+    assert main(["calibrate", "scenario", "--latency", str(latency), "--acceptance", str(trace), "--out", str(out),
+                 "--policies", policies]) == 0  # fmt: skip
+    written = tokens_per_s(out, **workload)
+    expected = tokens_per_s(SCENARIOS / hand)
+    shared = set(written) & set(expected)
+    assert len(shared) >= 2, (sorted(written), sorted(expected))
+    assert {key: written[key] for key in shared} == {key: expected[key] for key in shared}
+
+
+def test_a_written_scenario_says_what_it_was_written_from(tmp_path) -> None:
+    out = tmp_path / "deep" / "gemma.yaml"
+    latency, trace = CPU / "latency_gemma3-270m_cpu_fp32_frozen.csv", CPU / "acceptance_gemma3-270m_e14v16k_heldout.csv"
+    write_scenario(latency, trace, out)
+    text = out.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    assert text.startswith("# Written by `eesd calibrate scenario` from:") and str(latency) in text
+    assert data["attention"] == "cache" and data["exit_head"] == "trained:16384" and data["model"] == "Gemma-3-270M"
+    assert data["workload"] == {"requests": 8, "batch_size": 1, "prompt_len": 64, "output_len": 32}
+    assert data["sweep"] == {"policy": ["fixed:1", "fixed:2", "fixed:3", "beta-ts"]}
+    assert not Path(data["latency"]["profile"]["path"]).is_absolute()  # relative to the scenario's folder
+    assert (out.parent / data["acceptance"]["trace"]).resolve() == trace.resolve()
+    assert [p.name for p in out.parent.iterdir()] == ["gemma.yaml"]  # the load check left nothing beside it
+
+
+def test_ppsd_points_run_the_stages_of_the_one_device(tmp_path) -> None:
+    out = tmp_path / "ppsd.yaml"
+    write_scenario(CPU / "latency_smollm2-135m_cpu_fp32.csv", CPU / "acceptance_smollm2-135m_shared_builtin.csv", out,
+                   methods=("eesd", "ppsd"), policies=("fixed:1",))  # fmt: skip
+    config = yaml.safe_load(out.read_text(encoding="utf-8"))["sweep"]["config"]
+    ppsd = [c for c in config if c.get("method") == "ppsd"]
+    assert {c["exit_layer"] for c in ppsd} == {4, 8, 15, 22} and {c["ppsd_backend"] for c in ppsd} == {"sequential"}
+    results = run_points(load_points(out), progress=False)
+    assert len(results) == 8 and all(item.result.tokens_per_s > 0 for item in results)
+
+
+def test_a_trace_of_narrow_drafts_takes_their_profile(tmp_path) -> None:
+    latency = CPU / "latency_gemma3-270m_cpu_fp32_b1.csv"
+    trace = CPU / "acceptance_gemma3-270m_e14v16k_bf16drafts_heldout.csv"
+    with pytest.raises(ValueError, match="metadata.draft_dtype: its drafts ran in bfloat16; pass --draft-profile"):
+        write_scenario(latency, trace, tmp_path / "narrow.yaml")
+    with pytest.raises(ValueError, match="expected the trace's draft dtype bf16, got 'float32'"):
+        write_scenario(latency, trace, tmp_path / "narrow.yaml", draft_profile=latency)
+    narrow = CPU / "latency_gemma3-270m_cpu_bf16_b1.csv"
+    out = write_scenario(
+        latency, trace, tmp_path / "narrow.yaml", draft_profile=narrow, policies=("fixed:2", "fixed:3")
+    )
+    written = tokens_per_s(out)
+    expected = tokens_per_s(SCENARIOS / "gemma3_cpu_bf16_drafts.yaml")
+    assert written == {key: value for key, value in expected.items() if key[3] == "bf16"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--acceptance", str(CPU / "acceptance_gemma3-270m_e14v16k_heldout.csv")],
+         "acceptance_gemma3-270m_e14v16k_heldout.csv: metadata.model: 'gemma3-270m' is Gemma-3-270M, not the "
+         "scenario's model SmolLM2-135M"),
+        (["--methods", "ar"], "--methods: expected eesd and/or ppsd"),
+        (["--policies", "fixed:0"], "--policies: 'fixed:0'"),
+        (["--latency", str(CPU / "missing.csv")], "missing.csv"),
+    ],
+)  # fmt: skip
+def test_files_that_make_no_scenario_are_one_line_naming_them(tmp_path, capsys, args, message) -> None:
+    given = {
+        "--latency": str(CPU / "latency_smollm2-135m_cpu_fp32.csv"),
+        "--acceptance": str(CPU / "acceptance_smollm2-135m_shared_builtin.csv"),
+        "--out": str(tmp_path / "s.yaml"),
+    }
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        given[flag] = value
+    argv = ["calibrate", "scenario", *[part for pair in given.items() for part in pair]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eesd calibrate: error:") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "s.yaml").exists()
+
+
+def test_an_existing_scenario_is_kept_without_force(tmp_path, capsys) -> None:
+    out = tmp_path / "s.yaml"
+    out.write_text("mine\n", encoding="utf-8")
+    argv = ["calibrate", "scenario", "--latency", str(CPU / "latency_smollm2-135m_cpu_fp32.csv"),
+            "--acceptance", str(CPU / "acceptance_smollm2-135m_shared_builtin.csv"), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2 and "pass --force" in capsys.readouterr().err and out.read_text() == "mine\n"
+    assert main([*argv, "--force"]) == 0 and load_points(out)
