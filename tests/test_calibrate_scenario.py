@@ -3,6 +3,8 @@ hand-written scenario of the same files does, point for point; files that do not
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,16 @@ def test_an_existing_scenario_is_kept_without_force(tmp_path, capsys) -> None:
             "--acceptance", str(CPU / "acceptance_smollm2-135m_shared_builtin.csv"), "--out", str(out)]  # fmt: skip
     assert main(argv) == 2 and "pass --force" in capsys.readouterr().err and out.read_text() == "mine\n"
     assert main([*argv, "--force"]) == 0 and load_points(out)
+
+
+def test_writing_a_scenario_needs_no_torch(tmp_path) -> None:
+    """Files measured on a GPU box can be turned into a scenario on a laptop with the simulator alone."""
+    out = tmp_path / "s.yaml"
+    code = (
+        "import sys; from executor.cli import main; "
+        f"status = main(['calibrate', 'scenario', '--latency', {str(CPU / 'latency_smollm2-135m_cpu_fp32.csv')!r}, "
+        f"'--acceptance', {str(CPU / 'acceptance_smollm2-135m_shared_builtin.csv')!r}, '--out', {str(out)!r}]); "
+        "assert status == 0 and 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    assert load_points(out)
