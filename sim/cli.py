@@ -1,4 +1,5 @@
-"""`eesd simulate SCENARIO.yaml [--out DIR] [--jobs N]`: validate, run, print a summary, write outputs.
+"""`eesd simulate SCENARIO.yaml [--out DIR] [--jobs N] [--break-even [TARGET]]`: validate, run, print a summary,
+write outputs; with `--break-even`, the acceptance each point needs to match AR (`sim.break_even`).
 
 Torch-free. Scenario mistakes raise `ScenarioError` (a `ValueError`), which the dispatcher prints as one line with
 exit status 2.
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from sim.formats import quote
-from sim.runner import plots_available, run_points, summary_table, write_outputs
+from sim.runner import map_points, plots_available, run_points, summary_table, write_outputs
 from sim.scenario import load_points
 
 
@@ -24,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes for sweeps (0: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines for sweeps")
     parser.add_argument("--trace", action="store_true", help="write a Chrome trace per run (default: single runs)")
+    parser.add_argument(
+        "--break-even", type=float, nargs="?", const=1.0, default=None, metavar="TARGET",
+        help="also find, for every EESD / PPSD point, the i.i.d. acceptance at which it reaches TARGET x AR "
+        "(default 1.0), and its speedup at acceptance 1 (writes break_even.csv)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +50,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if any(r.result.extrapolated for r in results):
         print("note: some latencies were extrapolated beyond the profiled grid (column 'extrapolated')")
+    if args.break_even is not None:
+        _break_even(points, args.break_even, out_dir, jobs)
     return 0
+
+
+def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> None:
+    """`--break-even`: the acceptance each EESD / PPSD point needs (`sim.break_even`), as a table and a CSV."""
+    from sim.break_even import break_even, rows, table
+    from sim.runner import write_rows_csv
+
+    if not 0 < target <= 100:
+        raise ValueError(f"--break-even: expected a target speedup over AR in (0, 100], got {target:g}")
+    found = [item for item in map_points(break_even, points, jobs, target) if item is not None]
+    if not found:
+        print("note: --break-even: no EESD or PPSD point (AR needs no acceptance)")
+        return
+    print(f"\nbreak-even: the i.i.d. acceptance each point needs for {target:g}x AR on its hardware (bisected)")
+    print(table(found, target))
+    print(f"wrote {write_rows_csv(rows(found, target), out_dir / 'break_even.csv')}")
+    if any(item.sharpness is not None for item in found):
+        print("note: --break-even: policies that read confidences drew them calibrated (confidence_sharpness)")
 
 
 def check_out_dir(out_dir: Path) -> None:

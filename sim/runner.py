@@ -14,7 +14,7 @@ import importlib.util
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +128,20 @@ def run_points(
             results = [f.result() for f in futures]
     bar.close()
     return results
+
+
+def map_points(function: Callable[..., Any], points: Sequence[Point], jobs: int, *args: Any) -> list[Any]:
+    """`function(point, *args)` for every point, in point order; `jobs` > 1 uses that many processes."""
+    if jobs <= 1 or len(points) == 1:
+        return [function(point, *args) for point in points]
+    with ProcessPoolExecutor(max_workers=min(jobs, len(points))) as pool:
+        return list(pool.map(function, points, *[[arg] * len(points) for arg in args]))
+
+
+def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """`rows` (one header: the first row's keys) as a CSV at `path`, atomically; its folder made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_csv(rows, path)
 
 
 def _progress(total: int, enabled: bool) -> Any:

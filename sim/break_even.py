@@ -1,0 +1,119 @@
+"""Break-even acceptance: how often the exit head must agree with the full model for a point to match AR.
+
+`eesd simulate SCENARIO --break-even [TARGET]` asks it of every EESD and PPSD point: the point's plan (its hardware,
+latencies, exit layer, head, policy, workload) is simulated again with i.i.d. acceptance α (`BernoulliAcceptance`)
+and α is bisected until the point's speedup over AR on the same plan reaches TARGET (default 1.0: as fast as AR).
+Under one seed a larger α accepts a superset of positions (common random numbers, `sim.acceptance`), so the speedup
+rises with α and the bisection finds where it crosses. What is reported per point:
+
+- `alpha_needed`: the α at which it reaches the target (empty where even α = 1 does not: `ceiling` < target);
+- `ceiling`: the speedup at α = 1 (every draft right: the most the method can give on this hardware);
+- `acceptance`: what the scenario's acceptance gives (a trace's agreement at the point's exit layer, or its α);
+- `speedup`: the point's speedup as the scenario states it.
+
+Real acceptance is front-loaded (the first draft of a round is right more often than the later ones), so a trace
+replay can pay at a mean agreement a little below the i.i.d. α needed; the comparison is of like with like only where
+the scenario's acceptance is itself i.i.d. A policy that reads draft confidences draws them calibrated
+(`confidence_sharpness`: the scenario's, else `DEFAULT_SHARPNESS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sim.acceptance import BernoulliAcceptance, TraceAcceptance
+from sim.engine import Simulation
+from sim.plan import SimPlan, build_plan
+from sim.policy import make_policy
+from sim.scenario import Point
+from sim.tables import text_table
+
+BISECTIONS = 12  # α to within 1 / 4096
+DEFAULT_SHARPNESS = 8.0
+
+
+@dataclass(frozen=True)
+class BreakEven:
+    point: Point
+    method: str
+    exit_layer: int | None
+    policy: str | None
+    speedup: float
+    acceptance: float | None
+    alpha_needed: float | None
+    ceiling: float
+    sharpness: float | None  # the calibrated confidences drawn, where the policy reads them
+
+
+def break_even(point: Point, target: float = 1.0) -> BreakEven | None:
+    """The point's break-even acceptance (module docstring); None for an AR point."""
+    plan = build_plan(point)
+    if plan.method == "ar":
+        return None
+    ar = Simulation(build_plan(point, method="ar")).run().tokens_per_s
+    speedup = Simulation(plan).run().tokens_per_s / ar
+    sharpness = _sharpness(plan, point)
+
+    def at(alpha: float) -> float:
+        acceptance = BernoulliAcceptance(alpha, sharpness)
+        return Simulation(dataclasses.replace(plan, acceptance=acceptance)).run().tokens_per_s / ar
+
+    ceiling = at(1.0)
+    needed: float | None = None
+    if ceiling >= target:
+        low, high = 0.0, 1.0
+        if at(0.0) >= target:
+            high = 0.0
+        else:
+            for _ in range(BISECTIONS):
+                middle = (low + high) / 2
+                low, high = (low, middle) if at(middle) >= target else (middle, high)
+        needed = high
+    policy = point.scenario.policy if plan.method == "eesd" else None
+    accepted = _acceptance(plan)
+    return BreakEven(point, plan.method, plan.exit_layer, policy, speedup, accepted, needed, ceiling, sharpness)
+
+
+def _sharpness(plan: SimPlan, point: Point) -> float | None:
+    if plan.method != "eesd" or not make_policy(plan.policy).needs_confidence:
+        return None
+    return point.scenario.acceptance.confidence_sharpness or DEFAULT_SHARPNESS
+
+
+def _acceptance(plan: SimPlan) -> float | None:
+    """What the scenario's acceptance gives: a trace's mean agreement at the exit layer, or its α."""
+    acceptance = plan.acceptance
+    if isinstance(acceptance, TraceAcceptance):
+        return acceptance.mean_match
+    return acceptance.alpha if isinstance(acceptance, BernoulliAcceptance) else None
+
+
+def rows(results: Sequence[BreakEven], target: float) -> list[dict[str, Any]]:
+    out = []
+    for item in results:
+        swept = {k: v for k, v in item.point.values.items() if k not in ("method", "exit_layer", "policy")}
+        out.append({
+            "point": item.point.index, **swept, "method": item.method,
+            "exit_layer": item.exit_layer if item.exit_layer is not None else "", "policy": item.policy or "",
+            "speedup": round(item.speedup, 4),
+            "acceptance": round(item.acceptance, 4) if item.acceptance is not None else "",
+            f"alpha_needed_{target:g}x": round(item.alpha_needed, 3) if item.alpha_needed is not None else "",
+            "ceiling": round(item.ceiling, 4),
+            "confidence_sharpness": item.sharpness if item.sharpness is not None else "",
+        })  # fmt: skip
+    return out
+
+
+def table(results: Sequence[BreakEven], target: float) -> str:
+    """One line per point: the acceptance it needs to reach `target`x AR, against what the scenario's gives."""
+    data = rows(results, target)
+    needed = f"alpha_needed_{target:g}x"
+    for row in data:
+        row[needed] = row[needed] if row[needed] != "" else f"never (max {row['ceiling']:.2f}x)"
+    hidden = ("confidence_sharpness", "ceiling", "config")  # a zipped sweep's cases: `point` indexes them
+    shown = [c for c in data[0] if c not in hidden] if data else []
+    heads = {"acceptance": "acceptance now", needed: f"alpha for {target:g}x AR"}
+    return text_table(data, shown, heads)

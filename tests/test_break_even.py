@@ -1,0 +1,77 @@
+"""`eesd simulate --break-even`: the i.i.d. acceptance at which a point matches AR, against closed forms."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from executor.cli import main
+from sim.acceptance import TraceAcceptance
+from sim.break_even import break_even
+from sim.formats import read_acceptance_trace
+from sim.scenario import load_points
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scenario(tmp_path: Path, **fields) -> Path:
+    """SmolLM2's 30 layers at 10 µs each, nothing else costing: an AR step 300 µs; an EESD round of one draft at
+    E = 15 a draft step (150) and a verify pass (layers [0, 15) for the draft, [15, 30) for both tokens: 300)."""
+    data = {
+        "name": "break-even", "model": "SmolLM2-135M", "method": "eesd", "exit_layer": 15, "policy": "fixed:1",
+        "latency": {"constant_us": {"layer": 10.0}}, "acceptance": {"alpha": 0.3},
+        "topology": {"stages": 1, "link": "ideal"},
+        "workload": {"requests": 4, "batch_size": 1, "prompt_len": 16, "output_len": 2000},
+        "limits": {"max_tokens": 10_000}, **fields,
+    }  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_fixed_one_breaks_even_where_the_closed_form_says(tmp_path: Path) -> None:
+    """A round costs 450 µs and makes 1 + α tokens against AR's 300 µs a token: speedup (1 + α) · 300 / 450, so
+    α* = 0.5 for 1.0x, α* = 0.8 for 1.2x, and at α = 1 the ceiling is 4/3."""
+    (point,) = load_points(scenario(tmp_path))
+    found = break_even(point)
+    assert found is not None and found.method == "eesd" and found.acceptance == 0.3
+    assert found.alpha_needed == pytest.approx(0.5, abs=0.02)
+    assert found.ceiling == pytest.approx(4 / 3, rel=1e-3)
+    assert found.speedup == pytest.approx(1.3 * 300 / 450, abs=0.02)
+    assert break_even(point, target=1.2).alpha_needed == pytest.approx(0.8, abs=0.02)
+    assert break_even(point, target=1.4).alpha_needed is None  # above the ceiling
+
+
+def test_ar_needs_no_acceptance_and_a_trace_says_its_agreement(tmp_path: Path) -> None:
+    (ar,) = load_points(scenario(tmp_path, method="ar"))
+    assert break_even(ar) is None
+    trace = ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv"
+    fields = {"acceptance": {"trace": str(trace)}, "workload": {"requests": 8, "prompt_len": 16, "output_len": 48}}
+    (traced,) = load_points(scenario(tmp_path, **fields))
+    found = break_even(traced)
+    agreement = TraceAcceptance(read_acceptance_trace(trace), 15).mean_match  # the shared head's, about 0.09
+    assert found is not None and found.acceptance == agreement
+    assert found.alpha_needed == pytest.approx(0.5, abs=0.05)  # the costs decide it, not the trace
+
+
+def test_the_command_line_prints_and_writes_the_break_even_table(tmp_path: Path, capsys) -> None:
+    path = scenario(tmp_path, sweep={"policy": ["fixed:1", "fixed:2"]})
+    assert main(["simulate", str(path), "--out", str(tmp_path / "run"), "--no-progress", "--break-even"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha for 1x AR" in out and "wrote" in out
+    with open(tmp_path / "run" / "break_even.csv", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["policy"] for row in table] == ["fixed:1", "fixed:2"]
+    # fixed:2: rounds of 2 drafts (300) + a verify over 3 tokens (300) make 1 + α + α² tokens: α* = 0.618 at 1.0x
+    assert float(table[0]["alpha_needed_1x"]) == pytest.approx(0.5, abs=0.02)
+    assert float(table[1]["alpha_needed_1x"]) == pytest.approx(0.618, abs=0.02)
+
+
+def test_a_target_outside_reason_is_one_line(tmp_path: Path, capsys) -> None:
+    path = scenario(tmp_path)
+    assert main(["simulate", str(path), "--out", str(tmp_path / "run"), "--no-progress", "--break-even", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--break-even: expected a target speedup over AR in (0, 100], got 0" in err and len(err.splitlines()) == 1
