@@ -162,6 +162,12 @@ class ProfileLatency:
     def has(self, component: str) -> bool:
         return any(c == component for c, _ in self._grids)
 
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """The batch sizes the profile's decode layer rows hold (the axis a batch size is interpolated along)."""
+        grid = self._grids.get(("layer", "verify")) or self._grids[next(k for k in self._grids if k[0] == "layer")]
+        return grid.axes[2]
+
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
         key = (component, phase, q, context_len, batch)
         cached = self._cache.get(key)

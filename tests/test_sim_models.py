@@ -221,3 +221,28 @@ def test_a_profiled_stage_is_checked_against_the_memory_of_the_profiles_gpu(tmp_
     with pytest.raises(ScenarioError, match="do not fit a 80 GiB NVIDIA H100 80GB HBM3"):
         load_points(path)
     assert len(load_points(profiled_scenario(tmp_path, "CPU: AMD EPYC", {"stages": 1}, model="Llama-2-70B"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("batch", "batches", "says"),
+    [
+        (2, (1, 2), None),
+        (4, (1, 2), "workload.batch_size 4 lies outside the batches [1, 2] of {path}: extrapolated linearly from "
+                    "batches 1 and 2"),
+        (8, (1,), "workload.batch_size 8 lies outside the batches [1] of {path}: costed as batch 1 (a single batch "
+                  "profiled: flat, as if rows were free)"),
+    ],
+)  # fmt: skip
+def test_a_batch_the_profile_does_not_span_is_said(tmp_path: Path, batch: int, batches: tuple, says: str | None):
+    """The simulator costs it from the profile's edge; the output says so, and how (flat from one batch size: the
+    H200's batch-8 predictions were 53-260% fast from a batch-1 profile)."""
+    data = yaml.safe_load(profiled_scenario(tmp_path, META["device"], {"stages": 1}).read_text())
+    rows = [r for r in read_latency_profile(tmp_path / "profile.csv").records if r.batch in batches]
+    path = write_latency_profile(tmp_path / "profile.csv", META, rows)
+    data["workload"].update(requests=batch, batch_size=batch)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    (result,) = run_points(load_points(tmp_path / "s.yaml"), progress=False)
+    notes = [note for note in result.notes if "batch_size" in note]
+    assert notes == (
+        [] if says is None else [says.format(path=path) + f"; profile it (eesd calibrate latency --batch 1,{batch})"]
+    )
