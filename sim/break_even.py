@@ -8,19 +8,21 @@ rises with α and the bisection finds where it crosses. What is reported per poi
 
 - `alpha_needed`: the α at which it reaches the target (empty where even α = 1 does not: `ceiling` < target);
 - `ceiling`: the speedup at α = 1 (every draft right: the most the method can give on this hardware);
+- `speedup`: the point's speedup as the scenario states it;
 - `acceptance`: what the scenario's acceptance gives (a trace's agreement at the point's exit layer, or its α);
-- `speedup`: the point's speedup as the scenario states it.
+- `alpha_now`: the i.i.d. α that gives the point's own speedup, found by the same bisection: the scenario's
+  acceptance, a replayed trace's included, on the scale of `alpha_needed`. Real acceptance is front-loaded (the
+  first draft of a round is right more often than the later ones), so a trace's `alpha_now` can sit above its mean
+  agreement; `alpha_needed - alpha_now` is how much better the head must get.
 
-Real acceptance is front-loaded (the first draft of a round is right more often than the later ones), so a trace
-replay can pay at a mean agreement a little below the i.i.d. α needed; the comparison is of like with like only where
-the scenario's acceptance is itself i.i.d. A policy that reads draft confidences draws them calibrated
-(`confidence_sharpness`: the scenario's, else `DEFAULT_SHARPNESS`).
+A policy that reads draft confidences draws them calibrated (`confidence_sharpness`: the scenario's, else
+`DEFAULT_SHARPNESS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ class BreakEven:
     policy: str | None
     speedup: float
     acceptance: float | None
+    alpha_now: float
     alpha_needed: float | None
     ceiling: float
     sharpness: float | None  # the calibrated confidences drawn, where the policy reads them
@@ -61,20 +64,27 @@ def break_even(point: Point, target: float = 1.0) -> BreakEven | None:
         acceptance = BernoulliAcceptance(alpha, sharpness)
         return Simulation(dataclasses.replace(plan, acceptance=acceptance)).run().tokens_per_s / ar
 
-    ceiling = at(1.0)
-    needed: float | None = None
-    if ceiling >= target:
-        low, high = 0.0, 1.0
-        if at(0.0) >= target:
-            high = 0.0
-        else:
-            for _ in range(BISECTIONS):
-                middle = (low + high) / 2
-                low, high = (low, middle) if at(middle) >= target else (middle, high)
-        needed = high
+    ceiling, floor = at(1.0), at(0.0)
+    needed = _solve(at, target, floor, ceiling)
+    now = _solve(at, speedup, floor, ceiling)
     policy = point.scenario.policy if plan.method == "eesd" else None
-    accepted = _acceptance(plan)
-    return BreakEven(point, plan.method, plan.exit_layer, policy, speedup, accepted, needed, ceiling, sharpness)
+    return BreakEven(
+        point, plan.method, plan.exit_layer, policy, speedup, _acceptance(plan), 1.0 if now is None else now, needed,
+        ceiling, sharpness,
+    )  # fmt: skip
+
+
+def _solve(at: Callable[[float], float], target: float, floor: float, ceiling: float) -> float | None:
+    """The least α (to 1 / 2^BISECTIONS) whose speedup `at(α)` reaches `target`; None where α = 1 does not."""
+    if ceiling < target:
+        return None
+    if floor >= target:
+        return 0.0
+    low, high = 0.0, 1.0
+    for _ in range(BISECTIONS):
+        middle = (low + high) / 2
+        low, high = (low, middle) if at(middle) >= target else (middle, high)
+    return high
 
 
 def _sharpness(plan: SimPlan, point: Point) -> float | None:
@@ -100,6 +110,7 @@ def rows(results: Sequence[BreakEven], target: float) -> list[dict[str, Any]]:
             "exit_layer": item.exit_layer if item.exit_layer is not None else "", "policy": item.policy or "",
             "speedup": round(item.speedup, 4),
             "acceptance": round(item.acceptance, 4) if item.acceptance is not None else "",
+            "alpha_now": round(item.alpha_now, 3),
             f"alpha_needed_{target:g}x": round(item.alpha_needed, 3) if item.alpha_needed is not None else "",
             "ceiling": round(item.ceiling, 4),
             "confidence_sharpness": item.sharpness if item.sharpness is not None else "",
@@ -115,5 +126,5 @@ def table(results: Sequence[BreakEven], target: float) -> str:
         row[needed] = row[needed] if row[needed] != "" else f"never (max {row['ceiling']:.2f}x)"
     hidden = ("confidence_sharpness", "ceiling", "config")  # a zipped sweep's cases: `point` indexes them
     shown = [c for c in data[0] if c not in hidden] if data else []
-    heads = {"acceptance": "acceptance now", needed: f"alpha for {target:g}x AR"}
+    heads = {"acceptance": "acceptance", "alpha_now": "as iid alpha", needed: f"iid alpha for {target:g}x AR"}
     return text_table(data, shown, heads)
