@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     points = load_points(path)
     print(f"wrote {path}: {len(points)} points (AR the baseline of each)")
-    print(f"next: eesd simulate {path}   |   eesd validate {path}   (on the machine the files were measured on)")
+    print(f"next: eesd simulate {path} --break-even   (AR against each point, and the acceptance each needs)")
+    print(f"      eesd validate {path}   (the simulator against the executor, on the machine the files came from)")
     return 0
 
 
