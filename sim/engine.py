@@ -1021,13 +1021,15 @@ def prefill_pass(plan: SimPlan, prompt_len: int) -> Pass:
 
 
 def decode_alone(
-    plan: SimPlan, prompt_len: int, output_len: int, stream: AcceptanceStream, policy: DraftPolicy
+    plan: SimPlan, prompt_len: int, output_len: int, stream: AcceptanceStream, policy: DraftPolicy, past_end: int = 0
 ) -> RunResult:
     """One request run alone (batch 1) on `plan`'s stages: its prefill of `prompt_len` tokens, then `output_len`
     tokens decoded with the plan's method, drafts judged by `stream` and drafted as `policy` says (a served request's
-    own: `sim.serving` runs PPSD one request at a time, each decode this)."""
-    alone = replace(plan, workload=Workload(requests=1, batch_size=1, prompt_len=prompt_len, output_len=output_len))
-    return Simulation(alone, row=lambda _: BatchRow(stream, policy, output_len)).run()
+    own: `sim.serving` runs PPSD one request at a time, each decode this); `past_end` more asked for where it ends at
+    its EOS first (`BatchRow`)."""
+    asked = output_len + past_end
+    alone = replace(plan, workload=Workload(requests=1, batch_size=1, prompt_len=prompt_len, output_len=asked))
+    return Simulation(alone, row=lambda _: BatchRow(stream, policy, output_len, past_end=past_end)).run()
 
 
 def _hand_off_order(hand_off: _HandOff) -> tuple[float, int]:

@@ -711,7 +711,7 @@ class ServingSimulation:
         request, start = row.request, self.env.now
         stream = RecordingStream(row.stream)
         length = row.generated + row.remaining
-        run = decode_alone(self.plan, request.prompt_len, length, stream, row.policy)
+        run = decode_alone(self.plan, request.prompt_len, length, stream, row.policy, row.past_end)
         yield self.env.timeout(run.decode_time_us)
         emitted, result = row.remaining, self.result
         row.generated += emitted

@@ -55,14 +55,14 @@ def poisson(requests: int, rate: float, prompt=16, output=12, seed=0) -> dict:
 
 def check_run(point: ServingPoint, result: ServingResult) -> dict[str, float]:
     """What every run must satisfy: each request arrives, starts, gets its first token and finishes once, in that
-    order, with exactly its output length; the tokens counted round by round are the records' sum; Little's law holds
-    over the run's window; the slots and the KV budget are never exceeded."""
-    records = result.records
+    order, with exactly its output length (or up to its replayed text's EOS); the tokens counted round by round are the
+    records' sum; Little's law holds over the run's window; the slots and the KV budget are never exceeded."""
+    records, lengths = result.records, generated(point)
     assert sorted(r.index for r in records) == list(range(len(point.workload.requests)))
-    for record, request in zip(records, point.workload.requests, strict=True):
+    for record, length in zip(records, lengths, strict=True):
         assert record.arrival_s <= record.start_s < record.first_token_s <= record.finish_s
-        assert record.tokens == request.output_len
-    assert result.tokens == sum(r.output_len for r in point.workload.requests)
+        assert record.tokens == length
+    assert result.tokens == sum(lengths)
     row = metrics(result)
     assert row["mean_in_system"] == pytest.approx(row["little_lambda_w"], rel=1e-9)
     assert row["mean_in_system"] > 0
@@ -75,6 +75,11 @@ def check_run(point: ServingPoint, result: ServingResult) -> dict[str, float]:
         assert point.kv_capacity_tokens is None or kv <= point.kv_capacity_tokens
     assert 0 < row["busy_pct"] <= 100 + 1e-9
     return row
+
+
+def generated(point: ServingPoint) -> list[int]:
+    """The tokens each request generates: its output length, or fewer where its replayed text ends at an EOS."""
+    return [point.plan.acceptance.output_len(r.index, r.output_len) for r in point.workload.requests]
 
 
 def peak_use(records, weight) -> int:
@@ -460,6 +465,24 @@ def trace_scenario(tmp_path: Path, workload: dict, **acceptance) -> Path:
     """EESD replaying the CPU trace of SmolLM2's shared head (1,492 tokens over 32 prompts at exit layer 15)."""
     trace = {"trace": str(ROOT / "calibration/cpu/acceptance_smollm2-135m_shared_builtin.csv"), **acceptance}
     return write_scenario(tmp_path, {"workload": workload}, method="eesd", acceptance=trace)
+
+
+@pytest.mark.parametrize("method", ["eesd", "ppsd"])
+def test_a_served_request_ends_at_its_replayed_eos(tmp_path, method):
+    """Requests 8 and 16 replay the trace's chat-09 and chat-17, whose text ends at an EOS after 33 and 19 tokens: they
+    leave then (KV reserved for all 40 until they do), where with `acceptance.at_eos: continue` they make all 40."""
+    trace = str(ROOT / "calibration/cpu/acceptance_smollm2-135m_shared_builtin.csv")
+    serving = {"workload": poisson(17, 0.5, output=40), "methods": [method]}
+    topology = {"topology": {"stages": 2, "link": "ideal"}} if method == "ppsd" else {}
+    lengths = {}
+    for at_eos in ("stop", "continue"):
+        fields = {"method": method, "acceptance": {"trace": trace, "at_eos": at_eos}, **topology}
+        (point,) = load_serving_points(write_scenario(tmp_path, serving, **fields))
+        result = simulate_serving(point)
+        check_run(point, result)
+        lengths[at_eos] = [record.tokens for record in result.records]
+    assert lengths["stop"][8] == 33 and lengths["stop"][16] == 19 and lengths["stop"][0] == 40
+    assert lengths["continue"] == [40] * 17
 
 
 @pytest.mark.parametrize(
