@@ -50,7 +50,7 @@ from sim.formats import (
 )
 from sim.plan import build_plan, exit_layer_of
 from sim.policy import make_policy, with_cost
-from sim.runner import simulate_point
+from sim.runner import point_notes, simulate_point
 from sim.scenario import LinkConfig, Point, claimed_dtype, load_points, narrow_draft_dtype
 from sim.scenario import validate as validate_scenario
 
@@ -624,6 +624,12 @@ def predict(target: Target) -> tuple[Measurement, bool]:
     return Measurement(result.decode_tokens, result.decode_time_us / 1e6, rounds), result.extrapolated
 
 
+def simulator_notes(plan_: Plan) -> list[str]:
+    """What the simulator notes of the targets' points (a batch size outside the profile's, requests ending at their
+    EOS, ...), each once: what a reader of the comparison should know of the predictions."""
+    return list(dict.fromkeys(note for target in plan_.targets for note in point_notes(target.point)))
+
+
 def batches(prompts: Sequence[list[int]], batch_size: int) -> list[list[list[int]]]:
     """The prompts in static batches of `batch_size`, in order (the last may be smaller), as the simulator runs its
     requests."""
@@ -1006,6 +1012,7 @@ def report(
             "spread": "(max - min) / median of the repeats' tokens/s",
             "speedup": "a point's tokens/s over AR's at its batch size, measured (medians) and predicted",
             "summary": summary(comparisons, tolerance),
+            "simulator_notes": simulator_notes(plan_),
         },
         "rows": [c.row(tolerance) for c in comparisons],
     }

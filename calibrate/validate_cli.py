@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
               "make it longer; a batch point runs its prompts in batches)")  # fmt: skip
     if any(c.noisy(args.tolerance) for c in comparisons):
         print("! the repeats spread wider than the tolerance: that point's error cannot be told from noise")
+    for note in validate.simulator_notes(plan):
+        print(f"note (simulator): {note}")
     if args.json is not None:
         path = validate.write_json(args.json, validate.report(plan, comparisons, args.tolerance, metadata))
         print(f"wrote {path}")

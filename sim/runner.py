@@ -78,6 +78,11 @@ def simulate_point(point: Point, trace: bool = False) -> PointResult:
     return PointResult(point, result, baseline, wall_s, simulation.trace, plan.exit_layer, devices, _notes(plan, point))
 
 
+def point_notes(point: Point) -> tuple[str, ...]:
+    """What `eesd simulate` notes of a point (`_notes`), without running it."""
+    return _notes(build_plan(point), point)
+
+
 def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     """A batch size outside the latency profile's batches, and a trace replay that reuses the trace's tokens (the
     scenario said `acceptance.reuse: cycle`), whose requests end at their EOS before `output_len`, or whose drafts

@@ -556,3 +556,13 @@ def test_the_bf16_drafts_validation_is_within_its_committed_errors() -> None:
         narrow, wide = rows[f"eesd E=14 fixed:{k} bf16 drafts"], rows[f"eesd E=14 fixed:{k}"]
         assert narrow["executor_tokens_per_s"] < wide["executor_tokens_per_s"]
         assert narrow["sim_tokens_per_s"] < wide["sim_tokens_per_s"]
+
+
+def test_the_simulators_notes_come_with_the_comparison() -> None:
+    """A reader of a validation sees what the simulator says of its predictions: the H200 scenario's batch-8 points
+    are costed from a batch-1 profile (the lease measured them 53-109% slower than predicted)."""
+    plan = validate.plan(ROOT / "scenarios" / "smollm2_h200_validate.yaml", model="smollm2-135m")
+    notes = validate.simulator_notes(plan)
+    assert len(notes) == 1 and notes[0].startswith("workload.batch_size 8 lies outside the batches [1] of ")
+    quiet = validate.plan(ROOT / "scenarios" / "smollm2_cpu_calibrated.yaml", points="quick", model="smollm2-135m")
+    assert validate.simulator_notes(quiet) == []
