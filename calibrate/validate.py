@@ -494,6 +494,11 @@ def _check_point(path: Path, point: Point, device_type: str) -> None:
     of its backends, every stage on one device (tp 1)."""
     s = point.scenario
     where = f"{path} (point {point.values or 'the scenario'})"
+    if s.acceptance.at_eos != "stop":
+        raise ValueError(
+            f"{where}: acceptance.at_eos: the executor ends a prompt at its EOS, so the replay must too; expected "
+            f"stop (the default), got {s.acceptance.at_eos}"
+        )
     stages = s.topology.stages if isinstance(s.topology.stages, int) else len(s.topology.stages)
     if s.topology.tp != 1:
         raise ValueError(f"{where}: topology.tp: validate runs a stage on one device; expected 1, got {s.topology.tp}")

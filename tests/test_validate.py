@@ -70,6 +70,7 @@ def fail_with(capsys, argv: list[str], *fragments: str) -> str:
         ({"exit_head": "shared:4096"}, ("exit_head:", "expected exit_head shared, got shared:4096")),
         ({"dtype": "bf16"}, ("dtype:", "float32", "got bf16")),
         ({"workload__output_len": 64}, ("workload.output_len:", "expected <= 48")),
+        ({"acceptance__at_eos": "continue"}, ("acceptance.at_eos:", "the replay must too", "got continue")),
     ],
 )
 def test_scenarios_validate_cannot_follow_are_refused(tmp_path, capsys, changes, fragments) -> None:
