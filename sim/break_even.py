@@ -1,6 +1,7 @@
 """Break-even acceptance: how often the exit head must agree with the full model for a point to match AR.
 
-`eesd simulate SCENARIO --break-even [TARGET]` asks it of every EESD and PPSD point: the point's plan (its hardware,
+`eesd simulate SCENARIO --break-even [TARGET]` asks it of every EESD and PPSD point (and, with matplotlib, plots each
+point's speedup against α: `break_even.png`): the point's plan (its hardware,
 latencies, exit layer, head, policy, workload) is simulated again with i.i.d. acceptance α (`BernoulliAcceptance`)
 and α is bisected until the point's speedup over AR on the same plan reaches TARGET (default 1.0: as fast as AR).
 Under one seed a larger α accepts a superset of positions (common random numbers, `sim.acceptance`), so the speedup
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sim.acceptance import BernoulliAcceptance, TraceAcceptance
@@ -35,6 +37,7 @@ from sim.tables import text_table
 
 BISECTIONS = 12  # α to within 1 / 4096
 DEFAULT_SHARPNESS = 8.0
+CURVE = tuple(i / 20 for i in range(21))  # the α a plotted speedup curve is simulated at
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,12 @@ class BreakEven:
     alpha_needed: float | None
     ceiling: float
     sharpness: float | None  # the calibrated confidences drawn, where the policy reads them
+    curve: tuple[tuple[float, float], ...] = ()  # (α, speedup) at `CURVE`, where asked for (a plot)
 
 
-def break_even(point: Point, target: float = 1.0) -> BreakEven | None:
-    """The point's break-even acceptance (module docstring); None for an AR point."""
+def break_even(point: Point, target: float = 1.0, curve: bool = False) -> BreakEven | None:
+    """The point's break-even acceptance (module docstring), with its speedup at every α of `CURVE` if `curve`;
+    None for an AR point."""
     plan = build_plan(point)
     if plan.method == "ar":
         return None
@@ -68,9 +73,10 @@ def break_even(point: Point, target: float = 1.0) -> BreakEven | None:
     needed = _solve(at, target, floor, ceiling)
     now = _solve(at, speedup, floor, ceiling)
     policy = point.scenario.policy if plan.method == "eesd" else None
+    points = tuple((alpha, at(alpha)) for alpha in CURVE) if curve else ()
     return BreakEven(
         point, plan.method, plan.exit_layer, policy, speedup, _acceptance(plan), 1.0 if now is None else now, needed,
-        ceiling, sharpness,
+        ceiling, sharpness, points,
     )  # fmt: skip
 
 
@@ -128,3 +134,28 @@ def table(results: Sequence[BreakEven], target: float) -> str:
     shown = [c for c in data[0] if c not in hidden] if data else []
     heads = {"acceptance": "acceptance", "alpha_now": "as iid alpha", needed: f"iid alpha for {target:g}x AR"}
     return text_table(data, shown, heads)
+
+
+def plot(results: Sequence[BreakEven], target: float, path: Path) -> Path:
+    """Each point's speedup against i.i.d. α (its `curve`), the target as a line, and where the scenario's own
+    acceptance puts it (`alpha_now`, its speedup) as a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for item in results:
+        label = " ".join(str(x) for x in (item.method, f"E={item.exit_layer}", item.policy or "") if x).strip()
+        line = ax.plot([a for a, _ in item.curve], [v for _, v in item.curve], linewidth=1.2, label=label)[0]
+        ax.plot([item.alpha_now], [item.speedup], marker="o", color=line.get_color())
+    ax.axhline(target, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("acceptance (i.i.d. alpha); dots: the scenario's own, as an i.i.d. alpha")
+    ax.set_ylabel("speedup vs AR (same hardware)")
+    ax.set_xlim(0, 1)
+    if len(results) > 1:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

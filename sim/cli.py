@@ -57,18 +57,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> None:
     """`--break-even`: the acceptance each EESD / PPSD point needs (`sim.break_even`), as a table and a CSV."""
-    from sim.break_even import break_even, rows, table
+    from sim.break_even import break_even, plot, rows, table
     from sim.runner import write_rows_csv
 
     if not 0 < target <= 100:
         raise ValueError(f"--break-even: expected a target speedup over AR in (0, 100], got {target:g}")
-    found = [item for item in map_points(break_even, points, jobs, target) if item is not None]
+    curves = plots_available()
+    found = [item for item in map_points(break_even, points, jobs, target, curves) if item is not None]
     if not found:
         print("note: --break-even: no EESD or PPSD point (AR needs no acceptance)")
         return
     print(f"\nbreak-even: the i.i.d. acceptance each point needs for {target:g}x AR on its hardware (bisected)")
     print(table(found, target))
     print(f"wrote {write_rows_csv(rows(found, target), out_dir / 'break_even.csv')}")
+    if curves:
+        print(f"wrote {plot(found, target, out_dir / 'break_even.png')}")
     if any(item.sharpness is not None for item in found):
         print("note: --break-even: policies that read confidences drew them calibrated (confidence_sharpness)")
 

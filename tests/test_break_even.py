@@ -12,6 +12,7 @@ from executor.cli import main
 from sim.acceptance import TraceAcceptance
 from sim.break_even import break_even
 from sim.formats import read_acceptance_trace
+from sim.runner import plots_available
 from sim.scenario import load_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,10 @@ def test_fixed_one_breaks_even_where_the_closed_form_says(tmp_path: Path) -> Non
     assert found.alpha_now == pytest.approx(0.3, abs=0.01)  # an i.i.d. scenario is its own i.i.d. equivalent
     assert break_even(point, target=1.2).alpha_needed == pytest.approx(0.8, abs=0.02)
     assert break_even(point, target=1.4).alpha_needed is None  # above the ceiling
+    assert found.curve == ()  # simulated only where a plot asks for it
+    curve = break_even(point, curve=True).curve
+    assert [alpha for alpha, _ in curve] == [i / 20 for i in range(21)]
+    assert [speedup for _, speedup in curve] == pytest.approx([(1 + i / 20) * 300 / 450 for i in range(21)], abs=0.02)
 
 
 def test_ar_needs_no_acceptance_and_a_trace_says_its_agreement(tmp_path: Path) -> None:
@@ -66,6 +71,7 @@ def test_the_command_line_prints_and_writes_the_break_even_table(tmp_path: Path,
     with open(tmp_path / "run" / "break_even.csv", encoding="utf-8") as handle:
         table = list(csv.DictReader(handle))
     assert [row["policy"] for row in table] == ["fixed:1", "fixed:2"]
+    assert (tmp_path / "run" / "break_even.png").exists() == plots_available()
     # fixed:2: rounds of 2 drafts (300) + a verify over 3 tokens (300) make 1 + α + α² tokens: α* = 0.618 at 1.0x
     assert float(table[0]["alpha_needed_1x"]) == pytest.approx(0.5, abs=0.02)
     assert float(table[1]["alpha_needed_1x"]) == pytest.approx(0.618, abs=0.02)
