@@ -56,6 +56,10 @@ def _scenario_arguments(p: argparse.ArgumentParser) -> None:
     policies = f"EESD draft policies, comma-separated (default: {SCENARIO_POLICIES})"
     p.add_argument("--policies", default=SCENARIO_POLICIES, help=policies)
     p.add_argument("--name", default=None, help="the scenario's name (default: from the model, device and dtype)")
+    p.add_argument(
+        "--serving", action="store_true",
+        help="write a serving scenario (eesd serve-sim): AR against EESD under Poisson load, rates from AR's own pace",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 

@@ -34,6 +34,7 @@ from sim.formats import DataFile, read_acceptance_trace, read_latency_profile, t
 from sim.hardware import gpu_named_by
 from sim.models import MODELS, ModelConfig, check_claimed_model, named_model
 from sim.policy import make_policy
+from sim.runner import simulate_point
 from sim.scenario import claimed_dtype, load_points
 
 DEFAULT_POLICIES = ("fixed:1", "fixed:2", "fixed:3", "beta-ts")  # as `eesd calibrate scenario --policies`
@@ -55,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
     path = write_scenario(
         args.latency, args.acceptance, args.out, methods=methods, policies=policies, name=args.name,
         draft_profile=args.draft_profile, contention=args.contention, force=args.force, command=command,
+        serving=args.serving,
     )  # fmt: skip
+    if args.serving:
+        print(f"wrote {path}: a serving scenario (AR against EESD under Poisson load)")
+        print(f"next: eesd serve-sim {path}   (where EESD stops paying, and the rate each method sustains in the SLO)")
+        return 0
     points = load_points(path)
     print(f"wrote {path}: {len(points)} points (AR the baseline of each)")
     print(f"next: eesd simulate {path} --break-even   (AR against each point, and the acceptance each needs)")
@@ -82,6 +88,7 @@ def write_scenario(
     contention: Path | None = None,
     force: bool = False,
     command: str = "",
+    serving: bool = False,
 ) -> Path:
     """Write the scenario (module docstring) to `out`, atomically, once it loads; ValueError naming the file and
     field where the files do not make one."""
@@ -96,11 +103,54 @@ def write_scenario(
         _add_draft_profile(data, acceptance, trace, draft_profile, out.parent)
     if contention is not None:
         data["topology"]["contention"] = _relative(contention, out.parent)
-    text = _header(latency, profile, acceptance, trace, command) + yaml.safe_dump(data, sort_keys=False, width=120)
-    _check_loads(out, text)
+    if serving:
+        if "ppsd" in methods:
+            raise ValueError("--methods: --serving writes AR against EESD (PPSD serving needs a topology of its own)")
+        _check_loads(out, _yaml(data))  # the batch scenario first: the serving block is sized from its AR point
+        data = _serving_data(data, out, profile)
+    text = _header(latency, profile, acceptance, trace, command, serving) + _yaml(data)
+    _check_loads(out, text, serving)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, text)
     return out
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+SERVING_REQUESTS = 200
+LOAD_FACTORS = (0.25, 0.5, 1, 2, 4, 8)  # arrival rates, in units of what AR serves alone (one request at a time)
+
+
+def _serving_data(data: dict[str, Any], out: Path, profile: DataFile) -> dict[str, Any]:
+    """The scenario as a serving one (`eesd serve-sim`): Poisson arrivals of the trace's requests (its prompt and
+    output lengths) at rates from a quarter to eight times what AR serves one request at a time (its batch-1 decode
+    from the batch scenario's AR point), AR against EESD with the first policy, batches up to the profile's largest,
+    SLOs of ten and two AR steps for TTFT and TPOT (to edit: yours)."""
+    probe = out.with_name(f".{out.name}.check.yaml")
+    try:
+        probe.write_text(_yaml(data), encoding="utf-8")
+        ar = simulate_point(load_points(probe)[0]).baseline
+    finally:
+        probe.unlink(missing_ok=True)
+    workload = data["workload"]
+    step_ms = 1e3 / ar.tokens_per_s
+    alone_per_s = ar.tokens_per_s / max(workload["output_len"] - 1, 1)
+    serving_data = {k: v for k, v in data.items() if k not in ("method", "workload", "sweep")}
+    serving_data["acceptance"] = {**data["acceptance"], "reuse": "cycle"}  # more requests than the trace has prompts
+    serving_data["serving"] = {
+        "workload": {
+            "requests": SERVING_REQUESTS, "seed": 0, "arrival": {"process": "poisson", "rate_per_s": 1},
+            "prompt_len": workload["prompt_len"], "output_len": workload["output_len"],
+        },
+        "methods": ["ar", "eesd"],
+        "rates_per_s": [float(f"{factor * alone_per_s:.3g}") for factor in LOAD_FACTORS],
+        "max_batch": max(record.batch for record in profile.records),
+        "kv_capacity_tokens": "auto" if "gpu" in data["topology"] else None,
+        "slo": {"ttft_ms": float(f"{10 * step_ms:.3g}"), "tpot_ms": float(f"{2 * step_ms:.3g}")},
+    }  # fmt: skip
+    return serving_data
 
 
 def scenario_data(
@@ -296,7 +346,9 @@ def _add_draft_profile(
     data["latency"]["draft_profile"] = {"path": _relative(draft_profile, folder), "cuda_graphs": cuda_graphs}
 
 
-def _header(latency: Path, profile: DataFile, acceptance: Path, trace: DataFile, command: str) -> str:
+def _header(
+    latency: Path, profile: DataFile, acceptance: Path, trace: DataFile, command: str, serving: bool = False
+) -> str:
     lines = [
         "Written by `eesd calibrate scenario` from:",
         f"  latency profile {latency} ({profile.metadata.get('device')}, {profile.metadata.get('date')})",
@@ -305,22 +357,34 @@ def _header(latency: Path, profile: DataFile, acceptance: Path, trace: DataFile,
     ]
     if command:
         lines.append(f"  with: {command}")
-    lines += [
-        "Simulate: eesd simulate THIS_FILE; check against the executor where the files were measured: eesd validate",
-        "THIS_FILE. AR runs beside every point as its baseline. docs/simulator.md and scenarios/README.md say what",
-        "each field means; edit freely (a wider workload, other policies, a what-if topology).",
-    ]
+    if serving:
+        lines += [
+            "Serve: eesd serve-sim THIS_FILE (Poisson arrivals at each rate, continuous batching, AR against EESD).",
+            "The rates span a quarter to eight times what AR serves one request at a time; the SLOs are ten and two",
+            "AR steps: put your traffic and your bounds there. docs/serving.md says what each field means.",
+        ]
+    else:
+        lines += [
+            "Simulate: eesd simulate THIS_FILE; check against the executor where the files were measured: eesd",
+            "validate THIS_FILE. AR runs beside every point as its baseline. docs/simulator.md and scenarios/README.md",
+            "say what each field means; edit freely (a wider workload, other policies, a what-if topology).",
+        ]
     return "".join(f"# {line}\n" for line in lines)
 
 
-def _check_loads(out: Path, text: str) -> None:
+def _check_loads(out: Path, text: str, serving: bool = False) -> None:
     """The scenario loads (every point resolves against the files) before it is kept: written beside `out` (its
     relative paths resolve there) and removed again."""
     out.parent.mkdir(parents=True, exist_ok=True)
     probe = out.with_name(f".{out.name}.check.yaml")
     try:
         probe.write_text(text, encoding="utf-8")
-        load_points(probe)
+        if serving:
+            from sim.serving import load_serving_points
+
+            load_serving_points(probe)
+        else:
+            load_points(probe)
     except ValueError as err:  # a ScenarioError, or a file the scenario names that does not read
         raise ValueError(f"the scenario written from these files does not load: {err}") from None
     finally:

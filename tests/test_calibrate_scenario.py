@@ -154,3 +154,27 @@ def test_writing_a_scenario_needs_no_torch(tmp_path) -> None:
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     assert load_points(out)
+
+
+def test_a_serving_scenario_is_sized_from_ars_own_pace(tmp_path) -> None:
+    """`--serving`: AR against EESD under Poisson load, rates a quarter to eight times what AR serves one request at
+    a time, SLOs of ten and two AR steps, batches up to the profile's largest; serve-sim runs it."""
+    from sim.serving import load_serving_points, simulate_serving
+
+    out = tmp_path / "serve.yaml"
+    latency = CPU / "serving" / "latency_smollm2-135m_cpu_fp32.csv"
+    trace = CPU / "acceptance_smollm2-135m_shared_builtin.csv"
+    write_scenario(latency, trace, out, policies=("fixed:1",), serving=True)
+    data = yaml.safe_load(out.read_text(encoding="utf-8"))
+    serving = data["serving"]
+    assert "method" not in data and "sweep" not in data and serving["methods"] == ["ar", "eesd"]
+    assert serving["max_batch"] == 4 and serving["kv_capacity_tokens"] is None  # the CPU profile's batches 1-4
+    rates = serving["rates_per_s"]
+    assert len(rates) == 6 and rates == sorted(rates) and rates[-1] / rates[0] == pytest.approx(32, rel=0.01)
+    assert serving["slo"]["ttft_ms"] == pytest.approx(5 * serving["slo"]["tpot_ms"], rel=0.01)
+    points = load_serving_points(out)
+    assert len(points) == 12 and {p.method for p in points} == {"ar", "eesd"}
+    unloaded = next(p for p in points if p.method == "ar" and p.rate_per_s == rates[0])
+    assert simulate_serving(unloaded).tokens > 0
+    with pytest.raises(ValueError, match="--serving writes AR against EESD"):
+        write_scenario(latency, trace, tmp_path / "p.yaml", methods=("eesd", "ppsd"), serving=True)
