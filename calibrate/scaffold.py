@@ -24,7 +24,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from sim.hardware import gpu_named_by
 from sim.models import MODELS, ModelConfig, check_claimed_model, named_model
 from sim.policy import make_policy
 from sim.runner import simulate_point
-from sim.scenario import claimed_dtype, load_points
+from sim.scenario import Point, claimed_dtype, load_points
 
 DEFAULT_POLICIES = ("fixed:1", "fixed:2", "fixed:3", "beta-ts")  # as `eesd calibrate scenario --policies`
 MAX_REQUESTS = 8
@@ -93,6 +93,8 @@ def write_scenario(
     """Write the scenario (module docstring) to `out`, atomically, once it loads; ValueError naming the file and
     field where the files do not make one."""
     out = Path(out)
+    if serving and "ppsd" in methods:
+        raise ValueError("--methods: --serving writes AR against EESD (PPSD serving needs a topology of its own)")
     if out.is_dir():
         raise ValueError(f"--out: {out} is a folder; expected the scenario file to write")
     if out.exists() and not force:
@@ -103,14 +105,10 @@ def write_scenario(
         _add_draft_profile(data, acceptance, trace, draft_profile, out.parent)
     if contention is not None:
         data["topology"]["contention"] = _relative(contention, out.parent)
-    if serving:
-        if "ppsd" in methods:
-            raise ValueError("--methods: --serving writes AR against EESD (PPSD serving needs a topology of its own)")
-        _check_loads(out, _yaml(data))  # the batch scenario first: the serving block is sized from its AR point
-        data = _serving_data(data, out, profile)
+    if serving:  # sized from the batch scenario's AR point
+        data = _serving_data(data, _loaded(out, _yaml(data), load_points)[0], profile)
     text = _header(latency, profile, acceptance, trace, command, serving) + _yaml(data)
-    _check_loads(out, text, serving)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _loaded(out, text, _serving_loader() if serving else load_points)
     write_text_atomic(out, text)
     return out
 
@@ -123,17 +121,12 @@ SERVING_REQUESTS = 200
 LOAD_FACTORS = (0.25, 0.5, 1, 2, 4, 8)  # arrival rates, in units of what AR serves alone (one request at a time)
 
 
-def _serving_data(data: dict[str, Any], out: Path, profile: DataFile) -> dict[str, Any]:
+def _serving_data(data: dict[str, Any], point: Point, profile: DataFile) -> dict[str, Any]:
     """The scenario as a serving one (`eesd serve-sim`): Poisson arrivals of the trace's requests (its prompt and
     output lengths) at rates from a quarter to eight times what AR serves one request at a time (its batch-1 decode
     from the batch scenario's AR point), AR against EESD with the first policy, batches up to the profile's largest,
     SLOs of ten and two AR steps for TTFT and TPOT (to edit: yours)."""
-    probe = out.with_name(f".{out.name}.check.yaml")
-    try:
-        probe.write_text(_yaml(data), encoding="utf-8")
-        ar = simulate_point(load_points(probe)[0]).baseline
-    finally:
-        probe.unlink(missing_ok=True)
+    ar = simulate_point(point).baseline
     workload = data["workload"]
     step_ms = 1e3 / ar.tokens_per_s
     alone_per_s = ar.tokens_per_s / max(workload["output_len"] - 1, 1)
@@ -372,19 +365,20 @@ def _header(
     return "".join(f"# {line}\n" for line in lines)
 
 
-def _check_loads(out: Path, text: str, serving: bool = False) -> None:
-    """The scenario loads (every point resolves against the files) before it is kept: written beside `out` (its
-    relative paths resolve there) and removed again."""
+def _serving_loader() -> Callable[[Path], Any]:
+    from sim.serving import load_serving_points  # the serving simulator only where a serving scenario is written
+
+    return load_serving_points
+
+
+def _loaded(out: Path, text: str, load: Callable[[Path], Any]) -> Any:
+    """`load` of the scenario `text`, written beside `out` (its relative paths resolve there) and removed again: what
+    is kept must load. A ValueError saying so where it does not."""
     out.parent.mkdir(parents=True, exist_ok=True)
     probe = out.with_name(f".{out.name}.check.yaml")
     try:
         probe.write_text(text, encoding="utf-8")
-        if serving:
-            from sim.serving import load_serving_points
-
-            load_serving_points(probe)
-        else:
-            load_points(probe)
+        return load(probe)
     except ValueError as err:  # a ScenarioError, or a file the scenario names that does not read
         raise ValueError(f"the scenario written from these files does not load: {err}") from None
     finally:
