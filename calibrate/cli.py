@@ -45,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _scenario_arguments(p: argparse.ArgumentParser) -> None:
     """`calibrate.scaffold`'s arguments (it is imported only to run: it needs the simulator, a GPU box may not)."""
     p.add_argument("--latency", type=Path, required=True, help="a latency profile (eesd calibrate latency)")
-    p.add_argument("--acceptance", type=Path, required=True, help="an acceptance trace (eesd calibrate acceptance)")
+    p.add_argument(
+        "--acceptance", type=Path, required=True, nargs="+",
+        help="acceptance traces (eesd calibrate acceptance); several: one sweep comparing their heads",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the scenario YAML to write")
     p.add_argument(
         "--draft-profile", type=Path, default=None,

@@ -25,6 +25,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     points = load_points(path)
     print(f"wrote {path}: {len(points)} points (AR the baseline of each)")
     print(f"next: eesd simulate {path} --break-even   (AR against each point, and the acceptance each needs)")
-    print(f"      eesd validate {path}   (the simulator against the executor, on the machine the files came from)")
+    if len(args.acceptance) == 1:  # validate replays one trace's prompts
+        print(f"      eesd validate {path}   (the simulator against the executor, on the machine the files came from)")
     return 0
 
 
@@ -78,7 +80,7 @@ def _list(text: str, flag: str) -> list[str]:
 
 def write_scenario(
     latency: Path,
-    acceptance: Path,
+    acceptance: Path | Sequence[Path],
     out: Path,
     *,
     methods: Sequence[str] = ("eesd",),
@@ -91,23 +93,31 @@ def write_scenario(
     serving: bool = False,
 ) -> Path:
     """Write the scenario (module docstring) to `out`, atomically, once it loads; ValueError naming the file and
-    field where the files do not make one."""
+    field where the files do not make one. Several traces (heads to compare) make one sweep over all of them."""
     out = Path(out)
+    paths = [Path(acceptance)] if isinstance(acceptance, (str, Path)) else [Path(p) for p in acceptance]
     if serving and "ppsd" in methods:
         raise ValueError("--methods: --serving writes AR against EESD (PPSD serving needs a topology of its own)")
+    if serving and len(paths) > 1:
+        raise ValueError("--acceptance: --serving takes one trace (write one serving scenario per head)")
     if out.is_dir():
         raise ValueError(f"--out: {out} is a folder; expected the scenario file to write")
     if out.exists() and not force:
         raise ValueError(f"--out: {out} exists; pass --force to overwrite it")
-    profile, trace = read_latency_profile(latency), read_acceptance_trace(acceptance)
-    data = scenario_data(latency, profile, acceptance, trace, out.parent, methods, policies, name)
-    if trace.metadata.get("draft_dtype") or draft_profile is not None:
+    profile = read_latency_profile(latency)
+    traces = [(path, read_acceptance_trace(path)) for path in paths]
+    acceptance, trace = traces[0]
+    data = scenario_data(latency, profile, traces, out.parent, methods, policies, name)
+    narrow = [path for path, t in traces if t.metadata.get("draft_dtype")]
+    if narrow and len(traces) > 1:
+        raise ValueError(f"--acceptance: {narrow[0]}: a trace of narrow drafts is replayed alone (with its profile)")
+    if narrow or draft_profile is not None:
         _add_draft_profile(data, acceptance, trace, draft_profile, out.parent)
     if contention is not None:
         data["topology"]["contention"] = _relative(contention, out.parent)
     if serving:  # sized from the batch scenario's AR point
         data = _serving_data(data, _loaded(out, _yaml(data), load_points)[0], profile)
-    text = _header(latency, profile, acceptance, trace, command, serving) + _yaml(data)
+    text = _header(latency, profile, traces, command, serving) + _yaml(data)
     _loaded(out, text, _serving_loader() if serving else load_points)
     write_text_atomic(out, text)
     return out
@@ -149,31 +159,34 @@ def _serving_data(data: dict[str, Any], point: Point, profile: DataFile) -> dict
 def scenario_data(
     latency: Path,
     profile: DataFile,
-    acceptance: Path,
-    trace: DataFile,
+    traces: Sequence[tuple[Path, DataFile]],
     folder: Path,
     methods: Sequence[str],
     policies: Sequence[str],
     name: str | None,
 ) -> dict[str, Any]:
-    """The scenario's fields, in the order a reader expects them."""
+    """The scenario's fields, in the order a reader expects them: the first trace's, and a sweep over every trace's
+    head and exit layers."""
     model, model_field = _model(latency, profile)
-    try:
-        check_claimed_model(model, trace.metadata)
-    except ValueError as err:
-        raise ValueError(f"{acceptance}: {err} (the latency profile {latency} is of {model.name})") from None
+    for acceptance, trace in traces:
+        try:
+            check_claimed_model(model, trace.metadata)
+        except ValueError as err:
+            raise ValueError(f"{acceptance}: {err} (the latency profile {latency} is of {model.name})") from None
+    acceptance, trace = traces[0]
     dtype = claimed_dtype(profile.metadata)
     if dtype is None:
         given = profile.metadata.get("dtype")
         raise ValueError(f"{latency}: metadata.dtype: expected bfloat16, float16 or float32, got {given!r}")
     on_gpu = profile.metadata.get("device_type") == "cuda"
     frozen = profile.metadata.get("kernels") == "frozen"
-    exit_layers = sorted({record.exit_layer for record in trace.records})
-    prompts = len({record.prompt_id for record in trace.records if record.exit_layer == exit_layers[0]})
-    output_len = _output_len(acceptance, trace)
+    heads = [_head(path, t, folder) for path, t in traces]
+    exit_layers = heads[0].exit_layers
+    prompts = min(head.prompts for head in heads)
+    output_len = min(_output_len(path, t) for path, t in traces)
     data: dict[str, Any] = {
         "name": name or _name(profile, model, dtype),
-        "description": _description(profile, trace, model, dtype, acceptance),
+        "description": _description(profile, trace, model, dtype, len(traces)),
         "seed": 0,
         "model": model_field,
         "dtype": dtype,
@@ -197,8 +210,24 @@ def scenario_data(
         "prompt_len": _prompt_len(latency, profile, frozen),
         "output_len": output_len,
     }
-    data["sweep"] = _sweep(methods, policies, exit_layers, on_gpu)
+    data["sweep"] = _sweep(methods, policies, heads, on_gpu)
     return data
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What one trace replays: its file (relative to the scenario), head, exit layers and prompts."""
+
+    trace: str
+    exit_head: str
+    exit_layers: list[int]
+    prompts: int
+
+
+def _head(path: Path, trace: DataFile, folder: Path) -> _Head:
+    layers = sorted({record.exit_layer for record in trace.records})
+    prompts = len({record.prompt_id for record in trace.records if record.exit_layer == layers[0]})
+    return _Head(_relative(path, folder), trace_exit_head(path, trace), layers, prompts)
 
 
 def _model(latency: Path, profile: DataFile) -> tuple[ModelConfig, Any]:
@@ -258,13 +287,13 @@ def _name(profile: DataFile, model: ModelConfig, dtype: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", "-".join(parts).lower()).strip("-.")
 
 
-def _description(profile: DataFile, trace: DataFile, model: ModelConfig, dtype: str, acceptance: Path) -> str:
+def _description(profile: DataFile, trace: DataFile, model: ModelConfig, dtype: str, traces: int) -> str:
     meta, tmeta = profile.metadata, trace.metadata
     split = f", {tmeta['prompt_split']}" if tmeta.get("prompt_split") else ""
+    heads = f"{traces} heads' traces" if traces > 1 else f"head {tmeta.get('head')}"
     return (
         f"{model.name} {dtype} on {meta.get('device', 'an unnamed device')} ({meta.get('kernels', 'eager')} kernels, "
-        f"profile of {str(meta.get('date', '?'))[:10]}), head {tmeta.get('head')} ({tmeta.get('prompts', '?')} "
-        f"prompts{split})"
+        f"profile of {str(meta.get('date', '?'))[:10]}), {heads} ({tmeta.get('prompts', '?')} prompts{split})"
     )
 
 
@@ -295,20 +324,23 @@ def _prompt_len(latency: Path, profile: DataFile, frozen: bool) -> int:
     return max(contexts[0], 1)
 
 
-def _sweep(methods: Sequence[str], policies: Sequence[str], exit_layers: list[int], on_gpu: bool) -> dict[str, Any]:
-    """EESD at every exit layer x policy; PPSD on two stages of the one device (CUDA streams on a GPU, in turn on a
-    CPU) at every exit layer."""
-    eesd = [{"exit_layer": layer, "policy": policy} for layer in exit_layers for policy in policies]
-    if "ppsd" not in methods:
+def _sweep(methods: Sequence[str], policies: Sequence[str], heads: Sequence[_Head], on_gpu: bool) -> dict[str, Any]:
+    """EESD at every exit layer x policy of every trace's head; PPSD on two stages of the one device (CUDA streams on
+    a GPU, in turn on a CPU) at every exit layer."""
+    if len(heads) == 1 and "ppsd" not in methods:
         sweep: dict[str, Any] = {"policy": list(policies)}
-        if len(exit_layers) > 1:
-            sweep = {"exit_layer": exit_layers, **sweep}
+        if len(heads[0].exit_layers) > 1:
+            sweep = {"exit_layer": heads[0].exit_layers, **sweep}
         return sweep
-    backend = "streams" if on_gpu else "sequential"
-    ppsd = [
-        {"method": "ppsd", "ppsd_backend": backend, "topology.stages": 2, "exit_layer": layer} for layer in exit_layers
-    ]
-    return {"config": (eesd if "eesd" in methods else []) + ppsd}
+    backend, config = "streams" if on_gpu else "sequential", []
+    for head in heads:
+        which = {"acceptance.trace": head.trace, "exit_head": head.exit_head} if len(heads) > 1 else {}
+        if "eesd" in methods:
+            config += [{**which, "exit_layer": e, "policy": p} for e in head.exit_layers for p in policies]
+        if "ppsd" in methods:
+            ppsd = {"method": "ppsd", "ppsd_backend": backend, "topology.stages": 2}
+            config += [{**which, **ppsd, "exit_layer": e} for e in head.exit_layers]
+    return {"config": config}
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -340,14 +372,17 @@ def _add_draft_profile(
 
 
 def _header(
-    latency: Path, profile: DataFile, acceptance: Path, trace: DataFile, command: str, serving: bool = False
+    latency: Path, profile: DataFile, traces: Sequence[tuple[Path, DataFile]], command: str, serving: bool = False
 ) -> str:
     lines = [
         "Written by `eesd calibrate scenario` from:",
         f"  latency profile {latency} ({profile.metadata.get('device')}, {profile.metadata.get('date')})",
-        f"  acceptance trace {acceptance} ({trace.metadata.get('device', 'device not recorded')}, "
-        f"{trace.metadata.get('date', 'date not recorded')})",
     ]
+    for path, trace in traces:
+        lines.append(
+            f"  acceptance trace {path} ({trace.metadata.get('device', 'device not recorded')}, "
+            f"{trace.metadata.get('date', 'date not recorded')})"
+        )
     if command:
         lines.append(f"  with: {command}")
     if serving:

@@ -108,11 +108,14 @@ def _acceptance(plan: SimPlan) -> float | None:
 
 
 def rows(results: Sequence[BreakEven], target: float) -> list[dict[str, Any]]:
+    """One row per point; its exit head where the points' heads differ (a scenario comparing heads)."""
+    heads = len({item.point.scenario.exit_head for item in results}) > 1
     out = []
     for item in results:
         swept = {k: v for k, v in item.point.values.items() if k not in ("method", "exit_layer", "policy")}
+        head = {"exit_head": item.point.scenario.exit_head} if heads else {}
         out.append({
-            "point": item.point.index, **swept, "method": item.method,
+            "point": item.point.index, **swept, "method": item.method, **head,
             "exit_layer": item.exit_layer if item.exit_layer is not None else "", "policy": item.policy or "",
             "speedup": round(item.speedup, 4),
             "acceptance": round(item.acceptance, 4) if item.acceptance is not None else "",
@@ -130,7 +133,7 @@ def table(results: Sequence[BreakEven], target: float) -> str:
     needed = f"alpha_needed_{target:g}x"
     for row in data:
         row[needed] = row[needed] if row[needed] != "" else f"never (max {row['ceiling']:.2f}x)"
-    hidden = ("confidence_sharpness", "ceiling", "config")  # a zipped sweep's cases: `point` indexes them
+    hidden = ("confidence_sharpness", "ceiling", "config", "acceptance.trace")  # long: `point` indexes them
     shown = [c for c in data[0] if c not in hidden] if data else []
     heads = {"acceptance": "acceptance", "alpha_now": "as iid alpha", needed: f"iid alpha for {target:g}x AR"}
     return text_table(data, shown, heads)

@@ -178,3 +178,38 @@ def test_a_serving_scenario_is_sized_from_ars_own_pace(tmp_path) -> None:
     assert simulate_serving(unloaded).tokens > 0
     with pytest.raises(ValueError, match="--serving writes AR against EESD"):
         write_scenario(latency, trace, tmp_path / "p.yaml", methods=("eesd", "ppsd"), serving=True)
+
+
+def test_several_traces_make_one_sweep_comparing_their_heads(tmp_path) -> None:
+    """Each head's points simulate as the scenario written from its trace alone; `--break-even` names the heads."""
+    from sim.break_even import break_even, rows
+
+    latency = CPU / "latency_smollm2-135m_cpu_fp32_frozen.csv"
+    e7, e15 = (CPU / f"acceptance_smollm2-135m_e{e}mix5v16k_builtin_heldout.csv" for e in (7, 15))
+    both = write_scenario(latency, [e7, e15], tmp_path / "both.yaml", policies=("fixed:1", "beta-ts"))
+    config = yaml.safe_load(both.read_text(encoding="utf-8"))["sweep"]["config"]
+    assert [(c["exit_layer"], c["policy"]) for c in config] == [(7, "fixed:1"), (7, "beta-ts"), (15, "fixed:1"),
+                                                                (15, "beta-ts")]  # fmt: skip
+    assert {c["exit_head"] for c in config} == {"trained:16384"} and len({c["acceptance.trace"] for c in config}) == 2
+    alone = {}
+    for trace in (e7, e15):
+        alone.update(
+            tokens_per_s(
+                write_scenario(latency, trace, tmp_path / f"{trace.stem}.yaml", policies=("fixed:1", "beta-ts"))
+            )
+        )
+    assert tokens_per_s(both) == alone
+    shared = write_scenario(latency, [e7, CPU / "acceptance_smollm2-135m_shared_builtin.csv"], tmp_path / "heads.yaml",
+                            policies=("fixed:1",))  # fmt: skip
+    found = [item for item in (break_even(point) for point in load_points(shared)) if item is not None]
+    assert [row["exit_head"] for row in rows(found, 1.0)] == ["trained:16384", "shared", "shared", "shared", "shared"]
+
+
+def test_traces_that_cannot_share_a_scenario_are_refused(tmp_path) -> None:
+    latency = CPU / "latency_gemma3-270m_cpu_fp32_b1.csv"
+    narrow = CPU / "acceptance_gemma3-270m_e14v16k_bf16drafts_heldout.csv"
+    with pytest.raises(ValueError, match="a trace of narrow drafts is replayed alone"):
+        write_scenario(latency, [CPU / "acceptance_gemma3-270m_e14v16k_heldout.csv", narrow], tmp_path / "s.yaml")
+    trace = CPU / "acceptance_gemma3-270m_e14v16k_heldout.csv"
+    with pytest.raises(ValueError, match="--serving takes one trace"):
+        write_scenario(latency, [trace, trace], tmp_path / "s.yaml", serving=True)
