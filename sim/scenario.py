@@ -16,7 +16,7 @@ import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -752,7 +752,13 @@ def _assignments(key: str, value: Any) -> list[tuple[str, Any]]:
 
 
 def _case_label(case: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in case.items())
+    """`field=value` for each field the case sets; a file by its name (the case's full path stays in the point)."""
+    return " ".join(f"{k}={_short_file(k, v)}" for k, v in case.items())
+
+
+def _short_file(key: str, value: Any) -> Any:
+    is_file = key.endswith((".trace", ".path", ".profile")) and isinstance(value, str) and "/" in value
+    return PurePath(value).name if is_file else value
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
