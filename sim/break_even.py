@@ -80,6 +80,17 @@ def break_even(point: Point, target: float = 1.0, curve: bool = False) -> BreakE
     )  # fmt: skip
 
 
+def speedups_at(point: Point, alphas: Sequence[float]) -> list[float]:
+    """The point's speedup over AR on its plan at each i.i.d. acceptance in `alphas` (as `break_even` bisects it)."""
+    plan = build_plan(point)
+    ar = Simulation(build_plan(point, method="ar")).run().tokens_per_s
+    sharpness = _sharpness(plan, point)
+    return [
+        Simulation(dataclasses.replace(plan, acceptance=BernoulliAcceptance(a, sharpness))).run().tokens_per_s / ar
+        for a in alphas
+    ]
+
+
 def _solve(at: Callable[[float], float], target: float, floor: float, ceiling: float) -> float | None:
     """The least α (to 1 / 2^BISECTIONS) whose speedup `at(α)` reaches `target`; None where α = 1 does not."""
     if ceiling < target:

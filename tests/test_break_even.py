@@ -10,7 +10,7 @@ import yaml
 
 from executor.cli import main
 from sim.acceptance import TraceAcceptance
-from sim.break_even import break_even
+from sim.break_even import break_even, speedups_at
 from sim.formats import read_acceptance_trace
 from sim.runner import plots_available
 from sim.scenario import load_points
@@ -45,6 +45,7 @@ def test_fixed_one_breaks_even_where_the_closed_form_says(tmp_path: Path) -> Non
     assert found.alpha_now == pytest.approx(0.3, abs=0.01)  # an i.i.d. scenario is its own i.i.d. equivalent
     assert break_even(point, target=1.2).alpha_needed == pytest.approx(0.8, abs=0.02)
     assert break_even(point, target=1.4).alpha_needed is None  # above the ceiling
+    assert speedups_at(point, [0.5, 1.0]) == pytest.approx([1.0, 4 / 3], abs=0.02)
     assert found.curve == ()  # simulated only where a plot asks for it
     curve = break_even(point, curve=True).curve
     assert [alpha for alpha, _ in curve] == [i / 20 for i in range(21)]
