@@ -148,3 +148,22 @@ def test_the_project_cites_no_file_outside_it() -> None:
         if EXTERNAL_CITATION.search(path.read_text(encoding="utf-8", errors="replace"))
     ]
     assert not cited, f"these files cite a document outside the project; restate it in docs/ instead: {cited}"
+
+
+def test_the_quickstarts_expected_figures_are_what_it_prints() -> None:
+    """The figures the README promises for its main command (AR's tok/s, EESD's and PPSD's speedups, as rounded
+    there) are the simulator's: a change that moves them must move the README too."""
+    from sim.runner import run_points
+    from sim.scenario import load_points
+
+    line = README.read_text(encoding="utf-8").split("<!-- quickstart-figures -->\n", 1)[1].split("\n", 1)[0]
+    found = re.search(r"AR ≈ (\d+) tok/s, EESD ≈ ([\d.]+)× and PPSD ≈ ([\d.]+)× AR", line)
+    assert found, line
+    results = {
+        item.result.method: item for item in run_points(load_points(ROOT / "scenarios/quickstart.yaml"), progress=False)
+    }
+    ar = results["ar"].result.tokens_per_s
+    assert round(ar) == int(found[1])
+    for method, promised in (("eesd", found[2]), ("ppsd", found[3])):
+        speedup = results[method].result.tokens_per_s / results[method].baseline.tokens_per_s
+        assert f"{speedup:.{len(promised.split('.')[1])}f}" == promised, (method, speedup)
