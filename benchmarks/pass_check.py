@@ -1,0 +1,143 @@
+"""Benchmark (not a test): the executor's whole EESD passes against what a latency profile's components price them at.
+
+The simulator prices a draft step as E layers + the exit head, a verify pass after k drafts as layers [0, E) for the
+last draft, [E, L) for k + 1 tokens and the LM head over them, each from the profile's per-component rows. This
+times the executor's own passes (`Passes.ar`, `.draft`, `.verify`, as `executor.round_costs` runs them: uncaptured
+here) at one context, interleaved, and sets each beside the profile's price, both relative to the AR step (so a box
+running faster or slower than when it was profiled cancels out):
+
+    python benchmarks/pass_check.py --profile calibration/cpu/latency_smollm2-135m_cpu_fp32.csv --exit-layer 15 \\
+        --repeats 15 --out benchmarks/results/pass_check_smollm2-135m_e15_eager_cpu.json
+
+Prints a table (ms, ratio to AR measured / priced) and writes JSON with the machine, versions, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from head_speed import environment, write_json  # noqa: E402
+
+
+def priced_ms(profile: Path, model: str, exit_layer: int, context: int, max_k: int) -> dict[str, float]:
+    """The profile's price of each pass (ms), as the simulator costs it (`sim.cost`), the shared exit head."""
+    from sim.cost import Pass, draft_pass, stage_time_us, verify_pass
+    from sim.plan import build_plan
+    from sim.scenario import Point, validate
+
+    data = {
+        "name": "pass-check", "model": model, "dtype": "fp32", "method": "eesd", "exit_layer": exit_layer,
+        "exit_head": "shared", "policy": f"fixed:{max_k}", "latency": {"profile": {"path": str(profile),
+        "cuda_graphs": False}}, "acceptance": {"alpha": 0.5}, "topology": {"stages": 1, "link": "ideal"},
+        "workload": {"requests": 1, "batch_size": 1, "prompt_len": context, "output_len": 16},
+    }  # fmt: skip
+    point = Point(0, {}, validate(data, "pass-check"), ROOT, "pass-check")
+    plan = build_plan(point)
+    layers = plan.model.num_layers
+
+    def ms(work: Pass, at: int) -> float:
+        at = plan.attended(at, work.phase)
+        return sum(stage_time_us(plan, s, work, at, 1) for s in plan.stages) / 1e3
+
+    priced = {"ar": ms(Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1), context)}
+    priced["draft"] = ms(draft_pass(plan), context)
+    for k in range(1, max_k + 1):
+        priced[f"verify k={k}"] = ms(verify_pass(plan, k), context + k)
+    return priced
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", type=Path, required=True, help="an eager CPU latency profile")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sim-model", default="SmolLM2-135M", help="the simulator's name of the model")
+    parser.add_argument("--exit-layer", type=int, default=15)
+    parser.add_argument("--context", type=int, default=152)
+    parser.add_argument("--max-k", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    import executor
+    from executor.adapter import ModelAdapter
+    from executor.api import PassSetup
+    from executor.heads import resolve_head
+    from executor.passes import upload
+    from executor.sampling import SamplingConfig
+    from sim.policy import FixedPolicy
+
+    torch.set_num_threads(args.threads)
+    adapter = ModelAdapter(executor.load_model(args.model))
+    at, exit_layer, max_k = args.context, args.exit_layer, args.max_k
+    head = resolve_head("shared", adapter, exit_layer)
+    setup = PassSetup("eesd", SamplingConfig(), 0, [], exit_layer, head, [FixedPolicy(max_k)], "none", None, True)
+    with torch.inference_mode():
+        passes = setup.passes(adapter, [[0] * at], max_k + 4)
+
+        def timed(fn: Any) -> float:
+            begin = time.perf_counter()
+            fn()
+            return (time.perf_counter() - begin) * 1e3
+
+        def ar() -> float:
+            passes.load([0], [at], 1)
+            return timed(lambda: passes.ar(at))
+
+        def draft() -> float:
+            passes.load([0], [at], 1)
+            return timed(lambda: passes.draft(at))
+
+        def verify(k: int) -> Any:
+            def run() -> float:
+                passes.load([0], [at], 1)
+                upload(passes.counts, [k])
+                for j in range(k):
+                    passes.draft(at + j)
+                passes.load(None, [at], k + 1)
+                return timed(lambda: passes.verify(k, at + k))
+
+            return run
+
+        calls = {"ar": ar, "draft": draft, **{f"verify k={k}": verify(k) for k in range(1, max_k + 1)}}
+        for call in calls.values():
+            call(), call()
+        runs: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(args.repeats):  # interleaved: a drifting box moves every pass alike
+            for name, call in calls.items():
+                runs[name].append(call())
+    measured = {name: statistics.median(values) for name, values in runs.items()}
+    priced = priced_ms(args.profile, args.sim_model, exit_layer, at, max_k)
+    rows = []
+    print(f"{'pass':<12} {'measured ms':>12} {'priced ms':>10} {'/AR meas':>9} {'/AR priced':>10} {'gap':>7}")
+    for name in calls:
+        ratio, priced_ratio = measured[name] / measured["ar"], priced[name] / priced["ar"]
+        gap = ratio / priced_ratio - 1
+        print(
+            f"{name:<12} {measured[name]:>12.2f} {priced[name]:>10.2f} {ratio:>9.3f} {priced_ratio:>10.3f} {gap:>+7.1%}"
+        )
+        spread = (max(runs[name]) - min(runs[name])) / measured[name]
+        rows.append({"pass": name, "measured_ms": round(measured[name], 3), "priced_ms": round(priced[name], 3),
+                     "measured_over_ar": round(ratio, 4), "priced_over_ar": round(priced_ratio, 4),
+                     "gap": round(gap, 4), "spread": round(spread, 3),
+                     "runs_ms": [round(v, 3) for v in runs[name]]})  # fmt: skip
+    if args.out:
+        result = {**environment(args.threads), "profile": str(args.profile), "model": args.model,
+                  "exit_layer": exit_layer, "context": at, "repeats": args.repeats, "capture": "none",
+                  "gap": "(measured / AR) / (priced / AR) - 1", "rows": rows}  # fmt: skip
+        print(f"wrote {write_json(args.out, result)}")
+
+
+if __name__ == "__main__":
+    main()
