@@ -33,7 +33,7 @@ import yaml
 
 from sim.formats import DataFile, read_acceptance_trace, read_latency_profile, trace_exit_head, write_text_atomic
 from sim.hardware import gpu_named_by
-from sim.models import MODELS, ModelConfig, check_claimed_model, named_model
+from sim.models import ModelConfig, check_claimed_model, known_model_like, named_model
 from sim.policy import make_policy
 from sim.runner import simulate_point
 from sim.scenario import Point, claimed_dtype, load_points
@@ -266,13 +266,8 @@ def _model(latency: Path, profile: DataFile) -> tuple[ModelConfig, Any]:
     if isinstance(config.get("max_position_embeddings"), int):
         inline["max_position_embeddings"] = config["max_position_embeddings"]
     shape = ModelConfig(**inline)
-    known = next((m for m in MODELS.values() if _shape(m) == _shape(shape)), None)  # a known model at another path
+    known = known_model_like(shape)  # a known model at another path
     return (known, known.name) if known is not None else (shape, inline)
-
-
-def _shape(model: ModelConfig) -> tuple[int, ...]:
-    return (model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads, model.intermediate_size,
-            model.vocab_size, model.head_dim)  # fmt: skip
 
 
 def _label(model: str) -> str:

@@ -148,3 +148,8 @@ def check_claimed_model(model: ModelConfig, metadata: Mapping[str, Any]) -> None
 
 def _shape(model: ModelConfig) -> tuple[int, ...]:
     return tuple(getattr(model, name) for name in _SHAPE)
+
+
+def known_model_like(model: ModelConfig) -> ModelConfig | None:
+    """The `MODELS` entry of `model`'s shape (a known model loaded from a path, say), or None."""
+    return next((known for known in MODELS.values() if _shape(known) == _shape(model)), None)
