@@ -61,14 +61,8 @@ def break_even(point: Point, target: float = 1.0, curve: bool = False) -> BreakE
     plan = build_plan(point)
     if plan.method == "ar":
         return None
-    ar = Simulation(build_plan(point, method="ar")).run().tokens_per_s
+    at, ar = _speedup_at(plan, point)
     speedup = Simulation(plan).run().tokens_per_s / ar
-    sharpness = _sharpness(plan, point)
-
-    def at(alpha: float) -> float:
-        acceptance = BernoulliAcceptance(alpha, sharpness)
-        return Simulation(dataclasses.replace(plan, acceptance=acceptance)).run().tokens_per_s / ar
-
     ceiling, floor = at(1.0), at(0.0)
     needed = _solve(at, target, floor, ceiling)
     now = _solve(at, speedup, floor, ceiling)
@@ -76,19 +70,26 @@ def break_even(point: Point, target: float = 1.0, curve: bool = False) -> BreakE
     points = tuple((alpha, at(alpha)) for alpha in CURVE) if curve else ()
     return BreakEven(
         point, plan.method, plan.exit_layer, policy, speedup, _acceptance(plan), 1.0 if now is None else now, needed,
-        ceiling, sharpness, points,
+        ceiling, _sharpness(plan, point), points,
     )  # fmt: skip
 
 
 def speedups_at(point: Point, alphas: Sequence[float]) -> list[float]:
     """The point's speedup over AR on its plan at each i.i.d. acceptance in `alphas` (as `break_even` bisects it)."""
-    plan = build_plan(point)
+    at, _ = _speedup_at(build_plan(point), point)
+    return [at(alpha) for alpha in alphas]
+
+
+def _speedup_at(plan: SimPlan, point: Point) -> tuple[Callable[[float], float], float]:
+    """(the plan's speedup over AR at an i.i.d. acceptance α, AR's tokens/s on the same plan)."""
     ar = Simulation(build_plan(point, method="ar")).run().tokens_per_s
     sharpness = _sharpness(plan, point)
-    return [
-        Simulation(dataclasses.replace(plan, acceptance=BernoulliAcceptance(a, sharpness))).run().tokens_per_s / ar
-        for a in alphas
-    ]
+
+    def at(alpha: float) -> float:
+        acceptance = BernoulliAcceptance(alpha, sharpness)
+        return Simulation(dataclasses.replace(plan, acceptance=acceptance)).run().tokens_per_s / ar
+
+    return at, ar
 
 
 def _solve(at: Callable[[float], float], target: float, floor: float, ceiling: float) -> float | None:
