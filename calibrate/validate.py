@@ -992,8 +992,10 @@ def report(
     tolerance: float,
     measure_metadata: Mapping[str, Any],
     root: Path | None = None,
+    notes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The JSON document: metadata (device, versions, date, scenario, calibration files, prompts) and rows."""
+    """The JSON document: metadata (device, versions, date, scenario, calibration files, prompts, the simulator's
+    `notes`: `simulator_notes` where not given) and rows."""
 
     def shown(path: Path) -> str:
         try:
@@ -1017,7 +1019,7 @@ def report(
             "spread": "(max - min) / median of the repeats' tokens/s",
             "speedup": "a point's tokens/s over AR's at its batch size, measured (medians) and predicted",
             "summary": summary(comparisons, tolerance),
-            "simulator_notes": simulator_notes(plan_),
+            "simulator_notes": list(simulator_notes(plan_) if notes is None else notes),
         },
         "rows": [c.row(tolerance) for c in comparisons],
     }

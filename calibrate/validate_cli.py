@@ -88,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
               "make it longer; a batch point runs its prompts in batches)")  # fmt: skip
     if any(c.noisy(args.tolerance) for c in comparisons):
         print("! the repeats spread wider than the tolerance: that point's error cannot be told from noise")
-    for note in validate.simulator_notes(plan):
+    notes = validate.simulator_notes(plan)
+    for note in notes:
         print(f"note (simulator): {note}")
     if args.json is not None:
-        path = validate.write_json(args.json, validate.report(plan, comparisons, args.tolerance, metadata))
+        document = validate.report(plan, comparisons, args.tolerance, metadata, notes=notes)
+        path = validate.write_json(args.json, document)
         print(f"wrote {path}")
     failed = validate.failures(comparisons, args.tolerance)
     within = len(comparisons) - len(failed)
