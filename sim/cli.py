@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from sim.formats import quote
-from sim.runner import map_points, plots_available, run_points, summary_table, write_outputs
+from sim.runner import map_points, plots_available, run_points, summary_table, write_outputs, write_rows_csv
 from sim.scenario import load_points
 
 
@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.break_even is not None and not 0 < args.break_even <= 100:  # before anything runs
+        raise ValueError(f"--break-even: expected a target speedup over AR in (0, 100], got {args.break_even:g}")
     points = load_points(args.scenario)
     scenario = points[0].scenario
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
@@ -58,10 +60,7 @@ def run(args: argparse.Namespace) -> int:
 def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> None:
     """`--break-even`: the acceptance each EESD / PPSD point needs (`sim.break_even`), as a table and a CSV."""
     from sim.break_even import break_even, plot, rows, table
-    from sim.runner import write_rows_csv
 
-    if not 0 < target <= 100:
-        raise ValueError(f"--break-even: expected a target speedup over AR in (0, 100], got {target:g}")
     curves = plots_available()
     found = [item for item in map_points(break_even, points, jobs, target, curves) if item is not None]
     if not found:
