@@ -25,33 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from decode_breakdown import pricer  # noqa: E402
 from head_speed import environment, write_json  # noqa: E402
 
 
 def priced_ms(profile: Path, model: str, exit_layer: int, context: int, max_k: int) -> dict[str, float]:
     """The profile's price of each pass (ms), as the simulator costs it (`sim.cost`), the shared exit head."""
-    from sim.cost import Pass, draft_pass, stage_time_us, verify_pass
-    from sim.plan import build_plan
-    from sim.scenario import Point, validate
-
-    data = {
-        "name": "pass-check", "model": model, "dtype": "fp32", "method": "eesd", "exit_layer": exit_layer,
-        "exit_head": "shared", "policy": f"fixed:{max_k}", "latency": {"profile": {"path": str(profile),
-        "cuda_graphs": False}}, "acceptance": {"alpha": 0.5}, "topology": {"stages": 1, "link": "ideal"},
-        "workload": {"requests": 1, "batch_size": 1, "prompt_len": context, "output_len": 16},
-    }  # fmt: skip
-    point = Point(0, {}, validate(data, "pass-check"), ROOT, "pass-check")
-    plan = build_plan(point)
-    layers = plan.model.num_layers
-
-    def ms(work: Pass, at: int) -> float:
-        at = plan.attended(at, work.phase)
-        return sum(stage_time_us(plan, s, work, at, 1) for s in plan.stages) / 1e3
-
-    priced = {"ar": ms(Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1), context)}
-    priced["draft"] = ms(draft_pass(plan), context)
+    price = pricer(profile, model, exit_layer, context, 16)
+    priced = {"ar": price("ar", 0, context), "draft": price("draft", 0, context)}
     for k in range(1, max_k + 1):
-        priced[f"verify k={k}"] = ms(verify_pass(plan, k), context + k)
+        priced[f"verify k={k}"] = price("verify", k, context + k)
     return priced
 
 

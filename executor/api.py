@@ -32,7 +32,7 @@ from executor.passes import (
     verify_bucketed,
 )
 from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, decode_ppsd
-from executor.sampling import MAX_SEED, SamplingConfig, TokenSelector
+from executor.sampling import MAX_SEED, SamplingConfig, TokenSelector, token_ids
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, policy_seed
 from sim.contract import draft_capacity as contract_draft_capacity
 from sim.policy import DraftPolicy, make_policy
@@ -76,9 +76,10 @@ def split_prompts(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> lis
     mask = torch.as_tensor(attention_mask)
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
-    if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(
-            f"attention_mask must hold 0 and 1 (integers or booleans), got {mask.dtype} {mask.unique()[:4].tolist()}"
+            f"attention_mask must hold 0 and 1 (integers, booleans or floats), got {mask.dtype} "
+            f"{mask.unique()[:4].tolist()}"
         )
     mask = mask.to(torch.long)
     prompts = []
@@ -563,8 +564,10 @@ def generate(
     prefixed = prefix_processors(settings, eos, ids.shape[1], max_new_tokens)
     config = SamplingConfig(
         do_sample=do_sample, mode=sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, min_p=min_p,
-        repetition_penalty=repetition_penalty, suppress_tokens=(*(suppress_tokens or ()), *prefixed.suppressed),
-        begin_suppress_tokens=begin_suppress_tokens or (), processors=prefixed.processors, biases=prefixed.biases,
+        repetition_penalty=repetition_penalty,
+        suppress_tokens=(*token_ids("suppress_tokens", suppress_tokens), *prefixed.suppressed),
+        begin_suppress_tokens=token_ids("begin_suppress_tokens", begin_suppress_tokens),
+        processors=prefixed.processors, biases=prefixed.biases,
         custom=prefixed.custom, no_repeat_ngram_size=no_repeat_ngram_size or 0, typical_p=typical_p,
         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
     )  # fmt: skip
@@ -774,6 +777,37 @@ def _processing(config: Any) -> dict[str, Any]:
     )
 
 
+def _prompt_ids(inputs: Any, kwargs: dict[str, Any]) -> Any:
+    """The prompt from HF's `inputs` (positional) or `input_ids=`; `inputs_embeds` is refused (ids are needed)."""
+    if "inputs_embeds" in kwargs:
+        raise ValueError("inputs_embeds is not supported: the decoders start from token ids; pass input_ids")
+    ids = kwargs.pop("input_ids", None)
+    if inputs is not None and ids is not None:
+        raise ValueError("the prompt was given twice: pass inputs or input_ids, not both")
+    if inputs is None and ids is None:
+        raise ValueError("no prompt: pass input_ids (a [batch, seq] tensor of token ids)")
+    return ids if inputs is None else inputs
+
+
+def _max_new_tokens(config: Any, width: int, default_length: bool, positions: int | None = None) -> int:
+    """New tokens per row as HF 5 counts them: max_new_tokens, else max_length minus the prompt width, else (no
+    length set anywhere) max_length new tokens, capped by the model's positions; none left is refused, as HF does."""
+    if config.max_new_tokens is not None:
+        if isinstance(config.max_new_tokens, bool) or not isinstance(config.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer > 0, got {config.max_new_tokens!r}")
+        if config.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be greater than 0, got {config.max_new_tokens}")
+        return config.max_new_tokens
+    if default_length:
+        return config.max_length if positions is None else max(min(config.max_length, positions - width), 1)
+    if width >= config.max_length:
+        raise ValueError(
+            f"the prompt is {width} tokens wide but max_length is {config.max_length}: no new token fits; raise "
+            "max_length or set max_new_tokens (as HF generate refuses it)"
+        )
+    return config.max_length - width
+
+
 def _min_new_tokens(config: Any, width: int) -> int:
     """HF masks EOS while fewer than min_new_tokens are new, or, when min_new_tokens is not set, while the row is
     shorter than min_length (input width included); min_new_tokens takes precedence (HF sets min_length from it)."""
@@ -836,8 +870,14 @@ class EarlyExitGenerator:
     >>> generator.generate(input_ids, max_new_tokens=64)  # == model.generate(input_ids, max_new_tokens=64)
 
     Greedy results equal `model.generate`'s token for token. With `do_sample=True` the tokens are drawn by the
-    `sampling` mode given here ("exact": equal to this generator's own AR sampling for the same `seed`), so they
-    follow the same distribution as HF's sampling but not HF's random stream.
+    `sampling` mode given here ("exact": equal to this generator's own AR sampling for the same seed), so they
+    follow the same distribution as HF's sampling but not HF's random stream. As HF, a call with no seed set takes
+    its randomness from torch's global generator (`seed=None`, the default: one 32-bit seed drawn per sampling call,
+    so `torch.manual_seed` makes a call reproducible and successive calls differ); `seed=N` pins every call to N.
+
+    Lengths and the config as HF 5 reads them: the passed `generation_config`'s unset fields come from the model's
+    own (its EOS and pad ids, ...); with no length set at all, 20 new tokens (HF's default `max_length` counted from
+    the prompt); a length that leaves no new token is refused, as HF refuses it.
     """
 
     def __init__(
@@ -848,7 +888,7 @@ class EarlyExitGenerator:
         draft_len: int = 4,
         policy: str | DraftPolicy | None = None,
         sampling: str = "exact",
-        seed: int = 0,
+        seed: int | None = None,
         head: Any = None,
         capture: str = "auto",
         draft_dtype: torch.dtype | str | None = None,
@@ -869,28 +909,29 @@ class EarlyExitGenerator:
         self.seed = seed
         self.last_stats: GenerationStats | None = None
 
-    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        """`model.generate`'s LongTensor (or, with return_dict_in_generate, its output object with `sequences`)."""
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """`model.generate`'s LongTensor (or, with return_dict_in_generate, its output object with `sequences`).
+        The prompt as HF takes it: `inputs` (positional) or `input_ids=`."""
+        input_ids = _prompt_ids(inputs, kwargs)
         unknown = sorted(set(kwargs) - set(SUPPORTED_GENERATE_ARGS))
         if unknown:
             raise ValueError(
                 f"unsupported generate argument(s): {', '.join(unknown)}; supported: "
                 f"{', '.join(SUPPORTED_GENERATE_ARGS)}"
             )
-        config = self._generation_config(kwargs)
+        config, default_length = self._generation_config(kwargs)
         ids = _as_2d(input_ids)
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = _mask_from_pad(ids, config.pad_token_id, _eos_ids(config.eos_token_id))
         copies = _return_sequences(config)
-        seed: int | list[int] = self.seed
+        seed: int | list[int] = self._call_seed(config)
         if copies > 1:  # HF's layout: each row's copies next to each other; copy c samples with seed + c
             ids = ids.repeat_interleave(copies, dim=0)
             mask = None if mask is None else torch.as_tensor(mask).repeat_interleave(copies, dim=0)
-            seed = [(self.seed + c) % (MAX_SEED + 1) for _ in range(ids.shape[0] // copies) for c in range(copies)]
-        max_new = config.max_new_tokens
-        if max_new is None:
-            max_new = max(config.max_length - ids.shape[1], 0)
+            seed = [(seed + c) % (MAX_SEED + 1) for _ in range(ids.shape[0] // copies) for c in range(copies)]
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        max_new = _max_new_tokens(config, ids.shape[1], default_length, positions)
         processing = _processing(config)
         result = generate(
             self.adapter, ids, method=self.method, exit_layer=self.exit_layer, draft_len=self.draft_len,
@@ -914,9 +955,28 @@ class EarlyExitGenerator:
             extra = rescore(self.adapter, ids, mask, result.sequences, result.sampling, min_new, eos, fields)
         return GenerateDecoderOnlyOutput(sequences=result.sequences, **extra)
 
-    def _generation_config(self, kwargs: dict[str, Any]):
-        """The model's generation config, overridden by `generation_config` and then by the keyword arguments."""
-        config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
+    def _call_seed(self, config: Any) -> int:
+        """This call's sampling seed: the generator's, else (sampling) one drawn from torch's global generator, as
+        HF's sampling draws from it; greedy draws nothing (the seed then only keys the draft policies' RNG)."""
+        if self.seed is not None:
+            return self.seed
+        if not config.do_sample:
+            return 0
+        return int(torch.randint(0, MAX_SEED + 1, (), dtype=torch.int64))
+
+    def _generation_config(self, kwargs: dict[str, Any]) -> tuple[Any, bool]:
+        """(config, whether no length was set anywhere): the passed `generation_config` (else the model's), its unset
+        fields filled from the model's own and then from HF's defaults, overridden by the keyword arguments."""
+        from transformers import GenerationConfig
+
+        model_config, given = self.model.generation_config, kwargs.get("generation_config")
+        config = copy.deepcopy(given or model_config)
+        if given is not None and given is not model_config:
+            for key, value in model_config.to_dict().items():
+                if getattr(config, key, None) is None and value is not None:
+                    setattr(config, key, value)
+        # HF's "no length set": max_length unset (transformers 5) or at the library's default (4.x, where it is 20)
+        default_length = kwargs.get("max_length") is None and config.max_length in (None, GenerationConfig().max_length)
         for key, value in kwargs.items():
             if key not in _NOT_CONFIG:
                 setattr(config, key, value)
@@ -928,4 +988,4 @@ class EarlyExitGenerator:
             value = getattr(config, key, neutral)
             if value is not None and value != neutral:
                 raise ValueError(f"generation_config.{key}={value!r} is not supported (only {neutral!r})")
-        return config
+        return config, default_length

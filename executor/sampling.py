@@ -83,7 +83,7 @@ class SamplingConfig:
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), "a number in (0, 1) (None: off)", lambda x: 0 < x < 1)
         for name in ("suppress_tokens", "begin_suppress_tokens"):
-            object.__setattr__(self, name, _token_ids(name, getattr(self, name)))
+            object.__setattr__(self, name, token_ids(name, getattr(self, name)))
         if self.repetition_penalty is not None:
             _check_number("repetition_penalty", self.repetition_penalty, "a finite number > 0", lambda x: x > 0)
         seeds = tuple(self.seed) if isinstance(self.seed, (list, tuple)) else (self.seed,)
@@ -153,10 +153,12 @@ def row_seeds(seed: int | tuple[int, ...], rows: int) -> list[int]:
     return list(seed)
 
 
-def _token_ids(name: str, ids: object) -> tuple[int, ...]:
+def token_ids(name: str, ids: object) -> tuple[int, ...]:
     """A list of token ids (integers >= 0) as a tuple; None is empty."""
     if ids is None:
         return ()
+    if isinstance(ids, torch.Tensor) and ids.dim() <= 1 and not ids.dtype.is_floating_point:
+        ids = ids.tolist()  # HF takes a tensor of ids too
     values = [ids] if _is_integer(ids) else ids
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"{name} must be a list of token ids (integers >= 0), got {ids!r}")

@@ -231,3 +231,75 @@ def test_min_new_tokens_boundary_matches_hf(model, method, shift):
     got = executor.EarlyExitGenerator(model, method=method, exit_layer=2).generate(ids, **kwargs)
     assert got.tolist() == expected.tolist()
     assert (got.shape[1] == 3 + j + 1) == (shift <= 0)
+
+
+@pytest.mark.parametrize("method", ["ar", "eesd"])
+def test_no_length_set_makes_hf_default_twenty_new_tokens(model, method):
+    """No length anywhere: HF 5 counts its default max_length (20) from the prompt; a passed config alike."""
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    expected = model.generate(ids, do_sample=False, pad_token_id=PAD)
+    generator = executor.EarlyExitGenerator(model, method=method, exit_layer=2)
+    got = generator.generate(ids, pad_token_id=PAD)
+    assert got.tolist() == expected.tolist() and got.shape[1] == 5 + 20
+    got = generator.generate(ids, generation_config=GenerationConfig(pad_token_id=PAD))
+    assert got.tolist() == expected.tolist()
+
+
+def test_passed_generation_config_keeps_the_models_own_settings(model):
+    """A passed config's unset fields come from the model's generation config (its EOS and pad ids), as in HF."""
+    ids = torch.tensor([[3, 4, 5]])
+    free = executor.generate(model, ids, max_new_tokens=12).sequences[0, 3:].tolist()
+    saved = (model.generation_config.eos_token_id, model.generation_config.pad_token_id)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = free[3], PAD
+    try:
+        config = GenerationConfig(max_new_tokens=12)
+        expected = model.generate(ids, generation_config=config, do_sample=False)
+        got = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, generation_config=config)
+    finally:
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = saved
+    assert got.tolist() == expected.tolist() and got.shape[1] < 3 + 12
+
+
+def test_unseeded_sampling_follows_torch_global_generator(model):
+    """seed=None (the default): each sampling call draws its seed from torch's generator, as HF samples from it:
+    `torch.manual_seed` repeats a call, successive calls differ; an AR generator after the same manual_seed gives
+    the same tokens (exact mode); a pinned seed repeats whatever torch's state."""
+    ids, kwargs = torch.tensor([[3, 4, 5]]), dict(max_new_tokens=16, do_sample=True, temperature=1.5)
+    eesd, ar = (executor.EarlyExitGenerator(model, method=m, exit_layer=2) for m in ("eesd", "ar"))
+    torch.manual_seed(0)
+    first, second = eesd.generate(ids, **kwargs), eesd.generate(ids, **kwargs)
+    torch.manual_seed(0)
+    again = ar.generate(ids, **kwargs)
+    assert first.tolist() == again.tolist() and first.tolist() != second.tolist()
+    pinned = executor.EarlyExitGenerator(model, exit_layer=2, seed=7)
+    torch.manual_seed(1)
+    one = pinned.generate(ids, **kwargs)
+    assert one.tolist() == pinned.generate(ids, **kwargs).tolist()
+    greedy_state = torch.random.get_rng_state()
+    eesd.generate(ids, max_new_tokens=4)
+    assert torch.equal(torch.random.get_rng_state(), greedy_state)  # greedy draws nothing from torch's generator
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(max_length=3), dict(max_length=2)])
+def test_no_room_for_a_new_token_is_refused_like_hf(model, kwargs):
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(ValueError):
+        model.generate(ids, do_sample=False, pad_token_id=PAD, **kwargs)
+    with pytest.raises(ValueError, match="max_new_tokens must be greater than 0|no new token fits"):
+        executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, **kwargs)
+
+
+def test_prompt_as_inputs_keyword_tensor_ids_and_float_mask_like_hf(model):
+    """HF's `inputs=` keyword, `suppress_tokens` as a tensor and a float 0/1 attention mask are taken as HF takes
+    them; `inputs_embeds` and a prompt given twice are refused in one line."""
+    ids, mask = left_pad([[3, 4, 5, 6], [9, 2]])
+    kwargs = dict(max_new_tokens=8, pad_token_id=PAD, suppress_tokens=torch.tensor([25, 51]))
+    expected = model.generate(inputs=ids, attention_mask=mask.float(), do_sample=False, **kwargs)
+    generator = executor.EarlyExitGenerator(model, exit_layer=2)
+    assert generator.generate(inputs=ids, attention_mask=mask.float(), **kwargs).tolist() == expected.tolist()
+    plain = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=PAD)
+    assert plain.tolist() != expected.tolist()  # the suppression changed something, so the check above means it
+    with pytest.raises(ValueError, match="inputs_embeds is not supported"):
+        generator.generate(inputs_embeds=torch.zeros(1, 3, 16), max_new_tokens=4)
+    with pytest.raises(ValueError, match="given twice"):
+        generator.generate(ids, input_ids=ids, max_new_tokens=4)

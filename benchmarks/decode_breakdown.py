@@ -1,0 +1,203 @@
+"""Benchmark (not a test): where a real decode's time goes on the CPU, pass by pass, against a latency profile's price.
+
+The simulator prices an EESD round as its passes (k draft steps, one verify pass) from a profile's components and
+nothing else between them. This runs real greedy decodes (`executor.generate`, uncaptured: on the CPU every pass
+is synchronous, so a pass's wall time is its compute) of the builtin prompts, AR and EESD interleaved, times every
+pass where it runs (`Passes.ar`, `.draft`, `.verify`, `.ar_head`), and splits each decode's wall time into prefill,
+passes and the host's work between them (budgets, policy draws and updates, the cache's claims and rollbacks, the
+verdict's read-back and commits). Each pass kind is set beside what the profile prices it at, at the context it ran
+at, both relative to the AR step of the same decodes (a box running faster or slower than when it was profiled
+cancels out):
+
+    python benchmarks/decode_breakdown.py --profile calibration/cpu/latency_smollm2-135m_cpu_fp32.csv \\
+        --exit-layer 15 --policy fixed:1 --prompts 6 --max-new-tokens 48 \\
+        --out benchmarks/results/decode_breakdown_smollm2-135m_e15_fixed1_cpu.json
+
+Prints a table and writes JSON with the machine, versions, date and command. CPU only (on a GPU the host queues
+passes ahead of the device, so a pass's wall time from the host is not its device time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from head_speed import environment, write_json  # noqa: E402
+
+PASS_KINDS = ("ar", "ar_head", "draft", "verify")
+
+
+class PassClock:
+    """Wraps the executor's pass methods: every call's wall time, kind, its verify slots and its furthest position."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int, float]] = []  # (kind, slots, furthest, ms)
+
+    def install(self) -> None:
+        from executor.passes import Passes
+
+        for kind in PASS_KINDS:
+            setattr(Passes, kind, self._timed(kind, getattr(Passes, kind)))
+
+    def _timed(self, kind: str, method: Callable[..., None]) -> Callable[..., None]:
+        calls = self.calls
+
+        @functools.wraps(method)
+        def timed(passes: Any, *args: Any) -> None:
+            slots, furthest = (args[0], args[1]) if kind == "verify" else (0, args[0] if args else -1)
+            begin = time.perf_counter()
+            method(passes, *args)
+            calls.append((kind, slots, furthest, (time.perf_counter() - begin) * 1e3))
+
+        return timed
+
+
+def pricer(
+    profile: Path, model: str, exit_layer: int, prompt_len: int = 16, output_len: int = 16
+) -> Callable[[str, int, int], float]:
+    """price(kind, slots, context) in ms, as the simulator costs the pass (`sim.cost`), the shared exit head, at the
+    context the engine looks it up at (a verify pass of k drafts: the round's start + k), in a cache sized for a
+    request of `prompt_len` + `output_len` tokens as the scenario's (the executor's static cache)."""
+    from sim.cost import Pass, draft_pass, stage_time_us, verify_pass
+    from sim.plan import build_plan
+    from sim.scenario import Point, validate
+
+    data = {
+        "name": "decode-breakdown", "model": model, "dtype": "fp32", "method": "eesd", "exit_layer": exit_layer,
+        "exit_head": "shared", "policy": "fixed:1", "latency": {"profile": {"path": str(profile),
+        "cuda_graphs": False}}, "acceptance": {"alpha": 0.5}, "topology": {"stages": 1, "link": "ideal"},
+        "workload": {"requests": 1, "batch_size": 1, "prompt_len": prompt_len, "output_len": output_len},
+    }  # fmt: skip
+    plan = build_plan(Point(0, {}, validate(data, "decode-breakdown"), ROOT, "decode-breakdown"))
+    layers = plan.model.num_layers
+
+    @functools.cache
+    def price(kind: str, slots: int, context: int) -> float:
+        work = draft_pass(plan) if kind == "draft" else verify_pass(plan, slots) if kind == "verify" else None
+        work = work or Pass("decode", "verify", ((0, layers, 1),), lm_head_q=1)
+        at = plan.attended(context, work.phase)
+        return sum(stage_time_us(plan, s, work, at, 1) for s in plan.stages) / 1e3
+
+    return price
+
+
+def decode(model: Any, ids: Any, method: str, args: argparse.Namespace, clock: PassClock) -> dict[str, Any]:
+    """One greedy decode; its wall time split into prefill, passes (by kind) and host work between the passes."""
+    import executor
+
+    first = len(clock.calls)
+    extra = {"exit_layer": args.exit_layer, "policy": args.policy} if method == "eesd" else {}
+    result = executor.generate(model, ids, method=method, max_new_tokens=args.max_new_tokens, **extra)
+    stats, calls = result.stats, clock.calls[first:]
+    passes_ms = sum(c[3] for c in calls)
+    decode_ms = (stats.wall_time_s - stats.prefill_time_s) * 1e3
+    return {"method": method, "tokens": result.sequences.shape[1] - ids.shape[1], "rounds": stats.rounds,
+            "prefill_ms": stats.prefill_time_s * 1e3, "passes_ms": passes_ms, "host_ms": decode_ms - passes_ms,
+            "calls": calls}  # fmt: skip
+
+
+def pass_rows(runs: list[dict[str, Any]], price: Callable[[str, int, int], float]) -> list[dict[str, Any]]:
+    """Per pass kind (verify by slots): calls, median ms measured and priced at each call's context, and both over
+    the AR step's (the AR decodes' median AR pass against its price)."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        for kind, slots, furthest, ms in run["calls"]:
+            name = f"verify k={slots}" if kind == "verify" else kind
+            groups.setdefault(name, []).append((ms, price(kind, slots, furthest)))
+    ar = groups["ar"]
+    ar_measured, ar_priced = statistics.median(m for m, _ in ar), statistics.median(p for _, p in ar)
+    rows = []
+    for name, values in groups.items():
+        measured, priced = statistics.median(m for m, _ in values), statistics.median(p for _, p in values)
+        ratio, priced_ratio = measured / ar_measured, priced / ar_priced
+        rows.append({"pass": name, "calls": len(values), "measured_ms": round(measured, 3),
+                     "priced_ms": round(priced, 3), "measured_over_ar": round(ratio, 4),
+                     "priced_over_ar": round(priced_ratio, 4), "gap": round(ratio / priced_ratio - 1, 4),
+                     "p10_p90_ms": [round(q, 3) for q in _deciles([m for m, _ in values])]})  # fmt: skip
+    return rows
+
+
+def _deciles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    cuts = statistics.quantiles(values, n=10)
+    return cuts[0], cuts[-1]
+
+
+def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: host work between passes per round (median over decodes) and its share of the decode."""
+    rows = []
+    for method in sorted({r["method"] for r in runs}):
+        mine = [r for r in runs if r["method"] == method]
+        per_round = statistics.median(r["host_ms"] / r["rounds"] for r in mine)
+        share = statistics.median(r["host_ms"] / (r["host_ms"] + r["passes_ms"]) for r in mine)
+        tokens_per_round = sum(r["tokens"] for r in mine) / sum(r["rounds"] for r in mine)
+        rows.append({"method": method, "decodes": len(mine), "host_ms_per_round": round(per_round, 3),
+                     "host_share_of_decode": round(share, 4),
+                     "tokens_per_round": round(tokens_per_round, 3)})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", type=Path, required=True, help="an eager CPU latency profile")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sim-model", default="SmolLM2-135M", help="the simulator's name of the model")
+    parser.add_argument("--exit-layer", type=int, default=15)
+    parser.add_argument("--policy", default="fixed:1")
+    parser.add_argument("--prompts", type=int, default=6, help="the first N builtin prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=1, help="times over the prompts (AR and EESD interleaved)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    import executor
+    from executor.prompts import load_prompts
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = executor.load_model(args.model), executor.load_tokenizer(args.model)
+    prompts = [tokenizer(p.text, return_tensors="pt").input_ids for p in load_prompts("builtin")[: args.prompts]]
+    clock = PassClock()
+    clock.install()
+    for method in ("ar", "eesd"):  # warm-up: allocators, oneDNN kernels
+        decode(model, prompts[0][:, :8], method, args, clock)
+    clock.calls.clear()
+    runs = [decode(model, ids, method, args, clock)
+            for _ in range(args.repeats) for ids in prompts for method in ("ar", "eesd")]  # fmt: skip
+    longest = max(ids.shape[1] for ids in prompts)
+    passes = pass_rows(runs, pricer(args.profile, args.sim_model, args.exit_layer, longest, args.max_new_tokens))
+    hosts = host_rows(runs)
+    header = ("pass", "calls", "measured ms", "priced ms", "/AR meas", "/AR priced", "gap")
+    print("{:<12} {:>6} {:>12} {:>10} {:>9} {:>10} {:>7}".format(*header))
+    for row in passes:
+        print(f"{row['pass']:<12} {row['calls']:>6} {row['measured_ms']:>12.2f} {row['priced_ms']:>10.2f} "
+              f"{row['measured_over_ar']:>9.3f} {row['priced_over_ar']:>10.3f} {row['gap']:>+7.1%}")  # fmt: skip
+    for row in hosts:
+        share, per_round = row["host_share_of_decode"], row["host_ms_per_round"]
+        print(f"{row['method']}: host work between passes {per_round:.3f} ms/round ({share:.2%} of the decode), "
+              f"{row['tokens_per_round']:.2f} tokens/round")  # fmt: skip
+    if args.out:
+        result = {**environment(args.threads), "profile": str(args.profile), "model": args.model,
+                  "exit_layer": args.exit_layer, "policy": args.policy, "prompts": args.prompts,
+                  "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "capture": "none",
+                  "gap": "(measured / AR) / (priced / AR) - 1, each priced at the context it ran at",
+                  "passes": passes, "host": hosts,
+                  "decodes": [{k: v for k, v in r.items() if k != "calls"} for r in runs]}  # fmt: skip
+        print(f"wrote {write_json(args.out, result)}")
+
+
+if __name__ == "__main__":
+    main()
