@@ -46,6 +46,7 @@ from sim.formats import (
     read_latency_profile,
     read_link_profile,
     trace_exit_head,
+    trace_head,
     write_text_atomic,
 )
 from sim.plan import build_plan, exit_layer_of
@@ -610,7 +611,7 @@ def _check_head(path: Path, exit_head: str, trace_path: Path, trace: DataFile) -
     """The trace's head, if the scenario's `exit_head` describes it: `shared` and `shared:N` by name, a head file by
     its metadata (a vocabulary-subset file of N ids is `shared:N`, a trained head is `trained`, or `trained:N` over a
     draft vocabulary of N ids)."""
-    head = str(trace.metadata["head"])
+    head = trace_head(trace_path, trace)
     described = trace_exit_head(trace_path, trace)
     if described != exit_head:
         raise ValueError(

@@ -322,18 +322,35 @@ def read_head_metadata(path: str | Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in metadata.items()}
 
 
-def trace_exit_head(path: str | Path, trace: DataFile) -> str:
-    """The scenario `exit_head` an acceptance trace's head is: `shared` and `shared:N` by name, a head file (as the
-    trace names it, read from the working folder) by its metadata: a vocabulary-subset file of N ids is `shared:N`, a
-    trained head `trained`, or `trained:N` over a draft vocabulary of N ids. A ValueError naming the trace where
-    the file cannot be read."""
+def trace_head(path: str | Path, trace: DataFile) -> str:
+    """An acceptance trace's head: `shared` / `shared:N` as named, else the head file as the trace names it (the
+    path `eesd calibrate acceptance --head` was given), found from the working folder, else from the trace's own
+    folder or one above it (a trace recorded at the root of a project and kept in a folder of it, as the shipped
+    ones: `heads/x.safetensors` named from the root, the trace in `calibration/cpu/`); as named where none holds it."""
     head = str(trace.metadata["head"])
+    if head == "shared" or head.startswith("shared:") or Path(head).is_absolute() or Path(head).exists():
+        return head
+    for folder in Path(path).resolve().parents:
+        if (folder / head).is_file():
+            return str(folder / head)
+    return head
+
+
+def trace_exit_head(path: str | Path, trace: DataFile) -> str:
+    """The scenario `exit_head` an acceptance trace's head is: `shared` and `shared:N` by name, a head file (found
+    as `trace_head` finds it) by its metadata: a vocabulary-subset file of N ids is `shared:N`, a trained head
+    `trained`, or `trained:N` over a draft vocabulary of N ids. A ValueError naming the trace where the file cannot
+    be read."""
+    head = trace_head(path, trace)
     if head == "shared" or head.startswith("shared:"):
         return head
     try:
         metadata = read_head_metadata(head)
     except (ValueError, FileNotFoundError) as err:
-        raise ValueError(f"{path}: metadata.head: the head file {head!r} cannot be read from here: {err}") from None
+        raise ValueError(
+            f"{path}: metadata.head: the head file {head!r} cannot be read (looked in the working folder and the "
+            f"trace's folder and those above it): {err}"
+        ) from None
     if metadata.get("head_architecture") == "vocab-subset":
         return f"shared:{metadata.get('subset_size')}"
     vocab = metadata.get("draft_vocab_size")

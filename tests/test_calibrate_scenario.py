@@ -213,3 +213,32 @@ def test_traces_that_cannot_share_a_scenario_are_refused(tmp_path) -> None:
     trace = CPU / "acceptance_gemma3-270m_e14v16k_heldout.csv"
     with pytest.raises(ValueError, match="--serving takes one trace"):
         write_scenario(latency, [trace, trace], tmp_path / "s.yaml", serving=True)
+
+
+def test_a_traces_head_file_is_found_from_another_folder(tmp_path, monkeypatch, capsys) -> None:
+    """A trace names its head file as `calibrate acceptance --head` was given it (from the project's root): run from
+    elsewhere, the file is found from the trace's folder or one above it (the shipped traces from any folder, a
+    user's project moved as a whole); a head that is nowhere is one line saying where it was looked for."""
+    import shutil
+
+    from sim.formats import read_acceptance_trace, trace_exit_head
+
+    shipped = CPU / "acceptance_smollm2-135m_e7mix3v16k_builtin_heldout.csv"
+    head = read_acceptance_trace(shipped).metadata["head"]
+    project = tmp_path / "project"
+    (project / "runs").mkdir(parents=True)
+    (project / Path(head)).parent.mkdir(parents=True)
+    shutil.copy(shipped, project / "runs" / shipped.name)
+    shutil.copy(ROOT / head, project / head)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for trace in (shipped, project / "runs" / shipped.name):
+        assert trace_exit_head(trace, read_acceptance_trace(trace)) == "trained:16384"
+    out = elsewhere / "mine.yaml"
+    argv = ["calibrate", "scenario", "--latency", str(CPU / "latency_smollm2-135m_cpu_fp32.csv"), "--acceptance"]
+    assert main([*argv, str(project / "runs" / shipped.name), "--out", str(out)]) == 0 and load_points(out)
+    (project / head).unlink()
+    assert main([*argv, str(project / "runs" / shipped.name), "--out", str(elsewhere / "no.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "metadata.head" in err and "looked in the working folder" in err and "Traceback" not in err
