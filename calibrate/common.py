@@ -23,6 +23,7 @@ from torch import nn
 
 from executor.models import known_models, load_model, resolve_dtype
 from executor.runtime import check_device as check_device  # the calibrations' device check, with their setup
+from sim.formats import check_output
 from sim.models import MODELS
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -53,17 +54,14 @@ def check_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
     return resolve_dtype(DTYPE_NAMES[name])
 
 
-def check_output_file(path: Path, force: bool) -> None:
-    """An output file may be written: not a folder, and not an existing file unless `--force`."""
-    if path.is_dir():
-        raise ValueError(f"--out {path}: is a folder; --out names the output file")
-    if path.exists() and not force:
-        raise ValueError(f"--out {path} exists; pass --force to overwrite it")
+def check_output_file(path: Path, force: bool, flag: str = "--out") -> None:
+    """An output file may be written: not a folder, its folder can be made, and not an existing file unless
+    `--force`."""
+    check_output(flag, path, force=force)
 
 
 def check_output_folder(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path}: is a file; --out names the folder the profile is written into")
+    check_output("--out", path, folder=True)
 
 
 def model_config(spec: str):

@@ -11,9 +11,9 @@ unseen by the head. `--resume` continues from `OUT.ckpt` (written every `--check
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from executor.runtime import add_threads_argument, check_device, use_threads
+from sim.formats import check_output
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -145,8 +145,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _check_outs(args: argparse.Namespace) -> None:
     for out in _outs(args):
-        if Path(out).exists() and not args.force:
-            raise ValueError(f"--out {out} exists; pass --force to overwrite it")
+        check_output("--out", out, force=args.force)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from sim.formats import quote
+from sim.formats import check_output
 from sim.runner import map_points, plots_available, run_points, summary_table, write_outputs, write_rows_csv
 from sim.scenario import load_points
 
@@ -76,16 +76,8 @@ def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> None:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Before anything runs: the output folder is a folder, or one can be made there (its nearest existing parent is a
-    folder); a ValueError naming `--out` otherwise."""
-    try:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"--out {out_dir}: is a file; --out names the folder the outputs are written into")
-        parent = next((p for p in out_dir.parents if p.exists()), None)
-    except OSError as err:  # a name too long, a folder that cannot be read
-        raise ValueError(f"--out {quote(str(out_dir))}: not a folder one can write to ({err.strerror})") from None
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"--out {out_dir}: {parent} is a file, so the output folder cannot be made inside it")
+    """Before anything runs: the output folder is a folder, or one can be made there (`sim.formats.check_output`)."""
+    check_output("--out", out_dir, folder=True)
 
 
 def main(argv: list[str] | None = None) -> int:

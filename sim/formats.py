@@ -399,6 +399,26 @@ def read_text(path: str | Path, max_bytes: int, what: str = "file") -> str:
     return text
 
 
+def check_output(flag: str, path: str | Path, folder: bool = False, force: bool | None = None) -> None:
+    """Before any work: `path` can be written as the file (or, `folder`, the folder) that `flag` names: not a folder
+    where a file goes (nor a file where a folder goes), its nearest existing parent a folder (so the missing ones can
+    be made), and, with `force` given, no existing file unless it is True. A ValueError naming the flag otherwise."""
+    path = Path(path)
+    try:
+        if folder and path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path}: is a file; {flag} names the folder the outputs are written into")
+        if not folder and path.is_dir():
+            raise ValueError(f"{flag} {path}: is a folder; {flag} names the file to write")
+        parent = next((p for p in path.parents if p.exists()), None)
+    except OSError as err:  # a name too long, a folder that cannot be read
+        raise ValueError(f"{flag} {quote(str(path))}: not a path one can write to ({err.strerror})") from None
+    if parent is not None and not parent.is_dir():
+        made = path if folder else path.parent
+        raise ValueError(f"{flag} {path}: {parent} is a file, so the folder {made} cannot be made")
+    if force is False and not folder and path.exists():
+        raise ValueError(f"{flag} {path} exists; pass --force to overwrite it")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder + `os.replace` (readers never see half)."""
     path.parent.mkdir(parents=True, exist_ok=True)

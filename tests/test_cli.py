@@ -212,7 +212,7 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path: Path, capsys, arg
 
 def test_an_output_file_that_is_a_folder_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["calibrate", "acceptance", "--model", "x", "--exit-layers", "1", "--out", str(tmp_path)]) == 2
-    assert "is a folder; --out names the output file" in capsys.readouterr().err
+    assert "is a folder; --out names the file to write" in capsys.readouterr().err
 
 
 # ---- progress --------------------------------------------------------------------------------------------------------

@@ -470,7 +470,7 @@ def test_a_scenario_path_no_file_can_have_is_one_line(tmp_path: Path, capsys: py
     for argv in (["x" * 300 + ".yaml"], [str(write(tmp_path, scenario_text())), "--out", str(tmp_path / ("o" * 300))]):
         assert sim_cli.main(argv) == 2
         (line,) = capsys.readouterr().err.splitlines()
-        assert len(line) < 300 and ("not a file's path" in line or "not a folder one can write to" in line), line
+        assert len(line) < 300 and ("not a file's path" in line or "not a path one can write to" in line), line
 
 
 def test_many_mistakes_are_a_few_lines(tmp_path: Path) -> None:
