@@ -130,9 +130,8 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
     kernels = kernels_from_args(args, device)
     grid = grid_from_args(args, device, kernels)
     cuda = device.type == "cuda"
-    timer = TimerSpec(device, args.warmup if args.warmup is not None else (5 if cuda else 3), args.repeats or 20)
-    if args.repeats is None and not cuda:
-        timer = TimerSpec(device, timer.warmup, 7)
+    repeats = args.repeats if args.repeats is not None else (20 if cuda else 7)
+    timer = TimerSpec(device, args.warmup if args.warmup is not None else (5 if cuda else 3), repeats)
     if args.max_new_points is not None and args.max_new_points < 0:
         raise ValueError(f"--max-new-points must be >= 0, got {args.max_new_points}")
     settings = LatencySettings(grid, graph_modes(args, device, kernels), timer, kernels, args.visits)

@@ -155,6 +155,9 @@ class CorpusConfig:
             raise ValueError(f"capture must be one of {', '.join(CAPTURE_MODES)}, got {self.capture!r}")
         if "text" in self.sources and not self.text_paths:
             raise ValueError("source 'text' needs at least one text path")
+        for name in ("max_prompts", "max_tokens_per_source"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset: no limit), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -300,6 +303,11 @@ def build_corpus(
     writer = CorpusWriter(directory, config.shard_records, deadline)
     for source in config.sources:
         BUILDERS[source](model, tokenizer, config, writer, progress)
+    if not any(count.records for count in writer.counts.values()):
+        raise ValueError(
+            f"corpus {directory}: the sources ({', '.join(config.sources)}) gave no record with a target position "
+            "(empty text files? texts shorter than the window's minimum?); nothing was written"
+        )
     header = {
         "format": CORPUS_FORMAT, "version": CORPUS_VERSION, "model": model_name,
         "model_fingerprint": model_fingerprint(model), "model_dtype": str(next(model.parameters()).dtype),
@@ -717,6 +725,9 @@ class RecordSource:
             raise ValueError(f"corpus directories given twice: {', '.join(map(str, self.directories))}")
         self.records = list(records)
         self.manifests = [read_manifest(d) for d in self.directories]
+        for directory, manifest in zip(self.directories, self.manifests, strict=True):
+            if not manifest["shards"]:
+                raise ValueError(f"corpus {directory}: holds no records (its manifest lists no shard)")
         self.shards: list[Any] = [(i, s) for i, m in enumerate(self.manifests) for s in m["shards"]] or [None]
 
     @classmethod

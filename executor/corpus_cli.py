@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from executor.runtime import add_threads_argument, check_device, use_threads
+from sim.formats import check_output
 
 SOURCE_NAMES = ("self", "self-prompts", "self-requests", "text", "python-env")
 
@@ -82,6 +83,7 @@ def config_from(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)  # checks the settings before the model loads
+    check_output("--out", args.out, folder=True)
     if args.time_budget_s is not None and args.time_budget_s <= 0:
         raise ValueError(f"--time-budget-s must be > 0, got {args.time_budget_s}")
     import time

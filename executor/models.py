@@ -364,7 +364,13 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     prepared = prepare_model(name_or_path, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(prepared.hf_dir, dtype=resolve_dtype(dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(prepared.hf_dir, dtype=resolve_dtype(dtype))
+    except (OSError, ValueError, KeyError) as err:  # a folder without weights, a config that does not parse, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"model {name_or_path}: cannot load a Hugging Face causal LM from {prepared.hf_dir}: {first}"
+        ) from None
     return model.to(device).eval()
 
 

@@ -126,6 +126,11 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError("--steps 0 writes the --init-head heads unchanged: --corpus and --resume do not apply")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    for name in ("clip_norm", "hard_weight", "warmup_steps", "eval_every"):
+        if getattr(args, name) < 0:  # a negative clip norm would flip the gradients, not clip them
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(args, name)}")
+    if args.init_layer not in ("exit", "last") and not args.init_layer.isdigit():
+        raise ValueError(f"--init-layer must be exit, last or a layer number, got {args.init_layer!r}")
     if args.vocab_subset is None and args.exit_layer is None and args.init_head is None:
         raise ValueError("--exit-layer is required to train a head (or give --vocab-subset N for a subset head)")
     if args.time_budget_s is not None and (args.corpus is None or args.time_budget_s <= 0):
@@ -159,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     print(f"train-head: {args.model} on {device} ({args.dtype}); {use_threads(args.threads)}", flush=True)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
+    _check_layers(args, model)
     init_heads = _init_heads(args, model)
     config = None if args.vocab_subset is not None else _config(args)
     vocab = _draft_vocab(args.draft_vocab, model)
@@ -186,6 +192,19 @@ def run(args: argparse.Namespace) -> int:
         draft_vocab=vocab,
     )  # fmt: skip
     return _report(args, state)
+
+
+def _check_layers(args: argparse.Namespace, model) -> None:
+    """--exit-layer and --init-layer against the model's layers, before any teacher pass or corpus generation."""
+    from executor.adapter import ModelAdapter
+
+    layers = ModelAdapter(model).num_layers
+    for exit_layer in args.exit_layer or ():
+        if not 1 <= exit_layer < layers:
+            raise ValueError(f"--exit-layer must be in [1, {layers - 1}] for {args.model} ({layers} layers), got "
+                             f"{exit_layer}")  # fmt: skip
+    if args.init_layer.isdigit() and int(args.init_layer) >= layers:
+        raise ValueError(f"--init-layer must be in [0, {layers - 1}] for {args.model}, got {args.init_layer}")
 
 
 def _init_heads(args: argparse.Namespace, model):

@@ -726,8 +726,26 @@ def _sweep_grid(path: Path, sweep: Any, max_points: int) -> list[dict[str, Any]]
                 f"field paths to values (allowed top-level fields: {sorted(Scenario.model_fields)})"
             )
     keys = list(sweep)
+    _check_overlap(path, sweep)
     _check_points(path, sweep, max_points)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _check_overlap(path: Path, sweep: dict[str, list[Any]]) -> None:
+    """No field is set by two sweep keys (a field and a case group, or two case groups): the later would silently
+    overwrite the earlier at every point. A field and one inside it (`acceptance`, `acceptance.alpha`) overlap too."""
+    owners: dict[str, str] = {}
+    for key, values in sweep.items():
+        fields = {k for case in values for k in case} if _is_case(key) else {key}
+        for field in fields:
+            for other, owner in owners.items():
+                if owner != key and (field == other or field.startswith(f"{other}.") or other.startswith(f"{field}.")):
+                    raise ScenarioError(
+                        f"{path}: sweep.{_clip(key, 80)}: sets {_clip(field, 80)}, which sweep.{_clip(owner, 80)} "
+                        f"also sets ({_clip(other, 80)}): each field in one sweep key (list its values in one place, "
+                        "or put them in the same cases)"
+                    )
+        owners.update(dict.fromkeys(fields, key))
 
 
 def _check_points(path: Path, sweep: dict[str, list[Any]], max_points: int) -> None:

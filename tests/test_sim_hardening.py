@@ -477,3 +477,16 @@ def test_many_mistakes_are_a_few_lines(tmp_path: Path) -> None:
     message = refused(write(tmp_path, scenario_text(topology={"stages": ["x"] * 50})), max_chars=2000)
     assert len(message.splitlines()) == 11 and message.endswith("and 40 more mistakes of this kind or others")
     refused(write(tmp_path, scenario_text(topology={"stages": ["x"] * 5000})), "List should have at most 1024 items")
+
+
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        {"exit_layer": [8, 15], "cases": [{"exit_layer": 22}]},  # a field and a case group
+        {"a": [{"exit_layer": 8}], "b": [{"policy": "fixed:1"}, {"exit_layer": 15}]},  # two case groups
+        {"acceptance": [{"alpha": 0.5}], "acceptance.alpha": [0.6, 0.7]},  # a field and one inside it
+    ],
+)
+def test_a_field_two_sweep_keys_set_is_refused(tmp_path: Path, sweep: dict) -> None:
+    """The later key would overwrite the earlier at every point: the points run would not be the ones listed."""
+    refused(write(tmp_path, scenario_text(sweep=sweep)), "sweep.", "also sets")

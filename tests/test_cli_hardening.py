@@ -1,0 +1,93 @@
+"""User mistakes on the torch commands are one line naming the flag, before the long work: train-head's settings,
+an empty corpus, a model folder that holds no model, an output path under a file, calibration repeats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import TinySpec, tiny_model
+
+from executor.cli import main
+from executor.corpus import MANIFEST, CorpusConfig, RecordSource, build_corpus
+from executor.models import load_model
+
+
+def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error" in line]  # (transformers' loading bar may precede it)
+    assert "Traceback" not in err and len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    for fragment in fragments:
+        assert fragment in errors[0], err
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--clip-norm", "-1"), ("--hard-weight", "-0.5"), ("--warmup-steps", "-1"),
+                        ("--eval-every", "-2"), ("--init-layer", "first")],
+)  # fmt: skip
+def test_train_head_settings_are_checked_before_the_model_loads(tmp_path, capsys, flag, value) -> None:
+    """A negative clip norm would flip the gradients (torch scales them by it), not clip them; the model named
+    does not exist, so a refusal here came before any loading."""
+    argv = ["train-head", "--model", "no-such-model", "--exit-layer", "4", "--out", str(tmp_path / "h.safetensors")]
+    assert main([*argv, flag, value]) == 2
+    one_error_line(capsys, flag)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--exit-layer", "30"), ("--init-layer", "30")])
+def test_train_head_layers_are_checked_against_the_model_before_any_teacher_pass(tmp_path, capsys, flag, value):
+    argv = ["train-head", "--model", "smollm2-135m", "--exit-layer", "4", "--out", str(tmp_path / "h.safetensors")]
+    argv += [flag, value, "--threads", "1", "--no-progress"]
+    assert main(argv) == 2
+    one_error_line(capsys, flag, "30 layers" if flag == "--exit-layer" else "[0, 29]")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path, capsys) -> None:
+    blocker = tmp_path / "base.yaml"
+    blocker.write_text("x")
+    out = str(blocker / "h.safetensors")
+    assert main(["train-head", "--model", "no-such-model", "--exit-layer", "4", "--out", out]) == 2
+    one_error_line(capsys, "--out", "is a file")
+    assert main(["corpus", "--model", "no-such-model", "--out", str(blocker)]) == 2
+    one_error_line(capsys, "--out", "is a file")
+
+
+def test_an_empty_corpus_is_refused_where_it_is_built_and_where_it_is_read(tmp_path) -> None:
+    """Texts that give no record write nothing (a corpus of 0 records used to be written and to crash training);
+    a corpus without shards is refused by name when read."""
+    spec = TinySpec(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, vocab=300, seed=5)
+    model = tiny_model(spec)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    from executor.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    config = CorpusConfig(sources=("text",), text_paths=(str(empty),))
+    with pytest.raises(ValueError, match="gave no record"):
+        build_corpus(model, tokenizer, config, tmp_path / "c", model_name="tiny", progress=False)
+    assert not (tmp_path / "c" / MANIFEST).exists()
+    for name in ("max_prompts", "max_tokens_per_source"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+            CorpusConfig(**{name: 0})
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / MANIFEST).write_text(json.dumps({"shards": []}))
+    with pytest.raises(ValueError, match="holds no records|manifest"):
+        RecordSource(tmp_path / "d")
+
+
+@pytest.mark.parametrize("config", ["{not json", None])
+def test_a_folder_that_holds_no_model_is_one_line(tmp_path, config) -> None:
+    from executor.models import prepare_model
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    real = prepare_model("smollm2-135m").hf_dir / "config.json"
+    (folder / "config.json").write_text(config if config is not None else real.read_text())
+    with pytest.raises(ValueError, match="cannot load a Hugging Face causal LM"):
+        load_model(folder)
+
+
+def test_calibration_repeats_of_zero_are_refused_not_replaced(tmp_path, capsys) -> None:
+    assert main(["calibrate", "latency", "--model", "smollm2-135m", "--out", str(tmp_path), "--repeats", "0"]) == 2
+    one_error_line(capsys, "--repeats >= 1", "0")
