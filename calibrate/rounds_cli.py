@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from calibrate.common import base_metadata, check_device, check_dtype
+from sim.formats import check_output
 
 
 def run_rounds(args: argparse.Namespace) -> int:
@@ -28,8 +29,8 @@ def run_rounds(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if args.out is not None and args.out.suffix != ".json":
         raise ValueError(f"--out {args.out}: expected a .json file")
-    if args.out is not None and args.out.exists() and not args.force:
-        raise ValueError(f"{args.out} exists; pass --force to measure again and overwrite it")
+    if args.out is not None:
+        check_output("--out", args.out, force=args.force)
     device = check_device(args.device)
     dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     model = ModelAdapter(load_model(args.model, dtype=dtype, device=device))  # one adapter for both calls below

@@ -31,12 +31,21 @@ from typing import Any
 
 import yaml
 
-from sim.formats import DataFile, read_acceptance_trace, read_latency_profile, trace_exit_head, write_text_atomic
+from sim.formats import (
+    DataFile,
+    check_output,
+    quote,
+    read_acceptance_trace,
+    read_contention_profile,
+    read_latency_profile,
+    trace_exit_head,
+    write_text_atomic,
+)
 from sim.hardware import gpu_named_by
 from sim.models import ModelConfig, check_claimed_model, known_model_like, named_model
 from sim.policy import make_policy
 from sim.runner import simulate_point
-from sim.scenario import Point, claimed_dtype, load_points
+from sim.scenario import Point, Scenario, claimed_dtype, load_points
 
 DEFAULT_POLICIES = ("fixed:1", "fixed:2", "fixed:3", "beta-ts")  # as `eesd calibrate scenario --policies`
 MAX_REQUESTS = 8
@@ -100,12 +109,16 @@ def write_scenario(
         raise ValueError("--methods: --serving writes AR against EESD (PPSD serving needs a topology of its own)")
     if serving and len(paths) > 1:
         raise ValueError("--acceptance: --serving takes one trace (write one serving scenario per head)")
-    if out.is_dir():
-        raise ValueError(f"--out: {out} is a folder; expected the scenario file to write")
-    if out.exists() and not force:
-        raise ValueError(f"--out: {out} exists; pass --force to overwrite it")
-    profile = read_latency_profile(latency)
-    traces = [(path, read_acceptance_trace(path)) for path in paths]
+    check_output("--out", out, force=force)
+    if name is not None:
+        _check_name(name)
+    profile = _read("--latency", latency, read_latency_profile, "a latency profile CSV (eesd calibrate latency)")
+    what = "an acceptance trace CSV (eesd calibrate acceptance)"
+    traces = [(path, _read("--acceptance", path, read_acceptance_trace, what)) for path in paths]
+    if contention is not None:
+        _read(
+            "--contention", contention, read_contention_profile, "a contention profile CSV (eesd calibrate contention)"
+        )
     acceptance, trace = traces[0]
     data = scenario_data(latency, profile, traces, out.parent, methods, policies, name)
     narrow = [path for path, t in traces if t.metadata.get("draft_dtype")]
@@ -121,6 +134,28 @@ def write_scenario(
     _loaded(out, text, _serving_loader() if serving else load_points)
     write_text_atomic(out, text)
     return out
+
+
+def _read(flag: str, path: Path, read: Callable[[Path], DataFile], expected: str) -> DataFile:
+    """The file `flag` names, read; a ValueError naming the flag for a missing file, a folder or a file that does not
+    read as `expected`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; expected {expected}")
+    if not path.exists():
+        raise ValueError(f"{flag} {path}: no such file; expected {expected}")
+    try:
+        return read(path)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
+def _check_name(name: str) -> None:
+    """`--name` is the scenario's `name`: one folder name (`sim.scenario.Scenario`'s rule)."""
+    try:
+        Scenario._name(name)
+    except ValueError as err:
+        raise ValueError(f"--name {quote(name)}: {err}") from None
 
 
 def _yaml(data: dict[str, Any]) -> str:
@@ -354,7 +389,8 @@ def _add_draft_profile(
             f"{acceptance}: metadata.draft_dtype: its drafts ran in {trace.metadata['draft_dtype']}; pass "
             "--draft-profile, a latency profile in that dtype measured on the same device"
         )
-    profile = read_latency_profile(draft_profile)
+    what = "a latency profile CSV in the trace's draft dtype"
+    profile = _read("--draft-profile", draft_profile, read_latency_profile, what)
     dtype = claimed_dtype(profile.metadata)
     if recorded is not None and dtype != recorded:
         raise ValueError(
@@ -410,6 +446,7 @@ def _loaded(out: Path, text: str, load: Callable[[Path], Any]) -> Any:
         probe.write_text(text, encoding="utf-8")
         return load(probe)
     except ValueError as err:  # a ScenarioError, or a file the scenario names that does not read
-        raise ValueError(f"the scenario written from these files does not load: {err}") from None
+        message = str(err).replace(str(probe), str(out))  # the file the user asked for, not the probe beside it
+        raise ValueError(f"the scenario written from these files does not load: {message}") from None
     finally:
         probe.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sim.cli import load_batch_points
 from sim.formats import (
     DataFile,
     quote,
@@ -49,10 +50,11 @@ from sim.formats import (
     trace_head,
     write_text_atomic,
 )
+from sim.models import named_model
 from sim.plan import build_plan, exit_layer_of
 from sim.policy import make_policy, with_cost
 from sim.runner import point_notes, simulate_point
-from sim.scenario import LinkConfig, Point, claimed_dtype, load_points, narrow_draft_dtype
+from sim.scenario import LinkConfig, Point, claimed_dtype, narrow_draft_dtype
 from sim.scenario import validate as validate_scenario
 
 # the scenario fields the executor varies between points; every other field must be the same at every point
@@ -315,7 +317,7 @@ def plan(
     `model` is where this machine holds the model the calibration files were measured with (default: their path).
     """
     path = Path(scenario_path)
-    all_points = load_points(path)
+    all_points = load_batch_points(path)  # a serving scenario is told to run eesd serve-sim
     first = all_points[0]
     s = first.scenario
     profile_path, profile = _calibration_file(first, "latency")
@@ -592,7 +594,57 @@ def _runnable_model(
             f"load here (--model names it where the files name another path); expected one of "
             f"{sorted(known_models())}, a local HF directory or a .gguf file"
         )
+    if model is not None:
+        _check_model_shape(model, profile, trace)
     return name
+
+
+SHAPE_KEYS = {"layers": "num_hidden_layers", "hidden size": "hidden_size", "type": "model_type"}
+
+
+def _check_model_shape(model: str, profile: DataFile, trace: DataFile) -> None:
+    """`--model` is the files' model at this machine's path: its layer count, width and architecture (HF's
+    `model_type`), read from its config without its weights, are those the profile's `model_config` (and the trace's
+    `num_layers`) describe. What either side does not say is not compared."""
+    given = model_shape(model)
+    if given is None:
+        return
+    config = profile.metadata.get("model_config")
+    files = {key: config.get(field) for key, field in SHAPE_KEYS.items()} if isinstance(config, Mapping) else {}
+    files["layers"] = profile.metadata.get("total_layers") or files.get("layers") or trace.metadata.get("num_layers")
+    if any(given.get(key) is not None and files.get(key) is not None and given[key] != files[key] for key in files):
+        raise ValueError(
+            f"--model {model}: {_shape_text(given)}; the profile and trace are of {profile.metadata.get('model')} "
+            f"({_shape_text(files)})"
+        )
+
+
+def model_shape(model: str) -> dict[str, Any] | None:
+    """{layers, hidden size, type} of the model `executor.models.load_model` would load for `model`, from its config
+    alone: a HF directory's config.json, a packaged model's converted config in the cache, else the simulator's shape
+    of a model it knows by that name (no type); None where none of these tells."""
+    from executor.models import default_cache_dir, find_cached, known_models
+
+    folder = Path(model).expanduser()
+    spec = known_models().get(model.lower())
+    if not (folder / "config.json").is_file() and spec is not None and spec.sha256:
+        folder = find_cached(default_cache_dir(), spec.sha256) or folder
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict):
+        config = config.get("text_config", config) if "num_hidden_layers" not in config else config
+        return {key: config.get(field) for key, field in SHAPE_KEYS.items()}
+    known = named_model(model)
+    return None if known is None else {"layers": known.num_layers, "hidden size": known.hidden_size, "type": None}
+
+
+def _shape_text(shape: Mapping[str, Any]) -> str:
+    """'18 layers, hidden size 640, gemma3_text': what a shape says."""
+    parts = [f"{shape['layers']} layers"] if shape.get("layers") is not None else []
+    parts += [f"hidden size {shape['hidden size']}"] if shape.get("hidden size") is not None else []
+    return ", ".join(parts + ([str(shape["type"])] if shape.get("type") else []))
 
 
 def _executor_dtype(path: Path, scenario_dtype: str, profile_path: Path, profile: DataFile) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from calibrate.validate import POINT_CHOICES
 from executor.runtime import add_threads_argument, check_threads, threads_in, use_threads
+from sim.formats import check_output
 from sim.progress import Progress, progress_bar
 
 
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     validate.check_tolerance(args.tolerance)
     check_threads(args.threads)
     validate.check_processes(args.processes)
+    if args.json is not None:
+        check_output("--json", args.json)
     plan = validate.plan(args.scenario, args.prompts, args.max_new_tokens, args.points, args.model)
     print(
         f"{plan.name}: {len(plan.targets)} point(s) × {len(plan.prompt_ids)} prompt(s) × {plan.max_new_tokens} "

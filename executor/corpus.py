@@ -304,6 +304,9 @@ def build_corpus(
     for source in config.sources:
         BUILDERS[source](model, tokenizer, config, writer, progress)
     if not any(count.records for count in writer.counts.values()):
+        if writer.cut:
+            raise ValueError(f"corpus {directory}: the time budget ({time_budget_s:g} s) ended before the first "
+                             "record; nothing was written")  # fmt: skip
         raise ValueError(
             f"corpus {directory}: the sources ({', '.join(config.sources)}) gave no record with a target position "
             "(empty text files? texts shorter than the window's minimum?); nothing was written"

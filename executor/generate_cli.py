@@ -13,6 +13,26 @@ from pathlib import Path
 from executor.runtime import add_threads_argument, check_device, use_threads
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+METHODS = ("ar", "eesd", "ppsd")
+# flag, argument, default, the methods that use it: any other value with another method is refused (it would be ignored)
+METHOD_FLAGS = (
+    ("--stages", "stages", 2, ("ppsd",)),
+    ("--stage-boundaries", "stage_boundaries", None, ("ppsd",)),
+    ("--backend", "backend", "sequential", ("ppsd",)),
+    ("--stall-timeout", "stall_timeout", None, ("ppsd",)),
+    ("--policy", "policy", None, ("eesd",)),
+    ("--draft-len", "draft_len", 4, ("eesd",)),
+    ("--exit-layer", "exit_layer", None, ("eesd", "ppsd")),
+    ("--head", "head", "shared", ("eesd", "ppsd")),
+)
+# flag, argument, default: any other value without --do-sample is refused (greedy decoding ignores it)
+SAMPLING_FLAGS = (
+    ("--sampling", "sampling", "exact"),
+    ("--temperature", "temperature", 1.0),
+    ("--top-k", "top_k", None),
+    ("--top-p", "top_p", None),
+    ("--min-p", "min_p", None),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +128,30 @@ def given_ids(text: str) -> list[int]:
     return ids
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Before the model loads: a method this command runs, tokens to make, and no flag the run would ignore (one the
+    method does not use, a sampling flag without --do-sample, --chat without --prompt) or contradict (--compare-ar of
+    rejection sampling, whose tokens are AR's in distribution only)."""
+    if args.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for flag, name, default, methods in METHOD_FLAGS:
+        if getattr(args, name) != default and args.method not in methods:
+            raise ValueError(f"{flag} is for --method {' or '.join(methods)}, got --method {args.method}")
+    for flag, name, default in SAMPLING_FLAGS:
+        if getattr(args, name) != default and not args.do_sample:
+            given = f"{flag} {getattr(args, name)}"
+            raise ValueError(f"{given} is for sampling: add --do-sample, or drop it (decoding is greedy without it)")
+    if args.chat and args.prompt is None:
+        raise ValueError("--chat wraps --prompt's text in the chat template: drop it with --prompt-ids")
+    if args.compare_ar and args.do_sample and args.sampling == "rejection":
+        raise ValueError(
+            "--compare-ar checks that the output is AR's, which --sampling rejection does not promise (AR's "
+            "distribution, not its tokens): use --sampling exact, or drop --compare-ar"
+        )
+
+
 def _tokenized(args: argparse.Namespace, tokenizer) -> list[int]:
     """`--prompt`'s ids, through the model's tokenizer (and its chat template with `--chat`)."""
     if tokenizer is None:
@@ -152,7 +196,11 @@ def _with_round_costs(args: argparse.Namespace) -> tuple[str | None, int | None]
     from executor.round_costs import read_round_costs
     from sim.policy import parse_policy_spec, with_cost
 
-    costs, metadata = read_round_costs(args.round_costs)
+    try:
+        costs, metadata = read_round_costs(args.round_costs)
+    except ValueError as err:  # it names the file and the field
+        raise ValueError(f"--round-costs {err}") from None
+    _check_round_costs_model(args.round_costs, str(metadata.get("model", "")), args.model)
     policy = args.policy or "beta-ts"
     name, given = parse_policy_spec(policy)
     if args.method != "eesd" or name not in ("beta-ts", "calibration-ts") or "cost" in given or "costs" in given:
@@ -175,6 +223,19 @@ def _with_round_costs(args: argparse.Namespace) -> tuple[str | None, int | None]
             f"{args.draft_dtype or 'the model dtype'} (--draft-dtype)"
         )
     return with_cost(policy, 1.0, costs), measured_at
+
+
+def _check_round_costs_model(path: Path, measured: str, model: str) -> None:
+    """The round costs were measured with `--model`'s model, where both name one the simulator knows (a path and a
+    name, or two paths, cannot be told apart without loading them: not compared)."""
+    from sim.models import named_model
+
+    ours, theirs = named_model(model), named_model(measured)
+    if ours is not None and theirs is not None and ours.name != theirs.name:
+        raise ValueError(
+            f"--round-costs {path}: metadata.model: measured with {measured} ({theirs.name}), not --model {model} "
+            f"({ours.name}); measure this model's: eesd calibrate rounds --model {model} --out FILE"
+        )
 
 
 def _dtype_name(name: str | None) -> str | None:
@@ -209,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
             f"--no-verify-buckets is for --method eesd with --capture freeze (frozen verify passes), got --method "
             f"{args.method} --capture {args.capture}"
         )
+    check_flags(args)
     import torch
 
     from executor.api import generate

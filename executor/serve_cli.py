@@ -95,6 +95,7 @@ def parse_boundaries(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sim.formats import check_output
     from sim.serving import SLO
     from sim.workload import load_workload
 
@@ -102,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     args.stage_boundaries = parse_boundaries(args.stage_boundaries)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.json is not None:
+        check_output("--json", args.json)
     workload = load_workload(args.workload)
     slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
     import torch

@@ -14,14 +14,12 @@ from pathlib import Path
 
 from sim.formats import check_output
 from sim.runner import map_points, plots_available, run_points, summary_table, write_outputs, write_rows_csv
-from sim.scenario import load_points
+from sim.scenario import Point, ScenarioError, load_points, read_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", type=Path, help="scenario YAML (see scenarios/)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output folder, created if missing (default: runs/<scenario name>)"
-    )
+    parser.add_argument("--out", default=None, help="output folder, created if missing (default: runs/<scenario name>)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes for sweeps (0: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines for sweeps")
     parser.add_argument("--trace", action="store_true", help="write a Chrome trace per run (default: single runs)")
@@ -35,11 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.break_even is not None and not 0 < args.break_even <= 100:  # before anything runs
         raise ValueError(f"--break-even: expected a target speedup over AR in (0, 100], got {args.break_even:g}")
-    points = load_points(args.scenario)
+    jobs = check_jobs(args.jobs)
+    points = load_batch_points(args.scenario)
     scenario = points[0].scenario
-    jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
-    out_dir = args.out or Path("runs") / scenario.name  # the name is one folder name (sim.scenario)
-    check_out_dir(out_dir)
+    out_dir = output_folder(args.out, Path("runs") / scenario.name)  # the name is one folder name (sim.scenario)
     print(f"{scenario.name}: {len(points)} run(s){' — ' + scenario.description if scenario.description else ''}")
     progress = not args.no_progress
     results = run_points(points, jobs=jobs, progress=progress, trace=True if args.trace else None)
@@ -76,8 +73,51 @@ def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> None:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Before anything runs: the output folder is a folder, or one can be made there (`sim.formats.check_output`)."""
+    """Before anything runs: the output folder is a folder, or one can be made there (`sim.formats.check_output`),
+    and it is made (a folder the system will not make, as under /proc, fails here rather than after the run)."""
     check_output("--out", out_dir, folder=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out_dir}: the folder cannot be made ({err.strerror or err})") from None
+
+
+def output_folder(given: str | Path | None, default: Path) -> Path:
+    """`--out` as given (an empty path is refused: it is no folder) or `default`, checked and made (`check_out_dir`)."""
+    if given is not None and not str(given).strip():
+        raise ValueError("--out: expected a folder, got an empty path")
+    out_dir = Path(given) if given is not None else default
+    check_out_dir(out_dir)
+    return out_dir
+
+
+def check_jobs(jobs: int) -> int:
+    """`--jobs`: the processes to run, 0 meaning one per CPU."""
+    if jobs < 0:
+        raise ValueError(f"--jobs must be >= 1, or 0 for one per CPU, got {jobs}")
+    return jobs if jobs > 0 else (os.cpu_count() or 1)
+
+
+def load_batch_points(path: Path) -> list[Point]:
+    """`load_points`, but a serving scenario (one with a top-level `serving:` section) is told to run `eesd serve-sim`
+    instead of being refused field by field."""
+    try:
+        return load_points(path)
+    except ScenarioError:
+        if is_serving_scenario(path):
+            raise ScenarioError(
+                f"{path}: this is a serving scenario (a serving: section): run eesd serve-sim {path}"
+            ) from None
+        raise
+
+
+def is_serving_scenario(path: Path) -> bool:
+    """Whether `path` reads as a YAML mapping with a top-level `serving:` key (False where it does not read)."""
+    try:
+        data = read_yaml(path)
+    except (ValueError, OSError):
+        return False
+    return isinstance(data, dict) and "serving" in data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,10 +8,10 @@ speculation stops paying and up to which rate each method holds the SLO, and wri
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from sim.cli import check_out_dir
+from sim.cli import check_jobs, output_folder
+from sim.formats import check_output
 from sim.runner import plots_available
 from sim.serving import load_serving_points
 from sim.serving_report import capacity, run_serving, stop_paying, summary_table, write_json, write_outputs
@@ -19,9 +19,7 @@ from sim.serving_report import capacity, run_serving, stop_paying, summary_table
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", type=Path, help="serving scenario YAML (see scenarios/serving_*.yaml)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output folder, created if missing (default: runs/<scenario name>)"
-    )
+    parser.add_argument("--out", default=None, help="output folder, created if missing (default: runs/<scenario name>)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (0: one per CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's row and the crossings as JSON")
@@ -43,10 +41,11 @@ def capacity_line(item: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    jobs = check_jobs(args.jobs)
+    if args.json is not None:
+        check_output("--json", args.json)
     points = load_serving_points(args.scenario)
-    out_dir = args.out or Path("runs") / args.scenario.stem
-    check_out_dir(out_dir)
-    jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
+    out_dir = output_folder(args.out, Path("runs") / args.scenario.stem)
     print(f"{args.scenario}: {len(points)} serving run(s), {len(points[0].workload.requests)} requests each")
     runs = run_serving(points, jobs=jobs, progress=not args.no_progress)
     print(summary_table(runs))

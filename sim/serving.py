@@ -70,16 +70,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import simpy
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sim.acceptance import TraceAcceptance
 from sim.contract import cache_capacity
 from sim.cost import Pass, draft_pass, pass_costs, verify_pass
 from sim.engine import TOKEN_ID_BYTES, decode_alone, prefill_pass
 from sim.formats import quote
+from sim.models import ModelConfig
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
-from sim.scenario import Point, Scenario, ScenarioError, read_yaml, validate
+from sim.scenario import Point, Scenario, ScenarioError, model_config, read_yaml, validate
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload, WorkloadError, build_workload, parse_spec, with_rate
 
 MAX_BATCH = 4096
@@ -93,7 +94,9 @@ SERVING_METHODS = ("ar", "eesd", "ppsd")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """As `sim.scenario.Strict`: unknown keys refused, values of the field's type only ("4" is not an integer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class SLO(_Strict):
@@ -113,6 +116,14 @@ class ServingConfig(_Strict):
     by_method: dict[str, dict[str, Any]] | None = None
     slo: SLO = SLO()
     cases: list[dict[str, Any]] | None = Field(None, min_length=1)
+
+    @field_validator("kv_capacity_tokens", mode="before")
+    @classmethod
+    def _kv_capacity(cls, value: Any) -> Any:
+        """One message for every wrong value (not one per member of the union)."""
+        if value is None or value == "auto" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError("expected auto, null (no limit) or a number of tokens >= 1")
 
 
 @dataclass(frozen=True)
@@ -145,7 +156,10 @@ def load_serving_points(path: str | Path) -> list[ServingPoint]:
         raise FileNotFoundError(f"{path}: serving scenario not found")
     raw = read_yaml(path)
     if not isinstance(raw, dict) or "serving" not in raw:
-        raise ScenarioError(f"{path}: serving: required: a serving scenario is a scenario with a serving section")
+        plain = f" (this one has none: run eesd simulate {path})" if isinstance(raw, dict) else ""
+        raise ScenarioError(
+            f"{path}: serving: required: a serving scenario is a scenario with a serving section{plain}"
+        )
     for key in ("workload", "sweep"):
         if key in raw:
             raise ScenarioError(
@@ -166,7 +180,7 @@ def _config(data: Any, where: str) -> ServingConfig:
         lines = []
         for e in err.errors():
             field_path = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("literal", "function")))
-            message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
             lines.append(f"{where}: serving.{field_path}: {message} (got {quote(e.get('input'))})")
         raise ScenarioError("\n".join(lines)) from None
 
@@ -205,20 +219,24 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
     for method in methods:
         if method not in SERVING_METHODS:
             raise ScenarioError(f"{where}: serving.methods: expected ar, eesd or ppsd, got {method!r}")
+    if len(set(methods)) != len(methods):
+        raise ScenarioError(f"{where}: serving.methods: each method once, got {methods}")
     unknown = sorted(set(config.by_method or ()) - set(methods))
     if unknown:
         raise ScenarioError(f"{where}: serving.by_method: {', '.join(unknown)}: not among the case's methods {methods}")
     by_method = {method: _method_data(data, config, method, where) for method in methods}
+    models = {method: _model(by_method[method][0], method, where) for method in methods}
+    model = _narrowest_model(list(models.values()))
     spec, base_dir, spec_where, prefix = _workload_spec(config, path, where)
     rates: Sequence[float | None] = config.rates_per_s or [None]
     points = []
     for rate in rates:
         rated = spec if rate is None else with_rate(spec, rate, where, "serving.rates_per_s")
-        workload = build_workload(rated, base_dir, spec_where, prefix)
+        workload = build_workload(rated, base_dir, spec_where, prefix, model)
         for method in methods:
             method_data, method_config = by_method[method]
             max_batch = 1 if method == "ppsd" else method_config.max_batch  # PPSD serves one request at a time
-            plan, scenario = _plan(path, method_data, method, workload, max_batch, where)
+            plan, scenario = _plan(path, method_data, method, workload, max_batch, where, models[method])
             _check_trace_covers(plan, scenario, workload, where)
             capacity = _kv_capacity(plan, method_config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
@@ -259,9 +277,23 @@ def _workload_spec(config: ServingConfig, path: Path, where: str) -> tuple[Any, 
     return parse_spec(read_yaml(file), str(file)), file.parent, str(file), ""
 
 
+def _model(data: dict[str, Any], method: str, where: str) -> ModelConfig:
+    """The model one method serves, from the case's fields (checked with a one-token workload: the requests' own
+    lengths are checked against its context by `build_workload`)."""
+    fields = {k: v for k, v in data.items() if k != "serving"}
+    fields |= {"method": method, "workload": {"requests": 1, "batch_size": 1, "prompt_len": 1, "output_len": 1}}
+    return model_config(validate(fields, where))
+
+
+def _narrowest_model(models: Sequence[ModelConfig]) -> ModelConfig:
+    """The model of the smallest context among `models` (one whose context is not known: the least bound)."""
+    return min(models, key=lambda m: m.max_position_embeddings or math.inf)
+
+
 def _plan(
-    path: Path, data: dict[str, Any], method: str, workload: ServingWorkload, max_batch: int, where: str
-) -> tuple[SimPlan, Scenario]:
+    path: Path, data: dict[str, Any], method: str, workload: ServingWorkload, max_batch: int, where: str,
+    model: ModelConfig,
+) -> tuple[SimPlan, Scenario]:  # fmt: skip
     """The simulator's plan for one method: the scenario's fields, with a static workload of the longest prompt and
     output at `max_batch` (the executor's serving cache holds that many slots a row; the cost ratio is taken there)."""
     fields = {k: v for k, v in data.items() if k != "serving"}
@@ -272,8 +304,24 @@ def _plan(
         "prompt_len": workload.max_prompt_len,
         "output_len": workload.max_output_len,
     }
+    _check_cache_context(model, workload, where)
     scenario = validate(fields, where)
     return build_plan(Point(0, {}, scenario, path.parent, where)), scenario
+
+
+def _check_cache_context(model: ModelConfig, workload: ServingWorkload, where: str) -> None:
+    """The serving cache holds the longest prompt and the longest output (of two requests, maybe): within the
+    model's context, or a message saying so (not the batch scenario's `workload.output_len`, which serving has not)."""
+    prompt = max(workload.requests, key=lambda r: r.prompt_len)
+    output = max(workload.requests, key=lambda r: r.output_len)
+    what = (
+        f"the serving cache's longest prompt_len {prompt.prompt_len} (request {prompt.index}) + longest output_len "
+        f"{output.output_len} (request {output.index})"
+    )
+    try:
+        model.check_context(prompt.prompt_len + output.output_len, what)
+    except ValueError as err:
+        raise ScenarioError(f"{where}: serving.workload: {err}") from None
 
 
 def _check_trace_covers(plan: SimPlan, scenario: Scenario, workload: ServingWorkload, where: str) -> None:

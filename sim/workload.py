@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sim.formats import quote, read_text
+from sim.models import ModelConfig
 from sim.scenario import read_yaml
 
 MAX_REQUESTS = 1_000_000  # requests in one workload
@@ -52,7 +53,9 @@ class WorkloadError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """As `sim.scenario.Strict`: unknown keys refused, values of the field's type only ("4" is not an integer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Poisson(_Strict):
@@ -247,11 +250,15 @@ def _is_union_tag(part: str) -> bool:
     return "[" in part or part.startswith(("function-", "tagged-union"))
 
 
-def build_workload(spec: WorkloadSpec, base_dir: Path, where: str, prefix: str = "") -> ServingWorkload:
-    """Draw the requests of a validated spec (a trace is read relative to `base_dir`)."""
-    trace = None
+def build_workload(
+    spec: WorkloadSpec, base_dir: Path, where: str, prefix: str = "", model: ModelConfig | None = None
+) -> ServingWorkload:
+    """Draw the requests of a validated spec (a trace is read relative to `base_dir`); with `model`, each request's
+    prompt + output must fit its context (`check_context`)."""
+    trace, trace_path = None, None
     if isinstance(spec.arrival, TraceArrivals):
-        trace = read_workload_trace(_resolve(base_dir, spec.arrival.path, where, f"{prefix}arrival.path"))
+        trace_path = _resolve(base_dir, spec.arrival.path, where, f"{prefix}arrival.path")
+        trace = read_workload_trace(trace_path)
         if spec.requests is not None and spec.requests > len(trace):
             raise WorkloadError(
                 f"{where}: {prefix}requests: the trace {spec.arrival.path} has {len(trace)} rows, got {spec.requests}"
@@ -264,14 +271,35 @@ def build_workload(spec: WorkloadSpec, base_dir: Path, where: str, prefix: str =
         users = arrival.users
         thinks = _think_times(arrival, count, _stream(spec.seed, "think"))
         requests = tuple(Request(i, prompts[i], outputs[i], None, thinks[i]) for i in range(count))
-        return ServingWorkload(requests, users, where)
-    if trace is not None:
-        times = [row[0] for row in trace[:count]]
-        ids = [row[3] for row in trace[:count]]
     else:
-        times, ids = arrival_times(arrival, count, _stream(spec.seed, "arrival")), [None] * count
-    requests = tuple(Request(i, prompts[i], outputs[i], times[i], 0.0, ids[i]) for i in range(count))
+        if trace is not None:
+            times = [row[0] for row in trace[:count]]
+            ids = [row[3] for row in trace[:count]]
+        else:
+            times, ids = arrival_times(arrival, count, _stream(spec.seed, "arrival")), [None] * count
+        requests = tuple(Request(i, prompts[i], outputs[i], times[i], 0.0, ids[i]) for i in range(count))
+    if model is not None:
+        check_context(model, requests, spec, where, prefix, trace_path, trace)
     return ServingWorkload(requests, users, where)
+
+
+def check_context(
+    model: ModelConfig, requests: Sequence[Request], spec: WorkloadSpec, where: str, prefix: str = "",
+    trace_path: Path | None = None, trace: Sequence[tuple] | None = None,
+) -> None:  # fmt: skip
+    """Each request's prompt + output within `model`'s context: a `WorkloadError` naming the trace's file and line
+    where a length comes from the trace (`read_workload_trace`'s rows), else the workload's length fields and the
+    request."""
+    from_trace = trace is not None and TraceLen in (type(spec.prompt_len), type(spec.output_len))
+    for request in requests:
+        what = f"prompt_len {request.prompt_len} + output_len {request.output_len}"
+        try:
+            model.check_context(request.prompt_len + request.output_len, what)
+        except ValueError as err:
+            if from_trace and trace is not None:
+                raise WorkloadError(f"{trace_path}: line {trace[request.index][4]}: {err}") from None
+            fields = f"{prefix}prompt_len, {prefix}output_len"
+            raise WorkloadError(f"{where}: {fields}: request {request.index}: {err}") from None
 
 
 def with_rate(spec: WorkloadSpec, rate_per_s: float, where: str, field: str) -> WorkloadSpec:
@@ -328,8 +356,9 @@ def _lengths(
     return [int(row[column]) for row in trace[:count]]
 
 
-def read_workload_trace(path: Path) -> list[tuple[float, int, int, str | None]]:
-    """Rows (arrival_s, prompt_len, output_len, prompt_id or None) of a workload CSV, checked line by line."""
+def read_workload_trace(path: Path) -> list[tuple[float, int, int, str | None, int]]:
+    """Rows (arrival_s, prompt_len, output_len, prompt_id or None, line number) of a workload CSV, checked line by
+    line; at least one."""
     text = read_text(path, MAX_TRACE_BYTES, "workload trace")
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -344,6 +373,8 @@ def read_workload_trace(path: Path) -> list[tuple[float, int, int, str | None]]:
             f"{path}: line {header_line}: header: expected columns {','.join(TRACE_COLUMNS)}[,prompt_id], got "
             f"{','.join(header)}"
         )
+    if len(lines) == 1:
+        raise WorkloadError(f"{path}: no requests after the header (line {header_line})")
     if len(lines) - 1 > MAX_REQUESTS:
         raise WorkloadError(f"{path}: {len(lines) - 1} rows; at most {MAX_REQUESTS} requests")
     rows, last = [], 0.0
@@ -360,7 +391,7 @@ def read_workload_trace(path: Path) -> list[tuple[float, int, int, str | None]]:
         last = arrival
         prompt = _cell(path, number, "prompt_len", record["prompt_len"], int, 1, MAX_TOKENS)
         output = _cell(path, number, "output_len", record["output_len"], int, 1, MAX_TOKENS)
-        rows.append((arrival, prompt, output, record.get("prompt_id") or None))
+        rows.append((arrival, prompt, output, record.get("prompt_id") or None, number))
     return rows
 
 

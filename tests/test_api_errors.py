@@ -113,7 +113,7 @@ def cli_status(*args: str) -> int:
         (["--exit-layer", "9"], r"exit_layer must be an integer in \[1, 3\]"),
         (["--draft-len", "0"], "draft_len must be an integer in [1, 256]"),
         (["--method", "eesd", "--draft-len", "1000000"], "in [1, 256] (the model's context)"),
-        (["--max-new-tokens", "-3"], "max_new_tokens must be an integer >= 0"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
         (["--repetition-penalty", "nan"], "repetition_penalty must be a finite number > 0, got nan"),
         (["--do-sample", "--temperature", "inf"], "temperature must be a finite number > 0 when sampling, got inf"),
         (["--seed", str(2**70)], "seed must be an integer in [0, 4294967295]"),
@@ -129,6 +129,44 @@ def test_cli_reports_user_errors_without_traceback(saved_model, args, message, c
     stderr = capsys.readouterr().err
     assert message.replace("\\", "") in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "0.5"], "--temperature 0.5 is for sampling: add --do-sample"),
+        (["--sampling", "rejection"], "--sampling rejection is for sampling: add --do-sample"),
+        (["--top-p", "0.9"], "--top-p 0.9 is for sampling: add --do-sample"),
+        (["--stages", "3"], "--stages is for --method ppsd, got --method eesd"),
+        (["--backend", "distributed"], "--backend is for --method ppsd, got --method eesd"),
+        (["--method", "ar", "--policy", "fixed:3"], "--policy is for --method eesd, got --method ar"),
+        (["--method", "ar", "--head", "shared:100"], "--head is for --method eesd or ppsd, got --method ar"),
+        (["--method", "ppsd", "--draft-len", "2"], "--draft-len is for --method eesd, got --method ppsd"),
+        (["--do-sample", "--sampling", "rejection", "--compare-ar"], "--compare-ar checks that the output is AR's"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--method", "beam"], "--method must be one of ar, eesd, ppsd, got 'beam'"),
+        (["--chat"], "--chat wraps --prompt's text"),
+    ],
+)
+def test_cli_refuses_flags_the_run_would_ignore_before_loading(tmp_path, args, message, capsys):
+    """A flag the method does not use, a sampling flag without --do-sample, a check that cannot hold: one line naming
+    the flag, before the model loads (the model named does not exist)."""
+    assert cli_status("generate", "--model", str(tmp_path / "absent"), "--prompt-ids", "1,2,3", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eesd generate: error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_refuses_round_costs_of_another_model(tmp_path, capsys):
+    """A round-costs file measured with another model (its metadata.model) is refused before the model loads."""
+    import json
+
+    path = tmp_path / "rounds.json"
+    metadata = {"model": "gemma3-270m", "exit_layer": 7}
+    document = {"format": "eesd.round_costs", "schema_version": 1, "costs": [1, 1.4], "metadata": metadata}
+    path.write_text(json.dumps(document), encoding="utf-8")
+    assert cli_status("generate", "--model", "smollm2-135m", "--prompt-ids", "1,2", "--round-costs", str(path)) == 2
+    err = capsys.readouterr().err
+    assert f"--round-costs {path}: metadata.model: measured with gemma3-270m (Gemma-3-270M), not --model" in err
 
 
 def test_cli_names_a_failed_stage_process_in_one_line(saved_model, monkeypatch, capsys):

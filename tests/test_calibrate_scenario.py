@@ -116,7 +116,18 @@ def test_a_trace_of_narrow_drafts_takes_their_profile(tmp_path) -> None:
          "scenario's model SmolLM2-135M"),
         (["--methods", "ar"], "--methods: expected eesd and/or ppsd"),
         (["--policies", "fixed:0"], "--policies: 'fixed:0'"),
-        (["--latency", str(CPU / "missing.csv")], "missing.csv"),
+        (["--latency", "nope.csv"],
+         "--latency nope.csv: no such file; expected a latency profile CSV (eesd calibrate latency)"),
+        (["--latency", str(CPU)], f"--latency {CPU}: is a folder; expected a latency profile CSV"),
+        (["--acceptance", "nope.csv"], "--acceptance nope.csv: no such file; expected an acceptance trace CSV"),
+        (["--draft-profile", "nope.csv"], "--draft-profile nope.csv: no such file"),
+        (["--contention", "nope.csv"], "--contention nope.csv: no such file; expected a contention profile CSV"),
+        (["--contention", str(CPU / "acceptance_smollm2-135m_shared_builtin.csv")],
+         "--contention: " + str(CPU / "acceptance_smollm2-135m_shared_builtin.csv") + ":1: expected format "
+         "'eesd.contention_profile'"),
+        (["--name", "a/b"], "--name 'a/b': expected a folder name"),
+        (["--out", str(ROOT / "pyproject.toml" / "x.yaml")], f"--out {ROOT / 'pyproject.toml' / 'x.yaml'}: "),
+        (["--out", ""], "--out .: is a folder; --out names the file to write"),
     ],
 )  # fmt: skip
 def test_files_that_make_no_scenario_are_one_line_naming_them(tmp_path, capsys, args, message) -> None:
@@ -131,6 +142,7 @@ def test_files_that_make_no_scenario_are_one_line_naming_them(tmp_path, capsys, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("eesd calibrate: error:") and message in err and len(err.splitlines()) == 1, err
+    assert ".check.yaml" not in err  # never the probe written beside the scenario
     assert not (tmp_path / "s.yaml").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -137,12 +138,17 @@ def test_a_record_is_the_same_whatever_the_batch_and_rows_do_not_share_noise(tin
 
 def test_a_time_budget_cuts_the_build_and_the_manifest_says_so(tiny, tokenizer, tmp_path) -> None:
     config = small_config(max_prompts=4)
-    cut = build_corpus(tiny, tokenizer, config, tmp_path / "cut", model_name="tiny", progress=False,
-                       time_budget_s=1e-9)  # fmt: skip
-    assert cut["cut_by_time_budget"] and cut["time_budget_s"] == 1e-9 and cut["totals"]["records"] == 0
+    with pytest.raises(ValueError, match="time budget .* ended before the first record"):  # no empty corpus
+        build_corpus(tiny, tokenizer, config, tmp_path / "none", model_name="tiny", progress=False, time_budget_s=1e-9)
+    begin = time.perf_counter()
     whole = build_corpus(tiny, tokenizer, config, tmp_path / "whole", model_name="tiny", progress=False,
                          time_budget_s=600.0)  # fmt: skip
     assert not whole["cut_by_time_budget"] and whole["totals"]["records"] == 4 * 3
+    budget = (time.perf_counter() - begin) / 4  # about one of the build's four batches (3 prompts each)
+    config = small_config(max_prompts=12, batch_size=3)
+    cut = build_corpus(tiny, tokenizer, config, tmp_path / "cut", model_name="tiny", progress=False,
+                       time_budget_s=budget)  # fmt: skip
+    assert cut["cut_by_time_budget"] and 0 < cut["totals"]["records"] < 12 * 3
     assert read_manifest(tmp_path / "cut")["cut_by_time_budget"]
 
 

@@ -213,7 +213,7 @@ def test_generate_takes_a_measured_file(measured_file, capsys) -> None:
 
     costs = read_round_costs(out)[0]
     args = argparse.Namespace(
-        round_costs=out, policy=None, exit_layer=None, method="eesd", head="shared", draft_dtype=None
+        round_costs=out, policy=None, exit_layer=None, method="eesd", head="shared", draft_dtype=None, model=str(model)
     )
     policy, exit_layer = _with_round_costs(args)
     assert exit_layer == 2 and make_policy(policy).round_costs == pytest.approx(costs, abs=5e-5)
@@ -229,6 +229,7 @@ def test_generate_takes_a_measured_file(measured_file, capsys) -> None:
         ("rounds", ["--context", "250"], "--context 250 + --max-draft-len 8 + 3 reach past"),
         ("rounds", ["--exit-layer", "4"], "exit_layer must be an integer in [1, 3] for a 4-layer model, got 4"),
         ("rounds", ["--head", "missing.safetensors"], "exit head file missing.safetensors does not exist"),
+        ("rounds", ["--out", str(ROOT / "pyproject.toml" / "rc.json")], "pyproject.toml is a file, so the folder"),
         (
             "generate",
             ["--policy", "fixed:2"],
@@ -253,6 +254,17 @@ def test_bad_settings_are_refused_with_the_flag_named(measured_file, capsys, com
     }[command]
     assert main([*argv, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys) -> None:
+    (tmp_path / "a_file").write_text("keep me\n")
+    for out, message in ((tmp_path / "a_file" / "rc.json", "a_file is a file, so the folder"),
+                         (tmp_path / "a_folder.json", "is a folder; --out names the file to write")):  # fmt: skip
+        (tmp_path / "a_folder.json").mkdir(exist_ok=True)
+        argv = ["calibrate", "rounds", "--model", str(tmp_path / "absent"), "--threads", "1", "--out", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: --out {out}: " in err and message in err, err
 
 
 @pytest.mark.parametrize(

@@ -361,6 +361,18 @@ def test_serve_bench_refuses_a_gpu_capture_on_the_cpu_before_loading(capsys) -> 
     assert "--capture graph needs a CUDA device" in capsys.readouterr().err
 
 
+def test_serve_bench_refuses_a_json_it_cannot_write_before_loading(tmp_path, capsys) -> None:
+    from pathlib import Path
+
+    workload = str(Path(__file__).resolve().parents[1] / "scenarios" / "workloads" / "smollm2_cpu_rate0.4.yaml")
+    (tmp_path / "a_file").write_text("keep me\n")
+    for json_path, message in ((tmp_path / "a_file" / "x.json", "a_file is a file, so the folder"),
+                               (tmp_path, "is a folder; --json names the file to write")):  # fmt: skip
+        assert eesd(["serve-bench", "--workload", workload, "--model", "no-such-model", "--json", str(json_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --json {json_path}: " in err and message in err, err
+
+
 def test_a_scenario_derived_from_a_devices_files_serves_the_same_requests(tmp_path, monkeypatch) -> None:
     """`benchmarks/serving_cpu.py --profile P --trace T` (the GPU runbook's serving call) derives serving_cpu.yaml's
     cases from another device's files: given this CPU's own profile and trace it writes the workloads committed for

@@ -393,12 +393,62 @@ def test_kv_capacity_auto_from_gpu_memory(tmp_path):
         ({"cases": [{"name": "a", "exit_layer": 99}]}, {}, "case a: exit_layer: expected 1 <= exit_layer < 30"),
         ({}, {"workload": {"requests": 2}}, "workload: not used by a serving scenario"),
         ({}, {"model": "GPT-9"}, "model: unknown model 'GPT-9'"),
+        ({"max_batch": "4"}, {}, r"serving.max_batch: Input should be a valid integer \(got '4'\)"),
+        ({"methods": ["ar", "ar"]}, {}, r"serving.methods: each method once, got \['ar', 'ar'\]"),
+        ({"kv_capacity_tokens": -1}, {}, "serving.kv_capacity_tokens: expected auto, null .no limit. or a number"),
+        ({"workload": {**poisson(5, 1.0), "requests": "5"}}, {}, "serving.workload.requests: Input should be a valid"),
     ],
 )
 def test_bad_serving_scenarios_refused_with_field(tmp_path, serving, fields, message):
     path = write_scenario(tmp_path, {"workload": poisson(5, 1.0), **serving}, **fields)
     with pytest.raises((ScenarioError, WorkloadError), match=message):
         load_serving_points(path)
+
+
+def csv_scenario(tmp_path: Path, rows: list[str]) -> Path:
+    """A serving scenario whose requests are the rows of a workload CSV (after its header)."""
+    (tmp_path / "w.csv").write_text("\n".join(["arrival_s,prompt_len,output_len", *rows]) + "\n", encoding="utf-8")
+    workload = {"arrival": {"process": "trace", "path": "w.csv"}, "prompt_len": {"dist": "trace"},
+                "output_len": {"dist": "trace"}}  # fmt: skip
+    return write_scenario(tmp_path, {"workload": workload})
+
+
+def test_a_workload_csv_without_requests_or_with_a_request_too_long_is_named_by_line(tmp_path):
+    """No rows after the header; a row whose prompt + output exceed the model's context (named by its CSV line, not
+    by a batch scenario's workload.output_len); two rows that fit alone but whose longest prompt and longest output
+    the serving cache cannot hold together."""
+    with pytest.raises(WorkloadError, match=r"w.csv: no requests after the header \(line 1\)"):
+        load_serving_points(csv_scenario(tmp_path, []))
+    with pytest.raises(
+        WorkloadError, match=r"w.csv: line 3: prompt_len 8000 \+ output_len 500 = 8,500 positions exceed"
+    ):
+        load_serving_points(csv_scenario(tmp_path, ["0,10,10", "0.5,8000,500"]))
+    with pytest.raises(
+        ScenarioError, match="serving.yaml: serving.workload: the serving cache's longest prompt_len 8000"
+    ):
+        load_serving_points(csv_scenario(tmp_path, ["0,8000,10", "0.5,10,500"]))
+    with pytest.raises(WorkloadError, match=r"serving.workload.prompt_len, serving.workload.output_len: request 0"):
+        load_serving_points(write_scenario(tmp_path, {"workload": poisson(2, 1.0, prompt=8000, output=500)}))
+
+
+def test_serve_sim_refuses_outputs_jobs_and_plain_scenarios_before_running(tmp_path, capsys):
+    from executor.cli import main
+
+    path = write_scenario(tmp_path, {"workload": poisson(3, 1.0)})
+    (tmp_path / "a_file").write_text("keep me\n")
+    for args, message in (
+        (["--json", str(tmp_path / "a_file" / "x.json")], f"--json {tmp_path / 'a_file' / 'x.json'}: "),
+        (["--json", str(tmp_path)], f"--json {tmp_path}: is a folder; --json names the file to write"),
+        (["--out", ""], "--out: expected a folder, got an empty path"),
+        (["--jobs", "-5"], "--jobs must be >= 1, or 0 for one per CPU, got -5"),
+    ):
+        assert main(["serve-sim", str(path), "--no-progress", *args]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"eesd serve-sim: error: {message}") and captured.out == "", captured.err
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"name": "p", "model": "SmolLM2-135M", "method": "ar"}), encoding="utf-8")
+    assert main(["serve-sim", str(plain)]) == 2
+    assert f"(this one has none: run eesd simulate {plain})" in capsys.readouterr().err
 
 
 def test_bad_inline_workload_named_under_serving(tmp_path):

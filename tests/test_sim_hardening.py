@@ -216,6 +216,40 @@ def test_out_naming_a_file_or_inside_one_is_one_line_before_anything_runs(
     assert captured.out == "" and (tmp_path / "a_file").read_text() == "keep me\n"
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--out", ""], "--out: expected a folder, got an empty path"),
+        (["--out", "/proc/eesd-out"], "--out /proc/eesd-out: the folder cannot be made"),
+        (["--jobs", "-5"], "--jobs must be >= 1, or 0 for one per CPU, got -5"),
+    ],
+)
+def test_an_out_or_jobs_that_cannot_be_is_one_line_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: list[str], fragment: str
+) -> None:
+    if args[1].startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    monkeypatch.chdir(tmp_path)  # an empty --out would be the current folder
+    code = sim_cli.main([str(write(tmp_path, scenario_text())), *args, "--no-progress"])
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert code == 2 and line.startswith(f"eesd simulate: error: {fragment}"), line
+    assert captured.out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_a_serving_scenario_is_sent_to_serve_sim(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    serving = {"workload": {"requests": 2, "arrival": {"process": "poisson", "rate_per_s": 1.0}, "prompt_len": 8,
+                            "output_len": 4}}  # fmt: skip
+    fields = {key: value for key, value in BASE.items() if key != "workload"}
+    path = write(tmp_path, yaml.safe_dump({**fields, "serving": serving}))
+    assert sim_cli.main([str(path), "--no-progress"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert (
+        line
+        == f"eesd simulate: error: {path}: this is a serving scenario (a serving: section): run eesd serve-sim {path}"
+    )
+
+
 # ---- the name is one folder name -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["../../escaped_out", "a/b", "..", ".", "", "a\\b", "tab\there", "x" * 201])
 def test_a_name_that_is_not_one_folder_name_is_refused(tmp_path: Path, name: str) -> None:

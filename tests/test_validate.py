@@ -499,6 +499,34 @@ def test_the_model_may_be_named_where_this_machine_holds_it(tmp_path, capsys) ->
     fail_with(capsys, [str(h100), "--model", str(tmp_path / "none.gguf")], "--model:", "not a model the executor")
 
 
+def test_a_model_of_another_shape_than_the_files_is_refused_before_it_loads(tmp_path, capsys) -> None:
+    """--model names the files' model at this machine's path: a packaged model of another layer count, or a HF folder
+    whose config.json gives another architecture, is refused from its config alone (no weights here); the same shape
+    plans."""
+    validate_cpu = ROOT / "scenarios" / "smollm2_cpu_validate.yaml"
+    fail_with(capsys, [str(validate_cpu), "--model", "gemma3-270m"], "--model gemma3-270m: 18 layers, hidden size 640",
+              "the profile and trace are of smollm2-135m (30 layers, hidden size 576, llama)")  # fmt: skip
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    config = {"model_type": "gemma3_text", "num_hidden_layers": 30, "hidden_size": 576}
+    (folder / "config.json").write_text(json.dumps(config))
+    fail_with(
+        capsys, [str(SHIPPED), "--model", str(folder)], f"--model {folder}: 30 layers, hidden size 576, gemma3_text"
+    )
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    assert validate.plan(SHIPPED, points="quick", model=str(folder)).model == str(folder)
+
+
+def test_outputs_and_scenarios_of_another_command_are_refused_up_front(tmp_path, capsys) -> None:
+    """--json naming a folder or a path under a file is refused before anything runs; a serving scenario is sent to
+    eesd serve-sim."""
+    (tmp_path / "a_file").write_text("keep me\n")
+    fail_with(capsys, [str(SHIPPED), "--json", str(tmp_path / "a_file" / "x.json")], "--json", "a_file is a file")
+    fail_with(capsys, [str(SHIPPED), "--json", str(tmp_path)], f"--json {tmp_path}: is a folder")
+    serving = ROOT / "scenarios" / "serving_cpu.yaml"
+    fail_with(capsys, [str(serving)], f"{serving}: this is a serving scenario", "run eesd serve-sim")
+
+
 BF16_DRAFTS = ROOT / "scenarios" / "gemma3_cpu_bf16_drafts.yaml"
 
 
