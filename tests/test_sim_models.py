@@ -51,6 +51,31 @@ def test_profile_interpolates_inside_and_flags_extrapolation(tmp_path: Path) -> 
     assert latency.extrapolated
 
 
+def test_draft_and_verify_rows_of_the_same_work_are_read_as_their_mean(tmp_path: Path) -> None:
+    """A draft-phase and a verify-phase `layer` / `lm_head` row at one (q = 1, context, batch) time the same work:
+    both read as their mean; a verify row of another q, an `exit_head` (draft only), the host's `overhead` and
+    prefill rows are read as measured."""
+    rows = [LatencyRecord("layer", "draft", 1, 128, 1, False, 1000, 1000, 1000),
+            LatencyRecord("layer", "verify", 1, 128, 1, False, 1100, 1100, 1100),
+            LatencyRecord("layer", "verify", 2, 128, 1, False, 1500, 1500, 1500),
+            LatencyRecord("lm_head", "draft", 1, 128, 1, False, 9000, 9000, 9000),
+            LatencyRecord("lm_head", "verify", 1, 128, 1, False, 9400, 9400, 9400),
+            LatencyRecord("lm_head", "verify", 2, 128, 1, False, 9600, 9600, 9600),
+            LatencyRecord("lm_head", "prefill", 1, 0, 1, False, 8000, 8000, 8000),
+            LatencyRecord("exit_head", "draft", 1, 128, 1, False, 12000, 12000, 12000),
+            LatencyRecord("overhead", "draft", 1, 128, 1, False, 700, 700, 700),
+            LatencyRecord("overhead", "verify", 1, 128, 1, False, 400, 400, 400)]  # fmt: skip
+    latency = ProfileLatency(read_latency_profile(write_latency_profile(tmp_path / "p.csv", META, rows)), False)
+    for phase in ("draft", "verify"):
+        assert latency.time_us("layer", phase, 1, 128, 1) == pytest.approx(1050)
+        assert latency.time_us("lm_head", phase, 1, 128, 1) == pytest.approx(9200)
+    assert latency.time_us("layer", "verify", 2, 128, 1) == pytest.approx(1500)
+    assert latency.time_us("lm_head", "prefill", 1, 0, 1) == pytest.approx(8000)
+    assert latency.time_us("exit_head", "draft", 1, 128, 1) == pytest.approx(12000)
+    assert (latency.time_us("overhead", "draft", 1, 128, 1), latency.time_us("overhead", "verify", 1, 128, 1)) == (
+        pytest.approx(700), pytest.approx(400))  # fmt: skip
+
+
 def test_profile_needs_layer_rows_and_a_full_grid(tmp_path: Path) -> None:
     path = write_latency_profile(tmp_path / "p.csv", META, [LatencyRecord("lm_head", "verify", 1, 0, 1, True, 1, 1, 1)])
     with pytest.raises(ValueError, match="no 'layer' rows"):
