@@ -67,7 +67,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
 
 
+# CorpusConfig's settings whose flag is not the setting's own name with dashes
+FLAGS = {"self_prompts_per_topic": "--questions-per-topic", "self_requests_per_kind": "--requests-per-kind",
+         "text_paths": "--text", "temperatures": "--temperatures", "sources": "--sources"}  # fmt: skip
+
+
 def config_from(args: argparse.Namespace):
+    """The corpus settings of the command line, checked; a refusal names the flag, not the setting."""
+    try:
+        return _config(args)
+    except ValueError as err:
+        message = str(err)
+        setting = message.split(" ", 1)[0]
+        if setting in FLAGS or setting.replace("_", "-") != setting or hasattr(args, setting):
+            flag = FLAGS.get(setting, f"--{setting.replace('_', '-')}")
+            raise ValueError(flag + message[len(setting) :]) from None
+        raise
+
+
+def _config(args: argparse.Namespace):
     from executor.corpus import CorpusConfig
 
     return CorpusConfig(

@@ -91,3 +91,11 @@ def test_a_folder_that_holds_no_model_is_one_line(tmp_path, config) -> None:
 def test_calibration_repeats_of_zero_are_refused_not_replaced(tmp_path, capsys) -> None:
     assert main(["calibrate", "latency", "--model", "smollm2-135m", "--out", str(tmp_path), "--repeats", "0"]) == 2
     one_error_line(capsys, "--repeats >= 1", "0")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--max-prompts", "0"), ("--requests-per-kind", "0"), ("--held-out-fraction", "1.5")]
+)
+def test_corpus_settings_are_refused_by_flag_before_the_model_loads(tmp_path, capsys, flag, value) -> None:
+    assert main(["corpus", "--model", "no-such-model", "--out", str(tmp_path / "c"), flag, value]) == 2
+    one_error_line(capsys, f"{flag} must be")
