@@ -106,6 +106,23 @@ def decode(model: Any, ids: Any, method: str, args: argparse.Namespace, clock: P
             "calls": calls}  # fmt: skip
 
 
+def add_pricing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The profile the passes are priced from, the model (the executor's and the simulator's name) and the exit
+    layer: what this benchmark and `pass_check.py` share."""
+    parser.add_argument("--profile", type=Path, required=True, help="an eager CPU latency profile")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sim-model", default="SmolLM2-135M", help="the simulator's name of the model")
+    parser.add_argument("--exit-layer", type=int, default=15)
+
+
+def gap_row(name: str, measured: float, priced: float, ar_measured: float, ar_priced: float) -> dict[str, Any]:
+    """One pass's ms measured and priced, each over the AR step's, and the gap (measured / AR) / (priced / AR) - 1."""
+    ratio, priced_ratio = measured / ar_measured, priced / ar_priced
+    return {"pass": name, "measured_ms": round(measured, 3), "priced_ms": round(priced, 3),
+            "measured_over_ar": round(ratio, 4), "priced_over_ar": round(priced_ratio, 4),
+            "gap": round(ratio / priced_ratio - 1, 4)}  # fmt: skip
+
+
 def pass_rows(runs: list[dict[str, Any]], price: Callable[[str, int, int], float]) -> list[dict[str, Any]]:
     """Per pass kind (verify by slots): calls, median ms measured and priced at each call's context, and both over
     the AR step's (the AR decodes' median AR pass against its price)."""
@@ -119,11 +136,9 @@ def pass_rows(runs: list[dict[str, Any]], price: Callable[[str, int, int], float
     rows = []
     for name, values in groups.items():
         measured, priced = statistics.median(m for m, _ in values), statistics.median(p for _, p in values)
-        ratio, priced_ratio = measured / ar_measured, priced / ar_priced
-        rows.append({"pass": name, "calls": len(values), "measured_ms": round(measured, 3),
-                     "priced_ms": round(priced, 3), "measured_over_ar": round(ratio, 4),
-                     "priced_over_ar": round(priced_ratio, 4), "gap": round(ratio / priced_ratio - 1, 4),
-                     "p10_p90_ms": [round(q, 3) for q in _deciles([m for m, _ in values])]})  # fmt: skip
+        row = gap_row(name, measured, priced, ar_measured, ar_priced)
+        spread = [round(q, 3) for q in _deciles([m for m, _ in values])]
+        rows.append({**row, "calls": len(values), "p10_p90_ms": spread})
     return rows
 
 
@@ -150,10 +165,7 @@ def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", type=Path, required=True, help="an eager CPU latency profile")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--sim-model", default="SmolLM2-135M", help="the simulator's name of the model")
-    parser.add_argument("--exit-layer", type=int, default=15)
+    add_pricing_arguments(parser)
     parser.add_argument("--policy", default="fixed:1")
     parser.add_argument("--prompts", type=int, default=6, help="the first N builtin prompts")
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_breakdown import pricer  # noqa: E402
+from decode_breakdown import add_pricing_arguments, gap_row, pricer  # noqa: E402
 from head_speed import environment, write_json  # noqa: E402
 
 
@@ -40,10 +40,7 @@ def priced_ms(profile: Path, model: str, exit_layer: int, context: int, max_k: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", type=Path, required=True, help="an eager CPU latency profile")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--sim-model", default="SmolLM2-135M", help="the simulator's name of the model")
-    parser.add_argument("--exit-layer", type=int, default=15)
+    add_pricing_arguments(parser)
     parser.add_argument("--context", type=int, default=152)
     parser.add_argument("--max-k", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
@@ -105,16 +102,11 @@ def main() -> None:
     rows = []
     print(f"{'pass':<12} {'measured ms':>12} {'priced ms':>10} {'/AR meas':>9} {'/AR priced':>10} {'gap':>7}")
     for name in calls:
-        ratio, priced_ratio = measured[name] / measured["ar"], priced[name] / priced["ar"]
-        gap = ratio / priced_ratio - 1
-        print(
-            f"{name:<12} {measured[name]:>12.2f} {priced[name]:>10.2f} {ratio:>9.3f} {priced_ratio:>10.3f} {gap:>+7.1%}"
-        )
+        row = gap_row(name, measured[name], priced[name], measured["ar"], priced["ar"])
+        print(f"{name:<12} {measured[name]:>12.2f} {priced[name]:>10.2f} {row['measured_over_ar']:>9.3f} "
+              f"{row['priced_over_ar']:>10.3f} {row['gap']:>+7.1%}")  # fmt: skip
         spread = (max(runs[name]) - min(runs[name])) / measured[name]
-        rows.append({"pass": name, "measured_ms": round(measured[name], 3), "priced_ms": round(priced[name], 3),
-                     "measured_over_ar": round(ratio, 4), "priced_over_ar": round(priced_ratio, 4),
-                     "gap": round(gap, 4), "spread": round(spread, 3),
-                     "runs_ms": [round(v, 3) for v in runs[name]]})  # fmt: skip
+        rows.append({**row, "spread": round(spread, 3), "runs_ms": [round(v, 3) for v in runs[name]]})
     if args.out:
         result = {**environment(args.threads), "profile": str(args.profile), "model": args.model,
                   "exit_layer": exit_layer, "context": at, "repeats": args.repeats, "capture": "none",

@@ -14,24 +14,25 @@ from executor.runtime import add_threads_argument, check_device, use_threads
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 METHODS = ("ar", "eesd", "ppsd")
-# flag, argument, default, the methods that use it: any other value with another method is refused (it would be ignored)
+# flag, argument, the methods that use it: a value other than the flag's default with another method is refused (it
+# would be ignored)
 METHOD_FLAGS = (
-    ("--stages", "stages", 2, ("ppsd",)),
-    ("--stage-boundaries", "stage_boundaries", None, ("ppsd",)),
-    ("--backend", "backend", "sequential", ("ppsd",)),
-    ("--stall-timeout", "stall_timeout", None, ("ppsd",)),
-    ("--policy", "policy", None, ("eesd",)),
-    ("--draft-len", "draft_len", 4, ("eesd",)),
-    ("--exit-layer", "exit_layer", None, ("eesd", "ppsd")),
-    ("--head", "head", "shared", ("eesd", "ppsd")),
+    ("--stages", "stages", ("ppsd",)),
+    ("--stage-boundaries", "stage_boundaries", ("ppsd",)),
+    ("--backend", "backend", ("ppsd",)),
+    ("--stall-timeout", "stall_timeout", ("ppsd",)),
+    ("--policy", "policy", ("eesd",)),
+    ("--draft-len", "draft_len", ("eesd",)),
+    ("--exit-layer", "exit_layer", ("eesd", "ppsd")),
+    ("--head", "head", ("eesd", "ppsd")),
 )
-# flag, argument, default: any other value without --do-sample is refused (greedy decoding ignores it)
+# flag, argument: a value other than the flag's default without --do-sample is refused (greedy decoding ignores it)
 SAMPLING_FLAGS = (
-    ("--sampling", "sampling", "exact"),
-    ("--temperature", "temperature", 1.0),
-    ("--top-k", "top_k", None),
-    ("--top-p", "top_p", None),
-    ("--min-p", "min_p", None),
+    ("--sampling", "sampling"),
+    ("--temperature", "temperature"),
+    ("--top-k", "top_k"),
+    ("--top-p", "top_p"),
+    ("--min-p", "min_p"),
 )
 
 
@@ -136,11 +137,13 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    for flag, name, default, methods in METHOD_FLAGS:
-        if getattr(args, name) != default and args.method not in methods:
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)  # the flags' defaults, as the command's own parser sets them
+    for flag, name, methods in METHOD_FLAGS:
+        if getattr(args, name) != defaults.get_default(name) and args.method not in methods:
             raise ValueError(f"{flag} is for --method {' or '.join(methods)}, got --method {args.method}")
-    for flag, name, default in SAMPLING_FLAGS:
-        if getattr(args, name) != default and not args.do_sample:
+    for flag, name in SAMPLING_FLAGS:
+        if getattr(args, name) != defaults.get_default(name) and not args.do_sample:
             given = f"{flag} {getattr(args, name)}"
             raise ValueError(f"{given} is for sampling: add --do-sample, or drop it (decoding is greedy without it)")
     if args.chat and args.prompt is None:

@@ -72,22 +72,17 @@ def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> None:
         print("note: --break-even: policies that read confidences drew them calibrated (confidence_sharpness)")
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """Before anything runs: the output folder is a folder, or one can be made there (`sim.formats.check_output`),
-    and it is made (a folder the system will not make, as under /proc, fails here rather than after the run)."""
+def output_folder(given: str | Path | None, default: Path) -> Path:
+    """`--out` as given (an empty path is refused: it is no folder) or `default`, checked (`sim.formats.check_output`)
+    and made before anything runs (a folder the system will not make, as under /proc, fails here, not after the run)."""
+    if given is not None and not str(given).strip():
+        raise ValueError("--out: expected a folder, got an empty path")
+    out_dir = Path(given) if given is not None else default
     check_output("--out", out_dir, folder=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--out {out_dir}: the folder cannot be made ({err.strerror or err})") from None
-
-
-def output_folder(given: str | Path | None, default: Path) -> Path:
-    """`--out` as given (an empty path is refused: it is no folder) or `default`, checked and made (`check_out_dir`)."""
-    if given is not None and not str(given).strip():
-        raise ValueError("--out: expected a folder, got an empty path")
-    out_dir = Path(given) if given is not None else default
-    check_out_dir(out_dir)
     return out_dir
 
 

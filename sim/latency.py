@@ -196,18 +196,22 @@ def pooled_rows(records: Sequence[LatencyRecord]) -> list[LatencyRecord]:
     """The rows with each `draft` / `verify` pair of one component at one (q, context_len, batch) read as their mean:
     two measurements of the same work (a shared box drifts by several percent between them: SmolLM2's eager CPU
     profile timed its draft-phase layer 5.2% under the verify-phase one at context 128, which priced a draft step
-    5.8% under what it costs in a decode, against the AR step)."""
+    5.7% under what it costs in a decode, against the AR step)."""
 
-    def work(r: LatencyRecord) -> tuple:
+    def work(r: LatencyRecord) -> tuple | None:
+        """The work a row times, where it is one of a pooled pair's; None otherwise."""
+        if r.phase not in POOLED_PHASES or r.component not in POOLED_COMPONENTS:
+            return None
         return (r.component, r.q, r.context_len, r.batch, r.cuda_graphs)
 
     pairs: dict[tuple, list[float]] = {}
     for r in records:
-        if r.phase in POOLED_PHASES and r.component in POOLED_COMPONENTS:
-            pairs.setdefault(work(r), []).append(r.median_us)
+        if (key := work(r)) is not None:
+            pairs.setdefault(key, []).append(r.median_us)
     pooled = []
     for r in records:
-        times = pairs.get(work(r)) if r.phase in POOLED_PHASES and r.component in POOLED_COMPONENTS else None
+        key = work(r)
+        times = pairs.get(key) if key is not None else None
         pooled.append(dataclasses.replace(r, median_us=sum(times) / len(times)) if times and len(times) > 1 else r)
     return pooled
 
