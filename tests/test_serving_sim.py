@@ -497,8 +497,11 @@ def test_shipped_serving_scenarios_load():
     h100 = load_serving_points(ROOT / "scenarios" / "serving_h100.yaml")
     cases = {p.case: p for p in h100}
     ppsd_cases = [c for c in cases if "ppsd" in c]  # 7, 7, 6 and 6 rates, three methods each
-    assert len(cases) == 8 and len(h100) == (3 * 8 + 10) * 2 + (7 + 7 + 6 + 6) * 3  # 8B: 10 rates
+    assert len(cases) == 11 and len(h100) == (4 * 8 + 10 + 5 + 5) * 2 + (7 + 7 + 6 + 6) * 3  # 8B: 10 rates
     assert cases["llama3-8b-alpha0.7-batch256"].max_batch == 256 and cases["smollm2-measured"].max_batch == 64
+    profiled = [p for p in h100 if p.case.endswith("h100-profile-batch1")]  # priced by the measured H100 profile
+    assert {(p.max_batch, p.plan.exit_layer) for p in profiled} == {(1, 15), (1, 7)}
+    assert all(p.plan.stages[0].latency.cuda_graphs and p.kv_capacity_tokens for p in profiled)
     assert {p.max_batch for p in h100 if p.method == "ppsd"} == {1}
     devices = {(p.case, p.method): (len(p.plan.stages), p.replicas, p.devices) for p in h100 if p.case in ppsd_cases}
     assert devices[("smollm2-ppsd-4gpus", "ppsd")] == (2, 2, 4) and devices[("smollm2-ppsd-4gpus", "ar")] == (1, 4, 4)
