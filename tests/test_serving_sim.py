@@ -509,6 +509,9 @@ def test_shipped_serving_scenarios_load():
         assert len({devices[(case, m)][2] for m in ("ar", "eesd", "ppsd")}) == 1
         assert devices[(case, "ar")][0] == devices[(case, "eesd")][0] == 1
     assert all(p.plan.cache_slots is None and p.kv_capacity_tokens > 100_000 for p in h100)  # paged: context only
+    reads = load_serving_points(ROOT / "scenarios" / "serving_host_read_h100.yaml")  # the host's read per step, swept
+    read_us = {p.case: p.plan.stages[0].latency.time_us("overhead", "verify", 1, 256, 1) for p in reads}
+    assert len(reads) == 7 * 2 * 2 and read_us["e15-read300us"] == 300 and read_us["e7-read20us"] == 20
     fleet = load_serving_points(ROOT / "scenarios" / "serving_replicas_h100.yaml")
     assert {(p.case, p.replicas, p.devices) for p in fleet} == {(f"{n}-gpu{'s' * (n > 1)}", n, n) for n in range(1, 5)}
     assert all(p.rate_per_s % p.replicas == 0 and p.dispatch == "least_loaded" for p in fleet)
