@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from sim.acceptance import check_trace_fits
 from sim.formats import (
     DataFile,
     check_output,
@@ -42,7 +43,7 @@ from sim.formats import (
     write_text_atomic,
 )
 from sim.hardware import gpu_named_by
-from sim.models import ModelConfig, check_claimed_model, known_model_like, named_model
+from sim.models import ModelConfig, check_claimed_model, check_profiled_layers, known_model_like, named_model
 from sim.policy import make_policy
 from sim.runner import simulate_point
 from sim.scenario import Point, Scenario, claimed_dtype, load_points
@@ -203,11 +204,19 @@ def scenario_data(
     """The scenario's fields, in the order a reader expects them: the first trace's, and a sweep over every trace's
     head and exit layers."""
     model, model_field = _model(latency, profile)
+    try:
+        check_profiled_layers(model, profile.metadata)
+    except ValueError as err:
+        raise ValueError(f"{latency}: {err}") from None
     for acceptance, trace in traces:
         try:
             check_claimed_model(model, trace.metadata)
         except ValueError as err:
             raise ValueError(f"{acceptance}: {err} (the latency profile {latency} is of {model.name})") from None
+        try:
+            check_trace_fits(trace, model)
+        except ValueError as err:
+            raise ValueError(f"--acceptance: {err} (the latency profile {latency} is of {model.name})") from None
     acceptance, trace = traces[0]
     dtype = claimed_dtype(profile.metadata)
     if dtype is None:

@@ -19,7 +19,9 @@ sweeps over α monotone).
   a row: with `stop_at_eos` a request ends at the first EOS its replay reaches (`output_len(request, requested)`, at
   most `requested`), otherwise it replays on into the next prompt, as if the model had not stopped. `reuse(requests,
   output_len)` says when the replay would reuse tokens: more tokens than the trace holds, or more requests than it
-  has prompts (a scenario refuses that unless it asks for `acceptance.reuse: cycle`).
+  has prompts (a scenario refuses that unless it asks for `acceptance.reuse: cycle`). Each prompt's rows at the exit
+  layer must hold positions 0, 1, 2, ... without a gap (a ValueError naming the row otherwise); `check_trace_fits`
+  refuses a trace with an exit layer or a token id the scenario's model does not have.
 
 Every model says how many tokens request r generates when `requested` are asked for (`output_len`): the random
 models always `requested`, a trace replay fewer where its text ends first.
@@ -32,7 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sim.formats import DataFile
+from sim.formats import DataFile, quote
+from sim.models import ModelConfig
 
 
 class AcceptanceStream(Protocol):
@@ -142,12 +145,12 @@ class TraceAcceptance:
     has_confidence = True
 
     def __init__(self, trace: DataFile, exit_layer: int, stop_at_eos: bool = True) -> None:
-        by_prompt: dict[str, list[tuple[int, int, bool, float]]] = {}
+        by_prompt: dict[str, list[tuple[int, int, bool, float, int]]] = {}
         layers = set()
-        for record in trace.records:
+        for index, record in enumerate(trace.records):
             layers.add(record.exit_layer)
             if record.exit_layer == exit_layer:
-                row = (record.position, record.token, record.match, record.confidence)
+                row = (record.position, record.token, record.match, record.confidence, index)
                 by_prompt.setdefault(record.prompt_id, []).append(row)
         if not by_prompt:
             raise ValueError(
@@ -161,7 +164,8 @@ class TraceAcceptance:
         for prompt in sorted(by_prompt):
             self.starts.append(len(flat))
             rows = sorted(by_prompt[prompt])
-            flat.extend((match, conf) for _, _, match, conf in rows)
+            _check_positions(trace, exit_layer, prompt, rows)
+            flat.extend((match, conf) for _, _, match, conf, _ in rows)
             if rows[-1][1] in eos:
                 ends.append(len(flat) - 1)
         self.flat = flat
@@ -200,6 +204,40 @@ class TraceAcceptance:
         if requests > prompts:
             return f"the trace holds {prompts} prompts {at}; {requests:,} requests replay some of them twice"
         return None
+
+
+def _record_where(trace: DataFile, index: int) -> str:
+    """How a message names record `index` of a trace: `FILE:LINE` for a file read (a record a line, after the two
+    header lines), else its number."""
+    return f"{trace.path}:{index + 3}" if trace.path else f"acceptance trace record {index + 1}"
+
+
+def _check_positions(trace: DataFile, exit_layer: int, prompt: str, rows: Sequence[tuple]) -> None:
+    """A prompt's rows at one exit layer, sorted, hold positions 0, 1, 2, ...: a replay reads them in turn, so a gap
+    would join two parts of the text and shift every later token. A ValueError naming the row after the gap."""
+    for expected, (position, *_, index) in enumerate(rows):
+        if position != expected:
+            raise ValueError(
+                f"{_record_where(trace, index)}: column 'position': expected {expected}, got {position} (prompt "
+                f"{quote(prompt)} at exit_layer {exit_layer}: a prompt's positions run 0, 1, 2, ... without gaps)"
+            )
+
+
+def check_trace_fits(trace: DataFile, model: ModelConfig) -> None:
+    """A ValueError naming the first row of an acceptance trace that `model` cannot have made: an exit layer outside
+    [1, num_layers - 1] (the layers before it and one after it) or a token id outside its vocabulary."""
+    layers, vocab = model.num_layers, model.vocab_size
+    for index, record in enumerate(trace.records):
+        if not 1 <= record.exit_layer < layers:
+            raise ValueError(
+                f"{_record_where(trace, index)}: column 'exit_layer' must be in [1, {layers - 1}] for {model.name}'s "
+                f"{layers} layers, got {record.exit_layer}"
+            )
+        if record.token >= vocab:
+            raise ValueError(
+                f"{_record_where(trace, index)}: column 'token' must be below {model.name}'s vocab_size {vocab}, got "
+                f"{record.token}"
+            )
 
 
 def _tokens_to_end(start: int, ends: Sequence[int], held: int) -> int | None:

@@ -8,9 +8,10 @@ are in microseconds (`*_us`), sizes in bytes (`nbytes`), probabilities in [0, 1]
 Writers are atomic (temporary file in the same folder + `os.replace`). Readers raise `ValueError` naming the file and
 the line for: a file in another encoding or a binary one, a file larger than `MAX_FILE_BYTES`, a missing or malformed
 header, another format, an unknown schema version, missing or unknown columns, missing metadata keys (or required ones
-that are not names), unparsable cells, impossible values (negative times, probabilities outside [0, 1], integers
-beyond 2**53, p10 > median or median > p90), duplicate keys, and a file that is not whole: no records, a last line
-without its line end (cut inside it), or fewer rows than the header counts (cut at a line end). Writers refuse the same.
+that are not names), unparsable cells, impossible values (negative times or times beyond `MAX_US`, probabilities
+outside [0, 1], integers beyond 2**53, p10 > median or median > p90), duplicate keys, and a file that is not whole:
+no records, a last line without its line end (cut inside it), or fewer rows than the header counts (cut at a line
+end). Writers refuse the same.
 Messages quote values in about 80 characters (`quote`), whatever their size.
 """
 
@@ -113,7 +114,8 @@ class DataFile:
     path: str = ""  # the file read, for the messages of those who use its records
 
 
-_TIME = {"kind": float, "minimum": 0.0}
+MAX_US = 1e12  # a time beyond a million seconds is no measurement (and a run summing such times overflows)
+_TIME = {"kind": float, "minimum": 0.0, "maximum": MAX_US}
 LATENCY_PROFILE = FileFormat(
     kind="latency_profile",
     record_type=LatencyRecord,
@@ -555,6 +557,7 @@ __all__ = [
     "FORMATS",
     "LATENCY_PROFILE",
     "LINK_PROFILE",
+    "MAX_US",
     "PHASES",
     "SCHEMA_VERSION",
     "AcceptanceRecord",

@@ -125,7 +125,11 @@ def check_claimed_model(model: ModelConfig, metadata: Mapping[str, Any]) -> None
     name = metadata.get("model")
     named = named_model(name) if isinstance(name, str) else None
     if named is not None and _shape(named) != _shape(model):
-        raise ValueError(f"metadata.model: {name!r} is {named.name}, not the scenario's model {model.name}")
+        field = next(f for f in _SHAPE if getattr(named, f) != getattr(model, f))
+        raise ValueError(
+            f"metadata.model: {name!r} is {named.name}, not the scenario's model {model.name} ({field} "
+            f"{getattr(named, field)}, not {getattr(model, field)})"
+        )
     config = metadata.get("model_config")
     config = config if isinstance(config, Mapping) else {}
     for key, field in _CONFIG_FIELDS.items():
@@ -144,6 +148,32 @@ def check_claimed_model(model: ModelConfig, metadata: Mapping[str, Any]) -> None
                     f"{model.num_layers}"
                 )
             return
+
+
+def check_profiled_layers(model: ModelConfig, metadata: Mapping[str, Any]) -> None:
+    """A ValueError naming the metadata field where a latency profile says it timed layers `model` does not have:
+    `layers_profiled` (the layers of the model it loaded: all, or the first few of a model too large for the device)
+    beyond the model's, or a `layer_spot_check` entry's `layer` index beyond the model's layers. What a file does not
+    say (or says as no integer) is not checked."""
+    name, layers = metadata.get("model"), model.num_layers
+    profiled = _integer(metadata.get("layers_profiled"))
+    if profiled is not None and not 1 <= profiled <= layers:
+        raise ValueError(
+            f"metadata.layers_profiled: {profiled} layers (model {name!r}); expected 1 to the {layers} layers the "
+            f"scenario's model {model.name} has"
+        )
+    spot_checks = metadata.get("layer_spot_check")
+    for i, spot in enumerate(spot_checks if isinstance(spot_checks, list) else []):
+        index = _integer(spot.get("layer")) if isinstance(spot, Mapping) else None
+        if index is not None and not 0 <= index < layers:
+            raise ValueError(
+                f"metadata.layer_spot_check[{i}].layer: {index} (model {name!r}); expected a layer index in "
+                f"[0, {layers - 1}]: the scenario's model {model.name} has {layers} layers"
+            )
+
+
+def _integer(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _shape(model: ModelConfig) -> tuple[int, ...]:

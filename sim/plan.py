@@ -20,7 +20,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sim.acceptance import AcceptanceModel, BernoulliAcceptance, PositionalAcceptance, TraceAcceptance
+from sim.acceptance import (
+    AcceptanceModel,
+    BernoulliAcceptance,
+    PositionalAcceptance,
+    TraceAcceptance,
+    check_trace_fits,
+)
 from sim.contention import Contention, ProfiledContention, Serial, SharedBandwidth
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, draft_capacity, span_bucket, verify_drafts
 from sim.cost import cost_ratio, head_vocab_fraction, round_costs
@@ -649,6 +655,7 @@ def _acceptance(point: Point, exit_layer: int, where: str) -> AcceptanceModel:
     trace = read_acceptance_trace(_resolve(point, a.trace or "", "acceptance.trace"))
     check_file_claims(point, trace, "acceptance.trace")
     try:
+        check_trace_fits(trace, model_config(point.scenario))
         replay = TraceAcceptance(trace, exit_layer, stop_at_eos=a.at_eos == "stop")
     except ValueError as err:
         raise ScenarioError(f"{where}: acceptance.trace: {err}") from None

@@ -35,7 +35,7 @@ from pydantic import (
 from sim.contract import SYNC_CAPTURED
 from sim.formats import COMPONENTS, DataFile, quote, read_text, subset_size
 from sim.hardware import GPUS, H100_KERNEL_FLOOR_US, H100_LAUNCH_US, LINKS, GPUSpec
-from sim.models import MODELS, ModelConfig, check_claimed_model
+from sim.models import MODELS, ModelConfig, check_claimed_model, check_profiled_layers
 from sim.policy import make_policy, parse_policy_spec
 
 Component = Literal["embed", "layer", "exit_head", "lm_head", "overhead"]
@@ -611,11 +611,14 @@ def claimed_dtype(metadata: Mapping[str, Any]) -> str | None:
 
 def check_file_claims(point: Point, data: DataFile, field: str, dtype_field: str = "dtype") -> None:
     """What a calibration file says it was made with must be the point's: its model (`check_claimed_model`) and, for
-    a latency profile, its dtype (the scenario's `dtype_field`: `dtype`, or `draft_dtype` for the draft profile). A
-    `ScenarioError` naming the scenario's field, the file and its metadata field."""
+    a latency profile, the layers it timed (`check_profiled_layers`) and its dtype (the scenario's `dtype_field`:
+    `dtype`, or `draft_dtype` for the draft profile). A `ScenarioError` naming the scenario's field, the file and its
+    metadata field."""
     s = point.scenario
     try:
         check_claimed_model(model_config(s), data.metadata)
+        if data.kind == "latency_profile":
+            check_profiled_layers(model_config(s), data.metadata)
         claimed, expected = claimed_dtype(data.metadata), getattr(s, dtype_field)
         if data.kind == "latency_profile" and claimed not in (None, expected):
             dtype = str(data.metadata["dtype"]).removeprefix("torch.")

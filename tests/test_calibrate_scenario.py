@@ -3,6 +3,7 @@ hand-written scenario of the same files does, point for point; files that do not
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from calibrate.scaffold import write_scenario
 from executor.cli import main
+from sim.formats import read_acceptance_trace, read_latency_profile, write_acceptance_trace, write_latency_profile
 from sim.runner import run_points
 from sim.scenario import load_points
 
@@ -143,6 +145,43 @@ def test_files_that_make_no_scenario_are_one_line_naming_them(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("eesd calibrate: error:") and message in err and len(err.splitlines()) == 1, err
     assert ".check.yaml" not in err  # never the probe written beside the scenario
+    assert not (tmp_path / "s.yaml").exists()
+
+
+def _copy(read, write, source: Path, out: Path, records=None, **metadata) -> Path:
+    """A copy of a shipped file with its metadata (and records) changed; a metadata value of None drops the key."""
+    data = read(source)
+    changed = {key: value for key, value in {**data.metadata, **metadata}.items() if value is not None}
+    return write(out, changed, data.records if records is None else records)
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("exit_layer", ":{end}: column 'exit_layer' must be in [1, 29] for SmolLM2-135M's 30 layers, got 40 (the "
+         "latency profile "),
+        ("layers_profiled", "latency.csv: metadata.layers_profiled: 40 layers (model 'smollm2-135m'); expected 1 to "
+         "the 30 layers the scenario's model SmolLM2-135M has"),
+        ("total_layers", "metadata.model: 'smollm2-135m' is SmolLM2-135M, not the scenario's model smollm2-135m "
+         "(num_layers 30, not 40)"),
+    ],
+)  # fmt: skip
+def test_files_that_do_not_fit_one_model_are_one_line_naming_the_field(tmp_path, capsys, what, message) -> None:
+    """A trace with rows at an exit layer the profile's model lacks, a profile that timed more layers than its model
+    has, or one of a 40-layer model named like SmolLM2 (whose trace is of the 30-layer one)."""
+    latency, trace = CPU / "latency_smollm2-135m_cpu_fp32.csv", CPU / "acceptance_smollm2-135m_shared_builtin.csv"
+    if what == "exit_layer":
+        records = read_acceptance_trace(trace).records
+        more = records + tuple(dataclasses.replace(r, exit_layer=40) for r in records if r.exit_layer == 22)
+        trace = _copy(read_acceptance_trace, write_acceptance_trace, trace, tmp_path / "trace.csv", more)
+        message = message.format(end=len(records) + 3)
+    else:
+        latency = _copy(read_latency_profile, write_latency_profile, latency, tmp_path / "latency.csv", **{what: 40})
+    argv = ["calibrate", "scenario", "--latency", str(latency), "--acceptance", str(trace), "--out",
+            str(tmp_path / "s.yaml")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eesd calibrate: error:") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "s.yaml").exists()
 
 

@@ -141,6 +141,10 @@ GOOD_HEADER = '# {"format": "eesd.link_profile", "schema_version": 1, "metadata"
             GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,nan,1,1\n",
             ":3: column 'median_us' must be a finite number",
         ),
+        (  # finite, but a run summing such times overflows to inf and prints nan
+            GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,1e308,1,1e308\n",
+            ":3: column 'median_us' must be <= 1000000000000.0, got 1e+308",
+        ),
     ],
 )
 def test_bad_link_files_are_rejected(tmp_path: Path, content: str, message: str) -> None:

@@ -3,8 +3,10 @@ or, where it is a legitimate request, runs within the limits the scenario states
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -457,6 +459,85 @@ def test_a_trace_cut_inside_a_number_names_the_file_and_line(tmp_path: Path) -> 
         load_points(write(tmp_path, calibrated(acceptance={"trace": str(cut)})))
     last_line = data.count(b"\n")  # the cut one: the lines before it end with a line end
     assert f"{cut}:{last_line}: the last line has no line end" in str(info.value)
+
+
+def trace_with(tmp_path: Path, edit: Callable[[list[AcceptanceRecord]], list[AcceptanceRecord]]) -> Path:
+    """A copy of the shipped CPU trace (exit layers 4, 8, 15, 22 of SmolLM2's 30) with its records edited."""
+    trace = read_acceptance_trace(CPU_TRACE)
+    return write_acceptance_trace(tmp_path / "t.csv", trace.metadata, edit(list(trace.records)))
+
+
+def at_layer(records: list[AcceptanceRecord], layer: int, **fields: object) -> list[AcceptanceRecord]:
+    return [dataclasses.replace(r, exit_layer=layer, **fields) for r in records if r.exit_layer == 8]
+
+
+def without(records: list[AcceptanceRecord], position: int) -> list[AcceptanceRecord]:
+    """The records less the first prompt's at `position` and exit layer 8 (the scenario's)."""
+    return [r for r in records if (r.prompt_id, r.position, r.exit_layer) != ("builtin/chat-01", position, 8)]
+
+
+TRACE_ROWS = len(read_acceptance_trace(CPU_TRACE).records)  # on lines 3 .. TRACE_ROWS + 2
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda r: r + at_layer(r, 40), f":{TRACE_ROWS + 3}: column 'exit_layer' must be in [1, 29] for SmolLM2-135M's "
+         "30 layers, got 40"),
+        (lambda r: r + at_layer(r, 30), f":{TRACE_ROWS + 3}: column 'exit_layer' must be in [1, 29] for SmolLM2-135M's "
+         "30 layers, got 30"),
+        (lambda r: [dataclasses.replace(r[0], token=49152), *r[1:]], ":3: column 'token' must be below SmolLM2-135M's "
+         "vocab_size 49152, got 49152"),
+        (lambda r: without(r, 5), ":27: column 'position': expected 5, got 6 (prompt 'builtin/chat-01' at "
+         "exit_layer 8: a prompt's positions run 0, 1, 2, ... without gaps)"),
+        (lambda r: without(r, 0), ":7: column 'position': expected 0, got 1 (prompt 'builtin/chat-01' at exit_layer 8"),
+    ],
+)  # fmt: skip
+def test_a_trace_the_model_cannot_have_made_or_with_a_gap_is_refused_by_its_row(
+    tmp_path: Path, edit: Callable, fragment: str
+) -> None:
+    """Rows at an exit layer the model does not have (even beside the scenario's), a token beyond its vocabulary, or
+    a prompt whose positions skip one (a replay would join two parts of its text) name the file's line."""
+    path = trace_with(tmp_path, edit)
+    refused(write(tmp_path, calibrated(acceptance={"trace": str(path)})), "acceptance.trace: ", f"{path}{fragment}")
+
+
+@pytest.mark.parametrize(
+    ("metadata", "fragment"),
+    [
+        ({"layers_profiled": 40}, "metadata.layers_profiled: 40 layers (model 'smollm2-135m'); expected 1 to the 30 "
+         "layers the scenario's model SmolLM2-135M has"),
+        ({"layers_profiled": 0, "total_layers": None}, "metadata.layers_profiled: 0 layers"),
+        ({"layer_spot_check": [{"layer": 0}, {"layer": 30}]}, "metadata.layer_spot_check[1].layer: 30 (model "
+         "'smollm2-135m'); expected a layer index in [0, 29]: the scenario's model SmolLM2-135M has 30 layers"),
+    ],
+)  # fmt: skip
+def test_a_profile_that_timed_layers_the_model_lacks_is_refused(tmp_path: Path, metadata: dict, fragment: str) -> None:
+    profile = read_latency_profile(CPU_PROFILE)
+    changed = {key: value for key, value in {**profile.metadata, **metadata}.items() if value is not None}
+    path = write_latency_profile(tmp_path / "p.csv", changed, profile.records)
+    text = calibrated(latency={"profile": {"path": str(path), "cuda_graphs": False}})
+    refused(write(tmp_path, text), "latency.profile.path: ", f"{path}: {fragment}")
+
+
+@pytest.mark.parametrize("command", ["simulate", "serve-sim"])
+def test_calibration_files_that_do_not_fit_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: str
+) -> None:
+    from executor.cli import main
+
+    trace = trace_with(tmp_path, lambda r: r + at_layer(r, 40))
+    fields = yaml.safe_load(calibrated(acceptance={"trace": str(trace)}))
+    if command == "serve-sim":
+        del fields["method"], fields["workload"]
+        fields["serving"] = {"workload": {"requests": 2, "arrival": {"process": "poisson", "rate_per_s": 1.0},
+                                          "prompt_len": 128, "output_len": 8}}  # fmt: skip
+    path = write(tmp_path, yaml.safe_dump(fields))
+    assert main([command, str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"eesd {command}: error: {path}: acceptance.trace: {trace}:{TRACE_ROWS + 3}: "), line
+    assert "Traceback" not in captured.err and not (tmp_path / "out").exists()
 
 
 def short_trace(tmp_path: Path, lengths: list[int]) -> Path:

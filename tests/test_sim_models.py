@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from sim.acceptance import BernoulliAcceptance, TraceAcceptance
 from sim.formats import (
     AcceptanceRecord,
+    DataFile,
     LatencyRecord,
     LinkRecord,
     read_acceptance_trace,
@@ -145,6 +147,17 @@ def test_trace_replay_is_exact(tmp_path: Path) -> None:
     assert [stream.draft(p, 0)[0] for p in range(10)] == [True, True, True, False, True, True, False, False, True, True]
     with pytest.raises(ValueError, match="no records for exit_layer 5; it has \\[4, 8\\]"):
         TraceAcceptance(read_acceptance_trace(write_trace(tmp_path)), exit_layer=5)
+
+
+def test_a_trace_whose_positions_skip_one_is_refused_not_joined() -> None:
+    """A replay reads a prompt's tokens in turn: a missing position (here 2 of p0 at layer 8, the rows in any order)
+    would join two parts of its text, so it is refused, naming the record (its line where the trace was read)."""
+    records = [AcceptanceRecord("p0", pos, 100 + pos, layer, True, 0.9) for pos in (3, 0, 1) for layer in (4, 8)]
+    trace = DataFile("acceptance_trace", {"model": "SmolLM2-135M", "head": "shared"}, tuple(records))
+    with pytest.raises(ValueError, match="^acceptance trace record 2: column 'position': expected 2, got 3 .prompt"):
+        TraceAcceptance(trace, exit_layer=8)
+    with pytest.raises(ValueError, match="^t.csv:4: column 'position': expected 2, got 3"):
+        TraceAcceptance(dataclasses.replace(trace, path="t.csv"), exit_layer=8)
 
 
 def test_scenario_with_profile_and_trace_replays_accepted_lengths(tmp_path: Path) -> None:
