@@ -10,18 +10,20 @@
 #
 #   here:    bash benchmarks/gpu_session.sh prepare        # .carry/smollm2-135m/part-00{0,1} + manifest, .carry/wheels,
 #                                                          # .carry/corpora (the CPU corpora, where built here)
-# The tracked tree travels too and must leave room under 64 MiB: move heads/*.safetensors (97 MB) out of the tree for
+# The tracked tree travels too and must leave room under 64 MiB: move heads/*.safetensors (164 MB) out of the tree for
 # the calls (`mkdir -p /work/heads-stash && mv heads/*.safetensors /work/heads-stash/`) and back after.
 #
-# The next lease (an H200: the predictions exist for that card only; issues 22 and 19): call 1 `lease20a` (timeout_s
+# The next lease (an H200: the predictions exist for that card only, so name kind nvidia-h200 in the first run call,
+# whose default is an H100; issues 22 and 19): call 1 `lease20a` (timeout_s
 # 280: the 7B shape in compile-layers at prompts 512 and 1024, as predicted in
 # benchmarks/results/predictions_next_lease_2026-12-04.json), then at once call 2 `lease20b T` with T = the budget
 # left minus 60 s (timeout_s T + 25; carry part-001, the manifest, the wheels, .carry/corpora): `eesd validate` on
 # scenarios/smollm2_h200-compiled_validate.yaml as predicted, head training's phase profile with the causal head path
-# and its cached twin (each with its 25 costliest operators), SmolLM2's end-to-end AR over 8 prompt lengths with
-# prefill buckets on and off, its compiled latency profile at batch 1 and 8.
+# and its cached twin (each with its 25 costliest operators; on the answer-opening corpora `prepare` carries: none
+# carried, none profiled; build one into /work/corpora first, docs/heads.md's SELF64B command, ~10 min here), SmolLM2's
+# end-to-end AR over 8 prompt lengths with prefill buckets on and off, its compiled latency profile at batch 1 and 8.
 # Then: python benchmarks/predictions_check.py --predictions benchmarks/results/predictions_next_lease_2026-12-04.json
-# --card h200-compiled --measured <the JSON of both calls>.
+# --card h200-compiled --measured <the gpu_decode_*.json and validate_*.json of both calls> (it refuses the others).
 #
 # Issue 20's GPU side (the serving simulator against the executor's captured serving on the card): any call 1, then
 # at once `serving20 T` (T = the budget left minus 60, at least 370; timeout_s T + 25; carry part-001, the manifest and
@@ -43,7 +45,8 @@
 # A later lease (issues 19 and 22): call 1 `next1` (timeout_s 300: the GPU tests, which now cover per-row seeds in
 # captured passes; the 7B shape's compiled latency profile on this card, which no H200 profile has; a kernel profile
 # at a 4k context), then at once call 2 `heads19 T` with T = the budget left minus 110 s (timeout_s T + 55; carry
-# part-001, the manifest, the wheels and .carry/corpora; leave INIT_HEADS and the 16k subset file in heads/, 63 MiB): two
+# part-001, the manifest and the wheels; leave INIT_HEADS and the 16k subset file in heads/, 63.3 MiB, so no
+# .carry/corpora fits beside them (2026-12-06 sizes: the tree 6.6 MiB, part-001 46.8): two
 # corpus builders with captured passes and a seed per row, a phase profile of training steps, the shipped heads
 # trained on in the budget, their decode speed against our compiled AR.
 #
@@ -124,7 +127,7 @@ ONLY_CTX3840_CUT='^ours ar$|^ours ar step|^hf generate \(AR\)$|forced alpha=0.7$
 ONLY_HEADS='^ours ar$|^hf generate|^eesd trained E=7 (fixed:1|beta-ts)$'
 INIT_HEADS=(heads/smollm2-135m-e7-mix5-v16k.safetensors)  # heads19 trains on from these over the 16k ids of
 # heads/smollm2-135m_v16k.safetensors: keep both files in the tree for that call (the E = 15 head too would put the
-# call past 64 MiB: the tree 5.1 + part-001 45 + wheels 2.8 + .carry/corpora 2.8 + 6.9 MiB a head)
+# call past 64 MiB: the tree 6.6 + part-001 46.8 + wheels 2.9 + 6.9 MiB a head; no room left for .carry/corpora)
 CORPUS_SEEDS=(7 8)  # one builder per seed, side by side on the GPU (answers to requests the model writes, to the
                     # `requests` prompt set and to self-written questions); seeds 5, 6, 9 and 10 made the CPU corpora of answer openings carried in
                     # .carry/corpora (smol-self64b, smol-sp64b, smol-req64, smol-req64b; smol-held is the held-out
@@ -305,16 +308,17 @@ case "${1:-}" in
       mkdir -p "$OUT"; MODEL_ARG=$QWEN; CARD=cpu_smoke
     fi
     C=$((T * 25 / 100)); H=$((T * 35 / 100)); D=$((T - C - H - 90))
-    N=128; SOURCE_TOKENS=300000; HELD_TOKENS=64; STEPS=800; BATCH=32; DTYPE=bfloat16; BATCH_GEN=64
-    if [ "${SMOKE:-0}" = 1 ]; then N=8; SOURCE_TOKENS=3000; HELD_TOKENS=8; STEPS=3; BATCH=2; DTYPE=float32; BATCH_GEN=4; fi
+    N=128; SOURCE_TOKENS=300000; HELD_TOKENS=64; STEPS=800; BATCH=32; DTYPE=bfloat16; BATCH_GEN=64; SOME=()
+    if [ "${SMOKE:-0}" = 1 ]; then N=8; SOURCE_TOKENS=3000; HELD_TOKENS=8; STEPS=3; BATCH=2; DTYPE=float32; BATCH_GEN=4
+      SOME=(--max-prompts 8); fi  # the 41 held-out HumanEval prompts' prefills alone outlast the timeout on 2 cores
     set +e
     timeout $((C + 40)) python3 -m executor.cli corpus --model "$MODEL_ARG" --out /tmp/qwen-corpus --force \
       --sources self,python-env --prompts humaneval --temperatures 0,0.7 --samples 1 --max-new-tokens $N \
       --max-tokens-per-source $SOURCE_TOKENS --batch-size $BATCH_GEN --device "$DEVICE" --capture auto \
-      --time-budget-s $C --threads 4 --no-progress > "$OUT/qwen19.log" 2>&1
+      --time-budget-s $C --threads 4 "${SOME[@]}" --no-progress > "$OUT/qwen19.log" 2>&1
     timeout 60 python3 -m executor.cli corpus --model "$MODEL_ARG" --out /tmp/qwen-held --force --sources self \
       --prompts humaneval --split held-out --temperatures 0 --max-new-tokens $HELD_TOKENS --batch-size $BATCH_GEN \
-      --device "$DEVICE" --capture auto --threads 4 --no-progress >> "$OUT/qwen19.log" 2>&1
+      --device "$DEVICE" --capture auto --threads 4 "${SOME[@]}" --no-progress >> "$OUT/qwen19.log" 2>&1
     mkdir -p /tmp/heads
     timeout $((H + 50)) python3 -m executor.cli train-head --model "$MODEL_ARG" --exit-layer 12 \
       --draft-vocab heads/qwen2.5-coder-0.5b_v16k.safetensors --corpus /tmp/qwen-corpus --eval-corpus /tmp/qwen-held \
@@ -353,13 +357,20 @@ case "${1:-}" in
     second_call lease20a lease20b
     CARD=$(card) || exit 4
     V=$((T * 45 / 100)); P=$((T - V - 205))  # validate; then 2 x 55 s of profiles, 75 s of prefill A/B, the rest
+    [ "$P" -ge 30 ] || P=0  # too little left for a profile: skipped (`timeout 0` would set no limit at all)
     set +e
     timeout "$V" python3 -m executor.cli validate "scenarios/smollm2_${CARD}-compiled_validate.yaml" --prompts 8 \
       --max-new-tokens 48 --repeats 3 --model "$GGUF" --json "$OUT/validate_${CARD}_smollm2_compiled.json" \
       2>&1 | tr '\r' '\n' | tee "$OUT/validate_${CARD}_smollm2_compiled.log"
+    CORPORA=()  # the CPU corpora `prepare` carries (it no longer carries lease 4's smol-train and smol-train2)
+    for DIR in .carry/corpora/smol-{req64,req64b,self64b,sp64b}; do
+      [ -f "$DIR/manifest.json" ] && CORPORA+=("$DIR")
+    done
+    [ ${#CORPORA[@]} -gt 0 ] || echo "no CPU corpus carried: no training profile" | tee "$OUT/train_profile.log"
     for HEAD_PATH in causal cached; do
-      timeout 55 python3 benchmarks/train_profile.py --model "$GGUF" --corpus .carry/corpora/smol-train \
-        .carry/corpora/smol-train2 --exit-layer 7,15 --batch-size 64 --window 256 --steps 3 --warmup 2 --device cuda \
+      [ ${#CORPORA[@]} -gt 0 ] || break
+      timeout 55 python3 benchmarks/train_profile.py --model "$GGUF" --corpus "${CORPORA[@]}" --exit-layer 7,15 \
+        --batch-size 64 --window 256 --steps 3 --warmup 2 --device cuda \
         --dtype bfloat16 --threads 8 --head-path "$HEAD_PATH" --ops 25 \
         --out "$OUT/train_profile_smollm2-135m_${CARD}_${HEAD_PATH}.json" 2>&1 | grep -v "Loading weights" \
         | tee -a "$OUT/train_profile.log"
@@ -367,8 +378,9 @@ case "${1:-}" in
     timeout 75 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers \
       --prompts 8 --match-dtypes '' --only '^ours ar( prefill buckets off)?$' --time-budget-s 50 \
       --out "$OUT/gpu_decode_${CARD}_smollm2_prefill.json" 2>&1 | tee "$OUT/bench_smollm2_prefill.log"
-    timeout "$P" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda --kernels compiled \
-      --batch 1,8 --q 1,2,4 --context 32,256,512 --prefill 47 --out "$OUT" --no-progress 2>&1 \
+    [ "$P" -gt 0 ] || echo "T = $T leaves no time for the batch-8 profile: skipped" | tee "$OUT/calibrate_smollm2_batch8.log"
+    [ "$P" -gt 0 ] && timeout "$P" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda \
+      --kernels compiled --batch 1,8 --q 1,2,4 --context 32,256,512 --prefill 47 --out "$OUT" --no-progress 2>&1 \
       | tee "$OUT/calibrate_smollm2_batch8.log"
     ;;
   lease19b)  # its call 2 (part 1), <= SECONDS ($2, default 420): predict2's `eesd validate` (issue 22: AR and EESD
