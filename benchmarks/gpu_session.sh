@@ -21,7 +21,8 @@
 # scenarios/smollm2_h200-compiled_validate.yaml as predicted, head training's phase profile with the causal head path
 # and its cached twin (each with its 25 costliest operators; on the answer-opening corpora `prepare` carries: none
 # carried, none profiled; build one into /work/corpora first, docs/heads.md's SELF64B command, ~10 min here), SmolLM2's
-# end-to-end AR over 8 prompt lengths with prefill buckets on and off, its compiled latency profile at batch 1 and 8.
+# end-to-end AR over 8 prompt lengths with prefill buckets on and off and reading every token back (AR's host read in
+# compile-layers, which docs/serving.md needs), its compiled latency profile at batch 1 and 8.
 # Then: python benchmarks/predictions_check.py --predictions benchmarks/results/predictions_next_lease_2026-12-04.json
 # --card h200-compiled --measured <the gpu_decode_*.json and validate_*.json of both calls> (it refuses the others).
 #
@@ -376,7 +377,7 @@ case "${1:-}" in
         | tee -a "$OUT/train_profile.log"
     done
     timeout 75 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers \
-      --prompts 8 --match-dtypes '' --only '^ours ar( prefill buckets off)?$' --time-budget-s 50 \
+      --prompts 8 --match-dtypes '' --only '^ours ar( prefill buckets off| sync_every=1)?$' --time-budget-s 50 \
       --out "$OUT/gpu_decode_${CARD}_smollm2_prefill.json" 2>&1 | tee "$OUT/bench_smollm2_prefill.log"
     [ "$P" -gt 0 ] || echo "T = $T leaves no time for the batch-8 profile: skipped" | tee "$OUT/calibrate_smollm2_batch8.log"
     [ "$P" -gt 0 ] && timeout "$P" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda \
