@@ -13,8 +13,14 @@ cancels out):
         --exit-layer 15 --policy fixed:1 --prompts 6 --max-new-tokens 48 \\
         --out benchmarks/results/decode_breakdown_smollm2-135m_e15_fixed1_cpu.json
 
-Prints a table and writes JSON with the machine, versions, date and command. CPU only (on a GPU the host queues
-passes ahead of the device, so a pass's wall time from the host is not its device time).
+Prints a table and writes JSON with the machine, versions, date and command. On a GPU (`--device cuda`, with
+`--dtype bfloat16 --capture graph` or `compile-layers` and a GPU profile) the host queues passes ahead of the device,
+so each timed pass is bracketed by device synchronisations: a pass's time is then its launch and device time, and
+the host's work between passes is what the device waits for when the host reads after every round, as a serving loop
+does (run AR with `--sync-every 1` for that; the simulator prices either from the profile's one `overhead` row):
+
+    python benchmarks/decode_breakdown.py --profile calibration/h200/latency_smollm2-135m_cuda_bf16.csv \
+        --device cuda --dtype bfloat16 --capture graph --sync-every 1 --prompts 4 --out OUT.json
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ PASS_KINDS = ("ar", "ar_head", "draft", "verify")
 class PassClock:
     """Wraps the executor's pass methods: every call's wall time, kind, its verify slots and its furthest position."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.calls: list[tuple[str, int, int, float]] = []  # (kind, slots, furthest, ms)
+        self.sync = sync or (lambda: None)  # a device's synchronisation around every pass (none on the CPU)
 
     def install(self) -> None:
         from executor.passes import Passes
@@ -50,32 +57,35 @@ class PassClock:
             setattr(Passes, kind, self._timed(kind, getattr(Passes, kind)))
 
     def _timed(self, kind: str, method: Callable[..., None]) -> Callable[..., None]:
-        calls = self.calls
+        calls, sync = self.calls, self.sync
 
         @functools.wraps(method)
         def timed(passes: Any, *args: Any) -> None:
             slots, furthest = (args[0], args[1]) if kind == "verify" else (0, args[0] if args else -1)
+            sync()
             begin = time.perf_counter()
             method(passes, *args)
+            sync()
             calls.append((kind, slots, furthest, (time.perf_counter() - begin) * 1e3))
 
         return timed
 
 
 def pricer(
-    profile: Path, model: str, exit_layer: int, prompt_len: int = 16, output_len: int = 16
+    profile: Path, model: str, exit_layer: int, prompt_len: int = 16, output_len: int = 16, gpu: bool = False
 ) -> Callable[[str, int, int], float]:
-    """price(kind, slots, context) in ms, as the simulator costs the pass (`sim.cost`), the shared exit head, at the
-    context the engine looks it up at (a verify pass of k drafts: the round's start + k), in a cache sized for a
-    request of `prompt_len` + `output_len` tokens as the scenario's (the executor's static cache)."""
+    """price(kind, slots, context) in ms, as the simulator costs the pass (`sim.cost`, without the host's
+    `overhead`), the shared exit head, at the context the engine looks it up at (a verify pass of k drafts: the
+    round's start + k), in a cache sized for a request of `prompt_len` + `output_len` tokens as the scenario's (the
+    executor's static cache); `gpu`: a bf16 profile of captured passes."""
     from sim.cost import Pass, draft_pass, stage_time_us, verify_pass
     from sim.plan import build_plan
     from sim.scenario import Point, validate
 
     data = {
-        "name": "decode-breakdown", "model": model, "dtype": "fp32", "method": "eesd", "exit_layer": exit_layer,
-        "exit_head": "shared", "policy": "fixed:1", "latency": {"profile": {"path": str(profile),
-        "cuda_graphs": False}}, "acceptance": {"alpha": 0.5}, "topology": {"stages": 1, "link": "ideal"},
+        "name": "decode-breakdown", "model": model, "dtype": "bf16" if gpu else "fp32", "method": "eesd",
+        "exit_layer": exit_layer, "exit_head": "shared", "policy": "fixed:1", "latency": {"profile": {"path":
+        str(profile), "cuda_graphs": gpu}}, "acceptance": {"alpha": 0.5}, "topology": {"stages": 1, "link": "ideal"},
         "workload": {"requests": 1, "batch_size": 1, "prompt_len": prompt_len, "output_len": output_len},
     }  # fmt: skip
     plan = build_plan(Point(0, {}, validate(data, "decode-breakdown"), ROOT, "decode-breakdown"))
@@ -97,7 +107,8 @@ def decode(model: Any, ids: Any, method: str, args: argparse.Namespace, clock: P
 
     first = len(clock.calls)
     extra = {"exit_layer": args.exit_layer, "policy": args.policy} if method == "eesd" else {}
-    result = executor.generate(model, ids, method=method, max_new_tokens=args.max_new_tokens, **extra)
+    result = executor.generate(model, ids, method=method, max_new_tokens=args.max_new_tokens, capture=args.capture,
+                               sync_every=args.sync_every, **extra)  # fmt: skip
     stats, calls = result.stats, clock.calls[first:]
     passes_ms = sum(c[3] for c in calls)
     decode_ms = (stats.wall_time_s - stats.prefill_time_s) * 1e3
@@ -109,7 +120,12 @@ def decode(model: Any, ids: Any, method: str, args: argparse.Namespace, clock: P
 def add_pricing_arguments(parser: argparse.ArgumentParser) -> None:
     """The profile the passes are priced from, the model (the executor's and the simulator's name) and the exit
     layer: what this benchmark and `pass_check.py` share."""
-    parser.add_argument("--profile", type=Path, required=True, help="an eager CPU latency profile")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        required=True,
+        help="a latency profile: an eager CPU one, or the GPU's own with --device cuda",
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sim-model", default="SmolLM2-135M", help="the simulator's name of the model")
     parser.add_argument("--exit-layer", type=int, default=15)
@@ -149,6 +165,18 @@ def _deciles(values: list[float]) -> tuple[float, float]:
     return cuts[0], cuts[-1]
 
 
+def profile_overhead_ms(profile: Path) -> dict[str, float]:
+    """The profile's `overhead` rows at q = 1, batch 1 (ms, by phase: the median over its contexts): what the
+    simulator prices a host read at, for the host work this measures."""
+    from sim.formats import read_latency_profile
+
+    rows: dict[str, list[float]] = {}
+    for r in read_latency_profile(profile).records:
+        if r.component == "overhead" and r.q == 1 and r.batch == 1:
+            rows.setdefault(r.phase, []).append(r.median_us / 1e3)
+    return {phase: round(statistics.median(values), 3) for phase, values in sorted(rows.items())}
+
+
 def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per method: host work between passes per round (median over decodes) and its share of the decode."""
     rows = []
@@ -171,6 +199,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1, help="times over the prompts (AR and EESD interleaved)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (every pass bracketed by synchronisations)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--capture", default="auto", help="the executor's capture mode (auto: none on the CPU)")
+    parser.add_argument("--sync-every", type=int, default=None, help="AR steps per host read (default: the executor's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -180,17 +212,21 @@ def main() -> None:
     from executor.prompts import load_prompts
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = executor.load_model(args.model), executor.load_tokenizer(args.model)
+    model = executor.load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = executor.load_tokenizer(args.model)
+    gpu = torch.device(args.device).type == "cuda"
     prompts = [tokenizer(p.text, return_tensors="pt").input_ids for p in load_prompts("builtin")[: args.prompts]]
-    clock = PassClock()
+    clock = PassClock(torch.cuda.synchronize if gpu else None)
     clock.install()
-    for method in ("ar", "eesd"):  # warm-up: allocators, oneDNN kernels
-        decode(model, prompts[0][:, :8], method, args, clock)
+    for ids in prompts if gpu else [prompts[0][:, :8]]:  # warm-up: allocators, kernels (a GPU: every prompt's
+        for method in ("ar", "eesd"):  # captures and compiles, which would otherwise land in the timed passes)
+            decode(model, ids, method, args, clock)
     clock.calls.clear()
     runs = [decode(model, ids, method, args, clock)
             for _ in range(args.repeats) for ids in prompts for method in ("ar", "eesd")]  # fmt: skip
     longest = max(ids.shape[1] for ids in prompts)
-    passes = pass_rows(runs, pricer(args.profile, args.sim_model, args.exit_layer, longest, args.max_new_tokens))
+    price = pricer(args.profile, args.sim_model, args.exit_layer, longest, args.max_new_tokens, gpu)
+    passes = pass_rows(runs, price)
     hosts = host_rows(runs)
     header = ("pass", "calls", "measured ms", "priced ms", "/AR meas", "/AR priced", "gap")
     print("{:<12} {:>6} {:>12} {:>10} {:>9} {:>10} {:>7}".format(*header))
@@ -201,10 +237,13 @@ def main() -> None:
         share, per_round = row["host_share_of_decode"], row["host_ms_per_round"]
         print(f"{row['method']}: host work between passes {per_round:.3f} ms/round ({share:.2%} of the decode), "
               f"{row['tokens_per_round']:.2f} tokens/round")  # fmt: skip
+    print(f"the profile prices a host read at (ms, by phase): {profile_overhead_ms(args.profile)}")
     if args.out:
         result = {**environment(args.threads), "profile": str(args.profile), "model": args.model,
                   "exit_layer": args.exit_layer, "policy": args.policy, "prompts": args.prompts,
-                  "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "capture": "none",
+                  "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "device": args.device,
+                  "dtype": args.dtype, "capture": args.capture, "sync_every": args.sync_every,
+                  "profile_overhead_ms": profile_overhead_ms(args.profile),
                   "gap": "(measured / AR) / (priced / AR) - 1, each priced at the context it ran at",
                   "passes": passes, "host": hosts,
                   "decodes": [{k: v for k, v in r.items() if k != "calls"} for r in runs]}  # fmt: skip

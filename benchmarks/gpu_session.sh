@@ -27,7 +27,7 @@
 # --card h200-compiled --measured <the gpu_decode_*.json and validate_*.json of both calls> (it refuses the others).
 #
 # Issue 20's GPU side (the serving simulator against the executor's captured serving on the card): any call 1, then
-# at once `serving20 T` (T = the budget left minus 60, at least 370; timeout_s T + 25; carry part-001, the manifest and
+# at once `serving20 T` (T = the budget left minus 60, at least 415; timeout_s T + 25; carry part-001, the manifest and
 # the wheels): the card's serving profile, trace and EESD round costs, then the CPU serving cases at 20x the rates, each run's own pass
 # costs with them (`DEVICE=cpu bash benchmarks/gpu_session.sh serving20` smokes it here). Then write up
 # $OUT/serving_<card>.json as docs/results/serving.md's CPU runs are.
@@ -430,7 +430,8 @@ case "${1:-}" in
               # contexts 64-512, prefills 32-256; eager kernels in CUDA graphs, as serve(capture="graph") runs), the
               # shared head's trace at exit layers 15 and 22 on the built-in prompts, then benchmarks/serving_cpu.py's
               # nine cases from those files (AR and EESD E = 22 batch <= 4, PPSD two stages; first the round
-              # costs of EESD E = 15 on the card, `eesd calibrate rounds`, <= 40 s), the executor's passes
+              # costs of EESD E = 15 on the card, `eesd calibrate rounds`, <= 40 s, and the host's work between
+              # passes per AR step and EESD round, benchmarks/decode_breakdown.py, <= 45 s), the executor's passes
               # captured in graphs and every workload's arrivals 20x as dense. DEVICE=cpu runs the same steps on this
               # machine as a smoke test (fp32, uncaptured, the first 3 requests of two cases).
     T=${2:-420}
@@ -458,7 +459,12 @@ case "${1:-}" in
     timeout 40 python3 -m executor.cli calibrate rounds --model "$GGUF" --device "$DEVICE" --dtype $DTYPE \
       --capture $CAPTURE --repeats 3 --threads $THREADS --force --out "$OUT/round_costs_smollm2_${CARD}.json" 2>&1 \
       | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
-    timeout $((T - 300)) python3 benchmarks/serving_cpu.py --model "$GGUF" --device "$DEVICE" --dtype $TORCH_DTYPE \
+    # the host's work between passes, AR reading every token and EESD E = 15 fixed:1, each pass bracketed by device
+    # synchronisations: what a serving loop's device waits for per step and per round (docs/serving.md)
+    timeout 45 python3 benchmarks/decode_breakdown.py --profile "$PROFILE" --model "$GGUF" --device "$DEVICE" \
+      --dtype $TORCH_DTYPE --capture $CAPTURE --sync-every 1 --prompts 4 --max-new-tokens 48 --threads $THREADS \
+      --out "$OUT/decode_breakdown_smollm2_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
+    timeout $((T - 345)) python3 benchmarks/serving_cpu.py --model "$GGUF" --device "$DEVICE" --dtype $TORCH_DTYPE \
       --capture $CAPTURE --profile "$PROFILE" --trace "$TRACE" --rate-scale $SCALE --threads $THREADS "${SOME[@]}" \
       --out "$OUT/serving_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
     ;;
