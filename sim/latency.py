@@ -139,11 +139,13 @@ class ProfileLatency:
 
     Outside the profiled grid the edge segment is extrapolated linearly (clamped at 0) and `extrapolated` becomes
     True, so results can flag it. A component missing from a phase falls back to the `verify` then `draft` phase;
-    `embed`, `overhead` and `exit_head` may be absent (0 µs; a trained exit head then needs `exit_head`).
+    `embed`, `overhead` and `exit_head` may be absent (0 µs; a trained exit head then needs `exit_head`). With
+    `overhead_us` the host's `overhead` is that constant instead of the profile's rows.
     """
 
     profile: DataFile
     cuda_graphs: bool = True
+    overhead_us: float | None = None  # the host's `overhead` in place of the profile's rows (every phase and shape)
     extrapolated: bool = False
     frozen: bool = field(default=False, init=False)  # `frozen_profile`
     _grids: dict[tuple[str, str], _Grid] = field(default_factory=dict, repr=False)
@@ -173,6 +175,8 @@ class ProfileLatency:
         return grid.axes[2]
 
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
+        if component == "overhead" and self.overhead_us is not None:
+            return self.overhead_us
         key = (component, phase, q, context_len, batch)
         cached = self._cache.get(key)
         if cached is not None:

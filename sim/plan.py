@@ -605,7 +605,7 @@ def _latency(
     if config.constant_us is not None:
         return ConstantLatency(dict(config.constant_us))
     if config.profile is not None and profile is not None:
-        return ProfileLatency(profile, cuda_graphs=config.profile.cuda_graphs)
+        return ProfileLatency(profile, cuda_graphs=config.profile.cuda_graphs, overhead_us=config.profile.overhead_us)
     assert spec is not None  # `_device` gives a GPU to every stage not costed by a profile
     roofline = (config.roofline or Roofline()).model_dump()
     return RooflineLatency(spec, model, dtype_bytes, tp, dtype=point.scenario.dtype, **roofline)

@@ -124,6 +124,9 @@ class Roofline(Strict):
 class ProfileRef(Strict):
     path: FilePath
     cuda_graphs: bool = True
+    # the host's work around each read in place of the profile's `overhead` rows (µs): e.g. one method's own, measured
+    # with benchmarks/decode_breakdown.py, set per method with `serving.by_method`
+    overhead_us: float | None = Field(None, ge=0, le=1e9)
 
 
 class LatencyConfig(Strict):

@@ -509,8 +509,13 @@ def test_shipped_serving_scenarios_load():
     assert all(p.plan.cache_slots is None and p.kv_capacity_tokens > 100_000 for p in h100)  # paged: context only
     reads = load_serving_points(ROOT / "scenarios" / "serving_host_read_h100.yaml")  # host work per step, per method
     host_us = {(p.case, p.method): p.plan.stages[0].latency.time_us("overhead", "verify", 1, 256, 1) for p in reads}
-    assert len(reads) == 7 * 2 * 2 and {us for (_, method), us in host_us.items() if method == "ar"} == {40}
+    assert len(reads) == (7 + 2) * 2 * 2 and {
+        us for (c, m), us in host_us.items() if m == "ar" and "-h100-" not in c
+    } == {40}
     assert host_us[("e7-eesd-host300us", "eesd")] == 300 and host_us[("e15-eesd-host40us", "eesd")] == 40
+    profiled = host_us[("e7-h100-profile", "ar")]  # the measured profile's rows, then AR's read set on its own
+    assert profiled > 200 and host_us[("e7-h100-profile-ar-read40us", "eesd")] == profiled
+    assert host_us[("e7-h100-profile-ar-read40us", "ar")] == 40
     fleet = load_serving_points(ROOT / "scenarios" / "serving_replicas_h100.yaml")
     assert {(p.case, p.replicas, p.devices) for p in fleet} == {(f"{n}-gpu{'s' * (n > 1)}", n, n) for n in range(1, 5)}
     assert all(p.rate_per_s % p.replicas == 0 and p.dispatch == "least_loaded" for p in fleet)

@@ -29,6 +29,7 @@ from sim.models import MODELS
 from sim.runner import run_points, write_outputs
 from sim.scenario import ScenarioError, load_points
 
+ROOT = Path(__file__).resolve().parents[1]
 META = {"device": "test", "dtype": "bf16", "model": "SmolLM2-135M"}
 
 
@@ -76,6 +77,30 @@ def test_draft_and_verify_rows_of_the_same_work_are_read_as_their_mean(tmp_path:
     assert latency.time_us("exit_head", "draft", 1, 128, 1) == pytest.approx(12000)
     assert (latency.time_us("overhead", "draft", 1, 128, 1), latency.time_us("overhead", "verify", 1, 128, 1)) == (
         pytest.approx(700), pytest.approx(400))  # fmt: skip
+
+
+def test_profile_overhead_override_replaces_the_host_rows_only(tmp_path: Path) -> None:
+    """`latency.profile.overhead_us` prices the host's work per read at a constant (a method's own, measured) in place
+    of the profile's `overhead` rows; the device's rows stay as profiled, and a scenario's speed moves with it."""
+    rows = [LatencyRecord("layer", "verify", 1, 128, 1, True, 30, 30, 30),
+            LatencyRecord("lm_head", "verify", 1, 128, 1, True, 40, 40, 40),
+            LatencyRecord("overhead", "verify", 1, 128, 1, True, 500, 500, 500)]  # fmt: skip
+    profile = read_latency_profile(write_latency_profile(tmp_path / "p.csv", META, rows))
+    latency = ProfileLatency(profile, overhead_us=40.0)
+    assert latency.time_us("overhead", "verify", 1, 128, 1) == latency.time_us("overhead", "draft", 1, 999, 8) == 40
+    assert latency.time_us("layer", "verify", 1, 128, 1) == 30 and ProfileLatency(profile).time_us(
+        "overhead", "verify", 1, 128, 1) == 500  # fmt: skip
+    scenario = yaml.safe_load((ROOT / "scenarios" / "quickstart.yaml").read_text())
+    scenario["latency"]["profile"]["path"] = str(ROOT / "calibration/h100/latency_smollm2-135m_cuda_bf16_compiled.csv")
+    scenario["acceptance"] = {"alpha": 0.5}
+    scenario["method"], scenario["sweep"] = "eesd", {"latency.profile.overhead_us": [0, 400]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario))
+    lean, heavy = (r.result.tokens_per_s for r in run_points(load_points(tmp_path / "s.yaml"), progress=False))
+    assert lean > 1.1 * heavy
+    scenario["sweep"] = {"latency.profile.overhead_us": [-1]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario))
+    with pytest.raises(ScenarioError, match=r"latency\.profile\.overhead_us: .*greater than or equal to 0"):
+        load_points(tmp_path / "s.yaml")
 
 
 def test_profile_needs_layer_rows_and_a_full_grid(tmp_path: Path) -> None:
