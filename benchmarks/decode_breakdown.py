@@ -177,6 +177,14 @@ def profile_overhead_ms(profile: Path) -> dict[str, float]:
     return {phase: round(statistics.median(values), 3) for phase, values in sorted(rows.items())}
 
 
+def by_method_snippet(hosts: list[dict[str, Any]]) -> str:
+    """The measured host work per AR step and per EESD round as `serving.by_method` fields (µs), for a serving
+    scenario priced by the same profile of captured passes, where the simulator pays `overhead` once per host read
+    (docs/serving.md; uncaptured, it pays it on every pass, so an EESD round's figure would count k + 1 times)."""
+    fields = (f"{r['method']}: {{latency.profile.overhead_us: {r['host_ms_per_round'] * 1e3:.0f}}}" for r in hosts)
+    return "serving.by_method: {" + ", ".join(fields) + "}"
+
+
 def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per method: host work between passes per round (median over decodes) and its share of the decode."""
     rows = []
@@ -238,6 +246,7 @@ def main() -> None:
         print(f"{row['method']}: host work between passes {per_round:.3f} ms/round ({share:.2%} of the decode), "
               f"{row['tokens_per_round']:.2f} tokens/round")  # fmt: skip
     print(f"the profile prices a host read at (ms, by phase): {profile_overhead_ms(args.profile)}")
+    print(f"as a serving case's per-method host work: {by_method_snippet(hosts)}")
     if args.out:
         result = {**environment(args.threads), "profile": str(args.profile), "model": args.model,
                   "exit_layer": args.exit_layer, "policy": args.policy, "prompts": args.prompts,
@@ -245,7 +254,7 @@ def main() -> None:
                   "dtype": args.dtype, "capture": args.capture, "sync_every": args.sync_every,
                   "profile_overhead_ms": profile_overhead_ms(args.profile),
                   "gap": "(measured / AR) / (priced / AR) - 1, each priced at the context it ran at",
-                  "passes": passes, "host": hosts,
+                  "passes": passes, "host": hosts, "serving_by_method": by_method_snippet(hosts),
                   "decodes": [{k: v for k, v in r.items() if k != "calls"} for r in runs]}  # fmt: skip
         print(f"wrote {write_json(args.out, result)}")
 
