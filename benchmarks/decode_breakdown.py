@@ -245,16 +245,17 @@ def main() -> None:
         share, per_round = row["host_share_of_decode"], row["host_ms_per_round"]
         print(f"{row['method']}: host work between passes {per_round:.3f} ms/round ({share:.2%} of the decode), "
               f"{row['tokens_per_round']:.2f} tokens/round")  # fmt: skip
-    print(f"the profile prices a host read at (ms, by phase): {profile_overhead_ms(args.profile)}")
-    print(f"as a serving case's per-method host work: {by_method_snippet(hosts)}")
+    overhead_ms, snippet = profile_overhead_ms(args.profile), by_method_snippet(hosts)
+    print(f"the profile prices a host read at (ms, by phase): {overhead_ms}")
+    print(f"as a serving case's per-method host work: {snippet}")
     if args.out:
         result = {**environment(args.threads), "profile": str(args.profile), "model": args.model,
                   "exit_layer": args.exit_layer, "policy": args.policy, "prompts": args.prompts,
                   "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "device": args.device,
                   "dtype": args.dtype, "capture": args.capture, "sync_every": args.sync_every,
-                  "profile_overhead_ms": profile_overhead_ms(args.profile),
+                  "profile_overhead_ms": overhead_ms,
                   "gap": "(measured / AR) / (priced / AR) - 1, each priced at the context it ran at",
-                  "passes": passes, "host": hosts, "serving_by_method": by_method_snippet(hosts),
+                  "passes": passes, "host": hosts, "serving_by_method": snippet,
                   "decodes": [{k: v for k, v in r.items() if k != "calls"} for r in runs]}  # fmt: skip
         print(f"wrote {write_json(args.out, result)}")
 

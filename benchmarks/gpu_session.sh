@@ -358,7 +358,6 @@ case "${1:-}" in
     second_call lease20a lease20b
     CARD=$(card) || exit 4
     V=$((T * 45 / 100)); P=$((T - V - 205))  # validate; then 2 x 55 s of profiles, 75 s of prefill A/B, the rest
-    [ "$P" -ge 30 ] || P=0  # too little left for a profile: skipped (`timeout 0` would set no limit at all)
     set +e
     timeout "$V" python3 -m executor.cli validate "scenarios/smollm2_${CARD}-compiled_validate.yaml" --prompts 8 \
       --max-new-tokens 48 --repeats 3 --model "$GGUF" --json "$OUT/validate_${CARD}_smollm2_compiled.json" \
@@ -367,22 +366,22 @@ case "${1:-}" in
     for DIR in .carry/corpora/smol-{req64,req64b,self64b,sp64b}; do
       [ -f "$DIR/manifest.json" ] && CORPORA+=("$DIR")
     done
-    [ ${#CORPORA[@]} -gt 0 ] || echo "no CPU corpus carried: no training profile" | tee "$OUT/train_profile.log"
-    for HEAD_PATH in causal cached; do
-      [ ${#CORPORA[@]} -gt 0 ] || break
+    if [ ${#CORPORA[@]} -eq 0 ]; then echo "no CPU corpus carried: no training profile" | tee "$OUT/train_profile.log"
+    else for HEAD_PATH in causal cached; do
       timeout 55 python3 benchmarks/train_profile.py --model "$GGUF" --corpus "${CORPORA[@]}" --exit-layer 7,15 \
         --batch-size 64 --window 256 --steps 3 --warmup 2 --device cuda \
         --dtype bfloat16 --threads 8 --head-path "$HEAD_PATH" --ops 25 \
         --out "$OUT/train_profile_smollm2-135m_${CARD}_${HEAD_PATH}.json" 2>&1 | grep -v "Loading weights" \
         | tee -a "$OUT/train_profile.log"
-    done
+    done; fi
     timeout 75 python3 benchmarks/gpu_decode.py --models smollm2 --model-path "$GGUF" --captures compile-layers \
       --prompts 8 --match-dtypes '' --only '^ours ar( prefill buckets off| sync_every=1)?$' --time-budget-s 50 \
       --out "$OUT/gpu_decode_${CARD}_smollm2_prefill.json" 2>&1 | tee "$OUT/bench_smollm2_prefill.log"
-    [ "$P" -gt 0 ] || echo "T = $T leaves no time for the batch-8 profile: skipped" | tee "$OUT/calibrate_smollm2_batch8.log"
-    [ "$P" -gt 0 ] && timeout "$P" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda \
+    if [ "$P" -lt 30 ]; then  # too little left for a profile (and `timeout 0` would set no limit at all)
+      echo "T = $T leaves no time for the batch-8 profile: skipped" | tee "$OUT/calibrate_smollm2_batch8.log"
+    else timeout "$P" python3 -m executor.cli calibrate latency --model "$GGUF" --device cuda \
       --kernels compiled --batch 1,8 --q 1,2,4 --context 32,256,512 --prefill 47 --out "$OUT" --no-progress 2>&1 \
-      | tee "$OUT/calibrate_smollm2_batch8.log"
+      | tee "$OUT/calibrate_smollm2_batch8.log"; fi
     ;;
   lease19b)  # its call 2 (part 1), <= SECONDS ($2, default 420): predict2's `eesd validate` (issue 22: AR and EESD
              # at batch 1 and 8, PPSD streams n = 2 and 4, as predicted), a phase profile of SmolLM2's head training

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sim.formats import DataFile, quote
+from sim.formats import FIRST_RECORD_LINE, DataFile, quote
 from sim.models import ModelConfig
 
 
@@ -209,7 +209,7 @@ class TraceAcceptance:
 def _record_where(trace: DataFile, index: int) -> str:
     """How a message names record `index` of a trace: `FILE:LINE` for a file read (a record a line, after the two
     header lines), else its number."""
-    return f"{trace.path}:{index + 3}" if trace.path else f"acceptance trace record {index + 1}"
+    return f"{trace.path}:{index + FIRST_RECORD_LINE}" if trace.path else f"acceptance trace record {index + 1}"
 
 
 def _check_positions(trace: DataFile, exit_layer: int, prompt: str, rows: Sequence[tuple]) -> None:

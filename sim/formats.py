@@ -114,6 +114,7 @@ class DataFile:
     path: str = ""  # the file read, for the messages of those who use its records
 
 
+FIRST_RECORD_LINE = 3  # a file's first record: after the header line and the column names
 MAX_US = 1e12  # a time beyond a million seconds is no measurement (and a run summing such times overflows)
 _TIME = {"kind": float, "minimum": 0.0, "maximum": MAX_US}
 LATENCY_PROFILE = FileFormat(
@@ -194,7 +195,7 @@ def write_file(path: str | Path, fmt: FileFormat, metadata: Mapping[str, Any], r
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([c.name for c in fmt.columns])
     seen: set[tuple] = set()
-    for line, record in enumerate(records, start=3):
+    for line, record in enumerate(records, start=FIRST_RECORD_LINE):
         if not isinstance(record, fmt.record_type):
             raise ValueError(f"{path}: record {line - 2} is a {type(record).__name__}, not {fmt.record_type.__name__}")
         _check_record(path, line, fmt, record, seen)
@@ -222,7 +223,7 @@ def read_file(path: str | Path, fmt: FileFormat) -> DataFile:
         _check_columns(path, fmt, names or [])
         order = [names.index(c.name) for c in fmt.columns]
         records, seen = [], set()
-        for line, row in enumerate(reader, start=3):
+        for line, row in enumerate(reader, start=FIRST_RECORD_LINE):
             if len(row) != len(names):
                 raise ValueError(f"{path}:{line}: expected {len(names)} cells, got {len(row)}")
             values = [_parse_cell(path, line, column, row[i]) for column, i in zip(fmt.columns, order, strict=True)]
@@ -554,6 +555,7 @@ __all__ = [
     "ACCEPTANCE_TRACE",
     "COMPONENTS",
     "CONTENTION_PROFILE",
+    "FIRST_RECORD_LINE",
     "FORMATS",
     "LATENCY_PROFILE",
     "LINK_PROFILE",
