@@ -271,7 +271,7 @@ class PassProfile:
             if eesd.layers_head():
                 costs["ar_head"] = launch_time_ms(eesd.ar_head, device, lambda: eesd.load([1], [at], 1))
             for q in sorted(set(qs)):
-                reset = lambda q=q: eesd.load(None, [at], q)  # noqa: E731
+                reset = lambda q=q: eesd.load([1], [at + q - 1], 1)  # noqa: E731  (as q - 1 draft steps leave it)
                 costs[f"verify q={q}"] = launch_time_ms(lambda q=q: eesd.verify(q - 1), device, reset)
         return costs
 

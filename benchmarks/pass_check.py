@@ -54,7 +54,6 @@ def main() -> None:
     from executor.adapter import ModelAdapter
     from executor.api import PassSetup
     from executor.heads import resolve_head
-    from executor.passes import upload
     from executor.sampling import SamplingConfig
     from sim.policy import FixedPolicy
 
@@ -82,11 +81,10 @@ def main() -> None:
         def verify(k: int) -> Any:
             def run() -> float:
                 passes.load([0], [at], 1)
-                upload(passes.counts, [k])
+                passes.set_counts([k])
                 for j in range(k):
                     passes.draft(at + j)
-                passes.load(None, [at], k + 1)
-                return timed(lambda: passes.verify(k, at + k))
+                return timed(lambda: passes.verify(k, at + k))  # over at .. at + k, where the drafts left it
 
             return run
 

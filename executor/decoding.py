@@ -33,7 +33,7 @@ import torch
 
 from executor.adapter import ModelAdapter, Step
 from executor.kv_cache import KVCache
-from executor.passes import Passes, prefill_width, upload
+from executor.passes import Passes, prefill_width
 from executor.sampling import SamplingConfig, TokenSelector
 from executor.verify import rejection_verdicts
 from sim.contract import AR_HISTORY
@@ -309,13 +309,14 @@ def zero_draft_rounds(
             drawn = budgets
             break
         steps += 1
-    passes.load(rows.tokens, rows.positions, 1)
+    passes.start_round(rows.tokens, rows.positions)
     passes.cache.claim(passes.layers_ar(), rows.positions, steps)
     ar_step = passes.ar_head if passes.layers_head() else passes.ar
     for step in range(steps):
         ar_step(max(rows.positions) + step)
     block = read_back(passes.history[:, :steps], stats)
     passes.ar_cursor.zero_()
+    passes.held_inputs([tokens[-1] for tokens in block], [p + steps for p in rows.positions])  # every row ran on
     for step in range(steps):
         for row in rows.active:
             if forced_accept is not None:
@@ -336,7 +337,7 @@ def draft_steps(passes: Passes, rows: Rows, policies: list[DraftPolicy], budgets
     for a policy that stops on the draft's confidence."""
     counts = [0] * len(budgets)
     confidence = any(p.needs_confidence for p in policies)
-    passes.load(rows.tokens, rows.positions, 1)
+    passes.start_round(rows.tokens, rows.positions)
     step = 0
     while any(c < b for c, b in zip(counts, budgets, strict=True)):
         passes.cache.claim(passes.layers_early(), [p + step for p in rows.positions], 1)
@@ -363,8 +364,7 @@ def verify_pass(passes: Passes, rows: Rows, k: int, counts: list[int], longest: 
     (`Passes.verify_slots`; the slots after k are padding)."""
     adapter, cache = passes.adapter, passes.cache
     slots = passes.verify_slots(k, longest, passes.cache.max_len - 1 - max(rows.positions))
-    passes.load(None, rows.positions, slots + 1)
-    upload(passes.counts, counts)
+    passes.set_counts(counts)  # the pass takes its positions from where the draft steps left them
     cache.claim(passes.layers_early(), [p + k for p in rows.positions], 1)
     cache.claim(range(passes.exit_layer, adapter.num_layers), rows.positions, slots + 1)
     passes.verify(slots, max(rows.positions) + slots)
@@ -386,20 +386,27 @@ class RoundVerdicts:
 
     @classmethod
     def read(
-        cls, passes: Passes, k: int, counts: list[int], stats: GenerationStats, slots: int | None = None
+        cls,
+        passes: Passes,
+        k: int,
+        counts: list[int],
+        stats: GenerationStats,
+        starts: Sequence[int],
+        slots: int | None = None,
     ) -> RoundVerdicts:
-        """The round's one synchronising read: drafts, verdicts (and the full model's tokens) in one copy, from a
-        verify pass of `slots` draft slots (default k)."""
+        """The round's one synchronising read: drafts, verdicts (and the full model's tokens) in one copy of the
+        verify pass's `readout`, from a verify pass of `slots` draft slots (default k) of a round that began at
+        `starts`. Notes for the next round where the pass put each row's next input (`Passes.start_round`)."""
         slots = k if slots is None else slots
-        parts = [passes.drafts[:, :k], passes.verdicts]  # [B, k], [B, 2]
-        if not passes.rejection:
-            parts.append(passes.tokens[slots + 1][:, : k + 1])  # [B, k + 1]
-        both = read_back(torch.cat(parts, dim=1), stats)
-        drafts = [b[:c] for b, c in zip(both, counts, strict=True)]
-        verdicts = [b[k : k + 2] for b in both]
+        drafted, verdict, full = passes.readout_columns(k)
+        both = read_back(passes.readout, stats)
+        drafts = [b[drafted][:c] for b, c in zip(both, counts, strict=True)]
+        verdicts = [b[verdict] for b in both]
+        following = [start + accepted + 1 for start, (accepted, _) in zip(starts, verdicts, strict=True)]
+        passes.held_inputs([token for _, token in verdicts], following, "next")
         if passes.rejection:
             return cls(drafts, verdicts, passes=passes, k=k, slots=slots)
-        return cls(drafts, verdicts, full=[b[k + 2 :] for b in both])
+        return cls(drafts, verdicts, full=[b[full] for b in both])
 
     def verdict(self, row: int) -> tuple[int, int]:
         """Step 3 for one row: (accepted drafts, the full model's token after them)."""
@@ -459,7 +466,7 @@ def decode_eesd(
         counts = draft_steps(passes, rows, policies, budgets, stats)
         k = max(counts)
         slots = verify_pass(passes, rows, k, counts, longest)
-        verdicts = RoundVerdicts.read(passes, k, counts, stats, slots)
+        verdicts = RoundVerdicts.read(passes, k, counts, stats, rows.positions, slots)
         for row in sorted(active):
             if forced_accept is None:
                 accepted, token = verdicts.verdict(row)

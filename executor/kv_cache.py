@@ -62,7 +62,27 @@ class KVCache:
     def claim(self, layers: Iterable[int], starts: Sequence[int], q: int) -> None:
         """The books of a pass that writes positions start .. start + q - 1 of every row in `layers`: refuse a gap
         or an overflow, then extend the valid prefixes. `write` does this itself for a step with host `starts`; a
-        static step's caller (whose pass may be a replayed CUDA graph) calls it before launching the pass."""
+        static step's caller (whose pass may be a replayed CUDA graph) calls it before launching the pass.
+
+        Host work of every decode round, so the common case is cheap: a layer whose valid lengths are exactly the
+        starts (a round's layers after its rollback, a draft step's after the step before) is checked with one list
+        comparison, and every claimed layer gets the same new list (the books' lists are never changed in place). A
+        refused claim changes no books."""
+        starts = list(starts)
+        extended = [start + q for start in starts]
+        if starts and max(extended) > self.max_len:
+            self._check_claim(layers, starts, q)  # the first (layer, row) at fault, as a row-by-row check meets it
+        slots, books, claimed = self._slots, self.lengths, []
+        for layer in layers:
+            slot = slots[layer] if layer in slots else self.slot(layer)  # (`slot` raises for a layer not held)
+            if books[slot] != starts and any(s > n for s, n in zip(starts, books[slot], strict=True)):
+                self._check_claim((layer,), starts, q)
+            claimed.append(slot)
+        for slot in claimed:  # a refused claim changes no books
+            books[slot] = extended
+
+    def _check_claim(self, layers: Iterable[int], starts: Sequence[int], q: int) -> None:
+        """Refuse the first gap or overflow, layer by layer and row by row."""
         for layer in layers:
             lengths = self.lengths[self.slot(layer)]
             for row, start in enumerate(starts):
@@ -73,7 +93,6 @@ class KVCache:
                     )
                 if start + q > self.max_len:
                     raise ValueError(f"KV cache overflow: positions up to {start + q - 1}, capacity {self.max_len}")
-            self.lengths[self.slot(layer)] = [start + q for start in starts]
 
     def write(self, layer: int, step: Step, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store key/value [B, Hkv, q, D] of `layer` at the step's positions (the books too, unless static)."""
@@ -88,12 +107,20 @@ class KVCache:
         return self.keys[index][:, :, :kv_len], self.values[index][:, :, :kv_len]
 
     def rollback(self, length: int | list[int], layers: Iterable[int] | None = None) -> None:
-        """Forget everything at positions >= length (per row if a list) in `layers` (default: all)."""
+        """Forget everything at positions >= length (per row if a list) in `layers` (default: all). Layers that share
+        one list of valid lengths (as `claim` leaves them) share the rolled-back one too."""
         per_row = [length] * self.batch if isinstance(length, int) else list(length)
         if any(n < 0 for n in per_row):
             raise ValueError(f"rollback length must be >= 0, got {per_row}")
-        for layer in range(self.num_layers) if layers is None else (self.slot(n) for n in layers):
-            self.lengths[layer] = [min(old, new) for old, new in zip(self.lengths[layer], per_row, strict=True)]
+        if len(per_row) != self.batch:
+            raise ValueError(f"rollback takes one length per row ({self.batch}), got {len(per_row)}")
+        books, done = self.lengths, {}  # id(old list) -> (old list, its rolled-back list)
+        for slot in range(self.num_layers) if layers is None else (self.slot(n) for n in layers):
+            old = books[slot]
+            seen = done.get(id(old))
+            if seen is None:
+                seen = done[id(old)] = (old, [min(o, n) for o, n in zip(old, per_row, strict=True)])
+            books[slot] = seen[1]
 
 
 def store(

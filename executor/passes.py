@@ -17,11 +17,13 @@ and EOS ids from device tensors, and the cache's books are kept by the caller (`
 - or, on a CPU, compiled whole with the weights frozen into it (`"freeze"`, see `FREEZE_OPTIONS`).
 
 A pass is idempotent (it writes the same cache slots and buffers with the same values however often it runs), so
-warming it up before capture changes nothing. The caller's host work per EESD round is: refill the inputs (async
-copies from pinned memory), launch the passes, then read the drafts, the full model's tokens and the round's verdict
-back in one copy, the round's single host synchronisation (plus one per draft step for a policy that stops on the
-draft's confidence). The verify pass takes the verdict on the device (`executor.verify`: token equality, or rejection
-sampling's accept tests and residual or bonus draw, with keyed noise).
+warming it up before capture changes nothing. The caller's host work per EESD round is: set the round's inputs
+(a device copy of what the last verify pass's verdicts made them, or an async copy from pinned memory where the host
+committed something else, `Passes.start_round`), launch the passes, then read the drafts, the full model's tokens and
+the round's verdict back in one copy (`readout`), the round's single host synchronisation (plus one per draft step
+for a policy that stops on the draft's confidence). The verify pass takes the verdict on the device
+(`executor.verify`: token equality, or rejection sampling's accept tests and residual or bonus draw, with keyed
+noise).
 
 Span buckets: a launch attends over the first `span` cache slots only, a *bucket* chosen on the host from the
 furthest position the launch writes (`span_bucket`: MIN_SPAN doubled until it holds that position, capped at the
@@ -348,9 +350,12 @@ class Passes:
     KV, EESD's round that drafts nothing). A draft step chains too: it keeps its state and token for the
     verify pass in `exit_states` [B, K + 1, d] and `drafts` [B, K] at `draft_cursor` (K the largest draft length),
     feeds its token to the next draft step and moves `positions[1]` on; the verify pass resets the cursor.
-    The verify pass also takes the round's verdict (`executor.verify`) from `counts` [B] (each row's own drafts, an
-    input the host refills) into `verdicts` [B, 2] (accepted, token). Rejection sampling adds `draft_prob` [B, V] (a
-    draft step's q), `draft_probs` [B, K, V] and `probs[q]` (the full model's p, a static output for forced verdicts).
+    The verify pass takes its positions from where the draft steps left `positions[1]`, and the round's verdict
+    (`executor.verify`) from `counts` [B] (each row's own drafts, an input the host refills when they change) into
+    `verdicts` [B, 2] (accepted, token); it gathers what the host reads into `readout` and puts each row's next input
+    as its verdict says (the token after its accepted drafts, at start + accepted + 1) in `next_inputs` [B, 2].
+    Rejection sampling adds `draft_prob` [B, V] (a draft step's q), `draft_probs` [B, K, V] and `probs[q]` (the full
+    model's p, a static output for forced verdicts).
     Every launch takes the furthest position it writes, and attends over that position's span bucket (`run`).
     """
 
@@ -404,6 +409,13 @@ class Passes:
         self.penalized = selector.penalized
         self.counts = torch.zeros(batch, **long)  # each row's own draft count, an input of the verify pass's verdict
         self.verdicts = torch.zeros(batch, 2, **long)  # the verify pass's (accepted, token) per row
+        # the verify pass's: each row's next round input (token, position) as its verdict says, and what the host reads
+        # of the round in one copy (drafts | verdict | the full model's tokens, `readout_columns`)
+        self.next_inputs = torch.zeros(batch, 2, **long)
+        self.readout = torch.zeros(batch, 2 * max(max_draft, 1) + 3, **long)
+        # what the host knows some inputs hold on the device ("inputs": ids and positions[1]; "next": next_inputs;
+        # "counts"), so that a round refills only what changed (`start_round`, `set_counts`)
+        self._held: dict[str, tuple[list[int], list[int]] | list[int]] = {}
         if self.rejection:
             k = max(max_draft, 1)
             self.draft_prob = torch.zeros(batch, vocab, dtype=torch.float64, device=device)
@@ -423,6 +435,40 @@ class Passes:
         if tokens is not None:
             upload(self.ids, [[t] for t in tokens])
         upload(self.positions[q], [list(range(s, s + q)) for s in starts])
+        if q == 1:
+            self._held.pop("inputs", None)
+            if tokens is not None:
+                self._held["inputs"] = (list(tokens), list(starts))
+
+    def start_round(self, tokens: Sequence[int], starts: Sequence[int]) -> None:
+        """`ids` <- tokens and `positions[1]` <- starts before a round's first launch, with the least host work:
+        nothing where the device holds them already (a chained block of AR steps ended there, `held_inputs`), one
+        copy on the device where the last verify pass's verdicts put them in `next_inputs` (every row committed what
+        its verdict said, `RoundVerdicts.read`), else an upload from the host."""
+        wanted = (list(tokens), list(starts))
+        if self._held.get("inputs") == wanted:
+            return
+        if self._held.get("next") == wanted:
+            torch._foreach_copy_([self.ids, self.positions[1]], [self.next_inputs[:, :1], self.next_inputs[:, 1:]])
+            self._held["inputs"] = wanted
+            return
+        self.load(tokens, starts, 1)
+
+    def held_inputs(self, tokens: Sequence[int], starts: Sequence[int], key: str = "inputs") -> None:
+        """The host's note of what the device holds, from what it read: `ids` and `positions[1]` after chained steps
+        (key "inputs"), or `next_inputs` after a verify pass (key "next")."""
+        self._held[key] = (list(tokens), list(starts))
+
+    def set_counts(self, counts: Sequence[int]) -> None:
+        """`counts` <- each row's draft count for the verify pass's verdict (an upload only when they changed)."""
+        if self._held.get("counts") != list(counts):
+            upload(self.counts, list(counts))
+            self._held["counts"] = list(counts)
+
+    def readout_columns(self, k: int) -> tuple[slice, slice, slice]:
+        """Where a verify pass over k drafts puts them, its verdict and the full model's k + 1 tokens in `readout`."""
+        slots = self.drafts.shape[1]
+        return slice(0, k), slice(slots, slots + 2), slice(slots + 2, slots + 3 + k)
 
     def layers_head(self) -> list[int]:
         """The exit head's own cache layers, [L, L + extra) (none for a head without a layer of its own)."""
@@ -462,6 +508,9 @@ class Passes:
         spans the bucket of `furthest` (`span`), one pass per (name, q, span)."""
         span = self.span(furthest)
         key = (name, q, span)
+        self._held.pop("inputs", None)  # a pass may move its inputs on (`advance`), verify writes `next_inputs`
+        if name == "verify":
+            self._held.pop("next", None)
         if key not in self._passes:
             step = Step(positions=self.positions[q], starts=None, span=span)
             mode = launch_mode(self.capture, self.adapter.device)
@@ -476,11 +525,12 @@ class Passes:
         """Cursors back to the start (a new call on cached passes, or after a call that stopped mid-round)."""
         self.draft_cursor.zero_()
         self.ar_cursor.zero_()
+        self._held.clear()
 
     def _static_tensors(self) -> list[torch.Tensor]:
         buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.inputs, self.exit_states]
         buffers += [self.draft_cursor]
-        buffers += [self.history, self.ar_cursor, self.counts, self.verdicts]
+        buffers += [self.history, self.ar_cursor, self.counts, self.verdicts, self.next_inputs, self.readout]
         buffers += [*self.positions.values(), *self.tokens.values(), self.selector.prompt_lens, self.selector.seed]
         if self.rejection:
             buffers += [self.draft_prob, self.draft_probs]
@@ -584,6 +634,8 @@ class Passes:
         q = k + 1
         adapter = self.adapter
         last = self._last_draft(k)
+        # the round's positions from where its draft steps left `positions[1]` (start + its drafts): no host refill
+        step.positions.copy_(self.positions[1] - last + torch.arange(q, device=step.positions.device))
         if self.draft_dtype is None:
             early = Step(positions=self._at(step.positions, last), starts=None, span=step.span)
             hidden = self._early(early)
@@ -604,7 +656,19 @@ class Passes:
             self.tokens[q].copy_(self.selector.select(logits, targets, context))
             verdict = match_verdicts(self.drafts[:, :k], self.tokens[q], self.counts)
         self.verdicts.copy_(torch.stack(verdict, dim=1))
+        self._verify_outputs(k, step)
         self.draft_cursor.zero_()
+
+    def _verify_outputs(self, k: int, step: Step) -> None:
+        """The round's readout in one buffer, and each row's next input as its verdict says: the token after its
+        accepted drafts, at the round's start + accepted + 1."""
+        drafts, verdict, full = self.readout_columns(k)
+        self.readout[:, drafts].copy_(self.drafts[:, :k])
+        self.readout[:, verdict].copy_(self.verdicts)
+        if not self.rejection:
+            self.readout[:, full].copy_(self.tokens[k + 1])
+        self.next_inputs[:, 1:].copy_(step.positions[:, :1] + self.verdicts[:, :1] + 1)
+        self.next_inputs[:, :1].copy_(self.verdicts[:, 1:])
 
     def _last_draft(self, k: int) -> int | torch.Tensor:
         """The slot of the round's last draft in a verify pass of k slots: k, or with verify buckets the round's own

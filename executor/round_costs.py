@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from executor.passes import resolve_capture, upload
+from executor.passes import resolve_capture
 from executor.runtime import synchronize
 from sim.contract import SYNC_CAPTURED
 from sim.formats import write_text_atomic
@@ -118,7 +118,7 @@ def _round(passes: Any, at: int, k: int, chained: int) -> Callable[[], float]:
 
     def run() -> float:
         passes.load([0], [at], 1)
-        upload(passes.counts, [k])  # the verdict's draft count, as `verify_pass` gives it
+        passes.set_counts([k])  # the verdict's draft count, as `verify_pass` gives it
         synchronize(device)
         begin = time.perf_counter()
         if k == 0:
@@ -129,8 +129,7 @@ def _round(passes: Any, at: int, k: int, chained: int) -> Callable[[], float]:
         for j in range(k):
             passes.draft(at + j)
         slots = passes.verify_slots(k)  # frozen: the verify bucket a decode of these passes would run
-        passes.load(None, [at], slots + 1)
-        passes.verify(slots, at + slots)
+        passes.verify(slots, at + slots)  # its positions from where the k draft steps left `positions[1]`
         synchronize(device)
         return (time.perf_counter() - begin) * 1e3
 

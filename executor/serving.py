@@ -201,11 +201,13 @@ class SlotDecoder:
         return passes
 
     def _ar_step(self, passes: Passes, rows: Rows) -> None:
-        passes.load(rows.tokens, rows.positions, 1)
+        passes.start_round(rows.tokens, rows.positions)
         passes.cache.claim(range(self.adapter.num_layers), rows.positions, 1)
         passes.ar(max(rows.positions))
         passes.ar_cursor.zero_()
-        for row, tokens in enumerate(read_back(passes.tokens[1], self.stats)):
+        read = read_back(passes.tokens[1], self.stats)
+        passes.held_inputs([tokens[0] for tokens in read], [p + 1 for p in rows.positions])  # the step chained on
+        for row, tokens in enumerate(read):
             rows.commit(row, tokens)
         self.stats.rounds += 1
 
@@ -219,7 +221,7 @@ class SlotDecoder:
         counts = draft_steps(passes, rows, policies, budgets, stats)
         k = max(counts)
         slots = verify_pass(passes, rows, k, counts, longest_draft(policies))
-        verdicts = RoundVerdicts.read(passes, k, counts, stats, slots)
+        verdicts = RoundVerdicts.read(passes, k, counts, stats, rows.positions, slots)
         for row, policy in enumerate(policies):
             accepted, token = verdicts.verdict(row)
             policy.update(counts[row], accepted)
