@@ -344,6 +344,7 @@ class TokenSelector:
         self.first = torch.zeros(len(prompt_lens), 1, dtype=torch.long, device=device)
         self.firsts = [0] * len(prompt_lens)  # `first` on the host, for the prefix processors' grouping
         self.warpers = hf_warpers(config, device)
+        self._written: tuple[list[int], list[int]] | None = None  # what `restart` last put in prompt_lens and seed
         self.restart(prompt_lens, config.seed)
 
     @property
@@ -397,9 +398,14 @@ class TokenSelector:
 
     def restart(self, prompt_lens: list[int], seed: int | tuple[int, ...]) -> None:
         """A new generation with these prompt lengths and seed, one for all rows or one per row (same rows, sampling
-        settings and EOS ids)."""
-        self.prompt_lens.copy_(torch.tensor(prompt_lens).unsqueeze(1))
-        self.seed.copy_(torch.tensor(row_seeds(seed, len(prompt_lens)), dtype=torch.int64).unsqueeze(1))
+        settings and EOS ids). Nothing is copied where they are what the last call wrote (a serving loop restarts
+        its rows' selector every round)."""
+        wanted = (list(prompt_lens), list(row_seeds(seed, len(prompt_lens))))
+        if wanted == self._written:
+            return
+        self.prompt_lens.copy_(torch.tensor(wanted[0]).unsqueeze(1))
+        self.seed.copy_(torch.tensor(wanted[1], dtype=torch.int64).unsqueeze(1))
+        self._written = wanted
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Processed and warped scores [B, q, V] for the tokens at absolute positions `targets` [B, q]. `context`

@@ -170,7 +170,8 @@ class SlotDecoder:
         """One decode round over the requests in rows 0 .. len(slots) - 1; returns its draft steps (0: an AR step)."""
         passes = self._passes_for(len(slots))
         passes.selector.restart([len(s.prompt) for s in slots], self.config.seed)
-        passes.cache.lengths = [[s.position for s in slots] for _ in range(passes.cache.num_layers)]
+        positions = [s.position for s in slots]
+        passes.cache.lengths = [positions] * passes.cache.num_layers  # (the books' lists are never changed in place)
         rows = Rows(
             prompts=[s.prompt for s in slots], sinks=[s.sink for s in slots],
             tokens=[s.token for s in slots], positions=[s.position for s in slots],
