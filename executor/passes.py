@@ -78,6 +78,7 @@ WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS / SDPA wor
 SPAN_BUCKETS = True  # False: every launch attends over the whole cache capacity (the A/B reference); read per launch
 PREFILL_BUCKETS = True  # on a GPU, prefill pads its width up to a multiple of PREFILL_BUCKET (`prefill_width`)
 PREFILL_BUCKET = 64
+DEVICE_INPUTS = True  # False: every round's inputs and counts uploaded from the host (the A/B reference); read per call
 
 
 def prefill_width(longest: int, capacity: int, device: torch.device) -> int:
@@ -446,9 +447,9 @@ class Passes:
         copy on the device where the last verify pass's verdicts put them in `next_inputs` (every row committed what
         its verdict said, `RoundVerdicts.read`), else an upload from the host."""
         wanted = (list(tokens), list(starts))
-        if self._held.get("inputs") == wanted:
+        if DEVICE_INPUTS and self._held.get("inputs") == wanted:
             return
-        if self._held.get("next") == wanted:
+        if DEVICE_INPUTS and self._held.get("next") == wanted:
             torch._foreach_copy_([self.ids, self.positions[1]], [self.next_inputs[:, :1], self.next_inputs[:, 1:]])
             self._held["inputs"] = wanted
             return
@@ -461,7 +462,7 @@ class Passes:
 
     def set_counts(self, counts: Sequence[int]) -> None:
         """`counts` <- each row's draft count for the verify pass's verdict (an upload only when they changed)."""
-        if self._held.get("counts") != list(counts):
+        if not DEVICE_INPUTS or self._held.get("counts") != list(counts):
             upload(self.counts, list(counts))
             self._held["counts"] = list(counts)
 

@@ -12,6 +12,9 @@ depend on any of this (the losslessness tests run every path; these count the re
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_batch_and_dropin import batch_cases, hf_batch
 from test_passes import EXIT_LAYER, PROMPTS, model
 
 import executor
@@ -85,3 +88,31 @@ def test_a_row_whose_commit_is_not_its_verdict_is_refilled(refills: dict[str, in
                             **kwargs)  # fmt: skip
     assert out.sequences.tolist() == ar.sequences.tolist()
     assert 2 <= refills["inputs"] <= len(out.stats.drafted)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    case=batch_cases(),
+    policy=st.sampled_from(["fixed:1", "fixed:3", "beta-ts", "beta-ts:cost=0.9,max=4", "confidence:0.5"]),
+    sampling=st.sampled_from([None, "exact", "rejection"]),
+    forced=st.sampled_from([None, 0.5, [2, 0, 1]]),
+    sync_every=st.integers(1, 4),
+    max_new_tokens=st.integers(1, 20),
+    eos_pick=st.integers(0, 200),
+)
+def test_refills_from_the_device_change_nothing(case, policy, sampling, forced, sync_every, max_new_tokens, eos_pick):
+    """Against every round's inputs and counts uploaded from the host (`DEVICE_INPUTS` off): the same tokens and the
+    same rounds, drafts and accepted lengths, for batches whose rows end early, sampled rows (exact and rejection
+    sampling) and forced verdicts (whose commits are not the pass's verdicts), which no test against AR covers."""
+    net, _, exit_layer, _ = case
+    ids, kwargs, _ = hf_batch(case, max_new_tokens, 0, eos_pick)
+    if sampling is not None:
+        kwargs.update(do_sample=True, sampling=sampling, top_k=20, seed=7)
+    kwargs.update(method="eesd", exit_layer=exit_layer, policy=policy, sync_every=sync_every, accept_pattern=forced)
+    runs = []
+    for device_inputs in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(executor.passes, "DEVICE_INPUTS", device_inputs)
+            out = executor.generate(net, ids, **kwargs)
+        runs.append((out.sequences.tolist(), out.stats.rounds, out.stats.drafted, out.stats.accepted))
+    assert runs[0] == runs[1]
