@@ -432,14 +432,15 @@ class Passes:
 
     # ------------------------------------------------------------------------------------------------ host side
     def load(self, tokens: Sequence[int] | None, starts: Sequence[int], q: int) -> None:
-        """Refill the inputs: `ids` from host tokens (None: keep) and `positions[q]` = start .. start + q - 1."""
+        """Refill the inputs: `ids` from host tokens (None: keep) and `positions[q]` = start .. start + q - 1. (A
+        verify pass sets its own `positions[q]` from `positions[1]`: what sets where it runs is `positions[1]`.)"""
         if tokens is not None:
             upload(self.ids, [[t] for t in tokens])
         upload(self.positions[q], [list(range(s, s + q)) for s in starts])
-        if q == 1:
+        if tokens is not None or q == 1:
             self._held.pop("inputs", None)
-            if tokens is not None:
-                self._held["inputs"] = (list(tokens), list(starts))
+        if tokens is not None and q == 1:
+            self._held["inputs"] = (list(tokens), list(starts))
 
     def start_round(self, tokens: Sequence[int], starts: Sequence[int]) -> None:
         """`ids` <- tokens and `positions[1]` <- starts before a round's first launch, with the least host work:

@@ -116,3 +116,21 @@ def test_refills_from_the_device_change_nothing(case, policy, sampling, forced, 
             out = executor.generate(net, ids, **kwargs)
         runs.append((out.sequences.tolist(), out.stats.rounds, out.stats.drafted, out.stats.accepted))
     assert runs[0] == runs[1]
+
+
+def test_any_load_of_the_ids_drops_the_note_of_what_the_device_holds() -> None:
+    """`load` with tokens at any width rewrites `ids`: a later `start_round` for the values noted before must upload
+    them again, not trust the note."""
+    from executor.api import PassSetup
+    from executor.heads import resolve_head
+    from executor.sampling import SamplingConfig
+    from sim.policy import FixedPolicy
+
+    adapter = ModelAdapter(model())
+    head = resolve_head(None, adapter, EXIT_LAYER)
+    setup = PassSetup("eesd", SamplingConfig(), 0, [], EXIT_LAYER, head, [FixedPolicy(2)], "none")
+    passes = setup.passes(adapter, [[1, 2, 3]], 8)
+    passes.start_round([7], [3])
+    passes.load([9], [3], 3)
+    passes.start_round([7], [3])
+    assert passes.ids.tolist() == [[7]] and passes.positions[1].tolist() == [[3]]
