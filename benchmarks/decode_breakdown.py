@@ -29,7 +29,6 @@ import argparse
 import functools
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,35 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from head_speed import environment, write_json  # noqa: E402
 
-PASS_KINDS = ("ar", "ar_head", "draft", "verify")
-
-
-class PassClock:
-    """Wraps the executor's pass methods: every call's wall time, kind, its verify slots and its furthest position."""
-
-    def __init__(self, sync: Callable[[], None] | None = None) -> None:
-        self.calls: list[tuple[str, int, int, float]] = []  # (kind, slots, furthest, ms)
-        self.sync = sync or (lambda: None)  # a device's synchronisation around every pass (none on the CPU)
-
-    def install(self) -> None:
-        from executor.passes import Passes
-
-        for kind in PASS_KINDS:
-            setattr(Passes, kind, self._timed(kind, getattr(Passes, kind)))
-
-    def _timed(self, kind: str, method: Callable[..., None]) -> Callable[..., None]:
-        calls, sync = self.calls, self.sync
-
-        @functools.wraps(method)
-        def timed(passes: Any, *args: Any) -> None:
-            slots, furthest = (args[0], args[1]) if kind == "verify" else (0, args[0] if args else -1)
-            sync()
-            begin = time.perf_counter()
-            method(passes, *args)
-            sync()
-            calls.append((kind, slots, furthest, (time.perf_counter() - begin) * 1e3))
-
-        return timed
+from calibrate.host import PassClock, by_method_snippet, host_rows  # noqa: E402
+from calibrate.host import decode as host_decode  # noqa: E402
 
 
 def pricer(
@@ -103,18 +75,8 @@ def pricer(
 
 def decode(model: Any, ids: Any, method: str, args: argparse.Namespace, clock: PassClock) -> dict[str, Any]:
     """One greedy decode; its wall time split into prefill, passes (by kind) and host work between the passes."""
-    import executor
-
-    first = len(clock.calls)
-    extra = {"exit_layer": args.exit_layer, "policy": args.policy} if method == "eesd" else {}
-    result = executor.generate(model, ids, method=method, max_new_tokens=args.max_new_tokens, capture=args.capture,
-                               sync_every=args.sync_every, **extra)  # fmt: skip
-    stats, calls = result.stats, clock.calls[first:]
-    passes_ms = sum(c[3] for c in calls)
-    decode_ms = (stats.wall_time_s - stats.prefill_time_s) * 1e3
-    return {"method": method, "tokens": result.sequences.shape[1] - ids.shape[1], "rounds": stats.rounds,
-            "prefill_ms": stats.prefill_time_s * 1e3, "passes_ms": passes_ms, "host_ms": decode_ms - passes_ms,
-            "calls": calls}  # fmt: skip
+    return host_decode(model, ids, method, clock, max_new_tokens=args.max_new_tokens, capture=args.capture,
+                       sync_every=args.sync_every, exit_layer=args.exit_layer, policy=args.policy)  # fmt: skip
 
 
 def add_pricing_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,28 +139,6 @@ def profile_overhead_ms(profile: Path) -> dict[str, float]:
     return {phase: round(statistics.median(values), 3) for phase, values in sorted(rows.items())}
 
 
-def by_method_snippet(hosts: list[dict[str, Any]]) -> str:
-    """The measured host work per AR step and per EESD round as `serving.by_method` fields (µs), for a serving
-    scenario priced by the same profile of captured passes, where the simulator pays `overhead` once per host read
-    (docs/serving.md; uncaptured, it pays it on every pass, so an EESD round's figure would count k + 1 times)."""
-    fields = (f"{r['method']}: {{latency.profile.overhead_us: {r['host_ms_per_round'] * 1e3:.0f}}}" for r in hosts)
-    return "serving.by_method: {" + ", ".join(fields) + "}"
-
-
-def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method: host work between passes per round (median over decodes) and its share of the decode."""
-    rows = []
-    for method in sorted({r["method"] for r in runs}):
-        mine = [r for r in runs if r["method"] == method]
-        per_round = statistics.median(r["host_ms"] / r["rounds"] for r in mine)
-        share = statistics.median(r["host_ms"] / (r["host_ms"] + r["passes_ms"]) for r in mine)
-        tokens_per_round = sum(r["tokens"] for r in mine) / sum(r["rounds"] for r in mine)
-        rows.append({"method": method, "decodes": len(mine), "host_ms_per_round": round(per_round, 3),
-                     "host_share_of_decode": round(share, 4),
-                     "tokens_per_round": round(tokens_per_round, 3)})  # fmt: skip
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_pricing_arguments(parser)
@@ -245,7 +185,8 @@ def main() -> None:
         share, per_round = row["host_share_of_decode"], row["host_ms_per_round"]
         print(f"{row['method']}: host work between passes {per_round:.3f} ms/round ({share:.2%} of the decode), "
               f"{row['tokens_per_round']:.2f} tokens/round")  # fmt: skip
-    overhead_ms, snippet = profile_overhead_ms(args.profile), by_method_snippet(hosts)
+    captured = gpu and args.capture not in ("none", "freeze")
+    overhead_ms, snippet = profile_overhead_ms(args.profile), by_method_snippet(hosts, captured)
     print(f"the profile prices a host read at (ms, by phase): {overhead_ms}")
     print(f"as a serving case's per-method host work: {snippet}")
     if args.out:

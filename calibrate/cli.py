@@ -1,6 +1,7 @@
-"""`eesd calibrate latency|acceptance|link|contention|rounds|scenario`: measure the files the simulator reads
+"""`eesd calibrate latency|acceptance|link|contention|rounds|host|scenario`: measure the files the simulator reads
 (docs/formats.md), (`rounds`) the round costs a Thompson-sampling draft policy weighs on this machine
-(`executor.round_costs`), and (`scenario`, `calibrate.scaffold`) write a scenario that replays a profile and a trace.
+(`executor.round_costs`), (`host`) the host's work between passes per method (`calibrate.host`), and (`scenario`,
+`calibrate.scaffold`) write a scenario that replays a profile and a trace.
 
 `contention` runs no model: it turns a `benchmarks/gpu_decode.py` run's PPSD `streams` rows into a contention
 profile (`calibrate.contention`), so it takes no `--threads`.
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         (_acceptance_arguments, "acceptance", "per-token exit-head agreement with the full model"),
         (_link_arguments, "link", "transfer time vs bytes between two pipeline stages"),
         (_rounds_arguments, "rounds", "an EESD round of k drafts against an AR step: beta-ts:costs=... for --policy"),
+        (_host_arguments, "host", "the host's work between passes per AR step and EESD round, as serving fields"),
     )
     for add, name, help_text in parsers:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -127,6 +129,12 @@ def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output CSV (eesd.acceptance_trace)")
 
 
+def _host_arguments(p: argparse.ArgumentParser) -> None:
+    from calibrate.host import add_arguments
+
+    add_arguments(p)
+
+
 def _rounds_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="packaged name, HF directory or .gguf")
     p.add_argument("--head", default="shared", help="exit head: shared | shared:N | a head file (default: shared)")
@@ -172,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         from calibrate.rounds_cli import run_rounds
 
         return run_rounds(args)
+    if args.calibration == "host":
+        from calibrate.host import run_host
+
+        return run_host(args)
     from calibrate.acceptance_cli import run_acceptance
 
     return run_acceptance(args, not args.no_progress)

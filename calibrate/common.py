@@ -212,3 +212,24 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     low = int(position)
     high = min(low + 1, len(sorted_values) - 1)
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def check_json_out(out: Path | None, force: bool) -> None:
+    """An optional `--out` JSON file may be written (a .json name; not an existing file unless `--force`)."""
+    if out is not None and out.suffix != ".json":
+        raise ValueError(f"--out {out}: expected a .json file")
+    if out is not None:
+        check_output("--out", out, force=force)
+
+
+def model_and_head(args: Any) -> tuple[torch.device, torch.dtype, Any, Any, int]:
+    """`--device`, `--dtype` (bf16 on a GPU, fp32 on a CPU by default), the model as one adapter, and the exit head
+    and layer `generate` would settle on for `--head` / `--exit-layer`."""
+    from executor.adapter import ModelAdapter
+    from executor.api import exit_and_head
+
+    device = check_device(args.device)
+    dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    model = ModelAdapter(load_model(args.model, dtype=dtype, device=device))
+    head, exit_layer = exit_and_head(model, args.head, args.exit_layer)
+    return device, dtype, model, head, exit_layer

@@ -13,28 +13,18 @@ from __future__ import annotations
 
 import argparse
 
-from calibrate.common import base_metadata, check_device, check_dtype
-from sim.formats import check_output
+from calibrate.common import base_metadata, check_dtype, check_json_out, model_and_head
 
 
 def run_rounds(args: argparse.Namespace) -> int:
-    from executor.adapter import ModelAdapter
-    from executor.api import exit_and_head
-    from executor.models import load_model
     from executor.round_costs import measure_round_costs, rounds_chained, write_round_costs
 
     for flag, value, least in (("--max-draft-len", args.max_draft_len, 1), ("--context", args.context, 1),
                                ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):  # fmt: skip
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
-    if args.out is not None and args.out.suffix != ".json":
-        raise ValueError(f"--out {args.out}: expected a .json file")
-    if args.out is not None:
-        check_output("--out", args.out, force=args.force)
-    device = check_device(args.device)
-    dtype = check_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    model = ModelAdapter(load_model(args.model, dtype=dtype, device=device))  # one adapter for both calls below
-    head, exit_layer = exit_and_head(model, args.head, args.exit_layer)
+    check_json_out(args.out, args.force)
+    device, dtype, model, head, exit_layer = model_and_head(args)
     draft_dtype = None if args.draft_dtype is None else check_dtype(args.draft_dtype, "--draft-dtype")
     positions, room = model.max_positions, rounds_chained(args.capture, device) + 2
     if args.context + args.max_draft_len + room > positions:
