@@ -65,6 +65,10 @@ def _scenario_arguments(p: argparse.ArgumentParser) -> None:
         "--serving", action="store_true",
         help="write a serving scenario (eesd serve-sim): AR against EESD under Poisson load, rates from AR's own pace",
     )  # fmt: skip
+    p.add_argument(
+        "--host", type=Path, default=None,
+        help="with --serving: each method's host work between passes (eesd calibrate host --out), as serving.by_method",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 

@@ -114,6 +114,42 @@ def by_method_snippet(rows: list[dict[str, Any]], captured: bool) -> str:
     return "serving.by_method: {" + ", ".join(fields) + "}"
 
 
+def read_host_work(path: Path) -> dict[str, Any]:
+    """An `eesd.host_work` file, checked (torch-free: `eesd calibrate scenario` reads it); ValueError naming the file
+    and the field otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path}: format: expected {FORMAT!r} (eesd calibrate host --out)")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version: expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
+    if not isinstance(data.get("metadata"), dict):
+        raise ValueError(f"{path}: metadata: expected a mapping")
+    rows = data.get("methods")
+    methods = (
+        [row.get("method") for row in rows]
+        if isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
+        else None
+    )
+    if methods != list(METHODS):
+        raise ValueError(f"{path}: methods: expected one row each for {', '.join(METHODS)}, got {methods!r}")
+    for row in rows:
+        for key in ("host_ms_per_read", "host_ms_per_pass"):
+            value = row.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+                raise ValueError(f"{path}: methods.{row['method']}.{key}: expected milliseconds >= 0, got {value!r}")
+    return data
+
+
+def host_fields(data: dict[str, Any], captured: bool) -> dict[str, dict[str, float]]:
+    """A host-work file's figures as `serving.by_method` (µs): per read for a profile of captured passes, where the
+    simulator pays `overhead` once a read, per pass for an uncaptured one, where it pays it on every pass."""
+    key = "host_ms_per_read" if captured else "host_ms_per_pass"
+    return {row["method"]: {"latency.profile.overhead_us": round(row[key] * 1e3, 1)} for row in data["methods"]}
+
+
 def measure(
     model: Any, prompts: list[Any], *, repeats: int, sync: Callable[[], None] | None, **settings: Any
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from calibrate.host import host_fields, read_host_work
 from sim.acceptance import check_trace_fits
 from sim.formats import (
     DataFile,
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     path = write_scenario(
         args.latency, args.acceptance, args.out, methods=methods, policies=policies, name=args.name,
         draft_profile=args.draft_profile, contention=args.contention, force=args.force, command=command,
-        serving=args.serving,
+        serving=args.serving, host=args.host,
     )  # fmt: skip
     if args.serving:
         print(f"wrote {path}: a serving scenario (AR against EESD under Poisson load)")
@@ -101,6 +102,7 @@ def write_scenario(
     force: bool = False,
     command: str = "",
     serving: bool = False,
+    host: Path | None = None,
 ) -> Path:
     """Write the scenario (module docstring) to `out`, atomically, once it loads; ValueError naming the file and
     field where the files do not make one. Several traces (heads to compare) make one sweep over all of them."""
@@ -110,6 +112,8 @@ def write_scenario(
         raise ValueError("--methods: --serving writes AR against EESD (PPSD serving needs a topology of its own)")
     if serving and len(paths) > 1:
         raise ValueError("--acceptance: --serving takes one trace (write one serving scenario per head)")
+    if host is not None and not serving:
+        raise ValueError("--host: the host's work per method goes into a serving scenario (add --serving)")
     check_output("--out", out, force=force)
     if name is not None:
         _check_name(name)
@@ -131,7 +135,11 @@ def write_scenario(
         data["topology"]["contention"] = _relative(contention, out.parent)
     if serving:  # sized from the batch scenario's AR point
         data = _serving_data(data, _loaded(out, _yaml(data), load_points)[0], profile)
-    text = _header(latency, profile, traces, command, serving) + _yaml(data)
+    notes = []
+    if host is not None:
+        data["serving"]["by_method"], note = _host_work(host, profile)
+        notes.append(note)
+    text = _header(latency, profile, traces, command, serving, notes) + _yaml(data)
     _loaded(out, text, _serving_loader() if serving else load_points)
     write_text_atomic(out, text)
     return out
@@ -411,8 +419,33 @@ def _add_draft_profile(
     data["latency"]["draft_profile"] = {"path": _relative(draft_profile, folder), "cuda_graphs": cuda_graphs}
 
 
+def _host_work(path: Path, profile: DataFile) -> tuple[dict[str, dict[str, float]], str]:
+    """`--host`: an `eesd calibrate host` file's figures as `serving.by_method` fields, checked to be of the profile's
+    model and device and of passes run as the profile's were (captured or not); and the header's line for it."""
+    data = read_host_work(path)
+    meta, own = data["metadata"], profile.metadata
+    for field in ("model", "device_type"):
+        theirs, ours = meta.get(field), own.get(field)
+        if theirs is not None and ours is not None and str(theirs).lower() != str(ours).lower():
+            raise ValueError(f"--host {path}: metadata.{field} is {theirs!r}, the latency profile's is {ours!r}")
+    captured = _has_graphs(profile)
+    if (meta.get("capture") not in ("none", "freeze")) != captured:
+        kind = "captured" if captured else "uncaptured"
+        raise ValueError(
+            f"--host {path}: measured with capture {meta.get('capture')!r}, the profile is of {kind} passes"
+        )
+    per = "read" if captured else "pass"
+    note = f"  host work per method {path} ({meta.get('device')}, {meta.get('date')}): per {per}, as serving.by_method"
+    return host_fields(data, captured), note
+
+
 def _header(
-    latency: Path, profile: DataFile, traces: Sequence[tuple[Path, DataFile]], command: str, serving: bool = False
+    latency: Path,
+    profile: DataFile,
+    traces: Sequence[tuple[Path, DataFile]],
+    command: str,
+    serving: bool = False,
+    notes: Sequence[str] = (),
 ) -> str:
     lines = [
         "Written by `eesd calibrate scenario` from:",
@@ -423,6 +456,7 @@ def _header(
             f"  acceptance trace {path} ({trace.metadata.get('device', 'device not recorded')}, "
             f"{trace.metadata.get('date', 'date not recorded')})"
         )
+    lines += notes
     if command:
         lines.append(f"  with: {command}")
     if serving:
