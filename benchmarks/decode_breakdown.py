@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from head_speed import environment, write_json  # noqa: E402
 
-from calibrate.host import PassClock, by_method_snippet, host_rows  # noqa: E402
+from calibrate.host import PassClock, by_method_snippet, host_rows, is_captured  # noqa: E402
 from calibrate.host import decode as host_decode  # noqa: E402
 
 
@@ -185,8 +185,8 @@ def main() -> None:
         share, per_round = row["host_share_of_decode"], row["host_ms_per_round"]
         print(f"{row['method']}: host work between passes {per_round:.3f} ms/round ({share:.2%} of the decode), "
               f"{row['tokens_per_round']:.2f} tokens/round")  # fmt: skip
-    captured = gpu and args.capture not in ("none", "freeze")
-    overhead_ms, snippet = profile_overhead_ms(args.profile), by_method_snippet(hosts, captured)
+    overhead_ms = profile_overhead_ms(args.profile)
+    snippet = by_method_snippet(hosts, gpu and is_captured(args.capture))
     print(f"the profile prices a host read at (ms, by phase): {overhead_ms}")
     print(f"as a serving case's per-method host work: {snippet}")
     if args.out:

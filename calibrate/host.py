@@ -105,12 +105,22 @@ def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def by_method_snippet(rows: list[dict[str, Any]], captured: bool) -> str:
-    """The measured host work as a serving case's `serving.by_method` fields (µs), for a scenario priced by a profile
-    of passes run as these were: the simulator pays `overhead` once per host read where the passes are captured, on
-    every pass where they are not."""
+def is_captured(capture: str | None) -> bool:
+    """Whether passes run under this (resolved) capture mode are captured: the simulator then pays a profile's
+    `overhead` once per host read, and on every pass where they are not ("none", "freeze")."""
+    return capture not in ("none", "freeze")
+
+
+def host_fields(rows: list[dict[str, Any]], captured: bool) -> dict[str, dict[str, float]]:
+    """Measured host work (`host_rows`, or a host-work file's `methods`) as `serving.by_method` fields (µs), for a
+    profile of passes run as these were: per read where they are captured, per pass where they are not."""
     key = "host_ms_per_read" if captured else "host_ms_per_pass"
-    fields = (f"{r['method']}: {{latency.profile.overhead_us: {r[key] * 1e3:.0f}}}" for r in rows)
+    return {row["method"]: {"latency.profile.overhead_us": round(row[key] * 1e3, 1)} for row in rows}
+
+
+def by_method_snippet(rows: list[dict[str, Any]], captured: bool) -> str:
+    """`host_fields` as the text of a serving case's `serving.by_method`, to paste."""
+    fields = (f"{m}: {{{k}: {v:.0f}}}" for m, f in host_fields(rows, captured).items() for k, v in f.items())
     return "serving.by_method: {" + ", ".join(fields) + "}"
 
 
@@ -141,13 +151,6 @@ def read_host_work(path: Path) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
                 raise ValueError(f"{path}: methods.{row['method']}.{key}: expected milliseconds >= 0, got {value!r}")
     return data
-
-
-def host_fields(data: dict[str, Any], captured: bool) -> dict[str, dict[str, float]]:
-    """A host-work file's figures as `serving.by_method` (µs): per read for a profile of captured passes, where the
-    simulator pays `overhead` once a read, per pass for an uncaptured one, where it pays it on every pass."""
-    key = "host_ms_per_read" if captured else "host_ms_per_pass"
-    return {row["method"]: {"latency.profile.overhead_us": round(row[key] * 1e3, 1)} for row in data["methods"]}
 
 
 def measure(
@@ -199,9 +202,8 @@ def run_host(args: argparse.Namespace) -> int:
             f"{row['method']:>4}: host work {row['host_ms_per_read']:.3f} ms a read, {row['host_ms_per_round']:.3f} "
             f"a round, {row['host_ms_per_pass']:.3f} a pass ({row['host_share_of_decode']:.2%} of the decode)"
         )
-    captured = capture not in ("none", "freeze")
-    snippet = by_method_snippet(rows, captured)
-    kind = "captured passes (paid once a read)" if captured else "uncaptured passes (paid every pass)"
+    snippet = by_method_snippet(rows, is_captured(capture))
+    kind = "captured passes (paid once a read)" if is_captured(capture) else "uncaptured passes (paid every pass)"
     print(f"as a serving case's host work, for a profile of {kind}: {snippet}")
     if args.out is not None:
         metadata = base_metadata(args.model, device, dtype) | {

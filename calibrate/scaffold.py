@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from calibrate.host import host_fields, read_host_work
+from calibrate.host import host_fields, is_captured, read_host_work
 from sim.acceptance import check_trace_fits
 from sim.formats import (
     DataFile,
@@ -428,15 +428,15 @@ def _host_work(path: Path, profile: DataFile) -> tuple[dict[str, dict[str, float
         theirs, ours = meta.get(field), own.get(field)
         if theirs is not None and ours is not None and str(theirs).lower() != str(ours).lower():
             raise ValueError(f"--host {path}: metadata.{field} is {theirs!r}, the latency profile's is {ours!r}")
-    captured = _has_graphs(profile)
-    if (meta.get("capture") not in ("none", "freeze")) != captured:
-        kind = "captured" if captured else "uncaptured"
+    graphs = _has_graphs(profile)
+    if is_captured(meta.get("capture")) != graphs:
+        kind = "captured" if graphs else "uncaptured"
         raise ValueError(
             f"--host {path}: measured with capture {meta.get('capture')!r}, the profile is of {kind} passes"
         )
-    per = "read" if captured else "pass"
+    per = "read" if graphs else "pass"
     note = f"  host work per method {path} ({meta.get('device')}, {meta.get('date')}): per {per}, as serving.by_method"
-    return host_fields(data, captured), note
+    return host_fields(data["methods"], graphs), note
 
 
 def _header(

@@ -463,9 +463,10 @@ class Passes:
 
     def set_counts(self, counts: Sequence[int]) -> None:
         """`counts` <- each row's draft count for the verify pass's verdict (an upload only when they changed)."""
-        if not DEVICE_INPUTS or self._held.get("counts") != list(counts):
-            upload(self.counts, list(counts))
-            self._held["counts"] = list(counts)
+        wanted = list(counts)
+        if not DEVICE_INPUTS or self._held.get("counts") != wanted:
+            upload(self.counts, wanted)
+            self._held["counts"] = wanted
 
     def readout_columns(self, k: int) -> tuple[slice, slice, slice]:
         """Where a verify pass over k drafts puts them, its verdict and the full model's k + 1 tokens in `readout`."""
