@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         (_acceptance_arguments, "acceptance", "per-token exit-head agreement with the full model"),
         (_link_arguments, "link", "transfer time vs bytes between two pipeline stages"),
         (_rounds_arguments, "rounds", "an EESD round of k drafts against an AR step: beta-ts:costs=... for --policy"),
-        (_host_arguments, "host", "the host's work between passes per AR step and EESD round, as serving fields"),
+        (_host_arguments, "host", "the host's work between passes per AR step and EESD round, per batch size"),
     )
     for add, name, help_text in parsers:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -67,7 +67,7 @@ def _scenario_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--host", type=Path, default=None,
-        help="with --serving: each method's host work between passes (eesd calibrate host --out), as serving.by_method",
+        help="each method's host work between passes (eesd calibrate host --out): latency.profile.host_work",
     )  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 

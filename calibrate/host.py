@@ -26,9 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FORMAT, SCHEMA_VERSION = "eesd.host_work", 1
+from sim.host_work import FORMAT, METHODS, SCHEMA_VERSION, figure_key, is_captured, read_host_work
+
+__all__ = ["FORMAT", "SCHEMA_VERSION", "PassClock", "decode", "host_rows", "is_captured", "measure", "read_host_work"]
 PASS_KINDS = ("ar", "ar_head", "draft", "verify")
-METHODS = ("ar", "eesd")
 
 
 class PassClock:
@@ -70,8 +71,9 @@ class PassClock:
 
 
 def decode(model: Any, ids: Any, method: str, clock: PassClock, **settings: Any) -> dict[str, Any]:
-    """One greedy decode (`settings`: generate's arguments); its wall time split into prefill, passes and the host's
-    work between them, with its rounds, host reads and passes."""
+    """One greedy decode of a batch of prompts (`ids`, left-padded, with generate's `attention_mask` among the
+    `settings` where it holds several); its wall time split into prefill, passes and the host's work between them,
+    with its rounds, host reads and passes, and the tokens each row made."""
     import executor
 
     first = len(clock.calls)
@@ -81,92 +83,76 @@ def decode(model: Any, ids: Any, method: str, clock: PassClock, **settings: Any)
     stats, calls = result.stats, clock.calls[first:]
     passes_ms = sum(c[3] for c in calls)
     decode_ms = (stats.wall_time_s - stats.prefill_time_s) * 1e3
-    return {"method": method, "tokens": result.sequences.shape[1] - ids.shape[1], "rounds": stats.rounds,
-            "host_reads": stats.host_reads, "passes": len(calls), "prefill_ms": stats.prefill_time_s * 1e3,
-            "passes_ms": passes_ms, "host_ms": decode_ms - passes_ms, "calls": calls}  # fmt: skip
+    return {"method": method, "batch": ids.shape[0], "tokens": result.sequences.shape[1] - ids.shape[1],
+            "rounds": stats.rounds, "host_reads": stats.host_reads, "passes": len(calls),
+            "prefill_ms": stats.prefill_time_s * 1e3, "passes_ms": passes_ms, "host_ms": decode_ms - passes_ms,
+            "calls": calls}  # fmt: skip
 
 
 def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method: the host's work per round, per host read and per pass (medians over decodes, ms), its share of
-    the decode and the tokens a round makes."""
+    """Per method (`ar`, then `eesd`) and batch size: the host's work per round, per host read and per pass (medians
+    over decodes, ms), its share of the decode and the tokens a round makes (a row's)."""
     rows = []
-    for method in sorted({r["method"] for r in runs}):
-        mine = [r for r in runs if r["method"] == method]
+    keys = sorted({(r["method"], r.get("batch", 1)) for r in runs}, key=lambda k: (METHODS.index(k[0]), k[1]))
+    for method, batch in keys:
+        mine = [r for r in runs if r["method"] == method and r.get("batch", 1) == batch]
 
         def per(key: str, runs: list[dict[str, Any]] = mine) -> float:
             return round(statistics.median(r["host_ms"] / max(r[key], 1) for r in runs), 4)
 
         share = statistics.median(r["host_ms"] / (r["host_ms"] + r["passes_ms"]) for r in mine)
         tokens_per_round = sum(r["tokens"] for r in mine) / sum(r["rounds"] for r in mine)
-        rows.append({"method": method, "decodes": len(mine), "host_ms_per_round": per("rounds"),
+        rows.append({"method": method, "batch": batch, "decodes": len(mine), "host_ms_per_round": per("rounds"),
                      "host_ms_per_read": per("host_reads"), "host_ms_per_pass": per("passes"),
                      "host_share_of_decode": round(share, 4),
                      "tokens_per_round": round(tokens_per_round, 3)})  # fmt: skip
     return rows
 
 
-def is_captured(capture: str | None) -> bool:
-    """Whether passes run under this (resolved) capture mode are captured: the simulator then pays a profile's
-    `overhead` once per host read, and on every pass where they are not ("none", "freeze")."""
-    return capture not in ("none", "freeze")
-
-
-def host_fields(rows: list[dict[str, Any]], captured: bool) -> dict[str, dict[str, float]]:
-    """Measured host work (`host_rows`, or a host-work file's `methods`) as `serving.by_method` fields (µs), for a
-    profile of passes run as these were: per read where they are captured, per pass where they are not."""
-    key = "host_ms_per_read" if captured else "host_ms_per_pass"
-    return {row["method"]: {"latency.profile.overhead_us": round(row[key] * 1e3, 1)} for row in rows}
-
-
 def by_method_snippet(rows: list[dict[str, Any]], captured: bool) -> str:
-    """`host_fields` as the text of a serving case's `serving.by_method`, to paste."""
-    fields = (f"{m}: {{{k}: {v:.0f}}}" for m, f in host_fields(rows, captured).items() for k, v in f.items())
+    """Measured host work (`host_rows`) at the smallest batch measured as a serving case's `serving.by_method` (µs,
+    one figure a method), to paste where no file is at hand: per read for a profile of captured passes, per pass for
+    one of uncaptured passes (a file named by `latency.profile.host_work` keeps every batch size)."""
+    key, smallest = figure_key(captured), min(row.get("batch", 1) for row in rows)
+    fields = (f"{r['method']}: {{latency.profile.overhead_us: {r[key] * 1e3:.0f}}}" for r in rows
+              if r.get("batch", 1) == smallest)  # fmt: skip
     return "serving.by_method: {" + ", ".join(fields) + "}"
 
 
-def read_host_work(path: Path) -> dict[str, Any]:
-    """An `eesd.host_work` file, checked (torch-free: `eesd calibrate scenario` reads it); ValueError naming the file
-    and the field otherwise."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path}: format: expected {FORMAT!r} (eesd calibrate host --out)")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version: expected {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
-    if not isinstance(data.get("metadata"), dict):
-        raise ValueError(f"{path}: metadata: expected a mapping")
-    rows = data.get("methods")
-    methods = (
-        [row.get("method") for row in rows]
-        if isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
-        else None
-    )
-    if methods != list(METHODS):
-        raise ValueError(f"{path}: methods: expected one row each for {', '.join(METHODS)}, got {methods!r}")
-    for row in rows:
-        for key in ("host_ms_per_read", "host_ms_per_pass"):
-            value = row.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
-                raise ValueError(f"{path}: methods.{row['method']}.{key}: expected milliseconds >= 0, got {value!r}")
-    return data
+def batches_of(prompts: list[list[int]], size: int) -> list[tuple[Any, Any]]:
+    """The prompts (token ids) in batches of `size` (each prompt once; the last batch filled from the first prompts),
+    left-padded, with the attention mask where a batch holds several: (ids, mask) tensors on the CPU."""
+    import torch
+
+    count = -(-len(prompts) // size)
+    groups = [[prompts[(i * size + j) % len(prompts)] for j in range(size)] for i in range(count)]
+    out = []
+    for group in groups:
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group]) if size > 1 else None
+        out.append((ids, mask))
+    return out
 
 
 def measure(
-    model: Any, prompts: list[Any], *, repeats: int, sync: Callable[[], None] | None, **settings: Any
+    model: Any, batches: list[tuple[Any, Any]], *, repeats: int, sync: Callable[[], None] | None, **settings: Any
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every prompt decoded by each method `repeats` times (interleaved), after an untimed warm-up decode per prompt
-    and method (captures and compilations, allocators); returns the decodes (without their calls) and the rows."""
+    """Every batch of prompts ((ids, attention mask or None), `batches_of`) decoded by each method `repeats` times
+    (interleaved), after an untimed warm-up decode per batch and method (captures and compilations, allocators);
+    returns the decodes (without their calls) and the rows."""
     clock = PassClock(sync)
     clock.install()
+
+    def run(ids: Any, mask: Any, method: str) -> dict[str, Any]:
+        return decode(model, ids, method, clock, attention_mask=mask, **settings)
+
     try:
-        for ids in prompts:
+        for ids, mask in batches:
             for method in METHODS:
-                decode(model, ids, method, clock, **settings)
+                run(ids, mask, method)
         clock.calls.clear()
-        runs = [decode(model, ids, method, clock, **settings)
-                for _ in range(repeats) for ids in prompts for method in METHODS]  # fmt: skip
+        runs = [run(ids, mask, method) for _ in range(repeats) for ids, mask in batches for method in METHODS]
     finally:
         clock.uninstall()
     return [{k: v for k, v in r.items() if k != "calls"} for r in runs], host_rows(runs)
@@ -175,7 +161,7 @@ def measure(
 def run_host(args: argparse.Namespace) -> int:
     import torch
 
-    from calibrate.common import base_metadata, check_json_out, model_and_head
+    from calibrate.common import base_metadata, check_json_out, model_and_head, parse_int_list
     from executor.models import load_tokenizer
     from executor.passes import resolve_capture
     from executor.prompts import load_prompts
@@ -185,22 +171,27 @@ def run_host(args: argparse.Namespace) -> int:
                         ("--repeats", args.repeats)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    args.batch = parse_int_list(args.batch, "--batch", 1)
     check_json_out(args.out, args.force)
     device, dtype, model, head, exit_layer = model_and_head(args)
     capture = resolve_capture(args.capture, device, "greedy")
     tokenizer = load_tokenizer(args.model)
     texts = [p.text for p in load_prompts(args.prompt_set)][: args.prompts]
-    prompts = [tokenizer(text, return_tensors="pt").input_ids.to(device) for text in texts]
+    prompts = [tokenizer(text).input_ids for text in texts]
+    batches = [(ids.to(device), None if mask is None else mask.to(device))
+               for size in args.batch for ids, mask in batches_of(prompts, size)]  # fmt: skip
     settings = {"exit_layer": exit_layer, "head": head, "policy": args.policy, "capture": capture,
                 "max_new_tokens": args.max_new_tokens, "sync_every": args.sync_every}  # fmt: skip
     print(f"calibrate host: {args.model} on {device}, capture {capture}, E={exit_layer} {args.policy}, "
-          f"{len(prompts)} prompts x {args.max_new_tokens} tokens x {args.repeats}")  # fmt: skip
+          f"{len(prompts)} prompts x {args.max_new_tokens} tokens x {args.repeats}, batch "
+          f"{','.join(map(str, args.batch))}")  # fmt: skip
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    runs, rows = measure(model, prompts, repeats=args.repeats, sync=sync, **settings)
+    runs, rows = measure(model, batches, repeats=args.repeats, sync=sync, **settings)
     for row in rows:
         print(
-            f"{row['method']:>4}: host work {row['host_ms_per_read']:.3f} ms a read, {row['host_ms_per_round']:.3f} "
-            f"a round, {row['host_ms_per_pass']:.3f} a pass ({row['host_share_of_decode']:.2%} of the decode)"
+            f"{row['method']:>4} batch {row['batch']}: host work {row['host_ms_per_read']:.3f} ms a read, "
+            f"{row['host_ms_per_round']:.3f} a round, {row['host_ms_per_pass']:.3f} a pass "
+            f"({row['host_share_of_decode']:.2%} of the decode)"
         )
     snippet = by_method_snippet(rows, is_captured(capture))
     kind = "captured passes (paid once a read)" if is_captured(capture) else "uncaptured passes (paid every pass)"
@@ -209,12 +200,14 @@ def run_host(args: argparse.Namespace) -> int:
         metadata = base_metadata(args.model, device, dtype) | {
             "exit_layer": exit_layer, "head": args.head, "policy": args.policy, "capture": capture,
             "sync_every": args.sync_every, "prompt_set": args.prompt_set, "prompts": len(prompts),
-            "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "max_new_tokens": args.max_new_tokens, "batch": args.batch, "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
         }  # fmt: skip
         data = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "metadata": metadata, "methods": rows,
                 "serving_by_method": snippet, "decodes": runs}  # fmt: skip
         write_text_atomic(args.out, json.dumps(data, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}; a scenario prices each method's host work from it with "
+              f"latency.profile.host_work: {args.out}")  # fmt: skip
     return 0
 
 
@@ -229,6 +222,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-every", type=int, default=1, help="AR steps per host read (default: 1, as a server reads)")
     p.add_argument("--prompt-set", default="builtin", help="a prompt set or JSONL file (default: builtin)")
     p.add_argument("--prompts", type=int, default=4, help="its first N prompts (default: 4)")
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated, prompts decoded together (default: 1)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per decode (default: 48)")
     p.add_argument("--repeats", type=int, default=2, help="times over the prompts, methods interleaved (default: 2)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file (eesd.host_work)")

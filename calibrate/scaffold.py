@@ -31,7 +31,6 @@ from typing import Any
 
 import yaml
 
-from calibrate.host import host_fields, is_captured, read_host_work
 from sim.acceptance import check_trace_fits
 from sim.formats import (
     DataFile,
@@ -44,6 +43,7 @@ from sim.formats import (
     write_text_atomic,
 )
 from sim.hardware import gpu_named_by
+from sim.host_work import check_fits, read_host_work
 from sim.models import ModelConfig, check_claimed_model, check_profiled_layers, known_model_like, named_model
 from sim.policy import make_policy
 from sim.runner import simulate_point
@@ -112,8 +112,6 @@ def write_scenario(
         raise ValueError("--methods: --serving writes AR against EESD (PPSD serving needs a topology of its own)")
     if serving and len(paths) > 1:
         raise ValueError("--acceptance: --serving takes one trace (write one serving scenario per head)")
-    if host is not None and not serving:
-        raise ValueError("--host: the host's work per method goes into a serving scenario (add --serving)")
     check_output("--out", out, force=force)
     if name is not None:
         _check_name(name)
@@ -135,10 +133,7 @@ def write_scenario(
         data["topology"]["contention"] = _relative(contention, out.parent)
     if serving:  # sized from the batch scenario's AR point
         data = _serving_data(data, _loaded(out, _yaml(data), load_points)[0], profile)
-    notes = []
-    if host is not None:
-        data["serving"]["by_method"], note = _host_work(host, profile)
-        notes.append(note)
+    notes = [] if host is None else [_host_work(data, host, latency, profile, out.parent, serving)]
     text = _header(latency, profile, traces, command, serving, notes) + _yaml(data)
     _loaded(out, text, _serving_loader() if serving else load_points)
     write_text_atomic(out, text)
@@ -419,24 +414,23 @@ def _add_draft_profile(
     data["latency"]["draft_profile"] = {"path": _relative(draft_profile, folder), "cuda_graphs": cuda_graphs}
 
 
-def _host_work(path: Path, profile: DataFile) -> tuple[dict[str, dict[str, float]], str]:
-    """`--host`: an `eesd calibrate host` file's figures as `serving.by_method` fields, checked to be of the profile's
-    model and device and of passes run as the profile's were (captured or not); and the header's line for it."""
-    data = read_host_work(path)
-    meta, own = data["metadata"], profile.metadata
-    for field in ("model", "device_type"):
-        theirs, ours = meta.get(field), own.get(field)
-        if theirs is not None and ours is not None and str(theirs).lower() != str(ours).lower():
-            raise ValueError(f"--host {path}: metadata.{field} is {theirs!r}, the latency profile's is {ours!r}")
-    graphs = _has_graphs(profile)
-    if is_captured(meta.get("capture")) != graphs:
-        kind = "captured" if graphs else "uncaptured"
-        raise ValueError(
-            f"--host {path}: measured with capture {meta.get('capture')!r}, the profile is of {kind} passes"
-        )
-    per = "read" if graphs else "pass"
-    note = f"  host work per method {path} ({meta.get('device')}, {meta.get('date')}): per {per}, as serving.by_method"
-    return host_fields(data["methods"], graphs), note
+def _host_work(data: dict[str, Any], path: Path, latency: Path, profile: DataFile, folder: Path, serving: bool) -> str:
+    """`--host`: an `eesd calibrate host` file named as the scenario's `latency.profile.host_work` (AR and EESD then
+    pay their own measured host work), checked to be of the profile's model and device and of passes run as the
+    profile's were; a batch scenario of captured passes reads the device as often as the file's decodes did (its
+    `sync_every`; a serving loop reads every round). The header's line for it."""
+    ref = data["latency"]["profile"]
+    try:
+        host = read_host_work(path)
+        check_fits(host, path, _model(latency, profile)[0], profile.metadata, ref["cuda_graphs"])
+    except ValueError as err:
+        raise ValueError(f"--host {err}") from None
+    meta = host["metadata"]
+    ref["host_work"] = _relative(path, folder)
+    if ref["cuda_graphs"] and not serving:
+        data["sync_every"] = meta.get("sync_every")
+    per = "host read" if ref["cuda_graphs"] else "pass"
+    return f"  host work per method {path} ({meta.get('device')}, {meta.get('date')}): paid per {per}"
 
 
 def _header(

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from sim.formats import COMPONENTS, DataFile, LatencyRecord
 from sim.hardware import GPUSpec, LinkSpec
+from sim.host_work import HostOverhead
 from sim.models import ModelConfig
 
 KERNELS_PER_LAYER = 9  # norm, qkv, rope, attention, o_proj, norm, gate_up, act*mul, down
@@ -140,12 +141,14 @@ class ProfileLatency:
     Outside the profiled grid the edge segment is extrapolated linearly (clamped at 0) and `extrapolated` becomes
     True, so results can flag it. A component missing from a phase falls back to the `verify` then `draft` phase;
     `embed`, `overhead` and `exit_head` may be absent (0 µs; a trained exit head then needs `exit_head`). With
-    `overhead_us` the host's `overhead` is that constant instead of the profile's rows.
+    `overhead_us` the host's `overhead` is that constant instead of the profile's rows; with `host`, a decode pass's
+    is that method's measured host work at the pass's batch size (`sim.host_work`; prefill keeps the rows).
     """
 
     profile: DataFile
     cuda_graphs: bool = True
     overhead_us: float | None = None  # the host's `overhead` in place of the profile's rows (every phase and shape)
+    host: HostOverhead | None = None  # a method's measured host work, for its decode passes
     extrapolated: bool = False
     frozen: bool = field(default=False, init=False)  # `frozen_profile`
     _grids: dict[tuple[str, str], _Grid] = field(default_factory=dict, repr=False)
@@ -177,6 +180,8 @@ class ProfileLatency:
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
         if component == "overhead" and self.overhead_us is not None:
             return self.overhead_us
+        if component == "overhead" and self.host is not None and phase != "prefill":
+            return self.host.at(batch)
         key = (component, phase, q, context_len, batch)
         cached = self._cache.get(key)
         if cached is not None:

@@ -39,6 +39,7 @@ from sim.formats import (
     read_link_profile,
 )
 from sim.hardware import GPUS, LINKS, GPUSpec, LinkSpec, gpu_named_by
+from sim.host_work import HostOverhead, check_fits, host_overhead, read_host_work
 from sim.latency import (
     ConstantLatency,
     LatencyModel,
@@ -254,8 +255,10 @@ def _check_shared_devices(stages: tuple[SimStage, ...]) -> None:
 
 
 # ---- building a plan from a scenario point --------------------------------------------------------------------------
-def build_plan(point: Point, method: str | None = None) -> SimPlan:
-    """The plan of one point (`method` overrides the scenario's, e.g. `"ar"` for the baseline)."""
+def build_plan(point: Point, method: str | None = None, reads_every: int | None = None) -> SimPlan:
+    """The plan of one point (`method` overrides the scenario's, e.g. `"ar"` for the baseline). `reads_every`: the
+    AR steps per host read a host-work file must have been measured with, for captured passes (default: the
+    scenario's `sync_every`; a serving loop reads every round)."""
     s, where = point.scenario, _where(point)
     model = model_config(s)
     dtype_bytes = DTYPE_BYTES[s.dtype]
@@ -267,7 +270,7 @@ def build_plan(point: Point, method: str | None = None) -> SimPlan:
     draft_dtype = _draft_dtype(s, method or s.method, where)
     plan = SimPlan(
         model=model,
-        stages=_stages(point, model, dtype_bytes, exit_layer, where, draft_dtype),
+        stages=_stages(point, model, dtype_bytes, exit_layer, where, draft_dtype, (method or s.method, reads_every)),
         link=_link(s.topology.link, point, "topology.link"),
         method=method or s.method,
         acceptance=_acceptance(point, exit_layer, where),
@@ -368,8 +371,16 @@ def _draft_dtype(s: Scenario, method: str, where: str) -> str | None:
 
 
 def _stages(
-    point: Point, model: ModelConfig, dtype_bytes: int, exit_layer: int, where: str, draft_dtype: str | None = None
+    point: Point,
+    model: ModelConfig,
+    dtype_bytes: int,
+    exit_layer: int,
+    where: str,
+    draft_dtype: str | None = None,
+    reads: tuple[str, int | None] = ("ar", None),
 ) -> tuple[SimStage, ...]:
+    """The point's stages; `reads`: the method they run and its steps per host read (None: the scenario's
+    `sync_every`), which a host-work file's figure is for (`_host`)."""
     s = point.scenario
     topo = s.topology
     configs = [StageConfig()] * topo.stages if isinstance(topo.stages, int) else list(topo.stages)
@@ -377,6 +388,7 @@ def _stages(
     indices = _device_indices(s, configs)
     profile = _profile(point)
     draft_profile = _draft_profile(point, draft_dtype, profile, where)
+    host = _host(point, profile, reads[0], reads[1] or s.sync_every, where)
     tp_link = _link(topo.tp_link, point, "topology.tp_link")
     efficiency = (s.latency.roofline or Roofline()).bandwidth_efficiency
     stages, specs, start = [], [], 0
@@ -390,7 +402,7 @@ def _stages(
             )
         specs.append(spec)
         tp = config.tp or topo.tp
-        latency = _latency(point, profile, spec, model, dtype_bytes, tp)
+        latency = _latency(point, profile, spec, model, dtype_bytes, tp, host)
         draft_latency = None
         if draft_dtype is not None and start < exit_layer:
             draft_latency = _draft_latency(point, draft_profile, spec, model, dtype_bytes, tp, draft_dtype, where)
@@ -535,6 +547,30 @@ def _profile(point: Point) -> DataFile | None:
     return profile
 
 
+def _host(point: Point, profile: DataFile | None, method: str, reads_every: int, where: str) -> HostOverhead | None:
+    """`latency.profile.host_work`'s figure for `method` (None without the file, or for PPSD, which it does not
+    time), checked to be of the profile's model and device, of passes captured as the scenario prices them and,
+    captured, of `reads_every` steps per host read (`sim.host_work`)."""
+    ref = point.scenario.latency.profile
+    if ref is None or ref.host_work is None:
+        return None
+    field = f"{where}: latency.profile.host_work"
+    path = _resolve(point, ref.host_work, "latency.profile.host_work")
+    try:
+        data = read_host_work(path)
+        check_fits(data, path, model_config(point.scenario), profile.metadata if profile else {}, ref.cuda_graphs)
+    except ValueError as err:
+        raise ScenarioError(f"{field}: {err}") from None
+    measured = data["metadata"].get("sync_every")
+    if ref.cuda_graphs and method != "ppsd" and measured != reads_every:
+        raise ScenarioError(
+            f"{field}: {path}: metadata.sync_every: measured with {measured!r} steps per host read, this point "
+            f"reads every {reads_every} (the scenario's sync_every; a serving loop, every round): expected a file "
+            f"measured with `eesd calibrate host --sync-every {reads_every}`"
+        )
+    return host_overhead(data, method, ref.cuda_graphs, path)
+
+
 def _device(named: str | GPUConfig | None, profile: DataFile | None, where: str) -> tuple[str, GPUSpec | None]:
     """(the stage's device name, its GPU's spec where known). `where` is `FILE: FIELD` of the GPU the scenario
     names for the stage (`named`: a table name, an inline GPU, or None where it names none)."""
@@ -599,13 +635,20 @@ def _check_memory(
 
 
 def _latency(
-    point: Point, profile: DataFile | None, spec: GPUSpec | None, model: ModelConfig, dtype_bytes: int, tp: int
+    point: Point,
+    profile: DataFile | None,
+    spec: GPUSpec | None,
+    model: ModelConfig,
+    dtype_bytes: int,
+    tp: int,
+    host: HostOverhead | None = None,
 ) -> LatencyModel:
     config = point.scenario.latency
     if config.constant_us is not None:
         return ConstantLatency(dict(config.constant_us))
     if config.profile is not None and profile is not None:
-        return ProfileLatency(profile, cuda_graphs=config.profile.cuda_graphs, overhead_us=config.profile.overhead_us)
+        ref = config.profile
+        return ProfileLatency(profile, cuda_graphs=ref.cuda_graphs, overhead_us=ref.overhead_us, host=host)
     assert spec is not None  # `_device` gives a GPU to every stage not costed by a profile
     roofline = (config.roofline or Roofline()).model_dump()
     return RooflineLatency(spec, model, dtype_bytes, tp, dtype=point.scenario.dtype, **roofline)

@@ -87,7 +87,7 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     """A batch size outside the latency profile's batches, and a trace replay that reuses the trace's tokens (the
     scenario said `acceptance.reuse: cycle`), whose requests end at their EOS before `output_len`, or whose drafts
     ran in another dtype than the point's (its acceptance replayed as recorded)."""
-    notes = list(_batch_notes(plan))
+    notes = list(_batch_notes(plan)) + _host_notes(plan, point)
     if not isinstance(plan.acceptance, TraceAcceptance):
         return tuple(notes)
     w = plan.workload
@@ -132,6 +132,27 @@ def _batch_notes(plan: SimPlan) -> list[str]:
             f"workload.batch_size {batch} lies outside the batches {list(batches)} of {path}: {how}; profile it "
             f"(eesd calibrate latency --batch 1,{batch})"
         )
+    return notes
+
+
+def _host_notes(plan: SimPlan, point: Point) -> list[str]:
+    """How a host-work file (`latency.profile.host_work`) prices the point's host work where it does not simply
+    apply: PPSD, which it does not time; a batch size outside the ones it measured; EESD under another policy."""
+    ref = point.scenario.latency.profile
+    if ref is None or ref.host_work is None:
+        return []
+    host, batch = getattr(plan.stages[0].latency, "host", None), plan.workload.batch_size
+    if host is None:
+        return [f"latency.profile.host_work times AR and EESD: {plan.method}'s passes pay the profile's overhead rows"]
+    notes = []
+    if host.outside(batch):
+        how = "flat" if len(host.batches) == 1 else "extrapolated linearly from its edge"
+        notes.append(
+            f"workload.batch_size {batch} lies outside the batches {list(host.batches)} {host.source} measured the "
+            f"host's work at: {how}; measure it there (eesd calibrate host --batch 1,{batch})"
+        )
+    if host.policy is not None and host.policy != plan.policy:
+        notes.append(f"the host's work of an EESD round was measured under {host.policy}; this runs {plan.policy}")
     return notes
 
 

@@ -124,9 +124,18 @@ class Roofline(Strict):
 class ProfileRef(Strict):
     path: FilePath
     cuda_graphs: bool = True
-    # the host's work around each read in place of the profile's `overhead` rows (µs): e.g. one method's own, measured
-    # with benchmarks/decode_breakdown.py, set per method with `serving.by_method`
+    # the host's work around each read in place of the profile's `overhead` rows (µs), every method alike (one
+    # method's own with `serving.by_method`)
     overhead_us: float | None = Field(None, ge=0, le=1e9)
+    # an `eesd calibrate host` file: AR and EESD decode passes pay their own measured host work at the point's batch
+    # size in place of the profile's `overhead` rows (`sim.host_work`; PPSD and prefill keep the rows)
+    host_work: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _one_host_figure(self) -> ProfileRef:
+        if self.overhead_us is not None and self.host_work is not None:
+            raise ValueError("give overhead_us (one figure) or host_work (each method's measured figures), not both")
+        return self
 
 
 class LatencyConfig(Strict):

@@ -306,7 +306,7 @@ def _plan(
     }
     _check_cache_context(model, workload, where)
     scenario = validate(fields, where)
-    return build_plan(Point(0, {}, scenario, path.parent, where)), scenario
+    return build_plan(Point(0, {}, scenario, path.parent, where), reads_every=1), scenario  # a read every round
 
 
 def _check_cache_context(model: ModelConfig, workload: ServingWorkload, where: str) -> None:

@@ -1,7 +1,8 @@
-"""`eesd calibrate host`: the host's work between passes per method, from the executor's own decodes (`calibrate.host`).
-The figures are timings (not asserted beyond their bookkeeping); what is checked is that the split adds up, that the
-serving fields take the column the simulator pays (per read for captured passes, per pass uncaptured), the file and
-the refusals."""
+"""`eesd calibrate host`: the host's work between passes per method and batch size, from the executor's own decodes
+(`calibrate.host`), and the simulator's use of its file (`latency.profile.host_work`, `sim.host_work`). The figures
+are timings (not asserted beyond their bookkeeping); what is checked is that the split adds up, that the simulator
+pays the column it should (per read for captured passes, per pass uncaptured) at the point's batch size for each
+method, the file and the refusals."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from benchmark_scripts import load_benchmark
 from packages import requires_smollm2
 from test_passes import EXIT_LAYER, PROMPTS, model
 
-from calibrate.host import FORMAT, PassClock, by_method_snippet, decode, host_rows
+from calibrate.host import FORMAT, PassClock, batches_of, by_method_snippet, decode, host_rows
 from executor.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,8 @@ def test_rows_take_medians_per_read_round_and_pass_and_the_fields_the_right_colu
         {"method": "ar", "tokens": 9, "rounds": 9, "host_reads": 8, "passes": 8, "passes_ms": 90.0, "host_ms": 1.6},
         {"method": "eesd", "tokens": 9, "rounds": 5, "host_reads": 4, "passes": 8, "passes_ms": 80.0, "host_ms": 1.2},
     ]
-    ar, eesd = host_rows(runs)
+    ar, eesd = host_rows(runs[::-1])  # rows come in method order whatever the decodes' order
+    assert ar["method"] == "ar" and ar["batch"] == eesd["batch"] == 1
     assert ar["host_ms_per_read"] == pytest.approx(0.15) and ar["host_ms_per_pass"] == pytest.approx(0.15)
     assert eesd["host_ms_per_read"] == pytest.approx(0.3) and eesd["host_ms_per_pass"] == pytest.approx(0.15)
     assert eesd["host_ms_per_round"] == pytest.approx(0.24) and eesd["tokens_per_round"] == pytest.approx(1.8)
@@ -64,51 +66,75 @@ def test_decode_breakdown_uses_the_same_measurement() -> None:
     assert bench.PassClock is PassClock and bench.host_rows is host_rows
 
 
+def test_batches_hold_every_prompt_left_padded() -> None:
+    (ids, mask), (ids2, mask2) = batches_of([[5, 6, 7], [8], [9, 9]], 2)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids2.tolist() == [[0, 9, 9], [5, 6, 7]] and mask2.tolist() == [[0, 1, 1], [1, 1, 1]]  # filled from the first
+    assert [m for _, m in batches_of([[1], [2]], 1)] == [None, None]
+
+
 @requires_smollm2
 def test_the_cli_writes_the_figures_and_refuses_bad_input(tmp_path, capsys) -> None:
     out = tmp_path / "host.json"
-    argv = ["calibrate", "host", "--model", "smollm2-135m", "--exit-layer", "15", "--prompts", "1",
+    argv = ["calibrate", "host", "--model", "smollm2-135m", "--exit-layer", "15", "--prompts", "2", "--batch", "1,2",
             "--max-new-tokens", "6", "--repeats", "1", "--threads", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert data["format"] == FORMAT and data["schema_version"] == 1
-    assert [row["method"] for row in data["methods"]] == ["ar", "eesd"]
+    assert data["format"] == FORMAT and data["schema_version"] == 2
+    assert [(row["method"], row["batch"]) for row in data["methods"]] == [("ar", 1), ("ar", 2), ("eesd", 1),
+                                                                           ("eesd", 2)]  # fmt: skip
     assert data["metadata"]["exit_layer"] == 15 and data["metadata"]["capture"] == "none"
+    assert data["metadata"]["batch"] == [1, 2] and data["metadata"]["sync_every"] == 1
     assert data["serving_by_method"] in printed and "paid every pass" in printed
-    assert len(data["decodes"]) == 2 and all(d["host_ms"] > 0 for d in data["decodes"])
+    assert f"latency.profile.host_work: {out}" in printed
+    assert [d["batch"] for d in data["decodes"]] == [1, 1, 1, 1, 2, 2]  # two prompts alone, then together; AR, EESD
+    assert all(d["host_ms"] > 0 for d in data["decodes"])
     assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err
     assert main([*argv[:-2], "--out", str(tmp_path / "host.csv")]) == 2
     assert "expected a .json file" in capsys.readouterr().err
     assert main([*argv[:4], "--prompts", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert "--prompts must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*argv[:4], "--batch", "2,0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--batch" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 
 
 @requires_smollm2
-def test_a_serving_scenario_takes_each_methods_host_work(tmp_path, capsys) -> None:
-    """`calibrate host` -> `calibrate scenario --serving --host`: each method's plan prices a host read at its own
-    measured figure (per pass, the CPU profile being of uncaptured passes)."""
+def test_scenarios_take_each_methods_measured_host_work(tmp_path) -> None:
+    """`calibrate host` -> `calibrate scenario --host`, a batch scenario and a serving one: every EESD point, its AR
+    baseline and each serving method's plan price a decode pass's host work at that method's own measured figure
+    (per pass: the CPU profile is of uncaptured passes) at the plan's batch size; prefill keeps the profile's rows."""
     from calibrate.scaffold import write_scenario
+    from sim.plan import build_plan
+    from sim.scenario import load_points
     from sim.serving import load_serving_points
 
     host = tmp_path / "host.json"
     assert main(["calibrate", "host", "--model", "smollm2-135m", "--exit-layer", "15", "--prompts", "1",
                  "--max-new-tokens", "6", "--repeats", "1", "--threads", "1", "--out", str(host)]) == 0  # fmt: skip
-    rows = {row["method"]: row for row in json.loads(host.read_text())["methods"]}
-    out = write_scenario(LATENCY, TRACE, tmp_path / "serve.yaml", policies=("fixed:1",), serving=True, host=host)
-    assert f"host work per method {host}" in out.read_text() and "per pass" in out.read_text()
-    points = load_serving_points(out)
-    for point in points:
-        want = round(rows[point.method]["host_ms_per_pass"] * 1e3, 1)
-        assert point.plan.stages[0].latency.overhead_us == pytest.approx(want)
+    per_pass = {row["method"]: row["host_ms_per_pass"] * 1e3 for row in json.loads(host.read_text())["methods"]}
+    batch = write_scenario(LATENCY, TRACE, tmp_path / "batch.yaml", policies=("fixed:1",), host=host)
+    assert "host_work: host.json" in batch.read_text() and "paid per pass" in batch.read_text()
+    for point in load_points(batch):
+        for method in ("ar", "eesd"):
+            latency = build_plan(point, method=method).stages[0].latency
+            assert latency.time_us("overhead", "verify", 1, 128, 1) == pytest.approx(per_pass[method])
+            assert latency.time_us("overhead", "prefill", 64, 0, 1) != pytest.approx(per_pass[method])
+    serve = write_scenario(LATENCY, TRACE, tmp_path / "serve.yaml", policies=("fixed:1",), serving=True, host=host)
+    for point in load_serving_points(serve):
+        assert point.plan.stages[0].latency.time_us("overhead", "draft", 1, 256, 1) == pytest.approx(
+            per_pass[point.method]
+        )
 
 
 def _host_file(path, **changes) -> None:
-    rows = [{"method": m, "host_ms_per_read": 0.1, "host_ms_per_pass": 0.05} for m in ("ar", "eesd")]
-    data = {"format": FORMAT, "schema_version": 1, "metadata": {"model": "smollm2-135m", "device_type": "cpu",
-            "capture": "none"}, "methods": rows}  # fmt: skip
+    rows = [{"method": m, "batch": b, "host_ms_per_read": 0.1 * (b + (m == "eesd")),
+             "host_ms_per_pass": 0.05 * b + (m == "eesd")}
+            for m in ("ar", "eesd") for b in (1, 4)]  # fmt: skip
+    data = {"format": FORMAT, "schema_version": 2, "metadata": {"model": "smollm2-135m", "device_type": "cpu",
+            "capture": "none", "sync_every": 1, "policy": "fixed:1"}, "methods": rows}  # fmt: skip
     for key, value in changes.items():
-        if key in ("model", "device_type", "capture"):
+        if key in ("model", "device_type", "capture", "sync_every"):
             data["metadata"][key] = value
         else:
             data[key] = value
@@ -119,18 +145,30 @@ def _host_file(path, **changes) -> None:
     ("changes", "message"),
     [
         ({"format": "eesd.round_costs"}, "format: expected 'eesd.host_work'"),
-        ({"schema_version": 2}, "schema_version: expected 1, got 2"),
+        ({"schema_version": 3}, "schema_version: expected 1 or 2, got 3"),
         (
-            {"methods": [{"method": "ar", "host_ms_per_read": 0.1, "host_ms_per_pass": 0.1}]},
-            "methods: expected one row",
+            {"methods": [{"method": "ar", "batch": 1, "host_ms_per_read": 0.1, "host_ms_per_pass": 0.1}]},
+            "methods: expected rows for ar, eesd at the same batch sizes",
         ),
         (
-            {"methods": [{"method": m, "host_ms_per_read": -1, "host_ms_per_pass": 0} for m in ("ar", "eesd")]},
-            "methods.ar.host_ms_per_read: expected milliseconds >= 0, got -1",
+            {"methods": [{"method": m, "batch": 1, "host_ms_per_read": 0, "host_ms_per_pass": 0} for m in "ab"]},
+            "methods: method 'a': expected one of ar, eesd",
+        ),
+        (
+            {"methods": [{"method": m, "batch": 0, "host_ms_per_read": 0, "host_ms_per_pass": 0} for m in ("ar",)]},
+            "methods.ar: batch: expected an integer >= 1, got 0",
+        ),
+        (
+            {
+                "methods": [
+                    {"method": m, "batch": 1, "host_ms_per_read": -1, "host_ms_per_pass": 0} for m in ("ar", "eesd")
+                ]
+            },  # fmt: skip
+            "methods.ar[batch 1].host_ms_per_read: expected milliseconds >= 0, got -1",
         ),
         ({"device_type": "cuda"}, "metadata.device_type is 'cuda', the latency profile's is 'cpu'"),
-        ({"model": "gemma3-270m"}, "metadata.model is 'gemma3-270m'"),
-        ({"capture": "graph"}, "measured with capture 'graph', the profile is of uncaptured passes"),
+        ({"model": "gemma3-270m"}, "metadata.model: 'gemma3-270m' is Gemma-3-270M, not the scenario's model SmolLM2"),
+        ({"capture": "graph"}, "measured with capture 'graph'; the scenario prices uncaptured passes"),
     ],
 )
 def test_a_host_file_that_does_not_fit_is_refused(tmp_path, changes, message) -> None:
@@ -138,17 +176,143 @@ def test_a_host_file_that_does_not_fit_is_refused(tmp_path, changes, message) ->
 
     host = tmp_path / "host.json"
     _host_file(host, **changes)
-    with pytest.raises(ValueError, match="") as info:
-        write_scenario(LATENCY, TRACE, tmp_path / "s.yaml", policies=("fixed:1",), serving=True, host=host)
-    assert message in str(info.value) and str(host) in str(info.value)
-    assert not (tmp_path / "s.yaml").exists()
+    for serving in (False, True):
+        with pytest.raises(ValueError, match="") as info:
+            write_scenario(LATENCY, TRACE, tmp_path / "s.yaml", policies=("fixed:1",), serving=serving, host=host)
+        assert message in str(info.value) and str(host) in str(info.value) and "--host" in str(info.value)
+        assert not (tmp_path / "s.yaml").exists()
 
 
-def test_host_work_needs_a_serving_scenario(tmp_path) -> None:
+def _scenario(tmp_path, host: str | None = "host.json", **fields) -> Path:
+    """A SmolLM2 CPU scenario on the serving profile (batches 1, 2, 4), a fixed acceptance."""
+    import yaml
+
+    data = {"name": "host", "model": "SmolLM2-135M", "dtype": "fp32", "method": "eesd", "exit_layer": 15,
+            "policy": "fixed:1", "latency": {"profile": {"path": str(LATENCY), "cuda_graphs": False}},
+            "acceptance": {"alpha": 0.5}, "topology": {"stages": 1},
+            "workload": {"requests": 2, "batch_size": 1, "prompt_len": 128, "output_len": 16}} | fields  # fmt: skip
+    if host is not None:
+        data["latency"]["profile"]["host_work"] = host
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_each_method_pays_its_own_host_work_in_a_decode(tmp_path) -> None:
+    """An uncaptured AR decode pays the AR figure on every pass: the decode's time moves by exactly the change of
+    the figure times its passes; EESD pays its own at the batch size (interpolated between the batches measured);
+    a schema 1 file is batch 1's."""
+    from sim.plan import build_plan
+    from sim.runner import simulate_point
+    from sim.scenario import load_points
+
+    _host_file(tmp_path / "host.json")
+    point = load_points(_scenario(tmp_path, method="ar"))[0]
+    slow = json.loads((tmp_path / "host.json").read_text())
+    for row in slow["methods"]:
+        row["host_ms_per_pass"] += 2.0 if row["method"] == "ar" else 0
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    fast = simulate_point(point).result
+    slow_point = load_points(_scenario(tmp_path, "slow.json", method="ar"))[0]
+    result = simulate_point(slow_point).result
+    assert result.decode_time_us - fast.decode_time_us == pytest.approx(2000.0 * result.decode_tokens, rel=1e-9)
+    eesd = build_plan(load_points(_scenario(tmp_path))[0]).stages[0].latency
+    assert eesd.time_us("overhead", "verify", 2, 128, 2) == pytest.approx((0.05 * 2 + 1) * 1e3)  # between 1 and 4
+    assert eesd.time_us("overhead", "draft", 1, 128, 1) == pytest.approx(1050.0)
+    rows = [{"method": m, "host_ms_per_read": 0.2, "host_ms_per_pass": 0.3} for m in ("ar", "eesd")]
+    v1 = {"format": FORMAT, "schema_version": 1, "metadata": slow["metadata"], "methods": rows}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    old = build_plan(load_points(_scenario(tmp_path, "v1.json"))[0]).stages[0].latency
+    assert old.host.batches == (1,) and old.time_us("overhead", "verify", 1, 128, 4) == pytest.approx(300.0)
+
+
+def test_the_output_says_where_the_file_does_not_simply_apply(tmp_path) -> None:
+    from sim.runner import point_notes
+    from sim.scenario import load_points
+
+    _host_file(tmp_path / "host.json")
+    assert point_notes(load_points(_scenario(tmp_path))[0]) == ()
+    beyond = point_notes(load_points(_scenario(tmp_path, workload={"requests": 8, "batch_size": 8, "prompt_len": 128,
+                                                                   "output_len": 16}))[0])  # fmt: skip
+    assert any("batch_size 8 lies outside the batches [1, 4]" in note for note in beyond)
+    other = point_notes(load_points(_scenario(tmp_path, policy="fixed:3"))[0])
+    assert other == ("the host's work of an EESD round was measured under fixed:1; this runs fixed:3",)
+    ppsd = point_notes(load_points(_scenario(tmp_path, method="ppsd", topology={"stages": 2}))[0])
+    assert ppsd == ("latency.profile.host_work times AR and EESD: ppsd's passes pay the profile's overhead rows",)
+
+
+def test_a_scenario_refuses_a_host_file_that_does_not_fit(tmp_path) -> None:
+    from sim.scenario import ScenarioError, load_points
+
+    _host_file(tmp_path / "host.json")
+    path = _scenario(tmp_path)
+    text = path.read_text().replace("cuda_graphs: false", "cuda_graphs: false\n    overhead_us: 50")
+    path.write_text(text)
+    with pytest.raises(ScenarioError, match="give overhead_us .* or host_work"):
+        load_points(path)
+    _host_file(tmp_path / "host.json", device_type="cuda")
+    with pytest.raises(ScenarioError, match=r"latency.profile.host_work: .*host.json: metadata.device_type is 'cuda'"):
+        load_points(_scenario(tmp_path))
+    with pytest.raises(ScenarioError, match="latency.profile.host_work: file not found"):
+        load_points(_scenario(tmp_path, "missing.json"))
+
+
+def test_captured_passes_need_a_file_of_the_scenarios_host_reads(tmp_path) -> None:
+    """A captured scenario pays the file's per-read figure, measured reading every `sync_every` steps as the
+    scenario's decode does; a serving loop reads every round."""
+    from sim.host_work import host_overhead, read_host_work
+    from sim.scenario import ScenarioError
+
+    _host_file(tmp_path / "host.json", capture="graph")
+    data = read_host_work(tmp_path / "host.json")
+    assert host_overhead(data, "ar", captured=True).us == pytest.approx((100.0, 400.0))
+    assert host_overhead(data, "eesd", captured=False).us == pytest.approx((1050.0, 1200.0))
+    assert host_overhead(data, "ppsd", captured=True) is None
+    with pytest.raises(ScenarioError, match="metadata.sync_every: measured with 1 steps per host read, this point "):
+        _captured_plan(tmp_path, sync_every=8)
+    assert _captured_plan(tmp_path, sync_every=1).stages[0].latency.host.us == pytest.approx((200.0, 500.0))
+    assert _captured_plan(tmp_path, sync_every=8, reads_every=1).stages[0].latency.host.method == "eesd"
+
+
+def _captured_plan(tmp_path, sync_every: int, reads_every: int | None = None):
+    """The plan of a scenario on a copy of the CPU profile with every row marked captured."""
+    import yaml
+
+    from sim.plan import build_plan
+    from sim.scenario import Point, validate
+
+    lines = LATENCY.read_text().splitlines()
+    captured = [lines[0].replace('"cuda_graphs": [false]', '"cuda_graphs": [true]'), lines[1]]
+    captured += [",".join("1" if i == 5 else c for i, c in enumerate(line.split(","))) for line in lines[2:]]
+    (tmp_path / "captured.csv").write_text("\n".join(captured) + "\n")
+    data = yaml.safe_load(_scenario(tmp_path, sync_every=sync_every).read_text())
+    data["latency"]["profile"] |= {"path": "captured.csv", "cuda_graphs": True}
+    return build_plan(Point(0, {}, validate(data, "s.yaml"), tmp_path, "s.yaml"), reads_every=reads_every)
+
+
+def test_a_batch_scenario_of_captured_passes_reads_as_the_files_decodes_did(tmp_path) -> None:
+    """`calibrate scenario --host` on a GPU profile of captured passes: the batch scenario takes the file's
+    `sync_every` (its per-read figures hold for that many steps a read) and pays the per-read figures; the serving one
+    reads every round."""
     from calibrate.scaffold import write_scenario
+    from sim.plan import build_plan
+    from sim.scenario import load_points
+    from sim.serving import load_serving_points
 
+    latency = ROOT / "calibration" / "h100" / "latency_smollm2-135m_cuda_bf16_compiled.csv"
+    trace = ROOT / "calibration" / "h100" / "acceptance_smollm2-135m_shared_builtin_cuda_bf16.csv"
     host = tmp_path / "host.json"
-    _host_file(host)
-    with pytest.raises(ValueError, match="add --serving"):
-        write_scenario(LATENCY, TRACE, tmp_path / "s.yaml", host=host)
-    write_scenario(LATENCY, TRACE, tmp_path / "s.yaml", policies=("fixed:1",), serving=True, host=host)
+    _host_file(host, device_type="cuda", capture="compile-layers", sync_every=1)
+    batch = write_scenario(latency, trace, tmp_path / "batch.yaml", policies=("fixed:1",), host=host)
+    assert "sync_every: 1" in batch.read_text() and "paid per host read" in batch.read_text()
+    plan = build_plan(load_points(batch)[0])
+    assert plan.sync_every == 1 and plan.stages[0].latency.host.us == pytest.approx((200.0, 500.0))
+    serve = write_scenario(latency, trace, tmp_path / "serve.yaml", policies=("fixed:1",), serving=True, host=host)
+    assert {p.method: p.plan.stages[0].latency.host.us[0] for p in load_serving_points(serve)} == pytest.approx(
+        {"ar": 100.0, "eesd": 200.0}
+    )
+    _host_file(host, device_type="cuda", capture="compile-layers", sync_every=4)
+    serving = pytest.raises(ValueError, match="metadata.sync_every: measured with 4 steps per host read, this point ")
+    with serving:
+        write_scenario(latency, trace, tmp_path / "s4.yaml", policies=("fixed:1",), serving=True, host=host)
+    assert not (tmp_path / "s4.yaml").exists()
