@@ -271,9 +271,22 @@ class PassProfile:
             if eesd.layers_head():
                 costs["ar_head"] = launch_time_ms(eesd.ar_head, device, lambda: eesd.load([1], [at], 1))
             for q in sorted(set(qs)):
-                reset = lambda q=q: eesd.load([1], [at + q - 1], 1)  # noqa: E731  (as q - 1 draft steps leave it)
-                costs[f"verify q={q}"] = launch_time_ms(lambda q=q: eesd.verify(q - 1), device, reset)
+                costs[f"verify q={q}"] = launch_time_ms(
+                    lambda q=q: eesd.verify(q - 1), device, self._drafted(eesd, at, q - 1)
+                )
         return costs
+
+    @staticmethod
+    def _drafted(eesd: Any, at: int, k: int) -> Callable[[], None]:
+        """The device's inputs as k draft steps from `at` leave them for a verify pass: positions[1] = at + k and the
+        draft cursor at k (mod the longest draft; a verify pass of bucketed width reads its round's count there, and
+        resets it to 0, so back-to-back launches need it set again)."""
+
+        def reset() -> None:
+            eesd.load([1], [at + k], 1)
+            eesd.draft_cursor.fill_(k % eesd.drafts.shape[1])
+
+        return reset
 
     def eesd_ideal(self, stats: Any, exit_layer: int, head: Any, policy: str) -> tuple[float | None, dict]:
         if not stats.accepted:

@@ -430,7 +430,7 @@ case "${1:-}" in
               # shared head's trace at exit layers 15 and 22 on the built-in prompts, then benchmarks/serving_cpu.py's
               # nine cases from those files (AR and EESD E = 22 batch <= 4, PPSD two stages; first the round
               # costs of EESD E = 15 on the card, `eesd calibrate rounds`, <= 40 s, and the host's work between
-              # passes per AR step and EESD round, benchmarks/decode_breakdown.py, <= 45 s), the executor's passes
+              # passes per AR step and EESD round, `eesd calibrate host`, <= 45 s), the executor's passes
               # captured in graphs and every workload's arrivals 20x as dense. DEVICE=cpu runs the same steps on this
               # machine as a smoke test (fp32, uncaptured, the first 3 requests of two cases).
     T=${2:-420}
@@ -459,10 +459,11 @@ case "${1:-}" in
       --capture $CAPTURE --repeats 3 --threads $THREADS --force --out "$OUT/round_costs_smollm2_${CARD}.json" 2>&1 \
       | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
     # the host's work between passes, AR reading every token and EESD E = 15 fixed:1, each pass bracketed by device
-    # synchronisations: what a serving loop's device waits for per step and per round (docs/serving.md)
-    timeout 45 python3 benchmarks/decode_breakdown.py --profile "$PROFILE" --model "$GGUF" --device "$DEVICE" \
-      --dtype $TORCH_DTYPE --capture $CAPTURE --sync-every 1 --prompts 4 --max-new-tokens 48 --threads $THREADS \
-      --out "$OUT/decode_breakdown_smollm2_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
+    # synchronisations, at batch 1 and 4: what a serving loop's device waits for per step and per round
+    # (docs/serving.md), the file a serving scenario names as latency.profile.host_work
+    timeout 45 python3 -m executor.cli calibrate host --model "$GGUF" --exit-layer 15 --device "$DEVICE" --dtype $DTYPE \
+      --capture $CAPTURE --batch 1,4 --prompts 4 --max-new-tokens 32 --repeats 2 --threads $THREADS --force \
+      --out "$OUT/host_smollm2_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
     timeout $((T - 345)) python3 benchmarks/serving_cpu.py --model "$GGUF" --device "$DEVICE" --dtype $TORCH_DTYPE \
       --capture $CAPTURE --profile "$PROFILE" --trace "$TRACE" --rate-scale $SCALE --threads $THREADS "${SOME[@]}" \
       --out "$OUT/serving_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"

@@ -104,9 +104,19 @@ def stage_time_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, 
         total += lat.time_us("layer", phase, work.head_layer_q, context_len, batch)
     if work.lm_head_q and stage.layer_end == plan.model.num_layers:
         total += lat.time_us("lm_head", phase, work.lm_head_q, context_len, batch)
-    if (work.host_sync and (read or work.host_per_stage)) or not host.cuda_graphs:
+    if _pays_host(stage, work, host, read):
         total += host.time_us("overhead", phase, 1, plan.host_context(context_len, phase), batch)
     return total
+
+
+def _pays_host(stage: SimStage, work: Pass, latency: LatencyModel, read: bool) -> bool:
+    """Whether this stage's share of the pass pays the host's `overhead` (`stage_time_us`). A method's measured host
+    work (`latency.profile.host_work`: one process's, between its passes) is paid once a pass, by the stage where
+    the pass ends; a profile's `overhead` rows as before, by every stage of an uncaptured pass."""
+    if getattr(latency, "host", None) is not None and work.phase != "prefill":
+        ends = max(end for _, end, _ in work.segments)
+        return stage.layer_start < ends <= stage.layer_end and (work.host_sync or not latency.cuda_graphs)
+    return (work.host_sync and (read or work.host_per_stage)) or not latency.cuda_graphs
 
 
 def stage_hbm_us(plan: SimPlan, stage: SimStage, work: Pass, context_len: int, batch: int) -> float | None:

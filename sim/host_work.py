@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sim.formats import MAX_FILE_BYTES, read_text
+from sim.formats import MAX_FILE_BYTES, quote, read_text
 from sim.models import ModelConfig, check_claimed_model
 
 FORMAT = "eesd.host_work"
@@ -53,7 +53,7 @@ def read_host_work(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: format: expected {FORMAT!r} (eesd calibrate host --out)")
     version = data.get("schema_version")
     if isinstance(version, bool) or version not in (1, SCHEMA_VERSION):
-        raise ValueError(f"{path}: schema_version: expected 1 or {SCHEMA_VERSION}, got {version!r}")
+        raise ValueError(f"{path}: schema_version: expected 1 or {SCHEMA_VERSION}, got {quote(version)}")
     if not isinstance(data.get("metadata"), dict):
         raise ValueError(f"{path}: metadata: expected a mapping")
     rows = data.get("methods")
@@ -69,22 +69,22 @@ def _check_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     keys = [(row.get("method"), row.get("batch")) for row in rows]
     for method, batch in keys:
         if method not in METHODS:
-            raise ValueError(f"{path}: methods: method {method!r}: expected one of {', '.join(METHODS)}")
+            raise ValueError(f"{path}: methods: method {quote(method)}: expected one of {', '.join(METHODS)}")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"{path}: methods.{method}: batch: expected an integer >= 1, got {batch!r}")
+            raise ValueError(f"{path}: methods.{method}: batch: expected an integer >= 1, got {quote(batch)}")
     if len(set(keys)) != len(keys):
-        raise ValueError(f"{path}: methods: a (method, batch) given twice: {keys}")
+        raise ValueError(f"{path}: methods: a (method, batch) given twice: {quote(keys)}")
     for method in METHODS:
         batches = sorted(batch for m, batch in keys if m == method)
         if batches != sorted(batch for m, batch in keys if m == METHODS[0]) or not batches:
             listed = ", ".join(METHODS)
-            raise ValueError(f"{path}: methods: expected rows for {listed} at the same batch sizes, got {keys}")
+            raise ValueError(f"{path}: methods: expected rows for {listed} at the same batch sizes, got {quote(keys)}")
     for row in rows:
         for key in FIGURES:
             value = row.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
                 where = f"methods.{row['method']}[batch {row['batch']}].{key}"
-                raise ValueError(f"{path}: {where}: expected milliseconds >= 0, got {value!r}")
+                raise ValueError(f"{path}: {where}: expected milliseconds >= 0, got {quote(value)}")
 
 
 def check_fits(
@@ -100,11 +100,11 @@ def check_fits(
         raise ValueError(f"{path}: {err}") from None
     theirs, ours = meta.get("device_type"), profile.get("device_type")
     if theirs is not None and ours is not None and str(theirs).lower() != str(ours).lower():
-        raise ValueError(f"{path}: metadata.device_type is {theirs!r}, the latency profile's is {ours!r}")
+        raise ValueError(f"{path}: metadata.device_type is {quote(theirs)}, the latency profile's is {quote(ours)}")
     if is_captured(meta.get("capture")) != captured:
         kind = "captured" if captured else "uncaptured"
         raise ValueError(
-            f"{path}: metadata.capture: measured with capture {meta.get('capture')!r}; the scenario prices {kind} "
+            f"{path}: metadata.capture: measured with capture {quote(meta.get('capture'))}; the scenario prices {kind} "
             f"passes (latency.profile.cuda_graphs {str(captured).lower()}): expected a file of {kind} passes"
         )
 
@@ -119,6 +119,7 @@ class HostOverhead:
     us: tuple[float, ...]
     source: str = ""  # the file
     policy: str | None = None  # the draft policy EESD was measured with
+    device: str | None = None  # the device it was measured on (its host's work is that machine's)
 
     def at(self, batch: int) -> float:
         xs, ys = self.batches, self.us
@@ -140,6 +141,8 @@ def host_overhead(data: Mapping[str, Any], method: str, captured: bool, source: 
     rows = sorted((r for r in data["methods"] if r["method"] == method), key=lambda r: r["batch"])
     if not rows:
         return None
-    key, policy = figure_key(captured), data["metadata"].get("policy")
+    meta, key = data["metadata"], figure_key(captured)
+    policy, device = meta.get("policy"), meta.get("device")
     return HostOverhead(method, tuple(r["batch"] for r in rows), tuple(r[key] * 1e3 for r in rows), str(source),
-                        str(policy) if method == "eesd" and policy is not None else None)  # fmt: skip
+                        str(policy) if method == "eesd" and policy is not None else None,
+                        str(device) if device is not None else None)  # fmt: skip

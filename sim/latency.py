@@ -181,6 +181,7 @@ class ProfileLatency:
         if component == "overhead" and self.overhead_us is not None:
             return self.overhead_us
         if component == "overhead" and self.host is not None and phase != "prefill":
+            self.extrapolated = self.extrapolated or self.host.outside(batch)
             return self.host.at(batch)
         key = (component, phase, q, context_len, batch)
         cached = self._cache.get(key)

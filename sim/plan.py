@@ -33,6 +33,7 @@ from sim.cost import cost_ratio, head_vocab_fraction, round_costs
 from sim.formats import (
     DataFile,
     is_trained,
+    quote,
     read_acceptance_trace,
     read_contention_profile,
     read_latency_profile,
@@ -562,11 +563,11 @@ def _host(point: Point, profile: DataFile | None, method: str, reads_every: int,
     except ValueError as err:
         raise ScenarioError(f"{field}: {err}") from None
     measured = data["metadata"].get("sync_every")
-    if ref.cuda_graphs and method != "ppsd" and measured != reads_every:
+    if ref.cuda_graphs and (isinstance(measured, bool) or measured != reads_every):  # every point's AR baseline too
         raise ScenarioError(
-            f"{field}: {path}: metadata.sync_every: measured with {measured!r} steps per host read, this point "
-            f"reads every {reads_every} (the scenario's sync_every; a serving loop, every round): expected a file "
-            f"measured with `eesd calibrate host --sync-every {reads_every}`"
+            f"{field}: {path}: metadata.sync_every: measured with {quote(measured)} steps per host read, this point "
+            f"and its AR baseline read every {reads_every} (the scenario's sync_every; a serving loop, every round): "
+            f"expected a file measured with `eesd calibrate host --sync-every {reads_every}`"
         )
     return host_overhead(data, method, ref.cuda_graphs, path)
 

@@ -22,8 +22,10 @@ from typing import Any
 
 from sim.acceptance import TraceAcceptance
 from sim.engine import RunResult, Simulation
+from sim.formats import quote
 from sim.latency import ProfileLatency
 from sim.plan import SimPlan, build_plan
+from sim.policy import parse_policy_spec
 from sim.progress import progress_bar
 from sim.scenario import Point, claimed_dtype, narrow_draft_dtype
 from sim.tables import text_table
@@ -151,9 +153,23 @@ def _host_notes(plan: SimPlan, point: Point) -> list[str]:
             f"workload.batch_size {batch} lies outside the batches {list(host.batches)} {host.source} measured the "
             f"host's work at: {how}; measure it there (eesd calibrate host --batch 1,{batch})"
         )
-    if host.policy is not None and host.policy != plan.policy:
-        notes.append(f"the host's work of an EESD round was measured under {host.policy}; this runs {plan.policy}")
+    if host.policy is not None and _policy_kind(host.policy) != _policy_kind(plan.policy):
+        notes.append(
+            f"the host's work of an EESD round was measured under {quote(host.policy)}, this under {plan.policy}"
+        )
+    profiled = plan.stages[0].device
+    if host.device is not None and host.device != profiled:
+        notes.append(f"the host's work was measured on {quote(host.device)}, the latency profile on {profiled}")
     return notes
+
+
+def _policy_kind(spec: str) -> tuple[str, tuple]:
+    """A policy spec without the costs it was given (`with_cost`): what its host work depends on."""
+    try:
+        name, args = parse_policy_spec(spec)
+    except ValueError:
+        return spec, ()
+    return name, tuple(sorted((k, str(v)) for k, v in args.items() if k not in ("cost", "costs")))
 
 
 def run_points(

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from benchmark_scripts import load_benchmark
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from packages import requires_smollm2
 from test_passes import EXIT_LAYER, PROMPTS, model
 
@@ -236,7 +239,7 @@ def test_the_output_says_where_the_file_does_not_simply_apply(tmp_path) -> None:
                                                                    "output_len": 16}))[0])  # fmt: skip
     assert any("batch_size 8 lies outside the batches [1, 4]" in note for note in beyond)
     other = point_notes(load_points(_scenario(tmp_path, policy="fixed:3"))[0])
-    assert other == ("the host's work of an EESD round was measured under fixed:1; this runs fixed:3",)
+    assert other == ("the host's work of an EESD round was measured under 'fixed:1', this under fixed:3",)
     ppsd = point_notes(load_points(_scenario(tmp_path, method="ppsd", topology={"stages": 2}))[0])
     assert ppsd == ("latency.profile.host_work times AR and EESD: ppsd's passes pay the profile's overhead rows",)
 
@@ -274,7 +277,7 @@ def test_captured_passes_need_a_file_of_the_scenarios_host_reads(tmp_path) -> No
     assert _captured_plan(tmp_path, sync_every=8, reads_every=1).stages[0].latency.host.method == "eesd"
 
 
-def _captured_plan(tmp_path, sync_every: int, reads_every: int | None = None):
+def _captured_plan(tmp_path, sync_every: int, reads_every: int | None = None, **fields):
     """The plan of a scenario on a copy of the CPU profile with every row marked captured."""
     import yaml
 
@@ -285,7 +288,7 @@ def _captured_plan(tmp_path, sync_every: int, reads_every: int | None = None):
     captured = [lines[0].replace('"cuda_graphs": [false]', '"cuda_graphs": [true]'), lines[1]]
     captured += [",".join("1" if i == 5 else c for i, c in enumerate(line.split(","))) for line in lines[2:]]
     (tmp_path / "captured.csv").write_text("\n".join(captured) + "\n")
-    data = yaml.safe_load(_scenario(tmp_path, sync_every=sync_every).read_text())
+    data = yaml.safe_load(_scenario(tmp_path, sync_every=sync_every, **fields).read_text())
     data["latency"]["profile"] |= {"path": "captured.csv", "cuda_graphs": True}
     return build_plan(Point(0, {}, validate(data, "s.yaml"), tmp_path, "s.yaml"), reads_every=reads_every)
 
@@ -316,3 +319,125 @@ def test_a_batch_scenario_of_captured_passes_reads_as_the_files_decodes_did(tmp_
     with serving:
         write_scenario(latency, trace, tmp_path / "s4.yaml", policies=("fixed:1",), serving=True, host=host)
     assert not (tmp_path / "s4.yaml").exists()
+
+
+def _raised(tmp_path, name: str, ar_ms: float = 0.0, eesd_ms: float = 0.0) -> str:
+    """host.json with AR's and EESD's per-pass figures raised by these milliseconds, as `name`."""
+    data = json.loads((tmp_path / "host.json").read_text())
+    for row in data["methods"]:
+        row["host_ms_per_pass"] += ar_ms if row["method"] == "ar" else eesd_ms
+    (tmp_path / name).write_text(json.dumps(data))
+    return name
+
+
+def test_a_pass_pays_the_host_once_whatever_its_stages_and_the_baseline_pays_ars(tmp_path) -> None:
+    """The file times one process's host work between passes: a pass through two or three stages pays it once (not
+    once a stage, as a profile's rows are paid uncaptured); `eesd simulate`'s AR baseline of an EESD point pays AR's
+    figure, and the EESD decode EESD's."""
+    from sim.runner import simulate_point
+    from sim.scenario import load_points
+
+    _host_file(tmp_path / "host.json")
+    slow = _raised(tmp_path, "slow.json", ar_ms=2.0)
+    for stages in (1, 2, 3):
+        fields = {"method": "ar", "topology": {"stages": stages}}
+        fast = simulate_point(load_points(_scenario(tmp_path, **fields))[0]).result
+        result = simulate_point(load_points(_scenario(tmp_path, slow, **fields))[0]).result
+        assert result.decode_time_us - fast.decode_time_us == pytest.approx(2000.0 * result.decode_tokens)
+    plain = simulate_point(load_points(_scenario(tmp_path))[0])
+    raised = simulate_point(load_points(_scenario(tmp_path, slow))[0])
+    assert raised.result.decode_time_us == pytest.approx(plain.result.decode_time_us)  # EESD: its own figure
+    steps = raised.baseline.decode_tokens
+    assert raised.baseline.decode_time_us - plain.baseline.decode_time_us == pytest.approx(2000.0 * steps)
+    eesd = simulate_point(load_points(_scenario(tmp_path, _raised(tmp_path, "e.json", eesd_ms=1.0)))[0])
+    passes = eesd.result.rounds + eesd.result.drafted  # a pass a draft, and a verify pass (or an AR step) a round
+    assert eesd.result.decode_time_us - plain.result.decode_time_us == pytest.approx(1000.0 * passes)
+    assert eesd.baseline.decode_time_us == pytest.approx(plain.baseline.decode_time_us)
+
+
+def test_a_ppsd_scenario_of_captured_passes_is_checked_for_its_ar_baseline(tmp_path) -> None:
+    """PPSD pays the profile's rows, but its AR baseline pays the file's AR figure: a file measured reading every
+    step is refused for a scenario reading every 8, when it loads (not after its runs)."""
+    from sim.scenario import ScenarioError
+
+    _host_file(tmp_path / "host.json", capture="graph")
+    with pytest.raises(ScenarioError, match="this point and its AR baseline read every 8"):
+        _captured_plan(tmp_path, sync_every=8, method="ppsd", topology={"stages": 2})
+    plan = _captured_plan(tmp_path, sync_every=1, method="ppsd", topology={"stages": 2})
+    assert plan.stages[0].latency.host is None
+
+
+def test_notes_name_a_pinned_cost_policy_as_its_own_and_another_machine(tmp_path) -> None:
+    from sim.plan import build_plan
+    from sim.runner import point_notes
+    from sim.scenario import load_points
+
+    _host_file(tmp_path / "host.json")
+    data = json.loads((tmp_path / "host.json").read_text())
+    data["metadata"]["policy"] = "beta-ts"
+    (tmp_path / "host.json").write_text(json.dumps(data))
+    pinned = "beta-ts:costs=1.5/2.0/2.5/3.0/3.5/4.0/4.5/5.0"  # as `eesd validate` pins the simulated costs
+    assert point_notes(load_points(_scenario(tmp_path, policy=pinned))[0]) == ()
+    data["metadata"]["device"] = "CPU: another box"
+    (tmp_path / "host.json").write_text(json.dumps(data))
+    point = load_points(_scenario(tmp_path, policy="beta-ts"))[0]
+    device = build_plan(point).stages[0].device
+    note = f"the host's work was measured on 'CPU: another box', the latency profile on {device}"
+    assert point_notes(point) == (note,)
+
+
+def test_a_batch_outside_the_files_flags_the_run_extrapolated(tmp_path) -> None:
+    from sim.plan import build_plan
+    from sim.scenario import load_points
+
+    _host_file(tmp_path / "host.json")
+    latency = build_plan(load_points(_scenario(tmp_path))[0]).stages[0].latency
+    latency.time_us("overhead", "verify", 1, 128, 3)
+    assert not latency.extrapolated
+    assert latency.time_us("overhead", "verify", 1, 128, 8) == pytest.approx((0.05 * 8 + 1) * 1e3)  # along the edge
+    assert latency.extrapolated
+
+
+SHIPPED_HOST = ROOT / "calibration" / "cpu-xeon" / "host_smollm2-135m_cpu_fp32.json"
+ODD = [None, "", 0, -1, 1.5, True, [], {}, "x" * 5000, float("nan"), float("inf"), 10**400, 10**30, "1", "ar", "ppsd"]
+
+
+def _leaves(node: Any, prefix: tuple = ()) -> list[tuple]:
+    if isinstance(node, dict):
+        return [prefix] + [p for k, v in node.items() for p in _leaves(v, (*prefix, k))]
+    if isinstance(node, list):
+        return [prefix] + [p for i, v in enumerate(node) for p in _leaves(v, (*prefix, i))]
+    return [prefix]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_mutated_host_file_is_used_or_refused_by_name(tmp_path, data) -> None:
+    """The shipped host-work file with one value (anywhere in it: metadata, a row, a figure, a whole list) replaced
+    or removed: the scenario naming it either loads and simulates, or is refused with a ScenarioError naming the
+    scenario, `latency.profile.host_work` and the file, in a few lines; never another exception."""
+    from sim.runner import simulate_point
+    from sim.scenario import ScenarioError, load_points
+
+    content = json.loads(SHIPPED_HOST.read_text())
+    content["decodes"] = content["decodes"][:2]
+    where = data.draw(st.sampled_from(_leaves(content)[1:]), label="where")
+    parent = content
+    for key in where[:-1]:
+        parent = parent[key]
+    if data.draw(st.booleans(), label="remove") and isinstance(parent, dict):
+        del parent[where[-1]]
+    else:
+        parent[where[-1]] = data.draw(st.sampled_from(ODD), label="value")
+    host = tmp_path / "mutant.json"
+    host.write_text(json.dumps(content))
+    scenario = _scenario(tmp_path, "mutant.json", exit_layer=22)
+    try:
+        point = load_points(scenario)[0]
+    except ScenarioError as err:
+        message = str(err)
+        assert "latency.profile.host_work" in message and "mutant.json" in message, message
+        assert message.count("\n") < 4 and len(message) < 2000, message
+        return
+    result = simulate_point(point).result
+    assert result.decode_tokens > 0 and 0 < result.decode_time_us < 1e12  # a used file's figures are real times

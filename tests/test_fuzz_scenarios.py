@@ -28,7 +28,7 @@ from sim.runner import result_row, run_points, summary_table
 from sim.scenario import Point, load_points
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION = sorted(str(p) for p in (ROOT / "calibration").glob("*/*.csv"))
+CALIBRATION = sorted(str(p) for ext in ("csv", "json") for p in (ROOT / "calibration").glob(f"*/*.{ext}"))
 SHIPPED = sorted(p for p in (ROOT / "scenarios").glob("*.yaml") if "serving" not in yaml.safe_load(p.read_text()))
 EXAMPLE_BOUND_S = 30.0  # a mutant loads in well under a second and simulates a few tiny points in a few more
 MESSAGE_BOUND_CHARS = 4000  # a few lines, each quoting its value in ~80 characters
@@ -82,12 +82,13 @@ def cheap(path: Path) -> dict[str, Any]:
 
 
 def absolute_paths(node: Any, base: Path) -> Any:
-    """Every `.csv` path made absolute, so that a copy of the scenario elsewhere finds its calibration files."""
+    """Every `.csv` / `.json` path made absolute, so that a copy of the scenario elsewhere finds its calibration
+    files."""
     if isinstance(node, dict):
         return {key: absolute_paths(value, base) for key, value in node.items()}
     if isinstance(node, list):
         return [absolute_paths(value, base) for value in node]
-    if isinstance(node, str) and node.endswith(".csv"):
+    if isinstance(node, str) and node.endswith((".csv", ".json")):
         return str((base / node).resolve())
     return node
 
