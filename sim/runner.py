@@ -27,7 +27,7 @@ from sim.latency import ProfileLatency
 from sim.plan import SimPlan, build_plan
 from sim.policy import parse_policy_spec
 from sim.progress import progress_bar
-from sim.scenario import Point, claimed_dtype, narrow_draft_dtype
+from sim.scenario import Point, Scenario, claimed_dtype, narrow_draft_dtype
 from sim.tables import text_table
 
 TRACE_EVENTS = 20_000
@@ -89,7 +89,7 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     """A batch size outside the latency profile's batches, and a trace replay that reuses the trace's tokens (the
     scenario said `acceptance.reuse: cycle`), whose requests end at their EOS before `output_len`, or whose drafts
     ran in another dtype than the point's (its acceptance replayed as recorded)."""
-    notes = list(_batch_notes(plan)) + _host_notes(plan, point)
+    notes = plan_notes(plan, point.scenario)
     if not isinstance(plan.acceptance, TraceAcceptance):
         return tuple(notes)
     w = plan.workload
@@ -114,7 +114,13 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _batch_notes(plan: SimPlan) -> list[str]:
+def plan_notes(plan: SimPlan, scenario: Scenario, batch_field: str = "workload.batch_size") -> list[str]:
+    """What the output must say of how a plan's passes are costed: a batch size (the scenario's `batch_field`)
+    outside the latency profile's batches, and where a host-work file does not simply apply (`_host_notes`)."""
+    return _batch_notes(plan, batch_field) + _host_notes(plan, scenario, batch_field)
+
+
+def _batch_notes(plan: SimPlan, batch_field: str = "workload.batch_size") -> list[str]:
     """A batch size the latency profile does not span is costed from its edge: flat where it holds one batch size (a
     batch of 8 then costs what one row does, which no device does: on an H200 that predicted AR at batch 8 53% too
     fast), else extrapolated along the last segment."""
@@ -131,16 +137,17 @@ def _batch_notes(plan: SimPlan) -> list[str]:
             else f"extrapolated linearly from batches {batches[0]} and {batches[1]}"
         )
         notes.append(
-            f"workload.batch_size {batch} lies outside the batches {list(batches)} of {path}: {how}; profile it "
+            f"{batch_field} {batch} lies outside the batches {list(batches)} of {path}: {how}; profile it "
             f"(eesd calibrate latency --batch 1,{batch})"
         )
     return notes
 
 
-def _host_notes(plan: SimPlan, point: Point) -> list[str]:
-    """How a host-work file (`latency.profile.host_work`) prices the point's host work where it does not simply
-    apply: PPSD, which it does not time; a batch size outside the ones it measured; EESD under another policy."""
-    ref = point.scenario.latency.profile
+def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str) -> list[str]:
+    """How a host-work file (`latency.profile.host_work`) prices the plan's host work where it does not simply
+    apply: PPSD, which it does not time; a batch size outside the ones it measured; EESD under another policy; a
+    file measured on another device than the profile."""
+    ref = scenario.latency.profile
     if ref is None or ref.host_work is None:
         return []
     host, batch = getattr(plan.stages[0].latency, "host", None), plan.workload.batch_size
@@ -150,7 +157,7 @@ def _host_notes(plan: SimPlan, point: Point) -> list[str]:
     if host.outside(batch):
         how = "flat" if len(host.batches) == 1 else "extrapolated linearly from its edge"
         notes.append(
-            f"workload.batch_size {batch} lies outside the batches {list(host.batches)} {host.source} measured the "
+            f"{batch_field} {batch} lies outside the batches {list(host.batches)} {host.source} measured the "
             f"host's work at: {how}; measure it there (eesd calibrate host --batch 1,{batch})"
         )
     if host.policy is not None and _policy_kind(host.policy) != _policy_kind(plan.policy):

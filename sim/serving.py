@@ -80,6 +80,7 @@ from sim.formats import quote
 from sim.models import ModelConfig
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
+from sim.runner import plan_notes
 from sim.scenario import Point, Scenario, ScenarioError, model_config, read_yaml, validate
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload, WorkloadError, build_workload, parse_spec, with_rate
 
@@ -141,6 +142,7 @@ class ServingPoint:
     source: str
     replicas: int = 1
     dispatch: str = "least_loaded"
+    notes: tuple[str, ...] = ()  # how its passes are costed where the calibration files do not simply hold
 
     @property
     def devices(self) -> int:
@@ -240,9 +242,10 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
             _check_trace_covers(plan, scenario, workload, where)
             capacity = _kv_capacity(plan, method_config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
+            notes = tuple(plan_notes(plan, scenario, "serving.max_batch"))
             points.append(ServingPoint(
                 case, method, rate, plan, workload, max_batch, capacity, config.slo, where,
-                method_config.replicas, method_config.dispatch,
+                method_config.replicas, method_config.dispatch, notes,
             ))  # fmt: skip
     return points
 

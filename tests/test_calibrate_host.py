@@ -441,3 +441,29 @@ def test_a_mutated_host_file_is_used_or_refused_by_name(tmp_path, data) -> None:
         return
     result = simulate_point(point).result
     assert result.decode_tokens > 0 and 0 < result.decode_time_us < 1e12  # a used file's figures are real times
+
+
+def test_serve_sim_says_how_the_host_file_prices_each_method(tmp_path, capsys) -> None:
+    """`eesd serve-sim` prints each method's notes once (not once a rate): here a serving batch past the batch sizes
+    the file measured, priced along its edge."""
+    import yaml
+
+    from calibrate.scaffold import write_scenario
+    from executor.cli import main as cli
+
+    host = tmp_path / "host.json"
+    _host_file(host)
+    data = json.loads(host.read_text())
+    data["methods"] = [row for row in data["methods"] if row["batch"] == 1]
+    host.write_text(json.dumps(data))
+    serve = write_scenario(LATENCY, TRACE, tmp_path / "serve.yaml", policies=("fixed:1",), serving=True, host=host)
+    scenario = yaml.safe_load(serve.read_text())
+    max_batch = scenario["serving"]["max_batch"]
+    assert max_batch > 1
+    scenario["serving"]["rates_per_s"] = scenario["serving"]["rates_per_s"][:2]
+    serve.write_text(yaml.safe_dump(scenario))
+    assert cli(["serve-sim", str(serve), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    for method in ("ar", "eesd"):
+        wanted = f"note: {method}: serving.max_batch {max_batch} lies outside the batches [1] {host} measured"
+        assert sum(line.startswith(wanted) for line in notes) == 1, notes
