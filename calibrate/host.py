@@ -2,17 +2,18 @@
 
 A serving loop reads the device after every round, and while the host works (the acceptance read back, the policy's
 update, the next round's inputs, the KV cache's books) the device waits: on a small model on a GPU that work decides
-whether a shallow exit head pays under load (docs/serving.md). The simulator prices it from a latency profile's
-`overhead` rows, which time a fixed piece of host work, the same for every method; this measures each method's own.
+whether a shallow exit head pays under load (docs/serving.md). A latency profile's `overhead` rows time a fixed piece
+of host work, the same for every method; this measures each method's own, and a scenario that names its file as
+`latency.profile.host_work` prices each method from it (`sim.host_work`).
 
-It runs real greedy decodes (`executor.generate`), AR and EESD interleaved, with every pass the executor launches
-(`Passes.ar`, `.ar_head`, `.draft`, `.verify`) timed where it runs, bracketed by device synchronisations on a GPU, so
-that a decode's wall time splits into prefill, passes and the host's work between them. Per method it reports that work
-per host read (what the simulator pays once per read for captured passes) and per pass (what it pays on every pass
-uncaptured), and prints them as a serving case's `serving.by_method` fields. Output (`--out`, JSON, written
+It runs real greedy decodes (`executor.generate`), AR and EESD interleaved, each batch size's prompts decoded together
+(left-padded), with every pass the executor launches (`Passes.ar`, `.ar_head`, `.draft`, `.verify`) timed where it
+runs, bracketed by device synchronisations on a GPU, so that a decode's wall time splits into prefill, passes and the
+host's work between them. Per method and batch size it reports that work per host read (what the simulator pays once
+per read for captured passes) and per pass (what it pays on every pass uncaptured). Output (`--out`, JSON, written
 atomically): format `eesd.host_work`, docs/formats.md.
 
-    eesd calibrate host --model smollm2-135m --exit-layer 15 --prompts 6 --max-new-tokens 48 --out host.json
+    eesd calibrate host --model smollm2-135m --exit-layer 15 --batch 1,4 --prompts 4 --out host.json
 """
 
 from __future__ import annotations
