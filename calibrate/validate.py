@@ -125,6 +125,7 @@ class Plan:
     capture: str = "none"  # how the executor runs its passes: as the profile timed the layers (`capture_of`)
     profile_conditions: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # when, where, how loaded
     probe_context: int | None = None  # the profile's layer point timed again beside the runs (`_conditions_probe`)
+    host_work_path: Path | None = None  # `latency.profile.host_work`: each method's host work, where named
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,7 @@ def plan(
         capture=capture_of(profile, s.latency.profile.cuda_graphs),
         profile_conditions={k: profile.metadata.get(k) for k in ("date", "host", "load_average_1min", "device")},
         probe_context=_probe_context(profile),
+        host_work_path=(path.parent / s.latency.profile.host_work).resolve() if s.latency.profile.host_work else None,
     )
 
 
@@ -1062,6 +1064,7 @@ def report(
             "scenario": shown(plan_.scenario_path),
             "latency_profile": shown(plan_.profile_path),
             "acceptance_trace": shown(plan_.trace_path),
+            "host_work": shown(plan_.host_work_path) if plan_.host_work_path else None,
             "profile_device": plan_.profile_device,
             "head": plan_.head,
             "prompts": list(plan_.prompt_ids),

@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         f"tokens, model {plan.model} ({plan.dtype}, {plan.device_type}), head {plan.head}"
     )
     print(f"profile: {plan.profile_path} ({plan.profile_device})\ntrace:   {plan.trace_path}")
+    if plan.host_work_path is not None:
+        print(f"host:    {plan.host_work_path} (each method's host work between passes)")
     print(use_threads(args.threads, default=threads_in(plan.profile_device)), flush=True)
     runs = len(plan.targets) * args.repeats * args.processes
     with progress_bar(runs, "validate", "run", not args.no_progress) as bar:

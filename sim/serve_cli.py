@@ -13,8 +13,16 @@ from pathlib import Path
 from sim.cli import check_jobs, output_folder
 from sim.formats import check_output
 from sim.runner import plots_available
-from sim.serving import ServingPoint, load_serving_points
-from sim.serving_report import capacity, run_serving, stop_paying, summary_table, write_json, write_outputs
+from sim.serving import load_serving_points
+from sim.serving_report import (
+    capacity,
+    run_notes,
+    run_serving,
+    stop_paying,
+    summary_table,
+    write_json,
+    write_outputs,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +46,6 @@ def capacity_line(item: dict) -> str:
     devices = item["devices"]
     per_device = f"{item['capacity_rps_per_device']:.3g} per device on {devices} device{'s' if devices > 1 else ''}"
     return f"{where}{item['method']} holds the SLO ({slo}) up to about {rate:.3g} requests/s, {per_device}"
-
-
-def point_notes(points: list[ServingPoint]) -> list[str]:
-    """Each case and method's notes (`ServingPoint.notes`: the same at every rate), each once."""
-    lines = (f"{f'case {p.case}: ' if p.case else ''}{p.method}: {note}" for p in points for note in p.notes)
-    return list(dict.fromkeys(lines))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {write_json(args.json, args.scenario, runs)}")
     if not plots_available():
         print('note: no plots (matplotlib is not installed: pip install -e ".[plots]")')
-    for line in point_notes(points):
+    for line in run_notes(runs):
         print(f"note: {line}")
     if any(r.result.extrapolated for r in runs):
         print("note: some latencies were extrapolated beyond the profiled grid (column 'extrapolated')")

@@ -206,13 +206,21 @@ def _capacity_plot(capacities: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def run_notes(runs: Sequence[ServingRun]) -> list[str]:
+    """Each case and method's notes (`ServingPoint.notes`: the same at every rate), each once."""
+    lines = (f"{f'case {r.point.case}: ' if r.point.case else ''}{r.point.method}: {note}"
+             for r in runs for note in r.point.notes)  # fmt: skip
+    return list(dict.fromkeys(lines))
+
+
 def write_json(path: Path, scenario: Path, runs: Sequence[ServingRun]) -> Path:
-    """Every run's row and the crossings, with the scenario, date and host (empty cells: null)."""
+    """Every run's row and the crossings, with the scenario, date, host and the runs' notes (empty cells: null)."""
     metadata = {
         "scenario": str(scenario),
         "host": platform.node(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "stop_paying_metric": PAYS_METRIC,
+        "notes": run_notes(runs),
     }
     rows = [{k: (None if v == "" else v) for k, v in row(run).items()} for run in runs]
     capacities = [{k: (None if v == "" else v) for k, v in item.items()} for item in capacity(runs)]

@@ -462,8 +462,11 @@ def test_serve_sim_says_how_the_host_file_prices_each_method(tmp_path, capsys) -
     assert max_batch > 1
     scenario["serving"]["rates_per_s"] = scenario["serving"]["rates_per_s"][:2]
     serve.write_text(yaml.safe_dump(scenario))
-    assert cli(["serve-sim", str(serve), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    out = tmp_path / "out.json"
+    assert cli(["serve-sim", str(serve), "--out", str(tmp_path / "out"), "--no-progress", "--json", str(out)]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    kept = json.loads(out.read_text())["metadata"]["notes"]
     for method in ("ar", "eesd"):
-        wanted = f"note: {method}: serving.max_batch {max_batch} lies outside the batches [1] {host} measured"
-        assert sum(line.startswith(wanted) for line in notes) == 1, notes
+        wanted = f"{method}: serving.max_batch {max_batch} lies outside the batches [1] {host} measured"
+        assert sum(line.startswith(f"note: {wanted}") for line in notes) == 1, notes
+        assert sum(line.startswith(wanted) for line in kept) == 1, kept

@@ -595,3 +595,17 @@ def test_the_simulators_notes_come_with_the_comparison() -> None:
     assert len(notes) == 1 and notes[0].startswith("workload.batch_size 8 lies outside the batches [1] of ")
     quiet = validate.plan(ROOT / "scenarios" / "smollm2_cpu_calibrated.yaml", points="quick", model="smollm2-135m")
     assert validate.simulator_notes(quiet) == []
+
+
+def test_a_scenario_with_each_methods_host_work_names_its_file() -> None:
+    """The host-work file a scenario names goes into the comparison's JSON beside the profile and the trace (a run's
+    predictions rest on it); a scenario without one says so."""
+    scenario = ROOT / "scenarios" / "smollm2_cpu_xeon_host_work.yaml"
+    plan_ = validate.plan(scenario, prompts=2, max_new_tokens=8)
+    assert plan_.host_work_path == ROOT / "calibration" / "cpu-xeon" / "host_smollm2-135m_cpu_fp32.json"
+    metadata = validate.report(plan_, [], 0.25, {}, root=ROOT)["metadata"]
+    assert metadata["host_work"] == "calibration/cpu-xeon/host_smollm2-135m_cpu_fp32.json"
+    assert (
+        validate.report(validate.plan(SHIPPED, points="quick"), [], 0.25, {}, root=ROOT)["metadata"]["host_work"]
+        is None
+    )
