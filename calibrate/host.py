@@ -84,8 +84,9 @@ def decode(model: Any, ids: Any, method: str, clock: PassClock, **settings: Any)
     stats, calls = result.stats, clock.calls[first:]
     passes_ms = sum(c[3] for c in calls)
     decode_ms = (stats.wall_time_s - stats.prefill_time_s) * 1e3
+    rounds = stats.rounds - 1 if method == "ar" else stats.rounds  # AR's count includes its prefill's step
     return {"method": method, "batch": ids.shape[0], "tokens": result.sequences.shape[1] - ids.shape[1],
-            "rounds": stats.rounds, "host_reads": stats.host_reads, "passes": len(calls),
+            "rounds": rounds, "host_reads": stats.host_reads, "passes": len(calls),
             "prefill_ms": stats.prefill_time_s * 1e3, "passes_ms": passes_ms, "host_ms": decode_ms - passes_ms,
             "calls": calls}  # fmt: skip
 
@@ -102,7 +103,7 @@ def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return round(statistics.median(r["host_ms"] / max(r[key], 1) for r in runs), 4)
 
         share = statistics.median(r["host_ms"] / (r["host_ms"] + r["passes_ms"]) for r in mine)
-        tokens_per_round = sum(r["tokens"] for r in mine) / sum(r["rounds"] for r in mine)
+        tokens_per_round = sum(r["tokens"] - 1 for r in mine) / max(sum(r["rounds"] for r in mine), 1)  # decoded
         rows.append({"method": method, "batch": batch, "decodes": len(mine), "host_ms_per_round": per("rounds"),
                      "host_ms_per_read": per("host_reads"), "host_ms_per_pass": per("passes"),
                      "host_share_of_decode": round(share, 4),
@@ -162,17 +163,21 @@ def measure(
 def run_host(args: argparse.Namespace) -> int:
     import torch
 
-    from calibrate.common import base_metadata, check_json_out, model_and_head, parse_int_list
+    from calibrate.common import base_metadata, check_json_out, config_summary, model_and_head, parse_int_list
     from executor.models import load_tokenizer
     from executor.passes import resolve_capture
     from executor.prompts import load_prompts
     from sim.formats import write_text_atomic
+    from sim.policy import parse_policy_spec
 
     for flag, value in (("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens),
                         ("--repeats", args.repeats)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     args.batch = parse_int_list(args.batch, "--batch", 1)
+    if args.sync_every < 1:
+        raise ValueError(f"--sync-every must be >= 1, got {args.sync_every}")
+    parse_policy_spec(args.policy)  # a bad spec named before the model loads
     check_json_out(args.out, args.force)
     device, dtype, model, head, exit_layer = model_and_head(args)
     capture = resolve_capture(args.capture, device, "greedy")
@@ -199,6 +204,7 @@ def run_host(args: argparse.Namespace) -> int:
     print(f"as a serving case's host work, for a profile of {kind}: {snippet}")
     if args.out is not None:
         metadata = base_metadata(args.model, device, dtype) | {
+            "model_config": config_summary(model.model.config), "num_layers": model.num_layers,
             "exit_layer": exit_layer, "head": args.head, "policy": args.policy, "capture": capture,
             "sync_every": args.sync_every, "prompt_set": args.prompt_set, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "batch": args.batch, "repeats": args.repeats,
@@ -219,11 +225,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="fixed:1", help="EESD's draft policy (default: fixed:1)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--capture", default="auto", help="the passes generate runs: auto | none | graph | ... ")
+    p.add_argument("--capture", default="auto", help="how generate runs the passes: auto (as generate chooses) | "
+                   "none | graph | compile | compile-layers | freeze (default: auto)")  # fmt: skip
     p.add_argument("--sync-every", type=int, default=1, help="AR steps per host read (default: 1, as a server reads)")
     p.add_argument("--prompt-set", default="builtin", help="a prompt set or JSONL file (default: builtin)")
     p.add_argument("--prompts", type=int, default=4, help="its first N prompts (default: 4)")
-    p.add_argument("--batch", default="1", help="batch sizes, comma-separated, prompts decoded together (default: 1)")
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated: prompts decoded together, each prompt "
+                   "once, a batch past --prompts filled with them again (default: 1)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per decode (default: 48)")
     p.add_argument("--repeats", type=int, default=2, help="times over the prompts, methods interleaved (default: 2)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file (eesd.host_work)")

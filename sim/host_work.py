@@ -120,6 +120,7 @@ class HostOverhead:
     source: str = ""  # the file
     policy: str | None = None  # the draft policy EESD was measured with
     device: str | None = None  # the device it was measured on (its host's work is that machine's)
+    sync_every: int | None = None  # AR steps per host read in the decodes it timed
 
     def at(self, batch: int) -> float:
         xs, ys = self.batches, self.us
@@ -142,7 +143,8 @@ def host_overhead(data: Mapping[str, Any], method: str, captured: bool, source: 
     if not rows:
         return None
     meta, key = data["metadata"], figure_key(captured)
-    policy, device = meta.get("policy"), meta.get("device")
+    policy, device, sync = meta.get("policy"), meta.get("device"), meta.get("sync_every")
     return HostOverhead(method, tuple(r["batch"] for r in rows), tuple(r[key] * 1e3 for r in rows), str(source),
                         str(policy) if method == "eesd" and policy is not None else None,
-                        str(device) if device is not None else None)  # fmt: skip
+                        str(device) if device is not None else None,
+                        sync if isinstance(sync, int) and not isinstance(sync, bool) else None)  # fmt: skip

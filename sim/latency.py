@@ -181,8 +181,7 @@ class ProfileLatency:
         if component == "overhead" and self.overhead_us is not None:
             return self.overhead_us
         if component == "overhead" and self.host is not None and phase != "prefill":
-            self.extrapolated = self.extrapolated or self.host.outside(batch)
-            return self.host.at(batch)
+            return self.host.at(batch)  # outside its batch sizes: a note of its own (`sim.runner.plan_notes`)
         key = (component, phase, q, context_len, batch)
         cached = self._cache.get(key)
         if cached is not None:

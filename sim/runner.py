@@ -13,6 +13,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -156,18 +157,30 @@ def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str) -> list[str
     notes = []
     if host.outside(batch):
         how = "flat" if len(host.batches) == 1 else "extrapolated linearly from its edge"
+        sizes = ",".join(map(str, sorted({*host.batches, batch})))
         notes.append(
             f"{batch_field} {batch} lies outside the batches {list(host.batches)} {host.source} measured the "
-            f"host's work at: {how}; measure it there (eesd calibrate host --batch 1,{batch})"
+            f"host's work at: {how}; measure it there (eesd calibrate host --batch {sizes})"
         )
     if host.policy is not None and _policy_kind(host.policy) != _policy_kind(plan.policy):
         notes.append(
-            f"the host's work of an EESD round was measured under {quote(host.policy)}, this under {plan.policy}"
+            f"the host's work of an EESD round was measured under {quote(host.policy)}, this point runs "
+            f"{quote(plan.policy)}"
         )
     profiled = plan.stages[0].device
-    if host.device is not None and host.device != profiled:
+    if host.device is not None and _machine(host.device) != _machine(profiled):
         notes.append(f"the host's work was measured on {quote(host.device)}, the latency profile on {profiled}")
+    if not plan.stages[0].latency.cuda_graphs and host.sync_every not in (None, 1):
+        notes.append(
+            f"{host.source} timed decodes reading every {host.sync_every} steps; uncaptured decodes read every step "
+            "(eesd calibrate host --sync-every 1)"
+        )
     return notes
+
+
+def _machine(device: str) -> str:
+    """A device's name without the torch threads a CPU's name records (the host's work is the machine's)."""
+    return re.sub(r",? ?\d+ torch threads?", "", device)
 
 
 def _policy_kind(spec: str) -> tuple[str, tuple]:

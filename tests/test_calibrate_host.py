@@ -57,7 +57,9 @@ def test_rows_take_medians_per_read_round_and_pass_and_the_fields_the_right_colu
     assert ar["method"] == "ar" and ar["batch"] == eesd["batch"] == 1
     assert ar["host_ms_per_read"] == pytest.approx(0.15) and ar["host_ms_per_pass"] == pytest.approx(0.15)
     assert eesd["host_ms_per_read"] == pytest.approx(0.3) and eesd["host_ms_per_pass"] == pytest.approx(0.15)
-    assert eesd["host_ms_per_round"] == pytest.approx(0.24) and eesd["tokens_per_round"] == pytest.approx(1.8)
+    assert eesd["host_ms_per_round"] == pytest.approx(0.24) and eesd["tokens_per_round"] == pytest.approx(
+        1.6
+    )  # the prefill's token aside
     assert by_method_snippet([ar, eesd], captured=True) == (
         "serving.by_method: {ar: {latency.profile.overhead_us: 150}, eesd: {latency.profile.overhead_us: 300}}"
     )
@@ -89,6 +91,7 @@ def test_the_cli_writes_the_figures_and_refuses_bad_input(tmp_path, capsys) -> N
                                                                            ("eesd", 2)]  # fmt: skip
     assert data["metadata"]["exit_layer"] == 15 and data["metadata"]["capture"] == "none"
     assert data["metadata"]["batch"] == [1, 2] and data["metadata"]["sync_every"] == 1
+    assert data["metadata"]["num_layers"] == 30 and data["metadata"]["model_config"]["hidden_size"] == 576
     assert data["serving_by_method"] in printed and "paid every pass" in printed
     assert f"latency.profile.host_work: {out}" in printed
     assert [d["batch"] for d in data["decodes"]] == [1, 1, 1, 1, 2, 2]  # two prompts alone, then together; AR, EESD
@@ -100,6 +103,10 @@ def test_the_cli_writes_the_figures_and_refuses_bad_input(tmp_path, capsys) -> N
     assert "--prompts must be >= 1, got 0" in capsys.readouterr().err
     assert main([*argv[:4], "--batch", "2,0", "--out", str(tmp_path / "x.json")]) == 2
     assert "--batch" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    for flags, message in ((["--sync-every", "0"], "--sync-every must be >= 1, got 0"), (["--policy", "x"], "'x'")):
+        assert main([*argv[:4], *flags, "--out", str(tmp_path / "x.json")]) == 2
+        err = capsys.readouterr()
+        assert message in err.err and "on cpu, capture" not in err.out  # before the model loads
 
 
 @requires_smollm2
@@ -137,7 +144,7 @@ def _host_file(path, **changes) -> None:
     data = {"format": FORMAT, "schema_version": 2, "metadata": {"model": "smollm2-135m", "device_type": "cpu",
             "capture": "none", "sync_every": 1, "policy": "fixed:1"}, "methods": rows}  # fmt: skip
     for key, value in changes.items():
-        if key in ("model", "device_type", "capture", "sync_every"):
+        if key in ("model", "device_type", "capture", "sync_every", "num_layers"):
             data["metadata"][key] = value
         else:
             data[key] = value
@@ -171,6 +178,7 @@ def _host_file(path, **changes) -> None:
         ),
         ({"device_type": "cuda"}, "metadata.device_type is 'cuda', the latency profile's is 'cpu'"),
         ({"model": "gemma3-270m"}, "metadata.model: 'gemma3-270m' is Gemma-3-270M, not the scenario's model SmolLM2"),
+        ({"model": "/models/my-finetune", "num_layers": 7}, "metadata.num_layers: 7 layers"),
         ({"capture": "graph"}, "measured with capture 'graph'; the scenario prices uncaptured passes"),
     ],
 )
@@ -237,9 +245,9 @@ def test_the_output_says_where_the_file_does_not_simply_apply(tmp_path) -> None:
     assert point_notes(load_points(_scenario(tmp_path))[0]) == ()
     beyond = point_notes(load_points(_scenario(tmp_path, workload={"requests": 8, "batch_size": 8, "prompt_len": 128,
                                                                    "output_len": 16}))[0])  # fmt: skip
-    assert any("batch_size 8 lies outside the batches [1, 4]" in note for note in beyond)
+    assert any("batch_size 8 lies outside the batches [1, 4]" in n and "--batch 1,4,8)" in n for n in beyond)
     other = point_notes(load_points(_scenario(tmp_path, policy="fixed:3"))[0])
-    assert other == ("the host's work of an EESD round was measured under 'fixed:1', this under fixed:3",)
+    assert other == ("the host's work of an EESD round was measured under 'fixed:1', this point runs 'fixed:3'",)
     ppsd = point_notes(load_points(_scenario(tmp_path, method="ppsd", topology={"stages": 2}))[0])
     assert ppsd == ("latency.profile.host_work times AR and EESD: ppsd's passes pay the profile's overhead rows",)
 
@@ -386,16 +394,28 @@ def test_notes_name_a_pinned_cost_policy_as_its_own_and_another_machine(tmp_path
     assert point_notes(point) == (note,)
 
 
-def test_a_batch_outside_the_files_flags_the_run_extrapolated(tmp_path) -> None:
+def test_a_batch_outside_the_files_is_priced_along_its_edge_and_noted_not_flagged(tmp_path) -> None:
+    """Past the file's batch sizes the figure follows its edge; the point's notes say so (the `extrapolated` flag
+    stays the latency profile's: the run's generic note speaks of the profile's grid)."""
     from sim.plan import build_plan
     from sim.scenario import load_points
 
     _host_file(tmp_path / "host.json")
     latency = build_plan(load_points(_scenario(tmp_path))[0]).stages[0].latency
-    latency.time_us("overhead", "verify", 1, 128, 3)
-    assert not latency.extrapolated
     assert latency.time_us("overhead", "verify", 1, 128, 8) == pytest.approx((0.05 * 8 + 1) * 1e3)  # along the edge
-    assert latency.extrapolated
+    assert latency.time_us("overhead", "verify", 1, 128, 3) == pytest.approx((0.05 * 3 + 1) * 1e3)
+    assert not latency.extrapolated
+
+
+def test_a_file_of_uncaptured_decodes_reading_in_blocks_is_noted(tmp_path) -> None:
+    from sim.runner import point_notes
+    from sim.scenario import load_points
+
+    _host_file(tmp_path / "host.json", sync_every=4)
+    assert point_notes(load_points(_scenario(tmp_path))[0]) == (
+        f"{tmp_path / 'host.json'} timed decodes reading every 4 steps; uncaptured decodes read every step "
+        "(eesd calibrate host --sync-every 1)",
+    )
 
 
 SHIPPED_HOST = ROOT / "calibration" / "cpu-xeon" / "host_smollm2-135m_cpu_fp32.json"
