@@ -26,6 +26,7 @@ FORMAT = "eesd.host_work"
 SCHEMA_VERSION = 2  # 2: a row per method and batch size (1: a row per method, batch 1)
 METHODS = ("ar", "eesd")  # the methods the file times, in its order
 FIGURES = ("host_ms_per_read", "host_ms_per_pass")
+MAX_BATCH = 2**31 - 1  # rows a batch can hold (the executor's int32 indices)
 
 
 def is_captured(capture: str | None) -> bool:
@@ -70,8 +71,8 @@ def _check_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     for method, batch in keys:
         if method not in METHODS:
             raise ValueError(f"{path}: methods: method {quote(method)}: expected one of {', '.join(METHODS)}")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"{path}: methods.{method}: batch: expected an integer >= 1, got {quote(batch)}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"{path}: methods.{method}: batch: expected an integer 1..{MAX_BATCH}, got {quote(batch)}")
     if len(set(keys)) != len(keys):
         raise ValueError(f"{path}: methods: a (method, batch) given twice: {quote(keys)}")
     for method in METHODS:

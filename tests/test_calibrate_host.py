@@ -166,7 +166,11 @@ def _host_file(path, **changes) -> None:
         ),
         (
             {"methods": [{"method": m, "batch": 0, "host_ms_per_read": 0, "host_ms_per_pass": 0} for m in ("ar",)]},
-            "methods.ar: batch: expected an integer >= 1, got 0",
+            "methods.ar: batch: expected an integer 1..2147483647, got 0",
+        ),
+        (
+            {"methods": [{"method": "ar", "batch": 2**31, "host_ms_per_read": 0, "host_ms_per_pass": 0}]},
+            "methods.ar: batch: expected an integer 1..2147483647, got 2147483648",
         ),
         (
             {
