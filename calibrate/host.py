@@ -27,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sim.host_work import FORMAT, METHODS, SCHEMA_VERSION, figure_key, is_captured, read_host_work
+from sim.contract import is_captured
+from sim.host_work import FORMAT, METHODS, SCHEMA_VERSION, figure_key, read_host_work
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "PassClock", "decode", "host_rows", "is_captured", "measure", "read_host_work"]
 PASS_KINDS = ("ar", "ar_head", "draft", "verify")

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sim.cli import load_batch_points
+from sim.contract import is_captured
 from sim.formats import (
     DataFile,
     quote,
@@ -871,7 +872,7 @@ def _conditions_probe(plan_: Plan, adapter: Any) -> Callable[[], float] | None:
     """Times the profile's one-token layer point again (its context, batch 1; frozen as a frozen profile timed it,
     compiled on the first call, after the warm-ups): the machine's state beside each run, against the profile's.
     None where the profile has no such point or the executor runs compiled or graphed layers (on a GPU)."""
-    if plan_.capture not in ("none", "freeze") or plan_.probe_context is None:
+    if is_captured(plan_.capture) or plan_.probe_context is None:
         return None
     from calibrate.latency import FrozenCalls, GridPoint, make_inputs
     from calibrate.latency import measure as time_point

@@ -56,6 +56,7 @@ from sim.contract import (  # MIN_SPAN: read per launch (the tests lower it)
     AR_HISTORY,
     MIN_SPAN,
     SYNC_CAPTURED,
+    is_captured,
     verify_drafts,
 )
 from sim.contract import span_bucket as contract_span_bucket
@@ -157,7 +158,7 @@ def resolve_sync_every(sync_every: int | None, capture: str) -> int:
     from running ahead)."""
     if sync_every is not None:
         return sync_every
-    return 1 if capture in ("none", "freeze") else SYNC_CAPTURED
+    return SYNC_CAPTURED if is_captured(capture) else 1
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:

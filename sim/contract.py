@@ -8,7 +8,8 @@
 - Span buckets: a static launch attends over a power-of-two number of slots (at least `MIN_SPAN`) holding the
   furthest position it writes, capped at the capacity, so a short context in a large cache reads a short slice.
 - The host-read cadence of captured passes: `SYNC_CAPTURED` chained AR steps (or PPSD ticks) per host read, at most
-  `AR_HISTORY` (the device-side log they write between two reads).
+  `AR_HISTORY` (the device-side log they write between two reads); uncaptured ("none") and frozen passes read after
+  every step (`is_captured`).
 - Verify buckets (frozen CPU passes): a verify pass after k drafts runs at `verify_drafts(k, max_draft, True)` draft
   slots (a power of two, or the policy's longest draft), so a policy whose k varies compiles a few verify passes
   instead of one per k; the slots after the k-th hold stale drafts whose outputs are never read.
@@ -26,6 +27,12 @@ AR_HISTORY = 64  # the most chained steps between two host reads (rows of the de
 # graphs and compilations for next to no saving; buckets double from here, so a cache of capacity C has about
 # log2(C / MIN_SPAN) + 1 of them (7 for 4096).
 MIN_SPAN = 64
+
+
+def is_captured(capture: str | None) -> bool:
+    """Whether passes of this (resolved) capture mode are captured, chained on the device between host reads: every
+    mode but "none" and "freeze" (frozen CPU passes run as the host calls them)."""
+    return capture not in ("none", "freeze")
 
 
 def default_exit_layer(num_layers: int) -> int:

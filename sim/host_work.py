@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sim.contract import is_captured
 from sim.formats import MAX_FILE_BYTES, quote, read_text
 from sim.models import ModelConfig, check_claimed_model
 
@@ -27,12 +28,6 @@ SCHEMA_VERSION = 2  # 2: a row per method and batch size (1: a row per method, b
 METHODS = ("ar", "eesd")  # the methods the file times, in its order
 FIGURES = ("host_ms_per_read", "host_ms_per_pass")
 MAX_BATCH = 2**31 - 1  # rows a batch can hold (the executor's int32 indices)
-
-
-def is_captured(capture: str | None) -> bool:
-    """Whether passes run under this (resolved) capture mode are captured: the simulator then pays a profile's
-    `overhead` once per host read, and on every pass where they are not ("none", "freeze")."""
-    return capture not in ("none", "freeze")
 
 
 def figure_key(captured: bool) -> str:

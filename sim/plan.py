@@ -271,7 +271,7 @@ def build_plan(point: Point, method: str | None = None, reads_every: int | None 
     draft_dtype = _draft_dtype(s, method or s.method, where)
     plan = SimPlan(
         model=model,
-        stages=_stages(point, model, dtype_bytes, exit_layer, where, draft_dtype, (method or s.method, reads_every)),
+        stages=_stages(point, model, dtype_bytes, exit_layer, where, draft_dtype, method or s.method, reads_every),
         link=_link(s.topology.link, point, "topology.link"),
         method=method or s.method,
         acceptance=_acceptance(point, exit_layer, where),
@@ -377,11 +377,12 @@ def _stages(
     dtype_bytes: int,
     exit_layer: int,
     where: str,
-    draft_dtype: str | None = None,
-    reads: tuple[str, int | None] = ("ar", None),
+    draft_dtype: str | None,
+    method: str,
+    reads_every: int | None,
 ) -> tuple[SimStage, ...]:
-    """The point's stages; `reads`: the method they run and its steps per host read (None: the scenario's
-    `sync_every`), which a host-work file's figure is for (`_host`)."""
+    """The point's stages, for `method` reading the device every `reads_every` steps (None: the scenario's
+    `sync_every`): what a host-work file's figure is taken for (`_host`)."""
     s = point.scenario
     topo = s.topology
     configs = [StageConfig()] * topo.stages if isinstance(topo.stages, int) else list(topo.stages)
@@ -389,7 +390,7 @@ def _stages(
     indices = _device_indices(s, configs)
     profile = _profile(point)
     draft_profile = _draft_profile(point, draft_dtype, profile, where)
-    host = _host(point, profile, reads[0], reads[1] or s.sync_every, where)
+    host = _host(point, profile, method, reads_every or s.sync_every, where)
     tp_link = _link(topo.tp_link, point, "topology.tp_link")
     efficiency = (s.latency.roofline or Roofline()).bandwidth_efficiency
     stages, specs, start = [], [], 0
