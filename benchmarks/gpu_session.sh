@@ -430,7 +430,8 @@ case "${1:-}" in
               # shared head's trace at exit layers 15 and 22 on the built-in prompts, then benchmarks/serving_cpu.py's
               # nine cases from those files (AR and EESD E = 22 batch <= 4, PPSD two stages; first the round
               # costs of EESD E = 15 on the card, `eesd calibrate rounds`, <= 40 s, and the host's work between
-              # passes per AR step and EESD round, `eesd calibrate host`, <= 45 s), the executor's passes
+              # passes per AR step and EESD round on serving rounds, `eesd calibrate host --loop serve`, <= 45 s,
+              # which then prices each method's host work in the cases), the executor's passes
               # captured in graphs and every workload's arrivals 20x as dense. DEVICE=cpu runs the same steps on this
               # machine as a smoke test (fp32, uncaptured, the first 3 requests of two cases).
     T=${2:-420}
@@ -458,15 +459,18 @@ case "${1:-}" in
     timeout 40 python3 -m executor.cli calibrate rounds --model "$GGUF" --device "$DEVICE" --dtype $DTYPE \
       --capture $CAPTURE --repeats 3 --threads $THREADS --force --out "$OUT/round_costs_smollm2_${CARD}.json" 2>&1 \
       | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
-    # the host's work between passes, AR reading every token and EESD E = 15 fixed:1, each pass bracketed by device
-    # synchronisations, at batch 1 and 4: what a serving loop's device waits for per step and per round
-    # (docs/serving.md), the file a serving scenario names as latency.profile.host_work
+    # the host's work between passes on the serving loop's own rounds (requests leaving, others taking their slots),
+    # AR and EESD E = 15 fixed:1, each pass bracketed by device synchronisations, at batch 1 and 4: what a serving
+    # loop's device waits for per step and per round (docs/serving.md); the serving cases below price each method's
+    # host work from it (latency.profile.host_work) in place of the profile's overhead rows
+    HOST="$OUT/host_serve_smollm2_${CARD}.json"
     timeout 45 python3 -m executor.cli calibrate host --model "$GGUF" --exit-layer 15 --device "$DEVICE" --dtype $DTYPE \
-      --capture $CAPTURE --batch 1,4 --prompts 4 --max-new-tokens 32 --repeats 2 --threads $THREADS --force \
-      --out "$OUT/host_smollm2_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
+      --capture $CAPTURE --batch 1,4 --prompts 4 --max-new-tokens 32 --repeats 2 --loop serve --threads $THREADS \
+      --force --out "$HOST" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
+    HOSTED=(); [ -f "$HOST" ] && HOSTED=(--host "$HOST")
     timeout $((T - 345)) python3 benchmarks/serving_cpu.py --model "$GGUF" --device "$DEVICE" --dtype $TORCH_DTYPE \
-      --capture $CAPTURE --profile "$PROFILE" --trace "$TRACE" --rate-scale $SCALE --threads $THREADS "${SOME[@]}" \
-      --out "$OUT/serving_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
+      --capture $CAPTURE --profile "$PROFILE" --trace "$TRACE" "${HOSTED[@]}" --rate-scale $SCALE --threads $THREADS \
+      "${SOME[@]}" --out "$OUT/serving_${CARD}.json" 2>&1 | grep -v "Loading weights" | tee -a "$OUT/serving20.log"
     ;;
   next2)  # its call 2 (part 1), <= 270 s: SmolLM2's EESD rows (a trained head's zero-draft rounds now chain) and
           # PPSD n=2 with the trained head, 8 prompts each, float32 match rates; then its compiled profile at contexts 32

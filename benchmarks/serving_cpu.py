@@ -37,6 +37,10 @@ every workload's arrivals F times as dense (the same requests, F times the rates
 
     python benchmarks/serving_cpu.py --device cuda --dtype bfloat16 --capture graph --model /tmp/smollm2-135m.gguf \
         --profile P.csv --trace T.csv --rate-scale 20 --out /tmp/out/serving_gpu.json
+
+`--host FILE` (an `eesd calibrate host --loop serve` file, measured where the executor runs) prices each method's host
+work between passes from it (`latency.profile.host_work`) in place of the profile's `overhead` rows, with or without
+`--profile`.
 """
 
 from __future__ import annotations
@@ -109,26 +113,37 @@ def write_workloads(
     return written
 
 
-def derived_scenario(profile: Path, trace: Path, folder: Path, model: str) -> Path:
+def derived_scenario(
+    profile: Path | None, trace: Path | None, folder: Path, model: str, host: Path | None = None
+) -> Path:
     """serving_cpu.yaml with `profile` and `trace` (absolute paths; the dtype and CUDA graphs the profile was measured
-    with) and workloads written from `trace` into `folder` (`write_workloads`); the scenario file is written there
-    too."""
+    with) and workloads written from `trace` into `folder` (`write_workloads`), or with its own profile, trace and
+    workloads where both are None; with `host`, an `eesd calibrate host` file as `latency.profile.host_work` (each
+    method's host work between passes). The scenario file is written into `folder`."""
     import yaml
 
     from sim.formats import read_latency_profile
 
-    meta = read_latency_profile(profile).metadata
-    graphs = meta.get("cuda_graphs") or [False]
-    folder = folder.resolve()  # the scenario written there names its workloads by absolute path (not relative to it)
+    folder = folder.resolve()  # the scenario written there names its files by absolute path (not relative to it)
     folder.mkdir(parents=True, exist_ok=True)
-    write_workloads(trace.resolve(), folder, model, "serving")
     data = yaml.safe_load(SCENARIO.read_text(encoding="utf-8"))
-    data["latency"]["profile"] = {"path": str(profile.resolve()), "cuda_graphs": bool(max(graphs))}
-    data["dtype"] = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[meta["dtype"]]  # as it was measured
-    data["acceptance"]["trace"] = str(trace.resolve())
-    data["serving"]["workload"] = str(folder / "serving_rate0.4.yaml")
+    if profile is None or trace is None:
+        data["latency"]["profile"]["path"] = str((SCENARIO.parent / data["latency"]["profile"]["path"]).resolve())
+        data["acceptance"]["trace"] = str((SCENARIO.parent / data["acceptance"]["trace"]).resolve())
+        workload = lambda name: str((SCENARIO.parent / name).resolve())  # noqa: E731
+    else:
+        meta = read_latency_profile(profile).metadata
+        graphs = meta.get("cuda_graphs") or [False]
+        write_workloads(trace.resolve(), folder, model, "serving")
+        data["latency"]["profile"] = {"path": str(profile.resolve()), "cuda_graphs": bool(max(graphs))}
+        data["dtype"] = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[meta["dtype"]]  # as measured
+        data["acceptance"]["trace"] = str(trace.resolve())
+        workload = lambda name: str(folder / Path(name).name.replace("smollm2_cpu", "serving"))  # noqa: E731
+    if host is not None:
+        data["latency"]["profile"]["host_work"] = str(host.resolve())
+    data["serving"]["workload"] = workload(data["serving"]["workload"])
     for case in data["serving"]["cases"]:
-        case["serving.workload"] = str(folder / Path(case["serving.workload"]).name.replace("smollm2_cpu", "serving"))
+        case["serving.workload"] = workload(case["serving.workload"])
     path = folder / "serving_scenario.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
@@ -384,6 +399,10 @@ def main() -> int:
     parser.add_argument("--capture", default="none", help="serve's capture mode (default: none; graph on a GPU)")
     parser.add_argument("--profile", type=Path, default=None, help="a latency profile measured on --device")
     parser.add_argument("--trace", type=Path, default=None, help="an acceptance trace measured on --device")
+    parser.add_argument(
+        "--host", type=Path, default=None,
+        help="an `eesd calibrate host --loop serve` file: each method's host work between passes, from it",
+    )  # fmt: skip
     parser.add_argument("--rate-scale", type=float, default=1.0, help="arrivals this many times as dense (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
@@ -405,11 +424,13 @@ def main() -> int:
     scenario = SCENARIO
     if (args.profile is None) != (args.trace is None):
         raise SystemExit("--profile and --trace go together (a scenario derived from both)")
-    for given in (args.profile, args.trace):
+    for given in (args.profile, args.trace, args.host):
         if given is not None and not given.is_file():
-            raise SystemExit(f"{given}: not a file (--profile and --trace name a latency profile and a trace)")
-    if args.profile is not None:
-        scenario = derived_scenario(args.profile, args.trace, args.out.parent / f"{args.out.stem}_files", args.model)
+            raise SystemExit(f"{given}: not a file (--profile, --trace and --host name a latency profile, a trace and "
+                             "a host-work file)")  # fmt: skip
+    if args.profile is not None or args.host is not None:
+        folder = args.out.parent / f"{args.out.stem}_files"
+        scenario = derived_scenario(args.profile, args.trace, folder, args.model, args.host)
     if not args.rate_scale > 0:
         raise SystemExit(f"--rate-scale: expected a factor > 0, got {args.rate_scale}")
     points = load_serving_points(scenario)
@@ -435,7 +456,8 @@ def main() -> int:
     def write(rows: list[dict[str, Any]], metadata: dict[str, Any]) -> None:
         metadata["rate_scale"] = args.rate_scale
         if scenario != SCENARIO:  # derived: its files are kept beside the JSON
-            metadata.update(scenario=str(scenario), profile=str(args.profile), trace=str(args.trace))
+            metadata.update(scenario=str(scenario), profile=str(args.profile), trace=str(args.trace),
+                            host_work=None if args.host is None else str(args.host))  # fmt: skip
         write_json(args.out, {"metadata": metadata, "rows": rows})
 
     write(*measure(points, args.threads, args.model, args.device, args.dtype, args.capture, on_row=write))

@@ -13,7 +13,15 @@ host's work between them. Per method and batch size it reports that work per hos
 per read for captured passes) and per pass (what it pays on every pass uncaptured). Output (`--out`, JSON, written
 atomically): format `eesd.host_work`, docs/formats.md.
 
+`--loop serve` times the serving loop's rounds instead (`executor.serving.serve`, what `eesd serve-bench` runs): per
+batch size n, 3n requests (at least one per prompt) arrive at once and share n slots, each making `--max-new-tokens`
+tokens; a request that finishes leaves and the next one's prefill takes its slot. A round's host work is its wall time
+from its start to the next prefill's or round's start (its departures, admissions and books included), less the
+passes it launched; rounds of n running requests make batch n's row. Prefills are timed apart and left out, as the
+simulator prices them from the profile's rows. This is the file a serving scenario should name.
+
     eesd calibrate host --model smollm2-135m --exit-layer 15 --batch 1,4 --prompts 4 --out host.json
+    eesd calibrate host --model smollm2-135m --exit-layer 15 --batch 1,4 --loop serve --out host_serve.json
 """
 
 from __future__ import annotations
@@ -30,8 +38,12 @@ from typing import Any
 from sim.contract import is_captured
 from sim.host_work import FORMAT, METHODS, SCHEMA_VERSION, figure_key, read_host_work
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "PassClock", "decode", "host_rows", "is_captured", "measure", "read_host_work"]
+__all__ = [
+    "FORMAT", "SCHEMA_VERSION", "PassClock", "ServeClock", "decode", "host_rows", "is_captured", "measure",
+    "read_host_work", "serve_decode",
+]  # fmt: skip
 PASS_KINDS = ("ar", "ar_head", "draft", "verify")
+LOOPS = ("generate", "serve")  # what --loop times: generate's decodes, or the serving loop's rounds
 
 
 class PassClock:
@@ -72,6 +84,52 @@ class PassClock:
         return timed
 
 
+class ServeClock(PassClock):
+    """A `PassClock` that also times the serving loop's device side (`executor.serving.SlotDecoder`'s `round` and
+    `prefill`): per call its kind, running requests, start and end (`time.perf_counter`), the passes it launched and
+    the tokens it committed."""
+
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        super().__init__(sync)
+        self.events: list[dict[str, Any]] = []
+        self._decoder: dict[str, Callable[..., Any]] = {}
+
+    def install(self) -> None:
+        from executor.serving import SlotDecoder
+
+        super().install()
+        for kind in ("round", "prefill"):
+            self._decoder[kind] = getattr(SlotDecoder, kind)
+            setattr(SlotDecoder, kind, self._event(kind, self._decoder[kind]))
+
+    def uninstall(self) -> None:
+        from executor.serving import SlotDecoder
+
+        super().uninstall()
+        for kind, method in self._decoder.items():
+            setattr(SlotDecoder, kind, method)
+        self._decoder.clear()
+
+    def _event(self, kind: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        events, calls, sync = self.events, self.calls, self.sync
+
+        @functools.wraps(method)
+        def timed(decoder: Any, *args: Any) -> Any:
+            running = list(args[0]) if kind == "round" else [args[1]]  # round(slots) | prefill(slot, running)
+            made, first = sum(len(r.sink.tokens) for r in running), len(calls)
+            sync()
+            begin = time.perf_counter()
+            out = method(decoder, *args)
+            sync()
+            end = time.perf_counter()
+            made = sum(len(r.sink.tokens) for r in running) - made
+            events.append({"kind": kind, "batch": len(running), "begin": begin, "end": end,
+                           "passes": calls[first:], "tokens": made})  # fmt: skip
+            return out
+
+        return timed
+
+
 def decode(model: Any, ids: Any, method: str, clock: PassClock, **settings: Any) -> dict[str, Any]:
     """One greedy decode of a batch of prompts (`ids`, left-padded, with generate's `attention_mask` among the
     `settings` where it holds several); its wall time split into prefill, passes and the host's work between them,
@@ -86,10 +144,50 @@ def decode(model: Any, ids: Any, method: str, clock: PassClock, **settings: Any)
     passes_ms = sum(c[3] for c in calls)
     decode_ms = (stats.wall_time_s - stats.prefill_time_s) * 1e3
     rounds = stats.rounds - 1 if method == "ar" else stats.rounds  # AR's count includes its prefill's step
-    return {"method": method, "batch": ids.shape[0], "tokens": result.sequences.shape[1] - ids.shape[1],
+    tokens = result.sequences.shape[1] - ids.shape[1]
+    return {"method": method, "loop": "generate", "batch": ids.shape[0], "tokens": tokens, "decoded": tokens - 1,
             "rounds": rounds, "host_reads": stats.host_reads, "passes": len(calls),
             "prefill_ms": stats.prefill_time_s * 1e3, "passes_ms": passes_ms, "host_ms": decode_ms - passes_ms,
             "calls": calls}  # fmt: skip
+
+
+def serve_decode(model: Any, prompts: list[list[int]], batch: int, method: str, clock: ServeClock,
+                 **settings: Any) -> dict[str, Any]:  # fmt: skip
+    """One serving run at `batch` slots (module docstring): 3 x `batch` requests (at least one per prompt, prompt i
+    mod their count) arriving at once, each making `max_new_tokens` tokens (no EOS); its rounds of `batch` running
+    requests split into passes and the host's work (`serve_rounds`)."""
+    from executor.serving import serve
+    from sim.workload import Request, ServingWorkload
+
+    count, length = max(3 * batch, len(prompts)), settings["max_new_tokens"]
+    chosen = [prompts[i % len(prompts)] for i in range(count)]
+    requests = tuple(Request(i, len(p), length, 0.0) for i, p in enumerate(chosen))
+    kept = {"capture": settings.get("capture", "none")}
+    if method == "eesd":
+        kept |= {k: settings[k] for k in ("exit_layer", "head", "policy") if k in settings}
+    first = len(clock.events)
+    serve(model, ServingWorkload(requests, source="eesd calibrate host"), chosen, method=method, max_batch=batch,
+          **kept)  # fmt: skip
+    return {"method": method, "loop": "serve", "batch": batch, "requests": count, "tokens": length,
+            **serve_rounds(clock.events[first:], batch)}  # fmt: skip
+
+
+def serve_rounds(events: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    """A serving run's rounds of `batch` running requests (`ServeClock.events`, in order): each round's host work is
+    its span to the next event's start (the last round's: to its end) less its passes; with their count (a host read
+    each), passes, the tokens a row made in them and the prefills' time."""
+    rounds = passes = made = 0
+    host_ms = passes_ms = 0.0
+    for i, event in enumerate(events):
+        if event["kind"] != "round" or event["batch"] != batch:
+            continue
+        until = events[i + 1]["begin"] if i + 1 < len(events) else event["end"]
+        spent = sum(call[3] for call in event["passes"])
+        rounds, passes, made = rounds + 1, passes + len(event["passes"]), made + event["tokens"]
+        host_ms, passes_ms = host_ms + (until - event["begin"]) * 1e3 - spent, passes_ms + spent
+    prefill_ms = sum((e["end"] - e["begin"]) * 1e3 for e in events if e["kind"] == "prefill")
+    return {"decoded": made / batch, "rounds": rounds, "host_reads": rounds, "passes": passes,
+            "prefill_ms": prefill_ms, "passes_ms": passes_ms, "host_ms": host_ms}  # fmt: skip
 
 
 def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,7 +202,7 @@ def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return round(statistics.median(r["host_ms"] / max(r[key], 1) for r in runs), 4)
 
         share = statistics.median(r["host_ms"] / (r["host_ms"] + r["passes_ms"]) for r in mine)
-        tokens_per_round = sum(r["tokens"] - 1 for r in mine) / max(sum(r["rounds"] for r in mine), 1)  # decoded
+        tokens_per_round = sum(r["decoded"] for r in mine) / max(sum(r["rounds"] for r in mine), 1)  # a row's
         rows.append({"method": method, "batch": batch, "decodes": len(mine), "host_ms_per_round": per("rounds"),
                      "host_ms_per_read": per("host_reads"), "host_ms_per_pass": per("passes"),
                      "host_share_of_decode": round(share, 4),
@@ -161,6 +259,36 @@ def measure(
     return [{k: v for k, v in r.items() if k != "calls"} for r in runs], host_rows(runs)
 
 
+def measure_serving(
+    model: Any,
+    prompts: list[list[int]],
+    sizes: list[int],
+    *,
+    repeats: int,
+    sync: Callable[[], None] | None,
+    **settings: Any,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`measure` for the serving loop (`--loop serve`): a serving run (`serve_decode`) per batch size and method,
+    `repeats` times interleaved, after an untimed warm-up run of each (the captures of every running-batch size)."""
+    clock = ServeClock(sync)
+    clock.install()
+
+    def run(batch: int, method: str) -> dict[str, Any]:
+        result = serve_decode(model, prompts, batch, method, clock, **settings)
+        clock.events.clear()
+        clock.calls.clear()
+        return result
+
+    try:
+        for batch in sizes:
+            for method in METHODS:
+                run(batch, method)
+        runs = [run(batch, method) for _ in range(repeats) for batch in sizes for method in METHODS]
+    finally:
+        clock.uninstall()
+    return runs, host_rows(runs)
+
+
 def run_host(args: argparse.Namespace) -> int:
     import torch
 
@@ -178,6 +306,12 @@ def run_host(args: argparse.Namespace) -> int:
     args.batch = parse_int_list(args.batch, "--batch", 1)
     if args.sync_every < 1:
         raise ValueError(f"--sync-every must be >= 1, got {args.sync_every}")
+    if args.loop == "serve" and args.sync_every != 1:
+        raise ValueError(f"--sync-every {args.sync_every}: the serving loop reads the device after every round "
+                         "(--loop serve takes 1)")  # fmt: skip
+    if args.loop == "serve" and args.max_new_tokens < 2:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: a served request of one token runs no decode "
+                         "round (--loop serve takes 2 or more)")  # fmt: skip
     parse_policy_spec(args.policy)  # a bad spec named before the model loads
     check_json_out(args.out, args.force)
     device, dtype, model, head, exit_layer = model_and_head(args)
@@ -185,15 +319,18 @@ def run_host(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     texts = [p.text for p in load_prompts(args.prompt_set)][: args.prompts]
     prompts = [tokenizer(text).input_ids for text in texts]
-    batches = [(ids.to(device), None if mask is None else mask.to(device))
-               for size in args.batch for ids, mask in batches_of(prompts, size)]  # fmt: skip
     settings = {"exit_layer": exit_layer, "head": head, "policy": args.policy, "capture": capture,
                 "max_new_tokens": args.max_new_tokens, "sync_every": args.sync_every}  # fmt: skip
     print(f"calibrate host: {args.model} on {device}, capture {capture}, E={exit_layer} {args.policy}, "
           f"{len(prompts)} prompts x {args.max_new_tokens} tokens x {args.repeats}, batch "
-          f"{','.join(map(str, args.batch))}")  # fmt: skip
+          f"{','.join(map(str, args.batch))}, {args.loop} loop")  # fmt: skip
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    runs, rows = measure(model, batches, repeats=args.repeats, sync=sync, **settings)
+    if args.loop == "serve":
+        runs, rows = measure_serving(model, prompts, args.batch, repeats=args.repeats, sync=sync, **settings)
+    else:
+        batches = [(ids.to(device), None if mask is None else mask.to(device))
+                   for size in args.batch for ids, mask in batches_of(prompts, size)]  # fmt: skip
+        runs, rows = measure(model, batches, repeats=args.repeats, sync=sync, **settings)
     for row in rows:
         print(
             f"{row['method']:>4} batch {row['batch']}: host work {row['host_ms_per_read']:.3f} ms a read, "
@@ -207,7 +344,7 @@ def run_host(args: argparse.Namespace) -> int:
         metadata = base_metadata(args.model, device, dtype) | {
             "model_config": config_summary(model.model.config), "num_layers": model.num_layers,
             "exit_layer": exit_layer, "head": args.head, "policy": args.policy, "capture": capture,
-            "sync_every": args.sync_every, "prompt_set": args.prompt_set, "prompts": len(prompts),
+            "sync_every": args.sync_every, "loop": args.loop, "prompt_set": args.prompt_set, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "batch": args.batch, "repeats": args.repeats,
             "threads": torch.get_num_threads(),
         }  # fmt: skip
@@ -234,5 +371,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", default="1", help="batch sizes, comma-separated: prompts decoded together, each prompt "
                    "once, a batch past --prompts filled with them again (default: 1)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per decode (default: 48)")
+    p.add_argument("--loop", choices=LOOPS, default="generate", help="what is timed: generate's decodes of static "
+                   "batches, or the serving loop's rounds (eesd serve-bench's: requests leave and others take their "
+                   "slots; the file for a serving scenario) (default: generate)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=2, help="times over the prompts, methods interleaved (default: 2)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file (eesd.host_work)")

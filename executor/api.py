@@ -32,7 +32,7 @@ from executor.passes import (
     verify_bucketed,
 )
 from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, decode_ppsd
-from executor.sampling import MAX_SEED, SamplingConfig, TokenSelector, token_ids
+from executor.sampling import MAX_SEED, SAMPLING_MODES, SamplingConfig, TokenSelector, token_ids
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, policy_seed
 from sim.contract import draft_capacity as contract_draft_capacity
 from sim.policy import DraftPolicy, make_policy
@@ -88,7 +88,11 @@ def split_prompts(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> lis
         if count == 0:
             raise ValueError(f"empty prompt: row {row} of attention_mask is all zeros")
         if keep != [0] * (len(keep) - count) + [1] * count:
-            raise ValueError(f"attention_mask row {row} is not left padding (zeros, then ones): {keep}")
+            shown = keep if len(keep) <= 16 else [*keep[:8], "...", *keep[-8:]]
+            raise ValueError(
+                f"attention_mask row {row} is not left padding (zeros, then ones): {shown}; pad on the left, e.g. "
+                "tokenizer(texts, padding=True, padding_side='left')"
+            )
         prompts.append(tokens[len(keep) - count :])
     return prompts
 
@@ -637,6 +641,10 @@ def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.
 
 
 # model.generate arguments the drop-in understands; anything else raises instead of being ignored
+# how HF keeps or compiles its cache: the tokens and every output returned here are the same whatever they say
+NO_EFFECT_ARGS = (
+    "cache_implementation", "cache_config", "low_memory", "return_legacy_cache", "compile_config", "disable_compile",
+)  # fmt: skip
 SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
     "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "generation_config", "streamer",
@@ -645,9 +653,12 @@ SUPPORTED_GENERATE_ARGS = (
     "bad_words_ids", "no_repeat_ngram_size", "sequence_bias", "logits_processor", "output_attentions",
     "output_hidden_states", "min_length", "length_penalty", "forced_bos_token_id", "forced_eos_token_id",
     "exponential_decay_length_penalty", "typical_p", "epsilon_cutoff", "eta_cutoff", "prefix_allowed_tokens_fn",
+    "renormalize_logits", *NO_EFFECT_ARGS,
 )  # fmt: skip
 # min_length: HF's total length (input width + new tokens), i.e. min_new_tokens = min_length - width (if not set);
-# length_penalty: scores beams only, so without beams (the only search here) it changes nothing, as in HF
+# length_penalty: scores beams only, so without beams (the only search here) it changes nothing, as in HF;
+# renormalize_logits: the returned scores log-softmaxed after every processor, as HF's LogitNormalization (the tokens
+# are the same either way)
 # use_cache: decoding always keeps a KV cache (the tokens are the same either way); return_dict_in_generate: a
 # GenerateDecoderOnlyOutput holding `sequences`, and `scores`, `logits`, `hidden_states`, `attentions` with their
 # output_* flags (recomputed by one pass over the output: `rescore`); HF's `cache` (past_key_values) is not returned
@@ -863,6 +874,27 @@ def _criteria(config: Any, kwargs: dict[str, Any]) -> list:
     return criteria + list(kwargs.get("stopping_criteria") or [])
 
 
+def _check_generator(
+    adapter: ModelAdapter, method: str, exit_layer: int | None, draft_len: int, policy: Any, sampling: str, capture: str
+) -> None:
+    """What an `EarlyExitGenerator` is built with, checked when it is built (not at its first call)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    layers = adapter.num_layers
+    if exit_layer is not None and (
+        isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < layers
+    ):
+        raise ValueError(
+            f"exit_layer must be an integer in [1, {layers - 1}] for a {layers}-layer model, got {exit_layer!r}"
+        )
+    check_draft_len(adapter, draft_len)
+    if isinstance(policy, str):
+        make_policy(policy)  # a bad spec names itself and the policies there are
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
+    resolve_capture(capture, adapter.device, "greedy")
+
+
 class EarlyExitGenerator:
     """Drop-in for `model.generate`: same arguments, same returned `LongTensor`, decoded with AR or EESD.
 
@@ -896,6 +928,7 @@ class EarlyExitGenerator:
     ) -> None:
         self.model = model
         self.adapter = ModelAdapter(model)
+        _check_generator(self.adapter, method, exit_layer, draft_len, policy, sampling, capture)
         # a head file is loaded once, so that every call reuses the same captured passes (they are keyed by head)
         self.head = head if head in (None, "shared") else resolve_head(head, self.adapter, exit_layer)
         self.capture = capture
@@ -916,8 +949,8 @@ class EarlyExitGenerator:
         unknown = sorted(set(kwargs) - set(SUPPORTED_GENERATE_ARGS))
         if unknown:
             raise ValueError(
-                f"unsupported generate argument(s): {', '.join(unknown)}; supported: "
-                f"{', '.join(SUPPORTED_GENERATE_ARGS)}"
+                f"unsupported generate argument(s): {', '.join(unknown)} (not implemented by the drop-in: "
+                "executor.api.SUPPORTED_GENERATE_ARGS lists what it takes, docs/executor.md what each does)"
             )
         config, default_length = self._generation_config(kwargs)
         ids = _as_2d(input_ids)
@@ -953,6 +986,8 @@ class EarlyExitGenerator:
         if fields:  # recomputed over the output, processed as the tokens were chosen (`rescore`)
             min_new, eos = _min_new_tokens(config, ids.shape[1]), _eos_ids(config.eos_token_id)
             extra = rescore(self.adapter, ids, mask, result.sequences, result.sampling, min_new, eos, fields)
+            if "scores" in extra and getattr(config, "renormalize_logits", False):
+                extra["scores"] = tuple(step.log_softmax(-1) for step in extra["scores"])
         return GenerateDecoderOnlyOutput(sequences=result.sequences, **extra)
 
     def _call_seed(self, config: Any) -> int:

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(args.command, f"needs the executor extra ({err.name} not installed): {INSTALL_EXTRA}", err)
     except BrokenPipeError:
         return _closed_pipe()
-    except KeyboardInterrupt:
-        print(f"eesd {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a long run's may say what it leaves (train-head: its checkpoint)
+        print(f"eesd {args.command}: interrupted" + (f" {err}" if str(err) else ""), file=sys.stderr)
         return 130
 
 

@@ -692,6 +692,7 @@ class Run:
     info: dict[str, str]
     eval_source: RecordSource | None = None
     steps_asked: int = field(init=False)  # config.steps as given (a time budget may shorten the schedule)
+    saved_step: int | None = None  # the step the checkpoint on disk holds (None: none written or resumed)
 
     def __post_init__(self) -> None:
         self.steps_asked = self.config.steps
@@ -711,12 +712,24 @@ class Run:
             "records": [asdict(r) for r in self.source.records] if in_memory else None,
         }  # fmt: skip
         atomic_write(self.checkpoint, lambda temp: torch.save(payload, temp))
+        self.saved_step = state.step
 
     def restore(self, payload: dict[str, Any]) -> TrainState:
         for exit_layer, head in self.heads.items():
             head.load_state_dict(payload["heads"][exit_layer])
             self.optimizers[exit_layer].load_state_dict(payload["optimizers"][exit_layer])
-        return TrainState(**payload["state"])
+        state = TrainState(**payload["state"])
+        self.saved_step = state.step
+        return state
+
+    def interrupted(self, state: TrainState) -> str:
+        """What an interrupted run leaves: the step its checkpoint holds and how to go on, or that it has none."""
+        done = f"after step {state.step} of {self.config.steps}"
+        if self.saved_step is None:
+            return (f"{done}; no checkpoint written yet (one every --checkpoint-every {self.config.checkpoint_every} "
+                    "steps): nothing to resume")  # fmt: skip
+        return (f"{done}; {self.checkpoint} holds step {self.saved_step}: the same command with --resume goes on "
+                "from there")  # fmt: skip
 
 
 def load_checkpoint(path: Path, adapter: ModelAdapter, config: TrainConfig, run_info: dict[str, str]) -> dict:
@@ -734,7 +747,12 @@ def load_checkpoint(path: Path, adapter: ModelAdapter, config: TrainConfig, run_
         if made_with != getattr(config, key):
             raise ValueError(f"checkpoint {path} was made with {key}={made_with}, not {getattr(config, key)}")
     if payload["run_info"] != run_info:
-        raise ValueError(f"checkpoint {path} was made from other data or settings: {payload['run_info']}")
+        made = payload["run_info"] if isinstance(payload["run_info"], dict) else {}
+        differ = [f"{key} {made.get(key)!r}, now {run_info.get(key)!r}" for key in sorted({*made, *run_info})
+                  if made.get(key) != run_info.get(key)]  # fmt: skip
+        shown = "; ".join(differ[:4]) + (f"; {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise ValueError(f"checkpoint {path} was made from other data or settings: {shown} (the same command resumes "
+                         "it; delete it to start over)")  # fmt: skip
     return payload
 
 
@@ -767,6 +785,17 @@ def run_steps(run: Run, state: TrainState, progress: bool, time_budget_s: float 
     stream = batch_stream(run.source, config, state.epoch, state.batch_in_epoch)
     begin, tokens_before = time.perf_counter(), state.tokens_seen
     deadline = None if time_budget_s is None else begin + time_budget_s
+    try:
+        _steps(run, state, progress, stream, begin, tokens_before, deadline)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(run.interrupted(state)) from None
+    return state
+
+
+def _steps(run: Run, state: TrainState, progress: bool, stream: Any, begin: float, tokens_before: int,
+           deadline: float | None) -> None:  # fmt: skip
+    """`run_steps`' loop."""
+    config = run.config
     label, first, warm = ",".join(map(str, config.layers)), state.step, begin
     with progress_bar(config.steps, f"heads @ layer {label}", "step", progress, initial=state.step) as bar:
         while state.step < config.steps:
@@ -788,7 +817,6 @@ def run_steps(run: Run, state: TrainState, progress: bool, time_budget_s: float 
                 run.save_checkpoint(state)
             if at_end:
                 break
-    return state
 
 
 def head_metadata(run: Run, state: TrainState, exit_layer: int) -> dict[str, Any]:

@@ -19,7 +19,10 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def _layers(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(",") if part.strip())
+    layers = tuple(int(part) for part in text.split(",") if part.strip())
+    if len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"an exit layer given twice in {text!r} (each trains one head)")
+    return layers
 
 
 def _outs(args: argparse.Namespace) -> list[str]:
@@ -124,8 +127,8 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError("--init-head trains on with --corpus (or give --steps 0 to write the heads unchanged)")
         if args.steps == 0 and (args.corpus is not None or args.resume):
             raise ValueError("--steps 0 writes the --init-head heads unchanged: --corpus and --resume do not apply")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.lr < float("inf"):  # (nan too)
+        raise ValueError(f"--lr must be a number > 0, got {args.lr}")
     for name in ("clip_norm", "hard_weight", "warmup_steps", "eval_every"):
         if getattr(args, name) < 0:  # a negative clip norm would flip the gradients, not clip them
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(args, name)}")
@@ -291,7 +294,14 @@ def _report(args: argparse.Namespace, state) -> int:
     layers = ",".join(map(str, args.exit_layer))
     steps = f"{state.step} steps" + (f" (of {args.steps}: the time budget)" if state.step < args.steps else "")
     print(f"wrote {', '.join(_outs(args))}: exit layer {layers}, {steps}, {state.tokens_seen} tokens, "
-          f"KL {first:.3f} -> {last:.3f}")  # fmt: skip
+          f"KL {first:.3f} -> {last:.3f}" + (" (the heads' mean)" if len(args.exit_layer) > 1 else ""))  # fmt: skip
+    for exit_layer in args.exit_layer if len(args.exit_layer) > 1 or state.evals else ():
+        losses = state.head_losses.get(exit_layer, [])
+        evals = [row for row in state.evals if row["exit_layer"] == exit_layer]
+        kl = f"KL {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}" if losses else "no steps"
+        held = (f", held-out agreement {evals[-1]['agreement']:.3f} ({evals[0]['agreement']:.3f} at step "
+                f"{evals[0]['step']}), tokens/round {evals[-1]['tokens_per_round']:.2f}") if evals else ""  # fmt: skip
+        print(f"  exit layer {exit_layer}: {kl}{held}")
     return 0
 
 

@@ -7,7 +7,9 @@ verdict back, updates its policy, refills its inputs and rolls its KV books back
 A scenario's `latency.profile.host_work` names such a file: an AR point (and the AR baseline of every point) then pays
 AR's figure, an EESD point EESD's, at the point's batch size; PPSD, which the file does not time, keeps the profile's
 rows. The figure is per host read for captured passes (the simulator pays `overhead` once a read) and per pass for
-uncaptured ones (paid every pass); prefill keeps the profile's rows (the file times decodes only).
+uncaptured ones (paid every pass); prefill keeps the profile's rows (the file times decodes only). `metadata.loop` says
+what was timed: `generate`'s decodes of static batches (a batch scenario's), or `serve`, the serving loop's rounds
+with their departures and admissions (a serving scenario's).
 Torch-free: the simulator and `eesd calibrate scenario` read it.
 """
 
@@ -27,6 +29,7 @@ FORMAT = "eesd.host_work"
 SCHEMA_VERSION = 2  # 2: a row per method and batch size (1: a row per method, batch 1)
 METHODS = ("ar", "eesd")  # the methods the file times, in its order
 FIGURES = ("host_ms_per_read", "host_ms_per_pass")
+LOOPS = ("generate", "serve")  # what it timed: generate's static batches or the serving loop's rounds (none: the 1st)
 MAX_BATCH = 2**31 - 1  # rows a batch can hold (the executor's int32 indices)
 
 
@@ -52,6 +55,9 @@ def read_host_work(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: schema_version: expected 1 or {SCHEMA_VERSION}, got {quote(version)}")
     if not isinstance(data.get("metadata"), dict):
         raise ValueError(f"{path}: metadata: expected a mapping")
+    loop = data["metadata"].get("loop", LOOPS[0])
+    if isinstance(loop, bool) or loop not in LOOPS:
+        raise ValueError(f"{path}: metadata.loop: expected one of {', '.join(LOOPS)}, got {quote(loop)}")
     rows = data.get("methods")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path}: methods: expected a list of rows (method, batch, host_ms_per_read, ...)")
@@ -117,6 +123,7 @@ class HostOverhead:
     policy: str | None = None  # the draft policy EESD was measured with
     device: str | None = None  # the device it was measured on (its host's work is that machine's)
     sync_every: int | None = None  # AR steps per host read in the decodes it timed
+    loop: str = LOOPS[0]  # what it timed (`LOOPS`)
 
     def at(self, batch: int) -> float:
         xs, ys = self.batches, self.us
@@ -143,4 +150,5 @@ def host_overhead(data: Mapping[str, Any], method: str, captured: bool, source: 
     return HostOverhead(method, tuple(r["batch"] for r in rows), tuple(r[key] * 1e3 for r in rows), str(source),
                         str(policy) if method == "eesd" and policy is not None else None,
                         str(device) if device is not None else None,
-                        sync if isinstance(sync, int) and not isinstance(sync, bool) else None)  # fmt: skip
+                        sync if isinstance(sync, int) and not isinstance(sync, bool) else None,
+                        meta.get("loop", LOOPS[0]))  # fmt: skip

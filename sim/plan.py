@@ -725,5 +725,6 @@ def _check_policy(plan: SimPlan, where: str) -> None:
 def _resolve(point: Point, relative: str, field: str) -> Path:
     path = (point.base_dir / relative).resolve()
     if not path.is_file():
-        raise ScenarioError(f"{_where(point)}: {field}: file not found: {path}")
+        why = "a directory, not a file" if path.is_dir() else "file not found"
+        raise ScenarioError(f"{_where(point)}: {field}: {why}: {path}")
     return path

@@ -115,10 +115,12 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def plan_notes(plan: SimPlan, scenario: Scenario, batch_field: str = "workload.batch_size") -> list[str]:
+def plan_notes(
+    plan: SimPlan, scenario: Scenario, batch_field: str = "workload.batch_size", loop: str = "generate"
+) -> list[str]:
     """What the output must say of how a plan's passes are costed: a batch size (the scenario's `batch_field`)
     outside the latency profile's batches, and where a host-work file does not simply apply (`_host_notes`)."""
-    return _batch_notes(plan, batch_field) + _host_notes(plan, scenario, batch_field)
+    return _batch_notes(plan, batch_field) + _host_notes(plan, scenario, batch_field, loop)
 
 
 def _batch_notes(plan: SimPlan, batch_field: str = "workload.batch_size") -> list[str]:
@@ -144,10 +146,11 @@ def _batch_notes(plan: SimPlan, batch_field: str = "workload.batch_size") -> lis
     return notes
 
 
-def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str) -> list[str]:
+def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str, loop: str) -> list[str]:
     """How a host-work file (`latency.profile.host_work`) prices the plan's host work where it does not simply
     apply: PPSD, which it does not time; a batch size outside the ones it measured; EESD under another policy; a
-    file measured on another device than the profile."""
+    file measured on another device than the profile; one that timed another loop than the simulated one's
+    (`loop`: `generate`, a static batch; `serve`, serving)."""
     ref = scenario.latency.profile
     if ref is None or ref.host_work is None:
         return []
@@ -170,12 +173,22 @@ def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str) -> list[str
     profiled = plan.stages[0].device
     if host.device is not None and _machine(host.device) != _machine(profiled):
         notes.append(f"the host's work was measured on {quote(host.device)}, the latency profile on {profiled}")
+    if host.loop != loop:
+        notes.append(LOOP_NOTES[loop].format(source=host.source))
     if not plan.stages[0].latency.cuda_graphs and host.sync_every not in (None, 1):
         notes.append(
             f"{host.source} timed decodes reading every {host.sync_every} steps; uncaptured decodes read every step "
             "(eesd calibrate host --sync-every 1)"
         )
     return notes
+
+
+LOOP_NOTES = {  # a host-work file of the other loop than the simulated one's
+    "serve": "{source} timed the host's work on generate's static batches, not on the serving loop's rounds (their "
+    "departures and admissions): eesd calibrate host --loop serve",
+    "generate": "{source} timed the host's work on the serving loop's rounds (their departures and admissions "
+    "included), not on a static batch's decode: eesd calibrate host --loop generate",
+}
 
 
 def _machine(device: str) -> str:

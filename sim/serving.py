@@ -242,7 +242,7 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
             _check_trace_covers(plan, scenario, workload, where)
             capacity = _kv_capacity(plan, method_config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
-            notes = tuple(plan_notes(plan, scenario, "serving.max_batch"))
+            notes = tuple(plan_notes(plan, scenario, "serving.max_batch", loop="serve"))
             points.append(ServingPoint(
                 case, method, rate, plan, workload, max_batch, capacity, config.slo, where,
                 method_config.replicas, method_config.dispatch, notes,

@@ -169,6 +169,23 @@ def test_hf_text_streamer_works(model, capsys):
 
 
 @pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(method="foo"), "method must be one of ar, eesd, ppsd, got 'foo'"),
+        (dict(exit_layer=99), r"exit_layer must be an integer in \[1, 3\] for a 4-layer model, got 99"),
+        (dict(exit_layer=True), "exit_layer must be an integer"),
+        (dict(draft_len=0), "draft_len must be an integer"),
+        (dict(policy="beta"), "'beta'"),
+        (dict(sampling="greedy"), "sampling must be one of exact, rejection, got 'greedy'"),
+        (dict(capture="graph"), "capture 'graph' needs the model on a CUDA device"),
+    ],
+)
+def test_a_generator_checks_its_settings_when_built(model, settings, message):
+    with pytest.raises(ValueError, match=message):
+        executor.EarlyExitGenerator(model, **settings)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         (dict(num_beams=4), "unsupported generate argument"),

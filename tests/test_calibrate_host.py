@@ -18,7 +18,17 @@ from hypothesis import strategies as st
 from packages import requires_smollm2
 from test_passes import EXIT_LAYER, PROMPTS, model
 
-from calibrate.host import FORMAT, PassClock, batches_of, by_method_snippet, decode, host_rows
+from calibrate.host import (
+    FORMAT,
+    PassClock,
+    ServeClock,
+    batches_of,
+    by_method_snippet,
+    decode,
+    host_rows,
+    serve_decode,
+    serve_rounds,
+)
 from executor.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +59,9 @@ def test_a_decode_splits_into_prefill_passes_and_host_work() -> None:
 
 def test_rows_take_medians_per_read_round_and_pass_and_the_fields_the_right_column() -> None:
     runs = [
-        {"method": "ar", "tokens": 9, "rounds": 9, "host_reads": 8, "passes": 8, "passes_ms": 90.0, "host_ms": 0.8},
-        {"method": "ar", "tokens": 9, "rounds": 9, "host_reads": 8, "passes": 8, "passes_ms": 90.0, "host_ms": 1.6},
-        {"method": "eesd", "tokens": 9, "rounds": 5, "host_reads": 4, "passes": 8, "passes_ms": 80.0, "host_ms": 1.2},
+        {"method": "ar", "decoded": 8, "rounds": 9, "host_reads": 8, "passes": 8, "passes_ms": 90.0, "host_ms": 0.8},
+        {"method": "ar", "decoded": 8, "rounds": 9, "host_reads": 8, "passes": 8, "passes_ms": 90.0, "host_ms": 1.6},
+        {"method": "eesd", "decoded": 8, "rounds": 5, "host_reads": 4, "passes": 8, "passes_ms": 80.0, "host_ms": 1.2},
     ]
     ar, eesd = host_rows(runs[::-1])  # rows come in method order whatever the decodes' order
     assert ar["method"] == "ar" and ar["batch"] == eesd["batch"] == 1
@@ -103,10 +113,47 @@ def test_the_cli_writes_the_figures_and_refuses_bad_input(tmp_path, capsys) -> N
     assert "--prompts must be >= 1, got 0" in capsys.readouterr().err
     assert main([*argv[:4], "--batch", "2,0", "--out", str(tmp_path / "x.json")]) == 2
     assert "--batch" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
-    for flags, message in ((["--sync-every", "0"], "--sync-every must be >= 1, got 0"), (["--policy", "x"], "'x'")):
+    for flags, message in ((["--sync-every", "0"], "--sync-every must be >= 1, got 0"), (["--policy", "x"], "'x'"),
+                           (["--loop", "serve", "--sync-every", "2"], "reads the device after every round"),
+                           (["--loop", "serve", "--max-new-tokens", "1"], "runs no decode round")):  # fmt: skip
         assert main([*argv[:4], *flags, "--out", str(tmp_path / "x.json")]) == 2
         err = capsys.readouterr()
         assert message in err.err and "on cpu, capture" not in err.out  # before the model loads
+
+
+@requires_smollm2
+def test_the_serving_loops_file_is_the_one_a_serving_scenario_wants(tmp_path, capsys) -> None:
+    """`--loop serve` writes rows timed on serving rounds (metadata.loop); a serving scenario takes it without a note
+    and prices each method from it, a batch scenario notes it; a file of generate's decodes is noted in serving."""
+    from calibrate.scaffold import write_scenario
+    from sim.runner import point_notes
+    from sim.scenario import load_points
+    from sim.serving import load_serving_points
+
+    files = {}
+    for loop in ("serve", "generate"):
+        files[loop] = tmp_path / f"host_{loop}.json"
+        assert main(["calibrate", "host", "--model", "smollm2-135m", "--exit-layer", "15", "--prompts", "1",
+                     "--max-new-tokens", "4", "--repeats", "1", "--threads", "1", "--loop", loop,
+                     "--out", str(files[loop])]) == 0  # fmt: skip
+    data = json.loads(files["serve"].read_text())
+    assert "serve loop" in capsys.readouterr().out and data["metadata"]["loop"] == "serve"
+    assert [(d["method"], d["requests"], d["rounds"]) for d in data["decodes"]] == [("ar", 3, 9), ("eesd", 3, 9)]
+    per_pass = {row["method"]: row["host_ms_per_pass"] * 1e3 for row in data["methods"]}
+    serve = write_scenario(LATENCY, TRACE, tmp_path / "serve.yaml", policies=("fixed:1",), serving=True,
+                           host=files["serve"])  # fmt: skip
+    for point in load_serving_points(serve):
+        assert not any("timed the host's work on" in note for note in point.notes), point.notes
+        assert point.plan.stages[0].latency.time_us("overhead", "verify", 1, 256, 1) == pytest.approx(
+            per_pass[point.method]
+        )
+    batch = write_scenario(LATENCY, TRACE, tmp_path / "batch.yaml", policies=("fixed:1",), host=files["serve"])
+    notes = point_notes(load_points(batch)[0])
+    assert any("timed the host's work on the serving loop's rounds" in n and "--loop generate" in n for n in notes)
+    other = write_scenario(LATENCY, TRACE, tmp_path / "other.yaml", policies=("fixed:1",), serving=True,
+                           host=files["generate"])  # fmt: skip
+    notes = load_serving_points(other)[0].notes
+    assert any("on generate's static batches" in n and "eesd calibrate host --loop serve" in n for n in notes)
 
 
 @requires_smollm2
@@ -137,6 +184,46 @@ def test_scenarios_take_each_methods_measured_host_work(tmp_path) -> None:
         )
 
 
+def test_a_serving_run_splits_its_rounds_into_passes_and_host_work() -> None:
+    """`--loop serve`: 3 x batch requests share the slots (three waves of two here, each request 5 tokens: its prefill's
+    and 4 rounds'), every round's passes are timed once, and prefills are kept apart; the executor's own methods
+    are back after."""
+    net, clock = model(epsilon=0.2), ServeClock()
+    prompts = [list(p) for p in PROMPTS[:2]]
+    clock.install()
+    try:
+        ar = serve_decode(net, prompts, 2, "ar", clock, max_new_tokens=5, exit_layer=EXIT_LAYER, policy="fixed:2")
+        kinds = [e["kind"] for e in clock.events]
+        eesd = serve_decode(net, prompts, 2, "eesd", clock, max_new_tokens=5, exit_layer=EXIT_LAYER, policy="fixed:2")
+    finally:
+        clock.uninstall()
+    assert ar["loop"] == "serve" and ar["requests"] == 6 and kinds.count("prefill") == 6
+    assert ar["rounds"] == ar["host_reads"] == ar["passes"] == 12 and ar["decoded"] == 12  # 3 waves x 4 rounds
+    assert eesd["rounds"] <= 12 and eesd["passes"] <= 3 * eesd["rounds"]  # two drafts and a verify at most
+    assert all(r["host_ms"] > 0 and r["passes_ms"] > 0 and r["prefill_ms"] > 0 for r in (ar, eesd))
+    ar_row, eesd_row = host_rows([ar, eesd])
+    assert ar_row["tokens_per_round"] == 1.0 and eesd_row["tokens_per_round"] >= 1.0
+    from executor.serving import SlotDecoder
+
+    assert not hasattr(SlotDecoder.round, "__wrapped__") and not hasattr(SlotDecoder.prefill, "__wrapped__")
+
+
+def test_a_rounds_host_work_runs_to_the_next_event_less_its_passes() -> None:
+    def event(kind, batch, begin, end, passes=(), tokens=0):
+        return {"kind": kind, "batch": batch, "begin": begin, "end": end, "tokens": tokens,
+                "passes": [("ar", 0, 0, ms) for ms in passes]}  # fmt: skip
+
+    events = [event("prefill", 1, 0.0, 0.010), event("prefill", 1, 0.011, 0.020),
+              event("round", 2, 0.021, 0.031, (9.0,), 2),  # to the next round: 10 ms less 9 of passes
+              event("round", 2, 0.031, 0.040, (8.0,), 2),  # to the prefill after its departures: 10 - 8
+              event("prefill", 1, 0.041, 0.050), event("round", 1, 0.050, 0.055, (4.0,), 1),  # batch 1: not counted
+              event("round", 2, 0.060, 0.070, (5.0, 4.0), 2)]  # the last: to its own end  # fmt: skip
+    split = serve_rounds(events, 2)
+    assert split["rounds"] == split["host_reads"] == 3 and split["passes"] == 4 and split["decoded"] == 3
+    assert split["host_ms"] == pytest.approx(1.0 + 2.0 + 1.0) and split["passes_ms"] == pytest.approx(26.0)
+    assert split["prefill_ms"] == pytest.approx(10.0 + 9.0 + 9.0)
+
+
 def _host_file(path, **changes) -> None:
     rows = [{"method": m, "batch": b, "host_ms_per_read": 0.1 * (b + (m == "eesd")),
              "host_ms_per_pass": 0.05 * b + (m == "eesd")}
@@ -144,7 +231,7 @@ def _host_file(path, **changes) -> None:
     data = {"format": FORMAT, "schema_version": 2, "metadata": {"model": "smollm2-135m", "device_type": "cpu",
             "capture": "none", "sync_every": 1, "policy": "fixed:1"}, "methods": rows}  # fmt: skip
     for key, value in changes.items():
-        if key in ("model", "device_type", "capture", "sync_every", "num_layers"):
+        if key in ("model", "device_type", "capture", "sync_every", "num_layers", "loop"):
             data["metadata"][key] = value
         else:
             data[key] = value
@@ -184,6 +271,7 @@ def _host_file(path, **changes) -> None:
         ({"model": "gemma3-270m"}, "metadata.model: 'gemma3-270m' is Gemma-3-270M, not the scenario's model SmolLM2"),
         ({"model": "/models/my-finetune", "num_layers": 7}, "metadata.num_layers: 7 layers"),
         ({"capture": "graph"}, "measured with capture 'graph'; the scenario prices uncaptured passes"),
+        ({"loop": "server"}, "metadata.loop: expected one of generate, serve, got 'server'"),
     ],
 )
 def test_a_host_file_that_does_not_fit_is_refused(tmp_path, changes, message) -> None:
@@ -270,6 +358,9 @@ def test_a_scenario_refuses_a_host_file_that_does_not_fit(tmp_path) -> None:
         load_points(_scenario(tmp_path))
     with pytest.raises(ScenarioError, match="latency.profile.host_work: file not found"):
         load_points(_scenario(tmp_path, "missing.json"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ScenarioError, match="latency.profile.host_work: a directory, not a file"):
+        load_points(_scenario(tmp_path, "folder"))
 
 
 def test_captured_passes_need_a_file_of_the_scenarios_host_reads(tmp_path) -> None:
@@ -445,6 +536,7 @@ def test_a_mutated_host_file_is_used_or_refused_by_name(tmp_path, data) -> None:
 
     content = json.loads(SHIPPED_HOST.read_text())
     content["decodes"] = content["decodes"][:2]
+    content["metadata"].setdefault("loop", "generate")  # (written since the shipped file was): fuzzed as well
     where = data.draw(st.sampled_from(_leaves(content)[1:]), label="where")
     parent = content
     for key in where[:-1]:

@@ -4,6 +4,7 @@ refused."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -409,6 +410,17 @@ def test_a_scenario_derived_from_a_devices_files_serves_the_same_requests(tmp_pa
     assert [r.arrival_s * 20.0 for r in faster.workload.requests] == pytest.approx(
         [r.arrival_s for r in derived[0].workload.requests]
     )
+    host = tmp_path / "host.json"  # `--host` alone: the shipped scenario's files, each method's host work from it
+    rows = [{"method": m, "batch": b, "host_ms_per_read": 0.5, "host_ms_per_pass": 0.25 + (m == "eesd")}
+            for m in ("ar", "eesd") for b in (1, 4)]  # fmt: skip
+    host.write_text(json.dumps({"format": "eesd.host_work", "schema_version": 2, "methods": rows, "metadata": {
+        "model": "smollm2-135m", "device_type": "cpu", "capture": "none", "loop": "serve"}}))  # fmt: skip
+    priced = load_serving_points(derived_scenario(None, None, tmp_path / "host", "smollm2-135m", host))
+    assert [p.workload.requests for p in priced] == [p.workload.requests for p in shipped]
+    for point in priced:
+        figure = {"ar": 250.0, "eesd": 1250.0}.get(point.method)
+        if figure is not None:
+            assert point.plan.stages[0].latency.time_us("overhead", "verify", 1, 128, 1) == pytest.approx(figure)
 
 
 def test_the_serving_benchmark_pins_a_thompson_policys_costs_for_the_executor() -> None:

@@ -226,6 +226,23 @@ def test_sampled_output_scores_are_hf_processors_over_the_output(model):
     torch.testing.assert_close(torch.stack(got.logits, 1), plain)
 
 
+def test_renormalized_scores_and_cache_hints_as_hf(model):
+    """`renormalize_logits`: the returned scores log-softmaxed after every processor, as HF's; the arguments that only
+    say how HF keeps or compiles its cache are taken and change nothing."""
+    ids = torch.tensor([[3, 4, 5]])
+    kwargs = dict(max_new_tokens=8, pad_token_id=PAD, return_dict_in_generate=True, output_scores=True)
+    kwargs.update(repetition_penalty=1.2, renormalize_logits=True)
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    generator = executor.EarlyExitGenerator(model, exit_layer=2)
+    got = generator.generate(ids, **kwargs)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert_scores_close(expected.scores, got.scores)
+    plain = generator.generate(ids, max_new_tokens=8, pad_token_id=PAD)
+    hints = dict(cache_implementation="static", cache_config={}, low_memory=True, return_legacy_cache=False,
+                 disable_compile=True, compile_config=None)  # fmt: skip
+    assert torch.equal(generator.generate(ids, max_new_tokens=8, pad_token_id=PAD, **hints), plain)
+
+
 def test_ppsd_drop_in_output_scores_match_hf(model):
     ids = torch.tensor([[3, 4, 5]])
     kwargs = dict(max_new_tokens=10, pad_token_id=PAD, return_dict_in_generate=True, output_scores=True)
