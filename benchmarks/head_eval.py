@@ -33,6 +33,7 @@ from executor.heads import TrainedExitHead, load_head
 from executor.models import load_model
 from executor.runtime import use_threads
 from executor.train_head import TrainConfig, agreement_interval, check_corpus_model, evaluate
+from sim.formats import check_output
 from sim.tables import text_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,11 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.tag is None) == (args.out is None):
         parser.error("give one of --tag and --out")
+    try:  # before the work, not after it
+        check_output("--out", Path(args.out) if args.out else RESULTS / f"head_eval_{args.tag}.json")
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
 def check_split(directory: str, allow_train: bool) -> str:
-    split = read_manifest(directory).get("split")
+    try:
+        split = read_manifest(directory).get("split")
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --corpus {directory}: {err}") from None
     if split != "held-out" and not allow_train:
         raise SystemExit(f"error: {directory} was built from the {split!r} split; pass --allow-train to score on it")
     return str(split)

@@ -52,6 +52,7 @@ from executor.train_head import (
     teacher_examples,
     train,
 )
+from sim.formats import check_output, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_FRACTION = 0.25  # split_prompts' default, which this report's held-out prompts come from
@@ -83,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     parser.add_argument("--heads-dir", default=str(ROOT / "heads"))
     parser.add_argument("--tag", default="cpu", help="results file suffix: benchmarks/results/head_report_<tag>")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON's path instead (its plots beside it; default: the --tag name)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heads", nargs="+", default=None, metavar="FILE",
                         help="score these head files (trained elsewhere) instead of training heads here")  # fmt: skip
@@ -227,6 +230,11 @@ def train_heads(model, train_ids: list[list[int]], eval_examples, args):
 
 def main() -> None:
     args = parse_args()
+    out = args.out or ROOT / "benchmarks" / "results" / f"head_report_{args.tag}.json"
+    try:
+        check_output("--out", out)  # before the work, not after it
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     begin = time.perf_counter()
@@ -249,8 +257,6 @@ def main() -> None:
     curves = {e: training_curve(path) for e, path in heads.items()}
     runs = eesd_runs(model, eval_ids[: args.eesd_prompts], heads, args, eos)
     speed = speed_runs(model, eval_ids[: args.eesd_prompts], heads, args) if args.speed else None
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
     trained_how = "given heads" if args.heads else f"{args.steps} steps, {len(train_ids)} train prompts"
     label = f"{args.model}, {args.tag.upper()}, float32: {trained_how}"
     report = {
@@ -281,8 +287,7 @@ def main() -> None:
         "training_curves": curves,  # held-out agreement / tokens per round vs training tokens, from NAME.eval.csv
         "wall_time_s": time.perf_counter() - begin,
     }
-    out = results / f"head_report_{args.tag}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     plot(out.with_suffix(".png"), shared, trained, label)
     if any(curves.values()):
         plot_curves(out.with_name(f"{out.stem}_curve.png"), {e: c for e, c in curves.items() if c}, label)

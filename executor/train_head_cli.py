@@ -11,6 +11,8 @@ unseen by the head. `--resume` continues from `OUT.ckpt` (written every `--check
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from executor.runtime import add_threads_argument, check_device, use_threads
 from sim.formats import check_output
@@ -19,10 +21,7 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def _layers(text: str) -> tuple[int, ...]:
-    layers = tuple(int(part) for part in text.split(",") if part.strip())
-    if len(set(layers)) != len(layers):
-        raise argparse.ArgumentTypeError(f"an exit layer given twice in {text!r} (each trains one head)")
-    return layers
+    return tuple(int(part) for part in text.split(",") if part.strip())
 
 
 def _outs(args: argparse.Namespace) -> list[str]:
@@ -127,6 +126,9 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError("--init-head trains on with --corpus (or give --steps 0 to write the heads unchanged)")
         if args.steps == 0 and (args.corpus is not None or args.resume):
             raise ValueError("--steps 0 writes the --init-head heads unchanged: --corpus and --resume do not apply")
+    if args.exit_layer is not None and len(set(args.exit_layer)) != len(args.exit_layer):
+        given = ",".join(map(str, args.exit_layer))
+        raise ValueError(f"--exit-layer {given}: an exit layer given twice (each trains one head)")
     if not 0 < args.lr < float("inf"):  # (nan too)
         raise ValueError(f"--lr must be a number > 0, got {args.lr}")
     for name in ("clip_norm", "hard_weight", "warmup_steps", "eval_every"):
@@ -174,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if init_heads is not None and args.steps == 0:
         return _write_unchanged(args, init_heads, vocab)
     if args.corpus is not None and config is not None:
+        _note_held_out(args.corpus)
         info = {"model": str(args.model), "model_dtype": args.dtype, **_vocab_info(args), **_init_info(args)}
         torch.manual_seed(args.seed)
         heads, state = train_head_corpus(
@@ -195,6 +198,21 @@ def run(args: argparse.Namespace) -> int:
         draft_vocab=vocab,
     )  # fmt: skip
     return _report(args, state)
+
+
+def _note_held_out(corpora: list[str]) -> None:
+    """A training corpus built from held-out prompts (`eesd corpus --split held-out`) is used, and said so: a head
+    trained on it has seen what a held-out evaluation scores."""
+    from executor.corpus import read_manifest
+
+    for corpus in corpora:
+        try:
+            split = read_manifest(Path(corpus)).get("split")
+        except (OSError, ValueError):
+            continue  # the corpus reader names the problem
+        if split == "held-out":
+            print(f"train-head: note: --corpus {corpus} was built from held-out prompts (its manifest's split); a head "
+                  "trained on it has seen what a held-out evaluation scores", file=sys.stderr)  # fmt: skip
 
 
 def _check_layers(args: argparse.Namespace, model) -> None:

@@ -4,6 +4,7 @@ an empty corpus, a model folder that holds no model, an output path under a file
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_models import TinySpec, tiny_model
@@ -24,7 +25,8 @@ def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
 
 @pytest.mark.parametrize(
     ("flag", "value"), [("--clip-norm", "-1"), ("--hard-weight", "-0.5"), ("--warmup-steps", "-1"),
-                        ("--eval-every", "-2"), ("--init-layer", "first")],
+                        ("--eval-every", "-2"), ("--init-layer", "first"), ("--lr", "nan"), ("--lr", "inf"),
+                        ("--exit-layer", "4,4")],
 )  # fmt: skip
 def test_train_head_settings_are_checked_before_the_model_loads(tmp_path, capsys, flag, value) -> None:
     """A negative clip norm would flip the gradients (torch scales them by it), not clip them; the model named
@@ -51,6 +53,23 @@ def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path, capsys
     one_error_line(capsys, "--out", "is a file")
     assert main(["corpus", "--model", "no-such-model", "--out", str(blocker)]) == 2
     one_error_line(capsys, "--out", "is a file")
+
+
+def test_an_output_folder_one_cannot_write_in_is_refused_before_any_work(tmp_path, capsys) -> None:
+    """A training run used to find out at its first checkpoint (after its last step, with a long cadence)."""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anyway: a folder that cannot hold files in any case
+            locked = Path("/proc")
+        assert main(["train-head", "--model", "no-such-model", "--exit-layer", "4", "--out",
+                     str(locked / "h.safetensors")]) == 2  # fmt: skip
+        one_error_line(capsys, "--out", f"cannot write in {locked}")
+    finally:
+        os.chmod(tmp_path / "locked", 0o700)
 
 
 def test_an_empty_corpus_is_refused_where_it_is_built_and_where_it_is_read(tmp_path) -> None:

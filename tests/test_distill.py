@@ -101,9 +101,14 @@ def test_an_interrupted_run_resumes_bit_identically(tiny, corpora, tmp_path, mon
 
     monkeypatch.setattr(train_head, "train_step", interrupted)
     out = tmp_path / "b.safetensors"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"after step 9 of 12; .*b.safetensors.ckpt holds step 8: the same "
+                       r"command with --resume goes on from there"):  # fmt: skip
         train_head_corpus(tiny, corpora["train"], config(), out, **kwargs)
+    with pytest.raises(KeyboardInterrupt, match="after step 9 of 12; no checkpoint written yet .* nothing to resume"):
+        train_head_corpus(tiny, corpora["train"], config(checkpoint_every=10), tmp_path / "c.safetensors", **kwargs)
     monkeypatch.setattr(train_head, "train_step", real)
+    with pytest.raises(ValueError, match=r"other data or settings: eval_\w+ '.*', now None.*delete it to start over"):
+        train_head_corpus(tiny, corpora["train"], config(), out, resume=True, progress=False)  # no eval corpus now
     resumed, state = train_head_corpus(tiny, corpora["train"], config(), out, resume=True, **kwargs)
     assert same_heads(straight, resumed)
     assert state.losses == straight_state.losses and state.tokens_seen == straight_state.tokens_seen
@@ -334,3 +339,13 @@ def test_phase_times_cover_a_step_only_when_enabled(tiny, corpora) -> None:
     assert set(phases) == {"teacher (full model)", "head layers forward", "logits + KL (forward and backward)",
                            "head layers backward", "clip + optimizer"}  # fmt: skip
     assert all(seconds > 0 for seconds in phases.values())
+
+
+def test_a_held_out_corpus_given_to_train_on_is_noted(corpora, capsys) -> None:
+    from executor.train_head_cli import _note_held_out
+
+    _note_held_out([str(corpora["train"])])
+    assert capsys.readouterr().err == ""
+    _note_held_out([str(corpora["train"]), str(corpora["held"])])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--corpus {corpora['held']} was built from held-out prompts" in err
