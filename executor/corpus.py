@@ -144,7 +144,8 @@ class CorpusConfig:
         if not 0.0 < self.held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
         if any(t < 0 for t in self.temperatures) or not self.temperatures:
-            raise ValueError(f"temperatures must be >= 0 (0: greedy), got {self.temperatures}")
+            given = ",".join(f"{t:g}" for t in self.temperatures) or "none"
+            raise ValueError(f"temperatures must be >= 0 (0: greedy), got {given}")
         for name in ("samples", "max_new_tokens", "batch_size", "self_prompts_per_topic", "self_requests_per_kind",
                      "window", "shard_records"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -681,6 +682,9 @@ BUILDERS: dict[str, Callable[..., None]] = {
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """A corpus directory's manifest, checked for format and version."""
     path = Path(directory) / MANIFEST
+    if Path(directory).is_file():
+        raise FileNotFoundError(f"{directory} is a file: a corpus is the directory that holds {MANIFEST} and its "
+                                "shards (eesd corpus --out)")  # fmt: skip
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a corpus directory (no {MANIFEST}; build one with eesd corpus)")
     manifest = json.loads(path.read_text())

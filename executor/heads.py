@@ -467,6 +467,9 @@ def read_head_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exit head file {path} does not exist")
+    if path.suffix == ".ckpt":
+        raise ValueError(f"{path} is a training checkpoint (eesd train-head's), not a head file: use the head file "
+                         f"{path.with_suffix('')} it was written beside")  # fmt: skip
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})

@@ -159,6 +159,13 @@ def test_corrupt_or_truncated_file_refused(trained, tiny, tmp_path: Path, damage
         load_head(path, tiny, EXIT_LAYER)
 
 
+def test_a_training_checkpoint_given_as_a_head_names_the_head_file(tiny, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "h.safetensors.ckpt"
+    checkpoint.write_bytes(b"\x80\x02 a torch pickle")
+    with pytest.raises(ValueError, match=r"\.ckpt is a training checkpoint .*the head file .*h\.safetensors "):
+        load_head(checkpoint, tiny, EXIT_LAYER)
+
+
 def _edit_header(path: Path, old: bytes, new: bytes) -> None:
     """Replace bytes in a safetensors header in place (same length: the file stays well-formed)."""
     data = path.read_bytes()
