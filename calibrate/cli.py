@@ -60,7 +60,8 @@ def _scenario_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="eesd", help="eesd and/or ppsd, comma-separated, besides AR (default: eesd)")
     policies = f"EESD draft policies, comma-separated (default: {SCENARIO_POLICIES})"
     p.add_argument("--policies", default=SCENARIO_POLICIES, help=policies)
-    p.add_argument("--name", default=None, help="the scenario's name (default: from the model, device and dtype)")
+    p.add_argument("--name", default=None, help="the scenario's name, its results' folder under runs/ (default: the "
+                   "--out file's name without .yaml)")  # fmt: skip
     p.add_argument(
         "--serving", action="store_true",
         help="write a serving scenario (eesd serve-sim): AR against EESD under Poisson load, rates from AR's own pace",

@@ -123,7 +123,7 @@ def write_scenario(
             "--contention", contention, read_contention_profile, "a contention profile CSV (eesd calibrate contention)"
         )
     acceptance, trace = traces[0]
-    data = scenario_data(latency, profile, traces, out.parent, methods, policies, name)
+    data = scenario_data(latency, profile, traces, out.parent, methods, policies, name or _file_name(out))
     narrow = [path for path, t in traces if t.metadata.get("draft_dtype")]
     if narrow and len(traces) > 1:
         raise ValueError(f"--acceptance: {narrow[0]}: a trace of narrow drafts is replayed alone (with its profile)")
@@ -320,6 +320,15 @@ def _model(latency: Path, profile: DataFile) -> tuple[ModelConfig, Any]:
 def _label(model: str) -> str:
     """A model's name for the scenario: a path's stem."""
     return Path(model).stem if "/" in model or model.endswith(".gguf") else model
+
+
+def _file_name(out: Path) -> str | None:
+    """The scenario file's stem as its name (its results go to runs/<name>/, one folder per scenario written), where
+    it is one folder name; else None (the name then comes from the profile: `_name`)."""
+    try:
+        return Scenario._name(out.stem)
+    except ValueError:
+        return None
 
 
 def _name(profile: DataFile, model: ModelConfig, dtype: str) -> str:

@@ -157,6 +157,7 @@ class TraceAcceptance:
                 f"{trace.path or 'acceptance trace'}: no records for exit_layer {exit_layer}; it has {sorted(layers)}"
             )
         self.exit_layer = exit_layer
+        self.head: str | None = None  # the exit_head the trace was recorded with, where the plan could tell
         self.starts: list[int] = []
         flat: list[tuple[bool, float]] = []
         eos = {int(t) for t in trace.metadata.get("eos_token_ids") or ()}

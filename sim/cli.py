@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from sim.formats import check_output
-from sim.runner import map_points, plots_available, run_points, summary_table, write_outputs, write_rows_csv
+from sim.runner import map_points, plots_available, run_points, summary_table, verdict, write_outputs, write_rows_csv
 from sim.scenario import Point, ScenarioError, load_points, read_yaml
 
 
@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     results = run_points(points, jobs=jobs, progress=progress, trace=True if args.trace else None)
     print(summary_table(results))
+    if verdict(results):
+        print(verdict(results))
     for path in write_outputs(results, out_dir):
         print(f"wrote {path}")
     if len(points) > 1 and not plots_available():

@@ -38,6 +38,7 @@ from sim.formats import (
     read_contention_profile,
     read_latency_profile,
     read_link_profile,
+    trace_exit_head,
 )
 from sim.hardware import GPUS, LINKS, GPUSpec, LinkSpec, gpu_named_by
 from sim.host_work import HostOverhead, check_fits, host_overhead, read_host_work
@@ -704,6 +705,10 @@ def _acceptance(point: Point, exit_layer: int, where: str) -> AcceptanceModel:
         replay = TraceAcceptance(trace, exit_layer, stop_at_eos=a.at_eos == "stop")
     except ValueError as err:
         raise ScenarioError(f"{where}: acceptance.trace: {err}") from None
+    try:  # (a trained head's file out of reach: the note it feeds is not given)
+        replay.head = trace_exit_head(trace.path or "", trace)
+    except ValueError:
+        replay.head = None
     reuse = replay.reuse(point.scenario.workload.requests, point.scenario.workload.output_len)
     if reuse and a.reuse != "cycle":
         raise ScenarioError(

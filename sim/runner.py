@@ -105,6 +105,12 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
             f"executor stops; acceptance.at_eos: continue replays on): {sum(lengths):,} tokens, not "
             f"{w.requests * w.output_len:,}"
         )
+    head, drafting = plan.acceptance.head, point.scenario.exit_head
+    if plan.method != "ar" and head is not None and head != drafting:
+        notes.append(
+            f"acceptance.trace was recorded with exit_head {head}, this point drafts with exit_head {drafting}: its "
+            f"acceptance is the other head's (record the one drafting: eesd calibrate acceptance --head)"
+        )
     recorded = claimed_dtype({"dtype": plan.acceptance.draft_dtype}) if plan.acceptance.draft_dtype else None
     drafts = narrow_draft_dtype(point.scenario)
     if plan.method == "eesd" and drafts != recorded:
@@ -364,6 +370,30 @@ def _plots(rows: list[dict[str, Any]], swept: list[str], out_dir: Path) -> list[
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def verdict(results: Sequence[PointResult]) -> str:
+    """One line: whether speculation pays in these runs, with each speculative method's best speedup over AR on the
+    same hardware (and, where a sweep varied it, the point's values); empty without a speculative point."""
+    best: dict[str, tuple[float, dict[str, Any]]] = {}
+    counts: dict[str, int] = {}
+    for item in results:
+        method, speedup = item.result.method, result_row(item)["speedup"]
+        if method == "ar":
+            continue
+        counts[method] = counts.get(method, 0) + 1
+        if method not in best or speedup > best[method][0]:
+            best[method] = (speedup, {k: v for k, v in item.point.values.items() if k != "method"})
+    if not best:
+        return ""
+    parts = []
+    for method, (speedup, where) in best.items():
+        at = ", ".join(f"{k}={_cell(v)}" for k, v in where.items()) if counts[method] > 1 else ""
+        parts.append(f"{method.upper()} {speedup:.3f}x" + (f" at {at}" if at else ""))
+    pays = max(speedup for speedup, _ in best.values()) > 1.0
+    head = "speculation pays here" if pays else "speculation does not pay here, AR is fastest"
+    label = "best speedup over AR" if len(results) > len(best) else "speedup over AR"
+    return f"verdict: {head} ({label} on the same hardware: {'; '.join(parts)})"
 
 
 def summary_table(results: Sequence[PointResult]) -> str:

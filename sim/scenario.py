@@ -447,9 +447,25 @@ def _read_points(path: str | Path) -> list[Point]:
                 _set_path(data, dotted, item)
         values = {k: _case_label(v) if _is_case(k) else v for k, v in values.items()}
         where = point_where(str(path), values)
-        scenario = validate(data, where)
+        try:
+            scenario = validate(data, where)
+        except ScenarioError as err:
+            raise _scenario_wide(err, raw, where, str(path)) from None
         points.append(Point(index, values, scenario, path.parent, str(path)))
     return points
+
+
+def _scenario_wide(err: ScenarioError, raw: dict[str, Any], where: str, source: str) -> ScenarioError:
+    """A point's error that the scenario's own fields give whatever its sweep sets (a typo outside the sweep), named
+    at the scenario rather than at the first sweep point, which had nothing to do with it."""
+    if where == source:
+        return err
+    try:
+        validate(copy.deepcopy(raw), source)
+    except ScenarioError as base:
+        if str(base).removeprefix(source) == str(err).removeprefix(where):
+            return base
+    return err
 
 
 MAX_YAML_BYTES = 1 << 20  # a scenario is a few KB
@@ -693,7 +709,10 @@ def _describe(where: str, error: Any) -> str:
     if error["type"] == "missing":
         return f"{where}: {field}: required field is missing"
     message = _clip(error["msg"].removeprefix("Value error, "), 300)
-    return f"{where}: {field}: {message} (got {quote(error.get('input'))})"
+    given = quote(error.get("input"))
+    if "got " in message or given in message:  # the check said what it was given: once is enough
+        return f"{where}: {field}: {message}"
+    return f"{where}: {field}: {message} (got {given})"
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -81,6 +81,9 @@ def test_a_written_scenario_says_what_it_was_written_from(tmp_path) -> None:
     assert not Path(data["latency"]["profile"]["path"]).is_absolute()  # relative to the scenario's folder
     assert (out.parent / data["acceptance"]["trace"]).resolve() == trace.resolve()
     assert [p.name for p in out.parent.iterdir()] == ["gemma.yaml"]  # the load check left nothing beside it
+    assert data["name"] == "gemma"  # its results' folder runs/gemma/: another scenario of the profile keeps its own
+    write_scenario(latency, trace, tmp_path / "x" / "two.yaml", name="mine")
+    assert yaml.safe_load((tmp_path / "x" / "two.yaml").read_text())["name"] == "mine"
 
 
 def test_ppsd_points_run_the_stages_of_the_one_device(tmp_path) -> None:

@@ -43,6 +43,21 @@ def test_quickstart_cli_prints_summary_and_writes_outputs(tmp_path: Path, capsys
     out = capsys.readouterr().out
     assert "tok/s" in out and "ppsd" in out and (tmp_path / "results.csv").exists()
     assert list(tmp_path.glob("speedup_*.png"))
+    table = csv.DictReader((tmp_path / "results.csv").read_text().splitlines())
+    rows = {r["method"]: float(r["speedup"]) for r in table}
+    said = "speculation pays here" if max(rows["eesd"], rows["ppsd"]) > 1 else "speculation does not pay here"
+    assert f"verdict: {said}" in out and f"EESD {rows['eesd']:.3f}x; PPSD {rows['ppsd']:.3f}x" in out
+
+
+def test_the_verdict_names_each_methods_best_point_of_a_sweep() -> None:
+    from sim.runner import verdict
+
+    results = run_points(load_points(ROOT / "scenarios" / "ppsd_stages_links.yaml"), jobs=1, progress=False)
+    best = max((r for r in results if r.result.method == "ppsd"), key=lambda r: result_row(r)["speedup"])
+    line = verdict(results)
+    assert line.startswith("verdict: speculation pays here (best speedup over AR on the same hardware: PPSD ")
+    assert f"{result_row(best)['speedup']:.3f}x at topology.stages={best.point.values['topology.stages']}" in line
+    assert verdict([r for r in results if r.result.method == "ar"]) == ""
 
 
 def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
@@ -246,3 +261,31 @@ def test_plans_carry_the_executors_cache_capacity(tmp_path: Path, update: dict, 
     built = build_plan(point)
     assert built.cache_slots == slots
     assert built.span_buckets == (update.get("attention", "buckets") == "buckets")
+
+
+def test_a_trace_of_another_head_than_the_scenario_drafts_with_is_noted(tmp_path: Path) -> None:
+    """The quickstart drafts with a trained head and replays that head's trace; given the shared head's trace it
+    still simulates (a what-if), and says whose acceptance it replays. AR points replay nothing: no note."""
+    from sim.runner import point_notes
+
+    data = yaml.safe_load((ROOT / "scenarios" / "quickstart.yaml").read_text())
+    assert not any("recorded with exit_head" in n for p in load_points(ROOT / "scenarios" / "quickstart.yaml")
+                   for n in point_notes(p))  # fmt: skip
+    data["acceptance"]["trace"] = str(ROOT / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv")
+    data["latency"]["profile"]["path"] = str((ROOT / "scenarios" / data["latency"]["profile"]["path"]).resolve())
+    notes = {p.values.get("method", p.scenario.method): point_notes(p) for p in load_points(write(tmp_path, data))}
+    wanted = "acceptance.trace was recorded with exit_head shared, this point drafts with exit_head trained:16384"
+    assert any(n.startswith(wanted) for n in notes["eesd"]) and any(n.startswith(wanted) for n in notes["ppsd"])
+    assert not any("recorded with exit_head" in n for n in notes["ar"])
+
+
+def test_a_mistake_outside_the_sweep_is_named_at_the_scenario_not_at_a_point(tmp_path: Path) -> None:
+    data = {**BASE, "workload": {"requests": 1, "output_lenn": 40}, "sweep": {"exit_layer": [8, 15]}}
+    with pytest.raises(ScenarioError) as info:
+        load_points(write(tmp_path, data))
+    assert str(info.value).startswith(f"{tmp_path / 's.yaml'}: workload.output_lenn: unknown key")
+    data = {**BASE, "method": "eesd", "sweep": {"exit_layer": [8], "policy": ["fixed:1", "fixed:0"]}}
+    with pytest.raises(ScenarioError) as info:  # the sweep's own value: that point named, its value quoted once
+        load_points(write(tmp_path, data))
+    message = str(info.value)
+    assert "sweep point {'exit_layer': 8, 'policy': 'fixed:0'}: policy:" in message and message.count("fixed:0") == 2
