@@ -105,8 +105,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.json is not None:
         check_output("--json", args.json)
+    for flag, value in (("--slo-ttft-ms", args.slo_ttft_ms), ("--slo-tpot-ms", args.slo_tpot_ms)):
+        if value is not None and not 0 < value < float("inf"):
+            raise ValueError(f"{flag} must be a time in ms > 0, got {value:g}")
     workload = load_workload(args.workload)
     slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
+    _check_kv_capacity(workload, methods, args)
     import torch
 
     from executor.models import load_model, load_tokenizer
@@ -135,11 +139,31 @@ def run(args: argparse.Namespace) -> int:
         passes[method] = [dataclasses.asdict(log) for log in outcome.result.passes]
         if args.compare_ar:
             row["identical_to_ar"] = identical_to_ar(model, workload, prompts, outcome.outputs, eos)
+            same = "identical to" if row["identical_to_ar"] else "NOT all identical to"
+            print(f"{method}: the {len(workload.requests)} requests' tokens {same} each request decoded alone with AR",
+                  file=sys.stderr)  # fmt: skip
     print(table(rows))
     if args.json is not None:
         write_json(args.json, _document(args, workload, model, device, rows, records, passes))
         print(f"wrote {args.json}")
     return 0 if all(row.get("identical_to_ar", True) for row in rows) else 1
+
+
+def _check_kv_capacity(workload: Any, methods: list[str], args: argparse.Namespace) -> None:
+    """--kv-capacity-tokens holds the workload's largest request under each method (before the model loads)."""
+    from sim.serving import method_kv_tokens
+
+    budget = args.kv_capacity_tokens
+    if budget is None:
+        return
+    for method in methods:
+        tokens_of = method_kv_tokens(method, args.policy)
+        largest = max(workload.requests, key=tokens_of)
+        if tokens_of(largest) > budget:
+            raise ValueError(
+                f"--kv-capacity-tokens {budget}: request {largest.index} of {args.workload} needs {tokens_of(largest)} "
+                f"KV tokens under {method} (prompt, output and drafts), so it could never be admitted"
+            )
 
 
 def warm_up_workload(workload: Any, prompts: list[list[int]], rows: int) -> tuple[Any, list[list[int]]]:

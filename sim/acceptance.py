@@ -174,7 +174,10 @@ class TraceAcceptance:
         self.stop_at_eos = stop_at_eos
         # tokens a replay from each prompt's start generates up to and including the first EOS it reaches
         self._to_eos = [_tokens_to_end(start, ends, len(flat)) for start in self.starts]
-        self.mean_match = sum(m for m, _ in flat) / len(flat)
+        # over the drafted positions, as the trace's own `agreement` (each prompt's token 0 comes from prefill)
+        starts = set(self.starts)
+        drafted = [m for i, (m, _) in enumerate(flat) if i not in starts]
+        self.mean_match = sum(drafted) / len(drafted) if drafted else sum(m for m, _ in flat) / len(flat)
         # the dtype the trace's drafts ran in where narrower than the model's (`--draft-dtype`), as the file names it
         self.draft_dtype = str(trace.metadata.get("draft_dtype") or "") or None
 

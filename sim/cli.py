@@ -13,7 +13,16 @@ import sys
 from pathlib import Path
 
 from sim.formats import check_output
-from sim.runner import map_points, plots_available, run_points, summary_table, verdict, write_outputs, write_rows_csv
+from sim.runner import (
+    extrapolation_note,
+    map_points,
+    plots_available,
+    run_points,
+    summary_table,
+    verdict,
+    write_outputs,
+    write_rows_csv,
+)
 from sim.scenario import Point, ScenarioError, load_points, read_yaml
 
 
@@ -49,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
         print('note: no speedup plots (matplotlib is not installed: pip install -e ".[plots]")')
     for note in dict.fromkeys(note for r in results for note in r.notes):
         print(f"note: {note}")
-    if any(r.result.extrapolated for r in results):
-        print("note: some latencies were extrapolated beyond the profiled grid (column 'extrapolated')")
+    extrapolated = extrapolation_note(results)
+    if extrapolated:
+        print(f"note: {extrapolated}")
     if args.break_even is not None:
         _break_even(points, args.break_even, out_dir, jobs)
     return 0

@@ -62,7 +62,7 @@ from sim.acceptance import AcceptanceStream
 from sim.contention import PassShare
 from sim.contract import policy_seed
 from sim.cost import Pass, PassCost, draft_pass, pass_costs, stage_hbm_us, stage_time_us, verify_pass
-from sim.latency import LinkModel
+from sim.latency import LinkModel, extrapolations_of
 from sim.plan import ONE_HOST_BACKENDS, SimPlan, Workload
 from sim.policy import DraftPolicy, make_policy, round_budget
 
@@ -91,6 +91,7 @@ class RunResult:
     stages: tuple[SimStageStats, ...]
     extrapolated: bool
     ticks: int = 0  # PPSD: the executor's ticks (see the module docstring); 0 for AR and EESD
+    extrapolations: tuple[str, ...] = ()  # what the latency profiles were asked outside their grids
 
     @property
     def ticks_per_token(self) -> float:
@@ -468,6 +469,7 @@ class Simulation:
             or bool(getattr(plan.link, "extrapolated", False))
             or plan.contention.extrapolated,
             ticks=self.counts["ticks"],
+            extrapolations=tuple(dict.fromkeys(e for s in plan.stages for e in extrapolations_of(s.latency))),
         )
 
     def settle(self) -> None:

@@ -114,7 +114,8 @@ def check_fits(
 @dataclass(frozen=True)
 class HostOverhead:
     """One method's host work (µs) at the batch sizes measured: linear between them; outside, along the edge
-    segment (clamped at 0), or flat where one batch size was measured (`outside` says when a batch is)."""
+    segment (clamped at 0; held flat where that segment falls), or flat where one batch size was measured
+    (`outside` says when a batch is)."""
 
     method: str
     batches: tuple[int, ...]
@@ -133,6 +134,8 @@ class HostOverhead:
         while i < len(xs) - 1 and batch > xs[i]:
             i += 1
         slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+        if slope < 0 and self.outside(batch):  # an edge that falls (noise): held flat past it
+            return ys[-1] if batch > xs[-1] else ys[0]
         return max(0.0, ys[i - 1] + slope * (batch - xs[i - 1]))
 
     def outside(self, batch: int) -> bool:

@@ -17,7 +17,7 @@ import bisect
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from sim.formats import COMPONENTS, DataFile, LatencyRecord
 from sim.hardware import GPUSpec, LinkSpec
@@ -138,8 +138,10 @@ class ProfileLatency:
     step's layers and LM head are an AR step's, over fewer layers): both are read as their mean (`pooled_rows`), so
     that one noisy measurement does not set the draft/verify cost ratio a speedup hangs on.
 
-    Outside the profiled grid the edge segment is extrapolated linearly (clamped at 0) and `extrapolated` becomes
-    True, so results can flag it. A component missing from a phase falls back to the `verify` then `draft` phase;
+    Outside the profiled grid the edge segment is extrapolated linearly (clamped at 0; an edge segment whose time
+    falls with size, as a noisy or kernel-switching profile can have, is held flat at its edge: a pass never gets
+    cheaper for being larger than any profiled) and `extrapolated` becomes True, so results can flag it. A component
+    missing from a phase falls back to the `verify` then `draft` phase;
     `embed`, `overhead` and `exit_head` may be absent (0 µs; a trained exit head then needs `exit_head`). With
     `overhead_us` the host's `overhead` is that constant instead of the profile's rows; with `host`, a decode pass's
     is that method's measured host work at the pass's batch size (`sim.host_work`; prefill keeps the rows).
@@ -151,6 +153,8 @@ class ProfileLatency:
     host: HostOverhead | None = None  # a method's measured host work, for its decode passes
     extrapolated: bool = False
     frozen: bool = field(default=False, init=False)  # `frozen_profile`
+    # (phase, axis, past the top?) -> (profiled low, profiled high, furthest asked): what was extrapolated
+    beyond: dict[tuple[str, int, bool], tuple[int, int, int]] = field(default_factory=dict, repr=False)
     _grids: dict[tuple[str, str], _Grid] = field(default_factory=dict, repr=False)
     _cache: dict[tuple, float] = field(default_factory=dict, repr=False)
 
@@ -177,6 +181,20 @@ class ProfileLatency:
         grid = self._grids.get(("layer", "verify")) or self._grids[next(k for k in self._grids if k[0] == "layer")]
         return grid.axes[2]
 
+    def batch_edge_falls(self, top: bool) -> bool:
+        """Whether a decode layer pass costs less at the profile's largest (`top`; else smallest) batch size than at
+        the one beside it (at its first q and context): then a batch past that edge is held at the edge's cost."""
+        grid = self._grids.get(("layer", "verify")) or self._grids[next(k for k in self._grids if k[0] == "layer")]
+        (q, *_), (context, *_), batches = grid.axes
+        if len(batches) < 2:
+            return False
+        edge, beside = (batches[-1], batches[-2]) if top else (batches[0], batches[1])
+        return (
+            grid.values[(q, context, edge)] < grid.values[(q, context, beside)]
+            if top
+            else (grid.values[(q, context, edge)] > grid.values[(q, context, beside)])
+        )
+
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
         if component == "overhead" and self.overhead_us is not None:
             return self.overhead_us
@@ -193,8 +211,33 @@ class ProfileLatency:
         if grid is not None:
             value, outside = grid.at((q, context_len, batch))
             self.extrapolated = self.extrapolated or outside
+            if outside:
+                self._beyond(phase, grid.axes, (q, context_len, batch))
         self._cache[key] = value
         return value
+
+    def _beyond(self, phase: str, axes: Sequence[Sequence[int]], point: tuple[int, int, int]) -> None:
+        for axis, (xs, x) in enumerate(zip(axes, point, strict=True)):
+            if xs[0] <= x <= xs[-1]:
+                continue
+            key = (phase, axis, x > xs[-1])
+            far = self.beyond.get(key, (xs[0], xs[-1], x))[2]
+            self.beyond[key] = (xs[0], xs[-1], max(far, x) if x > xs[-1] else min(far, x))
+
+    def extrapolations(self) -> tuple[str, ...]:
+        """What was asked outside the profiled grid, a phrase per phase and axis: e.g. "verify q 9 (profiled
+        1-4)", "prefill tokens 16 (profiled 32-256)"."""
+        return tuple(describe_beyond(phase, axis, *span) for (phase, axis, _), span in sorted(self.beyond.items()))
+
+
+AXES = ("q", "context", "batch")  # a latency grid's axes, in its points' order
+
+
+def describe_beyond(phase: str, axis: int, low: int, high: int, far: int) -> str:
+    """One extrapolation, as `ProfileLatency.extrapolations` phrases it (a prefill's q is its prompt's tokens)."""
+    name = "tokens" if phase == "prefill" and axis == 0 else AXES[axis]
+    profiled = f"{low}" if low == high else f"{low}-{high}"
+    return f"{phase} {name} {far} (profiled {profiled})"
 
 
 POOLED_PHASES = ("draft", "verify")  # phases whose rows at one (component, q, context, batch) time the same work
@@ -249,6 +292,9 @@ class ScaledLatency:
     def extrapolated(self) -> bool:
         return self.inner.extrapolated
 
+    def extrapolations(self) -> tuple[str, ...]:
+        return extrapolations_of(self.inner)
+
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
         factor = self.prefill if phase == "prefill" else self.decode.get(batch, self.decode_default)
         return factor * self.inner.time_us(component, phase, q, context_len, batch)
@@ -283,7 +329,12 @@ class _Grid:
                 return self.values[chosen]  # type: ignore[index]
             lo, hi, weight, _ = brackets[dim]
             low = corner(dim + 1, (*chosen, lo))
-            return low if hi == lo else low + (corner(dim + 1, (*chosen, hi)) - low) * weight
+            if hi == lo:
+                return low
+            high = corner(dim + 1, (*chosen, hi))
+            if high < low and not 0.0 <= weight <= 1.0:  # an edge that falls (noise): held flat past it
+                return high if weight > 1.0 else low
+            return low + (high - low) * weight
 
         return max(0.0, corner(0, ())), outside
 
@@ -298,6 +349,12 @@ def _bracket(xs: Sequence[int], x: float) -> tuple[int, int, float, bool]:
     return lo, hi, (x - lo) / (hi - lo), outside
 
 
+def extrapolations_of(latency: Any) -> tuple[str, ...]:
+    """A latency model's `extrapolations` (none for a model of no grid: a roofline, a constant)."""
+    described = getattr(latency, "extrapolations", None)
+    return described() if callable(described) else ()
+
+
 def _row_kinds(records: Sequence[LatencyRecord]) -> list[str]:
     kinds = {(r.component, r.cuda_graphs) for r in records}
     return [f"{component} (cuda_graphs={int(graphs)})" for component, graphs in sorted(kinds)]
@@ -305,7 +362,8 @@ def _row_kinds(records: Sequence[LatencyRecord]) -> list[str]:
 
 @dataclass
 class ProfiledLink:
-    """A link from a link profile: linear in nbytes between points, edge slope outside (flagged)."""
+    """A link from a link profile: linear in nbytes between points, edge slope outside (flagged; flat past an edge
+    segment that falls)."""
 
     profile: DataFile
     name: str = "profiled"
@@ -326,6 +384,8 @@ class ProfiledLink:
         lo, hi, weight, outside = _bracket(xs, nbytes)
         self.extrapolated = self.extrapolated or outside
         y_lo, y_hi = ys[xs.index(lo)], ys[xs.index(hi)]
+        if outside and y_hi < y_lo:  # an edge that falls (noise): held flat past it
+            return y_hi if weight > 1.0 else y_lo
         return max(0.0, y_lo + (y_hi - y_lo) * weight)
 
 

@@ -138,18 +138,25 @@ def _batch_notes(plan: SimPlan, batch_field: str = "workload.batch_size") -> lis
         if not isinstance(latency, ProfileLatency) or min(latency.batches) <= batch <= max(latency.batches):
             continue
         batches, path = latency.batches, latency.profile.path or "the latency profile"
-        how = (
-            f"costed as batch {batches[0]} (a single batch profiled: flat, as if rows were free)"
-            if len(batches) == 1
-            else f"extrapolated linearly from batches {batches[-2]} and {batches[-1]}"
-            if batch > batches[-1]
-            else f"extrapolated linearly from batches {batches[0]} and {batches[1]}"
-        )
+        how = _past_batches(latency, batch)
         notes.append(
             f"{batch_field} {batch} lies outside the batches {list(batches)} of {path}: {how}; profile it "
             f"(eesd calibrate latency --batch 1,{batch})"
         )
     return notes
+
+
+def _past_batches(latency: ProfileLatency, batch: int) -> str:
+    """How a batch outside the profile's batch sizes is costed (`ProfileLatency`'s edge rule)."""
+    batches = latency.batches
+    if len(batches) == 1:
+        return f"costed as batch {batches[0]} (a single batch profiled: flat, as if rows were free)"
+    above = batch > batches[-1]
+    edge, beside = (batches[-1], batches[-2]) if above else (batches[0], batches[1])
+    if latency.batch_edge_falls(above):
+        return (f"costed as batch {edge} (the profile's batch {edge} costs {'less' if above else 'more'} than its "
+                f"batch {beside}: a falling edge is held flat, not extrapolated)")  # fmt: skip
+    return f"extrapolated linearly from batches {min(edge, beside)} and {max(edge, beside)}"
 
 
 def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str, loop: str) -> list[str]:
@@ -370,6 +377,26 @@ def _plots(rows: list[dict[str, Any]], swept: list[str], out_dir: Path) -> list[
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+MAX_EXTRAPOLATIONS = 6  # listed in the note; the rest counted
+
+
+def extrapolation_note(results: Sequence[Any]) -> str | None:
+    """The note for runs that asked a latency profile outside its grid (None if none did): what was asked, per phase
+    and axis, and how to profile it. `results`: objects with a `result` holding `extrapolated` and `extrapolations`
+    (a batch run's `PointResult`, a serving run)."""
+    if not any(r.result.extrapolated for r in results):
+        return None
+    asked = list(dict.fromkeys(e for r in results for e in getattr(r.result, "extrapolations", ())))
+    listed = "; ".join(asked[:MAX_EXTRAPOLATIONS]) + (
+        f"; {len(asked) - MAX_EXTRAPOLATIONS} more" if len(asked) > MAX_EXTRAPOLATIONS else ""
+    )
+    what = f": {listed}" if asked else ""
+    return (
+        f"some latencies were extrapolated beyond the profiled grid (column 'extrapolated'){what}; profile those "
+        "sizes to price them from measurements (eesd calibrate latency --q, --context, --batch, --prefill)"
+    )
 
 
 def verdict(results: Sequence[PointResult]) -> str:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from sim.cli import check_jobs, output_folder
 from sim.formats import check_output
-from sim.runner import plots_available
+from sim.runner import extrapolation_note, plots_available
 from sim.serving import load_serving_points
 from sim.serving_report import (
     capacity,
     run_notes,
     run_serving,
+    saturation_note,
     stop_paying,
     summary_table,
     write_json,
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print('note: no plots (matplotlib is not installed: pip install -e ".[plots]")')
     for line in run_notes(runs):
         print(f"note: {line}")
-    if any(r.result.extrapolated for r in runs):
-        print("note: some latencies were extrapolated beyond the profiled grid (column 'extrapolated')")
+    for note in (saturation_note(runs), extrapolation_note(runs)):
+        if note:
+            print(f"note: {note}")
     return 0

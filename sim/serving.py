@@ -77,6 +77,7 @@ from sim.contract import cache_capacity
 from sim.cost import Pass, draft_pass, pass_costs, verify_pass
 from sim.engine import TOKEN_ID_BYTES, decode_alone, prefill_pass
 from sim.formats import quote
+from sim.latency import extrapolations_of
 from sim.models import ModelConfig
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
@@ -470,6 +471,7 @@ class ServingResult:
     tokens: int = 0  # counted as produced, round by round
     in_system_s: float = 0.0  # integral over time of the number of requests in the system
     extrapolated: bool = False
+    extrapolations: tuple[str, ...] = ()  # what the latency profiles were asked outside their grids
     passes: list[PassLog] = field(default_factory=list)
     replicas: int = 1  # servers (each with its own devices, slots and KV cache); the totals above sum over them
 
@@ -564,7 +566,21 @@ def metrics(result: ServingResult, slo: SLO | None = None) -> dict[str, float]:
     # Little's law: the time-average number in the system against arrival rate x mean time in the system
     row["mean_in_system"] = result.in_system_s / time_s
     row["little_lambda_w"] = row["requests_per_s"] * sum(r.latency_s for r in records) / max(len(records), 1)
+    row.update(_load(records, row["requests_per_s"]))
     return row
+
+
+SATURATED = 0.9  # served / offered request rate below which a run is saturated
+
+
+def _load(records: Sequence[RequestRecord], served_rps: float) -> dict[str, Any]:
+    """The offered rate (requests over the span of their arrivals) and whether the run served less than `SATURATED`
+    of it: then its queue grew for as long as requests kept coming, and its latencies, queueing and SLO attainment
+    depend on how long the run is (a longer one waits longer), not on the rate alone."""
+    arrivals = [r.arrival_s for r in records if math.isfinite(r.arrival_s)]
+    span = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
+    offered = (len(arrivals) - 1) / span if span > 0 else math.nan
+    return {"offered_rps": offered, "saturated": bool(span > 0 and served_rps < SATURATED * offered)}
 
 
 def _within(record: RequestRecord, slo: SLO | None) -> bool:
@@ -678,6 +694,7 @@ class ServingSimulation:
         result = self.result
         result.time_s = env.now / 1e6
         result.extrapolated = any(getattr(s.latency, "extrapolated", False) for s in self.plan.stages)
+        result.extrapolations = tuple(dict.fromkeys(e for s in self.plan.stages for e in extrapolations_of(s.latency)))
         return result
 
     # ---- arrivals ----------------------------------------------------------------------------------------------------

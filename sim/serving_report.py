@@ -32,7 +32,7 @@ from sim import tables
 from sim.formats import write_text_atomic
 from sim.progress import progress_bar
 from sim.runner import plots_available
-from sim.serving import ServingPoint, ServingRun, metrics, simulate_serving
+from sim.serving import SATURATED, ServingPoint, ServingRun, metrics, simulate_serving
 
 PAYS_METRIC = "latency_mean_ms"  # speculation pays at a rate where its mean end-to-end latency is below AR's
 TABLE_COLUMNS = ("case", "rate_per_s", "method", "tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p90_ms",
@@ -204,6 +204,29 @@ def _capacity_plot(capacities: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def saturation_note(runs: Sequence[ServingRun]) -> str | None:
+    """The runs that served less than the rate offered them (column `saturated`), per case and method from the
+    lowest such rate; None if none did."""
+    lowest: dict[tuple[str, str], tuple[float, bool]] = {}  # (rate, swept: a rate of the sweep, else as offered)
+    for run in runs:
+        swept = run.point.rate_per_s is not None
+        rate = run.point.rate_per_s if swept else run.metrics.get("offered_rps", math.nan)
+        if run.metrics.get("saturated"):
+            key = (run.point.case, run.point.method)
+            lowest[key] = min(lowest.get(key, (rate, swept)), (rate, swept))
+    if not lowest:
+        return None
+    where = "; ".join(
+        f"{f'case {case}: ' if case else ''}{method} " + (f"from {rate:g}/s" if swept else f"(offered {rate:.3g}/s)")
+        for (case, method), (rate, swept) in sorted(lowest.items())
+    )
+    return (
+        f"saturated (column saturated: served under {SATURATED:.0%} of the offered rate, so the queue grows for as "
+        f"long as the run lasts and its latencies and SLO attainment depend on the run's length, not on the rate "
+        f"alone): {where}"
+    )
 
 
 def run_notes(runs: Sequence[ServingRun]) -> list[str]:

@@ -266,8 +266,11 @@ def test_serve_bench_cli(tmp_path, capsys):
         "ar,eesd", "--exit-layer", "1", "--max-batch", "2", "--compare-ar", "--json", str(out), "--threads", "1",
     ]  # fmt: skip
     assert eesd(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "tpot50" in printed and "eesd" in printed
+    for method in ("ar", "eesd"):  # --compare-ar says what it found
+        assert f"{method}: the 5 requests' tokens identical to each request decoded alone with AR" in captured.err
     import json
 
     document = json.loads(out.read_text())
@@ -360,6 +363,20 @@ def test_serve_bench_refuses_a_gpu_capture_on_the_cpu_before_loading(capsys) -> 
     argv = ["serve-bench", "--workload", workload, "--model", "no-such-model", "--capture", "graph"]
     assert eesd(argv) == 2
     assert "--capture graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_serve_bench_refuses_an_slo_or_kv_budget_that_cannot_be_before_loading(capsys) -> None:
+    from pathlib import Path
+
+    workload = str(Path(__file__).resolve().parents[1] / "scenarios" / "workloads" / "smollm2_cpu_rate0.4.yaml")
+    argv = ["serve-bench", "--workload", workload, "--model", "no-such-model"]
+    for flags, message in ((["--slo-ttft-ms", "-5"], "--slo-ttft-ms must be a time in ms > 0, got -5"),
+                           (["--slo-tpot-ms", "nan"], "--slo-tpot-ms must be a time in ms > 0, got nan"),
+                           (["--kv-capacity-tokens", "10"], "--kv-capacity-tokens 10: request ")):  # fmt: skip
+        assert eesd([*argv, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert "of " + workload + " needs " in err[0] and "under ar" in err[0]
 
 
 def test_serve_bench_refuses_a_json_it_cannot_write_before_loading(tmp_path, capsys) -> None:

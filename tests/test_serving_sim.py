@@ -3,6 +3,7 @@ request completing once with every token counted once, the admission rules, and 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -834,3 +835,27 @@ def test_a_trained_heads_layer_is_costed_where_it_runs(tmp_path, head):
     assert sims["eesd"].round_us(1, 0, 40, 45) - step == pytest.approx(extra)
     static = {p.method: Simulation(p.plan).run() for p in (ar, eesd)}  # the engine's one prefill pass of the batch
     assert static["eesd"].prefill_time_us - static["ar"].prefill_time_us == pytest.approx(extra)
+
+
+def test_a_run_that_serves_less_than_it_is_offered_is_saturated_and_noted(tmp_path, capsys) -> None:
+    """Served below 90% of the offered rate: the queue grows for as long as requests come, so the run's latencies
+    depend on its length. Arrivals 1/s for 10 s: finished by 10.5 s is not saturated, by 20 s is; serve-sim says which
+    case and method from which rate."""
+    from sim.serving import RequestRecord, ServingResult, metrics
+
+    def run(last_finish: float) -> dict:
+        records = [RequestRecord(i, 8, 4, float(i), float(i), i + 0.1, float(i) + 0.5, 4) for i in range(10)]
+        records[-1].finish_s = last_finish
+        return metrics(ServingResult("ar", 1, records, time_s=last_finish, decode_s=1.0, batch_time_s=1.0))
+
+    assert run(10.5)["offered_rps"] == pytest.approx(1.0) and not run(10.5)["saturated"]
+    assert run(20.0)["saturated"] and run(20.0)["requests_per_s"] == pytest.approx(0.5)
+    from executor.cli import main as cli
+
+    scenario = Path(__file__).resolve().parents[1] / "scenarios" / "serving_cpu.yaml"
+    assert cli(["serve-sim", str(scenario), "--out", str(tmp_path), "--no-progress", "--jobs", "1"]) == 0
+    rows = list(csv.DictReader((tmp_path / "serving.csv").read_text().splitlines()))
+    saturated = {(r["case"], r["method"]) for r in rows if r["saturated"] == "True"}
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: saturated")]
+    assert saturated and all(f"case {case}: {method} (offered " in note for case, method in saturated)
+    assert ("rate0.15", "ar") not in saturated  # a light load is served as offered

@@ -222,7 +222,7 @@ def test_out_naming_a_file_or_inside_one_is_one_line_before_anything_runs(
     ("args", "fragment"),
     [
         (["--out", ""], "--out: expected a folder, got an empty path"),
-        (["--out", "/proc/eesd-out"], "--out /proc/eesd-out: the folder cannot be made"),
+        (["--out", "/proc/eesd-out"], "--out /proc/eesd-out: cannot write in /proc"),
         (["--jobs", "-5"], "--jobs must be >= 1, or 0 for one per CPU, got -5"),
     ],
 )

@@ -54,6 +54,41 @@ def test_profile_interpolates_inside_and_flags_extrapolation(tmp_path: Path) -> 
     assert latency.extrapolated
 
 
+def test_the_extrapolations_say_what_was_asked_past_the_grid(tmp_path: Path) -> None:
+    latency = ProfileLatency(read_latency_profile(profile_file(tmp_path)))
+    latency.time_us("layer", "verify", 2, 500, 1)
+    assert latency.extrapolations() == ()
+    for q, context in ((8, 2000), (6, 500), (2, -10)):
+        latency.time_us("lm_head", "verify", q, context, 1)
+    latency.time_us("layer", "draft", 1, 0, 3)  # (a draft falls back to the verify rows: named as asked)
+    assert latency.extrapolations() == (
+        "draft batch 3 (profiled 1-2)", "verify q 8 (profiled 1-4)", "verify context -10 (profiled 0-1000)",
+        "verify context 2000 (profiled 0-1000)",
+    )  # fmt: skip
+
+
+def test_an_edge_that_falls_is_held_flat_past_it(tmp_path: Path) -> None:
+    """A profile whose batch 4 costs less than its batch 3 (a CPU's kernel switch, or noise) would price a batch of
+    16 near nothing if its edge were extrapolated; past a falling edge the edge's cost holds (a rising one is
+    still extrapolated). Host work and link profiles follow the same rule."""
+    from sim.host_work import HostOverhead
+
+    rows = [
+        LatencyRecord(c, "verify", 1, 128, b, False, t * f, t * f, t * f)
+        for c, f in (("layer", 1.0), ("lm_head", 3.0))
+        for b, t in ((1, 1000), (2, 1500), (3, 2500), (4, 2000))
+    ]
+    latency = ProfileLatency(read_latency_profile(write_latency_profile(tmp_path / "p.csv", META, rows)), False)
+    assert latency.time_us("layer", "verify", 1, 128, 16) == pytest.approx(2000) and latency.batch_edge_falls(True)
+    assert latency.time_us("layer", "verify", 1, 128, 0) == pytest.approx(500)  # a rising edge: along it
+    assert latency.extrapolated and not latency.batch_edge_falls(False)
+    host = HostOverhead("ar", (1, 4), (300.0, 200.0))
+    assert host.at(8) == 200.0 and host.at(2) == pytest.approx(266.667, rel=1e-4)
+    link = ProfiledLink(read_link_profile(write_link_profile(tmp_path / "l.csv", {"backend": "gloo"}, [
+        LinkRecord(1000, 10.0, 10.0, 10.0), LinkRecord(2000, 8.0, 8.0, 8.0)])))  # fmt: skip
+    assert link.time_us(10_000) == 8.0 and link.time_us(100) == 10.0 and link.extrapolated
+
+
 def test_draft_and_verify_rows_of_the_same_work_are_read_as_their_mean(tmp_path: Path) -> None:
     """A draft-phase and a verify-phase `layer` / `lm_head` row at one (q = 1, context, batch) time the same work:
     both read as their mean; a verify row of another q, an `exit_head` (draft only), the host's `overhead` and
@@ -309,3 +344,13 @@ def test_a_batch_the_profile_does_not_span_is_said(tmp_path: Path, batch: int, b
     assert notes == (
         [] if says is None else [says.format(path=path) + f"; profile it (eesd calibrate latency --batch 1,{batch})"]
     )
+
+
+def test_a_replayed_traces_mean_match_is_its_recorded_agreement() -> None:
+    """Over the drafted positions (each prompt's token 0 comes from prefill and is never drafted), as the trace's
+    own metadata counts it: `--break-even`'s acceptance column and `eesd calibrate acceptance` say the same."""
+    for name, layer in (("acceptance_smollm2-135m_e15mix5v16k_builtin_heldout.csv", 15),
+                        ("acceptance_smollm2-135m_shared_builtin.csv", 22)):  # fmt: skip
+        trace = read_acceptance_trace(ROOT / "calibration" / "cpu" / name)
+        recorded = trace.metadata["agreement"][str(layer)]
+        assert TraceAcceptance(trace, layer).mean_match == pytest.approx(recorded, abs=5e-5)

@@ -289,3 +289,17 @@ def test_a_mistake_outside_the_sweep_is_named_at_the_scenario_not_at_a_point(tmp
         load_points(write(tmp_path, data))
     message = str(info.value)
     assert "sweep point {'exit_layer': 8, 'policy': 'fixed:0'}: policy:" in message and message.count("fixed:0") == 2
+
+
+def test_the_extrapolation_note_says_what_was_asked_past_the_profile(tmp_path: Path, capsys) -> None:
+    profile = ROOT / "calibration" / "cpu" / "serving" / "latency_smollm2-135m_cpu_fp32.csv"
+    data = {"name": "ex", "model": "SmolLM2-135M", "dtype": "fp32", "method": "eesd", "exit_layer": 15,
+            "policy": "fixed:8", "latency": {"profile": {"path": str(profile), "cuda_graphs": False}},
+            "acceptance": {"alpha": 0.5}, "topology": {"stages": 1},
+            "workload": {"requests": 2, "batch_size": 8, "prompt_len": 16, "output_len": 16}}  # fmt: skip
+    assert main([str(write(tmp_path, data)), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    (extrapolated,) = [n for n in notes if "extrapolated beyond the profiled grid" in n]
+    for asked in ("verify q 9 (profiled 1-2)", "prefill tokens 16 (profiled 32-256)", "verify batch 8 (profiled 1-4)"):
+        assert asked in extrapolated, extrapolated
+    assert any("costed as batch 4 (the profile's batch 4 costs less than its batch 3" in n for n in notes), notes
