@@ -320,6 +320,9 @@ def _report(args: argparse.Namespace, state) -> int:
         held = (f", held-out agreement {evals[-1]['agreement']:.3f} ({evals[0]['agreement']:.3f} at step "
                 f"{evals[0]['step']}), tokens/round {evals[-1]['tokens_per_round']:.2f}") if evals else ""  # fmt: skip
         print(f"  exit layer {exit_layer}: {kl}{held}")
+    if len(state.losses) >= 20 and last > 1.5 * first:
+        print(f"train-head: note: the KL rose ({first:.3f} -> {last:.3f}): training diverged; try a lower --lr (it "
+              f"was {args.lr:g})", file=sys.stderr)  # fmt: skip
     return 0
 
 

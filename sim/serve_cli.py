@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         print('note: no plots (matplotlib is not installed: pip install -e ".[plots]")')
     for line in run_notes(runs):
         print(f"note: {line}")
+    if not any(run.point.rate_per_s is not None for run in runs):
+        print("note: no serving.rates_per_s sweep, so no speculation.csv or capacity.csv (where speculation stops "
+              "paying, and up to which rate the SLO holds, need a swept Poisson or Gamma rate)")  # fmt: skip
     for note in (saturation_note(runs), extrapolation_note(runs)):
         if note:
             print(f"note: {note}")

@@ -211,7 +211,18 @@ def load_workload(path: str | Path) -> ServingWorkload:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: workload file not found")
-    return build_workload(parse_spec(read_yaml(path), str(path)), path.parent, str(path))
+    if path.suffix.lower() == ".csv":
+        raise WorkloadError(
+            f"{path}: a workload is a YAML file; a CSV trace is replayed through one: arrival: {{process: trace, path: "
+            f"{path.name}}}, prompt_len: {{dist: trace}}, output_len: {{dist: trace}}"
+        )
+    data = read_yaml(path)
+    if isinstance(data, dict) and ("serving" in data or "model" in data):
+        raise WorkloadError(
+            f"{path}: a scenario, not a workload (it has {'serving' if 'serving' in data else 'model'}:): simulate it "
+            "with eesd serve-sim, or give the workload file its serving.workload names"
+        )
+    return build_workload(parse_spec(data, str(path)), path.parent, str(path))
 
 
 def parse_spec(data: Any, where: str, prefix: str = "") -> WorkloadSpec:

@@ -856,6 +856,8 @@ def test_a_run_that_serves_less_than_it_is_offered_is_saturated_and_noted(tmp_pa
     assert cli(["serve-sim", str(scenario), "--out", str(tmp_path), "--no-progress", "--jobs", "1"]) == 0
     rows = list(csv.DictReader((tmp_path / "serving.csv").read_text().splitlines()))
     saturated = {(r["case"], r["method"]) for r in rows if r["saturated"] == "True"}
-    (note,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: saturated")]
+    printed = capsys.readouterr().out.splitlines()
+    (note,) = [line for line in printed if line.startswith("note: saturated")]
+    assert "note: no serving.rates_per_s sweep, so no speculation.csv or capacity.csv" in "\n".join(printed)
     assert saturated and all(f"case {case}: {method} (offered " in note for case, method in saturated)
     assert ("rate0.15", "ar") not in saturated  # a light load is served as offered

@@ -169,3 +169,13 @@ def test_load_workload_file(tmp_path):
         load_workload(path)
     with pytest.raises(FileNotFoundError):
         load_workload(tmp_path / "none.yaml")
+
+
+def test_a_scenario_or_a_csv_given_as_a_workload_says_what_it_is(tmp_path) -> None:
+    from sim.workload import WorkloadError, load_workload
+
+    root = Path(__file__).resolve().parents[1] / "scenarios"
+    with pytest.raises(WorkloadError, match=r"serving_cpu.yaml: a scenario, not a workload .*eesd serve-sim"):
+        load_workload(root / "serving_cpu.yaml")
+    with pytest.raises(WorkloadError, match=r"a workload is a YAML file; a CSV trace is replayed through one"):
+        load_workload(root / "workloads" / "smollm2_cpu_rate0.4.csv")
