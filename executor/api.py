@@ -45,6 +45,7 @@ class GenerationResult:
     sequences: torch.Tensor  # [B, prompt width + new tokens], exactly as HF `generate` lays it out
     stats: GenerationStats
     sampling: SamplingConfig | None = None  # how the tokens were chosen (processors included), for `rescore`
+    exit_layer: int | None = None  # where EESD's / PPSD's drafts exit (None: AR)
 
 
 AR_SYNC_CAPTURED = SYNC_CAPTURED  # default `sync_every` of captured AR passes
@@ -619,7 +620,8 @@ def generate(
     stats.new_tokens = sum(len(s.tokens) for s in rows.sinks)
     fill = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     sequences = _layout(ids, [s.tokens for s in rows.sinks], fill, adapter.device)
-    return GenerationResult(sequences=sequences, stats=stats, sampling=config)
+    exited = {"ar": None, "eesd": exit_layer, "ppsd": getattr(stats, "exit_layer", None) or exit_layer}[method]
+    return GenerationResult(sequences=sequences, stats=stats, sampling=config, exit_layer=exited)
 
 
 def check_draft_dtype(adapter: ModelAdapter, method: str, draft_dtype: Any) -> torch.dtype | None:

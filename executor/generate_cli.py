@@ -312,7 +312,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     new_tokens = result.sequences[0, len(prompt) :].tolist()
     print(tokenizer.decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else new_tokens)
-    print(result.stats.summary())
+    drafting = f"exit layer {result.exit_layer}" + (f" ({args.head})" if args.head else "")
+    print(("" if result.exit_layer is None else f"{drafting}; ") + result.stats.summary())
     if args.compare_ar:
         reference = generate(model, prompt, method="ar", **common)
         same = torch.equal(reference.sequences, result.sequences)

@@ -469,7 +469,10 @@ def _draft_latency(
         return ConstantLatency(dict(config.constant_us))
     if draft_profile is not None:
         cuda_graphs = config.draft_profile.cuda_graphs if config.draft_profile else True
-        return ProfileLatency(draft_profile, cuda_graphs=cuda_graphs)
+        try:
+            return ProfileLatency(draft_profile, cuda_graphs=cuda_graphs)
+        except ValueError as err:
+            raise ScenarioError(f"{where}: latency.draft_profile: {err}") from None
     assert spec is not None
     if draft_dtype not in spec.peak_tflops:
         raise ScenarioError(
@@ -651,7 +654,10 @@ def _latency(
         return ConstantLatency(dict(config.constant_us))
     if config.profile is not None and profile is not None:
         ref = config.profile
-        return ProfileLatency(profile, cuda_graphs=ref.cuda_graphs, overhead_us=ref.overhead_us, host=host)
+        try:
+            return ProfileLatency(profile, cuda_graphs=ref.cuda_graphs, overhead_us=ref.overhead_us, host=host)
+        except ValueError as err:  # rows of the other capture kind, an incomplete grid: named with the scenario
+            raise ScenarioError(f"{_where(point)}: latency.profile: {err}") from None
     assert spec is not None  # `_device` gives a GPU to every stage not costed by a profile
     roofline = (config.roofline or Roofline()).model_dump()
     return RooflineLatency(spec, model, dtype_bytes, tp, dtype=point.scenario.dtype, **roofline)

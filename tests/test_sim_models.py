@@ -354,3 +354,13 @@ def test_a_replayed_traces_mean_match_is_its_recorded_agreement() -> None:
         trace = read_acceptance_trace(ROOT / "calibration" / "cpu" / name)
         recorded = trace.metadata["agreement"][str(layer)]
         assert TraceAcceptance(trace, layer).mean_match == pytest.approx(recorded, abs=5e-5)
+
+
+def test_a_profile_without_the_scenarios_capture_kind_is_named_with_the_scenario(tmp_path: Path) -> None:
+    profile = ROOT / "calibration" / "cpu" / "serving" / "latency_smollm2-135m_cpu_fp32.csv"  # uncaptured rows
+    scenario = {"name": "g", "model": "SmolLM2-135M", "dtype": "fp32", "method": "ar",
+                "latency": {"profile": {"path": str(profile), "cuda_graphs": True}}, "acceptance": {"alpha": 0.5},
+                "topology": {"stages": 1}, "workload": {"requests": 1, "output_len": 8}}  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario))
+    with pytest.raises(ScenarioError, match=r"s\.yaml: latency\.profile: .*no 'layer' rows with cuda_graphs=1"):
+        load_points(tmp_path / "s.yaml")
