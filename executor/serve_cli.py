@@ -259,9 +259,13 @@ def _record(record: Any) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """The rows' main metrics, with the replicas and whether a run saturated where any row says so."""
     from sim.serving_report import text_table
 
-    return text_table(rows, COLUMNS)
+    rows = [{"replicas": 1, "saturated": False, **row} for row in rows]
+    replicas = ["replicas"] if any(row["replicas"] > 1 for row in rows) else []
+    saturated = ["saturated"] if any(row["saturated"] for row in rows) else []
+    return text_table(rows, [COLUMNS[0], *replicas, *COLUMNS[1:], *saturated])
 
 
 def _document(

@@ -464,3 +464,13 @@ def test_the_serving_benchmark_pins_a_thompson_policys_costs_for_the_executor() 
     pinned = serve_options(dataclasses.replace(point, plan=plan))["policy"]
     assert pinned.startswith("beta-ts:costs=")
     assert make_policy(pinned).round_costs == pytest.approx(plan.round_costs, abs=5e-5)
+
+
+def test_serve_benchs_table_shows_replicas_and_saturation_where_a_row_has_them() -> None:
+    from executor.serve_cli import COLUMNS, table
+
+    base = {column: 1.0 for column in COLUMNS}
+    both = table([{**base, "method": "ar", "replicas": 2, "saturated": True}, {**base, "method": "eesd"}])
+    head = both.splitlines()[0].split()
+    assert head[:2] == ["method", "replicas"] and head[-1] == "saturated"
+    assert "replicas" not in table([{**base, "method": "ar", "saturated": False}])
