@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     results = run_points(points, jobs=jobs, progress=progress, trace=True if args.trace else None)
     print(summary_table(results))
+    if any(r.result.method == "ppsd" for r in results):
+        print("(tok/round: EESD, tokens a round, accepted + 1; PPSD, tokens a flush-free run of the pipe)")
     if verdict(results):
         print(verdict(results))
     for path in write_outputs(results, out_dir):
