@@ -420,13 +420,15 @@ def check_output(flag: str, path: str | Path, folder: bool = False, force: bool 
         raise ValueError(f"{flag} {path}: {parent} is a file, so the folder {made} cannot be made")
     if force is False and not folder and path.exists():
         raise ValueError(f"{flag} {path} exists; pass --force to overwrite it")
-    if parent is not None:
+    if folder and path.is_dir():
+        _probe(flag, path, path)  # the outputs go into it
+    elif parent is not None:
         _probe(flag, path, parent)
 
 
 def _probe(flag: str, path: Path, parent: Path) -> None:
-    """A file can be made in `parent` (where `path`, or the folders on the way to it, will be written): a ValueError
-    naming the flag otherwise, before a long run finds out at its end."""
+    """A file can be made in `parent` (the folder `path` is written into, or the nearest one on the way to it): a
+    ValueError naming the flag otherwise, before a long run finds out at its end."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".eesd-probe-", dir=parent)
     except OSError as err:

@@ -605,3 +605,17 @@ def test_many_mistakes_are_a_few_lines(tmp_path: Path) -> None:
 def test_a_field_two_sweep_keys_set_is_refused(tmp_path: Path, sweep: dict) -> None:
     """The later key would overwrite the earlier at every point: the points run would not be the ones listed."""
     refused(write(tmp_path, scenario_text(sweep=sweep)), "sweep.", "also sets")
+
+
+def test_an_output_is_probed_where_it_will_be_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder that exists is written into (its parent may be read-only); a new file or folder is made in the
+    nearest folder on its way."""
+    import sim.formats as formats
+
+    probed = []
+    monkeypatch.setattr(formats, "_probe", lambda flag, path, where: probed.append(where))
+    (tmp_path / "have").mkdir()
+    formats.check_output("--out", tmp_path / "have", folder=True)
+    formats.check_output("--out", tmp_path / "new" / "deeper", folder=True)
+    formats.check_output("--json", tmp_path / "have" / "x.json")
+    assert probed == [tmp_path / "have", tmp_path, tmp_path / "have"]
