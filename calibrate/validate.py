@@ -320,13 +320,14 @@ def plan(
     """
     path = Path(scenario_path)
     all_points = load_batch_points(path)  # a serving scenario is told to run eesd serve-sim
-    first = all_points[0]
+    selected = select_points(path, all_points, points)
+    first = selected[0]
     s = first.scenario
     profile_path, profile = _calibration_file(first, "latency")
     trace_path, trace = _calibration_file(first, "acceptance")
-    _check_same_setup(path, all_points)
+    _check_same_setup(path, selected, points)
     device_type = str(profile.metadata.get("device_type") or "cpu")
-    for point in all_points:
+    for point in selected:
         _check_point(path, point, device_type)
     runnable = _runnable_model(profile_path, profile, trace_path, trace, model)
     dtype = _executor_dtype(path, s.dtype, profile_path, profile)
@@ -343,7 +344,7 @@ def plan(
     trace_prompts = sorted({record.prompt_id for record in trace.records})
     prompt_ids = tuple(trace_prompts[r % len(trace_prompts)] for r in range(requests))
     update = {"requests": requests, "output_len": new_tokens}
-    chosen = [with_workload(p, update) for p in select_points(path, all_points, points)]
+    chosen = [with_workload(p, update) for p in selected]
     return Plan(
         scenario_path=path,
         name=s.name,
@@ -468,15 +469,20 @@ def _positive(value: int | None, flag: str, default: int, minimum: int = 1) -> i
     return value
 
 
-def _check_same_setup(path: Path, points: Sequence[Point]) -> None:
+def _check_same_setup(path: Path, points: Sequence[Point], spec: str = "all") -> None:
+    """The points validated together share one model, profile, trace and workload; a scenario that sweeps those
+    (two heads' traces, say) is validated a setup at a time with `--points`."""
     base = _setup(points[0])
     for p in points[1:]:
         other = _setup(p)
         differ = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
         if differ:
+            same = [i for i, q in enumerate(points) if _setup(q) == base]
             raise ValueError(
                 f"{path}: sweep: point {p.values} changes {', '.join(differ)}; the executor can only follow sweeps "
-                f"over {', '.join(VARIED_FIELDS)} (one model, profile, trace and workload per scenario)"
+                f"over {', '.join(VARIED_FIELDS)} together (one model, profile, trace and workload a run): validate "
+                f"one setup at a time, e.g. --points {','.join(str(points[i].index) for i in same[:8])}"
+                + (f" (points given: {spec})" if spec != "all" else "")
             )
 
 

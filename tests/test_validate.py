@@ -609,3 +609,28 @@ def test_a_scenario_with_each_methods_host_work_names_its_file() -> None:
         validate.report(validate.plan(SHIPPED, points="quick"), [], 0.25, {}, root=ROOT)["metadata"]["host_work"]
         is None
     )
+
+
+def test_a_scenario_of_two_heads_is_validated_one_head_at_a_time(tmp_path) -> None:
+    """`eesd calibrate scenario` with two traces sweeps the trace and its head: validating all of it at once is
+    refused with the points of one setup named; those points validate (planned here, torch-free)."""
+    from calibrate.scaffold import write_scenario
+    from sim.scenario import load_points
+
+    cpu = ROOT / "calibration" / "cpu"
+    traces = [
+        cpu / "acceptance_smollm2-135m_shared_builtin.csv",
+        cpu / "acceptance_smollm2-135m_e15mix5v16k_builtin_heldout.csv",
+    ]
+    path = write_scenario(cpu / "latency_smollm2-135m_cpu_fp32.csv", traces, tmp_path / "heads.yaml")
+    with pytest.raises(
+        ValueError, match=r"changes .*acceptance.trace.*validate one setup at a time, e.g. --points "
+    ) as info:
+        validate.plan(path)
+    indices = str(info.value).rsplit("--points ", 1)[1].split()[0]
+    one = validate.plan(path, points=indices)
+    points = load_points(path)
+    assert {points[int(i)].scenario.acceptance.trace for i in indices.split(",")} == {
+        points[0].scenario.acceptance.trace
+    }
+    assert one.head == "shared" and one.targets
