@@ -71,7 +71,7 @@ VARIED_FIELDS = (
 )
 LINK_BACKENDS = {"cpu": "gloo", "cuda": "nccl"}  # the distributed backend's messages on each device type
 SCENARIO_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-POINT_CHOICES = "all | quick | comma-separated point indices (the `point` column of `eesd simulate`)"
+POINT_CHOICES = "all | quick | point indices and ranges, e.g. 0,3,5-9 (the `point` column of `eesd simulate`)"
 
 
 @dataclass(frozen=True)
@@ -396,13 +396,30 @@ def select_points(path: Path, points: Sequence[Point], spec: str) -> list[Point]
     if spec == "quick":
         return [_unswept_point(path, points)]
     try:
-        indices = [int(part) for part in spec.split(",") if part.strip()]
+        indices = [i for part in spec.split(",") if part.strip() for i in _index_range(part)]
     except ValueError:
         raise ValueError(f"--points: expected {POINT_CHOICES}, got {spec!r}") from None
     bad = [i for i in indices if not 0 <= i < len(points)]
     if not indices or bad:
         raise ValueError(f"--points: {path} has points 0..{len(points) - 1}, got {spec!r}")
     return [points[i] for i in dict.fromkeys(indices)]
+
+
+def _index_range(part: str) -> range:
+    """`3` or `0-15` (both ends included)."""
+    first, dash, last = part.strip().partition("-")
+    return range(int(first), int(last if dash else first) + 1)
+
+
+def index_ranges(indices: Sequence[int]) -> str:
+    """Sorted point indices as `--points` takes them, runs written as ranges: `0-15,20`."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def targets(points: Sequence[Point]) -> tuple[Target, ...]:
@@ -481,7 +498,7 @@ def _check_same_setup(path: Path, points: Sequence[Point], spec: str = "all") ->
             raise ValueError(
                 f"{path}: sweep: point {p.values} changes {', '.join(differ)}; the executor can only follow sweeps "
                 f"over {', '.join(VARIED_FIELDS)} together (one model, profile, trace and workload a run): validate "
-                f"one setup at a time, e.g. --points {','.join(str(points[i].index) for i in same[:8])}"
+                f"one setup at a time, e.g. --points {index_ranges([points[i].index for i in same])}"
                 + (f" (points given: {spec})" if spec != "all" else "")
             )
 

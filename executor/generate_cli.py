@@ -313,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
     new_tokens = result.sequences[0, len(prompt) :].tolist()
     print(tokenizer.decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else new_tokens)
     drafting = f"exit layer {result.exit_layer}" + (f" ({args.head})" if args.head else "")
-    print(("" if result.exit_layer is None else f"{drafting}; ") + result.stats.summary())
+    named = result.exit_layer is not None and args.method == "eesd"  # (PPSD's stats name their stages' layers)
+    print((f"{drafting}; " if named else "") + result.stats.summary())
     if args.compare_ar:
         reference = generate(model, prompt, method="ar", **common)
         same = torch.equal(reference.sequences, result.sequences)

@@ -728,8 +728,11 @@ class Run:
         if self.saved_step is None:
             return (f"{done}; no checkpoint written yet (one every --checkpoint-every {self.config.checkpoint_every} "
                     "steps): nothing to resume")  # fmt: skip
-        return (f"{done}; {self.checkpoint} holds step {self.saved_step}: the same command with --resume goes on "
-                "from there")  # fmt: skip
+        again = "the same command with --resume" + (
+            f" --steps {self.config.steps} (the schedule the time budget fitted)"
+            if self.config.steps != self.steps_asked and self.config.schedule == "cosine" else ""
+        )  # fmt: skip
+        return f"{done}; {self.checkpoint} holds step {self.saved_step}: {again} goes on from there"
 
 
 def load_checkpoint(path: Path, adapter: ModelAdapter, config: TrainConfig, run_info: dict[str, str]) -> dict:
@@ -745,7 +748,8 @@ def load_checkpoint(path: Path, adapter: ModelAdapter, config: TrainConfig, run_
     for key in keys:
         made_with = saved.get(key, getattr(TrainConfig, key, None))  # a field the checkpoint predates: its default
         if made_with != getattr(config, key):
-            raise ValueError(f"checkpoint {path} was made with {key}={made_with}, not {getattr(config, key)}")
+            hint = f" (resume it with --{key.replace('_', '-')} {made_with})" if key == "steps" else ""
+            raise ValueError(f"checkpoint {path} was made with {key}={made_with}, not {getattr(config, key)}{hint}")
     if payload["run_info"] != run_info:
         made = payload["run_info"] if isinstance(payload["run_info"], dict) else {}
         differ = [f"{key} {made.get(key)!r}, now {run_info.get(key)!r}" for key in sorted({*made, *run_info})

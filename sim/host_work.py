@@ -133,13 +133,20 @@ class HostOverhead:
         i = 1
         while i < len(xs) - 1 and batch > xs[i]:
             i += 1
-        slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
-        if slope < 0 and self.outside(batch):  # an edge that falls (noise): held flat past it
+        if self.edge_falls(batch):  # (noise): held flat past it
             return ys[-1] if batch > xs[-1] else ys[0]
+        slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
         return max(0.0, ys[i - 1] + slope * (batch - xs[i - 1]))
 
     def outside(self, batch: int) -> bool:
         return not self.batches[0] <= batch <= self.batches[-1]
+
+    def edge_falls(self, batch: int) -> bool:
+        """Whether the figure falls towards the edge `batch` lies past (then `at` holds the edge's figure)."""
+        xs, ys = self.batches, self.us
+        if len(xs) < 2 or not self.outside(batch):
+            return False
+        return ys[-1] < ys[-2] if batch > xs[-1] else ys[0] > ys[1]
 
 
 def host_overhead(data: Mapping[str, Any], method: str, captured: bool, source: str | Path = "") -> HostOverhead | None:

@@ -172,7 +172,11 @@ def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str, loop: str) 
         return [f"latency.profile.host_work times AR and EESD: {plan.method}'s passes pay the profile's overhead rows"]
     notes = []
     if host.outside(batch):
-        how = "flat" if len(host.batches) == 1 else "extrapolated linearly from its edge"
+        how = (
+            "flat" if len(host.batches) == 1
+            else "held at its edge's figure (the figure falls towards that edge)" if host.edge_falls(batch)
+            else "extrapolated linearly from its edge"
+        )  # fmt: skip
         sizes = ",".join(map(str, sorted({*host.batches, batch})))
         notes.append(
             f"{batch_field} {batch} lies outside the batches {list(host.batches)} {host.source} measured the "
@@ -392,9 +396,13 @@ def extrapolation_note(results: Sequence[Any]) -> str | None:
     listed = "; ".join(asked[:MAX_EXTRAPOLATIONS]) + (
         f"; {len(asked) - MAX_EXTRAPOLATIONS} more" if len(asked) > MAX_EXTRAPOLATIONS else ""
     )
-    what = f": {listed}" if asked else ""
+    if not asked:  # no latency grid was left: a link's or a contention profile's sizes were
+        return (
+            "some transfers or shared passes were extrapolated beyond the link or contention profile's sizes (column "
+            "'extrapolated'); measure those (eesd calibrate link, eesd calibrate contention)"
+        )
     return (
-        f"some latencies were extrapolated beyond the profiled grid (column 'extrapolated'){what}; profile those "
+        f"some latencies were extrapolated beyond the profiled grid (column 'extrapolated'): {listed}; profile those "
         "sizes to price them from measurements (eesd calibrate latency --q, --context, --batch, --prefill)"
     )
 
@@ -411,7 +419,7 @@ def verdict(results: Sequence[PointResult]) -> str:
         counts[method] = counts.get(method, 0) + 1
         if method not in best or speedup > best[method][0]:
             best[method] = (speedup, {k: v for k, v in item.point.values.items() if k != "method"})
-    if not best:
+    if not best or not any(item.baseline.tokens_per_s for item in results):  # (no decode: no speed to compare)
         return ""
     parts = []
     for method, (speedup, where) in best.items():
@@ -419,7 +427,7 @@ def verdict(results: Sequence[PointResult]) -> str:
         parts.append(f"{method.upper()} {speedup:.3f}x" + (f" at {at}" if at else ""))
     pays = max(speedup for speedup, _ in best.values()) > 1.0
     head = "speculation pays here" if pays else "speculation does not pay here, AR is fastest"
-    label = "best speedup over AR" if len(results) > len(best) else "speedup over AR"
+    label = "best speedup over AR" if any(count > 1 for count in counts.values()) else "speedup over AR"
     return f"verdict: {head} ({label} on the same hardware: {'; '.join(parts)})"
 
 

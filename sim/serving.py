@@ -63,6 +63,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import statistics
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -566,21 +567,31 @@ def metrics(result: ServingResult, slo: SLO | None = None) -> dict[str, float]:
     # Little's law: the time-average number in the system against arrival rate x mean time in the system
     row["mean_in_system"] = result.in_system_s / time_s
     row["little_lambda_w"] = row["requests_per_s"] * sum(r.latency_s for r in records) / max(len(records), 1)
-    row.update(_load(records, row["requests_per_s"]))
+    row.update(_load(records))
     return row
 
 
 SATURATED = 0.9  # served / offered request rate below which a run is saturated
 
 
-def _load(records: Sequence[RequestRecord], served_rps: float) -> dict[str, Any]:
-    """The offered rate (requests over the span of their arrivals) and whether the run served less than `SATURATED`
-    of it: then its queue grew for as long as requests kept coming, and its latencies, queueing and SLO attainment
-    depend on how long the run is (a longer one waits longer), not on the rate alone."""
+def _load(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """The offered rate (requests over the span of their arrivals) and whether the run is saturated: served at under
+    `SATURATED` of that rate, its backlog grows, and with it every later request's latency, by 1 / SATURATED - 1
+    seconds per second of arrivals or more (the growth of the latest third of requests' mean latency over the
+    earliest third's, against their mean arrival times). Its latencies, queueing and SLO attainment then depend on
+    how long the run is, not on the rate alone. (A last request's long decode, or a run's drain, is not growth.)"""
     arrivals = [r.arrival_s for r in records if math.isfinite(r.arrival_s)]
     span = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
     offered = (len(arrivals) - 1) / span if span > 0 else math.nan
-    return {"offered_rps": offered, "saturated": bool(span > 0 and served_rps < SATURATED * offered)}
+    done = sorted((r for r in records if math.isfinite(r.arrival_s) and math.isfinite(r.finish_s)),
+                  key=lambda r: r.arrival_s)  # fmt: skip
+    third = len(done) // 3
+    if third < 2:
+        return {"offered_rps": offered, "saturated": False}
+    early, late = done[:third], done[-third:]
+    waited = statistics.fmean(r.latency_s for r in late) - statistics.fmean(r.latency_s for r in early)
+    apart = statistics.fmean(r.arrival_s for r in late) - statistics.fmean(r.arrival_s for r in early)
+    return {"offered_rps": offered, "saturated": bool(apart > 0 and waited / apart > 1 / SATURATED - 1)}
 
 
 def _within(record: RequestRecord, slo: SLO | None) -> bool:

@@ -223,8 +223,8 @@ def saturation_note(runs: Sequence[ServingRun]) -> str | None:
         for (case, method), (rate, swept) in sorted(lowest.items())
     )
     return (
-        f"saturated (column saturated: served under {SATURATED:.0%} of the offered rate, so the queue grows for as "
-        f"long as the run lasts and its latencies and SLO attainment depend on the run's length, not on the rate "
+        f"saturated (column saturated: served under {SATURATED:.0%} of the offered rate, its latency grows for as "
+        f"long as the run lasts, so its latencies and SLO attainment depend on the run's length, not on the rate "
         f"alone): {where}"
     )
 

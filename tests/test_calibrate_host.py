@@ -586,3 +586,20 @@ def test_serve_sim_says_how_the_host_file_prices_each_method(tmp_path, capsys) -
         wanted = f"{method}: serving.max_batch {max_batch} lies outside the batches [1] {host} measured"
         assert sum(line.startswith(f"note: {wanted}") for line in notes) == 1, notes
         assert sum(line.startswith(wanted) for line in kept) == 1, kept
+
+
+def test_a_host_figure_that_falls_towards_its_edge_is_held_there_and_said_so(tmp_path) -> None:
+    from sim.host_work import HostOverhead
+    from sim.runner import point_notes
+    from sim.scenario import load_points
+
+    host = HostOverhead("eesd", (1, 4), (300.0, 10.0))
+    assert host.at(8) == 10.0 and host.edge_falls(8) and not host.edge_falls(2) and host.at(2) < 300.0
+    _host_file(tmp_path / "host.json")
+    data = json.loads((tmp_path / "host.json").read_text())
+    for row in data["methods"]:
+        row["host_ms_per_pass"] = 0.137 if row["batch"] == 1 else 0.01
+    (tmp_path / "host.json").write_text(json.dumps(data))
+    workload = {"requests": 8, "batch_size": 8, "prompt_len": 128, "output_len": 16}
+    notes = point_notes(load_points(_scenario(tmp_path, workload=workload))[0])
+    assert any("held at its edge's figure (the figure falls towards that edge)" in n for n in notes), notes

@@ -363,3 +363,17 @@ def test_a_run_whose_kl_rose_is_told_to_lower_its_learning_rate(capsys) -> None:
     state.losses = [10.0 - 0.1 * i for i in range(30)]
     _report(args, state)
     assert "diverged" not in capsys.readouterr().err
+
+
+def test_an_interrupted_run_whose_budget_fitted_its_schedule_says_the_steps_to_resume_with(tmp_path) -> None:
+    """A time budget shortens a cosine schedule (`fit_steps`) and the checkpoint keeps the fitted length: the way on
+    names it, and a resume with the original --steps is told it."""
+    import dataclasses
+
+    from executor.train_head import Run, TrainState
+
+    run = Run({}, {}, config(steps=100_000), None, {2: tmp_path / "h.safetensors"}, {})
+    run.config, run.saved_step = dataclasses.replace(run.config, steps=758), 16
+    said = run.interrupted(TrainState(step=17))
+    assert said.endswith("holds step 16: the same command with --resume --steps 758 (the schedule the time budget "
+                         "fitted) goes on from there") and said.startswith("after step 17 of 758")  # fmt: skip

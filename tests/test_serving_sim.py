@@ -838,9 +838,10 @@ def test_a_trained_heads_layer_is_costed_where_it_runs(tmp_path, head):
 
 
 def test_a_run_that_serves_less_than_it_is_offered_is_saturated_and_noted(tmp_path, capsys) -> None:
-    """Served below 90% of the offered rate: the queue grows for as long as requests come, so the run's latencies
-    depend on its length. Arrivals 1/s for 10 s: finished by 10.5 s is not saturated, by 20 s is; serve-sim says which
-    case and method from which rate."""
+    """Served below 90% of the offered rate, a run's backlog, and so its latency, grows by over 1/0.9 - 1 s per
+    second of arrivals: its latencies depend on its length. Arrivals 1/s for 10 s, each done half a second later: a
+    last one done at 10 s or 11.4 s (a long last decode, not a backlog) is not saturated, at 20 s it is; serve-sim
+    says which case and method from which rate."""
     from sim.serving import RequestRecord, ServingResult, metrics
 
     def run(last_finish: float) -> dict:
@@ -848,8 +849,11 @@ def test_a_run_that_serves_less_than_it_is_offered_is_saturated_and_noted(tmp_pa
         records[-1].finish_s = last_finish
         return metrics(ServingResult("ar", 1, records, time_s=last_finish, decode_s=1.0, batch_time_s=1.0))
 
-    assert run(10.5)["offered_rps"] == pytest.approx(1.0) and not run(10.5)["saturated"]
+    assert run(10.0)["offered_rps"] == pytest.approx(1.0) and not run(10.0)["saturated"]
     assert run(20.0)["saturated"] and run(20.0)["requests_per_s"] == pytest.approx(0.5)
+    long_tail = [RequestRecord(i, 8, 4, float(i), float(i), i + 0.1, float(i) + 0.5, 4) for i in range(10)]
+    long_tail[-1].finish_s = 11.4  # a long last decode after a run that kept up
+    assert not metrics(ServingResult("ar", 1, long_tail, time_s=11.4, decode_s=1.0, batch_time_s=1.0))["saturated"]
     from executor.cli import main as cli
 
     scenario = Path(__file__).resolve().parents[1] / "scenarios" / "serving_cpu.yaml"

@@ -304,3 +304,20 @@ def test_the_extrapolation_note_says_what_was_asked_past_the_profile(tmp_path: P
     for asked in ("verify q 9 (profiled 1-2)", "prefill tokens 16 (profiled 32-256)", "verify batch 8 (profiled 1-4)"):
         assert asked in extrapolated, extrapolated
     assert any("costed as batch 4 (the profile's batch 4 costs less than its batch 3" in n for n in notes), notes
+
+
+def test_the_verdict_and_the_notes_for_runs_with_nothing_to_compare_or_only_a_link_stretched(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from sim.runner import extrapolation_note, verdict
+
+    data = yaml.safe_load((ROOT / "scenarios" / "quickstart.yaml").read_text())
+    data["latency"]["profile"]["path"] = str((ROOT / "scenarios" / data["latency"]["profile"]["path"]).resolve())
+    data["acceptance"]["trace"] = str((ROOT / "scenarios" / data["acceptance"]["trace"]).resolve())
+    data["workload"]["output_len"] = 1  # the prefill's token only: no decode, no speed to compare
+    assert verdict(run_points(load_points(write(tmp_path, data)), jobs=1, progress=False)) == ""
+    stretched = SimpleNamespace(result=SimpleNamespace(extrapolated=True, extrapolations=()))
+    assert "eesd calibrate link, eesd calibrate contention" in extrapolation_note([stretched])
+    data["workload"]["output_len"] = 64
+    line = verdict(run_points(load_points(write(tmp_path, data)), jobs=1, progress=False))
+    assert "(speedup over AR on the same hardware:" in line  # one point a method: not "best"

@@ -630,7 +630,7 @@ def test_a_scenario_of_two_heads_is_validated_one_head_at_a_time(tmp_path) -> No
     indices = str(info.value).rsplit("--points ", 1)[1].split()[0]
     one = validate.plan(path, points=indices)
     points = load_points(path)
-    assert {points[int(i)].scenario.acceptance.trace for i in indices.split(",")} == {
-        points[0].scenario.acceptance.trace
-    }
-    assert one.head == "shared" and one.targets
+    shared = [p.index for p in points if p.scenario.acceptance.trace == points[0].scenario.acceptance.trace]
+    assert indices == validate.index_ranges(shared) and "-" in indices  # every point of the setup, as ranges
+    assert one.head == "shared" and len(validate.select_points(path, points, indices)) == len(shared)
+    assert validate.index_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
