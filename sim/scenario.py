@@ -11,6 +11,7 @@ point, so that a scenario fails before anything runs.
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import math
 import typing
@@ -705,7 +706,9 @@ def _describe(where: str, error: Any) -> str:
     field = _clip(".".join(str(part) for part in loc if not _is_union_tag(part)), 120) or "(top level)"
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
-        return f"{where}: {field}: unknown key; allowed here: {allowed}"
+        near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        meant = f" (did you mean {near[0]}?)" if near else ""
+        return f"{where}: {field}: unknown key{meant}; allowed here: {allowed}"
     if error["type"] == "missing":
         return f"{where}: {field}: required field is missing"
     message = _clip(error["msg"].removeprefix("Value error, "), 300)

@@ -25,6 +25,7 @@ sweep over the rate keeps every request's lengths (common random numbers). Every
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 import random
 from collections.abc import Sequence
@@ -232,7 +233,8 @@ def parse_spec(data: Any, where: str, prefix: str = "") -> WorkloadSpec:
     try:
         spec = WorkloadSpec.model_validate(data)
     except ValidationError as err:
-        raise WorkloadError("\n".join(_describe(where, prefix, e) for e in err.errors())) from None
+        errors = _unrepeated(err.errors())
+        raise WorkloadError("\n".join(_describe(where, prefix, e) for e in errors)) from None
     from_trace = isinstance(spec.arrival, TraceArrivals)
     if spec.requests is None and not from_trace:
         raise WorkloadError(f"{where}: {prefix}requests: required (the number of requests) unless arrivals are a trace")
@@ -250,11 +252,30 @@ def _describe(where: str, prefix: str, error: Any) -> str:
     parts = [str(p) for p in error["loc"] if not (isinstance(p, str) and (p in tags or _is_union_tag(p)))]
     field = prefix + ".".join(parts) if parts else prefix.rstrip(".") or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"{where}: {field}: unknown key"
+        near = difflib.get_close_matches(str(error["loc"][-1]), _workload_keys(error["loc"][:-1]), n=1)
+        return f"{where}: {field}: unknown key" + (f" (did you mean {near[0]}?)" if near else "")
     if error["type"] == "missing":
         return f"{where}: {field}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")
     return f"{where}: {field}: {message} (got {quote(error.get('input'))})"
+
+
+def _unrepeated(errors: list[Any]) -> list[Any]:
+    """The errors without a "required field is missing" for a field an unknown key beside it misspells (the unknown
+    key's line says "did you mean" it)."""
+    meant = {(*e["loc"][:-1], near) for e in errors if e["type"] == "extra_forbidden"
+             for near in difflib.get_close_matches(str(e["loc"][-1]), _workload_keys(e["loc"][:-1]), n=1)}  # fmt: skip
+    return [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in meant)]
+
+
+def _workload_keys(loc: tuple) -> list[str]:
+    """The keys a workload mapping at `loc` takes (its top level, or a named part: arrival, prompt_len, ...)."""
+    if not loc:
+        return sorted(WorkloadSpec.model_fields)
+    kinds = {"arrival": (Poisson, GammaArrivals, ClosedLoop, TraceArrivals),
+             "prompt_len": (FixedLen, UniformLen, LognormalLen, TraceLen)}  # fmt: skip
+    models = kinds.get("prompt_len" if loc[0] == "output_len" else str(loc[0]), ())
+    return sorted({key for model in models for key in model.model_fields})
 
 
 def _is_union_tag(part: str) -> bool:

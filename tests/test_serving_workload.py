@@ -179,3 +179,17 @@ def test_a_scenario_or_a_csv_given_as_a_workload_says_what_it_is(tmp_path) -> No
         load_workload(root / "serving_cpu.yaml")
     with pytest.raises(WorkloadError, match=r"a workload is a YAML file; a CSV trace is replayed through one"):
         load_workload(root / "workloads" / "smollm2_cpu_rate0.4.csv")
+
+
+def test_a_misspelt_key_is_one_line_saying_what_was_meant(tmp_path) -> None:
+    from sim.workload import WorkloadError, load_workload
+
+    path = tmp_path / "w.yaml"
+    path.write_text("requests: 4\narival: {process: poisson, rate_per_s: 1}\nprompt_len: {dist: fixed, value: 8}\n"
+                    "output_len: {dist: fixed, valeu: 8}\n")  # fmt: skip
+    with pytest.raises(WorkloadError) as info:
+        load_workload(path)
+    assert str(info.value).splitlines() == [
+        f"{path}: output_len.valeu: unknown key (did you mean value?)",
+        f"{path}: arival: unknown key (did you mean arrival?)",
+    ]  # no "required field is missing" for the fields they misspell

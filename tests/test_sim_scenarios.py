@@ -113,7 +113,7 @@ DELETE = object()
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("methd", "ar", "methd: unknown key; allowed here: ['acceptance', 'attention', 'description'"),
+        ("methd", "ar", "methd: unknown key (did you mean method?); allowed here: ['acceptance', 'attention'"),
         ("method", "magic", "method: Input should be 'ar', 'eesd' or 'ppsd' (got 'magic')"),
         ("model", "GPT-5", "model: unknown model 'GPT-5'; known: ['Gemma-3-270M', 'Llama-2-13B', 'Llama-2-70B'"),
         ("acceptance.alpha", 1.5, "acceptance.alpha: Input should be less than or equal to 1 (got 1.5)"),
@@ -284,7 +284,8 @@ def test_a_mistake_outside_the_sweep_is_named_at_the_scenario_not_at_a_point(tmp
     data = {**BASE, "workload": {"requests": 1, "output_lenn": 40}, "sweep": {"exit_layer": [8, 15]}}
     with pytest.raises(ScenarioError) as info:
         load_points(write(tmp_path, data))
-    assert str(info.value).startswith(f"{tmp_path / 's.yaml'}: workload.output_lenn: unknown key")
+    assert str(info.value).startswith(f"{tmp_path / 's.yaml'}: workload.output_lenn: unknown key (did you mean "
+                                      "output_len?); allowed here: ")  # fmt: skip
     data = {**BASE, "method": "eesd", "sweep": {"exit_layer": [8], "policy": ["fixed:1", "fixed:0"]}}
     with pytest.raises(ScenarioError) as info:  # the sweep's own value: that point named, its value quoted once
         load_points(write(tmp_path, data))
