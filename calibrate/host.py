@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from sim.contract import is_captured
-from sim.host_work import FORMAT, METHODS, SCHEMA_VERSION, figure_key, read_host_work
+from sim.host_work import FORMAT, LOOPS, METHODS, SCHEMA_VERSION, figure_key, read_host_work
 
 __all__ = [
     "FORMAT", "SCHEMA_VERSION", "PassClock", "ServeClock", "decode", "host_rows", "is_captured", "measure",
     "read_host_work", "serve_decode",
 ]  # fmt: skip
 PASS_KINDS = ("ar", "ar_head", "draft", "verify")
-LOOPS = ("generate", "serve")  # what --loop times: generate's decodes, or the serving loop's rounds
 
 
 class PassClock:
@@ -53,21 +52,23 @@ class PassClock:
     def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.calls: list[tuple[str, int, int, float]] = []  # (kind, slots, furthest, ms)
         self.sync = sync or (lambda: None)
-        self._saved: dict[str, Callable[..., None]] = {}
+        self._saved: dict[tuple[type, str], Callable[..., Any]] = {}  # (class, method name) -> the method it had
 
     def install(self) -> None:
         from executor.passes import Passes
 
         for kind in PASS_KINDS:
-            self._saved[kind] = getattr(Passes, kind)
-            setattr(Passes, kind, self._timed(kind, self._saved[kind]))
+            self._wrap(Passes, kind, self._timed)
 
     def uninstall(self) -> None:
-        from executor.passes import Passes
-
-        for kind, method in self._saved.items():
-            setattr(Passes, kind, method)
+        for (owner, name), method in self._saved.items():
+            setattr(owner, name, method)
         self._saved.clear()
+
+    def _wrap(self, owner: type, name: str, timer: Callable[[str, Callable[..., Any]], Callable[..., Any]]) -> None:
+        """`owner.name` replaced by `timer(name, the method)` until `uninstall`."""
+        self._saved[(owner, name)] = getattr(owner, name)
+        setattr(owner, name, timer(name, self._saved[(owner, name)]))
 
     def _timed(self, kind: str, method: Callable[..., None]) -> Callable[..., None]:
         calls, sync = self.calls, self.sync
@@ -92,23 +93,13 @@ class ServeClock(PassClock):
     def __init__(self, sync: Callable[[], None] | None = None) -> None:
         super().__init__(sync)
         self.events: list[dict[str, Any]] = []
-        self._decoder: dict[str, Callable[..., Any]] = {}
 
     def install(self) -> None:
         from executor.serving import SlotDecoder
 
         super().install()
         for kind in ("round", "prefill"):
-            self._decoder[kind] = getattr(SlotDecoder, kind)
-            setattr(SlotDecoder, kind, self._event(kind, self._decoder[kind]))
-
-    def uninstall(self) -> None:
-        from executor.serving import SlotDecoder
-
-        super().uninstall()
-        for kind, method in self._decoder.items():
-            setattr(SlotDecoder, kind, method)
-        self._decoder.clear()
+            self._wrap(SlotDecoder, kind, self._event)
 
     def _event(self, kind: str, method: Callable[..., Any]) -> Callable[..., Any]:
         events, calls, sync = self.events, self.calls, self.sync

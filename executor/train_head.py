@@ -730,7 +730,7 @@ class Run:
                     "steps): nothing to resume")  # fmt: skip
         again = "the same command with --resume" + (
             f" --steps {self.config.steps} (the schedule the time budget fitted)"
-            if self.config.steps != self.steps_asked and self.config.schedule == "cosine" else ""
+            if self.config.steps != self.steps_asked else ""
         )  # fmt: skip
         return f"{done}; {self.checkpoint} holds step {self.saved_step}: {again} goes on from there"
 

@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(results))
     if any(r.result.method == "ppsd" for r in results):
         print("(tok/round: EESD, tokens a round, accepted + 1; PPSD, tokens a flush-free run of the pipe)")
-    if verdict(results):
-        print(verdict(results))
+    said = verdict(results)
+    if said:
+        print(said)
     for path in write_outputs(results, out_dir):
         print(f"wrote {path}")
     if len(points) > 1 and not plots_available():

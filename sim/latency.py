@@ -178,22 +178,22 @@ class ProfileLatency:
     @property
     def batches(self) -> tuple[int, ...]:
         """The batch sizes the profile's decode layer rows hold (the axis a batch size is interpolated along)."""
-        grid = self._grids.get(("layer", "verify")) or self._grids[next(k for k in self._grids if k[0] == "layer")]
-        return grid.axes[2]
+        return self._layer_grid().axes[2]
+
+    def _layer_grid(self) -> _Grid:
+        """The decode layer rows' grid (verify's, else another phase's)."""
+        return self._grids.get(("layer", "verify")) or self._grids[next(k for k in self._grids if k[0] == "layer")]
 
     def batch_edge_falls(self, top: bool) -> bool:
-        """Whether a decode layer pass costs less at the profile's largest (`top`; else smallest) batch size than at
-        the one beside it (at its first q and context): then a batch past that edge is held at the edge's cost."""
-        grid = self._grids.get(("layer", "verify")) or self._grids[next(k for k in self._grids if k[0] == "layer")]
+        """Whether the edge segment of the batch axis past which a batch lies (`top`: its largest two sizes, else
+        its smallest two) falls, a decode layer pass at its first q and context costing less at the larger size: a
+        batch past it is then held at the edge's cost (`_Grid.at`)."""
+        grid = self._layer_grid()
         (q, *_), (context, *_), batches = grid.axes
         if len(batches) < 2:
             return False
-        edge, beside = (batches[-1], batches[-2]) if top else (batches[0], batches[1])
-        return (
-            grid.values[(q, context, edge)] < grid.values[(q, context, beside)]
-            if top
-            else (grid.values[(q, context, edge)] > grid.values[(q, context, beside)])
-        )
+        lo, hi = (batches[-2], batches[-1]) if top else (batches[0], batches[1])
+        return grid.values[(q, context, hi)] < grid.values[(q, context, lo)]
 
     def time_us(self, component: str, phase: str, q: int, context_len: int, batch: int) -> float:
         if component == "overhead" and self.overhead_us is not None:
@@ -329,12 +329,7 @@ class _Grid:
                 return self.values[chosen]  # type: ignore[index]
             lo, hi, weight, _ = brackets[dim]
             low = corner(dim + 1, (*chosen, lo))
-            if hi == lo:
-                return low
-            high = corner(dim + 1, (*chosen, hi))
-            if high < low and not 0.0 <= weight <= 1.0:  # an edge that falls (noise): held flat past it
-                return high if weight > 1.0 else low
-            return low + (high - low) * weight
+            return low if hi == lo else _along(low, corner(dim + 1, (*chosen, hi)), weight)
 
         return max(0.0, corner(0, ())), outside
 
@@ -347,6 +342,15 @@ def _bracket(xs: Sequence[int], x: float) -> tuple[int, int, float, bool]:
     i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
     lo, hi = xs[i], xs[i + 1]
     return lo, hi, (x - lo) / (hi - lo), outside
+
+
+def _along(low: float, high: float, weight: float) -> float:
+    """The segment from `low` to `high` at `weight` (0: low, 1: high), linear, past its ends too, except past the end
+    of a segment that falls (noise, a kernel switch): there the end's own value holds, so a size past the profiled
+    ones never costs less than the edge's."""
+    if high < low and not 0.0 <= weight <= 1.0:
+        return high if weight > 1.0 else low
+    return low + (high - low) * weight
 
 
 def extrapolations_of(latency: Any) -> tuple[str, ...]:
@@ -383,10 +387,7 @@ class ProfiledLink:
             return ys[0]
         lo, hi, weight, outside = _bracket(xs, nbytes)
         self.extrapolated = self.extrapolated or outside
-        y_lo, y_hi = ys[xs.index(lo)], ys[xs.index(hi)]
-        if outside and y_hi < y_lo:  # an edge that falls (noise): held flat past it
-            return y_hi if weight > 1.0 else y_lo
-        return max(0.0, y_lo + (y_hi - y_lo) * weight)
+        return max(0.0, _along(ys[xs.index(lo)], ys[xs.index(hi)], weight))
 
 
 LinkModel = LinkSpec | ProfiledLink

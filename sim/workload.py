@@ -252,8 +252,8 @@ def _describe(where: str, prefix: str, error: Any) -> str:
     parts = [str(p) for p in error["loc"] if not (isinstance(p, str) and (p in tags or _is_union_tag(p)))]
     field = prefix + ".".join(parts) if parts else prefix.rstrip(".") or "(top level)"
     if error["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(str(error["loc"][-1]), _workload_keys(error["loc"][:-1]), n=1)
-        return f"{where}: {field}: unknown key" + (f" (did you mean {near[0]}?)" if near else "")
+        meant = _meant(tuple(error["loc"]))
+        return f"{where}: {field}: unknown key" + (f" (did you mean {meant}?)" if meant else "")
     if error["type"] == "missing":
         return f"{where}: {field}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")
@@ -263,9 +263,15 @@ def _describe(where: str, prefix: str, error: Any) -> str:
 def _unrepeated(errors: list[Any]) -> list[Any]:
     """The errors without a "required field is missing" for a field an unknown key beside it misspells (the unknown
     key's line says "did you mean" it)."""
-    meant = {(*e["loc"][:-1], near) for e in errors if e["type"] == "extra_forbidden"
-             for near in difflib.get_close_matches(str(e["loc"][-1]), _workload_keys(e["loc"][:-1]), n=1)}  # fmt: skip
+    unknown = (tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden")
+    meant = {(*loc[:-1], near) for loc in unknown if (near := _meant(loc))}
     return [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in meant)]
+
+
+def _meant(loc: tuple) -> str | None:
+    """The key an unknown key at `loc` likely misspells, among those its mapping takes (None: none close)."""
+    near = difflib.get_close_matches(str(loc[-1]), _workload_keys(loc[:-1]), n=1)
+    return near[0] if near else None
 
 
 def _workload_keys(loc: tuple) -> list[str]:
