@@ -10,15 +10,19 @@ It runs real greedy decodes (`executor.generate`), AR and EESD interleaved, each
 (left-padded), with every pass the executor launches (`Passes.ar`, `.ar_head`, `.draft`, `.verify`) timed where it
 runs, bracketed by device synchronisations on a GPU, so that a decode's wall time splits into prefill, passes and the
 host's work between them. Per method and batch size it reports that work per host read (what the simulator pays once
-per read for captured passes) and per pass (what it pays on every pass uncaptured). Output (`--out`, JSON, written
-atomically): format `eesd.host_work`, docs/formats.md.
+per read for captured passes) and per pass (what it pays on every pass uncaptured). PPSD (`--ppsd-stages N`, default
+2; 0: not timed) is timed alike on its sequential backend, one prompt at a time (the executor's PPSD decodes a row
+alone): every stage's pass (`StageRunner.pass_`) timed, its tick's transition and books left in the host's work, and a
+tick counted as one pass (a token's pass through every stage, as the simulator prices it). Output (`--out`, JSON,
+written atomically): format `eesd.host_work`, docs/formats.md.
 
 `--loop serve` times the serving loop's rounds instead (`executor.serving.serve`, what `eesd serve-bench` runs): per
 batch size n, 3n requests (at least one per prompt) arrive at once and share n slots, each making `--max-new-tokens`
 tokens; a request that finishes leaves and the next one's prefill takes its slot. A round's host work is its wall time
 from its start to the next prefill's or round's start (its departures, admissions and books included), less the
 passes it launched; rounds of n running requests make batch n's row. Prefills are timed apart and left out, as the
-simulator prices them from the profile's rows. This is the file a serving scenario should name.
+simulator prices them from the profile's rows. This is the file a serving scenario should name. It times AR and EESD
+(a served PPSD request runs the decode `--loop generate` times).
 
     eesd calibrate host --model smollm2-135m --exit-layer 15 --batch 1,4 --prompts 4 --out host.json
     eesd calibrate host --model smollm2-135m --exit-layer 15 --batch 1,4 --loop serve --out host_serve.json
@@ -36,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from sim.contract import is_captured
-from sim.host_work import FORMAT, LOOPS, METHODS, SCHEMA_VERSION, figure_key, read_host_work
+from sim.host_work import FORMAT, LOOPS, METHODS, REQUIRED, SCHEMA_VERSION, figure_key, read_host_work
 
 __all__ = [
     "FORMAT", "SCHEMA_VERSION", "PassClock", "ServeClock", "decode", "host_rows", "is_captured", "measure",
     "read_host_work", "serve_decode",
 ]  # fmt: skip
-PASS_KINDS = ("ar", "ar_head", "draft", "verify")
+PASS_KINDS = ("ar", "ar_head", "draft", "verify")  # `Passes`' methods; a PPSD stage's pass is timed as "stage"
 
 
 class PassClock:
@@ -56,9 +60,11 @@ class PassClock:
 
     def install(self) -> None:
         from executor.passes import Passes
+        from executor.ppsd import StageRunner
 
         for kind in PASS_KINDS:
             self._wrap(Passes, kind, self._timed)
+        self._wrap(StageRunner, "pass_", lambda _, method: self._timed("stage", method))  # a PPSD stage's pass
 
     def uninstall(self) -> None:
         for (owner, name), method in self._saved.items():
@@ -128,16 +134,19 @@ def decode(model: Any, ids: Any, method: str, clock: PassClock, **settings: Any)
     import executor
 
     first = len(clock.calls)
+    stages = settings.pop("ppsd_stages", 2)
     if method == "ar":
         settings = {k: v for k, v in settings.items() if k not in ("exit_layer", "policy", "head")}
+    elif method == "ppsd":  # one host, one row: the sequential backend (its passes timed one by one)
+        settings = {k: v for k, v in settings.items() if k != "policy"} | {"stages": stages, "backend": "sequential"}
     result = executor.generate(model, ids, method=method, **settings)
     stats, calls = result.stats, clock.calls[first:]
     passes_ms = sum(c[3] for c in calls)
     decode_ms = (stats.wall_time_s - stats.prefill_time_s) * 1e3
-    rounds = stats.rounds - 1 if method == "ar" else stats.rounds  # AR's count includes its prefill's step
-    tokens = result.sequences.shape[1] - ids.shape[1]
+    rounds = {"ar": stats.rounds - 1, "ppsd": getattr(stats, "ticks", 0)}.get(method, stats.rounds)  # AR's: less
+    tokens = result.sequences.shape[1] - ids.shape[1]  # its prefill's step; PPSD's: its ticks
     return {"method": method, "loop": "generate", "batch": ids.shape[0], "tokens": tokens, "decoded": tokens - 1,
-            "rounds": rounds, "host_reads": stats.host_reads, "passes": len(calls),
+            "rounds": rounds, "host_reads": stats.host_reads, "passes": rounds if method == "ppsd" else len(calls),
             "prefill_ms": stats.prefill_time_s * 1e3, "passes_ms": passes_ms, "host_ms": decode_ms - passes_ms,
             "calls": calls}  # fmt: skip
 
@@ -227,24 +236,36 @@ def batches_of(prompts: list[list[int]], size: int) -> list[tuple[Any, Any]]:
     return out
 
 
+def methods_for(batch: int, ppsd_stages: int) -> tuple[str, ...]:
+    """The methods a batch of `batch` rows is decoded by: AR and EESD, and PPSD (one row) where it is timed."""
+    return (*REQUIRED, "ppsd") if batch == 1 and ppsd_stages else REQUIRED
+
+
 def measure(
-    model: Any, batches: list[tuple[Any, Any]], *, repeats: int, sync: Callable[[], None] | None, **settings: Any
+    model: Any,
+    batches: list[tuple[Any, Any]],
+    *,
+    repeats: int,
+    sync: Callable[[], None] | None,
+    ppsd_stages: int = 0,
+    **settings: Any,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every batch of prompts ((ids, attention mask or None), `batches_of`) decoded by each method `repeats` times
-    (interleaved), after an untimed warm-up decode per batch and method (captures and compilations, allocators);
-    returns the decodes (without their calls) and the rows."""
+    (interleaved; PPSD at `ppsd_stages` stages on batches of one row, none at 0), after an untimed warm-up decode per
+    batch and method (captures and compilations, allocators); returns the decodes (without their calls) and the
+    rows."""
     clock = PassClock(sync)
     clock.install()
 
     def run(ids: Any, mask: Any, method: str) -> dict[str, Any]:
-        return decode(model, ids, method, clock, attention_mask=mask, **settings)
+        return decode(model, ids, method, clock, attention_mask=mask, ppsd_stages=ppsd_stages, **settings)
 
+    timed = [(ids, mask, method) for ids, mask in batches for method in methods_for(ids.shape[0], ppsd_stages)]
     try:
-        for ids, mask in batches:
-            for method in METHODS:
-                run(ids, mask, method)
+        for ids, mask, method in timed:
+            run(ids, mask, method)
         clock.calls.clear()
-        runs = [run(ids, mask, method) for _ in range(repeats) for ids, mask in batches for method in METHODS]
+        runs = [run(ids, mask, method) for _ in range(repeats) for ids, mask, method in timed]
     finally:
         clock.uninstall()
     return [{k: v for k, v in r.items() if k != "calls"} for r in runs], host_rows(runs)
@@ -272,9 +293,9 @@ def measure_serving(
 
     try:
         for batch in sizes:
-            for method in METHODS:
+            for method in REQUIRED:
                 run(batch, method)
-        runs = [run(batch, method) for _ in range(repeats) for batch in sizes for method in METHODS]
+        runs = [run(batch, method) for _ in range(repeats) for batch in sizes for method in REQUIRED]
     finally:
         clock.uninstall()
     return runs, host_rows(runs)
@@ -290,6 +311,8 @@ def run_host(args: argparse.Namespace) -> int:
     from sim.formats import write_text_atomic
     from sim.policy import parse_policy_spec
 
+    if args.ppsd_stages < 0 or args.ppsd_stages == 1:
+        raise ValueError(f"--ppsd-stages must be 0 (PPSD not timed) or 2 or more, got {args.ppsd_stages}")
     for flag, value in (("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens),
                         ("--repeats", args.repeats)):  # fmt: skip
         if value < 1:
@@ -303,6 +326,11 @@ def run_host(args: argparse.Namespace) -> int:
     if args.loop == "serve" and args.max_new_tokens < 2:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: a served request of one token runs no decode "
                          "round (--loop serve takes 2 or more)")  # fmt: skip
+    if args.loop == "serve":
+        args.ppsd_stages = 0  # the serving loop's rounds are AR's and EESD's
+    elif args.ppsd_stages and 1 not in args.batch:
+        args.batch = [1, *args.batch]
+        print("calibrate host: batch 1 added, where PPSD is timed (it decodes one row; --ppsd-stages 0: not timed)")
     parse_policy_spec(args.policy)  # a bad spec named before the model loads
     check_json_out(args.out, args.force)
     device, dtype, model, head, exit_layer = model_and_head(args)
@@ -314,18 +342,21 @@ def run_host(args: argparse.Namespace) -> int:
                 "max_new_tokens": args.max_new_tokens, "sync_every": args.sync_every}  # fmt: skip
     print(f"calibrate host: {args.model} on {device}, capture {capture}, E={exit_layer} {args.policy}, "
           f"{len(prompts)} prompts x {args.max_new_tokens} tokens x {args.repeats}, batch "
-          f"{','.join(map(str, args.batch))}, {args.loop} loop")  # fmt: skip
+          f"{','.join(map(str, args.batch))}, {args.loop} loop"
+          + (f", PPSD at {args.ppsd_stages} stages (sequential backend)" if args.ppsd_stages else ""))  # fmt: skip
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     if args.loop == "serve":
         runs, rows = measure_serving(model, prompts, args.batch, repeats=args.repeats, sync=sync, **settings)
     else:
         batches = [(ids.to(device), None if mask is None else mask.to(device))
                    for size in args.batch for ids, mask in batches_of(prompts, size)]  # fmt: skip
-        runs, rows = measure(model, batches, repeats=args.repeats, sync=sync, **settings)
+        runs, rows = measure(model, batches, repeats=args.repeats, sync=sync, ppsd_stages=args.ppsd_stages,
+                             **settings)  # fmt: skip
     for row in rows:
+        unit = "a tick (its every stage's pass)" if row["method"] == "ppsd" else "a round"
         print(
             f"{row['method']:>4} batch {row['batch']}: host work {row['host_ms_per_read']:.3f} ms a read, "
-            f"{row['host_ms_per_round']:.3f} a round, {row['host_ms_per_pass']:.3f} a pass "
+            f"{row['host_ms_per_round']:.3f} {unit}, {row['host_ms_per_pass']:.3f} a pass "
             f"({row['host_share_of_decode']:.2%} of the decode)"
         )
     snippet = by_method_snippet(rows, is_captured(capture))
@@ -335,7 +366,9 @@ def run_host(args: argparse.Namespace) -> int:
         metadata = base_metadata(args.model, device, dtype) | {
             "model_config": config_summary(model.model.config), "num_layers": model.num_layers,
             "exit_layer": exit_layer, "head": args.head, "policy": args.policy, "capture": capture,
-            "sync_every": args.sync_every, "loop": args.loop, "prompt_set": args.prompt_set, "prompts": len(prompts),
+            "sync_every": args.sync_every, "loop": args.loop, "ppsd_stages": args.ppsd_stages or None,
+            "ppsd_backend": "sequential" if args.ppsd_stages else None, "prompt_set": args.prompt_set,
+            "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "batch": args.batch, "repeats": args.repeats,
             "threads": torch.get_num_threads(),
         }  # fmt: skip
@@ -365,5 +398,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop", choices=LOOPS, default="generate", help="what is timed: generate's decodes of static "
                    "batches, or the serving loop's rounds (eesd serve-bench's: requests leave and others take their "
                    "slots; the file for a serving scenario) (default: generate)")  # fmt: skip
+    p.add_argument("--ppsd-stages", type=int, default=2, help="PPSD's pipeline stages, timed on its sequential "
+                   "backend at batch 1 (0: PPSD not timed; --loop serve times AR and EESD) (default: 2)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=2, help="times over the prompts, methods interleaved (default: 2)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file (eesd.host_work)")

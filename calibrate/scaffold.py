@@ -424,10 +424,10 @@ def _add_draft_profile(
 
 
 def _host_work(data: dict[str, Any], path: Path, latency: Path, profile: DataFile, folder: Path, serving: bool) -> str:
-    """`--host`: an `eesd calibrate host` file named as the scenario's `latency.profile.host_work` (AR and EESD then
-    pay their own measured host work), checked to be of the profile's model and device and of passes run as the
-    profile's were; a batch scenario of captured passes reads the device as often as the file's decodes did (its
-    `sync_every`; a serving loop reads every round). The header's line for it."""
+    """`--host`: an `eesd calibrate host` file named as the scenario's `latency.profile.host_work` (AR, EESD and, where
+    the file times it, PPSD on one host then pay their own measured host work), checked to be of the profile's model and
+    device and of passes run as the profile's were; a batch scenario of captured passes reads the device as often as the
+    file's decodes did (its `sync_every`; a serving loop reads every round). The header's line for it."""
     ref = data["latency"]["profile"]
     try:
         host = read_host_work(path)

@@ -673,7 +673,7 @@ class Simulation:
             # static passes over every cache slot: every token's pass costs the same
             cost=self._cost(token, 0, len(rows)) if plan.cache_slots and not plan.span_buckets else None,
         )
-        self._count(rounds=1)
+        self._count(rounds=len(rows))  # a round per row: its flush-free runs, as EESD counts a row's rounds
         if longest > 1:
             self._ppsd_enter(self._ppsd_job(0, 0), last_act=self.shortcuts)
             yield self._pipe.finished
@@ -749,7 +749,7 @@ class Simulation:
         for stage in self.stages:
             stage.abort_stale(at_once)
         counts["flushes"] += 1
-        counts["rounds"] += 1
+        counts["rounds"] += judged  # each row that goes on starts a run
         counts["drafted"] += judged
         pipe.pending = None
         correction = self._ppsd_job(job.position + 1, 0)
@@ -768,7 +768,7 @@ class Simulation:
         plan, batch, n, lockstep = self.plan, len(rows), len(self.stages), PPSDBatch(rows)
         output_len, window = lockstep.longest, plan.max_in_flight or n
         asked = max(row.length + row.past_end for row in rows)
-        self._count(rounds=1)
+        self._count(rounds=batch)  # a round per row: its flush-free runs
         held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
         pending: _Token | None = None
         block, emitted = 0, 0  # ticks left before the host reads: blocks of min(sync_every, tokens still to come)
@@ -791,7 +791,7 @@ class Simulation:
                     break
                 judged = lockstep.judged(leaving.position + 1)
                 if not leaving.next_ok:  # flush: the correction enters stage 1, everything younger is dropped
-                    self._count(flushes=1, rounds=1, drafted=judged)
+                    self._count(flushes=1, rounds=judged, drafted=judged)
                     held, pending = [_Token(leaving.position + 1, 0, n)] + [None] * (n - 1), None
                     continue
                 self._count(accepted=judged, drafted=judged)
@@ -862,6 +862,12 @@ class Simulation:
             host_at = plan.host_context(context, "draft")
             host_us = plan.stages[-1].latency.time_us("overhead", "draft", 1, host_at, batch) if read else 0.0
             tick_us += plan.stages[0].launch_us + host_us
+        elif not running[-1] and getattr(plan.stages[-1].latency, "host", None) is not None:
+            # a measured host work (latency.profile.host_work) is every tick's, paid with the last stage's share of
+            # the token's pass: here that stage holds no token
+            tick_us += plan.stages[-1].latency.time_us(
+                "overhead", "draft", 1, plan.host_context(context, "draft"), batch
+            )
         return tick_us, tuple(alone)
 
     def _tick_stats(self, held: list[_Token | None], stage_us: tuple[float, ...], batch: int) -> None:
@@ -1115,7 +1121,7 @@ class _FreePipe:
         token leaves the pipe; None (nothing booked) where the events must run."""
         sim = self.sim
         position, entry = 0, sim.env.now
-        self.counts["rounds"] = 1
+        self.counts["rounds"] = self.batch  # a round per row: its flush-free runs
         while True:
             left = self.segment(position, entry)
             if left is None:
@@ -1210,9 +1216,10 @@ class _FreePipe:
         counts["accepted"] += judged
         counts["drafted"] += judged
         if not final:
-            counts["drafted"] += rows.judged(position + len(tokens))
+            flushed = rows.judged(position + len(tokens))  # the rows that go on, each starting a run
+            counts["drafted"] += flushed
             counts["flushes"] += 1
-            counts["rounds"] += 1
+            counts["rounds"] += flushed
 
     def book_flushed(self, position: int, tokens: list[_Timed], exits: list[float]) -> bool:
         """The work of the tokens younger than the segment's last, entered before it left at `at`: a job that ended

@@ -5,10 +5,12 @@ A latency profile's `overhead` rows time one fixed piece of host work (positions
 every method; the executor's AR step and EESD round do different work between their passes (an EESD round reads its
 verdict back, updates its policy, refills its inputs and rolls its KV books back), measured by `eesd calibrate host`.
 A scenario's `latency.profile.host_work` names such a file: an AR point (and the AR baseline of every point) then pays
-AR's figure, an EESD point EESD's, at the point's batch size; PPSD, which the file does not time, keeps the profile's
-rows. The figure is per host read for captured passes (the simulator pays `overhead` once a read) and per pass for
-uncaptured ones (paid every pass); prefill keeps the profile's rows (the file times decodes only). `metadata.loop` says
-what was timed: `generate`'s decodes of static batches (a batch scenario's), or `serve`, the serving loop's rounds
+AR's figure, an EESD point EESD's, at the point's batch size, and a PPSD point on one host (the sequential or streams
+backend) PPSD's, timed per tick (a token's pass through every stage) on the sequential backend at batch 1 where the file
+has PPSD rows (schema 3); otherwise, and for the distributed backend's ranks, PPSD keeps the profile's rows. The figure
+is per host read for captured passes (the simulator pays `overhead` once a read) and per pass for uncaptured ones (paid
+every pass; a PPSD tick is one pass); prefill keeps the profile's rows (the file times decodes only). `metadata.loop`
+says what was timed: `generate`'s decodes of static batches (a batch scenario's), or `serve`, the serving loop's rounds
 with their departures and admissions (a serving scenario's).
 Torch-free: the simulator and `eesd calibrate scenario` read it.
 """
@@ -26,8 +28,9 @@ from sim.formats import MAX_FILE_BYTES, quote, read_text
 from sim.models import ModelConfig, check_claimed_model
 
 FORMAT = "eesd.host_work"
-SCHEMA_VERSION = 2  # 2: a row per method and batch size (1: a row per method, batch 1)
-METHODS = ("ar", "eesd")  # the methods the file times, in its order
+SCHEMA_VERSION = 3  # 3: PPSD rows too; 2: a row per method and batch size; 1: a row per method, batch 1
+METHODS = ("ar", "eesd", "ppsd")  # the methods the file can time, in its order
+REQUIRED = ("ar", "eesd")  # the methods every file times, at the same batch sizes (PPSD: where it was asked for)
 FIGURES = ("host_ms_per_read", "host_ms_per_pass")
 LOOPS = ("generate", "serve")  # what it timed: generate's static batches or the serving loop's rounds (none: the 1st)
 MAX_BATCH = 2**31 - 1  # rows a batch can hold (the executor's int32 indices)
@@ -51,8 +54,8 @@ def read_host_work(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path}: format: expected {FORMAT!r} (eesd calibrate host --out)")
     version = data.get("schema_version")
-    if isinstance(version, bool) or version not in (1, SCHEMA_VERSION):
-        raise ValueError(f"{path}: schema_version: expected 1 or {SCHEMA_VERSION}, got {quote(version)}")
+    if isinstance(version, bool) or version not in range(1, SCHEMA_VERSION + 1):
+        raise ValueError(f"{path}: schema_version: expected 1 to {SCHEMA_VERSION}, got {quote(version)}")
     if not isinstance(data.get("metadata"), dict):
         raise ValueError(f"{path}: metadata: expected a mapping")
     loop = data["metadata"].get("loop", LOOPS[0])
@@ -76,10 +79,10 @@ def _check_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
             raise ValueError(f"{path}: methods.{method}: batch: expected an integer 1..{MAX_BATCH}, got {quote(batch)}")
     if len(set(keys)) != len(keys):
         raise ValueError(f"{path}: methods: a (method, batch) given twice: {quote(keys)}")
-    for method in METHODS:
+    for method in REQUIRED:
         batches = sorted(batch for m, batch in keys if m == method)
-        if batches != sorted(batch for m, batch in keys if m == METHODS[0]) or not batches:
-            listed = ", ".join(METHODS)
+        if batches != sorted(batch for m, batch in keys if m == REQUIRED[0]) or not batches:
+            listed = ", ".join(REQUIRED)
             raise ValueError(f"{path}: methods: expected rows for {listed} at the same batch sizes, got {quote(keys)}")
     for row in rows:
         for key in FIGURES:
@@ -125,6 +128,7 @@ class HostOverhead:
     device: str | None = None  # the device it was measured on (its host's work is that machine's)
     sync_every: int | None = None  # AR steps per host read in the decodes it timed
     loop: str = LOOPS[0]  # what it timed (`LOOPS`)
+    stages: int | None = None  # PPSD's: the pipeline stages it was timed with
 
     def at(self, batch: int) -> float:
         xs, ys = self.batches, self.us
@@ -151,7 +155,7 @@ class HostOverhead:
 
 def host_overhead(data: Mapping[str, Any], method: str, captured: bool, source: str | Path = "") -> HostOverhead | None:
     """`method`'s host work from a checked file (`read_host_work`), in the column its passes pay; None for a method
-    the file does not time (PPSD)."""
+    the file does not time (PPSD in a file without its rows)."""
     rows = sorted((r for r in data["methods"] if r["method"] == method), key=lambda r: r["batch"])
     if not rows:
         return None
@@ -161,4 +165,9 @@ def host_overhead(data: Mapping[str, Any], method: str, captured: bool, source: 
                         str(policy) if method == "eesd" and policy is not None else None,
                         str(device) if device is not None else None,
                         sync if isinstance(sync, int) and not isinstance(sync, bool) else None,
-                        meta.get("loop", LOOPS[0]))  # fmt: skip
+                        meta.get("loop", LOOPS[0]), _stages(meta) if method == "ppsd" else None)  # fmt: skip
+
+
+def _stages(meta: Mapping[str, Any]) -> int | None:
+    stages = meta.get("ppsd_stages")
+    return stages if isinstance(stages, int) and not isinstance(stages, bool) else None

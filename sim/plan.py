@@ -554,9 +554,10 @@ def _profile(point: Point) -> DataFile | None:
 
 
 def _host(point: Point, profile: DataFile | None, method: str, reads_every: int, where: str) -> HostOverhead | None:
-    """`latency.profile.host_work`'s figure for `method` (None without the file, or for PPSD, which it does not
-    time), checked to be of the profile's model and device, of passes captured as the scenario prices them and,
-    captured, of `reads_every` steps per host read (`sim.host_work`)."""
+    """`latency.profile.host_work`'s figure for `method` (None without the file, for PPSD where it has no PPSD rows, and
+    for the distributed backend's PPSD, whose ranks are hosts of their own), checked to be of the profile's model and
+    device, of passes captured as the scenario prices them and, captured, of `reads_every` steps per host read
+    (`sim.host_work`)."""
     ref = point.scenario.latency.profile
     if ref is None or ref.host_work is None:
         return None
@@ -574,6 +575,8 @@ def _host(point: Point, profile: DataFile | None, method: str, reads_every: int,
             f"and its AR baseline read every {reads_every} (the scenario's sync_every; a serving loop, every round): "
             f"expected a file measured with `eesd calibrate host --sync-every {reads_every}`"
         )
+    if method == "ppsd" and point.scenario.ppsd_backend not in ONE_HOST_BACKENDS:
+        return None  # checked all the same: the point's AR baseline pays the file's AR figure
     return host_overhead(data, method, ref.cuda_graphs, path)
 
 

@@ -45,9 +45,9 @@ ROW_DOC = {
     "ms_per_token": "decode time per token per request",
     "ar_tokens_per_s": "AR on the same hardware",
     "speedup": "tokens_per_s / ar_tokens_per_s",
-    "tokens_per_round": "EESD: accepted + 1 per round; PPSD: tokens per flush-free run",
+    "tokens_per_round": "a row's tokens per round (EESD: accepted + 1 per round; PPSD: per flush-free run)",
     "flushes": "PPSD pipeline flushes",
-    "ticks_per_token": "PPSD: the executor's ticks per decoded token (AR through n stages: n)",
+    "ticks_per_token": "PPSD: the executor's ticks per decoded token, all rows' (AR through n stages: n / batch)",
     "ttft_ms": "mean prefill time per batch",
     "busy_pct": "per stage, time the device worked (incl. flushed work), ';'-joined",
     "flushed_pct": "per stage, time spent on work later flushed",
@@ -160,16 +160,21 @@ def _past_batches(latency: ProfileLatency, batch: int) -> str:
 
 
 def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str, loop: str) -> list[str]:
-    """How a host-work file (`latency.profile.host_work`) prices the plan's host work where it does not simply
-    apply: PPSD, which it does not time; a batch size outside the ones it measured; EESD under another policy; a
-    file measured on another device than the profile; one that timed another loop than the simulated one's
-    (`loop`: `generate`, a static batch; `serve`, serving)."""
+    """How a host-work file (`latency.profile.host_work`) prices the plan's host work where it does not simply apply:
+    PPSD where it does not time it, or at another stage count; a batch size outside the ones it measured; EESD under
+    another policy; a file measured on another device than the profile; one that timed another loop than the simulated
+    one's (`loop`: `generate`, a static batch; `serve`, serving)."""
     ref = scenario.latency.profile
     if ref is None or ref.host_work is None:
         return []
     host, batch = getattr(plan.stages[0].latency, "host", None), plan.workload.batch_size
     if host is None:
-        return [f"latency.profile.host_work times AR and EESD: {plan.method}'s passes pay the profile's overhead rows"]
+        why = (
+            "times the host's work of PPSD on one host (its sequential backend), the distributed backend's ranks are "
+            "hosts of their own" if plan.ppsd_backend == "distributed"
+            else "has no PPSD rows (eesd calibrate host --ppsd-stages N, generate loop)"
+        )  # fmt: skip
+        return [f"{ref.host_work} {why}: PPSD's passes pay the profile's overhead rows"]
     notes = []
     if host.outside(batch):
         how = (
@@ -186,6 +191,11 @@ def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str, loop: str) 
         notes.append(
             f"the host's work of an EESD round was measured under {quote(host.policy)}, this point runs "
             f"{quote(plan.policy)}"
+        )
+    if host.stages is not None and host.stages != len(plan.stages):
+        notes.append(
+            f"{host.source} timed PPSD's host work at {host.stages} stages, this point runs {len(plan.stages)} "
+            f"(eesd calibrate host --ppsd-stages {len(plan.stages)})"
         )
     profiled = plan.stages[0].device
     if host.device is not None and _machine(host.device) != _machine(profiled):

@@ -57,6 +57,29 @@ def test_a_decode_splits_into_prefill_passes_and_host_work() -> None:
     assert not hasattr(Passes.ar, "__wrapped__")  # uninstalled: the passes are the executor's own again
 
 
+def test_a_ppsd_decode_times_every_stages_pass_and_counts_a_tick_as_one_pass() -> None:
+    """PPSD on its sequential backend: each stage's pass timed (a stage holding no token skips it), a tick counted as
+    one pass and one round (the simulator's token pass), a host read a tick uncaptured; the transition and the books
+    are the host's work."""
+    net, clock = model(epsilon=0.2), PassClock()
+    clock.install()
+    try:
+        run = decode(net, torch.tensor([PROMPTS[0]]), "ppsd", clock, max_new_tokens=12, exit_layer=EXIT_LAYER,
+                     policy="fixed:2", ppsd_stages=2)  # fmt: skip
+    finally:
+        clock.uninstall()
+    assert run["method"] == "ppsd" and run["tokens"] == 12 and run["rounds"] >= 11
+    assert run["passes"] == run["rounds"] == run["host_reads"]
+    assert {kind for kind, *_ in clock.calls} == {"stage"} and run["rounds"] < len(clock.calls) <= 2 * run["rounds"]
+    assert run["host_ms"] > 0 and run["passes_ms"] == pytest.approx(sum(call[3] for call in clock.calls))
+    (row,) = host_rows([run])
+    assert row["host_ms_per_pass"] == row["host_ms_per_round"] == row["host_ms_per_read"]
+    assert row["tokens_per_round"] == round(11 / run["rounds"], 3)  # tokens a tick, after the prefill's
+    from executor.ppsd import StageRunner
+
+    assert not hasattr(StageRunner.pass_, "__wrapped__")
+
+
 def test_rows_take_medians_per_read_round_and_pass_and_the_fields_the_right_column() -> None:
     runs = [
         {"method": "ar", "decoded": 8, "rounds": 9, "host_reads": 8, "passes": 8, "passes_ms": 90.0, "host_ms": 0.8},
@@ -96,15 +119,21 @@ def test_the_cli_writes_the_figures_and_refuses_bad_input(tmp_path, capsys) -> N
     assert main(argv) == 0
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert data["format"] == FORMAT and data["schema_version"] == 2
+    assert data["format"] == FORMAT and data["schema_version"] == 3
     assert [(row["method"], row["batch"]) for row in data["methods"]] == [("ar", 1), ("ar", 2), ("eesd", 1),
-                                                                           ("eesd", 2)]  # fmt: skip
+                                                                           ("eesd", 2), ("ppsd", 1)]  # fmt: skip
+    assert data["metadata"]["ppsd_stages"] == 2 and data["metadata"]["ppsd_backend"] == "sequential"
+    assert "ppsd batch 1: host work" in printed and "a tick (its every stage's pass)" in printed
     assert data["metadata"]["exit_layer"] == 15 and data["metadata"]["capture"] == "none"
     assert data["metadata"]["batch"] == [1, 2] and data["metadata"]["sync_every"] == 1
     assert data["metadata"]["num_layers"] == 30 and data["metadata"]["model_config"]["hidden_size"] == 576
     assert data["serving_by_method"] in printed and "paid every pass" in printed
     assert f"latency.profile.host_work: {out}" in printed
-    assert [d["batch"] for d in data["decodes"]] == [1, 1, 1, 1, 2, 2]  # two prompts alone, then together; AR, EESD
+    assert [(d["method"], d["batch"]) for d in data["decodes"]] == [
+        *[("ar", 1), ("eesd", 1), ("ppsd", 1)] * 2,
+        ("ar", 2),
+        ("eesd", 2),
+    ]  # two prompts alone, then together
     assert all(d["host_ms"] > 0 for d in data["decodes"])
     assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err
     assert main([*argv[:-2], "--out", str(tmp_path / "host.csv")]) == 2
@@ -115,7 +144,9 @@ def test_the_cli_writes_the_figures_and_refuses_bad_input(tmp_path, capsys) -> N
     assert "--batch" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
     for flags, message in ((["--sync-every", "0"], "--sync-every must be >= 1, got 0"), (["--policy", "x"], "'x'"),
                            (["--loop", "serve", "--sync-every", "2"], "reads the device after every round"),
-                           (["--loop", "serve", "--max-new-tokens", "1"], "runs no decode round")):  # fmt: skip
+                           (["--loop", "serve", "--max-new-tokens", "1"], "runs no decode round"),
+                           (["--ppsd-stages", "1"], "--ppsd-stages must be 0 (PPSD not timed) or 2 or more, got 1"),
+                           (["--ppsd-stages", "-2"], "or 2 or more, got -2")):  # fmt: skip
         assert main([*argv[:4], *flags, "--out", str(tmp_path / "x.json")]) == 2
         err = capsys.readouterr()
         assert message in err.err and "on cpu, capture" not in err.out  # before the model loads
@@ -224,12 +255,16 @@ def test_a_rounds_host_work_runs_to_the_next_event_less_its_passes() -> None:
     assert split["prefill_ms"] == pytest.approx(10.0 + 9.0 + 9.0)
 
 
-def _host_file(path, **changes) -> None:
+def _host_file(path, ppsd_stages: int | None = None, **changes) -> None:
+    """A host-work file of AR and EESD at batches 1 and 4, and PPSD at batch 1 (3 ms) where `ppsd_stages` is given."""
     rows = [{"method": m, "batch": b, "host_ms_per_read": 0.1 * (b + (m == "eesd")),
              "host_ms_per_pass": 0.05 * b + (m == "eesd")}
             for m in ("ar", "eesd") for b in (1, 4)]  # fmt: skip
-    data = {"format": FORMAT, "schema_version": 2, "metadata": {"model": "smollm2-135m", "device_type": "cpu",
-            "capture": "none", "sync_every": 1, "policy": "fixed:1"}, "methods": rows}  # fmt: skip
+    if ppsd_stages is not None:
+        rows.append({"method": "ppsd", "batch": 1, "host_ms_per_read": 3.0, "host_ms_per_pass": 3.0})
+    data = {"format": FORMAT, "schema_version": 3, "metadata": {"model": "smollm2-135m", "device_type": "cpu",
+            "capture": "none", "sync_every": 1, "policy": "fixed:1", "ppsd_stages": ppsd_stages},
+            "methods": rows}  # fmt: skip
     for key, value in changes.items():
         if key in ("model", "device_type", "capture", "sync_every", "num_layers", "loop"):
             data["metadata"][key] = value
@@ -242,14 +277,14 @@ def _host_file(path, **changes) -> None:
     ("changes", "message"),
     [
         ({"format": "eesd.round_costs"}, "format: expected 'eesd.host_work'"),
-        ({"schema_version": 3}, "schema_version: expected 1 or 2, got 3"),
+        ({"schema_version": 4}, "schema_version: expected 1 to 3, got 4"),
         (
             {"methods": [{"method": "ar", "batch": 1, "host_ms_per_read": 0.1, "host_ms_per_pass": 0.1}]},
             "methods: expected rows for ar, eesd at the same batch sizes",
         ),
         (
             {"methods": [{"method": m, "batch": 1, "host_ms_per_read": 0, "host_ms_per_pass": 0} for m in "ab"]},
-            "methods: method 'a': expected one of ar, eesd",
+            "methods: method 'a': expected one of ar, eesd, ppsd",
         ),
         (
             {"methods": [{"method": m, "batch": 0, "host_ms_per_read": 0, "host_ms_per_pass": 0} for m in ("ar",)]},
@@ -341,7 +376,40 @@ def test_the_output_says_where_the_file_does_not_simply_apply(tmp_path) -> None:
     other = point_notes(load_points(_scenario(tmp_path, policy="fixed:3"))[0])
     assert other == ("the host's work of an EESD round was measured under 'fixed:1', this point runs 'fixed:3'",)
     ppsd = point_notes(load_points(_scenario(tmp_path, method="ppsd", topology={"stages": 2}))[0])
-    assert ppsd == ("latency.profile.host_work times AR and EESD: ppsd's passes pay the profile's overhead rows",)
+    assert ppsd == ("host.json times the host's work of PPSD on one host (its sequential backend), the "
+                    "distributed backend's ranks are hosts of their own: PPSD's passes pay the profile's overhead "
+                    "rows",)  # fmt: skip
+    ppsd = point_notes(load_points(_scenario(tmp_path, method="ppsd", ppsd_backend="sequential",
+                                             topology={"stages": 2}))[0])  # fmt: skip
+    assert ppsd == ("host.json has no PPSD rows (eesd calibrate host --ppsd-stages N, generate loop): PPSD's passes "
+                    "pay the profile's overhead rows",)  # fmt: skip
+
+
+def test_ppsd_on_one_host_pays_its_own_measured_host_work_once_a_tick(tmp_path) -> None:
+    """A file with PPSD rows: a sequential PPSD point pays PPSD's figure once a tick (its token's pass), so its decode
+    moves by exactly the figure's change times its ticks; the distributed backend keeps the profile's rows; another
+    stage count than the file's is noted."""
+    from sim.plan import build_plan
+    from sim.runner import point_notes, simulate_point
+    from sim.scenario import load_points
+
+    ppsd = {"method": "ppsd", "ppsd_backend": "sequential", "topology": {"stages": 2}}
+    _host_file(tmp_path / "host.json", ppsd_stages=2)
+    point = load_points(_scenario(tmp_path, **ppsd))[0]
+    assert build_plan(point).stages[0].latency.time_us("overhead", "draft", 1, 128, 1) == pytest.approx(3000.0)
+    assert point_notes(point) == ()
+    slow = json.loads((tmp_path / "host.json").read_text())
+    slow["methods"][-1]["host_ms_per_pass"] = 5.0
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    fast, result = (simulate_point(load_points(_scenario(tmp_path, name, **ppsd))[0]).result
+                    for name in ("host.json", "slow.json"))  # fmt: skip
+    assert result.ticks == fast.ticks > 0
+    assert result.decode_time_us - fast.decode_time_us == pytest.approx(2000.0 * result.ticks, rel=1e-9)
+    distributed = load_points(_scenario(tmp_path, **(ppsd | {"ppsd_backend": "distributed"})))[0]
+    assert build_plan(distributed).stages[0].latency.host is None
+    three = point_notes(load_points(_scenario(tmp_path, **(ppsd | {"topology": {"stages": 3}})))[0])
+    assert three == (f"{tmp_path / 'host.json'} timed PPSD's host work at 2 stages, this point runs 3 (eesd "
+                     "calibrate host --ppsd-stages 3)",)  # fmt: skip
 
 
 def test_a_scenario_refuses_a_host_file_that_does_not_fit(tmp_path) -> None:

@@ -481,3 +481,18 @@ def test_events_per_token(method: str, n_stages: int, most: float, reference_lea
              layer_us=[stage_1_us] + [10.0] * (n_stages - 1))  # fmt: skip
     assert events_per_token(p, True) <= most
     assert events_per_token(p, False) >= reference_least
+
+
+@pytest.mark.parametrize("backend", ["distributed", "sequential"])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_ppsd_counts_a_rows_rounds_as_eesd_does_at_any_batch_size(backend: str, alpha: float) -> None:
+    """`tokens_per_round` is a row's tokens per round for every method: a PPSD batch of rows that all confirm
+    (alpha 1: one flush-free run each) or all flush (alpha 0: a run a token) makes the batch-1 figure, not the
+    batch's sum of rows."""
+    figures = set()
+    for batch in (1, 4):
+        p = replace(plan("ppsd", alpha, 2, output_len=41, batch=batch), ppsd_backend=backend)
+        result = Simulation(p).run()
+        assert result.decode_tokens == 40 * batch and result.rounds == (1 if alpha else 40) * batch
+        figures.add(result.tokens_per_round)
+    assert figures == {40.0 if alpha else 1.0}
