@@ -33,6 +33,7 @@ from calibrate.latency import (
     profile_path,
 )
 from calibrate.timing import TimerSpec
+from executor.adapter import check_architecture, context_of
 from executor.passes import resolve_capture
 
 FEW_LAYERS = 4  # a model too large for the device is profiled from this many layers
@@ -145,10 +146,13 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
         raise ValueError(f"{out_path} exists; pass --force to measure the profile again and overwrite it")
     print(f"calibrate latency: {args.model} on {device_name(device)} -> {out_path}", flush=True)
     config = model_config(args.model)
-    if config is not None:  # before the weights are made: a grid that cannot fit is refused at once
+    if config is not None:  # before the weights are made: a model not run or a grid that cannot fit refused at once
+        for name in getattr(config, "architectures", None) or ():
+            check_architecture(name)
         check_grid_memory(config, grid, dtype, device)
     loaded = load(args.model, dtype, device, keep)
-    check_context(grid, loaded.model.config.max_position_embeddings, args.model)
+    check_architecture(type(loaded.model).__name__)
+    check_context(grid, context_of(loaded.model.config)[0], args.model)
     check_grid_memory(loaded.model.config, grid, dtype, device)
     begin = time.perf_counter()
     metadata = base_metadata(args.model, device, dtype)

@@ -111,12 +111,65 @@ def _layer_windows(config, num_layers: int) -> list[int | None]:
     return [window] * num_layers
 
 
+def _rope_settings(config) -> list[dict]:
+    """Every RoPE setting the config holds: `rope_parameters` (one, or one per layer type) and `rope_scaling`."""
+    found = []
+    for value in (getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)):
+        if isinstance(value, dict):
+            nested = [v for v in value.values() if isinstance(v, dict)]
+            found += nested if nested and "rope_type" not in value else [value]
+    return found
+
+
+def context_of(config) -> tuple[int, str]:
+    """(the positions the decoders run, and why that is less than `max_position_embeddings` where it is). LongRoPE
+    changes its rotary factors once a sequence passes its original context: HF re-runs the whole sequence then
+    (its cached keys were rotated with the short factors), which a decoder reusing its cache cannot match, so the
+    decoders stop at that original context."""
+    most = config.max_position_embeddings
+    for rope in _rope_settings(config):
+        original = rope.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", 0
+        )
+        if rope.get("rope_type", rope.get("type")) == "longrope" and original and original < most:
+            return original, (
+                f" (LongRoPE: past original_max_position_embeddings {original} its rotary factors change and HF "
+                f"re-runs the sequence, which a decoder reusing its KV cache cannot match; max_position_embeddings is "
+                f"{most})"
+            )
+    return most, ""
+
+
+def check_architecture(name: str) -> None:
+    """A ValueError for a model class the adapter does not run, naming the ones it does and where adding one is told."""
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported model class {name}: expected one of {', '.join(SUPPORTED_ARCHITECTURES)} (docs/executor.md, "
+            "Supported models: what another architecture needs)"
+        )
+
+
 def _check_config(name: str, config) -> None:
     """Refuse what the adapter would compute differently from the model (rather than decode something else)."""
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"unsupported {name}: attention logit soft-capping (attn_logit_softcapping) is not supported")
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError(f"unsupported {name}: bidirectional attention cannot decode autoregressively")
+    for field, applies, what in UNSUPPORTED_SETTINGS:  # reached by a class added to SUPPORTED_ARCHITECTURES
+        value = getattr(config, field, None)
+        if value is not None and applies(value):
+            shown = f"{field}" if isinstance(value, (list, tuple)) else f"{field} {value!r}"
+            raise ValueError(f"unsupported {name}: {what} ({shown}), which the adapter does not compute")
+
+
+UNSUPPORTED_SETTINGS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (  # (config field, set when, what it does)
+    ("embedding_multiplier", lambda v: v != 1, "scaled embeddings"),
+    ("residual_multiplier", lambda v: v != 1, "scaled residual connections"),
+    ("logits_scaling", lambda v: v != 1, "scaled logits"),
+    ("clip_qkv", lambda v: True, "clipped query, key and value projections"),
+    ("use_parallel_residual", bool, "parallel attention and MLP residuals"),
+    ("no_rope_layers", lambda v: not all(v), "layers without rotary embeddings"),
+)
 
 
 # A large LM head over a few rows (a verify pass) can run much faster, or much slower, on torch's CPU kernels as
@@ -176,8 +229,7 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module) -> None:
         name = type(model).__name__
-        if name not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported model class {name}: expected one of {', '.join(SUPPORTED_ARCHITECTURES)}")
+        check_architecture(name)
         config = model.config
         _check_config(name, config)
         self.model = model
@@ -191,7 +243,7 @@ class ModelAdapter:
         self.num_layers = len(self.layers)
         self.num_kv_heads: int = config.num_key_value_heads
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.max_positions: int = config.max_position_embeddings
+        self.max_positions, self.context_note = context_of(config)
         self.windows = _layer_windows(config, self.num_layers)
         # Gemma 3: one rotary table per layer type; the Llama family's rotary embedding takes no type.
         self.typed_rotary = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters

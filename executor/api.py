@@ -136,7 +136,7 @@ def check_arguments(
     if longest + max_new_tokens > adapter.max_positions:
         raise ValueError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} exceeds "
-            f"the model's context of {adapter.max_positions} positions"
+            f"the model's context of {adapter.max_positions} positions{adapter.context_note}"
         )
 
 

@@ -284,9 +284,9 @@ def run(args: argparse.Namespace) -> int:
     policy, exit_layer = _with_round_costs(args)
     device = check_device(args.device)
     threads = use_threads(args.threads)
+    tokenizer = _optional_tokenizer(args.model, load_tokenizer) if given else load_tokenizer(args.model)
     print(f"generate: {args.model}, {args.method}, {device} ({args.dtype}); {threads}", file=sys.stderr)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    tokenizer = _optional_tokenizer(args.model, load_tokenizer) if given else load_tokenizer(args.model)
     prompt = given or _tokenized(args, tokenizer)
     eos = model.generation_config.eos_token_id
     common = dict(

@@ -377,7 +377,20 @@ def load_model(
 def load_tokenizer(
     name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
 ) -> PreTrainedTokenizerBase:
-    """The tokenizer saved with the model (a GGUF source is converted first, as in `load_model`)."""
+    """The tokenizer saved with the model (a GGUF source is converted first, as in `load_model`); a ValueError where the
+    model's folder holds none (transformers would build an empty one from the config alone)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(prepare_model(name_or_path, cache_dir).hf_dir)
+    folder = Path(prepare_model(name_or_path, cache_dir).hf_dir)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{name_or_path}: has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ... in {folder}): give "
+            "token ids (eesd generate --prompt-ids)"
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
+TOKENIZER_FILES = (  # what a saved HF tokenizer leaves in its folder, one of them at least
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model", "merges.txt",
+)  # fmt: skip

@@ -259,3 +259,52 @@ def test_a_subcommand_imports_only_its_own_module() -> None:
     ).stdout.split()
     assert run("calibrate") == ["False", "False"]
     assert run("simulate") == ["True", "True"]
+
+
+def test_a_model_saved_without_a_tokenizer_says_so(saved_model, capsys):
+    """A folder of config and weights only: transformers would build an empty tokenizer from the config, which turned
+    a text prompt into <unk> and printed nothing. `--prompt` is refused with what to give; `--prompt-ids` decodes and
+    prints the new token ids."""
+    from executor.models import load_tokenizer
+
+    with pytest.raises(ValueError, match="has no tokenizer .* give token ids"):
+        load_tokenizer(saved_model)
+    assert cli_status("generate", "--model", str(saved_model), "--prompt", "hello", "--max-new-tokens", "3") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eesd generate: error: ") and "has no tokenizer" in err and "--prompt-ids" in err
+    assert cli_status("generate", "--model", str(saved_model), "--prompt-ids", "1,2", "--max-new-tokens", "3") == 0
+    printed = capsys.readouterr().out
+    ids = [line for line in printed.splitlines() if line.startswith("[")]
+    assert len(ids) == 1 and len(ids[0].strip("[]").split(",")) == 3, printed
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("embedding_multiplier", 12.0, "scaled embeddings (embedding_multiplier 12.0)"),
+        ("residual_multiplier", 0.22, "scaled residual connections"),
+        ("logits_scaling", 8.0, "scaled logits"),
+        ("clip_qkv", 8.0, "clipped query, key and value projections"),
+        ("use_parallel_residual", True, "parallel attention and MLP residuals"),
+        ("no_rope_layers", [1, 0, 1, 1], "layers without rotary embeddings (no_rope_layers)"),
+    ],
+)
+def test_settings_the_adapter_does_not_compute_are_refused(field, value, message):
+    """A class added to SUPPORTED_ARCHITECTURES (docs/executor.md) whose config asks for what happens outside the
+    modules the adapter calls is refused by name, not decoded into other tokens; neutral values pass."""
+    from executor.adapter import ModelAdapter
+
+    model = tiny_model(TinySpec(num_layers=4), torch.float32)
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=f"unsupported LlamaForCausalLM: {re.escape(message)}"):
+        ModelAdapter(model)
+    setattr(model.config, field, [1, 1, 1, 1] if isinstance(value, list) else 1.0 if isinstance(value, float) else 0)
+    if field != "clip_qkv":
+        ModelAdapter(model)
+
+
+def test_a_class_not_run_names_where_adding_one_is_told():
+    with pytest.raises(ValueError, match=r"unsupported model class GPT2LMHeadModel: .*\(docs/executor.md, Supported"):
+        from executor.adapter import check_architecture
+
+        check_architecture("GPT2LMHeadModel")
