@@ -15,6 +15,7 @@ from pathlib import Path
 from sim.formats import check_output
 from sim.runner import (
     extrapolation_note,
+    fastest,
     map_points,
     plots_available,
     run_points,
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     said = verdict(results)
     if said:
         print(said)
+    for line in fastest(results):
+        print(line)
     for path in write_outputs(results, out_dir):
         print(f"wrote {path}")
     if len(points) > 1 and not plots_available():

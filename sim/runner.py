@@ -441,6 +441,44 @@ def verdict(results: Sequence[PointResult]) -> str:
     return f"verdict: {head} ({label} on the same hardware: {'; '.join(parts)})"
 
 
+NOT_HARDWARE = ("method", "exit_layer", "policy", "acceptance", "draft", "exit_head", "head", "seed", "max_in_flight")
+
+
+def fastest(results: Sequence[PointResult]) -> list[str]:
+    """Where a sweep varies the hardware (points of one workload whose AR baselines differ), a line per workload:
+    each method's fastest point against the fastest AR of that workload anywhere in the sweep. A speedup over AR on
+    the same hardware can hide another layout whose plain AR beats it. The sweep's workload values label a line."""
+    groups: dict[tuple, list[PointResult]] = {}
+    for item in results:
+        key = tuple((k, _cell(v)) for k, v in item.point.values.items() if k.startswith("workload"))
+        groups.setdefault(key, []).append(item)
+    lines = []
+    for key, items in groups.items():
+        if len({round(item.baseline.tokens_per_s, 6) for item in items}) < 2 or all(
+            item.result.method == "ar" for item in items
+        ):
+            continue
+        ar = max(items, key=lambda item: item.baseline.tokens_per_s)
+        ar_speed = ar.baseline.tokens_per_s
+        parts = [f"AR {ar_speed:.1f} tok/s{_at(ar, NOT_HARDWARE)}"]
+        for method in dict.fromkeys(item.result.method for item in items if item.result.method != "ar"):
+            best = max((item for item in items if item.result.method == method), key=lambda i: i.result.tokens_per_s)
+            speed = best.result.tokens_per_s
+            parts.append(
+                f"{method.upper()} {speed:.1f} tok/s{_at(best, ('method',))} ({speed / ar_speed:.3f}x that AR)"
+            )
+        label = ", ".join(f"{k}={v}" for k, v in key)
+        lines.append(f"fastest{' at ' + label if label else ''} (any hardware in the sweep): {'; '.join(parts)}")
+    return lines
+
+
+def _at(item: PointResult, dropped: tuple[str, ...]) -> str:
+    """` at k=v, ...` of the point's swept values but the workload's and those starting with a `dropped` word."""
+    kept = [f"{k}={_cell(v)}" for k, v in item.point.values.items()
+            if not k.startswith("workload") and not k.startswith(dropped)]  # fmt: skip
+    return f" at {', '.join(kept)}" if kept else ""
+
+
 def summary_table(results: Sequence[PointResult]) -> str:
     """A fixed-width table: one line per point."""
     rows = [result_row(item) for item in results]

@@ -77,6 +77,28 @@ BASE = {
 }
 
 
+def test_the_fastest_line_sets_each_method_against_the_sweeps_fastest_ar(tmp_path: Path) -> None:
+    """A sweep over the hardware (stage counts: PPSD's AR baseline is AR through the same stages): each method's
+    fastest point against the fastest AR anywhere in the sweep, per swept workload; none where the hardware is the
+    same at every point."""
+    from sim.runner import fastest
+
+    sweep = {"topology.stages": [2, 3, 4], "workload.output_len": [40, 80]}
+    results = run_points(load_points(write(tmp_path, {**BASE, "sweep": sweep})), jobs=1, progress=False)
+    lines = fastest(results)
+    assert len(lines) == 2 and lines[0].startswith("fastest at workload.output_len=40 (any hardware in the sweep): AR ")
+    mine = [r for r in results if r.point.values["workload.output_len"] == 40]
+    ar = max(r.baseline.tokens_per_s for r in mine)
+    ppsd = max(mine, key=lambda r: r.result.tokens_per_s)
+    assert f"AR {ar:.1f} tok/s at topology.stages=" in lines[0]
+    stages = ppsd.point.values["topology.stages"]
+    expected = f"PPSD {ppsd.result.tokens_per_s:.1f} tok/s at topology.stages={stages} "
+    assert expected + f"({ppsd.result.tokens_per_s / ar:.3f}x that AR)" in lines[0]
+    same = run_points(load_points(write(tmp_path, {**BASE, "sweep": {"acceptance.alpha": [0.3, 0.9]}})), jobs=1,
+                      progress=False)  # fmt: skip
+    assert fastest(same) == []
+
+
 def test_single_run_writes_a_chrome_trace(tmp_path: Path) -> None:
     results = run_points(load_points(write(tmp_path, BASE)), progress=False)
     write_outputs(results, tmp_path / "out")
