@@ -521,7 +521,8 @@ def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_lay
         raise ScenarioError(f"{where}: topology.stages: {n} stages but only {layers} layers")
     elif s.method == "ppsd" and s.exit_layer is not None and n > 1:
         if layers - exit_layer < n - 1:
-            raise ScenarioError(f"{where}: exit_layer: leaves {layers - exit_layer} layers for {n - 1} later stages")
+            left = layers - exit_layer
+            raise ScenarioError(f"{where}: exit_layer: leaves {left} layer{'s' * (left != 1)} for {n - 1} later stages")
         counts = [exit_layer, *_balanced(layers - exit_layer, n - 1)]
     else:
         counts = _balanced(layers, n)

@@ -15,7 +15,7 @@ import difflib
 import itertools
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal, Union
@@ -24,6 +24,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -98,6 +99,18 @@ class ModelShape(Strict):
     vocab_size: int = Field(gt=0, le=MAX_DIM)
     head_size: int | None = Field(None, gt=0, le=MAX_DIM)  # default hidden_size / num_heads
     max_position_embeddings: int | None = Field(None, gt=0, le=MAX_DIM)  # the context; None: not checked
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> ModelShape:
+        """Grouped-query attention shares each key/value head among whole query heads, and without `head_size` a
+        head is hidden_size / num_heads wide: a shape no model has is refused, not priced."""
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads} "
+                             "(each key/value head serves a whole group of query heads)")  # fmt: skip
+        if self.head_size is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}: give "
+                             "head_size where heads are not hidden_size / num_heads wide")  # fmt: skip
+        return self
 
 
 def _check_path(value: str) -> str:
@@ -201,9 +214,25 @@ class LinkConfig(Strict):
 def _check_link_name(value: str | LinkConfig) -> str | LinkConfig:
     if isinstance(value, str) and value not in LINKS:
         raise ValueError(
-            f"unknown link preset {quote(value)}; known: {sorted(LINKS)} or {{latency_us, bandwidth_GBps}}"
+            f"unknown link preset {quote(value)}{_named(value, LINKS)}; known: {sorted(LINKS)} or "
+            "{latency_us, bandwidth_GBps}"
         )
     return value
+
+
+def _named(value: str, names: Iterable[str]) -> str:
+    """` (did you mean 'X'?)` for the name `value` likely misspells (case aside first), or nothing."""
+    names = list(names)
+    same = [name for name in names if name.lower() == value.lower()]
+    near = (
+        same
+        or difflib.get_close_matches(value, names, n=1)
+        or difflib.get_close_matches(value.lower(), [name.lower() for name in names], n=1)
+    )
+    if not near:
+        return ""
+    meant = next((name for name in names if name.lower() == near[0].lower()), near[0])
+    return f" (did you mean {quote(meant)}?)"
 
 
 class GPUConfig(Strict):
@@ -229,9 +258,19 @@ class GPUConfig(Strict):
                        self.kernel_floor_us, self.source, self.launch_us)  # fmt: skip
 
 
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}  # torch's
+
+
+def _short_dtype(value: Any) -> Any:
+    """A dtype by torch's name (as calibration files record it) read as the short one."""
+    return DTYPE_NAMES.get(value, value) if isinstance(value, str) else value
+
+
 def _check_gpu_name(value: str | GPUConfig | None) -> str | GPUConfig | None:
     if isinstance(value, str) and value not in GPUS:
-        raise ValueError(f"unknown GPU {quote(value)}; known: {sorted(GPUS)} or an inline GPU ({_GPU_KEYS})")
+        raise ValueError(
+            f"unknown GPU {quote(value)}{_named(value, GPUS)}; known: {sorted(GPUS)} or an inline GPU ({_GPU_KEYS})"
+        )
     return value
 
 
@@ -321,11 +360,11 @@ class Scenario(Strict):
     description: str = ""
     seed: int = 0
     model: _one_of("expected a model's name or an inline shape {name, num_layers, ...}", str, ModelShape)
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dtype: Annotated[Literal["bf16", "fp16", "fp32"], BeforeValidator(_short_dtype)] = "bf16"
     # EESD drafts with copies of layers [0, E) and the exit head in this narrower dtype (the executor's `draft_dtype`);
     # the verify pass then runs every layer over the round's tokens in `dtype`. None or `dtype`: drafts in `dtype`.
     # fp8 (8-bit draft weights) is a roofline what-if: the executor drafts in bf16 / fp16 only
-    draft_dtype: Literal["bf16", "fp16", "fp32", "fp8"] | None = None
+    draft_dtype: Annotated[Literal["bf16", "fp16", "fp32", "fp8"] | None, BeforeValidator(_short_dtype)] = None
     method: Literal["ar", "eesd", "ppsd"]
     exit_layer: int | None = Field(None, ge=1)
     exit_head: str = "shared"  # shared | shared:N (the shared head over N of the V ids) | trained | trained:N

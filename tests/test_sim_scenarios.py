@@ -77,6 +77,12 @@ BASE = {
 }
 
 
+def test_a_dtype_by_torchs_name_reads_as_the_short_one(tmp_path: Path) -> None:
+    """Calibration files record torch's names (bfloat16); a scenario takes them too."""
+    (point,) = load_points(write(tmp_path, {**BASE, "method": "eesd", "dtype": "bfloat16", "draft_dtype": "float16"}))
+    assert point.scenario.dtype == "bf16" and point.scenario.draft_dtype == "fp16"
+
+
 def test_the_fastest_line_sets_each_method_against_the_sweeps_fastest_ar(tmp_path: Path) -> None:
     """A sweep over the hardware (stage counts: PPSD's AR baseline is AR through the same stages): each method's
     fastest point against the fastest AR anywhere in the sweep, per swept workload; none where the hardware is the
@@ -143,7 +149,37 @@ DELETE = object()
         ("acceptance", DELETE, "acceptance: required field is missing"),
         ("acceptance", {"alphas": [0.5], "confidence_sharpness": 2}, "confidence_sharpness only applies with alpha"),
         ("topology.gpu", "TPU", "topology.gpu: unknown GPU 'TPU'; known: ['A100'"),
-        ("topology.link", "carrier-pigeon", "topology.link: unknown link preset 'carrier-pigeon'"),
+        ("topology.link", "carrier-pigeon", "topology.link: unknown link preset 'carrier-pigeon'; known"),
+        ("topology.gpu", "h100", "topology.gpu: unknown GPU 'h100' (did you mean 'H100'?); known: ['A100'"),
+        ("topology.gpu", "H10O", "topology.gpu: unknown GPU 'H10O' (did you mean 'H100'?)"),
+        ("topology.link", "NVlnk", "topology.link: unknown link preset 'NVlnk' (did you mean 'nvlink'?)"),
+        (
+            "model",
+            {
+                "name": "m",
+                "num_layers": 32,
+                "hidden_size": 4096,
+                "num_heads": 32,
+                "num_kv_heads": 3,
+                "intermediate_size": 14336,
+                "vocab_size": 1000,
+            },  # fmt: skip
+            "model: num_heads 32 is not a multiple of num_kv_heads 3",
+        ),
+        (
+            "model",
+            {
+                "name": "m",
+                "num_layers": 32,
+                "hidden_size": 4100,
+                "num_heads": 32,
+                "num_kv_heads": 8,
+                "intermediate_size": 14336,
+                "vocab_size": 1000,
+            },  # fmt: skip
+            "model: hidden_size 4100 is not a multiple of num_heads 32: give head_size",
+        ),
+        ("dtype", "bfloat32", "dtype: Input should be 'bf16', 'fp16' or 'fp32' (got 'bfloat32')"),
         ("topology.link", {"latency_us": -1}, "topology.link.latency_us: Input should be greater than or equal to 0"),
         ("topology.stages", 0, "topology.stages: stages must be an integer >= 1"),
         ("topology.stages", [{"layers": 10}, {"layers": 10}], "layers add up to 20, the model has 30"),
