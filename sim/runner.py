@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -373,21 +374,22 @@ def _plots(rows: list[dict[str, Any]], swept: list[str], out_dir: Path) -> list[
         groups: dict[str, list[tuple[Any, float]]] = {}
         for row in rows:
             label = ", ".join(f"{f}={row[f]}" for f in others) or "speedup"
-            groups.setdefault(label, []).append((row[field], row["speedup"]))
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+            groups.setdefault(textwrap.fill(label, 90), []).append((row[field], row["speedup"]))
+        numeric = all(isinstance(row[field], (int, float)) and not isinstance(row[field], bool) for row in rows)
+        categories = len({str(row[field]) for row in rows})
+        fig, ax = plt.subplots(figsize=(6.4 if numeric else min(16.0, max(6.4, 1.6 * categories)), 4.0))
         for label, pairs in groups.items():
-            numeric = all(isinstance(x, (int, float)) for x, _ in pairs)
-            xs = [x if numeric else str(x) for x, _ in pairs]
-            # categories (methods, policies, links) get points, not a line that suggests an order between them
+            # categories (methods, policies, links, zipped cases) get points, not a line that suggests an order
+            xs = [x if numeric else textwrap.fill(str(x), 24) for x, _ in pairs]
             ax.plot(xs, [y for _, y in pairs], marker="o", linestyle="-" if numeric else "none", label=label)
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xlabel(field)
         ax.set_ylabel("speedup vs AR (same hardware)")
-        if len(groups) > 1:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+        ax.tick_params(axis="x", labelsize=7 if not numeric else None)
+        if len(groups) > 1:  # below the axes: a legend inside covered the points
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 if numeric else -0.3), frameon=False)
         path = out_dir / f"speedup_{field.replace('.', '_')}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
