@@ -14,7 +14,9 @@ rises with α and the bisection finds where it crosses. What is reported per poi
 - `alpha_now`: the i.i.d. α that gives the point's own speedup, found by the same bisection: the scenario's
   acceptance, a replayed trace's included, on the scale of `alpha_needed`. Real acceptance is front-loaded (the
   first draft of a round is right more often than the later ones), so a trace's `alpha_now` can sit above its mean
-  agreement; `alpha_needed - alpha_now` is how much better the head must get.
+  agreement; `alpha_needed - alpha_now` is how much better the head must get. An i.i.d. scenario's is its own α. On a
+  short run the speedup moves in steps (a few drafts decide it), and a trace's `alpha_now` is the least α of its
+  step.
 
 A policy that reads draft confidences draws them calibrated (`confidence_sharpness`: the scenario's, else
 `DEFAULT_SHARPNESS`).
@@ -65,7 +67,9 @@ def break_even(point: Point, target: float = 1.0, curve: bool = False) -> BreakE
     speedup = Simulation(plan).run().tokens_per_s / ar
     ceiling, floor = at(1.0), at(0.0)
     needed = _solve(at, target, floor, ceiling)
-    now = _solve(at, speedup, floor, ceiling)
+    iid = isinstance(plan.acceptance, BernoulliAcceptance)
+    iid = iid and plan.acceptance.confidence_sharpness == _sharpness(plan, point)  # the draws `at` makes
+    now = plan.acceptance.alpha if iid else _solve(at, speedup, floor, ceiling)
     policy = point.scenario.policy if plan.method == "eesd" else None
     points = tuple((alpha, at(alpha)) for alpha in CURVE) if curve else ()
     return BreakEven(
