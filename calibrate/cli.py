@@ -160,7 +160,7 @@ def _link_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="gloo", help="gloo (2 CPU processes) | nccl | cuda-copy (2 GPUs)")
     p.add_argument("--model", default=None, help="add this model's activation sizes (hidden × tokens × dtype)")
     p.add_argument("--dtype", default="bf16", help="element size for --model's activation sizes (default: bf16)")
-    p.add_argument("--sizes", default=None, help="bytes to time, comma-separated (default: 256 B .. 16 MiB)")
+    p.add_argument("--sizes", default=None, help="bytes to time, comma-separated (default: 8 B, 256 B .. 16 MiB)")
     p.add_argument("--warmup", type=int, default=3, help="untimed messages per size first (default: 3)")
     p.add_argument("--repeats", type=int, default=20, help="timed messages per size (default: 20)")
 

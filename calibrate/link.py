@@ -25,7 +25,7 @@ from calibrate.common import base_metadata, check_dtype, check_output_file, mode
 from sim.formats import LinkRecord, write_link_profile
 
 BACKENDS = ("gloo", "nccl", "cuda-copy")
-DEFAULT_SIZES = tuple(4**k for k in range(4, 13))  # 256 B .. 16 MiB
+DEFAULT_SIZES = (8, *(4**k for k in range(4, 13)))  # a token id, then 256 B .. 16 MiB
 ACTIVATION_TOKENS = (1, 2, 4, 8, 16)  # tokens per message: a draft step .. a long verify pass
 
 

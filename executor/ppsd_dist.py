@@ -152,7 +152,8 @@ def stage_model(model: nn.Module, plan: StagePlan, stage: int) -> nn.Module:
     """A structural copy of `model` sharing only stage `stage`'s weights; every other part is an empty placeholder.
 
     Stage 1 keeps the embedding and the head (its exit head), the last stage keeps the head, all keep the final norm
-    (a vector) and the rotary embedding (no weights). The original model is not modified.
+    (a vector) and the rotary embedding (no weights); none of what the decoders keep on the model (loaded heads,
+    captured passes) goes with it. The original model is not modified.
     """
     layers = plan.layers(stage)
     base = copy.copy(model.model)
@@ -164,6 +165,8 @@ def stage_model(model: nn.Module, plan: StagePlan, stage: int) -> nn.Module:
     if stage != 0:
         base.embed_tokens = _placeholder(nn.Embedding, 0, weight.shape[1], device=weight.device, dtype=weight.dtype)
     clone = copy.copy(model)
+    for name in [name for name in clone.__dict__ if name.startswith("_eesd")]:
+        del clone.__dict__[name]  # the decoders' caches on the model (heads, passes): the whole model, pickled
     clone._modules = dict(model._modules)
     clone.model = base
     if stage not in (0, plan.stages - 1):
@@ -188,7 +191,11 @@ class StageLink:
             message = torch.tensor(
                 [outcome.verdict, outcome.token, outcome.position, outcome.done], dtype=torch.long, device=self.device
             )
-            for dst, work in [(dst, dist.isend(message, dst)) for dst in range(self.last)]:
+            works = []
+            for dst in range(self.last):  # a peer gone is named as it is found, at its send or its wait
+                with _talking_to(dst):
+                    works.append(dist.isend(message, dst))
+            for dst, work in enumerate(works):
                 with _talking_to(dst):
                     work.wait()
             return outcome

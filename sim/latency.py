@@ -366,8 +366,9 @@ def _row_kinds(records: Sequence[LatencyRecord]) -> list[str]:
 
 @dataclass
 class ProfiledLink:
-    """A link from a link profile: linear in nbytes between points, edge slope outside (flagged; flat past an edge
-    segment that falls)."""
+    """A link from a link profile: linear in nbytes between points, edge slope past the largest (flagged; flat past
+    an edge segment that falls). A message smaller than the smallest profiled costs that one's time, unflagged: a
+    small message is latency-bound (PPSD's token ids, 8 bytes a row, are smaller than most profiles' first size)."""
 
     profile: DataFile
     name: str = "profiled"
@@ -382,6 +383,8 @@ class ProfiledLink:
 
     def time_us(self, nbytes: int) -> float:
         xs, ys = self._sizes, self._times
+        if nbytes <= xs[0]:
+            return ys[0]
         if len(xs) == 1:
             self.extrapolated = self.extrapolated or nbytes != xs[0]
             return ys[0]

@@ -438,6 +438,23 @@ def test_stage_model_holds_only_its_layers() -> None:
     assert len(model.model.layers) == 6 and all(not isinstance(x, nn.Identity) for x in model.model.layers)
 
 
+def test_a_stage_model_leaves_the_decoders_caches_behind() -> None:
+    """What the decoders keep on the model (a loaded head, its passes) holds the whole model: a stage's copy that
+    carried it pickled every weight to every process (past the forkserver's file descriptors: 'too many fds', with
+    any head file). The model keeps its own."""
+    import pickle
+
+    model = tiny_model("llama", 6, seed=7)
+    model.__dict__["_eesd_heads"] = {"a head": model}  # as `heads.loaded_head` keeps one: it reaches the model
+    model.__dict__["_eesd_passes"] = {"a pass": model}
+    kept = [name for name in model.__dict__ if name.startswith("_eesd")]
+    share = stage_model(model, plan_stages(6, 3), 1)
+    assert not [name for name in share.__dict__ if name.startswith("_eesd")]
+    assert [name for name in model.__dict__ if name.startswith("_eesd")] == kept
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert len(pickle.dumps(share)) < whole / 2  # its own two layers, not the model
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("kwargs", "message"),

@@ -86,7 +86,8 @@ def test_an_edge_that_falls_is_held_flat_past_it(tmp_path: Path) -> None:
     assert host.at(8) == 200.0 and host.at(2) == pytest.approx(266.667, rel=1e-4)
     link = ProfiledLink(read_link_profile(write_link_profile(tmp_path / "l.csv", {"backend": "gloo"}, [
         LinkRecord(1000, 10.0, 10.0, 10.0), LinkRecord(2000, 8.0, 8.0, 8.0)])))  # fmt: skip
-    assert link.time_us(10_000) == 8.0 and link.time_us(100) == 10.0 and link.extrapolated
+    assert link.time_us(100) == 10.0 and not link.extrapolated  # smaller than profiled: the smallest's time
+    assert link.time_us(10_000) == 8.0 and link.extrapolated
 
 
 def test_draft_and_verify_rows_of_the_same_work_are_read_as_their_mean(tmp_path: Path) -> None:
@@ -155,6 +156,16 @@ def test_profiled_link_interpolates(tmp_path: Path) -> None:
     link = ProfiledLink(read_link_profile(path))
     assert link.time_us(500) == pytest.approx(15.0) and not link.extrapolated
     assert link.time_us(2000) == pytest.approx(30.0) and link.extrapolated
+
+
+def test_a_message_smaller_than_a_link_profiles_sizes_costs_the_smallest_unflagged(tmp_path: Path) -> None:
+    """PPSD's token ids (8 bytes a row) are smaller than a profile of 256 B and up: latency-bound, priced at the
+    smallest size's time, not flagged as extrapolated (every distributed PPSD point was)."""
+    path = write_link_profile(
+        tmp_path / "l.csv", {"backend": "gloo"}, [LinkRecord(256, 30.0, 29.0, 31.0), LinkRecord(1024, 34.0, 33, 35)]
+    )
+    link = ProfiledLink(read_link_profile(path))
+    assert link.time_us(8) == 30.0 and link.time_us(256) == 30.0 and not link.extrapolated
 
 
 def test_roofline_matches_the_measured_h100_layers() -> None:
