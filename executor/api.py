@@ -31,7 +31,7 @@ from executor.passes import (
     resolve_sync_every,
     verify_bucketed,
 )
-from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, decode_ppsd
+from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, check_backend, decode_ppsd, plan_stages
 from executor.sampling import MAX_SEED, SAMPLING_MODES, SamplingConfig, TokenSelector, token_ids
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, policy_seed
 from sim.contract import draft_capacity as contract_draft_capacity
@@ -897,6 +897,21 @@ def _check_generator(
     resolve_capture(capture, adapter.device, "greedy")
 
 
+def _check_pipeline(
+    adapter: ModelAdapter, method: str, exit_layer: int | None, head: Any, stages: int, bounds: Any, backend: str
+) -> None:
+    """PPSD's pipeline as an `EarlyExitGenerator` is built with it: its stages plan (a trained head's exit layer is
+    checked where the head loads) and its backend; refused for another method, where it would be ignored."""
+    if method != "ppsd":
+        given = [f"{name}={value!r}" for name, value, default in (("stages", stages, 2), ("stage_boundaries", bounds,
+                 None), ("backend", backend, "sequential")) if value != default]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)}: for method 'ppsd' (PPSD's pipeline), got method {method!r}")
+        return
+    plan_stages(adapter.num_layers, stages, bounds, exit_layer if head in (None, "shared") else None)
+    check_backend(adapter, backend)
+
+
 class EarlyExitGenerator:
     """Drop-in for `model.generate`: same arguments, same returned `LongTensor`, decoded with AR or EESD.
 
@@ -927,10 +942,15 @@ class EarlyExitGenerator:
         capture: str = "auto",
         draft_dtype: torch.dtype | str | None = None,
         verify_buckets: bool = True,
+        stages: int = 2,
+        stage_boundaries: list[int] | None = None,
+        backend: str = "sequential",
     ) -> None:
         self.model = model
         self.adapter = ModelAdapter(model)
         _check_generator(self.adapter, method, exit_layer, draft_len, policy, sampling, capture)
+        _check_pipeline(self.adapter, method, exit_layer, head, stages, stage_boundaries, backend)
+        self.pipeline = dict(stages=stages, stage_boundaries=stage_boundaries, backend=backend)  # PPSD's
         # a head file is loaded once, so that every call reuses the same captured passes (they are keyed by head)
         self.head = head if head in (None, "shared") else resolve_head(head, self.adapter, exit_layer)
         self.capture = capture
@@ -974,7 +994,7 @@ class EarlyExitGenerator:
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             sampling=self.sampling, seed=seed, streamer=kwargs.get("streamer"),
             stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture,
-            draft_dtype=self.draft_dtype, verify_buckets=self.verify_buckets,
+            draft_dtype=self.draft_dtype, verify_buckets=self.verify_buckets, **self.pipeline,
             logits_processor=kwargs.get("logits_processor"),
             prefix_allowed_tokens_fn=kwargs.get("prefix_allowed_tokens_fn"), **processing,
         )  # fmt: skip
