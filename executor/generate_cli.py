@@ -146,6 +146,8 @@ def check_flags(args: argparse.Namespace) -> None:
         if getattr(args, name) != defaults.get_default(name) and not args.do_sample:
             given = f"{flag} {getattr(args, name)}"
             raise ValueError(f"{given} is for sampling: add --do-sample, or drop it (decoding is greedy without it)")
+    if args.method == "ppsd":
+        _check_pipeline_flags(args)
     if args.chat and args.prompt is None:
         raise ValueError("--chat wraps --prompt's text in the chat template: drop it with --prompt-ids")
     if args.compare_ar and args.do_sample and args.sampling == "rejection":
@@ -153,6 +155,22 @@ def check_flags(args: argparse.Namespace) -> None:
             "--compare-ar checks that the output is AR's, which --sampling rejection does not promise (AR's "
             "distribution, not its tokens): use --sampling exact, or drop --compare-ar"
         )
+
+
+def _check_pipeline_flags(args: argparse.Namespace) -> None:
+    """PPSD's flags that need no model: a backend there is, at least two stages, and what only one backend reads."""
+    from executor.ppsd import BACKENDS
+
+    if args.backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    if args.stages < 2:
+        raise ValueError(f"--stages must be >= 2 (a pipeline of stages), got {args.stages}")
+    if args.stall_timeout is not None and args.backend != "distributed":
+        raise ValueError(f"--stall-timeout is for --backend distributed (its stage processes), got --backend "
+                         f"{args.backend}")  # fmt: skip
+    if args.backend == "distributed" and args.stop:
+        raise ValueError("--stop is not supported with --backend distributed (its last stage decides when to stop): "
+                         "use --backend sequential")  # fmt: skip
 
 
 def _tokenized(args: argparse.Namespace, tokenizer) -> list[int]:

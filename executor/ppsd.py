@@ -233,7 +233,10 @@ class PPSDStats(GenerationStats):
             f"{self.confirms + self.flushes} drafts checked: {self.confirms} confirmed, {self.flushes} flushed "
             f"(alpha {self.alpha:.3f}); {self.decoded_tokens} tokens after the prefill's in {self.ticks} ticks, "
             f"{self.tokens_per_tick:.2f} tokens/tick (AR: 1/{self.stages}); "
-            f"speedup in ticks {self.tick_speedup:.2f}x (ideal {self.ideal_speedup:.2f}x)",
+            f"speedup in ticks {self.tick_speedup:.2f}x (ideal {self.ideal_speedup:.2f}x)"
+            if self.ticks and self.confirms + self.flushes
+            else f"no draft checked: {self.decoded_tokens} tokens after the prefill's in {self.ticks} ticks (the run "
+            "ended before the pipe judged a draft)",
         ]
         for index, stage in enumerate(self.stage_stats):
             lines.append(

@@ -13,12 +13,12 @@ confirms and flushes as the `sequential` reference. One tick on rank r (stage r 
 
 Backends: gloo on CPU, NCCL on GPUs (rank r on cuda:LOCAL_RANK).
 
-Local run: `decode_ppsd(..., backend="distributed")` spawns the n processes itself (torch.multiprocessing, spawn
-context, a free loopback port). Each gets its pruned stage model by pickling, so CPU weights travel through shared
-memory (the parent's parameters are moved into shared memory once, in place) and are not copied. Each process talks
-to the caller on a pipe of its own: the emitted tokens (streamed into the caller's sink), a heartbeat from a thread of
-its own (every `stall_timeout_s` / 5 s, at most 1 s apart), then its stats or its failure. The caller stops the run
-with `PPSDWorkerError` naming the stage at fault when:
+Local run: `decode_ppsd(..., backend="distributed")` starts the n processes itself (multiprocessing's forkserver
+context, a free loopback port; a script calling it needs the `if __name__ == "__main__":` guard). Each gets its pruned
+stage model by pickling, so CPU weights travel through shared memory (the parent's parameters are moved into shared
+memory once, in place) and are not copied. Each process talks to the caller on a pipe of its own: the emitted tokens
+(streamed into the caller's sink), a heartbeat from a thread of its own (every `stall_timeout_s` / 5 s, at most 1 s
+apart), then its stats or its failure. The caller stops the run with `PPSDWorkerError` naming the stage at fault when:
 
 - a process raises: its own error, preferred to the errors its neighbours then get from losing it (`PeerLost`,
   raised by `StageLink` around every message); the first by time among the processes' own errors;
@@ -441,7 +441,10 @@ def _worker(rank: int, init_method: str, job: WorkerJob, connection) -> None:
         lines = traceback.format_exception_only(type(err), err)
         peer = err.peer if isinstance(err, PeerLost) else None
         failure = WorkerFailure(lines[-1].strip(), traceback.format_exc(), peer, isinstance(err, PeerLost))
-        link.send("error", failure)
+        try:
+            link.send("error", failure)
+        except OSError:  # the caller is gone (killed, interrupted): nobody to report to, and no traceback to print
+            os._exit(1)
         link.close()
         sys.exit(1)
 

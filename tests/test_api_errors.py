@@ -117,7 +117,10 @@ def cli_status(*args: str) -> int:
         (["--repetition-penalty", "nan"], "repetition_penalty must be a finite number > 0, got nan"),
         (["--do-sample", "--temperature", "inf"], "temperature must be a finite number > 0 when sampling, got inf"),
         (["--seed", str(2**70)], "seed must be an integer in [0, 4294967295]"),
-        (["--method", "ppsd", "--stall-timeout", "0"], "stall_timeout_s must be a finite number of seconds > 0"),
+        (
+            ["--method", "ppsd", "--backend", "distributed", "--stall-timeout", "0"],
+            "stall_timeout_s must be a finite number of seconds > 0",
+        ),
         (["--dtype", "int8"], "--dtype must be one of"),
         (["--method", "ppsd", "--sync-every", "0"], "sync_every must be an integer in 1..64"),
     ],
@@ -146,6 +149,10 @@ def test_cli_reports_user_errors_without_traceback(saved_model, args, message, c
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
         (["--method", "beam"], "--method must be one of ar, eesd, ppsd, got 'beam'"),
         (["--chat"], "--chat wraps --prompt's text"),
+        (["--method", "ppsd", "--backend", "bogus"], "--backend must be one of sequential, streams, distributed"),
+        (["--method", "ppsd", "--stages", "0"], "--stages must be >= 2 (a pipeline of stages), got 0"),
+        (["--method", "ppsd", "--stall-timeout", "5"], "--stall-timeout is for --backend distributed"),
+        (["--method", "ppsd", "--backend", "distributed", "--stop", "x"], "--stop is not supported with --backend"),
     ],
 )
 def test_cli_refuses_flags_the_run_would_ignore_before_loading(tmp_path, args, message, capsys):
