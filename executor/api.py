@@ -117,16 +117,26 @@ def check_eos(adapter: ModelAdapter, eos: list) -> list[int]:
     return [int(t) for t in eos]
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def check_exit_layer(adapter: ModelAdapter, exit_layer: Any) -> None:
+    """An exit layer inside the model: an integer in [1, L - 1] (not a bool)."""
+    layers = adapter.num_layers
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < layers:
+        raise ValueError(
+            f"exit_layer must be an integer in [1, {layers - 1}] for a {layers}-layer model, got {exit_layer!r}"
+        )
+
+
 def check_arguments(
     adapter: ModelAdapter, prompts: list[list[int]], method: str, exit_layer: int | None, max_new_tokens: int
 ) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    num_layers = adapter.num_layers
-    if method == "eesd" and not (isinstance(exit_layer, int) and 1 <= exit_layer < num_layers):
-        raise ValueError(
-            f"exit_layer must be an integer in [1, {num_layers - 1}] for a {num_layers}-layer model, got {exit_layer!r}"
-        )
+    check_method(method)
+    if method == "eesd":
+        check_exit_layer(adapter, exit_layer)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     vocab = adapter.embed_tokens.num_embeddings
@@ -880,15 +890,9 @@ def _check_generator(
     adapter: ModelAdapter, method: str, exit_layer: int | None, draft_len: int, policy: Any, sampling: str, capture: str
 ) -> None:
     """What an `EarlyExitGenerator` is built with, checked when it is built (not at its first call)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    layers = adapter.num_layers
-    if exit_layer is not None and (
-        isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < layers
-    ):
-        raise ValueError(
-            f"exit_layer must be an integer in [1, {layers - 1}] for a {layers}-layer model, got {exit_layer!r}"
-        )
+    check_method(method)
+    if exit_layer is not None:
+        check_exit_layer(adapter, exit_layer)
     check_draft_len(adapter, draft_len)
     if isinstance(policy, str):
         make_policy(policy)  # a bad spec names itself and the policies there are
