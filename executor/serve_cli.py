@@ -151,15 +151,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_kv_capacity(workload: Any, methods: list[str], args: argparse.Namespace) -> None:
     """--kv-capacity-tokens holds the workload's largest request under each method (before the model loads)."""
-    from sim.serving import method_kv_tokens
+    from sim.serving import method_kv_tokens, never_admitted
 
     budget = args.kv_capacity_tokens
-    if budget is None:
-        return
     for method in methods:
         tokens_of = method_kv_tokens(method, args.policy)
-        largest = max(workload.requests, key=tokens_of)
-        if tokens_of(largest) > budget:
+        largest = never_admitted(workload, tokens_of, budget)
+        if largest is not None:
             raise ValueError(
                 f"--kv-capacity-tokens {budget}: request {largest.index} of {args.workload} needs {tokens_of(largest)} "
                 f"KV tokens under {method} (prompt, output and drafts), so it could never be admitted"

@@ -82,7 +82,7 @@ from executor.ppsd import (
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.contract import cache_capacity, default_exit_layer, policy_seed
 from sim.policy import DraftPolicy, make_policy
-from sim.serving import Admission, PassLog, RequestRecord, ServingResult, kv_tokens
+from sim.serving import Admission, PassLog, RequestRecord, ServingResult, kv_tokens, never_admitted
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload
 
 SERVE_METHODS = ("ar", "eesd", "ppsd")
@@ -460,10 +460,8 @@ def slot_decoder(adapter: ModelAdapter, settings: dict[str, Any]) -> SlotDecoder
 
 
 def _check_kv_budget(workload: ServingWorkload, tokens_of: Callable[[Request], int], budget: int | None) -> None:
-    if budget is None:
-        return
-    largest = max(workload.requests, key=tokens_of)
-    if tokens_of(largest) > budget:
+    largest = never_admitted(workload, tokens_of, budget)
+    if largest is not None:
         raise ValueError(
             f"kv_capacity_tokens {budget}: request {largest.index} needs {tokens_of(largest)} tokens, so it could "
             "never be admitted"

@@ -356,6 +356,17 @@ def method_kv_tokens(method: str, policy: str) -> Callable[[Request], int]:
     return kv_tokens(method, make_policy(policy).max_draft_len if method == "eesd" else 0)
 
 
+def never_admitted(
+    workload: ServingWorkload, tokens_of: Callable[[Request], int], capacity: int | None
+) -> Request | None:
+    """The workload's largest request (in `tokens_of` KV tokens) where even it alone exceeds `capacity`: a request no
+    admission can take; None where every request fits (or there is no limit)."""
+    if capacity is None:
+        return None
+    largest = max(workload.requests, key=tokens_of)
+    return largest if tokens_of(largest) > capacity else None
+
+
 def plan_kv_tokens(plan: SimPlan) -> Callable[[Request], int]:
     """`kv_tokens` for a plan's method and policy."""
     return method_kv_tokens(plan.method, plan.policy)
@@ -387,14 +398,11 @@ def _kv_capacity(plan: SimPlan, given: int | Literal["auto"] | None) -> int | No
 
 
 def _check_fits(plan: SimPlan, workload: ServingWorkload, capacity: int | None, where: str) -> None:
-    if capacity is None:
-        return
     tokens = plan_kv_tokens(plan)
-    largest = max(workload.requests, key=tokens)
-    needed = tokens(largest)
-    if needed > capacity:
+    largest = never_admitted(workload, tokens, capacity)
+    if largest is not None:
         raise ScenarioError(
-            f"{where}: serving.kv_capacity_tokens: request {largest.index} needs {needed} KV tokens (prompt "
+            f"{where}: serving.kv_capacity_tokens: request {largest.index} needs {tokens(largest)} KV tokens (prompt "
             f"{largest.prompt_len} + output {largest.output_len} + draft room), the capacity is {capacity}: it could "
             "never be admitted"
         )
