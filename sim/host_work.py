@@ -25,6 +25,7 @@ from typing import Any
 
 from sim.contract import is_captured
 from sim.formats import MAX_FILE_BYTES, quote, read_text
+from sim.interpolate import along, bracket
 from sim.models import ModelConfig, check_claimed_model
 
 FORMAT = "eesd.host_work"
@@ -132,15 +133,8 @@ class HostOverhead:
 
     def at(self, batch: int) -> float:
         xs, ys = self.batches, self.us
-        if len(xs) == 1:
-            return ys[0]
-        i = 1
-        while i < len(xs) - 1 and batch > xs[i]:
-            i += 1
-        if self.edge_falls(batch):  # (noise): held flat past it
-            return ys[-1] if batch > xs[-1] else ys[0]
-        slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
-        return max(0.0, ys[i - 1] + slope * (batch - xs[i - 1]))
+        lo, hi, weight, _ = bracket(xs, batch)
+        return max(0.0, along(ys[xs.index(lo)], ys[xs.index(hi)], weight))
 
     def outside(self, batch: int) -> bool:
         return not self.batches[0] <= batch <= self.batches[-1]

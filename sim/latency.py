@@ -13,7 +13,6 @@ Tensor-parallel communication is not part of a component; `sim.cost` adds it per
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 from sim.formats import COMPONENTS, DataFile, LatencyRecord
 from sim.hardware import GPUSpec, LinkSpec
 from sim.host_work import HostOverhead
+from sim.interpolate import along, bracket
 from sim.models import ModelConfig
 
 KERNELS_PER_LAYER = 9  # norm, qkv, rope, attention, o_proj, norm, gate_up, act*mul, down
@@ -321,7 +321,7 @@ class _Grid:
         return _Grid(axes, values)
 
     def at(self, point: tuple[int, int, int]) -> tuple[float, bool]:
-        brackets = [_bracket(xs, x) for xs, x in zip(self.axes, point, strict=True)]
+        brackets = [bracket(xs, x) for xs, x in zip(self.axes, point, strict=True)]
         outside = any(b[3] for b in brackets)
 
         def corner(dim: int, chosen: tuple[int, ...]) -> float:
@@ -329,28 +329,9 @@ class _Grid:
                 return self.values[chosen]  # type: ignore[index]
             lo, hi, weight, _ = brackets[dim]
             low = corner(dim + 1, (*chosen, lo))
-            return low if hi == lo else _along(low, corner(dim + 1, (*chosen, hi)), weight)
+            return low if hi == lo else along(low, corner(dim + 1, (*chosen, hi)), weight)
 
         return max(0.0, corner(0, ())), outside
-
-
-def _bracket(xs: Sequence[int], x: float) -> tuple[int, int, float, bool]:
-    """Neighbours (lo, hi), the weight of hi, and whether x lies outside [xs[0], xs[-1]]."""
-    outside = x < xs[0] or x > xs[-1]
-    if len(xs) == 1:
-        return xs[0], xs[0], 0.0, outside
-    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
-    lo, hi = xs[i], xs[i + 1]
-    return lo, hi, (x - lo) / (hi - lo), outside
-
-
-def _along(low: float, high: float, weight: float) -> float:
-    """The segment from `low` to `high` at `weight` (0: low, 1: high), linear, past its ends too, except past the end
-    of a segment that falls (noise, a kernel switch): there the end's own value holds, so a size past the profiled
-    ones never costs less than the edge's."""
-    if high < low and not 0.0 <= weight <= 1.0:
-        return high if weight > 1.0 else low
-    return low + (high - low) * weight
 
 
 def extrapolations_of(latency: Any) -> tuple[str, ...]:
@@ -388,9 +369,9 @@ class ProfiledLink:
         if len(xs) == 1:
             self.extrapolated = self.extrapolated or nbytes != xs[0]
             return ys[0]
-        lo, hi, weight, outside = _bracket(xs, nbytes)
+        lo, hi, weight, outside = bracket(xs, nbytes)
         self.extrapolated = self.extrapolated or outside
-        return max(0.0, _along(ys[xs.index(lo)], ys[xs.index(hi)], weight))
+        return max(0.0, along(ys[xs.index(lo)], ys[xs.index(hi)], weight))
 
 
 LinkModel = LinkSpec | ProfiledLink
