@@ -191,13 +191,19 @@ def base_metadata(model: str, device: torch.device, dtype: torch.dtype) -> dict[
 
 
 def config_summary(config) -> dict[str, Any]:
-    """The JSON-serialisable parts of an HF config that decide the shapes."""
+    """The JSON-serialisable parts of an HF config that decide the shapes; `max_position_embeddings` is the context
+    the decoders run (LongRoPE's original context where it switches factors before the config's: `context_of`)."""
+    from executor.adapter import context_of
+
     keys = (
         "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
         "sliding_window",
     )  # fmt: skip
-    return {k: getattr(config, k) for k in keys if isinstance(getattr(config, k, None), (int, str, bool, list))}
+    summary = {k: getattr(config, k) for k in keys if isinstance(getattr(config, k, None), (int, str, bool, list))}
+    if isinstance(getattr(config, "max_position_embeddings", None), int):
+        summary["max_position_embeddings"] = context_of(config)[0]
+    return summary
 
 
 def slug(text: str) -> str:

@@ -11,9 +11,10 @@ It runs real greedy decodes (`executor.generate`), AR and EESD interleaved, each
 runs, bracketed by device synchronisations on a GPU, so that a decode's wall time splits into prefill, passes and the
 host's work between them. Per method and batch size it reports that work per host read (what the simulator pays once
 per read for captured passes) and per pass (what it pays on every pass uncaptured). PPSD (`--ppsd-stages N`, default
-2; 0: not timed) is timed alike on its sequential backend, one prompt at a time (the executor's PPSD decodes a row
-alone): every stage's pass (`StageRunner.pass_`) timed, its tick's transition and books left in the host's work, and a
-tick counted as one pass (a token's pass through every stage, as the simulator prices it). Output (`--out`, JSON,
+2 where `--batch` holds 1; 0: not timed) is timed alike on its sequential backend, one prompt at a time (the
+executor's PPSD decodes a row alone): every stage's pass (`StageRunner.pass_`) timed, its tick's transition and books
+left in the host's work (captured: each tick's launches timed whole, `PassClock`), and a tick counted as one pass (a
+token's pass through every stage, as the simulator prices it). Output (`--out`, JSON,
 written atomically): format `eesd.host_work`, docs/formats.md.
 
 `--loop serve` times the serving loop's rounds instead (`executor.serving.serve`, what `eesd serve-bench` runs): per
@@ -51,20 +52,29 @@ PASS_KINDS = ("ar", "ar_head", "draft", "verify")  # `Passes`' methods; a PPSD s
 
 class PassClock:
     """Wraps the executor's pass methods: every call's wall time, kind, its verify slots and its furthest position.
-    `sync`: a device's synchronisation around every pass (none on the CPU, where a pass is synchronous)."""
+    `sync`: a device's synchronisation around every pass (none on the CPU, where a pass is synchronous).
 
-    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+    PPSD: uncaptured, every stage's pass is timed and the tick's transition (eager tensor ops the simulator prices
+    nowhere else) is the host's work; captured (`captured_ticks`), a tick's launches are timed whole (its stages'
+    graphs and the transition's, which the simulator prices as the stages' passes and a launch), so that the host's
+    work is what lies between ticks: the reads, the replay of their verdicts and the books."""
+
+    def __init__(self, sync: Callable[[], None] | None = None, captured_ticks: bool = False) -> None:
         self.calls: list[tuple[str, int, int, float]] = []  # (kind, slots, furthest, ms)
         self.sync = sync or (lambda: None)
+        self.captured_ticks = captured_ticks
         self._saved: dict[tuple[type, str], Callable[..., Any]] = {}  # (class, method name) -> the method it had
 
     def install(self) -> None:
         from executor.passes import Passes
-        from executor.ppsd import StageRunner
+        from executor.ppsd import LocalPipeline, StageRunner
 
         for kind in PASS_KINDS:
             self._wrap(Passes, kind, self._timed)
-        self._wrap(StageRunner, "pass_", lambda _, method: self._timed("stage", method))  # a PPSD stage's pass
+        if self.captured_ticks:
+            self._wrap(LocalPipeline, "_launch_tick", lambda _, method: self._timed("tick", method, result=True))
+        else:
+            self._wrap(StageRunner, "pass_", lambda _, method: self._timed("stage", method))  # a PPSD stage's pass
 
     def uninstall(self) -> None:
         for (owner, name), method in self._saved.items():
@@ -76,17 +86,19 @@ class PassClock:
         self._saved[(owner, name)] = getattr(owner, name)
         setattr(owner, name, timer(name, self._saved[(owner, name)]))
 
-    def _timed(self, kind: str, method: Callable[..., None]) -> Callable[..., None]:
+    def _timed(self, kind: str, method: Callable[..., Any], result: bool = False) -> Callable[..., Any]:
+        """`method` timed between synchronisations; its result returned where `result` (a tick's), else None."""
         calls, sync = self.calls, self.sync
 
         @functools.wraps(method)
-        def timed(passes: Any, *args: Any) -> None:
+        def timed(passes: Any, *args: Any) -> Any:
             slots, furthest = (args[0], args[1]) if kind == "verify" else (0, args[0] if args else -1)
             sync()
             begin = time.perf_counter()
-            method(passes, *args)
+            out = method(passes, *args)
             sync()
             calls.append((kind, slots, furthest, (time.perf_counter() - begin) * 1e3))
+            return out if result else None
 
         return timed
 
@@ -213,10 +225,11 @@ def host_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def by_method_snippet(rows: list[dict[str, Any]], captured: bool) -> str:
     """Measured host work (`host_rows`) at the smallest batch measured as a serving case's `serving.by_method` (µs,
     one figure a method), to paste where no file is at hand: per read for a profile of captured passes, per pass for
-    one of uncaptured passes (a file named by `latency.profile.host_work` keeps every batch size)."""
+    one of uncaptured passes (a file named by `latency.profile.host_work` keeps every batch size). Not PPSD's: its
+    figure is a tick's, and an `overhead_us` is paid by every stage of an uncaptured pass."""
     key, smallest = figure_key(captured), min(row.get("batch", 1) for row in rows)
     fields = (f"{r['method']}: {{latency.profile.overhead_us: {r[key] * 1e3:.0f}}}" for r in rows
-              if r.get("batch", 1) == smallest)  # fmt: skip
+              if r.get("batch", 1) == smallest and r["method"] in REQUIRED)  # fmt: skip
     return "serving.by_method: {" + ", ".join(fields) + "}"
 
 
@@ -254,7 +267,7 @@ def measure(
     (interleaved; PPSD at `ppsd_stages` stages on batches of one row, none at 0), after an untimed warm-up decode per
     batch and method (captures and compilations, allocators); returns the decodes (without their calls) and the
     rows."""
-    clock = PassClock(sync)
+    clock = PassClock(sync, captured_ticks=is_captured(settings.get("capture", "none")))
     clock.install()
 
     def run(ids: Any, mask: Any, method: str) -> dict[str, Any]:
@@ -311,8 +324,11 @@ def run_host(args: argparse.Namespace) -> int:
     from sim.formats import write_text_atomic
     from sim.policy import parse_policy_spec
 
-    if args.ppsd_stages < 0 or args.ppsd_stages == 1:
+    if args.ppsd_stages is not None and (args.ppsd_stages < 0 or args.ppsd_stages == 1):
         raise ValueError(f"--ppsd-stages must be 0 (PPSD not timed) or 2 or more, got {args.ppsd_stages}")
+    if args.ppsd_stages is not None and args.loop == "serve":
+        raise ValueError(f"--ppsd-stages {args.ppsd_stages}: the serving loop's rounds are AR's and EESD's (--loop "
+                         "serve times no PPSD; --loop generate does)")  # fmt: skip
     for flag, value in (("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens),
                         ("--repeats", args.repeats)):  # fmt: skip
         if value < 1:
@@ -328,9 +344,13 @@ def run_host(args: argparse.Namespace) -> int:
                          "round (--loop serve takes 2 or more)")  # fmt: skip
     if args.loop == "serve":
         args.ppsd_stages = 0  # the serving loop's rounds are AR's and EESD's
+    elif args.ppsd_stages is None:  # PPSD alongside where batch 1 is timed
+        args.ppsd_stages = 2 if 1 in args.batch else 0
+        if not args.ppsd_stages:
+            print("calibrate host: PPSD not timed (it decodes one row: add 1 to --batch, or pass --ppsd-stages N)")
     elif args.ppsd_stages and 1 not in args.batch:
         args.batch = [1, *args.batch]
-        print("calibrate host: batch 1 added, where PPSD is timed (it decodes one row; --ppsd-stages 0: not timed)")
+        print("calibrate host: batch 1 added, where PPSD is timed (it decodes one row)")
     parse_policy_spec(args.policy)  # a bad spec named before the model loads
     check_json_out(args.out, args.force)
     device, dtype, model, head, exit_layer = model_and_head(args)
@@ -398,7 +418,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop", choices=LOOPS, default="generate", help="what is timed: generate's decodes of static "
                    "batches, or the serving loop's rounds (eesd serve-bench's: requests leave and others take their "
                    "slots; the file for a serving scenario) (default: generate)")  # fmt: skip
-    p.add_argument("--ppsd-stages", type=int, default=2, help="PPSD's pipeline stages, timed on its sequential "
-                   "backend at batch 1 (0: PPSD not timed; --loop serve times AR and EESD) (default: 2)")  # fmt: skip
+    p.add_argument("--ppsd-stages", type=int, default=None, help="PPSD's pipeline stages, timed on its sequential "
+                   "backend at batch 1 (0: PPSD not timed; --loop serve times AR and EESD) (default: 2 where --batch "
+                   "holds 1, else none)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=2, help="times over the prompts, methods interleaved (default: 2)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file (eesd.host_work)")

@@ -88,10 +88,12 @@ def layers_to_keep(args: argparse.Namespace, device: torch.device, dtype: torch.
     return FEW_LAYERS
 
 
-def check_context(grid: Grid, max_positions: int, model: str) -> None:
+def check_context(grid: Grid, max_positions: int, model: str, why: str = "") -> None:
     longest = max(max(grid.context_len) + max(grid.q), max(grid.prefill_q))
     if longest > max_positions:
-        raise ValueError(f"--context/--q/--prefill reach position {longest}; {model} has {max_positions} positions")
+        raise ValueError(
+            f"--context/--q/--prefill reach position {longest}; {model} has {max_positions} positions{why}"
+        )
 
 
 def point_bytes(config, grid: Grid, dtype: torch.dtype) -> int:
@@ -152,7 +154,8 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
         check_grid_memory(config, grid, dtype, device)
     loaded = load(args.model, dtype, device, keep)
     check_architecture(type(loaded.model).__name__)
-    check_context(grid, context_of(loaded.model.config)[0], args.model)
+    positions, why = context_of(loaded.model.config)
+    check_context(grid, positions, args.model, why)
     check_grid_memory(loaded.model.config, grid, dtype, device)
     begin = time.perf_counter()
     metadata = base_metadata(args.model, device, dtype)

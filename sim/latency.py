@@ -345,11 +345,15 @@ def _row_kinds(records: Sequence[LatencyRecord]) -> list[str]:
     return [f"{component} (cuda_graphs={int(graphs)})" for component, graphs in sorted(kinds)]
 
 
+SMALL_MESSAGE_BYTES = 4096  # a message this small costs a link its latency: smaller ones cost no less
+
+
 @dataclass
 class ProfiledLink:
-    """A link from a link profile: linear in nbytes between points, edge slope past the largest (flagged; flat past
-    an edge segment that falls). A message smaller than the smallest profiled costs that one's time, unflagged: a
-    small message is latency-bound (PPSD's token ids, 8 bytes a row, are smaller than most profiles' first size)."""
+    """A link from a link profile: linear in nbytes between points, edge slope outside (flagged; flat past an edge
+    segment that falls). A message smaller than a smallest size of at most `SMALL_MESSAGE_BYTES` costs that size's
+    time, unflagged: both are latency-bound (PPSD's token ids and verdicts, a few bytes a row, are smaller than many
+    profiles' first size)."""
 
     profile: DataFile
     name: str = "profiled"
@@ -364,7 +368,7 @@ class ProfiledLink:
 
     def time_us(self, nbytes: int) -> float:
         xs, ys = self._sizes, self._times
-        if nbytes <= xs[0]:
+        if nbytes <= xs[0] <= SMALL_MESSAGE_BYTES:
             return ys[0]
         if len(xs) == 1:
             self.extrapolated = self.extrapolated or nbytes != xs[0]

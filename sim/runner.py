@@ -171,13 +171,16 @@ def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str, loop: str) 
     host, batch = getattr(plan.stages[0].latency, "host", None), plan.workload.batch_size
     if host is None:
         why = (
-            "times the host's work of PPSD on one host (its sequential backend), the distributed backend's ranks are "
-            "hosts of their own" if plan.ppsd_backend == "distributed"
-            else "has no PPSD rows (eesd calibrate host --ppsd-stages N, generate loop)"
-        )  # fmt: skip
-        return [f"{ref.host_work} {why}: PPSD's passes pay the profile's overhead rows"]
+            f"PPSD's distributed ranks are hosts of their own, which no host-work file times ({ref.host_work})"
+            if plan.ppsd_backend == "distributed"
+            else f"{ref.host_work} has no PPSD rows (eesd calibrate host --ppsd-stages N, generate loop)"
+        )
+        return [f"{why}: PPSD's passes pay the profile's overhead rows"]
     notes = []
-    if host.outside(batch):
+    if host.method == "ppsd" and batch > 1:
+        notes.append(f"PPSD's host work is timed at batch 1 (the executor's PPSD decodes one row): {batch_field} "
+                     f"{batch} pays {host.source}'s batch 1 figure")  # fmt: skip
+    elif host.outside(batch):
         how = (
             "flat" if len(host.batches) == 1
             else "held at its edge's figure (the figure falls towards that edge)" if host.edge_falls(batch)

@@ -141,8 +141,9 @@ class ProfileRef(Strict):
     # the host's work around each read in place of the profile's `overhead` rows (µs), every method alike (one
     # method's own with `serving.by_method`)
     overhead_us: float | None = Field(None, ge=0, le=1e9)
-    # an `eesd calibrate host` file: AR and EESD decode passes pay their own measured host work at the point's batch
-    # size in place of the profile's `overhead` rows (`sim.host_work`; PPSD and prefill keep the rows)
+    # an `eesd calibrate host` file: AR and EESD decode passes (and PPSD's ticks on one host, where the file times
+    # them) pay their own measured host work at the point's batch size in place of the profile's `overhead` rows
+    # (`sim.host_work`; prefill, and PPSD otherwise, keep the rows)
     host_work: FilePath | None = None
 
     @model_validator(mode="after")

@@ -376,9 +376,8 @@ def test_the_output_says_where_the_file_does_not_simply_apply(tmp_path) -> None:
     other = point_notes(load_points(_scenario(tmp_path, policy="fixed:3"))[0])
     assert other == ("the host's work of an EESD round was measured under 'fixed:1', this point runs 'fixed:3'",)
     ppsd = point_notes(load_points(_scenario(tmp_path, method="ppsd", topology={"stages": 2}))[0])
-    assert ppsd == ("host.json times the host's work of PPSD on one host (its sequential backend), the "
-                    "distributed backend's ranks are hosts of their own: PPSD's passes pay the profile's overhead "
-                    "rows",)  # fmt: skip
+    assert ppsd == ("PPSD's distributed ranks are hosts of their own, which no host-work file times (host.json): "
+                    "PPSD's passes pay the profile's overhead rows",)  # fmt: skip
     ppsd = point_notes(load_points(_scenario(tmp_path, method="ppsd", ppsd_backend="sequential",
                                              topology={"stages": 2}))[0])  # fmt: skip
     assert ppsd == ("host.json has no PPSD rows (eesd calibrate host --ppsd-stages N, generate loop): PPSD's passes "
@@ -408,6 +407,9 @@ def test_ppsd_on_one_host_pays_its_own_measured_host_work_once_a_tick(tmp_path) 
     distributed = load_points(_scenario(tmp_path, **(ppsd | {"ppsd_backend": "distributed"})))[0]
     assert build_plan(distributed).stages[0].latency.host is None
     three = point_notes(load_points(_scenario(tmp_path, **(ppsd | {"topology": {"stages": 3}})))[0])
+    wide = {"requests": 4, "batch_size": 4, "prompt_len": 128, "output_len": 16}
+    (note,) = point_notes(load_points(_scenario(tmp_path, **ppsd, workload=wide))[0])
+    assert note.startswith("PPSD's host work is timed at batch 1") and "workload.batch_size 4 pays" in note
     assert three == (f"{tmp_path / 'host.json'} timed PPSD's host work at 2 stages, this point runs 3 (eesd "
                      "calibrate host --ppsd-stages 3)",)  # fmt: skip
 
@@ -671,3 +673,20 @@ def test_a_host_figure_that_falls_towards_its_edge_is_held_there_and_said_so(tmp
     workload = {"requests": 8, "batch_size": 8, "prompt_len": 128, "output_len": 16}
     notes = point_notes(load_points(_scenario(tmp_path, workload=workload))[0])
     assert any("held at its edge's figure (the figure falls towards that edge)" in n for n in notes), notes
+
+
+def test_a_captured_ppsd_tick_is_timed_whole() -> None:
+    """Captured (a GPU's graphs), a PPSD tick's launches are timed whole, its transition included (the simulator
+    prices it as a launch beside the stages' passes): the host's work is what lies between ticks. Run here on the
+    CPU's uncaptured passes, the bookkeeping is the same: one timed call a tick."""
+    net, clock = model(epsilon=0.2), PassClock(captured_ticks=True)
+    clock.install()
+    try:
+        run = decode(net, torch.tensor([PROMPTS[0]]), "ppsd", clock, max_new_tokens=12, exit_layer=EXIT_LAYER,
+                     ppsd_stages=2)  # fmt: skip
+    finally:
+        clock.uninstall()
+    assert [kind for kind, *_ in clock.calls] == ["tick"] * run["rounds"] and run["host_ms"] > 0
+    from executor.ppsd import LocalPipeline
+
+    assert not hasattr(LocalPipeline._launch_tick, "__wrapped__")

@@ -166,6 +166,11 @@ def test_a_message_smaller_than_a_link_profiles_sizes_costs_the_smallest_unflagg
     )
     link = ProfiledLink(read_link_profile(path))
     assert link.time_us(8) == 30.0 and link.time_us(256) == 30.0 and not link.extrapolated
+    large = write_link_profile(
+        tmp_path / "m.csv", {"backend": "gloo"}, [LinkRecord(2**20, 50.0, 49, 51), LinkRecord(2**24, 650.0, 640, 660)]
+    )
+    link = ProfiledLink(read_link_profile(large))  # a first size far past latency-bound: extrapolated, and flagged
+    assert link.time_us(1152) == pytest.approx(50.0 - 600.0 * (2**20 - 1152) / (2**24 - 2**20)) and link.extrapolated
 
 
 def test_roofline_matches_the_measured_h100_layers() -> None:
