@@ -104,7 +104,9 @@ def plan_stages(
     """Check the arguments and lay the stages out; every mistake is a ValueError saying what is allowed.
 
     `stage_boundaries` lists the n - 1 cut points (e.g. [3, 6] for 9 layers in 3 stages), or all n + 1 bounds
-    including 0 and L.
+    including 0 and L. Without them the stages are balanced, unless `exit_layer` (a trained head's, say) lies past
+    balanced stage 1: then stage 1 ends there and the later stages share the rest, balanced (as the simulator lays a
+    PPSD point out).
     """
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
         raise ValueError(f"stages must be an integer >= 2 (PPSD needs a pipeline), got {stages!r}")
@@ -115,6 +117,15 @@ def plan_stages(
         if stage_boundaries is None
         else _check_bounds(num_layers, stages, stage_boundaries)
     )
+    movable = stage_boundaries is None and isinstance(exit_layer, int) and not isinstance(exit_layer, bool)
+    if movable and bounds[1] < exit_layer < num_layers:
+        if num_layers - exit_layer < stages - 1:
+            raise ValueError(
+                f"exit_layer {exit_layer} leaves {num_layers - exit_layer} of {num_layers} layers for {stages - 1} "
+                "later stages (one layer each at least): fewer stages, or an earlier exit layer"
+            )
+        rest = balanced_bounds(num_layers - exit_layer, stages - 1)
+        bounds = (0, *(exit_layer + b for b in rest))
     if exit_layer is None:
         exit_layer = bounds[1]
     if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= bounds[1]:

@@ -194,11 +194,13 @@ def teacher_examples(
     return examples
 
 
+@torch.no_grad()
 def teacher_pass(
     adapter: ModelAdapter, tokens: list[int], start: int, exit_layers: Sequence[int] = ()
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """One full-model pass over `tokens`: the states after each of `exit_layers` ({E: [T, d]}) and the final logits
-    at positions `start`.. ([T - start, V])."""
+    at positions `start`.. ([T - start, V]); no autograd graph (the LM head's logits kept one per sequence: a
+    vocabulary ranking over a corpus held them all)."""
     states, hidden = teacher_states(adapter, torch.tensor([tokens]), exit_layers)
     return {layer: state[0] for layer, state in states.items()}, adapter.logits(hidden[0, start:])
 

@@ -507,6 +507,7 @@ def test_vocabulary_scores_are_expected_counts(tiny) -> None:
 
     corpus = generate_corpus(tiny, _prompts(6, SPEC.vocab, seed=2), 10, None, progress=False)
     scores = vocabulary_scores(ModelAdapter(tiny), corpus, progress=False)
+    assert not scores.requires_grad  # no graph kept: it held every sequence's [T, V] softmax to the end
     positions = sum(len(t) - s for t, s in zip(corpus.sequences, corpus.starts, strict=True))
     assert scores.shape == (SPEC.vocab,) and bool((scores >= 0).all())
     assert float(scores.sum()) == pytest.approx(positions, rel=1e-9)  # each position's probabilities sum to 1

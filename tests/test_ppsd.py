@@ -470,7 +470,8 @@ def test_a_stage_model_leaves_the_decoders_caches_behind() -> None:
         ({"stages": 3, "stage_boundaries": [3, 1]}, "strictly increasing"),
         ({"stages": 3, "stage_boundaries": [1]}, "cut points"),
         ({"stages": 2, "stage_boundaries": [1, 2, 4]}, "must start at 0"),
-        ({"stages": 2, "exit_layer": 3}, r"exit_layer must lie inside stage 1.*\[1, 2\]"),
+        ({"stages": 3, "exit_layer": 3}, r"exit_layer 3 leaves 1 of 4 layers for 2 later stages"),
+        ({"stages": 2, "exit_layer": 4}, r"exit_layer must lie inside stage 1.*\[1, 2\]"),
         ({"stages": 2, "stage_boundaries": [1], "exit_layer": 2}, "inside stage 1"),
         ({"stages": 2, "exit_layer": 0}, "inside stage 1"),
         ({"stages": 2, "backend": "threads"}, "backend must be one of"),
@@ -482,6 +483,17 @@ def test_bad_arguments_raise_clear_errors(kwargs: dict, message: str) -> None:
     model = tiny_model("llama", 4)
     with pytest.raises(ValueError, match=message):
         run_ppsd(model, [1, 2], 4, **kwargs)
+
+
+def test_an_exit_layer_past_balanced_stage_1_ends_stage_1_there() -> None:
+    """A trained head at E = 14 of 18 (Gemma-3's) with 2 stages: stage 1 is [0, 14), as the simulator lays a PPSD
+    point out, where it was refused (balanced stage 1 ends at 9); the output is AR's. Given cut points still rule."""
+    assert plan_stages(18, 2, None, 14).bounds == (0, 14, 18) and plan_stages(18, 3, None, 14).bounds == (0, 14, 16, 18)
+    assert plan_stages(30, 2, None, 8).bounds == (0, 15, 30)  # inside balanced stage 1: balanced, drafting at 8
+    model = tiny_model("llama", 6, seed=3)
+    reference = executor.generate(model, [5, 6, 7], method="ar", max_new_tokens=10).sequences
+    out = executor.generate(model, [5, 6, 7], method="ppsd", exit_layer=4, max_new_tokens=10)
+    assert out.stats.stage_boundaries == (0, 4, 6) and torch.equal(out.sequences, reference)
 
 
 def test_explicit_full_bounds_and_balanced_default() -> None:
