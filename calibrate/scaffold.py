@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import sys
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,10 @@ def write_scenario(
     if serving:  # sized from the batch scenario's AR point
         data = _serving_data(data, _loaded(out, _yaml(data), load_points)[0], profile)
     notes = [] if host is None else [_host_work(data, host, latency, profile, out.parent, serving)]
+    cut = _workload_cut(traces, out.parent, data["workload"])
+    if cut is not None:
+        notes += textwrap.wrap(cut, 110, initial_indent="  ", subsequent_indent="  ")  # a header line each
+        print(f"note: {cut}")
     text = _header(latency, profile, traces, command, serving, notes) + _yaml(data)
     _loaded(out, text, _serving_loader() if serving else load_points)
     write_text_atomic(out, text)
@@ -350,6 +355,24 @@ def _description(profile: DataFile, trace: DataFile, model: ModelConfig, dtype: 
 
 def _has_graphs(profile: DataFile) -> bool:
     return any(record.cuda_graphs for record in profile.records)
+
+
+def _workload_cut(traces: Sequence[tuple[Path, DataFile]], folder: Path, workload: dict[str, Any]) -> str | None:
+    """Where the traces differ in prompts or tokens, what the workload takes (every trace's shortest) and which trace
+    sets it; None where they agree. A longer trace then replays only part of what it recorded."""
+    if len(traces) < 2:
+        return None
+    sizes = [(_head(path, t, folder).prompts, _output_len(path, t)) for path, t in traces]
+    if len(set(sizes)) == 1:
+        return None
+    held = "; ".join(
+        f"{path.name} {n} prompts x {tokens} tokens" for (path, _), (n, tokens) in zip(traces, sizes, strict=True)
+    )
+    return (
+        f"the traces differ in length ({held}): the workload asks no more than every one holds, "
+        f"{workload['requests']} requests x {workload['output_len']} tokens, so a longer trace replays only that much "
+        "of itself (traces of the same prompts and tokens compare at full length)"
+    )
 
 
 def _output_len(acceptance: Path, trace: DataFile) -> int:

@@ -86,6 +86,25 @@ def test_a_written_scenario_says_what_it_was_written_from(tmp_path) -> None:
     assert yaml.safe_load((tmp_path / "x" / "two.yaml").read_text())["name"] == "mine"
 
 
+def test_traces_of_different_lengths_are_cut_to_what_each_holds_and_say_so(tmp_path, capsys) -> None:
+    """A trace of 32 prompts x 48 tokens beside one of 20 x 64: the workload asks 8 requests x 48 tokens (no more
+    than either holds), printed and written in the header, where it used to shrink silently; one trace says nothing."""
+    long, held = (
+        CPU / "acceptance_smollm2-135m_shared_builtin.csv",
+        CPU / "acceptance_smollm2-135m_e15mix5v16k_builtin_heldout.csv",
+    )
+    out = write_scenario(CPU / "latency_smollm2-135m_cpu_fp32.csv", [long, held], tmp_path / "two.yaml")
+    printed = capsys.readouterr().out
+    assert (
+        "note: the traces differ in length (acceptance_smollm2-135m_shared_builtin.csv 32 prompts x 48 tokens;"
+        in printed
+    )
+    assert yaml.safe_load(out.read_text())["workload"]["output_len"] == 48
+    assert "#   the traces differ in length" in out.read_text()
+    write_scenario(CPU / "latency_smollm2-135m_cpu_fp32.csv", [long], tmp_path / "one.yaml")
+    assert "differ in length" not in capsys.readouterr().out
+
+
 def test_ppsd_points_run_the_stages_of_the_one_device(tmp_path) -> None:
     out = tmp_path / "ppsd.yaml"
     write_scenario(CPU / "latency_smollm2-135m_cpu_fp32.csv", CPU / "acceptance_smollm2-135m_shared_builtin.csv", out,
