@@ -17,6 +17,7 @@ from pathlib import Path
 
 from calibrate import contention
 from executor.runtime import add_threads_argument, use_threads
+from sim.formats import short_dtype
 
 GRAPH_MODES = {"on": (True,), "off": (False,), "both": (False, True)}
 SCENARIO_POLICIES = "fixed:1,fixed:2,fixed:3,beta-ts"  # calibrate.scaffold.DEFAULT_POLICIES
@@ -76,7 +77,9 @@ def _scenario_arguments(p: argparse.ArgumentParser) -> None:
 def _latency_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="packaged name, HF directory, .gguf, CONFIG.json or a sim shape")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument(
+        "--dtype", type=short_dtype, default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)"
+    )
     p.add_argument(
         "--out", type=Path, required=True, help="output folder (file: latency_<model>_<device>_<dtype>[_compiled].csv)"
     )
@@ -125,9 +128,9 @@ def _acceptance_arguments(p: argparse.ArgumentParser) -> None:
         "report in bf16/fp16, whose batched passes round differently)",
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    p.add_argument("--dtype", default="fp32", help="bf16 | fp16 | fp32 (default: fp32)")
+    p.add_argument("--dtype", type=short_dtype, default="fp32", help="bf16 | fp16 | fp32 (default: fp32)")
     p.add_argument(
-        "--draft-dtype", default=None,
+        "--draft-dtype", type=short_dtype, default=None,
         help="the heads on copies of layers [0, E) in this narrower dtype, as generate's draft_dtype (recorded in the "
         "file; checked as a report)",
     )  # fmt: skip
@@ -147,8 +150,12 @@ def _rounds_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-draft-len", type=int, default=8, help="rounds of 0 .. this many drafts (default: 8)")
     p.add_argument("--context", type=int, default=128, help="the position the rounds run at (default: 128)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--draft-dtype", default=None, help="drafts in this narrower dtype, as generate's draft_dtype")
+    p.add_argument(
+        "--dtype", type=short_dtype, default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)"
+    )
+    p.add_argument(
+        "--draft-dtype", type=short_dtype, default=None, help="drafts in this narrower dtype, as generate's draft_dtype"
+    )
     p.add_argument("--capture", default="auto", help="the passes generate would run: auto | none | graph | ... ")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per draft count, interleaved (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per draft count first (default: 1)")
@@ -159,7 +166,9 @@ def _link_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output CSV (eesd.link_profile)")
     p.add_argument("--backend", default="gloo", help="gloo (2 CPU processes) | nccl | cuda-copy (2 GPUs)")
     p.add_argument("--model", default=None, help="add this model's activation sizes (hidden × tokens × dtype)")
-    p.add_argument("--dtype", default="bf16", help="element size for --model's activation sizes (default: bf16)")
+    p.add_argument(
+        "--dtype", type=short_dtype, default="bf16", help="element size for --model's activation sizes (default: bf16)"
+    )
     p.add_argument("--sizes", default=None, help="bytes to time, comma-separated (default: 8 B, 256 B .. 16 MiB)")
     p.add_argument("--warmup", type=int, default=3, help="untimed messages per size first (default: 3)")
     p.add_argument("--repeats", type=int, default=20, help="timed messages per size (default: 20)")

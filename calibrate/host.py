@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from sim.contract import is_captured
+from sim.formats import short_dtype
 from sim.host_work import FORMAT, LOOPS, METHODS, REQUIRED, SCHEMA_VERSION, figure_key, read_host_work
 
 __all__ = [
@@ -406,7 +407,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-layer", type=int, default=None, help="exit layer E (default: a head file's, else L / 2)")
     p.add_argument("--policy", default="fixed:1", help="EESD's draft policy (default: fixed:1)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument(
+        "--dtype", type=short_dtype, default=None, help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)"
+    )
     p.add_argument("--capture", default="auto", help="how generate runs the passes: auto (as generate chooses) | "
                    "none | graph | compile | compile-layers | freeze (default: auto)")  # fmt: skip
     p.add_argument("--sync-every", type=int, default=1, help="AR steps per host read (default: 1, as a server reads)")

@@ -135,7 +135,7 @@ def check_arguments(
     adapter: ModelAdapter, prompts: list[list[int]], method: str, exit_layer: int | None, max_new_tokens: int
 ) -> None:
     check_method(method)
-    if method == "eesd":
+    if method == "eesd" or (method == "ar" and exit_layer is not None):  # (AR ignores one inside the model)
         check_exit_layer(adapter, exit_layer)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from executor.runtime import add_threads_argument, check_device, use_threads
-from sim.formats import check_output
+from sim.formats import check_output, long_dtype
 
 SOURCE_NAMES = ("self", "self-prompts", "self-requests", "text", "python-env")
 
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="generated sources start no batch after S seconds; the corpus is then the first batches of the full "
         "one, and its manifest says so (cut_by_time_budget)",
     )  # fmt: skip
-    parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    parser.add_argument("--dtype", type=long_dtype, default="float32", help="model dtype (default float32)")
     parser.add_argument("--force", action="store_true", help="replace a corpus already in --out")
     add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")

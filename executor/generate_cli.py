@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from executor.runtime import add_threads_argument, check_device, use_threads
+from sim.formats import long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 METHODS = ("ar", "eesd", "ppsd")
@@ -82,10 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "from bash: --stop $'\\n')",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
+    parser.add_argument(
+        "--dtype", type=long_dtype, default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument(
-        "--draft-dtype", default=None,
+        "--draft-dtype", type=long_dtype, default=None,
         help=f"eesd: draft in this narrower dtype ({', '.join(DTYPES)}; e.g. bfloat16 for a float32 model): copies of "
         "the draft's layers and head, the verify pass runs all layers, output as without it",
     )  # fmt: skip

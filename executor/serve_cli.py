@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from executor.runtime import add_threads_argument, check_device, use_threads
+from sim.formats import long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 COLUMNS = ("method", "tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms",
@@ -62,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT bound in ms")
     parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT bound in ms")
     parser.add_argument("--seed", type=int, default=0, help="seed of random prompts and draft policies (default: 0)")
-    parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
+    parser.add_argument(
+        "--dtype", type=long_dtype, default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)"
+    )
     parser.add_argument(
         "--device", default="cpu",
         help="cpu, cuda, cuda:1, ... (default: cpu); with --replicas, one per replica too: cuda:0,cuda:1",

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from executor.runtime import add_threads_argument, check_device, use_threads
-from sim.formats import check_output
+from sim.formats import check_output, long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -58,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N training prompts")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     parser.add_argument(
-        "--dtype", default="float32", help=f"model dtype, one of {', '.join(DTYPES)} (default: float32)"
+        "--dtype",
+        type=long_dtype,
+        default="float32",
+        help=f"model dtype, one of {', '.join(DTYPES)} (default: float32)",
     )
     parser.add_argument("--save-dtype", default="bfloat16", help="dtype of the written head (default: bfloat16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches and the head's init (default: 0)")

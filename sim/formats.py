@@ -366,6 +366,19 @@ _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 6
 _QUOTE.maxlevel = 3
 
 
+SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}  # torch's -> short
+
+
+def short_dtype(name: str) -> str:
+    """A dtype named either way (`bfloat16`, `bf16`) as the short name the calibration commands and scenarios use."""
+    return SHORT_DTYPES.get(name, name)
+
+
+def long_dtype(name: str) -> str:
+    """A dtype named either way as torch's name, which the executor's commands use."""
+    return {short: long for long, short in SHORT_DTYPES.items()}.get(name, name)
+
+
 def quote(value: Any, limit: int = 80) -> str:
     """`repr(value)` for an error message, at most about `limit` characters whatever the value's size: an error
     never echoes a whole input (reprlib bounds the work, nested containers are elided as `...`)."""

@@ -236,7 +236,7 @@ def test_generate_wires_ppsd(model):
         (dict(stages=1), "stages"),
         (dict(stages=9), "must not exceed"),
         (dict(stage_boundaries=[3, 1]), "boundar"),
-        (dict(stages=2, exit_layer=3), "stage 1"),
+        (dict(stages=2, stage_boundaries=[1], exit_layer=3), "stage 1"),
         (dict(head="not-a-head"), "head must be 'shared', 'shared:N', a .safetensors head file"),
         (dict(do_sample=True, sampling="rejection"), "rejection"),
     ],
@@ -315,3 +315,21 @@ def test_a_class_not_run_names_where_adding_one_is_told():
         from executor.adapter import check_architecture
 
         check_architecture("GPT2LMHeadModel")
+
+
+def test_every_command_takes_a_dtype_by_either_name():
+    """`bf16` and `bfloat16` alike, in the executor's commands (torch's names) and the calibration commands (the
+    short ones), where each refused the other family's spelling."""
+    import argparse
+
+    from calibrate.cli import add_arguments as calibrate_arguments
+    from executor.generate_cli import add_arguments as generate_arguments
+
+    generate = argparse.ArgumentParser()
+    generate_arguments(generate)
+    args = generate.parse_args(["--model", "m", "--prompt-ids", "1", "--dtype", "bf16", "--draft-dtype", "fp16"])
+    assert (args.dtype, args.draft_dtype) == ("bfloat16", "float16")
+    calibrate = argparse.ArgumentParser()
+    calibrate_arguments(calibrate)
+    args = calibrate.parse_args(["latency", "--model", "m", "--out", "o", "--dtype", "float32"])
+    assert args.dtype == "fp32"
