@@ -398,7 +398,9 @@ def _kv_capacity(plan: SimPlan, given: int | Literal["auto"] | None) -> int | No
 
 
 def _check_fits(plan: SimPlan, workload: ServingWorkload, capacity: int | None, where: str) -> None:
-    tokens = plan_kv_tokens(plan)
+    if capacity is None:
+        return
+    tokens = plan_kv_tokens(plan)  # (a policy made: only where there is a budget to check)
     largest = never_admitted(workload, tokens, capacity)
     if largest is not None:
         raise ScenarioError(
