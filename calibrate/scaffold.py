@@ -125,6 +125,7 @@ def write_scenario(
         )
     acceptance, trace = traces[0]
     data = scenario_data(latency, profile, traces, out.parent, methods, policies, name or _file_name(out))
+    cut = _workload_cut(traces, out.parent, data["workload"])  # (a serving scenario takes one trace)
     narrow = [path for path, t in traces if t.metadata.get("draft_dtype")]
     if narrow and len(traces) > 1:
         raise ValueError(f"--acceptance: {narrow[0]}: a trace of narrow drafts is replayed alone (with its profile)")
@@ -135,7 +136,6 @@ def write_scenario(
     if serving:  # sized from the batch scenario's AR point
         data = _serving_data(data, _loaded(out, _yaml(data), load_points)[0], profile)
     notes = [] if host is None else [_host_work(data, host, latency, profile, out.parent, serving)]
-    cut = _workload_cut(traces, out.parent, data["workload"])
     if cut is not None:
         notes += textwrap.wrap(cut, 110, initial_indent="  ", subsequent_indent="  ")  # a header line each
         print(f"note: {cut}")

@@ -36,7 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompts", default="builtin", help="self, self-requests: builtin | requests | humaneval | FILE.jsonl"
     )
-    parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (topics) of the split")
+    parser.add_argument(
+        "--max-prompts",
+        type=int,
+        default=None,
+        help="only the first N prompts (topics) of the split, in its order (the built-in set's first are all chat: "
+        "a few kinds need more)",
+    )
     parser.add_argument("--temperatures", type=_floats, default=(0.0, 0.7, 1.0), help="0 is greedy (default 0,0.7,1)")
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt at each temperature > 0")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per answer (default 128)")

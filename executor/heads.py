@@ -524,6 +524,11 @@ def load_head(
             f"exit head file {file} was made for another model ({metadata.get('model_architecture')}, "
             f"{metadata.get('num_layers')} layers, fingerprint {metadata.get('model_fingerprint')}); this model is "
             f"{type(adapter.model).__name__}, {adapter.num_layers} layers, fingerprint {fingerprint}"
+            + (
+                f" (the head was trained on model {metadata['model']!r}: load that one)"
+                if metadata.get("model")
+                else ""
+            )
         )
     architecture = metadata.get("head_architecture")
     if architecture == SUBSET_ARCHITECTURE:
