@@ -29,7 +29,7 @@ from sim.latency import ProfileLatency
 from sim.plan import SimPlan, build_plan
 from sim.policy import parse_policy_spec
 from sim.progress import progress_bar
-from sim.scenario import Point, Scenario, claimed_dtype, narrow_draft_dtype
+from sim.scenario import GPUConfig, Point, Scenario, claimed_dtype, narrow_draft_dtype
 from sim.tables import text_table
 
 TRACE_EVENTS = 20_000
@@ -91,7 +91,7 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     """A batch size outside the latency profile's batches, and a trace replay that reuses the trace's tokens (the
     scenario said `acceptance.reuse: cycle`), whose requests end at their EOS before `output_len`, or whose drafts
     ran in another dtype than the point's (its acceptance replayed as recorded)."""
-    notes = plan_notes(plan, point.scenario)
+    notes = plan_notes(plan, point.scenario) + _inline_gpu_notes(point.scenario)
     if not isinstance(plan.acceptance, TraceAcceptance):
         return tuple(notes)
     w = plan.workload
@@ -120,6 +120,22 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
             f"{drafts or 'the model dtype'} (draft_dtype): its acceptance is replayed as recorded"
         )
     return tuple(notes)
+
+
+def _inline_gpu_notes(scenario: Scenario) -> list[str]:
+    """An inline GPU priced by the roofline without its own kernel floor or launch cost borrows the H100's."""
+    if scenario.latency.roofline is None:
+        return []
+    topology = scenario.topology
+    stages = topology.stages if isinstance(topology.stages, list) else []
+    gpus = {id(g): g for g in (topology.gpu, *(s.gpu for s in stages)) if isinstance(g, GPUConfig)}
+    notes = []
+    for gpu in gpus.values():
+        borrowed = [f for f in ("kernel_floor_us", "launch_us") if f not in gpu.model_fields_set]
+        if borrowed:
+            notes.append(f"GPU {gpu.name!r}: {' and '.join(borrowed)} not given, the H100's measured ones used (a "
+                         "kernel's least time and a graph launch's cost: give the card's own where known)")  # fmt: skip
+    return notes
 
 
 def plan_notes(

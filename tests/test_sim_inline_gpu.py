@@ -97,3 +97,16 @@ def test_an_inline_gpu_must_be_the_profiles_device(tmp_path: Path) -> None:
     data["topology"] = {"gpu": {**CARD, "name": "H100 80GB", "hbm_bandwidth_GBps": 3000}}
     plan = build_plan(load_points(write(tmp_path, data))[0])
     assert plan.stages[0].device == "NVIDIA H100 80GB HBM3" and plan.stages[0].hbm_GBps == pytest.approx(3000 * 0.61)
+
+
+def test_an_inline_gpu_without_its_kernel_floor_or_launch_cost_says_whose_it_borrows(tmp_path: Path) -> None:
+    from sim.runner import point_notes
+
+    card = {k: v for k, v in CARD.items() if k not in ("kernel_floor_us", "launch_us")}
+    (point,) = load_points(write(tmp_path, {**BASE, "topology": {**BASE["topology"], "gpu": card}}))
+    assert any(
+        f"GPU {card['name']!r}: kernel_floor_us and launch_us not given, the H100's" in n for n in point_notes(point)
+    )
+    own = {**card, "kernel_floor_us": 4.0, "launch_us": 9.0}
+    (point,) = load_points(write(tmp_path, {**BASE, "topology": {**BASE["topology"], "gpu": own}}))
+    assert not any("not given, the H100's" in n for n in point_notes(point))
