@@ -164,15 +164,20 @@ def plot(results: Sequence[BreakEven], target: float, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn: dict[tuple, Any] = {}  # a curve once (points that differ only in their acceptance share it), a dot each
     for item in results:
         label = " ".join(str(x) for x in (item.method, f"E={item.exit_layer}", item.policy or "") if x).strip()
-        line = ax.plot([a for a, _ in item.curve], [v for _, v in item.curve], linewidth=1.2, label=label)[0]
+        line = drawn.get(item.curve)
+        if line is None:
+            line = drawn[item.curve] = ax.plot(
+                [a for a, _ in item.curve], [v for _, v in item.curve], linewidth=1.2, label=label
+            )[0]
         ax.plot([item.alpha_now], [item.speedup], marker="o", color=line.get_color())
     ax.axhline(target, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel("acceptance (i.i.d. alpha); dots: the scenario's own, as an i.i.d. alpha")
     ax.set_ylabel("speedup vs AR (same hardware)")
     ax.set_xlim(0, 1)
-    if len(results) > 1:
+    if len(drawn) > 1:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

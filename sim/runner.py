@@ -38,6 +38,7 @@ ROW_DOC = {
     "point": "index of the sweep point",
     "method": "ar | eesd | ppsd",
     "stages": "pipeline stages",
+    "devices": "each stage's device (a GPU's name, or the profile's device), ';'-joined",
     "exit_layer": "layers the draft runs",
     "policy": "draft policy spec (eesd)",
     "draft_dtype": "eesd: the dtype drafts run in (the model's, or a narrower one: draft_dtype)",
@@ -301,6 +302,7 @@ def result_row(item: PointResult) -> dict[str, Any]:
     row.update(
         method=r.method,
         stages=len(item.devices),
+        devices=";".join(item.devices),
         exit_layer=item.exit_layer if r.method != "ar" else "",
         policy=p.scenario.policy if r.method == "eesd" else "",
         draft_dtype=(p.scenario.draft_dtype or p.scenario.dtype) if r.method == "eesd" else "",
