@@ -741,5 +741,6 @@ def _resolve(point: Point, relative: str, field: str) -> Path:
     path = (point.base_dir / relative).resolve()
     if not path.is_file():
         why = "a directory, not a file" if path.is_dir() else "file not found"
-        raise ScenarioError(f"{_where(point)}: {field}: {why}: {path}")
+        relative_to = "" if Path(relative).is_absolute() else f" ({relative!r} taken from the scenario's folder)"
+        raise ScenarioError(f"{_where(point)}: {field}: {why}: {path}{relative_to}")
     return path
