@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_points(points, jobs=jobs, progress=progress, trace=True if args.trace else None)
     print(summary_table(results))
     if any(r.result.method == "ppsd" for r in results):
-        print("(tok/round: EESD, tokens a round, accepted + 1; PPSD, tokens a flush-free run of the pipe)")
+        print("(tok/round: a row's tokens a round; EESD, accepted + 1; PPSD, a flush-free run of the pipe)")
     said = verdict(results)
     if said:
         print(said)

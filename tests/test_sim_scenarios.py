@@ -47,7 +47,7 @@ def test_quickstart_cli_prints_summary_and_writes_outputs(tmp_path: Path, capsys
     rows = {r["method"]: float(r["speedup"]) for r in table}
     said = "speculation pays here" if max(rows["eesd"], rows["ppsd"]) > 1 else "speculation does not pay here"
     assert f"verdict: {said}" in out and f"EESD {rows['eesd']:.3f}x; PPSD {rows['ppsd']:.3f}x" in out
-    assert "(tok/round: EESD, tokens a round, accepted + 1; PPSD, tokens a flush-free run of the pipe)" in out
+    assert "(tok/round: a row's tokens a round; EESD, accepted + 1; PPSD, a flush-free run of the pipe)" in out
 
 
 def test_the_verdict_names_each_methods_best_point_of_a_sweep() -> None:
