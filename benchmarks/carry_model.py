@@ -93,6 +93,8 @@ def join(parts_dir: Path, target: Path) -> None:
         manifest = json.loads((parts_dir / MANIFEST).read_text())
     except (OSError, ValueError) as err:
         sys.exit(f"{parts_dir / MANIFEST}: cannot read the manifest ({err})")
+    if not manifest.get("parts"):
+        sys.exit(f"{parts_dir / MANIFEST}: lists no parts: nothing to join (split again)")
     for part in manifest["parts"]:
         path = parts_dir / part["file"]
         if not path.is_file():
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     unpack.add_argument("parts_dir", type=Path)
     unpack.add_argument("target", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "split" and args.chunk_mib < 1:
+        parser.error(f"--chunk-mib must be >= 1 (MiB a chunk), got {args.chunk_mib}")
     if args.command == "split":
         split(args.name, args.format, args.dtype, args.out or Path(".carry") / args.name, args.chunk_mib)
     else:

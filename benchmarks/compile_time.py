@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per (capture, method) process")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    from sim.formats import check_benchmark_out
+
+    check_benchmark_out(args)
     import torch
     import transformers
 

@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--model", help="the calibration files' model at this machine's path (as eesd validate)")
     parser.add_argument("--out", type=Path, help="write the rows and summary as JSON here (atomically)")
     args = parser.parse_args()
+    from sim.formats import check_benchmark_out
+
+    check_benchmark_out(args)
     rows = [row for path in args.files for row in replay_file(path, args.model)]
     print(table(rows))
     result = summary(rows)

@@ -128,6 +128,11 @@ def main() -> None:
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=RESULTS / "frozen_memory_cpu.json")
     args = parser.parse_args()
+    from sim.formats import check_benchmark_counts, check_benchmark_out
+
+    check_benchmark_out(args)
+
+    check_benchmark_counts(args, "num_prompts")
     import torch
 
     import executor

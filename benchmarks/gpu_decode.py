@@ -931,6 +931,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    from sim.formats import check_benchmark_counts, check_benchmark_out
+
+    check_benchmark_out(args)
+
+    check_benchmark_counts(args, "new_tokens")
     if args.only is not None:
         try:
             args.only = re.compile(args.only)

@@ -270,7 +270,7 @@ def main() -> None:
             "python": platform.python_version(),
         },  # fmt: skip
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in vars(args).items() if k != "heads_dir"},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "heads_dir"},
         "prompts": {
             "set": args.prompts,
             "train": [p.id for p in split.train[: args.train_prompts]],

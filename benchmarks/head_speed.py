@@ -345,7 +345,7 @@ def write_json(path: Path, report: dict[str, Any]) -> Path:
     """Write `report` to `path` atomically (a temporary file beside it, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.write_text(json.dumps(report, indent=2, default=str) + "\n")  # (paths among the settings: as text)
     os.replace(partial, path)
     return path
 
@@ -437,6 +437,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="the JSON's path (overrides --tag)")
     parser.add_argument("--note", default="", help="the conditions, for the JSON (e.g. 'busy 2-core box, smoke run')")
     args = parser.parse_args(argv)
+    from sim.formats import check_benchmark_out
+
+    check_benchmark_out(args)
     for name in ("num_prompts", "new_tokens", "repeats", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

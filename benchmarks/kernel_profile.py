@@ -150,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    from sim.formats import check_benchmark_out
+
+    check_benchmark_out(args)
     if args.steps < 1 or args.top < 1 or args.prompt_len < 1:
         parser.error(f"--steps, --top and --prompt-len must be >= 1, got {args.steps}, {args.top}, {args.prompt_len}")
     return args

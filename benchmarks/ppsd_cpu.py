@@ -200,6 +200,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 layers, 24 tokens, 1 repeat, no JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    from sim.formats import check_benchmark_counts, check_benchmark_out, write_text_atomic
+
+    check_benchmark_out(args)
+
+    check_benchmark_counts(args, "repeats")
     if args.quick:
         args.layers, args.max_new_tokens, args.repeats = 8, 24, 1
     args.exit_layer = args.layers // 4  # inside stage 1 of the 4-stage pipeline, shared by every method
@@ -232,7 +237,7 @@ def main() -> None:
         "rows": [row.__dict__ for row in rows],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -19,7 +19,9 @@ The error is (predicted - measured) / measured on decode tokens/s (the median th
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import re
 import statistics
 import sys
@@ -190,15 +192,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measured", type=Path, nargs="+", required=True, help="the lease's measured JSON files")
     parser.add_argument("--out", type=Path, default=None, help="write the comparison here (JSON, atomically)")
     args = parser.parse_args(argv)
+    from sim.formats import check_benchmark_out
+
+    check_benchmark_out(args)
     try:
         measured = [row for path in args.measured for row in read_measured(path)]
         files = [(path, json.loads(path.read_text())) for path in args.predictions]
     except (OSError, ValueError, KeyError) as error:
         print(f"predictions_check: {error}", file=sys.stderr)
         return 2
-    report: dict[str, Any] = {"benchmark": "predictions_check", "card": args.card, "files": []}
+    report: dict[str, Any] = {"benchmark": "predictions_check", "card": args.card, "files": [],
+                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "python": platform.python_version()}  # fmt: skip
     for path, data in files:
         rows = [r for r in data["rows"] if r.get("card") == args.card]
+        if not rows:
+            cards = sorted({str(r.get("card")) for r in data["rows"]})
+            print(f"predictions_check: {path}: no predictions for --card {args.card} (it holds {', '.join(cards)})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         try:
             checks = check(rows, measured)
         except (ValueError, KeyError) as error:

@@ -406,6 +406,11 @@ def main() -> int:
     parser.add_argument("--rate-scale", type=float, default=1.0, help="arrivals this many times as dense (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
+    from sim.formats import check_benchmark_counts, check_benchmark_out
+
+    check_benchmark_out(args)
+
+    check_benchmark_counts(args, "threads")
     if args.write_workloads:
         for path in write_workloads():
             print(f"wrote {path}")

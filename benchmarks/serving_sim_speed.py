@@ -40,6 +40,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=10_000, help="requests in the workload (default: 10000)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
+    from sim.formats import check_benchmark_counts, check_benchmark_out
+
+    check_benchmark_out(args)
+
+    check_benchmark_counts(args, "requests")
     loaded = load_serving_points(SCENARIO)
     points = [p for p in loaded if p.case == CASE and p.rate_per_s == RATE_PER_S]
     points.append(next(p for p in loaded if p.case == PPSD_CASE and p.method == "ppsd"))  # its workload replaced

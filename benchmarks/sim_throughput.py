@@ -84,6 +84,11 @@ def main() -> int:
     parser.add_argument("--note", default="", help="what the machine was doing meanwhile (stored in the JSON)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sim_throughput_cpu.json"))
     args = parser.parse_args()
+    from sim.formats import check_benchmark_counts, check_benchmark_out, write_text_atomic
+
+    check_benchmark_out(args)
+
+    check_benchmark_counts(args, "tokens", "repeats")
     points = {name: make_point(case, args.tokens) for name, case in CASES.items()}
     load_before = os.getloadavg()
     runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in CASES}
@@ -122,7 +127,7 @@ def main() -> int:
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -495,6 +495,11 @@ def main() -> int:
         help="predictions for the next lease (both cards); 'issue24': for gpu_session.sh issue24a/issue24b",
     )  # fmt: skip
     args = parser.parse_args()
+    from sim.formats import check_benchmark_counts, check_benchmark_out
+
+    check_benchmark_out(args)
+
+    check_benchmark_counts(args, "runs")
     if args.predict:
         cards = tuple(args.cards.split(","))
         unknown = sorted(set(cards) - set(CARDS))

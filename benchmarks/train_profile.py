@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--ops", type=int, default=0, help="also profile one plain step: its N costliest operators")
     args = parser.parse_args(argv)
+    from sim.formats import check_benchmark_out
+
+    check_benchmark_out(args)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.window < 2:
         parser.error("--steps, --batch-size >= 1, --warmup >= 0, --window >= 2")
     return args

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import reprlib
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -437,6 +438,27 @@ def check_output(flag: str, path: str | Path, folder: bool = False, force: bool 
         _probe(flag, path, path)  # the outputs go into it
     elif parent is not None:
         _probe(flag, path, parent)
+
+
+def check_benchmark_counts(args: Any, *names: str) -> None:
+    """A benchmark script's count flags (`args.<name>`, None: not given) are >= 1: one line and exit 1 otherwise."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}")
+
+
+def check_benchmark_out(args: Any, flag: str = "--out") -> None:
+    """A benchmark script's `--out` (`args.out`, None: not given) checked before its work (`check_output`): one line
+    and exit 1 where it cannot be written, rather than a traceback after the run."""
+    path = getattr(args, "out", None)
+    if path is None:
+        return
+    try:
+        check_output(flag, path)
+    except ValueError as err:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {err}") from None
 
 
 def _probe(flag: str, path: Path, parent: Path) -> None:

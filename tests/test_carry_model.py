@@ -56,3 +56,15 @@ def test_a_resplit_removes_old_chunks(carry, gguf: Path, tmp_path: Path) -> None
     carry.main(["split", str(gguf), "--out", str(parts), "--chunk-mib", "1"])
     carry.main(["split", str(gguf), "--out", str(parts), "--chunk-mib", "2"])
     assert sorted(p.name for p in parts.glob("part-*")) == ["part-000", "part-001"]
+
+
+def test_a_chunk_size_below_one_mib_and_a_manifest_of_no_parts_are_refused(carry, gguf: Path, tmp_path: Path) -> None:
+    """`--chunk-mib 0` wrote a manifest of no parts and exited 0, and joining it made an empty .gguf."""
+    with pytest.raises(SystemExit) as refused:
+        carry.main(["split", str(gguf), "--out", str(tmp_path / "p"), "--chunk-mib", "0"])
+    assert refused.value.code == 2 and not (tmp_path / "p").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "manifest.json").write_text(json.dumps({"format": "gguf", "parts": []}))
+    with pytest.raises(SystemExit, match="lists no parts"):
+        carry.main(["join", str(tmp_path / "empty"), str(tmp_path / "x.gguf")])
+    assert not (tmp_path / "x.gguf").exists()
