@@ -970,7 +970,7 @@ def report(args, device: torch.device, dtype: torch.dtype, rows, matches, tbps, 
     return {
         "label": "CPU SMOKE TEST of the script (not a GPU result, not a claim)" if smoke else "GPU benchmark",
         "complete": done, "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "prompts_per_row": args.prompts,
         "runs_per_prompt": args.runs, "new_tokens": args.new_tokens, "llama7b_prompt_len": args.prompt_len,
         "cudnn_sdpa": not args.no_cudnn_sdpa, "trained_head": str(args.trained_head),

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import platform
 import re
 import statistics
 import subprocess
@@ -535,6 +536,7 @@ def main() -> int:
     document = {
         "benchmark": "simulator vs executor, offline, from one GPU lease's files",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
         "device": json.loads(sources[0].bench.read_text())["device"],
         "inputs": [
             {"bench": str(s.bench.relative_to(ROOT)), "profile": str(s.profile.relative_to(ROOT)), "capture": s.capture}
