@@ -73,9 +73,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_out
+    from sim.formats import check_benchmark_counts, check_benchmark_inputs, check_benchmark_out
 
     check_benchmark_out(args)
+
+    check_benchmark_inputs(args, "scenario")
 
     check_benchmark_counts(args, "repeats")
 

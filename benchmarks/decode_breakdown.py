@@ -153,9 +153,11 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, default=None, help="AR steps per host read (default: the executor's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_out
+    from sim.formats import check_benchmark_counts, check_benchmark_inputs, check_benchmark_out
 
     check_benchmark_out(args)
+
+    check_benchmark_inputs(args, "profile")
 
     check_benchmark_counts(args, "prompts")
 

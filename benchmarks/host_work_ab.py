@@ -78,9 +78,11 @@ def main() -> None:
     p.add_argument("--points", default="all", help="the --points the validate run took (default: all)")
     p.add_argument("--out", type=Path, default=None, help="write the comparison here (JSON)")
     args = p.parse_args()
-    from sim.formats import check_benchmark_out
+    from sim.formats import check_benchmark_inputs, check_benchmark_out
 
     check_benchmark_out(args)
+
+    check_benchmark_inputs(args, "validate")
     validate = json.loads(args.validate.read_text(encoding="utf-8"))
     meta = validate["metadata"]
     scenario = ROOT / meta["scenario"]

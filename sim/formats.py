@@ -449,6 +449,17 @@ def check_benchmark_counts(args: Any, *names: str) -> None:
             raise SystemExit(f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}")
 
 
+def check_benchmark_inputs(args: Any, *names: str) -> None:
+    """A benchmark script's input files (`args.<name>`: a path or a list of them) exist: one line naming the flag and
+    exit 1 otherwise, rather than a traceback."""
+    for name in names:
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value]:
+            if path is not None and not Path(path).is_file():
+                flag = name if name in ("files", "scenario") else "--" + name.replace("_", "-")
+                raise SystemExit(f"{Path(sys.argv[0]).name}: error: {flag} {path}: no such file")
+
+
 def check_benchmark_out(args: Any, flag: str = "--out") -> None:
     """A benchmark script's `--out` (`args.out`, None: not given) checked before its work (`check_output`): one line
     and exit 1 where it cannot be written, rather than a traceback after the run."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.formats import check_benchmark_counts, check_benchmark_out
+from sim.formats import check_benchmark_counts, check_benchmark_inputs, check_benchmark_out
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_the_work(tmp_path: Path) -> None:
@@ -18,6 +18,15 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_work(tmp_path: Path
         check_benchmark_out(argparse.Namespace(out=blocker / "x.json"))
     check_benchmark_out(argparse.Namespace(out=tmp_path / "new" / "x.json"))  # a folder to be made: fine
     check_benchmark_out(argparse.Namespace(out=None))
+
+
+def test_a_missing_input_file_is_refused_by_its_flag(tmp_path: Path) -> None:
+    (tmp_path / "here.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"error: --validate .*gone.json: no such file"):
+        check_benchmark_inputs(argparse.Namespace(validate=tmp_path / "gone.json"), "validate")
+    with pytest.raises(SystemExit, match=r"error: files .*gone.json: no such file"):
+        check_benchmark_inputs(argparse.Namespace(files=[tmp_path / "here.json", tmp_path / "gone.json"]), "files")
+    check_benchmark_inputs(argparse.Namespace(files=[tmp_path / "here.json"], profile=None), "files", "profile")
 
 
 def test_a_count_below_one_is_refused_by_its_flag() -> None:
