@@ -156,8 +156,13 @@ def decode(model: Any, ids: Any, method: str, clock: PassClock, **settings: Any)
     stats, calls = result.stats, clock.calls[first:]
     passes_ms = sum(c[3] for c in calls)
     decode_ms = (stats.wall_time_s - stats.prefill_time_s) * 1e3
-    rounds = {"ar": stats.rounds - 1, "ppsd": getattr(stats, "ticks", 0)}.get(method, stats.rounds)  # AR's: less
-    tokens = result.sequences.shape[1] - ids.shape[1]  # its prefill's step; PPSD's: its ticks
+    if method == "ar":
+        rounds = stats.rounds - 1  # AR's count includes its prefill's step
+    elif method == "ppsd":
+        rounds = stats.ticks  # a tick is PPSD's round (and its one pass)
+    else:
+        rounds = stats.rounds
+    tokens = result.sequences.shape[1] - ids.shape[1]
     return {"method": method, "loop": "generate", "batch": ids.shape[0], "tokens": tokens, "decoded": tokens - 1,
             "rounds": rounds, "host_reads": stats.host_reads, "passes": rounds if method == "ppsd" else len(calls),
             "prefill_ms": stats.prefill_time_s * 1e3, "passes_ms": passes_ms, "host_ms": decode_ms - passes_ms,
