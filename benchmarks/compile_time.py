@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per (capture, method) process")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    from sim.formats import check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
+    check_benchmark_args(args)
     import torch
     import transformers
 
@@ -106,4 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -153,13 +153,9 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, default=None, help="AR steps per host read (default: the executor's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_inputs, check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-
-    check_benchmark_inputs(args, "profile")
-
-    check_benchmark_counts(args, "prompts")
+    check_benchmark_args(args, inputs=("profile",), counts=("prompts",))
 
     import torch
 
@@ -209,4 +205,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -120,11 +120,9 @@ def main() -> None:
     parser.add_argument("--model", help="the calibration files' model at this machine's path (as eesd validate)")
     parser.add_argument("--out", type=Path, help="write the rows and summary as JSON here (atomically)")
     args = parser.parse_args()
-    from sim.formats import check_benchmark_inputs, check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-
-    check_benchmark_inputs(args, "files")
+    check_benchmark_args(args, inputs=("files",))
     rows = [row for path in args.files for row in replay_file(path, args.model)]
     print(table(rows))
     result = summary(rows)
@@ -141,4 +139,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -128,11 +128,9 @@ def main() -> None:
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=RESULTS / "frozen_memory_cpu.json")
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-
-    check_benchmark_counts(args, "num_prompts")
+    check_benchmark_args(args, counts=("num_prompts",))
     import torch
 
     import executor
@@ -170,4 +168,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

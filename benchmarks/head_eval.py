@@ -182,4 +182,6 @@ def print_tables(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) 
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

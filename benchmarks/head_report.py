@@ -295,4 +295,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -437,12 +437,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="the JSON's path (overrides --tag)")
     parser.add_argument("--note", default="", help="the conditions, for the JSON (e.g. 'busy 2-core box, smoke run')")
     args = parser.parse_args(argv)
-    from sim.formats import check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-    for name in ("num_prompts", "new_tokens", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_benchmark_args(args, counts=("num_prompts", "new_tokens", "repeats", "threads"))
     return args
 
 
@@ -476,4 +473,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -78,11 +78,9 @@ def main() -> None:
     p.add_argument("--points", default="all", help="the --points the validate run took (default: all)")
     p.add_argument("--out", type=Path, default=None, help="write the comparison here (JSON)")
     args = p.parse_args()
-    from sim.formats import check_benchmark_inputs, check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-
-    check_benchmark_inputs(args, "validate")
+    check_benchmark_args(args, inputs=("validate",))
     validate = json.loads(args.validate.read_text(encoding="utf-8"))
     meta = validate["metadata"]
     scenario = ROOT / meta["scenario"]
@@ -111,4 +109,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -47,13 +47,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_inputs, check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-
-    check_benchmark_inputs(args, "profile")
-
-    check_benchmark_counts(args, "repeats")
+    check_benchmark_args(args, inputs=("profile",), counts=("repeats",))
 
     import torch
 
@@ -120,4 +116,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

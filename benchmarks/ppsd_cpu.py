@@ -200,11 +200,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 layers, 24 tokens, 1 repeat, no JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_out, write_text_atomic
+    from sim.formats import check_benchmark_args, write_text_atomic
 
-    check_benchmark_out(args)
-
-    check_benchmark_counts(args, "repeats")
+    check_benchmark_args(args, counts=("repeats",))
     if args.quick:
         args.layers, args.max_new_tokens, args.repeats = 8, 24, 1
     args.exit_layer = args.layers // 4  # inside stage 1 of the 4-stage pipeline, shared by every method
@@ -242,4 +240,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

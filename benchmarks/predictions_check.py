@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measured", type=Path, nargs="+", required=True, help="the lease's measured JSON files")
     parser.add_argument("--out", type=Path, default=None, help="write the comparison here (JSON, atomically)")
     args = parser.parse_args(argv)
-    from sim.formats import check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
+    check_benchmark_args(args)
     try:
         measured = [row for path in args.measured for row in read_measured(path)]
         files = [(path, json.loads(path.read_text())) for path in args.predictions]
@@ -233,4 +233,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=1200.0, help="per process")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    from sim.formats import check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
+    check_benchmark_args(args)
     if args.processes < 1 or args.calls < 2 or args.new_tokens < 2:
         raise SystemExit("process_spread.py: error: expected --processes >= 1, --calls >= 2, --new-tokens >= 2")
     extra = parse_env(args.env)
@@ -136,4 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -49,7 +49,6 @@ import argparse
 import dataclasses
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -406,11 +405,9 @@ def main() -> int:
     parser.add_argument("--rate-scale", type=float, default=1.0, help="arrivals this many times as dense (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-
-    check_benchmark_counts(args, "threads")
+    check_benchmark_args(args, counts=("threads",))
     if args.write_workloads:
         for path in write_workloads():
             print(f"wrote {path}")
@@ -471,4 +468,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

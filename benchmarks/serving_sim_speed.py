@@ -18,7 +18,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -40,11 +39,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=10_000, help="requests in the workload (default: 10000)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON output (default: {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-
-    check_benchmark_counts(args, "requests")
+    check_benchmark_args(args, counts=("requests",))
     loaded = load_serving_points(SCENARIO)
     points = [p for p in loaded if p.case == CASE and p.rate_per_s == RATE_PER_S]
     points.append(next(p for p in loaded if p.case == PPSD_CASE and p.method == "ppsd"))  # its workload replaced
@@ -96,4 +93,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

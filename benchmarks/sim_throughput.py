@@ -84,11 +84,9 @@ def main() -> int:
     parser.add_argument("--note", default="", help="what the machine was doing meanwhile (stored in the JSON)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sim_throughput_cpu.json"))
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_out, write_text_atomic
+    from sim.formats import check_benchmark_args, write_text_atomic
 
-    check_benchmark_out(args)
-
-    check_benchmark_counts(args, "tokens", "repeats")
+    check_benchmark_args(args, counts=("tokens", "repeats"))
     points = {name: make_point(case, args.tokens) for name, case in CASES.items()}
     load_before = os.getloadavg()
     runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in CASES}
@@ -133,4 +131,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -26,7 +26,6 @@ result, or `git checkout` it back.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import yaml
@@ -91,4 +90,6 @@ def recalibrate_argv(scenario: Path, threads: int, visits: int | None = None) ->
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -496,11 +496,9 @@ def main() -> int:
         help="predictions for the next lease (both cards); 'issue24': for gpu_session.sh issue24a/issue24b",
     )  # fmt: skip
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-
-    check_benchmark_counts(args, "runs")
+    check_benchmark_args(args, counts=("runs",))
     if args.predict:
         cards = tuple(args.cards.split(","))
         unknown = sorted(set(cards) - set(CARDS))
@@ -551,4 +549,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

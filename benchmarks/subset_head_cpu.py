@@ -39,11 +39,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    from sim.formats import check_benchmark_counts, check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
-
-    check_benchmark_counts(args, "prompts")
+    check_benchmark_args(args, counts=("prompts",))
     model = executor.load_model(args.model, dtype="float32")
     ids, prompts = held_out_prompts(executor.load_tokenizer(args.model), "builtin", args.prompts)
     heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
@@ -59,4 +57,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -69,9 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--ops", type=int, default=0, help="also profile one plain step: its N costliest operators")
     args = parser.parse_args(argv)
-    from sim.formats import check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
+    check_benchmark_args(args)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.window < 2:
         parser.error("--steps, --batch-size >= 1, --warmup >= 0, --window >= 2")
     return args
@@ -181,4 +181,6 @@ def summary(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], dev
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -154,9 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="the conditions, for the JSON (e.g. 'busy 2-core box')")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # one scale's training process
     args = parser.parse_args(argv)
-    from sim.formats import check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
+    check_benchmark_args(args)
     args.scale_list = [int(s) for s in args.scales.split(",") if s.strip()]
     for name in ("base_tokens", "steps", "batch_size", "window", "shard_records", "threads"):
         if getattr(args, name) < 1:
@@ -188,4 +188,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -128,9 +128,9 @@ def main() -> None:
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=RESULTS / "verify_buckets_cpu.json")
     args = parser.parse_args()
-    from sim.formats import check_benchmark_out
+    from sim.formats import check_benchmark_args
 
-    check_benchmark_out(args)
+    check_benchmark_args(args)
     settings = parse_order(args.order)
     runs = [(s, run_setting(args, "eesd", s == "on")) for s in settings]
     reference = run_setting(args, "ar", False)["outputs"]
@@ -154,4 +154,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sim.formats import run_script
+
+    raise SystemExit(run_script(main))

@@ -26,7 +26,7 @@ import os
 import reprlib
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -438,6 +438,28 @@ def check_output(flag: str, path: str | Path, folder: bool = False, force: bool 
         _probe(flag, path, path)  # the outputs go into it
     elif parent is not None:
         _probe(flag, path, parent)
+
+
+def check_benchmark_args(args: Any, *, inputs: Sequence[str] = (), counts: Sequence[str] = ()) -> None:
+    """What a benchmark script checks before its work, one line and exit 1 each rather than a traceback: its `--out`
+    (`args.out`) can be written, its input files (`args.<name>` in `inputs`: a path or a list of them) exist, and its
+    count flags (`args.<name>` in `counts`) are >= 1. None means a flag not given."""
+    check_benchmark_out(args)
+    check_benchmark_inputs(args, *inputs)
+    check_benchmark_counts(args, *counts)
+
+
+def run_script(main: Callable[[], int | None]) -> int:
+    """Run a benchmark script's `main` as `eesd` runs a command: a user's mistake that surfaces in the work (a
+    missing head file, prompt set or corpus; a value out of range) is one line naming the script and exit 2, not a
+    traceback (EESD_DEBUG=1 shows it). Returns the exit status."""
+    try:
+        return int(main() or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        if os.environ.get("EESD_DEBUG"):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def check_benchmark_counts(args: Any, *names: str) -> None:

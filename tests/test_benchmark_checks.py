@@ -1,5 +1,6 @@
-"""What every benchmark script checks before its work (`sim.formats.check_benchmark_out`, `check_benchmark_counts`):
-an `--out` that cannot be written and a count below 1 are one line and exit 1, not a traceback after the run."""
+"""What every benchmark script checks before its work (`sim.formats.check_benchmark_args`): an `--out` that cannot be
+written, a missing input file and a count below 1 are one line and exit 1, not a traceback after the run; and what
+`sim.formats.run_script` makes of a user's mistake found during the work (one line, exit 2)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from sim.formats import check_benchmark_counts, check_benchmark_inputs, check_benchmark_out
+from sim.formats import (
+    check_benchmark_args,
+    check_benchmark_counts,
+    check_benchmark_inputs,
+    check_benchmark_out,
+    run_script,
+)
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_the_work(tmp_path: Path) -> None:
@@ -33,3 +40,28 @@ def test_a_count_below_one_is_refused_by_its_flag() -> None:
     with pytest.raises(SystemExit, match="error: --num-prompts must be >= 1, got 0"):
         check_benchmark_counts(argparse.Namespace(num_prompts=0, repeats=3), "repeats", "num_prompts")
     check_benchmark_counts(argparse.Namespace(repeats=None), "repeats")
+
+
+def test_one_call_makes_every_check(tmp_path: Path) -> None:
+    args = argparse.Namespace(out=tmp_path / "x.json", profile=tmp_path / "gone.json", repeats=0)
+    with pytest.raises(SystemExit, match=r"error: --profile .*gone.json: no such file"):
+        check_benchmark_args(args, inputs=("profile",), counts=("repeats",))
+    args.profile = None
+    with pytest.raises(SystemExit, match="error: --repeats must be >= 1, got 0"):
+        check_benchmark_args(args, inputs=("profile",), counts=("repeats",))
+
+
+def test_a_mistake_found_in_the_work_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    def main() -> None:
+        raise FileNotFoundError("exit head file h.safetensors does not exist")
+
+    monkeypatch.delenv("EESD_DEBUG", raising=False)
+    monkeypatch.setattr("sys.argv", ["head_speed.py"])
+    assert run_script(main) == 2
+    assert capsys.readouterr().err == "head_speed.py: error: exit head file h.safetensors does not exist\n"
+    assert run_script(lambda: None) == 0 and run_script(lambda: 3) == 3
+    with pytest.raises(RuntimeError):  # a bug is not a user's mistake: its traceback stays
+        run_script(lambda: (_ for _ in ()).throw(RuntimeError("bug")))
+    monkeypatch.setenv("EESD_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        run_script(main)

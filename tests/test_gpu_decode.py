@@ -103,16 +103,15 @@ def test_the_7b_cases_include_ppsd_at_each_stage_count(bench, adapter) -> None:
 
 def test_without_the_default_trained_head_its_rows_are_left_out(bench, adapter, monkeypatch, tmp_path) -> None:
     """A device call that leaves heads/ behind still runs the other SmolLM2 rows; a head file named and missing is
-    an error, not a silent fallback."""
+    an error before any work, not a silent fallback."""
     monkeypatch.setattr(bench, "HEAD_FILE", tmp_path / "absent.safetensors")
     args = bench.parse_args(["--device", "cpu", "--exit-layer", "2", "--trained-head", str(bench.HEAD_FILE)])
     first, _ = bench.smollm2_cases(adapter.model, PROMPTS, args)
     labels = [c.method for c in first]
     assert "eesd shared E=2 beta-ts" in labels and not [label for label in labels if "trained" in label]
     missing = str(tmp_path / "other.safetensors")
-    args = bench.parse_args(["--device", "cpu", "--exit-layer", "2", "--trained-head", missing])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        bench.smollm2_cases(adapter.model, PROMPTS, args)
+    with pytest.raises(SystemExit, match="error: --trained-head .*other.safetensors: no such file"):
+        bench.parse_args(["--device", "cpu", "--exit-layer", "2", "--trained-head", missing])
 
 
 def test_only_keeps_the_matching_cases(bench, adapter) -> None:
