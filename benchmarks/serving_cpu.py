@@ -369,6 +369,24 @@ def _row(point: Any, measured: dict, predicted: dict, extrapolated: bool) -> dic
     return row
 
 
+def table(rows: list[dict[str, Any]]) -> str:
+    """The run's rows as a table: measured and predicted tokens/s, and the prediction's error on every compared
+    metric (the tolerance is 10%)."""
+    from sim.tables import text_table
+
+    cells = []
+    for row in rows:
+        cell = {key: row[key] for key in ("case", "method", "replicas")}
+        cell.update(measured=row["executor_tokens_per_s"], predicted=row["sim_tokens_per_s"])
+        cell.update({key: f"{100 * row['errors'][key]:+.1f}%" for key in COMPARED})
+        cell["within"] = "yes" if row["within_tolerance"] else "no"
+        cells.append(cell)
+    heads = {"measured": "tok/s run", "predicted": "tok/s sim", "within": "within 10%"}
+    heads.update({key: key.removesuffix("_ms").replace("tokens_per_s", "tok/s") + " err" for key in COMPARED})
+    columns = ["case", "method", "replicas", "measured", "predicted", *COMPARED, "within"]
+    return text_table(cells, columns, heads)
+
+
 def _line(row: dict[str, Any]) -> str:
     cells = ", ".join(
         f"{key} {row[f'executor_{key}']:.1f}/{row[f'sim_{key}']:.1f} ({100 * row['errors'][key]:+.0f}%)"
@@ -462,7 +480,9 @@ def main() -> int:
                             host_work=None if args.host is None else str(args.host))  # fmt: skip
         write_json(args.out, {"metadata": metadata, "rows": rows})
 
-    write(*measure(points, args.threads, args.model, args.device, args.dtype, args.capture, on_row=write))
+    rows, metadata = measure(points, args.threads, args.model, args.device, args.dtype, args.capture, on_row=write)
+    write(rows, metadata)
+    print(table(rows))
     print(f"wrote {args.out}")
     return 0
 
