@@ -8,13 +8,16 @@ same measurements, nothing run again. Torch-free.
     python benchmarks/host_work_ab.py --validate v.json --points 0,3,6,9 --out benchmarks/results/host_work_ab_cpu.json
 
 Errors: (predicted - measured) / measured on decode tokens/s, also against each run scaled to the profile's conditions
-(`eesd validate`'s `error now`), and on the speedup over AR at the same batch size.
+(`eesd validate`'s `error now`), and on the speedup over AR at the same batch size. The JSON keeps the validate run's
+metadata (its date, device, versions) and, under `compared`, when this comparison was made.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import statistics
 import sys
 from pathlib import Path
@@ -103,7 +106,8 @@ def main() -> None:
     if args.out:
         columns = "host_work: latency.profile.host_work's figures; profile_rows: the profile's overhead rows"
         result = {"validate": str(args.validate), "points": args.points, "metadata": meta, "rows": table,
-                  "columns": columns}  # fmt: skip
+                  "columns": columns, "compared": {"date": datetime.datetime.now(datetime.UTC).isoformat(
+                      timespec="seconds"), "python_version": platform.python_version()}}  # fmt: skip
         write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
 
