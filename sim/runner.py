@@ -29,7 +29,7 @@ from sim.latency import ProfileLatency
 from sim.plan import SimPlan, build_plan
 from sim.policy import parse_policy_spec
 from sim.progress import progress_bar
-from sim.scenario import GPUConfig, Point, Scenario, claimed_dtype, narrow_draft_dtype
+from sim.scenario import GPUConfig, LinkConfig, Point, Scenario, claimed_dtype, narrow_draft_dtype
 from sim.tables import text_table
 
 TRACE_EVENTS = 20_000
@@ -39,6 +39,8 @@ ROW_DOC = {
     "method": "ar | eesd | ppsd",
     "stages": "pipeline stages",
     "devices": "each stage's device (a GPU's name, or the profile's device), ';'-joined",
+    "tp": "each stage's tensor-parallel degree, ';'-joined",
+    "link": "the link between stages: a preset's name, latency_us/bandwidth_GBps, or a link profile's file name",
     "exit_layer": "layers the draft runs",
     "policy": "draft policy spec (eesd)",
     "draft_dtype": "eesd: the dtype drafts run in (the model's, or a narrower one: draft_dtype)",
@@ -69,6 +71,7 @@ class PointResult:
     exit_layer: int  # the plan's, defaults resolved
     devices: tuple[str, ...]  # the plan's stages' devices, in order
     notes: tuple[str, ...] = ()  # what the output must say of how the point ran (a trace replayed cyclically)
+    tp: tuple[int, ...] = ()  # the plan's stages' tensor-parallel degrees, in order
 
 
 def simulate_point(point: Point, trace: bool = False) -> PointResult:
@@ -80,7 +83,9 @@ def simulate_point(point: Point, trace: bool = False) -> PointResult:
     baseline = result if plan.method == "ar" else Simulation(build_plan(point, method="ar")).run()
     devices = tuple(stage.device for stage in plan.stages)
     wall_s = time.perf_counter() - start
-    return PointResult(point, result, baseline, wall_s, simulation.trace, plan.exit_layer, devices, _notes(plan, point))
+    tp = tuple(stage.tp for stage in plan.stages)
+    notes = _notes(plan, point)
+    return PointResult(point, result, baseline, wall_s, simulation.trace, plan.exit_layer, devices, notes, tp)
 
 
 def point_notes(point: Point) -> tuple[str, ...]:
@@ -291,6 +296,17 @@ def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return _write_csv(rows, path)
 
 
+def _link_name(link: str | LinkConfig) -> str:
+    """A results row's `link`: the preset's name, `<latency_us>us/<bandwidth_GBps>GBps` (inf: no bandwidth bound), or
+    `profile:<file name>`."""
+    if isinstance(link, str):
+        return link
+    if link.profile is not None:
+        return f"profile:{Path(link.profile).name}"
+    bandwidth = "inf" if link.bandwidth_GBps is None else f"{link.bandwidth_GBps:g}"
+    return f"{link.latency_us:g}us/{bandwidth}GBps"
+
+
 def _progress(total: int, enabled: bool) -> Any:
     return progress_bar(total, "simulating", "run", enabled, leave=False)
 
@@ -303,6 +319,8 @@ def result_row(item: PointResult) -> dict[str, Any]:
         method=r.method,
         stages=len(item.devices),
         devices=";".join(item.devices),
+        tp=";".join(map(str, item.tp)),
+        link=_link_name(p.scenario.topology.link),
         exit_layer=item.exit_layer if r.method != "ar" else "",
         policy=p.scenario.policy if r.method == "eesd" else "",
         draft_dtype=(p.scenario.draft_dtype or p.scenario.dtype) if r.method == "eesd" else "",

@@ -380,3 +380,15 @@ def test_the_verdict_and_the_notes_for_runs_with_nothing_to_compare_or_only_a_li
     data["workload"]["output_len"] = 64
     line = verdict(run_points(load_points(write(tmp_path, data)), jobs=1, progress=False))
     assert "(speedup over AR on the same hardware:" in line  # one point a method: not "best"
+
+
+def test_results_rows_name_each_stages_tp_and_the_link(tmp_path: Path) -> None:
+    results = run_points(load_points(ROOT / "scenarios" / "llama70b_gpus.yaml"), jobs=1, progress=False)
+    assert [result_row(r)["tp"] for r in results] == ["4", "8", "1;1;1;1", "1;1;1;1;1;1;1;1", "2;2;2;2"]
+    assert {result_row(r)["link"] for r in results} == {"nvlink"}
+    custom = {"latency_us": 3, "bandwidth_GBps": 25}
+    workload = {"requests": 1, "prompt_len": 8, "output_len": 8}
+    data = {"name": "link", "model": "SmolLM2-135M", "method": "ppsd", "exit_layer": 8, "acceptance": {"alpha": 0.5},
+            "topology": {"stages": 2, "link": custom}, "workload": workload}  # fmt: skip
+    (row,) = [result_row(r) for r in run_points(load_points(write(tmp_path, data)), jobs=1, progress=False)]
+    assert row["link"] == "3us/25GBps" and row["tp"] == "1;1"
