@@ -32,7 +32,7 @@ from executor.passes import (
     verify_bucketed,
 )
 from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, check_backend, decode_ppsd, plan_stages
-from executor.sampling import MAX_SEED, SAMPLING_MODES, SamplingConfig, TokenSelector, token_ids
+from executor.sampling import MAX_SEED, SAMPLING_MODES, SamplingConfig, TokenSelector, row_seed, token_ids
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, policy_seed
 from sim.contract import draft_capacity as contract_draft_capacity
 from sim.policy import DraftPolicy, make_policy
@@ -646,17 +646,31 @@ def check_draft_dtype(adapter: ModelAdapter, method: str, draft_dtype: Any) -> t
 
 
 def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.Tensor | None:
-    """HF infers the attention mask from the pad token when the input holds one that is not an EOS token."""
+    """HF infers the attention mask from the pad token when the input holds one that is not an EOS token. The
+    decoders take left padding only: a pad id after a row's first real token is refused, saying the mask was
+    inferred (no attention_mask passed)."""
     if pad is None or pad in eos or not bool((ids == pad).any()):
         return None
-    return (ids != pad).long()
+    mask = (ids != pad).long()
+    late = (mask.cummax(dim=1).values > mask).any(dim=1)  # a pad after a real token
+    if bool(late.any()):
+        row = int(late.nonzero()[0])
+        raise ValueError(
+            f"input_ids row {row} holds pad_token_id {pad} after its first real token: with no attention_mask, the "
+            "mask is inferred from pad_token_id (as HF does), and the decoders take left padding only; pass an "
+            "attention_mask (ones where the tokens are real), or a pad_token_id the prompt does not use"
+        )
+    return mask
 
 
 # model.generate arguments the drop-in understands; anything else raises instead of being ignored
 # how HF keeps or compiles its cache: the tokens and every output returned here are the same whatever they say
 NO_EFFECT_ARGS = (
     "cache_implementation", "cache_config", "low_memory", "return_legacy_cache", "compile_config", "disable_compile",
+    "early_stopping", "synced_gpus", "bos_token_id", "decoder_start_token_id", "trust_remote_code",
 )  # fmt: skip
+# (early_stopping: beams only; synced_gpus: keeps a process stepping until all are done; bos_token_id and
+# decoder_start_token_id: used only without a prompt, or by encoder-decoders; trust_remote_code: for custom_generate)
 SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
     "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "generation_config", "streamer",
@@ -675,19 +689,36 @@ SUPPORTED_GENERATE_ARGS = (
 # GenerateDecoderOnlyOutput holding `sequences`, and `scores`, `logits`, `hidden_states`, `attentions` with their
 # output_* flags (recomputed by one pass over the output: `rescore`); HF's `cache` (past_key_values) is not returned
 
+# generation_config fields that hold one integer (a numpy integer taken as a Python int)
+_INTEGER_FIELDS = (
+    "max_new_tokens", "min_new_tokens", "max_length", "min_length", "num_return_sequences", "top_k",
+    "no_repeat_ngram_size", "forced_bos_token_id",
+)  # fmt: skip
+
 # generate arguments that are not generation_config fields
 _NOT_CONFIG = (
     "attention_mask", "streamer", "generation_config", "use_cache", "stopping_criteria", "tokenizer",
     "logits_processor", "prefix_allowed_tokens_fn",
 )  # fmt: skip
 
-# generation_config fields that change the result if set away from these values, and that we do not implement
+# generation_config fields that change the result if set away from these values, and that we do not implement:
+# accepted at these values, as arguments or in a generation_config (an eval harness passes num_beams=1), else refused
 _UNSUPPORTED_CONFIG = {
     "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "encoder_repetition_penalty": 1.0,
     "guidance_scale": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "top_h": None,
-    "dola_layers": None, "token_healing": False,
+    "dola_layers": None, "token_healing": False, "remove_invalid_values": False, "encoder_no_repeat_ngram_size": 0,
     "watermarking_config": None, "constraints": None, "force_words_ids": None, "diversity_penalty": 0.0,
 }  # fmt: skip
+# generate arguments, not config fields, likewise accepted only at these values
+_UNSUPPORTED_ARGS = {
+    "assistant_model": None, "assistant_tokenizer": None, "custom_generate": None, "negative_prompt_ids": None,
+    "negative_prompt_attention_mask": None, "inputs_embeds": None, "past_key_values": None,
+}  # fmt: skip
+
+
+def _unsupported(key: str, value: Any, neutral: Any) -> bool:
+    """Whether `value` of an unsupported setting is other than its neutral value (`None`: by identity)."""
+    return value is not neutral and (neutral is None or value != neutral)
 
 
 OUTPUT_FIELDS = ("scores", "logits", "hidden_states", "attentions")  # what `rescore` recomputes, HF's names
@@ -802,7 +833,7 @@ def _processing(config: Any) -> dict[str, Any]:
 
 def _prompt_ids(inputs: Any, kwargs: dict[str, Any]) -> Any:
     """The prompt from HF's `inputs` (positional) or `input_ids=`; `inputs_embeds` is refused (ids are needed)."""
-    if "inputs_embeds" in kwargs:
+    if kwargs.get("inputs_embeds") is not None:
         raise ValueError("inputs_embeds is not supported: the decoders start from token ids; pass input_ids")
     ids = kwargs.pop("input_ids", None)
     if inputs is not None and ids is not None:
@@ -916,6 +947,28 @@ def _check_pipeline(
     check_backend(adapter, backend)
 
 
+def _per_prompt(fn: Any, copies: int) -> Any:
+    """`prefix_allowed_tokens_fn` as HF calls it with `num_return_sequences` copies: `batch_id` the prompt's index,
+    not the output row's (HF's constraint takes the copies as beams)."""
+    if fn is None or copies == 1 or not callable(fn):  # not callable: refused by name where it is read
+        return fn
+    return lambda batch_id, row: fn(batch_id // copies, row)
+
+
+def _row_seeds(seed: int | Sequence[int], prompts: int, copies: int) -> list[int]:
+    """Each output row's seed for a drop-in call (`sampling.row_seed`): rows of one batch sample independently, as
+    HF's do. `seed` an int: the rows (each prompt's copies side by side) take row_seed(seed, r); one seed per prompt
+    row: a prompt's copy c takes row_seed(its seed, c)."""
+    if isinstance(seed, numbers.Integral):
+        return [row_seed(int(seed), row) for row in range(prompts * copies)]
+    seeds = list(seed)
+    if len(seeds) != prompts:
+        raise ValueError(f"seed has {len(seeds)} values (one per prompt row), the batch has {prompts} rows")
+    if not all(isinstance(s, numbers.Integral) and 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"seed must be integers in [0, {MAX_SEED}] (one per prompt row), got {seed!r}")
+    return [row_seed(int(s), c) for s in seeds for c in range(copies)]
+
+
 class EarlyExitGenerator:
     """Drop-in for `model.generate`: same arguments, same returned `LongTensor`, decoded with AR or EESD.
 
@@ -926,7 +979,10 @@ class EarlyExitGenerator:
     `sampling` mode given here ("exact": equal to this generator's own AR sampling for the same seed), so they
     follow the same distribution as HF's sampling but not HF's random stream. As HF, a call with no seed set takes
     its randomness from torch's global generator (`seed=None`, the default: one 32-bit seed drawn per sampling call,
-    so `torch.manual_seed` makes a call reproducible and successive calls differ); `seed=N` pins every call to N.
+    so `torch.manual_seed` makes a call reproducible and successive calls differ); `seed=N` pins every call to N, and
+    `seed=[N0, N1, ...]` gives each prompt row its own. The rows of a batch sample independently, as HF's do (a
+    prompt repeated, or its `num_return_sequences` copies, gives different samples): row r takes a seed derived from
+    the call's and r (`sampling.row_seed`; row 0 takes the call's own).
 
     Lengths and the config as HF 5 reads them: the passed `generation_config`'s unset fields come from the model's
     own (its EOS and pad ids, ...); with no length set at all, 20 new tokens (HF's default `max_length` counted from
@@ -941,7 +997,7 @@ class EarlyExitGenerator:
         draft_len: int = 4,
         policy: str | DraftPolicy | None = None,
         sampling: str = "exact",
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         head: Any = None,
         capture: str = "auto",
         draft_dtype: torch.dtype | str | None = None,
@@ -972,7 +1028,11 @@ class EarlyExitGenerator:
         """`model.generate`'s LongTensor (or, with return_dict_in_generate, its output object with `sequences`).
         The prompt as HF takes it: `inputs` (positional) or `input_ids=`."""
         input_ids = _prompt_ids(inputs, kwargs)
-        unknown = sorted(set(kwargs) - set(SUPPORTED_GENERATE_ARGS))
+        unknown = sorted(set(kwargs) - set(SUPPORTED_GENERATE_ARGS) - set(_UNSUPPORTED_CONFIG) - set(_UNSUPPORTED_ARGS))
+        for key, neutral in _UNSUPPORTED_ARGS.items():
+            if _unsupported(key, kwargs.get(key, neutral), neutral):
+                got = kwargs[key] if isinstance(kwargs[key], (int, float, str)) else f"a {type(kwargs[key]).__name__}"
+                raise ValueError(f"{key}: not supported by the drop-in (only {neutral!r}), got {got}")
         if unknown:
             raise ValueError(
                 f"unsupported generate argument(s): {', '.join(unknown)} (not implemented by the drop-in: "
@@ -984,11 +1044,10 @@ class EarlyExitGenerator:
         if mask is None:
             mask = _mask_from_pad(ids, config.pad_token_id, _eos_ids(config.eos_token_id))
         copies = _return_sequences(config)
-        seed: int | list[int] = self._call_seed(config)
-        if copies > 1:  # HF's layout: each row's copies next to each other; copy c samples with seed + c
+        seed = _row_seeds(self._call_seed(config), ids.shape[0], copies)
+        if copies > 1:  # HF's layout: each row's copies next to each other
             ids = ids.repeat_interleave(copies, dim=0)
             mask = None if mask is None else torch.as_tensor(mask).repeat_interleave(copies, dim=0)
-            seed = [(seed + c) % (MAX_SEED + 1) for _ in range(ids.shape[0] // copies) for c in range(copies)]
         positions = getattr(self.model.config, "max_position_embeddings", None)
         max_new = _max_new_tokens(config, ids.shape[1], default_length, positions)
         processing = _processing(config)
@@ -1000,7 +1059,7 @@ class EarlyExitGenerator:
             stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture,
             draft_dtype=self.draft_dtype, verify_buckets=self.verify_buckets, **self.pipeline,
             logits_processor=kwargs.get("logits_processor"),
-            prefix_allowed_tokens_fn=kwargs.get("prefix_allowed_tokens_fn"), **processing,
+            prefix_allowed_tokens_fn=_per_prompt(kwargs.get("prefix_allowed_tokens_fn"), copies), **processing,
         )  # fmt: skip
         self.last_stats = result.stats
         if not config.return_dict_in_generate:
@@ -1016,9 +1075,10 @@ class EarlyExitGenerator:
                 extra["scores"] = tuple(step.log_softmax(-1) for step in extra["scores"])
         return GenerateDecoderOnlyOutput(sequences=result.sequences, **extra)
 
-    def _call_seed(self, config: Any) -> int:
-        """This call's sampling seed: the generator's, else (sampling) one drawn from torch's global generator, as
-        HF's sampling draws from it; greedy draws nothing (the seed then only keys the draft policies' RNG)."""
+    def _call_seed(self, config: Any) -> int | Sequence[int]:
+        """This call's sampling seed: the generator's (an int, or one per prompt row), else (sampling) one drawn
+        from torch's global generator, as HF's sampling draws from it; greedy draws nothing (the seed then only keys
+        the draft policies' RNG)."""
         if self.seed is not None:
             return self.seed
         if not config.do_sample:
@@ -1027,7 +1087,7 @@ class EarlyExitGenerator:
 
     def _generation_config(self, kwargs: dict[str, Any]) -> tuple[Any, bool]:
         """(config, whether no length was set anywhere): the passed `generation_config` (else the model's), its unset
-        fields filled from the model's own and then from HF's defaults, overridden by the keyword arguments."""
+        fields filled from the model's own and then from HF's defaults, then overridden by the keyword arguments."""
         from transformers import GenerationConfig
 
         model_config, given = self.model.generation_config, kwargs.get("generation_config")
@@ -1038,15 +1098,20 @@ class EarlyExitGenerator:
                     setattr(config, key, value)
         # HF's "no length set": max_length unset (transformers 5) or at the library's default (4.x, where it is 20)
         default_length = kwargs.get("max_length") is None and config.max_length in (None, GenerationConfig().max_length)
-        for key, value in kwargs.items():
-            if key not in _NOT_CONFIG:
-                setattr(config, key, value)
         defaults = getattr(type(config), "_get_default_generation_params", None)  # transformers >= 5
         for key, value in (defaults() if defaults else {}).items():
             if getattr(config, key, None) is None:
                 setattr(config, key, value)
+        for key, value in kwargs.items():  # last, as HF: an explicit None turns a default off (top_k=None: no top-k)
+            if key not in _NOT_CONFIG and key not in _UNSUPPORTED_ARGS:
+                setattr(config, key, value)
+        for key in _INTEGER_FIELDS:  # numpy's integers as HF takes them
+            value = getattr(config, key, None)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(config, key, int(value))
         for key, neutral in _UNSUPPORTED_CONFIG.items():
             value = getattr(config, key, neutral)
-            if value is not None and value != neutral:
-                raise ValueError(f"generation_config.{key}={value!r} is not supported (only {neutral!r})")
+            if value is not None and _unsupported(key, value, neutral):
+                where = "" if key in kwargs else "generation_config."
+                raise ValueError(f"{where}{key}={value!r} is not supported (only {neutral!r})")
         return config, default_length

@@ -192,6 +192,24 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32(x: int) -> int:
+    """`_hash32` on one Python int < 2**32."""
+    return int(_hash32(torch.tensor(x, dtype=torch.int64)))
+
+
+ROW_SALT = 0x27D4EB2F  # keys a batch row's seed (`row_seed`); any non-zero 32-bit constant
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row `row` of a drop-in call seeded `seed` (`EarlyExitGenerator`): `seed` itself for row 0, so one
+    row samples what `generate` samples with that seed, and a 32-bit hash of (seed, row) for the others, so that the
+    rows of a batch (a prompt repeated, or its `num_return_sequences` copies) sample independently, as HF's do, and
+    calls with nearby seeds share no row's noise."""
+    if row == 0:
+        return seed
+    return _mix32((seed & _MASK32) ^ _mix32((row * ROW_SALT) & _MASK32))
+
+
 # independent noise streams of one seed (0: the exact mode's, unchanged); any distinct non-zero 32-bit constants
 DRAFT_SALT, ACCEPT_SALT, SAMPLE_SALT = 0x1B873593, 0xCC9E2D51, 0x85EBCA6B
 

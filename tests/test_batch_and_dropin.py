@@ -188,8 +188,11 @@ def test_a_generator_checks_its_settings_when_built(model, settings, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(num_beams=4), "unsupported generate argument"),
-        (dict(assistant_model=object()), "unsupported generate argument"),
+        (dict(num_beams=4), r"^num_beams=4 is not supported \(only 1\)"),
+        (dict(assistant_model=object()), "assistant_model: not supported by the drop-in .only None., got a object"),
+        (dict(remove_invalid_values=True), "remove_invalid_values=True is not supported"),
+        (dict(generation_config=GenerationConfig(remove_invalid_values=True)), "generation_config.remove_invalid"),
+        (dict(num_beam=1), "unsupported generate argument.s.: num_beam"),
         (dict(generation_config=GenerationConfig(num_beams=3)), "num_beams=3 is not supported"),
         (dict(generation_config=GenerationConfig(penalty_alpha=0.6, top_k=4)), "penalty_alpha"),
         (dict(generation_config=GenerationConfig(dola_layers="low")), "dola_layers"),
@@ -337,3 +340,71 @@ def test_the_drop_in_takes_ppsds_pipeline_and_refuses_it_for_another_method() ->
                             ({"method": "ppsd", "backend": "x"}, "backend must be one of")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             executor.EarlyExitGenerator(model, **kwargs)
+
+
+def test_rows_of_one_sampled_batch_sample_independently_as_hfs_do(model):
+    """A prompt repeated gives different samples; each row is what the generator samples alone with its row's seed
+    (`row_seed`: row 0 the call's own), and EESD's rows equal AR's."""
+    from executor.sampling import row_seed
+
+    ids = torch.tensor([[3, 4, 5, 6]] * 4)
+    kwargs = dict(do_sample=True, max_new_tokens=8, temperature=1.5, top_k=0)
+    ar = executor.EarlyExitGenerator(model, method="ar", seed=11).generate(ids, **kwargs)
+    eesd = executor.EarlyExitGenerator(model, exit_layer=2, seed=11).generate(ids, **kwargs)
+    assert eesd.tolist() == ar.tolist() and len({tuple(row) for row in ar.tolist()}) == 4
+    for row in range(4):
+        alone = executor.EarlyExitGenerator(model, method="ar", seed=row_seed(11, row)).generate(ids[:1], **kwargs)
+        assert alone[0].tolist() == ar[row].tolist()
+    per_prompt = executor.EarlyExitGenerator(model, method="ar", seed=[11, 12]).generate(
+        ids[:2], num_return_sequences=2, **kwargs
+    )
+    assert per_prompt[0].tolist() == ar[0].tolist() and per_prompt[1].tolist() == ar[1].tolist()
+    with pytest.raises(ValueError, match="seed has 1 values .one per prompt row., the batch has 2 rows"):
+        executor.EarlyExitGenerator(model, method="ar", seed=[11]).generate(ids[:2], num_return_sequences=2, **kwargs)
+    assert row_seed(11, 0) == 11 and len({row_seed(s, r) for s in range(50) for r in range(50)}) == 2500
+
+
+def test_an_explicit_none_turns_a_default_off_as_in_hf(model):
+    """HF fills its defaults (top_k 50) before the arguments: top_k=None samples from the whole vocabulary."""
+    ids = torch.tensor([[3, 4, 5]])
+    kwargs = dict(do_sample=True, top_k=None, max_new_tokens=1, return_dict_in_generate=True, output_scores=True)
+    for extra in ({}, {"top_p": 0.9}):
+        hf = model.generate(ids, **kwargs, **extra).scores[0]
+        ours = executor.EarlyExitGenerator(model, method="ar").generate(ids, **kwargs, **extra).scores[0]
+        assert torch.isfinite(ours).sum() == torch.isfinite(hf).sum()
+    assert torch.isfinite(hf).sum() > 50
+
+
+def test_prefix_allowed_tokens_fn_gets_the_prompts_index_with_copies(model):
+    """HF's constraint takes num_return_sequences copies as beams: batch_id is the prompt's index."""
+    seen = set()
+
+    def allowed(batch_id: int, row: torch.Tensor) -> list[int]:
+        seen.add(batch_id)
+        return list(range(10, 30)) if batch_id == 0 else list(range(50, 70))
+
+    ids = torch.tensor([[3, 4, 5], [9, 8, 7]])
+    for method in ("ar", "eesd"):
+        got = executor.EarlyExitGenerator(model, method=method, exit_layer=2).generate(
+            ids, prefix_allowed_tokens_fn=allowed, do_sample=True, max_new_tokens=5, num_return_sequences=2
+        )
+        assert seen == {0, 1}
+        assert all(10 <= t < 30 for t in got[:2, 3:].flatten()) and all(50 <= t < 70 for t in got[2:, 3:].flatten())
+
+
+def test_neutral_values_and_numpy_integers_are_taken_as_hf_takes_them(model):
+    np = pytest.importorskip("numpy")
+    ids = torch.tensor([[3, 4, 5]])
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    neutral = dict(num_beams=1, num_beam_groups=1, early_stopping=False, synced_gpus=False, diversity_penalty=0.0,
+                   penalty_alpha=None, guidance_scale=None, encoder_no_repeat_ngram_size=0, bos_token_id=1,
+                   trust_remote_code=False, custom_generate=None, remove_invalid_values=False)  # fmt: skip
+    got = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, max_new_tokens=np.int64(4), **neutral)
+    assert got.tolist() == expected.tolist()
+
+
+def test_an_inferred_mask_that_is_not_left_padding_says_it_was_inferred(model):
+    with pytest.raises(ValueError, match="row 0 holds pad_token_id 0 after its first real token: with no attention"):
+        executor.EarlyExitGenerator(model, method="ar").generate(
+            torch.tensor([[5, PAD, 7], [9, 8, 7]]), pad_token_id=PAD
+        )

@@ -12,7 +12,7 @@ from test_stopping import assert_scores_close
 from tiny_models import TinySpec, scale_late_layers, tiny_model
 
 import executor
-from executor.sampling import SamplingConfig, TokenSelector, ngram_bans
+from executor.sampling import SamplingConfig, TokenSelector, ngram_bans, row_seed
 
 
 class BanSuccessor:
@@ -368,7 +368,7 @@ def test_prefix_allowed_tokens_fn_that_allows_nothing_is_refused_as_hf_refuses_i
 
 def test_prefix_settings_with_copies_stops_and_chained_steps(model):
     """With num_return_sequences (each copy its own seed), a stopping criterion, and AR steps chained on the device
-    (sync_every 4): EESD's sampled copies equal AR's, each copy is its row decoded alone with seed + copy, greedy with
+    (sync_every 4): EESD's sampled copies equal AR's, each copy is its row decoded alone with its seed, greedy with
     the criterion equals HF, and chained AR equals step-by-step AR."""
     ids, mask = left_pad([[3, 4, 5, 6], [8, 9]])
     kwargs = dict(attention_mask=mask, max_new_tokens=14, pad_token_id=PAD, eos_token_id=1)
@@ -385,7 +385,7 @@ def test_prefix_settings_with_copies_stops_and_chained_steps(model):
     for row in range(2):
         for copy in range(2):
             one = (
-                executor.EarlyExitGenerator(model, method="ar", seed=9 + copy)
+                executor.EarlyExitGenerator(model, method="ar", seed=row_seed(9, 2 * row + copy))
                 .generate(ids[row : row + 1], **{**alone, "attention_mask": mask[row : row + 1]})[0]
                 .tolist()
             )

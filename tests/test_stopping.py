@@ -13,6 +13,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 import executor
 from executor.decoding import TokenSink
+from executor.sampling import row_seed
 
 
 class StopAfter(StoppingCriteria):
@@ -115,14 +116,15 @@ def test_token_sink_keeps_the_stopping_token_and_drops_the_rest():
 
 
 def test_num_return_sequences_samples_each_copy_with_its_own_seed(model):
-    """HF's layout (a prompt's copies side by side); copy c is what the generator samples alone with seed + c."""
+    """HF's layout (a prompt's copies side by side); output row r is what the generator samples alone with the seed
+    `row_seed(seed, r)` (row 0: the seed itself), so copies differ from each other and from other prompts' copies."""
     ids, mask = left_pad([[3, 4, 5], [9, 8]])
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, pad_token_id=PAD, temperature=1.5)
     got = executor.EarlyExitGenerator(model, exit_layer=2, seed=5).generate(ids, num_return_sequences=3, **kwargs)
     assert got.shape[0] == 6
     for row in range(2):
         for copy in range(3):
-            alone = executor.EarlyExitGenerator(model, method="ar", seed=5 + copy)
+            alone = executor.EarlyExitGenerator(model, method="ar", seed=row_seed(5, 3 * row + copy))
             one = alone.generate(ids[row : row + 1], **{**kwargs, "attention_mask": mask[row : row + 1]})[0].tolist()
             assert got[3 * row + copy].tolist() == one + [PAD] * (got.shape[1] - len(one))
     assert len({tuple(r) for r in got[:3].tolist()}) > 1  # the copies differ
