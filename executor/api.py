@@ -311,26 +311,40 @@ class AllowedTokens:
         return PrefixConstrainedLogitsProcessor(lambda i, row: self.fn(rows[i], row), 1)(input_ids, scores)
 
 
-def prefix_processors(settings: dict[str, Any], eos: list[int], width: int, max_new_tokens: int) -> PrefixProcessors:
+def prefix_processors(
+    settings: dict[str, Any], eos: list[int], width: int, max_new_tokens: int, taking: dict[str, Any] | None = None
+) -> PrefixProcessors:
     """HF's own processors for `settings` (bad_words_ids, sequence_bias, logits_processor, forced_bos_token_id,
     forced_eos_token_id, exponential_decay_length_penalty, prefix_allowed_tokens_fn; None is off), in HF's order,
     for an input `width` tokens wide: bad words of several tokens, forced BOS and EOS (the EOS at the
     `max_new_tokens`-th new token, HF's max_length - 1), the exponential decay length penalty (and before the forced
     tokens, `prefix_allowed_tokens_fn`'s constraint, `AllowedTokens`); then the caller's `logits_processor`.
     Single-token bad words (an EOS id excepted, as HF excepts it) become suppressed ids, unless a forced token
-    follows them in HF's order (it overrides them there)."""
+    follows them in HF's order (it overrides them there). `taking` (`taken_over`): the caller's processors that
+    replace built-ins, each put in its built-in's place."""
     from transformers.generation import logits_process as hf
+
+    taking = taking or {}
+
+    def placed(*names: str) -> list[Callable[..., Any]]:
+        return [taking[name] for name in names if name in taking]
 
     words = _bad_words(settings.get("bad_words_ids"), eos)
     bos, forced_eos = settings.get("forced_bos_token_id"), _eos_ids(settings.get("forced_eos_token_id"))
-    forced = bos is not None or bool(forced_eos)
+    forced = (
+        bos is not None
+        or bool(forced_eos)
+        or bool(placed("ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor"))
+    )
     single = () if forced else tuple(w[0] for w in words if len(w) == 1)
-    processors: list[Callable[..., Any]] = []
+    processors = placed("NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor")
     banned = [list(w) for w in words if forced or len(w) > 1]
     if banned:
         processors.append(hf.NoBadWordsLogitsProcessor(banned, eos or None))
+    processors += placed("PrefixConstrainedLogitsProcessor")
     if settings.get("prefix_allowed_tokens_fn") is not None:
         processors.append(AllowedTokens(settings["prefix_allowed_tokens_fn"]))
+    processors += placed("ForcedBOSTokenLogitsProcessor")
     if bos is not None:
         if not _is_token_id(bos):
             raise ValueError(f"forced_bos_token_id must be a token id (an integer >= 0), got {bos!r}")
@@ -339,18 +353,69 @@ def prefix_processors(settings: dict[str, Any], eos: list[int], width: int, max_
         if not all(_is_token_id(t) for t in forced_eos):
             raise ValueError(f"forced_eos_token_id must be token ids (integers >= 0), got {forced_eos!r}")
         processors.append(hf.ForcedEOSTokenLogitsProcessor(width + max_new_tokens, forced_eos))
+    processors += placed("ForcedEOSTokenLogitsProcessor", "ExponentialDecayLengthPenalty")
     decay = settings.get("exponential_decay_length_penalty")
     if decay is not None:
         processors.append(_decay(decay, eos, width))
+    custom = (*placed("SuppressTokensLogitsProcessor", "SuppressTokensAtBeginLogitsProcessor"), *_custom(settings))
+    bias = settings.get("sequence_bias")
+    biases = (*placed("SequenceBiasLogitsProcessor"), *((_sequence_bias(bias),) if bias else ()))
+    biases += tuple(placed("RepetitionPenaltyLogitsProcessor"))  # the penalty's place: right after the bias
+    return PrefixProcessors(biases, tuple(processors), custom, single)
+
+
+def _custom(settings: dict[str, Any]) -> list[Callable[..., Any]]:
+    """The caller's `logits_processor` list, checked."""
     custom = settings.get("logits_processor")
     if custom is not None and (not isinstance(custom, (list, tuple)) or not all(callable(p) for p in custom)):
         raise ValueError(
             f"logits_processor must be a list of HF LogitsProcessor objects (callables of input_ids, scores), got "
             f"{custom!r}"
         )
-    bias = settings.get("sequence_bias")
-    biases = (_sequence_bias(bias),) if bias else ()
-    return PrefixProcessors(biases, tuple(processors), tuple(custom or ()), single)
+    return list(custom or ())
+
+
+# HF's built-in processors that a caller's processor of the same class replaces: the setting that makes each, and
+# the value that leaves it off
+_TAKEN_OVER = {
+    "SequenceBiasLogitsProcessor": ("sequence_bias", None),
+    "RepetitionPenaltyLogitsProcessor": ("repetition_penalty", 1.0),
+    "NoRepeatNGramLogitsProcessor": ("no_repeat_ngram_size", 0),
+    "NoBadWordsLogitsProcessor": ("bad_words_ids", None),
+    "PrefixConstrainedLogitsProcessor": ("prefix_allowed_tokens_fn", None),
+    "ForcedBOSTokenLogitsProcessor": ("forced_bos_token_id", None),
+    "ForcedEOSTokenLogitsProcessor": ("forced_eos_token_id", None),
+    "ExponentialDecayLengthPenalty": ("exponential_decay_length_penalty", None),
+    "SuppressTokensLogitsProcessor": ("suppress_tokens", None),
+    "SuppressTokensAtBeginLogitsProcessor": ("begin_suppress_tokens", None),
+}
+
+
+def taken_over(settings: dict[str, Any], min_new_tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """HF's rule for a `logits_processor` entry of the same class as a built-in the settings make: the caller's
+    replaces the built-in, in the built-in's place (HF's `_merge_criteria_processor_list`). Returns the settings with
+    those built-ins off and the rest of the caller's list, and the replacing processors by class name. A caller's
+    MinLength / MinNewTokensLength processor beside a minimum length is refused (HF keeps one of its two there)."""
+    from transformers.generation import logits_process as hf
+
+    taking: dict[str, Any] = {}
+    for processor in _custom(settings):
+        name = type(processor).__name__
+        if type(processor) is not getattr(hf, name, None):  # HF matches the exact class
+            continue
+        if name in ("MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor") and min_new_tokens > 0:
+            raise ValueError(
+                f"logits_processor holds a {name} while a minimum length is set (min_new_tokens / min_length): HF "
+                "would replace only one of its two EOS masks; set the minimum by min_new_tokens alone"
+            )
+        key, off = _TAKEN_OVER.get(name, (None, None))
+        if key is not None and name not in taking and settings.get(key) is not None and settings[key] != off:
+            taking[name] = processor
+    if not taking:
+        return settings, taking
+    rest = [p for p in _custom(settings) if all(p is not q for q in taking.values())]
+    off = {_TAKEN_OVER[name][0]: _TAKEN_OVER[name][1] for name in taking}
+    return {**settings, **off, "logits_processor": rest}, taking
 
 
 def _decay(decay: Any, eos: list[int], width: int) -> Callable[..., Any]:
@@ -574,16 +639,19 @@ def generate(
         bad_words_ids=bad_words_ids, sequence_bias=sequence_bias,
         logits_processor=logits_processor, forced_bos_token_id=forced_bos_token_id,
         forced_eos_token_id=forced_eos_token_id, exponential_decay_length_penalty=exponential_decay_length_penalty,
-        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, suppress_tokens=suppress_tokens,
+        begin_suppress_tokens=begin_suppress_tokens,
     )  # fmt: skip
-    prefixed = prefix_processors(settings, eos, ids.shape[1], max_new_tokens)
+    settings, taking = taken_over(settings, min_new_tokens)
+    prefixed = prefix_processors(settings, eos, ids.shape[1], max_new_tokens, taking)
     config = SamplingConfig(
         do_sample=do_sample, mode=sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        suppress_tokens=(*token_ids("suppress_tokens", suppress_tokens), *prefixed.suppressed),
-        begin_suppress_tokens=token_ids("begin_suppress_tokens", begin_suppress_tokens),
+        repetition_penalty=settings["repetition_penalty"],
+        suppress_tokens=(*token_ids("suppress_tokens", settings["suppress_tokens"]), *prefixed.suppressed),
+        begin_suppress_tokens=token_ids("begin_suppress_tokens", settings["begin_suppress_tokens"]),
         processors=prefixed.processors, biases=prefixed.biases,
-        custom=prefixed.custom, no_repeat_ngram_size=no_repeat_ngram_size or 0, typical_p=typical_p,
+        custom=prefixed.custom, no_repeat_ngram_size=settings["no_repeat_ngram_size"] or 0, typical_p=typical_p,
         epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
     )  # fmt: skip
     capture = prefix_capture(capture, config, method, backend)

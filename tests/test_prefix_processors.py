@@ -394,3 +394,41 @@ def test_prefix_settings_with_copies_stops_and_chained_steps(model):
     stepwise = executor.generate(model, [[3, 4, 5, 6]], sync_every=1, **options).sequences
     chained = executor.generate(model, [[3, 4, 5, 6]], sync_every=4, **options).sequences
     assert chained.tolist() == stepwise.tolist()
+
+
+@pytest.mark.parametrize(
+    ("settings", "custom"),
+    [
+        (dict(repetition_penalty=3.0), "RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=4)"),
+        (dict(no_repeat_ngram_size=1), "NoRepeatNGramLogitsProcessor(3)"),
+        (dict(sequence_bias={(9,): 2.0}, repetition_penalty=1.5), "SequenceBiasLogitsProcessor({(25,): -5.0})"),
+        (dict(bad_words_ids=[[25]], forced_bos_token_id=3), "NoBadWordsLogitsProcessor([[5]], eos_token_id=None)"),
+        (dict(suppress_tokens=[25]), "SuppressTokensLogitsProcessor([5])"),
+        (
+            dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=1),
+            "ExponentialDecayLengthPenalty((1, 3.0), 1, 4)",
+        ),
+        (dict(repetition_penalty=1.3), "NoRepeatNGramLogitsProcessor(2)"),  # nothing to replace: HF appends it
+    ],
+)
+def test_a_custom_processor_of_a_built_ins_class_replaces_it_in_its_place(model, settings, custom):
+    """HF: a `logits_processor` entry of the class of a built-in the settings make takes the built-in's place."""
+    from transformers.generation import logits_process as hf
+
+    processor = eval(custom, vars(hf))  # noqa: S307 (a literal of the test's own)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 9, 3, 4]])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, logits_processor=[processor], **settings)
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    for method in ("ar", "eesd"):
+        got = executor.EarlyExitGenerator(model, method=method, exit_layer=2, draft_len=3).generate(ids, **kwargs)
+        assert got.tolist() == expected.tolist(), method
+
+
+def test_a_custom_min_length_processor_beside_a_minimum_is_refused(model):
+    from transformers.generation.logits_process import MinLengthLogitsProcessor
+
+    with pytest.raises(ValueError, match="holds a MinLengthLogitsProcessor while a minimum length is set"):
+        executor.generate(
+            model, [[3, 4]], max_new_tokens=4, min_new_tokens=2, eos_token_id=1,
+            logits_processor=[MinLengthLogitsProcessor(5, 1)],
+        )  # fmt: skip
