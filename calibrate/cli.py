@@ -95,7 +95,7 @@ def _latency_arguments(p: argparse.ArgumentParser) -> None:
         "(compiled; file name ends _compiled), or compiled with the weights frozen in as the CPU's capture='freeze' "
         "(frozen; file name ends _frozen); auto: what capture='auto' runs on the device (default)",
     )  # fmt: skip
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 cpu, 5 cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first, >= 1 (default: 3 cpu, 5 cuda)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point (default: 7 cpu, 20 cuda)")
     p.add_argument(
         "--visits", type=int, default=1,

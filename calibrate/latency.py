@@ -67,7 +67,14 @@ from calibrate.timing import Summary, TimerSpec, time_call
 from executor.adapter import ModelAdapter, Step, allow_recompiles, attention_mask, decoder_layer
 from executor.fusion import fuse_projections
 from executor.kv_cache import KVCache
-from sim.formats import LatencyRecord, latency_profile_name, write_latency_profile, write_text_atomic
+from sim.formats import (
+    LATENCY_PROFILE,
+    LatencyRecord,
+    check_record,
+    latency_profile_name,
+    write_latency_profile,
+    write_text_atomic,
+)
 from sim.progress import progress_bar
 
 
@@ -302,10 +309,17 @@ def _decoded(path: Path, number: int, line: bytes) -> str:
 
 
 def _record(path: Path, number: int, fields: Any) -> LatencyRecord:
+    """A partial file's measurement, checked as the profile's reader will check it, so that a bad one is named here
+    (its line in this file) rather than in a profile that is never written, after the rest of the grid."""
     try:
-        return LatencyRecord(**fields)
+        record = LatencyRecord(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}:{number}: not a measurement ({err}); delete the file to start over") from None
+    try:
+        check_record(path, number, LATENCY_PROFILE, record)
+    except ValueError as err:
+        raise ValueError(f"{err}; delete the file to start over") from None
+    return record
 
 
 def _parse_json_line(path: Path, number: int, line: str) -> dict[str, Any]:

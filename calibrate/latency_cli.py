@@ -134,6 +134,11 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
     grid = grid_from_args(args, device, kernels)
     cuda = device.type == "cuda"
     repeats = args.repeats if args.repeats is not None else (20 if cuda else 7)
+    if args.warmup is not None and args.warmup < 1:
+        raise ValueError(
+            f"--warmup must be >= 1, got {args.warmup}: a shape's first call does one-time work (the CPU's choice of "
+            "LM-head kernel order, allocations, compilation) that a profile must not time"
+        )
     timer = TimerSpec(device, args.warmup if args.warmup is not None else (5 if cuda else 3), repeats)
     if args.max_new_points is not None and args.max_new_points < 0:
         raise ValueError(f"--max-new-points must be >= 0, got {args.max_new_points}")

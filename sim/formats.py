@@ -596,6 +596,12 @@ def _parse_cell(path: Path, line: int, column: Column, text: str) -> Any:
         raise ValueError(f"{path}:{line}: column {column.name!r}: expected {expected}, got {quote(text)}") from None
 
 
+def check_record(path: Path, line: int, fmt: FileFormat, record: Any) -> None:
+    """One record's values as `fmt`'s reader checks them (types, ranges, p10 <= median <= p90): a ValueError naming
+    `path`:`line` and the column otherwise. For records kept elsewhere before a file is written (a partial run)."""
+    _check_record(path, line, fmt, record, set())
+
+
 def _check_record(path: Path, line: int, fmt: FileFormat, record: Any, seen: set[tuple]) -> None:
     where = f"{path}:{line}"
     for column in fmt.columns:
@@ -650,6 +656,7 @@ __all__ = [
     "DataFile",
     "LatencyRecord",
     "LinkRecord",
+    "check_record",
     "latency_profile_name",
     "read_acceptance_trace",
     "read_contention_profile",

@@ -458,6 +458,9 @@ def extrapolation_note(results: Sequence[Any]) -> str | None:
     )
 
 
+EVEN_BAND = 0.02  # a best speedup this close to 1 is called even: measured latencies move a few percent run to run
+
+
 def verdict(results: Sequence[PointResult]) -> str:
     """One line: whether speculation pays in these runs, with each speculative method's best speedup over AR on the
     same hardware (and, where a sweep varied it, the point's values); empty without a speculative point."""
@@ -476,8 +479,13 @@ def verdict(results: Sequence[PointResult]) -> str:
     for method, (speedup, where) in best.items():
         at = ", ".join(f"{k}={_cell(v)}" for k, v in where.items()) if counts[method] > 1 else ""
         parts.append(f"{method.upper()} {speedup:.3f}x" + (f" at {at}" if at else ""))
-    pays = max(speedup for speedup, _ in best.values()) > 1.0
-    head = "speculation pays here" if pays else "speculation does not pay here, AR is fastest"
+    top = max(speedup for speedup, _ in best.values())
+    if abs(top - 1.0) < EVEN_BAND:
+        head = f"speculation about breaks even here (within {EVEN_BAND:.0%} of AR, inside measured inputs' noise)"
+    elif top > 1.0:
+        head = "speculation pays here"
+    else:
+        head = "speculation does not pay here, AR is fastest"
     label = "best speedup over AR" if any(count > 1 for count in counts.values()) else "speedup over AR"
     return f"verdict: {head} ({label} on the same hardware: {'; '.join(parts)})"
 

@@ -237,6 +237,11 @@ def test_a_torn_last_line_is_dropped_with_a_note_and_the_file_repaired(tmp_path:
         ("[1, 2]\n", r":3: expected a JSON object"),
         ('{"record": {"component": "layer"}}\n', r":3: not a measurement"),
         ("\xff\xfe\n", r":3: not a JSON line \(binary data\)"),
+        (
+            json.dumps({"record": {**asdict(_record(1)), "median_us": -1.0}}) + "\n",
+            r":3: column 'median_us' must be >=",
+        ),
+        (json.dumps({"record": {**asdict(_record(1)), "phase": "x"}}) + "\n", r":3: column 'phase' must be one of"),
     ],
 )
 def test_a_broken_line_in_the_middle_is_an_error_naming_it(tmp_path: Path, line: str, message: str) -> None:
@@ -518,3 +523,10 @@ def test_latency_times_the_lm_head_after_the_layers_on_the_cpu(monkeypatch):
         point = GridPoint(component, "draft", 1, 8, 1, False)
         measure(adapter, point, inputs, timer)
     assert seen == {"embed": False, "layer": False, "exit_head": True, "lm_head": True, "overhead": False}
+
+
+def test_latency_refuses_no_warmup(tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A shape's first call does one-time work (the LM head's kernel choice): a profile must not time it."""
+    assert _latency(tiny_config, tmp_path / "out", "--warmup", "0") == 2
+    assert "--warmup must be >= 1, got 0: a shape's first call does one-time work" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

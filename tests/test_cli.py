@@ -31,7 +31,7 @@ WITH_DEVICE = [
     ["calibrate", "latency", "--model", "x", "--out", "{tmp}"],
     ["calibrate", "acceptance", "--model", "x", "--exit-layers", "1", "--out", "{tmp}/a.csv"],
 ]
-TINY_LATENCY = ["--q", "1", "--context", "8", "--batch", "1", "--prefill", "8", "--warmup", "0", "--repeats", "1"]
+TINY_LATENCY = ["--q", "1", "--context", "8", "--batch", "1", "--prefill", "8", "--warmup", "1", "--repeats", "1"]
 
 # runs `eesd ARGS` where the executor extra (torch, transformers) and the plots extra (matplotlib) cannot be imported:
 # the bare `pip install -e .`
