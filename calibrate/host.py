@@ -35,6 +35,7 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -385,6 +386,11 @@ def run_host(args: argparse.Namespace) -> int:
             f"{row['host_ms_per_round']:.3f} {unit}, {row['host_ms_per_pass']:.3f} a pass "
             f"({row['host_share_of_decode']:.2%} of the decode)"
         )
+    timed = args.repeats * min(-(-len(prompts) // size) for size in args.batch)  # decodes per method and batch
+    if timed < 3:
+        print(f"note: {timed} timed decode(s) per method and batch: host work is a fraction of a "
+              "millisecond, and one decode can run several times another on a busy machine; a scenario prices from "
+              "the medians, so time at least 3 (--repeats, --prompts)", file=sys.stderr)  # fmt: skip
     snippet = by_method_snippet(rows, is_captured(capture))
     kind = "captured passes (paid once a read)" if is_captured(capture) else "uncaptured passes (paid every pass)"
     print(f"as a serving case's host work, for a profile of {kind}: {snippet}")

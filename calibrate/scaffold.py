@@ -2,12 +2,12 @@
 
 After `eesd calibrate latency` and `eesd calibrate acceptance` on a machine, the simulator needs a scenario that says
 what the files were measured with: the model's shape, the dtype, how the passes ran (CUDA graphs, frozen kernels:
-`attention: cache`), the GPU, the exit head the trace recorded, its exit layers, a workload inside the profiled grid
-and no longer than the trace. Written by hand these are easy to get wrong; here they are read from the files'
-metadata. The scenario compares AR with EESD under several draft policies at each of the trace's exit layers (and,
-with `--methods eesd,ppsd`, PPSD on two stages of the one device), and is checked by loading it before it is kept;
-`eesd simulate FILE` then runs it and `eesd validate FILE` checks it against the executor on the machine the files
-came from. Torch-free: it reads the files only.
+`attention: cache`), the GPU, the exit head the trace recorded, its exit layers, a workload whose decode runs inside the
+profiled grid and no longer than the trace. Written by hand these are easy to get wrong; here they are read from the
+files' metadata. The scenario compares AR with EESD under several draft policies at each of the trace's exit layers
+(and, with `--methods eesd,ppsd`, PPSD on two stages of the one device), and is checked by loading it before it is kept;
+`eesd simulate FILE` then runs it and `eesd validate FILE` checks it against the executor on the machine the files came
+from. Torch-free: it reads the files only.
 
     eesd calibrate scenario --latency my-profiles/latency_smollm2-135m_cpu_fp32.csv \\
         --acceptance my-profiles/acceptance_smollm2-135m_shared_builtin.csv --out scenarios/mine.yaml

@@ -416,7 +416,12 @@ class Scenario(Strict):
     @classmethod
     def _model(cls, value: str | ModelShape) -> str | ModelShape:
         if isinstance(value, str) and value not in MODELS:
-            raise ValueError(f"unknown model {quote(value)}; known: {sorted(MODELS)} or an inline shape")
+            same = [name for name in MODELS if name.lower() == value.lower()]  # a packaged name: smollm2-135m
+            if len(same) == 1:
+                return same[0]
+            raise ValueError(
+                f"unknown model {quote(value)}{_named(value, MODELS)}; known: {sorted(MODELS)} or an inline shape"
+            )
         return value
 
     @field_validator("exit_head")

@@ -117,7 +117,9 @@ def test_the_cli_writes_the_figures_and_refuses_bad_input(tmp_path, capsys) -> N
     argv = ["calibrate", "host", "--model", "smollm2-135m", "--exit-layer", "15", "--prompts", "2", "--batch", "1,2",
             "--max-new-tokens", "6", "--repeats", "1", "--threads", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "note: 1 timed decode(s) per method and batch" in captured.err  # batch 2 holds both prompts, once
     data = json.loads(out.read_text())
     assert data["format"] == FORMAT and data["schema_version"] == 3
     assert [(row["method"], row["batch"]) for row in data["methods"]] == [("ar", 1), ("ar", 2), ("eesd", 1),

@@ -145,6 +145,7 @@ DELETE = object()
         ("methd", "ar", "methd: unknown key (did you mean method?); allowed here: ['acceptance', 'attention'"),
         ("method", "magic", "method: Input should be 'ar', 'eesd' or 'ppsd' (got 'magic')"),
         ("model", "GPT-5", "model: unknown model 'GPT-5'; known: ['Gemma-3-270M', 'Llama-2-13B', 'Llama-2-70B'"),
+        ("model", "smolm2-135m", "model: unknown model 'smolm2-135m' (did you mean 'SmolLM2-135M'?)"),
         ("acceptance.alpha", 1.5, "acceptance.alpha: Input should be less than or equal to 1 (got 1.5)"),
         ("acceptance", {"alpha": 0.5, "alphas": [0.5]}, "acceptance: give exactly one of alpha, alphas, trace"),
         ("acceptance", DELETE, "acceptance: required field is missing"),
@@ -407,3 +408,9 @@ def test_a_best_speedup_within_two_percent_of_ar_is_called_even(monkeypatch: pyt
                           (1.03, "speculation pays here"), (0.97, "does not pay here")):  # fmt: skip
         monkeypatch.setattr(runner, "result_row", lambda item, s=speedup: {"speedup": s})
         assert said in runner.verdict(items)
+
+
+def test_a_models_packaged_name_reads_as_its_table_name(tmp_path: Path) -> None:
+    """Calibration files name the model as its package does (smollm2-135m): a scenario may too."""
+    data = {**BASE, "model": "smollm2-135m"}
+    assert load_points(write(tmp_path, data))[0].scenario.model == "SmolLM2-135M"
