@@ -408,7 +408,7 @@ def run_host(args: argparse.Namespace) -> int:
                 "serving_by_method": snippet, "decodes": runs}  # fmt: skip
         write_text_atomic(args.out, json.dumps(data, indent=1) + "\n")
         print(f"wrote {args.out}; a scenario prices each method's host work from it with "
-              f"latency.profile.host_work: {args.out}")  # fmt: skip
+              f"latency.profile.host_work: {args.out} (a path relative to the scenario's folder)")  # fmt: skip
     return 0
 
 

@@ -17,6 +17,7 @@ from calibrate.common import base_metadata, check_dtype, check_json_out, model_a
 
 
 def run_rounds(args: argparse.Namespace) -> int:
+    from executor.passes import resolve_capture
     from executor.round_costs import measure_round_costs, rounds_chained, write_round_costs
 
     for flag, value, least in (("--max-draft-len", args.max_draft_len, 1), ("--context", args.context, 1),
@@ -42,7 +43,8 @@ def run_rounds(args: argparse.Namespace) -> int:
         print(f"{k:>6} {ms:>12.3f} {f'{low:.3f} .. {high:.3f}':>18} {cost:>16.4f}")
     print(f"policy: {measured.spec()}")
     if args.out is not None:
-        settings = {"head": args.head, "exit_layer": exit_layer, "capture": args.capture, "repeats": args.repeats}
+        capture = resolve_capture(args.capture, device, "greedy")  # what ran (auto resolved), as calibrate host records
+        settings = {"head": args.head, "exit_layer": exit_layer, "capture": capture, "repeats": args.repeats}
         settings |= {"draft_dtype": str(draft_dtype).removeprefix("torch.")} if draft_dtype is not None else {}
         write_round_costs(args.out, base_metadata(args.model, device, dtype) | settings, measured)
         print(f"wrote {args.out}")

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False):
+        _quiet_loading()
     try:
         status = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -87,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # a long run's may say what it leaves (train-head: its checkpoint)
         print(f"eesd {args.command}: interrupted" + (f" {err}" if str(err) else ""), file=sys.stderr)
         return 130
+
+
+def _quiet_loading() -> None:
+    """--no-progress: transformers' own bars too ("Loading weights"), which follow huggingface_hub's switch, read
+    where transformers is first imported (or turned off here where it already is)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    transformers = sys.modules.get("transformers")  # None where an import of it is blocked (a torch-free run)
+    if transformers is not None:
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _error(command: str, message: str, err: Exception) -> int:
