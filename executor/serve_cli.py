@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             same = "identical to" if row["identical_to_ar"] else "NOT all identical to"
             print(f"{method}: the {len(workload.requests)} requests' tokens {same} each request decoded alone with AR",
                   file=sys.stderr)  # fmt: skip
-    print(table(rows))
+    print(table(rows, slo=args.slo_ttft_ms is not None or args.slo_tpot_ms is not None))
     if args.json is not None:
         write_json(args.json, _document(args, workload, model, device, rows, records, passes))
         print(f"wrote {args.json}")
@@ -259,14 +259,16 @@ def _record(record: Any) -> dict[str, Any]:
     return {key: getattr(record, key) for key in keys}
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The rows' main metrics, with the replicas and whether a run saturated where any row says so."""
+def table(rows: list[dict[str, Any]], slo: bool = True) -> str:
+    """The rows' main metrics, with the replicas and whether a run saturated where any row says so; goodput only
+    with an SLO (`slo`: without one every request counts, and it is the requests/s)."""
     from sim.serving_report import text_table
 
     rows = [{"replicas": 1, "saturated": False, **row} for row in rows]
     replicas = ["replicas"] if any(row["replicas"] > 1 for row in rows) else []
     saturated = ["saturated"] if any(row["saturated"] for row in rows) else []
-    return text_table(rows, [COLUMNS[0], *replicas, *COLUMNS[1:], *saturated])
+    columns = [c for c in COLUMNS[1:] if slo or c != "goodput_rps"]
+    return text_table(rows, [COLUMNS[0], *replicas, *columns, *saturated])
 
 
 def _document(

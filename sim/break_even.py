@@ -32,6 +32,7 @@ from typing import Any
 
 from sim.acceptance import BernoulliAcceptance, TraceAcceptance
 from sim.engine import Simulation
+from sim.formats import save_figure_atomic
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy
 from sim.scenario import Point
@@ -180,6 +181,6 @@ def plot(results: Sequence[BreakEven], target: float, path: Path) -> Path:
     if len(drawn) > 1:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path

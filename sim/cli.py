@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from sim.formats import check_output
+from sim.formats import check_output, remove_stale
 from sim.runner import (
+    OUTPUTS,
     extrapolation_note,
     fastest,
     map_points,
@@ -58,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
         print(said)
     for line in fastest(results):
         print(line)
-    for path in write_outputs(results, out_dir):
+    written = write_outputs(results, out_dir)
+    for path in written:
         print(f"wrote {path}")
+    for path in remove_stale(out_dir, OUTPUTS, written):
+        print(f"removed {path} (an earlier run's, not written by this one)")
     if len(points) > 1 and not plots_available():
         print('note: no speedup plots (matplotlib is not installed: pip install -e ".[plots]")')
     for note in dict.fromkeys(note for r in results for note in r.notes):

@@ -521,6 +521,33 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def save_figure_atomic(fig: Any, path: Path, **options: Any) -> Path:
+    """matplotlib's `fig.savefig` through a temporary file beside `path` (its suffix kept: it names the format) +
+    `os.replace`, so an interrupted run leaves the earlier plot or none, never half of one."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp_name, **options)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_stale(out_dir: Path, patterns: Sequence[str], written: Iterable[Path]) -> list[Path]:
+    """The files in `out_dir` that match a command's output `patterns` (globs) and that this run did not write: an
+    earlier run's (another scenario's cases, a sweep's plots), removed so that a reused folder holds one run's
+    results. Returns them, for the command to say so."""
+    kept = {Path(path).resolve() for path in written}
+    stale = sorted({path for pattern in patterns for path in out_dir.glob(pattern) if path.is_file()})
+    removed = [path for path in stale if path.resolve() not in kept]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def _read_header(path: Path, fmt: FileFormat, first_line: str) -> dict[str, Any]:
     """The header line's JSON object (`format`, `schema_version`, `metadata`, `rows` where counted), checked."""
     expected = f"eesd.{fmt.kind}"
@@ -663,6 +690,8 @@ __all__ = [
     "read_file",
     "read_latency_profile",
     "read_link_profile",
+    "remove_stale",
+    "save_figure_atomic",
     "write_acceptance_trace",
     "write_contention_profile",
     "write_file",

@@ -24,7 +24,7 @@ from typing import Any
 
 from sim.acceptance import TraceAcceptance
 from sim.engine import RunResult, Simulation
-from sim.formats import quote
+from sim.formats import quote, save_figure_atomic, write_text_atomic
 from sim.latency import ProfileLatency
 from sim.plan import SimPlan, build_plan
 from sim.policy import parse_policy_spec
@@ -359,6 +359,11 @@ def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
+# what `eesd simulate` writes in its folder (`write_outputs`, then `--break-even`'s): an earlier run's not written
+# again is removed (`sim.formats.remove_stale`)
+OUTPUTS = ("results.csv", "speedup_*.png", "trace.json", "trace_*.json", "break_even.csv", "break_even.png")
+
+
 def write_outputs(results: Sequence[PointResult], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [result_row(item) for item in results]
@@ -389,7 +394,7 @@ def _write_trace(item: PointResult, path: Path) -> Path:
         for i, device in enumerate(item.devices)
     ]
     payload = {"traceEvents": names + (item.trace or []), "displayTimeUnit": "ms"}
-    path.write_text(json.dumps(payload), encoding="utf-8")
+    write_text_atomic(path, json.dumps(payload))
     return path
 
 
@@ -428,7 +433,7 @@ def _plots(rows: list[dict[str, Any]], swept: list[str], out_dir: Path) -> list[
         if len(groups) > 1:  # below the axes: a legend inside covered the points
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 if numeric else -0.3), frameon=False)
         path = out_dir / f"speedup_{field.replace('.', '_')}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths

@@ -11,10 +11,11 @@ import argparse
 from pathlib import Path
 
 from sim.cli import check_jobs, output_folder
-from sim.formats import check_output
+from sim.formats import check_output, remove_stale
 from sim.runner import extrapolation_note, plots_available
 from sim.serving import load_serving_points
 from sim.serving_report import (
+    OUTPUTS,
     capacity,
     run_notes,
     run_serving,
@@ -55,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         check_output("--json", args.json)
     points = load_serving_points(args.scenario)
     out_dir = output_folder(args.out, Path("runs") / args.scenario.stem)
-    print(f"{args.scenario}: {len(points)} serving run(s), {len(points[0].workload.requests)} requests each")
+    counts = sorted({len(point.workload.requests) for point in points})
+    each = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    print(f"{args.scenario}: {len(points)} serving run(s), {each} requests each")
     runs = run_serving(points, jobs=jobs, progress=not args.no_progress)
     print(summary_table(runs))
     for item in stop_paying(runs):
@@ -69,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{where}{item['method']} stops paying against ar at about {stop} requests/s")
     for item in capacity(runs):
         print(capacity_line(item))
-    for path in write_outputs(runs, out_dir):
+    written = write_outputs(runs, out_dir)
+    for path in written:
         print(f"wrote {path}")
+    for path in remove_stale(out_dir, OUTPUTS, written):
+        print(f"removed {path} (an earlier run's, not written by this one)")
     if args.json is not None:
         print(f"wrote {write_json(args.json, args.scenario, runs)}")
     if not plots_available():

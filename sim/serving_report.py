@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sim import tables
-from sim.formats import write_text_atomic
+from sim.formats import save_figure_atomic, write_text_atomic
 from sim.progress import progress_bar
 from sim.runner import plots_available
 from sim.serving import SATURATED, ServingPoint, ServingRun, metrics, simulate_serving
@@ -152,6 +152,11 @@ def capacity(runs: Sequence[ServingRun]) -> list[dict[str, Any]]:
     return found
 
 
+# what `eesd serve-sim` writes in its folder: an earlier run's not written again is removed (`sim.formats.remove_stale`)
+OUTPUTS = ("serving.csv", "speculation.csv", "capacity.csv", "capacity.png", "throughput_latency_*.png",
+           "latency_vs_rate_*.png")  # fmt: skip
+
+
 def write_outputs(runs: Sequence[ServingRun], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [_write_csv([row(run) for run in runs], out_dir / "serving.csv")]
@@ -201,7 +206,7 @@ def _capacity_plot(capacities: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("SLO capacity per device (hatched: held at every rate swept)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -223,9 +228,11 @@ def saturation_note(runs: Sequence[ServingRun]) -> str | None:
         for (case, method), (rate, swept) in sorted(lowest.items())
     )
     return (
-        f"saturated (column saturated: served under {SATURATED:.0%} of the offered rate, its latency grows for as "
-        f"long as the run lasts, so its latencies and SLO attainment depend on the run's length, not on the rate "
-        f"alone): {where}"
+        f"saturated (column saturated: from its earliest third of requests to its latest, latency grew by over "
+        f"{1 / SATURATED - 1:.2f} s per second of arrivals, the backlog of a server working at under "
+        f"{SATURATED:.0%} of the offered rate; it grows for as long as the run lasts, so its latencies and SLO "
+        f"attainment depend on the run's length, not on the rate alone; a run of few requests is judged noisily): "
+        f"{where}"
     )
 
 
@@ -304,7 +311,7 @@ def _figure(plt: Any, series: dict[str, tuple[list, list, str]], labels: tuple[s
         ax.set_xscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -317,8 +324,10 @@ HEADS = {
 
 
 def summary_table(runs: Sequence[ServingRun]) -> str:
-    """A fixed-width table, one line per run."""
-    return text_table([row(run) for run in runs], TABLE_COLUMNS)
+    """A fixed-width table, one line per run; goodput only where a run has an SLO (without one every request
+    counts, and it is the requests/s)."""
+    slo = any(run.point.slo.ttft_ms is not None or run.point.slo.tpot_ms is not None for run in runs)
+    return text_table([row(run) for run in runs], [c for c in TABLE_COLUMNS if slo or c != "goodput_rps"])
 
 
 def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

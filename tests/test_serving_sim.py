@@ -865,3 +865,34 @@ def test_a_run_that_serves_less_than_it_is_offered_is_saturated_and_noted(tmp_pa
     assert "note: no serving.rates_per_s sweep, so no speculation.csv or capacity.csv" in "\n".join(printed)
     assert saturated and all(f"case {case}: {method} (offered " in note for case, method in saturated)
     assert ("rate0.15", "ar") not in saturated  # a light load is served as offered
+
+
+def test_serve_sim_clears_an_earlier_runs_outputs_from_a_reused_folder(tmp_path, capsys):
+    """A reused --out holds one run's results: a rate sweep's crossings and plots go when a run without one follows;
+    files of other names stay."""
+    from executor.cli import main
+
+    swept = write_scenario(tmp_path, {"workload": poisson(6, 50.0), "methods": ["ar", "eesd"], "rates_per_s": [5, 50]})
+    out = tmp_path / "out"
+    assert main(["serve-sim", str(swept), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "speculation.csv").is_file()
+    (out / "mine.txt").write_text("keep me\n")
+    capsys.readouterr()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["serve-sim", str(write_scenario(plain, {"workload": poisson(6, 50.0)})), "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"removed {out / 'speculation.csv'} (an earlier run's, not written by this one)" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "serving.csv"]
+
+
+def test_goodput_is_shown_only_with_an_slo(tmp_path):
+    """Without an SLO every request counts and goodput is the requests/s: the table leaves it out."""
+    from sim.serving_report import run_serving, summary_table
+
+    plain = run_serving(load_serving_points(write_scenario(tmp_path, {"workload": poisson(4, 5.0)})), progress=False)
+    assert "goodput" not in summary_table(plain) and "req/s" in summary_table(plain)
+    bounded = {"workload": poisson(4, 5.0), "slo": {"ttft_ms": 100}}
+    runs = run_serving(load_serving_points(write_scenario(tmp_path, bounded)), progress=False)
+    assert "goodput/s" in summary_table(runs)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sim.cli import main
-from sim.runner import result_row, run_points, summary_table, write_outputs
+from sim.runner import plots_available, result_row, run_points, summary_table, write_outputs
 from sim.scenario import ScenarioError, load_points
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,3 +414,13 @@ def test_a_models_packaged_name_reads_as_its_table_name(tmp_path: Path) -> None:
     """Calibration files name the model as its package does (smollm2-135m): a scenario may too."""
     data = {**BASE, "model": "smollm2-135m"}
     assert load_points(write(tmp_path, data))[0].scenario.model == "SmolLM2-135M"
+
+
+def test_simulate_clears_an_earlier_sweeps_plots_from_a_reused_folder(tmp_path: Path, capsys) -> None:
+    sweep = {**BASE, "sweep": {"acceptance.alpha": [0.3, 0.6]}}
+    out = tmp_path / "out"
+    assert main([str(write(tmp_path, sweep)), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "speedup_acceptance_alpha.png").is_file() or not plots_available()
+    (out / "notes.md").write_text("mine\n")
+    assert main([str(write(tmp_path, BASE, "one.yaml")), "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md", "results.csv", "trace.json"]  # a single run traces
