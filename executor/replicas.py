@@ -101,6 +101,10 @@ class ReplicaLoop(_ServeLoop):
         }
 
 
+# what a worker reports as a user's mistake (one line, raised again in the parent as the same class), as `eesd` does
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def serve_replicas(
     model: str | os.PathLike[str],
     workload: ServingWorkload,
@@ -184,7 +188,12 @@ def _worker(
     link: ReplicaLink, model: str, dtype: str, device: str, threads: int, workload: ServingWorkload,
     prompts: list[list[int]], options: dict[str, Any],
 ) -> None:  # fmt: skip
-    """A worker process: load the model, serve one warm-up request, then the dispatcher's requests."""
+    """A worker process: load the model, serve one warm-up request, then the dispatcher's requests. It ends with
+    its parent (`sim.runner.exit_with_parent`); a user's mistake (a ValueError, a missing file) is sent as one line,
+    anything else with its traceback."""
+    from sim.runner import exit_with_parent
+
+    exit_with_parent()
     try:
         import torch
         from transformers.utils import logging as hf_logging
@@ -201,6 +210,8 @@ def _worker(
         serve(adapter, warm, prompts[:1], **options)
         outcome = serve(adapter, workload, prompts, replica=link, **options)
         link.outbox.put(("done", link.index, outcome))
+    except USER_ERRORS as err:  # as `eesd` reports them: one line
+        link.outbox.put(("mistake", link.index, f"{type(err).__name__}", str(err)))
     except BaseException:  # noqa: BLE001 - the dispatcher reports it with the worker's traceback
         link.outbox.put(("error", link.index, traceback.format_exc()))
 
@@ -218,11 +229,20 @@ def _await(outbox: Any, kind: str, count: int, workers: list) -> dict[int, Any]:
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"replica worker(s) {dead or 'all'} stopped before sending {kind!r}") from None
             continue
-        if message[0] == "error":
-            raise RuntimeError(f"replica {message[1]} failed:\n{message[2]}")
+        _raise_failure(message)
         if message[0] == kind:
             found[message[1]] = message[2] if len(message) > 2 else None
     return found
+
+
+def _raise_failure(message: tuple) -> None:
+    """A worker's failure, raised here: a user's mistake as its own class in one line naming the replica, anything
+    else with the worker's traceback."""
+    if message[0] == "error":
+        raise RuntimeError(f"replica {message[1]} failed:\n{message[2]}")
+    if message[0] == "mistake":
+        kind = next(k for k in USER_ERRORS if k.__name__ == message[2])
+        raise kind(f"replica {message[1]}: {message[3]}")
 
 
 class _Dispatcher:
@@ -265,8 +285,7 @@ class _Dispatcher:
         self.dispatched_s[index] = time.perf_counter() - self.begin
 
     def _receive(self, message: tuple) -> None:
-        if message[0] == "error":
-            raise RuntimeError(f"replica {message[1]} failed:\n{message[2]}")
+        _raise_failure(message)
         if message[0] != "finished":
             return
         _, replica, index, at_s = message

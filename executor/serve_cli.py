@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("sequential", "streams"),
         help="ppsd: stages in turn, or on a GPU one CUDA stream each (default: sequential)",
     )
-    parser.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV budget in tokens (default: none)")
+    parser.add_argument(
+        "--kv-capacity-tokens", type=int, default=None, help="KV budget in tokens, per replica (default: none)"
+    )
     parser.add_argument(
         "--replicas", type=int, default=1,
         help="worker processes, each a whole server with its own copy of the model (default: 1, this process)",
@@ -88,6 +90,27 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+# flag, argument, default, the methods it is for (None: --replicas > 1): a value other than the default that no run
+# would read is refused, as eesd generate refuses it
+FLAG_USERS = (
+    ("--exit-layer", "exit_layer", None, ("eesd",)), ("--policy", "policy", "fixed:4", ("eesd",)),
+    ("--head", "head", "shared", ("eesd", "ppsd")), ("--stages", "stages", 2, ("ppsd",)),
+    ("--stage-boundaries", "stage_boundaries", None, ("ppsd",)), ("--backend", "backend", "sequential", ("ppsd",)),
+    ("--dispatch", "dispatch", "least_loaded", None),
+)  # fmt: skip
+
+
+def check_flags(args: argparse.Namespace, methods: list[str]) -> None:
+    """No flag the runs would ignore (before the model loads)."""
+    for flag, name, default, users in FLAG_USERS:
+        if getattr(args, name) == default:
+            continue
+        if users is None and args.replicas <= 1:
+            raise ValueError(f"{flag} is for --replicas 2 or more (which replica a request goes to)")
+        if users is not None and not set(users) & set(methods):
+            raise ValueError(f"{flag} is for --methods {' or '.join(users)}, got --methods {','.join(methods)}")
+
+
 def parse_boundaries(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -103,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from sim.workload import load_workload
 
     methods = parse_methods(args.methods)
+    check_flags(args, methods)
     args.stage_boundaries = parse_boundaries(args.stage_boundaries)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
@@ -138,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         row, outcome = serve_once(model, workload, prompts, method, args, eos, slo)
         rows.append(row)
-        records[method] = [_record(r) for r in outcome.result.records]
+        records[method] = [_record(r, outcome.dispatched_s) for r in outcome.result.records]
         passes[method] = [dataclasses.asdict(log) for log in outcome.result.passes]
         if args.compare_ar:
             row["identical_to_ar"] = identical_to_ar(model, workload, prompts, outcome.outputs, eos)
@@ -157,6 +181,8 @@ def _check_kv_capacity(workload: Any, methods: list[str], args: argparse.Namespa
     from sim.serving import method_kv_tokens, never_admitted
 
     budget = args.kv_capacity_tokens
+    if budget is not None and budget < 1:
+        raise ValueError(f"--kv-capacity-tokens must be >= 1 (leave it out for no budget), got {budget}")
     for method in methods:
         tokens_of = method_kv_tokens(method, args.policy)
         largest = never_admitted(workload, tokens_of, budget)
@@ -197,6 +223,9 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
         import torch
 
         from executor.replicas import serve_replicas
+
+        warm, warm_prompts = warm_up_workload(workload, prompts, 1)
+        serve(model, warm, warm_prompts, **common)  # the settings checked here, before any worker starts
 
         outcome = serve_replicas(
             args.model, workload, prompts, replicas=args.replicas, dispatch=args.dispatch, dtype=args.dtype,
@@ -254,9 +283,13 @@ def identical_to_ar(model: Any, workload: Any, prompts: list[list[int]], outputs
     return True
 
 
-def _record(record: Any) -> dict[str, Any]:
+def _record(record: Any, dispatched_s: list[float] | None) -> dict[str, Any]:
+    """A request's record for the JSON; with replicas, the one that served it and when it was sent there."""
     keys = ("index", "prompt_len", "output_len", "arrival_s", "start_s", "first_token_s", "finish_s", "tokens")
-    return {key: getattr(record, key) for key in keys}
+    row = {key: getattr(record, key) for key in keys}
+    if dispatched_s is not None:
+        row.update(replica=record.replica, dispatched_s=dispatched_s[record.index])
+    return row
 
 
 def table(rows: list[dict[str, Any]], slo: bool = True) -> str:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -286,8 +287,22 @@ def map_points(function: Callable[..., Any], points: Sequence[Point], jobs: int,
     """`function(point, *args)` for every point, in point order; `jobs` > 1 uses that many processes."""
     if jobs <= 1 or len(points) == 1:
         return [function(point, *args) for point in points]
-    with ProcessPoolExecutor(max_workers=min(jobs, len(points))) as pool:
+    with ProcessPoolExecutor(max_workers=min(jobs, len(points)), initializer=exit_with_parent) as pool:
         return list(pool.map(function, points, *[[arg] * len(points) for arg in args]))
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a worker process: end it once its parent is gone (a parent killed by SIGTERM or SIGKILL runs no clean-up,
+    and its pool's or replicas' workers would otherwise live on, holding a CPU or a model). A daemon thread polls the
+    parent's pid."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -31,7 +31,7 @@ from typing import Any
 from sim import tables
 from sim.formats import save_figure_atomic, write_text_atomic
 from sim.progress import progress_bar
-from sim.runner import plots_available
+from sim.runner import exit_with_parent, plots_available
 from sim.serving import SATURATED, ServingPoint, ServingRun, metrics, simulate_serving
 
 PAYS_METRIC = "latency_mean_ms"  # speculation pays at a rate where its mean end-to-end latency is below AR's
@@ -52,7 +52,8 @@ def run_serving(points: Sequence[ServingPoint], jobs: int = 1, progress: bool = 
     with contextlib.ExitStack() as stack:
         mapper: Any = map
         if jobs > 1 and len(points) > 1:
-            mapper = stack.enter_context(ProcessPoolExecutor(max_workers=min(jobs, len(points)))).map
+            pool = ProcessPoolExecutor(max_workers=min(jobs, len(points)), initializer=exit_with_parent)
+            mapper = stack.enter_context(pool).map
         for run in mapper(run_point, points):
             runs.append(run)
             bar.update(1)

@@ -372,6 +372,10 @@ def test_serve_bench_refuses_an_slo_or_kv_budget_that_cannot_be_before_loading(c
     argv = ["serve-bench", "--workload", workload, "--model", "no-such-model"]
     for flags, message in ((["--slo-ttft-ms", "-5"], "--slo-ttft-ms must be a time in ms > 0, got -5"),
                            (["--slo-tpot-ms", "nan"], "--slo-tpot-ms must be a time in ms > 0, got nan"),
+                           (["--kv-capacity-tokens", "-5"], "--kv-capacity-tokens must be >= 1 (leave it out"),
+                           (["--methods", "ar", "--policy", "fixed:2"], "--policy is for --methods eesd, got"),
+                           (["--methods", "eesd", "--stages", "3"], "--stages is for --methods ppsd, got"),
+                           (["--dispatch", "round_robin"], "--dispatch is for --replicas 2 or more"),
                            (["--kv-capacity-tokens", "10"], "--kv-capacity-tokens 10: request ")):  # fmt: skip
         assert eesd([*argv, *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()

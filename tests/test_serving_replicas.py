@@ -126,10 +126,12 @@ def test_a_closed_loop_with_exact_sampling_on_least_tokens(model_dir):
     assert in_flight <= 3
 
 
-def test_a_workers_failure_comes_back_with_its_traceback(model_dir, tmp_path):
+def test_a_workers_mistake_comes_back_as_one_line_of_its_class(model_dir, tmp_path):
+    """A missing head file, found in the workers: FileNotFoundError naming the replica (a crash comes back with its
+    traceback: `_raise_failure`)."""
     path, _ = model_dir
     workload, prompts = requests(2, 0.0)
-    with pytest.raises(RuntimeError, match=r"replica \d failed:(.|\n)*no-such-head"):
+    with pytest.raises(FileNotFoundError, match=r"^replica \d: exit head file .*no-such-head.safetensors does not"):
         serve_replicas(path, workload, prompts, replicas=2, method="eesd", exit_layer=2,
                        head=str(tmp_path / "no-such-head.safetensors"))  # fmt: skip
 
@@ -178,3 +180,15 @@ def test_serve_bench_on_replicas(model_dir, tmp_path, capsys):
     assert "--replicas must be >= 1" in capsys.readouterr().err
     assert eesd([*argv[:5], "--replicas", "2", "--device", "cpu,cpu,cpu"]) == 2
     assert "--device: one device, or one per replica (2)" in capsys.readouterr().err
+
+
+def test_a_workers_mistake_is_raised_as_one_line_naming_the_replica():
+    from executor.replicas import _raise_failure
+
+    with pytest.raises(ValueError, match=r"^replica 1: exit_layer must be an integer in \[1, 29\]$"):
+        _raise_failure(("mistake", 1, "ValueError", "exit_layer must be an integer in [1, 29]"))
+    with pytest.raises(FileNotFoundError, match="^replica 0: exit head file h.safetensors does not exist$"):
+        _raise_failure(("mistake", 0, "FileNotFoundError", "exit head file h.safetensors does not exist"))
+    with pytest.raises(RuntimeError, match="replica 2 failed:\nTraceback"):
+        _raise_failure(("error", 2, "Traceback (most recent call last): ..."))
+    _raise_failure(("finished", 0, 3, 1.0))  # not a failure: nothing raised

@@ -4,6 +4,9 @@ or, where it is a legitimate request, runs within the limits the scenario states
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -619,3 +622,53 @@ def test_an_output_is_probed_where_it_will_be_written(tmp_path: Path, monkeypatc
     formats.check_output("--out", tmp_path / "new" / "deeper", folder=True)
     formats.check_output("--json", tmp_path / "have" / "x.json")
     assert probed == [tmp_path / "have", tmp_path, tmp_path / "have"]
+
+
+def test_a_worker_ends_with_its_killed_parent(tmp_path: Path) -> None:
+    """`exit_with_parent`: a pool's or replicas' worker whose parent is killed (SIGKILL runs no clean-up) ends
+    within a poll or two instead of living on."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent = (
+        "import multiprocessing as mp, sys, time\n"
+        "from sim.runner import exit_with_parent\n"
+        "def child(path):\n"
+        "    exit_with_parent(0.1)\n"
+        "    open(path, 'w').write(str(__import__('os').getpid()))\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        f"    mp.get_context('spawn').Process(target=child, args=({str(pid_file)!r},)).start()\n"
+        "    time.sleep(60)\n"
+    )
+    script = tmp_path / "parent.py"
+    script.write_text(parent)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _running(child):
+            time.sleep(0.1)
+        if not _running(child):
+            return
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the worker outlived its parent by 10 s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited and not yet reaped by an init that may never reap, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "\nState:\tZ" in status.read_text())
