@@ -128,6 +128,17 @@ class ServingConfig(_Strict):
             return value
         raise ValueError("expected auto, null (no limit) or a number of tokens >= 1")
 
+    @field_validator("rates_per_s")
+    @classmethod
+    def _rates(cls, value: list[float] | None) -> list[float] | None:
+        """Swept in increasing order (the table and plots follow it); a rate given twice is refused."""
+        if value is None:
+            return value
+        twice = sorted({rate for rate in value if value.count(rate) > 1})
+        if twice:
+            raise ValueError(f"each rate once: {', '.join(f'{rate:g}' for rate in twice)} given more than once")
+        return sorted(value)
+
 
 @dataclass(frozen=True)
 class ServingPoint:
@@ -161,6 +172,9 @@ def load_serving_points(path: str | Path) -> list[ServingPoint]:
     raw = read_yaml(path)
     if not isinstance(raw, dict) or "serving" not in raw:
         plain = f" (this one has none: run eesd simulate {path})" if isinstance(raw, dict) else ""
+        if isinstance(raw, dict) and "model" not in raw and {"arrival", "prompt_len", "output_len"} & set(raw):
+            plain = (" (this one reads as a workload file: name it under serving.workload of a scenario, e.g. "
+                     "scenarios/serving_cpu.yaml's, or serve it with eesd serve-bench --workload)")  # fmt: skip
         raise ScenarioError(
             f"{path}: serving: required: a serving scenario is a scenario with a serving section{plain}"
         )

@@ -234,7 +234,7 @@ def parse_spec(data: Any, where: str, prefix: str = "") -> WorkloadSpec:
         spec = WorkloadSpec.model_validate(data)
     except ValidationError as err:
         errors = _unrepeated(err.errors())
-        raise WorkloadError("\n".join(_describe(where, prefix, e) for e in errors)) from None
+        raise WorkloadError("\n".join(_describe(where, prefix, e, data) for e in errors)) from None
     from_trace = isinstance(spec.arrival, TraceArrivals)
     if spec.requests is None and not from_trace:
         raise WorkloadError(f"{where}: {prefix}requests: required (the number of requests) unless arrivals are a trace")
@@ -247,9 +247,11 @@ def parse_spec(data: Any, where: str, prefix: str = "") -> WorkloadSpec:
     return spec
 
 
-def _describe(where: str, prefix: str, error: Any) -> str:
+def _describe(where: str, prefix: str, error: Any, data: dict[str, Any]) -> str:
     tags = {"poisson", "gamma", "closed", "trace", "fixed", "uniform", "lognormal"}
     parts = [str(p) for p in error["loc"] if not (isinstance(p, str) and (p in tags or _is_union_tag(p)))]
+    if len(parts) == 2 and parts[1] == "value" and not isinstance(data.get(parts[0]), dict):
+        parts = parts[:1]  # a plain length (prompt_len: 0) is read as {dist: fixed, value: 0}: name the field given
     field = prefix + ".".join(parts) if parts else prefix.rstrip(".") or "(top level)"
     if error["type"] == "extra_forbidden":
         meant = _meant(tuple(error["loc"]))
@@ -257,6 +259,8 @@ def _describe(where: str, prefix: str, error: Any) -> str:
     if error["type"] == "missing":
         return f"{where}: {field}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if "(got " in message:  # the check says what it got
+        return f"{where}: {field}: {message}"
     return f"{where}: {field}: {message} (got {quote(error.get('input'))})"
 
 
@@ -270,8 +274,9 @@ def _unrepeated(errors: list[Any]) -> list[Any]:
 
 def _meant(loc: tuple) -> str | None:
     """The key an unknown key at `loc` likely misspells, among those its mapping takes (None: none close)."""
-    near = difflib.get_close_matches(str(loc[-1]), _workload_keys(loc[:-1]), n=1)
-    return near[0] if near else None
+    key, keys = str(loc[-1]), _workload_keys(loc[:-1])
+    near = difflib.get_close_matches(key, keys, n=1) or [k for k in keys if k.startswith(key) or key.startswith(k)]
+    return near[0] if near else None  # (rate: rate_per_s, its start)
 
 
 def _workload_keys(loc: tuple) -> list[str]:
@@ -440,7 +445,8 @@ def _cell(path: Path, line: int, column: str, text: str, kind: type, low: float,
         value = None
     if value is None or not math.isfinite(value) or not low <= value <= high:
         what = "an integer" if kind is int else "a number"
-        raise WorkloadError(f"{path}: line {line}: {column}: expected {what} in [{low:g}, {high:g}], got {quote(text)}")
+        bounds = ", ".join(f"{int(b):,}" if float(b).is_integer() else f"{b:g}" for b in (low, high))
+        raise WorkloadError(f"{path}: line {line}: {column}: expected {what} in [{bounds}], got {quote(text)}")
     return value
 
 

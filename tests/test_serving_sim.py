@@ -450,6 +450,10 @@ def test_serve_sim_refuses_outputs_jobs_and_plain_scenarios_before_running(tmp_p
     plain.write_text(yaml.safe_dump({"name": "p", "model": "SmolLM2-135M", "method": "ar"}), encoding="utf-8")
     assert main(["serve-sim", str(plain)]) == 2
     assert f"(this one has none: run eesd simulate {plain})" in capsys.readouterr().err
+    workload = tmp_path / "workload.yaml"
+    workload.write_text(yaml.safe_dump(poisson(3, 1.0)), encoding="utf-8")
+    assert main(["serve-sim", str(workload)]) == 2
+    assert "(this one reads as a workload file: name it under serving.workload" in capsys.readouterr().err
 
 
 def test_bad_inline_workload_named_under_serving(tmp_path):
@@ -896,3 +900,10 @@ def test_goodput_is_shown_only_with_an_slo(tmp_path):
     bounded = {"workload": poisson(4, 5.0), "slo": {"ttft_ms": 100}}
     runs = run_serving(load_serving_points(write_scenario(tmp_path, bounded)), progress=False)
     assert "goodput/s" in summary_table(runs)
+
+
+def test_rates_run_in_increasing_order_and_a_repeated_rate_is_refused(tmp_path):
+    points = load_serving_points(write_scenario(tmp_path, {"workload": poisson(3, 1.0), "rates_per_s": [8, 1, 4]}))
+    assert [p.rate_per_s for p in points] == [1, 4, 8]
+    with pytest.raises(ScenarioError, match="serving.rates_per_s: each rate once: 4 given more than once"):
+        load_serving_points(write_scenario(tmp_path, {"workload": poisson(3, 1.0), "rates_per_s": [4, 1, 4]}))
