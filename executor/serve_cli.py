@@ -60,7 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dispatch", default="least_loaded", choices=("least_loaded", "least_tokens", "round_robin"),
         help="with --replicas: which replica an arriving request goes to (default: least_loaded)",
     )  # fmt: skip
-    parser.add_argument("--prompts", default="random", help="random | builtin | requests | humaneval | FILE.jsonl")
+    parser.add_argument(
+        "--prompts", default="random", help="random | builtin | requests | humaneval | FILE.jsonl (default: random); "
+        "a set's prompt is cut to its last prompt_len tokens, so it must hold at least that many",
+    )  # fmt: skip
     parser.add_argument("--eos", action="store_true", help="stop a request at the model's EOS token too")
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT bound in ms")
     parser.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT bound in ms")

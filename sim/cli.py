@@ -31,7 +31,7 @@ from sim.scenario import Point, ScenarioError, load_points, read_yaml
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", type=Path, help="scenario YAML (see scenarios/)")
     parser.add_argument("--out", default=None, help="output folder, created if missing (default: runs/<scenario name>)")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel processes for sweeps (0: one per CPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes for sweeps (0: one per CPU; default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines for sweeps")
     parser.add_argument("--trace", action="store_true", help="write a Chrome trace per run (default: single runs)")
     parser.add_argument(

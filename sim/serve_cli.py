@@ -30,7 +30,7 @@ from sim.serving_report import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", type=Path, help="serving scenario YAML (see scenarios/serving_*.yaml)")
     parser.add_argument("--out", default=None, help="output folder, created if missing (default: runs/<scenario name>)")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel processes (0: one per CPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel processes (0: one per CPU; default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's row and the crossings as JSON")
 
