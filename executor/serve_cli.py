@@ -172,9 +172,10 @@ def run(args: argparse.Namespace) -> int:
             same = "identical to" if row["identical_to_ar"] else "NOT all identical to"
             print(f"{method}: the {len(workload.requests)} requests' tokens {same} each request decoded alone with AR",
                   file=sys.stderr)  # fmt: skip
+        if args.json is not None:  # after every method: an interrupted run keeps the methods it finished
+            write_json(args.json, _document(args, workload, model, device, rows, records, passes))
     print(table(rows, slo=args.slo_ttft_ms is not None or args.slo_tpot_ms is not None))
     if args.json is not None:
-        write_json(args.json, _document(args, workload, model, device, rows, records, passes))
         print(f"wrote {args.json}")
     return 0 if all(row.get("identical_to_ar", True) for row in rows) else 1
 
