@@ -411,11 +411,30 @@ def taken_over(settings: dict[str, Any], min_new_tokens: int) -> tuple[dict[str,
         key, off = _TAKEN_OVER.get(name, (None, None))
         if key is not None and name not in taking and settings.get(key) is not None and settings[key] != off:
             taking[name] = processor
-    if not taking:
-        return settings, taking
-    rest = [p for p in _custom(settings) if all(p is not q for q in taking.values())]
+    rest = [_batch_safe(p) for p in _custom(settings) if all(p is not q for q in taking.values())]
     off = {_TAKEN_OVER[name][0]: _TAKEN_OVER[name][1] for name in taking}
-    return {**settings, **off, "logits_processor": rest}, taking
+    taking = {name: _batch_safe(processor) for name, processor in taking.items()}
+    return {**settings, **off, "logits_processor": rest or settings.get("logits_processor")}, taking
+
+
+def _batch_safe(processor: Any) -> Any:
+    """A caller's HF processor as the selector calls it, on groups of rows (`TokenSelector._prefixed`): HF's
+    PrefixConstrainedLogitsProcessor reads each row's batch index from its place in the input, so it becomes an
+    `AllowedTokens` told the rows' own indices; a repetition penalty with a per-row `prompt_ignore_length` tensor
+    (rows by place too) is refused. Others pass as they are."""
+    from transformers.generation import logits_process as hf
+
+    if type(processor) is hf.PrefixConstrainedLogitsProcessor:
+        allowed, beams = processor._prefix_allowed_tokens_fn, processor._num_beams
+        return AllowedTokens(lambda batch_id, row: allowed(batch_id // beams, row))
+    ignore = getattr(processor, "prompt_ignore_length", None)
+    if type(processor) is hf.RepetitionPenaltyLogitsProcessor and isinstance(ignore, torch.Tensor):
+        raise ValueError(
+            "logits_processor: a RepetitionPenaltyLogitsProcessor with a prompt_ignore_length tensor (one per row) "
+            "reads rows by their place in the batch, which a pass's groups of rows do not keep; give one integer, the "
+            "prompt's width, as HF's own example does"
+        )
+    return processor
 
 
 def _decay(decay: Any, eos: list[int], width: int) -> Callable[..., Any]:
@@ -735,9 +754,9 @@ def _mask_from_pad(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.
 # how HF keeps or compiles its cache: the tokens and every output returned here are the same whatever they say
 NO_EFFECT_ARGS = (
     "cache_implementation", "cache_config", "low_memory", "return_legacy_cache", "compile_config", "disable_compile",
-    "early_stopping", "synced_gpus", "bos_token_id", "decoder_start_token_id", "trust_remote_code",
+    "early_stopping", "bos_token_id", "decoder_start_token_id", "trust_remote_code",
 )  # fmt: skip
-# (early_stopping: beams only; synced_gpus: keeps a process stepping until all are done; bos_token_id and
+# (early_stopping: beams only; bos_token_id and
 # decoder_start_token_id: used only without a prompt, or by encoder-decoders; trust_remote_code: for custom_generate)
 SUPPORTED_GENERATE_ARGS = (
     "input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id",
@@ -771,22 +790,34 @@ _NOT_CONFIG = (
 
 # generation_config fields that change the result if set away from these values, and that we do not implement:
 # accepted at these values, as arguments or in a generation_config (an eval harness passes num_beams=1), else refused
-_UNSUPPORTED_CONFIG = {
-    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "encoder_repetition_penalty": 1.0,
-    "guidance_scale": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "top_h": None,
+_UNSUPPORTED_CONFIG: dict[str, Any] = {
+    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": (None, 0.0), "encoder_repetition_penalty": 1.0,
+    "guidance_scale": (None, 1.0), "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "top_h": None,
     "dola_layers": None, "token_healing": False, "remove_invalid_values": False, "encoder_no_repeat_ngram_size": 0,
     "watermarking_config": None, "constraints": None, "force_words_ids": None, "diversity_penalty": 0.0,
 }  # fmt: skip
-# generate arguments, not config fields, likewise accepted only at these values
-_UNSUPPORTED_ARGS = {
+# (a tuple: each of its values leaves the setting off, as HF reads it: guidance_scale 1, penalty_alpha 0)
+# generate arguments, not config fields, likewise accepted only at these values (synced_gpus=True keeps a process
+# stepping until every process is done: a multi-process run it would leave waiting)
+_UNSUPPORTED_ARGS: dict[str, Any] = {
     "assistant_model": None, "assistant_tokenizer": None, "custom_generate": None, "negative_prompt_ids": None,
     "negative_prompt_attention_mask": None, "inputs_embeds": None, "past_key_values": None,
+    "synced_gpus": (None, False),
 }  # fmt: skip
 
 
-def _unsupported(key: str, value: Any, neutral: Any) -> bool:
-    """Whether `value` of an unsupported setting is other than its neutral value (`None`: by identity)."""
-    return value is not neutral and (neutral is None or value != neutral)
+def _unsupported(value: Any, neutral: Any) -> bool:
+    """Whether `value` of an unsupported setting is other than its neutral value(s) (a tuple: any of them; None is
+    compared by identity, a tensor or a model never equal to a number)."""
+    for off in neutral if isinstance(neutral, tuple) else (neutral,):
+        if value is off or (off is not None and isinstance(value, numbers.Real) and value == off):
+            return False
+    return True
+
+
+def _neutral(neutral: Any) -> str:
+    """The neutral value(s) as a message names them."""
+    return " or ".join(map(repr, neutral)) if isinstance(neutral, tuple) else repr(neutral)
 
 
 OUTPUT_FIELDS = ("scores", "logits", "hidden_states", "attentions")  # what `rescore` recomputes, HF's names
@@ -1098,9 +1129,10 @@ class EarlyExitGenerator:
         input_ids = _prompt_ids(inputs, kwargs)
         unknown = sorted(set(kwargs) - set(SUPPORTED_GENERATE_ARGS) - set(_UNSUPPORTED_CONFIG) - set(_UNSUPPORTED_ARGS))
         for key, neutral in _UNSUPPORTED_ARGS.items():
-            if _unsupported(key, kwargs.get(key, neutral), neutral):
-                got = kwargs[key] if isinstance(kwargs[key], (int, float, str)) else f"a {type(kwargs[key]).__name__}"
-                raise ValueError(f"{key}: not supported by the drop-in (only {neutral!r}), got {got}")
+            if key in kwargs and _unsupported(kwargs[key], neutral):
+                value = kwargs[key]
+                got = repr(value) if isinstance(value, (int, float, str)) else f"a value of type {type(value).__name__}"
+                raise ValueError(f"{key}: not supported by the drop-in (only {_neutral(neutral)}), got {got}")
         if unknown:
             raise ValueError(
                 f"unsupported generate argument(s): {', '.join(unknown)} (not implemented by the drop-in: "
@@ -1179,7 +1211,7 @@ class EarlyExitGenerator:
                 setattr(config, key, int(value))
         for key, neutral in _UNSUPPORTED_CONFIG.items():
             value = getattr(config, key, neutral)
-            if value is not None and _unsupported(key, value, neutral):
+            if value is not None and _unsupported(value, neutral):
                 where = "" if key in kwargs else "generation_config."
-                raise ValueError(f"{where}{key}={value!r} is not supported (only {neutral!r})")
+                raise ValueError(f"{where}{key}={value!r} is not supported (only {_neutral(neutral)})")
         return config, default_length

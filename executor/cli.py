@@ -15,6 +15,8 @@ import importlib
 import os
 import sys
 
+from sim.workers import USER_ERRORS
+
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("executor.generate_cli", "generate text with AR, EESD or PPSD and print the run's stats"),
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         status = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return status
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+    except USER_ERRORS as err:
         return _error(args.command, str(err), err)
     except ModuleNotFoundError as err:
         if (err.name or "").partition(".")[0] not in EXECUTOR_EXTRA:

@@ -31,6 +31,7 @@ from typing import Any
 from executor.decoding import GenerationStats
 from executor.serving import ServeOutcome, _ServeLoop, arrival_heap
 from sim.serving import DISPATCH, PassLog, ServingResult, method_kv_tokens, pick_replica
+from sim.workers import USER_ERRORS, exit_with_parent
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload
 
 READY_TIMEOUT_S = 600.0  # a worker loads the model and serves its warm-up request within this
@@ -101,10 +102,6 @@ class ReplicaLoop(_ServeLoop):
         }
 
 
-# what a worker reports as a user's mistake (one line, raised again in the parent as the same class), as `eesd` does
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-
-
 def serve_replicas(
     model: str | os.PathLike[str],
     workload: ServingWorkload,
@@ -134,7 +131,7 @@ def serve_replicas(
     workers = [
         context.Process(
             target=_worker,
-            args=(link, str(model), dtype, devices[link.index], threads, workload, prompts, options),
+            args=(link, str(model), dtype, devices[link.index], threads, workload, prompts, options, os.getpid()),
             daemon=True,
         )
         for link in links
@@ -186,14 +183,13 @@ def _check(
 
 def _worker(
     link: ReplicaLink, model: str, dtype: str, device: str, threads: int, workload: ServingWorkload,
-    prompts: list[list[int]], options: dict[str, Any],
+    prompts: list[list[int]], options: dict[str, Any], parent: int,
 ) -> None:  # fmt: skip
     """A worker process: load the model, serve one warm-up request, then the dispatcher's requests. It ends with
-    its parent (`sim.runner.exit_with_parent`); a user's mistake (a ValueError, a missing file) is sent as one line,
-    anything else with its traceback."""
-    from sim.runner import exit_with_parent
-
-    exit_with_parent()
+    `parent` (`sim.workers.exit_with_parent`); a user's mistake (`sim.workers.USER_ERRORS`: a ValueError, a missing
+    file) is sent as one line of its class, anything else (and, with EESD_DEBUG set, a mistake too) with its
+    traceback."""
+    exit_with_parent(parent)
     try:
         import torch
         from transformers.utils import logging as hf_logging
@@ -210,8 +206,12 @@ def _worker(
         serve(adapter, warm, prompts[:1], **options)
         outcome = serve(adapter, workload, prompts, replica=link, **options)
         link.outbox.put(("done", link.index, outcome))
-    except USER_ERRORS as err:  # as `eesd` reports them: one line
-        link.outbox.put(("mistake", link.index, f"{type(err).__name__}", str(err)))
+    except USER_ERRORS as err:  # as `eesd` reports them: one line, as the USER_ERRORS class it is one of
+        if os.environ.get("EESD_DEBUG"):
+            link.outbox.put(("error", link.index, traceback.format_exc()))
+        else:
+            kind = next(k for k in USER_ERRORS if isinstance(err, k))
+            link.outbox.put(("mistake", link.index, kind.__name__, str(err)))
     except BaseException:  # noqa: BLE001 - the dispatcher reports it with the worker's traceback
         link.outbox.put(("error", link.index, traceback.format_exc()))
 
@@ -241,7 +241,7 @@ def _raise_failure(message: tuple) -> None:
     if message[0] == "error":
         raise RuntimeError(f"replica {message[1]} failed:\n{message[2]}")
     if message[0] == "mistake":
-        kind = next(k for k in USER_ERRORS if k.__name__ == message[2])
+        kind = next((k for k in USER_ERRORS if k.__name__ == message[2]), RuntimeError)
         raise kind(f"replica {message[1]}: {message[3]}")
 
 

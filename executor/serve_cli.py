@@ -228,8 +228,8 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
 
         from executor.replicas import serve_replicas
 
-        warm, warm_prompts = warm_up_workload(workload, prompts, 1)
-        serve(model, warm, warm_prompts, **common)  # the settings checked here, before any worker starts
+        warm, warm_prompts = warm_up_workload(workload, prompts, 1)  # the settings checked here, before any worker
+        serve(model, warm, warm_prompts, **{**common, "capture": "none"})  # starts (nothing captured on its device)
 
         outcome = serve_replicas(
             args.model, workload, prompts, replicas=args.replicas, dispatch=args.dispatch, dtype=args.dtype,

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from sim.formats import check_output, remove_stale
 from sim.runner import (
-    OUTPUTS,
     extrapolation_note,
     fastest,
     map_points,
@@ -62,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
     written = write_outputs(results, out_dir)
     for path in written:
         print(f"wrote {path}")
-    for path in remove_stale(out_dir, OUTPUTS, written):
-        print(f"removed {path} (an earlier run's, not written by this one)")
     if len(points) > 1 and not plots_available():
         print('note: no speedup plots (matplotlib is not installed: pip install -e ".[plots]")')
     for note in dict.fromkeys(note for r in results for note in r.notes):
@@ -72,26 +69,32 @@ def run(args: argparse.Namespace) -> int:
     if extrapolated:
         print(f"note: {extrapolated}")
     if args.break_even is not None:
-        _break_even(points, args.break_even, out_dir, jobs)
+        written += _break_even(points, args.break_even, out_dir, jobs)
+    for path in remove_stale(out_dir, "simulate", written):
+        print(f"removed {path} (the last run's here, not written by this one)")
     return 0
 
 
-def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> None:
-    """`--break-even`: the acceptance each EESD / PPSD point needs (`sim.break_even`), as a table and a CSV."""
+def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> list[Path]:
+    """`--break-even`: the acceptance each EESD / PPSD point needs (`sim.break_even`), as a table and a CSV (and a
+    plot); returns the files written."""
     from sim.break_even import break_even, plot, rows, table
 
     curves = plots_available()
     found = [item for item in map_points(break_even, points, jobs, target, curves) if item is not None]
     if not found:
         print("note: --break-even: no EESD or PPSD point (AR needs no acceptance)")
-        return
+        return []
     print(f"\nbreak-even: the i.i.d. acceptance each point needs for {target:g}x AR on its hardware (bisected)")
     print(table(found, target))
-    print(f"wrote {write_rows_csv(rows(found, target), out_dir / 'break_even.csv')}")
+    written = [write_rows_csv(rows(found, target), out_dir / "break_even.csv")]
     if curves:
-        print(f"wrote {plot(found, target, out_dir / 'break_even.png')}")
+        written.append(plot(found, target, out_dir / "break_even.png"))
+    for path in written:
+        print(f"wrote {path}")
     if any(item.sharpness is not None for item in found):
         print("note: --break-even: policies that read confidences drew them calibrated (confidence_sharpness)")
+    return written
 
 
 def output_folder(given: str | Path | None, default: Path) -> Path:

@@ -31,6 +31,8 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
+from sim.workers import USER_ERRORS
+
 SCHEMA_VERSION = 1
 
 COMPONENTS = ("embed", "layer", "exit_head", "lm_head", "overhead")
@@ -455,7 +457,7 @@ def run_script(main: Callable[[], int | None]) -> int:
     traceback (EESD_DEBUG=1 shows it). Returns the exit status."""
     try:
         return int(main() or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+    except USER_ERRORS as err:
         if os.environ.get("EESD_DEBUG"):
             raise
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
@@ -536,15 +538,24 @@ def save_figure_atomic(fig: Any, path: Path, **options: Any) -> Path:
     return path
 
 
-def remove_stale(out_dir: Path, patterns: Sequence[str], written: Iterable[Path]) -> list[Path]:
-    """The files in `out_dir` that match a command's output `patterns` (globs) and that this run did not write: an
-    earlier run's (another scenario's cases, a sweep's plots), removed so that a reused folder holds one run's
-    results. Returns them, for the command to say so."""
-    kept = {Path(path).resolve() for path in written}
-    stale = sorted({path for pattern in patterns for path in out_dir.glob(pattern) if path.is_file()})
-    removed = [path for path in stale if path.resolve() not in kept]
-    for path in removed:
-        path.unlink(missing_ok=True)
+def remove_stale(out_dir: Path, command: str, written: Iterable[Path]) -> list[Path]:
+    """The files `command` wrote in `out_dir` on its last run there and did not write again on this one (another
+    scenario's cases, a sweep's plots), removed so that a reused folder holds one run's results; a user's own files
+    are never touched: only names listed in the folder's `.eesd-<command>-outputs` (the last run's, then rewritten
+    with this run's) go. Returns the removed paths, for the command to say so."""
+    manifest = out_dir / f".eesd-{command}-outputs"
+    names = sorted({Path(path).name for path in written if Path(path).parent.resolve() == out_dir.resolve()})
+    try:
+        earlier = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no earlier run here (or an unreadable list: nothing is removed)
+        earlier = []
+    removed = []
+    for name in earlier if isinstance(earlier, list) else []:
+        path = out_dir / str(name)
+        if str(name) not in names and Path(str(name)).name == str(name) and path.is_file():
+            path.unlink()
+            removed.append(path)
+    write_text_atomic(manifest, json.dumps(names) + "\n")
     return removed
 
 

@@ -15,14 +15,13 @@ import json
 import os
 import re
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sim import workers
 from sim.acceptance import TraceAcceptance
 from sim.engine import RunResult, Simulation
 from sim.formats import quote, save_figure_atomic, write_text_atomic
@@ -41,7 +40,8 @@ ROW_DOC = {
     "stages": "pipeline stages",
     "devices": "each stage's device (a GPU's name, or the profile's device), ';'-joined",
     "tp": "each stage's tensor-parallel degree, ';'-joined",
-    "link": "the link between stages: a preset's name, latency_us/bandwidth_GBps, or a link profile's file name",
+    "link": "the link between stages (none with one stage): a preset, latency_us/bandwidth_GBps, or profile:<path>",
+    "tp_link": "the link inside a tensor-parallel stage (none without tp > 1), named as link is",
     "exit_layer": "layers the draft runs",
     "policy": "draft policy spec (eesd)",
     "draft_dtype": "eesd: the dtype drafts run in (the model's, or a narrower one: draft_dtype)",
@@ -274,8 +274,8 @@ def run_points(
             results.append(simulate_point(point, trace))
             bar.update(1)
     else:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(points))) as pool:
-            futures = [pool.submit(simulate_point, point, trace) for point in points]
+        with workers.pool(min(jobs, len(points))) as running:
+            futures = [running.submit(simulate_point, point, trace) for point in points]
             for future in futures:
                 future.add_done_callback(lambda _: bar.update(1))
             results = [f.result() for f in futures]
@@ -287,22 +287,8 @@ def map_points(function: Callable[..., Any], points: Sequence[Point], jobs: int,
     """`function(point, *args)` for every point, in point order; `jobs` > 1 uses that many processes."""
     if jobs <= 1 or len(points) == 1:
         return [function(point, *args) for point in points]
-    with ProcessPoolExecutor(max_workers=min(jobs, len(points)), initializer=exit_with_parent) as pool:
-        return list(pool.map(function, points, *[[arg] * len(points) for arg in args]))
-
-
-def exit_with_parent(poll_s: float = 1.0) -> None:
-    """In a worker process: end it once its parent is gone (a parent killed by SIGTERM or SIGKILL runs no clean-up,
-    and its pool's or replicas' workers would otherwise live on, holding a CPU or a model). A daemon thread polls the
-    parent's pid."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    with workers.pool(min(jobs, len(points))) as running:
+        return list(running.map(function, points, *[[arg] * len(points) for arg in args]))
 
 
 def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -312,12 +298,12 @@ def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _link_name(link: str | LinkConfig) -> str:
-    """A results row's `link`: the preset's name, `<latency_us>us/<bandwidth_GBps>GBps` (inf: no bandwidth bound), or
-    `profile:<file name>`."""
+    """A results row's `link` or `tp_link`: the preset's name, `<latency_us>us/<bandwidth_GBps>GBps` (inf: no
+    bandwidth bound), or `profile:<its path as the scenario gives it>`."""
     if isinstance(link, str):
         return link
     if link.profile is not None:
-        return f"profile:{Path(link.profile).name}"
+        return f"profile:{link.profile}"
     bandwidth = "inf" if link.bandwidth_GBps is None else f"{link.bandwidth_GBps:g}"
     return f"{link.latency_us:g}us/{bandwidth}GBps"
 
@@ -335,7 +321,8 @@ def result_row(item: PointResult) -> dict[str, Any]:
         stages=len(item.devices),
         devices=";".join(item.devices),
         tp=";".join(map(str, item.tp)),
-        link=_link_name(p.scenario.topology.link),
+        link=_link_name(p.scenario.topology.link) if len(item.devices) > 1 else "",
+        tp_link=_link_name(p.scenario.topology.tp_link) if max(item.tp, default=1) > 1 else "",
         exit_layer=item.exit_layer if r.method != "ar" else "",
         policy=p.scenario.policy if r.method == "eesd" else "",
         draft_dtype=(p.scenario.draft_dtype or p.scenario.dtype) if r.method == "eesd" else "",
@@ -372,11 +359,6 @@ def _ms_per_token(point: Point, r: RunResult) -> float:
 
 def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
-
-
-# what `eesd simulate` writes in its folder (`write_outputs`, then `--break-even`'s): an earlier run's not written
-# again is removed (`sim.formats.remove_stale`)
-OUTPUTS = ("results.csv", "speedup_*.png", "trace.json", "trace_*.json", "break_even.csv", "break_even.png")
 
 
 def write_outputs(results: Sequence[PointResult], out_dir: Path) -> list[Path]:
@@ -501,7 +483,7 @@ def verdict(results: Sequence[PointResult]) -> str:
         parts.append(f"{method.upper()} {speedup:.3f}x" + (f" at {at}" if at else ""))
     top = max(speedup for speedup, _ in best.values())
     if abs(top - 1.0) < EVEN_BAND:
-        head = f"speculation about breaks even here (within {EVEN_BAND:.0%} of AR, inside measured inputs' noise)"
+        head = f"speculation about breaks even here (within {EVEN_BAND:.0%} of AR: less than measured latencies move)"
     elif top > 1.0:
         head = "speculation pays here"
     else:

@@ -15,7 +15,6 @@ from sim.formats import check_output, remove_stale
 from sim.runner import extrapolation_note, plots_available
 from sim.serving import load_serving_points
 from sim.serving_report import (
-    OUTPUTS,
     capacity,
     run_notes,
     run_serving,
@@ -75,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     written = write_outputs(runs, out_dir)
     for path in written:
         print(f"wrote {path}")
-    for path in remove_stale(out_dir, OUTPUTS, written):
-        print(f"removed {path} (an earlier run's, not written by this one)")
+    for path in remove_stale(out_dir, "serve-sim", written):
+        print(f"removed {path} (the last run's here, not written by this one)")
     if args.json is not None:
         print(f"wrote {write_json(args.json, args.scenario, runs)}")
     if not plots_available():

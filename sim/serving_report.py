@@ -24,14 +24,13 @@ import math
 import platform
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sim import tables
+from sim import tables, workers
 from sim.formats import save_figure_atomic, write_text_atomic
 from sim.progress import progress_bar
-from sim.runner import exit_with_parent, plots_available
+from sim.runner import plots_available
 from sim.serving import SATURATED, ServingPoint, ServingRun, metrics, simulate_serving
 
 PAYS_METRIC = "latency_mean_ms"  # speculation pays at a rate where its mean end-to-end latency is below AR's
@@ -52,8 +51,7 @@ def run_serving(points: Sequence[ServingPoint], jobs: int = 1, progress: bool = 
     with contextlib.ExitStack() as stack:
         mapper: Any = map
         if jobs > 1 and len(points) > 1:
-            pool = ProcessPoolExecutor(max_workers=min(jobs, len(points)), initializer=exit_with_parent)
-            mapper = stack.enter_context(pool).map
+            mapper = stack.enter_context(workers.pool(min(jobs, len(points)))).map
         for run in mapper(run_point, points):
             runs.append(run)
             bar.update(1)
@@ -151,11 +149,6 @@ def capacity(runs: Sequence[ServingRun]) -> list[dict[str, Any]]:
             "slo_pct": ";".join(f"{r:g}:{curve[r]:.1f}" for r in rates),
         })  # fmt: skip
     return found
-
-
-# what `eesd serve-sim` writes in its folder: an earlier run's not written again is removed (`sim.formats.remove_stale`)
-OUTPUTS = ("serving.csv", "speculation.csv", "capacity.csv", "capacity.png", "throughput_latency_*.png",
-           "latency_vs_rate_*.png")  # fmt: skip
 
 
 def write_outputs(runs: Sequence[ServingRun], out_dir: Path) -> list[Path]:

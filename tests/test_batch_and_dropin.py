@@ -189,7 +189,9 @@ def test_a_generator_checks_its_settings_when_built(model, settings, message):
     ("kwargs", "message"),
     [
         (dict(num_beams=4), r"^num_beams=4 is not supported \(only 1\)"),
-        (dict(assistant_model=object()), "assistant_model: not supported by the drop-in .only None., got a object"),
+        (dict(assistant_model=object()), "assistant_model: not supported by the drop-in .only None., got a value of"),
+        (dict(synced_gpus=True), r"synced_gpus: not supported by the drop-in \(only None or False\), got True"),
+        (dict(penalty_alpha=0.6), r"penalty_alpha=0.6 is not supported \(only None or 0.0\)"),
         (dict(remove_invalid_values=True), "remove_invalid_values=True is not supported"),
         (dict(generation_config=GenerationConfig(remove_invalid_values=True)), "generation_config.remove_invalid"),
         (dict(num_beam=1), "unsupported generate argument.s.: num_beam"),
@@ -397,8 +399,9 @@ def test_neutral_values_and_numpy_integers_are_taken_as_hf_takes_them(model):
     ids = torch.tensor([[3, 4, 5]])
     expected = model.generate(ids, max_new_tokens=4, do_sample=False)
     neutral = dict(num_beams=1, num_beam_groups=1, early_stopping=False, synced_gpus=False, diversity_penalty=0.0,
-                   penalty_alpha=None, guidance_scale=None, encoder_no_repeat_ngram_size=0, bos_token_id=1,
-                   trust_remote_code=False, custom_generate=None, remove_invalid_values=False)  # fmt: skip
+                   penalty_alpha=0.0, guidance_scale=1, encoder_no_repeat_ngram_size=0, bos_token_id=1,
+                   trust_remote_code=False, custom_generate=None, remove_invalid_values=False,
+                   num_return_sequences=None)  # fmt: skip
     got = executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, max_new_tokens=np.int64(4), **neutral)
     assert got.tolist() == expected.tolist()
 

@@ -193,7 +193,7 @@ def test_bad_visits_refused(tiny_config: Path, tmp_path: Path, capsys) -> None:
 
 
 def _record(index: int) -> LatencyRecord:
-    return LatencyRecord("layer", "verify", 1 + index, 8, 1, False, 10.0 + index, 9.0, 11.0)
+    return LatencyRecord("layer", "verify", 1 + index, 8, 1, False, 10.0 + index, 9.0, 11.0 + index)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

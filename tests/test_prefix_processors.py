@@ -432,3 +432,27 @@ def test_a_custom_min_length_processor_beside_a_minimum_is_refused(model):
             model, [[3, 4]], max_new_tokens=4, min_new_tokens=2, eos_token_id=1,
             logits_processor=[MinLengthLogitsProcessor(5, 1)],
         )  # fmt: skip
+
+
+def test_a_callers_prefix_constraint_gets_each_rows_own_batch_index():
+    """HF's PrefixConstrainedLogitsProcessor reads batch_id from a row's place in the input; a speculative pass calls
+    processors on groups of rows, so it is told the rows' own indices: EESD equals HF with a per-row constraint."""
+    from transformers.generation.logits_process import (
+        PrefixConstrainedLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    def allowed(batch_id: int, row: torch.Tensor) -> list[int]:
+        return list(range(10, 25)) if batch_id == 0 else list(range(25, 40))
+
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=40, seed=1)), 2, 1.0)  # rows accept unlike
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                  logits_processor=[PrefixConstrainedLogitsProcessor(allowed, 1)])  # fmt: skip
+    expected = model.generate(ids, do_sample=False, **kwargs)
+    for method in ("ar", "eesd"):
+        got = executor.EarlyExitGenerator(model, method=method, exit_layer=2, draft_len=3).generate(ids, **kwargs)
+        assert got.tolist() == expected.tolist(), method
+    per_row = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=torch.tensor([4, 4, 4]))
+    with pytest.raises(ValueError, match="prompt_ignore_length tensor .one per row. reads rows by their place"):
+        executor.EarlyExitGenerator(model, exit_layer=2).generate(ids, max_new_tokens=3, logits_processor=[per_row])

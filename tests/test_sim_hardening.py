@@ -632,14 +632,14 @@ def test_a_worker_ends_with_its_killed_parent(tmp_path: Path) -> None:
 
     pid_file = tmp_path / "child.pid"
     parent = (
-        "import multiprocessing as mp, sys, time\n"
-        "from sim.runner import exit_with_parent\n"
-        "def child(path):\n"
-        "    exit_with_parent(0.1)\n"
-        "    open(path, 'w').write(str(__import__('os').getpid()))\n"
+        "import multiprocessing as mp, os, time\n"
+        "from sim.workers import exit_with_parent\n"
+        "def child(path, parent):\n"
+        "    exit_with_parent(parent, 0.1)\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
         "    time.sleep(60)\n"
         "if __name__ == '__main__':\n"
-        f"    mp.get_context('spawn').Process(target=child, args=({str(pid_file)!r},)).start()\n"
+        f"    mp.get_context('spawn').Process(target=child, args=({str(pid_file)!r}, os.getpid())).start()\n"
         "    time.sleep(60)\n"
     )
     script = tmp_path / "parent.py"
@@ -672,3 +672,16 @@ def _running(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/status")
     return not (status.is_file() and "\nState:\tZ" in status.read_text())
+
+
+def test_worker_pools_end_with_their_parent() -> None:
+    """Every pool `eesd simulate` and `eesd serve-sim` start is `sim.workers.pool`: its workers watch this pid."""
+    from sim import serving_report, workers
+
+    pool = workers.pool(1)
+    try:
+        assert pool._initializer is workers.exit_with_parent and pool._initargs == (os.getpid(),)
+    finally:
+        pool.shutdown()
+    for module in (sim_cli, serving_report, __import__("sim.runner", fromlist=["x"])):
+        assert "ProcessPoolExecutor(" not in Path(module.__file__).read_text()

@@ -387,7 +387,8 @@ def test_the_verdict_and_the_notes_for_runs_with_nothing_to_compare_or_only_a_li
 def test_results_rows_name_each_stages_tp_and_the_link(tmp_path: Path) -> None:
     results = run_points(load_points(ROOT / "scenarios" / "llama70b_gpus.yaml"), jobs=1, progress=False)
     assert [result_row(r)["tp"] for r in results] == ["4", "8", "1;1;1;1", "1;1;1;1;1;1;1;1", "2;2;2;2"]
-    assert {result_row(r)["link"] for r in results} == {"nvlink"}
+    assert [result_row(r)["link"] for r in results] == ["", "", "nvlink", "nvlink", "nvlink"]  # one stage: no link
+    assert [result_row(r)["tp_link"] for r in results] == ["nvlink", "nvlink", "", "", "nvlink"]
     custom = {"latency_us": 3, "bandwidth_GBps": 25}
     workload = {"requests": 1, "prompt_len": 8, "output_len": 8}
     data = {"name": "link", "model": "SmolLM2-135M", "method": "ppsd", "exit_layer": 8, "acceptance": {"alpha": 0.5},
@@ -417,10 +418,19 @@ def test_a_models_packaged_name_reads_as_its_table_name(tmp_path: Path) -> None:
 
 
 def test_simulate_clears_an_earlier_sweeps_plots_from_a_reused_folder(tmp_path: Path, capsys) -> None:
+    """Only what the last run wrote there (its `.eesd-simulate-outputs`) goes: a user's files stay, even one named as
+    a plot; a --break-even run again in the same folder removes nothing of its own."""
     sweep = {**BASE, "sweep": {"acceptance.alpha": [0.3, 0.6]}}
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "speedup_mine.png").write_text("mine\n")
     assert main([str(write(tmp_path, sweep)), "--out", str(out), "--no-progress"]) == 0
     assert (out / "speedup_acceptance_alpha.png").is_file() or not plots_available()
     (out / "notes.md").write_text("mine\n")
     assert main([str(write(tmp_path, BASE, "one.yaml")), "--out", str(out), "--no-progress"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["notes.md", "results.csv", "trace.json"]  # a single run traces
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == ["notes.md", "results.csv", "speedup_mine.png", "trace.json"]  # a single run traces
+    for _ in range(2):
+        capsys.readouterr()
+        assert main([str(write(tmp_path, BASE, "one.yaml")), "--out", str(out), "--no-progress", "--break-even"]) == 0
+        assert "removed" not in capsys.readouterr().out and (out / "break_even.csv").is_file()
