@@ -46,7 +46,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 # the packages of the `executor` extra (pyproject.toml): a command that needs a missing one names the extra
 EXECUTOR_EXTRA = ("torch", "transformers", "accelerate", "gguf", "safetensors")
-INSTALL_EXTRA = 'pip install -e ".[executor]"'
+# as README.md says: torch's CPU build first (a bare torch requirement can pull a CUDA build); a CUDA torch is kept
+INSTALL_EXTRA = 'pip install torch==2.13.0 && pip install -e ".[executor]" (with a CUDA torch: the extra alone)'
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE, as a shell reports a process the signal ended
 
 

@@ -110,7 +110,8 @@ def test_a_torch_command_without_the_extra_is_one_line_naming_it(tmp_path: Path,
     lines = done.stderr.strip().splitlines()
     command = args[0]
     assert lines == [
-        f'eesd {command}: error: needs the executor extra (torch not installed): pip install -e ".[executor]"'
+        f"eesd {command}: error: needs the executor extra (torch not installed): pip install torch==2.13.0 && "
+        'pip install -e ".[executor]" (with a CUDA torch: the extra alone)'
     ]
 
 
