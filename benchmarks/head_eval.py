@@ -57,18 +57,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=2000, help="bootstrap draws per interval (default 2000)")
     parser.add_argument("--draft-len", type=int, default=4, help="k of tokens/round (default 4, as train-head's)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument(
+        "--window", type=int, default=None,
+        help="tokens per scored window (default: the heads' training window, from their metadata, else 256)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default=None, help="output name: benchmarks/results/head_eval_<tag>.json")
     parser.add_argument("--out", default=None, help="output path instead of the --tag name")
     args = parser.parse_args(argv)
     if (args.tag is None) == (args.out is None):
         parser.error("give one of --tag and --out")
+    for flag, value in (
+        ("--draws", args.draws),
+        ("--draft-len", args.draft_len),
+        ("--batch-size", args.batch_size),
+        ("--window", args.window if args.window is not None else 1),
+        ("--threads", args.threads),
+    ):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     try:  # before the work, not after it
         check_output("--out", Path(args.out) if args.out else RESULTS / f"head_eval_{args.tag}.json")
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+DEFAULT_WINDOW = 256  # heads whose metadata give no training window, or different ones
+
+
+def common_window(heads: dict[str, Any]) -> int:
+    """The window every head trained with (their metadata's `window`), to score them as training scored them; where
+    they differ or do not say, DEFAULT_WINDOW, said (one window for all: baselines pair windows)."""
+    found = {str(head.metadata.get("window") or "") for head in heads.values()}
+    if len(found) == 1 and found != {""}:
+        return int(found.pop())
+    print(f"note: the heads trained with windows {sorted(found - {''}) or 'unrecorded'}: scored at {DEFAULT_WINDOW} "
+          "tokens (--window to choose)")  # fmt: skip
+    return DEFAULT_WINDOW
 
 
 def check_split(directory: str, allow_train: bool) -> str:
@@ -115,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(head, TrainedExitHead):
             raise SystemExit(f"error: {path} is a vocabulary-subset head: only trained heads are scored here")
         heads[path] = head.eval()
+    window = args.window or common_window(heads)
     rows: list[dict[str, Any]] = []
     for corpus in args.corpus:
         source = RecordSource(corpus)
         check_corpus_model(source, model)
         parts = [("all", source)] + (by_kind(corpus) if args.by_kind else [])
         for path, head in heads.items():
-            config = TrainConfig(exit_layer=head.exit_layer, batch_size=args.batch_size, window=args.window,
+            config = TrainConfig(exit_layer=head.exit_layer, batch_size=args.batch_size, window=window,
                                  draft_len=args.draft_len)  # fmt: skip
             for kind, part in parts:
                 with torch.no_grad():
@@ -135,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         row["windows"], row["agreement_ci95"] = len(own), list(agreement_interval(own, draws=args.draws))
     comparisons = compare(rows, windows, args.baseline, args.draws)
     print_tables(rows, comparisons)
-    report = {"benchmark": "head_eval", "model": str(args.model), "draft_len": args.draft_len, "rows": rows,
+    report = {"benchmark": "head_eval", "model": str(args.model), "draft_len": args.draft_len, "window": window,
+              "rows": rows,
               "comparisons": comparisons, "bootstrap": {"draws": args.draws, "level": 0.95, "resampled": "windows"},
               "environment": environment(args.threads)}  # fmt: skip
     out = Path(args.out) if args.out else RESULTS / f"head_eval_{args.tag}.json"

@@ -82,7 +82,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eesd-prompts", type=int, default=6)
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
-    parser.add_argument("--heads-dir", default=str(ROOT / "heads"))
+    parser.add_argument(
+        "--heads-dir", default=str(ROOT / "heads"),
+        help="where trained heads are written, as <model>-e<E>.safetensors (default: the repository's heads/)",
+    )  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="overwrite head files already in --heads-dir")
     parser.add_argument("--tag", default="cpu", help="results file suffix: benchmarks/results/head_report_<tag>")
     parser.add_argument("--out", type=Path, default=None,
                         help="the JSON's path instead (its plots beside it; default: the --tag name)")  # fmt: skip
@@ -202,6 +206,11 @@ def plot(path: Path, shared: dict[int, float], trained: dict[int, float], label:
     agreement_plot(path, label, "exit layer E", draw)
 
 
+def head_files(args) -> list[Path]:
+    """The head files a run that trains writes: one per exit layer in --heads-dir."""
+    return [Path(args.heads_dir) / f"{args.model}-e{int(e)}.safetensors" for e in args.exit_layers.split(",")]
+
+
 def train_heads(model, train_ids: list[list[int]], eval_examples, args):
     """Train a head per exit layer here (in memory, the first version's loop) and score it on the held-out prompts."""
     adapter = ModelAdapter(model)
@@ -214,7 +223,7 @@ def train_heads(model, train_ids: list[list[int]], eval_examples, args):
         config = TrainConfig(exit_layer=exit_layer, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                              seed=args.seed)  # fmt: skip
         state = train(head, train_examples, config, make_optimizer(head, config.lr), TrainState())
-        path = Path(args.heads_dir) / f"{args.model}-e{exit_layer}.safetensors"
+        path = head_files(args)[exit_layers.index(exit_layer)]
         info = {"model": args.model, "prompts": args.prompts, "split": "train", "model_dtype": "float32",
                 "max_new_tokens": args.max_new_tokens, "prompts_count": len(train_ids), "steps": args.steps,
                 "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
@@ -233,6 +242,8 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"head_report_{args.tag}.json"
     try:
         check_output("--out", out)  # before the work, not after it
+        for path in [] if args.heads else head_files(args):  # shipped heads are not replaced unasked
+            check_output("--heads-dir", path, force=args.force)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     torch.set_num_threads(args.threads)

@@ -687,7 +687,12 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
                                 "shards (eesd corpus --out)")  # fmt: skip
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a corpus directory (no {MANIFEST}; build one with eesd corpus)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not JSON ({err}); rebuild the corpus with eesd corpus") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object (the corpus manifest), got {type(manifest).__name__}")
     if manifest.get("format") != CORPUS_FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         versions = " or ".join(map(str, READABLE_VERSIONS))
         raise ValueError(f"{path}: not an {CORPUS_FORMAT} manifest of version {versions}")
@@ -701,6 +706,9 @@ def manifest_sha256(directory: str | os.PathLike[str]) -> str:
 def read_shard(directory: str | os.PathLike[str], shard: dict[str, Any]) -> list[Record]:
     """One shard's records, after checking its bytes against the manifest."""
     path = Path(directory) / shard["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus shard {path}, listed in {Path(directory) / MANIFEST}, is missing: rebuild the "
+                                "corpus")  # fmt: skip
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         raise ValueError(f"corpus shard {path} does not match its manifest (changed or damaged): rebuild the corpus")

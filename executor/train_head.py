@@ -51,6 +51,7 @@ from executor.corpus import (
     RecordSource,
     continue_batch,
     epoch_batches,
+    manifest_sha256,
     ordered_batches,
 )
 from executor.heads import (
@@ -807,6 +808,7 @@ def _steps(run: Run, state: TrainState, progress: bool, stream: Any, begin: floa
         while state.step < config.steps:
             epoch, index, batch = next(stream)
             losses = train_step(run.heads, run.optimizers, batch, config, state.step)
+            _check_finite(run, state, losses)
             state.advance(epoch, index, batch, losses)
             if state.step == first + 1:
                 warm = time.perf_counter()
@@ -823,6 +825,18 @@ def _steps(run: Run, state: TrainState, progress: bool, stream: Any, begin: floa
                 run.save_checkpoint(state)
             if at_end:
                 break
+
+
+def _check_finite(run: Run, state: TrainState, losses: dict[int, float]) -> None:
+    """A step whose loss is not finite stops the run before its heads (now not finite either) are checkpointed or
+    written: a ValueError saying where, and what the checkpoint on disk holds."""
+    bad = {e: loss for e, loss in losses.items() if not math.isfinite(loss)}
+    if not bad:
+        return
+    held = f"{run.checkpoint} holds step {run.saved_step}" if run.saved_step else "no checkpoint was written"
+    shown = ", ".join(f"exit layer {e}: {loss}" for e, loss in bad.items())
+    raise ValueError(f"training diverged at step {state.step + 1} (KL {shown}); no head written ({held}): lower --lr "
+                     f"(it was {run.config.lr:g}) or keep --clip-norm on")  # fmt: skip
 
 
 def head_metadata(run: Run, state: TrainState, exit_layer: int) -> dict[str, Any]:
@@ -879,6 +893,9 @@ def distill_heads(
     state = TrainState()
     if resume and run.checkpoint.is_file():
         state = run.restore(load_checkpoint(run.checkpoint, adapter, config, info))
+    else:  # a fresh run: an earlier run's curves beside these outputs would be credited to the new heads
+        for out in outs.values():
+            eval_csv_path(out).unlink(missing_ok=True)
     with frozen(model):
         for head in heads.values():
             head.train()
@@ -953,8 +970,9 @@ def train_head_corpus(
     eval_source = RecordSource(eval_corpus) if eval_corpus is not None else None
     if eval_source is not None:
         check_corpus_model(eval_source, model)
-        if eval_source.directory.resolve() in {d.resolve() for d in source.directories}:
-            raise ValueError(f"the held-out corpus {eval_source.directory} is also a training corpus")
+        same = {d.resolve() for d in source.directories} | {manifest_sha256(d) for d in source.directories}
+        if {eval_source.directory.resolve(), manifest_sha256(eval_source.directory)} & same:  # a copy too
+            raise ValueError(f"the held-out corpus {eval_source.directory} is also a training corpus (or a copy)")
     return distill_heads(model, source, config, head_paths(out, config.layers), eval_source=eval_source,
                          resume=resume, save_dtype=save_dtype, run_info=run_info, progress=progress,
                          draft_vocab=draft_vocab, time_budget_s=time_budget_s, init_heads=init_heads)  # fmt: skip

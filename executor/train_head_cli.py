@@ -11,6 +11,7 @@ unseen by the head. `--resume` continues from `OUT.ckpt` (written every `--check
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="distil from corpus directories (eesd corpus); several are mixed, their shards shuffled together",
     )
     parser.add_argument("--eval-corpus", default=None, metavar="DIR", help="held-out corpus scored into OUT.eval.csv")
-    parser.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: none)")
+    parser.add_argument(
+        "--eval-every", type=int, default=None,
+        help="steps between held-out evaluations of --eval-corpus (default: the start and the end of the run)",
+    )  # fmt: skip
     parser.add_argument("--schedule", default="cosine", choices=("cosine", "constant"), help="LR after the warmup")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup (default: 0)")
     parser.add_argument("--clip-norm", type=float, default=1.0, help="gradient clipping per head (0: off)")
@@ -134,14 +138,20 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--exit-layer {given}: an exit layer given twice (each trains one head)")
     if not 0 < args.lr < float("inf"):  # (nan too)
         raise ValueError(f"--lr must be a number > 0, got {args.lr}")
-    for name in ("clip_norm", "hard_weight", "warmup_steps", "eval_every"):
-        if getattr(args, name) < 0:  # a negative clip norm would flip the gradients, not clip them
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(args, name)}")
+    for name in ("clip_norm", "hard_weight", "warmup_steps"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):  # a negative clip norm would flip the gradients; nan: no check
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0 (0: off), got {value}")
+    for name in ("window", "draft_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _check_eval(args)
+    _check_subset(args)
     if args.init_layer not in ("exit", "last") and not args.init_layer.isdigit():
         raise ValueError(f"--init-layer must be exit, last or a layer number, got {args.init_layer!r}")
     if args.vocab_subset is None and args.exit_layer is None and args.init_head is None:
         raise ValueError("--exit-layer is required to train a head (or give --vocab-subset N for a subset head)")
-    if args.time_budget_s is not None and (args.corpus is None or args.time_budget_s <= 0):
+    if args.time_budget_s is not None and (args.corpus is None or not 0 < args.time_budget_s < float("inf")):
         raise ValueError(f"--time-budget-s needs --corpus and a value > 0, got {args.time_budget_s}")
     if args.eval_corpus is not None and args.corpus is None:
         raise ValueError("--eval-corpus needs --corpus (the held-out corpus scores heads trained from a corpus)")
@@ -154,6 +164,45 @@ def _check(args: argparse.Namespace) -> None:
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
     _check_outs(args)
+
+
+def _check_eval(args: argparse.Namespace) -> None:
+    """--eval-every with --eval-corpus: without it a held-out corpus would score nothing (default: the start and the
+    end of the run); --eval-every needs one."""
+    if args.eval_every is None:
+        args.eval_every = max(args.steps, 1) if args.eval_corpus is not None else 0
+    elif args.eval_every < 0 or (args.eval_every > 0) != (args.eval_corpus is not None):
+        raise ValueError(
+            f"--eval-every {args.eval_every}: held-out evaluations need --eval-corpus and N >= 1 steps between them "
+            "(without --eval-every, an --eval-corpus scores the heads at the start and the end)"
+        )
+
+
+def _check_subset(args: argparse.Namespace) -> None:
+    """--vocab-subset ranks the vocabulary on --prompts: a training flag it would ignore is refused."""
+    if args.vocab_subset is None:
+        return
+    given = [flag for flag, value, default in (
+        ("--corpus", args.corpus, None), ("--exit-layer", args.exit_layer, None), ("--resume", args.resume, False),
+        ("--head-kind", args.head_kind, None), ("--init-layer", args.init_layer, "exit"),
+        ("--time-budget-s", args.time_budget_s, None), ("--steps", args.steps, 300), ("--lr", args.lr, 3e-4),
+    ) if value != default]  # fmt: skip
+    if given:
+        raise ValueError(f"{', '.join(given)}: for training a head; --vocab-subset ranks the vocabulary on --prompts "
+                         "(no training)")  # fmt: skip
+
+
+def _check_checkpoint(args: argparse.Namespace) -> None:
+    """An interrupted run's checkpoint is not overwritten by a fresh run without --force; --resume without one says
+    it starts from the beginning."""
+    from executor.train_head import checkpoint_path
+
+    checkpoint = checkpoint_path(_outs(args)[0])
+    if checkpoint.is_file() and not args.resume and not args.force:
+        raise ValueError(f"{checkpoint} holds an interrupted run: --resume continues it, --force starts over (it is "
+                         "then overwritten)")  # fmt: skip
+    if args.resume and not checkpoint.is_file():
+        print(f"train-head: note: --resume: no checkpoint at {checkpoint}; training from the start", file=sys.stderr)
 
 
 def _check_outs(args: argparse.Namespace) -> None:
@@ -178,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
     vocab = _draft_vocab(args.draft_vocab, model)
     if init_heads is not None and args.steps == 0:
         return _write_unchanged(args, init_heads, vocab)
+    if config is not None:
+        _check_checkpoint(args)
     if args.corpus is not None and config is not None:
         _note_held_out(args.corpus)
         info = {"model": str(args.model), "model_dtype": args.dtype, **_vocab_info(args), **_init_info(args)}

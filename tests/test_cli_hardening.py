@@ -26,7 +26,9 @@ def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
 @pytest.mark.parametrize(
     ("flag", "value"), [("--clip-norm", "-1"), ("--hard-weight", "-0.5"), ("--warmup-steps", "-1"),
                         ("--eval-every", "-2"), ("--init-layer", "first"), ("--lr", "nan"), ("--lr", "inf"),
-                        ("--exit-layer", "4,4")],
+                        ("--exit-layer", "4,4"), ("--clip-norm", "nan"), ("--hard-weight", "nan"), ("--window", "0"),
+                        ("--draft-len", "0"), ("--eval-every", "5"), ("--time-budget-s", "nan"),
+                        ("--vocab-subset", "64")],
 )  # fmt: skip
 def test_train_head_settings_are_checked_before_the_model_loads(tmp_path, capsys, flag, value) -> None:
     """A negative clip norm would flip the gradients (torch scales them by it), not clip them; the model named

@@ -223,6 +223,11 @@ def test_several_corpora_train_together_and_each_is_checked(tiny, corpora, tmp_p
     with pytest.raises(ValueError, match="also a training corpus"):
         train_head_corpus(tiny, [corpora["train"], corpora["held"]], config(), tmp_path / "x.safetensors",
                           eval_corpus=corpora["held"])  # fmt: skip
+    import shutil
+
+    copy = shutil.copytree(corpora["train"], tmp_path / "copy")  # another folder, the same manifest
+    with pytest.raises(ValueError, match="copy is also a training corpus .or a copy."):
+        train_head_corpus(tiny, [corpora["train"]], config(), tmp_path / "x.safetensors", eval_corpus=copy)
 
 
 def test_the_hard_weight_adds_the_top_token_cross_entropy_to_the_gradient(tiny, corpora, tmp_path, monkeypatch) -> None:
@@ -377,3 +382,23 @@ def test_an_interrupted_run_whose_budget_fitted_its_schedule_says_the_steps_to_r
     said = run.interrupted(TrainState(step=17))
     assert said.endswith("holds step 16: the same command with --resume --steps 758 (the schedule the time budget "
                          "fitted) goes on from there") and said.startswith("after step 17 of 758")  # fmt: skip
+
+
+def test_a_diverged_run_writes_no_head_and_a_fresh_run_drops_an_earlier_curve(tiny, corpora, tmp_path, monkeypatch):
+    """A step whose loss is not finite stops the run (a head of NaNs used to be written, exit 0); a fresh run removes
+    an earlier OUT.eval.csv, which would otherwise be credited to the new head."""
+    import executor.train_head as train_head
+
+    out = tmp_path / "h.safetensors"
+    eval_csv_path(out).write_text("step,agreement\n0,0.9\n")
+    real = train_head.train_step
+
+    def blows_up(heads, optimizers, batch, config, step):
+        losses = real(heads, optimizers, batch, config, step)
+        return {e: float("nan") for e in losses} if step >= 5 else losses
+
+    monkeypatch.setattr(train_head, "train_step", blows_up)
+    with pytest.raises(ValueError, match=r"training diverged at step 6 \(KL exit layer 2: nan\); no head written \(.*"
+                                         r"h.safetensors.ckpt holds step 4\)"):  # fmt: skip
+        train_head_corpus(tiny, corpora["train"], config(eval_every=0), out, progress=False)
+    assert not out.exists() and not eval_csv_path(out).exists()

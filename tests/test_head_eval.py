@@ -52,7 +52,8 @@ def test_a_head_is_scored_on_a_held_out_corpus_as_training_scores_it(bench, setu
     model = load_model(str(setup["model"]), dtype=torch.float32)
     head = load_head(setup["head"], model).eval()
     with torch.no_grad():
-        expected = evaluate({2: head}, RecordSource(setup["held"]), TrainConfig(exit_layer=2, batch_size=8, window=256))
+        expected = evaluate({2: head}, RecordSource(setup["held"]), TrainConfig(exit_layer=2, batch_size=8, window=32))
+    assert json.loads(out.read_text())["window"] == 32  # the head's own training window, from its metadata
     assert row["split"] == "held-out" and row["exit_layer"] == 2
     assert row["agreement"] == pytest.approx(expected[2]["agreement"]) and row["eval_positions"] > 0
 
