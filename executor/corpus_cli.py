@@ -31,8 +31,12 @@ def _floats(text: str) -> tuple[float, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
     parser.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
-    parser.add_argument("--sources", default="self", help=f"comma-separated, of {', '.join(SOURCE_NAMES)}")
-    parser.add_argument("--split", default="train", choices=("train", "held-out"), help="prompts / documents used")
+    parser.add_argument(
+        "--sources", default="self", help=f"comma-separated, of {', '.join(SOURCE_NAMES)} (default self)"
+    )
+    parser.add_argument(
+        "--split", default="train", choices=("train", "held-out"), help="prompts / documents (default train)"
+    )
     parser.add_argument(
         "--prompts", default="builtin", help="self, self-requests: builtin | requests | humaneval | FILE.jsonl"
     )
@@ -44,10 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a few kinds need more)",
     )
     parser.add_argument("--temperatures", type=_floats, default=(0.0, 0.7, 1.0), help="0 is greedy (default 0,0.7,1)")
-    parser.add_argument("--samples", type=int, default=2, help="samples per prompt at each temperature > 0")
+    parser.add_argument("--samples", type=int, default=2, help="per prompt at each temperature > 0 (default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per answer (default 128)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default 32)")
-    parser.add_argument("--questions-per-topic", type=int, default=2, help="self-prompts: questions per topic")
+    parser.add_argument("--questions-per-topic", type=int, default=2, help="self-prompts: per topic (default 2)")
     parser.add_argument(
         "--requests-per-kind", type=int, default=32,
         help="self-requests: requests the model is asked to write per kind of --prompts (default 32)",
@@ -57,8 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=256, help="text, python-env: tokens per window (default 256)")
     parser.add_argument("--max-tokens-per-source", type=int, default=None, help="stop a source at N tokens")
     parser.add_argument("--shard-records", type=int, default=1024, help="records per shard (default 1024)")
-    parser.add_argument("--held-out-fraction", type=float, default=0.25, help="of prompts, topics and documents")
-    parser.add_argument("--seed", type=int, default=0, help="the corpus seed (every sample's seed derives from it)")
+    parser.add_argument(
+        "--held-out-fraction", type=float, default=0.25, help="of prompts, topics, documents (default 0.25)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="every sample's seed derives from it (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     parser.add_argument(
         "--capture", default="auto", choices=("auto", "none", "graph", "compile", "compile-layers"),

@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from statistics import fmean
 
 from executor.runtime import add_threads_argument, check_device, use_threads
 from sim.formats import check_output, long_dtype
@@ -23,6 +24,9 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 def _layers(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+_layers.__name__ = "exit layers (comma-separated integers)"  # argparse names a bad value by it
 
 
 def _outs(args: argparse.Namespace) -> list[str]:
@@ -78,9 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-every", type=int, default=None,
         help="steps between held-out evaluations of --eval-corpus (default: the start and the end of the run)",
     )  # fmt: skip
-    parser.add_argument("--schedule", default="cosine", choices=("cosine", "constant"), help="LR after the warmup")
+    parser.add_argument(
+        "--schedule", default="cosine", choices=("cosine", "constant"), help="LR after the warmup (default cosine)"
+    )
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup (default: 0)")
-    parser.add_argument("--clip-norm", type=float, default=1.0, help="gradient clipping per head (0: off)")
+    parser.add_argument("--clip-norm", type=float, default=1.0, help="gradient clipping per head (0: off; default 1)")
     parser.add_argument("--window", type=int, default=512, help="tokens per training window (default: 512)")
     parser.add_argument(
         "--hard-weight",
@@ -93,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     parser.add_argument(
         "--head-kind", default=None, choices=("layer", "attention"),
-        help="trained head: a decoder layer (default) or its attention sublayer only (a light adapter)",
+        help="trained head: a decoder layer (default: layer) or its attention sublayer only (a light adapter)",
     )  # fmt: skip
     parser.add_argument(
         "--init-layer", default="exit", metavar="exit|last|N",
@@ -362,7 +368,8 @@ def _vocab_info(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _report(args: argparse.Namespace, state) -> int:
-    first, last = state.losses[0], sum(state.losses[-10:]) / len(state.losses[-10:])
+    first10 = state.losses[:10]  # the first and the last ten steps' means, as the head's metadata records them
+    first, last = fmean(first10), fmean(state.losses[-10:])
     layers = ",".join(map(str, args.exit_layer))
     steps = f"{state.step} steps" + (f" (of {args.steps}: the time budget)" if state.step < args.steps else "")
     print(f"wrote {', '.join(_outs(args))}: exit layer {layers}, {steps}, {state.tokens_seen} tokens, "
@@ -370,7 +377,7 @@ def _report(args: argparse.Namespace, state) -> int:
     for exit_layer in args.exit_layer if len(args.exit_layer) > 1 or state.evals else ():
         losses = state.head_losses.get(exit_layer, [])
         evals = [row for row in state.evals if row["exit_layer"] == exit_layer]
-        kl = f"KL {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}" if losses else "no steps"
+        kl = f"KL {fmean(losses[:10]):.3f} -> {fmean(losses[-10:]):.3f}" if losses else "no steps"
         held = (f", held-out agreement {evals[-1]['agreement']:.3f} ({evals[0]['agreement']:.3f} at step "
                 f"{evals[0]['step']}), tokens/round {evals[-1]['tokens_per_round']:.2f}") if evals else ""  # fmt: skip
         print(f"  exit layer {exit_layer}: {kl}{held}")
