@@ -407,6 +407,10 @@ class TeacherBatch:
 
 
 def teacher_batch(adapter: ModelAdapter, batch: Batch, exit_layers: Sequence[int]) -> TeacherBatch:
+    vocab = adapter.embed_tokens.weight.shape[0]
+    if batch.tokens.numel() and not 0 <= int(batch.tokens.min()) <= int(batch.tokens.max()) < vocab:
+        raise ValueError(f"a corpus record holds token ids outside the model's vocabulary [0, {vocab}): a corpus of "
+                         "another tokenizer, or an edited shard; rebuild it with eesd corpus")  # fmt: skip
     states, hidden = teacher_states(adapter, batch.tokens, exit_layers)
     mask = batch.targets.to(adapter.device)
     return TeacherBatch(states, hidden[mask], mask)

@@ -402,3 +402,14 @@ def test_a_diverged_run_writes_no_head_and_a_fresh_run_drops_an_earlier_curve(ti
                                          r"h.safetensors.ckpt holds step 4\)"):  # fmt: skip
         train_head_corpus(tiny, corpora["train"], config(eval_every=0), out, progress=False)
     assert not out.exists() and not eval_csv_path(out).exists()
+
+
+def test_a_token_id_outside_the_vocabulary_is_named_not_an_index_error(tiny) -> None:
+    from executor.adapter import ModelAdapter
+    from executor.corpus import Batch
+    from executor.train_head import teacher_batch
+
+    tokens = torch.tensor([[1, 2, SPEC.vocab + 5]])
+    batch = Batch(tokens, torch.ones_like(tokens, dtype=torch.bool), [3], [0])
+    with pytest.raises(ValueError, match=f"token ids outside the model's vocabulary .0, {SPEC.vocab}."):
+        teacher_batch(ModelAdapter(tiny), batch, [2])
