@@ -414,7 +414,7 @@ def taken_over(settings: dict[str, Any], min_new_tokens: int) -> tuple[dict[str,
     rest = [_batch_safe(p) for p in _custom(settings) if all(p is not q for q in taking.values())]
     off = {_TAKEN_OVER[name][0]: _TAKEN_OVER[name][1] for name in taking}
     taking = {name: _batch_safe(processor) for name, processor in taking.items()}
-    return {**settings, **off, "logits_processor": rest or settings.get("logits_processor")}, taking
+    return {**settings, **off, "logits_processor": rest}, taking
 
 
 def _batch_safe(processor: Any) -> Any:
@@ -1210,7 +1210,7 @@ class EarlyExitGenerator:
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 setattr(config, key, int(value))
         for key, neutral in _UNSUPPORTED_CONFIG.items():
-            value = getattr(config, key, neutral)
+            value = getattr(config, key, None)  # a field this transformers lacks is not set
             if value is not None and _unsupported(value, neutral):
                 where = "" if key in kwargs else "generation_config."
                 raise ValueError(f"{where}{key}={value!r} is not supported (only {_neutral(neutral)})")

@@ -534,13 +534,24 @@ def train_step(
     del teacher
     lr = lr_at(step, config)
     with phase("clip + optimizer", adapter.device):
-        for exit_layer, head in heads.items():
-            if config.clip_norm:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), config.clip_norm)
+        bad = {}
+        for exit_layer, head in heads.items():  # the norm is read whether or not it clips (max_norm inf: not)
+            norm = float(torch.nn.utils.clip_grad_norm_(head.parameters(), config.clip_norm or math.inf))
+            if not math.isfinite(losses[exit_layer]):
+                bad[exit_layer] = f"KL {losses[exit_layer]}"
+            elif not math.isfinite(norm):
+                bad[exit_layer] = f"gradient norm {norm}"
+        if bad:  # before any head moves: the heads and their checkpoint stay finite
+            raise Diverged(", ".join(f"exit layer {e}: {value}" for e, value in bad.items()))
+        for exit_layer in heads:
             for group in optimizers[exit_layer].param_groups:
                 group["lr"] = lr
             optimizers[exit_layer].step()
     return losses
+
+
+class Diverged(ValueError):
+    """A training step whose loss or gradient is not finite (`train_step`), raised before the heads move."""
 
 
 def batch_stream(source: RecordSource, config: TrainConfig, epoch: int, skip: int) -> Iterator[tuple[int, int, Batch]]:
@@ -811,8 +822,10 @@ def _steps(run: Run, state: TrainState, progress: bool, stream: Any, begin: floa
     with progress_bar(config.steps, f"heads @ layer {label}", "step", progress, initial=state.step) as bar:
         while state.step < config.steps:
             epoch, index, batch = next(stream)
-            losses = train_step(run.heads, run.optimizers, batch, config, state.step)
-            _check_finite(run, state, losses)
+            try:
+                losses = train_step(run.heads, run.optimizers, batch, config, state.step)
+            except Diverged as err:
+                raise _diverged(run, state, err) from None
             state.advance(epoch, index, batch, losses)
             if state.step == first + 1:
                 warm = time.perf_counter()
@@ -831,16 +844,12 @@ def _steps(run: Run, state: TrainState, progress: bool, stream: Any, begin: floa
                 break
 
 
-def _check_finite(run: Run, state: TrainState, losses: dict[int, float]) -> None:
-    """A step whose loss is not finite stops the run before its heads (now not finite either) are checkpointed or
-    written: a ValueError saying where, and what the checkpoint on disk holds."""
-    bad = {e: loss for e, loss in losses.items() if not math.isfinite(loss)}
-    if not bad:
-        return
-    held = f"{run.checkpoint} holds step {run.saved_step}" if run.saved_step else "no checkpoint was written"
-    shown = ", ".join(f"exit layer {e}: {loss}" for e, loss in bad.items())
-    raise ValueError(f"training diverged at step {state.step + 1} (KL {shown}); no head written ({held}): lower --lr "
-                     f"(it was {run.config.lr:g}) or keep --clip-norm on")  # fmt: skip
+def _diverged(run: Run, state: TrainState, err: Diverged) -> ValueError:
+    """What stops a run whose step did not stay finite: where, what the checkpoint holds, what to change; no head
+    is written."""
+    held = f"{run.checkpoint} holds step {run.saved_step}" if run.saved_step else "this run wrote no checkpoint"
+    return ValueError(f"training diverged at step {state.step + 1} ({err}); no head written ({held}): lower --lr "
+                      f"(it was {run.config.lr:g}) or keep --clip-norm on")  # fmt: skip
 
 
 def head_metadata(run: Run, state: TrainState, exit_layer: int) -> dict[str, Any]:
@@ -897,9 +906,6 @@ def distill_heads(
     state = TrainState()
     if resume and run.checkpoint.is_file():
         state = run.restore(load_checkpoint(run.checkpoint, adapter, config, info))
-    else:  # a fresh run: an earlier run's curves beside these outputs would be credited to the new heads
-        for out in outs.values():
-            eval_csv_path(out).unlink(missing_ok=True)
     with frozen(model):
         for head in heads.values():
             head.train()
@@ -909,6 +915,8 @@ def distill_heads(
     for exit_layer, head in heads.items():
         head.eval()
         save_head(head, outs[exit_layer], dtype=save_dtype, info=head_metadata(run, state, exit_layer))
+        if not any(row["exit_layer"] == exit_layer for row in state.evals):  # an earlier run's curve is not this head's
+            eval_csv_path(outs[exit_layer]).unlink(missing_ok=True)
     return heads, state
 
 
@@ -974,9 +982,13 @@ def train_head_corpus(
     eval_source = RecordSource(eval_corpus) if eval_corpus is not None else None
     if eval_source is not None:
         check_corpus_model(eval_source, model)
-        same = {d.resolve() for d in source.directories} | {manifest_sha256(d) for d in source.directories}
-        if {eval_source.directory.resolve(), manifest_sha256(eval_source.directory)} & same:  # a copy too
-            raise ValueError(f"the held-out corpus {eval_source.directory} is also a training corpus (or a copy)")
+        held = eval_source.directory
+        if held.resolve() in {d.resolve() for d in source.directories} or manifest_sha256(held) in {
+            manifest_sha256(d) for d in source.directories
+        }:  # the same folder, or a copy of one
+            raise ValueError(f"the held-out corpus {held} is also a training corpus (or a copy)")
+        if not config.eval_every:  # a held-out corpus scores the heads: at least at the start and the end
+            config = dataclasses.replace(config, eval_every=config.steps)
     return distill_heads(model, source, config, head_paths(out, config.layers), eval_source=eval_source,
                          resume=resume, save_dtype=save_dtype, run_info=run_info, progress=progress,
                          draft_vocab=draft_vocab, time_budget_s=time_budget_s, init_heads=init_heads)  # fmt: skip

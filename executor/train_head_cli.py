@@ -23,10 +23,21 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def _layers(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(",") if part.strip())
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        layers = ()
+    if not layers:
+        raise argparse.ArgumentTypeError(f"expected exit layers as comma-separated integers (e.g. 7,15), got {text!r}")
+    return layers
 
 
-_layers.__name__ = "exit layers (comma-separated integers)"  # argparse names a bad value by it
+# what only training reads (--vocab-subset refuses them given): argparse destinations
+TRAINING_ONLY = (
+    "corpus", "exit_layer", "resume", "head_kind", "init_layer", "time_budget_s", "steps", "lr", "batch_size",
+    "window", "warmup_steps", "schedule", "save_dtype", "checkpoint_every", "hard_weight", "clip_norm", "eval_corpus",
+    "eval_every", "draft_len",
+)  # fmt: skip
 
 
 def _outs(args: argparse.Namespace) -> list[str]:
@@ -125,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+    parser.set_defaults(_defaults={action.dest: action.default for action in parser._actions})  # (_check_subset)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -151,8 +163,8 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("window", "draft_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    _check_eval(args)
     _check_subset(args)
+    _check_eval(args)
     if args.init_layer not in ("exit", "last") and not args.init_layer.isdigit():
         raise ValueError(f"--init-layer must be exit, last or a layer number, got {args.init_layer!r}")
     if args.vocab_subset is None and args.exit_layer is None and args.init_head is None:
@@ -170,6 +182,8 @@ def _check(args: argparse.Namespace) -> None:
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
     _check_outs(args)
+    if args.vocab_subset is None and args.init_head is None:
+        _check_checkpoint(args)
 
 
 def _check_eval(args: argparse.Namespace) -> None:
@@ -188,11 +202,7 @@ def _check_subset(args: argparse.Namespace) -> None:
     """--vocab-subset ranks the vocabulary on --prompts: a training flag it would ignore is refused."""
     if args.vocab_subset is None:
         return
-    given = [flag for flag, value, default in (
-        ("--corpus", args.corpus, None), ("--exit-layer", args.exit_layer, None), ("--resume", args.resume, False),
-        ("--head-kind", args.head_kind, None), ("--init-layer", args.init_layer, "exit"),
-        ("--time-budget-s", args.time_budget_s, None), ("--steps", args.steps, 300), ("--lr", args.lr, 3e-4),
-    ) if value != default]  # fmt: skip
+    given = ["--" + name.replace("_", "-") for name in TRAINING_ONLY if getattr(args, name) != args._defaults[name]]
     if given:
         raise ValueError(f"{', '.join(given)}: for training a head; --vocab-subset ranks the vocabulary on --prompts "
                          "(no training)")  # fmt: skip
@@ -201,12 +211,12 @@ def _check_subset(args: argparse.Namespace) -> None:
 def _check_checkpoint(args: argparse.Namespace) -> None:
     """An interrupted run's checkpoint is not overwritten by a fresh run without --force; --resume without one says
     it starts from the beginning."""
-    from executor.train_head import checkpoint_path
+    from executor.train_head import checkpoint_path, head_paths
 
-    checkpoint = checkpoint_path(_outs(args)[0])
+    checkpoint = checkpoint_path(head_paths(args.out, args.exit_layer)[min(args.exit_layer)])  # as the run names it
     if checkpoint.is_file() and not args.resume and not args.force:
-        raise ValueError(f"{checkpoint} holds an interrupted run: --resume continues it, --force starts over (it is "
-                         "then overwritten)")  # fmt: skip
+        raise ValueError(f"{checkpoint} holds an earlier run's state (an interrupted run's, or a finished one's): "
+                         "--resume continues it, --force starts over (it is then overwritten)")  # fmt: skip
     if args.resume and not checkpoint.is_file():
         print(f"train-head: note: --resume: no checkpoint at {checkpoint}; training from the start", file=sys.stderr)
 
@@ -233,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     vocab = _draft_vocab(args.draft_vocab, model)
     if init_heads is not None and args.steps == 0:
         return _write_unchanged(args, init_heads, vocab)
-    if config is not None:
+    if config is not None and args.init_head is not None:  # (without --init-head: checked before the model loads)
         _check_checkpoint(args)
     if args.corpus is not None and config is not None:
         _note_held_out(args.corpus)

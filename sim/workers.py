@@ -8,6 +8,7 @@ A parent killed by SIGTERM or SIGKILL runs no clean-up, so each worker watches i
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -32,5 +33,7 @@ def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
 
 
 def pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool of `workers` processes that end with this one."""
-    return ProcessPoolExecutor(max_workers=workers, initializer=exit_with_parent, initargs=(os.getpid(),))
+    """A process pool of `workers` processes that end with this one. Spawned, whatever the platform's default: a
+    forkserver's workers are the fork server's children, not this process's (Python 3.14's default on Linux)."""
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),))

@@ -27,8 +27,7 @@ def one_error_line(capsys: pytest.CaptureFixture, *fragments: str) -> str:
     ("flag", "value"), [("--clip-norm", "-1"), ("--hard-weight", "-0.5"), ("--warmup-steps", "-1"),
                         ("--eval-every", "-2"), ("--init-layer", "first"), ("--lr", "nan"), ("--lr", "inf"),
                         ("--exit-layer", "4,4"), ("--clip-norm", "nan"), ("--hard-weight", "nan"), ("--window", "0"),
-                        ("--draft-len", "0"), ("--eval-every", "5"), ("--time-budget-s", "nan"),
-                        ("--vocab-subset", "64")],
+                        ("--draft-len", "0"), ("--eval-every", "5"), ("--vocab-subset", "64")],
 )  # fmt: skip
 def test_train_head_settings_are_checked_before_the_model_loads(tmp_path, capsys, flag, value) -> None:
     """A negative clip norm would flip the gradients (torch scales them by it), not clip them; the model named
@@ -120,3 +119,22 @@ def test_calibration_repeats_of_zero_are_refused_not_replaced(tmp_path, capsys) 
 def test_corpus_settings_are_refused_by_flag_before_the_model_loads(tmp_path, capsys, flag, value) -> None:
     assert main(["corpus", "--model", "no-such-model", "--out", str(tmp_path / "c"), flag, value]) == 2
     one_error_line(capsys, f"{flag} must be")
+
+
+def test_train_head_checks_before_loading_a_time_budget_a_subset_run_and_a_left_checkpoint(tmp_path, capsys) -> None:
+    """No model is loaded (it does not exist): each refusal comes first. A checkpoint an earlier run left is named
+    by the run's own name for it (the lowest exit layer's), whatever order --exit-layer gives."""
+    out = str(tmp_path / "h-e{exit_layer}.safetensors")
+    base = ["train-head", "--model", "no-such-model", "--out", out]
+    assert main([*base, "--exit-layer", "4", "--corpus", "C", "--time-budget-s", "nan"]) == 2
+    one_error_line(capsys, "--time-budget-s needs --corpus and a value > 0, got nan")
+    assert main([*base, "--vocab-subset", "64", "--batch-size", "16", "--window", "128"]) == 2
+    one_error_line(capsys, "--batch-size, --window: for training a head")
+    (tmp_path / "h-e4.safetensors.ckpt").write_bytes(b"state")
+    assert main([*base, "--exit-layer", "9,4"]) == 2
+    one_error_line(capsys, "h-e4.safetensors.ckpt holds an earlier run's state", "--resume continues it")
+    assert main([*base, "--exit-layer", "9,5", "--resume"]) == 2  # no checkpoint of this run: said, then the model
+    assert "note: --resume: no checkpoint at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's own refusal (usage and one error line, status 2)
+        main([*base, "--exit-layer", ","])
+    assert "--exit-layer: expected exit layers as comma-separated integers" in capsys.readouterr().err

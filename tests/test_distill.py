@@ -385,23 +385,37 @@ def test_an_interrupted_run_whose_budget_fitted_its_schedule_says_the_steps_to_r
 
 
 def test_a_diverged_run_writes_no_head_and_a_fresh_run_drops_an_earlier_curve(tiny, corpora, tmp_path, monkeypatch):
-    """A step whose loss is not finite stops the run (a head of NaNs used to be written, exit 0); a fresh run removes
-    an earlier OUT.eval.csv, which would otherwise be credited to the new head."""
+    """A step whose loss is not finite stops the run before its heads move (a head of NaNs used to be written, exit
+    0); a head written without held-out rows removes an earlier OUT.eval.csv, which would be credited to it."""
     import executor.train_head as train_head
 
     out = tmp_path / "h.safetensors"
-    eval_csv_path(out).write_text("step,agreement\n0,0.9\n")
-    real = train_head.train_step
+    stale = eval_csv_path(out)
+    stale.write_text("step,agreement\n0,0.9\n")
+    real, calls = train_head.distill_batch, []
 
-    def blows_up(heads, optimizers, batch, config, step):
-        losses = real(heads, optimizers, batch, config, step)
-        return {e: float("nan") for e in losses} if step >= 5 else losses
+    def blows_up(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls.append(1)
+        return {e: float("nan") for e in losses} if len(calls) > 5 else losses
 
-    monkeypatch.setattr(train_head, "train_step", blows_up)
-    with pytest.raises(ValueError, match=r"training diverged at step 6 \(KL exit layer 2: nan\); no head written \(.*"
+    monkeypatch.setattr(train_head, "distill_batch", blows_up)
+    with pytest.raises(ValueError, match=r"training diverged at step 6 \(exit layer 2: KL nan\); no head written \(.*"
                                          r"h.safetensors.ckpt holds step 4\)"):  # fmt: skip
         train_head_corpus(tiny, corpora["train"], config(eval_every=0), out, progress=False)
-    assert not out.exists() and not eval_csv_path(out).exists()
+    assert not out.exists() and stale.exists()  # the earlier run's curve stays with the earlier run's head
+    monkeypatch.setattr(train_head, "distill_batch", real)
+    (tmp_path / "h.safetensors.ckpt").unlink()
+    train_head_corpus(tiny, corpora["train"], config(steps=2, eval_every=0), out, progress=False)
+    assert out.exists() and not stale.exists()
+
+
+def test_a_held_out_corpus_scores_at_the_start_and_end_by_default(tiny, corpora, tmp_path) -> None:
+    out = tmp_path / "h.safetensors"
+    train_head_corpus(tiny, corpora["train"], config(steps=3, eval_every=0), out, eval_corpus=corpora["held"],
+                      progress=False)  # fmt: skip
+    with open(eval_csv_path(out)) as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [0, 3]
 
 
 def test_a_token_id_outside_the_vocabulary_is_named_not_an_index_error(tiny) -> None:
@@ -413,3 +427,24 @@ def test_a_token_id_outside_the_vocabulary_is_named_not_an_index_error(tiny) -> 
     batch = Batch(tokens, torch.ones_like(tokens, dtype=torch.bool), [3], [0])
     with pytest.raises(ValueError, match=f"token ids outside the model's vocabulary .0, {SPEC.vocab}."):
         teacher_batch(ModelAdapter(tiny), batch, [2])
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [("{not json", "manifest.json: not JSON"), ("[1, 2, 3]", "manifest.json: expected a JSON object .the corpus")],
+)
+def test_a_broken_manifest_or_a_missing_shard_is_named(corpora, tmp_path, manifest, message) -> None:
+    import shutil
+
+    from executor.corpus import read_manifest, read_shard
+
+    broken = shutil.copytree(corpora["train"], tmp_path / "c")
+    shard = read_manifest(broken)["shards"][0]
+    (broken / shard["file"]).unlink()
+    with pytest.raises(
+        FileNotFoundError, match=f"corpus shard .*{shard['file']}, listed in .*manifest.json, is missing"
+    ):
+        read_shard(broken, shard)
+    (broken / "manifest.json").write_text(manifest)
+    with pytest.raises(ValueError, match=message):
+        read_manifest(broken)

@@ -408,12 +408,16 @@ def test_prefix_settings_with_copies_stops_and_chained_steps(model):
             dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=1),
             "ExponentialDecayLengthPenalty((1, 3.0), 1, 4)",
         ),
+        (dict(repetition_penalty=1.01), "RepetitionPenaltyLogitsProcessor(0.3)"),  # applied twice: another text
         (dict(repetition_penalty=1.3), "NoRepeatNGramLogitsProcessor(2)"),  # nothing to replace: HF appends it
     ],
 )
-def test_a_custom_processor_of_a_built_ins_class_replaces_it_in_its_place(model, settings, custom):
-    """HF: a `logits_processor` entry of the class of a built-in the settings make takes the built-in's place."""
+def test_a_custom_processor_of_a_built_ins_class_replaces_it_in_its_place(settings, custom):
+    """HF: a `logits_processor` entry of the class of a built-in the settings make takes the built-in's place (and
+    only there: applied twice, a penalty of 0.3 makes another text on this model)."""
     from transformers.generation import logits_process as hf
+
+    model = tiny_model(TinySpec(num_layers=4, vocab=40, seed=1))
 
     processor = eval(custom, vars(hf))  # noqa: S307 (a literal of the test's own)
     ids = torch.tensor([[5, 6, 7, 8], [9, 9, 3, 4]])

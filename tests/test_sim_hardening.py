@@ -678,9 +678,11 @@ def test_worker_pools_end_with_their_parent() -> None:
     """Every pool `eesd simulate` and `eesd serve-sim` start is `sim.workers.pool`: its workers watch this pid."""
     from sim import serving_report, workers
 
-    pool = workers.pool(1)
+    pool = workers.pool(2)
     try:
         assert pool._initializer is workers.exit_with_parent and pool._initargs == (os.getpid(),)
+        assert pool._mp_context.get_start_method() == "spawn"  # not forkserver's: its workers' parent is the server
+        assert list(pool.map(abs, [-1, -2, -3])) == [1, 2, 3]  # its workers run (none ended itself at start)
     finally:
         pool.shutdown()
     for module in (sim_cli, serving_report, __import__("sim.runner", fromlist=["x"])):
