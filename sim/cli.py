@@ -99,15 +99,20 @@ def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> list[P
 
 def output_folder(given: str | Path | None, default: Path) -> Path:
     """`--out` as given (an empty path is refused: it is no folder) or `default`, checked (`sim.formats.check_output`)
-    and made before anything runs (a folder the system will not make, as under /proc, fails here, not after the run)."""
+    and made once before anything runs (a folder the system will not make, as under /proc, fails here, not after the
+    run); what was made is removed again until the outputs are written, so an interrupted run leaves no empty
+    folder."""
     if given is not None and not str(given).strip():
         raise ValueError("--out: expected a folder, got an empty path")
     out_dir = Path(given) if given is not None else default
     check_output("--out", out_dir, folder=True)
+    missing = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # the deepest first
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--out {out_dir}: the folder cannot be made ({err.strerror or err})") from None
+    for folder in missing:
+        folder.rmdir()
     return out_dir
 
 

@@ -687,3 +687,16 @@ def test_worker_pools_end_with_their_parent() -> None:
         pool.shutdown()
     for module in (sim_cli, serving_report, __import__("sim.runner", fromlist=["x"])):
         assert "ProcessPoolExecutor(" not in Path(module.__file__).read_text()
+
+
+def test_an_interrupted_run_leaves_no_empty_output_folder(tmp_path: Path, monkeypatch) -> None:
+    """--out is checked (made once) before the run, and made for good only when the outputs are written."""
+    from executor.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sim_cli, "run_points", interrupted)
+    out = tmp_path / "new" / "deeper"
+    assert main(["simulate", str(ROOT / "scenarios" / "quickstart.yaml"), "--out", str(out), "--no-progress"]) == 130
+    assert not (tmp_path / "new").exists()
