@@ -246,7 +246,7 @@ def _check_rows(path: Path, fmt: FileFormat, header: Mapping[str, Any], count: i
     if rows is None:  # files written before the header counted rows
         return
     if isinstance(rows, bool) or not isinstance(rows, int):
-        raise ValueError(f"{path}:1: header field 'rows' must be an integer, got {quote(rows)}")
+        raise ValueError(f"{path}:1: header field 'rows' must be an integer, got {json.dumps(rows)[:80]}")  # (JSON's)
     if rows != count:
         raise ValueError(
             f"{path}: the header counts {rows} rows, the file has {count}: it was cut short or edited by hand"

@@ -273,6 +273,10 @@ def test_a_written_file_counts_its_rows_so_a_cut_at_a_line_end_is_refused(tmp_pa
         ("# " + "[" * 100_000 + "\n", ":1: header is not valid JSON"),
         ('# {"format": "' + "x" * 100_000 + '"}\n', ":1: expected format 'eesd.link_profile', found 'xxxx"),
         (GOOD_HEADER.replace("}}", '}, "rows": "3"}') + "\n" + LINK_ROWS, ":1: header field 'rows' must be an integer"),
+        (
+            GOOD_HEADER.replace("}}", '}, "rows": true}') + "\n" + LINK_ROWS,
+            ":1: header field 'rows' must be an integer, got true",
+        ),
         (GOOD_HEADER + "\n" + LINK_ROWS + "9" * 100 + ",1,1,1\n", ":5: column 'nbytes' must be an int of at most"),
         (GOOD_HEADER + "\n" + LINK_ROWS + "7," + "1" * 200_000 + ",1,1\n", ":5: not a CSV line (field larger than"),
         (GOOD_HEADER + "\n" + LINK_ROWS + "7," + "x" * 5_000 + ",1,1\n", ":5: column 'median_us': expected a float"),
