@@ -82,7 +82,7 @@ class GenerationStats:
     def totals(self, work: str) -> str:
         """The first summary line: tokens, `work` (how many rounds, or ticks), time, capture and host reads."""
         return (
-            f"method {self.method}: {self.new_tokens} new tokens in {work}, "
+            f"method {self.method}: {self.new_tokens} new token{'s' if self.new_tokens != 1 else ''} in {work}, "
             f"{self.wall_time_s:.3f} s ({self.tokens_per_s:.1f} tok/s, prefill {self.prefill_time_s:.3f} s); "
             f"passes captured: {self.capture}, {self.host_reads} host reads"
         )

@@ -44,16 +44,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt-ids", help="prompt as comma-separated token ids (no tokenizer needed)")
     parser.add_argument("--method", default="eesd", help="ar | eesd | ppsd (default: eesd)")
     parser.add_argument("--stages", type=int, default=2, help="ppsd: pipeline stages (default: 2)")
-    parser.add_argument("--stage-boundaries", default=None, help="ppsd: layer cut points, e.g. 3,6")
+    parser.add_argument(
+        "--stage-boundaries", default=None, help="ppsd: layer cut points, e.g. 3,6 (they set --stages: 3 there)"
+    )
     parser.add_argument(
         "--backend", default="sequential", help="ppsd: sequential | streams | distributed (default: sequential)"
     )
     parser.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: L // 2)")
     parser.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default: 4)")
     parser.add_argument(
-        "--head", default="shared", help="exit head (EESD, PPSD): shared | shared:N | FILE (trained or vocab-subset)"
+        "--head",
+        default="shared",
+        help="exit head (EESD, PPSD): shared | shared:N | FILE (trained or vocab-subset; default: shared)",
     )
-    parser.add_argument("--policy", default=None, help="draft policy, e.g. fixed:4 (overrides --draft-len)")
+    parser.add_argument(
+        "--policy",
+        default=None,
+        help="fixed:K | heuristic | confidence:TAU | beta-ts | calibration-ts (default: fixed:DRAFT_LEN)",
+    )
     parser.add_argument(
         "--round-costs", type=Path, default=None, metavar="FILE",
         help="eesd: the round costs `eesd calibrate rounds --out FILE` measured, for --policy beta-ts (the default "
@@ -65,9 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sampling", default="exact", help="with --do-sample: exact (EESD == AR for a seed, default) | rejection"
     )
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with mass >= p")
-    parser.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample from the k most likely tokens (default and 0: off)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="sample from the smallest set with mass >= p (default: off)"
+    )
+    parser.add_argument(
+        "--min-p", type=float, default=None, help="drop tokens below min-p x the top probability (default: off)"
+    )
     parser.add_argument(
         "--repetition-penalty", type=float, default=None,
         help="HF's repetition penalty (every method and backend)",
@@ -82,7 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="end the output after the first token that completes TEXT (HF's stop strings; repeatable; a newline "
         "from bash: --stop $'\\n')",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="sampling seed; greedy: the draft policies' random stream (default: 0)"
+    )
     parser.add_argument(
         "--dtype", type=long_dtype, default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)"
     )
@@ -152,6 +168,9 @@ def check_flags(args: argparse.Namespace) -> None:
         if getattr(args, name) != defaults.get_default(name) and not args.do_sample:
             given = f"{flag} {getattr(args, name)}"
             raise ValueError(f"{given} is for sampling: add --do-sample, or drop it (decoding is greedy without it)")
+    if args.policy is not None and args.draft_len != defaults.get_default("draft_len"):
+        raise ValueError(f"--draft-len {args.draft_len} and --policy {args.policy}: the policy sets the draft length "
+                         "(fixed:K drafts K); give one of them")  # fmt: skip
     if args.method == "ppsd":
         _check_pipeline_flags(args)
     if args.chat and args.prompt is None:
@@ -169,6 +188,9 @@ def _check_pipeline_flags(args: argparse.Namespace) -> None:
 
     if args.backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    if args.stage_boundaries is not None and args.stages == 2:  # the cut points say how many stages there are
+        cuts = [part for part in args.stage_boundaries.split(",") if part.strip()]
+        args.stages = len(cuts) + 1 if cuts else args.stages
     if args.stages < 2:
         raise ValueError(f"--stages must be >= 2 (a pipeline of stages), got {args.stages}")
     if args.stall_timeout is not None and args.backend != "distributed":
@@ -342,6 +364,10 @@ def run(args: argparse.Namespace) -> int:
     if args.compare_ar:
         reference = generate(model, prompt, method="ar", **common)
         same = torch.equal(reference.sequences, result.sequences)
-        print(f"identical to AR: {same} (AR {reference.stats.tokens_per_s:.1f} tok/s)")
-        return 0 if same else 1
+        narrow = not same and args.dtype in ("bfloat16", "float16")
+        note = (f"; in {args.dtype} two top logits can tie or sit within rounding, and a pass over several positions "
+                "rounds differently from one over one, so greedy text may part at a near-tie (docs/design.md); not "
+                "a failure") if narrow else ""  # fmt: skip
+        print(f"identical to AR: {same} (AR {reference.stats.tokens_per_s:.1f} tok/s{note})")
+        return 0 if same or narrow else 1
     return 0

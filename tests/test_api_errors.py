@@ -154,6 +154,7 @@ def test_cli_reports_user_errors_without_traceback(saved_model, args, message, c
         (["--method", "ppsd", "--stages", "0"], "--stages must be >= 2 (a pipeline of stages), got 0"),
         (["--method", "ppsd", "--stall-timeout", "5"], "--stall-timeout is for --backend distributed"),
         (["--method", "ppsd", "--backend", "distributed", "--stop", "x"], "--stop is not supported with --backend"),
+        (["--policy", "fixed:2", "--draft-len", "3"], "--draft-len 3 and --policy fixed:2: the policy sets the draft"),
     ],
 )
 def test_cli_refuses_flags_the_run_would_ignore_before_loading(tmp_path, args, message, capsys):
@@ -334,3 +335,11 @@ def test_every_command_takes_a_dtype_by_either_name():
     calibrate_arguments(calibrate)
     args = calibrate.parse_args(["latency", "--model", "m", "--out", "o", "--dtype", "float32"])
     assert args.dtype == "fp32"
+
+
+def test_cli_stage_boundaries_set_the_stage_count(tmp_path, capsys):
+    """Cut points 5,20 make three stages: what is refused next is the missing model, not the stage count."""
+    assert cli_status("generate", "--model", str(tmp_path / "absent"), "--prompt-ids", "1,2,3", "--method", "ppsd",
+                      "--stage-boundaries", "5,20") == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "stage_boundaries must" not in err and "no such model file or directory" in err, err

@@ -105,7 +105,8 @@ def check_summary(stats) -> None:
         assert stats.tokens_per_tick == pytest.approx((stats.new_tokens - 1) / stats.ticks)
         assert stats.tick_speedup == pytest.approx(stats.stages * stats.tokens_per_tick)
     summary = stats.summary()
-    assert f"{stats.new_tokens} new tokens in {stats.ticks} ticks" in summary and "round" not in summary
+    tokens = f"{stats.new_tokens} new token{'s' if stats.new_tokens != 1 else ''}"
+    assert f"{tokens} in {stats.ticks} ticks" in summary and "round" not in summary
     if stats.confirms + stats.flushes == 0:  # the run ended before a draft was judged: no nan alpha printed
         assert "no draft checked" in summary and "nan" not in summary
         return
