@@ -399,7 +399,8 @@ def taken_over(settings: dict[str, Any], min_new_tokens: int) -> tuple[dict[str,
     from transformers.generation import logits_process as hf
 
     taking: dict[str, Any] = {}
-    for processor in _custom(settings):
+    custom = _custom(settings)
+    for processor in custom:
         name = type(processor).__name__
         if type(processor) is not getattr(hf, name, None):  # HF matches the exact class
             continue
@@ -411,7 +412,7 @@ def taken_over(settings: dict[str, Any], min_new_tokens: int) -> tuple[dict[str,
         key, off = _TAKEN_OVER.get(name, (None, None))
         if key is not None and name not in taking and settings.get(key) is not None and settings[key] != off:
             taking[name] = processor
-    rest = [_batch_safe(p) for p in _custom(settings) if all(p is not q for q in taking.values())]
+    rest = [_batch_safe(p) for p in custom if all(p is not q for q in taking.values())]
     off = {_TAKEN_OVER[name][0]: _TAKEN_OVER[name][1] for name in taking}
     taking = {name: _batch_safe(processor) for name, processor in taking.items()}
     return {**settings, **off, "logits_processor": rest}, taking

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from executor.runtime import add_threads_argument, check_device, use_threads
+from executor.runtime import add_threads_argument, check_device, flag_defaults, use_threads
 from sim.formats import long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -159,16 +159,15 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--head {head}: no such file (a .safetensors head file, or shared / shared:N)")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    defaults = argparse.ArgumentParser()
-    add_arguments(defaults)  # the flags' defaults, as the command's own parser sets them
+    defaults = flag_defaults(add_arguments)
     for flag, name, methods in METHOD_FLAGS:
-        if getattr(args, name) != defaults.get_default(name) and args.method not in methods:
+        if getattr(args, name) != defaults[name] and args.method not in methods:
             raise ValueError(f"{flag} is for --method {' or '.join(methods)}, got --method {args.method}")
     for flag, name in SAMPLING_FLAGS:
-        if getattr(args, name) != defaults.get_default(name) and not args.do_sample:
+        if getattr(args, name) != defaults[name] and not args.do_sample:
             given = f"{flag} {getattr(args, name)}"
             raise ValueError(f"{given} is for sampling: add --do-sample, or drop it (decoding is greedy without it)")
-    if args.policy is not None and args.draft_len != defaults.get_default("draft_len"):
+    if args.policy is not None and args.draft_len != defaults["draft_len"]:
         raise ValueError(f"--draft-len {args.draft_len} and --policy {args.policy}: the policy sets the draft length "
                          "(fixed:K drafts K); give one of them")  # fmt: skip
     if args.method == "ppsd":

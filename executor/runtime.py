@@ -12,7 +12,8 @@ import os
 import re
 import statistics
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,14 @@ def add_threads_argument(parser: argparse.ArgumentParser, preferred: str | None 
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N", help=f"torch CPU threads (default: {default})"
     )
+
+
+def flag_defaults(add_arguments: Callable[[argparse.ArgumentParser], None]) -> dict[str, Any]:
+    """A command's flags' defaults as its own `add_arguments` sets them (by argparse destination): what a check that
+    refuses a flag the run would ignore compares against, without a copy of the defaults to drift from."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return {action.dest: action.default for action in parser._actions}
 
 
 def check_threads(threads: int | None) -> None:

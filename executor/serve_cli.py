@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from executor.runtime import add_threads_argument, check_device, use_threads
+from executor.runtime import add_threads_argument, check_device, flag_defaults, use_threads
 from sim.formats import long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -93,20 +93,20 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-# flag, argument, default, the methods it is for (None: --replicas > 1): a value other than the default that no run
+# flag, argument, the methods it is for (None: --replicas > 1): a value other than the flag's default that no run
 # would read is refused, as eesd generate refuses it
 FLAG_USERS = (
-    ("--exit-layer", "exit_layer", None, ("eesd",)), ("--policy", "policy", "fixed:4", ("eesd",)),
-    ("--head", "head", "shared", ("eesd", "ppsd")), ("--stages", "stages", 2, ("ppsd",)),
-    ("--stage-boundaries", "stage_boundaries", None, ("ppsd",)), ("--backend", "backend", "sequential", ("ppsd",)),
-    ("--dispatch", "dispatch", "least_loaded", None),
+    ("--exit-layer", "exit_layer", ("eesd",)), ("--policy", "policy", ("eesd",)), ("--head", "head", ("eesd", "ppsd")),
+    ("--stages", "stages", ("ppsd",)), ("--stage-boundaries", "stage_boundaries", ("ppsd",)),
+    ("--backend", "backend", ("ppsd",)), ("--dispatch", "dispatch", None),
 )  # fmt: skip
 
 
 def check_flags(args: argparse.Namespace, methods: list[str]) -> None:
     """No flag the runs would ignore (before the model loads)."""
-    for flag, name, default, users in FLAG_USERS:
-        if getattr(args, name) == default:
+    defaults = flag_defaults(add_arguments)
+    for flag, name, users in FLAG_USERS:
+        if getattr(args, name) == defaults[name]:
             continue
         if users is None and args.replicas <= 1:
             raise ValueError(f"{flag} is for --replicas 2 or more (which replica a request goes to)")

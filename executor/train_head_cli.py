@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from statistics import fmean
 
-from executor.runtime import add_threads_argument, check_device, use_threads
+from executor.runtime import add_threads_argument, check_device, flag_defaults, use_threads
 from sim.formats import check_output, long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -136,7 +136,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
-    parser.set_defaults(_defaults={action.dest: action.default for action in parser._actions})  # (_check_subset)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -202,7 +201,8 @@ def _check_subset(args: argparse.Namespace) -> None:
     """--vocab-subset ranks the vocabulary on --prompts: a training flag it would ignore is refused."""
     if args.vocab_subset is None:
         return
-    given = ["--" + name.replace("_", "-") for name in TRAINING_ONLY if getattr(args, name) != args._defaults[name]]
+    defaults = flag_defaults(add_arguments)
+    given = ["--" + name.replace("_", "-") for name in TRAINING_ONLY if getattr(args, name) != defaults[name]]
     if given:
         raise ValueError(f"{', '.join(given)}: for training a head; --vocab-subset ranks the vocabulary on --prompts "
                          "(no training)")  # fmt: skip
