@@ -11,6 +11,7 @@ import functools
 import itertools
 import numbers
 import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,37 @@ def check_eos(adapter: ModelAdapter, eos: list) -> list[int]:
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+# argument, its default, the methods that read it (PPSD drafts one token a tick: no draft length or policy)
+METHOD_ARGUMENTS = (
+    ("exit_layer", None, ("eesd", "ppsd")),
+    ("head", None, ("eesd", "ppsd")),
+    ("policy", None, ("eesd",)),
+    ("draft_len", 4, ("eesd",)),
+    ("stages", 2, ("ppsd",)),
+    ("stage_boundaries", None, ("ppsd",)),
+    ("backend", "sequential", ("ppsd",)),
+)
+
+
+def method_arguments(method: str, **given: Any) -> dict[str, Any]:
+    """`given` (names of `METHOD_ARGUMENTS`) less what `method` does not read. A value other than the default that it
+    drops is named in a UserWarning (as HF warns of a sampling setting in a greedy call): a loop over methods with one
+    set of arguments runs, and the setting a method ignores is not ignored silently. `head="shared"` is the default."""
+    check_method(method)
+    ignored, used = [], {}
+    for name, default, methods in METHOD_ARGUMENTS:
+        value = given.get(name, default)
+        if method in methods:
+            used[name] = value
+            continue
+        if not (value is default or value == default or (name == "head" and value == "shared")):
+            shown = repr(value) if isinstance(value, (int, str, list, tuple)) else f"a {type(value).__name__}"
+            ignored.append(f"{name}={shown} (for {' or '.join(methods)})")
+    if ignored:
+        warnings.warn(f"method {method!r} ignores {', '.join(ignored)}", UserWarning, stacklevel=3)
+    return used
 
 
 def check_exit_layer(adapter: ModelAdapter, exit_layer: Any) -> None:
@@ -640,6 +672,10 @@ def generate(
     adapter = _adapter(model)
     ids = _as_2d(input_ids)
     prompts = split_prompts(ids, attention_mask)
+    method_arguments(
+        method, exit_layer=exit_layer, head=head, policy=policy, draft_len=draft_len, stages=stages,
+        stage_boundaries=stage_boundaries, backend=backend,
+    )  # fmt: skip
     if method == "eesd" and exit_layer is None:
         head, exit_layer = _exit_from_head(adapter, head)
     if method == "ppsd" and len(prompts) != 1:
@@ -1021,7 +1057,6 @@ def _check_generator(
     adapter: ModelAdapter, method: str, exit_layer: int | None, draft_len: int, policy: Any, sampling: str, capture: str
 ) -> None:
     """What an `EarlyExitGenerator` is built with, checked when it is built (not at its first call)."""
-    check_method(method)
     if exit_layer is not None:
         check_exit_layer(adapter, exit_layer)
     check_draft_len(adapter, draft_len)
@@ -1036,12 +1071,8 @@ def _check_pipeline(
     adapter: ModelAdapter, method: str, exit_layer: int | None, head: Any, stages: int, bounds: Any, backend: str
 ) -> None:
     """PPSD's pipeline as an `EarlyExitGenerator` is built with it: its stages plan (a trained head's exit layer is
-    checked where the head loads) and its backend; refused for another method, where it would be ignored."""
+    checked where the head loads) and its backend (another method ignores them, with a warning: `method_arguments`)."""
     if method != "ppsd":
-        given = [f"{name}={value!r}" for name, value, default in (("stages", stages, 2), ("stage_boundaries", bounds,
-                 None), ("backend", backend, "sequential")) if value != default]  # fmt: skip
-        if given:
-            raise ValueError(f"{', '.join(given)}: for method 'ppsd' (PPSD's pipeline), got method {method!r}")
         return
     plan_stages(adapter.num_layers, stages, bounds, exit_layer if head in (None, "shared") else None)
     check_backend(adapter, backend)
@@ -1108,11 +1139,18 @@ class EarlyExitGenerator:
     ) -> None:
         self.model = model
         self.adapter = ModelAdapter(model)
+        # what the method reads (a setting it would ignore is named in a warning, once, here)
+        used = method_arguments(
+            method, exit_layer=exit_layer, head=head, policy=policy, draft_len=draft_len, stages=stages,
+            stage_boundaries=stage_boundaries, backend=backend,
+        )  # fmt: skip
         _check_generator(self.adapter, method, exit_layer, draft_len, policy, sampling, capture)
         _check_pipeline(self.adapter, method, exit_layer, head, stages, stage_boundaries, backend)
-        self.pipeline = dict(stages=stages, stage_boundaries=stage_boundaries, backend=backend)  # PPSD's
         # a head file is loaded once, so that every call reuses the same captured passes (they are keyed by head)
-        self.head = head if head in (None, "shared") else resolve_head(head, self.adapter, exit_layer)
+        if used.get("head") not in (None, "shared"):
+            used["head"] = resolve_head(head, self.adapter, exit_layer)
+        self.method_arguments = used
+        self.head = used.get("head")
         self.capture = capture
         self.draft_dtype = draft_dtype  # EESD: drafts in a narrower dtype (`generate`'s draft_dtype)
         self.verify_buckets = verify_buckets  # frozen EESD: verify passes at bucket widths (`generate`'s)
@@ -1153,12 +1191,12 @@ class EarlyExitGenerator:
         max_new = _max_new_tokens(config, ids.shape[1], default_length, positions)
         processing = _processing(config)
         result = generate(
-            self.adapter, ids, method=self.method, exit_layer=self.exit_layer, draft_len=self.draft_len,
-            policy=self.policy, max_new_tokens=max_new, min_new_tokens=_min_new_tokens(config, ids.shape[1]),
+            self.adapter, ids, method=self.method, **self.method_arguments, max_new_tokens=max_new,
+            min_new_tokens=_min_new_tokens(config, ids.shape[1]),
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             sampling=self.sampling, seed=seed, streamer=kwargs.get("streamer"),
-            stopping_criteria=_criteria(config, kwargs), head=self.head, capture=self.capture,
-            draft_dtype=self.draft_dtype, verify_buckets=self.verify_buckets, **self.pipeline,
+            stopping_criteria=_criteria(config, kwargs), capture=self.capture,
+            draft_dtype=self.draft_dtype, verify_buckets=self.verify_buckets,
             logits_processor=kwargs.get("logits_processor"),
             prefix_allowed_tokens_fn=_per_prompt(kwargs.get("prefix_allowed_tokens_fn"), copies), **processing,
         )  # fmt: skip

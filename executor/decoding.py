@@ -73,11 +73,18 @@ class GenerationStats:
         return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else float("nan")
 
     def accepted_histogram(self) -> dict[int, int]:
-        """Rounds per accepted length."""
+        """Rounds per accepted length, over the rounds that drafted (a round that drafted nothing accepted nothing
+        either, and is counted by `undrafted_rounds` instead of under 0)."""
         histogram: dict[int, int] = {}
-        for accepted in self.accepted:
-            histogram[accepted] = histogram.get(accepted, 0) + 1
+        for drafted, accepted in zip(self.drafted, self.accepted, strict=True):
+            if drafted:
+                histogram[accepted] = histogram.get(accepted, 0) + 1
         return dict(sorted(histogram.items()))
+
+    @property
+    def undrafted_rounds(self) -> int:
+        """Rounds (over every row) that drafted nothing: the policy chose no draft, or the row had no room for one."""
+        return sum(1 for drafted in self.drafted if not drafted)
 
     def totals(self, work: str) -> str:
         """The first summary line: tokens, `work` (how many rounds, or ticks), time, capture and host reads."""
@@ -94,6 +101,7 @@ class GenerationStats:
                 f"drafted {sum(self.drafted)}, accepted {sum(self.accepted)} "
                 f"(rate {self.acceptance_rate:.3f}), {self.tokens_per_round:.2f} tokens/round, "
                 f"accepted-length histogram {self.accepted_histogram()}"
+                + (f", {self.undrafted_rounds} rounds drafted nothing" if self.undrafted_rounds else "")
             )
         return "\n".join(lines)
 

@@ -135,6 +135,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare-ar", action="store_true", help="also run AR and check the outputs are equal (greedy, exact sampling)"
     )
+    parser.add_argument(
+        "--warmup", type=int, default=0, metavar="N",
+        help="N untimed calls first (AR's too with --compare-ar), so that tok/s is a warm call's: a run's first call "
+        "pays its one-off costs, capturing or compiling its passes (default: 0)",
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no model loading bar")
 
 
 def given_ids(text: str) -> list[int]:
@@ -159,6 +165,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--head {head}: no such file (a .safetensors head file, or shared / shared:N)")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0 (untimed calls before the timed one), got {args.warmup}")
     defaults = flag_defaults(add_arguments)
     for flag, name, methods in METHOD_FLAGS:
         if getattr(args, name) != defaults[name] and args.method not in methods:
@@ -306,6 +314,13 @@ def _optional_tokenizer(model: str, load_tokenizer):
         return None
 
 
+def _warm(call, warmup: int):
+    """`call()`'s result after `warmup` untimed calls (they capture or compile the passes the timed one reuses)."""
+    for _ in range(warmup):
+        call()
+    return call()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
@@ -341,14 +356,18 @@ def run(args: argparse.Namespace) -> int:
         no_repeat_ngram_size=args.no_repeat_ngram_size,
     )  # fmt: skip
     stall = {} if args.stall_timeout is None else {"stall_timeout_s": args.stall_timeout}
-    try:
-        result = generate(
+
+    def call():
+        return generate(
             model, prompt, method=args.method, exit_layer=exit_layer, draft_len=args.draft_len,
             policy=policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
             backend=args.backend, sync_every=args.sync_every, **stall, **common,
             **({"draft_dtype": args.draft_dtype} if args.draft_dtype else {}),
             **({} if args.verify_buckets else {"verify_buckets": False}),
         )  # fmt: skip
+
+    try:
+        result = _warm(call, args.warmup)
     except PPSDWorkerError as err:  # a stage process failed, died or stalled: one line naming it (not a usage error)
         if os.environ.get("EESD_DEBUG"):
             print(err.details, file=sys.stderr)
@@ -360,8 +379,11 @@ def run(args: argparse.Namespace) -> int:
     drafting = f"exit layer {result.exit_layer}" + (f" ({args.head})" if args.head else "")
     named = result.exit_layer is not None and args.method == "eesd"  # (PPSD's stats name their stages' layers)
     print((f"{drafting}; " if named else "") + result.stats.summary())
+    if args.warmup == 0 and result.stats.capture != "none":
+        print(f"(a first call: its time includes capturing its passes ({result.stats.capture}); --warmup 1 times a "
+              "warm call)")  # fmt: skip
     if args.compare_ar:
-        reference = generate(model, prompt, method="ar", **common)
+        reference = _warm(lambda: generate(model, prompt, method="ar", **common), args.warmup)
         same = torch.equal(reference.sequences, result.sequences)
         narrow = not same and args.dtype in ("bfloat16", "float16")
         note = (f"; in {args.dtype} two top logits can tie or sit within rounding, and a pass over several positions "

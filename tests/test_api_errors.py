@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def model():
         (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0"),
         (dict(method="beam"), r"method must be one of ar, eesd"),
         (dict(max_new_tokens=300), r"exceeds the model's context of 256 positions"),
-        (dict(policy="fixed:x"), r"policy 'fixed:x'"),
+        (dict(method="eesd", exit_layer=2, policy="fixed:x"), r"policy 'fixed:x'"),
     ],
 )
 def test_bad_arguments(model, kwargs, message):
@@ -148,6 +149,7 @@ def test_cli_reports_user_errors_without_traceback(saved_model, args, message, c
         (["--method", "ppsd", "--draft-len", "2"], "--draft-len is for --method eesd, got --method ppsd"),
         (["--do-sample", "--sampling", "rejection", "--compare-ar"], "--compare-ar checks that the output is AR's"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup must be >= 0 (untimed calls before the timed one), got -1"),
         (["--method", "beam"], "--method must be one of ar, eesd, ppsd, got 'beam'"),
         (["--chat"], "--chat wraps --prompt's text"),
         (["--method", "ppsd", "--backend", "bogus"], "--backend must be one of sequential, streams, distributed"),
@@ -210,6 +212,27 @@ def test_cli_generates_and_matches_ar(saved_model):
     assert done.returncode == 0, done.stderr
     assert "identical to AR: True" in done.stdout
     assert "exit layer 2 (shared); method eesd: 12 new tokens" in done.stdout  # where the drafts exit, and with what
+
+
+def test_cli_warmup_times_the_last_of_its_calls_and_a_cold_captured_call_says_so(saved_model, monkeypatch, capsys):
+    import executor.api
+
+    calls, real = [], executor.api.generate
+
+    def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(kwargs["method"])
+        result.stats.capture = "compile"  # as a captured run reports it (capturing on a CPU takes minutes)
+        return result
+
+    monkeypatch.setattr(executor.api, "generate", counted)
+    argv = ["generate", "--model", str(saved_model), "--prompt-ids", "4,5,6", "--method", "eesd", "--exit-layer", "2",
+            "--max-new-tokens", "5", "--compare-ar", "--no-progress"]  # fmt: skip
+    assert cli_status(*argv, "--warmup", "2") == 0
+    assert calls == ["eesd"] * 3 + ["ar"] * 3
+    assert "a first call" not in capsys.readouterr().out
+    assert cli_status(*argv) == 0
+    assert "(a first call: its time includes capturing its passes (compile); --warmup 1" in capsys.readouterr().out
 
 
 def test_cli_ppsd_reads_the_device_every_few_ticks(saved_model, capsys):
@@ -343,3 +366,40 @@ def test_cli_stage_boundaries_set_the_stage_count(tmp_path, capsys):
                       "--stage-boundaries", "5,20") == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "stage_boundaries must" not in err and "no such model file or directory" in err, err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "ar", "exit_layer": 2}, "method 'ar' ignores exit_layer=2 (for eesd or ppsd)"),
+        ({"method": "ar", "head": "shared:32"}, "method 'ar' ignores head='shared:32' (for eesd or ppsd)"),
+        ({"method": "ar", "policy": "beta-ts", "draft_len": 2}, "ignores policy='beta-ts' (for eesd), draft_len=2"),
+        ({"method": "ppsd", "policy": "fixed:2"}, "method 'ppsd' ignores policy='fixed:2' (for eesd)"),
+        ({"method": "eesd", "exit_layer": 2, "backend": "streams"}, "'eesd' ignores backend='streams' (for ppsd)"),
+        ({"method": "eesd", "exit_layer": 2, "stage_boundaries": [2]}, "ignores stage_boundaries=[2] (for ppsd)"),
+    ],
+)
+def test_a_setting_the_method_ignores_is_named_in_a_warning_once(model, kwargs, message) -> None:
+    """As HF warns of a sampling setting in a greedy call: a loop over methods with one set of settings runs, and
+    what a method ignores is said. The drop-in says it once, when built, and decodes as the method alone would."""
+    method = kwargs["method"]
+    alone = executor.generate(model, [1, 2, 3], method=method, max_new_tokens=4, **({"exit_layer": 2} if method ==
+                              "eesd" else {}))  # fmt: skip
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        got = executor.generate(model, [1, 2, 3], max_new_tokens=4, **kwargs)
+    assert got.sequences.tolist() == alone.sequences.tolist()
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        generator = executor.EarlyExitGenerator(model, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = generator.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.tolist() == alone.sequences.tolist()
+
+
+def test_the_default_head_and_draft_length_pass_with_any_method_without_a_warning(model) -> None:
+    ar = executor.generate(model, [1, 2, 3], max_new_tokens=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("ar", "ppsd"):
+            out = executor.generate(model, [1, 2, 3], method=method, max_new_tokens=4, head="shared", draft_len=4)
+            assert out.sequences.tolist() == ar.sequences.tolist()

@@ -329,7 +329,8 @@ def test_prompt_as_inputs_keyword_tensor_ids_and_float_mask_like_hf(model):
 
 def test_the_drop_in_takes_ppsds_pipeline_and_refuses_it_for_another_method() -> None:
     """`EarlyExitGenerator(method="ppsd", stages=..., stage_boundaries=..., backend=...)`: the pipeline asked for
-    decodes (HF's tokens); a pipeline given to EESD, too many stages or an unknown backend are refused when built."""
+    decodes (HF's tokens); too many stages or an unknown backend are refused when built, a pipeline given to EESD
+    named in a warning."""
 
     model = tiny_model(TinySpec(num_layers=6))
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -337,8 +338,9 @@ def test_the_drop_in_takes_ppsds_pipeline_and_refuses_it_for_another_method() ->
     generator = executor.EarlyExitGenerator(model, method="ppsd", stages=3, stage_boundaries=[1, 4])
     assert torch.equal(generator.generate(ids, max_new_tokens=12, do_sample=False), reference)
     assert generator.last_stats.stage_boundaries == (0, 1, 4, 6) and generator.last_stats.backend == "sequential"
-    for kwargs, message in (({"method": "eesd", "stages": 3}, "stages=3: for method 'ppsd'"),
-                            ({"method": "ppsd", "stages": 9}, "must not exceed the model's 6 layers"),
+    with pytest.warns(UserWarning, match=r"method 'eesd' ignores stages=3 \(for ppsd\)"):
+        executor.EarlyExitGenerator(model, method="eesd", stages=3)
+    for kwargs, message in (({"method": "ppsd", "stages": 9}, "must not exceed the model's 6 layers"),
                             ({"method": "ppsd", "backend": "x"}, "backend must be one of")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             executor.EarlyExitGenerator(model, **kwargs)

@@ -254,3 +254,11 @@ def test_a_layered_heads_block_reads_once_and_runs_no_verify_pass(monkeypatch) -
     assert launched == ["ar_head"] * 19
     ar = executor.generate(net, [PROMPTS[0]], method="ar", max_new_tokens=20)
     assert out.sequences.tolist() == ar.sequences.tolist()
+
+
+def test_the_histogram_counts_drafting_rounds_and_names_those_that_drafted_nothing() -> None:
+    stats = GenerationStats("eesd", new_tokens=6, rounds=4, drafted=[0, 3, 3, 0], accepted=[0, 0, 3, 0])
+    assert stats.accepted_histogram() == {0: 1, 3: 1}
+    assert stats.undrafted_rounds == 2
+    assert stats.summary().splitlines()[1].endswith("{0: 1, 3: 1}, 2 rounds drafted nothing")
+    assert "drafted nothing" not in GenerationStats("eesd", drafted=[1], accepted=[1]).summary()
