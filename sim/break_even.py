@@ -3,12 +3,17 @@
 `eesd simulate SCENARIO --break-even [TARGET]` asks it of every EESD and PPSD point (and, with matplotlib, plots each
 point's speedup against α: `break_even.png`): the point's plan (its hardware,
 latencies, exit layer, head, policy, workload) is simulated again with i.i.d. acceptance α (`BernoulliAcceptance`)
-and α is bisected until the point's speedup over AR on the same plan reaches TARGET (default 1.0: as fast as AR).
-Under one seed a larger α accepts a superset of positions (common random numbers, `sim.acceptance`), so the speedup
-rises with α and the bisection finds where it crosses. What is reported per point:
+and the least α at which the point's speedup over AR on the same plan reaches TARGET (default 1.0: as fast as AR) is
+found: the speedup is simulated at α = 0, 1/20, ..., 1 (`CURVE`), and bisected between the first of those that reaches
+the target and the one before. Under one seed a larger α accepts a superset of positions (common random numbers,
+`sim.acceptance`), so with a fixed draft length the speedup rises with α; an adaptive policy's need not (beta-ts at a
+batch or context where longer drafts cost more than they save can fall as α grows), and the grid finds the least
+crossing either way. What is reported per point:
 
-- `alpha_needed`: the α at which it reaches the target (empty where even α = 1 does not: `ceiling` < target);
-- `ceiling`: the speedup at α = 1 (every draft right: the most the method can give on this hardware);
+- `alpha_needed`: the least α at which it reaches the target (empty where no α does: `best` < target);
+- `ceiling`: the speedup at α = 1 (every draft right);
+- `best`, `best_alpha`: the highest speedup over the grid and its α (the ceiling where the speedup rises with α);
+- `rises`: whether the speedup rises with α over the grid (a fall of over 0.5% between grid points: False);
 - `speedup`: the point's speedup as the scenario states it;
 - `acceptance`: what the scenario's acceptance gives (a trace's agreement at the point's exit layer, or its α);
 - `alpha_now`: the i.i.d. α that gives the point's own speedup, found by the same bisection: the scenario's
@@ -38,9 +43,10 @@ from sim.policy import make_policy
 from sim.scenario import Point
 from sim.tables import text_table
 
-BISECTIONS = 12  # α to within 1 / 4096
+BISECTIONS = 8  # between grid points 1/20 apart: α to within 1 / 5120
 DEFAULT_SHARPNESS = 8.0
-CURVE = tuple(i / 20 for i in range(21))  # the α a plotted speedup curve is simulated at
+CURVE = tuple(i / 20 for i in range(21))  # the α the speedup is simulated at (the plotted curve)
+FALL = 0.005  # a speedup this much below an earlier grid point's: the curve does not rise
 
 
 @dataclass(frozen=True)
@@ -55,27 +61,41 @@ class BreakEven:
     alpha_needed: float | None
     ceiling: float
     sharpness: float | None  # the calibrated confidences drawn, where the policy reads them
-    curve: tuple[tuple[float, float], ...] = ()  # (α, speedup) at `CURVE`, where asked for (a plot)
+    curve: tuple[tuple[float, float], ...]  # (α, speedup) at every α of `CURVE`
+
+    @property
+    def best(self) -> tuple[float, float]:
+        """(α, speedup) of the grid's highest speedup (the least such α)."""
+        return max(self.curve, key=lambda item: (item[1], -item[0]))
+
+    @property
+    def rises(self) -> bool:
+        """Whether the speedup rises with α over the grid (no point more than `FALL` below an earlier one)."""
+        top = 0.0
+        for _, value in self.curve:
+            if value < top * (1 - FALL):
+                return False
+            top = max(top, value)
+        return True
 
 
-def break_even(point: Point, target: float = 1.0, curve: bool = False) -> BreakEven | None:
-    """The point's break-even acceptance (module docstring), with its speedup at every α of `CURVE` if `curve`;
-    None for an AR point."""
+def break_even(point: Point, target: float = 1.0) -> BreakEven | None:
+    """The point's break-even acceptance (module docstring), with its speedup at every α of `CURVE`; None for an AR
+    point."""
     plan = build_plan(point)
     if plan.method == "ar":
         return None
     at, ar = _speedup_at(plan, point)
     speedup = Simulation(plan).run().tokens_per_s / ar
-    ceiling, floor = at(1.0), at(0.0)
-    needed = _solve(at, target, floor, ceiling)
+    curve = tuple((alpha, at(alpha)) for alpha in CURVE)
+    needed = _solve(at, target, curve)
     iid = isinstance(plan.acceptance, BernoulliAcceptance)
     iid = iid and plan.acceptance.confidence_sharpness == _sharpness(plan, point)  # the draws `at` makes
-    now = plan.acceptance.alpha if iid else _solve(at, speedup, floor, ceiling)
+    now = plan.acceptance.alpha if iid else _solve(at, speedup, curve)
     policy = point.scenario.policy if plan.method == "eesd" else None
-    points = tuple((alpha, at(alpha)) for alpha in CURVE) if curve else ()
     return BreakEven(
         point, plan.method, plan.exit_layer, policy, speedup, _acceptance(plan), 1.0 if now is None else now, needed,
-        ceiling, _sharpness(plan, point), points,
+        curve[-1][1], _sharpness(plan, point), curve,
     )  # fmt: skip
 
 
@@ -97,17 +117,20 @@ def _speedup_at(plan: SimPlan, point: Point) -> tuple[Callable[[float], float], 
     return at, ar
 
 
-def _solve(at: Callable[[float], float], target: float, floor: float, ceiling: float) -> float | None:
-    """The least α (to 1 / 2^BISECTIONS) whose speedup `at(α)` reaches `target`; None where α = 1 does not."""
-    if ceiling < target:
-        return None
-    if floor >= target:
-        return 0.0
-    low, high = 0.0, 1.0
-    for _ in range(BISECTIONS):
-        middle = (low + high) / 2
-        low, high = (low, middle) if at(middle) >= target else (middle, high)
-    return high
+def _solve(at: Callable[[float], float], target: float, curve: Sequence[tuple[float, float]]) -> float | None:
+    """The least α whose speedup `at(α)` reaches `target`: the first grid point of `curve` that reaches it, bisected
+    (`BISECTIONS` times) against the grid point before; None where no grid point does."""
+    for index, (alpha, value) in enumerate(curve):
+        if value < target:
+            continue
+        if index == 0:
+            return alpha
+        low, high = curve[index - 1][0], alpha
+        for _ in range(BISECTIONS):
+            middle = (low + high) / 2
+            low, high = (low, middle) if at(middle) >= target else (middle, high)
+        return high
+    return None
 
 
 def _sharpness(plan: SimPlan, point: Point) -> float | None:
@@ -139,6 +162,9 @@ def rows(results: Sequence[BreakEven], target: float) -> list[dict[str, Any]]:
             "alpha_now": round(item.alpha_now, 3),
             f"alpha_needed_{target:g}x": round(item.alpha_needed, 3) if item.alpha_needed is not None else "",
             "ceiling": round(item.ceiling, 4),
+            "best": round(item.best[1], 4),
+            "best_alpha": item.best[0],
+            "rises": int(item.rises),
             "confidence_sharpness": item.sharpness if item.sharpness is not None else "",
         })  # fmt: skip
     return out
@@ -149,11 +175,30 @@ def table(results: Sequence[BreakEven], target: float) -> str:
     data = rows(results, target)
     needed = f"alpha_needed_{target:g}x"
     for row in data:
-        row[needed] = row[needed] if row[needed] != "" else f"never (max {row['ceiling']:.2f}x)"
-    hidden = ("confidence_sharpness", "ceiling", "config", "acceptance.trace")  # long: `point` indexes them
+        row[needed] = row[needed] if row[needed] != "" else f"never (best {row['best']:.2f}x)"
+    hidden = ("confidence_sharpness", "best", "best_alpha", "rises", "config", "acceptance.trace")  # in the CSV
     shown = [c for c in data[0] if c not in hidden] if data else []
-    heads = {"acceptance": "acceptance", "alpha_now": "as iid alpha", needed: f"iid alpha for {target:g}x AR"}
+    heads = {"acceptance": "acceptance", "alpha_now": "as iid alpha", needed: f"iid alpha for {target:g}x AR",
+             "ceiling": "at alpha=1"}  # fmt: skip
     return text_table(data, shown, heads)
+
+
+def falling_notes(results: Sequence[BreakEven]) -> list[str]:
+    """A note per point whose speedup does not rise with α: its α columns are least crossings, its best is not at
+    α = 1."""
+    notes = []
+    for item in results:
+        if item.rises:
+            continue
+        low, (best_a, best) = item.curve[0][1], item.best
+        worst_a, worst = min(item.curve, key=lambda entry: entry[1])
+        notes.append(
+            f"note: --break-even: point {item.point.index} ({item.method}{' ' + item.policy if item.policy else ''}) "
+            f"does not speed up as acceptance rises: {low:.2f}x at alpha 0, {best:.2f}x at best (alpha {best_a:g}), "
+            f"{worst:.2f}x at alpha {worst_a:g}, {item.ceiling:.2f}x at 1 (its drafts cost more than they save where "
+            f"it drafts longer); its alpha columns are the least alpha reaching each speedup"
+        )
+    return notes
 
 
 def plot(results: Sequence[BreakEven], target: float, path: Path) -> Path:

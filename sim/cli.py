@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sim.formats import check_output, remove_stale
 from sim.runner import (
+    default_exit_note,
     extrapolation_note,
     fastest,
     map_points,
@@ -65,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
         print('note: no speedup plots (matplotlib is not installed: pip install -e ".[plots]")')
     for note in dict.fromkeys(note for r in results for note in r.notes):
         print(f"note: {note}")
-    extrapolated = extrapolation_note(results)
-    if extrapolated:
-        print(f"note: {extrapolated}")
+    for note in (extrapolation_note(results), default_exit_note(results)):
+        if note:
+            print(f"note: {note}")
     if args.break_even is not None:
         written += _break_even(points, args.break_even, out_dir, jobs)
     for path in remove_stale(out_dir, "simulate", written):
@@ -78,17 +79,18 @@ def run(args: argparse.Namespace) -> int:
 def _break_even(points: list, target: float, out_dir: Path, jobs: int) -> list[Path]:
     """`--break-even`: the acceptance each EESD / PPSD point needs (`sim.break_even`), as a table and a CSV (and a
     plot); returns the files written."""
-    from sim.break_even import break_even, plot, rows, table
+    from sim.break_even import break_even, falling_notes, plot, rows, table
 
-    curves = plots_available()
-    found = [item for item in map_points(break_even, points, jobs, target, curves) if item is not None]
+    found = [item for item in map_points(break_even, points, jobs, target) if item is not None]
     if not found:
         print("note: --break-even: no EESD or PPSD point (AR needs no acceptance)")
         return []
-    print(f"\nbreak-even: the i.i.d. acceptance each point needs for {target:g}x AR on its hardware (bisected)")
+    print(f"\nbreak-even: the least i.i.d. acceptance each point needs for {target:g}x AR on its hardware")
     print(table(found, target))
+    for note in falling_notes(found):
+        print(note)
     written = [write_rows_csv(rows(found, target), out_dir / "break_even.csv")]
-    if curves:
+    if plots_available():
         written.append(plot(found, target, out_dir / "break_even.png"))
     for path in written:
         print(f"wrote {path}")

@@ -98,7 +98,7 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     """A batch size outside the latency profile's batches, and a trace replay that reuses the trace's tokens (the
     scenario said `acceptance.reuse: cycle`), whose requests end at their EOS before `output_len`, or whose drafts
     ran in another dtype than the point's (its acceptance replayed as recorded)."""
-    notes = plan_notes(plan, point.scenario) + _inline_gpu_notes(point.scenario)
+    notes = plan_notes(plan, point.scenario) + _inline_gpu_notes(point.scenario) + _partial_batch_notes(plan)
     if not isinstance(plan.acceptance, TraceAcceptance):
         return tuple(notes)
     w = plan.workload
@@ -127,6 +127,18 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
             f"{drafts or 'the model dtype'} (draft_dtype): its acceptance is replayed as recorded"
         )
     return tuple(notes)
+
+
+def _partial_batch_notes(plan: SimPlan) -> list[str]:
+    """Requests that do not fill their batches: fewer than `batch_size`, or a last batch holding fewer rows."""
+    w = plan.workload
+    if w.batch_size > w.requests:
+        return [f"workload.batch_size {w.batch_size} > requests {w.requests}: one batch of {w.requests} rows runs"]
+    left = w.requests % w.batch_size
+    if w.batch_size > 1 and left:
+        rows = f"{left} row{'s' * (left > 1)}"
+        return [f"workload: {w.requests} requests in batches of {w.batch_size}: the last batch holds {rows}"]
+    return []
 
 
 def _inline_gpu_notes(scenario: Scenario) -> list[str]:
@@ -460,6 +472,21 @@ def extrapolation_note(results: Sequence[Any]) -> str | None:
     )
 
 
+def default_exit_note(results: Sequence[PointResult]) -> str | None:
+    """A note where points that set no exit layer draft at different default ones (PPSD: the end of stage 1, so a
+    stage sweep moves it) under one i.i.d. α: a shallower exit agrees less often, and α says nothing of that."""
+    unset = [r for r in results if r.result.method != "ar" and r.point.scenario.exit_layer is None]
+    iid = [r for r in unset if r.point.scenario.acceptance.trace is None]  # alpha, or alphas per draft
+    layers = sorted({r.exit_layer for r in iid})
+    if len(layers) < 2:
+        return None
+    return (
+        f"exit_layer is not set, so these points draft at their defaults ({', '.join(map(str, layers))}; PPSD: the "
+        "end of stage 1) with the same acceptance (alpha) at each: a shallower exit agrees less often, which "
+        "alpha does not model; set exit_layer, sweep it, or replay a trace recorded at those exits"
+    )
+
+
 EVEN_BAND = 0.02  # a best speedup this close to 1 is called even: measured latencies move a few percent run to run
 
 
@@ -531,12 +558,14 @@ def _at(item: PointResult, dropped: tuple[str, ...]) -> str:
 
 
 def summary_table(results: Sequence[PointResult]) -> str:
-    """A fixed-width table: one line per point."""
+    """A fixed-width table: one line per point; the exit layer where the points draft at different ones."""
     rows = [result_row(item) for item in results]
     swept = list(results[0].point.values) if results else []
+    layers = {item.exit_layer for item in results if item.result.method != "ar"}
     columns = [
         *[f for f in swept if f != "method"],
         "method",
+        *(["exit_layer"] if len(layers) > 1 and "exit_layer" not in swept else []),
         "tokens_per_s",
         "ms_per_token",
         "speedup",

@@ -359,7 +359,7 @@ MAX_NAME_CHARS = 200  # a file name holds 255 bytes
 class Scenario(Strict):
     name: str
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     model: _one_of("expected a model's name or an inline shape {name, num_layers, ...}", str, ModelShape)
     dtype: Annotated[Literal["bf16", "fp16", "fp32"], BeforeValidator(_short_dtype)] = "bf16"
     # EESD drafts with copies of layers [0, E) and the exit head in this narrower dtype (the executor's `draft_dtype`);
@@ -478,7 +478,8 @@ def _read_points(path: str | Path) -> list[Point]:
         reason = err.strerror if isinstance(err, OSError) else str(err)
         raise FileNotFoundError(f"{quote(str(path))}: not a file's path ({reason})") from None
     if not found:
-        raise FileNotFoundError(f"{path}: scenario file not found")
+        what = "a folder, not a scenario file (give a .yaml file in it)" if path.is_dir() else "scenario file not found"
+        raise FileNotFoundError(f"{path}: {what}")
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: expected a mapping of scenario fields at the top level")
@@ -739,11 +740,23 @@ MAX_ERROR_LINES = 10  # a message of a few lines, whatever the number of mistake
 
 def _errors(where: str, err: ValidationError, prefix: tuple = ()) -> str:
     """pydantic's errors, a line each (`_describe`), at most `MAX_ERROR_LINES` of them."""
-    errors = err.errors()
-    lines = [_describe(where, {**e, "loc": (*prefix, *e["loc"])}) for e in errors[:MAX_ERROR_LINES]]
+    errors = _typos_first([{**e, "loc": (*prefix, *e["loc"])} for e in err.errors()])
+    lines = [_describe(where, e) for e in errors[:MAX_ERROR_LINES]]
     if len(errors) > MAX_ERROR_LINES:
         lines.append(f"{where}: and {len(errors) - MAX_ERROR_LINES} more mistakes of this kind or others")
     return "\n".join(lines)
+
+
+def _typos_first(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Unknown keys first (a misspelt key is the likelier mistake), without the "missing" error of the field a
+    misspelling stands for (`hbm_bandwith_GBps` given: `hbm_bandwidth_GBps` is not missing, it is misspelt)."""
+    meant = set()
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(str(error["loc"][-1]), _allowed_keys(error["loc"][:-1]), n=1)
+            meant.update((*error["loc"][:-1], key) for key in near)
+    kept = [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in meant)]
+    return sorted(kept, key=lambda e: e["type"] != "extra_forbidden")
 
 
 def _describe(where: str, error: Any) -> str:
@@ -758,7 +771,8 @@ def _describe(where: str, error: Any) -> str:
         return f"{where}: {field}: required field is missing"
     message = _clip(error["msg"].removeprefix("Value error, "), 300)
     given = quote(error.get("input"))
-    if "got " in message or given in message:  # the check said what it was given: once is enough
+    custom = error["type"] == "value_error"  # our own checks' messages (pydantic's own never name the value)
+    if "got " in message or (custom and given in message):  # the check said what it was given: once is enough
         return f"{where}: {field}: {message}"
     return f"{where}: {field}: {message} (got {given})"
 
@@ -802,6 +816,9 @@ def _sweep_grid(path: Path, sweep: Any, max_points: int) -> list[dict[str, Any]]
             raise ScenarioError(f"{field}: expected a non-empty list of values (got {quote(values)})")
         if key == "sweep" or key.startswith("sweep."):
             raise ScenarioError(f"{field}: sweeps cannot be nested")
+        if key in ("name", "description"):
+            raise ScenarioError(f"{field}: the scenario's {key} is one for the whole run (its output folder, its "
+                                "heading); a point is named by the values its sweep sets")  # fmt: skip
         if _is_case(key) and not all(isinstance(v, dict) and v and all(isinstance(k, str) for k in v) for v in values):
             raise ScenarioError(
                 f"{field}: {quote(key)} is not a scenario field, so it must list cases, each a mapping of "

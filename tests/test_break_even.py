@@ -10,7 +10,7 @@ import yaml
 
 from executor.cli import main
 from sim.acceptance import TraceAcceptance
-from sim.break_even import break_even, speedups_at
+from sim.break_even import CURVE, BreakEven, _solve, break_even, falling_notes, speedups_at
 from sim.formats import read_acceptance_trace
 from sim.runner import plots_available
 from sim.scenario import load_points
@@ -46,8 +46,8 @@ def test_fixed_one_breaks_even_where_the_closed_form_says(tmp_path: Path) -> Non
     assert break_even(point, target=1.2).alpha_needed == pytest.approx(0.8, abs=0.02)
     assert break_even(point, target=1.4).alpha_needed is None  # above the ceiling
     assert speedups_at(point, [0.5, 1.0]) == pytest.approx([1.0, 4 / 3], abs=0.02)
-    assert found.curve == ()  # simulated only where a plot asks for it
-    curve = break_even(point, curve=True).curve
+    assert found.rises and found.best == found.curve[-1]  # rising: the best is at α = 1, the ceiling
+    curve = found.curve
     assert [alpha for alpha, _ in curve] == [i / 20 for i in range(21)]
     assert [speedup for _, speedup in curve] == pytest.approx([(1 + i / 20) * 300 / 450 for i in range(21)], abs=0.02)
 
@@ -83,3 +83,24 @@ def test_a_target_outside_reason_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["simulate", str(path), "--out", str(tmp_path / "run"), "--no-progress", "--break-even", "0"]) == 2
     err = capsys.readouterr().err
     assert "--break-even: expected a target speedup over AR in (0, 100], got 0" in err and len(err.splitlines()) == 1
+
+
+def test_a_speedup_that_does_not_rise_with_alpha_is_solved_on_the_grid_and_noted() -> None:
+    """An adaptive policy's speedup can fall as α grows, or peak inside: the least α reaching a speedup is found on
+    the grid and refined between grid points; a bisection over [0, 1] would miss a crossing inside a bump."""
+
+    def bump(alpha: float) -> float:
+        return 1.0 - 4 * (alpha - 0.5) ** 2
+
+    curve = tuple((alpha, bump(alpha)) for alpha in CURVE)
+    assert _solve(bump, 0.9, curve) == pytest.approx(0.5 - (0.1 / 4) ** 0.5, abs=1 / 4096)
+    assert _solve(bump, 1.01, curve) is None
+    assert _solve(lambda a: 0.7 - 0.3 * a, 0.6, tuple((a, 0.7 - 0.3 * a) for a in CURVE)) == 0.0  # α = 0 reaches it
+    (point,) = load_points(ROOT / "scenarios" / "beta_ts_vs_fixed.yaml")[:1]
+    falling = BreakEven(point, "eesd", 15, "beta-ts", 0.59, 0.5, 0.0, None, 0.57, None, curve=tuple(
+        (a, 0.69 - 0.25 * a if a < 1 else 0.57) for a in CURVE))  # fmt: skip
+    assert not falling.rises and falling.best == (0.0, 0.69)
+    (note,) = falling_notes([falling])
+    assert "does not speed up as acceptance rises: 0.69x at alpha 0, 0.69x at best (alpha 0)" in note
+    rising = BreakEven(point, "eesd", 15, "fixed:1", 1.0, 0.5, 0.5, 0.5, 1.3, None, curve=curve[:11])
+    assert rising.rises and falling_notes([rising]) == []

@@ -191,7 +191,13 @@ DELETE = object()
             "topology.stages.0.speed: unknown key; allowed here: ['device', 'gpu', 'layers', 'tp']",
         ),
         ("workload.output_len", "long", "workload.output_len: Input should be a valid integer"),
-        ("workload.batch_size", 0, "workload.batch_size: Input should be greater than or equal to 1"),
+        ("workload.batch_size", 0, "workload.batch_size: Input should be greater than or equal to 1 (got 0)"),
+        ("seed", -1, "seed: Input should be greater than or equal to 0 (got -1)"),
+        (
+            "latency",
+            {"roofline": {"bandwidth_efficiency": 0}},
+            "bandwidth_efficiency: Input should be greater than 0 (got 0)",
+        ),
         ("policy", "fixed:0", "policy: Value error, policy 'fixed:0'"),
         ("exit_layer", 30, "exit_layer: expected 1 <= exit_layer < 30"),
         ("exit_head", "shared:abc", "exit_head: expected shared, trained, shared:N or trained:N"),
@@ -227,12 +233,33 @@ def test_broken_scenarios_name_file_field_and_expectation(
         ({"sweep": {"topology.stages": []}}, "sweep.topology.stages: expected a non-empty list"),
         ({"sweep": {"cases": [1, 2]}}, "sweep.cases: 'cases' is not a scenario field, so it must list cases"),
         ({"sweep": {"topology.stages": [2, 40]}}, "sweep point {'topology.stages': 40}: topology.stages: 40 stages"),
+        ({"sweep": {"name": ["a", "b"]}}, "sweep.name: the scenario's name is one for the whole run"),
     ],
 )
 def test_broken_cross_field_and_sweep_scenarios(tmp_path: Path, update: dict, message: str) -> None:
     with pytest.raises(ScenarioError, match="s.yaml") as info:
         load_points(write(tmp_path, {**BASE, **update}))
     assert message in str(info.value)
+
+
+def test_a_misspelt_key_comes_first_and_the_field_it_stands_for_is_not_called_missing(tmp_path: Path) -> None:
+    gpu = {"name": "X", "hbm_bandwith_GBps": 1000, "peak_tflops": {"bf16": 100}, "memory_GiB": 24}
+    with pytest.raises(ScenarioError) as info:
+        load_points(write(tmp_path, deep_update(BASE, "topology.gpu", gpu)))
+    lines = str(info.value).splitlines()
+    assert "topology.gpu.hbm_bandwith_GBps: unknown key (did you mean hbm_bandwidth_GBps?)" in lines[0]
+    assert lines[1:] == [f"{tmp_path / 's.yaml'}: topology.gpu.source: required field is missing"]
+
+
+def test_requests_that_do_not_fill_their_batches_are_noted(tmp_path: Path) -> None:
+    from sim.runner import point_notes
+
+    for workload, note in (({"requests": 2, "batch_size": 4}, "workload.batch_size 4 > requests 2: one batch of 2"),
+                           ({"requests": 5, "batch_size": 2}, "5 requests in batches of 2: the last batch holds 1 row"),
+                           ({"requests": 4, "batch_size": 2}, None)):  # fmt: skip
+        (point,) = load_points(write(tmp_path, deep_update(BASE, "workload", {**BASE["workload"], **workload})))
+        notes = [n for n in point_notes(point) if "batch" in n]
+        assert notes == ([] if note is None else [notes[0]]) and (note is None or note in notes[0])
 
 
 def test_invalid_yaml_and_non_mapping(tmp_path: Path) -> None:
@@ -434,3 +461,34 @@ def test_simulate_clears_an_earlier_sweeps_plots_from_a_reused_folder(tmp_path: 
         capsys.readouterr()
         assert main([str(write(tmp_path, BASE, "one.yaml")), "--out", str(out), "--no-progress", "--break-even"]) == 0
         assert "removed" not in capsys.readouterr().out and (out / "break_even.csv").is_file()
+
+
+def test_a_stage_sweep_that_moves_the_default_exit_shows_it_and_says_alpha_holds_at_each(tmp_path: Path, capsys):
+    """PPSD without an exit layer drafts at the end of stage 1: a stage sweep moves it (15, then 7), the table shows
+    it, and a note says the same i.i.d. alpha is held at each exit; with exit_layer set neither appears."""
+    data = {
+        "name": "moving-exit", "model": "SmolLM2-135M", "method": "ppsd", "latency": {"constant_us": {"layer": 10.0}},
+        "acceptance": {"alpha": 0.7}, "topology": {"stages": 2, "link": "ideal"},
+        "workload": {"requests": 1, "prompt_len": 8, "output_len": 32}, "sweep": {"topology.stages": [2, 4]},
+    }  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main([str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[1].split()
+    assert header[:3] == ["topology.stages", "method", "exit_layer"]
+    assert [line.split()[2] for line in out.splitlines()[3:5]] == ["15", "7"]
+    assert (
+        "note: exit_layer is not set, so these points draft at their defaults (7, 15; PPSD: the end of stage 1)" in out
+    )
+    path.write_text(yaml.safe_dump({**data, "exit_layer": 5}), encoding="utf-8")
+    assert main([str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "exit_layer" not in out.splitlines()[1] and "exit_layer is not set" not in out
+
+
+def test_a_missing_scenario_and_a_folder_given_as_one_are_told_apart(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.yaml: scenario file not found"):
+        load_points(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match="a folder, not a scenario file"):
+        load_points(tmp_path)
