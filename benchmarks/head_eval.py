@@ -192,19 +192,37 @@ def compare(
     return out
 
 
+def short_names(paths: list[str]) -> dict[str, str]:
+    """Each path as its file name, or as many of its last parts as tell it from the others (two heads named alike in
+    two folders: `a/head.safetensors`, `b/head.safetensors`)."""
+    unique = list(dict.fromkeys(paths))
+    parts = {path: Path(path).parts for path in unique}
+
+    def name(path: str) -> str:
+        for depth in range(1, len(parts[path]) + 1):
+            tail = parts[path][-depth:]
+            if all(parts[other][-depth:] != tail for other in unique if other != path):
+                return "/".join(tail)
+        return path
+
+    return {path: name(path) for path in unique}
+
+
 def print_tables(rows: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> None:
     def interval(pair: list[float]) -> str:
         return f"{pair[0]:+.3f} .. {pair[1]:+.3f}" if pair[0] < 0 else f"{pair[0]:.3f} .. {pair[1]:.3f}"
 
-    shown = [{**r, "head": Path(r["head"]).name, "corpus": Path(r["corpus"]).name,
+    heads = short_names([r["head"] for r in rows] + [c[k] for c in comparisons for k in ("head", "baseline")])
+    corpora = short_names([r["corpus"] for r in rows] + [c["corpus"] for c in comparisons])
+    shown = [{**r, "head": heads[r["head"]], "corpus": corpora[r["corpus"]],
               "ci": interval(r["agreement_ci95"])} for r in rows]  # fmt: skip
     columns = ["head", "exit_layer", "corpus", "kind", "split", "agreement", "ci", "tokens_per_round", "kl",
                "eval_positions", "windows"]  # fmt: skip
     names = {"exit_layer": "E", "ci": "95% (windows)", "tokens_per_round": "tok/round", "eval_positions": "positions"}
     print(text_table(shown, columns, names))
     if comparisons:
-        shown = [{**c, "head": Path(c["head"]).name, "baseline": Path(c["baseline"]).name,
-                  "corpus": Path(c["corpus"]).name, "ci": interval(c["delta_ci95"])} for c in comparisons]  # fmt: skip
+        shown = [{**c, "head": heads[c["head"]], "baseline": heads[c["baseline"]], "corpus": corpora[c["corpus"]],
+                  "ci": interval(c["delta_ci95"])} for c in comparisons]  # fmt: skip
         columns = ["head", "baseline", "corpus", "kind", "delta_agreement", "ci", "delta_kl", "windows"]
         print(text_table(shown, columns, {"delta_agreement": "d agreement", "ci": "95% (paired)", "delta_kl": "d KL"}))
 

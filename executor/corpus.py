@@ -297,14 +297,25 @@ def build_corpus(
     """Build the corpus of `config` into the directory `out`; returns its manifest, which records `arguments` (the
     command line's, say) besides the settings. With `time_budget_s`, the generated sources start no batch past that
     many seconds: the corpus is then the first batches of the full one, and the manifest says it was cut
-    (`cut_by_time_budget`)."""
+    (`cut_by_time_budget`). Interrupted (Ctrl-C), the records made so far are written as a corpus whose manifest says
+    `interrupted: true`, and the KeyboardInterrupt names it; a folder this build made and left empty is removed."""
     directory = Path(out)
+    created = not directory.exists()
     prepare_output(directory, force)
     deadline = None if time_budget_s is None else time.perf_counter() + time_budget_s
     writer = CorpusWriter(directory, config.shard_records, deadline)
-    for source in config.sources:
-        BUILDERS[source](model, tokenizer, config, writer, progress)
-    if not any(count.records for count in writer.counts.values()):
+    interrupted = False
+    try:
+        for source in config.sources:
+            BUILDERS[source](model, tokenizer, config, writer, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    records = sum(count.records for count in writer.counts.values())
+    if not records:
+        if created and not any(directory.iterdir()):
+            directory.rmdir()  # a folder this build made and left empty
+        if interrupted:
+            raise KeyboardInterrupt(f"before the first record of corpus {directory}; nothing was written")
         if writer.cut:
             raise ValueError(f"corpus {directory}: the time budget ({time_budget_s:g} s) ended before the first "
                              "record; nothing was written")  # fmt: skip
@@ -317,9 +328,16 @@ def build_corpus(
         "model_fingerprint": model_fingerprint(model), "model_dtype": str(next(model.parameters()).dtype),
         "device": next(model.parameters()).device.type, "tokenizer": tokenizer_info(tokenizer), "seed": config.seed,
         "split": config.split, "settings": asdict(config), "arguments": arguments or {},
-        "time_budget_s": time_budget_s, "cut_by_time_budget": writer.cut,
+        "time_budget_s": time_budget_s, "cut_by_time_budget": writer.cut, "interrupted": interrupted,
     }  # fmt: skip
-    return writer.finish(header)
+    manifest = writer.finish(header)
+    if interrupted:  # the records made so far are a corpus: the first batches and windows of the whole one
+        tokens = manifest["totals"]["tokens"]
+        raise KeyboardInterrupt(
+            f"after {records:,} records ({tokens:,} tokens): {directory / MANIFEST} written (interrupted: true), a "
+            "usable corpus of the first batches; the same command with --force builds the whole one"
+        )
+    return manifest
 
 
 # --- generated sources --------------------------------------------------------------------------------------------

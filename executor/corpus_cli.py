@@ -59,7 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", action="append", default=[], metavar="PATH", help="text: file, JSONL or directory")
     parser.add_argument("--python-env", default="stdlib", choices=("stdlib", "all"), help="python-env: + site-packages")
     parser.add_argument("--window", type=int, default=256, help="text, python-env: tokens per window (default 256)")
-    parser.add_argument("--max-tokens-per-source", type=int, default=None, help="stop a source at N tokens")
+    parser.add_argument(
+        "--max-tokens-per-source", type=int, default=None, metavar="N",
+        help="stop a source once it holds N tokens (checked before each text window or batch of continuations, "
+        "which is kept whole: a source ends up to one window or batch past N)",
+    )  # fmt: skip
     parser.add_argument("--shard-records", type=int, default=1024, help="records per shard (default 1024)")
     parser.add_argument(
         "--held-out-fraction", type=float, default=0.25, help="of prompts, topics, documents (default 0.25)"

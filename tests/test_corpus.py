@@ -152,6 +152,36 @@ def test_a_time_budget_cuts_the_build_and_the_manifest_says_so(tiny, tokenizer, 
     assert read_manifest(tmp_path / "cut")["cut_by_time_budget"]
 
 
+def test_an_interrupted_build_keeps_its_records_as_a_corpus_that_says_so(tiny, tokenizer, tmp_path, monkeypatch):
+    """Ctrl-C during a long build: the batches made so far are written (the manifest says `interrupted`), and are the
+    whole build's first records; interrupted before any record, a folder the build made is removed."""
+    config = small_config(max_prompts=12, batch_size=3, temperatures=(0.0,))
+    build_corpus(tiny, tokenizer, config, tmp_path / "whole", model_name="tiny", progress=False)
+    whole = [r.tokens for r in iter_records(tmp_path / "whole")]
+    real, calls = corpus_module.continue_batch, []
+
+    def stopped_at(limit: int):
+        def batch(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > limit:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        return batch
+
+    monkeypatch.setattr(corpus_module, "continue_batch", stopped_at(2))
+    with pytest.raises(KeyboardInterrupt, match=r"after 6 records .*interrupted: true.*--force builds the whole one"):
+        build_corpus(tiny, tokenizer, config, tmp_path / "cut", model_name="tiny", progress=False)
+    manifest = read_manifest(tmp_path / "cut")
+    assert manifest["interrupted"] and manifest["totals"]["records"] == 6
+    assert [r.tokens for r in iter_records(tmp_path / "cut")] == whole[:6]
+    calls.clear()
+    monkeypatch.setattr(corpus_module, "continue_batch", stopped_at(0))
+    with pytest.raises(KeyboardInterrupt, match="before the first record"):
+        build_corpus(tiny, tokenizer, config, tmp_path / "none", model_name="tiny", progress=False)
+    assert not (tmp_path / "none").exists()
+
+
 def test_only_the_train_split_is_used_unless_held_out_is_asked(tiny, tokenizer, tmp_path) -> None:
     split = split_prompts(load_prompts("builtin"))
     for name, expected in (("train", split.train), ("held-out", split.held_out)):

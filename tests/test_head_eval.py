@@ -141,3 +141,10 @@ def test_the_kind_of_a_record_comes_from_its_prompt(bench) -> None:
     assert bench.kind_of(record("builtin/explanation-19")) == "explanation"
     assert bench.kind_of(record("topic/045/q0", "self-prompts")) == "topic"
     assert bench.kind_of(record(None, "text")) == "text"
+
+
+def test_tables_name_heads_by_as_much_of_their_path_as_tells_them_apart(bench) -> None:
+    names = bench.short_names(["runs/a/head.safetensors", "runs/b/head.safetensors", "heads/x.safetensors"])
+    assert names == {"runs/a/head.safetensors": "a/head.safetensors", "runs/b/head.safetensors": "b/head.safetensors",
+                     "heads/x.safetensors": "x.safetensors"}  # fmt: skip
+    assert bench.short_names(["c/one", "c/two", "c/one"]) == {"c/one": "one", "c/two": "two"}
