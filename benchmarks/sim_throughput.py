@@ -29,6 +29,12 @@ from sim.scenario import Point, validate
 CASES = {
     "ppsd 4 stages, alpha 0.8, batch 1": {"method": "ppsd", "topology": {"stages": 4}, "batch": 1},
     "ppsd 4 stages, alpha 0.8, batch 8": {"method": "ppsd", "topology": {"stages": 4}, "batch": 8},
+    "ppsd free 4 stages, alpha 0.8, batch 1": {
+        "method": "ppsd",
+        "topology": {"stages": 4},
+        "batch": 1,
+        "ppsd_backend": "free",
+    },
     "eesd fixed:4, alpha 0.8, batch 1": {"method": "eesd", "policy": "fixed:4", "batch": 1},
     "eesd beta-ts, alpha 0.8, batch 1": {"method": "eesd", "policy": "beta-ts", "batch": 1},
     "eesd fixed:4, alpha 0.8, batch 8": {"method": "eesd", "policy": "fixed:4", "batch": 8},
@@ -50,6 +56,7 @@ def make_point(case: dict, tokens: int) -> Point:
         "exit_layer": 8,
         "exit_head": "trained",
         "policy": case.get("policy", "fixed:4"),
+        "ppsd_backend": case.get("ppsd_backend", "distributed"),
         "acceptance": {"alpha": 0.8},
         "topology": {"gpu": "H100", "link": "nvlink", **case.get("topology", {"stages": 1})},
         "workload": {

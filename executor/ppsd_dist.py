@@ -88,6 +88,7 @@ from executor.ppsd import (
 )
 from executor.sampling import SamplingConfig, TokenSelector
 from executor.verify import TickVerdict
+from sim.contract import PPSD_HEADER_VALUES, PPSD_OUTCOME_VALUES
 
 _POLL_S = 0.05
 _KILL_GRACE_S = 5.0
@@ -188,9 +189,8 @@ class StageLink:
     def exchange_outcome(self, outcome: TickOutcome | None) -> TickOutcome:
         """The last rank sends its `outcome` to every other rank, which receives it (and passes None)."""
         if self.rank == self.last:
-            message = torch.tensor(
-                [outcome.verdict, outcome.token, outcome.position, outcome.done], dtype=torch.long, device=self.device
-            )
+            values = [outcome.verdict, outcome.token, outcome.position, outcome.done]  # PPSD_OUTCOME_VALUES
+            message = torch.tensor(values, dtype=torch.long, device=self.device)
             works = []
             for dst in range(self.last):  # a peer gone is named as it is found, at its send or its wait
                 with _talking_to(dst):
@@ -199,7 +199,7 @@ class StageLink:
                 with _talking_to(dst):
                     work.wait()
             return outcome
-        message = torch.empty(4, dtype=torch.long, device=self.device)
+        message = torch.empty(PPSD_OUTCOME_VALUES, dtype=torch.long, device=self.device)
         with _talking_to(self.last):
             dist.recv(message, src=self.last)
         verdict, token, position, done = message.tolist()
@@ -211,6 +211,7 @@ class StageLink:
         if self.rank < self.last:
             present = meta is not None
             header = torch.tensor(meta if present else [0, -1, -1], dtype=torch.long, device=self.device)
+            assert header.numel() == PPSD_HEADER_VALUES  # what the simulator prices (sim.contract)
             with _talking_to(self.rank + 1):
                 works.append(dist.isend(header, self.rank + 1))
                 if present:
@@ -222,7 +223,7 @@ class StageLink:
         return item
 
     def _receive(self) -> Item | None:
-        header = torch.empty(3, dtype=torch.long, device=self.device)
+        header = torch.empty(PPSD_HEADER_VALUES, dtype=torch.long, device=self.device)
         with _talking_to(self.rank - 1):
             dist.recv(header, src=self.rank - 1)
         present, position, draft = header.tolist()

@@ -13,13 +13,15 @@ What is modelled (times in µs of simulated time, sizes in bytes):
   new token enters stage 1 as soon as stage 1 finished the previous one and its exit head drafted it; when a token
   leaves the last stage the next token is final: a correct draft already in flight goes on, a wrong one flushes
   every younger token in flight (an epoch counter; flushed work is counted as wasted) and the correct token
-  re-enters stage 1. At most `max_in_flight` tokens (default: the number of stages) are in the pipe. With a device
-  per stage and the distributed backend the stages run free (each starts its next token as soon as it has one);
-  with one host (`ppsd_backend` streams or sequential) or stages sharing a device, the pipe moves in lockstep ticks
-  as the executor's does: every stage runs its token, the passes of one device share it (`sim.contention`:
-  together on streams, in turn when sequential), then the last stage's verdict moves the pipe on (a captured tick
-  also launches the transition pass). `ticks` counts the executor's ticks either way: a token that entered an empty
-  pipe leaves it after one tick per stage, one that follows a confirmed draft one tick after it.
+  re-enters stage 1. At most `max_in_flight` tokens (default: the number of stages) are in the pipe. The pipe moves
+  in lockstep ticks as the executor's does: every stage runs its token, the passes of one device share it
+  (`sim.contention`: together on streams, in turn when sequential), then the last stage's verdict moves the pipe on
+  (a captured one-host tick also launches the transition pass; a distributed tick sends the executor's messages:
+  the outcome to every rank, then a header and the hidden state to the next, `_tick_messages_us`). With
+  `ppsd_backend` free (a device per stage) the stages run free instead, each starting its next token as soon as it
+  has one: the schedule's bound, which no executor backend runs. `ticks` counts the executor's ticks either way: a
+  token that entered an empty pipe leaves it after one tick per stage, one that follows a confirmed draft one tick
+  after it.
 - Attention: a decode pass is costed at the span bucket of the furthest position it writes (`sim.contract.span_bucket`,
   the executor's default), or at all the plan's `cache_slots` (the executor's static cache, every slot masked and
   read) without buckets, else at the context so far; prefill at its prompt (`SimPlan.attended`). Host reads: see
@@ -38,7 +40,8 @@ that do not depend on time (an EESD round's, a block of AR steps up to the host'
 as one sweep where nothing else is due: each stage's process wakes once, at the end of its last pass, and the main
 process with the last stage's where the token ids need not come back (`Simulation._sweep`). A PPSD decode on the
 free-running pipe goes as one sweep too (`_FreePipe`: with nothing else due it is a flow shop, its times worked out
-token by token; untraced runs). Otherwise every stage process wakes at the end of each job it runs.
+token by token; untraced runs), and lockstep ticks with nothing else due run without an event each (`_TickClock`).
+Otherwise every stage process wakes at the end of each job it runs.
 `Simulation(plan, shortcuts=False)` runs every hand-off as its own event: the tests hold the two to the same results
 and traces, to the bit.
 
@@ -60,13 +63,13 @@ from simpy.events import NORMAL
 
 from sim.acceptance import AcceptanceStream
 from sim.contention import PassShare
-from sim.contract import policy_seed
+from sim.contract import ID_BYTES, PPSD_HEADER_VALUES, PPSD_OUTCOME_VALUES, policy_seed
 from sim.cost import Pass, PassCost, draft_pass, pass_costs, stage_hbm_us, stage_time_us, verify_pass
 from sim.latency import LinkModel, extrapolations_of
 from sim.plan import ONE_HOST_BACKENDS, SimPlan, Workload
 from sim.policy import DraftPolicy, make_policy, round_budget
 
-TOKEN_ID_BYTES = 8
+TOKEN_ID_BYTES = ID_BYTES
 _NEVER = math.inf  # `simpy.Environment.peek()` with no event due
 _UNKNOWN = object()  # not cached yet
 
@@ -445,6 +448,7 @@ class Simulation:
         self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0,
                        "ticks": 0}  # fmt: skip
         self._tick_costs: dict[tuple, tuple[float, tuple[float, ...]]] = {}
+        self._tick_contexts: dict[int, int] = {}  # a tick's costed context by its furthest token's position
         self._verify_passes: dict[int, Pass] = {}
         self.prefill_us = 0.0
         self.decode_us = 0.0
@@ -497,13 +501,22 @@ class Simulation:
             self.span(stage, start_us, duration_us, label, job.position, job.batch, job.epoch != self.epoch)
 
     def span(self, stage: int, start_us: float, duration_us: float, label: str, position: int, batch: int,
-             flushed: bool) -> None:  # fmt: skip
+             flushed: bool) -> dict[str, Any] | None:  # fmt: skip
+        """Trace a stage's work (`flushed`: work a flush threw away); the event, for `flushed_span` to mark later."""
         if self.trace is not None and len(self.trace) < self.trace_limit:
             name = label + (" (flushed)" if flushed else "")
             args = {"position": position, "batch": batch, "flushed": flushed}
-            self.trace.append(
-                {"name": name, "ph": "X", "ts": start_us, "dur": duration_us, "pid": 1, "tid": stage, "args": args}
-            )
+            event = {"name": name, "ph": "X", "ts": start_us, "dur": duration_us, "pid": 1, "tid": stage, "args": args}
+            self.trace.append(event)
+            return event
+        return None
+
+    @staticmethod
+    def flushed_span(event: dict[str, Any]) -> None:
+        """Mark a traced span's work as thrown away by a flush that came after it (a lockstep tick's)."""
+        if not event["args"]["flushed"]:
+            event["name"] += " (flushed)"
+            event["args"]["flushed"] = True
 
     # ---- schedules ----------------------------------------------------------------------------------------------
     def _main(self) -> Generator[simpy.Event, Any, None]:
@@ -650,7 +663,7 @@ class Simulation:
 
     def _ppsd(self, rows: list[BatchRow]) -> Generator[simpy.Event, Any, None]:
         plan = self.plan
-        if plan.ppsd_backend in ONE_HOST_BACKENDS or plan.shares_devices:
+        if plan.ppsd_backend != "free" or plan.shares_devices:
             yield from self._ppsd_ticks(rows)
             return
         token = self._token_pass()  # every rank's host takes part in every tick
@@ -680,8 +693,9 @@ class Simulation:
         self.epoch += 1  # whatever is still in flight is discarded
 
     def _token_pass(self, host_sync: bool = True) -> Pass:
-        """A PPSD token's pass through every stage; with the distributed backend each stage's host handles it."""
-        plan, distributed = self.plan, self.plan.ppsd_backend == "distributed"
+        """A PPSD token's pass through every stage; with a process per stage (`distributed`, `free`) each stage's host
+        handles it."""
+        plan, distributed = self.plan, self.plan.ppsd_backend not in ONE_HOST_BACKENDS
         name = "token" if host_sync or distributed else "token chained"
         segments = ((0, plan.model.num_layers, 1),)
         return Pass(name, "draft", segments, exit_at=plan.exit_layer, lm_head_q=1, host_sync=host_sync or distributed,
@@ -772,13 +786,15 @@ class Simulation:
         held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
         pending: _Token | None = None
         block, emitted = 0, 0  # ticks left before the host reads: blocks of min(sync_every, tokens still to come)
+        clock = _TickClock(self)
         while output_len > 1:
             self.counts["ticks"] += 1
             block = block or min(plan.sync_every, asked - 1 - emitted)
             block -= 1
             tick_us, stage_us = self._tick(held, block == 0, batch)
             self._tick_stats(held, stage_us, batch)
-            yield self.env.timeout(tick_us)
+            if not clock.advance(tick_us):
+                yield from clock.wait(tick_us)
             leaving = held[-1]
             if leaving is not None:
                 self._useful_token(leaving)
@@ -787,11 +803,15 @@ class Simulation:
                 if lockstep.ends_early:
                     self._count_eos_drafts(lockstep, leaving.position, leaving.run_index)
                 if leaving.position + 2 >= output_len:
+                    yield from clock.catch_up()
                     yield from self._unread_ticks(held, block, batch)
                     break
                 judged = lockstep.judged(leaving.position + 1)
                 if not leaving.next_ok:  # flush: the correction enters stage 1, everything younger is dropped
                     self._count(flushes=1, rounds=judged, drafted=judged)
+                    for dropped in (*held[:-1], pending):
+                        for event in dropped.spans if dropped is not None else ():
+                            self.flushed_span(event)
                     held, pending = [_Token(leaving.position + 1, 0, n)] + [None] * (n - 1), None
                     continue
                 self._count(accepted=judged, drafted=judged)
@@ -800,6 +820,7 @@ class Simulation:
             pending = draft or pending
             if pending is not None and sum(t is not None for t in held) < window:
                 held[0], pending = pending, None
+        yield from clock.catch_up()
         self.epoch += 1
 
     def _count_eos_drafts(self, batch: PPSDBatch, position: int, index: int) -> None:
@@ -828,10 +849,14 @@ class Simulation:
     def _tick(self, held: list[_Token | None], read: bool, batch: int) -> tuple[float, tuple[float, ...]]:
         """(the tick's µs, each stage's pass alone, 0 for one that did not run) for the tokens `held`."""
         plan = self.plan
-        captured_local = plan.ppsd_backend in ONE_HOST_BACKENDS and plan.stages[0].latency.cuda_graphs
-        running = tuple(t is not None or captured_local for t in held)  # a captured pass cannot skip
-        position = max((t.position for t in held if t is not None), default=0)
-        context = self._context_of(plan.workload.prompt_len + position, "draft")
+        if plan.ppsd_backend in ONE_HOST_BACKENDS and plan.stages[0].latency.cuda_graphs:
+            running = (True,) * len(held)  # a captured pass cannot skip
+        else:
+            running = tuple([t is not None for t in held])
+        position = next((t.position for t in held if t is not None), 0)  # the youngest token is the furthest on
+        context = self._tick_contexts.get(position)
+        if context is None:
+            context = self._tick_contexts[position] = self._context_of(plan.workload.prompt_len + position, "draft")
         key = (running, read, context, batch)
         cached = self._tick_costs.get(key)
         if cached is None:
@@ -853,12 +878,10 @@ class Simulation:
             alone.append(time_us)
         contention = plan.stage_contention()
         tick_us = max(contention.together_us(group) for group in shares.values())
-        hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
-        hand_offs = [plan.link_after(i).time_us(hidden_bytes) for i in range(len(plan.stages) - 1) if running[i]]
-        tick_us += max(hand_offs, default=0.0)
-        if plan.ppsd_backend == "distributed":  # the last rank's verdict goes to every rank each tick
-            tick_us += plan.return_link.time_us(TOKEN_ID_BYTES * batch)
-        elif plan.stages[0].latency.cuda_graphs:  # the transition pass, and the host's read every sync_every ticks
+        tick_us += self._tick_messages_us(running, batch)
+        if plan.ppsd_backend == "distributed":  # each rank's host work is in its own stage's pass (host_per_stage)
+            return tick_us, tuple(alone)
+        if plan.stages[0].latency.cuda_graphs:  # the transition pass, and the host's read every sync_every ticks
             host_at = plan.host_context(context, "draft")
             host_us = plan.stages[-1].latency.time_us("overhead", "draft", 1, host_at, batch) if read else 0.0
             tick_us += plan.stages[0].launch_us + host_us
@@ -870,15 +893,36 @@ class Simulation:
             )
         return tick_us, tuple(alone)
 
+    def _tick_messages_us(self, running: tuple[bool, ...], batch: int) -> float:
+        """A tick's messages after its passes. Distributed (`executor.ppsd_dist.StageLink`): the last rank's outcome
+        to every rank, then each rank's header to the next, followed by its hidden state where it ran a token: two
+        messages one after the other, the slowest hand-off setting the tick's end. One host: the running stages'
+        hidden states to the next (an ideal link between stages of one device)."""
+        plan = self.plan
+        hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
+        links = [plan.link_after(i) for i in range(len(plan.stages) - 1)]
+        if plan.ppsd_backend != "distributed":
+            return max((link.time_us(hidden_bytes) for link, ran in zip(links, running, strict=False) if ran),
+                       default=0.0)  # fmt: skip
+        header = PPSD_HEADER_VALUES * ID_BYTES * batch
+        hand_offs = [link.time_us(header) + (link.time_us(hidden_bytes) if ran else 0.0)
+                     for link, ran in zip(links, running, strict=False)]  # fmt: skip
+        return plan.return_link.time_us(PPSD_OUTCOME_VALUES * ID_BYTES * batch) + max(hand_offs, default=0.0)
+
     def _tick_stats(self, held: list[_Token | None], stage_us: tuple[float, ...], batch: int) -> None:
-        start = self.env.now
-        for index, (token, duration) in enumerate(zip(held, stage_us, strict=True)):
-            self.stages[index].busy_us += duration
+        start, stages, traced = self.env.now, self.stages, self.trace is not None
+        for index, token in enumerate(held):
+            duration = stage_us[index]
+            if not duration:
+                continue
+            stages[index].busy_us += duration
             if token is not None:
                 token.spent[index] += duration
-            if duration > 0:
+            if traced:
                 position = token.position if token is not None else -1
-                self.span(index, start, duration, f"token {position}", position, batch, False)
+                event = self.span(index, start, duration, f"token {position}", position, batch, False)
+                if event is not None and token is not None:
+                    token.spans.append(event)
 
     def _useful_token(self, token: _Token) -> None:
         for stage, spent in zip(self.stages, token.spent, strict=True):
@@ -1069,9 +1113,43 @@ class _Token:
     stages: int
     next_ok: bool = True
     spent: list[float] = field(default_factory=list)
+    spans: list[dict[str, Any]] = field(default_factory=list)  # its traced work (a flush marks it)
 
     def __post_init__(self) -> None:
         self.spent = [0.0] * self.stages
+
+
+class _TickClock:
+    """Lockstep ticks with nothing else due, run without an event each: the time a tick's timeout would reach is
+    kept here and the main process waits once for the ticks run so (`catch_up`), where SimPy would have processed
+    them one by one with nothing in between; the same times to the bit (a tick is deferred only where the wait then
+    reaches exactly the time the timeouts one by one would). Untraced runs with `shortcuts` only."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.env = sim.env
+        self.enabled = sim.shortcuts and sim.trace is None
+        self.at = self.env._now  # where the ticks run so far have brought the time
+
+    def advance(self, tick_us: float) -> bool:
+        """Run a tick of `tick_us` without an event where nothing else is due until it ends; False where it must wait
+        as its own event (`wait`)."""
+        env, end = self.env, self.at + tick_us
+        if not self.enabled or env.peek() <= end or env._now + (end - env._now) != end:
+            return False
+        self.at = end
+        return True
+
+    def catch_up(self) -> Generator[simpy.Event, Any, None]:
+        """Wait for the ticks run without events (none: nothing to wait for); the time then is the clock's."""
+        if self.at > self.env._now:
+            yield self.env.timeout(self.at - self.env._now)
+        self.at = self.env._now
+
+    def wait(self, tick_us: float) -> Generator[simpy.Event, Any, None]:
+        """The tick as its own event, after the ticks deferred before it."""
+        yield from self.catch_up()
+        yield self.env.timeout(tick_us)
+        self.at = self.env._now
 
 
 @dataclass

@@ -69,7 +69,7 @@ from sim.scenario import (
 )
 
 METHODS = ("ar", "eesd", "ppsd")
-PPSD_BACKENDS = ("distributed", "streams", "sequential")
+PPSD_BACKENDS = ("distributed", "free", "streams", "sequential")
 ONE_HOST_BACKENDS = ("streams", "sequential")  # PPSD backends whose stages share one device unless told otherwise
 DEFAULT_GPU = "H100"  # the GPU of a stage not costed by a profile, where the scenario names none
 MEMORY_HEADROOM = 0.95  # the share of a GPU's memory the weights may take (the rest: KV cache, activations)
@@ -129,9 +129,11 @@ class SimPlan:
     context_step: int = 64  # latency is looked up at the context length rounded to a multiple of this
     chain_zero_rounds: bool = True  # EESD rounds that draft nothing run as chained AR steps (as the executor does)
     sync_every: int = SYNC_CAPTURED  # captured: chained AR steps / zero-draft rounds / PPSD ticks per host read
-    # PPSD's backend: "distributed", a process per stage whose host handles every tick; "streams", one host that
-    # launches the stages of a tick together and chains `sync_every` ticks on the device; "sequential", one host
-    # running the stages of a tick in turn
+    # PPSD's backend: "distributed", a process per stage whose host handles every tick, the ranks in lockstep ticks
+    # joined by the last rank's outcome (the executor's); "free", a process per stage, each starting its next token as
+    # soon as it has one (a free-running pipe: no executor backend runs it); "streams", one host that launches the
+    # stages of a tick together and chains `sync_every` ticks on the device; "sequential", one host running the
+    # stages of a tick in turn
     ppsd_backend: str = "distributed"
     # decode passes attend over this many cache slots (the executor's static cache: every slot, masked), or over the
     # context so far (None)
@@ -223,6 +225,8 @@ def _check_plan(plan: SimPlan) -> None:
     if plan.ppsd_backend not in PPSD_BACKENDS:
         raise ValueError(f"ppsd_backend must be one of {PPSD_BACKENDS}, got {plan.ppsd_backend!r}")
     _check_shared_devices(plan.stages)
+    if plan.method == "ppsd" and plan.ppsd_backend == "free" and plan.shares_devices:
+        raise ValueError("ppsd_backend 'free' runs every stage on a device of its own; stages share one here")
     layers = plan.model.num_layers
     expected = 0
     for stage in plan.stages:
@@ -389,6 +393,12 @@ def _stages(
     configs = [StageConfig()] * topo.stages if isinstance(topo.stages, int) else list(topo.stages)
     counts = _layer_counts(s, configs, model.num_layers, exit_layer, where)
     indices = _device_indices(s, configs)
+    shared = len({i for i in indices if i is not None}) < sum(i is not None for i in indices)
+    if method == "ppsd" and s.ppsd_backend == "free" and shared:
+        raise ScenarioError(
+            f"{where}: ppsd_backend: 'free' runs every stage on a device of its own (stages sharing one move in the "
+            "executor's lockstep ticks): give each stage its own device, or ppsd_backend distributed"
+        )
     profile = _profile(point)
     draft_profile = _draft_profile(point, draft_dtype, profile, where)
     host = _host(point, profile, method, reads_every or s.sync_every, where)

@@ -379,10 +379,13 @@ class Scenario(Strict):
     # per host read, as the executor's `generate(sync_every=)`; 1: a host read after every step or tick
     sync_every: int = Field(SYNC_CAPTURED, ge=1)
     # PPSD's backend, as the executor's: "distributed", a process per stage (default: a device each), each host taking
-    # part in every tick; "streams", one host, the stages of a tick launched together on one GPU (default: one device
+    # part in every tick, the ranks in lockstep: a tick ends when the last rank's outcome has reached every rank and
+    # each rank's header and hidden state the next; "free", a process per stage on a device each, every stage starting
+    # its next token as soon as it has one (a free-running pipe, the schedule's bound: no executor backend runs it);
+    # "streams", one host, the stages of a tick launched together on one GPU (default: one device
     # for all stages), chaining sync_every ticks per host read; "sequential", one host running the stages of a tick
     # one after the other (default: one device)
-    ppsd_backend: Literal["distributed", "streams", "sequential"] = "distributed"
+    ppsd_backend: Literal["distributed", "free", "streams", "sequential"] = "distributed"
     # decode passes attend over: "buckets", the executor's span bucket of its static cache (the power-of-two number
     # of slots, at least 64, holding the furthest position the pass writes, capped at the capacity: prompt + output +
     # max draft + 1, a multiple of 256 with cuda_graphs), as the executor does by default; "cache", every slot of that

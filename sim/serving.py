@@ -39,11 +39,12 @@ The schedule (the executor's `executor.serving` runs the same one):
   limit unless one is given.
 - PPSD serves one request at a time (the executor's pipeline decodes batch size 1, `executor.ppsd`): a request's
   prefill, then its whole decode through the pipeline's stages, before the next request enters; `max_batch` does not
-  apply (its points run with 1). The decode is the engine's PPSD schedule (`sim.engine.decode_alone`: lockstep ticks
-  on one host or shared devices, the free-running pipe across devices) for that request's lengths and acceptance
-  stream, so serving adds the queue in front of it. A PPSD decode is logged as one pass of kind "ppsd" (its ticks,
-  prompt length, last position written and the verdicts of its drafts), and a PPSD run counts ticks as its rounds
-  (`tokens_per_round` is tokens per tick: 1 / stages for AR through the same stages).
+  apply (its points run with 1). The decode is the engine's PPSD schedule (`sim.engine.decode_alone`: the executor's
+  lockstep ticks, the distributed backend's with its messages; the free-running pipe with `ppsd_backend: free`) for
+  that request's lengths and acceptance stream, so serving adds the queue in front of it. A PPSD decode is logged as
+  one pass of kind "ppsd" (its ticks, prompt length, last position written and the verdicts of its drafts), and a
+  PPSD run counts ticks as its rounds (`tokens_per_round` is tokens per tick: 1 / stages for AR through the same
+  stages).
 - Replicas (`replicas: N`): N servers, each the plan's devices with its own slots and KV cache, run this schedule
   side by side (data parallelism); an arriving request is dispatched to one and stays there: `least_loaded` (the
   fewest requests dispatched and not finished, the lowest index among equals: join the shortest queue),

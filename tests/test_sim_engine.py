@@ -36,7 +36,10 @@ def plan(
     seed: int = 0,
     batch: int = 1,
     policy: str | None = None,
+    ppsd_backend: str = "free",
 ) -> SimPlan:
+    """A plan of constant latencies over `n_stages` stages, PPSD on the free-running pipe unless `ppsd_backend`
+    names another (the closed forms here are the free pipe's; `distributed` is the executor's lockstep)."""
     bounds = [round(i * MODEL.num_layers / n_stages) for i in range(n_stages + 1)]
     layer = layer_us if isinstance(layer_us, list) else [layer_us] * n_stages
     stages = tuple(
@@ -53,6 +56,7 @@ def plan(
         exit_layer=exit_layer or bounds[1],
         policy=policy or f"fixed:{draft_len}",
         seed=seed,
+        ppsd_backend=ppsd_backend,
     )
 
 
@@ -243,18 +247,42 @@ def test_one_host_ppsd_reads_the_host_once_per_sync_every_ticks(sync_every: int)
     assert ppsd_decode_us(False, overhead, **fields) - free >= ticks * overhead
 
 
-def test_distributed_ppsd_pays_the_host_on_every_stage_of_every_tick() -> None:
-    """The `distributed` backend (the default: a process per stage) has each rank's host take part in every tick,
-    captured or not, whatever `sync_every` says: each stage's pass is one overhead longer, and as the two balanced
-    stages overlap, every tick (and the pipe's fill) is one overhead longer."""
+@pytest.mark.parametrize("backend", ["distributed", "free"])
+def test_a_process_per_stage_pays_the_host_on_every_stage_of_every_tick(backend: str) -> None:
+    """With a process per stage (`distributed`, the executor's lockstep ranks; `free`, the free-running pipe) each
+    rank's host takes part in every tick, captured or not, whatever `sync_every` says: each stage's pass is one
+    overhead longer, and as the two balanced stages overlap, every tick (and the pipe's fill) is one overhead
+    longer."""
     ticks, overhead = 40, 100.0
-    free = ppsd_decode_us(True, 0.0)
+    free = ppsd_decode_us(True, 0.0, ppsd_backend=backend)
     for captured in (True, False):
         for sync_every in (1, 8):
-            delta = ppsd_decode_us(captured, overhead, sync_every=sync_every) - free
+            delta = ppsd_decode_us(captured, overhead, sync_every=sync_every, ppsd_backend=backend) - free
             assert delta == pytest.approx((ticks + 1) * overhead)
     streams = ppsd_decode_us(True, overhead, sync_every=8, ppsd_backend="streams") - free
     assert streams == pytest.approx(-(-(ticks + 1) // 8) * overhead)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_distributed_ppsd_moves_in_the_executors_lockstep_ticks_and_messages(alpha: float) -> None:
+    """`distributed` is the executor's `ppsd_dist` loop: every tick, each rank runs its token, the last rank's
+    outcome (4 int64) reaches every rank, then each rank sends the next its header (3 int64) and, where it ran a
+    token, its hidden state: a tick lasts its slowest running stage, plus the outcome, plus the slowest hand-off.
+    Stage 1's layers cost 20 µs, stage 2's 10. Every tick but the last runs stage 1 (at alpha 1 a token and the draft
+    after it move one tick apart; at alpha 0 each token takes two ticks, its draft riding along in stage 1 after the
+    correction); the last runs stage 2 alone, sending a header only. The free pipe pays neither the outcome nor the
+    headers and starts each stage's work as soon as it may."""
+    link = LinkSpec("test", 1.0, 100.0)  # 1 µs + bytes / 100 GB/s
+    stages = (SimStage(0, 12, ConstantLatency({"layer": 20.0 / 12})),
+              SimStage(12, 24, ConstantLatency({"layer": 10.0 / 12})))  # fmt: skip
+    p = replace(plan("ppsd", alpha, 2, output_len=41, link=link, ppsd_backend="distributed"), stages=stages)
+    result = Simulation(p).run()
+    outcome, header, hidden = (link.time_us(n) for n in (4 * 8, 3 * 8, MODEL.hidden_size * p.dtype_bytes))
+    stage_1_ran, last = 20.0 + outcome + header + hidden, 10.0 + outcome + header
+    ticks = 41 if alpha else 80
+    assert result.ticks == ticks and result.decode_time_us == pytest.approx((ticks - 1) * stage_1_ran + last)
+    free = Simulation(replace(p, ppsd_backend="free")).run()
+    assert free.ticks == result.ticks and free.decode_time_us < result.decode_time_us
 
 
 @pytest.mark.parametrize(
@@ -385,7 +413,7 @@ def tied_plans(draw: st.DrawFn) -> SimPlan:
     return SimPlan(**{**base.__dict__, "stages": stages, "link": link, "workload": Workload(
         2 * base.workload.batch_size, base.workload.batch_size, 16, base.workload.output_len),
         "sync_every": draw(st.sampled_from([1, 3, 8])), "max_in_flight": draw(st.sampled_from([None, 1, 2])),
-        "ppsd_backend": draw(st.sampled_from(["distributed", "streams"])),
+        "ppsd_backend": draw(st.sampled_from(["distributed", "free", "streams"])),
         "chain_zero_rounds": draw(st.booleans()), "cache_slots": draw(st.sampled_from([None, 256])),
         "span_buckets": draw(st.booleans())})  # fmt: skip
 
@@ -445,7 +473,7 @@ def free_pipes(draw: st.DrawFn) -> SimPlan:
     link = draw(st.sampled_from([FREE, LinkSpec("short", 0.1, None), LinkSpec("slow", 0.3, 1.0)]))
     return SimPlan(**{**base.__dict__, "stages": stages, "link": link, "workload": Workload(
         2 * base.workload.batch_size, base.workload.batch_size, 16, base.workload.output_len),
-        "max_in_flight": draw(st.sampled_from([None, 1, 2, 3])), "ppsd_backend": "distributed",
+        "max_in_flight": draw(st.sampled_from([None, 1, 2, 3])), "ppsd_backend": "free",
         "cache_slots": draw(st.sampled_from([None, 256])), "span_buckets": draw(st.booleans())})  # fmt: skip
 
 
@@ -483,7 +511,7 @@ def test_events_per_token(method: str, n_stages: int, most: float, reference_lea
     assert events_per_token(p, False) >= reference_least
 
 
-@pytest.mark.parametrize("backend", ["distributed", "sequential"])
+@pytest.mark.parametrize("backend", ["distributed", "free", "sequential"])
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_ppsd_counts_a_rows_rounds_as_eesd_does_at_any_batch_size(backend: str, alpha: float) -> None:
     """`tokens_per_round` is a row's tokens per round for every method: a PPSD batch of rows that all confirm

@@ -234,6 +234,10 @@ def test_broken_scenarios_name_file_field_and_expectation(
         ({"sweep": {"cases": [1, 2]}}, "sweep.cases: 'cases' is not a scenario field, so it must list cases"),
         ({"sweep": {"topology.stages": [2, 40]}}, "sweep point {'topology.stages': 40}: topology.stages: 40 stages"),
         ({"sweep": {"name": ["a", "b"]}}, "sweep.name: the scenario's name is one for the whole run"),
+        (
+            {"ppsd_backend": "free", "topology": {"gpu": "H100", "stages": 2, "devices": 1}},
+            "ppsd_backend: 'free' runs every stage on a device of its own",
+        ),
     ],
 )
 def test_broken_cross_field_and_sweep_scenarios(tmp_path: Path, update: dict, message: str) -> None:
