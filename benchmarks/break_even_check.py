@@ -149,7 +149,7 @@ def main() -> None:
             "runs_tok_s": {str(a): [round(x, 3) for x in measured[(index, a)]] for a in case["alphas"]},
         })  # fmt: skip
     result = {
-        **environment(args.threads), "scenario": str(args.scenario), "prompts": list(plan.prompt_ids),
+        **environment(args.threads, str(plan.dtype)), "scenario": str(args.scenario), "prompts": list(plan.prompt_ids),
         "max_new_tokens": plan.max_new_tokens, "profile": str(plan.profile_path), "ar_tok_s": round(ar, 3),
         "ar_runs_tok_s": [round(x, 3) for x in ar_runs], "repeats": args.repeats,
         "measure_wall_s": round(time.perf_counter() - start, 1),

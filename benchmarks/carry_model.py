@@ -119,7 +119,7 @@ def join(parts_dir: Path, target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pack = sub.add_parser("split", help="chunk a model's GGUF file (or its converted HF directory)")
     pack.add_argument("name")

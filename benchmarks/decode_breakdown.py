@@ -161,7 +161,9 @@ def main() -> None:
 
     import executor
     from executor.prompts import load_prompts
+    from executor.runtime import check_device
 
+    check_device(args.device)  # cuda on a CPU-only torch: one line
     torch.set_num_threads(args.threads)
     model = executor.load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = executor.load_tokenizer(args.model)
@@ -193,9 +195,10 @@ def main() -> None:
     print(f"the profile prices a host read at (ms, by phase): {overhead_ms}")
     print(f"as a serving case's per-method host work: {snippet}")
     if args.out:
-        result = {**environment(args.threads), "profile": str(args.profile), "model": args.model,
-                  "exit_layer": args.exit_layer, "policy": args.policy, "prompts": args.prompts,
-                  "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "device": args.device,
+        where = {"label": f"GPU run: {torch.cuda.get_device_name(args.device)}"} if gpu else {}
+        result = {**environment(args.threads, str(args.dtype)), **where, "profile": str(args.profile),
+                  "model": args.model, "exit_layer": args.exit_layer, "policy": args.policy, "prompts": args.prompts,
+                  "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "device_flag": args.device,
                   "dtype": args.dtype, "capture": args.capture, "sync_every": args.sync_every,
                   "profile_overhead_ms": overhead_ms,
                   "gap": "(measured / AR) / (priced / AR) - 1, each priced at the context it ran at",

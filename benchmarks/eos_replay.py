@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibrate.validate import Target, plan, predict  # noqa: E402
-from sim.formats import write_text_atomic  # noqa: E402
+from sim.formats import read_validate_json, write_text_atomic  # noqa: E402
 
 MODES = ("stop", "continue")
 
@@ -53,7 +53,7 @@ def error(predicted: float, measured: float) -> float:
 
 def replay_file(path: Path, model: str | None) -> list[dict[str, Any]]:
     """One row per point the file measured: measured, stored and both predictions."""
-    document = json.loads(path.read_text(encoding="utf-8"))
+    document = read_validate_json(path, "files")
     meta, measured = document["metadata"], {row["point"]: row for row in document["rows"]}
     validate_plan = plan(meta["scenario"], prompts=len(meta["prompts"]), max_new_tokens=meta["max_new_tokens"],
                          model=model)  # fmt: skip

@@ -91,7 +91,7 @@ from executor.models import decode_weight_bytes, kv_cache_bytes, resolve_dtype
 from executor.passes import Passes
 from executor.ppsd import StagePlan, local_pipeline, make_selector
 from executor.prompts import encode_prompt, load_prompts, split_prompts
-from executor.runtime import copy_tbps, datasheet_tbps, synchronize
+from executor.runtime import check_device, copy_tbps, datasheet_tbps, synchronize
 from executor.sampling import SamplingConfig
 from sim.contract import captured_capacity
 from sim.formats import write_text_atomic
@@ -868,7 +868,7 @@ def default_output(device: torch.device) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument(
@@ -1034,7 +1034,7 @@ def step_jobs(name: str, model, args) -> list[Job]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    device, dtype = check_device(args.device), resolve_dtype(args.dtype)
     if args.no_cudnn_sdpa:
         torch.backends.cuda.enable_cudnn_sdp(False)
     budget = Budget(args.time_budget_s)

@@ -52,7 +52,7 @@ from executor.train_head import (
     teacher_examples,
     train,
 )
-from sim.formats import check_output, write_text_atomic
+from sim.formats import check_benchmark_args, check_output, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_FRACTION = 0.25  # split_prompts' default, which this report's held-out prompts come from
@@ -240,6 +240,8 @@ def train_heads(model, train_ids: list[list[int]], eval_examples, args):
 def main() -> None:
     args = parse_args()
     out = args.out or ROOT / "benchmarks" / "results" / f"head_report_{args.tag}.json"
+    check_benchmark_args(args, inputs=("heads",), counts=("batch_size", "train_prompts", "eval_prompts",
+                                                        "eesd_prompts", "draft_len", "speed_repeats"))  # fmt: skip
     try:
         check_output("--out", out)  # before the work, not after it
         for path in [] if args.heads else head_files(args):  # shipped heads are not replaced unasked

@@ -44,13 +44,13 @@ import transformers
 
 import executor
 import executor.passes as passes
-from calibrate.common import cpu_model
 from executor.adapter import ModelAdapter
 from executor.corpus import eos_ids
 from executor.heads import resolve_head
 from executor.ppsd import balanced_bounds
 from executor.prompts import encode_prompt, load_prompts, split_prompts
 from sim.contract import default_exit_layer
+from sim.formats import cpu_model, write_text_atomic
 from sim.policy import make_policy
 from sim.tables import text_table
 
@@ -330,12 +330,13 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return text_table(shown, list(SPEED_COLUMNS), SPEED_COLUMNS)
 
 
-def environment(threads: int) -> dict[str, Any]:
-    """What the figures depend on besides the settings: machine, threads, dtype, versions, date, command line."""
+def environment(threads: int, dtype: str = "float32") -> dict[str, Any]:
+    """What the figures depend on besides the settings: machine, threads, dtype (the model's), versions, date,
+    command line."""
     return {
         "label": "CPU benchmark (not a GPU result)",
         "device": f"CPU: {cpu_model()} ({os.cpu_count()} cores, {threads} torch threads)",
-        "dtype": "float32", "threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
+        "dtype": dtype, "threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
     }  # fmt: skip
@@ -343,10 +344,7 @@ def environment(threads: int) -> dict[str, Any]:
 
 def write_json(path: Path, report: dict[str, Any]) -> Path:
     """Write `report` to `path` atomically (a temporary file beside it, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2, default=str) + "\n")  # (paths among the settings: as text)
-    os.replace(partial, path)
+    write_text_atomic(path, json.dumps(report, indent=2, default=str) + "\n")  # (paths in settings: as text)
     return path
 
 

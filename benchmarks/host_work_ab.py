@@ -81,10 +81,10 @@ def main() -> None:
     p.add_argument("--points", default="all", help="the --points the validate run took (default: all)")
     p.add_argument("--out", type=Path, default=None, help="write the comparison here (JSON)")
     args = p.parse_args()
-    from sim.formats import check_benchmark_args
+    from sim.formats import check_benchmark_args, read_validate_json
 
     check_benchmark_args(args, inputs=("validate",))
-    validate = json.loads(args.validate.read_text(encoding="utf-8"))
+    validate = read_validate_json(args.validate, "--validate")
     meta = validate["metadata"]
     scenario = ROOT / meta["scenario"]
     prompts, tokens = len(meta["prompts"]), meta["max_new_tokens"]

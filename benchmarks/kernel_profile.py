@@ -37,7 +37,7 @@ import executor
 from executor.adapter import ModelAdapter
 from executor.api import PassSetup
 from executor.models import decode_weight_bytes, kv_cache_bytes, resolve_dtype
-from executor.runtime import copy_tbps, datasheet_tbps
+from executor.runtime import check_device, copy_tbps, datasheet_tbps
 from executor.sampling import SamplingConfig
 from sim.formats import write_text_atomic
 from sim.policy import make_policy
@@ -130,7 +130,7 @@ def table(rows: list[dict[str, Any]], top: int, unit: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama7b", help="llama7b | tiny | a packaged name or a local path")
     parser.add_argument("--layers", type=int, default=None, help="layers of llama7b / tiny (default: 32 / 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    device, dtype = check_device(args.device), resolve_dtype(args.dtype)
     model = build_model(args.model, args.layers, dtype, device)
     adapter = ModelAdapter(model)
     prompt = torch.randint(1, model.config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))

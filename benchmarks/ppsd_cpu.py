@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -177,32 +176,27 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--draft-len", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epsilons", default="0,0.06")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=12, help="decoder layers of the random model (4 stages)")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size, a multiple of 256 (64-wide heads)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens each decode makes")
+    parser.add_argument("--draft-len", type=int, default=4, help="EESD's fixed draft length")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each method; the best is reported")
+    parser.add_argument("--epsilons", default="0,0.06", help="scales of the late layers (0: drafts always right)")
     parser.add_argument("--quick", action="store_true", help="8 layers, 24 tokens, 1 repeat, no JSON")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON written")
     args = parser.parse_args()
-    from sim.formats import check_benchmark_args, write_text_atomic
+    from sim.formats import check_benchmark_args, machine_info, write_text_atomic
 
-    check_benchmark_args(args, counts=("repeats",))
+    check_benchmark_args(args, counts=("repeats", "draft_len"))
+    if args.hidden < 256 or args.hidden % 256:
+        raise SystemExit(f"ppsd_cpu.py: error: --hidden must be a multiple of 256 (64-wide heads, 4 per KV head), "
+                         f"got {args.hidden}")  # fmt: skip
+    if args.layers < 4:
+        raise SystemExit(f"ppsd_cpu.py: error: --layers must be >= 4 (the pipeline has 4 stages), got {args.layers}")
     if args.quick:
         args.layers, args.max_new_tokens, args.repeats = 8, 24, 1
     args.exit_layer = args.layers // 4  # inside stage 1 of the 4-stage pipeline, shared by every method
@@ -219,7 +213,8 @@ def main() -> None:
         "dtype": "float32",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "machine": machine(),
+        "machine": machine_info(),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": {"arch": "llama (random)", "layers": args.layers, "hidden": args.hidden, "vocab": 8192},
         "exit_layer": args.exit_layer,
         "prompt_tokens": len(prompt),

@@ -86,7 +86,12 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--capture", default="freeze", help="the executor's capture mode (default: freeze)")
+    parser.add_argument(
+        "--capture",
+        default="freeze",
+        choices=("auto", "none", "graph", "compile", "compile-layers", "freeze"),
+        help="the executor's capture mode (default: freeze)",
+    )
     parser.add_argument("--processes", type=int, default=8, help="fresh processes in all (default: 8)")
     parser.add_argument("--calls", type=int, default=5, help="timed generate calls per process (default: 5)")
     parser.add_argument("--new-tokens", type=int, default=33)

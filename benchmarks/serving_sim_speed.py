@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.metadata
 import os
 import platform
 import time
 from pathlib import Path
 
-from sim.formats import write_text_atomic
+from sim.formats import machine_info, write_text_atomic
 from sim.serving import load_serving_points, metrics, simulate_serving
 from sim.workload import build_workload, parse_spec
 
@@ -95,6 +96,8 @@ def main() -> int:
         "python_version": platform.python_version(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": {name: importlib.metadata.version(name) for name in ("simpy", "pydantic")},
     }
     import json
 

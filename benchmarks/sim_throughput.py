@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from sim.engine import Simulation, events_per_token
+from sim.formats import machine_info
 from sim.plan import build_plan
 from sim.scenario import Point, validate
 
@@ -124,7 +125,7 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "versions": {name: metadata.version(name) for name in ("simpy", "pydantic")}
         | {"python": platform.python_version()},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": machine_info(),
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "note": args.note,
         "processes": 1,

@@ -30,7 +30,7 @@ from executor.adapter import ModelAdapter
 from executor.corpus import RecordSource
 from executor.heads import HEAD_CLASSES
 from executor.models import load_model, resolve_dtype
-from executor.runtime import synchronize, use_threads
+from executor.runtime import check_device, synchronize, use_threads
 from executor.train_head import (
     PHASES,
     TrainConfig,
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.head_path == "cached":  # the A/B twin: every head's layer through decoding's cache path
         for cls in HEAD_CLASSES.values():
             cls.layer_sequences = cls.cached_sequences
-    device = torch.device(args.device)
+    device = check_device(args.device)
     model = load_model(args.model, dtype=resolve_dtype(args.dtype), device=device)
     layers = [int(x) for x in args.exit_layer.split(",")]
     config = TrainConfig(exit_layer=layers[0], exit_layers=tuple(layers[1:]), batch_size=args.batch_size,

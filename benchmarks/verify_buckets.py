@@ -129,8 +129,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "verify_buckets_cpu.json")
     args = parser.parse_args()
     from sim.formats import check_benchmark_args
+    from sim.policy import FixedPolicy, make_policy
 
     check_benchmark_args(args)
+    if isinstance(make_policy(args.policy), FixedPolicy):  # a ValueError names a spec that is not a policy
+        raise SystemExit(
+            f"verify_buckets.py: error: --policy {args.policy} drafts one length, so buckets change nothing: give "
+            "one whose draft length varies (beta-ts, heuristic, confidence, ...)"
+        )
     settings = parse_order(args.order)
     runs = [(s, run_setting(args, "eesd", s == "on")) for s in settings]
     reference = run_setting(args, "ar", False)["outputs"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from executor.models import known_models, load_model, resolve_dtype
 from executor.runtime import check_device as check_device  # the calibrations' device check, with their setup
-from sim.formats import check_output
+from sim.formats import check_output, cpu_model
 from sim.models import MODELS
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -154,16 +154,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU: {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict[str, str]:

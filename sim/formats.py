@@ -442,13 +442,78 @@ def check_output(flag: str, path: str | Path, folder: bool = False, force: bool 
         _probe(flag, path, parent)
 
 
+# a benchmark script's flags of these names are counts of at least 1 wherever it has them (`check_benchmark_args`)
+COUNT_FLAGS = (
+    "threads", "repeats", "runs", "prompts", "num_prompts", "tokens", "new_tokens", "max_new_tokens", "cycles",
+    "steps", "requests", "samples", "processes", "layers", "max_k", "calls",
+)  # fmt: skip
+
+
 def check_benchmark_args(args: Any, *, inputs: Sequence[str] = (), counts: Sequence[str] = ()) -> None:
-    """What a benchmark script checks before its work, one line and exit 1 each rather than a traceback: its `--out`
+    """What a benchmark script checks before its work, one line and exit 2 each rather than a traceback: its `--out`
     (`args.out`) can be written, its input files (`args.<name>` in `inputs`: a path or a list of them) exist, and its
-    count flags (`args.<name>` in `counts`) are >= 1. None means a flag not given."""
+    count flags (`args.<name>` in `counts`, and any of `COUNT_FLAGS` it has) are >= 1. None means a flag not given."""
     check_benchmark_out(args)
     check_benchmark_inputs(args, *inputs)
-    check_benchmark_counts(args, *counts)
+    given = [name for name in COUNT_FLAGS if isinstance(getattr(args, name, None), int)]
+    check_benchmark_counts(args, *dict.fromkeys([*counts, *given]))
+
+
+def read_validate_json(path: str | Path, flag: str) -> dict[str, Any]:
+    """An `eesd validate --json` file (its `metadata`: scenario, prompts, max_new_tokens; its `rows`), read for a
+    benchmark script; a ValueError naming `flag` and the file where it is not one."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{flag} {path}: not a JSON file ({err})") from None
+    meta = document.get("metadata") if isinstance(document, dict) else None
+    if not isinstance(meta, dict) or not isinstance(document.get("rows"), list):
+        raise ValueError(f"{flag} {path}: not an `eesd validate --json` file (expected 'metadata' and 'rows')")
+    missing = [key for key in ("scenario", "prompts", "max_new_tokens") if key not in meta]
+    if missing:
+        raise ValueError(f"{flag} {path}: metadata lacks {', '.join(missing)} (written by an older eesd validate?)")
+    return document
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's first), else what `platform` says."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a benchmark ran, for its JSON: the CPU's model name (/proc/cpuinfo; else what `platform` says), its
+    cores, the platform, Python's version, the date (UTC) and the command line."""
+    import platform
+    import shlex
+    from datetime import datetime, timezone
+
+    return {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }  # fmt: skip
+
+
+class UsageExit(SystemExit):
+    """A benchmark script's mistake found before its work: `SCRIPT: error: MESSAGE` on stderr (printed when raised,
+    as argparse prints its own) and exit status 2, as argparse's and `run_script`'s; `str()` is that line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.line = f"{Path(sys.argv[0]).name}: error: {message}"
+        print(self.line, file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.line
 
 
 def run_script(main: Callable[[], int | None]) -> int:
@@ -465,35 +530,35 @@ def run_script(main: Callable[[], int | None]) -> int:
 
 
 def check_benchmark_counts(args: Any, *names: str) -> None:
-    """A benchmark script's count flags (`args.<name>`, None: not given) are >= 1: one line and exit 1 otherwise."""
+    """A benchmark script's count flags (`args.<name>`, None: not given) are >= 1: one line and exit 2 otherwise."""
     for name in names:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             flag = "--" + name.replace("_", "-")
-            raise SystemExit(f"{Path(sys.argv[0]).name}: error: {flag} must be >= 1, got {value}")
+            raise UsageExit(f"{flag} must be >= 1, got {value}")
 
 
 def check_benchmark_inputs(args: Any, *names: str) -> None:
     """A benchmark script's input files (`args.<name>`: a path or a list of them) exist: one line naming the flag and
-    exit 1 otherwise, rather than a traceback."""
+    exit 2 otherwise, rather than a traceback."""
     for name in names:
         value = getattr(args, name, None)
         for path in value if isinstance(value, list) else [value]:
             if path is not None and not Path(path).is_file():
                 flag = name if name in ("files", "scenario") else "--" + name.replace("_", "-")
-                raise SystemExit(f"{Path(sys.argv[0]).name}: error: {flag} {path}: no such file")
+                raise UsageExit(f"{flag} {path}: no such file")
 
 
 def check_benchmark_out(args: Any, flag: str = "--out") -> None:
     """A benchmark script's `--out` (`args.out`, None: not given) checked before its work (`check_output`): one line
-    and exit 1 where it cannot be written, rather than a traceback after the run."""
+    and exit 2 where it cannot be written, rather than a traceback after the run."""
     path = getattr(args, "out", None)
     if path is None:
         return
     try:
         check_output(flag, path)
     except ValueError as err:
-        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {err}") from None
+        raise UsageExit(str(err)) from None
 
 
 def _probe(flag: str, path: Path, parent: Path) -> None:

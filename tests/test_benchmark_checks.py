@@ -1,5 +1,5 @@
 """What every benchmark script checks before its work (`sim.formats.check_benchmark_args`): an `--out` that cannot be
-written, a missing input file and a count below 1 are one line and exit 1, not a traceback after the run; and what
+written, a missing input file and a count below 1 are one line and exit 2, not a traceback after the run; and what
 `sim.formats.run_script` makes of a user's mistake found during the work (one line, exit 2)."""
 
 from __future__ import annotations
@@ -65,3 +65,37 @@ def test_a_mistake_found_in_the_work_is_one_line(capsys: pytest.CaptureFixture[s
     monkeypatch.setenv("EESD_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         run_script(main)
+
+
+def test_the_usual_count_flags_are_checked_wherever_a_script_has_them() -> None:
+    """`--threads 0` and the like are refused in every script that calls check_benchmark_args, named or not; a flag of
+    such a name holding a text (a prompt set) is not a count."""
+    for name in ("threads", "repeats", "runs", "cycles", "max_k"):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit, match=f"error: {flag} must be >= 1, got 0"):
+            check_benchmark_args(argparse.Namespace(out=None, **{name: 0}))
+    check_benchmark_args(argparse.Namespace(out=None, prompts="builtin", threads=None, warmup=0))
+
+
+def test_a_validate_json_of_another_kind_is_named(tmp_path: Path) -> None:
+    from sim.formats import read_validate_json
+
+    path = tmp_path / "x.json"
+    cases = [
+        ("not json", "not a JSON file"),
+        ('{"rows": []}', "not an `eesd validate --json` file"),
+        ('{"metadata": {"scenario": "s"}, "rows": []}', "metadata lacks prompts, max_new_tokens"),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"--validate {path}: {message}"):
+            read_validate_json(path, "--validate")
+    path.write_text('{"metadata": {"scenario": "s", "prompts": [], "max_new_tokens": 8}, "rows": []}')
+    assert read_validate_json(path, "--validate")["rows"] == []
+
+
+def test_a_benchmark_json_names_the_machine_and_the_command() -> None:
+    from sim.formats import machine_info
+
+    info = machine_info()
+    assert info["cpu"] and info["cores"] >= 1 and info["python"] and "T" in info["date"] and info["command"]

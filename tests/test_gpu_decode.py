@@ -128,7 +128,7 @@ def test_only_keeps_the_matching_cases(bench, adapter) -> None:
         (["--only", "(unclosed"], "--only is not a regular expression"),
         (["--captures", "graph,fast"], "--captures must name none, graph, compile and/or compile-layers"),
         (["--prompts", "2", "--runs", "2"], "--runs x --prompts must be >= 5"),
-        (["--prompts", "0"], "--prompts must be in [1, "),
+        (["--prompts", "0"], "--prompts must be >= 1, got 0"),
         (["--prompt-len", "3968"], "--prompt-len must be in [1, 3967]"),
     ],
 )
