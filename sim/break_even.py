@@ -62,6 +62,7 @@ class BreakEven:
     ceiling: float
     sharpness: float | None  # the calibrated confidences drawn, where the policy reads them
     curve: tuple[tuple[float, float], ...]  # (α, speedup) at every α of `CURVE`
+    ar_tokens_per_s: float = 0.0  # AR on the point's own hardware (what its speedups are over)
 
     @property
     def best(self) -> tuple[float, float]:
@@ -95,7 +96,7 @@ def break_even(point: Point, target: float = 1.0) -> BreakEven | None:
     policy = point.scenario.policy if plan.method == "eesd" else None
     return BreakEven(
         point, plan.method, plan.exit_layer, policy, speedup, _acceptance(plan), 1.0 if now is None else now, needed,
-        curve[-1][1], _sharpness(plan, point), curve,
+        curve[-1][1], _sharpness(plan, point), curve, ar,
     )  # fmt: skip
 
 
@@ -147,9 +148,28 @@ def _acceptance(plan: SimPlan) -> float | None:
     return acceptance.alpha if isinstance(acceptance, BernoulliAcceptance) else None
 
 
+def fastest_ar(results: Sequence[BreakEven]) -> dict[int, float]:
+    """Each point's fastest AR among the points of its workload (the sweep's `workload.*` values), where those ARs
+    differ (a sweep over hardware): a speedup over the point's own AR can hide another layout whose plain AR beats
+    it. Empty where every point of a workload has the same AR."""
+    groups: dict[tuple, list[BreakEven]] = {}
+    for item in results:
+        key = tuple((k, str(v)) for k, v in item.point.values.items() if k.startswith("workload"))
+        groups.setdefault(key, []).append(item)
+    out = {}
+    for items in groups.values():
+        if len({round(item.ar_tokens_per_s, 6) for item in items}) > 1:
+            top = max(item.ar_tokens_per_s for item in items)
+            out.update({item.point.index: top for item in items})
+    return out
+
+
 def rows(results: Sequence[BreakEven], target: float) -> list[dict[str, Any]]:
-    """One row per point; its exit head where the points' heads differ (a scenario comparing heads)."""
+    """One row per point; its exit head where the points' heads differ (a scenario comparing heads); where the
+    sweep's hardware gives ARs of different speeds, the best speedup as a multiple of the fastest AR of the point's
+    workload (`best_vs_fastest_ar`: below 1, no acceptance makes this layout beat plain AR on the best one)."""
     heads = len({item.point.scenario.exit_head for item in results}) > 1
+    top = fastest_ar(results)
     out = []
     for item in results:
         swept = {k: v for k, v in item.point.values.items() if k not in ("method", "exit_layer", "policy")}
@@ -166,6 +186,8 @@ def rows(results: Sequence[BreakEven], target: float) -> list[dict[str, Any]]:
             "best_alpha": item.best[0],
             "rises": int(item.rises),
             "confidence_sharpness": item.sharpness if item.sharpness is not None else "",
+            **({"best_vs_fastest_ar": round(item.best[1] * item.ar_tokens_per_s / top[item.point.index], 4)}
+               if top else {}),
         })  # fmt: skip
     return out
 
@@ -179,7 +201,7 @@ def table(results: Sequence[BreakEven], target: float) -> str:
     hidden = ("confidence_sharpness", "best", "best_alpha", "rises", "config", "acceptance.trace")  # in the CSV
     shown = [c for c in data[0] if c not in hidden] if data else []
     heads = {"acceptance": "acceptance", "alpha_now": "as iid alpha", needed: f"iid alpha for {target:g}x AR",
-             "ceiling": "at alpha=1"}  # fmt: skip
+             "ceiling": "at alpha=1", "best_vs_fastest_ar": "best/fastest AR"}  # fmt: skip
     return text_table(data, shown, heads)
 
 

@@ -104,3 +104,24 @@ def test_a_speedup_that_does_not_rise_with_alpha_is_solved_on_the_grid_and_noted
     assert "does not speed up as acceptance rises: 0.69x at alpha 0, 0.69x at best (alpha 0)" in note
     rising = BreakEven(point, "eesd", 15, "fixed:1", 1.0, 0.5, 0.5, 0.5, 1.3, None, curve=curve[:11])
     assert rising.rises and falling_notes([rising]) == []
+
+
+def test_a_sweep_over_hardware_sets_each_best_against_the_fastest_ar(tmp_path: Path) -> None:
+    """Two layouts of one workload whose ARs differ (a second stage behind a 50 µs link): the faster layout's best is
+    its own; the slower one's is scaled by its AR over the faster AR, so a PPSD layout that beats its own pipelined
+    AR can be seen not to beat plain AR."""
+    from sim.break_even import rows
+
+    path = scenario(tmp_path, method="ppsd", exit_layer=None, topology={"stages": 2, "link": "ideal"},
+                    sweep={"topology.link": ["ideal", {"latency_us": 50.0}]},
+                    workload={"requests": 2, "batch_size": 1, "prompt_len": 16, "output_len": 200})  # fmt: skip
+    found = [break_even(point) for point in load_points(path)]
+    fast, slow = found
+    assert slow.ar_tokens_per_s < fast.ar_tokens_per_s
+    table = rows(found, 1.0)
+    assert table[0]["best_vs_fastest_ar"] == pytest.approx(fast.best[1], abs=1e-4)
+    assert table[1]["best_vs_fastest_ar"] == pytest.approx(
+        slow.best[1] * slow.ar_tokens_per_s / fast.ar_tokens_per_s, abs=1e-4
+    )
+    (one,) = load_points(scenario(tmp_path))
+    assert "best_vs_fastest_ar" not in rows([break_even(one)], 1.0)[0]  # one layout: nothing to set it against
