@@ -74,6 +74,13 @@ _NEVER = math.inf  # `simpy.Environment.peek()` with no event due
 _UNKNOWN = object()  # not cached yet
 
 
+def trace_tracks(stages: int) -> dict[int, str]:
+    """A run's Chrome-trace tracks past its stages' (0 .. stages - 1): each link's messages, the token ids going back
+    to stage 1, and a lockstep tick's messages together (after its passes)."""
+    links = {stages + i: f"link {i + 1} -> {i + 2}" for i in range(stages - 1)}
+    return links | {2 * stages - 1: f"link {stages} -> 1 (token ids)", 2 * stages: "a tick's messages"}
+
+
 @dataclass(frozen=True)
 class SimStageStats:
     busy_us: float
@@ -383,8 +390,9 @@ class Stage:
 class SimLink:
     """Store + delay (SimPy's Cable): `put` hands an item to `target` after the link's transfer time."""
 
-    def __init__(self, sim: Simulation, model: LinkModel, target: Stage) -> None:
+    def __init__(self, sim: Simulation, model: LinkModel, target: Stage, track: int) -> None:
         self.sim, self.env, self.model, self.target = sim, sim.env, model, target
+        self.track = track  # its trace track (`trace_tracks`)
         self._arrive = target.arrive
         self._delay_us: dict[int, float] = {}
 
@@ -405,6 +413,9 @@ class SimLink:
             self.target.put(item, last_act)
             return
         sim, env = self.sim, self.env
+        if sim.trace is not None:
+            label = f"{item.label or f'token {item.position}'}: hand-off"
+            sim.span(self.track, env._now, delay_us, label, item.position, item.batch, item.epoch != sim.epoch)
         if not sim.settling:
             simpy.Timeout(env, delay_us, item).callbacks.append(self._arrive)
             return
@@ -438,8 +449,9 @@ class Simulation:
         self.stages = [Stage(self, i) for i in range(len(plan.stages))]
         self.settling = False  # a stage process is ending a job: its hand-offs wait for `settle`
         self.hand_offs: list[_HandOff] = []
-        self.links = [SimLink(self, plan.link_after(i), s) for i, s in enumerate(self.stages[1:])]
-        self.return_link = SimLink(self, plan.return_link, self.stages[0])
+        n = len(self.stages)
+        self.links = [SimLink(self, plan.link_after(i), s, n + i) for i, s in enumerate(self.stages[1:])]
+        self.return_link = SimLink(self, plan.return_link, self.stages[0], 2 * n - 1)
         self.trace: list[dict[str, Any]] | None = [] if trace_limit > 0 else None
         self.trace_limit = trace_limit
         self._costs: dict[tuple[str, int, int], PassCost] = {}
@@ -447,7 +459,7 @@ class Simulation:
         self._timelines_at: dict[tuple[str, int, int], _Timeline | None] = {}  # by the context attended, not rounded
         self.counts = {"tokens": 0, "prefill_tokens": 0, "rounds": 0, "drafted": 0, "accepted": 0, "flushes": 0,
                        "ticks": 0}  # fmt: skip
-        self._tick_costs: dict[tuple, tuple[float, tuple[float, ...]]] = {}
+        self._tick_costs: dict[tuple, tuple[float, tuple[float, ...], float, float]] = {}
         self._tick_contexts: dict[int, int] = {}  # a tick's costed context by its furthest token's position
         self._verify_passes: dict[int, Pass] = {}
         self.prefill_us = 0.0
@@ -791,8 +803,8 @@ class Simulation:
             self.counts["ticks"] += 1
             block = block or min(plan.sync_every, asked - 1 - emitted)
             block -= 1
-            tick_us, stage_us = self._tick(held, block == 0, batch)
-            self._tick_stats(held, stage_us, batch)
+            tick_us, stage_us, passes_us, messages_us = self._tick(held, block == 0, batch)
+            self._tick_stats(held, stage_us, batch, passes_us, messages_us)
             if not clock.advance(tick_us):
                 yield from clock.wait(tick_us)
             leaving = held[-1]
@@ -834,8 +846,8 @@ class Simulation:
         EOS, which no one reads)."""
         for left in range(block - 1, -1, -1):
             self.counts["ticks"] += 1
-            tick_us, stage_us = self._tick(held, left == 0, batch)
-            self._tick_stats(held, stage_us, batch)
+            tick_us, stage_us, passes_us, messages_us = self._tick(held, left == 0, batch)
+            self._tick_stats(held, stage_us, batch, passes_us, messages_us)
             yield self.env.timeout(tick_us)
 
     def _tick_draft(self, first: _Token | None, batch: PPSDBatch, n: int) -> _Token | None:
@@ -846,8 +858,9 @@ class Simulation:
         first.next_ok = batch.verdict(first.position + 1, first.run_index)
         return _Token(first.position + 1, first.run_index + 1, n)
 
-    def _tick(self, held: list[_Token | None], read: bool, batch: int) -> tuple[float, tuple[float, ...]]:
-        """(the tick's µs, each stage's pass alone, 0 for one that did not run) for the tokens `held`."""
+    def _tick(self, held: list[_Token | None], read: bool, batch: int) -> tuple[float, tuple[float, ...], float, float]:
+        """(the tick's µs, each stage's pass alone (0 for one that did not run), the passes' µs together, the
+        messages' µs after them) for the tokens `held`."""
         plan = self.plan
         if plan.ppsd_backend in ONE_HOST_BACKENDS and plan.stages[0].latency.cuda_graphs:
             running = (True,) * len(held)  # a captured pass cannot skip
@@ -863,7 +876,9 @@ class Simulation:
             cached = self._tick_costs[key] = self._tick_cost(running, read, context, batch)
         return cached
 
-    def _tick_cost(self, running: tuple[bool, ...], read: bool, context: int, batch: int) -> tuple[float, tuple]:
+    def _tick_cost(
+        self, running: tuple[bool, ...], read: bool, context: int, batch: int
+    ) -> tuple[float, tuple[float, ...], float, float]:
         plan, work = self.plan, self._token_pass(host_sync=False)
         shares: dict[int, list[PassShare]] = {}
         alone = []
@@ -877,10 +892,11 @@ class Simulation:
             shares.setdefault(plan.device_of(index), []).append(share)
             alone.append(time_us)
         contention = plan.stage_contention()
-        tick_us = max(contention.together_us(group) for group in shares.values())
-        tick_us += self._tick_messages_us(running, batch)
+        passes_us = max(contention.together_us(group) for group in shares.values())
+        messages_us = self._tick_messages_us(running, batch)
+        tick_us = passes_us + messages_us
         if plan.ppsd_backend == "distributed":  # each rank's host work is in its own stage's pass (host_per_stage)
-            return tick_us, tuple(alone)
+            return tick_us, tuple(alone), passes_us, messages_us
         if plan.stages[0].latency.cuda_graphs:  # the transition pass, and the host's read every sync_every ticks
             host_at = plan.host_context(context, "draft")
             host_us = plan.stages[-1].latency.time_us("overhead", "draft", 1, host_at, batch) if read else 0.0
@@ -891,7 +907,7 @@ class Simulation:
             tick_us += plan.stages[-1].latency.time_us(
                 "overhead", "draft", 1, plan.host_context(context, "draft"), batch
             )
-        return tick_us, tuple(alone)
+        return tick_us, tuple(alone), passes_us, messages_us
 
     def _tick_messages_us(self, running: tuple[bool, ...], batch: int) -> float:
         """A tick's messages after its passes. Distributed (`executor.ppsd_dist.StageLink`): the last rank's outcome
@@ -909,8 +925,14 @@ class Simulation:
                      for link, ran in zip(links, running, strict=False)]  # fmt: skip
         return plan.return_link.time_us(PPSD_OUTCOME_VALUES * ID_BYTES * batch) + max(hand_offs, default=0.0)
 
-    def _tick_stats(self, held: list[_Token | None], stage_us: tuple[float, ...], batch: int) -> None:
+    def _tick_stats(self, held: list[_Token | None], stage_us: tuple[float, ...], batch: int, passes_us: float = 0.0,
+                    messages_us: float = 0.0) -> None:  # fmt: skip
+        """Book a tick's work on its stages and tokens; traced, each stage's pass and the messages after them (on
+        the links' track, after the stages')."""
         start, stages, traced = self.env.now, self.stages, self.trace is not None
+        if traced and messages_us > 0:
+            what = "outcome + hand-offs" if self.plan.ppsd_backend == "distributed" else "hand-offs"
+            self.span(2 * len(stages), start + passes_us, messages_us, what, -1, batch, False)  # `trace_tracks`
         for index, token in enumerate(held):
             duration = stage_us[index]
             if not duration:
@@ -936,7 +958,9 @@ class Simulation:
         self.stages[first].put(job, self.shortcuts)
         yield job.done
         if last > 0 and not job.returned:  # the sampled token ids go back to stage 1
-            yield self.env.timeout(self.return_link.delay_us(TOKEN_ID_BYTES * batch))
+            back_us = self.return_link.delay_us(TOKEN_ID_BYTES * batch)
+            self._trace_return(back_us, context_len, batch)
+            yield self.env.timeout(back_us)
 
     def _passes(self, passes: list[tuple[Pass, int, int]]) -> Generator[simpy.Event, Any, None]:
         """Run `passes` ((work, context_len, batch) each) one after the other, each once the last one's token ids
@@ -996,11 +1020,16 @@ class Simulation:
 
     def _trace_sweep(self, passes: list[tuple[Pass, int, int]], now: float) -> None:
         """Trace a sweep's passes (`_sweep`, which has their timelines) in the order their ends would be: as run."""
-        at = now
+        at, back = now, 2 * len(self.stages) - 1  # the token ids' track (`trace_tracks`)
         for work, context, batch in passes:
-            for index, duration, after in self._timeline(work, context, batch) or ():
+            parts = self._timeline(work, context, batch) or ()
+            for part, (index, duration, after) in enumerate(parts):
                 self.span(index, at, duration, work.name, context, batch, False)
                 at += duration
+                if after > 0 and part == len(parts) - 1:
+                    self.span(back, at, after, "token ids", context, batch, False)
+                elif after > 0:
+                    self.span(len(self.stages) + index, at, after, f"{work.name}: hand-off", context, batch, False)
                 at += after
 
     def _timeline(self, work: Pass, context_len: int, batch: int) -> _Timeline | None:
@@ -1020,6 +1049,11 @@ class Simulation:
         self._timelines[key] = timeline
         return timeline
 
+    def _trace_return(self, back_us: float, context_len: int, batch: int) -> None:
+        """Trace the token ids' way back to stage 1 (traced runs, a link that takes time)."""
+        if self.trace is not None and back_us > 0:
+            self.span(2 * len(self.stages) - 1, self.env._now, back_us, "token ids", context_len, batch, False)
+
     def _forward(self, job: Job, stage: int) -> None:
         """A pass's job leaving `stage` (its time there useful: a pass is never flushed): on to the next stage, or
         done."""
@@ -1038,7 +1072,9 @@ class Simulation:
         env = self.env
         if job.last_stage > 0 and last_act and not self.hand_offs and env.peek() > env.now:
             job.returned = True
-            job.done.at_end(self.return_link.delay_us(TOKEN_ID_BYTES * job.batch))  # type: ignore[union-attr]
+            back_us = self.return_link.delay_us(TOKEN_ID_BYTES * job.batch)
+            self._trace_return(back_us, job.position, job.batch)
+            job.done.at_end(back_us)  # type: ignore[union-attr]
         else:
             job.done.succeed()  # type: ignore[union-attr]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from sim import workers
 from sim.acceptance import TraceAcceptance
-from sim.engine import RunResult, Simulation
+from sim.engine import RunResult, Simulation, trace_tracks
 from sim.formats import quote, save_figure_atomic, write_text_atomic
 from sim.latency import ProfileLatency
 from sim.plan import SimPlan, build_plan
@@ -402,6 +402,9 @@ def _write_trace(item: PointResult, path: Path) -> Path:
         {"name": "thread_name", "ph": "M", "pid": 1, "tid": i, "args": {"name": f"stage {i + 1} ({device})"}}
         for i, device in enumerate(item.devices)
     ]
+    used = {event["tid"] for event in item.trace or ()}
+    names += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}
+              for tid, name in trace_tracks(len(item.devices)).items() if tid in used]  # fmt: skip
     payload = {"traceEvents": names + (item.trace or []), "displayTimeUnit": "ms"}
     write_text_atomic(path, json.dumps(payload))
     return path

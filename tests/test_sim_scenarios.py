@@ -106,15 +106,22 @@ def test_the_fastest_line_sets_each_method_against_the_sweeps_fastest_ar(tmp_pat
     assert fastest(same) == []
 
 
-def test_single_run_writes_a_chrome_trace(tmp_path: Path) -> None:
-    results = run_points(load_points(write(tmp_path, BASE)), progress=False)
+@pytest.mark.parametrize("backend", ["distributed", "free"])
+def test_single_run_writes_a_chrome_trace(tmp_path: Path, backend: str) -> None:
+    """Each stage's work on a track of its own (flushed work marked), and where the links take time, the messages:
+    the prefill's hand-off and token ids on each link's track, then a lockstep tick's messages after its passes
+    (`distributed`) or each token's hand-offs and corrections (`free`)."""
+    results = run_points(load_points(write(tmp_path, {**BASE, "ppsd_backend": backend})), progress=False)
     write_outputs(results, tmp_path / "out")
     trace = json.loads((tmp_path / "out" / "trace.json").read_text())
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
-    assert {e["tid"] for e in spans} == {0, 1} and all(e["dur"] >= 0 for e in spans)
-    assert any(e["args"]["flushed"] for e in spans)
-    names = [e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"]
-    assert names == ["stage 1 (H100)", "stage 2 (H100)"]  # roofline stages run on the GPU the scenario names
+    links = {"distributed": {2, 3, 4}, "free": {2, 3}}[backend]
+    assert {e["tid"] for e in spans} == {0, 1} | links and all(e["dur"] >= 0 for e in spans)
+    assert any(e["args"]["flushed"] for e in spans if e["tid"] < 2)
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert [names[0], names[1]] == ["stage 1 (H100)", "stage 2 (H100)"]  # roofline stages: the GPU the scenario names
+    tracks = ["link 1 -> 2", "link 2 -> 1 (token ids)"] + (["a tick's messages"] if backend == "distributed" else [])
+    assert [names[tid] for tid in sorted(links)] == tracks
 
 
 def test_roofline_stages_run_on_an_h100_unless_a_gpu_is_named(tmp_path: Path) -> None:
