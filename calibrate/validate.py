@@ -550,6 +550,11 @@ def _check_point(path: Path, point: Point, device_type: str) -> None:
 
 def _check_ppsd_backend(where: str, point: Point, stages: int, device_type: str) -> None:
     backend, topology = point.scenario.ppsd_backend, point.scenario.topology
+    if backend == "free":
+        raise ValueError(
+            f"{where}: ppsd_backend: free is the free-running pipe, the schedule's bound, which no executor backend "
+            "runs; expected distributed, sequential or streams"
+        )
     per_stage = isinstance(topology.stages, list) and any(c.device is not None for c in topology.stages)
     expected_devices = stages if backend == "distributed" else 1
     if per_stage or topology.devices not in (None, expected_devices):

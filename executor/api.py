@@ -1139,7 +1139,7 @@ class EarlyExitGenerator:
     ) -> None:
         self.model = model
         self.adapter = ModelAdapter(model)
-        # what the method reads (a setting it would ignore is named in a warning, once, here)
+        # a setting the method would ignore is named in a warning, once, here (each call reads what it uses quietly)
         used = method_arguments(
             method, exit_layer=exit_layer, head=head, policy=policy, draft_len=draft_len, stages=stages,
             stage_boundaries=stage_boundaries, backend=backend,
@@ -1147,10 +1147,8 @@ class EarlyExitGenerator:
         _check_generator(self.adapter, method, exit_layer, draft_len, policy, sampling, capture)
         _check_pipeline(self.adapter, method, exit_layer, head, stages, stage_boundaries, backend)
         # a head file is loaded once, so that every call reuses the same captured passes (they are keyed by head)
-        if used.get("head") not in (None, "shared"):
-            used["head"] = resolve_head(head, self.adapter, exit_layer)
-        self.method_arguments = used
-        self.head = used.get("head")
+        self.head = resolve_head(head, self.adapter, exit_layer) if used.get("head") not in (None, "shared") else head
+        self.stages, self.stage_boundaries, self.backend = stages, stage_boundaries, backend  # PPSD's pipeline
         self.capture = capture
         self.draft_dtype = draft_dtype  # EESD: drafts in a narrower dtype (`generate`'s draft_dtype)
         self.verify_buckets = verify_buckets  # frozen EESD: verify passes at bucket widths (`generate`'s)
@@ -1161,6 +1159,16 @@ class EarlyExitGenerator:
         self.sampling = sampling
         self.seed = seed
         self.last_stats: GenerationStats | None = None
+
+    def _method_arguments(self) -> dict[str, Any]:
+        """What the generator's method reads of its settings as they are now (set after it was built too); what it
+        would ignore was named when it was built."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return method_arguments(
+                self.method, exit_layer=self.exit_layer, head=self.head, policy=self.policy, draft_len=self.draft_len,
+                stages=self.stages, stage_boundaries=self.stage_boundaries, backend=self.backend,
+            )  # fmt: skip
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """`model.generate`'s LongTensor (or, with return_dict_in_generate, its output object with `sequences`).
@@ -1191,7 +1199,7 @@ class EarlyExitGenerator:
         max_new = _max_new_tokens(config, ids.shape[1], default_length, positions)
         processing = _processing(config)
         result = generate(
-            self.adapter, ids, method=self.method, **self.method_arguments, max_new_tokens=max_new,
+            self.adapter, ids, method=self.method, **self._method_arguments(), max_new_tokens=max_new,
             min_new_tokens=_min_new_tokens(config, ids.shape[1]),
             eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, attention_mask=mask,
             sampling=self.sampling, seed=seed, streamer=kwargs.get("streamer"),

@@ -40,12 +40,15 @@ of generation and the set of record hashes.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
+import signal
 import sysconfig
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -208,6 +211,7 @@ class CorpusWriter:
     def __init__(self, out: Path, shard_records: int, deadline: float | None = None) -> None:
         self.out, self.shard_records, self.deadline = out, shard_records, deadline
         self.cut = False  # set once a generated source stopped at the deadline (`out_of_time`)
+        self.interrupted = False  # set by a Ctrl-C (`stop_on_interrupt`): every source stops at its next batch
         self.seen: set[bytes] = set()
         self.lines: list[str] = []
         self.shards: list[dict[str, Any]] = []
@@ -219,9 +223,10 @@ class CorpusWriter:
         return self.counts.setdefault(source, SourceCount())
 
     def out_of_time(self) -> bool:
-        """True (and remembered as `cut`) once the build's time budget is spent: generation starts no new batch."""
+        """True (and remembered as `cut`) once the build's time budget is spent, or once it was interrupted:
+        generation starts no new batch."""
         self.cut = self.cut or (self.deadline is not None and time.perf_counter() >= self.deadline)
-        return self.cut
+        return self.cut or self.interrupted
 
     def add(self, record: Record) -> bool:
         """Queue `record` for the current shard; False (and counted) if its tokens were seen before."""
@@ -258,6 +263,27 @@ class CorpusWriter:
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         atomic_write(self.out / MANIFEST, lambda temp: Path(temp).write_text(text))
         return manifest
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(writer: CorpusWriter) -> Iterator[None]:
+    """A Ctrl-C (SIGINT) while building asks every source to stop at its next batch or window (`writer.interrupted`)
+    instead of raising in the middle of a record, so what was made is written whole; a second one raises at once.
+    Only in the main thread, where Python handles signals."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None:  # not the main thread, or a handler not set from Python
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        writer.interrupted = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def prepare_output(out: Path, force: bool) -> None:
@@ -306,10 +332,12 @@ def build_corpus(
     writer = CorpusWriter(directory, config.shard_records, deadline)
     interrupted = False
     try:
-        for source in config.sources:
-            BUILDERS[source](model, tokenizer, config, writer, progress)
-    except KeyboardInterrupt:
+        with stop_on_interrupt(writer):
+            for source in config.sources:
+                BUILDERS[source](model, tokenizer, config, writer, progress)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
         interrupted = True
+    interrupted = interrupted or writer.interrupted
     records = sum(count.records for count in writer.counts.values())
     if not records:
         if created and not any(directory.iterdir()):
@@ -624,7 +652,7 @@ def write_documents(
                     continue
                 tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
                 for index, piece in enumerate(windows(tokens, config.window, config.min_window)):
-                    if cap is not None and writer.count(source).tokens >= cap:
+                    if (cap is not None and writer.count(source).tokens >= cap) or writer.interrupted:
                         return
                     writer.add(Record(f"{source}/{doc_id}/w{index}", source, piece, 0))
             bar.set_postfix(tokens=writer.count(source).tokens)

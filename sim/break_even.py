@@ -186,8 +186,8 @@ def rows(results: Sequence[BreakEven], target: float) -> list[dict[str, Any]]:
             "best_alpha": item.best[0],
             "rises": int(item.rises),
             "confidence_sharpness": item.sharpness if item.sharpness is not None else "",
-            **({"best_vs_fastest_ar": round(item.best[1] * item.ar_tokens_per_s / top[item.point.index], 4)}
-               if top else {}),
+            **({"best_vs_fastest_ar": round(item.best[1] * item.ar_tokens_per_s / top[item.point.index], 4)
+                if item.point.index in top else ""} if top else {}),
         })  # fmt: skip
     return out
 

@@ -17,7 +17,8 @@ What is modelled (times in µs of simulated time, sizes in bytes):
   in lockstep ticks as the executor's does: every stage runs its token, the passes of one device share it
   (`sim.contention`: together on streams, in turn when sequential), then the last stage's verdict moves the pipe on
   (a captured one-host tick also launches the transition pass; a distributed tick sends the executor's messages:
-  the outcome to every rank, then a header and the hidden state to the next, `_tick_messages_us`). With
+  the outcome to every rank, then, unless it flushed or ended the decode, a header and the hidden state to the next,
+  `_tick_messages_us`; its ranks read every tick's outcome, so `sync_every` does not apply to them). With
   `ppsd_backend` free (a device per stage) the stages run free instead, each starting its next token as soon as it
   has one: the schedule's bound, which no executor backend runs. `ticks` counts the executor's ticks either way: a
   token that entered an empty pipe leaves it after one tick per stage, one that follows a confirmed draft one tick
@@ -790,7 +791,9 @@ class Simulation:
         """PPSD as the executor's pipeline runs it: lockstep ticks (module docstring; `executor.ppsd.LocalPipeline`
         and the distributed ranks' loop). A tick's stage 1 drafts after its token unless the tick flushes. The host
         reads every `sync_every` ticks, or fewer to the tokens asked for (`BatchRow.room`: an EOS is known only when
-        read); the ticks after an EOS up to the block's end run unread, each costed as the tick that emitted it."""
+        read); the ticks after an EOS up to the block's end run unread, each costed as the tick that emitted it. The
+        distributed ranks read every tick's outcome (no unread ticks); a tick that flushes, or ends the decode, moves
+        no hidden state on (the executor's ranks send only the outcome then)."""
         plan, batch, n, lockstep = self.plan, len(rows), len(self.stages), PPSDBatch(rows)
         output_len, window = lockstep.longest, plan.max_in_flight or n
         asked = max(row.length + row.past_end for row in rows)
@@ -798,12 +801,14 @@ class Simulation:
         held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
         pending: _Token | None = None
         block, emitted = 0, 0  # ticks left before the host reads: blocks of min(sync_every, tokens still to come)
-        clock = _TickClock(self)
+        clock, every = _TickClock(self), 1 if plan.ppsd_backend == "distributed" else plan.sync_every
         while output_len > 1:
             self.counts["ticks"] += 1
-            block = block or min(plan.sync_every, asked - 1 - emitted)
+            block = block or min(every, asked - 1 - emitted)
             block -= 1
-            tick_us, stage_us, passes_us, messages_us = self._tick(held, block == 0, batch)
+            ending = held[-1]  # its verdict is known: drawn when stage 1 drafted after it
+            moves = ending is None or (ending.next_ok and ending.position + 2 < output_len)
+            tick_us, stage_us, passes_us, messages_us = self._tick(held, block == 0, batch, moves)
             self._tick_stats(held, stage_us, batch, passes_us, messages_us)
             if not clock.advance(tick_us):
                 yield from clock.wait(tick_us)
@@ -846,7 +851,7 @@ class Simulation:
         EOS, which no one reads)."""
         for left in range(block - 1, -1, -1):
             self.counts["ticks"] += 1
-            tick_us, stage_us, passes_us, messages_us = self._tick(held, left == 0, batch)
+            tick_us, stage_us, passes_us, messages_us = self._tick(held, left == 0, batch, True)
             self._tick_stats(held, stage_us, batch, passes_us, messages_us)
             yield self.env.timeout(tick_us)
 
@@ -858,9 +863,12 @@ class Simulation:
         first.next_ok = batch.verdict(first.position + 1, first.run_index)
         return _Token(first.position + 1, first.run_index + 1, n)
 
-    def _tick(self, held: list[_Token | None], read: bool, batch: int) -> tuple[float, tuple[float, ...], float, float]:
+    def _tick(
+        self, held: list[_Token | None], read: bool, batch: int, moves: bool
+    ) -> tuple[float, tuple[float, ...], float, float]:
         """(the tick's µs, each stage's pass alone (0 for one that did not run), the passes' µs together, the
-        messages' µs after them) for the tokens `held`."""
+        messages' µs after them) for the tokens `held`; `moves`: the pipe moves on after it (no flush, not the
+        decode's last tick), its hidden states handed on."""
         plan = self.plan
         if plan.ppsd_backend in ONE_HOST_BACKENDS and plan.stages[0].latency.cuda_graphs:
             running = (True,) * len(held)  # a captured pass cannot skip
@@ -870,14 +878,14 @@ class Simulation:
         context = self._tick_contexts.get(position)
         if context is None:
             context = self._tick_contexts[position] = self._context_of(plan.workload.prompt_len + position, "draft")
-        key = (running, read, context, batch)
+        key = (running, read, context, batch, moves)
         cached = self._tick_costs.get(key)
         if cached is None:
-            cached = self._tick_costs[key] = self._tick_cost(running, read, context, batch)
+            cached = self._tick_costs[key] = self._tick_cost(running, read, context, batch, moves)
         return cached
 
     def _tick_cost(
-        self, running: tuple[bool, ...], read: bool, context: int, batch: int
+        self, running: tuple[bool, ...], read: bool, context: int, batch: int, moves: bool
     ) -> tuple[float, tuple[float, ...], float, float]:
         plan, work = self.plan, self._token_pass(host_sync=False)
         shares: dict[int, list[PassShare]] = {}
@@ -893,7 +901,7 @@ class Simulation:
             alone.append(time_us)
         contention = plan.stage_contention()
         passes_us = max(contention.together_us(group) for group in shares.values())
-        messages_us = self._tick_messages_us(running, batch)
+        messages_us = self._tick_messages_us(running if moves else (False,) * len(running), batch, moves)
         tick_us = passes_us + messages_us
         if plan.ppsd_backend == "distributed":  # each rank's host work is in its own stage's pass (host_per_stage)
             return tick_us, tuple(alone), passes_us, messages_us
@@ -909,11 +917,12 @@ class Simulation:
             )
         return tick_us, tuple(alone), passes_us, messages_us
 
-    def _tick_messages_us(self, running: tuple[bool, ...], batch: int) -> float:
+    def _tick_messages_us(self, running: tuple[bool, ...], batch: int, moves: bool = True) -> float:
         """A tick's messages after its passes. Distributed (`executor.ppsd_dist.StageLink`): the last rank's outcome
-        to every rank, then each rank's header to the next, followed by its hidden state where it ran a token: two
-        messages one after the other, the slowest hand-off setting the tick's end. One host: the running stages'
-        hidden states to the next (an ideal link between stages of one device)."""
+        to every rank, then, where the pipe moves on (`moves`: no flush, not the last tick), each rank's header to the
+        next, followed by its hidden state where it ran a token: two messages one after the other, the slowest
+        hand-off setting the tick's end. One host: the running stages' hidden states to the next (an ideal link
+        between stages of one device), none where the pipe does not move on."""
         plan = self.plan
         hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
         links = [plan.link_after(i) for i in range(len(plan.stages) - 1)]
@@ -922,7 +931,7 @@ class Simulation:
                        default=0.0)  # fmt: skip
         header = PPSD_HEADER_VALUES * ID_BYTES * batch
         hand_offs = [link.time_us(header) + (link.time_us(hidden_bytes) if ran else 0.0)
-                     for link, ran in zip(links, running, strict=False)]  # fmt: skip
+                     for link, ran in zip(links, running, strict=False)] if moves else []  # fmt: skip
         return plan.return_link.time_us(PPSD_OUTCOME_VALUES * ID_BYTES * batch) + max(hand_offs, default=0.0)
 
     def _tick_stats(self, held: list[_Token | None], stage_us: tuple[float, ...], batch: int, passes_us: float = 0.0,

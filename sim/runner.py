@@ -26,7 +26,7 @@ from sim.acceptance import TraceAcceptance
 from sim.engine import RunResult, Simulation, trace_tracks
 from sim.formats import quote, save_figure_atomic, write_text_atomic
 from sim.latency import ProfileLatency
-from sim.plan import SimPlan, build_plan
+from sim.plan import ONE_HOST_BACKENDS, SimPlan, build_plan
 from sim.policy import parse_policy_spec
 from sim.progress import progress_bar
 from sim.scenario import GPUConfig, LinkConfig, Point, Scenario, claimed_dtype, narrow_draft_dtype
@@ -206,8 +206,9 @@ def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str, loop: str) 
     host, batch = getattr(plan.stages[0].latency, "host", None), plan.workload.batch_size
     if host is None:
         why = (
-            f"PPSD's distributed ranks are hosts of their own, which no host-work file times ({ref.host_work})"
-            if plan.ppsd_backend == "distributed"
+            f"PPSD's ranks (a process per stage) are hosts of their own, which no host-work file times "
+            f"({ref.host_work})"
+            if plan.ppsd_backend not in ONE_HOST_BACKENDS
             else f"{ref.host_work} has no PPSD rows (eesd calibrate host --ppsd-stages N, generate loop)"
         )
         return [f"{why}: PPSD's passes pay the profile's overhead rows"]

@@ -8,10 +8,12 @@ A parent killed by SIGTERM or SIGKILL runs no clean-up, so each worker watches i
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 # what `eesd` and the benchmark scripts report as a user's mistake: one line, no traceback (EESD_DEBUG=1 shows it)
@@ -32,8 +34,20 @@ def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool of `workers` processes that end with this one. Spawned, whatever the platform's default: a
-    forkserver's workers are the fork server's children, not this process's (Python 3.14's default on Linux)."""
+@contextlib.contextmanager
+def pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A process pool of `workers` processes that end with this one, as a `with` block. Spawned, whatever the
+    platform's default: a forkserver's workers are the fork server's children, not this process's (Python 3.14's
+    default on Linux). Left by an exception (a worker's mistake, Ctrl-C), the work not started is dropped and the
+    workers are stopped at once, rather than the pool running every queued point to its end first."""
     context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),))
+    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),))
+    try:
+        yield executor
+    except BaseException:
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        raise
+    executor.shutdown(wait=True)

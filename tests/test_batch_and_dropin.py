@@ -413,3 +413,14 @@ def test_an_inferred_mask_that_is_not_left_padding_says_it_was_inferred(model):
         executor.EarlyExitGenerator(model, method="ar").generate(
             torch.tensor([[5, PAD, 7], [9, 8, 7]]), pad_token_id=PAD
         )
+
+
+def test_a_generators_settings_changed_after_it_was_built_are_read_at_each_call() -> None:
+    model = tiny_model(TinySpec(num_layers=4))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    generator = executor.EarlyExitGenerator(model, method="eesd", exit_layer=2, draft_len=4)
+    reference = generator.generate(ids, max_new_tokens=16, do_sample=False)
+    assert max(generator.last_stats.drafted) == 4
+    generator.draft_len = 1
+    assert torch.equal(generator.generate(ids, max_new_tokens=16, do_sample=False), reference)
+    assert max(generator.last_stats.drafted) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,13 @@ def test_a_sweep_over_hardware_sets_each_best_against_the_fastest_ar(tmp_path: P
     )
     (one,) = load_points(scenario(tmp_path))
     assert "best_vs_fastest_ar" not in rows([break_even(one)], 1.0)[0]  # one layout: nothing to set it against
+    sweep = {"workload.output_len": [100, 200], "topology.link": ["ideal", {"latency_us": 50.0}]}
+    path = scenario(tmp_path, method="ppsd", exit_layer=None, topology={"stages": 2, "link": "ideal"}, sweep=sweep)
+    mixed = [break_even(point) for point in load_points(path)]
+    assert all(isinstance(row["best_vs_fastest_ar"], float) for row in rows(mixed, 1.0))
+    groups = [item.point.values["workload.output_len"] for item in mixed]
+    even = [
+        dataclasses.replace(item, ar_tokens_per_s=1.0) if size == 200 else item
+        for item, size in zip(mixed, groups, strict=True)
+    ]  # the 200-token workload's ARs made equal
+    assert [row["best_vs_fastest_ar"] == "" for row in rows(even, 1.0)] == [size == 200 for size in groups]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -180,6 +183,29 @@ def test_an_interrupted_build_keeps_its_records_as_a_corpus_that_says_so(tiny, t
     with pytest.raises(KeyboardInterrupt, match="before the first record"):
         build_corpus(tiny, tokenizer, config, tmp_path / "none", model_name="tiny", progress=False)
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals: main thread only")
+def test_a_ctrl_c_stops_the_build_at_the_next_batch_with_every_record_whole(tiny, tokenizer, tmp_path, monkeypatch):
+    """A real SIGINT while a batch is made: the batch finishes, no other starts, and the records so far are the
+    corpus (whole: never a record cut in two), the whole build's first ones."""
+    config = small_config(max_prompts=12, batch_size=3, temperatures=(0.0,))
+    build_corpus(tiny, tokenizer, config, tmp_path / "whole", model_name="tiny", progress=False)
+    whole = [r.tokens for r in iter_records(tmp_path / "whole")]
+    real, calls = corpus_module.continue_batch, []
+
+    def batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(corpus_module, "continue_batch", batch)
+    with pytest.raises(KeyboardInterrupt, match="after 6 records"):
+        build_corpus(tiny, tokenizer, config, tmp_path / "cut", model_name="tiny", progress=False)
+    assert read_manifest(tmp_path / "cut")["interrupted"] and len(calls) == 2
+    assert [r.tokens for r in iter_records(tmp_path / "cut")] == whole[:6]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
 
 
 def test_only_the_train_split_is_used_unless_held_out_is_asked(tiny, tokenizer, tmp_path) -> None:

@@ -201,3 +201,17 @@ def test_the_replay_counts_the_executors_ppsd_ticks_with_eos(tmp_path: Path, sta
     (point,) = run_points(load_points(scenario(tmp_path, path, "ppsd", len(traces), asked, **extra)), progress=False)
     got = {key: getattr(point.result, key) for key in totals}
     assert got == totals
+
+
+def test_the_distributed_ranks_read_every_ticks_outcome_so_no_tick_runs_past_an_eos(tmp_path: Path) -> None:
+    """The executor's distributed ranks judge every tick and stop at the outcome that ends the row: `sync_every`
+    (one host's reads, after which a block's unread ticks run on past an EOS) does not apply to them."""
+    trace = hand_trace(tmp_path)
+    found = {}
+    for backend in ("distributed", "sequential"):
+        for every in (1, 8):
+            path = scenario(tmp_path, trace, "ppsd", 3, 9, stages=2, sync_every=every, ppsd_backend=backend)
+            (item,) = run_points(load_points(path), progress=False)
+            found[backend, every] = (item.result.ticks, item.result.decode_time_us)
+    assert found["distributed", 1] == found["distributed", 8]
+    assert found["sequential", 8][0] > found["sequential", 1][0]  # one host: the block's unread ticks after the EOS

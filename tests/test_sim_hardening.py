@@ -678,15 +678,30 @@ def test_worker_pools_end_with_their_parent() -> None:
     """Every pool `eesd simulate` and `eesd serve-sim` start is `sim.workers.pool`: its workers watch this pid."""
     from sim import serving_report, workers
 
-    pool = workers.pool(2)
-    try:
+    with workers.pool(2) as pool:
         assert pool._initializer is workers.exit_with_parent and pool._initargs == (os.getpid(),)
         assert pool._mp_context.get_start_method() == "spawn"  # not forkserver's: its workers' parent is the server
         assert list(pool.map(abs, [-1, -2, -3])) == [1, 2, 3]  # its workers run (none ended itself at start)
-    finally:
-        pool.shutdown()
     for module in (sim_cli, serving_report, __import__("sim.runner", fromlist=["x"])):
         assert "ProcessPoolExecutor(" not in Path(module.__file__).read_text()
+
+
+def test_an_interrupted_pool_drops_its_queued_work_and_stops_its_workers() -> None:
+    """Ctrl-C in a sweep over --jobs: the pool does not run every queued point to its end before the command
+    returns; the work not started is dropped and the workers stopped at once."""
+    from sim import workers
+
+    begin = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt), workers.pool(2) as pool:
+        futures = [pool.submit(time.sleep, 5.0) for _ in range(6)]
+        processes = list(pool._processes.values())
+        raise KeyboardInterrupt
+    assert time.perf_counter() - begin < 4.0  # not 15 s of queued sleeps, nor 5 s of the running ones
+    finished = [f for f in futures if f.done() and not f.cancelled() and f.exception(timeout=5) is None]
+    assert not finished  # no queued sleep ran to its end: dropped, or stopped with its worker
+    for process in processes:
+        process.join(timeout=5)
+        assert not process.is_alive()
 
 
 def test_an_interrupted_run_leaves_no_empty_output_folder(tmp_path: Path, monkeypatch) -> None:

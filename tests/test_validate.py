@@ -65,6 +65,7 @@ def fail_with(capsys, argv: list[str], *fragments: str) -> str:
         ({**PPSD, "ppsd_backend": "streams"}, ("ppsd_backend:", "streams runs one CUDA stream", "measured on cpu")),
         ({**PPSD, "topology__devices": 2}, ("topology.devices:", "sequential backend runs the stages on 1 device")),
         ({**PPSD, "ppsd_backend": "distributed"}, ("topology.link:", "over gloo here", "got ideal")),
+        ({**PPSD, "ppsd_backend": "free"}, ("ppsd_backend:", "no executor backend runs")),
         ({**PPSD, "exit_layer": 10, "topology__stages": 3}, ("acceptance.trace:", "no records for exit_layer 10")),
         ({"exit_head": "trained"}, ("exit_head:", "'shared'", "got trained")),
         ({"exit_head": "shared:4096"}, ("exit_head:", "expected exit_head shared, got shared:4096")),
