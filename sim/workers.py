@@ -48,6 +48,6 @@ def pool(workers: int) -> Iterator[ProcessPoolExecutor]:
         processes = list((getattr(executor, "_processes", None) or {}).values())
         executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
-            process.terminate()
+            process.kill()  # SIGKILL: a worker still starting up (or busy in native code) cannot put it off
         raise
     executor.shutdown(wait=True)
