@@ -76,6 +76,24 @@ def model_config(spec: str):
     return None
 
 
+def model_layers(spec: str) -> int | None:
+    """The decoder layers of `--model` read from its config alone (no weights loaded), to check a flag before the
+    load; None where the config cannot be read so (the load then says why)."""
+    try:
+        config = model_config(spec)
+        if config is None:
+            from transformers import AutoConfig
+
+            from executor.models import prepare_model
+
+            config = AutoConfig.from_pretrained(prepare_model(spec).hf_dir)
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    layers = getattr(config, "num_hidden_layers", None)
+    return layers if isinstance(layers, int) else None
+
+
 def _config_from_json(path: Path):
     from transformers import AutoConfig
 

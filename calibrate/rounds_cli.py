@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from calibrate.common import base_metadata, check_dtype, check_json_out, model_and_head
+from calibrate.common import base_metadata, check_dtype, check_json_out, model_and_head, model_layers
 
 
 def run_rounds(args: argparse.Namespace) -> int:
@@ -25,6 +25,10 @@ def run_rounds(args: argparse.Namespace) -> int:
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     check_json_out(args.out, args.force)
+    layers = model_layers(args.model) if args.exit_layer is not None else None
+    if layers is not None and not 1 <= args.exit_layer < layers:  # before the model loads
+        raise ValueError(f"--exit-layer must be in [1, {layers - 1}] for {args.model}'s {layers} layers, got "
+                         f"{args.exit_layer}")  # fmt: skip
     device, dtype, model, head, exit_layer = model_and_head(args)
     draft_dtype = None if args.draft_dtype is None else check_dtype(args.draft_dtype, "--draft-dtype")
     positions, room = model.max_positions, rounds_chained(args.capture, device) + 2

@@ -267,6 +267,21 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_pat
         assert f"error: --out {out}: " in err and message in err, err
 
 
+def test_an_exit_layer_past_the_model_is_refused_before_it_loads(tmp_path, capsys, monkeypatch) -> None:
+    import calibrate.common
+
+    path = tmp_path / "tiny"
+    tiny_model(TinySpec(num_layers=4)).save_pretrained(path)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(calibrate.common, "load_model", no_load)
+    argv = ["calibrate", "rounds", "--model", str(path), "--exit-layer", "4", "--threads", "1"]
+    assert main([*argv, "--out", str(tmp_path / "rc.json")]) == 2
+    assert "--exit-layer must be in [1, 3] for " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
