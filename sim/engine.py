@@ -852,7 +852,7 @@ class Simulation:
         for left in range(block - 1, -1, -1):
             self.counts["ticks"] += 1
             tick_us, stage_us, passes_us, messages_us = self._tick(held, left == 0, batch, True)
-            self._tick_stats(held, stage_us, batch, passes_us, messages_us)
+            self._tick_stats(held, stage_us, batch, passes_us, messages_us, wasted=True)
             yield self.env.timeout(tick_us)
 
     def _tick_draft(self, first: _Token | None, batch: PPSDBatch, n: int) -> _Token | None:
@@ -935,9 +935,10 @@ class Simulation:
         return plan.return_link.time_us(PPSD_OUTCOME_VALUES * ID_BYTES * batch) + max(hand_offs, default=0.0)
 
     def _tick_stats(self, held: list[_Token | None], stage_us: tuple[float, ...], batch: int, passes_us: float = 0.0,
-                    messages_us: float = 0.0) -> None:  # fmt: skip
+                    messages_us: float = 0.0, wasted: bool = False) -> None:  # fmt: skip
         """Book a tick's work on its stages and tokens; traced, each stage's pass and the messages after them (on
-        the links' track, after the stages')."""
+        the links' track, after the stages'), the passes marked flushed where the tick is `wasted` (run unread past
+        an EOS)."""
         start, stages, traced = self.env.now, self.stages, self.trace is not None
         if traced and messages_us > 0:
             what = "outcome + hand-offs" if self.plan.ppsd_backend == "distributed" else "hand-offs"
@@ -951,7 +952,7 @@ class Simulation:
                 token.spent[index] += duration
             if traced:
                 position = token.position if token is not None else -1
-                event = self.span(index, start, duration, f"token {position}", position, batch, False)
+                event = self.span(index, start, duration, f"token {position}", position, batch, wasted)
                 if event is not None and token is not None:
                     token.spans.append(event)
 

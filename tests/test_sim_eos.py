@@ -215,3 +215,18 @@ def test_the_distributed_ranks_read_every_ticks_outcome_so_no_tick_runs_past_an_
             found[backend, every] = (item.result.ticks, item.result.decode_time_us)
     assert found["distributed", 1] == found["distributed", 8]
     assert found["sequential", 8][0] > found["sequential", 1][0]  # one host: the block's unread ticks after the EOS
+
+
+def test_a_traced_run_marks_the_unread_ticks_past_an_eos_as_thrown_away(tmp_path: Path) -> None:
+    from sim.engine import Simulation
+    from sim.plan import build_plan
+
+    trace = hand_trace(tmp_path)
+    wasted = {}
+    for every in (1, 8):
+        (point,) = load_points(scenario(tmp_path, trace, "ppsd", 3, 9, stages=2, sync_every=every,
+                                        ppsd_backend="sequential"))  # fmt: skip
+        simulation = Simulation(build_plan(point), trace_limit=10_000)
+        simulation.run()
+        wasted[every] = sum(e["args"]["flushed"] for e in simulation.trace if e["tid"] < 2)
+    assert wasted[8] > wasted[1]  # the block's ticks after each EOS: 8 more ticks in all (25 against 17)
