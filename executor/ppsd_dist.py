@@ -288,6 +288,7 @@ def run_stage(
             resolve_first(out, limit)
         stage.count(inbox is not None, time.perf_counter() - tick_begin)
         outcome = link.exchange_outcome(judge(out, sink) if runner.is_last else None)
+        stats.host_reads += 1  # each rank reads every tick's outcome (the last rank its verdict) on its host
         commit(selector, outcome.token)
         if runner.is_last and outcome.emitted and on_tokens is not None:
             on_tokens([outcome.token])

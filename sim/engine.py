@@ -9,8 +9,8 @@ What is modelled (times in µs of simulated time, sizes in bytes):
   Token ids going back from the last stage to the first cross the link too (8 bytes per sequence).
 - AR: every token is one pass through all layers. EESD (draft-then-verify, docs/design.md): a round drafts with
   layers [0, E) + exit head, one pass per draft, then verifies with one pass of layers [0, E) for the last draft
-  and [E, L) for all k + 1 tokens (KV reuse); the round emits accepted + 1 tokens. PPSD (verify-while-draft): a
-  new token enters stage 1 as soon as stage 1 finished the previous one and its exit head drafted it; when a token
+  and [E, L) for all k + 1 tokens (KV reuse); the round emits accepted + 1 tokens. PPSD (verify-while-draft): the
+  token stage 1's exit head drafted enters stage 1 after the token it follows, one stage behind it; when a token
   leaves the last stage the next token is final: a correct draft already in flight goes on, a wrong one flushes
   every younger token in flight (an epoch counter; flushed work is counted as wasted) and the correct token
   re-enters stage 1. At most `max_in_flight` tokens (default: the number of stages) are in the pipe. The pipe moves

@@ -500,7 +500,7 @@ def verdict(results: Sequence[PointResult]) -> str:
     best: dict[str, tuple[float, dict[str, Any]]] = {}
     counts: dict[str, int] = {}
     for item in results:
-        method, speedup = item.result.method, result_row(item)["speedup"]
+        method, speedup = _method_key(item), result_row(item)["speedup"]
         if method == "ar":
             continue
         counts[method] = counts.get(method, 0) + 1
@@ -510,9 +510,11 @@ def verdict(results: Sequence[PointResult]) -> str:
         return ""
     parts = []
     for method, (speedup, where) in best.items():
-        at = ", ".join(f"{k}={_cell(v)}" for k, v in where.items()) if counts[method] > 1 else ""
-        parts.append(f"{method.upper()} {speedup:.3f}x" + (f" at {at}" if at else ""))
-    top = max(speedup for speedup, _ in best.values())
+        at = ", ".join(f"{k}={_cell(v)}" for k, v in where.items() if k != "ppsd_backend" or method != FREE_PIPE)
+        at = at if counts[method] > 1 else ""
+        parts.append(f"{_method_label(method)} {speedup:.3f}x" + (f" at {at}" if at else ""))
+    runnable = [speedup for method, (speedup, _) in best.items() if method != FREE_PIPE]
+    top = max(runnable or [speedup for speedup, _ in best.values()])
     if abs(top - 1.0) < EVEN_BAND:
         head = f"speculation about breaks even here (within {EVEN_BAND:.0%} of AR: less than measured latencies move)"
     elif top > 1.0:
@@ -521,6 +523,20 @@ def verdict(results: Sequence[PointResult]) -> str:
         head = "speculation does not pay here, AR is fastest"
     label = "best speedup over AR" if any(count > 1 for count in counts.values()) else "speedup over AR"
     return f"verdict: {head} ({label} on the same hardware: {'; '.join(parts)})"
+
+
+FREE_PIPE = "ppsd-free"  # PPSD's points on the free-running pipe (`ppsd_backend: free`): a bound, run by no executor
+
+
+def _method_key(item: PointResult) -> str:
+    """The point's method for the verdict and the fastest lines; PPSD on the free pipe apart (`FREE_PIPE`): a bound
+    no executor runs does not decide whether speculation pays."""
+    method = item.result.method
+    return FREE_PIPE if method == "ppsd" and item.point.scenario.ppsd_backend == "free" else method
+
+
+def _method_label(method: str) -> str:
+    return "PPSD on the free pipe (a bound no executor runs)" if method == FREE_PIPE else method.upper()
 
 
 NOT_HARDWARE = ("method", "exit_layer", "policy", "acceptance", "draft", "exit_head", "head", "seed", "max_in_flight")
@@ -543,11 +559,11 @@ def fastest(results: Sequence[PointResult]) -> list[str]:
         ar = max(items, key=lambda item: item.baseline.tokens_per_s)
         ar_speed = ar.baseline.tokens_per_s
         parts = [f"AR {ar_speed:.1f} tok/s{_at(ar, NOT_HARDWARE)}"]
-        for method in dict.fromkeys(item.result.method for item in items if item.result.method != "ar"):
-            best = max((item for item in items if item.result.method == method), key=lambda i: i.result.tokens_per_s)
+        for method in dict.fromkeys(_method_key(item) for item in items if item.result.method != "ar"):
+            best = max((item for item in items if _method_key(item) == method), key=lambda i: i.result.tokens_per_s)
             speed = best.result.tokens_per_s
             parts.append(
-                f"{method.upper()} {speed:.1f} tok/s{_at(best, ('method',))} ({speed / ar_speed:.3f}x that AR)"
+                f"{_method_label(method)} {speed:.1f} tok/s{_at(best, ('method',))} ({speed / ar_speed:.3f}x that AR)"
             )
         label = ", ".join(f"{k}={v}" for k, v in key)
         lines.append(f"fastest{' at ' + label if label else ''} (any hardware in the sweep): {'; '.join(parts)}")

@@ -310,6 +310,7 @@ def test_distributed_equals_ar_and_sequential(stages: int, arch: str, tied: bool
     assert tokens == ar_tokens(model, prompt, max_new)
     _, sequential = run_ppsd(model, prompt, max_new, stages=stages)
     assert (stats.ticks, stats.confirms, stats.flushes) == (sequential.ticks, sequential.confirms, sequential.flushes)
+    assert stats.host_reads == stats.ticks  # each rank reads every tick's outcome (what the simulator prices)
     assert stats.confirms > 0 and (stats.flushes > 0 or not must_flush)
     check_accounting(stats, max_new)
     assert _descendants_of_children() == []

@@ -503,3 +503,20 @@ def test_a_missing_scenario_and_a_folder_given_as_one_are_told_apart(tmp_path: P
         load_points(tmp_path / "nope.yaml")
     with pytest.raises(FileNotFoundError, match="a folder, not a scenario file"):
         load_points(tmp_path)
+
+
+def test_the_verdict_is_the_executors_and_the_free_pipe_is_named_as_a_bound(tmp_path: Path) -> None:
+    """7B shape over 8 H100s at alpha 0.3: the free-running pipe would pay, the executor's lockstep does not; the
+    verdict goes by what an executor runs and names the free pipe's figure as a bound."""
+    from sim.runner import verdict
+
+    data = {"name": "v", "model": "Llama-2-7B", "method": "ppsd", "exit_head": "trained", "acceptance": {"alpha": 0.3},
+            "topology": {"gpu": "H100", "stages": 8, "link": "nvlink"},
+            "workload": {"requests": 1, "prompt_len": 256, "output_len": 128},
+            "sweep": {"ppsd_backend": ["distributed", "free"]}}  # fmt: skip
+    results = run_points(load_points(write(tmp_path, data)), progress=False)
+    lock, free = (result_row(r)["speedup"] for r in results)
+    assert lock < 0.98 and free > 1.02
+    line = verdict(results)
+    assert line.startswith("verdict: speculation does not pay here") and f"PPSD {lock:.3f}x" in line
+    assert f"PPSD on the free pipe (a bound no executor runs) {free:.3f}x" in line
