@@ -462,6 +462,7 @@ class Simulation:
                        "ticks": 0}  # fmt: skip
         self._tick_costs: dict[tuple, tuple[float, tuple[float, ...], float, float]] = {}
         self._tick_contexts: dict[int, int] = {}  # a tick's costed context by its furthest token's position
+        self._pipe_spans: list[tuple[int, dict[str, Any]]] = []  # traced free pipe: the epoch's token spans
         self._verify_passes: dict[int, Pass] = {}
         self.prefill_us = 0.0
         self.decode_us = 0.0
@@ -510,8 +511,10 @@ class Simulation:
 
     def record(self, stage: int, start_us: float, duration_us: float, job: Job) -> None:
         if self.trace is not None and len(self.trace) < self.trace_limit:
-            label = job.label or f"token {job.position}"
-            self.span(stage, start_us, duration_us, label, job.position, job.batch, job.epoch != self.epoch)
+            label, stale = job.label or f"token {job.position}", job.epoch != self.epoch
+            event = self.span(stage, start_us, duration_us, label, job.position, job.batch, stale)
+            if event is not None and not stale and not job.label:  # a PPSD token's: a later flush may throw it away
+                self._pipe_spans.append((job.position, event))
 
     def span(self, stage: int, start_us: float, duration_us: float, label: str, position: int, batch: int,
              flushed: bool) -> dict[str, Any] | None:  # fmt: skip
@@ -770,6 +773,10 @@ class Simulation:
                 self._ppsd_enter(pending)
             return
         # Misprediction: flush everything younger, send the correct token back to stage 1.
+        for position, event in self._pipe_spans:  # (traced runs) the younger tokens' work done so far is thrown away
+            if position > job.position:
+                self.flushed_span(event)
+        self._pipe_spans.clear()
         self.epoch += 1
         # the flush at once where the correction reaches stage 1 later (the interrupts' events would come first)
         at_once = self.shortcuts and len(self.stages) > 1 and self.return_link.delay_us(TOKEN_ID_BYTES * batch) > 0
