@@ -227,7 +227,7 @@ def test_generate_takes_a_measured_file(measured_file, capsys) -> None:
         ("rounds", ["--max-draft-len", "0"], "--max-draft-len must be >= 1, got 0"),
         ("rounds", ["--warmup", "-1"], "--warmup must be >= 0, got -1"),
         ("rounds", ["--context", "250"], "--context 250 + --max-draft-len 8 + 3 reach past"),
-        ("rounds", ["--exit-layer", "4"], "exit_layer must be an integer in [1, 3] for a 4-layer model, got 4"),
+        ("rounds", ["--exit-layer", "4"], "--exit-layer must be in [1, 3] for "),
         ("rounds", ["--head", "missing.safetensors"], "exit head file missing.safetensors does not exist"),
         ("rounds", ["--out", str(ROOT / "pyproject.toml" / "rc.json")], "pyproject.toml is a file, so the folder"),
         (
