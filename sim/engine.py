@@ -691,6 +691,7 @@ class Simulation:
                 yield swept
                 self.epoch += 1
                 return
+        self._pipe_spans.clear()  # a batch's flushes mark only its own tokens' spans
         self._pipe = _Pipe(
             rows=batch,
             output_len=longest,

@@ -538,3 +538,19 @@ def test_a_traces_flushed_work_is_the_work_the_results_count_as_thrown_away(tmp_
         flushed = sum(e["dur"] for e in simulation.trace if e["tid"] == index and e["args"]["flushed"])
         assert flushed == pytest.approx(stage.busy_us - stage.useful_us, abs=1e-6)
     assert result.stages[0].busy_us > result.stages[0].useful_us  # there was thrown-away work to mark
+
+
+def test_a_flush_marks_only_its_own_batchs_work_in_a_trace(tmp_path: Path) -> None:
+    """Two batches decoded one after the other on the free pipe: the traced flushed spans still add up to what the
+    results count as thrown away (a flush in the second batch does not mark the first's confirmed work)."""
+    from sim.engine import Simulation
+    from sim.plan import build_plan
+
+    data = {**BASE, "model": "Llama-2-13B", "ppsd_backend": "free", "topology": {"gpu": "H100", "stages": 3},
+            "workload": {"requests": 2, "prompt_len": 64, "output_len": 40}}  # fmt: skip
+    (point,) = load_points(write(tmp_path, data))
+    simulation = Simulation(build_plan(point), trace_limit=20_000)
+    result = simulation.run()
+    for index, stage in enumerate(result.stages):
+        flushed = sum(e["dur"] for e in simulation.trace if e["tid"] == index and e["args"]["flushed"])
+        assert flushed == pytest.approx(stage.busy_us - stage.useful_us, abs=1e-6)
