@@ -909,7 +909,7 @@ class Simulation:
             alone.append(time_us)
         contention = plan.stage_contention()
         passes_us = max(contention.together_us(group) for group in shares.values())
-        messages_us = self._tick_messages_us(running if moves else (False,) * len(running), batch, moves)
+        messages_us = self._tick_messages_us(running, batch, moves)
         tick_us = passes_us + messages_us
         if plan.ppsd_backend == "distributed":  # each rank's host work is in its own stage's pass (host_per_stage)
             return tick_us, tuple(alone), passes_us, messages_us
@@ -929,8 +929,8 @@ class Simulation:
         """A tick's messages after its passes. Distributed (`executor.ppsd_dist.StageLink`): the last rank's outcome
         to every rank, then, where the pipe moves on (`moves`: no flush, not the last tick), each rank's header to the
         next, followed by its hidden state where it ran a token: two messages one after the other, the slowest
-        hand-off setting the tick's end. One host: the running stages' hidden states to the next (an ideal link
-        between stages of one device), none where the pipe does not move on."""
+        hand-off setting the tick's end. One host: the running stages' hidden states to the next every tick, as
+        `executor.ppsd.LocalPipeline` copies them (an ideal link between stages of one device)."""
         plan = self.plan
         hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
         links = [plan.link_after(i) for i in range(len(plan.stages) - 1)]
@@ -958,9 +958,10 @@ class Simulation:
             stages[index].busy_us += duration
             if token is not None:
                 token.spent[index] += duration
-            if traced:
+            if traced:  # a captured stage holding no token runs all the same: work no token keeps, marked so
                 position = token.position if token is not None else -1
-                event = self.span(index, start, duration, f"token {position}", position, batch, wasted)
+                label = f"token {position}" if token is not None else "empty pass (captured: it cannot skip)"
+                event = self.span(index, start, duration, label, position, batch, wasted or token is None)
                 if event is not None and token is not None:
                     token.spans.append(event)
 

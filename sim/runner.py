@@ -515,7 +515,10 @@ def verdict(results: Sequence[PointResult]) -> str:
         parts.append(f"{_method_label(method)} {speedup:.3f}x" + (f" at {at}" if at else ""))
     runnable = [speedup for method, (speedup, _) in best.items() if method != FREE_PIPE]
     top = max(runnable or [speedup for speedup, _ in best.values()])
-    if abs(top - 1.0) < EVEN_BAND:
+    if not runnable:  # only the free pipe's points: a bound, not a verdict on what an executor runs
+        said = "pays" if top > 1.0 + EVEN_BAND else "does not pay" if top < 1.0 - EVEN_BAND else "about breaks even"
+        head = f"no point an executor runs; the free pipe's bound {said}"
+    elif abs(top - 1.0) < EVEN_BAND:
         head = f"speculation about breaks even here (within {EVEN_BAND:.0%} of AR: less than measured latencies move)"
     elif top > 1.0:
         head = "speculation pays here"

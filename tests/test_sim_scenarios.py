@@ -520,12 +520,15 @@ def test_the_verdict_is_the_executors_and_the_free_pipe_is_named_as_a_bound(tmp_
     line = verdict(results)
     assert line.startswith("verdict: speculation does not pay here") and f"PPSD {lock:.3f}x" in line
     assert f"PPSD on the free pipe (a bound no executor runs) {free:.3f}x" in line
+    alone = run_points(load_points(write(tmp_path, {**data, "ppsd_backend": "free", "sweep": {}})), progress=False)
+    assert verdict(alone).startswith("verdict: no point an executor runs; the free pipe's bound pays")
 
 
-@pytest.mark.parametrize("backend", ["distributed", "free"])
+@pytest.mark.parametrize("backend", ["distributed", "free", "streams"])
 def test_a_traces_flushed_work_is_the_work_the_results_count_as_thrown_away(tmp_path: Path, backend: str) -> None:
     """Per stage, the traced spans marked flushed add up to the stage's busy time less its useful time (the CSV's
-    flushed share): on three stages, stage 1's drafts finish before the flush that throws them away."""
+    flushed share): on three stages, stage 1's drafts finish before the flush that throws them away; on one captured
+    GPU (`streams`) a stage holding no token runs an empty pass, work no token keeps."""
     from sim.engine import Simulation
     from sim.plan import build_plan
 
