@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", default="sequential", help="ppsd: sequential | streams | distributed (default: sequential)"
     )
-    parser.add_argument("--exit-layer", type=int, default=None, help="layers the draft runs (default: L // 2)")
+    parser.add_argument(
+        "--exit-layer", type=int, default=None,
+        help="layers the draft runs (default: L // 2; ppsd: the end of stage 1, which an exit past it moves there; an "
+        "exit before it drafts inside stage 1)",
+    )  # fmt: skip
     parser.add_argument("--draft-len", type=int, default=4, help="draft tokens per round (default: 4)")
     parser.add_argument(
         "--head",
