@@ -40,6 +40,7 @@ from sim.engine import Simulation
 from sim.formats import save_figure_atomic
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy
+from sim.runner import workload_key
 from sim.scenario import Point
 from sim.tables import text_table
 
@@ -154,8 +155,7 @@ def fastest_ar(results: Sequence[BreakEven]) -> dict[int, float]:
     it. Empty where every point of a workload has the same AR."""
     groups: dict[tuple, list[BreakEven]] = {}
     for item in results:
-        key = tuple((k, str(v)) for k, v in item.point.values.items() if k.startswith("workload"))
-        groups.setdefault(key, []).append(item)
+        groups.setdefault(workload_key(item.point), []).append(item)
     out = {}
     for items in groups.values():
         if len({round(item.ar_tokens_per_s, 6) for item in items}) > 1:

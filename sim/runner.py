@@ -370,6 +370,11 @@ def _ms_per_token(point: Point, r: RunResult) -> float:
     return r.decode_time_us / _batches(point) / per_request / 1e3
 
 
+def workload_key(point: Point) -> tuple:
+    """The values a sweep point's `workload.*` fields take: points of one key served the same requests."""
+    return tuple((k, _cell(v)) for k, v in point.values.items() if k.startswith("workload"))
+
+
 def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
@@ -551,8 +556,7 @@ def fastest(results: Sequence[PointResult]) -> list[str]:
     the same hardware can hide another layout whose plain AR beats it. The sweep's workload values label a line."""
     groups: dict[tuple, list[PointResult]] = {}
     for item in results:
-        key = tuple((k, _cell(v)) for k, v in item.point.values.items() if k.startswith("workload"))
-        groups.setdefault(key, []).append(item)
+        groups.setdefault(workload_key(item.point), []).append(item)
     lines = []
     for key, items in groups.items():
         if len({round(item.baseline.tokens_per_s, 6) for item in items}) < 2 or all(
