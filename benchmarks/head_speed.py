@@ -47,7 +47,7 @@ import executor.passes as passes
 from executor.adapter import ModelAdapter
 from executor.corpus import eos_ids
 from executor.heads import resolve_head
-from executor.ppsd import balanced_bounds
+from executor.ppsd import plan_stages
 from executor.prompts import encode_prompt, load_prompts, split_prompts
 from sim.contract import default_exit_layer
 from sim.formats import cpu_model, write_text_atomic
@@ -134,15 +134,12 @@ class Tally:
 
 
 def stage_cuts(num_layers: int, stages: int, exit_layer: int) -> tuple[int, ...]:
-    """PPSD's n - 1 cut points: balanced, unless the exit layer lies beyond stage 1; then stage 1 ends at it and the
-    later layers are balanced over the other stages."""
-    bounds = balanced_bounds(num_layers, stages)
-    if exit_layer <= bounds[1]:
-        return bounds[1:-1]
-    if num_layers - exit_layer < stages - 1:
-        raise ValueError(f"--ppsd-stages {stages}: exit layer {exit_layer} leaves too few of {num_layers} layers")
-    rest = balanced_bounds(num_layers - exit_layer, stages - 1)
-    return (exit_layer, *(exit_layer + b for b in rest[1:-1]))
+    """PPSD's n - 1 cut points as the executor lays them out (`executor.ppsd.plan_stages`): balanced, unless the exit
+    layer lies beyond stage 1; then stage 1 ends at it and the later layers are balanced over the other stages."""
+    try:
+        return plan_stages(num_layers, stages, None, exit_layer).bounds[1:-1]
+    except ValueError as err:
+        raise ValueError(f"--ppsd-stages {stages}: {err}") from None
 
 
 def load_heads(adapter: ModelAdapter, names: Sequence[str], exit_layer: int | None) -> list[tuple[str, Any, int]]:

@@ -92,7 +92,8 @@ class Target:
     def label(self) -> str:
         batch = f" b={self.batch_size}" if self.batch_size > 1 else ""
         if self.method == "ppsd":
-            return f"ppsd {self.backend} n={len(self.stage_bounds) - 1} E={self.exit_layer}"
+            inside = f" in [0, {self.stage_bounds[1]})" if self.exit_layer != self.stage_bounds[1] else ""
+            return f"ppsd {self.backend} n={len(self.stage_bounds) - 1} E={self.exit_layer}{inside}"
         narrow = f" {self.draft_dtype} drafts" if self.draft_dtype else ""
         narrow += "" if self.verify_buckets else " unbucketed"
         return ("ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {self.policy}{narrow}") + batch
@@ -436,10 +437,10 @@ def targets(points: Sequence[Point]) -> tuple[Target, ...]:
             key = ("eesd", exit_layer_of(p), pinned.scenario.policy, batch, narrow, s.verify_buckets)
             found.setdefault(key, Target(*key[:3], pinned, batch, draft_dtype=narrow, verify_buckets=s.verify_buckets))
         elif s.method == "ppsd":
-            stages = build_plan(p).stages
-            bounds = (0, *(stage.layer_end for stage in stages))
-            key = ("ppsd", s.ppsd_backend, bounds)
-            found.setdefault(key, Target("ppsd", bounds[1], None, p, 1, s.ppsd_backend, bounds))
+            plan_ = build_plan(p)
+            bounds = (0, *(stage.layer_end for stage in plan_.stages))
+            key = ("ppsd", s.ppsd_backend, bounds, plan_.exit_layer)
+            found.setdefault(key, Target("ppsd", plan_.exit_layer, None, p, 1, s.ppsd_backend, bounds))
     return tuple(found.values())
 
 

@@ -238,8 +238,8 @@ def _check_plan(plan: SimPlan) -> None:
     if not 1 <= plan.exit_layer < layers and plan.method != "ar":
         raise ValueError(f"exit_layer must be in [1, {layers - 1}], got {plan.exit_layer}")
     head_vocab_fraction(plan.exit_head, plan.model)
-    if plan.method == "ppsd" and plan.stages[0].layer_end != plan.exit_layer:
-        raise ValueError(f"ppsd drafts at the end of stage 1: exit_layer must be {plan.stages[0].layer_end}")
+    if plan.method == "ppsd" and plan.exit_layer > plan.stages[0].layer_end:
+        raise ValueError(f"ppsd drafts inside stage 1: exit_layer must be at most {plan.stages[0].layer_end}")
     if plan.draft_dtype_bytes is not None and plan.method != "eesd":
         raise ValueError(f"narrow drafts (draft_dtype_bytes) are EESD's, got method {plan.method!r}")
     w = plan.workload
@@ -517,6 +517,9 @@ def _device_indices(s: Scenario, configs: list[StageConfig]) -> list[int | None]
 
 
 def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_layer: int, where: str) -> list[int]:
+    """Each stage's layer count: the stages' own `layers`, else balanced; PPSD drafts inside stage 1, so an exit
+    layer past balanced stage 1's end ends stage 1 there and balances the rest over the later stages (as the
+    executor's `plan_stages` lays them out), and one before it drafts inside a balanced stage 1."""
     n = len(configs)
     if s.method == "ppsd" and n < 2:
         raise ScenarioError(f"{where}: topology.stages: ppsd needs at least 2 stages (got {n})")
@@ -529,15 +532,18 @@ def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_lay
         raise ScenarioError(f"{where}: topology.stages: give 'layers' for every stage or for none")
     elif n > layers:
         raise ScenarioError(f"{where}: topology.stages: {n} stages but only {layers} layers")
-    elif s.method == "ppsd" and s.exit_layer is not None and n > 1:
+    elif s.method == "ppsd" and s.exit_layer is not None and n > 1 and exit_layer > _balanced(layers, n)[0]:
         if layers - exit_layer < n - 1:
             left = layers - exit_layer
             raise ScenarioError(f"{where}: exit_layer: leaves {left} layer{'s' * (left != 1)} for {n - 1} later stages")
         counts = [exit_layer, *_balanced(layers - exit_layer, n - 1)]
     else:
         counts = _balanced(layers, n)
-    if s.method == "ppsd" and counts[0] != exit_layer:
-        raise ScenarioError(f"{where}: exit_layer: ppsd drafts at the end of stage 1, so it must be {counts[0]}")
+    if s.method == "ppsd" and exit_layer > counts[0]:
+        raise ScenarioError(
+            f"{where}: exit_layer: ppsd drafts inside stage 1, so it must be at most {counts[0]} (stage 1's layers), "
+            f"got {exit_layer}"
+        )
     return counts  # type: ignore[return-value]
 
 

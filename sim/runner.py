@@ -40,6 +40,7 @@ ROW_DOC = {
     "stages": "pipeline stages",
     "devices": "each stage's device (a GPU's name, or the profile's device), ';'-joined",
     "tp": "each stage's tensor-parallel degree, ';'-joined",
+    "layers": "each stage's decoder layers, ';'-joined",
     "link": "the link between stages (none with one stage): a preset, latency_us/bandwidth_GBps, or profile:<path>",
     "tp_link": "the link inside a tensor-parallel stage (none without tp > 1), named as link is",
     "exit_layer": "layers the draft runs",
@@ -73,6 +74,7 @@ class PointResult:
     devices: tuple[str, ...]  # the plan's stages' devices, in order
     notes: tuple[str, ...] = ()  # what the output must say of how the point ran (a trace replayed cyclically)
     tp: tuple[int, ...] = ()  # the plan's stages' tensor-parallel degrees, in order
+    layers: tuple[int, ...] = ()  # the plan's stages' decoder layers, in order
 
 
 def simulate_point(point: Point, trace: bool = False) -> PointResult:
@@ -85,8 +87,9 @@ def simulate_point(point: Point, trace: bool = False) -> PointResult:
     devices = tuple(stage.device for stage in plan.stages)
     wall_s = time.perf_counter() - start
     tp = tuple(stage.tp for stage in plan.stages)
+    layers = tuple(stage.layer_end - stage.layer_start for stage in plan.stages)
     notes = _notes(plan, point)
-    return PointResult(point, result, baseline, wall_s, simulation.trace, plan.exit_layer, devices, notes, tp)
+    return PointResult(point, result, baseline, wall_s, simulation.trace, plan.exit_layer, devices, notes, tp, layers)
 
 
 def point_notes(point: Point) -> tuple[str, ...]:
@@ -334,6 +337,7 @@ def result_row(item: PointResult) -> dict[str, Any]:
         stages=len(item.devices),
         devices=";".join(item.devices),
         tp=";".join(map(str, item.tp)),
+        layers=";".join(map(str, item.layers)),
         link=_link_name(p.scenario.topology.link) if len(item.devices) > 1 else "",
         tp_link=_link_name(p.scenario.topology.tp_link) if max(item.tp, default=1) > 1 else "",
         exit_layer=item.exit_layer if r.method != "ar" else "",
@@ -585,14 +589,19 @@ def _at(item: PointResult, dropped: tuple[str, ...]) -> str:
 
 
 def summary_table(results: Sequence[PointResult]) -> str:
-    """A fixed-width table: one line per point; the exit layer where the points draft at different ones."""
+    """A fixed-width table: one line per point; the exit layer where the points draft at different ones, and each
+    stage's layers where pipelines of as many stages split them differently (an exit past balanced stage 1's end)."""
     rows = [result_row(item) for item in results]
     swept = list(results[0].point.values) if results else []
     layers = {item.exit_layer for item in results if item.result.method != "ar"}
+    splits: dict[int, set[tuple[int, ...]]] = {}
+    for item in results:
+        splits.setdefault(len(item.layers), set()).add(item.layers)
     columns = [
         *[f for f in swept if f != "method"],
         "method",
         *(["exit_layer"] if len(layers) > 1 and "exit_layer" not in swept else []),
+        *(["layers"] if any(len(found) > 1 for n, found in splits.items() if n > 1) else []),
         "tokens_per_s",
         "ms_per_token",
         "speedup",

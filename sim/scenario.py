@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import json
 import math
 import typing
 from collections.abc import Iterable, Mapping
@@ -877,7 +878,10 @@ def _case_label(case: dict[str, Any]) -> str:
 
 
 def _short_file(key: str, value: Any) -> Any:
+    """A file by its name; a list or mapping in YAML's flow style without quotes (`[{layers: 8}, {layers: 22}]`)."""
     is_file = key.endswith((".trace", ".path", ".profile")) and isinstance(value, str) and "/" in value
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(", ", ": ")).replace('"', "")
     return PurePath(value).name if is_file else value
 
 

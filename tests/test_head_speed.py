@@ -72,7 +72,7 @@ def test_ppsd_stage_one_ends_at_a_deep_exit(bench) -> None:
     assert bench.stage_cuts(30, 2, 8) == (15,)
     assert bench.stage_cuts(30, 2, 22) == (22,)
     assert bench.stage_cuts(30, 3, 20) == (20, 25)
-    with pytest.raises(ValueError, match="too few"):
+    with pytest.raises(ValueError, match="--ppsd-stages 3: exit_layer 3 leaves 1 of 4 layers"):
         bench.stage_cuts(4, 3, 3)
 
 

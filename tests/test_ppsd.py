@@ -498,6 +498,33 @@ def test_an_exit_layer_past_balanced_stage_1_ends_stage_1_there() -> None:
     assert out.stats.stage_boundaries == (0, 4, 6) and torch.equal(out.sequences, reference)
 
 
+@given(layers=st.integers(2, 40), stages=st.integers(2, 6), exit_layer=st.integers(1, 39) | st.none())
+def test_the_simulator_lays_ppsd_stages_out_as_the_executor_does(layers: int, stages: int, exit_layer: int | None):
+    """A PPSD point without explicit layers has the executor's stages and exit layer (`plan_stages`): balanced,
+    drafting inside stage 1 where the exit lies before its end, stage 1 ending at an exit past it; and both refuse the
+    same layouts."""
+    from sim.plan import build_plan
+    from sim.scenario import Point, Scenario, ScenarioError
+
+    stages = min(stages, layers)
+    exit_layer = None if exit_layer is None else min(exit_layer, layers - 1)
+    shape = {"name": "m", "num_layers": layers, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 4,
+             "intermediate_size": 128, "vocab_size": 100}  # fmt: skip
+    scenario = Scenario.model_validate({
+        "name": "t", "model": shape, "method": "ppsd", "exit_layer": exit_layer, "acceptance": {"alpha": 0.5},
+        "topology": {"gpu": "H100", "stages": stages}, "workload": {"requests": 1, "output_len": 4},
+    })  # fmt: skip
+    try:
+        expected = plan_stages(layers, stages, None, exit_layer)
+    except ValueError:
+        with pytest.raises(ScenarioError, match="exit_layer: leaves"):
+            build_plan(Point(0, {}, scenario, Path("."), "t.yaml"))
+        return
+    plan = build_plan(Point(0, {}, scenario, Path("."), "t.yaml"))
+    assert (0, *(stage.layer_end for stage in plan.stages)) == expected.bounds
+    assert plan.exit_layer == expected.exit_layer
+
+
 def test_explicit_full_bounds_and_balanced_default() -> None:
     assert plan_stages(10, 4).bounds == (0, 2, 4, 7, 10)
     assert plan_stages(10, 2, [0, 3, 10], 2).bounds == (0, 3, 10)

@@ -237,6 +237,10 @@ def test_broken_scenarios_name_file_field_and_expectation(
         ({"method": "eesd", "policy": "confidence:0.5"}, "policy: 'confidence:0.5' needs draft confidences"),
         ({"model": "Llama-2-70B", "method": "eesd", "topology": {"stages": 1}}, "GiB of weights per GPU do not fit"),
         ({"topology": {"stages": 1}}, "topology.stages: ppsd needs at least 2 stages (got 1)"),
+        (
+            {"exit_layer": 10, "topology": {"gpu": "H100", "stages": [{"layers": 8}, {"layers": 22}]}},
+            "exit_layer: ppsd drafts inside stage 1, so it must be at most 8 (stage 1's layers), got 10",
+        ),
         ({"sweep": {"topology.stages": []}}, "sweep.topology.stages: expected a non-empty list"),
         ({"sweep": {"cases": [1, 2]}}, "sweep.cases: 'cases' is not a scenario field, so it must list cases"),
         ({"sweep": {"topology.stages": [2, 40]}}, "sweep point {'topology.stages': 40}: topology.stages: 40 stages"),
@@ -432,7 +436,7 @@ def test_results_rows_name_each_stages_tp_and_the_link(tmp_path: Path) -> None:
     data = {"name": "link", "model": "SmolLM2-135M", "method": "ppsd", "exit_layer": 8, "acceptance": {"alpha": 0.5},
             "topology": {"stages": 2, "link": custom}, "workload": workload}  # fmt: skip
     (row,) = [result_row(r) for r in run_points(load_points(write(tmp_path, data)), jobs=1, progress=False)]
-    assert row["link"] == "3us/25GBps" and row["tp"] == "1;1"
+    assert row["link"] == "3us/25GBps" and row["tp"] == "1;1" and row["layers"] == "15;15"  # drafting at 8 of 15
 
 
 def test_a_best_speedup_within_two_percent_of_ar_is_called_even(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -496,6 +500,23 @@ def test_a_stage_sweep_that_moves_the_default_exit_shows_it_and_says_alpha_holds
     assert main([str(path), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "exit_layer" not in out.splitlines()[1] and "exit_layer is not set" not in out
+
+
+def test_pipelines_of_as_many_stages_split_differently_show_each_stages_layers(tmp_path: Path, capsys) -> None:
+    """An exit before balanced stage 1's end drafts inside it (15 + 15 layers, as the executor lays it out); cutting
+    stage 1 at the exit takes its layers given: the table shows each point's layers, a case by its fields in short."""
+    data = {
+        "name": "layouts", "model": "SmolLM2-135M", "method": "ppsd", "exit_layer": 8,
+        "latency": {"constant_us": {"layer": 10.0}}, "acceptance": {"alpha": 0.7},
+        "topology": {"stages": 2, "link": "ideal"}, "workload": {"requests": 1, "prompt_len": 8, "output_len": 32},
+        "sweep": {"layout": [{"topology.stages": 2}, {"topology.stages": [{"layers": 8}, {"layers": 22}]}]},
+    }  # fmt: skip
+    assert main([str(write(tmp_path, data)), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["layout", "method", "layers"]
+    assert lines[3].split()[:3] == ["topology.stages=2", "ppsd", "15;15"]
+    assert lines[4].split()[:5] == ["topology.stages=[{layers:", "8},", "{layers:", "22}]", "ppsd"]
+    assert lines[4].split()[5] == "8;22"
 
 
 def test_a_missing_scenario_and_a_folder_given_as_one_are_told_apart(tmp_path: Path) -> None:
