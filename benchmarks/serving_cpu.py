@@ -246,7 +246,7 @@ def run_metadata(adapter: Any, model: str, threads: int, capture: str, points: l
 def serve_options(point: Any) -> dict[str, Any]:
     """`executor.serving.serve`'s arguments for a point: its method, batch and KV budget; EESD's exit layer and
     policy (its costs pinned to the simulator's, as `eesd validate` pins them), PPSD's stages as the plan lays them
-    out (stage 1 ending at the exit layer, the shared head there)."""
+    out and its exit layer inside stage 1 (the shared head there)."""
     from sim.policy import with_cost
 
     plan = point.plan
@@ -258,7 +258,8 @@ def serve_options(point: Any) -> dict[str, Any]:
         if plan.ppsd_backend != "sequential":
             raise SystemExit(f"{SCENARIO.name}: case {point.case}: ppsd_backend must be sequential on this CPU")
         bounds = [stage.layer_end for stage in plan.stages[:-1]]
-        options.update(stages=len(plan.stages), stage_boundaries=bounds, head="shared", backend="sequential")
+        options.update(stages=len(plan.stages), stage_boundaries=bounds, exit_layer=plan.exit_layer, head="shared",
+                       backend="sequential")  # fmt: skip
     return options
 
 

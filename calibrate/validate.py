@@ -569,15 +569,20 @@ def _check_ppsd_backend(where: str, point: Point, stages: int, device_type: str)
             f"{device_type}; expected sequential or distributed"
         )
     if backend == "distributed":
-        link, wanted = topology.link, LINK_BACKENDS.get(device_type, "gloo")
-        profile = link.profile if isinstance(link, LinkConfig) else None
-        measured = read_link_profile(point.base_dir / profile).metadata["backend"] if profile else None
-        if measured != wanted:
-            raise ValueError(
-                f"{where}: topology.link: the distributed backend's stages exchange messages over {wanted} here; "
-                f"expected a {wanted} link profile ({{profile: FILE.csv}}, `eesd calibrate link --backend {wanted}`), "
-                f"got {link if not isinstance(link, LinkConfig) else link.model_dump(exclude_none=True)}"
-            )
+        wanted = LINK_BACKENDS.get(device_type, "gloo")
+        links = [("topology.link", topology.link)]
+        if isinstance(topology.stages, list):
+            links += [(f"topology.stages[{i}].link", c.link) for i, c in enumerate(topology.stages) if c.link]
+        for field, link in links:
+            profile = link.profile if isinstance(link, LinkConfig) else None
+            measured = read_link_profile(point.base_dir / profile).metadata["backend"] if profile else None
+            if measured != wanted:
+                got = link.model_dump(exclude_none=True) if isinstance(link, LinkConfig) else link
+                raise ValueError(
+                    f"{where}: {field}: the distributed backend's stages exchange messages over {wanted} here; "
+                    f"expected a {wanted} link profile ({{profile: FILE.csv}}, `eesd calibrate link --backend "
+                    f"{wanted}`), got {got}"
+                )
 
 
 def _calibration_file(point: Point, kind: str) -> tuple[Path, DataFile]:

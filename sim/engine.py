@@ -484,7 +484,7 @@ class Simulation:
             flushes=self.counts["flushes"],
             stages=tuple(SimStageStats(s.busy_us, s.useful_us) for s in self.stages),
             extrapolated=any(getattr(s.latency, "extrapolated", False) for s in plan.stages)
-            or bool(getattr(plan.link, "extrapolated", False))
+            or any(getattr(link, "extrapolated", False) for link in plan.links)
             or plan.contention.extrapolated,
             ticks=self.counts["ticks"],
             extrapolations=tuple(dict.fromkeys(e for s in plan.stages for e in extrapolations_of(s.latency))),

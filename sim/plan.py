@@ -96,6 +96,7 @@ class SimStage:
     launch_us: float = 0.0
     memory_GiB: float | None = None
     draft_latency: LatencyModel | None = None  # a narrow draft step's share on this stage (None: `latency`)
+    link: LinkModel | None = None  # to the next stage (the last stage's: back to stage 1); None: the plan's `link`
 
 
 @dataclass(frozen=True)
@@ -189,13 +190,22 @@ class SimPlan:
         return len(set(devices)) < len(devices)
 
     def link_after(self, stage: int) -> LinkModel:
-        """The link from stage `stage` to the next (none between stages on one device)."""
-        return IDEAL_LINK if self.device_of(stage) == self.device_of(stage + 1) else self.link
+        """The link from stage `stage` to the next: the stage's own, else the plan's (none between stages on one
+        device)."""
+        if self.device_of(stage) == self.device_of(stage + 1):
+            return IDEAL_LINK
+        return self.stages[stage].link or self.link
 
     @property
     def return_link(self) -> LinkModel:
-        """The link the last stage's token ids take back to stage 1."""
-        return IDEAL_LINK if self.device_of(len(self.stages) - 1) == self.device_of(0) else self.link
+        """The link the last stage's token ids take back to stage 1: the last stage's own, else the plan's."""
+        last = len(self.stages) - 1
+        return IDEAL_LINK if self.device_of(last) == self.device_of(0) else self.stages[last].link or self.link
+
+    @property
+    def links(self) -> tuple[LinkModel, ...]:
+        """Every link a pass or token can take: the plan's and the stages' own."""
+        return (self.link, *(s.link for s in self.stages if s.link is not None))
 
     def stage_contention(self) -> Contention:
         """How the passes of one tick share a device: in turn with the `sequential` backend, else `contention`."""
@@ -422,8 +432,9 @@ def _stages(
         hbm_GBps = spec.hbm_bandwidth_GBps * efficiency if spec is not None else None
         launch_us = spec.launch_us if spec is not None and latency.cuda_graphs else 0.0
         memory_GiB = spec.memory_GiB if spec is not None else None
+        link = _link(config.link, point, f"topology.stages[{index}].link") if config.link is not None else None
         stages.append(SimStage(start, start + count, latency, device, tp, tp_link, indices[index], hbm_GBps, launch_us,
-                               memory_GiB, draft_latency))  # fmt: skip
+                               memory_GiB, draft_latency, link))  # fmt: skip
         start += count
     try:
         _check_shared_devices(tuple(stages))

@@ -29,7 +29,7 @@ from sim.latency import ProfileLatency
 from sim.plan import ONE_HOST_BACKENDS, SimPlan, build_plan
 from sim.policy import parse_policy_spec
 from sim.progress import progress_bar
-from sim.scenario import GPUConfig, LinkConfig, Point, Scenario, claimed_dtype, narrow_draft_dtype
+from sim.scenario import GPUConfig, LinkConfig, Point, Scenario, TopologyConfig, claimed_dtype, narrow_draft_dtype
 from sim.tables import text_table
 
 TRACE_EVENTS = 20_000
@@ -41,7 +41,8 @@ ROW_DOC = {
     "devices": "each stage's device (a GPU's name, or the profile's device), ';'-joined",
     "tp": "each stage's tensor-parallel degree, ';'-joined",
     "layers": "each stage's decoder layers, ';'-joined",
-    "link": "the link between stages (none with one stage): a preset, latency_us/bandwidth_GBps, or profile:<path>",
+    "link": "the link between stages (none with one stage): a preset, latency_us/bandwidth_GBps, or profile:<path>; "
+    "where a stage gives its own, each stage's link to the next (the last stage's back to stage 1), ';'-joined",
     "tp_link": "the link inside a tensor-parallel stage (none without tp > 1), named as link is",
     "exit_layer": "layers the draft runs",
     "policy": "draft policy spec (eesd)",
@@ -313,6 +314,14 @@ def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return _write_csv(rows, path)
 
 
+def _stage_links(topology: TopologyConfig) -> str:
+    """A results row's `link`: the topology's, or where a stage gives its own, each stage's ';'-joined."""
+    stages = topology.stages if isinstance(topology.stages, list) else []
+    if all(stage.link is None for stage in stages):
+        return _link_name(topology.link)
+    return ";".join(_link_name(stage.link or topology.link) for stage in stages)
+
+
 def _link_name(link: str | LinkConfig) -> str:
     """A results row's `link` or `tp_link`: the preset's name, `<latency_us>us/<bandwidth_GBps>GBps` (inf: no
     bandwidth bound), or `profile:<its path as the scenario gives it>`."""
@@ -338,7 +347,7 @@ def result_row(item: PointResult) -> dict[str, Any]:
         devices=";".join(item.devices),
         tp=";".join(map(str, item.tp)),
         layers=";".join(map(str, item.layers)),
-        link=_link_name(p.scenario.topology.link) if len(item.devices) > 1 else "",
+        link=_stage_links(p.scenario.topology) if len(item.devices) > 1 else "",
         tp_link=_link_name(p.scenario.topology.tp_link) if max(item.tp, default=1) > 1 else "",
         exit_layer=item.exit_layer if r.method != "ar" else "",
         policy=p.scenario.policy if r.method == "eesd" else "",

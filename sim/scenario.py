@@ -288,8 +288,12 @@ class StageConfig(Strict):
     tp: int | None = Field(None, ge=1)
     layers: int | None = Field(None, ge=1)
     device: int | None = Field(None, ge=0)  # stages with the same index share one device
+    # the link from this stage to the next (the last stage's: back to stage 1), e.g. between two nodes; default
+    # topology.link
+    link: LinkField | None = None
 
     _gpu = field_validator("gpu")(_check_gpu_name)
+    _link = field_validator("link")(_check_link_name)
 
 
 class TopologyConfig(Strict):
@@ -828,10 +832,28 @@ def _sweep_grid(path: Path, sweep: Any, max_points: int) -> list[dict[str, Any]]
                 f"{field}: {quote(key)} is not a scenario field, so it must list cases, each a mapping of "
                 f"field paths to values (allowed top-level fields: {sorted(Scenario.model_fields)})"
             )
+        if _is_case(key):
+            _check_case_labels(field, values)
     keys = list(sweep)
     _check_overlap(path, sweep)
     _check_points(path, sweep, max_points)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _check_case_labels(field: str, cases: list[dict[str, Any]]) -> None:
+    """Each case's `label`, where given, is a non-empty text that no other case of the group has."""
+    seen: set[str] = set()
+    for index, case in enumerate(cases):
+        if CASE_LABEL not in case:
+            continue
+        label = case[CASE_LABEL]
+        if not isinstance(label, str) or not label.strip():
+            raise ScenarioError(f"{field}[{index}].{CASE_LABEL}: expected a non-empty text naming the case, got "
+                                f"{quote(label)}")  # fmt: skip
+        if label in seen:
+            raise ScenarioError(f"{field}[{index}].{CASE_LABEL}: {quote(label)} names two cases; expected one name "
+                                "per case")  # fmt: skip
+        seen.add(label)
 
 
 def _check_overlap(path: Path, sweep: dict[str, list[Any]]) -> None:
@@ -839,7 +861,7 @@ def _check_overlap(path: Path, sweep: dict[str, list[Any]]) -> None:
     overwrite the earlier at every point. A field and one inside it (`acceptance`, `acceptance.alpha`) overlap too."""
     owners: dict[str, str] = {}
     for key, values in sweep.items():
-        fields = {k for case in values for k in case} if _is_case(key) else {key}
+        fields = {k for case in values for k in case if k != CASE_LABEL} if _is_case(key) else {key}
         for field in fields:
             for other, owner in owners.items():
                 if owner != key and (field == other or field.startswith(f"{other}.") or other.startswith(f"{field}.")):
@@ -868,12 +890,18 @@ def _is_case(key: str) -> bool:
     return key.split(".")[0] not in Scenario.model_fields
 
 
+CASE_LABEL = "label"  # a case's own name in tables, plots and errors (no scenario field)
+
+
 def _assignments(key: str, value: Any) -> list[tuple[str, Any]]:
-    return list(value.items()) if _is_case(key) else [(key, value)]
+    return [(k, v) for k, v in value.items() if k != CASE_LABEL] if _is_case(key) else [(key, value)]
 
 
 def _case_label(case: dict[str, Any]) -> str:
-    """`field=value` for each field the case sets; a file by its name (the case's full path stays in the point)."""
+    """The case's `label`, else `field=value` for each field it sets; a file by its name (the case's full path stays
+    in the point)."""
+    if CASE_LABEL in case:
+        return str(case[CASE_LABEL])
     return " ".join(f"{k}={_short_file(k, v)}" for k, v in case.items())
 
 
@@ -881,7 +909,7 @@ def _short_file(key: str, value: Any) -> Any:
     """A file by its name; a list or mapping in YAML's flow style without quotes (`[{layers: 8}, {layers: 22}]`)."""
     is_file = key.endswith((".trace", ".path", ".profile")) and isinstance(value, str) and "/" in value
     if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(", ", ": ")).replace('"', "")
+        return json.dumps(value, separators=(", ", ": "), default=str).replace('"', "")
     return PurePath(value).name if is_file else value
 
 

@@ -468,6 +468,10 @@ def test_the_serving_benchmark_pins_a_thompson_policys_costs_for_the_executor() 
     pinned = serve_options(dataclasses.replace(point, plan=plan))["policy"]
     assert pinned.startswith("beta-ts:costs=")
     assert make_policy(pinned).round_costs == pytest.approx(plan.round_costs, abs=5e-5)
+    ppsd = next(p for p in load_serving_points(root / "scenarios" / "serving_cpu.yaml") if p.method == "ppsd")
+    inside = dataclasses.replace(ppsd.plan, exit_layer=8)  # drafting inside a balanced stage 1, as the simulator may
+    options = serve_options(dataclasses.replace(ppsd, plan=inside))
+    assert (options["stages"], options["stage_boundaries"], options["exit_layer"]) == (2, [15], 8)
 
 
 def test_serve_benchs_table_shows_replicas_and_saturation_where_a_row_has_them() -> None:

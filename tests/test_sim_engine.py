@@ -287,6 +287,20 @@ def test_distributed_ppsd_moves_in_the_executors_lockstep_ticks_and_messages(alp
     assert free.ticks == result.ticks and free.decode_time_us < result.decode_time_us
 
 
+def test_a_stages_own_link_carries_its_hand_off_and_the_last_stages_the_token_ids_back() -> None:
+    """AR through 3 stages of 8 layers at 1 µs each: a token costs the three stages, the hand-off after stage 1 over
+    its own link (7 µs), after stage 2 over the plan's (3 µs) and its id back to stage 1 over the last stage's own
+    (11 µs); without their own links every hop is the plan's."""
+    base = plan("ar", 0.0, 3, output_len=20, layer_us=1.0, link=LinkSpec("plan", 3.0, None))
+    own = (LinkSpec("first", 7.0, None), None, LinkSpec("back", 11.0, None))
+    stages = tuple(replace(stage, link=link) for stage, link in zip(base.stages, own, strict=True))
+    linked = replace(base, stages=stages)
+    assert (linked.link_after(0).name, linked.link_after(1).name, linked.return_link.name) == ("first", "plan", "back")
+    steps = 19  # decode tokens after the prefill's
+    assert Simulation(linked).run().decode_time_us == pytest.approx(steps * (24.0 + 7.0 + 3.0 + 11.0))
+    assert Simulation(base).run().decode_time_us == pytest.approx(steps * (24.0 + 3.0 * 3))
+
+
 @pytest.mark.parametrize("backend", ["distributed", "free"])
 def test_ppsd_drafting_inside_stage_1_costs_stage_1_whole(backend: str) -> None:
     """An exit before stage 1's end (the executor's balanced stages with `exit_layer` inside stage 1): stage 1 still
@@ -525,7 +539,7 @@ def test_events_per_token(method: str, n_stages: int, most: float, reference_lea
     assert events_per_token(p, False) >= reference_least
 
 
-@pytest.mark.parametrize("backend", ["distributed", "free"])
+@pytest.mark.parametrize("backend", ["distributed", "free", "sequential"])
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_ppsd_counts_a_rows_rounds_as_eesd_does_at_any_batch_size(backend: str, alpha: float) -> None:
     """`tokens_per_round` is a row's tokens per round for every method: a PPSD batch of rows that all confirm

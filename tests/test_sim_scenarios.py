@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,7 +196,7 @@ DELETE = object()
         (
             "topology.stages",
             [{"gpu": "H100", "speed": 2}],
-            "topology.stages.0.speed: unknown key; allowed here: ['device', 'gpu', 'layers', 'tp']",
+            "topology.stages.0.speed: unknown key; allowed here: ['device', 'gpu', 'layers', 'link', 'tp']",
         ),
         ("workload.output_len", "long", "workload.output_len: Input should be a valid integer"),
         ("workload.batch_size", 0, "workload.batch_size: Input should be greater than or equal to 1 (got 0)"),
@@ -517,6 +518,39 @@ def test_pipelines_of_as_many_stages_split_differently_show_each_stages_layers(t
     assert lines[3].split()[:3] == ["topology.stages=2", "ppsd", "15;15"]
     assert lines[4].split()[:5] == ["topology.stages=[{layers:", "8},", "{layers:", "22}]", "ppsd"]
     assert lines[4].split()[5] == "8;22"
+
+
+def test_a_stage_gives_its_own_link_and_a_case_its_own_label(tmp_path: Path, capsys) -> None:
+    """Two nodes of two GPUs: the 2nd and 4th stages' own `link` (InfiniBand) joins the nodes and brings token ids back;
+    the row names each stage's link and the table each case by its label (a label alone: the scenario as it is); the
+    slower link makes the same pipeline slower."""
+    two_nodes = [{}, {"link": "ib-ndr"}, {}, {"link": "ib-ndr"}]
+    data = {
+        "name": "nodes", "model": "Llama-2-7B", "method": "ppsd", "acceptance": {"alpha": 0.6},
+        "topology": {"gpu": "H100", "stages": 4, "link": "nvlink"}, "workload": {"requests": 1, "output_len": 32},
+        "sweep": {"layout": [{"label": "one node"}, {"label": "two nodes", "topology.stages": two_nodes}]},
+    }  # fmt: skip
+    results = run_points(load_points(write(tmp_path, data)), jobs=1, progress=False)
+    rows = [result_row(r) for r in results]
+    assert [row["layout"] for row in rows] == ["one node", "two nodes"]
+    assert [row["link"] for row in rows] == ["nvlink", "nvlink;ib-ndr;nvlink;ib-ndr"]
+    assert rows[1]["tokens_per_s"] < rows[0]["tokens_per_s"]
+    assert main([str(write(tmp_path, data)), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].split()[:3] == ["one", "node", "ppsd"] and lines[4].split()[:3] == ["two", "nodes", "ppsd"]
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ({"c": [{"label": "a"}, {"label": "a", "seed": 1}]}, "sweep.c[1].label: 'a' names two cases"),
+        ({"c": [{"label": 3, "seed": 1}]}, "sweep.c[0].label: expected a non-empty text naming the case, got 3"),
+        ({"topology.stages": [[{}, {"link": "ib"}]]}, "topology.stages.1.link: unknown link preset 'ib'"),
+    ],
+)
+def test_bad_case_labels_and_stage_links_are_refused(tmp_path: Path, sweep: dict, message: str) -> None:
+    with pytest.raises(ScenarioError, match=re.escape(message)):
+        load_points(write(tmp_path, {**BASE, "sweep": sweep}))
 
 
 def test_a_missing_scenario_and_a_folder_given_as_one_are_told_apart(tmp_path: Path) -> None:

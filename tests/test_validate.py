@@ -433,6 +433,19 @@ def test_ppsd_is_compared_in_ticks() -> None:
     assert predicted.rounds > predicted.decode_tokens and 0 < predicted.tokens_per_round < 1
 
 
+def test_each_ppsd_layout_is_a_target_of_its_own_with_the_plans_exit_layer() -> None:
+    """Three 2-stage layouts: 15 + 15 drafting at 15, 8 + 22 at 8, 15 + 15 at 8 inside stage 1; the last two share
+    their exit and the first and last their cuts, yet each runs as it is laid out, on both backends."""
+    planned = validate.plan(ROOT / "scenarios" / "smollm2_cpu_xeon_ppsd_distributed.yaml")
+    ppsd = [(t.label, t.exit_layer, t.stage_bounds) for t in planned.targets if t.method == "ppsd"]
+    layouts = (("15", 15, (0, 15, 30)), ("8", 8, (0, 8, 30)), ("8 in [0, 15)", 8, (0, 15, 30)))
+    assert ppsd == [
+        (f"ppsd {backend} n=2 E={label}", exit_layer, bounds)
+        for label, exit_layer, bounds in layouts
+        for backend in ("distributed", "sequential")
+    ]
+
+
 def test_a_distributed_point_on_a_cpu_needs_a_gloo_link_profile(tmp_path, capsys) -> None:
     from sim.formats import read_link_profile, write_link_profile
 
@@ -443,6 +456,10 @@ def test_a_distributed_point_on_a_cpu_needs_a_gloo_link_profile(tmp_path, capsys
     write_link_profile(tmp_path / "gloo.csv", link.metadata, link.records)
     path = scenario(tmp_path, **{**PPSD, "ppsd_backend": "distributed"}, topology__link={"profile": "gloo.csv"})
     assert [t.label for t in validate.plan(path).targets] == ["ar", "ppsd distributed n=2 E=15"]
+    stages = [{"layers": 15}, {"layers": 15, "link": "ib-ndr"}]  # a stage's own link is measured too
+    path = scenario(tmp_path, **{**PPSD, "ppsd_backend": "distributed", "topology__stages": stages},
+                    topology__link={"profile": "gloo.csv"})  # fmt: skip
+    fail_with(capsys, [str(path)], "topology.stages[1].link:", "expected a gloo link profile", "got ib-ndr")
 
 
 @requires_smollm2
