@@ -841,7 +841,7 @@ def _sweep_grid(path: Path, sweep: Any, max_points: int) -> list[dict[str, Any]]
 
 
 def _check_case_labels(field: str, cases: list[dict[str, Any]]) -> None:
-    """Each case's `label`, where given, is a non-empty text that no other case of the group has."""
+    """Each case's `name`, where given, is a non-empty text that no other case of the group has."""
     seen: set[str] = set()
     for index, case in enumerate(cases):
         if CASE_LABEL not in case:
@@ -890,7 +890,7 @@ def _is_case(key: str) -> bool:
     return key.split(".")[0] not in Scenario.model_fields
 
 
-CASE_LABEL = "label"  # a case's own name in tables, plots and errors (no scenario field)
+CASE_LABEL = "name"  # in a sweep case: the case's name in tables, plots and errors (as a serving case's `name`)
 
 
 def _assignments(key: str, value: Any) -> list[tuple[str, Any]]:
@@ -898,7 +898,7 @@ def _assignments(key: str, value: Any) -> list[tuple[str, Any]]:
 
 
 def _case_label(case: dict[str, Any]) -> str:
-    """The case's `label`, else `field=value` for each field it sets; a file by its name (the case's full path stays
+    """The case's `name`, else `field=value` for each field it sets; a file by its name (the case's full path stays
     in the point)."""
     if CASE_LABEL in case:
         return str(case[CASE_LABEL])

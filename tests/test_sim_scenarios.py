@@ -520,15 +520,15 @@ def test_pipelines_of_as_many_stages_split_differently_show_each_stages_layers(t
     assert lines[4].split()[5] == "8;22"
 
 
-def test_a_stage_gives_its_own_link_and_a_case_its_own_label(tmp_path: Path, capsys) -> None:
+def test_a_stage_gives_its_own_link_and_a_case_its_own_name(tmp_path: Path, capsys) -> None:
     """Two nodes of two GPUs: the 2nd and 4th stages' own `link` (InfiniBand) joins the nodes and brings token ids back;
-    the row names each stage's link and the table each case by its label (a label alone: the scenario as it is); the
+    the row names each stage's link and the table each case by its name (a name alone: the scenario as it is); the
     slower link makes the same pipeline slower."""
     two_nodes = [{}, {"link": "ib-ndr"}, {}, {"link": "ib-ndr"}]
     data = {
         "name": "nodes", "model": "Llama-2-7B", "method": "ppsd", "acceptance": {"alpha": 0.6},
         "topology": {"gpu": "H100", "stages": 4, "link": "nvlink"}, "workload": {"requests": 1, "output_len": 32},
-        "sweep": {"layout": [{"label": "one node"}, {"label": "two nodes", "topology.stages": two_nodes}]},
+        "sweep": {"layout": [{"name": "one node"}, {"name": "two nodes", "topology.stages": two_nodes}]},
     }  # fmt: skip
     results = run_points(load_points(write(tmp_path, data)), jobs=1, progress=False)
     rows = [result_row(r) for r in results]
@@ -543,12 +543,12 @@ def test_a_stage_gives_its_own_link_and_a_case_its_own_label(tmp_path: Path, cap
 @pytest.mark.parametrize(
     ("sweep", "message"),
     [
-        ({"c": [{"label": "a"}, {"label": "a", "seed": 1}]}, "sweep.c[1].label: 'a' names two cases"),
-        ({"c": [{"label": 3, "seed": 1}]}, "sweep.c[0].label: expected a non-empty text naming the case, got 3"),
+        ({"c": [{"name": "a"}, {"name": "a", "seed": 1}]}, "sweep.c[1].name: 'a' names two cases"),
+        ({"c": [{"name": 3, "seed": 1}]}, "sweep.c[0].name: expected a non-empty text naming the case, got 3"),
         ({"topology.stages": [[{}, {"link": "ib"}]]}, "topology.stages.1.link: unknown link preset 'ib'"),
     ],
 )
-def test_bad_case_labels_and_stage_links_are_refused(tmp_path: Path, sweep: dict, message: str) -> None:
+def test_bad_case_names_and_stage_links_are_refused(tmp_path: Path, sweep: dict, message: str) -> None:
     with pytest.raises(ScenarioError, match=re.escape(message)):
         load_points(write(tmp_path, {**BASE, "sweep": sweep}))
 
