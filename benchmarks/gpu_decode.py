@@ -396,7 +396,8 @@ def ppsd_case(
     adapter, prompts, new_tokens: int, stages: int, device: torch.device, capture: str, head=None,
     name: str = "shared", sync_every: int | None = None,
 ) -> Case:  # fmt: skip
-    """PPSD `streams` with the shared head at the end of stage 1, or a trained `head` at its own exit layer; the pipe
+    """PPSD `streams` with the shared head at the end of stage 1, or a trained `head` at its own exit layer (stage 1
+    ending there where it lies past balanced stage 1's end, as `executor.ppsd.plan_stages` lays it out); the pipe
     chained on the device (default: 8 ticks per host read when captured), or read back every `sync_every` ticks."""
     backend = "streams" if device.type == "cuda" else "sequential"  # a CPU smoke run: the reference backend
     label = f"ppsd {backend} n={stages}" + ("" if head is None else f" {name}")
@@ -493,7 +494,7 @@ def smollm2_cases(model, prompts: list[list[int]], args) -> tuple[list[Case], li
             cases.append(eesd_case(adapter, prompts, n, label, E, head, policy, main))
     cases += [ppsd_case(adapter, prompts, n, stages, model.device, main) for stages in PPSD_STAGES]
     cases.append(ppsd_case(adapter, prompts, n, 2, model.device, main, sync_every=1))  # what chaining ticks is worth
-    if adapter.num_layers // 2 == E and trained is not None:  # the trained head's layer ends stage 1 of 2 stages
+    if trained is not None:  # 2 stages, the trained head at its own exit layer (inside stage 1, or ending it)
         cases.append(ppsd_case(adapter, prompts, n, 2, model.device, main, trained, f"trained E={E}"))
     cases += ar_cases(adapter, prompts, n, [main], every_token=True)[1:]
     cases.append(hf_case(model, prompts, n, f"hf assistant_early_exit={E}", assistant_early_exit=E))

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,45 @@ def versions() -> dict[str, str]:
         "cuda_version": str(torch.version.cuda),
         "python_version": platform.python_version(),
     }
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds every core of the machine has been busy (a VM's stolen time included: another guest's work) since
+    boot, from /proc/stat; None where there is none."""
+    try:
+        first = Path("/proc/stat").read_text(encoding="ascii").split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu" or len(first) < 8:
+        return None
+    ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq softirq [steal]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds this process and its reaped children (a distributed run's stage processes) have used."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+class OtherWork:
+    """Over a `with` block: how many cores' worth of CPU everything but this process and the children it reaped used
+    (`cores`; None where the machine's busy time cannot be read): what a run on a shared box shares its cores with."""
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    def __enter__(self) -> OtherWork:
+        self._start = (time.perf_counter(), machine_busy_s(), own_cpu_s())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        begin, busy, own = self._start
+        now, wall = machine_busy_s(), time.perf_counter() - begin
+        if busy is None or now is None or wall <= 0:
+            return
+        self.cores = max(0.0, (now - busy) - (own_cpu_s() - own)) / wall
 
 
 def base_metadata(model: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

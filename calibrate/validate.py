@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -719,6 +720,22 @@ def predict(target: Target) -> tuple[Measurement, bool]:
     return Measurement(result.decode_tokens, result.decode_time_us / 1e6, rounds), result.extrapolated
 
 
+OTHER_WORK_NOTE_CORES = 0.25  # other work this busy during a target's runs is named
+
+
+def other_work_notes(metadata: Mapping[str, Any]) -> list[str]:
+    """The targets during whose runs other processes (or, in a VM, other guests) kept the machine busy: a measured
+    rate that is the shared box's, which the slowdown probe (one pass in this process, before and after) can miss,
+    most of all for a process per stage that needs a core of its own."""
+    cores = metadata.get("cores")
+    return [
+        f"other work used {used:.2f} of {cores} cores during {label}'s runs (the machine's busy CPU less this run's "
+        "own): its measured rate is the shared box's"
+        for label, used in metadata.get("other_work_cores", {}).items()
+        if used >= OTHER_WORK_NOTE_CORES
+    ]
+
+
 def simulator_notes(plan_: Plan) -> list[str]:
     """What the simulator notes of the targets' points (a batch size outside the profile's, requests ending at their
     EOS, ...), each once: what a reader of the comparison should know of the predictions."""
@@ -757,7 +774,7 @@ def measure(
     target's runs and probes, and metadata."""
     import torch
 
-    from calibrate.common import base_metadata, check_device
+    from calibrate.common import OtherWork, base_metadata, check_device
     from executor.adapter import ModelAdapter
     from executor.models import load_model, load_tokenizer
 
@@ -776,12 +793,15 @@ def measure(
         _warm_up(plan_, target, batches(prompts, target.batch_size), run_one)
     runs: list[list[Measurement]] = [[] for _ in plan_.targets]
     probes: list[list[float]] = [[] for _ in plan_.targets]
+    others: list[list[float]] = [[] for _ in plan_.targets]
     for repeat in range(repeats):
         order = range(len(plan_.targets)) if repeat % 2 == 0 else reversed(range(len(plan_.targets)))
         for index in order:
             target = plan_.targets[index]
             probes[index] += [probe()] if probe is not None else []
-            runs[index].append(_measure_target(target, batches(prompts, target.batch_size), run_one, plan_))
+            with OtherWork() as other:
+                runs[index].append(_measure_target(target, batches(prompts, target.batch_size), run_one, plan_))
+            others[index] += [other.cores] if other.cores is not None else []
             probes[index] += [probe()] if probe is not None else []
             if progress is not None:
                 progress(f"{target.label}: {runs[index][-1].tokens_per_s:.2f} tok/s")
@@ -797,6 +817,10 @@ def measure(
         if probe is None
         else f"one pass over the layers at (verify, q 1, context {plan_.probe_context}, "
         "batch 1), timed before and after each run: that run's slowdown = their mean over the profile's value",
+        "cores": os.cpu_count(),
+        "other_work_cores": {  # the machine's busy CPU during a target's runs less the run's own, cores (median)
+            t.label: round(statistics.median(o), 2) for t, o in zip(plan_.targets, others, strict=True) if o
+        },
     }
     return [TargetRuns(tuple(r), tuple(p)) for r, p in zip(runs, probes, strict=True)], metadata
 
@@ -816,16 +840,19 @@ def measure_in_processes(
     and the spread take it in. Each process's median tokens/s per target goes into the metadata."""
     check_processes(processes)
     pooled: list[TargetRuns] | None = None
-    medians, wall, first = [], 0.0, None
+    medians, wall, first, others = [], 0.0, None, {}
     for index in range(processes):
         runs, metadata = _measure_process(request, threads, repeats, progress, f"process {index + 1}/{processes}")
         first = first or metadata
+        for label, cores in metadata.get("other_work_cores", {}).items():  # the busiest process's
+            others[label] = max(cores, others.get(label, 0.0))
         wall += metadata["measure_wall_s"]
         medians.append([round(statistics.median(m.tokens_per_s for m in r.runs), 4) for r in runs])
         pooled = runs if pooled is None else pool_runs(pooled, runs)
     assert pooled is not None and first is not None
     return pooled, {
         **first, "processes": processes, "process_medians_tokens_per_s": medians, "measure_wall_s": round(wall, 1),
+        "other_work_cores": others,
         "order": f"{first['order']}; in {processes} fresh processes one after another, their runs pooled",
     }  # fmt: skip
 

@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
               "make it longer; a batch point runs its prompts in batches)")  # fmt: skip
     if any(c.noisy(args.tolerance) for c in comparisons):
         print("! the repeats spread wider than the tolerance: that point's error cannot be told from noise")
+    for note in validate.other_work_notes(metadata):
+        print(f"note: {note}")
     notes = validate.simulator_notes(plan)
     for note in notes:
         print(f"note (simulator): {note}")

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from executor.runtime import add_threads_argument, check_device, flag_defaults, use_threads
+from executor.runtime import add_threads_argument, check_device, flag_defaults, parse_boundaries, use_threads
 from sim.formats import long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -43,10 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
     source.add_argument("--prompt-ids", help="prompt as comma-separated token ids (no tokenizer needed)")
     parser.add_argument("--method", default="eesd", help="ar | eesd | ppsd (default: eesd)")
-    parser.add_argument("--stages", type=int, default=2, help="ppsd: pipeline stages (default: 2)")
     parser.add_argument(
-        "--stage-boundaries", default=None, help="ppsd: layer cut points, e.g. 3,6 (they set --stages: 3 there)"
+        "--stages", type=int, default=None, help="ppsd: pipeline stages (default: 2, or what --stage-boundaries cut)"
     )
+    parser.add_argument(
+        "--stage-boundaries", default=None,
+        help="ppsd: layer cut points, e.g. 3,6 (3 stages), or every bound, e.g. 0,3,6,9 on 9 layers",
+    )  # fmt: skip
     parser.add_argument(
         "--backend", default="sequential", help="ppsd: sequential | streams | distributed (default: sequential)"
     )
@@ -199,9 +202,9 @@ def _check_pipeline_flags(args: argparse.Namespace) -> None:
 
     if args.backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
-    if args.stage_boundaries is not None and args.stages == 2:  # the cut points say how many stages there are
-        cuts = [part for part in args.stage_boundaries.split(",") if part.strip()]
-        args.stages = len(cuts) + 1 if cuts else args.stages
+    cuts = parse_boundaries(args.stage_boundaries)
+    if args.stages is None:  # the cut points say how many stages there are (every bound: a leading 0)
+        args.stages = 2 if cuts is None else len(cuts) - 1 if cuts[:1] == [0] else len(cuts) + 1
     if args.stages < 2:
         raise ValueError(f"--stages must be >= 2 (a pipeline of stages), got {args.stages}")
     if args.stall_timeout is not None and args.backend != "distributed":
@@ -223,15 +226,6 @@ def _tokenized(args: argparse.Namespace, tokenizer) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(args.prompt)["input_ids"]
-
-
-def _ints(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--stage-boundaries must be comma-separated integers, got {text!r}") from None
 
 
 def _stops(args: argparse.Namespace, tokenizer) -> list | None:
@@ -360,12 +354,13 @@ def run(args: argparse.Namespace) -> int:
         no_repeat_ngram_size=args.no_repeat_ngram_size,
     )  # fmt: skip
     stall = {} if args.stall_timeout is None else {"stall_timeout_s": args.stall_timeout}
+    cuts = parse_boundaries(args.stage_boundaries)
 
     def call():
         return generate(
             model, prompt, method=args.method, exit_layer=exit_layer, draft_len=args.draft_len,
-            policy=policy, head=args.head, stages=args.stages, stage_boundaries=_ints(args.stage_boundaries),
-            backend=args.backend, sync_every=args.sync_every, **stall, **common,
+            policy=policy, head=args.head, stages=args.stages or 2, stage_boundaries=cuts, backend=args.backend,
+            sync_every=args.sync_every, **stall, **common,
             **({"draft_dtype": args.draft_dtype} if args.draft_dtype else {}),
             **({} if args.verify_buckets else {"verify_buckets": False}),
         )  # fmt: skip
@@ -382,7 +377,8 @@ def run(args: argparse.Namespace) -> int:
     print(tokenizer.decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else new_tokens)
     drafting = f"exit layer {result.exit_layer}" + (f" ({args.head})" if args.head else "")
     named = result.exit_layer is not None and args.method == "eesd"  # (PPSD's stats name their stages' layers)
-    print((f"{drafting}; " if named else "") + result.stats.summary())
+    head = f"head {args.head}; " if args.head and args.method == "ppsd" else ""  # (and its exit layer)
+    print((f"{drafting}; " if named else head) + result.stats.summary())
     if args.warmup == 0 and result.stats.capture != "none":
         print(f"(a first call: its time includes capturing its passes ({result.stats.capture}); --warmup 1 times a "
               "warm call)")  # fmt: skip

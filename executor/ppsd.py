@@ -129,6 +129,11 @@ def plan_stages(
     if exit_layer is None:
         exit_layer = bounds[1]
     if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= bounds[1]:
+        if stage_boundaries is None:  # stage 1 moves to an exit past its balanced end, leaving a layer a stage
+            raise ValueError(
+                f"exit_layer must be an integer in [1, {num_layers - stages + 1}] for {stages} stages of {num_layers} "
+                f"layers (past balanced stage 1's end, {bounds[1]}, stage 1 ends at it), got {exit_layer!r}"
+            )
         raise ValueError(
             f"exit_layer must lie inside stage 1, i.e. be an integer in [1, {bounds[1]}] for stages {_describe(bounds)}"
             f", got {exit_layer!r}"
@@ -798,6 +803,9 @@ def check_backend(adapter: ModelAdapter, backend: str) -> None:
         )
 
 
+MIN_STALL_TIMEOUT_S = 0.25  # five of the stage processes' most frequent heartbeats (every 0.05 s at most often)
+
+
 def check_stall_timeout(stall_timeout_s: float) -> None:
     if (
         isinstance(stall_timeout_s, bool)
@@ -805,6 +813,11 @@ def check_stall_timeout(stall_timeout_s: float) -> None:
         or not (0 < stall_timeout_s < float("inf"))
     ):
         raise ValueError(f"stall_timeout_s must be a finite number of seconds > 0, got {stall_timeout_s!r}")
+    if stall_timeout_s < MIN_STALL_TIMEOUT_S:
+        raise ValueError(
+            f"stall_timeout_s must be at least {MIN_STALL_TIMEOUT_S} s (stage processes beat every 0.05 s at most "
+            f"often, and a healthy run must not look stalled), got {stall_timeout_s!r}"
+        )
 
 
 def decode_ppsd(

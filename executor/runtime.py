@@ -144,3 +144,13 @@ def datasheet_tbps(device: torch.device) -> float | None:
 
     name = torch.cuda.get_device_name(device)
     return next((tbps for card, tbps in DATASHEET_TBPS.items() if card in name), None)
+
+
+def parse_boundaries(text: str | None) -> list[int] | None:
+    """`--stage-boundaries`' layer numbers (None where not given); a user's mistake is a ValueError naming the flag."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--stage-boundaries must be comma-separated layer numbers, e.g. 8,19, got {text!r}") from None

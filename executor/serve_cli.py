@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from executor.runtime import add_threads_argument, check_device, flag_defaults, use_threads
+from executor.runtime import add_threads_argument, check_device, flag_defaults, parse_boundaries, use_threads
 from sim.formats import long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -112,15 +112,6 @@ def check_flags(args: argparse.Namespace, methods: list[str]) -> None:
             raise ValueError(f"{flag} is for --replicas 2 or more (which replica a request goes to)")
         if users is not None and not set(users) & set(methods):
             raise ValueError(f"{flag} is for --methods {' or '.join(users)}, got --methods {','.join(methods)}")
-
-
-def parse_boundaries(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--stage-boundaries must be comma-separated layer numbers, e.g. 8,19, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -355,7 +355,7 @@ def _exit_layer(s: Scenario, model: ModelConfig, where: str) -> int:
             return default_exit_layer(layers)
         n = s.topology.stages if isinstance(s.topology.stages, int) else len(s.topology.stages)
         first = s.topology.stages[0].layers if isinstance(s.topology.stages, list) else None
-        return first or _balanced(layers, max(n, 2))[0]
+        return first or balanced_counts(layers, max(n, 2))[0]
     if not 1 <= s.exit_layer < layers:
         raise ScenarioError(
             f"{where}: exit_layer: expected 1 <= exit_layer < {layers} (model layers), got {s.exit_layer}"
@@ -410,6 +410,11 @@ def _stages(
             "executor's lockstep ticks): give each stage its own device, or ppsd_backend distributed"
         )
     profile = _profile(point)
+    if method == "ppsd" and s.ppsd_backend == "streams" and profile and profile.metadata.get("device_type") == "cpu":
+        raise ScenarioError(
+            f"{where}: ppsd_backend: streams runs one CUDA stream per stage on a GPU (the executor refuses it "
+            f"without one); {profile.path} was measured on a CPU: expected sequential or distributed"
+        )
     draft_profile = _draft_profile(point, draft_dtype, profile, where)
     host = _host(point, profile, method, reads_every or s.sync_every, where)
     tp_link = _link(topo.tp_link, point, "topology.tp_link")
@@ -543,13 +548,13 @@ def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_lay
         raise ScenarioError(f"{where}: topology.stages: give 'layers' for every stage or for none")
     elif n > layers:
         raise ScenarioError(f"{where}: topology.stages: {n} stages but only {layers} layers")
-    elif s.method == "ppsd" and s.exit_layer is not None and n > 1 and exit_layer > _balanced(layers, n)[0]:
+    elif s.method == "ppsd" and s.exit_layer is not None and n > 1 and exit_layer > balanced_counts(layers, n)[0]:
         if layers - exit_layer < n - 1:
             left = layers - exit_layer
             raise ScenarioError(f"{where}: exit_layer: leaves {left} layer{'s' * (left != 1)} for {n - 1} later stages")
-        counts = [exit_layer, *_balanced(layers - exit_layer, n - 1)]
+        counts = [exit_layer, *balanced_counts(layers - exit_layer, n - 1)]
     else:
-        counts = _balanced(layers, n)
+        counts = balanced_counts(layers, n)
     if s.method == "ppsd" and exit_layer > counts[0]:
         raise ScenarioError(
             f"{where}: exit_layer: ppsd drafts inside stage 1, so it must be at most {counts[0]} (stage 1's layers), "
@@ -558,7 +563,7 @@ def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_lay
     return counts  # type: ignore[return-value]
 
 
-def _balanced(layers: int, n: int) -> list[int]:
+def balanced_counts(layers: int, n: int) -> list[int]:
     """Stage sizes that differ by at most one layer, the later stages taking the extra ones (as the executor's PPSD
     lays its stages out: stage 1 also runs the exit head)."""
     base, extra = divmod(layers, n)

@@ -26,7 +26,7 @@ from sim.acceptance import TraceAcceptance
 from sim.engine import RunResult, Simulation, trace_tracks
 from sim.formats import quote, save_figure_atomic, write_text_atomic
 from sim.latency import ProfileLatency
-from sim.plan import ONE_HOST_BACKENDS, SimPlan, build_plan
+from sim.plan import ONE_HOST_BACKENDS, SimPlan, balanced_counts, build_plan
 from sim.policy import parse_policy_spec
 from sim.progress import progress_bar
 from sim.scenario import GPUConfig, LinkConfig, Point, Scenario, TopologyConfig, claimed_dtype, narrow_draft_dtype
@@ -103,6 +103,7 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
     scenario said `acceptance.reuse: cycle`), whose requests end at their EOS before `output_len`, or whose drafts
     ran in another dtype than the point's (its acceptance replayed as recorded)."""
     notes = plan_notes(plan, point.scenario) + _inline_gpu_notes(point.scenario) + _partial_batch_notes(plan)
+    notes += _core_notes(plan)
     if not isinstance(plan.acceptance, TraceAcceptance):
         return tuple(notes)
     w = plan.workload
@@ -131,6 +132,23 @@ def _notes(plan: SimPlan, point: Point) -> tuple[str, ...]:
             f"{drafts or 'the model dtype'} (draft_dtype): its acceptance is replayed as recorded"
         )
     return tuple(notes)
+
+
+def _core_notes(plan: SimPlan) -> list[str]:
+    """PPSD with a process per stage on a CPU whose cores (its profile's device names them) cannot give every stage
+    process its torch threads: the executor's processes then share cores, which the simulator does not price."""
+    if plan.method != "ppsd" or plan.ppsd_backend in ONE_HOST_BACKENDS:
+        return []
+    found = re.search(r"\((\d+) cores?, (\d+) torch threads?\)", plan.stages[0].device)
+    processes = len({plan.device_of(i) for i in range(len(plan.stages))})
+    if found is None or processes * int(found[2]) <= int(found[1]):
+        return []
+    cores, threads = int(found[1]), int(found[2])
+    return [
+        f"{processes} stage processes of {threads} torch thread{'s' * (threads != 1)} each need "
+        f"{processes * threads} cores, the profile's CPU has {cores}: the executor's processes would share them, "
+        "which the simulator does not price (each stage runs as if on cores of its own)"
+    ]
 
 
 def _partial_batch_notes(plan: SimPlan) -> list[str]:
@@ -599,18 +617,17 @@ def _at(item: PointResult, dropped: tuple[str, ...]) -> str:
 
 def summary_table(results: Sequence[PointResult]) -> str:
     """A fixed-width table: one line per point; the exit layer where the points draft at different ones, and each
-    stage's layers where pipelines of as many stages split them differently (an exit past balanced stage 1's end)."""
+    stage's layers where a pipeline's are not balanced (given, or an exit past balanced stage 1's end)."""
     rows = [result_row(item) for item in results]
     swept = list(results[0].point.values) if results else []
     layers = {item.exit_layer for item in results if item.result.method != "ar"}
-    splits: dict[int, set[tuple[int, ...]]] = {}
-    for item in results:
-        splits.setdefault(len(item.layers), set()).add(item.layers)
+    uneven = any(len(item.layers) > 1 and list(item.layers) != balanced_counts(sum(item.layers), len(item.layers))
+                 for item in results)  # fmt: skip
     columns = [
         *[f for f in swept if f != "method"],
         "method",
         *(["exit_layer"] if len(layers) > 1 and "exit_layer" not in swept else []),
-        *(["layers"] if any(len(found) > 1 for n, found in splits.items() if n > 1) else []),
+        *(["layers"] if uneven else []),
         "tokens_per_s",
         "ms_per_token",
         "speedup",

@@ -154,6 +154,9 @@ def test_cli_reports_user_errors_without_traceback(saved_model, args, message, c
         (["--chat"], "--chat wraps --prompt's text"),
         (["--method", "ppsd", "--backend", "bogus"], "--backend must be one of sequential, streams, distributed"),
         (["--method", "ppsd", "--stages", "0"], "--stages must be >= 2 (a pipeline of stages), got 0"),
+        (["--stages", "2"], "--stages is for --method ppsd, got --method eesd"),  # the default's value, given
+        (["--method", "ppsd", "--stage-boundaries", ",10"], "--stage-boundaries must be comma-separated layer numbers"),
+        (["--method", "ppsd", "--stage-boundaries", ""], "--stage-boundaries must be comma-separated layer numbers"),
         (["--method", "ppsd", "--stall-timeout", "5"], "--stall-timeout is for --backend distributed"),
         (["--method", "ppsd", "--backend", "distributed", "--stop", "x"], "--stop is not supported with --backend"),
         (["--policy", "fixed:2", "--draft-len", "3"], "--draft-len 3 and --policy fixed:2: the policy sets the draft"),
@@ -358,6 +361,18 @@ def test_every_command_takes_a_dtype_by_either_name():
     calibrate_arguments(calibrate)
     args = calibrate.parse_args(["latency", "--model", "m", "--out", "o", "--dtype", "float32"])
     assert args.dtype == "fp32"
+
+
+def test_cli_stage_count_given_and_cut_points_must_agree(saved_model, capsys):
+    """Every bound (0,1,2,4: a leading 0) makes as many stages as the cut points 1,2 do; a --stages given that the cut
+    points contradict is refused, as a --stages other than the default's value was."""
+    common = ("generate", "--model", str(saved_model), "--prompt-ids", "1,2,3", "--method", "ppsd", "--threads", "1",
+              "--max-new-tokens", "3", "--no-progress")  # fmt: skip
+    for bounds in ("1,2", "0,1,2,4"):
+        assert cli_status(*common, "--stage-boundaries", bounds) == 0
+        assert "3 stages [0,1) [1,2) [2,4)" in capsys.readouterr().out
+    assert cli_status(*common, "--stage-boundaries", "1,2", "--stages", "2") == 2
+    assert "stage_boundaries must hold the 1 cut points between 2 stages" in capsys.readouterr().err
 
 
 def test_cli_stage_boundaries_set_the_stage_count(tmp_path, capsys):

@@ -553,6 +553,24 @@ def test_bad_case_names_and_stage_links_are_refused(tmp_path: Path, sweep: dict,
         load_points(write(tmp_path, {**BASE, "sweep": sweep}))
 
 
+def test_a_cpu_profile_refuses_streams_and_notes_stage_processes_past_its_cores(tmp_path: Path) -> None:
+    """The executor runs `streams` on a GPU only; a process per stage on the 2-core Xeon profile (1 torch thread) fits
+    2 stages, while 3 would share cores, which a note says."""
+    from sim.runner import point_notes
+
+    profile = ROOT / "calibration" / "cpu-xeon" / "latency_smollm2-135m_cpu_fp32.csv"
+    data = {**BASE, "dtype": "fp32", "latency": {"profile": {"path": str(profile), "cuda_graphs": False}},
+            "topology": {"stages": 2, "link": "ideal"}}  # fmt: skip
+    with pytest.raises(ScenarioError, match="ppsd_backend: streams runs one CUDA stream per stage on a GPU"):
+        load_points(write(tmp_path, {**data, "ppsd_backend": "streams"}))
+    fits, shares = load_points(write(tmp_path, {**data, "sweep": {"topology.stages": [2, 3]}}))
+    wanted = "3 stage processes of 1 torch thread each need 3 cores, the profile's CPU has 2"
+    assert not any("cores" in note for note in point_notes(fits))
+    assert any(note.startswith(wanted) for note in point_notes(shares))
+    one_host = load_points(write(tmp_path, {**data, "ppsd_backend": "sequential", "topology": {"stages": 3}}))
+    assert not any("cores" in note for note in point_notes(one_host[0]))
+
+
 def test_a_missing_scenario_and_a_folder_given_as_one_are_told_apart(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.yaml: scenario file not found"):
         load_points(tmp_path / "nope.yaml")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,7 @@ def test_real_run_of_the_shipped_cpu_scenario(tmp_path, capsys) -> None:
     report = json.loads(out.read_text())
     assert report["metadata"]["prompts"] == ["builtin/chat-01"] and report["metadata"]["dtype"] == "float32"
     assert {"torch_version", "transformers_version", "date", "device", "scenario"} <= set(report["metadata"])
+    assert set(report["metadata"]["other_work_cores"]) == {"ar", "eesd E=22 fixed:4"}  # what else the box ran
     ar, eesd = report["rows"]
     assert ar["method"] == "ar" and ar["executor_tokens_per_round"] == 1.0 and ar["executor_tokens_per_s"] > 0
     assert (eesd["exit_layer"], eesd["draft_len"]) == (22, 4)
@@ -298,8 +300,37 @@ def test_runs_in_fresh_processes_are_pooled(tmp_path) -> None:
     assert [len(row["executor_runs_tokens_per_s"]) for row in report["rows"]] == [2, 2]
     medians = report["metadata"]["process_medians_tokens_per_s"]
     assert report["metadata"]["processes"] == 2 and len(medians) == 2 and all(len(m) == 2 for m in medians)
+    assert len(report["metadata"]["other_work_cores"]) == 2  # each target's, the busiest process's
     assert [medians[0][0], medians[1][0]] == pytest.approx(report["rows"][0]["executor_runs_tokens_per_s"], abs=1e-3)
     assert report["rows"][1]["executor_tokens_per_round"] > 1.0
+
+
+def test_other_work_counts_what_else_the_machine_ran_and_not_the_runs_own() -> None:
+    """A process this one has not reaped, spinning through the block, is other work (about a core); this process's own
+    spinning is not. Over 0.25 cores a target's runs are named in a note."""
+    import subprocess
+    import sys
+
+    from calibrate.common import OtherWork
+
+    spin = "import time\nend = time.time() + 30\nwhile time.time() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)  # the interpreter up and spinning
+        with OtherWork() as other:
+            time.sleep(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    with OtherWork() as own:
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            pass
+    assert other.cores is not None and own.cores is not None
+    assert other.cores > 0.7 and own.cores < other.cores - 0.4
+    notes = validate.other_work_notes({"cores": 2, "other_work_cores": {"ar": 0.1, "ppsd distributed n=2 E=15": 0.9}})
+    assert notes == ["other work used 0.90 of 2 cores during ppsd distributed n=2 E=15's runs (the machine's busy CPU "
+                     "less this run's own): its measured rate is the shared box's"]  # fmt: skip
 
 
 def test_pooled_runs_keep_each_targets_runs_and_probes_in_order() -> None:
