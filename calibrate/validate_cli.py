@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         check_output("--json", args.json)
     plan = validate.plan(args.scenario, args.prompts, args.max_new_tokens, args.points, args.model)
     print(
-        f"{plan.name}: {len(plan.targets)} point(s) × {len(plan.prompt_ids)} prompt(s) × {plan.max_new_tokens} "
-        f"tokens, model {plan.model} ({plan.dtype}, {plan.device_type}), head {plan.head}"
+        f"{plan.name}: {len(plan.targets)} configuration(s) (AR's included) × {len(plan.prompt_ids)} prompt(s) × "
+        f"{plan.max_new_tokens} tokens, model {plan.model} ({plan.dtype}, {plan.device_type}), head {plan.head}"
     )
     print(f"profile: {plan.profile_path} ({plan.profile_device})\ntrace:   {plan.trace_path}")
     if plan.host_work_path is not None:

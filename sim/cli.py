@@ -59,16 +59,16 @@ def run(args: argparse.Namespace) -> int:
         print(said)
     for line in fastest(results):
         print(line)
+    for note in dict.fromkeys(note for r in results for note in r.notes):  # beside the table they qualify
+        print(f"note: {note}")
+    for note in (extrapolation_note(results), default_exit_note(results)):
+        if note:
+            print(f"note: {note}")
     written = write_outputs(results, out_dir)
     for path in written:
         print(f"wrote {path}")
     if len(points) > 1 and not plots_available():
         print('note: no speedup plots (matplotlib is not installed: pip install -e ".[plots]")')
-    for note in dict.fromkeys(note for r in results for note in r.notes):
-        print(f"note: {note}")
-    for note in (extrapolation_note(results), default_exit_note(results)):
-        if note:
-            print(f"note: {note}")
     if args.break_even is not None:
         written += _break_even(points, args.break_even, out_dir, jobs)
     for path in remove_stale(out_dir, "simulate", written):

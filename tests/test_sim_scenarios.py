@@ -26,6 +26,13 @@ def test_the_five_documented_scenarios_ship() -> None:
     assert {"quickstart", "eesd_exit_sweep", "ppsd_stages_links", "llama70b_gpus", "beta_ts_vs_fixed"} <= names
 
 
+def test_every_shipped_scenario_has_a_row_in_the_scenarios_readme() -> None:
+    """scenarios/README.md's tables say what each file shows: none ships unlisted."""
+    text = (ROOT / "scenarios" / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| `([^`]+\.yaml)` \|", text, flags=re.MULTILINE))
+    assert sorted(p.name for p in (ROOT / "scenarios").glob("*.yaml") if p.name not in listed) == []
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_scenario_runs(path: Path, tmp_path: Path) -> None:
     points = load_points(path)

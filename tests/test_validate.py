@@ -63,7 +63,7 @@ def fail_with(capsys, argv: list[str], *fragments: str) -> str:
         ({"topology__tp": 3}, ("topology.tp:", "expected 1, got 3")),
         ({**PPSD, "workload__batch_size": 2}, ("workload.batch_size:", "PPSD decodes one prompt", "expected 1, got 2")),
         ({**PPSD, "max_in_flight": 1}, ("max_in_flight:", "one token per stage")),
-        ({**PPSD, "ppsd_backend": "streams"}, ("ppsd_backend:", "streams runs one CUDA stream", "measured on cpu")),
+        ({**PPSD, "ppsd_backend": "streams"}, ("ppsd_backend:", "streams runs one CUDA stream", "measured on a CPU")),
         ({**PPSD, "topology__devices": 2}, ("topology.devices:", "sequential backend runs the stages on 1 device")),
         ({**PPSD, "ppsd_backend": "distributed"}, ("topology.link:", "over gloo here", "got ideal")),
         ({**PPSD, "ppsd_backend": "free"}, ("ppsd_backend:", "no executor backend runs")),
