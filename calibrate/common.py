@@ -208,10 +208,13 @@ def own_cpu_s() -> float:
 
 class OtherWork:
     """Over a `with` block: how many cores' worth of CPU everything but this process and the children it reaped used
-    (`cores`; None where the machine's busy time cannot be read): what a run on a shared box shares its cores with."""
+    (`cores`; None where the machine's busy time cannot be read): what a run on a shared box shares its cores with.
+    The run's processes that another process reaps (PPSD's distributed stages, forked by a fork server) are added to
+    `elsewhere_s` inside the block, from their own account (`PPSDStats.process_cpu_s`)."""
 
     def __init__(self) -> None:
         self.cores: float | None = None
+        self.elsewhere_s = 0.0
 
     def __enter__(self) -> OtherWork:
         self._start = (time.perf_counter(), machine_busy_s(), own_cpu_s())
@@ -222,7 +225,7 @@ class OtherWork:
         now, wall = machine_busy_s(), time.perf_counter() - begin
         if busy is None or now is None or wall <= 0:
             return
-        self.cores = max(0.0, (now - busy) - (own_cpu_s() - own)) / wall
+        self.cores = max(0.0, (now - busy) - (own_cpu_s() - own) - self.elsewhere_s) / wall
 
 
 def base_metadata(model: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -56,7 +56,7 @@ from sim.models import named_model
 from sim.plan import build_plan, exit_layer_of
 from sim.policy import make_policy, with_cost
 from sim.runner import point_notes, simulate_point
-from sim.scenario import LinkConfig, Point, claimed_dtype, narrow_draft_dtype
+from sim.scenario import LinkConfig, Point, StageConfig, claimed_dtype, narrow_draft_dtype
 from sim.scenario import validate as validate_scenario
 
 # the scenario fields the executor varies between points; every other field must be the same at every point
@@ -571,9 +571,10 @@ def _check_ppsd_backend(where: str, point: Point, stages: int, device_type: str)
         )
     if backend == "distributed":
         wanted = LINK_BACKENDS.get(device_type, "gloo")
-        links = [("topology.link", topology.link)]
-        if isinstance(topology.stages, list):
-            links += [(f"topology.stages[{i}].link", c.link) for i, c in enumerate(topology.stages) if c.link]
+        configs = topology.stages if isinstance(topology.stages, list) else [StageConfig()] * stages
+        # the link each stage hands on over (the last stage's: back to stage 1), its own or the topology's
+        links = [(f"topology.stages[{i}].link", c.link) if c.link else ("topology.link", topology.link)
+                 for i, c in enumerate(configs)]  # fmt: skip
         for field, link in links:
             profile = link.profile if isinstance(link, LinkConfig) else None
             measured = read_link_profile(point.base_dir / profile).metadata["backend"] if profile else None
@@ -800,7 +801,7 @@ def measure(
             target = plan_.targets[index]
             probes[index] += [probe()] if probe is not None else []
             with OtherWork() as other:
-                runs[index].append(_measure_target(target, batches(prompts, target.batch_size), run_one, plan_))
+                runs[index].append(_measure_target(target, batches(prompts, target.batch_size), run_one, plan_, other))
             others[index] += [other.cores] if other.cores is not None else []
             probes[index] += [probe()] if probe is not None else []
             if progress is not None:
@@ -978,13 +979,16 @@ def _executor(plan_: Plan, adapter: Any) -> Callable[..., Any]:
 
 
 def _measure_target(
-    target: Target, groups: list[list[list[int]]], run_one: Callable[..., Any], plan_: Plan
+    target: Target, groups: list[list[list[int]]], run_one: Callable[..., Any], plan_: Plan, other: Any = None
 ) -> Measurement:
     """One timed run of a target over every batch: decode tokens, decode seconds, and rounds (AR: its decode steps
-    per row; EESD: its rounds per row; PPSD: its ticks)."""
+    per row; EESD: its rounds per row; PPSD: its ticks). `other` (a `calibrate.common.OtherWork`) is told the CPU of
+    the run's stage processes, which this process does not reap."""
     tokens, seconds, rounds = 0, 0.0, 0
     for group in groups:
         stats = run_one(target, group, plan_.max_new_tokens)
+        if other is not None:
+            other.elsewhere_s += getattr(stats, "process_cpu_s", 0.0)
         decode = stats.new_tokens - len(group)
         tokens += decode
         seconds += stats.wall_time_s - stats.prefill_time_s

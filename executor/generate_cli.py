@@ -10,7 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from executor.runtime import add_threads_argument, check_device, flag_defaults, parse_boundaries, use_threads
+from executor.runtime import (
+    add_threads_argument,
+    check_device,
+    flag_defaults,
+    parse_boundaries,
+    stage_count,
+    use_threads,
+)
 from sim.formats import long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -136,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stall-timeout", type=float, default=None, metavar="SECONDS",
         help="ppsd distributed: a stage process silent this long (stopped or hung) stops the run, naming it "
-        "(default: 30; a healthy run has no time limit)",
+        "(default: 30, at least 0.25; a healthy run has no time limit)",
     )  # fmt: skip
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument(
@@ -202,11 +209,10 @@ def _check_pipeline_flags(args: argparse.Namespace) -> None:
 
     if args.backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
-    cuts = parse_boundaries(args.stage_boundaries)
-    if args.stages is None:  # the cut points say how many stages there are (every bound: a leading 0)
-        args.stages = 2 if cuts is None else len(cuts) - 1 if cuts[:1] == [0] else len(cuts) + 1
+    given, args.stages = args.stages, stage_count(args.stages, parse_boundaries(args.stage_boundaries))
     if args.stages < 2:
-        raise ValueError(f"--stages must be >= 2 (a pipeline of stages), got {args.stages}")
+        flag = "--stages" if given is not None else f"--stage-boundaries {args.stage_boundaries} (cut points)"
+        raise ValueError(f"{flag} must make at least 2 stages (a pipeline of stages), got {args.stages}")
     if args.stall_timeout is not None and args.backend != "distributed":
         raise ValueError(f"--stall-timeout is for --backend distributed (its stage processes), got --backend "
                          f"{args.backend}")  # fmt: skip

@@ -204,6 +204,7 @@ class PPSDStats(GenerationStats):
     flushes: int = 0
     stage_stats: list[StageStats] = field(default_factory=list)
     setup_time_s: float = 0.0  # distributed: starting the processes and handing out the model, not in wall_time_s
+    process_cpu_s: float = 0.0  # distributed: CPU seconds the stage processes used, setup included (all ranks)
 
     @property
     def alpha(self) -> float:

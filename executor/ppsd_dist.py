@@ -436,6 +436,7 @@ def _worker(rank: int, init_method: str, job: WorkerJob, connection) -> None:
         selector = make_selector(adapter, len(job.prompt), sink, job.sampling, job.min_new_tokens)
         head = job.head.build(adapter) if job.head is not None else None
         stats = run_stage(adapter, job.plan, rank, job.prompt, sink, selector, lambda t: link.send("tokens", t), head)
+        stats.process_cpu_s = time.process_time()  # this rank's CPU, which the caller's own process times never see
         link.send("stats", stats)
         link.close()
         dist.destroy_process_group()
@@ -653,6 +654,7 @@ def _merge(plan: StagePlan, sink: TokenSink, reports: dict[int, PPSDStats]) -> P
     """The run's stats: the last rank's count and times, each stage's own time from its rank."""
     stats = reports[plan.stages - 1]
     stats.stage_stats = [reports[rank].stage_stats[rank] for rank in range(plan.stages)]
+    stats.process_cpu_s = sum(report.process_cpu_s for report in reports.values())
     stats.new_tokens = len(sink.tokens)
     return stats
 

@@ -154,3 +154,13 @@ def parse_boundaries(text: str | None) -> list[int] | None:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise ValueError(f"--stage-boundaries must be comma-separated layer numbers, e.g. 8,19, got {text!r}") from None
+
+
+def stage_count(stages: int | None, cuts: list[int] | None) -> int:
+    """`--stages`, or where it is not given as many stages as `--stage-boundaries`' cut points make (every bound,
+    0 first: one fewer than the bounds), else 2."""
+    if stages is not None:
+        return stages
+    if cuts is None:
+        return 2
+    return len(cuts) - 1 if cuts[:1] == [0] else len(cuts) + 1

@@ -22,7 +22,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from executor.runtime import add_threads_argument, check_device, flag_defaults, parse_boundaries, use_threads
+from executor.runtime import (
+    add_threads_argument,
+    check_device,
+    flag_defaults,
+    parse_boundaries,
+    stage_count,
+    use_threads,
+)
 from sim.formats import long_dtype
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -39,10 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", default="shared", help="eesd: exit head, shared | shared:N | FILE")
     parser.add_argument("--max-batch", type=int, default=8, help="batch slots of ar and eesd (default: 8)")
     parser.add_argument(
-        "--stages", type=int, default=2, help="ppsd: pipeline stages (default: 2); it serves one request at a time, "
-        "drafting at the end of stage 1 (with --head FILE, at the head's exit layer)",
+        "--stages", type=int, default=None, help="ppsd: pipeline stages (default: 2, or what --stage-boundaries cut); "
+        "it serves one request at a time, drafting at the end of stage 1 (with --head FILE, at the head's exit layer)",
     )  # fmt: skip
-    parser.add_argument("--stage-boundaries", default=None, help="ppsd: cut points, e.g. 15 or 8,19 (default: even)")
+    parser.add_argument(
+        "--stage-boundaries", default=None, help="ppsd: cut points, e.g. 15 or 8,19, or every bound (default: even)"
+    )
     parser.add_argument(
         "--backend",
         default="sequential",
@@ -122,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     check_flags(args, methods)
     args.stage_boundaries = parse_boundaries(args.stage_boundaries)
+    args.stages = stage_count(args.stages, args.stage_boundaries)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.json is not None:

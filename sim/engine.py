@@ -452,7 +452,9 @@ class Simulation:
         self.hand_offs: list[_HandOff] = []
         n = len(self.stages)
         self.links = [SimLink(self, plan.link_after(i), s, n + i) for i, s in enumerate(self.stages[1:])]
-        self.return_link = SimLink(self, plan.return_link, self.stages[0], 2 * n - 1)
+        # token ids back to stage 1 from the stage where a pass ended (`SimPlan.link_back`), on one trace track
+        self.links_back = [SimLink(self, plan.link_back(i), self.stages[0], 2 * n - 1) for i in range(n)]
+        self.return_link = self.links_back[-1]  # from the last stage: a PPSD token's, a full pass's
         self.trace: list[dict[str, Any]] | None = [] if trace_limit > 0 else None
         self.trace_limit = trace_limit
         self._costs: dict[tuple[str, int, int], PassCost] = {}
@@ -977,7 +979,7 @@ class Simulation:
         self.stages[first].put(job, self.shortcuts)
         yield job.done
         if last > 0 and not job.returned:  # the sampled token ids go back to stage 1
-            back_us = self.return_link.delay_us(TOKEN_ID_BYTES * batch)
+            back_us = self.links_back[last].delay_us(TOKEN_ID_BYTES * batch)
             self._trace_return(back_us, context_len, batch)
             yield self.env.timeout(back_us)
 
@@ -1063,7 +1065,7 @@ class Simulation:
         timeline = None
         if first == 0 and all([duration > 0.0 for duration in durations]):
             afters = [self.links[i].delay_us(link_bytes[i]) for i in range(last)]
-            afters.append(self.return_link.delay_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0)
+            afters.append(self.links_back[last].delay_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0)
             timeline = tuple((i, durations[i], max(afters[i], 0.0)) for i in range(last + 1))
         self._timelines[key] = timeline
         return timeline
@@ -1091,7 +1093,7 @@ class Simulation:
         env = self.env
         if job.last_stage > 0 and last_act and not self.hand_offs and env.peek() > env.now:
             job.returned = True
-            back_us = self.return_link.delay_us(TOKEN_ID_BYTES * job.batch)
+            back_us = self.links_back[job.last_stage].delay_us(TOKEN_ID_BYTES * job.batch)
             self._trace_return(back_us, job.position, job.batch)
             job.done.at_end(back_us)  # type: ignore[union-attr]
         else:

@@ -28,7 +28,15 @@ from sim.acceptance import (
     check_trace_fits,
 )
 from sim.contention import Contention, ProfiledContention, Serial, SharedBandwidth
-from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, draft_capacity, span_bucket, verify_drafts
+from sim.contract import (
+    ID_BYTES,
+    SYNC_CAPTURED,
+    cache_capacity,
+    default_exit_layer,
+    draft_capacity,
+    span_bucket,
+    verify_drafts,
+)
 from sim.cost import cost_ratio, head_vocab_fraction, round_costs
 from sim.formats import (
     DataFile,
@@ -199,8 +207,17 @@ class SimPlan:
     @property
     def return_link(self) -> LinkModel:
         """The link the last stage's token ids take back to stage 1: the last stage's own, else the plan's."""
-        last = len(self.stages) - 1
-        return IDEAL_LINK if self.device_of(last) == self.device_of(0) else self.stages[last].link or self.link
+        return self.link_back(len(self.stages) - 1)
+
+    def link_back(self, stage: int) -> LinkModel:
+        """The link token ids take back to stage 1 from `stage`, where a pass ended: none from stage 1's device; the
+        last stage's own link (else the plan's) from the last stage; from a stage in between, the slowest hop on the
+        way there (the way back crosses what the way there crossed: a node boundary, say)."""
+        if self.device_of(stage) == self.device_of(0):
+            return IDEAL_LINK
+        if stage == len(self.stages) - 1:
+            return self.stages[stage].link or self.link
+        return max((self.link_after(i) for i in range(stage)), key=lambda link: link.time_us(ID_BYTES))
 
     @property
     def links(self) -> tuple[LinkModel, ...]:
@@ -445,9 +462,23 @@ def _stages(
         _check_shared_devices(tuple(stages))
     except ValueError as err:
         raise ScenarioError(f"{where}: topology: {err}") from None
+    _check_stage_links(configs, indices, where)
     copies = draft_copy_bytes(model, exit_layer, s.exit_head, DTYPE_BYTES[draft_dtype] if draft_dtype else None)
     _check_memory(stages, specs, model, dtype_bytes, where, copies)
     return tuple(stages)
+
+
+def _check_stage_links(configs: list[StageConfig], indices: list[int | None], where: str) -> None:
+    """A stage's own `link` carries its hand-off to the next stage (the last stage's, its token ids back to stage 1):
+    one between stages on one device would never be used, so it is refused rather than ignored."""
+    n = len(configs)
+    for i, config in enumerate(configs):
+        after = (i + 1) % n
+        if config.link is not None and (n == 1 or indices[i] is not None and indices[i] == indices[after]):
+            to = "stage 1, which it is" if n == 1 else f"stage {after + 1}, which shares its device"
+            raise ScenarioError(
+                f"{where}: topology.stages[{i}].link: stage {i + 1} hands on to {to}: no link is used there; drop it"
+            )
 
 
 def _draft_profile(point: Point, draft_dtype: str | None, profile: DataFile | None, where: str) -> DataFile | None:

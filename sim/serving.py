@@ -729,7 +729,9 @@ class ServingSimulation:
         self._count_in_system(0)
         result = self.result
         result.time_s = env.now / 1e6
-        result.extrapolated = any(getattr(s.latency, "extrapolated", False) for s in self.plan.stages)
+        result.extrapolated = any(getattr(s.latency, "extrapolated", False) for s in self.plan.stages) or any(
+            getattr(link, "extrapolated", False) for link in self.plan.links
+        )
         result.extrapolations = tuple(dict.fromkeys(e for s in self.plan.stages for e in extrapolations_of(s.latency)))
         return result
 
@@ -984,7 +986,7 @@ class ServingSimulation:
         if cached is None:
             first, last, durations, link_bytes = pass_costs(plan, work, context_len, batch)
             links = sum(plan.link_after(i).time_us(link_bytes[i]) for i in range(first, last))
-            back = plan.return_link.time_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0
+            back = plan.link_back(last).time_us(TOKEN_ID_BYTES * batch) if last > 0 else 0.0
             cached = self._costs[key] = sum(durations) + links + back
         return cached
 

@@ -153,7 +153,8 @@ def test_cli_reports_user_errors_without_traceback(saved_model, args, message, c
         (["--method", "beam"], "--method must be one of ar, eesd, ppsd, got 'beam'"),
         (["--chat"], "--chat wraps --prompt's text"),
         (["--method", "ppsd", "--backend", "bogus"], "--backend must be one of sequential, streams, distributed"),
-        (["--method", "ppsd", "--stages", "0"], "--stages must be >= 2 (a pipeline of stages), got 0"),
+        (["--method", "ppsd", "--stages", "0"], "--stages must make at least 2 stages (a pipeline of stages), got 0"),
+        (["--method", "ppsd", "--stage-boundaries", "0,4"], "--stage-boundaries 0,4 (cut points) must make at least 2"),
         (["--stages", "2"], "--stages is for --method ppsd, got --method eesd"),  # the default's value, given
         (["--method", "ppsd", "--stage-boundaries", ",10"], "--stage-boundaries must be comma-separated layer numbers"),
         (["--method", "ppsd", "--stage-boundaries", ""], "--stage-boundaries must be comma-separated layer numbers"),

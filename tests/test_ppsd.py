@@ -311,6 +311,8 @@ def test_distributed_equals_ar_and_sequential(stages: int, arch: str, tied: bool
     _, sequential = run_ppsd(model, prompt, max_new, stages=stages)
     assert (stats.ticks, stats.confirms, stats.flushes) == (sequential.ticks, sequential.confirms, sequential.flushes)
     assert stats.host_reads == stats.ticks  # each rank reads every tick's outcome (what the simulator prices)
+    busy_s = sum(stage.busy_s for stage in stats.stage_stats)  # every rank's CPU, its passes' at least
+    assert stats.process_cpu_s > 0.5 * busy_s and sequential.process_cpu_s == 0.0
     assert stats.confirms > 0 and (stats.flushes > 0 or not must_flush)
     check_accounting(stats, max_new)
     assert _descendants_of_children() == []

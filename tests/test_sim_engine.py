@@ -299,6 +299,24 @@ def test_a_stages_own_link_carries_its_hand_off_and_the_last_stages_the_token_id
     steps = 19  # decode tokens after the prefill's
     assert Simulation(linked).run().decode_time_us == pytest.approx(steps * (24.0 + 7.0 + 3.0 + 11.0))
     assert Simulation(base).run().decode_time_us == pytest.approx(steps * (24.0 + 3.0 * 3))
+    assert [linked.link_back(i).name for i in range(3)] == ["ideal", "first", "back"]  # the slowest hop on the way
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_token_ids_go_back_from_where_a_pass_ended(alpha: float) -> None:
+    """EESD over 3 stages drafting at layer 12 (in stage 2): a draft step's ids go back from stage 2 over the hop it
+    came by, so slowing the last stage's own link back to stage 1 by 997 µs slows only the verify pass, once a
+    round."""
+    link = LinkSpec("p", 3.0, None)
+    base = plan("eesd", alpha, 3, output_len=60, exit_layer=12, draft_len=2, layer_us=1.0, link=link)
+
+    def last_link(latency_us: float) -> RunResult:
+        stages = (*base.stages[:2], replace(base.stages[2], link=LinkSpec("back", latency_us, None)))
+        return Simulation(replace(base, stages=stages)).run()
+
+    fast, slow = last_link(3.0), last_link(1000.0)
+    assert fast.decode_time_us == pytest.approx(Simulation(base).run().decode_time_us)
+    assert slow.decode_time_us - fast.decode_time_us == pytest.approx(fast.rounds * 997.0)
 
 
 @pytest.mark.parametrize("backend", ["distributed", "free"])

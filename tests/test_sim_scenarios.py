@@ -553,6 +553,10 @@ def test_a_stage_gives_its_own_link_and_a_case_its_own_name(tmp_path: Path, caps
         ({"c": [{"name": "a"}, {"name": "a", "seed": 1}]}, "sweep.c[1].name: 'a' names two cases"),
         ({"c": [{"name": 3, "seed": 1}]}, "sweep.c[0].name: expected a non-empty text naming the case, got 3"),
         ({"topology.stages": [[{}, {"link": "ib"}]]}, "topology.stages.1.link: unknown link preset 'ib'"),
+        (
+            {"topology.stages": [[{"device": 0}, {"device": 0, "link": "ib-ndr"}]], "ppsd_backend": ["streams"]},
+            "topology.stages[1].link: stage 2 hands on to stage 1, which shares its device: no link is used there",
+        ),
     ],
 )
 def test_bad_case_names_and_stage_links_are_refused(tmp_path: Path, sweep: dict, message: str) -> None:
