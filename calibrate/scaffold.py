@@ -136,9 +136,10 @@ def write_scenario(
     if serving:  # sized from the batch scenario's AR point
         data = _serving_data(data, _loaded(out, _yaml(data), load_points)[0], profile)
     notes = [] if host is None else [_host_work(data, host, latency, profile, out.parent, serving)]
-    if cut is not None:
-        notes += textwrap.wrap(cut, 110, initial_indent="  ", subsequent_indent="  ")  # a header line each
-        print(f"note: {cut}")
+    for said in (cut, _width_note(profile, policies if "eesd" in methods else ())):
+        if said is not None:
+            notes += textwrap.wrap(said, 110, initial_indent="  ", subsequent_indent="  ")  # a header line each
+            print(f"note: {said}")
     text = _header(latency, profile, traces, command, serving, notes) + _yaml(data)
     _loaded(out, text, _serving_loader() if serving else load_points)
     write_text_atomic(out, text)
@@ -157,6 +158,22 @@ def _read(flag: str, path: Path, read: Callable[[Path], DataFile], expected: str
         return read(path)
     except ValueError as err:
         raise ValueError(f"{flag}: {err}") from None
+
+
+def _width_note(profile: DataFile, policies: Sequence[str]) -> str | None:
+    """Where a policy's widest verify pass (k + 1 tokens after k drafts) lies past the profile's q: those points
+    extrapolate it, and the `--q` that would price them."""
+    profiled = [int(q) for q in (profile.metadata.get("grid") or {}).get("q", [])]
+    widths = {policy: make_policy(policy).max_draft_len + 1 for policy in policies}
+    wide = {policy: q for policy, q in widths.items() if profiled and q > max(profiled)}
+    if not wide:
+        return None
+    listed = ", ".join(f"{policy} up to {q}" for policy, q in wide.items())
+    needed = ",".join(map(str, sorted(set(profiled) | set(range(1, max(wide.values()) + 1)))))
+    return (
+        f"the verify passes of {listed} tokens lie past the profile's q (at most {max(profiled)}): those points "
+        f"extrapolate them; `eesd calibrate latency --q {needed}` (with the profile's other flags) would price them"
+    )
 
 
 def _check_name(name: str) -> None:

@@ -159,6 +159,7 @@ class Comparison:
     measured_tokens_per_round: float
     predicted_tokens_per_round: float
     extrapolated: bool = False  # the simulator queried latencies outside the profiled grid
+    extrapolations: tuple[str, ...] = ()  # which queries, per phase and axis (`ProfileLatency.extrapolations`)
     name: str = ""  # the target's label
     measured_runs: tuple[float, ...] = ()  # tokens/s of each repeat, in the order they ran
     measured_decode_tokens: int = 0
@@ -268,6 +269,7 @@ class Comparison:
             "short_runs": self.short,
             "sim_decode_tokens": self.predicted_decode_tokens,
             "extrapolated": self.extrapolated,
+            "extrapolations": list(self.extrapolations),
             "within_tolerance": self.within(tolerance),
         }
 
@@ -716,25 +718,33 @@ def _check_head(path: Path, exit_head: str, trace_path: Path, trace: DataFile) -
 def predict(target: Target) -> tuple[Measurement, bool]:
     """The simulator's decode totals for a target (rounds: PPSD's ticks), and whether a latency query left the
     profiled grid."""
+    measurement, result = _predicted(target)
+    return measurement, result.extrapolated
+
+
+def _predicted(target: Target) -> tuple[Measurement, Any]:
+    """`predict`'s totals and the simulator's whole `RunResult` (what it extrapolated, ...)."""
     result = simulate_point(target.point).result
     rounds = result.ticks if target.method == "ppsd" else result.rounds
-    return Measurement(result.decode_tokens, result.decode_time_us / 1e6, rounds), result.extrapolated
+    return Measurement(result.decode_tokens, result.decode_time_us / 1e6, rounds), result
 
 
 OTHER_WORK_NOTE_CORES = 0.25  # other work this busy during a target's runs is named
 
 
-def other_work_notes(metadata: Mapping[str, Any]) -> list[str]:
+def other_work_notes(metadata: Mapping[str, Any], targets: int | None = None) -> list[str]:
     """The targets during whose runs other processes (or, in a VM, other guests) kept the machine busy: a measured
     rate that is the shared box's, which the slowdown probe (one pass in this process, before and after) can miss,
-    most of all for a process per stage that needs a core of its own."""
+    most of all for a process per stage that needs a core of its own. One line where all `targets` were."""
     cores = metadata.get("cores")
-    return [
-        f"other work used {used:.2f} of {cores} cores during {label}'s runs (the machine's busy CPU less this run's "
-        "own): its measured rate is the shared box's"
-        for label, used in metadata.get("other_work_cores", {}).items()
-        if used >= OTHER_WORK_NOTE_CORES
-    ]
+    measured = metadata.get("other_work_cores", {})
+    busy = {label: used for label, used in measured.items() if used >= OTHER_WORK_NOTE_CORES}
+    tail = "(the machine's busy CPU less this run's own): its measured rate is the shared box's"
+    if busy and len(busy) == targets:
+        low, high = min(busy.values()), max(busy.values())
+        used = f"{low:.2f}" if low == high else f"{low:.2f}-{high:.2f}"
+        return [f"other work used {used} of {cores} cores during every point's runs {tail}"]
+    return [f"other work used {used:.2f} of {cores} cores during {label}'s runs {tail}" for label, used in busy.items()]
 
 
 def simulator_notes(plan_: Plan) -> list[str]:
@@ -1018,7 +1028,7 @@ def compare(plan_: Plan, measured: Sequence[TargetRuns]) -> list[Comparison]:
     profiled = _profiled_probe_us(plan_)
     rows = []
     for target, runs in zip(plan_.targets, measured, strict=True):
-        predicted, extrapolated = predict(target)
+        predicted, result = _predicted(target)
         rates = [m.tokens_per_s for m in runs.runs]
         pairs = zip(runs.probe_us[::2], runs.probe_us[1::2], strict=True)  # before and after each run
         slowdowns = tuple((before + after) / 2 / profiled for before, after in pairs) if profiled else ()
@@ -1032,7 +1042,8 @@ def compare(plan_: Plan, measured: Sequence[TargetRuns]) -> list[Comparison]:
                 predicted_tokens_per_s=predicted.tokens_per_s,
                 measured_tokens_per_round=runs.runs[0].tokens_per_round,
                 predicted_tokens_per_round=predicted.tokens_per_round,
-                extrapolated=extrapolated,
+                extrapolated=result.extrapolated,
+                extrapolations=tuple(result.extrapolations),
                 name=target.label,
                 measured_runs=tuple(rates),
                 measured_decode_tokens=runs.runs[0].decode_tokens,
@@ -1071,22 +1082,23 @@ def _profiled_probe_us(plan_: Plan) -> float | None:
 
 # ---- output ---------------------------------------------------------------------------------------------------------
 def table(comparisons: Sequence[Comparison], tolerance: float) -> str:
-    """One line per point: measured (median) and predicted tokens/s with the run-to-run spread and the error, and
-    tokens/round (PPSD: per tick) with its error; `!` marks a spread above the tolerance, `*` an extrapolation, `~`
-    runs too short to time well (`Comparison.short`)."""
+    """One line per point: measured (median) and predicted tokens/s with the run-to-run spread (`-` for one run) and
+    the error, and tokens/round (PPSD: per tick, marked `/tick`) with its error; `!` marks a spread above the
+    tolerance, `*` an extrapolation, `~` runs too short to time well (`Comparison.short`)."""
     heads = ["point", "measured tok/s", "spread", "predicted tok/s", "error", "slowdown", "error now", "spread now",
              "speedup meas/pred", "error", "measured tok/round", "predicted tok/round", "error", "ok"]  # fmt: skip
     lines = [heads]
     for c in comparisons:
-        now = c.tokens_per_s_error_now
+        now, unit = c.tokens_per_s_error_now, "/tick" if c.method == "ppsd" else ""
         lines.append([
             c.label + ("*" if c.extrapolated else "") + ("~" if c.short else ""),
-            f"{c.measured_tokens_per_s:.2f}", f"{100 * c.spread:.1f}%" + ("!" if c.noisy(tolerance) else ""),
+            f"{c.measured_tokens_per_s:.2f}",
+            f"{100 * c.spread:.1f}%" + ("!" if c.noisy(tolerance) else "") if len(c.measured_runs) > 1 else "-",
             f"{c.predicted_tokens_per_s:.2f}", _percent(c.tokens_per_s_error),
             f"{c.slowdown:.2f}x" if c.slowdown else "-", _percent(now) if now is not None else "-",
             f"{100 * c.spread_now:.1f}%" if c.spread_now is not None else "-",
             _speedups(c), _percent(c.speedup_error) if c.speedup_error is not None else "-",
-            f"{c.measured_tokens_per_round:.3f}", f"{c.predicted_tokens_per_round:.3f}",
+            f"{c.measured_tokens_per_round:.3f}{unit}", f"{c.predicted_tokens_per_round:.3f}{unit}",
             _percent(c.tokens_per_round_error), "yes" if c.within(tolerance) else "NO",
         ])  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(heads))]

@@ -87,13 +87,15 @@ def run(args: argparse.Namespace) -> int:
     comparisons = validate.compare(plan, measured)
     print(validate.table(comparisons, args.tolerance))
     if any(c.extrapolated for c in comparisons):
-        print("* a latency query fell outside the profiled grid (extrapolated)")
+        asked = list(dict.fromkeys(e for c in comparisons for e in c.extrapolations))
+        shown = "; ".join(asked[:6]) + (f"; {len(asked) - 6} more" if len(asked) > 6 else "")
+        print("* a latency query fell outside the profiled grid (extrapolated)" + (f": {shown}" if asked else ""))
     if any(c.short for c in comparisons):
         print(f"~ a run decodes for under {validate.SHORT_RUN_S} s: a few slow steps move its rate (more --prompts "
               "make it longer; a batch point runs its prompts in batches)")  # fmt: skip
     if any(c.noisy(args.tolerance) for c in comparisons):
         print("! the repeats spread wider than the tolerance: that point's error cannot be told from noise")
-    for note in validate.other_work_notes(metadata):
+    for note in validate.other_work_notes(metadata, len(comparisons)):
         print(f"note: {note}")
     notes = validate.simulator_notes(plan)
     for note in notes:

@@ -979,6 +979,17 @@ def _prompt_ids(inputs: Any, kwargs: dict[str, Any]) -> Any:
     return ids if inputs is None else inputs
 
 
+def _check_cache_implementation(value: Any) -> None:
+    """HF's cache_implementation changes no token here (NO_EFFECT_ARGS), but a name HF does not know is refused, as
+    HF's generate refuses it, rather than passed over."""
+    try:
+        from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
+    except ImportError:  # a transformers without the list: nothing to check against
+        return
+    if value is not None and value not in ALL_CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation must be one of {', '.join(ALL_CACHE_IMPLEMENTATIONS)}, got {value!r}")
+
+
 def _max_new_tokens(config: Any, width: int, default_length: bool, positions: int | None = None) -> int:
     """New tokens per row as HF 5 counts them: max_new_tokens, else max_length minus the prompt width, else (no
     length set anywhere) max_length new tokens, capped by the model's positions; none left is refused, as HF does."""
@@ -989,7 +1000,12 @@ def _max_new_tokens(config: Any, width: int, default_length: bool, positions: in
             raise ValueError(f"max_new_tokens must be greater than 0, got {config.max_new_tokens}")
         return config.max_new_tokens
     if default_length:
-        return config.max_length if positions is None else max(min(config.max_length, positions - width), 1)
+        if positions is not None and width >= positions:
+            raise ValueError(
+                f"the prompt is {width} tokens wide and fills the model's context ({positions} positions): no new "
+                "token fits; shorten the prompt"
+            )
+        return config.max_length if positions is None else min(config.max_length, positions - width)
     if width >= config.max_length:
         raise ValueError(
             f"the prompt is {width} tokens wide but max_length is {config.max_length}: no new token fits; raise "
@@ -1261,4 +1277,5 @@ class EarlyExitGenerator:
             if value is not None and _unsupported(value, neutral):
                 where = "" if key in kwargs else "generation_config."
                 raise ValueError(f"{where}{key}={value!r} is not supported (only {_neutral(neutral)})")
+        _check_cache_implementation(getattr(config, "cache_implementation", None))
         return config, default_length

@@ -599,14 +599,22 @@ def loaded_head(path: str | os.PathLike, adapter: ModelAdapter, exit_layer: int 
     try:
         stat = Path(path).stat()
     except OSError:  # load_head says what is wrong with the path
-        return load_head(path, adapter, exit_layer)
+        return _load_seed_free(path, adapter, exit_layer)
     key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, exit_layer, str(adapter.device), adapter.dtype)
     kept = adapter.model.__dict__.setdefault("_eesd_heads", {})
-    head = kept.pop(key, None) or load_head(path, adapter, exit_layer)
+    head = kept.pop(key, None) or _load_seed_free(path, adapter, exit_layer)
     kept[key] = head  # most recent last
     while len(kept) > MAX_LOADED_HEADS:
         kept.pop(next(iter(kept)))
     return head
+
+
+def _load_seed_free(path: str | os.PathLike, adapter: ModelAdapter, exit_layer: int | None) -> Any:
+    """`load_head` with torch's random state as it was: a head's layers are built (randomly initialised) before its
+    weights load, and a `torch.manual_seed` before building a generator must still decide the text it samples."""
+    devices = [adapter.device.index or 0] if adapter.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return load_head(path, adapter, exit_layer)
 
 
 def resolve_head(head: Any, adapter: ModelAdapter, exit_layer: int):

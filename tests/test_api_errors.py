@@ -60,6 +60,15 @@ def test_bad_prompts(model, prompt, message):
         executor.generate(model, prompt, max_new_tokens=4)
 
 
+def test_a_prompt_filling_the_context_with_no_length_set_says_so(model) -> None:
+    """No length set anywhere: the drop-in takes what the context leaves, and a prompt that fills it (256 positions
+    here) is refused for that, not for a max_new_tokens nobody set."""
+    generator = executor.EarlyExitGenerator(model, exit_layer=2)
+    with pytest.raises(ValueError, match=r"256 tokens wide and fills the model's context \(256 positions"):
+        generator.generate(torch.ones(1, 256, dtype=torch.long))
+    assert generator.generate(torch.ones(1, 254, dtype=torch.long)).shape == (1, 256)  # what the context leaves
+
+
 def test_zero_new_tokens_returns_the_prompt(model):
     result = executor.generate(model, [5, 6], method="eesd", exit_layer=1, max_new_tokens=0)
     assert result.sequences.tolist() == [[5, 6]]

@@ -105,6 +105,22 @@ def test_traces_of_different_lengths_are_cut_to_what_each_holds_and_say_so(tmp_p
     assert "differ in length" not in capsys.readouterr().out
 
 
+def test_policies_whose_verify_passes_lie_past_the_profiles_q_are_named_with_the_q_to_add(tmp_path, capsys) -> None:
+    """A profile of q 1..2 only: fixed:2 verifies 3 tokens and beta-ts up to 9, beyond it; the note says so and gives
+    the --q that prices them. The whole q grid (1..9) says nothing."""
+    full = read_latency_profile(CPU / "latency_smollm2-135m_cpu_fp32.csv")
+    grid = {**full.metadata["grid"], "q": [1, 2]}
+    narrow = write_latency_profile(tmp_path / "narrow.csv", {**full.metadata, "grid": grid},
+                                   [r for r in full.records if r.q <= 2 or r.phase == "prefill"])  # fmt: skip
+    trace = CPU / "acceptance_smollm2-135m_shared_builtin.csv"
+    out = write_scenario(narrow, trace, tmp_path / "s.yaml", policies=("fixed:1", "fixed:2", "beta-ts"))
+    said = "the verify passes of fixed:2 up to 3, beta-ts up to 9 tokens lie past the profile's q (at most 2)"
+    assert f"note: {said}" in capsys.readouterr().out
+    assert "eesd calibrate latency --q 1,2,3,4,5,6,7,8,9" in out.read_text()  # in the header
+    write_scenario(CPU / "latency_smollm2-135m_cpu_fp32.csv", trace, tmp_path / "t.yaml")
+    assert "verify passes" not in capsys.readouterr().out
+
+
 def test_ppsd_points_run_the_stages_of_the_one_device(tmp_path) -> None:
     out = tmp_path / "ppsd.yaml"
     write_scenario(CPU / "latency_smollm2-135m_cpu_fp32.csv", CPU / "acceptance_smollm2-135m_shared_builtin.csv", out,

@@ -101,6 +101,16 @@ def test_drop_in_generator_loads_a_head_file_once(trained, tiny, tmp_path: Path)
     assert first.tolist() == reference.tolist()
 
 
+def test_loading_a_head_file_leaves_torchs_random_state_alone(trained, tiny, tmp_path: Path) -> None:
+    """Seeding and then building a generator with a head file samples what building it and then seeding does: the
+    head's layers, built before its weights load, draw nothing from the caller's random state."""
+    path = save_head(trained[0], tmp_path / "h.safetensors", dtype=torch.float64)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    executor.EarlyExitGenerator(tiny, method="eesd", head=str(path), draft_len=3)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_generate_with_a_head_path_loads_it_once_and_reuses_its_passes(trained, tmp_path: Path) -> None:
     """`generate(head=PATH)` call after call (as `eesd validate` runs each prompt) gets one head object per model and
     file, so captured passes (keyed by the head) are built once, even after fusing the projections moved the model's

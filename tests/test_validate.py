@@ -341,6 +341,8 @@ def test_other_work_counts_what_else_the_machine_ran_and_not_the_runs_own() -> N
     notes = validate.other_work_notes({"cores": 2, "other_work_cores": {"ar": 0.1, "ppsd distributed n=2 E=15": 0.9}})
     assert notes == ["other work used 0.90 of 2 cores during ppsd distributed n=2 E=15's runs (the machine's busy CPU "
                      "less this run's own): its measured rate is the shared box's"]  # fmt: skip
+    every = validate.other_work_notes({"cores": 2, "other_work_cores": {"ar": 0.5, "eesd": 1.0}}, targets=2)
+    assert len(every) == 1 and every[0].startswith("other work used 0.50-1.00 of 2 cores during every point's runs")
 
 
 def test_pooled_runs_keep_each_targets_runs_and_probes_in_order() -> None:
