@@ -164,10 +164,16 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
     check_grid_memory(loaded.model.config, grid, dtype, device)
     begin = time.perf_counter()
     metadata = base_metadata(args.model, device, dtype)
-    written = calibrate_latency(loaded, settings, out_path, metadata, args.max_new_points, progress)
+    partial = out_path.with_name(out_path.name + ".partial.jsonl")
+    again = "run the same command again to go on" + (" (--force included)" if args.force else "")
+    try:
+        written = calibrate_latency(loaded, settings, out_path, metadata, args.max_new_points, progress)
+    except KeyboardInterrupt:
+        kept = f"(the measurements so far are kept in {partial}; {again})" if partial.exists() else ""
+        raise KeyboardInterrupt(kept) from None
     elapsed = time.perf_counter() - begin
     if written is None:
-        print(f"stopped after {args.max_new_points} new measurements ({elapsed:.1f} s); rerun to continue")
+        print(f"stopped after {args.max_new_points} new measurements ({elapsed:.1f} s), kept in {partial}; {again}")
         return 3
     print(f"wrote {written} ({elapsed:.1f} s)")
     return 0

@@ -147,7 +147,13 @@ class TraceAcceptance:
     def __init__(self, trace: DataFile, exit_layer: int, stop_at_eos: bool = True) -> None:
         by_prompt: dict[str, list[tuple[int, int, bool, float, int]]] = {}
         layers = set()
+        recorded = trace.metadata.get("exit_layers")
         for index, record in enumerate(trace.records):
+            if isinstance(recorded, list) and record.exit_layer not in recorded:
+                raise ValueError(
+                    f"{_record_where(trace, index)}: column 'exit_layer': {record.exit_layer} is not among the layers "
+                    f"the trace recorded (metadata.exit_layers {recorded})"
+                )
             layers.add(record.exit_layer)
             if record.exit_layer == exit_layer:
                 row = (record.position, record.token, record.match, record.confidence, index)

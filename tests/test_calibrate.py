@@ -126,6 +126,24 @@ def test_a_profile_of_some_layers_says_so_in_its_name(tiny_config: Path, tmp_pat
     assert read_latency_profile(path).metadata["layers_profiled"] == 2
 
 
+def test_an_interrupted_profile_says_where_its_measurements_are_kept(tiny_config, tmp_path, monkeypatch, capsys):
+    """Stopped by --max-new-points or by Ctrl-C: the partial file is named, and how to go on."""
+    import calibrate.latency_cli as latency_cli
+
+    out = tmp_path / "out"
+    assert _latency(tiny_config, out, "--max-new-points", "2") == 3
+    (partial,) = out.glob("*.partial.jsonl")
+    assert f"kept in {partial}; run the same command again to go on" in capsys.readouterr().out
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency_cli, "calibrate_latency", interrupted)
+    assert _latency(tiny_config, out) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted (the measurements so far are kept in {partial}; run the same command again" in err
+
+
 def test_latency_resumes_from_partial_results(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _latency(tiny_config, out, "--max-new-points", "5") == 3

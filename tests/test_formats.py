@@ -292,3 +292,19 @@ def test_writers_refuse_what_readers_refuse(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="metadata.backend: expected a name"):
         write_link_profile(tmp_path / "l.csv", {"backend": ""}, [LinkRecord(8, 1.0, 0.5, 2.0)])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_trace_row_at_a_layer_the_trace_did_not_record_is_named_as_such(tmp_path: Path) -> None:
+    """A row moved to exit layer 7 (metadata.exit_layers 4, 8, 15, 22) is named for its layer, not for the gap it
+    leaves in layer 4's positions."""
+    import dataclasses
+
+    from sim.acceptance import TraceAcceptance
+    from sim.formats import read_acceptance_trace, write_acceptance_trace
+
+    shipped = read_acceptance_trace(Path(__file__).resolve().parents[1] / "calibration" / "cpu" /
+                                    "acceptance_smollm2-135m_shared_builtin.csv")  # fmt: skip
+    records = [dataclasses.replace(shipped.records[0], exit_layer=7), *shipped.records[1:]]
+    path = write_acceptance_trace(tmp_path / "t.csv", shipped.metadata, records)
+    with pytest.raises(ValueError, match=r"t.csv:3: column 'exit_layer': 7 is not among the layers the trace recorded"):
+        TraceAcceptance(read_acceptance_trace(path), 4)
