@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibrate.validate import Target, plan, predict  # noqa: E402
+from calibrate.validate import Target, plan, predict, short_costs  # noqa: E402
 from sim.formats import read_validate_json, write_text_atomic  # noqa: E402
 
 MODES = ("stop", "continue")
@@ -54,7 +54,7 @@ def error(predicted: float, measured: float) -> float:
 def replay_file(path: Path, model: str | None) -> list[dict[str, Any]]:
     """One row per point the file measured: measured, stored and both predictions."""
     document = read_validate_json(path, "files")
-    meta, measured = document["metadata"], {row["point"]: row for row in document["rows"]}
+    meta, measured = document["metadata"], {short_costs(row["point"]): row for row in document["rows"]}
     validate_plan = plan(meta["scenario"], prompts=len(meta["prompts"]), max_new_tokens=meta["max_new_tokens"],
                          model=model)  # fmt: skip
     rows = []

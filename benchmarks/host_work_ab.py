@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibrate.validate import plan, predict  # noqa: E402
+from calibrate.validate import plan, predict, short_costs  # noqa: E402
 from sim.formats import write_text_atomic  # noqa: E402
 
 
@@ -54,10 +54,10 @@ def without_host_work(scenario: Path) -> Path:
 
 
 def rows(validate: dict[str, Any], with_file: dict[str, float], with_rows: dict[str, float]) -> list[dict[str, Any]]:
-    measured_by = {r["point"]: r for r in validate["rows"]}
+    measured_by = {short_costs(r["point"]): r for r in validate["rows"]}
     out = []
     for r in validate["rows"]:
-        label, measured = r["point"], r["executor_tokens_per_s"]
+        label, measured = short_costs(r["point"]), r["executor_tokens_per_s"]
         runs, slowdowns = r["executor_runs_tokens_per_s"], r.get("slowdowns_since_profile") or []
         now = statistics.median(t * f for t, f in zip(runs, slowdowns, strict=True)) if slowdowns else measured
         _, batch, size = label.partition(" b=")

@@ -97,7 +97,8 @@ class Target:
             return f"ppsd {self.backend} n={len(self.stage_bounds) - 1} E={self.exit_layer}{inside}"
         narrow = f" {self.draft_dtype} drafts" if self.draft_dtype else ""
         narrow += "" if self.verify_buckets else " unbucketed"
-        return ("ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {self.policy}{narrow}") + batch
+        policy = short_costs(self.policy)
+        return ("ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {policy}{narrow}") + batch
 
     @property
     def draft_len(self) -> int | None:
@@ -424,6 +425,18 @@ def index_ranges(indices: Sequence[int]) -> str:
         else:
             runs.append([i, i])
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def short_costs(policy: str | None) -> str | None:
+    """A policy spec (or a point's label) with its pinned round costs (`costs=c1/c2/.../cK`) shown by the first and
+    last: a label, not the spec (the JSON's `policy` keeps it whole); older files' whole labels read through it."""
+    if policy is None or "costs=" not in policy:
+        return policy
+    head, _, rest = policy.partition("costs=")
+    costs, comma, tail = rest.partition(",")
+    values = costs.split("/")
+    shown = costs if len(values) <= 2 else f"{values[0]}/…/{values[-1]}"
+    return f"{head}costs={shown}{comma}{tail}"
 
 
 def targets(points: Sequence[Point]) -> tuple[Target, ...]:

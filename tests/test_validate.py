@@ -466,6 +466,7 @@ def test_the_cpu_validation_scenario_plans_seventeen_configurations() -> None:
         plan = build_plan(dataclasses.replace(target.point, scenario=unpinned))
         assert costs == [round(cost, 4) for cost in plan.round_costs[1:]] and len(costs) == 8
         assert costs[0] > 1.0 and all(a < b for a, b in zip(costs, costs[1:], strict=False)), costs
+        assert f"beta-ts:costs={costs[0]:.4f}/…/{costs[-1]:.4f}" in target.label  # the label shows the ends
     assert all(t.point.scenario.policy == t.policy for t in pinned)
 
 
