@@ -207,9 +207,17 @@ def table(results: Sequence[BreakEven], target: float) -> str:
 
 def falling_notes(results: Sequence[BreakEven]) -> list[str]:
     """A note per point whose speedup does not rise with α: its α columns are least crossings, its best is not at
-    α = 1."""
+    α = 1; or whose speedup does not move with α at all (a policy that never drafts)."""
     notes = []
     for item in results:
+        values, what = [value for _, value in item.curve], item.method + (f" {item.policy}" if item.policy else "")
+        if max(values) - min(values) <= 1e-9 * max(values):  # the same speed at every acceptance: it never drafts
+            notes.append(
+                f"note: --break-even: point {item.point.index} ({what}) runs at {values[0]:.2f}x AR whatever the "
+                "acceptance: it never drafts (its policy finds a round of drafts dearer than the tokens it can "
+                "expect), so its alpha columns say nothing"
+            )
+            continue
         if item.rises:
             continue
         low, (best_a, best) = item.curve[0][1], item.best

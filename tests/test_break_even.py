@@ -105,6 +105,9 @@ def test_a_speedup_that_does_not_rise_with_alpha_is_solved_on_the_grid_and_noted
     assert "does not speed up as acceptance rises: 0.69x at alpha 0, 0.69x at best (alpha 0)" in note
     rising = BreakEven(point, "eesd", 15, "fixed:1", 1.0, 0.5, 0.5, 0.5, 1.3, None, curve=curve[:11])
     assert rising.rises and falling_notes([rising]) == []
+    flat = BreakEven(point, "eesd", 15, "beta-ts", 1.0, 0.5, 0.0, 0.0, 1.0, None, curve=tuple((a, 1.0) for a in CURVE))
+    (note,) = falling_notes([flat])  # a policy that never drafts: AR at every acceptance
+    assert "(eesd beta-ts) runs at 1.00x AR whatever the acceptance: it never drafts" in note
 
 
 def test_a_sweep_over_hardware_sets_each_best_against_the_fastest_ar(tmp_path: Path) -> None:
