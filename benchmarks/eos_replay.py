@@ -59,7 +59,7 @@ def replay_file(path: Path, model: str | None) -> list[dict[str, Any]]:
                          model=model)  # fmt: skip
     rows = []
     for target in validate_plan.targets:
-        row = measured.get(target.label)
+        row = measured.get(short_costs(target.label))
         if row is None:
             continue
         out: dict[str, Any] = {

@@ -136,7 +136,8 @@ def write_scenario(
     if serving:  # sized from the batch scenario's AR point
         data = _serving_data(data, _loaded(out, _yaml(data), load_points)[0], profile)
     notes = [] if host is None else [_host_work(data, host, latency, profile, out.parent, serving)]
-    for said in (cut, _width_note(profile, policies if "eesd" in methods else ())):
+    drafting = () if "eesd" not in methods else policies[:1] if serving else policies  # (serving keeps the first)
+    for said in (cut, _width_note(profile, drafting)):
         if said is not None:
             notes += textwrap.wrap(said, 110, initial_indent="  ", subsequent_indent="  ")  # a header line each
             print(f"note: {said}")

@@ -88,6 +88,7 @@ class Target:
     stage_bounds: tuple[int, ...] = ()  # ppsd: 0 = b_0 < b_1 < .. < b_n = L, where the simulator cuts the layers
     draft_dtype: str | None = None  # eesd: the scenario's draft_dtype where narrower than its dtype (e.g. bf16)
     verify_buckets: bool = True  # eesd: the scenario's (frozen verify passes at bucket widths, or one per k)
+    costs_pinned: bool = False  # eesd: validate pinned the policy's round costs (`_with_pinned_cost`)
 
     @property
     def label(self) -> str:
@@ -97,7 +98,7 @@ class Target:
             return f"ppsd {self.backend} n={len(self.stage_bounds) - 1} E={self.exit_layer}{inside}"
         narrow = f" {self.draft_dtype} drafts" if self.draft_dtype else ""
         narrow += "" if self.verify_buckets else " unbucketed"
-        policy = short_costs(self.policy)
+        policy = short_costs(self.policy) if self.costs_pinned else self.policy  # (a user's spec stays whole)
         return ("ar" if self.method == "ar" else f"{self.method} E={self.exit_layer} {policy}{narrow}") + batch
 
     @property
@@ -451,7 +452,8 @@ def targets(points: Sequence[Point]) -> tuple[Target, ...]:
             pinned = _with_pinned_cost(p)
             narrow = narrow_draft_dtype(s)
             key = ("eesd", exit_layer_of(p), pinned.scenario.policy, batch, narrow, s.verify_buckets)
-            found.setdefault(key, Target(*key[:3], pinned, batch, draft_dtype=narrow, verify_buckets=s.verify_buckets))
+            found.setdefault(key, Target(*key[:3], pinned, batch, draft_dtype=narrow, verify_buckets=s.verify_buckets,
+                                         costs_pinned=pinned.scenario.policy != s.policy))  # fmt: skip
         elif s.method == "ppsd":
             plan_ = build_plan(p)
             bounds = (0, *(stage.layer_end for stage in plan_.stages))
@@ -1109,7 +1111,7 @@ def table(comparisons: Sequence[Comparison], tolerance: float) -> str:
             f"{100 * c.spread:.1f}%" + ("!" if c.noisy(tolerance) else "") if len(c.measured_runs) > 1 else "-",
             f"{c.predicted_tokens_per_s:.2f}", _percent(c.tokens_per_s_error),
             f"{c.slowdown:.2f}x" if c.slowdown else "-", _percent(now) if now is not None else "-",
-            f"{100 * c.spread_now:.1f}%" if c.spread_now is not None else "-",
+            f"{100 * c.spread_now:.1f}%" if c.spread_now is not None and len(c.measured_runs) > 1 else "-",
             _speedups(c), _percent(c.speedup_error) if c.speedup_error is not None else "-",
             f"{c.measured_tokens_per_round:.3f}{unit}", f"{c.predicted_tokens_per_round:.3f}{unit}",
             _percent(c.tokens_per_round_error), "yes" if c.within(tolerance) else "NO",

@@ -986,8 +986,9 @@ def _check_cache_implementation(value: Any) -> None:
         from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
     except ImportError:  # a transformers without the list: nothing to check against
         return
-    if value is not None and value not in ALL_CACHE_IMPLEMENTATIONS:
-        raise ValueError(f"cache_implementation must be one of {', '.join(ALL_CACHE_IMPLEMENTATIONS)}, got {value!r}")
+    known = (*ALL_CACHE_IMPLEMENTATIONS, "paged")  # as HF's GenerationConfig.validate takes them
+    if value is not None and value not in known:
+        raise ValueError(f"cache_implementation must be one of {', '.join(known)}, got {value!r}")
 
 
 def _max_new_tokens(config: Any, width: int, default_length: bool, positions: int | None = None) -> int:

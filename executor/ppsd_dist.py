@@ -692,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
         sampling = SamplingConfig(args.do_sample, "exact", args.temperature, args.top_k, args.top_p, args.seed)
         selector = make_selector(adapter, len(prompt), sink, sampling, 0)
         stats = run_stage(adapter, plan, rank, prompt, sink, selector, head=head)
+        spent = torch.tensor([time.process_time()], dtype=torch.float64, device=device)
+        dist.all_reduce(spent)  # every rank's CPU, as the spawned runs' stats give it
+        stats.process_cpu_s = float(spent.item())
         if rank == world - 1:
             print(json.dumps({"tokens": sink.tokens, "stats": asdict(stats)}))
     finally:

@@ -243,6 +243,7 @@ def test_renormalized_scores_and_cache_hints_as_hf(model):
     hints = dict(cache_implementation="static", cache_config={}, low_memory=True, return_legacy_cache=False,
                  disable_compile=True, compile_config=None)  # fmt: skip
     assert torch.equal(generator.generate(ids, max_new_tokens=8, pad_token_id=PAD, **hints), plain)
+    assert torch.equal(generator.generate(ids, max_new_tokens=8, pad_token_id=PAD, cache_implementation="paged"), plain)
     with pytest.raises(ValueError, match="cache_implementation must be one of static, .*got 'bogus'"):
         generator.generate(ids, max_new_tokens=8, pad_token_id=PAD, cache_implementation="bogus")  # as HF refuses it
 

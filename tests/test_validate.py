@@ -155,6 +155,20 @@ def test_a_run_too_short_to_time_well_is_flagged() -> None:
     assert not Comparison("ar", None, None, None, 10.0, 10.0, 1.0, 1.0).short  # no decode count: not judged
 
 
+def test_the_table_marks_ppsds_unit_and_a_single_runs_spread_and_rows_keep_the_extrapolations() -> None:
+    """PPSD's tokens per round are per tick (`/tick`); one run has no spread (`-`, its slowdown-scaled spread too);
+    what a point extrapolated is kept in its JSON row."""
+    ppsd = Comparison("ppsd", 15, None, None, 16.0, 16.5, 0.541, 0.541, name="ppsd distributed n=2 E=15",
+                      measured_runs=(16.0,), slowdowns=(0.97,), extrapolated=True,
+                      extrapolations=("verify q=4 (profiled 1..2)",))  # fmt: skip
+    repeated = dataclasses.replace(ppsd, method="ar", name="ar", measured_runs=(15.0, 16.0, 17.0), slowdowns=())
+    line, ar = validate.table([ppsd, repeated], 0.25).splitlines()[2:]
+    cells = line.split()  # the label is 4 words
+    assert cells[4:6] == ["16.00", "-"] and cells[10] == "-" and "0.541/tick" in cells  # spread, spread now
+    assert "/tick" not in ar and "12.5%" in ar  # (17 - 15) / 16
+    assert ppsd.row(0.25)["extrapolations"] == ["verify q=4 (profiled 1..2)"]
+
+
 def test_relative_error_and_tolerance_on_constructed_numbers() -> None:
     assert relative_error(12.0, 10.0) == pytest.approx(0.2)
     assert relative_error(8.0, 10.0) == pytest.approx(-0.2)
