@@ -206,6 +206,9 @@ def own_cpu_s() -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
+OTHER_WORK_NOTE_CORES = 0.25  # other work this busy during a measurement is named
+
+
 class OtherWork:
     """Over a `with` block: how many cores' worth of CPU everything but this process and the children it reaped used
     (`cores`; None where the machine's busy time cannot be read): what a run on a shared box shares its cores with.

@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from calibrate.common import LoadedModel, config_summary
+from calibrate.common import LoadedModel, OtherWork, config_summary
 from calibrate.timing import Summary, TimerSpec, time_call
 from executor.adapter import ModelAdapter, Step, allow_recompiles, attention_mask, decoder_layer
 from executor.fusion import fuse_projections
@@ -557,7 +557,9 @@ def calibrate_latency(
     frozen = FrozenCalls() if settings.kernels == "frozen" else None
     if partial.spot_check is None:
         partial.set_spot_check(spot_check_layers(adapter, settings, frozen))
-    finished = run_points(adapter, points, partial, settings.timer, max_new_points, progress, settings.visits, frozen)
+    with OtherWork() as other:
+        finished = run_points(adapter, points, partial, settings.timer, max_new_points, progress, settings.visits,
+                              frozen)  # fmt: skip
     if not finished:
         return None
     full = {
@@ -574,6 +576,8 @@ def calibrate_latency(
         "visits": settings.visits,
         "timer": "cuda events" if settings.timer.device.type == "cuda" else "time.perf_counter",
         "layer_spot_check": partial.spot_check,
+        # cores' worth of other work on the machine while this run measured (its last session's, resumed)
+        **({"other_work_cores": round(other.cores, 2)} if other.cores is not None else {}),
     }
     write_latency_profile(out_path, full, combined_records(partial.records, points, settings.visits))
     partial.path.unlink()

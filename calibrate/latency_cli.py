@@ -8,6 +8,7 @@ import time
 import torch
 
 from calibrate.common import (
+    OTHER_WORK_NOTE_CORES,
     base_metadata,
     check_device,
     check_dtype,
@@ -35,6 +36,7 @@ from calibrate.latency import (
 from calibrate.timing import TimerSpec
 from executor.adapter import check_architecture, context_of
 from executor.passes import resolve_capture
+from sim.formats import read_latency_profile
 
 FEW_LAYERS = 4  # a model too large for the device is profiled from this many layers
 COMPILE_COST = {"compiled": "a few seconds each", "frozen": "about a minute each on a small CPU"}
@@ -176,4 +178,8 @@ def run_latency(args: argparse.Namespace, progress: bool) -> int:
         print(f"stopped after {args.max_new_points} new measurements ({elapsed:.1f} s), kept in {partial}; {again}")
         return 3
     print(f"wrote {written} ({elapsed:.1f} s)")
+    busy = read_latency_profile(written).metadata.get("other_work_cores")
+    if busy is not None and busy >= OTHER_WORK_NOTE_CORES:
+        print(f"note: other work used {busy:.2f} cores while it measured (the machine's busy CPU less this run's own): "
+              "these latencies are the shared box's; measure again on a quiet one, or take --visits 3")  # fmt: skip
     return 0

@@ -367,7 +367,9 @@ def plan(
         profile_device=str(profile.metadata.get("device")),
         targets=targets(chosen),
         capture=capture_of(profile, s.latency.profile.cuda_graphs),
-        profile_conditions={k: profile.metadata.get(k) for k in ("date", "host", "load_average_1min", "device")},
+        profile_conditions={
+            k: profile.metadata.get(k) for k in ("date", "host", "load_average_1min", "device", "other_work_cores")
+        },  # fmt: skip
         probe_context=_probe_context(profile),
         host_work_path=(path.parent / s.latency.profile.host_work).resolve() if s.latency.profile.host_work else None,
     )
@@ -744,13 +746,12 @@ def _predicted(target: Target) -> tuple[Measurement, Any]:
     return Measurement(result.decode_tokens, result.decode_time_us / 1e6, rounds), result
 
 
-OTHER_WORK_NOTE_CORES = 0.25  # other work this busy during a target's runs is named
-
-
 def other_work_notes(metadata: Mapping[str, Any], targets: int | None = None) -> list[str]:
     """The targets during whose runs other processes (or, in a VM, other guests) kept the machine busy: a measured
     rate that is the shared box's, which the slowdown probe (one pass in this process, before and after) can miss,
     most of all for a process per stage that needs a core of its own. One line where all `targets` were."""
+    from calibrate.common import OTHER_WORK_NOTE_CORES
+
     cores = metadata.get("cores")
     measured = metadata.get("other_work_cores", {})
     busy = {label: used for label, used in measured.items() if used >= OTHER_WORK_NOTE_CORES}

@@ -97,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
         print("! the repeats spread wider than the tolerance: that point's error cannot be told from noise")
     for note in validate.other_work_notes(metadata, len(comparisons)):
         print(f"note: {note}")
+    from calibrate.common import OTHER_WORK_NOTE_CORES
+
+    profiled = plan.profile_conditions.get("other_work_cores")
+    if profiled is not None and profiled >= OTHER_WORK_NOTE_CORES:
+        print(f"note: other work used {profiled:.2f} cores while the profile was measured: its latencies are that "
+              "shared box's")  # fmt: skip
     notes = validate.simulator_notes(plan)
     for note in notes:
         print(f"note (simulator): {note}")
