@@ -41,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", type=Path, required=True, help="workload YAML (see scenarios/workloads/)")
     parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
     parser.add_argument("--methods", default="ar", help="comma-separated: ar, eesd, ppsd (default: ar)")
-    parser.add_argument("--exit-layer", type=int, default=None, help="eesd: layers the draft runs (default: L // 2)")
+    parser.add_argument(
+        "--exit-layer", type=int, default=None,
+        help="layers the draft runs (eesd default: L // 2; ppsd: inside stage 1, default its end, as serve-sim has it)",
+    )  # fmt: skip
     parser.add_argument("--policy", default="fixed:4", help="eesd: draft policy (default: fixed:4)")
     parser.add_argument("--head", default="shared", help="eesd: exit head, shared | shared:N | FILE")
     parser.add_argument("--max-batch", type=int, default=8, help="batch slots of ar and eesd (default: 8)")
@@ -105,7 +108,8 @@ def parse_methods(text: str) -> list[str]:
 # flag, argument, the methods it is for (None: --replicas > 1): a value other than the flag's default that no run
 # would read is refused, as eesd generate refuses it
 FLAG_USERS = (
-    ("--exit-layer", "exit_layer", ("eesd",)), ("--policy", "policy", ("eesd",)), ("--head", "head", ("eesd", "ppsd")),
+    ("--exit-layer", "exit_layer", ("eesd", "ppsd")), ("--policy", "policy", ("eesd",)),
+    ("--head", "head", ("eesd", "ppsd")),
     ("--stages", "stages", ("ppsd",)), ("--stage-boundaries", "stage_boundaries", ("ppsd",)),
     ("--backend", "backend", ("ppsd",)), ("--dispatch", "dispatch", None),
 )  # fmt: skip
@@ -221,9 +225,8 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
         method=method, exit_layer=args.exit_layer, policy=args.policy, head=args.head, max_batch=args.max_batch,
         kv_capacity_tokens=args.kv_capacity_tokens, eos_token_id=eos, seed=args.seed, capture=args.capture,
     )  # fmt: skip
-    if method == "ppsd":  # one request at a time, drafting at the end of stage 1 (or at a head file's exit layer)
-        common.update(max_batch=1, exit_layer=None, stages=args.stages, stage_boundaries=args.stage_boundaries,
-                      backend=args.backend)  # fmt: skip
+    if method == "ppsd":  # one request at a time, drafting at --exit-layer, else stage 1's end (or a head file's)
+        common.update(max_batch=1, stages=args.stages, stage_boundaries=args.stage_boundaries, backend=args.backend)
     if args.replicas > 1:  # each worker loads the model and warms up itself
         import torch
 

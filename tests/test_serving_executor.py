@@ -284,7 +284,9 @@ def test_serve_bench_cli(tmp_path, capsys):
         assert sum(log.kind == "prefill" for log in runs) == 5 and all(log.seconds > 0 for log in runs)
         if method == "ar":
             assert {log.tokens for log in runs if log.kind == "round"} == {0}  # an AR round drafts nothing
-    ppsd = [*argv[:5], "--methods", "ppsd", "--stages", "2", "--max-batch", "2", "--compare-ar", "--json", str(out)]
+    # drafting inside stage 1 (--exit-layer 1 of stage 1's 2 layers), as serve-sim lays such a point out
+    ppsd = [*argv[:5], "--methods", "ppsd", "--stages", "2", "--max-batch", "2", "--compare-ar", "--json", str(out),
+            "--exit-layer", "1"]  # fmt: skip
     assert eesd(ppsd) == 0  # PPSD serves one request at a time whatever --max-batch says for the others
     capsys.readouterr()
     (row,) = json.loads(out.read_text())["rows"]
