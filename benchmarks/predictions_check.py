@@ -33,6 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from calibrate.validate import short_costs  # noqa: E402
 from sim.formats import write_text_atomic  # noqa: E402
 
 
@@ -115,7 +116,8 @@ def prompt_len_of(prediction: dict[str, Any]) -> int | None:
 
 
 def matches(prediction: dict[str, Any], row: Measured) -> bool:
-    if family(prediction["model"]).lower() != row.model.lower() or prediction["config"] != row.config:
+    same = short_costs(prediction["config"]) == short_costs(row.config)  # (older files keep pinned costs whole)
+    if family(prediction["model"]).lower() != row.model.lower() or not same:
         return False
     command = prediction.get("measure", "")
     if command.startswith("eesd validate"):
