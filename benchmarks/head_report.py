@@ -52,7 +52,7 @@ from executor.train_head import (
     teacher_examples,
     train,
 )
-from sim.formats import check_benchmark_args, check_output, write_text_atomic
+from sim.formats import check_benchmark_args, check_output, read_head_metadata, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_FRACTION = 0.25  # split_prompts' default, which this report's held-out prompts come from
@@ -181,6 +181,25 @@ def check_unseen(path: str, metadata: dict[str, str], prompts: str) -> str:
     return f"corpus {corpus} ({manifest['split']} split)"
 
 
+def check_one_head_per_exit(paths: list[str]) -> None:
+    """The report keeps one head per exit layer (its agreement curve, its EESD row): two head files at one exit layer
+    are refused before the work, rather than the first silently dropped. A file that is not a head is left to the
+    loader, which names what is wrong with it."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        try:
+            exit_layer = read_head_metadata(path).get("exit_layer")
+        except ValueError:
+            continue
+        if exit_layer is not None and exit_layer in seen:
+            raise ValueError(
+                f"--heads: {seen[exit_layer]} and {path} both draft at exit layer {exit_layer}; the report keeps one "
+                "head per exit layer: run it once per head"
+            )
+        if exit_layer is not None:
+            seen[exit_layer] = path
+
+
 def given_heads(
     model, paths: list[str], eval_examples, args
 ) -> tuple[dict[int, float], dict[int, str], dict[int, dict]]:
@@ -246,6 +265,7 @@ def main() -> None:
         check_output("--out", out)  # before the work, not after it
         for path in [] if args.heads else head_files(args):  # shipped heads are not replaced unasked
             check_output("--heads-dir", path, force=args.force)
+        check_one_head_per_exit(args.heads or [])
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     torch.set_num_threads(args.threads)

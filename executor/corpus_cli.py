@@ -56,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--requests-per-kind", type=int, default=32,
         help="self-requests: requests the model is asked to write per kind of --prompts (default 32)",
     )  # fmt: skip
-    parser.add_argument("--text", action="append", default=[], metavar="PATH", help="text: file, JSONL or directory")
+    parser.add_argument(
+        "--text", action="append", default=[], metavar="PATH",
+        help="text: a text file, a JSONL file (each line's 'text' or 'prompt' field) or a directory of them",
+    )  # fmt: skip
     parser.add_argument("--python-env", default="stdlib", choices=("stdlib", "all"), help="python-env: + site-packages")
     parser.add_argument("--window", type=int, default=256, help="text, python-env: tokens per window (default 256)")
     parser.add_argument(

@@ -289,8 +289,8 @@ def train(
         optimizer.step()
         state.step += 1
         state.losses.append(float(loss.detach()))
+        bar.set_postfix(kl=f"{state.losses[-1]:.3f}")  # before the update that prints the line
         bar.update(1)
-        bar.set_postfix(kl=f"{state.losses[-1]:.3f}")
         if on_checkpoint is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
             on_checkpoint(state)
     bar.close()
@@ -833,8 +833,8 @@ def _steps(run: Run, state: TrainState, progress: bool, stream: Any, begin: floa
                 config = fit_steps(run, state, (time.perf_counter() - warm) / PROBE_STEPS, deadline)
                 bar.total = config.steps
             rate = (state.tokens_seen - tokens_before) / max(time.perf_counter() - begin, 1e-9)
+            bar.set_postfix(kl=f"{state.losses[-1]:.3f}", tok_s=f"{rate:.0f}", epoch=state.epoch)  # (then the line)
             bar.update(1)
-            bar.set_postfix(kl=f"{state.losses[-1]:.3f}", tok_s=f"{rate:.0f}", epoch=state.epoch)
             at_end = state.step == config.steps or (deadline is not None and time.perf_counter() >= deadline)
             if run.eval_source is not None and config.eval_every and (state.step % config.eval_every == 0 or at_end):
                 record_eval(run.heads, run.eval_source, config, state, run.outs)

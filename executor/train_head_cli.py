@@ -383,7 +383,8 @@ def _report(args: argparse.Namespace, state) -> int:
     layers = ",".join(map(str, args.exit_layer))
     steps = f"{state.step} steps" + (f" (of {args.steps}: the time budget)" if state.step < args.steps else "")
     print(f"wrote {', '.join(_outs(args))}: exit layer {layers}, {steps}, {state.tokens_seen} tokens, "
-          f"KL {first:.3f} -> {last:.3f}" + (" (the heads' mean)" if len(args.exit_layer) > 1 else ""))  # fmt: skip
+          f"KL {first:.3f} -> {last:.3f} (means of the first and last 10 steps"
+          + (", the heads' mean)" if len(args.exit_layer) > 1 else ")"))  # fmt: skip
     for exit_layer in args.exit_layer if len(args.exit_layer) > 1 or state.evals else ():
         losses = state.head_losses.get(exit_layer, [])
         evals = [row for row in state.evals if row["exit_layer"] == exit_layer]

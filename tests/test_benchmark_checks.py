@@ -99,3 +99,19 @@ def test_a_benchmark_json_names_the_machine_and_the_command() -> None:
 
     info = machine_info()
     assert info["cpu"] and info["cores"] >= 1 and info["python"] and "T" in info["date"] and info["command"]
+
+
+def test_head_report_refuses_two_heads_at_one_exit_layer(tmp_path: Path) -> None:
+    """Its report keeps one head per exit layer: two files at E = 7 are refused before the work instead of the first
+    being dropped from the report; heads at different exits pass."""
+    import shutil
+
+    from benchmark_scripts import load_benchmark
+
+    report = load_benchmark("head_report")
+    root = Path(__file__).resolve().parents[1] / "heads"
+    e7, e15 = root / "smollm2-135m-e7-mix5-v16k.safetensors", root / "smollm2-135m-e15-mix5-v16k.safetensors"
+    twin = shutil.copy(e7, tmp_path / "twin.safetensors")
+    report.check_one_head_per_exit([str(e7), str(e15)])
+    with pytest.raises(ValueError, match=r"twin.safetensors both draft at exit layer 7; the report keeps one head"):
+        report.check_one_head_per_exit([str(e7), str(twin)])
