@@ -46,6 +46,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sysconfig
 import threading
@@ -337,6 +338,10 @@ def build_corpus(
                 BUILDERS[source](model, tokenizer, config, writer, progress)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
         interrupted = True
+    except BaseException:  # a source that failed (a text path that is not there, ...): no half corpus is left
+        if created and directory.exists():
+            shutil.rmtree(directory)
+        raise
     interrupted = interrupted or writer.interrupted
     records = sum(count.records for count in writer.counts.values())
     if not records:

@@ -366,6 +366,11 @@ def test_output_directory_refusals(tiny, tokenizer, tmp_path) -> None:
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="other files"):
         build_corpus(tiny, tokenizer, config, tmp_path / "c", model_name="tiny", force=True, progress=False)
+    missing = small_config(sources=("self", "text"), text_paths=(str(tmp_path / "nope.jsonl"),), max_prompts=1,
+                           temperatures=(0.0,), max_new_tokens=2)  # fmt: skip
+    with pytest.raises((OSError, ValueError)):  # a source that fails after another wrote records
+        build_corpus(tiny, tokenizer, missing, tmp_path / "half", model_name="tiny", progress=False)
+    assert not (tmp_path / "half").exists()  # no half corpus (shards without a manifest) is left behind
     with pytest.raises(ValueError, match="sources"):
         CorpusConfig(sources=("web",))
     with pytest.raises(ValueError, match="text path"):
