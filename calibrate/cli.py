@@ -33,16 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         (_host_arguments, "host", "the host's work between passes per AR step and EESD round, per batch size"),
     )
     for add, name, help_text in parsers:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         add(p)
         p.add_argument("--force", action="store_true", help="overwrite an existing output file")
         if name != "link":  # link times two processes of one thread each and shows no progress
             p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
             add_threads_argument(p)
     help_text = "how k PPSD stage passes on one GPU share it, from a benchmarks/gpu_decode.py JSON (streams rows)"
-    contention.add_arguments(sub.add_parser("contention", help=help_text, description=help_text))
+    contention.add_arguments(sub.add_parser("contention", help=help_text, description=help_text, allow_abbrev=False))
     help_text = "a ready-to-run scenario YAML from a latency profile and an acceptance trace (torch-free)"
-    _scenario_arguments(sub.add_parser("scenario", help=help_text, description=help_text))
+    _scenario_arguments(sub.add_parser("scenario", help=help_text, description=help_text, allow_abbrev=False))
 
 
 def _scenario_arguments(p: argparse.ArgumentParser) -> None:

@@ -59,10 +59,12 @@ def register(name: str, module: str, help_text: str) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every subcommand; only `command`'s module is imported (its arguments and `run`), so that one
     subcommand never needs another's dependencies (`eesd calibrate` on a GPU box without simpy, say)."""
-    parser = argparse.ArgumentParser(prog="eesd", description="Early-exit self-speculative decoding toolkit.")
+    parser = argparse.ArgumentParser(
+        prog="eesd", description="Early-exit self-speculative decoding toolkit.", allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == command:
             module = importlib.import_module(module_name)
             module.add_arguments(sub_parser)

@@ -148,7 +148,7 @@ def is_serving_scenario(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eesd simulate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="eesd simulate", description=__doc__.splitlines()[0], allow_abbrev=False)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

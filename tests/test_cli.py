@@ -320,3 +320,17 @@ def test_public_class_names_are_unique_across_the_packages() -> None:
                 if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
                     defined[node.name].append(f"{package}/{path.name}")
     assert {name: files for name, files in defined.items() if len(files) > 1} == {}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["simulate", "scenarios/quickstart.yaml", "--no-prog"],
+        ["calibrate", "scenario", "--latency", "x", "--acceptance", "y", "--out", "z", "--forc"],
+    ],
+)
+def test_an_abbreviated_flag_is_refused_not_taken_for_the_flag_it_starts(argv: list[str], capsys) -> None:
+    """`--source` for `--sources` is a typo that argparse would take silently: every eesd parser refuses it."""
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
