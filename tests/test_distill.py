@@ -448,3 +448,13 @@ def test_a_broken_manifest_or_a_missing_shard_is_named(corpora, tmp_path, manife
     (broken / "manifest.json").write_text(manifest)
     with pytest.raises(ValueError, match=message):
         read_manifest(broken)
+
+
+def test_each_evaluation_is_said_beside_the_progress(tiny, corpora, tmp_path, capsys) -> None:
+    """--eval-every: a line per evaluation on stderr with each head's held-out agreement (the CSV keeps the rows)."""
+    out = tmp_path / "h.safetensors"
+    _, state = train_head_corpus(tiny, corpora["train"], config(steps=8, eval_every=4), out,
+                                 eval_corpus=corpora["held"], progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    for row in state.evals:
+        assert f"step {row['step']}: E={row['exit_layer']} held-out agreement {row['agreement']:.3f}" in err
