@@ -33,6 +33,7 @@ synchronising every tick, and on a GPU it queues the next ticks while the device
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from executor.passes import (
 )
 from executor.sampling import SamplingConfig, TokenSelector
 from executor.verify import TickVerdict, judge_tick, tick_verdict
-from sim.contract import AR_HISTORY, captured_capacity
+from sim.contract import AR_HISTORY, balanced_counts, captured_capacity
 
 BACKENDS = ("sequential", "streams", "distributed")
 # the distributed backend's stall timeout: a stage process silent this long (no heartbeat) stops the run; its
@@ -89,13 +90,8 @@ class StagePlan:
 
 
 def balanced_bounds(num_layers: int, stages: int) -> tuple[int, ...]:
-    """Stage sizes differ by at most one layer; the later stages take the extra layers (stage 1 also runs the head)."""
-    base, extra = divmod(num_layers, stages)
-    sizes = [base + (1 if s >= stages - extra else 0) for s in range(stages)]
-    bounds = [0]
-    for size in sizes:
-        bounds.append(bounds[-1] + size)
-    return tuple(bounds)
+    """The bounds of `sim.contract.balanced_counts`' stages (the simulator prices the same ones)."""
+    return (0, *itertools.accumulate(balanced_counts(num_layers, stages)))
 
 
 def plan_stages(

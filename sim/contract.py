@@ -15,6 +15,8 @@
   instead of one per k; the slots after the k-th hold stale drafts whose outputs are never read.
 - The random stream of a row's draft policy (beta-ts, calibration-ts): `random.Random(policy_seed(seed, row))`, row
   being the row's index in its batch, so that a replay draws what the executor drew.
+- PPSD's balanced stages (`balanced_counts`): sizes that differ by at most one layer, the later stages taking the
+  extra ones.
 """
 
 from __future__ import annotations
@@ -85,3 +87,10 @@ def cache_capacity(method: str, prompt_len: int, output_len: int, max_draft_len:
 def policy_seed(seed: int, row: int) -> int:
     """The seed of the draft policy of row `row` (its index in the batch) of a generation seeded `seed`."""
     return seed * 7919 + row
+
+
+def balanced_counts(layers: int, n: int) -> list[int]:
+    """Stage sizes that differ by at most one layer, the later stages taking the extra ones (stage 1 also runs the
+    exit head): how the executor's PPSD balances its stages and the simulator prices them."""
+    base, extra = divmod(layers, n)
+    return [base + (1 if i >= n - extra else 0) for i in range(n)]

@@ -31,6 +31,7 @@ from sim.contention import Contention, ProfiledContention, Serial, SharedBandwid
 from sim.contract import (
     ID_BYTES,
     SYNC_CAPTURED,
+    balanced_counts,
     cache_capacity,
     default_exit_layer,
     draft_capacity,
@@ -592,13 +593,6 @@ def _layer_counts(s: Scenario, configs: list[StageConfig], layers: int, exit_lay
             f"got {exit_layer}"
         )
     return counts  # type: ignore[return-value]
-
-
-def balanced_counts(layers: int, n: int) -> list[int]:
-    """Stage sizes that differ by at most one layer, the later stages taking the extra ones (as the executor's PPSD
-    lays its stages out: stage 1 also runs the exit head)."""
-    base, extra = divmod(layers, n)
-    return [base + (1 if i >= n - extra else 0) for i in range(n)]
 
 
 def _profile(point: Point) -> DataFile | None:

@@ -23,10 +23,11 @@ from typing import Any
 
 from sim import workers
 from sim.acceptance import TraceAcceptance
+from sim.contract import balanced_counts
 from sim.engine import RunResult, Simulation, trace_tracks
 from sim.formats import quote, save_figure_atomic, write_text_atomic
 from sim.latency import ProfileLatency
-from sim.plan import ONE_HOST_BACKENDS, SimPlan, balanced_counts, build_plan
+from sim.plan import ONE_HOST_BACKENDS, SimPlan, build_plan
 from sim.policy import parse_policy_spec
 from sim.progress import progress_bar
 from sim.scenario import GPUConfig, LinkConfig, Point, Scenario, TopologyConfig, claimed_dtype, narrow_draft_dtype
