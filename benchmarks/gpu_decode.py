@@ -317,7 +317,7 @@ class PassProfile:
                 runner.position.fill_(self.middle)
                 costs[f"stage {stage + 1}"] = launch_time_ms(runner.pass_, self.adapter.device, lambda: None)
         tick = max(cost for name, cost in costs.items() if name.startswith("stage"))
-        return (stats.new_tokens - 1) * costs["ar"] / (stats.ticks * tick), costs
+        return stats.decoded_tokens * costs["ar"] / (stats.ticks * tick), costs
 
 
 # ------------------------------------------------------------------------------------------------------ cases

@@ -11,8 +11,8 @@ It runs real greedy decodes (`executor.generate`), AR and EESD interleaved, each
 runs, bracketed by device synchronisations on a GPU, so that a decode's wall time splits into prefill, passes and the
 host's work between them. Per method and batch size it reports that work per host read (what the simulator pays once
 per read for captured passes) and per pass (what it pays on every pass uncaptured). PPSD (`--ppsd-stages N`, default
-2 where `--batch` holds 1; 0: not timed) is timed alike on its sequential backend, one prompt at a time (the
-executor's PPSD decodes a row alone): every stage's pass (`StageRunner.pass_`) timed, its tick's transition and books
+2; 0: not timed) is timed alike on its sequential backend at every batch size (a batch's rows in lockstep): every
+stage's pass (`StageRunner.pass_`) timed, its tick's transition and books
 left in the host's work (captured: each tick's launches timed whole, `PassClock`), and a tick counted as one pass (a
 token's pass through every stage, as the simulator prices it). Output (`--out`, JSON,
 written atomically): format `eesd.host_work`, docs/formats.md.
@@ -151,7 +151,7 @@ def decode(model: Any, ids: Any, method: str, clock: PassClock, **settings: Any)
     stages = settings.pop("ppsd_stages", 2)
     if method == "ar":
         settings = {k: v for k, v in settings.items() if k not in ("exit_layer", "policy", "head")}
-    elif method == "ppsd":  # one host, one row: the sequential backend (its passes timed one by one)
+    elif method == "ppsd":  # one host: the sequential backend (its passes timed one by one), the rows in lockstep
         settings = {k: v for k, v in settings.items() if k != "policy"} | {"stages": stages, "backend": "sequential"}
     result = executor.generate(model, ids, method=method, **settings)
     stats, calls = result.stats, clock.calls[first:]
@@ -257,8 +257,8 @@ def batches_of(prompts: list[list[int]], size: int) -> list[tuple[Any, Any]]:
 
 
 def methods_for(batch: int, ppsd_stages: int) -> tuple[str, ...]:
-    """The methods a batch of `batch` rows is decoded by: AR and EESD, and PPSD (one row) where it is timed."""
-    return (*REQUIRED, "ppsd") if batch == 1 and ppsd_stages else REQUIRED
+    """The methods a batch of `batch` rows is decoded by: AR and EESD, and PPSD where it is timed."""
+    return (*REQUIRED, "ppsd") if ppsd_stages else REQUIRED
 
 
 def measure(
@@ -271,7 +271,7 @@ def measure(
     **settings: Any,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every batch of prompts ((ids, attention mask or None), `batches_of`) decoded by each method `repeats` times
-    (interleaved; PPSD at `ppsd_stages` stages on batches of one row, none at 0), after an untimed warm-up decode per
+    (interleaved; PPSD at `ppsd_stages` stages, none at 0), after an untimed warm-up decode per
     batch and method (captures and compilations, allocators); returns the decodes (without their calls) and the
     rows."""
     clock = PassClock(sync, captured_ticks=is_captured(settings.get("capture", "none")))
@@ -351,13 +351,8 @@ def run_host(args: argparse.Namespace) -> int:
                          "round (--loop serve takes 2 or more)")  # fmt: skip
     if args.loop == "serve":
         args.ppsd_stages = 0  # the serving loop's rounds are AR's and EESD's
-    elif args.ppsd_stages is None:  # PPSD alongside where batch 1 is timed
-        args.ppsd_stages = 2 if 1 in args.batch else 0
-        if not args.ppsd_stages:
-            print("calibrate host: PPSD not timed (it decodes one row: add 1 to --batch, or pass --ppsd-stages N)")
-    elif args.ppsd_stages and 1 not in args.batch:
-        args.batch = [1, *args.batch]
-        print("calibrate host: batch 1 added, where PPSD is timed (it decodes one row)")
+    elif args.ppsd_stages is None:  # PPSD alongside AR and EESD, at every batch size
+        args.ppsd_stages = 2
     parse_policy_spec(args.policy)  # a bad spec named before the model loads
     check_json_out(args.out, args.force)
     device, dtype, model, head, exit_layer = model_and_head(args)
@@ -433,7 +428,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "batches, or the serving loop's rounds (eesd serve-bench's: requests leave and others take their "
                    "slots; the file for a serving scenario) (default: generate)")  # fmt: skip
     p.add_argument("--ppsd-stages", type=int, default=None, help="PPSD's pipeline stages, timed on its sequential "
-                   "backend at batch 1 (0: PPSD not timed; --loop serve times AR and EESD) (default: 2 where --batch "
-                   "holds 1, else none)")  # fmt: skip
+                   "backend at every --batch, the rows in lockstep (0: PPSD not timed; --loop serve times AR and "
+                   "EESD) (default: 2)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=2, help="times over the prompts, methods interleaved (default: 2)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file (eesd.host_work)")

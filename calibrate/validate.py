@@ -95,7 +95,7 @@ class Target:
         batch = f" b={self.batch_size}" if self.batch_size > 1 else ""
         if self.method == "ppsd":
             inside = f" in [0, {self.stage_bounds[1]})" if self.exit_layer != self.stage_bounds[1] else ""
-            return f"ppsd {self.backend} n={len(self.stage_bounds) - 1} E={self.exit_layer}{inside}"
+            return f"ppsd {self.backend} n={len(self.stage_bounds) - 1} E={self.exit_layer}{inside}{batch}"
         narrow = f" {self.draft_dtype} drafts" if self.draft_dtype else ""
         narrow += "" if self.verify_buckets else " unbucketed"
         policy = short_costs(self.policy) if self.costs_pinned else self.policy  # (a user's spec stays whole)
@@ -459,8 +459,8 @@ def targets(points: Sequence[Point]) -> tuple[Target, ...]:
         elif s.method == "ppsd":
             plan_ = build_plan(p)
             bounds = (0, *(stage.layer_end for stage in plan_.stages))
-            key = ("ppsd", s.ppsd_backend, bounds, plan_.exit_layer)
-            found.setdefault(key, Target("ppsd", plan_.exit_layer, None, p, 1, s.ppsd_backend, bounds))
+            key = ("ppsd", s.ppsd_backend, bounds, plan_.exit_layer, batch)
+            found.setdefault(key, Target("ppsd", plan_.exit_layer, None, p, batch, s.ppsd_backend, bounds))
     return tuple(found.values())
 
 
@@ -540,8 +540,9 @@ def _setup(point: Point) -> dict[str, Any]:
 
 
 def _check_point(path: Path, point: Point, device_type: str) -> None:
-    """What the executor can run: AR and EESD in one process on one device (any batch size), PPSD at batch 1 on one
-    of its backends, every stage on one device (tp 1)."""
+    """What the executor can run: AR and EESD in one process on one device (any batch size), PPSD on one of its
+    backends (a batch in lockstep on the one-host backends, one row on the distributed one), every stage on one
+    device (tp 1)."""
     s = point.scenario
     where = f"{path} (point {point.values or 'the scenario'})"
     if s.acceptance.at_eos != "stop":
@@ -559,10 +560,10 @@ def _check_point(path: Path, point: Point, device_type: str) -> None:
                 f"1, got stages {stages}, tp {s.topology.tp}"
             )
         return
-    if s.workload.batch_size != 1:
+    if s.workload.batch_size != 1 and s.ppsd_backend == "distributed":
         raise ValueError(
-            f"{where}: workload.batch_size: the executor's PPSD decodes one prompt at a time; expected 1, got "
-            f"{s.workload.batch_size}"
+            f"{where}: workload.batch_size: the executor's distributed PPSD decodes one prompt at a time; expected 1, "
+            f"got {s.workload.batch_size} (the sequential backend decodes a batch)"
         )
     if s.max_in_flight is not None:
         raise ValueError(f"{where}: max_in_flight: the executor's PPSD holds one token per stage; drop the field")

@@ -32,7 +32,7 @@ from executor.passes import (
     resolve_sync_every,
     verify_bucketed,
 )
-from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, check_backend, decode_ppsd, plan_stages
+from executor.ppsd import DEFAULT_STALL_TIMEOUT_S, check_backend, decode_ppsd_rows, plan_stages
 from executor.sampling import MAX_SEED, SAMPLING_MODES, SamplingConfig, TokenSelector, row_seed, token_ids
 from sim.contract import SYNC_CAPTURED, cache_capacity, default_exit_layer, policy_seed
 from sim.contract import draft_capacity as contract_draft_capacity
@@ -308,8 +308,8 @@ def _decode_ppsd(
     adapter, rows: Rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
     sync_every, stall_timeout_s, given,
 ):  # fmt: skip
-    return decode_ppsd(
-        adapter, rows.prompts[0], rows.sinks[0], None, stages=stages, stage_boundaries=stage_boundaries,
+    return decode_ppsd_rows(
+        adapter, rows.prompts, rows.sinks, None, stages=stages, stage_boundaries=stage_boundaries,
         exit_layer=exit_layer, backend=backend, sampling=config, min_new_tokens=min_new_tokens, capture=capture,
         head=head, sync_every=sync_every, stall_timeout_s=stall_timeout_s, given=given,
     )  # fmt: skip
@@ -627,13 +627,14 @@ def generate(
     but all run to the step where the last of them stopped (`executor.decoding.BatchStop`). Not with PPSD's
     "distributed" backend.
 
-    "ppsd" (verify-while-draft pipeline, batch size 1, greedy or exact sampling) splits the layers into `stages`
+    "ppsd" (verify-while-draft pipeline, greedy or exact sampling) splits the layers into `stages`
     (balanced, or cut at `stage_boundaries`), drafts with `head` at `exit_layer` (default: a trained head's own
     exit layer, else the end of stage 1) and runs on `backend` "sequential" (reference), "streams" (one CUDA stream
     per stage) or "distributed" (one process per stage, torch.distributed); its stats are `executor.ppsd.PPSDStats`.
     A distributed run has no time limit; a stage process that sends no heartbeat for `stall_timeout_s` seconds
     (stopped, or hung) stops it, and a failed, dead or stalled process raises `executor.ppsd_dist.PPSDWorkerError`
-    naming its stage and rank.
+    naming its stage and rank. A batch (local backends; "distributed" decodes one row) moves through the pipe in
+    lockstep: a tick's draft is confirmed only if every row that goes on drafted its full model's token.
 
     `accept_pattern` (EESD only; benchmark only, NOT lossless, never the default) forces the accepted length of
     every round, to time EESD at a known acceptance on models whose drafts the full model would reject (e.g. random
@@ -678,8 +679,11 @@ def generate(
     )  # fmt: skip
     if method == "eesd" and exit_layer is None:
         head, exit_layer = _exit_from_head(adapter, head)
-    if method == "ppsd" and len(prompts) != 1:
-        raise ValueError(f"method 'ppsd' decodes batch size 1, got {len(prompts)} rows")
+    if method == "ppsd" and backend == "distributed" and len(prompts) != 1:
+        raise ValueError(
+            f"method 'ppsd' with backend 'distributed' decodes batch size 1, got {len(prompts)} rows; backend "
+            "'sequential' (or 'streams' on a GPU) decodes a batch"
+        )
     check_draft_len(adapter, draft_len)
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
     draft_dtype = check_draft_dtype(adapter, method, draft_dtype)
@@ -732,9 +736,8 @@ def generate(
         if max_new_tokens > 0 and method == "ppsd":
             stats = _decode_ppsd(
                 adapter, rows, config, min_new_tokens, exit_layer, stages, stage_boundaries, backend, capture, head,
-                sync_every, stall_timeout_s, ids[0].tolist(),
+                sync_every, stall_timeout_s, ids.tolist(),
             )  # fmt: skip
-            stats.prompt_tokens = len(prompts[0])
         elif max_new_tokens > 0:
             exit_head = head if method == "eesd" else None  # resolved above
             setup = PassSetup(

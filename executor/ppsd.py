@@ -1,4 +1,4 @@
-"""PPSD: the verify-while-draft pipeline (Li et al. 2025, arXiv 2509.19368), greedy or exact sampling, batch 1.
+"""PPSD: the verify-while-draft pipeline (Li et al. 2025, arXiv 2509.19368), greedy or exact sampling.
 
 The L decoder layers are cut into n stages at boundaries 0 = b_0 < b_1 < .. < b_n = L. The exit head (the model's
 own final norm + LM head, LayerSkip's shared exit) sits at layer E inside stage 1 (default E = b_1). One *tick*:
@@ -16,6 +16,11 @@ Every emitted token is the full model's prediction from the committed prefix, so
 with exact sampling, where a position's token is a function of the logits, the seed and the position, seeded AR).
 With balanced stages, a free head and free links, a confirmed token costs 1 tick and a flushed one n ticks, so at
 acceptance alpha the speedup over AR on the same hardware is n / (alpha + (1 - alpha) n) (never below 1).
+
+A batch (local backends) moves in lockstep: every row's token of one position is in the same stage, and a tick's
+draft is confirmed only if every row that goes on past it drafted its full model's token; otherwise every row is
+flushed and takes its own correction. A row's draft of a position depends only on its committed text, so each row
+emits AR's tokens and judges the very drafts it would judge alone; the batch confirms where all of its rows do.
 
 A repetition penalty reads the committed text: every emitted token joins it as it is emitted (in every stage process
 of the distributed backend, from the verdict each tick broadcasts), so the last stage predicts from AR's context;
@@ -189,9 +194,15 @@ class StageStats:
 class PPSDStats(GenerationStats):
     """GenerationStats plus the pipeline's view. PPSD's unit of work is the tick (every stage runs one token), not the
     round: `rounds` stays 0 and `tokens_per_round` is nan. `drafted` / `accepted` hold one entry per checked draft
-    (drafted 1; accepted 1 if confirmed, 0 if flushed), so `acceptance_rate` is `alpha`."""
+    (drafted 1; accepted 1 if confirmed, 0 if flushed), so `acceptance_rate` is `alpha`.
+
+    A batch of `rows` (local backends) moves in lockstep: a tick emits a token in every row still going, and its
+    draft is confirmed only if every row that goes on past it drafted its full model's token, else the whole batch
+    is flushed. `confirms` and `flushes` count the batch's verdicts (`alpha`); `drafted` / `accepted` hold one entry
+    per row's judged draft, so `acceptance_rate` is the rows' own acceptance (equal to `alpha` at batch 1)."""
 
     backend: str = "sequential"
+    rows: int = 1
     stages: int = 0
     stage_boundaries: tuple[int, ...] = ()
     exit_layer: int = 0
@@ -210,12 +221,12 @@ class PPSDStats(GenerationStats):
 
     @property
     def decoded_tokens(self) -> int:
-        """New tokens after the prefill's (the first new token comes from the prefill, not from a tick)."""
-        return max(self.new_tokens - 1, 0)
+        """New tokens after the prefills' (a row's first new token comes from the prefill, not from a tick)."""
+        return max(self.new_tokens - self.rows, 0)
 
     @property
     def tokens_per_tick(self) -> float:
-        """Decoded tokens per tick (AR through the same stages: 1 / n; at most 1)."""
+        """Decoded tokens per tick, every row's (AR through the same stages: rows / n; at most rows)."""
         return self.decoded_tokens / self.ticks if self.ticks else float("nan")
 
     @property
@@ -231,8 +242,10 @@ class PPSDStats(GenerationStats):
 
     @property
     def tick_speedup(self) -> float:
-        """Achieved, in ticks: AR needs n ticks (one pass through all stages) per decoded token, PPSD took `ticks`."""
-        return self.stages * self.tokens_per_tick
+        """Achieved, in ticks: AR needs n ticks (one pass through all stages) per decoded token of each row, PPSD
+        took `ticks` (a mean over the rows: where rows end early at their EOS, AR's batch would still run to the
+        longest row's end)."""
+        return self.stages * self.tokens_per_tick / self.rows
 
     def speedup_over(self, ar_tokens_per_s: float) -> float:
         """Achieved, in wall-clock time: this run's tokens/s over an AR run's tokens/s."""
@@ -242,10 +255,10 @@ class PPSDStats(GenerationStats):
         lines = [
             self.totals(f"{self.ticks} ticks"),
             f"ppsd {self.backend}: {self.stages} stages {_describe(self.stage_boundaries)}, "
-            f"exit layer {self.exit_layer}",
+            f"exit layer {self.exit_layer}" + (f", {self.rows} rows in lockstep" if self.rows > 1 else ""),
             f"{self.confirms + self.flushes} drafts checked: {self.confirms} confirmed, {self.flushes} flushed "
-            f"(alpha {self.alpha:.3f}); {self.decoded_tokens} tokens after the prefill's in {self.ticks} ticks, "
-            f"{self.tokens_per_tick:.2f} tokens/tick (AR: 1/{self.stages}); "
+            f"(alpha {self.alpha:.3f}{self._rows_alpha()}); {self.decoded_tokens} tokens after the prefill's in "
+            f"{self.ticks} ticks, {self.tokens_per_tick:.2f} tokens/tick (AR: {self.rows}/{self.stages}); "
             f"speedup in ticks {self.tick_speedup:.2f}x (ideal {self.ideal_speedup:.2f}x)"
             if self.ticks and self.confirms + self.flushes
             else f"no draft checked: {self.decoded_tokens} tokens after the prefill's in {self.ticks} ticks (the run "
@@ -258,21 +271,29 @@ class PPSDStats(GenerationStats):
             )
         return "\n".join(lines)
 
-    def record(self, outcome: TickOutcome) -> None:
-        """Count one tick and its outcome (a confirm or a flush is a checked draft)."""
+    def _rows_alpha(self) -> str:
+        """The rows' own acceptance beside a batch's (its verdicts confirm only where every row's does)."""
+        return f", the rows' own {self.acceptance_rate:.3f}" if self.rows > 1 and self.drafted else ""
+
+    def record(self, outcome: TickOutcome, row_verdicts: Sequence[int] | None = None) -> None:
+        """Count one tick and its outcome (a confirm or a flush is a checked draft); `row_verdicts`: each row's own
+        (`TickVerdict` values; a row not judged NONE), default the batch-1 outcome's."""
         self.ticks += 1
         if outcome.verdict in (TickVerdict.CONFIRM, TickVerdict.FLUSH):
             confirmed = outcome.verdict == TickVerdict.CONFIRM
             self.confirms += confirmed
             self.flushes += not confirmed
-            self.drafted.append(1)
-            self.accepted.append(int(confirmed))
+        for verdict in (outcome.verdict,) if row_verdicts is None else row_verdicts:
+            if verdict in (TickVerdict.CONFIRM, TickVerdict.FLUSH):
+                self.drafted.append(1)
+                self.accepted.append(int(verdict == TickVerdict.CONFIRM))
 
 
-def new_stats(plan: StagePlan, backend: str, prompt_tokens: int) -> PPSDStats:
+def new_stats(plan: StagePlan, backend: str, prompt_tokens: int, rows: int = 1) -> PPSDStats:
     return PPSDStats(
         method="ppsd",
         prompt_tokens=prompt_tokens,
+        rows=rows,
         backend=backend,
         stages=plan.stages,
         stage_boundaries=plan.bounds,
@@ -340,6 +361,7 @@ class StageRunner:
         capture: str = "none",
         fallback: bool = False,
         head: Any = None,
+        rows: int = 1,
     ) -> None:
         adapter = adapter.compiled(fallback) if capture == "compile-layers" else adapter
         self.adapter, self.cache, self.plan, self.stage, self.selector = adapter, cache, plan, stage, selector
@@ -350,13 +372,13 @@ class StageRunner:
         self.head = (own if head is not None else SharedExitHead(adapter)) if self.is_first else None
         extra = getattr(self.head, "extra_layers", 0)
         self.cache_layers = [*self.layers, *range(adapter.num_layers, adapter.num_layers + extra)]
-        device, shape = adapter.device, (1, 1, adapter.config.hidden_size)
-        self.position = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        device, shape = adapter.device, (rows, 1, adapter.config.hidden_size)
+        self.position = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.hidden_in = torch.zeros(shape, dtype=adapter.dtype, device=device)
         self.hidden_out = torch.zeros(shape, dtype=adapter.dtype, device=device)
-        self.draft_id = torch.zeros(1, dtype=torch.long, device=device)
-        self.predicted_id = torch.zeros(1, dtype=torch.long, device=device)
+        self.draft_id = torch.zeros(rows, dtype=torch.long, device=device)
+        self.predicted_id = torch.zeros(rows, dtype=torch.long, device=device)
         self.mode, self.fallback = launch_mode(capture, adapter.device), fallback
         self.bucketed = bucketed(capture)
         self.passes: dict[int, StaticPass] = {}  # by span
@@ -395,59 +417,70 @@ class StageRunner:
         if self.is_first:
             self.selector.record(self.ids, step.positions)  # the token fed at its position, for prefix processors
             hidden = adapter.forward_layers(adapter.embed(self.ids), step, self.cache, 0, self.plan.exit_layer)
-            self.draft_id.copy_(self.selector.select(self.head(hidden, step, self.cache), step.positions + 1)[0])
+            self.draft_id.copy_(self.selector.select(self.head(hidden, step, self.cache), step.positions + 1)[:, 0])
             hidden = adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
         else:
             hidden = adapter.forward_layers(self.hidden_in, step, self.cache, self.layers.start, self.layers.stop)
         self.hidden_out.copy_(hidden)
         if self.is_last:
-            self.predicted_id.copy_(self.selector.select(adapter.logits(hidden), step.positions + 1)[0])
+            self.predicted_id.copy_(self.selector.select(adapter.logits(hidden), step.positions + 1)[:, 0])
 
     def prefill_width(self, prompt_len: int) -> int:
         """The width this stage's prefill runs at (`executor.passes.prefill_width`: on a GPU a bucket, so that a new
         prompt length reuses a bucket's kernels; every stage computes the same one)."""
         return prefill_width(prompt_len, self.cache.max_len, self.adapter.device)
 
-    def prefill(self, hidden: torch.Tensor | None, prompt: list[int]) -> torch.Tensor:
-        """The prompt through this stage's layers: ids (stage 1) or hidden [1, W, d] in, hidden [1, W, d] out, W the
-        prefill width (the prompt's length P, or on a GPU its bucket: pads after the last token, which causal
-        attention keeps out of every real position; their KV is rolled back to P here)."""
-        adapter, width = self.adapter, self.prefill_width(len(prompt))
-        step = Step.at(0, width, adapter.device)
+    def prefill(self, hidden: torch.Tensor | None, prompts: list[list[int]]) -> torch.Tensor:
+        """The prompts (a row each) through this stage's layers: ids (stage 1) or hidden [B, W, d] in, hidden
+        [B, W, d] out, W the prefill width (the longest prompt's length, or on a GPU its bucket): a row's pads come
+        after its last token, where causal attention keeps them out of every real position, and their KV is rolled
+        back to the row's length here."""
+        adapter, width = self.adapter, self.prefill_width(max(map(len, prompts)))
+        step = Step(torch.arange(width, device=adapter.device).expand(len(prompts), width), (0,) * len(prompts))
         if not self.is_first:
             hidden = adapter.forward_layers(hidden, step, self.cache, self.layers.start, self.layers.stop)
         else:
-            ids = torch.tensor([prompt + [0] * (width - len(prompt))], dtype=torch.long, device=adapter.device)
+            rows = [prompt + [0] * (width - len(prompt)) for prompt in prompts]
+            ids = torch.tensor(rows, dtype=torch.long, device=adapter.device)
             hidden = adapter.forward_layers(adapter.embed(ids), step, self.cache, 0, self.plan.exit_layer)
             self.head.prefill(hidden, step, self.cache)  # a trained head's own KV over the prompt
             hidden = adapter.forward_layers(hidden, step, self.cache, self.plan.exit_layer, self.layers.stop)
-        self.flush(len(prompt))
+        self.flush([len(prompt) for prompt in prompts])
         return hidden
 
-    def flush(self, position: int) -> None:
-        """Forget this stage's KV (its exit head's too) at positions >= `position` (the flushed tokens')."""
+    def flush(self, position: int | list[int]) -> None:
+        """Forget this stage's KV (its exit head's too) at positions >= `position` (the flushed tokens'; one per
+        row if a list)."""
         self.cache.rollback(position, layers=self.cache_layers)
 
 
-def first_token(runner: StageRunner, hidden: torch.Tensor, prompt_len: int) -> int:
-    """The full model's token after the prompt, from the last stage's prefill states [1, W, d] (W >= the prompt's
-    length: pads after it)."""
-    target = torch.tensor([[prompt_len]], device=hidden.device)
-    return int(runner.selector.select(runner.adapter.logits(hidden[:, prompt_len - 1 : prompt_len]), target)[0, 0])
+def first_tokens(runner: StageRunner, hidden: torch.Tensor, prompt_lens: list[int]) -> list[int]:
+    """The full model's token after each row's prompt, from the last stage's prefill states [B, W, d] (W >= every
+    prompt's length: pads after it)."""
+    last = torch.tensor(prompt_lens, device=hidden.device) - 1
+    states = hidden[torch.arange(len(prompt_lens), device=hidden.device), last].unsqueeze(1)  # [B, 1, d]
+    targets = (last + 1).unsqueeze(1)
+    return runner.selector.select(runner.adapter.logits(states), targets)[:, 0].tolist()
 
 
 def make_selector(
-    adapter: ModelAdapter, prompt_len: int, sink: TokenSink, sampling: SamplingConfig | None, min_new_tokens: int
+    adapter: ModelAdapter,
+    prompt_len: int | list[int],
+    sink: TokenSink,
+    sampling: SamplingConfig | None,
+    min_new_tokens: int,
 ) -> TokenSelector:
     """Greedy by default; exact sampling picks a position's token by Gumbel-max keyed by (seed, position), so the
-    full model's token is a function of its logits and a draft is right iff it equals it (as in greedy)."""
+    full model's token is a function of its logits and a draft is right iff it equals it (as in greedy).
+    `prompt_len`: the prompt's length, or each row's."""
     config = sampling if sampling is not None else SamplingConfig()
     if config.kind == "rejection":
         raise ValueError(
             "PPSD supports greedy and exact sampling (sampling mode 'exact'): its verdict is token equality, which "
             "rejection sampling's accept test is not"
         )
-    return TokenSelector(config, [prompt_len], min_new_tokens, sorted(sink.eos_token_ids), adapter.device)
+    lengths = [prompt_len] if isinstance(prompt_len, int) else list(prompt_len)
+    return TokenSelector(config, lengths, min_new_tokens, sorted(sink.eos_token_ids), adapter.device)
 
 
 def feed_limit(prompt_len: int, max_new_tokens: int) -> int:
@@ -488,13 +521,14 @@ class LocalPipeline:
     the device so that the host launches `sync_every` ticks and reads their verdicts in one copy.
 
     The pipe's state lives in device tensors: each stage's input buffers (stage 1's token, the later stages' hidden
-    state, every stage's position), `valid[s]` (stage s holds a token this tick) and `carried[s]` (the draft stage 1
-    proposed after stage s's token, -1 if none entered the pipe). After the stages of a tick, one more pass, the
-    *transition* (`_advance`), does on the device what the host's `judge` does: it judges the last stage's prediction
-    against the draft carried behind it (`executor.verify.tick_verdict`, the rule `judge` applies too), logs the
-    tick's verdict, token and valid flags in `log` at `cursor`, commits the token to a repetition penalty's context,
-    and moves the pipe on: on a flush the prediction enters stage 1 and the younger tokens turn invalid; otherwise
-    every token moves one stage down and stage 1 takes its own draft.
+    state, every stage's position; a row each), `valid[s]` (stage s holds a token this tick, every row alike),
+    `carried[s]` (each row's draft stage 1 proposed after stage s's token, -1 if none entered the pipe) and `alive`
+    (the rows still going; a batch's verdict is theirs, `_batch_verdict`). After the stages of a tick, one more pass,
+    the *transition* (`_advance`), does on the device what the host's `judge` does: it judges the last stage's
+    prediction against the draft carried behind it (`executor.verify.tick_verdict`, the rule `judge` applies too),
+    logs the tick's verdict, tokens and valid flags in `log` at `cursor`, commits the tokens to a repetition
+    penalty's context, and moves the pipe on: on a flush the prediction enters stage 1 and the younger tokens turn
+    invalid; otherwise every token moves one stage down and stage 1 takes its own draft.
 
     Every stage of a block of ticks attends over the same span bucket, chosen on the host before the block from the
     log it has read (`_cover`): stage 1 holds the pipe's furthest position and moves on at most one position a tick,
@@ -527,17 +561,21 @@ class LocalPipeline:
         self.cache, self.selector, self.bucketed = cache, selector, bucketed(capture)
         self.skip_empty = self.skip_empty_on_cpu and adapter.device.type == "cpu"
         selector.track(adapter.lm_head.weight.shape[0], cache.max_len)  # a penalty's seen set, a prefix's text
+        self.rows = rows = cache.batch
         self.runners = [
-            StageRunner(adapter, cache, plan, s, selector, capture, fallback, head) for s in range(plan.stages)
+            StageRunner(adapter, cache, plan, s, selector, capture, fallback, head, rows) for s in range(plan.stages)
         ]
         n, long = plan.stages, {"dtype": torch.long, "device": adapter.device}
         self.scratch = torch.zeros(1, **long)  # where an empty stage runs: the last slot of the span (`_cover`)
         self.span = cache.max_len  # the span bucket of the ticks being launched
-        self.head = self.front = self.feed = 0  # the host's bounds on the pipe's positions (`_follow`)
+        self.head = self.front = self.feed = 0  # the host's bounds on the pipe's furthest row's positions (`_follow`)
+        self.shift = 0  # the furthest row's position less row 0's (the rows move in lockstep)
         self.valid = torch.zeros(n, dtype=torch.bool, device=adapter.device)
-        self.carried = torch.full((n,), -1, **long)
-        self.limit = torch.zeros(1, **long)
-        self.log = torch.zeros(TICK_LOG, LOG_FIELDS + n, **long)
+        self.carried = torch.full((n, rows), -1, **long)
+        self.limit = torch.zeros(1, **long)  # row 0's last position fed (the other rows' lie as far past their prompts)
+        self.alive = torch.ones(rows, dtype=torch.bool, device=adapter.device)  # rows not finished
+        self.eos = torch.tensor(selector.eos_ids, **long)
+        self.log = torch.zeros(TICK_LOG, LOG_FIELDS + 2 * rows + n, **long)
         self.cursor = torch.zeros(1, **long)
         if capture == "compile":
             for tensor in self._static_tensors():
@@ -553,33 +591,35 @@ class LocalPipeline:
         self.timers: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = []  # [slot][stage]: (start, stop)
 
     def _static_tensors(self) -> list[torch.Tensor]:
-        buffers = [self.valid, self.carried, self.limit, self.log, self.cursor, self.scratch]
+        buffers = [self.valid, self.carried, self.limit, self.alive, self.log, self.cursor, self.scratch]
         for runner in self.runners:
             buffers += [runner.position, runner.ids, runner.hidden_in, runner.hidden_out, runner.draft_id,
                         runner.predicted_id]  # fmt: skip
         buffers += [self.selector.seen] if self.selector.seen is not None else []
         return buffers + ([self.selector.text, self.selector.first] if self.selector.text is not None else [])
 
-    def restart(self, stats: PPSDStats, prompt_len: int, seed: int) -> None:
-        """A new generation on these (possibly captured) stages: empty cache, the call's seed."""
+    def restart(self, stats: PPSDStats, prompt_lens: list[int], seed: int | tuple[int, ...]) -> None:
+        """A new generation on these (possibly captured) stages: empty cache, the call's seed (or a seed per row)."""
         self.stats = stats
-        self.selector.restart([prompt_len], seed)
+        self.selector.restart(prompt_lens, seed)
         self.cache.rollback(0)
 
-    def begin(self, token: int, position: int, limit: int) -> None:
-        """The pipe after the prefill: `token` (the prefill's) enters stage 1 at `position`, the other stages are
-        empty; drafts enter the pipe up to position `limit`."""
+    def begin(self, tokens: list[int], positions: list[int], max_new_tokens: int) -> None:
+        """The pipe after the prefill: each row's token (the prefill's) enters stage 1 at the row's position (its
+        prompt's length), the other stages are empty; drafts enter the pipe until `max_new_tokens` are fed."""
         first = self.runners[0]
-        upload(first.ids, [[token]])
-        upload(first.position, [[position]])
-        self.head = self.front = position
-        self.feed, self.span = limit, 0
+        upload(first.ids, [[token] for token in tokens])
+        upload(first.position, [[position] for position in positions])
+        self.shift = max(positions) - positions[0]
+        self.head = self.front = max(positions)
+        self.feed, self.span = feed_limit(max(positions), max_new_tokens), 0
         self._cover(1)
         for runner in self.runners[1:]:
-            runner.position.view(1).copy_(self.scratch)
+            runner.position.copy_(self.scratch)
         upload(self.valid, [True] + [False] * (len(self.runners) - 1))
         self.carried.fill_(-1)
-        self.limit.fill_(limit)
+        self.limit.fill_(feed_limit(positions[0], max_new_tokens))
+        self.alive.fill_(True)
         self.cursor.zero_()
         self.launched = 0
         if not self.primed:
@@ -595,17 +635,21 @@ class LocalPipeline:
             tensor.copy_(before)
         self.primed = True
 
-    def decode(self, sink: TokenSink, sync_every: int) -> None:
-        """Run ticks until `sink` is done: `sync_every` ticks (fewer near max_new_tokens, as a tick emits at most one
-        token) between two host reads of the log. After an EOS the rest of a block runs unread."""
-        while not sink.done:
-            count = min(sync_every, sink.remaining)
+    def decode(self, sinks: list[TokenSink], sync_every: int) -> None:
+        """Run ticks until every row's sink is done: `sync_every` ticks (fewer near max_new_tokens, as a tick emits at
+        most one token a row) between two host reads of the log. After the last row's EOS the rest of a block runs
+        unread. A row the host found done (its EOS, a stop rule) is out of the verdicts from the next block on; the
+        device drops a row at its EOS itself."""
+        while not all(sink.done for sink in sinks):
+            count = min(sync_every, max(sink.remaining for sink in sinks if not sink.done))
             self._cover(count)
+            if self.rows > 1:
+                upload(self.alive, [not sink.done for sink in sinks])
             busy = [self._launch_tick(slot) for slot in range(count)]
             rows = read_back(self.log, self.stats)
             for slot in range(count):
-                self._replay(rows[(self.launched + slot) % TICK_LOG], busy[slot] or self._elapsed(slot), sink)
-                if sink.done:
+                self._replay(rows[(self.launched + slot) % TICK_LOG], busy[slot] or self._elapsed(slot), sinks)
+                if all(sink.done for sink in sinks):
                     break
             self.launched += count
 
@@ -663,48 +707,76 @@ class LocalPipeline:
     def _elapsed(self, slot: int) -> list[float]:
         return [start.elapsed_time(stop) / 1e3 for start, stop in self.timers[slot]]
 
-    def _replay(self, row: list[int], busy: list[float], sink: TokenSink) -> None:
-        """One tick's log row on the host: emit its token, count its outcome and the stages' work."""
-        verdict, token, position, *valid = row
-        outcome = TickOutcome(TickVerdict(verdict), token, position)
-        self._follow(outcome.verdict, position, bool(valid[0]))
+    def _replay(self, row: list[int], busy: list[float], sinks: list[TokenSink]) -> None:
+        """One tick's log row on the host: emit its tokens, count its outcome and the stages' work."""
+        rows = self.rows
+        verdict, position = row[:LOG_FIELDS]
+        tokens, judged = row[LOG_FIELDS : LOG_FIELDS + rows], row[LOG_FIELDS + rows : LOG_FIELDS + 2 * rows]
+        valid = row[LOG_FIELDS + 2 * rows :]
+        outcome = TickOutcome(TickVerdict(verdict), tokens[0], position)
+        self._follow(outcome.verdict, position + self.shift, bool(valid[0]))
+        going = [not sink.done for sink in sinks]  # a row a stop rule ended mid-block runs on unread
         if outcome.emitted:
-            sink.emit([token])
-        self.stats.record(outcome)
+            for sink, token, goes in zip(sinks, tokens, going, strict=True):
+                if goes:
+                    sink.emit([token])
+        none = int(TickVerdict.NONE)
+        self.stats.record(outcome, [v if goes else none for v, goes in zip(judged, going, strict=True)])
         tick = max(busy)  # idle: what a stage waits in a lockstep tick as long as the slowest stage's
         for stage, holds, seconds in zip(self.stats.stage_stats, valid, busy, strict=True):
             stage.count(bool(holds), seconds, tick - seconds)
 
     def _advance(self) -> None:
         """The transition, on the device (see the class docstring); no host value is read or written."""
-        runners, valid, carried = self.runners, self.valid, self.carried
+        runners, valid, carried, rows = self.runners, self.valid, self.carried, self.rows
         first, last = runners[0], runners[-1]
-        predicted, held = last.predicted_id, valid[-1:]  # [1]
-        verdict = tick_verdict(held, carried[-1:], predicted)  # [1]
+        predicted, held = last.predicted_id, valid[-1:]  # [B], [1]
+        own = tick_verdict(held.expand(rows), carried[-1], predicted)  # [B]: each row's own
+        ending = (predicted.unsqueeze(1) == self.eos).any(1)  # [B]: the row emits its EOS (if a token left)
+        verdict = _batch_verdict(own, self.alive, ending)  # [1]
         flush = verdict == int(TickVerdict.FLUSH)
-        emitted_at = last.position.view(1) + 1
-        row = torch.cat([verdict, predicted, emitted_at, valid.long()])
+        emitted_at = last.position.view(rows) + 1
+        judged = torch.where(self.alive, own, int(TickVerdict.NONE))
+        row = torch.cat([verdict, emitted_at[:1], predicted, judged, valid.long()])
         self.log.index_copy_(0, self.cursor, row.unsqueeze(0))
         self.cursor.add_(1).remainder_(TICK_LOG)
+        self.alive.logical_and_(~(held & ending))  # a row ends at its EOS
         seen = self.selector.seen
         if seen is not None:  # the emitted token joins the committed text (a penalty's context) iff one was emitted
-            index = predicted.view(1, 1)
+            index = predicted.view(rows, 1)
             seen.scatter_(1, index, seen.gather(1, index) | held.view(1, 1))
-        next_position = first.position.view(1) + 1
-        drafted = valid[:1] & (next_position <= self.limit)  # stage 1's draft enters the pipe
+        next_position = first.position.view(rows) + 1
+        drafted = valid[:1] & (next_position[:1] <= self.limit)  # stage 1's draft enters the pipe (every row's)
         draft = torch.where(drafted, first.draft_id, -1)
         moved = valid[:-1] & ~flush  # stage s's token moves to stage s + 1 unless flushed
         for stage in range(len(runners) - 1, 0, -1):  # from the last: a stage's old input is read before it changes
             runners[stage].hidden_in.copy_(runners[stage - 1].hidden_out)
-            source = runners[stage - 1].position.view(1)
-            runners[stage].position.view(1).copy_(torch.where(moved[stage - 1 : stage], source, self.scratch))
-        first.position.view(1).copy_(torch.where(flush, emitted_at, torch.where(drafted, next_position, self.scratch)))
-        first.ids.view(1).copy_(torch.where(flush, predicted, first.draft_id))
-        carried.copy_(torch.cat([carried[:1], draft, carried[1:-1]]))
+            source = runners[stage - 1].position.view(rows)
+            runners[stage].position.view(rows).copy_(torch.where(moved[stage - 1 : stage], source, self.scratch))
+        target = torch.where(flush, emitted_at, torch.where(drafted, next_position, self.scratch))
+        first.position.view(rows).copy_(target)
+        first.ids.view(rows).copy_(torch.where(flush, predicted, first.draft_id))
+        carried.copy_(torch.cat([carried[:1], draft.unsqueeze(0), carried[1:-1]]))
         valid.copy_(torch.cat([flush | drafted, moved]))
 
 
-LOG_FIELDS = 3  # a log row: verdict, the token emitted (if any), its position; then each stage's valid flag
+def _batch_verdict(own: torch.Tensor, alive: torch.Tensor, ending: torch.Tensor) -> torch.Tensor:
+    """A lockstep batch's verdict [1] from its rows' own [B]: a checked draft is confirmed only if every row that
+    goes on past this tick (alive, and not emitting its EOS now) drafted its full model's token. A row ending now
+    decides nothing (its draft of the EOS's position is judged, `alive`, and counted by the caller), unless no row
+    goes on (batch 1: the draft is judged as always). Rows share whether a token left and a draft was in flight,
+    so row 0's verdict says whether a draft was checked at all."""
+    going = alive & ~ending
+    deciding = torch.where(going.any(), going, alive)
+    wrong = ((own == int(TickVerdict.FLUSH)) & deciding).any().view(1)
+    checked = (own[:1] == int(TickVerdict.CONFIRM)) | (own[:1] == int(TickVerdict.FLUSH))
+    batch = torch.where(wrong, int(TickVerdict.FLUSH), int(TickVerdict.CONFIRM))
+    return torch.where(checked, batch, own[:1])
+
+
+# a log row: the batch's verdict, the position row 0's emitted token takes; then each row's emitted token, each row's
+# own verdict (NONE for a finished row) and each stage's valid flag
+LOG_FIELDS = 2
 
 
 def _nothing() -> None:
@@ -714,8 +786,8 @@ def _nothing() -> None:
 @torch.inference_mode()
 def _decode_local(
     adapter: ModelAdapter,
-    prompt: list[int],
-    sink: TokenSink,
+    prompts: list[list[int]],
+    sinks: list[TokenSink],
     cache: KVCache,
     plan: StagePlan,
     backend: str,
@@ -724,65 +796,73 @@ def _decode_local(
     fallback: bool = False,
     head: Any = None,
     sync_every: int = 1,
-    given: list[int] | None = None,
+    given: list[list[int]] | None = None,
 ) -> PPSDStats:
     begin = time.perf_counter()
-    needed = len(prompt) + sink.max_new_tokens
-    pipeline = local_pipeline(adapter, cache, plan, backend, selector, capture, needed, fallback, head)
-    stats = prefill_local(pipeline, plan, backend, capture, prompt, sink, begin, given)
-    decode_local(pipeline, prompt, sink, sync_every)
+    needed = max(map(len, prompts)) + sinks[0].max_new_tokens
+    pipeline = local_pipeline(adapter, cache, plan, backend, selector, capture, needed, fallback, head, len(prompts))
+    stats = prefill_local(pipeline, plan, backend, capture, prompts, sinks, begin, given, selector.config.seed)
+    decode_local(pipeline, prompts, sinks, sync_every)
     stats.wall_time_s = time.perf_counter() - begin
     return stats
 
 
 def prefill_local(
-    pipeline: LocalPipeline, plan: StagePlan, backend: str, capture: str, prompt: list[int], sink: TokenSink,
-    begin: float, given: list[int] | None = None,
+    pipeline: LocalPipeline, plan: StagePlan, backend: str, capture: str, prompts: list[list[int]],
+    sinks: list[TokenSink], begin: float, given: list[list[int]] | None = None,
+    seed: int | Sequence[int] | None = None,
 ) -> PPSDStats:  # fmt: skip
-    """A generation's first half on a local pipeline: fresh stats, the prompt through every stage and the first
-    token into `sink` (`prefill_time_s` counted from `begin`, a `time.perf_counter()` reading). `given`: the row as
-    the caller gave it (left padding included), what prefix processors see before the new tokens (default `prompt`)."""
-    stats = new_stats(plan, backend, len(prompt))
+    """A generation's first half on a local pipeline: fresh stats, the prompts (a row each) through every stage and
+    each row's first token into its sink (`prefill_time_s` counted from `begin`, a `time.perf_counter()` reading).
+    `given`: the rows as the caller gave them (left padding included), what prefix processors see before the new
+    tokens (default `prompts`). `seed`: the call's (its sampling config's; a kept, captured pipeline's selector holds
+    the seed of the call that built it), default the pipeline's."""
+    stats = new_stats(plan, backend, sum(map(len, prompts)), len(prompts))
     stats.capture = capture
-    pipeline.restart(stats, len(prompt), pipeline.selector.config.seed)
-    pipeline.selector.start([prompt], None if given is None else [given])
+    seed = pipeline.selector.config.seed if seed is None else seed
+    pipeline.restart(stats, [len(prompt) for prompt in prompts], seed if isinstance(seed, int) else tuple(seed))
+    pipeline.selector.start(prompts, given)
     hidden = None
     for runner in pipeline.runners:
-        hidden = runner.prefill(hidden, prompt)
-    token = first_token(pipeline.runners[-1], hidden, len(prompt))
+        hidden = runner.prefill(hidden, prompts)
+    tokens = first_tokens(pipeline.runners[-1], hidden, [len(prompt) for prompt in prompts])
     stats.prefill_time_s = time.perf_counter() - begin
-    sink.emit([token])
-    commit(pipeline.selector, token)
-    stats.new_tokens = len(sink.tokens)
+    for sink, token in zip(sinks, tokens, strict=True):
+        sink.emit([token])
+    if pipeline.selector.seen is not None:  # the first tokens join the committed text a repetition penalty sees
+        pipeline.selector.note(torch.tensor([[token] for token in tokens], device=pipeline.selector.seen.device))
+    stats.new_tokens = sum(len(sink.tokens) for sink in sinks)
     return stats
 
 
-def decode_local(pipeline: LocalPipeline, prompt: list[int], sink: TokenSink, sync_every: int) -> None:
-    """A generation's second half, after `prefill_local`: ticks until `sink` is done (`pipeline.stats` counts them)."""
+def decode_local(pipeline: LocalPipeline, prompts: list[list[int]], sinks: list[TokenSink], sync_every: int) -> None:
+    """A generation's second half, after `prefill_local`: ticks until every sink is done (`pipeline.stats` counts
+    them)."""
     stats = pipeline.stats
-    if not sink.done:
-        pipeline.begin(sink.tokens[-1], len(prompt), feed_limit(len(prompt), sink.max_new_tokens))
-        pipeline.decode(sink, sync_every)
-    stats.new_tokens = len(sink.tokens)  # type: ignore[union-attr]
+    if not all(sink.done for sink in sinks):
+        positions = [len(prompt) for prompt in prompts]
+        pipeline.begin([sink.tokens[-1] for sink in sinks], positions, sinks[0].max_new_tokens)
+        pipeline.decode(sinks, sync_every)
+    stats.new_tokens = sum(len(sink.tokens) for sink in sinks)  # type: ignore[union-attr]
 
 
 def local_pipeline(
-    adapter, cache, plan, backend, selector, capture, needed: int, fallback: bool, head
+    adapter, cache, plan, backend, selector, capture, needed: int, fallback: bool, head, rows: int = 1
 ) -> LocalPipeline:  # fmt: skip
     """A fresh pipeline without capture; with capture, the model's cached one for this setup (graphs kept). `head`
-    is resolved (`resolve_head`); `needed` is len(prompt) + max_new_tokens."""
+    is resolved (`resolve_head`); `needed` is the longest prompt's length + max_new_tokens; `rows` the batch."""
     streams, extra = backend == "streams", getattr(head, "extra_layers", 0)
     if capture == "none":
-        cache = cache if cache is not None else adapter.new_cache(1, needed, extra_layers=extra)
+        cache = cache if cache is not None else adapter.new_cache(rows, needed, extra_layers=extra)
         return LocalPipeline(adapter, cache, plan, selector, streams, head=head)
     capacity = captured_capacity(needed)
     config = selector.config
-    key = ("ppsd", plan, backend, capacity, capture, fallback, dataclasses.replace(config, seed=0),
+    key = ("ppsd", plan, backend, rows, capacity, capture, fallback, dataclasses.replace(config, seed=0),
            selector.min_new_tokens, tuple(selector.eos_ids), head_key(head))  # fmt: skip
 
     def build() -> LocalPipeline:
-        own = TokenSelector(config, [1], selector.min_new_tokens, selector.eos_ids, adapter.device)
-        cache = adapter.new_cache(1, capacity, extra_layers=extra)
+        own = TokenSelector(config, [1] * rows, selector.min_new_tokens, selector.eos_ids, adapter.device)
+        cache = adapter.new_cache(rows, capacity, extra_layers=extra)
         return LocalPipeline(adapter, cache, plan, own, streams, capture, fallback, head)
 
     return cached_passes(adapter.model, key, build)
@@ -823,6 +903,21 @@ def decode_ppsd(
     sink: TokenSink,
     cache: KVCache | None,
     *,
+    given: list[int] | None = None,
+    **options: Any,
+) -> PPSDStats:
+    """PPSD decoding of one prompt (see the module docstring and `decode_ppsd_rows`, which takes its keyword
+    arguments); the emitted tokens equal AR's. `given` is the row as the caller gave it, left padding included
+    (default `prompt`): what prefix processors (`SamplingConfig.processors`) see before the new tokens."""
+    return decode_ppsd_rows(adapter, [prompt], [sink], cache, given=None if given is None else [given], **options)
+
+
+def decode_ppsd_rows(
+    adapter: ModelAdapter,
+    prompts: list[list[int]],
+    sinks: list[TokenSink],
+    cache: KVCache | None,
+    *,
     stages: int,
     stage_boundaries: Sequence[int] | None = None,
     exit_layer: int | None = None,
@@ -834,23 +929,28 @@ def decode_ppsd(
     capture: str = "none",
     head: Any = None,
     sync_every: int | None = None,
-    given: list[int] | None = None,
+    given: list[list[int]] | None = None,
 ) -> PPSDStats:
-    """PPSD decoding (see the module docstring); the emitted tokens equal AR's: greedy, or with `sampling` in exact
-    mode (executor/sampling.py) seeded AR sampling's, token for token. `min_new_tokens` masks EOS as HF does.
+    """PPSD decoding (see the module docstring) of a batch of prompts, a sink each (the same max_new_tokens and EOS
+    ids); each row's emitted tokens equal AR's on it alone: greedy, or with `sampling` in exact mode
+    (executor/sampling.py) seeded AR sampling's, token for token. `min_new_tokens` masks EOS as HF does.
 
-    `cache` must hold len(prompt) + sink.max_new_tokens positions (None: made here); `capture` ("none", "graph",
-    "compile", "compile-layers", "auto") is how the local backends launch a stage's per-token pass
-    (executor/passes.py), a captured pipeline being kept on the model with its own cache for the next call. The
-    `distributed` backend ignores both (each stage process allocates its own layers' KV and runs its passes
+    The rows move through the pipe in lockstep (`LocalPipeline`): a tick's draft is confirmed only if every row that
+    goes on drafted its full model's token, else every row is flushed, so a batch's confirms are rarer than its
+    rows' (`PPSDStats`). The local backends take any batch; the distributed one decodes a single row.
+
+    `cache` (batch len(prompts)) must hold the longest prompt's length + max_new_tokens positions (None: made here);
+    `capture` ("none", "graph", "compile", "compile-layers", "auto") is how the local backends launch a stage's
+    per-token pass (executor/passes.py), a captured pipeline being kept on the model with its own cache for the next
+    call. The `distributed` backend ignores both (each stage process allocates its own layers' KV and runs its passes
     uncaptured) and takes `threads_per_stage` (torch threads per process, default cores // stages) and
     `stall_timeout_s` (a process that sends no heartbeat for that long, stopped or hung, stops the run with an error
     naming it; a healthy run has no time limit, executor/ppsd_dist.py).
 
     `sync_every` (local backends) is how many ticks the device runs between two host reads (`LocalPipeline`): default
-    8 when captured, 1 otherwise (`resolve_sync_every`). The output does not depend on it. `given` is the row as the
-    caller gave it, left padding included (default `prompt`): what prefix processors (`SamplingConfig.processors`)
-    see before the new tokens; they need the local backends, uncaptured.
+    8 when captured, 1 otherwise (`resolve_sync_every`). The output does not depend on it. `given` holds the rows as
+    the caller gave them, left padding included (default `prompts`): what prefix processors
+    (`SamplingConfig.processors`) see before the new tokens; they need the local backends, uncaptured.
     """
     if head not in (None, "shared") and exit_layer is None:  # a trained head's own exit layer
         head = resolve_head(head, adapter, None)
@@ -859,19 +959,19 @@ def decode_ppsd(
     check_backend(adapter, backend)
     check_stall_timeout(stall_timeout_s)
     head = resolve_head(head, adapter, plan.exit_layer)
-    if not prompt:
-        raise ValueError("empty prompt: PPSD needs at least one prompt token")
-    selector = make_selector(adapter, len(prompt), sink, sampling, min_new_tokens)
+    _check_rows(prompts, sinks, backend)
+    lengths = [len(prompt) for prompt in prompts]
+    selector = make_selector(adapter, lengths, sinks[0], sampling, min_new_tokens)
     capture = prefix_capture(capture, selector.config, "ppsd", backend)
-    if sink.done:
-        return new_stats(plan, backend, len(prompt))
+    if all(sink.done for sink in sinks):
+        return new_stats(plan, backend, sum(lengths), len(prompts))
     if backend == "distributed":
         from executor.ppsd_dist import decode_distributed
 
         return decode_distributed(
             adapter,
-            prompt,
-            sink,
+            prompts[0],
+            sinks[0],
             plan,
             sampling=selector.config,
             min_new_tokens=min_new_tokens,
@@ -879,17 +979,40 @@ def decode_ppsd(
             stall_timeout_s=stall_timeout_s,
             head=head,
         )
-    if cache is not None and cache.num_layers < adapter.num_layers + getattr(head, "extra_layers", 0):
-        raise ValueError(f"cache holds {cache.num_layers} layers, the model and its exit head need more")
-    if cache is not None and cache.max_len < len(prompt) + sink.max_new_tokens:
-        raise ValueError(
-            f"cache holds {cache.max_len} positions, PPSD needs len(prompt) + max_new_tokens = "
-            f"{len(prompt) + sink.max_new_tokens} (the tokens fed, plus the pipe's scratch slot)"
-        )
+    _check_cache(adapter, cache, head, len(prompts), max(lengths) + sinks[0].max_new_tokens)
     check_sync_every(sync_every)
     mode = resolve_capture(capture, adapter.device, selector.config.kind)
     every = resolve_sync_every(sync_every, mode)
     with on_device(adapter.device):
         return _decode_local(
-            adapter, prompt, sink, cache, plan, backend, selector, mode, capture == "auto", head, every, given
+            adapter, prompts, sinks, cache, plan, backend, selector, mode, capture == "auto", head, every, given
+        )
+
+
+def _check_rows(prompts: list[list[int]], sinks: list[TokenSink], backend: str) -> None:
+    if not prompts or len(prompts) != len(sinks):
+        raise ValueError(f"PPSD takes a sink per prompt and at least one prompt, got {len(prompts)} prompts and "
+                         f"{len(sinks)} sinks")  # fmt: skip
+    if not all(prompts):
+        raise ValueError("empty prompt: PPSD needs at least one prompt token in every row")
+    if len({(sink.max_new_tokens, sink.eos_token_ids) for sink in sinks}) != 1:
+        raise ValueError("PPSD's rows move in lockstep: every row's sink must have the same max_new_tokens and EOS ids")
+    if backend == "distributed" and len(prompts) != 1:
+        raise ValueError(
+            f"backend 'distributed' decodes one row (its stage processes pass one token's state each), got "
+            f"{len(prompts)} rows; use backend 'sequential' (or 'streams' on a GPU) for a batch"
+        )
+
+
+def _check_cache(adapter: ModelAdapter, cache: KVCache | None, head: Any, rows: int, needed: int) -> None:
+    if cache is None:
+        return
+    if cache.num_layers < adapter.num_layers + getattr(head, "extra_layers", 0):
+        raise ValueError(f"cache holds {cache.num_layers} layers, the model and its exit head need more")
+    if cache.batch != rows:
+        raise ValueError(f"cache holds {cache.batch} rows, the batch has {rows}")
+    if cache.max_len < needed:
+        raise ValueError(
+            f"cache holds {cache.max_len} positions, PPSD needs the longest prompt's length + max_new_tokens = "
+            f"{needed} (the tokens fed, plus the pipe's scratch slot)"
         )

@@ -79,7 +79,7 @@ from executor.ppsd import (
     check_stall_timeout,
     commit,
     feed_limit,
-    first_token,
+    first_tokens,
     judge,
     make_selector,
     new_stats,
@@ -315,11 +315,11 @@ def _next_draft(out: StageOutput | None) -> Item | None:
 def _prefill(runner: StageRunner, link: StageLink, prompt: list[int], sink: TokenSink, on_tokens) -> TickOutcome:
     """The prompt down the pipe; the last rank's first token is broadcast as the START outcome."""
     hidden = None if runner.is_first else link.recv_prompt_states(runner.prefill_width(len(prompt)))
-    hidden = runner.prefill(hidden, prompt)
+    hidden = runner.prefill(hidden, [prompt])
     if not runner.is_last:
         link.send_prompt_states(hidden)
         return link.exchange_outcome(None)
-    token = first_token(runner, hidden, len(prompt))
+    token = first_tokens(runner, hidden, [len(prompt)])[0]
     sink.emit([token])
     if on_tokens is not None:
         on_tokens([token])

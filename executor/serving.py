@@ -274,14 +274,15 @@ class PipelineDecoder:
             self.head,
         )  # fmt: skip
         begin = time.perf_counter()
-        prefill_local(self.pipeline, self.plan, self.backend, self.capture, running.prompt, running.sink, begin)
+        prefill_local(self.pipeline, self.plan, self.backend, self.capture, [running.prompt], [running.sink], begin,
+                      seed=selector.config.seed)  # fmt: skip
         running.token, running.position = running.sink.tokens[-1], len(running.prompt)
 
     def decode(self, running: _Running) -> tuple[int, tuple[bool, ...]]:
         """The prefilled request's ticks until it is done; returns (ticks, its drafts' verdicts in order)."""
         pipeline = self.pipeline
         assert pipeline is not None and pipeline.stats is not None, "decode follows prefill"
-        decode_local(pipeline, running.prompt, running.sink, self.sync_every)
+        decode_local(pipeline, [running.prompt], [running.sink], self.sync_every)
         stats = pipeline.stats
         self.stats.rounds += stats.ticks
         self.stats.drafted += stats.drafted
@@ -402,8 +403,8 @@ def _serve_ppsd(
 ) -> ServeOutcome:
     """`serve` with PPSD: one request at a time through a `PipelineDecoder` (module docstring)."""
     if max_batch != 1:
-        raise ValueError(f"method 'ppsd' serves one request at a time (its pipeline decodes batch 1): max_batch must "
-                         f"be 1, got {max_batch}")  # fmt: skip
+        raise ValueError(f"method 'ppsd' serves one request at a time (its lockstep batch is not refilled mid-decode): "
+                         f"max_batch must be 1, got {max_batch}")  # fmt: skip
     if pipeline["backend"] not in PPSD_BACKENDS:
         raise ValueError(
             f"ppsd serving runs a local pipeline: backend must be one of {', '.join(PPSD_BACKENDS)}, got "

@@ -236,10 +236,7 @@ def _host_notes(plan: SimPlan, scenario: Scenario, batch_field: str, loop: str) 
         )
         return [f"{why}: PPSD's passes pay the profile's overhead rows"]
     notes = []
-    if host.method == "ppsd" and batch > 1:
-        notes.append(f"PPSD's host work is timed at batch 1 (the executor's PPSD decodes one row): {batch_field} "
-                     f"{batch} pays {host.source}'s batch 1 figure")  # fmt: skip
-    elif host.outside(batch):
+    if host.outside(batch):
         how = (
             "flat" if len(host.batches) == 1
             else "held at its edge's figure (the figure falls towards that edge)" if host.edge_falls(batch)

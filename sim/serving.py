@@ -37,7 +37,8 @@ The schedule (the executor's `executor.serving` runs the same one):
 - `kv_capacity_tokens: auto` is 90% of each GPU's memory minus its weights, over the KV bytes per token of its layers
   (the smallest over devices; stages sharing one add up); a device whose memory is unknown (a CPU profile) has no
   limit unless one is given.
-- PPSD serves one request at a time (the executor's pipeline decodes batch size 1, `executor.ppsd`): a request's
+- PPSD serves one request at a time (the executor's pipeline runs a batch only in lockstep, static, with no slot
+  refilled mid-decode, `executor.ppsd`): a request's
   prefill, then its whole decode through the pipeline's stages, before the next request enters; `max_batch` does not
   apply (its points run with 1). The decode is the engine's PPSD schedule (`sim.engine.decode_alone`: the executor's
   lockstep ticks, the distributed backend's with its messages; the free-running pipe with `ppsd_backend: free`) for
@@ -695,7 +696,9 @@ class ServingSimulation:
         if plan.method not in SERVING_METHODS:
             raise ValueError(f"method must be ar, eesd or ppsd: {plan.method}")
         if plan.method == "ppsd" and max_batch != 1:
-            raise ValueError(f"ppsd serves one request at a time (its pipeline decodes batch 1): max_batch {max_batch}")
+            raise ValueError(
+                f"ppsd serves one request at a time (its lockstep batch is not refilled): max_batch {max_batch}"
+            )
         if replicas < 1 or dispatch not in DISPATCH:
             raise ValueError(f"need replicas >= 1 and dispatch in {DISPATCH}: got {replicas}, {dispatch!r}")
         self.plan, self.workload, self.dispatch = plan, workload, dispatch

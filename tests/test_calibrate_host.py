@@ -122,8 +122,8 @@ def test_the_cli_writes_the_figures_and_refuses_bad_input(tmp_path, capsys) -> N
     assert "note: 1 timed decode(s) per method and batch" in captured.err  # batch 2 holds both prompts, once
     data = json.loads(out.read_text())
     assert data["format"] == FORMAT and data["schema_version"] == 3
-    assert [(row["method"], row["batch"]) for row in data["methods"]] == [("ar", 1), ("ar", 2), ("eesd", 1),
-                                                                           ("eesd", 2), ("ppsd", 1)]  # fmt: skip
+    methods = [(row["method"], row["batch"]) for row in data["methods"]]
+    assert methods == [("ar", 1), ("ar", 2), ("eesd", 1), ("eesd", 2), ("ppsd", 1), ("ppsd", 2)]
     assert data["metadata"]["ppsd_stages"] == 2 and data["metadata"]["ppsd_backend"] == "sequential"
     assert "ppsd batch 1: host work" in printed and "a tick (its every stage's pass)" in printed
     assert data["metadata"]["exit_layer"] == 15 and data["metadata"]["capture"] == "none"
@@ -135,7 +135,8 @@ def test_the_cli_writes_the_figures_and_refuses_bad_input(tmp_path, capsys) -> N
         *[("ar", 1), ("eesd", 1), ("ppsd", 1)] * 2,
         ("ar", 2),
         ("eesd", 2),
-    ]  # two prompts alone, then together
+        ("ppsd", 2),
+    ]  # two prompts alone, then together (PPSD's rows in lockstep)
     assert all(d["host_ms"] > 0 for d in data["decodes"])
     assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err
     assert main([*argv[:-2], "--out", str(tmp_path / "host.csv")]) == 2
@@ -411,7 +412,8 @@ def test_ppsd_on_one_host_pays_its_own_measured_host_work_once_a_tick(tmp_path) 
     three = point_notes(load_points(_scenario(tmp_path, **(ppsd | {"topology": {"stages": 3}})))[0])
     wide = {"requests": 4, "batch_size": 4, "prompt_len": 128, "output_len": 16}
     (note,) = point_notes(load_points(_scenario(tmp_path, **ppsd, workload=wide))[0])
-    assert note.startswith("PPSD's host work is timed at batch 1") and "workload.batch_size 4 pays" in note
+    assert note.startswith("workload.batch_size 4 lies outside the batches [1]") and "flat" in note
+    assert "eesd calibrate host --batch 1,4" in note
     assert three == (f"{tmp_path / 'host.json'} timed PPSD's host work at 2 stages, this point runs 3 (eesd "
                      "calibrate host --ppsd-stages 3)",)  # fmt: skip
 

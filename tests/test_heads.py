@@ -609,7 +609,7 @@ def test_ppsd_flush_rolls_back_the_heads_kv_books(trained, tiny) -> None:
     selector = TokenSelector(SamplingConfig(), [5], 0, [], "cpu")
     runner = StageRunner(adapter, cache, plan_stages(adapter.num_layers, 2), 0, selector, head=head)
     with torch.inference_mode():
-        runner.prefill(None, [5, 9, 1, 33, 2])
+        runner.prefill(None, [[5, 9, 1, 33, 2]])
         runner.run(Item(5, token=7))
         runner.run(Item(6, token=8))
     stage_layers = [0, 1, head.index]

@@ -133,7 +133,7 @@ def test_the_tick_log_wraps() -> None:
 
 def test_a_cache_without_the_scratch_slot_is_refused() -> None:
     adapter = ModelAdapter(tiny_model())
-    with pytest.raises(ValueError, match=r"PPSD needs len\(prompt\) \+ max_new_tokens = 12 .*scratch"):
+    with pytest.raises(ValueError, match=r"PPSD needs the longest prompt.s length \+ max_new_tokens = 12 .*scratch"):
         decode_ppsd(adapter, [1, 2], TokenSink(10, []), adapter.new_cache(1, 11), stages=2)
 
 
@@ -183,9 +183,9 @@ def test_a_stage_runs_at_the_scratch_slot_exactly_when_it_holds_no_token(monkeyp
         ran.append((self.stage, int(self.position)))
         compute(self, step)
 
-    def recording_replay(self, row, busy, sink) -> None:
-        held.append(row[3:])
-        replay(self, row, busy, sink)
+    def recording_replay(self, row, busy, sinks) -> None:
+        held.append(row[-len(self.runners) :])  # each stage's valid flag ends a log row
+        replay(self, row, busy, sinks)
 
     monkeypatch.setattr(StageRunner, "_compute", recording_compute)
     monkeypatch.setattr(LocalPipeline, "_replay", recording_replay)

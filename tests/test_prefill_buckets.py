@@ -143,7 +143,7 @@ def test_a_padded_ppsd_prefill_leaves_the_books_at_the_prompt(monkeypatch) -> No
     hidden = None
     with torch.inference_mode():
         for runner in runners:
-            hidden = runner.prefill(hidden, [5, 9, 1, 33, 2])
+            hidden = runner.prefill(hidden, [[5, 9, 1, 33, 2]])
     assert hidden.shape[1] == BUCKET
     assert cache.lengths == [[5]] * cache.num_layers
     with pytest.raises(ValueError, match="gap"):

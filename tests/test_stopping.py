@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from packages import requires_smollm2
 from test_batch_and_dropin import PAD, batch_cases, left_pad
@@ -39,11 +39,13 @@ class StopAfter(StoppingCriteria):
 )
 def test_stopping_criteria_end_rows_where_hf_does(case, draft_len, pick, suffix_len, eos):
     """A stop suffix taken from the free-running output (so that it occurs, often inside an accepted draft run).
-    With an EOS id HF pads a stopped row; without, it decodes every row on until the last one stops."""
+    With an EOS id HF pads a stopped row; without, it decodes every row on until the last one stops. PPSD's batch
+    too, a row stopped inside a block of ticks running on unread."""
     model, _, exit_layer, prompts = case
     ids, mask = left_pad(prompts)
     kwargs = dict(attention_mask=mask, max_new_tokens=16, pad_token_id=PAD, eos_token_id=eos)
     free = model.generate(ids, do_sample=False, **kwargs)[pick % len(prompts), ids.shape[1] :].tolist()
+    assume(len(free) >= suffix_len)  # (a row whose first token is its EOS holds no suffix of two)
     start = pick % (len(free) - suffix_len + 1)
     criteria = StoppingCriteriaList([StopAfter(free[start : start + suffix_len])])
     expected = model.generate(ids, do_sample=False, stopping_criteria=criteria, **kwargs)
@@ -51,6 +53,9 @@ def test_stopping_criteria_end_rows_where_hf_does(case, draft_len, pick, suffix_
         generator = executor.EarlyExitGenerator(model, method=method, exit_layer=exit_layer, draft_len=draft_len)
         got = generator.generate(ids, stopping_criteria=criteria, **kwargs)
         assert got.tolist() == expected.tolist(), method
+    ppsd = executor.generate(model, ids, method="ppsd", exit_layer=exit_layer, stopping_criteria=criteria,
+                             sync_every=1 + pick % 4, **kwargs)  # the rows in lockstep  # fmt: skip
+    assert ppsd.sequences.tolist() == expected.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -271,11 +276,11 @@ def assert_nested_close(expected: tuple, got: tuple) -> None:
 @pytest.mark.parametrize("method", ["ar", "eesd", "ppsd"])
 def test_hidden_states_and_attentions_match_hf(method):
     """HF's layout: per step a tuple per layer, the first step over the input's width, then one position attending
-    over all before it; a finished row's pads included. PPSD decodes one row. In float32: HF's eager attention turns
+    over all before it; a finished row's pads included. In float32: HF's eager attention turns
     a float64 model's left-padded rows into NaN (what this fixed case's tokens are checked against HF for first)."""
     model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=40, seed=8), torch.float32), 2, 0.0)
     model.set_attn_implementation("eager")  # HF returns attentions from eager attention only
-    ids, mask = left_pad([[3, 4, 5, 6], [7, 8], [9]] if method != "ppsd" else [[3, 4, 5, 6]])
+    ids, mask = left_pad([[3, 4, 5, 6], [7, 8], [9]])
     free = executor.generate(model, ids, attention_mask=mask, max_new_tokens=8).sequences[:, ids.shape[1] :]
     kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=PAD, eos_token_id=int(free[-1, 2]))
     kwargs.update(return_dict_in_generate=True, output_hidden_states=True, output_attentions=True, output_scores=True)

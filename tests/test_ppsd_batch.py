@@ -1,0 +1,216 @@
+"""PPSD on a batch (executor/ppsd.py, `decode_ppsd_rows`): the rows move through the pipe in lockstep, a tick's
+draft confirmed only if every row that goes on drafted its full model's token. Each row's output must equal AR on it
+alone (float64 tiny models, greedy and seeded exact sampling, EOS, any `sync_every`), and the batch's verdicts must
+be what lockstep makes of the rows' own: a row's draft of a position is a function of the AR prefix before it, so
+each row judges the same drafts as it would alone, and the batch confirms exactly where all its going rows do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from test_passes import strict
+from test_ppsd import VOCAB, ar_tokens, scale_late_layers, tiny_model
+
+import executor
+from executor.adapter import ModelAdapter
+from executor.decoding import TokenSink
+from executor.passes import StaticPass
+from executor.ppsd import LocalPipeline, _batch_verdict, decode_ppsd, decode_ppsd_rows
+from executor.verify import TickVerdict
+
+CONFIRM, FLUSH, NONE, EMIT = (int(v) for v in (TickVerdict.CONFIRM, TickVerdict.FLUSH, TickVerdict.NONE,
+                                               TickVerdict.EMIT))  # fmt: skip
+
+
+def alone(model, prompt: list[int], max_new: int, eos: list[int], **kwargs):
+    """The row decoded by PPSD on its own (its tokens and stats), the same stages."""
+    adapter, sink = ModelAdapter(model), TokenSink(max_new, eos)
+    stats = decode_ppsd(adapter, prompt, sink, None, **kwargs)
+    return sink.tokens, stats
+
+
+def until_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    """AR's tokens up to and including the first EOS (what a row stopped at its EOS emits)."""
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: index + 1]
+    return tokens
+
+
+@st.composite
+def batch_cases(draw):
+    num_layers = draw(st.integers(2, 6))
+    stages = draw(st.integers(2, min(4, num_layers)))
+    return {
+        "arch": draw(st.sampled_from(["llama", "qwen2"])),
+        "num_layers": num_layers,
+        "seed": draw(st.integers(0, 2**16)),
+        "epsilon": draw(st.sampled_from([0.0, 0.05, 0.3, 1.0])),
+        "stages": stages,
+        "exit_layer": draw(st.integers(1, num_layers // stages)),
+        "prompts": draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6), min_size=1, max_size=4)),
+        "max_new_tokens": draw(st.integers(1, 20)),
+        "sync_every": draw(st.integers(1, 6)),
+        "eos_at": draw(st.one_of(st.none(), st.tuples(st.integers(0, 3), st.integers(0, 19)))),
+    }
+
+
+@given(batch_cases(), st.booleans())
+def test_a_batch_equals_each_row_alone_and_confirms_where_every_row_does(case: dict, skip_empty: bool) -> None:
+    """Each row's tokens equal AR's on it alone (to its EOS, one drawn from a row's own text); every row's judged
+    drafts are the ones it judges alone (same verdicts, position by position); without EOS the batch confirms
+    exactly at the positions where every row confirmed alone and the pipe's tick count follows from its flushes."""
+    model = scale_late_layers(tiny_model(case["arch"], case["num_layers"], case["seed"]), case["exit_layer"],
+                              case["epsilon"])  # fmt: skip
+    prompts, max_new = case["prompts"], case["max_new_tokens"]
+    references = [ar_tokens(model, prompt, max_new) for prompt in prompts]
+    eos = []
+    if case["eos_at"] is not None:
+        row, index = case["eos_at"]
+        text = references[row % len(prompts)]
+        eos = [text[index % len(text)]]
+    options = dict(stages=case["stages"], exit_layer=case["exit_layer"], sync_every=case["sync_every"])
+    LocalPipeline.skip_empty_on_cpu = skip_empty
+    try:
+        sinks = [TokenSink(max_new, eos) for _ in prompts]
+        stats = decode_ppsd_rows(ModelAdapter(model), prompts, sinks, None, **options)
+        singles = [alone(model, prompt, max_new, eos, **options) for prompt in prompts]
+    finally:
+        LocalPipeline.skip_empty_on_cpu = True
+    assert [sink.tokens for sink in sinks] == [until_eos(reference, eos) for reference in references]
+    assert stats.rows == len(prompts) and stats.new_tokens == sum(len(sink.tokens) for sink in sinks)
+    assert sorted(stats.accepted) == sorted(a for _, single in singles for a in single.accepted) or eos
+    if not eos:
+        check_lockstep(stats, [single for _, single in singles], max_new)
+
+
+def check_lockstep(stats, singles, max_new: int) -> None:
+    """Rows of one length: the batch judges each position once, confirming iff every row confirmed it alone."""
+    n, rows = stats.stages, stats.rows
+    checked = max(0, max_new - 2)
+    assert all(len(single.accepted) == checked for single in singles)
+    confirmed = [all(single.accepted[i] for single in singles) for i in range(checked)]
+    assert stats.confirms == sum(confirmed) and stats.flushes == checked - sum(confirmed)
+    assert len(stats.drafted) == rows * checked and sum(stats.accepted) == sum(sum(s.accepted) for s in singles)
+    assert stats.ticks == ((n - 1) * (1 + stats.flushes) + (max_new - 1) if max_new > 1 else 0)
+    if stats.ticks:
+        assert stats.tokens_per_tick == pytest.approx(rows * (max_new - 1) / stats.ticks)
+        assert stats.tick_speedup == pytest.approx(n * (max_new - 1) / stats.ticks)
+    summary = stats.summary()
+    assert f"(AR: {rows}/{n})" in summary or not checked
+    assert (f"{rows} rows in lockstep" in summary) == (rows > 1)
+
+
+def test_identical_rows_run_as_one() -> None:
+    """Rows that agree everywhere confirm and flush together: the batch's ticks, confirms and flushes are one row's,
+    its rows' own acceptance the row's."""
+    model = scale_late_layers(tiny_model("llama", 6, seed=4), 2, 0.2)
+    prompt, options = [3, 14, 15, 9], dict(stages=3, exit_layer=2)
+    tokens, single = alone(model, prompt, 30, [], **options)
+    sinks = [TokenSink(30, []) for _ in range(3)]
+    stats = decode_ppsd_rows(ModelAdapter(model), [prompt] * 3, sinks, None, **options)
+    assert all(sink.tokens == tokens for sink in sinks)
+    assert (stats.ticks, stats.confirms, stats.flushes) == (single.ticks, single.confirms, single.flushes)
+    assert single.confirms > 0 and single.flushes > 0
+    assert stats.acceptance_rate == pytest.approx(single.alpha) == pytest.approx(stats.alpha)
+
+
+def test_lockstep_confirms_less_often_than_its_rows() -> None:
+    """Rows that disagree: a batch's confirm needs every row's, so its alpha is below its rows' own, and the summary
+    gives both."""
+    model = scale_late_layers(tiny_model("qwen2", 6, seed=5), 2, 0.3)
+    prompts = [[3, 14, 15], [9, 2, 6, 5, 35], [8, 30]]
+    sinks = [TokenSink(40, []) for _ in prompts]
+    stats = decode_ppsd_rows(ModelAdapter(model), prompts, sinks, None, stages=3, exit_layer=2)
+    assert 0 < stats.alpha < stats.acceptance_rate < 1, stats.summary()
+    assert f"alpha {stats.alpha:.3f}, the rows' own {stats.acceptance_rate:.3f}" in stats.summary()
+
+
+@pytest.mark.parametrize(
+    ("own", "alive", "ending", "expected"),
+    [
+        ([CONFIRM, CONFIRM], [True, True], [False, False], CONFIRM),
+        ([CONFIRM, FLUSH], [True, True], [False, False], FLUSH),  # one row wrong: the batch flushes
+        ([CONFIRM, FLUSH], [True, True], [False, True], CONFIRM),  # a row emitting its EOS decides nothing
+        ([CONFIRM, FLUSH], [True, False], [False, False], CONFIRM),  # nor does a finished row
+        ([FLUSH, CONFIRM], [True, True], [True, True], FLUSH),  # every row ends now: judged as they are
+        ([FLUSH], [True], [True], FLUSH),  # batch 1 at its EOS: its own verdict, as before batches
+        ([NONE, NONE], [True, True], [False, False], NONE),  # nothing left the pipe
+        ([EMIT, EMIT], [True, True], [False, True], EMIT),  # no draft in flight (the last token)
+    ],
+)
+def test_the_batch_verdict(own, alive, ending, expected) -> None:
+    verdict = _batch_verdict(torch.tensor(own), torch.tensor(alive), torch.tensor(ending))
+    assert verdict.tolist() == [expected]
+
+
+@given(seed=st.integers(0, 2**20), sync_every=st.integers(1, 5), penalty=st.sampled_from([None, 1.3]))
+def test_a_left_padded_batch_through_the_drop_in_equals_ar(seed, sync_every, penalty) -> None:
+    """`executor.generate(method="ppsd")` on a left-padded batch: seeded exact sampling (a seed per row) and a
+    repetition penalty, with an EOS, token for token AR's, and the transition does no host work (`strict`)."""
+    model = scale_late_layers(tiny_model("llama", 4, seed=seed % 5), 2, 0.1)
+    ids = torch.tensor([[0, 0, 5, 17, 3], [4, 9, 11, 2, 8], [0, 0, 0, 0, 21]])
+    kwargs = dict(attention_mask=(torch.arange(5) >= (ids == 0).sum(1, keepdim=True)).long(), max_new_tokens=16,
+                  do_sample=True, sampling="exact", seed=[seed, seed + 1, seed + 2], repetition_penalty=penalty,
+                  eos_token_id=7, pad_token_id=0)  # fmt: skip
+    reference = executor.generate(model, ids, method="ar", **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StaticPass, "__call__", strict)
+        out = executor.generate(model, ids, method="ppsd", stages=2, exit_layer=2, sync_every=sync_every, **kwargs)
+    assert torch.equal(out.sequences, reference.sequences)
+    assert out.stats.rows == 3 and out.stats.prompt_tokens == 3 + 5 + 1
+
+
+def test_a_greedy_batch_equals_hf_generate() -> None:
+    model = scale_late_layers(tiny_model("qwen2", 4, seed=2), 1, 0.2)
+    ids = torch.tensor([[0, 0, 5, 17, 3], [4, 9, 11, 2, 8]])
+    mask = (ids != 0).long()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    out = executor.generate(model, ids, attention_mask=mask, method="ppsd", stages=2, exit_layer=1, max_new_tokens=20)
+    assert torch.equal(out.sequences, expected)
+
+
+def test_a_compiled_batch_equals_ar() -> None:
+    """capture="compile" (every stage pass and the transition compiled; on a CPU without CUDA graphs) on 2 rows."""
+    model = scale_late_layers(tiny_model("llama", 4, seed=0), 1, 1.0)
+    prompts = [[5, 17, 3], [8, 2, 2, 40]]
+    ids, mask = torch.tensor([[0, *prompts[0]], prompts[1]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    out = executor.generate(model, ids, attention_mask=mask, method="ppsd", stages=2, exit_layer=1, max_new_tokens=12,
+                            capture="compile", sync_every=3)  # fmt: skip
+    assert out.stats.capture == "compile" and out.stats.flushes > 0
+    assert [out.sequences[0, 4:].tolist(), out.sequences[1, 4:].tolist()] == [ar_tokens(model, p, 12) for p in prompts]
+
+
+def test_bad_batches_are_refused() -> None:
+    model = tiny_model("llama", 4)
+    adapter = ModelAdapter(model)
+    with pytest.raises(ValueError, match="backend 'distributed' decodes one row.*'sequential'"):
+        decode_ppsd_rows(adapter, [[1, 2], [3]], [TokenSink(4, []), TokenSink(4, [])], None, stages=2,
+                         backend="distributed")  # fmt: skip
+    with pytest.raises(ValueError, match="decodes batch size 1, got 2 rows; backend 'sequential'"):
+        executor.generate(model, [[1, 2], [3, 4]], method="ppsd", backend="distributed", max_new_tokens=4)
+    with pytest.raises(ValueError, match="a sink per prompt"):
+        decode_ppsd_rows(adapter, [[1, 2], [3]], [TokenSink(4, [])], None, stages=2)
+    with pytest.raises(ValueError, match="same max_new_tokens and EOS ids"):
+        decode_ppsd_rows(adapter, [[1, 2], [3]], [TokenSink(4, []), TokenSink(5, [])], None, stages=2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        decode_ppsd_rows(adapter, [[1, 2], []], [TokenSink(4, []), TokenSink(4, [])], None, stages=2)
+    with pytest.raises(ValueError, match="cache holds 1 rows, the batch has 2"):
+        decode_ppsd_rows(adapter, [[1, 2], [3]], [TokenSink(4, []), TokenSink(4, [])], adapter.new_cache(1, 8),
+                         stages=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_kept_compiled_pipeline_samples_with_each_calls_seed(rows) -> None:
+    """A captured pipeline is kept on the model across calls (its key leaves the seed out): each call must still
+    sample with its own seed (a seed per row for a batch), as AR does."""
+    model = scale_late_layers(tiny_model("llama", 4, seed=0), 1, 0.3)
+    prompts = [[5, 17, 3, 9], [8, 2, 2, 40]][:rows]
+    options = dict(max_new_tokens=12, do_sample=True, sampling="exact", temperature=1.5)
+    for seed in (1, 2, [3, 4][:rows] if rows > 1 else 3):
+        ar = executor.generate(model, prompts, method="ar", seed=seed, **options).sequences
+        ppsd = executor.generate(model, prompts, method="ppsd", stages=2, exit_layer=1, capture="compile", seed=seed,
+                                 **options).sequences  # fmt: skip
+        assert torch.equal(ppsd, ar), seed
