@@ -207,6 +207,7 @@ class PPSDStats(GenerationStats):
     stage_boundaries: tuple[int, ...] = ()
     exit_layer: int = 0
     ticks: int = 0
+    unread_ticks: int = 0  # of `ticks`: run after the last row's end inside a block of `sync_every`, read by no one
     confirms: int = 0
     flushes: int = 0
     stage_stats: list[StageStats] = field(default_factory=list)
@@ -258,7 +259,8 @@ class PPSDStats(GenerationStats):
             f"exit layer {self.exit_layer}" + (f", {self.rows} rows in lockstep" if self.rows > 1 else ""),
             f"{self.confirms + self.flushes} drafts checked: {self.confirms} confirmed, {self.flushes} flushed "
             f"(alpha {self.alpha:.3f}{self._rows_alpha()}); {self.decoded_tokens} tokens after the prefill's in "
-            f"{self.ticks} ticks, {self.tokens_per_tick:.2f} tokens/tick (AR: {self.rows}/{self.stages}); "
+            f"{self.ticks} ticks{self._unread()}, {self.tokens_per_tick:.2f} tokens/tick "
+            f"(AR: {self.rows}/{self.stages}); "
             f"speedup in ticks {self.tick_speedup:.2f}x (ideal {self.ideal_speedup:.2f}x)"
             if self.ticks and self.confirms + self.flushes
             else f"no draft checked: {self.decoded_tokens} tokens after the prefill's in {self.ticks} ticks (the run "
@@ -270,6 +272,9 @@ class PPSDStats(GenerationStats):
                 f"idle {stage.idle_s:.3f} s, {stage.work_ticks} work / {stage.bubble_ticks} bubble ticks"
             )
         return "\n".join(lines)
+
+    def _unread(self) -> str:
+        return f" ({self.unread_ticks} run unread past the end)" if self.unread_ticks else ""
 
     def _rows_alpha(self) -> str:
         """The rows' own acceptance beside a batch's (its verdicts confirm only where every row's does)."""
@@ -638,8 +643,9 @@ class LocalPipeline:
     def decode(self, sinks: list[TokenSink], sync_every: int) -> None:
         """Run ticks until every row's sink is done: `sync_every` ticks (fewer near max_new_tokens, as a tick emits at
         most one token a row) between two host reads of the log. After the last row's EOS the rest of a block runs
-        unread. A row the host found done (its EOS, a stop rule) is out of the verdicts from the next block on; the
-        device drops a row at its EOS itself."""
+        unread: counted as ticks (`PPSDStats.unread_ticks`) and in the stages' books, its tokens dropped. A row the
+        host found done (its EOS, a stop rule) is out of the verdicts from the next block on; the device drops a row
+        at its EOS itself."""
         while not all(sink.done for sink in sinks):
             count = min(sync_every, max(sink.remaining for sink in sinks if not sink.done))
             self._cover(count)
@@ -648,9 +654,13 @@ class LocalPipeline:
             busy = [self._launch_tick(slot) for slot in range(count)]
             rows = read_back(self.log, self.stats)
             for slot in range(count):
-                self._replay(rows[(self.launched + slot) % TICK_LOG], busy[slot] or self._elapsed(slot), sinks)
-                if all(sink.done for sink in sinks):
-                    break
+                row, seconds = rows[(self.launched + slot) % TICK_LOG], busy[slot] or self._elapsed(slot)
+                if all(sink.done for sink in sinks):  # past the last row's end: the tick ran, no one reads it
+                    self.stats.ticks += 1
+                    self.stats.unread_ticks += 1
+                    self._count_stages(row, seconds)
+                    continue
+                self._replay(row, seconds, sinks)
             self.launched += count
 
     def _cover(self, ticks: int) -> None:
@@ -722,6 +732,11 @@ class LocalPipeline:
                     sink.emit([token])
         none = int(TickVerdict.NONE)
         self.stats.record(outcome, [v if goes else none for v, goes in zip(judged, going, strict=True)])
+        self._count_stages(row, busy)
+
+    def _count_stages(self, row: list[int], busy: list[float]) -> None:
+        """A tick's work in each stage's books (whether it held a token, its seconds busy and idle)."""
+        valid = row[LOG_FIELDS + 2 * self.rows :]
         tick = max(busy)  # idle: what a stage waits in a lockstep tick as long as the slowest stage's
         for stage, holds, seconds in zip(self.stats.stage_stats, valid, busy, strict=True):
             stage.count(bool(holds), seconds, tick - seconds)

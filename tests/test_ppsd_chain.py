@@ -209,3 +209,25 @@ def test_compiled_pipe_equals_ar() -> None:
                             capture="compile", sync_every=4)  # fmt: skip
     assert out.stats.capture == "compile" and out.stats.flushes > 0
     assert out.sequences[0, 3:].tolist() == ar_tokens(model, [5, 17, 3], 20)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_ticks_run_unread_after_the_end_are_counted(rows: int) -> None:
+    """A decode whose last row ends at its EOS inside a block of 8 ticks: the block's later ticks run (the device
+    does not know the end) and are counted as ticks, unread, in every stage's books too, as the simulator counts
+    them; read after every tick, the same run has none, and the two differ by exactly those ticks."""
+    model = scale_late_layers(tiny_model("llama", 6, seed=3), 2, 0.2)
+    prompts = [[7, 3, 19, 40], [5, 1, 8, 8], [9, 9, 2, 4]][:rows]
+    free = [ar_tokens(model, prompt, 40) for prompt in prompts]
+    eos = sorted({text[4] for text in free})  # every row ends early, the last inside a block
+    runs = {}
+    for every in (1, 8):
+        out = executor.generate(model, prompts, method="ppsd", stages=3, max_new_tokens=40, eos_token_id=eos,
+                                pad_token_id=0, sync_every=every)  # fmt: skip
+        runs[every] = out.stats
+    one, eight = runs[1], runs[8]
+    assert one.unread_ticks == 0 and eight.unread_ticks > 0
+    assert eight.ticks == one.ticks + eight.unread_ticks
+    assert (eight.confirms, eight.flushes, eight.new_tokens) == (one.confirms, one.flushes, one.new_tokens)
+    assert all(s.work_ticks + s.bubble_ticks == eight.ticks for s in eight.stage_stats)
+    assert f"{eight.ticks} ticks ({eight.unread_ticks} run unread past the end)" in eight.summary()
