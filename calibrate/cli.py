@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         (_acceptance_arguments, "acceptance", "per-token exit-head agreement with the full model"),
         (_link_arguments, "link", "transfer time vs bytes between two pipeline stages"),
         (_rounds_arguments, "rounds", "an EESD round of k drafts against an AR step: beta-ts:costs=... for --policy"),
-        (_host_arguments, "host", "the host's work between passes per AR step and EESD round, per batch size"),
+        (_host_arguments, "host", "the host's work between passes per AR step, EESD round, PPSD tick; per batch"),
     )
     for add, name, help_text in parsers:
         p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)

@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         asked = list(dict.fromkeys(e for c in comparisons for e in c.extrapolations))
         shown = "; ".join(asked[:6]) + (f"; {len(asked) - 6} more" if len(asked) > 6 else "")
         print("* a latency query fell outside the profiled grid (extrapolated)" + (f": {shown}" if asked else ""))
+    if any(c.method == "ppsd" and " b=" in c.label for c in comparisons):
+        print("/tick: a PPSD batch's tokens a tick, every row's (through n stages without drafts: batch / n); "
+              "tok/round elsewhere is a row's")  # fmt: skip
     if any(c.short for c in comparisons):
         print(f"~ a run decodes for under {validate.SHORT_RUN_S} s: a few slow steps move its rate (more --prompts "
               "make it longer; a batch point runs its prompts in batches)")  # fmt: skip

@@ -758,8 +758,13 @@ def load_checkpoint(path: Path, adapter: ModelAdapter, config: TrainConfig, run_
     """A checkpoint's payload, after checking it belongs to this model and run (same data, batches and heads)."""
     try:
         payload = torch.load(path, map_location=adapter.device, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path} is unreadable ({err}); delete it to start over") from None
+    except Exception as err:  # a truncated file, another format: torch's own words are about its unpickler
+        why = "a truncated or damaged file" if isinstance(err, (EOFError, RuntimeError)) else "not a torch checkpoint"
+        kind = type(err).__name__
+        raise ValueError(f"checkpoint {path} is unreadable ({why}: {kind}); delete it to start over") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"checkpoint {path} holds no train-head checkpoint (a {type(payload).__name__}); delete it to "
+                         "start over")  # fmt: skip
     if payload.get("version") != CHECKPOINT_VERSION or payload.get("model_fingerprint") != model_fingerprint(adapter):
         raise ValueError(f"checkpoint {path} belongs to another model or format version; delete it to start over")
     saved = dict(payload["config"])

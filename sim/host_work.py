@@ -6,12 +6,13 @@ every method; the executor's AR step and EESD round do different work between th
 verdict back, updates its policy, refills its inputs and rolls its KV books back), measured by `eesd calibrate host`.
 A scenario's `latency.profile.host_work` names such a file: an AR point (and the AR baseline of every point) then pays
 AR's figure, an EESD point EESD's, at the point's batch size, and a PPSD point on one host (the sequential or streams
-backend) PPSD's, timed per tick (a token's pass through every stage) on the sequential backend at batch 1 where the file
-has PPSD rows (schema 3); otherwise, and for the distributed backend's ranks, PPSD keeps the profile's rows. The figure
-is per host read for captured passes (the simulator pays `overhead` once a read) and per pass for uncaptured ones (paid
-every pass; a PPSD tick is one pass); prefill keeps the profile's rows (the file times decodes only). `metadata.loop`
-says what was timed: `generate`'s decodes of static batches (a batch scenario's), or `serve`, the serving loop's rounds
-with their departures and admissions (a serving scenario's).
+backend) PPSD's, timed per tick (a token's pass through every stage) on the sequential backend, at the batch sizes it
+timed (files before December 2026: batch 1), where the file has PPSD rows (schema 3); otherwise, and for the distributed
+backend's ranks, PPSD keeps the profile's rows. The figure is per host read for captured passes (the simulator pays
+`overhead` once a read) and per pass for uncaptured ones (paid every pass; a PPSD tick is one pass); prefill keeps the
+profile's rows (the file times decodes only). `metadata.loop` says what was timed: `generate`'s decodes of static
+batches (a batch scenario's), or `serve`, the serving loop's rounds with their departures and admissions (a serving
+scenario's).
 Torch-free: the simulator and `eesd calibrate scenario` read it.
 """
 

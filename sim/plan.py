@@ -17,7 +17,7 @@ where the GPU is known.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sim.acceptance import (
@@ -71,6 +71,7 @@ from sim.scenario import (
     Scenario,
     ScenarioError,
     StageConfig,
+    WorkloadConfig,
     check_file_claims,
     model_config,
     narrow_draft_dtype,
@@ -289,10 +290,13 @@ def _check_shared_devices(stages: tuple[SimStage, ...]) -> None:
 
 
 # ---- building a plan from a scenario point --------------------------------------------------------------------------
-def build_plan(point: Point, method: str | None = None, reads_every: int | None = None) -> SimPlan:
+def build_plan(
+    point: Point, method: str | None = None, reads_every: int | None = None, stand_in: bool = False
+) -> SimPlan:
     """The plan of one point (`method` overrides the scenario's, e.g. `"ar"` for the baseline). `reads_every`: the
     AR steps per host read a host-work file must have been measured with, for captured passes (default: the
-    scenario's `sync_every`; a serving loop reads every round)."""
+    scenario's `sync_every`; a serving loop reads every round). A batch wider than the requests runs as wide as they
+    are, and is costed so, unless the workload is a `stand_in` (serving's: one row at the widest batch, never run)."""
     s, where = point.scenario, _where(point)
     model = model_config(s)
     dtype_bytes = DTYPE_BYTES[s.dtype]
@@ -308,7 +312,7 @@ def build_plan(point: Point, method: str | None = None, reads_every: int | None 
         link=_link(s.topology.link, point, "topology.link"),
         method=method or s.method,
         acceptance=_acceptance(point, exit_layer, where),
-        workload=Workload(**s.workload.model_dump()),
+        workload=_workload(s.workload, stand_in),
         exit_layer=exit_layer,
         exit_head=s.exit_head,
         policy=s.policy,
@@ -334,6 +338,14 @@ def build_plan(point: Point, method: str | None = None, reads_every: int | None 
     # its grid flag the results as extrapolated: the policy's choices rest on them)
     costs = round_costs(plan, make_policy(plan.policy).max_draft_len)
     return SimPlan(**{**plan.__dict__, "round_costs": costs})
+
+
+def _workload(config: WorkloadConfig, stand_in: bool) -> Workload:
+    """The plan's workload: the scenario's, a batch no wider than the requests (unless a stand-in)."""
+    workload = Workload(**config.model_dump())
+    if stand_in or workload.batch_size <= workload.requests:
+        return workload
+    return replace(workload, batch_size=workload.requests)
 
 
 def exit_layer_of(point: Point) -> int:

@@ -244,6 +244,7 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
     unknown = sorted(set(config.by_method or ()) - set(methods))
     if unknown:
         raise ScenarioError(f"{where}: serving.by_method: {', '.join(unknown)}: not among the case's methods {methods}")
+    _check_ppsd_batch(config, where)
     by_method = {method: _method_data(data, config, method, where) for method in methods}
     models = {method: _model(by_method[method][0], method, where) for method in methods}
     model = _narrowest_model(list(models.values()))
@@ -266,6 +267,17 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
                 method_config.replicas, method_config.dispatch, notes,
             ))  # fmt: skip
     return points
+
+
+def _check_ppsd_batch(config: ServingConfig, where: str) -> None:
+    """PPSD serves one request at a time: a `max_batch` other than 1 given for it alone (its `by_method` entry) would
+    be ignored, so it is refused. A shared `max_batch` is the other methods' (a scenario's cases share one)."""
+    value = ((config.by_method or {}).get("ppsd") or {}).get("serving.max_batch")
+    if value is not None and value != 1:
+        raise ScenarioError(
+            f"{where}: serving.by_method.ppsd.serving.max_batch: PPSD serves one request at a time (its lockstep "
+            f"batch is not refilled mid-decode); expected 1, got {value!r}"
+        )
 
 
 def _method_data(
@@ -327,7 +339,8 @@ def _plan(
     }
     _check_cache_context(model, workload, where)
     scenario = validate(fields, where)
-    return build_plan(Point(0, {}, scenario, path.parent, where), reads_every=1), scenario  # a read every round
+    plan = build_plan(Point(0, {}, scenario, path.parent, where), reads_every=1, stand_in=True)  # a read a round
+    return plan, scenario
 
 
 def _check_cache_context(model: ModelConfig, workload: ServingWorkload, where: str) -> None:

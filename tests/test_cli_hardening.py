@@ -138,3 +138,25 @@ def test_train_head_checks_before_loading_a_time_budget_a_subset_run_and_a_left_
     with pytest.raises(SystemExit):  # argparse's own refusal (usage and one error line, status 2)
         main([*base, "--exit-layer", ","])
     assert "--exit-layer: expected exit layers as comma-separated integers" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_named_without_torchs_unpickler_words(tmp_path) -> None:
+    """A checkpoint that is not one (garbage bytes, a cut-off file, another object saved by torch) is refused in
+    words of the checkpoint, with what to do."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from executor.train_head import load_checkpoint
+
+    adapter, path = SimpleNamespace(device="cpu"), tmp_path / "h.safetensors.ckpt"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match=r"h\.safetensors\.ckpt is unreadable \(not a torch checkpoint: .*delete it"):
+        load_checkpoint(path, adapter, None, {})
+    torch.save({"version": 1, "steps": list(range(1000))}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"is unreadable \(a truncated or damaged file: RuntimeError\)"):
+        load_checkpoint(path, adapter, None, {})
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ValueError, match=r"holds no train-head checkpoint \(a list\); delete it"):
+        load_checkpoint(path, adapter, None, {})

@@ -812,6 +812,10 @@ def test_by_method_gives_each_method_its_own_devices(tmp_path):
             r"serving.by_method.ar: serving.replicas: Input should be greater than or equal to 1",
         ),
         ({"by_method": {"ar": {"exit_layer": 99}}}, r"exit_layer: expected 1 <= exit_layer < 30"),
+        (
+            {"methods": ["ar", "ppsd"], "by_method": {"ppsd": {"serving.max_batch": 4, "topology.stages": 2}}},
+            r"serving.by_method.ppsd.serving.max_batch: PPSD serves one request at a time .*expected 1, got 4",
+        ),
     ],
 )
 def test_bad_replicas_and_by_method_refused_with_field(tmp_path, serving, message):

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -408,11 +409,11 @@ def test_the_extrapolation_note_says_what_was_asked_past_the_profile(tmp_path: P
     data = {"name": "ex", "model": "SmolLM2-135M", "dtype": "fp32", "method": "eesd", "exit_layer": 15,
             "policy": "fixed:8", "latency": {"profile": {"path": str(profile), "cuda_graphs": False}},
             "acceptance": {"alpha": 0.5}, "topology": {"stages": 1},
-            "workload": {"requests": 2, "batch_size": 8, "prompt_len": 16, "output_len": 16}}  # fmt: skip
+            "workload": {"requests": 8, "batch_size": 8, "prompt_len": 16, "output_len": 16}}  # fmt: skip
     assert main([str(write(tmp_path, data)), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
     (extrapolated,) = [n for n in notes if "extrapolated beyond the profiled grid" in n]
-    for asked in ("verify q 9 (profiled 1-2)", "prefill tokens 16 (profiled 32-256)", "verify batch 8 (profiled 1-4)"):
+    for asked in ("verify q 9 (profiled 1-2)", "prefill tokens 16 (profiled 32-256)", "draft batch 8 (profiled 1-4)"):
         assert asked in extrapolated, extrapolated
     assert any("costed as batch 4 (the profile's batch 4 costs less than its batch 3" in n for n in notes), notes
 
@@ -628,3 +629,46 @@ def test_a_traces_flushed_work_is_the_work_the_results_count_as_thrown_away(
         flushed = sum(e["dur"] for e in simulation.trace if e["tid"] == index and e["args"]["flushed"])
         assert flushed == pytest.approx(stage.busy_us - stage.useful_us, abs=1e-6)
     assert result.stages[0].busy_us > result.stages[0].useful_us  # there was thrown-away work to mark
+
+
+def test_a_batch_wider_than_the_requests_runs_and_is_costed_as_wide_as_they_are() -> None:
+    """Batch 8 over 4 requests is one batch of 4: the same result as batch 4, costed at the profile's batch 4 (not
+    extrapolated past it), the note saying so; serving's stand-in workload (at its max_batch) keeps its width."""
+    from sim.plan import build_plan
+    from sim.runner import point_notes, simulate_point
+
+    scenario = Path(__file__).parents[1] / "scenarios" / "smollm2_cpu_xeon_ppsd_batch.yaml"
+    four = next(p for p in load_points(scenario) if p.values == {"exit_layer": 15, "workload.batch_size": 4})
+    workload = four.scenario.workload.model_copy(update={"batch_size": 8})
+    wide = replace(four, scenario=four.scenario.model_copy(update={"workload": workload}))
+    assert build_plan(wide).workload.batch_size == 4 and build_plan(wide, stand_in=True).workload.batch_size == 8
+    ran, asked = simulate_point(four).result, simulate_point(wide).result
+    assert asked.tokens_per_s == ran.tokens_per_s and not asked.extrapolated
+    notes = [n for n in point_notes(wide) if "batch" in n]
+    assert notes == ["workload.batch_size 8 > requests 4: one batch of 4 rows runs"]
+
+
+def test_fields_ppsd_does_not_read_are_noted_where_swept(tmp_path: Path) -> None:
+    """PPSD has no rounds: a sweep over an EESD round setting gives PPSD points that are one run, and a window wider
+    than the pipe changes nothing; each is noted (a field set once, as for an EESD sweep beside, is not)."""
+    import yaml
+
+    from sim.runner import point_notes
+
+    root = Path(__file__).parents[1]
+    data = yaml.safe_load((root / "scenarios" / "smollm2_cpu_xeon_ppsd_batch.yaml").read_text())
+    data["latency"]["profile"]["path"] = str(root / "calibration" / "cpu-xeon" / "latency_smollm2-135m_cpu_fp32.csv")
+    data["acceptance"]["trace"] = str(root / "calibration" / "cpu" / "acceptance_smollm2-135m_shared_builtin.csv")
+    data["policy"] = "fixed:2"
+    data["sweep"] = {"config": [{"policy": "beta-ts"}, {"zero_draft_rounds": "verify"}, {"max_in_flight": 2},
+                                {"max_in_flight": 1}]}  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    points = load_points(path)
+    notes = [[n for n in point_notes(p) if "PPSD does not read" in n or "max_in_flight" in n] for p in points]
+    assert notes == [
+        ["PPSD does not read policy (EESD's rounds): points that differ only in it are the same run"],
+        ["PPSD does not read zero_draft_rounds (EESD's rounds): points that differ only in it are the same run"],
+        ["max_in_flight 2 >= the 2 stages: the pipe holds one token a stage at most, so the window changes nothing"],
+        [],
+    ]
