@@ -47,8 +47,10 @@ SAMPLING_FLAGS = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local HF directory, a .gguf file, or a packaged model name")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
-    source.add_argument("--prompt-ids", help="prompt as comma-separated token ids (no tokenizer needed)")
+    source.add_argument("--prompt", action="append", help="prompt text (tokenized with the model's tokenizer); "
+                        "again for a batch, decoded together (left-padded; PPSD's rows in lockstep)")  # fmt: skip
+    source.add_argument("--prompt-ids", action="append", help="prompt as comma-separated token ids (no tokenizer "
+                        "needed); again for a batch")  # fmt: skip
     parser.add_argument("--method", default="eesd", help="ar | eesd | ppsd (default: eesd)")
     parser.add_argument(
         "--stages", type=int, default=None, help="ppsd: pipeline stages (default: 2, or what --stage-boundaries cut)"
@@ -194,7 +196,7 @@ def check_flags(args: argparse.Namespace) -> None:
                          "(fixed:K drafts K); give one of them")  # fmt: skip
     if args.method == "ppsd":
         _check_pipeline_flags(args)
-    if args.chat and args.prompt is None:
+    if args.chat and not args.prompt:
         raise ValueError("--chat wraps --prompt's text in the chat template: drop it with --prompt-ids")
     if args.compare_ar and args.do_sample and args.sampling == "rejection":
         raise ValueError(
@@ -221,17 +223,44 @@ def _check_pipeline_flags(args: argparse.Namespace) -> None:
                          "use --backend sequential")  # fmt: skip
 
 
-def _tokenized(args: argparse.Namespace, tokenizer) -> list[int]:
-    """`--prompt`'s ids, through the model's tokenizer (and its chat template with `--chat`)."""
+def _tokenized(args: argparse.Namespace, tokenizer, prompt: str) -> list[int]:
+    """A `--prompt`'s ids, through the model's tokenizer (and its chat template with `--chat`)."""
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer: pass --prompt-ids instead of --prompt")
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"model {args.model!r} has no chat template: drop --chat")
-        messages = [{"role": "user", "content": args.prompt}]
+        messages = [{"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(args.prompt)["input_ids"]
+    ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise ValueError(f"--prompt {prompt!r} tokenizes to no token: give some text")
+    return ids
+
+
+def _row_length(tokens: list[int], eos: int | list[int] | None, pad: int) -> int:
+    """A batch row's own new tokens: up to its first EOS, else without the pads a stop left after it (as HF lays a
+    finished row out: its EOS, then pads)."""
+    ends = [eos] if isinstance(eos, int) else list(eos or [])
+    for index, token in enumerate(tokens):
+        if token in ends:
+            return index + 1
+    length = len(tokens)
+    if not ends:  # without EOS ids no row is padded (each runs to the last row's end)
+        return length
+    while length and tokens[length - 1] == pad:
+        length -= 1
+    return length
+
+
+def batched(prompts: list[list[int]], pad: int) -> tuple[list[list[int]], list[list[int]] | None]:
+    """The prompts as generate takes them: one row alone, several left-padded with `pad` beside their mask."""
+    if len(prompts) == 1:
+        return prompts, None
+    width = max(map(len, prompts))
+    rows = [[pad] * (width - len(p)) + p for p in prompts]
+    return rows, [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
 
 
 def _stops(args: argparse.Namespace, tokenizer) -> list | None:
@@ -344,17 +373,21 @@ def run(args: argparse.Namespace) -> int:
     from executor.models import load_model, load_tokenizer
     from executor.ppsd_dist import PPSDWorkerError
 
-    given = given_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    given = [given_ids(text) for text in args.prompt_ids] if args.prompt_ids is not None else None
     policy, exit_layer = _with_round_costs(args)
     device = check_device(args.device)
     threads = use_threads(args.threads)
     tokenizer = _optional_tokenizer(args.model, load_tokenizer) if given else load_tokenizer(args.model)
     print(f"generate: {args.model}, {args.method}, {device} ({args.dtype}); {threads}", file=sys.stderr)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    prompt = given or _tokenized(args, tokenizer)
+    prompts = given or [_tokenized(args, tokenizer, text) for text in args.prompt]
     eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    pad = pad if isinstance(pad, int) else (eos if isinstance(eos, int) else (eos or [0])[0])
+    prompt, mask = batched(prompts, pad)
     common = dict(
         max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, sampling=args.sampling,
+        attention_mask=mask, pad_token_id=pad,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         repetition_penalty=args.repetition_penalty, capture=args.capture, stopping_criteria=_stops(args, tokenizer),
         no_repeat_ngram_size=args.no_repeat_ngram_size,
@@ -379,8 +412,11 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"eesd generate: error: {err}", file=sys.stderr)
         return 1
-    new_tokens = result.sequences[0, len(prompt) :].tolist()
-    print(tokenizer.decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else new_tokens)
+    for row, tokens in enumerate(result.sequences[:, len(prompt[0]) :].tolist()):
+        if mask is not None:  # a finished row's pads dropped
+            tokens = tokens[: _row_length(tokens, eos, pad)]
+        text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else tokens
+        print(text if mask is None else f"[row {row}] {text}")
     drafting = f"exit layer {result.exit_layer}" + (f" ({args.head})" if args.head else "")
     named = result.exit_layer is not None and args.method == "eesd"  # (PPSD's stats name their stages' layers)
     head = f"head {args.head}; " if args.head and args.method == "ppsd" else ""  # (and its exit layer)

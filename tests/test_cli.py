@@ -140,6 +140,24 @@ def test_generate_sets_the_threads_and_names_them_in_its_header(saved_model: Pat
     assert f"torch threads: {default_threads()} of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["ar", "eesd", "ppsd"])
+def test_generate_decodes_a_batch_of_prompts_as_each_alone(saved_model: Path, capsys, method: str) -> None:
+    """`--prompt-ids` given again makes a batch (left-padded, PPSD's rows in lockstep): each row's line holds the
+    tokens that prompt alone gets, and --compare-ar checks the batch against AR's."""
+    argv = ["generate", "--model", str(saved_model), "--method", method, "--max-new-tokens", "5", "--threads", "1",
+            *(["--exit-layer", "2"] if method != "ar" else [])]  # fmt: skip
+    alone = []
+    for ids in ("4,5,6", "7", "9,9,2,11"):
+        assert main([*argv, "--prompt-ids", ids]) == 0
+        alone.append(capsys.readouterr().out.splitlines()[0])
+    assert main([*argv, "--prompt-ids", "4,5,6", "--prompt-ids", "7", "--prompt-ids", "9,9,2,11", "--compare-ar"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [f"[row {row}] {line}" for row, line in enumerate(alone)]
+    assert "identical to AR: True" in out[-1]
+    if method == "ppsd":
+        assert "3 rows in lockstep" in "\n".join(out)
+
+
 @pytest.mark.parametrize("args", [*WITH_DEVICE, ["validate", str(CALIBRATED)]], ids=command_id)
 @pytest.mark.parametrize("threads", ["0", "-2"])
 def test_threads_below_one_are_refused(tmp_path: Path, capsys, args: list[str], threads: str) -> None:
