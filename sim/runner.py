@@ -26,6 +26,7 @@ from sim.acceptance import TraceAcceptance
 from sim.contract import balanced_counts
 from sim.engine import RunResult, Simulation, trace_tracks
 from sim.formats import quote, save_figure_atomic, write_text_atomic
+from sim.hardware import LinkSpec
 from sim.latency import ProfileLatency
 from sim.plan import ONE_HOST_BACKENDS, SimPlan, build_plan
 from sim.policy import parse_policy_spec
@@ -169,10 +170,30 @@ def _unread_field_notes(plan: SimPlan, point: Point) -> list[str]:
         notes.append(f"the executor's distributed PPSD decodes one row: a lockstep batch of {plan.workload.batch_size} "
                      "over a process per stage is the simulator's model alone (the one-host backends, sequential and "
                      "streams, run such batches)")  # fmt: skip
+    notes += _cpu_link_notes(plan)
     if plan.max_in_flight is not None and plan.max_in_flight >= len(plan.stages):
         notes.append(f"max_in_flight {plan.max_in_flight} >= the {len(plan.stages)} stages: the pipe holds one token a "
                      "stage at most, so the window changes nothing")  # fmt: skip
     return notes
+
+
+def _cpu_link_notes(plan: SimPlan) -> list[str]:
+    """PPSD's stages on devices of their own, priced from a CPU's latency profile, joined by a named link (a GPU's
+    NVLink, say) rather than a measured one: a CPU's stage processes hand off over gloo, which a link profile times."""
+    latency = plan.stages[0].latency
+    if plan.ppsd_backend == "sequential" or not isinstance(latency, ProfileLatency):
+        return []
+    if (
+        latency.profile.metadata.get("device_type") != "cpu"
+        or len({plan.device_of(i) for i in range(len(plan.stages))}) < 2
+    ):
+        return []
+    named = sorted({link.name for link in plan.links if isinstance(link, LinkSpec) and link.name != "ideal"})
+    if not named:
+        return []
+    return [f"the stages' link{'s' * (len(named) > 1)} {', '.join(named)} join{'s' * (len(named) == 1)} devices "
+            "priced from a CPU's latency profile: a CPU's stage processes hand off over gloo, which a link profile "
+            "measures (eesd calibrate link --backend gloo, then topology.link: {profile: FILE})"]  # fmt: skip
 
 
 def _partial_batch_notes(point: Point) -> list[str]:
