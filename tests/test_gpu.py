@@ -145,6 +145,27 @@ def test_batch_with_left_padding_equals_hf_per_row() -> None:
         assert tokens[-16:] == hf_tokens(model, row, 16)[-16:]
 
 
+@pytest.mark.parametrize(("backend", "capture"), [("streams", "graph"), ("streams", "compile-layers"),
+                                                  ("sequential", "graph")])  # fmt: skip
+def test_a_ppsd_batch_in_lockstep_equals_hf_per_row(backend: str, capture: str) -> None:
+    """PPSD's rows in lockstep on the GPU: the stages' captured passes and the transition over 3 left-padded rows
+    (an EOS that ends one early, blocks of 1 and 5 ticks), each row AR's alone; flushes ran."""
+    model = cuda_model(TinySpec(num_layers=6, seed=4), epsilon=0.1)
+    rows = [[0, 0, 0, 9, 4, 7], [5, 17, 2, 40, 33, 1], [0, 0, 0, 0, 0, 8]]
+    ids = torch.tensor(rows, device="cuda")
+    mask = (ids != 0).long()
+    alone = [hf_tokens(model, [t for t in row if t], 20)[-20:] for row in rows]
+    eos = alone[2][6]
+    for sync_every in (1, 5):
+        out = executor.generate(model, ids, attention_mask=mask, method="ppsd", stages=3, backend=backend,
+                                capture=capture, sync_every=sync_every, max_new_tokens=20, eos_token_id=eos,
+                                pad_token_id=0)  # fmt: skip
+        for tokens, reference in zip(out.sequences[:, 6:].tolist(), alone, strict=True):
+            cut = reference.index(eos) + 1 if eos in reference else len(reference)
+            assert tokens[:cut] == reference[:cut], (backend, capture, sync_every)
+        assert out.stats.rows == 3 and out.stats.flushes > 0 and out.stats.capture == capture
+
+
 def test_compiled_passes_equal_hf() -> None:
     model = cuda_model(TinySpec(num_layers=4, seed=8))
     for prompt in PROMPTS[:2]:
