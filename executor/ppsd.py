@@ -510,11 +510,12 @@ def judge(out: StageOutput | None, sink: TokenSink, token: int | None = None) ->
     return TickOutcome(judge_tick(True, out.draft, token), token, out.position + 1, sink.done)
 
 
-def commit(selector: TokenSelector, token: int) -> None:
-    """An emitted token (>= 0) joins the committed text a repetition penalty sees. Every emitted token is committed;
-    the tokens in flight behind it are drafts, which the penalty does not count."""
-    if selector.seen is not None and token >= 0:
-        selector.note(torch.tensor([[token]], device=selector.seen.device))
+def commit(selector: TokenSelector, tokens: Sequence[int]) -> None:
+    """Emitted tokens, one per row (each >= 0; a -1 is none emitted), join the committed text a repetition penalty
+    sees. Every emitted token is committed; the tokens in flight behind it are drafts, which the penalty does not
+    count."""
+    if selector.seen is not None and min(tokens) >= 0:
+        selector.note(torch.tensor([[token] for token in tokens], device=selector.seen.device))
 
 
 # ------------------------------------------------------------------------------------ single-process pipeline
@@ -824,18 +825,16 @@ def _decode_local(
 
 def prefill_local(
     pipeline: LocalPipeline, plan: StagePlan, backend: str, capture: str, prompts: list[list[int]],
-    sinks: list[TokenSink], begin: float, given: list[list[int]] | None = None,
-    seed: int | Sequence[int] | None = None,
+    sinks: list[TokenSink], begin: float, given: list[list[int]] | None, seed: int | tuple[int, ...],
 ) -> PPSDStats:  # fmt: skip
     """A generation's first half on a local pipeline: fresh stats, the prompts (a row each) through every stage and
     each row's first token into its sink (`prefill_time_s` counted from `begin`, a `time.perf_counter()` reading).
     `given`: the rows as the caller gave them (left padding included), what prefix processors see before the new
-    tokens (default `prompts`). `seed`: the call's (its sampling config's; a kept, captured pipeline's selector holds
-    the seed of the call that built it), default the pipeline's."""
+    tokens (None: `prompts`). `seed`: the call's, one or one per row (its sampling config's; a kept, captured
+    pipeline's selector holds the seed of the call that built it)."""
     stats = new_stats(plan, backend, sum(map(len, prompts)), len(prompts))
     stats.capture = capture
-    seed = pipeline.selector.config.seed if seed is None else seed
-    pipeline.restart(stats, [len(prompt) for prompt in prompts], seed if isinstance(seed, int) else tuple(seed))
+    pipeline.restart(stats, [len(prompt) for prompt in prompts], seed)
     pipeline.selector.start(prompts, given)
     hidden = None
     for runner in pipeline.runners:
@@ -844,8 +843,7 @@ def prefill_local(
     stats.prefill_time_s = time.perf_counter() - begin
     for sink, token in zip(sinks, tokens, strict=True):
         sink.emit([token])
-    if pipeline.selector.seen is not None:  # the first tokens join the committed text a repetition penalty sees
-        pipeline.selector.note(torch.tensor([[token] for token in tokens], device=pipeline.selector.seen.device))
+    commit(pipeline.selector, tokens)
     stats.new_tokens = sum(len(sink.tokens) for sink in sinks)
     return stats
 

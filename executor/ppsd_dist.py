@@ -276,7 +276,7 @@ def run_stage(
         dist.barrier()  # every process has its model: time from here
     begin = time.perf_counter()
     outcome = _prefill(runner, link, prompt, sink, on_tokens)
-    commit(selector, outcome.token)
+    commit(selector, [outcome.token])
     stats.prefill_time_s = time.perf_counter() - begin
     inbox = Item(len(prompt), token=outcome.token) if rank == 0 else None
     limit = feed_limit(len(prompt), sink.max_new_tokens)
@@ -289,7 +289,7 @@ def run_stage(
         stage.count(inbox is not None, time.perf_counter() - tick_begin)
         outcome = link.exchange_outcome(judge(out, sink) if runner.is_last else None)
         stats.host_reads += 1  # each rank reads every tick's outcome (the last rank its verdict) on its host
-        commit(selector, outcome.token)
+        commit(selector, [outcome.token])
         if runner.is_last and outcome.emitted and on_tokens is not None:
             on_tokens([outcome.token])
         stats.record(outcome)

@@ -275,7 +275,7 @@ class PipelineDecoder:
         )  # fmt: skip
         begin = time.perf_counter()
         prefill_local(self.pipeline, self.plan, self.backend, self.capture, [running.prompt], [running.sink], begin,
-                      seed=selector.config.seed)  # fmt: skip
+                      None, selector.config.seed)  # fmt: skip
         running.token, running.position = running.sink.tokens[-1], len(running.prompt)
 
     def decode(self, running: _Running) -> tuple[int, tuple[bool, ...]]:
