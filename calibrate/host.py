@@ -245,14 +245,14 @@ def batches_of(prompts: list[list[int]], size: int) -> list[tuple[Any, Any]]:
     left-padded, with the attention mask where a batch holds several: (ids, mask) tensors on the CPU."""
     import torch
 
+    from executor.prompts import left_padded
+
     count = -(-len(prompts) // size)
     groups = [[prompts[(i * size + j) % len(prompts)] for j in range(size)] for i in range(count)]
     out = []
     for group in groups:
-        width = max(len(p) for p in group)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group]) if size > 1 else None
-        out.append((ids, mask))
+        rows, padding = left_padded(group)
+        out.append((torch.tensor(rows), torch.tensor(padding) if padding is not None else None))
     return out
 
 

@@ -979,13 +979,13 @@ def _executor(plan_: Plan, adapter: Any) -> Callable[..., Any]:
     import torch
 
     from executor.api import generate
+    from executor.prompts import left_padded
 
     eos = adapter.model.generation_config.eos_token_id
 
     def run_one(target: Target, group: list[list[int]], max_new_tokens: int) -> Any:
-        width = max(len(ids) for ids in group)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group]) if len(group) > 1 else None
+        rows, padding = left_padded(group)
+        ids, mask = torch.tensor(rows), torch.tensor(padding) if padding is not None else None
         extra: dict[str, Any] = {}
         if target.method == "eesd":
             extra = {"exit_layer": target.exit_layer, "policy": target.policy, "head": plan_.head}

@@ -254,15 +254,6 @@ def _row_length(tokens: list[int], eos: int | list[int] | None, pad: int) -> int
     return length
 
 
-def batched(prompts: list[list[int]], pad: int) -> tuple[list[list[int]], list[list[int]] | None]:
-    """The prompts as generate takes them: one row alone, several left-padded with `pad` beside their mask."""
-    if len(prompts) == 1:
-        return prompts, None
-    width = max(map(len, prompts))
-    rows = [[pad] * (width - len(p)) + p for p in prompts]
-    return rows, [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-
-
 def _stops(args: argparse.Namespace, tokenizer) -> list | None:
     """`--stop`'s stop strings as HF's criterion (it needs the tokenizer to know which tokens complete them)."""
     if not args.stop:
@@ -372,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
     from executor.api import generate
     from executor.models import load_model, load_tokenizer
     from executor.ppsd_dist import PPSDWorkerError
+    from executor.prompts import left_padded
 
     given = [given_ids(text) for text in args.prompt_ids] if args.prompt_ids is not None else None
     policy, exit_layer = _with_round_costs(args)
@@ -384,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
     pad = pad if isinstance(pad, int) else (eos if isinstance(eos, int) else (eos or [0])[0])
-    prompt, mask = batched(prompts, pad)
+    prompt, mask = left_padded(prompts, pad)
     common = dict(
         max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, sampling=args.sampling,
         attention_mask=mask, pad_token_id=pad,

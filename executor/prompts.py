@@ -186,6 +186,14 @@ def near_copy(text: str, other: str, common: set[str], overlap: float = NEAR_COP
     return len(a & b) > overlap * len(a | b)
 
 
+def left_padded(prompts: Sequence[list[int]], pad: int = 0) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Token-id prompts as `generate` takes a batch: left-padded with `pad` to the longest, beside their attention
+    mask (None for a single prompt, which needs none)."""
+    width = max(len(p) for p in prompts)
+    rows = [[pad] * (width - len(p)) + list(p) for p in prompts]
+    return rows, ([[0] * (width - len(p)) + [1] * len(p) for p in prompts] if len(prompts) > 1 else None)
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
