@@ -670,8 +670,11 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    status = Path(f"/proc/{pid}/status")
-    return not (status.is_file() and "\nState:\tZ" in status.read_text())
+    try:  # the process may end and be reaped between the two looks: its /proc entry then goes, or reads ESRCH
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "\nState:\tZ" not in status
 
 
 def test_worker_pools_end_with_their_parent() -> None:
