@@ -210,6 +210,7 @@ class PPSDStats(GenerationStats):
     unread_ticks: int = 0  # of `ticks`: run after the last row's end inside a block of `sync_every`, read by no one
     confirms: int = 0
     flushes: int = 0
+    verdicts: list[int] = field(default_factory=list)  # the batch's, in order: 1 confirmed, 0 flushed
     stage_stats: list[StageStats] = field(default_factory=list)
     setup_time_s: float = 0.0  # distributed: starting the processes and handing out the model, not in wall_time_s
     process_cpu_s: float = 0.0  # distributed: CPU seconds the stage processes used, setup included (all ranks)
@@ -288,6 +289,7 @@ class PPSDStats(GenerationStats):
             confirmed = outcome.verdict == TickVerdict.CONFIRM
             self.confirms += confirmed
             self.flushes += not confirmed
+            self.verdicts.append(int(confirmed))
         for verdict in (outcome.verdict,) if row_verdicts is None else row_verdicts:
             if verdict in (TickVerdict.CONFIRM, TickVerdict.FLUSH):
                 self.drafted.append(1)
@@ -579,6 +581,7 @@ class LocalPipeline:
         self.valid = torch.zeros(n, dtype=torch.bool, device=adapter.device)
         self.carried = torch.full((n, rows), -1, **long)
         self.limit = torch.zeros(1, **long)  # row 0's last position fed (the other rows' lie as far past their prompts)
+        self.last_at = torch.zeros(rows, **long)  # each row's last token's position: it ends there (or at its EOS)
         self.alive = torch.ones(rows, dtype=torch.bool, device=adapter.device)  # rows not finished
         self.eos = torch.tensor(selector.eos_ids, **long)
         self.log = torch.zeros(TICK_LOG, LOG_FIELDS + 2 * rows + n, **long)
@@ -597,7 +600,7 @@ class LocalPipeline:
         self.timers: list[list[tuple[torch.cuda.Event, torch.cuda.Event]]] = []  # [slot][stage]: (start, stop)
 
     def _static_tensors(self) -> list[torch.Tensor]:
-        buffers = [self.valid, self.carried, self.limit, self.alive, self.log, self.cursor, self.scratch]
+        buffers = [self.valid, self.carried, self.limit, self.last_at, self.alive, self.log, self.cursor, self.scratch]
         for runner in self.runners:
             buffers += [runner.position, runner.ids, runner.hidden_in, runner.hidden_out, runner.draft_id,
                         runner.predicted_id]  # fmt: skip
@@ -610,21 +613,26 @@ class LocalPipeline:
         self.selector.restart(prompt_lens, seed)
         self.cache.rollback(0)
 
-    def begin(self, tokens: list[int], positions: list[int], max_new_tokens: int) -> None:
+    def begin(self, tokens: list[int], positions: list[int], max_new_tokens: int | list[int]) -> None:
         """The pipe after the prefill: each row's token (the prefill's) enters stage 1 at the row's position (its
-        prompt's length), the other stages are empty; drafts enter the pipe until `max_new_tokens` are fed."""
+        prompt's length), the other stages are empty; drafts enter the pipe until the row asking the most has its
+        `max_new_tokens` fed (one for all rows, or each row's own: a row ends at its own on the device, as at its
+        EOS, and decides no verdict from then on)."""
+        asked = [max_new_tokens] * len(tokens) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        most = max(asked)
         first = self.runners[0]
         upload(first.ids, [[token] for token in tokens])
         upload(first.position, [[position] for position in positions])
         self.shift = max(positions) - positions[0]
         self.head = self.front = max(positions)
-        self.feed, self.span = feed_limit(max(positions), max_new_tokens), 0
+        self.feed, self.span = feed_limit(max(positions), most), 0
         self._cover(1)
         for runner in self.runners[1:]:
             runner.position.copy_(self.scratch)
         upload(self.valid, [True] + [False] * (len(self.runners) - 1))
         self.carried.fill_(-1)
-        self.limit.fill_(feed_limit(positions[0], max_new_tokens))
+        self.limit.fill_(feed_limit(positions[0], most))
+        upload(self.last_at, [position + count - 1 for position, count in zip(positions, asked, strict=True)])
         self.alive.fill_(True)
         self.cursor.zero_()
         self.launched = 0
@@ -748,15 +756,16 @@ class LocalPipeline:
         first, last = runners[0], runners[-1]
         predicted, held = last.predicted_id, valid[-1:]  # [B], [1]
         own = tick_verdict(held.expand(rows), carried[-1], predicted)  # [B]: each row's own
-        ending = (predicted.unsqueeze(1) == self.eos).any(1)  # [B]: the row emits its EOS (if a token left)
+        emitted_at = last.position.view(rows) + 1
+        # [B]: the row emits its EOS or its last token asked for (if a token left)
+        ending = (predicted.unsqueeze(1) == self.eos).any(1) | (emitted_at >= self.last_at)
         verdict = _batch_verdict(own, self.alive, ending)  # [1]
         flush = verdict == int(TickVerdict.FLUSH)
-        emitted_at = last.position.view(rows) + 1
         judged = torch.where(self.alive, own, int(TickVerdict.NONE))
         row = torch.cat([verdict, emitted_at[:1], predicted, judged, valid.long()])
         self.log.index_copy_(0, self.cursor, row.unsqueeze(0))
         self.cursor.add_(1).remainder_(TICK_LOG)
-        self.alive.logical_and_(~(held & ending))  # a row ends at its EOS
+        self.alive.logical_and_(~(held & ending))  # a row ends at its EOS or its last token
         seen = self.selector.seen
         if seen is not None:  # the emitted token joins the committed text (a penalty's context) iff one was emitted
             index = predicted.view(rows, 1)
@@ -815,7 +824,7 @@ def _decode_local(
     given: list[list[int]] | None = None,
 ) -> PPSDStats:
     begin = time.perf_counter()
-    needed = max(map(len, prompts)) + sinks[0].max_new_tokens
+    needed = max(map(len, prompts)) + max(sink.max_new_tokens for sink in sinks)
     pipeline = local_pipeline(adapter, cache, plan, backend, selector, capture, needed, fallback, head, len(prompts))
     stats = prefill_local(pipeline, plan, backend, capture, prompts, sinks, begin, given, selector.config.seed)
     decode_local(pipeline, prompts, sinks, sync_every)
@@ -854,7 +863,7 @@ def decode_local(pipeline: LocalPipeline, prompts: list[list[int]], sinks: list[
     stats = pipeline.stats
     if not all(sink.done for sink in sinks):
         positions = [len(prompt) for prompt in prompts]
-        pipeline.begin([sink.tokens[-1] for sink in sinks], positions, sinks[0].max_new_tokens)
+        pipeline.begin([sink.tokens[-1] for sink in sinks], positions, [sink.max_new_tokens for sink in sinks])
         pipeline.decode(sinks, sync_every)
     stats.new_tokens = sum(len(sink.tokens) for sink in sinks)  # type: ignore[union-attr]
 
@@ -863,7 +872,8 @@ def local_pipeline(
     adapter, cache, plan, backend, selector, capture, needed: int, fallback: bool, head, rows: int = 1
 ) -> LocalPipeline:  # fmt: skip
     """A fresh pipeline without capture; with capture, the model's cached one for this setup (graphs kept). `head`
-    is resolved (`resolve_head`); `needed` is the longest prompt's length + max_new_tokens; `rows` the batch."""
+    is resolved (`resolve_head`); `needed` is the longest prompt's length + the largest max_new_tokens; `rows` the
+    batch."""
     streams, extra = backend == "streams", getattr(head, "extra_layers", 0)
     if capture == "none":
         cache = cache if cache is not None else adapter.new_cache(rows, needed, extra_layers=extra)
@@ -944,19 +954,20 @@ def decode_ppsd_rows(
     sync_every: int | None = None,
     given: list[list[int]] | None = None,
 ) -> PPSDStats:
-    """PPSD decoding (see the module docstring) of a batch of prompts, a sink each (the same max_new_tokens and EOS
-    ids); each row's emitted tokens equal AR's on it alone: greedy, or with `sampling` in exact mode
-    (executor/sampling.py) seeded AR sampling's, token for token. `min_new_tokens` masks EOS as HF does.
+    """PPSD decoding (see the module docstring) of a batch of prompts, a sink each (the same EOS ids; each its own
+    max_new_tokens, a row ending at its own as at its EOS: serving's batches); each row's emitted tokens equal AR's
+    on it alone: greedy, or with `sampling` in exact mode (executor/sampling.py) seeded AR sampling's, token for
+    token. `min_new_tokens` masks EOS as HF does.
 
     The rows move through the pipe in lockstep (`LocalPipeline`): a tick's draft is confirmed only if every row that
     goes on drafted its full model's token, else every row is flushed, so a batch's confirms are rarer than its
     rows' (`PPSDStats`). The local backends take any batch; the distributed one decodes a single row.
 
-    `cache` (batch len(prompts)) must hold the longest prompt's length + max_new_tokens positions (None: made here);
-    `capture` ("none", "graph", "compile", "compile-layers", "auto") is how the local backends launch a stage's
-    per-token pass (executor/passes.py), a captured pipeline being kept on the model with its own cache for the next
-    call. The `distributed` backend ignores both (each stage process allocates its own layers' KV and runs its passes
-    uncaptured) and takes `threads_per_stage` (torch threads per process, default cores // stages) and
+    `cache` (batch len(prompts)) must hold the longest prompt's length + the largest max_new_tokens positions (None:
+    made here). `capture` ("none", "graph", "compile", "compile-layers", "auto") is how the local backends launch a
+    stage's per-token pass (executor/passes.py), a captured pipeline being kept on the model with its own cache for
+    the next call. The `distributed` backend ignores both (each stage process allocates its own layers' KV and runs
+    its passes uncaptured) and takes `threads_per_stage` (torch threads per process, default cores // stages) and
     `stall_timeout_s` (a process that sends no heartbeat for that long, stopped or hung, stops the run with an error
     naming it; a healthy run has no time limit, executor/ppsd_dist.py).
 
@@ -992,7 +1003,7 @@ def decode_ppsd_rows(
             stall_timeout_s=stall_timeout_s,
             head=head,
         )
-    _check_cache(adapter, cache, head, len(prompts), max(lengths) + sinks[0].max_new_tokens)
+    _check_cache(adapter, cache, head, len(prompts), max(lengths) + max(sink.max_new_tokens for sink in sinks))
     check_sync_every(sync_every)
     mode = resolve_capture(capture, adapter.device, selector.config.kind)
     every = resolve_sync_every(sync_every, mode)
@@ -1008,8 +1019,8 @@ def _check_rows(prompts: list[list[int]], sinks: list[TokenSink], backend: str) 
                          f"{len(sinks)} sinks")  # fmt: skip
     if not all(prompts):
         raise ValueError("empty prompt: PPSD needs at least one prompt token in every row")
-    if len({(sink.max_new_tokens, sink.eos_token_ids) for sink in sinks}) != 1:
-        raise ValueError("PPSD's rows move in lockstep: every row's sink must have the same max_new_tokens and EOS ids")
+    if len({sink.eos_token_ids for sink in sinks}) != 1:
+        raise ValueError("PPSD's rows move in lockstep: every row's sink must have the same EOS ids")
     if backend == "distributed" and len(prompts) != 1:
         raise ValueError(
             f"backend 'distributed' decodes one row (its stage processes pass one token's state each), got "
@@ -1026,6 +1037,6 @@ def _check_cache(adapter: ModelAdapter, cache: KVCache | None, head: Any, rows: 
         raise ValueError(f"cache holds {cache.batch} rows, the batch has {rows}")
     if cache.max_len < needed:
         raise ValueError(
-            f"cache holds {cache.max_len} positions, PPSD needs the longest prompt's length + max_new_tokens = "
-            f"{needed} (the tokens fed, plus the pipe's scratch slot)"
+            f"cache holds {cache.max_len} positions, PPSD needs the longest prompt's length + the largest "
+            f"max_new_tokens = {needed} (the tokens fed, plus the pipe's scratch slot)"
         )

@@ -49,8 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", default="shared", help="eesd: exit head, shared | shared:N | FILE")
     parser.add_argument("--max-batch", type=int, default=8, help="batch slots of ar and eesd (default: 8)")
     parser.add_argument(
+        "--ppsd-max-batch", type=int, default=1,
+        help="ppsd: the widest static batch, decoded in lockstep and taking new requests only once every row is done "
+        "(default: 1, one request at a time; serve-sim's serving.by_method.ppsd.serving.max_batch)",
+    )  # fmt: skip
+    parser.add_argument(
         "--stages", type=int, default=None, help="ppsd: pipeline stages (default: 2, or what --stage-boundaries cut); "
-        "it serves one request at a time, drafting at the end of stage 1 (with --head FILE, at the head's exit layer)",
+        "it drafts at the end of stage 1 (with --head FILE, at the head's exit layer)",
     )  # fmt: skip
     parser.add_argument(
         "--stage-boundaries", default=None, help="ppsd: cut points, e.g. 15 or 8,19, or every bound (default: even)"
@@ -111,7 +116,8 @@ FLAG_USERS = (
     ("--exit-layer", "exit_layer", ("eesd", "ppsd")), ("--policy", "policy", ("eesd",)),
     ("--head", "head", ("eesd", "ppsd")),
     ("--stages", "stages", ("ppsd",)), ("--stage-boundaries", "stage_boundaries", ("ppsd",)),
-    ("--backend", "backend", ("ppsd",)), ("--dispatch", "dispatch", None),
+    ("--backend", "backend", ("ppsd",)), ("--ppsd-max-batch", "ppsd_max_batch", ("ppsd",)),
+    ("--dispatch", "dispatch", None),
 )  # fmt: skip
 
 
@@ -225,8 +231,13 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
         method=method, exit_layer=args.exit_layer, policy=args.policy, head=args.head, max_batch=args.max_batch,
         kv_capacity_tokens=args.kv_capacity_tokens, eos_token_id=eos, seed=args.seed, capture=args.capture,
     )  # fmt: skip
-    if method == "ppsd":  # one request at a time, drafting at --exit-layer, else stage 1's end (or a head file's)
-        common.update(max_batch=1, stages=args.stages, stage_boundaries=args.stage_boundaries, backend=args.backend)
+    if method == "ppsd":  # static batches, drafting at --exit-layer, else stage 1's end (or a head file's)
+        common.update(
+            max_batch=args.ppsd_max_batch,
+            stages=args.stages,
+            stage_boundaries=args.stage_boundaries,
+            backend=args.backend,
+        )
     if args.replicas > 1:  # each worker loads the model and warms up itself
         import torch
 
@@ -250,7 +261,12 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
     if method == "eesd":
         row.update(exit_layer=args.exit_layer, policy=args.policy)
     if method == "ppsd":
-        row.update(stages=args.stages, stage_boundaries=args.stage_boundaries, backend=args.backend)
+        row.update(
+            stages=args.stages,
+            stage_boundaries=args.stage_boundaries,
+            backend=args.backend,
+            max_batch=args.ppsd_max_batch,
+        )
     return row, outcome
 
 
@@ -324,6 +340,7 @@ def _document(
         "workload": str(args.workload),
         "requests": len(workload.requests),
         "max_batch": args.max_batch,
+        "ppsd_max_batch": args.ppsd_max_batch,
         "kv_capacity_tokens": args.kv_capacity_tokens,
         "prompts": args.prompts,
         "eos": args.eos,

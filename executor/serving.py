@@ -16,10 +16,14 @@ are those it gets alone with AR (greedy, or exact sampling for the same seed): p
 attention mask of a static pass sees only slots up to a query's position, and a slot's stale entries past a new
 request's positions are never visible.
 
-PPSD (`method="ppsd"`) serves one request at a time, as the simulator does: its prefill through every stage of a
-local pipeline (`executor.ppsd`, backend "sequential" or on a GPU "streams"), then its whole decode, over one cache
-sized for the workload's longest request; the decode is logged as one pass of kind "ppsd" with its ticks and its
-drafts' verdicts. `max_batch` must be 1.
+PPSD (`method="ppsd"`) serves static batches, as the simulator does: when nothing runs, the requests waiting (up to
+`max_batch`, first come first served under the KV budget) are prefilled together through every stage of a local
+pipeline (`executor.ppsd`, backend "sequential" or on a GPU "streams"; their first tokens out of that pass), then
+decoded together in lockstep until every row is done, each row ending at its own output length or EOS. A row that is
+done leaves when the host reads its last token, but its slot is not refilled mid-decode: the pipe takes new requests
+when the whole batch is done. The rows run over an n-row view of one cache of `max_batch` rows sized for the
+workload's longest request; a batch's decode is logged as one pass of kind "ppsd" with its ticks and the batch's
+verdicts. `max_batch` 1 (the default for PPSD) serves one request at a time.
 
 A view's books (`KVCache.lengths`) are set from the running requests' positions before every round. Greedy and exact
 sampling only; rejection sampling and repetition penalties keep per-row state the slots do not carry over, and are
@@ -234,9 +238,27 @@ class SlotDecoder:
         return k
 
 
+class _Ends:
+    """When the host learned that each row of a PPSD batch was done: the clock's reading as its sink took its last
+    token (`sink` makes the rows' sinks)."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self.now = now
+        self.at: dict[int, float] = {}
+
+    def sink(self, row: int, output_len: int, eos: list[int]) -> TokenSink:
+        sink = TokenSink(output_len, eos, on_tokens=lambda _: self._seen(row, sink))
+        return sink
+
+    def _seen(self, row: int, sink: TokenSink) -> None:
+        if sink.done and row not in self.at:
+            self.at[row] = self.now()
+
+
 class PipelineDecoder:
-    """PPSD's device side in serving: one request at a time through a local pipeline (`executor.ppsd`) over one
-    cache of `capacity` positions; `prefill` runs a request's prompt, `decode` its ticks until it is done."""
+    """PPSD's device side in serving: static batches of up to `rows` requests through a local pipeline
+    (`executor.ppsd`) over one cache of `rows` rows and `capacity` positions (a batch of n runs on an n-row view of
+    it); `prefill` runs a batch's prompts together, `decode` its ticks until every row is done."""
 
     def __init__(
         self,
@@ -252,42 +274,45 @@ class PipelineDecoder:
         eos: list[int],
         capture: str = "none",
         fallback: bool = False,
+        rows: int = 1,
     ) -> None:
         """`capture` resolved (`resolve_capture`); `fallback`: a pass that fails to compile runs uncaptured (as
-        `capture="auto"` asks)."""
+        `capture="auto"` asks); `rows`: the widest batch."""
         self.adapter, self.config, self.eos, self.backend, self.capture = adapter, config, eos, backend, capture
         self.fallback = fallback
         self.method, self.capacity = "ppsd", capacity
         self.plan = plan_stages(adapter.num_layers, stages, stage_boundaries, exit_layer)
         self.head = resolve_head(head, adapter, self.plan.exit_layer)
         extra = getattr(self.head, "extra_layers", 0)
-        self.cache = adapter.new_cache(1, capacity, extra_layers=extra) if capture == "none" else None
+        self.cache = adapter.new_cache(rows, capacity, extra_layers=extra) if capture == "none" else None
         self.sync_every = resolve_sync_every(None, capture)
         self.pipeline: LocalPipeline | None = None
         self.stats = GenerationStats(method="ppsd")
 
-    def prefill(self, slot: int, running: _Running) -> None:
-        """The request's prompt through every stage; its first token goes to its sink."""
-        selector = make_selector(self.adapter, len(running.prompt), running.sink, self.config, 0)
+    def prefill(self, batch: list[_Running]) -> None:
+        """The batch's prompts through every stage together; each row's first token goes to its sink."""
+        prompts, sinks = [r.prompt for r in batch], [r.sink for r in batch]
+        selector = make_selector(self.adapter, [len(p) for p in prompts], sinks[0], self.config, 0)
+        cache = rows_view(self.cache, 0, len(batch)) if self.cache is not None else None
         self.pipeline = local_pipeline(
-            self.adapter, self.cache, self.plan, self.backend, selector, self.capture, self.capacity, self.fallback,
-            self.head,
+            self.adapter, cache, self.plan, self.backend, selector, self.capture, self.capacity, self.fallback,
+            self.head, len(batch),
         )  # fmt: skip
         begin = time.perf_counter()
-        prefill_local(self.pipeline, self.plan, self.backend, self.capture, [running.prompt], [running.sink], begin,
-                      None, selector.config.seed)  # fmt: skip
-        running.token, running.position = running.sink.tokens[-1], len(running.prompt)
+        prefill_local(self.pipeline, self.plan, self.backend, self.capture, prompts, sinks, begin, None,
+                      selector.config.seed)  # fmt: skip
 
-    def decode(self, running: _Running) -> tuple[int, tuple[bool, ...]]:
-        """The prefilled request's ticks until it is done; returns (ticks, its drafts' verdicts in order)."""
+    def decode(self, batch: list[_Running]) -> tuple[int, tuple[bool, ...]]:
+        """The prefilled batch's ticks until every row is done; returns (ticks, the batch's verdicts in order). The
+        decoder's stats count the batch's verdicts (a row's own are not what its speed hangs on)."""
         pipeline = self.pipeline
         assert pipeline is not None and pipeline.stats is not None, "decode follows prefill"
-        decode_local(pipeline, [running.prompt], [running.sink], self.sync_every)
+        decode_local(pipeline, [r.prompt for r in batch], [r.sink for r in batch], self.sync_every)
         stats = pipeline.stats
         self.stats.rounds += stats.ticks
-        self.stats.drafted += stats.drafted
-        self.stats.accepted += stats.accepted
-        return stats.ticks, tuple(bool(a) for a in stats.accepted)
+        self.stats.drafted += [1] * len(stats.verdicts)
+        self.stats.accepted += stats.verdicts
+        return stats.ticks, tuple(bool(v) for v in stats.verdicts)
 
 
 def check_serving(method: str, config: SamplingConfig) -> None:
@@ -335,9 +360,10 @@ def serve(
     record (`sim.serving.RequestRecord`: arrival, prefill start, first token, finish, in seconds) and tokens. The
     decode passes run as `capture` says ("none", or on a GPU "graph", "compile-layers" or "auto"; module docstring).
     PPSD takes `stages`, `stage_boundaries` and `backend` as `executor.ppsd.decode_ppsd` does (backend "sequential"
-    or "streams"), its exit layer inside stage 1 (default: stage 1's end), and serves one request at a time
-    (`max_batch` 1). `max_batch` defaults to 8 for AR and EESD, 1 for PPSD. `replica` (internal): a replica worker's
-    link to its dispatcher (`executor.replicas`): its requests come from there instead of the workload's arrivals."""
+    or "streams"), its exit layer inside stage 1 (default: stage 1's end), and serves static batches of up to
+    `max_batch` requests (module docstring). `max_batch` defaults to 8 for AR and EESD, 1 for PPSD. `replica`
+    (internal): a replica worker's link to its dispatcher (`executor.replicas`): its requests come from there instead
+    of the workload's arrivals."""
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
     config = sampling or SamplingConfig(seed=seed)
     check_serving(method, config)
@@ -401,10 +427,7 @@ def _serve_ppsd(
     pipeline: dict[str, Any],
     replica: Any = None,
 ) -> ServeOutcome:
-    """`serve` with PPSD: one request at a time through a `PipelineDecoder` (module docstring)."""
-    if max_batch != 1:
-        raise ValueError(f"method 'ppsd' serves one request at a time (its lockstep batch is not refilled mid-decode): "
-                         f"max_batch must be 1, got {max_batch}")  # fmt: skip
+    """`serve` with PPSD: static batches through a `PipelineDecoder` (module docstring)."""
     if pipeline["backend"] not in PPSD_BACKENDS:
         raise ValueError(
             f"ppsd serving runs a local pipeline: backend must be one of {', '.join(PPSD_BACKENDS)}, got "
@@ -428,9 +451,10 @@ def _serve_ppsd(
     decoder = PipelineDecoder(
         adapter, stages=pipeline["stages"], stage_boundaries=pipeline["stage_boundaries"], exit_layer=exit_layer,
         head=head, backend=pipeline["backend"], capacity=capacity, config=config, eos=eos, capture=capture,
-        fallback=pipeline["fallback"],
+        fallback=pipeline["fallback"], rows=max_batch,
     )  # fmt: skip
-    loop = _loop(replica, decoder, workload, prompts, Admission(1, kv_capacity_tokens, tokens_of), lambda _: None)
+    admission = Admission(max_batch, kv_capacity_tokens, tokens_of)
+    loop = _loop(replica, decoder, workload, prompts, admission, lambda _: None)
     with on_device(adapter.device):
         return loop.run(clock, sleep)
 
@@ -514,6 +538,9 @@ class _ServeLoop:
         finished = 0
         while self._more(finished):
             self._arrivals(now())
+            if isinstance(self.decoder, PipelineDecoder):
+                finished += self._ppsd_step(now, sleep, finished)
+                continue
             request = self.admission.next()
             while request is not None:
                 finished += self._prefill(request, now)
@@ -523,7 +550,7 @@ class _ServeLoop:
                 if self._more(finished):
                     self._idle(now, sleep)
                 continue
-            finished += self._ppsd_decode(now) if isinstance(self.decoder, PipelineDecoder) else self._round(now)
+            finished += self._round(now)
         return self._outcome()
 
     def _start(self, clock: Callable[[], float]) -> float:
@@ -561,7 +588,7 @@ class _ServeLoop:
         sink = self.sinks[request.index] = TokenSink(request.output_len, decoder.eos)
         running = _Running(request, self.prompts[request.index], sink, self.policy_of(request))
         record.start_s = now()
-        decoder.prefill(len(self.slots), running)
+        decoder.prefill(len(self.slots), running)  # type: ignore[call-arg, arg-type]
         record.first_token_s = now()
         seconds = record.first_token_s - record.start_s
         self.result.book(PassLog("prefill", record.start_s, seconds, 1, len(running.prompt)))
@@ -573,22 +600,53 @@ class _ServeLoop:
         self.slots.append(running)
         return 0
 
-    def _ppsd_decode(self, now: Callable[[], float]) -> int:
-        """The prefilled request's whole PPSD decode (it is the only one running), logged as one pass; returns 1."""
-        (running,) = self.slots
-        result, record = self.result, self.records[running.request.index]
+    def _ppsd_step(self, now: Callable[[], float], sleep: Callable[[float], None], finished: int) -> int:
+        """PPSD's server between batches: the requests waiting (as admission lets them in) as the next batch, or a
+        wait for the next arrival; returns the requests finished."""
+        admitted = []
+        request = self.admission.next()
+        while request is not None:
+            admitted.append(request)
+            request = self.admission.next()
+        if admitted:
+            return self._ppsd_batch(admitted, now)
+        if self._more(finished):
+            self._idle(now, sleep)
+        return 0
+
+    def _ppsd_batch(self, requests: list[Request], now: Callable[[], float]) -> int:
+        """A static PPSD batch: its prompts prefilled together (one pass, every row's first token), then its decode
+        until every row is done (one pass of kind "ppsd"); each request leaves when the host read its last token.
+        Returns the requests finished (all of them)."""
+        decoder, result, ends = self.decoder, self.result, _Ends(now)
+        assert isinstance(decoder, PipelineDecoder)
+        batch = []
+        for row, request in enumerate(requests):
+            sink = self.sinks[request.index] = ends.sink(row, request.output_len, decoder.eos)
+            batch.append(_Running(request, self.prompts[request.index], sink, None))
         start = now()
-        before = len(running.sink.tokens)
-        ticks, verdicts = self.decoder.decode(running)  # type: ignore[union-attr]
-        end = now()
-        furthest = len(running.prompt) + len(running.sink.tokens) - 2
-        log = PassLog("ppsd", start, end - start, 1, ticks, len(running.prompt), furthest, verdicts)
-        result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
-        record.tokens = len(running.sink.tokens)
-        result.tokens += record.tokens - before
-        self.slots.clear()
-        self._leave(record, running.request, end)
-        return 1
+        decoder.prefill(batch)
+        first_s = now()
+        context = max(len(r.prompt) for r in batch)
+        result.book(PassLog("prefill", start, first_s - start, len(batch), context))
+        for running in batch:
+            record = self.records[running.request.index]
+            record.start_s, record.first_token_s = start, first_s
+            record.tokens = len(running.sink.tokens)
+            result.tokens += record.tokens
+        if not all(r.sink.done for r in batch):
+            begin = now()
+            ticks, verdicts = decoder.decode(batch)
+            end = now()
+            longest = max(len(r.sink.tokens) for r in batch)
+            log = PassLog("ppsd", begin, end - begin, len(batch), ticks, context, context + longest - 2, verdicts)
+            result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
+        for row, running in enumerate(batch):
+            record = self.records[running.request.index]
+            result.tokens += len(running.sink.tokens) - record.tokens
+            record.tokens = len(running.sink.tokens)
+            self._leave(record, running.request, max(ends.at.get(row, first_s), first_s))
+        return len(batch)
 
     def _round(self, now: Callable[[], float]) -> int:
         """One decode round over the running requests; the done ones leave (the last rows fill their rows)."""

@@ -468,6 +468,7 @@ class Simulation:
         self._verify_passes: dict[int, Pass] = {}
         self.prefill_us = 0.0
         self.decode_us = 0.0
+        self.row_reads_us: list[float] = []  # lockstep PPSD: when the host read each row's last token (`_ppsd_ticks`)
 
     # ---- public -------------------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -806,6 +807,7 @@ class Simulation:
         no hidden state on (the executor's ranks send only the outcome then)."""
         plan, batch, n, lockstep = self.plan, len(rows), len(self.stages), PPSDBatch(rows)
         output_len, window = lockstep.longest, plan.max_in_flight or n
+        reads, start = _RowReads(rows), self.env.now
         asked = max(row.length + row.past_end for row in rows)
         self._count(rounds=batch)  # a round per row: its flush-free runs
         held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
@@ -823,6 +825,10 @@ class Simulation:
             if not clock.advance(tick_us):
                 yield from clock.wait(tick_us)
             leaving = held[-1]
+            if leaving is not None:
+                reads.leaves(leaving.position)
+            if block == 0:
+                reads.read(clock.at - start)
             if leaving is not None:
                 self._useful_token(leaving)
                 self.counts["tokens"] += lockstep.emitting(leaving.position)
@@ -848,6 +854,8 @@ class Simulation:
             if pending is not None and sum(t is not None for t in held) < window:
                 held[0], pending = pending, None
         yield from clock.catch_up()
+        reads.read(self.env.now - start)
+        self.row_reads_us = reads.at
         self.epoch += 1
 
     def _count_eos_drafts(self, batch: PPSDBatch, position: int, index: int) -> None:
@@ -1133,12 +1141,20 @@ def decode_alone(
     plan: SimPlan, prompt_len: int, output_len: int, stream: AcceptanceStream, policy: DraftPolicy, past_end: int = 0
 ) -> RunResult:
     """One request run alone (batch 1) on `plan`'s stages: its prefill of `prompt_len` tokens, then `output_len`
-    tokens decoded with the plan's method, drafts judged by `stream` and drafted as `policy` says (a served request's
-    own: `sim.serving` runs PPSD one request at a time, each decode this); `past_end` more asked for where it ends at
-    its EOS first (`BatchRow`)."""
-    asked = output_len + past_end
-    alone = replace(plan, workload=Workload(requests=1, batch_size=1, prompt_len=prompt_len, output_len=asked))
-    return Simulation(alone, row=lambda _: BatchRow(stream, policy, output_len, past_end=past_end)).run()
+    tokens decoded with the plan's method, drafts judged by `stream` and drafted as `policy` says; `past_end` more
+    asked for where it ends at its EOS first (`BatchRow`)."""
+    return decode_rows(plan, prompt_len, [BatchRow(stream, policy, output_len, past_end=past_end)])[0]
+
+
+def decode_rows(plan: SimPlan, prompt_len: int, rows: list[BatchRow]) -> tuple[RunResult, list[float]]:
+    """The rows (fresh `BatchRow`s, each its own length, stream and policy) run as one batch on `plan`'s stages
+    after a prefill of `prompt_len` tokens (the longest prompt's: the executor's rows move in lockstep over the span
+    of the furthest): the run, and for a lockstep PPSD plan when the host read each row's last token (µs after the
+    decode began; `sim.serving` runs a static PPSD batch as this, its requests leaving then)."""
+    asked = max(row.length + row.past_end for row in rows)
+    shape = Workload(requests=len(rows), batch_size=len(rows), prompt_len=prompt_len, output_len=asked)
+    simulation = Simulation(replace(plan, workload=shape), row=rows.__getitem__)
+    return simulation.run(), simulation.row_reads_us
 
 
 def _hand_off_order(hand_off: _HandOff) -> tuple[float, int]:
@@ -1174,6 +1190,31 @@ class _Token:
 
     def __post_init__(self) -> None:
         self.spent = [0.0] * self.stages
+
+
+class _RowReads:
+    """When the host read each row's last token in a lockstep PPSD decode (µs after it began): a row's last token
+    leaves the pipe as the token at its length - 2 does, and the host reads it at the end of that tick's block of
+    `sync_every` ticks (a row of one token was done at the prefill: 0)."""
+
+    __slots__ = ("at", "ending", "pending")
+
+    def __init__(self, rows: list[BatchRow]) -> None:
+        self.at = [0.0 if row.length <= 1 else math.nan for row in rows]
+        self.ending: dict[int, list[int]] = {}
+        for index, row in enumerate(rows):
+            if row.length > 1:
+                self.ending.setdefault(row.length - 2, []).append(index)
+        self.pending: list[int] = []
+
+    def leaves(self, position: int) -> None:
+        """The token at `position` left the pipe: the rows it ends wait for the host's next read."""
+        self.pending += self.ending.get(position, ())
+
+    def read(self, at_us: float) -> None:
+        for index in self.pending:
+            self.at[index] = at_us
+        self.pending.clear()
 
 
 class _TickClock:

@@ -37,15 +37,18 @@ The schedule (the executor's `executor.serving` runs the same one):
 - `kv_capacity_tokens: auto` is 90% of each GPU's memory minus its weights, over the KV bytes per token of its layers
   (the smallest over devices; stages sharing one add up); a device whose memory is unknown (a CPU profile) has no
   limit unless one is given.
-- PPSD serves one request at a time (the executor's pipeline runs a batch only in lockstep, static, with no slot
-  refilled mid-decode, `executor.ppsd`): a request's
-  prefill, then its whole decode through the pipeline's stages, before the next request enters; `max_batch` does not
-  apply (its points run with 1). The decode is the engine's PPSD schedule (`sim.engine.decode_alone`: the executor's
-  lockstep ticks, the distributed backend's with its messages; the free-running pipe with `ppsd_backend: free`) for
-  that request's lengths and acceptance stream, so serving adds the queue in front of it. A PPSD decode is logged as
-  one pass of kind "ppsd" (its ticks, prompt length, last position written and the verdicts of its drafts), and a
-  PPSD run counts ticks as its rounds (`tokens_per_round` is tokens per tick: 1 / stages for AR through the same
-  stages).
+- PPSD serves static batches, as the executor's pipeline runs them (`executor.serving`): when the pipe is free, the
+  requests waiting (up to PPSD's own `max_batch`, `by_method: {ppsd: {serving.max_batch: N}}`, default 1: one request
+  at a time; the shared `max_batch` is AR's and EESD's continuous batching) enter together, admitted as above. Their
+  prompts are one prefill pass (the batch's rows, as wide as the longest prompt), every row's first token out of it;
+  then the batch decodes in lockstep (the engine's PPSD schedule for its rows, `sim.engine.decode_rows`: the
+  executor's lockstep ticks over the span of the longest prompt, a draft confirmed only where every row going on
+  drafted right, the distributed backend's ticks with its messages) until every row is done. A row ends at its own
+  output length (or EOS) and its request leaves when the host reads that token (at the end of its block of
+  `sync_every` ticks), but its slot is not refilled mid-decode: the next batch starts when the last row is done. The
+  free-running pipe (`ppsd_backend: free`) serves one request at a time. A batch's decode is logged as one pass of
+  kind "ppsd" (its ticks, longest prompt, last position the span reached and the batch's verdicts), and a PPSD run
+  counts ticks as its rounds (`tokens_per_round` is tokens per tick: batch / stages for AR through the same stages).
 - Replicas (`replicas: N`): N servers, each the plan's devices with its own slots and KV cache, run this schedule
   side by side (data parallelism); an arriving request is dispatched to one and stays there: `least_loaded` (the
   fewest requests dispatched and not finished, the lowest index among equals: join the shortest queue),
@@ -78,7 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sim.acceptance import TraceAcceptance
 from sim.contract import cache_capacity
 from sim.cost import Pass, draft_pass, pass_costs, verify_pass
-from sim.engine import TOKEN_ID_BYTES, decode_alone, prefill_pass
+from sim.engine import TOKEN_ID_BYTES, BatchRow, decode_rows, prefill_pass
 from sim.formats import quote
 from sim.latency import extrapolations_of
 from sim.models import ModelConfig
@@ -244,7 +247,6 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
     unknown = sorted(set(config.by_method or ()) - set(methods))
     if unknown:
         raise ScenarioError(f"{where}: serving.by_method: {', '.join(unknown)}: not among the case's methods {methods}")
-    _check_ppsd_batch(config, where)
     by_method = {method: _method_data(data, config, method, where) for method in methods}
     models = {method: _model(by_method[method][0], method, where) for method in methods}
     model = _narrowest_model(list(models.values()))
@@ -256,12 +258,15 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
         workload = build_workload(rated, base_dir, spec_where, prefix, model)
         for method in methods:
             method_data, method_config = by_method[method]
-            max_batch = 1 if method == "ppsd" else method_config.max_batch  # PPSD serves one request at a time
+            max_batch = _ppsd_batch(config, method_config) if method == "ppsd" else method_config.max_batch
             plan, scenario = _plan(path, method_data, method, workload, max_batch, where, models[method])
+            _check_free_batch(plan, max_batch, where)
             _check_trace_covers(plan, scenario, workload, where)
             capacity = _kv_capacity(plan, method_config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
-            notes = tuple(plan_notes(plan, scenario, "serving.max_batch", loop="serve"))
+            notes = tuple(plan_notes(plan, scenario, "serving.max_batch", loop="serve")) + _ppsd_batch_note(
+                config, method, max_batch
+            )
             points.append(ServingPoint(
                 case, method, rate, plan, workload, max_batch, capacity, config.slo, where,
                 method_config.replicas, method_config.dispatch, notes,
@@ -269,14 +274,27 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
     return points
 
 
-def _check_ppsd_batch(config: ServingConfig, where: str) -> None:
-    """PPSD serves one request at a time: a `max_batch` other than 1 given for it alone (its `by_method` entry) would
-    be ignored, so it is refused. A shared `max_batch` is the other methods' (a scenario's cases share one)."""
-    value = ((config.by_method or {}).get("ppsd") or {}).get("serving.max_batch")
-    if value is not None and value != 1:
+def _ppsd_batch(config: ServingConfig, own: ServingConfig) -> int:
+    """PPSD's widest static batch: its own `serving.by_method.ppsd.serving.max_batch` (checked in `own`, its
+    config), else 1 (one request at a time). A shared `max_batch` is continuous batching's, AR's and EESD's: a
+    lockstep batch is another thing."""
+    given = "serving.max_batch" in ((config.by_method or {}).get("ppsd") or {})
+    return own.max_batch if given else 1
+
+
+def _ppsd_batch_note(config: ServingConfig, method: str, max_batch: int) -> tuple[str, ...]:
+    """A note where a shared `max_batch` over 1 was written and PPSD still serves one request at a time."""
+    if method != "ppsd" or max_batch != 1 or "max_batch" not in config.model_fields_set or config.max_batch == 1:
+        return ()
+    return (f"PPSD serves one request at a time: serving.max_batch ({config.max_batch}) is AR's and EESD's continuous "
+            "batching; give serving.by_method.ppsd.serving.max_batch for PPSD's static lockstep batches",)  # fmt: skip
+
+
+def _check_free_batch(plan: Any, max_batch: int, where: str) -> None:
+    if plan.method == "ppsd" and plan.ppsd_backend == "free" and max_batch != 1:
         raise ScenarioError(
-            f"{where}: serving.by_method.ppsd.serving.max_batch: PPSD serves one request at a time (its lockstep "
-            f"batch is not refilled mid-decode); expected 1, got {value!r}"
+            f"{where}: serving.by_method.ppsd.serving.max_batch: ppsd_backend 'free' serves one request at a time "
+            f"(static batches are the lockstep backends', the executor's); expected 1, got {max_batch}"
         )
 
 
@@ -475,12 +493,13 @@ class RequestRecord:
 @dataclass(frozen=True, slots=True)
 class PassLog:
     """One prefill or decode round of a serving run, as it ran: its start and duration (s from the run's start), its
-    batch, its tokens (a prefill's prompt length; a round's draft steps, 0 for an AR step), and its rows' mean
-    context (positions already cached) and furthest written position at the round's start (0 for a prefill). A PPSD
-    decode (kind "ppsd", batch 1) is one entry: `tokens` its ticks, `context` the request's prompt length,
-    `furthest` the last position it wrote (prompt + output - 2) and `verdicts` its checked drafts in order (True:
-    confirmed, False: flushed). The simulator and the executor log the same fields, so a logged pass can be costed
-    by the simulator (`ServingSimulation.logged_us`) and set beside its measured time."""
+    batch, its tokens (a prefill's prompt length, a PPSD batch's longest; a round's draft steps, 0 for an AR step),
+    and its rows' mean context (positions already cached) and furthest written position at the round's start (0 for
+    a prefill). A PPSD batch's decode (kind "ppsd") is one entry: `tokens` its ticks, `context` its longest prompt's
+    length, `furthest` that + its longest output - 2 (the last position its span reached; prompt + output - 2 for one
+    request) and `verdicts` the batch's checked drafts in order (True: confirmed, False: flushed). The simulator and
+    the executor log the same fields, so a logged pass can be costed by the simulator (`ServingSimulation.logged_us`)
+    and set beside its measured time."""
 
     kind: Literal["prefill", "round", "ppsd"]
     start_s: float
@@ -708,9 +727,10 @@ class ServingSimulation:
     ) -> None:
         if plan.method not in SERVING_METHODS:
             raise ValueError(f"method must be ar, eesd or ppsd: {plan.method}")
-        if plan.method == "ppsd" and max_batch != 1:
+        if plan.method == "ppsd" and max_batch != 1 and plan.ppsd_backend == "free":
             raise ValueError(
-                f"ppsd serves one request at a time (its lockstep batch is not refilled): max_batch {max_batch}"
+                f"ppsd_backend 'free' serves one request at a time (its static batches are the lockstep backends'): "
+                f"max_batch {max_batch}"
             )
         if replicas < 1 or dispatch not in DISPATCH:
             raise ValueError(f"need replicas >= 1 and dispatch in {DISPATCH}: got {replicas}, {dispatch!r}")
@@ -815,40 +835,72 @@ class ServingSimulation:
                 running[:] = [row for row in running if not self._finish_if_done(row, server)]
 
     def _serve_ppsd(self, server: _Server) -> Generator[simpy.Event, Any, None]:
-        """PPSD's server: one request at a time, its prefill then its whole decode (`_ppsd_decode`)."""
-        env, total, running = self.env, len(self.records), server.running
+        """PPSD's server: static batches, each the requests waiting when the last is done (as admission lets them
+        in), prefilled together (`_ppsd_prefill`) and decoded in lockstep until every row is done (`_ppsd_decode`)."""
+        env, total = self.env, len(self.records)
         while self.finished < total:
+            admitted = []
             request = server.admission.next()
-            if request is None:
+            while request is not None:
+                admitted.append(request)
+                request = server.admission.next()
+            if not admitted:
                 server.wake = env.event()
                 yield server.wake
                 continue
-            yield from self._prefill(request, server)
-            if running:
-                yield from self._ppsd_decode(running.pop(), server)
+            rows = yield from self._ppsd_prefill(admitted, server)
+            if any(row.remaining for row in rows):
+                yield from self._ppsd_decode(rows, server)
 
-    def _ppsd_decode(self, row: _Row, server: _Server) -> Generator[simpy.Event, Any, None]:
-        """A request's decode through the pipeline, alone: the engine's PPSD schedule for its prompt and output
-        length with its own acceptance stream (`sim.engine.decode_alone`), logged as one pass of kind "ppsd"."""
-        request, start = row.request, self.env.now
-        stream = RecordingStream(row.stream)
-        length = row.generated + row.remaining
-        run = decode_alone(self.plan, request.prompt_len, length, stream, row.policy, row.past_end)
-        yield self.env.timeout(run.decode_time_us)
-        emitted, result = row.remaining, self.result
-        row.generated += emitted
-        row.remaining = 0
-        row.record.tokens += emitted
-        elapsed_s = (self.env.now - start) / 1e6
-        furthest = request.prompt_len + length - 2
-        log = PassLog(
-            "ppsd", start / 1e6, elapsed_s, 1, run.ticks, request.prompt_len, furthest, stream.verdicts(), server.index
-        )
+    def _ppsd_prefill(self, requests: list[Request], server: _Server) -> Generator[simpy.Event, Any, list[_Row]]:
+        """A batch's prompts in one pass (`len(requests)` rows as wide as the longest prompt, the executor's
+        pipeline prefill), every row's first token out of it; returns the batch's rows (those done already left)."""
+        start, context = self.env.now, max(r.prompt_len for r in requests)
+        duration_us = self.prefill_us(context, len(requests))
+        yield self.env.timeout(duration_us)
+        log = PassLog("prefill", start / 1e6, duration_us / 1e6, len(requests), context, replica=server.index)
+        self.result.book(log)
+        rows = []
+        for request in requests:
+            record = self.records[request.index]
+            record.start_s, record.first_token_s, record.tokens = start / 1e6, self.env.now / 1e6, 1
+            self.result.tokens += 1
+            length = self.plan.acceptance.output_len(request.index, request.output_len)
+            rows.append(_Row(record, request, *self._stream_and_policy(request), length))
+            self._finish_if_done(rows[-1], server)
+        return rows
+
+    def _ppsd_decode(self, rows: list[_Row], server: _Server) -> Generator[simpy.Event, Any, None]:
+        """A batch's decode through the pipeline: the engine's lockstep PPSD schedule for its rows' lengths and
+        acceptance streams (`sim.engine.decode_rows`, over the span of the longest prompt), each request leaving
+        when the host read its last token; logged as one pass of kind "ppsd" with the batch's verdicts."""
+        env, result, start = self.env, self.result, self.env.now
+        streams = [RecordingStream(row.stream) for row in rows]
+        lengths = [row.generated + row.remaining for row in rows]
+        batch = [BatchRow(stream, row.policy, length, past_end=row.past_end)
+                 for stream, row, length in zip(streams, rows, lengths, strict=True)]  # fmt: skip
+        context = max(row.request.prompt_len for row in rows)
+        run, reads = decode_rows(self.plan, context, batch)
+        reads = reads or [run.decode_time_us] * len(rows)  # the free pipe: a batch of one, read at its end
+        for index in sorted(range(len(rows)), key=reads.__getitem__):
+            row = rows[index]
+            if row.remaining == 0:  # done at the prefill
+                continue
+            if start + reads[index] > env.now:
+                yield env.timeout(start + reads[index] - env.now)
+            emitted, row.remaining = row.remaining, 0
+            row.generated += emitted
+            row.record.tokens += emitted
+            result.tokens += emitted
+            self._finish_if_done(row, server)
+        if start + run.decode_time_us > env.now:
+            yield env.timeout(start + run.decode_time_us - env.now)
+        verdicts = batch_verdicts(streams, lengths)
+        elapsed_s, furthest = (env.now - start) / 1e6, context + max(lengths) - 2
+        log = PassLog("ppsd", start / 1e6, elapsed_s, len(rows), run.ticks, context, furthest, verdicts, server.index)
         result.book(log, rounds=run.ticks)  # a PPSD run's rounds are its ticks
-        result.tokens += emitted
-        result.drafted += len(log.verdicts)
-        result.accepted += sum(log.verdicts)
-        self._finish_if_done(row, server)
+        result.drafted += len(verdicts)
+        result.accepted += sum(verdicts)
 
     def _prefill(self, request: Request, server: _Server) -> Generator[simpy.Event, Any, None]:
         record = self.records[request.index]
@@ -959,25 +1011,28 @@ class ServingSimulation:
         total = sum(self.pass_us(draft, context + i, batch, furthest + i) for i in range(steps))
         return total + self.pass_us(self._verify(steps), context + steps, batch, furthest + steps)
 
-    def prefill_us(self, prompt_len: int) -> float:
-        """A request's prefill: a batch-1 pass of `prompt_len` tokens through every layer, the LM head at its last."""
-        return self.pass_us(prefill_pass(self.plan, prompt_len), 0, 1)  # its name (with the length) keys the cache
+    def prefill_us(self, prompt_len: int, batch: int = 1) -> float:
+        """A request's prefill: a batch-1 pass of `prompt_len` tokens through every layer, the LM head at its last
+        (a PPSD batch's: `batch` rows as wide as its longest prompt)."""
+        return self.pass_us(prefill_pass(self.plan, prompt_len), 0, batch)  # its name (with the length) keys the cache
 
     def logged_us(self, log: PassLog, reads: bool = False) -> float:
         """What this simulation's costs say a logged prefill, round or PPSD decode (another run's, e.g. the
         executor's) takes; a PPSD decode is simulated again with its logged verdicts (`ppsd_us`)."""
         if log.kind == "prefill":
-            return self.prefill_us(log.tokens)
+            return self.prefill_us(log.tokens, log.batch)
         if log.kind == "ppsd":
-            return self.ppsd_us(log.context, log.furthest - log.context + 2, log.verdicts)
+            return self.ppsd_us(log.context, log.furthest - log.context + 2, log.verdicts, log.batch)
         return self.round_us(log.batch, log.tokens, log.context, log.furthest, reads)
 
-    def ppsd_us(self, prompt_len: int, output_len: int, verdicts: Sequence[bool]) -> float:
+    def ppsd_us(self, prompt_len: int, output_len: int, verdicts: Sequence[bool], batch: int = 1) -> float:
         """A PPSD decode of `output_len` tokens after a `prompt_len`-token prompt whose checked drafts go as
-        `verdicts` (in order; the draft for generated token i + 1 is the i-th), alone on the plan's stages."""
-        stream = VerdictStream(verdicts)
-        run = decode_alone(self.plan, prompt_len, output_len, stream, make_policy(self.plan.policy))
-        return run.decode_time_us
+        `verdicts` (in order; the draft for generated token i + 1 is the i-th) on the plan's stages: alone, or a
+        lockstep batch of `batch` rows judged as the batch was (every row given the batch's verdicts, each as long
+        as the longest: its ticks and the batch's width; rows that ended sooner ran on in the executor's batch)."""
+        policy = make_policy(self.plan.policy)
+        rows = [BatchRow(VerdictStream(verdicts), policy, output_len) for _ in range(batch)]
+        return decode_rows(self.plan, prompt_len, rows)[0].decode_time_us
 
     def _context(self, rows: list[_Row]) -> int:
         """The batch's mean context: a pass over rows of different lengths reads (and multiplies) each row's own
@@ -1024,6 +1079,19 @@ class RecordingStream:
     def verdicts(self) -> tuple[bool, ...]:
         """The verdicts by position, from the first drafted one."""
         return tuple(self.seen[p] for p in sorted(self.seen))
+
+
+def batch_verdicts(streams: Sequence[RecordingStream], lengths: Sequence[int]) -> tuple[bool, ...]:
+    """A lockstep batch's verdicts by position from its rows' recorded ones (`lengths`: each row's tokens): a draft is
+    confirmed iff every row going on past it drafted right; where none goes on, the rows ending there judge it (as
+    the executor's `_batch_verdict` has it)."""
+    verdicts = []
+    for position in sorted(set().union(*(stream.seen for stream in streams))):
+        judged = [(stream.seen[position], length) for stream, length in zip(streams, lengths, strict=True)
+                  if position in stream.seen]  # fmt: skip
+        going = [match for match, length in judged if position <= length - 2]
+        verdicts.append(all(going or [match for match, _ in judged]))
+    return tuple(verdicts)
 
 
 class VerdictStream:

@@ -39,6 +39,15 @@ def until_eos(tokens: list[int], eos: list[int]) -> list[int]:
     return tokens
 
 
+def drawn_eos(case: dict, references: list[list[int]]) -> list[int]:
+    """The case's EOS id, drawn from a row's own AR text (`eos_at`: row and index), or none."""
+    if case["eos_at"] is None:
+        return []
+    row, index = case["eos_at"]
+    text = references[row % len(references)]
+    return [text[index % len(text)]]
+
+
 @st.composite
 def batch_cases(draw):
     num_layers = draw(st.integers(2, 6))
@@ -66,11 +75,7 @@ def test_a_batch_equals_each_row_alone_and_confirms_where_every_row_does(case: d
                               case["epsilon"])  # fmt: skip
     prompts, max_new = case["prompts"], case["max_new_tokens"]
     references = [ar_tokens(model, prompt, max_new) for prompt in prompts]
-    eos = []
-    if case["eos_at"] is not None:
-        row, index = case["eos_at"]
-        text = references[row % len(prompts)]
-        eos = [text[index % len(text)]]
+    eos = drawn_eos(case, references)
     options = dict(stages=case["stages"], exit_layer=case["exit_layer"], sync_every=case["sync_every"])
     LocalPipeline.skip_empty_on_cpu = skip_empty
     try:
@@ -84,6 +89,34 @@ def test_a_batch_equals_each_row_alone_and_confirms_where_every_row_does(case: d
     assert sorted(stats.accepted) == sorted(a for _, single in singles for a in single.accepted) or eos
     if not eos:
         check_lockstep(stats, [single for _, single in singles], max_new)
+
+
+@given(batch_cases(), st.lists(st.integers(1, 20), min_size=4, max_size=4))
+def test_rows_asking_their_own_lengths_end_at_them_and_decide_no_verdict_after(case: dict, asked: list[int]) -> None:
+    """Serving's batches: each row asks its own max_new_tokens. Each row equals AR alone to its own length (and EOS);
+    a row ending, at its length as at its EOS, decides nothing from then on, so without EOS the batch judges as many
+    drafts as its longest row, confirming each iff every row still going confirmed it alone; and no tick runs past
+    the longest row's end."""
+    model = scale_late_layers(tiny_model(case["arch"], case["num_layers"], case["seed"]), case["exit_layer"],
+                              case["epsilon"])  # fmt: skip
+    prompts = case["prompts"]
+    lengths = asked[: len(prompts)]
+    references = [ar_tokens(model, prompt, count) for prompt, count in zip(prompts, lengths, strict=True)]
+    eos = drawn_eos(case, references)
+    options = dict(stages=case["stages"], exit_layer=case["exit_layer"], sync_every=case["sync_every"])
+    sinks = [TokenSink(count, eos) for count in lengths]
+    stats = decode_ppsd_rows(ModelAdapter(model), prompts, sinks, None, **options)
+    assert [sink.tokens for sink in sinks] == [until_eos(reference, eos) for reference in references]
+    if eos:
+        return
+    singles = [alone(model, prompt, count, eos, **options)[1] for prompt, count in zip(prompts, lengths, strict=True)]
+    longest = max(lengths)
+    checked = max(0, longest - 2)
+    expected = [int(all(s.accepted[i] for s in singles if i < len(s.accepted))) for i in range(checked)]
+    assert stats.verdicts == expected and stats.confirms == sum(expected)
+    n = stats.stages
+    assert stats.ticks == ((n - 1) * (1 + stats.flushes) + (longest - 1) if longest > 1 else 0)
+    assert stats.unread_ticks == 0
 
 
 def check_lockstep(stats, singles, max_new: int) -> None:
@@ -193,8 +226,8 @@ def test_bad_batches_are_refused() -> None:
         executor.generate(model, [[1, 2], [3, 4]], method="ppsd", backend="distributed", max_new_tokens=4)
     with pytest.raises(ValueError, match="a sink per prompt"):
         decode_ppsd_rows(adapter, [[1, 2], [3]], [TokenSink(4, [])], None, stages=2)
-    with pytest.raises(ValueError, match="same max_new_tokens and EOS ids"):
-        decode_ppsd_rows(adapter, [[1, 2], [3]], [TokenSink(4, []), TokenSink(5, [])], None, stages=2)
+    with pytest.raises(ValueError, match="same EOS ids"):
+        decode_ppsd_rows(adapter, [[1, 2], [3]], [TokenSink(4, []), TokenSink(4, [7])], None, stages=2)
     with pytest.raises(ValueError, match="empty prompt"):
         decode_ppsd_rows(adapter, [[1, 2], []], [TokenSink(4, []), TokenSink(4, [])], None, stages=2)
     with pytest.raises(ValueError, match="cache holds 1 rows, the batch has 2"):

@@ -133,7 +133,8 @@ def test_the_tick_log_wraps() -> None:
 
 def test_a_cache_without_the_scratch_slot_is_refused() -> None:
     adapter = ModelAdapter(tiny_model())
-    with pytest.raises(ValueError, match=r"PPSD needs the longest prompt.s length \+ max_new_tokens = 12 .*scratch"):
+    wanted = r"PPSD needs the longest prompt.s length \+ the largest max_new_tokens = 12 .*scratch"
+    with pytest.raises(ValueError, match=wanted):
         decode_ppsd(adapter, [1, 2], TokenSink(10, []), adapter.new_cache(1, 11), stages=2)
 
 

@@ -67,23 +67,33 @@ def test_served_tokens_equal_ar_alone(case, method, policy, max_batch):
 
 
 @settings(max_examples=12)
-@given(case=serving_cases(), stages=st.integers(2, 4), sample=st.booleans())
-def test_ppsd_served_one_at_a_time_equals_ar_alone(case, stages, sample):
-    """PPSD serving (one request at a time through the pipeline, one cache reused for every request) is lossless,
-    greedy and with exact sampling; requests run one after another in arrival order."""
+@given(case=serving_cases(), stages=st.integers(2, 4), sample=st.booleans(), max_batch=st.integers(1, 4))
+def test_ppsd_served_in_static_batches_equals_ar_alone(case, stages, sample, max_batch):
+    """PPSD serving (static batches of up to max_batch requests through the pipeline in lockstep, each row ending at
+    its own length or EOS, one cache of max_batch rows reused for every batch) is lossless, greedy and with exact
+    sampling; batches are taken in arrival order, prefilled together, and the next starts once the last is done."""
     model, _, workload, prompts, eos = case
     stages = min(stages, model.config.num_hidden_layers)
     sampling = dict(do_sample=True, temperature=0.9, top_k=0, seed=3) if sample else {}
     config = SamplingConfig(**sampling) if sample else None
-    outcome = serve(model, workload, prompts, method="ppsd", stages=stages, eos_token_id=eos, sampling=config)
+    outcome = serve(model, workload, prompts, method="ppsd", stages=stages, eos_token_id=eos, sampling=config,
+                    max_batch=max_batch)  # fmt: skip
     for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
         assert output == alone(model, prompt, request.output_len, eos, **sampling), request
     result = outcome.result
-    assert result.max_batch == 1
-    assert result.tokens == sum(len(o) for o in outcome.outputs)
-    records = sorted(result.records, key=lambda r: r.start_s)
+    assert result.max_batch == max_batch
+    assert result.tokens == sum(len(o) for o in outcome.outputs) == sum(r.tokens for r in result.records)
+    records = sorted(result.records, key=lambda r: (r.start_s, r.index))
     assert [r.index for r in records] == list(range(len(records)))  # first come, first served
-    assert all(a.finish_s <= b.start_s for a, b in zip(records, records[1:], strict=False))  # one at a time
+    batches: dict[float, list] = {}
+    for record in records:
+        assert record.arrival_s <= record.start_s < record.first_token_s <= record.finish_s <= result.time_s
+        batches.setdefault(record.start_s, []).append(record)
+    groups = list(batches.values())
+    assert all(len(group) <= max_batch and len({r.first_token_s for r in group}) == 1 for group in groups)
+    assert all(max(r.finish_s for r in a) <= b[0].start_s for a, b in zip(groups, groups[1:], strict=False))
+    prefills = [log for log in result.passes if log.kind == "prefill"]
+    assert [log.batch for log in prefills] == [len(group) for group in groups]
     decodes = [log for log in result.passes if log.kind == "ppsd"]
     assert result.rounds == sum(log.tokens for log in decodes)  # a PPSD run's rounds are its ticks
     assert result.drafted == sum(len(log.verdicts) for log in decodes)
@@ -175,13 +185,15 @@ def test_the_executor_logs_the_rounds_the_simulator_runs(tmp_path):
     assert sum(g.seconds for g in served.passes if g.kind == "round") == pytest.approx(served.decode_s)
 
 
-def test_the_executor_logs_the_ppsd_decodes_the_simulator_runs(tmp_path):
-    """PPSD serving logs each request's decode as one pass (kind "ppsd": ticks, prompt length, last position written,
-    the verdicts of its drafts) where the simulator logs it; the simulator, given a logged decode's verdicts, runs the
-    same number of ticks (so it costs the decode at the composition it ran), on 2 and 3 stages, with EOS cuts."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_executor_logs_the_ppsd_decodes_the_simulator_runs(tmp_path, batch):
+    """PPSD serving logs each batch's prefill and decode (kind "ppsd": ticks, longest prompt, last position written,
+    the batch's verdicts) where the simulator logs them, one request at a time or in static batches of 3; the
+    simulator, given a logged decode's verdicts, runs the same number of ticks (so it costs the decode at the
+    composition it ran), on 2 and 3 stages, with EOS cuts."""
     import yaml
 
-    from sim.engine import decode_alone
+    from sim.engine import BatchRow, decode_alone, decode_rows
     from sim.policy import make_policy
     from sim.serving import ServingSimulation, VerdictStream, load_serving_points
 
@@ -195,7 +207,7 @@ def test_the_executor_logs_the_ppsd_decodes_the_simulator_runs(tmp_path):
                 "output_len": {"dist": "trace"}}  # fmt: skip
     for stages, bounds in ((2, [3]), (3, [2, 4])):
         served = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=stages,
-                       stage_boundaries=bounds).result  # fmt: skip
+                       stage_boundaries=bounds, max_batch=batch).result  # fmt: skip
         layers = [b - a for a, b in zip([0, *bounds], [*bounds, 6], strict=True)]
         scenario = {"name": "logs", "model": {"name": "tiny", "num_layers": 6, "hidden_size": 64,
                     "intermediate_size": 128, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 60},
@@ -205,16 +217,17 @@ def test_the_executor_logs_the_ppsd_decodes_the_simulator_runs(tmp_path):
                     "serving": {"workload": workload}}  # fmt: skip
         (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
         (point,) = load_serving_points(tmp_path / "s.yaml")
-        simulated = ServingSimulation(point.plan, point.workload, 1, None).run()
+        simulated = ServingSimulation(point.plan, point.workload, batch, None).run()
         shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest) for g in logs]  # noqa: E731
         assert shape(served.passes) == shape(simulated.passes)
         decodes = [log for log in served.passes if log.kind == "ppsd"]
         assert any(not all(log.verdicts) for log in decodes) and any(sum(log.verdicts) for log in decodes)
+        assert [log.batch for log in decodes] == ([1] * 6 if batch == 1 else [3, 3, 1])  # the 1-token one: no decode
         for log in decodes:
             output = log.furthest - log.context + 2
             assert len(log.verdicts) == max(output - 2, 0)
-            run = decode_alone(point.plan, log.context, output, VerdictStream(log.verdicts), make_policy("fixed:1"))
-            assert run.ticks == log.tokens, log
+            rows = [BatchRow(VerdictStream(log.verdicts), make_policy("fixed:1"), output) for _ in range(log.batch)]
+            assert decode_rows(point.plan, log.context, rows)[0].ticks == log.tokens, log
     eos = alone(model, prompts[2], 14, None)[5]  # a request cut by an EOS logs what it ran
     cut = serve(model, ServingWorkload((Request(0, 2, 14, 0.0),)), prompts[2:3], method="ppsd", stages=3,
                 stage_boundaries=[2, 4], eos_token_id=eos).result  # fmt: skip
@@ -227,8 +240,8 @@ def test_the_executor_logs_the_ppsd_decodes_the_simulator_runs(tmp_path):
 def test_bad_serving_inputs_refused():
     model = tiny_model(TinySpec(num_layers=2, vocab=50))
     workload = ServingWorkload((Request(0, 3, 4, 0.0),))
-    with pytest.raises(ValueError, match="ppsd.*one request at a time.*max_batch must be 1, got 2"):
-        serve(model, workload, [[1, 2, 3]], method="ppsd", max_batch=2)
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1, got 0"):
+        serve(model, workload, [[1, 2, 3]], method="ppsd", max_batch=0)
     with pytest.raises(ValueError, match="backend must be one of sequential, streams"):
         serve(model, workload, [[1, 2, 3]], method="ppsd", backend="distributed")
     with pytest.raises(ValueError, match="backend 'streams' needs a GPU.*serve with backend 'sequential'"):
@@ -291,6 +304,10 @@ def test_serve_bench_cli(tmp_path, capsys):
     capsys.readouterr()
     (row,) = json.loads(out.read_text())["rows"]
     assert row["identical_to_ar"] and row["tokens"] == 25 and row["occupancy"] == 1.0 and row["stages"] == 2
+    assert eesd([*ppsd, "--ppsd-max-batch", "3"]) == 0  # static batches of up to 3, still AR's tokens
+    capsys.readouterr()
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["identical_to_ar"] and row["tokens"] == 25 and row["max_batch"] == 3
     assert eesd([*argv[:5], "--methods", "ppsd,beam"]) == 2
     assert "--methods must list ar, eesd and/or ppsd" in capsys.readouterr().err
 

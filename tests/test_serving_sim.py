@@ -169,6 +169,86 @@ def test_a_served_ppsd_decode_is_the_engines_run_of_that_request(tmp_path, backe
         assert log.tokens == static.ticks and sum(log.verdicts) == static.accepted
 
 
+@pytest.mark.parametrize("backend", ["distributed", "sequential"])
+def test_ppsd_serves_static_batches_in_lockstep(tmp_path, backend):
+    """PPSD given its own max_batch (`serving.by_method.ppsd.serving.max_batch`) serves static batches: the requests
+    waiting when the pipe is free enter together (one prefill, as wide as the longest prompt), decode in lockstep,
+    each leaving when the host reads its last token, and the next batch starts once every row is done. Every request
+    completes once, Little's law holds, and a batch's decode is the engine's run of its rows
+    (`sim.engine.decode_rows`): each request's finish is its row's read time after the decode began."""
+    from sim.engine import BatchRow, decode_rows
+    from sim.serving import ServingSimulation
+
+    workload = {"requests": 120, "seed": 3, "arrival": {"process": "poisson", "rate_per_s": 60.0},
+                "prompt_len": {"dist": "uniform", "low": 4, "high": 64},
+                "output_len": {"dist": "lognormal", "median": 20, "sigma": 0.7, "max": 120}}  # fmt: skip
+    serving = {"workload": workload, "by_method": {"ppsd": {"serving.max_batch": 4}}}
+    point = ppsd_point(tmp_path, serving, ppsd_backend=backend)
+    assert point.max_batch == 4 and not point.notes
+    result = ServingSimulation(point.plan, point.workload, 4, None).run()
+    row = check_run(point, result)
+    assert 1 < row["mean_batch"] <= 4 and 0 < row["acceptance"] < 1
+    groups: dict[float, list] = {}
+    for record in sorted(result.records, key=lambda r: (r.start_s, r.index)):
+        groups.setdefault(record.start_s, []).append(record)
+    batches = list(groups.values())
+    assert [r.index for b in batches for r in b] == list(range(120))  # first come, first served
+    assert all(len(b) <= 4 and len({r.first_token_s for r in b}) == 1 for b in batches)
+    assert all(max(r.finish_s for r in a) <= b[0].start_s for a, b in zip(batches, batches[1:], strict=False))
+    assert any(len({r.finish_s for r in b}) > 1 for b in batches)  # rows of a batch leave at their own ends
+    prefills = [log for log in result.passes if log.kind == "prefill"]
+    assert [(log.batch, log.tokens) for log in prefills] == [(len(b), max(r.prompt_len for r in b)) for b in batches]
+    decodes = [log for log in result.passes if log.kind == "ppsd"]
+    assert result.rounds == sum(log.tokens for log in decodes)
+    assert result.drafted == sum(len(log.verdicts) for log in decodes)
+    plan = point.plan
+    for batch, decode in zip([b for b in batches if any(r.output_len > 1 for r in b)], decodes, strict=True):
+        rows = [BatchRow(_Fixed(decode.verdicts), None, r.output_len) for r in batch]
+        run, reads = decode_rows(plan, decode.context, rows)
+        assert run.ticks == decode.tokens and decode.seconds * 1e6 == pytest.approx(run.decode_time_us, rel=1e-9)
+        for record, read in zip(batch, reads, strict=True):
+            if record.output_len > 1:
+                assert (record.finish_s - decode.start_s) * 1e6 == pytest.approx(read, rel=1e-6, abs=1e-3)
+
+
+class _Fixed:
+    """Every row drafts as the batch's logged verdicts say (the batch then judges as it did)."""
+
+    def __init__(self, verdicts) -> None:
+        self.verdicts = verdicts
+
+    def draft(self, position: int, index: int) -> tuple[bool, float]:
+        return (self.verdicts[position - 1] if 0 <= position - 1 < len(self.verdicts) else True), 1.0
+
+
+def test_a_lockstep_batchs_verdicts_are_its_going_rows() -> None:
+    """A batch's verdict at a position is every going row's (one that has a token after it); a row ending there
+    decides nothing, unless every row judged there ends (then theirs)."""
+    from sim.serving import RecordingStream, batch_verdicts
+
+    class Table:
+        def __init__(self, marks: str) -> None:
+            self.marks = marks
+
+        def draft(self, position: int, index: int) -> tuple[bool, float]:
+            return self.marks[position - 1] == "y", 1.0
+
+    streams = [RecordingStream(Table("yyny")), RecordingStream(Table("nyyy"))]
+    for stream, upto in zip(streams, (4, 2), strict=True):  # row 0: 6 tokens, row 1: 3 (ends at position 2)
+        for position in range(1, upto + 1):
+            stream.draft(position, 0)
+    assert batch_verdicts(streams, [6, 3]) == (False, True, False, True)  # position 2: row 1 ends there
+    assert batch_verdicts(streams[1:], [3]) == (False, True)  # alone, its own (the last judged as it ends)
+
+
+def test_ppsd_notes_a_shared_max_batch_it_does_not_take(tmp_path) -> None:
+    serving = {"workload": poisson(5, 1.0), "methods": ["ar", "ppsd"], "max_batch": 4}
+    points = load_serving_points(write_scenario(tmp_path, serving, **PPSD_FIELDS))
+    ppsd = next(p for p in points if p.method == "ppsd")
+    assert ppsd.max_batch == 1
+    assert any("serving.by_method.ppsd.serving.max_batch for PPSD's static lockstep batches" in n for n in ppsd.notes)
+
+
 def test_md1_waiting_time_for_ppsd_at_full_acceptance(tmp_path):
     """PPSD at alpha 1 with fixed lengths serves each request in the same time: an M/D/1 queue again."""
     from sim.engine import Simulation
@@ -196,8 +276,10 @@ def test_a_logged_ppsd_decode_is_costed_at_what_the_run_charged(tmp_path):
 
     cases = [("distributed", 2, {"alpha": 0.6}, True), ("sequential", 2, {"alpha": 0.6}, True)]
     cases += [("distributed", 4, {"alpha": 0.6}, True), ("distributed", 2, {"alphas": [0.9, 0.2, 0.7]}, False)]
-    for backend, count, acceptance, varying in cases:
-        workload = poisson(40, 5.0, prompt={"dist": "uniform", "low": 4, "high": 90}, seed=5)
+    cases = [(*case, 1) for case in cases] + [(*case, 4) for case in cases[:3]]  # and static lockstep batches of 4
+    for backend, count, acceptance, varying, batch in cases:
+        rate = 5.0 if batch == 1 else 500.0  # requests queue up behind a batch
+        workload = poisson(40, rate, prompt={"dist": "uniform", "low": 4, "high": 90}, seed=5)
         (point,) = load_serving_points(write_scenario(
             tmp_path, {"methods": ["ppsd"], "workload": workload}, topology={"stages": count},
             exit_layer=15 if count == 2 else 8, ppsd_backend=backend, acceptance=acceptance,
@@ -205,11 +287,12 @@ def test_a_logged_ppsd_decode_is_costed_at_what_the_run_charged(tmp_path):
         if varying:
             stages = tuple(dataclasses.replace(stage, latency=_Varying()) for stage in point.plan.stages)
             point = dataclasses.replace(point, plan=dataclasses.replace(point.plan, stages=stages))
-        result = ServingSimulation(point.plan, point.workload, 1, None).run()
-        fresh = ServingSimulation(point.plan, point.workload, 1, None)
+        result = ServingSimulation(point.plan, point.workload, batch, None).run()
+        fresh = ServingSimulation(point.plan, point.workload, batch, None)
         ratios = logged_ratios(fresh, result.passes)
         assert ratios == pytest.approx([1.0] * len(result.passes), rel=1e-9)
         assert {log.kind for log in result.passes} == {"prefill", "ppsd"}
+        assert batch == 1 or max(log.batch for log in result.passes) > 1
 
 
 def test_trace_workload_file_and_kv_budget(tmp_path):
@@ -492,13 +575,14 @@ def test_shipped_serving_scenarios_load():
     loads = ("rate0.15", "rate0.4", "rate1.2")
     expected = {(c, m) for c in loads for m in ("ar", "eesd")} | {(f"{c}-ppsd", "ppsd") for c in loads}
     expected |= {(f"{c}-2replicas", m) for c in ("rate0.4", "rate1.2") for m in ("ar", "eesd")}
-    expected |= {("rate0.4-ppsd-2replicas", "ppsd")}
+    expected |= {("rate0.4-ppsd-2replicas", "ppsd"), ("rate0.4-ppsd-batch4", "ppsd"), ("rate1.2-ppsd-batch4", "ppsd")}
     assert {(p.case, p.method) for p in cpu} == expected
     assert {p.replicas for p in cpu if p.case.endswith("2replicas")} == {2}
     assert all(p.plan.ppsd_backend == "sequential" and len(p.plan.stages) == 2 for p in cpu if p.method == "ppsd")
     assert all(p.kv_capacity_tokens is None and p.plan.cache_slots for p in cpu)
     ppsd = [p for p in cpu if p.method == "ppsd"]
-    assert all(p.max_batch == 1 and [s.layer_end for s in p.plan.stages] == [15, 30] for p in ppsd)
+    assert all(p.max_batch == (4 if "batch4" in p.case else 1) for p in ppsd)
+    assert all([s.layer_end for s in p.plan.stages] == [15, 30] for p in ppsd)
     h100 = load_serving_points(ROOT / "scenarios" / "serving_h100.yaml")
     cases = {p.case: p for p in h100}
     ppsd_cases = [c for c in cases if "ppsd" in c]  # 7, 7, 6 and 6 rates, three methods each
@@ -813,8 +897,15 @@ def test_by_method_gives_each_method_its_own_devices(tmp_path):
         ),
         ({"by_method": {"ar": {"exit_layer": 99}}}, r"exit_layer: expected 1 <= exit_layer < 30"),
         (
-            {"methods": ["ar", "ppsd"], "by_method": {"ppsd": {"serving.max_batch": 4, "topology.stages": 2}}},
-            r"serving.by_method.ppsd.serving.max_batch: PPSD serves one request at a time .*expected 1, got 4",
+            {
+                "methods": ["ar", "ppsd"],
+                "by_method": {"ppsd": {"serving.max_batch": 4, "topology.stages": 2, "ppsd_backend": "free"}},
+            },
+            r"serving.by_method.ppsd.serving.max_batch: ppsd_backend 'free' serves one request at a time .*got 4",
+        ),
+        (
+            {"methods": ["ar", "ppsd"], "by_method": {"ppsd": {"serving.max_batch": 0, "topology.stages": 2}}},
+            r"serving.by_method.ppsd: serving.max_batch: Input should be greater than or equal to 1",
         ),
     ],
 )
