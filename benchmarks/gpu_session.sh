@@ -437,8 +437,10 @@ case "${1:-}" in
     T=${2:-420}
     DEVICE=${DEVICE:-cuda}
     if [ "$DEVICE" = cuda ]; then second_call "a call 1" serving20; CARD=$(card) || exit 4
-      GRAPHS=(--graphs on); DTYPE=bf16; TORCH_DTYPE=bfloat16; CAPTURE=graph; SCALE=20; SOME=(); THREADS=4
+      GRAPHS=(--graphs on); DTYPE=bf16; TORCH_DTYPE=bfloat16; CAPTURE=graph; SCALE=20; THREADS=4
       TIMING=(--warmup 3 --repeats 10); TRACE_S=80
+      # the nine cases this step was sized for (the *-ppsd-batch4 cases, PPSD's static batches, are not in its budget)
+      SOME=(--cases rate0.15,rate0.4,rate1.2,rate0.15-ppsd,rate0.4-ppsd,rate1.2-ppsd,rate0.4-2replicas,rate1.2-2replicas,rate0.4-ppsd-2replicas)
     else
       mkdir -p "$OUT"; CARD=cpu_smoke; GGUF=${GGUF_SMOKE:-smollm2-135m}
       GRAPHS=(); DTYPE=fp32; TORCH_DTYPE=float32; CAPTURE=none; SCALE=3; SOME=(--first 3 --cases rate1.2,rate1.2-ppsd)

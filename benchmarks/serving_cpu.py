@@ -227,6 +227,16 @@ def measure(
     return rows, run_metadata(adapter, model, threads, capture, points, begin)
 
 
+def shipped_profile(scenario: Path) -> dict[str, Any]:
+    """The scenario's latency profile (its path from the repository's root) and the date it was timed."""
+    import yaml
+
+    from sim.formats import read_latency_profile
+
+    path = (scenario.parent / yaml.safe_load(scenario.read_text())["latency"]["profile"]["path"]).resolve()
+    return {"profile": str(path.relative_to(ROOT)), "profile_date": read_latency_profile(path).metadata.get("date")}
+
+
 def run_metadata(adapter: Any, model: str, threads: int, capture: str, points: list, begin: float) -> dict[str, Any]:
     from calibrate.common import base_metadata
 
@@ -359,7 +369,8 @@ def _errors_line(errors: dict[str, float]) -> str:
 
 
 def _row(point: Any, measured: dict, predicted: dict, extrapolated: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {"case": point.case, "method": point.method, "replicas": point.replicas}
+    row: dict[str, Any] = {"case": point.case, "method": point.method, "replicas": point.replicas,
+                           "max_batch": point.max_batch}  # fmt: skip
     for key in COMPARED + ("requests_per_s", "latency_mean_ms", "queue_mean_ms", "mean_batch", "tokens_per_round"):
         row[f"executor_{key}"] = round(measured[key], 4)
         row[f"sim_{key}"] = round(predicted[key], 4)
@@ -479,6 +490,8 @@ def main() -> int:
         if scenario != SCENARIO:  # derived: its files are kept beside the JSON
             metadata.update(scenario=str(scenario), profile=str(args.profile), trace=str(args.trace),
                             host_work=None if args.host is None else str(args.host))  # fmt: skip
+        else:  # the shipped scenario's profile (timed again in place with --recalibrate), and when it was timed
+            metadata.update(shipped_profile(SCENARIO))
         write_json(args.out, {"metadata": metadata, "rows": rows})
 
     rows, metadata = measure(points, args.threads, args.model, args.device, args.dtype, args.capture, on_row=write)
