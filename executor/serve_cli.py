@@ -220,6 +220,20 @@ def warm_up_workload(workload: Any, prompts: list[list[int]], rows: int) -> tupl
     return ServingWorkload(warm), [prompts[r.index] for r in chosen]
 
 
+def warm_ups(
+    workload: Any, prompts: list[list[int]], method: str, max_batch: int, captured: bool
+) -> list[tuple[Any, list[list[int]]]]:
+    """The untimed runs before a timed one (`warm_up_workload`): uncaptured, one of one request; captured, AR's and
+    EESD's one run through every running-batch size, and PPSD's one static batch of each width from 1 to `max_batch`,
+    the widest last (a model keeps `MAX_RUNNERS_PER_MODEL` captured pipelines, so of more widths the widest stay)."""
+    if not captured:
+        return [warm_up_workload(workload, prompts, 1)]
+    if method != "ppsd":
+        return [warm_up_workload(workload, prompts, max_batch)]
+    widths = range(1, min(max_batch, len(workload.requests)) + 1)
+    return [warm_up_workload(workload, prompts, width) for width in widths]
+
+
 def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str, args: argparse.Namespace, eos: Any,
                slo: Any) -> tuple[dict[str, Any], Any]:  # fmt: skip
     """One method over the workload: a short warm-up on the first prompt, then the timed run; (its metrics row, the
@@ -251,9 +265,8 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
             device=args.replica_devices, threads=args.threads or torch.get_num_threads(), **common,
         )  # fmt: skip
     else:
-        rows = common["max_batch"] if args.capture != "none" else 1
-        warm, warm_prompts = warm_up_workload(workload, prompts, rows)
-        serve(model, warm, warm_prompts, **common)
+        for warm, warm_prompts in warm_ups(workload, prompts, method, common["max_batch"], args.capture != "none"):
+            serve(model, warm, warm_prompts, **common)
         outcome = serve(model, workload, prompts, **common)
     row = {"method": method, **metrics(outcome.result, slo)}
     if args.replicas > 1:

@@ -349,6 +349,24 @@ def test_the_warm_up_runs_every_batch_size_once() -> None:
     assert sorted(set(sizes)) == [1, 2, 3, 4]
 
 
+def test_a_captured_ppsd_server_warms_up_every_static_batch_width() -> None:
+    """PPSD's static batches run at any width up to max_batch: a captured serve-bench warms each one up (a batch of
+    that many requests at once), the widest last; uncaptured, one request; AR and EESD one run through every size."""
+    from executor.serve_cli import warm_ups
+
+    requests = tuple(Request(i, 5 + i, 20, 0.1 * i) for i in range(6))
+    prompts, workload = [[1] * (5 + i) for i in range(6)], ServingWorkload(requests)
+    widths = [len(warm.requests) for warm, _ in warm_ups(workload, prompts, "ppsd", 4, True)]
+    assert widths == [1, 2, 3, 4]
+    assert [len(w.requests) for w, _ in warm_ups(workload, prompts, "ppsd", 9, True)] == [1, 2, 3, 4, 5, 6]
+    assert [len(w.requests) for w, _ in warm_ups(workload, prompts, "ppsd", 4, False)] == [1]
+    assert [len(w.requests) for w, _ in warm_ups(workload, prompts, "ar", 4, True)] == [4]
+    model = tiny_model(TinySpec(num_layers=3, seed=4))
+    for warm, chosen in warm_ups(workload, prompts, "ppsd", 3, True):
+        outcome = serve(model, warm, chosen, method="ppsd", stages=2, max_batch=3)
+        assert [log.batch for log in outcome.result.passes if log.kind == "prefill"] == [len(warm.requests)]
+
+
 def test_a_captured_decoder_is_kept_on_the_model_for_the_same_setup() -> None:
     """What a warm-up buys: the next call of the same setup gets the same decoder (its graphs), its stats reset;
     another setup (here another sampling seed) a new one; at most MAX_KEPT_DECODERS are kept; a moved weight drops
