@@ -114,6 +114,7 @@ def parse_methods(text: str) -> list[str]:
 # would read is refused, as eesd generate refuses it
 FLAG_USERS = (
     ("--exit-layer", "exit_layer", ("eesd", "ppsd")), ("--policy", "policy", ("eesd",)),
+    ("--max-batch", "max_batch", ("ar", "eesd")),
     ("--head", "head", ("eesd", "ppsd")),
     ("--stages", "stages", ("ppsd",)), ("--stage-boundaries", "stage_boundaries", ("ppsd",)),
     ("--backend", "backend", ("ppsd",)), ("--ppsd-max-batch", "ppsd_max_batch", ("ppsd",)),
@@ -144,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     args.stages = stage_count(args.stages, args.stage_boundaries)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    for flag, value in (("--max-batch", args.max_batch), ("--ppsd-max-batch", args.ppsd_max_batch)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.json is not None:
         check_output("--json", args.json)
     for flag, value in (("--slo-ttft-ms", args.slo_ttft_ms), ("--slo-tpot-ms", args.slo_tpot_ms)):

@@ -641,11 +641,13 @@ class _ServeLoop:
             longest = max(len(r.sink.tokens) for r in batch)
             log = PassLog("ppsd", begin, end - begin, len(batch), ticks, context, context + longest - 2, verdicts)
             result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
-        for row, running in enumerate(batch):
+        leaving = {row: max(ends.at.get(row, first_s), first_s) for row in range(len(batch))}
+        for row in sorted(leaving, key=lambda r: (leaving[r], r)):  # in the order the host saw them end
+            running = batch[row]
             record = self.records[running.request.index]
             result.tokens += len(running.sink.tokens) - record.tokens
             record.tokens = len(running.sink.tokens)
-            self._leave(record, running.request, max(ends.at.get(row, first_s), first_s))
+            self._leave(record, running.request, leaving[row])
         return len(batch)
 
     def _round(self, now: Callable[[], float]) -> int:

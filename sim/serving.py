@@ -71,7 +71,7 @@ import random
 import statistics
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -737,6 +737,9 @@ class ServingSimulation:
         self.plan, self.workload, self.dispatch = plan, workload, dispatch
         self.env = simpy.Environment()
         self.kv_tokens = tokens = plan_kv_tokens(plan)
+        # PPSD's decodes read the device as the executor's serving loop reads it (`executor.passes.resolve_sync_every`):
+        # every `sync_every` ticks when captured, every tick when not (a row that ends is read at once)
+        self.ppsd_plan = plan if plan.stages[0].latency.cuda_graphs else replace(plan, sync_every=1)
         self.servers = [_Server(i, Admission(max_batch, kv_capacity_tokens, tokens)) for i in range(replicas)]
         self.records = [RequestRecord(r.index, r.prompt_len, r.output_len, math.nan) for r in workload.requests]
         self.result = ServingResult(plan.method, max_batch, self.records, replicas=replicas)
@@ -839,6 +842,7 @@ class ServingSimulation:
         in), prefilled together (`_ppsd_prefill`) and decoded in lockstep until every row is done (`_ppsd_decode`)."""
         env, total = self.env, len(self.records)
         while self.finished < total:
+            yield env.timeout(0)  # arrivals due now first (a closed loop's user sent one as the last row ended)
             admitted = []
             request = server.admission.next()
             while request is not None:
@@ -880,7 +884,7 @@ class ServingSimulation:
         batch = [BatchRow(stream, row.policy, length, past_end=row.past_end)
                  for stream, row, length in zip(streams, rows, lengths, strict=True)]  # fmt: skip
         context = max(row.request.prompt_len for row in rows)
-        run, reads = decode_rows(self.plan, context, batch)
+        run, reads = decode_rows(self.ppsd_plan, context, batch)
         reads = reads or [run.decode_time_us] * len(rows)  # the free pipe: a batch of one, read at its end
         for index in sorted(range(len(rows)), key=reads.__getitem__):
             row = rows[index]
@@ -1032,7 +1036,7 @@ class ServingSimulation:
         as the longest: its ticks and the batch's width; rows that ended sooner ran on in the executor's batch)."""
         policy = make_policy(self.plan.policy)
         rows = [BatchRow(VerdictStream(verdicts), policy, output_len) for _ in range(batch)]
-        return decode_rows(self.plan, prompt_len, rows)[0].decode_time_us
+        return decode_rows(self.ppsd_plan, prompt_len, rows)[0].decode_time_us
 
     def _context(self, rows: list[_Row]) -> int:
         """The batch's mean context: a pass over rows of different lengths reads (and multiplies) each row's own

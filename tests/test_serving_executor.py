@@ -237,6 +237,42 @@ def test_the_executor_logs_the_ppsd_decodes_the_simulator_runs(tmp_path, batch):
     assert run.ticks == log.tokens
 
 
+def test_a_closed_loops_ppsd_batches_are_the_simulators(tmp_path):
+    """Two users, no think time, PPSD batches of up to 2 with rows of different lengths: a row's request leaves when
+    the host read its end, in that order, so the users send their next requests in index order, and the request
+    sent as a batch's last row ends joins the next batch; the simulator forms the very same batches."""
+    import yaml
+
+    from sim.serving import ServingSimulation, load_serving_points
+
+    (tmp_path / "t.csv").write_text("arrival_s,prompt_len,output_len\n0.0,3,3\n", encoding="utf-8")
+    scenario = {"name": "closed", "model": {"name": "tiny", "num_layers": 4, "hidden_size": 32,
+                "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2, "vocab_size": 50}, "method": "ppsd",
+                "ppsd_backend": "sequential", "exit_layer": 2, "attention": "context",
+                "topology": {"stages": [{"layers": 2}, {"layers": 2}]}, "latency": {"constant_us": {"layer": 100.0}},
+                "acceptance": {"alpha": 0.5}, "serving": {"workload": {"arrival": {"process": "trace",
+                "path": "t.csv"}, "prompt_len": {"dist": "trace"}, "output_len": {"dist": "trace"}}}}  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
+    (point,) = load_serving_points(tmp_path / "s.yaml")
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=4, vocab=50, seed=1)), 2, 0.1)
+    outputs = [10, 2, 4, 4, 6, 3]
+    workload = ServingWorkload(tuple(Request(i, 3, n, None, 0.0) for i, n in enumerate(outputs)), users=2)
+    prompts = [[1 + (5 * i + j) % 40 for j in range(3)] for i in range(len(outputs))]
+
+    def batches(result) -> list[list[int]]:
+        groups: dict[float, list[int]] = {}
+        for record in sorted(result.records, key=lambda r: (r.start_s, r.index)):
+            groups.setdefault(record.start_s, []).append(record.index)
+        return list(groups.values())
+
+    served = serve(model, workload, prompts, method="ppsd", stages=2, stage_boundaries=[2], max_batch=2).result
+    simulated = ServingSimulation(point.plan, workload, 2, None).run()
+    assert batches(served) == batches(simulated) == [[0, 1], [2, 3], [4, 5]]
+    for result in (served, simulated):
+        arrivals = [record.arrival_s for record in result.records]
+        assert arrivals == sorted(arrivals)  # the users' next requests go out in the order their rows ended
+
+
 def test_bad_serving_inputs_refused():
     model = tiny_model(TinySpec(num_layers=2, vocab=50))
     workload = ServingWorkload((Request(0, 3, 4, 0.0),))
@@ -298,9 +334,8 @@ def test_serve_bench_cli(tmp_path, capsys):
         if method == "ar":
             assert {log.tokens for log in runs if log.kind == "round"} == {0}  # an AR round drafts nothing
     # drafting inside stage 1 (--exit-layer 1 of stage 1's 2 layers), as serve-sim lays such a point out
-    ppsd = [*argv[:5], "--methods", "ppsd", "--stages", "2", "--max-batch", "2", "--compare-ar", "--json", str(out),
-            "--exit-layer", "1"]  # fmt: skip
-    assert eesd(ppsd) == 0  # PPSD serves one request at a time whatever --max-batch says for the others
+    ppsd = [*argv[:5], "--methods", "ppsd", "--stages", "2", "--compare-ar", "--json", str(out), "--exit-layer", "1"]
+    assert eesd(ppsd) == 0  # PPSD serves one request at a time by default
     capsys.readouterr()
     (row,) = json.loads(out.read_text())["rows"]
     assert row["identical_to_ar"] and row["tokens"] == 25 and row["occupancy"] == 1.0 and row["stages"] == 2
@@ -413,6 +448,10 @@ def test_serve_bench_refuses_an_slo_or_kv_budget_that_cannot_be_before_loading(c
                            (["--methods", "ar", "--policy", "fixed:2"], "--policy is for --methods eesd, got"),
                            (["--methods", "eesd", "--stages", "3"], "--stages is for --methods ppsd, got"),
                            (["--dispatch", "round_robin"], "--dispatch is for --replicas 2 or more"),
+                           (["--methods", "ppsd", "--max-batch", "4"], "--max-batch is for --methods ar or eesd"),
+                           (["--methods", "ar", "--ppsd-max-batch", "4"], "--ppsd-max-batch is for --methods ppsd"),
+                           (["--methods", "ppsd", "--ppsd-max-batch", "0"], "--ppsd-max-batch must be >= 1, got 0"),
+                           (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
                            (["--kv-capacity-tokens", "10"], "--kv-capacity-tokens 10: request ")):  # fmt: skip
         assert eesd([*argv, *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()

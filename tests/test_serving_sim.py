@@ -169,8 +169,8 @@ def test_a_served_ppsd_decode_is_the_engines_run_of_that_request(tmp_path, backe
         assert log.tokens == static.ticks and sum(log.verdicts) == static.accepted
 
 
-@pytest.mark.parametrize("backend", ["distributed", "sequential"])
-def test_ppsd_serves_static_batches_in_lockstep(tmp_path, backend):
+@pytest.mark.parametrize(("backend", "graphs"), [("distributed", False), ("sequential", False), ("sequential", True)])
+def test_ppsd_serves_static_batches_in_lockstep(tmp_path, backend, graphs):
     """PPSD given its own max_batch (`serving.by_method.ppsd.serving.max_batch`) serves static batches: the requests
     waiting when the pipe is free enter together (one prefill, as wide as the longest prompt), decode in lockstep,
     each leaving when the host reads its last token, and the next batch starts once every row is done. Every request
@@ -179,15 +179,21 @@ def test_ppsd_serves_static_batches_in_lockstep(tmp_path, backend):
     from sim.engine import BatchRow, decode_rows
     from sim.serving import ServingSimulation
 
-    workload = {"requests": 120, "seed": 3, "arrival": {"process": "poisson", "rate_per_s": 60.0},
+    rate = 20_000.0 if graphs else 60.0  # a queue behind the batches: an H100's roofline, or a layer of 200 µs
+    workload = {"requests": 120, "seed": 3, "arrival": {"process": "poisson", "rate_per_s": rate},
                 "prompt_len": {"dist": "uniform", "low": 4, "high": 64},
                 "output_len": {"dist": "lognormal", "median": 20, "sigma": 0.7, "max": 120}}  # fmt: skip
-    serving = {"workload": workload, "by_method": {"ppsd": {"serving.max_batch": 4}}}
-    point = ppsd_point(tmp_path, serving, ppsd_backend=backend)
+    serving = {"methods": ["ppsd"], "workload": workload, "by_method": {"ppsd": {"serving.max_batch": 4}}}
+    device = {"latency": {"roofline": {}}, "topology": {"stages": 2, "gpu": "H100"}} if graphs else PPSD_FIELDS
+    (point,) = load_serving_points(write_scenario(tmp_path, serving, ppsd_backend=backend, **device))
     assert point.max_batch == 4 and not point.notes
-    result = ServingSimulation(point.plan, point.workload, 4, None).run()
+    simulation = ServingSimulation(point.plan, point.workload, 4, None)
+    result = simulation.run()
     row = check_run(point, result)
     assert 1 < row["mean_batch"] <= 4 and 0 < row["acceptance"] < 1
+    # the executor's serving loop reads every tick uncaptured, every sync_every ticks captured
+    captured = point.plan.stages[0].latency.cuda_graphs
+    assert simulation.ppsd_plan.sync_every == (point.plan.sync_every if captured else 1)
     groups: dict[float, list] = {}
     for record in sorted(result.records, key=lambda r: (r.start_s, r.index)):
         groups.setdefault(record.start_s, []).append(record)
@@ -201,7 +207,7 @@ def test_ppsd_serves_static_batches_in_lockstep(tmp_path, backend):
     decodes = [log for log in result.passes if log.kind == "ppsd"]
     assert result.rounds == sum(log.tokens for log in decodes)
     assert result.drafted == sum(len(log.verdicts) for log in decodes)
-    plan = point.plan
+    plan = simulation.ppsd_plan
     for batch, decode in zip([b for b in batches if any(r.output_len > 1 for r in b)], decodes, strict=True):
         rows = [BatchRow(_Fixed(decode.verdicts), None, r.output_len) for r in batch]
         run, reads = decode_rows(plan, decode.context, rows)
