@@ -44,8 +44,9 @@ The schedule (the executor's `executor.serving` runs the same one):
   then the batch decodes in lockstep (the engine's PPSD schedule for its rows, `sim.engine.decode_rows`: the
   executor's lockstep ticks over the span of the longest prompt, a draft confirmed only where every row going on
   drafted right, the distributed backend's ticks with its messages) until every row is done. A row ends at its own
-  output length (or EOS) and its request leaves when the host reads that token (at the end of its block of
-  `sync_every` ticks), but its slot is not refilled mid-decode: the next batch starts when the last row is done. The
+  output length (or EOS) and its request leaves when the host reads that token (captured, at the end of its block of
+  `sync_every` ticks; uncaptured, at once, as the executor's serving loop reads every tick), but its slot is not
+  refilled mid-decode: the next batch starts when the last row is done (with the requests due by then). The
   free-running pipe (`ppsd_backend: free`) serves one request at a time. A batch's decode is logged as one pass of
   kind "ppsd" (its ticks, longest prompt, last position the span reached and the batch's verdicts), and a PPSD run
   counts ticks as its rounds (`tokens_per_round` is tokens per tick: batch / stages for AR through the same stages).
