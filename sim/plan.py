@@ -321,7 +321,7 @@ def build_plan(
         max_in_flight=s.max_in_flight,
         seed=s.seed,
         chain_zero_rounds=s.zero_draft_rounds == "chained",
-        sync_every=s.sync_every,
+        sync_every=scenario_sync_every(s),
         ppsd_backend=s.ppsd_backend,
         verify_buckets=s.verify_buckets,
     )
@@ -338,6 +338,16 @@ def build_plan(
     # its grid flag the results as extrapolated: the policy's choices rest on them)
     costs = round_costs(plan, make_policy(plan.policy).max_draft_len)
     return SimPlan(**{**plan.__dict__, "round_costs": costs})
+
+
+def scenario_sync_every(s: Scenario) -> int:
+    """A scenario's `sync_every`, else the executor's default for its passes (`executor.passes.resolve_sync_every`):
+    SYNC_CAPTURED captured (the latency's cuda_graphs), 1 uncaptured or frozen (a host read after every step)."""
+    if s.sync_every is not None:
+        return s.sync_every
+    latency = s.latency
+    source = latency.roofline or latency.profile
+    return SYNC_CAPTURED if source is not None and source.cuda_graphs else 1
 
 
 def _workload(config: WorkloadConfig, stand_in: bool) -> Workload:
@@ -446,7 +456,7 @@ def _stages(
             f"without one); {profile.path} was measured on a CPU: expected sequential or distributed"
         )
     draft_profile = _draft_profile(point, draft_dtype, profile, where)
-    host = _host(point, profile, method, reads_every or s.sync_every, where)
+    host = _host(point, profile, method, reads_every or scenario_sync_every(s), where)
     tp_link = _link(topo.tp_link, point, "topology.tp_link")
     efficiency = (s.latency.roofline or Roofline()).bandwidth_efficiency
     stages, specs, start = [], [], 0

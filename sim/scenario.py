@@ -35,7 +35,6 @@ from pydantic import (
     model_validator,
 )
 
-from sim.contract import SYNC_CAPTURED
 from sim.formats import COMPONENTS, DataFile, quote, read_text, subset_size
 from sim.hardware import GPUS, H100_KERNEL_FLOOR_US, H100_LAUNCH_US, LINKS, GPUSpec
 from sim.models import MODELS, ModelConfig, check_claimed_model, check_profiled_layers
@@ -380,9 +379,10 @@ class Scenario(Strict):
     # (as the executor runs them), or "verify", one verify pass and host read per round (an executor that does not
     # chain them)
     zero_draft_rounds: Literal["chained", "verify"] = "chained"
-    # captured (cuda_graphs): chained AR steps, zero-draft rounds or (ppsd_backend streams or sequential) PPSD ticks
-    # per host read, as the executor's `generate(sync_every=)`; 1: a host read after every step or tick
-    sync_every: int = Field(SYNC_CAPTURED, ge=1)
+    # chained AR steps, zero-draft rounds or (ppsd_backend streams or sequential) PPSD ticks per host read, as the
+    # executor's `generate(sync_every=)`; 1: a host read after every step or tick. Default: the executor's own,
+    # SYNC_CAPTURED for captured passes (latency cuda_graphs) and 1 uncaptured or frozen
+    sync_every: int | None = Field(None, ge=1)
     # PPSD's backend, as the executor's: "distributed", a process per stage (default: a device each), each host taking
     # part in every tick, the ranks in lockstep: a tick ends when the last rank's outcome has reached every rank and
     # each rank's header and hidden state the next; "free", a process per stage on a device each, every stage starting

@@ -221,10 +221,22 @@ def test_host_overhead_is_paid_per_host_read_when_captured(captured: bool, sync_
 
 
 def test_the_simulated_sync_defaults_to_the_contract() -> None:
+    """A scenario without `sync_every` reads the device as the executor does by default
+    (`executor.passes.resolve_sync_every`): every SYNC_CAPTURED steps or ticks captured, every one uncaptured or
+    frozen; one that gives it is taken at its word."""
     from sim.contract import SYNC_CAPTURED
+    from sim.plan import scenario_sync_every
     from sim.scenario import Scenario
 
-    assert SYNC_CAPTURED == SimPlan.sync_every == Scenario.model_fields["sync_every"].default
+    assert SimPlan.sync_every == SYNC_CAPTURED and Scenario.model_fields["sync_every"].default is None
+    base = {"name": "s", "model": "SmolLM2-135M", "method": "ar", "acceptance": {"alpha": 0.5}}
+    latencies = {True: {"roofline": {}}, False: {"roofline": {"cuda_graphs": False}}}
+    for captured, latency in latencies.items():
+        assert scenario_sync_every(Scenario(**base, latency=latency)) == (SYNC_CAPTURED if captured else 1)
+        assert scenario_sync_every(Scenario(**base, latency=latency, sync_every=3)) == 3
+    assert scenario_sync_every(Scenario(**base, latency={"constant_us": {"layer": 1.0}})) == 1
+    profile = {"profile": {"path": "p.csv", "cuda_graphs": False}}
+    assert scenario_sync_every(Scenario(**base, latency=profile)) == 1
 
 
 def ppsd_decode_us(captured: bool, overhead_us: float, **fields: object) -> float:
