@@ -45,7 +45,7 @@ The schedule (the executor's `executor.serving` runs the same one):
   executor's lockstep ticks over the span of the longest prompt, a draft confirmed only where every row going on
   drafted right, the distributed backend's ticks with its messages) until every row is done. A row ends at its own
   output length (or EOS) and its request leaves when the host reads that token (captured, at the end of its block of
-  `sync_every` ticks; uncaptured, at once, as the executor's serving loop reads every tick), but its slot is not
+  8 ticks; uncaptured, at once, as the executor's serving loop reads every tick), but its slot is not
   refilled mid-decode: the next batch starts when the last row is done (with the requests due by then). The
   free-running pipe (`ppsd_backend: free`) serves one request at a time. A batch's decode is logged as one pass of
   kind "ppsd" (its ticks, longest prompt, last position the span reached and the batch's verdicts), and a PPSD run
@@ -80,7 +80,7 @@ import simpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sim.acceptance import TraceAcceptance
-from sim.contract import cache_capacity
+from sim.contract import SYNC_CAPTURED, cache_capacity
 from sim.cost import Pass, draft_pass, pass_costs, verify_pass
 from sim.engine import TOKEN_ID_BYTES, BatchRow, decode_rows, prefill_pass
 from sim.formats import quote
@@ -738,9 +738,10 @@ class ServingSimulation:
         self.plan, self.workload, self.dispatch = plan, workload, dispatch
         self.env = simpy.Environment()
         self.kv_tokens = tokens = plan_kv_tokens(plan)
-        # PPSD's decodes read the device as the executor's serving loop reads it (`executor.passes.resolve_sync_every`):
-        # every `sync_every` ticks when captured, every tick when not (a row that ends is read at once)
-        self.ppsd_plan = plan if plan.stages[0].latency.cuda_graphs else replace(plan, sync_every=1)
+        # PPSD's decodes read the device as the executor's serving loop reads it, which takes no `sync_every`
+        # (`executor.passes.resolve_sync_every`): every SYNC_CAPTURED ticks captured, every tick uncaptured
+        reads = SYNC_CAPTURED if plan.stages[0].latency.cuda_graphs else 1
+        self.ppsd_plan = plan if plan.sync_every == reads else replace(plan, sync_every=reads)
         self.servers = [_Server(i, Admission(max_batch, kv_capacity_tokens, tokens)) for i in range(replicas)]
         self.records = [RequestRecord(r.index, r.prompt_len, r.output_len, math.nan) for r in workload.requests]
         self.result = ServingResult(plan.method, max_batch, self.records, replicas=replicas)

@@ -191,9 +191,8 @@ def test_ppsd_serves_static_batches_in_lockstep(tmp_path, backend, graphs):
     result = simulation.run()
     row = check_run(point, result)
     assert 1 < row["mean_batch"] <= 4 and 0 < row["acceptance"] < 1
-    # the executor's serving loop reads every tick uncaptured, every sync_every ticks captured
-    captured = point.plan.stages[0].latency.cuda_graphs
-    assert simulation.ppsd_plan.sync_every == (point.plan.sync_every if captured else 1)
+    # the executor's serving loop reads every tick uncaptured, every SYNC_CAPTURED ticks captured
+    assert simulation.ppsd_plan.sync_every == (8 if graphs else 1)
     groups: dict[float, list] = {}
     for record in sorted(result.records, key=lambda r: (r.start_s, r.index)):
         groups.setdefault(record.start_s, []).append(record)
