@@ -240,11 +240,12 @@ class SlotDecoder:
 
 class _Ends:
     """When the host learned that each row of a PPSD batch was done: the clock's reading as its sink took its last
-    token (`sink` makes the rows' sinks)."""
+    token (`sink` makes the rows' sinks), told to `on_end` (row, time) as it happens once set."""
 
     def __init__(self, now: Callable[[], float]) -> None:
         self.now = now
         self.at: dict[int, float] = {}
+        self.on_end: Callable[[int, float], None] | None = None
 
     def sink(self, row: int, output_len: int, eos: list[int]) -> TokenSink:
         sink = TokenSink(output_len, eos, on_tokens=lambda _: self._seen(row, sink))
@@ -253,6 +254,8 @@ class _Ends:
     def _seen(self, row: int, sink: TokenSink) -> None:
         if sink.done and row not in self.at:
             self.at[row] = self.now()
+            if self.on_end is not None:
+                self.on_end(row, self.at[row])
 
 
 class PipelineDecoder:
@@ -616,8 +619,9 @@ class _ServeLoop:
 
     def _ppsd_batch(self, requests: list[Request], now: Callable[[], float]) -> int:
         """A static PPSD batch: its prompts prefilled together (one pass, every row's first token), then its decode
-        until every row is done (one pass of kind "ppsd"); each request leaves when the host read its last token.
-        Returns the requests finished (all of them)."""
+        until every row is done (one pass of kind "ppsd"); each request leaves as the host reads its last token,
+        mid-decode (a closed loop's user sends its next request then, a replica's dispatcher counts it gone), though
+        its slot waits for the batch's end. Returns the requests finished (all of them)."""
         decoder, result, ends = self.decoder, self.result, _Ends(now)
         assert isinstance(decoder, PipelineDecoder)
         batch = []
@@ -634,6 +638,19 @@ class _ServeLoop:
             record.start_s, record.first_token_s = start, first_s
             record.tokens = len(running.sink.tokens)
             result.tokens += record.tokens
+        left: set[int] = set()
+
+        def leave(row: int, at_s: float) -> None:
+            running = batch[row]
+            record = self.records[running.request.index]
+            result.tokens += len(running.sink.tokens) - record.tokens
+            record.tokens = len(running.sink.tokens)
+            self._leave(record, running.request, max(at_s, first_s))
+            left.add(row)
+
+        for row in sorted(ends.at, key=lambda r: (ends.at[r], r)):  # done at the prefill: they leave with its end
+            leave(row, first_s)
+        ends.on_end = leave  # the others as the host reads their ends
         if not all(r.sink.done for r in batch):
             begin = now()
             ticks, verdicts = decoder.decode(batch)
@@ -641,13 +658,9 @@ class _ServeLoop:
             longest = max(len(r.sink.tokens) for r in batch)
             log = PassLog("ppsd", begin, end - begin, len(batch), ticks, context, context + longest - 2, verdicts)
             result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
-        leaving = {row: max(ends.at.get(row, first_s), first_s) for row in range(len(batch))}
-        for row in sorted(leaving, key=lambda r: (leaving[r], r)):  # in the order the host saw them end
-            running = batch[row]
-            record = self.records[running.request.index]
-            result.tokens += len(running.sink.tokens) - record.tokens
-            record.tokens = len(running.sink.tokens)
-            self._leave(record, running.request, leaving[row])
+        for row in range(len(batch)):  # a row whose sink never took a token (none asked)
+            if row not in left:
+                leave(row, now())
         return len(batch)
 
     def _round(self, now: Callable[[], float]) -> int:
