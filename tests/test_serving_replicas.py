@@ -43,12 +43,14 @@ def requests(count: int, gap_s: float, users: int | None = None) -> tuple[Servin
 
 
 @pytest.mark.parametrize(
-    ("method", "dispatch"), [("ar", "round_robin"), ("eesd", "least_loaded"), ("ppsd", "least_tokens")]
+    ("method", "dispatch", "batch"),
+    [("ar", "round_robin", 2), ("eesd", "least_loaded", 2), ("ppsd", "least_tokens", 1), ("ppsd", "least_loaded", 3)],
 )
-def test_replicas_serve_every_request_as_ar_alone(model_dir, method, dispatch):
+def test_replicas_serve_every_request_as_ar_alone(model_dir, method, dispatch, batch):
     path, model = model_dir
     workload, prompts = requests(14, 0.0005)  # arrivals that overlap: every rule uses both replicas
-    options = {"stages": 2} if method == "ppsd" else {"exit_layer": 2, "policy": "fixed:2", "max_batch": 2}
+    options = {"stages": 2} if method == "ppsd" else {"exit_layer": 2, "policy": "fixed:2"}
+    options["max_batch"] = batch  # PPSD's static lockstep batches, AR's and EESD's slots
     outcome = serve_replicas(path, workload, prompts, replicas=2, dispatch=dispatch, method=method, **options)
     for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
         assert output == alone(model, prompt, request.output_len), request
@@ -62,6 +64,7 @@ def test_replicas_serve_every_request_as_ar_alone(model_dir, method, dispatch):
         assert replicas == [i % 2 for i in range(14)]
     assert all(sent >= record.arrival_s for record, sent in zip(result.records, outcome.dispatched_s, strict=True))
     assert set(replicas) == {0, 1} and {log.replica for log in result.passes} == {0, 1}
+    assert max(log.batch for log in result.passes) == batch  # the overlapping arrivals fill the batches
     for replica in (0, 1):  # each replica's passes one after another, on its own clock
         logs = sorted((log for log in result.passes if log.replica == replica), key=lambda log: log.start_s)
         assert all(a.start_s + a.seconds <= b.start_s + 1e-6 for a, b in zip(logs, logs[1:], strict=False))
