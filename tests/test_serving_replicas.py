@@ -64,7 +64,8 @@ def test_replicas_serve_every_request_as_ar_alone(model_dir, method, dispatch, b
         assert replicas == [i % 2 for i in range(14)]
     assert all(sent >= record.arrival_s for record, sent in zip(result.records, outcome.dispatched_s, strict=True))
     assert set(replicas) == {0, 1} and {log.replica for log in result.passes} == {0, 1}
-    assert max(log.batch for log in result.passes) == batch  # the overlapping arrivals fill the batches
+    widest = max(log.batch for log in result.passes)
+    assert widest <= batch and (method != "ppsd" or batch == 1 or widest > 1)  # PPSD's queue fills its batches
     for replica in (0, 1):  # each replica's passes one after another, on its own clock
         logs = sorted((log for log in result.passes if log.replica == replica), key=lambda log: log.start_s)
         assert all(a.start_s + a.seconds <= b.start_s + 1e-6 for a, b in zip(logs, logs[1:], strict=False))
