@@ -656,7 +656,9 @@ class _ServeLoop:
             ticks, verdicts = decoder.decode(batch)
             end = now()
             longest = max(len(r.sink.tokens) for r in batch)
-            log = PassLog("ppsd", begin, end - begin, len(batch), ticks, context, context + longest - 2, verdicts)
+            asked = max(r.request.output_len for r in batch)
+            log = PassLog("ppsd", begin, end - begin, len(batch), ticks, context, context + longest - 2, verdicts,
+                          asked=asked)  # fmt: skip
             result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
         for row in range(len(batch)):  # a row whose sink never took a token (none asked)
             if row not in left:

@@ -498,7 +498,8 @@ class PassLog:
     and its rows' mean context (positions already cached) and furthest written position at the round's start (0 for
     a prefill). A PPSD batch's decode (kind "ppsd") is one entry: `tokens` its ticks, `context` its longest prompt's
     length, `furthest` that + its longest output - 2 (the last position its span reached; prompt + output - 2 for one
-    request) and `verdicts` the batch's checked drafts in order (True: confirmed, False: flushed). The simulator and
+    request), `verdicts` the batch's checked drafts in order (True: confirmed, False: flushed) and `asked` the most
+    tokens a row asked (past an EOS, a captured pipe's block of reads runs on for them). The simulator and
     the executor log the same fields, so a logged pass can be costed by the simulator (`ServingSimulation.logged_us`)
     and set beside its measured time."""
 
@@ -511,6 +512,7 @@ class PassLog:
     furthest: int = 0
     verdicts: tuple[bool, ...] = ()
     replica: int = 0
+    asked: int = 0  # a PPSD decode: the most tokens a row asked (its host's blocks reach for them; 0: as many as made)
 
 
 @dataclass
@@ -903,7 +905,9 @@ class ServingSimulation:
             yield env.timeout(start + run.decode_time_us - env.now)
         verdicts = batch_verdicts(streams, lengths)
         elapsed_s, furthest = (env.now - start) / 1e6, context + max(lengths) - 2
-        log = PassLog("ppsd", start / 1e6, elapsed_s, len(rows), run.ticks, context, furthest, verdicts, server.index)
+        asked = max(row.request.output_len for row in rows)
+        log = PassLog("ppsd", start / 1e6, elapsed_s, len(rows), run.ticks, context, furthest, verdicts, server.index,
+                      asked)  # fmt: skip
         result.book(log, rounds=run.ticks)  # a PPSD run's rounds are its ticks
         result.drafted += len(verdicts)
         result.accepted += sum(verdicts)
@@ -1028,16 +1032,20 @@ class ServingSimulation:
         if log.kind == "prefill":
             return self.prefill_us(log.tokens, log.batch)
         if log.kind == "ppsd":
-            return self.ppsd_us(log.context, log.furthest - log.context + 2, log.verdicts, log.batch)
+            return self.ppsd_us(log.context, log.furthest - log.context + 2, log.verdicts, log.batch, log.asked)
         return self.round_us(log.batch, log.tokens, log.context, log.furthest, reads)
 
-    def ppsd_us(self, prompt_len: int, output_len: int, verdicts: Sequence[bool], batch: int = 1) -> float:
+    def ppsd_us(
+        self, prompt_len: int, output_len: int, verdicts: Sequence[bool], batch: int = 1, asked: int = 0
+    ) -> float:
         """A PPSD decode of `output_len` tokens after a `prompt_len`-token prompt whose checked drafts go as
         `verdicts` (in order; the draft for generated token i + 1 is the i-th) on the plan's stages: alone, or a
         lockstep batch of `batch` rows judged as the batch was (every row given the batch's verdicts, each as long
-        as the longest: its ticks and the batch's width; rows that ended sooner ran on in the executor's batch)."""
-        policy = make_policy(self.plan.policy)
-        rows = [BatchRow(VerdictStream(verdicts), policy, output_len) for _ in range(batch)]
+        as the longest: its ticks and the batch's width; rows that ended sooner ran on in the executor's batch).
+        `asked`: the tokens asked, where the decode ended at an EOS before them (a captured pipe's block of reads
+        runs on past it, unread)."""
+        policy, past_end = make_policy(self.plan.policy), max(0, asked - output_len)
+        rows = [BatchRow(VerdictStream(verdicts), policy, output_len, past_end=past_end) for _ in range(batch)]
         return decode_rows(self.ppsd_plan, prompt_len, rows)[0].decode_time_us
 
     def _context(self, rows: list[_Row]) -> int:

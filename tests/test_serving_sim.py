@@ -216,6 +216,28 @@ def test_ppsd_serves_static_batches_in_lockstep(tmp_path, backend, graphs):
                 assert (record.finish_s - decode.start_s) * 1e6 == pytest.approx(read, rel=1e-6, abs=1e-3)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_captured_ppsd_decode_cut_by_an_eos_is_costed_with_its_unread_ticks(tmp_path, batch):
+    """Captured, a PPSD decode that ends at an EOS before the tokens asked runs the rest of its block of 8 ticks
+    unread; its log carries the tokens asked (`PassLog.asked`), so costing it again from its verdicts gives the time
+    the run charged, those ticks included."""
+    from test_sim_eos import hand_trace
+
+    from sim.serving import ServingSimulation, logged_ratios
+
+    trace = hand_trace(tmp_path)
+    serving = {"methods": ["ppsd"], "workload": poisson(12, 2000.0, output=20, seed=1)}
+    fields = {"latency": {"roofline": {}}, "topology": {"stages": 2, "gpu": "H100"}, "exit_layer": 4,
+              "acceptance": {"trace": str(trace), "reuse": "cycle"}}  # fmt: skip
+    (point,) = load_serving_points(write_scenario(tmp_path, serving, ppsd_backend="sequential", **fields))
+    result = ServingSimulation(point.plan, point.workload, batch, None).run()
+    decodes = [log for log in result.passes if log.kind == "ppsd"]
+    assert any(log.asked > log.furthest - log.context + 2 for log in decodes)  # some ended at their EOS
+    assert batch == 1 or max(log.batch for log in decodes) > 1
+    fresh = ServingSimulation(point.plan, point.workload, batch, None)
+    assert logged_ratios(fresh, result.passes) == pytest.approx([1.0] * len(result.passes), rel=1e-9)
+
+
 class _Fixed:
     """Every row drafts as the batch's logged verdicts say (the batch then judges as it did)."""
 
