@@ -808,7 +808,6 @@ class Simulation:
         plan, batch, n, lockstep = self.plan, len(rows), len(self.stages), PPSDBatch(rows)
         output_len, window = lockstep.longest, plan.max_in_flight or n
         reads, start = _RowReads(rows), self.env.now
-        asked = max(row.length + row.past_end for row in rows)
         self._count(rounds=batch)  # a round per row: its flush-free runs
         held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
         pending: _Token | None = None
@@ -816,7 +815,7 @@ class Simulation:
         clock, every = _TickClock(self), 1 if plan.ppsd_backend == "distributed" else plan.sync_every
         while output_len > 1:
             self.counts["ticks"] += 1
-            block = block or min(every, asked - 1 - emitted)
+            block = block or min(every, reads.asked() - 1 - emitted)
             block -= 1
             ending = held[-1]  # its verdict is known: drawn when stage 1 drafted after it
             moves = ending is None or (ending.next_ok and ending.position + 2 < output_len)
@@ -1197,7 +1196,7 @@ class _RowReads:
     leaves the pipe as the token at its length - 2 does, and the host reads it at the end of that tick's block of
     `sync_every` ticks (a row of one token was done at the prefill: 0)."""
 
-    __slots__ = ("at", "ending", "pending")
+    __slots__ = ("at", "ending", "pending", "wanted", "_asked")
 
     def __init__(self, rows: list[BatchRow]) -> None:
         self.at = [0.0 if row.length <= 1 else math.nan for row in rows]
@@ -1206,6 +1205,16 @@ class _RowReads:
             if row.length > 1:
                 self.ending.setdefault(row.length - 2, []).append(index)
         self.pending: list[int] = []
+        self.wanted = [row.length + row.past_end for row in rows]  # the tokens each row asked
+        self._asked: int | None = None
+
+    def asked(self) -> int:
+        """The most tokens a row not yet read to its end asked for: the executor's next block of ticks reaches for
+        them (`LocalPipeline.decode`: rows the host found done are out of it)."""
+        if self._asked is None:
+            going = [wanted for wanted, at in zip(self.wanted, self.at, strict=True) if math.isnan(at)]
+            self._asked = max(going, default=max(self.wanted))
+        return self._asked
 
     def leaves(self, position: int) -> None:
         """The token at `position` left the pipe: the rows it ends wait for the host's next read."""
@@ -1214,7 +1223,9 @@ class _RowReads:
     def read(self, at_us: float) -> None:
         for index in self.pending:
             self.at[index] = at_us
-        self.pending.clear()
+        if self.pending:
+            self.pending.clear()
+            self._asked = None
 
 
 class _TickClock:

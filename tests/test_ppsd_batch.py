@@ -119,6 +119,48 @@ def test_rows_asking_their_own_lengths_end_at_them_and_decide_no_verdict_after(c
     assert stats.unread_ticks == 0
 
 
+class _AsAlone:
+    """A row's drafts judged as it judged them decoding alone (`PPSDStats.accepted`, position by position)."""
+
+    def __init__(self, accepted: list[int]) -> None:
+        self.accepted = accepted
+
+    def draft(self, position: int, index: int) -> tuple[bool, float]:
+        return (bool(self.accepted[position - 1]) if position - 1 < len(self.accepted) else True), 1.0
+
+
+@given(batch_cases(), st.lists(st.integers(2, 16), min_size=4, max_size=4))
+def test_the_simulator_runs_the_executors_ticks_for_rows_of_their_own_lengths(case: dict, asked: list[int]) -> None:
+    """The executor's lockstep batch (rows asking their own lengths, an EOS, blocks of `sync_every` ticks) and the
+    simulator's (`sim.engine.decode_rows`, every row's drafts judged as it judged them alone, its tokens and the
+    tokens it asked) run the same number of ticks: the same flushes, the same blocks and unread ticks past the end."""
+    from sim.acceptance import BernoulliAcceptance
+    from sim.engine import BatchRow, decode_rows
+    from sim.hardware import LINKS
+    from sim.latency import ConstantLatency
+    from sim.models import ModelConfig
+    from sim.plan import SimPlan, SimStage, Workload
+
+    model = scale_late_layers(tiny_model(case["arch"], case["num_layers"], case["seed"]), case["exit_layer"],
+                              case["epsilon"])  # fmt: skip
+    prompts = case["prompts"]
+    lengths = asked[: len(prompts)]
+    eos = drawn_eos(case, [ar_tokens(model, prompt, count) for prompt, count in zip(prompts, lengths, strict=True)])
+    options = dict(stages=case["stages"], exit_layer=case["exit_layer"], sync_every=case["sync_every"])
+    sinks = [TokenSink(count, eos) for count in lengths]
+    stats = decode_ppsd_rows(ModelAdapter(model), prompts, sinks, None, **options)
+    singles = [alone(model, prompt, count, eos, **options)[1] for prompt, count in zip(prompts, lengths, strict=True)]
+    rows = [BatchRow(_AsAlone(single.accepted), None, len(sink.tokens), past_end=count - len(sink.tokens))
+            for single, sink, count in zip(singles, sinks, lengths, strict=True)]  # fmt: skip
+    n, latency = case["stages"], ConstantLatency({"layer": 10.0})
+    stages = tuple(SimStage(i, i + 1, latency) for i in range(n))  # the ticks do not depend on the costs
+    lockstep = SimPlan(ModelConfig("toy", n, 64, 4, 4, 128, VOCAB), stages, LINKS["ideal"], "ppsd",
+                       BernoulliAcceptance(0.5), Workload(1, 1, 16, 2), exit_layer=1, ppsd_backend="sequential",
+                       sync_every=case["sync_every"])  # fmt: skip
+    run, _ = decode_rows(lockstep, max(map(len, prompts)), rows)
+    assert run.ticks == stats.ticks, (stats.ticks, stats.unread_ticks, [len(s.tokens) for s in sinks], lengths)
+
+
 def check_lockstep(stats, singles, max_new: int) -> None:
     """Rows of one length: the batch judges each position once, confirming iff every row confirmed it alone."""
     n, rows = stats.stages, stats.rows
