@@ -55,7 +55,7 @@ from executor.verify import match_verdicts, rejection_verdicts
 from sim.contract import (  # MIN_SPAN: read per launch (the tests lower it)
     AR_HISTORY,
     MIN_SPAN,
-    SYNC_CAPTURED,
+    default_sync_every,
     is_captured,
     verify_drafts,
 )
@@ -158,7 +158,7 @@ def resolve_sync_every(sync_every: int | None, capture: str) -> int:
     from running ahead)."""
     if sync_every is not None:
         return sync_every
-    return SYNC_CAPTURED if is_captured(capture) else 1
+    return default_sync_every(is_captured(capture))
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:

@@ -591,7 +591,7 @@ class _ServeLoop:
         sink = self.sinks[request.index] = TokenSink(request.output_len, decoder.eos)
         running = _Running(request, self.prompts[request.index], sink, self.policy_of(request))
         record.start_s = now()
-        decoder.prefill(len(self.slots), running)  # type: ignore[call-arg, arg-type]
+        decoder.prefill(len(self.slots), running)
         record.first_token_s = now()
         seconds = record.first_token_s - record.start_s
         self.result.book(PassLog("prefill", record.start_s, seconds, 1, len(running.prompt)))
@@ -606,11 +606,7 @@ class _ServeLoop:
     def _ppsd_step(self, now: Callable[[], float], sleep: Callable[[float], None], finished: int) -> int:
         """PPSD's server between batches: the requests waiting (as admission lets them in) as the next batch, or a
         wait for the next arrival; returns the requests finished."""
-        admitted = []
-        request = self.admission.next()
-        while request is not None:
-            admitted.append(request)
-            request = self.admission.next()
+        admitted = self.admission.admit_all()
         if admitted:
             return self._ppsd_batch(admitted, now)
         if self._more(finished):

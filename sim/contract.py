@@ -23,6 +23,14 @@ from __future__ import annotations
 
 CAPACITY_STEP = 256  # captured passes: cache capacity is a multiple of this
 SYNC_CAPTURED = 8  # captured passes: default `sync_every` (chained AR steps or PPSD ticks per host read)
+
+
+def default_sync_every(captured: bool) -> int:
+    """The executor's `sync_every` where none is given: SYNC_CAPTURED for captured passes, 1 uncaptured or frozen (a
+    host read after every step or tick)."""
+    return SYNC_CAPTURED if captured else 1
+
+
 AR_HISTORY = 64  # the most chained steps between two host reads (rows of the device-side token/verdict log)
 # The smallest attention span bucket. 64 slots of K/V are under 1% of the bytes a decode step reads per layer (its
 # weights: SmolLM2-135M's layer holds 7 MB in bf16, 64 slots of its K and V 48 KB), so smaller buckets would add

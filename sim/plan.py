@@ -34,6 +34,7 @@ from sim.contract import (
     balanced_counts,
     cache_capacity,
     default_exit_layer,
+    default_sync_every,
     draft_capacity,
     span_bucket,
     verify_drafts,
@@ -345,9 +346,8 @@ def scenario_sync_every(s: Scenario) -> int:
     SYNC_CAPTURED captured (the latency's cuda_graphs), 1 uncaptured or frozen (a host read after every step)."""
     if s.sync_every is not None:
         return s.sync_every
-    latency = s.latency
-    source = latency.roofline or latency.profile
-    return SYNC_CAPTURED if source is not None and source.cuda_graphs else 1
+    source = s.latency.roofline or s.latency.profile
+    return default_sync_every(source is not None and source.cuda_graphs)
 
 
 def _workload(config: WorkloadConfig, stand_in: bool) -> Workload:

@@ -80,7 +80,7 @@ import simpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sim.acceptance import TraceAcceptance
-from sim.contract import SYNC_CAPTURED, cache_capacity
+from sim.contract import cache_capacity, default_sync_every
 from sim.cost import Pass, draft_pass, pass_costs, verify_pass
 from sim.engine import TOKEN_ID_BYTES, BatchRow, decode_rows, prefill_pass
 from sim.formats import quote
@@ -574,6 +574,15 @@ class Admission:
         self.kv_used += need
         return self.waiting.popleft()
 
+    def admit_all(self) -> list[Request]:
+        """Every request that may enter now, in order (`next` until it says no): a static batch's rows."""
+        admitted = []
+        request = self.next()
+        while request is not None:
+            admitted.append(request)
+            request = self.next()
+        return admitted
+
     def release(self, request: Request) -> None:
         self.running -= 1
         self.kv_used -= self.tokens(request)
@@ -742,7 +751,7 @@ class ServingSimulation:
         self.kv_tokens = tokens = plan_kv_tokens(plan)
         # PPSD's decodes read the device as the executor's serving loop reads it, which takes no `sync_every`
         # (`executor.passes.resolve_sync_every`): every SYNC_CAPTURED ticks captured, every tick uncaptured
-        reads = SYNC_CAPTURED if plan.stages[0].latency.cuda_graphs else 1
+        reads = default_sync_every(plan.stages[0].latency.cuda_graphs)
         self.ppsd_plan = plan if plan.sync_every == reads else replace(plan, sync_every=reads)
         self.servers = [_Server(i, Admission(max_batch, kv_capacity_tokens, tokens)) for i in range(replicas)]
         self.records = [RequestRecord(r.index, r.prompt_len, r.output_len, math.nan) for r in workload.requests]
@@ -847,11 +856,7 @@ class ServingSimulation:
         env, total = self.env, len(self.records)
         while self.finished < total:
             yield env.timeout(0)  # arrivals due now first (a closed loop's user sent one as the last row ended)
-            admitted = []
-            request = server.admission.next()
-            while request is not None:
-                admitted.append(request)
-                request = server.admission.next()
+            admitted = server.admission.admit_all()
             if not admitted:
                 server.wake = env.event()
                 yield server.wake
@@ -1089,10 +1094,6 @@ class RecordingStream:
         match, confidence = self.stream.draft(position, index_in_round)
         self.seen[position] = match
         return match, confidence
-
-    def verdicts(self) -> tuple[bool, ...]:
-        """The verdicts by position, from the first drafted one."""
-        return tuple(self.seen[p] for p in sorted(self.seen))
 
 
 def batch_verdicts(streams: Sequence[RecordingStream], lengths: Sequence[int]) -> tuple[bool, ...]:
