@@ -260,12 +260,12 @@ def test_a_lockstep_batchs_verdicts_are_its_going_rows() -> None:
         def draft(self, position: int, index: int) -> tuple[bool, float]:
             return self.marks[position - 1] == "y", 1.0
 
-    streams = [RecordingStream(Table("yyny")), RecordingStream(Table("nyyy"))]
+    streams = [RecordingStream(Table("yyny")), RecordingStream(Table("nnyy"))]
     for stream, upto in zip(streams, (4, 2), strict=True):  # row 0: 6 tokens, row 1: 3 (ends at position 2)
         for position in range(1, upto + 1):
             stream.draft(position, 0)
-    assert batch_verdicts(streams, [6, 3]) == (False, True, False, True)  # position 2: row 1 ends there
-    assert batch_verdicts(streams[1:], [3]) == (False, True)  # alone, its own (the last judged as it ends)
+    assert batch_verdicts(streams, [6, 3]) == (False, True, False, True)  # position 2: row 1 ends there, no say
+    assert batch_verdicts(streams[1:], [3]) == (False, False)  # alone, its own (the last judged as it ends)
 
 
 def test_ppsd_notes_a_shared_max_batch_it_does_not_take(tmp_path) -> None:
