@@ -269,7 +269,7 @@ def serve_options(point: Any) -> dict[str, Any]:
             raise SystemExit(f"{SCENARIO.name}: case {point.case}: ppsd_backend must be sequential on this CPU")
         bounds = [stage.layer_end for stage in plan.stages[:-1]]
         options.update(stages=len(plan.stages), stage_boundaries=bounds, exit_layer=plan.exit_layer, head="shared",
-                       backend="sequential")  # fmt: skip
+                       backend="sequential", ppsd_batching=point.ppsd_batching)  # fmt: skip
     return options
 
 
@@ -331,7 +331,9 @@ def in_run_costs(point: Any, logs: list[Any]) -> tuple[dict[str, Any], dict[str,
     from sim.serving import ServingSimulation, logged_ratios, metrics, simulate_serving
 
     reads = point.method == "eesd" and make_policy(point.plan.policy).needs_confidence
-    simulation = ServingSimulation(point.plan, point.workload, point.max_batch, point.kv_capacity_tokens)
+    simulation = ServingSimulation(
+        point.plan, point.workload, point.max_batch, point.kv_capacity_tokens, ppsd_batching=point.ppsd_batching
+    )
     ratios = logged_ratios(simulation, logs, reads)  # in the order the passes ran
     groups: dict[tuple[str, int], list[float]] = {}
     for log, ratio in zip(logs, ratios, strict=True):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -649,13 +649,17 @@ class LocalPipeline:
             tensor.copy_(before)
         self.primed = True
 
-    def decode(self, sinks: list[TokenSink], sync_every: int) -> None:
+    def decode(self, sinks: list[TokenSink], sync_every: int, stop: Callable[[], bool] | None = None) -> bool:
         """Run ticks until every row's sink is done: `sync_every` ticks (fewer near max_new_tokens, as a tick emits at
         most one token a row) between two host reads of the log. After the last row's EOS the rest of a block runs
         unread: counted as ticks (`PPSDStats.unread_ticks`) and in the stages' books, its tokens dropped. A row the
         host found done (its EOS, a stop rule) is out of the verdicts from the next block on; the device drops a row
-        at its EOS itself."""
+        at its EOS itself. `stop`, asked after each read that leaves a row going: True ends the decode there (the
+        pipe's state is dropped; `begin` may start it afresh from every row's last token). Returns whether every
+        row is done."""
         while not all(sink.done for sink in sinks):
+            if stop is not None and self.launched and stop():
+                return False
             count = min(sync_every, max(sink.remaining for sink in sinks if not sink.done))
             self._cover(count)
             if self.rows > 1:
@@ -671,6 +675,7 @@ class LocalPipeline:
                     continue
                 self._replay(row, seconds, sinks)
             self.launched += count
+        return True
 
     def _cover(self, ticks: int) -> None:
         """The span bucket of the next `ticks` ticks: it holds every position a stage can reach in them (stage 1's,
@@ -857,15 +862,22 @@ def prefill_local(
     return stats
 
 
-def decode_local(pipeline: LocalPipeline, prompts: list[list[int]], sinks: list[TokenSink], sync_every: int) -> None:
+def decode_local(
+    pipeline: LocalPipeline, prompts: list[list[int]], sinks: list[TokenSink], sync_every: int,
+    stop: Callable[[], bool] | None = None,
+) -> bool:  # fmt: skip
     """A generation's second half, after `prefill_local`: ticks until every sink is done (`pipeline.stats` counts
-    them)."""
-    stats = pipeline.stats
+    them), the pipe starting from each row's last token (the prefill's, or where an earlier decode of the row was
+    stopped: its KV before that token in the cache); `stop` as `LocalPipeline.decode`. Returns whether every row is
+    done."""
+    stats, done = pipeline.stats, True
     if not all(sink.done for sink in sinks):
-        positions = [len(prompt) for prompt in prompts]
-        pipeline.begin([sink.tokens[-1] for sink in sinks], positions, [sink.max_new_tokens for sink in sinks])
-        pipeline.decode(sinks, sync_every)
+        positions = [len(prompt) + len(sink.tokens) - 1 for prompt, sink in zip(prompts, sinks, strict=True)]
+        asked = [sink.max_new_tokens - len(sink.tokens) + 1 for sink in sinks]  # from the last token on
+        pipeline.begin([sink.tokens[-1] for sink in sinks], positions, asked)
+        done = pipeline.decode(sinks, sync_every, stop)
     stats.new_tokens = sum(len(sink.tokens) for sink in sinks)  # type: ignore[union-attr]
+    return done
 
 
 def local_pipeline(

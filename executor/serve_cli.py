@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 1, one request at a time; serve-sim's serving.by_method.ppsd.serving.max_batch)",
     )  # fmt: skip
     parser.add_argument(
+        "--ppsd-batching", choices=("static", "continuous"), default="static",
+        help="ppsd: static batches (new requests once every row is done), or continuous: a request waiting joins the "
+        "running batch at the next host read with a slot free, the pipe restarting from every row's last token "
+        "(default: static; serve-sim's serving.ppsd_batching)",
+    )  # fmt: skip
+    parser.add_argument(
         "--stages", type=int, default=None, help="ppsd: pipeline stages (default: 2, or what --stage-boundaries cut); "
         "it drafts at the end of stage 1 (with --head FILE, at the head's exit layer)",
     )  # fmt: skip
@@ -118,6 +124,7 @@ FLAG_USERS = (
     ("--head", "head", ("eesd", "ppsd")),
     ("--stages", "stages", ("ppsd",)), ("--stage-boundaries", "stage_boundaries", ("ppsd",)),
     ("--backend", "backend", ("ppsd",)), ("--ppsd-max-batch", "ppsd_max_batch", ("ppsd",)),
+    ("--ppsd-batching", "ppsd_batching", ("ppsd",)),
     ("--dispatch", "dispatch", None),
 )  # fmt: skip
 
@@ -255,6 +262,7 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
             stages=args.stages,
             stage_boundaries=args.stage_boundaries,
             backend=args.backend,
+            ppsd_batching=args.ppsd_batching,
         )
     if args.replicas > 1:  # each worker loads the model and warms up itself
         import torch
@@ -283,6 +291,7 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
             stage_boundaries=args.stage_boundaries,
             backend=args.backend,
             max_batch=args.ppsd_max_batch,
+            batching=args.ppsd_batching,
         )
     return row, outcome
 

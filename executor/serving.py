@@ -80,13 +80,14 @@ from executor.ppsd import (
     decode_local,
     local_pipeline,
     make_selector,
+    new_stats,
     plan_stages,
     prefill_local,
 )
 from executor.sampling import SamplingConfig, TokenSelector
 from sim.contract import cache_capacity, default_exit_layer, policy_seed
 from sim.policy import DraftPolicy, make_policy
-from sim.serving import Admission, PassLog, RequestRecord, ServingResult, kv_tokens, never_admitted
+from sim.serving import PPSD_BATCHING, Admission, PassLog, RequestRecord, ServingResult, kv_tokens, never_admitted
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload
 
 SERVE_METHODS = ("ar", "eesd", "ppsd")
@@ -239,29 +240,45 @@ class SlotDecoder:
 
 
 class _Ends:
-    """When the host learned that each row of a PPSD batch was done: the clock's reading as its sink took its last
-    token (`sink` makes the rows' sinks), told to `on_end` (row, time) as it happens once set."""
+    """When the host learned that each request of a PPSD batch was done: the clock's reading as its sink took its last
+    token (`sink` makes the requests' sinks, by request index), told to `on_end` (index, time) as it happens once
+    set."""
 
     def __init__(self, now: Callable[[], float]) -> None:
         self.now = now
         self.at: dict[int, float] = {}
         self.on_end: Callable[[int, float], None] | None = None
 
-    def sink(self, row: int, output_len: int, eos: list[int]) -> TokenSink:
-        sink = TokenSink(output_len, eos, on_tokens=lambda _: self._seen(row, sink))
+    def sink(self, index: int, output_len: int, eos: list[int]) -> TokenSink:
+        sink = TokenSink(output_len, eos, on_tokens=lambda _: self._seen(index, sink))
         return sink
 
-    def _seen(self, row: int, sink: TokenSink) -> None:
-        if sink.done and row not in self.at:
-            self.at[row] = self.now()
+    def _seen(self, index: int, sink: TokenSink) -> None:
+        if sink.done and index not in self.at:
+            self.at[index] = self.now()
             if self.on_end is not None:
-                self.on_end(row, self.at[row])
+                self.on_end(index, self.at[index])
+
+
+def copy_rows(source: KVCache, target: KVCache, rows: Sequence[int], lengths: Sequence[int]) -> None:
+    """Row `rows[i]`'s KV at positions < `lengths[i]` in `source` into row i of `target`, in every cache layer. In
+    row order, so where both are one cache and every `rows[i]` >= i no row is written before it is read."""
+    same = source.keys[0].data_ptr() == target.keys[0].data_ptr()
+    for target_row, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+        if same and row == target_row:
+            continue
+        for keys, values, to_keys, to_values in zip(source.keys, source.values, target.keys, target.values,
+                                                    strict=True):  # fmt: skip
+            to_keys[target_row, :, :length] = keys[row, :, :length]
+            to_values[target_row, :, :length] = values[row, :, :length]
 
 
 class PipelineDecoder:
-    """PPSD's device side in serving: static batches of up to `rows` requests through a local pipeline
-    (`executor.ppsd`) over one cache of `rows` rows and `capacity` positions (a batch of n runs on an n-row view of
-    it); `prefill` runs a batch's prompts together, `decode` its ticks until every row is done."""
+    """PPSD's device side in serving: batches of up to `rows` requests through a local pipeline (`executor.ppsd`) over
+    one cache of `rows` rows and `capacity` positions (a batch of n runs on an n-row view of it; captured, the
+    model's kept pipeline of n rows, its cache its own); `prefill` runs a batch's prompts together, `decode` its ticks
+    until every row is done or a `stop` at a host read, `join` (continuous batching) moves the rows going on to the
+    first rows and prefills new requests into the rows after them."""
 
     def __init__(
         self,
@@ -278,44 +295,76 @@ class PipelineDecoder:
         capture: str = "none",
         fallback: bool = False,
         rows: int = 1,
+        continuous: bool = False,
     ) -> None:
         """`capture` resolved (`resolve_capture`); `fallback`: a pass that fails to compile runs uncaptured (as
-        `capture="auto"` asks); `rows`: the widest batch."""
+        `capture="auto"` asks); `rows`: the widest batch; `continuous`: requests join running batches (`join`)."""
         self.adapter, self.config, self.eos, self.backend, self.capture = adapter, config, eos, backend, capture
         self.fallback = fallback
-        self.method, self.capacity = "ppsd", capacity
+        self.method, self.capacity, self.continuous = "ppsd", capacity, continuous
         self.plan = plan_stages(adapter.num_layers, stages, stage_boundaries, exit_layer)
         self.head = resolve_head(head, adapter, self.plan.exit_layer)
         extra = getattr(self.head, "extra_layers", 0)
         self.cache = adapter.new_cache(rows, capacity, extra_layers=extra) if capture == "none" else None
         self.sync_every = resolve_sync_every(None, capture)
         self.pipeline: LocalPipeline | None = None
+        self.batch: list[_Running] = []  # the pipeline's rows, in order
         self.stats = GenerationStats(method="ppsd")
+
+    def _pipeline(self, rows: int, prompt_lens: list[int], sink: TokenSink) -> LocalPipeline:
+        selector = make_selector(self.adapter, prompt_lens, sink, self.config, 0)
+        cache = rows_view(self.cache, 0, rows) if self.cache is not None else None
+        return local_pipeline(
+            self.adapter, cache, self.plan, self.backend, selector, self.capture, self.capacity, self.fallback,
+            self.head, rows,
+        )  # fmt: skip
 
     def prefill(self, batch: list[_Running]) -> None:
         """The batch's prompts through every stage together; each row's first token goes to its sink."""
         prompts, sinks = [r.prompt for r in batch], [r.sink for r in batch]
-        selector = make_selector(self.adapter, [len(p) for p in prompts], sinks[0], self.config, 0)
-        cache = rows_view(self.cache, 0, len(batch)) if self.cache is not None else None
-        self.pipeline = local_pipeline(
-            self.adapter, cache, self.plan, self.backend, selector, self.capture, self.capacity, self.fallback,
-            self.head, len(batch),
-        )  # fmt: skip
+        self.pipeline, self.batch = self._pipeline(len(batch), [len(p) for p in prompts], sinks[0]), list(batch)
         begin = time.perf_counter()
         prefill_local(self.pipeline, self.plan, self.backend, self.capture, prompts, sinks, begin, None,
-                      selector.config.seed)  # fmt: skip
+                      self.pipeline.selector.config.seed)  # fmt: skip
 
-    def decode(self, batch: list[_Running]) -> tuple[int, tuple[bool, ...]]:
-        """The prefilled batch's ticks until every row is done; returns (ticks, the batch's verdicts in order). The
-        decoder's stats count the batch's verdicts (a row's own are not what its speed hangs on)."""
+    def join(self, going: list[_Running], joining: list[_Running]) -> None:
+        """Continuous batching, after a decode `stop`ped at a host read: the rows `going` on (in batch order) move to
+        the first rows (their KV before their last token copied over), the `joining` requests' prompts run together
+        through every layer into the rows after them (each one's first token into its sink: AR's prefill,
+        `executor.decoding.prefill_rows`, at stage 1's exit its head's KV too), and the pipe is ready to `decode` the
+        new batch from every row's last token."""
+        old, batch = self.pipeline, going + joining
+        assert old is not None, "join follows a decode"
+        sources = [next(i for i, r in enumerate(self.batch) if r is running) for running in going]
+        prompt_lens = [len(r.prompt) for r in batch]
+        pipeline = self._pipeline(len(batch), prompt_lens, batch[0].sink)
+        copy_rows(old.cache, pipeline.cache, sources, [len(r.prompt) + len(r.sink.tokens) - 1 for r in going])
+        if joining:
+            view = rows_view(pipeline.cache, len(going), len(batch))
+            view.lengths = [[0] * len(joining) for _ in range(view.num_layers)]
+            rows = Rows(prompts=[r.prompt for r in joining], sinks=[r.sink for r in joining])
+            selector = TokenSelector(self.config, prompt_lens[len(going) :], 0, self.eos, self.adapter.device)
+            first = pipeline.runners[0]
+            prefill_rows(first.adapter, view, rows, selector, self.plan.exit_layer, first.head)
+        pipeline.stats = new_stats(self.plan, self.backend, sum(prompt_lens), len(batch))
+        pipeline.stats.capture = self.capture
+        pipeline.selector.restart(prompt_lens, pipeline.selector.config.seed)
+        self.pipeline, self.batch = pipeline, batch
+
+    def decode(
+        self, batch: list[_Running], stop: Callable[[], bool] | None = None
+    ) -> tuple[int, tuple[bool, ...], bool]:
+        """The prefilled (or joined) batch's ticks until every row is done, or `stop` says so at a host read; returns
+        (ticks, the batch's verdicts in order, whether every row is done). The decoder's stats count the batch's
+        verdicts (a row's own are not what its speed hangs on)."""
         pipeline = self.pipeline
         assert pipeline is not None and pipeline.stats is not None, "decode follows prefill"
-        decode_local(pipeline, [r.prompt for r in batch], [r.sink for r in batch], self.sync_every)
+        done = decode_local(pipeline, [r.prompt for r in batch], [r.sink for r in batch], self.sync_every, stop)
         stats = pipeline.stats
         self.stats.rounds += stats.ticks
         self.stats.drafted += [1] * len(stats.verdicts)
         self.stats.accepted += stats.verdicts
-        return stats.ticks, tuple(bool(v) for v in stats.verdicts)
+        return stats.ticks, tuple(bool(v) for v in stats.verdicts), done
 
 
 def check_serving(method: str, config: SamplingConfig) -> None:
@@ -356,6 +405,7 @@ def serve(
     stages: int = 2,
     stage_boundaries: Sequence[int] | None = None,
     backend: str = "sequential",
+    ppsd_batching: str = "static",
     replica: Any = None,
 ) -> ServeOutcome:
     """Serve `workload` (arrival times in seconds from the call, or a closed loop) with continuous batching; request
@@ -363,10 +413,10 @@ def serve(
     record (`sim.serving.RequestRecord`: arrival, prefill start, first token, finish, in seconds) and tokens. The
     decode passes run as `capture` says ("none", or on a GPU "graph", "compile-layers" or "auto"; module docstring).
     PPSD takes `stages`, `stage_boundaries` and `backend` as `executor.ppsd.decode_ppsd` does (backend "sequential"
-    or "streams"), its exit layer inside stage 1 (default: stage 1's end), and serves static batches of up to
-    `max_batch` requests (module docstring). `max_batch` defaults to 8 for AR and EESD, 1 for PPSD. `replica`
-    (internal): a replica worker's link to its dispatcher (`executor.replicas`): its requests come from there instead
-    of the workload's arrivals."""
+    or "streams"), its exit layer inside stage 1 (default: stage 1's end), and serves batches of up to `max_batch`
+    requests, static or, with `ppsd_batching="continuous"`, joined by new requests at host reads (module docstring).
+    `max_batch` defaults to 8 for AR and EESD, 1 for PPSD. `replica` (internal): a replica worker's link to its
+    dispatcher (`executor.replicas`): its requests come from there instead of the workload's arrivals."""
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
     config = sampling or SamplingConfig(seed=seed)
     check_serving(method, config)
@@ -379,8 +429,11 @@ def serve(
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     if method == "ppsd":
+        if ppsd_batching not in PPSD_BATCHING:
+            raise ValueError(f"ppsd_batching must be one of {', '.join(PPSD_BATCHING)}, got {ppsd_batching!r}")
         pipeline = dict(stages=stages, stage_boundaries=stage_boundaries, exit_layer=exit_layer, head=head,
-                        backend=backend, fallback=capture == "auto")  # fmt: skip
+                        backend=backend, fallback=capture == "auto",
+                        continuous=ppsd_batching == "continuous")  # fmt: skip
         return _serve_ppsd(adapter, workload, prompts, config, mode, max_batch, kv_capacity_tokens, eos_token_id,
                            clock, sleep, pipeline, replica)  # fmt: skip
     exit_head = None
@@ -450,11 +503,14 @@ def _serve_ppsd(
     tokens_of = kv_tokens("ppsd", 0)
     _check_kv_budget(workload, tokens_of, kv_capacity_tokens)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    capacity = cache_capacity("ppsd", max(len(p) for p in prompts), max_output, 0, captured=capture != "none")
+    # continuous: a stretch's rows are fed as far as its row asking the most from where it resumed, a row that
+    # resumed near its end up to another's output length further: room for two outputs past the longest prompt
+    fed = 2 * max_output if pipeline["continuous"] else max_output
+    capacity = cache_capacity("ppsd", max(len(p) for p in prompts), fed, 0, captured=capture != "none")
     decoder = PipelineDecoder(
         adapter, stages=pipeline["stages"], stage_boundaries=pipeline["stage_boundaries"], exit_layer=exit_layer,
         head=head, backend=pipeline["backend"], capacity=capacity, config=config, eos=eos, capture=capture,
-        fallback=pipeline["fallback"], rows=max_batch,
+        fallback=pipeline["fallback"], rows=max_batch, continuous=pipeline["continuous"],
     )  # fmt: skip
     admission = Admission(max_batch, kv_capacity_tokens, tokens_of)
     loop = _loop(replica, decoder, workload, prompts, admission, lambda _: None)
@@ -534,6 +590,10 @@ class _ServeLoop:
         self.sinks: list[TokenSink | None] = [None] * len(workload.requests)
         self.upcoming: list[tuple[float, int, Request]] = []
         self.slots: list[_Running] = []
+        # a PPSD batch's (`_ppsd_batch`): when the host read each request's end, its row, the requests that left
+        self.ppsd_ends = _Ends(time.perf_counter)
+        self.ppsd_rows: dict[int, _Running] = {}
+        self.ppsd_left: set[int] = set()
 
     def run(self, clock: Callable[[], float], sleep: Callable[[float], None]) -> Any:
         begin = self._start(clock)
@@ -614,52 +674,97 @@ class _ServeLoop:
         return 0
 
     def _ppsd_batch(self, requests: list[Request], now: Callable[[], float]) -> int:
-        """A static PPSD batch: its prompts prefilled together (one pass, every row's first token), then its decode
-        until every row is done (one pass of kind "ppsd"); each request leaves as the host reads its last token,
-        mid-decode (a closed loop's user sends its next request then, a replica's dispatcher counts it gone), though
-        its slot waits for the batch's end. Returns the requests finished (all of them)."""
-        decoder, result, ends = self.decoder, self.result, _Ends(now)
+        """A PPSD batch: its prompts prefilled together (one pass, every row's first token), then its decode until
+        every row is done (one pass of kind "ppsd"); each request leaves as the host reads its last token, mid-decode
+        (a closed loop's user sends its next request then, a replica's dispatcher counts it gone). Static, its slot
+        waits for the batch's end; continuous, a host read at which a waiting request may enter stops the decode
+        there, the requests waiting join (`_ppsd_join`) and the decode goes on with them (a pass per stretch).
+        Returns the requests finished (all of them, and all that joined)."""
+        decoder, ends = self.decoder, _Ends(now)
         assert isinstance(decoder, PipelineDecoder)
-        batch = []
-        for row, request in enumerate(requests):
-            sink = self.sinks[request.index] = ends.sink(row, request.output_len, decoder.eos)
-            batch.append(_Running(request, self.prompts[request.index], sink, None))
+        self.ppsd_ends, self.ppsd_rows, self.ppsd_left = ends, {}, set()
+        batch = self._ppsd_rows(requests)
         start = now()
         decoder.prefill(batch)
+        self._ppsd_prefilled(batch, start, now)
+        ends.on_end = self._ppsd_leave  # the others as the host reads their ends
+        stop = self._ppsd_stop(now) if decoder.continuous else None
+        while not all(r.sink.done for r in batch):
+            context = max(len(r.prompt) + len(r.sink.tokens) - 1 for r in batch)
+            before = [len(r.sink.tokens) for r in batch]
+            asked = max(r.request.output_len - count + 1 for r, count in zip(batch, before, strict=True))
+            begin = now()
+            ticks, verdicts, done = decoder.decode(batch, stop)
+            end = now()
+            longest = max(len(r.sink.tokens) - count for r, count in zip(batch, before, strict=True)) + 1
+            log = PassLog("ppsd", begin, end - begin, len(batch), ticks, context, context + longest - 2, verdicts,
+                          asked=asked, stopped=not done)  # fmt: skip
+            self.result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
+            self._ppsd_count(batch)
+            if not done:
+                batch = self._ppsd_join(batch, now)
+        for running in batch:  # a row whose sink never took a token (none asked)
+            if running.request.index not in self.ppsd_left:
+                self._ppsd_leave(running.request.index, now())
+        return len(self.ppsd_rows)
+
+    def _ppsd_rows(self, requests: list[Request]) -> list[_Running]:
+        """The admitted requests' rows, their sinks telling `_Ends` when each is done."""
+        batch = []
+        for request in requests:
+            sink = self.sinks[request.index] = self.ppsd_ends.sink(request.index, request.output_len, self.decoder.eos)
+            running = self.ppsd_rows[request.index] = _Running(request, self.prompts[request.index], sink, None)
+            batch.append(running)
+        return batch
+
+    def _ppsd_prefilled(self, batch: list[_Running], start: float, now: Callable[[], float]) -> None:
+        """Log a batch prefill that began at `start`; its rows' first tokens counted, the rows done then leave."""
         first_s = now()
         context = max(len(r.prompt) for r in batch)
-        result.book(PassLog("prefill", start, first_s - start, len(batch), context))
+        self.result.book(PassLog("prefill", start, first_s - start, len(batch), context))
         for running in batch:
             record = self.records[running.request.index]
             record.start_s, record.first_token_s = start, first_s
-            record.tokens = len(running.sink.tokens)
-            result.tokens += record.tokens
-        left: set[int] = set()
+        self._ppsd_count(batch)
+        ends = self.ppsd_ends
+        for index in sorted((r.request.index for r in batch if r.request.index in ends.at),
+                            key=lambda i: (ends.at[i], i)):  # fmt: skip
+            self._ppsd_leave(index, first_s)  # done at the prefill: they leave with its end
 
-        def leave(row: int, at_s: float) -> None:
-            running = batch[row]
+    def _ppsd_count(self, batch: list[_Running]) -> None:
+        """The rows' tokens so far into their records and the result's count."""
+        for running in batch:
             record = self.records[running.request.index]
-            result.tokens += len(running.sink.tokens) - record.tokens
+            self.result.tokens += len(running.sink.tokens) - record.tokens
             record.tokens = len(running.sink.tokens)
-            self._leave(record, running.request, max(at_s, first_s))
-            left.add(row)
 
-        for row in sorted(ends.at, key=lambda r: (ends.at[r], r)):  # done at the prefill: they leave with its end
-            leave(row, first_s)
-        ends.on_end = leave  # the others as the host reads their ends
-        if not all(r.sink.done for r in batch):
-            begin = now()
-            ticks, verdicts = decoder.decode(batch)
-            end = now()
-            longest = max(len(r.sink.tokens) for r in batch)
-            asked = max(r.request.output_len for r in batch)
-            log = PassLog("ppsd", begin, end - begin, len(batch), ticks, context, context + longest - 2, verdicts,
-                          asked=asked)  # fmt: skip
-            result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
-        for row in range(len(batch)):  # a row whose sink never took a token (none asked)
-            if row not in left:
-                leave(row, now())
-        return len(batch)
+    def _ppsd_leave(self, index: int, at_s: float) -> None:
+        running, record = self.ppsd_rows[index], self.records[index]
+        if index in self.ppsd_left or math.isnan(record.first_token_s):  # done in its prefill: it leaves after it
+            return
+        self.result.tokens += len(running.sink.tokens) - record.tokens
+        record.tokens = len(running.sink.tokens)
+        self._leave(record, running.request, max(at_s, record.first_token_s))
+        self.ppsd_left.add(index)
+
+    def _ppsd_stop(self, now: Callable[[], float]) -> Callable[[], bool]:
+        """Continuous batching's question at each host read: has a request arrived that admission lets in now?"""
+
+        def stop() -> bool:
+            self._arrivals(now())
+            return self.admission.ready()
+
+        return stop
+
+    def _ppsd_join(self, batch: list[_Running], now: Callable[[], float]) -> list[_Running]:
+        """The requests waiting (as admission lets them in) join the rows going on (`PipelineDecoder.join`: their
+        prompts prefilled together, logged as one prefill pass); returns the new batch."""
+        going = [r for r in batch if not r.sink.done]
+        joining = self._ppsd_rows(self.admission.admit_all())
+        start = now()
+        self.decoder.join(going, joining)
+        self._ppsd_prefilled(joining, start, now)
+        return going + joining
 
     def _round(self, now: Callable[[], float]) -> int:
         """One decode round over the running requests; the done ones leave (the last rows fill their rows)."""

@@ -469,11 +469,18 @@ class Simulation:
         self.prefill_us = 0.0
         self.decode_us = 0.0
         self.row_reads_us: list[float] = []  # lockstep PPSD: when the host read each row's last token (`_ppsd_ticks`)
+        # lockstep PPSD: a process run at each host read but the last (`LockstepDecode`), given (µs since the decode
+        # began, tokens emitted since, ticks run)
+        self.pause: Callable[[float, int, int], Generator[simpy.Event, Any, None]] | None = None
 
     # ---- public -------------------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         self.env.process(self._main())
         self.env.run()
+        return self.result()
+
+    def result(self) -> RunResult:
+        """The run's result (after `run`, or once its main process has ended)."""
         plan = self.plan
         return RunResult(
             method=plan.method,
@@ -808,6 +815,7 @@ class Simulation:
         plan, batch, n, lockstep = self.plan, len(rows), len(self.stages), PPSDBatch(rows)
         output_len, window = lockstep.longest, plan.max_in_flight or n
         reads, start = _RowReads(rows), self.env.now
+        self.row_reads_us = reads.at  # filled in as the host reads them
         self._count(rounds=batch)  # a round per row: its flush-free runs
         held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
         pending: _Token | None = None
@@ -845,8 +853,14 @@ class Simulation:
                         for event in dropped.spans if dropped is not None else ():
                             self.flushed_span(event)
                     held, pending = [_Token(leaving.position + 1, 0, n)] + [None] * (n - 1), None
+                    if block == 0 and self.pause is not None:
+                        yield from clock.catch_up()
+                        yield from self.pause(self.env.now - start, emitted, self.counts["ticks"])
                     continue
                 self._count(accepted=judged, drafted=judged)
+            if block == 0 and self.pause is not None:
+                yield from clock.catch_up()
+                yield from self.pause(self.env.now - start, emitted, self.counts["ticks"])
             draft = self._tick_draft(held[0], lockstep, n)
             held = [None, *held[:-1]]
             pending = draft or pending
@@ -1154,6 +1168,47 @@ def decode_rows(plan: SimPlan, prompt_len: int, rows: list[BatchRow]) -> tuple[R
     shape = Workload(requests=len(rows), batch_size=len(rows), prompt_len=prompt_len, output_len=asked)
     simulation = Simulation(replace(plan, workload=shape), row=rows.__getitem__)
     return simulation.run(), simulation.row_reads_us
+
+
+class LockstepDecode:
+    """A lockstep PPSD decode of `rows` (as `decode_rows`) run from one host read of the device's log to the next, for
+    a caller that decides at each read whether it goes on: `advance()` runs it to its next read (True) or to its end
+    (False, `result` then the run's). At a read, `at_us` (µs since the decode began), `emitted` (the tokens each
+    row still going has emitted since), `ticks` (run so far) and `row_reads_us` (when each row was read to its end;
+    nan for the rows still going) say where it stands; a caller that stops it there (a serving loop letting waiting
+    requests join the batch, `sim.serving`) simply never advances it again: the rest of it never runs."""
+
+    def __init__(self, plan: SimPlan, prompt_len: int, rows: list[BatchRow]) -> None:
+        asked = max(row.length + row.past_end for row in rows)
+        shape = Workload(requests=len(rows), batch_size=len(rows), prompt_len=prompt_len, output_len=asked)
+        self.sim = Simulation(replace(plan, workload=shape), row=rows.__getitem__)
+        self.sim.pause = self._pause
+        self.at_us, self.emitted, self.ticks = 0.0, 0, 0
+        self.result: RunResult | None = None
+        self._resume: simpy.Event | None = None
+        self.sim.env.process(self.sim._main())
+
+    @property
+    def row_reads_us(self) -> list[float]:
+        return self.sim.row_reads_us
+
+    def advance(self) -> bool:
+        """Run to the next host read (True) or to the decode's end (False)."""
+        if self._resume is not None:
+            resume, self._resume = self._resume, None
+            resume.succeed()
+        env = self.sim.env
+        while self._resume is None and env.peek() != math.inf:
+            env.step()
+        if self._resume is not None:
+            return True
+        self.result = self.sim.result()
+        return False
+
+    def _pause(self, at_us: float, emitted: int, ticks: int) -> Generator[simpy.Event, Any, None]:
+        self.at_us, self.emitted, self.ticks = at_us, emitted, ticks
+        self._resume = self.sim.env.event()
+        yield self._resume
 
 
 def _hand_off_order(hand_off: _HandOff) -> tuple[float, int]:

@@ -46,10 +46,16 @@ The schedule (the executor's `executor.serving` runs the same one):
   drafted right, the distributed backend's ticks with its messages) until every row is done. A row ends at its own
   output length (or EOS) and its request leaves when the host reads that token (captured, at the end of its block of
   8 ticks; uncaptured, at once, as the executor's serving loop reads every tick), but its slot is not
-  refilled mid-decode: the next batch starts when the last row is done (with the requests due by then). The
-  free-running pipe (`ppsd_backend: free`) serves one request at a time. A batch's decode is logged as one pass of
-  kind "ppsd" (its ticks, longest prompt, last position the span reached and the batch's verdicts), and a PPSD run
-  counts ticks as its rounds (`tokens_per_round` is tokens per tick: batch / stages for AR through the same stages).
+  refilled mid-decode: the next batch starts when the last row is done (with the requests due by then). With
+  `ppsd_batching: continuous` requests join a running batch instead: at each host read of the device (the only
+  moments the host may act), if a request waits and admission lets it in (a slot free, room in the KV budget), the
+  decode stops there; the requests waiting (as admission lets them in) are prefilled together and join the rows going
+  on, and the pipe starts afresh from every row's last token (its in-flight drafts thrown away: a flush's refill,
+  paid by the whole batch). Each stretch between two joins is logged as its own "ppsd" pass (`stopped` where a join
+  cut it). The free-running pipe (`ppsd_backend: free`) serves one request at a time. A batch's decode is logged as
+  one pass of kind "ppsd" (its ticks, longest prompt, last position the span reached and the batch's verdicts), and
+  a PPSD run counts ticks as its rounds (`tokens_per_round` is tokens per tick: batch / stages for AR through the
+  same stages).
 - Replicas (`replicas: N`): N servers, each the plan's devices with its own slots and KV cache, run this schedule
   side by side (data parallelism); an arriving request is dispatched to one and stays there: `least_loaded` (the
   fewest requests dispatched and not finished, the lowest index among equals: join the shortest queue),
@@ -82,7 +88,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sim.acceptance import TraceAcceptance
 from sim.contract import cache_capacity, default_sync_every
 from sim.cost import Pass, draft_pass, pass_costs, verify_pass
-from sim.engine import TOKEN_ID_BYTES, BatchRow, decode_rows, prefill_pass
+from sim.engine import TOKEN_ID_BYTES, BatchRow, LockstepDecode, decode_rows, prefill_pass
 from sim.formats import quote
 from sim.latency import extrapolations_of
 from sim.models import ModelConfig
@@ -100,6 +106,7 @@ SHARED_FIELDS = ("serving.workload", "serving.rates_per_s", "serving.methods", "
                  "serving.slo")  # fmt: skip
 KV_MEMORY_SHARE = 0.9  # the share of a GPU's memory that weights and KV cache may take (the rest: activations)
 SERVING_METHODS = ("ar", "eesd", "ppsd")
+PPSD_BATCHING = ("static", "continuous")
 
 
 class _Strict(BaseModel):
@@ -125,6 +132,7 @@ class ServingConfig(_Strict):
     by_method: dict[str, dict[str, Any]] | None = None
     slo: SLO = SLO()
     cases: list[dict[str, Any]] | None = Field(None, min_length=1)
+    ppsd_batching: Literal["static", "continuous"] = "static"  # PPSD's batches (module docstring)
 
     @field_validator("kv_capacity_tokens", mode="before")
     @classmethod
@@ -162,6 +170,7 @@ class ServingPoint:
     replicas: int = 1
     dispatch: str = "least_loaded"
     notes: tuple[str, ...] = ()  # how its passes are costed where the calibration files do not simply hold
+    ppsd_batching: str = "static"
 
     @property
     def devices(self) -> int:
@@ -261,7 +270,7 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
             method_data, method_config = by_method[method]
             max_batch = _ppsd_batch(config, method_config) if method == "ppsd" else method_config.max_batch
             plan, scenario = _plan(path, method_data, method, workload, max_batch, where, models[method])
-            _check_free_batch(plan, max_batch, where)
+            _check_free_batch(plan, max_batch, method_config.ppsd_batching, where)
             _check_trace_covers(plan, scenario, workload, where)
             capacity = _kv_capacity(plan, method_config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
@@ -270,7 +279,7 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
             )
             points.append(ServingPoint(
                 case, method, rate, plan, workload, max_batch, capacity, config.slo, where,
-                method_config.replicas, method_config.dispatch, notes,
+                method_config.replicas, method_config.dispatch, notes, method_config.ppsd_batching,
             ))  # fmt: skip
     return points
 
@@ -291,11 +300,18 @@ def _ppsd_batch_note(config: ServingConfig, method: str, max_batch: int) -> tupl
             "batching; give serving.by_method.ppsd.serving.max_batch for PPSD's static lockstep batches",)  # fmt: skip
 
 
-def _check_free_batch(plan: Any, max_batch: int, where: str) -> None:
-    if plan.method == "ppsd" and plan.ppsd_backend == "free" and max_batch != 1:
+def _check_free_batch(plan: Any, max_batch: int, batching: str, where: str) -> None:
+    if plan.method != "ppsd" or plan.ppsd_backend != "free":
+        return
+    if max_batch != 1:
         raise ScenarioError(
             f"{where}: serving.by_method.ppsd.serving.max_batch: ppsd_backend 'free' serves one request at a time "
             f"(static batches are the lockstep backends', the executor's); expected 1, got {max_batch}"
+        )
+    if batching != "static":
+        raise ScenarioError(
+            f"{where}: serving.ppsd_batching: ppsd_backend 'free' serves one request at a time (continuous batching "
+            f"stops the lockstep backends' decode at a host read); expected static, got {batching!r}"
         )
 
 
@@ -499,7 +515,10 @@ class PassLog:
     a prefill). A PPSD batch's decode (kind "ppsd") is one entry: `tokens` its ticks, `context` its longest prompt's
     length, `furthest` that + its longest output - 2 (the last position its span reached; prompt + output - 2 for one
     request), `verdicts` the batch's checked drafts in order (True: confirmed, False: flushed) and `asked` the most
-    tokens a row asked (past an EOS, a captured pipe's block of reads runs on for them). The simulator and
+    tokens a row asked (past an EOS, a captured pipe's block of reads runs on for them). With continuous PPSD
+    batching, a stretch of a batch's decode between joins is such an entry, its `context` the furthest row's position
+    as it began (the position of the token each row resumed from), its output counted from that token, and
+    `stopped` where a join cut it at a host read. The simulator and
     the executor log the same fields, so a logged pass can be costed by the simulator (`ServingSimulation.logged_us`)
     and set beside its measured time."""
 
@@ -513,6 +532,7 @@ class PassLog:
     verdicts: tuple[bool, ...] = ()
     replica: int = 0
     asked: int = 0  # a PPSD decode: the most tokens a row asked (its host's blocks reach for them; 0: as many as made)
+    stopped: bool = False  # a PPSD decode stopped at a host read for requests to join (`tokens` ticks in)
 
 
 @dataclass
@@ -563,13 +583,18 @@ class Admission:
     def arrive(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def next(self) -> Request | None:
-        """The head of the queue if it may enter now (a slot free and room in the cache), else None."""
+    def ready(self) -> bool:
+        """Whether the head of the queue may enter now (a slot free and room in the cache); nothing changes."""
         if not self.waiting or self.running >= self.max_batch:
+            return False
+        need = self.tokens(self.waiting[0])
+        return self.kv_capacity is None or self.kv_used + need <= self.kv_capacity
+
+    def next(self) -> Request | None:
+        """The head of the queue if it may enter now (`ready`), else None."""
+        if not self.ready():
             return None
         need = self.tokens(self.waiting[0])
-        if self.kv_capacity is not None and self.kv_used + need > self.kv_capacity:
-            return None
         self.running += 1
         self.kv_used += need
         return self.waiting.popleft()
@@ -736,6 +761,7 @@ class ServingSimulation:
         kv_capacity_tokens: int | None,
         replicas: int = 1,
         dispatch: str = "least_loaded",
+        ppsd_batching: str = "static",
     ) -> None:
         if plan.method not in SERVING_METHODS:
             raise ValueError(f"method must be ar, eesd or ppsd: {plan.method}")
@@ -744,9 +770,14 @@ class ServingSimulation:
                 f"ppsd_backend 'free' serves one request at a time (its static batches are the lockstep backends'): "
                 f"max_batch {max_batch}"
             )
+        if ppsd_batching not in PPSD_BATCHING or (ppsd_batching == "continuous" and plan.ppsd_backend == "free"):
+            raise ValueError(
+                f"ppsd_batching must be one of {PPSD_BATCHING} (continuous on a lockstep backend), got "
+                f"{ppsd_batching!r}"
+            )
         if replicas < 1 or dispatch not in DISPATCH:
             raise ValueError(f"need replicas >= 1 and dispatch in {DISPATCH}: got {replicas}, {dispatch!r}")
-        self.plan, self.workload, self.dispatch = plan, workload, dispatch
+        self.plan, self.workload, self.dispatch, self.ppsd_batching = plan, workload, dispatch, ppsd_batching
         self.env = simpy.Environment()
         self.kv_tokens = tokens = plan_kv_tokens(plan)
         # PPSD's decodes read the device as the executor's serving loop reads it, which takes no `sync_every`
@@ -862,8 +893,13 @@ class ServingSimulation:
                 yield server.wake
                 continue
             rows = yield from self._ppsd_prefill(admitted, server)
-            if any(row.remaining for row in rows):
-                yield from self._ppsd_decode(rows, server)
+            if self.ppsd_batching == "static":
+                if any(row.remaining for row in rows):
+                    yield from self._ppsd_decode(rows, server)
+                continue
+            rows = [row for row in rows if row.remaining]
+            while rows:
+                rows = yield from self._ppsd_stretch(rows, server)
 
     def _ppsd_prefill(self, requests: list[Request], server: _Server) -> Generator[simpy.Event, Any, list[_Row]]:
         """A batch's prompts in one pass (`len(requests)` rows as wide as the longest prompt, the executor's
@@ -916,6 +952,72 @@ class ServingSimulation:
         result.book(log, rounds=run.ticks)  # a PPSD run's rounds are its ticks
         result.drafted += len(verdicts)
         result.accepted += sum(verdicts)
+
+    def _ppsd_stretch(self, rows: list[_Row], server: _Server) -> Generator[simpy.Event, Any, list[_Row]]:
+        """Continuous PPSD batching (module docstring): the rows' lockstep decode from each row's last token, read by
+        read (`sim.engine.LockstepDecode`), each request leaving as the host reads its last token, until the batch is
+        done (returns []) or a read at which a request waiting may enter: the decode stops there, the requests
+        waiting are prefilled together, and the rows to decode next are returned (those going on, then the new)."""
+        env, start = self.env, self.env.now
+        streams = [RecordingStream(OffsetStream(row.stream, row.generated - 1)) for row in rows]
+        lengths = [row.remaining + 1 for row in rows]  # from the token each row resumes from
+        batch = [BatchRow(stream, row.policy, length, past_end=row.past_end)
+                 for stream, row, length in zip(streams, rows, lengths, strict=True)]  # fmt: skip
+        context = max(row.request.prompt_len + row.generated - 1 for row in rows)
+        asked = max(row.request.output_len - row.generated + 1 for row in rows)
+        begun = (start, len(rows), context, asked)
+        decode, left = LockstepDecode(self.ppsd_plan, context, batch), set()
+        while True:
+            paused = decode.advance()
+            reads = decode.row_reads_us
+            for index in sorted((i for i in range(len(rows)) if i not in left and not math.isnan(reads[i])),
+                                key=reads.__getitem__):  # fmt: skip
+                if start + reads[index] > env.now:
+                    yield env.timeout(start + reads[index] - env.now)
+                self._emit(rows[index], rows[index].remaining, server)
+                left.add(index)
+            if not paused:
+                break
+            if start + decode.at_us > env.now:
+                yield env.timeout(start + decode.at_us - env.now)
+            yield env.timeout(0)  # arrivals due now first (a closed loop's user sent one as a row ended)
+            if server.admission.ready():
+                going = [row for index, row in enumerate(rows) if index not in left]
+                for row in going:
+                    self._emit(row, decode.emitted, server)
+                verdicts = batch_verdicts(streams, lengths, decode.emitted)
+                self._log_stretch(begun, decode.ticks, decode.emitted + 1, verdicts, server, stopped=True)
+                joined = yield from self._ppsd_prefill(server.admission.admit_all(), server)
+                return going + [row for row in joined if row.remaining]
+        run = decode.result
+        assert run is not None
+        if start + run.decode_time_us > env.now:
+            yield env.timeout(start + run.decode_time_us - env.now)
+        self._log_stretch(begun, run.ticks, max(lengths), batch_verdicts(streams, lengths), server)
+        return []
+
+    def _emit(self, row: _Row, count: int, server: _Server) -> None:
+        """`count` more tokens of `row` read by the host (its request leaves if that is its last)."""
+        row.generated += count
+        row.remaining -= count
+        row.record.tokens += count
+        self.result.tokens += count
+        self._finish_if_done(row, server)
+
+    def _log_stretch(
+        self, begun: tuple[float, int, int, int], ticks: int, longest: int, verdicts: tuple[bool, ...],
+        server: _Server, stopped: bool = False,
+    ) -> None:  # fmt: skip
+        """A continuous PPSD batch's stretch of decode as one pass of kind "ppsd" (`PassLog`): `begun` (its start in
+        µs, rows, context and the most tokens a row asked from where it resumed), its ticks, longest output from
+        there and verdicts."""
+        start, batch, context, asked = begun
+        elapsed_s = (self.env.now - start) / 1e6
+        log = PassLog("ppsd", start / 1e6, elapsed_s, batch, ticks, context, context + longest - 2, verdicts,
+                      server.index, asked, stopped)  # fmt: skip
+        self.result.book(log, rounds=ticks)
+        self.result.drafted += len(verdicts)
+        self.result.accepted += sum(verdicts)
 
     def _prefill(self, request: Request, server: _Server) -> Generator[simpy.Event, Any, None]:
         record = self.records[request.index]
@@ -1036,22 +1138,32 @@ class ServingSimulation:
         executor's) takes; a PPSD decode is simulated again with its logged verdicts (`ppsd_us`)."""
         if log.kind == "prefill":
             return self.prefill_us(log.tokens, log.batch)
+        if log.kind == "ppsd" and log.stopped:  # decoded towards the tokens asked, stopped after its ticks
+            return self.ppsd_us(log.context, log.asked, log.verdicts, log.batch, log.asked, stop_ticks=log.tokens)
         if log.kind == "ppsd":
             return self.ppsd_us(log.context, log.furthest - log.context + 2, log.verdicts, log.batch, log.asked)
         return self.round_us(log.batch, log.tokens, log.context, log.furthest, reads)
 
     def ppsd_us(
-        self, prompt_len: int, output_len: int, verdicts: Sequence[bool], batch: int = 1, asked: int = 0
-    ) -> float:
+        self, prompt_len: int, output_len: int, verdicts: Sequence[bool], batch: int = 1, asked: int = 0,
+        stop_ticks: int | None = None,
+    ) -> float:  # fmt: skip
         """A PPSD decode of `output_len` tokens after a `prompt_len`-token prompt whose checked drafts go as
         `verdicts` (in order; the draft for generated token i + 1 is the i-th) on the plan's stages: alone, or a
         lockstep batch of `batch` rows judged as the batch was (every row given the batch's verdicts, each as long
         as the longest: its ticks and the batch's width; rows that ended sooner ran on in the executor's batch).
         `asked`: the tokens asked, where the decode ended at an EOS before them (a captured pipe's block of reads
-        runs on past it, unread)."""
+        runs on past it, unread). `stop_ticks`: the decode stopped at the host read after that many ticks (continuous
+        batching's join): its time to that read."""
         policy, past_end = make_policy(self.plan.policy), max(0, asked - output_len)
         rows = [BatchRow(VerdictStream(verdicts), policy, output_len, past_end=past_end) for _ in range(batch)]
-        return decode_rows(self.ppsd_plan, prompt_len, rows)[0].decode_time_us
+        if stop_ticks is None:
+            return decode_rows(self.ppsd_plan, prompt_len, rows)[0].decode_time_us
+        decode = LockstepDecode(self.ppsd_plan, prompt_len, rows)
+        while decode.advance():
+            if decode.ticks >= stop_ticks:
+                return decode.at_us
+        raise ValueError(f"a PPSD decode stopped after {stop_ticks} ticks, but it ends sooner with these verdicts")
 
     def _context(self, rows: list[_Row]) -> int:
         """The batch's mean context: a pass over rows of different lengths reads (and multiplies) each row's own
@@ -1096,17 +1208,35 @@ class RecordingStream:
         return match, confidence
 
 
-def batch_verdicts(streams: Sequence[RecordingStream], lengths: Sequence[int]) -> tuple[bool, ...]:
+def batch_verdicts(
+    streams: Sequence[RecordingStream], lengths: Sequence[int], upto: int | None = None
+) -> tuple[bool, ...]:
     """A lockstep batch's verdicts by position from its rows' recorded ones (`lengths`: each row's tokens): a draft is
     confirmed iff every row going on past it drafted right; where none goes on, the rows ending there judge it (as
-    the executor's `_batch_verdict` has it)."""
+    the executor's `_batch_verdict` has it). `upto`: the drafts for tokens 1 .. upto only (a decode stopped once
+    those were emitted: the drafts after them were never judged)."""
     verdicts = []
     for position in sorted(set().union(*(stream.seen for stream in streams))):
+        if upto is not None and position > upto:
+            break
         judged = [(stream.seen[position], length) for stream, length in zip(streams, lengths, strict=True)
                   if position in stream.seen]  # fmt: skip
         going = [match for match, length in judged if position <= length - 2]
         verdicts.append(all(going or [match for match, _ in judged]))
     return tuple(verdicts)
+
+
+class OffsetStream:
+    """A request's acceptance stream from its `offset`-th generated token on (position 0 is that token): a
+    continuous PPSD batch's stretch resumes each row from its last token."""
+
+    __slots__ = ("stream", "offset")
+
+    def __init__(self, stream: Any, offset: int) -> None:
+        self.stream, self.offset = stream, offset
+
+    def draft(self, position: int, index_in_round: int) -> tuple[bool, float]:
+        return self.stream.draft(position + self.offset, index_in_round)
 
 
 class VerdictStream:
@@ -1131,7 +1261,13 @@ def logged_ratios(simulation: ServingSimulation, logs: Sequence[PassLog], reads:
 def simulate_serving(point: ServingPoint) -> ServingResult:
     """Run one serving point."""
     return ServingSimulation(
-        point.plan, point.workload, point.max_batch, point.kv_capacity_tokens, point.replicas, point.dispatch
+        point.plan,
+        point.workload,
+        point.max_batch,
+        point.kv_capacity_tokens,
+        point.replicas,
+        point.dispatch,
+        point.ppsd_batching,
     ).run()
 
 

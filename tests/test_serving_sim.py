@@ -603,12 +603,14 @@ def test_shipped_serving_scenarios_load():
     expected = {(c, m) for c in loads for m in ("ar", "eesd")} | {(f"{c}-ppsd", "ppsd") for c in loads}
     expected |= {(f"{c}-2replicas", m) for c in ("rate0.4", "rate1.2") for m in ("ar", "eesd")}
     expected |= {("rate0.4-ppsd-2replicas", "ppsd"), ("rate0.4-ppsd-batch4", "ppsd"), ("rate1.2-ppsd-batch4", "ppsd")}
+    expected |= {("rate0.4-ppsd-cont4", "ppsd"), ("rate1.2-ppsd-cont4", "ppsd")}
     assert {(p.case, p.method) for p in cpu} == expected
     assert {p.replicas for p in cpu if p.case.endswith("2replicas")} == {2}
     assert all(p.plan.ppsd_backend == "sequential" and len(p.plan.stages) == 2 for p in cpu if p.method == "ppsd")
     assert all(p.kv_capacity_tokens is None and p.plan.cache_slots for p in cpu)
     ppsd = [p for p in cpu if p.method == "ppsd"]
-    assert all(p.max_batch == (4 if "batch4" in p.case else 1) for p in ppsd)
+    assert all(p.max_batch == (4 if p.case.endswith(("batch4", "cont4")) else 1) for p in ppsd)
+    assert all(p.ppsd_batching == ("continuous" if p.case.endswith("cont4") else "static") for p in ppsd)
     assert all([s.layer_end for s in p.plan.stages] == [15, 30] for p in ppsd)
     h100 = load_serving_points(ROOT / "scenarios" / "serving_h100.yaml")
     cases = {p.case: p for p in h100}

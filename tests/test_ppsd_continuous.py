@@ -1,0 +1,170 @@
+"""Continuous PPSD batching (`ppsd_batching: continuous`): requests join a running lockstep batch at a host read,
+the pipe restarting from every row's last token. In the executor every request's tokens are those it gets alone with
+AR; the simulator stops its lockstep decodes at the same reads, so on a workload whose schedule does not hang on
+the passes' speed both log the same stretches, and costing a logged stretch again gives the time it was charged."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_serving_executor import alone, serving_cases
+from test_serving_sim import PPSD_FIELDS, check_run, poisson, write_scenario
+from tiny_models import TinySpec, scale_late_layers, tiny_model
+
+import executor.serving as serving_module
+from executor.cli import main as eesd
+from executor.sampling import SamplingConfig
+from executor.serving import serve
+from sim.engine import BatchRow, LockstepDecode, decode_rows
+from sim.policy import make_policy
+from sim.scenario import ScenarioError
+from sim.serving import ServingSimulation, VerdictStream, load_serving_points, logged_ratios, simulate_serving
+from sim.workload import Request, ServingWorkload
+
+
+def check_stretches(result, max_batch: int) -> None:
+    """The books of a continuous PPSD run: no stretch wider than max_batch, ticks as rounds, verdicts counted."""
+    decodes = [log for log in result.passes if log.kind == "ppsd"]
+    assert all(1 <= log.batch <= max_batch for log in decodes)
+    assert result.rounds == sum(log.tokens for log in decodes)
+    assert result.drafted == sum(len(log.verdicts) for log in decodes)
+    assert result.accepted == sum(sum(log.verdicts) for log in decodes)
+    assert all(len(log.verdicts) == log.furthest - log.context + 1 for log in decodes if log.stopped)
+
+
+@settings(max_examples=12)
+@given(
+    case=serving_cases(),
+    stages=st.integers(2, 4),
+    sample=st.booleans(),
+    max_batch=st.integers(1, 4),
+    sync_every=st.integers(1, 5),
+)
+def test_ppsd_served_in_continuous_batches_equals_ar_alone(case, stages, sample, max_batch, sync_every):
+    """Rows join a running batch at host reads (their KV prefilled into the rows after those going on, which move
+    up, and the pipe restarted from every row's last token), leave at their own lengths or EOS, for any number of
+    ticks between reads: every request's tokens are AR's alone, greedy and with exact sampling."""
+    model, _, workload, prompts, eos = case
+    stages = min(stages, model.config.num_hidden_layers)
+    sampling = dict(do_sample=True, temperature=0.9, top_k=0, seed=3) if sample else {}
+    config = SamplingConfig(**sampling) if sample else None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(serving_module, "resolve_sync_every", lambda given, capture: sync_every)
+        outcome = serve(model, workload, prompts, method="ppsd", stages=stages, eos_token_id=eos, sampling=config,
+                        max_batch=max_batch, ppsd_batching="continuous")  # fmt: skip
+    for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
+        assert output == alone(model, prompt, request.output_len, eos, **sampling), request
+    result = outcome.result
+    assert result.tokens == sum(len(o) for o in outcome.outputs) == sum(r.tokens for r in result.records)
+    for record in result.records:
+        assert record.arrival_s <= record.start_s < record.first_token_s <= record.finish_s <= result.time_s
+    check_stretches(result, max_batch)
+
+
+LENGTHS = [(5, 9), (11, 3), (2, 14), (7, 6), (9, 2), (4, 12), (13, 5), (3, 7)]  # (prompt, output) per request
+
+
+def tiny_scenario(tmp_path, bounds: list[int], lengths=LENGTHS, **serving) -> dict:
+    trace = "arrival_s,prompt_len,output_len\n" + "".join(f"0.0,{p},{o}\n" for p, o in lengths)
+    (tmp_path / "trace.csv").write_text(trace, encoding="utf-8")
+    workload = {"arrival": {"process": "trace", "path": "trace.csv"}, "prompt_len": {"dist": "trace"},
+                "output_len": {"dist": "trace"}}  # fmt: skip
+    layers = [b - a for a, b in zip([0, *bounds], [*bounds, 6], strict=True)]
+    return {"name": "joins", "model": {"name": "tiny", "num_layers": 6, "hidden_size": 64, "intermediate_size": 128,
+            "num_heads": 4, "num_kv_heads": 2, "vocab_size": 60}, "method": "ppsd", "ppsd_backend": "sequential",
+            "exit_layer": bounds[0], "attention": "context", "topology": {"stages": [{"layers": n} for n in layers]},
+            "latency": {"constant_us": {"layer": 100.0}}, "acceptance": {"alpha": 0.5},
+            "serving": {"workload": workload, "ppsd_batching": "continuous", **serving}}  # fmt: skip
+
+
+@pytest.mark.parametrize(("stages", "bounds"), [(2, [3]), (3, [2, 4])])
+def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages, bounds):
+    """Every request there at time 0, no EOS, 3 slots: in lockstep every row going on emits one token a tick with
+    the others, so which row ends first, and at which read a request joins, does not hang on acceptance or speed. The
+    executor and the simulator log the same prefills (the first batch, then each join's) and stretches (rows,
+    context, furthest position, tokens asked, stopped or not), and the simulator, given a logged stretch's verdicts,
+    runs it to the same ticks: to its read where it stopped, to its end where it did not."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=6, vocab=60, seed=4)), 3, 0.3)
+    requests = tuple(Request(i, p, o, 0.0) for i, (p, o) in enumerate(LENGTHS))
+    prompts = [[1 + (3 * i + j) % 50 for j in range(p)] for i, (p, _) in enumerate(LENGTHS)]
+    served = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=stages, stage_boundaries=bounds,
+                   max_batch=3, ppsd_batching="continuous")  # fmt: skip
+    for request, prompt, output in zip(requests, prompts, served.outputs, strict=True):
+        assert output == alone(model, prompt, request.output_len, None)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tiny_scenario(tmp_path, bounds)), encoding="utf-8")
+    (point,) = load_serving_points(tmp_path / "s.yaml")
+    assert point.ppsd_batching == "continuous"
+    simulated = ServingSimulation(point.plan, point.workload, 3, None, ppsd_batching="continuous").run()
+    shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest, g.asked, g.stopped) for g in logs]  # noqa: E731
+    assert shape(served.result.passes) == shape(simulated.passes)
+    for result in (served.result, simulated):
+        check_stretches(result, 3)
+        assert sum(log.stopped for log in result.passes) >= 3  # requests joined mid-decode
+        assert [r.index for r in sorted(result.records, key=lambda r: (r.start_s, r.index))] == list(range(8))
+    for log in served.result.passes:
+        if log.kind != "ppsd":
+            continue
+        if not log.stopped:
+            output = log.furthest - log.context + 2
+            rows = [BatchRow(VerdictStream(log.verdicts), make_policy("fixed:1"), output) for _ in range(log.batch)]
+            assert decode_rows(point.plan, log.context, rows)[0].ticks == log.tokens, log
+            continue
+        rows = [BatchRow(VerdictStream(log.verdicts), make_policy("fixed:1"), log.asked) for _ in range(log.batch)]
+        decode = LockstepDecode(point.plan, log.context, rows)
+        while decode.advance() and decode.emitted < log.furthest - log.context + 1:
+            pass
+        assert (decode.emitted, decode.ticks) == (log.furthest - log.context + 1, log.tokens), log
+
+
+@pytest.mark.parametrize(("backend", "graphs"), [("distributed", False), ("sequential", False), ("sequential", True)])
+def test_continuous_ppsd_batches_complete_every_request_and_cost_as_logged(tmp_path, backend, graphs):
+    """Under a queue, continuous PPSD batching lets requests join running batches: every request completes once,
+    Little's law holds, batches stay within max_batch, requests join mid-decode (stopped stretches), a stretch's
+    rows keep their slot order (those going on first), and costing each logged prefill and stretch again gives the
+    time the run charged. It serves the same requests as static batches."""
+    rate = 20_000.0 if graphs else 60.0
+    workload = {"requests": 80, "seed": 3, "arrival": {"process": "poisson", "rate_per_s": rate},
+                "prompt_len": {"dist": "uniform", "low": 4, "high": 64},
+                "output_len": {"dist": "lognormal", "median": 20, "sigma": 0.7, "max": 120}}  # fmt: skip
+    serving = {"methods": ["ppsd"], "workload": workload, "ppsd_batching": "continuous",
+               "by_method": {"ppsd": {"serving.max_batch": 4}}}  # fmt: skip
+    device = {"latency": {"roofline": {}}, "topology": {"stages": 2, "gpu": "H100"}} if graphs else PPSD_FIELDS
+    (point,) = load_serving_points(write_scenario(tmp_path, serving, ppsd_backend=backend, **device))
+    assert (point.max_batch, point.ppsd_batching) == (4, "continuous")
+    result = simulate_serving(point)
+    row = check_run(point, result)
+    assert 1 < row["mean_batch"] <= 4
+    check_stretches(result, 4)
+    assert any(log.stopped for log in result.passes)
+    fresh = ServingSimulation(point.plan, point.workload, 4, None, ppsd_batching="continuous")
+    assert logged_ratios(fresh, result.passes) == pytest.approx([1.0] * len(result.passes), rel=1e-9)
+    static = ServingSimulation(point.plan, point.workload, 4, None).run()
+    assert [r.tokens for r in static.records] == [r.tokens for r in result.records]
+    assert all(math.isfinite(r.finish_s) for r in result.records)
+
+
+def test_continuous_ppsd_batching_is_checked_where_it_is_given(tmp_path, capsys) -> None:
+    """`serving.ppsd_batching` takes static or continuous, and the free-running pipe (no host reads to join at)
+    only static; `serve` and `eesd serve-bench --ppsd-batching` refuse other values, the CLI before loading."""
+    serving = {"workload": poisson(5, 1.0), "ppsd_batching": "sometimes"}
+    with pytest.raises(ScenarioError, match="ppsd_batching"):
+        load_serving_points(write_scenario(tmp_path, {"methods": ["ppsd"], **serving}, **PPSD_FIELDS))
+    serving = {"workload": poisson(5, 1.0), "ppsd_batching": "continuous"}
+    with pytest.raises(ScenarioError, match="serving.ppsd_batching: ppsd_backend 'free'"):
+        load_serving_points(write_scenario(tmp_path, {"methods": ["ppsd"], **serving}, ppsd_backend="free",
+                                           **PPSD_FIELDS))  # fmt: skip
+    model = tiny_model(TinySpec(num_layers=2, vocab=40, seed=1))
+    workload = ServingWorkload((Request(0, 3, 4, 0.0),))
+    with pytest.raises(ValueError, match="ppsd_batching must be one of static, continuous"):
+        serve(model, workload, [[1, 2, 3]], method="ppsd", ppsd_batching="rolling")
+    with pytest.raises(SystemExit) as exit_:
+        eesd(["serve-bench", "--model", "nowhere", "--workload", "w.yaml", "--methods", "ppsd",
+              "--ppsd-batching", "rolling"])  # fmt: skip
+    assert exit_.value.code == 2 and "--ppsd-batching: invalid choice" in capsys.readouterr().err
+    code = eesd(["serve-bench", "--model", "nowhere", "--workload", "w.yaml", "--methods", "ar",
+                 "--ppsd-batching", "continuous"])  # fmt: skip
+    assert code != 0 and "--ppsd-batching" in capsys.readouterr().err
