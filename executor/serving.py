@@ -23,7 +23,13 @@ decoded together in lockstep until every row is done, each row ending at its own
 done leaves when the host reads its last token, but its slot is not refilled mid-decode: the pipe takes new requests
 when the whole batch is done. The rows run over an n-row view of one cache of `max_batch` rows sized for the
 workload's longest request; a batch's decode is logged as one pass of kind "ppsd" with its ticks and the batch's
-verdicts. `max_batch` 1 (the default for PPSD) serves one request at a time.
+verdicts. `max_batch` 1 (the default for PPSD) serves one request at a time. With `ppsd_batching="continuous"`,
+requests join a running batch at the host's reads of the device instead: at a read that leaves a row going, if a
+request waits and admission lets it in, the decode stops, the rows going on move to the first rows (their KV before
+their last token copied over), the requests waiting are prefilled together into the rows after them, and the pipe
+starts afresh from every row's last token (`PipelineDecoder.join`); each stretch is logged as its own pass
+(`stopped` where a join cut it). The cache then holds two output lengths past the longest prompt: a stretch feeds
+every row as far as its row asking the most from where it resumed.
 
 A view's books (`KVCache.lengths`) are set from the running requests' positions before every round. Greedy and exact
 sampling only; rejection sampling and repetition penalties keep per-row state the slots do not carry over, and are

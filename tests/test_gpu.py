@@ -320,12 +320,13 @@ def test_captured_serving_equals_ar_alone_and_keeps_its_graphs(method: str, capt
         assert output == alone.sequences[0, len(prompt) :].tolist(), request
 
 
-@pytest.mark.parametrize("max_batch", [1, 3])
+@pytest.mark.parametrize(("max_batch", "batching"), [(1, "static"), (3, "static"), (3, "continuous")])
 @pytest.mark.parametrize(("backend", "capture"), [("streams", "graph"), ("sequential", "none"), ("streams", "auto")])
-def test_ppsd_serving_on_a_gpu_equals_ar_alone(backend: str, capture: str, max_batch: int) -> None:
-    """PPSD serving (one request at a time, or static lockstep batches of up to 3 whose rows end at their own lengths
-    on the device inside blocks of captured ticks; the pipeline's stages on CUDA streams, captured or not) gives
-    every request its own AR decode's tokens, and logs one decode per batch."""
+def test_ppsd_serving_on_a_gpu_equals_ar_alone(backend: str, capture: str, max_batch: int, batching: str) -> None:
+    """PPSD serving (one request at a time, or lockstep batches of up to 3 whose rows end at their own lengths on the
+    device inside blocks of captured ticks, static or joined by new requests at host reads, their KV copied between
+    the captured pipelines of each width; the pipeline's stages on CUDA streams, captured or not) gives every request
+    its own AR decode's tokens, and logs a decode after each prefill."""
     from executor.serving import serve
     from sim.workload import Request, ServingWorkload
 
@@ -333,7 +334,7 @@ def test_ppsd_serving_on_a_gpu_equals_ar_alone(backend: str, capture: str, max_b
     prompts = [[5, 9, 1, 33, 2][: 2 + i % 4] for i in range(5)]
     requests = tuple(Request(i, len(p), 4 + 3 * (i % 3), 0.0005 * i) for i, p in enumerate(prompts))
     outcome = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=2, backend=backend,
-                    capture=capture, max_batch=max_batch)  # fmt: skip
+                    capture=capture, max_batch=max_batch, ppsd_batching=batching)  # fmt: skip
     for request, prompt, output in zip(requests, prompts, outcome.outputs, strict=True):
         alone = executor.generate(model, prompt, method="ar", max_new_tokens=request.output_len, capture="none")
         assert output == alone.sequences[0, len(prompt) :].tolist(), request

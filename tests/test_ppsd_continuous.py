@@ -5,6 +5,7 @@ the passes' speed both log the same stretches, and costing a logged stretch agai
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -81,24 +82,35 @@ def tiny_scenario(tmp_path, bounds: list[int], lengths=LENGTHS, **serving) -> di
             "serving": {"workload": workload, "ppsd_batching": "continuous", **serving}}  # fmt: skip
 
 
-@pytest.mark.parametrize(("stages", "bounds"), [(2, [3]), (3, [2, 4])])
-def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages, bounds):
+@pytest.mark.parametrize(
+    ("stages", "bounds", "sync_every", "late"), [(2, [3], 1, 0.3), (3, [2, 4], 1, 0.3), (3, [2, 4], 4, 0.0)]
+)
+def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages, bounds, sync_every, late):
     """Every request there at time 0, no EOS, 3 slots: in lockstep every row going on emits one token a tick with
     the others, so which row ends first, and at which read a request joins, does not hang on acceptance or speed. The
     executor and the simulator log the same prefills (the first batch, then each join's) and stretches (rows,
-    context, furthest position, tokens asked, stopped or not), and the simulator, given a logged stretch's verdicts,
-    runs it to the same ticks: to its read where it stopped, to its end where it did not."""
-    model = scale_late_layers(tiny_model(TinySpec(num_layers=6, vocab=60, seed=4)), 3, 0.3)
+    context, furthest position, tokens asked, stopped or not), reading every tick or every 4 (as a captured pipe
+    reads every 8; then how many tokens a block emits hangs on its flushes, so the layers past the exit are
+    silenced and both sides draft right every time), and the simulator, given a logged stretch's verdicts, runs it to
+    the same ticks: to its read where it stopped, to its end where it did not."""
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=6, vocab=60, seed=4)), bounds[0], late)
     requests = tuple(Request(i, p, o, 0.0) for i, (p, o) in enumerate(LENGTHS))
     prompts = [[1 + (3 * i + j) % 50 for j in range(p)] for i, (p, _) in enumerate(LENGTHS)]
-    served = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=stages, stage_boundaries=bounds,
-                   max_batch=3, ppsd_batching="continuous")  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(serving_module, "resolve_sync_every", lambda given, capture: sync_every)
+        served = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=stages,
+                       stage_boundaries=bounds, max_batch=3, ppsd_batching="continuous")  # fmt: skip
     for request, prompt, output in zip(requests, prompts, served.outputs, strict=True):
         assert output == alone(model, prompt, request.output_len, None)
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tiny_scenario(tmp_path, bounds)), encoding="utf-8")
+    scenario = tiny_scenario(tmp_path, bounds)
+    scenario["acceptance"] = {"alpha": 1.0 if late == 0.0 else 0.5}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
     (point,) = load_serving_points(tmp_path / "s.yaml")
     assert point.ppsd_batching == "continuous"
-    simulated = ServingSimulation(point.plan, point.workload, 3, None, ppsd_batching="continuous").run()
+    plan = dataclasses.replace(point.plan, sync_every=sync_every)
+    simulation = ServingSimulation(plan, point.workload, 3, None, ppsd_batching="continuous")
+    simulation.ppsd_plan = plan  # read as the executor was made to read
+    simulated = simulation.run()
     shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest, g.asked, g.stopped) for g in logs]  # noqa: E731
     assert shape(served.result.passes) == shape(simulated.passes)
     for result in (served.result, simulated):
@@ -111,10 +123,10 @@ def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages,
         if not log.stopped:
             output = log.furthest - log.context + 2
             rows = [BatchRow(VerdictStream(log.verdicts), make_policy("fixed:1"), output) for _ in range(log.batch)]
-            assert decode_rows(point.plan, log.context, rows)[0].ticks == log.tokens, log
+            assert decode_rows(plan, log.context, rows)[0].ticks == log.tokens, log
             continue
         rows = [BatchRow(VerdictStream(log.verdicts), make_policy("fixed:1"), log.asked) for _ in range(log.batch)]
-        decode = LockstepDecode(point.plan, log.context, rows)
+        decode = LockstepDecode(plan, log.context, rows)
         while decode.advance() and decode.emitted < log.furthest - log.context + 1:
             pass
         assert (decode.emitted, decode.ticks) == (log.furthest - log.context + 1, log.tokens), log
