@@ -334,28 +334,42 @@ class PipelineDecoder:
                       self.pipeline.selector.config.seed)  # fmt: skip
 
     def join(self, going: list[_Running], joining: list[_Running]) -> None:
-        """Continuous batching, after a decode `stop`ped at a host read: the rows `going` on (in batch order) move to
-        the first rows (their KV before their last token copied over), the `joining` requests' prompts run together
-        through every layer into the rows after them (each one's first token into its sink: AR's prefill,
-        `executor.decoding.prefill_rows`, at stage 1's exit its head's KV too), and the pipe is ready to `decode` the
-        new batch from every row's last token."""
-        old, batch = self.pipeline, going + joining
-        assert old is not None, "join follows a decode"
-        sources = [next(i for i, r in enumerate(self.batch) if r is running) for running in going]
-        prompt_lens = [len(r.prompt) for r in batch]
-        pipeline = self._pipeline(len(batch), prompt_lens, batch[0].sink)
-        copy_rows(old.cache, pipeline.cache, sources, [len(r.prompt) + len(r.sink.tokens) - 1 for r in going])
+        """Continuous batching, after a decode `stop`ped at a host read (or a prefill that some rows ended): the rows
+        `going` on (in batch order) move to the first rows (their KV before their last token copied over), the
+        `joining` requests' prompts run together through every layer into the rows after them (each one's first
+        token into its sink: AR's prefill, `executor.decoding.prefill_rows`, at stage 1's exit its head's KV too), and
+        the pipe is ready to `decode` the new batch (`batch`: those rows, less any its prefill ended) from every row's
+        last token."""
+        assert self.pipeline is not None, "join follows a prefill"
+        batch = going + joining
+        pipeline = self._moved(going, len(batch))
         if joining:
             view = rows_view(pipeline.cache, len(going), len(batch))
             view.lengths = [[0] * len(joining) for _ in range(view.num_layers)]
             rows = Rows(prompts=[r.prompt for r in joining], sinks=[r.sink for r in joining])
-            selector = TokenSelector(self.config, prompt_lens[len(going) :], 0, self.eos, self.adapter.device)
+            lens = [len(r.prompt) for r in joining]
+            selector = TokenSelector(self.config, lens, 0, self.eos, self.adapter.device)
             first = pipeline.runners[0]
             prefill_rows(first.adapter, view, rows, selector, self.plan.exit_layer, first.head)
-        pipeline.stats = new_stats(self.plan, self.backend, sum(prompt_lens), len(batch))
+        self.pipeline, self.batch = pipeline, batch
+        kept = [r for r in batch if not r.sink.done]  # a joining request its prefill ended runs no decode
+        if len(kept) < len(batch):
+            pipeline = self._moved(kept, len(kept))
+        prompt_lens = [len(r.prompt) for r in kept]
+        pipeline.stats = new_stats(self.plan, self.backend, sum(prompt_lens), len(kept))
         pipeline.stats.capture = self.capture
         pipeline.selector.restart(prompt_lens, pipeline.selector.config.seed)
-        self.pipeline, self.batch = pipeline, batch
+        self.pipeline, self.batch = pipeline, kept
+
+    def _moved(self, rows: list[_Running], width: int) -> LocalPipeline:
+        """The pipeline of `width` rows with `rows` (of the current batch, in its order) in its first rows: their KV
+        before their last token copied from the current pipeline's cache."""
+        assert self.pipeline is not None
+        sources = [next(i for i, r in enumerate(self.batch) if r is running) for running in rows]
+        pipeline = self._pipeline(width, [1] * width, self.batch[0].sink)  # its rows' lengths set by the caller
+        lengths = [len(r.prompt) + len(r.sink.tokens) - 1 for r in rows]
+        copy_rows(self.pipeline.cache, pipeline.cache, sources, lengths)
+        return pipeline
 
     def decode(
         self, batch: list[_Running], stop: Callable[[], bool] | None = None
@@ -695,6 +709,9 @@ class _ServeLoop:
         self._ppsd_prefilled(batch, start, now)
         ends.on_end = self._ppsd_leave  # the others as the host reads their ends
         stop = self._ppsd_stop(now) if decoder.continuous else None
+        if stop is not None and any(r.sink.done for r in batch) and not all(r.sink.done for r in batch):
+            decoder.join([r for r in batch if not r.sink.done], [])  # the rows its prefill ended run no decode
+            batch = decoder.batch
         while not all(r.sink.done for r in batch):
             context = max(len(r.prompt) + len(r.sink.tokens) - 1 for r in batch)
             before = [len(r.sink.tokens) for r in batch]
@@ -709,9 +726,9 @@ class _ServeLoop:
             self._ppsd_count(batch)
             if not done:
                 batch = self._ppsd_join(batch, now)
-        for running in batch:  # a row whose sink never took a token (none asked)
-            if running.request.index not in self.ppsd_left:
-                self._ppsd_leave(running.request.index, now())
+        for index in list(self.ppsd_rows):  # a row whose sink never took a token (none asked)
+            if index not in self.ppsd_left:
+                self._ppsd_leave(index, now())
         return len(self.ppsd_rows)
 
     def _ppsd_rows(self, requests: list[Request]) -> list[_Running]:
@@ -764,13 +781,14 @@ class _ServeLoop:
 
     def _ppsd_join(self, batch: list[_Running], now: Callable[[], float]) -> list[_Running]:
         """The requests waiting (as admission lets them in) join the rows going on (`PipelineDecoder.join`: their
-        prompts prefilled together, logged as one prefill pass); returns the new batch."""
+        prompts prefilled together, logged as one prefill pass); returns the new batch (less the rows that prefill
+        ended)."""
         going = [r for r in batch if not r.sink.done]
         joining = self._ppsd_rows(self.admission.admit_all())
         start = now()
         self.decoder.join(going, joining)
         self._ppsd_prefilled(joining, start, now)
-        return going + joining
+        return self.decoder.batch
 
     def _round(self, now: Callable[[], float]) -> int:
         """One decode round over the running requests; the done ones leave (the last rows fill their rows)."""

@@ -66,7 +66,8 @@ def test_ppsd_served_in_continuous_batches_equals_ar_alone(case, stages, sample,
     check_stretches(result, max_batch)
 
 
-LENGTHS = [(5, 9), (11, 3), (2, 14), (7, 6), (9, 2), (4, 12), (13, 5), (3, 7)]  # (prompt, output) per request
+# (prompt, output) per request; the one-token requests are done at their prefill (the first batch's and a join's)
+LENGTHS = [(5, 9), (12, 1), (11, 3), (2, 14), (7, 6), (9, 2), (6, 1), (4, 12), (13, 5), (3, 7)]
 
 
 def tiny_scenario(tmp_path, bounds: list[int], lengths=LENGTHS, **serving) -> dict:
@@ -89,10 +90,11 @@ def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages,
     """Every request there at time 0, no EOS, 3 slots: in lockstep every row going on emits one token a tick with
     the others, so which row ends first, and at which read a request joins, does not hang on acceptance or speed. The
     executor and the simulator log the same prefills (the first batch, then each join's) and stretches (rows,
-    context, furthest position, tokens asked, stopped or not), reading every tick or every 4 (as a captured pipe
-    reads every 8; then how many tokens a block emits hangs on its flushes, so the layers past the exit are
-    silenced and both sides draft right every time), and the simulator, given a logged stretch's verdicts, runs it to
-    the same ticks: to its read where it stopped, to its end where it did not."""
+    context, furthest position, tokens asked, stopped or not; a request its prefill ended runs in none), reading
+    every tick or every 4 (as a captured pipe reads every 8; then how many tokens a block emits hangs on its
+    flushes, so the layers past the exit are silenced and both sides draft right every time), and the simulator,
+    given a logged stretch's verdicts, runs it to the same ticks: to its read where it stopped, to its end where it
+    did not."""
     model = scale_late_layers(tiny_model(TinySpec(num_layers=6, vocab=60, seed=4)), bounds[0], late)
     requests = tuple(Request(i, p, o, 0.0) for i, (p, o) in enumerate(LENGTHS))
     prompts = [[1 + (3 * i + j) % 50 for j in range(p)] for i, (p, _) in enumerate(LENGTHS)]
@@ -116,7 +118,7 @@ def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages,
     for result in (served.result, simulated):
         check_stretches(result, 3)
         assert sum(log.stopped for log in result.passes) >= 3  # requests joined mid-decode
-        assert [r.index for r in sorted(result.records, key=lambda r: (r.start_s, r.index))] == list(range(8))
+        assert [r.index for r in sorted(result.records, key=lambda r: (r.start_s, r.index))] == list(range(10))
     for log in served.result.passes:
         if log.kind != "ppsd":
             continue
