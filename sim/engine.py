@@ -193,6 +193,7 @@ class PPSDBatch:
         lengths = {row.length for row in rows}
         self.longest, self.uniform = max(lengths), len(lengths) == 1
         self.ends_early = [row for row in rows if row.past_end > 0]
+        self.asked = max(row.length + row.past_end for row in rows)  # the tokens the pipe is fed for
 
     def eos_drafts(self, position: int, index: int) -> tuple[int, int]:
         """(judged, confirmed) drafts of the rows whose EOS comes out as the token at `position` leaves: their drafts
@@ -887,11 +888,14 @@ class Simulation:
             yield self.env.timeout(tick_us)
 
     def _tick_draft(self, first: _Token | None, batch: PPSDBatch, n: int) -> _Token | None:
-        """Stage 1's draft after its token (none past the last position a token is fed for), its rows' verdicts
-        drawn now (a batch moves in lockstep: it confirms only if every row does, `PPSDBatch.verdict`)."""
-        if first is None or first.position + 1 > batch.longest - 2:
+        """Stage 1's draft after its token (none past the last position a token is fed for: the tokens asked, as the
+        executor, which learns of an EOS only when it reads it, feeds its pipe), its rows' verdicts drawn now (a batch
+        moves in lockstep: it confirms only if every row does, `PPSDBatch.verdict`); a draft past the longest row's
+        end is judged by no one."""
+        if first is None or first.position + 1 > batch.asked - 2:
             return None
-        first.next_ok = batch.verdict(first.position + 1, first.run_index)
+        if first.position + 1 <= batch.longest - 2:
+            first.next_ok = batch.verdict(first.position + 1, first.run_index)
         return _Token(first.position + 1, first.run_index + 1, n)
 
     def _tick(

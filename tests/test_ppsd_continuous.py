@@ -182,3 +182,23 @@ def test_continuous_ppsd_batching_is_checked_where_it_is_given(tmp_path, capsys)
     code = eesd(["serve-bench", "--model", "nowhere", "--workload", "w.yaml", "--methods", "ar",
                  "--ppsd-batching", "continuous"])  # fmt: skip
     assert code != 0 and "--ppsd-batching" in capsys.readouterr().err
+
+
+def test_a_stretch_stopped_before_a_rows_eos_is_costed_as_charged(tmp_path) -> None:
+    """A trace replay whose request ends at its EOS after a join cut its stretch: the simulator's pipe feeds drafts
+    for the tokens asked, as the executor's does (it learns of the EOS only when it reads it), so the stretch's
+    charged time does not hang on an EOS after the read, and costing it again from its log gives that time."""
+    from test_sim_eos import hand_trace  # trace a: EOS after 5 tokens
+
+    (tmp_path / "w.csv").write_text("arrival_s,prompt_len,output_len\n0.0,16,9\n0.01225,16,9\n", encoding="utf-8")
+    workload = {"arrival": {"process": "trace", "path": str(tmp_path / "w.csv")}, "prompt_len": {"dist": "trace"},
+                "output_len": {"dist": "trace"}}  # fmt: skip
+    serving = {"methods": ["ppsd"], "workload": workload, "ppsd_batching": "continuous",
+               "by_method": {"ppsd": {"serving.max_batch": 2}}}  # fmt: skip
+    fields = {"topology": {"stages": 3}, "ppsd_backend": "sequential", "exit_layer": 4,
+              "acceptance": {"trace": str(hand_trace(tmp_path)), "reuse": "cycle"}}  # fmt: skip
+    (point,) = load_serving_points(write_scenario(tmp_path, serving, **fields))
+    result = simulate_serving(point)
+    assert [log.stopped for log in result.passes if log.kind == "ppsd"] == [True, False]
+    fresh = ServingSimulation(point.plan, point.workload, 2, None, ppsd_batching="continuous")
+    assert logged_ratios(fresh, result.passes) == pytest.approx([1.0] * len(result.passes), rel=1e-9)
