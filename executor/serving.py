@@ -719,9 +719,11 @@ class _ServeLoop:
             begin = now()
             ticks, verdicts, done = decoder.decode(batch, stop)
             end = now()
-            longest = max(len(r.sink.tokens) - count for r, count in zip(batch, before, strict=True)) + 1
+            made = tuple((len(r.sink.tokens) - count + 1, r.request.output_len - count + 1)
+                         for r, count in zip(batch, before, strict=True))  # fmt: skip
+            longest = max(count for count, _ in made)
             log = PassLog("ppsd", begin, end - begin, len(batch), ticks, context, context + longest - 2, verdicts,
-                          asked=asked, stopped=not done)  # fmt: skip
+                          asked=asked, stopped=not done, rows=made)  # fmt: skip
             self.result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
             self._ppsd_count(batch)
             if not done:

@@ -518,7 +518,9 @@ class PassLog:
     tokens a row asked (past an EOS, a captured pipe's block of reads runs on for them). With continuous PPSD
     batching, a stretch of a batch's decode between joins is such an entry, its `context` the furthest row's position
     as it began (the position of the token each row resumed from), its output counted from that token, and
-    `stopped` where a join cut it at a host read. The simulator and
+    `stopped` where a join cut it at a host read. `rows` gives each row's tokens made and asked, counted from the
+    token it began with: rows that end sooner, at their EOS or their own length, shorten the host's blocks of reads
+    for the others, so costing the decode again needs them. The simulator and
     the executor log the same fields, so a logged pass can be costed by the simulator (`ServingSimulation.logged_us`)
     and set beside its measured time."""
 
@@ -533,6 +535,7 @@ class PassLog:
     replica: int = 0
     asked: int = 0  # a PPSD decode: the most tokens a row asked (its host's blocks reach for them; 0: as many as made)
     stopped: bool = False  # a PPSD decode stopped at a host read for requests to join (`tokens` ticks in)
+    rows: tuple[tuple[int, int], ...] = ()  # a PPSD decode's rows: (tokens made, tokens asked), from its first token
 
 
 @dataclass
@@ -947,8 +950,9 @@ class ServingSimulation:
         verdicts = batch_verdicts(streams, lengths)
         elapsed_s, furthest = (env.now - start) / 1e6, context + max(lengths) - 2
         asked = max(row.request.output_len for row in rows)
+        made = tuple((length, row.request.output_len) for length, row in zip(lengths, rows, strict=True))
         log = PassLog("ppsd", start / 1e6, elapsed_s, len(rows), run.ticks, context, furthest, verdicts, server.index,
-                      asked)  # fmt: skip
+                      asked, rows=made)  # fmt: skip
         result.book(log, rounds=run.ticks)  # a PPSD run's rounds are its ticks
         result.drafted += len(verdicts)
         result.accepted += sum(verdicts)
@@ -964,8 +968,8 @@ class ServingSimulation:
         batch = [BatchRow(stream, row.policy, length, past_end=row.past_end)
                  for stream, row, length in zip(streams, rows, lengths, strict=True)]  # fmt: skip
         context = max(row.request.prompt_len + row.generated - 1 for row in rows)
-        asked = max(row.request.output_len - row.generated + 1 for row in rows)
-        begun = (start, len(rows), context, asked)
+        wanted = [length + row.past_end for length, row in zip(lengths, rows, strict=True)]  # asked from there
+        begun = (start, len(rows), context, max(wanted))
         decode, left = LockstepDecode(self.ppsd_plan, context, batch), set()
         while True:
             paused = decode.advance()
@@ -986,14 +990,16 @@ class ServingSimulation:
                 for row in going:
                     self._emit(row, decode.emitted, server)
                 verdicts = batch_verdicts(streams, lengths, decode.emitted)
-                self._log_stretch(begun, decode.ticks, decode.emitted + 1, verdicts, server, stopped=True)
+                made = [lengths[i] if i in left else decode.emitted + 1 for i in range(len(rows))]
+                self._log_stretch(begun, decode.ticks, tuple(zip(made, wanted, strict=True)), verdicts, server, True)
                 joined = yield from self._ppsd_prefill(server.admission.admit_all(), server)
                 return going + [row for row in joined if row.remaining]
         run = decode.result
         assert run is not None
         if start + run.decode_time_us > env.now:
             yield env.timeout(start + run.decode_time_us - env.now)
-        self._log_stretch(begun, run.ticks, max(lengths), batch_verdicts(streams, lengths), server)
+        made = tuple(zip(lengths, wanted, strict=True))
+        self._log_stretch(begun, run.ticks, made, batch_verdicts(streams, lengths), server)
         return []
 
     def _emit(self, row: _Row, count: int, server: _Server) -> None:
@@ -1005,16 +1011,17 @@ class ServingSimulation:
         self._finish_if_done(row, server)
 
     def _log_stretch(
-        self, begun: tuple[float, int, int, int], ticks: int, longest: int, verdicts: tuple[bool, ...],
-        server: _Server, stopped: bool = False,
+        self, begun: tuple[float, int, int, int], ticks: int, made: tuple[tuple[int, int], ...],
+        verdicts: tuple[bool, ...], server: _Server, stopped: bool = False,
     ) -> None:  # fmt: skip
         """A continuous PPSD batch's stretch of decode as one pass of kind "ppsd" (`PassLog`): `begun` (its start in
-        µs, rows, context and the most tokens a row asked from where it resumed), its ticks, longest output from
-        there and verdicts."""
+        µs, rows, context and the most tokens a row asked from where it resumed), its ticks, each row's (tokens made,
+        tokens asked) from there and its verdicts."""
         start, batch, context, asked = begun
         elapsed_s = (self.env.now - start) / 1e6
+        longest = max(count for count, _ in made)
         log = PassLog("ppsd", start / 1e6, elapsed_s, batch, ticks, context, context + longest - 2, verdicts,
-                      server.index, asked, stopped)  # fmt: skip
+                      server.index, asked, stopped, made)  # fmt: skip
         self.result.book(log, rounds=ticks)
         self.result.drafted += len(verdicts)
         self.result.accepted += sum(verdicts)
@@ -1139,14 +1146,16 @@ class ServingSimulation:
         if log.kind == "prefill":
             return self.prefill_us(log.tokens, log.batch)
         if log.kind == "ppsd" and log.stopped:  # decoded towards the tokens asked, stopped after its ticks
-            return self.ppsd_us(log.context, log.asked, log.verdicts, log.batch, log.asked, stop_ticks=log.tokens)
+            return self.ppsd_us(log.context, log.asked, log.verdicts, log.batch, log.asked, stop_ticks=log.tokens,
+                                rows=log.rows)  # fmt: skip
         if log.kind == "ppsd":
-            return self.ppsd_us(log.context, log.furthest - log.context + 2, log.verdicts, log.batch, log.asked)
+            output = log.furthest - log.context + 2
+            return self.ppsd_us(log.context, output, log.verdicts, log.batch, log.asked, rows=log.rows)
         return self.round_us(log.batch, log.tokens, log.context, log.furthest, reads)
 
     def ppsd_us(
         self, prompt_len: int, output_len: int, verdicts: Sequence[bool], batch: int = 1, asked: int = 0,
-        stop_ticks: int | None = None,
+        stop_ticks: int | None = None, rows: Sequence[tuple[int, int]] = (),
     ) -> float:  # fmt: skip
         """A PPSD decode of `output_len` tokens after a `prompt_len`-token prompt whose checked drafts go as
         `verdicts` (in order; the draft for generated token i + 1 is the i-th) on the plan's stages: alone, or a
@@ -1154,12 +1163,19 @@ class ServingSimulation:
         as the longest: its ticks and the batch's width; rows that ended sooner ran on in the executor's batch).
         `asked`: the tokens asked, where the decode ended at an EOS before them (a captured pipe's block of reads
         runs on past it, unread). `stop_ticks`: the decode stopped at the host read after that many ticks (continuous
-        batching's join): its time to that read."""
+        batching's join): its time to that read. `rows`: each row's (tokens made, tokens asked) as `PassLog.rows`
+        (then each row runs to its own; in a stopped decode the rows that made the most were going on, towards the
+        tokens they asked)."""
         policy, past_end = make_policy(self.plan.policy), max(0, asked - output_len)
-        rows = [BatchRow(VerdictStream(verdicts), policy, output_len, past_end=past_end) for _ in range(batch)]
+        batch_rows = [BatchRow(VerdictStream(verdicts), policy, output_len, past_end=past_end) for _ in range(batch)]
+        if rows:
+            most = max(made for made, _ in rows)
+            lengths = [(wanted if stop_ticks is not None and made == most else made, wanted) for made, wanted in rows]
+            batch_rows = [BatchRow(VerdictStream(verdicts), policy, length, past_end=wanted - length)
+                          for length, wanted in lengths]  # fmt: skip
         if stop_ticks is None:
-            return decode_rows(self.ppsd_plan, prompt_len, rows)[0].decode_time_us
-        decode = LockstepDecode(self.ppsd_plan, prompt_len, rows)
+            return decode_rows(self.ppsd_plan, prompt_len, batch_rows)[0].decode_time_us
+        decode = LockstepDecode(self.ppsd_plan, prompt_len, batch_rows)
         while decode.advance():
             if decode.ticks >= stop_ticks:
                 return decode.at_us

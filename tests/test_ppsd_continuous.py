@@ -113,7 +113,7 @@ def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages,
     simulation = ServingSimulation(plan, point.workload, 3, None, ppsd_batching="continuous")
     simulation.ppsd_plan = plan  # read as the executor was made to read
     simulated = simulation.run()
-    shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest, g.asked, g.stopped) for g in logs]  # noqa: E731
+    shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest, g.asked, g.stopped, g.rows) for g in logs]  # noqa: E731
     assert shape(served.result.passes) == shape(simulated.passes)
     for result in (served.result, simulated):
         check_stretches(result, 3)
@@ -201,4 +201,32 @@ def test_a_stretch_stopped_before_a_rows_eos_is_costed_as_charged(tmp_path) -> N
     result = simulate_serving(point)
     assert [log.stopped for log in result.passes if log.kind == "ppsd"] == [True, False]
     fresh = ServingSimulation(point.plan, point.workload, 2, None, ppsd_batching="continuous")
+    assert logged_ratios(fresh, result.passes) == pytest.approx([1.0] * len(result.passes), rel=1e-9)
+
+
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_batches_whose_rows_ask_and_end_apart_are_costed_as_charged(tmp_path, batching) -> None:
+    """Rows asking different numbers of tokens, some ending at their EOS (a trace replay), captured (the host reads
+    every 8 ticks): a row the host has read to its end shortens the blocks of reads for the others, so each logged
+    decode carries its rows' tokens made and asked (`PassLog.rows`), and costing it again gives what was charged."""
+    from test_sim_eos import hand_trace
+
+    workload = {"requests": 40, "seed": 5, "arrival": {"process": "poisson", "rate_per_s": 20000.0},
+                "prompt_len": {"dist": "uniform", "low": 1, "high": 64},
+                "output_len": {"dist": "uniform", "low": 1, "high": 30}}  # fmt: skip
+    serving = {"methods": ["ppsd"], "workload": workload, "ppsd_batching": batching,
+               "by_method": {"ppsd": {"serving.max_batch": 3}}}  # fmt: skip
+    fields = {
+        "latency": {"roofline": {}},
+        "topology": {"stages": 2, "gpu": "H100"},
+        "exit_layer": 4,
+        "ppsd_backend": "sequential",
+        "acceptance": {"trace": str(hand_trace(tmp_path)), "reuse": "cycle"},
+    }
+    (point,) = load_serving_points(write_scenario(tmp_path, serving, **fields))
+    result = ServingSimulation(point.plan, point.workload, 3, None, ppsd_batching=batching).run()
+    decodes = [log for log in result.passes if log.kind == "ppsd"]
+    assert any(len({wanted for _, wanted in log.rows}) > 1 for log in decodes)  # rows asking apart
+    assert any(made < wanted for log in decodes for made, wanted in log.rows if made > 1)  # an EOS
+    fresh = ServingSimulation(point.plan, point.workload, 3, None, ppsd_batching=batching)
     assert logged_ratios(fresh, result.passes) == pytest.approx([1.0] * len(result.passes), rel=1e-9)

@@ -218,7 +218,7 @@ def test_the_executor_logs_the_ppsd_decodes_the_simulator_runs(tmp_path, batch):
         (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
         (point,) = load_serving_points(tmp_path / "s.yaml")
         simulated = ServingSimulation(point.plan, point.workload, batch, None).run()
-        shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest, g.asked) for g in logs]  # noqa: E731
+        shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest, g.asked, g.rows) for g in logs]  # noqa: E731
         assert shape(served.passes) == shape(simulated.passes)
         decodes = [log for log in served.passes if log.kind == "ppsd"]
         assert any(not all(log.verdicts) for log in decodes) and any(sum(log.verdicts) for log in decodes)
