@@ -230,3 +230,27 @@ def test_batches_whose_rows_ask_and_end_apart_are_costed_as_charged(tmp_path, ba
     assert any(made < wanted for log in decodes for made, wanted in log.rows if made > 1)  # an EOS
     fresh = ServingSimulation(point.plan, point.workload, 3, None, ppsd_batching=batching)
     assert logged_ratios(fresh, result.passes) == pytest.approx([1.0] * len(result.passes), rel=1e-9)
+
+
+def test_a_closed_loops_continuous_batches_are_the_simulators(tmp_path) -> None:
+    """Two users, no think time, batches of up to 2 with rows of different lengths, continuous: a row's request leaves
+    when the host reads its end and its user's next request, sent then, joins the row going on at that very read,
+    in the executor as in the simulator: the same passes, and every request's tokens AR's alone."""
+    (tmp_path / "t.csv").write_text("arrival_s,prompt_len,output_len\n0.0,3,3\n", encoding="utf-8")
+    scenario = tiny_scenario(tmp_path, [3])
+    scenario["serving"]["workload"] = {"arrival": {"process": "trace", "path": "t.csv"},
+                                       "prompt_len": {"dist": "trace"}, "output_len": {"dist": "trace"}}  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
+    (point,) = load_serving_points(tmp_path / "s.yaml")
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=6, vocab=60, seed=1)), 3, 0.1)
+    outputs = [10, 2, 4, 4, 6, 3, 7, 1, 5]
+    workload = ServingWorkload(tuple(Request(i, 3, n, None, 0.0) for i, n in enumerate(outputs)), users=2)
+    prompts = [[1 + (5 * i + j) % 40 for j in range(3)] for i in range(len(outputs))]
+    served = serve(model, workload, prompts, method="ppsd", stages=2, stage_boundaries=[3], max_batch=2,
+                   ppsd_batching="continuous")  # fmt: skip
+    for request, prompt, output in zip(workload.requests, prompts, served.outputs, strict=True):
+        assert output == alone(model, prompt, request.output_len, None)
+    simulated = ServingSimulation(point.plan, workload, 2, None, ppsd_batching="continuous").run()
+    shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest, g.asked, g.stopped, g.rows) for g in logs]  # noqa: E731
+    assert shape(served.result.passes) == shape(simulated.passes)
+    assert sum(log.stopped for log in simulated.passes) >= 3  # users' next requests joined running rows

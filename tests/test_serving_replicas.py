@@ -43,14 +43,15 @@ def requests(count: int, gap_s: float, users: int | None = None) -> tuple[Servin
 
 
 @pytest.mark.parametrize(
-    ("method", "dispatch", "batch"),
-    [("ar", "round_robin", 2), ("eesd", "least_loaded", 2), ("ppsd", "least_tokens", 1), ("ppsd", "least_loaded", 3)],
-)
-def test_replicas_serve_every_request_as_ar_alone(model_dir, method, dispatch, batch):
+    ("method", "dispatch", "batch", "batching"),
+    [("ar", "round_robin", 2, None), ("eesd", "least_loaded", 2, None), ("ppsd", "least_tokens", 1, "static"),
+     ("ppsd", "least_loaded", 3, "static"), ("ppsd", "round_robin", 3, "continuous")],
+)  # fmt: skip
+def test_replicas_serve_every_request_as_ar_alone(model_dir, method, dispatch, batch, batching):
     path, model = model_dir
     workload, prompts = requests(14, 0.0005)  # arrivals that overlap: every rule uses both replicas
-    options = {"stages": 2} if method == "ppsd" else {"exit_layer": 2, "policy": "fixed:2"}
-    options["max_batch"] = batch  # PPSD's static lockstep batches, AR's and EESD's slots
+    options = {"stages": 2, "ppsd_batching": batching} if method == "ppsd" else {"exit_layer": 2, "policy": "fixed:2"}
+    options["max_batch"] = batch  # PPSD's lockstep batches (static or joined at reads), AR's and EESD's slots
     outcome = serve_replicas(path, workload, prompts, replicas=2, dispatch=dispatch, method=method, **options)
     for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
         assert output == alone(model, prompt, request.output_len), request
