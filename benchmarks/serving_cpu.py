@@ -269,7 +269,8 @@ def serve_options(point: Any) -> dict[str, Any]:
             raise SystemExit(f"{SCENARIO.name}: case {point.case}: ppsd_backend must be sequential on this CPU")
         bounds = [stage.layer_end for stage in plan.stages[:-1]]
         options.update(stages=len(plan.stages), stage_boundaries=bounds, exit_layer=plan.exit_layer, head="shared",
-                       backend="sequential", ppsd_batching=point.ppsd_batching)  # fmt: skip
+                       backend="sequential", ppsd_batching=point.ppsd_batching,
+                       ppsd_join_min=point.ppsd_join_min)  # fmt: skip
     return options
 
 

@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: static; serve-sim's serving.ppsd_batching)",
     )  # fmt: skip
     parser.add_argument(
+        "--ppsd-join-min", type=int, default=1,
+        help="ppsd, continuous: the fewest waiting requests that stop the running batch to join it, or as many as the "
+        "slots free if fewer (default: 1; serve-sim's serving.ppsd_join_min)",
+    )  # fmt: skip
+    parser.add_argument(
         "--stages", type=int, default=None, help="ppsd: pipeline stages (default: 2, or what --stage-boundaries cut); "
         "it drafts at the end of stage 1 (with --head FILE, at the head's exit layer)",
     )  # fmt: skip
@@ -124,7 +129,7 @@ FLAG_USERS = (
     ("--head", "head", ("eesd", "ppsd")),
     ("--stages", "stages", ("ppsd",)), ("--stage-boundaries", "stage_boundaries", ("ppsd",)),
     ("--backend", "backend", ("ppsd",)), ("--ppsd-max-batch", "ppsd_max_batch", ("ppsd",)),
-    ("--ppsd-batching", "ppsd_batching", ("ppsd",)),
+    ("--ppsd-batching", "ppsd_batching", ("ppsd",)), ("--ppsd-join-min", "ppsd_join_min", ("ppsd",)),
     ("--dispatch", "dispatch", None),
 )  # fmt: skip
 
@@ -152,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     args.stages = stage_count(args.stages, args.stage_boundaries)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    for flag, value in (("--max-batch", args.max_batch), ("--ppsd-max-batch", args.ppsd_max_batch)):
+    if args.ppsd_join_min != 1 and args.ppsd_batching != "continuous":
+        raise ValueError("--ppsd-join-min is continuous batching's: give it with --ppsd-batching continuous")
+    for flag, value in (("--max-batch", args.max_batch), ("--ppsd-max-batch", args.ppsd_max_batch),
+                        ("--ppsd-join-min", args.ppsd_join_min)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.json is not None:
@@ -263,6 +271,7 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
             stage_boundaries=args.stage_boundaries,
             backend=args.backend,
             ppsd_batching=args.ppsd_batching,
+            ppsd_join_min=args.ppsd_join_min,
         )
     if args.replicas > 1:  # each worker loads the model and warms up itself
         import torch
@@ -292,6 +301,7 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
             backend=args.backend,
             max_batch=args.ppsd_max_batch,
             batching=args.ppsd_batching,
+            join_min=args.ppsd_join_min,
         )
     return row, outcome
 

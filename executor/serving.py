@@ -302,12 +302,14 @@ class PipelineDecoder:
         fallback: bool = False,
         rows: int = 1,
         continuous: bool = False,
+        join_min: int = 1,
     ) -> None:
         """`capture` resolved (`resolve_capture`); `fallback`: a pass that fails to compile runs uncaptured (as
-        `capture="auto"` asks); `rows`: the widest batch; `continuous`: requests join running batches (`join`)."""
+        `capture="auto"` asks); `rows`: the widest batch; `continuous`: requests join running batches (`join`),
+        `join_min` of them at once (or as many as the slots free)."""
         self.adapter, self.config, self.eos, self.backend, self.capture = adapter, config, eos, backend, capture
         self.fallback = fallback
-        self.method, self.capacity, self.continuous = "ppsd", capacity, continuous
+        self.method, self.capacity, self.continuous, self.join_min = "ppsd", capacity, continuous, join_min
         self.plan = plan_stages(adapter.num_layers, stages, stage_boundaries, exit_layer)
         self.head = resolve_head(head, adapter, self.plan.exit_layer)
         extra = getattr(self.head, "extra_layers", 0)
@@ -426,6 +428,7 @@ def serve(
     stage_boundaries: Sequence[int] | None = None,
     backend: str = "sequential",
     ppsd_batching: str = "static",
+    ppsd_join_min: int = 1,
     replica: Any = None,
 ) -> ServeOutcome:
     """Serve `workload` (arrival times in seconds from the call, or a closed loop) with continuous batching; request
@@ -434,7 +437,8 @@ def serve(
     decode passes run as `capture` says ("none", or on a GPU "graph", "compile-layers" or "auto"; module docstring).
     PPSD takes `stages`, `stage_boundaries` and `backend` as `executor.ppsd.decode_ppsd` does (backend "sequential"
     or "streams"), its exit layer inside stage 1 (default: stage 1's end), and serves batches of up to `max_batch`
-    requests, static or, with `ppsd_batching="continuous"`, joined by new requests at host reads (module docstring).
+    requests, static or, with `ppsd_batching="continuous"`, joined by new requests at host reads (`ppsd_join_min` of
+    them at once, or as many as the slots free; module docstring).
     `max_batch` defaults to 8 for AR and EESD, 1 for PPSD. `replica` (internal): a replica worker's link to its
     dispatcher (`executor.replicas`): its requests come from there instead of the workload's arrivals."""
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
@@ -451,9 +455,11 @@ def serve(
     if method == "ppsd":
         if ppsd_batching not in PPSD_BATCHING:
             raise ValueError(f"ppsd_batching must be one of {', '.join(PPSD_BATCHING)}, got {ppsd_batching!r}")
+        if isinstance(ppsd_join_min, bool) or not isinstance(ppsd_join_min, int) or ppsd_join_min < 1:
+            raise ValueError(f"ppsd_join_min must be an integer >= 1, got {ppsd_join_min!r}")
         pipeline = dict(stages=stages, stage_boundaries=stage_boundaries, exit_layer=exit_layer, head=head,
                         backend=backend, fallback=capture == "auto",
-                        continuous=ppsd_batching == "continuous")  # fmt: skip
+                        continuous=ppsd_batching == "continuous", join_min=ppsd_join_min)  # fmt: skip
         return _serve_ppsd(adapter, workload, prompts, config, mode, max_batch, kv_capacity_tokens, eos_token_id,
                            clock, sleep, pipeline, replica)  # fmt: skip
     exit_head = None
@@ -531,6 +537,7 @@ def _serve_ppsd(
         adapter, stages=pipeline["stages"], stage_boundaries=pipeline["stage_boundaries"], exit_layer=exit_layer,
         head=head, backend=pipeline["backend"], capacity=capacity, config=config, eos=eos, capture=capture,
         fallback=pipeline["fallback"], rows=max_batch, continuous=pipeline["continuous"],
+        join_min=pipeline["join_min"],
     )  # fmt: skip
     admission = Admission(max_batch, kv_capacity_tokens, tokens_of)
     loop = _loop(replica, decoder, workload, prompts, admission, lambda _: None)
@@ -773,11 +780,12 @@ class _ServeLoop:
         self.ppsd_left.add(index)
 
     def _ppsd_stop(self, now: Callable[[], float]) -> Callable[[], bool]:
-        """Continuous batching's question at each host read: has a request arrived that admission lets in now?"""
+        """Continuous batching's question at each host read: have requests arrived that admission lets in now, as
+        many as `join_min` (or the slots free, if fewer)?"""
 
         def stop() -> bool:
             self._arrivals(now())
-            return self.admission.ready()
+            return self.admission.joinable(self.decoder.join_min)
 
         return stop
 

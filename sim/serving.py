@@ -48,10 +48,11 @@ The schedule (the executor's `executor.serving` runs the same one):
   8 ticks; uncaptured, at once, as the executor's serving loop reads every tick), but its slot is not
   refilled mid-decode: the next batch starts when the last row is done (with the requests due by then). With
   `ppsd_batching: continuous` requests join a running batch instead: at each host read of the device (the only
-  moments the host may act), if a request waits and admission lets it in (a slot free, room in the KV budget), the
-  decode stops there; the requests waiting (as admission lets them in) are prefilled together and join the rows going
-  on, and the pipe starts afresh from every row's last token (its in-flight drafts thrown away: a flush's refill,
-  paid by the whole batch). Each stretch between two joins is logged as its own "ppsd" pass (`stopped` where a join
+  moments the host may act), if a request waits and admission lets it in (a slot free, room in the KV budget; with
+  `ppsd_join_min: k`, k requests, or as many as there are free slots if fewer), the decode stops there; the
+  requests waiting (as admission lets them in) are prefilled together and join the rows going on, and the pipe
+  starts afresh from every row's last token (its in-flight drafts thrown away: a flush's refill, paid by the whole
+  batch). Each stretch between two joins is logged as its own "ppsd" pass (`stopped` where a join
   cut it). The free-running pipe (`ppsd_backend: free`) serves one request at a time. A batch's decode is logged as
   one pass of kind "ppsd" (its ticks, longest prompt, last position the span reached and the batch's verdicts), and
   a PPSD run counts ticks as its rounds (`tokens_per_round` is tokens per tick: batch / stages for AR through the
@@ -73,6 +74,7 @@ Times in the simulation are µs; records and metrics are in seconds and millisec
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import statistics
@@ -133,6 +135,7 @@ class ServingConfig(_Strict):
     slo: SLO = SLO()
     cases: list[dict[str, Any]] | None = Field(None, min_length=1)
     ppsd_batching: Literal["static", "continuous"] = "static"  # PPSD's batches (module docstring)
+    ppsd_join_min: int = Field(1, ge=1, le=MAX_BATCH)  # continuous: the fewest waiting requests that stop a decode
 
     @field_validator("kv_capacity_tokens", mode="before")
     @classmethod
@@ -171,6 +174,7 @@ class ServingPoint:
     dispatch: str = "least_loaded"
     notes: tuple[str, ...] = ()  # how its passes are costed where the calibration files do not simply hold
     ppsd_batching: str = "static"
+    ppsd_join_min: int = 1
 
     @property
     def devices(self) -> int:
@@ -271,6 +275,11 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
             max_batch = _ppsd_batch(config, method_config) if method == "ppsd" else method_config.max_batch
             plan, scenario = _plan(path, method_data, method, workload, max_batch, where, models[method])
             _check_free_batch(plan, max_batch, method_config.ppsd_batching, where)
+            if method_config.ppsd_join_min != 1 and method_config.ppsd_batching != "continuous":
+                raise ScenarioError(
+                    f"{where}: serving.ppsd_join_min: continuous batching's (serving.ppsd_batching: continuous); "
+                    f"PPSD's batches here are {method_config.ppsd_batching}"
+                )
             _check_trace_covers(plan, scenario, workload, where)
             capacity = _kv_capacity(plan, method_config.kv_capacity_tokens)
             _check_fits(plan, workload, capacity, where)
@@ -280,6 +289,7 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
             points.append(ServingPoint(
                 case, method, rate, plan, workload, max_batch, capacity, config.slo, where,
                 method_config.replicas, method_config.dispatch, notes, method_config.ppsd_batching,
+                method_config.ppsd_join_min,
             ))  # fmt: skip
     return points
 
@@ -586,12 +596,18 @@ class Admission:
     def arrive(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def ready(self) -> bool:
-        """Whether the head of the queue may enter now (a slot free and room in the cache); nothing changes."""
-        if not self.waiting or self.running >= self.max_batch:
+    def ready(self, count: int = 1) -> bool:
+        """Whether the first `count` requests of the queue may all enter now (slots free and room in the cache);
+        nothing changes."""
+        if len(self.waiting) < count or self.running + count > self.max_batch:
             return False
-        need = self.tokens(self.waiting[0])
+        need = sum(self.tokens(request) for request in itertools.islice(self.waiting, count))
         return self.kv_capacity is None or self.kv_used + need <= self.kv_capacity
+
+    def joinable(self, join_min: int) -> bool:
+        """Continuous PPSD batching's rule at a host read: `join_min` waiting requests may enter now, or as many as
+        the slots free if fewer (at least one)."""
+        return self.ready(max(1, min(join_min, self.max_batch - self.running)))
 
     def next(self) -> Request | None:
         """The head of the queue if it may enter now (`ready`), else None."""
@@ -765,6 +781,7 @@ class ServingSimulation:
         replicas: int = 1,
         dispatch: str = "least_loaded",
         ppsd_batching: str = "static",
+        ppsd_join_min: int = 1,
     ) -> None:
         if plan.method not in SERVING_METHODS:
             raise ValueError(f"method must be ar, eesd or ppsd: {plan.method}")
@@ -778,9 +795,12 @@ class ServingSimulation:
                 f"ppsd_batching must be one of {PPSD_BATCHING} (continuous on a lockstep backend), got "
                 f"{ppsd_batching!r}"
             )
+        if isinstance(ppsd_join_min, bool) or not isinstance(ppsd_join_min, int) or ppsd_join_min < 1:
+            raise ValueError(f"ppsd_join_min must be an integer >= 1, got {ppsd_join_min!r}")
         if replicas < 1 or dispatch not in DISPATCH:
             raise ValueError(f"need replicas >= 1 and dispatch in {DISPATCH}: got {replicas}, {dispatch!r}")
         self.plan, self.workload, self.dispatch, self.ppsd_batching = plan, workload, dispatch, ppsd_batching
+        self.ppsd_join_min = ppsd_join_min
         self.env = simpy.Environment()
         self.kv_tokens = tokens = plan_kv_tokens(plan)
         # PPSD's decodes read the device as the executor's serving loop reads it, which takes no `sync_every`
@@ -985,7 +1005,7 @@ class ServingSimulation:
             if start + decode.at_us > env.now:
                 yield env.timeout(start + decode.at_us - env.now)
             yield env.timeout(0)  # arrivals due now first (a closed loop's user sent one as a row ended)
-            if server.admission.ready():
+            if server.admission.joinable(self.ppsd_join_min):
                 going = [row for index, row in enumerate(rows) if index not in left]
                 for row in going:
                     self._emit(row, decode.emitted, server)
@@ -1284,6 +1304,7 @@ def simulate_serving(point: ServingPoint) -> ServingResult:
         point.replicas,
         point.dispatch,
         point.ppsd_batching,
+        point.ppsd_join_min,
     ).run()
 
 

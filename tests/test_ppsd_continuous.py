@@ -44,11 +44,13 @@ def check_stretches(result, max_batch: int) -> None:
     sample=st.booleans(),
     max_batch=st.integers(1, 4),
     sync_every=st.integers(1, 5),
+    join_min=st.integers(1, 3),
 )
-def test_ppsd_served_in_continuous_batches_equals_ar_alone(case, stages, sample, max_batch, sync_every):
+def test_ppsd_served_in_continuous_batches_equals_ar_alone(case, stages, sample, max_batch, sync_every, join_min):
     """Rows join a running batch at host reads (their KV prefilled into the rows after those going on, which move
     up, and the pipe restarted from every row's last token), leave at their own lengths or EOS, for any number of
-    ticks between reads: every request's tokens are AR's alone, greedy and with exact sampling."""
+    ticks between reads, 1-3 requests at least to a join: every request's tokens are AR's alone, greedy and with
+    exact sampling."""
     model, _, workload, prompts, eos = case
     stages = min(stages, model.config.num_hidden_layers)
     sampling = dict(do_sample=True, temperature=0.9, top_k=0, seed=3) if sample else {}
@@ -56,7 +58,7 @@ def test_ppsd_served_in_continuous_batches_equals_ar_alone(case, stages, sample,
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(serving_module, "resolve_sync_every", lambda given, capture: sync_every)
         outcome = serve(model, workload, prompts, method="ppsd", stages=stages, eos_token_id=eos, sampling=config,
-                        max_batch=max_batch, ppsd_batching="continuous")  # fmt: skip
+                        max_batch=max_batch, ppsd_batching="continuous", ppsd_join_min=join_min)  # fmt: skip
     for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
         assert output == alone(model, prompt, request.output_len, eos, **sampling), request
     result = outcome.result
@@ -84,9 +86,10 @@ def tiny_scenario(tmp_path, bounds: list[int], lengths=LENGTHS, **serving) -> di
 
 
 @pytest.mark.parametrize(
-    ("stages", "bounds", "sync_every", "late"), [(2, [3], 1, 0.3), (3, [2, 4], 1, 0.3), (3, [2, 4], 4, 0.0)]
+    ("stages", "bounds", "sync_every", "late", "join_min"),
+    [(2, [3], 1, 0.3, 1), (3, [2, 4], 1, 0.3, 1), (3, [2, 4], 4, 0.0, 1), (2, [3], 1, 0.3, 3)],
 )
-def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages, bounds, sync_every, late):
+def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages, bounds, sync_every, late, join_min):
     """Every request there at time 0, no EOS, 3 slots: in lockstep every row going on emits one token a tick with
     the others, so which row ends first, and at which read a request joins, does not hang on acceptance or speed. The
     executor and the simulator log the same prefills (the first batch, then each join's) and stretches (rows,
@@ -101,23 +104,25 @@ def test_the_executor_and_the_simulator_join_at_the_same_reads(tmp_path, stages,
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(serving_module, "resolve_sync_every", lambda given, capture: sync_every)
         served = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=stages,
-                       stage_boundaries=bounds, max_batch=3, ppsd_batching="continuous")  # fmt: skip
+                       stage_boundaries=bounds, max_batch=3, ppsd_batching="continuous",
+                       ppsd_join_min=join_min)  # fmt: skip
     for request, prompt, output in zip(requests, prompts, served.outputs, strict=True):
         assert output == alone(model, prompt, request.output_len, None)
     scenario = tiny_scenario(tmp_path, bounds)
     scenario["acceptance"] = {"alpha": 1.0 if late == 0.0 else 0.5}
+    scenario["serving"]["ppsd_join_min"] = join_min
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
     (point,) = load_serving_points(tmp_path / "s.yaml")
-    assert point.ppsd_batching == "continuous"
+    assert (point.ppsd_batching, point.ppsd_join_min) == ("continuous", join_min)
     plan = dataclasses.replace(point.plan, sync_every=sync_every)
-    simulation = ServingSimulation(plan, point.workload, 3, None, ppsd_batching="continuous")
+    simulation = ServingSimulation(plan, point.workload, 3, None, ppsd_batching="continuous", ppsd_join_min=join_min)
     simulation.ppsd_plan = plan  # read as the executor was made to read
     simulated = simulation.run()
     shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest, g.asked, g.stopped, g.rows) for g in logs]  # noqa: E731
     assert shape(served.result.passes) == shape(simulated.passes)
     for result in (served.result, simulated):
         check_stretches(result, 3)
-        assert sum(log.stopped for log in result.passes) >= 3  # requests joined mid-decode
+        assert sum(log.stopped for log in result.passes) >= (3 if join_min == 1 else 1)  # requests joined mid-decode
         assert [r.index for r in sorted(result.records, key=lambda r: (r.start_s, r.index))] == list(range(10))
     for log in served.result.passes:
         if log.kind != "ppsd":
@@ -175,6 +180,11 @@ def test_continuous_ppsd_batching_is_checked_where_it_is_given(tmp_path, capsys)
     workload = ServingWorkload((Request(0, 3, 4, 0.0),))
     with pytest.raises(ValueError, match="ppsd_batching must be one of static, continuous"):
         serve(model, workload, [[1, 2, 3]], method="ppsd", ppsd_batching="rolling")
+    with pytest.raises(ValueError, match="ppsd_join_min must be an integer >= 1, got 0"):
+        serve(model, workload, [[1, 2, 3]], method="ppsd", ppsd_batching="continuous", ppsd_join_min=0)
+    serving = {"workload": poisson(5, 1.0), "ppsd_join_min": 2}
+    with pytest.raises(ScenarioError, match="serving.ppsd_join_min: continuous batching's"):
+        load_serving_points(write_scenario(tmp_path, {"methods": ["ppsd"], **serving}, **PPSD_FIELDS))
     with pytest.raises(SystemExit) as exit_:
         eesd(["serve-bench", "--model", "nowhere", "--workload", "w.yaml", "--methods", "ppsd",
               "--ppsd-batching", "rolling"])  # fmt: skip
@@ -182,6 +192,9 @@ def test_continuous_ppsd_batching_is_checked_where_it_is_given(tmp_path, capsys)
     code = eesd(["serve-bench", "--model", "nowhere", "--workload", "w.yaml", "--methods", "ar",
                  "--ppsd-batching", "continuous"])  # fmt: skip
     assert code != 0 and "--ppsd-batching" in capsys.readouterr().err
+    code = eesd(["serve-bench", "--model", "nowhere", "--workload", "w.yaml", "--methods", "ppsd",
+                 "--ppsd-join-min", "2"])  # fmt: skip
+    assert code != 0 and "--ppsd-join-min is continuous batching's" in capsys.readouterr().err
 
 
 def test_a_stretch_stopped_before_a_rows_eos_is_costed_as_charged(tmp_path) -> None:
@@ -254,3 +267,31 @@ def test_a_closed_loops_continuous_batches_are_the_simulators(tmp_path) -> None:
     shape = lambda logs: [(g.kind, g.batch, g.context, g.furthest, g.asked, g.stopped, g.rows) for g in logs]  # noqa: E731
     assert shape(served.result.passes) == shape(simulated.passes)
     assert sum(log.stopped for log in simulated.passes) >= 3  # users' next requests joined running rows
+
+
+@pytest.mark.parametrize("join_min", [1, 2])
+def test_join_min_holds_a_lone_request_back_from_a_running_batch(tmp_path, join_min) -> None:
+    """Three rows, two of which end at the same read, freeing two slots, and one request waiting: with
+    `ppsd_join_min` 1 it joins the row going on there; with 2 it is not enough (two slots free, one request), so the
+    batch runs on to its end and the request starts a batch of its own. The executor and the simulator agree."""
+    lengths = [(5, 4), (6, 4), (7, 12), (4, 6)]
+    model = scale_late_layers(tiny_model(TinySpec(num_layers=6, vocab=60, seed=4)), 3, 0.3)
+    requests = tuple(Request(i, p, o, 0.0) for i, (p, o) in enumerate(lengths))
+    prompts = [[1 + (3 * i + j) % 50 for j in range(p)] for i, (p, _) in enumerate(lengths)]
+    served = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=2, stage_boundaries=[3],
+                   max_batch=3, ppsd_batching="continuous", ppsd_join_min=join_min)  # fmt: skip
+    for request, prompt, output in zip(requests, prompts, served.outputs, strict=True):
+        assert output == alone(model, prompt, request.output_len, None)
+    scenario = tiny_scenario(tmp_path, [3], lengths)
+    scenario["serving"]["ppsd_join_min"] = join_min
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
+    (point,) = load_serving_points(tmp_path / "s.yaml")
+    simulated = ServingSimulation(point.plan, point.workload, 3, None, ppsd_batching="continuous",
+                                  ppsd_join_min=join_min).run()  # fmt: skip
+    shape = lambda logs: [(g.kind, g.batch, g.stopped, g.rows) for g in logs]  # noqa: E731
+    assert shape(served.result.passes) == shape(simulated.passes)
+    kinds = [(log.kind, log.batch, log.stopped) for log in simulated.passes]
+    if join_min == 1:
+        assert kinds == [("prefill", 3, False), ("ppsd", 3, True), ("prefill", 1, False), ("ppsd", 2, False)]
+    else:
+        assert kinds == [("prefill", 3, False), ("ppsd", 3, False), ("prefill", 1, False), ("ppsd", 1, False)]
