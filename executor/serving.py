@@ -722,13 +722,12 @@ class _ServeLoop:
         while not all(r.sink.done for r in batch):
             context = max(len(r.prompt) + len(r.sink.tokens) - 1 for r in batch)
             before = [len(r.sink.tokens) for r in batch]
-            asked = max(r.request.output_len - count + 1 for r, count in zip(batch, before, strict=True))
             begin = now()
             ticks, verdicts, done = decoder.decode(batch, stop)
             end = now()
             made = tuple((len(r.sink.tokens) - count + 1, r.request.output_len - count + 1)
                          for r, count in zip(batch, before, strict=True))  # fmt: skip
-            longest = max(count for count, _ in made)
+            longest, asked = max(count for count, _ in made), max(wanted for _, wanted in made)
             log = PassLog("ppsd", begin, end - begin, len(batch), ticks, context, context + longest - 2, verdicts,
                           asked=asked, stopped=not done, rows=made)  # fmt: skip
             self.result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
@@ -774,8 +773,7 @@ class _ServeLoop:
         running, record = self.ppsd_rows[index], self.records[index]
         if index in self.ppsd_left or math.isnan(record.first_token_s):  # done in its prefill: it leaves after it
             return
-        self.result.tokens += len(running.sink.tokens) - record.tokens
-        record.tokens = len(running.sink.tokens)
+        self._ppsd_count([running])
         self._leave(record, running.request, max(at_s, record.first_token_s))
         self.ppsd_left.add(index)
 

@@ -946,7 +946,7 @@ class ServingSimulation:
         """A batch's decode through the pipeline: the engine's lockstep PPSD schedule for its rows' lengths and
         acceptance streams (`sim.engine.decode_rows`, over the span of the longest prompt), each request leaving
         when the host read its last token; logged as one pass of kind "ppsd" with the batch's verdicts."""
-        env, result, start = self.env, self.result, self.env.now
+        env, start = self.env, self.env.now
         streams = [RecordingStream(row.stream) for row in rows]
         lengths = [row.generated + row.remaining for row in rows]
         batch = [BatchRow(stream, row.policy, length, past_end=row.past_end)
@@ -960,22 +960,11 @@ class ServingSimulation:
                 continue
             if start + reads[index] > env.now:
                 yield env.timeout(start + reads[index] - env.now)
-            emitted, row.remaining = row.remaining, 0
-            row.generated += emitted
-            row.record.tokens += emitted
-            result.tokens += emitted
-            self._finish_if_done(row, server)
+            self._emit(row, row.remaining, server)
         if start + run.decode_time_us > env.now:
             yield env.timeout(start + run.decode_time_us - env.now)
-        verdicts = batch_verdicts(streams, lengths)
-        elapsed_s, furthest = (env.now - start) / 1e6, context + max(lengths) - 2
-        asked = max(row.request.output_len for row in rows)
         made = tuple((length, row.request.output_len) for length, row in zip(lengths, rows, strict=True))
-        log = PassLog("ppsd", start / 1e6, elapsed_s, len(rows), run.ticks, context, furthest, verdicts, server.index,
-                      asked, rows=made)  # fmt: skip
-        result.book(log, rounds=run.ticks)  # a PPSD run's rounds are its ticks
-        result.drafted += len(verdicts)
-        result.accepted += sum(verdicts)
+        self._log_ppsd(start, context, run.ticks, made, batch_verdicts(streams, lengths), server)
 
     def _ppsd_stretch(self, rows: list[_Row], server: _Server) -> Generator[simpy.Event, Any, list[_Row]]:
         """Continuous PPSD batching (module docstring): the rows' lockstep decode from each row's last token, read by
@@ -989,7 +978,6 @@ class ServingSimulation:
                  for stream, row, length in zip(streams, rows, lengths, strict=True)]  # fmt: skip
         context = max(row.request.prompt_len + row.generated - 1 for row in rows)
         wanted = [length + row.past_end for length, row in zip(lengths, rows, strict=True)]  # asked from there
-        begun = (start, len(rows), context, max(wanted))
         decode, left = LockstepDecode(self.ppsd_plan, context, batch), set()
         while True:
             paused = decode.advance()
@@ -1011,7 +999,8 @@ class ServingSimulation:
                     self._emit(row, decode.emitted, server)
                 verdicts = batch_verdicts(streams, lengths, decode.emitted)
                 made = [lengths[i] if i in left else decode.emitted + 1 for i in range(len(rows))]
-                self._log_stretch(begun, decode.ticks, tuple(zip(made, wanted, strict=True)), verdicts, server, True)
+                self._log_ppsd(start, context, decode.ticks, tuple(zip(made, wanted, strict=True)), verdicts, server,
+                               stopped=True)  # fmt: skip
                 joined = yield from self._ppsd_prefill(server.admission.admit_all(), server)
                 return going + [row for row in joined if row.remaining]
         run = decode.result
@@ -1019,7 +1008,7 @@ class ServingSimulation:
         if start + run.decode_time_us > env.now:
             yield env.timeout(start + run.decode_time_us - env.now)
         made = tuple(zip(lengths, wanted, strict=True))
-        self._log_stretch(begun, run.ticks, made, batch_verdicts(streams, lengths), server)
+        self._log_ppsd(start, context, run.ticks, made, batch_verdicts(streams, lengths), server)
         return []
 
     def _emit(self, row: _Row, count: int, server: _Server) -> None:
@@ -1030,18 +1019,16 @@ class ServingSimulation:
         self.result.tokens += count
         self._finish_if_done(row, server)
 
-    def _log_stretch(
-        self, begun: tuple[float, int, int, int], ticks: int, made: tuple[tuple[int, int], ...],
-        verdicts: tuple[bool, ...], server: _Server, stopped: bool = False,
+    def _log_ppsd(
+        self, start: float, context: int, ticks: int, made: tuple[tuple[int, int], ...], verdicts: tuple[bool, ...],
+        server: _Server, stopped: bool = False,
     ) -> None:  # fmt: skip
-        """A continuous PPSD batch's stretch of decode as one pass of kind "ppsd" (`PassLog`): `begun` (its start in
-        µs, rows, context and the most tokens a row asked from where it resumed), its ticks, each row's (tokens made,
-        tokens asked) from there and its verdicts."""
-        start, batch, context, asked = begun
-        elapsed_s = (self.env.now - start) / 1e6
-        longest = max(count for count, _ in made)
-        log = PassLog("ppsd", start / 1e6, elapsed_s, batch, ticks, context, context + longest - 2, verdicts,
-                      server.index, asked, stopped, made)  # fmt: skip
+        """A PPSD decode (a static batch's, or a continuous one's stretch) that began at `start` µs, ending now, as one
+        pass of kind "ppsd" (`PassLog`): its context, ticks, each row's (tokens made, tokens asked) from its first
+        token and its verdicts; its ticks count as rounds."""
+        longest, asked = max(count for count, _ in made), max(wanted for _, wanted in made)
+        log = PassLog("ppsd", start / 1e6, (self.env.now - start) / 1e6, len(made), ticks, context,
+                      context + longest - 2, verdicts, server.index, asked, stopped, made)  # fmt: skip
         self.result.book(log, rounds=ticks)
         self.result.drafted += len(verdicts)
         self.result.accepted += sum(verdicts)
@@ -1186,13 +1173,14 @@ class ServingSimulation:
         batching's join): its time to that read. `rows`: each row's (tokens made, tokens asked) as `PassLog.rows`
         (then each row runs to its own; in a stopped decode the rows that made the most were going on, towards the
         tokens they asked)."""
-        policy, past_end = make_policy(self.plan.policy), max(0, asked - output_len)
-        batch_rows = [BatchRow(VerdictStream(verdicts), policy, output_len, past_end=past_end) for _ in range(batch)]
+        policy = make_policy(self.plan.policy)
         if rows:
             most = max(made for made, _ in rows)
             lengths = [(wanted if stop_ticks is not None and made == most else made, wanted) for made, wanted in rows]
-            batch_rows = [BatchRow(VerdictStream(verdicts), policy, length, past_end=wanted - length)
-                          for length, wanted in lengths]  # fmt: skip
+        else:
+            lengths = [(output_len, max(asked, output_len))] * batch
+        batch_rows = [BatchRow(VerdictStream(verdicts), policy, length, past_end=wanted - length)
+                      for length, wanted in lengths]  # fmt: skip
         if stop_ticks is None:
             return decode_rows(self.ppsd_plan, prompt_len, batch_rows)[0].decode_time_us
         decode = LockstepDecode(self.ppsd_plan, prompt_len, batch_rows)
