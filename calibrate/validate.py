@@ -541,8 +541,7 @@ def _setup(point: Point) -> dict[str, Any]:
 
 def _check_point(path: Path, point: Point, device_type: str) -> None:
     """What the executor can run: AR and EESD in one process on one device (any batch size), PPSD on one of its
-    backends (a batch in lockstep on the one-host backends, one row on the distributed one), every stage on one
-    device (tp 1)."""
+    backends (a batch in lockstep on each), every stage on one device (tp 1)."""
     s = point.scenario
     where = f"{path} (point {point.values or 'the scenario'})"
     if s.acceptance.at_eos != "stop":
@@ -560,11 +559,6 @@ def _check_point(path: Path, point: Point, device_type: str) -> None:
                 f"1, got stages {stages}, tp {s.topology.tp}"
             )
         return
-    if s.workload.batch_size != 1 and s.ppsd_backend == "distributed":
-        raise ValueError(
-            f"{where}: workload.batch_size: the executor's distributed PPSD decodes one prompt at a time; expected 1, "
-            f"got {s.workload.batch_size} (the sequential backend decodes a batch)"
-        )
     if s.max_in_flight is not None:
         raise ValueError(f"{where}: max_in_flight: the executor's PPSD holds one token per stage; drop the field")
     _check_ppsd_backend(where, point, stages, device_type)

@@ -633,7 +633,7 @@ def generate(
     per stage) or "distributed" (one process per stage, torch.distributed); its stats are `executor.ppsd.PPSDStats`.
     A distributed run has no time limit; a stage process that sends no heartbeat for `stall_timeout_s` seconds
     (stopped, or hung) stops it, and a failed, dead or stalled process raises `executor.ppsd_dist.PPSDWorkerError`
-    naming its stage and rank. A batch (local backends; "distributed" decodes one row) moves through the pipe in
+    naming its stage and rank. A batch (every backend) moves through the pipe in
     lockstep: a tick's draft is confirmed only if every row that goes on drafted its full model's token.
 
     `accept_pattern` (EESD only; benchmark only, NOT lossless, never the default) forces the accepted length of
@@ -679,11 +679,6 @@ def generate(
     )  # fmt: skip
     if method == "eesd" and exit_layer is None:
         head, exit_layer = _exit_from_head(adapter, head)
-    if method == "ppsd" and backend == "distributed" and len(prompts) != 1:
-        raise ValueError(
-            f"method 'ppsd' with backend 'distributed' decodes batch size 1, got {len(prompts)} rows; backend "
-            "'sequential' (or 'streams' on a GPU) decodes a batch"
-        )
     check_draft_len(adapter, draft_len)
     check_arguments(adapter, prompts, method, exit_layer, max_new_tokens)
     draft_dtype = check_draft_dtype(adapter, method, draft_dtype)

@@ -17,7 +17,7 @@ with exact sampling, where a position's token is a function of the logits, the s
 With balanced stages, a free head and free links, a confirmed token costs 1 tick and a flushed one n ticks, so at
 acceptance alpha the speedup over AR on the same hardware is n / (alpha + (1 - alpha) n) (never below 1).
 
-A batch (local backends) moves in lockstep: every row's token of one position is in the same stage, and a tick's
+A batch (every backend) moves in lockstep: every row's token of one position is in the same stage, and a tick's
 draft is confirmed only if every row that goes on past it drafted its full model's token; otherwise every row is
 flushed and takes its own correction. A row's draft of a position depends only on its committed text, so each row
 emits AR's tokens and judges the very drafts it would judge alone; the batch confirms where all of its rows do.
@@ -65,7 +65,7 @@ from executor.passes import (
     upload,
 )
 from executor.sampling import SamplingConfig, TokenSelector
-from executor.verify import TickVerdict, judge_tick, tick_verdict
+from executor.verify import TickVerdict, tick_verdict
 from sim.contract import AR_HISTORY, balanced_counts, captured_capacity
 
 BACKENDS = ("sequential", "streams", "distributed")
@@ -312,24 +312,26 @@ def new_stats(plan: StagePlan, backend: str, prompt_tokens: int, rows: int = 1) 
 # ------------------------------------------------------------------------------------------------- one stage's work
 @dataclass
 class Item:
-    """A token in flight: its position, its id (stage 1's input) or hidden state [1, 1, d] (later stages' input),
-    and the draft stage 1 proposed after it (-1 if none enters the pipe: max_new_tokens reached)."""
+    """A tick's tokens in flight, one per row (the rows move in lockstep): their positions, their ids (stage 1's
+    input) or hidden states [B, 1, d] (later stages' input), and the drafts stage 1 proposed after them (-1 if none
+    enters the pipe: max_new_tokens reached)."""
 
-    position: int
-    token: int = -1
+    positions: list[int]
+    tokens: list[int] | None = None
     hidden: torch.Tensor | None = None
-    draft: int = -1
+    drafts: list[int] | None = None
 
 
 @dataclass
 class StageOutput:
-    """What a stage hands on. Token ids stay on the device until the tick is over (no host sync mid-tick)."""
+    """What a stage hands on, for every row. Token ids stay on the device until the tick is over (no host sync
+    mid-tick)."""
 
-    position: int
-    hidden: torch.Tensor  # [1, 1, d]: the input of the next stage
-    draft_id: torch.Tensor | None = None  # stage 1: the exit head's argmax, [1]
-    predicted_id: torch.Tensor | None = None  # last stage: the full model's argmax for position + 1, [1]
-    draft: int = -1  # carried from stage 1 down the pipe (set once resolved on the host)
+    positions: list[int]
+    hidden: torch.Tensor  # [B, 1, d]: the input of the next stage
+    draft_id: torch.Tensor | None = None  # stage 1: the exit head's pick, [B]
+    predicted_id: torch.Tensor | None = None  # last stage: the full model's token for position + 1, [B]
+    drafts: list[int] | None = None  # carried from stage 1 down the pipe (set once resolved on the host)
 
 
 @dataclass(frozen=True)
@@ -401,19 +403,19 @@ class StageRunner:
 
     def prepare(self, item: Item) -> None:
         """This stage's inputs for `item` (host values copied asynchronously) and the books of its KV write."""
-        upload(self.position, [[item.position]])
+        upload(self.position, [[position] for position in item.positions])
         if self.is_first:
-            upload(self.ids, [[item.token]])
+            upload(self.ids, [[token] for token in item.tokens])
         else:
             self.hidden_in.copy_(item.hidden)
-        self.cache.claim(self.cache_layers, [item.position], 1)
+        self.cache.claim(self.cache_layers, item.positions, 1)
 
     def launch(self, item: Item) -> StageOutput:
-        """Run the pass on the prepared `item`, over the span bucket of its position (known on the host)."""
-        self.pass_(span_bucket(item.position, self.cache.max_len, self.bucketed))
+        """Run the pass on the prepared `item`, over the span bucket of its furthest position (known on the host)."""
+        self.pass_(span_bucket(max(item.positions), self.cache.max_len, self.bucketed))
         draft_id = self.draft_id if self.is_first else None
-        return StageOutput(item.position, self.hidden_out, draft_id, self.predicted_id if self.is_last else None,
-                           item.draft)  # fmt: skip
+        return StageOutput(item.positions, self.hidden_out, draft_id, self.predicted_id if self.is_last else None,
+                           item.drafts)  # fmt: skip
 
     def run(self, item: Item) -> StageOutput:
         self.prepare(item)
@@ -495,21 +497,11 @@ def feed_limit(prompt_len: int, max_new_tokens: int) -> int:
     return prompt_len + max_new_tokens - 2
 
 
-def resolve_first(out: StageOutput, limit: int, draft: int | None = None) -> None:
-    """Stage 1's draft (read here unless given), on the host: it enters the pipe after `out` unless the generation
-    ends before."""
-    draft = int(out.draft_id.item()) if draft is None else draft
-    out.draft = draft if out.position + 1 <= limit else -1
-
-
-def judge(out: StageOutput | None, sink: TokenSink, token: int | None = None) -> TickOutcome:
-    """Steps 2-3 on the host: emit the full model's prediction (read here unless given) and judge the draft in flight
-    against it (`executor.verify.judge_tick`; `out` None: nothing left the pipe)."""
-    if out is None:
-        return TickOutcome(judge_tick(False, -1, -1))
-    token = int(out.predicted_id.item()) if token is None else token
-    sink.emit([token])
-    return TickOutcome(judge_tick(True, out.draft, token), token, out.position + 1, sink.done)
+def resolve_first(out: StageOutput, limit: int) -> None:
+    """Stage 1's drafts, read on the host: they enter the pipe after `out` unless the generation ends before (row
+    0's position past `limit`, `feed_limit` of row 0 and the most tokens a row asks: the rows move in lockstep)."""
+    drafts = out.draft_id.tolist()
+    out.drafts = drafts if out.positions[0] + 1 <= limit else [-1] * len(drafts)
 
 
 def commit(selector: TokenSelector, tokens: Sequence[int]) -> None:
@@ -764,7 +756,7 @@ class LocalPipeline:
         emitted_at = last.position.view(rows) + 1
         # [B]: the row emits its EOS or its last token asked for (if a token left)
         ending = (predicted.unsqueeze(1) == self.eos).any(1) | (emitted_at >= self.last_at)
-        verdict = _batch_verdict(own, self.alive, ending)  # [1]
+        verdict = batch_verdict(own, self.alive, ending)  # [1]
         flush = verdict == int(TickVerdict.FLUSH)
         judged = torch.where(self.alive, own, int(TickVerdict.NONE))
         row = torch.cat([verdict, emitted_at[:1], predicted, judged, valid.long()])
@@ -790,7 +782,7 @@ class LocalPipeline:
         valid.copy_(torch.cat([flush | drafted, moved]))
 
 
-def _batch_verdict(own: torch.Tensor, alive: torch.Tensor, ending: torch.Tensor) -> torch.Tensor:
+def batch_verdict(own: torch.Tensor, alive: torch.Tensor, ending: torch.Tensor) -> torch.Tensor:
     """A lockstep batch's verdict [1] from its rows' own [B]: a checked draft is confirmed only if every row that
     goes on past this tick (alive, and not emitting its EOS now) drafted its full model's token. A row ending now
     decides nothing (its draft of the EOS's position is judged, `alive`, and counted by the caller), unless no row
@@ -973,7 +965,7 @@ def decode_ppsd_rows(
 
     The rows move through the pipe in lockstep (`LocalPipeline`): a tick's draft is confirmed only if every row that
     goes on drafted its full model's token, else every row is flushed, so a batch's confirms are rarer than its
-    rows' (`PPSDStats`). The local backends take any batch; the distributed one decodes a single row.
+    rows' (`PPSDStats`). Every backend takes any batch.
 
     `cache` (batch len(prompts)) must hold the longest prompt's length + the largest max_new_tokens positions (None:
     made here). `capture` ("none", "graph", "compile", "compile-layers", "auto") is how the local backends launch a
@@ -995,7 +987,7 @@ def decode_ppsd_rows(
     check_backend(adapter, backend)
     check_stall_timeout(stall_timeout_s)
     head = resolve_head(head, adapter, plan.exit_layer)
-    _check_rows(prompts, sinks, backend)
+    _check_rows(prompts, sinks)
     lengths = [len(prompt) for prompt in prompts]
     selector = make_selector(adapter, lengths, sinks[0], sampling, min_new_tokens)
     capture = prefix_capture(capture, selector.config, "ppsd", backend)
@@ -1006,8 +998,8 @@ def decode_ppsd_rows(
 
         return decode_distributed(
             adapter,
-            prompts[0],
-            sinks[0],
+            prompts,
+            sinks,
             plan,
             sampling=selector.config,
             min_new_tokens=min_new_tokens,
@@ -1025,7 +1017,7 @@ def decode_ppsd_rows(
         )
 
 
-def _check_rows(prompts: list[list[int]], sinks: list[TokenSink], backend: str) -> None:
+def _check_rows(prompts: list[list[int]], sinks: list[TokenSink]) -> None:
     if not prompts or len(prompts) != len(sinks):
         raise ValueError(f"PPSD takes a sink per prompt and at least one prompt, got {len(prompts)} prompts and "
                          f"{len(sinks)} sinks")  # fmt: skip
@@ -1033,11 +1025,6 @@ def _check_rows(prompts: list[list[int]], sinks: list[TokenSink], backend: str) 
         raise ValueError("empty prompt: PPSD needs at least one prompt token in every row")
     if len({sink.eos_token_ids for sink in sinks}) != 1:
         raise ValueError("PPSD's rows move in lockstep: every row's sink must have the same EOS ids")
-    if backend == "distributed" and len(prompts) != 1:
-        raise ValueError(
-            f"backend 'distributed' decodes one row (its stage processes pass one token's state each), got "
-            f"{len(prompts)} rows; use backend 'sequential' (or 'streams' on a GPU) for a batch"
-        )
 
 
 def _check_cache(adapter: ModelAdapter, cache: KVCache | None, head: Any, rows: int, needed: int) -> None:

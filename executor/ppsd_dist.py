@@ -3,13 +3,16 @@
 Each process holds only its stage's decoder layers (the others are replaced by empty placeholders), plus the
 embedding and exit head (stage 1) or the output head (last stage), and a KV cache for its own layers only. The
 processes advance in lockstep ticks with exactly the semantics of executor/ppsd.py, so they produce the same ticks,
-confirms and flushes as the `sequential` reference. One tick on rank r (stage r + 1 of n):
+confirms and flushes as the `sequential` reference, for one row or a batch of B rows in lockstep. One tick on rank r
+(stage r + 1 of n):
 
-    1. run the held token through the stage (stage 1 drafts; the last stage predicts and emits);
-    2. the last rank judges (`executor.ppsd.judge`, the verify rule at depth 1) and sends the tick's outcome (confirm /
-       flush / emit, the token, its position, done) to every rank;
-    3. on a flush every rank rolls its own layers' KV back and drops its output, and the correction enters stage 1;
-       otherwise rank r sends its output (position, draft, hidden [1, 1, d]) to rank r + 1.
+    1. run the held tokens (one a row) through the stage (stage 1 drafts; the last stage predicts and emits);
+    2. the last rank judges (`RowJudge`: each row's verify rule at depth 1, then the batch's verdict as the local
+       backends decide it) and sends the tick's report (for each row: the verdict, its token, its position, whether
+       it goes on) to every rank;
+    3. on a flush every rank rolls its own layers' KV back and drops its output, and the corrections enter stage 1;
+       otherwise rank r sends its output (a header of position and draft a row, then the hidden states [B, 1, d]) to
+       rank r + 1.
 
 Backends: gloo on CPU, NCCL on GPUs (rank r on cuda:LOCAL_RANK).
 
@@ -17,8 +20,9 @@ Local run: `decode_ppsd(..., backend="distributed")` starts the n processes itse
 context, a free loopback port; a script calling it needs the `if __name__ == "__main__":` guard). Each gets its pruned
 stage model by pickling, so CPU weights travel through shared memory (the parent's parameters are moved into shared
 memory once, in place) and are not copied. Each process talks to the caller on a pipe of its own: the emitted tokens
-(streamed into the caller's sink), a heartbeat from a thread of its own (every `stall_timeout_s` / 5 s, at most 1 s
-apart), then its stats or its failure. The caller stops the run with `PPSDWorkerError` naming the stage at fault when:
+(streamed into the caller's sinks, a row each), a heartbeat from a thread of its own (every `stall_timeout_s` / 5 s,
+at most 1 s apart), then its stats or its failure. The caller stops the run with `PPSDWorkerError` naming the
+stage at fault when:
 
 - a process raises: its own error, preferred to the errors its neighbours then get from losing it (`PeerLost`,
   raised by `StageLink` around every message); the first by time among the processes' own errors;
@@ -53,7 +57,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -76,18 +80,18 @@ from executor.ppsd import (
     StagePlan,
     StageRunner,
     TickOutcome,
+    batch_verdict,
     check_stall_timeout,
     commit,
     feed_limit,
     first_tokens,
-    judge,
     make_selector,
     new_stats,
     plan_stages,
     resolve_first,
 )
 from executor.sampling import SamplingConfig, TokenSelector
-from executor.verify import TickVerdict
+from executor.verify import TickVerdict, tick_verdict
 from sim.contract import PPSD_HEADER_VALUES, PPSD_OUTCOME_VALUES
 
 _POLL_S = 0.05
@@ -128,11 +132,13 @@ class StageKVCache(KVCache):
     """A KV cache for layers [first, stop) only (plus `extra` exit-head layers after the model's, on stage 1),
     addressed by global layer index as the adapter addresses it."""
 
-    def __init__(self, adapter: ModelAdapter, first: int, stop: int, max_len: int, extra: int = 0) -> None:
+    def __init__(
+        self, adapter: ModelAdapter, first: int, stop: int, max_len: int, extra: int = 0, rows: int = 1
+    ) -> None:
         layer_ids = [*range(first, stop), *range(adapter.num_layers, adapter.num_layers + extra)]
         super().__init__(
             num_layers=len(layer_ids),
-            batch=1,
+            batch=rows,
             num_kv_heads=adapter.num_kv_heads,
             max_len=max_len,
             head_dim=adapter.head_dim,
@@ -178,19 +184,55 @@ def stage_model(model: nn.Module, plan: StagePlan, stage: int) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------------ messages
-class StageLink:
-    """Point-to-point messages between neighbouring stages, and the last stage's tick outcome to all."""
+@dataclass(frozen=True)
+class TickReport:
+    """One tick as the last stage decided it, for every row: the batch's verdict, each row's full-model token and the
+    position it takes (-1 where no token left the pipe), and whether each row goes on after it. Sent to every rank
+    as `PPSD_OUTCOME_VALUES` values a row (what the simulator prices)."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:
-        self.rank, self.world, self.device = rank, world, device
+    verdict: TickVerdict
+    tokens: tuple[int, ...]
+    positions: tuple[int, ...]
+    going: tuple[bool, ...]
+
+    @property
+    def done(self) -> bool:
+        return not any(self.going)
+
+    @property
+    def emitted(self) -> bool:
+        return self.verdict != TickVerdict.NONE
+
+    def outcome(self) -> TickOutcome:
+        """Row 0's view, which `PPSDStats.record` counts (the batch's verdict)."""
+        return TickOutcome(self.verdict, self.tokens[0], self.positions[0], self.done)
+
+    def values(self) -> list[int]:
+        rows = zip(self.tokens, self.positions, self.going, strict=True)
+        return [value for token, at, goes in rows for value in (int(self.verdict), token, at, int(goes))]
+
+    @classmethod
+    def of_values(cls, values: list[int]) -> TickReport:
+        size = PPSD_OUTCOME_VALUES
+        _, tokens, positions, going = zip(*(values[i : i + size] for i in range(0, len(values), size)), strict=True)
+        return cls(TickVerdict(values[0]), tokens, positions, tuple(map(bool, going)))
+
+
+class StageLink:
+    """Point-to-point messages between neighbouring stages, and the last stage's tick report to all, for `rows` rows
+    moving in lockstep."""
+
+    def __init__(
+        self, rank: int, world: int, device: torch.device, hidden_size: int, dtype: torch.dtype, rows: int = 1
+    ) -> None:
+        self.rank, self.world, self.device, self.rows = rank, world, device, rows
         self.hidden_size, self.dtype = hidden_size, dtype
         self.last = world - 1
 
-    def exchange_outcome(self, outcome: TickOutcome | None) -> TickOutcome:
-        """The last rank sends its `outcome` to every other rank, which receives it (and passes None)."""
+    def exchange_report(self, report: TickReport | None) -> TickReport:
+        """The last rank sends its `report` to every other rank, which receives it (and passes None)."""
         if self.rank == self.last:
-            values = [outcome.verdict, outcome.token, outcome.position, outcome.done]  # PPSD_OUTCOME_VALUES
-            message = torch.tensor(values, dtype=torch.long, device=self.device)
+            message = torch.tensor(report.values(), dtype=torch.long, device=self.device)
             works = []
             for dst in range(self.last):  # a peer gone is named as it is found, at its send or its wait
                 with _talking_to(dst):
@@ -198,24 +240,24 @@ class StageLink:
             for dst, work in enumerate(works):
                 with _talking_to(dst):
                     work.wait()
-            return outcome
-        message = torch.empty(PPSD_OUTCOME_VALUES, dtype=torch.long, device=self.device)
+            return report
+        message = torch.empty(PPSD_OUTCOME_VALUES * self.rows, dtype=torch.long, device=self.device)
         with _talking_to(self.last):
             dist.recv(message, src=self.last)
-        verdict, token, position, done = message.tolist()
-        return TickOutcome(TickVerdict(verdict), token, position, bool(done))
+        return TickReport.of_values(message.tolist())
 
-    def pass_on(self, hidden: torch.Tensor | None, meta: list[int] | None) -> Item | None:
-        """Send (meta = [present, position, draft], hidden) to the next stage; receive the previous stage's."""
+    def pass_on(self, out: StageOutput | None) -> Item | None:
+        """Send this stage's output to the next stage (a header of [present, position, draft] a row, then the hidden
+        states [B, 1, d] if present); receive the previous stage's."""
         works = []
         if self.rank < self.last:
-            present = meta is not None
-            header = torch.tensor(meta if present else [0, -1, -1], dtype=torch.long, device=self.device)
-            assert header.numel() == PPSD_HEADER_VALUES  # what the simulator prices (sim.contract)
+            meta = [[1, at, draft] for at, draft in zip(out.positions, out.drafts, strict=True)] if out else None
+            header = torch.tensor(meta or [[0, -1, -1]] * self.rows, dtype=torch.long, device=self.device)
+            assert header.shape[1] == PPSD_HEADER_VALUES  # what the simulator prices (sim.contract)
             with _talking_to(self.rank + 1):
                 works.append(dist.isend(header, self.rank + 1))
-                if present:
-                    works.append(dist.isend(hidden.contiguous(), self.rank + 1))
+                if out is not None:
+                    works.append(dist.isend(out.hidden.contiguous(), self.rank + 1))
         item = self._receive() if self.rank > 0 else None
         with _talking_to(self.rank + 1):
             for work in works:
@@ -223,27 +265,56 @@ class StageLink:
         return item
 
     def _receive(self) -> Item | None:
-        header = torch.empty(PPSD_HEADER_VALUES, dtype=torch.long, device=self.device)
+        header = torch.empty(self.rows, PPSD_HEADER_VALUES, dtype=torch.long, device=self.device)
         with _talking_to(self.rank - 1):
             dist.recv(header, src=self.rank - 1)
-        present, position, draft = header.tolist()
-        if not present:
+        present, positions, drafts = header.t().tolist()
+        if not present[0]:
             return None
-        hidden = torch.empty(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
+        hidden = torch.empty(self.rows, 1, self.hidden_size, dtype=self.dtype, device=self.device)
         with _talking_to(self.rank - 1):
             dist.recv(hidden, src=self.rank - 1)
-        return Item(position, hidden=hidden, draft=draft)
+        return Item(positions, hidden=hidden, drafts=drafts)
 
     def send_prompt_states(self, hidden: torch.Tensor) -> None:
         with _talking_to(self.rank + 1):
             dist.send(hidden.contiguous(), self.rank + 1)
 
     def recv_prompt_states(self, width: int) -> torch.Tensor:
-        """The previous stage's prefill states [1, width, d] (`StageRunner.prefill_width`)."""
-        hidden = torch.empty(1, width, self.hidden_size, dtype=self.dtype, device=self.device)
+        """The previous stage's prefill states [B, width, d] (`StageRunner.prefill_width`)."""
+        hidden = torch.empty(self.rows, width, self.hidden_size, dtype=self.dtype, device=self.device)
         with _talking_to(self.rank - 1):
             dist.recv(hidden, src=self.rank - 1)
         return hidden
+
+
+class RowJudge:
+    """The last stage's host side of a tick (steps 2-3 of executor/ppsd.py, for a batch in lockstep): each row's own
+    verdict (`executor.verify.tick_verdict`), the batch's (`executor.ppsd.batch_verdict`, as `LocalPipeline`'s
+    transition decides it on the device), each going row's token into its sink."""
+
+    def __init__(self, sinks: list[TokenSink], eos_ids: Sequence[int]) -> None:
+        self.sinks, self.eos = sinks, torch.tensor(list(eos_ids), dtype=torch.long)
+        self.judged: list[int] = []  # the last tick's verdict of each row (NONE for a row already done)
+
+    def __call__(self, out: StageOutput | None) -> TickReport:
+        sinks, rows = self.sinks, len(self.sinks)
+        alive = torch.tensor([not sink.done for sink in sinks])
+        if out is None:  # nothing left the pipe
+            self.judged = [int(TickVerdict.NONE)] * rows
+            return TickReport(TickVerdict.NONE, (-1,) * rows, (-1,) * rows, tuple(alive.tolist()))
+        predicted = out.predicted_id.cpu()
+        own = tick_verdict(torch.ones(rows, dtype=torch.bool), torch.tensor(out.drafts), predicted)
+        emitted_at = [at + 1 for at in out.positions]
+        last = torch.tensor([len(sink.tokens) + 1 >= sink.max_new_tokens for sink in sinks])  # its last token asked
+        ending = (predicted.unsqueeze(1) == self.eos).any(1) | last
+        verdict = TickVerdict(int(batch_verdict(own, alive, ending)[0]))
+        self.judged = torch.where(alive, own, int(TickVerdict.NONE)).tolist()
+        tokens = predicted.tolist()
+        for sink, token, goes in zip(sinks, tokens, alive.tolist(), strict=True):
+            if goes:
+                sink.emit([token])
+        return TickReport(verdict, tuple(tokens), tuple(emitted_at), tuple(not sink.done for sink in sinks))
 
 
 # ------------------------------------------------------------------------------------------------- one stage's loop
@@ -252,78 +323,91 @@ def run_stage(
     adapter: ModelAdapter,
     plan: StagePlan,
     rank: int,
-    prompt: list[int],
-    sink: TokenSink,
+    prompts: list[list[int]],
+    sinks: list[TokenSink],
     selector: TokenSelector,
-    on_tokens=None,
+    on_tokens: Callable[[list[tuple[int, int]]], None] | None = None,
     head: Any = None,
 ) -> PPSDStats:
-    """Rank `rank`'s part of a PPSD generation (process group already initialised). The last rank fills `sink`;
-    rank 0 drafts with `head` (None: the shared exit head). Returns this rank's count of the run: every rank counts
-    the same ticks and outcomes (the last rank's `sink` holds the tokens); its own stage's time is its entry in
-    `stage_stats`."""
-    layers = plan.layers(rank)
+    """Rank `rank`'s part of a PPSD generation of `prompts` (a row each, in lockstep; process group already
+    initialised). The last rank fills `sinks` (and hands each token it emits to `on_tokens` as (row, token)); rank 0
+    drafts with `head` (None: the shared exit head). Returns this rank's count of the run: every rank counts the same
+    ticks and outcomes (the last rank's sinks hold the tokens, its stats the rows' own verdicts); its own stage's time
+    is its entry in `stage_stats`."""
+    layers, rows = plan.layers(rank), len(prompts)
+    lengths = [len(prompt) for prompt in prompts]
+    most = max(sink.max_new_tokens for sink in sinks)
     extra = getattr(head, "extra_layers", 0) if rank == 0 else 0
-    cache = StageKVCache(adapter, layers.start, layers.stop, len(prompt) + sink.max_new_tokens, extra)
+    cache = StageKVCache(adapter, layers.start, layers.stop, max(lengths) + most, extra, rows)
     capture = resolve_capture("auto", adapter.device, selector.config.kind)  # compiled layers, graphs on a GPU rank
-    runner = StageRunner(adapter, cache, plan, rank, selector, capture, fallback=True, head=head)
-    link = StageLink(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype)
-    stats = new_stats(plan, "distributed", len(prompt))
+    runner = StageRunner(adapter, cache, plan, rank, selector, capture, fallback=True, head=head, rows=rows)
+    link = StageLink(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype, rows)
+    judge = RowJudge(sinks, selector.eos_ids) if runner.is_last else None
+    stats = new_stats(plan, "distributed", sum(lengths), rows)
     if runner.is_first or runner.is_last:  # the ranks that pick tokens: a repetition penalty's committed text
         selector.track(adapter.lm_head.weight.shape[0])
-        selector.start([prompt])
+        selector.start(prompts)
     with _talking_to(None):
         dist.barrier()  # every process has its model: time from here
     begin = time.perf_counter()
-    outcome = _prefill(runner, link, prompt, sink, on_tokens)
-    commit(selector, [outcome.token])
+    report = _prefill(runner, link, prompts, sinks, on_tokens)
+    commit(selector, report.tokens)
     stats.prefill_time_s = time.perf_counter() - begin
-    inbox = Item(len(prompt), token=outcome.token) if rank == 0 else None
-    limit = feed_limit(len(prompt), sink.max_new_tokens)
+    inbox = Item(list(report.positions), tokens=list(report.tokens)) if rank == 0 else None
+    limit = feed_limit(lengths[0], most)  # row 0's last position fed: every row is fed as far (lockstep)
     stage = stats.stage_stats[rank]
-    while not outcome.done:
+    while not report.done:
         tick_begin = time.perf_counter()
         out = runner.run(inbox) if inbox is not None else None
         if rank == 0 and out is not None:
             resolve_first(out, limit)
         stage.count(inbox is not None, time.perf_counter() - tick_begin)
-        outcome = link.exchange_outcome(judge(out, sink) if runner.is_last else None)
-        stats.host_reads += 1  # each rank reads every tick's outcome (the last rank its verdict) on its host
-        commit(selector, [outcome.token])
-        if runner.is_last and outcome.emitted and on_tokens is not None:
-            on_tokens([outcome.token])
-        stats.record(outcome)
-        if outcome.done:
+        going = [not sink.done for sink in sinks] if judge else None  # the rows this tick may emit in
+        report = link.exchange_report(judge(out) if judge else None)
+        stats.host_reads += 1  # each rank reads every tick's report (the last rank its verdict) on its host
+        if report.emitted:
+            commit(selector, report.tokens)
+            if judge is not None and on_tokens is not None:
+                on_tokens([(row, token) for row, token in enumerate(report.tokens) if going[row]])
+        stats.record(report.outcome(), judge.judged if judge else None)
+        if report.done:
             break
-        if outcome.verdict == TickVerdict.FLUSH:
-            runner.flush(outcome.position)
-            inbox = Item(outcome.position, token=outcome.token) if rank == 0 else None
+        if report.verdict == TickVerdict.FLUSH:
+            runner.flush(list(report.positions))
+            inbox = Item(list(report.positions), tokens=list(report.tokens)) if rank == 0 else None
         else:
-            item = link.pass_on(out.hidden if out else None, [1, out.position, out.draft] if out else None)
+            item = link.pass_on(out)
             inbox = _next_draft(out) if rank == 0 else item
     stats.wall_time_s = time.perf_counter() - begin
     stage.idle_s = stats.wall_time_s - stats.prefill_time_s - stage.busy_s
-    stats.new_tokens = len(sink.tokens)
+    stats.new_tokens = sum(len(sink.tokens) for sink in sinks)
     return stats
 
 
 def _next_draft(out: StageOutput | None) -> Item | None:
-    """Stage 1's next input: the draft it proposed after `out`, if one enters the pipe."""
-    return Item(out.position + 1, token=out.draft) if out is not None and out.draft >= 0 else None
+    """Stage 1's next input: the drafts it proposed after `out`, if they enter the pipe (every row's alike)."""
+    if out is None or out.drafts[0] < 0:
+        return None
+    return Item([at + 1 for at in out.positions], tokens=list(out.drafts))
 
 
-def _prefill(runner: StageRunner, link: StageLink, prompt: list[int], sink: TokenSink, on_tokens) -> TickOutcome:
-    """The prompt down the pipe; the last rank's first token is broadcast as the START outcome."""
-    hidden = None if runner.is_first else link.recv_prompt_states(runner.prefill_width(len(prompt)))
-    hidden = runner.prefill(hidden, [prompt])
+def _prefill(
+    runner: StageRunner, link: StageLink, prompts: list[list[int]], sinks: list[TokenSink], on_tokens
+) -> TickReport:
+    """The prompts down the pipe; the last rank's first tokens are broadcast as the START report."""
+    lengths = [len(prompt) for prompt in prompts]
+    hidden = None if runner.is_first else link.recv_prompt_states(runner.prefill_width(max(lengths)))
+    hidden = runner.prefill(hidden, prompts)
     if not runner.is_last:
         link.send_prompt_states(hidden)
-        return link.exchange_outcome(None)
-    token = first_tokens(runner, hidden, [len(prompt)])[0]
-    sink.emit([token])
+        return link.exchange_report(None)
+    tokens = first_tokens(runner, hidden, lengths)
+    for sink, token in zip(sinks, tokens, strict=True):
+        sink.emit([token])
     if on_tokens is not None:
-        on_tokens([token])
-    return link.exchange_outcome(TickOutcome(TickVerdict.START, token, len(prompt), sink.done))
+        on_tokens(list(enumerate(tokens)))
+    going = tuple(not sink.done for sink in sinks)
+    return link.exchange_report(TickReport(TickVerdict.START, tuple(tokens), tuple(lengths), going))
 
 
 # --------------------------------------------------------------------------------------------- local launcher
@@ -333,8 +417,8 @@ class WorkerJob:
 
     model: nn.Module
     plan: StagePlan
-    prompt: list[int]
-    max_new_tokens: int
+    prompts: list[list[int]]
+    max_new_tokens: list[int]  # each row's
     eos_token_ids: tuple[int, ...]
     device_type: str  # "cpu" (gloo) or "cuda" (NCCL, rank r on cuda:r)
     sampling: SamplingConfig
@@ -432,10 +516,12 @@ def _worker(rank: int, init_method: str, job: WorkerJob, connection) -> None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=job.plan.stages)
         adapter = ModelAdapter(job.model.to(device))
-        sink = TokenSink(job.max_new_tokens, job.eos_token_ids, None)
-        selector = make_selector(adapter, len(job.prompt), sink, job.sampling, job.min_new_tokens)
+        sinks = [TokenSink(count, job.eos_token_ids, None) for count in job.max_new_tokens]
+        lengths = [len(prompt) for prompt in job.prompts]
+        selector = make_selector(adapter, lengths, sinks[0], job.sampling, job.min_new_tokens)
         head = job.head.build(adapter) if job.head is not None else None
-        stats = run_stage(adapter, job.plan, rank, job.prompt, sink, selector, lambda t: link.send("tokens", t), head)
+        send = lambda tokens: link.send("tokens", tokens)  # noqa: E731
+        stats = run_stage(adapter, job.plan, rank, job.prompts, sinks, selector, send, head)
         stats.process_cpu_s = time.process_time()  # this rank's CPU, which the caller's own process times never see
         link.send("stats", stats)
         link.close()
@@ -454,8 +540,8 @@ def _worker(rank: int, init_method: str, job: WorkerJob, connection) -> None:
 
 def decode_distributed(
     adapter: ModelAdapter,
-    prompt: list[int],
-    sink: TokenSink,
+    prompts: list[list[int]],
+    sinks: list[TokenSink],
     plan: StagePlan,
     *,
     sampling: SamplingConfig | None = None,
@@ -464,7 +550,8 @@ def decode_distributed(
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     head: Any = None,
 ) -> PPSDStats:
-    """Spawn one process per stage on this host, run PPSD, stream the tokens into `sink`, stop every process.
+    """Spawn one process per stage on this host, run PPSD on `prompts` (a row each, in lockstep), stream each row's
+    tokens into its sink, stop every process.
     A trained `head` travels to stage 1's process as tensors. A process that sends no heartbeat for
     `stall_timeout_s` seconds stops the run (`PPSDWorkerError` naming it); a healthy run has no time limit."""
     check_stall_timeout(stall_timeout_s)
@@ -482,9 +569,9 @@ def decode_distributed(
         WorkerJob(
             stage_model(adapter.model, plan, s),
             plan,
-            prompt,
-            sink.max_new_tokens,
-            tuple(sink.eos_token_ids),
+            prompts,
+            [sink.max_new_tokens for sink in sinks],
+            tuple(sinks[0].eos_token_ids),
             device_type,
             sampling if sampling is not None else SamplingConfig(),
             min_new_tokens,
@@ -495,8 +582,8 @@ def decode_distributed(
         for s in range(plan.stages)
     ]
     begin = time.perf_counter()
-    reports = _launch(jobs, sink, stall_timeout_s)
-    stats = _merge(plan, sink, reports)
+    reports = _launch(jobs, sinks, stall_timeout_s)
+    stats = _merge(plan, sinks, reports)
     stats.setup_time_s = time.perf_counter() - begin - stats.wall_time_s
     return stats
 
@@ -506,7 +593,7 @@ def heartbeat_interval(stall_timeout_s: float) -> float:
     return min(1.0, max(_POLL_S, stall_timeout_s / 5))
 
 
-def _launch(jobs: list[WorkerJob], sink: TokenSink, stall_timeout_s: float) -> dict[int, PPSDStats]:
+def _launch(jobs: list[WorkerJob], sinks: list[TokenSink], stall_timeout_s: float) -> dict[int, PPSDStats]:
     import torch.multiprocessing as mp
 
     # forkserver: one clean server process imports torch and transformers once per session, and every worker is
@@ -519,7 +606,7 @@ def _launch(jobs: list[WorkerJob], sink: TokenSink, stall_timeout_s: float) -> d
         context.Process(target=_worker, args=(rank, init_method, job, pipes[rank][1]), daemon=True)
         for rank, job in enumerate(jobs)
     ]
-    watch = StageWatch(processes, [reader for reader, _ in pipes], sink, stall_timeout_s)
+    watch = StageWatch(processes, [reader for reader, _ in pipes], sinks, stall_timeout_s)
     finished = False
     try:
         for rank, process in enumerate(processes):
@@ -537,11 +624,11 @@ def _launch(jobs: list[WorkerJob], sink: TokenSink, stall_timeout_s: float) -> d
 
 
 class StageWatch:
-    """The caller's side of the stage processes' pipes: tokens into the sink, the stats of each rank, and the run
+    """The caller's side of the stage processes' pipes: tokens into the rows' sinks, the stats of each rank, and the run
     stopped with `PPSDWorkerError` naming the stage at fault (see the module docstring)."""
 
-    def __init__(self, processes: list, readers: list, sink: TokenSink, stall_timeout_s: float) -> None:
-        self.processes, self.readers, self.sink, self.stall_timeout_s = processes, readers, sink, stall_timeout_s
+    def __init__(self, processes: list, readers: list, sinks: list[TokenSink], stall_timeout_s: float) -> None:
+        self.processes, self.readers, self.sinks, self.stall_timeout_s = processes, readers, sinks, stall_timeout_s
         now = time.monotonic()
         self.seen = [now] * len(processes)  # when each rank was last heard from
         self.reports: dict[int, PPSDStats] = {}
@@ -568,8 +655,9 @@ class StageWatch:
             self.open.discard(rank)
             return
         self.seen[rank] = time.monotonic()
-        if kind == "tokens":
-            self.sink.emit(payload)
+        if kind == "tokens":  # (row, token) pairs
+            for row, token in payload:
+                self.sinks[row].emit([token])
         elif kind == "stats":
             self.reports[rank] = payload
         elif kind == "error":
@@ -650,12 +738,12 @@ def _stop(processes, grace_s: float) -> None:
             process.join()
 
 
-def _merge(plan: StagePlan, sink: TokenSink, reports: dict[int, PPSDStats]) -> PPSDStats:
+def _merge(plan: StagePlan, sinks: list[TokenSink], reports: dict[int, PPSDStats]) -> PPSDStats:
     """The run's stats: the last rank's count and times, each stage's own time from its rank."""
     stats = reports[plan.stages - 1]
     stats.stage_stats = [reports[rank].stage_stats[rank] for rank in range(plan.stages)]
     stats.process_cpu_s = sum(report.process_cpu_s for report in reports.values())
-    stats.new_tokens = len(sink.tokens)
+    stats.new_tokens = sum(len(sink.tokens) for sink in sinks)
     return stats
 
 
@@ -691,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         sink = TokenSink(args.max_new_tokens, [] if eos is None else [eos] if isinstance(eos, int) else eos, None)
         sampling = SamplingConfig(args.do_sample, "exact", args.temperature, args.top_k, args.top_p, args.seed)
         selector = make_selector(adapter, len(prompt), sink, sampling, 0)
-        stats = run_stage(adapter, plan, rank, prompt, sink, selector, head=head)
+        stats = run_stage(adapter, plan, rank, [prompt], [sink], selector, head=head)
         spent = torch.tensor([time.process_time()], dtype=torch.float64, device=device)
         dist.all_reduce(spent)  # every rank's CPU, as the spawned runs' stats give it
         stats.process_cpu_s = float(spent.item())

@@ -157,19 +157,14 @@ UNREAD_BY_PPSD = ("policy", "zero_draft_rounds", "verify_buckets")  # EESD's rou
 
 
 def _unread_field_notes(plan: SimPlan, point: Point) -> list[str]:
-    """A swept field the point's method does not read (PPSD's points then differ only in name), a batch on the
-    distributed backend (which the executor runs at one row only), and a PPSD window `max_in_flight` no narrower than
-    the pipe (it changes nothing)."""
+    """A swept field the point's method does not read (PPSD's points then differ only in name), and a PPSD window
+    `max_in_flight` no narrower than the pipe (it changes nothing)."""
     if plan.method != "ppsd":
         return []
     swept = {*point.values, *(key for value in point.values.values() for key in UNREAD_BY_PPSD
                               if isinstance(value, str) and f"{key}=" in value)}  # (a zipped case's label)  # fmt: skip
     notes = [f"PPSD does not read {key} (EESD's rounds): points that differ only in it are the same run"
              for key in UNREAD_BY_PPSD if key in swept]  # fmt: skip
-    if plan.ppsd_backend == "distributed" and plan.workload.batch_size > 1:
-        notes.append(f"the executor's distributed PPSD decodes one row: a lockstep batch of {plan.workload.batch_size} "
-                     "over a process per stage is the simulator's model alone (the one-host backends, sequential and "
-                     "streams, run such batches)")  # fmt: skip
     notes += _cpu_link_notes(plan)
     if plan.max_in_flight is not None and plan.max_in_flight >= len(plan.stages):
         notes.append(f"max_in_flight {plan.max_in_flight} >= the {len(plan.stages)} stages: the pipe holds one token a "

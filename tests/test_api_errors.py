@@ -284,11 +284,6 @@ def test_ppsd_bad_arguments(model, kwargs, message):
         executor.generate(model, [1, 2, 3], method="ppsd", max_new_tokens=4, **kwargs)
 
 
-def test_distributed_ppsd_refuses_batches(model):
-    with pytest.raises(ValueError, match="backend 'distributed' decodes batch size 1"):
-        executor.generate(model, [[1, 2], [3, 4]], method="ppsd", backend="distributed", max_new_tokens=4)
-
-
 def test_a_subcommand_imports_only_its_own_module() -> None:
     """`eesd calibrate` must run where simpy is missing (the GPU image): building its parser imports no simulator
     engine; `eesd simulate` does."""

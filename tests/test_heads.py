@@ -610,8 +610,8 @@ def test_ppsd_flush_rolls_back_the_heads_kv_books(trained, tiny) -> None:
     runner = StageRunner(adapter, cache, plan_stages(adapter.num_layers, 2), 0, selector, head=head)
     with torch.inference_mode():
         runner.prefill(None, [[5, 9, 1, 33, 2]])
-        runner.run(Item(5, token=7))
-        runner.run(Item(6, token=8))
+        runner.run(Item([5], tokens=[7]))
+        runner.run(Item([6], tokens=[8]))
     stage_layers = [0, 1, head.index]
     assert [cache.lengths[cache.slot(layer)] for layer in stage_layers] == [[7]] * 3
     runner.flush(6)

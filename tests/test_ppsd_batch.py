@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_passes import strict
 from test_ppsd import VOCAB, ar_tokens, scale_late_layers, tiny_model
@@ -17,7 +17,8 @@ import executor
 from executor.adapter import ModelAdapter
 from executor.decoding import TokenSink
 from executor.passes import StaticPass
-from executor.ppsd import LocalPipeline, _batch_verdict, decode_ppsd, decode_ppsd_rows
+from executor.ppsd import LocalPipeline, batch_verdict, decode_ppsd, decode_ppsd_rows
+from executor.sampling import SamplingConfig
 from executor.verify import TickVerdict
 
 CONFIRM, FLUSH, NONE, EMIT = (int(v) for v in (TickVerdict.CONFIRM, TickVerdict.FLUSH, TickVerdict.NONE,
@@ -66,6 +67,16 @@ def batch_cases(draw):
     }
 
 
+def own_lengths_case(case: dict, asked: list[int]):
+    """The case's model and prompts, each row asking its own length (`asked`), AR's tokens of each, an EOS drawn."""
+    model = scale_late_layers(tiny_model(case["arch"], case["num_layers"], case["seed"]), case["exit_layer"],
+                              case["epsilon"])  # fmt: skip
+    prompts = case["prompts"]
+    lengths = asked[: len(prompts)]
+    references = [ar_tokens(model, prompt, count) for prompt, count in zip(prompts, lengths, strict=True)]
+    return model, prompts, lengths, references, drawn_eos(case, references)
+
+
 @given(batch_cases(), st.booleans())
 def test_a_batch_equals_each_row_alone_and_confirms_where_every_row_does(case: dict, skip_empty: bool) -> None:
     """Each row's tokens equal AR's on it alone (to its EOS, one drawn from a row's own text); every row's judged
@@ -97,12 +108,7 @@ def test_rows_asking_their_own_lengths_end_at_them_and_decide_no_verdict_after(c
     a row ending, at its length as at its EOS, decides nothing from then on, so without EOS the batch judges as many
     drafts as its longest row, confirming each iff every row still going confirmed it alone; and no tick runs past
     the longest row's end."""
-    model = scale_late_layers(tiny_model(case["arch"], case["num_layers"], case["seed"]), case["exit_layer"],
-                              case["epsilon"])  # fmt: skip
-    prompts = case["prompts"]
-    lengths = asked[: len(prompts)]
-    references = [ar_tokens(model, prompt, count) for prompt, count in zip(prompts, lengths, strict=True)]
-    eos = drawn_eos(case, references)
+    model, prompts, lengths, references, eos = own_lengths_case(case, asked)
     options = dict(stages=case["stages"], exit_layer=case["exit_layer"], sync_every=case["sync_every"])
     sinks = [TokenSink(count, eos) for count in lengths]
     stats = decode_ppsd_rows(ModelAdapter(model), prompts, sinks, None, **options)
@@ -216,8 +222,8 @@ def test_lockstep_confirms_less_often_than_its_rows() -> None:
         ([EMIT, EMIT], [True, True], [False, True], EMIT),  # no draft in flight (the last token)
     ],
 )
-def test_the_batch_verdict(own, alive, ending, expected) -> None:
-    verdict = _batch_verdict(torch.tensor(own), torch.tensor(alive), torch.tensor(ending))
+def test_thebatch_verdict(own, alive, ending, expected) -> None:
+    verdict = batch_verdict(torch.tensor(own), torch.tensor(alive), torch.tensor(ending))
     assert verdict.tolist() == [expected]
 
 
@@ -236,6 +242,44 @@ def test_a_left_padded_batch_through_the_drop_in_equals_ar(seed, sync_every, pen
         out = executor.generate(model, ids, method="ppsd", stages=2, exit_layer=2, sync_every=sync_every, **kwargs)
     assert torch.equal(out.sequences, reference.sequences)
     assert out.stats.rows == 3 and out.stats.prompt_tokens == 3 + 5 + 1
+
+
+@settings(max_examples=4, deadline=None)  # each example starts a process per stage
+@given(batch_cases(), st.lists(st.integers(1, 20), min_size=4, max_size=4), st.booleans())
+def test_the_distributed_backend_runs_a_batch_as_the_sequential_one(case: dict, asked: list[int], sample: bool) -> None:
+    """A process per stage (torch.distributed, gloo) on a lockstep batch whose rows ask their own lengths, with an EOS
+    and greedy or exact sampling (a seed per row): every row's tokens, the batch's verdicts and every row's own are
+    the sequential reference's, tick for tick; each rank reads every tick's report."""
+    model, prompts, lengths, references, eos = own_lengths_case(case, asked)
+    seeds = tuple(case["seed"] + row for row in range(len(prompts)))
+    sampling = SamplingConfig(True, "exact", 0.9, None, None, seeds) if sample else None
+    options = dict(stages=case["stages"], exit_layer=case["exit_layer"], sampling=sampling)
+    runs = []
+    for backend in ("sequential", "distributed"):
+        sinks = [TokenSink(count, eos) for count in lengths]
+        stats = decode_ppsd_rows(ModelAdapter(model), prompts, sinks, None, backend=backend, **options)
+        runs.append(([sink.tokens for sink in sinks], stats))
+    (tokens, sequential), (spread, distributed) = runs
+    assert spread == tokens
+    if not sample:
+        assert tokens == [until_eos(reference, eos) for reference in references]
+    assert distributed.rows == len(prompts) and distributed.new_tokens == sequential.new_tokens
+    assert (distributed.ticks, distributed.verdicts) == (sequential.ticks, sequential.verdicts)
+    assert (distributed.drafted, distributed.accepted) == (sequential.drafted, sequential.accepted)
+    assert distributed.host_reads == distributed.ticks
+
+
+def test_a_left_padded_batch_over_stage_processes_equals_ar_and_hf() -> None:
+    """`executor.generate(method="ppsd", backend="distributed")` on a left-padded batch equals AR (greedy with a
+    repetition penalty, which every stage process learns from the tick's report) and HF `generate`."""
+    model = scale_late_layers(tiny_model("qwen2", 6, seed=3), 2, 0.2)
+    ids = torch.tensor([[0, 0, 5, 17, 3], [4, 9, 11, 2, 8], [0, 0, 0, 0, 21]])
+    mask = (torch.arange(5) >= (ids == 0).sum(1, keepdim=True)).long()
+    kwargs = dict(attention_mask=mask, max_new_tokens=14, repetition_penalty=1.4, pad_token_id=0)
+    out = executor.generate(model, ids, method="ppsd", stages=3, exit_layer=2, backend="distributed", **kwargs)
+    assert torch.equal(out.sequences, executor.generate(model, ids, method="ar", **kwargs).sequences)
+    assert torch.equal(out.sequences, model.generate(ids, do_sample=False, **kwargs))
+    assert out.stats.rows == 3 and out.stats.backend == "distributed" and out.stats.confirms > 0
 
 
 def test_a_greedy_batch_equals_hf_generate() -> None:
@@ -261,11 +305,6 @@ def test_a_compiled_batch_equals_ar() -> None:
 def test_bad_batches_are_refused() -> None:
     model = tiny_model("llama", 4)
     adapter = ModelAdapter(model)
-    with pytest.raises(ValueError, match="backend 'distributed' decodes one row.*'sequential'"):
-        decode_ppsd_rows(adapter, [[1, 2], [3]], [TokenSink(4, []), TokenSink(4, [])], None, stages=2,
-                         backend="distributed")  # fmt: skip
-    with pytest.raises(ValueError, match="decodes batch size 1, got 2 rows; backend 'sequential'"):
-        executor.generate(model, [[1, 2], [3, 4]], method="ppsd", backend="distributed", max_new_tokens=4)
     with pytest.raises(ValueError, match="a sink per prompt"):
         decode_ppsd_rows(adapter, [[1, 2], [3]], [TokenSink(4, [])], None, stages=2)
     with pytest.raises(ValueError, match="same EOS ids"):

@@ -650,7 +650,7 @@ def test_a_batch_wider_than_the_requests_runs_and_is_costed_as_wide_as_they_are(
 
 def test_fields_ppsd_does_not_read_are_noted_where_swept(tmp_path: Path) -> None:
     """PPSD has no rounds: a sweep over an EESD round setting gives PPSD points that are one run, and a window wider
-    than the pipe changes nothing; a batch on the distributed backend is one no executor runs; a GPU's link between
+    than the pipe changes nothing; a GPU's link between
     stages priced from a CPU's profile is not how a CPU's stages hand off; each is noted (a field set once, as for an
     EESD sweep beside, is not)."""
     import yaml
@@ -668,16 +668,14 @@ def test_fields_ppsd_does_not_read_are_noted_where_swept(tmp_path: Path) -> None
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
     points = load_points(path)
-    notes = [[n for n in point_notes(p) if "PPSD does not read" in n or "max_in_flight" in n or "one row" in n
-              or "link" in n] for p in points]  # fmt: skip
+    notes = [[n for n in point_notes(p) if "PPSD does not read" in n or "max_in_flight" in n or "link" in n]
+             for p in points]  # fmt: skip
     assert notes == [
         ["PPSD does not read policy (EESD's rounds): points that differ only in it are the same run"],
         ["PPSD does not read zero_draft_rounds (EESD's rounds): points that differ only in it are the same run"],
         ["max_in_flight 2 >= the 2 stages: the pipe holds one token a stage at most, so the window changes nothing"],
         [],
-        ["the executor's distributed PPSD decodes one row: a lockstep batch of 2 over a process per stage is the "
-         "simulator's model alone (the one-host backends, sequential and streams, run such batches)",
-         "the stages' link nvlink joins devices priced from a CPU's latency profile: a CPU's stage processes hand "
+        ["the stages' link nvlink joins devices priced from a CPU's latency profile: a CPU's stage processes hand "
          "off over gloo, which a link profile measures (eesd calibrate link --backend gloo, then topology.link: "
          "{profile: FILE})"],
         ["the stages' link pcie5 joins devices priced from a CPU's latency profile: a CPU's stage processes hand "

@@ -62,10 +62,6 @@ def fail_with(capsys, argv: list[str], *fragments: str) -> str:
         ({"sweep": {"workload.prompt_len": [64, 128]}}, ("sweep:", "changes workload", "method, exit_layer, policy")),
         ({"topology__stages": 2}, ("topology:", "stages: 1")),
         ({"topology__tp": 3}, ("topology.tp:", "expected 1, got 3")),
-        (
-            {**PPSD, "ppsd_backend": "distributed", "workload__batch_size": 2},
-            ("workload.batch_size:", "distributed PPSD decodes one prompt", "expected 1, got 2", "sequential backend"),
-        ),
         ({**PPSD, "max_in_flight": 1}, ("max_in_flight:", "one token per stage")),
         ({**PPSD, "ppsd_backend": "streams"}, ("ppsd_backend:", "streams runs one CUDA stream", "measured on a CPU")),
         ({**PPSD, "topology__devices": 2}, ("topology.devices:", "sequential backend runs the stages on 1 device")),
