@@ -143,6 +143,9 @@ def derived_scenario(
     data["serving"]["workload"] = workload(data["serving"]["workload"])
     for case in data["serving"]["cases"]:
         case["serving.workload"] = workload(case["serving.workload"])
+        link = case.get("topology.link")
+        if isinstance(link, dict) and "profile" in link:  # a link profile of the shipped scenario's, by its path
+            case["topology.link"] = {**link, "profile": str((SCENARIO.parent / link["profile"]).resolve())}
     path = folder / "serving_scenario.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
@@ -180,7 +183,7 @@ def measure(
     begin = time.perf_counter()
     for point in points:
         prompts = bench_prompts(point.workload, "builtin", tokenizer, adapter.config.vocab_size, 0)
-        options = {**serve_options(point), "capture": capture}
+        options = {**serve_options(point, threads), "capture": capture}
         warm = point.workload.requests[0]
         serve(adapter, type(point.workload)((type(warm)(0, warm.prompt_len, 4, 0.0),)), prompts[:1], **options)
         before, prefill_before = probe_ms(adapter, prompts[0], capture)
@@ -253,10 +256,11 @@ def run_metadata(adapter: Any, model: str, threads: int, capture: str, points: l
     }
 
 
-def serve_options(point: Any) -> dict[str, Any]:
+def serve_options(point: Any, threads: int = 1) -> dict[str, Any]:
     """`executor.serving.serve`'s arguments for a point: its method, batch and KV budget; EESD's exit layer and
     policy (its costs pinned to the simulator's, as `eesd validate` pins them), PPSD's stages as the plan lays them
-    out and its exit layer inside stage 1 (the shared head there)."""
+    out, its exit layer inside stage 1 (the shared head there) and its backend (sequential, or distributed: a process
+    per stage of `threads` torch threads)."""
     from sim.policy import with_cost
 
     plan = point.plan
@@ -265,12 +269,15 @@ def serve_options(point: Any) -> dict[str, Any]:
         policy = with_cost(plan.policy, plan.cost_ratio or 1.0, plan.round_costs)
         options.update(exit_layer=plan.exit_layer, policy=policy, head="shared")
     if point.method == "ppsd":
-        if plan.ppsd_backend != "sequential":
-            raise SystemExit(f"{SCENARIO.name}: case {point.case}: ppsd_backend must be sequential on this CPU")
+        if plan.ppsd_backend not in ("sequential", "distributed"):
+            raise SystemExit(f"{SCENARIO.name}: case {point.case}: ppsd_backend must be sequential or distributed on "
+                             "this CPU")  # fmt: skip
         bounds = [stage.layer_end for stage in plan.stages[:-1]]
         options.update(stages=len(plan.stages), stage_boundaries=bounds, exit_layer=plan.exit_layer, head="shared",
-                       backend="sequential", ppsd_batching=point.ppsd_batching,
+                       backend=plan.ppsd_backend, ppsd_batching=point.ppsd_batching,
                        ppsd_join_min=point.ppsd_join_min)  # fmt: skip
+        if plan.ppsd_backend == "distributed":
+            options["threads_per_stage"] = threads
     return options
 
 

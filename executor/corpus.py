@@ -43,6 +43,7 @@ import ast
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -147,9 +148,12 @@ class CorpusConfig:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if not 0.0 < self.held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
-        if any(t < 0 for t in self.temperatures) or not self.temperatures:
+        if not self.temperatures or any(not math.isfinite(t) or t < 0 for t in self.temperatures):
             given = ",".join(f"{t:g}" for t in self.temperatures) or "none"
-            raise ValueError(f"temperatures must be >= 0 (0: greedy), got {given}")
+            raise ValueError(f"temperatures must be finite numbers >= 0 (0: greedy), got {given}")
+        if len(set(self.temperatures)) < len(self.temperatures):
+            given = ",".join(f"{t:g}" for t in self.temperatures)
+            raise ValueError(f"temperatures must each be given once (a repeat generates the same answers), got {given}")
         for name in ("samples", "max_new_tokens", "batch_size", "self_prompts_per_topic", "self_requests_per_kind",
                      "window", "shard_records"):  # fmt: skip
             if getattr(self, name) < 1:

@@ -121,8 +121,33 @@ def _config(args: argparse.Namespace):
     )  # fmt: skip
 
 
+GENERATED = ("self", "self-prompts", "self-requests")  # the sources the model writes
+# flag, argument, its default, the sources that read it: a value other than the default that no source given reads is
+# a mistake (the run would start, for minutes, and ignore it)
+SOURCE_FLAGS = (
+    ("--prompts", "prompts", "builtin", ("self", "self-requests")),
+    ("--questions-per-topic", "questions_per_topic", 2, ("self-prompts",)),
+    ("--requests-per-kind", "requests_per_kind", 32, ("self-requests",)),
+    ("--text", "text", [], ("text",)),
+    ("--python-env", "python_env", "stdlib", ("python-env",)),
+    ("--window", "window", 256, ("text", "python-env")),
+    ("--temperatures", "temperatures", (0.0, 0.7, 1.0), GENERATED),
+    ("--samples", "samples", 2, GENERATED),
+    ("--max-new-tokens", "max_new_tokens", 128, GENERATED),
+    ("--time-budget-s", "time_budget_s", None, GENERATED),
+)
+
+
+def check_source_flags(args: argparse.Namespace, sources: tuple[str, ...]) -> None:
+    """Refuse a flag set for sources none of `sources` is (`SOURCE_FLAGS`)."""
+    for flag, name, default, readers in SOURCE_FLAGS:
+        if getattr(args, name) != default and not set(readers) & set(sources):
+            raise ValueError(f"{flag} is for --sources {' or '.join(readers)}, got --sources {','.join(sources)}")
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)  # checks the settings before the model loads
+    check_source_flags(args, config.sources)
     check_output("--out", args.out, folder=True)
     if args.time_budget_s is not None and args.time_budget_s <= 0:
         raise ValueError(f"--time-budget-s must be > 0, got {args.time_budget_s}")

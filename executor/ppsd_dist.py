@@ -47,6 +47,7 @@ is what stops a rank whose neighbour is gone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -412,20 +413,27 @@ def _prefill(
 
 # --------------------------------------------------------------------------------------------- local launcher
 @dataclass
-class WorkerJob:
-    """Everything a spawned stage process needs (pickled: the stage model's CPU tensors go by shared memory)."""
+class StageSetup:
+    """What a spawned stage process holds for its life (pickled: the stage model's CPU tensors go by shared memory)."""
 
     model: nn.Module
     plan: StagePlan
-    prompts: list[list[int]]
-    max_new_tokens: list[int]  # each row's
-    eos_token_ids: tuple[int, ...]
     device_type: str  # "cpu" (gloo) or "cuda" (NCCL, rank r on cuda:r)
-    sampling: SamplingConfig
-    min_new_tokens: int
     threads: int
     heartbeat_s: float
     head: HeadState | None = None  # stage 1 only: a trained exit head
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One generation, sent to every stage process: the rows' prompts, each row's max_new_tokens, and how tokens are
+    picked."""
+
+    prompts: list[list[int]]
+    max_new_tokens: list[int]
+    eos_token_ids: tuple[int, ...]
+    sampling: SamplingConfig
+    min_new_tokens: int
 
 
 @dataclass
@@ -505,25 +513,31 @@ class CallerLink:
         self.beat.join()
 
 
-def _worker(rank: int, init_method: str, job: WorkerJob, connection) -> None:
-    """A spawned stage process: heartbeats, tokens as they come, its stats at the end (`run_stage`), or its failure."""
-    link = CallerLink(rank, connection, job.heartbeat_s)
+def _worker(rank: int, init_method: str, setup: StageSetup, connection, jobs) -> None:
+    """A spawned stage process: heartbeats, "ready" once it holds its model, then for each job the caller sends
+    (`GenerationJob`; None: stop) the tokens as they come and its stats at the end (`run_stage`), or its failure,
+    which ends the process."""
+    link = CallerLink(rank, connection, setup.heartbeat_s)
     try:
-        torch.set_num_threads(job.threads)
-        device = torch.device(f"cuda:{rank}") if job.device_type == "cuda" else torch.device("cpu")
+        torch.set_num_threads(setup.threads)
+        device = torch.device(f"cuda:{rank}") if setup.device_type == "cuda" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=job.plan.stages)
-        adapter = ModelAdapter(job.model.to(device))
-        sinks = [TokenSink(count, job.eos_token_ids, None) for count in job.max_new_tokens]
-        lengths = [len(prompt) for prompt in job.prompts]
-        selector = make_selector(adapter, lengths, sinks[0], job.sampling, job.min_new_tokens)
-        head = job.head.build(adapter) if job.head is not None else None
-        send = lambda tokens: link.send("tokens", tokens)  # noqa: E731
-        stats = run_stage(adapter, job.plan, rank, job.prompts, sinks, selector, send, head)
-        stats.process_cpu_s = time.process_time()  # this rank's CPU, which the caller's own process times never see
-        link.send("stats", stats)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=setup.plan.stages)
+        adapter = ModelAdapter(setup.model.to(device))
+        head = setup.head.build(adapter) if setup.head is not None else None
+        link.send("ready", None)
+        reported_cpu_s = 0.0
+        while (job := _next_job(jobs)) is not None:
+            sinks = [TokenSink(count, job.eos_token_ids, None) for count in job.max_new_tokens]
+            lengths = [len(prompt) for prompt in job.prompts]
+            selector = make_selector(adapter, lengths, sinks[0], job.sampling, job.min_new_tokens)
+            send = lambda tokens: link.send("tokens", tokens)  # noqa: E731
+            stats = run_stage(adapter, setup.plan, rank, job.prompts, sinks, selector, send, head)
+            # this rank's CPU since its last report (the first: its setup too), which the caller's times never see
+            stats.process_cpu_s, reported_cpu_s = time.process_time() - reported_cpu_s, time.process_time()
+            link.send("stats", stats)
         link.close()
         dist.destroy_process_group()
     except BaseException as err:  # noqa: BLE001 - every failure must reach the caller
@@ -536,6 +550,14 @@ def _worker(rank: int, init_method: str, job: WorkerJob, connection) -> None:
             os._exit(1)
         link.close()
         sys.exit(1)
+
+
+def _next_job(jobs) -> GenerationJob | None:
+    """The caller's next job; None when it says stop, or when it is gone (its end of the pipe closed)."""
+    try:
+        return jobs.recv()
+    except (EOFError, OSError):
+        return None
 
 
 def decode_distributed(
@@ -551,39 +573,13 @@ def decode_distributed(
     head: Any = None,
 ) -> PPSDStats:
     """Spawn one process per stage on this host, run PPSD on `prompts` (a row each, in lockstep), stream each row's
-    tokens into its sink, stop every process.
-    A trained `head` travels to stage 1's process as tensors. A process that sends no heartbeat for
-    `stall_timeout_s` seconds stops the run (`PPSDWorkerError` naming it); a healthy run has no time limit."""
-    check_stall_timeout(stall_timeout_s)
-    device_type = adapter.device.type
-    if device_type == "cuda" and torch.cuda.device_count() < plan.stages:
-        raise ValueError(
-            f"the distributed backend on GPUs needs one GPU per stage: {plan.stages} stages, "
-            f"{torch.cuda.device_count()} GPUs visible"
-        )
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"the distributed backend runs on cpu (gloo) or cuda (NCCL), not {adapter.device}")
-    threads = threads_per_stage or max(1, (os.cpu_count() or 1) // plan.stages)
-    head_state = HeadState.of(head)
-    jobs = [
-        WorkerJob(
-            stage_model(adapter.model, plan, s),
-            plan,
-            prompts,
-            [sink.max_new_tokens for sink in sinks],
-            tuple(sinks[0].eos_token_ids),
-            device_type,
-            sampling if sampling is not None else SamplingConfig(),
-            min_new_tokens,
-            threads,
-            heartbeat_interval(stall_timeout_s),
-            head_state if s == 0 else None,
-        )
-        for s in range(plan.stages)
-    ]
+    tokens into its sink, stop every process (`DistributedPipeline` for one generation; `setup_time_s` is the rest
+    of the call's time). A trained `head` travels to stage 1's process as tensors. A process that sends no heartbeat
+    for `stall_timeout_s` seconds stops the run (`PPSDWorkerError` naming it); a healthy run has no time limit."""
     begin = time.perf_counter()
-    reports = _launch(jobs, sinks, stall_timeout_s)
-    stats = _merge(plan, sinks, reports)
+    with DistributedPipeline(adapter, plan, threads_per_stage=threads_per_stage, stall_timeout_s=stall_timeout_s,
+                             head=head) as pipeline:  # fmt: skip
+        stats = pipeline.generate(prompts, sinks, sampling, min_new_tokens)
     stats.setup_time_s = time.perf_counter() - begin - stats.wall_time_s
     return stats
 
@@ -593,42 +589,147 @@ def heartbeat_interval(stall_timeout_s: float) -> float:
     return min(1.0, max(_POLL_S, stall_timeout_s / 5))
 
 
-def _launch(jobs: list[WorkerJob], sinks: list[TokenSink], stall_timeout_s: float) -> dict[int, PPSDStats]:
-    import torch.multiprocessing as mp
+class DistributedPipeline:
+    """The distributed backend's stage processes, kept between generations (serving keeps one for its life): started
+    once, each with its pruned stage model (and stage 1 the exit head) and its place in the process group (the
+    constructor returns once every process holds its model), then one `run_stage` per generation the caller asks
+    for. `start` hands a generation to every process, `wait_prefill`
+    returns once every row's first token (the prefill's) is in its sink, `finish` once the generation is done, with
+    its stats; `generate` does all three. A failed, dead or stalled process raises `PPSDWorkerError` (see the module
+    docstring) and stops every process: the pipeline is then closed. `close` (or leaving a `with` block) stops the
+    processes."""
 
-    # forkserver: one clean server process imports torch and transformers once per session, and every worker is
-    # forked from it (not once per worker); the jobs are still pickled, so each gets only its stage's weights
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["executor.ppsd_dist", type(jobs[0].model).__module__])
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
-    pipes = [context.Pipe(duplex=False) for _ in jobs]  # (read end, write end): one per process, no shared lock
-    processes = [
-        context.Process(target=_worker, args=(rank, init_method, job, pipes[rank][1]), daemon=True)
-        for rank, job in enumerate(jobs)
-    ]
-    watch = StageWatch(processes, [reader for reader, _ in pipes], sinks, stall_timeout_s)
-    finished = False
-    try:
-        for rank, process in enumerate(processes):
-            process.start()
-            pipes[rank][1].close()  # the child holds its own copy now
-            watch.seen[rank] = time.monotonic()
-        reports = watch.collect()
-        finished = True
-        return reports
-    finally:
-        _stop(processes, grace_s=_KILL_GRACE_S if finished else 0.0)
-        for reader, writer in pipes:
-            reader.close()
-            writer.close()
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        plan: StagePlan,
+        *,
+        threads_per_stage: int | None = None,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+        head: Any = None,
+    ) -> None:
+        check_stall_timeout(stall_timeout_s)
+        device_type = adapter.device.type
+        if device_type == "cuda" and torch.cuda.device_count() < plan.stages:
+            raise ValueError(
+                f"the distributed backend on GPUs needs one GPU per stage: {plan.stages} stages, "
+                f"{torch.cuda.device_count()} GPUs visible"
+            )
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"the distributed backend runs on cpu (gloo) or cuda (NCCL), not {adapter.device}")
+        threads = threads_per_stage or max(1, (os.cpu_count() or 1) // plan.stages)
+        head_state = HeadState.of(head)
+        setups = [
+            StageSetup(stage_model(adapter.model, plan, s), plan, device_type, threads,
+                       heartbeat_interval(stall_timeout_s), head_state if s == 0 else None)
+            for s in range(plan.stages)
+        ]  # fmt: skip
+        self.plan, self.sinks, self.closed = plan, [], False
+        self._start(setups, stall_timeout_s)
+        self._collect(lambda: len(self.watch.ready) == plan.stages)  # every process holds its model
+
+    def _start(self, setups: list[StageSetup], stall_timeout_s: float) -> None:
+        import torch.multiprocessing as mp
+
+        # forkserver: one clean server process imports torch and transformers once per session, and every worker is
+        # forked from it (not once per worker); the setups are still pickled, so each gets only its stage's weights
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(["executor.ppsd_dist", type(setups[0].model).__module__])
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        reports = [context.Pipe(duplex=False) for _ in setups]  # (read end, write end): one per process, no shared lock
+        jobs = [context.Pipe(duplex=False) for _ in setups]
+        self.processes = [
+            context.Process(target=_worker, args=(rank, init_method, setup, reports[rank][1], jobs[rank][0]),
+                            daemon=True)
+            for rank, setup in enumerate(setups)
+        ]  # fmt: skip
+        self.pipes = [end for pair in reports + jobs for end in pair]
+        self.jobs = [writer for _, writer in jobs]
+        self.watch = StageWatch(self.processes, [reader for reader, _ in reports], stall_timeout_s)
+        try:
+            for rank, process in enumerate(self.processes):
+                process.start()
+                reports[rank][1].close()  # the child holds its own copies now
+                jobs[rank][0].close()
+                self.watch.seen[rank] = time.monotonic()
+        except BaseException:
+            self.close(healthy=False)
+            raise
+
+    def start(
+        self,
+        prompts: list[list[int]],
+        sinks: list[TokenSink],
+        sampling: SamplingConfig | None = None,
+        min_new_tokens: int = 0,
+    ) -> None:
+        """Hand every stage process a generation of `prompts` (a row each, in lockstep), each row's tokens streamed
+        into its sink (the same EOS ids) as the caller reads them."""
+        if self.closed:
+            raise RuntimeError("this distributed pipeline is closed: its stage processes are stopped")
+        job = GenerationJob([list(p) for p in prompts], [sink.max_new_tokens for sink in sinks],
+                            tuple(sinks[0].eos_token_ids), sampling or SamplingConfig(), min_new_tokens)  # fmt: skip
+        self.sinks = sinks
+        self.watch.begin(sinks)
+        for writer in self.jobs:
+            try:
+                writer.send(job)
+            except OSError:  # a process is gone: the watch names it
+                break
+
+    def wait_prefill(self) -> None:
+        """Return once every row holds its first token (the prefill's), or is done."""
+        self._collect(lambda: all(sink.tokens or sink.done for sink in self.sinks))
+
+    def finish(self) -> PPSDStats:
+        """Return the generation's stats once every stage process has reported them."""
+        reports = self._collect(None)
+        return _merge(self.plan, self.sinks, reports)
+
+    def generate(
+        self, prompts: list[list[int]], sinks: list[TokenSink], sampling: SamplingConfig | None = None,
+        min_new_tokens: int = 0,
+    ) -> PPSDStats:  # fmt: skip
+        self.start(prompts, sinks, sampling, min_new_tokens)
+        return self.finish()
+
+    def _collect(self, until: Callable[[], bool] | None) -> dict[int, PPSDStats]:
+        try:
+            return self.watch.collect(until)
+        except BaseException:
+            self.close(healthy=False)
+            raise
+
+    def close(self, healthy: bool = True) -> None:
+        """Stop the stage processes: asked to end (a healthy pipeline's get `_KILL_GRACE_S` to do so), then
+        killed."""
+        if self.closed:
+            return
+        self.closed = True
+        for writer in self.jobs:
+            with contextlib.suppress(OSError):
+                writer.send(None)
+        try:
+            _stop(self.processes, grace_s=_KILL_GRACE_S if healthy else 0.0)
+        finally:
+            for end in self.pipes:
+                end.close()
+
+    def __enter__(self) -> DistributedPipeline:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.close(healthy=kind is None)
 
 
 class StageWatch:
     """The caller's side of the stage processes' pipes: tokens into the rows' sinks, the stats of each rank, and the run
     stopped with `PPSDWorkerError` naming the stage at fault (see the module docstring)."""
 
-    def __init__(self, processes: list, readers: list, sinks: list[TokenSink], stall_timeout_s: float) -> None:
-        self.processes, self.readers, self.sinks, self.stall_timeout_s = processes, readers, sinks, stall_timeout_s
+    def __init__(self, processes: list, readers: list, stall_timeout_s: float) -> None:
+        self.processes, self.readers, self.stall_timeout_s = processes, readers, stall_timeout_s
+        self.sinks: list[TokenSink] = []
+        self.ready: set[int] = set()  # the ranks that hold their model
         now = time.monotonic()
         self.seen = [now] * len(processes)  # when each rank was last heard from
         self.reports: dict[int, PPSDStats] = {}
@@ -636,11 +737,17 @@ class StageWatch:
         self.open = set(range(len(processes)))
         self.trouble_since: float | None = None
 
-    def collect(self) -> dict[int, PPSDStats]:
-        """Read every pipe until each rank has reported its stats; raise as soon as the run cannot finish."""
+    def begin(self, sinks: list[TokenSink]) -> None:
+        """A new generation: its rows' sinks, no stats yet (heartbeats read while idle count from now)."""
+        self.sinks, self.reports = sinks, {}
+        self.seen = [time.monotonic()] * len(self.processes)
+
+    def collect(self, until: Callable[[], bool] | None = None) -> dict[int, PPSDStats]:
+        """Read every pipe until `until()` holds (None: until each rank has reported its stats); raise as soon as the
+        run cannot finish."""
         from multiprocessing.connection import wait
 
-        while len(self.reports) < len(self.processes):
+        while not until() if until is not None else len(self.reports) < len(self.processes):
             for reader in wait([self.readers[r] for r in self.open], timeout=_POLL_S):
                 self._read(self.readers.index(reader))
             error = self._verdict(time.monotonic())
@@ -660,6 +767,8 @@ class StageWatch:
                 self.sinks[row].emit([token])
         elif kind == "stats":
             self.reports[rank] = payload
+        elif kind == "ready":
+            self.ready.add(rank)
         elif kind == "error":
             self.failures[rank] = (time.monotonic(), payload)
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from executor.decoding import GenerationStats
-from executor.serving import ServeOutcome, _ServeLoop, arrival_heap
+from executor.serving import ServeOutcome, _ServeLoop, arrival_heap, run_end
 from sim.serving import DISPATCH, PassLog, ServingResult, method_kv_tokens, pick_replica
 from sim.workers import USER_ERRORS, exit_with_parent
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload
@@ -324,7 +324,7 @@ def _merged(workload: ServingWorkload, method: str, replicas: int, pieces: dict[
         raise RuntimeError(f"requests {missing[:5]} were not served by any replica")
     result.records = records
     result.tokens = sum(r.tokens for r in records)
-    result.time_s = max(r.finish_s for r in records)
+    result.time_s = run_end(records, result.passes)
     result.in_system_s = sum(r.latency_s for r in records)
     result.drafted, result.accepted = sum(stats.drafted), sum(stats.accepted)
     stats.rounds = result.rounds

@@ -74,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="sequential",
-        choices=("sequential", "streams"),
-        help="ppsd: stages in turn, or on a GPU one CUDA stream each (default: sequential)",
+        choices=("sequential", "streams", "distributed"),
+        help="ppsd: stages in turn, on a GPU one CUDA stream each, or a process per stage (torch.distributed; "
+        "static batches, --threads torch threads each) (default: sequential)",
     )
     parser.add_argument(
         "--kv-capacity-tokens", type=int, default=None, help="KV budget in tokens, per replica (default: none)"
@@ -118,6 +119,8 @@ def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods or any(m not in ("ar", "eesd", "ppsd") for m in methods):
         raise ValueError(f"--methods must list ar, eesd and/or ppsd, comma-separated, got {text!r}")
+    if len(set(methods)) < len(methods):
+        raise ValueError(f"--methods must name each method once (a second run is not a comparison), got {text!r}")
     return methods
 
 
@@ -157,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
     args.stages = stage_count(args.stages, args.stage_boundaries)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    if args.backend == "distributed" and (args.ppsd_batching == "continuous" or args.replicas > 1):
+        flag = "--ppsd-batching continuous" if args.ppsd_batching == "continuous" else f"--replicas {args.replicas}"
+        raise ValueError(f"--backend distributed serves static batches in one server: {flag} needs --backend "
+                         "sequential or streams")  # fmt: skip
     if args.ppsd_join_min != 1 and args.ppsd_batching != "continuous":
         raise ValueError("--ppsd-join-min is continuous batching's: give it with --ppsd-batching continuous")
     for flag, value in (("--max-batch", args.max_batch), ("--ppsd-max-batch", args.ppsd_max_batch),
@@ -273,6 +280,8 @@ def serve_once(model: Any, workload: Any, prompts: list[list[int]], method: str,
             ppsd_batching=args.ppsd_batching,
             ppsd_join_min=args.ppsd_join_min,
         )
+        if args.backend == "distributed":
+            common["threads_per_stage"] = args.threads
     if args.replicas > 1:  # each worker loads the model and warms up itself
         import torch
 

@@ -29,7 +29,9 @@ request waits and admission lets it in, the decode stops, the rows going on move
 their last token copied over), the requests waiting are prefilled together into the rows after them, and the pipe
 starts afresh from every row's last token (`PipelineDecoder.join`); each stretch is logged as its own pass
 (`stopped` where a join cut it). The cache then holds two output lengths past the longest prompt: a stretch feeds
-every row as far as its row asking the most from where it resumed.
+every row as far as its row asking the most from where it resumed. On backend "distributed" the static batches run
+over a process per stage (`DistributedDecoder`), started before the run's clock and kept for all of its batches; each
+row's tokens reach the host as the last stage's process streams them (no continuous batching there).
 
 A view's books (`KVCache.lengths`) are set from the running requests' positions before every round. Greedy and exact
 sampling only; rejection sampling and repetition penalties keep per-row state the slots do not carry over, and are
@@ -83,6 +85,8 @@ from executor.passes import (
 )
 from executor.ppsd import (
     LocalPipeline,
+    PPSDStats,
+    StagePlan,
     decode_local,
     local_pipeline,
     make_selector,
@@ -98,7 +102,7 @@ from sim.workload import ClosedLoopUsers, Request, ServingWorkload
 
 SERVE_METHODS = ("ar", "eesd", "ppsd")
 DEFAULT_MAX_BATCH = 8
-PPSD_BACKENDS = ("sequential", "streams")  # one process: the distributed backend's ranks hold no serving loop
+PPSD_BACKENDS = ("sequential", "streams", "distributed")
 
 
 @dataclass
@@ -382,11 +386,54 @@ class PipelineDecoder:
         pipeline = self.pipeline
         assert pipeline is not None and pipeline.stats is not None, "decode follows prefill"
         done = decode_local(pipeline, [r.prompt for r in batch], [r.sink for r in batch], self.sync_every, stop)
-        stats = pipeline.stats
-        self.stats.rounds += stats.ticks
-        self.stats.drafted += [1] * len(stats.verdicts)
-        self.stats.accepted += stats.verdicts
-        return stats.ticks, tuple(bool(v) for v in stats.verdicts), done
+        return (*count_decode(self.stats, pipeline.stats), done)
+
+
+def count_decode(books: GenerationStats, stats: PPSDStats) -> tuple[int, tuple[bool, ...]]:
+    """A PPSD decode's ticks and batch verdicts into a serving decoder's books (a row's own verdicts are not what
+    its speed hangs on); returns (ticks, the verdicts in order)."""
+    books.rounds += stats.ticks
+    books.drafted += [1] * len(stats.verdicts)
+    books.accepted += stats.verdicts
+    return stats.ticks, tuple(bool(v) for v in stats.verdicts)
+
+
+class DistributedDecoder:
+    """PPSD's device side in serving on the distributed backend: static batches of up to `rows` requests through a
+    process per stage, started once for the run (`executor.ppsd_dist.DistributedPipeline`; each process holds its
+    stage's layers and KV). `prefill` hands a batch to the processes and returns once the host has read every row's
+    first token; `decode` returns once the batch is done, each row's tokens streamed into its sink as the host reads
+    them (so a request leaves at its own last token). No continuous batching: a stage process's cache holds one batch
+    from its prefill to its end."""
+
+    method, continuous, join_min = "ppsd", False, 1
+
+    def __init__(
+        self, adapter: ModelAdapter, plan: StagePlan, head: Any, config: SamplingConfig, eos: list[int],
+        threads_per_stage: int | None = None,
+    ) -> None:  # fmt: skip
+        """`head` resolved for `plan`'s exit layer (`resolve_head`)."""
+        from executor.ppsd_dist import DistributedPipeline
+
+        self.plan, self.config, self.eos = plan, config, eos
+        self.pipeline = DistributedPipeline(adapter, plan, threads_per_stage=threads_per_stage, head=head)
+        self.batch: list[_Running] = []
+        self.stats = GenerationStats(method="ppsd")
+
+    def prefill(self, batch: list[_Running]) -> None:
+        self.batch = list(batch)
+        self.pipeline.start([r.prompt for r in batch], [r.sink for r in batch], self.config)
+        self.pipeline.wait_prefill()
+
+    def decode(
+        self, batch: list[_Running], stop: Callable[[], bool] | None = None
+    ) -> tuple[int, tuple[bool, ...], bool]:
+        """The batch's ticks until every row is done: (ticks, the batch's verdicts in order, True)."""
+        assert stop is None, "the distributed backend serves static batches"
+        return (*count_decode(self.stats, self.pipeline.finish()), True)
+
+    def close(self) -> None:
+        self.pipeline.close()
 
 
 def check_serving(method: str, config: SamplingConfig) -> None:
@@ -429,16 +476,19 @@ def serve(
     backend: str = "sequential",
     ppsd_batching: str = "static",
     ppsd_join_min: int = 1,
+    threads_per_stage: int | None = None,
     replica: Any = None,
 ) -> ServeOutcome:
     """Serve `workload` (arrival times in seconds from the call, or a closed loop) with continuous batching; request
     i's prompt is `prompts[i]` and it asks for `output_len` new tokens (fewer after an EOS). Returns every request's
     record (`sim.serving.RequestRecord`: arrival, prefill start, first token, finish, in seconds) and tokens. The
     decode passes run as `capture` says ("none", or on a GPU "graph", "compile-layers" or "auto"; module docstring).
-    PPSD takes `stages`, `stage_boundaries` and `backend` as `executor.ppsd.decode_ppsd` does (backend "sequential"
-    or "streams"), its exit layer inside stage 1 (default: stage 1's end), and serves batches of up to `max_batch`
-    requests, static or, with `ppsd_batching="continuous"`, joined by new requests at host reads (`ppsd_join_min` of
-    them at once, or as many as the slots free; module docstring).
+    PPSD takes `stages`, `stage_boundaries` and `backend` as `executor.ppsd.decode_ppsd` does, its exit layer inside
+    stage 1 (default: stage 1's end), and serves batches of up to `max_batch` requests, static or, with
+    `ppsd_batching="continuous"` (backends "sequential" and "streams"), joined by new requests at host reads
+    (`ppsd_join_min` of them at once, or as many as the slots free; module docstring). Backend "distributed" serves
+    static batches over a process per stage, started before the clock starts and stopped with the run
+    (`threads_per_stage` torch threads each; default cores // stages).
     `max_batch` defaults to 8 for AR and EESD, 1 for PPSD. `replica` (internal): a replica worker's link to its
     dispatcher (`executor.replicas`): its requests come from there instead of the workload's arrivals."""
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
@@ -459,7 +509,8 @@ def serve(
             raise ValueError(f"ppsd_join_min must be an integer >= 1, got {ppsd_join_min!r}")
         pipeline = dict(stages=stages, stage_boundaries=stage_boundaries, exit_layer=exit_layer, head=head,
                         backend=backend, fallback=capture == "auto",
-                        continuous=ppsd_batching == "continuous", join_min=ppsd_join_min)  # fmt: skip
+                        continuous=ppsd_batching == "continuous", join_min=ppsd_join_min,
+                        threads_per_stage=threads_per_stage)  # fmt: skip
         return _serve_ppsd(adapter, workload, prompts, config, mode, max_batch, kv_capacity_tokens, eos_token_id,
                            clock, sleep, pipeline, replica)  # fmt: skip
     exit_head = None
@@ -515,6 +566,12 @@ def _serve_ppsd(
             f"ppsd serving runs a local pipeline: backend must be one of {', '.join(PPSD_BACKENDS)}, got "
             f"{pipeline['backend']!r}"
         )
+    if pipeline["backend"] == "distributed" and (pipeline["continuous"] or replica is not None):
+        raise ValueError(
+            "ppsd serving on backend 'distributed' serves static batches in this process: "
+            + ("continuous batching (ppsd_batching 'continuous') needs backend 'sequential' or 'streams'"
+               if pipeline["continuous"] else "replicas need backend 'sequential' or 'streams'")
+        )  # fmt: skip
     if pipeline["backend"] == "streams" and adapter.device.type != "cuda":
         raise ValueError(
             f"backend 'streams' needs a GPU (a CUDA stream per stage), but the model is on {adapter.device}: serve "
@@ -531,6 +588,10 @@ def _serve_ppsd(
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     # continuous: a stretch's rows are fed as far as its row asking the most from where it resumed, a row that
     # resumed near its end up to another's output length further: room for two outputs past the longest prompt
+    admission = Admission(max_batch, kv_capacity_tokens, tokens_of)
+    if pipeline["backend"] == "distributed":
+        pipeline = {**pipeline, "head": head, "exit_layer": exit_layer}
+        return _serve_distributed(adapter, workload, prompts, config, eos, clock, sleep, pipeline, admission)
     fed = 2 * max_output if pipeline["continuous"] else max_output
     capacity = cache_capacity("ppsd", max(len(p) for p in prompts), fed, 0, captured=capture != "none")
     decoder = PipelineDecoder(
@@ -539,10 +600,25 @@ def _serve_ppsd(
         fallback=pipeline["fallback"], rows=max_batch, continuous=pipeline["continuous"],
         join_min=pipeline["join_min"],
     )  # fmt: skip
-    admission = Admission(max_batch, kv_capacity_tokens, tokens_of)
     loop = _loop(replica, decoder, workload, prompts, admission, lambda _: None)
     with on_device(adapter.device):
         return loop.run(clock, sleep)
+
+
+def _serve_distributed(
+    adapter: ModelAdapter, workload: ServingWorkload, prompts: list[list[int]], config: SamplingConfig,
+    eos: list[int], clock: Callable[[], float], sleep: Callable[[float], None], pipeline: dict[str, Any],
+    admission: Admission,
+) -> ServeOutcome:  # fmt: skip
+    """`serve` with PPSD's distributed backend: its stage processes start (each loading its stage) before the clock
+    does, serve the static batches, and stop with the run."""
+    plan = plan_stages(adapter.num_layers, pipeline["stages"], pipeline["stage_boundaries"], pipeline["exit_layer"])
+    head = resolve_head(pipeline["head"], adapter, plan.exit_layer)
+    decoder = DistributedDecoder(adapter, plan, head, config, eos, pipeline["threads_per_stage"])
+    try:
+        return _ServeLoop(decoder, workload, prompts, admission, lambda _: None).run(clock, sleep)
+    finally:
+        decoder.close()
 
 
 def _loop(replica: Any, *args: Any) -> _ServeLoop:
@@ -568,6 +644,12 @@ def slot_decoder(adapter: ModelAdapter, settings: dict[str, Any]) -> SlotDecoder
     decoder = kept_on_model(adapter.model, "_eesd_serving", key, build, MAX_KEPT_DECODERS)
     decoder.stats = GenerationStats(method=decoder.method)
     return decoder
+
+
+def run_end(records: Sequence[RequestRecord], passes: Sequence[PassLog]) -> float:
+    """When a run ended: its last request's finish, or its last pass's end where later (a decode pass returns after
+    the host read its last row's last token), as the simulator's run ends with its last event."""
+    return max(max(r.finish_s for r in records), max((log.start_s + log.seconds for log in passes), default=0.0))
 
 
 def _check_kv_budget(workload: ServingWorkload, tokens_of: Callable[[Request], int], budget: int | None) -> None:
@@ -603,7 +685,7 @@ class _ServeLoop:
 
     def __init__(
         self,
-        decoder: SlotDecoder | PipelineDecoder,
+        decoder: SlotDecoder | PipelineDecoder | DistributedDecoder,
         workload: ServingWorkload,
         prompts: list[list[int]],
         admission: Admission,
@@ -628,7 +710,7 @@ class _ServeLoop:
         finished = 0
         while self._more(finished):
             self._arrivals(now())
-            if isinstance(self.decoder, PipelineDecoder):
+            if self.decoder.method == "ppsd":
                 finished += self._ppsd_step(now, sleep, finished)
                 continue
             request = self.admission.next()
@@ -659,7 +741,7 @@ class _ServeLoop:
 
     def _outcome(self) -> Any:
         result = self.result
-        result.time_s = max(r.finish_s for r in self.records)
+        result.time_s = run_end(self.records, result.passes)
         result.in_system_s = sum(r.latency_s for r in self.records)
         result.drafted = sum(self.decoder.stats.drafted)
         result.accepted = sum(self.decoder.stats.accepted)
@@ -708,7 +790,7 @@ class _ServeLoop:
         there, the requests waiting join (`_ppsd_join`) and the decode goes on with them (a pass per stretch).
         Returns the requests finished (all of them, and all that joined)."""
         decoder, ends = self.decoder, _Ends(now)
-        assert isinstance(decoder, PipelineDecoder)
+        assert isinstance(decoder, (PipelineDecoder, DistributedDecoder))
         self.ppsd_ends, self.ppsd_rows, self.ppsd_left = ends, {}, set()
         batch = self._ppsd_rows(requests)
         start = now()

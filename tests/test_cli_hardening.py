@@ -121,6 +121,36 @@ def test_corpus_settings_are_refused_by_flag_before_the_model_loads(tmp_path, ca
     one_error_line(capsys, f"{flag} must be")
 
 
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["--temperatures", "nan"], ("--temperatures must be finite numbers >= 0", "nan")),
+        (["--temperatures", "0,inf"], ("--temperatures must be finite numbers >= 0", "inf")),
+        (["--temperatures", "0,0.7,0"], ("--temperatures must each be given once", "0,0.7,0")),
+        (["--sources", "self", "--text", "notes.txt"], ("--text is for --sources text", "got --sources self")),
+        (["--python-env", "all"], ("--python-env is for --sources python-env", "got --sources self")),
+        (["--sources", "text", "--text", "notes.txt", "--samples", "3"], ("--samples is for --sources self",)),
+        (["--sources", "python-env", "--prompts", "humaneval"], ("--prompts is for --sources self or self-requests",)),
+    ],
+)
+def test_corpus_flags_no_source_reads_or_bad_temperatures_are_refused_before_the_model_loads(
+    tmp_path, capsys, argv, fragments
+) -> None:
+    """A NaN, infinite or repeated temperature, and a flag set for a source not given (the run would start, for
+    minutes, and ignore it), are refused by flag before anything loads."""
+    assert main(["corpus", "--model", "no-such-model", "--out", str(tmp_path / "c"), *argv]) == 2
+    one_error_line(capsys, *fragments)
+    assert not (tmp_path / "c").exists()
+
+
+def test_serve_bench_refuses_a_method_given_twice(tmp_path, capsys) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrival_s,prompt_len,output_len\n0.0,3,4\n", encoding="utf-8")
+    argv = ["serve-bench", "--model", "no-such-model", "--workload", str(trace), "--methods", "ar,eesd,ar"]
+    assert main(argv) == 2
+    one_error_line(capsys, "--methods must name each method once", "'ar,eesd,ar'")
+
+
 def test_train_head_checks_before_loading_a_time_budget_a_subset_run_and_a_left_checkpoint(tmp_path, capsys) -> None:
     """No model is loaded (it does not exist): each refusal comes first. A checkpoint an earlier run left is named
     by the run's own name for it (the lowest exit layer's), whatever order --exit-layer gives."""

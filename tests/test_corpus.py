@@ -479,5 +479,5 @@ def test_several_corpora_serve_every_window_of_each_once_mixed(tmp_path) -> None
         RecordSource([tmp_path / "a", tmp_path / "missing"])
     with pytest.raises(FileNotFoundError, match="manifest.json is a file: a corpus is the directory that holds"):
         RecordSource([tmp_path / "a" / "manifest.json"])
-    with pytest.raises(ValueError, match="temperatures must be >= 0 .0: greedy., got 0.5,-1"):
+    with pytest.raises(ValueError, match="temperatures must be finite numbers >= 0 .0: greedy., got 0.5,-1"):
         CorpusConfig(temperatures=(0.5, -1.0))

@@ -278,8 +278,8 @@ def test_bad_serving_inputs_refused():
     workload = ServingWorkload((Request(0, 3, 4, 0.0),))
     with pytest.raises(ValueError, match="max_batch must be an integer >= 1, got 0"):
         serve(model, workload, [[1, 2, 3]], method="ppsd", max_batch=0)
-    with pytest.raises(ValueError, match="backend must be one of sequential, streams"):
-        serve(model, workload, [[1, 2, 3]], method="ppsd", backend="distributed")
+    with pytest.raises(ValueError, match="backend must be one of sequential, streams, distributed"):
+        serve(model, workload, [[1, 2, 3]], method="ppsd", backend="bogus")
     with pytest.raises(ValueError, match="backend 'streams' needs a GPU.*serve with backend 'sequential'"):
         serve(model, workload, [[1, 2, 3]], method="ppsd", backend="streams")
     with pytest.raises(ValueError, match="stages must be an integer >= 2"):

@@ -604,12 +604,15 @@ def test_shipped_serving_scenarios_load():
     expected |= {(f"{c}-2replicas", m) for c in ("rate0.4", "rate1.2") for m in ("ar", "eesd")}
     expected |= {("rate0.4-ppsd-2replicas", "ppsd"), ("rate0.4-ppsd-batch4", "ppsd"), ("rate1.2-ppsd-batch4", "ppsd")}
     expected |= {("rate0.4-ppsd-cont4", "ppsd"), ("rate1.2-ppsd-cont4", "ppsd")}
+    expected |= {("rate0.4-ppsd-dist4", "ppsd"), ("rate1.2-ppsd-dist4", "ppsd")}
     assert {(p.case, p.method) for p in cpu} == expected
     assert {p.replicas for p in cpu if p.case.endswith("2replicas")} == {2}
-    assert all(p.plan.ppsd_backend == "sequential" and len(p.plan.stages) == 2 for p in cpu if p.method == "ppsd")
+    backends = {p.case: p.plan.ppsd_backend for p in cpu if p.method == "ppsd"}
+    assert backends == {case: "distributed" if case.endswith("dist4") else "sequential" for case in backends}
+    assert all(len(p.plan.stages) == 2 for p in cpu if p.method == "ppsd")
     assert all(p.kv_capacity_tokens is None and p.plan.cache_slots for p in cpu)
     ppsd = [p for p in cpu if p.method == "ppsd"]
-    assert all(p.max_batch == (4 if p.case.endswith(("batch4", "cont4")) else 1) for p in ppsd)
+    assert all(p.max_batch == (4 if p.case.endswith(("batch4", "cont4", "dist4")) else 1) for p in ppsd)
     assert all(p.ppsd_batching == ("continuous" if p.case.endswith("cont4") else "static") for p in ppsd)
     assert all([s.layer_end for s in p.plan.stages] == [15, 30] for p in ppsd)
     h100 = load_serving_points(ROOT / "scenarios" / "serving_h100.yaml")
