@@ -173,12 +173,15 @@ def _describe(bounds: Sequence[int]) -> str:
 # ------------------------------------------------------------------------------------------------------ statistics
 @dataclass
 class StageStats:
-    """One stage's time. `idle_s` is its bubble: time in the run's ticks it spent not computing."""
+    """One stage's time. `idle_s` is its bubble: time in the run's ticks it spent not computing; of it, `link_s` (the
+    distributed backend) the time in the tick's messages (sending, and receiving: waiting for the other ranks
+    included), the rest the host's own work between them."""
 
     first_layer: int
     stop_layer: int
     busy_s: float = 0.0
     idle_s: float = 0.0
+    link_s: float = 0.0
     work_ticks: int = 0  # ticks in which it held a token
     bubble_ticks: int = 0  # ticks in which it held none (after a flush, or draining at the end)
 
@@ -270,7 +273,9 @@ class PPSDStats(GenerationStats):
         for index, stage in enumerate(self.stage_stats):
             lines.append(
                 f"  stage {index + 1} layers [{stage.first_layer},{stage.stop_layer}): busy {stage.busy_s:.3f} s, "
-                f"idle {stage.idle_s:.3f} s, {stage.work_ticks} work / {stage.bubble_ticks} bubble ticks"
+                f"idle {stage.idle_s:.3f} s"
+                + (f" ({stage.link_s:.3f} s in messages)" if stage.link_s else "")
+                + f", {stage.work_ticks} work / {stage.bubble_ticks} bubble ticks"
             )
         return "\n".join(lines)
 

@@ -364,7 +364,10 @@ def run_stage(
             resolve_first(out, limit)
         stage.count(inbox is not None, time.perf_counter() - tick_begin)
         going = [not sink.done for sink in sinks] if judge else None  # the rows this tick may emit in
-        report = link.exchange_report(judge(out) if judge else None)
+        judged = judge(out) if judge else None
+        sent = time.perf_counter()
+        report = link.exchange_report(judged)
+        stage.link_s += time.perf_counter() - sent
         stats.host_reads += 1  # each rank reads every tick's report (the last rank its verdict) on its host
         if report.emitted:
             commit(selector, report.tokens)
@@ -377,7 +380,9 @@ def run_stage(
             runner.flush(list(report.positions))
             inbox = Item(list(report.positions), tokens=list(report.tokens)) if rank == 0 else None
         else:
+            sent = time.perf_counter()
             item = link.pass_on(out)
+            stage.link_s += time.perf_counter() - sent
             inbox = _next_draft(out) if rank == 0 else item
     stats.wall_time_s = time.perf_counter() - begin
     stage.idle_s = stats.wall_time_s - stats.prefill_time_s - stage.busy_s

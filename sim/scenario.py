@@ -834,6 +834,10 @@ def _sweep_grid(path: Path, sweep: Any, max_points: int) -> list[dict[str, Any]]
             )
         if _is_case(key):
             _check_case_labels(field, values)
+        repeated = [value for index, value in enumerate(values) if value in values[:index]]
+        if repeated:
+            raise ScenarioError(f"{field}: each value once (a repeat runs the same points twice), got "
+                                f"{quote(repeated[0])} more than once")  # fmt: skip
     keys = list(sweep)
     _check_overlap(path, sweep)
     _check_points(path, sweep, max_points)

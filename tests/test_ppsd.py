@@ -313,6 +313,9 @@ def test_distributed_equals_ar_and_sequential(stages: int, arch: str, tied: bool
     assert stats.host_reads == stats.ticks  # each rank reads every tick's outcome (what the simulator prices)
     busy_s = sum(stage.busy_s for stage in stats.stage_stats)  # every rank's CPU, its passes' at least
     assert stats.process_cpu_s > 0.5 * busy_s and sequential.process_cpu_s == 0.0
+    # each rank's idle time holds its time in the tick's messages (one process: none)
+    assert all(0 < stage.link_s <= stage.idle_s for stage in stats.stage_stats)
+    assert all(stage.link_s == 0 for stage in sequential.stage_stats) and "in messages" in stats.summary()
     assert stats.confirms > 0 and (stats.flushes > 0 or not must_flush)
     check_accounting(stats, max_new)
     assert _descendants_of_children() == []

@@ -254,6 +254,8 @@ def test_broken_scenarios_name_file_field_and_expectation(
         ({"sweep": {"cases": [1, 2]}}, "sweep.cases: 'cases' is not a scenario field, so it must list cases"),
         ({"sweep": {"topology.stages": [2, 40]}}, "sweep point {'topology.stages': 40}: topology.stages: 40 stages"),
         ({"sweep": {"name": ["a", "b"]}}, "sweep.name: the scenario's name is one for the whole run"),
+        ({"sweep": {"method": ["ar", "ppsd", "ppsd"]}}, "sweep.method: each value once (a repeat runs the same points"),
+        ({"sweep": {"cases": [{"exit_layer": 8}, {"exit_layer": 8}]}}, "sweep.cases: each value once"),
         (
             {"ppsd_backend": "free", "topology": {"gpu": "H100", "stages": 2, "devices": 1}},
             "ppsd_backend: 'free' runs every stage on a device of its own",
