@@ -178,7 +178,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
     head = args.head
     if head is not None and head != "shared" and not head.startswith("shared:") and not os.path.isfile(head):
-        raise ValueError(f"--head {head}: no such file (a .safetensors head file, or shared / shared:N)")
+        what = "a directory" if os.path.isdir(head) else "no such file"
+        raise ValueError(f"--head {head}: {what} (expected a .safetensors head file, or shared / shared:N)")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.warmup < 0:

@@ -262,7 +262,10 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
     if unknown:
         raise ScenarioError(f"{where}: serving.by_method: {', '.join(unknown)}: not among the case's methods {methods}")
     by_method = {method: _method_data(data, config, method, where) for method in methods}
-    models = {method: _model(by_method[method][0], method, where) for method in methods}
+    # an error in a method's own fields says they were its (`serving.by_method`), not the case's
+    wheres = {method: f"{where} (method {method}, with serving.by_method.{method})"
+              if (config.by_method or {}).get(method) else where for method in methods}  # fmt: skip
+    models = {method: _model(by_method[method][0], method, wheres[method]) for method in methods}
     model = _narrowest_model(list(models.values()))
     spec, base_dir, spec_where, prefix = _workload_spec(config, path, where)
     rates: Sequence[float | None] = config.rates_per_s or [None]
@@ -273,7 +276,7 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
         for method in methods:
             method_data, method_config = by_method[method]
             max_batch = _ppsd_batch(config, method_config) if method == "ppsd" else method_config.max_batch
-            plan, scenario = _plan(path, method_data, method, workload, max_batch, where, models[method])
+            plan, scenario = _plan(path, method_data, method, workload, max_batch, wheres[method], models[method])
             _check_free_batch(plan, max_batch, method_config.ppsd_batching, where)
             if method_config.ppsd_join_min != 1 and method_config.ppsd_batching != "continuous":
                 raise ScenarioError(

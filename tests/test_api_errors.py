@@ -155,6 +155,7 @@ def test_cli_reports_user_errors_without_traceback(saved_model, args, message, c
         (["--method", "ar", "--policy", "fixed:3"], "--policy is for --method eesd, got --method ar"),
         (["--method", "ar", "--head", "shared:100"], "--head is for --method eesd or ppsd, got --method ar"),
         (["--head", "heads/none.safetensors"], "--head heads/none.safetensors: no such file"),
+        (["--head", "heads"], "--head heads: a directory (expected a .safetensors head file"),
         (["--method", "ppsd", "--draft-len", "2"], "--draft-len is for --method eesd, got --method ppsd"),
         (["--do-sample", "--sampling", "rejection", "--compare-ar"], "--compare-ar checks that the output is AR's"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),

@@ -929,6 +929,10 @@ def test_by_method_gives_each_method_its_own_devices(tmp_path):
         ),
         ({"by_method": {"ar": {"exit_layer": 99}}}, r"exit_layer: expected 1 <= exit_layer < 30"),
         (
+            {"methods": ["ar", "eesd"], "by_method": {"eesd": {"policy": "fixed:0"}}},
+            r"\(method eesd, with serving.by_method.eesd\).*policy",
+        ),
+        (
             {
                 "methods": ["ar", "ppsd"],
                 "by_method": {"ppsd": {"serving.max_batch": 4, "topology.stages": 2, "ppsd_backend": "free"}},
