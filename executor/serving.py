@@ -95,7 +95,7 @@ from executor.ppsd import (
     prefill_local,
 )
 from executor.sampling import SamplingConfig, TokenSelector
-from sim.contract import cache_capacity, default_exit_layer, policy_seed
+from sim.contract import cache_capacity, default_exit_layer, policy_seed, ppsd_serving_output
 from sim.policy import DraftPolicy, make_policy
 from sim.serving import PPSD_BATCHING, Admission, PassLog, RequestRecord, ServingResult, kv_tokens, never_admitted
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload
@@ -586,13 +586,11 @@ def _serve_ppsd(
     tokens_of = kv_tokens("ppsd", 0)
     _check_kv_budget(workload, tokens_of, kv_capacity_tokens)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    # continuous: a stretch's rows are fed as far as its row asking the most from where it resumed, a row that
-    # resumed near its end up to another's output length further: room for two outputs past the longest prompt
     admission = Admission(max_batch, kv_capacity_tokens, tokens_of)
     if pipeline["backend"] == "distributed":
         pipeline = {**pipeline, "head": head, "exit_layer": exit_layer}
         return _serve_distributed(adapter, workload, prompts, config, eos, clock, sleep, pipeline, admission)
-    fed = 2 * max_output if pipeline["continuous"] else max_output
+    fed = ppsd_serving_output(max_output, pipeline["continuous"])  # continuous: two outputs' room
     capacity = cache_capacity("ppsd", max(len(p) for p in prompts), fed, 0, captured=capture != "none")
     decoder = PipelineDecoder(
         adapter, stages=pipeline["stages"], stage_boundaries=pipeline["stage_boundaries"], exit_layer=exit_layer,

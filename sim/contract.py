@@ -92,6 +92,13 @@ def cache_capacity(method: str, prompt_len: int, output_len: int, max_draft_len:
     return captured_capacity(slots) if captured else slots
 
 
+def ppsd_serving_output(max_output_len: int, continuous: bool) -> int:
+    """The output room of PPSD serving's cache past the longest prompt: the longest output, or with continuous
+    batching two of them (a stretch feeds every row as far as its row asking the most from where it resumed, so a
+    row that resumed near its end is fed up to another row's output length further)."""
+    return 2 * max_output_len if continuous else max_output_len
+
+
 def policy_seed(seed: int, row: int) -> int:
     """The seed of the draft policy of row `row` (its index in the batch) of a generation seeded `seed`."""
     return seed * 7919 + row

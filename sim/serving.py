@@ -74,6 +74,7 @@ Times in the simulation are µs; records and metrics are in seconds and millisec
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import random
@@ -88,11 +89,11 @@ import simpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sim.acceptance import TraceAcceptance
-from sim.contract import cache_capacity, default_sync_every
+from sim.contract import cache_capacity, default_sync_every, ppsd_serving_output
 from sim.cost import Pass, draft_pass, pass_costs, verify_pass
 from sim.engine import TOKEN_ID_BYTES, BatchRow, LockstepDecode, decode_rows, prefill_pass
 from sim.formats import quote
-from sim.latency import extrapolations_of
+from sim.latency import extrapolations_of, static_capacity
 from sim.models import ModelConfig
 from sim.plan import SimPlan, build_plan
 from sim.policy import make_policy, round_budget
@@ -276,7 +277,9 @@ def _case_points(path: Path, case: str, data: dict[str, Any]) -> list[ServingPoi
         for method in methods:
             method_data, method_config = by_method[method]
             max_batch = _ppsd_batch(config, method_config) if method == "ppsd" else method_config.max_batch
-            plan, scenario = _plan(path, method_data, method, workload, max_batch, wheres[method], models[method])
+            continuous = method == "ppsd" and method_config.ppsd_batching == "continuous"
+            plan, scenario = _plan(path, method_data, method, workload, max_batch, wheres[method], models[method],
+                                   continuous)  # fmt: skip
             _check_free_batch(plan, max_batch, method_config.ppsd_batching, where)
             if method_config.ppsd_join_min != 1 and method_config.ppsd_batching != "continuous":
                 raise ScenarioError(
@@ -373,10 +376,12 @@ def _narrowest_model(models: Sequence[ModelConfig]) -> ModelConfig:
 
 def _plan(
     path: Path, data: dict[str, Any], method: str, workload: ServingWorkload, max_batch: int, where: str,
-    model: ModelConfig,
+    model: ModelConfig, continuous: bool = False,
 ) -> tuple[SimPlan, Scenario]:  # fmt: skip
     """The simulator's plan for one method: the scenario's fields, with a static workload of the longest prompt and
-    output at `max_batch` (the executor's serving cache holds that many slots a row; the cost ratio is taken there)."""
+    output at `max_batch` (the executor's serving cache holds that many slots a row; the cost ratio is taken there).
+    PPSD's `continuous` batches: the executor's cache holds two outputs past the longest prompt
+    (`sim.contract.ppsd_serving_output`), which a pass over every cache slot pays for."""
     fields = {k: v for k, v in data.items() if k != "serving"}
     fields["method"] = method
     fields["workload"] = {
@@ -388,6 +393,10 @@ def _plan(
     _check_cache_context(model, workload, where)
     scenario = validate(fields, where)
     plan = build_plan(Point(0, {}, scenario, path.parent, where), reads_every=1, stand_in=True)  # a read a round
+    if continuous and plan.cache_slots:
+        fed = ppsd_serving_output(workload.max_output_len, True)
+        slots = cache_capacity("ppsd", workload.max_prompt_len, fed, 0, static_capacity(plan.stages[0].latency))
+        plan = dataclasses.replace(plan, cache_slots=slots)
     return plan, scenario
 
 

@@ -295,3 +295,24 @@ def test_join_min_holds_a_lone_request_back_from_a_running_batch(tmp_path, join_
         assert kinds == [("prefill", 3, False), ("ppsd", 3, True), ("prefill", 1, False), ("ppsd", 2, False)]
     else:
         assert kinds == [("prefill", 3, False), ("ppsd", 3, False), ("prefill", 1, False), ("ppsd", 1, False)]
+
+
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_the_simulator_prices_the_executors_serving_cache(tmp_path, batching, monkeypatch) -> None:
+    """Passes over every cache slot (`attention: cache`) pay for the cache the executor's PPSD server allocates: the
+    longest prompt and output, or with continuous batching two outputs (`sim.contract.ppsd_serving_output`), the
+    same rule on both sides."""
+    scenario = tiny_scenario(tmp_path, [3], ppsd_batching=batching)
+    scenario["attention"] = "cache"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
+    (point,) = load_serving_points(tmp_path / "s.yaml")
+    prompt, output = max(p for p, _ in LENGTHS), max(o for _, o in LENGTHS)
+    assert point.plan.cache_slots == prompt + (2 if batching == "continuous" else 1) * output
+    built = []
+    monkeypatch.setattr(serving_module.PipelineDecoder, "__init__", lambda self, *a, **kw: built.append(kw) or None)
+    monkeypatch.setattr(serving_module, "_loop", lambda *args: type("Loop", (), {"run": lambda *a: None})())
+    requests = tuple(Request(i, p, o, 0.0) for i, (p, o) in enumerate(LENGTHS))
+    model = tiny_model(TinySpec(num_layers=6, vocab=60, seed=4))
+    serve(model, ServingWorkload(requests), [[1] * p for p, _ in LENGTHS], method="ppsd", stages=2,
+          stage_boundaries=[3], max_batch=3, ppsd_batching=batching)  # fmt: skip
+    assert built[0]["capacity"] == point.plan.cache_slots
