@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 
-from executor.passes import resolve_capture
+from executor.passes import resolve_capture, resolve_sync_every
 from executor.runtime import synchronize
-from sim.contract import SYNC_CAPTURED
 from sim.formats import write_text_atomic
 
 FORMAT, SCHEMA_VERSION = "eesd.round_costs", 1
@@ -106,8 +105,9 @@ def measure_round_costs(
 
 def rounds_chained(capture: str, device: Any) -> int:
     """How many rounds of no drafts `generate` chains on the device per host read with this capture mode: its
-    default `sync_every`, `SYNC_CAPTURED` where the passes are captured, else 1."""
-    return 1 if resolve_capture(capture, device, "greedy") == "none" else SYNC_CAPTURED
+    default `sync_every` (`executor.passes.resolve_sync_every`: `SYNC_CAPTURED` where the passes are captured, 1
+    uncaptured or frozen)."""
+    return resolve_sync_every(None, resolve_capture(capture, device, "greedy"))
 
 
 def _round(passes: Any, at: int, k: int, chained: int) -> Callable[[], float]:

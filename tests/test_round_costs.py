@@ -309,3 +309,14 @@ def test_a_bad_file_is_refused_with_the_field_named(measured_file, tmp_path, edi
         read_round_costs(path)
     with pytest.raises(ValueError, match="cannot read it"):
         read_round_costs(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("capture", ["none", "auto", "freeze"])
+def test_round_costs_chain_ar_steps_as_generate_reads_them(capture) -> None:
+    """A round of no drafts is timed as `generate` runs it with that capture mode: its default `sync_every` steps a
+    host read (frozen passes on a CPU read after every step, as uncaptured ones do)."""
+    from executor.passes import resolve_capture, resolve_sync_every
+    from executor.round_costs import rounds_chained
+
+    device = torch.device("cpu")
+    assert rounds_chained(capture, device) == resolve_sync_every(None, resolve_capture(capture, device, "greedy")) == 1
