@@ -43,6 +43,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -341,6 +342,17 @@ def capture_graph(warmup: Callable[[], None], fn: Callable[[], None] | None = No
     return graph
 
 
+@dataclass
+class HeldInputs:
+    """What the host knows some of a pass set's device inputs hold (`Passes.start_round`, `Passes.set_counts`): each
+    row's token and position in `ids` and `positions[1]`, the same in `next_inputs` as the last verify pass wrote
+    them, and the verify pass's draft `counts`; None where not known."""
+
+    inputs: tuple[list[int], list[int]] | None = None
+    next: tuple[list[int], list[int]] | None = None
+    counts: list[int] | None = None
+
+
 class Passes:
     """The static buffers and passes of one decoder configuration (rows, cache capacity, exit layer, head, sampling).
 
@@ -415,9 +427,7 @@ class Passes:
         # of the round in one copy (drafts | verdict | the full model's tokens, `readout_columns`)
         self.next_inputs = torch.zeros(batch, 2, **long)
         self.readout = torch.zeros(batch, 2 * max(max_draft, 1) + 3, **long)
-        # what the host knows some inputs hold on the device ("inputs": ids and positions[1]; "next": next_inputs;
-        # "counts"), so that a round refills only what changed (`start_round`, `set_counts`)
-        self._held: dict[str, tuple[list[int], list[int]] | list[int]] = {}
+        self._held = HeldInputs()  # what some device inputs hold, so a round refills only what changed
         if self.rejection:
             k = max(max_draft, 1)
             self.draft_prob = torch.zeros(batch, vocab, dtype=torch.float64, device=device)
@@ -439,9 +449,9 @@ class Passes:
             upload(self.ids, [[t] for t in tokens])
         upload(self.positions[q], [list(range(s, s + q)) for s in starts])
         if tokens is not None or q == 1:
-            self._held.pop("inputs", None)
+            self._held.inputs = None
         if tokens is not None and q == 1:
-            self._held["inputs"] = (list(tokens), list(starts))
+            self._held.inputs = (list(tokens), list(starts))
 
     def start_round(self, tokens: Sequence[int], starts: Sequence[int]) -> None:
         """`ids` <- tokens and `positions[1]` <- starts before a round's first launch, with the least host work:
@@ -449,25 +459,27 @@ class Passes:
         copy on the device where the last verify pass's verdicts put them in `next_inputs` (every row committed what
         its verdict said, `RoundVerdicts.read`), else an upload from the host."""
         wanted = (list(tokens), list(starts))
-        if DEVICE_INPUTS and self._held.get("inputs") == wanted:
+        if DEVICE_INPUTS and self._held.inputs == wanted:
             return
-        if DEVICE_INPUTS and self._held.get("next") == wanted:
+        if DEVICE_INPUTS and self._held.next == wanted:
             torch._foreach_copy_([self.ids, self.positions[1]], [self.next_inputs[:, :1], self.next_inputs[:, 1:]])
-            self._held["inputs"] = wanted
+            self._held.inputs = wanted
             return
         self.load(tokens, starts, 1)
 
     def held_inputs(self, tokens: Sequence[int], starts: Sequence[int], key: str = "inputs") -> None:
         """The host's note of what the device holds, from what it read: `ids` and `positions[1]` after chained steps
         (key "inputs"), or `next_inputs` after a verify pass (key "next")."""
-        self._held[key] = (list(tokens), list(starts))
+        if key not in ("inputs", "next"):
+            raise ValueError(f"held_inputs: key must be 'inputs' or 'next', got {key!r}")
+        setattr(self._held, key, (list(tokens), list(starts)))
 
     def set_counts(self, counts: Sequence[int]) -> None:
         """`counts` <- each row's draft count for the verify pass's verdict (an upload only when they changed)."""
         wanted = list(counts)
-        if not DEVICE_INPUTS or self._held.get("counts") != wanted:
+        if not DEVICE_INPUTS or self._held.counts != wanted:
             upload(self.counts, wanted)
-            self._held["counts"] = wanted
+            self._held.counts = wanted
 
     def readout_columns(self, k: int) -> tuple[slice, slice, slice]:
         """Where a verify pass over k drafts puts them, its verdict and the full model's k + 1 tokens in `readout`."""
@@ -512,9 +524,9 @@ class Passes:
         spans the bucket of `furthest` (`span`), one pass per (name, q, span)."""
         span = self.span(furthest)
         key = (name, q, span)
-        self._held.pop("inputs", None)  # a pass may move its inputs on (`advance`), verify writes `next_inputs`
+        self._held.inputs = None  # a pass may move its inputs on (`advance`), verify writes `next_inputs`
         if name == "verify":
-            self._held.pop("next", None)
+            self._held.next = None
         if key not in self._passes:
             step = Step(positions=self.positions[q], starts=None, span=span)
             mode = launch_mode(self.capture, self.adapter.device)
@@ -529,7 +541,7 @@ class Passes:
         """Cursors back to the start (a new call on cached passes, or after a call that stopped mid-round)."""
         self.draft_cursor.zero_()
         self.ar_cursor.zero_()
-        self._held.clear()
+        self._held = HeldInputs()
 
     def _static_tensors(self) -> list[torch.Tensor]:
         buffers = [self.ids, self.hidden, self.confidence, self.drafts, self.inputs, self.exit_states]
