@@ -992,7 +992,7 @@ def decode_ppsd_rows(
     check_backend(adapter, backend)
     check_stall_timeout(stall_timeout_s)
     head = resolve_head(head, adapter, plan.exit_layer)
-    _check_rows(prompts, sinks)
+    check_rows(prompts, sinks)
     lengths = [len(prompt) for prompt in prompts]
     selector = make_selector(adapter, lengths, sinks[0], sampling, min_new_tokens)
     capture = prefix_capture(capture, selector.config, "ppsd", backend)
@@ -1022,7 +1022,7 @@ def decode_ppsd_rows(
         )
 
 
-def _check_rows(prompts: list[list[int]], sinks: list[TokenSink]) -> None:
+def check_rows(prompts: list[list[int]], sinks: list[TokenSink]) -> None:
     if not prompts or len(prompts) != len(sinks):
         raise ValueError(f"PPSD takes a sink per prompt and at least one prompt, got {len(prompts)} prompts and "
                          f"{len(sinks)} sinks")  # fmt: skip

@@ -82,6 +82,7 @@ from executor.ppsd import (
     StageRunner,
     TickOutcome,
     batch_verdict,
+    check_rows,
     check_stall_timeout,
     commit,
     feed_limit,
@@ -97,6 +98,7 @@ from sim.contract import PPSD_HEADER_VALUES, PPSD_OUTCOME_VALUES
 
 _POLL_S = 0.05
 _KILL_GRACE_S = 5.0
+_STARTUP_S = 10.0  # how long a stage process may take to send its first beat (forked, its setup unpickled)
 _SETTLE_S = 1.0  # after a first failure, how long the caller waits for its cause (a neighbour's death, own error)
 
 
@@ -629,7 +631,7 @@ class DistributedPipeline:
                        heartbeat_interval(stall_timeout_s), head_state if s == 0 else None)
             for s in range(plan.stages)
         ]  # fmt: skip
-        self.plan, self.sinks, self.closed = plan, [], False
+        self.plan, self.sinks, self.closed, self.running = plan, [], False, False
         self._start(setups, stall_timeout_s)
         self._collect(lambda: len(self.watch.ready) == plan.stages)  # every process holds its model
 
@@ -672,9 +674,12 @@ class DistributedPipeline:
         into its sink (the same EOS ids) as the caller reads them."""
         if self.closed:
             raise RuntimeError("this distributed pipeline is closed: its stage processes are stopped")
+        if self.running:
+            raise RuntimeError("this distributed pipeline runs a generation already: finish it before starting another")
+        check_rows(prompts, sinks)
         job = GenerationJob([list(p) for p in prompts], [sink.max_new_tokens for sink in sinks],
                             tuple(sinks[0].eos_token_ids), sampling or SamplingConfig(), min_new_tokens)  # fmt: skip
-        self.sinks = sinks
+        self.sinks, self.running = sinks, True
         self.watch.begin(sinks)
         for writer in self.jobs:
             try:
@@ -688,7 +693,10 @@ class DistributedPipeline:
 
     def finish(self) -> PPSDStats:
         """Return the generation's stats once every stage process has reported them."""
+        if not self.running:
+            raise RuntimeError("this distributed pipeline runs no generation: start one first")
         reports = self._collect(None)
+        self.running = False
         return _merge(self.plan, self.sinks, reports)
 
     def generate(
@@ -714,8 +722,8 @@ class DistributedPipeline:
         for writer in self.jobs:
             with contextlib.suppress(OSError):
                 writer.send(None)
-        try:
-            _stop(self.processes, grace_s=_KILL_GRACE_S if healthy else 0.0)
+        try:  # reading what they still send (idle heartbeats fill a pipe in time, and a full one blocks their exit)
+            _stop(self.processes, grace_s=_KILL_GRACE_S if healthy else 0.0, waiting=self.watch.drain)
         finally:
             for end in self.pipes:
                 end.close()
@@ -735,12 +743,19 @@ class StageWatch:
         self.processes, self.readers, self.stall_timeout_s = processes, readers, stall_timeout_s
         self.sinks: list[TokenSink] = []
         self.ready: set[int] = set()  # the ranks that hold their model
+        self.heard: set[int] = set()  # the ranks that have sent anything
         now = time.monotonic()
         self.seen = [now] * len(processes)  # when each rank was last heard from
         self.reports: dict[int, PPSDStats] = {}
         self.failures: dict[int, tuple[float, WorkerFailure]] = {}
         self.open = set(range(len(processes)))
         self.trouble_since: float | None = None
+
+    def drain(self) -> None:
+        """Read whatever the pipes hold now, without waiting (the processes' beats and reports as they end)."""
+        for rank in list(self.open):
+            while rank in self.open and self.readers[rank].poll():
+                self._read(rank)
 
     def begin(self, sinks: list[TokenSink]) -> None:
         """A new generation: its rows' sinks, no stats yet (heartbeats read while idle count from now)."""
@@ -767,6 +782,7 @@ class StageWatch:
             self.open.discard(rank)
             return
         self.seen[rank] = time.monotonic()
+        self.heard.add(rank)
         if kind == "tokens":  # (row, token) pairs
             for row, token in payload:
                 self.sinks[row].emit([token])
@@ -796,7 +812,7 @@ class StageWatch:
             return self._blame(gone) if settled or now - self.trouble_since >= _SETTLE_S else None
         stalled = [
             rank for rank in range(len(self.processes))
-            if rank not in self.reports and now - self.seen[rank] > self.stall_timeout_s
+            if rank not in self.reports and now - self.seen[rank] > self._allowed_s(rank)
         ]  # fmt: skip
         if not stalled:
             return None
@@ -806,6 +822,11 @@ class StageWatch:
             f"PPSD {_stage(rank)} stalled: no heartbeat for {now - self.seen[rank]:.1f} s (stall_timeout_s="
             f"{self.stall_timeout_s:g}): the process is stopped or hung{also}"
         )
+
+    def _allowed_s(self, rank: int) -> float:
+        """How long a rank may be silent: the stall timeout, or, until its first word, at least `_STARTUP_S` (a process
+        starting from the fork server and unpickling its stage beats only once it runs)."""
+        return self.stall_timeout_s if rank in self.heard else max(self.stall_timeout_s, _STARTUP_S)
 
     def _blame(self, gone: list[int]) -> PPSDWorkerError:
         """The root cause: a process's own error (the first by time), else a process that died without a word, else
@@ -837,13 +858,16 @@ def _exit_description(code: int | None) -> str:
     return f"exited with code {code} without a report"
 
 
-def _stop(processes, grace_s: float) -> None:
-    """Join the workers (for up to `grace_s`), then kill any still running (SIGKILL: a stopped process acts on no
-    other signal) and join it."""
+def _stop(processes, grace_s: float, waiting: Callable[[], None] | None = None) -> None:
+    """Join the workers (for up to `grace_s`, calling `waiting` as they end), then kill any still running (SIGKILL: a
+    stopped process acts on no other signal) and join it."""
     end = time.monotonic() + grace_s
-    for process in processes:
-        if process.pid is not None:
-            process.join(timeout=max(0.0, end - time.monotonic()))
+    while any(p.pid is not None and p.is_alive() for p in processes) and time.monotonic() < end:
+        if waiting is not None:
+            waiting()
+        for process in processes:
+            if process.pid is not None:
+                process.join(timeout=min(_POLL_S, max(0.0, end - time.monotonic())))
     for process in processes:
         if process.is_alive():
             process.kill()

@@ -6,6 +6,7 @@ request's tokens must be AR's alone, and the passes a run logs must be the seque
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import yaml
@@ -129,4 +130,47 @@ def test_the_distributed_backend_serves_static_batches_only(tmp_path, capsys) ->
         assert eesd([*base, *extra]) == 2
         err = capsys.readouterr().err
         assert "--backend distributed" in err and fragment in err and "Traceback" not in err
+    assert _descendants_of_children() == []
+
+
+def test_a_pipeline_takes_one_generation_at_a_time_and_checks_its_rows() -> None:
+    """A second start before the first finished would mix their tokens and stats up: refused, as are a finish with
+    nothing started and rows the lockstep cannot take (a sink short, EOS ids that differ), before any process hears
+    of them; the pipeline then still runs."""
+    model = tiny_model(TinySpec(num_layers=4, vocab=60, seed=3))
+    with DistributedPipeline(ModelAdapter(model), plan_stages(4, 2, None, None), threads_per_stage=1) as pipeline:
+        with pytest.raises(RuntimeError, match="runs no generation: start one first"):
+            pipeline.finish()
+        with pytest.raises(ValueError, match="a sink per prompt"):
+            pipeline.start([[1, 2], [3]], [TokenSink(4, [])])
+        with pytest.raises(ValueError, match="same EOS ids"):
+            pipeline.start([[1, 2], [3]], [TokenSink(4, []), TokenSink(4, [7])])
+        first = [TokenSink(12, [])]
+        pipeline.start([[5, 6, 7]], first)
+        with pytest.raises(RuntimeError, match="runs a generation already"):
+            pipeline.start([[1, 2, 3, 4]], [TokenSink(5, [])])
+        assert pipeline.finish().rows == 1 and len(first[0].tokens) == 12
+        again = [TokenSink(5, [])]
+        pipeline.generate([[1, 2, 3, 4]], again)
+        assert again[0].tokens == alone(model, [1, 2, 3, 4], 5, None)
+    assert _descendants_of_children() == []
+
+
+def test_an_idle_pipeline_closes_promptly_with_its_pipes_full_of_heartbeats(monkeypatch) -> None:
+    """Nothing reads the stage processes' pipes between generations, and their heartbeats go on: once a pipe is full
+    a heartbeat blocks, and the process could not end. Closing reads the pipes while the processes end, so they exit
+    on their own (exit code 0), not killed after the grace period; and the smallest stall timeout survives the
+    processes' start (the first heartbeat comes once a process runs)."""
+    import executor.ppsd_dist as ppsd_dist
+
+    monkeypatch.setattr(ppsd_dist, "heartbeat_interval", lambda stall_timeout_s: 0.001)  # a pipe full in seconds
+    model = tiny_model(TinySpec(num_layers=4, vocab=60, seed=3))
+    pipeline = DistributedPipeline(ModelAdapter(model), plan_stages(4, 2, None, None), threads_per_stage=1,
+                                   stall_timeout_s=0.25)  # fmt: skip
+    pipeline.generate([[1, 2, 3]], [TokenSink(3, [])])
+    time.sleep(6.0)  # ~6000 beats a process: past the 64 KiB a pipe holds
+    begin = time.monotonic()
+    pipeline.close()
+    assert time.monotonic() - begin < 3.0
+    assert [process.exitcode for process in pipeline.processes] == [0, 0]
     assert _descendants_of_children() == []
