@@ -135,8 +135,8 @@ def test_the_distributed_backend_serves_static_batches_only(tmp_path, capsys) ->
 
 def test_a_pipeline_takes_one_generation_at_a_time_and_checks_its_rows() -> None:
     """A second start before the first finished would mix their tokens and stats up: refused, as are a finish with
-    nothing started and rows the lockstep cannot take (a sink short, EOS ids that differ), before any process hears
-    of them; the pipeline then still runs."""
+    nothing started and rows the stages cannot take (a sink short, EOS ids that differ, a sink's own stop rule),
+    before any process hears of them; the pipeline then still runs."""
     model = tiny_model(TinySpec(num_layers=4, vocab=60, seed=3))
     with DistributedPipeline(ModelAdapter(model), plan_stages(4, 2, None, None), threads_per_stage=1) as pipeline:
         with pytest.raises(RuntimeError, match="runs no generation: start one first"):
@@ -145,6 +145,8 @@ def test_a_pipeline_takes_one_generation_at_a_time_and_checks_its_rows() -> None
             pipeline.start([[1, 2], [3]], [TokenSink(4, [])])
         with pytest.raises(ValueError, match="same EOS ids"):
             pipeline.start([[1, 2], [3]], [TokenSink(4, []), TokenSink(4, [7])])
+        with pytest.raises(ValueError, match="a sink's own stop rule is not theirs"):
+            pipeline.start([[1, 2]], [TokenSink(4, [], stop=lambda tokens: True)])
         first = [TokenSink(12, [])]
         pipeline.start([[5, 6, 7]], first)
         with pytest.raises(RuntimeError, match="runs a generation already"):
