@@ -129,6 +129,11 @@ class TokenSink:
     def remaining(self) -> int:
         return self.max_new_tokens - len(self.tokens)
 
+    @property
+    def has_stop_rule(self) -> bool:
+        """Whether a rule of its own (`stop`) may end the row besides its EOS and `max_new_tokens`."""
+        return self._stop is not None
+
     def emit(self, tokens: list[int]) -> None:
         taken: list[int] = []
         for token in tokens:

@@ -677,7 +677,7 @@ class DistributedPipeline:
         if self.running:
             raise RuntimeError("this distributed pipeline runs a generation already: finish it before starting another")
         check_rows(prompts, sinks)
-        if any(sink._stop is not None for sink in sinks):
+        if any(sink.has_stop_rule for sink in sinks):
             raise ValueError("the distributed backend's stages stop a row at its EOS or its max_new_tokens only: a "
                              "sink's own stop rule is not theirs (decode on a local backend)")  # fmt: skip
         job = GenerationJob([list(p) for p in prompts], [sink.max_new_tokens for sink in sinks],
