@@ -321,7 +321,28 @@ def test_runs_in_fresh_processes_are_pooled(tmp_path) -> None:
 
 def test_other_work_counts_what_else_the_machine_ran_and_not_the_runs_own() -> None:
     """A process this one has not reaped, spinning through the block, is other work (about a core); this process's own
-    spinning is not. Over 0.25 cores a target's runs are named in a note."""
+    spinning is not. Over 0.25 cores a target's runs are named in a note. The blocks are measured up to three times:
+    work the test does not control (another test worker on this 2-core box) counts as other work in any of them, so
+    one attempt free of it suffices, while an `OtherWork` that took the run's own CPU for other work fails every one."""
+    tried = []
+    for _ in range(3):
+        other, accounted, own = _other_work_blocks()
+        assert other.cores is not None and own.cores is not None and accounted.cores is not None
+        tried.append((other.cores, accounted.cores, own.cores))
+        if other.cores > 0.7 and own.cores < other.cores - 0.4 and accounted.cores < other.cores - 0.4:
+            break
+    else:
+        raise AssertionError(f"no attempt told the other work from the run's own: (other, accounted, own) {tried}")
+    notes = validate.other_work_notes({"cores": 2, "other_work_cores": {"ar": 0.1, "ppsd distributed n=2 E=15": 0.9}})
+    assert notes == ["other work used 0.90 of 2 cores during ppsd distributed n=2 E=15's runs (the machine's busy CPU "
+                     "less this run's own): its measured rate is the shared box's"]  # fmt: skip
+    every = validate.other_work_notes({"cores": 2, "other_work_cores": {"ar": 0.5, "eesd": 1.0}}, targets=2)
+    assert len(every) == 1 and every[0].startswith("other work used 0.50-1.00 of 2 cores during every point's runs")
+
+
+def _other_work_blocks() -> tuple:
+    """`OtherWork` over three one-second blocks: a child process spinning; the same, its CPU handed in as the run's
+    own (as PPSD's stages hand theirs); this process spinning."""
     import subprocess
     import sys
 
@@ -338,7 +359,7 @@ def test_other_work_counts_what_else_the_machine_ran_and_not_the_runs_own() -> N
         time.sleep(0.3)  # the interpreter up and spinning
         with OtherWork() as other:
             time.sleep(1.0)
-        with OtherWork() as accounted:  # the spinner's CPU handed in as the run's own (as PPSD's stages hand theirs)
+        with OtherWork() as accounted:
             before = spinner_cpu_s()
             time.sleep(1.0)
             accounted.elsewhere_s = spinner_cpu_s() - before
@@ -349,13 +370,7 @@ def test_other_work_counts_what_else_the_machine_ran_and_not_the_runs_own() -> N
         end = time.perf_counter() + 1.0
         while time.perf_counter() < end:
             pass
-    assert other.cores is not None and own.cores is not None
-    assert other.cores > 0.7 and own.cores < other.cores - 0.4 and accounted.cores < other.cores - 0.4
-    notes = validate.other_work_notes({"cores": 2, "other_work_cores": {"ar": 0.1, "ppsd distributed n=2 E=15": 0.9}})
-    assert notes == ["other work used 0.90 of 2 cores during ppsd distributed n=2 E=15's runs (the machine's busy CPU "
-                     "less this run's own): its measured rate is the shared box's"]  # fmt: skip
-    every = validate.other_work_notes({"cores": 2, "other_work_cores": {"ar": 0.5, "eesd": 1.0}}, targets=2)
-    assert len(every) == 1 and every[0].startswith("other work used 0.50-1.00 of 2 cores during every point's runs")
+    return other, accounted, own
 
 
 def test_pooled_runs_keep_each_targets_runs_and_probes_in_order() -> None:
