@@ -113,6 +113,9 @@ def write_scenario(
         raise ValueError("--methods: --serving writes AR against EESD (PPSD serving needs a topology of its own)")
     if serving and len(paths) > 1:
         raise ValueError("--acceptance: --serving takes one trace (write one serving scenario per head)")
+    twice = [path for index, path in enumerate(paths) if path.resolve() in {p.resolve() for p in paths[:index]}]
+    if twice:
+        raise ValueError(f"--acceptance: {twice[0]} given twice (each trace once: a repeat would run its points twice)")
     check_output("--out", out, force=force)
     if name is not None:
         _check_name(name)

@@ -331,3 +331,14 @@ def test_a_traces_head_file_is_found_from_another_folder(tmp_path, monkeypatch, 
     assert main([*argv, str(project / "runs" / shipped.name), "--out", str(elsewhere / "no.yaml")]) == 2
     err = capsys.readouterr().err
     assert "metadata.head" in err and "looked in the working folder" in err and "Traceback" not in err
+
+
+def test_a_trace_given_twice_is_refused(tmp_path, capsys) -> None:
+    """Each trace once: a repeat (by another path too) would write every point of its head twice."""
+    trace = CPU / "acceptance_smollm2-135m_shared_builtin.csv"
+    argv = ["calibrate", "scenario", "--latency", str(CPU / "latency_smollm2-135m_cpu_fp32.csv"), "--acceptance",
+            str(trace), str(trace.parent / ".." / "cpu" / trace.name), "--out", str(tmp_path / "s.yaml")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--acceptance:" in err and "given twice (each trace once" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "s.yaml").exists()
