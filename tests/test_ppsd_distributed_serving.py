@@ -173,6 +173,6 @@ def test_an_idle_pipeline_closes_promptly_with_its_pipes_full_of_heartbeats(monk
     time.sleep(6.0)  # ~6000 beats a process: past the 64 KiB a pipe holds
     begin = time.monotonic()
     pipeline.close()
-    assert time.monotonic() - begin < 3.0
-    assert [process.exitcode for process in pipeline.processes] == [0, 0]
+    assert [process.exitcode for process in pipeline.processes] == [0, 0]  # ended, not killed (-9)
+    assert time.monotonic() - begin < ppsd_dist._KILL_GRACE_S
     assert _descendants_of_children() == []
