@@ -1,8 +1,9 @@
-"""`eesd serve-sim SCENARIO.yaml [--out DIR] [--jobs N]`: simulate serving under load (torch-free).
+"""`eesd serve-sim SCENARIO.yaml [--out DIR] [--jobs N] [--refine N]`: simulate serving under load (torch-free).
 
 Reads a serving scenario (`sim.serving`), simulates every case x rate x method, prints a table and the rate where
-speculation stops paying and up to which rate each method holds the SLO, and writes `serving.csv`, `speculation.csv`,
-`capacity.csv` and plots (`sim.serving_report`).
+speculation stops paying and up to which rate each method holds the SLO (with `--refine N`, after N rounds of
+bisection of the swept rates around each), and writes `serving.csv`, `speculation.csv`, `capacity.csv` and plots
+(`sim.serving_report`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 from sim.cli import check_jobs, output_folder
 from sim.formats import check_output, remove_stale
 from sim.runner import extrapolation_note, plots_available
-from sim.serving import load_serving_points
+from sim.serving import load_serving_points, points_at_rates
 from sim.serving_report import (
     capacity,
+    refinements,
     run_notes,
     run_serving,
     saturation_note,
@@ -32,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (0: one per CPU; default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's row and the crossings as JSON")
+    parser.add_argument(
+        "--refine", type=int, default=0, metavar="N",
+        help="N rounds of bisection around each crossing (where speculation stops paying, where the SLO stops "
+        "holding): each round simulates the middle rate of every bracket of swept rates around one, halving it "
+        "(default: 0, the swept rates only)",
+    )  # fmt: skip
 
 
 def capacity_line(item: dict) -> str:
@@ -49,8 +57,32 @@ def capacity_line(item: dict) -> str:
     return f"{where}{item['method']} holds the SLO ({slo}) up to about {rate:.3g} requests/s, {per_device}"
 
 
+def refine(scenario: Path, runs: list, rounds: int, jobs: int, progress: bool) -> list:
+    """`--refine`: `rounds` of bisection of every bracket of rates around a crossing (`refinements`); the runs, new
+    ones among them, in the scenario's order of cases and methods, by rate."""
+    added = 0
+    for _ in range(rounds):
+        wanted = refinements(runs)
+        points = [point for case, by_rate in wanted.items()
+                  for point in points_at_rates(scenario, case, sorted({m for ms in by_rate.values() for m in ms}),
+                                               list(by_rate))
+                  if point.method in by_rate[point.rate_per_s]]  # fmt: skip
+        if not points:
+            break
+        runs = runs + run_serving(points, jobs=jobs, progress=progress)
+        added += len(points)
+    if rounds:
+        print(f"--refine {rounds}: {added} more run(s) at rates between the swept ones, around the crossings")
+    cases = list(dict.fromkeys(run.point.case for run in runs))
+    methods = list(dict.fromkeys(run.point.method for run in runs))
+    return sorted(runs, key=lambda run: (cases.index(run.point.case), run.point.rate_per_s or 0.0,
+                                         methods.index(run.point.method)))  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     jobs = check_jobs(args.jobs)
+    if args.refine < 0:
+        raise ValueError(f"--refine must be a number of bisection rounds >= 0, got {args.refine}")
     if args.json is not None:
         check_output("--json", args.json)
     points = load_serving_points(args.scenario)
@@ -59,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     each = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
     print(f"{args.scenario}: {len(points)} serving run(s), {each} requests each")
     runs = run_serving(points, jobs=jobs, progress=not args.no_progress)
+    runs = refine(args.scenario, runs, args.refine, jobs, not args.no_progress)
     print(summary_table(runs))
     for item in stop_paying(runs):
         stop = item["stop_rate_per_s"]

@@ -211,6 +211,19 @@ def load_serving_points(path: str | Path) -> list[ServingPoint]:
     return points
 
 
+def points_at_rates(path: str | Path, case: str, methods: Sequence[str], rates: Sequence[float]) -> list[ServingPoint]:
+    """Case `case` of the serving scenario at `path` at arrival rates of its own choosing instead of its
+    `serving.rates_per_s` (serve-sim's `--refine`), its `methods` only: the points `load_serving_points` would make
+    had the scenario swept those rates."""
+    path = Path(path)
+    raw = read_yaml(path)
+    for name, data in _cases(raw, _config(raw["serving"], str(path)), str(path)):
+        if name == case:
+            data["serving"] = {**data["serving"], "rates_per_s": sorted(set(rates))}
+            return [point for point in _case_points(path, name, data) if point.method in methods]
+    raise ValueError(f"{path}: serving.cases: no case named {case!r}")
+
+
 def _config(data: Any, where: str) -> ServingConfig:
     try:
         return ServingConfig.model_validate(data)

@@ -23,7 +23,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +106,16 @@ def _crossing(rates: list[float], ratios: list[float]) -> dict[str, Any]:
     cells = {"ratios": ";".join(f"{r:g}:{x:.3f}" for r, x in zip(rates, ratios, strict=True))}
     if not rates or ratios[0] >= 1.0:
         return {"stop_rate_per_s": "never", **cells}
-    for i in range(1, len(rates)):
-        if ratios[i] >= 1.0:
-            r0, r1, x0, x1 = rates[i - 1], rates[i], ratios[i - 1], ratios[i]
-            return {"stop_rate_per_s": round(r0 + (1.0 - x0) / (x1 - x0) * (r1 - r0), 4), **cells}
-    return {"stop_rate_per_s": None, **cells}
+    i = _first(ratios, lambda x: x >= 1.0)
+    if i is None:
+        return {"stop_rate_per_s": None, **cells}
+    r0, r1, x0, x1 = rates[i - 1], rates[i], ratios[i - 1], ratios[i]
+    return {"stop_rate_per_s": round(r0 + (1.0 - x0) / (x1 - x0) * (r1 - r0), 4), **cells}
+
+
+def _first(values: list[float], holds: Callable[[float], bool]) -> int | None:
+    """The index of the first of `values` for which `holds`, after the first; None if none."""
+    return next((i for i in range(1, len(values)) if holds(values[i])), None)
 
 
 def _falls_below(rates: list[float], values: list[float], target: float) -> float | str | None:
@@ -118,11 +123,42 @@ def _falls_below(rates: list[float], values: list[float], target: float) -> floa
     around it; "never" when the first is below, None when none is."""
     if values[0] < target:
         return "never"
-    for i in range(1, len(rates)):
-        if values[i] < target:
-            r0, r1, v0, v1 = rates[i - 1], rates[i], values[i - 1], values[i]
-            return round(r0 + (v0 - target) / (v0 - v1) * (r1 - r0), 4)
-    return None
+    i = _first(values, lambda v: v < target)
+    if i is None:
+        return None
+    r0, r1, v0, v1 = rates[i - 1], rates[i], values[i - 1], values[i]
+    return round(r0 + (v0 - target) / (v0 - v1) * (r1 - r0), 4)
+
+
+def refinements(runs: Sequence[ServingRun]) -> dict[str, dict[float, set[str]]]:
+    """The runs that halve every bracket of swept rates around a crossing (serve-sim's `--refine`), by case: its
+    middle rate for AR and the method where speculation stops paying, for the method where its SLO attainment falls
+    below the target."""
+    curves: dict[tuple[str, str], dict[float, ServingRun]] = {}
+    for run in runs:
+        if run.point.rate_per_s is not None:
+            curves.setdefault((run.point.case, run.point.method), {})[run.point.rate_per_s] = run
+    wanted: dict[str, dict[float, set[str]]] = {}
+
+    def halve(case: str, rates: list[float], i: int | None, methods: set[str]) -> None:
+        if i is not None:
+            wanted.setdefault(case, {}).setdefault((rates[i - 1] + rates[i]) / 2, set()).update(methods)
+
+    for (case, method), curve in curves.items():
+        baseline = curves.get((case, "ar"))
+        if method != "ar" and baseline is not None:
+            rates = sorted(r for r in curve if r in baseline)
+            ratios = [curve[r].metrics[PAYS_METRIC] / baseline[r].metrics[PAYS_METRIC] for r in rates]
+            if rates and ratios[0] < 1.0:
+                halve(case, rates, _first(ratios, lambda x: x >= 1.0), {"ar", method})
+        slo = next(iter(curve.values())).point.slo
+        if slo.ttft_ms is not None or slo.tpot_ms is not None:
+            rates = sorted(curve)
+            target = slo.attainment_pct
+            shares = [curve[r].metrics["slo_pct"] - target for r in rates]  # below the target: negative
+            if shares[0] >= 0:
+                halve(case, rates, _first(shares, lambda v: v < 0), {method})
+    return wanted
 
 
 def capacity(runs: Sequence[ServingRun]) -> list[dict[str, Any]]:

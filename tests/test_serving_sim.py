@@ -1038,3 +1038,50 @@ def test_rates_run_in_increasing_order_and_a_repeated_rate_is_refused(tmp_path):
     assert [p.rate_per_s for p in points] == [1, 4, 8]
     with pytest.raises(ScenarioError, match="serving.rates_per_s: each rate once: 4 given more than once"):
         load_serving_points(write_scenario(tmp_path, {"workload": poisson(3, 1.0), "rates_per_s": [4, 1, 4]}))
+
+
+def test_refine_bisects_each_crossing_as_a_sweep_of_those_rates_would(tmp_path, capsys):
+    """`serve-sim --refine N` halves, N times, each bracket of swept rates around a crossing (here where each
+    method's SLO stops holding): every run it adds is the run a scenario sweeping that rate makes, so its output is
+    that of the finer sweep, and the bracket around each crossing is 2^N times narrower."""
+    from executor.cli import main
+
+    serving = {"workload": poisson(60, 50.0), "methods": ["ar", "eesd"], "rates_per_s": [5, 40, 160, 640],
+               "slo": {"ttft_ms": 30}}  # fmt: skip
+    path = write_scenario(tmp_path, serving, acceptance={"alpha": 0.9}, exit_layer=8)
+    assert main(["serve-sim", str(path), "--out", str(tmp_path / "out"), "--no-progress", "--refine", "3",
+                 "--json", str(tmp_path / "refined.json")]) == 0  # fmt: skip
+    assert "--refine 3: 6 more run(s)" in capsys.readouterr().out
+    refined = json.loads((tmp_path / "refined.json").read_text())
+    rates = sorted({run["rate_per_s"] for run in refined["runs"]})
+    # both SLOs fail first at 160: AR's bracket (40, 160) halves to (40, 100), (70, 100), (85, 100); EESD's, which
+    # holds at 100 and 130, to (100, 160), (130, 160), (130, 145): 15 requests/s wide, 120 / 2^3
+    by_method = {m: sorted(r["rate_per_s"] for r in refined["runs"] if r["method"] == m) for m in ("ar", "eesd")}
+    assert by_method == {"ar": [5, 40, 70, 85, 100, 160, 640], "eesd": [5, 40, 100, 130, 145, 160, 640]}
+    (tmp_path / "fine").mkdir()
+    fine = write_scenario(tmp_path / "fine", {**serving, "rates_per_s": rates}, acceptance={"alpha": 0.9},
+                          exit_layer=8)  # fmt: skip
+    swept = capacity(run_serving(load_serving_points(fine), progress=False))
+    assert [item["capacity_rps"] for item in refined["capacity"]] == [item["capacity_rps"] for item in swept]
+    assert 85 < refined["capacity"][0]["capacity_rps"] < 100 and 130 < refined["capacity"][1]["capacity_rps"] < 145
+    assert main(["serve-sim", str(path), "--refine", "-1"]) == 2
+    assert "--refine must be a number of bisection rounds >= 0, got -1" in capsys.readouterr().err
+
+
+def test_refine_brackets_where_speculation_stops_paying():
+    """Where a method's mean latency over AR's crosses 1 between two swept rates, both are run at the middle rate;
+    a method that pays at every rate, or never, and AR itself, ask for nothing (no SLO here)."""
+    from types import SimpleNamespace
+
+    from sim.serving import SLO
+    from sim.serving_report import refinements
+
+    def run(method: str, rate: float, latency: float):
+        point = SimpleNamespace(case="c", method=method, rate_per_s=rate, slo=SLO())
+        return SimpleNamespace(point=point, metrics={"latency_mean_ms": latency, "slo_pct": 100.0})
+
+    ar = [run("ar", r, 10.0) for r in (1, 2, 4, 8)]
+    eesd = [run("eesd", r, x) for r, x in ((1, 6.0), (2, 8.0), (4, 12.0), (8, 30.0))]  # crosses between 2 and 4
+    ppsd = [run("ppsd", r, 5.0) for r in (1, 2, 4, 8)]  # pays at every rate
+    assert refinements(ar + eesd + ppsd) == {"c": {3.0: {"ar", "eesd"}}}
+    assert refinements(ar + ppsd) == {}
