@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     for path in remove_stale(out_dir, "serve-sim", written):
         print(f"removed {path} (the last run's here, not written by this one)")
     if args.json is not None:
-        print(f"wrote {write_json(args.json, args.scenario, runs)}")
+        print(f"wrote {write_json(args.json, args.scenario, runs, args.refine)}")
     if not plots_available():
         print('note: no plots (matplotlib is not installed: pip install -e ".[plots]")')
     for line in run_notes(runs):

@@ -273,10 +273,12 @@ def run_notes(runs: Sequence[ServingRun]) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
-def write_json(path: Path, scenario: Path, runs: Sequence[ServingRun]) -> Path:
-    """Every run's row and the crossings, with the scenario, date, host and the runs' notes (empty cells: null)."""
+def write_json(path: Path, scenario: Path, runs: Sequence[ServingRun], refine: int = 0) -> Path:
+    """Every run's row and the crossings, with the scenario, date, host, the rounds of `--refine` and the runs' notes
+    (empty cells: null)."""
     metadata = {
         "scenario": str(scenario),
+        "refine": refine,
         "host": platform.node(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "stop_paying_metric": PAYS_METRIC,

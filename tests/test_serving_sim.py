@@ -1053,6 +1053,7 @@ def test_refine_bisects_each_crossing_as_a_sweep_of_those_rates_would(tmp_path, 
                  "--json", str(tmp_path / "refined.json")]) == 0  # fmt: skip
     assert "--refine 3: 6 more run(s)" in capsys.readouterr().out
     refined = json.loads((tmp_path / "refined.json").read_text())
+    assert refined["metadata"]["refine"] == 3
     rates = sorted({run["rate_per_s"] for run in refined["runs"]})
     # both SLOs fail first at 160: AR's bracket (40, 160) halves to (40, 100), (70, 100), (85, 100); EESD's, which
     # holds at 100 and 130, to (100, 160), (130, 160), (130, 145): 15 requests/s wide, 120 / 2^3
