@@ -299,12 +299,13 @@ class RowJudge:
     def __init__(self, sinks: list[TokenSink], eos_ids: Sequence[int]) -> None:
         self.sinks, self.eos = sinks, torch.tensor(list(eos_ids), dtype=torch.long)
         self.judged: list[int] = []  # the last tick's verdict of each row (NONE for a row already done)
+        self.emitted: list[tuple[int, int]] = []  # the last tick's (row, token) put into a sink
 
     def __call__(self, out: StageOutput | None) -> TickReport:
         sinks, rows = self.sinks, len(self.sinks)
         alive = torch.tensor([not sink.done for sink in sinks])
         if out is None:  # nothing left the pipe
-            self.judged = [int(TickVerdict.NONE)] * rows
+            self.judged, self.emitted = [int(TickVerdict.NONE)] * rows, []
             return TickReport(TickVerdict.NONE, (-1,) * rows, (-1,) * rows, tuple(alive.tolist()))
         predicted = out.predicted_id.cpu()
         own = tick_verdict(torch.ones(rows, dtype=torch.bool), torch.tensor(out.drafts), predicted)
@@ -314,9 +315,10 @@ class RowJudge:
         verdict = TickVerdict(int(batch_verdict(own, alive, ending)[0]))
         self.judged = torch.where(alive, own, int(TickVerdict.NONE)).tolist()
         tokens = predicted.tolist()
-        for sink, token, goes in zip(sinks, tokens, alive.tolist(), strict=True):
-            if goes:
-                sink.emit([token])
+        self.emitted = [(row, token) for row, (token, goes) in enumerate(zip(tokens, alive.tolist(), strict=True))
+                        if goes]  # fmt: skip
+        for row, token in self.emitted:
+            sinks[row].emit([token])
         return TickReport(verdict, tuple(tokens), tuple(emitted_at), tuple(not sink.done for sink in sinks))
 
 
@@ -365,7 +367,6 @@ def run_stage(
         if rank == 0 and out is not None:
             resolve_first(out, limit)
         stage.count(inbox is not None, time.perf_counter() - tick_begin)
-        going = [not sink.done for sink in sinks] if judge else None  # the rows this tick may emit in
         judged = judge(out) if judge else None
         sent = time.perf_counter()
         report = link.exchange_report(judged)
@@ -374,7 +375,7 @@ def run_stage(
         if report.emitted:
             commit(selector, report.tokens)
             if judge is not None and on_tokens is not None:
-                on_tokens([(row, token) for row, token in enumerate(report.tokens) if going[row]])
+                on_tokens(judge.emitted)
         stats.record(report.outcome(), judge.judged if judge else None)
         if report.done:
             break
@@ -600,11 +601,10 @@ class DistributedPipeline:
     """The distributed backend's stage processes, kept between generations (serving keeps one for its life): started
     once, each with its pruned stage model (and stage 1 the exit head) and its place in the process group (the
     constructor returns once every process holds its model), then one `run_stage` per generation the caller asks
-    for. `start` hands a generation to every process, `wait_prefill`
-    returns once every row's first token (the prefill's) is in its sink, `finish` once the generation is done, with
-    its stats; `generate` does all three. A failed, dead or stalled process raises `PPSDWorkerError` (see the module
-    docstring) and stops every process: the pipeline is then closed. `close` (or leaving a `with` block) stops the
-    processes."""
+    for. `start` hands a generation to every process, `wait_prefill` returns once every row's first token (the
+    prefill's) is in its sink, `finish` once the generation is done, with its stats; `generate` does all three. A
+    failed, dead or stalled process raises `PPSDWorkerError` (see the module docstring) and stops every process: the
+    pipeline is then closed. `close` (or leaving a `with` block) stops the processes."""
 
     def __init__(
         self,
@@ -631,7 +631,7 @@ class DistributedPipeline:
                        heartbeat_interval(stall_timeout_s), head_state if s == 0 else None)
             for s in range(plan.stages)
         ]  # fmt: skip
-        self.plan, self.sinks, self.closed, self.running = plan, [], False, False
+        self.plan, self.closed, self.running = plan, False, False
         self._start(setups, stall_timeout_s)
         self._collect(lambda: len(self.watch.ready) == plan.stages)  # every process holds its model
 
@@ -682,7 +682,7 @@ class DistributedPipeline:
                              "sink's own stop rule is not theirs (decode on a local backend)")  # fmt: skip
         job = GenerationJob([list(p) for p in prompts], [sink.max_new_tokens for sink in sinks],
                             tuple(sinks[0].eos_token_ids), sampling or SamplingConfig(), min_new_tokens)  # fmt: skip
-        self.sinks, self.running = sinks, True
+        self.running = True
         self.watch.begin(sinks)
         for writer in self.jobs:
             try:
@@ -692,7 +692,7 @@ class DistributedPipeline:
 
     def wait_prefill(self) -> None:
         """Return once every row holds its first token (the prefill's), or is done."""
-        self._collect(lambda: all(sink.tokens or sink.done for sink in self.sinks))
+        self._collect(lambda: all(sink.tokens or sink.done for sink in self.watch.sinks))
 
     def finish(self) -> PPSDStats:
         """Return the generation's stats once every stage process has reported them."""
@@ -700,7 +700,7 @@ class DistributedPipeline:
             raise RuntimeError("this distributed pipeline runs no generation: start one first")
         reports = self._collect(None)
         self.running = False
-        return _merge(self.plan, self.sinks, reports)
+        return _merge(self.plan, self.watch.sinks, reports)
 
     def generate(
         self, prompts: list[list[int]], sinks: list[TokenSink], sampling: SamplingConfig | None = None,

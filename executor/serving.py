@@ -415,13 +415,11 @@ class DistributedDecoder:
         """`head` resolved for `plan`'s exit layer (`resolve_head`)."""
         from executor.ppsd_dist import DistributedPipeline
 
-        self.plan, self.config, self.eos = plan, config, eos
+        self.config, self.eos = config, eos
         self.pipeline = DistributedPipeline(adapter, plan, threads_per_stage=threads_per_stage, head=head)
-        self.batch: list[_Running] = []
         self.stats = GenerationStats(method="ppsd")
 
     def prefill(self, batch: list[_Running]) -> None:
-        self.batch = list(batch)
         self.pipeline.start([r.prompt for r in batch], [r.sink for r in batch], self.config)
         self.pipeline.wait_prefill()
 

@@ -84,21 +84,42 @@ def _rounded(value: float) -> float | int | str:
     return "" if math.isnan(value) else round(value, 4)
 
 
+def _curves(runs: Sequence[ServingRun]) -> dict[tuple[str, str], dict[float, ServingRun]]:
+    """The runs at swept rates, by (case, method) and rate (in the runs' order of cases and methods)."""
+    curves: dict[tuple[str, str], dict[float, ServingRun]] = {}
+    for run in runs:
+        if run.point.rate_per_s is not None:
+            curves.setdefault((run.point.case, run.point.method), {})[run.point.rate_per_s] = run
+    return curves
+
+
+def _latency_ratios(
+    curves: dict[tuple[str, str], dict[float, ServingRun]], case: str, method: str
+) -> tuple[list[float], list[float]] | None:
+    """A speculative method's mean end-to-end latency over AR's at each rate both ran (None: AR itself, or no AR)."""
+    curve, baseline = curves[(case, method)], curves.get((case, "ar"))
+    if method == "ar" or baseline is None:
+        return None
+    rates = sorted(r for r in curve if r in baseline)
+    return rates, [curve[r].metrics[PAYS_METRIC] / baseline[r].metrics[PAYS_METRIC] for r in rates]
+
+
+def _slo_shares(curve: dict[float, ServingRun]) -> tuple[ServingPoint, list[float], list[float]] | None:
+    """A method's first point and its share of requests within the SLO at each rate (None: an SLO without a bound)."""
+    point = next(iter(curve.values())).point
+    if point.slo.ttft_ms is None and point.slo.tpot_ms is None:
+        return None
+    rates = sorted(curve)
+    return point, rates, [curve[r].metrics["slo_pct"] for r in rates]
+
+
 def stop_paying(runs: Sequence[ServingRun]) -> list[dict[str, Any]]:
     """Per case and speculative method: the rate where it stops paying against AR (see the module docstring)."""
-    by_key: dict[tuple[str, str], dict[float, float]] = {}
-    for run in runs:
-        rate = run.point.rate_per_s
-        if rate is not None:
-            by_key.setdefault((run.point.case, run.point.method), {})[rate] = run.metrics[PAYS_METRIC]
-    found = []
-    for (case, method), curve in by_key.items():
-        baseline = by_key.get((case, "ar"))
-        if method == "ar" or baseline is None:
-            continue
-        rates = sorted(r for r in curve if r in baseline)
-        ratios = [curve[r] / baseline[r] for r in rates]
-        found.append({"case": case, "method": method, "metric": PAYS_METRIC, **_crossing(rates, ratios)})
+    curves, found = _curves(runs), []
+    for case, method in curves:
+        pair = _latency_ratios(curves, case, method)
+        if pair is not None:
+            found.append({"case": case, "method": method, "metric": PAYS_METRIC, **_crossing(*pair)})
     return found
 
 
@@ -132,12 +153,9 @@ def _falls_below(rates: list[float], values: list[float], target: float) -> floa
 
 def refinements(runs: Sequence[ServingRun]) -> dict[str, dict[float, set[str]]]:
     """The runs that halve every bracket of swept rates around a crossing (serve-sim's `--refine`), by case: its
-    middle rate for AR and the method where speculation stops paying, for the method where its SLO attainment falls
-    below the target."""
-    curves: dict[tuple[str, str], dict[float, ServingRun]] = {}
-    for run in runs:
-        if run.point.rate_per_s is not None:
-            curves.setdefault((run.point.case, run.point.method), {})[run.point.rate_per_s] = run
+    middle rate for AR and the method where speculation stops paying (`stop_paying`), for the method where its SLO
+    attainment falls below the target (`capacity`)."""
+    curves = _curves(runs)
     wanted: dict[str, dict[float, set[str]]] = {}
 
     def halve(case: str, rates: list[float], i: int | None, methods: set[str]) -> None:
@@ -145,44 +163,34 @@ def refinements(runs: Sequence[ServingRun]) -> dict[str, dict[float, set[str]]]:
             wanted.setdefault(case, {}).setdefault((rates[i - 1] + rates[i]) / 2, set()).update(methods)
 
     for (case, method), curve in curves.items():
-        baseline = curves.get((case, "ar"))
-        if method != "ar" and baseline is not None:
-            rates = sorted(r for r in curve if r in baseline)
-            ratios = [curve[r].metrics[PAYS_METRIC] / baseline[r].metrics[PAYS_METRIC] for r in rates]
-            if rates and ratios[0] < 1.0:
-                halve(case, rates, _first(ratios, lambda x: x >= 1.0), {"ar", method})
-        slo = next(iter(curve.values())).point.slo
-        if slo.ttft_ms is not None or slo.tpot_ms is not None:
-            rates = sorted(curve)
-            target = slo.attainment_pct
-            shares = [curve[r].metrics["slo_pct"] - target for r in rates]  # below the target: negative
-            if shares[0] >= 0:
-                halve(case, rates, _first(shares, lambda v: v < 0), {method})
+        pair = _latency_ratios(curves, case, method)
+        if pair is not None and pair[0] and pair[1][0] < 1.0:
+            halve(case, pair[0], _first(pair[1], lambda x: x >= 1.0), {"ar", method})
+        shares = _slo_shares(curve)
+        if shares is not None:
+            point, rates, values = shares
+            target = point.slo.attainment_pct
+            if values[0] >= target:
+                halve(case, rates, _first([v - target for v in values], lambda v: v < 0), {method})
     return wanted
 
 
 def capacity(runs: Sequence[ServingRun]) -> list[dict[str, Any]]:
     """Per case and method with rates swept and an SLO with a bound: the request rate up to which the SLO holds
     (see the module docstring)."""
-    curves: dict[tuple[str, str], dict[float, float]] = {}
-    first: dict[tuple[str, str], ServingPoint] = {}
-    for run in runs:
-        slo, rate = run.point.slo, run.point.rate_per_s
-        if rate is None or (slo.ttft_ms is None and slo.tpot_ms is None):
-            continue
-        key = (run.point.case, run.point.method)
-        curves.setdefault(key, {})[rate] = run.metrics["slo_pct"]
-        first.setdefault(key, run.point)
     found = []
-    for key, curve in curves.items():
-        point, rates = first[key], sorted(curve)
+    for (case, method), curve in _curves(runs).items():
+        shares = _slo_shares(curve)
+        if shares is None:
+            continue
+        point, rates, values = shares
         target = point.slo.attainment_pct
-        stop = _falls_below(rates, [curve[r] for r in rates], target)
+        stop = _falls_below(rates, values, target)
         found.append({
-            "case": key[0], "method": key[1], "devices": point.devices, "ttft_ms": point.slo.ttft_ms or "",
+            "case": case, "method": method, "devices": point.devices, "ttft_ms": point.slo.ttft_ms or "",
             "tpot_ms": point.slo.tpot_ms or "", "attainment_pct": target, "capacity_rps": "" if stop is None else stop,
             "capacity_rps_per_device": round(stop / point.devices, 4) if isinstance(stop, float) else "",
-            "slo_pct": ";".join(f"{r:g}:{curve[r]:.1f}" for r in rates),
+            "slo_pct": ";".join(f"{r:g}:{v:.1f}" for r, v in zip(rates, values, strict=True)),
         })  # fmt: skip
     return found
 
