@@ -172,6 +172,11 @@ def _link_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default=None, help="bytes to time, comma-separated (default: 8 B, 256 B .. 16 MiB)")
     p.add_argument("--warmup", type=int, default=3, help="untimed messages per size first (default: 3)")
     p.add_argument("--repeats", type=int, default=20, help="timed messages per size (default: 20)")
+    p.add_argument(
+        "--busy-ms", type=float, default=0.0,
+        help="gloo: both ranks compute this long before each message, as PPSD's distributed ranks run a stage pass "
+        "between a tick's messages (default: 0, back to back)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

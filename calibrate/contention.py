@@ -122,21 +122,64 @@ def write_from_gpu_decode(bench: Path, capture: str, out: Path, force: bool = Fa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `eesd calibrate contention` and `python -m calibrate.contention`."""
-    parser.add_argument("bench", type=Path, help="a benchmarks/gpu_decode.py JSON with PPSD streams rows")
+    parser.add_argument(
+        "bench", type=Path, nargs="?", default=None,
+        help="a benchmarks/gpu_decode.py JSON with PPSD streams rows (or measure stage processes: --model)",
+    )  # fmt: skip
     parser.add_argument("--capture", default="compile-layers", help="the rows' capture mode (default: compile-layers)")
     parser.add_argument("--out", type=Path, required=True, help="the contention profile to write (CSV)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    measured = parser.add_argument_group(
+        "measured here: k PPSD stage processes on this host's cores (the distributed backend on one CPU host)"
+    )
+    measured.add_argument("--model", default=None, help="the model: a packaged name or a local path")
+    measured.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
+    measured.add_argument("--processes", default="2", help="stage counts k to measure, comma-separated (default: 2)")
+    measured.add_argument("--exit-layer", type=int, default=None, help="stage 1's exit layer (default: its end)")
+    measured.add_argument("--batch", default="1", help="rows a pass decodes, comma-separated (default: 1)")
+    measured.add_argument("--context", type=int, default=128, help="the context a pass attends over (default: 128)")
+    measured.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    measured.add_argument("--repeats", type=int, default=20, help="ticks per round, alone and together (default: 20)")
+    measured.add_argument("--rounds", type=int, default=5, help="alternating rounds (default: 5)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the profile and say what it holds: the stage counts and their overlap factors."""
-    path = write_from_gpu_decode(args.bench, args.capture, args.out, args.force)
+    if (args.bench is None) == (args.model is None):
+        raise ValueError("give a benchmarks/gpu_decode.py JSON (GPU streams) or --model (stage processes here), "
+                         "one of the two")  # fmt: skip
+    if args.model is not None:
+        path = _write_measured(args)
+    else:
+        path = write_from_gpu_decode(args.bench, args.capture, args.out, args.force)
     profile = read_contention_profile(path)
     factors = ", ".join(
-        f"k={r.passes}: f={overlap_factor(r.alone_sum_us, r.alone_max_us, r.median_us):.3f}" for r in profile.records
+        f"k={r.passes}{'' if r.batch is None else f' batch {r.batch}'}: "
+        f"f={overlap_factor(r.alone_sum_us, r.alone_max_us, r.median_us):.3f}"
+        for r in profile.records
     )
     print(f"wrote {path} ({profile.metadata['device']}, overlap factor {factors})")
     return 0
+
+
+def _write_measured(args: argparse.Namespace) -> Path:
+    """Measure stage processes (`calibrate.processes`, torch) and write their profile."""
+    from calibrate.common import check_output_file, parse_int_list
+    from calibrate.processes import check_layout, measure_contention
+
+    check_output_file(args.out, args.force)
+    processes = parse_int_list(args.processes, "--processes", minimum=2)
+    batches = parse_int_list(args.batch, "--batch", minimum=1)
+    for flag, value in (("--context", args.context), ("--threads", args.threads),
+                        ("--repeats", args.repeats), ("--rounds", args.rounds)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    check_layout(args.model, args.dtype, processes, args.exit_layer)
+    metadata, records = measure_contention(
+        args.model, args.dtype, processes, batches, args.exit_layer, args.context, args.threads,
+        args.repeats, args.rounds,
+    )  # fmt: skip
+    return write_contention_profile(args.out, metadata, records)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,11 @@ weight and KV bytes over the device's effective bandwidth). Models of the time t
 - `ProfiledContention`: measured (a contention profile, docs/formats.md): for k passes, the overlap factor
   f(k) = (together - longest alone) / (sum alone - longest alone), 0 for a perfect overlap and 1 for none, from
   the profile's rows (linear in k between them, the nearest row's outside, flagged), applied to the simulated
-  passes: longest + f(k) (sum - longest).
+  passes: longest + f(k) (sum - longest). A `streams` profile (one GPU's CUDA streams) prices the passes that share
+  a device; a `processes` profile (`eesd calibrate contention --model`: the distributed backend's stage processes,
+  each on its own cores of one CPU host, slowing each other through the memory they share) prices a distributed
+  tick's passes on every device of that host (`scope` "host"). For k equal passes each slowed by s(k) together,
+  f(k) = (s(k) - 1) / (k - 1): two processes each 8% slower read f = 0.08.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class PassShare:
 class Contention(Protocol):
     name: str
 
-    def together_us(self, passes: Sequence[PassShare]) -> float: ...
+    def together_us(self, passes: Sequence[PassShare], batch: int = 1) -> float: ...
 
     @property
     def extrapolated(self) -> bool: ...
@@ -48,7 +52,7 @@ class Contention(Protocol):
 class Serial:
     name: str = "serial"
 
-    def together_us(self, passes: Sequence[PassShare]) -> float:
+    def together_us(self, passes: Sequence[PassShare], batch: int = 1) -> float:
         return sum(p.time_us for p in passes)
 
     @property
@@ -60,7 +64,7 @@ class Serial:
 class SharedBandwidth:
     name: str = "shared bandwidth"
 
-    def together_us(self, passes: Sequence[PassShare]) -> float:
+    def together_us(self, passes: Sequence[PassShare], batch: int = 1) -> float:
         if len(passes) <= 1:
             return sum(p.time_us for p in passes)
         longest, total = max(p.time_us for p in passes), sum(p.time_us for p in passes)
@@ -74,24 +78,46 @@ class SharedBandwidth:
 
 @dataclass
 class ProfiledContention:
-    """A contention profile's overlap factor f(k) (see module docstring)."""
+    """A contention profile's overlap factor f(k) (see module docstring), at the batch of the passes where the
+    profile has a `batch` column (linear between its batches, the nearest one's outside them, flagged)."""
 
     profile: DataFile
     name: str = "profiled"
     extrapolated: bool = False
-    _passes: list[int] = field(default_factory=list, repr=False)
-    _factors: list[float] = field(default_factory=list, repr=False)
+    _rows: dict[int | None, tuple[list[int], list[float]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def scope(self) -> str:
+        """ "host" for a `processes` profile (stage processes on one host's cores), else "device" (passes sharing
+        one device)."""
+        return "host" if self.profile.metadata.get("backend") == "processes" else "device"
 
     def __post_init__(self) -> None:
-        rows = sorted(self.profile.records, key=lambda r: r.passes)
-        if not rows:
+        if not self.profile.records:
             raise ValueError("contention profile has no rows")
-        self._passes = [r.passes for r in rows]
-        self._factors = [overlap_factor(r.alone_sum_us, r.alone_max_us, r.median_us) for r in rows]
+        for r in sorted(self.profile.records, key=lambda r: r.passes):
+            passes, factors = self._rows.setdefault(r.batch, ([], []))
+            passes.append(r.passes)
+            factors.append(overlap_factor(r.alone_sum_us, r.alone_max_us, r.median_us))
 
-    def factor(self, passes: int) -> float:
-        """f(k), linear in k between the profiled counts; the nearest count's outside them (flagged)."""
-        xs, ys = self._passes, self._factors
+    def factor(self, passes: int, batch: int = 1) -> float:
+        """f(k) at `batch`: linear in k between the profiled counts, and in the batch between the profiled batches;
+        the nearest count's or batch's outside them (flagged)."""
+        if None in self._rows:  # a profile without batches holds for every batch
+            return self._along(self._rows[None], passes)
+        batches = sorted(self._rows)
+        if batch < batches[0] or batch > batches[-1]:
+            self.extrapolated = True
+            return self._along(self._rows[batches[0] if batch < batches[0] else batches[-1]], passes)
+        i = bisect.bisect_left(batches, batch)
+        if batches[i] == batch:
+            return self._along(self._rows[batch], passes)
+        low, high = (self._along(self._rows[b], passes) for b in batches[i - 1 : i + 1])
+        return low + (high - low) * (batch - batches[i - 1]) / (batches[i] - batches[i - 1])
+
+    def _along(self, rows: tuple[list[int], list[float]], passes: int) -> float:
+        """One batch's factor at `passes`: linear between its counts, the nearest count's outside (flagged)."""
+        xs, ys = rows
         if passes < xs[0] or passes > xs[-1]:
             self.extrapolated = True
             return ys[0] if passes < xs[0] else ys[-1]
@@ -101,11 +127,11 @@ class ProfiledContention:
         weight = (passes - xs[i - 1]) / (xs[i] - xs[i - 1])
         return ys[i - 1] + (ys[i] - ys[i - 1]) * weight
 
-    def together_us(self, passes: Sequence[PassShare]) -> float:
+    def together_us(self, passes: Sequence[PassShare], batch: int = 1) -> float:
         if len(passes) <= 1:
             return sum(p.time_us for p in passes)
         longest, total = max(p.time_us for p in passes), sum(p.time_us for p in passes)
-        return longest + self.factor(len(passes)) * (total - longest)
+        return longest + self.factor(len(passes), batch) * (total - longest)
 
 
 def overlap_factor(alone_sum_us: float, alone_max_us: float, together_us: float) -> float:

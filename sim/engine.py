@@ -15,7 +15,8 @@ What is modelled (times in µs of simulated time, sizes in bytes):
   every younger token in flight (an epoch counter; flushed work is counted as wasted) and the correct token
   re-enters stage 1. At most `max_in_flight` tokens (default: the number of stages) are in the pipe. The pipe moves
   in lockstep ticks as the executor's does: every stage runs its token, the passes of one device share it
-  (`sim.contention`: together on streams, in turn when sequential), then the last stage's verdict moves the pipe on
+  (`sim.contention`: together on streams, in turn when sequential; a `processes` profile slows the distributed
+  stage processes of one host together, `SimPlan.contention_group`), then the last stage's verdict moves the pipe on
   (a captured one-host tick also launches the transition pass; a distributed tick sends the executor's messages:
   the outcome to every rank, then, unless it flushed or ended the decode, a header and the hidden state to the next,
   `_tick_messages_us`; its ranks read every tick's outcome, so `sync_every` does not apply to them). With
@@ -923,7 +924,7 @@ class Simulation:
         self, running: tuple[bool, ...], read: bool, context: int, batch: int, moves: bool
     ) -> tuple[float, tuple[float, ...], float, float]:
         plan, work = self.plan, self._token_pass(host_sync=False)
-        shares: dict[int, list[PassShare]] = {}
+        shares: dict[int | str, list[PassShare]] = {}
         alone = []
         for index, stage in enumerate(plan.stages):
             if not running[index]:
@@ -932,10 +933,10 @@ class Simulation:
             time_us = stage_time_us(plan, stage, work, context, batch) + stage.launch_us
             hbm_us = stage_hbm_us(plan, stage, work, context, batch)
             share = PassShare(time_us, time_us if hbm_us is None else hbm_us)  # unknown bandwidth: all of it
-            shares.setdefault(plan.device_of(index), []).append(share)
+            shares.setdefault(plan.contention_group(index), []).append(share)
             alone.append(time_us)
         contention = plan.stage_contention()
-        passes_us = max(contention.together_us(group) for group in shares.values())
+        passes_us = max(contention.together_us(group, batch) for group in shares.values())
         messages_us = self._tick_messages_us(running, batch, moves)
         tick_us = passes_us + messages_us
         if plan.ppsd_backend == "distributed":  # each rank's host work is in its own stage's pass (host_per_stage)
@@ -955,9 +956,10 @@ class Simulation:
     def _tick_messages_us(self, running: tuple[bool, ...], batch: int, moves: bool = True) -> float:
         """A tick's messages after its passes. Distributed (`executor.ppsd_dist.StageLink`): the last rank's outcome
         to every rank, then, where the pipe moves on (`moves`: no flush, not the last tick), each rank's header to the
-        next, followed by its hidden state where it ran a token: two messages one after the other, the slowest
-        hand-off setting the tick's end. One host: the running stages' hidden states to the next every tick, as
-        `executor.ppsd.LocalPipeline` copies them (an ideal link between stages of one device)."""
+        next, followed by its hidden state where it ran a token: two messages sent back to back, priced as one
+        message of their combined bytes (one latency: the receiver, woken by the header, finds the hidden state
+        there), the slowest hand-off setting the tick's end. One host: the running stages' hidden states to the next
+        every tick, as `executor.ppsd.LocalPipeline` copies them (an ideal link between stages of one device)."""
         plan = self.plan
         hidden_bytes = plan.model.hidden_size * plan.dtype_bytes * batch
         links = [plan.link_after(i) for i in range(len(plan.stages) - 1)]
@@ -965,7 +967,7 @@ class Simulation:
             return max((link.time_us(hidden_bytes) for link, ran in zip(links, running, strict=False) if ran),
                        default=0.0)  # fmt: skip
         header = PPSD_HEADER_VALUES * ID_BYTES * batch
-        hand_offs = [link.time_us(header) + (link.time_us(hidden_bytes) if ran else 0.0)
+        hand_offs = [link.time_us(header + (hidden_bytes if ran else 0))
                      for link, ran in zip(links, running, strict=False)] if moves else []  # fmt: skip
         return plan.return_link.time_us(PPSD_OUTCOME_VALUES * ID_BYTES * batch) + max(hand_offs, default=0.0)
 

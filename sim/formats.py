@@ -27,7 +27,7 @@ import reprlib
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class LinkRecord:
     median_us: float
     p10_us: float
     p90_us: float
+    mean_us: float | None = None  # where measured: what a message costs on average (the simulator's price)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class ContentionRecord:
     median_us: float
     p10_us: float
     p90_us: float
+    batch: int | None = None  # the rows each pass ran; None (a file without the column): every batch
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Column:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    optional: bool = False  # a file may lack it (its records then hold None); written only where a record holds one
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ LINK_PROFILE = FileFormat(
         Column("median_us", **_TIME),
         Column("p10_us", **_TIME),
         Column("p90_us", **_TIME),
+        Column("mean_us", optional=True, **_TIME),
     ),
     key=("nbytes",),
     required_metadata=("backend",),
@@ -173,8 +177,9 @@ CONTENTION_PROFILE = FileFormat(
         Column("median_us", **_TIME),
         Column("p10_us", **_TIME),
         Column("p90_us", **_TIME),
+        Column("batch", int, minimum=1, optional=True),
     ),
-    key=("passes",),
+    key=("passes", "batch"),
     required_metadata=("device", "backend"),
 )
 FORMATS = {f.kind: f for f in (LATENCY_PROFILE, ACCEPTANCE_TRACE, LINK_PROFILE, CONTENTION_PROFILE)}
@@ -196,15 +201,30 @@ def write_file(path: str | Path, fmt: FileFormat, metadata: Mapping[str, Any], r
     header = {"format": f"eesd.{fmt.kind}", "schema_version": SCHEMA_VERSION, "metadata": dict(metadata)}
     buffer.write("# " + json.dumps({**header, "rows": len(records)}, sort_keys=True) + "\n")
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([c.name for c in fmt.columns])
+    columns = _written_columns(fmt, records)
+    writer.writerow([c.name for c in columns])
     seen: set[tuple] = set()
     for line, record in enumerate(records, start=FIRST_RECORD_LINE):
         if not isinstance(record, fmt.record_type):
             raise ValueError(f"{path}: record {line - 2} is a {type(record).__name__}, not {fmt.record_type.__name__}")
         _check_record(path, line, fmt, record, seen)
-        writer.writerow([_format_cell(v) for v in astuple(record)])
+        writer.writerow([_format_cell(getattr(record, c.name)) for c in columns])
     write_text_atomic(path, buffer.getvalue())
     return path
+
+
+def _written_columns(fmt: FileFormat, records: Sequence[Any]) -> list[Column]:
+    """The columns a file of `records` holds: every required one, and an optional one where the records hold its
+    values (all of them: a column is in a file or not)."""
+    columns = []
+    for column in fmt.columns:
+        given = [getattr(r, column.name, None) is not None for r in records]
+        if column.optional and any(given) and not all(given):
+            raise ValueError(f"column {column.name!r}: give it in every record or in none, got {sum(given)} of "
+                             f"{len(given)}")  # fmt: skip
+        if not column.optional or any(given):
+            columns.append(column)
+    return columns
 
 
 def read_file(path: str | Path, fmt: FileFormat) -> DataFile:
@@ -224,12 +244,13 @@ def read_file(path: str | Path, fmt: FileFormat) -> DataFile:
     try:
         names = next(reader, None)
         _check_columns(path, fmt, names or [])
-        order = [names.index(c.name) for c in fmt.columns]
+        order = [names.index(c.name) if c.name in names else None for c in fmt.columns]
         records, seen = [], set()
         for line, row in enumerate(reader, start=FIRST_RECORD_LINE):
             if len(row) != len(names):
                 raise ValueError(f"{path}:{line}: expected {len(names)} cells, got {len(row)}")
-            values = [_parse_cell(path, line, column, row[i]) for column, i in zip(fmt.columns, order, strict=True)]
+            values = [None if i is None else _parse_cell(path, line, column, row[i])
+                      for column, i in zip(fmt.columns, order, strict=True)]  # fmt: skip
             record = fmt.record_type(*values)
             _check_record(path, line, fmt, record, seen)
             records.append(record)
@@ -663,13 +684,15 @@ def _check_metadata(path: Path, fmt: FileFormat, metadata: Mapping[str, Any]) ->
 
 
 def _check_columns(path: Path, fmt: FileFormat, names: Sequence[str]) -> None:
-    expected = [c.name for c in fmt.columns]
-    missing = [n for n in expected if n not in names]
-    unknown = [n for n in names if n not in expected]
+    required = [c.name for c in fmt.columns if not c.optional]
+    optional = [c.name for c in fmt.columns if c.optional]
+    missing = [n for n in required if n not in names]
+    unknown = [n for n in names if n not in required + optional]
     if missing or unknown or len(set(names)) != len(names):
+        also = f" and optionally {optional}" if optional else ""
         raise ValueError(
             f"{path}:2: columns {_listed(names)} do not match {fmt.kind} v{SCHEMA_VERSION}: "
-            f"missing {missing}, unknown {_listed(unknown)}; expected {expected}"
+            f"missing {missing}, unknown {_listed(unknown)}; expected {required}{also}"
         )
 
 
@@ -709,7 +732,8 @@ def _check_record(path: Path, line: int, fmt: FileFormat, record: Any, seen: set
     where = f"{path}:{line}"
     for column in fmt.columns:
         value = getattr(record, column.name)
-        _check_value(where, column, value)
+        if value is not None or not column.optional:
+            _check_value(where, column, value)
     if hasattr(record, "median_us") and not record.p10_us <= record.median_us <= record.p90_us:
         raise ValueError(
             f"{where}: need p10_us <= median_us <= p90_us, got {record.p10_us}, {record.median_us}, {record.p90_us}"

@@ -353,14 +353,15 @@ class ProfiledLink:
     """A link from a link profile: linear in nbytes between points, edge slope outside (flagged; flat past an edge
     segment that falls). A message smaller than a smallest size of at most `SMALL_MESSAGE_BYTES` costs that size's
     time, unflagged: both are latency-bound (PPSD's token ids and verdicts, a few bytes a row, are smaller than many
-    profiles' first size)."""
+    profiles' first size). A size costs its `mean_us` where the profile has it, else its `median_us`."""
 
     profile: DataFile
     name: str = "profiled"
     extrapolated: bool = False
 
     def __post_init__(self) -> None:
-        points = sorted((r.nbytes, r.median_us) for r in self.profile.records)
+        # a message's price: its mean where measured (a heavy tail costs a long run its mean), else its median
+        points = sorted((r.nbytes, r.median_us if r.mean_us is None else r.mean_us) for r in self.profile.records)
         if not points:
             raise ValueError(f"{self.profile.path or 'link profile'}: no rows")
         self._sizes = [n for n, _ in points]

@@ -231,6 +231,13 @@ class SimPlan:
         """How the passes of one tick share a device: in turn with the `sequential` backend, else `contention`."""
         return Serial() if self.ppsd_backend == "sequential" else self.contention
 
+    def contention_group(self, stage: int) -> int | str:
+        """Which of a tick's passes slow stage `stage`'s: those on its device, or, under a `processes` profile (a
+        distributed tick's stage processes on one host), those on its host (a device name)."""
+        if getattr(self.contention, "scope", "device") == "host" and self.ppsd_backend == "distributed":
+            return self.stages[stage].device
+        return self.device_of(stage)
+
     @property
     def draft_copy_bytes(self) -> float:
         """The narrow draft copies' bytes on the first stage's device (`draft_copy_bytes`); 0 without."""
@@ -748,7 +755,8 @@ def _latency(
 
 def _contention(point: Point, plan: SimPlan, where: str) -> ProfiledContention | SharedBandwidth:
     """`topology.contention`'s profile, checked to be of the device the stages share (a point whose stages share
-    none does not use it: a sweep may hold both); else the fallback."""
+    none does not use it: a sweep may hold both); a `processes` profile, checked to be of the host every stage of a
+    distributed point runs on (other points do not use it); else the fallback."""
     relative = point.scenario.topology.contention
     if relative is None:
         return SharedBandwidth()
@@ -759,6 +767,16 @@ def _contention(point: Point, plan: SimPlan, where: str) -> ProfiledContention |
     except ValueError as err:
         raise ScenarioError(f"{field}: {err}") from None
     measured = str(profile.metadata["device"])
+    if ProfiledContention(profile).scope == "host":
+        if plan.method != "ppsd" or plan.ppsd_backend != "distributed":
+            return SharedBandwidth()  # stage processes compute at once only in a distributed PPSD tick
+        hosts = sorted({stage.device for stage in plan.stages})
+        if not all(same_device(measured, device) for device in hosts):
+            raise ScenarioError(
+                f"{field}: {path} times stage processes on {measured!r}; this point's stages run on {hosts}: "
+                "expected a profile of that host"
+            )
+        return ProfiledContention(profile)
     shared = sorted({plan.stages[i].device for i in range(len(plan.stages)) if _on_shared_device(plan, i)})
     if not all(same_device(measured, device) for device in shared):
         raise ScenarioError(

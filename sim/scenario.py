@@ -306,7 +306,8 @@ class TopologyConfig(Strict):
     # sequential: one); a stage list may instead give each stage's `device` index
     devices: int | None = Field(None, ge=1)
     # how passes that share a device at once share it: a contention profile (docs/formats.md), else sim.contention's
-    # fallback from the device's spec
+    # fallback from the device's spec; a `processes` profile: how distributed stage processes on one host slow each
+    # other
     contention: FilePath | None = None
     tp: int = Field(1, ge=1)
     link: LinkField = "nvlink"

@@ -27,6 +27,7 @@ from calibrate.link import measure_link
 from executor.adapter import ModelAdapter
 from executor.cli import main
 from sim.acceptance import TraceAcceptance
+from sim.contention import ProfiledContention
 from sim.formats import (
     LatencyRecord,
     read_acceptance_trace,
@@ -321,6 +322,16 @@ def test_latency_partial_results_with_other_settings_are_refused(tiny_config: Pa
         (["acceptance", "--model", "{cfg}", "--exit-layers", "1", "--max-new-tokens", "1", "--out", "o"], "tokens"),
         (["link", "--backend", "nccl", "--out", "o.csv"], "2 GPUs"),
         (["link", "--sizes", "1,x", "--out", "o.csv"], "--sizes"),
+        (["link", "--busy-ms", "-1", "--out", "o.csv"], "--busy-ms must be in [0, 10000]"),
+        (["contention", "--out", "o.csv"], "or --model (stage processes here), one of the two"),
+        (["contention", "{bad}", "--model", "{cfg}", "--out", "o.csv"], "one of the two"),
+        (["contention", "--model", "{cfg}", "--processes", "1", "--out", "o.csv"], "--processes must list integers"),
+        (["contention", "--model", "{cfg}", "--processes", "4", "--out", "o.csv"], "--processes 4 / --exit-layer"),
+        (["contention", "--model", "{cfg}", "--exit-layer", "3", "--out", "o.csv"], "--exit-layer: exit_layer must be"),
+        (["contention", "--model", "{cfg}", "--batch", "0", "--out", "o.csv"], "--batch must list integers >= 1"),
+        (["contention", "--model", "{cfg}", "--rounds", "0", "--out", "o.csv"], "--rounds must be >= 1"),
+        (["contention", "--model", "{cfg}", "--dtype", "int8", "--out", "o.csv"], "--dtype must be one of"),
+        (["contention", "--model", "missing/config.json", "--out", "o.csv"], "config.json"),
     ],
 )
 def test_bad_inputs_are_rejected_with_the_field_named(tiny_config, tmp_path, capsys, argv, message) -> None:
@@ -424,6 +435,19 @@ def test_link_profile_from_two_gloo_processes(tmp_path: Path) -> None:
     assert main(["calibrate", "link", "--sizes", "1024", "--repeats", "3", "--out", str(out)]) == 0
     profile = read_link_profile(out)
     assert profile.metadata["backend"] == "gloo" and [r.nbytes for r in profile.records] == [1024]
+    assert profile.records[0].mean_us > 0 and profile.metadata["busy_ms"] == 0
+
+
+def test_a_busy_link_times_messages_after_both_ranks_computed(tmp_path: Path) -> None:
+    """`--busy-ms`: each message follows that long of computing on both ranks, as a distributed tick's messages follow
+    its passes; the file says how it was timed and holds each size's mean."""
+    out = tmp_path / "busy.csv"
+    argv = ["calibrate", "link", "--sizes", "8,4096", "--repeats", "4", "--busy-ms", "3", "--out", str(out)]
+    assert main(argv) == 0
+    profile = read_link_profile(out)
+    assert profile.metadata["busy_ms"] == 3.0 and "after 3 ms of computing on both ranks" in profile.metadata["method"]
+    assert [r.nbytes for r in profile.records] == [8, 4096]
+    assert all(r.mean_us is not None and 0 < r.p10_us <= r.median_us <= r.p90_us for r in profile.records)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -474,6 +498,25 @@ def test_contention_from_a_wrong_benchmark_is_one_line_naming_it(tmp_path: Path,
     err = capsys.readouterr().err
     assert err.startswith("eesd calibrate: error:") and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "c.csv").exists()
+
+
+def test_contention_of_stage_processes_measured_here(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    """`eesd calibrate contention --model`: two stage processes of the executor's layout, a row per batch, a
+    `processes` profile of this CPU that the simulator reads as a factor per batch."""
+    out = tmp_path / "processes.csv"
+    argv = ["calibrate", "contention", "--model", str(tiny_config), "--processes", "2", "--batch", "1,2",
+            "--context", "8", "--repeats", "3", "--rounds", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "k=2 batch 1: stages [[0, 1], [1, 3]]" in said and "overlap factor k=2 batch 1: f=" in said
+    profile = read_contention_profile(out)
+    assert profile.metadata["backend"] == "processes" and "1 torch threads" in profile.metadata["device"]
+    assert profile.metadata["stage_layers"] == {"2": [[0, 1], [1, 3]]}
+    assert [(r.passes, r.batch) for r in profile.records] == [(2, 1), (2, 2)]
+    assert all(0 < r.alone_max_us < r.alone_sum_us and r.p10_us <= r.median_us for r in profile.records)
+    factors = ProfiledContention(profile)
+    assert factors.scope == "host" and 0.0 <= factors.factor(2, 1) <= 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "processes.csv"]  # nothing half-written
 
 
 def test_contention_refuses_a_folder_as_out(tmp_path: Path, capsys) -> None:

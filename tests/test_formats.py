@@ -65,10 +65,12 @@ def acceptance_records(draw: st.DrawFn) -> list[AcceptanceRecord]:
 @st.composite
 def link_records(draw: st.DrawFn) -> list[LinkRecord]:
     sizes = draw(st.lists(st.integers(0, 10**10), unique=True, min_size=1, max_size=20))
+    with_mean = draw(st.booleans())  # an optional column: in every record or in none
     records = []
     for nbytes in sizes:
         p10, median, p90 = sorted(draw(st.lists(times, min_size=3, max_size=3)))
-        records.append(LinkRecord(nbytes, median_us=median, p10_us=p10, p90_us=p90))
+        mean = draw(times) if with_mean else None
+        records.append(LinkRecord(nbytes, median_us=median, p10_us=p10, p90_us=p90, mean_us=mean))
     return records
 
 
@@ -110,6 +112,26 @@ def test_writer_is_atomic_and_leaves_no_temp_file_on_error(tmp_path: Path) -> No
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["link.csv"]
 
 
+def test_an_optional_column_is_in_every_record_or_in_none(tmp_path: Path) -> None:
+    path = tmp_path / "link.csv"
+    write_link_profile(path, {"backend": "gloo"}, [LinkRecord(8, 1.0, 0.5, 2.0), LinkRecord(16, 1.0, 0.5, 2.0)])
+    assert path.read_text().splitlines()[1] == "nbytes,median_us,p10_us,p90_us"  # older readers' columns
+    assert [r.mean_us for r in read_link_profile(path).records] == [None, None]
+    with pytest.raises(ValueError, match="column 'mean_us': give it in every record or in none, got 1 of 2"):
+        write_link_profile(path, {"backend": "gloo"}, [LinkRecord(8, 1.0, 0.5, 2.0, 3.0), LinkRecord(16, 1, 0.5, 2)])
+
+
+def test_a_link_size_costs_its_mean_where_the_file_has_one(tmp_path: Path) -> None:
+    from sim.latency import ProfiledLink
+
+    rows = [LinkRecord(8, 100.0, 50.0, 900.0, 400.0), LinkRecord(8192, 200.0, 50.0, 900.0, 600.0)]
+    with_mean = ProfiledLink(read_link_profile(write_link_profile(tmp_path / "m.csv", {"backend": "gloo"}, rows)))
+    assert with_mean.time_us(8) == 400.0 and with_mean.time_us(4100) == pytest.approx(500.0)
+    rows = [LinkRecord(r.nbytes, r.median_us, r.p10_us, r.p90_us) for r in rows]
+    medians = ProfiledLink(read_link_profile(write_link_profile(tmp_path / "n.csv", {"backend": "gloo"}, rows)))
+    assert medians.time_us(8) == 100.0 and medians.time_us(4100) == pytest.approx(150.0)
+
+
 GOOD_HEADER = '# {"format": "eesd.link_profile", "schema_version": 1, "metadata": {"backend": "gloo"}}'
 
 
@@ -123,6 +145,11 @@ GOOD_HEADER = '# {"format": "eesd.link_profile", "schema_version": 1, "metadata"
         (GOOD_HEADER.replace('"backend": "gloo"', "") + "\n", "metadata is missing ['backend']"),
         (GOOD_HEADER + "\nnbytes,median_us,p10_us\n", ":2: columns ['nbytes', 'median_us', 'p10_us'] do not match"),
         (GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us,extra\n", "unknown ['extra']"),
+        (
+            GOOD_HEADER + "\nnbytes,median_us\n",
+            "expected ['nbytes', 'median_us', 'p10_us', 'p90_us'] and optionally ['mean_us']",
+        ),
+        (GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us,mean_us\n8,1,1,1,-5\n", ":3: column 'mean_us' must be >= 0"),
         (
             GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,1.0,0.5,2.0\n16,-1.0,-2.0,1.0\n",
             ":4: column 'median_us' must be >= 0",

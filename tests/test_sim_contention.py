@@ -73,6 +73,23 @@ def test_contention_profiles_refuse_impossible_rows(tmp_path: Path, record: Cont
         write_contention_profile(tmp_path / "c.csv", {"device": "x", "backend": "streams"}, [record])
 
 
+def processes_file(tmp_path: Path, factors: dict[int, float], device: str = "CPU: test host") -> Path:
+    """A `processes` profile of two stage processes, a row per batch, 100 µs passes alone, the factor asked for."""
+    records = [ContentionRecord(2, 200.0, 100.0, 100.0 + f * 100.0, 100.0, 1e4, b) for b, f in factors.items()]
+    return write_contention_profile(tmp_path / "processes.csv", {"device": device, "backend": "processes"}, records)
+
+
+def test_a_profile_with_batches_reads_the_factor_at_the_ticks_batch(tmp_path: Path) -> None:
+    profiled = ProfiledContention(read_contention_profile(processes_file(tmp_path, {1: 0.0, 4: 0.3})))
+    assert profiled.scope == "host"
+    assert [profiled.factor(2, b) for b in (1, 2, 4)] == pytest.approx([0.0, 0.1, 0.3]) and not profiled.extrapolated
+    assert profiled.together_us([PassShare(50.0, 0.0), PassShare(30.0, 0.0)], 2) == pytest.approx(50.0 + 0.1 * 30.0)
+    assert profiled.factor(2, 8) == pytest.approx(0.3) and profiled.extrapolated
+    no_batches = ProfiledContention(read_contention_profile(contention_file(tmp_path, {2: 0.2})))
+    assert no_batches.factor(2, 16) == pytest.approx(0.2) and not no_batches.extrapolated
+    assert no_batches.scope == "device"
+
+
 def test_the_shipped_h100_contention_profile_reads() -> None:
     profile = read_contention_profile(H100_CONTENTION)
     assert [r.passes for r in profile.records] == [2, 4] and profile.metadata["backend"] == "streams"
@@ -169,6 +186,26 @@ def test_a_contention_profile_of_the_shared_device_is_used(tmp_path: Path) -> No
     assert isinstance(planned(tmp_path, ppsd_backend="sequential").stage_contention(), Serial)
 
 
+CPU_PROFILE = ROOT / "calibration" / "cpu" / "latency_smollm2-135m_cpu_fp32.csv"
+CPU = "CPU: AMD EPYC (2 cores, 1 torch threads)"  # the device CPU_PROFILE was measured on
+
+
+def test_a_processes_profile_prices_the_distributed_points_on_its_host(tmp_path: Path) -> None:
+    """Distributed PPSD points on the profile's CPU use it; other backends and methods do not; distributed stages on
+    another device are refused, naming the field."""
+    processes_file(tmp_path, {1: 0.1}, device=CPU)
+    fields = {"latency": {"profile": {"path": str(CPU_PROFILE), "cuda_graphs": False}}, "dtype": "fp32",
+              "topology": {"stages": 2, "contention": "processes.csv"}}  # fmt: skip
+    plan = planned(tmp_path, **fields)
+    assert isinstance(plan.contention, ProfiledContention) and plan.contention.scope == "host"
+    assert plan.contention_group(0) == plan.contention_group(1) == CPU and plan.device_of(0) != plan.device_of(1)
+    assert isinstance(planned(tmp_path, **fields, ppsd_backend="sequential").stage_contention(), Serial)
+    assert isinstance(planned(tmp_path, **{**fields, "method": "ar"}).contention, SharedBandwidth)
+    path = write(tmp_path, {**BASE, "topology": {"stages": 2, "gpu": "H100", "contention": "processes.csv"}})
+    with pytest.raises(ScenarioError, match="topology.contention: .* times stage processes on 'CPU: AMD EPYC"):
+        build_plan(load_points(path)[0])
+
+
 # ---- lockstep ticks --------------------------------------------------------------------------------------------------
 def toy_plan(n: int, alphas: tuple[float, ...], output_len: int = 41, **fields: object) -> SimPlan:
     bounds = [i * MODEL.num_layers // n for i in range(n + 1)]
@@ -232,3 +269,22 @@ def test_stages_on_one_device_need_no_link() -> None:
     plan = dataclasses.replace(toy_plan(2, (1.0,)), link=slow, method="ar")
     apart, together = Simulation(plan).run(), Simulation(on_one_device(plan)).run()
     assert apart.decode_time_us - together.decode_time_us == pytest.approx(2 * 1000.0 * apart.decode_tokens)
+
+
+def test_a_processes_profile_slows_a_distributed_ticks_passes_on_one_host(tmp_path: Path) -> None:
+    """Stage processes of one host: f = 1 runs a tick's passes in turn (the sequential backend's time, messages being
+    free here), f = 0.5 half-way, f = 0 as apart; stages on hosts of their own are not slowed."""
+    plan = toy_plan(3, (0.6,), ppsd_backend="distributed")
+    apart = Simulation(plan).run()
+
+    def with_factor(f: float, stage_plan: SimPlan = plan) -> float:
+        profile = ProfiledContention(read_contention_profile(processes_file(tmp_path, {1: f})))
+        return Simulation(dataclasses.replace(stage_plan, contention=profile)).run().decode_time_us
+
+    sequential = Simulation(on_one_device(dataclasses.replace(plan, ppsd_backend="sequential"))).run()
+    assert with_factor(1.0) == pytest.approx(sequential.decode_time_us)
+    assert with_factor(1.0) > 1.2 * apart.decode_time_us
+    assert with_factor(0.5) == pytest.approx((apart.decode_time_us + sequential.decode_time_us) / 2)
+    assert with_factor(0.0) == pytest.approx(apart.decode_time_us)
+    hosts = tuple(dataclasses.replace(s, device=f"host {i}") for i, s in enumerate(plan.stages))
+    assert with_factor(1.0, dataclasses.replace(plan, stages=hosts)) == pytest.approx(apart.decode_time_us)

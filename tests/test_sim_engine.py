@@ -279,18 +279,19 @@ def test_a_process_per_stage_pays_the_host_on_every_stage_of_every_tick(backend:
 def test_distributed_ppsd_moves_in_the_executors_lockstep_ticks_and_messages(alpha: float) -> None:
     """`distributed` is the executor's `ppsd_dist` loop: every tick, each rank runs its token and the last rank's
     outcome (4 int64) reaches every rank; where the pipe moves on (no flush, not the last tick) each rank then sends
-    the next its header (3 int64) and, where it ran a token, its hidden state. A tick lasts its slowest running
-    stage, plus the outcome, plus the slowest hand-off. Stage 1's layers cost 20 µs, stage 2's 10. Alpha 1: 40 ticks
-    that run stage 1 and move on, then the last (stage 2 alone). Alpha 0: each of the 40 tokens enters stage 1 alone
-    and moves on; 39 ticks run it in stage 2 with its draft in stage 1 and flush; the last runs stage 2 alone. The
-    free pipe pays neither the outcome nor the headers and starts each stage's work as soon as it may."""
+    the next its header (3 int64) and, where it ran a token, its hidden state, back to back: one message of their
+    bytes. A tick lasts its slowest running stage, plus the outcome, plus the slowest hand-off. Stage 1's layers cost
+    20 µs, stage 2's 10. Alpha 1: 40 ticks that run stage 1 and move on, then the last (stage 2 alone). Alpha 0: each
+    of the 40 tokens enters stage 1 alone and moves on; 39 ticks run it in stage 2 with its draft in stage 1 and
+    flush; the last runs stage 2 alone. The free pipe pays neither the outcome nor the headers and starts each stage's
+    work as soon as it may."""
     link = LinkSpec("test", 1.0, 100.0)  # 1 µs + bytes / 100 GB/s
     stages = (SimStage(0, 12, ConstantLatency({"layer": 20.0 / 12})),
               SimStage(12, 24, ConstantLatency({"layer": 10.0 / 12})))  # fmt: skip
     p = replace(plan("ppsd", alpha, 2, output_len=41, link=link, ppsd_backend="distributed"), stages=stages)
     result = Simulation(p).run()
-    outcome, header, hidden = (link.time_us(n) for n in (4 * 8, 3 * 8, MODEL.hidden_size * p.dtype_bytes))
-    moved, last = 40 * (20.0 + outcome + header + hidden), 10.0 + outcome
+    outcome, hand_off = (link.time_us(n) for n in (4 * 8, 3 * 8 + MODEL.hidden_size * p.dtype_bytes))
+    moved, last = 40 * (20.0 + outcome + hand_off), 10.0 + outcome
     flushed = 0.0 if alpha else 39 * (20.0 + outcome)
     assert result.ticks == (41 if alpha else 80)
     assert result.decode_time_us == pytest.approx(moved + flushed + last)
