@@ -204,6 +204,28 @@ def check_flags(args: argparse.Namespace) -> None:
             "--compare-ar checks that the output is AR's, which --sampling rejection does not promise (AR's "
             "distribution, not its tokens): use --sampling exact, or drop --compare-ar"
         )
+    _check_values(args)
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    """The values `generate` itself would refuse only once the model has loaded (seconds later), refused by the same
+    checks before it does: the sampling settings, --sync-every, --capture, --policy."""
+    import random
+
+    from executor.passes import CAPTURE_MODES, check_sync_every
+    from executor.sampling import SamplingConfig
+    from sim.policy import make_policy
+
+    SamplingConfig(
+        do_sample=args.do_sample, mode=args.sampling, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+    )  # fmt: skip
+    check_sync_every(args.sync_every)
+    if args.capture not in CAPTURE_MODES:
+        raise ValueError(f"capture must be one of {', '.join(CAPTURE_MODES)}, got {args.capture!r}")
+    if args.policy is not None and args.round_costs is None:  # with --round-costs, checked once pinned to its costs
+        make_policy(args.policy, rng=random.Random(0), cost_ratio=0.5)  # any cost: the spec's own values are checked
 
 
 def _check_pipeline_flags(args: argparse.Namespace) -> None:

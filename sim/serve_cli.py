@@ -14,7 +14,7 @@ from pathlib import Path
 from sim.cli import check_jobs, output_folder
 from sim.formats import check_output, remove_stale
 from sim.runner import extrapolation_note, plots_available
-from sim.serving import load_serving_points, points_at_rates
+from sim.serving import load_serving_points, points_at_rates, read_serving
 from sim.serving_report import (
     capacity,
     refinements,
@@ -57,15 +57,16 @@ def capacity_line(item: dict) -> str:
     return f"{where}{item['method']} holds the SLO ({slo}) up to about {rate:.3g} requests/s, {per_device}"
 
 
-def refine(scenario: Path, runs: list, rounds: int, jobs: int, progress: bool) -> list:
-    """`--refine`: `rounds` of bisection of every bracket of rates around a crossing (`refinements`); the runs, new
-    ones among them, in the scenario's order of cases and methods, by rate."""
+def refine(scenario: Path, runs: list, rounds: int, jobs: int, progress: bool, raw: dict | None = None) -> list:
+    """`--refine`: `rounds` of bisection of every bracket of rates around a crossing (`refinements`) of the scenario
+    (its data `raw` as read for the sweep, so that every round runs the file the sweep ran); the runs, new ones among
+    them, in the scenario's order of cases and methods, by rate."""
     added = 0
     for _ in range(rounds):
         wanted = refinements(runs)
         points = [point for case, by_rate in wanted.items()
                   for point in points_at_rates(scenario, case, sorted({m for ms in by_rate.values() for m in ms}),
-                                               list(by_rate))
+                                               list(by_rate), raw)
                   if point.method in by_rate[point.rate_per_s]]  # fmt: skip
         if not points:
             break
@@ -85,13 +86,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--refine must be a number of bisection rounds >= 0, got {args.refine}")
     if args.json is not None:
         check_output("--json", args.json)
-    points = load_serving_points(args.scenario)
+    raw = read_serving(args.scenario)
+    points = load_serving_points(args.scenario, raw)
     out_dir = output_folder(args.out, Path("runs") / args.scenario.stem)
     counts = sorted({len(point.workload.requests) for point in points})
     each = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
     print(f"{args.scenario}: {len(points)} serving run(s), {each} requests each")
     runs = run_serving(points, jobs=jobs, progress=not args.no_progress)
-    runs = refine(args.scenario, runs, args.refine, jobs, not args.no_progress)
+    runs = refine(args.scenario, runs, args.refine, jobs, not args.no_progress, raw)
     print(summary_table(runs))
     for item in stop_paying(runs):
         stop = item["stop_rate_per_s"]

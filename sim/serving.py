@@ -184,8 +184,20 @@ class ServingPoint:
 
 
 # ---- reading a serving scenario --------------------------------------------------------------------------------------
-def load_serving_points(path: str | Path) -> list[ServingPoint]:
-    """Read and check a serving scenario; one point per case x rate x method. Errors name the file and the field."""
+def load_serving_points(path: str | Path, raw: dict[str, Any] | None = None) -> list[ServingPoint]:
+    """Read and check a serving scenario; one point per case x rate x method. Errors name the file and the field.
+    `raw`: the file's data as `read_serving` read it (read again if not given)."""
+    path = Path(path)
+    raw = read_serving(path) if raw is None else raw
+    config = _config(raw["serving"], str(path))
+    points = []
+    for case, data in _cases(raw, config, str(path)):
+        points += _case_points(path, case, data)
+    return points
+
+
+def read_serving(path: str | Path) -> dict[str, Any]:
+    """A serving scenario file's data, checked to be one (a `serving` section, no `workload` or `sweep`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: serving scenario not found")
@@ -204,19 +216,17 @@ def load_serving_points(path: str | Path) -> list[ServingPoint]:
                 f"{path}: {key}: not used by a serving scenario; give serving.workload, serving.rates_per_s, "
                 "serving.methods and serving.cases instead"
             )
-    config = _config(raw["serving"], str(path))
-    points = []
-    for case, data in _cases(raw, config, str(path)):
-        points += _case_points(path, case, data)
-    return points
+    return raw
 
 
-def points_at_rates(path: str | Path, case: str, methods: Sequence[str], rates: Sequence[float]) -> list[ServingPoint]:
-    """Case `case` of the serving scenario at `path` at arrival rates of its own choosing instead of its
-    `serving.rates_per_s` (serve-sim's `--refine`), its `methods` only: the points `load_serving_points` would make
-    had the scenario swept those rates."""
+def points_at_rates(
+    path: str | Path, case: str, methods: Sequence[str], rates: Sequence[float], raw: dict[str, Any] | None = None
+) -> list[ServingPoint]:
+    """Case `case` of the serving scenario at `path` (its data `raw`, as `read_serving` read it; read again if not
+    given) at arrival rates of its own choosing instead of its `serving.rates_per_s` (serve-sim's `--refine`), its
+    `methods` only: the points `load_serving_points` would make had the scenario swept those rates."""
     path = Path(path)
-    raw = read_yaml(path)
+    raw = read_serving(path) if raw is None else raw
     for name, data in _cases(raw, _config(raw["serving"], str(path)), str(path)):
         if name == case:
             data["serving"] = {**data["serving"], "rates_per_s": sorted(set(rates))}

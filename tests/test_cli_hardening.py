@@ -143,6 +143,27 @@ def test_corpus_flags_no_source_reads_or_bad_temperatures_are_refused_before_the
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["--do-sample", "--temperature", "-1"], ("temperature must be a finite number > 0 when sampling", "-1.0")),
+        (["--do-sample", "--top-p", "2"], ("top_p must be a number in (0, 1]", "2.0")),
+        (["--seed", "-1"], ("seed must be an integer in [0, 4294967295]", "-1")),
+        (["--repetition-penalty", "0"], ("repetition_penalty must be a finite number > 0",)),
+        (["--no-repeat-ngram-size", "-1"], ("no_repeat_ngram_size must be an integer >= 0",)),
+        (["--sync-every", "0"], ("sync_every must be an integer in 1..64", "got 0")),
+        (["--capture", "bogus"], ("capture must be one of auto, none", "'bogus'")),
+        (["--method", "eesd", "--policy", "bogus"], ("unknown draft policy 'bogus'",)),
+        (["--method", "eesd", "--policy", "beta-ts:max=0"], ("policy 'beta-ts:max=0'",)),
+    ],
+)
+def test_generate_values_are_refused_before_the_model_loads(capsys, argv, fragments) -> None:
+    """The checks `generate` makes of its settings run before the model loads (which takes seconds), with the same
+    words: here there is no model to load, so a check made after loading would name the model instead."""
+    assert main(["generate", "--model", "no-such-model", "--prompt", "hi", *argv]) == 2
+    one_error_line(capsys, *fragments)
+
+
 def test_serve_bench_refuses_a_method_given_twice(tmp_path, capsys) -> None:
     trace = tmp_path / "trace.csv"
     trace.write_text("arrival_s,prompt_len,output_len\n0.0,3,4\n", encoding="utf-8")

@@ -1069,6 +1069,20 @@ def test_refine_bisects_each_crossing_as_a_sweep_of_those_rates_would(tmp_path, 
     assert "--refine must be a number of bisection rounds >= 0, got -1" in capsys.readouterr().err
 
 
+def test_refined_rates_run_the_scenario_as_the_sweep_read_it(tmp_path):
+    """`--refine` hands every round the scenario's data as read for the sweep: a file changed or gone since then
+    does not change which runs it makes."""
+    from sim.serving import points_at_rates, read_serving
+
+    path = write_scenario(tmp_path, {"workload": poisson(6, 5.0), "methods": ["ar", "eesd"], "rates_per_s": [1, 4]})
+    raw = read_serving(path)
+    path.unlink()
+    points = points_at_rates(path, "", ["eesd"], [2.5], raw)
+    assert [(p.method, p.rate_per_s) for p in points] == [("eesd", 2.5)]
+    with pytest.raises(FileNotFoundError, match="serving scenario not found"):
+        points_at_rates(path, "", ["eesd"], [2.5])
+
+
 def test_refine_brackets_where_speculation_stops_paying():
     """Where a method's mean latency over AR's crosses 1 between two swept rates, both are run at the middle rate;
     a method that pays at every rate, or never, and AR itself, ask for nothing (no SLO here)."""
