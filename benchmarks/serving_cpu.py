@@ -121,7 +121,7 @@ def derived_scenario(
     method's host work between passes). The scenario file is written into `folder`."""
     import yaml
 
-    from sim.formats import read_latency_profile
+    from sim.formats import read_contention_profile, read_latency_profile
 
     folder = folder.resolve()  # the scenario written there names its files by absolute path (not relative to it)
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,9 +146,20 @@ def derived_scenario(
         link = case.get("topology.link")
         if isinstance(link, dict) and "profile" in link:  # a link profile of the shipped scenario's, by its path
             case["topology.link"] = {**link, "profile": str((SCENARIO.parent / link["profile"]).resolve())}
+        if "topology.contention" in case:  # stage processes timed on a CPU: kept (by its path) for a profile of
+            contention = (SCENARIO.parent / case.pop("topology.contention")).resolve()  # that CPU in that dtype
+            if profile is None or _measured(read_latency_profile(profile)) == _measured(
+                read_contention_profile(contention)
+            ):
+                case["topology.contention"] = str(contention)
     path = folder / "serving_scenario.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+def _measured(data: Any) -> tuple[str, str]:
+    """(device, dtype) a latency or contention profile (a `sim.formats.DataFile`) was measured with."""
+    return str(data.metadata.get("device")), str(data.metadata.get("dtype"))
 
 
 def dense(point: Any, factor: float) -> Any:

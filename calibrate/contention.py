@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.bench is None) == (args.model is None):
         raise ValueError("give a benchmarks/gpu_decode.py JSON (GPU streams) or --model (stage processes here), "
                          "one of the two")  # fmt: skip
+    _check_mode_flags(args)
     if args.model is not None:
         path = _write_measured(args)
     else:
@@ -162,6 +163,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# the flags of one way of making a profile: (flag, argument); the other way would ignore them
+CONVERTING = (("--capture", "capture"),)
+MEASURING = (
+    ("--dtype", "dtype"), ("--processes", "processes"), ("--exit-layer", "exit_layer"), ("--batch", "batch"),
+    ("--context", "context"), ("--threads", "threads"), ("--repeats", "repeats"), ("--rounds", "rounds"),
+)  # fmt: skip
+
+
+def _check_mode_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag the chosen way ignores: the measuring flags with a benchmark JSON, --capture with --model."""
+    from executor.runtime import flag_defaults  # torch-free
+
+    defaults = flag_defaults(add_arguments)
+    ignored, mode = (CONVERTING, "a benchmarks/gpu_decode.py JSON") if args.model else (MEASURING, "--model")
+    for flag, name in ignored:
+        if getattr(args, name) != defaults[name]:
+            raise ValueError(f"{flag} is for {mode}: drop it (it would be ignored)")
+
+
 def _write_measured(args: argparse.Namespace) -> Path:
     """Measure stage processes (`calibrate.processes`, torch) and write their profile."""
     from calibrate.common import check_output_file, parse_int_list
@@ -174,7 +194,7 @@ def _write_measured(args: argparse.Namespace) -> Path:
                         ("--repeats", args.repeats), ("--rounds", args.rounds)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    check_layout(args.model, args.dtype, processes, args.exit_layer)
+    check_layout(args.model, args.dtype, processes, args.exit_layer, args.context)
     metadata, records = measure_contention(
         args.model, args.dtype, processes, batches, args.exit_layer, args.context, args.threads,
         args.repeats, args.rounds,

@@ -30,6 +30,7 @@ import torch
 
 from calibrate.common import base_metadata, check_dtype, load, percentile
 from sim.formats import ContentionRecord
+from sim.workers import USER_ERRORS
 
 DEFAULT_WARMUP = 5  # untimed passes per process first
 
@@ -60,10 +61,11 @@ class StageSamples:
     together: dict[int, list[list[float]]]
 
 
-def check_layout(model: str, dtype: str, processes: Sequence[int], exit_layer: int | None) -> None:
-    """Refuse, before any process starts, a dtype, model or layout the processes would fail on (a ValueError or
-    FileNotFoundError naming the flag or the path)."""
+def check_layout(model: str, dtype: str, processes: Sequence[int], exit_layer: int | None, context_len: int) -> None:
+    """Refuse, before any process starts, a dtype, model, layout or context the processes would fail on (a
+    ValueError or FileNotFoundError naming the flag or the path)."""
     from calibrate.common import model_config
+    from executor.adapter import context_of
     from executor.ppsd import plan_stages
 
     check_dtype(dtype)
@@ -79,6 +81,10 @@ def check_layout(model: str, dtype: str, processes: Sequence[int], exit_layer: i
             plan_stages(config.num_hidden_layers, k, exit_layer=exit_layer)
         except ValueError as err:
             raise ValueError(f"--processes {k} / --exit-layer: {err}") from None
+    positions = context_of(config)[0]
+    if context_len + 1 > positions:
+        raise ValueError(f"--context {context_len}: a pass there writes position {context_len}; {model} has "
+                         f"{positions} positions")  # fmt: skip
 
 
 def stage_pass(adapter: Any, bounds: tuple[int, ...], stage: int, batch: int, context_len: int) -> Callable[[], object]:
@@ -102,6 +108,22 @@ def stage_pass(adapter: Any, bounds: tuple[int, ...], stage: int, batch: int, co
 
 
 def _worker(rank: int, job: StageJob, barrier: Any, folder: str) -> None:
+    """A stage process: `_measure`, its error (if any) written to `rank<r>.err` for the parent to name, no traceback;
+    a barrier broken by the parent (another process failed) ends it quietly."""
+    import sys
+    import threading
+
+    try:
+        _measure(rank, job, barrier, folder)
+    except threading.BrokenBarrierError:
+        sys.exit(3)
+    except BaseException as err:  # noqa: BLE001 (any failure: the parent names it and stops the others)
+        kind = "user" if isinstance(err, USER_ERRORS) else type(err).__name__
+        (Path(folder) / f"rank{rank}.err").write_text(f"{kind}\n{err}", encoding="utf-8")
+        sys.exit(1)
+
+
+def _measure(rank: int, job: StageJob, barrier: Any, folder: str) -> None:
     from transformers.utils import logging as hf_logging
 
     from executor.adapter import ModelAdapter
@@ -160,10 +182,7 @@ def measure_processes(job: StageJob) -> list[StageSamples]:
         for worker in workers:
             worker.start()
         _join(workers, barrier)
-        failed = [rank for rank, worker in enumerate(workers) if worker.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"stage process(es) {failed} failed (exit codes "
-                               f"{[workers[r].exitcode for r in failed]}); see their error above")  # fmt: skip
+        _raise_failure(workers, Path(folder))
         return [StageSamples(**torch.load(Path(folder) / f"rank{rank}.pt")) for rank in range(job.stages)]
 
 
@@ -174,6 +193,22 @@ def _join(workers: Sequence[Any], barrier: Any) -> None:
             worker.join(timeout=0.2)
         if any(w.exitcode not in (None, 0) for w in workers):
             barrier.abort()
+
+
+def _raise_failure(workers: Sequence[Any], folder: Path) -> None:
+    """The first failed process's error, as a ValueError where it was a user's mistake (a model that does not load),
+    else a RuntimeError; nothing if every process ended well."""
+    for rank in range(len(workers)):
+        report = folder / f"rank{rank}.err"
+        if report.is_file():
+            kind, _, message = report.read_text(encoding="utf-8").partition("\n")
+            where = f"stage process {rank + 1} of {len(workers)}"
+            if kind == "user":
+                raise ValueError(f"{where}: {message}")
+            raise RuntimeError(f"{where}: {kind}: {message}")
+    codes = [w.exitcode for w in workers]
+    if any(code != 0 for code in codes):
+        raise RuntimeError(f"stage processes ended with exit codes {codes} (a process killed, or out of memory?)")
 
 
 def contention_row(samples: Sequence[StageSamples], batch: int) -> ContentionRecord:
@@ -201,7 +236,11 @@ def measure_contention(
     """(metadata, rows) of a `processes` contention profile: a measurement of k stage processes for each k, a row
     for each (k, batch)."""
     rows, layouts = [], {}
+    cores = os.cpu_count() or 1
     for k in processes:
+        if k * threads > cores:
+            report(f"note: k={k} processes of {threads} thread(s) need {k * threads} cores and this host has {cores}: "
+                   "that row times them taking turns on the cores, not only sharing the memory")  # fmt: skip
         begin = time.perf_counter()
         job = StageJob(model, dtype, k, exit_layer, tuple(batches), context_len, threads, repeats, rounds)
         samples = measure_processes(job)
@@ -221,6 +260,7 @@ def measure_contention(
         "exit_layer": exit_layer,
         "context_len": context_len,
         "threads_per_process": threads,
+        "cores": cores,
         "repeats": repeats,
         "rounds": rounds,
         "method": "lockstep ticks at a barrier: alone in turn vs all together, alternating rounds; a tick's time is "

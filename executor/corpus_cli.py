@@ -14,6 +14,7 @@ with `eesd train-head --corpus DIR --eval-corpus DIR2`.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from executor.runtime import add_threads_argument, check_device, use_threads
 from sim.formats import check_output, long_dtype
@@ -145,9 +146,22 @@ def check_source_flags(args: argparse.Namespace, sources: tuple[str, ...]) -> No
             raise ValueError(f"{flag} is for --sources {' or '.join(readers)}, got --sources {','.join(sources)}")
 
 
+def check_inputs(config) -> None:
+    """Before the model loads: the prompt set the generated sources read and the text sources' paths exist (the
+    builders' own readers, which would refuse them only after the model had loaded)."""
+    from executor.corpus import text_files
+    from executor.prompts import load_prompts
+
+    if {"self", "self-requests"} & set(config.sources):
+        load_prompts(config.prompts)
+    for path in config.text_paths:
+        text_files(Path(path))
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)  # checks the settings before the model loads
     check_source_flags(args, config.sources)
+    check_inputs(config)
     check_output("--out", args.out, folder=True)
     if args.time_budget_s is not None and args.time_budget_s <= 0:
         raise ValueError(f"--time-budget-s must be > 0, got {args.time_budget_s}")

@@ -85,6 +85,7 @@ class ProfiledContention:
     name: str = "profiled"
     extrapolated: bool = False
     _rows: dict[int | None, tuple[list[int], list[float]]] = field(default_factory=dict, repr=False)
+    _beyond: set[str] = field(default_factory=set, repr=False)  # what was asked outside the profile, phrased
 
     @property
     def scope(self) -> str:
@@ -107,7 +108,7 @@ class ProfiledContention:
             return self._along(self._rows[None], passes)
         batches = sorted(self._rows)
         if batch < batches[0] or batch > batches[-1]:
-            self.extrapolated = True
+            self._flag(f"contention batch {batch} (profiled {_span(batches)})")
             return self._along(self._rows[batches[0] if batch < batches[0] else batches[-1]], passes)
         i = bisect.bisect_left(batches, batch)
         if batches[i] == batch:
@@ -119,7 +120,7 @@ class ProfiledContention:
         """One batch's factor at `passes`: linear between its counts, the nearest count's outside (flagged)."""
         xs, ys = rows
         if passes < xs[0] or passes > xs[-1]:
-            self.extrapolated = True
+            self._flag(f"contention passes {passes} (profiled {_span(xs)})")
             return ys[0] if passes < xs[0] else ys[-1]
         i = bisect.bisect_left(xs, passes)
         if xs[i] == passes:
@@ -132,6 +133,18 @@ class ProfiledContention:
             return sum(p.time_us for p in passes)
         longest, total = max(p.time_us for p in passes), sum(p.time_us for p in passes)
         return longest + self.factor(len(passes), batch) * (total - longest)
+
+    def _flag(self, asked: str) -> None:
+        self.extrapolated = True
+        self._beyond.add(asked)
+
+    def extrapolations(self) -> tuple[str, ...]:
+        """What was asked outside the profile, a phrase each: e.g. "contention batch 8 (profiled 1-4)"."""
+        return tuple(sorted(self._beyond))
+
+
+def _span(values: Sequence[int]) -> str:
+    return f"{values[0]}" if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
 
 
 def overlap_factor(alone_sum_us: float, alone_max_us: float, together_us: float) -> float:

@@ -499,7 +499,7 @@ class Simulation:
             or any(getattr(link, "extrapolated", False) for link in plan.links)
             or plan.contention.extrapolated,
             ticks=self.counts["ticks"],
-            extrapolations=tuple(dict.fromkeys(e for s in plan.stages for e in extrapolations_of(s.latency))),
+            extrapolations=_extrapolations(plan),
         )
 
     def settle(self) -> None:
@@ -1492,3 +1492,9 @@ class _FreePipe:
                 busy[stage] += duration if end <= at else at - start
             index += 1
         return True
+
+
+def _extrapolations(plan: SimPlan) -> tuple[str, ...]:
+    """What the run asked its latency models, link profiles and contention profile outside what they measured."""
+    models = [*(s.latency for s in plan.stages), plan.contention, *plan.links]
+    return tuple(dict.fromkeys(e for model in models for e in extrapolations_of(model)))

@@ -201,7 +201,10 @@ def write_file(path: str | Path, fmt: FileFormat, metadata: Mapping[str, Any], r
     header = {"format": f"eesd.{fmt.kind}", "schema_version": SCHEMA_VERSION, "metadata": dict(metadata)}
     buffer.write("# " + json.dumps({**header, "rows": len(records)}, sort_keys=True) + "\n")
     writer = csv.writer(buffer, lineterminator="\n")
-    columns = _written_columns(fmt, records)
+    try:
+        columns = _written_columns(fmt, records)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     writer.writerow([c.name for c in columns])
     seen: set[tuple] = set()
     for line, record in enumerate(records, start=FIRST_RECORD_LINE):
@@ -719,6 +722,8 @@ def _parse_cell(path: Path, line: int, column: Column, text: str) -> Any:
         return column.kind(text)
     except ValueError:
         expected = "0 or 1" if column.kind is bool else f"a {column.kind.__name__}"
+        if column.optional and not text.strip():
+            expected += " in every row (an optional column: give it a value in every row, or drop the column)"
         raise ValueError(f"{path}:{line}: column {column.name!r}: expected {expected}, got {quote(text)}") from None
 
 
@@ -744,7 +749,8 @@ def _check_record(path: Path, line: int, fmt: FileFormat, record: Any, seen: set
         )
     key = tuple(getattr(record, name) for name in fmt.key)
     if key in seen:
-        raise ValueError(f"{where}: duplicate record for {dict(zip(fmt.key, key, strict=True))}")
+        named = {name: value for name, value in zip(fmt.key, key, strict=True) if value is not None}
+        raise ValueError(f"{where}: duplicate record for {named}")
     seen.add(key)
 
 

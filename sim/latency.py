@@ -358,6 +358,7 @@ class ProfiledLink:
     profile: DataFile
     name: str = "profiled"
     extrapolated: bool = False
+    _beyond: set[int] = field(default_factory=set, repr=False)  # the sizes asked outside the profile
 
     def __post_init__(self) -> None:
         # a message's price: its mean where measured (a heavy tail costs a long run its mean), else its median
@@ -372,11 +373,24 @@ class ProfiledLink:
         if nbytes <= xs[0] <= SMALL_MESSAGE_BYTES:
             return ys[0]
         if len(xs) == 1:
-            self.extrapolated = self.extrapolated or nbytes != xs[0]
+            self._flag(nbytes, nbytes != xs[0])
             return ys[0]
         lo, hi, weight, outside = bracket(xs, nbytes)
-        self.extrapolated = self.extrapolated or outside
+        self._flag(nbytes, outside)
         return max(0.0, along(ys[xs.index(lo)], ys[xs.index(hi)], weight))
+
+    def _flag(self, nbytes: int, outside: bool) -> None:
+        if outside:
+            self.extrapolated = True
+            self._beyond.add(nbytes)
+
+    def extrapolations(self) -> tuple[str, ...]:
+        """The message sizes asked outside the profile, one phrase: e.g. "link 33554432 B (profiled 8-16777216 B)"."""
+        if not self._beyond:
+            return ()
+        sizes = sorted(self._beyond)
+        asked = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+        return (f"link {asked} B (profiled {self._sizes[0]}-{self._sizes[-1]} B)",)
 
 
 LinkModel = LinkSpec | ProfiledLink

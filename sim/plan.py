@@ -770,6 +770,7 @@ def _contention(point: Point, plan: SimPlan, where: str) -> ProfiledContention |
     if ProfiledContention(profile).scope == "host":
         if plan.method != "ppsd" or plan.ppsd_backend != "distributed":
             return SharedBandwidth()  # stage processes compute at once only in a distributed PPSD tick
+        check_file_claims(point, profile, "topology.contention")  # its passes: the scenario's model and dtype
         hosts = sorted({stage.device for stage in plan.stages})
         if not all(same_device(measured, device) for device in hosts):
             raise ScenarioError(

@@ -529,24 +529,33 @@ MAX_EXTRAPOLATIONS = 6  # listed in the note; the rest counted
 
 
 def extrapolation_note(results: Sequence[Any]) -> str | None:
-    """The note for runs that asked a latency profile outside its grid (None if none did): what was asked, per phase
-    and axis, and how to profile it. `results`: objects with a `result` holding `extrapolated` and `extrapolations`
-    (a batch run's `PointResult`, a serving run)."""
+    """The note for runs that asked a latency profile outside its grid, or a link or contention profile outside its
+    sizes (None if none did): what was asked, per phase and axis, and how to profile it. `results`: objects with a
+    `result` holding `extrapolated` and `extrapolations` (a batch run's `PointResult`, a serving run)."""
     if not any(r.result.extrapolated for r in results):
         return None
     asked = list(dict.fromkeys(e for r in results for e in getattr(r.result, "extrapolations", ())))
-    listed = "; ".join(asked[:MAX_EXTRAPOLATIONS]) + (
-        f"; {len(asked) - MAX_EXTRAPOLATIONS} more" if len(asked) > MAX_EXTRAPOLATIONS else ""
-    )
-    if not asked:  # no latency grid was left: a link's or a contention profile's sizes were
-        return (
-            "some transfers or shared passes were extrapolated beyond the link or contention profile's sizes (column "
-            "'extrapolated'); measure those (eesd calibrate link, eesd calibrate contention)"
+    latency = [e for e in asked if not e.startswith(("contention ", "link "))]
+    shared = [e for e in asked if e.startswith(("contention ", "link "))]
+    parts = []
+    if latency:
+        parts.append(
+            f"some latencies were extrapolated beyond the profiled grid (column 'extrapolated'): {_listed(latency)}; "
+            "profile those sizes to price them from measurements (eesd calibrate latency --q, --context, --batch, "
+            "--prefill)"
         )
-    return (
-        f"some latencies were extrapolated beyond the profiled grid (column 'extrapolated'): {listed}; profile those "
-        "sizes to price them from measurements (eesd calibrate latency --q, --context, --batch, --prefill)"
-    )
+    if shared or not latency:  # a flag with nothing itemised: a model that does not phrase what it was asked
+        what = f": {_listed(shared)}" if shared else ""
+        parts.append(
+            f"some transfers or shared passes were extrapolated beyond the link or contention profile's sizes (column "
+            f"'extrapolated'){what}; measure those (eesd calibrate link, eesd calibrate contention)"
+        )
+    return "; ".join(parts)
+
+
+def _listed(asked: Sequence[str]) -> str:
+    more = len(asked) - MAX_EXTRAPOLATIONS
+    return "; ".join(asked[:MAX_EXTRAPOLATIONS]) + (f"; {more} more" if more > 0 else "")
 
 
 def default_exit_note(results: Sequence[PointResult]) -> str | None:

@@ -695,16 +695,17 @@ def claimed_dtype(metadata: Mapping[str, Any]) -> str | None:
 
 def check_file_claims(point: Point, data: DataFile, field: str, dtype_field: str = "dtype") -> None:
     """What a calibration file says it was made with must be the point's: its model (`check_claimed_model`) and, for
-    a latency profile, the layers it timed (`check_profiled_layers`) and its dtype (the scenario's `dtype_field`:
-    `dtype`, or `draft_dtype` for the draft profile). A `ScenarioError` naming the scenario's field, the file and its
-    metadata field."""
+    a latency profile, the layers it timed (`check_profiled_layers`) and, for a latency profile or a `processes`
+    contention profile (stage passes it timed), its dtype (the scenario's `dtype_field`: `dtype`, or `draft_dtype`
+    for the draft profile). A `ScenarioError` naming the scenario's field, the file and its metadata field."""
     s = point.scenario
     try:
         check_claimed_model(model_config(s), data.metadata)
         if data.kind == "latency_profile":
             check_profiled_layers(model_config(s), data.metadata)
         claimed, expected = claimed_dtype(data.metadata), getattr(s, dtype_field)
-        if data.kind == "latency_profile" and claimed not in (None, expected):
+        timed = data.kind == "latency_profile" or data.metadata.get("backend") == "processes"
+        if timed and claimed not in (None, expected):
             dtype = str(data.metadata["dtype"]).removeprefix("torch.")
             raise ValueError(
                 f"metadata.dtype: the profile was measured in {dtype}; expected the scenario's {dtype_field} to match, "

@@ -332,6 +332,9 @@ def test_latency_partial_results_with_other_settings_are_refused(tiny_config: Pa
         (["contention", "--model", "{cfg}", "--rounds", "0", "--out", "o.csv"], "--rounds must be >= 1"),
         (["contention", "--model", "{cfg}", "--dtype", "int8", "--out", "o.csv"], "--dtype must be one of"),
         (["contention", "--model", "missing/config.json", "--out", "o.csv"], "config.json"),
+        (["contention", "{bad}", "--processes", "3", "--out", "o.csv"], "--processes is for --model: drop it"),
+        (["contention", "--model", "{cfg}", "--capture", "graph", "--out", "o.csv"], "--capture is for a benchmarks"),
+        (["contention", "--model", "{cfg}", "--context", "100000", "--out", "o.csv"], "--context 100000: a pass"),
     ],
 )
 def test_bad_inputs_are_rejected_with_the_field_named(tiny_config, tmp_path, capsys, argv, message) -> None:
@@ -517,6 +520,21 @@ def test_contention_of_stage_processes_measured_here(tiny_config: Path, tmp_path
     factors = ProfiledContention(profile)
     assert factors.scope == "host" and 0.0 <= factors.factor(2, 1) <= 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "processes.csv"]  # nothing half-written
+
+
+def test_a_stage_process_that_cannot_load_the_model_is_one_line(tiny_config: Path, tmp_path: Path, capsys) -> None:
+    """A folder with a config but no weights passes the checks before the processes start; each process then fails
+    to load it: one line naming the process and the reason, no traceback, nothing written."""
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text(tiny_config.read_text())
+    out = tmp_path / "p.csv"
+    argv = ["calibrate", "contention", "--model", str(folder), "--context", "8", "--repeats", "1", "--rounds", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eesd calibrate: error: stage process ") and "of 2: " in err and len(err.splitlines()) == 1
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_contention_refuses_a_folder_as_out(tmp_path: Path, capsys) -> None:

@@ -131,13 +131,15 @@ def test_corpus_settings_are_refused_by_flag_before_the_model_loads(tmp_path, ca
         (["--python-env", "all"], ("--python-env is for --sources python-env", "got --sources self")),
         (["--sources", "text", "--text", "notes.txt", "--samples", "3"], ("--samples is for --sources self",)),
         (["--sources", "python-env", "--prompts", "humaneval"], ("--prompts is for --sources self or self-requests",)),
+        (["--prompts", "no-such-prompts.jsonl"], ("no prompt set or file 'no-such-prompts.jsonl'",)),
+        (["--sources", "text", "--text", "no-such.txt"], ("text source no-such.txt is neither a file nor a",)),
     ],
 )
 def test_corpus_flags_no_source_reads_or_bad_temperatures_are_refused_before_the_model_loads(
     tmp_path, capsys, argv, fragments
 ) -> None:
-    """A NaN, infinite or repeated temperature, and a flag set for a source not given (the run would start, for
-    minutes, and ignore it), are refused by flag before anything loads."""
+    """A NaN, infinite or repeated temperature, a flag set for a source not given (the run would start, for
+    minutes, and ignore it), a prompt set or a text source that is not there, are refused before anything loads."""
     assert main(["corpus", "--model", "no-such-model", "--out", str(tmp_path / "c"), *argv]) == 2
     one_error_line(capsys, *fragments)
     assert not (tmp_path / "c").exists()

@@ -117,7 +117,7 @@ def test_an_optional_column_is_in_every_record_or_in_none(tmp_path: Path) -> Non
     write_link_profile(path, {"backend": "gloo"}, [LinkRecord(8, 1.0, 0.5, 2.0), LinkRecord(16, 1.0, 0.5, 2.0)])
     assert path.read_text().splitlines()[1] == "nbytes,median_us,p10_us,p90_us"  # older readers' columns
     assert [r.mean_us for r in read_link_profile(path).records] == [None, None]
-    with pytest.raises(ValueError, match="column 'mean_us': give it in every record or in none, got 1 of 2"):
+    with pytest.raises(ValueError, match="link.csv: column 'mean_us': give it in every record or in none, got 1 of 2"):
         write_link_profile(path, {"backend": "gloo"}, [LinkRecord(8, 1.0, 0.5, 2.0, 3.0), LinkRecord(16, 1, 0.5, 2)])
 
 
@@ -150,6 +150,10 @@ GOOD_HEADER = '# {"format": "eesd.link_profile", "schema_version": 1, "metadata"
             "expected ['nbytes', 'median_us', 'p10_us', 'p90_us'] and optionally ['mean_us']",
         ),
         (GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us,mean_us\n8,1,1,1,-5\n", ":3: column 'mean_us' must be >= 0"),
+        (
+            GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us,mean_us\n8,1,1,1,\n",
+            ":3: column 'mean_us': expected a float in every row (an optional column: give it a value in every row",
+        ),
         (
             GOOD_HEADER + "\nnbytes,median_us,p10_us,p90_us\n8,1.0,0.5,2.0\n16,-1.0,-2.0,1.0\n",
             ":4: column 'median_us' must be >= 0",

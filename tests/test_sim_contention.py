@@ -73,10 +73,11 @@ def test_contention_profiles_refuse_impossible_rows(tmp_path: Path, record: Cont
         write_contention_profile(tmp_path / "c.csv", {"device": "x", "backend": "streams"}, [record])
 
 
-def processes_file(tmp_path: Path, factors: dict[int, float], device: str = "CPU: test host") -> Path:
+def processes_file(tmp_path: Path, factors: dict[int, float], device: str = "CPU: test host", **meta: str) -> Path:
     """A `processes` profile of two stage processes, a row per batch, 100 µs passes alone, the factor asked for."""
     records = [ContentionRecord(2, 200.0, 100.0, 100.0 + f * 100.0, 100.0, 1e4, b) for b, f in factors.items()]
-    return write_contention_profile(tmp_path / "processes.csv", {"device": device, "backend": "processes"}, records)
+    metadata = {"device": device, "backend": "processes", **meta}
+    return write_contention_profile(tmp_path / "processes.csv", metadata, records)
 
 
 def test_a_profile_with_batches_reads_the_factor_at_the_ticks_batch(tmp_path: Path) -> None:
@@ -204,6 +205,14 @@ def test_a_processes_profile_prices_the_distributed_points_on_its_host(tmp_path:
     path = write(tmp_path, {**BASE, "topology": {"stages": 2, "gpu": "H100", "contention": "processes.csv"}})
     with pytest.raises(ScenarioError, match="topology.contention: .* times stage processes on 'CPU: AMD EPYC"):
         build_plan(load_points(path)[0])
+    for meta, message in (({"dtype": "bfloat16"}, "metadata.dtype: the profile was measured in bfloat16"),
+                          ({"model": "Llama-2-7B"}, "topology.contention: ")):  # fmt: skip
+        processes_file(tmp_path, {1: 0.1}, device=CPU, **meta)
+        with pytest.raises(ScenarioError, match=message):
+            planned(tmp_path, **fields)
+    with pytest.raises(ValueError, match=r"duplicate record for \{'passes': 2\}"):  # no batch column to name
+        write_contention_profile(tmp_path / "d.csv", {"device": CPU, "backend": "processes"},
+                                 [ContentionRecord(2, 2.0, 1.0, 1.0, 1.0, 1.0)] * 2)  # fmt: skip
 
 
 # ---- lockstep ticks --------------------------------------------------------------------------------------------------
@@ -288,3 +297,22 @@ def test_a_processes_profile_slows_a_distributed_ticks_passes_on_one_host(tmp_pa
     assert with_factor(0.0) == pytest.approx(apart.decode_time_us)
     hosts = tuple(dataclasses.replace(s, device=f"host {i}") for i, s in enumerate(plan.stages))
     assert with_factor(1.0, dataclasses.replace(plan, stages=hosts)) == pytest.approx(apart.decode_time_us)
+
+
+def test_a_tick_beyond_the_profiles_batches_is_named_in_the_note(tmp_path: Path) -> None:
+    """A distributed tick at a batch the processes profile did not measure takes the nearest batch's factor and says
+    so: the run is flagged and the note names what was asked, beside any latency extrapolation."""
+    from types import SimpleNamespace
+
+    from sim.runner import extrapolation_note
+
+    plan = toy_plan(2, (0.6,), ppsd_backend="distributed", workload=Workload(2, 2, 16, 41))
+    profile = ProfiledContention(read_contention_profile(processes_file(tmp_path, {1: 0.5})))
+    result = Simulation(dataclasses.replace(plan, contention=profile)).run()
+    assert result.extrapolated and result.extrapolations == ("contention batch 2 (profiled 1)",)
+    note = extrapolation_note([SimpleNamespace(result=result)])
+    assert "contention batch 2 (profiled 1)" in note and "eesd calibrate contention" in note
+    both = SimpleNamespace(result=dataclasses.replace(result, extrapolations=("decode q 9 (profiled 1-4)",
+                                                                               *result.extrapolations)))  # fmt: skip
+    note = extrapolation_note([both])
+    assert "decode q 9 (profiled 1-4)" in note and "contention batch 2 (profiled 1)" in note
