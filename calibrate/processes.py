@@ -9,9 +9,10 @@ then move in lockstep ticks, as the executor's ranks do: every tick starts at a 
 own pass.
 - alone: in turn, one process computes at each tick while the others wait at the barrier (idle, no CPU);
 - together: every process computes at each tick; the tick's time is its slowest pass.
-The two alternate over `rounds` rounds of `repeats` ticks each, so a drift of the machine reaches both. A row per k:
-the passes' medians alone (their sum and the longest) and the ticks together (median, p10, p90); the simulator reads it
-as an overlap factor (`sim.contention`) and applies it to the stage passes of a distributed tick on that host.
+The two alternate over `rounds` rounds of `repeats` ticks each, so a drift of the machine reaches both. A row per
+(k, batch): the passes' medians alone (their sum and the longest) and the ticks together (median, p10, p90); the
+simulator reads it as an overlap factor (`sim.contention`) and applies it to the stage passes of a distributed tick
+on that host, at the tick's batch.
 
     eesd calibrate contention --processes 2 --model smollm2-135m --dtype fp32 --out FILE.csv
 """
@@ -252,9 +253,12 @@ def measure_contention(
             report(f"k={k} batch {batch}: stages {layouts[str(k)]}, alone {alone_ms} ms, together "
                    f"{row.median_us / 1e3:.2f} ms a tick")  # fmt: skip
         report(f"k={k}: {time.perf_counter() - begin:.0f} s")
+    own = torch.get_num_threads()
     torch.set_num_threads(threads)  # the device's name says the torch threads each process ran
+    measured_on = base_metadata(model, torch.device("cpu"), check_dtype(dtype))
+    torch.set_num_threads(own)
     metadata = {
-        **base_metadata(model, torch.device("cpu"), check_dtype(dtype)),
+        **measured_on,
         "backend": "processes",
         "stage_layers": layouts,
         "exit_layer": exit_layer,
