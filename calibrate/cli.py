@@ -57,7 +57,14 @@ def _scenario_arguments(p: argparse.ArgumentParser) -> None:
         "--draft-profile", type=Path, default=None,
         help="a latency profile in the trace's draft dtype (a trace of --draft-dtype drafts needs one)",
     )  # fmt: skip
-    p.add_argument("--contention", type=Path, default=None, help="a contention profile (PPSD streams on a GPU)")
+    p.add_argument(
+        "--contention", type=Path, default=None,
+        help="a contention profile: PPSD streams on a GPU, or stage processes on a CPU (with --link)",
+    )  # fmt: skip
+    p.add_argument(
+        "--link", type=Path, default=None,
+        help="a link profile: PPSD's points again on a process per stage (the distributed backend) over it",
+    )  # fmt: skip
     p.add_argument("--methods", default="eesd", help="eesd and/or ppsd, comma-separated, besides AR (default: eesd)")
     policies = f"EESD draft policies, comma-separated (default: {SCENARIO_POLICIES})"
     p.add_argument("--policies", default=SCENARIO_POLICIES, help=policies)

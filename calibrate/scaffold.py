@@ -5,7 +5,9 @@ what the files were measured with: the model's shape, the dtype, how the passes 
 `attention: cache`), the GPU, the exit head the trace recorded, its exit layers, a workload whose decode runs inside the
 profiled grid and no longer than the trace. Written by hand these are easy to get wrong; here they are read from the
 files' metadata. The scenario compares AR with EESD under several draft policies at each of the trace's exit layers
-(and, with `--methods eesd,ppsd`, PPSD on two stages of the one device), and is checked by loading it before it is kept;
+(and, with `--methods eesd,ppsd`, PPSD on two stages of the one device; with `--link FILE` also on a process per stage,
+the distributed backend, its messages priced by that link profile and, on a CPU, its processes slowing each other as
+a `processes` contention profile says), and is checked by loading it before it is kept;
 `eesd simulate FILE` then runs it and `eesd validate FILE` checks it against the executor on the machine the files came
 from. Torch-free: it reads the files only.
 
@@ -40,6 +42,7 @@ from sim.formats import (
     read_acceptance_trace,
     read_contention_profile,
     read_latency_profile,
+    read_link_profile,
     trace_exit_head,
     write_text_atomic,
 )
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     path = write_scenario(
         args.latency, args.acceptance, args.out, methods=methods, policies=policies, name=args.name,
         draft_profile=args.draft_profile, contention=args.contention, force=args.force, command=command,
-        serving=args.serving, host=args.host,
+        serving=args.serving, host=args.host, link=args.link,
     )  # fmt: skip
     if args.serving:
         print(f"wrote {path}: a serving scenario (AR against EESD under Poisson load)")
@@ -104,6 +107,7 @@ def write_scenario(
     command: str = "",
     serving: bool = False,
     host: Path | None = None,
+    link: Path | None = None,
 ) -> Path:
     """Write the scenario (module docstring) to `out`, atomically, once it loads; ValueError naming the file and
     field where the files do not make one. Several traces (heads to compare) make one sweep over all of them."""
@@ -122,10 +126,13 @@ def write_scenario(
     profile = _read("--latency", latency, read_latency_profile, "a latency profile CSV (eesd calibrate latency)")
     what = "an acceptance trace CSV (eesd calibrate acceptance)"
     traces = [(path, _read("--acceptance", path, read_acceptance_trace, what)) for path in paths]
+    processes = False
     if contention is not None:
-        _read(
+        shared = _read(
             "--contention", contention, read_contention_profile, "a contention profile CSV (eesd calibrate contention)"
         )
+        processes = shared.metadata.get("backend") == "processes"
+    _check_distributed(link, processes, methods, serving)
     acceptance, trace = traces[0]
     data = scenario_data(latency, profile, traces, out.parent, methods, policies, name or _file_name(out))
     cut = _workload_cut(traces, out.parent, data["workload"])  # (a serving scenario takes one trace)
@@ -136,6 +143,8 @@ def write_scenario(
         _add_draft_profile(data, acceptance, trace, draft_profile, out.parent)
     if contention is not None:
         data["topology"]["contention"] = _relative(contention, out.parent)
+    if link is not None:  # PPSD's points again, on a process per stage
+        _add_distributed(data, _relative(link, out.parent))
     if serving:  # sized from the batch scenario's AR point
         data = _serving_data(data, _loaded(out, _yaml(data), load_points)[0], profile)
     notes = [] if host is None else [_host_work(data, host, latency, profile, out.parent, serving)]
@@ -148,6 +157,28 @@ def write_scenario(
     _loaded(out, text, _serving_loader() if serving else load_points)
     write_text_atomic(out, text)
     return out
+
+
+def _check_distributed(link: Path | None, processes: bool, methods: Sequence[str], serving: bool) -> None:
+    """`--link` (distributed PPSD points) asks for PPSD in a batch scenario; a `processes` contention profile (stage
+    processes of a CPU) is what those points read, so it asks for `--link`."""
+    if link is not None:
+        if serving or "ppsd" not in methods:
+            raise ValueError("--link prices PPSD's distributed points: it needs --methods with ppsd (and no --serving)")
+        _read("--link", link, read_link_profile, "a link profile CSV (eesd calibrate link)")
+    elif processes:
+        raise ValueError(
+            "--contention: a processes profile prices PPSD's stage processes on one host (the distributed backend): "
+            "give --link FILE too, the messages between them (eesd calibrate link --busy-ms MS)"
+        )
+
+
+def _add_distributed(data: dict[str, Any], link: str) -> None:
+    """Each PPSD point of the sweep once more on the distributed backend (a process per stage), over `link`."""
+    config = data["sweep"]["config"]
+    distributed = [{**entry, "ppsd_backend": "distributed", "topology.link": {"profile": link}}
+                   for entry in config if entry.get("method") == "ppsd"]  # fmt: skip
+    data["sweep"]["config"] = config + distributed
 
 
 def _read(flag: str, path: Path, read: Callable[[Path], DataFile], expected: str) -> DataFile:

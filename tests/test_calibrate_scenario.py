@@ -132,6 +132,37 @@ def test_ppsd_points_run_the_stages_of_the_one_device(tmp_path) -> None:
     assert len(results) == 8 and all(item.result.tokens_per_s > 0 for item in results)
 
 
+def test_a_link_adds_the_ppsd_points_on_a_process_per_stage(tmp_path) -> None:
+    """`--link` (with a CPU's `processes` contention profile): each PPSD point runs again on the distributed backend
+    over that link, and simulates as the shipped distributed scenario prices the same point."""
+    out = tmp_path / "dist.yaml"
+    contention, link = CPU / "contention_processes_smollm2-135m_cpu_fp32.csv", CPU / "link_gloo_loopback_busy.csv"
+    write_scenario(CPU / "latency_smollm2-135m_cpu_fp32.csv", CPU / "acceptance_smollm2-135m_shared_builtin.csv", out,
+                   methods=("ppsd",), contention=contention, link=link)  # fmt: skip
+    config = yaml.safe_load(out.read_text(encoding="utf-8"))["sweep"]["config"]
+    assert [c["ppsd_backend"] for c in config] == ["sequential"] * 4 + ["distributed"] * 4
+    assert all(Path(out.parent, c["topology.link"]["profile"]).resolve() == link for c in config[4:])
+    results = {(i.point.scenario.ppsd_backend, i.point.scenario.exit_layer): i.result.tokens_per_s
+               for i in run_points(load_points(out), progress=False) if i.result.method == "ppsd"}  # fmt: skip
+    shipped = load_points(SCENARIOS / "smollm2_cpu_ppsd_distributed_batch.yaml")
+    point = next(p for p in shipped if p.scenario.workload.batch_size == 1 and p.scenario.ppsd_backend == "distributed")
+    data = yaml.safe_load(out.read_text(encoding="utf-8"))
+    data.pop("sweep")
+    data.update(method="ppsd", ppsd_backend="distributed", exit_layer=15)
+    data["topology"] = {**data["topology"], "stages": 2, "link": {"profile": str(link)}}
+    data["workload"] = point.scenario.workload.model_dump()
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    same = run_points(load_points(tmp_path / "one.yaml"), progress=False)[-1].result.tokens_per_s
+    assert same == pytest.approx(run_points([point], progress=False)[-1].result.tokens_per_s)
+    assert results[("distributed", 15)] > results[("sequential", 15)]
+    with pytest.raises(ValueError, match="--contention: a processes profile prices PPSD's stage processes"):
+        write_scenario(CPU / "latency_smollm2-135m_cpu_fp32.csv", CPU / "acceptance_smollm2-135m_shared_builtin.csv",
+                       out, methods=("ppsd",), contention=contention, force=True)  # fmt: skip
+    with pytest.raises(ValueError, match="--link prices PPSD's distributed points: it needs --methods with ppsd"):
+        write_scenario(CPU / "latency_smollm2-135m_cpu_fp32.csv", CPU / "acceptance_smollm2-135m_shared_builtin.csv",
+                       out, link=link, force=True)  # fmt: skip
+
+
 def test_a_trace_of_narrow_drafts_takes_their_profile(tmp_path) -> None:
     latency = CPU / "latency_gemma3-270m_cpu_fp32_b1.csv"
     trace = CPU / "acceptance_gemma3-270m_e14v16k_bf16drafts_heldout.csv"
@@ -165,6 +196,7 @@ def test_a_trace_of_narrow_drafts_takes_their_profile(tmp_path) -> None:
         (["--contention", str(CPU / "acceptance_smollm2-135m_shared_builtin.csv")],
          "--contention: " + str(CPU / "acceptance_smollm2-135m_shared_builtin.csv") + ":1: expected format "
          "'eesd.contention_profile'"),
+        (["--methods", "ppsd", "--link", "nope.csv"], "--link nope.csv: no such file; expected a link profile CSV"),
         (["--name", "a/b"], "--name 'a/b': expected a folder name"),
         (["--out", str(ROOT / "pyproject.toml" / "x.yaml")], f"--out {ROOT / 'pyproject.toml' / 'x.yaml'}: "),
         (["--out", ""], "--out .: is a folder; --out names the file to write"),
