@@ -271,13 +271,21 @@ class PPSDStats(GenerationStats):
             "ended before the pipe judged a draft)",
         ]
         for index, stage in enumerate(self.stage_stats):
-            lines.append(
-                f"  stage {index + 1} layers [{stage.first_layer},{stage.stop_layer}): busy {stage.busy_s:.3f} s, "
-                f"idle {stage.idle_s:.3f} s"
-                + (f" ({stage.link_s:.3f} s in messages)" if stage.link_s else "")
-                + f", {stage.work_ticks} work / {stage.bubble_ticks} bubble ticks"
-            )
+            layers = f"[{stage.first_layer},{stage.stop_layer})"
+            lines.append(f"  stage {index + 1} layers {layers}: {self._stage_times(stage)}")
         return "\n".join(lines)
+
+    def _stage_times(self, stage: StageStats) -> str:
+        """A stage's busy and idle time, each also a tick's worth (busy: a working tick's, the pass the simulator
+        prices; messages: any tick's), and its work and bubble ticks."""
+        busy = f"busy {stage.busy_s:.3f} s" + (
+            f" ({1e3 * stage.busy_s / stage.work_ticks:.1f} ms a working tick)" if stage.work_ticks else ""
+        )
+        messages = f"{stage.link_s:.3f} s in messages" + (
+            f", {1e3 * stage.link_s / self.ticks:.2f} ms a tick" if self.ticks else ""
+        )
+        return (f"{busy}, idle {stage.idle_s:.3f} s" + (f" ({messages})" if stage.link_s else "")
+                + f", {stage.work_ticks} work / {stage.bubble_ticks} bubble ticks")  # fmt: skip
 
     def _unread(self) -> str:
         return f" ({self.unread_ticks} run unread past the end)" if self.unread_ticks else ""

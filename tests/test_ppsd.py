@@ -316,6 +316,9 @@ def test_distributed_equals_ar_and_sequential(stages: int, arch: str, tied: bool
     # each rank's idle time holds its time in the tick's messages (one process: none)
     assert all(0 < stage.link_s <= stage.idle_s for stage in stats.stage_stats)
     assert all(stage.link_s == 0 for stage in sequential.stage_stats) and "in messages" in stats.summary()
+    first = stats.stage_stats[0]
+    assert f"({1e3 * first.busy_s / first.work_ticks:.1f} ms a working tick)" in stats.summary()
+    assert f"{first.link_s:.3f} s in messages, {1e3 * first.link_s / stats.ticks:.2f} ms a tick" in stats.summary()
     assert stats.confirms > 0 and (stats.flushes > 0 or not must_flush)
     check_accounting(stats, max_new)
     assert _descendants_of_children() == []
