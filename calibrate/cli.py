@@ -3,8 +3,9 @@
 (`executor.round_costs`), (`host`) the host's work between passes per method (`calibrate.host`), and (`scenario`,
 `calibrate.scaffold`) write a scenario that replays a profile and a trace.
 
-`contention` runs no model: it turns a `benchmarks/gpu_decode.py` run's PPSD `streams` rows into a contention
-profile (`calibrate.contention`), so it takes no `--threads`.
+`contention` writes a contention profile (`calibrate.contention`): from a `benchmarks/gpu_decode.py` run's PPSD
+`streams` rows (no model runs), or, with `--model`, by measuring k PPSD stage processes on this host
+(`calibrate.processes`, `--threads` torch threads each).
 
 torch is imported only inside `run`, so `eesd --help` stays fast. A calibration never overwrites a finished file
 without `--force` (a latency profile's `*.partial.jsonl` is not one: a rerun continues it).
@@ -39,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name != "link":  # link times two processes of one thread each and shows no progress
             p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
             add_threads_argument(p)
-    help_text = "how k PPSD stage passes on one GPU share it, from a benchmarks/gpu_decode.py JSON (streams rows)"
+    help_text = (
+        "how k PPSD stage passes computing at once slow each other: streams on one GPU (from a "
+        "benchmarks/gpu_decode.py JSON) or stage processes on this CPU host (--model)"
+    )
     contention.add_arguments(sub.add_parser("contention", help=help_text, description=help_text, allow_abbrev=False))
     help_text = "a ready-to-run scenario YAML from a latency profile and an acceptance trace (torch-free)"
     _scenario_arguments(sub.add_parser("scenario", help=help_text, description=help_text, allow_abbrev=False))

@@ -1,16 +1,17 @@
-"""Contention profiles: how k passes launched together on one device share it (docs/formats.md).
+"""Contention profiles: how k passes computing at once slow each other (docs/formats.md).
 
 PPSD's `streams` backend measures it on a GPU: `benchmarks/gpu_decode.py` times each stage's pass alone (its PPSD
 rows' `pass_costs_ms`, "stage 1" .. "stage n": back-to-back captured launches) and the stages of every tick together
 (CUDA events around each stage of each tick: "device per tick"). `from_gpu_decode` turns those rows into a contention
 profile, one row per stage count k: the k passes' sum and longest alone, and their time together. The simulator reads
-it as an overlap factor (sim/contention.py). Torch-free.
+it as an overlap factor (sim/contention.py). The conversion is torch-free and runs no model.
 
     eesd calibrate contention benchmarks/results/gpu_decode_nvidia_h100_smollm2_lease1.json \\
         --capture compile-layers --out calibration/h100/contention_smollm2-135m_cuda_bf16_compiled.csv
 
-(`python -m calibrate.contention` takes the same arguments.) It runs no model: the measurement is the benchmark's.
-An existing `--out` is overwritten only with `--force`; the file is written atomically (`sim.formats`).
+With `--model` it measures a `processes` profile instead: k stage processes of the distributed backend on this host
+(`calibrate.processes`, which imports torch). (`python -m calibrate.contention` takes the same arguments.) An existing
+`--out` is overwritten only with `--force`; the file is written atomically (`sim.formats`).
 """
 
 from __future__ import annotations
@@ -126,7 +127,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bench", type=Path, nargs="?", default=None,
         help="a benchmarks/gpu_decode.py JSON with PPSD streams rows (or measure stage processes: --model)",
     )  # fmt: skip
-    parser.add_argument("--capture", default="compile-layers", help="the rows' capture mode (default: compile-layers)")
+    parser.add_argument(
+        "--capture", default="compile-layers",
+        help="with a benchmark JSON: the rows' capture mode (default: compile-layers)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="the contention profile to write (CSV)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     measured = parser.add_argument_group(

@@ -1,4 +1,5 @@
-"""Passes that share one device at the same time: how long k of them take together.
+"""Passes that share one device (or one host's memory: distributed stage processes) at the same time: how long k of
+them take together.
 
 PPSD's one-host backends launch the stages of a tick together (`streams`: one CUDA stream each on one GPU) or one
 after the other (`sequential`); the distributed backend may also put several stage processes on one device. Each pass

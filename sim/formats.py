@@ -79,8 +79,9 @@ class LinkRecord:
 
 @dataclass(frozen=True)
 class ContentionRecord:
-    """`passes` passes launched together on one device: each timed alone (their sum and the longest) and together
-    (median, p10, p90 over the repeats), µs."""
+    """`passes` passes launched together on one device (or, a `processes` profile, on one host's cores): each timed
+    alone (their sum and the longest) and together (median, p10, p90 over the repeats), µs; at `batch` rows where
+    the file says."""
 
     passes: int
     alone_sum_us: float

@@ -11,7 +11,8 @@ roofline or by constants runs on the GPU the scenario names (`DEFAULT_GPU` when 
 inline, from its datasheet). Stages may share a device (`topology.devices`, or each stage's `device` index; PPSD's
 one-host backends put every stage on one device unless told otherwise): their passes that run at the same time
 share it (`sim.contention`), and no link lies between them. The weights of a device's stages must fit its memory
-where the GPU is known.
+where the GPU is known. A `processes` contention profile prices instead the stage processes of a distributed PPSD
+point on one CPU host, each on its own cores: their passes of a tick slow each other (`SimPlan.contention_group`).
 """
 
 from __future__ import annotations
@@ -155,7 +156,9 @@ class SimPlan:
     # `sim.contract.verify_drafts`); empty: k itself
     verify_widths: tuple[int, ...] = ()
     verify_buckets: bool = True  # the scenario's: frozen verify passes at bucket widths (else `verify_widths` empty)
-    contention: Contention = SharedBandwidth()  # passes at the same time on a shared device (not `sequential`)
+    # passes at the same time on a shared device (not `sequential`), or, a `processes` profile, a distributed tick's
+    # stage processes on one host
+    contention: Contention = SharedBandwidth()
 
     def __post_init__(self) -> None:
         _check_plan(self)
