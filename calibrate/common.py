@@ -49,6 +49,13 @@ def parse_int_list(text: str, flag: str, minimum: int = 0) -> tuple[int, ...]:
     return tuple(values)
 
 
+def check_counts(*given: tuple[str, int]) -> None:
+    """Refuse a count flag below 1: each of `given` is (flag, value)."""
+    for flag, value in given:
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+
+
 def check_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise ValueError(f"{flag} must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
@@ -77,17 +84,24 @@ def model_config(spec: str):
     return None
 
 
+def config_of(spec: str):
+    """The HF config of any model spec without loading weights: a config file's or shape's (`model_config`), else the
+    checkpoint's own (a packaged model prepared, as loading it would)."""
+    config = model_config(spec)
+    if config is None:
+        from transformers import AutoConfig
+
+        from executor.models import prepare_model
+
+        config = AutoConfig.from_pretrained(prepare_model(spec).hf_dir)
+    return config
+
+
 def model_layers(spec: str) -> int | None:
     """The decoder layers of `--model` read from its config alone (no weights loaded), to check a flag before the
     load; None where the config cannot be read so (the load then says why)."""
     try:
-        config = model_config(spec)
-        if config is None:
-            from transformers import AutoConfig
-
-            from executor.models import prepare_model
-
-            config = AutoConfig.from_pretrained(prepare_model(spec).hf_dir)
+        config = config_of(spec)
     except (OSError, ValueError):
         return None
     config = getattr(config, "text_config", None) or config

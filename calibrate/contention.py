@@ -188,16 +188,14 @@ def _check_mode_flags(args: argparse.Namespace) -> None:
 
 def _write_measured(args: argparse.Namespace) -> Path:
     """Measure stage processes (`calibrate.processes`, torch) and write their profile."""
-    from calibrate.common import check_output_file, parse_int_list
+    from calibrate.common import check_counts, check_output_file, parse_int_list
     from calibrate.processes import check_layout, measure_contention
 
     check_output_file(args.out, args.force)
     processes = parse_int_list(args.processes, "--processes", minimum=2)
     batches = parse_int_list(args.batch, "--batch", minimum=1)
-    for flag, value in (("--context", args.context), ("--threads", args.threads),
-                        ("--repeats", args.repeats), ("--rounds", args.rounds)):  # fmt: skip
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+    check_counts(("--context", args.context), ("--threads", args.threads), ("--repeats", args.repeats),
+                 ("--rounds", args.rounds))  # fmt: skip
     check_layout(args.model, args.dtype, processes, args.exit_layer, args.context)
     metadata, records = measure_contention(
         args.model, args.dtype, processes, batches, args.exit_layer, args.context, args.threads,

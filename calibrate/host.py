@@ -324,7 +324,14 @@ def measure_serving(
 def run_host(args: argparse.Namespace) -> int:
     import torch
 
-    from calibrate.common import base_metadata, check_json_out, config_summary, model_and_head, parse_int_list
+    from calibrate.common import (
+        base_metadata,
+        check_counts,
+        check_json_out,
+        config_summary,
+        model_and_head,
+        parse_int_list,
+    )
     from executor.models import load_tokenizer
     from executor.passes import resolve_capture
     from executor.prompts import load_prompts
@@ -336,10 +343,7 @@ def run_host(args: argparse.Namespace) -> int:
     if args.ppsd_stages is not None and args.loop == "serve":
         raise ValueError(f"--ppsd-stages {args.ppsd_stages}: the serving loop's rounds are AR's and EESD's (--loop "
                          "serve times no PPSD; --loop generate does)")  # fmt: skip
-    for flag, value in (("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens),
-                        ("--repeats", args.repeats)):  # fmt: skip
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+    check_counts(("--prompts", args.prompts), ("--max-new-tokens", args.max_new_tokens), ("--repeats", args.repeats))
     args.batch = parse_int_list(args.batch, "--batch", 1)
     if args.sync_every < 1:
         raise ValueError(f"--sync-every must be >= 1, got {args.sync_every}")

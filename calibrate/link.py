@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from calibrate.common import base_metadata, check_dtype, check_output_file, model_config, parse_int_list, percentile
+from calibrate.common import base_metadata, check_dtype, check_output_file, config_of, parse_int_list, percentile
 from sim.formats import LinkRecord, write_link_profile
 
 BACKENDS = ("gloo", "nccl", "cuda-copy")
@@ -153,13 +153,7 @@ def measure_link(backend: str, sizes: list[int], warmup: int, repeats: int, busy
 
 def activation_sizes(model: str, dtype_bytes: int) -> list[int]:
     """hidden_size × tokens × dtype bytes for a draft step up to a 16-token verify pass."""
-    config = model_config(model)
-    if config is None:
-        from transformers import AutoConfig
-
-        from executor.models import prepare_model
-
-        config = AutoConfig.from_pretrained(prepare_model(model).hf_dir)
+    config = config_of(model)
     return [config.hidden_size * tokens * dtype_bytes for tokens in ACTIVATION_TOKENS]
 
 

@@ -65,18 +65,12 @@ class StageSamples:
 def check_layout(model: str, dtype: str, processes: Sequence[int], exit_layer: int | None, context_len: int) -> None:
     """Refuse, before any process starts, a dtype, model, layout or context the processes would fail on (a
     ValueError or FileNotFoundError naming the flag or the path)."""
-    from calibrate.common import model_config
+    from calibrate.common import config_of
     from executor.adapter import context_of
     from executor.ppsd import plan_stages
 
     check_dtype(dtype)
-    config = model_config(model)
-    if config is None:
-        from transformers import AutoConfig
-
-        from executor.models import prepare_model
-
-        config = AutoConfig.from_pretrained(prepare_model(model).hf_dir)
+    config = config_of(model)
     for k in processes:
         try:
             plan_stages(config.num_hidden_layers, k, exit_layer=exit_layer)

@@ -24,12 +24,12 @@ weight and KV bytes over the device's effective bandwidth). Models of the time t
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from sim.formats import DataFile
+from sim.interpolate import along, bracket, span_text
 
 
 @dataclass(frozen=True)
@@ -108,26 +108,20 @@ class ProfiledContention:
         if None in self._rows:  # a profile without batches holds for every batch
             return self._along(self._rows[None], passes)
         batches = sorted(self._rows)
-        if batch < batches[0] or batch > batches[-1]:
-            self._flag(f"contention batch {batch} (profiled {_span(batches)})")
+        low, high, weight, outside = bracket(batches, batch)
+        if outside:
+            self._flag(f"contention batch {batch} (profiled {span_text(batches[0], batches[-1])})")
             return self._along(self._rows[batches[0] if batch < batches[0] else batches[-1]], passes)
-        i = bisect.bisect_left(batches, batch)
-        if batches[i] == batch:
-            return self._along(self._rows[batch], passes)
-        low, high = (self._along(self._rows[b], passes) for b in batches[i - 1 : i + 1])
-        return low + (high - low) * (batch - batches[i - 1]) / (batches[i] - batches[i - 1])
+        return along(self._along(self._rows[low], passes), self._along(self._rows[high], passes), weight)
 
     def _along(self, rows: tuple[list[int], list[float]], passes: int) -> float:
         """One batch's factor at `passes`: linear between its counts, the nearest count's outside (flagged)."""
         xs, ys = rows
-        if passes < xs[0] or passes > xs[-1]:
-            self._flag(f"contention passes {passes} (profiled {_span(xs)})")
+        low, high, weight, outside = bracket(xs, passes)
+        if outside:
+            self._flag(f"contention passes {passes} (profiled {span_text(xs[0], xs[-1])})")
             return ys[0] if passes < xs[0] else ys[-1]
-        i = bisect.bisect_left(xs, passes)
-        if xs[i] == passes:
-            return ys[i]
-        weight = (passes - xs[i - 1]) / (xs[i] - xs[i - 1])
-        return ys[i - 1] + (ys[i] - ys[i - 1]) * weight
+        return along(ys[xs.index(low)], ys[xs.index(high)], weight)
 
     def together_us(self, passes: Sequence[PassShare], batch: int = 1) -> float:
         if len(passes) <= 1:
@@ -142,10 +136,6 @@ class ProfiledContention:
     def extrapolations(self) -> tuple[str, ...]:
         """What was asked outside the profile, a phrase each: e.g. "contention batch 8 (profiled 1-4)"."""
         return tuple(sorted(self._beyond))
-
-
-def _span(values: Sequence[int]) -> str:
-    return f"{values[0]}" if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
 
 
 def overlap_factor(alone_sum_us: float, alone_max_us: float, together_us: float) -> float:

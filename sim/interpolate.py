@@ -1,12 +1,17 @@
 """Piecewise-linear lookup over measured points, one rule for every measured grid (latency profiles, link profiles,
-host work): linear between neighbours, along the edge segment past the ends, except past the end of a segment that
-falls (noise, a kernel switch), where the end's own value holds, so a size past the measured ones never costs less
-than the edge's. Pure Python."""
+host work; contention profiles inside their range): linear between neighbours, along the edge segment past the ends,
+except past the end of a segment that falls (noise, a kernel switch), where the end's own value holds, so a size past
+the measured ones never costs less than the edge's. Pure Python."""
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+
+
+def span_text(low: float, high: float) -> str:
+    """A measured range as the extrapolation notes phrase it: "4" for one point, "1-4" for several."""
+    return f"{low}" if low == high else f"{low}-{high}"
 
 
 def bracket(xs: Sequence[int], x: float) -> tuple[int, int, float, bool]:

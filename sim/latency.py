@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from sim.formats import COMPONENTS, DataFile, LatencyRecord
 from sim.hardware import GPUSpec, LinkSpec
 from sim.host_work import HostOverhead
-from sim.interpolate import along, bracket
+from sim.interpolate import along, bracket, span_text
 from sim.models import ModelConfig
 
 KERNELS_PER_LAYER = 9  # norm, qkv, rope, attention, o_proj, norm, gate_up, act*mul, down
@@ -236,8 +236,7 @@ AXES = ("q", "context", "batch")  # a latency grid's axes, in its points' order
 def describe_beyond(phase: str, axis: int, low: int, high: int, far: int) -> str:
     """One extrapolation, as `ProfileLatency.extrapolations` phrases it (a prefill's q is its prompt's tokens)."""
     name = "tokens" if phase == "prefill" and axis == 0 else AXES[axis]
-    profiled = f"{low}" if low == high else f"{low}-{high}"
-    return f"{phase} {name} {far} (profiled {profiled})"
+    return f"{phase} {name} {far} (profiled {span_text(low, high)})"
 
 
 POOLED_PHASES = ("draft", "verify")  # phases whose rows at one (component, q, context, batch) time the same work
@@ -388,9 +387,8 @@ class ProfiledLink:
         """The message sizes asked outside the profile, one phrase: e.g. "link 33554432 B (profiled 8-16777216 B)"."""
         if not self._beyond:
             return ()
-        sizes = sorted(self._beyond)
-        asked = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
-        return (f"link {asked} B (profiled {self._sizes[0]}-{self._sizes[-1]} B)",)
+        asked, profiled = span_text(min(self._beyond), max(self._beyond)), span_text(self._sizes[0], self._sizes[-1])
+        return (f"link {asked} B (profiled {profiled} B)",)
 
 
 LinkModel = LinkSpec | ProfiledLink
