@@ -123,6 +123,35 @@ class KVCache:
             books[slot] = seen[1]
 
 
+def rows_view(cache: KVCache, start: int, stop: int) -> KVCache:
+    """A cache over rows [start, stop) of `cache`, sharing its buffers (views along the batch dimension) and its layers,
+    with books of its own (`lengths`, which the caller sets before a pass)."""
+    _, heads, _, head_dim = cache.keys[0].shape
+    first = cache.keys[0]
+    view = KVCache(
+        num_layers=cache.num_layers, batch=stop - start, num_kv_heads=heads, max_len=1, head_dim=head_dim,
+        dtype=first.dtype, device=first.device,
+    )  # fmt: skip
+    view.keys = [k[start:stop] for k in cache.keys]
+    view.values = [v[start:stop] for v in cache.values]
+    view.max_len = cache.max_len
+    view._slots = dict(cache._slots)  # a stage's cache addresses its layers by model index: so does the view
+    return view
+
+
+def copy_rows(source: KVCache, target: KVCache, rows: Sequence[int], lengths: Sequence[int]) -> None:
+    """Row `rows[i]`'s KV at positions < `lengths[i]` in `source` into row i of `target`, in every cache layer. In
+    row order, so where both are one cache and every `rows[i]` >= i no row is written before it is read."""
+    same = source.keys[0].data_ptr() == target.keys[0].data_ptr()
+    for target_row, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+        if same and row == target_row:
+            continue
+        for keys, values, to_keys, to_values in zip(source.keys, source.values, target.keys, target.values,
+                                                    strict=True):  # fmt: skip
+            to_keys[target_row, :, :length] = keys[row, :, :length]
+            to_values[target_row, :, :length] = values[row, :, :length]
+
+
 def store(
     keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, key: torch.Tensor,
     value: torch.Tensor,

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -71,7 +72,7 @@ from torch import nn
 from executor.adapter import ModelAdapter
 from executor.decoding import TokenSink
 from executor.heads import SharedExitHead, SubsetExitHead, TrainedExitHead, head_class, head_tensors, resolve_head
-from executor.kv_cache import KVCache
+from executor.kv_cache import KVCache, copy_rows, rows_view
 from executor.passes import resolve_capture
 from executor.ppsd import (
     DEFAULT_STALL_TIMEOUT_S,
@@ -94,7 +95,7 @@ from executor.ppsd import (
 )
 from executor.sampling import SamplingConfig, TokenSelector
 from executor.verify import TickVerdict, tick_verdict
-from sim.contract import PPSD_HEADER_VALUES, PPSD_OUTCOME_VALUES
+from sim.contract import MAX_BATCH, PPSD_HEADER_VALUES, PPSD_OUTCOME_VALUES, join_count, may_enter
 
 _POLL_S = 0.05
 _KILL_GRACE_S = 5.0
@@ -197,6 +198,7 @@ class TickReport:
     tokens: tuple[int, ...]
     positions: tuple[int, ...]
     going: tuple[bool, ...]
+    stopped: bool = False  # continuous batching: the decode ends after this tick, the rows going on wait for a join
 
     @property
     def done(self) -> bool:
@@ -206,19 +208,27 @@ class TickReport:
     def emitted(self) -> bool:
         return self.verdict != TickVerdict.NONE
 
+    @property
+    def partly_done(self) -> bool:
+        """Some rows are done and some go on (after a prefill, continuous batching drops the done ones)."""
+        return any(self.going) and not all(self.going)
+
     def outcome(self) -> TickOutcome:
         """Row 0's view, which `PPSDStats.record` counts (the batch's verdict)."""
         return TickOutcome(self.verdict, self.tokens[0], self.positions[0], self.done)
 
     def values(self) -> list[int]:
+        """Each row's (verdict, token, position, going), going 0 for a row done, 1 for one going on, 2 for one going
+        on after a stop."""
         rows = zip(self.tokens, self.positions, self.going, strict=True)
-        return [value for token, at, goes in rows for value in (int(self.verdict), token, at, int(goes))]
+        on = 2 if self.stopped else 1
+        return [value for token, at, goes in rows for value in (int(self.verdict), token, at, on if goes else 0)]
 
     @classmethod
     def of_values(cls, values: list[int]) -> TickReport:
         size = PPSD_OUTCOME_VALUES
         _, tokens, positions, going = zip(*(values[i : i + size] for i in range(0, len(values), size)), strict=True)
-        return cls(TickVerdict(values[0]), tokens, positions, tuple(map(bool, going)))
+        return cls(TickVerdict(values[0]), tokens, positions, tuple(map(bool, going)), 2 in going)
 
 
 class StageLink:
@@ -323,7 +333,244 @@ class RowJudge:
 
 
 # ------------------------------------------------------------------------------------------------- one stage's loop
-@torch.inference_mode()
+@dataclass(frozen=True)
+class JoinRule:
+    """Continuous batching's rule, asked by the last rank at every tick that leaves a row going: the decode stops
+    there when the requests waiting (as the caller publishes them, `WaitingQueue`) may enter now, `join_min` of them
+    (or as many as the slots free, if fewer), into a batch of at most `max_batch` rows under a KV budget of
+    `kv_capacity` tokens (None: unlimited) (`sim.serving.Admission.joinable`'s rule, on the rows going on)."""
+
+    max_batch: int
+    kv_capacity: int | None
+    join_min: int = 1
+
+
+class WaitingQueue:
+    """The requests waiting for a continuous batch, as the caller publishes them to the stage processes: the KV
+    tokens each would hold, in queue order (at most `MAX_BATCH`), in shared memory behind a lock."""
+
+    def __init__(self, context: Any) -> None:
+        self.values = context.Array("q", 1 + MAX_BATCH)  # [count, tokens of each]
+
+    def publish(self, needs: Sequence[int]) -> None:
+        needs = list(needs)[:MAX_BATCH]
+        with self.values.get_lock():
+            self.values[0] = len(needs)
+            self.values[1 : 1 + len(needs)] = needs
+
+    def read(self) -> list[int]:
+        with self.values.get_lock():
+            return list(self.values[1 : 1 + self.values[0]])
+
+
+@dataclass
+class StageRows:
+    """A rank's rows, in row order, between the stretches of a continuous run: their KV in this stage's cache (its
+    rows 0 .. n - 1), prompts, sinks (the last rank's hold the tokens), the KV tokens each holds for admission, and
+    the tokens each asks from its last token on."""
+
+    cache: KVCache
+    prompts: list[list[int]]
+    sinks: list[TokenSink]
+    kv_tokens: list[int]
+    asked: list[int]
+
+    def kept(self, rows: Sequence[int], positions: Sequence[int]) -> StageRows:
+        """Rows `rows` (ascending) moved up to the first rows of the same cache, their KV before `positions` kept."""
+        copy_rows(self.cache, self.cache, rows, positions)
+        cache = rows_view(self.cache, 0, len(rows))
+        cache.lengths = [list(positions) for _ in range(cache.num_layers)]
+        pick = lambda values: [values[row] for row in rows]  # noqa: E731
+        return StageRows(cache, pick(self.prompts), pick(self.sinks), pick(self.kv_tokens), pick(self.asked))
+
+
+class StageWork:
+    """Rank `rank`'s part of the generations it is sent (process group already initialised): `generate` a batch of
+    prompts (a row each, in lockstep), or, after a continuous batch's decode stopped, `join` new requests to the rows
+    going on. The last rank fills the rows' sinks (and hands each token it emits to `on_tokens` as (row, token));
+    rank 0 drafts with `head` (None: the shared exit head). Each returns this rank's count of the run: every rank
+    counts the same ticks and outcomes (the last rank's sinks hold the tokens, its stats the rows' own verdicts); its
+    own stage's time is its entry in `stage_stats`.
+
+    Continuous batching (a `JoinRule`): after a prefill the rows it ended leave the batch (the others move up, and
+    the last rank tells `on_rows` which rows stay, in their new order); at each tick that leaves a row going, the last
+    rank asks the rule of the queue in `waiting` and, where it says so, reports the tick as stopped: every rank ends
+    the stretch there and keeps its rows' KV for the `join` that follows."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        plan: StagePlan,
+        rank: int,
+        head: Any = None,
+        on_tokens: Callable[[list[tuple[int, int]]], None] | None = None,
+        on_rows: Callable[[list[int]], None] | None = None,
+        waiting: WaitingQueue | None = None,
+    ) -> None:
+        self.adapter, self.plan, self.rank, self.head = adapter, plan, rank, head
+        self.on_tokens, self.on_rows, self.waiting = on_tokens, on_rows, waiting
+        self.layers, self.is_last = plan.layers(rank), rank == plan.stages - 1
+        self.extra = getattr(head, "extra_layers", 0) if rank == 0 else 0
+        self.rule: JoinRule | None = None
+        self.rows: StageRows | None = None
+        self.config, self.min_new_tokens, self.eos = SamplingConfig(), 0, ()
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[list[int]], sinks: list[TokenSink], selector: TokenSelector, rule: JoinRule | None = None,
+        kv_tokens: Sequence[int] | None = None,
+    ) -> PPSDStats:  # fmt: skip
+        """A batch from its prompts: prefill, then ticks until every row is done (or, with a `rule`, a stop).
+        `selector` picks the tokens (its settings serve a join too); `kv_tokens`: what each row holds for the rule."""
+        rows, lengths = len(prompts), [len(prompt) for prompt in prompts]
+        most = max(sink.max_new_tokens for sink in sinks)
+        self.rule, self.config, self.min_new_tokens = rule, selector.config, selector.min_new_tokens
+        self.eos = tuple(sinks[0].eos_token_ids)
+        cache = StageKVCache(self.adapter, self.layers.start, self.layers.stop, max(lengths) + most, self.extra, rows)
+        runner, link = self._runner(cache, selector, rows), self._link(rows)
+        stats = new_stats(self.plan, "distributed", sum(lengths), rows)
+        if runner.is_first or runner.is_last:  # the ranks that pick tokens: a repetition penalty's committed text
+            selector.track(self.adapter.lm_head.weight.shape[0])
+            selector.start(prompts)
+        with _talking_to(None):
+            dist.barrier()  # every process has its model: time from here
+        begin = time.perf_counter()
+        report = _prefill(runner, link, prompts, sinks, self.on_tokens)
+        commit(selector, report.tokens)
+        asked = [sink.max_new_tokens for sink in sinks]
+        self.rows = StageRows(cache, list(prompts), list(sinks), list(kv_tokens or [0] * rows), asked)
+        if rule is not None and report.partly_done:
+            runner, link, report = self._kept(report)
+        stats.prefill_time_s = time.perf_counter() - begin
+        return self._decode(runner, link, stats, report, begin)
+
+    @torch.inference_mode()
+    def join(self, job: JoinJob) -> PPSDStats:
+        """After a stopped decode: the rows `job.going` on (their KV before their last token copied into a new cache,
+        in that order), then the joining prompts prefilled together into the rows after them (each one's first token
+        from the last rank), the rows that prefill ended dropped, and ticks from every row's last token."""
+        old = self.rows
+        assert old is not None and self.rule is not None, "a join follows a continuous generation"
+        going, count = list(job.going), len(job.prompts)
+        width = len(going) + count
+        if self.is_last:
+            assert job.positions == [len(old.prompts[i]) + len(old.sinks[i].tokens) - 1 for i in going], job
+        positions = [*job.positions, *(len(prompt) for prompt in job.prompts)]
+        asked = [*job.asked, *job.max_new_tokens]
+        begin = time.perf_counter()
+        cache = StageKVCache(self.adapter, self.layers.start, self.layers.stop, max(positions) + max(asked),
+                             self.extra, width)  # fmt: skip
+        copy_rows(old.cache, cache, going, job.positions)
+        joining = [TokenSink(count, self.eos, None) for count in job.max_new_tokens]
+        first = self._prefill_joining(rows_view(cache, len(going), width), job.prompts, joining, len(going))
+        cache.lengths = [list(positions) for _ in range(cache.num_layers)]
+        sinks = [*(old.sinks[i] for i in going), *joining]
+        kv_tokens = [*(old.kv_tokens[i] for i in going), *job.kv_tokens]
+        self.rows = StageRows(cache, [*(old.prompts[i] for i in going), *job.prompts], sinks, kv_tokens, asked)
+        started = None
+        if self.is_last:
+            going_on = (True,) * len(going) + tuple(not sink.done for sink in joining)
+            started = TickReport(TickVerdict.START, (*job.tokens, *first), tuple(positions), going_on)
+        report = self._link(width).exchange_report(started)
+        if report.partly_done:
+            runner, link, report = self._kept(report)
+        else:
+            runner, link = self._runner(cache, self._selector(), width), self._link(width)
+        stats = new_stats(self.plan, "distributed", sum(map(len, self.rows.prompts)), len(self.rows.prompts))
+        stats.prefill_time_s = time.perf_counter() - begin
+        return self._decode(runner, link, stats, report, begin)
+
+    def _prefill_joining(
+        self, cache: KVCache, prompts: list[list[int]], sinks: list[TokenSink], first_row: int
+    ) -> list[int]:  # fmt: skip
+        """The joining prompts through this stage into `cache` (their rows); the last rank's first tokens."""
+        cache.lengths = [[0] * len(prompts) for _ in range(cache.num_layers)]
+        selector = make_selector(self.adapter, [len(p) for p in prompts], sinks[0], self.config, self.min_new_tokens)
+        runner, link = self._runner(cache, selector, len(prompts)), self._link(len(prompts))
+        return _prefill_rows(runner, link, prompts, sinks, self.on_tokens, first_row)
+
+    def _kept(self, report: TickReport) -> tuple[StageRunner, StageLink, TickReport]:
+        """The rows a prefill ended leave the batch: the others move up (`StageRows.kept`), the last rank says which
+        stay (`on_rows`), and the START report is theirs."""
+        assert self.rows is not None
+        kept = [row for row, goes in enumerate(report.going) if goes]
+        positions = [report.positions[row] for row in kept]
+        self.rows = self.rows.kept(kept, positions)
+        if self.is_last and self.on_rows is not None:
+            self.on_rows(kept)
+        started = TickReport(report.verdict, tuple(report.tokens[row] for row in kept), tuple(positions),
+                             (True,) * len(kept))  # fmt: skip
+        return self._runner(self.rows.cache, self._selector(), len(kept)), self._link(len(kept)), started
+
+    def _selector(self) -> TokenSelector:
+        assert self.rows is not None
+        lengths = [len(prompt) for prompt in self.rows.prompts]
+        return make_selector(self.adapter, lengths, self.rows.sinks[0], self.config, self.min_new_tokens)
+
+    def _runner(self, cache: KVCache, selector: TokenSelector, rows: int) -> StageRunner:
+        capture = resolve_capture("auto", self.adapter.device, selector.config.kind)  # compiled layers, graphs on GPUs
+        return StageRunner(self.adapter, cache, self.plan, self.rank, selector, capture, fallback=True,
+                           head=self.head, rows=rows)  # fmt: skip
+
+    def _link(self, rows: int) -> StageLink:
+        config = self.adapter.config
+        return StageLink(self.rank, self.plan.stages, self.adapter.device, config.hidden_size, self.adapter.dtype, rows)
+
+    def _decode(
+        self, runner: StageRunner, link: StageLink, stats: PPSDStats, report: TickReport, begin: float
+    ) -> PPSDStats:  # fmt: skip
+        """Ticks from each row's last token (`report`: the prefill's or the join's START) until every row is done or
+        the last rank reports a stop."""
+        rows, rank, selector = self.rows, self.rank, runner.selector
+        assert rows is not None
+        judge = RowJudge(rows.sinks, selector.eos_ids) if runner.is_last else None
+        inbox = Item(list(report.positions), tokens=list(report.tokens)) if rank == 0 else None
+        limit = feed_limit(report.positions[0], max(rows.asked))  # row 0's last position fed: as far for every row
+        stage = stats.stage_stats[rank]
+        while not report.done:
+            tick_begin = time.perf_counter()
+            out = runner.run(inbox) if inbox is not None else None
+            if rank == 0 and out is not None:
+                resolve_first(out, limit)
+            stage.count(inbox is not None, time.perf_counter() - tick_begin)
+            judged = judge(out) if judge else None
+            if judged is not None and self._stops(judged):
+                judged = dataclasses.replace(judged, stopped=True)
+            sent = time.perf_counter()
+            report = link.exchange_report(judged)
+            stage.link_s += time.perf_counter() - sent
+            stats.host_reads += 1  # each rank reads every tick's report (the last rank its verdict) on its host
+            if report.emitted:
+                commit(selector, report.tokens)
+                if judge is not None and self.on_tokens is not None:
+                    self.on_tokens(judge.emitted)
+            stats.record(report.outcome(), judge.judged if judge else None)
+            if report.done or report.stopped:
+                break
+            if report.verdict == TickVerdict.FLUSH:
+                runner.flush(list(report.positions))
+                inbox = Item(list(report.positions), tokens=list(report.tokens)) if rank == 0 else None
+            else:
+                sent = time.perf_counter()
+                item = link.pass_on(out)
+                stage.link_s += time.perf_counter() - sent
+                inbox = _next_draft(out) if rank == 0 else item
+        stats.wall_time_s = time.perf_counter() - begin
+        stage.idle_s = stats.wall_time_s - stats.prefill_time_s - stage.busy_s
+        stats.new_tokens = sum(len(sink.tokens) for sink in rows.sinks)
+        return stats
+
+    def _stops(self, judged: TickReport) -> bool:
+        """The join rule at a tick that leaves a row going: may the requests waiting enter the rows going on now?"""
+        rule, rows = self.rule, self.rows
+        if rule is None or self.waiting is None or judged.done or rows is None:
+            return False
+        going = [row for row, goes in enumerate(judged.going) if goes]
+        used = sum(rows.kv_tokens[row] for row in going)
+        count = join_count(rule.join_min, rule.max_batch, len(going))
+        return may_enter(self.waiting.read(), count, len(going), used, rule.max_batch, rule.kv_capacity)
+
+
 def run_stage(
     adapter: ModelAdapter,
     plan: StagePlan,
@@ -334,63 +581,8 @@ def run_stage(
     on_tokens: Callable[[list[tuple[int, int]]], None] | None = None,
     head: Any = None,
 ) -> PPSDStats:
-    """Rank `rank`'s part of a PPSD generation of `prompts` (a row each, in lockstep; process group already
-    initialised). The last rank fills `sinks` (and hands each token it emits to `on_tokens` as (row, token)); rank 0
-    drafts with `head` (None: the shared exit head). Returns this rank's count of the run: every rank counts the same
-    ticks and outcomes (the last rank's sinks hold the tokens, its stats the rows' own verdicts); its own stage's time
-    is its entry in `stage_stats`."""
-    layers, rows = plan.layers(rank), len(prompts)
-    lengths = [len(prompt) for prompt in prompts]
-    most = max(sink.max_new_tokens for sink in sinks)
-    extra = getattr(head, "extra_layers", 0) if rank == 0 else 0
-    cache = StageKVCache(adapter, layers.start, layers.stop, max(lengths) + most, extra, rows)
-    capture = resolve_capture("auto", adapter.device, selector.config.kind)  # compiled layers, graphs on a GPU rank
-    runner = StageRunner(adapter, cache, plan, rank, selector, capture, fallback=True, head=head, rows=rows)
-    link = StageLink(rank, plan.stages, adapter.device, adapter.config.hidden_size, adapter.dtype, rows)
-    judge = RowJudge(sinks, selector.eos_ids) if runner.is_last else None
-    stats = new_stats(plan, "distributed", sum(lengths), rows)
-    if runner.is_first or runner.is_last:  # the ranks that pick tokens: a repetition penalty's committed text
-        selector.track(adapter.lm_head.weight.shape[0])
-        selector.start(prompts)
-    with _talking_to(None):
-        dist.barrier()  # every process has its model: time from here
-    begin = time.perf_counter()
-    report = _prefill(runner, link, prompts, sinks, on_tokens)
-    commit(selector, report.tokens)
-    stats.prefill_time_s = time.perf_counter() - begin
-    inbox = Item(list(report.positions), tokens=list(report.tokens)) if rank == 0 else None
-    limit = feed_limit(lengths[0], most)  # row 0's last position fed: every row is fed as far (lockstep)
-    stage = stats.stage_stats[rank]
-    while not report.done:
-        tick_begin = time.perf_counter()
-        out = runner.run(inbox) if inbox is not None else None
-        if rank == 0 and out is not None:
-            resolve_first(out, limit)
-        stage.count(inbox is not None, time.perf_counter() - tick_begin)
-        judged = judge(out) if judge else None
-        sent = time.perf_counter()
-        report = link.exchange_report(judged)
-        stage.link_s += time.perf_counter() - sent
-        stats.host_reads += 1  # each rank reads every tick's report (the last rank its verdict) on its host
-        if report.emitted:
-            commit(selector, report.tokens)
-            if judge is not None and on_tokens is not None:
-                on_tokens(judge.emitted)
-        stats.record(report.outcome(), judge.judged if judge else None)
-        if report.done:
-            break
-        if report.verdict == TickVerdict.FLUSH:
-            runner.flush(list(report.positions))
-            inbox = Item(list(report.positions), tokens=list(report.tokens)) if rank == 0 else None
-        else:
-            sent = time.perf_counter()
-            item = link.pass_on(out)
-            stage.link_s += time.perf_counter() - sent
-            inbox = _next_draft(out) if rank == 0 else item
-    stats.wall_time_s = time.perf_counter() - begin
-    stage.idle_s = stats.wall_time_s - stats.prefill_time_s - stage.busy_s
-    stats.new_tokens = sum(len(sink.tokens) for sink in sinks)
-    return stats
+    """Rank `rank`'s part of one PPSD generation of `prompts` (a row each, in lockstep; `StageWork.generate`)."""
+    return StageWork(adapter, plan, rank, head, on_tokens).generate(prompts, sinks, selector)
 
 
 def _next_draft(out: StageOutput | None) -> Item | None:
@@ -400,23 +592,35 @@ def _next_draft(out: StageOutput | None) -> Item | None:
     return Item([at + 1 for at in out.positions], tokens=list(out.drafts))
 
 
-def _prefill(
-    runner: StageRunner, link: StageLink, prompts: list[list[int]], sinks: list[TokenSink], on_tokens
-) -> TickReport:
-    """The prompts down the pipe; the last rank's first tokens are broadcast as the START report."""
+def _prefill_rows(
+    runner: StageRunner, link: StageLink, prompts: list[list[int]], sinks: list[TokenSink], on_tokens,
+    first_row: int = 0,
+) -> list[int]:  # fmt: skip
+    """The prompts down the pipe (the first one row `first_row` of the batch); on the last rank each row's first token
+    goes into its sink and to `on_tokens`, and the tokens are returned (elsewhere: [])."""
     lengths = [len(prompt) for prompt in prompts]
     hidden = None if runner.is_first else link.recv_prompt_states(runner.prefill_width(max(lengths)))
     hidden = runner.prefill(hidden, prompts)
     if not runner.is_last:
         link.send_prompt_states(hidden)
-        return link.exchange_report(None)
+        return []
     tokens = first_tokens(runner, hidden, lengths)
     for sink, token in zip(sinks, tokens, strict=True):
         sink.emit([token])
     if on_tokens is not None:
-        on_tokens(list(enumerate(tokens)))
+        on_tokens([(first_row + row, token) for row, token in enumerate(tokens)])
+    return tokens
+
+
+def _prefill(
+    runner: StageRunner, link: StageLink, prompts: list[list[int]], sinks: list[TokenSink], on_tokens
+) -> TickReport:
+    """The prompts down the pipe (`_prefill_rows`); the last rank's first tokens are broadcast as the START report."""
+    tokens = _prefill_rows(runner, link, prompts, sinks, on_tokens)
+    if not runner.is_last:
+        return link.exchange_report(None)
     going = tuple(not sink.done for sink in sinks)
-    return link.exchange_report(TickReport(TickVerdict.START, tuple(tokens), tuple(lengths), going))
+    return link.exchange_report(TickReport(TickVerdict.START, tuple(tokens), tuple(map(len, prompts)), going))
 
 
 # --------------------------------------------------------------------------------------------- local launcher
@@ -435,13 +639,31 @@ class StageSetup:
 @dataclass(frozen=True)
 class GenerationJob:
     """One generation, sent to every stage process: the rows' prompts, each row's max_new_tokens, and how tokens are
-    picked."""
+    picked; continuous batching's rule (`JoinRule`) and what each row holds under it, where the decode may stop for
+    requests to join."""
 
     prompts: list[list[int]]
     max_new_tokens: list[int]
     eos_token_ids: tuple[int, ...]
     sampling: SamplingConfig
     min_new_tokens: int
+    join: JoinRule | None = None
+    kv_tokens: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class JoinJob:
+    """Continuous batching's join, sent to every stage process after a decode stopped: the rows going on (their
+    indices in the stopped batch, in their new order), each from its last token (its position and id) with the
+    tokens it asks from there, and the joining requests' prompts, max_new_tokens and KV tokens."""
+
+    going: list[int]
+    positions: list[int]
+    tokens: list[int]
+    asked: list[int]
+    prompts: list[list[int]]
+    max_new_tokens: list[int]
+    kv_tokens: list[int]
 
 
 @dataclass
@@ -521,10 +743,10 @@ class CallerLink:
         self.beat.join()
 
 
-def _worker(rank: int, init_method: str, setup: StageSetup, connection, jobs) -> None:
+def _worker(rank: int, init_method: str, setup: StageSetup, connection, jobs, waiting: WaitingQueue) -> None:
     """A spawned stage process: heartbeats, "ready" once it holds its model, then for each job the caller sends
-    (`GenerationJob`; None: stop) the tokens as they come and its stats at the end (`run_stage`), or its failure,
-    which ends the process."""
+    (`GenerationJob` or `JoinJob`; None: stop) the tokens as they come (and the rows a continuous batch keeps after a
+    prefill) and its stats at the end (`StageWork`), or its failure, which ends the process."""
     link = CallerLink(rank, connection, setup.heartbeat_s)
     try:
         torch.set_num_threads(setup.threads)
@@ -537,12 +759,16 @@ def _worker(rank: int, init_method: str, setup: StageSetup, connection, jobs) ->
         head = setup.head.build(adapter) if setup.head is not None else None
         link.send("ready", None)
         reported_cpu_s = 0.0
+        send = lambda tokens: link.send("tokens", tokens)  # noqa: E731
+        work = StageWork(adapter, setup.plan, rank, head, send, lambda rows: link.send("rows", rows), waiting)
         while (job := _next_job(jobs)) is not None:
-            sinks = [TokenSink(count, job.eos_token_ids, None) for count in job.max_new_tokens]
-            lengths = [len(prompt) for prompt in job.prompts]
-            selector = make_selector(adapter, lengths, sinks[0], job.sampling, job.min_new_tokens)
-            send = lambda tokens: link.send("tokens", tokens)  # noqa: E731
-            stats = run_stage(adapter, setup.plan, rank, job.prompts, sinks, selector, send, head)
+            if isinstance(job, JoinJob):
+                stats = work.join(job)
+            else:
+                sinks = [TokenSink(count, job.eos_token_ids, None) for count in job.max_new_tokens]
+                lengths = [len(prompt) for prompt in job.prompts]
+                selector = make_selector(adapter, lengths, sinks[0], job.sampling, job.min_new_tokens)
+                stats = work.generate(job.prompts, sinks, selector, job.join, job.kv_tokens)
             # this rank's CPU since its last report (the first: its setup too), which the caller's times never see
             stats.process_cpu_s, reported_cpu_s = time.process_time() - reported_cpu_s, time.process_time()
             link.send("stats", stats)
@@ -560,7 +786,7 @@ def _worker(rank: int, init_method: str, setup: StageSetup, connection, jobs) ->
         sys.exit(1)
 
 
-def _next_job(jobs) -> GenerationJob | None:
+def _next_job(jobs) -> GenerationJob | JoinJob | None:
     """The caller's next job; None when it says stop, or when it is gone (its end of the pipe closed)."""
     try:
         return jobs.recv()
@@ -604,7 +830,13 @@ class DistributedPipeline:
     for. `start` hands a generation to every process, `wait_prefill` returns once every row's first token (the
     prefill's) is in its sink, `finish` once the generation is done, with its stats; `generate` does all three. A
     failed, dead or stalled process raises `PPSDWorkerError` (see the module docstring) and stops every process: the
-    pipeline is then closed. `close` (or leaving a `with` block) stops the processes."""
+    pipeline is then closed. `close` (or leaving a `with` block) stops the processes.
+
+    Continuous batching: `start(..., join=JoinRule(...))` lets the last stage stop the decode at a tick where the
+    requests waiting, as the caller `publish`es them, may join (`StageWork`); a `finish` that returns with rows going
+    on leaves them in the stage processes for `join`, which prefills the new requests into the rows after them and
+    decodes on (then `wait_prefill` and `finish` again). A row the prefill ended leaves the batch: the rows' sinks
+    and prompts are then the ones going on (`rows`)."""
 
     def __init__(
         self,
@@ -632,6 +864,7 @@ class DistributedPipeline:
             for s in range(plan.stages)
         ]  # fmt: skip
         self.plan, self.closed, self.running = plan, False, False
+        self.continuous = self.stopped = False  # the generation's join rule; a decode stopped with rows going on
         self._start(setups, stall_timeout_s)
         self._collect(lambda: len(self.watch.ready) == plan.stages)  # every process holds its model
 
@@ -643,11 +876,12 @@ class DistributedPipeline:
         context = mp.get_context("forkserver")
         context.set_forkserver_preload(["executor.ppsd_dist", type(setups[0].model).__module__])
         init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.waiting = WaitingQueue(context)
         reports = [context.Pipe(duplex=False) for _ in setups]  # (read end, write end): one per process, no shared lock
         jobs = [context.Pipe(duplex=False) for _ in setups]
         self.processes = [
-            context.Process(target=_worker, args=(rank, init_method, setup, reports[rank][1], jobs[rank][0]),
-                            daemon=True)
+            context.Process(target=_worker, daemon=True,
+                            args=(rank, init_method, setup, reports[rank][1], jobs[rank][0], self.waiting))
             for rank, setup in enumerate(setups)
         ]  # fmt: skip
         self.pipes = [end for pair in reports + jobs for end in pair]
@@ -669,21 +903,70 @@ class DistributedPipeline:
         sinks: list[TokenSink],
         sampling: SamplingConfig | None = None,
         min_new_tokens: int = 0,
+        join: JoinRule | None = None,
+        kv_tokens: Sequence[int] | None = None,
     ) -> None:
         """Hand every stage process a generation of `prompts` (a row each, in lockstep), each row's tokens streamed
-        into its sink (the same EOS ids) as the caller reads them."""
-        if self.closed:
-            raise RuntimeError("this distributed pipeline is closed: its stage processes are stopped")
-        if self.running:
-            raise RuntimeError("this distributed pipeline runs a generation already: finish it before starting another")
+        into its sink (the same EOS ids) as the caller reads them. `join`: continuous batching's rule (the class
+        docstring), under which each row holds `kv_tokens`."""
+        self._check_idle()
         check_rows(prompts, sinks)
         if any(sink.has_stop_rule for sink in sinks):
             raise ValueError("the distributed backend's stages stop a row at its EOS or its max_new_tokens only: a "
                              "sink's own stop rule is not theirs (decode on a local backend)")  # fmt: skip
+        sampling = sampling or SamplingConfig()
+        if join is not None and (sampling.penalized or kv_tokens is None or len(kv_tokens) != len(prompts)):
+            raise ValueError("continuous batching takes a KV token count per row and keeps no per-row repetition "
+                             "penalty state")  # fmt: skip
         job = GenerationJob([list(p) for p in prompts], [sink.max_new_tokens for sink in sinks],
-                            tuple(sinks[0].eos_token_ids), sampling or SamplingConfig(), min_new_tokens)  # fmt: skip
-        self.running = True
-        self.watch.begin(sinks)
+                            tuple(sinks[0].eos_token_ids), sampling, min_new_tokens, join,
+                            None if kv_tokens is None else list(kv_tokens))  # fmt: skip
+        self.continuous = join is not None
+        self._send(job, sinks, prompts)
+
+    def join(
+        self, going: list[int], prompts: list[list[int]], sinks: list[TokenSink], kv_tokens: Sequence[int]
+    ) -> None:  # fmt: skip
+        """After a `finish` that stopped with rows going on: rows `going` of that batch (indices in `rows()`, in their
+        new order) go on, from their last tokens, with the requests of `prompts` (their `sinks` and `kv_tokens`)
+        prefilled into the rows after them."""
+        self._check_idle()
+        if not self.stopped:
+            raise RuntimeError("this distributed pipeline has no stopped continuous batch to join")
+        old_sinks, old_prompts = self.watch.sinks, self.watch.prompts
+        if sorted(going) != sorted(set(going)) or not all(0 <= i < len(old_sinks) and not old_sinks[i].done
+                                                          for i in going):  # fmt: skip
+            raise ValueError(f"going must name distinct rows of the stopped batch that are not done, got {going}")
+        if prompts:
+            check_rows(prompts, sinks)
+        if len(kv_tokens) != len(prompts) or any(s.eos_token_ids != old_sinks[0].eos_token_ids for s in sinks):
+            raise ValueError("a joining request takes a sink with the batch's EOS ids and a KV token count")
+        rows = [(old_prompts[i], old_sinks[i]) for i in going]
+        job = JoinJob(
+            list(going), [len(prompt) + len(sink.tokens) - 1 for prompt, sink in rows],
+            [sink.tokens[-1] for _, sink in rows], [sink.max_new_tokens - len(sink.tokens) + 1 for _, sink in rows],
+            [list(p) for p in prompts], [sink.max_new_tokens for sink in sinks], list(kv_tokens),
+        )  # fmt: skip
+        self._send(job, [old_sinks[i] for i in going] + sinks, [old_prompts[i] for i in going] + prompts)
+
+    def publish(self, needs: Sequence[int]) -> None:
+        """The requests waiting for a continuous batch (the KV tokens each would hold, in queue order), for the last
+        stage's join rule."""
+        self.waiting.publish(needs)
+
+    def rows(self) -> tuple[list[TokenSink], list[list[int]]]:
+        """The batch's rows as the stage processes hold them: their sinks and prompts, in row order."""
+        return self.watch.sinks, self.watch.prompts
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            raise RuntimeError("this distributed pipeline is closed: its stage processes are stopped")
+        if self.running:
+            raise RuntimeError("this distributed pipeline runs a generation already: finish it before starting another")
+
+    def _send(self, job: GenerationJob | JoinJob, sinks: list[TokenSink], prompts: list[list[int]]) -> None:
+        self.running, self.stopped = True, False
+        self.watch.begin(sinks, [list(p) for p in prompts])
         for writer in self.jobs:
             try:
                 writer.send(job)
@@ -691,15 +974,27 @@ class DistributedPipeline:
                 break
 
     def wait_prefill(self) -> None:
-        """Return once every row holds its first token (the prefill's), or is done."""
-        self._collect(lambda: all(sink.tokens or sink.done for sink in self.watch.sinks))
+        """Return once every row holds its first token (the prefill's), or is done; continuous, once the rows the
+        prefill ended have left the batch (`rows`), unless it ended them all."""
 
-    def finish(self) -> PPSDStats:
-        """Return the generation's stats once every stage process has reported them."""
+        def prefilled() -> bool:
+            sinks = self.watch.sinks
+            if not all(sink.tokens or sink.done for sink in sinks):
+                return False
+            ended = [sink.done for sink in sinks]
+            return not self.continuous or all(ended) or not any(ended)
+
+        self._collect(prefilled)
+
+    def finish(self, on_wake: Callable[[], float] | None = None) -> PPSDStats:
+        """Return the generation's stats once every stage process has reported them; `on_wake` is called whenever
+        the wait wakes (a message, or its poll) and returns how long it may sleep at most (a continuous batch's
+        caller publishes its queue there, and wakes for its next arrival)."""
         if not self.running:
             raise RuntimeError("this distributed pipeline runs no generation: start one first")
-        reports = self._collect(None)
+        reports = self._collect(None, on_wake)
         self.running = False
+        self.stopped = self.continuous and not all(sink.done for sink in self.watch.sinks)
         return _merge(self.plan, self.watch.sinks, reports)
 
     def generate(
@@ -709,9 +1004,11 @@ class DistributedPipeline:
         self.start(prompts, sinks, sampling, min_new_tokens)
         return self.finish()
 
-    def _collect(self, until: Callable[[], bool] | None) -> dict[int, PPSDStats]:
+    def _collect(
+        self, until: Callable[[], bool] | None, on_wake: Callable[[], float] | None = None
+    ) -> dict[int, PPSDStats]:  # fmt: skip
         try:
-            return self.watch.collect(until)
+            return self.watch.collect(until, on_wake)
         except BaseException:
             self.close(healthy=False)
             raise
@@ -744,7 +1041,8 @@ class StageWatch:
 
     def __init__(self, processes: list, readers: list, stall_timeout_s: float) -> None:
         self.processes, self.readers, self.stall_timeout_s = processes, readers, stall_timeout_s
-        self.sinks: list[TokenSink] = []
+        self.sinks: list[TokenSink] = []  # the batch's rows, in the stage processes' order
+        self.prompts: list[list[int]] = []
         self.ready: set[int] = set()  # the ranks that hold their model
         self.heard: set[int] = set()  # the ranks that have sent anything
         now = time.monotonic()
@@ -760,18 +1058,22 @@ class StageWatch:
             while rank in self.open and self.readers[rank].poll():
                 self._read(rank)
 
-    def begin(self, sinks: list[TokenSink]) -> None:
-        """A new generation: its rows' sinks, no stats yet (heartbeats read while idle count from now)."""
-        self.sinks, self.reports = sinks, {}
+    def begin(self, sinks: list[TokenSink], prompts: list[list[int]]) -> None:
+        """A new generation (or join): its rows' sinks and prompts, no stats yet (heartbeats read while idle count
+        from now)."""
+        self.sinks, self.prompts, self.reports = sinks, prompts, {}
         self.seen = [time.monotonic()] * len(self.processes)
 
-    def collect(self, until: Callable[[], bool] | None = None) -> dict[int, PPSDStats]:
+    def collect(
+        self, until: Callable[[], bool] | None = None, on_wake: Callable[[], float] | None = None
+    ) -> dict[int, PPSDStats]:  # fmt: skip
         """Read every pipe until `until()` holds (None: until each rank has reported its stats); raise as soon as the
-        run cannot finish."""
+        run cannot finish. `on_wake()`, called before each wait, says how long it may last at most."""
         from multiprocessing.connection import wait
 
         while not until() if until is not None else len(self.reports) < len(self.processes):
-            for reader in wait([self.readers[r] for r in self.open], timeout=_POLL_S):
+            timeout = _POLL_S if on_wake is None else max(0.0, min(_POLL_S, on_wake()))
+            for reader in wait([self.readers[r] for r in self.open], timeout=timeout):
                 self._read(self.readers.index(reader))
             error = self._verdict(time.monotonic())
             if error is not None:
@@ -789,6 +1091,8 @@ class StageWatch:
         if kind == "tokens":  # (row, token) pairs
             for row, token in payload:
                 self.sinks[row].emit([token])
+        elif kind == "rows":  # the rows a continuous batch keeps after a prefill, in their new order
+            self.sinks, self.prompts = [self.sinks[i] for i in payload], [self.prompts[i] for i in payload]
         elif kind == "stats":
             self.reports[rank] = payload
         elif kind == "ready":

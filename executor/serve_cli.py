@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="sequential",
         choices=("sequential", "streams", "distributed"),
         help="ppsd: stages in turn, on a GPU one CUDA stream each, or a process per stage (torch.distributed; "
-        "static batches, --threads torch threads each) (default: sequential)",
+        "--threads torch threads each) (default: sequential)",
     )
     parser.add_argument(
         "--kv-capacity-tokens", type=int, default=None, help="KV budget in tokens, per replica (default: none)"
@@ -160,10 +160,9 @@ def run(args: argparse.Namespace) -> int:
     args.stages = stage_count(args.stages, args.stage_boundaries)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    if args.backend == "distributed" and (args.ppsd_batching == "continuous" or args.replicas > 1):
-        flag = "--ppsd-batching continuous" if args.ppsd_batching == "continuous" else f"--replicas {args.replicas}"
-        raise ValueError(f"--backend distributed serves static batches in one server: {flag} needs --backend "
-                         "sequential or streams")  # fmt: skip
+    if args.backend == "distributed" and args.replicas > 1:
+        raise ValueError(f"--backend distributed runs one pipeline of stage processes: --replicas {args.replicas} "
+                         "needs --backend sequential or streams")  # fmt: skip
     if args.ppsd_join_min != 1 and args.ppsd_batching != "continuous":
         raise ValueError("--ppsd-join-min is continuous batching's: give it with --ppsd-batching continuous")
     for flag, value in (("--max-batch", args.max_batch), ("--ppsd-max-batch", args.ppsd_max_batch),

@@ -29,9 +29,12 @@ request waits and admission lets it in, the decode stops, the rows going on move
 their last token copied over), the requests waiting are prefilled together into the rows after them, and the pipe
 starts afresh from every row's last token (`PipelineDecoder.join`); each stretch is logged as its own pass
 (`stopped` where a join cut it). The cache then holds two output lengths past the longest prompt: a stretch feeds
-every row as far as its row asking the most from where it resumed. On backend "distributed" the static batches run
-over a process per stage (`DistributedDecoder`), started before the run's clock and kept for all of its batches; each
-row's tokens reach the host as the last stage's process streams them (no continuous batching there).
+every row as far as its row asking the most from where it resumed. On backend "distributed" the batches run over a
+process per stage (`DistributedDecoder`), started before the run's clock and kept for all of its batches; each row's
+tokens reach the host as the last stage's process streams them. Continuous, the host publishes its queue to the
+processes whenever it wakes (a token read, or the next arrival due), and the last stage's process asks the join rule
+of it at every tick, where the host read would ask it: a stop and a join then happen in every stage process, each
+keeping its own layers' KV of the rows going on.
 
 A view's books (`KVCache.lengths`) are set from the running requests' positions before every round. Greedy and exact
 sampling only; rejection sampling and repetition penalties keep per-row state the slots do not carry over, and are
@@ -74,7 +77,7 @@ from executor.decoding import (
     zero_draft_rounds,
 )
 from executor.heads import draft_cost_ratio, head_key, resolve_head
-from executor.kv_cache import KVCache
+from executor.kv_cache import KVCache, copy_rows, rows_view
 from executor.passes import (
     Passes,
     captured_projections,
@@ -126,21 +129,6 @@ class _Running:
     policy: DraftPolicy | None
     token: int = 0
     position: int = 0
-
-
-def rows_view(cache: KVCache, start: int, stop: int) -> KVCache:
-    """A cache over rows [start, stop) of `cache`, sharing its buffers (views along the batch dimension), with books
-    of its own (`lengths`, which the caller sets before a pass)."""
-    _, heads, _, head_dim = cache.keys[0].shape
-    first = cache.keys[0]
-    view = KVCache(
-        num_layers=cache.num_layers, batch=stop - start, num_kv_heads=heads, max_len=1, head_dim=head_dim,
-        dtype=first.dtype, device=first.device,
-    )  # fmt: skip
-    view.keys = [k[start:stop] for k in cache.keys]
-    view.values = [v[start:stop] for v in cache.values]
-    view.max_len = cache.max_len
-    return view
 
 
 class SlotDecoder:
@@ -270,19 +258,6 @@ class _Ends:
                 self.on_end(index, self.at[index])
 
 
-def copy_rows(source: KVCache, target: KVCache, rows: Sequence[int], lengths: Sequence[int]) -> None:
-    """Row `rows[i]`'s KV at positions < `lengths[i]` in `source` into row i of `target`, in every cache layer. In
-    row order, so where both are one cache and every `rows[i]` >= i no row is written before it is read."""
-    same = source.keys[0].data_ptr() == target.keys[0].data_ptr()
-    for target_row, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-        if same and row == target_row:
-            continue
-        for keys, values, to_keys, to_values in zip(source.keys, source.values, target.keys, target.values,
-                                                    strict=True):  # fmt: skip
-            to_keys[target_row, :, :length] = keys[row, :, :length]
-            to_values[target_row, :, :length] = values[row, :, :length]
-
-
 class PipelineDecoder:
     """PPSD's device side in serving: batches of up to `rows` requests through a local pipeline (`executor.ppsd`) over
     one cache of `rows` rows and `capacity` positions (a batch of n runs on an n-row view of it; captured, the
@@ -399,36 +374,68 @@ def count_decode(books: GenerationStats, stats: PPSDStats) -> tuple[int, tuple[b
 
 
 class DistributedDecoder:
-    """PPSD's device side in serving on the distributed backend: static batches of up to `rows` requests through a
-    process per stage, started once for the run (`executor.ppsd_dist.DistributedPipeline`; each process holds its
-    stage's layers and KV). `prefill` hands a batch to the processes and returns once the host has read every row's
-    first token; `decode` returns once the batch is done, each row's tokens streamed into its sink as the host reads
-    them (so a request leaves at its own last token). No continuous batching: a stage process's cache holds one batch
-    from its prefill to its end."""
+    """PPSD's device side in serving on the distributed backend: batches of up to `rows` requests through a process
+    per stage, started once for the run (`executor.ppsd_dist.DistributedPipeline`; each process holds its stage's
+    layers and KV). `prefill` hands a batch to the processes and returns once the host has read every row's first
+    token; `decode` returns once the batch is done, each row's tokens streamed into its sink as the host reads them
+    (so a request leaves at its own last token). Continuous (`join_min`: as `PipelineDecoder`'s), the last stage's
+    process asks the join rule at every tick of the queue this host publishes (`JoinQuestion.waiting`), and stops the
+    decode there; `join` then sends it the requests admitted, which its processes prefill into the rows after those
+    going on (their KV kept in every stage process)."""
 
-    method, continuous, join_min = "ppsd", False, 1
+    method = "ppsd"
 
     def __init__(
         self, adapter: ModelAdapter, plan: StagePlan, head: Any, config: SamplingConfig, eos: list[int],
-        threads_per_stage: int | None = None,
+        admission: Admission, threads_per_stage: int | None = None, continuous: bool = False, join_min: int = 1,
     ) -> None:  # fmt: skip
-        """`head` resolved for `plan`'s exit layer (`resolve_head`)."""
-        from executor.ppsd_dist import DistributedPipeline
+        """`head` resolved for `plan`'s exit layer (`resolve_head`); `admission`: the run's, whose rule (and each
+        request's KV tokens) the last stage's process asks when `continuous`."""
+        from executor.ppsd_dist import DistributedPipeline, JoinRule
 
-        self.config, self.eos = config, eos
+        self.config, self.eos, self.admission = config, eos, admission
+        self.continuous, self.join_min = continuous, join_min
+        self.rule = JoinRule(admission.max_batch, admission.kv_capacity, join_min) if continuous else None
         self.pipeline = DistributedPipeline(adapter, plan, threads_per_stage=threads_per_stage, head=head)
         self.stats = GenerationStats(method="ppsd")
+        self.batch: list[_Running] = []  # the rows, in the stage processes' order
 
     def prefill(self, batch: list[_Running]) -> None:
-        self.pipeline.start([r.prompt for r in batch], [r.sink for r in batch], self.config)
+        """A new batch; continuous, the rows its prefill ends leave it in the stage processes (`batch`: the
+        others)."""
+        kv = [self.admission.tokens(r.request) for r in batch] if self.continuous else None
+        self.pipeline.publish(self.admission.waiting_tokens())
+        self.pipeline.start([r.prompt for r in batch], [r.sink for r in batch], self.config, 0, self.rule, kv)
         self.pipeline.wait_prefill()
+        self.batch = [r for r in batch if not r.sink.done] if self.continuous else list(batch)
+        if all(r.sink.done for r in batch):  # no decode follows: the processes report the prefill's stats
+            self.pipeline.finish()
 
     def decode(
-        self, batch: list[_Running], stop: Callable[[], bool] | None = None
-    ) -> tuple[int, tuple[bool, ...], bool]:
-        """The batch's ticks until every row is done: (ticks, the batch's verdicts in order, True)."""
-        assert stop is None, "the distributed backend serves static batches"
-        return (*count_decode(self.stats, self.pipeline.finish()), True)
+        self, batch: list[_Running], stop: JoinQuestion | None = None
+    ) -> tuple[int, tuple[bool, ...], bool]:  # fmt: skip
+        """The batch's ticks until every row is done, or (continuous) the last stage stops them for a join: (ticks,
+        the batch's verdicts in order, whether every row is done)."""
+        assert (stop is not None) == self.continuous, "a continuous batch's decode takes its join question"
+        on_wake = stop.publish_to(self.pipeline) if stop is not None else None
+        stats = self.pipeline.finish(on_wake)
+        return (*count_decode(self.stats, stats), all(r.sink.done for r in batch))
+
+    def join(self, going: list[_Running], joining: list[_Running]) -> None:
+        """After a stopped decode, the rows `going` on and the `joining` requests' prefill (as
+        `PipelineDecoder.join`, in the stage processes); right after a prefill, the rows going on are already the
+        batch (the processes dropped the rows it ended)."""
+        if not self.pipeline.stopped:
+            assert not joining and [r.sink for r in going] == self.pipeline.rows()[0], "the processes' rows"
+            self.batch = list(going)
+            return
+        rows = self.pipeline.rows()[0]
+        keep = [next(i for i, sink in enumerate(rows) if sink is r.sink) for r in going]
+        self.pipeline.publish(self.admission.waiting_tokens())  # the queue left once these joined
+        kv = [self.admission.tokens(r.request) for r in joining]
+        self.pipeline.join(keep, [r.prompt for r in joining], [r.sink for r in joining], kv)
+        self.pipeline.wait_prefill()
+        self.batch = [r for r in going + joining if not r.sink.done]
 
     def close(self) -> None:
         self.pipeline.close()
@@ -483,10 +490,9 @@ def serve(
     decode passes run as `capture` says ("none", or on a GPU "graph", "compile-layers" or "auto"; module docstring).
     PPSD takes `stages`, `stage_boundaries` and `backend` as `executor.ppsd.decode_ppsd` does, its exit layer inside
     stage 1 (default: stage 1's end), and serves batches of up to `max_batch` requests, static or, with
-    `ppsd_batching="continuous"` (backends "sequential" and "streams"), joined by new requests at host reads
-    (`ppsd_join_min` of them at once, or as many as the slots free; module docstring). Backend "distributed" serves
-    static batches over a process per stage, started before the clock starts and stopped with the run
-    (`threads_per_stage` torch threads each; default cores // stages).
+    `ppsd_batching="continuous"`, joined by new requests at host reads (`ppsd_join_min` of them at once, or as many
+    as the slots free; module docstring). Backend "distributed" serves them over a process per stage, started before
+    the clock starts and stopped with the run (`threads_per_stage` torch threads each; default cores // stages).
     `max_batch` defaults to 8 for AR and EESD, 1 for PPSD. `replica` (internal): a replica worker's link to its
     dispatcher (`executor.replicas`): its requests come from there instead of the workload's arrivals."""
     adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
@@ -564,12 +570,11 @@ def _serve_ppsd(
             f"ppsd serving runs a local pipeline: backend must be one of {', '.join(PPSD_BACKENDS)}, got "
             f"{pipeline['backend']!r}"
         )
-    if pipeline["backend"] == "distributed" and (pipeline["continuous"] or replica is not None):
+    if pipeline["backend"] == "distributed" and replica is not None:
         raise ValueError(
-            "ppsd serving on backend 'distributed' serves static batches in this process: "
-            + ("continuous batching (ppsd_batching 'continuous') needs backend 'sequential' or 'streams'"
-               if pipeline["continuous"] else "replicas need backend 'sequential' or 'streams'")
-        )  # fmt: skip
+            "ppsd serving on backend 'distributed' runs one pipeline of stage processes from this process: replicas "
+            "need backend 'sequential' or 'streams'"
+        )
     if pipeline["backend"] == "streams" and adapter.device.type != "cuda":
         raise ValueError(
             f"backend 'streams' needs a GPU (a CUDA stream per stage), but the model is on {adapter.device}: serve "
@@ -610,7 +615,8 @@ def _serve_distributed(
     does, serve the static batches, and stop with the run."""
     plan = plan_stages(adapter.num_layers, pipeline["stages"], pipeline["stage_boundaries"], pipeline["exit_layer"])
     head = resolve_head(pipeline["head"], adapter, plan.exit_layer)
-    decoder = DistributedDecoder(adapter, plan, head, config, eos, pipeline["threads_per_stage"])
+    decoder = DistributedDecoder(adapter, plan, head, config, eos, admission, pipeline["threads_per_stage"],
+                                 pipeline["continuous"], pipeline["join_min"])  # fmt: skip
     try:
         return _ServeLoop(decoder, workload, prompts, admission, lambda _: None).run(clock, sleep)
     finally:
@@ -674,6 +680,32 @@ def arrival_heap(workload: ServingWorkload, users: ClosedLoopUsers | None) -> li
         upcoming = [(at_s, r.index, r) for r, at_s in users.first()]
     heapq.heapify(upcoming)
     return upcoming  # type: ignore[return-value]
+
+
+class JoinQuestion:
+    """Continuous batching's question at each host read: have requests arrived that admission lets in now, as many
+    as `join_min` (or the slots free, if fewer)? Asked here (`__call__`: the local backends), or by PPSD's last stage
+    process, of the queue this host publishes whenever it wakes (`publish_to`: the distributed backend)."""
+
+    def __init__(self, loop: _ServeLoop, now: Callable[[], float]) -> None:
+        self.loop, self.now = loop, now
+
+    def __call__(self) -> bool:
+        self.loop._arrivals(self.now())
+        return self.loop.admission.joinable(self.loop.decoder.join_min)
+
+    def publish_to(self, pipeline: Any) -> Callable[[], float]:
+        """The wake-up of a distributed decode's wait: the arrivals due in the queue, the queue published to the
+        stage processes; returns how long the wait may sleep (until the next arrival)."""
+
+        def on_wake() -> float:
+            now_s = self.now()
+            self.loop._arrivals(now_s)
+            pipeline.publish(self.loop.admission.waiting_tokens())
+            upcoming = self.loop.upcoming
+            return upcoming[0][0] - now_s if upcoming else math.inf
+
+        return on_wake
 
 
 class _ServeLoop:
@@ -855,15 +887,8 @@ class _ServeLoop:
         self._leave(record, running.request, max(at_s, record.first_token_s))
         self.ppsd_left.add(index)
 
-    def _ppsd_stop(self, now: Callable[[], float]) -> Callable[[], bool]:
-        """Continuous batching's question at each host read: have requests arrived that admission lets in now, as
-        many as `join_min` (or the slots free, if fewer)?"""
-
-        def stop() -> bool:
-            self._arrivals(now())
-            return self.admission.joinable(self.decoder.join_min)
-
-        return stop
+    def _ppsd_stop(self, now: Callable[[], float]) -> JoinQuestion:
+        return JoinQuestion(self, now)
 
     def _ppsd_join(self, batch: list[_Running], now: Callable[[], float]) -> list[_Running]:
         """The requests waiting (as admission lets them in) join the rows going on (`PipelineDecoder.join`: their

@@ -15,11 +15,15 @@
   instead of one per k; the slots after the k-th hold stale drafts whose outputs are never read.
 - The random stream of a row's draft policy (beta-ts, calibration-ts): `random.Random(policy_seed(seed, row))`, row
   being the row's index in its batch, so that a replay draws what the executor drew.
+- Admission into a serving batch (`may_enter`), and continuous PPSD batching's join rule (`join_count` of them),
+  asked by the simulator, the executor's serving host and, on the distributed backend, PPSD's last stage process.
 - PPSD's balanced stages (`balanced_counts`): sizes that differ by at most one layer, the later stages taking the
   extra ones.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 CAPACITY_STEP = 256  # captured passes: cache capacity is a multiple of this
 SYNC_CAPTURED = 8  # captured passes: default `sync_every` (chained AR steps or PPSD ticks per host read)
@@ -97,6 +101,25 @@ def ppsd_serving_output(max_output_len: int, continuous: bool) -> int:
     batching two of them (a stretch feeds every row as far as its row asking the most from where it resumed, so a
     row that resumed near its end is fed up to another row's output length further)."""
     return 2 * max_output_len if continuous else max_output_len
+
+
+MAX_BATCH = 4096  # the most rows a serving batch may hold (a scenario's max_batch)
+
+
+def join_count(join_min: int, max_batch: int, running: int) -> int:
+    """How many waiting requests stop a continuous PPSD decode: `join_min`, or the slots free if fewer (at least
+    one)."""
+    return max(1, min(join_min, max_batch - running))
+
+
+def may_enter(
+    needs: Sequence[int], count: int, running: int, kv_used: int, max_batch: int, kv_capacity: int | None
+) -> bool:
+    """Admission's rule: the first `count` requests waiting (`needs`: the KV tokens each would hold, in queue order)
+    may all enter a batch running `running` rows that hold `kv_used` tokens (slots free and room in the cache)."""
+    if len(needs) < count or running + count > max_batch:
+        return False
+    return kv_capacity is None or kv_used + sum(needs[:count]) <= kv_capacity
 
 
 def policy_seed(seed: int, row: int) -> int:

@@ -89,7 +89,7 @@ import simpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sim.acceptance import TraceAcceptance
-from sim.contract import cache_capacity, default_sync_every, ppsd_serving_output
+from sim.contract import MAX_BATCH, cache_capacity, default_sync_every, join_count, may_enter, ppsd_serving_output
 from sim.cost import Pass, draft_pass, pass_costs, verify_pass
 from sim.engine import TOKEN_ID_BYTES, BatchRow, LockstepDecode, decode_rows, prefill_pass
 from sim.formats import quote
@@ -101,7 +101,6 @@ from sim.runner import plan_notes
 from sim.scenario import Point, Scenario, ScenarioError, model_config, read_yaml, validate
 from sim.workload import ClosedLoopUsers, Request, ServingWorkload, WorkloadError, build_workload, parse_spec, with_rate
 
-MAX_BATCH = 4096
 MAX_REPLICAS = 1024
 DISPATCH = ("least_loaded", "least_tokens", "round_robin")
 # what `serving.by_method` may not change: every method of a case serves the same requests and is compared on them
@@ -634,15 +633,18 @@ class Admission:
     def ready(self, count: int = 1) -> bool:
         """Whether the first `count` requests of the queue may all enter now (slots free and room in the cache);
         nothing changes."""
-        if len(self.waiting) < count or self.running + count > self.max_batch:
-            return False
-        need = sum(self.tokens(request) for request in itertools.islice(self.waiting, count))
-        return self.kv_capacity is None or self.kv_used + need <= self.kv_capacity
+        needs = [self.tokens(request) for request in itertools.islice(self.waiting, count)]
+        return may_enter(needs, count, self.running, self.kv_used, self.max_batch, self.kv_capacity)
 
     def joinable(self, join_min: int) -> bool:
         """Continuous PPSD batching's rule at a host read: `join_min` waiting requests may enter now, or as many as
         the slots free if fewer (at least one)."""
-        return self.ready(max(1, min(join_min, self.max_batch - self.running)))
+        return self.ready(join_count(join_min, self.max_batch, self.running))
+
+    def waiting_tokens(self) -> list[int]:
+        """What each request waiting would hold, in queue order, as far as a batch could take them: the queue as
+        `may_enter` reads it (a process that asks `joinable` away from this one, from what it is told)."""
+        return [self.tokens(request) for request in itertools.islice(self.waiting, self.max_batch)]
 
     def next(self) -> Request | None:
         """The head of the queue if it may enter now (`ready`), else None."""

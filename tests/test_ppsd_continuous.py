@@ -59,6 +59,12 @@ def test_ppsd_served_in_continuous_batches_equals_ar_alone(case, stages, sample,
         patch.setattr(serving_module, "resolve_sync_every", lambda given, capture: sync_every)
         outcome = serve(model, workload, prompts, method="ppsd", stages=stages, eos_token_id=eos, sampling=config,
                         max_batch=max_batch, ppsd_batching="continuous", ppsd_join_min=join_min)  # fmt: skip
+    check_served(outcome, model, workload, prompts, eos, sampling, max_batch)
+
+
+def check_served(outcome, model, workload, prompts, eos, sampling: dict, max_batch: int) -> None:
+    """A continuous PPSD run: every request's tokens AR's alone, every token counted once, each request's times in
+    order, the stretches' books (`check_stretches`)."""
     for request, prompt, output in zip(workload.requests, prompts, outcome.outputs, strict=True):
         assert output == alone(model, prompt, request.output_len, eos, **sampling), request
     result = outcome.result

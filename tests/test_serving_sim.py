@@ -605,10 +605,11 @@ def test_shipped_serving_scenarios_load():
     expected |= {("rate0.4-ppsd-2replicas", "ppsd"), ("rate0.4-ppsd-batch4", "ppsd"), ("rate1.2-ppsd-batch4", "ppsd")}
     expected |= {("rate0.4-ppsd-cont4", "ppsd"), ("rate1.2-ppsd-cont4", "ppsd")}
     expected |= {("rate0.4-ppsd-dist4", "ppsd"), ("rate1.2-ppsd-dist4", "ppsd")}
+    expected |= {("rate0.4-ppsd-dist-cont4", "ppsd"), ("rate1.2-ppsd-dist-cont4", "ppsd")}
     assert {(p.case, p.method) for p in cpu} == expected
     assert {p.replicas for p in cpu if p.case.endswith("2replicas")} == {2}
     backends = {p.case: p.plan.ppsd_backend for p in cpu if p.method == "ppsd"}
-    assert backends == {case: "distributed" if case.endswith("dist4") else "sequential" for case in backends}
+    assert backends == {case: "distributed" if "-dist" in case else "sequential" for case in backends}
     assert all(len(p.plan.stages) == 2 for p in cpu if p.method == "ppsd")
     assert all(p.kv_capacity_tokens is None and p.plan.cache_slots for p in cpu)
     ppsd = [p for p in cpu if p.method == "ppsd"]
