@@ -471,6 +471,7 @@ class Simulation:
         self.prefill_us = 0.0
         self.decode_us = 0.0
         self.row_reads_us: list[float] = []  # lockstep PPSD: when the host read each row's last token (`_ppsd_ticks`)
+        self.judged_us = 0.0  # lockstep PPSD: when the last tick was read (distributed: judged by the last rank)
         # lockstep PPSD: a process run at each host read but the last (`LockstepDecode`), given (µs since the decode
         # began, tokens emitted since, ticks run)
         self.pause: Callable[[float, int, int], Generator[simpy.Event, Any, None]] | None = None
@@ -812,8 +813,9 @@ class Simulation:
         and the distributed ranks' loop). A tick's stage 1 drafts after its token unless the tick flushes. The host
         reads every `sync_every` ticks, or fewer to the tokens asked for (`BatchRow.room`: an EOS is known only when
         read); the ticks after an EOS up to the block's end run unread, each costed as the tick that emitted it. The
-        distributed ranks read every tick's outcome (no unread ticks); a tick that flushes, or ends the decode, moves
-        no hidden state on (the executor's ranks send only the outcome then)."""
+        distributed ranks read every tick's outcome (no unread ticks), where the last rank judges it: once its own
+        pass is done (`judged_us`), before the tick's messages and the other stages' passes end; a tick that flushes,
+        or ends the decode, moves no hidden state on (the executor's ranks send only the outcome then)."""
         plan, batch, n, lockstep = self.plan, len(rows), len(self.stages), PPSDBatch(rows)
         output_len, window = lockstep.longest, plan.max_in_flight or n
         reads, start = _RowReads(rows), self.env.now
@@ -822,7 +824,8 @@ class Simulation:
         held: list[_Token | None] = [_Token(0, 0, n)] + [None] * (n - 1)
         pending: _Token | None = None
         block, emitted = 0, 0  # ticks left before the host reads: blocks of min(sync_every, tokens still to come)
-        clock, every = _TickClock(self), 1 if plan.ppsd_backend == "distributed" else plan.sync_every
+        distributed = plan.ppsd_backend == "distributed"
+        clock, every = _TickClock(self), 1 if distributed else plan.sync_every
         while output_len > 1:
             self.counts["ticks"] += 1
             block = block or min(every, reads.asked() - 1 - emitted)
@@ -831,13 +834,15 @@ class Simulation:
             moves = ending is None or (ending.next_ok and ending.position + 2 < output_len)
             tick_us, stage_us, passes_us, messages_us = self._tick(held, block == 0, batch, moves)
             self._tick_stats(held, stage_us, batch, passes_us, messages_us)
+            judged_at = clock.at + judged_us(stage_us, passes_us) if distributed else None
             if not clock.advance(tick_us):
                 yield from clock.wait(tick_us)
+            self.judged_us = (clock.at if judged_at is None else judged_at) - start
             leaving = held[-1]
             if leaving is not None:
                 reads.leaves(leaving.position)
             if block == 0:
-                reads.read(clock.at - start)
+                reads.read(self.judged_us)
             if leaving is not None:
                 self._useful_token(leaving)
                 self.counts["tokens"] += lockstep.emitting(leaving.position)
@@ -1180,9 +1185,11 @@ class LockstepDecode:
     """A lockstep PPSD decode of `rows` (as `decode_rows`) run from one host read of the device's log to the next, for
     a caller that decides at each read whether it goes on: `advance()` runs it to its next read (True) or to its end
     (False, `result` then the run's). At a read, `at_us` (µs since the decode began), `emitted` (the tokens each
-    row still going has emitted since), `ticks` (run so far) and `row_reads_us` (when each row was read to its end;
-    nan for the rows still going) say where it stands; a caller that stops it there (a serving loop letting waiting
-    requests join the batch, `sim.serving`) simply never advances it again: the rest of it never runs."""
+    row still going has emitted since), `ticks` (run so far), `judged_us` (when the read happened: `at_us`, or on the
+    distributed backend where the last rank judged the tick, before its end) and `row_reads_us` (when each row was
+    read to its end; nan for the rows still going) say where it stands; a caller that stops it there (a serving loop
+    letting waiting requests join the batch, `sim.serving`) simply never advances it again: the rest of it never
+    runs."""
 
     def __init__(self, plan: SimPlan, prompt_len: int, rows: list[BatchRow]) -> None:
         asked = max(row.length + row.past_end for row in rows)
@@ -1197,6 +1204,10 @@ class LockstepDecode:
     @property
     def row_reads_us(self) -> list[float]:
         return self.sim.row_reads_us
+
+    @property
+    def judged_us(self) -> float:
+        return self.sim.judged_us
 
     def advance(self) -> bool:
         """Run to the next host read (True) or to the decode's end (False)."""
@@ -1215,6 +1226,14 @@ class LockstepDecode:
         self.at_us, self.emitted, self.ticks = at_us, emitted, ticks
         self._resume = self.sim.env.event()
         yield self._resume
+
+
+def judged_us(stage_us: tuple[float, ...], passes_us: float) -> float:
+    """When the last rank judges a distributed lockstep tick, µs into it: once its own pass is done (at once where it
+    holds no token), its pass stretched as the passes together are (`executor.ppsd_dist.StageWork`: it judges, and
+    streams the tick's tokens to the host, before the tick's messages)."""
+    last = stage_us[-1]
+    return passes_us * last / max(stage_us) if last else 0.0
 
 
 def _hand_off_order(hand_off: _HandOff) -> tuple[float, int]:

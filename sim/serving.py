@@ -45,11 +45,14 @@ The schedule (the executor's `executor.serving` runs the same one):
   executor's lockstep ticks over the span of the longest prompt, a draft confirmed only where every row going on
   drafted right, the distributed backend's ticks with its messages) until every row is done. A row ends at its own
   output length (or EOS) and its request leaves when the host reads that token (captured, at the end of its block of
-  8 ticks; uncaptured, at once, as the executor's serving loop reads every tick), but its slot is not
+  8 ticks; uncaptured, at once, as the executor's serving loop reads every tick; on the distributed backend as the
+  last rank judges its tick, once its own pass is done, before the tick ends), but its slot is not
   refilled mid-decode: the next batch starts when the last row is done (with the requests due by then). With
   `ppsd_batching: continuous` requests join a running batch instead: at each host read of the device (the only
   moments the host may act), if a request waits and admission lets it in (a slot free, room in the KV budget; with
-  `ppsd_join_min: k`, k requests, or as many as there are free slots if fewer), the decode stops there; the
+  `ppsd_join_min: k`, k requests, or as many as there are free slots if fewer), the decode stops there (on the
+  distributed backend the last rank asks as it judges a tick, of the requests there by then but for one a closed
+  loop's user sends as the host reads a row's end, and the decode stops at that tick's end); the
   requests waiting (as admission lets them in) are prefilled together and join the rows going on, and the pipe
   starts afresh from every row's last token (its in-flight drafts thrown away: a flush's refill, paid by the whole
   batch). Each stretch between two joins is logged as its own "ppsd" pass (`stopped` where a join
@@ -1027,10 +1030,19 @@ class ServingSimulation:
                 left.add(index)
             if not paused:
                 break
-            if start + decode.at_us > env.now:
-                yield env.timeout(start + decode.at_us - env.now)
-            yield env.timeout(0)  # arrivals due now first (a closed loop's user sent one as a row ended)
-            if server.admission.joinable(self.ppsd_join_min):
+            if self.ppsd_plan.ppsd_backend == "distributed":  # the last rank asks, as it judges the tick (it has not
+                # heard of a closed loop's next request, sent as the host reads a row's end), and stops at its end
+                if start + decode.judged_us > env.now:
+                    yield env.timeout(start + decode.judged_us - env.now)
+                joins = server.admission.joinable(self.ppsd_join_min)
+                if start + decode.at_us > env.now:
+                    yield env.timeout(start + decode.at_us - env.now)
+            else:
+                if start + decode.at_us > env.now:
+                    yield env.timeout(start + decode.at_us - env.now)
+                yield env.timeout(0)  # arrivals due now first (a closed loop's user sent one as a row ended)
+                joins = server.admission.joinable(self.ppsd_join_min)
+            if joins:
                 going = [row for index, row in enumerate(rows) if index not in left]
                 for row in going:
                     self._emit(row, decode.emitted, server)

@@ -322,3 +322,27 @@ def test_the_simulator_prices_the_executors_serving_cache(tmp_path, batching, mo
     serve(model, ServingWorkload(requests), [[1] * p for p, _ in LENGTHS], method="ppsd", stages=2,
           stage_boundaries=[3], max_batch=3, ppsd_batching=batching)  # fmt: skip
     assert built[0]["capacity"] == point.plan.cache_slots
+
+
+def test_the_last_rank_asks_the_join_rule_as_it_judges_a_distributed_tick(tmp_path) -> None:
+    """On the distributed backend the last rank asks the join rule as it judges a tick, once its own pass is done:
+    stage 1 400 µs a tick, stage 2 200 µs, every draft right. A request arriving 50 µs before the judge of the
+    decode's third tick stops it at that tick's end; one arriving 50 µs after waits for the fourth's judge (asked at
+    the tick's end, both would stop at the third)."""
+
+    def stretch_ticks(arrival_us: float) -> tuple[int, float]:
+        scenario = tiny_scenario(tmp_path, [4])
+        (tmp_path / "trace.csv").write_text(f"arrival_s,prompt_len,output_len\n0.0,5,30\n{arrival_us / 1e6},3,4\n",
+                                            encoding="utf-8")  # fmt: skip
+        scenario.update(ppsd_backend="distributed", acceptance={"alpha": 1.0})
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario), encoding="utf-8")
+        (point,) = load_serving_points(tmp_path / "s.yaml")
+        plan = dataclasses.replace(point.plan, sync_every=1)
+        simulation = ServingSimulation(plan, point.workload, 3, None, ppsd_batching="continuous")
+        simulation.ppsd_plan = plan
+        first = next(log for log in simulation.run().passes if log.kind == "ppsd")
+        return first.tokens, first.start_s * 1e6
+
+    _, start_us = stretch_ticks(1e6)  # the second request long after: the first decode starts at start_us
+    assert stretch_ticks(start_us + 2 * 400 + 150)[0] == 3
+    assert stretch_ticks(start_us + 2 * 400 + 250)[0] == 4

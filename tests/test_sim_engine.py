@@ -12,7 +12,7 @@ from scripted_policy import ScriptedPolicy
 
 from sim.acceptance import AcceptanceModel, AcceptanceStream, BernoulliAcceptance, PositionalAcceptance
 from sim.cost import Pass, stage_time_us
-from sim.engine import RunResult, Simulation, events_per_token
+from sim.engine import BatchRow, RunResult, Simulation, decode_rows, events_per_token
 from sim.hardware import LINKS, LinkSpec
 from sim.latency import ConstantLatency
 from sim.models import ModelConfig
@@ -298,6 +298,27 @@ def test_distributed_ppsd_moves_in_the_executors_lockstep_ticks_and_messages(alp
     assert result.ticks == Simulation(replace(p, sync_every=1)).run().ticks  # every tick's outcome is read
     free = Simulation(replace(p, ppsd_backend="free")).run()
     assert free.ticks == result.ticks and free.decode_time_us < result.decode_time_us
+
+
+def test_the_host_reads_a_distributed_tick_as_the_last_rank_judges_it() -> None:
+    """The executor's last rank judges a tick, and streams its tokens to the host, once its own pass is done, before
+    the tick's messages and a slower stage 1's pass end: a row's end is read 10 µs (stage 2's pass) into the tick it
+    leaves in, where the one-process backends read it at the tick's end. Stage 1 20 µs, stage 2 10 µs, alpha 1: the
+    token at position q leaves in tick q + 2 (the first ticks T long, the decode's last stage 2's alone)."""
+    from sim.policy import make_policy
+    from sim.serving import VerdictStream
+
+    link = LinkSpec("test", 1.0, 100.0)
+    stages = (SimStage(0, 12, ConstantLatency({"layer": 20.0 / 12})),
+              SimStage(12, 24, ConstantLatency({"layer": 10.0 / 12})))  # fmt: skip
+    p = replace(plan("ppsd", 1.0, 2, output_len=41, link=link, ppsd_backend="distributed"), stages=stages)
+    rows = lambda: [BatchRow(VerdictStream([True] * 41), make_policy("fixed:1"), n) for n in (41, 21)]  # noqa: E731
+    _, reads = decode_rows(p, 16, rows())
+    tick = 20.0 + sum(link.time_us(n) for n in (4 * 16, 3 * 16 + 2 * MODEL.hidden_size * p.dtype_bytes))
+    assert reads == pytest.approx([40 * tick + 10.0, 20 * tick + 10.0])
+    one_process, ends = decode_rows(replace(p, ppsd_backend="sequential", sync_every=1), 16, rows())
+    assert ends[1] == pytest.approx(21 * (20.0 + link.time_us(2 * MODEL.hidden_size * p.dtype_bytes)))
+    assert ends[0] == pytest.approx(one_process.decode_time_us)
 
 
 def test_a_stages_own_link_carries_its_hand_off_and_the_last_stages_the_token_ids_back() -> None:
