@@ -973,9 +973,9 @@ class DistributedPipeline:
             except OSError:  # a process is gone: the watch names it
                 break
 
-    def wait_prefill(self) -> None:
+    def wait_prefill(self, on_wake: Callable[[], float] | None = None) -> None:
         """Return once every row holds its first token (the prefill's), or is done; continuous, once the rows the
-        prefill ended have left the batch (`rows`), unless it ended them all."""
+        prefill ended have left the batch (`rows`), unless it ended them all. `on_wake` as `finish`'s."""
 
         def prefilled() -> bool:
             sinks = self.watch.sinks
@@ -984,7 +984,7 @@ class DistributedPipeline:
             ended = [sink.done for sink in sinks]
             return not self.continuous or all(ended) or not any(ended)
 
-        self._collect(prefilled)
+        self._collect(prefilled, on_wake)
 
     def finish(self, on_wake: Callable[[], float] | None = None) -> PPSDStats:
         """Return the generation's stats once every stage process has reported them; `on_wake` is called whenever

@@ -306,15 +306,16 @@ class PipelineDecoder:
             self.head, rows,
         )  # fmt: skip
 
-    def prefill(self, batch: list[_Running]) -> None:
-        """The batch's prompts through every stage together; each row's first token goes to its sink."""
+    def prefill(self, batch: list[_Running], stop: JoinQuestion | None = None) -> None:
+        """The batch's prompts through every stage together; each row's first token goes to its sink (`stop` is
+        asked at the decode's host reads only)."""
         prompts, sinks = [r.prompt for r in batch], [r.sink for r in batch]
         self.pipeline, self.batch = self._pipeline(len(batch), [len(p) for p in prompts], sinks[0]), list(batch)
         begin = time.perf_counter()
         prefill_local(self.pipeline, self.plan, self.backend, self.capture, prompts, sinks, begin, None,
                       self.pipeline.selector.config.seed)  # fmt: skip
 
-    def join(self, going: list[_Running], joining: list[_Running]) -> None:
+    def join(self, going: list[_Running], joining: list[_Running], stop: JoinQuestion | None = None) -> None:
         """Continuous batching, after a decode `stop`ped at a host read (or a prefill that some rows ended): the rows
         `going` on (in batch order) move to the first rows (their KV before their last token copied over), the
         `joining` requests' prompts run together through every layer into the rows after them (each one's first
@@ -400,13 +401,22 @@ class DistributedDecoder:
         self.stats = GenerationStats(method="ppsd")
         self.batch: list[_Running] = []  # the rows, in the stage processes' order
 
-    def prefill(self, batch: list[_Running]) -> None:
+    def warm_up(self, prompts: list[list[int]], rows: int) -> None:
+        """Untimed, before the run's clock: a static batch of each width from 1 to `rows` (`prompts` in turn, 4 tokens
+        each) through the stage processes, as a server warms up: a process's first pass of a shape costs more (its
+        CPU kernels made for the shape, or its graphs captured) and each process pays it itself."""
+        for width in range(1, rows + 1):
+            chosen = [prompts[i % len(prompts)] for i in range(width)]
+            self.pipeline.generate(chosen, [TokenSink(4, self.eos) for _ in chosen], self.config)
+
+    def prefill(self, batch: list[_Running], stop: JoinQuestion | None = None) -> None:
         """A new batch; continuous, the rows its prefill ends leave it in the stage processes (`batch`: the
-        others)."""
+        others), and the queue is published while it runs (the processes decode on from its end, asking the
+        join rule at once)."""
         kv = [self.admission.tokens(r.request) for r in batch] if self.continuous else None
         self.pipeline.publish(self.admission.waiting_tokens())
         self.pipeline.start([r.prompt for r in batch], [r.sink for r in batch], self.config, 0, self.rule, kv)
-        self.pipeline.wait_prefill()
+        self.pipeline.wait_prefill(stop.publish_to(self.pipeline) if stop is not None else None)
         self.batch = [r for r in batch if not r.sink.done] if self.continuous else list(batch)
         if all(r.sink.done for r in batch):  # no decode follows: the processes report the prefill's stats
             self.pipeline.finish()
@@ -421,10 +431,10 @@ class DistributedDecoder:
         stats = self.pipeline.finish(on_wake)
         return (*count_decode(self.stats, stats), all(r.sink.done for r in batch))
 
-    def join(self, going: list[_Running], joining: list[_Running]) -> None:
+    def join(self, going: list[_Running], joining: list[_Running], stop: JoinQuestion | None = None) -> None:
         """After a stopped decode, the rows `going` on and the `joining` requests' prefill (as
-        `PipelineDecoder.join`, in the stage processes); right after a prefill, the rows going on are already the
-        batch (the processes dropped the rows it ended)."""
+        `PipelineDecoder.join`, in the stage processes; the queue published while it runs); right after a prefill,
+        the rows going on are already the batch (the processes dropped the rows it ended)."""
         if not self.pipeline.stopped:
             assert not joining and [r.sink for r in going] == self.pipeline.rows()[0], "the processes' rows"
             self.batch = list(going)
@@ -434,7 +444,7 @@ class DistributedDecoder:
         self.pipeline.publish(self.admission.waiting_tokens())  # the queue left once these joined
         kv = [self.admission.tokens(r.request) for r in joining]
         self.pipeline.join(keep, [r.prompt for r in joining], [r.sink for r in joining], kv)
-        self.pipeline.wait_prefill()
+        self.pipeline.wait_prefill(stop.publish_to(self.pipeline) if stop is not None else None)
         self.batch = [r for r in going + joining if not r.sink.done]
 
     def close(self) -> None:
@@ -611,13 +621,14 @@ def _serve_distributed(
     eos: list[int], clock: Callable[[], float], sleep: Callable[[float], None], pipeline: dict[str, Any],
     admission: Admission,
 ) -> ServeOutcome:  # fmt: skip
-    """`serve` with PPSD's distributed backend: its stage processes start (each loading its stage) before the clock
-    does, serve the static batches, and stop with the run."""
+    """`serve` with PPSD's distributed backend: its stage processes start (each loading its stage, then warmed up on
+    a batch of each width) before the clock does, serve the batches, and stop with the run."""
     plan = plan_stages(adapter.num_layers, pipeline["stages"], pipeline["stage_boundaries"], pipeline["exit_layer"])
     head = resolve_head(pipeline["head"], adapter, plan.exit_layer)
     decoder = DistributedDecoder(adapter, plan, head, config, eos, admission, pipeline["threads_per_stage"],
                                  pipeline["continuous"], pipeline["join_min"])  # fmt: skip
     try:
+        decoder.warm_up(prompts, min(admission.max_batch, len(prompts)))
         return _ServeLoop(decoder, workload, prompts, admission, lambda _: None).run(clock, sleep)
     finally:
         decoder.close()
@@ -821,11 +832,11 @@ class _ServeLoop:
         assert isinstance(decoder, (PipelineDecoder, DistributedDecoder))
         self.ppsd_ends, self.ppsd_rows, self.ppsd_left = ends, {}, set()
         batch = self._ppsd_rows(requests)
+        stop = JoinQuestion(self, now) if decoder.continuous else None
         start = now()
-        decoder.prefill(batch)
+        decoder.prefill(batch, stop)
         self._ppsd_prefilled(batch, start, now)
         ends.on_end = self._ppsd_leave  # the others as the host reads their ends
-        stop = self._ppsd_stop(now) if decoder.continuous else None
         if stop is not None and any(r.sink.done for r in batch) and not all(r.sink.done for r in batch):
             decoder.join([r for r in batch if not r.sink.done], [])  # the rows its prefill ended run no decode
             batch = decoder.batch
@@ -843,7 +854,7 @@ class _ServeLoop:
             self.result.book(log, rounds=ticks)  # a PPSD run's rounds are its ticks
             self._ppsd_count(batch)
             if not done:
-                batch = self._ppsd_join(batch, now)
+                batch = self._ppsd_join(batch, now, stop)
         for index in list(self.ppsd_rows):  # a row whose sink never took a token (none asked)
             if index not in self.ppsd_left:
                 self._ppsd_leave(index, now())
@@ -887,17 +898,14 @@ class _ServeLoop:
         self._leave(record, running.request, max(at_s, record.first_token_s))
         self.ppsd_left.add(index)
 
-    def _ppsd_stop(self, now: Callable[[], float]) -> JoinQuestion:
-        return JoinQuestion(self, now)
-
-    def _ppsd_join(self, batch: list[_Running], now: Callable[[], float]) -> list[_Running]:
+    def _ppsd_join(self, batch: list[_Running], now: Callable[[], float], stop: JoinQuestion) -> list[_Running]:
         """The requests waiting (as admission lets them in) join the rows going on (`PipelineDecoder.join`: their
         prompts prefilled together, logged as one prefill pass); returns the new batch (less the rows that prefill
         ended)."""
         going = [r for r in batch if not r.sink.done]
         joining = self._ppsd_rows(self.admission.admit_all())
         start = now()
-        self.decoder.join(going, joining)
+        self.decoder.join(going, joining, stop)
         self._ppsd_prefilled(joining, start, now)
         return self.decoder.batch
 
