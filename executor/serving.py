@@ -380,7 +380,7 @@ class DistributedDecoder:
     layers and KV). `prefill` hands a batch to the processes and returns once the host has read every row's first
     token; `decode` returns once the batch is done, each row's tokens streamed into its sink as the host reads them
     (so a request leaves at its own last token). Continuous (`join_min`: as `PipelineDecoder`'s), the last stage's
-    process asks the join rule at every tick of the queue this host publishes (`JoinQuestion.waiting`), and stops the
+    process asks the join rule at every tick of the queue this host publishes (`JoinQuestion.publish_to`), and stops the
     decode there; `join` then sends it the requests admitted, which its processes prefill into the rows after those
     going on (their KV kept in every stage process)."""
 

@@ -42,8 +42,9 @@ AR_HISTORY = 64  # the most chained steps between two host reads (rows of the de
 # log2(C / MIN_SPAN) + 1 of them (7 for 4096).
 MIN_SPAN = 64
 # PPSD's distributed backend, one tick's messages, int64 values each (`ID_BYTES`): the last rank's outcome to every
-# other rank (verdict, token, position, done), then each rank's header to the next (present, position, draft),
-# followed by the hidden state where it holds a token (`executor.ppsd_dist.StageLink`).
+# other rank (verdict, token, position, going: 0 done, 1 on, 2 on after a continuous batch's stop), then each rank's
+# header to the next (present, position, draft), followed by the hidden state where it holds a token
+# (`executor.ppsd_dist.StageLink`).
 ID_BYTES = 8
 PPSD_OUTCOME_VALUES = 4
 PPSD_HEADER_VALUES = 3
