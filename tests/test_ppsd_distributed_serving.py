@@ -141,11 +141,11 @@ def test_continuous_batches_over_stage_processes_equal_ar_alone(case, stages, sa
 
 
 def test_a_request_arriving_mid_decode_joins_it_over_stage_processes() -> None:
-    """A long request alone (240 tokens, a tick at least two messages long), a second arriving 10 ms in: the host wakes
+    """A long request alone (240 tokens, a tick at least two messages long), a second arriving 50 ms in: the host wakes
     for the arrival and publishes it, the last stage stops the decode at its next tick, and the newcomer joins long
     before the first request ends; both are AR's alone."""
     model = tiny_model(TinySpec(num_layers=4, vocab=60, seed=8))
-    requests = (Request(0, 4, 240, 0.0), Request(1, 3, 8, 0.01))
+    requests = (Request(0, 4, 240, 0.0), Request(1, 3, 8, 0.05))
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     outcome = serve(model, ServingWorkload(requests), prompts, method="ppsd", stages=2, max_batch=2,
                     ppsd_batching="continuous", backend="distributed", threads_per_stage=1)  # fmt: skip
