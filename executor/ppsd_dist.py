@@ -462,7 +462,8 @@ class StageWork:
                              self.extra, width)  # fmt: skip
         copy_rows(old.cache, cache, going, job.positions)
         joining = [TokenSink(count, self.eos, None) for count in job.max_new_tokens]
-        first = self._prefill_joining(rows_view(cache, len(going), width), job.prompts, joining, len(going))
+        view = rows_view(cache, len(going), width)
+        first = self._prefill_joining(view, job.prompts, joining, len(going)) if job.prompts else []
         cache.lengths = [list(positions) for _ in range(cache.num_layers)]
         sinks = [*(old.sinks[i] for i in going), *joining]
         kv_tokens = [*(old.kv_tokens[i] for i in going), *job.kv_tokens]
@@ -864,7 +865,8 @@ class DistributedPipeline:
             for s in range(plan.stages)
         ]  # fmt: skip
         self.plan, self.closed, self.running = plan, False, False
-        self.continuous = self.stopped = False  # the generation's join rule; a decode stopped with rows going on
+        self.rule: JoinRule | None = None  # the generation's join rule (continuous batching)
+        self.stopped = False  # its decode stopped with rows going on
         self._start(setups, stall_timeout_s)
         self._collect(lambda: len(self.watch.ready) == plan.stages)  # every process holds its model
 
@@ -915,13 +917,15 @@ class DistributedPipeline:
             raise ValueError("the distributed backend's stages stop a row at its EOS or its max_new_tokens only: a "
                              "sink's own stop rule is not theirs (decode on a local backend)")  # fmt: skip
         sampling = sampling or SamplingConfig()
-        if join is not None and (sampling.penalized or kv_tokens is None or len(kv_tokens) != len(prompts)):
-            raise ValueError("continuous batching takes a KV token count per row and keeps no per-row repetition "
-                             "penalty state")  # fmt: skip
+        if join is not None and (kv_tokens is None or len(kv_tokens) != len(prompts)):
+            given = "none" if kv_tokens is None else len(kv_tokens)
+            raise ValueError(f"continuous batching takes a KV token count per row: {len(prompts)} rows, {given} given")
+        if join is not None and sampling.penalized:
+            raise ValueError("continuous batching keeps no per-row repetition penalty state: serve without one")
         job = GenerationJob([list(p) for p in prompts], [sink.max_new_tokens for sink in sinks],
                             tuple(sinks[0].eos_token_ids), sampling, min_new_tokens, join,
                             None if kv_tokens is None else list(kv_tokens))  # fmt: skip
-        self.continuous = join is not None
+        self.rule = join
         self._send(job, sinks, prompts)
 
     def join(
@@ -937,10 +941,16 @@ class DistributedPipeline:
         if sorted(going) != sorted(set(going)) or not all(0 <= i < len(old_sinks) and not old_sinks[i].done
                                                           for i in going):  # fmt: skip
             raise ValueError(f"going must name distinct rows of the stopped batch that are not done, got {going}")
+        if not going and not prompts:
+            raise ValueError("a join takes rows going on or new prompts, and was given neither")
         if prompts:
             check_rows(prompts, sinks)
         if len(kv_tokens) != len(prompts) or any(s.eos_token_ids != old_sinks[0].eos_token_ids for s in sinks):
             raise ValueError("a joining request takes a sink with the batch's EOS ids and a KV token count")
+        assert self.rule is not None  # a stopped batch is a continuous one
+        if len(going) + len(prompts) > self.rule.max_batch:
+            raise ValueError(f"a join of {len(going)} rows going on and {len(prompts)} new ones passes the join "
+                             f"rule's max_batch {self.rule.max_batch}")  # fmt: skip
         rows = [(old_prompts[i], old_sinks[i]) for i in going]
         job = JoinJob(
             list(going), [len(prompt) + len(sink.tokens) - 1 for prompt, sink in rows],
@@ -982,7 +992,7 @@ class DistributedPipeline:
             if not all(sink.tokens or sink.done for sink in sinks):
                 return False
             ended = [sink.done for sink in sinks]
-            return not self.continuous or all(ended) or not any(ended)
+            return self.rule is None or all(ended) or not any(ended)
 
         self._collect(prefilled, on_wake)
 
@@ -990,11 +1000,13 @@ class DistributedPipeline:
         """Return the generation's stats once every stage process has reported them; `on_wake` is called whenever
         the wait wakes (a message, or its poll) and returns how long it may sleep at most (a continuous batch's
         caller publishes its queue there, and wakes for its next arrival)."""
+        if self.closed:
+            raise RuntimeError("this distributed pipeline is closed: its stage processes are stopped")
         if not self.running:
             raise RuntimeError("this distributed pipeline runs no generation: start one first")
         reports = self._collect(None, on_wake)
         self.running = False
-        self.stopped = self.continuous and not all(sink.done for sink in self.watch.sinks)
+        self.stopped = self.rule is not None and not all(sink.done for sink in self.watch.sinks)
         return _merge(self.plan, self.watch.sinks, reports)
 
     def generate(

@@ -161,8 +161,9 @@ def test_a_request_arriving_mid_decode_joins_it_over_stage_processes() -> None:
 def test_a_pipeline_stops_for_a_published_request_and_joins_it() -> None:
     """The pipeline's own API: a continuous generation stops at its first tick while the queue published holds a
     request that fits, and not while it holds none that fits the KV budget; a join then takes the rows going on
-    (their KV kept in each process) and a new prompt, and every row's tokens are AR's alone. A join with nothing
-    stopped, or naming a row that is not going on, and a continuous start without KV counts, are refused."""
+    (their KV kept in each process) and a new prompt (or none: the rows go on from their last tokens), and every
+    row's tokens are AR's alone. A join with nothing stopped, naming a row that is not going on, of nothing at all
+    or past the rule's max_batch, a continuous start without KV counts and a finish once closed are refused."""
     model = tiny_model(TinySpec(num_layers=4, vocab=60, seed=5))
     rule = JoinRule(max_batch=3, kv_capacity=40)
     with DistributedPipeline(ModelAdapter(model), plan_stages(4, 2, None, None), threads_per_stage=1) as pipeline:
@@ -178,6 +179,13 @@ def test_a_pipeline_stops_for_a_published_request_and_joins_it() -> None:
         assert pipeline.stopped and stats.ticks == 1 and not first[0].done
         with pytest.raises(ValueError, match="distinct rows of the stopped batch"):
             pipeline.join([1], [[1]], [TokenSink(2, [])], [3])
+        with pytest.raises(ValueError, match="given neither"):
+            pipeline.join([], [], [], [])
+        with pytest.raises(ValueError, match="passes the join rule's max_batch 3"):
+            pipeline.join([0], [[1], [2], [3]], [TokenSink(2, []) for _ in range(3)], [1, 1, 1])
+        pipeline.join([0], [], [], [])  # no newcomer: the row goes on, and stops again for the one still waiting
+        pipeline.wait_prefill()
+        assert pipeline.finish().ticks == 1 and pipeline.stopped
         pipeline.publish([31])  # 10 + 30 held, 31 more does not fit: no stop
         second = [TokenSink(9, [])]
         pipeline.join([0], [[8, 9, 10]], second, [30])
@@ -186,6 +194,8 @@ def test_a_pipeline_stops_for_a_published_request_and_joins_it() -> None:
         assert not pipeline.stopped and first[0].done and second[0].done
         assert first[0].tokens == alone(model, [4, 5, 6, 7], 6, None)
         assert second[0].tokens == alone(model, [8, 9, 10], 9, None)
+    with pytest.raises(RuntimeError, match="closed"):
+        pipeline.finish()
     assert _descendants_of_children() == []
 
 
