@@ -14,6 +14,11 @@ confirms and flushes as the `sequential` reference, for one row or a batch of B 
        otherwise rank r sends its output (a header of position and draft a row, then the hidden states [B, 1, d]) to
        rank r + 1.
 
+Continuous batching (serving): the last rank also asks a join rule at each tick, of the queue the caller publishes in
+shared memory, and may report the tick as stopped; every rank then keeps its rows' KV for the join that follows
+(`StageWork`, `JoinJob`): the rows going on move up in each rank's own cache, and the joining prompts are prefilled
+through the stages into the rows after them.
+
 Backends: gloo on CPU, NCCL on GPUs (rank r on cuda:LOCAL_RANK).
 
 Local run: `decode_ppsd(..., backend="distributed")` starts the n processes itself (multiprocessing's forkserver
