@@ -682,4 +682,23 @@ def summary_table(results: Sequence[PointResult]) -> str:
         "bubble_pct",
     ]
     heads = {"tokens_per_s": "tok/s", "ms_per_token": "ms/tok", "tokens_per_round": "tok/round"}
-    return text_table(rows, columns, heads)
+    shown = [{**row, **{key: stage_span(row[key]) for key in ("busy_pct", "bubble_pct")}} for row in rows]
+    table = text_table(shown, columns, heads)
+    if any(len(item.result.stages) > WIDE_STAGES for item in results):
+        table += (f"\n(busy_pct, bubble_pct: past {WIDE_STAGES} stages, stage 1's then the range of the others'; "
+                  "each stage's in results.csv)")  # fmt: skip
+    return table
+
+
+WIDE_STAGES = 6  # the most stages whose busy and bubble percentages the summary table lists one by one
+
+
+def stage_span(joined: str) -> str:
+    """A row's ';'-joined per-stage percentages for the summary table: as they are up to `WIDE_STAGES` stages; past
+    that, stage 1's (the drafting stage) and the range of the others' ("98.8;55.6..62.4"), which keeps a pipeline of
+    30 stages on one line."""
+    values = joined.split(";")
+    if len(values) <= WIDE_STAGES:
+        return joined
+    rest = sorted(values[1:], key=float)
+    return f"{values[0]};{rest[0]}..{rest[-1]}"

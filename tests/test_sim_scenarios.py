@@ -513,6 +513,26 @@ def test_a_stage_sweep_that_moves_the_default_exit_shows_it_and_says_alpha_holds
     assert "exit_layer" not in out.splitlines()[1] and "exit_layer is not set" not in out
 
 
+def test_a_pipeline_of_30_stages_keeps_the_summary_table_on_one_line(tmp_path: Path, capsys) -> None:
+    """Past 6 stages a row's busy and bubble percentages show stage 1's and the others' range, with a note saying so
+    (a 30-stage row listed every stage's: over 300 characters); the CSV keeps each stage's; up to 6 nothing changes."""
+    data = {
+        "name": "deep", "model": "SmolLM2-135M", "method": "ppsd", "latency": {"constant_us": {"layer": 10.0}},
+        "acceptance": {"alpha": 0.7}, "topology": {"stages": 30, "link": "ideal"},
+        "workload": {"requests": 1, "prompt_len": 8, "output_len": 32}, "sweep": {"topology.stages": [6, 30]},
+    }  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main([str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    six, thirty = (line.split() for line in lines[3:5])
+    assert len(six[-1].split(";")) == 6 and re.fullmatch(r"[\d.]+;[\d.]+\.\.[\d.]+", thirty[-1])
+    assert max(map(len, lines[1:5])) < 160
+    assert any("past 6 stages, stage 1's then the range of the others'" in line for line in lines)
+    with open(tmp_path / "a" / "results.csv", encoding="utf-8") as handle:
+        assert [len(row["busy_pct"].split(";")) for row in csv.DictReader(handle)] == [6, 30]
+
+
 def test_pipelines_of_as_many_stages_split_differently_show_each_stages_layers(tmp_path: Path, capsys) -> None:
     """An exit before balanced stage 1's end drafts inside it (15 + 15 layers, as the executor lays it out); cutting
     stage 1 at the exit takes its layers given: the table shows each point's layers, a case by its fields in short."""
