@@ -489,14 +489,19 @@ def test_simulate_clears_an_earlier_sweeps_plots_from_a_reused_folder(tmp_path: 
         assert "removed" not in capsys.readouterr().out and (out / "break_even.csv").is_file()
 
 
+def ppsd_stages(name: str, stages: list[int]) -> dict:
+    """SmolLM2-135M's PPSD at 10 µs a layer and alpha 0.7, swept over `stages`."""
+    return {
+        "name": name, "model": "SmolLM2-135M", "method": "ppsd", "latency": {"constant_us": {"layer": 10.0}},
+        "acceptance": {"alpha": 0.7}, "topology": {"stages": stages[0], "link": "ideal"},
+        "workload": {"requests": 1, "prompt_len": 8, "output_len": 32}, "sweep": {"topology.stages": stages},
+    }  # fmt: skip
+
+
 def test_a_stage_sweep_that_moves_the_default_exit_shows_it_and_says_alpha_holds_at_each(tmp_path: Path, capsys):
     """PPSD without an exit layer drafts at the end of stage 1: a stage sweep moves it (15, then 7), the table shows
     it, and a note says the same i.i.d. alpha is held at each exit; with exit_layer set neither appears."""
-    data = {
-        "name": "moving-exit", "model": "SmolLM2-135M", "method": "ppsd", "latency": {"constant_us": {"layer": 10.0}},
-        "acceptance": {"alpha": 0.7}, "topology": {"stages": 2, "link": "ideal"},
-        "workload": {"requests": 1, "prompt_len": 8, "output_len": 32}, "sweep": {"topology.stages": [2, 4]},
-    }  # fmt: skip
+    data = ppsd_stages("moving-exit", [2, 4])
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     assert main([str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
@@ -516,11 +521,7 @@ def test_a_stage_sweep_that_moves_the_default_exit_shows_it_and_says_alpha_holds
 def test_a_pipeline_of_30_stages_keeps_the_summary_table_on_one_line(tmp_path: Path, capsys) -> None:
     """Past 6 stages a row's busy and bubble percentages show stage 1's and the others' range, with a note saying so
     (a 30-stage row listed every stage's: over 300 characters); the CSV keeps each stage's; up to 6 nothing changes."""
-    data = {
-        "name": "deep", "model": "SmolLM2-135M", "method": "ppsd", "latency": {"constant_us": {"layer": 10.0}},
-        "acceptance": {"alpha": 0.7}, "topology": {"stages": 30, "link": "ideal"},
-        "workload": {"requests": 1, "prompt_len": 8, "output_len": 32}, "sweep": {"topology.stages": [6, 30]},
-    }  # fmt: skip
+    data = ppsd_stages("deep", [6, 30])
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     assert main([str(path), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
