@@ -445,7 +445,8 @@ class StageWork:
         asked = [sink.max_new_tokens for sink in sinks]
         self.rows = StageRows(cache, list(prompts), list(sinks), list(kv_tokens or [0] * rows), asked)
         if rule is not None and report.partly_done:
-            runner, link, report = self._kept(report)
+            report = self._kept(report)
+            runner, link = self._for_rows()
         stats.prefill_time_s = time.perf_counter() - begin
         return self._decode(runner, link, stats, report, begin)
 
@@ -456,8 +457,8 @@ class StageWork:
         from the last rank), the rows that prefill ended dropped, and ticks from every row's last token."""
         old = self.rows
         assert old is not None and self.rule is not None, "a join follows a continuous generation"
-        going, count = list(job.going), len(job.prompts)
-        width = len(going) + count
+        going = list(job.going)
+        width = len(going) + len(job.prompts)
         if self.is_last:
             assert job.positions == [len(old.prompts[i]) + len(old.sinks[i].tokens) - 1 for i in going], job
         positions = [*job.positions, *(len(prompt) for prompt in job.prompts)]
@@ -479,9 +480,8 @@ class StageWork:
             started = TickReport(TickVerdict.START, (*job.tokens, *first), tuple(positions), going_on)
         report = self._link(width).exchange_report(started)
         if report.partly_done:
-            runner, link, report = self._kept(report)
-        else:
-            runner, link = self._runner(cache, self._selector(), width), self._link(width)
+            report = self._kept(report)
+        runner, link = self._for_rows()
         stats = new_stats(self.plan, "distributed", sum(map(len, self.rows.prompts)), len(self.rows.prompts))
         stats.prefill_time_s = time.perf_counter() - begin
         return self._decode(runner, link, stats, report, begin)
@@ -495,23 +495,25 @@ class StageWork:
         runner, link = self._runner(cache, selector, len(prompts)), self._link(len(prompts))
         return _prefill_rows(runner, link, prompts, sinks, self.on_tokens, first_row)
 
-    def _kept(self, report: TickReport) -> tuple[StageRunner, StageLink, TickReport]:
+    def _kept(self, report: TickReport) -> TickReport:
         """The rows a prefill ended leave the batch: the others move up (`StageRows.kept`), the last rank says which
-        stay (`on_rows`), and the START report is theirs."""
+        stay (`on_rows`); returns their START report."""
         assert self.rows is not None
         kept = [row for row, goes in enumerate(report.going) if goes]
         positions = [report.positions[row] for row in kept]
         self.rows = self.rows.kept(kept, positions)
         if self.is_last and self.on_rows is not None:
             self.on_rows(kept)
-        started = TickReport(report.verdict, tuple(report.tokens[row] for row in kept), tuple(positions),
-                             (True,) * len(kept))  # fmt: skip
-        return self._runner(self.rows.cache, self._selector(), len(kept)), self._link(len(kept)), started
+        return TickReport(report.verdict, tuple(report.tokens[row] for row in kept), tuple(positions),
+                          (True,) * len(kept))  # fmt: skip
 
-    def _selector(self) -> TokenSelector:
+    def _for_rows(self) -> tuple[StageRunner, StageLink]:
+        """A runner and a link for the rows as they are now (`rows`), to decode them."""
         assert self.rows is not None
-        lengths = [len(prompt) for prompt in self.rows.prompts]
-        return make_selector(self.adapter, lengths, self.rows.sinks[0], self.config, self.min_new_tokens)
+        prompts, width = self.rows.prompts, len(self.rows.prompts)
+        selector = make_selector(self.adapter, [len(p) for p in prompts], self.rows.sinks[0], self.config,
+                                 self.min_new_tokens)  # fmt: skip
+        return self._runner(self.rows.cache, selector, width), self._link(width)
 
     def _runner(self, cache: KVCache, selector: TokenSelector, rows: int) -> StageRunner:
         capture = resolve_capture("auto", self.adapter.device, selector.config.kind)  # compiled layers, graphs on GPUs
@@ -943,8 +945,8 @@ class DistributedPipeline:
         if not self.stopped:
             raise RuntimeError("this distributed pipeline has no stopped continuous batch to join")
         old_sinks, old_prompts = self.watch.sinks, self.watch.prompts
-        if sorted(going) != sorted(set(going)) or not all(0 <= i < len(old_sinks) and not old_sinks[i].done
-                                                          for i in going):  # fmt: skip
+        if len(set(going)) != len(going) or not all(0 <= i < len(old_sinks) and not old_sinks[i].done
+                                                     for i in going):  # fmt: skip
             raise ValueError(f"going must name distinct rows of the stopped batch that are not done, got {going}")
         if not going and not prompts:
             raise ValueError("a join takes rows going on or new prompts, and was given neither")

@@ -416,7 +416,7 @@ class DistributedDecoder:
         kv = [self.admission.tokens(r.request) for r in batch] if self.continuous else None
         self.pipeline.publish(self.admission.waiting_tokens())
         self.pipeline.start([r.prompt for r in batch], [r.sink for r in batch], self.config, 0, self.rule, kv)
-        self.pipeline.wait_prefill(stop.publish_to(self.pipeline) if stop is not None else None)
+        self.pipeline.wait_prefill(self._on_wake(stop))
         self.batch = [r for r in batch if not r.sink.done] if self.continuous else list(batch)
         if all(r.sink.done for r in batch):  # no decode follows: the processes report the prefill's stats
             self.pipeline.finish()
@@ -427,8 +427,7 @@ class DistributedDecoder:
         """The batch's ticks until every row is done, or (continuous) the last stage stops them for a join: (ticks,
         the batch's verdicts in order, whether every row is done)."""
         assert (stop is not None) == self.continuous, "a continuous batch's decode takes its join question"
-        on_wake = stop.publish_to(self.pipeline) if stop is not None else None
-        stats = self.pipeline.finish(on_wake)
+        stats = self.pipeline.finish(self._on_wake(stop))
         return (*count_decode(self.stats, stats), all(r.sink.done for r in batch))
 
     def join(self, going: list[_Running], joining: list[_Running], stop: JoinQuestion | None = None) -> None:
@@ -444,8 +443,12 @@ class DistributedDecoder:
         self.pipeline.publish(self.admission.waiting_tokens())  # the queue left once these joined
         kv = [self.admission.tokens(r.request) for r in joining]
         self.pipeline.join(keep, [r.prompt for r in joining], [r.sink for r in joining], kv)
-        self.pipeline.wait_prefill(stop.publish_to(self.pipeline) if stop is not None else None)
+        self.pipeline.wait_prefill(self._on_wake(stop))
         self.batch = [r for r in going + joining if not r.sink.done]
+
+    def _on_wake(self, stop: JoinQuestion | None) -> Callable[[], float] | None:
+        """A wait's wake-up, continuous: the host's queue published to the stage processes (`publish_to`)."""
+        return stop.publish_to(self.pipeline) if stop is not None else None
 
     def close(self) -> None:
         self.pipeline.close()

@@ -834,10 +834,10 @@ class Simulation:
             moves = ending is None or (ending.next_ok and ending.position + 2 < output_len)
             tick_us, stage_us, passes_us, messages_us = self._tick(held, block == 0, batch, moves)
             self._tick_stats(held, stage_us, batch, passes_us, messages_us)
-            judged_at = clock.at + judged_us(stage_us, passes_us) if distributed else None
+            tick_start = clock.at
             if not clock.advance(tick_us):
                 yield from clock.wait(tick_us)
-            self.judged_us = (clock.at if judged_at is None else judged_at) - start
+            self.judged_us = (tick_start + judged_us(stage_us, passes_us) if distributed else clock.at) - start
             leaving = held[-1]
             if leaving is not None:
                 reads.leaves(leaving.position)
